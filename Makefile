@@ -1,0 +1,31 @@
+# otrace: `make run` serves on ./otrace.db, `make test` runs every check. Both need only python3 and make.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+
+.PHONY: run test lint bench soak settings clean
+
+$(VENV)/.run: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.run requirements-dev.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	touch $@
+
+run: $(VENV)/.run
+	TRACE_DB_PATH=$${TRACE_DB_PATH:-./otrace.db} $(PY) otrace.py serve
+
+test: $(VENV)/.dev
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q
+
+bench: $(VENV)/.dev
+	$(PY) bench/ingest.py
+
+settings: $(VENV)/.run
+	@$(PY) otrace.py settings
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis dist

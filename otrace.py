@@ -1,0 +1,1425 @@
+#!/usr/bin/env python3
+"""otrace: an observability sidecar for AI agents.
+
+The agent POSTs LLM-call traces and error events over loopback HTTP; otrace answers 202 at once and a
+single writer thread keeps every accepted event in SQLite. The file reads in the order data flows:
+config, model, store, ingest, lifecycle, CLI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import dataclasses
+import email.utils
+import hmac
+import json
+import logging
+import math
+import os
+import queue
+import random
+import re
+import signal
+import socket
+import sqlite3
+import sys
+import textwrap
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import Future
+from datetime import datetime
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+try:
+    from pythonjsonlogger.json import JsonFormatter
+except ImportError as missing:  # pragma: no cover - depends on the environment
+    sys.exit(f"otrace: missing package {missing.name!r}: pip install -r requirements.txt, or run otrace.pyz")
+
+__version__ = "0.1.0"
+
+log = logging.getLogger("otrace")
+
+
+# ============================================================================================== config
+# One table of settings drives the parsing, `--help` and the README: every setting is a field of
+# Config, its environment variable is TRACE_<NAME>, and its metadata says what it accepts.
+
+
+class SettingError(ValueError):
+    """A setting's value is not one it accepts."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Kind:
+    """How to parse one kind of setting, and how to say what it accepts."""
+
+    accepts: str
+    parse: Callable[[str], Any]
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_SIZE = re.compile(r"(\d+)\s*(B|KiB|MiB|GiB|kB|KB|MB|GB)?")
+_SIZE_UNITS = {None: 1, "B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3,
+               "kB": 1000, "KB": 1000, "MB": 1000**2, "GB": 1000**3}
+
+
+def _duration(raw: str) -> float:
+    match = _DURATION.fullmatch(raw.strip())
+    if not match or float(match[1]) <= 0:
+        raise SettingError
+    return float(match[1]) * _DURATION_UNITS[match[2]]
+
+
+def _size(raw: str) -> int:
+    match = _SIZE.fullmatch(raw.strip())
+    if not match or int(match[1]) <= 0:
+        raise SettingError
+    return int(match[1]) * _SIZE_UNITS[match[2]]
+
+
+def _count(low: int, high: int) -> Kind:
+    def parse(raw: str) -> int:
+        if not re.fullmatch(r"\d+", raw.strip()) or not low <= int(raw) <= high:
+            raise SettingError
+        return int(raw)
+
+    return Kind(f"an integer from {low} to {high}", parse)
+
+
+def _choice(*choices: str) -> Kind:
+    def parse(raw: str) -> str:
+        if raw.strip().lower() not in choices:
+            raise SettingError
+        return raw.strip().lower()
+
+    return Kind("one of " + ", ".join(choices), parse)
+
+
+def _token(raw: str) -> str:
+    if raw and not (raw.isascii() and raw.isprintable() and " " not in raw):
+        raise SettingError
+    return raw
+
+
+def _nonempty(raw: str) -> str:
+    if not raw.strip():
+        raise SettingError
+    return raw.strip()
+
+
+NAME = Kind("a non-empty value", _nonempty)
+DURATION = Kind("a duration like 500ms, 15s, 5m, 1h or 3d", _duration)
+SIZE = Kind("a size in bytes, or with a unit: 16KiB, 1MiB, 5MB", _size)
+TOKEN = Kind("empty, or printable ASCII without spaces", _token)
+LEVEL = _choice("debug", "info", "warning", "error")
+
+
+def setting(default: str, kind: Kind, doc: str, *, secret: bool = False) -> Any:
+    """Declare one Config field: its default as written in the environment, its kind and meaning."""
+    meta = {"default": default, "kind": kind, "doc": doc, "secret": secret}
+    return dataclasses.field(default=kind.parse(default), metadata=meta)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Every setting otrace has. Read from TRACE_* environment variables by `Config.from_env`."""
+
+    host: str = setting("127.0.0.1", NAME, "Address to listen on. Loopback by default: the agent runs on "
+                        "the same machine.")
+    port: int = setting("9090", _count(0, 65535), "TCP port to listen on; 0 picks a free one (logged).")
+    db_path: str = setting("/data/openclaw-trace.db", NAME, "SQLite database file; its directory is "
+                           "created.")
+    log_level: str = setting("info", LEVEL, "Least severe log level written to stdout.")
+    ingest_token: str = setting("", TOKEN, "When set, requests need `Authorization: Bearer <token>` "
+                                "(all but /health and /metrics).", secret=True)
+    max_body_bytes: int = setting("1MiB", SIZE, "Largest request body; a larger one is answered 413 "
+                                  "unread.")
+    max_text_bytes: int = setting("16KiB", SIZE, "Texts (input_text, output_text, message, stack_trace) "
+                                  "and metadata are cut to this many UTF-8 bytes.")
+    max_events: int = setting("1000", _count(1, 100_000), "Most events one request may carry as a JSON "
+                              "array.")
+    queue_size: int = setting("512", _count(1, 1_000_000), "Events waiting for the writer. A request "
+                              "that does not fit whole gets 503 (one that is larger than the queue is "
+                              "taken only into an empty queue).")
+    batch_size: int = setting("50", _count(1, 10_000), "Most events the writer commits in one "
+                              "transaction.")
+    batch_window: float = setting("500ms", DURATION, "Longest an event waits in the queue for its batch "
+                                  "to fill: the most a SIGKILL can lose.")
+    read_timeout: float = setting("10s", DURATION, "Longest a client may take to send one whole request, "
+                                  "and to stay idle between requests on a kept-alive connection.")
+    max_connections: int = setting("256", _count(1, 10_000), "Open client connections; the next one is "
+                                   "answered 503 and closed.")
+    shutdown_timeout: float = setting("4s", DURATION, "Time from SIGTERM to exit: answer in-flight "
+                                      "requests, write the queue, checkpoint, close.")
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str]) -> Config:
+        """Build a Config from TRACE_* variables, raising SettingError naming the first bad one."""
+        values = {}
+        for spec in dataclasses.fields(cls):
+            name = env_name(spec)
+            if name in environ:
+                try:
+                    values[spec.name] = spec.metadata["kind"].parse(environ[name])
+                except (SettingError, ValueError):
+                    accepts = spec.metadata["kind"].accepts
+                    raise SettingError(f"{name}={environ[name]!r} is not valid: expected {accepts}") from None
+        return cls(**values)
+
+    def shown(self) -> dict[str, Any]:
+        """The effective settings, secrets masked, for the startup log."""
+        return {spec.name: ("***" if spec.metadata["secret"] and getattr(self, spec.name) else
+                            getattr(self, spec.name)) for spec in dataclasses.fields(self)}
+
+
+def env_name(spec: dataclasses.Field) -> str:
+    return "TRACE_" + spec.name.upper()
+
+
+def settings_table(markdown: bool = False) -> str:
+    """Every setting with its default and meaning, for --help (plain) or the README (markdown)."""
+    specs = dataclasses.fields(Config)
+    if markdown:
+        rows = ["| Variable | Default | Meaning |", "| --- | --- | --- |"]
+        rows += [f"| `{env_name(s)}` | `{s.metadata['default']}` | {s.metadata['doc']} "
+                 f"Accepts {s.metadata['kind'].accepts}. |" for s in specs]
+        return "\n".join(rows)
+    lines = []
+    for s in specs:
+        lines.append(f"  {env_name(s)} (default: {s.metadata['default'] or 'empty'})")
+        lines += textwrap.wrap(f"{s.metadata['doc']} Accepts {s.metadata['kind'].accepts}.", 96,
+                               initial_indent=" " * 6, subsequent_indent=" " * 6)
+    return "\n".join(lines)
+
+
+def setup_logging(level: str) -> None:
+    """One JSON object per line on stdout: time, level, logger, message, plus the record's fields."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(JsonFormatter("{levelname}{name}{message}", style="{", timestamp="time",
+                                       rename_fields={"levelname": "level", "name": "logger"}))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+class FaultLog:
+    """Logs a failure that repeats (every retry) once when it starts or changes, and once when it ends."""
+
+    def __init__(self, logger: logging.Logger, what: str) -> None:
+        self.logger, self.what = logger, what
+        self.error: str | None = None
+        self.since = 0.0
+        self.count = 0
+
+    def failed(self, error: str) -> None:
+        self.count += 1
+        if error != self.error:
+            self.logger.error("%s failing", self.what, extra={"error": error, "attempt": self.count})
+            if self.error is None:
+                self.since = time.time()
+            self.error = error
+
+    def cleared(self) -> None:
+        if self.error is not None:
+            self.logger.warning("%s recovered", self.what, extra={
+                "failed_attempts": self.count, "failed_seconds": round(time.time() - self.since, 3)})
+        self.error, self.count = None, 0
+
+
+class Backoff:
+    """Exponential backoff with full jitter: the n-th wait is uniform over [0, min(cap, base * 2**n)]."""
+
+    def __init__(self, base: float, cap: float, rng: Callable[[], float] = random.random) -> None:
+        self.base, self.cap, self.rng = base, cap, rng
+        self.attempt = 0
+
+    def next(self) -> float:
+        ceiling = min(self.cap, self.base * 2 ** min(self.attempt, 62))
+        self.attempt += 1
+        return ceiling * self.rng()
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+# ============================================================================================== model
+# What an event is: the fields each endpoint accepts, how a JSON value becomes a column value, and the
+# rows that reach SQLite. Validation is all-or-nothing per request.
+
+MAX_INT = 2**53 - 1              # the largest integer a JavaScript agent can send exactly
+MAX_NAME_CHARS = 256             # provider, model, session_id, finish_reason, ...
+MAX_TRACE_ID_CHARS = 128
+MAX_UNIX_MS = 253402300799999    # 9999-12-31T23:59:59.999Z
+
+
+class Invalid(ValueError):
+    """A request that cannot be accepted, with the field (and array index) to blame."""
+
+    def __init__(self, message: str, field: str | None = None, index: int | None = None,
+                 status: int = 400) -> None:
+        super().__init__(message)
+        self.field, self.index, self.status = field, index, status
+
+    def body(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"error": str(self), "field": self.field}
+        if self.index is not None:
+            out["index"] = self.index
+        return out
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def clean_text(text: str) -> str:
+    """Replace lone surrogates (valid in JSON, not in UTF-8) with U+FFFD so the text can be stored."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
+def cut_utf8(text: str, limit: int) -> tuple[str, int, bool]:
+    """Cut text to at most `limit` UTF-8 bytes on a character boundary: (text, original bytes, cut?)."""
+    text = clean_text(text)
+    raw = text.encode("utf-8")
+    if len(raw) <= limit:
+        return text, len(raw), False
+    return raw[:limit].decode("utf-8", "ignore"), len(raw), True
+
+
+class Reader:
+    """Turns the JSON values of one event into column values, raising Invalid naming the field."""
+
+    def __init__(self, event: dict[str, Any], index: int | None, max_text: int) -> None:
+        self.event, self.index, self.max_text = event, index, max_text
+        self.truncated = False
+
+    def fail(self, field: str, message: str) -> Invalid:
+        return Invalid(f"{field} {message}", field, self.index)
+
+    def name(self, field: str, required: bool = False, limit: int = MAX_NAME_CHARS) -> str | None:
+        value = self.event.get(field)
+        if value is None:
+            if required:
+                raise self.fail(field, "is required")
+            return None
+        if not isinstance(value, str) or not value.strip():
+            raise self.fail(field, "must be a non-empty string")
+        if len(value) > limit:
+            raise self.fail(field, f"must be at most {limit} characters")
+        return clean_text(value)
+
+    def choice(self, field: str, choices: tuple[str, ...], default: str | None = None) -> str:
+        value = self.event.get(field)
+        if value is None and default is not None:
+            return default
+        if value not in choices:
+            raise self.fail(field, "must be one of " + ", ".join(choices))
+        return value
+
+    def text(self, field: str, required: bool = False) -> tuple[str | None, int | None]:
+        """A free text, cut to max_text bytes: (text, original length in bytes)."""
+        value = self.event.get(field)
+        if value is None:
+            if required:
+                raise self.fail(field, "is required")
+            return None, None
+        if not isinstance(value, str):
+            raise self.fail(field, "must be a string")
+        if required and not value.strip():
+            raise self.fail(field, "must not be empty")
+        text, size, cut = cut_utf8(value, self.max_text)
+        self.truncated |= cut
+        return text, size
+
+    def count(self, field: str) -> int | None:
+        value = self.event.get(field)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_INT:
+            raise self.fail(field, f"must be an integer from 0 to {MAX_INT}")
+        return value
+
+    def amount(self, field: str) -> float | None:
+        value = self.event.get(field)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+                math.isfinite(value) and 0 <= value <= MAX_INT):
+            raise self.fail(field, "must be a non-negative number")
+        return value
+
+    def trace_id(self) -> str:
+        value = self.event.get("trace_id")
+        if value is None:
+            return str(uuid.uuid4())
+        if not (isinstance(value, str) and 0 < len(value) <= MAX_TRACE_ID_CHARS and value.isprintable()):
+            raise self.fail("trace_id", f"must be 1 to {MAX_TRACE_ID_CHARS} printable characters")
+        return clean_text(value)
+
+    def created_at(self, received: int) -> int:
+        """Unix ms, from an RFC 3339 string or a number of Unix ms; the arrival time when absent."""
+        value = self.event.get("created_at")
+        if value is None:
+            return received
+        if isinstance(value, str):
+            try:
+                moment = datetime.fromisoformat(value)
+            except ValueError:
+                raise self.fail("created_at", "must be RFC 3339 (2026-01-31T12:00:00Z) or Unix ms") from None
+            if moment.tzinfo is None:
+                raise self.fail("created_at", "needs a timezone offset (Z or +hh:mm)")
+            value = round(moment.timestamp() * 1000)
+        elif isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise self.fail("created_at", "must be RFC 3339 (2026-01-31T12:00:00Z) or Unix ms")
+        if not 0 <= value <= MAX_UNIX_MS:
+            raise self.fail("created_at", "is out of range (1970 to 9999)")
+        return int(value)
+
+    def metadata(self) -> str | None:
+        """A JSON object (or a string holding one), stored as compact JSON."""
+        value = self.event.get("metadata")
+        if value is None:
+            return None
+        if isinstance(value, str):
+            try:
+                value = json.loads(value, parse_constant=_no_constants)
+            except (ValueError, RecursionError):
+                raise self.fail("metadata", "string must hold a JSON object") from None
+        if not isinstance(value, dict):
+            raise self.fail("metadata", "must be a JSON object")
+        text = clean_text(json.dumps(value, ensure_ascii=False, separators=(",", ":")))
+        size = len(text.encode("utf-8"))
+        if size > self.max_text:
+            self.truncated = True
+            return json.dumps({"_otrace_truncated": True, "original_bytes": size})
+        return text
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+@dataclasses.dataclass(frozen=True)
+class Table:
+    """One event table: the JSON fields its endpoint accepts and the columns a row fills, in order."""
+
+    name: str
+    fields: frozenset[str]
+    columns: tuple[str, ...]
+
+    @property
+    def insert_sql(self) -> str:
+        marks = ", ".join("?" * len(self.columns))
+        return (f"INSERT INTO {self.name} ({', '.join(self.columns)}) VALUES ({marks}) "
+                f"ON CONFLICT(trace_id) DO NOTHING")
+
+
+_COMMON = ("trace_id", "created_at", "received_at", "source")
+TRACES = Table("llm_traces", frozenset({
+    "provider", "model", "input_text", "output_text", "prompt_tokens", "completion_tokens", "total_tokens",
+    "cache_read_tokens", "cache_write_tokens", "reasoning_tokens", "cost_usd", "latency_ms", "ttft_ms",
+    "status", "error_type", "finish_reason", "session_id", "trace_id", "created_at", "metadata"}),
+    (*_COMMON, "provider", "model", "status", "error_type", "finish_reason", "session_id",
+               "prompt_tokens", "completion_tokens", "total_tokens", "cache_read_tokens",
+               "cache_write_tokens", "reasoning_tokens", "cost_usd", "latency_ms", "ttft_ms",
+               "input_text", "input_bytes", "output_text", "output_bytes", "metadata", "truncated"))
+ERRORS = Table("error_events", frozenset({
+    "error_type", "category", "message", "stack_trace", "severity", "provider", "model", "session_id",
+    "trace_id", "created_at", "metadata"}),
+    (*_COMMON, "error_type", "category", "severity", "message", "message_bytes", "stack_trace",
+               "stack_trace_bytes", "provider", "model", "session_id", "metadata", "truncated"))
+
+ERROR_TYPES = ("llm_error", "crash", "system_error")
+ERROR_CATEGORIES = ("rate_limit", "timeout", "malformed_response", "api_failure", "process_crash",
+                    "oom_kill", "unhandled_exception", "disk_full", "network_failure",
+                    "permission_denied", "other")
+SEVERITIES = ("debug", "info", "warning", "error", "critical")
+
+
+def trace_row(r: Reader, received: int, source: str = "http") -> tuple:
+    """The llm_traces row for one trace event, but for the truncated flag (the Reader knows it last)."""
+    prompt, completion = r.count("prompt_tokens"), r.count("completion_tokens")
+    total = r.count("total_tokens")
+    if total is None and (prompt is not None or completion is not None):
+        total = (prompt or 0) + (completion or 0)
+    input_text, input_bytes = r.text("input_text")
+    output_text, output_bytes = r.text("output_text")
+    return (r.trace_id(), r.created_at(received), received, source,
+            r.name("provider", required=True), r.name("model", required=True),
+            r.choice("status", ("ok", "error"), "ok"), r.name("error_type"), r.name("finish_reason"),
+            r.name("session_id"), prompt, completion, total, r.count("cache_read_tokens"),
+            r.count("cache_write_tokens"), r.count("reasoning_tokens"), r.amount("cost_usd"),
+            r.amount("latency_ms"), r.amount("ttft_ms"), input_text, input_bytes, output_text,
+            output_bytes, r.metadata())
+
+
+def error_row(r: Reader, received: int, source: str = "http") -> tuple:
+    """The error_events row for one error event, but for the truncated flag."""
+    message, message_bytes = r.text("message", required=True)
+    stack, stack_bytes = r.text("stack_trace")
+    return (r.trace_id(), r.created_at(received), received, source,
+            r.choice("error_type", ERROR_TYPES), r.choice("category", ERROR_CATEGORIES, "other"),
+            r.choice("severity", SEVERITIES, "error"), message, message_bytes, stack, stack_bytes,
+            r.name("provider"), r.name("model"), r.name("session_id"), r.metadata())
+
+
+ROW_BUILDERS: dict[str, tuple[Table, Callable[[Reader, int], tuple]]] = {
+    "/v1/traces": (TRACES, trace_row), "/v1/errors": (ERRORS, error_row)}
+
+
+def parse_events(body: bytes, path: str, max_events: int, max_text: int) -> tuple[list[Row], list[str]]:
+    """Validate a request body (one event or an array of them) into rows, all or nothing."""
+    table, build = ROW_BUILDERS[path]
+    try:
+        doc = json.loads(body.decode("utf-8"), parse_constant=_no_constants)
+    except UnicodeDecodeError:
+        raise Invalid("body is not UTF-8") from None
+    except RecursionError:
+        raise Invalid("body is nested too deeply") from None
+    except ValueError as exc:
+        raise Invalid(f"body is not valid JSON: {exc}") from None
+    events, many = (doc, True) if isinstance(doc, list) else ([doc], False)
+    if not events:
+        raise Invalid("array holds no events")
+    if len(events) > max_events:
+        raise Invalid(f"array holds {len(events)} events; at most {max_events} (TRACE_MAX_EVENTS)",
+                      status=413)
+    received, rows, ignored = now_ms(), [], set()
+    for index, event in enumerate(events):
+        if not isinstance(event, dict):
+            raise Invalid("event must be a JSON object", None, index if many else None)
+        reader = Reader(event, index if many else None, max_text)
+        rows.append(Row(table.name, (*build(reader, received), int(reader.truncated))))
+        ignored.update(key for key in event if key not in table.fields)
+    return rows, sorted(ignored)
+
+
+# ============================================================================================== store
+# SQLite in WAL mode. One writer thread owns the only write connection and takes its work from a
+# bounded EventQueue: batches of events, and jobs (writes other threads need) in between.
+
+SCHEMA: list[str] = [
+    # 1: the event tables, host metrics and the push log.
+    """
+    CREATE TABLE llm_traces (
+        id INTEGER PRIMARY KEY,
+        trace_id TEXT NOT NULL UNIQUE,
+        created_at INTEGER NOT NULL,
+        received_at INTEGER NOT NULL,
+        source TEXT NOT NULL,
+        provider TEXT NOT NULL,
+        model TEXT NOT NULL,
+        status TEXT NOT NULL,
+        error_type TEXT,
+        finish_reason TEXT,
+        session_id TEXT,
+        prompt_tokens INTEGER,
+        completion_tokens INTEGER,
+        total_tokens INTEGER,
+        cache_read_tokens INTEGER,
+        cache_write_tokens INTEGER,
+        reasoning_tokens INTEGER,
+        cost_usd REAL,
+        latency_ms REAL,
+        ttft_ms REAL,
+        input_text TEXT,
+        input_bytes INTEGER,
+        output_text TEXT,
+        output_bytes INTEGER,
+        metadata TEXT,
+        truncated INTEGER NOT NULL,
+        synced INTEGER NOT NULL DEFAULT 0,
+        pushed_at INTEGER
+    );
+    CREATE INDEX llm_traces_unsynced ON llm_traces (id) WHERE synced = 0;
+    CREATE TABLE error_events (
+        id INTEGER PRIMARY KEY,
+        trace_id TEXT NOT NULL UNIQUE,
+        created_at INTEGER NOT NULL,
+        received_at INTEGER NOT NULL,
+        source TEXT NOT NULL,
+        error_type TEXT NOT NULL,
+        category TEXT NOT NULL,
+        severity TEXT NOT NULL,
+        message TEXT NOT NULL,
+        message_bytes INTEGER NOT NULL,
+        stack_trace TEXT,
+        stack_trace_bytes INTEGER,
+        provider TEXT,
+        model TEXT,
+        session_id TEXT,
+        metadata TEXT,
+        truncated INTEGER NOT NULL,
+        synced INTEGER NOT NULL DEFAULT 0,
+        pushed_at INTEGER
+    );
+    CREATE INDEX error_events_unsynced ON error_events (id) WHERE synced = 0;
+    CREATE TABLE system_metrics (
+        id INTEGER PRIMARY KEY,
+        trace_id TEXT NOT NULL UNIQUE,
+        created_at INTEGER NOT NULL,
+        received_at INTEGER NOT NULL,
+        source TEXT NOT NULL,
+        interval_s REAL,
+        cpu_pct REAL,
+        cpu_cores_effective REAL,
+        cpu_throttled_ms REAL,
+        cpu_throttled_periods INTEGER,
+        mem_used_bytes INTEGER,
+        mem_rss_bytes INTEGER,
+        mem_limit_bytes INTEGER,
+        mem_available_bytes INTEGER,
+        mem_total_bytes INTEGER,
+        disk_path TEXT,
+        disk_device TEXT,
+        disk_total_bytes INTEGER,
+        disk_used_bytes INTEGER,
+        disk_avail_bytes INTEGER,
+        disk_used_pct REAL,
+        disk_read_bps REAL,
+        disk_write_bps REAL,
+        cgroup_read_bps REAL,
+        cgroup_write_bps REAL,
+        self_rss_bytes INTEGER,
+        self_cpu_pct REAL,
+        synced INTEGER NOT NULL DEFAULT 0,
+        pushed_at INTEGER
+    );
+    CREATE INDEX system_metrics_unsynced ON system_metrics (id) WHERE synced = 0;
+    CREATE TABLE push_log (
+        id INTEGER PRIMARY KEY,
+        batch_id TEXT NOT NULL,
+        started_at INTEGER NOT NULL,
+        duration_ms REAL NOT NULL,
+        events INTEGER NOT NULL,
+        bytes INTEGER NOT NULL,
+        http_status INTEGER,
+        error TEXT,
+        retry_after_s REAL
+    );
+    CREATE INDEX push_log_started ON push_log (started_at);
+    """,
+]
+
+EVENT_TABLES = ("llm_traces", "error_events", "system_metrics")
+CACHE_KIB = 2048                 # per connection; otrace keeps at most three open
+JOURNAL_SIZE_LIMIT = 64 * 1024**2
+
+
+def connect(path: str) -> sqlite3.Connection:
+    """Open the database with otrace's pragmas; transactions are explicit (BEGIN ... COMMIT)."""
+    conn = sqlite3.connect(path, timeout=10.0, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA busy_timeout = 10000")
+    conn.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
+    conn.execute("PRAGMA synchronous = NORMAL")
+    return conn
+
+
+def open_database(path: str) -> None:
+    """Create the database file (mode 0600) and bring its schema up to date, before any thread starts."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
+    conn = connect(path)
+    try:
+        conn.execute("PRAGMA auto_vacuum = INCREMENTAL")  # takes only on a new file, before WAL mode
+        if conn.execute("PRAGMA journal_mode = WAL").fetchone()[0] != "wal":
+            raise RuntimeError(f"{path}: cannot use WAL mode")
+        conn.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}")
+        migrate(conn)
+    finally:
+        conn.close()
+
+
+def migrate(conn: sqlite3.Connection) -> None:
+    """Apply the SCHEMA steps the file has not seen yet, each in its own transaction."""
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version > len(SCHEMA):
+        raise RuntimeError(f"database schema {version} is newer than this otrace ({len(SCHEMA)})")
+    for number, step in enumerate(SCHEMA[version:], start=version + 1):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in filter(str.strip, step.split(";")):
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {number}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        log.info("schema migrated", extra={"version": number})
+
+
+class Row(collections.namedtuple("Row", "table values")):
+    """One row on its way to a table."""
+
+
+@dataclasses.dataclass(slots=True)
+class Unit:
+    """Rows that are committed together, with statements that must commit with them (a file offset)."""
+
+    rows: list[Row]
+    extra: tuple[tuple[str, tuple], ...] = ()
+    arrived: float = 0.0
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+@dataclasses.dataclass(slots=True)
+class Job:
+    """A function the writer runs on its connection between batches; its result goes to `future`."""
+
+    run: Callable[[sqlite3.Connection], Any] | None   # None asks the writer to finish
+    future: Future = dataclasses.field(default_factory=Future)
+
+
+class EventQueue(queue.Queue):
+    """A queue.Queue of Units, bounded in events, that a request enters whole or not at all.
+
+    Its size counts every accepted event not yet committed: the ones waiting and the ones in the
+    writer's hands, until the writer calls `done`. So TRACE_QUEUE_SIZE bounds what a crash can lose
+    and what otrace holds in memory. It also holds the writer's Jobs, which are not counted and go
+    first.
+
+    And it keeps a gate for the GIL. Sixteen busy handler threads starve the writer thread (each of
+    its SQLite calls gives the GIL away and waits its turn to get it back), the queue stays full and
+    most requests get 503. So once half the queue is waiting, handlers hold back (each for at most
+    GATE_WAIT) until the writer has drained it below one batch.
+    """
+
+    GATE_WAIT = 0.1
+
+    def __init__(self, capacity: int, batch_size: int) -> None:
+        super().__init__(capacity)
+        self.batch_size = batch_size
+        self.high_water = max(batch_size, capacity // 2)
+        self.jobs: collections.deque[Job] = collections.deque()
+        self.room = threading.Event()
+        self.room.set()
+        self.closed = False
+
+    def _init(self, maxsize: int) -> None:
+        self.queue: collections.deque[Unit] = collections.deque()
+        self.waiting = 0         # events in self.queue
+        self.uncommitted = 0     # waiting + taken by the writer and not yet done
+
+    def _qsize(self) -> int:
+        return self.uncommitted
+
+    def _put(self, unit: Unit) -> None:
+        self.queue.append(unit)
+        self.waiting += len(unit)
+        self.uncommitted += len(unit)
+
+    def _get(self) -> Unit:
+        unit = self.queue.popleft()
+        self.waiting -= len(unit)
+        return unit
+
+    def offer(self, unit: Unit) -> bool:
+        """Enqueue the unit if all its events fit (or nothing is uncommitted); never blocks."""
+        with self.mutex:
+            if self.closed or (self.uncommitted and self.uncommitted + len(unit) > self.maxsize):
+                return False
+            unit.arrived = time.monotonic()
+            was_empty = not self.waiting
+            self._put(unit)
+            self.unfinished_tasks += 1
+            if self.waiting >= self.high_water:
+                self.room.clear()
+            if was_empty or self.waiting >= self.batch_size:
+                self.not_empty.notify()
+            return True
+
+    def done(self, unit: Unit) -> None:
+        """The writer committed the unit (or gave up on its rows): it no longer counts."""
+        with self.mutex:
+            self.uncommitted -= len(unit)
+        self.task_done()
+
+    def wait_for_room(self) -> None:
+        """Called by handlers before their CPU work: yield to the writer while it is behind."""
+        self.room.wait(self.GATE_WAIT)
+
+    def open_gate(self) -> None:
+        """Let handlers run: the writer has caught up, or is failing and cannot use the GIL anyway."""
+        with self.mutex:
+            if self.waiting < self.batch_size or self.closed:
+                self.room.set()
+
+    def submit(self, run: Callable[[sqlite3.Connection], Any] | None) -> Future:
+        """Hand the writer a job; jobs are never refused and run before the next batch."""
+        job = Job(run)
+        with self.mutex:
+            self.jobs.append(job)
+            self.not_empty.notify()
+        return job.future
+
+    def next_work(self, batch_size: int, window: float, idle: float) -> Job | list[Unit]:
+        """The writer's next job, or its next batch: whole units until batch_size events, waiting at
+        most `window` after the oldest arrived. An empty list after `idle` seconds with nothing to do."""
+        with self.not_empty:
+            end = time.monotonic() + idle
+            while not (self.jobs or self.queue):
+                left = end - time.monotonic()
+                if left <= 0 or self.closed:
+                    return []
+                self.not_empty.wait(left)
+            if self.jobs:
+                return self.jobs.popleft()
+            due = self.queue[0].arrived + window
+            while self.waiting < batch_size and not self.jobs and not self.closed:
+                left = due - time.monotonic()
+                if left <= 0:
+                    break
+                self.not_empty.wait(left)
+            batch = [self._get()]
+            taken = len(batch[0])
+            while self.queue and taken + len(self.queue[0]) <= batch_size:
+                taken += len(self.queue[0])
+                batch.append(self._get())
+            return batch
+
+    def next_job(self, timeout: float) -> Job | None:
+        """The next job, waiting at most `timeout` (the writer's wait between retries of a batch)."""
+        with self.not_empty:
+            if not self.jobs and timeout > 0:
+                self.not_empty.wait(timeout)
+            return self.jobs.popleft() if self.jobs else None
+
+    def close(self) -> None:
+        """Refuse new events from now on (shutdown); jobs are still taken."""
+        with self.mutex:
+            self.closed = True
+            self.not_empty.notify_all()
+        self.room.set()
+
+    def wait_drained(self, timeout: float) -> bool:
+        """Wait until every unit put so far has been committed (or given up on)."""
+        with self.all_tasks_done:
+            return self.all_tasks_done.wait_for(lambda: not self.unfinished_tasks, max(timeout, 0))
+
+
+class Counters:
+    """Event tallies shared by the handlers, the writer and /health."""
+
+    EVENTS = ("received", "persisted", "duplicate", "refused", "rejected", "dropped")
+    NAMES = (*EVENTS, "connections_refused")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._values = dict.fromkeys(self.NAMES, 0)
+
+    def add(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            self._values[name] += n
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._values)
+
+
+# SQLite result codes that mean "the environment, not this row": retry the batch as it is.
+TRANSIENT_CODES = {"SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_FULL", "SQLITE_IOERR", "SQLITE_READONLY",
+                   "SQLITE_CANTOPEN", "SQLITE_NOMEM", "SQLITE_PROTOCOL", "SQLITE_CORRUPT",
+                   "SQLITE_NOTADB", "SQLITE_PERM", "SQLITE_INTERRUPT", "SQLITE_ABORT"}
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True when a failed write should be retried as it is; False when a row's own data is to blame
+    (a constraint, or a value SQLite cannot bind)."""
+    name = getattr(exc, "sqlite_errorname", None)
+    if name:
+        return "_".join(name.split("_")[:2]) in TRANSIENT_CODES
+    return isinstance(exc, (sqlite3.OperationalError, OSError, MemoryError))
+
+
+class Writer(threading.Thread):
+    """The one thread that writes to SQLite: batches of events in one transaction each, and jobs.
+
+    A failed batch never kills it: an environment fault (disk full, I/O error, lock) keeps the batch and
+    retries it with backoff while /health says degraded; a row whose own data cannot be written is
+    logged whole and dropped without taking its batch-mates with it.
+    """
+
+    STUCK_AFTER = 15.0           # seconds without a loop iteration before /health calls it stuck
+
+    def __init__(self, path: str, events: EventQueue, counters: Counters, batch_size: int,
+                 window: float) -> None:
+        super().__init__(name="otrace-writer", daemon=True)
+        self.path, self.events, self.counters = path, events, counters
+        self.batch_size, self.window = batch_size, window
+        self.pending: list[Unit] = []
+        self.fault = FaultLog(logging.getLogger("otrace.writer"), "database write")
+        self.backoff = Backoff(0.05, 5.0)
+        self.heartbeat = time.monotonic()
+        self.conn: sqlite3.Connection | None = None
+
+    # -- state for /health
+    @property
+    def stuck(self) -> bool:
+        return time.monotonic() - self.heartbeat > self.STUCK_AFTER
+
+    def run(self) -> None:
+        self.conn = connect(self.path)
+        retry_at = 0.0
+        try:
+            while True:
+                self.heartbeat = time.monotonic()
+                if self.pending:
+                    work = self.events.next_job(retry_at - time.monotonic()) or []
+                else:
+                    work = self.events.next_work(self.batch_size, self.window, idle=1.0)
+                if isinstance(work, Job):
+                    if work.run is None:
+                        work.future.set_result(None)
+                        return
+                    self.run_job(work)
+                    continue
+                self.pending += work
+                if not self.pending or time.monotonic() < retry_at:
+                    continue
+                try:
+                    self.flush()
+                except Exception as exc:  # noqa: BLE001 - any failure keeps the batch for a retry
+                    self.fault.failed(describe(exc))
+                    self.events.room.set()     # nothing to gain from holding handlers back now
+                    retry_at = time.monotonic() + self.backoff.next()
+                    continue
+                self.fault.cleared()
+                self.backoff.reset()
+                self.events.open_gate()
+        finally:
+            self.conn.close()
+
+    def run_job(self, job: Job) -> None:
+        if job.future.set_running_or_notify_cancel():
+            try:
+                job.future.set_result(job.run(self.conn))
+            except BaseException as exc:  # noqa: BLE001 - handed to whoever waits on the job
+                rollback(self.conn)
+                job.future.set_exception(exc)
+
+    def flush(self) -> None:
+        """Commit the pending units, in one transaction if their data allows. Units leave `pending` as
+        they commit; an environment fault raises and leaves the rest for a retry."""
+        try:
+            self.commit(self.pending)
+        except Exception as exc:
+            if is_transient(exc):
+                raise
+            while self.pending:          # a row's data is to blame: find it, unit by unit
+                self.commit_alone(self.pending[0])
+                self.events.done(self.pending.pop(0))
+            return
+        for unit in self.pending:
+            self.events.done(unit)
+        self.pending = []
+
+    def commit_alone(self, unit: Unit) -> None:
+        """Commit one unit; if its data fails, commit its rows one by one and drop the ones that fail."""
+        try:
+            self.commit([unit])
+            return
+        except Exception as exc:
+            if is_transient(exc):
+                raise
+        for row in unit.rows:
+            try:
+                self.commit([Unit([row])])
+            except Exception as exc:
+                if is_transient(exc):
+                    raise
+                self.drop(row, exc)
+        if unit.extra:
+            self.commit([Unit([], unit.extra)])
+
+    def commit(self, units: list[Unit]) -> None:
+        conn = self.conn
+        by_table: dict[str, list[tuple]] = {}
+        for unit in units:
+            for row in unit.rows:
+                by_table.setdefault(row.table, []).append(row.values)
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            inserted = 0
+            for table, values in by_table.items():
+                inserted += conn.executemany(INSERT_SQL[table], values).rowcount
+            for unit in units:
+                for sql, params in unit.extra:
+                    conn.execute(sql, params)
+            conn.execute("COMMIT")
+        except BaseException:
+            rollback(conn)
+            raise
+        total = sum(map(len, by_table.values()))
+        self.counters.add("persisted", inserted)
+        self.counters.add("duplicate", total - inserted)
+
+    def drop(self, row: Row, exc: BaseException) -> None:
+        """Give up on a row SQLite refuses for its own data: logged whole, counted in /health."""
+        self.fault.logger.error("row cannot be stored; dropped", extra={
+            "table": row.table, "error": describe(exc), "row": repr(row.values)})
+        self.counters.add("dropped")
+
+
+INSERT_SQL = {table.name: table.insert_sql for table in (TRACES, ERRORS)}
+
+
+def rollback(conn: sqlite3.Connection) -> None:
+    with contextlib.suppress(sqlite3.Error):  # no transaction was open, or it is already gone
+        conn.execute("ROLLBACK")
+
+
+def describe(exc: BaseException) -> str:
+    name = getattr(exc, "sqlite_errorname", None)
+    return f"{name or type(exc).__name__}: {exc}"
+
+
+# ============================================================================================= ingest
+# A ThreadingHTTPServer on loopback. A handler validates a request into rows and offers them to the
+# queue whole; it answers in one write (headers and body together) with TCP_NODELAY, and never waits
+# on a full queue.
+
+IDLE, READING, WORKING = "idle", "reading", "working"
+
+
+class Connections:
+    """Open client connections: caps their number, hangs up on any client that takes longer than
+    read_timeout to send a whole request (slow senders, idle keep-alives) or to take its answer, and
+    at shutdown closes the idle ones and waits for the busy ones."""
+
+    def __init__(self, limit: int, read_timeout: float) -> None:
+        self.limit, self.read_timeout = limit, read_timeout
+        self.closing = False
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._open: dict[socket.socket, tuple[str, float]] = {}   # socket -> (state, deadline)
+        self._stop = threading.Event()
+
+    def admit(self, sock: socket.socket) -> bool:
+        with self._lock:
+            if self.closing or len(self._open) >= self.limit:
+                return False
+            self._open[sock] = (IDLE, time.monotonic() + self.read_timeout)
+            return True
+
+    def mark(self, sock: socket.socket, state: str) -> bool:
+        """Move a connection to IDLE (waiting for a request: a deadline starts), READING (the same
+        deadline) or WORKING (a new deadline to write the answer). False when it should close."""
+        with self._lock:
+            if state == IDLE and self.closing:
+                return False
+            if state == READING and sock in self._open:
+                deadline = self._open[sock][1]
+            else:
+                deadline = time.monotonic() + self.read_timeout
+            self._open[sock] = (state, deadline)
+            if self.closing:
+                self._changed.notify_all()
+            return True
+
+    def release(self, sock: socket.socket) -> None:
+        with self._lock:
+            if self._open.pop(sock, None) and self.closing:
+                self._changed.notify_all()
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self._open)
+
+    def reap(self) -> None:
+        """Close the connections whose client is past its deadline."""
+        now = time.monotonic()
+        with self._lock:
+            late = [sock for sock, (_, deadline) in self._open.items() if deadline < now]
+        for sock in late:
+            _hang_up(sock)
+
+    def run_reaper(self) -> None:
+        while not self._stop.wait(min(1.0, self.read_timeout / 4)):
+            self.reap()
+
+    def close(self, until: float) -> int:
+        """Shutdown: close idle connections, wait until `until` for busy ones; how many were cut."""
+        with self._lock:
+            self.closing = True
+            self._stop.set()
+            for sock, (state, _) in list(self._open.items()):
+                if state == IDLE:
+                    _hang_up(sock)
+            self._changed.wait_for(lambda: all(s == IDLE for s, _ in self._open.values()),
+                                   max(0.0, until - time.monotonic()))
+            busy = [sock for sock, (state, _) in self._open.items() if state != IDLE]
+        for sock in busy:
+            _hang_up(sock)
+        return len(busy)
+
+
+def _hang_up(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):  # already gone
+        sock.shutdown(socket.SHUT_RDWR)
+
+
+def is_json_type(content_type: str) -> bool:
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
+class IngestHandler(BaseHTTPRequestHandler):
+    """One client connection: HTTP/1.1 keep-alive, JSON in and out."""
+
+    protocol_version = "HTTP/1.1"
+    server_version = f"otrace/{__version__}"
+    sys_version = ""
+    server: IngestServer
+
+    def setup(self) -> None:
+        super().setup()   # no socket timeout: Connections enforces deadlines, without a poll per read
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def handle_one_request(self) -> None:
+        """Read one request and dispatch it, keeping the connection's state for Connections."""
+        connections = self.server.connections
+        if not connections.mark(self.connection, IDLE):
+            self.close_connection = True
+            return
+        try:
+            self.raw_requestline = self.rfile.readline(65537)
+        except OSError:
+            self.close_connection = True
+            return
+        if not self.raw_requestline:
+            self.close_connection = True
+            return
+        connections.mark(self.connection, READING)
+        if len(self.raw_requestline) > 65536:
+            self.requestline, self.request_version, self.command = "", "HTTP/1.1", ""
+            self.send_error(HTTPStatus.REQUEST_URI_TOO_LONG)
+            return
+        if self.parse_request():
+            self.dispatch()
+
+    def dispatch(self) -> None:
+        service = self.server.service
+        path = self.path.split("?", 1)[0]
+        routes = {"/v1/traces": ("POST",), "/v1/errors": ("POST",), "/health": ("GET", "HEAD")}
+        if path not in routes:
+            self.refuse(404, f"no such path: {path}")
+        elif self.command not in routes[path]:
+            self.refuse(405, f"{self.command} is not allowed on {path}", {"Allow": ", ".join(routes[path])})
+        elif path == "/health":
+            self.server.connections.mark(self.connection, WORKING)
+            report = service.health()
+            self.reply(200 if report["status"] == "ok" else 503, report)
+        else:
+            self.ingest(path)
+
+    def ingest(self, path: str) -> None:
+        """POST /v1/traces and /v1/errors: validate, offer the rows to the queue whole, answer."""
+        service = self.server.service
+        config = service.config
+        if config.ingest_token and not self.authorized(config.ingest_token):
+            self.refuse(401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
+            return
+        body = self.read_body(config.max_body_bytes)
+        if body is None:
+            service.counters.add("rejected")
+            return
+        self.server.connections.mark(self.connection, WORKING)
+        service.events.wait_for_room()
+        try:
+            rows, ignored = parse_events(body, path, config.max_events, config.max_text_bytes)
+        except Invalid as bad:
+            service.counters.add("rejected")
+            self.reply(bad.status, bad.body())
+            return
+        if not service.events.offer(Unit(rows)):
+            service.counters.add("refused", len(rows))
+            self.reply(503, {"error": "queue is full; retry later", "field": None}, {"Retry-After": "1"})
+            return
+        service.counters.add("received", len(rows))
+        answer: dict[str, Any] = {"accepted": len(rows), "trace_ids": [row.values[0] for row in rows]}
+        if ignored:
+            answer["ignored_fields"] = ignored
+        self.reply(202, answer)
+
+    def read_body(self, limit: int) -> bytes | None:
+        """The request body, or None once an error has been answered (411, 413, 415, 400)."""
+        content_type = self.headers.get("Content-Type")
+        length = self.headers.get("Content-Length")
+        if content_type and not is_json_type(content_type):
+            self.refuse(415, f"content type must be application/json, not {content_type}")
+        elif length is None or self.headers.get("Transfer-Encoding"):
+            self.refuse(411, "Content-Length is required")
+        elif not length.isdigit():
+            self.refuse(400, "Content-Length must be a number of bytes")
+        elif int(length) > limit:
+            self.refuse(413, f"body of {length} bytes is over {limit} (TRACE_MAX_BODY_BYTES)")
+        else:
+            body = self.rfile.read(int(length))
+            if len(body) == int(length):
+                return body
+            self.refuse(400, f"body ended after {len(body)} of {length} bytes")
+        return None
+
+    def authorized(self, token: str) -> bool:
+        given = self.headers.get("Authorization", "")
+        scheme, _, value = given.partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(
+            value.strip().encode("utf-8", "surrogateescape"), token.encode())
+
+    def refuse(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        """Answer an error without reading the body; the connection closes, as the body is unread."""
+        self.close_connection = True
+        self.reply(status, {"error": message, "field": None}, headers)
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """Errors found while parsing the request line and headers, as JSON. Never a 5xx: a request
+        otrace cannot parse is the client's to fix."""
+        self.close_connection = True
+        if code >= 500:
+            code = 400
+        self.reply(code, {"error": message or HTTPStatus(code).phrase, "field": None})
+
+    def reply(self, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
+        """Send the whole response in one write."""
+        payload = json.dumps(body).encode()
+        if self.server.connections.closing:
+            self.close_connection = True
+        lines = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}", f"Server: {self.server_version}",
+                 f"Date: {email.utils.formatdate(usegmt=True)}", "Content-Type: application/json",
+                 f"Content-Length: {len(payload)}"]
+        lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
+        if self.close_connection:
+            lines.append("Connection: close")
+        elif self.request_version == "HTTP/1.0":
+            lines.append("Connection: keep-alive")
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        try:
+            self.wfile.write(head if self.command == "HEAD" else head + payload)
+        except OSError:
+            self.close_connection = True
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("request", extra={"method": self.command, "path": self.path, "status": status,
+                                        "client": self.client_address[0]})
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the stdlib's signature
+        log.debug(format % args)
+
+
+_BUSY_BODY = b'{"error": "too many connections; retry later", "field": null}'
+TOO_MANY_CONNECTIONS = b"\r\n".join([
+    b"HTTP/1.1 503 Service Unavailable", b"Retry-After: 1", b"Content-Type: application/json",
+    b"Content-Length: %d" % len(_BUSY_BODY), b"Connection: close", b"", _BUSY_BODY])
+
+
+class IngestServer(ThreadingHTTPServer):
+    """The HTTP server: a thread per connection, at most TRACE_MAX_CONNECTIONS of them."""
+
+    daemon_threads = True
+    request_queue_size = 128
+
+    def __init__(self, service: Service) -> None:
+        config = service.config
+        self.service = service
+        self.connections = Connections(config.max_connections, config.read_timeout)
+        if ":" in config.host:
+            self.address_family = socket.AF_INET6
+        super().__init__((config.host, config.port), IngestHandler)
+
+    def process_request(self, request: socket.socket, client_address: Any) -> None:
+        if not self.connections.admit(request):
+            self.service.counters.add("connections_refused")
+            with contextlib.suppress(OSError):
+                request.sendall(TOO_MANY_CONNECTIONS)
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: socket.socket) -> None:
+        self.connections.release(request)
+        super().shutdown_request(request)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        exc = sys.exc_info()[1]
+        if isinstance(exc, OSError):
+            log.debug("connection error", extra={"client": client_address[0], "error": describe(exc)})
+        else:
+            log.exception("request failed", extra={"client": client_address[0]})
+
+
+# ========================================================================================== lifecycle
+
+
+class Service:
+    """otrace itself: the database, the writer, the HTTP server, and their orderly stop."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.started = time.monotonic()
+        self.counters = Counters()
+        open_database(config.db_path)
+        self.events = EventQueue(config.queue_size, config.batch_size)
+        self.writer = Writer(config.db_path, self.events, self.counters, config.batch_size,
+                             config.batch_window)
+        self.reader = connect(config.db_path)
+        self.reader.execute("PRAGMA query_only = 1")
+        self.reader_lock = threading.Lock()
+        self.server = IngestServer(self)
+        self.threads: list[threading.Thread] = []
+
+    @property
+    def address(self) -> str:
+        host, port = self.server.server_address[:2]
+        return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+
+    def start(self) -> None:
+        self.writer.start()
+        for name, target in (("otrace-http", lambda: self.server.serve_forever(poll_interval=0.1)),
+                             ("otrace-reaper", self.server.connections.run_reaper)):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self.threads.append(thread)
+
+    def health(self) -> dict[str, Any]:
+        """The /health report; cheap enough to answer within 100 ms while the writer is busy."""
+        counts = self.counters.snapshot()
+        problems = []
+        if not self.writer.is_alive():
+            problems.append("writer thread is not running")
+        elif self.writer.stuck:
+            problems.append("writer thread is stuck")
+        if self.writer.fault.error:
+            problems.append("database writes failing: " + self.writer.fault.error)
+        return {
+            "status": "degraded" if problems else "ok",
+            "problems": problems,
+            "version": __version__,
+            "uptime_seconds": round(time.monotonic() - self.started, 3),
+            "db_status": "error" if self.writer.fault.error else "ok",
+            "writer_alive": self.writer.is_alive() and not self.writer.stuck,
+            "queue_depth": self.events.qsize(),
+            "queue_capacity": self.config.queue_size,
+            **{f"events_{name}": counts[name] for name in Counters.EVENTS},
+            "connections_open": self.server.connections.count(),
+            "connections_refused": counts["connections_refused"],
+            "db_size_bytes": _file_size(self.config.db_path),
+            "wal_size_bytes": _file_size(self.config.db_path + "-wal"),
+            "unsynced_count": self.unsynced_count(),
+            "last_write_error": self.writer.fault.error and {
+                "error": self.writer.fault.error, "since": _iso(self.writer.fault.since),
+                "attempts": self.writer.fault.count},
+            "last_push_time": None,
+            "last_push_status": "disabled",
+        }
+
+    def unsynced_count(self) -> int | None:
+        query = " + ".join(f"(SELECT count(*) FROM {table} WHERE synced = 0)" for table in EVENT_TABLES)
+        try:
+            with self.reader_lock:
+                return self.reader.execute(f"SELECT {query}").fetchone()[0]
+        except sqlite3.Error:
+            return None
+
+    def stop(self, deadline: float) -> bool:
+        """Stop in order within the deadline: stop accepting, finish in-flight requests, write every
+        queued event, checkpoint the WAL, close. False if events that got a 202 could not be written."""
+        reserve = 0.5  # for the checkpoint and the close
+        self.server.shutdown()
+        self.server.server_close()
+        cut = self.server.connections.close(until=deadline - reserve - 1.0)
+        self.events.close()
+        drained = self.events.wait_drained(deadline - reserve - time.monotonic())
+        lost = self.events.qsize()
+        if drained:
+            done = self.events.submit(checkpoint_truncate)
+            try:
+                result = done.result(timeout=max(0.0, deadline - time.monotonic()))
+                log.info("wal checkpoint", extra={"mode": "truncate", **result})
+            except Exception as exc:  # noqa: BLE001 - the data is committed; the WAL stays for next start
+                log.warning("wal checkpoint at shutdown failed", extra={"error": describe(exc)})
+        self.events.submit(None)
+        self.writer.join(max(0.0, deadline - time.monotonic()))
+        self.reader.close()
+        counts = self.counters.snapshot()
+        if lost:
+            log.error("shutdown deadline passed with events not written", extra={"events_lost": lost})
+        log.info("stopped", extra={"events_received": counts["received"], "events_persisted":
+                                   counts["persisted"], "events_lost": lost, "connections_cut": cut})
+        return not lost
+
+
+def checkpoint_truncate(conn: sqlite3.Connection) -> dict[str, int]:
+    busy, wal_pages, moved = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+    return {"busy": busy, "wal_pages": wal_pages, "checkpointed_pages": moved}
+
+
+def _file_size(path: str) -> int:
+    try:
+        return Path(path).stat().st_size
+    except OSError:
+        return 0
+
+
+def _iso(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp).astimezone().isoformat(timespec="milliseconds")
+
+
+def serve(config: Config) -> int:
+    """Run until SIGTERM or SIGINT, then stop within TRACE_SHUTDOWN_TIMEOUT. The exit code."""
+    setup_logging(config.log_level)
+    stop_signals = {signal.SIGTERM, signal.SIGINT}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)   # every thread inherits this; main waits
+    log.info("starting", extra={"version": __version__, "pid": os.getpid(), "settings": config.shown()})
+    try:
+        service = Service(config)
+    except (OSError, sqlite3.Error, RuntimeError) as exc:
+        log.critical("cannot start", extra={"error": describe(exc)})
+        return 1
+    service.start()
+    log.info("listening", extra={"address": service.address})
+    received = signal.sigwait(stop_signals)
+    deadline = time.monotonic() + config.shutdown_timeout
+    log.info("shutting down", extra={"signal": signal.Signals(received).name,
+                                     "timeout_s": config.shutdown_timeout})
+    return 0 if service.stop(deadline) else 1
+
+
+# ================================================================================================ cli
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="otrace", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Observability sidecar for AI agents: takes LLM traces and error events over HTTP "
+                    "and keeps them in SQLite.",
+        epilog="settings (environment variables):\n" + settings_table())
+    parser.add_argument("--version", action="version", version=f"otrace {__version__}")
+    parser.add_argument("command", nargs="?", default="serve", choices=("serve", "settings"),
+                        help="serve (the default) runs the service; settings prints the settings "
+                             "table as Markdown")
+    args = parser.parse_args(argv)
+    if args.command == "settings":
+        print(settings_table(markdown=True))
+        return 0
+    try:
+        config = Config.from_env(dict(os.environ))
+    except SettingError as bad:
+        print(f"otrace: {bad}", file=sys.stderr)
+        return 2
+    return serve(config)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

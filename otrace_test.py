@@ -1,0 +1,804 @@
+"""otrace's tests: a real otrace subprocess on loopback, real SQLite files, real signals.
+
+Nothing here mocks otrace. Where a test needs to wait, it waits for something otrace says or writes
+(a log line, a row, a /health figure), polled with a deadline, never for a fixed time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import otrace
+
+HERE = Path(__file__).resolve().parent
+OTRACE = HERE / "otrace.py"
+ROOT = os.geteuid() == 0
+needs_root = pytest.mark.skipif(not ROOT, reason="mounting a small tmpfs needs root")
+
+
+# ----------------------------------------------------------------------------------------- harness
+
+
+def wait_until(check: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
+    """Poll `check` until it returns something truthy; fail after `timeout` seconds."""
+    end = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.02)
+
+
+class Response:
+    def __init__(self, status: int, headers: dict[str, str], body: bytes) -> None:
+        self.status, self.headers, self.body = status, headers, body
+
+    @property
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+    def __repr__(self) -> str:
+        return f"<Response {self.status} {self.body[:200]!r}>"
+
+
+class Otrace:
+    """A real otrace process with its own database, on a port it picked itself."""
+
+    def __init__(self, tmp: Path, env: dict[str, str] | None = None, db: Path | None = None) -> None:
+        self.db_path = db or tmp / "otrace.db"
+        self.env = {"TRACE_PORT": "0", "TRACE_DB_PATH": str(self.db_path), "TRACE_BATCH_WINDOW": "20ms",
+                    "TRACE_LOG_LEVEL": "info", **(env or {})}
+        self.lines: list[dict[str, Any]] = []
+        self.stderr: list[str] = []
+        self.changed = threading.Condition()
+        self.proc: subprocess.Popen | None = None
+        self.port = 0
+
+    def start(self, wait: bool = True) -> Otrace:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TRACE_")} | self.env
+        self.proc = subprocess.Popen([sys.executable, str(OTRACE)], env=env, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+        threading.Thread(target=self._read, args=(self.proc.stdout, True), daemon=True).start()
+        threading.Thread(target=self._read, args=(self.proc.stderr, False), daemon=True).start()
+        if wait:
+            line = self.wait_log(lambda e: e.get("message") == "listening")
+            self.port = int(line["address"].rsplit(":", 1)[1])
+        return self
+
+    def _read(self, stream: Any, is_stdout: bool) -> None:
+        for raw in stream:
+            with self.changed:
+                if is_stdout:
+                    try:
+                        self.lines.append(json.loads(raw))
+                    except ValueError:
+                        self.lines.append({"message": "<not json>", "raw": raw})
+                else:
+                    self.stderr.append(raw)
+                self.changed.notify_all()
+
+    def wait_log(self, match: Callable[[dict[str, Any]], bool], timeout: float = 10.0) -> dict[str, Any]:
+        """Wait for a log line matching `match` and return it."""
+        with self.changed:
+            found = self.changed.wait_for(lambda: next((e for e in self.lines if match(e)), None), timeout)
+        if not found:
+            raise AssertionError(f"no such log line; got {self.lines[-10:]} stderr={self.stderr[-10:]}")
+        return found
+
+    def logs(self, message: str) -> list[dict[str, Any]]:
+        with self.changed:
+            return [e for e in self.lines if e.get("message") == message]
+
+    # -- HTTP
+    def request(self, method: str, path: str, body: bytes | str | Any = None,
+                headers: dict[str, str] | None = None, conn: http.client.HTTPConnection | None = None,
+                timeout: float = 10.0) -> Response:
+        if body is not None and not isinstance(body, (bytes, str)):
+            body = json.dumps(body)
+        if isinstance(body, str):
+            body = body.encode()
+        hdrs = {"Content-Type": "application/json"} if body is not None else {}
+        hdrs |= headers or {}
+        own = conn is None
+        conn = conn or http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        try:
+            conn.request(method, path, body=body, headers=hdrs)
+            resp = conn.getresponse()
+            return Response(resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read())
+        finally:
+            if own:
+                conn.close()
+
+    def post(self, path: str, body: Any, **kw: Any) -> Response:
+        return self.request("POST", path, body, **kw)
+
+    def health(self) -> dict[str, Any]:
+        return self.request("GET", "/health").json
+
+    def wait_persisted(self, n: int, timeout: float = 10.0) -> dict[str, Any]:
+        """Wait until the writer has committed n events (new or duplicate)."""
+        return wait_until(lambda: (h := self.health())["events_persisted"] + h["events_duplicate"] >= n
+                          and h, timeout, f"{n} events persisted")
+
+    # -- database and process
+    def query(self, sql: str, *params: Any) -> list[tuple]:
+        with contextlib.closing(sqlite3.connect(self.db_path, timeout=10)) as conn:
+            return conn.execute(sql, params).fetchall()
+
+    def rows(self, table: str) -> list[dict[str, Any]]:
+        with contextlib.closing(sqlite3.connect(self.db_path, timeout=10)) as conn:
+            conn.row_factory = sqlite3.Row
+            return [dict(r) for r in conn.execute(f"SELECT * FROM {table} ORDER BY id")]
+
+    def signal(self, sig: int) -> None:
+        assert self.proc
+        self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = 10.0) -> int:
+        """SIGTERM and wait for the exit code."""
+        assert self.proc
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def run(tmp_path: Path) -> Iterator[Callable[..., Otrace]]:
+    """Start otrace processes for a test; every one is stopped afterwards."""
+    started: list[Otrace] = []
+
+    def start(env: dict[str, str] | None = None, wait: bool = True, **kw: Any) -> Otrace:
+        node = Otrace(tmp_path, env, **kw).start(wait=wait)
+        started.append(node)
+        return node
+
+    yield start
+    for node in started:
+        node.kill()
+
+
+@pytest.fixture
+def svc(run: Callable[..., Otrace]) -> Otrace:
+    return run()
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str) -> Iterator[Path]:
+    """A really small filesystem, unmounted afterwards."""
+    path.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def fill(path: Path) -> Path:
+    """Fill the filesystem holding `path` until a write fails; the filler file is returned."""
+    filler = path / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        for size in (1 << 16, 512, 1):
+            with contextlib.suppress(OSError):
+                while True:
+                    os.write(fd, b"\0" * size)
+    finally:
+        os.close(fd)
+    return filler
+
+
+TRACE = {"provider": "anthropic", "model": "claude-sonnet-4", "prompt_tokens": 10, "completion_tokens": 5}
+
+
+def trace(**fields: Any) -> dict[str, Any]:
+    return {**TRACE, "trace_id": str(uuid.uuid4()), **fields}
+
+
+# ----------------------------------------------------------------------------------------- config
+
+
+def test_help_lists_every_setting_with_default() -> None:
+    out = subprocess.run([sys.executable, str(OTRACE), "--help"], capture_output=True, text=True, check=True)
+    for spec in otrace.dataclasses.fields(otrace.Config):
+        name = otrace.env_name(spec)
+        assert name in out.stdout
+        assert f"{name} (default: {spec.metadata['default'] or 'empty'})" in out.stdout
+
+
+def test_version() -> None:
+    out = subprocess.run([sys.executable, str(OTRACE), "--version"], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == f"otrace {otrace.__version__}"
+
+
+@pytest.mark.parametrize(("name", "value", "accepts"), [
+    ("TRACE_PORT", "abc", "an integer from 0 to 65535"),
+    ("TRACE_PORT", "70000", "an integer from 0 to 65535"),
+    ("TRACE_BATCH_WINDOW", "-5ms", "a duration"),
+    ("TRACE_SHUTDOWN_TIMEOUT", "4", "a duration"),
+    ("TRACE_LOG_LEVEL", "loud", "one of debug, info, warning, error"),
+    ("TRACE_MAX_BODY_BYTES", "lots", "a size in bytes"),
+    ("TRACE_INGEST_TOKEN", "has space", "printable ASCII"),
+])
+def test_bad_setting_exits_2_naming_it(tmp_path: Path, name: str, value: str, accepts: str) -> None:
+    env = {**os.environ, "TRACE_DB_PATH": str(tmp_path / "x.db"), name: value}
+    out = subprocess.run([sys.executable, str(OTRACE)], env=env, capture_output=True, text=True, timeout=10)
+    assert out.returncode == 2
+    assert out.stdout == ""
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert name in lines[0] and accepts in lines[0]
+    assert not (tmp_path / "x.db").exists()  # it stopped before touching anything
+
+
+def test_durations_and_sizes_parse() -> None:
+    config = otrace.Config.from_env({"TRACE_BATCH_WINDOW": "250ms", "TRACE_SHUTDOWN_TIMEOUT": "1m",
+                                     "TRACE_MAX_BODY_BYTES": "2MiB", "TRACE_MAX_TEXT_BYTES": "100"})
+    assert config.batch_window == 0.25
+    assert config.shutdown_timeout == 60
+    assert config.max_body_bytes == 2 * 1024 * 1024
+    assert config.max_text_bytes == 100
+    assert otrace.Config().port == 9090 and otrace.Config().host == "127.0.0.1"
+
+
+def test_readme_settings_table_is_generated_from_config() -> None:
+    readme = (HERE / "README.md").read_text()
+    begin, end = "<!-- settings:begin -->\n", "\n<!-- settings:end -->"
+    assert readme[readme.index(begin) + len(begin):readme.index(end)] == otrace.settings_table(markdown=True)
+
+
+def test_startup_log_is_json_with_masked_token(run: Callable[..., Otrace]) -> None:
+    node = run({"TRACE_INGEST_TOKEN": "s3cret-token"})
+    starting = node.logs("starting")[0]
+    assert starting["version"] == otrace.__version__
+    assert starting["settings"]["ingest_token"] == "***"
+    assert starting["settings"]["db_path"] == str(node.db_path)
+    listening = node.logs("listening")[0]
+    assert listening["address"] == f"http://127.0.0.1:{node.port}"
+    for line in node.lines:
+        assert {"time", "level", "logger", "message"} <= line.keys()
+    assert not any("s3cret-token" in json.dumps(line) for line in node.lines)
+    assert node.stderr == []
+
+
+# ------------------------------------------------------------------------------------------ model
+
+
+def test_trace_is_stored_with_every_field(svc: Otrace) -> None:
+    event = {
+        "provider": "openai", "model": "gpt-5", "input_text": "What is 2+2?", "output_text": "4",
+        "prompt_tokens": 12, "completion_tokens": 1, "cache_read_tokens": 3, "cache_write_tokens": 4,
+        "reasoning_tokens": 5, "cost_usd": 0.00042, "latency_ms": 812.5, "ttft_ms": 120,
+        "status": "error", "error_type": "rate_limit", "finish_reason": "stop", "session_id": "sess-1",
+        "trace_id": "trace-abc", "created_at": "2026-03-01T12:00:00.250Z", "metadata": {"run": 7},
+    }
+    resp = svc.post("/v1/traces", event)
+    assert resp.status == 202
+    assert resp.json == {"accepted": 1, "trace_ids": ["trace-abc"]}
+    svc.wait_persisted(1)
+    row = svc.rows("llm_traces")[0]
+    for key in ("provider", "model", "input_text", "output_text", "prompt_tokens", "completion_tokens",
+                "cache_read_tokens", "cache_write_tokens", "reasoning_tokens", "cost_usd", "latency_ms",
+                "ttft_ms", "status", "error_type", "finish_reason", "session_id", "trace_id"):
+        assert row[key] == event[key], key
+    assert row["total_tokens"] == 13                       # computed: 12 + 1
+    assert row["created_at"] == 1772366400250              # 2026-03-01T12:00:00.250Z in Unix ms
+    assert abs(row["received_at"] - time.time() * 1000) < 60_000
+    assert json.loads(row["metadata"]) == {"run": 7}
+    assert row["source"] == "http" and row["truncated"] == 0 and row["synced"] == 0
+    assert row["input_bytes"] == 12 and row["output_bytes"] == 1
+
+
+def test_defaults_and_optional_fields(svc: Otrace) -> None:
+    resp = svc.post("/v1/traces", {"provider": "p", "model": "m", "created_at": 1700000000123,
+                                   "metadata": '{"from": "a string"}', "total_tokens": 9})
+    assert resp.status == 202
+    generated = resp.json["trace_ids"][0]
+    assert uuid.UUID(generated).version == 4
+    svc.wait_persisted(1)
+    row = svc.rows("llm_traces")[0]
+    assert row["trace_id"] == generated
+    assert row["status"] == "ok"
+    assert row["created_at"] == 1700000000123
+    assert row["total_tokens"] == 9 and row["prompt_tokens"] is None
+    assert json.loads(row["metadata"]) == {"from": "a string"}
+
+
+def test_error_event_is_stored_with_defaults(svc: Otrace) -> None:
+    resp = svc.post("/v1/errors", [
+        {"error_type": "llm_error", "category": "rate_limit", "message": "429 from provider",
+         "severity": "warning", "provider": "openai", "model": "gpt-5", "session_id": "s",
+         "stack_trace": "at call()", "metadata": {"status": 429}},
+        {"error_type": "crash", "message": "agent exited"},
+    ])
+    assert resp.status == 202 and resp.json["accepted"] == 2
+    svc.wait_persisted(2)
+    first, second = svc.rows("error_events")
+    assert (first["error_type"], first["category"], first["severity"]) == ("llm_error", "rate_limit", "warning")
+    assert first["stack_trace"] == "at call()" and json.loads(first["metadata"]) == {"status": 429}
+    assert first["message_bytes"] == len("429 from provider")
+    assert (second["category"], second["severity"]) == ("other", "error")
+    assert second["provider"] is None
+
+
+@pytest.mark.parametrize(("event", "field"), [
+    ({"model": "m"}, "provider"),
+    ({"provider": "p"}, "model"),
+    ({"provider": "", "model": "m"}, "provider"),
+    ({"provider": "p", "model": 5}, "model"),
+    ({**TRACE, "prompt_tokens": True}, "prompt_tokens"),
+    ({**TRACE, "prompt_tokens": -1}, "prompt_tokens"),
+    ({**TRACE, "prompt_tokens": 1.5}, "prompt_tokens"),
+    ({**TRACE, "completion_tokens": 2**63}, "completion_tokens"),
+    ({**TRACE, "cost_usd": -0.01}, "cost_usd"),
+    ({**TRACE, "cost_usd": "1"}, "cost_usd"),
+    ('{"provider": "p", "model": "m", "cost_usd": 1e400}', "cost_usd"),   # parses as infinity
+    ({**TRACE, "latency_ms": False}, "latency_ms"),
+    ({**TRACE, "status": "fine"}, "status"),
+    ({**TRACE, "input_text": 42}, "input_text"),
+    ({**TRACE, "trace_id": ""}, "trace_id"),
+    ({**TRACE, "trace_id": "x" * 129}, "trace_id"),
+    ({**TRACE, "created_at": "yesterday"}, "created_at"),
+    ({**TRACE, "created_at": "2026-03-01T12:00:00"}, "created_at"),
+    ({**TRACE, "created_at": -5}, "created_at"),
+    ({**TRACE, "metadata": [1, 2]}, "metadata"),
+    ({**TRACE, "metadata": "not json"}, "metadata"),
+    ({**TRACE, "model": "m" * 300}, "model"),
+])
+def test_bad_trace_field_is_named(svc: Otrace, event: dict[str, Any] | str, field: str) -> None:
+    resp = svc.post("/v1/traces", event)
+    assert resp.status == 400, resp
+    assert resp.json["field"] == field
+    assert "index" not in resp.json
+
+
+@pytest.mark.parametrize(("event", "field"), [
+    ({"message": "m"}, "error_type"),
+    ({"error_type": "oops", "message": "m"}, "error_type"),
+    ({"error_type": "crash"}, "message"),
+    ({"error_type": "crash", "message": "  "}, "message"),
+    ({"error_type": "crash", "message": "m", "category": "gremlins"}, "category"),
+    ({"error_type": "crash", "message": "m", "severity": "meh"}, "severity"),
+])
+def test_bad_error_field_is_named(svc: Otrace, event: dict[str, Any], field: str) -> None:
+    resp = svc.post("/v1/errors", event)
+    assert resp.status == 400, resp
+    assert resp.json["field"] == field
+
+
+def test_array_is_all_or_nothing_with_index(svc: Otrace) -> None:
+    resp = svc.post("/v1/traces", [trace(), trace(), {"provider": "p"}, trace()])
+    assert resp.status == 400
+    assert resp.json == {"error": "model is required", "field": "model", "index": 2}
+    good = svc.post("/v1/traces", [trace(), trace()])
+    assert good.status == 202 and good.json["accepted"] == 2
+    svc.wait_persisted(2)
+    assert len(svc.rows("llm_traces")) == 2      # nothing of the refused array
+    health = svc.health()
+    assert health["events_rejected"] == 1 and health["events_received"] == 2
+
+
+def test_unknown_fields_are_listed_back_and_not_stored(svc: Otrace) -> None:
+    resp = svc.post("/v1/traces", [trace(colour="blue"), trace(synced=1, id=5)])
+    assert resp.status == 202
+    assert resp.json["ignored_fields"] == ["colour", "id", "synced"]
+    svc.wait_persisted(2)
+    assert [r["synced"] for r in svc.rows("llm_traces")] == [0, 0]
+
+
+def test_texts_are_cut_on_a_character_boundary(run: Callable[..., Otrace]) -> None:
+    node = run({"TRACE_MAX_TEXT_BYTES": "100"})
+    long_text = "a" + "é" * 80          # 161 bytes; byte 100 falls inside an "é"
+    resp = node.post("/v1/traces", trace(input_text=long_text, output_text="short"))
+    assert resp.status == 202
+    err = node.post("/v1/errors", {"error_type": "crash", "message": "日本語" * 20, "stack_trace": "ok"})
+    assert err.status == 202
+    node.wait_persisted(2)
+    row = node.rows("llm_traces")[0]
+    assert row["input_text"] == "a" + "é" * 49   # 99 bytes: the 50th "é" would end at byte 101
+    assert len(row["input_text"].encode()) == 99
+    assert row["input_bytes"] == 161 and row["output_bytes"] == 5
+    assert row["truncated"] == 1
+    error = node.rows("error_events")[0]
+    assert error["message"] == "日本語" * 11        # 33 characters of 3 bytes = 99 bytes
+    assert error["message_bytes"] == 180 and error["truncated"] == 1
+
+
+def test_lone_surrogates_are_stored_as_replacement_characters(svc: Otrace) -> None:
+    body = '{"provider": "p", "model": "m", "input_text": "bad \\ud800 half", "metadata": {"k": "\\udfff"}}'
+    assert svc.post("/v1/traces", body).status == 202
+    svc.wait_persisted(1)
+    row = svc.rows("llm_traces")[0]
+    assert row["input_text"] == "bad \ufffd half"
+    assert json.loads(row["metadata"]) == {"k": "\ufffd"}
+
+
+def test_retry_with_same_trace_id_is_stored_once(svc: Otrace) -> None:
+    event = trace(trace_id="retry-me")
+    assert svc.post("/v1/traces", event).status == 202
+    assert svc.post("/v1/traces", event).status == 202
+    assert svc.post("/v1/traces", [event, event]).status == 202
+    health = svc.wait_persisted(4)
+    assert svc.query("SELECT count(*) FROM llm_traces") == [(1,)]
+    assert health["events_persisted"] == 1 and health["events_duplicate"] == 3
+
+
+# ------------------------------------------------------------------------------------------- HTTP
+
+
+@pytest.mark.parametrize(("body", "needle"), [
+    (b"{not json", "not valid JSON"),
+    (b'{"provider": "p", "model": "m", "cost_usd": NaN}', "NaN"),
+    (b'{"provider": "p", "model": "m", "cost_usd": Infinity}', "Infinity"),
+    (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+    (b'{"provider": "\xff\xfe", "model": "m"}', "not UTF-8"),
+    (b"[]", "no events"),
+    (b"[1, 2]", "must be a JSON object"),
+    (b'"just a string"', "must be a JSON object"),
+    (b'{"provider": "p", "model": "m", "prompt_tokens": ' + b"9" * 5000 + b"}", "not valid JSON"),
+])
+def test_bad_body_is_400_and_the_service_lives_on(svc: Otrace, body: bytes, needle: str) -> None:
+    resp = svc.post("/v1/traces", body)
+    assert resp.status == 400, resp
+    assert needle in resp.json["error"]
+    assert svc.post("/v1/traces", trace()).status == 202
+
+
+def test_http_errors(run: Callable[..., Otrace]) -> None:
+    node = run({"TRACE_MAX_BODY_BYTES": "1KiB", "TRACE_MAX_EVENTS": "3"})
+    assert node.request("GET", "/nope").status == 404
+    wrong = node.request("GET", "/v1/traces")
+    assert wrong.status == 405 and wrong.headers["allow"] == "POST"
+    assert node.request("DELETE", "/health").headers["allow"] == "GET, HEAD"
+    assert node.request("BREW", "/v1/traces").status == 405           # any method, never a 501
+    assert node.post("/v1/traces", b"{}", headers={"Content-Type": "text/plain"}).status == 415
+    assert node.post("/v1/traces", trace(), headers={"Content-Type": "application/json; charset=utf-8"}) \
+        .status == 202
+    assert node.post("/v1/traces", [trace()] * 4).status == 413
+    big = node.post("/v1/traces", json.dumps(trace(input_text="x" * 2000)))
+    assert big.status == 413 and "TRACE_MAX_BODY_BYTES" in big.json["error"]
+    assert big.headers["connection"] == "close"
+
+
+def test_missing_content_length_is_411_and_huge_one_is_not_read(svc: Otrace) -> None:
+    with socket.create_connection(("127.0.0.1", svc.port), timeout=5) as sock:
+        sock.sendall(b"POST /v1/traces HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n5\r\n{}{}{\r\n0\r\n\r\n")
+        assert sock.recv(4096).startswith(b"HTTP/1.1 411 ")
+    with socket.create_connection(("127.0.0.1", svc.port), timeout=5) as sock:
+        # announces 10 GB and sends none of it: answered at once, connection closed
+        sock.sendall(b"POST /v1/traces HTTP/1.1\r\nHost: x\r\nContent-Length: 10000000000\r\n\r\n")
+        answer = b""
+        while chunk := sock.recv(4096):
+            answer += chunk
+        assert answer.startswith(b"HTTP/1.1 413 ")
+
+
+def test_bad_request_lines_get_4xx_json_not_5xx(svc: Otrace) -> None:
+    for raw in (b"GET /health HTTP/2.0\r\n\r\n", b"garbage\r\n\r\n", b"GET /health HTTP/1.1\r\n" +
+                b"X: y\r\n" * 200 + b"\r\n", b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n"):
+        with socket.create_connection(("127.0.0.1", svc.port), timeout=5) as sock:
+            sock.sendall(raw)
+            answer = sock.recv(65536)
+        status = int(answer.split(b" ", 2)[1])
+        assert 400 <= status < 500, answer[:100]
+        assert b"application/json" in answer
+    assert svc.health()["status"] == "ok"
+
+
+def test_keep_alive_answers_in_one_piece(svc: Otrace) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", svc.port, timeout=5)
+    for _ in range(50):
+        resp = svc.post("/v1/traces", trace(), conn=conn)
+        assert resp.status == 202
+        assert "connection" not in resp.headers
+    sock = conn.sock
+    assert sock is not None
+    conn.close()
+    svc.wait_persisted(50)
+    # one write per response: headers and body arrive in the same segment on loopback
+    with socket.create_connection(("127.0.0.1", svc.port), timeout=5) as raw:
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        raw.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        first = raw.recv(65536)
+        head, _, body = first.partition(b"\r\n\r\n")
+        length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length")))
+        assert len(body) == length
+
+
+def test_http_1_0_client_is_answered(svc: Otrace) -> None:
+    with socket.create_connection(("127.0.0.1", svc.port), timeout=5) as sock:
+        sock.sendall(b"GET /health HTTP/1.0\r\n\r\n")
+        answer = b""
+        while chunk := sock.recv(4096):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 200 ") and b'"status": "ok"' in answer
+
+
+def test_token_is_required_when_set(run: Callable[..., Otrace]) -> None:
+    node = run({"TRACE_INGEST_TOKEN": "tok-123"})
+    assert node.post("/v1/traces", trace()).status == 401
+    wrong = node.post("/v1/traces", trace(), headers={"Authorization": "Bearer tok-124"})
+    assert wrong.status == 401 and wrong.headers["www-authenticate"] == "Bearer"
+    assert node.post("/v1/errors", {"error_type": "crash", "message": "m"},
+                     headers={"Authorization": "Basic tok-123"}).status == 401
+    assert node.post("/v1/traces", trace(), headers={"Authorization": "Bearer tok-123"}).status == 202
+    assert node.request("GET", "/health").status == 200     # health stays open for probes
+    node.wait_persisted(1)
+
+
+def test_health_reports_and_head_has_no_body(svc: Otrace) -> None:
+    assert svc.post("/v1/traces", [trace(), trace()]).status == 202
+    health = svc.wait_persisted(2)
+    assert health["status"] == "ok" and health["db_status"] == "ok" and health["writer_alive"] is True
+    assert health["queue_capacity"] == 512 and health["queue_depth"] == 0
+    assert health["unsynced_count"] == 2
+    assert health["version"] == otrace.__version__
+    assert health["db_size_bytes"] > 0
+    assert health["last_push_status"] == "disabled" and health["last_push_time"] is None
+    for key in ("uptime_seconds", "events_received", "events_persisted", "events_refused",
+                "events_rejected", "wal_size_bytes", "last_write_error"):
+        assert key in health
+    head = svc.request("HEAD", "/health")
+    assert head.status == 200 and head.body == b"" and int(head.headers["content-length"]) > 0
+
+
+def test_slow_client_is_cut_off_and_others_are_served(run: Callable[..., Otrace]) -> None:
+    node = run({"TRACE_READ_TIMEOUT": "500ms"})
+    with socket.create_connection(("127.0.0.1", node.port), timeout=10) as slow:
+        slow.sendall(b"POST /v1/traces HTTP/1.1\r\n")
+        assert node.post("/v1/traces", trace()).status == 202     # not blocked by the slow one
+        slow.sendall(b"Host: x\r\n")                               # keeps trickling
+        assert slow.recv(100) == b""                               # closed at its deadline
+    node.wait_persisted(1)
+
+
+def test_connection_limit_answers_503(run: Callable[..., Otrace]) -> None:
+    node = run({"TRACE_MAX_CONNECTIONS": "2"})
+    held = [socket.create_connection(("127.0.0.1", node.port), timeout=5) for _ in range(2)]
+    try:
+        # the server accepts in arrival order, so the two held connections hold both slots
+        with socket.create_connection(("127.0.0.1", node.port), timeout=5) as extra:
+            answer = extra.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 503 ") and b"Retry-After: 1" in answer
+    finally:
+        for sock in held:
+            sock.close()
+    assert wait_until(lambda: node.request("GET", "/health").status == 200, what="slots free again")
+
+
+# ---------------------------------------------------------------------------------------- storage
+
+
+def test_schema_pragmas_and_file_mode(svc: Otrace) -> None:
+    assert svc.post("/v1/traces", trace()).status == 202
+    svc.wait_persisted(1)
+    assert svc.query("PRAGMA journal_mode") == [("wal",)]
+    assert svc.query("PRAGMA auto_vacuum") == [(2,)]              # incremental
+    assert svc.query("PRAGMA user_version") == [(len(otrace.SCHEMA),)]
+    tables = {name for (name,) in svc.query("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert {"llm_traces", "error_events", "system_metrics", "push_log"} <= tables
+    plan = " ".join(str(r) for r in svc.query(
+        "EXPLAIN QUERY PLAN SELECT * FROM llm_traces WHERE synced = 0 ORDER BY id LIMIT 100"))
+    assert "llm_traces_unsynced" in plan
+    assert (svc.db_path.stat().st_mode & 0o777) == 0o600
+
+
+def test_database_from_a_newer_otrace_is_refused(tmp_path: Path, run: Callable[..., Otrace]) -> None:
+    db = tmp_path / "newer.db"
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        conn.execute(f"PRAGMA user_version = {len(otrace.SCHEMA) + 1}")
+    node = run(wait=False, db=db)
+    assert node.proc.wait(10) == 1
+    assert "newer than this otrace" in node.wait_log(lambda e: e.get("message") == "cannot start")["error"]
+
+
+def test_parent_directory_is_created(tmp_path: Path, run: Callable[..., Otrace]) -> None:
+    node = run(db=tmp_path / "a" / "b" / "otrace.db")
+    assert node.post("/v1/traces", trace()).status == 202
+    node.wait_persisted(1)
+    assert node.stop() == 0
+
+
+def test_queue_full_answers_503_and_keeps_nothing_of_that_request(run: Callable[..., Otrace]) -> None:
+    node = run({"TRACE_QUEUE_SIZE": "20", "TRACE_BATCH_SIZE": "5"})
+    # another process holds the write lock: the writer cannot commit, so the queue really fills
+    blocker = sqlite3.connect(node.db_path, isolation_level=None, timeout=10)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        accepted: list[str] = []
+        statuses = []
+        for _ in range(30):
+            resp = node.post("/v1/traces", [trace(), trace(), trace()])
+            statuses.append(resp.status)
+            if resp.status == 202:
+                accepted += resp.json["trace_ids"]
+            else:
+                assert resp.status == 503 and resp.headers["retry-after"] == "1"
+        assert 503 in statuses
+        health = node.health()
+        assert health["queue_depth"] <= 20 and health["events_refused"] >= 3
+        assert statuses.count(202) * 3 == len(accepted) <= 21
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    node.wait_persisted(len(accepted), timeout=30)
+    stored = {r[0] for r in node.query("SELECT trace_id FROM llm_traces")}
+    assert stored == set(accepted)
+
+
+def post_flat_out(node: Otrace, clients: int, stop: threading.Event, per_request: int = 1
+                  ) -> tuple[list[str], list[int]]:
+    """Clients posting as fast as they can over keep-alive connections until `stop`; returns the
+    trace_ids that got a 202 and every status seen."""
+    accepted: list[str] = []
+    statuses: list[int] = []
+    lock = threading.Lock()
+
+    def client() -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", node.port, timeout=10)
+        while not stop.is_set():
+            events = [trace() for _ in range(per_request)]
+            try:
+                resp = node.post("/v1/traces", events, conn=conn)
+            except (OSError, http.client.HTTPException):
+                conn.close()
+                conn = http.client.HTTPConnection("127.0.0.1", node.port, timeout=10)
+                if node.proc.poll() is not None:
+                    return
+                continue
+            with lock:
+                statuses.append(resp.status)
+                if resp.status == 202:
+                    accepted.extend(resp.json["trace_ids"])
+        conn.close()
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    stop.wait()
+    for t in threads:
+        t.join(30)
+    return accepted, statuses
+
+
+def test_flat_out_load_loses_nothing_that_got_202(svc: Otrace) -> None:
+    stop = threading.Event()
+    result: list[Any] = []
+    runner = threading.Thread(target=lambda: result.append(post_flat_out(svc, 16, stop)))
+    runner.start()
+    wait_until(lambda: svc.health()["events_received"] >= 2000, timeout=60, what="2000 events in")
+    stop.set()
+    runner.join()
+    accepted, statuses = result[0]
+    assert set(statuses) <= {202, 503}
+    svc.wait_persisted(len(accepted), timeout=30)
+    stored = {r[0] for r in svc.query("SELECT trace_id FROM llm_traces")}
+    assert set(accepted) <= stored
+    assert svc.health()["events_dropped"] == 0
+
+
+def test_sigterm_during_a_burst_keeps_every_202(svc: Otrace) -> None:
+    stop = threading.Event()
+    result: list[Any] = []
+    runner = threading.Thread(target=lambda: result.append(post_flat_out(svc, 8, stop, per_request=5)))
+    runner.start()
+    wait_until(lambda: svc.health()["events_received"] >= 1000, timeout=60, what="burst under way")
+    sent_at = time.monotonic()
+    svc.signal(signal.SIGTERM)
+    code = svc.proc.wait(10)
+    took = time.monotonic() - sent_at
+    stop.set()
+    runner.join()
+    accepted, _ = result[0]
+    assert code == 0, svc.lines[-5:]
+    assert took < 4 + 1.0                     # TRACE_SHUTDOWN_TIMEOUT is 4 s; one for the interpreter
+    stored = {r[0] for r in svc.query("SELECT trace_id FROM llm_traces")}
+    missing = set(accepted) - stored
+    assert not missing, f"{len(missing)} of {len(accepted)} accepted events lost"
+    stopped = svc.logs("stopped")[0]
+    assert stopped["events_lost"] == 0
+    assert svc.logs("wal checkpoint")[0]["mode"] == "truncate"
+    assert not Path(f"{svc.db_path}-wal").exists() or Path(f"{svc.db_path}-wal").stat().st_size == 0
+
+
+def test_sigint_stops_cleanly_too(svc: Otrace) -> None:
+    assert svc.post("/v1/traces", trace()).status == 202
+    svc.signal(signal.SIGINT)
+    assert svc.proc.wait(10) == 0
+    assert len(svc.rows("llm_traces")) == 1
+
+
+@needs_root
+def test_full_disk_degrades_health_and_recovers_without_loss(tmp_path: Path, run: Callable[..., Otrace]
+                                                             ) -> None:
+    with tmpfs(tmp_path / "vol", "3m") as vol:
+        node = run({"TRACE_QUEUE_SIZE": "200", "TRACE_MAX_TEXT_BYTES": "64KiB"}, db=vol / "otrace.db")
+        assert node.post("/v1/traces", trace()).status == 202
+        node.wait_persisted(1)
+        filler = fill(vol)
+        accepted: list[str] = []
+        statuses: list[int] = []
+        for _ in range(100):
+            resp = node.post("/v1/traces", [trace(input_text="x" * 8000) for _ in range(10)])
+            statuses.append(resp.status)
+            if resp.status == 202:
+                accepted += resp.json["trace_ids"]
+            if resp.status == 503:
+                break
+        assert statuses[-1] == 503, statuses
+        degraded = node.request("GET", "/health")
+        assert degraded.status == 503
+        report = degraded.json
+        assert report["status"] == "degraded" and report["db_status"] == "error"
+        assert "SQLITE_FULL" in report["last_write_error"]["error"]
+        assert any("database writes failing" in p for p in report["problems"])
+        attempts = wait_until(lambda: (n := node.health()["last_write_error"]["attempts"]) >= 5 and n,
+                              timeout=30, what="several retries")
+        assert len(node.logs("database write failing")) < attempts    # logged on change, not each retry
+        filler.unlink()
+        node.wait_persisted(1 + len(accepted), timeout=30)
+        healed = node.request("GET", "/health")
+        assert healed.status == 200 and healed.json["last_write_error"] is None
+        assert node.logs("database write recovered")
+        stored = {r[0] for r in node.query("SELECT trace_id FROM llm_traces")}
+        assert set(accepted) <= stored
+        assert node.stop() == 0
+
+
+def test_health_answers_while_the_writer_is_blocked(run: Callable[..., Otrace]) -> None:
+    node = run()
+    blocker = sqlite3.connect(node.db_path, isolation_level=None, timeout=10)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        assert node.post("/v1/traces", trace()).status == 202
+        resp = node.request("GET", "/health", timeout=2)      # the writer is stuck in its busy wait
+        assert resp.status == 200 and resp.json["queue_depth"] == 1
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    node.wait_persisted(1)
+
+
+# ------------------------------------------------------------------------------------ unit pieces
+
+
+def test_backoff_is_full_jitter_and_capped() -> None:
+    ceilings = []
+    backoff = otrace.Backoff(0.1, 2.0, rng=lambda: 1.0)
+    for _ in range(8):
+        ceilings.append(backoff.next())
+    assert ceilings == [0.1, 0.2, 0.4, 0.8, 1.6, 2.0, 2.0, 2.0]
+    assert otrace.Backoff(0.1, 2.0, rng=lambda: 0.0).next() == 0.0
+    backoff.reset()
+    assert backoff.next() == 0.1
+
+
+def test_cut_utf8_never_splits_a_character() -> None:
+    for limit in range(12):
+        text, size, cut = otrace.cut_utf8("añ日🙂b", limit)
+        assert len(text.encode()) <= limit and "añ日🙂b".startswith(text)
+        assert size == 11 and cut == (limit < 11)
