@@ -250,6 +250,43 @@ class Backoff:
         self.attempt = 0
 
 
+class Loop(threading.Thread):
+    """A background thread that calls `tick` every `interval` seconds until stopped. An exception in
+    a tick is logged (on change, through FaultLog) and the loop goes on: it never dies of one."""
+
+    def __init__(self, name: str, interval: float, first_delay: float | None = None) -> None:
+        super().__init__(name=f"otrace-{name}", daemon=True)
+        self.interval = interval
+        self.first_delay = interval if first_delay is None else first_delay
+        self.stopping = threading.Event()
+        self.log = logging.getLogger(f"otrace.{name}")
+        self.fault = FaultLog(self.log, name)
+
+    def run(self) -> None:
+        delay = self.first_delay
+        while not self.stopping.wait(delay):
+            try:
+                self.tick()
+            except Exception as exc:  # a loop outlives any one failure
+                if self.fault.error is None:
+                    self.log.exception("%s failed", self.name)
+                self.fault.failed(describe(exc))
+            else:
+                self.fault.cleared()
+            delay = self.next_delay()
+
+    def next_delay(self) -> float:
+        return self.interval
+
+    def tick(self) -> None:
+        raise NotImplementedError
+
+    def stop(self, timeout: float) -> None:
+        self.stopping.set()
+        if self.is_alive():
+            self.join(max(0.0, timeout))
+
+
 # ============================================================================================== model
 # What an event is: the fields each endpoint accepts, how a JSON value becomes a column value, and the
 # rows that reach SQLite. Validation is all-or-nothing per request.
@@ -1278,6 +1315,7 @@ class Service:
         self.reader_lock = threading.Lock()
         self.server = IngestServer(self)
         self.threads: list[threading.Thread] = []
+        self.loops: list[Loop] = []      # background producers and upkeep, stopped before the drain
 
     @property
     def address(self) -> str:
@@ -1286,6 +1324,8 @@ class Service:
 
     def start(self) -> None:
         self.writer.start()
+        for loop in self.loops:
+            loop.start()
         for name, target in (("otrace-http", lambda: self.server.serve_forever(poll_interval=0.1)),
                              ("otrace-reaper", self.server.connections.run_reaper)):
             thread = threading.Thread(target=target, name=name, daemon=True)
@@ -1336,6 +1376,8 @@ class Service:
         """Stop in order within the deadline: stop accepting, finish in-flight requests, write every
         queued event, checkpoint the WAL, close. False if events that got a 202 could not be written."""
         reserve = 0.5  # for the checkpoint and the close
+        for loop in self.loops:
+            loop.stop(deadline - reserve - 1.0 - time.monotonic())
         self.server.shutdown()
         self.server.server_close()
         cut = self.server.connections.close(until=deadline - reserve - 1.0)

@@ -108,7 +108,7 @@ class Otrace:
             return [e for e in self.lines if e.get("message") == message]
 
     # -- HTTP
-    def request(self, method: str, path: str, body: bytes | str | Any = None,
+    def request(self, method: str, path: str, body: bytes | str | Any = None, *,
                 headers: dict[str, str] | None = None, conn: http.client.HTTPConnection | None = None,
                 timeout: float = 10.0) -> Response:
         if body is not None and not isinstance(body, (bytes, str)):
@@ -229,7 +229,8 @@ def test_help_lists_every_setting_with_default() -> None:
 
 
 def test_version() -> None:
-    out = subprocess.run([sys.executable, str(OTRACE), "--version"], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, str(OTRACE), "--version"], capture_output=True, text=True,
+                         check=True)
     assert out.stdout.strip() == f"otrace {otrace.__version__}"
 
 
@@ -244,7 +245,8 @@ def test_version() -> None:
 ])
 def test_bad_setting_exits_2_naming_it(tmp_path: Path, name: str, value: str, accepts: str) -> None:
     env = {**os.environ, "TRACE_DB_PATH": str(tmp_path / "x.db"), name: value}
-    out = subprocess.run([sys.executable, str(OTRACE)], env=env, capture_output=True, text=True, timeout=10)
+    out = subprocess.run([sys.executable, str(OTRACE)], env=env, capture_output=True, text=True, timeout=10,
+                         check=False)
     assert out.returncode == 2
     assert out.stdout == ""
     lines = out.stderr.strip().splitlines()
@@ -336,7 +338,8 @@ def test_error_event_is_stored_with_defaults(svc: Otrace) -> None:
     assert resp.status == 202 and resp.json["accepted"] == 2
     svc.wait_persisted(2)
     first, second = svc.rows("error_events")
-    assert (first["error_type"], first["category"], first["severity"]) == ("llm_error", "rate_limit", "warning")
+    assert (first["error_type"], first["category"], first["severity"]) == \
+        ("llm_error", "rate_limit", "warning")
     assert first["stack_trace"] == "at call()" and json.loads(first["metadata"]) == {"status": 429}
     assert first["message_bytes"] == len("429 from provider")
     assert (second["category"], second["severity"]) == ("other", "error")
