@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: run test lint bench soak settings clean
+.PHONY: run test bench docs settings clean
 
 $(VENV)/.run: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,12 @@ bench: $(VENV)/.dev
 
 settings: $(VENV)/.run
 	@$(PY) otrace.py settings
+
+# Rewrite README's settings table from otrace.py (a test checks they match).
+docs: $(VENV)/.run
+	$(PY) -c 'import re, subprocess, sys; table = subprocess.check_output([sys.executable, "otrace.py", "settings"], text=True); \
+	readme = open("README.md").read(); \
+	open("README.md", "w").write(re.sub(r"(?s)(<!-- settings:begin -->\n).*?(\n<!-- settings:end -->)", lambda m: m[1] + table.rstrip("\n") + m[2], readme))'
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis dist

@@ -13,6 +13,8 @@ import collections
 import contextlib
 import dataclasses
 import email.utils
+import functools
+import gzip
 import hmac
 import json
 import logging
@@ -28,8 +30,9 @@ import sys
 import textwrap
 import threading
 import time
+import urllib.parse
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from datetime import datetime
 from http import HTTPStatus
@@ -38,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 try:
+    import urllib3
     from pythonjsonlogger.json import JsonFormatter
 except ImportError as missing:  # pragma: no cover - depends on the environment
     sys.exit(f"otrace: missing package {missing.name!r}: pip install -r requirements.txt, or run otrace.pyz")
@@ -115,7 +119,24 @@ def _nonempty(raw: str) -> str:
     return raw.strip()
 
 
+def _switch(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value not in ("on", "off", "true", "false", "1", "0", "yes", "no"):
+        raise SettingError
+    return value in ("on", "true", "1", "yes")
+
+
+def _url(raw: str) -> str:
+    parts = urllib.parse.urlsplit(raw.strip())
+    if raw.strip() and (parts.scheme not in ("http", "https") or not parts.hostname):
+        raise SettingError
+    return raw.strip()
+
+
+TEXT = Kind("any text", str)
 NAME = Kind("a non-empty value", _nonempty)
+SWITCH = Kind("on or off", _switch)
+URL = Kind("empty, or an http:// or https:// URL", _url)
 DURATION = Kind("a duration like 500ms, 15s, 5m, 1h or 3d", _duration)
 SIZE = Kind("a size in bytes, or with a unit: 16KiB, 1MiB, 5MB", _size)
 TOKEN = Kind("empty, or printable ASCII without spaces", _token)
@@ -158,7 +179,29 @@ class Config:
     max_connections: int = setting("256", _count(1, 10_000), "Open client connections; the next one is "
                                    "answered 503 and closed.")
     shutdown_timeout: float = setting("4s", DURATION, "Time from SIGTERM to exit: answer in-flight "
-                                      "requests, write the queue, checkpoint, close.")
+                                      "requests, write the queue, push what time allows, checkpoint, "
+                                      "close.")
+    push_endpoint: str = setting("", URL, "Remote API that receives unsynced events in JSON batches; "
+                                 "empty turns push off.")
+    push_interval: float = setting("5m", DURATION, "Time between push cycles.")
+    push_token: str = setting("", TOKEN, "Sent to the push endpoint as `Authorization: Bearer "
+                              "<token>`; never logged.", secret=True)
+    push_max_bytes: int = setting("5MiB", SIZE, "Largest JSON body of one push request (before gzip); "
+                                  "a single larger event is sent alone.")
+    push_timeout: float = setting("30s", DURATION, "Longest wait for the receiver's answer to one "
+                                  "request (connecting: at most 10 s).")
+    push_gzip: bool = setting("off", SWITCH, "Compress push bodies (Content-Encoding: gzip).")
+    push_retries: int = setting("5", _count(1, 1000), "Attempts at one batch within a cycle before the "
+                                "cycle counts as failed; the rows wait for the next cycle.")
+    push_backoff_base: float = setting("1s", DURATION, "First retry wait; each retry doubles the "
+                                       "ceiling, and the wait is drawn uniformly below it (full "
+                                       "jitter). A Retry-After answer is a floor.")
+    push_backoff_cap: float = setting("1m", DURATION, "Highest retry wait ceiling.")
+    push_breaker_threshold: int = setting("3", _count(1, 1000), "Failed cycles in a row that open the "
+                                          "circuit breaker.")
+    push_breaker_cooldown: float = setting("5m", DURATION, "Wait of an open breaker before the next "
+                                           "try; it doubles with each further failed cycle, up to 1 h.")
+    agent_id: str = setting("", TEXT, "Name of this agent in pushed batches; empty: the host name.")
 
     @classmethod
     def from_env(cls, environ: dict[str, str]) -> Config:
@@ -281,10 +324,6 @@ class Loop(threading.Thread):
     def tick(self) -> None:
         raise NotImplementedError
 
-    def stop(self, timeout: float) -> None:
-        self.stopping.set()
-        if self.is_alive():
-            self.join(max(0.0, timeout))
 
 
 # ============================================================================================== model
@@ -647,9 +686,22 @@ SCHEMA: list[str] = [
     );
     CREATE INDEX push_log_started ON push_log (started_at);
     """,
+    # 2: rows the receiver refused one by one (their synced is set to 2), with its reason.
+    """
+    CREATE TABLE push_rejects (
+        id INTEGER PRIMARY KEY,
+        table_name TEXT NOT NULL,
+        row_id INTEGER NOT NULL,
+        trace_id TEXT NOT NULL,
+        rejected_at INTEGER NOT NULL,
+        http_status INTEGER NOT NULL,
+        reason TEXT
+    );
+    """,
 ]
 
 EVENT_TABLES = ("llm_traces", "error_events", "system_metrics")
+SYNCED, REJECTED = 1, 2          # values of the synced column besides 0 (not yet pushed)
 CACHE_KIB = 2048                 # per connection; otrace keeps at most three open
 JOURNAL_SIZE_LIMIT = 64 * 1024**2
 
@@ -848,14 +900,13 @@ class EventQueue(queue.Queue):
 
 
 class Counters:
-    """Event tallies shared by the handlers, the writer and /health."""
+    """Tallies shared between threads (the handlers, the writer, /health)."""
 
     EVENTS = ("received", "persisted", "duplicate", "refused", "rejected", "dropped")
-    NAMES = (*EVENTS, "connections_refused")
 
-    def __init__(self) -> None:
+    def __init__(self, names: Iterable[str] = (*EVENTS, "connections_refused")) -> None:
         self._lock = threading.Lock()
-        self._values = dict.fromkeys(self.NAMES, 0)
+        self._values = dict.fromkeys(names, 0)
 
     def add(self, name: str, n: int = 1) -> None:
         with self._lock:
@@ -1296,6 +1347,352 @@ class IngestServer(ThreadingHTTPServer):
             log.exception("request failed", extra={"client": client_address[0]})
 
 
+# =============================================================================================== push
+# Every unsynced row reaches the receiver at least once and is marked synced only when a 2xx answer
+# confirmed its batch. Rows are read page by page and packed into byte-capped batches; a batch is
+# retried with full-jitter backoff, split when refused for its content, and a circuit breaker spaces
+# out cycles while the receiver is down.
+
+PUSH_TYPES = {"llm_traces": "llm_trace", "error_events": "error_event", "system_metrics": "system_metric"}
+JSON_COLUMNS = frozenset({"metadata"})
+INTERNAL_COLUMNS = frozenset({"synced", "pushed_at"})
+
+
+@dataclasses.dataclass
+class Batch:
+    """Events sent in one request: (table, row id, the event encoded as JSON) each."""
+
+    events: list[tuple[str, int, bytes]]
+    batch_id: str = dataclasses.field(default_factory=lambda: str(uuid.uuid4()))
+
+    def __len__(self) -> int:
+        return len(self.events)
+
+    def body(self, agent_id: str) -> bytes:
+        head = json.dumps({"schema": "otrace.push.v1", "batch_id": self.batch_id, "agent_id": agent_id,
+                           "sent_at": _iso(time.time())})
+        return head[:-1].encode() + b', "events": [' + b", ".join(e for _, _, e in self.events) + b"]}"
+
+    def halves(self) -> tuple[Batch, Batch]:
+        middle = len(self.events) // 2
+        return Batch(self.events[:middle]), Batch(self.events[middle:])
+
+    def ids(self) -> dict[str, list[int]]:
+        by_table: dict[str, list[int]] = {}
+        for table, row_id, _ in self.events:
+            by_table.setdefault(table, []).append(row_id)
+        return by_table
+
+
+class Packer:
+    """Reads unsynced rows a page at a time (table by table, in id order) and packs them into
+    batches of at most max_bytes of JSON, so a backlog of any size is never held in memory."""
+
+    PAGE = 200
+    ENVELOPE = 256               # bytes of the batch around its events, with room to spare
+
+    def __init__(self, conn: sqlite3.Connection, max_bytes: int, tables: Iterable[str]) -> None:
+        self.conn, self.max_bytes, self.tables = conn, max_bytes, tuple(tables)
+
+    def batches(self) -> Iterator[Batch]:
+        events: list[tuple[str, int, bytes]] = []
+        size = self.ENVELOPE
+        for table, row_id, encoded in self.encoded():
+            if events and size + len(encoded) + 2 > self.max_bytes:
+                yield Batch(events)
+                events, size = [], self.ENVELOPE
+            events.append((table, row_id, encoded))
+            size += len(encoded) + 2
+        if events:
+            yield Batch(events)
+
+    def encoded(self) -> Iterator[tuple[str, int, bytes]]:
+        for table in self.tables:
+            after = 0
+            while True:
+                page = f"SELECT * FROM {table} WHERE synced = 0 AND id > ? ORDER BY id LIMIT {self.PAGE}"
+                cursor = self.conn.execute(page, (after,))
+                names = [d[0] for d in cursor.description]
+                rows = cursor.fetchall()
+                for row in rows:
+                    data = {name: json.loads(value) if name in JSON_COLUMNS and value else value
+                            for name, value in zip(names, row, strict=True)
+                            if name not in INTERNAL_COLUMNS}
+                    event = {"type": PUSH_TYPES[table], "trace_id": data["trace_id"], "data": data}
+                    yield table, data["id"], json.dumps(event, ensure_ascii=False).encode()
+                if len(rows) < self.PAGE:
+                    break
+                after = rows[-1][0]
+
+
+@dataclasses.dataclass
+class Attempt:
+    """One HTTP request of a push, as push_log records it."""
+
+    batch_id: str
+    started_at: int
+    events: int
+    bytes: int
+    duration_ms: float = 0.0
+    status: int | None = None
+    error: str | None = None
+    retry_after: float | None = None
+
+    @property
+    def verdict(self) -> str:
+        """ok (confirmed), retry (try the same batch later), split (its content was refused) or
+        config (the endpoint or token is wrong: retrying cannot help)."""
+        status = self.status
+        if status is None or status in (408, 429) or status >= 500:
+            return "retry"
+        if 200 <= status < 300:
+            return "ok"
+        if status in (401, 403, 404, 405, 407) or status < 200 or 300 <= status < 400:
+            return "config"
+        return "split"
+
+    def describe(self) -> str:
+        """"HTTP 503: why the receiver said so", or the network error."""
+        if self.status is None:
+            return self.error or "unknown error"
+        return f"HTTP {self.status}" + (f": {self.error}" if self.error else "")
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """A Retry-After header (seconds, or an HTTP date) as seconds from now."""
+    if not value:
+        return None
+    if value.strip().isdigit():
+        return float(value.strip())
+    try:
+        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
+
+
+class Receiver:
+    """The remote API: a pooled urllib3 connection with timeouts and verified TLS, no redirects and no
+    retries of its own (the Pusher decides)."""
+
+    def __init__(self, config: Config) -> None:
+        self.url, self.timeout, self.gzip = config.push_endpoint, config.push_timeout, config.push_gzip
+        self.headers = {"Content-Type": "application/json", "User-Agent": f"otrace/{__version__}"}
+        if config.push_token:
+            self.headers["Authorization"] = f"Bearer {config.push_token}"
+        if config.push_gzip:
+            self.headers["Content-Encoding"] = "gzip"
+        self.pool = urllib3.PoolManager(num_pools=1, maxsize=1, retries=False)
+
+    def post(self, batch: Batch, agent_id: str, deadline: float | None) -> Attempt:
+        body = batch.body(agent_id)
+        attempt = Attempt(batch.batch_id, now_ms(), len(batch), len(body))
+        if self.gzip:
+            body = gzip.compress(body, 6)
+        read = self.timeout if deadline is None else max(0.1, min(self.timeout, deadline - time.monotonic()))
+        started = time.monotonic()
+        try:
+            resp = self.pool.request("POST", self.url, body=body, headers={
+                **self.headers, "Idempotency-Key": batch.batch_id}, redirect=False,
+                timeout=urllib3.Timeout(connect=min(10.0, read), read=read), preload_content=False)
+            try:
+                attempt.status = resp.status
+                attempt.retry_after = retry_after_seconds(resp.headers.get("Retry-After"))
+                reason = resp.read(4096, decode_content=False).decode("utf-8", "replace").strip()
+                if not 200 <= resp.status < 300:
+                    attempt.error = reason[:500] or None
+                resp.drain_conn()    # the rest of a long answer, so the pooled connection is clean
+            finally:
+                resp.release_conn()
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            attempt.error = describe(exc)
+        attempt.duration_ms = round((time.monotonic() - started) * 1000, 3)
+        return attempt
+
+
+class Breaker:
+    """Circuit breaker over push cycles: after `threshold` failed cycles in a row it opens, and lets
+    one cycle try per cool-down, which doubles with each further failure (up to MAX_COOLDOWN)."""
+
+    MAX_COOLDOWN = 3600.0
+
+    def __init__(self, threshold: int, cooldown: float) -> None:
+        self.threshold, self.cooldown = threshold, cooldown
+        self.failures = 0
+        self.retry_at = 0.0      # time.time() of the next try while open
+
+    @property
+    def state(self) -> str:
+        if self.failures < self.threshold:
+            return "closed"
+        return "open" if time.time() < self.retry_at else "half_open"
+
+    def allows(self) -> bool:
+        return self.state != "open"
+
+    def record(self, ok: bool) -> None:
+        if ok:
+            self.failures, self.retry_at = 0, 0.0
+            return
+        self.failures += 1
+        if self.failures >= self.threshold:
+            doublings = min(self.failures - self.threshold, 30)
+            self.retry_at = time.time() + min(self.MAX_COOLDOWN, self.cooldown * 2**doublings)
+
+
+class Pusher(Loop):
+    """The one thread that pushes: a cycle every TRACE_PUSH_INTERVAL (spaced out by the breaker) and a
+    last one at shutdown. A lock makes sure no two cycles ever run at once."""
+
+    def __init__(self, config: Config, events: EventQueue, tables: Iterable[str]) -> None:
+        super().__init__("push", config.push_interval, first_delay=min(config.push_interval, 5.0))
+        self.config, self.events, self.tables = config, events, tuple(tables)
+        self.agent_id = config.agent_id or socket.gethostname()
+        self.receiver = Receiver(config)
+        self.breaker = Breaker(config.push_breaker_threshold, config.push_breaker_cooldown)
+        self.cycle_lock = threading.Lock()
+        self.last_time: float | None = None
+        self.last_status = "never"
+        self.last_error: str | None = None
+        self.totals = Counters(("events", "batches", "rejected"))
+
+    def next_delay(self) -> float:
+        if self.breaker.state == "open":
+            return max(0.0, self.breaker.retry_at - time.time())
+        return self.interval
+
+    def tick(self) -> None:
+        if self.breaker.allows():
+            self.push(deadline=None)
+
+    def push(self, deadline: float | None) -> bool:
+        """One cycle: send every unsynced row, batch by batch, until done, refused or out of time."""
+        wait = 0.0 if deadline is None else max(0.0, deadline - time.monotonic())
+        if not self.cycle_lock.acquire(timeout=wait):
+            return False
+        try:
+            with contextlib.closing(connect(self.config.db_path)) as conn:
+                conn.execute("PRAGMA query_only = 1")
+                ok = all(self.deliver(batch, deadline) for batch in Packer(
+                    conn, self.config.push_max_bytes, self.tables).batches())
+            if ok and self.last_status == "never":
+                self.last_status = "ok"     # nothing was waiting: the receiver is not known to be down
+            self.breaker.record(ok)
+            if not ok:
+                self.log.warning("push cycle failed", extra={
+                    "status": self.last_status, "error": self.last_error, "breaker": self.breaker.state,
+                    "consecutive_failures": self.breaker.failures})
+            return ok
+        finally:
+            self.cycle_lock.release()
+
+    def deliver(self, batch: Batch, deadline: float | None) -> bool:
+        """Send one batch until it is confirmed, split, or the cycle gives up on it (False)."""
+        backoff = Backoff(self.config.push_backoff_base, self.config.push_backoff_cap)
+        attempts = 1 if deadline is not None else self.config.push_retries
+        for number in range(1, attempts + 1):
+            if self.stopping.is_set() and deadline is None:
+                return False
+            attempt = self.receiver.post(batch, self.agent_id, deadline)
+            verdict = attempt.verdict
+            self.note(attempt, verdict)
+            if verdict == "ok":
+                self.record(functools.partial(record_pushed, batch, attempt), deadline)
+                self.totals.add("events", len(batch))
+                self.totals.add("batches")
+                return True
+            self.events.submit(functools.partial(record_attempt, attempt))
+            if verdict == "config":
+                return False
+            if verdict == "split":
+                if len(batch) == 1:
+                    self.record(functools.partial(record_rejected, batch, attempt), deadline)
+                    self.totals.add("rejected")
+                    self.log.warning("event refused by the receiver", extra={
+                        "table": batch.events[0][0], "row_id": batch.events[0][1],
+                        "status": attempt.status, "reason": attempt.error})
+                    return True
+                return all(self.deliver(half, deadline) for half in batch.halves())
+            wait = max(backoff.next(), attempt.retry_after or 0.0)
+            if number == attempts or (deadline is not None and time.monotonic() + wait > deadline):
+                return False
+            if self.stopping.wait(wait):
+                return False
+        return False
+
+    def flush(self, deadline: float) -> None:
+        """The last push, at shutdown: what time allows. The rest stays unsynced for the next start."""
+        if not self.breaker.allows():
+            self.log.info("final push skipped: circuit breaker open", extra={
+                "next_attempt_at": _iso(self.breaker.retry_at)})
+            return
+        before = self.totals.snapshot()["events"]
+        complete = self.push(deadline)
+        self.log.info("final push", extra={"complete": complete, "status": self.last_status,
+                                           "events_pushed": self.totals.snapshot()["events"] - before})
+
+    def record(self, job: Callable[[sqlite3.Connection], Any], deadline: float | None) -> None:
+        """Have the writer commit a push outcome, and wait for it: the next page must not see the
+        rows again. Raises if it cannot be committed (the cycle then ends; the rows stay unsynced)."""
+        wait = 60.0 if deadline is None else max(0.1, deadline - time.monotonic())
+        self.events.submit(job).result(timeout=wait)
+
+    def note(self, attempt: Attempt, verdict: str) -> None:
+        """Remember the latest answer for /health."""
+        self.last_time = time.time()
+        self.last_status = {"ok": "ok", "retry": "failed", "split": "refused", "config": "config_error"}[
+            verdict]
+        self.last_error = None if verdict == "ok" else attempt.describe()
+
+    def health(self) -> dict[str, Any]:
+        totals = self.totals.snapshot()
+        return {
+            "endpoint": _without_userinfo(self.config.push_endpoint),
+            "breaker": self.breaker.state,
+            "consecutive_failures": self.breaker.failures,
+            "next_attempt_at": _iso(self.breaker.retry_at) if self.breaker.state == "open" else None,
+            "last_push_time": self.last_time and _iso(self.last_time),
+            "last_push_status": self.last_status,
+            "last_error": self.last_error,
+            "events_pushed": totals["events"],
+            "batches_pushed": totals["batches"],
+            "events_refused_by_receiver": totals["rejected"],
+        }
+
+
+def record_attempt(attempt: Attempt, conn: sqlite3.Connection) -> None:
+    conn.execute("INSERT INTO push_log (batch_id, started_at, duration_ms, events, bytes, http_status, "
+                 "error, retry_after_s) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                 (attempt.batch_id, attempt.started_at, attempt.duration_ms, attempt.events, attempt.bytes,
+                  attempt.status, attempt.error, attempt.retry_after))
+
+
+def record_pushed(batch: Batch, attempt: Attempt, conn: sqlite3.Connection) -> None:
+    """Mark exactly the batch's rows synced, with its push_log row, in one transaction."""
+    conn.execute("BEGIN IMMEDIATE")
+    for table, ids in batch.ids().items():
+        conn.executemany(f"UPDATE {table} SET synced = {SYNCED}, pushed_at = ? WHERE id = ?",
+                         [(attempt.started_at, row_id) for row_id in ids])
+    record_attempt(attempt, conn)
+    conn.execute("COMMIT")
+
+
+def record_rejected(batch: Batch, attempt: Attempt, conn: sqlite3.Connection) -> None:
+    """Take a row the receiver refused on its own out of the push queue, keeping why."""
+    (table, row_id, encoded), = batch.events
+    conn.execute("BEGIN IMMEDIATE")
+    conn.execute(f"UPDATE {table} SET synced = {REJECTED} WHERE id = ?", (row_id,))
+    conn.execute("INSERT INTO push_rejects (table_name, row_id, trace_id, rejected_at, http_status, reason) "
+                 "VALUES (?, ?, ?, ?, ?, ?)", (table, row_id, json.loads(encoded)["trace_id"], now_ms(),
+                                               attempt.status, attempt.error))
+    record_attempt(attempt, conn)
+    conn.execute("COMMIT")
+
+
+def _without_userinfo(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl() if url else url
+
+
 # ========================================================================================== lifecycle
 
 
@@ -1316,6 +1713,12 @@ class Service:
         self.server = IngestServer(self)
         self.threads: list[threading.Thread] = []
         self.loops: list[Loop] = []      # background producers and upkeep, stopped before the drain
+        self.pusher: Pusher | None = None
+        if config.push_endpoint:
+            self.pusher = Pusher(config, self.events, EVENT_TABLES)
+            self.loops.append(self.pusher)
+        else:
+            log.warning("push is off: events stay in the local database (set TRACE_PUSH_ENDPOINT)")
 
     @property
     def address(self) -> str:
@@ -1360,8 +1763,9 @@ class Service:
             "last_write_error": self.writer.fault.error and {
                 "error": self.writer.fault.error, "since": _iso(self.writer.fault.since),
                 "attempts": self.writer.fault.count},
-            "last_push_time": None,
-            "last_push_status": "disabled",
+            "last_push_time": self.pusher and self.pusher.health()["last_push_time"],
+            "last_push_status": self.pusher.last_status if self.pusher else "disabled",
+            "push": self.pusher.health() if self.pusher else None,
         }
 
     def unsynced_count(self) -> int | None:
@@ -1374,23 +1778,20 @@ class Service:
 
     def stop(self, deadline: float) -> bool:
         """Stop in order within the deadline: stop accepting, finish in-flight requests, write every
-        queued event, checkpoint the WAL, close. False if events that got a 202 could not be written."""
-        reserve = 0.5  # for the checkpoint and the close
-        for loop in self.loops:
-            loop.stop(deadline - reserve - 1.0 - time.monotonic())
+        queued event, push what time allows, checkpoint the WAL, close. False if events that got a 202
+        could not be written in time."""
+        reserve = 0.5                       # kept for the checkpoint and the close
         self.server.shutdown()
         self.server.server_close()
+        for loop in self.loops:             # producers offer nothing more; a refused offer loses nothing
+            loop.stopping.set()
         cut = self.server.connections.close(until=deadline - reserve - 1.0)
         self.events.close()
-        drained = self.events.wait_drained(deadline - reserve - time.monotonic())
-        lost = self.events.qsize()
-        if drained:
-            done = self.events.submit(checkpoint_truncate)
-            try:
-                result = done.result(timeout=max(0.0, deadline - time.monotonic()))
-                log.info("wal checkpoint", extra={"mode": "truncate", **result})
-            except Exception as exc:  # noqa: BLE001 - the data is committed; the WAL stays for next start
-                log.warning("wal checkpoint at shutdown failed", extra={"error": describe(exc)})
+        lost = 0 if self.events.wait_drained(deadline - reserve - time.monotonic()) else self.events.qsize()
+        if not lost:
+            if self.pusher:
+                self.pusher.flush(deadline - reserve)
+            self.checkpoint(deadline)
         self.events.submit(None)
         self.writer.join(max(0.0, deadline - time.monotonic()))
         self.reader.close()
@@ -1401,10 +1802,19 @@ class Service:
                                    counts["persisted"], "events_lost": lost, "connections_cut": cut})
         return not lost
 
+    def checkpoint(self, deadline: float) -> None:
+        """TRUNCATE checkpoint at shutdown, so the next start finds a small WAL."""
+        wal = _file_size(self.config.db_path + "-wal")
+        try:
+            result = self.events.submit(checkpoint_truncate).result(max(0.0, deadline - time.monotonic()))
+            log.info("wal checkpoint", extra={"mode": "truncate", "wal_bytes_before": wal, **result})
+        except Exception as exc:  # noqa: BLE001 - the data is committed; the WAL stays for next start
+            log.warning("wal checkpoint at shutdown failed", extra={"error": describe(exc)})
+
 
 def checkpoint_truncate(conn: sqlite3.Connection) -> dict[str, int]:
-    busy, wal_pages, moved = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-    return {"busy": busy, "wal_pages": wal_pages, "checkpointed_pages": moved}
+    busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()   # pages read 0 after TRUNCATE
+    return {"busy": busy}
 
 
 def _file_size(path: str) -> int:

@@ -7,7 +7,9 @@ Nothing here mocks otrace. Where a test needs to wait, it waits for something ot
 from __future__ import annotations
 
 import contextlib
+import gzip
 import http.client
+import http.server
 import json
 import os
 import signal
@@ -805,3 +807,343 @@ def test_cut_utf8_never_splits_a_character() -> None:
         text, size, cut = otrace.cut_utf8("añ日🙂b", limit)
         assert len(text.encode()) <= limit and "añ日🙂b".startswith(text)
         assert size == 11 and cut == (limit < 11)
+
+
+# ------------------------------------------------------------------------------------------- push
+
+
+class Receiver:
+    """A real HTTP receiver on loopback for otrace to push to. Each request gets the next scripted
+    answer (default 200) and is recorded; it also checks that pushes never overlap."""
+
+    def __init__(self) -> None:
+        self.script: list[Callable[[Receiver, dict[str, Any]], Any] | int] = []
+        self.default: Callable[[Receiver, dict[str, Any]], Any] | int = 200
+        self.requests: list[dict[str, Any]] = []
+        self.changed = threading.Condition()
+        self.active = self.max_active = 0
+        receiver = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:
+                receiver.handle(self)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/ingest"
+
+    def handle(self, h: http.server.BaseHTTPRequestHandler) -> None:
+        raw = h.rfile.read(int(h.headers["Content-Length"]))
+        body = gzip.decompress(raw) if h.headers.get("Content-Encoding") == "gzip" else raw
+        request = {"headers": dict(h.headers), "raw_bytes": len(raw), "bytes": len(body), "answered": None,
+                   "json": json.loads(body), "at": time.monotonic(), "socket": h.connection}
+        with self.changed:
+            self.active += 1
+            self.max_active = max(self.max_active, self.active)
+            self.requests.append(request)
+            action = self.script.pop(0) if self.script else self.default
+        try:
+            answer = action(self, request) if callable(action) else action
+        finally:
+            with self.changed:
+                self.active -= 1
+        if answer is None:                          # no answer: hang up
+            h.close_connection = True
+            with contextlib.suppress(OSError):
+                h.connection.shutdown(socket.SHUT_RDWR)
+            return
+        status, headers, text = (answer, {}, "") if isinstance(answer, int) else answer
+        with self.changed:
+            request["answered"] = status
+            self.changed.notify_all()
+        payload = text.encode()
+        h.send_response(status)
+        for name, value in headers.items():
+            h.send_header(name, value)
+        h.send_header("Content-Length", str(len(payload)))
+        h.end_headers()
+        with contextlib.suppress(OSError):
+            h.wfile.write(payload)
+
+    def wait(self, check: Callable[[list[dict[str, Any]]], Any], timeout: float = 20.0) -> Any:
+        with self.changed:
+            found = self.changed.wait_for(lambda: check(self.requests), timeout)
+        assert found, f"receiver never saw what was awaited; got {len(self.requests)} requests"
+        return found
+
+    def trace_ids(self, answered: tuple[int, ...] = (200, 201, 202, 204)) -> list[str]:
+        """The trace_ids of the requests answered with one of `answered`."""
+        with self.changed:
+            return [e["trace_id"] for r in self.requests if r["answered"] in answered
+                    for e in r["json"]["events"]]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def hang(seconds: float) -> Callable[[Receiver, dict[str, Any]], None]:
+    """Say nothing until the client gives up (or `seconds` pass), then hang up."""
+    def act(_: Receiver, request: dict[str, Any]) -> None:
+        request["socket"].settimeout(seconds)
+        with contextlib.suppress(OSError):
+            request["socket"].recv(1)                # returns b"" when the client hangs up
+    return act
+
+
+def reset(_: Receiver, __: dict[str, Any]) -> None:
+    return None
+
+
+def refuse_trace(trace_id: str) -> Callable[[Receiver, dict[str, Any]], Any]:
+    """400 for any batch holding `trace_id`, 200 otherwise: one poison event."""
+    def act(_: Receiver, request: dict[str, Any]) -> Any:
+        if any(e["trace_id"] == trace_id for e in request["json"]["events"]):
+            return 400, {"Content-Type": "text/plain"}, f"event {trace_id} is malformed"
+        return 200
+    return act
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    rx = Receiver()
+    yield rx
+    rx.close()
+    assert rx.max_active <= 1, "two pushes ran at once"
+
+
+PUSH = {"TRACE_PUSH_INTERVAL": "100ms", "TRACE_PUSH_BACKOFF_BASE": "10ms", "TRACE_PUSH_BACKOFF_CAP": "50ms"}
+
+
+def push_env(receiver: Receiver, **extra: str) -> dict[str, str]:
+    return {**PUSH, "TRACE_PUSH_ENDPOINT": receiver.url, **extra}
+
+
+def post_some(node: Otrace, n: int = 5) -> list[str]:
+    ids = node.post("/v1/traces", [trace() for _ in range(n)]).json["trace_ids"]
+    ids += node.post("/v1/errors", {"error_type": "crash", "message": "boom"}).json["trace_ids"]
+    return ids
+
+
+def synced(node: Otrace) -> dict[str, int]:
+    return {trace_id: flag for table in ("llm_traces", "error_events")
+            for trace_id, flag in node.query(f"SELECT trace_id, synced FROM {table}")}
+
+
+def wait_synced(node: Otrace, ids: list[str], timeout: float = 20.0) -> None:
+    """Wait until every one of `ids` is in the database and marked synced."""
+    wait_until(lambda: (flags := synced(node)) and all(flags.get(i) == 1 for i in ids), timeout,
+               f"{len(ids)} rows synced")
+
+
+def test_push_off_by_default_says_so(svc: Otrace) -> None:
+    assert svc.wait_log(lambda e: "push is off" in e["message"])["level"] == "WARNING"
+    health = svc.health()
+    assert health["last_push_status"] == "disabled" and health["push"] is None
+
+
+def test_push_delivers_every_row_and_marks_it_synced(run: Callable[..., Otrace], receiver: Receiver) -> None:
+    node = run(push_env(receiver, TRACE_PUSH_TOKEN="push-secret", TRACE_AGENT_ID="agent-7"))
+    ids = post_some(node)
+    wait_synced(node, ids)
+    request = receiver.requests[0]
+    body = request["json"]
+    assert body["schema"] == "otrace.push.v1" and body["agent_id"] == "agent-7"
+    assert uuid.UUID(body["batch_id"]) and body["sent_at"]
+    headers = {k.lower(): v for k, v in request["headers"].items()}
+    assert headers["authorization"] == "Bearer push-secret"
+    assert headers["idempotency-key"] == body["batch_id"]
+    assert headers["user-agent"] == f"otrace/{otrace.__version__}"
+    assert headers["content-type"] == "application/json"
+    kinds = {e["trace_id"]: e["type"] for r in receiver.requests for e in r["json"]["events"]}
+    assert kinds[ids[-1]] == "error_event" and kinds[ids[0]] == "llm_trace"
+    first = next(e for e in body["events"] if e["trace_id"] == ids[0])
+    assert first["data"]["model"] == TRACE["model"] and first["data"]["id"] >= 1
+    assert "synced" not in first["data"]
+    assert set(synced(node).values()) == {1}
+    assert all(pushed for (pushed,) in node.query("SELECT pushed_at FROM llm_traces"))
+    log = node.query("SELECT batch_id, http_status, events FROM push_log")
+    assert (body["batch_id"], 200, len(body["events"])) in log
+    health = node.health()
+    assert health["last_push_status"] == "ok" and health["push"]["breaker"] == "closed"
+    assert not any("push-secret" in json.dumps(line) for line in node.lines)
+
+
+@pytest.mark.parametrize("status", [201, 202, 204])
+def test_any_2xx_confirms(run: Callable[..., Otrace], receiver: Receiver, status: int) -> None:
+    receiver.default = status
+    node = run(push_env(receiver))
+    wait_synced(node, post_some(node, 2))
+
+
+@pytest.mark.parametrize("failure", [500, 503, 408, 429, "reset", "hang"])
+def test_failed_attempt_is_retried_as_the_same_batch(run: Callable[..., Otrace], receiver: Receiver,
+                                                     failure: Any) -> None:
+    receiver.script = [{"reset": reset, "hang": hang(1.0)}.get(failure, failure)] * 2
+    node = run(push_env(receiver, TRACE_PUSH_TIMEOUT="300ms"))
+    ids = post_some(node, 3)
+    wait_synced(node, ids)
+    first, second, third = receiver.requests[:3]
+    assert first["json"]["batch_id"] == second["json"]["batch_id"] == third["json"]["batch_id"]
+    assert third["answered"] == 200
+    assert set(receiver.trace_ids()) >= set(ids)
+    statuses = [status for (status,) in node.query("SELECT http_status FROM push_log ORDER BY id")]
+    if isinstance(failure, int):
+        assert statuses[:3] == [failure, failure, 200]
+    else:
+        assert statuses[:3] == [None, None, 200]
+        errors = [e for (e,) in node.query("SELECT error FROM push_log ORDER BY id LIMIT 2")]
+        assert all(errors), errors
+
+
+def test_no_row_is_synced_without_a_2xx(run: Callable[..., Otrace], receiver: Receiver) -> None:
+    receiver.default = 503
+    node = run(push_env(receiver, TRACE_PUSH_RETRIES="2"))
+    post_some(node, 3)
+    receiver.wait(lambda reqs: len(reqs) >= 6)
+    assert set(synced(node).values()) == {0}
+    health = node.health()
+    assert health["last_push_status"] == "failed" and "HTTP 503" in health["push"]["last_error"]
+    assert health["status"] == "ok"          # a receiver being down is not otrace being down
+
+
+def test_retry_after_is_a_floor_on_the_wait(run: Callable[..., Otrace], receiver: Receiver) -> None:
+    receiver.script = [(429, {"Retry-After": "2"}, "slow down")]
+    node = run(push_env(receiver))
+    ids = post_some(node, 1)
+    receiver.wait(lambda reqs: len(reqs) >= 2)
+    gap = receiver.requests[1]["at"] - receiver.requests[0]["at"]
+    assert gap >= 2.0                           # backoff alone would wait at most 10 ms
+    assert node.query("SELECT retry_after_s FROM push_log ORDER BY id LIMIT 1") == [(2.0,)]
+    wait_synced(node, ids)
+
+
+def test_refused_batch_is_split_down_to_the_poison_event(run: Callable[..., Otrace],
+                                                         receiver: Receiver) -> None:
+    node = run({**PUSH, "TRACE_PUSH_INTERVAL": "1h"}, wait=True)   # nothing pushed before the rows exist
+    ids = node.post("/v1/traces", [trace() for _ in range(9)]).json["trace_ids"]
+    node.wait_persisted(9)
+    poison = ids[4]
+    assert node.stop() == 0
+    receiver.default = refuse_trace(poison)
+    node2 = run(push_env(receiver), db=node.db_path)
+    wait_synced(node2, [i for i in ids if i != poison])
+    flags = synced(node2)
+    assert flags.pop(poison) == 2 and set(flags.values()) == {1}
+    assert set(receiver.trace_ids()) == set(ids) - {poison}
+    sizes = [len(r["json"]["events"]) for r in receiver.requests]
+    assert sizes[0] == 9 and 1 in sizes          # halved until the poison event went alone
+    assert node2.query("SELECT trace_id, http_status, reason FROM push_rejects") == [
+        (poison, 400, f"event {poison} is malformed")]
+    assert node2.health()["push"]["events_refused_by_receiver"] == 1
+
+
+@pytest.mark.parametrize("status", [401, 403, 404])
+def test_configuration_fault_stops_the_cycle_and_touches_no_row(run: Callable[..., Otrace],
+                                                                receiver: Receiver, status: int) -> None:
+    receiver.default = status
+    node = run(push_env(receiver, TRACE_PUSH_INTERVAL="200ms"))
+    post_some(node, 3)
+    receiver.wait(lambda reqs: len(reqs) >= 2)
+    first = receiver.requests[0]["json"]["batch_id"]
+    assert receiver.requests[1]["json"]["batch_id"] != first    # no retry within the cycle
+    assert set(synced(node).values()) == {0}
+    push = node.health()["push"]
+    assert node.health()["last_push_status"] == "config_error" and f"HTTP {status}" in push["last_error"]
+
+
+def test_batches_respect_the_byte_cap(run: Callable[..., Otrace], receiver: Receiver) -> None:
+    node = run({**PUSH, "TRACE_PUSH_INTERVAL": "1h"})
+    small = node.post("/v1/traces", [trace(input_text="x" * 500) for _ in range(40)]).json["trace_ids"]
+    big = node.post("/v1/traces", trace(input_text="y" * 12000)).json["trace_ids"]
+    node.wait_persisted(41)
+    assert node.stop() == 0
+    node2 = run(push_env(receiver, TRACE_PUSH_MAX_BYTES="4KiB"), db=node.db_path)
+    wait_synced(node2, small + big)
+    for request in receiver.requests:
+        if len(request["json"]["events"]) > 1:
+            assert request["bytes"] <= 4096
+        else:
+            assert request["json"]["events"][0]["trace_id"] in big or request["bytes"] <= 4096
+    assert any(r["bytes"] > 4096 and len(r["json"]["events"]) == 1 for r in receiver.requests)
+    assert sorted(receiver.trace_ids()) == sorted(small + big)
+
+
+def test_gzip_bodies(run: Callable[..., Otrace], receiver: Receiver) -> None:
+    node = run(push_env(receiver, TRACE_PUSH_GZIP="on"))
+    ids = post_some(node, 20)
+    wait_synced(node, ids)
+    request = receiver.requests[0]
+    assert request["headers"]["Content-Encoding"] == "gzip" and request["raw_bytes"] < request["bytes"]
+    assert set(receiver.trace_ids()) >= set(ids)
+
+
+def test_breaker_opens_after_failed_cycles_and_closes_on_success(run: Callable[..., Otrace],
+                                                                 receiver: Receiver) -> None:
+    receiver.default = 503
+    node = run(push_env(receiver, TRACE_PUSH_RETRIES="1", TRACE_PUSH_BREAKER_THRESHOLD="2",
+                        TRACE_PUSH_BREAKER_COOLDOWN="1s"))
+    ids = post_some(node, 2)
+    push = wait_until(lambda: (p := node.health()["push"])["breaker"] == "open" and p, what="breaker open")
+    assert push["consecutive_failures"] == 2 and push["next_attempt_at"]
+    opened = len(receiver.requests)
+    receiver.default = 200
+    wait_synced(node, ids)
+    push = node.health()["push"]
+    assert push["breaker"] == "closed" and push["consecutive_failures"] == 0
+    # while open, it waited: no request in the cool-down before the successful one
+    assert receiver.requests[opened]["at"] - receiver.requests[opened - 1]["at"] >= 0.9
+
+
+def test_sigterm_pushes_what_is_left(run: Callable[..., Otrace], receiver: Receiver) -> None:
+    node = run({**push_env(receiver), "TRACE_PUSH_INTERVAL": "1h"})
+    ids = post_some(node, 10)
+    assert node.stop() == 0
+    assert set(receiver.trace_ids()) == set(ids)
+    assert set(synced(node).values()) == {1}
+    assert node.logs("final push")[0]["complete"] is True
+
+
+def test_shutdown_with_a_hanging_receiver_keeps_its_deadline(run: Callable[..., Otrace],
+                                                             receiver: Receiver) -> None:
+    receiver.default = hang(10)
+    node = run({**push_env(receiver), "TRACE_PUSH_INTERVAL": "1h", "TRACE_SHUTDOWN_TIMEOUT": "2s"})
+    post_some(node, 3)
+    node.wait_persisted(4)
+    started = time.monotonic()
+    assert node.stop() == 0
+    assert time.monotonic() - started < 2 + 1.0
+    assert set(synced(node).values()) == {0}       # not confirmed: left for the next start
+
+
+def test_confirmed_batch_killed_before_marking_is_sent_again(run: Callable[..., Otrace],
+                                                            receiver: Receiver) -> None:
+    got_it = threading.Event()
+    release = threading.Event()
+
+    def confirm_then_stall(_: Receiver, request: dict[str, Any]) -> None:
+        got_it.set()                 # the receiver has stored the batch ...
+        release.wait(20)             # ... and otrace dies before it hears the 200
+        request["answered"] = 200
+
+    collector = run({**PUSH, "TRACE_PUSH_INTERVAL": "1h"})
+    ids = post_some(collector, 4)
+    assert collector.stop() == 0
+    receiver.script = [confirm_then_stall]
+    node = run(push_env(receiver), db=collector.db_path)
+    assert got_it.wait(20)
+    node.kill()
+    release.set()
+    node2 = run(push_env(receiver), db=collector.db_path)
+    wait_synced(node2, ids)
+    seen = [e["trace_id"] for r in receiver.requests for e in r["json"]["events"]]
+    assert len(receiver.requests[0]["json"]["events"]) == len(ids)
+    duplicated = {t for t in seen if seen.count(t) > 1}
+    assert duplicated == set(ids)    # the documented crash case, and only it: the receiver dedups
