@@ -181,6 +181,16 @@ class Config:
     shutdown_timeout: float = setting("4s", DURATION, "Time from SIGTERM to exit: answer in-flight "
                                       "requests, write the queue, push what time allows, checkpoint, "
                                       "close.")
+    checkpoint_interval: float = setting("10m", DURATION, "Time between WAL checkpoints (PASSIVE; "
+                                         "TRUNCATE when the WAL is over TRACE_WAL_MAX_BYTES).")
+    wal_max_bytes: int = setting("50MiB", SIZE, "WAL size that makes the next checkpoint a TRUNCATE, "
+                                 "and SQLite's journal_size_limit.")
+    cleanup_interval: float = setting("5m", DURATION, "Time between retention passes.")
+    retention: float = setting("3d", DURATION, "Age (since arrival) after which pushed rows are deleted.")
+    db_max_bytes: int = setting("200MiB", SIZE, "Database size (file + WAL) that starts deleting oldest "
+                                "rows first, down to 80 % of it (see Storage in the README).")
+    disk_high_pct: int = setting("80", _count(1, 100), "Disk use (as df counts it) that starts deleting "
+                                 "pushed rows and unpushed metrics, down to 5 points below it.")
     push_endpoint: str = setting("", URL, "Remote API that receives unsynced events in JSON batches; "
                                  "empty turns push off.")
     push_interval: float = setting("5m", DURATION, "Time between push cycles.")
@@ -294,20 +304,35 @@ class Backoff:
 
 
 class Loop(threading.Thread):
-    """A background thread that calls `tick` every `interval` seconds until stopped. An exception in
-    a tick is logged (on change, through FaultLog) and the loop goes on: it never dies of one."""
+    """A background thread that calls `tick` every `interval` seconds (or at once when woken) until
+    stopped. An exception in a tick is logged (on change, through FaultLog) and the loop goes on: it
+    never dies of one."""
 
     def __init__(self, name: str, interval: float, first_delay: float | None = None) -> None:
         super().__init__(name=f"otrace-{name}", daemon=True)
         self.interval = interval
         self.first_delay = interval if first_delay is None else first_delay
         self.stopping = threading.Event()
+        self.bell = threading.Event()
         self.log = logging.getLogger(f"otrace.{name}")
         self.fault = FaultLog(self.log, name)
 
+    def wake(self) -> None:
+        """Run the next tick now instead of at its time."""
+        self.bell.set()
+
+    def stop(self) -> None:
+        """Ask the loop to end; a tick under way finishes (nothing waits for it)."""
+        self.stopping.set()
+        self.bell.set()
+
     def run(self) -> None:
         delay = self.first_delay
-        while not self.stopping.wait(delay):
+        while True:
+            self.bell.wait(delay)
+            self.bell.clear()
+            if self.stopping.is_set():
+                return
             try:
                 self.tick()
             except Exception as exc:  # a loop outlives any one failure
@@ -550,6 +575,14 @@ def error_row(r: Reader, received: int, source: str = "http") -> tuple:
             r.name("provider"), r.name("model"), r.name("session_id"), r.metadata())
 
 
+def own_error(category: str, message: str, metadata: dict[str, Any], severity: str = "error",
+              error_type: str = "system_error") -> Row:
+    """An error event otrace raises itself (disk full, an OOM kill), validated like one from HTTP."""
+    reader = Reader({"error_type": error_type, "category": category, "message": message,
+                     "severity": severity, "metadata": metadata}, None, 16384)
+    return Row(ERRORS.name, (*error_row(reader, now_ms(), source="otrace"), int(reader.truncated)))
+
+
 ROW_BUILDERS: dict[str, tuple[Table, Callable[[Reader, int], tuple]]] = {
     "/v1/traces": (TRACES, trace_row), "/v1/errors": (ERRORS, error_row)}
 
@@ -698,12 +731,29 @@ SCHEMA: list[str] = [
         reason TEXT
     );
     """,
+    # 3: what retention deleted, per pass, table and reason; unpushed losses are pushed once.
+    """
+    CREATE TABLE retention_ledger (
+        id INTEGER PRIMARY KEY,
+        pass_id TEXT NOT NULL,
+        at INTEGER NOT NULL,
+        table_name TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        deleted INTEGER NOT NULL,
+        unsynced_deleted INTEGER NOT NULL,
+        oldest_received_at INTEGER,
+        newest_received_at INTEGER,
+        reported_at INTEGER,
+        UNIQUE (pass_id, table_name, reason)
+    );
+    CREATE INDEX retention_ledger_unreported ON retention_ledger (id)
+        WHERE reported_at IS NULL AND unsynced_deleted > 0;
+    """,
 ]
 
 EVENT_TABLES = ("llm_traces", "error_events", "system_metrics")
 SYNCED, REJECTED = 1, 2          # values of the synced column besides 0 (not yet pushed)
 CACHE_KIB = 2048                 # per connection; otrace keeps at most three open
-JOURNAL_SIZE_LIMIT = 64 * 1024**2
 
 
 def connect(path: str) -> sqlite3.Connection:
@@ -724,7 +774,6 @@ def open_database(path: str) -> None:
         conn.execute("PRAGMA auto_vacuum = INCREMENTAL")  # takes only on a new file, before WAL mode
         if conn.execute("PRAGMA journal_mode = WAL").fetchone()[0] != "wal":
             raise RuntimeError(f"{path}: cannot use WAL mode")
-        conn.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}")
         migrate(conn)
     finally:
         conn.close()
@@ -942,24 +991,25 @@ class Writer(threading.Thread):
 
     STUCK_AFTER = 15.0           # seconds without a loop iteration before /health calls it stuck
 
-    def __init__(self, path: str, events: EventQueue, counters: Counters, batch_size: int,
-                 window: float) -> None:
+    def __init__(self, config: Config, events: EventQueue, counters: Counters) -> None:
         super().__init__(name="otrace-writer", daemon=True)
-        self.path, self.events, self.counters = path, events, counters
-        self.batch_size, self.window = batch_size, window
+        self.config, self.events, self.counters = config, events, counters
+        self.batch_size, self.window = config.batch_size, config.batch_window
         self.pending: list[Unit] = []
         self.fault = FaultLog(logging.getLogger("otrace.writer"), "database write")
         self.backoff = Backoff(0.05, 5.0)
         self.heartbeat = time.monotonic()
         self.conn: sqlite3.Connection | None = None
+        self.on_fault: Callable[[str], None] = lambda error: None   # told once per streak of failures
 
     # -- state for /health
     @property
     def stuck(self) -> bool:
-        return time.monotonic() - self.heartbeat > self.STUCK_AFTER
+        return time.monotonic() - self.heartbeat > self.STUCK_AFTER + self.window
 
     def run(self) -> None:
-        self.conn = connect(self.path)
+        self.conn = connect(self.config.db_path)
+        self.conn.execute(f"PRAGMA journal_size_limit = {self.config.wal_max_bytes}")  # per connection
         retry_at = 0.0
         try:
             while True:
@@ -980,15 +1030,33 @@ class Writer(threading.Thread):
                 try:
                     self.flush()
                 except Exception as exc:  # noqa: BLE001 - any failure keeps the batch for a retry
+                    if self.fault.error is None:
+                        self.on_fault(describe(exc))
                     self.fault.failed(describe(exc))
                     self.events.room.set()     # nothing to gain from holding handlers back now
                     retry_at = time.monotonic() + self.backoff.next()
                     continue
+                if self.fault.error is not None:
+                    self.record_outage()
                 self.fault.cleared()
                 self.backoff.reset()
                 self.events.open_gate()
         finally:
             self.conn.close()
+
+    def record_outage(self) -> None:
+        """Once writes work again, store what stopped them as an error event (ERRC-05)."""
+        error, name = self.fault.error or "", (self.fault.error or "").split(":", 1)[0]
+        category = {"SQLITE_FULL": "disk_full", "SQLITE_READONLY": "permission_denied",
+                    "SQLITE_PERM": "permission_denied", "SQLITE_CANTOPEN": "permission_denied",
+                    }.get("_".join(name.split("_")[:2]), "other")
+        row = own_error(category, f"database writes failed for {time.time() - self.fault.since:.1f} s: "
+                        f"{error}", {"since": _iso(self.fault.since), "attempts": self.fault.count,
+                                     "db_path": self.config.db_path}, severity="critical")
+        try:
+            self.commit([Unit([row])])
+        except Exception as exc:  # noqa: BLE001 - the outage is in the log either way
+            self.fault.logger.error("could not record the write outage", extra={"error": describe(exc)})
 
     def run_job(self, job: Job) -> None:
         if job.future.set_running_or_notify_cancel():
@@ -1363,19 +1431,23 @@ class Batch:
     """Events sent in one request: (table, row id, the event encoded as JSON) each."""
 
     events: list[tuple[str, int, bytes]]
+    losses: list[dict[str, Any]] = dataclasses.field(default_factory=list)   # retention_ledger rows
     batch_id: str = dataclasses.field(default_factory=lambda: str(uuid.uuid4()))
 
     def __len__(self) -> int:
         return len(self.events)
 
     def body(self, agent_id: str) -> bytes:
-        head = json.dumps({"schema": "otrace.push.v1", "batch_id": self.batch_id, "agent_id": agent_id,
-                           "sent_at": _iso(time.time())})
-        return head[:-1].encode() + b', "events": [' + b", ".join(e for _, _, e in self.events) + b"]}"
+        head = {"schema": "otrace.push.v1", "batch_id": self.batch_id, "agent_id": agent_id,
+                "sent_at": _iso(time.time())}
+        if self.losses:
+            head["losses"] = self.losses
+        return json.dumps(head)[:-1].encode() + b', "events": [' + b", ".join(
+            e for _, _, e in self.events) + b"]}"
 
     def halves(self) -> tuple[Batch, Batch]:
         middle = len(self.events) // 2
-        return Batch(self.events[:middle]), Batch(self.events[middle:])
+        return Batch(self.events[:middle], self.losses), Batch(self.events[middle:])
 
     def ids(self) -> dict[str, list[int]]:
         by_table: dict[str, list[int]] = {}
@@ -1572,8 +1644,7 @@ class Pusher(Loop):
         try:
             with contextlib.closing(connect(self.config.db_path)) as conn:
                 conn.execute("PRAGMA query_only = 1")
-                ok = all(self.deliver(batch, deadline) for batch in Packer(
-                    conn, self.config.push_max_bytes, self.tables).batches())
+                ok = all(self.deliver(batch, deadline) for batch in self.batches(conn))
             if ok and self.last_status == "never":
                 self.last_status = "ok"     # nothing was waiting: the receiver is not known to be down
             self.breaker.record(ok)
@@ -1584,6 +1655,20 @@ class Pusher(Loop):
             return ok
         finally:
             self.cycle_lock.release()
+
+    def batches(self, conn: sqlite3.Connection) -> Iterator[Batch]:
+        """The cycle's batches; the first also reports what retention had to delete unpushed."""
+        losses = [dict(zip(("ledger_id", "at", "table", "reason", "rows", "oldest_received_at",
+                            "newest_received_at"), row, strict=True)) for row in conn.execute(
+            "SELECT id, at, table_name, reason, unsynced_deleted, oldest_received_at, newest_received_at "
+            "FROM retention_ledger WHERE reported_at IS NULL AND unsynced_deleted > 0 ORDER BY id LIMIT 100")]
+        batches = Packer(conn, self.config.push_max_bytes, self.tables).batches()
+        first = next(batches, None) or (Batch([]) if losses else None)
+        if first is None:
+            return
+        first.losses = losses
+        yield first
+        yield from batches
 
     def deliver(self, batch: Batch, deadline: float | None) -> bool:
         """Send one batch until it is confirmed, split, or the cycle gives up on it (False)."""
@@ -1604,6 +1689,8 @@ class Pusher(Loop):
             if verdict == "config":
                 return False
             if verdict == "split":
+                if not batch.events:      # a report of losses alone, refused: try it next cycle
+                    return False
                 if len(batch) == 1:
                     self.record(functools.partial(record_rejected, batch, attempt), deadline)
                     self.totals.add("rejected")
@@ -1672,6 +1759,8 @@ def record_pushed(batch: Batch, attempt: Attempt, conn: sqlite3.Connection) -> N
     for table, ids in batch.ids().items():
         conn.executemany(f"UPDATE {table} SET synced = {SYNCED}, pushed_at = ? WHERE id = ?",
                          [(attempt.started_at, row_id) for row_id in ids])
+    conn.executemany("UPDATE retention_ledger SET reported_at = ? WHERE id = ?",
+                     [(attempt.started_at, loss["ledger_id"]) for loss in batch.losses])
     record_attempt(attempt, conn)
     conn.execute("COMMIT")
 
@@ -1693,6 +1782,234 @@ def _without_userinfo(url: str) -> str:
     return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl() if url else url
 
 
+# ============================================================================================= upkeep
+# Living inside a small volume for months: checkpoints that shrink the WAL, and retention that deletes
+# pushed rows first and records every unpushed row it has to give up, in the same transaction.
+
+
+def checkpoint(mode: str, conn: sqlite3.Connection) -> dict[str, int]:
+    """A WAL checkpoint on the writer's connection. After TRUNCATE the page counts read 0."""
+    busy, wal_pages, moved = conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
+    return {"busy": busy, "wal_pages": wal_pages, "checkpointed_pages": moved}
+
+
+class Checkpointer(Loop):
+    """Every TRACE_CHECKPOINT_INTERVAL the writer checkpoints between two batches (no second writer
+    races it): PASSIVE, or TRUNCATE once the WAL is over TRACE_WAL_MAX_BYTES, since a passive
+    checkpoint reuses the WAL file but never shrinks it."""
+
+    def __init__(self, config: Config, events: EventQueue) -> None:
+        super().__init__("checkpoint", config.checkpoint_interval)
+        self.events, self.limit, self.wal_path = events, config.wal_max_bytes, config.db_path + "-wal"
+
+    def tick(self) -> None:
+        before = _file_size(self.wal_path)
+        mode = "TRUNCATE" if before > self.limit else "PASSIVE"
+        result = self.events.submit(functools.partial(checkpoint, mode)).result(timeout=120)
+        self.log.info("wal checkpoint", extra={"mode": mode.lower(), **result, "wal_bytes_before": before,
+                                               "wal_bytes_after": _file_size(self.wal_path)})
+
+
+def disk_usage(path: str) -> tuple[int, int, int, float]:
+    """(total, used, available to unprivileged users, used %) of the filesystem holding `path`, with
+    the percentage as df computes it: used / (used + available), so root's reserve counts as full."""
+    st = os.statvfs(path)
+    total, used, avail = st.f_blocks * st.f_frsize, (st.f_blocks - st.f_bfree) * st.f_frsize, \
+        st.f_bavail * st.f_frsize
+    return total, used, avail, round(100.0 * used / (used + avail), 2) if used + avail else 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Cut:
+    """One kind of deletion: rows of `table` matching `where`, oldest first, for `reason` in a pass.
+    Called on the writer's connection, it deletes one chunk and its ledger entry in one transaction
+    and returns (rows deleted, of which never pushed)."""
+
+    table: str
+    where: str
+    reason: str
+    pass_id: str
+    params: tuple = ()
+    limit: int = 1000
+
+    def __call__(self, conn: sqlite3.Connection) -> tuple[int, int]:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            oldest = f"SELECT id FROM {self.table} WHERE {self.where} ORDER BY id LIMIT {self.limit}"
+            gone = conn.execute(f"DELETE FROM {self.table} WHERE id IN ({oldest}) RETURNING synced, "
+                                f"received_at", self.params).fetchall()
+            lost = [received for synced, received in gone if synced == 0]
+            if gone:
+                conn.execute(LEDGER_SQL, (self.pass_id, now_ms(), self.table, self.reason, len(gone),
+                                          len(lost), min(lost, default=None), max(lost, default=None)))
+            conn.execute("COMMIT")
+        except BaseException:
+            rollback(conn)
+            raise
+        return len(gone), len(lost)
+
+
+LEDGER_SQL = (
+    "INSERT INTO retention_ledger (pass_id, at, table_name, reason, deleted, unsynced_deleted, "
+    "oldest_received_at, newest_received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+    "ON CONFLICT (pass_id, table_name, reason) DO UPDATE SET deleted = deleted + excluded.deleted, "
+    "unsynced_deleted = unsynced_deleted + excluded.unsynced_deleted, "
+    "oldest_received_at = coalesce(min(oldest_received_at, excluded.oldest_received_at), "
+    "oldest_received_at, excluded.oldest_received_at), "
+    "newest_received_at = coalesce(max(newest_received_at, excluded.newest_received_at), "
+    "newest_received_at, excluded.newest_received_at)")
+
+
+def oldest_table(conn: sqlite3.Connection, tables: Iterable[str], where: str) -> str | None:
+    """Which of `tables` holds the oldest row (by arrival) matching `where`; None if none does."""
+    heads = [(head[0], table) for table in tables if (head := conn.execute(
+        f"SELECT received_at FROM {table} WHERE {where} ORDER BY id LIMIT 1").fetchone())]
+    return min(heads)[1] if heads else None
+
+
+BOOKKEEPING = (("push_log", "started_at", ""), ("push_rejects", "rejected_at", ""),
+               ("retention_ledger", "at", "AND (reported_at IS NOT NULL OR unsynced_deleted = 0)"))
+
+
+def prune(table: str, column: str, cutoff: int, extra: str, conn: sqlite3.Connection) -> int:
+    """Delete one chunk of bookkeeping rows (push_log, ...) older than `cutoff`."""
+    return conn.execute(f"DELETE FROM {table} WHERE id IN (SELECT id FROM {table} WHERE {column} < ? "
+                        f"{extra} ORDER BY id LIMIT {Retention.CHUNK})", (cutoff,)).rowcount
+
+
+def shrink(conn: sqlite3.Connection) -> None:
+    """Give freed pages back to the filesystem: incremental vacuum, then a TRUNCATE checkpoint."""
+    conn.executescript("PRAGMA incremental_vacuum;")   # execute() would step it once: one page freed
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+
+
+@dataclasses.dataclass(frozen=True)
+class Tier:
+    """One step of the deletion order under pressure."""
+
+    reason: str
+    tables: tuple[str, ...]
+    where: str
+    for_disk: bool           # disk pressure may use it, not only the database cap
+    chunk: int               # rows per step: small where every row deleted is a row lost
+
+
+class Retention(Loop):
+    """Every TRACE_CLEANUP_INTERVAL (and at once when a write fails for lack of space): deletes
+    pushed rows older than TRACE_RETENTION; then, while the database is over TRACE_DB_MAX_BYTES or
+    the disk over TRACE_DISK_HIGH_PCT, deletes oldest first in TIERS order down to the low mark. Every
+    deletion runs in a chunk of its own between ingest batches, with its ledger row."""
+
+    CHUNK = 1000
+    LOW_DB = 0.8             # under pressure, delete until the database is under 80 % of its cap ...
+    LOW_DISK = 5.0           # ... and the disk 5 points under TRACE_DISK_HIGH_PCT
+
+    def __init__(self, config: Config, events: EventQueue, tables: Iterable[str]) -> None:
+        super().__init__("retention", config.cleanup_interval)
+        self.config, self.events, self.tables = config, events, tuple(tables)
+        self.db_dir = str(Path(config.db_path).resolve().parent)
+        unpushed = tuple(t for t in self.tables if t != "system_metrics")
+        self.tiers = (Tier("pressure_pushed", self.tables, "synced != 0", True, self.CHUNK),
+                      Tier("pressure_metrics", ("system_metrics",), "synced = 0", True, self.CHUNK),
+                      Tier("pressure_unpushed", unpushed, "synced = 0", False, 50))
+        self.last_pass: dict[str, Any] | None = None
+
+    def run_job(self, job: Callable[[sqlite3.Connection], Any]) -> Any:
+        return self.events.submit(job).result(timeout=120)
+
+    def tick(self) -> None:
+        pass_id, started = str(uuid.uuid4()), time.monotonic()
+        tally: collections.Counter[tuple[str, str, str]] = collections.Counter()
+        cutoff = now_ms() - int(self.config.retention * 1000)
+        for table in self.tables:
+            self.delete_all(Cut(table, "synced != 0 AND received_at < ?", "age", pass_id, (cutoff,)), tally)
+        self.relieve(pass_id, tally)
+        pruned = sum(self.prune_all(table, column, cutoff, extra) for table, column, extra in BOOKKEEPING)
+        if tally or pruned:
+            self.run_job(shrink)
+        self.report(tally, pruned, time.monotonic() - started)
+
+    def delete_all(self, cut: Cut, tally: collections.Counter[tuple[str, str, str]]) -> None:
+        """Delete chunk after chunk until no row matches."""
+        while not self.stopping.is_set() and self.delete_chunk(cut, tally) == self.CHUNK:
+            pass
+
+    def prune_all(self, table: str, column: str, cutoff: int, extra: str) -> int:
+        """Delete bookkeeping rows older than `cutoff`, chunk after chunk; how many went."""
+        pruned = 0
+        while not self.stopping.is_set():
+            count = self.run_job(functools.partial(prune, table, column, cutoff, extra))
+            pruned += count
+            if count < self.CHUNK:
+                break
+        return pruned
+
+    def delete_chunk(self, cut: Cut, tally: collections.Counter[tuple[str, str, str]]) -> int:
+        deleted, lost = self.run_job(cut)
+        tally[(cut.table, cut.reason, "deleted")] += deleted
+        tally[(cut.table, cut.reason, "unpushed")] += lost
+        return deleted
+
+    def pressure(self) -> tuple[str, str] | None:
+        """Why the database must shrink now ("db_cap" or "disk"), with the figures, or None."""
+        db = _file_size(self.config.db_path) + _file_size(self.config.db_path + "-wal")
+        if db > self.config.db_max_bytes:
+            return "db_cap", f"database {db} bytes > {self.config.db_max_bytes}"
+        used_pct = disk_usage(self.db_dir)[3]
+        if used_pct > self.config.disk_high_pct:
+            return "disk", f"disk {used_pct} % used > {self.config.disk_high_pct} %"
+        return None
+
+    def relieved(self, cause: str) -> bool:
+        if cause == "db_cap":
+            db = _file_size(self.config.db_path) + _file_size(self.config.db_path + "-wal")
+            return db <= self.config.db_max_bytes * self.LOW_DB
+        return disk_usage(self.db_dir)[3] <= self.config.disk_high_pct - self.LOW_DISK
+
+    def relieve(self, pass_id: str, tally: collections.Counter[tuple[str, str, str]]) -> None:
+        """Under pressure, delete tier after tier, a chunk at a time from whichever table holds the
+        oldest row, until under the low mark. Disk pressure stops short of unpushed traces and errors:
+        a disk full of something else would not be helped by losing them, and TRACE_DB_MAX_BYTES is
+        what bounds otrace's own share."""
+        found = self.pressure()
+        if not found:
+            return
+        cause, detail = found
+        self.log.warning("over budget: deleting oldest rows", extra={"cause": cause, "detail": detail})
+        with contextlib.closing(connect(self.config.db_path)) as conn:
+            for tier in self.tiers:
+                if cause == "disk" and not tier.for_disk:
+                    break
+                while not self.stopping.is_set() and not self.relieved(cause):
+                    table = oldest_table(conn, tier.tables, tier.where)
+                    if table is None:
+                        break
+                    self.delete_chunk(Cut(table, tier.where, tier.reason, pass_id, limit=tier.chunk), tally)
+                    self.run_job(shrink)      # so the next measure sees the space given back
+                if self.relieved(cause):
+                    return
+        self.log.error("still over budget after deleting all it may", extra={
+            "cause": cause, "detail": (self.pressure() or (cause, "now under"))[1]})
+
+    def report(self, tally: collections.Counter[tuple[str, str, str]], pruned: int, seconds: float) -> None:
+        lost = {f"{t}/{r}": n for (t, r, kind), n in tally.items() if kind == "unpushed" and n}
+        deleted = {f"{t}/{r}": n for (t, r, kind), n in tally.items() if kind == "deleted" and n}
+        self.last_pass = {"at": _iso(time.time()), "seconds": round(seconds, 3), "deleted": deleted,
+                          "unpushed_deleted": lost, "bookkeeping_pruned": pruned}
+        if lost:
+            self.log.warning("retention deleted rows that were never pushed", extra=self.last_pass)
+        elif deleted or pruned:
+            self.log.info("retention pass", extra=self.last_pass)
+
+    def health(self, reader: Callable[[str], list[tuple]]) -> dict[str, Any]:
+        _, _, avail, used_pct = disk_usage(self.db_dir)
+        lost = dict(reader("SELECT table_name, sum(unsynced_deleted) FROM retention_ledger "
+                           "WHERE unsynced_deleted > 0 GROUP BY table_name"))
+        return {"db_max_bytes": self.config.db_max_bytes, "disk_used_pct": used_pct,
+                "disk_avail_bytes": avail, "disk_high_pct": self.config.disk_high_pct,
+                "unpushed_deleted_total": lost, "last_pass": self.last_pass}
+
+
 # ========================================================================================== lifecycle
 
 
@@ -1705,20 +2022,31 @@ class Service:
         self.counters = Counters()
         open_database(config.db_path)
         self.events = EventQueue(config.queue_size, config.batch_size)
-        self.writer = Writer(config.db_path, self.events, self.counters, config.batch_size,
-                             config.batch_window)
+        self.writer = Writer(config, self.events, self.counters)
         self.reader = connect(config.db_path)
         self.reader.execute("PRAGMA query_only = 1")
         self.reader_lock = threading.Lock()
         self.server = IngestServer(self)
         self.threads: list[threading.Thread] = []
-        self.loops: list[Loop] = []      # background producers and upkeep, stopped before the drain
+        self.retention = Retention(config, self.events, EVENT_TABLES)
+        self.loops: list[Loop] = [Checkpointer(config, self.events), self.retention]
+        self.writer.on_fault = self.on_write_fault
         self.pusher: Pusher | None = None
         if config.push_endpoint:
             self.pusher = Pusher(config, self.events, EVENT_TABLES)
             self.loops.append(self.pusher)
         else:
             log.warning("push is off: events stay in the local database (set TRACE_PUSH_ENDPOINT)")
+
+    def on_write_fault(self, error: str) -> None:
+        """A write has just started failing: if for lack of space, run retention now."""
+        if error.startswith("SQLITE_FULL"):
+            self.retention.wake()
+
+    def query(self, sql: str) -> list[tuple]:
+        """A read for /health on the shared read-only connection."""
+        with self.reader_lock:
+            return self.reader.execute(sql).fetchall()
 
     @property
     def address(self) -> str:
@@ -1766,13 +2094,13 @@ class Service:
             "last_push_time": self.pusher and self.pusher.health()["last_push_time"],
             "last_push_status": self.pusher.last_status if self.pusher else "disabled",
             "push": self.pusher.health() if self.pusher else None,
+            "retention": self.retention.health(self.query),
         }
 
     def unsynced_count(self) -> int | None:
-        query = " + ".join(f"(SELECT count(*) FROM {table} WHERE synced = 0)" for table in EVENT_TABLES)
+        counts = " + ".join(f"(SELECT count(*) FROM {table} WHERE synced = 0)" for table in EVENT_TABLES)
         try:
-            with self.reader_lock:
-                return self.reader.execute(f"SELECT {query}").fetchone()[0]
+            return self.query(f"SELECT {counts}")[0][0]
         except sqlite3.Error:
             return None
 
@@ -1784,7 +2112,7 @@ class Service:
         self.server.shutdown()
         self.server.server_close()
         for loop in self.loops:             # producers offer nothing more; a refused offer loses nothing
-            loop.stopping.set()
+            loop.stop()
         cut = self.server.connections.close(until=deadline - reserve - 1.0)
         self.events.close()
         lost = 0 if self.events.wait_drained(deadline - reserve - time.monotonic()) else self.events.qsize()
@@ -1806,15 +2134,11 @@ class Service:
         """TRUNCATE checkpoint at shutdown, so the next start finds a small WAL."""
         wal = _file_size(self.config.db_path + "-wal")
         try:
-            result = self.events.submit(checkpoint_truncate).result(max(0.0, deadline - time.monotonic()))
+            result = self.events.submit(functools.partial(checkpoint, "TRUNCATE")).result(
+                max(0.0, deadline - time.monotonic()))
             log.info("wal checkpoint", extra={"mode": "truncate", "wal_bytes_before": wal, **result})
         except Exception as exc:  # noqa: BLE001 - the data is committed; the WAL stays for next start
             log.warning("wal checkpoint at shutdown failed", extra={"error": describe(exc)})
-
-
-def checkpoint_truncate(conn: sqlite3.Connection) -> dict[str, int]:
-    busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()   # pages read 0 after TRUNCATE
-    return {"busy": busy}
 
 
 def _file_size(path: str) -> int:

@@ -1147,3 +1147,193 @@ def test_confirmed_batch_killed_before_marking_is_sent_again(run: Callable[..., 
     assert len(receiver.requests[0]["json"]["events"]) == len(ids)
     duplicated = {t for t in seen if seen.count(t) > 1}
     assert duplicated == set(ids)    # the documented crash case, and only it: the receiver dedups
+
+
+# ---------------------------------------------------------------------------------------- storage
+
+
+def seed(db: Path, groups: list[tuple[str, int, int]], text: int = 2000, age_days: float = 10
+         ) -> dict[str, list[str]]:
+    """Write rows straight into a fresh otrace database, oldest first and a millisecond apart, as if
+    they arrived `age_days` ago: (kind, count, synced) groups, kind "trace" or "metric". Returns the
+    trace_ids of each group, keyed "kind/synced"."""
+    otrace.open_database(str(db))
+    made: dict[str, list[str]] = {}
+    received = otrace.now_ms() - int(age_days * 86_400_000)
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        for kind, count, synced_flag in groups:
+            ids = made.setdefault(f"{kind}/{synced_flag}", [])
+            for _ in range(count):
+                received += 1
+                trace_id = str(uuid.uuid4())
+                if kind == "trace":
+                    rows, _ = otrace.parse_events(json.dumps(trace(trace_id=trace_id, input_text="t" * text))
+                                                  .encode(), "/v1/traces", 1, 16384)
+                    conn.execute(otrace.INSERT_SQL["llm_traces"], rows[0].values)
+                    conn.execute("UPDATE llm_traces SET received_at = ?, synced = ? WHERE trace_id = ?",
+                                 (received, synced_flag, trace_id))
+                else:
+                    conn.execute("INSERT INTO system_metrics (trace_id, created_at, received_at, source, "
+                                 "cpu_pct, synced) VALUES (?, ?, ?, 'proc', 12.5, ?)",
+                                 (trace_id, received, received, synced_flag))
+                ids.append(trace_id)
+        conn.commit()
+        conn.execute("VACUUM")
+    return made
+
+
+def db_bytes(db: Path) -> int:
+    """The database's size on disk: file plus WAL."""
+    files = (Path(f"{db}{suffix}") for suffix in ("", "-wal"))
+    return sum(f.stat().st_size for f in files if f.exists())
+
+
+def ledger(node: Otrace) -> dict[tuple[str, str], tuple[int, int]]:
+    rows = node.query("SELECT table_name, reason, sum(deleted), sum(unsynced_deleted) FROM retention_ledger "
+                      "GROUP BY table_name, reason")
+    return {(table, reason): (deleted, lost) for table, reason, deleted, lost in rows}
+
+
+def present(node: Otrace, table: str) -> set[str]:
+    return {t for (t,) in node.query(f"SELECT trace_id FROM {table}")}
+
+
+def test_wal_past_its_limit_is_truncated(run: Callable[..., Otrace]) -> None:
+    node = run({"TRACE_WAL_MAX_BYTES": "256KiB", "TRACE_CHECKPOINT_INTERVAL": "200ms"})
+    node.wait_log(lambda e: e.get("message") == "wal checkpoint" and e["mode"] == "passive")
+    reader = sqlite3.connect(node.db_path, isolation_level=None)
+    reader.execute("BEGIN")
+    reader.execute("SELECT count(*) FROM llm_traces").fetchone()    # holds a snapshot: no checkpoint
+    try:                                                                # can get past it, the WAL grows
+        for _ in range(10):
+            assert node.post("/v1/traces", [trace(input_text="w" * 4000) for _ in range(20)]).status == 202
+        node.wait_persisted(200)
+        wal = Path(f"{node.db_path}-wal")
+        assert wal.stat().st_size > 256 * 1024
+    finally:
+        reader.execute("COMMIT")
+        reader.close()
+    done = node.wait_log(lambda e: e.get("message") == "wal checkpoint" and e["mode"] == "truncate"
+                         and e["wal_bytes_after"] == 0)
+    assert done["wal_bytes_before"] > 256 * 1024 and done["busy"] == 0
+    assert len(node.rows("llm_traces")) == 200
+    assert node.query("PRAGMA integrity_check") == [("ok",)]
+
+
+def test_age_retention_deletes_pushed_rows_only(tmp_path: Path, run: Callable[..., Otrace],
+                                                receiver: Receiver) -> None:
+    db = tmp_path / "aged.db"
+    old = seed(db, [("trace", 20, 0)])["trace/0"]
+    offline = run({"TRACE_CLEANUP_INTERVAL": "200ms", "TRACE_RETENTION": "1h"}, db=db)
+    wait_until(lambda: offline.health()["retention"]["last_pass"], what="a retention pass")
+    assert present(offline, "llm_traces") == set(old)       # ten days old, but never pushed: kept
+    assert offline.stop() == 0
+    node = run(push_env(receiver, TRACE_CLEANUP_INTERVAL="200ms", TRACE_RETENTION="1h"), db=db)
+    fresh = post_some(node, 3)
+    wait_until(lambda: not present(node, "llm_traces") & set(old), what="old rows deleted once pushed")
+    assert set(receiver.trace_ids()) >= set(old)
+    wait_synced(node, fresh)                                 # pushed, but young: kept
+    assert ledger(node)[("llm_traces", "age")] == (20, 0)
+
+
+def test_database_cap_deletes_in_order_and_reports_the_losses(
+        tmp_path: Path, run: Callable[..., Otrace], receiver: Receiver) -> None:
+    db = tmp_path / "capped.db"
+    made = seed(db, [("trace", 150, 0), ("metric", 100, 0), ("trace", 150, 1)], age_days=0.01)
+    cap = int(db_bytes(db) * 0.6)      # the unpushed traces are the oldest: the order is by tier first
+    receiver.default = 503
+    node = run(push_env(receiver, TRACE_DB_MAX_BYTES=str(cap), TRACE_CLEANUP_INTERVAL="300ms",
+                        TRACE_PUSH_RETRIES="1"), db=db)
+    node.wait_log(lambda e: e.get("message") == "retention deleted rows that were never pushed")
+    assert db_bytes(db) <= cap * 0.8
+    assert not present(node, "llm_traces") & set(made["trace/1"])        # 1. pushed rows, all
+    assert not present(node, "system_metrics")                            # 2. unpushed metrics, all
+    kept = present(node, "llm_traces")                                    # 3. unpushed traces, oldest first
+    lost = [t for t in made["trace/0"] if t not in kept]
+    assert 0 < len(lost) < 150 and lost == made["trace/0"][:len(lost)]
+    assert ledger(node) == {("llm_traces", "pressure_pushed"): (150, 0),
+                            ("system_metrics", "pressure_metrics"): (100, 100),
+                            ("llm_traces", "pressure_unpushed"): (len(lost), len(lost))}
+    assert node.health()["retention"]["unpushed_deleted_total"] == {"system_metrics": 100,
+                                                                   "llm_traces": len(lost)}
+    receiver.default = 200                                  # the receiver comes back: it is told
+    wait_synced(node, sorted(kept))
+    losses = [loss for r in receiver.requests if r["answered"] == 200 for loss in r["json"].get("losses", [])]
+    assert sorted((x["table"], x["reason"], x["rows"]) for x in losses) == [
+        ("llm_traces", "pressure_unpushed", len(lost)), ("system_metrics", "pressure_metrics", 100)]
+    assert all(x["oldest_received_at"] <= x["newest_received_at"] for x in losses)
+    wait_until(lambda: node.query("SELECT count(*) FROM retention_ledger WHERE unsynced_deleted > 0 "
+                                  "AND reported_at IS NULL") == [(0,)], what="losses marked reported")
+
+
+@needs_root
+def test_disk_pressure_spares_unpushed_traces(tmp_path: Path, run: Callable[..., Otrace]) -> None:
+    with tmpfs(tmp_path / "vol", "8m") as vol:
+        db = vol / "otrace.db"
+        made = seed(db, [("trace", 100, 0), ("trace", 100, 1)], age_days=0.01)
+        filler = vol / "agent-data"
+        total, _, _, _ = otrace.disk_usage(str(vol))
+        with open(filler, "wb") as out:                     # the agent's own files take the disk to ~90 %
+            out.write(b"\0" * (int(total * 0.9) - db_bytes(db)))
+        node = run({"TRACE_CLEANUP_INTERVAL": "200ms", "TRACE_DISK_HIGH_PCT": "80"}, db=db)
+        node.wait_log(lambda e: e.get("message") == "still over budget after deleting all it may")
+        assert present(node, "llm_traces") == set(made["trace/0"])
+        assert ledger(node) == {("llm_traces", "pressure_pushed"): (100, 0)}
+        assert node.stop() == 0
+
+
+@needs_root
+def test_a_write_outage_is_recorded_as_an_error_event(tmp_path: Path, run: Callable[..., Otrace]) -> None:
+    with tmpfs(tmp_path / "vol", "2m") as vol:
+        node = run(db=vol / "otrace.db")
+        node.wait_log(lambda e: e.get("message") == "listening")
+        filler = fill(vol)
+        assert node.post("/v1/traces", trace()).status == 202
+        node.wait_log(lambda e: e.get("message") == "database write failing")
+        over = node.wait_log(lambda e: e.get("message") == "over budget: deleting oldest rows")
+        assert over["cause"] == "disk"                       # retention ran at once, not in 5 minutes
+        filler.unlink()
+        node.wait_persisted(1)
+        event = wait_until(lambda: [e for e in node.rows("error_events") if e["source"] == "otrace"],
+                           what="the outage event")[0]
+        assert (event["error_type"], event["category"], event["severity"]) == \
+            ("system_error", "disk_full", "critical")
+        assert "SQLITE_FULL" in event["message"] and json.loads(event["metadata"])["attempts"] >= 1
+        assert node.stop() == 0
+
+
+def test_sigkill_at_random_moments_keeps_every_committed_row(tmp_path: Path, run: Callable[..., Otrace],
+                                                             receiver: Receiver) -> None:
+    """Twenty SIGKILLs under load, with checkpoints, retention and push all busy: each time the file
+    opens, passes integrity_check, and holds every row that was committed before the kill."""
+    import random
+    db = tmp_path / "crash.db"
+    env = push_env(receiver, TRACE_CHECKPOINT_INTERVAL="50ms", TRACE_WAL_MAX_BYTES="64KiB",
+                   TRACE_CLEANUP_INTERVAL="50ms", TRACE_RETENTION="1s", TRACE_BATCH_WINDOW="5ms")
+    committed: set[str] = set()
+    accepted_total = 0
+    rng = random.Random(7)
+    for _ in range(20):
+        node = run(env, db=db)
+        stop = threading.Event()
+        result: list[Any] = []
+        runner = threading.Thread(target=lambda n=node, s=stop, r=result: r.append(post_flat_out(n, 4, s, 3)))
+        runner.start()
+        time.sleep(rng.uniform(0.05, 0.6))             # the kill lands at a random moment of the work
+        with contextlib.closing(sqlite3.connect(db, timeout=10)) as conn:
+            committed |= {t for (t,) in conn.execute("SELECT trace_id FROM llm_traces")}
+            deleted = {t for (t,) in conn.execute("SELECT trace_id FROM llm_traces WHERE synced = 1")}
+        node.proc.send_signal(signal.SIGKILL)
+        node.proc.wait(10)
+        stop.set()
+        runner.join()
+        accepted_total += len(result[0][0])
+        with contextlib.closing(sqlite3.connect(db, timeout=10)) as conn:
+            assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+            now = {t for (t,) in conn.execute("SELECT trace_id FROM llm_traces")}
+        # what was committed is there, unless retention deleted it after it was pushed
+        gone = committed - now
+        pushed = set(receiver.trace_ids())
+        assert gone <= pushed | deleted, f"{len(gone - pushed - deleted)} committed rows lost"
+        committed = now
+    assert accepted_total > 0
