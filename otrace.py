@@ -380,6 +380,16 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+_ids = random.Random()           # seeded from os.urandom once
+
+
+def new_id() -> str:
+    """A random (version 4) UUID for an event that came without a trace_id. Drawn from a PRNG
+    seeded once from os.urandom: ids must be unique, not secret, and getrandom(2) per event costs
+    more than the rest of the id."""
+    return str(uuid.UUID(int=_ids.getrandbits(128), version=4))
+
+
 def clean_text(text: str) -> str:
     """Replace lone surrogates (valid in JSON, not in UTF-8) with U+FFFD so the text can be stored."""
     try:
@@ -463,7 +473,7 @@ class Reader:
     def trace_id(self) -> str:
         value = self.event.get("trace_id")
         if value is None:
-            return str(uuid.uuid4())
+            return new_id()
         if not (isinstance(value, str) and 0 < len(value) <= MAX_TRACE_ID_CHARS and value.isprintable()):
             raise self.fail("trace_id", f"must be 1 to {MAX_TRACE_ID_CHARS} printable characters")
         return clean_text(value)
@@ -1147,7 +1157,7 @@ def describe(exc: BaseException) -> str:
 # queue whole; it answers in one write (headers and body together) with TCP_NODELAY, and never waits
 # on a full queue.
 
-IDLE, READING, WORKING = "idle", "reading", "working"
+IDLE, WORKING = "idle", "working"
 
 
 class Connections:
@@ -1171,16 +1181,12 @@ class Connections:
             return True
 
     def mark(self, sock: socket.socket, state: str) -> bool:
-        """Move a connection to IDLE (waiting for a request: a deadline starts), READING (the same
-        deadline) or WORKING (a new deadline to write the answer). False when it should close."""
+        """Move a connection to IDLE (waiting for a whole request) or WORKING (answering it); either
+        starts a deadline of read_timeout. False when an idle connection should close instead."""
         with self._lock:
             if state == IDLE and self.closing:
                 return False
-            if state == READING and sock in self._open:
-                deadline = self._open[sock][1]
-            else:
-                deadline = time.monotonic() + self.read_timeout
-            self._open[sock] = (state, deadline)
+            self._open[sock] = (state, time.monotonic() + self.read_timeout)
             if self.closing:
                 self._changed.notify_all()
             return True
@@ -1227,6 +1233,17 @@ def _hang_up(sock: socket.socket) -> None:
         sock.shutdown(socket.SHUT_RDWR)
 
 
+STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}" for s in HTTPStatus}
+_date = [0, ""]                  # [second, its Date header]: formatted once a second, not per answer
+
+
+def http_date() -> str:
+    second = int(time.time())
+    if _date[0] != second:
+        _date[:] = [second, "Date: " + email.utils.formatdate(second, usegmt=True)]
+    return _date[1]
+
+
 def is_json_type(content_type: str) -> bool:
     media = content_type.split(";", 1)[0].strip().lower()
     return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
@@ -1258,7 +1275,6 @@ class IngestHandler(BaseHTTPRequestHandler):
         if not self.raw_requestline:
             self.close_connection = True
             return
-        connections.mark(self.connection, READING)
         if len(self.raw_requestline) > 65536:
             self.requestline, self.request_version, self.command = "", "HTTP/1.1", ""
             self.send_error(HTTPStatus.REQUEST_URI_TOO_LONG)
@@ -1353,8 +1369,8 @@ class IngestHandler(BaseHTTPRequestHandler):
         payload = json.dumps(body).encode()
         if self.server.connections.closing:
             self.close_connection = True
-        lines = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}", f"Server: {self.server_version}",
-                 f"Date: {email.utils.formatdate(usegmt=True)}", "Content-Type: application/json",
+        lines = [STATUS_LINES.get(status) or f"HTTP/1.1 {status} {HTTPStatus(status).phrase}",
+                 f"Server: {self.server_version}", http_date(), "Content-Type: application/json",
                  f"Content-Length: {len(payload)}"]
         lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
         if self.close_connection:
@@ -1432,7 +1448,7 @@ class Batch:
 
     events: list[tuple[str, int, bytes]]
     losses: list[dict[str, Any]] = dataclasses.field(default_factory=list)   # retention_ledger rows
-    batch_id: str = dataclasses.field(default_factory=lambda: str(uuid.uuid4()))
+    batch_id: str = dataclasses.field(default_factory=new_id)
 
     def __len__(self) -> int:
         return len(self.events)
@@ -1918,7 +1934,7 @@ class Retention(Loop):
         return self.events.submit(job).result(timeout=120)
 
     def tick(self) -> None:
-        pass_id, started = str(uuid.uuid4()), time.monotonic()
+        pass_id, started = new_id(), time.monotonic()
         tally: collections.Counter[tuple[str, str, str]] = collections.Counter()
         cutoff = now_ms() - int(self.config.retention * 1000)
         for table in self.tables:

@@ -1,0 +1,159 @@
+"""Shared pieces of otrace's benchmarks: processes, /proc readings, wrk, and the report table."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+OTRACE = ROOT / "otrace.py"
+RESULTS = ROOT / "bench" / "results"
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Usage:
+    """CPU seconds and memory of one process, read from /proc."""
+
+    cpu_s: float
+    rss_bytes: int
+    peak_rss_bytes: int
+
+    @classmethod
+    def of(cls, pid: int) -> Usage:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        status = Path(f"/proc/{pid}/status").read_text()
+        rss = int(re.search(r"VmRSS:\s+(\d+)", status)[1]) * 1024
+        peak = int(re.search(r"VmHWM:\s+(\d+)", status)[1]) * 1024
+        return cls((int(fields[11]) + int(fields[12])) / TICKS, rss, peak)
+
+
+def wait_listening(port: int, timeout: float = 15.0) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+def start_otrace(tmp: Path, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, int]:
+    """otrace on a free port with a database in `tmp`; returns the process and its port."""
+    port = free_port()
+    full = {k: v for k, v in os.environ.items() if not k.startswith("TRACE_")}
+    full |= {"TRACE_PORT": str(port), "TRACE_DB_PATH": str(tmp / "otrace.db"), "TRACE_LOG_LEVEL": "warning"}
+    full |= env or {}
+    proc = subprocess.Popen([sys.executable, str(OTRACE)], env=full, stdout=subprocess.DEVNULL)
+    wait_listening(port)
+    return proc, port
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def health(port: int) -> dict[str, Any]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as resp:
+        return json.load(resp)
+
+
+def require(tool: str, package: str) -> str:
+    """The path of `tool`, installing its Debian package first if it is missing and we are root."""
+    found = shutil.which(tool)
+    if found:
+        return found
+    if os.geteuid() == 0 and shutil.which("apt-get"):
+        subprocess.run(["apt-get", "install", "-y", "-q", package], check=False, capture_output=True)
+        if not shutil.which(tool):
+            subprocess.run(["apt-get", "update", "-q"], check=True, capture_output=True)
+            subprocess.run(["apt-get", "install", "-y", "-q", package], check=True, capture_output=True)
+        found = shutil.which(tool)
+    if not found:
+        sys.exit(f"bench: needs {tool} (Debian package {package})")
+    return found
+
+
+@dataclass
+class Load:
+    """What one wrk run measured."""
+
+    requests_per_s: float
+    p50_ms: float
+    p99_ms: float
+    non_2xx: int
+    errors: int
+    requests: int
+
+
+def wrk(url: str, body: str, connections: int, seconds: float) -> Load:
+    """Keep-alive POSTs of `body` from `connections` connections for `seconds`, measured by wrk."""
+    script = tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False)  # noqa: SIM115
+    with script:
+        script.write('wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
+                     f"wrk.body = {json.dumps(body)}\n")
+    command = [require("wrk", "wrk"), f"-t{min(2, connections)}", f"-c{connections}",
+               f"-d{max(1, round(seconds))}s", "--latency", "-s", script.name, url]
+    try:
+        out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    finally:
+        Path(script.name).unlink()
+
+    def latency(label: str) -> float:
+        value, unit = re.search(rf"^\s+{label}\s+([\d.]+)(us|ms|s)\s*$", out, re.M).groups()
+        return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+    requests = int(re.search(r"(\d+) requests in", out)[1])
+    errors = sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
+    non_2xx = int(m[1]) if (m := re.search(r"Non-2xx or 3xx responses: (\d+)", out)) else 0
+    return Load(float(re.search(r"Requests/sec:\s+([\d.]+)", out)[1]), latency("50%"), latency("99%"),
+                non_2xx, errors, requests)
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    return f"{os.cpu_count()} cores ({cpu}), Linux {platform.release()}, Python {platform.python_version()}"
+
+
+def table(headers: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def save(name: str, markdown: str, data: dict[str, Any]) -> Path:
+    """Write the result as markdown and JSON under bench/results, and print the markdown."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y-%m-%d")
+    header = f"## {name} ({stamp}, {machine()})\n\n"
+    path = RESULTS / f"{name}.md"
+    path.write_text(header + markdown + "\n")
+    (RESULTS / f"{name}.json").write_text(json.dumps({"date": stamp, "machine": machine(), **data}, indent=2))
+    print(header + markdown)
+    return path

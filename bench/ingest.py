@@ -1,0 +1,184 @@
+"""Ingest: otrace against a bare stdlib server that only answers 202, measured in the same run.
+
+    python bench/ingest.py [--seconds 10] [--idle 60]
+
+For 1, 4, 16 and 64 keep-alive connections, wrk posts the same 2 KB trace to a fresh bare
+ThreadingHTTPServer (which reads the body and answers 202 in one write) and to a fresh otrace, one
+after the other. Printed: requests/s, p50/p99, CPU per 1,000 requests, the otrace/bare ratio, and
+how many of otrace's events were persisted and refused (503). Then otrace's latency at a steady
+100 events/s, and its idle RSS and CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import http.client
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import Usage, free_port, health, save, start_otrace, stop, table, wait_listening, wrk
+
+TRACE = {"provider": "openai", "model": "gpt-5", "input_text": "x" * 1000, "output_text": "y" * 1000,
+         "prompt_tokens": 250, "completion_tokens": 240, "cost_usd": 0.0031, "latency_ms": 812,
+         "session_id": "bench"}
+ANSWER = b'{"accepted": 1}'
+RESPONSE = (b"HTTP/1.1 202 Accepted\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+            % (len(ANSWER), ANSWER))
+
+
+class Bare(BaseHTTPRequestHandler):
+    """The baseline: read the body, answer 202 in one write. Nothing else."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.wfile.write(RESPONSE)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def handle(self) -> None:
+        with contextlib.suppress(OSError):       # wrk closes its connections hard at the end
+            super().handle()
+
+
+def serve_bare(port: int) -> None:
+    server = ThreadingHTTPServer(("127.0.0.1", port), Bare)
+    server.daemon_threads = True
+    server.request_queue_size = 128
+    server.serve_forever()
+
+
+def start_bare() -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, __file__, "--serve-bare", str(port)])
+    wait_listening(port)
+    return proc, port
+
+
+def drained(port: int) -> dict[str, object]:
+    """otrace's /health once its queue is empty."""
+    end = time.monotonic() + 30
+    while (report := health(port))["queue_depth"] and time.monotonic() < end:
+        time.sleep(0.05)
+    return report
+
+
+def measure(proc: subprocess.Popen, port: int, connections: int, seconds: float, is_otrace: bool
+            ) -> dict[str, float]:
+    body = json.dumps(TRACE)
+    url = f"http://127.0.0.1:{port}/v1/traces"
+    wrk(url, body, connections, 1.0)                             # warm up: threads, caches
+    start = drained(port) if is_otrace else {}
+    before = Usage.of(proc.pid)
+    load = wrk(url, body, connections, seconds)
+    after = Usage.of(proc.pid)
+    if is_otrace:
+        end = drained(port)
+        extra = {"persisted": end["events_persisted"] - start["events_persisted"],
+                 "refused": end["events_refused"] - start["events_refused"]}
+    else:
+        extra = {}
+    return {**extra, "rps": load.requests_per_s, "p50_ms": load.p50_ms, "p99_ms": load.p99_ms,
+            "non_2xx": load.non_2xx, "errors": load.errors, "requests": load.requests,
+            "cpu_ms_per_1k": 1e6 * (after.cpu_s - before.cpu_s) / max(load.requests, 1),
+            "peak_rss_mb": after.peak_rss_bytes / 2**20}
+
+
+def compare(levels: list[int], seconds: float) -> tuple[list[list[object]], list[dict[str, object]]]:
+    rows, raw = [], []
+    for connections in levels:
+        bare_proc, bare_port = start_bare()
+        try:
+            bare = measure(bare_proc, bare_port, connections, seconds, is_otrace=False)
+        finally:
+            stop(bare_proc)
+        with tempfile.TemporaryDirectory() as tmp:
+            proc, port = start_otrace(Path(tmp))
+            try:
+                ours = measure(proc, port, connections, seconds, is_otrace=True)
+            finally:
+                stop(proc)
+        ratio = ours["rps"] / bare["rps"]
+        raw.append({"connections": connections, "bare": bare, "otrace": ours, "ratio": ratio})
+        rows.append([connections, f"{bare['rps']:.0f}", f"{ours['rps']:.0f}", f"**{ratio:.2f}**",
+                     f"{bare['p50_ms']:.2f} / {bare['p99_ms']:.2f}",
+                     f"{ours['p50_ms']:.2f} / {ours['p99_ms']:.2f}",
+                     f"{bare['cpu_ms_per_1k']:.0f}", f"{ours['cpu_ms_per_1k']:.0f}",
+                     f"{ours['persisted'] / seconds:.0f}", ours["refused"]])
+        print(f"  {connections:>2} connections: bare {bare['rps']:.0f}/s, otrace {ours['rps']:.0f}/s "
+              f"({ratio:.2f}x), refused {ours['refused']}", flush=True)
+    return rows, raw
+
+
+def steady(rate: float, seconds: float) -> dict[str, float]:
+    """otrace's latency when the agent sends `rate` events/s on one kept-alive connection."""
+    with tempfile.TemporaryDirectory() as tmp:
+        proc, port = start_otrace(Path(tmp))
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port)
+            body = json.dumps(TRACE)
+            latencies = []
+            start = time.perf_counter()
+            for n in range(int(rate * seconds)):
+                time.sleep(max(0.0, start + n / rate - time.perf_counter()))
+                sent = time.perf_counter()
+                conn.request("POST", "/v1/traces", body, {"Content-Type": "application/json"})
+                resp = conn.getresponse()
+                resp.read()
+                latencies.append((time.perf_counter() - sent) * 1000)
+                assert resp.status == 202, resp.status
+            usage = Usage.of(proc.pid)
+        finally:
+            stop(proc)
+    latencies.sort()
+    return {"p50_ms": latencies[len(latencies) // 2], "p99_ms": latencies[int(len(latencies) * 0.99)],
+            "max_ms": latencies[-1], "rss_mb": usage.rss_bytes / 2**20}
+
+
+def idle(seconds: float) -> dict[str, float]:
+    """otrace's RSS and CPU share while nothing is sent (default settings, push off)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        proc, _ = start_otrace(Path(tmp))
+        try:
+            time.sleep(1.0)                                      # let startup settle
+            before, started = Usage.of(proc.pid), time.monotonic()
+            time.sleep(seconds)
+            after, elapsed = Usage.of(proc.pid), time.monotonic() - started
+        finally:
+            stop(proc)
+    return {"rss_mb": after.rss_bytes / 2**20, "cpu_pct": 100 * (after.cpu_s - before.cpu_s) / elapsed}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=10, help="wrk run per server and level")
+    parser.add_argument("--idle", type=float, default=60, help="idle window for RSS and CPU")
+    parser.add_argument("--serve-bare", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve_bare:
+        serve_bare(args.serve_bare)
+        return
+    rows, raw = compare([1, 4, 16, 64], args.seconds)
+    calm = steady(100, 20)
+    rest = idle(args.idle)
+    markdown = table(["conns", "bare req/s", "otrace req/s", "ratio", "bare p50/p99 ms", "otrace p50/p99 ms",
+                      "bare CPU ms/1k", "otrace CPU ms/1k", "otrace persisted/s", "otrace 503s"], rows)
+    markdown += (f"\n\nAt a steady 100 events/s on one connection: p50 {calm['p50_ms']:.2f} ms, "
+                 f"p99 {calm['p99_ms']:.2f} ms, max {calm['max_ms']:.2f} ms.\n"
+                 f"Idle for {args.idle:.0f} s: RSS {rest['rss_mb']:.1f} MB, "
+                 f"CPU {rest['cpu_pct']:.3f} % of a core.")
+    save("ingest", markdown, {"levels": raw, "steady_100": calm, "idle": rest, "seconds": args.seconds})
+
+
+if __name__ == "__main__":
+    main()
