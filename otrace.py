@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 try:
+    import psutil
     import urllib3
     from pythonjsonlogger.json import JsonFormatter
 except ImportError as missing:  # pragma: no cover - depends on the environment
@@ -107,6 +108,10 @@ def _choice(*choices: str) -> Kind:
     return Kind("one of " + ", ".join(choices), parse)
 
 
+def _interval(raw: str) -> float:
+    return 0.0 if raw.strip().lower() == "off" else _duration(raw)
+
+
 def _token(raw: str) -> str:
     if raw and not (raw.isascii() and raw.isprintable() and " " not in raw):
         raise SettingError
@@ -138,6 +143,7 @@ NAME = Kind("a non-empty value", _nonempty)
 SWITCH = Kind("on or off", _switch)
 URL = Kind("empty, or an http:// or https:// URL", _url)
 DURATION = Kind("a duration like 500ms, 15s, 5m, 1h or 3d", _duration)
+INTERVAL = Kind("a duration like 15s, or off", _interval)
 SIZE = Kind("a size in bytes, or with a unit: 16KiB, 1MiB, 5MB", _size)
 TOKEN = Kind("empty, or printable ASCII without spaces", _token)
 LEVEL = _choice("debug", "info", "warning", "error")
@@ -181,6 +187,15 @@ class Config:
     shutdown_timeout: float = setting("4s", DURATION, "Time from SIGTERM to exit: answer in-flight "
                                       "requests, write the queue, push what time allows, checkpoint, "
                                       "close.")
+    metrics_interval: float = setting("15s", INTERVAL, "Time between host metrics samples (the first one "
+                                      "only primes the counters); off stops sampling.")
+    cgroup: str = setting("auto", _choice("auto", "v2", "v1", "none"), "Which cgroup hierarchy host "
+                          "metrics come from; none reads /proc only (a VM).")
+    procfs: str = setting("/proc", NAME, "Where procfs is mounted (a host's /proc seen from a container "
+                          "can be mounted elsewhere).")
+    sysfs: str = setting("/sys", NAME, "Where sysfs is mounted.")
+    disk_path: str = setting("", TEXT, "A path on the filesystem whose space and I/O are reported; "
+                             "empty: the database's directory.")
     checkpoint_interval: float = setting("10m", DURATION, "Time between WAL checkpoints (PASSIVE; "
                                          "TRUNCATE when the WAL is over TRACE_WAL_MAX_BYTES).")
     wal_max_bytes: int = setting("50MiB", SIZE, "WAL size that makes the next checkpoint a TRUNCATE, "
@@ -551,6 +566,13 @@ ERRORS = Table("error_events", frozenset({
     (*_COMMON, "error_type", "category", "severity", "message", "message_bytes", "stack_trace",
                "stack_trace_bytes", "provider", "model", "session_id", "metadata", "truncated"))
 
+METRICS = Table("system_metrics", frozenset(), (
+    *_COMMON, "interval_s", "cpu_pct", "cpu_cores_effective", "cpu_throttled_ms", "cpu_throttled_periods",
+    "mem_used_bytes", "mem_rss_bytes", "mem_limit_bytes", "mem_available_bytes", "mem_total_bytes",
+    "disk_path", "disk_device", "disk_total_bytes", "disk_used_bytes", "disk_avail_bytes", "disk_used_pct",
+    "disk_read_bps", "disk_write_bps", "cgroup_read_bps", "cgroup_write_bps", "self_rss_bytes",
+    "self_cpu_pct"))
+
 ERROR_TYPES = ("llm_error", "crash", "system_error")
 ERROR_CATEGORIES = ("rate_limit", "timeout", "malformed_response", "api_failure", "process_crash",
                     "oom_kill", "unhandled_exception", "disk_full", "network_failure",
@@ -758,6 +780,14 @@ SCHEMA: list[str] = [
     );
     CREATE INDEX retention_ledger_unreported ON retention_ledger (id)
         WHERE reported_at IS NULL AND unsynced_deleted > 0;
+    """,
+    # 4: counters otrace must remember across restarts (the last OOM kill counts it has seen).
+    """
+    CREATE TABLE otrace_state (
+        key TEXT PRIMARY KEY,
+        value INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL
+    );
     """,
 ]
 
@@ -1139,7 +1169,7 @@ class Writer(threading.Thread):
         self.counters.add("dropped")
 
 
-INSERT_SQL = {table.name: table.insert_sql for table in (TRACES, ERRORS)}
+INSERT_SQL = {table.name: table.insert_sql for table in (TRACES, ERRORS, METRICS)}
 
 
 def rollback(conn: sqlite3.Connection) -> None:
@@ -1233,6 +1263,8 @@ def _hang_up(sock: socket.socket) -> None:
         sock.shutdown(socket.SHUT_RDWR)
 
 
+ROUTES = {"/v1/traces": ("POST",), "/v1/errors": ("POST",), "/health": ("GET", "HEAD"),
+          "/metrics": ("GET", "HEAD")}
 STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}" for s in HTTPStatus}
 _date = [0, ""]                  # [second, its Date header]: formatted once a second, not per answer
 
@@ -1242,6 +1274,70 @@ def http_date() -> str:
     if _date[0] != second:
         _date[:] = [second, "Date: " + email.utils.formatdate(second, usegmt=True)]
     return _date[1]
+
+
+PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+EVENT_HELP = {"received": "Events accepted (answered 202).", "persisted": "Events written to SQLite.",
+              "duplicate": "Events already stored under their trace_id.",
+              "refused": "Events refused with 503 because the queue was full.",
+              "rejected": "Requests refused for bad input (4xx).",
+              "dropped": "Rows SQLite refused for their own data, logged and dropped."}
+HOST_GAUGES = {   # /health "host" column -> (metric, help, scale)
+    "cpu_pct": ("host_cpu_percent", "CPU used, as a share of the cgroup's allowance.", 1),
+    "cpu_cores_effective": ("host_cpu_cores", "CPUs the cgroup may use (quota, cpuset, online).", 1),
+    "cpu_throttled_ms": ("host_cpu_throttled_seconds", "Time throttled during the last interval.", 0.001),
+    "mem_used_bytes": ("host_memory_used_bytes", "Working set: usage less inactive file cache.", 1),
+    "mem_rss_bytes": ("host_memory_rss_bytes", "Anonymous memory.", 1),
+    "mem_limit_bytes": ("host_memory_limit_bytes", "Memory limit (the host's total when unlimited).", 1),
+    "mem_available_bytes": ("host_memory_available_bytes", "Limit less working set.", 1),
+    "mem_total_bytes": ("host_memory_total_bytes", "The host's MemTotal.", 1),
+    "disk_total_bytes": ("host_disk_total_bytes", "Size of the filesystem holding the database.", 1),
+    "disk_used_bytes": ("host_disk_used_bytes", "Space used on it.", 1),
+    "disk_avail_bytes": ("host_disk_avail_bytes", "Space free for unprivileged users.", 1),
+    "disk_used_pct": ("host_disk_used_percent", "Used / (used + available), as df counts it.", 1),
+    "disk_read_bps": ("host_disk_read_bytes_per_second", "Block device reads.", 1),
+    "disk_write_bps": ("host_disk_write_bytes_per_second", "Block device writes.", 1),
+    "cgroup_read_bps": ("host_cgroup_read_bytes_per_second", "Reads by the cgroup.", 1),
+    "cgroup_write_bps": ("host_cgroup_write_bytes_per_second", "Writes by the cgroup.", 1),
+    "self_rss_bytes": ("self_rss_bytes", "otrace's own resident memory.", 1),
+    "self_cpu_pct": ("self_cpu_percent", "otrace's own CPU, as a share of one core.", 1),
+}
+
+
+def prometheus(report: dict[str, Any]) -> str:
+    """The /health report as Prometheus text: otrace's own counters and the newest host sample."""
+    lines: list[str] = []
+
+    def add(name: str, kind: str, text: str, *samples: tuple[str, Any]) -> None:
+        samples = tuple((labels, value) for labels, value in samples if value is not None)
+        if samples:
+            lines.extend((f"# HELP otrace_{name} {text}", f"# TYPE otrace_{name} {kind}"))
+            lines.extend(f"otrace_{name}{labels} {float(value):g}" for labels, value in samples)
+
+    add("info", "gauge", "otrace's version.", (f'{{version="{report["version"]}"}}', 1))
+    add("healthy", "gauge", "1 when /health says ok.", ("", report["status"] == "ok"))
+    add("uptime_seconds", "gauge", "Time since start.", ("", report["uptime_seconds"]))
+    for name, text in EVENT_HELP.items():
+        add(f"events_{name}_total", "counter", text, ("", report[f"events_{name}"]))
+    add("connections_refused_total", "counter", "Connections over TRACE_MAX_CONNECTIONS.",
+        ("", report["connections_refused"]))
+    add("queue_depth_events", "gauge", "Events accepted and not yet committed.", ("", report["queue_depth"]))
+    add("queue_capacity_events", "gauge", "TRACE_QUEUE_SIZE.", ("", report["queue_capacity"]))
+    add("unsynced_events", "gauge", "Rows not yet pushed.", ("", report["unsynced_count"]))
+    add("db_size_bytes", "gauge", "Database file size.", ("", report["db_size_bytes"]))
+    add("wal_size_bytes", "gauge", "WAL file size.", ("", report["wal_size_bytes"]))
+    if push := report["push"]:
+        add("push_events_total", "counter", "Events confirmed by the receiver.", ("", push["events_pushed"]))
+        add("push_consecutive_failures", "gauge", "Failed push cycles in a row.",
+            ("", push["consecutive_failures"]))
+        add("push_breaker_open", "gauge", "1 while the circuit breaker is open.",
+            ("", push["breaker"] == "open"))
+    add("retention_unpushed_deleted_total", "counter", "Rows retention deleted before they were pushed.",
+        *((f'{{table="{table}"}}', n) for table, n in report["retention"]["unpushed_deleted_total"].items()))
+    for column, (name, text, scale) in HOST_GAUGES.items():
+        value = (report["host"] or {}).get(column)
+        add(name, "gauge", text, ("", None if value is None else value * scale))
+    return "\n".join(lines) + "\n"
 
 
 def is_json_type(content_type: str) -> bool:
@@ -1285,15 +1381,17 @@ class IngestHandler(BaseHTTPRequestHandler):
     def dispatch(self) -> None:
         service = self.server.service
         path = self.path.split("?", 1)[0]
-        routes = {"/v1/traces": ("POST",), "/v1/errors": ("POST",), "/health": ("GET", "HEAD")}
-        if path not in routes:
+        if path not in ROUTES:
             self.refuse(404, f"no such path: {path}")
-        elif self.command not in routes[path]:
-            self.refuse(405, f"{self.command} is not allowed on {path}", {"Allow": ", ".join(routes[path])})
+        elif self.command not in ROUTES[path]:
+            self.refuse(405, f"{self.command} is not allowed on {path}", {"Allow": ", ".join(ROUTES[path])})
         elif path == "/health":
             self.server.connections.mark(self.connection, WORKING)
             report = service.health()
             self.reply(200 if report["status"] == "ok" else 503, report)
+        elif path == "/metrics":
+            self.server.connections.mark(self.connection, WORKING)
+            self.reply(200, prometheus(service.health()).encode(), content_type=PROMETHEUS_TYPE)
         else:
             self.ingest(path)
 
@@ -1364,13 +1462,14 @@ class IngestHandler(BaseHTTPRequestHandler):
             code = 400
         self.reply(code, {"error": message or HTTPStatus(code).phrase, "field": None})
 
-    def reply(self, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
+    def reply(self, status: int, body: dict[str, Any] | bytes, headers: dict[str, str] | None = None,
+              content_type: str = "application/json") -> None:
         """Send the whole response in one write."""
-        payload = json.dumps(body).encode()
+        payload = body if isinstance(body, bytes) else json.dumps(body).encode()
         if self.server.connections.closing:
             self.close_connection = True
         lines = [STATUS_LINES.get(status) or f"HTTP/1.1 {status} {HTTPStatus(status).phrase}",
-                 f"Server: {self.server_version}", http_date(), "Content-Type: application/json",
+                 f"Server: {self.server_version}", http_date(), f"Content-Type: {content_type}",
                  f"Content-Length: {len(payload)}"]
         lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
         if self.close_connection:
@@ -1429,6 +1528,416 @@ class IngestServer(ThreadingHTTPServer):
             log.debug("connection error", extra={"client": client_address[0], "error": describe(exc)})
         else:
             log.exception("request failed", extra={"client": client_address[0]})
+
+
+# ========================================================================================= collectors
+# Host metrics, read from the files the kernel writes, like node_exporter's collectors: every reader
+# takes its procfs and sysfs roots, so trees of files captured from real machines test it. Inside a
+# container the figures are the cgroup's (v2, v1 or a hybrid of both), on a VM they come from /proc.
+
+
+def read_text(path: Path) -> str | None:
+    """A small kernel file's text, or None if it is missing or unreadable."""
+    try:
+        with open(path, encoding="ascii", errors="replace") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def read_int(path: Path) -> int | None:
+    text = read_text(path)
+    try:
+        return int(text.split()[0]) if text and text.strip() else None
+    except ValueError:
+        return None
+
+
+def read_keyed(path: Path) -> dict[str, int]:
+    """A flat-keyed file ("name value" per line: cpu.stat, memory.stat, /proc/vmstat, ...)."""
+    values = {}
+    for line in (read_text(path) or "").splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and parts[1].lstrip("-").isdigit():
+            values[parts[0].rstrip(":")] = int(parts[1])
+    return values
+
+
+def count_cpus(cpulist: str | None) -> int | None:
+    """How many CPUs a list like "0-3,8" names."""
+    if not cpulist or not cpulist.strip():
+        return None
+    count = 0
+    for part in cpulist.strip().split(","):
+        low, _, high = part.partition("-")
+        count += int(high or low) - int(low) + 1
+    return count
+
+
+def disk_usage(path: str) -> tuple[int, int, int, float]:
+    """(total, used, available to unprivileged users, used %) of the filesystem holding `path`, with
+    the percentage as df computes it: used / (used + available), so root's reserve counts as full."""
+    st = os.statvfs(path)
+    total, used, avail = st.f_blocks * st.f_frsize, (st.f_blocks - st.f_bfree) * st.f_frsize, \
+        st.f_bavail * st.f_frsize
+    return total, used, avail, round(100.0 * used / (used + avail), 2) if used + avail else 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Mount:
+    """One line of /proc/self/mountinfo, as far as otrace needs it."""
+
+    device: tuple[int, int]
+    root: str
+    point: str
+    fstype: str
+    source: str
+    options: frozenset[str]
+
+    @classmethod
+    def parse(cls, line: str) -> Mount | None:
+        fields = line.split()
+        if "-" not in fields[6:]:
+            return None
+        sep = fields.index("-", 6)
+        major, _, minor = fields[2].partition(":")
+        return cls((int(major), int(minor)), fields[3].replace("\\040", " "),
+                   fields[4].replace("\\040", " "), fields[sep + 1], fields[sep + 2],
+                   frozenset(fields[sep + 3].split(",")))
+
+
+def mounts(procfs: Path) -> list[Mount]:
+    return [m for line in (read_text(procfs / "self" / "mountinfo") or "").splitlines()
+            if (m := Mount.parse(line))]
+
+
+V1_CONTROLLERS = {"cpu": "cpu", "cpuacct": "cpuacct", "cpuset": "cpuset", "memory": "memory", "io": "blkio"}
+V2_CONTROLLERS = {"cpu": "cpu", "cpuacct": "cpu", "cpuset": "cpuset", "memory": "memory", "io": "io"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Cgroup:
+    """Where this process's cgroup files are: per resource (cpu, cpuacct, cpuset, memory, io), the
+    hierarchy ("v2" or "v1") and directory. A resource comes from the v2 unified hierarchy when our
+    cgroup there has its controller, else from that controller's v1 hierarchy: a hybrid host mixes."""
+
+    dirs: dict[str, tuple[str, Path]]
+
+    @property
+    def version(self) -> str:
+        """The hierarchy the CPU usage comes from."""
+        return self.dirs.get("cpuacct", ("v1", None))[0]
+
+    @classmethod
+    def find(cls, procfs: Path, sysfs: Path, mode: str = "auto") -> Cgroup | None:
+        """Read <procfs>/self/cgroup and the mounts; None when no cgroup applies (or mode is none)."""
+        if mode == "none":
+            return None
+        paths: dict[str, str] = {}           # v1 controller, or "" for v2 -> path of our cgroup
+        for line in (read_text(procfs / "self" / "cgroup") or "").splitlines():
+            _, controllers, path = line.split(":", 2)
+            for name in controllers.split(",") if controllers else [""]:
+                paths[name] = path
+        v1: dict[str, tuple[str, Path]] = {}
+        v2: dict[str, tuple[str, Path]] = {}
+        usage_only = None                    # v2 cpu.stat has usage_usec even without the cpu controller
+        for mount in mounts(procfs):
+            if mount.fstype == "cgroup2" and "" in paths and mode in ("auto", "v2"):
+                where = _cgroup_dir(sysfs, mount, paths[""])
+                enabled = set((read_text(where / "cgroup.controllers") or "").split())
+                v2 = {res: ("v2", where) for res, name in V2_CONTROLLERS.items() if name in enabled}
+                usage_only = where if (where / "cpu.stat").exists() else None
+            elif mount.fstype == "cgroup" and mode in ("auto", "v1"):
+                for res, name in V1_CONTROLLERS.items():
+                    if name in mount.options and name in paths:
+                        v1[res] = ("v1", _cgroup_dir(sysfs, mount, paths[name]))
+        dirs = {**v1, **v2}
+        if "cpuacct" not in dirs and usage_only is not None:
+            dirs["cpuacct"] = ("v2", usage_only)
+        return cls(dirs) if dirs else None
+
+
+def _cgroup_dir(sysfs: Path, mount: Mount, path: str) -> Path:
+    """The directory of cgroup `path` in `mount`, re-rooted under `sysfs`. A mount whose root is not
+    "/" (a container's own subtree) shows the path relative to that root."""
+    point = Path(mount.point)
+    base = sysfs / point.relative_to("/sys") if point.is_relative_to("/sys") else point
+    if mount.root != "/" and (path == mount.root or path.startswith(mount.root + "/")):
+        path = path[len(mount.root):]
+    return base / path.lstrip("/")
+
+
+@dataclasses.dataclass
+class Snapshot:
+    """Cumulative counters and gauges at one moment; two of them make one system_metrics row."""
+
+    at: float                                # time.monotonic()
+    source: str                              # cgroup_v2 | cgroup_v1 | proc: where the CPU figure is from
+    cpu_used: float | None = None            # CPU seconds (cgroup), or busy ticks (proc)
+    cpu_ticks: float | None = None           # proc only: all ticks
+    cores: float | None = None
+    throttled_s: float | None = None
+    throttled_periods: int | None = None
+    mem_used: int | None = None
+    mem_rss: int | None = None
+    mem_limit: int | None = None
+    mem_total: int | None = None
+    disk_path: str | None = None
+    disk_device: str | None = None
+    disk: tuple[int, int, int, float] | None = None
+    disk_read: int | None = None             # bytes, cumulative
+    disk_written: int | None = None
+    cgroup_read: int | None = None
+    cgroup_written: int | None = None
+    self_cpu: float | None = None            # seconds
+    self_rss: int | None = None
+    cgroup_oom_kills: int | None = None
+    host_oom_kills: int | None = None
+
+
+class HostReader:
+    """Reads a Snapshot of the host, as the cgroup otrace runs in sees it, from `procfs` and `sysfs`."""
+
+    def __init__(self, procfs: Path, sysfs: Path, disk_path: str, mode: str = "auto",
+                 disk_device: tuple[int, int] | None = None) -> None:
+        self.procfs, self.sysfs, self.disk_path = procfs, sysfs, disk_path
+        self.cgroup = Cgroup.find(procfs, sysfs, mode)
+        self.device = disk_device or self.block_device(disk_path)
+        self.process = psutil.Process()
+
+    def block_device(self, path: str) -> tuple[int, int] | None:
+        """The block device behind `path`: from st_dev, or, when that is anonymous (major 0: overlay,
+        btrfs, tmpfs), from the source of the mount holding it, looked up in diskstats by name."""
+        try:
+            dev = Path(path).stat().st_dev
+        except OSError:
+            return None
+        if os.major(dev):
+            return os.major(dev), os.minor(dev)
+        holding = max((m for m in mounts(self.procfs) if path == m.point or path.startswith(
+            m.point.rstrip("/") + "/")), key=lambda m: len(m.point), default=None)
+        name = holding.source.rsplit("/", 1)[-1] if holding and holding.source.startswith("/dev/") else None
+        for line in (read_text(self.procfs / "diskstats") or "").splitlines():
+            fields = line.split()
+            if len(fields) > 9 and fields[2] == name:
+                return int(fields[0]), int(fields[1])
+        return None
+
+    def snapshot(self) -> Snapshot:
+        online = count_cpus(read_text(self.sysfs / "devices" / "system" / "cpu" / "online"))
+        snap = Snapshot(time.monotonic(), "proc", cores=online)
+        meminfo = read_keyed(self.procfs / "meminfo")
+        snap.mem_total = meminfo.get("MemTotal", 0) * 1024 or None
+        if self.cgroup:
+            self.read_cgroup(snap)
+        if snap.source == "proc":
+            stat = (read_text(self.procfs / "stat") or "").split("\n", 1)[0].split()
+            if len(stat) >= 9 and stat[0] == "cpu":
+                user, nice, system, idle, iowait, irq, softirq, steal = map(int, stat[1:9])
+                snap.cpu_used = user + nice + system + irq + softirq + steal   # guest is inside user
+                snap.cpu_ticks = snap.cpu_used + idle + iowait
+        if snap.mem_used is None and "MemAvailable" in meminfo:
+            snap.mem_used = (meminfo["MemTotal"] - meminfo["MemAvailable"]) * 1024
+            snap.mem_rss = meminfo.get("AnonPages", 0) * 1024
+        snap.host_oom_kills = read_keyed(self.procfs / "vmstat").get("oom_kill")
+        self.read_disk(snap)
+        try:
+            with self.process.oneshot():
+                times = self.process.cpu_times()
+                snap.self_cpu, snap.self_rss = times.user + times.system, self.process.memory_info().rss
+        except psutil.Error:
+            pass
+        return snap
+
+    def read_cgroup(self, snap: Snapshot) -> None:
+        dirs = self.cgroup.dirs
+        if "cpuacct" in dirs:
+            version, cpuacct = dirs["cpuacct"]
+            usage = (read_keyed(cpuacct / "cpu.stat").get("usage_usec", -1) / 1e6 if version == "v2"
+                     else (read_int(cpuacct / "cpuacct.usage") or -1) / 1e9)
+            if usage >= 0:
+                snap.source, snap.cpu_used = f"cgroup_{version}", usage
+        if "cpu" in dirs:
+            version, cpu = dirs["cpu"]
+            if version == "v2":
+                quota, _, period = (read_text(cpu / "cpu.max") or "max").strip().partition(" ")
+                stat = read_keyed(cpu / "cpu.stat")
+                snap.throttled_s = stat["throttled_usec"] / 1e6 if "throttled_usec" in stat else None
+            else:
+                quota = str(read_int(cpu / "cpu.cfs_quota_us"))
+                period = str(read_int(cpu / "cpu.cfs_period_us"))
+                stat = read_keyed(cpu / "cpu.stat")
+                snap.throttled_s = stat["throttled_time"] / 1e9 if "throttled_time" in stat else None
+            snap.throttled_periods = stat.get("nr_throttled")
+            if quota.lstrip("-").isdigit() and int(quota) > 0 and period.isdigit() and int(period) > 0:
+                snap.cores = min(int(quota) / int(period), snap.cores or math.inf)
+        if "cpuset" in dirs:
+            version, cpuset = dirs["cpuset"]
+            names = (("cpuset.cpus.effective",) if version == "v2"
+                     else ("cpuset.effective_cpus", "cpuset.cpus"))
+            allowed = next((n for name in names if (n := count_cpus(read_text(cpuset / name)))), None)
+            if allowed:
+                snap.cores = min(allowed, snap.cores or math.inf)
+        if "memory" in dirs:
+            version, memory = dirs["memory"]
+            self.read_cgroup_memory(snap, memory, version == "v2")
+        if "io" in dirs:
+            version, io = dirs["io"]
+            snap.cgroup_read, snap.cgroup_written = cgroup_io(io, version == "v2")
+
+    def read_cgroup_memory(self, snap: Snapshot, memory: Path, v2: bool) -> None:
+        stat = read_keyed(memory / "memory.stat")
+        if v2:
+            usage, limit = read_int(memory / "memory.current"), read_text(memory / "memory.max")
+            inactive, anon = stat.get("inactive_file"), stat.get("anon")
+            snap.cgroup_oom_kills = read_keyed(memory / "memory.events").get("oom_kill")
+        else:
+            usage = read_int(memory / "memory.usage_in_bytes")
+            limit = read_text(memory / "memory.limit_in_bytes")
+            inactive = stat.get("total_inactive_file", stat.get("inactive_file"))
+            anon = stat.get("total_rss", stat.get("rss"))
+            snap.cgroup_oom_kills = read_keyed(memory / "memory.oom_control").get("oom_kill")
+        if usage is None:
+            return                   # e.g. the root cgroup has no memory.current: /proc speaks for it
+        snap.mem_used, snap.mem_rss = max(0, usage - (inactive or 0)), anon
+        if limit and limit.strip().isdigit() and int(limit) < (snap.mem_total or 2**62):
+            snap.mem_limit = int(limit)          # "max", or v1's huge sentinel, means no limit
+
+    def read_disk(self, snap: Snapshot) -> None:
+        snap.disk_path = self.disk_path
+        with contextlib.suppress(OSError):
+            snap.disk = disk_usage(self.disk_path)
+        if self.device is None:
+            return
+        for line in (read_text(self.procfs / "diskstats") or "").splitlines():
+            fields = line.split()
+            if len(fields) > 9 and (int(fields[0]), int(fields[1])) == self.device:
+                snap.disk_device = f"{fields[2]} ({fields[0]}:{fields[1]})"
+                snap.disk_read, snap.disk_written = int(fields[5]) * 512, int(fields[9]) * 512
+                return
+
+
+def cgroup_io(directory: Path, v2: bool) -> tuple[int | None, int | None]:
+    """Bytes read and written by the cgroup, summed over devices: v2 io.stat, v1 blkio."""
+    if v2:
+        text = read_text(directory / "io.stat")
+        if text is None:
+            return None, None
+        pairs = [field.split("=") for line in text.splitlines() for field in line.split()[1:]]
+        return sum(int(v) for k, v in pairs if k == "rbytes"), sum(int(v) for k, v in pairs if k == "wbytes")
+    for name in ("blkio.throttle.io_service_bytes_recursive", "blkio.throttle.io_service_bytes",
+                 "blkio.io_service_bytes_recursive"):
+        text = read_text(directory / name)
+        if text is not None:
+            rows = [line.split() for line in text.splitlines() if len(line.split()) == 3]
+            return (sum(int(n) for _, op, n in rows if op == "Read"),
+                    sum(int(n) for _, op, n in rows if op == "Write"))
+    return None, None
+
+
+def host_sample(prev: Snapshot, cur: Snapshot) -> dict[str, Any]:
+    """One system_metrics row from two snapshots: rates over the interval between them."""
+    wall = cur.at - prev.at
+    if wall <= 0:
+        raise ValueError("snapshots out of order")
+
+    def delta(name: str) -> float | None:
+        a, b = getattr(prev, name), getattr(cur, name)
+        return None if a is None or b is None else max(0, b - a)
+
+    def rate(name: str) -> float | None:
+        moved = delta(name)
+        return None if moved is None else round(moved / wall, 1)
+
+    used = delta("cpu_used")
+    if cur.source == "proc":
+        ticks = delta("cpu_ticks")
+        cpu_pct = round(100 * used / ticks, 2) if used is not None and ticks else None
+    else:
+        cpu_pct = round(100 * used / (wall * cur.cores), 2) if used is not None and cur.cores else None
+    throttled = delta("throttled_s")
+    limit = cur.mem_limit or cur.mem_total
+    self_cpu = delta("self_cpu")
+    total, disk_used, avail, used_pct = cur.disk or (None, None, None, None)
+    return {
+        "source": cur.source, "interval_s": round(wall, 3), "cpu_pct": cpu_pct,
+        "cpu_cores_effective": cur.cores, "cpu_throttled_ms": None if throttled is None else round(
+            throttled * 1000, 3), "cpu_throttled_periods": delta("throttled_periods"),
+        "mem_used_bytes": cur.mem_used, "mem_rss_bytes": cur.mem_rss, "mem_limit_bytes": limit,
+        "mem_available_bytes": None if None in (limit, cur.mem_used) else max(0, limit - cur.mem_used),
+        "mem_total_bytes": cur.mem_total, "disk_path": cur.disk_path, "disk_device": cur.disk_device,
+        "disk_total_bytes": total, "disk_used_bytes": disk_used, "disk_avail_bytes": avail,
+        "disk_used_pct": used_pct, "disk_read_bps": rate("disk_read"), "disk_write_bps": rate("disk_written"),
+        "cgroup_read_bps": rate("cgroup_read"), "cgroup_write_bps": rate("cgroup_written"),
+        "self_rss_bytes": cur.self_rss,
+        "self_cpu_pct": None if self_cpu is None else round(100 * self_cpu / wall, 3),
+    }
+
+
+STATE_SQL = ("INSERT INTO otrace_state (key, value, updated_at) VALUES (?, ?, ?) "
+             "ON CONFLICT (key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at")
+
+
+class Sampler(Loop):
+    """Every TRACE_METRICS_INTERVAL: a system_metrics row through the same queue and writer as HTTP
+    events, and an error event when the OOM killer struck since the last sample. The first sample
+    only primes the counters (SYSM-06)."""
+
+    def __init__(self, config: Config, events: EventQueue, oom_seen: dict[str, int]) -> None:
+        super().__init__("metrics", config.metrics_interval, first_delay=0.0)
+        self.events = events
+        disk_path = config.disk_path or str(Path(config.db_path).resolve().parent)
+        self.reader = HostReader(Path(config.procfs), Path(config.sysfs), disk_path, config.cgroup)
+        self.oom_seen = oom_seen         # scope ("cgroup", "host") -> the last count committed
+        self.previous: Snapshot | None = None
+        self.latest: dict[str, Any] | None = None
+        self.dropped = 0
+
+    def tick(self) -> None:
+        snap = self.reader.snapshot()
+        rows, seen = self.oom_kills(snap)
+        if self.previous is not None:
+            self.latest = host_sample(self.previous, snap)
+            now = now_ms()
+            values = (self.latest[column] for column in METRICS.columns[3:])   # after the ids and times
+            rows.append(Row(METRICS.name, (new_id(), now, now, *values)))
+        self.previous = snap
+        state = tuple((STATE_SQL, (f"oom_kill_count.{scope}", count, now_ms())) for scope, count in
+                      seen.items())
+        if not rows and not state:
+            return
+        if not self.events.offer(Unit(rows, state)):
+            self.dropped += 1            # the queue is full: this sample is lost, an OOM kill is not
+            raise RuntimeError(f"queue full: host sample dropped ({self.dropped} so far)")
+        self.oom_seen.update(seen)
+
+    def oom_kills(self, snap: Snapshot) -> tuple[list[Row], dict[str, int]]:
+        """The error event for OOM kills counted since the last committed counts (none the first
+        time a count is seen: otrace cannot tell when those happened), and the counts to remember."""
+        seen, kills = {}, {}
+        for scope, count in (("cgroup", snap.cgroup_oom_kills), ("host", snap.host_oom_kills)):
+            last = self.oom_seen.get(scope)
+            if count is None or count == last:
+                continue
+            seen[scope] = count
+            if last is not None:
+                kills[scope] = count - last if count > last else count   # lower: the counter was reset
+        if not any(kills.values()):
+            return [], seen
+        memory = self.reader.cgroup and self.reader.cgroup.dirs.get("memory")
+        where = {"cgroup": str(memory[1]) if memory else None, "host": "/proc/vmstat"}
+        text = " and ".join(f"{n} in {'its cgroup' if scope == 'cgroup' else 'the host'}"
+                            for scope, n in kills.items())
+        event = own_error("oom_kill", f"OOM killer: {text}", {
+            "kills": kills, "counts": seen, "seen_in": {s: where[s] for s in kills}},
+            severity="critical", error_type="crash")
+        return [event], seen
+
+    def health(self) -> dict[str, Any]:
+        cgroup = self.reader.cgroup
+        return {"source": self.latest and self.latest["source"],
+                "cgroup": cgroup and {res: f"{ver}:{path}" for res, (ver, path) in cgroup.dirs.items()},
+                "samples_dropped": self.dropped, "last_error": self.fault.error}
 
 
 # =============================================================================================== push
@@ -1826,15 +2335,6 @@ class Checkpointer(Loop):
                                                "wal_bytes_after": _file_size(self.wal_path)})
 
 
-def disk_usage(path: str) -> tuple[int, int, int, float]:
-    """(total, used, available to unprivileged users, used %) of the filesystem holding `path`, with
-    the percentage as df computes it: used / (used + available), so root's reserve counts as full."""
-    st = os.statvfs(path)
-    total, used, avail = st.f_blocks * st.f_frsize, (st.f_blocks - st.f_bfree) * st.f_frsize, \
-        st.f_bavail * st.f_frsize
-    return total, used, avail, round(100.0 * used / (used + avail), 2) if used + avail else 0.0
-
-
 @dataclasses.dataclass(frozen=True)
 class Cut:
     """One kind of deletion: rows of `table` matching `where`, oldest first, for `reason` in a pass.
@@ -2046,6 +2546,12 @@ class Service:
         self.threads: list[threading.Thread] = []
         self.retention = Retention(config, self.events, EVENT_TABLES)
         self.loops: list[Loop] = [Checkpointer(config, self.events), self.retention]
+        self.sampler: Sampler | None = None
+        if config.metrics_interval:
+            oom_seen = {key.split(".", 1)[1]: value for key, value in self.query(
+                "SELECT key, value FROM otrace_state WHERE key LIKE 'oom_kill_count.%'")}
+            self.sampler = Sampler(config, self.events, oom_seen)
+            self.loops.append(self.sampler)
         self.writer.on_fault = self.on_write_fault
         self.pusher: Pusher | None = None
         if config.push_endpoint:
@@ -2111,6 +2617,8 @@ class Service:
             "last_push_status": self.pusher.last_status if self.pusher else "disabled",
             "push": self.pusher.health() if self.pusher else None,
             "retention": self.retention.health(self.query),
+            "host": self.sampler and self.sampler.latest,
+            "metrics": self.sampler and self.sampler.health(),
         }
 
     def unsynced_count(self) -> int | None:

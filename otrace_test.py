@@ -12,6 +12,7 @@ import http.client
 import http.server
 import json
 import os
+import shutil
 import signal
 import socket
 import sqlite3
@@ -67,7 +68,7 @@ class Otrace:
     def __init__(self, tmp: Path, env: dict[str, str] | None = None, db: Path | None = None) -> None:
         self.db_path = db or tmp / "otrace.db"
         self.env = {"TRACE_PORT": "0", "TRACE_DB_PATH": str(self.db_path), "TRACE_BATCH_WINDOW": "20ms",
-                    "TRACE_LOG_LEVEL": "info", **(env or {})}
+                    "TRACE_LOG_LEVEL": "info", "TRACE_METRICS_INTERVAL": "off", **(env or {})}
         self.lines: list[dict[str, Any]] = []
         self.stderr: list[str] = []
         self.changed = threading.Condition()
@@ -1337,3 +1338,304 @@ def test_sigkill_at_random_moments_keeps_every_committed_row(tmp_path: Path, run
         assert gone <= pushed | deleted, f"{len(gone - pushed - deleted)} committed rows lost"
         committed = now
     assert accepted_total > 0
+
+
+# ------------------------------------------------------------------------------------ host metrics
+
+HOSTS = HERE / "fixtures" / "hosts"
+MEM_TOTAL = 24684096 * 1024          # MemTotal of the machine the real trees were captured on
+
+
+def sample_case(case: str, disk_path: Path, mode: str = "auto") -> tuple[dict[str, Any], otrace.HostReader]:
+    """The system_metrics row from a fixture's t0 and t1, the interval taken from its meta.json."""
+    meta = json.loads((HOSTS / case / "meta.json").read_text())
+    snaps = []
+    for moment in ("t0", "t1"):
+        root = HOSTS / case / moment
+        reader = otrace.HostReader(root / "proc", root / "sys", str(disk_path), mode,
+                                   disk_device=tuple(meta["disk_device"]))
+        snaps.append(reader.snapshot())
+    snaps[1].at = snaps[0].at + meta["interval_s"]
+    return otrace.host_sample(*snaps), reader
+
+
+def picked(row: dict[str, Any], *names: str) -> dict[str, Any]:
+    return {name: row[name] for name in names}
+
+
+CPU_MEM = ("source", "cpu_pct", "cpu_cores_effective", "cpu_throttled_ms", "cpu_throttled_periods",
+           "mem_used_bytes", "mem_rss_bytes", "mem_limit_bytes", "mem_available_bytes", "mem_total_bytes")
+
+
+def test_fixture_v2_with_cpu_quota_and_memory_limit(tmp_path: Path) -> None:
+    row, reader = sample_case("v2-quota", tmp_path)
+    nested = HOSTS / "v2-quota/t1/sys/fs/cgroup/system.slice/agent.service"
+    assert reader.cgroup.dirs["memory"] == ("v2", nested)
+    assert picked(row, *CPU_MEM) == {
+        "source": "cgroup_v2",
+        "cpu_pct": 75.0,                   # usage_usec +750,000 over 2.0 s at cpu.max 50000/100000 = 0.5 core
+        "cpu_cores_effective": 0.5,        # min(0.5 quota, 2 in cpuset.cpus.effective, 2 online)
+        "cpu_throttled_ms": 200.0,         # throttled_usec 250,000 -> 450,000
+        "cpu_throttled_periods": 4,        # nr_throttled 10 -> 14
+        "mem_used_bytes": 120_000_000,     # memory.current 160,000,000 - inactive_file 40,000,000
+        "mem_rss_bytes": 110_000_000,      # anon
+        "mem_limit_bytes": 268_435_456,    # memory.max
+        "mem_available_bytes": 148_435_456,    # 268,435,456 - 120,000,000
+        "mem_total_bytes": MEM_TOTAL,
+    }
+    assert row["cgroup_read_bps"] == 200_000.0     # rbytes +400,000 (254:0) over 2.0 s
+    assert row["cgroup_write_bps"] == 500_000.0    # wbytes +1,000,000 (254:16) over 2.0 s
+
+
+def test_fixture_v2_unlimited_at_the_namespace_root(tmp_path: Path) -> None:
+    row, reader = sample_case("v2-unlimited", tmp_path)
+    assert reader.cgroup.dirs["cpu"] == ("v2", HOSTS / "v2-unlimited/t1/sys/fs/cgroup")   # "0::/"
+    assert picked(row, *CPU_MEM) == {
+        "source": "cgroup_v2",
+        "cpu_pct": 25.0,                   # usage_usec +1,000,000 over 2.0 s on 2 cores (cpu.max "max")
+        "cpu_cores_effective": 2,
+        "cpu_throttled_ms": 0.0, "cpu_throttled_periods": 0,
+        "mem_used_bytes": 310_000_000,     # 410,000,000 - inactive_file 100,000,000
+        "mem_rss_bytes": 260_000_000,
+        "mem_limit_bytes": MEM_TOTAL,      # memory.max "max": the host's MemTotal
+        "mem_available_bytes": MEM_TOTAL - 310_000_000,
+        "mem_total_bytes": MEM_TOTAL,
+    }
+    assert (row["cgroup_read_bps"], row["cgroup_write_bps"]) == (0.0, 300_000.0)   # wbytes +600,000 / 2 s
+
+
+def test_fixture_v1_with_cpu_quota_and_memory_limit(tmp_path: Path) -> None:
+    row, reader = sample_case("v1-quota", tmp_path)      # captured: interval 2.005694 s
+    child = HOSTS / "v1-quota/t1/sys/fs/cgroup/cpuacct/otrace-fixture-quota"
+    assert reader.cgroup.dirs["cpuacct"] == ("v1", child)
+    assert picked(row, *CPU_MEM) == {
+        "source": "cgroup_v1",
+        "cpu_pct": 100.48,                 # cpuacct.usage 286,370,912 -> 1,294,055,601 ns: 1.007684689 s
+                                           # / (2.005694 s * 0.5 core) = 100.48 % of the allowance
+        "cpu_cores_effective": 0.5,        # cfs_quota_us 50000 / cfs_period_us 100000
+        "cpu_throttled_ms": 999.483,       # throttled_time 212,822,270 -> 1,212,305,537 ns
+        "cpu_throttled_periods": 20,       # nr_throttled 5 -> 25
+        "mem_used_bytes": 3_227_648,       # usage_in_bytes 3,227,648 - total_inactive_file 0
+        "mem_rss_bytes": 3_096_576,        # total_rss
+        "mem_limit_bytes": 268_435_456,
+        "mem_available_bytes": 265_207_808,
+        "mem_total_bytes": MEM_TOTAL,
+    }
+
+
+def test_fixture_v1_unlimited_pure_v1(tmp_path: Path) -> None:
+    row, reader = sample_case("v1-unlimited", tmp_path)  # captured: interval 2.003482 s
+    assert {version for version, _ in reader.cgroup.dirs.values()} == {"v1"}
+    assert picked(row, *CPU_MEM) == {
+        "source": "cgroup_v1",
+        "cpu_pct": 50.01,                  # 499,640,839 -> 2,503,453,928 ns: 2.003813089 s / (2.003482 s * 2)
+        "cpu_cores_effective": 2,          # quota -1: the cpuset's 2 CPUs
+        "cpu_throttled_ms": 0.0, "cpu_throttled_periods": 0,
+        "mem_used_bytes": 4_554_752, "mem_rss_bytes": 4_460_544,
+        "mem_limit_bytes": MEM_TOTAL,      # 9223372036854771712 is v1's "no limit"
+        "mem_available_bytes": MEM_TOTAL - 4_554_752,
+        "mem_total_bytes": MEM_TOTAL,
+    }
+    # vda (254:0) sectors written 65,753,904 -> 65,756,560: 2,656 * 512 = 1,359,872 bytes in 2.003482 s
+    assert (row["disk_read_bps"], row["disk_write_bps"]) == (0.0, 678754.3)
+    assert row["disk_device"] == "vda (254:0)"
+
+
+def test_fixture_hybrid_reads_v1_controllers_beside_an_empty_v2(tmp_path: Path) -> None:
+    row, reader = sample_case("hybrid", tmp_path)         # captured: interval 2.00568 s
+    assert {res: version for res, (version, _) in reader.cgroup.dirs.items()} == dict.fromkeys(
+        ("cpu", "cpuacct", "cpuset", "memory", "io"), "v1")
+    assert reader.cgroup.dirs["memory"][1].name == "2314ed9f1114ab0fdeb5730a3c78d3d6"   # nested path
+    assert picked(row, *CPU_MEM) == {
+        "source": "cgroup_v1",
+        "cpu_pct": 50.37,                  # 1,420,747,467,636 -> 1,422,768,064,376 ns: 2.02059674 s
+                                           # / (2.00568 s * 2 cores) = 50.37 %
+        "cpu_cores_effective": 2,
+        "cpu_throttled_ms": 0.0, "cpu_throttled_periods": 0,
+        "mem_used_bytes": 78_073_856,      # 93,306,880 - total_inactive_file 15,233,024
+        "mem_rss_bytes": 17_833_984,
+        "mem_limit_bytes": MEM_TOTAL,
+        "mem_available_bytes": MEM_TOTAL - 78_073_856,
+        "mem_total_bytes": MEM_TOTAL,
+    }
+
+
+def test_fixture_mount_root_below_the_cgroup_root(tmp_path: Path) -> None:
+    """A container without its own cgroup namespace: mountinfo's root is the cgroup's path."""
+    row, reader = sample_case("v1-subtree-root", tmp_path)   # captured: interval 2.011379 s
+    assert reader.cgroup.dirs["cpuacct"] == ("v1", HOSTS / "v1-subtree-root/t1/sys/fs/cgroup/cpuacct")
+    # the top mount's cpuacct.usage: 1,554,211,052 -> 2,564,589,189 ns = 1.010378137 s over 2.011379 s
+    # at 0.5 core = 100.47 % (the shadowed /otrace-fixture-quota copy would give 100.07 %)
+    assert (row["cpu_pct"], row["cpu_cores_effective"]) == (100.47, 0.5)
+    assert (row["cpu_throttled_ms"], row["cpu_throttled_periods"]) == (1000.971, 20)
+    assert (row["mem_used_bytes"], row["mem_limit_bytes"]) == (7_426_048, 268_435_456)
+
+
+def test_fixture_proc_only(tmp_path: Path) -> None:
+    row, reader = sample_case("proc-only", tmp_path)
+    assert reader.cgroup is None
+    assert picked(row, *CPU_MEM) == {
+        "source": "proc",
+        "cpu_pct": 50.25,                  # /proc/stat busy (user+nice+system+irq+softirq+steal)
+                                           # 136,589 -> 136,790 (+201) of all ticks 913,333 -> 913,733 (+400)
+        "cpu_cores_effective": 2,
+        "cpu_throttled_ms": None, "cpu_throttled_periods": None,
+        "mem_used_bytes": 286_756_864,     # MemTotal 24,684,096 - MemAvailable 24,404,060 kB
+        "mem_rss_bytes": 29_310_976,       # AnonPages 28,624 kB
+        "mem_limit_bytes": MEM_TOTAL,
+        "mem_available_bytes": 24_404_060 * 1024,
+        "mem_total_bytes": MEM_TOTAL,
+    }
+
+
+def test_fixture_oom_kill_counters(tmp_path: Path) -> None:
+    for moment, cgroup_kills, host_kills in (("t0", 0, 3), ("t1", 1, 4)):   # one real OOM kill
+        root = HOSTS / "v1-oom" / moment
+        snap = otrace.HostReader(root / "proc", root / "sys", str(tmp_path)).snapshot()
+        assert (snap.cgroup_oom_kills, snap.host_oom_kills) == (cgroup_kills, host_kills)
+    root = HOSTS / "v2-unlimited" / "t1"
+    assert otrace.HostReader(root / "proc", root / "sys", str(tmp_path)).snapshot().cgroup_oom_kills == 3
+
+
+@pytest.mark.parametrize(("case", "mode", "expected"), [
+    ("hybrid", "none", None),
+    ("hybrid", "v1", "v1"),
+    ("hybrid", "v2", "v2"),            # the empty v2 hierarchy still counts usage_usec, nothing else
+    ("v1-unlimited", "v2", None),      # no cgroup2 mounted: /proc speaks
+    ("v2-quota", "v1", None),          # no v1 hierarchy mounted
+    ("v2-quota", "auto", "v2"),
+    ("proc-only", "auto", None),
+])
+def test_forced_cgroup_modes(tmp_path: Path, case: str, mode: str, expected: str | None) -> None:
+    root = HOSTS / case / "t0"
+    found = otrace.Cgroup.find(root / "proc", root / "sys", mode)
+    assert (found and found.version) == expected
+    if case == "hybrid" and mode == "v2":
+        assert set(found.dirs) == {"cpuacct"}
+
+
+def test_oom_kill_becomes_one_error_event_and_is_never_reported_twice(tmp_path: Path,
+                                                                      run: Callable[..., Otrace]) -> None:
+    """The real service reads a copy of the v1-oom tree; the tree then moves from t0 to t1."""
+    live = tmp_path / "host"
+    shutil.copytree(HOSTS / "v1-oom" / "t0", live)
+    env = {"TRACE_METRICS_INTERVAL": "100ms", "TRACE_PROCFS": str(live / "proc"),
+           "TRACE_SYSFS": str(live / "sys"), "TRACE_DISK_PATH": str(tmp_path)}
+    node = run(env)
+    wait_until(lambda: node.query("SELECT count(*) FROM system_metrics")[0][0] >= 1, what="samples")
+    assert node.rows("error_events") == []                        # the counts at start are a baseline
+    shutil.copytree(HOSTS / "v1-oom" / "t1", live, dirs_exist_ok=True)
+    event = wait_until(lambda: node.rows("error_events"), what="the OOM event")[0]
+    assert (event["error_type"], event["category"], event["severity"], event["source"]) == \
+        ("crash", "oom_kill", "critical", "otrace")
+    meta = json.loads(event["metadata"])
+    assert meta["kills"] == {"cgroup": 1, "host": 1} and meta["counts"] == {"cgroup": 1, "host": 4}
+    assert meta["seen_in"]["cgroup"].endswith("memory/otrace-fixture-oom")
+    row = node.rows("system_metrics")[-1]
+    assert row["source"] == "cgroup_v1" and row["mem_limit_bytes"] == 64 << 20
+    assert node.stop() == 0
+    again = run(env, db=node.db_path)                              # restart: same counts, no news
+    wait_until(lambda: again.health()["host"], what="a sample after the restart")
+    assert len(again.rows("error_events")) == 1
+
+
+def test_health_and_prometheus_show_the_newest_sample(run: Callable[..., Otrace]) -> None:
+    node = run({"TRACE_METRICS_INTERVAL": "100ms"})
+    host = wait_until(lambda: node.health()["host"], what="a host sample")
+    assert host["source"] in ("cgroup_v1", "cgroup_v2", "proc") and host["self_rss_bytes"] > 0
+    metrics = node.request("GET", "/metrics")
+    assert metrics.status == 200 and metrics.headers["content-type"].startswith("text/plain; version=0.0.4")
+    text = metrics.body.decode()
+    names = {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE")}
+    assert {"otrace_events_received_total", "otrace_queue_depth_events", "otrace_unsynced_events",
+            "otrace_host_cpu_percent", "otrace_host_memory_used_bytes", "otrace_host_disk_used_percent",
+            "otrace_self_rss_bytes"} <= names
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            float(line.rsplit(" ", 1)[1])                           # every sample is a number
+    assert node.request("HEAD", "/metrics").body == b""
+
+
+def test_live_readings_agree_with_the_files(tmp_path: Path) -> None:
+    reader = otrace.HostReader(Path("/proc"), Path("/sys"), str(tmp_path))
+    memory = reader.cgroup and reader.cgroup.dirs.get("memory")
+    if not memory or memory[0] != "v1":
+        pytest.skip("this check reads the v1 memory files of the capturing kind of machine")
+    before = int((memory[1] / "memory.usage_in_bytes").read_text())
+    snap = reader.snapshot()
+    after = int((memory[1] / "memory.usage_in_bytes").read_text())
+    inactive = otrace.read_keyed(memory[1] / "memory.stat")["total_inactive_file"]
+    slack = 8 << 20
+    assert min(before, after) - inactive - slack <= snap.mem_used <= max(before, after) - inactive + slack
+    usage = int((reader.cgroup.dirs["cpuacct"][1] / "cpuacct.usage").read_text()) / 1e9
+    assert 0 < usage - snap.cpu_used < 5                            # read just after, so a little more
+
+
+def test_live_child_burning_a_core_shows_in_cpu_pct(tmp_path: Path) -> None:
+    reader = otrace.HostReader(Path("/proc"), Path("/sys"), str(tmp_path))
+    first = reader.snapshot()
+    burn = subprocess.run([sys.executable, "-c", "import time\nwhile time.process_time() < 1.5: pass"],
+                          check=True)                                  # 1.5 s of one core's time
+    assert burn.returncode == 0
+    row = otrace.host_sample(first, reader.snapshot())
+    busy = row["cpu_pct"] * row["cpu_cores_effective"] * row["interval_s"] / 100   # core-seconds used
+    assert busy >= 1.4, row
+
+
+V1_ROOT = Path("/sys/fs/cgroup")
+needs_v1 = pytest.mark.skipif(not (ROOT and (V1_ROOT / "cpu" / "cgroup.procs").exists()
+                                   and (V1_ROOT / "memory" / "cgroup.procs").exists()),
+                              reason="needs root and cgroup v1 cpu and memory hierarchies")
+
+
+@contextlib.contextmanager
+def v1_cgroup(name: str, quota_us: int, memory_bytes: int) -> Iterator[str]:
+    """A real child cgroup in the v1 cpu, cpuacct and memory hierarchies, removed afterwards."""
+    controllers = ("cpu", "cpuacct", "memory")
+    for c in controllers:
+        (V1_ROOT / c / name).mkdir(exist_ok=True)
+    (V1_ROOT / "cpu" / name / "cpu.cfs_quota_us").write_text(str(quota_us))
+    (V1_ROOT / "memory" / name / "memory.limit_in_bytes").write_text(str(memory_bytes))
+    try:
+        yield " ".join(f"echo $$ > {V1_ROOT / c / name / 'cgroup.procs'};" for c in controllers)
+    finally:
+        for c in controllers:
+            for pid in (V1_ROOT / c / name / "cgroup.procs").read_text().split():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(pid), signal.SIGKILL)
+            wait_until(lambda c=c: not (V1_ROOT / c / name / "cgroup.procs").read_text().split(),
+                       what="the cgroup to empty")
+            (V1_ROOT / c / name).rmdir()
+
+
+@needs_v1
+def test_live_cgroup_quota_and_a_real_oom_kill(tmp_path: Path) -> None:
+    """otrace runs in a real child cgroup (0.5 core, 256 MiB); a process beside it burns CPU, then
+    another allocates until the OOM killer kills it: both show in what otrace records."""
+    with v1_cgroup(f"otrace-test-{os.getpid()}", 50_000, 256 << 20) as enter:
+        node = Otrace(tmp_path, {"TRACE_METRICS_INTERVAL": "200ms"})
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TRACE_")} | node.env
+        node.proc = subprocess.Popen(["sh", "-c", f'{enter} exec "$0" "$1"', sys.executable, str(OTRACE)],
+                                     env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        threading.Thread(target=node._read, args=(node.proc.stdout, True), daemon=True).start()
+        threading.Thread(target=node._read, args=(node.proc.stderr, False), daemon=True).start()
+        try:
+            listening = node.wait_log(lambda e: e.get("message") == "listening")
+            node.port = int(listening["address"].rsplit(":", 1)[1])
+            wait_until(lambda: node.health()["host"], what="a first sample")
+            assert node.health()["host"]["cpu_cores_effective"] == 0.5
+            burner = subprocess.Popen(["sh", "-c", f'{enter} exec "$0" -c "$1"', sys.executable,
+                                       "import time\nwhile time.process_time() < 1.2: pass"])
+            burner.wait(30)
+            busy = wait_until(lambda: [r for r in node.rows("system_metrics") if (r["cpu_pct"] or 0) > 80],
+                              what="a sample near the quota")
+            assert busy[0]["source"] == "cgroup_v1" and busy[0]["cpu_throttled_periods"] > 0
+            hog = subprocess.run(["sh", "-c", f'{enter} exec "$0" -c "$1"', sys.executable,
+                                  "x = []\nwhile True: x.append(bytearray(16 << 20))"], check=False)
+            assert hog.returncode == -signal.SIGKILL                       # the OOM killer's doing
+            event = wait_until(lambda: node.rows("error_events"), what="the OOM event")[0]
+            assert event["category"] == "oom_kill"
+            assert json.loads(event["metadata"])["kills"]["cgroup"] == 1
+            assert node.stop() == 0
+        finally:
+            node.kill()
