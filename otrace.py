@@ -15,6 +15,7 @@ import dataclasses
 import email.utils
 import functools
 import gzip
+import hashlib
 import hmac
 import json
 import logging
@@ -196,6 +197,13 @@ class Config:
     sysfs: str = setting("/sys", NAME, "Where sysfs is mounted.")
     disk_path: str = setting("", TEXT, "A path on the filesystem whose space and I/O are reported; "
                              "empty: the database's directory.")
+    log_path: str = setting("", TEXT, "The OpenClaw gateway log to follow: a file, or a directory whose "
+                            "newest openclaw*-YYYY-MM-DD.log is followed; empty: off.")
+    log_poll: float = setting("500ms", DURATION, "Time between looks at the log file.")
+    log_start: str = setting("end", _choice("end", "beginning"), "Where to start in a log file otrace "
+                             "has never read (a file it has read resumes where it stopped).")
+    log_keep_all: bool = setting("off", SWITCH, "Keep INFO and DEBUG lines of no known kind too (they "
+                                 "are skipped by default).")
     checkpoint_interval: float = setting("10m", DURATION, "Time between WAL checkpoints (PASSIVE; "
                                          "TRUNCATE when the WAL is over TRACE_WAL_MAX_BYTES).")
     wal_max_bytes: int = setting("50MiB", SIZE, "WAL size that makes the next checkpoint a TRUNCATE, "
@@ -573,6 +581,9 @@ METRICS = Table("system_metrics", frozenset(), (
     "disk_read_bps", "disk_write_bps", "cgroup_read_bps", "cgroup_write_bps", "self_rss_bytes",
     "self_cpu_pct"))
 
+LOGS = Table("log_events", frozenset(), (
+    *_COMMON, "level", "subsystem", "kind", "message", "detail", "otel_trace_id", "file", "file_offset"))
+
 ERROR_TYPES = ("llm_error", "crash", "system_error")
 ERROR_CATEGORIES = ("rate_limit", "timeout", "malformed_response", "api_failure", "process_crash",
                     "oom_kill", "unhandled_exception", "disk_full", "network_failure",
@@ -789,9 +800,40 @@ SCHEMA: list[str] = [
         updated_at INTEGER NOT NULL
     );
     """,
+    # 5: events read from the gateway's log, and how far each log file has been read.
+    """
+    CREATE TABLE log_events (
+        id INTEGER PRIMARY KEY,
+        trace_id TEXT NOT NULL UNIQUE,
+        created_at INTEGER NOT NULL,
+        received_at INTEGER NOT NULL,
+        source TEXT NOT NULL,
+        level TEXT NOT NULL,
+        subsystem TEXT,
+        kind TEXT NOT NULL,
+        message TEXT,
+        detail TEXT,
+        otel_trace_id TEXT,
+        file TEXT NOT NULL,
+        file_offset INTEGER NOT NULL,
+        synced INTEGER NOT NULL DEFAULT 0,
+        pushed_at INTEGER
+    );
+    CREATE INDEX log_events_unsynced ON log_events (id) WHERE synced = 0;
+    CREATE TABLE log_offsets (
+        id INTEGER PRIMARY KEY,
+        dev INTEGER NOT NULL,
+        inode INTEGER NOT NULL,
+        fingerprint TEXT NOT NULL,
+        path TEXT NOT NULL,
+        position INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL,
+        UNIQUE (dev, inode, fingerprint)
+    );
+    """,
 ]
 
-EVENT_TABLES = ("llm_traces", "error_events", "system_metrics")
+EVENT_TABLES = ("llm_traces", "error_events", "system_metrics", "log_events")
 SYNCED, REJECTED = 1, 2          # values of the synced column besides 0 (not yet pushed)
 CACHE_KIB = 2048                 # per connection; otrace keeps at most three open
 
@@ -1169,7 +1211,7 @@ class Writer(threading.Thread):
         self.counters.add("dropped")
 
 
-INSERT_SQL = {table.name: table.insert_sql for table in (TRACES, ERRORS, METRICS)}
+INSERT_SQL = {table.name: table.insert_sql for table in (TRACES, ERRORS, METRICS, LOGS)}
 
 
 def rollback(conn: sqlite3.Connection) -> None:
@@ -1940,14 +1982,399 @@ class Sampler(Loop):
                 "samples_dropped": self.dropped, "last_error": self.fault.error}
 
 
+# The OpenClaw gateway's JSON log. A file is known by its device, inode and a fingerprint of its first
+# bytes; how far it was read is committed in the same transaction as the events read from it, so a
+# restart (even after SIGKILL) resumes exactly there: no gap, no duplicate.
+
+MAX_LINE = 64 * 1024             # a longer line is cut to this; the rest is skipped, never held
+FINGERPRINT_BYTES = 256
+LOG_NAME = re.compile(r"openclaw(?:-[\w.-]+)?-\d{4}-\d{2}-\d{2}\.log")   # not a rotated .N.log
+KEY_VALUE = re.compile(r"(\w+)=(\S+)")
+NETWORK_CODES = {"ECONNREFUSED", "ECONNRESET", "ENOTFOUND", "EAI_AGAIN", "EHOSTUNREACH", "ENETUNREACH",
+                 "EPIPE", "UND_ERR_SOCKET"}
+NOTICE = ("WARN", "ERROR", "FATAL")
+OFFSET_SQL = ("INSERT INTO log_offsets (dev, inode, fingerprint, path, position, updated_at) "
+              "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (dev, inode, fingerprint) DO UPDATE SET "
+              "path = excluded.path, position = excluded.position, updated_at = excluded.updated_at")
+
+
+@dataclasses.dataclass(frozen=True)
+class LogLine:
+    """One line of the gateway's log (tslog JSON), as far as otrace reads it."""
+
+    level: str
+    subsystem: str | None
+    message: str
+    detail: Any                  # the structured argument, when the line has one
+    time_ms: int | None
+    fields: dict[str, str]       # key=value pairs of the message
+    otel_trace_id: str | None
+    session_id: str | None
+
+    @classmethod
+    def parse(cls, raw: bytes) -> LogLine | None:
+        """None for a line that is not a JSON object."""
+        try:
+            obj = json.loads(raw)
+        except (ValueError, RecursionError):
+            return None
+        if not isinstance(obj, dict):
+            return None
+        meta = obj.get("_meta") if isinstance(obj.get("_meta"), dict) else {}
+        name = meta.get("name")
+        subsystem = name if isinstance(name, str) else None
+        if subsystem and subsystem.startswith("{"):
+            with contextlib.suppress(ValueError, AttributeError):
+                binding = json.loads(subsystem)
+                subsystem = binding.get("subsystem") or binding.get("module") or binding.get("plugin") or name
+        numbered = sorted((int(k), v) for k, v in obj.items() if k.isdigit())
+        detail = next((v for _, v in numbered if not isinstance(v, str)), None)
+        message = obj.get("message")
+        if not isinstance(message, str):           # before about 2026.6: join the numbered arguments
+            message = " ".join(v for k, v in numbered if isinstance(v, str) and not (k == 0 and v == name))
+        trace, session = obj.get("traceId"), obj.get("session_id")
+        return cls(str(meta.get("logLevelName") or "INFO").upper(), subsystem, message, detail,
+                   _log_time(obj.get("time")) or _log_time(meta.get("date")),
+                   dict(KEY_VALUE.findall(message)), trace if isinstance(trace, str) else None,
+                   session if isinstance(session, str) else None)
+
+    @property
+    def info(self) -> dict[str, Any]:
+        return self.detail if isinstance(self.detail, dict) else {}
+
+
+def _log_time(value: Any) -> int | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return round(moment.timestamp() * 1000) if moment.tzinfo else None
+
+
+def classify(line: LogLine) -> str | None:
+    """The kind of event a line is (see README, "Following the gateway log"); None for a line of no
+    known kind."""
+    sub, msg, notice = line.subsystem or "", line.message, line.level in NOTICE
+    reload = sub == "gateway/reload"
+    rules = (
+        (sub == "gateway" and msg.startswith("gateway ready"), "gateway_start"),
+        (sub == "gateway" and re.match(r"received SIG\w+; (shutting down|restarting)", msg), "gateway_stop"),
+        (sub == "gateway/shutdown" and msg.startswith("shutdown completed"), "gateway_stopped"),
+        (reload and msg.startswith(("config hot reload applied", "config change requires gateway restart")),
+         "config_change"),
+        (reload and msg.startswith("config reload skipped (invalid config)"), "config_invalid"),
+        (sub.startswith("gateway/channels/") and sub.endswith("/inbound"), "channel_inbound"),
+        (sub.endswith("/send") and "outbound send ok" in msg, "channel_outbound"),
+        (sub == "gateway/health-monitor" and "health-monitor: restarting" in msg, "channel_down"),
+        (sub.startswith("channels/") and "starting provider" in msg, "channel_start"),
+        ((sub.startswith("channels/") or sub.endswith("/network")) and notice, "channel_error"),
+        (sub == "gateway/ws" and msg.startswith("unauthorized"), "auth_failure"),
+        (msg.startswith("[model-fetch] response"), "model_call"),
+        (msg.startswith("[model-fetch] error"), "model_error"),
+        (sub == "agent/embedded" and line.info.get("isError") is True, "model_error"),
+        (sub == "model-fallback/decision" and notice, "model_error"),
+        (notice, "other"),
+    )
+    return next((kind for matched, kind in rules if matched), None)
+
+
+def model_failure(line: LogLine, kind: str) -> dict[str, Any] | None:
+    """A failed model call as an error event (llm_error), in the form /v1/errors takes; else None."""
+    fields, info = line.fields, line.info
+    if kind == "model_call":
+        status = int(fields["status"]) if fields.get("status", "").isdigit() else 0
+        if status < 400:
+            return None
+        category = "rate_limit" if status == 429 else "timeout" if status in (408, 504) else "api_failure"
+    elif line.message.startswith("[model-fetch] error"):
+        cause = {fields.get("causeCode", ""), fields.get("code", "")}
+        category = ("network_failure" if cause & NETWORK_CODES else
+                    "timeout" if "ETIMEDOUT" in cause or fields.get("name") in ("TimeoutError", "AbortError")
+                    else "api_failure")
+    elif kind == "model_error":
+        status, reason = info.get("status"), info.get("failoverReason") or info.get("reason")
+        category = ("rate_limit" if status == 429 or reason == "rate_limit" else
+                    "timeout" if status == 408 or reason == "timeout" else "api_failure")
+    else:
+        return None
+    return {"error_type": "llm_error", "category": category, "severity": "error" if line.level in (
+                "ERROR", "FATAL") else "warning",
+            "message": info.get("error") or (f"{line.message}: {info['errorPreview']}" if info.get(
+                "errorPreview") else line.message) or kind,
+            "provider": fields.get("provider") or info.get("provider") or info.get("requestedProvider"),
+            "model": fields.get("model") or info.get("model") or info.get("requestedModel"),
+            "session_id": line.session_id or info.get("sessionId")}
+
+
+def model_call(line: LogLine) -> dict[str, Any] | None:
+    """A [model-fetch] response line as an LLM trace (no tokens: the log has none)."""
+    fields = line.fields
+    if not (fields.get("provider") and fields.get("model") and fields.get("status", "").isdigit()):
+        return None
+    status = int(fields["status"])
+    elapsed = fields.get("elapsedMs", "")
+    return {"provider": fields["provider"], "model": fields["model"],
+            "status": "ok" if 200 <= status < 300 else "error",
+            "error_type": None if 200 <= status < 300 else f"http_{status}",
+            "latency_ms": int(elapsed) if elapsed.isdigit() else None, "session_id": line.session_id,
+            "metadata": {"http_status": status, "api": fields.get("api")}}
+
+
+class Followed:
+    """A log file being read: its descriptor, identity, and the offset of the next line to read
+    (always the start of a line, and what was last committed)."""
+
+    def __init__(self, path: str, fd: int, offset: int) -> None:
+        self.path, self.fd, self.offset = path, fd, offset
+        st = os.fstat(fd)
+        self.dev, self.inode = st.st_dev, st.st_ino
+        self.fingerprint = fingerprint(fd, st.st_size)
+        self.replaced_at: float | None = None      # when another file took its name
+
+    @property
+    def key(self) -> str:
+        """A short stable name of the file's identity, for the trace_ids of its events."""
+        return hashlib.sha256(f"{self.dev}:{self.inode}:{self.fingerprint}".encode()).hexdigest()[:12]
+
+    def size(self) -> int:
+        return os.fstat(self.fd).st_size
+
+    def refresh_fingerprint(self) -> None:
+        """A file first seen shorter than FINGERPRINT_BYTES gets its full fingerprint once it grows."""
+        if int(self.fingerprint.split(":", 1)[0]) < FINGERPRINT_BYTES <= self.size():
+            self.fingerprint = fingerprint(self.fd, FINGERPRINT_BYTES)
+
+    def lines(self, most: int, to_end: bool = False) -> tuple[list[tuple[int, bytes, int]], int]:
+        """Up to `most` whole lines from `offset`: (start, text cut to MAX_LINE, full length) each,
+        and the offset after them. Reads 64 KiB at a time; a partial last line waits for its newline
+        (unless `to_end`: the file is finished and it is all there will ever be)."""
+        found: list[tuple[int, bytes, int]] = []
+        pending, start, pos = bytearray(), self.offset, self.offset
+        while len(found) < most:
+            chunk = os.pread(self.fd, 65536, pos)
+            if not chunk:
+                if to_end and pos > start:
+                    found.append((start, bytes(pending), pos - start))
+                    start = pos
+                break
+            at = 0
+            while at < len(chunk) and len(found) < most:
+                newline = chunk.find(b"\n", at)
+                end = len(chunk) if newline < 0 else newline
+                pending += chunk[at:at + max(0, min(end - at, MAX_LINE - len(pending)))]
+                if newline < 0:
+                    at = len(chunk)
+                    break
+                length = pos + newline - start
+                found.append((start, bytes(pending), length))
+                pending.clear()
+                start, at = pos + newline + 1, newline + 1
+            pos += at
+        return found, start
+
+
+def fingerprint(fd: int, size: int) -> str:
+    """"n:hash" of the file's first n bytes (n = FINGERPRINT_BYTES, or fewer in a shorter file)."""
+    head = os.pread(fd, min(size, FINGERPRINT_BYTES), 0)
+    return f"{len(head)}:{hashlib.sha256(head).hexdigest()[:32]}"
+
+
+class LogTailer(Loop):
+    """Follows the gateway's log (LOGP-01..05): every TRACE_LOG_POLL it reads the lines appended since
+    the last commit and offers their events, with the new offset, to the queue as one unit. After a
+    rename rotation it finishes the old file before moving on; a file that shrank is read again from
+    its start; a missing file is waited for quietly."""
+
+    def __init__(self, config: Config, events: EventQueue,
+                 known: dict[tuple[int, int], list[tuple[str, int]]]) -> None:
+        super().__init__("logtail", config.log_poll, first_delay=0.0)
+        self.config, self.events = config, events
+        self.known = known               # (dev, inode) -> [(fingerprint, committed offset)]
+        self.current: Followed | None = None
+        self.backlog = self.unfinished()  # files read before, with lines left: finish them first
+        self.started = False
+        self.most = max(1, min(256, config.queue_size // 4))   # lines per unit, so that units fit the queue
+        self.totals = Counters(("lines", "events", "skipped", "not_json", "cut"))
+
+    # -- which file
+    def target(self) -> str | None:
+        """The file to follow now: TRACE_LOG_PATH, or the newest dated log in that directory."""
+        path = Path(self.config.log_path)
+        if not path.is_dir():
+            return str(path)
+        dated = [p for p in path.iterdir() if LOG_NAME.fullmatch(p.name)]
+        return str(max(dated, key=lambda p: (p.name[-14:], p.stat().st_mtime))) if dated else None
+
+    def unfinished(self) -> list[str]:
+        """Files in the log's directory otrace has read part of, with bytes left (rotated while
+        otrace was down), oldest first."""
+        path = Path(self.config.log_path)
+        folder = path if path.is_dir() else path.parent
+        found = []
+        with contextlib.suppress(OSError):
+            for candidate in folder.iterdir():
+                if not candidate.name.startswith("openclaw") or not candidate.name.endswith(".log"):
+                    continue
+                st = candidate.stat()
+                offset = self.resume_at(str(candidate), st)
+                if offset is not None and offset < st.st_size and str(candidate) != self.target():
+                    found.append((st.st_mtime, str(candidate)))
+        return [p for _, p in sorted(found)]
+
+    def resume_at(self, path: str, st: os.stat_result) -> int | None:
+        """The committed offset of this very file, if otrace has read it before."""
+        for mark, offset in self.known.get((st.st_dev, st.st_ino), []):
+            length = int(mark.split(":", 1)[0])
+            with contextlib.suppress(OSError), open(path, "rb") as f:
+                head = f.read(length)
+                if len(head) == length and f"{length}:{hashlib.sha256(head).hexdigest()[:32]}" == mark:
+                    return offset if offset <= st.st_size else 0
+        return None
+
+    def open_next(self) -> bool:
+        path = self.backlog.pop(0) if self.backlog else self.target()
+        try:
+            fd = os.open(path, os.O_RDONLY) if path else None
+        except OSError:
+            fd = None
+        if fd is None:
+            self.fault.failed(f"waiting for the gateway log at {self.config.log_path}")
+            return False
+        st = os.fstat(fd)
+        offset = self.resume_at(path, st)
+        if offset is None:           # never read: a file after another starts at 0, the first per config
+            offset = 0 if self.started or self.config.log_start == "beginning" else line_end(fd, st.st_size)
+        self.started = True
+        self.current = Followed(path, fd, offset)
+        self.log.info("following log file", extra={"file": path, "offset": offset, "size": st.st_size})
+        return True
+
+    # -- reading
+    def tick(self) -> None:
+        if self.current is None and not self.open_next():
+            return
+        followed = self.current
+        if followed.size() < followed.offset:        # truncated in place: read it again from the top
+            self.log.warning("log file shrank: reading it again from its start", extra={
+                "file": followed.path, "offset": followed.offset})
+            followed.offset = 0
+            followed.fingerprint = fingerprint(followed.fd, followed.size())
+        read = self.drain(followed)
+        if read is None or read > 0 or not self.superseded(followed):
+            followed.replaced_at = None              # full queue, news, or still the file to follow
+            return
+        if followed.replaced_at is None:             # give a rename's last appends one more poll
+            followed.replaced_at = time.monotonic()
+            return
+        if self.drain(followed, to_end=True) is None:
+            return
+        os.close(followed.fd)
+        self.log.info("finished log file", extra={"file": followed.path, "offset": followed.offset})
+        self.current = None
+        self.open_next()
+
+    def superseded(self, followed: Followed) -> bool:
+        """Another file has taken over: `followed` came from the backlog, the day moved on to a new
+        file, or a rotation renamed it away and a new file took its name."""
+        target = self.target()
+        if not target:
+            return False
+        if followed.path != target:
+            return True
+        with contextlib.suppress(OSError):
+            st = Path(target).stat()
+            return (st.st_dev, st.st_ino) != (followed.dev, followed.inode)
+        return False
+
+    def drain(self, followed: Followed, to_end: bool = False) -> int | None:
+        """Offer every whole line from the file's offset: how many lines, or None if the queue was
+        full (the offset then stays, and the same lines are read again next tick)."""
+        total = 0
+        while not self.stopping.is_set():
+            lines, end = followed.lines(self.most, to_end)
+            if not lines:
+                return total
+            rows = [row for start, text, length in lines for row in self.rows(followed, start, text, length)]
+            followed.refresh_fingerprint()
+            state = (OFFSET_SQL, (followed.dev, followed.inode, followed.fingerprint, followed.path, end,
+                                  now_ms()))
+            if not self.events.offer(Unit(rows, (state,))):
+                return None
+            self.known[(followed.dev, followed.inode)] = [(followed.fingerprint, end)]
+            followed.offset = end
+            self.totals.add("lines", len(lines))
+            self.totals.add("events", len(rows))
+            total += len(lines)
+        return total
+
+    def rows(self, followed: Followed, start: int, text: bytes, length: int) -> list[Row]:
+        """The rows one line becomes: a log event, and for a model call a trace and/or an error event.
+        Their trace_ids come from the file's identity and the line's offset, so a replay adds none."""
+        if length > MAX_LINE:
+            self.totals.add("cut")
+        line = LogLine.parse(text)
+        if line is None:
+            self.totals.add("not_json")
+            self.log.debug("log line is not JSON", extra={"file": followed.path, "offset": start,
+                                                          "sample": text[:200].decode("utf-8", "replace")})
+            return []
+        kind = classify(line)
+        if kind is None and not self.config.log_keep_all:
+            self.totals.add("skipped")
+            return []
+        trace_id, received = f"log-{followed.key}-{start}", now_ms()
+        created = line.time_ms if line.time_ms is not None and 0 <= line.time_ms <= MAX_UNIX_MS else received
+        message = cut_utf8(line.message, self.config.max_text_bytes)[0]
+        rows = [Row(LOGS.name, (trace_id, created, received, "log", line.level, line.subsystem,
+                                kind or "info", message, self.detail_json(line.detail), line.otel_trace_id,
+                                followed.path, start))]
+        derived = ((TRACES, trace_row, model_call(line) if kind == "model_call" else None),
+                   (ERRORS, error_row, model_failure(line, kind or "")))
+        for table, build, event in derived:
+            if event is not None:
+                event |= {"trace_id": f"{trace_id}-{table.name}", "created_at": created, "metadata": {
+                    **(event.get("metadata") or {}), "log_file": followed.path, "log_offset": start}}
+                reader = Reader({k: v for k, v in event.items() if v is not None}, None,
+                                self.config.max_text_bytes)
+                with contextlib.suppress(Invalid):  # a line without what a trace needs stays a log event
+                    values = build(reader, received, source="log")
+                    rows.append(Row(table.name, (*values, int(reader.truncated))))
+        return rows
+
+    def detail_json(self, detail: Any) -> str | None:
+        if detail is None:
+            return None
+        text = clean_text(json.dumps(detail, ensure_ascii=False, separators=(",", ":")))
+        size = len(text.encode())
+        return text if size <= self.config.max_text_bytes else json.dumps(
+            {"_otrace_truncated": True, "original_bytes": size})
+
+    def health(self) -> dict[str, Any]:
+        followed = self.current
+        size = followed.size() if followed else None
+        return {"path": self.config.log_path, "file": followed and followed.path,
+                "offset": followed and followed.offset, "lag_bytes": followed and size - followed.offset,
+                **self.totals.snapshot(), "last_error": self.fault.error}
+
+
+def line_end(fd: int, size: int) -> int:
+    """The offset just after the last newline in the file (where "the end" starts for a new reader)."""
+    tail = os.pread(fd, min(size, MAX_LINE), max(0, size - MAX_LINE))
+    newline = tail.rfind(b"\n")
+    return size - len(tail) + newline + 1 if newline >= 0 else size
+
+
 # =============================================================================================== push
 # Every unsynced row reaches the receiver at least once and is marked synced only when a 2xx answer
 # confirmed its batch. Rows are read page by page and packed into byte-capped batches; a batch is
 # retried with full-jitter backoff, split when refused for its content, and a circuit breaker spaces
 # out cycles while the receiver is down.
 
-PUSH_TYPES = {"llm_traces": "llm_trace", "error_events": "error_event", "system_metrics": "system_metric"}
-JSON_COLUMNS = frozenset({"metadata"})
+PUSH_TYPES = {"llm_traces": "llm_trace", "error_events": "error_event", "system_metrics": "system_metric",
+              "log_events": "log_event"}
+JSON_COLUMNS = frozenset({"metadata", "detail"})
 INTERNAL_COLUMNS = frozenset({"synced", "pushed_at"})
 
 
@@ -2384,6 +2811,7 @@ def oldest_table(conn: sqlite3.Connection, tables: Iterable[str], where: str) ->
 
 
 BOOKKEEPING = (("push_log", "started_at", ""), ("push_rejects", "rejected_at", ""),
+               ("log_offsets", "updated_at", ""),
                ("retention_ledger", "at", "AND (reported_at IS NOT NULL OR unsynced_deleted = 0)"))
 
 
@@ -2552,6 +2980,14 @@ class Service:
                 "SELECT key, value FROM otrace_state WHERE key LIKE 'oom_kill_count.%'")}
             self.sampler = Sampler(config, self.events, oom_seen)
             self.loops.append(self.sampler)
+        self.tailer: LogTailer | None = None
+        if config.log_path:
+            known: dict[tuple[int, int], list[tuple[str, int]]] = {}
+            for dev, inode, mark, position in self.query(
+                    "SELECT dev, inode, fingerprint, position FROM log_offsets ORDER BY updated_at"):
+                known.setdefault((dev, inode), []).append((mark, position))
+            self.tailer = LogTailer(config, self.events, known)
+            self.loops.append(self.tailer)
         self.writer.on_fault = self.on_write_fault
         self.pusher: Pusher | None = None
         if config.push_endpoint:
@@ -2619,6 +3055,7 @@ class Service:
             "retention": self.retention.health(self.query),
             "host": self.sampler and self.sampler.latest,
             "metrics": self.sampler and self.sampler.health(),
+            "log_tail": self.tailer and self.tailer.health(),
         }
 
     def unsynced_count(self) -> int | None:

@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -1639,3 +1639,167 @@ def test_live_cgroup_quota_and_a_real_oom_kill(tmp_path: Path) -> None:
             assert node.stop() == 0
         finally:
             node.kill()
+
+
+# -------------------------------------------------------------------------------------- log tailing
+
+GATEWAY_LOG = HERE.parent / "shared" / "fixtures" / "openclaw" / "gateway-2026.9.6-sample.jsonl"
+# The kind each line of the 62-line real sample becomes (lines not listed are INFO/DEBUG of no kind).
+EXPECTED_KINDS = {
+    10: "gateway_start", 15: "config_change", 16: "config_invalid", 17: "channel_error", 18: "channel_start",
+    19: "channel_error", 20: "channel_error", 22: "other", 27: "model_call", 30: "model_error",
+    31: "model_error", 32: "other", 33: "other", 34: "other", 35: "model_error", 37: "other", 38: "other",
+    39: "model_call", 40: "other", 41: "other", 42: "auth_failure", 43: "other", 44: "channel_down",
+    46: "channel_error", 47: "config_change", 48: "gateway_stop", 53: "channel_inbound",
+    57: "channel_outbound", 60: "gateway_stop", 61: "gateway_stopped",
+}
+needs_gateway_log = pytest.mark.skipif(not GATEWAY_LOG.exists(), reason="needs ../shared beside the repo")
+
+
+def gateway_lines() -> list[bytes]:
+    return GATEWAY_LOG.read_bytes().splitlines(keepends=True)
+
+
+def logged(node: Otrace) -> list[tuple[str, str]]:
+    return [(r["kind"], r["message"]) for r in node.rows("log_events")]
+
+
+def expected(indexes: Iterable[int]) -> list[tuple[str, str]]:
+    lines = gateway_lines()
+    return [(EXPECTED_KINDS[i], json.loads(lines[i])["message"]) for i in indexes if i in EXPECTED_KINDS]
+
+
+def append(path: Path, data: bytes) -> None:
+    with open(path, "ab") as f:
+        f.write(data)
+
+
+@needs_gateway_log
+def test_log_replay_through_rotation_truncation_and_a_new_day(tmp_path: Path,
+                                                             run: Callable[..., Otrace]) -> None:
+    logs = tmp_path / "openclaw"
+    logs.mkdir()
+    today = logs / "openclaw-2026-11-24.log"
+    lines = gateway_lines()
+    node = run({"TRACE_LOG_PATH": str(logs), "TRACE_LOG_POLL": "50ms", "TRACE_LOG_START": "beginning"})
+    node.wait_log(lambda e: "waiting for the gateway log" in str(e.get("error", "")))   # missing: waits
+    seen: list[int] = []
+
+    def feed(indexes: range, path: Path, *extra: bytes) -> None:
+        for i in indexes:                                       # slowly: a few lines at a time
+            append(path, lines[i])
+            seen.append(i)
+            if i % 7 == 0:
+                wait_until(lambda: sorted(logged(node)) == sorted(expected(seen)), what=f"line {i}")
+        for data in extra:
+            append(path, data)
+        wait_until(lambda: sorted(logged(node)) == sorted(expected(seen)), what=f"lines up to {seen[-1]}")
+
+    feed(range(20), today, b"this is not json\n")
+    today.rename(logs / "openclaw-2026-11-24.1.log")            # size rotation: rename, then a new file
+    append(logs / "openclaw-2026-11-24.1.log", lines[20])       # a last append lands in the renamed file
+    seen.append(20)
+    huge = b'{"0": "' + b"x" * 1_000_000 + b'", "_meta": {"logLevelName": "ERROR"}}\n'   # cut, not kept
+    feed(range(21, 35), today, huge)
+    with open(today, "wb"):                                      # truncated in place (copytruncate)
+        pass
+    feed(range(35, 45), today)
+    feed(range(45, 62), logs / "openclaw-2026-11-25.log")       # the next day's file
+    assert sorted(logged(node)) == sorted(expected(range(62)))  # every expected event, exactly once
+    health = node.health()["log_tail"]
+    assert health["not_json"] >= 1 and health["cut"] == 1 and health["file"].endswith("2026-11-25.log")
+    traces = node.rows("llm_traces")
+    assert [(t["provider"], t["status"], t["latency_ms"], t["source"]) for t in traces] == [
+        ("mock", "ok", 13.0, "log"), ("rlmock", "error", 35.0, "log")]
+    errors = {(e["category"], e["provider"]) for e in node.rows("error_events")}
+    assert errors == {("network_failure", "deadmock"), ("timeout", "deadmock"), ("rate_limit", "rlmock")}
+    assert len(node.rows("error_events")) == 4                  # two timeouts: agent/embedded and fallback
+    assert node.stop() == 0
+
+
+@needs_gateway_log
+def test_log_tail_survives_sigkill_without_gap_or_duplicate(tmp_path: Path,
+                                                            run: Callable[..., Otrace]) -> None:
+    import random
+    log = tmp_path / "gateway.log"
+    log.touch()
+    lines = gateway_lines()
+    env = {"TRACE_LOG_PATH": str(log), "TRACE_LOG_POLL": "20ms", "TRACE_LOG_START": "beginning",
+           "TRACE_BATCH_WINDOW": "5ms"}
+    written: list[int] = []                  # fixture index of every line written, in file order
+    stop = threading.Event()
+
+    def writer() -> None:
+        n = 0
+        while not stop.is_set():
+            i = n % len(lines)
+            append(log, lines[i])
+            written.append(i)
+            n += 1
+            time.sleep(0.002)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    rng = random.Random(11)
+    try:
+        for _ in range(10):
+            node = run(env, db=tmp_path / "otrace.db")
+            time.sleep(rng.uniform(0.05, 0.4))          # the kill lands at a random moment of the reading
+            node.kill()
+    finally:
+        stop.set()
+        thread.join()
+    node = run(env, db=tmp_path / "otrace.db")
+    size = log.stat().st_size
+    wait_until(lambda: (h := node.health()["log_tail"])["offset"] == size and h["lag_bytes"] == 0,
+               timeout=30, what="caught up")
+    node.wait_persisted(0)
+    wait_until(lambda: node.health()["queue_depth"] == 0, what="queue drained")
+    rows = node.rows("log_events")
+    offsets = [r["file_offset"] for r in rows]
+    assert len(offsets) == len(set(offsets))                                   # no duplicate
+    assert sorted((r["kind"], r["message"]) for r in rows) == sorted(expected(written))    # no gap
+
+
+@needs_gateway_log
+def test_log_start_end_skips_what_was_there(tmp_path: Path, run: Callable[..., Otrace]) -> None:
+    """A file never read starts after its last whole line; the line being written is new, and read."""
+    log = tmp_path / "gateway.log"
+    lines = gateway_lines()
+    log.write_bytes(b"".join(lines[:30]) + lines[30][:50])    # ends inside line 30
+    node = run({"TRACE_LOG_PATH": str(log), "TRACE_LOG_POLL": "50ms"})
+    assert node.wait_log(lambda e: e.get("message") == "following log file")["offset"] == \
+        sum(map(len, lines[:30]))
+    append(log, lines[30][50:] + b"".join(lines[31:40]))
+    wait_until(lambda: sorted(logged(node)) == sorted(expected(range(30, 40))), what="new lines only")
+
+
+def test_old_gateway_lines_without_message_are_joined() -> None:
+    line = otrace.LogLine.parse(json.dumps({
+        "0": '{"subsystem":"gateway/reload"}', "1": "config reload skipped (invalid config):", "2": "bad key",
+        "_meta": {"logLevelName": "WARN", "name": '{"subsystem":"gateway/reload"}',
+                  "date": "2026-05-01T10:00:00Z"},
+    }).encode())
+    assert line.message == "config reload skipped (invalid config): bad key"
+    assert (line.subsystem, line.level, line.time_ms) == ("gateway/reload", "WARN", 1777629600000)
+    assert otrace.classify(line) == "config_invalid"
+    for raw in (b"not json", b"[1, 2]", b'"text"', b"{" * 10_000):
+        assert otrace.LogLine.parse(raw) is None
+
+
+def test_database_from_every_older_schema_migrates_keeping_rows(tmp_path: Path,
+                                                                run: Callable[..., Otrace]) -> None:
+    for version in range(1, len(otrace.SCHEMA)):
+        db = tmp_path / f"v{version}.db"
+        with contextlib.closing(sqlite3.connect(db, isolation_level=None)) as conn:
+            conn.execute("PRAGMA journal_mode = WAL")
+            for step in otrace.SCHEMA[:version]:
+                conn.executescript(step)
+            conn.execute(f"PRAGMA user_version = {version}")
+            conn.execute("INSERT INTO llm_traces (trace_id, created_at, received_at, source, provider, "
+                         "model, status, truncated) VALUES ('kept', 1, 1, 'http', 'p', 'm', 'ok', 0)")
+        node = run(db=db)
+        assert node.query("PRAGMA user_version") == [(len(otrace.SCHEMA),)]
+        assert node.query("SELECT trace_id FROM llm_traces") == [("kept",)]
+        assert node.logs("schema migrated")[-1]["version"] == len(otrace.SCHEMA)
+        assert node.stop() == 0
