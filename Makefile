@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: run test bench docs settings clean
+.PHONY: run test bench docs settings openclaw-live clean
 
 $(VENV)/.run: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ docs: $(VENV)/.run
 	$(PY) -c 'import re, subprocess, sys; table = subprocess.check_output([sys.executable, "otrace.py", "settings"], text=True); \
 	readme = open("README.md").read(); \
 	open("README.md", "w").write(re.sub(r"(?s)(<!-- settings:begin -->\n).*?(\n<!-- settings:end -->)", lambda m: m[1] + table.rstrip("\n") + m[2], readme))'
+
+# A real OpenClaw gateway (Node 24 and openclaw from npm, about 100 MB) writing the log otrace follows.
+openclaw-live: $(VENV)/.run
+	$(PY) scripts/openclaw_live.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis dist
