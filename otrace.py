@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import ctypes
+import ctypes.util
 import dataclasses
 import email.utils
 import functools
@@ -2380,30 +2382,46 @@ INTERNAL_COLUMNS = frozenset({"synced", "pushed_at"})
 
 @dataclasses.dataclass
 class Batch:
-    """Events sent in one request: (table, row id, the event encoded as JSON) each."""
+    """Events sent in one request, encoded as JSON back to back (", " apart) in one buffer, with
+    where each one is: (table, row id, start, end). One buffer, not an object per event, keeps a
+    5 MiB batch at about 5 MiB."""
 
-    events: list[tuple[str, int, bytes]]
+    data: bytearray = dataclasses.field(default_factory=bytearray)
+    spans: list[tuple[str, int, int, int]] = dataclasses.field(default_factory=list)
     losses: list[dict[str, Any]] = dataclasses.field(default_factory=list)   # retention_ledger rows
     batch_id: str = dataclasses.field(default_factory=new_id)
 
     def __len__(self) -> int:
-        return len(self.events)
+        return len(self.spans)
 
-    def body(self, agent_id: str) -> bytes:
+    def add(self, table: str, row_id: int, encoded: bytes) -> None:
+        if self.spans:
+            self.data += b", "
+        self.spans.append((table, row_id, len(self.data), len(self.data) + len(encoded)))
+        self.data += encoded
+
+    def event(self, index: int) -> bytes:
+        _, _, start, end = self.spans[index]
+        return bytes(self.data[start:end])
+
+    def parts(self, agent_id: str) -> list[bytes | memoryview]:
+        """The request body in three parts (sent one after the other, never joined)."""
         head = {"schema": "otrace.push.v1", "batch_id": self.batch_id, "agent_id": agent_id,
                 "sent_at": _iso(time.time())}
         if self.losses:
             head["losses"] = self.losses
-        return json.dumps(head)[:-1].encode() + b', "events": [' + b", ".join(
-            e for _, _, e in self.events) + b"]}"
+        return [json.dumps(head)[:-1].encode() + b', "events": [', memoryview(self.data), b"]}"]
 
     def halves(self) -> tuple[Batch, Batch]:
-        middle = len(self.events) // 2
-        return Batch(self.events[:middle], self.losses), Batch(self.events[middle:])
+        middle = len(self.spans) // 2
+        first, second = Batch(losses=self.losses), Batch()
+        for index, (table, row_id, _, _) in enumerate(self.spans):
+            (first if index < middle else second).add(table, row_id, self.event(index))
+        return first, second
 
     def ids(self) -> dict[str, list[int]]:
         by_table: dict[str, list[int]] = {}
-        for table, row_id, _ in self.events:
+        for table, row_id, _, _ in self.spans:
             by_table.setdefault(table, []).append(row_id)
         return by_table
 
@@ -2419,16 +2437,14 @@ class Packer:
         self.conn, self.max_bytes, self.tables = conn, max_bytes, tuple(tables)
 
     def batches(self) -> Iterator[Batch]:
-        events: list[tuple[str, int, bytes]] = []
-        size = self.ENVELOPE
+        batch = Batch()
         for table, row_id, encoded in self.encoded():
-            if events and size + len(encoded) + 2 > self.max_bytes:
-                yield Batch(events)
-                events, size = [], self.ENVELOPE
-            events.append((table, row_id, encoded))
-            size += len(encoded) + 2
-        if events:
-            yield Batch(events)
+            if batch.spans and self.ENVELOPE + len(batch.data) + 2 + len(encoded) > self.max_bytes:
+                yield batch
+                batch = Batch()
+            batch.add(table, row_id, encoded)
+        if batch.spans:
+            yield batch
 
     def encoded(self) -> Iterator[tuple[str, int, bytes]]:
         for table in self.tables:
@@ -2508,16 +2524,18 @@ class Receiver:
         self.pool = urllib3.PoolManager(num_pools=1, maxsize=1, retries=False)
 
     def post(self, batch: Batch, agent_id: str, deadline: float | None) -> Attempt:
-        body = batch.body(agent_id)
-        attempt = Attempt(batch.batch_id, now_ms(), len(batch), len(body))
+        body: list[bytes | memoryview] = batch.parts(agent_id)
+        attempt = Attempt(batch.batch_id, now_ms(), len(batch), sum(map(len, body)))
         if self.gzip:
-            body = gzip.compress(body, 6)
+            body = [gzip.compress(b"".join(body), 6)]
         read = self.timeout if deadline is None else max(0.1, min(self.timeout, deadline - time.monotonic()))
         started = time.monotonic()
         try:
-            resp = self.pool.request("POST", self.url, body=body, headers={
-                **self.headers, "Idempotency-Key": batch.batch_id}, redirect=False,
-                timeout=urllib3.Timeout(connect=min(10.0, read), read=read), preload_content=False)
+            headers = {**self.headers, "Idempotency-Key": batch.batch_id,
+                       "Content-Length": str(sum(map(len, body)))}   # so the parts go as they are
+            resp = self.pool.request("POST", self.url, body=body, headers=headers, redirect=False,
+                                     timeout=urllib3.Timeout(connect=min(10.0, read), read=read),
+                                     preload_content=False)
             try:
                 attempt.status = resp.status
                 attempt.retry_after = retry_after_seconds(resp.headers.get("Retry-After"))
@@ -2615,7 +2633,7 @@ class Pusher(Loop):
             "SELECT id, at, table_name, reason, unsynced_deleted, oldest_received_at, newest_received_at "
             "FROM retention_ledger WHERE reported_at IS NULL AND unsynced_deleted > 0 ORDER BY id LIMIT 100")]
         batches = Packer(conn, self.config.push_max_bytes, self.tables).batches()
-        first = next(batches, None) or (Batch([]) if losses else None)
+        first = next(batches, None) or (Batch() if losses else None)
         if first is None:
             return
         first.losses = losses
@@ -2641,13 +2659,13 @@ class Pusher(Loop):
             if verdict == "config":
                 return False
             if verdict == "split":
-                if not batch.events:      # a report of losses alone, refused: try it next cycle
+                if not batch.spans:       # a report of losses alone, refused: try it next cycle
                     return False
                 if len(batch) == 1:
                     self.record(functools.partial(record_rejected, batch, attempt), deadline)
                     self.totals.add("rejected")
                     self.log.warning("event refused by the receiver", extra={
-                        "table": batch.events[0][0], "row_id": batch.events[0][1],
+                        "table": batch.spans[0][0], "row_id": batch.spans[0][1],
                         "status": attempt.status, "reason": attempt.error})
                     return True
                 return all(self.deliver(half, deadline) for half in batch.halves())
@@ -2719,7 +2737,8 @@ def record_pushed(batch: Batch, attempt: Attempt, conn: sqlite3.Connection) -> N
 
 def record_rejected(batch: Batch, attempt: Attempt, conn: sqlite3.Connection) -> None:
     """Take a row the receiver refused on its own out of the push queue, keeping why."""
-    (table, row_id, encoded), = batch.events
+    (table, row_id, _, _), = batch.spans
+    encoded = batch.event(0)
     conn.execute("BEGIN IMMEDIATE")
     conn.execute(f"UPDATE {table} SET synced = {REJECTED} WHERE id = ?", (row_id,))
     conn.execute("INSERT INTO push_rejects (table_name, row_id, trace_id, rejected_at, http_status, reason) "
@@ -3113,9 +3132,19 @@ def _iso(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp).astimezone().isoformat(timespec="milliseconds")
 
 
+def return_big_buffers() -> None:
+    """Have glibc map buffers over 128 KiB on their own, so a push's multi-megabyte batches go back to
+    the system when freed. Left alone, glibc raises that threshold after the first big free and keeps
+    later batches in its heap: measured, 10 MB more RSS while draining a backlog."""
+    m_mmap_threshold = -3
+    with contextlib.suppress(OSError, AttributeError):          # not glibc: nothing to tune
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt(m_mmap_threshold, 128 * 1024)
+
+
 def serve(config: Config) -> int:
     """Run until SIGTERM or SIGINT, then stop within TRACE_SHUTDOWN_TIMEOUT. The exit code."""
     setup_logging(config.log_level)
+    return_big_buffers()
     stop_signals = {signal.SIGTERM, signal.SIGINT}
     signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)   # every thread inherits this; main waits
     log.info("starting", extra={"version": __version__, "pid": os.getpid(), "settings": config.shown()})

@@ -1,0 +1,24 @@
+# otrace as a container: one Python file, its three packages, a non-root user and a /data volume.
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    TRACE_DB_PATH=/data/openclaw-trace.db
+
+RUN useradd --system --uid 10001 --home-dir /data --shell /usr/sbin/nologin otrace \
+    && mkdir -p /data /app && chown otrace:otrace /data
+
+WORKDIR /app
+COPY requirements.txt .
+RUN pip install --no-cache-dir --disable-pip-version-check -r requirements.txt
+COPY otrace.py LICENSE ./
+
+USER otrace
+VOLUME ["/data"]
+EXPOSE 9090
+STOPSIGNAL SIGTERM
+HEALTHCHECK --interval=30s --timeout=3s --start-period=10s --retries=3 \
+    CMD python -c "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('TRACE_PORT', '9090'), timeout=2)"
+
+ENTRYPOINT ["python", "/app/otrace.py"]
+CMD ["serve"]

@@ -1,0 +1,139 @@
+"""Push: otrace draining a 200,000-row backlog to a local receiver, against a bare client, same run.
+
+    python bench/push.py [--rows 200000]
+
+A database is seeded with unpushed traces (about 700 bytes of JSON each). The baseline is a bare
+client that pages the same rows out of SQLite and POSTs them as the same 5 MiB JSON batches with
+urllib3, marking nothing. Then otrace starts on a copy of the database and pushes the backlog
+itself (reading pages, packing, marking each confirmed batch synced). The receiver, in a process of
+its own, reads each body and answers 200. Printed: events/s of both, the ratio, and otrace's RSS
+before and during the drain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import urllib3
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from common import Usage, free_port, health, save, start_otrace, stop, table, wait_listening
+
+import otrace
+
+EVENT = {"provider": "anthropic", "model": "claude-sonnet-4", "input_text": "q" * 200,
+         "output_text": "a" * 200, "prompt_tokens": 80, "completion_tokens": 40, "cost_usd": 0.0004,
+         "latency_ms": 900}
+
+
+class Sink(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def seed(path: Path, n: int) -> None:
+    otrace.open_database(str(path))
+    template = otrace.parse_events(json.dumps(EVENT).encode(), "/v1/traces", 1, 16384)[0][0]
+    with sqlite3.connect(path) as conn:
+        conn.executemany(otrace.INSERT_SQL["llm_traces"],
+                         ((f"backlog-{i}", *template.values[1:]) for i in range(n)))
+
+
+def bare_push(path: Path, url: str, max_bytes: int) -> float:
+    """Page the rows out and post them as byte-capped batches: transport only. Returns events/s."""
+    pool = urllib3.PoolManager(maxsize=1, retries=False)
+    started, sent = time.perf_counter(), 0
+    with sqlite3.connect(path) as conn:
+        batches = otrace.Packer(conn, max_bytes, ["llm_traces"]).batches()
+        for batch in batches:
+            body = b"".join(batch.parts("bench"))
+            resp = pool.request("POST", url, body=body, headers={"Content-Type": "application/json"})
+            assert resp.status == 200
+            sent += len(batch)
+    return sent / (time.perf_counter() - started)
+
+
+def otrace_push(path: Path, url: str, n: int) -> tuple[float, float, float]:
+    """otrace pushing the backlog: (events/s, RSS before it starts, peak RSS while pushing)."""
+    proc, port = start_otrace(path.parent, {"TRACE_PUSH_ENDPOINT": url, "TRACE_PUSH_INTERVAL": "1h",
+                                            "TRACE_METRICS_INTERVAL": "off"})
+    try:
+        time.sleep(2.0)                                   # the first cycle begins 5 s after start
+        idle = Usage.of(proc.pid).rss_bytes
+        peak, started, done = idle, None, None
+        while done is None:
+            rss = Usage.of(proc.pid).rss_bytes
+            peak = max(peak, rss)
+            report = health(port)
+            if started is None and report["push"]["events_pushed"]:
+                started, first_batch = time.perf_counter(), report["push"]["events_pushed"]
+            if report["push"]["events_pushed"] >= n:
+                done = time.perf_counter()
+            time.sleep(0.1)
+        return (n - first_batch) / (done - started), idle, peak
+    finally:
+        stop(proc)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=200_000)
+    args = parser.parse_args()
+    port = free_port()
+    here = str(Path(__file__).parent)
+    sink = subprocess.Popen([sys.executable, "-c", f"import sys; sys.path.insert(0, {here!r}); "
+                             f"import push; push.serve({port})"])
+    wait_listening(port)
+    url = f"http://127.0.0.1:{port}/ingest"
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            base = Path(tmp) / "seed" / "otrace.db"
+            base.parent.mkdir()
+            seed(base, args.rows)
+            copy = Path(tmp) / "run" / "otrace.db"
+            copy.parent.mkdir()
+            shutil.copy(base, copy)
+            bare = bare_push(base, url, 5 * 2**20)
+            print(f"  bare client: {bare:.0f} events/s", flush=True)
+            ours, idle, peak = otrace_push(copy, url, args.rows)
+            print(f"  otrace: {ours:.0f} events/s, RSS {idle / 2**20:.1f} -> {peak / 2**20:.1f} MB",
+                  flush=True)
+    finally:
+        sink.terminate()
+        sink.wait()
+    ratio = ours / bare
+    markdown = table(["path", "events/s", "ratio", "RSS idle → peak while pushing"], [
+        ["bare client: page + POST 5 MiB batches (baseline)", f"{bare:.0f}", "1.00", ""],
+        ["otrace push (pages, packs, marks synced)", f"{ours:.0f}", f"**{ratio:.2f}**",
+         f"{idle / 2**20:.1f} → {peak / 2**20:.1f} MB (+{(peak - idle) / 2**20:.1f} MB)"]])
+    markdown += f"\n\n{args.rows} unpushed traces of ~700 bytes, to a receiver on loopback answering 200."
+    save("push", markdown, {"rows": args.rows, "bare_events_per_s": bare, "otrace_events_per_s": ours,
+                            "ratio": ratio, "rss_idle": idle, "rss_peak": peak})
+
+
+def serve(port: int) -> None:
+    server = ThreadingHTTPServer(("127.0.0.1", port), Sink)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever).start()
+
+
+if __name__ == "__main__":
+    main()
