@@ -2131,17 +2131,28 @@ class Followed:
     def __init__(self, path: str, fd: int, offset: int) -> None:
         self.path, self.fd, self.offset = path, fd, offset
         st = os.fstat(fd)
-        self.dev, self.inode = st.st_dev, st.st_ino
+        self.dev, self.inode, self.seen_size = st.st_dev, st.st_ino, st.st_size
         self.fingerprint = fingerprint(fd, st.st_size)
         self.replaced_at: float | None = None      # when another file took its name
 
-    @property
-    def key(self) -> str:
-        """A short stable name of the file's identity, for the trace_ids of its events."""
-        return hashlib.sha256(f"{self.dev}:{self.inode}:{self.fingerprint}".encode()).hexdigest()[:12]
-
     def size(self) -> int:
         return os.fstat(self.fd).st_size
+
+    def rewritten(self) -> bool:
+        """True when the file was truncated since the last look: it is shorter than what was read,
+        or its first bytes changed (truncated, then written past the old offset). Checked only when
+        the size changed."""
+        size = self.size()
+        if size == self.seen_size:
+            return False
+        self.seen_size = size
+        length = int(self.fingerprint.split(":", 1)[0])
+        return size < self.offset or (size >= length and fingerprint(self.fd, length) != self.fingerprint)
+
+    def line_id(self, start: int, text: bytes) -> str:
+        """The trace_id of the events from a line: the same line read again gets the same one, a line
+        written at the same offset after a truncation gets another."""
+        return "log-" + hashlib.sha256(f"{self.dev}:{self.inode}:{start}:".encode() + text).hexdigest()[:24]
 
     def refresh_fingerprint(self) -> None:
         """A file first seen shorter than FINGERPRINT_BYTES gets its full fingerprint once it grows."""
@@ -2186,7 +2197,7 @@ def fingerprint(fd: int, size: int) -> str:
 class LogTailer(Loop):
     """Follows the gateway's log (LOGP-01..05): every TRACE_LOG_POLL it reads the lines appended since
     the last commit and offers their events, with the new offset, to the queue as one unit. After a
-    rename rotation it finishes the old file before moving on; a file that shrank is read again from
+    rename rotation it finishes the old file before moving on; a truncated file is read again from
     its start; a missing file is waited for quietly."""
 
     def __init__(self, config: Config, events: EventQueue,
@@ -2198,6 +2209,7 @@ class LogTailer(Loop):
         self.backlog = self.unfinished()  # files read before, with lines left: finish them first
         self.started = False
         self.most = max(1, min(256, config.queue_size // 4))   # lines per unit, so that units fit the queue
+        self.behind = False              # the queue refused the last offer: look again soon
         self.totals = Counters(("lines", "events", "skipped", "not_json", "cut"))
 
     # -- which file
@@ -2242,11 +2254,12 @@ class LogTailer(Loop):
         except OSError:
             fd = None
         if fd is None:
+            self.started = True      # a file that appears from now on is new: read from its start
             self.fault.failed(f"waiting for the gateway log at {self.config.log_path}")
             return False
         st = os.fstat(fd)
         offset = self.resume_at(path, st)
-        if offset is None:           # never read: a file after another starts at 0, the first per config
+        if offset is None:           # never read: TRACE_LOG_START for a file there at startup, else 0
             offset = 0 if self.started or self.config.log_start == "beginning" else line_end(fd, st.st_size)
         self.started = True
         self.current = Followed(path, fd, offset)
@@ -2258,8 +2271,8 @@ class LogTailer(Loop):
         if self.current is None and not self.open_next():
             return
         followed = self.current
-        if followed.size() < followed.offset:        # truncated in place: read it again from the top
-            self.log.warning("log file shrank: reading it again from its start", extra={
+        if followed.rewritten():                     # truncated in place: read it again from the top
+            self.log.warning("log file was truncated: reading it again from its start", extra={
                 "file": followed.path, "offset": followed.offset})
             followed.offset = 0
             followed.fingerprint = fingerprint(followed.fd, followed.size())
@@ -2276,6 +2289,10 @@ class LogTailer(Loop):
         self.log.info("finished log file", extra={"file": followed.path, "offset": followed.offset})
         self.current = None
         self.open_next()
+
+    def next_delay(self) -> float:
+        """While catching up behind a full queue, look again in 2 ms rather than a whole poll."""
+        return min(self.interval, 0.002) if self.behind else self.interval
 
     def superseded(self, followed: Followed) -> bool:
         """Another file has taken over: `followed` came from the backlog, the day moved on to a new
@@ -2303,7 +2320,9 @@ class LogTailer(Loop):
             state = (OFFSET_SQL, (followed.dev, followed.inode, followed.fingerprint, followed.path, end,
                                   now_ms()))
             if not self.events.offer(Unit(rows, (state,))):
+                self.behind = True
                 return None
+            self.behind = False
             self.known[(followed.dev, followed.inode)] = [(followed.fingerprint, end)]
             followed.offset = end
             self.totals.add("lines", len(lines))
@@ -2326,7 +2345,7 @@ class LogTailer(Loop):
         if kind is None and not self.config.log_keep_all:
             self.totals.add("skipped")
             return []
-        trace_id, received = f"log-{followed.key}-{start}", now_ms()
+        trace_id, received = followed.line_id(start, text), now_ms()
         created = line.time_ms if line.time_ms is not None and 0 <= line.time_ms <= MAX_UNIX_MS else received
         message = cut_utf8(line.message, self.config.max_text_bytes)[0]
         rows = [Row(LOGS.name, (trace_id, created, received, "log", line.level, line.subsystem,

@@ -1258,13 +1258,13 @@ def test_database_cap_deletes_in_order_and_reports_the_losses(
     assert node.health()["retention"]["unpushed_deleted_total"] == {"system_metrics": 100,
                                                                    "llm_traces": len(lost)}
     receiver.default = 200                                  # the receiver comes back: it is told
-    wait_synced(node, sorted(kept))
+    wait_until(lambda: node.query("SELECT count(*) FROM retention_ledger WHERE unsynced_deleted > 0 "
+                                  "AND reported_at IS NULL") == [(0,)], what="losses marked reported")
+    # (the rows kept may be gone again by now: once pushed, they are the first to go under pressure)
     losses = [loss for r in receiver.requests if r["answered"] == 200 for loss in r["json"].get("losses", [])]
     assert sorted((x["table"], x["reason"], x["rows"]) for x in losses) == [
         ("llm_traces", "pressure_unpushed", len(lost)), ("system_metrics", "pressure_metrics", 100)]
     assert all(x["oldest_received_at"] <= x["newest_received_at"] for x in losses)
-    wait_until(lambda: node.query("SELECT count(*) FROM retention_ledger WHERE unsynced_deleted > 0 "
-                                  "AND reported_at IS NULL") == [(0,)], what="losses marked reported")
 
 
 @needs_root
@@ -1699,12 +1699,16 @@ def test_log_replay_through_rotation_truncation_and_a_new_day(tmp_path: Path,
     today.rename(logs / "openclaw-2026-11-24.1.log")            # size rotation: rename, then a new file
     append(logs / "openclaw-2026-11-24.1.log", lines[20])       # a last append lands in the renamed file
     seen.append(20)
+    feed(range(21, 35), today)
+    node.signal(signal.SIGSTOP)                                 # while otrace is paused, the file is
+    with open(today, "wb") as f:                                # truncated and rewritten past its old
+        f.writelines(lines[35:51])                              # offset: only its first bytes tell
+    assert today.stat().st_size > sum(map(len, lines[21:35]))
+    node.signal(signal.SIGCONT)
+    seen.extend(range(35, 51))
+    wait_until(lambda: sorted(logged(node)) == sorted(expected(seen)), what="the rewritten file")
     huge = b'{"0": "' + b"x" * 1_000_000 + b'", "_meta": {"logLevelName": "ERROR"}}\n'   # cut, not kept
-    feed(range(21, 35), today, huge)
-    with open(today, "wb"):                                      # truncated in place (copytruncate)
-        pass
-    feed(range(35, 45), today)
-    feed(range(45, 62), logs / "openclaw-2026-11-25.log")       # the next day's file
+    feed(range(51, 62), logs / "openclaw-2026-11-25.log", huge)   # the next day's file
     assert sorted(logged(node)) == sorted(expected(range(62)))  # every expected event, exactly once
     health = node.health()["log_tail"]
     assert health["not_json"] >= 1 and health["cut"] == 1 and health["file"].endswith("2026-11-25.log")
@@ -1772,6 +1776,19 @@ def test_log_start_end_skips_what_was_there(tmp_path: Path, run: Callable[..., O
         sum(map(len, lines[:30]))
     append(log, lines[30][50:] + b"".join(lines[31:40]))
     wait_until(lambda: sorted(logged(node)) == sorted(expected(range(30, 40))), what="new lines only")
+
+
+@needs_gateway_log
+def test_a_log_that_appears_after_start_is_read_from_its_beginning(tmp_path: Path,
+                                                                   run: Callable[..., Otrace]) -> None:
+    """TRACE_LOG_START=end (the default) is for a file already there: one the gateway creates later
+    is new from its first line."""
+    logs = tmp_path / "openclaw"
+    logs.mkdir()
+    node = run({"TRACE_LOG_PATH": str(logs), "TRACE_LOG_POLL": "50ms"})
+    node.wait_log(lambda e: "waiting for the gateway log" in str(e.get("error", "")))
+    (logs / "openclaw-2026-11-24.log").write_bytes(b"".join(gateway_lines()[:20]))
+    wait_until(lambda: sorted(logged(node)) == sorted(expected(range(20))), what="the first lines too")
 
 
 def test_old_gateway_lines_without_message_are_joined() -> None:

@@ -1,0 +1,124 @@
+"""Gateway log follower: lines/s through otrace's tailer, and what following an idle log costs.
+
+    python bench/logtail.py [--lines 100000] [--idle 30]
+
+Throughput: the 62 real gateway lines of ../shared/fixtures/openclaw, repeated to --lines, appear at
+once in the directory a fresh otrace follows; timed until otrace has committed the offset of the
+file's end (every event before it is then in SQLite). The baseline, in the same run: a bare loop that
+reads the same file line by line and json-parses each line.
+
+Idle: otrace with no log to follow, and otrace following an idle file, side by side for --idle
+seconds at the default TRACE_LOG_POLL: their CPU (share of one core) and RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sqlite3
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, Usage, save, start_otrace, stop, table
+
+SAMPLE = ROOT.parent / "shared" / "fixtures" / "openclaw" / "gateway-2026.9.6-sample.jsonl"
+
+
+def write_sample(path: Path, lines: int) -> int:
+    """The sample's lines repeated to `lines` lines; the file's size."""
+    sample = SAMPLE.read_bytes().splitlines(keepends=True)
+    with open(path, "wb") as out:
+        for start in range(0, lines, len(sample)):
+            out.write(b"".join(sample[:lines - start]))
+    return path.stat().st_size
+
+
+def bare_loop(path: Path) -> float:
+    """Lines/s of the baseline: read line by line, json.loads each."""
+    started, count = time.perf_counter(), 0
+    with open(path, "rb") as lines:
+        for line in lines:
+            json.loads(line)
+            count += 1
+    return count / (time.perf_counter() - started)
+
+
+def committed(db: Path) -> int | None:
+    with sqlite3.connect(db, timeout=10) as conn:
+        row = conn.execute("SELECT max(position) FROM log_offsets").fetchone()
+    return row[0] if row else None
+
+
+def through_otrace(work: Path, source: Path, size: int, lines: int) -> dict[str, float]:
+    logs = work / "logs"
+    logs.mkdir()
+    proc, _ = start_otrace(work, {"TRACE_LOG_PATH": str(logs), "TRACE_METRICS_INTERVAL": "off"})
+    try:
+        before, started = Usage.of(proc.pid), time.perf_counter()
+        os.link(source, logs / "openclaw-2026-11-24.log")        # all of it there at once
+        while committed(work / "otrace.db") != size:
+            time.sleep(0.01)
+        took, after = time.perf_counter() - started, Usage.of(proc.pid)
+        with sqlite3.connect(work / "otrace.db") as conn:
+            events = conn.execute("SELECT count(*) FROM log_events").fetchone()[0]
+        return {"lines_per_s": lines / took, "events": events, "rss_mib": after.peak_rss_bytes / 2**20,
+                "cpu_s_per_100k_lines": (after.cpu_s - before.cpu_s) * 100_000 / lines}
+    finally:
+        stop(proc)
+
+
+def idle_costs(work: Path, seconds: float) -> dict[str, dict[str, float]]:
+    log = work / "idle.log"
+    log.write_bytes(SAMPLE.read_bytes())
+    runs = {"no log (baseline)": (work / "none", {}),
+            "following an idle file": (work / "file", {"TRACE_LOG_PATH": str(log)})}
+    procs = {}
+    for name, (folder, env) in runs.items():
+        folder.mkdir()
+        procs[name] = start_otrace(folder, {"TRACE_METRICS_INTERVAL": "off", **env})[0]
+    try:
+        time.sleep(1.0)
+        before, started = {n: Usage.of(p.pid) for n, p in procs.items()}, time.perf_counter()
+        time.sleep(seconds)
+        wall = time.perf_counter() - started
+        return {n: {"cpu_pct": 100 * (Usage.of(p.pid).cpu_s - before[n].cpu_s) / wall,
+                    "rss_mib": Usage.of(p.pid).rss_bytes / 2**20} for n, p in procs.items()}
+    finally:
+        for proc in procs.values():
+            stop(proc)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lines", type=int, default=100_000)
+    parser.add_argument("--idle", type=float, default=30.0)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="otrace-bench-") as tmp:
+        work = Path(tmp)
+        source = work / "gateway.log"
+        size = write_sample(source, args.lines)
+        bare = max(bare_loop(source) for _ in range(3))
+        (work / "run").mkdir()
+        ours = through_otrace(work / "run", source, size, args.lines)
+        print(f"  tailer: {ours['lines_per_s']:.0f} lines/s (bare {bare:.0f})", flush=True)
+        idle = idle_costs(work, args.idle)
+    ratio = ours["lines_per_s"] / bare
+    markdown = table(["path", "lines/s", "ratio", "CPU s / 100k lines", "RSS MiB"], [
+        ["bare loop: read + json.loads (baseline)", f"{bare:.0f}", "1.00", "", ""],
+        ["otrace tailer (classify, rows, offset in the same transaction)", f"{ours['lines_per_s']:.0f}",
+         f"**{ratio:.2f}**", f"{ours['cpu_s_per_100k_lines']:.2f}", f"{ours['rss_mib']:.1f}"]])
+    markdown += (f"\n\n{args.lines} lines ({size / 2**20:.1f} MiB) of the real gateway sample; "
+                 f"{ours['events']} became log events.\n\n" + table(
+                     [f"otrace, idle for {args.idle:.0f} s", "CPU % of a core", "RSS MiB"],
+                     [[n, f"{c['cpu_pct']:.3f}", f"{c['rss_mib']:.1f}"] for n, c in idle.items()]))
+    save("logtail", markdown, {"lines": args.lines, "bare_lines_per_s": bare, **ours, "ratio": ratio,
+                               "idle": idle})
+
+
+if __name__ == "__main__":
+    main()
