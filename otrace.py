@@ -253,9 +253,11 @@ class Config:
         return cls(**values)
 
     def shown(self) -> dict[str, Any]:
-        """The effective settings, secrets masked, for the startup log."""
+        """The effective settings, secrets masked (and any user:password@ of the push URL), for the
+        startup log."""
         return {spec.name: ("***" if spec.metadata["secret"] and getattr(self, spec.name) else
-                            getattr(self, spec.name)) for spec in dataclasses.fields(self)}
+                            getattr(self, spec.name)) for spec in dataclasses.fields(self)} | {
+            "push_endpoint": _without_userinfo(self.push_endpoint)}
 
 
 def env_name(spec: dataclasses.Field) -> str:
@@ -534,7 +536,10 @@ class Reader:
                 raise self.fail("metadata", "string must hold a JSON object") from None
         if not isinstance(value, dict):
             raise self.fail("metadata", "must be a JSON object")
-        text = clean_text(json.dumps(value, ensure_ascii=False, separators=(",", ":")))
+        try:
+            text = clean_text(json.dumps(value, ensure_ascii=False, separators=(",", ":")))
+        except RecursionError:      # parsed just under the limit, a few frames deeper to write back
+            raise self.fail("metadata", "is nested too deeply") from None
         size = len(text.encode("utf-8"))
         if size > self.max_text:
             self.truncated = True
@@ -3053,7 +3058,7 @@ class Service:
         self.writer.start()
         for loop in self.loops:
             loop.start()
-        for name, target in (("otrace-http", lambda: self.server.serve_forever(poll_interval=0.1)),
+        for name, target in (("otrace-http", self.server.serve_forever),
                              ("otrace-reaper", self.server.connections.run_reaper)):
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()

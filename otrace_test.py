@@ -10,8 +10,10 @@ import contextlib
 import gzip
 import http.client
 import http.server
+import ipaddress
 import json
 import os
+import selectors
 import shutil
 import signal
 import socket
@@ -22,10 +24,13 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import otrace
 
@@ -65,7 +70,9 @@ class Response:
 class Otrace:
     """A real otrace process with its own database, on a port it picked itself."""
 
-    def __init__(self, tmp: Path, env: dict[str, str] | None = None, db: Path | None = None) -> None:
+    def __init__(self, tmp: Path, env: dict[str, str] | None = None, db: Path | None = None,
+                 command: list[str] | None = None) -> None:
+        self.command = command or [sys.executable, str(OTRACE)]
         self.db_path = db or tmp / "otrace.db"
         self.env = {"TRACE_PORT": "0", "TRACE_DB_PATH": str(self.db_path), "TRACE_BATCH_WINDOW": "20ms",
                     "TRACE_LOG_LEVEL": "info", "TRACE_METRICS_INTERVAL": "off", **(env or {})}
@@ -77,7 +84,7 @@ class Otrace:
 
     def start(self, wait: bool = True) -> Otrace:
         env = {k: v for k, v in os.environ.items() if not k.startswith("TRACE_")} | self.env
-        self.proc = subprocess.Popen([sys.executable, str(OTRACE)], env=env, stdout=subprocess.PIPE,
+        self.proc = subprocess.Popen(self.command, env=env, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True)
         threading.Thread(target=self._read, args=(self.proc.stdout, True), daemon=True).start()
         threading.Thread(target=self._read, args=(self.proc.stderr, False), daemon=True).start()
@@ -1244,7 +1251,7 @@ def test_database_cap_deletes_in_order_and_reports_the_losses(
     cap = int(db_bytes(db) * 0.6)      # the unpushed traces are the oldest: the order is by tier first
     receiver.default = 503
     node = run(push_env(receiver, TRACE_DB_MAX_BYTES=str(cap), TRACE_CLEANUP_INTERVAL="300ms",
-                        TRACE_PUSH_RETRIES="1"), db=db)
+                        TRACE_PUSH_RETRIES="1", TRACE_PUSH_BREAKER_THRESHOLD="1000"), db=db)  # no cool-down
     node.wait_log(lambda e: e.get("message") == "retention deleted rows that were never pushed")
     assert db_bytes(db) <= cap * 0.8
     assert not present(node, "llm_traces") & set(made["trace/1"])        # 1. pushed rows, all
@@ -1820,3 +1827,564 @@ def test_database_from_every_older_schema_migrates_keeping_rows(tmp_path: Path,
         assert node.query("SELECT trace_id FROM llm_traces") == [("kept",)]
         assert node.logs("schema migrated")[-1]["version"] == len(otrace.SCHEMA)
         assert node.stop() == 0
+
+
+# --------------------------------------------------------------------------------- fault and fuzz
+# Hostile and broken clients against a real otrace: fuzzed bodies, slow and half-closed sockets, a
+# slowloris crowd, and what an attacker on the machine (or its network) could get at.
+
+FUZZ_TOKEN = "fuzz-token-7f3a"
+FUZZ_MAX_BODY, FUZZ_MAX_EVENTS = 64 * 1024, 4
+FUZZ_ENV = {"TRACE_INGEST_TOKEN": FUZZ_TOKEN, "TRACE_MAX_BODY_BYTES": str(FUZZ_MAX_BODY),
+            "TRACE_MAX_EVENTS": str(FUZZ_MAX_EVENTS), "TRACE_MAX_TEXT_BYTES": "1KiB"}
+# Every status otrace answers a request with (refuse, reply and send_error in otrace.py), but 414 and
+# 431, which only an over-long request line or header section gets, and this fuzz sends neither.
+ANSWERS = {202, 400, 401, 404, 405, 411, 413, 415, 503}
+TABLE_OF = {"/v1/traces": otrace.TRACES, "/v1/errors": otrace.ERRORS}
+
+
+class Raw(str):
+    """JSON text that goes into a body as it is: NaN, Infinity, a lone surrogate escape, a deep nest."""
+
+
+def to_json(value: Any) -> str:
+    """The JSON text of `value`, with every Raw inside it written verbatim."""
+    if isinstance(value, Raw):
+        return str(value)
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(k)}: {to_json(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(map(to_json, value)) + "]"
+    return json.dumps(value)
+
+
+def nested(depth: int) -> str:
+    return '{"m": ' * depth + "1" + "}" * depth
+
+
+# values of any type, and the nastiest bits of JSON text
+NASTY = st.sampled_from([
+    Raw("NaN"), Raw("Infinity"), Raw("-Infinity"), Raw("1e400"), Raw("-0"), Raw('"\\ud800"'),
+    Raw('"tail \\udfff"'), Raw('"\\ud83d\\ude00"'), Raw("9" * 5000), Raw("[" * 10_000 + "]" * 10_000),
+    Raw("[" * 10_000), Raw('"' + "x" * 70_000 + '"'),
+]) | st.integers(900, 1000).map(lambda depth: Raw(nested(depth)))   # around json's recursion limit
+HUGE = st.sampled_from([10**30, -(10**30), -1, 2**53 - 1, 2**53, 2**63, 2**64, -(2**63) - 1, 1e308, -0.0])
+SCALARS = (st.none() | st.booleans() | st.integers() | HUGE | st.floats(allow_nan=False, allow_infinity=False)
+           | st.text(max_size=20))
+WILD = st.recursive(SCALARS | NASTY, lambda inner: st.lists(inner, max_size=3)
+                    | st.dictionaries(st.text(max_size=8), inner, max_size=3), max_leaves=6)
+
+# values each field accepts
+NAME_OK = st.text(max_size=40).map("n".__add__)
+TEXT_OK = st.text(max_size=60) | st.just("é" * 700) | st.sampled_from(
+    [Raw('"\\ud800 lone"'), Raw('"\\udfff"'), Raw('"pair \\ud83d\\ude00"')])
+MESSAGE_OK = st.text(max_size=60).map("m".__add__) | st.just(Raw('"lone \\ud800"'))
+COUNT_OK = st.integers(0, otrace.MAX_INT)
+AMOUNT_OK = st.floats(0, 1e9) | st.integers(0, 10**6)
+TRACE_ID_OK = st.uuids().map(str) | st.text(st.characters(categories=("L", "N", "P", "S")), min_size=1,
+                                             max_size=otrace.MAX_TRACE_ID_CHARS)
+CREATED_OK = st.integers(0, otrace.MAX_UNIX_MS) | st.datetimes(
+    datetime(1970, 1, 2), datetime(9999, 12, 30),
+    timezones=st.integers(-1439, 1439).map(lambda m: timezone(timedelta(minutes=m)))).map(datetime.isoformat)
+METADATA_OK = st.dictionaries(st.text(max_size=8), SCALARS, max_size=4)
+OPTIONAL_COMMON = {"trace_id": TRACE_ID_OK, "created_at": CREATED_OK, "session_id": NAME_OK,
+                   "metadata": METADATA_OK | METADATA_OK.map(json.dumps), "colour": SCALARS}
+VALID_EVENT = {
+    "/v1/traces": st.fixed_dictionaries({"provider": NAME_OK, "model": NAME_OK}, optional={
+        "input_text": TEXT_OK, "output_text": TEXT_OK, "prompt_tokens": COUNT_OK,
+        "completion_tokens": COUNT_OK, "total_tokens": COUNT_OK, "cache_read_tokens": COUNT_OK,
+        "cache_write_tokens": COUNT_OK, "reasoning_tokens": COUNT_OK, "cost_usd": AMOUNT_OK,
+        "latency_ms": AMOUNT_OK, "ttft_ms": AMOUNT_OK, "status": st.sampled_from(["ok", "error"]),
+        "error_type": NAME_OK, "finish_reason": NAME_OK, **OPTIONAL_COMMON}),
+    "/v1/errors": st.fixed_dictionaries({"error_type": st.sampled_from(otrace.ERROR_TYPES),
+                                         "message": MESSAGE_OK}, optional={
+        "category": st.sampled_from(otrace.ERROR_CATEGORIES), "severity": st.sampled_from(otrace.SEVERITIES),
+        "stack_trace": TEXT_OK, "provider": NAME_OK, "model": NAME_OK, **OPTIONAL_COMMON}),
+}
+NEVER_UTF8 = [b"\xff", b"\xfe", b"\xc0\xaf", b"\xed\xa0\x80", b"\xf8\x88\x80\x80\x80"]
+
+
+@st.composite
+def fuzz_event(draw: st.DrawFn, path: str) -> tuple[dict[str, Any], bool]:
+    """An event for `path`, and whether it is valid: a valid one, or one with wild fields or without
+    a required one (which may still happen to be valid: then it is not known to be)."""
+    event = draw(VALID_EVENT[path])
+    if draw(st.booleans()):
+        return event, True
+    fields = sorted(TABLE_OF[path].fields | {"colour", "synced", "id"})
+    for field in draw(st.lists(st.sampled_from(fields), min_size=1, max_size=3, unique=True)):
+        event[field] = draw(WILD)
+    for field in draw(st.sets(st.sampled_from(sorted(event)), max_size=1)):
+        del event[field]
+    return event, False
+
+
+@st.composite
+def fuzz_body(draw: st.DrawFn, path: str) -> tuple[str, bytes, int | None, list[dict[str, Any]] | None]:
+    """(kind, body, the status it must get if the request is otherwise in order or None when any
+    answer will do, the events when they are all valid)."""
+    kind = draw(st.sampled_from(["event", "array", "json", "bytes", "not-utf8", "nest"]))
+    if kind in ("event", "array"):
+        drawn = draw(st.lists(fuzz_event(path), max_size=FUZZ_MAX_EVENTS + 2)) if kind == "array" \
+            else [draw(fuzz_event(path))]
+        events = [event for event, _ in drawn]
+        valid = all(ok for _, ok in drawn)
+        text = to_json(events if kind == "array" else events[0])
+        if not events:
+            return kind, text.encode(), 400, None
+        if valid:
+            return kind, text.encode(), 413 if len(events) > FUZZ_MAX_EVENTS else 202, events
+        return kind, text.encode(), None, None
+    if kind == "json":
+        return kind, to_json(draw(WILD)).encode(), None, None
+    if kind == "bytes":
+        return kind, draw(st.binary(max_size=300)), None, None
+    if kind == "not-utf8":
+        text = to_json(draw(VALID_EVENT[path])).encode()
+        at = draw(st.integers(0, len(text)))
+        return kind, text[:at] + draw(st.sampled_from(NEVER_UTF8)) + text[at:], 400, None
+    depth = draw(st.integers(1, 20_000))          # [[[...]]] at any depth, closed or not: never an event
+    return kind, b"[" * depth + b"]" * draw(st.sampled_from([0, depth])), 400, None
+
+
+def exchange(port: int, method: str, path: str, body: bytes, headers: dict[str, str]) -> Response:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            conn.request(method, path, body=body, headers=headers)   # otrace may answer (413, 401, ...)
+        resp = conn.getresponse()                                     # and hang up before the body is in
+        return Response(resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read())
+    except (OSError, http.client.HTTPException) as exc:
+        raise AssertionError(f"{method} {path} got no answer: {exc!r}") from None
+    finally:
+        conn.close()
+
+
+def test_fuzzed_requests_get_a_4xx_naming_the_problem_or_a_202_that_is_kept(run: Callable[..., Otrace]
+                                                                           ) -> None:
+    """One otrace for every example. Each gets a status otrace documents (never a 5xx but a full
+    queue's 503), the very status its envelope calls for, a JSON error naming the field or problem,
+    and /health still answers; every event that got a 202 is in the database at the end."""
+    node = run(FUZZ_ENV)
+    accepted: dict[str, list[str]] = {"/v1/traces": [], "/v1/errors": []}
+
+    @settings(max_examples=1000, deadline=None, database=None,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                     HealthCheck.large_base_example])
+    @given(st.data())
+    def example(data: st.DataObject) -> None:
+        # a request in order but for its body, or one with a single part of its envelope wrong
+        wrong = data.draw(st.sampled_from([None] * 7 + ["path", "method", "auth", "content type"]), "wrong")
+        path = data.draw(st.sampled_from(["/v1/traces", "/v1/errors", "/v1/traces?x=1"] if wrong != "path"
+                                         else ["/v1/trace", "/v1/errors/", "/V1/TRACES", "/health"]), "path")
+        route = path.split("?")[0]
+        method = "POST" if wrong != "method" else data.draw(st.sampled_from(["GET", "PUT", "DELETE"]))
+        kind, body, must, events = data.draw(fuzz_body(route if route in TABLE_OF else "/v1/traces"),
+                                             "body")
+        auth = data.draw(st.sampled_from([f"Bearer {FUZZ_TOKEN}", f"bearer {FUZZ_TOKEN}"] if wrong != "auth"
+                                         else [None, "Bearer wrong", f"Basic {FUZZ_TOKEN}",
+                                               f"Bearer {FUZZ_TOKEN}x", "Bearer ", FUZZ_TOKEN]), "auth")
+        content_type = data.draw(st.sampled_from(
+            ["application/json", "application/json; charset=utf-8", "application/problem+json", None]
+            if wrong != "content type" else ["text/plain", "application/x-www-form-urlencoded"]), "type")
+        headers = {name: value for name, value in (("Authorization", auth), ("Content-Type", content_type))
+                   if value is not None}
+        # the envelope is judged in this order, before the body is read
+        if route not in otrace.ROUTES:
+            must = 404
+        elif method not in otrace.ROUTES[route]:
+            must = 405
+        elif wrong == "auth":
+            must = 401
+        elif wrong == "content type":
+            must = 415
+        elif len(body) > FUZZ_MAX_BODY:
+            must = 413
+        resp = exchange(node.port, method, path, body, headers)
+        assert resp.status in ANSWERS, resp
+        if must is not None and not (must == 202 and resp.status == 503):
+            assert resp.status == must, (kind, resp)
+        if resp.status == 202:
+            answer = resp.json
+            ids = answer["trace_ids"]
+            assert answer["accepted"] == len(ids) >= 1 and all(isinstance(i, str) and i for i in ids)
+            if events is not None:
+                assert len(ids) == len(events)
+                assert [e.get("trace_id", i) for e, i in zip(events, ids, strict=True)] == ids
+            assert set(answer.get("ignored_fields", [])) <= {"colour", "synced", "id"}
+            accepted[route] += ids
+        else:
+            assert resp.headers["content-type"] == "application/json"
+            error = resp.json
+            assert isinstance(error["error"], str) and error["error"].strip(), resp
+            if error["field"] is not None:                  # names a field of this endpoint first
+                assert error["field"] in TABLE_OF[route].fields and error["error"].startswith(
+                    error["field"] + " "), resp
+            if "index" in error:
+                assert body.lstrip().startswith(b"[") and 0 <= error["index"] < FUZZ_MAX_EVENTS, resp
+            needle = {401: "token", 404: "no such path", 405: "not allowed", 411: "Content-Length",
+                      415: "content type", 503: "retry later"}.get(resp.status)
+            if resp.status == 413:
+                needle = "TRACE_MAX_BODY_BYTES" if len(body) > FUZZ_MAX_BODY else "TRACE_MAX_EVENTS"
+            elif resp.status == 400 and kind == "not-utf8":
+                needle = "not UTF-8"
+            assert needle is None or needle in error["error"], resp
+            if resp.status == 401:
+                assert resp.headers["www-authenticate"] == "Bearer"
+        assert node.request("GET", "/health").status == 200, "otrace stopped answering"
+
+    example()
+    total = sum(map(len, accepted.values()))
+    assert total >= 20, "too few examples got through to be worth checking"
+    health = node.wait_persisted(total, timeout=20)
+    assert health["events_received"] == total and health["events_dropped"] == 0
+    for route, ids in accepted.items():
+        stored = {t for (t,) in node.query(f"SELECT trace_id FROM {TABLE_OF[route].name}")}
+        assert set(ids) <= stored, f"{len(set(ids) - stored)} accepted {route} events not stored"
+    assert not node.logs("request failed"), node.logs("request failed")[0]
+
+
+def test_metadata_nested_around_the_parsers_limit_is_always_answered(svc: Otrace) -> None:
+    """Depth by depth across json's recursion limit, as an object and as a string holding one: each
+    gets a 202, or a 400 naming the problem; none is left without an answer."""
+    statuses = []
+    for path, base in (("/v1/traces", '"provider": "p", "model": "m"'),
+                       ("/v1/errors", '"error_type": "crash", "message": "m"')):
+        for depth in range(900, 1000):
+            for metadata in (nested(depth), json.dumps(nested(depth))):
+                body = "{" + base + ', "metadata": ' + metadata + "}"
+                resp = exchange(svc.port, "POST", path, body.encode(), {"Content-Type": "application/json"})
+                assert resp.status in (202, 400), (path, depth, resp)
+                if resp.status == 400:
+                    assert "deeply" in resp.json["error"] or resp.json["field"] == "metadata", resp
+                statuses.append(resp.status)
+    assert {202, 400} <= set(statuses)       # the sweep does straddle the limit
+    svc.wait_persisted(statuses.count(202))
+    assert not svc.logs("request failed")
+
+
+def request_head(length: int | str, path: str = "/v1/traces") -> bytes:
+    return (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {length}\r\n\r\n").encode()
+
+
+def read_to_end(sock: socket.socket) -> bytes:
+    """All a peer sends until it hangs up (a reset counts as hanging up); a timeout fails the test."""
+    answer = b""
+    try:
+        while chunk := sock.recv(65536):
+            answer += chunk
+    except ConnectionResetError:
+        pass
+    return answer
+
+
+def answer_of(raw: bytes) -> tuple[int, dict[str, Any]]:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), json.loads(body)
+
+
+def big_body_refused_unread(node: Otrace) -> None:
+    body = b"x" * (10 << 20)
+    with socket.create_connection(("127.0.0.1", node.port), timeout=5) as sock:
+        sock.sendall(request_head(len(body)) + body[:64 << 10])
+        status, error = answer_of(sock.recv(65536))           # answered before the other 9.9 MB are sent
+        assert status == 413 and "TRACE_MAX_BODY_BYTES" in error["error"]
+        with pytest.raises((BrokenPipeError, ConnectionResetError)):   # and hung up rather than read them
+            sock.sendall(body[64 << 10:])
+
+
+SMALL_EVENT = b'{"provider":"p","model":"m"}'
+
+
+def slow_body_in_time(node: Otrace) -> None:
+    """28 bytes at one per 50 ms: 1.4 s, inside TRACE_READ_TIMEOUT=3s."""
+    with socket.create_connection(("127.0.0.1", node.port), timeout=5) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.sendall(request_head(len(SMALL_EVENT)))
+        for byte in SMALL_EVENT:
+            sock.sendall(bytes([byte]))
+            time.sleep(0.05)                                   # the client's own pace, not a wait
+        resp = http.client.HTTPResponse(sock)
+        resp.begin()
+        assert resp.status == 202
+        trace_id = json.loads(resp.read())["trace_ids"][0]
+    node.wait_persisted(1)
+    assert node.query("SELECT provider, model FROM llm_traces WHERE trace_id = ?", trace_id) == [("p", "m")]
+
+
+def slow_body_too_slow(node: Otrace) -> None:
+    """One byte per 100 ms with TRACE_READ_TIMEOUT=1s: cut off at the deadline, not served, not kept."""
+    with socket.create_connection(("127.0.0.1", node.port), timeout=5) as sock:
+        connected = time.monotonic()
+        sock.sendall(request_head(len(SMALL_EVENT)))
+        answer = None
+        for byte in SMALL_EVENT:
+            try:
+                sock.sendall(bytes([byte]))
+            except (BrokenPipeError, ConnectionResetError):
+                answer = b""
+                break
+            if readable(sock, 0.1):
+                answer = read_to_end(sock)
+                break
+        took = time.monotonic() - connected
+    assert answer is not None, "the whole slow body went through"
+    assert answer == b"" or answer.startswith(b"HTTP/1.1 408 "), answer[:100]
+    assert 1.0 <= took < 1.0 + 0.25 + 1.5, took          # the deadline, found by a reaper pass (0.25 s)
+    assert node.health()["events_received"] == 0
+
+
+def readable(sock: socket.socket, timeout: float) -> bool:
+    with selectors.DefaultSelector() as sel:
+        sel.register(sock, selectors.EVENT_READ)
+        return bool(sel.select(timeout))
+
+
+def half_closed(sent: bytes, status: int | None, needle: str = "") -> Callable[[Otrace], None]:
+    """The client sends `sent`, then shuts its sending side: otrace sees the end of input at once."""
+    def case(node: Otrace) -> None:
+        with socket.create_connection(("127.0.0.1", node.port), timeout=5) as sock:
+            sock.sendall(sent)
+            sock.shutdown(socket.SHUT_WR)
+            started = time.monotonic()
+            answer = read_to_end(sock)
+            took = time.monotonic() - started
+        assert took < 2.0, took      # TRACE_READ_TIMEOUT is 10 s: the end of input ended it, not the reaper
+        if status is None:
+            assert answer == b""
+        else:
+            code, error = answer_of(answer)
+            assert code == status and needle in error["error"], answer
+    return case
+
+
+@pytest.mark.parametrize(("env", "case"), [
+    ({}, big_body_refused_unread),
+    ({"TRACE_READ_TIMEOUT": "3s"}, slow_body_in_time),
+    ({"TRACE_READ_TIMEOUT": "1s"}, slow_body_too_slow),
+    ({}, half_closed(request_head(100) + b'{"provider": "p"', 400, "body ended after 16 of 100 bytes")),
+    ({}, half_closed(b"POST /v1/traces HTTP/1.1\r\nHost: x\r\nContent-Le", 411, "Content-Length")),
+    ({}, half_closed(b"", None)),
+], ids=["10MB-body", "slow-body-in-time", "slow-body-too-slow", "half-closed-mid-body",
+        "half-closed-mid-headers", "half-closed-at-once"])
+def test_nasty_client_is_answered_or_cut_off_and_the_service_lives(
+        run: Callable[..., Otrace], env: dict[str, str], case: Callable[[Otrace], None]) -> None:
+    node = run(env)
+    case(node)
+    wait_until(lambda: node.health()["connections_open"] == 1, what="the client's handler to finish")
+    assert node.post("/v1/traces", trace()).status == 202
+    assert not node.logs("request failed")
+
+
+class Slowloris(threading.Thread):
+    """`n` connections that each send one more byte of a request line every `every` seconds, noting
+    when otrace hangs up on each and anything it answers. Stops by itself after `lifetime` seconds or
+    once every connection is closed; close() stops it and closes the sockets."""
+
+    LINE = b"POST /v1/traces HTTP/1.1\r\n"
+
+    def __init__(self, port: int, n: int, every: float = 1.0, lifetime: float = 20.0) -> None:
+        super().__init__(daemon=True)
+        self.every, self.lifetime = every, lifetime
+        self.socks: list[socket.socket] = []
+        self.opened: dict[socket.socket, float] = {}
+        self.closed: dict[socket.socket, float] = {}
+        self.answers: dict[socket.socket, bytes] = {}
+        self.halt = threading.Event()
+        for _ in range(n):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+            self.opened[sock] = time.monotonic()
+            sock.setblocking(False)
+            self.socks.append(sock)
+
+    def run(self) -> None:
+        sent, next_byte, end = 0, time.monotonic(), time.monotonic() + self.lifetime
+        with selectors.DefaultSelector() as sel:
+            for sock in self.socks:
+                sel.register(sock, selectors.EVENT_READ)
+            while not self.halt.is_set() and len(self.closed) < len(self.socks) and time.monotonic() < end:
+                if time.monotonic() >= next_byte:
+                    byte = self.LINE[sent % len(self.LINE):][:1]
+                    sent, next_byte = sent + 1, next_byte + self.every
+                    for sock in self.socks:
+                        if sock not in self.closed:
+                            with contextlib.suppress(BlockingIOError, BrokenPipeError, ConnectionResetError):
+                                sock.send(byte)      # a hang-up shows on the reading side below
+                for key, _ in sel.select(max(0.0, min(0.05, next_byte - time.monotonic()))):
+                    sock = key.fileobj
+                    try:
+                        data = sock.recv(4096)
+                    except BlockingIOError:
+                        continue
+                    except ConnectionResetError:
+                        data = b""
+                    if data:
+                        self.answers[sock] = self.answers.get(sock, b"") + data
+                    else:
+                        self.closed[sock] = time.monotonic()
+                        sel.unregister(sock)
+
+    def close(self) -> None:
+        self.halt.set()
+        if self.is_alive():
+            self.join(10)
+        for sock in self.socks:
+            sock.close()
+
+
+def test_slowloris_crowd_does_not_starve_a_normal_client(run: Callable[..., Otrace]) -> None:
+    """200 connections trickle a request line at a byte a second: a normal client still gets its 202
+    at once, and otrace hangs up on each slow one at TRACE_READ_TIMEOUT, though it keeps sending."""
+    node = run({"TRACE_READ_TIMEOUT": "3s"})       # TRACE_MAX_CONNECTIONS stays 256
+    crowd = Slowloris(node.port, 200)
+    try:
+        crowd.start()
+        wait_until(lambda: node.health()["connections_open"] == 201, timeout=5, what="the crowd admitted")
+        started = time.monotonic()
+        resp = node.post("/v1/traces", trace(), timeout=5)
+        assert resp.status == 202 and time.monotonic() - started < 5
+        assert not crowd.closed                       # served while every slow one was still open
+        node.wait_persisted(1)
+        wait_until(lambda: len(crowd.closed) == 200, timeout=3 + 5, what="otrace to hang up on the crowd")
+        for sock, at in crowd.closed.items():
+            assert 3.0 <= at - crowd.opened[sock] < 3.0 + 0.75 + 2.0     # reaper passes every 0.75 s
+        assert not [a for a in crowd.answers.values() if not a.startswith(b"HTTP/1.1 4")]
+        wait_until(lambda: node.health()["connections_open"] == 1, what="every handler finished")
+        assert node.post("/v1/traces", trace()).status == 202
+    finally:
+        crowd.close()
+
+
+def non_loopback_addresses() -> list[str]:
+    """This machine's own addresses that are not loopback (nor IPv6 link-local, which needs a scope)."""
+    found: set[str] = set()
+    if shutil.which("hostname"):
+        found.update(subprocess.run(["hostname", "-I"], capture_output=True, text=True, check=False)
+                     .stdout.split())
+    with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect(("198.51.100.1", 9))       # picks the address a packet would leave from; sends none
+        found.add(probe.getsockname()[0])
+    return sorted(a for a in found if not ((ip := ipaddress.ip_address(a)).is_loopback or ip.is_link_local
+                                           or ip.is_unspecified))
+
+
+def test_default_bind_is_loopback_only(run: Callable[..., Otrace]) -> None:
+    node = run()
+    assert "TRACE_HOST" not in node.env
+    assert node.logs("starting")[0]["settings"]["host"] == "127.0.0.1"
+    assert node.logs("listening")[0]["address"] == f"http://127.0.0.1:{node.port}"
+    assert node.request("GET", "/health").status == 200
+    addresses = non_loopback_addresses()
+    if not addresses:
+        pytest.skip("this machine has no address but loopback")
+    for address in addresses:
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        with socket.create_server((address, 0), family=family) as control:   # the address does take
+            socket.create_connection(control.getsockname()[:2], timeout=5).close()   # connections ...
+        with pytest.raises(ConnectionRefusedError):                           # ... but not otrace's
+            socket.create_connection((address, node.port), timeout=5).close()
+
+
+def test_ingest_token_guards_every_route_but_health_and_metrics(run: Callable[..., Otrace]) -> None:
+    token = f"tok-{uuid.uuid4().hex}"
+    node = run({"TRACE_INGEST_TOKEN": token})
+    opened = {"/health", "/metrics"}
+    assert opened < set(otrace.ROUTES)
+    posted = 0
+    for path, methods in otrace.ROUTES.items():                  # any route added later is checked too
+        for method in methods:
+            if path in opened:
+                resp = node.request(method, path)
+                assert resp.status == 200, (method, path, resp)
+                assert (resp.body == b"") == (method == "HEAD")
+                continue
+            good = {"error_type": "crash", "message": "m"} if path == "/v1/errors" else trace()
+            for auth in (None, f"Bearer {token}x", f"Bearer {token[:-1]}", f"Basic {token}", token,
+                         f"Token {token}", "Bearer "):
+                resp = node.request(method, path, good, headers={"Authorization": auth} if auth else {})
+                assert resp.status == 401, (method, path, auth, resp)
+                assert resp.json["error"] and resp.headers["www-authenticate"] == "Bearer"
+            for query in (f"?token={token}", f"?access_token={token}"):
+                assert node.request(method, path + query, good).status == 401
+            assert node.request(method, path, b"{bad json").status == 401       # not read, so not judged
+            resp = node.request(method, path, good, headers={"Authorization": f"Bearer {token}"})
+            assert resp.status == 202, (method, path, resp)
+            posted += 1
+    health = node.wait_persisted(posted)
+    assert health["events_received"] == posted                # nothing of the refused requests kept
+    assert node.request("HEAD", "/metrics").status == 200
+
+
+@pytest.mark.parametrize("level", ["info", "debug"])
+def test_logs_never_hold_event_texts_or_secrets(run: Callable[..., Otrace], level: str) -> None:
+    """Event texts, the ingest and push tokens, and a password in the push URL never reach stdout or
+    stderr, at the default level or at debug, through ingest, a failing push and a shutdown."""
+    mark = uuid.uuid4().hex[:12]
+    secrets = {name: f"{name}-{mark}" for name in (
+        "INPUT", "OUTPUT", "MESSAGE", "STACK", "META", "REFUSEDFIELD", "BADJSON", "WRONGTOKEN",
+        "INGESTTOKEN", "PUSHTOKEN", "URLPASSWORD")}
+    with socket.socket() as free:                   # a port nothing listens on: every push fails
+        free.bind(("127.0.0.1", 0))
+        closed_port = free.getsockname()[1]
+    node = run({"TRACE_LOG_LEVEL": level, "TRACE_INGEST_TOKEN": secrets["INGESTTOKEN"],
+                "TRACE_PUSH_TOKEN": secrets["PUSHTOKEN"], "TRACE_PUSH_INTERVAL": "100ms",
+                "TRACE_PUSH_RETRIES": "1", "TRACE_PUSH_BACKOFF_BASE": "10ms",
+                "TRACE_PUSH_ENDPOINT": f"http://agent:{secrets['URLPASSWORD']}@127.0.0.1:{closed_port}/in"})
+    auth = {"Authorization": f"Bearer {secrets['INGESTTOKEN']}"}
+    assert node.post("/v1/traces", trace(input_text=secrets["INPUT"], output_text=secrets["OUTPUT"],
+                                         metadata={"note": secrets["META"]}), headers=auth).status == 202
+    assert node.post("/v1/errors", {"error_type": "crash", "message": secrets["MESSAGE"],
+                                    "stack_trace": secrets["STACK"]}, headers=auth).status == 202
+    assert node.post("/v1/traces", trace(status=secrets["REFUSEDFIELD"]), headers=auth).status == 400
+    assert node.post("/v1/traces", "{" + secrets["BADJSON"], headers=auth).status == 400
+    assert node.post("/v1/traces", trace(), headers={"Authorization": f"Bearer {secrets['WRONGTOKEN']}"}
+                     ).status == 401
+    node.wait_persisted(2)
+    failed = node.wait_log(lambda e: e.get("message") == "push cycle failed")
+    assert "refused" in failed["error"].lower()        # the push really ran, and failed, and said so
+    assert node.stop() == 0
+    node.wait_log(lambda e: e.get("message") == "stopped")
+    out = "\n".join(json.dumps(line) for line in node.lines) + "".join(node.stderr)
+    assert [name for name, value in secrets.items() if value in out] == []
+    stored = json.dumps(node.rows("llm_traces") + node.rows("error_events"))
+    assert all(secrets[n] in stored for n in ("INPUT", "OUTPUT", "MESSAGE", "STACK", "META"))
+
+
+def test_database_wal_and_shm_are_private_even_under_umask_0(run: Callable[..., Otrace]) -> None:
+    old = os.umask(0)                          # otrace must not rely on the umask it is given
+    try:
+        node = run()
+    finally:
+        os.umask(old)
+    assert node.post("/v1/traces", trace()).status == 202
+    node.wait_persisted(1)
+    files = [Path(f"{node.db_path}{suffix}") for suffix in ("", "-wal", "-shm")]
+    assert {f.name: oct(f.stat().st_mode & 0o777) for f in files} == {f.name: "0o600" for f in files}
+
+
+# ------------------------------------------------------------------------------------------- deploy
+
+
+def test_pyz_serves_on_a_bare_interpreter(tmp_path: Path, run: Callable[..., Otrace]) -> None:
+    """make pyz builds one file that a python3 with no site-packages at all (-I -S) runs: --help, and a
+    real serve whose psutil extension was unpacked from the archive, not found on this machine."""
+    subprocess.run(["make", "-s", "pyz"], cwd=HERE, check=True, capture_output=True, timeout=240)
+    pyz = HERE / "dist" / "otrace.pyz"
+    bare = [sys._base_executable, "-I", "-S"]         # the interpreter under the venv, nothing installed
+    shiv_root = tmp_path / "shiv"
+    clean_env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "SHIV_ROOT": str(shiv_root)}
+    helped = subprocess.run([*bare, str(pyz), "--help"], env=clean_env, capture_output=True, text=True,
+                            timeout=60, check=True)
+    assert "TRACE_DB_PATH" in helped.stdout
+    node = run({"SHIV_ROOT": str(shiv_root), "TRACE_METRICS_INTERVAL": "100ms"}, command=[*bare, str(pyz)])
+    ids = node.post("/v1/traces", [trace() for _ in range(3)]).json["trace_ids"]
+    wait_until(lambda: len(node.query("SELECT 1 FROM system_metrics WHERE self_rss_bytes > 0")) > 0,
+               what="a host sample with psutil's self_rss_bytes")
+    assert node.proc
+    loaded = [line for line in Path(f"/proc/{node.proc.pid}/maps").read_text().splitlines()
+              if "_psutil_linux" in line]
+    assert loaded and all(str(shiv_root) in line for line in loaded), loaded
+    assert node.stop() == 0
+    assert {r[0] for r in node.query("SELECT trace_id FROM llm_traces")} == set(ids)
+
