@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: run test bench docs settings openclaw-live clean
+.PHONY: run test bench soak pyz docs settings openclaw-live clean
 
 $(VENV)/.run: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -21,8 +21,22 @@ test: $(VENV)/.dev
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
+# Every benchmark against its same-run baseline, about 10 minutes; tables in bench/results/.
 bench: $(VENV)/.dev
-	$(PY) bench/ingest.py
+	$(PY) bench/run_all.py
+
+# The long runs: a fault soak (load, SIGTERM, SIGKILL, full disk, dead and slow receiver) and
+# 10 minutes of idle footprint.
+soak: $(VENV)/.dev
+	$(PY) scripts/soak.py --minutes 3
+	$(PY) bench/ingest.py --idle-only --idle 600
+
+# One file to deploy: otrace.py with psutil, urllib3 and python-json-logger inside (shiv unpacks
+# psutil's compiled extension on first run, into ~/.shiv or $$SHIV_ROOT).
+pyz: $(VENV)/.dev
+	rm -rf build/pyz && mkdir -p build/pyz dist && cp otrace.py build/pyz/
+	$(VENV)/bin/shiv --quiet --site-packages build/pyz --entry-point otrace:main --python '/usr/bin/env python3' \
+		--reproducible --compressed --output-file dist/otrace.pyz -r requirements.txt
 
 settings: $(VENV)/.run
 	@$(PY) otrace.py settings
@@ -38,4 +52,4 @@ openclaw-live: $(VENV)/.run
 	$(PY) scripts/openclaw_live.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis dist
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis build dist

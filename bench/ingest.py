@@ -1,12 +1,13 @@
 """Ingest: otrace against a bare stdlib server that only answers 202, measured in the same run.
 
-    python bench/ingest.py [--seconds 10] [--idle 60]
+    python bench/ingest.py [--seconds 10] [--idle 60] [--idle-only]
 
 For 1, 4, 16 and 64 keep-alive connections, wrk posts the same 2 KB trace to a fresh bare
 ThreadingHTTPServer (which reads the body and answers 202 in one write) and to a fresh otrace, one
 after the other. Printed: requests/s, p50/p99, CPU per 1,000 requests, the otrace/bare ratio, and
 how many of otrace's events were persisted and refused (503). Then otrace's latency at a steady
-100 events/s, and its idle RSS and CPU.
+100 events/s, and its idle RSS and CPU beside the bare server's (--idle-only: just that, for the
+10-minute footprint run of `make soak`).
 """
 
 from __future__ import annotations
@@ -145,17 +146,29 @@ def steady(rate: float, seconds: float) -> dict[str, float]:
 
 
 def idle(seconds: float) -> dict[str, float]:
-    """otrace's RSS and CPU share while nothing is sent (default settings, push off)."""
+    """RSS and CPU share of otrace (defaults: metrics every 15 s, push off) and of the bare server,
+    side by side while nothing is sent."""
     with tempfile.TemporaryDirectory() as tmp:
-        proc, _ = start_otrace(Path(tmp))
+        procs = {"otrace": start_otrace(Path(tmp))[0], "bare": start_bare()[0]}
         try:
             time.sleep(1.0)                                      # let startup settle
-            before, started = Usage.of(proc.pid), time.monotonic()
+            before, started = {n: Usage.of(p.pid) for n, p in procs.items()}, time.monotonic()
             time.sleep(seconds)
-            after, elapsed = Usage.of(proc.pid), time.monotonic() - started
+            after, elapsed = {n: Usage.of(p.pid) for n, p in procs.items()}, time.monotonic() - started
         finally:
-            stop(proc)
-    return {"rss_mb": after.rss_bytes / 2**20, "cpu_pct": 100 * (after.cpu_s - before.cpu_s) / elapsed}
+            for proc in procs.values():
+                stop(proc)
+    return {"rss_mb": after["otrace"].rss_bytes / 2**20,
+            "cpu_pct": 100 * (after["otrace"].cpu_s - before["otrace"].cpu_s) / elapsed,
+            "bare_rss_mb": after["bare"].rss_bytes / 2**20,
+            "bare_cpu_pct": 100 * (after["bare"].cpu_s - before["bare"].cpu_s) / elapsed,
+            "seconds": seconds}
+
+
+def idle_line(rest: dict[str, float]) -> str:
+    return (f"Idle for {rest['seconds']:.0f} s with metrics every 15 s: RSS {rest['rss_mb']:.1f} MB "
+            f"(bare server {rest['bare_rss_mb']:.1f} MB, **{rest['rss_mb'] / rest['bare_rss_mb']:.2f}×**), "
+            f"CPU {rest['cpu_pct']:.3f} % of a core (bare {rest['bare_cpu_pct']:.3f} %).")
 
 
 def main() -> None:
@@ -163,10 +176,15 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=10, help="wrk run per server and level")
     parser.add_argument("--idle", type=float, default=60, help="idle window for RSS and CPU")
+    parser.add_argument("--idle-only", action="store_true", help="only the idle window (make soak)")
     parser.add_argument("--serve-bare", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_bare:
         serve_bare(args.serve_bare)
+        return
+    if args.idle_only:
+        rest = idle(args.idle)
+        save("idle", idle_line(rest), {"idle": rest})
         return
     rows, raw = compare([1, 4, 16, 64], args.seconds)
     calm = steady(100, 20)
@@ -174,9 +192,7 @@ def main() -> None:
     markdown = table(["conns", "bare req/s", "otrace req/s", "ratio", "bare p50/p99 ms", "otrace p50/p99 ms",
                       "bare CPU ms/1k", "otrace CPU ms/1k", "otrace persisted/s", "otrace 503s"], rows)
     markdown += (f"\n\nAt a steady 100 events/s on one connection: p50 {calm['p50_ms']:.2f} ms, "
-                 f"p99 {calm['p99_ms']:.2f} ms, max {calm['max_ms']:.2f} ms.\n"
-                 f"Idle for {args.idle:.0f} s: RSS {rest['rss_mb']:.1f} MB, "
-                 f"CPU {rest['cpu_pct']:.3f} % of a core.")
+                 f"p99 {calm['p99_ms']:.2f} ms, max {calm['max_ms']:.2f} ms.\n" + idle_line(rest))
     save("ingest", markdown, {"levels": raw, "steady_100": calm, "idle": rest, "seconds": args.seconds})
 
 

@@ -1,0 +1,130 @@
+"""Every benchmark, one after the other, and one summary table: what `make bench` runs.
+
+    python bench/run_all.py [--quick]
+
+Each benchmark runs as its own process with a budget that keeps the whole run under 10 minutes on
+2 cores, and saves its own table under bench/results/. This script then reads their JSON and writes
+bench/results/summary.md: one row per measurement, otrace against the baseline measured in the same
+run, the goal where an issue set one, and whether it was met. --quick shortens every run (a smoke
+check of the benchmarks themselves, not numbers to quote).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, machine, table
+
+BENCH = Path(__file__).resolve().parent
+
+RUNS: dict[str, tuple[list[str], list[str]]] = {    # name: (full budget, --quick budget)
+    "storage": ([], ["--rows", "5000"]),
+    "metrics": ([], ["--samples", "200"]),
+    "push": ([], ["--rows", "20000"]),
+    "logtail": (["--lines", "50000", "--idle", "20"], ["--lines", "5000", "--idle", "3"]),
+    "ingest": (["--seconds", "5", "--idle", "60"], ["--seconds", "1", "--idle", "3"]),
+    "month": ([], ["--scale", "600", "--cleanup-mib", "20"]),
+    "peers": (["--seconds", "10", "--window", "60"], ["--seconds", "2", "--window", "5"]),
+}
+
+
+def load(name: str) -> dict[str, Any]:
+    return json.loads((RESULTS / f"{name}.json").read_text())
+
+
+def verdict(met: bool) -> str:
+    return "yes" if met else "**no**"
+
+
+def summary() -> list[list[str]]:
+    """Rows of the summary: measurement, otrace, baseline, ratio, goal, met."""
+    rows: list[list[str]] = []
+    ingest = load("ingest")
+    for level in ingest["levels"]:
+        ours, bare, n = level["otrace"], level["bare"], level["connections"]
+        goal = n == 4
+        rows.append([f"ingest req/s, {n} connection{'s' * (n > 1)} (2 KB trace; {ours['refused']} refused)",
+                     f"{ours['rps']:,.0f}", f"{bare['rps']:,.0f} bare stdlib 202 server",
+                     f"{level['ratio']:.2f}", "≥ 0.60" if goal else "", verdict(level["ratio"] >= 0.6)
+                     if goal else ""])
+    steady, idle = ingest["steady_100"], ingest["idle"]
+    rows.append(["ingest p99 at 100 events/s", f"{steady['p99_ms']:.1f} ms", "", "", "≤ 5 ms",
+                 verdict(steady["p99_ms"] <= 5)])
+    rows.append([f"idle RSS, metrics every 15 s ({idle['seconds']:.0f} s)", f"{idle['rss_mb']:.1f} MiB",
+                 f"{idle['bare_rss_mb']:.1f} MiB bare stdlib server",
+                 f"{idle['rss_mb'] / idle['bare_rss_mb']:.2f}", "≤ 25 MB",
+                 verdict(idle["rss_mb"] * 2**20 <= 25e6)])
+    rows.append(["idle CPU", f"{idle['cpu_pct']:.3f} % of a core", f"{idle['bare_cpu_pct']:.3f} %",
+                 "", "", ""])
+    storage = load("storage")
+    rows.append(["writer rows/s (50-row transactions)", f"{storage['otrace writer']['rows_per_s']:,.0f}",
+                 f"{storage['raw sqlite3 executemany']['rows_per_s']:,.0f} raw executemany",
+                 f"{storage['ratio']:.2f}", "", ""])
+    push = load("push")
+    grow = (push["rss_peak"] - push["rss_idle"]) / 2**20
+    rows.append([f"push events/s, {push['rows']:,}-row backlog", f"{push['otrace_events_per_s']:,.0f}",
+                 f"{push['bare_events_per_s']:,.0f} bare urllib3 client", f"{push['ratio']:.2f}", "", ""])
+    rows.append(["RSS growth while pushing the backlog", f"{grow:.0f} MiB", "", "", "≤ 30 MB",
+                 verdict(grow * 2**20 <= 30e6)])
+    metrics = load("metrics")
+    rows.append(["host sample CPU", f"{metrics['sample_cpu_s'] * 1e6:.0f} µs",
+                 f"{metrics['baseline_cpu_s'] * 1e6:.0f} µs reading the same files",
+                 f"{metrics['sample_cpu_s'] / metrics['baseline_cpu_s']:.2f}×",
+                 "≤ 0.05 % of a core at 15 s", verdict(metrics["share_pct"] <= 0.05)
+                 + f" ({metrics['share_pct']:.4f} %)"])
+    logtail = load("logtail")
+    rows.append(["gateway log lines/s", f"{logtail['lines_per_s']:,.0f}",
+                 f"{logtail['bare_lines_per_s']:,.0f} bare read + json.loads", f"{logtail['ratio']:.2f}",
+                 "", ""])
+    month = load("month")
+    sim, cleanup = month["month"], month["cleanup"]
+    rows.append([f"a month at 1:{sim['scale']}: largest file + WAL against the cap",
+                 f"{sim['max_size'] / 2**20:.1f} MiB", f"{sim['cap'] / 2**20:.1f} MiB cap",
+                 f"{sim['max_size'] / sim['cap']:.2f}", "under the cap",
+                 verdict(sim["max_size"] <= sim["cap"])])
+    rows.append([f"cleanup pass on {cleanup['size'] / 2**20:.0f} MiB", f"{cleanup['otrace_s']:.2f} s",
+                 f"{cleanup['raw_s']:.2f} s raw DELETE + vacuum",
+                 f"{cleanup['otrace_s'] / cleanup['raw_s']:.2f}", "", ""])
+    peers = load("peers")
+    rows.append(["persisted events/s against Arize Phoenix", f"{peers['otrace']['persisted_per_s']:,.0f}",
+                 f"{peers['phoenix']['persisted_per_s']:,.0f} Phoenix (SQLite)",
+                 f"{peers['speed_ratio']:.1f}×", "≥ 50×", verdict(peers["speed_ratio"] >= 50)])
+    rows.append(["idle RSS against Arize Phoenix", f"{peers['otrace']['idle_rss_mib']:.0f} MiB",
+                 f"{peers['phoenix']['idle_rss_mib']:.0f} MiB", f"{peers['rss_ratio']:.2f}", "≤ 0.10",
+                 verdict(peers["rss_ratio"] <= 0.10)])
+    costs = peers["host_metrics"]
+    ours, theirs = costs["otrace's sampler (on less off)"], costs["collectd"]
+    ratio = ours["cpu_ms_per_sample"] / theirs["cpu_ms_per_sample"]
+    rows.append(["host-metrics CPU per sample against collectd", f"{ours['cpu_ms_per_sample']:.2f} ms",
+                 f"{theirs['cpu_ms_per_sample']:.2f} ms collectd", f"{ratio:.1f}×", "≤ 2×",
+                 verdict(ratio <= 2)])
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="short runs: check the benchmarks work")
+    args = parser.parse_args()
+    began = time.monotonic()
+    for name, (full, quick) in RUNS.items():
+        print(f"# {name}", flush=True)
+        subprocess.run([sys.executable, str(BENCH / f"{name}.py"), *(quick if args.quick else full)],
+                       check=True)
+    took = time.monotonic() - began
+    markdown = (f"## otrace benchmarks ({time.strftime('%Y-%m-%d')}, {machine()}; "
+                f"{took / 60:.1f} minutes{', --quick' if args.quick else ''})\n\n"
+                + table(["measurement", "otrace", "baseline, same run", "ratio", "goal", "met"], summary()))
+    (RESULTS / "summary.md").write_text(markdown + "\n")
+    print(markdown)
+
+
+if __name__ == "__main__":
+    main()
