@@ -15,6 +15,7 @@ import ctypes
 import ctypes.util
 import dataclasses
 import email.utils
+import errno
 import functools
 import gzip
 import hashlib
@@ -999,9 +1000,9 @@ class EventQueue(queue.Queue):
             end = time.monotonic() + idle
             while not (self.jobs or self.queue):
                 left = end - time.monotonic()
-                if left <= 0 or self.closed:
+                if left <= 0:
                     return []
-                self.not_empty.wait(left)
+                self.not_empty.wait(left)     # closed or not: jobs still come, and the last is None
             if self.jobs:
                 return self.jobs.popleft()
             due = self.queue[0].arrived + window
@@ -1462,6 +1463,11 @@ class IngestHandler(BaseHTTPRequestHandler):
         except Invalid as bad:
             service.counters.add("rejected")
             self.reply(bad.status, bad.body())
+            return
+        if service.writer.fault.error:       # a 202 promises a commit within the batch window
+            service.counters.add("refused", len(rows))
+            self.reply(503, {"error": "database writes are failing; retry later", "field": None},
+                       {"Retry-After": "5"})
             return
         if not service.events.offer(Unit(rows)):
             service.counters.add("refused", len(rows))
@@ -2641,6 +2647,9 @@ class Pusher(Loop):
                 ok = all(self.deliver(batch, deadline) for batch in self.batches(conn))
             if ok and self.last_status == "never":
                 self.last_status = "ok"     # nothing was waiting: the receiver is not known to be down
+            if not ok and self.stopping.is_set() and (deadline is None or time.monotonic() >= deadline):
+                self.log.info("push cycle cut short by shutdown")
+                return False
             self.breaker.record(ok)
             if not ok:
                 self.log.warning("push cycle failed", extra={
@@ -2669,7 +2678,8 @@ class Pusher(Loop):
         backoff = Backoff(self.config.push_backoff_base, self.config.push_backoff_cap)
         attempts = 1 if deadline is not None else self.config.push_retries
         for number in range(1, attempts + 1):
-            if self.stopping.is_set() and deadline is None:
+            if (self.stopping.is_set() and deadline is None) or (
+                    deadline is not None and time.monotonic() >= deadline):
                 return False
             attempt = self.receiver.post(batch, self.agent_id, deadline)
             verdict = attempt.verdict
@@ -2707,7 +2717,11 @@ class Pusher(Loop):
                 "next_attempt_at": _iso(self.breaker.retry_at)})
             return
         before = self.totals.snapshot()["events"]
-        complete = self.push(deadline)
+        try:
+            complete = self.push(deadline)
+        except Exception as exc:  # noqa: BLE001 - the rows stay unsynced; shutdown goes on
+            self.log.warning("final push stopped", extra={"error": describe(exc)})
+            complete = False
         self.log.info("final push", extra={"complete": complete, "status": self.last_status,
                                            "events_pushed": self.totals.snapshot()["events"] - before})
 
@@ -2901,6 +2915,17 @@ class Retention(Loop):
                       Tier("pressure_unpushed", unpushed, "synced = 0", False, 50))
         self.last_pass: dict[str, Any] | None = None
 
+    def check_budget(self) -> None:
+        """Warn when the database cap cannot be reached before the disk mark: then only pushed rows
+        and host samples make room, and a receiver that stays down fills the disk."""
+        total = disk_usage(self.db_dir)[0]
+        budget = self.config.db_max_bytes + self.config.wal_max_bytes
+        if budget > total * self.config.disk_high_pct / 100:
+            self.log.warning("database cap is over the disk's budget", extra={
+                "db_max_bytes": self.config.db_max_bytes, "wal_max_bytes": self.config.wal_max_bytes,
+                "disk_total_bytes": total, "disk_high_pct": self.config.disk_high_pct,
+                "advice": "set TRACE_DB_MAX_BYTES under TRACE_DISK_HIGH_PCT of the volume, less the WAL"})
+
     def run_job(self, job: Callable[[sqlite3.Connection], Any]) -> Any:
         return self.events.submit(job).result(timeout=120)
 
@@ -3016,6 +3041,7 @@ class Service:
         self.server = IngestServer(self)
         self.threads: list[threading.Thread] = []
         self.retention = Retention(config, self.events, EVENT_TABLES)
+        self.retention.check_budget()
         self.loops: list[Loop] = [Checkpointer(config, self.events), self.retention]
         self.sampler: Sampler | None = None
         if config.metrics_interval:
@@ -3165,6 +3191,39 @@ def return_big_buffers() -> None:
         ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt(m_mmap_threshold, 128 * 1024)
 
 
+def start_service(config: Config, stop_signals: set[signal.Signals]) -> Service | signal.Signals | None:
+    """The Service, once its database opens. A fault of the environment (a full disk, an I/O error)
+    is retried every START_RETRY seconds, logged once, until it clears or a stop signal comes (that
+    signal is returned); anything else is final (None)."""
+    fault = FaultLog(log, "start")
+    while True:
+        try:
+            service = Service(config)
+        except (OSError, sqlite3.Error, RuntimeError) as exc:
+            if not passing(exc):
+                log.critical("cannot start", extra={"error": describe(exc)})
+                return None
+            fault.failed(describe(exc))
+            received = signal.sigtimedwait(stop_signals, START_RETRY)
+            if received:
+                return signal.Signals(received.si_signo)
+            continue
+        fault.cleared()
+        return service
+
+
+START_RETRY = 5.0
+START_RETRY_CODES = {"SQLITE_FULL", "SQLITE_IOERR", "SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_CANTOPEN"}
+
+
+def passing(exc: BaseException) -> bool:
+    """A start failure that may clear by itself: no space, an I/O error, a lock, a volume not there yet."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EIO, errno.EDQUOT)
+    name = getattr(exc, "sqlite_errorname", "") or ""
+    return "_".join(name.split("_")[:2]) in START_RETRY_CODES
+
+
 def serve(config: Config) -> int:
     """Run until SIGTERM or SIGINT, then stop within TRACE_SHUTDOWN_TIMEOUT. The exit code."""
     setup_logging(config.log_level)
@@ -3172,11 +3231,12 @@ def serve(config: Config) -> int:
     stop_signals = {signal.SIGTERM, signal.SIGINT}
     signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)   # every thread inherits this; main waits
     log.info("starting", extra={"version": __version__, "pid": os.getpid(), "settings": config.shown()})
-    try:
-        service = Service(config)
-    except (OSError, sqlite3.Error, RuntimeError) as exc:
-        log.critical("cannot start", extra={"error": describe(exc)})
+    service = start_service(config, stop_signals)
+    if service is None:
         return 1
+    if isinstance(service, signal.Signals):
+        log.info("stopped before starting", extra={"signal": service.name})
+        return 0
     service.start()
     log.info("listening", extra={"address": service.address})
     received = signal.sigwait(stop_signals)

@@ -769,6 +769,8 @@ def test_full_disk_degrades_health_and_recovers_without_loss(tmp_path: Path, run
         assert report["status"] == "degraded" and report["db_status"] == "error"
         assert "SQLITE_FULL" in report["last_write_error"]["error"]
         assert any("database writes failing" in p for p in report["problems"])
+        refused = node.post("/v1/traces", trace())                 # no 202 it could not keep
+        assert refused.status == 503 and "database writes are failing" in refused.json["error"]
         attempts = wait_until(lambda: (n := node.health()["last_write_error"]["attempts"]) >= 5 and n,
                               timeout=30, what="several retries")
         assert len(node.logs("database write failing")) < attempts    # logged on change, not each retry
@@ -780,6 +782,28 @@ def test_full_disk_degrades_health_and_recovers_without_loss(tmp_path: Path, run
         stored = {r[0] for r in node.query("SELECT trace_id FROM llm_traces")}
         assert set(accepted) <= stored
         assert node.stop() == 0
+
+
+@needs_root
+def test_start_on_a_full_disk_waits_for_space(tmp_path: Path, run: Callable[..., Otrace]) -> None:
+    with tmpfs(tmp_path / "vol", "2m") as vol:
+        db = vol / "otrace.db"
+        first = run(db=db)
+        ids = post_some(first, 20)
+        first.wait_persisted(20)
+        first.kill()                                             # the WAL is left to recover
+        filler = fill(vol)
+        node = run(db=db, wait=False)
+        failing = node.wait_log(lambda e: e.get("message") == "start failing")
+        assert "SQLITE_FULL" in failing["error"] or "SQLITE_IOERR" in failing["error"], failing
+        filler.unlink()
+        node.wait_log(lambda e: e.get("message") == "listening", timeout=15)
+        node.port = int(node.logs("listening")[0]["address"].rsplit(":", 1)[1])
+        assert node.logs("start recovered")
+        assert node.post("/v1/traces", trace()).status == 202
+        assert node.stop() == 0
+        stored = node.query("SELECT trace_id FROM llm_traces UNION ALL SELECT trace_id FROM error_events")
+        assert {r[0] for r in stored} >= set(ids)
 
 
 def test_health_answers_while_the_writer_is_blocked(run: Callable[..., Otrace]) -> None:
@@ -1129,6 +1153,27 @@ def test_shutdown_with_a_hanging_receiver_keeps_its_deadline(run: Callable[..., 
     assert node.stop() == 0
     assert time.monotonic() - started < 2 + 1.0
     assert set(synced(node).values()) == {0}       # not confirmed: left for the next start
+
+
+def test_shutdown_with_a_backlog_keeps_its_deadline(run: Callable[..., Otrace], receiver: Receiver) -> None:
+    """A healthy receiver and more batches than the deadline allows: the final push stops sending at
+    the deadline and what it did not send stays unsynced."""
+    def slowly(_: Receiver, __: dict[str, Any]) -> int:
+        time.sleep(0.05)
+        return 200
+    receiver.default = slowly
+    node = run({**push_env(receiver), "TRACE_PUSH_INTERVAL": "1h", "TRACE_SHUTDOWN_TIMEOUT": "2s",
+                "TRACE_PUSH_MAX_BYTES": "4KiB"})
+    for n in range(1, 21):
+        post_some(node, 200)
+        node.wait_persisted(201 * n)
+    started = time.monotonic()
+    assert node.stop() == 0
+    assert time.monotonic() - started < 2 + 1.0
+    flags = list(synced(node).values())
+    assert 0 < flags.count(1) < len(flags), flags.count(1)    # some pushed, the rest left for next start
+    assert node.logs("final push")[0]["complete"] is False
+    assert not node.logs("push cycle failed")
 
 
 def test_confirmed_batch_killed_before_marking_is_sent_again(run: Callable[..., Otrace],

@@ -1,0 +1,897 @@
+"""Fault soak: otrace must lose nothing it answered 202 to, with every fault happening at once.
+
+    python scripts/soak.py [--minutes 3] [--clients 4] [--seed N] [--out FILE] [--log FILE]
+
+(or: make soak). Needs root, for a tmpfs; all traffic stays on 127.0.0.1. For --minutes, together:
+
+- client threads POST traces and errors flat out, each event with a trace_id of their own, and note
+  every answer by id. 503, a refused connection and a lost answer mean "not accepted": the same ids
+  are sent again (otrace keeps one row per trace_id), at most five times;
+- otrace's database lives on a 512 MiB tmpfs (TRACE_DB_MAX_BYTES below it, so otrace's own rows never
+  fill it) that a filler file fills to ENOSPC every 8-20 s, keeps full for 5-10 s (taking back
+  whatever otrace frees) and then frees;
+- the push receiver, a stdlib ThreadingHTTPServer, goes round healthy, dead (port closed), healthy,
+  slow (answers after 1.5-5 s; TRACE_PUSH_TIMEOUT is 3 s), healthy, dead (connections reset), and
+  records the id of every event it is sent;
+- every 20-40 s otrace is restarted on the same database, alternately after SIGTERM (it must exit 0
+  within TRACE_SHUTDOWN_TIMEOUT) and after SIGKILL.
+
+Then the load stops, the disk is freed, the receiver stays healthy, otrace pushes everything and is
+stopped, and the tally is printed. Lost: answered 202, yet neither in the database nor seen by the
+receiver (retention deletes pushed traces and errors only, unless over TRACE_DB_MAX_BYTES, which the
+ledger would show; so the union is the whole truth). The one loss allowed is the documented one:
+events answered 202 within TRACE_BATCH_WINDOW before a SIGKILL ("accepted but not yet committed").
+Exit code 0 when nothing else was lost, 1 otherwise; the other checks (SIGTERM exits 0 in time, ...)
+are printed. --log keeps otrace's log lines, the receiver's pushes and the faults, in time order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import dataclasses
+import http.client
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import sqlite3
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from datetime import datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+OTRACE = ROOT / "otrace.py"
+HOST = "127.0.0.1"
+
+BATCH_WINDOW = 0.1               # seconds; TRACE_BATCH_WINDOW, the SIGKILL window
+WINDOW_SLACK = 0.05              # a 202 is read after otrace accepted it; a full batch still commits
+SHUTDOWN_TIMEOUT = 4.0           # TRACE_SHUTDOWN_TIMEOUT
+EXIT_SLACK = 0.5                 # interpreter teardown after otrace's own deadline
+READ_LATE = 0.2                  # a 202 read this long after its process exited is still its (no
+                                 # new otrace listens that soon)
+PUSH_TIMEOUT = 3.0
+SETTINGS = {
+    "TRACE_HOST": HOST, "TRACE_LOG_LEVEL": "info", "TRACE_AGENT_ID": "soak",
+    "TRACE_BATCH_WINDOW": f"{BATCH_WINDOW * 1000:.0f}ms", "TRACE_SHUTDOWN_TIMEOUT": f"{SHUTDOWN_TIMEOUT:g}s",
+    "TRACE_PUSH_INTERVAL": "1s", "TRACE_PUSH_TIMEOUT": f"{PUSH_TIMEOUT:g}s", "TRACE_PUSH_MAX_BYTES": "1MiB",
+    "TRACE_PUSH_RETRIES": "3", "TRACE_PUSH_BACKOFF_BASE": "200ms", "TRACE_PUSH_BACKOFF_CAP": "2s",
+    "TRACE_PUSH_BREAKER_THRESHOLD": "3", "TRACE_PUSH_BREAKER_COOLDOWN": "1s",
+    "TRACE_RETENTION": "20s", "TRACE_CLEANUP_INTERVAL": "5s", "TRACE_CHECKPOINT_INTERVAL": "10s",
+    "TRACE_METRICS_INTERVAL": "5s",
+    "TRACE_DB_MAX_BYTES": "320MiB",    # under the volume: otrace's own rows alone never fill it
+}
+TMPFS_SIZE = "512m"
+RESTART_EVERY = (20.0, 40.0)
+DISK_GAP, DISK_HOLD = (8.0, 20.0), (5.0, 10.0)
+PHASES = ("healthy", "dead: port closed", "healthy", "slow", "healthy", "dead: reset")
+PHASE_SECONDS = {"healthy": (6.0, 12.0), "slow": (6.0, 12.0), "dead: port closed": (5.0, 10.0),
+                 "dead: reset": (5.0, 10.0)}
+PUSH_TYPES = {"t": "llm_trace", "e": "error_event"}     # our id prefix -> the pushed event's type
+LOG_NOTES = ("database write failing", "database write recovered", "push cycle failed", "final push",
+             "shutdown deadline passed with events not written", "stopped", "cannot start",
+             "retention deleted rows that were never pushed", "over budget: deleting oldest rows")
+
+
+def ours(trace_id: str) -> bool:
+    """True for an id the clients made (t-... or e-...), not one otrace made for its own events."""
+    return trace_id[:2] in ("t-", "e-")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
+
+
+class Journal:
+    """The --log file, if any: otrace's log lines and the runner's own notes, one JSON object a line,
+    each after [its source]."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.file = path.open("a") if path else None
+        self.lock = threading.Lock()
+
+    def write(self, source: str, line: str) -> None:
+        with self.lock:
+            if self.file:
+                self.file.write(f"[{source}] {line.rstrip()}\n")
+
+    def note(self, source: str, message: str, **fields: Any) -> None:
+        if self.file:
+            now = datetime.now().astimezone().isoformat(timespec="milliseconds")
+            self.write(source, json.dumps({"message": message, **fields, "time": now}))
+
+    def close(self) -> None:
+        with self.lock:
+            if self.file:
+                self.file.close()
+            self.file = None
+
+
+# ============================================================================================ clients
+
+
+class Ledger:
+    """What the clients sent and how otrace answered, by event id. Times are time.monotonic()."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.sent = 0
+        self.accepted: dict[str, float] = {}      # id -> when its 202 was read
+        self.answers: collections.Counter[str] = collections.Counter()      # per request
+        self.answers_full: collections.Counter[str] = collections.Counter()  # ... while the disk was full
+        self.never: collections.Counter[str] = collections.Counter()   # ids given up, by last answer
+        self.mismatches = 0          # a 202 whose trace_ids are not the ones sent
+
+    def answer(self, outcome: str, disk_full: bool) -> None:
+        with self.lock:
+            self.answers[outcome] += 1
+            if disk_full:
+                self.answers_full[outcome] += 1
+
+    def accept(self, ids: list[str], answer: dict[str, Any]) -> None:
+        now = time.monotonic()
+        with self.lock:
+            if answer.get("trace_ids") != ids or answer.get("accepted") != len(ids):
+                self.mismatches += 1
+            for trace_id in ids:
+                self.accepted.setdefault(trace_id, now)
+
+
+def trace_event(trace_id: str, rng: random.Random) -> dict[str, Any]:
+    return {"trace_id": trace_id, "provider": "soak", "model": "soak-1", "session_id": trace_id[:5],
+            "input_text": "q" * rng.randint(10, 200), "output_text": "a" * rng.randint(10, 200),
+            "prompt_tokens": rng.randint(1, 5000), "completion_tokens": rng.randint(1, 2000),
+            "latency_ms": rng.randint(50, 9000)}
+
+
+def error_event(trace_id: str, rng: random.Random) -> dict[str, Any]:
+    return {"trace_id": trace_id, "error_type": "llm_error",
+            "category": rng.choice(("timeout", "rate_limit")),
+            "severity": "warning", "message": "soak " * rng.randint(1, 40), "provider": "soak"}
+
+
+class Clients:
+    """Threads that POST batches of 1 to 8 events as fast as otrace answers."""
+
+    ATTEMPTS = 5
+
+    def __init__(self, count: int, port: int, ledger: Ledger, disk_full: Callable[[], bool],
+                 seed: int) -> None:
+        self.port, self.ledger, self.disk_full, self.seed = port, ledger, disk_full, seed
+        self.stopping = threading.Event()
+        self.threads = [threading.Thread(target=self.run, args=(n,), name=f"client-{n}", daemon=True)
+                        for n in range(count)]
+
+    def start(self) -> None:
+        for thread in self.threads:
+            thread.start()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        for thread in self.threads:
+            thread.join(15)
+
+    def run(self, number: int) -> None:
+        rng = random.Random(self.seed * 1000 + number)
+        conn: http.client.HTTPConnection | None = None
+        seq = 0
+        while not self.stopping.is_set():
+            path, prefix, make = (("/v1/traces", "t", trace_event) if rng.random() < 0.8 else
+                                  ("/v1/errors", "e", error_event))
+            ids = [f"{prefix}-{number}-{seq + i}" for i in range(rng.randint(1, 8))]
+            seq += len(ids)
+            body = json.dumps([make(trace_id, rng) for trace_id in ids]).encode()
+            with self.ledger.lock:
+                self.ledger.sent += len(ids)
+            outcome = "not sent"
+            for attempt in range(self.ATTEMPTS):
+                if attempt and self.stopping.wait(0.05 * 2**attempt):
+                    break
+                conn, outcome = self.post(conn, path, body, ids)
+                if outcome == "202":
+                    break
+            if outcome != "202":
+                with self.ledger.lock:
+                    self.ledger.never[outcome] += len(ids)
+        if conn:
+            conn.close()
+
+    def post(self, conn: http.client.HTTPConnection | None, path: str, body: bytes,
+             ids: list[str]) -> tuple[http.client.HTTPConnection | None, str]:
+        """One request on a kept-alive connection: (the connection to use next, the outcome)."""
+        conn = conn or http.client.HTTPConnection(HOST, self.port, timeout=10)
+        full = self.disk_full()
+        try:
+            conn.request("POST", path, body, {"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            data = resp.read()
+        except ConnectionRefusedError:
+            conn.close()
+            self.ledger.answer("refused", full)
+            return None, "refused"
+        except (OSError, http.client.HTTPException):
+            conn.close()                 # reset, or closed before the answer: unknown, sent again
+            self.ledger.answer("no answer", full)
+            return None, "no answer"
+        outcome = str(resp.status)
+        if resp.status == 202:
+            self.ledger.accept(ids, json.loads(data))
+        self.ledger.answer(outcome, full)
+        return conn, outcome
+
+
+# =========================================================================================== the disk
+
+
+class Disk:
+    """otrace's volume: a small tmpfs, and a filler file that fills it to ENOSPC now and then."""
+
+    def __init__(self, path: Path, size: str, rng: random.Random, journal: Journal) -> None:
+        self.path, self.size, self.rng, self.journal = path, size, rng, journal
+        self.filler = path / "filler"
+        self.full = threading.Event()
+        self.stopping = threading.Event()
+        self.episodes: list[tuple[float, float]] = []
+        self.mounted = False
+        self.thread = threading.Thread(target=self.run, name="disk", daemon=True)
+
+    def mount(self) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={self.size}", "tmpfs", str(self.path)],
+                       check=True)
+        self.mounted = True
+
+    def unmount(self) -> None:
+        if self.mounted and subprocess.run(["umount", str(self.path)], check=False).returncode:
+            subprocess.run(["umount", "-l", str(self.path)], check=False)   # still busy: detach it
+        self.mounted = False
+
+    def fill_up(self) -> None:
+        """Write to the filler until the filesystem says ENOSPC."""
+        fd = os.open(self.filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            for size in (1 << 20, 4096):
+                with contextlib.suppress(OSError):
+                    chunk = b"\0" * size
+                    while True:
+                        os.write(fd, chunk)
+        finally:
+            os.close(fd)
+
+    def free(self) -> None:
+        self.filler.unlink(missing_ok=True)
+        self.full.clear()
+
+    def is_full(self) -> bool:
+        """The filler holds it full, or less than 1 MiB is left anyway."""
+        if self.full.is_set():
+            return True
+        try:
+            st = os.statvfs(self.path)
+        except OSError:
+            return False
+        return st.f_bavail * st.f_frsize < 1 << 20
+
+    def run(self) -> None:
+        while not self.stopping.wait(self.rng.uniform(*DISK_GAP)):
+            started = time.monotonic()
+            until = started + self.rng.uniform(*DISK_HOLD)
+            self.fill_up()
+            self.full.set()
+            self.journal.note("disk", "full", hold_s=round(until - started, 1))
+            while time.monotonic() < until and not self.stopping.wait(0.2):
+                self.fill_up()           # take back what otrace's retention frees
+            self.free()
+            self.journal.note("disk", "freed")
+            self.episodes.append((started, time.monotonic()))
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.thread.join(10)
+        self.free()
+
+
+# ======================================================================================= the receiver
+
+
+class PushReceiver:
+    """The push endpoint: a real ThreadingHTTPServer on loopback that goes through phases and records
+    every event id it is sent (on arrival: a slow answer may never reach otrace, a duplicate follows)."""
+
+    def __init__(self, rng: random.Random, journal: Journal) -> None:
+        self.rng, self.journal = rng, journal
+        self.port = free_port()
+        self.url = f"http://{HOST}:{self.port}/ingest"
+        self.lock = threading.Lock()
+        self.phase = "healthy"
+        self.phases: collections.Counter[str] = collections.Counter()
+        self.seen: collections.Counter[str] = collections.Counter()       # our ids
+        self.others: collections.Counter[str] = collections.Counter()     # otrace's own events, by kind
+        self.requests: collections.Counter[str] = collections.Counter()
+        self.batch_ids: set[str] = set()
+        self.losses: list[dict[str, Any]] = []
+        self.malformed = 0
+        self.server: ThreadingHTTPServer | None = None
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self.run, name="receiver-phases", daemon=True)
+        self.listen()
+
+    def listen(self) -> None:
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:
+                receiver.handle(self)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        for _ in range(100):         # the port was ours a moment ago; a lingering socket may hold it
+            try:
+                server = ThreadingHTTPServer((HOST, self.port), Handler)
+                break
+            except OSError:
+                time.sleep(0.1)
+        else:
+            raise RuntimeError(f"receiver: cannot listen on {HOST}:{self.port} again")
+        server.daemon_threads = True
+        threading.Thread(target=server.serve_forever, name="receiver", daemon=True).start()
+        self.server = server
+
+    def unlisten(self) -> None:
+        if self.server:
+            self.server.shutdown()
+            self.server.server_close()
+            self.server = None
+
+    def enter(self, phase: str) -> None:
+        """Switch phase: "dead: port closed" stops listening; every dead phase resets connections."""
+        self.phase = phase
+        self.phases[phase] += 1
+        self.journal.note("receiver", "phase", phase=phase)
+        if phase == "dead: port closed":
+            self.unlisten()
+        elif self.server is None:
+            self.listen()
+
+    def run(self) -> None:
+        index = 0
+        self.phases[self.phase] += 1
+        while not self.stopping.wait(self.rng.uniform(*PHASE_SECONDS[PHASES[index]])):
+            index = (index + 1) % len(PHASES)
+            self.enter(PHASES[index])
+
+    def settle(self) -> None:
+        """Stop cycling and stay healthy."""
+        self.stopping.set()
+        self.thread.join(10)
+        if self.phase != "healthy":
+            self.enter("healthy")
+
+    def handle(self, h: BaseHTTPRequestHandler) -> None:
+        phase = self.phase
+        if phase.startswith("dead"):                 # hang up hard, nothing read
+            h.close_connection = True
+            with contextlib.suppress(OSError):
+                h.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                h.connection.close()
+            with self.lock:
+                self.requests["reset"] += 1
+            self.journal.note("receiver", "reset", phase=phase)
+            return
+        batch_id = h.headers.get("Idempotency-Key", "")
+        body = h.rfile.read(int(h.headers.get("Content-Length", 0)))
+        events = self.record(body, batch_id)
+        delay = self.rng.uniform(PUSH_TIMEOUT / 2, PUSH_TIMEOUT * 5 / 3) if phase == "slow" else 0.0
+        self.journal.note("receiver", "push", phase=phase, batch_id=batch_id, events=events,
+                          bytes=len(body), delay_s=round(delay, 2))
+        time.sleep(delay)
+        with self.lock:
+            self.requests[phase] += 1
+        try:
+            h.send_response(200)
+            h.send_header("Content-Length", "0")
+            h.end_headers()
+        except OSError:              # otrace gave up waiting and hung up
+            h.close_connection = True
+
+    def record(self, body: bytes, batch_id: str) -> int:
+        """Note the events of one push; how many it held."""
+        try:
+            doc = json.loads(body)
+            events = [(e["type"], e["trace_id"], e["data"]) for e in doc["events"]]
+            right = doc["schema"] == "otrace.push.v1" and doc["agent_id"] == "soak"
+        except (ValueError, KeyError, TypeError):
+            right = False
+        if not right:
+            with self.lock:
+                self.malformed += 1
+            return 0
+        with self.lock:
+            self.batch_ids.add(batch_id)
+            self.losses += doc.get("losses") or []
+            for kind, trace_id, data in events:
+                if ours(trace_id) and PUSH_TYPES[trace_id[0]] == kind and data["trace_id"] == trace_id:
+                    self.seen[trace_id] += 1
+                elif ours(trace_id):
+                    self.malformed += 1
+                else:
+                    self.others[f"{kind} ({data.get('source')}, {data.get('category', '-')})"] += 1
+        return len(events)
+
+    def close(self) -> None:
+        self.stopping.set()
+        self.unlisten()
+
+
+# ========================================================================================= the node
+
+
+@dataclasses.dataclass
+class Stop:
+    """One end of an otrace process."""
+
+    kind: str                    # SIGTERM, SIGKILL, crash, final SIGTERM
+    at: float                    # time.monotonic() of the signal (or of noticing the crash)
+    seconds: float               # from the signal to the exit
+    code: int | None             # None: it had to be killed after all
+    disk_full: bool
+    phase: str
+
+    @property
+    def exited(self) -> float:
+        return self.at + self.seconds
+
+
+class Node:
+    """The otrace process under test, restarted again and again on the same database."""
+
+    def __init__(self, env: dict[str, str], journal: Journal) -> None:
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("TRACE_")} | env
+        self.journal = journal
+        self.proc: subprocess.Popen | None = None
+        self.ready = threading.Event()
+        self.lock = threading.Lock()
+        self.life = 0
+        self.warnings: collections.Counter[str] = collections.Counter()   # "LEVEL message"
+        self.notes: list[tuple[int, dict[str, Any]]] = []                 # (life, log line)
+        self.stderr: list[str] = []
+        self.failed_starts = 0
+        self.stops: list[Stop] = []
+
+    def start(self, timeout: float = 120.0) -> None:
+        """Start otrace and wait until it listens; a start that fails (a full disk) is tried again."""
+        end = time.monotonic() + timeout
+        while True:
+            self.life += 1
+            self.ready.clear()
+            self.proc = subprocess.Popen([sys.executable, str(OTRACE)], env=self.env, text=True,
+                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                         start_new_session=True)     # Ctrl-C is ours to pass on
+            for stream, read in ((self.proc.stdout, self.read_log), (self.proc.stderr, self.read_stderr)):
+                threading.Thread(target=read, args=(stream, self.life), daemon=True).start()
+            while not self.ready.wait(0.05) and self.proc.poll() is None:
+                pass
+            if self.ready.is_set():
+                return
+            self.failed_starts += 1
+            if time.monotonic() > end:
+                raise RuntimeError(f"otrace did not start in {timeout:.0f} s; stderr: {self.stderr[-5:]}")
+            time.sleep(0.5)
+
+    def read_log(self, stream: Any, life: int) -> None:
+        for raw in stream:
+            self.journal.write(f"otrace {life}", raw)
+            try:
+                line = json.loads(raw)
+            except ValueError:
+                line = {"level": "ERROR", "message": "<not JSON>", "raw": raw.rstrip()}
+            message = line.get("message", "")
+            if message == "listening" and life == self.life:
+                self.ready.set()
+            with self.lock:
+                if line.get("level") in ("WARNING", "ERROR", "CRITICAL"):
+                    self.warnings[f"{line['level']} {message}"] += 1
+                if message in LOG_NOTES:
+                    self.notes.append((life, line))
+
+    def read_stderr(self, stream: Any, life: int) -> None:
+        for raw in stream:
+            self.journal.write(f"otrace {life} stderr", json.dumps({"stderr": raw.rstrip()}))
+            with self.lock:
+                self.stderr.append(f"[{life}] {raw.rstrip()}")
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, sig: signal.Signals, kind: str, disk_full: bool, phase: str) -> Stop:
+        """Signal otrace and wait for it to exit (killing it if it overstays by 10 s)."""
+        assert self.proc
+        self.journal.note("runner", f"sending {sig.name}", life=self.life)
+        at = time.monotonic()
+        self.proc.send_signal(sig)
+        try:
+            code: int | None = self.proc.wait(SHUTDOWN_TIMEOUT + 10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            code = None
+        stop = Stop(kind, at, time.monotonic() - at, code, disk_full, phase)
+        self.stops.append(stop)
+        self.journal.note("runner", kind, exit_code=code, seconds=round(stop.seconds, 3), disk_full=disk_full,
+                          receiver=phase)
+        return stop
+
+    def crashed(self, disk_full: bool, phase: str) -> None:
+        assert self.proc
+        self.stops.append(Stop("crash", time.monotonic(), 0.0, self.proc.returncode, disk_full, phase))
+
+    def close(self) -> None:
+        """Make sure no otrace is left running."""
+        if self.alive():
+            assert self.proc
+            self.proc.terminate()
+            try:
+                self.proc.wait(SHUTDOWN_TIMEOUT + 5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def health(self, port: int) -> tuple[int, dict[str, Any]] | None:
+        """/health's status and report, or None when nothing answers."""
+        conn = http.client.HTTPConnection(HOST, port, timeout=3)
+        try:
+            conn.request("GET", "/health")
+            resp = conn.getresponse()
+            return resp.status, json.loads(resp.read())
+        except (OSError, http.client.HTTPException, ValueError):
+            return None
+        finally:
+            conn.close()
+
+
+class Monitor:
+    """Polls /health twice a second: how often it said ok or degraded, with the disk full or not."""
+
+    def __init__(self, node: Node, port: int, disk_full: Callable[[], bool]) -> None:
+        self.node, self.port, self.disk_full = node, port, disk_full
+        self.samples: collections.Counter[tuple[bool, str]] = collections.Counter()
+        self.breaker: collections.Counter[str] = collections.Counter()
+        self.max_queue = self.max_unsynced = self.max_db = 0
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self.run, name="monitor", daemon=True)
+
+    def run(self) -> None:
+        while not self.stopping.wait(0.5):
+            full = self.disk_full()
+            answer = self.node.health(self.port)
+            if answer is None:
+                self.samples[(full, "down")] += 1
+                continue
+            status, report = answer
+            self.samples[(full, f"{report['status']} ({status})")] += 1
+            self.breaker[(report.get("push") or {}).get("breaker", "-")] += 1
+            self.max_queue = max(self.max_queue, report["queue_depth"])
+            self.max_unsynced = max(self.max_unsynced, report["unsynced_count"] or 0)
+            self.max_db = max(self.max_db, report["db_size_bytes"] + report["wal_size_bytes"])
+
+
+# ============================================================================================ the run
+
+
+def drain(node: Node, port: int, timeout: float) -> bool:
+    """Wait until otrace has written its queue and pushed every row."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        answer = node.health(port)
+        if answer and answer[0] == 200 and answer[1]["queue_depth"] == 0 and answer[1]["unsynced_count"] == 0:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def stored_ids(db: Path) -> tuple[set[str], int, dict[str, int]]:
+    """Our ids in the database, how many of them were never pushed, and retention's unpushed losses."""
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        rows = conn.execute("SELECT trace_id, synced FROM llm_traces UNION ALL "
+                            "SELECT trace_id, synced FROM error_events").fetchall()
+        lost = dict(conn.execute("SELECT table_name, sum(unsynced_deleted) FROM retention_ledger "
+                                 "GROUP BY table_name HAVING sum(unsynced_deleted) > 0"))
+    mine = [(trace_id, synced) for trace_id, synced in rows if ours(trace_id)]
+    return {trace_id for trace_id, _ in mine}, sum(1 for _, synced in mine if synced == 0), lost
+
+
+@dataclasses.dataclass
+class Loss:
+    """Events answered 202 that are nowhere, sorted by what ended the process that accepted them."""
+
+    WINDOW = "in the SIGKILL window"
+
+    causes: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
+    ages: dict[str, tuple[float, float]] = dataclasses.field(default_factory=dict)  # cause -> s before
+
+    def add(self, cause: str, age: float) -> None:
+        self.causes[cause] += 1
+        low, high = self.ages.get(cause, (age, age))
+        self.ages[cause] = (min(low, age), max(high, age))
+
+    @property
+    def allowed(self) -> int:
+        return self.causes[self.WINDOW]
+
+    @property
+    def total(self) -> int:
+        """Every loss but the allowed one."""
+        return self.causes.total() - self.allowed
+
+    def detail(self, cause: str) -> str:
+        return f"answered 202 {describe_ages(*self.ages[cause])} the signal"
+
+
+def losses(ledger: Ledger, kept: set[str], stops: list[Stop]) -> Loss:
+    """Sort every lost id by the stop that ended the process that answered it 202 (the one alive when
+    the answer was read: processes never overlap), and by how long before the signal that was. A 202
+    read after the signal came from a process that was shutting down."""
+    loss = Loss()
+    ends = sorted(stops, key=lambda s: s.exited)
+    for trace_id, answered_at in ledger.accepted.items():
+        if trace_id in kept:
+            continue
+        stop = next((s for s in ends if s.exited + READ_LATE >= answered_at), None)
+        age = stop.at - answered_at if stop else 0.0
+        if stop and stop.kind == "SIGKILL" and age <= BATCH_WINDOW + WINDOW_SLACK:
+            loss.add(loss.WINDOW, age)
+        elif stop:
+            loss.add(f"at {stop.kind}" + (", disk full" if stop.disk_full else ""), age)
+        else:
+            loss.add("no restart after it", age)
+    return loss
+
+
+class Soak:
+    """One run: the parts, the schedule of faults, and the tally."""
+
+    def __init__(self, args: argparse.Namespace, work: Path) -> None:
+        self.args = args
+        self.rng = random.Random(args.seed)
+        self.journal = Journal(args.log)
+        self.disk = Disk(work / "vol", TMPFS_SIZE, random.Random(self.rng.random()), self.journal)
+        self.ledger = Ledger()
+        self.port = free_port()
+        self.receiver: PushReceiver | None = None
+        self.node: Node | None = None
+        self.clients: Clients | None = None
+        self.monitor: Monitor | None = None
+        self.started = time.monotonic()
+
+    def say(self, text: str) -> None:
+        print(f"  {time.monotonic() - self.started:6.1f} s  {text}", flush=True)
+        self.journal.note("runner", text)
+
+    def run(self) -> int:
+        """Mount, start everything, inject faults for --minutes, drain, count; the exit code."""
+        args, disk = self.args, self.disk
+        try:
+            disk.mount()
+            self.receiver = receiver = PushReceiver(random.Random(self.rng.random()), self.journal)
+            self.node = node = Node({**SETTINGS, "TRACE_PORT": str(self.port),
+                                     "TRACE_DB_PATH": str(disk.path / "otrace.db"),
+                                     "TRACE_PUSH_ENDPOINT": receiver.url}, self.journal)
+            node.start()
+            self.clients = clients = Clients(args.clients, self.port, self.ledger, disk.is_full, args.seed)
+            self.monitor = monitor = Monitor(node, self.port, disk.is_full)
+            print(f"soak: otrace on {HOST}:{self.port}, database on a {TMPFS_SIZE} tmpfs, receiver on "
+                  f"{receiver.port}, {args.clients} clients, {args.minutes:g} min, seed {args.seed}",
+                  flush=True)
+            self.started = time.monotonic()
+            clients.start()
+            for thread in (receiver.thread, disk.thread, monitor.thread):
+                thread.start()
+            self.faults(self.started + args.minutes * 60)
+            self.say("load stops; disk freed, receiver healthy, draining")
+            clients.stop()
+            disk.stop()
+            receiver.settle()
+            if not node.alive():
+                node.crashed(False, receiver.phase)
+                node.start()
+            drained = drain(node, self.port, timeout=180)
+            monitor.stopping.set()
+            final = node.stop(signal.SIGTERM, "final SIGTERM", False, receiver.phase)
+            self.say(f"drained: {drained}; final SIGTERM: exit {final.code} after {final.seconds:.2f} s")
+            stored = stored_ids(disk.path / "otrace.db")
+            loss = losses(self.ledger, stored[0] | set(receiver.seen), node.stops)
+            text = self.report(final, drained, stored, loss)
+            print(text, flush=True)
+            if args.out:
+                args.out.write_text(text + "\n")
+            return 1 if loss.total else 0
+        finally:
+            self.close()
+
+    def faults(self, end: float) -> None:
+        """Restart otrace every 20-40 s, SIGTERM and SIGKILL in turn, until `end`; restart it if it
+        exits by itself. The disk and the receiver run their own schedules."""
+        node, receiver, disk = self.node, self.receiver, self.disk
+        assert node and receiver
+        restart_at, kill_next = time.monotonic() + self.rng.uniform(*RESTART_EVERY), False
+        while time.monotonic() < end:
+            time.sleep(0.1)
+            if not node.alive():
+                node.crashed(disk.is_full(), receiver.phase)
+                self.say(f"otrace exited by itself (code {node.stops[-1].code}); starting it again")
+                node.start()
+            elif time.monotonic() >= restart_at:
+                sig = signal.SIGKILL if kill_next else signal.SIGTERM
+                stop = node.stop(sig, sig.name, disk.is_full(), receiver.phase)
+                self.say(f"{sig.name}: exit {stop.code} after {stop.seconds:.2f} s (disk "
+                         f"{'full' if stop.disk_full else 'free'}, receiver {stop.phase})")
+                node.start()
+                kill_next, restart_at = not kill_next, time.monotonic() + self.rng.uniform(*RESTART_EVERY)
+
+    def close(self) -> None:
+        """Stop every thread and process, and unmount; safe to call at any point (Ctrl-C too)."""
+        for part in (self.clients, self.monitor):
+            if part:
+                part.stopping.set()
+        if self.node:
+            self.node.close()
+        if self.receiver:
+            self.receiver.close()
+        self.disk.stopping.set()
+        if self.disk.thread.is_alive():
+            self.disk.thread.join(10)
+        self.disk.unmount()
+        self.journal.close()
+
+    # -- the report
+    def report(self, final: Stop, drained: bool, stored: tuple[set[str], int, dict[str, int]],
+               loss: Loss) -> str:
+        """The tally as Markdown tables."""
+        args, ledger, receiver, node, disk, monitor = (self.args, self.ledger, self.receiver, self.node,
+                                                       self.disk, self.monitor)
+        assert receiver and node and monitor
+        kept_in_db, unpushed, retention_lost = stored
+        accepted, pushed = set(ledger.accepted), set(receiver.seen)
+        never = ", ".join(f"{n} {outcome}" for outcome, n in ledger.never.most_common()) or "none"
+        causes = "; ".join(f"{n} {cause} ({loss.detail(cause)})" for cause, n in loss.causes.items()
+                           if cause != loss.WINDOW)
+        window = (f"at most {(BATCH_WINDOW + WINDOW_SLACK) * 1000:.0f} ms before a SIGKILL"
+                  + (f"; {loss.detail(loss.WINDOW)}" if loss.allowed else ""))
+        rows = [
+            ("events sent (distinct ids)", ledger.sent, ""),
+            ("answered 202", len(accepted), f"{ledger.mismatches} answers with other ids than sent"),
+            ("never answered 202 (503 / other)", ledger.sent - len(accepted), f"by last answer: {never}"),
+            ("persisted (in the database at the end)", len(kept_in_db), f"{unpushed} of them never pushed"),
+            ("pushed (seen by the receiver, distinct)", len(pushed), ""),
+            ("duplicates seen by the receiver (at-least-once)", sum(receiver.seen.values()) - len(pushed),
+             ""),
+            ("answered 202 and persisted or pushed", len(accepted & (kept_in_db | pushed)), ""),
+            ("persisted or pushed without a 202 (its answer was lost)", len((kept_in_db | pushed) - accepted),
+             ""),
+            ("lost in SIGKILL window (allowed)", loss.allowed, window),
+            ("**lost**", f"**{loss.total}**", causes),
+        ]
+        out = [f"## otrace fault soak, {datetime.now().astimezone():%Y-%m-%d %H:%M}, {args.minutes:g} min, "
+               f"{args.clients} clients, seed {args.seed}", "",
+               "| Events | Count | Detail |", "|---|---:|---|"]
+        out += [f"| {name} | {value} | {detail} |" for name, value, detail in rows]
+
+        terms = [s for s in node.stops if s.kind == "SIGTERM"]
+        kills = [s for s in node.stops if s.kind == "SIGKILL"]
+        crashes = [s for s in node.stops if s.kind == "crash"]
+        phases = ", ".join(f"{name} {n}" for name, n in receiver.phases.items())
+        out += ["", "| Faults | Count | Detail |", "|---|---:|---|",
+                f"| SIGTERM restarts | {len(terms)} | {exits(terms)} |",
+                f"| SIGKILL restarts | {len(kills)} | {sum(s.disk_full for s in kills)} with the disk full |",
+                f"| final SIGTERM (after draining) | 1 | {exits([final])}; drained first: {drained} |",
+                f"| exits nobody asked for | {len(crashes)} | codes {[s.code for s in crashes]} |",
+                f"| starts that failed (tried again) | {node.failed_starts} | |",
+                f"| disk-full episodes | {len(disk.episodes)} | "
+                f"{sum(b - a for a, b in disk.episodes):.0f} s full in all |",
+                f"| receiver phases | {sum(receiver.phases.values())} | {phases} |"]
+
+        health: collections.Counter[str] = collections.Counter()
+        for (full, status), n in monitor.samples.items():
+            health[f"{'disk full' if full else 'disk free'}: {status}"] += n
+        out += ["", "| Also seen | Count | Detail |", "|---|---:|---|",
+                f"| ingest requests | {ledger.answers.total()} | {counts(ledger.answers)} |",
+                f"| ... while the disk was full | {ledger.answers_full.total()} | "
+                f"{counts(ledger.answers_full)} |",
+                f"| /health samples | {health.total()} | {counts(health)} |",
+                f"| push breaker, in /health samples | {monitor.breaker.total()} | "
+                f"{counts(monitor.breaker)} |",
+                f"| largest queue_depth / unsynced_count | {monitor.max_queue} / {monitor.max_unsynced} | |",
+                f"| largest database + WAL, MiB | {monitor.max_db / 2**20:.1f} | on a {TMPFS_SIZE} tmpfs |",
+                f"| push requests the receiver got | {receiver.requests.total()} | "
+                f"{counts(receiver.requests)}; {len(receiver.batch_ids)} distinct batches |",
+                f"| otrace's own events pushed | {receiver.others.total()} | {counts(receiver.others)} |",
+                f"| malformed pushes or events | {receiver.malformed} | |",
+                f"| unpushed rows retention deleted | {sum(retention_lost.values())} | {retention_lost}; "
+                f"losses reported in pushes: {len(receiver.losses)} |"]
+        out += ["", "| otrace said (warnings and errors) | Count |", "|---|---:|"]
+        out += [f"| {message} | {n} |" for message, n in node.warnings.most_common()]
+        final_pushes = [line for _, line in node.notes if line.get("message") == "final push"]
+        unwritten = [line.get("events_lost") for _, line in node.notes
+                     if line.get("message") == "shutdown deadline passed with events not written"]
+        out += ["", f"Final pushes at SIGTERM: {len(final_pushes)}, complete "
+                f"{sum(1 for line in final_pushes if line.get('complete'))}; shutdowns with events not "
+                f"written: {unwritten or 'none'}."]
+        if node.stderr:
+            out += ["", "otrace wrote to stderr:", "", *(f"    {line}" for line in node.stderr[-20:])]
+        terms = [*terms, final]
+        checks = [
+            (loss.total == 0, "nothing answered 202 was lost outside the SIGKILL window (the exit code)"),
+            (all(s.code == 0 for s in terms), "every SIGTERM exited 0"),
+            (all(s.seconds <= SHUTDOWN_TIMEOUT + EXIT_SLACK for s in terms),
+             f"every SIGTERM exited within TRACE_SHUTDOWN_TIMEOUT ({SHUTDOWN_TIMEOUT:g} s, "
+             f"+ {EXIT_SLACK:g} s)"),
+            (not disk.episodes or any(full and status.startswith("degraded")
+                                      for (full, status) in monitor.samples),
+             "/health said degraded while the disk was full"),
+            (not crashes and not node.stderr, "otrace never exited by itself nor wrote to stderr"),
+            (ledger.mismatches == 0 and receiver.malformed == 0,
+             "every 202 and every push held the right ids"),
+        ]
+        out += ["", "Checks (only the first sets the exit code):", ""]
+        out += [f"- {'PASS' if ok else 'FAIL'}: {text}" for ok, text in checks]
+        return "\n".join(out)
+
+
+def exits(stops: list[Stop]) -> str:
+    """Exit codes and times of some stops, against the shutdown deadline."""
+    codes = collections.Counter(s.code for s in stops)
+    slowest = max((s.seconds for s in stops), default=0.0)
+    late = sum(1 for s in stops if s.seconds > SHUTDOWN_TIMEOUT + EXIT_SLACK)
+    return (f"exit codes {dict(codes)}, slowest {slowest:.2f} s of {SHUTDOWN_TIMEOUT:g} s, {late} late, "
+            f"{sum(s.disk_full for s in stops)} with the disk full")
+
+
+def describe_ages(low: float, high: float) -> str:
+    """"0.12 to 3.40 s before", or "0.20 s after to 1.50 s before" for ages in seconds before."""
+    def one(age: float) -> str:
+        return f"{abs(age):.2f} s {'before' if age >= 0 else 'after'}"
+    return f"{one(high)} to {one(low)}" if low != high else one(low)
+
+
+def counts(counter: collections.Counter[str]) -> str:
+    return ", ".join(f"{what} {n}" for what, n in counter.most_common()) or "none"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--minutes", type=float, default=3.0, help="how long the load and faults last")
+    parser.add_argument("--clients", type=int, default=4, help="client threads posting")
+    parser.add_argument("--seed", type=int, default=int(time.time()) % 100_000, help="for the schedule")
+    parser.add_argument("--out", type=Path, help="also write the tally (Markdown) to this file")
+    parser.add_argument("--log", type=Path, help="append otrace's log lines to this file")
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("soak: needs root, to mount a tmpfs")
+    work = Path(tempfile.mkdtemp(prefix="otrace-soak-"))
+    try:
+        return Soak(args, work).run()
+    except KeyboardInterrupt:
+        print("soak: interrupted; cleaned up", file=sys.stderr)
+        return 130
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
