@@ -2,8 +2,10 @@
 """otrace: an observability sidecar for AI agents.
 
 The agent POSTs LLM-call traces and error events over loopback HTTP; otrace answers 202 at once and a
-single writer thread keeps every accepted event in SQLite. The file reads in the order data flows:
-config, model, store, ingest, lifecycle, CLI.
+single writer thread keeps every accepted event in SQLite. Beside them, loops sample the host's
+metrics, follow the gateway's log, push unsynced rows to a remote API, and keep the database inside
+its budget. The file reads in the order data flows: config, model, store, ingest, collectors, push,
+upkeep, lifecycle, CLI.
 """
 
 from __future__ import annotations
@@ -2891,7 +2893,7 @@ class Tier:
     reason: str
     tables: tuple[str, ...]
     where: str
-    for_disk: bool           # disk pressure may use it, not only the database cap
+    for_disk: bool           # disk pressure may always use it, not only when otrace's rows can help
     chunk: int               # rows per step: small where every row deleted is a row lost
 
 
@@ -2978,11 +2980,17 @@ class Retention(Loop):
             return db <= self.config.db_max_bytes * self.LOW_DB
         return disk_usage(self.db_dir)[3] <= self.config.disk_high_pct - self.LOW_DISK
 
+    def own_share_can_relieve(self) -> bool:
+        """True when the database holds at least what the disk is over its low mark."""
+        _, used, avail, _ = disk_usage(self.db_dir)
+        excess = used - (self.config.disk_high_pct - self.LOW_DISK) / 100 * (used + avail)
+        return _file_size(self.config.db_path) + _file_size(self.config.db_path + "-wal") >= excess
+
     def relieve(self, pass_id: str, tally: collections.Counter[tuple[str, str, str]]) -> None:
         """Under pressure, delete tier after tier, a chunk at a time from whichever table holds the
-        oldest row, until under the low mark. Disk pressure stops short of unpushed traces and errors:
-        a disk full of something else would not be helped by losing them, and TRACE_DB_MAX_BYTES is
-        what bounds otrace's own share."""
+        oldest row, until under the low mark. Disk pressure reaches unpushed traces, errors and log
+        events only when the database is big enough for deleting them to bring the disk under the
+        low mark: a disk filled by something else is not helped by losing them."""
         found = self.pressure()
         if not found:
             return
@@ -2990,7 +2998,7 @@ class Retention(Loop):
         self.log.warning("over budget: deleting oldest rows", extra={"cause": cause, "detail": detail})
         with contextlib.closing(connect(self.config.db_path)) as conn:
             for tier in self.tiers:
-                if cause == "disk" and not tier.for_disk:
+                if cause == "disk" and not tier.for_disk and not self.own_share_can_relieve():
                     break
                 while not self.stopping.is_set() and not self.relieved(cause):
                     table = oldest_table(conn, tier.tables, tier.where)

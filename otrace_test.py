@@ -1320,7 +1320,8 @@ def test_database_cap_deletes_in_order_and_reports_the_losses(
 
 
 @needs_root
-def test_disk_pressure_spares_unpushed_traces(tmp_path: Path, run: Callable[..., Otrace]) -> None:
+def test_disk_pressure_spares_unpushed_traces_it_cannot_help_with(tmp_path: Path,
+                                                                 run: Callable[..., Otrace]) -> None:
     with tmpfs(tmp_path / "vol", "8m") as vol:
         db = vol / "otrace.db"
         made = seed(db, [("trace", 100, 0), ("trace", 100, 1)], age_days=0.01)
@@ -1332,6 +1333,28 @@ def test_disk_pressure_spares_unpushed_traces(tmp_path: Path, run: Callable[...,
         node.wait_log(lambda e: e.get("message") == "still over budget after deleting all it may")
         assert present(node, "llm_traces") == set(made["trace/0"])
         assert ledger(node) == {("llm_traces", "pressure_pushed"): (100, 0)}
+        assert node.stop() == 0
+
+
+@needs_root
+def test_disk_filled_by_unpushed_rows_deletes_the_oldest_and_reports_them(tmp_path: Path,
+                                                                          run: Callable[..., Otrace]) -> None:
+    """A dead receiver and a disk over its mark mostly because of otrace's own rows: the last tier
+    (unpushed traces, oldest first) runs for the disk too, counted in the ledger."""
+    with tmpfs(tmp_path / "vol", "48m") as vol:
+        db = vol / "otrace.db"
+        made = seed(db, [("trace", 2000, 0)], age_days=0.01)
+        total, _, _, _ = otrace.disk_usage(str(vol))
+        with open(vol / "agent-data", "wb") as out:           # the rest of the disk, to ~90 % in all
+            out.write(b"\0" * max(0, int(total * 0.9) - db_bytes(db)))
+        node = run({"TRACE_CLEANUP_INTERVAL": "200ms", "TRACE_DISK_HIGH_PCT": "80"}, db=db)
+        node.wait_log(lambda e: e.get("message") == "retention deleted rows that were never pushed")
+        assert otrace.disk_usage(str(vol))[3] <= 75
+        kept = present(node, "llm_traces")
+        lost = [t for t in made["trace/0"] if t not in kept]
+        assert 0 < len(lost) < 2000 and lost == made["trace/0"][:len(lost)]     # oldest first
+        assert ledger(node) == {("llm_traces", "pressure_unpushed"): (len(lost), len(lost))}
+        assert node.health()["retention"]["unpushed_deleted_total"] == {"llm_traces": len(lost)}
         assert node.stop() == 0
 
 
