@@ -217,6 +217,9 @@ class Config:
     retention: float = setting("3d", DURATION, "Age (since arrival) after which pushed rows are deleted.")
     db_max_bytes: int = setting("200MiB", SIZE, "Database size (file + WAL) that starts deleting oldest "
                                 "rows first, down to 80 % of it (see Storage in the README).")
+    disk_reserve_bytes: int = setting("16MiB", SIZE, "Space held in a file beside the database and given "
+                                      "up on the first disk-full write, so what was accepted still "
+                                      "commits; ingest then answers 503 until the space is back. 0: off.")
     disk_high_pct: int = setting("80", _count(1, 100), "Disk use (as df counts it) that starts deleting "
                                  "pushed rows and unpushed metrics, down to 5 points below it.")
     push_endpoint: str = setting("", URL, "Remote API that receives unsynced events in JSON batches; "
@@ -1073,6 +1076,56 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, (sqlite3.OperationalError, OSError, MemoryError))
 
 
+class Reserve:
+    """Space held back on the database's filesystem: a file of TRACE_DISK_RESERVE_BYTES beside it. On
+    the first disk-full write it is deleted, so the batch and the queue behind it can commit; ingest
+    answers 503 while it is released, and it is taken back once the disk has room for it four times."""
+
+    def __init__(self, db_path: str, size: int) -> None:
+        self.path, self.size = Path(db_path + "-reserve"), size
+        self.released = False
+        self.next_try = 0.0
+
+    def hold(self) -> bool:
+        """Make sure the file holds its full size (allocated, not sparse). False if there is no room."""
+        if not self.size:
+            return True
+        with contextlib.suppress(OSError):
+            if self.path.stat().st_blocks * 512 >= self.size:
+                self.released = False
+                return True
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, self.size)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError:
+            self.path.unlink(missing_ok=True)
+            return False
+        self.released = False
+        return True
+
+    def release(self) -> bool:
+        """Give the space to the database; True if it was held."""
+        if not self.size or self.released:
+            return False
+        try:
+            self.path.unlink()
+        except OSError:              # never held (no room at start), or gone: nothing to give
+            return False
+        self.released, self.next_try = True, time.monotonic() + 1.0
+        return True
+
+    def retake(self) -> bool:
+        """Once released: take the space back when the disk has room for it four times over."""
+        if not self.released or time.monotonic() < self.next_try:
+            return False
+        self.next_try = time.monotonic() + 1.0
+        return disk_usage(str(self.path.parent))[2] >= 4 * self.size and self.hold()
+
+
 class Writer(threading.Thread):
     """The one thread that writes to SQLite: batches of events in one transaction each, and jobs.
 
@@ -1093,6 +1146,7 @@ class Writer(threading.Thread):
         self.heartbeat = time.monotonic()
         self.conn: sqlite3.Connection | None = None
         self.on_fault: Callable[[str], None] = lambda error: None   # told once per streak of failures
+        self.reserve = Reserve(config.db_path, config.disk_reserve_bytes)
 
     # -- state for /health
     @property
@@ -1117,6 +1171,9 @@ class Writer(threading.Thread):
                     self.run_job(work)
                     continue
                 self.pending += work
+                if not self.pending and self.reserve.retake():
+                    self.fault.logger.warning("disk reserve held again: ingest resumes",
+                                              extra={"bytes": self.reserve.size})
                 if not self.pending or time.monotonic() < retry_at:
                     continue
                 try:
@@ -1127,6 +1184,10 @@ class Writer(threading.Thread):
                     self.fault.failed(describe(exc))
                     self.events.room.set()     # nothing to gain from holding handlers back now
                     retry_at = time.monotonic() + self.backoff.next()
+                    if describe(exc).startswith("SQLITE_FULL") and self.reserve.release():
+                        self.fault.logger.warning("disk full: reserve released; ingest paused", extra={
+                            "bytes": self.reserve.size, "queued_events": self.events.qsize()})
+                        retry_at = 0.0         # the space is there now: write what was accepted
                     continue
                 if self.fault.error is not None:
                     self.record_outage()
@@ -1466,9 +1527,9 @@ class IngestHandler(BaseHTTPRequestHandler):
             service.counters.add("rejected")
             self.reply(bad.status, bad.body())
             return
-        if service.writer.fault.error:       # a 202 promises a commit within the batch window
+        if service.writer.fault.error or service.writer.reserve.released:   # a 202 promises a commit
             service.counters.add("refused", len(rows))
-            self.reply(503, {"error": "database writes are failing; retry later", "field": None},
+            self.reply(503, {"error": "database writes are failing (disk full?); retry later", "field": None},
                        {"Retry-After": "5"})
             return
         if not service.events.offer(Unit(rows)):
@@ -3043,6 +3104,9 @@ class Service:
         open_database(config.db_path)
         self.events = EventQueue(config.queue_size, config.batch_size)
         self.writer = Writer(config, self.events, self.counters)
+        if not self.writer.reserve.hold():
+            log.warning("disk reserve not held: no room for it", extra={
+                "path": str(self.writer.reserve.path), "bytes": config.disk_reserve_bytes})
         self.reader = connect(config.db_path)
         self.reader.execute("PRAGMA query_only = 1")
         self.reader_lock = threading.Lock()
@@ -3108,6 +3172,8 @@ class Service:
             problems.append("writer thread is stuck")
         if self.writer.fault.error:
             problems.append("database writes failing: " + self.writer.fault.error)
+        if self.writer.reserve.released:
+            problems.append("disk full: reserve released, ingest paused until there is room again")
         return {
             "status": "degraded" if problems else "ok",
             "problems": problems,

@@ -785,6 +785,37 @@ def test_full_disk_degrades_health_and_recovers_without_loss(tmp_path: Path, run
 
 
 @needs_root
+def test_disk_reserve_commits_what_was_accepted_when_the_disk_fills(tmp_path: Path,
+                                                                    run: Callable[..., Otrace]) -> None:
+    """The reserve is given up on the first disk-full write, so every 202'd event is committed while
+    the disk is still full (a SIGKILL then loses nothing); ingest answers 503 until there is room."""
+    with tmpfs(tmp_path / "vol", "24m") as vol:
+        db = vol / "otrace.db"
+        node = run({"TRACE_DISK_RESERVE_BYTES": "2MiB", "TRACE_BATCH_WINDOW": "200ms"}, db=db)
+        reserve = vol / "otrace.db-reserve"
+        assert reserve.stat().st_blocks * 512 >= 2 * 2**20
+        filler = fill(vol)
+        accepted: list[str] = []
+        batch = [trace(input_text="x" * 4000) for _ in range(20)]
+        while (resp := node.post("/v1/traces", batch)).status == 202:
+            accepted += resp.json["trace_ids"]
+            batch = [trace(input_text="x" * 4000) for _ in range(20)]
+        assert resp.status == 503 and "disk full" in resp.json["error"]
+        released = node.wait_log(lambda e: e.get("message") == "disk full: reserve released; ingest paused")
+        assert released["queued_events"] > 0 and not reserve.exists()
+        wait_until(lambda: node.health()["queue_depth"] == 0, what="the queue committed on a full disk")
+        report = node.request("GET", "/health")
+        assert report.status == 503 and any("reserve released" in p for p in report.json["problems"])
+        stored = {r[0] for r in node.query("SELECT trace_id FROM llm_traces")}    # committed: a SIGKILL
+        assert set(accepted) <= stored                                             # now would lose none
+        filler.unlink()
+        node.wait_log(lambda e: e.get("message") == "disk reserve held again: ingest resumes")
+        assert reserve.stat().st_blocks * 512 >= 2 * 2**20
+        assert node.post("/v1/traces", trace()).status == 202
+        assert node.stop() == 0
+
+
+@needs_root
 def test_start_on_a_full_disk_waits_for_space(tmp_path: Path, run: Callable[..., Otrace]) -> None:
     with tmpfs(tmp_path / "vol", "2m") as vol:
         db = vol / "otrace.db"
