@@ -21,7 +21,7 @@ test: $(VENV)/.dev
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
-# Every benchmark against its same-run baseline, about 10 minutes; tables in bench/results/.
+# Every benchmark against its same-run baseline, about 8 minutes; tables in bench/results/.
 bench: $(VENV)/.dev
 	$(PY) bench/run_all.py
 
