@@ -215,8 +215,8 @@ class Config:
                                  "and SQLite's journal_size_limit.")
     cleanup_interval: float = setting("5m", DURATION, "Time between retention passes.")
     retention: float = setting("3d", DURATION, "Age (since arrival) after which pushed rows are deleted.")
-    db_max_bytes: int = setting("200MiB", SIZE, "Database size (file + WAL) that starts deleting oldest "
-                                "rows first, down to 80 % of it (see Storage in the README).")
+    db_max_bytes: int = setting("200MiB", SIZE, "Most the database (file + WAL) may use: past 90 % of it "
+                                "the oldest rows are deleted, down to 80 % (see Storage in the README).")
     disk_reserve_bytes: int = setting("16MiB", SIZE, "Space held in a file beside the database and given "
                                       "up on the first disk-full write, so what was accepted still "
                                       "commits; ingest then answers 503 until the space is back. 0: off.")
@@ -2965,7 +2965,9 @@ class Retention(Loop):
     deletion runs in a chunk of its own between ingest batches, with its ledger row."""
 
     CHUNK = 1000
-    LOW_DB = 0.8             # under pressure, delete until the database is under 80 % of its cap ...
+    HIGH_DB = 0.9            # past 90 % of its cap the database is under pressure (room for what
+                             # arrives between two passes), ...
+    LOW_DB = 0.8             # ... and deletes until it is under 80 %; ...
     LOW_DISK = 5.0           # ... and the disk 5 points under TRACE_DISK_HIGH_PCT
 
     def __init__(self, config: Config, events: EventQueue, tables: Iterable[str]) -> None:
@@ -3028,8 +3030,8 @@ class Retention(Loop):
     def pressure(self) -> tuple[str, str] | None:
         """Why the database must shrink now ("db_cap" or "disk"), with the figures, or None."""
         db = _file_size(self.config.db_path) + _file_size(self.config.db_path + "-wal")
-        if db > self.config.db_max_bytes:
-            return "db_cap", f"database {db} bytes > {self.config.db_max_bytes}"
+        if db > self.config.db_max_bytes * self.HIGH_DB:
+            return "db_cap", f"database {db} bytes > {self.HIGH_DB:.0%} of {self.config.db_max_bytes}"
         used_pct = disk_usage(self.db_dir)[3]
         if used_pct > self.config.disk_high_pct:
             return "disk", f"disk {used_pct} % used > {self.config.disk_high_pct} %"

@@ -4,10 +4,11 @@
 
 Month: the seed's rate is 100 LLM calls a minute plus a host sample every 15 s: 4,320,000 traces a
 month. Scaled down by --scale (traffic and the database cap alike: TRACE_DB_MAX_BYTES = 200 MiB /
-scale), and compressed in time: --rate traces/s with push and retention every 200 ms, so that what
-arrives between two passes stays a small share of the cap, as 5 minutes of the seed's traffic is of
-200 MiB. otrace pushes to a local receiver and samples the host every 100 ms. The file and WAL sizes
-are read every 100 ms; the ratio is the largest seen against the cap.
+scale, and TRACE_WAL_MAX_BYTES with it), and compressed in time: --rate traces/s, with the retention
+and checkpoint intervals shrunk so that what arrives between two passes is the same share of the cap
+as 5 (and 10) minutes of the seed's traffic is of 200 MiB (at 1:30 and 1,500/s: 11 and 22 ms). otrace
+pushes to a local receiver every 200 ms and samples the host every 100 ms. The file and WAL sizes are
+read every 20 ms; the ratio is the largest seen against the cap.
 
 Cleanup: a 200 MiB database of pushed traces past TRACE_RETENTION; otrace's retention pass (chunks of
 1,000 rows between batches, incremental vacuum, TRUNCATE checkpoint) against one raw DELETE plus the
@@ -36,6 +37,7 @@ from ingest import TRACE
 import otrace
 
 MONTH_TRACES = 100 * 60 * 24 * 30
+SEED_RATE = 100 / 60             # traces/s: 100 LLM calls a minute
 
 
 def db_size(db: Path) -> int:
@@ -46,8 +48,15 @@ def file_size(db: Path) -> int:
     return db.stat().st_size if db.exists() else 0
 
 
+def scaled_ms(seconds: float, scale: int, rate: float) -> int:
+    """An interval of the seed's defaults, shrunk so that the share of the cap that arrives within
+    it is the same as at the seed's rate with the full cap."""
+    return max(1, round(1000 * seconds * SEED_RATE / (rate * scale)))
+
+
 def month(work: Path, scale: int, rate: float) -> dict[str, float]:
     cap, traces = 200 * 2**20 // scale, MONTH_TRACES // scale
+    cleanup, checkpoint = scaled_ms(300, scale, rate), scaled_ms(600, scale, rate)
     sink = free_port()
     here = str(Path(__file__).parent)
     receiver = subprocess.Popen([sys.executable, "-c", f"import sys; sys.path.insert(0, {here!r}); "
@@ -55,13 +64,13 @@ def month(work: Path, scale: int, rate: float) -> dict[str, float]:
     wait_listening(sink)
     proc, port = start_otrace(work, {
         "TRACE_DB_MAX_BYTES": str(cap), "TRACE_WAL_MAX_BYTES": str(cap // 4),
-        "TRACE_CLEANUP_INTERVAL": "200ms", "TRACE_CHECKPOINT_INTERVAL": "1s",
+        "TRACE_CLEANUP_INTERVAL": f"{cleanup}ms", "TRACE_CHECKPOINT_INTERVAL": f"{checkpoint}ms",
         "TRACE_PUSH_ENDPOINT": f"http://127.0.0.1:{sink}/ingest", "TRACE_PUSH_INTERVAL": "200ms",
         "TRACE_METRICS_INTERVAL": "100ms"})
     db, sizes, files, done = work / "otrace.db", [], [], threading.Event()
 
     def watch() -> None:
-        while not done.wait(0.1):
+        while not done.wait(0.02):
             sizes.append(db_size(db))
             files.append(file_size(db))
 
@@ -98,7 +107,8 @@ def month(work: Path, scale: int, rate: float) -> dict[str, float]:
         with sqlite3.connect(db) as conn:
             kept = conn.execute("SELECT count(*) FROM llm_traces").fetchone()[0]
             metrics = conn.execute("SELECT count(*) FROM system_metrics").fetchone()[0]
-        return {"scale": scale, "cap": cap, "traces": traces, "seconds": took, "max_size": max(sizes),
+        return {"scale": scale, "cap": cap, "cleanup_ms": cleanup, "checkpoint_ms": checkpoint,
+                "traces": traces, "seconds": took, "max_size": max(sizes),
                 "max_file": max(files),
                 "final_size": db_size(db), "kept": kept, "metric_rows": metrics,
                 "pushed": report["push"]["events_pushed"],
