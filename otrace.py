@@ -1067,12 +1067,17 @@ TRANSIENT_CODES = {"SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_FULL", "SQLITE_IOERR"
                    "SQLITE_NOTADB", "SQLITE_PERM", "SQLITE_INTERRUPT", "SQLITE_ABORT"}
 
 
+def primary_code(name: str) -> str:
+    """SQLite's primary result code of an extended one: SQLITE_IOERR_WRITE is SQLITE_IOERR."""
+    return "_".join(name.split("_")[:2])
+
+
 def is_transient(exc: BaseException) -> bool:
     """True when a failed write should be retried as it is; False when a row's own data is to blame
     (a constraint, or a value SQLite cannot bind)."""
     name = getattr(exc, "sqlite_errorname", None)
     if name:
-        return "_".join(name.split("_")[:2]) in TRANSIENT_CODES
+        return primary_code(name) in TRANSIENT_CODES
     return isinstance(exc, (sqlite3.OperationalError, OSError, MemoryError))
 
 
@@ -1179,12 +1184,13 @@ class Writer(threading.Thread):
                 try:
                     self.flush()
                 except Exception as exc:  # noqa: BLE001 - any failure keeps the batch for a retry
+                    error = describe(exc)
                     if self.fault.error is None:
-                        self.on_fault(describe(exc))
-                    self.fault.failed(describe(exc))
+                        self.on_fault(error)
+                    self.fault.failed(error)
                     self.events.room.set()     # nothing to gain from holding handlers back now
                     retry_at = time.monotonic() + self.backoff.next()
-                    if describe(exc).startswith("SQLITE_FULL") and self.reserve.release():
+                    if error.startswith("SQLITE_FULL") and self.reserve.release():
                         self.fault.logger.warning("disk full: reserve released; ingest paused", extra={
                             "bytes": self.reserve.size, "queued_events": self.events.qsize()})
                         retry_at = 0.0         # the space is there now: write what was accepted
@@ -1202,7 +1208,7 @@ class Writer(threading.Thread):
         error, name = self.fault.error or "", (self.fault.error or "").split(":", 1)[0]
         category = {"SQLITE_FULL": "disk_full", "SQLITE_READONLY": "permission_denied",
                     "SQLITE_PERM": "permission_denied", "SQLITE_CANTOPEN": "permission_denied",
-                    }.get("_".join(name.split("_")[:2]), "other")
+                    }.get(primary_code(name), "other")
         row = own_error(category, f"database writes failed for {time.time() - self.fault.since:.1f} s: "
                         f"{error}", {"since": _iso(self.fault.since), "attempts": self.fault.count,
                                      "db_path": self.config.db_path}, severity="critical")
@@ -3027,9 +3033,13 @@ class Retention(Loop):
         tally[(cut.table, cut.reason, "unpushed")] += lost
         return deleted
 
+    def db_bytes(self) -> int:
+        """The database's size as the cap counts it: file + WAL."""
+        return _file_size(self.config.db_path) + _file_size(self.config.db_path + "-wal")
+
     def pressure(self) -> tuple[str, str] | None:
         """Why the database must shrink now ("db_cap" or "disk"), with the figures, or None."""
-        db = _file_size(self.config.db_path) + _file_size(self.config.db_path + "-wal")
+        db = self.db_bytes()
         if db > self.config.db_max_bytes * self.HIGH_DB:
             return "db_cap", f"database {db} bytes > {self.HIGH_DB:.0%} of {self.config.db_max_bytes}"
         used_pct = disk_usage(self.db_dir)[3]
@@ -3039,15 +3049,14 @@ class Retention(Loop):
 
     def relieved(self, cause: str) -> bool:
         if cause == "db_cap":
-            db = _file_size(self.config.db_path) + _file_size(self.config.db_path + "-wal")
-            return db <= self.config.db_max_bytes * self.LOW_DB
+            return self.db_bytes() <= self.config.db_max_bytes * self.LOW_DB
         return disk_usage(self.db_dir)[3] <= self.config.disk_high_pct - self.LOW_DISK
 
     def own_share_can_relieve(self) -> bool:
         """True when the database holds at least what the disk is over its low mark."""
         _, used, avail, _ = disk_usage(self.db_dir)
         excess = used - (self.config.disk_high_pct - self.LOW_DISK) / 100 * (used + avail)
-        return _file_size(self.config.db_path) + _file_size(self.config.db_path + "-wal") >= excess
+        return self.db_bytes() >= excess
 
     def relieve(self, pass_id: str, tally: collections.Counter[tuple[str, str, str]]) -> None:
         """Under pressure, delete tier after tier, a chunk at a time from whichever table holds the
@@ -3296,8 +3305,7 @@ def passing(exc: BaseException) -> bool:
     """A start failure that may clear by itself: no space, an I/O error, a lock, a volume not there yet."""
     if isinstance(exc, OSError):
         return exc.errno in (errno.ENOSPC, errno.EIO, errno.EDQUOT)
-    name = getattr(exc, "sqlite_errorname", "") or ""
-    return "_".join(name.split("_")[:2]) in START_RETRY_CODES
+    return primary_code(getattr(exc, "sqlite_errorname", "") or "") in START_RETRY_CODES
 
 
 def serve(config: Config) -> int:

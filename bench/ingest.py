@@ -24,7 +24,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Usage, free_port, health, save, start_otrace, stop, table, wait_listening, wrk
+from common import Usage, free_port, health, save, start_otrace, stop, stop_all, table, wait_listening, wrk
 
 TRACE = {"provider": "openai", "model": "gpt-5", "input_text": "x" * 1000, "output_text": "y" * 1000,
          "prompt_tokens": 250, "completion_tokens": 240, "cost_usd": 0.0031, "latency_ms": 812,
@@ -156,8 +156,7 @@ def idle(seconds: float) -> dict[str, float]:
             time.sleep(seconds)
             after, elapsed = {n: Usage.of(p.pid) for n, p in procs.items()}, time.monotonic() - started
         finally:
-            for proc in procs.values():
-                stop(proc)
+            stop_all(procs.values())
     return {"rss_mb": after["otrace"].rss_bytes / 2**20,
             "cpu_pct": 100 * (after["otrace"].cpu_s - before["otrace"].cpu_s) / elapsed,
             "bare_rss_mb": after["bare"].rss_bytes / 2**20,

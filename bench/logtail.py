@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, Usage, save, start_otrace, stop, table
+from common import ROOT, Usage, save, start_otrace, stop, stop_all, table
 
 SAMPLE = ROOT.parent / "shared" / "fixtures" / "openclaw" / "gateway-2026.9.6-sample.jsonl"
 
@@ -88,8 +88,7 @@ def idle_costs(work: Path, seconds: float) -> dict[str, dict[str, float]]:
         return {n: {"cpu_pct": 100 * (Usage.of(p.pid).cpu_s - before[n].cpu_s) / wall,
                     "rss_mib": Usage.of(p.pid).rss_bytes / 2**20} for n, p in procs.items()}
     finally:
-        for proc in procs.values():
-            stop(proc)
+        stop_all(procs.values())
 
 
 def main() -> None:

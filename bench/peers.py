@@ -38,7 +38,19 @@ from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, Usage, free_port, health, require, save, start_otrace, stop, table, wait_listening
+from common import (
+    ROOT,
+    Usage,
+    free_port,
+    health,
+    require,
+    save,
+    start_otrace,
+    stop,
+    stop_all,
+    table,
+    wait_listening,
+)
 from ingest import TRACE
 
 PHOENIX_VENV = Path(os.environ.get("PHOENIX_VENV", ROOT / ".cache" / "peers" / "venv-phoenix"))
@@ -243,8 +255,7 @@ def metric_costs(work: Path, window: float, interval: float) -> dict[str, dict[s
                     "max_rss_mib": max(samples[n]) / 2**20}
                 for n, p in procs.items()}
     finally:
-        for proc in procs.values():
-            stop(proc)
+        stop_all(procs.values())
 
 
 def main() -> None:
