@@ -15,7 +15,7 @@ $(VENV)/.dev: $(VENV)/.run requirements-dev.txt
 	touch $@
 
 run: $(VENV)/.run
-	TRACE_DB_PATH=$${TRACE_DB_PATH:-./otrace.db} $(PY) otrace.py serve
+	TRACE_DB_PATH=$${TRACE_DB_PATH:-./otrace.db} $(PY) -m otrace serve
 
 test: $(VENV)/.dev
 	$(PY) -m ruff check .

@@ -328,10 +328,11 @@ def test_defaults_and_optional_fields(svc: Otrace) -> None:
                                    "metadata": '{"from": "a string"}', "total_tokens": 9})
     assert resp.status == 202
     generated = resp.json["trace_ids"][0]
-    assert uuid.UUID(generated).version == 4
+    assert uuid.UUID(generated).version == 7
     svc.wait_persisted(1)
     row = svc.rows("llm_traces")[0]
     assert row["trace_id"] == generated
+    assert abs((uuid.UUID(generated).int >> 80) - row["received_at"]) < 1000   # its Unix ms come first
     assert row["status"] == "ok"
     assert row["created_at"] == 1700000000123
     assert row["total_tokens"] == 9 and row["prompt_tokens"] is None
@@ -458,6 +459,16 @@ def test_retry_with_same_trace_id_is_stored_once(svc: Otrace) -> None:
     assert health["events_persisted"] == 1 and health["events_duplicate"] == 3
 
 
+def test_a_batch_of_any_size_is_stored_once_per_trace_id(svc: Otrace) -> None:
+    """The writer inserts up to 32 rows a statement (75 = 32 + 32 + 8 + 2 + 1), repeats included."""
+    ids = [f"batch-{i}" for i in range(70)]
+    body = [trace(trace_id=t) for t in ids] + [trace(trace_id=ids[i]) for i in (0, 31, 32, 69, 5)]
+    assert svc.post("/v1/traces", body).status == 202
+    health = svc.wait_persisted(75)
+    assert health["events_persisted"] == 70 and health["events_duplicate"] == 5
+    assert [row[0] for row in svc.query("SELECT trace_id FROM llm_traces ORDER BY id")] == ids
+
+
 # ------------------------------------------------------------------------------------------- HTTP
 
 
@@ -549,6 +560,36 @@ def test_http_1_0_client_is_answered(svc: Otrace) -> None:
         while chunk := sock.recv(4096):
             answer += chunk
     assert answer.startswith(b"HTTP/1.1 200 ") and b'"status": "ok"' in answer
+
+
+def test_request_headers_are_read_as_http_1_1_says(svc: Otrace) -> None:
+    """otrace reads the request headers itself: names in any case, HTTP/1.0 keep-alive, 100-continue,
+    and a 4xx naming what it cannot trust (two lengths, a line without a colon, a folded line)."""
+    def exchange(raw: bytes) -> bytes:
+        with socket.create_connection(("127.0.0.1", svc.port), timeout=5) as sock:
+            sock.sendall(raw)
+            sock.shutdown(socket.SHUT_WR)
+            return read_to_end(sock)
+
+    event = b'{"provider":"p","model":"m"}'
+    head = b"POST /v1/traces HTTP/1.%d\r\ncontent-TYPE: application/json\r\nCONTENT-length: 28\r\n"
+    assert exchange(head % 1 + b"\r\n" + event).startswith(b"HTTP/1.1 202 ")
+    kept = exchange((head % 0 + b"Connection: Keep-Alive\r\n\r\n" + event) * 2)
+    assert kept.count(b"HTTP/1.1 202 ") == 2, kept
+    closed = exchange((head % 0 + b"\r\n" + event) * 2)
+    assert closed.count(b"HTTP/1.1 202 ") == 1 and b"Connection: close" in closed, closed
+    for extra, needle in ((b"Content-Length: 29\r\n", "conflicting content-length"),
+                          (b"Bogus header line\r\n", "bad header line"),
+                          (b"X-Folded: a\r\n b\r\n", "bad header line")):
+        status, error = answer_of(exchange(head % 1 + extra + b"\r\n" + event))
+        assert status == 400 and needle in error["error"], (extra, error)
+    with socket.create_connection(("127.0.0.1", svc.port), timeout=5) as sock:
+        sock.sendall(head % 1 + b"Expect: 100-continue\r\n\r\n")
+        assert sock.recv(4096).startswith(b"HTTP/1.1 100 Continue\r\n")
+        sock.sendall(event)
+        assert sock.recv(4096).startswith(b"HTTP/1.1 202 ")
+    svc.wait_persisted(5)
+    assert svc.health()["events_received"] == 5
 
 
 def test_token_is_required_when_set(run: Callable[..., Otrace]) -> None:
@@ -1253,7 +1294,7 @@ def seed(db: Path, groups: list[tuple[str, int, int]], text: int = 2000, age_day
                 if kind == "trace":
                     rows, _ = otrace.parse_events(json.dumps(trace(trace_id=trace_id, input_text="t" * text))
                                                   .encode(), "/v1/traces", 1, 16384)
-                    conn.execute(otrace.INSERT_SQL["llm_traces"], rows[0].values)
+                    conn.execute(otrace.insert_sql("llm_traces"), rows[0].values)
                     conn.execute("UPDATE llm_traces SET received_at = ?, synced = ? WHERE trace_id = ?",
                                  (received, synced_flag, trace_id))
                 else:
@@ -1329,7 +1370,7 @@ def test_database_cap_deletes_in_order_and_reports_the_losses(
     node = run(push_env(receiver, TRACE_DB_MAX_BYTES=str(cap), TRACE_CLEANUP_INTERVAL="300ms",
                         TRACE_PUSH_RETRIES="1", TRACE_PUSH_BREAKER_THRESHOLD="1000"), db=db)  # no cool-down
     node.wait_log(lambda e: e.get("message") == "retention deleted rows that were never pushed")
-    assert db_bytes(db) <= cap * 0.8
+    assert db_bytes(db) <= cap * otrace.Retention.LOW_DB
     assert not present(node, "llm_traces") & set(made["trace/1"])        # 1. pushed rows, all
     assert not present(node, "system_metrics")                            # 2. unpushed metrics, all
     kept = present(node, "llm_traces")                                    # 3. unpushed traces, oldest first
@@ -2263,7 +2304,7 @@ def half_closed(sent: bytes, status: int | None, needle: str = "") -> Callable[[
     ({"TRACE_READ_TIMEOUT": "3s"}, slow_body_in_time),
     ({"TRACE_READ_TIMEOUT": "1s"}, slow_body_too_slow),
     ({}, half_closed(request_head(100) + b'{"provider": "p"', 400, "body ended after 16 of 100 bytes")),
-    ({}, half_closed(b"POST /v1/traces HTTP/1.1\r\nHost: x\r\nContent-Le", 411, "Content-Length")),
+    ({}, half_closed(b"POST /v1/traces HTTP/1.1\r\nHost: x\r\nContent-Le", 400, "inside its headers")),
     ({}, half_closed(b"", None)),
 ], ids=["10MB-body", "slow-body-in-time", "slow-body-too-slow", "half-closed-mid-body",
         "half-closed-mid-headers", "half-closed-at-once"])

@@ -64,7 +64,8 @@ def start_otrace(tmp: Path, env: dict[str, str] | None = None) -> tuple[subproce
     full = {k: v for k, v in os.environ.items() if not k.startswith("TRACE_")}
     full |= {"TRACE_PORT": str(port), "TRACE_DB_PATH": str(tmp / "otrace.db"), "TRACE_LOG_LEVEL": "warning"}
     full |= env or {}
-    proc = subprocess.Popen([sys.executable, str(OTRACE)], env=full, stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, "-m", "otrace"], env=full, cwd=OTRACE.parent,
+                            stdout=subprocess.DEVNULL)        # as `make run` starts it
     wait_listening(port)
     return proc, port
 

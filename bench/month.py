@@ -4,7 +4,8 @@
 
 Month: the seed's rate is 100 LLM calls a minute plus a host sample every 15 s: 4,320,000 traces a
 month. Scaled down by --scale (traffic and the database cap alike: TRACE_DB_MAX_BYTES = 200 MiB /
-scale, and TRACE_WAL_MAX_BYTES with it), and compressed in time: --rate traces/s, with the retention
+scale, and TRACE_WAL_MAX_BYTES and TRACE_PUSH_MAX_BYTES with it: marking a push batch synced rewrites
+its rows' pages into the WAL), and compressed in time: --rate traces/s, with the retention
 and checkpoint intervals shrunk so that what arrives between two passes is the same share of the cap
 as 5 (and 10) minutes of the seed's traffic is of 200 MiB (at 1:30 and 1,500/s: 11 and 22 ms). otrace
 pushes to a local receiver every 200 ms and samples the host every 100 ms. The file and WAL sizes are
@@ -64,6 +65,7 @@ def month(work: Path, scale: int, rate: float) -> dict[str, float]:
     wait_listening(sink)
     proc, port = start_otrace(work, {
         "TRACE_DB_MAX_BYTES": str(cap), "TRACE_WAL_MAX_BYTES": str(cap // 4),
+        "TRACE_PUSH_MAX_BYTES": str(5 * 2**20 // scale),
         "TRACE_CLEANUP_INTERVAL": f"{cleanup}ms", "TRACE_CHECKPOINT_INTERVAL": f"{checkpoint}ms",
         "TRACE_PUSH_ENDPOINT": f"http://127.0.0.1:{sink}/ingest", "TRACE_PUSH_INTERVAL": "200ms",
         "TRACE_METRICS_INTERVAL": "100ms"})

@@ -52,7 +52,7 @@ def seed(path: Path, n: int) -> None:
     otrace.open_database(str(path))
     template = otrace.parse_events(json.dumps(EVENT).encode(), "/v1/traces", 1, 16384)[0][0]
     with sqlite3.connect(path) as conn:
-        conn.executemany(otrace.INSERT_SQL["llm_traces"],
+        conn.executemany(otrace.insert_sql("llm_traces"),
                          ((f"backlog-{i}", *template.values[1:]) for i in range(n)))
 
 
