@@ -592,6 +592,15 @@ def test_request_headers_are_read_as_http_1_1_says(svc: Otrace) -> None:
     assert svc.health()["events_received"] == 5
 
 
+def test_openssl_stays_out_of_memory_without_push_or_token(svc: Otrace) -> None:
+    """urllib3, hashlib and hmac are imported where first needed and ssl is kept out of http.server's
+    import, so a sidecar that neither pushes nor checks a token does not map OpenSSL (about 4 MiB)."""
+    assert svc.post("/v1/traces", trace()).status == 202
+    svc.wait_persisted(1)
+    maps = Path(f"/proc/{svc.proc.pid}/maps").read_text()
+    assert "libssl" not in maps and "libcrypto" not in maps
+
+
 def test_token_is_required_when_set(run: Callable[..., Otrace]) -> None:
     node = run({"TRACE_INGEST_TOKEN": "tok-123"})
     assert node.post("/v1/traces", trace()).status == 401

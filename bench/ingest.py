@@ -165,8 +165,8 @@ def idle(seconds: float) -> dict[str, float]:
 
 
 def idle_line(rest: dict[str, float]) -> str:
-    return (f"Idle for {rest['seconds']:.0f} s with metrics every 15 s: RSS {rest['rss_mb']:.1f} MB "
-            f"(bare server {rest['bare_rss_mb']:.1f} MB, **{rest['rss_mb'] / rest['bare_rss_mb']:.2f}×**), "
+    return (f"Idle for {rest['seconds']:.0f} s with metrics every 15 s: RSS {rest['rss_mb']:.1f} MiB "
+            f"(bare server {rest['bare_rss_mb']:.1f} MiB, **{rest['rss_mb'] / rest['bare_rss_mb']:.2f}×**), "
             f"CPU {rest['cpu_pct']:.3f} % of a core (bare {rest['bare_cpu_pct']:.3f} %).")
 
 

@@ -114,7 +114,7 @@ def main() -> None:
             bare = bare_push(base, url, 5 * 2**20)
             print(f"  bare client: {bare:.0f} events/s", flush=True)
             ours, idle, peak = otrace_push(copy, url, args.rows)
-            print(f"  otrace: {ours:.0f} events/s, RSS {idle / 2**20:.1f} -> {peak / 2**20:.1f} MB",
+            print(f"  otrace: {ours:.0f} events/s, RSS {idle / 2**20:.1f} -> {peak / 2**20:.1f} MiB",
                   flush=True)
     finally:
         sink.terminate()
@@ -123,7 +123,7 @@ def main() -> None:
     markdown = table(["path", "events/s", "ratio", "RSS idle → peak while pushing"], [
         ["bare client: page + POST 5 MiB batches (baseline)", f"{bare:.0f}", "1.00", ""],
         ["otrace push (pages, packs, marks synced)", f"{ours:.0f}", f"**{ratio:.2f}**",
-         f"{idle / 2**20:.1f} → {peak / 2**20:.1f} MB (+{(peak - idle) / 2**20:.1f} MB)"]])
+         f"{idle / 2**20:.1f} → {peak / 2**20:.1f} MiB (+{(peak - idle) / 2**20:.1f} MiB)"]])
     markdown += f"\n\n{args.rows} unpushed traces of ~700 bytes, to a receiver on loopback answering 200."
     save("push", markdown, {"rows": args.rows, "bare_events_per_s": bare, "otrace_events_per_s": ours,
                             "ratio": ratio, "rss_idle": idle, "rss_peak": peak})

@@ -34,7 +34,7 @@ def rows(n: int) -> list[otrace.Row]:
 def raw(path: str, batch: list[otrace.Row], size: int) -> tuple[float, float]:
     otrace.open_database(path)
     conn = otrace.connect(path)
-    sql = otrace.INSERT_SQL["llm_traces"]
+    sql = otrace.insert_sql("llm_traces")
     wall, cpu = time.perf_counter(), time.process_time()
     for start in range(0, len(batch), size):
         conn.execute("BEGIN IMMEDIATE")
