@@ -1293,7 +1293,7 @@ class Writer(threading.Thread):
 
 
 TABLES = {table.name: table for table in (TRACES, ERRORS, METRICS, LOGS)}
-ROWS_PER_INSERT = 32             # x 28 columns at most: under SQLite's smallest variable limit, 999
+ROWS_PER_INSERT = 32             # x 26 columns at most: under the 999 variables older SQLite allows
 
 
 @functools.cache

@@ -469,6 +469,11 @@ def test_a_batch_of_any_size_is_stored_once_per_trace_id(svc: Otrace) -> None:
     assert [row[0] for row in svc.query("SELECT trace_id FROM llm_traces ORDER BY id")] == ids
 
 
+def test_a_full_multi_row_insert_fits_every_sqlite() -> None:
+    """32 rows of the widest table must stay under SQLITE_MAX_VARIABLE_NUMBER's old default, 999."""
+    assert otrace.ROWS_PER_INSERT * max(len(t.columns) for t in otrace.TABLES.values()) <= 999
+
+
 # ------------------------------------------------------------------------------------------- HTTP
 
 
