@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import py_compile
 import re
 import shutil
 import socket
@@ -64,8 +65,9 @@ def start_otrace(tmp: Path, env: dict[str, str] | None = None) -> tuple[subproce
     full = {k: v for k, v in os.environ.items() if not k.startswith("TRACE_")}
     full |= {"TRACE_PORT": str(port), "TRACE_DB_PATH": str(tmp / "otrace.db"), "TRACE_LOG_LEVEL": "warning"}
     full |= env or {}
+    py_compile.compile(str(OTRACE))                           # as `make run` starts it: compiled,
     proc = subprocess.Popen([sys.executable, "-m", "otrace"], env=full, cwd=OTRACE.parent,
-                            stdout=subprocess.DEVNULL)        # as `make run` starts it
+                            stdout=subprocess.DEVNULL)        # as a module
     wait_listening(port)
     return proc, port
 
