@@ -2306,7 +2306,7 @@ class Followed:
         if size == self.seen_size:
             return False
         self.seen_size = size
-        length = int(self.fingerprint.split(":", 1)[0])
+        length = fingerprint_length(self.fingerprint)
         return size < self.offset or (size >= length and fingerprint(self.fd, length) != self.fingerprint)
 
     def line_id(self, start: int, text: bytes) -> str:
@@ -2316,7 +2316,7 @@ class Followed:
 
     def refresh_fingerprint(self) -> None:
         """A file first seen shorter than FINGERPRINT_BYTES gets its full fingerprint once it grows."""
-        if int(self.fingerprint.split(":", 1)[0]) < FINGERPRINT_BYTES <= self.size():
+        if fingerprint_length(self.fingerprint) < FINGERPRINT_BYTES <= self.size():
             self.fingerprint = fingerprint(self.fd, FINGERPRINT_BYTES)
 
     def lines(self, most: int, to_end: bool = False) -> tuple[list[tuple[int, bytes, int]], int]:
@@ -2357,6 +2357,11 @@ def fingerprint(fd: int, size: int) -> str:
     """"n:hash" of the file's first n bytes (n = FINGERPRINT_BYTES, or fewer in a shorter file)."""
     head = os.pread(fd, min(size, FINGERPRINT_BYTES), 0)
     return f"{len(head)}:{sha256_hex(head)[:32]}"
+
+
+def fingerprint_length(mark: str) -> int:
+    """How many of the file's first bytes a fingerprint covers."""
+    return int(mark.split(":", 1)[0])
 
 
 class LogTailer(Loop):
@@ -2405,10 +2410,8 @@ class LogTailer(Loop):
     def resume_at(self, path: str, st: os.stat_result) -> int | None:
         """The committed offset of this very file, if otrace has read it before."""
         for mark, offset in self.known.get((st.st_dev, st.st_ino), []):
-            length = int(mark.split(":", 1)[0])
             with contextlib.suppress(OSError), open(path, "rb") as f:
-                head = f.read(length)
-                if len(head) == length and f"{length}:{sha256_hex(head)[:32]}" == mark:
+                if fingerprint(f.fileno(), fingerprint_length(mark)) == mark:
                     return offset if offset <= st.st_size else 0
         return None
 
