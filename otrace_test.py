@@ -644,6 +644,71 @@ def test_slow_client_is_cut_off_and_others_are_served(run: Callable[..., Otrace]
     node.wait_persisted(1)
 
 
+def test_a_slow_body_holds_no_one_up_and_is_answered_once_whole(svc: Otrace) -> None:
+    event = json.dumps(trace()).encode()
+    with socket.create_connection(("127.0.0.1", svc.port), timeout=5) as slow:
+        slow.sendall(b"POST /v1/traces HTTP/1.1\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(event) + event[:10])
+        assert svc.post("/v1/traces", trace()).status == 202       # served while the body trickles
+        slow.sendall(event[10:])
+        status, answer = answer_of(slow.recv(65536))
+        assert status == 202 and answer["accepted"] == 1
+    svc.wait_persisted(2)
+
+
+def test_a_client_that_does_not_read_its_answers_holds_no_one_up(svc: Otrace) -> None:
+    """Requests sent ahead are answered in order; answers a client does not take wait for it, and
+    otrace reads nothing more from it meanwhile, while it serves everyone else."""
+    request = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+    payload = memoryview(request * 20_000)
+    with socket.socket() as greedy:
+        greedy.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        greedy.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+        greedy.connect(("127.0.0.1", svc.port))
+        greedy.setblocking(False)
+        sent = 0
+        with contextlib.suppress(BlockingIOError):
+            while sent < len(payload):
+                sent += greedy.send(payload[sent:sent + 65536])
+        assert sent < len(payload), "otrace should stop reading from a client that takes no answers"
+        assert svc.post("/v1/traces", trace()).status == 202      # everyone else is served meanwhile
+        whole = -(-sent // len(request))
+        answers = bytearray()
+
+        def take_answers() -> None:
+            while answers.count(b"HTTP/1.1 ") < whole and (chunk := greedy.recv(65536)):
+                answers.extend(chunk)
+
+        greedy.settimeout(10)
+        reader = threading.Thread(target=take_answers)
+        reader.start()
+        greedy.sendall(payload[sent:whole * len(request)])          # the last request, made whole
+        reader.join(30)
+        assert answers.count(b"HTTP/1.1 200 OK") == whole
+    svc.wait_persisted(1)
+
+
+def test_sigterm_closes_idle_connections_and_finishes_a_request_in_flight(svc: Otrace) -> None:
+    idle = socket.create_connection(("127.0.0.1", svc.port), timeout=5)
+    event = json.dumps(trace()).encode()
+    head = b"POST /v1/traces HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+    first = json.dumps(trace()).encode()
+    idle.sendall(head % len(first) + first)
+    assert answer_of(idle.recv(65536))[0] == 202                   # a keep-alive, now idle
+    with idle, socket.create_connection(("127.0.0.1", svc.port), timeout=5) as busy:
+        busy.sendall(head % len(event) + event[:10])                # a request in flight
+        svc.signal(signal.SIGTERM)
+        assert idle.recv(100) == b""                                # closed at once
+        busy.sendall(event[10:])
+        answer = read_to_end(busy)
+    status, body = answer_of(answer)
+    assert status == 202 and b"Connection: close" in answer
+    assert svc.proc.wait(10) == 0
+    assert svc.logs("stopped")[0]["connections_cut"] == 0
+    stored = {r[0] for r in svc.query("SELECT trace_id FROM llm_traces")}
+    assert body["trace_ids"][0] in stored and len(stored) == 2
+
+
 def test_connection_limit_answers_503(run: Callable[..., Otrace]) -> None:
     node = run({"TRACE_MAX_CONNECTIONS": "2"})
     held = [socket.create_connection(("127.0.0.1", node.port), timeout=5) for _ in range(2)]
