@@ -930,12 +930,25 @@ class EventQueue(queue.Queue):
     writer's hands, until the writer calls `done`. So TRACE_QUEUE_SIZE bounds what a crash can lose
     and what otrace holds in memory. It also holds the writer's Jobs, which are not counted and go
     first.
+
+    And it keeps a gate for the GIL. A busy HTTP thread starves the writer thread: each of its SQLite
+    calls gives the GIL away and must win it back from a thread that holds it for all but the
+    moments of its system calls, so the queue fills and requests get 503. So once half the queue is
+    waiting, the HTTP thread waits (GATE_WAIT at most) until the writer has drained it below one
+    batch. A writer that does not drain it within GATE_WAIT is stuck, not starved (a lock, a slow
+    disk): the gate stays open until it commits again.
     """
+
+    GATE_WAIT = 0.05
 
     def __init__(self, capacity: int, batch_size: int) -> None:
         super().__init__(capacity)
         self.batch_size = batch_size
+        self.high_water = max(batch_size, capacity // 2)
         self.jobs: collections.deque[Job] = collections.deque()
+        self.room = threading.Event()
+        self.room.set()
+        self.writer_stuck = False
         self.closed = False
 
     def _init(self, maxsize: int) -> None:
@@ -965,6 +978,8 @@ class EventQueue(queue.Queue):
             was_empty = not self.waiting
             self._put(unit)
             self.unfinished_tasks += 1
+            if self.waiting >= self.high_water and not self.writer_stuck:
+                self.room.clear()
             if was_empty or self.waiting >= self.batch_size:
                 self.not_empty.notify()
             return True
@@ -974,6 +989,20 @@ class EventQueue(queue.Queue):
         with self.mutex:
             self.uncommitted -= len(unit)
         self.task_done()
+
+    def wait_for_room(self) -> None:
+        """Called by the HTTP thread before an ingest request: yield the GIL while the writer is behind."""
+        if not self.room.is_set() and not self.room.wait(self.GATE_WAIT):
+            with self.mutex:
+                self.writer_stuck = True
+            self.room.set()
+
+    def open_gate(self) -> None:
+        """The writer has committed: the HTTP thread may go on once the writer has caught up."""
+        with self.mutex:
+            self.writer_stuck = False
+            if self.waiting < self.batch_size or self.closed:
+                self.room.set()
 
     def submit(self, run: Callable[[sqlite3.Connection], Any] | None) -> Future:
         """Hand the writer a job; jobs are never refused and run before the next batch."""
@@ -1020,6 +1049,7 @@ class EventQueue(queue.Queue):
         with self.mutex:
             self.closed = True
             self.not_empty.notify_all()
+        self.room.set()
 
     def wait_drained(self, timeout: float) -> bool:
         """Wait until every unit put so far has been committed (or given up on)."""
@@ -1174,6 +1204,7 @@ class Writer(threading.Thread):
                     if self.fault.error is None:
                         self.on_fault(error)
                     self.fault.failed(error)
+                    self.events.room.set()     # nothing to gain from holding the HTTP thread back now
                     retry_at = time.monotonic() + self.backoff.next()
                     if error.startswith("SQLITE_FULL") and self.reserve.release():
                         self.fault.logger.warning("disk full: reserve released; ingest paused", extra={
@@ -1184,6 +1215,7 @@ class Writer(threading.Thread):
                     self.record_outage()
                 self.fault.cleared()
                 self.backoff.reset()
+                self.events.open_gate()
         finally:
             self.conn.close()
 
@@ -1578,6 +1610,7 @@ class IngestHandler(BaseHTTPRequestHandler):
         """POST /v1/traces and /v1/errors: validate, offer the rows to the queue whole, answer."""
         service = self.server.service
         config = service.config
+        service.events.wait_for_room()
         try:
             rows, ignored = parse_events(body, path, config.max_events, config.max_text_bytes)
         except Invalid as bad:
@@ -1672,6 +1705,7 @@ class IngestServer(HTTPServer):
         self.poller.register(self.wake_r, IN)
         self.open: dict[int, Connection] = {}
         self.chunk = memoryview(bytearray(READ_CHUNK))
+        self.accept_fault = FaultLog(log, "accepting connections")
         self.closing = False
         self.close_by = math.inf
         self.cut = 0
@@ -1722,9 +1756,13 @@ class IngestServer(HTTPServer):
                 sock, address = self.socket.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as exc:         # out of file descriptors, or the client gave up
-                log.warning("accept failed", extra={"error": describe(exc)})
-                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    self.accept_fault.failed(describe(exc))   # the client waits in the backlog
+                    time.sleep(0.05)                          # rather than spin on a listener ready
+                    return
+                continue                                      # that client gave up
+            self.accept_fault.cleared()
             if len(self.open) >= self.limit:
                 self.service.counters.add("connections_refused")
                 with contextlib.suppress(OSError):

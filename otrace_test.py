@@ -723,6 +723,27 @@ def test_connection_limit_answers_503(run: Callable[..., Otrace]) -> None:
     assert wait_until(lambda: node.request("GET", "/health").status == 200, what="slots free again")
 
 
+@pytest.mark.skipif(not shutil.which("prlimit"), reason="needs prlimit (util-linux)")
+def test_no_descriptor_left_for_a_connection_is_logged_once_and_passes(svc: Otrace) -> None:
+    """Out of file descriptors, a new client waits in the listen backlog; otrace says so once, goes
+    on serving the connections it has, and takes the waiting one once descriptors are free."""
+    kept = http.client.HTTPConnection("127.0.0.1", svc.port, timeout=5)
+    assert svc.request("GET", "/health", conn=kept).status == 200
+    pid = svc.proc.pid
+    in_use = len(list(Path(f"/proc/{pid}/fd").iterdir()))
+    soft = Path(f"/proc/{pid}/limits").read_text().split("Max open files")[1].split()[0]
+    subprocess.run(["prlimit", f"--pid={pid}", f"--nofile={in_use}:"], check=True)   # the soft limit
+    with socket.create_connection(("127.0.0.1", svc.port), timeout=5) as waiting:
+        svc.wait_log(lambda e: e.get("message") == "accepting connections failing")
+        assert svc.request("GET", "/health", conn=kept).status == 200     # the open ones are served
+        subprocess.run(["prlimit", f"--pid={pid}", f"--nofile={soft}:"], check=True)
+        waiting.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert waiting.recv(65536).startswith(b"HTTP/1.1 200 ")
+    svc.wait_log(lambda e: e.get("message") == "accepting connections recovered")
+    assert len(svc.logs("accepting connections failing")) == 1
+    kept.close()
+
+
 # ---------------------------------------------------------------------------------------- storage
 
 
