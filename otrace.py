@@ -1098,10 +1098,12 @@ def is_transient(exc: BaseException) -> bool:
 class Reserve:
     """Space held back on the database's filesystem: a file of TRACE_DISK_RESERVE_BYTES beside it. On
     the first disk-full write it is deleted, so the batch and the queue behind it can commit; ingest
-    answers 503 while it is released, and it is taken back once the disk has room for it four times."""
+    answers 503 while it is released, and it is taken back once the disk has room for it four times.
+    A reserve there was no room for at start is taken the same way, without holding ingest back."""
 
     def __init__(self, db_path: str, size: int) -> None:
         self.path, self.size = Path(db_path + "-reserve"), size
+        self.held = False
         self.released = False
         self.next_try = 0.0
 
@@ -1111,7 +1113,7 @@ class Reserve:
             return True
         with contextlib.suppress(OSError):
             if self.path.stat().st_blocks * 512 >= self.size:
-                self.released = False
+                self.held, self.released = True, False
                 return True
         try:
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600)
@@ -1123,23 +1125,25 @@ class Reserve:
         except OSError:
             self.path.unlink(missing_ok=True)
             return False
-        self.released = False
+        self.held, self.released = True, False
         return True
 
     def release(self) -> bool:
         """Give the space to the database; True if it was held."""
-        if not self.size or self.released:
+        if not self.held:
             return False
+        self.held, self.next_try = False, time.monotonic() + 1.0
         try:
             self.path.unlink()
-        except OSError:              # never held (no room at start), or gone: nothing to give
+        except OSError:              # gone: nothing to give
             return False
-        self.released, self.next_try = True, time.monotonic() + 1.0
+        self.released = True
         return True
 
     def retake(self) -> bool:
-        """Once released: take the space back when the disk has room for it four times over."""
-        if not self.released or time.monotonic() < self.next_try:
+        """When not held: take the space (back) once the disk has room for it four times over; tried
+        at most once a second."""
+        if not self.size or self.held or time.monotonic() < self.next_try:
             return False
         self.next_try = time.monotonic() + 1.0
         return disk_usage(str(self.path.parent))[2] >= 4 * self.size and self.hold()
@@ -1181,6 +1185,8 @@ class Writer(threading.Thread):
         try:
             while True:
                 self.heartbeat = time.monotonic()
+                if not self.pending:              # the last batch committed: the disk has room
+                    self.retake_reserve()
                 if self.pending:
                     work = self.events.next_job(retry_at - time.monotonic()) or []
                 else:
@@ -1192,9 +1198,6 @@ class Writer(threading.Thread):
                     self.run_job(work)
                     continue
                 self.pending += work
-                if not self.pending and self.reserve.retake():
-                    self.fault.logger.warning("disk reserve held again: ingest resumes",
-                                              extra={"bytes": self.reserve.size})
                 if not self.pending or time.monotonic() < retry_at:
                     continue
                 try:
@@ -1218,6 +1221,12 @@ class Writer(threading.Thread):
                 self.events.open_gate()
         finally:
             self.conn.close()
+
+    def retake_reserve(self) -> None:
+        released = self.reserve.released
+        if self.reserve.retake():
+            self.fault.logger.warning("disk reserve held again: ingest resumes" if released else
+                                      "disk reserve held", extra={"bytes": self.reserve.size})
 
     def record_outage(self) -> None:
         """Once writes work again, store what stopped them as an error event (ERRC-05)."""
@@ -1392,8 +1401,8 @@ class Connection:
         inbox = self.inbox
         ends = [i for i in (inbox.find(b"\n\r\n"), inbox.find(b"\n\n")) if i >= 0]
         if ends:
-            end = min(ends) + (2 if inbox[min(ends) + 1] == 10 else 3)
-            return self.take(end), True
+            end = min(ends)                            # the last header line's \n, then \r\n or \n
+            return self.take(end + (2 if inbox[end + 1] == 10 else 3)), True
         if at_eof or len(inbox) > HEAD_LIMIT:
             return self.take(len(inbox)), False
         return None

@@ -957,6 +957,22 @@ def test_disk_reserve_commits_what_was_accepted_when_the_disk_fills(tmp_path: Pa
 
 
 @needs_root
+def test_a_reserve_there_was_no_room_for_at_start_is_taken_once_there_is(tmp_path: Path,
+                                                                          run: Callable[..., Otrace]) -> None:
+    with tmpfs(tmp_path / "vol", "24m") as vol:
+        filler = fill(vol)
+        os.truncate(filler, filler.stat().st_size - (1 << 20))        # room for the database, not the reserve
+        node = run({"TRACE_DISK_RESERVE_BYTES": "2MiB"}, db=vol / "otrace.db")
+        node.wait_log(lambda e: e.get("message") == "disk reserve not held: no room for it")
+        assert node.post("/v1/traces", trace()).status == 202          # ingest goes on without it
+        filler.unlink()
+        node.wait_log(lambda e: e.get("message") == "disk reserve held")
+        assert (vol / "otrace.db-reserve").stat().st_blocks * 512 >= 2 << 20
+        assert node.health()["status"] == "ok"
+        node.wait_persisted(1)
+
+
+@needs_root
 def test_start_on_a_full_disk_waits_for_space(tmp_path: Path, run: Callable[..., Otrace]) -> None:
     with tmpfs(tmp_path / "vol", "2m") as vol:
         db = vol / "otrace.db"
