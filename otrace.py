@@ -1412,6 +1412,7 @@ class Connection:
         self.inbox = self.inbox[n:]
         return data
 
+
 ROUTES = {"/v1/traces": ("POST",), "/v1/errors": ("POST",), "/health": ("GET", "HEAD"),
           "/metrics": ("GET", "HEAD")}
 STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}" for s in HTTPStatus}
@@ -1510,6 +1511,7 @@ class IngestHandler(BaseHTTPRequestHandler):
         self.server, self.client_address = server, address
         self.wfile = Outbox()
         self.command, self.path, self.request_version = "", "", "HTTP/1.1"
+        self.route = ""                    # the path without its query: a key of ROUTES
         self.close_connection = False
 
     def read_head(self, raw: bytes, complete: bool) -> int | None:
@@ -1526,7 +1528,7 @@ class IngestHandler(BaseHTTPRequestHandler):
             return None
         if not self.parse_request():
             return None
-        path = self.path.split("?", 1)[0]
+        self.route = path = self.path.split("?", 1)[0]
         if path not in ROUTES:
             self.refuse(404, f"no such path: {path}")
             return None
@@ -1603,25 +1605,24 @@ class IngestHandler(BaseHTTPRequestHandler):
     def answer(self, body: bytes, length: int) -> None:
         """Answer the request whose head was read last, given its body (short if the client hung up)."""
         service = self.server.service
-        path = self.path.split("?", 1)[0]
-        if path == "/health":
+        if self.route == "/health":
             report = service.health()
             self.reply(200 if report["status"] == "ok" else 503, report)
-        elif path == "/metrics":
+        elif self.route == "/metrics":
             self.reply(200, prometheus(service.health()).encode(), content_type=PROMETHEUS_TYPE)
         elif len(body) < length:
             service.counters.add("rejected")
             self.refuse(400, f"body ended after {len(body)} of {length} bytes")
         else:
-            self.ingest(path, body)
+            self.ingest(body)
 
-    def ingest(self, path: str, body: bytes) -> None:
+    def ingest(self, body: bytes) -> None:
         """POST /v1/traces and /v1/errors: validate, offer the rows to the queue whole, answer."""
         service = self.server.service
         config = service.config
         service.events.wait_for_room()
         try:
-            rows, ignored = parse_events(body, path, config.max_events, config.max_text_bytes)
+            rows, ignored = parse_events(body, self.route, config.max_events, config.max_text_bytes)
         except Invalid as bad:
             service.counters.add("rejected")
             self.reply(bad.status, bad.body())
@@ -3351,8 +3352,6 @@ class Service:
         self.reader = connect(config.db_path)
         self.reader.execute("PRAGMA query_only = 1")
         self.reader_lock = threading.Lock()
-        self.server = IngestServer(self)
-        self.threads: list[threading.Thread] = []
         self.retention = Retention(config, self.events, EVENT_TABLES)
         self.retention.check_budget()
         self.loops: list[Loop] = [Checkpointer(config, self.events), self.retention]
@@ -3378,6 +3377,7 @@ class Service:
             self.loops.append(self.pusher)
         else:
             log.warning("push is off: events stay in the local database (set TRACE_PUSH_ENDPOINT)")
+        self.server = IngestServer(self)    # last: a start that fails before it leaves nothing bound
 
     def on_write_fault(self, error: str) -> None:
         """A write has just started failing: if for lack of space, run retention now."""
@@ -3398,9 +3398,7 @@ class Service:
         self.writer.start()
         for loop in self.loops:
             loop.start()
-        thread = threading.Thread(target=self.server.serve_forever, name="otrace-http", daemon=True)
-        thread.start()
-        self.threads.append(thread)
+        threading.Thread(target=self.server.serve_forever, name="otrace-http", daemon=True).start()
 
     def health(self) -> dict[str, Any]:
         """The /health report; cheap enough to answer within 100 ms while the writer is busy."""

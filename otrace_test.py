@@ -647,8 +647,7 @@ def test_slow_client_is_cut_off_and_others_are_served(run: Callable[..., Otrace]
 def test_a_slow_body_holds_no_one_up_and_is_answered_once_whole(svc: Otrace) -> None:
     event = json.dumps(trace()).encode()
     with socket.create_connection(("127.0.0.1", svc.port), timeout=5) as slow:
-        slow.sendall(b"POST /v1/traces HTTP/1.1\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: %d\r\n\r\n" % len(event) + event[:10])
+        slow.sendall(request_head(len(event)) + event[:10])
         assert svc.post("/v1/traces", trace()).status == 202       # served while the body trickles
         slow.sendall(event[10:])
         status, answer = answer_of(slow.recv(65536))
@@ -691,12 +690,11 @@ def test_a_client_that_does_not_read_its_answers_holds_no_one_up(svc: Otrace) ->
 def test_sigterm_closes_idle_connections_and_finishes_a_request_in_flight(svc: Otrace) -> None:
     idle = socket.create_connection(("127.0.0.1", svc.port), timeout=5)
     event = json.dumps(trace()).encode()
-    head = b"POST /v1/traces HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
     first = json.dumps(trace()).encode()
-    idle.sendall(head % len(first) + first)
+    idle.sendall(request_head(len(first)) + first)
     assert answer_of(idle.recv(65536))[0] == 202                   # a keep-alive, now idle
     with idle, socket.create_connection(("127.0.0.1", svc.port), timeout=5) as busy:
-        busy.sendall(head % len(event) + event[:10])                # a request in flight
+        busy.sendall(request_head(len(event)) + event[:10])         # a request in flight
         svc.signal(signal.SIGTERM)
         assert idle.recv(100) == b""                                # closed at once
         busy.sendall(event[10:])
