@@ -4,8 +4,28 @@
 The agent POSTs LLM-call traces and error events over loopback HTTP; otrace answers 202 at once and a
 single writer thread keeps every accepted event in SQLite. Beside them, loops sample the host's
 metrics, follow the gateway's log, push unsynced rows to a remote API, and keep the database inside
-its budget. The file reads in the order data flows: config, model, store, ingest, collectors, push,
-upkeep, lifecycle, CLI.
+its budget.
+
+Contents, in the order data flows. Each section opens with its constants and SQL; the thread in
+brackets is the one its code runs on.
+
+  config ....... Config, setting(), unknown_settings()              [main, once at start]
+  kit .......... FaultLog, Backoff, Loop, transaction(), compact_json()       [any]
+  model ........ Invalid, Fields, Table, parse_events(): a POST body becomes Rows   [http]
+  store ........ SCHEMA, open_database(), EventQueue, Gate, Reserve, Writer:
+                 Rows become SQLite rows, in batches                           [writer]
+  ingest ....... Connection, Request, Api, IngestServer: one epoll loop for every client  [http]
+  host metrics . HostReader, Cgroup, Sampler: /proc and cgroup files become system_metrics  [metrics]
+  gateway log .. LogLine, classify(), LogTailer: the gateway's log becomes log_events  [logtail]
+  push ......... Packer, Batch, Receiver, Breaker, Pusher: unsynced rows leave, at least once  [push]
+  upkeep ....... Checkpointer, Retention: the WAL shrinks, old rows are deleted   [checkpoint, retention]
+  health ....... Service.health(), prometheus(): /health and /metrics       [http]
+  lifecycle .... DatabaseLock, Service, serve(): start, SIGTERM, an orderly stop   [main]
+  cli .......... main()
+
+Where a POST becomes a row: IngestServer.serve -> Api.answer -> parse_events -> EventQueue.offer ->
+Writer.flush. Where a row is pushed: Pusher.push -> Packer.batches -> Receiver.post -> record_pushed.
+Where a row is deleted: Retention.tick -> Cut.
 """
 
 from __future__ import annotations
@@ -14,10 +34,9 @@ import argparse
 import collections
 import contextlib
 import dataclasses
-import email.utils
 import errno
+import fcntl
 import functools
-import io
 import json
 import logging
 import math
@@ -29,11 +48,13 @@ import select
 import signal
 import socket
 import sqlite3
+import stat
 import sys
 import textwrap
 import threading
 import time
 import urllib.parse
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from datetime import datetime
@@ -42,31 +63,62 @@ from pathlib import Path
 from typing import Any
 
 try:
-    import psutil
     from pythonjsonlogger.json import JsonFormatter
 except ImportError as missing:  # pragma: no cover - depends on the environment
     sys.exit(f"otrace: missing package {missing.name!r}: pip install -r requirements.txt, or run otrace.pyz")
 
-# Imported where first needed, not here: urllib3 and gzip (push), hashlib (log tailing), hmac (the
-# ingest token), ctypes (push's buffers). hashlib, hmac and urllib3 map OpenSSL, and urllib3 brings
-# some 60 modules: together about 9 MiB resident that a sidecar without push or a token does not carry.
-# For the same reason ssl is kept out while http.server imports http.client, which imports ssl only to
-# offer HTTPSConnection; urllib3 imports ssl itself when push needs it.
-_ssl_imported = "ssl" in sys.modules
-sys.modules.setdefault("ssl", None)        # type: ignore[arg-type]  # None: "import ssl" fails
-from http.server import BaseHTTPRequestHandler, HTTPServer  # noqa: E402
+# Imported where first needed, not here (see README, "Dependencies, and why"): urllib3 and gzip (push),
+# hmac (the ingest token), ctypes (push's buffers), difflib (a misspelled setting).
 
-if not _ssl_imported:
-    del sys.modules["ssl"]
-
-__version__ = "0.1.0"
+__version__ = "0.2.0"
+__all__ = [
+    "Attempt",
+    "Backoff",
+    "Breaker",
+    "Cgroup",
+    "Config",
+    "DatabaseLock",
+    "EventQueue",
+    "Fields",
+    "HostReader",
+    "Invalid",
+    "LogLine",
+    "Receiver",
+    "Row",
+    "SettingError",
+    "Snapshot",
+    "Unit",
+    "classify",
+    "connect",
+    "cut_utf8",
+    "decode_chunked",
+    "host_sample",
+    "insert_rows",
+    "main",
+    "model_failure",
+    "open_database",
+    "parse_events",
+    "prometheus",
+    "settings_table",
+    "unknown_settings",
+]
 
 log = logging.getLogger("otrace")
 
 
 # ============================================================================================== config
-# One table of settings drives the parsing, `--help` and the README: every setting is a field of
-# Config, its environment variable is TRACE_<NAME>, and its metadata says what it accepts.
+# One table of settings drives the parsing, `--help` and docs/settings.md: every setting is a field of
+# Config, its environment variable is TRACE_<NAME>, and its metadata says what it accepts. Every
+# duration, size and count has bounds; a value outside them is exit 2 naming the setting.
+
+_DURATION = re.compile(r"(\d{1,12}(?:\.\d{1,9})?)(ms|s|m|h|d)")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_SIZE = re.compile(r"(\d{1,15})\s*(B|KiB|MiB|GiB|TiB|kB|KB|MB|GB|TB)?")
+_SIZE_UNITS = {None: 1, "B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3, "TiB": 1024**4,
+               "kB": 1000, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4}
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}")
+_RESERVED_HEADERS = {"content-type", "content-length", "content-encoding", "transfer-encoding", "host",
+                     "connection", "idempotency-key"}
 
 
 class SettingError(ValueError):
@@ -81,47 +133,65 @@ class Kind:
     parse: Callable[[str], Any]
 
 
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-_SIZE = re.compile(r"(\d+)\s*(B|KiB|MiB|GiB|kB|KB|MB|GB)?")
-_SIZE_UNITS = {None: 1, "B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3,
-               "kB": 1000, "KB": 1000, "MB": 1000**2, "GB": 1000**3}
-
-
-def _duration(raw: str) -> float:
-    match = _DURATION.fullmatch(raw.strip())
-    if not match or float(match[1]) <= 0:
+def _seconds(text: str) -> float:
+    match = _DURATION.fullmatch(text.strip().lower())
+    if not match:
         raise SettingError
     return float(match[1]) * _DURATION_UNITS[match[2]]
 
 
-def _size(raw: str) -> int:
-    match = _SIZE.fullmatch(raw.strip())
-    if not match or int(match[1]) <= 0:
+def _bytes(text: str) -> int:
+    match = _SIZE.fullmatch(text.strip())
+    if not match:
         raise SettingError
     return int(match[1]) * _SIZE_UNITS[match[2]]
 
 
-def _count(low: int, high: int) -> Kind:
+def duration(low: str, high: str, off: bool = False) -> Kind:
+    """A duration from `low` to `high`; with `off`, also the word off (0.0)."""
+    bounds = (_seconds(low), _seconds(high))
+
+    def parse(raw: str) -> float:
+        if off and raw.strip().lower() == "off":
+            return 0.0
+        value = _seconds(raw)
+        if not bounds[0] <= value <= bounds[1]:
+            raise SettingError
+        return value
+
+    return Kind(f"a duration from {low} to {high} (like 500ms, 15s, 5m, 1h, 3d)" + (", or off" * off), parse)
+
+
+def size(low: str, high: str, zero_is_off: bool = False) -> Kind:
+    """A size in bytes from `low` to `high`; with `zero_is_off`, also 0."""
+    bounds = (_bytes(low), _bytes(high))
+
     def parse(raw: str) -> int:
-        if not re.fullmatch(r"\d+", raw.strip()) or not low <= int(raw) <= high:
+        value = _bytes(raw)
+        if not (bounds[0] <= value <= bounds[1] or (zero_is_off and value == 0)):
+            raise SettingError
+        return value
+
+    return Kind(f"a size from {low} to {high} (like 16KiB, 1MiB, 5MB)" + (", or 0 for off" * zero_is_off),
+                parse)
+
+
+def count(low: int, high: int) -> Kind:
+    def parse(raw: str) -> int:
+        if not re.fullmatch(r"\d{1,9}", raw.strip()) or not low <= int(raw) <= high:
             raise SettingError
         return int(raw)
 
     return Kind(f"an integer from {low} to {high}", parse)
 
 
-def _choice(*choices: str) -> Kind:
+def choice(*choices: str) -> Kind:
     def parse(raw: str) -> str:
         if raw.strip().lower() not in choices:
             raise SettingError
         return raw.strip().lower()
 
     return Kind("one of " + ", ".join(choices), parse)
-
-
-def _interval(raw: str) -> float:
-    return 0.0 if raw.strip().lower() == "off" else _duration(raw)
 
 
 def _token(raw: str) -> str:
@@ -147,18 +217,32 @@ def _url(raw: str) -> str:
     parts = urllib.parse.urlsplit(raw.strip())
     if raw.strip() and (parts.scheme not in ("http", "https") or not parts.hostname):
         raise SettingError
-    return raw.strip()
+    with contextlib.suppress(ValueError):
+        parts.port                                     # noqa: B018 - raises for a bad port
+        return raw.strip()
+    raise SettingError
+
+
+def _headers(raw: str) -> tuple[tuple[str, str], ...]:
+    """`key=value,...` as the OTLP exporters read OTEL_EXPORTER_OTLP_HEADERS (values URL-encoded)."""
+    pairs = []
+    for item in filter(str.strip, raw.split(",")):
+        name, equals, value = item.partition("=")
+        name, value = name.strip(), urllib.parse.unquote(value.strip())
+        if not equals or not _HEADER_NAME.fullmatch(name) or name.lower() in _RESERVED_HEADERS or not (
+                value.isprintable() and value.isascii()):
+            raise SettingError
+        pairs.append((name, value))
+    return tuple(pairs)
 
 
 TEXT = Kind("any text", str)
 NAME = Kind("a non-empty value", _nonempty)
 SWITCH = Kind("on or off", _switch)
 URL = Kind("empty, or an http:// or https:// URL", _url)
-DURATION = Kind("a duration like 500ms, 15s, 5m, 1h or 3d", _duration)
-INTERVAL = Kind("a duration like 15s, or off", _interval)
-SIZE = Kind("a size in bytes, or with a unit: 16KiB, 1MiB, 5MB", _size)
 TOKEN = Kind("empty, or printable ASCII without spaces", _token)
-LEVEL = _choice("debug", "info", "warning", "error")
+HEADERS = Kind("empty, or key=value pairs separated by commas, values URL-encoded", _headers)
+LEVEL = choice("debug", "info", "warning", "error")
 
 
 def setting(default: str, kind: Kind, doc: str, *, secret: bool = False) -> Any:
@@ -173,36 +257,41 @@ class Config:
 
     host: str = setting("127.0.0.1", NAME, "Address to listen on. Loopback by default: the agent runs on "
                         "the same machine.")
-    port: int = setting("9090", _count(0, 65535), "TCP port to listen on; 0 picks a free one (logged).")
+    port: int = setting("9090", count(0, 65535), "TCP port to listen on; 0 picks a free one (logged).")
     db_path: str = setting("/data/openclaw-trace.db", NAME, "SQLite database file; its directory is "
-                           "created.")
+                           "created (mode 0700). A symlink is resolved once, at start.")
     log_level: str = setting("info", LEVEL, "Least severe log level written to stdout.")
     ingest_token: str = setting("", TOKEN, "When set, requests need `Authorization: Bearer <token>` "
                                 "(all but /health and /metrics).", secret=True)
-    max_body_bytes: int = setting("1MiB", SIZE, "Largest request body; a larger one is answered 413 "
-                                  "unread.")
-    max_text_bytes: int = setting("16KiB", SIZE, "Texts (input_text, output_text, message, stack_trace) "
-                                  "and metadata are cut to this many UTF-8 bytes.")
-    max_events: int = setting("1000", _count(1, 100_000), "Most events one request may carry as a JSON "
+    max_body_bytes: int = setting("1MiB", size("1KiB", "256MiB"), "Largest request body, after any "
+                                  "gzip is undone; a larger one is answered 413.")
+    max_buffered_bytes: int = setting("16MiB", size("64KiB", "4GiB"), "Request bodies held in memory "
+                                      "across all connections at once; a request that would pass it is "
+                                      "answered 503 before its body is read.")
+    max_text_bytes: int = setting("16KiB", size("64B", "16MiB"), "Texts (input_text, output_text, "
+                                  "message, stack_trace) and metadata are cut to this many UTF-8 bytes.")
+    max_events: int = setting("1000", count(1, 100_000), "Most events one request may carry as a JSON "
                               "array.")
-    queue_size: int = setting("512", _count(1, 1_000_000), "Events waiting for the writer. A request "
-                              "that does not fit whole gets 503 (one that is larger than the queue is "
-                              "taken only into an empty queue).")
-    batch_size: int = setting("50", _count(1, 10_000), "Most events the writer commits in one "
+    queue_size: int = setting("512", count(1, 100_000), "Events waiting for the writer. A request that "
+                              "does not fit whole gets 503 (one that is larger than the queue is taken "
+                              "only into an empty queue).")
+    batch_size: int = setting("50", count(1, 10_000), "Most events the writer commits in one "
                               "transaction.")
-    batch_window: float = setting("500ms", DURATION, "Longest an event waits in the queue for its batch "
-                                  "to fill: the most a SIGKILL can lose.")
-    read_timeout: float = setting("10s", DURATION, "Longest a client may take to send one whole request "
-                                  "or to take its answer, and to stay idle between requests on a "
-                                  "kept-alive connection.")
-    max_connections: int = setting("256", _count(1, 10_000), "Open client connections; the next one is "
-                                   "answered 503 and closed.")
-    shutdown_timeout: float = setting("4s", DURATION, "Time from SIGTERM to exit: answer in-flight "
-                                      "requests, write the queue, push what time allows, checkpoint, "
-                                      "close.")
-    metrics_interval: float = setting("15s", INTERVAL, "Time between host metrics samples (the first one "
-                                      "only primes the counters); off stops sampling.")
-    cgroup: str = setting("auto", _choice("auto", "v2", "v1", "none"), "Which cgroup hierarchy host "
+    batch_window: float = setting("500ms", duration("1ms", "10s"), "Longest an event waits in the queue "
+                                  "for its batch to fill: the most a SIGKILL can lose.")
+    read_timeout: float = setting("10s", duration("100ms", "1h"), "Longest a client may take to send one "
+                                  "whole request or to take its answer, and to stay idle between "
+                                  "requests on a kept-alive connection.")
+    max_connections: int = setting("256", count(1, 10_000), "Open client connections; the next one is "
+                                   "answered 503 and closed. Lowered at start to what the process's "
+                                   "file-descriptor limit allows.")
+    shutdown_timeout: float = setting("4s", duration("500ms", "10m"), "Time from SIGTERM to exit: answer "
+                                      "in-flight requests, write the queue, push what time allows, "
+                                      "checkpoint, close.")
+    metrics_interval: float = setting("15s", duration("100ms", "1d", off=True), "Time between host metrics "
+                                      "samples (the first one only primes the counters); off stops "
+                                      "sampling.")
+    cgroup: str = setting("auto", choice("auto", "v2", "v1", "none"), "Which cgroup hierarchy host "
                           "metrics come from; none reads /proc only (a VM).")
     procfs: str = setting("/proc", NAME, "Where procfs is mounted (a host's /proc seen from a container "
                           "can be mounted elsewhere).")
@@ -211,44 +300,51 @@ class Config:
                              "empty: the database's directory.")
     log_path: str = setting("", TEXT, "The OpenClaw gateway log to follow: a file, or a directory whose "
                             "newest openclaw*-YYYY-MM-DD.log is followed; empty: off.")
-    log_poll: float = setting("500ms", DURATION, "Time between looks at the log file.")
-    log_start: str = setting("end", _choice("end", "beginning"), "Where to start in a log file otrace "
+    log_poll: float = setting("500ms", duration("10ms", "1m"), "Time between looks at the log file.")
+    log_start: str = setting("end", choice("end", "beginning"), "Where to start in a log file otrace "
                              "has never read (a file it has read resumes where it stopped).")
     log_keep_all: bool = setting("off", SWITCH, "Keep INFO and DEBUG lines of no known kind too (they "
                                  "are skipped by default).")
-    checkpoint_interval: float = setting("10m", DURATION, "Time between WAL checkpoints (PASSIVE; "
-                                         "TRUNCATE when the WAL is over TRACE_WAL_MAX_BYTES).")
-    wal_max_bytes: int = setting("50MiB", SIZE, "WAL size that makes the next checkpoint a TRUNCATE, "
-                                 "and SQLite's journal_size_limit.")
-    cleanup_interval: float = setting("5m", DURATION, "Time between retention passes.")
-    retention: float = setting("3d", DURATION, "Age (since arrival) after which pushed rows are deleted.")
-    db_max_bytes: int = setting("200MiB", SIZE, "Most the database (file + WAL) may use: past 85 % of it "
-                                "the oldest rows are deleted, down to 75 % (see Storage in the README).")
-    disk_reserve_bytes: int = setting("16MiB", SIZE, "Space held in a file beside the database and given "
-                                      "up on the first disk-full write, so what was accepted still "
-                                      "commits; ingest then answers 503 until the space is back. 0: off.")
-    disk_high_pct: int = setting("80", _count(1, 100), "Disk use (as df counts it) that starts deleting "
+    checkpoint_interval: float = setting("10m", duration("100ms", "1d"), "Time between WAL checkpoints "
+                                         "(PASSIVE; TRUNCATE when the WAL is over TRACE_WAL_MAX_BYTES).")
+    wal_max_bytes: int = setting("50MiB", size("64KiB", "64GiB"), "WAL size that makes the next "
+                                 "checkpoint a TRUNCATE, and SQLite's journal_size_limit.")
+    cleanup_interval: float = setting("5m", duration("100ms", "1d"), "Time between retention passes.")
+    retention: float = setting("3d", duration("1s", "3650d"), "Age (since arrival) after which pushed "
+                               "rows are deleted.")
+    db_max_bytes: int = setting("200MiB", size("64KiB", "16TiB"), "Most the database (file + WAL) may "
+                                "use: past 85 % of it the oldest rows are deleted, down to 75 % (see "
+                                "docs/operations.md).")
+    disk_reserve_bytes: int = setting("16MiB", size("64KiB", "4GiB", zero_is_off=True), "Space held in a "
+                                      "file beside the database and given up on the first disk-full "
+                                      "write, so what was accepted still commits; ingest then answers "
+                                      "503 until the space is back. 0: off.")
+    disk_high_pct: int = setting("80", count(1, 100), "Disk use (as df counts it) that starts deleting "
                                  "pushed rows and unpushed metrics, down to 5 points below it.")
     push_endpoint: str = setting("", URL, "Remote API that receives unsynced events in JSON batches; "
-                                 "empty turns push off.")
-    push_interval: float = setting("5m", DURATION, "Time between push cycles.")
+                                 "empty turns push off. A user:password@ in it is sent as Basic auth.")
+    push_interval: float = setting("5m", duration("100ms", "1d"), "Time between push cycles.")
     push_token: str = setting("", TOKEN, "Sent to the push endpoint as `Authorization: Bearer "
                               "<token>`; never logged.", secret=True)
-    push_max_bytes: int = setting("5MiB", SIZE, "Largest JSON body of one push request (before gzip); "
-                                  "a single larger event is sent alone.")
-    push_timeout: float = setting("30s", DURATION, "Longest wait for the receiver's answer to one "
-                                  "request (connecting: at most 10 s).")
+    push_headers: tuple = setting("", HEADERS, "Extra headers for every push request, as the OTLP "
+                                  "exporters write them: `key=value,key2=value2`; never logged.",
+                                  secret=True)
+    push_max_bytes: int = setting("5MiB", size("1KiB", "256MiB"), "Largest body of one push request "
+                                  "(before gzip); a single larger event is sent alone.")
+    push_timeout: float = setting("30s", duration("100ms", "10m"), "Longest one push request may take, "
+                                  "from connecting to the last byte of the answer.")
     push_gzip: bool = setting("off", SWITCH, "Compress push bodies (Content-Encoding: gzip).")
-    push_retries: int = setting("5", _count(1, 1000), "Attempts at one batch within a cycle before the "
+    push_retries: int = setting("5", count(1, 1000), "Attempts at one batch within a cycle before the "
                                 "cycle counts as failed; the rows wait for the next cycle.")
-    push_backoff_base: float = setting("1s", DURATION, "First retry wait; each retry doubles the "
-                                       "ceiling, and the wait is drawn uniformly below it (full "
-                                       "jitter). A Retry-After answer is a floor.")
-    push_backoff_cap: float = setting("1m", DURATION, "Highest retry wait ceiling.")
-    push_breaker_threshold: int = setting("3", _count(1, 1000), "Failed cycles in a row that open the "
+    push_backoff_base: float = setting("1s", duration("1ms", "1h"), "First retry wait; each retry "
+                                       "doubles the ceiling, and the wait is drawn uniformly below it "
+                                       "(full jitter). A Retry-After answer is a floor.")
+    push_backoff_cap: float = setting("1m", duration("1ms", "1d"), "Highest retry wait ceiling.")
+    push_breaker_threshold: int = setting("3", count(1, 1000), "Failed cycles in a row that open the "
                                           "circuit breaker.")
-    push_breaker_cooldown: float = setting("5m", DURATION, "Wait of an open breaker before the next "
-                                           "try; it doubles with each further failed cycle, up to 1 h.")
+    push_breaker_cooldown: float = setting("5m", duration("100ms", "1d"), "Wait of an open breaker before "
+                                           "the next try; it doubles with each further failed cycle, up "
+                                           "to 1 h.")
     agent_id: str = setting("", TEXT, "Name of this agent in pushed batches; empty: the host name.")
 
     @classmethod
@@ -262,23 +358,48 @@ class Config:
                     values[spec.name] = spec.metadata["kind"].parse(environ[name])
                 except (SettingError, ValueError):
                     accepts = spec.metadata["kind"].accepts
-                    raise SettingError(f"{name}={environ[name]!r} is not valid: expected {accepts}") from None
-        return cls(**values)
+                    shown = "***" if spec.metadata["secret"] else repr(environ[name][:200])
+                    raise SettingError(f"{name}={shown} is not valid: expected {accepts}") from None
+        config = cls(**values)
+        if config.push_token and urllib.parse.urlsplit(config.push_endpoint).username is not None:
+            raise SettingError("TRACE_PUSH_ENDPOINT holds user:password@ and TRACE_PUSH_TOKEN is set: "
+                               "both would be the Authorization header; keep one")
+        return config
 
     def shown(self) -> dict[str, Any]:
-        """The effective settings, secrets masked (and any user:password@ of the push URL), for the
-        startup log."""
+        """The effective settings for the startup log: secrets masked, the push URL redacted."""
         return {spec.name: ("***" if spec.metadata["secret"] and getattr(self, spec.name) else
                             getattr(self, spec.name)) for spec in dataclasses.fields(self)} | {
-            "push_endpoint": _without_userinfo(self.push_endpoint)}
+            "push_endpoint": redact_url(self.push_endpoint)}
 
 
 def env_name(spec: dataclasses.Field) -> str:
     return "TRACE_" + spec.name.upper()
 
 
+def unknown_settings(environ: Iterable[str]) -> list[str]:
+    """A warning for every TRACE_* variable otrace does not know, naming the closest one it does."""
+    import difflib  # noqa: PLC0415 - imported where needed (see the imports)
+    known = [env_name(spec) for spec in dataclasses.fields(Config)]
+    warnings = []
+    for name in sorted(n for n in environ if n.startswith("TRACE_") and n not in known):
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+        warnings.append(f"{name} is not a setting otrace knows" + (f"; did you mean {close[0]}?" if close
+                                                                  else ""))
+    return warnings
+
+
+def redact_url(url: str) -> str:
+    """The URL without its user:password@ and with every query value masked: fit for logs and /health."""
+    if not url:
+        return url
+    parts = urllib.parse.urlsplit(url)
+    query = "&".join(pair.partition("=")[0] + "=***" for pair in parts.query.split("&") if pair)
+    return parts._replace(netloc=parts.netloc.rpartition("@")[2], query=query).geturl()
+
+
 def settings_table(markdown: bool = False) -> str:
-    """Every setting with its default and meaning, for --help (plain) or the README (markdown)."""
+    """Every setting with its default and meaning, for --help (plain) or docs/settings.md (markdown)."""
     specs = dataclasses.fields(Config)
     if markdown:
         rows = ["| Variable | Default | Meaning |", "| --- | --- | --- |"]
@@ -301,6 +422,133 @@ def setup_logging(level: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+
+
+# ================================================================================================= kit
+# Small pieces every section uses: one way to log a failure that repeats, to back off, to run a timer
+# loop, to run a transaction, to tell an environment fault from a bad row, and to write JSON.
+
+# SQLite result codes that mean "the environment, not this row": a write is retried as it is, and a
+# start that meets one waits for it to clear.
+ENVIRONMENT_CODES = frozenset({
+    "SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_FULL", "SQLITE_IOERR", "SQLITE_READONLY", "SQLITE_CANTOPEN",
+    "SQLITE_NOMEM", "SQLITE_PROTOCOL", "SQLITE_CORRUPT", "SQLITE_NOTADB", "SQLITE_PERM",
+    "SQLITE_INTERRUPT", "SQLITE_ABORT"})
+ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EIO, errno.EDQUOT})
+_ids = random.Random()           # seeded from os.urandom once
+_UUID7_RANDOM = 0xFFF << 64 | (1 << 62) - 1        # rand_a (12 bits) and rand_b (62 bits)
+
+
+def sqlite_code(exc: BaseException) -> str | None:
+    """SQLite's primary result code of an error (SQLITE_IOERR_WRITE is SQLITE_IOERR), if it has one."""
+    name = getattr(exc, "sqlite_errorname", None)
+    return "_".join(name.split("_")[:2]) if name else None
+
+
+def is_environment(exc: BaseException) -> bool:
+    """True when a failed write should be retried as it is (the disk, a lock, the file); False when a
+    row's own data is to blame (a constraint, or a value SQLite cannot bind)."""
+    code = sqlite_code(exc)
+    if code:
+        return code in ENVIRONMENT_CODES
+    if isinstance(exc, OSError):
+        return exc.errno in ENVIRONMENT_ERRNOS
+    return isinstance(exc, (sqlite3.OperationalError, MemoryError))
+
+
+def describe(exc: BaseException) -> str:
+    return f"{getattr(exc, 'sqlite_errorname', None) or type(exc).__name__}: {exc}"
+
+
+@contextlib.contextmanager
+def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """BEGIN IMMEDIATE ... COMMIT, rolled back on any exception (connections use isolation_level None)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+        conn.execute("COMMIT")
+    except BaseException:
+        with contextlib.suppress(sqlite3.Error):  # no transaction left to roll back
+            conn.execute("ROLLBACK")
+        raise
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def new_id() -> str:
+    """A time-ordered UUID (version 7: Unix milliseconds, then 74 random bits) for an event that came
+    without a trace_id: new ids land at the end of the trace_id index, not on random pages of it. The
+    bits come from a PRNG seeded once: ids must be unique, not secret."""
+    bits = now_ms() << 80 | 0x7000 << 64 | 0x8000 << 48 | _ids.getrandbits(128) & _UUID7_RANDOM
+    digits = f"{bits:032x}"
+    return f"{digits[:8]}-{digits[8:12]}-{digits[12:16]}-{digits[16:20]}-{digits[20:]}"
+
+
+def clean_text(text: str) -> str:
+    """Replace lone surrogates (valid in JSON, not in UTF-8) with U+FFFD so the text can be stored."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
+def cut_utf8(text: str, limit: int) -> tuple[str, int, bool]:
+    """Cut text to at most `limit` UTF-8 bytes on a character boundary: (text, original bytes, cut?)."""
+    text = clean_text(text)
+    raw = text.encode("utf-8")
+    if len(raw) <= limit:
+        return text, len(raw), False
+    return raw[:limit].decode("utf-8", "ignore"), len(raw), True
+
+
+def compact_json(value: Any, limit: int) -> tuple[str, bool]:
+    """Compact JSON of `value` for a TEXT column, and whether it was over `limit` bytes (then a small
+    marker object stands in for it). Raises ValueError for NaN or infinities, RecursionError for a
+    value nested too deeply to write."""
+    text = clean_text(json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False))
+    size = len(text.encode("utf-8"))
+    if size <= limit:
+        return text, False
+    return json.dumps({"_otrace_truncated": True, "original_bytes": size}), True
+
+
+def iso(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp).astimezone().isoformat(timespec="milliseconds")
+
+
+def file_size(path: str | Path) -> int:
+    try:
+        return Path(path).stat().st_size
+    except OSError:
+        return 0
+
+
+def disk_usage(path: str) -> tuple[int, int, int, float]:
+    """(total, used, available to unprivileged users, used %) of the filesystem holding `path`, with
+    the percentage as df computes it: used / (used + available), so root's reserve counts as full."""
+    st = os.statvfs(path)
+    total, used, avail = st.f_blocks * st.f_frsize, (st.f_blocks - st.f_bfree) * st.f_frsize, \
+        st.f_bavail * st.f_frsize
+    return total, used, avail, round(100.0 * used / (used + avail), 2) if used + avail else 0.0
+
+
+class Counters:
+    """Tallies shared between threads, read whole for /health."""
+
+    def __init__(self, names: Iterable[str]) -> None:
+        self._lock = threading.Lock()
+        self._values = dict.fromkeys(names, 0)
+
+    def add(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            self._values[name] += n
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._values)
 
 
 class FaultLog:
@@ -326,6 +574,9 @@ class FaultLog:
                 "failed_attempts": self.count, "failed_seconds": round(time.time() - self.since, 3)})
         self.error, self.count = None, 0
 
+    def health(self) -> dict[str, Any] | None:
+        return self.error and {"error": self.error, "since": iso(self.since), "attempts": self.count}
+
 
 class Backoff:
     """Exponential backoff with full jitter: the n-th wait is uniform over [0, min(cap, base * 2**n)]."""
@@ -345,8 +596,8 @@ class Backoff:
 
 class Loop(threading.Thread):
     """A background thread that calls `tick` every `interval` seconds (or at once when woken) until
-    stopped. An exception in a tick is logged (on change, through FaultLog) and the loop goes on: it
-    never dies of one."""
+    stopped. A tick reports failure by raising: the loop logs it through FaultLog (once per change)
+    and goes on; it never dies of one."""
 
     def __init__(self, name: str, interval: float, first_delay: float | None = None) -> None:
         super().__init__(name=f"otrace-{name}", daemon=True)
@@ -390,8 +641,7 @@ class Loop(threading.Thread):
         raise NotImplementedError
 
 
-
-# ============================================================================================== model
+# =============================================================================================== model
 # What an event is: the fields each endpoint accepts, how a JSON value becomes a column value, and the
 # rows that reach SQLite. Validation is all-or-nothing per request.
 
@@ -399,15 +649,32 @@ MAX_INT = 2**53 - 1              # the largest integer a JavaScript agent can se
 MAX_NAME_CHARS = 256             # provider, model, session_id, finish_reason, ...
 MAX_TRACE_ID_CHARS = 128
 MAX_UNIX_MS = 253402300799999    # 9999-12-31T23:59:59.999Z
+OWN_TEXT_BYTES = 16384           # texts of the events otrace writes itself
+ERROR_TYPES = ("llm_error", "crash", "system_error")
+ERROR_CATEGORIES = ("rate_limit", "timeout", "malformed_response", "api_failure", "process_crash",
+                    "oom_kill", "unhandled_exception", "disk_full", "network_failure",
+                    "permission_denied", "other")
+SEVERITIES = ("debug", "info", "warning", "error", "critical")
 
 
-class Invalid(ValueError):
-    """A request that cannot be accepted, with the field (and array index) to blame."""
+class Refusal(Exception):
+    """A request otrace answers with an error, before or after reading its body."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.headers = status, headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": str(self), "field": None}
+
+
+class Invalid(Refusal):
+    """A request body that cannot be accepted, with the field (and array index) to blame."""
 
     def __init__(self, message: str, field: str | None = None, index: int | None = None,
                  status: int = 400) -> None:
-        super().__init__(message)
-        self.field, self.index, self.status = field, index, status
+        super().__init__(status, message)
+        self.field, self.index = field, index
 
     def body(self) -> dict[str, Any]:
         out: dict[str, Any] = {"error": str(self), "field": self.field}
@@ -416,45 +683,14 @@ class Invalid(ValueError):
         return out
 
 
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
+def _finite(value: Any) -> bool:
+    """A JSON number that fits a column: no bool, no NaN or infinity, no integer too long for a float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return -MAX_UNIX_MS <= value <= MAX_UNIX_MS if isinstance(value, int) else math.isfinite(value)
 
 
-_ids = random.Random()           # seeded from os.urandom once
-
-
-def new_id() -> str:
-    """A time-ordered UUID (version 7, RFC 9562: Unix milliseconds, then 74 random bits) for an event
-    that came without a trace_id. Ordered, so new ids land at the end of the trace_id index and not on
-    random pages of it. The bits come from a PRNG seeded once from os.urandom: ids must be unique, not
-    secret, and getrandom(2) per event costs more than the rest of the id."""
-    bits = time.time_ns() // 1_000_000 << 80 | 0x7000 << 64 | 0x8000 << 48 | _ids.getrandbits(128) & _RANDOM
-    digits = f"{bits:032x}"
-    return f"{digits[:8]}-{digits[8:12]}-{digits[12:16]}-{digits[16:20]}-{digits[20:]}"
-
-
-_RANDOM = 0xFFF << 64 | (1 << 62) - 1        # rand_a (12 bits) and rand_b (62 bits)
-
-
-def clean_text(text: str) -> str:
-    """Replace lone surrogates (valid in JSON, not in UTF-8) with U+FFFD so the text can be stored."""
-    try:
-        text.encode("utf-8")
-        return text
-    except UnicodeEncodeError:
-        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
-
-
-def cut_utf8(text: str, limit: int) -> tuple[str, int, bool]:
-    """Cut text to at most `limit` UTF-8 bytes on a character boundary: (text, original bytes, cut?)."""
-    text = clean_text(text)
-    raw = text.encode("utf-8")
-    if len(raw) <= limit:
-        return text, len(raw), False
-    return raw[:limit].decode("utf-8", "ignore"), len(raw), True
-
-
-class Reader:
+class Fields:
     """Turns the JSON values of one event into column values, raising Invalid naming the field."""
 
     def __init__(self, event: dict[str, Any], index: int | None, max_text: int) -> None:
@@ -511,9 +747,8 @@ class Reader:
         value = self.event.get(field)
         if value is None:
             return None
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-                math.isfinite(value) and 0 <= value <= MAX_INT):
-            raise self.fail(field, "must be a non-negative number")
+        if not _finite(value) or not 0 <= value <= MAX_INT:
+            raise self.fail(field, f"must be a number from 0 to {MAX_INT}")
         return value
 
     def trace_id(self) -> str:
@@ -537,32 +772,31 @@ class Reader:
             if moment.tzinfo is None:
                 raise self.fail("created_at", "needs a timezone offset (Z or +hh:mm)")
             value = round(moment.timestamp() * 1000)
-        elif isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        elif not _finite(value):
             raise self.fail("created_at", "must be RFC 3339 (2026-01-31T12:00:00Z) or Unix ms")
         if not 0 <= value <= MAX_UNIX_MS:
             raise self.fail("created_at", "is out of range (1970 to 9999)")
         return int(value)
 
-    def metadata(self) -> str | None:
+    def metadata(self, field: str = "metadata") -> str | None:
         """A JSON object (or a string holding one), stored as compact JSON."""
-        value = self.event.get("metadata")
+        value = self.event.get(field)
         if value is None:
             return None
         if isinstance(value, str):
             try:
                 value = json.loads(value, parse_constant=_no_constants)
             except (ValueError, RecursionError):
-                raise self.fail("metadata", "string must hold a JSON object") from None
+                raise self.fail(field, "string must hold a JSON object") from None
         if not isinstance(value, dict):
-            raise self.fail("metadata", "must be a JSON object")
+            raise self.fail(field, "must be a JSON object")
         try:
-            text = clean_text(json.dumps(value, ensure_ascii=False, separators=(",", ":")))
+            text, cut = compact_json(value, self.max_text)
         except RecursionError:      # parsed just under the limit, a few frames deeper to write back
-            raise self.fail("metadata", "is nested too deeply") from None
-        size = len(text.encode("utf-8"))
-        if size > self.max_text:
-            self.truncated = True
-            return json.dumps({"_otrace_truncated": True, "original_bytes": size})
+            raise self.fail(field, "is nested too deeply") from None
+        except ValueError:          # 1e400 parses as an infinity, which JSON cannot carry onward
+            raise self.fail(field, "holds a number too large for JSON (NaN or infinite)") from None
+        self.truncated |= cut
         return text
 
 
@@ -572,11 +806,13 @@ def _no_constants(name: str) -> Any:
 
 @dataclasses.dataclass(frozen=True)
 class Table:
-    """One event table: the JSON fields its endpoint accepts and the columns a row fills, in order."""
+    """One event table: the JSON fields its endpoint accepts, the columns a row fills in order, and
+    the type its events have in a push."""
 
     name: str
     fields: frozenset[str]
     columns: tuple[str, ...]
+    push_type: str
 
 
 _COMMON = ("trace_id", "created_at", "received_at", "source")
@@ -587,72 +823,84 @@ TRACES = Table("llm_traces", frozenset({
     (*_COMMON, "provider", "model", "status", "error_type", "finish_reason", "session_id",
                "prompt_tokens", "completion_tokens", "total_tokens", "cache_read_tokens",
                "cache_write_tokens", "reasoning_tokens", "cost_usd", "latency_ms", "ttft_ms",
-               "input_text", "input_bytes", "output_text", "output_bytes", "metadata", "truncated"))
+               "input_text", "input_bytes", "output_text", "output_bytes", "metadata", "truncated"),
+    "llm_trace")
 ERRORS = Table("error_events", frozenset({
     "error_type", "category", "message", "stack_trace", "severity", "provider", "model", "session_id",
     "trace_id", "created_at", "metadata"}),
     (*_COMMON, "error_type", "category", "severity", "message", "message_bytes", "stack_trace",
-               "stack_trace_bytes", "provider", "model", "session_id", "metadata", "truncated"))
-
+               "stack_trace_bytes", "provider", "model", "session_id", "metadata", "truncated"),
+    "error_event")
 METRICS = Table("system_metrics", frozenset(), (
     *_COMMON, "interval_s", "cpu_pct", "cpu_cores_effective", "cpu_throttled_ms", "cpu_throttled_periods",
     "mem_used_bytes", "mem_rss_bytes", "mem_limit_bytes", "mem_available_bytes", "mem_total_bytes",
     "disk_path", "disk_device", "disk_total_bytes", "disk_used_bytes", "disk_avail_bytes", "disk_used_pct",
     "disk_read_bps", "disk_write_bps", "cgroup_read_bps", "cgroup_write_bps", "self_rss_bytes",
-    "self_cpu_pct"))
-
+    "self_cpu_pct"), "system_metric")
 LOGS = Table("log_events", frozenset(), (
-    *_COMMON, "level", "subsystem", "kind", "message", "detail", "otel_trace_id", "file", "file_offset"))
-
-ERROR_TYPES = ("llm_error", "crash", "system_error")
-ERROR_CATEGORIES = ("rate_limit", "timeout", "malformed_response", "api_failure", "process_crash",
-                    "oom_kill", "unhandled_exception", "disk_full", "network_failure",
-                    "permission_denied", "other")
-SEVERITIES = ("debug", "info", "warning", "error", "critical")
+    *_COMMON, "level", "subsystem", "kind", "message", "detail", "otel_trace_id", "file", "file_offset"),
+    "log_event")
+TABLES = {table.name: table for table in (TRACES, ERRORS, METRICS, LOGS)}
+EVENT_TABLES = tuple(TABLES)
 
 
-def trace_row(r: Reader, received: int, source: str = "http") -> tuple:
-    """The llm_traces row for one trace event, but for the truncated flag (the Reader knows it last)."""
-    prompt, completion = r.count("prompt_tokens"), r.count("completion_tokens")
-    total = r.count("total_tokens")
+class Row(collections.namedtuple("Row", "table values")):
+    """One row on its way to a table."""
+
+
+def trace_row(f: Fields, received: int, source: str = "http") -> tuple:
+    """The llm_traces row for one trace event, truncated flag last."""
+    prompt, completion = f.count("prompt_tokens"), f.count("completion_tokens")
+    total = f.count("total_tokens")
     if total is None and (prompt is not None or completion is not None):
         total = (prompt or 0) + (completion or 0)
-    input_text, input_bytes = r.text("input_text")
-    output_text, output_bytes = r.text("output_text")
-    return (r.trace_id(), r.created_at(received), received, source,
-            r.name("provider", required=True), r.name("model", required=True),
-            r.choice("status", ("ok", "error"), "ok"), r.name("error_type"), r.name("finish_reason"),
-            r.name("session_id"), prompt, completion, total, r.count("cache_read_tokens"),
-            r.count("cache_write_tokens"), r.count("reasoning_tokens"), r.amount("cost_usd"),
-            r.amount("latency_ms"), r.amount("ttft_ms"), input_text, input_bytes, output_text,
-            output_bytes, r.metadata())
+    input_text, input_bytes = f.text("input_text")
+    output_text, output_bytes = f.text("output_text")
+    values = (f.trace_id(), f.created_at(received), received, source,
+              f.name("provider", required=True), f.name("model", required=True),
+              f.choice("status", ("ok", "error"), "ok"), f.name("error_type"), f.name("finish_reason"),
+              f.name("session_id"), prompt, completion, total, f.count("cache_read_tokens"),
+              f.count("cache_write_tokens"), f.count("reasoning_tokens"), f.amount("cost_usd"),
+              f.amount("latency_ms"), f.amount("ttft_ms"), input_text, input_bytes, output_text,
+              output_bytes, f.metadata())
+    return (*values, int(f.truncated))
 
 
-def error_row(r: Reader, received: int, source: str = "http") -> tuple:
-    """The error_events row for one error event, but for the truncated flag."""
-    message, message_bytes = r.text("message", required=True)
-    stack, stack_bytes = r.text("stack_trace")
-    return (r.trace_id(), r.created_at(received), received, source,
-            r.choice("error_type", ERROR_TYPES), r.choice("category", ERROR_CATEGORIES, "other"),
-            r.choice("severity", SEVERITIES, "error"), message, message_bytes, stack, stack_bytes,
-            r.name("provider"), r.name("model"), r.name("session_id"), r.metadata())
+def error_row(f: Fields, received: int, source: str = "http") -> tuple:
+    """The error_events row for one error event, truncated flag last."""
+    message, message_bytes = f.text("message", required=True)
+    stack, stack_bytes = f.text("stack_trace")
+    values = (f.trace_id(), f.created_at(received), received, source,
+              f.choice("error_type", ERROR_TYPES), f.choice("category", ERROR_CATEGORIES, "other"),
+              f.choice("severity", SEVERITIES, "error"), message, message_bytes, stack, stack_bytes,
+              f.name("provider"), f.name("model"), f.name("session_id"), f.metadata())
+    return (*values, int(f.truncated))
+
+
+def event_row(table: Table, build: Callable[[Fields, int, str], tuple], event: dict[str, Any],
+              source: str, *, received: int | None = None, max_text: int = OWN_TEXT_BYTES) -> Row:
+    """A row from an event otrace builds itself (from a log line, a host sample, its own faults),
+    validated like one from HTTP; Invalid if it lacks what the table needs."""
+    fields = Fields({k: v for k, v in event.items() if v is not None}, None, max_text)
+    return Row(table.name, build(fields, now_ms() if received is None else received, source))
 
 
 def own_error(category: str, message: str, metadata: dict[str, Any], severity: str = "error",
               error_type: str = "system_error") -> Row:
-    """An error event otrace raises itself (disk full, an OOM kill), validated like one from HTTP."""
-    reader = Reader({"error_type": error_type, "category": category, "message": message,
-                     "severity": severity, "metadata": metadata}, None, 16384)
-    return Row(ERRORS.name, (*error_row(reader, now_ms(), source="otrace"), int(reader.truncated)))
+    """An error event otrace raises itself (disk full, an OOM kill)."""
+    return event_row(ERRORS, error_row, {"error_type": error_type, "category": category,
+                                         "message": message, "severity": severity,
+                                         "metadata": metadata}, "otrace")
 
 
-ROW_BUILDERS: dict[str, tuple[Table, Callable[[Reader, int], tuple]]] = {
+ROW_BUILDERS: dict[str, tuple[Table, Callable[[Fields, int, str], tuple]]] = {
     "/v1/traces": (TRACES, trace_row), "/v1/errors": (ERRORS, error_row)}
 
 
-def parse_events(body: bytes, path: str, max_events: int, max_text: int) -> tuple[list[Row], list[str]]:
-    """Validate a request body (one event or an array of them) into rows, all or nothing."""
-    table, build = ROW_BUILDERS[path]
+def parse_events(body: bytes, route: str, max_events: int, max_text: int) -> tuple[list[Row], list[str]]:
+    """Validate a request body (one event or an array of them) into rows, all or nothing; also the
+    fields that were ignored."""
+    table, build = ROW_BUILDERS[route]
     try:
         doc = json.loads(body.decode("utf-8"), parse_constant=_no_constants)
     except UnicodeDecodeError:
@@ -671,15 +919,16 @@ def parse_events(body: bytes, path: str, max_events: int, max_text: int) -> tupl
     for index, event in enumerate(events):
         if not isinstance(event, dict):
             raise Invalid("event must be a JSON object", None, index if many else None)
-        reader = Reader(event, index if many else None, max_text)
-        rows.append(Row(table.name, (*build(reader, received), int(reader.truncated))))
+        rows.append(Row(table.name, build(Fields(event, index if many else None, max_text), received)))
         ignored.update(key for key in event if key not in table.fields)
     return rows, sorted(ignored)
 
 
-# ============================================================================================== store
+# =============================================================================================== store
 # SQLite in WAL mode. One writer thread owns the only write connection and takes its work from a
-# bounded EventQueue: batches of events, and jobs (writes other threads need) in between.
+# bounded EventQueue: batches of events, and jobs (writes other threads need) in between. Readers
+# (/health, push, retention) get read-only connections from Database, which also notices when the
+# file at the path is deleted or replaced and moves what it still holds into a new one.
 
 SCHEMA: list[str] = [
     # 1: the event tables, host metrics and the push log.
@@ -851,16 +1100,27 @@ SCHEMA: list[str] = [
         UNIQUE (dev, inode, fingerprint)
     );
     """,
+    # 6: a refused row is reported once (push "losses") before retention may delete it.
+    """
+    ALTER TABLE push_rejects ADD COLUMN reported_at INTEGER;
+    CREATE INDEX push_rejects_unreported ON push_rejects (id) WHERE reported_at IS NULL;
+    """,
 ]
 
-EVENT_TABLES = ("llm_traces", "error_events", "system_metrics", "log_events")
-SYNCED, REJECTED = 1, 2          # values of the synced column besides 0 (not yet pushed)
-CACHE_KIB = 2048                 # per connection; otrace keeps at most three open
+UNSYNCED, SYNCED, REFUSED, REFUSED_REPORTED = 0, 1, 2, 3   # values of the synced column
+DELIVERED = f"synced IN ({SYNCED}, {REFUSED_REPORTED})"      # rows retention may take as pushed
+CACHE_KIB = 2048                 # per connection; otrace keeps few open
+ROWS_PER_INSERT = 32             # x 26 columns at most: under the 999 variables older SQLite allows
+JOB_TIMEOUT = 120.0              # longest a loop waits for the writer to run its job
+STATE_TABLES = ("otrace_state", "log_offsets")   # where readers keep their place: carried to a new file
 
 
-def connect(path: str) -> sqlite3.Connection:
-    """Open the database with otrace's pragmas; transactions are explicit (BEGIN ... COMMIT)."""
-    conn = sqlite3.connect(path, timeout=10.0, isolation_level=None, check_same_thread=False)
+def connect(path: str, read_only: bool = False) -> sqlite3.Connection:
+    """Open the database with otrace's pragmas; transactions are explicit (see transaction()). A
+    read-only connection never creates the file."""
+    target = f"file:{urllib.parse.quote(path)}?mode=ro" if read_only else path
+    conn = sqlite3.connect(target, timeout=10.0, isolation_level=None, check_same_thread=False,
+                           uri=read_only)
     conn.execute("PRAGMA busy_timeout = 10000")
     conn.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
     conn.execute("PRAGMA synchronous = NORMAL")
@@ -868,9 +1128,15 @@ def connect(path: str) -> sqlite3.Connection:
 
 
 def open_database(path: str) -> None:
-    """Create the database file (mode 0600) and bring its schema up to date, before any thread starts."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    """Create the database file (its directory 0700, the file 0600, also when it was there already)
+    and bring its schema up to date, before any thread starts."""
+    folder = Path(path).parent
+    if not folder.exists():
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
+    for name in (path, path + "-wal", path + "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            Path(name).chmod(0o600)
     conn = connect(path)
     try:
         conn.execute("PRAGMA auto_vacuum = INCREMENTAL")  # takes only on a new file, before WAL mode
@@ -887,28 +1153,144 @@ def migrate(conn: sqlite3.Connection) -> None:
     if version > len(SCHEMA):
         raise RuntimeError(f"database schema {version} is newer than this otrace ({len(SCHEMA)})")
     for number, step in enumerate(SCHEMA[version:], start=version + 1):
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with transaction(conn):
             for statement in filter(str.strip, step.split(";")):
                 conn.execute(statement)
             conn.execute(f"PRAGMA user_version = {number}")
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
         log.info("schema migrated", extra={"version": number})
 
 
-class Row(collections.namedtuple("Row", "table values")):
-    """One row on its way to a table."""
+def _identity(path: str) -> tuple[int, int] | None:
+    try:
+        st = Path(path).stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def copy_rows(conn: sqlite3.Connection, source: str, target: str, table: str, *, where: str = "",
+              conflict: str = "IGNORE") -> int:
+    """Copy a table's rows between two attached databases, all columns but the row id (the target
+    numbers its own); a row whose unique key is there already is kept (IGNORE) or replaced (REPLACE).
+    How many were written."""
+    columns = ", ".join(name for _, name, *_ in conn.execute(f"PRAGMA {source}.table_info({table})")
+                        if name != "id")
+    return conn.execute(f"INSERT OR {conflict} INTO {target}.{table} ({columns}) SELECT {columns} FROM "
+                        f"{source}.{table} {where}").rowcount
+
+
+def carry_over(conn: sqlite3.Connection, source: str, target: str) -> dict[str, int]:
+    """What a database still owes the receiver (rows not yet pushed, losses not yet reported) and where
+    its readers stood, copied from one attached database to another in one transaction."""
+    moved = {}
+    with transaction(conn):
+        for table in EVENT_TABLES:
+            moved[table] = copy_rows(conn, source, target, table,
+                                     where=f"WHERE synced IN ({UNSYNCED}, {REFUSED})")
+        moved["retention_ledger"] = copy_rows(conn, source, target, "retention_ledger",
+                                              where="WHERE reported_at IS NULL AND unsynced_deleted > 0")
+        for table in STATE_TABLES:
+            copy_rows(conn, source, target, table, conflict="REPLACE")
+    return moved
+
+
+class Database:
+    """The database file at one path, and the read-only connections other threads read it through.
+
+    The file can be deleted or replaced while otrace runs (an rm, an mv over it): SQLite then goes on
+    writing into the old inode, gone at the next start. `moved` notices it; the writer then has
+    readers wait (`pause_readers`), closes every connection to the old file, and opens a new one at
+    the path (`reopened`), carrying over what the old one still held unpushed."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.carry_path = path + "-carry"
+        self.identity = _identity(path)
+        self.companions: dict[str, tuple[int, int] | None] = {}   # -wal, -shm: ours, by inode
+        self.replaced_pending = False                    # moved, and not yet reopened
+        self.replaced: dict[str, Any] | None = None     # the last replacement, for /health
+        self._state = threading.Condition()
+        self._readers = 0
+        self._paused = False
+        self._query: sqlite3.Connection | None = None
+
+    def moved(self) -> bool:
+        """True when the path no longer names the file otrace has open. Also notes the -wal and -shm
+        files beside it while it still does: after a move, those of the old file are removed."""
+        if _identity(self.path) == self.identity:
+            self.companions = {s: _identity(self.path + s) for s in ("-wal", "-shm")}
+            return False
+        return True
+
+    @contextlib.contextmanager
+    def reading(self, wait: float = 5.0) -> Iterator[sqlite3.Connection]:
+        """A read-only connection for one task (a push cycle, a retention pass), closed after it."""
+        with self._state:
+            self._admit(wait)
+            self._readers += 1
+        try:
+            with contextlib.closing(connect(self.path, read_only=True)) as conn:
+                yield conn
+        finally:
+            with self._state:
+                self._readers -= 1
+                self._state.notify_all()
+
+    def query(self, sql: str, params: tuple = ()) -> list[tuple]:
+        """A read for /health on a connection kept open between calls; never waits for a move."""
+        with self._state:
+            self._admit(0.0)
+            if self._query is None:
+                self._query = connect(self.path, read_only=True)
+            return self._query.execute(sql, params).fetchall()
+
+    def _admit(self, wait: float) -> None:
+        if not self._state.wait_for(lambda: not self._paused, wait):
+            raise sqlite3.OperationalError("the database file is being replaced; try again")
+
+    def pause_readers(self) -> bool:
+        """Keep new readers out; True once none is left (the old file can be closed)."""
+        with self._state:
+            self._paused = True
+            if self._readers:
+                return False
+            if self._query is not None:
+                self._query.close()
+                self._query = None
+            return True
+
+    def reopened(self, moved: dict[str, int]) -> None:
+        """The new file is open for writing: readers may come back, and read it."""
+        with self._state:
+            self.identity = _identity(self.path)
+            self.replaced_pending = False
+            self.replaced = {"at": iso(time.time()), "carried_over": moved}
+            self._paused = False
+            self._state.notify_all()
+
+    def forget_old_companions(self) -> None:
+        """Remove the old file's -wal and -shm if they are still beside the path: with no connection
+        left to the old file they are stale, and a new file must not read them as its own."""
+        for suffix, identity in self.companions.items():
+            if identity is not None and _identity(self.path + suffix) == identity:
+                Path(self.path + suffix).unlink(missing_ok=True)
+        self.companions = {}
+
+    def close(self) -> None:
+        with self._state:
+            if self._query is not None:
+                self._query.close()
+                self._query = None
 
 
 @dataclasses.dataclass(slots=True)
 class Unit:
-    """Rows that are committed together, with statements that must commit with them (a file offset)."""
+    """Rows that are committed together, with statements that must commit with them (a file offset).
+    `own`: otrace's own rows (a host sample, lines of a log), that no client was promised."""
 
     rows: list[Row]
     extra: tuple[tuple[str, tuple], ...] = ()
+    own: bool = False
     arrived: float = 0.0
 
     def __len__(self) -> int:
@@ -923,38 +1305,65 @@ class Job:
     future: Future = dataclasses.field(default_factory=Future)
 
 
+class Gate:
+    """Holds the HTTP thread back while the writer is behind, so the writer gets the GIL.
+
+    A busy HTTP thread starves the writer thread: each of the writer's SQLite calls gives the GIL away
+    and must win it back from a thread that holds it for all but its system calls. So once half the
+    queue is waiting, the HTTP thread waits (WAIT at most) until the writer has drained it below one
+    batch. A writer that does not drain it within WAIT is stuck, not starved (a lock, a slow disk):
+    the gate then stays open until it commits again."""
+
+    WAIT = 0.05
+
+    def __init__(self, high_water: int, low_water: int) -> None:
+        self.high_water, self.low_water = high_water, low_water
+        self.opened = threading.Event()
+        self.opened.set()
+        self.writer_stuck = False
+
+    def note(self, waiting: int) -> None:
+        """Called with the queue's lock held, after an offer."""
+        if waiting >= self.high_water and not self.writer_stuck:
+            self.opened.clear()
+
+    def committed(self, waiting: int) -> None:
+        """Called with the queue's lock held, after the writer committed."""
+        self.writer_stuck = False
+        if waiting < self.low_water:
+            self.opened.set()
+
+    def wait(self) -> None:
+        """The HTTP thread, before an ingest request: yield the GIL while the writer is behind."""
+        if not self.opened.is_set() and not self.opened.wait(self.WAIT):
+            self.writer_stuck = True
+            self.opened.set()
+
+    def release(self) -> None:
+        """Nothing to gain from holding the HTTP thread back (writes failing, shutdown)."""
+        self.opened.set()
+
+
 class EventQueue(queue.Queue):
     """A queue.Queue of Units, bounded in events, that a request enters whole or not at all.
 
     Its size counts every accepted event not yet committed: the ones waiting and the ones in the
     writer's hands, until the writer calls `done`. So TRACE_QUEUE_SIZE bounds what a crash can lose
     and what otrace holds in memory. It also holds the writer's Jobs, which are not counted and go
-    first.
-
-    And it keeps a gate for the GIL. A busy HTTP thread starves the writer thread: each of its SQLite
-    calls gives the GIL away and must win it back from a thread that holds it for all but the
-    moments of its system calls, so the queue fills and requests get 503. So once half the queue is
-    waiting, the HTTP thread waits (GATE_WAIT at most) until the writer has drained it below one
-    batch. A writer that does not drain it within GATE_WAIT is stuck, not starved (a lock, a slow
-    disk): the gate stays open until it commits again.
-    """
-
-    GATE_WAIT = 0.05
+    first."""
 
     def __init__(self, capacity: int, batch_size: int) -> None:
         super().__init__(capacity)
+        self.gate = Gate(max(batch_size, capacity // 2), batch_size)
         self.batch_size = batch_size
-        self.high_water = max(batch_size, capacity // 2)
         self.jobs: collections.deque[Job] = collections.deque()
-        self.room = threading.Event()
-        self.room.set()
-        self.writer_stuck = False
         self.closed = False
 
     def _init(self, maxsize: int) -> None:
         self.queue: collections.deque[Unit] = collections.deque()
         self.waiting = 0         # events in self.queue
         self.uncommitted = 0     # waiting + taken by the writer and not yet done
+        self.uncommitted_own = 0
 
     def _qsize(self) -> int:
         return self.uncommitted
@@ -963,6 +1372,7 @@ class EventQueue(queue.Queue):
         self.queue.append(unit)
         self.waiting += len(unit)
         self.uncommitted += len(unit)
+        self.uncommitted_own += len(unit) if unit.own else 0
 
     def _get(self) -> Unit:
         unit = self.queue.popleft()
@@ -978,8 +1388,7 @@ class EventQueue(queue.Queue):
             was_empty = not self.waiting
             self._put(unit)
             self.unfinished_tasks += 1
-            if self.waiting >= self.high_water and not self.writer_stuck:
-                self.room.clear()
+            self.gate.note(self.waiting)
             if was_empty or self.waiting >= self.batch_size:
                 self.not_empty.notify()
             return True
@@ -988,21 +1397,18 @@ class EventQueue(queue.Queue):
         """The writer committed the unit (or gave up on its rows): it no longer counts."""
         with self.mutex:
             self.uncommitted -= len(unit)
+            self.uncommitted_own -= len(unit) if unit.own else 0
         self.task_done()
 
-    def wait_for_room(self) -> None:
-        """Called by the HTTP thread before an ingest request: yield the GIL while the writer is behind."""
-        if not self.room.is_set() and not self.room.wait(self.GATE_WAIT):
-            with self.mutex:
-                self.writer_stuck = True
-            self.room.set()
-
-    def open_gate(self) -> None:
+    def committed(self) -> None:
         """The writer has committed: the HTTP thread may go on once the writer has caught up."""
         with self.mutex:
-            self.writer_stuck = False
-            if self.waiting < self.batch_size or self.closed:
-                self.room.set()
+            self.gate.committed(0 if self.closed else self.waiting)
+
+    def unwritten(self) -> tuple[int, int]:
+        """Events accepted and not committed: (promised to clients, otrace's own)."""
+        with self.mutex:
+            return self.uncommitted - self.uncommitted_own, self.uncommitted_own
 
     def submit(self, run: Callable[[sqlite3.Connection], Any] | None) -> Future:
         """Hand the writer a job; jobs are never refused and run before the next batch."""
@@ -1011,6 +1417,10 @@ class EventQueue(queue.Queue):
             self.jobs.append(job)
             self.not_empty.notify()
         return job.future
+
+    def call(self, run: Callable[[sqlite3.Connection], Any], timeout: float = JOB_TIMEOUT) -> Any:
+        """Ask the writer to run `run` on its connection and wait for its result (or its exception)."""
+        return self.submit(run).result(timeout=max(0.0, timeout))
 
     def next_work(self, batch_size: int, window: float, idle: float) -> Job | list[Unit]:
         """The writer's next job, or its next batch: whole units until batch_size events, waiting at
@@ -1049,50 +1459,12 @@ class EventQueue(queue.Queue):
         with self.mutex:
             self.closed = True
             self.not_empty.notify_all()
-        self.room.set()
+        self.gate.release()
 
     def wait_drained(self, timeout: float) -> bool:
         """Wait until every unit put so far has been committed (or given up on)."""
         with self.all_tasks_done:
             return self.all_tasks_done.wait_for(lambda: not self.unfinished_tasks, max(timeout, 0))
-
-
-class Counters:
-    """Tallies shared between threads (the handlers, the writer, /health)."""
-
-    EVENTS = ("received", "persisted", "duplicate", "refused", "rejected", "dropped")
-
-    def __init__(self, names: Iterable[str] = (*EVENTS, "connections_refused")) -> None:
-        self._lock = threading.Lock()
-        self._values = dict.fromkeys(names, 0)
-
-    def add(self, name: str, n: int = 1) -> None:
-        with self._lock:
-            self._values[name] += n
-
-    def snapshot(self) -> dict[str, int]:
-        with self._lock:
-            return dict(self._values)
-
-
-# SQLite result codes that mean "the environment, not this row": retry the batch as it is.
-TRANSIENT_CODES = {"SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_FULL", "SQLITE_IOERR", "SQLITE_READONLY",
-                   "SQLITE_CANTOPEN", "SQLITE_NOMEM", "SQLITE_PROTOCOL", "SQLITE_CORRUPT",
-                   "SQLITE_NOTADB", "SQLITE_PERM", "SQLITE_INTERRUPT", "SQLITE_ABORT"}
-
-
-def primary_code(name: str) -> str:
-    """SQLite's primary result code of an extended one: SQLITE_IOERR_WRITE is SQLITE_IOERR."""
-    return "_".join(name.split("_")[:2])
-
-
-def is_transient(exc: BaseException) -> bool:
-    """True when a failed write should be retried as it is; False when a row's own data is to blame
-    (a constraint, or a value SQLite cannot bind)."""
-    name = getattr(exc, "sqlite_errorname", None)
-    if name:
-        return primary_code(name) in TRANSIENT_CODES
-    return isinstance(exc, (sqlite3.OperationalError, OSError, MemoryError))
 
 
 class Reserve:
@@ -1101,8 +1473,10 @@ class Reserve:
     answers 503 while it is released, and it is taken back once the disk has room for it four times.
     A reserve there was no room for at start is taken the same way, without holding ingest back."""
 
-    def __init__(self, db_path: str, size: int) -> None:
-        self.path, self.size = Path(db_path + "-reserve"), size
+    RETRY = 1.0                  # seconds between tries to take it (back)
+
+    def __init__(self, db_path: str, size: int, logger: logging.Logger) -> None:
+        self.path, self.size, self.log = Path(db_path + "-reserve"), size, logger
         self.held = False
         self.released = False
         self.next_try = 0.0
@@ -1128,25 +1502,30 @@ class Reserve:
         self.held, self.released = True, False
         return True
 
-    def release(self) -> bool:
-        """Give the space to the database; True if it was held."""
+    def on_disk_full(self, queued: int) -> bool:
+        """A write found the disk full: give the space to the database. True if there was some."""
         if not self.held:
             return False
-        self.held, self.next_try = False, time.monotonic() + 1.0
+        self.held, self.next_try = False, time.monotonic() + self.RETRY
         try:
             self.path.unlink()
         except OSError:              # gone: nothing to give
             return False
         self.released = True
+        self.log.warning("disk full: reserve released; ingest paused", extra={
+            "bytes": self.size, "queued_events": queued})
         return True
 
-    def retake(self) -> bool:
+    def retake(self) -> None:
         """When not held: take the space (back) once the disk has room for it four times over; tried
         at most once a second."""
         if not self.size or self.held or time.monotonic() < self.next_try:
-            return False
-        self.next_try = time.monotonic() + 1.0
-        return disk_usage(str(self.path.parent))[2] >= 4 * self.size and self.hold()
+            return
+        self.next_try = time.monotonic() + self.RETRY
+        released = self.released
+        if disk_usage(str(self.path.parent))[2] >= 4 * self.size and self.hold():
+            self.log.warning("disk reserve held again: ingest resumes" if released else "disk reserve held",
+                             extra={"bytes": self.size})
 
 
 class Writer(threading.Thread):
@@ -1154,45 +1533,60 @@ class Writer(threading.Thread):
 
     A failed batch never kills it: an environment fault (disk full, I/O error, lock) keeps the batch and
     retries it with backoff while /health says degraded; a row whose own data cannot be written is
-    logged whole and dropped without taking its batch-mates with it.
-    """
+    logged whole and dropped without taking its batch-mates with it."""
 
     STUCK_AFTER = 15.0           # seconds without a loop iteration before /health calls it stuck
+    LOOK_EVERY = 1.0             # seconds between checks that the file is still the one at the path
 
-    def __init__(self, config: Config, events: EventQueue, counters: Counters) -> None:
+    def __init__(self, config: Config, db: Database, events: EventQueue, counters: Counters) -> None:
         super().__init__(name="otrace-writer", daemon=True)
-        self.config, self.events, self.counters = config, events, counters
+        self.config, self.db, self.events, self.counters = config, db, events, counters
         self.batch_size, self.window = config.batch_size, config.batch_window
+        self.log = logging.getLogger("otrace.writer")
         self.pending: list[Unit] = []
-        self.fault = FaultLog(logging.getLogger("otrace.writer"), "database write")
+        self.fault = FaultLog(self.log, "database write")
         self.backoff = Backoff(0.05, 5.0)
         self.heartbeat = time.monotonic()
+        self.look_at = 0.0
         self.conn: sqlite3.Connection | None = None
+        self.conn_path = config.db_path          # the carry file while the path cannot be opened
+        self.reopen_fault = FaultLog(self.log, "moving to a new database file")
         self.on_fault: Callable[[str], None] = lambda error: None   # told once per streak of failures
-        self.reserve = Reserve(config.db_path, config.disk_reserve_bytes)
+        self.reserve = Reserve(config.db_path, config.disk_reserve_bytes, self.log)
 
-    # -- state for /health
+    @property
+    def failing(self) -> bool:
+        """Writes are failing, or the disk is full: a 202 would promise a commit that may not come."""
+        return self.fault.error is not None or self.reserve.released
+
     @property
     def stuck(self) -> bool:
         return time.monotonic() - self.heartbeat > self.STUCK_AFTER + self.window
 
+    def connect(self, path: str) -> sqlite3.Connection:
+        conn = connect(path)
+        conn.execute(f"PRAGMA journal_size_limit = {self.config.wal_max_bytes}")  # per connection
+        page = conn.execute("PRAGMA page_size").fetchone()[0]
+        conn.execute(f"PRAGMA wal_autocheckpoint = {autocheckpoint_pages(self.config, page)}")
+        return conn
+
     def run(self) -> None:
-        self.conn = connect(self.config.db_path)
-        self.conn.execute(f"PRAGMA journal_size_limit = {self.config.wal_max_bytes}")  # per connection
-        page = self.conn.execute("PRAGMA page_size").fetchone()[0]
-        self.conn.execute(f"PRAGMA wal_autocheckpoint = {autocheckpoint_pages(self.config, page)}")
+        self.conn = self.connect(self.conn_path)
         retry_at = 0.0
         try:
             while True:
                 self.heartbeat = time.monotonic()
                 if not self.pending:              # the last batch committed: the disk has room
-                    self.retake_reserve()
+                    self.reserve.retake()
+                self.look_after_file()
                 if self.pending:
                     work = self.events.next_job(retry_at - time.monotonic()) or []
                 else:
-                    work = self.events.next_work(self.batch_size, self.window, idle=1.0)
+                    work = self.events.next_work(self.batch_size, self.window, idle=self.LOOK_EVERY)
                 if isinstance(work, Job):
-                    if work.run is None:
+                    if work.run is None:             # the last job: readers are gone, move if due
+                        self.look_at = 0.0
+                        self.look_after_file()
                         work.future.set_result(None)
                         return
                     self.run_job(work)
@@ -1203,51 +1597,45 @@ class Writer(threading.Thread):
                 try:
                     self.flush()
                 except Exception as exc:  # noqa: BLE001 - any failure keeps the batch for a retry
-                    error = describe(exc)
-                    if self.fault.error is None:
-                        self.on_fault(error)
-                    self.fault.failed(error)
-                    self.events.room.set()     # nothing to gain from holding the HTTP thread back now
-                    retry_at = time.monotonic() + self.backoff.next()
-                    if error.startswith("SQLITE_FULL") and self.reserve.release():
-                        self.fault.logger.warning("disk full: reserve released; ingest paused", extra={
-                            "bytes": self.reserve.size, "queued_events": self.events.qsize()})
-                        retry_at = 0.0         # the space is there now: write what was accepted
+                    retry_at = self.failed(describe(exc))
                     continue
                 if self.fault.error is not None:
                     self.record_outage()
                 self.fault.cleared()
                 self.backoff.reset()
-                self.events.open_gate()
+                self.events.committed()
         finally:
             self.conn.close()
 
-    def retake_reserve(self) -> None:
-        released = self.reserve.released
-        if self.reserve.retake():
-            self.fault.logger.warning("disk reserve held again: ingest resumes" if released else
-                                      "disk reserve held", extra={"bytes": self.reserve.size})
+    def failed(self, error: str) -> float:
+        """A batch could not be written: note it, and say when to try again."""
+        if self.fault.error is None:
+            self.on_fault(error)
+        self.fault.failed(error)
+        self.events.gate.release()
+        if error.startswith("SQLITE_FULL") and self.reserve.on_disk_full(self.events.qsize()):
+            return 0.0                 # the space is there now: write what was accepted
+        return time.monotonic() + self.backoff.next()
 
     def record_outage(self) -> None:
-        """Once writes work again, store what stopped them as an error event (ERRC-05)."""
-        error, name = self.fault.error or "", (self.fault.error or "").split(":", 1)[0]
+        """Once writes work again, store what stopped them as an error event."""
+        error = self.fault.error or ""
         category = {"SQLITE_FULL": "disk_full", "SQLITE_READONLY": "permission_denied",
                     "SQLITE_PERM": "permission_denied", "SQLITE_CANTOPEN": "permission_denied",
-                    }.get(primary_code(name), "other")
+                    }.get("_".join(error.split(":", 1)[0].split("_")[:2]), "other")
         row = own_error(category, f"database writes failed for {time.time() - self.fault.since:.1f} s: "
-                        f"{error}", {"since": _iso(self.fault.since), "attempts": self.fault.count,
+                        f"{error}", {"since": iso(self.fault.since), "attempts": self.fault.count,
                                      "db_path": self.config.db_path}, severity="critical")
         try:
             self.commit([Unit([row])])
         except Exception as exc:  # noqa: BLE001 - the outage is in the log either way
-            self.fault.logger.error("could not record the write outage", extra={"error": describe(exc)})
+            self.log.error("could not record the write outage", extra={"error": describe(exc)})
 
     def run_job(self, job: Job) -> None:
         if job.future.set_running_or_notify_cancel():
             try:
                 job.future.set_result(job.run(self.conn))
             except BaseException as exc:  # noqa: BLE001 - handed to whoever waits on the job
-                rollback(self.conn)
                 job.future.set_exception(exc)
 
     def flush(self) -> None:
@@ -1256,7 +1644,7 @@ class Writer(threading.Thread):
         try:
             self.commit(self.pending)
         except Exception as exc:
-            if is_transient(exc):
+            if is_environment(exc):
                 raise
             while self.pending:          # a row's data is to blame: find it, unit by unit
                 self.commit_alone(self.pending[0])
@@ -1272,47 +1660,100 @@ class Writer(threading.Thread):
             self.commit([unit])
             return
         except Exception as exc:
-            if is_transient(exc):
+            if is_environment(exc):
                 raise
         for row in unit.rows:
             try:
                 self.commit([Unit([row])])
             except Exception as exc:
-                if is_transient(exc):
+                if is_environment(exc):
                     raise
                 self.drop(row, exc)
         if unit.extra:
             self.commit([Unit([], unit.extra)])
 
     def commit(self, units: list[Unit]) -> None:
-        conn = self.conn
         by_table: dict[str, list[tuple]] = {}
         for unit in units:
             for row in unit.rows:
                 by_table.setdefault(row.table, []).append(row.values)
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with transaction(self.conn) as conn:
             inserted = sum(insert_rows(conn, table, values) for table, values in by_table.items())
             for unit in units:
                 for sql, params in unit.extra:
                     conn.execute(sql, params)
-            conn.execute("COMMIT")
-        except BaseException:
-            rollback(conn)
-            raise
         total = sum(map(len, by_table.values()))
         self.counters.add("persisted", inserted)
         self.counters.add("duplicate", total - inserted)
 
     def drop(self, row: Row, exc: BaseException) -> None:
         """Give up on a row SQLite refuses for its own data: logged whole, counted in /health."""
-        self.fault.logger.error("row cannot be stored; dropped", extra={
+        self.log.error("row cannot be stored; dropped", extra={
             "table": row.table, "error": describe(exc), "row": repr(row.values)})
         self.counters.add("dropped")
 
+    # -- the file at the path deleted or replaced
+    def look_after_file(self) -> None:
+        """Once a second: is the file at the path still the one otrace writes? If not, move to a new
+        one as soon as no reader holds the old one (until then, the old inode keeps every row)."""
+        if time.monotonic() < self.look_at:
+            return
+        self.look_at = time.monotonic() + self.LOOK_EVERY
+        if not self.db.moved():
+            return
+        if not self.db.replaced_pending:
+            self.db.replaced_pending = True
+            self.log.error("database file deleted or replaced under otrace: moving to a new file at the "
+                           "path", extra={"db_path": self.config.db_path})
+        if self.pending or not self.db.pause_readers():
+            return
+        try:
+            moved = self.reopen()
+        except Exception as exc:  # noqa: BLE001 - the rows stay in the old file or the carry file
+            self.reopen_fault.failed(describe(exc))
+            return
+        self.reopen_fault.cleared()
+        self.db.reopened(moved)
+        self.log.warning("database file recreated; unpushed rows carried over", extra={
+            "db_path": self.config.db_path, "carried_over": moved})
 
-TABLES = {table.name: table for table in (TRACES, ERRORS, METRICS, LOGS)}
-ROWS_PER_INSERT = 32             # x 26 columns at most: under the 999 variables older SQLite allows
+    def reopen(self) -> dict[str, int]:
+        """Copy what the old file owes into the carry file, close the old file, open a new one at the
+        path and take the carry file in. Until the path can be opened, rows are written to the carry
+        file; a crash in between leaves it for the next start."""
+        carry, moved = self.db.carry_path, {}
+        if self.conn_path != carry:
+            open_database(carry)
+            self.conn.execute("ATTACH DATABASE ? AS carry", (carry,))
+            try:
+                moved = carry_over(self.conn, "main", "carry")
+                self.conn.execute("PRAGMA main.wal_checkpoint(TRUNCATE)")   # the old WAL, empty if left
+            finally:
+                self.conn.execute("DETACH DATABASE carry")
+            self.conn.close()
+            self.db.forget_old_companions()
+            self.conn, self.conn_path = self.connect(carry), carry
+        open_database(self.config.db_path)
+        conn = self.connect(self.config.db_path)
+        carried, self.conn, self.conn_path = self.conn, conn, self.config.db_path
+        carried.close()
+        take_carried(conn, carry)
+        return moved
+
+
+def take_carried(conn: sqlite3.Connection, carry: str) -> bool:
+    """Take in a carry file left by a replacement of the database file (at once, or at the next start
+    after a crash), then remove it. False if there is none."""
+    if not Path(carry).exists():
+        return False
+    conn.execute("ATTACH DATABASE ? AS carry", (carry,))
+    try:
+        carry_over(conn, "carry", "main")
+    finally:
+        conn.execute("DETACH DATABASE carry")
+    for suffix in ("", "-wal", "-shm"):
+        Path(carry + suffix).unlink(missing_ok=True)
+    return True
 
 
 @functools.cache
@@ -1324,11 +1765,9 @@ def insert_sql(table: str, rows: int = 1) -> str:
 
 
 def insert_rows(conn: sqlite3.Connection, table: str, values: list[tuple]) -> int:
-    """Insert rows 32, 16, ..., 1 at a time, a multi-row statement each; how many were new.
-
-    Not executemany: that steps SQLite once per row, and every step gives the GIL away and must win
-    it back from the busy HTTP thread. Measured under 4 clients: 18 % more events/s this way. Six
-    statement shapes per table stay in sqlite3's statement cache."""
+    """Insert rows 32, 16, ..., 1 at a time, a multi-row statement each; how many were new. Not
+    executemany: that steps SQLite once per row, and every step gives the GIL away and must win it
+    back from the busy HTTP thread (see docs/design.md)."""
     inserted = start = 0
     while start < len(values):
         size = min(ROWS_PER_INSERT, 1 << (len(values) - start).bit_length() - 1)
@@ -1339,38 +1778,154 @@ def insert_rows(conn: sqlite3.Connection, table: str, values: list[tuple]) -> in
 
 
 def autocheckpoint_pages(config: Config, page_size: int) -> int:
-    """WAL pages after which a commit checkpoints: SQLite's 1,000 (4 MiB), or under a small cap a
-    fortieth of TRACE_DB_MAX_BYTES (or a quarter of TRACE_WAL_MAX_BYTES), so the WAL stays a small
-    share of what the cap counts."""
+    """WAL pages after which a commit checkpoints: SQLite's 1,000, or under a small cap a fortieth of
+    TRACE_DB_MAX_BYTES (or a quarter of TRACE_WAL_MAX_BYTES), so the WAL stays a small share of what
+    the cap counts."""
     return max(16, min(1000, config.db_max_bytes // 40 // page_size, config.wal_max_bytes // 4 // page_size))
 
 
-def rollback(conn: sqlite3.Connection) -> None:
-    with contextlib.suppress(sqlite3.Error):  # no transaction was open, or it is already gone
-        conn.execute("ROLLBACK")
-
-
-def describe(exc: BaseException) -> str:
-    name = getattr(exc, "sqlite_errorname", None)
-    return f"{name or type(exc).__name__}: {exc}"
-
-
-# ============================================================================================= ingest
-# An HTTPServer on loopback whose one thread serves every connection through epoll: it reads without
-# blocking until a request's head, then its body, is wholly in memory, and hands each to the stdlib's
-# BaseHTTPRequestHandler machinery. So no client can hold a thread, and no crowd of handler threads
-# takes the GIL from the writer: with a thread per connection, 16 and 64 clients got fewer events/s
-# through than 4. A handler validates the rows, offers them to the queue whole, and answers in one
-# write with TCP_NODELAY; it never waits on a full queue.
+# ============================================================================================== ingest
+# One thread serves every client connection through epoll: it reads without blocking until a
+# request's head, then its body, is wholly in memory, and only then hands the request to the Api. So
+# no client can hold a thread, and no crowd of handler threads takes the GIL from the writer (see
+# docs/design.md). Bodies come with a Content-Length or chunked, on every method; they are held
+# within one budget across all connections. Every answer leaves in one write with TCP_NODELAY.
 
 HEAD_LIMIT = 65536               # request line and headers that otrace holds while waiting for their end
+MAX_HEADERS = 100
+CHUNK_LINE_LIMIT = 4096          # a chunk's size line, with its extensions
 READ_CHUNK = 65536
+ROUTES = {"/v1/traces": ("POST",), "/v1/errors": ("POST",), "/health": ("GET", "HEAD"),
+          "/metrics": ("GET", "HEAD")}
+PUBLIC_ROUTES = frozenset({"/health", "/metrics"})     # answered without the ingest token
+_DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+_BUSY_BODY = b'{"error": "too many connections; retry later", "field": null}'
+TOO_MANY_CONNECTIONS = b"\r\n".join([
+    b"HTTP/1.1 503 Service Unavailable", b"Retry-After: 1", b"Content-Type: application/json",
+    b"Content-Length: %d" % len(_BUSY_BODY), b"Connection: close", b"", _BUSY_BODY])
+IN, OUT = select.EPOLLIN, select.EPOLLOUT
 
 
-class Outbox(bytearray):
-    """Bytes waiting to go to a client: the handler's wfile."""
+@dataclasses.dataclass(slots=True)
+class Request:
+    """One HTTP request, its head parsed; `body` fills as it arrives."""
 
-    write = bytearray.extend
+    method: str
+    target: str
+    route: str                   # the path without its query: a key of ROUTES
+    version: str
+    headers: dict[str, str]      # by lower-case name; the first of a repeated one
+    close: bool                  # the client asked to close after this request
+    length: int | None           # Content-Length; None when chunked
+    chunked: bool
+    body: bytearray = dataclasses.field(default_factory=bytearray)
+
+    @property
+    def has_body(self) -> bool:
+        return self.chunked or bool(self.length)
+
+
+def parse_head(raw: bytes, complete: bool) -> Request:
+    """A request's line and headers, or Refusal. `complete`: the blank line that ends them is in."""
+    line, _, rest = raw.partition(b"\n")
+    if not complete and len(raw) > HEAD_LIMIT:
+        raise Refusal(431 if b"\n" in raw else 414, f"request line and headers are over {HEAD_LIMIT} bytes")
+    words = line.decode("latin-1").rstrip("\r").split(" ")
+    if len(words) != 3 or words[2] not in ("HTTP/1.1", "HTTP/1.0") or not words[0].isalpha():
+        raise Refusal(400, f"not an HTTP/1.1 request line: {line[:200].decode('latin-1')!r}")
+    method, target, version = words
+    headers: dict[str, str] = {}
+    lines = rest.split(b"\n")
+    if not complete or lines[-2:] not in ([b"", b""], [b"\r", b""]):
+        raise Refusal(400, "the request ended inside its headers")
+    if len(lines) - 2 > MAX_HEADERS:
+        raise Refusal(431, f"more than {MAX_HEADERS} headers")
+    for item in lines[:-2]:
+        name, colon, value = item.decode("latin-1").rstrip("\r").partition(":")
+        if not colon or not name or name != name.strip():
+            raise Refusal(400, f"bad header line: {item[:200].decode('latin-1')!r}")
+        name, value = name.lower(), value.strip()
+        if headers.setdefault(name, value) != value and name in ("content-length", "transfer-encoding"):
+            raise Refusal(400, f"conflicting {name} headers")
+    connection = headers.get("connection", "").lower()
+    close = connection == "close" or (version == "HTTP/1.0" and connection != "keep-alive")
+    length, chunked = body_framing(headers, version)
+    return Request(method, target, target.split("?", 1)[0], version, headers, close, length, chunked)
+
+
+def body_framing(headers: dict[str, str], version: str) -> tuple[int | None, bool]:
+    """(Content-Length, chunked) of a request; Refusal for framing otrace will not guess at."""
+    coding, length = headers.get("transfer-encoding"), headers.get("content-length")
+    if coding is not None:
+        if coding.strip().lower() != "chunked" or version != "HTTP/1.1":
+            raise Refusal(501, f"Transfer-Encoding {coding!r} is not supported: only chunked, on HTTP/1.1")
+        if length is not None:
+            raise Refusal(400, "both Content-Length and Transfer-Encoding: chunked")
+        return None, True
+    if length is None:
+        return 0, False
+    if not re.fullmatch(r"[0-9]{1,18}", length):
+        raise Refusal(400, "Content-Length must be a number of bytes")
+    return int(length), False
+
+
+def decode_chunked(raw: bytearray, out: bytearray, limit: int, state: list[int]) -> int | None:
+    """Move the chunks of a chunked body that have arrived in `raw` into `out`, consuming them. `state`
+    holds [bytes left in the current chunk, or -1 for a size line next, or -2 once the last chunk is
+    read and trailers follow]. The body's length once it is complete, else None; Refusal for a bad
+    chunk or a body over `limit`."""
+    while True:
+        left = state[0]
+        if left > 0:                                   # inside a chunk's data
+            take = min(left, len(raw))
+            out += raw[:take]
+            del raw[:take]
+            state[0] -= take
+            if state[0]:
+                return None
+            state[0] = -3                              # its closing CRLF next
+        elif left == -3:
+            if len(raw) < 2:
+                return None
+            if raw[:2] != b"\r\n":
+                raise Refusal(400, "a chunk does not end with CRLF")
+            del raw[:2]
+            state[0] = -1
+        else:                                          # a size line (-1) or a trailer line (-2)
+            end = raw.find(b"\n")
+            if end < 0:
+                if len(raw) > CHUNK_LINE_LIMIT:
+                    raise Refusal(400, "a chunk size line is too long")
+                return None
+            line = bytes(raw[:end]).rstrip(b"\r")
+            del raw[:end + 1]
+            if left == -2:
+                if not line:
+                    return len(out)
+                continue                               # trailers carry nothing otrace uses
+            digits = line.split(b";", 1)[0].strip()
+            if not re.fullmatch(rb"[0-9A-Fa-f]{1,15}", digits):
+                raise Refusal(400, "a chunk size is not hexadecimal")
+            size = int(digits, 16)
+            if len(out) + size > limit:
+                raise Refusal(413, f"body is over {limit} bytes (TRACE_MAX_BODY_BYTES)")
+            state[0] = size if size else -2
+
+
+class Budget:
+    """Bytes of request bodies held in memory across all connections (TRACE_MAX_BUFFERED_BYTES)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.held = limit, 0
+
+    def take(self, n: int) -> None:
+        if self.held + n > self.limit:
+            raise Refusal(503, "too many request bodies in flight; retry later", {"Retry-After": "1"})
+        self.held += n
+
+    def give(self, n: int) -> None:
+        self.held -= n
 
 
 @dataclasses.dataclass(eq=False, slots=True)
@@ -1378,17 +1933,21 @@ class Connection:
     """One client connection: what has arrived of its next request, what is still to be sent to it."""
 
     sock: socket.socket
-    handler: IngestHandler
+    address: str
     deadline: float                    # the client must finish its request or take its answer by then
     inbox: bytearray = dataclasses.field(default_factory=bytearray)
-    body_length: int | None = None     # the body awaited once a head has been read; None: awaiting a head
+    outbox: bytearray = dataclasses.field(default_factory=bytearray)
+    request: Request | None = None     # the request whose body is being read
+    chunk_state: list[int] = dataclasses.field(default_factory=lambda: [-1])
+    reserved: int = 0                  # bytes of the budget this connection holds
+    close: bool = False                # hang up once the outbox is sent
     mask: int = 0                      # the epoll events it is registered for
 
     @property
     def idle(self) -> bool:
         """Between requests, with nothing received, arrived unread or left to send: at shutdown it is
         closed at once."""
-        if self.inbox or self.body_length is not None or self.handler.wfile:
+        if self.inbox or self.request is not None or self.outbox:
             return False
         try:
             return not self.sock.recv(1, socket.MSG_PEEK)     # b"": the client has hung up
@@ -1402,92 +1961,58 @@ class Connection:
         ends = [i for i in (inbox.find(b"\n\r\n"), inbox.find(b"\n\n")) if i >= 0]
         if ends:
             end = min(ends)                            # the last header line's \n, then \r\n or \n
-            return self.take(end + (2 if inbox[end + 1] == 10 else 3)), True
+            size = end + (2 if inbox[end + 1] == 10 else 3)
+            head = bytes(inbox[:size])
+            del inbox[:size]
+            return head, True
         if at_eof or len(inbox) > HEAD_LIMIT:
-            return self.take(len(inbox)), False
+            head = bytes(inbox)
+            inbox.clear()
+            return head, False
         return None
 
-    def take(self, n: int) -> bytes:
-        data = bytes(self.inbox[:n])
-        self.inbox = self.inbox[n:]
-        return data
+    def read_body(self, budget: Budget, limit: int) -> bool:
+        """Move what has arrived of the body into the request, within the budget. True once whole."""
+        request = self.request
+        if request.chunked:
+            before = len(request.body)
+            done = decode_chunked(self.inbox, request.body, limit, self.chunk_state)
+            grown = len(request.body) - before
+            budget.take(grown)
+            self.reserved += grown
+            return done is not None
+        take = min(request.length - len(request.body), len(self.inbox))
+        request.body += self.inbox[:take]
+        del self.inbox[:take]
+        return len(request.body) == request.length
 
 
-ROUTES = {"/v1/traces": ("POST",), "/v1/errors": ("POST",), "/health": ("GET", "HEAD"),
-          "/metrics": ("GET", "HEAD")}
-STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}" for s in HTTPStatus}
-_date = [0, ""]                  # [second, its Date header]: formatted once a second, not per answer
+def http_date(second: int) -> str:
+    t = time.gmtime(second)
+    return f"{_DAYS[t.tm_wday]}, {t.tm_mday:02d} {_MONTHS[t.tm_mon - 1]} {t.tm_year} " \
+           f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} GMT"
 
 
-def http_date() -> str:
-    second = int(time.time())
-    if _date[0] != second:
-        _date[:] = [second, "Date: " + email.utils.formatdate(second, usegmt=True)]
-    return _date[1]
+@functools.lru_cache(maxsize=2)
+def _date_header(second: int) -> str:
+    return "Date: " + http_date(second)
 
 
-PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-EVENT_HELP = {"received": "Events accepted (answered 202).", "persisted": "Events written to SQLite.",
-              "duplicate": "Events already stored under their trace_id.",
-              "refused": "Events refused with 503 because the queue was full.",
-              "rejected": "Requests refused for bad input (4xx).",
-              "dropped": "Rows SQLite refused for their own data, logged and dropped."}
-HOST_GAUGES = {   # /health "host" column -> (metric, help, scale)
-    "cpu_pct": ("host_cpu_percent", "CPU used, as a share of the cgroup's allowance.", 1),
-    "cpu_cores_effective": ("host_cpu_cores", "CPUs the cgroup may use (quota, cpuset, online).", 1),
-    "cpu_throttled_ms": ("host_cpu_throttled_seconds", "Time throttled during the last interval.", 0.001),
-    "mem_used_bytes": ("host_memory_used_bytes", "Working set: usage less inactive file cache.", 1),
-    "mem_rss_bytes": ("host_memory_rss_bytes", "Anonymous memory.", 1),
-    "mem_limit_bytes": ("host_memory_limit_bytes", "Memory limit (the host's total when unlimited).", 1),
-    "mem_available_bytes": ("host_memory_available_bytes", "Limit less working set.", 1),
-    "mem_total_bytes": ("host_memory_total_bytes", "The host's MemTotal.", 1),
-    "disk_total_bytes": ("host_disk_total_bytes", "Size of the filesystem holding the database.", 1),
-    "disk_used_bytes": ("host_disk_used_bytes", "Space used on it.", 1),
-    "disk_avail_bytes": ("host_disk_avail_bytes", "Space free for unprivileged users.", 1),
-    "disk_used_pct": ("host_disk_used_percent", "Used / (used + available), as df counts it.", 1),
-    "disk_read_bps": ("host_disk_read_bytes_per_second", "Block device reads.", 1),
-    "disk_write_bps": ("host_disk_write_bytes_per_second", "Block device writes.", 1),
-    "cgroup_read_bps": ("host_cgroup_read_bytes_per_second", "Reads by the cgroup.", 1),
-    "cgroup_write_bps": ("host_cgroup_write_bytes_per_second", "Writes by the cgroup.", 1),
-    "self_rss_bytes": ("self_rss_bytes", "otrace's own resident memory.", 1),
-    "self_cpu_pct": ("self_cpu_percent", "otrace's own CPU, as a share of one core.", 1),
-}
-
-
-def prometheus(report: dict[str, Any]) -> str:
-    """The /health report as Prometheus text: otrace's own counters and the newest host sample."""
-    lines: list[str] = []
-
-    def add(name: str, kind: str, text: str, *samples: tuple[str, Any]) -> None:
-        samples = tuple((labels, value) for labels, value in samples if value is not None)
-        if samples:
-            lines.extend((f"# HELP otrace_{name} {text}", f"# TYPE otrace_{name} {kind}"))
-            lines.extend(f"otrace_{name}{labels} {float(value):g}" for labels, value in samples)
-
-    add("info", "gauge", "otrace's version.", (f'{{version="{report["version"]}"}}', 1))
-    add("healthy", "gauge", "1 when /health says ok.", ("", report["status"] == "ok"))
-    add("uptime_seconds", "gauge", "Time since start.", ("", report["uptime_seconds"]))
-    for name, text in EVENT_HELP.items():
-        add(f"events_{name}_total", "counter", text, ("", report[f"events_{name}"]))
-    add("connections_refused_total", "counter", "Connections over TRACE_MAX_CONNECTIONS.",
-        ("", report["connections_refused"]))
-    add("queue_depth_events", "gauge", "Events accepted and not yet committed.", ("", report["queue_depth"]))
-    add("queue_capacity_events", "gauge", "TRACE_QUEUE_SIZE.", ("", report["queue_capacity"]))
-    add("unsynced_events", "gauge", "Rows not yet pushed.", ("", report["unsynced_count"]))
-    add("db_size_bytes", "gauge", "Database file size.", ("", report["db_size_bytes"]))
-    add("wal_size_bytes", "gauge", "WAL file size.", ("", report["wal_size_bytes"]))
-    if push := report["push"]:
-        add("push_events_total", "counter", "Events confirmed by the receiver.", ("", push["events_pushed"]))
-        add("push_consecutive_failures", "gauge", "Failed push cycles in a row.",
-            ("", push["consecutive_failures"]))
-        add("push_breaker_open", "gauge", "1 while the circuit breaker is open.",
-            ("", push["breaker"] == "open"))
-    add("retention_unpushed_deleted_total", "counter", "Rows retention deleted before they were pushed.",
-        *((f'{{table="{table}"}}', n) for table, n in report["retention"]["unpushed_deleted_total"].items()))
-    for column, (name, text, scale) in HOST_GAUGES.items():
-        value = (report["host"] or {}).get(column)
-        add(name, "gauge", text, ("", None if value is None else value * scale))
-    return "\n".join(lines) + "\n"
+def respond(status: int, body: dict[str, Any] | bytes, *, headers: dict[str, str] | None = None,
+            content_type: str = "application/json", close: bool = False, head_only: bool = False,
+            http10: bool = False) -> bytes:
+    """A whole response, head and body, to be sent in one write."""
+    payload = body if isinstance(body, bytes) else json.dumps(body).encode()
+    lines = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}", f"Server: otrace/{__version__}",
+             _date_header(int(time.time())), f"Content-Type: {content_type}",
+             f"Content-Length: {len(payload)}"]
+    lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
+    if close:
+        lines.append("Connection: close")
+    elif http10:
+        lines.append("Connection: keep-alive")
+    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    return head if head_only else head + payload
 
 
 def is_json_type(content_type: str) -> bool:
@@ -1495,222 +2020,123 @@ def is_json_type(content_type: str) -> bool:
     return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
 
 
-MAX_LINE, MAX_HEADERS = 65536, 100     # the stdlib's limits: a request line or header line, headers
+def decoded_body(request: Request, limit: int) -> bytes:
+    """The body with its Content-Encoding undone; the decoded size counts against `limit` too."""
+    coding = request.headers.get("content-encoding", "identity").strip().lower()
+    if coding in ("", "identity"):
+        return bytes(request.body)
+    if coding not in ("gzip", "x-gzip"):
+        raise Refusal(415, f"Content-Encoding {coding!r} is not supported: gzip or none")
+    inflater = zlib.decompressobj(wbits=31)
+    try:
+        data = inflater.decompress(request.body, limit + 1)
+    except zlib.error as exc:
+        raise Refusal(400, f"body is not valid gzip: {exc}") from None
+    if len(data) > limit or inflater.unconsumed_tail:
+        raise Refusal(413, f"body is over {limit} bytes once decompressed (TRACE_MAX_BODY_BYTES)")
+    if not inflater.eof:
+        raise Refusal(400, "gzip body ends early")
+    return data
 
 
-class IngestHandler(BaseHTTPRequestHandler):
-    """The requests of one client connection: HTTP/1.1 keep-alive, JSON in and out. It never touches
-    the socket: IngestServer gives it each request's head, then its body, and sends what it wrote."""
+class Api:
+    """What otrace answers: the routes, the ingest token, and the refusals, all as whole responses."""
 
-    protocol_version = "HTTP/1.1"
-    server_version = f"otrace/{__version__}"
-    sys_version = ""
-    headers: dict[str, str]                # by lower-case name
+    def __init__(self, service: Service) -> None:
+        self.service, self.config = service, service.config
 
-    def __init__(self, server: IngestServer, address: Any) -> None:   # not the stdlib's: no handle()
-        self.server, self.client_address = server, address
-        self.wfile = Outbox()
-        self.command, self.path, self.request_version = "", "", "HTTP/1.1"
-        self.route = ""                    # the path without its query: a key of ROUTES
-        self.close_connection = False
+    def begin(self, request: Request) -> None:
+        """Checks made before a byte of the body is read; Refusal ends the request (and the connection,
+        as its body stays unread)."""
+        methods = ROUTES.get(request.route)
+        if methods is None:
+            raise Refusal(404, f"no such path: {request.route}")
+        if request.method not in methods:
+            raise Refusal(405, f"{request.method} is not allowed on {request.route}",
+                          {"Allow": ", ".join(methods)})
+        if self.config.ingest_token and request.route not in PUBLIC_ROUTES and not self.authorized(request):
+            raise Refusal(401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
+        if request.length is not None and request.length > self.config.max_body_bytes:
+            raise Refusal(413, f"body of {request.length} bytes is over {self.config.max_body_bytes} "
+                          "(TRACE_MAX_BODY_BYTES)")
+        if request.method == "POST":
+            self.check_post(request)
 
-    def read_head(self, raw: bytes, complete: bool) -> int | None:
-        """Read a request's line and headers: how many body bytes to wait for, or None once it is
-        answered (an error; the connection then closes). `complete`: the head's blank line is in."""
-        self.rfile = io.BytesIO(raw)
-        self.command, self.request_version, self.close_connection = "", "HTTP/1.1", True
-        self.raw_requestline = self.rfile.readline(MAX_LINE + 1)
-        if len(self.raw_requestline) > MAX_LINE:
-            self.send_error(HTTPStatus.REQUEST_URI_TOO_LONG)
-            return None
-        if not complete and len(raw) > HEAD_LIMIT and self.raw_requestline.endswith(b"\n"):
-            self.send_error(431, f"request line and headers are over {HEAD_LIMIT} bytes")
-            return None
-        if not self.parse_request():
-            return None
-        self.route = path = self.path.split("?", 1)[0]
-        if path not in ROUTES:
-            self.refuse(404, f"no such path: {path}")
-            return None
-        if self.command not in ROUTES[path]:
-            self.refuse(405, f"{self.command} is not allowed on {path}", {"Allow": ", ".join(ROUTES[path])})
-            return None
-        if self.command != "POST":
-            return 0
-        token = self.server.service.config.ingest_token
-        if token and not self.authorized(token):
-            self.refuse(401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
-            return None
-        length = self.body_length(self.server.service.config.max_body_bytes)
-        if length and self.headers.get("expect", "").lower() == "100-continue" and \
-                self.request_version == "HTTP/1.1":
-            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        return length
-
-    def parse_request(self) -> bool:
-        """The request line and headers; False once an error has been answered. Headers go into a
-        dict by lower-case name (the first of a repeated one) read by a plain loop: the email parser
-        the stdlib uses here costs more than all the rest of an ingest request."""
-        self.requestline = self.raw_requestline.decode("latin-1").rstrip("\r\n")
-        words = self.requestline.split()
-        if len(words) != 3 or words[2] not in ("HTTP/1.1", "HTTP/1.0"):
-            self.send_error(400, f"not an HTTP/1.1 request line: {self.requestline[:200]!r}")
-            return False
-        self.command, self.path, self.request_version = words
-        self.headers = headers = {}
-        for _ in range(MAX_HEADERS + 1):
-            line = self.rfile.readline(MAX_LINE + 1)
-            if line in (b"\r\n", b"\n"):
-                break
-            if len(line) > MAX_LINE:
-                self.send_error(431, f"a header line is over {MAX_LINE} bytes")
-                return False
-            if not line.endswith(b"\n"):               # the client hung up before the blank line
-                self.send_error(400, "the request ended inside its headers")
-                return False
-            name, colon, value = line.decode("latin-1").partition(":")
-            if not colon or not name or name != name.strip():
-                self.send_error(400, f"bad header line: {line[:200]!r}")
-                return False
-            name, value = name.lower(), value.strip()
-            if headers.setdefault(name, value) != value and name in ("content-length", "transfer-encoding"):
-                self.send_error(400, f"conflicting {name} headers")
-                return False
-        else:
-            self.send_error(431, f"more than {MAX_HEADERS} headers")
-            return False
-        connection = headers.get("connection", "").lower()
-        self.close_connection = connection == "close" or (
-            self.request_version == "HTTP/1.0" and connection != "keep-alive")
-        return True
-
-    def body_length(self, limit: int) -> int | None:
-        """The length the body will have, or None once an error has been answered (415, 411, 400, 413):
-        all of them before a byte of the body is read."""
-        content_type = self.headers.get("content-type")
-        length = self.headers.get("content-length")
+    def check_post(self, request: Request) -> None:
+        content_type = request.headers.get("content-type")
         if content_type and not is_json_type(content_type):
-            self.refuse(415, f"content type must be application/json, not {content_type}")
-        elif length is None or self.headers.get("transfer-encoding"):
-            self.refuse(411, "Content-Length is required")
-        elif not length.isdigit():
-            self.refuse(400, "Content-Length must be a number of bytes")
-        elif int(length) > limit:
-            self.refuse(413, f"body of {length} bytes is over {limit} (TRACE_MAX_BODY_BYTES)")
-        else:
-            return int(length)
-        self.server.service.counters.add("rejected")
-        return None
+            raise Refusal(415, f"content type must be application/json, not {content_type}")
+        if not request.has_body and "content-length" not in request.headers:
+            raise Refusal(411, "Content-Length (or Transfer-Encoding: chunked) is required")
 
-    def answer(self, body: bytes, length: int) -> None:
-        """Answer the request whose head was read last, given its body (short if the client hung up)."""
-        service = self.server.service
-        if self.route == "/health":
+    def authorized(self, request: Request) -> bool:
+        scheme, _, value = request.headers.get("authorization", "").partition(" ")
+        import hmac  # noqa: PLC0415 - imported where needed (see the imports)
+        return scheme.lower() == "bearer" and hmac.compare_digest(
+            value.strip().encode("utf-8", "surrogateescape"), self.config.ingest_token.encode())
+
+    def answer(self, request: Request) -> tuple[int, dict[str, Any] | bytes, dict[str, str], str]:
+        """(status, body, headers, content type) for a whole request."""
+        service = self.service
+        if request.route == "/health":
             report = service.health()
-            self.reply(200 if report["status"] == "ok" else 503, report)
-        elif self.route == "/metrics":
-            self.reply(200, prometheus(service.health()).encode(), content_type=PROMETHEUS_TYPE)
-        elif len(body) < length:
-            service.counters.add("rejected")
-            self.refuse(400, f"body ended after {len(body)} of {length} bytes")
-        else:
-            self.ingest(body)
+            return (200 if report["status"] == "ok" else 503), report, {}, "application/json"
+        if request.route == "/metrics":
+            return 200, prometheus(service.health()).encode(), {}, PROMETHEUS_TYPE
+        return self.ingest(request)
 
-    def ingest(self, body: bytes) -> None:
+    def ingest(self, request: Request) -> tuple[int, dict[str, Any], dict[str, str], str]:
         """POST /v1/traces and /v1/errors: validate, offer the rows to the queue whole, answer."""
-        service = self.server.service
-        config = service.config
-        service.events.wait_for_room()
-        try:
-            rows, ignored = parse_events(body, self.route, config.max_events, config.max_text_bytes)
-        except Invalid as bad:
-            service.counters.add("rejected")
-            self.reply(bad.status, bad.body())
-            return
-        if service.writer.fault.error or service.writer.reserve.released:   # a 202 promises a commit
-            service.counters.add("refused", len(rows))
-            self.reply(503, {"error": "database writes are failing (disk full?); retry later", "field": None},
-                       {"Retry-After": "5"})
-            return
-        if not service.events.offer(Unit(rows)):
-            service.counters.add("refused", len(rows))
-            self.reply(503, {"error": "queue is full; retry later", "field": None}, {"Retry-After": "1"})
-            return
-        service.counters.add("received", len(rows))
+        service = self.service
+        service.events.gate.wait()
+        body = decoded_body(request, self.config.max_body_bytes)
+        rows, ignored = parse_events(body, request.route, self.config.max_events, self.config.max_text_bytes)
+        self.admit(rows)
         answer: dict[str, Any] = {"accepted": len(rows), "trace_ids": [row.values[0] for row in rows]}
         if ignored:
             answer["ignored_fields"] = ignored
-        self.reply(202, answer)
+        return 202, answer, {}, "application/json"
 
-    def authorized(self, token: str) -> bool:
-        given = self.headers.get("authorization", "")
-        scheme, _, value = given.partition(" ")
-        import hmac  # noqa: PLC0415 - imported where needed (see the imports)
-        return scheme.lower() == "bearer" and hmac.compare_digest(
-            value.strip().encode("utf-8", "surrogateescape"), token.encode())
-
-    def refuse(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
-        """Answer an error without reading the body; the connection closes, as the body is unread."""
-        self.close_connection = True
-        self.reply(status, {"error": message, "field": None}, headers)
-
-    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-        """Errors found while parsing the request line and headers, as JSON. Never a 5xx: a request
-        otrace cannot parse is the client's to fix."""
-        self.close_connection = True
-        if code >= 500:
-            code = 400
-        self.reply(code, {"error": message or HTTPStatus(code).phrase, "field": None})
-
-    def reply(self, status: int, body: dict[str, Any] | bytes, headers: dict[str, str] | None = None,
-              content_type: str = "application/json") -> None:
-        """Write the whole response, to be sent in one piece."""
-        payload = body if isinstance(body, bytes) else json.dumps(body).encode()
-        if self.server.closing:
-            self.close_connection = True
-        lines = [STATUS_LINES.get(status) or f"HTTP/1.1 {status} {HTTPStatus(status).phrase}",
-                 f"Server: {self.server_version}", http_date(), f"Content-Type: {content_type}",
-                 f"Content-Length: {len(payload)}"]
-        lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
-        if self.close_connection:
-            lines.append("Connection: close")
-        elif self.request_version == "HTTP/1.0":
-            lines.append("Connection: keep-alive")
-        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-        self.wfile.write(head if self.command == "HEAD" else head + payload)
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("request", extra={"method": self.command, "path": self.path, "status": status,
-                                        "client": self.client_address[0]})
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the stdlib's signature
-        log.debug(format % args)
+    def admit(self, rows: list[Row]) -> None:
+        """Offer rows to the queue whole: a 202 promises a commit, so Refusal (503) when the writer
+        cannot keep that promise now."""
+        service = self.service
+        if not service.writer.is_alive() or service.writer.failing:
+            service.counters.add("refused", len(rows))
+            raise Refusal(503, "database writes are failing (disk full?); retry later", {"Retry-After": "5"})
+        if not service.events.offer(Unit(rows)):
+            service.counters.add("refused", len(rows))
+            raise Refusal(503, "queue is full; retry later", {"Retry-After": "1"})
+        service.counters.add("received", len(rows))
 
 
-_BUSY_BODY = b'{"error": "too many connections; retry later", "field": null}'
-TOO_MANY_CONNECTIONS = b"\r\n".join([
-    b"HTTP/1.1 503 Service Unavailable", b"Retry-After: 1", b"Content-Type: application/json",
-    b"Content-Length: %d" % len(_BUSY_BODY), b"Connection: close", b"", _BUSY_BODY])
-IN, OUT = select.EPOLLIN, select.EPOLLOUT
+class IngestServer:
+    """The HTTP server: one thread, at most TRACE_MAX_CONNECTIONS connections, on one or more
+    listening sockets. It hangs up on a client that takes longer than TRACE_READ_TIMEOUT to send a
+    whole request or to take its answer, and at shutdown closes the idle connections and finishes
+    the busy ones."""
 
+    BACKLOG = 128
 
-class IngestServer(HTTPServer):
-    """The HTTP server: one thread, at most TRACE_MAX_CONNECTIONS connections. It hangs up on a client
-    that takes longer than TRACE_READ_TIMEOUT to send a whole request or to take its answer, and at
-    shutdown closes the idle connections and finishes the busy ones."""
-
-    request_queue_size = 128
-
-    def __init__(self, service: Service) -> None:
+    def __init__(self, service: Service, addresses: list[tuple[str, int]]) -> None:
         config = service.config
-        self.service = service
+        self.service, self.api = service, Api(service)
+        self.counters = service.counters
         self.limit, self.read_timeout = config.max_connections, config.read_timeout
-        if ":" in config.host:
-            self.address_family = socket.AF_INET6
-        super().__init__((config.host, config.port), IngestHandler)
-        self.socket.setblocking(False)
-        self.listener = self.socket.fileno()
+        self.max_body = config.max_body_bytes
+        self.budget = Budget(config.max_buffered_bytes)
         self.poller = select.epoll()
-        self.poller.register(self.listener, IN)
+        self.listeners: dict[int, socket.socket] = {}
+        try:
+            for host, port in addresses:
+                family = socket.AF_INET6 if ":" in host else socket.AF_INET
+                sock = socket.create_server((host, port), family=family, backlog=self.BACKLOG)
+                sock.setblocking(False)
+                self.listeners[sock.fileno()] = sock
+                self.poller.register(sock.fileno(), IN)
+        except OSError:
+            self.release()
+            raise
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.poller.register(self.wake_r, IN)
         self.open: dict[int, Connection] = {}
@@ -1721,10 +2147,17 @@ class IngestServer(HTTPServer):
         self.cut = 0
         self.stopped = threading.Event()
 
-    def serve_forever(self, poll_interval: float = 0.0) -> None:
+    def addresses(self) -> list[tuple[str, int]]:
+        return [sock.getsockname()[:2] for sock in self.listeners.values()]
+
+    def release(self) -> None:
+        for sock in self.listeners.values():
+            sock.close()
+        self.poller.close()
+
+    def serve_forever(self) -> None:
         """The server's thread: wait for sockets, serve what is ready, hang up on clients past their
-        deadline; until shutdown has closed every connection (or its time is up). `poll_interval` is
-        the stdlib's and unused: a write to the wake-up pipe ends the wait."""
+        deadline; until shutdown has closed every connection (or its time is up)."""
         tick = min(1.0, self.read_timeout / 4)
         next_reap = time.monotonic() + tick
         try:
@@ -1742,8 +2175,7 @@ class IngestServer(HTTPServer):
         except Exception:                # a bug: say so; shutdown still writes the queue
             log.exception("http server failed")
         finally:
-            self.poller.close()
-            self.socket.close()
+            self.release()
             self.stopped.set()
 
     def on_ready(self, fd: int, events: int) -> None:
@@ -1751,19 +2183,19 @@ class IngestServer(HTTPServer):
         try:
             if conn:
                 self.serve(conn, events)
-            elif fd == self.listener and not self.closing:
-                self.accept()
+            elif fd in self.listeners and not self.closing:
+                self.accept(self.listeners[fd])
             elif fd == self.wake_r:
                 self.begin_closing()
         except Exception:                # a request never takes the server down
-            log.exception("request failed", extra={"client": conn and conn.handler.client_address[0]})
+            log.exception("request failed", extra={"client": conn and conn.address})
             if conn:
                 self.hang_up(conn)
 
-    def accept(self) -> None:
+    def accept(self, listener: socket.socket) -> None:
         while True:
             try:
-                sock, address = self.socket.accept()
+                sock, address = listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
@@ -1774,22 +2206,21 @@ class IngestServer(HTTPServer):
                 continue                                      # that client gave up
             self.accept_fault.cleared()
             if len(self.open) >= self.limit:
-                self.service.counters.add("connections_refused")
+                self.counters.add("connections_refused")
                 with contextlib.suppress(OSError):
                     sock.sendall(TOO_MANY_CONNECTIONS)
-                self.shutdown_request(sock)
+                sock.close()
                 continue
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            deadline = time.monotonic() + self.read_timeout
-            self.open[sock.fileno()] = Connection(sock, IngestHandler(self, address), deadline, mask=IN)
+            conn = Connection(sock, address[0], time.monotonic() + self.read_timeout, mask=IN)
+            self.open[sock.fileno()] = conn
             self.poller.register(sock.fileno(), IN)
 
     def serve(self, conn: Connection, events: int) -> None:
         """Send what is left of the last answer; read what the client sent; answer every request that
         is now whole, in order, one at a time (the next once the last is sent)."""
-        handler = conn.handler
-        if handler.wfile and not self.send(conn):
+        if conn.outbox and not self.send(conn):
             return
         at_eof = False
         if events & ~OUT:
@@ -1802,29 +2233,72 @@ class IngestServer(HTTPServer):
                 return
             conn.inbox += self.chunk[:n]
             at_eof = not n
-        while True:
-            if conn.body_length is None:
-                head = conn.take_head(at_eof) if conn.inbox else None
-                if head is None:
-                    break
-                conn.deadline = time.monotonic() + self.read_timeout
-                conn.body_length = handler.read_head(*head)
-                if (handler.wfile or conn.body_length is None) and not self.send(conn):
-                    return                                 # an error answered (it closes), or 100 Continue
-            if len(conn.inbox) < conn.body_length and not at_eof:
-                break
-            length, conn.body_length = conn.body_length, None
-            handler.answer(conn.take(length), length)
-            conn.deadline = time.monotonic() + self.read_timeout
+        while self.step(conn, at_eof):
             if not self.send(conn):
                 return
         if at_eof or (self.closing and conn.idle):
             self.hang_up(conn)
 
+    def step(self, conn: Connection, at_eof: bool) -> bool:
+        """Move the connection's next request on as far as what has arrived allows. True when it
+        wrote something to send (an answer, or 100 Continue)."""
+        request = conn.request
+        try:
+            if request is None:
+                head = conn.take_head(at_eof) if conn.inbox else None
+                if head is None:
+                    return False
+                conn.deadline = time.monotonic() + self.read_timeout
+                request = conn.request = parse_head(*head)
+                self.api.begin(request)
+                if request.length:
+                    self.budget.take(request.length)
+                    conn.reserved += request.length
+                if request.has_body and request.headers.get("expect", "").lower() == "100-continue":
+                    conn.outbox += b"HTTP/1.1 100 Continue\r\n\r\n"
+                    return True
+            if request.has_body and not conn.read_body(self.budget, self.max_body):
+                if not at_eof:
+                    return False
+                expected = f" of {request.length}" if request.length is not None else ""
+                raise Refusal(400, f"body ended after {len(request.body)}{expected} bytes")
+        except Refusal as refusal:                     # before the whole body is in: it stays unread
+            self.finish(conn, refusal.status, refusal.body(), refusal.headers, close=True)
+            return True
+        self.answer(conn, request)
+        return True
+
+    def answer(self, conn: Connection, request: Request) -> None:
+        headers: dict[str, str] = {}
+        content_type = "application/json"
+        try:
+            status, body, headers, content_type = self.api.answer(request)
+        except Refusal as refusal:
+            status, body, headers = refusal.status, refusal.body(), refusal.headers
+        if status >= 400 and status != 503:
+            self.counters.add("rejected")
+        self.finish(conn, status, body, headers, content_type=content_type)
+
+    def finish(self, conn: Connection, status: int, body: dict[str, Any] | bytes, headers: dict[str, str],
+               *, close: bool = False, content_type: str = "application/json") -> None:
+        """Queue the request's answer and make the connection ready for the next request."""
+        request = conn.request
+        close = close or self.closing or request is None or request.close
+        conn.outbox += respond(status, body, headers=headers, content_type=content_type, close=close,
+                               head_only=request is not None and request.method == "HEAD",
+                               http10=request is not None and request.version == "HTTP/1.0")
+        conn.close |= close
+        self.budget.give(conn.reserved)
+        conn.reserved, conn.request, conn.chunk_state[0] = 0, None, -1
+        conn.deadline = time.monotonic() + self.read_timeout
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("request", extra={"method": request and request.method, "route": request and
+                                        request.route, "status": status, "client": conn.address})
+
     def send(self, conn: Connection) -> bool:
-        """Send what the handler wrote. True once it is all sent and the connection stays open; False
-        when the rest must wait for the client to take it, or the connection is closed."""
-        out = conn.handler.wfile
+        """Send what is waiting for the client. True once it is all sent and the connection stays open;
+        False when the rest must wait for the client to take it, or the connection is closed."""
+        out = conn.outbox
         try:
             del out[:conn.sock.send(out)]
         except (BlockingIOError, InterruptedError):
@@ -1832,7 +2306,7 @@ class IngestServer(HTTPServer):
         except OSError:
             self.hang_up(conn)
             return False
-        if not out and conn.handler.close_connection:
+        if not out and conn.close:
             self.hang_up(conn)
             return False
         mask = OUT if out else IN
@@ -1843,9 +2317,13 @@ class IngestServer(HTTPServer):
 
     def hang_up(self, conn: Connection) -> None:
         if self.open.pop(conn.sock.fileno(), None) is not None:
+            self.budget.give(conn.reserved)
+            conn.reserved = 0
             with contextlib.suppress(OSError):
                 self.poller.unregister(conn.sock.fileno())
-            self.shutdown_request(conn.sock)
+            with contextlib.suppress(OSError):
+                conn.sock.shutdown(socket.SHUT_WR)
+            conn.sock.close()
 
     def begin_closing(self) -> None:
         """Shutdown: stop accepting, close the idle connections; the busy ones finish by close_by."""
@@ -1853,7 +2331,8 @@ class IngestServer(HTTPServer):
         if self.closing:
             return
         self.closing = True
-        self.poller.unregister(self.listener)
+        for fd in self.listeners:
+            self.poller.unregister(fd)
         for conn in [c for c in self.open.values() if c.idle]:
             self.hang_up(conn)
 
@@ -1871,10 +2350,17 @@ class IngestServer(HTTPServer):
         return len(self.open)
 
 
-# ========================================================================================= collectors
+# ======================================================================================= host metrics
 # Host metrics, read from the files the kernel writes, like node_exporter's collectors: every reader
 # takes its procfs and sysfs roots, so trees of files captured from real machines test it. Inside a
 # container the figures are the cgroup's (v2, v1 or a hybrid of both), on a VM they come from /proc.
+
+V1_CONTROLLERS = {"cpu": "cpu", "cpuacct": "cpuacct", "cpuset": "cpuset", "memory": "memory", "io": "blkio"}
+V2_CONTROLLERS = {"cpu": "cpu", "cpuacct": "cpu", "cpuset": "cpuset", "memory": "memory", "io": "io"}
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+STATE_SQL = ("INSERT INTO otrace_state (key, value, updated_at) VALUES (?, ?, ?) "
+             "ON CONFLICT (key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at")
 
 
 def read_text(path: Path) -> str | None:
@@ -1915,15 +2401,6 @@ def count_cpus(cpulist: str | None) -> int | None:
     return count
 
 
-def disk_usage(path: str) -> tuple[int, int, int, float]:
-    """(total, used, available to unprivileged users, used %) of the filesystem holding `path`, with
-    the percentage as df computes it: used / (used + available), so root's reserve counts as full."""
-    st = os.statvfs(path)
-    total, used, avail = st.f_blocks * st.f_frsize, (st.f_blocks - st.f_bfree) * st.f_frsize, \
-        st.f_bavail * st.f_frsize
-    return total, used, avail, round(100.0 * used / (used + avail), 2) if used + avail else 0.0
-
-
 @dataclasses.dataclass(frozen=True)
 class Mount:
     """One line of /proc/self/mountinfo, as far as otrace needs it."""
@@ -1951,9 +2428,6 @@ def mounts(procfs: Path) -> list[Mount]:
     return [m for line in (read_text(procfs / "self" / "mountinfo") or "").splitlines()
             if (m := Mount.parse(line))]
 
-
-V1_CONTROLLERS = {"cpu": "cpu", "cpuacct": "cpuacct", "cpuset": "cpuset", "memory": "memory", "io": "blkio"}
-V2_CONTROLLERS = {"cpu": "cpu", "cpuacct": "cpu", "cpuset": "cpuset", "memory": "memory", "io": "io"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -2044,7 +2518,6 @@ class HostReader:
         self.procfs, self.sysfs, self.disk_path = procfs, sysfs, disk_path
         self.cgroup = Cgroup.find(procfs, sysfs, mode)
         self.device = disk_device or self.block_device(disk_path)
-        self.process = psutil.Process()
 
     def block_device(self, path: str) -> tuple[int, int] | None:
         """The block device behind `path`: from st_dev, or, when that is anonymous (major 0: overlay,
@@ -2082,12 +2555,7 @@ class HostReader:
             snap.mem_rss = meminfo.get("AnonPages", 0) * 1024
         snap.host_oom_kills = read_keyed(self.procfs / "vmstat").get("oom_kill")
         self.read_disk(snap)
-        try:
-            with self.process.oneshot():
-                times = self.process.cpu_times()
-                snap.self_cpu, snap.self_rss = times.user + times.system, self.process.memory_info().rss
-        except psutil.Error:
-            pass
+        snap.self_cpu, snap.self_rss = own_usage(self.procfs)
         return snap
 
     def read_cgroup(self, snap: Snapshot) -> None:
@@ -2158,6 +2626,18 @@ class HostReader:
                 return
 
 
+def own_usage(procfs: Path) -> tuple[float | None, int | None]:
+    """otrace's own CPU seconds and resident bytes, from <procfs>/self/stat and statm."""
+    stat_text, statm = read_text(procfs / "self" / "stat"), read_text(procfs / "self" / "statm")
+    cpu = rss = None
+    if stat_text and ")" in stat_text:
+        fields = stat_text.rsplit(")", 1)[1].split()
+        cpu = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS      # utime + stime
+    if statm and len(statm.split()) > 1:
+        rss = int(statm.split()[1]) * PAGE_SIZE
+    return cpu, rss
+
+
 def cgroup_io(directory: Path, v2: bool) -> tuple[int | None, int | None]:
     """Bytes read and written by the cgroup, summed over devices: v2 io.stat, v1 blkio."""
     if v2:
@@ -2215,27 +2695,24 @@ def host_sample(prev: Snapshot, cur: Snapshot) -> dict[str, Any]:
     }
 
 
-STATE_SQL = ("INSERT INTO otrace_state (key, value, updated_at) VALUES (?, ?, ?) "
-             "ON CONFLICT (key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at")
-
-
 class Sampler(Loop):
     """Every TRACE_METRICS_INTERVAL: a system_metrics row through the same queue and writer as HTTP
     events, and an error event when the OOM killer struck since the last sample. The first sample
-    only primes the counters (SYSM-06)."""
+    only primes the counters: a rate needs two."""
 
-    def __init__(self, config: Config, events: EventQueue, oom_seen: dict[str, int]) -> None:
+    def __init__(self, config: Config, events: EventQueue, db: Database) -> None:
         super().__init__("metrics", config.metrics_interval, first_delay=0.0)
         self.events = events
-        disk_path = config.disk_path or str(Path(config.db_path).resolve().parent)
-        self.reader = HostReader(Path(config.procfs), Path(config.sysfs), disk_path, config.cgroup)
-        self.oom_seen = oom_seen         # scope ("cgroup", "host") -> the last count committed
+        disk_path = config.disk_path or str(Path(config.db_path).parent)
+        self.host = HostReader(Path(config.procfs), Path(config.sysfs), disk_path, config.cgroup)
+        self.oom_seen = {key.split(".", 1)[1]: value for key, value in db.query(   # scope -> last count
+            "SELECT key, value FROM otrace_state WHERE key LIKE 'oom_kill_count.%'")}
         self.previous: Snapshot | None = None
         self.latest: dict[str, Any] | None = None
         self.dropped = 0
 
     def tick(self) -> None:
-        snap = self.reader.snapshot()
+        snap = self.host.snapshot()
         rows, seen = self.oom_kills(snap)
         if self.previous is not None:
             self.latest = host_sample(self.previous, snap)
@@ -2247,7 +2724,7 @@ class Sampler(Loop):
                       seen.items())
         if not rows and not state:
             return
-        if not self.events.offer(Unit(rows, state)):
+        if not self.events.offer(Unit(rows, state, own=True)):
             self.dropped += 1            # the queue is full: this sample is lost, an OOM kill is not
             raise RuntimeError(f"queue full: host sample dropped ({self.dropped} so far)")
         self.oom_seen.update(seen)
@@ -2265,7 +2742,7 @@ class Sampler(Loop):
                 kills[scope] = count - last if count > last else count   # lower: the counter was reset
         if not any(kills.values()):
             return [], seen
-        memory = self.reader.cgroup and self.reader.cgroup.dirs.get("memory")
+        memory = self.host.cgroup and self.host.cgroup.dirs.get("memory")
         where = {"cgroup": str(memory[1]) if memory else None, "host": "/proc/vmstat"}
         text = " and ".join(f"{n} in {'its cgroup' if scope == 'cgroup' else 'the host'}"
                             for scope, n in kills.items())
@@ -2275,17 +2752,18 @@ class Sampler(Loop):
         return [event], seen
 
     def health(self) -> dict[str, Any]:
-        cgroup = self.reader.cgroup
+        cgroup = self.host.cgroup
         return {"source": self.latest and self.latest["source"],
                 "cgroup": cgroup and {res: f"{ver}:{path}" for res, (ver, path) in cgroup.dirs.items()},
                 "samples_dropped": self.dropped, "last_error": self.fault.error}
 
 
+# ======================================================================================== gateway log
 # The OpenClaw gateway's JSON log. A file is known by its device, inode and a fingerprint of its first
 # bytes; how far it was read is committed in the same transaction as the events read from it, so a
 # restart (even after SIGKILL) resumes exactly there: no gap, no duplicate.
 
-MAX_LINE = 64 * 1024             # a longer line is cut to this; the rest is skipped, never held
+LOG_LINE_LIMIT = 64 * 1024       # a longer line is cut to this; the rest is skipped, never held
 FINGERPRINT_BYTES = 256
 LOG_NAME = re.compile(r"openclaw(?:-[\w.-]+)?-\d{4}-\d{2}-\d{2}\.log")   # not a rotated .N.log
 KEY_VALUE = re.compile(r"(\w+)=(\S+)")
@@ -2431,6 +2909,7 @@ class Followed:
         self.dev, self.inode, self.seen_size = st.st_dev, st.st_ino, st.st_size
         self.fingerprint = fingerprint(fd, st.st_size)
         self.replaced_at: float | None = None      # when another file took its name
+        self.partial: tuple[int, bytes, int] | None = None   # an unfinished last line: start, head, end
 
     def size(self) -> int:
         return os.fstat(self.fd).st_size
@@ -2446,10 +2925,15 @@ class Followed:
         length = fingerprint_length(self.fingerprint)
         return size < self.offset or (size >= length and fingerprint(self.fd, length) != self.fingerprint)
 
+    def restart(self) -> None:
+        """Read the file again from its start (it was truncated)."""
+        self.offset, self.partial = 0, None
+        self.fingerprint = fingerprint(self.fd, self.size())
+
     def line_id(self, start: int, text: bytes) -> str:
         """The trace_id of the events from a line: the same line read again gets the same one, a line
         written at the same offset after a truncation gets another."""
-        return "log-" + sha256_hex(f"{self.dev}:{self.inode}:{start}:".encode() + text)[:24]
+        return f"log-{self.dev:x}-{self.inode:x}-{start:x}-{zlib.crc32(text):08x}"
 
     def refresh_fingerprint(self) -> None:
         """A file first seen shorter than FINGERPRINT_BYTES gets its full fingerprint once it grows."""
@@ -2457,43 +2941,44 @@ class Followed:
             self.fingerprint = fingerprint(self.fd, FINGERPRINT_BYTES)
 
     def lines(self, most: int, to_end: bool = False) -> tuple[list[tuple[int, bytes, int]], int]:
-        """Up to `most` whole lines from `offset`: (start, text cut to MAX_LINE, full length) each,
+        """Up to `most` whole lines from `offset`: (start, text cut to LOG_LINE_LIMIT, full length) each,
         and the offset after them. Reads 64 KiB at a time; a partial last line waits for its newline
-        (unless `to_end`: the file is finished and it is all there will ever be)."""
+        (unless `to_end`: the file is finished), and is not read again while it waits."""
         found: list[tuple[int, bytes, int]] = []
-        pending, start, pos = bytearray(), self.offset, self.offset
+        start = self.offset
+        if self.partial and self.partial[0] == start:
+            pending, pos = bytearray(self.partial[1]), self.partial[2]
+        else:
+            pending, pos = bytearray(), start
+        self.partial = None
         while len(found) < most:
             chunk = os.pread(self.fd, 65536, pos)
             if not chunk:
                 if to_end and pos > start:
                     found.append((start, bytes(pending), pos - start))
                     start = pos
+                elif pos > start:
+                    self.partial = (start, bytes(pending), pos)
                 break
             at = 0
             while at < len(chunk) and len(found) < most:
                 newline = chunk.find(b"\n", at)
                 end = len(chunk) if newline < 0 else newline
-                pending += chunk[at:at + max(0, min(end - at, MAX_LINE - len(pending)))]
+                pending += chunk[at:at + max(0, min(end - at, LOG_LINE_LIMIT - len(pending)))]
                 if newline < 0:
                     at = len(chunk)
                     break
-                length = pos + newline - start
-                found.append((start, bytes(pending), length))
+                found.append((start, bytes(pending), pos + newline - start))
                 pending.clear()
                 start, at = pos + newline + 1, newline + 1
             pos += at
         return found, start
 
 
-def sha256_hex(data: bytes) -> str:
-    import hashlib  # noqa: PLC0415 - imported where needed (see the imports)
-    return hashlib.sha256(data).hexdigest()
-
-
 def fingerprint(fd: int, size: int) -> str:
-    """"n:hash" of the file's first n bytes (n = FINGERPRINT_BYTES, or fewer in a shorter file)."""
+    """"n:crc" of the file's first n bytes (n = FINGERPRINT_BYTES, or fewer in a shorter file)."""
     head = os.pread(fd, min(size, FINGERPRINT_BYTES), 0)
-    return f"{len(head)}:{sha256_hex(head)[:32]}"
+    return f"{len(head)}:{zlib.crc32(head):08x}"
 
 
 def fingerprint_length(mark: str) -> int:
@@ -2501,30 +2986,43 @@ def fingerprint_length(mark: str) -> int:
     return int(mark.split(":", 1)[0])
 
 
-class LogTailer(Loop):
-    """Follows the gateway's log (LOGP-01..05): every TRACE_LOG_POLL it reads the lines appended since
-    the last commit and offers their events, with the new offset, to the queue as one unit. After a
-    rename rotation it finishes the old file before moving on; a truncated file is read again from
-    its start; a missing file is waited for quietly."""
+def same_start(fd: int, mark: str) -> bool:
+    """Whether the file begins as it did when `mark` was taken. Marks of otrace 0.1 hold a SHA-256."""
+    length, digest = mark.split(":", 1)
+    if len(digest) != 32:
+        return fingerprint(fd, int(length)) == mark
+    import hashlib  # noqa: PLC0415 - only for a database written by otrace 0.1
+    return hashlib.sha256(os.pread(fd, int(length), 0)).hexdigest()[:32] == digest
 
-    def __init__(self, config: Config, events: EventQueue,
-                 known: dict[tuple[int, int], list[tuple[str, int]]]) -> None:
+
+class LogTailer(Loop):
+    """Follows the gateway's log: every TRACE_LOG_POLL it reads the lines appended since the last
+    commit and offers their events, with the new offset, to the queue as one unit. After a rename
+    rotation it finishes the old file before moving on; a truncated file is read again from its start;
+    a missing file is waited for quietly (a line when waiting starts, one when the file appears)."""
+
+    def __init__(self, config: Config, events: EventQueue, db: Database) -> None:
         super().__init__("logtail", config.log_poll, first_delay=0.0)
         self.config, self.events = config, events
-        self.known = known               # (dev, inode) -> [(fingerprint, committed offset)]
+        self.known: dict[tuple[int, int], list[tuple[str, int]]] = {}   # (dev, inode) -> [(mark, offset)]
+        for dev, inode, mark, position in db.query(
+                "SELECT dev, inode, fingerprint, position FROM log_offsets ORDER BY updated_at"):
+            self.known.setdefault((dev, inode), []).append((mark, position))
         self.current: Followed | None = None
         self.backlog = self.unfinished()  # files read before, with lines left: finish them first
         self.started = False
+        self.waiting = False
         self.most = max(1, min(256, config.queue_size // 4))   # lines per unit, so that units fit the queue
         self.behind = False              # the queue refused the last offer: look again soon
         self.totals = Counters(("lines", "events", "skipped", "not_json", "cut"))
 
     # -- which file
     def target(self) -> str | None:
-        """The file to follow now: TRACE_LOG_PATH, or the newest dated log in that directory."""
+        """The file to follow now: TRACE_LOG_PATH, or the newest dated log in that directory; None
+        while there is none."""
         path = Path(self.config.log_path)
         if not path.is_dir():
-            return str(path)
+            return str(path) if path.exists() else None
         dated = [p for p in path.iterdir() if LOG_NAME.fullmatch(p.name)]
         return str(max(dated, key=lambda p: (p.name[-14:], p.stat().st_mtime))) if dated else None
 
@@ -2548,25 +3046,25 @@ class LogTailer(Loop):
         """The committed offset of this very file, if otrace has read it before."""
         for mark, offset in self.known.get((st.st_dev, st.st_ino), []):
             with contextlib.suppress(OSError), open(path, "rb") as f:
-                if fingerprint(f.fileno(), fingerprint_length(mark)) == mark:
+                if same_start(f.fileno(), mark):
                     return offset if offset <= st.st_size else 0
         return None
 
     def open_next(self) -> bool:
+        """Open the next file to read. False while there is none yet (waiting is not a failure); a
+        file that cannot be read (permissions, not a regular file) raises."""
         path = self.backlog.pop(0) if self.backlog else self.target()
-        try:
-            fd = os.open(path, os.O_RDONLY) if path else None
-        except OSError:
-            fd = None
-        if fd is None:
-            self.started = True      # a file that appears from now on is new: read from its start
-            self.fault.failed(f"waiting for the gateway log at {self.config.log_path}")
+        if path is None:
+            if not self.waiting:
+                self.log.info("waiting for the gateway log", extra={"path": self.config.log_path})
+            self.started = self.waiting = True   # a file that appears from now on is new: read it whole
             return False
+        fd = open_regular(path)
         st = os.fstat(fd)
         offset = self.resume_at(path, st)
         if offset is None:           # never read: TRACE_LOG_START for a file there at startup, else 0
             offset = 0 if self.started or self.config.log_start == "beginning" else line_end(fd, st.st_size)
-        self.started = True
+        self.started, self.waiting = True, False
         self.current = Followed(path, fd, offset)
         self.log.info("following log file", extra={"file": path, "offset": offset, "size": st.st_size})
         return True
@@ -2579,8 +3077,7 @@ class LogTailer(Loop):
         if followed.rewritten():                     # truncated in place: read it again from the top
             self.log.warning("log file was truncated: reading it again from its start", extra={
                 "file": followed.path, "offset": followed.offset})
-            followed.offset = 0
-            followed.fingerprint = fingerprint(followed.fd, followed.size())
+            followed.restart()
         read = self.drain(followed)
         if read is None or read > 0 or not self.superseded(followed):
             followed.replaced_at = None              # full queue, news, or still the file to follow
@@ -2624,7 +3121,7 @@ class LogTailer(Loop):
             followed.refresh_fingerprint()
             state = (OFFSET_SQL, (followed.dev, followed.inode, followed.fingerprint, followed.path, end,
                                   now_ms()))
-            if not self.events.offer(Unit(rows, (state,))):
+            if not self.events.offer(Unit(rows, (state,), own=True)):
                 self.behind = True
                 return None
             self.behind = False
@@ -2638,7 +3135,7 @@ class LogTailer(Loop):
     def rows(self, followed: Followed, start: int, text: bytes, length: int) -> list[Row]:
         """The rows one line becomes: a log event, and for a model call a trace and/or an error event.
         Their trace_ids come from the file's identity and the line's offset, so a replay adds none."""
-        if length > MAX_LINE:
+        if length > LOG_LINE_LIMIT:
             self.totals.add("cut")
         line = LogLine.parse(text)
         if line is None:
@@ -2662,46 +3159,55 @@ class LogTailer(Loop):
             if event is not None:
                 event |= {"trace_id": f"{trace_id}-{table.name}", "created_at": created, "metadata": {
                     **(event.get("metadata") or {}), "log_file": followed.path, "log_offset": start}}
-                reader = Reader({k: v for k, v in event.items() if v is not None}, None,
-                                self.config.max_text_bytes)
                 with contextlib.suppress(Invalid):  # a line without what a trace needs stays a log event
-                    values = build(reader, received, source="log")
-                    rows.append(Row(table.name, (*values, int(reader.truncated))))
+                    rows.append(event_row(table, build, event, "log", received=received,
+                                          max_text=self.config.max_text_bytes))
         return rows
 
     def detail_json(self, detail: Any) -> str | None:
         if detail is None:
             return None
-        text = clean_text(json.dumps(detail, ensure_ascii=False, separators=(",", ":")))
-        size = len(text.encode())
-        return text if size <= self.config.max_text_bytes else json.dumps(
-            {"_otrace_truncated": True, "original_bytes": size})
+        try:
+            return compact_json(detail, self.config.max_text_bytes)[0]
+        except (ValueError, RecursionError):     # an infinity, or nested beyond what JSON can write
+            return None
 
     def health(self) -> dict[str, Any]:
         followed = self.current
         size = followed.size() if followed else None
-        return {"path": self.config.log_path, "file": followed and followed.path,
+        return {"path": self.config.log_path, "file": followed and followed.path, "waiting": self.waiting,
                 "offset": followed and followed.offset, "lag_bytes": followed and size - followed.offset,
                 **self.totals.snapshot(), "last_error": self.fault.error}
 
 
+def open_regular(path: str) -> int:
+    """A descriptor of `path` for reading, which must be a regular file: never waits on a FIFO with
+    no writer, never reads /dev/zero forever."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file", path)
+    return fd
+
+
 def line_end(fd: int, size: int) -> int:
     """The offset just after the last newline in the file (where "the end" starts for a new reader)."""
-    tail = os.pread(fd, min(size, MAX_LINE), max(0, size - MAX_LINE))
+    tail = os.pread(fd, min(size, LOG_LINE_LIMIT), max(0, size - LOG_LINE_LIMIT))
     newline = tail.rfind(b"\n")
     return size - len(tail) + newline + 1 if newline >= 0 else size
 
 
-# =============================================================================================== push
+# ================================================================================================ push
 # Every unsynced row reaches the receiver at least once and is marked synced only when a 2xx answer
 # confirmed its batch. Rows are read page by page and packed into byte-capped batches; a batch is
 # retried with full-jitter backoff, split when refused for its content, and a circuit breaker spaces
-# out cycles while the receiver is down.
+# out cycles while the receiver is down. A row the receiver refuses on its own is given up only when
+# it accepted others in the same cycle; a receiver that refuses everything keeps every row.
 
-PUSH_TYPES = {"llm_traces": "llm_trace", "error_events": "error_event", "system_metrics": "system_metric",
-              "log_events": "log_event"}
 JSON_COLUMNS = frozenset({"metadata", "detail"})
 INTERNAL_COLUMNS = frozenset({"synced", "pushed_at"})
+ANSWER_LIMIT = 4096              # bytes of a receiver's answer otrace reads at most
+LOSSES_PER_BATCH = 100
 
 
 @dataclasses.dataclass
@@ -2712,7 +3218,7 @@ class Batch:
 
     data: bytearray = dataclasses.field(default_factory=bytearray)
     spans: list[tuple[str, int, int, int]] = dataclasses.field(default_factory=list)
-    losses: list[dict[str, Any]] = dataclasses.field(default_factory=list)   # retention_ledger rows
+    losses: list[dict[str, Any]] = dataclasses.field(default_factory=list)   # reported with this batch
     batch_id: str = dataclasses.field(default_factory=new_id)
 
     def __len__(self) -> int:
@@ -2731,7 +3237,7 @@ class Batch:
     def parts(self, agent_id: str) -> list[bytes | memoryview]:
         """The request body in three parts (sent one after the other, never joined)."""
         head = {"schema": "otrace.push.v1", "batch_id": self.batch_id, "agent_id": agent_id,
-                "sent_at": _iso(time.time())}
+                "sent_at": iso(time.time())}
         if self.losses:
             head["losses"] = self.losses
         return [json.dumps(head)[:-1].encode() + b', "events": [', memoryview(self.data), b"]}"]
@@ -2771,8 +3277,11 @@ class Packer:
             yield batch
 
     def encoded(self) -> Iterator[tuple[str, int, bytes]]:
+        """Each unsynced row as a push event. `event_id` (type:trace_id) is unique across everything
+        otrace pushes: a trace and an error may share a trace_id."""
         for table in self.tables:
             after = 0
+            push_type = TABLES[table].push_type
             while True:
                 page = f"SELECT * FROM {table} WHERE synced = 0 AND id > ? ORDER BY id LIMIT {self.PAGE}"
                 cursor = self.conn.execute(page, (after,))
@@ -2782,11 +3291,29 @@ class Packer:
                     data = {name: json.loads(value) if name in JSON_COLUMNS and value else value
                             for name, value in zip(names, row, strict=True)
                             if name not in INTERNAL_COLUMNS}
-                    event = {"type": PUSH_TYPES[table], "trace_id": data["trace_id"], "data": data}
+                    event = {"type": push_type, "event_id": f"{push_type}:{data['trace_id']}",
+                             "trace_id": data["trace_id"], "data": data}
                     yield table, data["id"], json.dumps(event, ensure_ascii=False).encode()
                 if len(rows) < self.PAGE:
                     break
                 after = rows[-1][0]
+
+
+def unreported_losses(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+    """What the receiver must be told was given up: rows retention deleted unpushed, and rows it
+    refused one by one. Reported with the first batch of a cycle, marked reported on its 2xx."""
+    ledger = conn.execute(
+        "SELECT id, at, table_name, reason, unsynced_deleted, oldest_received_at, newest_received_at "
+        f"FROM retention_ledger WHERE reported_at IS NULL AND unsynced_deleted > 0 ORDER BY id "
+        f"LIMIT {LOSSES_PER_BATCH}").fetchall()
+    refused = conn.execute(
+        "SELECT id, rejected_at, table_name, trace_id, http_status, reason FROM push_rejects "
+        f"WHERE reported_at IS NULL ORDER BY id LIMIT {LOSSES_PER_BATCH}").fetchall()
+    return [{"kind": "retention", "ledger_id": i, "at": at, "table": t, "reason": r, "rows": n,
+             "oldest_received_at": old, "newest_received_at": new} for i, at, t, r, n, old, new in ledger] + [
+            {"kind": "refused", "reject_id": i, "at": at, "table": t, "reason": "refused_by_receiver",
+             "rows": 1, "trace_id": trace_id, "http_status": status, "receiver_said": said}
+            for i, at, t, trace_id, status, said in refused]
 
 
 @dataclasses.dataclass
@@ -2801,6 +3328,7 @@ class Attempt:
     status: int | None = None
     error: str | None = None
     retry_after: float | None = None
+    answer: bytes = b""                      # the start of the receiver's answer (ANSWER_LIMIT)
 
     @property
     def verdict(self) -> str:
@@ -2822,32 +3350,51 @@ class Attempt:
         return f"HTTP {self.status}" + (f": {self.error}" if self.error else "")
 
 
-def retry_after_seconds(value: str | None) -> float | None:
-    """A Retry-After header (seconds, or an HTTP date) as seconds from now."""
-    if not value:
-        return None
-    if value.strip().isdigit():
-        return float(value.strip())
-    try:
-        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
-    except (TypeError, ValueError):
-        return None
+class Scrubber:
+    """Takes the push credentials out of any text otrace keeps or shows: a receiver may echo the
+    request's Authorization header in its error body, or an error may quote the URL."""
+
+    def __init__(self, config: Config) -> None:
+        import base64  # noqa: PLC0415 - imported where needed (see the imports)
+        parts = urllib.parse.urlsplit(config.push_endpoint)
+        secrets = {config.push_token, *(value for _, value in config.push_headers)}
+        if parts.username is not None:
+            userinfo = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
+            secrets |= {parts.password or "", userinfo, base64.b64encode(userinfo.encode()).decode()}
+        secrets |= {value for _, value in urllib.parse.parse_qsl(parts.query)}
+        self.secrets = sorted((s for s in secrets if len(s) >= 4), key=len, reverse=True)
+
+    def __call__(self, text: str) -> str:
+        for secret in self.secrets:
+            text = text.replace(secret, "***")
+        return text
 
 
 class Receiver:
-    """The remote API: a pooled urllib3 connection with timeouts and verified TLS, no redirects and no
-    retries of its own (the Pusher decides)."""
+    """The remote API: one pooled urllib3 connection with verified TLS, no redirects and no retries of
+    its own (the Pusher decides). TRACE_PUSH_TIMEOUT bounds a whole request, from connecting to the
+    last byte of the answer, and no more than ANSWER_LIMIT bytes of an answer are read."""
 
-    def __init__(self, config: Config) -> None:
-        self.url, self.timeout, self.gzip = config.push_endpoint, config.push_timeout, config.push_gzip
-        self.headers = {"Content-Type": "application/json", "User-Agent": f"otrace/{__version__}"}
+    def __init__(self, config: Config, scrub: Scrubber) -> None:
+        import urllib3  # noqa: PLC0415 - imported where needed (see the imports)
+        self.urllib3, self.scrub = urllib3, scrub
+        self.timeout, self.gzip = config.push_timeout, config.push_gzip
+        parts = urllib.parse.urlsplit(config.push_endpoint)
+        url = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+        self.target = urllib3.util.parse_url(url).request_uri
+        self.headers = {"Content-Type": "application/json", "User-Agent": f"otrace/{__version__}",
+                        **dict(config.push_headers)}
         if config.push_token:
             self.headers["Authorization"] = f"Bearer {config.push_token}"
+        elif parts.username is not None:
+            self.headers |= urllib3.make_headers(basic_auth=f"{urllib.parse.unquote(parts.username)}:"
+                                                            f"{urllib.parse.unquote(parts.password or '')}")
         if config.push_gzip:
             self.headers["Content-Encoding"] = "gzip"
-        import urllib3  # noqa: PLC0415 - imported where needed (see the imports)
-        self.urllib3 = urllib3
-        self.pool = urllib3.PoolManager(num_pools=1, maxsize=1, retries=False)
+        self.pool = urllib3.connection_from_url(url, maxsize=1, retries=False)
+        self.pool.ConnectionCls = _watched(self.pool.ConnectionCls, self)
+        self.sock: socket.socket | None = None          # the pooled connection's, for the watchdog
+        self.timed_out = False
 
     def post(self, batch: Batch, agent_id: str, deadline: float | None) -> Attempt:
         body: list[bytes | memoryview] = batch.parts(agent_id)
@@ -2855,27 +3402,75 @@ class Receiver:
         if self.gzip:
             import gzip  # noqa: PLC0415 - imported where needed (see the imports)
             body = [gzip.compress(b"".join(body), 6)]
-        read = self.timeout if deadline is None else max(0.1, min(self.timeout, deadline - time.monotonic()))
-        started = time.monotonic()
-        try:
-            headers = {**self.headers, "Idempotency-Key": batch.batch_id,
-                       "Content-Length": str(sum(map(len, body)))}   # so the parts go as they are
-            resp = self.pool.request("POST", self.url, body=body, headers=headers, redirect=False,
-                                     timeout=self.urllib3.Timeout(connect=min(10.0, read), read=read),
-                                     preload_content=False)
-            try:
-                attempt.status = resp.status
-                attempt.retry_after = retry_after_seconds(resp.headers.get("Retry-After"))
-                reason = resp.read(4096, decode_content=False).decode("utf-8", "replace").strip()
-                if not 200 <= resp.status < 300:
-                    attempt.error = reason[:500] or None
-                resp.drain_conn()    # the rest of a long answer, so the pooled connection is clean
-            finally:
-                resp.release_conn()
-        except (self.urllib3.exceptions.HTTPError, OSError) as exc:
-            attempt.error = describe(exc)
-        attempt.duration_ms = round((time.monotonic() - started) * 1000, 3)
+        headers = {**self.headers, "Idempotency-Key": batch.batch_id,
+                   "Content-Length": str(sum(map(len, body)))}   # so the parts go as they are
+        self.send(attempt, body, headers, deadline)
         return attempt
+
+    def send(self, attempt: Attempt, body: list[bytes | memoryview], headers: dict[str, str],
+             deadline: float | None) -> None:
+        """One whole exchange, cut off by a watchdog at TRACE_PUSH_TIMEOUT (or the deadline)."""
+        budget = self.timeout if deadline is None else max(0.1, min(self.timeout,
+                                                                     deadline - time.monotonic()))
+        self.timed_out = False
+        watchdog = threading.Timer(budget, self.cut)
+        watchdog.daemon = True
+        started = time.monotonic()
+        watchdog.start()
+        try:
+            resp = self.pool.urlopen("POST", self.target, body=body, headers=headers, redirect=False,
+                                     retries=False, preload_content=False, release_conn=False,
+                                     timeout=self.urllib3.Timeout(connect=min(10.0, budget), read=budget))
+            attempt.status = resp.status
+            attempt.retry_after = self.retry_after(resp.headers.get("Retry-After"))
+            self.read_answer(resp, attempt)
+        except (self.urllib3.exceptions.HTTPError, OSError) as exc:
+            attempt.error = (f"no whole answer within {budget:g} s (TRACE_PUSH_TIMEOUT)" if self.timed_out
+                             else self.scrub(describe(exc)))
+        finally:
+            watchdog.cancel()
+        attempt.duration_ms = round((time.monotonic() - started) * 1000, 3)
+
+    def read_answer(self, resp: Any, attempt: Attempt) -> None:
+        """The answer's first ANSWER_LIMIT bytes. A longer answer, or one still coming at the
+        watchdog, leaves the connection closed, not back in the pool."""
+        try:
+            answer = resp.read(ANSWER_LIMIT + 1, decode_content=False)
+            whole = len(answer) <= ANSWER_LIMIT
+        except (self.urllib3.exceptions.HTTPError, OSError):
+            answer, whole = b"", False
+        if not whole:
+            resp.close()
+        resp.release_conn()
+        attempt.answer = answer[:ANSWER_LIMIT]
+        if not 200 <= resp.status < 300:
+            attempt.error = self.scrub(attempt.answer.decode("utf-8", "replace").strip()[:500]) or None
+
+    def retry_after(self, value: str | None) -> float | None:
+        """A Retry-After header (seconds, or an HTTP date) as seconds from now."""
+        if not value:
+            return None
+        try:
+            return self.urllib3.util.Retry().parse_retry_after(value)
+        except self.urllib3.exceptions.InvalidHeader:
+            return None
+
+    def cut(self) -> None:
+        """The watchdog: unblock the exchange under way by shutting its socket down."""
+        self.timed_out = True
+        with contextlib.suppress(OSError, AttributeError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+
+
+def _watched(base: type, receiver: Receiver) -> type:
+    """urllib3's connection class, telling the receiver its socket once connected."""
+
+    class Watched(base):
+        def connect(self) -> None:
+            super().connect()
+            receiver.sock = self.sock
+
+    return Watched
 
 
 class Breaker:
@@ -2908,21 +3503,31 @@ class Breaker:
             self.retry_at = time.time() + min(self.MAX_COOLDOWN, self.cooldown * 2**doublings)
 
 
+@dataclasses.dataclass
+class Cycle:
+    """What one push cycle learned: whether the receiver accepted anything, and the rows it refused
+    one by one (poison only if it did accept others)."""
+
+    accepted: bool = False
+    refused: list[tuple[str, int, str, Attempt]] = dataclasses.field(default_factory=list)
+
+
 class Pusher(Loop):
     """The one thread that pushes: a cycle every TRACE_PUSH_INTERVAL (spaced out by the breaker) and a
     last one at shutdown. A lock makes sure no two cycles ever run at once."""
 
-    def __init__(self, config: Config, events: EventQueue, tables: Iterable[str]) -> None:
+    def __init__(self, config: Config, events: EventQueue, db: Database) -> None:
         super().__init__("push", config.push_interval, first_delay=min(config.push_interval, 5.0))
-        self.config, self.events, self.tables = config, events, tuple(tables)
+        self.config, self.events, self.db = config, events, db
         self.agent_id = config.agent_id or socket.gethostname()
-        self.receiver = Receiver(config)
+        self.scrub = Scrubber(config)
+        self.receiver = Receiver(config, self.scrub)
         self.breaker = Breaker(config.push_breaker_threshold, config.push_breaker_cooldown)
         self.cycle_lock = threading.Lock()
         self.last_time: float | None = None
         self.last_status = "never"
         self.last_error: str | None = None
-        self.totals = Counters(("events", "batches", "rejected"))
+        self.totals = Counters(("events", "batches", "refused"))
 
     def next_delay(self) -> float:
         if self.breaker.state == "open":
@@ -2939,9 +3544,10 @@ class Pusher(Loop):
         if not self.cycle_lock.acquire(timeout=wait):
             return False
         try:
-            with contextlib.closing(connect(self.config.db_path)) as conn:
-                conn.execute("PRAGMA query_only = 1")
-                ok = all(self.deliver(batch, deadline) for batch in self.batches(conn))
+            cycle = Cycle()
+            with self.db.reading() as conn:
+                ok = all(self.deliver(batch, deadline, cycle) for batch in self.batches(conn))
+            ok = self.settle(cycle, deadline) and ok
             if ok and self.last_status == "never":
                 self.last_status = "ok"     # nothing was waiting: the receiver is not known to be down
             if not ok and self.stopping.is_set() and (deadline is None or time.monotonic() >= deadline):
@@ -2957,12 +3563,9 @@ class Pusher(Loop):
             self.cycle_lock.release()
 
     def batches(self, conn: sqlite3.Connection) -> Iterator[Batch]:
-        """The cycle's batches; the first also reports what retention had to delete unpushed."""
-        losses = [dict(zip(("ledger_id", "at", "table", "reason", "rows", "oldest_received_at",
-                            "newest_received_at"), row, strict=True)) for row in conn.execute(
-            "SELECT id, at, table_name, reason, unsynced_deleted, oldest_received_at, newest_received_at "
-            "FROM retention_ledger WHERE reported_at IS NULL AND unsynced_deleted > 0 ORDER BY id LIMIT 100")]
-        batches = Packer(conn, self.config.push_max_bytes, self.tables).batches()
+        """The cycle's batches; the first also reports what was given up since the last report."""
+        losses = unreported_losses(conn)
+        batches = Packer(conn, self.config.push_max_bytes, EVENT_TABLES).batches()
         first = next(batches, None) or (Batch() if losses else None)
         if first is None:
             return
@@ -2970,7 +3573,7 @@ class Pusher(Loop):
         yield first
         yield from batches
 
-    def deliver(self, batch: Batch, deadline: float | None) -> bool:
+    def deliver(self, batch: Batch, deadline: float | None, cycle: Cycle) -> bool:
         """Send one batch until it is confirmed, split, or the cycle gives up on it (False)."""
         backoff = Backoff(self.config.push_backoff_base, self.config.push_backoff_cap)
         attempts = 1 if deadline is not None else self.config.push_retries
@@ -2982,9 +3585,10 @@ class Pusher(Loop):
             verdict = attempt.verdict
             self.note(attempt, verdict)
             if verdict == "ok":
-                self.record(functools.partial(record_pushed, batch, attempt), deadline)
+                self.events.call(functools.partial(record_pushed, batch, attempt), self.wait(deadline))
                 self.totals.add("events", len(batch))
                 self.totals.add("batches")
+                cycle.accepted = True
                 return True
             self.events.submit(functools.partial(record_attempt, attempt))
             if verdict == "config":
@@ -2993,13 +3597,10 @@ class Pusher(Loop):
                 if not batch.spans:       # a report of losses alone, refused: try it next cycle
                     return False
                 if len(batch) == 1:
-                    self.record(functools.partial(record_rejected, batch, attempt), deadline)
-                    self.totals.add("rejected")
-                    self.log.warning("event refused by the receiver", extra={
-                        "table": batch.spans[0][0], "row_id": batch.spans[0][1],
-                        "status": attempt.status, "reason": attempt.error})
+                    table, row_id, _, _ = batch.spans[0]
+                    cycle.refused.append((table, row_id, json.loads(batch.event(0))["trace_id"], attempt))
                     return True
-                return all(self.deliver(half, deadline) for half in batch.halves())
+                return all(self.deliver(half, deadline, cycle) for half in batch.halves())
             wait = max(backoff.next(), attempt.retry_after or 0.0)
             if number == attempts or (deadline is not None and time.monotonic() + wait > deadline):
                 return False
@@ -3007,11 +3608,35 @@ class Pusher(Loop):
                 return False
         return False
 
+    def settle(self, cycle: Cycle, deadline: float | None) -> bool:
+        """Rows refused one by one are given up (and reported) only if the receiver accepted others
+        in the same cycle; otherwise the receiver is at fault: they stay, and the cycle failed."""
+        if not cycle.refused:
+            return True
+        example = cycle.refused[0][3]
+        if not cycle.accepted:
+            self.log.warning("receiver refused every event sent this cycle: keeping them for the next",
+                             extra={"refused": len(cycle.refused), "status": example.status,
+                                    "reason": example.error})
+            return False
+        self.events.call(functools.partial(record_refused, cycle.refused), self.wait(deadline))
+        self.totals.add("refused", len(cycle.refused))
+        self.log.warning("events refused by the receiver while it accepted others: given up, reported "
+                         "in the next push", extra={"refused": len(cycle.refused), "first": {
+                             "table": cycle.refused[0][0], "trace_id": cycle.refused[0][2],
+                             "status": example.status, "reason": example.error}})
+        return True
+
+    def wait(self, deadline: float | None) -> float:
+        """How long to wait for the writer to record an outcome: the next page must not see the rows
+        again, so the cycle ends (rows unsynced) if it cannot be committed."""
+        return JOB_TIMEOUT if deadline is None else max(0.1, deadline - time.monotonic())
+
     def flush(self, deadline: float) -> None:
         """The last push, at shutdown: what time allows. The rest stays unsynced for the next start."""
         if not self.breaker.allows():
             self.log.info("final push skipped: circuit breaker open", extra={
-                "next_attempt_at": _iso(self.breaker.retry_at)})
+                "next_attempt_at": iso(self.breaker.retry_at)})
             return
         before = self.totals.snapshot()["events"]
         try:
@@ -3021,12 +3646,6 @@ class Pusher(Loop):
             complete = False
         self.log.info("final push", extra={"complete": complete, "status": self.last_status,
                                            "events_pushed": self.totals.snapshot()["events"] - before})
-
-    def record(self, job: Callable[[sqlite3.Connection], Any], deadline: float | None) -> None:
-        """Have the writer commit a push outcome, and wait for it: the next page must not see the
-        rows again. Raises if it cannot be committed (the cycle then ends; the rows stay unsynced)."""
-        wait = 60.0 if deadline is None else max(0.1, deadline - time.monotonic())
-        self.events.submit(job).result(timeout=wait)
 
     def note(self, attempt: Attempt, verdict: str) -> None:
         """Remember the latest answer for /health."""
@@ -3038,16 +3657,16 @@ class Pusher(Loop):
     def health(self) -> dict[str, Any]:
         totals = self.totals.snapshot()
         return {
-            "endpoint": _without_userinfo(self.config.push_endpoint),
+            "endpoint": redact_url(self.config.push_endpoint),
             "breaker": self.breaker.state,
             "consecutive_failures": self.breaker.failures,
-            "next_attempt_at": _iso(self.breaker.retry_at) if self.breaker.state == "open" else None,
-            "last_push_time": self.last_time and _iso(self.last_time),
+            "next_attempt_at": iso(self.breaker.retry_at) if self.breaker.state == "open" else None,
+            "last_push_time": self.last_time and iso(self.last_time),
             "last_push_status": self.last_status,
             "last_error": self.last_error,
             "events_pushed": totals["events"],
             "batches_pushed": totals["batches"],
-            "events_refused_by_receiver": totals["rejected"],
+            "events_refused_by_receiver": totals["refused"],
         }
 
 
@@ -3059,38 +3678,64 @@ def record_attempt(attempt: Attempt, conn: sqlite3.Connection) -> None:
 
 
 def record_pushed(batch: Batch, attempt: Attempt, conn: sqlite3.Connection) -> None:
-    """Mark exactly the batch's rows synced, with its push_log row, in one transaction."""
-    conn.execute("BEGIN IMMEDIATE")
-    for table, ids in batch.ids().items():
-        conn.executemany(f"UPDATE {table} SET synced = {SYNCED}, pushed_at = ? WHERE id = ?",
-                         [(attempt.started_at, row_id) for row_id in ids])
-    conn.executemany("UPDATE retention_ledger SET reported_at = ? WHERE id = ?",
-                     [(attempt.started_at, loss["ledger_id"]) for loss in batch.losses])
-    record_attempt(attempt, conn)
-    conn.execute("COMMIT")
+    """Mark exactly the batch's rows synced, and the losses it reported, with its push_log row, in one
+    transaction."""
+    with transaction(conn):
+        for table, ids in batch.ids().items():
+            conn.executemany(f"UPDATE {table} SET synced = {SYNCED}, pushed_at = ? WHERE id = ?",
+                             [(attempt.started_at, row_id) for row_id in ids])
+        for loss in batch.losses:
+            if loss["kind"] == "retention":
+                conn.execute("UPDATE retention_ledger SET reported_at = ? WHERE id = ?",
+                             (attempt.started_at, loss["ledger_id"]))
+            else:
+                row_id = conn.execute("UPDATE push_rejects SET reported_at = ? WHERE id = ? RETURNING row_id",
+                                      (attempt.started_at, loss["reject_id"])).fetchone()
+                if row_id:
+                    conn.execute(f"UPDATE {loss['table']} SET synced = {REFUSED_REPORTED} WHERE id = ? "
+                                 f"AND synced = {REFUSED}", row_id)
+        record_attempt(attempt, conn)
 
 
-def record_rejected(batch: Batch, attempt: Attempt, conn: sqlite3.Connection) -> None:
-    """Take a row the receiver refused on its own out of the push queue, keeping why."""
-    (table, row_id, _, _), = batch.spans
-    encoded = batch.event(0)
-    conn.execute("BEGIN IMMEDIATE")
-    conn.execute(f"UPDATE {table} SET synced = {REJECTED} WHERE id = ?", (row_id,))
-    conn.execute("INSERT INTO push_rejects (table_name, row_id, trace_id, rejected_at, http_status, reason) "
-                 "VALUES (?, ?, ?, ?, ?, ?)", (table, row_id, json.loads(encoded)["trace_id"], now_ms(),
-                                               attempt.status, attempt.error))
-    record_attempt(attempt, conn)
-    conn.execute("COMMIT")
+def record_refused(refused: list[tuple[str, int, str, Attempt]], conn: sqlite3.Connection) -> None:
+    """Take rows the receiver refused on their own out of the push queue, keeping why."""
+    with transaction(conn):
+        for table, row_id, trace_id, attempt in refused:
+            conn.execute(f"UPDATE {table} SET synced = {REFUSED} WHERE id = ? AND synced = {UNSYNCED}",
+                         (row_id,))
+            conn.execute("INSERT INTO push_rejects (table_name, row_id, trace_id, rejected_at, http_status, "
+                         "reason) VALUES (?, ?, ?, ?, ?, ?)", (table, row_id, trace_id, now_ms(),
+                                                               attempt.status, attempt.error))
 
 
-def _without_userinfo(url: str) -> str:
-    parts = urllib.parse.urlsplit(url)
-    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl() if url else url
+def return_big_buffers() -> None:
+    """Have glibc map buffers over 128 KiB on their own, so a push's multi-megabyte batches go back to
+    the system when freed (left alone, glibc keeps them in its heap; see docs/performance.md)."""
+    m_mmap_threshold = -3
+    import ctypes  # noqa: PLC0415 - imported where needed (see the imports)
+    with contextlib.suppress(OSError, AttributeError):          # not glibc: nothing to tune
+        ctypes.CDLL(None).mallopt(m_mmap_threshold, 128 * 1024)
 
 
-# ============================================================================================= upkeep
+# ============================================================================================== upkeep
 # Living inside a small volume for months: checkpoints that shrink the WAL, and retention that deletes
 # pushed rows first and records every unpushed row it has to give up, in the same transaction.
+
+LEDGER_SQL = (
+    "INSERT INTO retention_ledger (pass_id, at, table_name, reason, deleted, unsynced_deleted, "
+    "oldest_received_at, newest_received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+    "ON CONFLICT (pass_id, table_name, reason) DO UPDATE SET deleted = deleted + excluded.deleted, "
+    "unsynced_deleted = unsynced_deleted + excluded.unsynced_deleted, "
+    "oldest_received_at = coalesce(min(oldest_received_at, excluded.oldest_received_at), "
+    "oldest_received_at, excluded.oldest_received_at), "
+    "newest_received_at = coalesce(max(newest_received_at, excluded.newest_received_at), "
+    "newest_received_at, excluded.newest_received_at)")
+UNDELIVERED = f"synced IN ({UNSYNCED}, {REFUSED})"       # rows whose deletion is a loss to report
+BOOKKEEPING = (("push_log", "started_at", ""), ("push_rejects", "rejected_at", "AND reported_at IS NOT NULL"),
+               ("log_offsets", "updated_at", ""),
+               ("retention_ledger", "at", "AND (reported_at IS NOT NULL OR unsynced_deleted = 0)"))
+CHUNK = 1000                     # rows one deletion takes at most; under a smaller cap, one row per
+CHUNK_SHARE = 200_000            # this many bytes of it: a chunk of 2 KB rows frees about 1 % of the cap
 
 
 def checkpoint(mode: str, conn: sqlite3.Connection) -> dict[str, int]:
@@ -3109,11 +3754,11 @@ class Checkpointer(Loop):
         self.events, self.limit, self.wal_path = events, config.wal_max_bytes, config.db_path + "-wal"
 
     def tick(self) -> None:
-        before = _file_size(self.wal_path)
+        before = file_size(self.wal_path)
         mode = "TRUNCATE" if before > self.limit else "PASSIVE"
-        result = self.events.submit(functools.partial(checkpoint, mode)).result(timeout=120)
+        result = self.events.call(functools.partial(checkpoint, mode))
         self.log.info("wal checkpoint", extra={"mode": mode.lower(), **result, "wal_bytes_before": before,
-                                               "wal_bytes_after": _file_size(self.wal_path)})
+                                               "wal_bytes_after": file_size(self.wal_path)})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -3130,31 +3775,16 @@ class Cut:
     limit: int = 1000
 
     def __call__(self, conn: sqlite3.Connection) -> tuple[int, int]:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with transaction(conn):
             oldest = f"SELECT id FROM {self.table} WHERE {self.where} ORDER BY id LIMIT {self.limit}"
             gone = conn.execute(f"DELETE FROM {self.table} WHERE id IN ({oldest}) RETURNING synced, "
                                 f"received_at", self.params).fetchall()
-            lost = [received for synced, received in gone if synced == 0]
+            lost = [received for synced, received in gone if synced in (UNSYNCED, REFUSED)]
             if gone:
                 conn.execute(LEDGER_SQL, (self.pass_id, now_ms(), self.table, self.reason, len(gone),
                                           len(lost), min(lost, default=None), max(lost, default=None)))
-            conn.execute("COMMIT")
-        except BaseException:
-            rollback(conn)
-            raise
         return len(gone), len(lost)
 
-
-LEDGER_SQL = (
-    "INSERT INTO retention_ledger (pass_id, at, table_name, reason, deleted, unsynced_deleted, "
-    "oldest_received_at, newest_received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
-    "ON CONFLICT (pass_id, table_name, reason) DO UPDATE SET deleted = deleted + excluded.deleted, "
-    "unsynced_deleted = unsynced_deleted + excluded.unsynced_deleted, "
-    "oldest_received_at = coalesce(min(oldest_received_at, excluded.oldest_received_at), "
-    "oldest_received_at, excluded.oldest_received_at), "
-    "newest_received_at = coalesce(max(newest_received_at, excluded.newest_received_at), "
-    "newest_received_at, excluded.newest_received_at)")
 
 
 def oldest_table(conn: sqlite3.Connection, tables: Iterable[str], where: str) -> str | None:
@@ -3164,15 +3794,10 @@ def oldest_table(conn: sqlite3.Connection, tables: Iterable[str], where: str) ->
     return min(heads)[1] if heads else None
 
 
-BOOKKEEPING = (("push_log", "started_at", ""), ("push_rejects", "rejected_at", ""),
-               ("log_offsets", "updated_at", ""),
-               ("retention_ledger", "at", "AND (reported_at IS NOT NULL OR unsynced_deleted = 0)"))
-
-
 def prune(table: str, column: str, cutoff: int, extra: str, conn: sqlite3.Connection) -> int:
     """Delete one chunk of bookkeeping rows (push_log, ...) older than `cutoff`."""
     return conn.execute(f"DELETE FROM {table} WHERE id IN (SELECT id FROM {table} WHERE {column} < ? "
-                        f"{extra} ORDER BY id LIMIT {Retention.CHUNK})", (cutoff,)).rowcount
+                        f"{extra} ORDER BY id LIMIT {CHUNK})", (cutoff,)).rowcount
 
 
 def shrink(conn: sqlite3.Connection) -> None:
@@ -3198,22 +3823,20 @@ class Retention(Loop):
     the disk over TRACE_DISK_HIGH_PCT, deletes oldest first in TIERS order down to the low mark. Every
     deletion runs in a chunk of its own between ingest batches, with its ledger row."""
 
-    CHUNK = 1000             # rows a deletion takes at most; under a smaller cap, one row per
-    CHUNK_SHARE = 200_000    # this many bytes of it: a chunk of 2 KB rows frees about 1 % of the cap
     HIGH_DB = 0.85           # past 85 % of its cap the database is under pressure (room for the
                              # WAL and what arrives while a pass runs), ...
     LOW_DB = 0.75            # ... and deletes until it is under 75 %; ...
     LOW_DISK = 5.0           # ... and the disk 5 points under TRACE_DISK_HIGH_PCT
 
-    def __init__(self, config: Config, events: EventQueue, tables: Iterable[str]) -> None:
+    def __init__(self, config: Config, events: EventQueue, db: Database) -> None:
         super().__init__("retention", config.cleanup_interval)
-        self.config, self.events, self.tables = config, events, tuple(tables)
-        self.db_dir = str(Path(config.db_path).resolve().parent)
+        self.config, self.events, self.db, self.tables = config, events, db, EVENT_TABLES
+        self.db_dir = str(Path(config.db_path).parent)
         unpushed = tuple(t for t in self.tables if t != "system_metrics")
-        self.chunk = max(50, min(self.CHUNK, config.db_max_bytes // self.CHUNK_SHARE))
-        self.tiers = (Tier("pressure_pushed", self.tables, "synced != 0", True, self.chunk),
-                      Tier("pressure_metrics", ("system_metrics",), "synced = 0", True, self.chunk),
-                      Tier("pressure_unpushed", unpushed, "synced = 0", False, 50))
+        self.chunk = max(50, min(CHUNK, config.db_max_bytes // CHUNK_SHARE))
+        self.tiers = (Tier("pressure_pushed", self.tables, DELIVERED, True, self.chunk),
+                      Tier("pressure_metrics", ("system_metrics",), UNDELIVERED, True, self.chunk),
+                      Tier("pressure_unpushed", unpushed, UNDELIVERED, False, 50))
         self.last_pass: dict[str, Any] | None = None
 
     def check_budget(self) -> None:
@@ -3227,20 +3850,17 @@ class Retention(Loop):
                 "disk_total_bytes": total, "disk_high_pct": self.config.disk_high_pct,
                 "advice": "set TRACE_DB_MAX_BYTES under TRACE_DISK_HIGH_PCT of the volume, less the WAL"})
 
-    def run_job(self, job: Callable[[sqlite3.Connection], Any]) -> Any:
-        return self.events.submit(job).result(timeout=120)
-
     def tick(self) -> None:
         pass_id, started = new_id(), time.monotonic()
         tally: collections.Counter[tuple[str, str, str]] = collections.Counter()
         cutoff = now_ms() - int(self.config.retention * 1000)
         for table in self.tables:
-            self.delete_all(Cut(table, "synced != 0 AND received_at < ?", "age", pass_id, (cutoff,),
+            self.delete_all(Cut(table, f"{DELIVERED} AND received_at < ?", "age", pass_id, (cutoff,),
                                 self.chunk), tally)
         self.relieve(pass_id, tally)
         pruned = sum(self.prune_all(table, column, cutoff, extra) for table, column, extra in BOOKKEEPING)
         if tally or pruned:
-            self.run_job(shrink)
+            self.events.call(shrink)
         self.report(tally, pruned, time.monotonic() - started)
 
     def delete_all(self, cut: Cut, tally: collections.Counter[tuple[str, str, str]]) -> None:
@@ -3252,21 +3872,21 @@ class Retention(Loop):
         """Delete bookkeeping rows older than `cutoff`, chunk after chunk; how many went."""
         pruned = 0
         while not self.stopping.is_set():
-            count = self.run_job(functools.partial(prune, table, column, cutoff, extra))
+            count = self.events.call(functools.partial(prune, table, column, cutoff, extra))
             pruned += count
-            if count < self.CHUNK:
+            if count < CHUNK:
                 break
         return pruned
 
     def delete_chunk(self, cut: Cut, tally: collections.Counter[tuple[str, str, str]]) -> int:
-        deleted, lost = self.run_job(cut)
+        deleted, lost = self.events.call(cut)
         tally[(cut.table, cut.reason, "deleted")] += deleted
         tally[(cut.table, cut.reason, "unpushed")] += lost
         return deleted
 
     def db_bytes(self) -> int:
         """The database's size as the cap counts it: file + WAL."""
-        return _file_size(self.config.db_path) + _file_size(self.config.db_path + "-wal")
+        return file_size(self.config.db_path) + file_size(self.config.db_path + "-wal")
 
     def pressure(self) -> tuple[str, str] | None:
         """Why the database must shrink now ("db_cap" or "disk"), with the figures, or None."""
@@ -3299,7 +3919,7 @@ class Retention(Loop):
             return
         cause, detail = found
         self.log.warning("over budget: deleting oldest rows", extra={"cause": cause, "detail": detail})
-        with contextlib.closing(connect(self.config.db_path)) as conn:
+        with self.db.reading() as conn:
             for tier in self.tiers:
                 if cause == "disk" and not tier.for_disk and not self.own_share_can_relieve():
                     break
@@ -3308,7 +3928,7 @@ class Retention(Loop):
                     if table is None:
                         break
                     self.delete_chunk(Cut(table, tier.where, tier.reason, pass_id, limit=tier.chunk), tally)
-                    self.run_job(shrink)      # so the next measure sees the space given back
+                    self.events.call(shrink)      # so the next measure sees the space given back
                 if self.relieved(cause):
                     return
         self.log.error("still over budget after deleting all it may", extra={
@@ -3317,81 +3937,233 @@ class Retention(Loop):
     def report(self, tally: collections.Counter[tuple[str, str, str]], pruned: int, seconds: float) -> None:
         lost = {f"{t}/{r}": n for (t, r, kind), n in tally.items() if kind == "unpushed" and n}
         deleted = {f"{t}/{r}": n for (t, r, kind), n in tally.items() if kind == "deleted" and n}
-        self.last_pass = {"at": _iso(time.time()), "seconds": round(seconds, 3), "deleted": deleted,
+        self.last_pass = {"at": iso(time.time()), "seconds": round(seconds, 3), "deleted": deleted,
                           "unpushed_deleted": lost, "bookkeeping_pruned": pruned}
         if lost:
             self.log.warning("retention deleted rows that were never pushed", extra=self.last_pass)
         elif deleted or pruned:
             self.log.info("retention pass", extra=self.last_pass)
 
-    def health(self, reader: Callable[[str], list[tuple]]) -> dict[str, Any]:
+    def health(self) -> dict[str, Any]:
         _, _, avail, used_pct = disk_usage(self.db_dir)
-        lost = dict(reader("SELECT table_name, sum(unsynced_deleted) FROM retention_ledger "
-                           "WHERE unsynced_deleted > 0 GROUP BY table_name"))
+        try:
+            lost = dict(self.db.query("SELECT table_name, sum(unsynced_deleted) FROM retention_ledger "
+                                      "WHERE unsynced_deleted > 0 GROUP BY table_name"))
+        except sqlite3.Error:
+            lost = None
         return {"db_max_bytes": self.config.db_max_bytes, "disk_used_pct": used_pct,
                 "disk_avail_bytes": avail, "disk_high_pct": self.config.disk_high_pct,
                 "unpushed_deleted_total": lost, "last_pass": self.last_pass}
 
 
-# ========================================================================================== lifecycle
+# ============================================================================================== health
+# What otrace says about itself: /health as JSON, /metrics as Prometheus text from the same report.
+
+EVENT_COUNTERS = ("received", "persisted", "duplicate", "refused", "rejected", "dropped")
+PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+EVENT_HELP = {"received": "Events accepted (answered 202).", "persisted": "Events written to SQLite.",
+              "duplicate": "Events already stored under their trace_id.",
+              "refused": "Events refused with 503 because the queue was full.",
+              "rejected": "Requests refused for bad input (4xx).",
+              "dropped": "Rows SQLite refused for their own data, logged and dropped."}
+HOST_GAUGES = {   # /health "host" column -> (metric, help, scale)
+    "cpu_pct": ("host_cpu_percent", "CPU used, as a share of the cgroup's allowance.", 1),
+    "cpu_cores_effective": ("host_cpu_cores", "CPUs the cgroup may use (quota, cpuset, online).", 1),
+    "cpu_throttled_ms": ("host_cpu_throttled_seconds", "Time throttled during the last interval.", 0.001),
+    "mem_used_bytes": ("host_memory_used_bytes", "Working set: usage less inactive file cache.", 1),
+    "mem_rss_bytes": ("host_memory_rss_bytes", "Anonymous memory.", 1),
+    "mem_limit_bytes": ("host_memory_limit_bytes", "Memory limit (the host's total when unlimited).", 1),
+    "mem_available_bytes": ("host_memory_available_bytes", "Limit less working set.", 1),
+    "mem_total_bytes": ("host_memory_total_bytes", "The host's MemTotal.", 1),
+    "disk_total_bytes": ("host_disk_total_bytes", "Size of the filesystem holding the database.", 1),
+    "disk_used_bytes": ("host_disk_used_bytes", "Space used on it.", 1),
+    "disk_avail_bytes": ("host_disk_avail_bytes", "Space free for unprivileged users.", 1),
+    "disk_used_pct": ("host_disk_used_percent", "Used / (used + available), as df counts it.", 1),
+    "disk_read_bps": ("host_disk_read_bytes_per_second", "Block device reads.", 1),
+    "disk_write_bps": ("host_disk_write_bytes_per_second", "Block device writes.", 1),
+    "cgroup_read_bps": ("host_cgroup_read_bytes_per_second", "Reads by the cgroup.", 1),
+    "cgroup_write_bps": ("host_cgroup_write_bytes_per_second", "Writes by the cgroup.", 1),
+    "self_rss_bytes": ("self_rss_bytes", "otrace's own resident memory.", 1),
+    "self_cpu_pct": ("self_cpu_percent", "otrace's own CPU, as a share of one core.", 1),
+}
+
+
+def prometheus(report: dict[str, Any]) -> str:
+    """The /health report as Prometheus text: otrace's own counters and the newest host sample."""
+    lines: list[str] = []
+
+    def add(name: str, kind: str, text: str, *samples: tuple[str, Any]) -> None:
+        samples = tuple((labels, value) for labels, value in samples if value is not None)
+        if samples:
+            lines.extend((f"# HELP otrace_{name} {text}", f"# TYPE otrace_{name} {kind}"))
+            lines.extend(f"otrace_{name}{labels} {prometheus_number(value)}" for labels, value in samples)
+
+    add("info", "gauge", "otrace's version.", (f'{{version="{report["version"]}"}}', 1))
+    add("healthy", "gauge", "1 when /health says ok.", ("", report["status"] == "ok"))
+    add("uptime_seconds", "gauge", "Time since start.", ("", report["uptime_seconds"]))
+    for name, text in EVENT_HELP.items():
+        add(f"events_{name}_total", "counter", text, ("", report[f"events_{name}"]))
+    add("connections_refused_total", "counter", "Connections over TRACE_MAX_CONNECTIONS.",
+        ("", report["connections_refused"]))
+    add("queue_depth_events", "gauge", "Events accepted and not yet committed.", ("", report["queue_depth"]))
+    add("queue_capacity_events", "gauge", "TRACE_QUEUE_SIZE.", ("", report["queue_capacity"]))
+    add("unsynced_events", "gauge", "Rows not yet pushed.", ("", report["unsynced_count"]))
+    add("db_size_bytes", "gauge", "Database file size.", ("", report["db_size_bytes"]))
+    add("wal_size_bytes", "gauge", "WAL file size.", ("", report["wal_size_bytes"]))
+    if push := report["push"]:
+        add("push_events_total", "counter", "Events confirmed by the receiver.", ("", push["events_pushed"]))
+        add("push_consecutive_failures", "gauge", "Failed push cycles in a row.",
+            ("", push["consecutive_failures"]))
+        add("push_breaker_open", "gauge", "1 while the circuit breaker is open.",
+            ("", push["breaker"] == "open"))
+    add("retention_unpushed_deleted_total", "counter", "Rows retention deleted before they were pushed.",
+        *((f'{{table="{table}"}}', n) for table, n in (report["retention"]["unpushed_deleted_total"] or {}
+                                                      ).items()))
+    for column, (name, text, scale) in HOST_GAUGES.items():
+        value = (report["host"] or {}).get(column)
+        add(name, "gauge", text, ("", None if value is None else value * scale))
+    return "\n".join(lines) + "\n"
+
+
+def prometheus_number(value: Any) -> str:
+    """A sample value as Prometheus reads it back exactly: integers in full, floats as Python's
+    shortest round-trip form (never %g, which keeps 6 digits)."""
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, int):
+        return str(value)
+    value = float(value)
+    return str(int(value)) if value.is_integer() and abs(value) < 2**53 else repr(value)
+
+
+def health_report(service: Service) -> dict[str, Any]:
+    """The /health report; cheap enough to answer within 100 ms while the writer is busy."""
+    counts = service.counters.snapshot()
+    writer, db = service.writer, service.db
+    problems = []
+    if not writer.is_alive():
+        problems.append("writer thread is not running")
+    elif writer.stuck:
+        problems.append("writer thread is stuck")
+    if writer.fault.error:
+        problems.append("database writes failing: " + writer.fault.error)
+    if writer.reserve.released:
+        problems.append("disk full: reserve released, ingest paused until there is room again")
+    if db.replaced_pending:
+        problems.append("database file was deleted or replaced: moving to a new one" + (
+            f" failing: {writer.reopen_fault.error}" if writer.reopen_fault.error else ""))
+    return {
+        "status": "degraded" if problems else "ok",
+        "problems": problems,
+        "version": __version__,
+        "uptime_seconds": round(time.monotonic() - service.started, 3),
+        "db_status": "error" if writer.fault.error else "ok",
+        "db_path": service.config.db_path,
+        "db_replaced": db.replaced,
+        "writer_alive": writer.is_alive() and not writer.stuck,
+        "queue_depth": service.events.qsize(),
+        "queue_capacity": service.config.queue_size,
+        **{f"events_{name}": counts[name] for name in EVENT_COUNTERS},
+        "connections_open": service.server.count(),
+        "connections_refused": counts["connections_refused"],
+        "db_size_bytes": file_size(service.config.db_path),
+        "wal_size_bytes": file_size(service.config.db_path + "-wal"),
+        "unsynced_count": unsynced_count(db),
+        "last_write_error": writer.fault.health(),
+        "last_push_time": service.pusher and service.pusher.health()["last_push_time"],
+        "last_push_status": service.pusher.last_status if service.pusher else "disabled",
+        "push": service.pusher.health() if service.pusher else None,
+        "retention": service.retention.health(),
+        "host": service.sampler and service.sampler.latest,
+        "metrics": service.sampler and service.sampler.health(),
+        "log_tail": service.tailer and service.tailer.health(),
+    }
+
+
+def unsynced_count(db: Database) -> int | None:
+    counts = " + ".join(f"(SELECT count(*) FROM {table} WHERE synced = 0)" for table in EVENT_TABLES)
+    try:
+        return db.query(f"SELECT {counts}")[0][0]
+    except sqlite3.Error:
+        return None
+
+
+# =========================================================================================== lifecycle
+# Start: the lock, the database, the threads. Stop, on SIGTERM: stop accepting, finish in-flight
+# requests, write every queued event, push what time allows, checkpoint, close.
+
+START_RETRY = 5.0                # seconds between tries of a start the environment holds up
+SPARE_DESCRIPTORS = 64           # for the database, its WAL, the log files, push, epoll
+
+
+class DatabaseLocked(Exception):
+    """Another otrace holds the database."""
+
+
+class DatabaseLock:
+    """An exclusive lock on <database>.lock, held for the life of the process: two otraces writing
+    one database would each push, retain and checkpoint it as if alone."""
+
+    def __init__(self, db_path: str) -> None:
+        self.path = db_path + ".lock"
+        folder = Path(db_path).parent
+        if not folder.exists():
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self.fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            os.close(self.fd)
+            raise DatabaseLocked(f"another otrace (pid {holder}) is using the database {db_path}") from None
+        with contextlib.suppress(OSError):               # the pid is a courtesy, even on a full disk
+            os.ftruncate(self.fd, 0)
+            os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
 
 
 class Service:
-    """otrace itself: the database, the writer, the HTTP server, and their orderly stop."""
+    """otrace itself: the database, the writer, the loops, the HTTP server, and their orderly stop."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
         self.started = time.monotonic()
-        self.counters = Counters()
+        self.counters = Counters((*EVENT_COUNTERS, "connections_refused"))
         open_database(config.db_path)
+        with contextlib.closing(connect(config.db_path)) as conn:
+            if take_carried(conn, config.db_path + "-carry"):
+                log.warning("rows carried over from a replaced database file taken in")
+        self.db = Database(config.db_path)
         self.events = EventQueue(config.queue_size, config.batch_size)
-        self.writer = Writer(config, self.events, self.counters)
+        self.writer = Writer(config, self.db, self.events, self.counters)
         if not self.writer.reserve.hold():
             log.warning("disk reserve not held: no room for it", extra={
                 "path": str(self.writer.reserve.path), "bytes": config.disk_reserve_bytes})
-        self.reader = connect(config.db_path)
-        self.reader.execute("PRAGMA query_only = 1")
-        self.reader_lock = threading.Lock()
-        self.retention = Retention(config, self.events, EVENT_TABLES)
+        self.retention = Retention(config, self.events, self.db)
         self.retention.check_budget()
-        self.loops: list[Loop] = [Checkpointer(config, self.events), self.retention]
-        self.sampler: Sampler | None = None
-        if config.metrics_interval:
-            oom_seen = {key.split(".", 1)[1]: value for key, value in self.query(
-                "SELECT key, value FROM otrace_state WHERE key LIKE 'oom_kill_count.%'")}
-            self.sampler = Sampler(config, self.events, oom_seen)
-            self.loops.append(self.sampler)
-        self.tailer: LogTailer | None = None
-        if config.log_path:
-            known: dict[tuple[int, int], list[tuple[str, int]]] = {}
-            for dev, inode, mark, position in self.query(
-                    "SELECT dev, inode, fingerprint, position FROM log_offsets ORDER BY updated_at"):
-                known.setdefault((dev, inode), []).append((mark, position))
-            self.tailer = LogTailer(config, self.events, known)
-            self.loops.append(self.tailer)
         self.writer.on_fault = self.on_write_fault
+        self.loops: list[Loop] = [Checkpointer(config, self.events), self.retention]
+        self.sampler = Sampler(config, self.events, self.db) if config.metrics_interval else None
+        self.tailer = LogTailer(config, self.events, self.db) if config.log_path else None
         self.pusher: Pusher | None = None
         if config.push_endpoint:
             return_big_buffers()
-            self.pusher = Pusher(config, self.events, EVENT_TABLES)
-            self.loops.append(self.pusher)
+            self.pusher = Pusher(config, self.events, self.db)
         else:
             log.warning("push is off: events stay in the local database (set TRACE_PUSH_ENDPOINT)")
-        self.server = IngestServer(self)    # last: a start that fails before it leaves nothing bound
+        self.loops += [loop for loop in (self.sampler, self.tailer, self.pusher) if loop]
+        self.server = IngestServer(self, [(config.host, config.port)])  # last: a failed start binds nothing
 
     def on_write_fault(self, error: str) -> None:
         """A write has just started failing: if for lack of space, run retention now."""
         if error.startswith("SQLITE_FULL"):
             self.retention.wake()
 
-    def query(self, sql: str) -> list[tuple]:
-        """A read for /health on the shared read-only connection."""
-        with self.reader_lock:
-            return self.reader.execute(sql).fetchall()
+    def health(self) -> dict[str, Any]:
+        return health_report(self)
 
     @property
     def address(self) -> str:
-        host, port = self.server.server_address[:2]
+        host, port = self.server.addresses()[0]
         return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
 
     def start(self) -> None:
@@ -3400,118 +4172,76 @@ class Service:
             loop.start()
         threading.Thread(target=self.server.serve_forever, name="otrace-http", daemon=True).start()
 
-    def health(self) -> dict[str, Any]:
-        """The /health report; cheap enough to answer within 100 ms while the writer is busy."""
-        counts = self.counters.snapshot()
-        problems = []
-        if not self.writer.is_alive():
-            problems.append("writer thread is not running")
-        elif self.writer.stuck:
-            problems.append("writer thread is stuck")
-        if self.writer.fault.error:
-            problems.append("database writes failing: " + self.writer.fault.error)
-        if self.writer.reserve.released:
-            problems.append("disk full: reserve released, ingest paused until there is room again")
-        return {
-            "status": "degraded" if problems else "ok",
-            "problems": problems,
-            "version": __version__,
-            "uptime_seconds": round(time.monotonic() - self.started, 3),
-            "db_status": "error" if self.writer.fault.error else "ok",
-            "writer_alive": self.writer.is_alive() and not self.writer.stuck,
-            "queue_depth": self.events.qsize(),
-            "queue_capacity": self.config.queue_size,
-            **{f"events_{name}": counts[name] for name in Counters.EVENTS},
-            "connections_open": self.server.count(),
-            "connections_refused": counts["connections_refused"],
-            "db_size_bytes": _file_size(self.config.db_path),
-            "wal_size_bytes": _file_size(self.config.db_path + "-wal"),
-            "unsynced_count": self.unsynced_count(),
-            "last_write_error": self.writer.fault.error and {
-                "error": self.writer.fault.error, "since": _iso(self.writer.fault.since),
-                "attempts": self.writer.fault.count},
-            "last_push_time": self.pusher and self.pusher.health()["last_push_time"],
-            "last_push_status": self.pusher.last_status if self.pusher else "disabled",
-            "push": self.pusher.health() if self.pusher else None,
-            "retention": self.retention.health(self.query),
-            "host": self.sampler and self.sampler.latest,
-            "metrics": self.sampler and self.sampler.health(),
-            "log_tail": self.tailer and self.tailer.health(),
-        }
-
-    def unsynced_count(self) -> int | None:
-        counts = " + ".join(f"(SELECT count(*) FROM {table} WHERE synced = 0)" for table in EVENT_TABLES)
-        try:
-            return self.query(f"SELECT {counts}")[0][0]
-        except sqlite3.Error:
-            return None
-
     def stop(self, deadline: float) -> bool:
-        """Stop in order within the deadline: stop accepting, finish in-flight requests, write every
-        queued event, push what time allows, checkpoint the WAL, close. False if events that got a 202
-        could not be written in time."""
+        """Stop in order within the deadline. False if events that got a 202 could not be written in
+        time (otrace's own rows left unwritten are logged, not counted: no client was promised them)."""
         reserve = 0.5                       # kept for the checkpoint and the close
         cut = self.server.close(until=deadline - reserve - 1.0)
         for loop in self.loops:             # producers offer nothing more; a refused offer loses nothing
             loop.stop()
         self.events.close()
-        lost = 0 if self.events.wait_drained(deadline - reserve - time.monotonic()) else self.events.qsize()
-        if not lost:
+        drained = self.events.wait_drained(deadline - reserve - time.monotonic())
+        lost, own = (0, 0) if drained else self.events.unwritten()
+        if drained:
             if self.pusher:
                 self.pusher.flush(deadline - reserve)
             self.checkpoint(deadline)
         self.events.submit(None)
         self.writer.join(max(0.0, deadline - time.monotonic()))
-        self.reader.close()
+        self.db.close()
         counts = self.counters.snapshot()
         if lost:
-            log.error("shutdown deadline passed with events not written", extra={"events_lost": lost})
+            log.error("shutdown deadline passed with accepted events not written",
+                      extra={"events_lost": lost})
+        if own:
+            log.warning("shutdown deadline passed with otrace's own rows not written (a host sample is "
+                        "lost; log lines are read again at the next start)", extra={"rows": own})
         log.info("stopped", extra={"events_received": counts["received"], "events_persisted":
-                                   counts["persisted"], "events_lost": lost, "connections_cut": cut})
+                                   counts["persisted"], "events_lost": lost, "own_rows_unwritten": own,
+                                   "connections_cut": cut})
         return not lost
 
     def checkpoint(self, deadline: float) -> None:
         """TRUNCATE checkpoint at shutdown, so the next start finds a small WAL."""
-        wal = _file_size(self.config.db_path + "-wal")
+        wal = file_size(self.config.db_path + "-wal")
         try:
-            result = self.events.submit(functools.partial(checkpoint, "TRUNCATE")).result(
-                max(0.0, deadline - time.monotonic()))
+            result = self.events.call(functools.partial(checkpoint, "TRUNCATE"), deadline - time.monotonic())
             log.info("wal checkpoint", extra={"mode": "truncate", "wal_bytes_before": wal, **result})
         except Exception as exc:  # noqa: BLE001 - the data is committed; the WAL stays for next start
             log.warning("wal checkpoint at shutdown failed", extra={"error": describe(exc)})
 
 
-def _file_size(path: str) -> int:
-    try:
-        return Path(path).stat().st_size
-    except OSError:
-        return 0
-
-
-def _iso(timestamp: float) -> str:
-    return datetime.fromtimestamp(timestamp).astimezone().isoformat(timespec="milliseconds")
-
-
-def return_big_buffers() -> None:
-    """Have glibc map buffers over 128 KiB on their own, so a push's multi-megabyte batches go back to
-    the system when freed. Left alone, glibc raises that threshold after the first big free and keeps
-    later batches in its heap: measured, 10 MB more RSS while draining a backlog."""
-    m_mmap_threshold = -3
-    import ctypes  # noqa: PLC0415 - imported where needed (see the imports)
-    with contextlib.suppress(OSError, AttributeError):          # not glibc: nothing to tune
-        ctypes.CDLL(None).mallopt(m_mmap_threshold, 128 * 1024)
+def settled(config: Config) -> Config:
+    """The settings as this process can honour them: the database path resolved once (a symlink's
+    target, so the WAL and reserve are found beside the real file), and no more connections than
+    file descriptors allow (the soft limit raised toward the hard one first)."""
+    import resource  # noqa: PLC0415 - imported where needed (see the imports)
+    config = dataclasses.replace(config, db_path=os.path.realpath(config.db_path))
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    needed = config.max_connections + SPARE_DESCRIPTORS
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        raised = needed if hard == resource.RLIM_INFINITY else min(hard, needed)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+            soft = raised
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        allowed = max(1, soft - SPARE_DESCRIPTORS)
+        log.warning("TRACE_MAX_CONNECTIONS is over what the file-descriptor limit allows: lowered", extra={
+            "max_connections": config.max_connections, "lowered_to": allowed, "nofile_limit": soft})
+        config = dataclasses.replace(config, max_connections=allowed)
+    return config
 
 
 def start_service(config: Config, stop_signals: set[signal.Signals]) -> Service | signal.Signals | None:
-    """The Service, once its database opens. A fault of the environment (a full disk, an I/O error)
-    is retried every START_RETRY seconds, logged once, until it clears or a stop signal comes (that
+    """The Service, once its database opens. A fault of the environment (a full disk, an I/O error) is
+    retried every START_RETRY seconds, logged once, until it clears or a stop signal comes (that
     signal is returned); anything else is final (None)."""
     fault = FaultLog(log, "start")
     while True:
         try:
             service = Service(config)
         except (OSError, sqlite3.Error, RuntimeError) as exc:
-            if not passing(exc):
+            if isinstance(exc, RuntimeError) or not is_environment(exc):
                 log.critical("cannot start", extra={"error": describe(exc)})
                 return None
             fault.failed(describe(exc))
@@ -3523,23 +4253,21 @@ def start_service(config: Config, stop_signals: set[signal.Signals]) -> Service 
         return service
 
 
-START_RETRY = 5.0
-START_RETRY_CODES = {"SQLITE_FULL", "SQLITE_IOERR", "SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_CANTOPEN"}
-
-
-def passing(exc: BaseException) -> bool:
-    """A start failure that may clear by itself: no space, an I/O error, a lock, a volume not there yet."""
-    if isinstance(exc, OSError):
-        return exc.errno in (errno.ENOSPC, errno.EIO, errno.EDQUOT)
-    return primary_code(getattr(exc, "sqlite_errorname", "") or "") in START_RETRY_CODES
-
-
-def serve(config: Config) -> int:
+def serve(config: Config, warnings: Iterable[str] = ()) -> int:
     """Run until SIGTERM or SIGINT, then stop within TRACE_SHUTDOWN_TIMEOUT. The exit code."""
     setup_logging(config.log_level)
     stop_signals = {signal.SIGTERM, signal.SIGINT}
     signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)   # every thread inherits this; main waits
+    for warning in warnings:
+        log.warning(warning)
+    config = settled(config)
     log.info("starting", extra={"version": __version__, "pid": os.getpid(), "settings": config.shown()})
+    try:
+        lock = DatabaseLock(config.db_path)
+    except (DatabaseLocked, OSError) as exc:
+        log.critical("cannot start", extra={"error": str(exc)})
+        print(f"otrace: {exc}", file=sys.stderr)
+        return 1
     service = start_service(config, stop_signals)
     if service is None:
         return 1
@@ -3552,10 +4280,12 @@ def serve(config: Config) -> int:
     deadline = time.monotonic() + config.shutdown_timeout
     log.info("shutting down", extra={"signal": signal.Signals(received).name,
                                      "timeout_s": config.shutdown_timeout})
-    return 0 if service.stop(deadline) else 1
+    stopped = service.stop(deadline)
+    os.close(lock.fd)
+    return 0 if stopped else 1
 
 
-# ================================================================================================ cli
+# ================================================================================================= cli
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -3577,7 +4307,7 @@ def main(argv: list[str] | None = None) -> int:
     except SettingError as bad:
         print(f"otrace: {bad}", file=sys.stderr)
         return 2
-    return serve(config)
+    return serve(config, unknown_settings(os.environ))
 
 
 if __name__ == "__main__":

@@ -250,8 +250,16 @@ def test_version() -> None:
     ("TRACE_BATCH_WINDOW", "-5ms", "a duration"),
     ("TRACE_SHUTDOWN_TIMEOUT", "4", "a duration"),
     ("TRACE_LOG_LEVEL", "loud", "one of debug, info, warning, error"),
-    ("TRACE_MAX_BODY_BYTES", "lots", "a size in bytes"),
+    ("TRACE_MAX_BODY_BYTES", "lots", "a size from 1KiB to 256MiB"),
     ("TRACE_INGEST_TOKEN", "has space", "printable ASCII"),
+    # values that parse but overflow a thread's arithmetic, or spin a loop: bounded
+    ("TRACE_BATCH_WINDOW", "106752d", "a duration from 1ms to 10s"),
+    ("TRACE_CLEANUP_INTERVAL", "200000d", "a duration from 100ms to 1d"),
+    ("TRACE_SHUTDOWN_TIMEOUT", "200000d", "a duration from 500ms to 10m"),
+    ("TRACE_DISK_RESERVE_BYTES", "99999999999999GiB", "a size from 64KiB to 4GiB"),
+    ("TRACE_METRICS_INTERVAL", "1ms", "a duration from 100ms to 1d"),
+    ("TRACE_PUSH_TIMEOUT", "9" * 400 + "s", "a duration from 100ms to 10m"),
+    ("TRACE_PUSH_HEADERS", "x-api-key", "key=value pairs"),
 ])
 def test_bad_setting_exits_2_naming_it(tmp_path: Path, name: str, value: str, accepts: str) -> None:
     env = {**os.environ, "TRACE_DB_PATH": str(tmp_path / "x.db"), name: value}
@@ -513,8 +521,7 @@ def test_http_errors(run: Callable[..., Otrace]) -> None:
 
 def test_missing_content_length_is_411_and_huge_one_is_not_read(svc: Otrace) -> None:
     with socket.create_connection(("127.0.0.1", svc.port), timeout=5) as sock:
-        sock.sendall(b"POST /v1/traces HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Transfer-Encoding: chunked\r\n\r\n5\r\n{}{}{\r\n0\r\n\r\n")
+        sock.sendall(b"POST /v1/traces HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\r\n")
         assert sock.recv(4096).startswith(b"HTTP/1.1 411 ")
     with socket.create_connection(("127.0.0.1", svc.port), timeout=5) as sock:
         # announces 10 GB and sends none of it: answered at once, connection closed
@@ -1570,8 +1577,8 @@ def test_sigkill_at_random_moments_keeps_every_committed_row(tmp_path: Path, run
     opens, passes integrity_check, and holds every row that was committed before the kill."""
     import random
     db = tmp_path / "crash.db"
-    env = push_env(receiver, TRACE_CHECKPOINT_INTERVAL="50ms", TRACE_WAL_MAX_BYTES="64KiB",
-                   TRACE_CLEANUP_INTERVAL="50ms", TRACE_RETENTION="1s", TRACE_BATCH_WINDOW="5ms")
+    env = push_env(receiver, TRACE_CHECKPOINT_INTERVAL="100ms", TRACE_WAL_MAX_BYTES="64KiB",
+                   TRACE_CLEANUP_INTERVAL="100ms", TRACE_RETENTION="1s", TRACE_BATCH_WINDOW="5ms")
     committed: set[str] = set()
     accepted_total = 0
     rng = random.Random(7)
@@ -1943,7 +1950,7 @@ def test_log_replay_through_rotation_truncation_and_a_new_day(tmp_path: Path,
     today = logs / "openclaw-2026-11-24.log"
     lines = gateway_lines()
     node = run({"TRACE_LOG_PATH": str(logs), "TRACE_LOG_POLL": "50ms", "TRACE_LOG_START": "beginning"})
-    node.wait_log(lambda e: "waiting for the gateway log" in str(e.get("error", "")))   # missing: waits
+    node.wait_log(lambda e: e.get("message") == "waiting for the gateway log")   # missing: waits
     seen: list[int] = []
 
     def feed(indexes: range, path: Path, *extra: bytes) -> None:
@@ -2047,7 +2054,7 @@ def test_a_log_that_appears_after_start_is_read_from_its_beginning(tmp_path: Pat
     logs = tmp_path / "openclaw"
     logs.mkdir()
     node = run({"TRACE_LOG_PATH": str(logs), "TRACE_LOG_POLL": "50ms"})
-    node.wait_log(lambda e: "waiting for the gateway log" in str(e.get("error", "")))
+    node.wait_log(lambda e: e.get("message") == "waiting for the gateway log")
     (logs / "openclaw-2026-11-24.log").write_bytes(b"".join(gateway_lines()[:20]))
     wait_until(lambda: sorted(logged(node)) == sorted(expected(range(20))), what="the first lines too")
 
@@ -2581,10 +2588,12 @@ def test_logs_never_hold_event_texts_or_secrets(run: Callable[..., Otrace], leve
     with socket.socket() as free:                   # a port nothing listens on: every push fails
         free.bind(("127.0.0.1", 0))
         closed_port = free.getsockname()[1]
+    credentials = ({"TRACE_PUSH_TOKEN": secrets["PUSHTOKEN"], "TRACE_PUSH_ENDPOINT":
+                    f"http://127.0.0.1:{closed_port}/in?key={secrets['URLPASSWORD']}"} if level == "info" else
+                   {"TRACE_PUSH_ENDPOINT": f"http://agent:{secrets['URLPASSWORD']}@127.0.0.1:{closed_port}/in"})
     node = run({"TRACE_LOG_LEVEL": level, "TRACE_INGEST_TOKEN": secrets["INGESTTOKEN"],
-                "TRACE_PUSH_TOKEN": secrets["PUSHTOKEN"], "TRACE_PUSH_INTERVAL": "100ms",
-                "TRACE_PUSH_RETRIES": "1", "TRACE_PUSH_BACKOFF_BASE": "10ms",
-                "TRACE_PUSH_ENDPOINT": f"http://agent:{secrets['URLPASSWORD']}@127.0.0.1:{closed_port}/in"})
+                "TRACE_PUSH_INTERVAL": "100ms", "TRACE_PUSH_RETRIES": "1", "TRACE_PUSH_BACKOFF_BASE": "10ms",
+                **credentials})
     auth = {"Authorization": f"Bearer {secrets['INGESTTOKEN']}"}
     assert node.post("/v1/traces", trace(input_text=secrets["INPUT"], output_text=secrets["OUTPUT"],
                                          metadata={"note": secrets["META"]}), headers=auth).status == 202
@@ -2622,7 +2631,7 @@ def test_database_wal_and_shm_are_private_even_under_umask_0(run: Callable[..., 
 
 def test_pyz_serves_on_a_bare_interpreter(tmp_path: Path, run: Callable[..., Otrace]) -> None:
     """make pyz builds one file that a python3 with no site-packages at all (-I -S) runs: --help, and a
-    real serve whose psutil extension was unpacked from the archive, not found on this machine."""
+    real serve that stores traces and host samples (its own RSS read from /proc)."""
     subprocess.run(["make", "-s", "pyz"], cwd=HERE, check=True, capture_output=True, timeout=240)
     pyz = HERE / "dist" / "otrace.pyz"
     bare = [sys._base_executable, "-I", "-S"]         # the interpreter under the venv, nothing installed
@@ -2634,11 +2643,6 @@ def test_pyz_serves_on_a_bare_interpreter(tmp_path: Path, run: Callable[..., Otr
     node = run({"SHIV_ROOT": str(shiv_root), "TRACE_METRICS_INTERVAL": "100ms"}, command=[*bare, str(pyz)])
     ids = node.post("/v1/traces", [trace() for _ in range(3)]).json["trace_ids"]
     wait_until(lambda: len(node.query("SELECT 1 FROM system_metrics WHERE self_rss_bytes > 0")) > 0,
-               what="a host sample with psutil's self_rss_bytes")
-    assert node.proc
-    loaded = [line for line in Path(f"/proc/{node.proc.pid}/maps").read_text().splitlines()
-              if "_psutil_linux" in line]
-    assert loaded and all(str(shiv_root) in line for line in loaded), loaded
+               what="a host sample with self_rss_bytes")
     assert node.stop() == 0
     assert {r[0] for r in node.query("SELECT trace_id FROM llm_traces")} == set(ids)
-
