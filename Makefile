@@ -16,7 +16,7 @@ $(VENV)/.dev: $(VENV)/.run requirements-dev.txt
 
 run: $(VENV)/.run
 	$(PY) -m compileall -q otrace.py      # so -m loads it compiled: 8 MiB less resident
-	TRACE_DB_PATH=$${TRACE_DB_PATH:-./otrace.db} $(PY) -m otrace serve
+	exec env TRACE_DB_PATH=$${TRACE_DB_PATH:-./otrace.db} $(PY) -m otrace serve
 
 test: $(VENV)/.dev
 	$(PY) -m ruff check .

@@ -383,9 +383,9 @@ def unknown_settings(environ: Iterable[str]) -> list[str]:
     known = [env_name(spec) for spec in dataclasses.fields(Config)]
     warnings = []
     for name in sorted(n for n in environ if n.startswith("TRACE_") and n not in known):
-        close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
-        warnings.append(f"{name} is not a setting otrace knows" + (f"; did you mean {close[0]}?" if close
-                                                                  else ""))
+        close = difflib.get_close_matches(name[6:], [k[6:] for k in known], n=1, cutoff=0.75)
+        warnings.append(f"{name} is not a setting otrace knows" + (f"; did you mean TRACE_{close[0]}?"
+                                                                  if close else ""))
     return warnings
 
 
@@ -607,6 +607,7 @@ class Loop(threading.Thread):
         self.bell = threading.Event()
         self.log = logging.getLogger(f"otrace.{name}")
         self.fault = FaultLog(self.log, name)
+        self.ticks = 0
 
     def wake(self) -> None:
         """Run the next tick now instead of at its time."""
@@ -624,6 +625,7 @@ class Loop(threading.Thread):
             self.bell.clear()
             if self.stopping.is_set():
                 return
+            self.ticks += 1
             try:
                 self.tick()
             except Exception as exc:  # a loop outlives any one failure
@@ -2910,6 +2912,7 @@ class Followed:
         self.fingerprint = fingerprint(fd, st.st_size)
         self.replaced_at: float | None = None      # when another file took its name
         self.partial: tuple[int, bytes, int] | None = None   # an unfinished last line: start, head, end
+        self.read = 0                              # bytes read since the tailer last counted them
 
     def size(self) -> int:
         return os.fstat(self.fd).st_size
@@ -2953,6 +2956,7 @@ class Followed:
         self.partial = None
         while len(found) < most:
             chunk = os.pread(self.fd, 65536, pos)
+            self.read += len(chunk)
             if not chunk:
                 if to_end and pos > start:
                     found.append((start, bytes(pending), pos - start))
@@ -3014,7 +3018,7 @@ class LogTailer(Loop):
         self.waiting = False
         self.most = max(1, min(256, config.queue_size // 4))   # lines per unit, so that units fit the queue
         self.behind = False              # the queue refused the last offer: look again soon
-        self.totals = Counters(("lines", "events", "skipped", "not_json", "cut"))
+        self.totals = Counters(("lines", "events", "skipped", "not_json", "cut", "bytes_read"))
 
     # -- which file
     def target(self) -> str | None:
@@ -3115,6 +3119,8 @@ class LogTailer(Loop):
         total = 0
         while not self.stopping.is_set():
             lines, end = followed.lines(self.most, to_end)
+            self.totals.add("bytes_read", followed.read)
+            followed.read = 0
             if not lines:
                 return total
             rows = [row for start, text, length in lines for row in self.rows(followed, start, text, length)]
@@ -3176,6 +3182,7 @@ class LogTailer(Loop):
         followed = self.current
         size = followed.size() if followed else None
         return {"path": self.config.log_path, "file": followed and followed.path, "waiting": self.waiting,
+                "polls": self.ticks,
                 "offset": followed and followed.offset, "lag_bytes": followed and size - followed.offset,
                 **self.totals.snapshot(), "last_error": self.fault.error}
 
@@ -3343,7 +3350,7 @@ class Attempt:
             return "config"
         return "split"
 
-    def describe(self) -> str:
+    def summary(self) -> str:
         """"HTTP 503: why the receiver said so", or the network error."""
         if self.status is None:
             return self.error or "unknown error"
@@ -3387,8 +3394,9 @@ class Receiver:
         if config.push_token:
             self.headers["Authorization"] = f"Bearer {config.push_token}"
         elif parts.username is not None:
-            self.headers |= urllib3.make_headers(basic_auth=f"{urllib.parse.unquote(parts.username)}:"
-                                                            f"{urllib.parse.unquote(parts.password or '')}")
+            self.headers["Authorization"] = urllib3.make_headers(basic_auth=(
+                f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
+            ))["authorization"]
         if config.push_gzip:
             self.headers["Content-Encoding"] = "gzip"
         self.pool = urllib3.connection_from_url(url, maxsize=1, retries=False)
@@ -3493,7 +3501,7 @@ class Breaker:
     def allows(self) -> bool:
         return self.state != "open"
 
-    def record(self, ok: bool) -> None:
+    def cycle_ended(self, ok: bool) -> None:
         if ok:
             self.failures, self.retry_at = 0, 0.0
             return
@@ -3553,7 +3561,7 @@ class Pusher(Loop):
             if not ok and self.stopping.is_set() and (deadline is None or time.monotonic() >= deadline):
                 self.log.info("push cycle cut short by shutdown")
                 return False
-            self.breaker.record(ok)
+            self.breaker.cycle_ended(ok)
             if not ok:
                 self.log.warning("push cycle failed", extra={
                     "status": self.last_status, "error": self.last_error, "breaker": self.breaker.state,
@@ -3632,7 +3640,7 @@ class Pusher(Loop):
         again, so the cycle ends (rows unsynced) if it cannot be committed."""
         return JOB_TIMEOUT if deadline is None else max(0.1, deadline - time.monotonic())
 
-    def flush(self, deadline: float) -> None:
+    def final_push(self, deadline: float) -> None:
         """The last push, at shutdown: what time allows. The rest stays unsynced for the next start."""
         if not self.breaker.allows():
             self.log.info("final push skipped: circuit breaker open", extra={
@@ -3652,7 +3660,7 @@ class Pusher(Loop):
         self.last_time = time.time()
         self.last_status = {"ok": "ok", "retry": "failed", "split": "refused", "config": "config_error"}[
             verdict]
-        self.last_error = None if verdict == "ok" else attempt.describe()
+        self.last_error = None if verdict == "ok" else attempt.summary()
 
     def health(self) -> dict[str, Any]:
         totals = self.totals.snapshot()
@@ -4184,7 +4192,7 @@ class Service:
         lost, own = (0, 0) if drained else self.events.unwritten()
         if drained:
             if self.pusher:
-                self.pusher.flush(deadline - reserve)
+                self.pusher.final_push(deadline - reserve)
             self.checkpoint(deadline)
         self.events.submit(None)
         self.writer.join(max(0.0, deadline - time.monotonic()))
