@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: run test bench soak pyz docs settings openclaw-live clean
+.PHONY: run test bench soak pyz docs settings prices openclaw-live clean
 
 $(VENV)/.run: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,10 @@ docs: $(VENV)/.run
 	$(PY) -c 'import re, subprocess, sys; table = subprocess.check_output([sys.executable, "otrace.py", "settings"], text=True); \
 	readme = open("README.md").read(); \
 	open("README.md", "w").write(re.sub(r"(?s)(<!-- settings:begin -->\n).*?(\n<!-- settings:end -->)", lambda m: m[1] + table.rstrip("\n") + m[2], readme))'
+
+# Refresh prices.json and prices.LICENSE from the newest genai-prices release on PyPI.
+prices: $(VENV)/.run
+	$(PY) scripts/prices.py
 
 # A real OpenClaw gateway (Node 24 and openclaw from npm, about 100 MB) writing the log otrace follows.
 openclaw-live: $(VENV)/.run
