@@ -3367,7 +3367,8 @@ class Scrubber:
         secrets = {config.push_token, *(value for _, value in config.push_headers)}
         if parts.username is not None:
             userinfo = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
-            secrets |= {parts.password or "", userinfo, base64.b64encode(userinfo.encode()).decode()}
+            secrets |= {parts.password or "", urllib.parse.unquote(parts.password or ""), userinfo,
+                        base64.b64encode(userinfo.encode()).decode()}
         secrets |= {value for _, value in urllib.parse.parse_qsl(parts.query)}
         self.secrets = sorted((s for s in secrets if len(s) >= 4), key=len, reverse=True)
 

@@ -7,11 +7,13 @@ Nothing here mocks otrace. Where a test needs to wait, it waits for something ot
 from __future__ import annotations
 
 import contextlib
+import errno
 import gzip
 import http.client
 import http.server
 import ipaddress
 import json
+import logging
 import os
 import selectors
 import shutil
@@ -40,7 +42,7 @@ ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not ROOT, reason="mounting a small tmpfs needs root")
 
 
-# ----------------------------------------------------------------------------------------- harness
+# ------------------------------------------------------------------------------------------ harness
 
 
 def wait_until(check: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
@@ -227,7 +229,34 @@ def trace(**fields: Any) -> dict[str, Any]:
     return {**TRACE, "trace_id": str(uuid.uuid4()), **fields}
 
 
-# ----------------------------------------------------------------------------------------- config
+def request_head(length: int | str, path: str = "/v1/traces") -> bytes:
+    return (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {length}\r\n\r\n").encode()
+
+
+def read_to_end(sock: socket.socket) -> bytes:
+    """All a peer sends until it hangs up (a reset counts as hanging up); a timeout fails the test."""
+    answer = b""
+    try:
+        while chunk := sock.recv(65536):
+            answer += chunk
+    except ConnectionResetError:
+        pass
+    return answer
+
+
+def answer_of(raw: bytes) -> tuple[int, dict[str, Any]]:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), json.loads(body)
+
+
+def readable(sock: socket.socket, timeout: float) -> bool:
+    with selectors.DefaultSelector() as sel:
+        sel.register(sock, selectors.EVENT_READ)
+        return bool(sel.select(timeout))
+
+
+# ------------------------------------------------------------------------------------------- config
 
 
 def test_help_lists_every_setting_with_default() -> None:
@@ -283,6 +312,20 @@ def test_durations_and_sizes_parse() -> None:
     assert otrace.Config().port == 9090 and otrace.Config().host == "127.0.0.1"
 
 
+def test_settings_name_what_they_accept_and_keep_secrets() -> None:
+    assert otrace.Config.from_env({"TRACE_DISK_RESERVE_BYTES": "0"}).disk_reserve_bytes == 0
+    assert otrace.Config.from_env({"TRACE_PUSH_HEADERS": "x-api-key=a%2Cb, tenant=t1"}).push_headers == (
+        ("x-api-key", "a,b"), ("tenant", "t1"))
+    for bad in ("content-type=x", "x=\u00e9", "no-equals"):
+        with pytest.raises(otrace.SettingError, match="TRACE_PUSH_HEADERS=\\*\\*\\*"):
+            otrace.Config.from_env({"TRACE_PUSH_HEADERS": bad})
+    with pytest.raises(otrace.SettingError, match="keep one"):
+        otrace.Config.from_env({"TRACE_PUSH_ENDPOINT": "https://u:p@h/x", "TRACE_PUSH_TOKEN": "t"})
+    assert otrace.redact_url("https://u:p@h:8443/in?key=s3&x=1") == "https://h:8443/in?key=***&x=***"
+    assert otrace.unknown_settings({"TRACE_PORTT": "1", "TRACE_PORT": "2", "HOME": "/"}) == [
+        "TRACE_PORTT is not a setting otrace knows; did you mean TRACE_PORT?"]
+
+
 def test_readme_settings_table_is_generated_from_config() -> None:
     readme = (HERE / "README.md").read_text()
     begin, end = "<!-- settings:begin -->\n", "\n<!-- settings:end -->"
@@ -295,42 +338,6 @@ def test_a_misspelled_setting_is_warned_about_with_the_closest_name(run: Callabl
     assert "TRACE_INGEST_TOKNE is not a setting otrace knows; did you mean TRACE_INGEST_TOKEN?" in warnings
     assert "TRACE_WHATEVER is not a setting otrace knows" in warnings
     assert "s3cret" not in json.dumps(node.lines)
-
-
-def test_max_connections_over_the_descriptor_limit_is_lowered_and_said(tmp_path: Path,
-                                                                      run: Callable[..., Otrace]) -> None:
-    node = run({"TRACE_MAX_CONNECTIONS": "10000"},
-               command=["prlimit", "--nofile=200:200", sys.executable, str(OTRACE)])
-    lowered = node.wait_log(lambda e: e.get("message", "").startswith("TRACE_MAX_CONNECTIONS is over"))
-    assert lowered["lowered_to"] == 200 - otrace.SPARE_DESCRIPTORS and lowered["nofile_limit"] == 200
-    assert node.logs("starting")[0]["settings"]["max_connections"] == 136
-    socks = [socket.create_connection(("127.0.0.1", node.port)) for _ in range(135)]
-    wait_until(lambda: node.health()["connections_open"] == 136, what="all but one connection open")
-    socks.append(socket.create_connection(("127.0.0.1", node.port)))
-    with socket.create_connection(("127.0.0.1", node.port), timeout=30) as extra:
-        assert read_to_end(extra).startswith(b"HTTP/1.1 503 ")         # refused by the limit, not EMFILE
-    for sock in socks:
-        sock.close()
-    assert node.logs("accepting connections failing") == []
-
-
-def test_make_run_stops_with_the_make_that_started_it(tmp_path: Path) -> None:
-    """make run execs otrace: SIGTERM to make reaches otrace, which stops cleanly, not orphaned."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TRACE_")} | {
-        "TRACE_DB_PATH": str(tmp_path / "run.db"), "TRACE_PORT": "0", "TRACE_METRICS_INTERVAL": "off"}
-    make = subprocess.Popen(["make", "-s", "run"], cwd=HERE, env=env, stdout=subprocess.PIPE, text=True)
-    lines: list[dict[str, Any]] = []
-    for raw in make.stdout:
-        lines.append(json.loads(raw))
-        if lines[-1]["message"] == "listening":
-            break
-    pid = lines[0]["pid"]
-    assert Path(f"/proc/{pid}/status").read_text().split("PPid:")[1].split()[0] == str(make.pid)
-    make.send_signal(signal.SIGTERM)
-    rest = [json.loads(raw) for raw in make.stdout]
-    make.wait(10)
-    assert rest[-1]["message"] == "stopped" and rest[-1]["events_lost"] == 0
-    wait_until(lambda: not Path(f"/proc/{pid}").exists(), what="otrace gone")
 
 
 def test_startup_log_is_json_with_masked_token(run: Callable[..., Otrace]) -> None:
@@ -347,7 +354,89 @@ def test_startup_log_is_json_with_masked_token(run: Callable[..., Otrace]) -> No
     assert node.stderr == []
 
 
-# ------------------------------------------------------------------------------------------ model
+# ---------------------------------------------------------------------------------------------- kit
+
+
+def test_backoff_is_full_jitter_and_capped() -> None:
+    ceilings = []
+    backoff = otrace.Backoff(0.1, 2.0, rng=lambda: 1.0)
+    for _ in range(8):
+        ceilings.append(backoff.next())
+    assert ceilings == [0.1, 0.2, 0.4, 0.8, 1.6, 2.0, 2.0, 2.0]
+    assert otrace.Backoff(0.1, 2.0, rng=lambda: 0.0).next() == 0.0
+    backoff.reset()
+    assert backoff.next() == 0.1
+
+
+def test_transaction_commits_or_rolls_back_whole(tmp_path: Path) -> None:
+    with contextlib.closing(otrace.connect(str(tmp_path / "t.db"))) as conn:
+        conn.execute("CREATE TABLE t (x UNIQUE)")
+        with otrace.transaction(conn):
+            conn.execute("INSERT INTO t VALUES (1)")
+        with pytest.raises(sqlite3.IntegrityError), otrace.transaction(conn):
+            conn.execute("INSERT INTO t VALUES (2)")
+            conn.execute("INSERT INTO t VALUES (1)")
+        assert conn.execute("SELECT x FROM t").fetchall() == [(1,)]
+        assert not conn.in_transaction
+
+
+def test_environment_faults_are_told_from_bad_rows(tmp_path: Path) -> None:
+    with contextlib.closing(otrace.connect(str(tmp_path / "t.db"))) as conn:
+        conn.execute("CREATE TABLE t (x NOT NULL)")
+        with pytest.raises(sqlite3.IntegrityError) as bad_row:
+            conn.execute("INSERT INTO t VALUES (NULL)")
+    assert not otrace.is_environment(bad_row.value)
+    full = sqlite3.OperationalError("database or disk is full")
+    full.sqlite_errorname = "SQLITE_FULL"                  # as SQLite names it on a full disk
+    assert otrace.is_environment(full) and otrace.sqlite_code(full) == "SQLITE_FULL"
+    assert otrace.is_environment(OSError(errno.ENOSPC, "no space"))
+    assert not otrace.is_environment(OSError(errno.EACCES, "denied"))
+
+
+def test_compact_json_cuts_whole_and_refuses_what_json_cannot_carry() -> None:
+    assert otrace.compact_json({"a": [1, "é"]}, 100) == ('{"a":[1,"é"]}', False)
+    marker, cut = otrace.compact_json({"a": "x" * 200}, 100)
+    assert cut and json.loads(marker) == {"_otrace_truncated": True, "original_bytes": 208}
+    with pytest.raises(ValueError):
+        otrace.compact_json({"x": float("inf")}, 100)
+
+
+def test_fault_log_says_a_repeating_failure_once() -> None:
+    logger = logging.getLogger("otrace.test.faults")
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append                          # type: ignore[method-assign]
+    logger.addHandler(handler)
+    fault = otrace.FaultLog(logger, "thing")
+    for _ in range(5):
+        fault.failed("EIO")
+    fault.failed("ENOSPC")
+    fault.cleared()
+    fault.cleared()
+    assert [r.getMessage() for r in records] == ["thing failing", "thing failing", "thing recovered"]
+    assert records[-1].failed_attempts == 6
+
+
+def test_cut_utf8_never_splits_a_character() -> None:
+    for limit in range(12):
+        text, size, cut = otrace.cut_utf8("añ日🙂b", limit)
+        assert len(text.encode()) <= limit and "añ日🙂b".startswith(text)
+        assert size == 11 and cut == (limit < 11)
+
+
+# -------------------------------------------------------------------------------------------- model
+
+
+def test_parse_events_is_all_or_nothing_in_process() -> None:
+    rows, ignored = otrace.parse_events(json.dumps([trace(extra=1), trace()]).encode(), "/v1/traces", 10, 100)
+    assert [r.table for r in rows] == ["llm_traces", "llm_traces"] and ignored == ["extra"]
+    assert len(rows[0].values) == len(otrace.TRACES.columns)
+    with pytest.raises(otrace.Invalid) as bad:
+        otrace.parse_events(json.dumps([trace(), trace(cost_usd=-1)]).encode(), "/v1/traces", 10, 100)
+    assert (bad.value.status, bad.value.field, bad.value.index) == (400, "cost_usd", 1)
+    with pytest.raises(otrace.Invalid) as many:
+        otrace.parse_events(json.dumps([trace()] * 11).encode(), "/v1/traces", 10, 100)
+    assert many.value.status == 413
 
 
 def test_trace_is_stored_with_every_field(svc: Otrace) -> None:
@@ -521,20 +610,6 @@ def test_a_batch_of_any_size_is_stored_once_per_trace_id(svc: Otrace) -> None:
     assert [row[0] for row in svc.query("SELECT trace_id FROM llm_traces ORDER BY id")] == ids
 
 
-def test_a_full_multi_row_insert_fits_every_sqlite(tmp_path: Path) -> None:
-    """The widest table's 32-row INSERT runs on an SQLite held to the old 999-variable limit."""
-    otrace.open_database(str(tmp_path / "x.db"))
-    with contextlib.closing(otrace.connect(str(tmp_path / "x.db"))) as conn:
-        conn.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 999)
-        widest = max(otrace.TABLES.values(), key=lambda t: len(t.columns))
-        rows = [tuple(f"id-{i}" if c == "trace_id" else 0 for c in widest.columns) for i in range(75)]
-        with otrace.transaction(conn):
-            assert otrace.insert_rows(conn, widest.name, rows) == 75
-
-
-# ------------------------------------------------------------------------------------------- HTTP
-
-
 @pytest.mark.parametrize(("body", "needle"), [
     (b"{not json", "not valid JSON"),
     (b'{"provider": "p", "model": "m", "cost_usd": NaN}', "NaN"),
@@ -553,12 +628,13 @@ def test_bad_body_is_400_and_the_service_lives_on(svc: Otrace, body: bytes, need
     assert svc.post("/v1/traces", trace()).status == 202
 
 
-HUGE = int("9" * 400)
+DIGITS_400 = int("9" * 400)
 
 
 @pytest.mark.parametrize(("fields", "field"), [
-    ({"cost_usd": HUGE}, "cost_usd"), ({"latency_ms": HUGE}, "latency_ms"), ({"ttft_ms": -HUGE}, "ttft_ms"),
-    ({"created_at": HUGE}, "created_at"), ({"cost_usd": float("9" * 400 + ".5")}, "cost_usd"),
+    ({"cost_usd": DIGITS_400}, "cost_usd"), ({"latency_ms": DIGITS_400}, "latency_ms"),
+    ({"ttft_ms": -DIGITS_400}, "ttft_ms"),
+    ({"created_at": DIGITS_400}, "created_at"), ({"cost_usd": float("9" * 400 + ".5")}, "cost_usd"),
     ({"metadata": {"x": 1e400}}, "metadata"), ({"metadata": '{"x": 1e400}'}, "metadata"),
 ])
 def test_numbers_json_cannot_carry_are_400_naming_the_field(svc: Otrace, fields: dict[str, Any],
@@ -570,6 +646,374 @@ def test_numbers_json_cannot_carry_are_400_naming_the_field(svc: Otrace, fields:
     assert resp.status == 400 and resp.json["field"] == field, resp
     assert svc.post("/v1/traces", trace()).status == 202
     assert not any("Traceback" in json.dumps(line) or "exc_info" in line for line in svc.lines)
+
+
+# -------------------------------------------------------------------------------------------- store
+
+
+def test_a_full_multi_row_insert_fits_every_sqlite(tmp_path: Path) -> None:
+    """The widest table's 32-row INSERT runs on an SQLite held to the old 999-variable limit."""
+    otrace.open_database(str(tmp_path / "x.db"))
+    with contextlib.closing(otrace.connect(str(tmp_path / "x.db"))) as conn:
+        conn.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 999)
+        widest = max(otrace.TABLES.values(), key=lambda t: len(t.columns))
+        rows = [tuple(f"id-{i}" if c == "trace_id" else 0 for c in widest.columns) for i in range(75)]
+        with otrace.transaction(conn):
+            assert otrace.insert_rows(conn, widest.name, rows) == 75
+
+
+def test_schema_pragmas_and_file_mode(svc: Otrace) -> None:
+    assert svc.post("/v1/traces", trace()).status == 202
+    svc.wait_persisted(1)
+    assert svc.query("PRAGMA journal_mode") == [("wal",)]
+    assert svc.query("PRAGMA auto_vacuum") == [(2,)]              # incremental
+    assert svc.query("PRAGMA user_version") == [(len(otrace.SCHEMA),)]
+    tables = {name for (name,) in svc.query("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert {"llm_traces", "error_events", "system_metrics", "push_log"} <= tables
+    plan = " ".join(str(r) for r in svc.query(
+        "EXPLAIN QUERY PLAN SELECT * FROM llm_traces WHERE synced = 0 ORDER BY id LIMIT 100"))
+    assert "llm_traces_unsynced" in plan
+    assert (svc.db_path.stat().st_mode & 0o777) == 0o600
+
+
+def test_database_from_a_newer_otrace_is_refused(tmp_path: Path, run: Callable[..., Otrace]) -> None:
+    db = tmp_path / "newer.db"
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        conn.execute(f"PRAGMA user_version = {len(otrace.SCHEMA) + 1}")
+    node = run(wait=False, db=db)
+    assert node.proc.wait(10) == 1
+    assert "newer than this otrace" in node.wait_log(lambda e: e.get("message") == "cannot start")["error"]
+
+
+def test_parent_directory_is_created_private_and_an_existing_file_made_private(
+        tmp_path: Path, run: Callable[..., Otrace]) -> None:
+    node = run(db=tmp_path / "a" / "b" / "otrace.db")
+    assert node.post("/v1/traces", trace()).status == 202
+    node.wait_persisted(1)
+    assert node.stop() == 0
+    assert (tmp_path / "a" / "b").stat().st_mode & 0o777 == 0o700
+    node.db_path.chmod(0o644)                               # an older otrace, or a careless copy
+    node2 = run(db=node.db_path)
+    assert node.db_path.stat().st_mode & 0o777 == 0o600
+    assert node2.stop() == 0
+
+
+def test_a_symlinked_database_path_finds_its_wal_and_reserve_beside_the_real_file(
+        tmp_path: Path, run: Callable[..., Otrace]) -> None:
+    real = tmp_path / "volume" / "otrace.db"
+    real.parent.mkdir()
+    link = tmp_path / "otrace.db"
+    link.symlink_to(real)
+    node = run({"TRACE_WAL_MAX_BYTES": "64KiB", "TRACE_CHECKPOINT_INTERVAL": "200ms"}, db=link)
+    assert node.health()["db_path"] == str(real)
+    assert (real.parent / "otrace.db-reserve").stat().st_size == 16 * 2**20
+    node.post("/v1/traces", [trace(input_text="x" * 2000) for _ in range(200)])
+    wait_until(lambda: node.health()["wal_size_bytes"] > 0, what="the WAL seen beside the real file")
+    node.wait_log(lambda e: e.get("message") == "wal checkpoint" and e.get("mode") == "truncate")
+    assert node.stop() == 0
+
+
+def test_disk_reserve_of_zero_is_off(tmp_path: Path, run: Callable[..., Otrace]) -> None:
+    node = run({"TRACE_DISK_RESERVE_BYTES": "0"})
+    assert node.post("/v1/traces", trace()).status == 202
+    node.wait_persisted(1)
+    assert not Path(str(node.db_path) + "-reserve").exists()
+    assert node.stop() == 0
+
+
+@pytest.mark.parametrize("how", ["deleted", "replaced"])
+def test_a_database_deleted_or_replaced_under_otrace_loses_nothing_that_got_202(
+        tmp_path: Path, run: Callable[..., Otrace], how: str) -> None:
+    """rm of the file and its WAL, or an mv of another database over it: otrace notices, says so, and
+    moves to a new file at the path, carrying over what the old one held unpushed."""
+    node = run({"TRACE_BATCH_WINDOW": "5ms"})
+    before = node.post("/v1/traces", [trace() for _ in range(50)]).json["trace_ids"]
+    node.wait_persisted(50)
+    if how == "deleted":
+        for suffix in ("", "-wal", "-shm"):
+            Path(str(node.db_path) + suffix).unlink(missing_ok=True)
+    else:
+        other = tmp_path / "other.db"
+        with contextlib.closing(sqlite3.connect(other)) as conn:
+            conn.execute("CREATE TABLE t (x)")
+        other.replace(node.db_path)
+    during = node.post("/v1/traces", [trace() for _ in range(20)]).json["trace_ids"]
+    node.wait_log(lambda e: e.get("message") == "database file recreated; unpushed rows carried over")
+    after = node.post("/v1/traces", [trace() for _ in range(20)]).json["trace_ids"]
+    node.wait_persisted(90)
+    health = node.health()
+    assert health["db_replaced"]["carried_over"]["llm_traces"] >= 50
+    assert health["status"] == "ok"
+    assert node.stop() == 0
+    stored = {r[0] for r in node.query("SELECT trace_id FROM llm_traces")}
+    assert set(before + during + after) <= stored
+    if how == "replaced":                                   # the database moved in was kept, not wiped
+        assert node.query("SELECT count(*) FROM t") == [(0,)]
+
+
+def test_a_dead_writer_means_503(tmp_path: Path) -> None:
+    """The writer is never started here, as if it had died: no 202 can promise a commit then."""
+    config = otrace.Config(db_path=str(tmp_path / "x.db"), port=0, metrics_interval=0.0)
+    service = otrace.Service(config)
+    try:
+        with pytest.raises(otrace.Refusal) as refused:
+            service.server.api.admit([otrace.Row("llm_traces", ())])
+        assert refused.value.status == 503
+        assert service.health()["problems"] == ["writer thread is not running"]
+    finally:
+        service.server.release()
+        service.db.close()
+
+
+def test_the_queue_tells_promised_events_from_otraces_own() -> None:
+    events = otrace.EventQueue(capacity=10, batch_size=5)
+    assert events.offer(otrace.Unit([otrace.Row("t", ())] * 3))
+    assert events.offer(otrace.Unit([otrace.Row("t", ())] * 2, own=True))
+    assert not events.offer(otrace.Unit([otrace.Row("t", ())] * 6))          # whole or not at all
+    assert events.unwritten() == (3, 2) and events.qsize() == 5
+    batch = events.next_work(batch_size=5, window=0.0, idle=0.0)
+    for unit in batch:
+        events.done(unit)
+    assert events.unwritten() == (0, 0)
+
+
+def test_queue_full_answers_503_and_keeps_nothing_of_that_request(run: Callable[..., Otrace]) -> None:
+    node = run({"TRACE_QUEUE_SIZE": "20", "TRACE_BATCH_SIZE": "5"})
+    # another process holds the write lock: the writer cannot commit, so the queue really fills
+    blocker = sqlite3.connect(node.db_path, isolation_level=None, timeout=10)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        accepted: list[str] = []
+        statuses = []
+        for _ in range(30):
+            resp = node.post("/v1/traces", [trace(), trace(), trace()])
+            statuses.append(resp.status)
+            if resp.status == 202:
+                accepted += resp.json["trace_ids"]
+            else:
+                assert resp.status == 503 and resp.headers["retry-after"] == "1"
+        assert 503 in statuses
+        health = node.health()
+        assert health["queue_depth"] <= 20 and health["events_refused"] >= 3
+        assert statuses.count(202) * 3 == len(accepted) <= 21
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    node.wait_persisted(len(accepted), timeout=30)
+    stored = {r[0] for r in node.query("SELECT trace_id FROM llm_traces")}
+    assert stored == set(accepted)
+
+
+def post_flat_out(node: Otrace, clients: int, stop: threading.Event, per_request: int = 1
+                  ) -> tuple[list[str], list[int]]:
+    """Clients posting as fast as they can over keep-alive connections until `stop`; returns the
+    trace_ids that got a 202 and every status seen."""
+    accepted: list[str] = []
+    statuses: list[int] = []
+    lock = threading.Lock()
+
+    def client() -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", node.port, timeout=10)
+        while not stop.is_set():
+            events = [trace() for _ in range(per_request)]
+            try:
+                resp = node.post("/v1/traces", events, conn=conn)
+            except (OSError, http.client.HTTPException):
+                conn.close()
+                conn = http.client.HTTPConnection("127.0.0.1", node.port, timeout=10)
+                if node.proc.poll() is not None:
+                    return
+                continue
+            with lock:
+                statuses.append(resp.status)
+                if resp.status == 202:
+                    accepted.extend(resp.json["trace_ids"])
+        conn.close()
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    stop.wait()
+    for t in threads:
+        t.join(30)
+    return accepted, statuses
+
+
+def test_flat_out_load_loses_nothing_that_got_202(svc: Otrace) -> None:
+    stop = threading.Event()
+    result: list[Any] = []
+    runner = threading.Thread(target=lambda: result.append(post_flat_out(svc, 16, stop)))
+    runner.start()
+    wait_until(lambda: svc.health()["events_received"] >= 2000, timeout=60, what="2000 events in")
+    stop.set()
+    runner.join()
+    accepted, statuses = result[0]
+    assert set(statuses) <= {202, 503}
+    svc.wait_persisted(len(accepted), timeout=30)
+    stored = {r[0] for r in svc.query("SELECT trace_id FROM llm_traces")}
+    assert set(accepted) <= stored
+    assert svc.health()["events_dropped"] == 0
+
+
+@needs_root
+def test_full_disk_degrades_health_and_recovers_without_loss(tmp_path: Path, run: Callable[..., Otrace]
+                                                             ) -> None:
+    with tmpfs(tmp_path / "vol", "3m") as vol:
+        node = run({"TRACE_QUEUE_SIZE": "200", "TRACE_MAX_TEXT_BYTES": "64KiB"}, db=vol / "otrace.db")
+        assert node.post("/v1/traces", trace()).status == 202
+        node.wait_persisted(1)
+        filler = fill(vol)
+        accepted: list[str] = []
+        statuses: list[int] = []
+        for _ in range(100):
+            resp = node.post("/v1/traces", [trace(input_text="x" * 8000) for _ in range(10)])
+            statuses.append(resp.status)
+            if resp.status == 202:
+                accepted += resp.json["trace_ids"]
+            if resp.status == 503:
+                break
+        assert statuses[-1] == 503, statuses
+        degraded = node.request("GET", "/health")
+        assert degraded.status == 503
+        report = degraded.json
+        assert report["status"] == "degraded" and report["db_status"] == "error"
+        assert "SQLITE_FULL" in report["last_write_error"]["error"]
+        assert any("database writes failing" in p for p in report["problems"])
+        refused = node.post("/v1/traces", trace())                 # no 202 it could not keep
+        assert refused.status == 503 and "database writes are failing" in refused.json["error"]
+        attempts = wait_until(lambda: (n := node.health()["last_write_error"]["attempts"]) >= 5 and n,
+                              timeout=30, what="several retries")
+        assert len(node.logs("database write failing")) < attempts    # logged on change, not each retry
+        filler.unlink()
+        node.wait_persisted(1 + len(accepted), timeout=30)
+        healed = node.request("GET", "/health")
+        assert healed.status == 200 and healed.json["last_write_error"] is None
+        node.wait_log(lambda e: e.get("message") == "database write recovered")
+        stored = {r[0] for r in node.query("SELECT trace_id FROM llm_traces")}
+        assert set(accepted) <= stored
+        assert node.stop() == 0
+
+
+@needs_root
+def test_disk_reserve_commits_what_was_accepted_when_the_disk_fills(tmp_path: Path,
+                                                                    run: Callable[..., Otrace]) -> None:
+    """The reserve is given up on the first disk-full write, so every 202'd event is committed while
+    the disk is still full (a SIGKILL then loses nothing); ingest answers 503 until there is room."""
+    with tmpfs(tmp_path / "vol", "24m") as vol:
+        db = vol / "otrace.db"
+        node = run({"TRACE_DISK_RESERVE_BYTES": "2MiB", "TRACE_BATCH_WINDOW": "200ms"}, db=db)
+        reserve = vol / "otrace.db-reserve"
+        assert reserve.stat().st_blocks * 512 >= 2 * 2**20
+        filler = fill(vol)
+        accepted: list[str] = []
+        batch = [trace(input_text="x" * 4000) for _ in range(20)]
+        while (resp := node.post("/v1/traces", batch)).status == 202:
+            accepted += resp.json["trace_ids"]
+            batch = [trace(input_text="x" * 4000) for _ in range(20)]
+        assert resp.status == 503 and "disk full" in resp.json["error"]
+        released = node.wait_log(lambda e: e.get("message") == "disk full: reserve released; ingest paused")
+        assert released["queued_events"] > 0 and not reserve.exists()
+        wait_until(lambda: node.health()["queue_depth"] == 0, what="the queue committed on a full disk")
+        report = node.request("GET", "/health")
+        assert report.status == 503 and any("reserve released" in p for p in report.json["problems"])
+        stored = {r[0] for r in node.query("SELECT trace_id FROM llm_traces")}    # committed: a SIGKILL
+        assert set(accepted) <= stored                                             # now would lose none
+        filler.unlink()
+        node.wait_log(lambda e: e.get("message") == "disk reserve held again: ingest resumes")
+        assert reserve.stat().st_blocks * 512 >= 2 * 2**20
+        assert node.post("/v1/traces", trace()).status == 202
+        assert node.stop() == 0
+
+
+@needs_root
+def test_a_reserve_there_was_no_room_for_at_start_is_taken_once_there_is(tmp_path: Path,
+                                                                          run: Callable[..., Otrace]) -> None:
+    with tmpfs(tmp_path / "vol", "24m") as vol:
+        filler = fill(vol)
+        os.truncate(filler, filler.stat().st_size - (1 << 20))        # room for the database, not the reserve
+        node = run({"TRACE_DISK_RESERVE_BYTES": "2MiB"}, db=vol / "otrace.db")
+        node.wait_log(lambda e: e.get("message") == "disk reserve not held: no room for it")
+        assert node.post("/v1/traces", trace()).status == 202          # ingest goes on without it
+        filler.unlink()
+        node.wait_log(lambda e: e.get("message") == "disk reserve held")
+        assert (vol / "otrace.db-reserve").stat().st_blocks * 512 >= 2 << 20
+        assert node.health()["status"] == "ok"
+        node.wait_persisted(1)
+
+
+def test_health_answers_while_the_writer_is_blocked(run: Callable[..., Otrace]) -> None:
+    node = run()
+    blocker = sqlite3.connect(node.db_path, isolation_level=None, timeout=10)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        assert node.post("/v1/traces", trace()).status == 202
+        resp = node.request("GET", "/health", timeout=30)     # the writer is stuck in its busy wait
+        assert resp.status == 200 and resp.json["queue_depth"] == 1
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    node.wait_persisted(1)
+
+
+def test_database_from_every_older_schema_migrates_keeping_rows(tmp_path: Path,
+                                                                run: Callable[..., Otrace]) -> None:
+    for version in range(1, len(otrace.SCHEMA)):
+        db = tmp_path / f"v{version}.db"
+        with contextlib.closing(sqlite3.connect(db, isolation_level=None)) as conn:
+            conn.execute("PRAGMA journal_mode = WAL")
+            for step in otrace.SCHEMA[:version]:
+                conn.executescript(step)
+            conn.execute(f"PRAGMA user_version = {version}")
+            conn.execute("INSERT INTO llm_traces (trace_id, created_at, received_at, source, provider, "
+                         "model, status, truncated) VALUES ('kept', 1, 1, 'http', 'p', 'm', 'ok', 0)")
+        node = run(db=db)
+        assert node.query("PRAGMA user_version") == [(len(otrace.SCHEMA),)]
+        assert node.query("SELECT trace_id FROM llm_traces") == [("kept",)]
+        assert node.logs("schema migrated")[-1]["version"] == len(otrace.SCHEMA)
+        assert node.stop() == 0
+
+
+def test_database_wal_and_shm_are_private_even_under_umask_0(run: Callable[..., Otrace]) -> None:
+    old = os.umask(0)                          # otrace must not rely on the umask it is given
+    try:
+        node = run()
+    finally:
+        os.umask(old)
+    assert node.post("/v1/traces", trace()).status == 202
+    node.wait_persisted(1)
+    files = [Path(f"{node.db_path}{suffix}") for suffix in ("", "-wal", "-shm")]
+    assert {f.name: oct(f.stat().st_mode & 0o777) for f in files} == {f.name: "0o600" for f in files}
+
+
+# ------------------------------------------------------------------------------------------- ingest
+
+
+def test_request_heads_are_parsed_or_refused_in_process() -> None:
+    head = b"POST /v1/traces?x=1 HTTP/1.1\r\nHost: h\r\nContent-Length: 12\r\nCONNECTION: close\r\n\r\n"
+    request = otrace.parse_head(head, complete=True)
+    assert (request.method, request.route, request.length, request.chunked, request.close) == (
+        "POST", "/v1/traces", 12, False, True)
+    for raw, status in ((b"GET / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n", 501),
+                        (b"GET / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", 400),
+                        (b"GET / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n", 501),
+                        (b"GET / HTTP/1.1\r\n Folded: x\r\n\r\n", 400), (b"get me\r\n\r\n", 400)):
+        with pytest.raises(otrace.Refusal) as refused:
+            otrace.parse_head(raw, complete=True)
+        assert refused.value.status == status, raw
+
+
+def test_chunked_bodies_decode_in_pieces_of_any_size_in_process() -> None:
+    body = json.dumps([trace() for _ in range(5)]).encode()
+    wire = chunked(body, 13)[:-2] + b"X-Checksum: 1\r\n\r\n"
+    for step in (1, 2, 7, len(wire)):                     # however the bytes arrive
+        raw, out, state, done = bytearray(), bytearray(), [-1], None
+        for start in range(0, len(wire), step):
+            raw += wire[start:start + step]
+            done = otrace.decode_chunked(raw, out, 10_000, state)
+        assert done == len(body) and bytes(out) == body and raw == b""
+    with pytest.raises(otrace.Refusal) as big:
+        otrace.decode_chunked(bytearray(chunked(body)), bytearray(), 100, [-1])
+    assert big.value.status == 413
 
 
 @pytest.mark.parametrize("length", ["\u00b2", "1\u00b9", "9" * 4301, "-1", "1e3", "0x10"])
@@ -778,22 +1222,6 @@ def test_token_is_required_when_set(run: Callable[..., Otrace]) -> None:
     node.wait_persisted(1)
 
 
-def test_health_reports_and_head_has_no_body(svc: Otrace) -> None:
-    assert svc.post("/v1/traces", [trace(), trace()]).status == 202
-    health = svc.wait_persisted(2)
-    assert health["status"] == "ok" and health["db_status"] == "ok" and health["writer_alive"] is True
-    assert health["queue_capacity"] == 512 and health["queue_depth"] == 0
-    assert health["unsynced_count"] == 2
-    assert health["version"] == otrace.__version__
-    assert health["db_size_bytes"] > 0
-    assert health["last_push_status"] == "disabled" and health["last_push_time"] is None
-    for key in ("uptime_seconds", "events_received", "events_persisted", "events_refused",
-                "events_rejected", "wal_size_bytes", "last_write_error"):
-        assert key in health
-    head = svc.request("HEAD", "/health")
-    assert head.status == 200 and head.body == b"" and int(head.headers["content-length"]) > 0
-
-
 def test_slow_client_is_cut_off_and_others_are_served(run: Callable[..., Otrace]) -> None:
     node = run({"TRACE_READ_TIMEOUT": "500ms"})
     with socket.create_connection(("127.0.0.1", node.port), timeout=10) as slow:
@@ -847,26 +1275,6 @@ def test_a_client_that_does_not_read_its_answers_holds_no_one_up(svc: Otrace) ->
     svc.wait_persisted(1)
 
 
-def test_sigterm_closes_idle_connections_and_finishes_a_request_in_flight(svc: Otrace) -> None:
-    idle = socket.create_connection(("127.0.0.1", svc.port), timeout=30)
-    event = json.dumps(trace()).encode()
-    first = json.dumps(trace()).encode()
-    idle.sendall(request_head(len(first)) + first)
-    assert answer_of(idle.recv(65536))[0] == 202                   # a keep-alive, now idle
-    with idle, socket.create_connection(("127.0.0.1", svc.port), timeout=30) as busy:
-        busy.sendall(request_head(len(event)) + event[:10])         # a request in flight
-        svc.signal(signal.SIGTERM)
-        assert idle.recv(100) == b""                                # closed at once
-        busy.sendall(event[10:])
-        answer = read_to_end(busy)
-    status, body = answer_of(answer)
-    assert status == 202 and b"Connection: close" in answer
-    assert svc.proc.wait(10) == 0
-    assert svc.logs("stopped")[0]["connections_cut"] == 0
-    stored = {r[0] for r in svc.query("SELECT trace_id FROM llm_traces")}
-    assert body["trace_ids"][0] in stored and len(stored) == 2
-
-
 def test_connection_limit_answers_503(run: Callable[..., Otrace]) -> None:
     node = run({"TRACE_MAX_CONNECTIONS": "2"})
     held = [socket.create_connection(("127.0.0.1", node.port), timeout=30) for _ in range(2)]
@@ -902,374 +1310,753 @@ def test_no_descriptor_left_for_a_connection_is_logged_once_and_passes(svc: Otra
     kept.close()
 
 
-# ---------------------------------------------------------------------------------------- storage
+def big_body_refused_unread(node: Otrace) -> None:
+    body = b"x" * (10 << 20)
+    with socket.create_connection(("127.0.0.1", node.port), timeout=30) as sock:
+        sock.sendall(request_head(len(body)) + body[:64 << 10])
+        status, error = answer_of(sock.recv(65536))           # answered before the other 9.9 MB are sent
+        assert status == 413 and "TRACE_MAX_BODY_BYTES" in error["error"]
+        with pytest.raises((BrokenPipeError, ConnectionResetError)):   # and hung up rather than read them
+            sock.sendall(body[64 << 10:])
 
 
-def test_schema_pragmas_and_file_mode(svc: Otrace) -> None:
-    assert svc.post("/v1/traces", trace()).status == 202
-    svc.wait_persisted(1)
-    assert svc.query("PRAGMA journal_mode") == [("wal",)]
-    assert svc.query("PRAGMA auto_vacuum") == [(2,)]              # incremental
-    assert svc.query("PRAGMA user_version") == [(len(otrace.SCHEMA),)]
-    tables = {name for (name,) in svc.query("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    assert {"llm_traces", "error_events", "system_metrics", "push_log"} <= tables
-    plan = " ".join(str(r) for r in svc.query(
-        "EXPLAIN QUERY PLAN SELECT * FROM llm_traces WHERE synced = 0 ORDER BY id LIMIT 100"))
-    assert "llm_traces_unsynced" in plan
-    assert (svc.db_path.stat().st_mode & 0o777) == 0o600
+SMALL_EVENT = b'{"provider":"p","model":"m"}'
 
 
-def test_database_from_a_newer_otrace_is_refused(tmp_path: Path, run: Callable[..., Otrace]) -> None:
-    db = tmp_path / "newer.db"
-    with contextlib.closing(sqlite3.connect(db)) as conn:
-        conn.execute(f"PRAGMA user_version = {len(otrace.SCHEMA) + 1}")
-    node = run(wait=False, db=db)
-    assert node.proc.wait(10) == 1
-    assert "newer than this otrace" in node.wait_log(lambda e: e.get("message") == "cannot start")["error"]
+FOREVER = {"TRACE_READ_TIMEOUT": "1h"}     # no client here comes near it
 
 
-def test_parent_directory_is_created_private_and_an_existing_file_made_private(
-        tmp_path: Path, run: Callable[..., Otrace]) -> None:
-    node = run(db=tmp_path / "a" / "b" / "otrace.db")
-    assert node.post("/v1/traces", trace()).status == 202
+def slow_body_in_time(node: Otrace) -> None:
+    """28 bytes at one per 50 ms: slow, and inside TRACE_READ_TIMEOUT."""
+    with socket.create_connection(("127.0.0.1", node.port), timeout=30) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.sendall(request_head(len(SMALL_EVENT)))
+        for byte in SMALL_EVENT:
+            sock.sendall(bytes([byte]))
+            time.sleep(0.05)                                   # the client's own pace, not a wait
+        resp = http.client.HTTPResponse(sock)
+        resp.begin()
+        assert resp.status == 202
+        trace_id = json.loads(resp.read())["trace_ids"][0]
     node.wait_persisted(1)
-    assert node.stop() == 0
-    assert (tmp_path / "a" / "b").stat().st_mode & 0o777 == 0o700
-    node.db_path.chmod(0o644)                               # an older otrace, or a careless copy
-    node2 = run(db=node.db_path)
-    assert node.db_path.stat().st_mode & 0o777 == 0o600
-    assert node2.stop() == 0
+    assert node.query("SELECT provider, model FROM llm_traces WHERE trace_id = ?", trace_id) == [("p", "m")]
 
 
-def test_a_second_otrace_on_the_same_database_exits_naming_it(run: Callable[..., Otrace]) -> None:
-    first = run()
-    second = run(wait=False, db=first.db_path)
-    assert second.proc.wait(10) == 1
-    assert second.stderr == [f"otrace: another otrace (pid {first.proc.pid}) is using the database "
-                             f"{first.db_path}\n"]
-    assert first.health()["status"] == "ok"
-    assert first.stop() == 0
-    third = run(db=first.db_path)                           # the lock went with its holder
-    assert third.stop() == 0
-
-
-def test_a_symlinked_database_path_finds_its_wal_and_reserve_beside_the_real_file(
-        tmp_path: Path, run: Callable[..., Otrace]) -> None:
-    real = tmp_path / "volume" / "otrace.db"
-    real.parent.mkdir()
-    link = tmp_path / "otrace.db"
-    link.symlink_to(real)
-    node = run({"TRACE_WAL_MAX_BYTES": "64KiB", "TRACE_CHECKPOINT_INTERVAL": "200ms"}, db=link)
-    assert node.health()["db_path"] == str(real)
-    assert (real.parent / "otrace.db-reserve").stat().st_size == 16 * 2**20
-    node.post("/v1/traces", [trace(input_text="x" * 2000) for _ in range(200)])
-    wait_until(lambda: node.health()["wal_size_bytes"] > 0, what="the WAL seen beside the real file")
-    node.wait_log(lambda e: e.get("message") == "wal checkpoint" and e.get("mode") == "truncate")
-    assert node.stop() == 0
-
-
-def test_disk_reserve_of_zero_is_off(tmp_path: Path, run: Callable[..., Otrace]) -> None:
-    node = run({"TRACE_DISK_RESERVE_BYTES": "0"})
-    assert node.post("/v1/traces", trace()).status == 202
-    node.wait_persisted(1)
-    assert not Path(str(node.db_path) + "-reserve").exists()
-    assert node.stop() == 0
-
-
-@pytest.mark.parametrize("how", ["deleted", "replaced"])
-def test_a_database_deleted_or_replaced_under_otrace_loses_nothing_that_got_202(
-        tmp_path: Path, run: Callable[..., Otrace], how: str) -> None:
-    """rm of the file and its WAL, or an mv of another database over it: otrace notices, says so, and
-    moves to a new file at the path, carrying over what the old one held unpushed."""
-    node = run({"TRACE_BATCH_WINDOW": "5ms"})
-    before = node.post("/v1/traces", [trace() for _ in range(50)]).json["trace_ids"]
-    node.wait_persisted(50)
-    if how == "deleted":
-        for suffix in ("", "-wal", "-shm"):
-            Path(str(node.db_path) + suffix).unlink(missing_ok=True)
-    else:
-        other = tmp_path / "other.db"
-        with contextlib.closing(sqlite3.connect(other)) as conn:
-            conn.execute("CREATE TABLE t (x)")
-        other.replace(node.db_path)
-    during = node.post("/v1/traces", [trace() for _ in range(20)]).json["trace_ids"]
-    node.wait_log(lambda e: e.get("message") == "database file recreated; unpushed rows carried over")
-    after = node.post("/v1/traces", [trace() for _ in range(20)]).json["trace_ids"]
-    node.wait_persisted(90)
-    health = node.health()
-    assert health["db_replaced"]["carried_over"]["llm_traces"] >= 50
-    assert health["status"] == "ok"
-    assert node.stop() == 0
-    stored = {r[0] for r in node.query("SELECT trace_id FROM llm_traces")}
-    assert set(before + during + after) <= stored
-    if how == "replaced":                                   # the database moved in was kept, not wiped
-        assert node.query("SELECT count(*) FROM t") == [(0,)]
-
-
-def test_a_dead_writer_means_503(tmp_path: Path) -> None:
-    """The writer is never started here, as if it had died: no 202 can promise a commit then."""
-    config = otrace.Config(db_path=str(tmp_path / "x.db"), port=0, metrics_interval=0.0)
-    service = otrace.Service(config)
-    try:
-        with pytest.raises(otrace.Refusal) as refused:
-            service.server.api.admit([otrace.Row("llm_traces", ())])
-        assert refused.value.status == 503
-        assert service.health()["problems"] == ["writer thread is not running"]
-    finally:
-        service.server.release()
-        service.db.close()
-
-
-def test_queue_full_answers_503_and_keeps_nothing_of_that_request(run: Callable[..., Otrace]) -> None:
-    node = run({"TRACE_QUEUE_SIZE": "20", "TRACE_BATCH_SIZE": "5"})
-    # another process holds the write lock: the writer cannot commit, so the queue really fills
-    blocker = sqlite3.connect(node.db_path, isolation_level=None, timeout=10)
-    blocker.execute("BEGIN IMMEDIATE")
-    try:
-        accepted: list[str] = []
-        statuses = []
-        for _ in range(30):
-            resp = node.post("/v1/traces", [trace(), trace(), trace()])
-            statuses.append(resp.status)
-            if resp.status == 202:
-                accepted += resp.json["trace_ids"]
-            else:
-                assert resp.status == 503 and resp.headers["retry-after"] == "1"
-        assert 503 in statuses
-        health = node.health()
-        assert health["queue_depth"] <= 20 and health["events_refused"] >= 3
-        assert statuses.count(202) * 3 == len(accepted) <= 21
-    finally:
-        blocker.execute("ROLLBACK")
-        blocker.close()
-    node.wait_persisted(len(accepted), timeout=30)
-    stored = {r[0] for r in node.query("SELECT trace_id FROM llm_traces")}
-    assert stored == set(accepted)
-
-
-def post_flat_out(node: Otrace, clients: int, stop: threading.Event, per_request: int = 1
-                  ) -> tuple[list[str], list[int]]:
-    """Clients posting as fast as they can over keep-alive connections until `stop`; returns the
-    trace_ids that got a 202 and every status seen."""
-    accepted: list[str] = []
-    statuses: list[int] = []
-    lock = threading.Lock()
-
-    def client() -> None:
-        conn = http.client.HTTPConnection("127.0.0.1", node.port, timeout=10)
-        while not stop.is_set():
-            events = [trace() for _ in range(per_request)]
+def slow_body_too_slow(node: Otrace) -> None:
+    """One byte per 100 ms with TRACE_READ_TIMEOUT=1s: cut off at the deadline, not served, not kept."""
+    with socket.create_connection(("127.0.0.1", node.port), timeout=30) as sock:
+        connected = time.monotonic()
+        sock.sendall(request_head(len(SMALL_EVENT)))
+        answer = None
+        for byte in SMALL_EVENT:
             try:
-                resp = node.post("/v1/traces", events, conn=conn)
-            except (OSError, http.client.HTTPException):
-                conn.close()
-                conn = http.client.HTTPConnection("127.0.0.1", node.port, timeout=10)
-                if node.proc.poll() is not None:
-                    return
-                continue
-            with lock:
-                statuses.append(resp.status)
-                if resp.status == 202:
-                    accepted.extend(resp.json["trace_ids"])
-        conn.close()
-
-    threads = [threading.Thread(target=client) for _ in range(clients)]
-    for t in threads:
-        t.start()
-    stop.wait()
-    for t in threads:
-        t.join(30)
-    return accepted, statuses
-
-
-def test_flat_out_load_loses_nothing_that_got_202(svc: Otrace) -> None:
-    stop = threading.Event()
-    result: list[Any] = []
-    runner = threading.Thread(target=lambda: result.append(post_flat_out(svc, 16, stop)))
-    runner.start()
-    wait_until(lambda: svc.health()["events_received"] >= 2000, timeout=60, what="2000 events in")
-    stop.set()
-    runner.join()
-    accepted, statuses = result[0]
-    assert set(statuses) <= {202, 503}
-    svc.wait_persisted(len(accepted), timeout=30)
-    stored = {r[0] for r in svc.query("SELECT trace_id FROM llm_traces")}
-    assert set(accepted) <= stored
-    assert svc.health()["events_dropped"] == 0
-
-
-def test_sigterm_during_a_burst_keeps_every_202(svc: Otrace) -> None:
-    stop = threading.Event()
-    result: list[Any] = []
-    runner = threading.Thread(target=lambda: result.append(post_flat_out(svc, 8, stop, per_request=5)))
-    runner.start()
-    wait_until(lambda: svc.health()["events_received"] >= 1000, timeout=60, what="burst under way")
-    svc.signal(signal.SIGTERM)
-    code = svc.proc.wait(30)                  # it stops by itself, with its 4 s deadline
-    stop.set()
-    runner.join()
-    accepted, _ = result[0]
-    assert code == 0, svc.lines[-5:]
-    stored = {r[0] for r in svc.query("SELECT trace_id FROM llm_traces")}
-    missing = set(accepted) - stored
-    assert not missing, f"{len(missing)} of {len(accepted)} accepted events lost"
-    stopped = svc.logs("stopped")[0]
-    assert stopped["events_lost"] == 0
-    assert svc.logs("wal checkpoint")[0]["mode"] == "truncate"
-    assert not Path(f"{svc.db_path}-wal").exists() or Path(f"{svc.db_path}-wal").stat().st_size == 0
-
-
-def test_sigint_stops_cleanly_too(svc: Otrace) -> None:
-    assert svc.post("/v1/traces", trace()).status == 202
-    svc.signal(signal.SIGINT)
-    assert svc.proc.wait(10) == 0
-    assert len(svc.rows("llm_traces")) == 1
-
-
-@needs_root
-def test_full_disk_degrades_health_and_recovers_without_loss(tmp_path: Path, run: Callable[..., Otrace]
-                                                             ) -> None:
-    with tmpfs(tmp_path / "vol", "3m") as vol:
-        node = run({"TRACE_QUEUE_SIZE": "200", "TRACE_MAX_TEXT_BYTES": "64KiB"}, db=vol / "otrace.db")
-        assert node.post("/v1/traces", trace()).status == 202
-        node.wait_persisted(1)
-        filler = fill(vol)
-        accepted: list[str] = []
-        statuses: list[int] = []
-        for _ in range(100):
-            resp = node.post("/v1/traces", [trace(input_text="x" * 8000) for _ in range(10)])
-            statuses.append(resp.status)
-            if resp.status == 202:
-                accepted += resp.json["trace_ids"]
-            if resp.status == 503:
+                sock.sendall(bytes([byte]))
+            except (BrokenPipeError, ConnectionResetError):
+                answer = b""
                 break
-        assert statuses[-1] == 503, statuses
-        degraded = node.request("GET", "/health")
-        assert degraded.status == 503
-        report = degraded.json
-        assert report["status"] == "degraded" and report["db_status"] == "error"
-        assert "SQLITE_FULL" in report["last_write_error"]["error"]
-        assert any("database writes failing" in p for p in report["problems"])
-        refused = node.post("/v1/traces", trace())                 # no 202 it could not keep
-        assert refused.status == 503 and "database writes are failing" in refused.json["error"]
-        attempts = wait_until(lambda: (n := node.health()["last_write_error"]["attempts"]) >= 5 and n,
-                              timeout=30, what="several retries")
-        assert len(node.logs("database write failing")) < attempts    # logged on change, not each retry
-        filler.unlink()
-        node.wait_persisted(1 + len(accepted), timeout=30)
-        healed = node.request("GET", "/health")
-        assert healed.status == 200 and healed.json["last_write_error"] is None
-        node.wait_log(lambda e: e.get("message") == "database write recovered")
-        stored = {r[0] for r in node.query("SELECT trace_id FROM llm_traces")}
-        assert set(accepted) <= stored
-        assert node.stop() == 0
+            if readable(sock, 0.1):
+                answer = read_to_end(sock)
+                break
+        took = time.monotonic() - connected
+    assert answer is not None, "the whole slow body went through"
+    assert answer == b"" or answer.startswith(b"HTTP/1.1 408 "), answer[:100]
+    assert took >= 1.0, took                             # not before its deadline
+    assert node.health()["events_received"] == 0
 
 
-@needs_root
-def test_disk_reserve_commits_what_was_accepted_when_the_disk_fills(tmp_path: Path,
-                                                                    run: Callable[..., Otrace]) -> None:
-    """The reserve is given up on the first disk-full write, so every 202'd event is committed while
-    the disk is still full (a SIGKILL then loses nothing); ingest answers 503 until there is room."""
-    with tmpfs(tmp_path / "vol", "24m") as vol:
-        db = vol / "otrace.db"
-        node = run({"TRACE_DISK_RESERVE_BYTES": "2MiB", "TRACE_BATCH_WINDOW": "200ms"}, db=db)
-        reserve = vol / "otrace.db-reserve"
-        assert reserve.stat().st_blocks * 512 >= 2 * 2**20
-        filler = fill(vol)
-        accepted: list[str] = []
-        batch = [trace(input_text="x" * 4000) for _ in range(20)]
-        while (resp := node.post("/v1/traces", batch)).status == 202:
-            accepted += resp.json["trace_ids"]
-            batch = [trace(input_text="x" * 4000) for _ in range(20)]
-        assert resp.status == 503 and "disk full" in resp.json["error"]
-        released = node.wait_log(lambda e: e.get("message") == "disk full: reserve released; ingest paused")
-        assert released["queued_events"] > 0 and not reserve.exists()
-        wait_until(lambda: node.health()["queue_depth"] == 0, what="the queue committed on a full disk")
-        report = node.request("GET", "/health")
-        assert report.status == 503 and any("reserve released" in p for p in report.json["problems"])
-        stored = {r[0] for r in node.query("SELECT trace_id FROM llm_traces")}    # committed: a SIGKILL
-        assert set(accepted) <= stored                                             # now would lose none
-        filler.unlink()
-        node.wait_log(lambda e: e.get("message") == "disk reserve held again: ingest resumes")
-        assert reserve.stat().st_blocks * 512 >= 2 * 2**20
-        assert node.post("/v1/traces", trace()).status == 202
-        assert node.stop() == 0
+def half_closed(sent: bytes, status: int | None, needle: str = "") -> Callable[[Otrace], None]:
+    """The client sends `sent`, then shuts its sending side: otrace sees the end of input at once."""
+    def case(node: Otrace) -> None:
+        with socket.create_connection(("127.0.0.1", node.port), timeout=30) as sock:
+            sock.sendall(sent)
+            sock.shutdown(socket.SHUT_WR)
+            answer = read_to_end(sock)     # TRACE_READ_TIMEOUT is 1 h: the end of input ended it
+        if status is None:
+            assert answer == b""
+        else:
+            code, error = answer_of(answer)
+            assert code == status and needle in error["error"], answer
+    return case
 
 
-@needs_root
-def test_a_reserve_there_was_no_room_for_at_start_is_taken_once_there_is(tmp_path: Path,
-                                                                          run: Callable[..., Otrace]) -> None:
-    with tmpfs(tmp_path / "vol", "24m") as vol:
-        filler = fill(vol)
-        os.truncate(filler, filler.stat().st_size - (1 << 20))        # room for the database, not the reserve
-        node = run({"TRACE_DISK_RESERVE_BYTES": "2MiB"}, db=vol / "otrace.db")
-        node.wait_log(lambda e: e.get("message") == "disk reserve not held: no room for it")
-        assert node.post("/v1/traces", trace()).status == 202          # ingest goes on without it
-        filler.unlink()
-        node.wait_log(lambda e: e.get("message") == "disk reserve held")
-        assert (vol / "otrace.db-reserve").stat().st_blocks * 512 >= 2 << 20
-        assert node.health()["status"] == "ok"
-        node.wait_persisted(1)
+@pytest.mark.parametrize(("env", "case"), [
+    ({}, big_body_refused_unread),
+    (FOREVER, slow_body_in_time),
+    ({"TRACE_READ_TIMEOUT": "1s"}, slow_body_too_slow),
+    (FOREVER, half_closed(request_head(100) + b'{"provider": "p"', 400, "body ended after 16 of 100 bytes")),
+    (FOREVER, half_closed(b"POST /v1/traces HTTP/1.1\r\nHost: x\r\nContent-Le", 400, "inside its headers")),
+    (FOREVER, half_closed(b"", None)),
+], ids=["10MB-body", "slow-body-in-time", "slow-body-too-slow", "half-closed-mid-body",
+        "half-closed-mid-headers", "half-closed-at-once"])
+def test_nasty_client_is_answered_or_cut_off_and_the_service_lives(
+        run: Callable[..., Otrace], env: dict[str, str], case: Callable[[Otrace], None]) -> None:
+    node = run(env)
+    case(node)
+    wait_until(lambda: node.health()["connections_open"] == 1, what="the client's handler to finish")
+    assert node.post("/v1/traces", trace()).status == 202
+    assert not node.logs("request failed")
 
 
-@needs_root
-def test_start_on_a_full_disk_waits_for_space(tmp_path: Path, run: Callable[..., Otrace]) -> None:
-    with tmpfs(tmp_path / "vol", "2m") as vol:
-        db = vol / "otrace.db"
-        first = run(db=db)
-        ids = post_some(first, 20)
-        first.wait_persisted(20)
-        first.kill()                                             # the WAL is left to recover
-        filler = fill(vol)
-        node = run(db=db, wait=False)
-        failing = node.wait_log(lambda e: e.get("message") == "start failing")
-        assert "SQLITE_FULL" in failing["error"] or "SQLITE_IOERR" in failing["error"], failing
-        filler.unlink()
-        node.wait_log(lambda e: e.get("message") == "listening", timeout=15)
-        node.port = int(node.logs("listening")[0]["address"].rsplit(":", 1)[1])
-        assert node.logs("start recovered")
-        assert node.post("/v1/traces", trace()).status == 202
-        assert node.stop() == 0
-        stored = node.query("SELECT trace_id FROM llm_traces UNION ALL SELECT trace_id FROM error_events")
-        assert {r[0] for r in stored} >= set(ids)
+class Slowloris(threading.Thread):
+    """`n` connections that each send one more byte of a request line every `every` seconds, noting
+    when otrace hangs up on each and anything it answers. Stops by itself after `lifetime` seconds or
+    once every connection is closed; close() stops it and closes the sockets."""
+
+    LINE = b"POST /v1/traces HTTP/1.1\r\n"
+
+    def __init__(self, port: int, n: int, every: float = 1.0, lifetime: float = 20.0) -> None:
+        super().__init__(daemon=True)
+        self.every, self.lifetime = every, lifetime
+        self.socks: list[socket.socket] = []
+        self.opened: dict[socket.socket, float] = {}
+        self.closed: dict[socket.socket, float] = {}
+        self.answers: dict[socket.socket, bytes] = {}
+        self.halt = threading.Event()
+        for _ in range(n):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+            self.opened[sock] = time.monotonic()
+            sock.setblocking(False)
+            self.socks.append(sock)
+
+    def run(self) -> None:
+        sent, next_byte, end = 0, time.monotonic(), time.monotonic() + self.lifetime
+        with selectors.DefaultSelector() as sel:
+            for sock in self.socks:
+                sel.register(sock, selectors.EVENT_READ)
+            while not self.halt.is_set() and len(self.closed) < len(self.socks) and time.monotonic() < end:
+                if time.monotonic() >= next_byte:
+                    byte = self.LINE[sent % len(self.LINE):][:1]
+                    sent, next_byte = sent + 1, next_byte + self.every
+                    for sock in self.socks:
+                        if sock not in self.closed:
+                            with contextlib.suppress(BlockingIOError, BrokenPipeError, ConnectionResetError):
+                                sock.send(byte)      # a hang-up shows on the reading side below
+                for key, _ in sel.select(max(0.0, min(0.05, next_byte - time.monotonic()))):
+                    sock = key.fileobj
+                    try:
+                        data = sock.recv(4096)
+                    except BlockingIOError:
+                        continue
+                    except ConnectionResetError:
+                        data = b""
+                    if data:
+                        self.answers[sock] = self.answers.get(sock, b"") + data
+                    else:
+                        self.closed[sock] = time.monotonic()
+                        sel.unregister(sock)
+
+    def close(self) -> None:
+        self.halt.set()
+        if self.is_alive():
+            self.join(10)
+        for sock in self.socks:
+            sock.close()
 
 
-def test_health_answers_while_the_writer_is_blocked(run: Callable[..., Otrace]) -> None:
-    node = run()
-    blocker = sqlite3.connect(node.db_path, isolation_level=None, timeout=10)
-    blocker.execute("BEGIN IMMEDIATE")
+def test_slowloris_crowd_does_not_starve_a_normal_client(run: Callable[..., Otrace]) -> None:
+    """200 connections trickle a request line at a byte a second: a normal client still gets its 202
+    at once, and otrace hangs up on each slow one at TRACE_READ_TIMEOUT, though it keeps sending."""
+    node = run({"TRACE_READ_TIMEOUT": "3s"})       # TRACE_MAX_CONNECTIONS stays 256
+    crowd = Slowloris(node.port, 200)
     try:
+        crowd.start()
+        wait_until(lambda: node.health()["connections_open"] == 201, timeout=60, what="the crowd admitted")
+        resp = node.post("/v1/traces", trace(), timeout=30)
+        assert resp.status == 202
+        assert not crowd.closed                       # served while every slow one was still open
+        node.wait_persisted(1)
+        wait_until(lambda: len(crowd.closed) == 200, timeout=60, what="otrace to hang up on the crowd")
+        for sock, at in crowd.closed.items():
+            assert at - crowd.opened[sock] >= 3.0                        # not before its deadline
+        assert not [a for a in crowd.answers.values() if not a.startswith(b"HTTP/1.1 4")]
+        wait_until(lambda: node.health()["connections_open"] == 1, what="every handler finished")
         assert node.post("/v1/traces", trace()).status == 202
-        resp = node.request("GET", "/health", timeout=30)     # the writer is stuck in its busy wait
-        assert resp.status == 200 and resp.json["queue_depth"] == 1
     finally:
-        blocker.execute("ROLLBACK")
-        blocker.close()
-    node.wait_persisted(1)
+        crowd.close()
 
 
-# ------------------------------------------------------------------------------------ unit pieces
+def non_loopback_addresses() -> list[str]:
+    """This machine's own addresses that are not loopback (nor IPv6 link-local, which needs a scope)."""
+    found: set[str] = set()
+    if shutil.which("hostname"):
+        found.update(subprocess.run(["hostname", "-I"], capture_output=True, text=True, check=False)
+                     .stdout.split())
+    with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect(("198.51.100.1", 9))       # picks the address a packet would leave from; sends none
+        found.add(probe.getsockname()[0])
+    return sorted(a for a in found if not ((ip := ipaddress.ip_address(a)).is_loopback or ip.is_link_local
+                                           or ip.is_unspecified))
 
 
-def test_backoff_is_full_jitter_and_capped() -> None:
-    ceilings = []
-    backoff = otrace.Backoff(0.1, 2.0, rng=lambda: 1.0)
-    for _ in range(8):
-        ceilings.append(backoff.next())
-    assert ceilings == [0.1, 0.2, 0.4, 0.8, 1.6, 2.0, 2.0, 2.0]
-    assert otrace.Backoff(0.1, 2.0, rng=lambda: 0.0).next() == 0.0
-    backoff.reset()
-    assert backoff.next() == 0.1
+def test_default_bind_is_loopback_only(run: Callable[..., Otrace]) -> None:
+    node = run()
+    assert "TRACE_HOST" not in node.env
+    assert node.logs("starting")[0]["settings"]["host"] == "127.0.0.1"
+    assert node.logs("listening")[0]["address"] == f"http://127.0.0.1:{node.port}"
+    assert node.request("GET", "/health").status == 200
+    addresses = non_loopback_addresses()
+    if not addresses:
+        pytest.skip("this machine has no address but loopback")
+    for address in addresses:
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        with socket.create_server((address, 0), family=family) as control:   # the address does take
+            socket.create_connection(control.getsockname()[:2], timeout=5).close()   # connections ...
+        with pytest.raises(ConnectionRefusedError):                           # ... but not otrace's
+            socket.create_connection((address, node.port), timeout=30).close()
 
 
-def test_cut_utf8_never_splits_a_character() -> None:
-    for limit in range(12):
-        text, size, cut = otrace.cut_utf8("añ日🙂b", limit)
-        assert len(text.encode()) <= limit and "añ日🙂b".startswith(text)
-        assert size == 11 and cut == (limit < 11)
+def test_ingest_token_guards_every_route_but_health_and_metrics(run: Callable[..., Otrace]) -> None:
+    token = f"tok-{uuid.uuid4().hex}"
+    node = run({"TRACE_INGEST_TOKEN": token})
+    opened = {"/health", "/metrics"}
+    assert opened < set(otrace.ROUTES)
+    posted = 0
+    for path, methods in otrace.ROUTES.items():                  # any route added later is checked too
+        for method in methods:
+            if path in opened:
+                resp = node.request(method, path)
+                assert resp.status == 200, (method, path, resp)
+                assert (resp.body == b"") == (method == "HEAD")
+                continue
+            good = {"error_type": "crash", "message": "m"} if path == "/v1/errors" else trace()
+            for auth in (None, f"Bearer {token}x", f"Bearer {token[:-1]}", f"Basic {token}", token,
+                         f"Token {token}", "Bearer "):
+                resp = node.request(method, path, good, headers={"Authorization": auth} if auth else {})
+                assert resp.status == 401, (method, path, auth, resp)
+                assert resp.json["error"] and resp.headers["www-authenticate"] == "Bearer"
+            for query in (f"?token={token}", f"?access_token={token}"):
+                assert node.request(method, path + query, good).status == 401
+            assert node.request(method, path, b"{bad json").status == 401       # not read, so not judged
+            resp = node.request(method, path, good, headers={"Authorization": f"Bearer {token}"})
+            assert resp.status == 202, (method, path, resp)
+            posted += 1
+    health = node.wait_persisted(posted)
+    assert health["events_received"] == posted                # nothing of the refused requests kept
+    assert node.request("HEAD", "/metrics").status == 200
 
 
-# ------------------------------------------------------------------------------------------- push
+# ------------------------------------------------------------------------------------- host metrics
+
+
+HOSTS = HERE / "fixtures" / "hosts"
+
+
+MEM_TOTAL = 24684096 * 1024          # MemTotal of the machine the real trees were captured on
+
+
+def sample_case(case: str, disk_path: Path, mode: str = "auto") -> tuple[dict[str, Any], otrace.HostReader]:
+    """The system_metrics row from a fixture's t0 and t1, the interval taken from its meta.json."""
+    meta = json.loads((HOSTS / case / "meta.json").read_text())
+    snaps = []
+    for moment in ("t0", "t1"):
+        root = HOSTS / case / moment
+        reader = otrace.HostReader(root / "proc", root / "sys", str(disk_path), mode,
+                                   disk_device=tuple(meta["disk_device"]))
+        snaps.append(reader.snapshot())
+    snaps[1].at = snaps[0].at + meta["interval_s"]
+    return otrace.host_sample(*snaps), reader
+
+
+def picked(row: dict[str, Any], *names: str) -> dict[str, Any]:
+    return {name: row[name] for name in names}
+
+
+CPU_MEM = ("source", "cpu_pct", "cpu_cores_effective", "cpu_throttled_ms", "cpu_throttled_periods",
+           "mem_used_bytes", "mem_rss_bytes", "mem_limit_bytes", "mem_available_bytes", "mem_total_bytes")
+
+
+def test_fixture_v2_with_cpu_quota_and_memory_limit(tmp_path: Path) -> None:
+    row, reader = sample_case("v2-quota", tmp_path)
+    nested = HOSTS / "v2-quota/t1/sys/fs/cgroup/system.slice/agent.service"
+    assert reader.cgroup.dirs["memory"] == ("v2", nested)
+    assert picked(row, *CPU_MEM) == {
+        "source": "cgroup_v2",
+        "cpu_pct": 75.0,                   # usage_usec +750,000 over 2.0 s at cpu.max 50000/100000 = 0.5 core
+        "cpu_cores_effective": 0.5,        # min(0.5 quota, 2 in cpuset.cpus.effective, 2 online)
+        "cpu_throttled_ms": 200.0,         # throttled_usec 250,000 -> 450,000
+        "cpu_throttled_periods": 4,        # nr_throttled 10 -> 14
+        "mem_used_bytes": 120_000_000,     # memory.current 160,000,000 - inactive_file 40,000,000
+        "mem_rss_bytes": 110_000_000,      # anon
+        "mem_limit_bytes": 268_435_456,    # memory.max
+        "mem_available_bytes": 148_435_456,    # 268,435,456 - 120,000,000
+        "mem_total_bytes": MEM_TOTAL,
+    }
+    assert row["cgroup_read_bps"] == 200_000.0     # rbytes +400,000 (254:0) over 2.0 s
+    assert row["cgroup_write_bps"] == 500_000.0    # wbytes +1,000,000 (254:16) over 2.0 s
+
+
+def test_fixture_v2_unlimited_at_the_namespace_root(tmp_path: Path) -> None:
+    row, reader = sample_case("v2-unlimited", tmp_path)
+    assert reader.cgroup.dirs["cpu"] == ("v2", HOSTS / "v2-unlimited/t1/sys/fs/cgroup")   # "0::/"
+    assert picked(row, *CPU_MEM) == {
+        "source": "cgroup_v2",
+        "cpu_pct": 25.0,                   # usage_usec +1,000,000 over 2.0 s on 2 cores (cpu.max "max")
+        "cpu_cores_effective": 2,
+        "cpu_throttled_ms": 0.0, "cpu_throttled_periods": 0,
+        "mem_used_bytes": 310_000_000,     # 410,000,000 - inactive_file 100,000,000
+        "mem_rss_bytes": 260_000_000,
+        "mem_limit_bytes": MEM_TOTAL,      # memory.max "max": the host's MemTotal
+        "mem_available_bytes": MEM_TOTAL - 310_000_000,
+        "mem_total_bytes": MEM_TOTAL,
+    }
+    assert (row["cgroup_read_bps"], row["cgroup_write_bps"]) == (0.0, 300_000.0)   # wbytes +600,000 / 2 s
+
+
+def test_fixture_v1_with_cpu_quota_and_memory_limit(tmp_path: Path) -> None:
+    row, reader = sample_case("v1-quota", tmp_path)      # captured: interval 2.005694 s
+    child = HOSTS / "v1-quota/t1/sys/fs/cgroup/cpuacct/otrace-fixture-quota"
+    assert reader.cgroup.dirs["cpuacct"] == ("v1", child)
+    assert picked(row, *CPU_MEM) == {
+        "source": "cgroup_v1",
+        "cpu_pct": 100.48,                 # cpuacct.usage 286,370,912 -> 1,294,055,601 ns: 1.007684689 s
+                                           # / (2.005694 s * 0.5 core) = 100.48 % of the allowance
+        "cpu_cores_effective": 0.5,        # cfs_quota_us 50000 / cfs_period_us 100000
+        "cpu_throttled_ms": 999.483,       # throttled_time 212,822,270 -> 1,212,305,537 ns
+        "cpu_throttled_periods": 20,       # nr_throttled 5 -> 25
+        "mem_used_bytes": 3_227_648,       # usage_in_bytes 3,227,648 - total_inactive_file 0
+        "mem_rss_bytes": 3_096_576,        # total_rss
+        "mem_limit_bytes": 268_435_456,
+        "mem_available_bytes": 265_207_808,
+        "mem_total_bytes": MEM_TOTAL,
+    }
+
+
+def test_fixture_v1_unlimited_pure_v1(tmp_path: Path) -> None:
+    row, reader = sample_case("v1-unlimited", tmp_path)  # captured: interval 2.003482 s
+    assert {version for version, _ in reader.cgroup.dirs.values()} == {"v1"}
+    assert picked(row, *CPU_MEM) == {
+        "source": "cgroup_v1",
+        "cpu_pct": 50.01,                  # 499,640,839 -> 2,503,453,928 ns: 2.003813089 s / (2.003482 s * 2)
+        "cpu_cores_effective": 2,          # quota -1: the cpuset's 2 CPUs
+        "cpu_throttled_ms": 0.0, "cpu_throttled_periods": 0,
+        "mem_used_bytes": 4_554_752, "mem_rss_bytes": 4_460_544,
+        "mem_limit_bytes": MEM_TOTAL,      # 9223372036854771712 is v1's "no limit"
+        "mem_available_bytes": MEM_TOTAL - 4_554_752,
+        "mem_total_bytes": MEM_TOTAL,
+    }
+    # vda (254:0) sectors written 65,753,904 -> 65,756,560: 2,656 * 512 = 1,359,872 bytes in 2.003482 s
+    assert (row["disk_read_bps"], row["disk_write_bps"]) == (0.0, 678754.3)
+    assert row["disk_device"] == "vda (254:0)"
+
+
+def test_fixture_hybrid_reads_v1_controllers_beside_an_empty_v2(tmp_path: Path) -> None:
+    row, reader = sample_case("hybrid", tmp_path)         # captured: interval 2.00568 s
+    assert {res: version for res, (version, _) in reader.cgroup.dirs.items()} == dict.fromkeys(
+        ("cpu", "cpuacct", "cpuset", "memory", "io"), "v1")
+    assert reader.cgroup.dirs["memory"][1].name == "2314ed9f1114ab0fdeb5730a3c78d3d6"   # nested path
+    assert picked(row, *CPU_MEM) == {
+        "source": "cgroup_v1",
+        "cpu_pct": 50.37,                  # 1,420,747,467,636 -> 1,422,768,064,376 ns: 2.02059674 s
+                                           # / (2.00568 s * 2 cores) = 50.37 %
+        "cpu_cores_effective": 2,
+        "cpu_throttled_ms": 0.0, "cpu_throttled_periods": 0,
+        "mem_used_bytes": 78_073_856,      # 93,306,880 - total_inactive_file 15,233,024
+        "mem_rss_bytes": 17_833_984,
+        "mem_limit_bytes": MEM_TOTAL,
+        "mem_available_bytes": MEM_TOTAL - 78_073_856,
+        "mem_total_bytes": MEM_TOTAL,
+    }
+
+
+def test_fixture_mount_root_below_the_cgroup_root(tmp_path: Path) -> None:
+    """A container without its own cgroup namespace: mountinfo's root is the cgroup's path."""
+    row, reader = sample_case("v1-subtree-root", tmp_path)   # captured: interval 2.011379 s
+    assert reader.cgroup.dirs["cpuacct"] == ("v1", HOSTS / "v1-subtree-root/t1/sys/fs/cgroup/cpuacct")
+    # the top mount's cpuacct.usage: 1,554,211,052 -> 2,564,589,189 ns = 1.010378137 s over 2.011379 s
+    # at 0.5 core = 100.47 % (the shadowed /otrace-fixture-quota copy would give 100.07 %)
+    assert (row["cpu_pct"], row["cpu_cores_effective"]) == (100.47, 0.5)
+    assert (row["cpu_throttled_ms"], row["cpu_throttled_periods"]) == (1000.971, 20)
+    assert (row["mem_used_bytes"], row["mem_limit_bytes"]) == (7_426_048, 268_435_456)
+
+
+def test_fixture_proc_only(tmp_path: Path) -> None:
+    row, reader = sample_case("proc-only", tmp_path)
+    assert reader.cgroup is None
+    assert picked(row, *CPU_MEM) == {
+        "source": "proc",
+        "cpu_pct": 50.25,                  # /proc/stat busy (user+nice+system+irq+softirq+steal)
+                                           # 136,589 -> 136,790 (+201) of all ticks 913,333 -> 913,733 (+400)
+        "cpu_cores_effective": 2,
+        "cpu_throttled_ms": None, "cpu_throttled_periods": None,
+        "mem_used_bytes": 286_756_864,     # MemTotal 24,684,096 - MemAvailable 24,404,060 kB
+        "mem_rss_bytes": 29_310_976,       # AnonPages 28,624 kB
+        "mem_limit_bytes": MEM_TOTAL,
+        "mem_available_bytes": 24_404_060 * 1024,
+        "mem_total_bytes": MEM_TOTAL,
+    }
+
+
+def test_fixture_oom_kill_counters(tmp_path: Path) -> None:
+    for moment, cgroup_kills, host_kills in (("t0", 0, 3), ("t1", 1, 4)):   # one real OOM kill
+        root = HOSTS / "v1-oom" / moment
+        snap = otrace.HostReader(root / "proc", root / "sys", str(tmp_path)).snapshot()
+        assert (snap.cgroup_oom_kills, snap.host_oom_kills) == (cgroup_kills, host_kills)
+    root = HOSTS / "v2-unlimited" / "t1"
+    assert otrace.HostReader(root / "proc", root / "sys", str(tmp_path)).snapshot().cgroup_oom_kills == 3
+
+
+@pytest.mark.parametrize(("case", "mode", "expected"), [
+    ("hybrid", "none", None),
+    ("hybrid", "v1", "v1"),
+    ("hybrid", "v2", "v2"),            # the empty v2 hierarchy still counts usage_usec, nothing else
+    ("v1-unlimited", "v2", None),      # no cgroup2 mounted: /proc speaks
+    ("v2-quota", "v1", None),          # no v1 hierarchy mounted
+    ("v2-quota", "auto", "v2"),
+    ("proc-only", "auto", None),
+])
+def test_forced_cgroup_modes(tmp_path: Path, case: str, mode: str, expected: str | None) -> None:
+    root = HOSTS / case / "t0"
+    found = otrace.Cgroup.find(root / "proc", root / "sys", mode)
+    assert (found and found.version) == expected
+    if case == "hybrid" and mode == "v2":
+        assert set(found.dirs) == {"cpuacct"}
+
+
+def test_oom_kill_becomes_one_error_event_and_is_never_reported_twice(tmp_path: Path,
+                                                                      run: Callable[..., Otrace]) -> None:
+    """The real service reads a copy of the v1-oom tree; the tree then moves from t0 to t1."""
+    live = tmp_path / "host"
+    shutil.copytree(HOSTS / "v1-oom" / "t0", live)
+    env = {"TRACE_METRICS_INTERVAL": "100ms", "TRACE_PROCFS": str(live / "proc"),
+           "TRACE_SYSFS": str(live / "sys"), "TRACE_DISK_PATH": str(tmp_path)}
+    node = run(env)
+    wait_until(lambda: node.query("SELECT count(*) FROM system_metrics")[0][0] >= 1, what="samples")
+    assert node.rows("error_events") == []                        # the counts at start are a baseline
+    shutil.copytree(HOSTS / "v1-oom" / "t1", live, dirs_exist_ok=True)
+    event = wait_until(lambda: node.rows("error_events"), what="the OOM event")[0]
+    assert (event["error_type"], event["category"], event["severity"], event["source"]) == \
+        ("crash", "oom_kill", "critical", "otrace")
+    meta = json.loads(event["metadata"])
+    assert meta["kills"] == {"cgroup": 1, "host": 1} and meta["counts"] == {"cgroup": 1, "host": 4}
+    assert meta["seen_in"]["cgroup"].endswith("memory/otrace-fixture-oom")
+    row = node.rows("system_metrics")[-1]
+    assert row["source"] == "cgroup_v1" and row["mem_limit_bytes"] == 64 << 20
+    assert node.stop() == 0
+    again = run(env, db=node.db_path)                              # restart: same counts, no news
+    wait_until(lambda: again.health()["host"], what="a sample after the restart")
+    assert len(again.rows("error_events")) == 1
+
+
+def test_live_readings_agree_with_the_files(tmp_path: Path) -> None:
+    reader = otrace.HostReader(Path("/proc"), Path("/sys"), str(tmp_path))
+    memory = reader.cgroup and reader.cgroup.dirs.get("memory")
+    if not memory or memory[0] != "v1":
+        pytest.skip("this check reads the v1 memory files of the capturing kind of machine")
+    before = int((memory[1] / "memory.usage_in_bytes").read_text())
+    snap = reader.snapshot()
+    after = int((memory[1] / "memory.usage_in_bytes").read_text())
+    inactive = otrace.read_keyed(memory[1] / "memory.stat")["total_inactive_file"]
+    slack = 8 << 20
+    assert min(before, after) - inactive - slack <= snap.mem_used <= max(before, after) - inactive + slack
+    usage = int((reader.cgroup.dirs["cpuacct"][1] / "cpuacct.usage").read_text()) / 1e9
+    assert 0 < usage - snap.cpu_used < 5                            # read just after, so a little more
+
+
+def test_live_child_burning_a_core_shows_in_cpu_pct(tmp_path: Path) -> None:
+    reader = otrace.HostReader(Path("/proc"), Path("/sys"), str(tmp_path))
+    first = reader.snapshot()
+    burn = subprocess.run([sys.executable, "-c", "import time\nwhile time.process_time() < 1.5: pass"],
+                          check=True)                                  # 1.5 s of one core's time
+    assert burn.returncode == 0
+    row = otrace.host_sample(first, reader.snapshot())
+    busy = row["cpu_pct"] * row["cpu_cores_effective"] * row["interval_s"] / 100   # core-seconds used
+    assert busy >= 1.4, row
+
+
+V1_ROOT = Path("/sys/fs/cgroup")
+
+
+needs_v1 = pytest.mark.skipif(not (ROOT and (V1_ROOT / "cpu" / "cgroup.procs").exists()
+                                   and (V1_ROOT / "memory" / "cgroup.procs").exists()),
+                              reason="needs root and cgroup v1 cpu and memory hierarchies")
+
+
+@contextlib.contextmanager
+def v1_cgroup(name: str, quota_us: int, memory_bytes: int) -> Iterator[str]:
+    """A real child cgroup in the v1 cpu, cpuacct and memory hierarchies, removed afterwards."""
+    controllers = ("cpu", "cpuacct", "memory")
+    for c in controllers:
+        (V1_ROOT / c / name).mkdir(exist_ok=True)
+    (V1_ROOT / "cpu" / name / "cpu.cfs_quota_us").write_text(str(quota_us))
+    (V1_ROOT / "memory" / name / "memory.limit_in_bytes").write_text(str(memory_bytes))
+    try:
+        yield " ".join(f"echo $$ > {V1_ROOT / c / name / 'cgroup.procs'};" for c in controllers)
+    finally:
+        for c in controllers:
+            for pid in (V1_ROOT / c / name / "cgroup.procs").read_text().split():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(pid), signal.SIGKILL)
+            wait_until(lambda c=c: not (V1_ROOT / c / name / "cgroup.procs").read_text().split(),
+                       what="the cgroup to empty")
+            (V1_ROOT / c / name).rmdir()
+
+
+@needs_v1
+def test_live_cgroup_quota_and_a_real_oom_kill(tmp_path: Path) -> None:
+    """otrace runs in a real child cgroup (0.5 core, 256 MiB); a process beside it burns CPU, then
+    another allocates until the OOM killer kills it: both show in what otrace records."""
+    with v1_cgroup(f"otrace-test-{os.getpid()}", 50_000, 256 << 20) as enter:
+        node = Otrace(tmp_path, {"TRACE_METRICS_INTERVAL": "200ms"})
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TRACE_")} | node.env
+        node.proc = subprocess.Popen(["sh", "-c", f'{enter} exec "$0" "$1"', sys.executable, str(OTRACE)],
+                                     env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        threading.Thread(target=node._read, args=(node.proc.stdout, True), daemon=True).start()
+        threading.Thread(target=node._read, args=(node.proc.stderr, False), daemon=True).start()
+        try:
+            listening = node.wait_log(lambda e: e.get("message") == "listening")
+            node.port = int(listening["address"].rsplit(":", 1)[1])
+            wait_until(lambda: node.health()["host"], what="a first sample")
+            assert node.health()["host"]["cpu_cores_effective"] == 0.5
+            burner = subprocess.Popen(["sh", "-c", f'{enter} exec "$0" -c "$1"', sys.executable,
+                                       "while True: pass"])
+            try:                                  # it burns until a sample shows the quota biting
+                busy = wait_until(lambda: [r for r in node.rows("system_metrics") if (r["cpu_pct"] or 0) > 80
+                                           and r["cpu_throttled_periods"]], timeout=120,
+                                  what="a throttled sample near the quota")
+            finally:
+                burner.kill()
+                burner.wait(10)
+            assert busy[0]["source"] == "cgroup_v1"
+            hog = subprocess.run(["sh", "-c", f'{enter} exec "$0" -c "$1"', sys.executable,
+                                  "x = []\nwhile True: x.append(bytearray(16 << 20))"], check=False)
+            assert hog.returncode == -signal.SIGKILL                       # the OOM killer's doing
+            event = wait_until(lambda: node.rows("error_events"), what="the OOM event")[0]
+            assert event["category"] == "oom_kill"
+            assert json.loads(event["metadata"])["kills"]["cgroup"] == 1
+            assert node.stop() == 0
+        finally:
+            node.kill()
+
+
+# -------------------------------------------------------------------------------------- gateway log
+
+
+GATEWAY_LOG = HERE.parent / "shared" / "fixtures" / "openclaw" / "gateway-2026.9.6-sample.jsonl"
+
+
+# The kind each line of the 62-line real sample becomes (lines not listed are INFO/DEBUG of no kind).
+EXPECTED_KINDS = {
+    10: "gateway_start", 15: "config_change", 16: "config_invalid", 17: "channel_error", 18: "channel_start",
+    19: "channel_error", 20: "channel_error", 22: "other", 27: "model_call", 30: "model_error",
+    31: "model_error", 32: "other", 33: "other", 34: "other", 35: "model_error", 37: "other", 38: "other",
+    39: "model_call", 40: "other", 41: "other", 42: "auth_failure", 43: "other", 44: "channel_down",
+    46: "channel_error", 47: "config_change", 48: "gateway_stop", 53: "channel_inbound",
+    57: "channel_outbound", 60: "gateway_stop", 61: "gateway_stopped",
+}
+
+
+needs_gateway_log = pytest.mark.skipif(not GATEWAY_LOG.exists(), reason="needs ../shared beside the repo")
+
+
+def gateway_lines() -> list[bytes]:
+    return GATEWAY_LOG.read_bytes().splitlines(keepends=True)
+
+
+def logged(node: Otrace) -> list[tuple[str, str]]:
+    return [(r["kind"], r["message"]) for r in node.rows("log_events")]
+
+
+def expected(indexes: Iterable[int]) -> list[tuple[str, str]]:
+    lines = gateway_lines()
+    return [(EXPECTED_KINDS[i], json.loads(lines[i])["message"]) for i in indexes if i in EXPECTED_KINDS]
+
+
+def append(path: Path, data: bytes) -> None:
+    with open(path, "ab") as f:
+        f.write(data)
+
+
+@needs_gateway_log
+def test_log_replay_through_rotation_truncation_and_a_new_day(tmp_path: Path,
+                                                             run: Callable[..., Otrace]) -> None:
+    logs = tmp_path / "openclaw"
+    logs.mkdir()
+    today = logs / "openclaw-2026-11-24.log"
+    lines = gateway_lines()
+    node = run({"TRACE_LOG_PATH": str(logs), "TRACE_LOG_POLL": "50ms", "TRACE_LOG_START": "beginning"})
+    node.wait_log(lambda e: e.get("message") == "waiting for the gateway log")   # missing: waits
+    seen: list[int] = []
+
+    def feed(indexes: range, path: Path, *extra: bytes) -> None:
+        for i in indexes:                                       # slowly: a few lines at a time
+            append(path, lines[i])
+            seen.append(i)
+            if i % 7 == 0:
+                wait_until(lambda: sorted(logged(node)) == sorted(expected(seen)), what=f"line {i}")
+        for data in extra:
+            append(path, data)
+        wait_until(lambda: sorted(logged(node)) == sorted(expected(seen)), what=f"lines up to {seen[-1]}")
+
+    feed(range(20), today, b"this is not json\n")
+    today.rename(logs / "openclaw-2026-11-24.1.log")            # size rotation: rename, then a new file
+    append(logs / "openclaw-2026-11-24.1.log", lines[20])       # a last append lands in the renamed file
+    seen.append(20)
+    feed(range(21, 35), today)
+    node.signal(signal.SIGSTOP)                                 # while otrace is paused, the file is
+    with open(today, "wb") as f:                                # truncated and rewritten past its old
+        f.writelines(lines[35:51])                              # offset: only its first bytes tell
+    assert today.stat().st_size > sum(map(len, lines[21:35]))
+    node.signal(signal.SIGCONT)
+    seen.extend(range(35, 51))
+    wait_until(lambda: sorted(logged(node)) == sorted(expected(seen)), what="the rewritten file")
+    huge = b'{"0": "' + b"x" * 1_000_000 + b'", "_meta": {"logLevelName": "ERROR"}}\n'   # cut, not kept
+    feed(range(51, 62), logs / "openclaw-2026-11-25.log", huge)   # the next day's file
+    assert sorted(logged(node)) == sorted(expected(range(62)))  # every expected event, exactly once
+    health = node.health()["log_tail"]
+    assert health["not_json"] >= 1 and health["cut"] == 1 and health["file"].endswith("2026-11-25.log")
+    traces = node.rows("llm_traces")
+    assert [(t["provider"], t["status"], t["latency_ms"], t["source"]) for t in traces] == [
+        ("mock", "ok", 13.0, "log"), ("rlmock", "error", 35.0, "log")]
+    errors = {(e["category"], e["provider"]) for e in node.rows("error_events")}
+    assert errors == {("network_failure", "deadmock"), ("timeout", "deadmock"), ("rate_limit", "rlmock")}
+    assert len(node.rows("error_events")) == 4                  # two timeouts: agent/embedded and fallback
+    assert node.stop() == 0
+
+
+@needs_gateway_log
+def test_log_tail_survives_sigkill_without_gap_or_duplicate(tmp_path: Path,
+                                                            run: Callable[..., Otrace]) -> None:
+    import random
+    log = tmp_path / "gateway.log"
+    log.touch()
+    lines = gateway_lines()
+    env = {"TRACE_LOG_PATH": str(log), "TRACE_LOG_POLL": "20ms", "TRACE_LOG_START": "beginning",
+           "TRACE_BATCH_WINDOW": "5ms"}
+    written: list[int] = []                  # fixture index of every line written, in file order
+    stop = threading.Event()
+
+    def writer() -> None:
+        n = 0
+        while not stop.is_set():
+            i = n % len(lines)
+            append(log, lines[i])
+            written.append(i)
+            n += 1
+            time.sleep(0.002)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    rng = random.Random(11)
+    try:
+        for _ in range(10):
+            node = run(env, db=tmp_path / "otrace.db")
+            time.sleep(rng.uniform(0.05, 0.4))          # the kill lands at a random moment of the reading
+            node.kill()
+    finally:
+        stop.set()
+        thread.join()
+    node = run(env, db=tmp_path / "otrace.db")
+    size = log.stat().st_size
+    wait_until(lambda: (h := node.health()["log_tail"])["offset"] == size and h["lag_bytes"] == 0,
+               timeout=30, what="caught up")
+    node.wait_persisted(0)
+    wait_until(lambda: node.health()["queue_depth"] == 0, what="queue drained")
+    rows = node.rows("log_events")
+    offsets = [r["file_offset"] for r in rows]
+    assert len(offsets) == len(set(offsets))                                   # no duplicate
+    assert sorted((r["kind"], r["message"]) for r in rows) == sorted(expected(written))    # no gap
+
+
+@needs_gateway_log
+def test_log_start_end_skips_what_was_there(tmp_path: Path, run: Callable[..., Otrace]) -> None:
+    """A file never read starts after its last whole line; the line being written is new, and read."""
+    log = tmp_path / "gateway.log"
+    lines = gateway_lines()
+    log.write_bytes(b"".join(lines[:30]) + lines[30][:50])    # ends inside line 30
+    node = run({"TRACE_LOG_PATH": str(log), "TRACE_LOG_POLL": "50ms"})
+    assert node.wait_log(lambda e: e.get("message") == "following log file")["offset"] == \
+        sum(map(len, lines[:30]))
+    append(log, lines[30][50:] + b"".join(lines[31:40]))
+    wait_until(lambda: sorted(logged(node)) == sorted(expected(range(30, 40))), what="new lines only")
+
+
+@needs_gateway_log
+def test_a_log_that_appears_after_start_is_read_from_its_beginning(tmp_path: Path,
+                                                                   run: Callable[..., Otrace]) -> None:
+    """TRACE_LOG_START=end (the default) is for a file already there: one the gateway creates later
+    is new from its first line."""
+    logs = tmp_path / "openclaw"
+    logs.mkdir()
+    node = run({"TRACE_LOG_PATH": str(logs), "TRACE_LOG_POLL": "50ms"})
+    node.wait_log(lambda e: e.get("message") == "waiting for the gateway log")
+    (logs / "openclaw-2026-11-24.log").write_bytes(b"".join(gateway_lines()[:20]))
+    wait_until(lambda: sorted(logged(node)) == sorted(expected(range(20))), what="the first lines too")
+
+
+def test_waiting_for_a_missing_log_is_one_line_when_it_starts_and_one_when_it_ends(
+        tmp_path: Path, run: Callable[..., Otrace]) -> None:
+    log = tmp_path / "openclaw-2026-11-24.log"
+    node = run({"TRACE_LOG_PATH": str(log), "TRACE_LOG_POLL": "10ms"})
+    node.wait_log(lambda e: e.get("message") == "waiting for the gateway log")
+    wait_until(lambda: node.health()["log_tail"]["polls"] > 50, what="50 polls")
+    assert node.health()["log_tail"]["waiting"]
+    log.write_bytes(b"".join(gateway_lines()[:5]))
+    node.wait_log(lambda e: e.get("message") == "following log file")
+    assert [e["message"] for e in node.lines if e.get("logger") == "otrace.logtail"] == [
+        "waiting for the gateway log", "following log file"]
+    assert node.health()["log_tail"]["last_error"] is None
+    assert node.stop() == 0
+
+
+@pytest.mark.parametrize("strange", ["fifo", "/dev/zero"])
+def test_a_log_path_that_is_not_a_file_is_a_fault_said_once(tmp_path: Path, run: Callable[..., Otrace],
+                                                            strange: str) -> None:
+    """A FIFO with no writer, or /dev/zero: a fault, said once and shown in /health, that never holds
+    the tail thread."""
+    path = tmp_path / "fifo" if strange == "fifo" else Path(strange)
+    if strange == "fifo":
+        os.mkfifo(path)
+    node = run({"TRACE_LOG_PATH": str(path), "TRACE_LOG_POLL": "10ms"})
+    fault = wait_until(lambda: node.health()["log_tail"]["last_error"], what="the fault in /health")
+    assert "not a regular file" in fault
+    wait_until(lambda: node.health()["log_tail"]["polls"] > 50, what="50 polls")
+    assert len(node.logs("logtail failing")) == 1
+    assert node.post("/v1/traces", trace()).status == 202 and node.stop() == 0
+
+
+def test_a_last_line_that_never_ends_is_not_read_again_and_again(tmp_path: Path,
+                                                                 run: Callable[..., Otrace]) -> None:
+    """8 MiB with no newline: held back (cut at 64 KiB once it ends), and the lines after it are read."""
+    log = tmp_path / "openclaw-2026-11-24.log"
+    log.write_bytes(gateway_lines()[0])
+    node = run({"TRACE_LOG_PATH": str(log), "TRACE_LOG_POLL": "10ms", "TRACE_LOG_START": "beginning"})
+    wait_until(lambda: node.health()["log_tail"]["lines"] == 1, what="the first line")
+    append(log, b"x" * (8 << 20))
+    whole = (8 << 20) + len(gateway_lines()[0])
+    read = wait_until(lambda: (t := node.health()["log_tail"])["bytes_read"] == whole and t, what="all once")
+    polls = read["polls"]
+    wait_until(lambda: node.health()["log_tail"]["polls"] > polls + 100, what="100 polls more")
+    assert node.health()["log_tail"]["bytes_read"] == read["bytes_read"]     # none of it read again
+    append(log, b"\n" + gateway_lines()[1])
+    wait_until(lambda: node.health()["log_tail"]["lines"] == 3, what="the lines after it")
+    assert node.health()["log_tail"]["cut"] == 1
+
+
+@needs_gateway_log
+def test_every_captured_line_is_classified_as_the_gateway_meant_it() -> None:
+    kinds = {i: otrace.classify(line) for i, raw in enumerate(gateway_lines())
+             if (line := otrace.LogLine.parse(raw)) and otrace.classify(line)}
+    assert kinds == EXPECTED_KINDS
+    failures = {i: otrace.model_failure(otrace.LogLine.parse(gateway_lines()[i]), kind)
+                for i, kind in kinds.items() if kind in ("model_call", "model_error")}
+    assert {i: f and f["category"] for i, f in failures.items()} == {   # 31, 35: OpenClaw's own reason
+        27: None, 30: "network_failure", 31: "timeout", 35: "timeout", 39: "rate_limit"}
+
+
+def test_old_gateway_lines_without_message_are_joined() -> None:
+    line = otrace.LogLine.parse(json.dumps({
+        "0": '{"subsystem":"gateway/reload"}', "1": "config reload skipped (invalid config):", "2": "bad key",
+        "_meta": {"logLevelName": "WARN", "name": '{"subsystem":"gateway/reload"}',
+                  "date": "2026-05-01T10:00:00Z"},
+    }).encode())
+    assert line.message == "config reload skipped (invalid config): bad key"
+    assert (line.subsystem, line.level, line.time_ms) == ("gateway/reload", "WARN", 1777629600000)
+    assert otrace.classify(line) == "config_invalid"
+    for raw in (b"not json", b"[1, 2]", b'"text"', b"{" * 10_000):
+        assert otrace.LogLine.parse(raw) is None
+
+
+# --------------------------------------------------------------------------------------------- push
 
 
 class Receiver:
@@ -1401,6 +2188,50 @@ def wait_synced(node: Otrace, ids: list[str], timeout: float = 20.0) -> None:
     """Wait until every one of `ids` is in the database and marked synced."""
     wait_until(lambda: (flags := synced(node)) and all(flags.get(i) == 1 for i in ids), timeout,
                f"{len(ids)} rows synced")
+
+
+@pytest.mark.parametrize(("status", "verdict"), [
+    (None, "retry"), (200, "ok"), (204, "ok"), (408, "retry"), (429, "retry"), (500, "retry"), (503, "retry"),
+    (301, "config"), (401, "config"), (403, "config"), (404, "config"), (400, "split"), (413, "split"),
+    (422, "split")])
+def test_each_answer_has_one_verdict(status: int | None, verdict: str) -> None:
+    assert otrace.Attempt("b", 0, 1, 1, status=status).verdict == verdict
+
+
+def test_breaker_opens_after_its_threshold_and_doubles_its_cooldown() -> None:
+    breaker = otrace.Breaker(threshold=2, cooldown=10.0)
+    breaker.cycle_ended(False)
+    assert breaker.state == "closed" and breaker.allows()
+    breaker.cycle_ended(False)
+    assert breaker.state == "open" and not breaker.allows()
+    first = breaker.retry_at - time.time()
+    breaker.cycle_ended(False)
+    assert breaker.retry_at - time.time() > first + 5                 # 10 s, then 20 s
+    breaker.retry_at = time.time() - 1
+    assert breaker.state == "half_open" and breaker.allows()
+    breaker.cycle_ended(True)
+    assert (breaker.state, breaker.failures) == ("closed", 0)
+
+
+def test_a_batch_halves_into_the_same_events_in_order() -> None:
+    batch = otrace.Batch(losses=[{"kind": "retention"}])
+    for i in range(5):
+        batch.add("llm_traces", i, json.dumps({"n": i}).encode())
+    first, second = batch.halves()
+    assert [json.loads(first.event(i))["n"] for i in range(len(first))] == [0, 1]
+    assert [json.loads(second.event(i))["n"] for i in range(len(second))] == [2, 3, 4]
+    assert first.losses == batch.losses and second.losses == []          # reported once
+    body = json.loads(b"".join(bytes(p) for p in batch.parts("agent")))
+    assert [e["n"] for e in body["events"]] == [0, 1, 2, 3, 4] and body["agent_id"] == "agent"
+
+
+def test_the_scrubber_takes_out_every_form_of_a_credential() -> None:
+    config = otrace.Config(push_endpoint="https://agent:pa%24s@h/in?key=k3y-value", push_headers=(
+        ("x-api-key", "hdr-secret"),))
+    scrub = otrace.Scrubber(config)
+    import base64
+    text = f"Basic {base64.b64encode(b'agent:pa$s').decode()} pa$s k3y-value hdr-secret"
+    assert scrub(text) == "Basic *** *** *** ***"
 
 
 def test_push_off_by_default_says_so(svc: Otrace) -> None:
@@ -1725,7 +2556,7 @@ def test_confirmed_batch_killed_before_marking_is_sent_again(run: Callable[..., 
     assert duplicated == set(ids)    # the documented crash case, and only it: the receiver dedups
 
 
-# ---------------------------------------------------------------------------------------- storage
+# ------------------------------------------------------------------------------------------- upkeep
 
 
 def seed(db: Path, groups: list[tuple[str, int, int]], text: int = 2000, age_days: float = 10
@@ -1901,6 +2732,169 @@ def test_a_write_outage_is_recorded_as_an_error_event(tmp_path: Path, run: Calla
         assert node.stop() == 0
 
 
+# ------------------------------------------------------------------------------------------- health
+
+
+def test_health_reports_and_head_has_no_body(svc: Otrace) -> None:
+    assert svc.post("/v1/traces", [trace(), trace()]).status == 202
+    health = svc.wait_persisted(2)
+    assert health["status"] == "ok" and health["db_status"] == "ok" and health["writer_alive"] is True
+    assert health["queue_capacity"] == 512 and health["queue_depth"] == 0
+    assert health["unsynced_count"] == 2
+    assert health["version"] == otrace.__version__
+    assert health["db_size_bytes"] > 0
+    assert health["last_push_status"] == "disabled" and health["last_push_time"] is None
+    for key in ("uptime_seconds", "events_received", "events_persisted", "events_refused",
+                "events_rejected", "wal_size_bytes", "last_write_error"):
+        assert key in health
+    head = svc.request("HEAD", "/health")
+    assert head.status == 200 and head.body == b"" and int(head.headers["content-length"]) > 0
+
+
+def test_health_and_prometheus_show_the_newest_sample(run: Callable[..., Otrace]) -> None:
+    node = run({"TRACE_METRICS_INTERVAL": "100ms"})
+    host = wait_until(lambda: node.health()["host"], what="a host sample")
+    assert host["source"] in ("cgroup_v1", "cgroup_v2", "proc") and host["self_rss_bytes"] > 0
+    metrics = node.request("GET", "/metrics")
+    assert metrics.status == 200 and metrics.headers["content-type"].startswith("text/plain; version=0.0.4")
+    text = metrics.body.decode()
+    names = {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE")}
+    assert {"otrace_events_received_total", "otrace_queue_depth_events", "otrace_unsynced_events",
+            "otrace_host_cpu_percent", "otrace_host_memory_used_bytes", "otrace_host_disk_used_percent",
+            "otrace_self_rss_bytes"} <= names
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            float(line.rsplit(" ", 1)[1])                           # every sample is a number
+    assert node.request("HEAD", "/metrics").body == b""
+    samples = dict(line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#"))
+    total = node.health()["host"]["mem_total_bytes"]                # 25 GB here: %g would print 2.5e+10
+    assert samples["otrace_host_memory_total_bytes"] == str(total)
+    assert samples["otrace_db_size_bytes"].isdigit() and int(samples["otrace_db_size_bytes"]) > 0
+    assert otrace.prometheus_number(1_234_567_891) == "1234567891"
+    assert otrace.prometheus_number(0.1 + 0.2) == "0.30000000000000004"
+
+
+# ---------------------------------------------------------------------------------------- lifecycle
+
+
+def test_max_connections_over_the_descriptor_limit_is_lowered_and_said(tmp_path: Path,
+                                                                      run: Callable[..., Otrace]) -> None:
+    node = run({"TRACE_MAX_CONNECTIONS": "10000"},
+               command=["prlimit", "--nofile=200:200", sys.executable, str(OTRACE)])
+    lowered = node.wait_log(lambda e: e.get("message", "").startswith("TRACE_MAX_CONNECTIONS is over"))
+    assert lowered["lowered_to"] == 200 - otrace.SPARE_DESCRIPTORS and lowered["nofile_limit"] == 200
+    assert node.logs("starting")[0]["settings"]["max_connections"] == 136
+    socks = [socket.create_connection(("127.0.0.1", node.port)) for _ in range(135)]
+    wait_until(lambda: node.health()["connections_open"] == 136, what="all but one connection open")
+    socks.append(socket.create_connection(("127.0.0.1", node.port)))
+    with socket.create_connection(("127.0.0.1", node.port), timeout=30) as extra:
+        assert read_to_end(extra).startswith(b"HTTP/1.1 503 ")         # refused by the limit, not EMFILE
+    for sock in socks:
+        sock.close()
+    assert node.logs("accepting connections failing") == []
+
+
+def test_make_run_stops_with_the_make_that_started_it(tmp_path: Path) -> None:
+    """make run execs otrace: SIGTERM to make reaches otrace, which stops cleanly, not orphaned."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRACE_")} | {
+        "TRACE_DB_PATH": str(tmp_path / "run.db"), "TRACE_PORT": "0", "TRACE_METRICS_INTERVAL": "off"}
+    make = subprocess.Popen(["make", "-s", "run"], cwd=HERE, env=env, stdout=subprocess.PIPE, text=True)
+    lines: list[dict[str, Any]] = []
+    for raw in make.stdout:
+        lines.append(json.loads(raw))
+        if lines[-1]["message"] == "listening":
+            break
+    pid = lines[0]["pid"]
+    assert Path(f"/proc/{pid}/status").read_text().split("PPid:")[1].split()[0] == str(make.pid)
+    make.send_signal(signal.SIGTERM)
+    rest = [json.loads(raw) for raw in make.stdout]
+    make.wait(10)
+    assert rest[-1]["message"] == "stopped" and rest[-1]["events_lost"] == 0
+    wait_until(lambda: not Path(f"/proc/{pid}").exists(), what="otrace gone")
+
+
+def test_sigterm_closes_idle_connections_and_finishes_a_request_in_flight(svc: Otrace) -> None:
+    idle = socket.create_connection(("127.0.0.1", svc.port), timeout=30)
+    event = json.dumps(trace()).encode()
+    first = json.dumps(trace()).encode()
+    idle.sendall(request_head(len(first)) + first)
+    assert answer_of(idle.recv(65536))[0] == 202                   # a keep-alive, now idle
+    with idle, socket.create_connection(("127.0.0.1", svc.port), timeout=30) as busy:
+        busy.sendall(request_head(len(event)) + event[:10])         # a request in flight
+        svc.signal(signal.SIGTERM)
+        assert idle.recv(100) == b""                                # closed at once
+        busy.sendall(event[10:])
+        answer = read_to_end(busy)
+    status, body = answer_of(answer)
+    assert status == 202 and b"Connection: close" in answer
+    assert svc.proc.wait(10) == 0
+    assert svc.logs("stopped")[0]["connections_cut"] == 0
+    stored = {r[0] for r in svc.query("SELECT trace_id FROM llm_traces")}
+    assert body["trace_ids"][0] in stored and len(stored) == 2
+
+
+def test_a_second_otrace_on_the_same_database_exits_naming_it(run: Callable[..., Otrace]) -> None:
+    first = run()
+    second = run(wait=False, db=first.db_path)
+    assert second.proc.wait(10) == 1
+    assert second.stderr == [f"otrace: another otrace (pid {first.proc.pid}) is using the database "
+                             f"{first.db_path}\n"]
+    assert first.health()["status"] == "ok"
+    assert first.stop() == 0
+    third = run(db=first.db_path)                           # the lock went with its holder
+    assert third.stop() == 0
+
+
+def test_sigterm_during_a_burst_keeps_every_202(svc: Otrace) -> None:
+    stop = threading.Event()
+    result: list[Any] = []
+    runner = threading.Thread(target=lambda: result.append(post_flat_out(svc, 8, stop, per_request=5)))
+    runner.start()
+    wait_until(lambda: svc.health()["events_received"] >= 1000, timeout=60, what="burst under way")
+    svc.signal(signal.SIGTERM)
+    code = svc.proc.wait(30)                  # it stops by itself, with its 4 s deadline
+    stop.set()
+    runner.join()
+    accepted, _ = result[0]
+    assert code == 0, svc.lines[-5:]
+    stored = {r[0] for r in svc.query("SELECT trace_id FROM llm_traces")}
+    missing = set(accepted) - stored
+    assert not missing, f"{len(missing)} of {len(accepted)} accepted events lost"
+    stopped = svc.logs("stopped")[0]
+    assert stopped["events_lost"] == 0
+    assert svc.logs("wal checkpoint")[0]["mode"] == "truncate"
+    assert not Path(f"{svc.db_path}-wal").exists() or Path(f"{svc.db_path}-wal").stat().st_size == 0
+
+
+def test_sigint_stops_cleanly_too(svc: Otrace) -> None:
+    assert svc.post("/v1/traces", trace()).status == 202
+    svc.signal(signal.SIGINT)
+    assert svc.proc.wait(10) == 0
+    assert len(svc.rows("llm_traces")) == 1
+
+
+@needs_root
+def test_start_on_a_full_disk_waits_for_space(tmp_path: Path, run: Callable[..., Otrace]) -> None:
+    with tmpfs(tmp_path / "vol", "2m") as vol:
+        db = vol / "otrace.db"
+        first = run(db=db)
+        ids = post_some(first, 20)
+        first.wait_persisted(20)
+        first.kill()                                             # the WAL is left to recover
+        filler = fill(vol)
+        node = run(db=db, wait=False)
+        failing = node.wait_log(lambda e: e.get("message") == "start failing")
+        assert "SQLITE_FULL" in failing["error"] or "SQLITE_IOERR" in failing["error"], failing
+        filler.unlink()
+        node.wait_log(lambda e: e.get("message") == "listening", timeout=15)
+        node.port = int(node.logs("listening")[0]["address"].rsplit(":", 1)[1])
+        assert node.logs("start recovered")
+        assert node.post("/v1/traces", trace()).status == 202
+        assert node.stop() == 0
+        stored = node.query("SELECT trace_id FROM llm_traces UNION ALL SELECT trace_id FROM error_events")
+        assert {r[0] for r in stored} >= set(ids)
+
+
 def test_sigkill_at_random_moments_keeps_every_committed_row(tmp_path: Path, run: Callable[..., Otrace],
                                                              receiver: Receiver) -> None:
     """Twenty SIGKILLs under load, with checkpoints, retention and push all busy: each time the file
@@ -1938,558 +2932,83 @@ def test_sigkill_at_random_moments_keeps_every_committed_row(tmp_path: Path, run
     assert accepted_total > 0
 
 
-# ------------------------------------------------------------------------------------ host metrics
-
-HOSTS = HERE / "fixtures" / "hosts"
-MEM_TOTAL = 24684096 * 1024          # MemTotal of the machine the real trees were captured on
-
-
-def sample_case(case: str, disk_path: Path, mode: str = "auto") -> tuple[dict[str, Any], otrace.HostReader]:
-    """The system_metrics row from a fixture's t0 and t1, the interval taken from its meta.json."""
-    meta = json.loads((HOSTS / case / "meta.json").read_text())
-    snaps = []
-    for moment in ("t0", "t1"):
-        root = HOSTS / case / moment
-        reader = otrace.HostReader(root / "proc", root / "sys", str(disk_path), mode,
-                                   disk_device=tuple(meta["disk_device"]))
-        snaps.append(reader.snapshot())
-    snaps[1].at = snaps[0].at + meta["interval_s"]
-    return otrace.host_sample(*snaps), reader
-
-
-def picked(row: dict[str, Any], *names: str) -> dict[str, Any]:
-    return {name: row[name] for name in names}
-
-
-CPU_MEM = ("source", "cpu_pct", "cpu_cores_effective", "cpu_throttled_ms", "cpu_throttled_periods",
-           "mem_used_bytes", "mem_rss_bytes", "mem_limit_bytes", "mem_available_bytes", "mem_total_bytes")
-
-
-def test_fixture_v2_with_cpu_quota_and_memory_limit(tmp_path: Path) -> None:
-    row, reader = sample_case("v2-quota", tmp_path)
-    nested = HOSTS / "v2-quota/t1/sys/fs/cgroup/system.slice/agent.service"
-    assert reader.cgroup.dirs["memory"] == ("v2", nested)
-    assert picked(row, *CPU_MEM) == {
-        "source": "cgroup_v2",
-        "cpu_pct": 75.0,                   # usage_usec +750,000 over 2.0 s at cpu.max 50000/100000 = 0.5 core
-        "cpu_cores_effective": 0.5,        # min(0.5 quota, 2 in cpuset.cpus.effective, 2 online)
-        "cpu_throttled_ms": 200.0,         # throttled_usec 250,000 -> 450,000
-        "cpu_throttled_periods": 4,        # nr_throttled 10 -> 14
-        "mem_used_bytes": 120_000_000,     # memory.current 160,000,000 - inactive_file 40,000,000
-        "mem_rss_bytes": 110_000_000,      # anon
-        "mem_limit_bytes": 268_435_456,    # memory.max
-        "mem_available_bytes": 148_435_456,    # 268,435,456 - 120,000,000
-        "mem_total_bytes": MEM_TOTAL,
-    }
-    assert row["cgroup_read_bps"] == 200_000.0     # rbytes +400,000 (254:0) over 2.0 s
-    assert row["cgroup_write_bps"] == 500_000.0    # wbytes +1,000,000 (254:16) over 2.0 s
-
-
-def test_fixture_v2_unlimited_at_the_namespace_root(tmp_path: Path) -> None:
-    row, reader = sample_case("v2-unlimited", tmp_path)
-    assert reader.cgroup.dirs["cpu"] == ("v2", HOSTS / "v2-unlimited/t1/sys/fs/cgroup")   # "0::/"
-    assert picked(row, *CPU_MEM) == {
-        "source": "cgroup_v2",
-        "cpu_pct": 25.0,                   # usage_usec +1,000,000 over 2.0 s on 2 cores (cpu.max "max")
-        "cpu_cores_effective": 2,
-        "cpu_throttled_ms": 0.0, "cpu_throttled_periods": 0,
-        "mem_used_bytes": 310_000_000,     # 410,000,000 - inactive_file 100,000,000
-        "mem_rss_bytes": 260_000_000,
-        "mem_limit_bytes": MEM_TOTAL,      # memory.max "max": the host's MemTotal
-        "mem_available_bytes": MEM_TOTAL - 310_000_000,
-        "mem_total_bytes": MEM_TOTAL,
-    }
-    assert (row["cgroup_read_bps"], row["cgroup_write_bps"]) == (0.0, 300_000.0)   # wbytes +600,000 / 2 s
-
-
-def test_fixture_v1_with_cpu_quota_and_memory_limit(tmp_path: Path) -> None:
-    row, reader = sample_case("v1-quota", tmp_path)      # captured: interval 2.005694 s
-    child = HOSTS / "v1-quota/t1/sys/fs/cgroup/cpuacct/otrace-fixture-quota"
-    assert reader.cgroup.dirs["cpuacct"] == ("v1", child)
-    assert picked(row, *CPU_MEM) == {
-        "source": "cgroup_v1",
-        "cpu_pct": 100.48,                 # cpuacct.usage 286,370,912 -> 1,294,055,601 ns: 1.007684689 s
-                                           # / (2.005694 s * 0.5 core) = 100.48 % of the allowance
-        "cpu_cores_effective": 0.5,        # cfs_quota_us 50000 / cfs_period_us 100000
-        "cpu_throttled_ms": 999.483,       # throttled_time 212,822,270 -> 1,212,305,537 ns
-        "cpu_throttled_periods": 20,       # nr_throttled 5 -> 25
-        "mem_used_bytes": 3_227_648,       # usage_in_bytes 3,227,648 - total_inactive_file 0
-        "mem_rss_bytes": 3_096_576,        # total_rss
-        "mem_limit_bytes": 268_435_456,
-        "mem_available_bytes": 265_207_808,
-        "mem_total_bytes": MEM_TOTAL,
-    }
-
-
-def test_fixture_v1_unlimited_pure_v1(tmp_path: Path) -> None:
-    row, reader = sample_case("v1-unlimited", tmp_path)  # captured: interval 2.003482 s
-    assert {version for version, _ in reader.cgroup.dirs.values()} == {"v1"}
-    assert picked(row, *CPU_MEM) == {
-        "source": "cgroup_v1",
-        "cpu_pct": 50.01,                  # 499,640,839 -> 2,503,453,928 ns: 2.003813089 s / (2.003482 s * 2)
-        "cpu_cores_effective": 2,          # quota -1: the cpuset's 2 CPUs
-        "cpu_throttled_ms": 0.0, "cpu_throttled_periods": 0,
-        "mem_used_bytes": 4_554_752, "mem_rss_bytes": 4_460_544,
-        "mem_limit_bytes": MEM_TOTAL,      # 9223372036854771712 is v1's "no limit"
-        "mem_available_bytes": MEM_TOTAL - 4_554_752,
-        "mem_total_bytes": MEM_TOTAL,
-    }
-    # vda (254:0) sectors written 65,753,904 -> 65,756,560: 2,656 * 512 = 1,359,872 bytes in 2.003482 s
-    assert (row["disk_read_bps"], row["disk_write_bps"]) == (0.0, 678754.3)
-    assert row["disk_device"] == "vda (254:0)"
-
-
-def test_fixture_hybrid_reads_v1_controllers_beside_an_empty_v2(tmp_path: Path) -> None:
-    row, reader = sample_case("hybrid", tmp_path)         # captured: interval 2.00568 s
-    assert {res: version for res, (version, _) in reader.cgroup.dirs.items()} == dict.fromkeys(
-        ("cpu", "cpuacct", "cpuset", "memory", "io"), "v1")
-    assert reader.cgroup.dirs["memory"][1].name == "2314ed9f1114ab0fdeb5730a3c78d3d6"   # nested path
-    assert picked(row, *CPU_MEM) == {
-        "source": "cgroup_v1",
-        "cpu_pct": 50.37,                  # 1,420,747,467,636 -> 1,422,768,064,376 ns: 2.02059674 s
-                                           # / (2.00568 s * 2 cores) = 50.37 %
-        "cpu_cores_effective": 2,
-        "cpu_throttled_ms": 0.0, "cpu_throttled_periods": 0,
-        "mem_used_bytes": 78_073_856,      # 93,306,880 - total_inactive_file 15,233,024
-        "mem_rss_bytes": 17_833_984,
-        "mem_limit_bytes": MEM_TOTAL,
-        "mem_available_bytes": MEM_TOTAL - 78_073_856,
-        "mem_total_bytes": MEM_TOTAL,
-    }
-
-
-def test_fixture_mount_root_below_the_cgroup_root(tmp_path: Path) -> None:
-    """A container without its own cgroup namespace: mountinfo's root is the cgroup's path."""
-    row, reader = sample_case("v1-subtree-root", tmp_path)   # captured: interval 2.011379 s
-    assert reader.cgroup.dirs["cpuacct"] == ("v1", HOSTS / "v1-subtree-root/t1/sys/fs/cgroup/cpuacct")
-    # the top mount's cpuacct.usage: 1,554,211,052 -> 2,564,589,189 ns = 1.010378137 s over 2.011379 s
-    # at 0.5 core = 100.47 % (the shadowed /otrace-fixture-quota copy would give 100.07 %)
-    assert (row["cpu_pct"], row["cpu_cores_effective"]) == (100.47, 0.5)
-    assert (row["cpu_throttled_ms"], row["cpu_throttled_periods"]) == (1000.971, 20)
-    assert (row["mem_used_bytes"], row["mem_limit_bytes"]) == (7_426_048, 268_435_456)
-
-
-def test_fixture_proc_only(tmp_path: Path) -> None:
-    row, reader = sample_case("proc-only", tmp_path)
-    assert reader.cgroup is None
-    assert picked(row, *CPU_MEM) == {
-        "source": "proc",
-        "cpu_pct": 50.25,                  # /proc/stat busy (user+nice+system+irq+softirq+steal)
-                                           # 136,589 -> 136,790 (+201) of all ticks 913,333 -> 913,733 (+400)
-        "cpu_cores_effective": 2,
-        "cpu_throttled_ms": None, "cpu_throttled_periods": None,
-        "mem_used_bytes": 286_756_864,     # MemTotal 24,684,096 - MemAvailable 24,404,060 kB
-        "mem_rss_bytes": 29_310_976,       # AnonPages 28,624 kB
-        "mem_limit_bytes": MEM_TOTAL,
-        "mem_available_bytes": 24_404_060 * 1024,
-        "mem_total_bytes": MEM_TOTAL,
-    }
-
-
-def test_fixture_oom_kill_counters(tmp_path: Path) -> None:
-    for moment, cgroup_kills, host_kills in (("t0", 0, 3), ("t1", 1, 4)):   # one real OOM kill
-        root = HOSTS / "v1-oom" / moment
-        snap = otrace.HostReader(root / "proc", root / "sys", str(tmp_path)).snapshot()
-        assert (snap.cgroup_oom_kills, snap.host_oom_kills) == (cgroup_kills, host_kills)
-    root = HOSTS / "v2-unlimited" / "t1"
-    assert otrace.HostReader(root / "proc", root / "sys", str(tmp_path)).snapshot().cgroup_oom_kills == 3
-
-
-@pytest.mark.parametrize(("case", "mode", "expected"), [
-    ("hybrid", "none", None),
-    ("hybrid", "v1", "v1"),
-    ("hybrid", "v2", "v2"),            # the empty v2 hierarchy still counts usage_usec, nothing else
-    ("v1-unlimited", "v2", None),      # no cgroup2 mounted: /proc speaks
-    ("v2-quota", "v1", None),          # no v1 hierarchy mounted
-    ("v2-quota", "auto", "v2"),
-    ("proc-only", "auto", None),
-])
-def test_forced_cgroup_modes(tmp_path: Path, case: str, mode: str, expected: str | None) -> None:
-    root = HOSTS / case / "t0"
-    found = otrace.Cgroup.find(root / "proc", root / "sys", mode)
-    assert (found and found.version) == expected
-    if case == "hybrid" and mode == "v2":
-        assert set(found.dirs) == {"cpuacct"}
-
-
-def test_oom_kill_becomes_one_error_event_and_is_never_reported_twice(tmp_path: Path,
-                                                                      run: Callable[..., Otrace]) -> None:
-    """The real service reads a copy of the v1-oom tree; the tree then moves from t0 to t1."""
-    live = tmp_path / "host"
-    shutil.copytree(HOSTS / "v1-oom" / "t0", live)
-    env = {"TRACE_METRICS_INTERVAL": "100ms", "TRACE_PROCFS": str(live / "proc"),
-           "TRACE_SYSFS": str(live / "sys"), "TRACE_DISK_PATH": str(tmp_path)}
-    node = run(env)
-    wait_until(lambda: node.query("SELECT count(*) FROM system_metrics")[0][0] >= 1, what="samples")
-    assert node.rows("error_events") == []                        # the counts at start are a baseline
-    shutil.copytree(HOSTS / "v1-oom" / "t1", live, dirs_exist_ok=True)
-    event = wait_until(lambda: node.rows("error_events"), what="the OOM event")[0]
-    assert (event["error_type"], event["category"], event["severity"], event["source"]) == \
-        ("crash", "oom_kill", "critical", "otrace")
-    meta = json.loads(event["metadata"])
-    assert meta["kills"] == {"cgroup": 1, "host": 1} and meta["counts"] == {"cgroup": 1, "host": 4}
-    assert meta["seen_in"]["cgroup"].endswith("memory/otrace-fixture-oom")
-    row = node.rows("system_metrics")[-1]
-    assert row["source"] == "cgroup_v1" and row["mem_limit_bytes"] == 64 << 20
+@pytest.mark.parametrize("level", ["info", "debug"])
+def test_logs_never_hold_event_texts_or_secrets(run: Callable[..., Otrace], level: str) -> None:
+    """Event texts, the ingest and push tokens, and a password in the push URL never reach stdout or
+    stderr, at the default level or at debug, through ingest, a failing push and a shutdown."""
+    mark = uuid.uuid4().hex[:12]
+    secrets = {name: f"{name}-{mark}" for name in (
+        "INPUT", "OUTPUT", "MESSAGE", "STACK", "META", "REFUSEDFIELD", "BADJSON", "WRONGTOKEN",
+        "INGESTTOKEN", "PUSHTOKEN", "URLPASSWORD")}
+    with socket.socket() as free:                   # a port nothing listens on: every push fails
+        free.bind(("127.0.0.1", 0))
+        closed_port = free.getsockname()[1]
+    credentials = ({"TRACE_PUSH_TOKEN": secrets["PUSHTOKEN"], "TRACE_PUSH_ENDPOINT":
+                    f"http://127.0.0.1:{closed_port}/in?key={secrets['URLPASSWORD']}"} if level == "info" else
+                   {"TRACE_PUSH_ENDPOINT": f"http://agent:{secrets['URLPASSWORD']}@127.0.0.1:{closed_port}/in"})
+    node = run({"TRACE_LOG_LEVEL": level, "TRACE_INGEST_TOKEN": secrets["INGESTTOKEN"],
+                "TRACE_PUSH_INTERVAL": "100ms", "TRACE_PUSH_RETRIES": "1", "TRACE_PUSH_BACKOFF_BASE": "10ms",
+                **credentials})
+    auth = {"Authorization": f"Bearer {secrets['INGESTTOKEN']}"}
+    assert node.post("/v1/traces", trace(input_text=secrets["INPUT"], output_text=secrets["OUTPUT"],
+                                         metadata={"note": secrets["META"]}), headers=auth).status == 202
+    assert node.post("/v1/errors", {"error_type": "crash", "message": secrets["MESSAGE"],
+                                    "stack_trace": secrets["STACK"]}, headers=auth).status == 202
+    assert node.post("/v1/traces", trace(status=secrets["REFUSEDFIELD"]), headers=auth).status == 400
+    assert node.post("/v1/traces", "{" + secrets["BADJSON"], headers=auth).status == 400
+    assert node.post("/v1/traces", trace(), headers={"Authorization": f"Bearer {secrets['WRONGTOKEN']}"}
+                     ).status == 401
+    node.wait_persisted(2)
+    failed = node.wait_log(lambda e: e.get("message") == "push cycle failed")
+    assert "refused" in failed["error"].lower()        # the push really ran, and failed, and said so
     assert node.stop() == 0
-    again = run(env, db=node.db_path)                              # restart: same counts, no news
-    wait_until(lambda: again.health()["host"], what="a sample after the restart")
-    assert len(again.rows("error_events")) == 1
+    node.wait_log(lambda e: e.get("message") == "stopped")
+    out = "\n".join(json.dumps(line) for line in node.lines) + "".join(node.stderr)
+    assert [name for name, value in secrets.items() if value in out] == []
+    stored = json.dumps(node.rows("llm_traces") + node.rows("error_events"))
+    assert all(secrets[n] in stored for n in ("INPUT", "OUTPUT", "MESSAGE", "STACK", "META"))
 
 
-def test_health_and_prometheus_show_the_newest_sample(run: Callable[..., Otrace]) -> None:
-    node = run({"TRACE_METRICS_INTERVAL": "100ms"})
-    host = wait_until(lambda: node.health()["host"], what="a host sample")
-    assert host["source"] in ("cgroup_v1", "cgroup_v2", "proc") and host["self_rss_bytes"] > 0
-    metrics = node.request("GET", "/metrics")
-    assert metrics.status == 200 and metrics.headers["content-type"].startswith("text/plain; version=0.0.4")
-    text = metrics.body.decode()
-    names = {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE")}
-    assert {"otrace_events_received_total", "otrace_queue_depth_events", "otrace_unsynced_events",
-            "otrace_host_cpu_percent", "otrace_host_memory_used_bytes", "otrace_host_disk_used_percent",
-            "otrace_self_rss_bytes"} <= names
-    for line in text.splitlines():
-        if not line.startswith("#"):
-            float(line.rsplit(" ", 1)[1])                           # every sample is a number
-    assert node.request("HEAD", "/metrics").body == b""
-    samples = dict(line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#"))
-    total = node.health()["host"]["mem_total_bytes"]                # 25 GB here: %g would print 2.5e+10
-    assert samples["otrace_host_memory_total_bytes"] == str(total)
-    assert samples["otrace_db_size_bytes"].isdigit() and int(samples["otrace_db_size_bytes"]) > 0
-    assert otrace.prometheus_number(1_234_567_891) == "1234567891"
-    assert otrace.prometheus_number(0.1 + 0.2) == "0.30000000000000004"
-
-
-def test_live_readings_agree_with_the_files(tmp_path: Path) -> None:
-    reader = otrace.HostReader(Path("/proc"), Path("/sys"), str(tmp_path))
-    memory = reader.cgroup and reader.cgroup.dirs.get("memory")
-    if not memory or memory[0] != "v1":
-        pytest.skip("this check reads the v1 memory files of the capturing kind of machine")
-    before = int((memory[1] / "memory.usage_in_bytes").read_text())
-    snap = reader.snapshot()
-    after = int((memory[1] / "memory.usage_in_bytes").read_text())
-    inactive = otrace.read_keyed(memory[1] / "memory.stat")["total_inactive_file"]
-    slack = 8 << 20
-    assert min(before, after) - inactive - slack <= snap.mem_used <= max(before, after) - inactive + slack
-    usage = int((reader.cgroup.dirs["cpuacct"][1] / "cpuacct.usage").read_text()) / 1e9
-    assert 0 < usage - snap.cpu_used < 5                            # read just after, so a little more
-
-
-def test_live_child_burning_a_core_shows_in_cpu_pct(tmp_path: Path) -> None:
-    reader = otrace.HostReader(Path("/proc"), Path("/sys"), str(tmp_path))
-    first = reader.snapshot()
-    burn = subprocess.run([sys.executable, "-c", "import time\nwhile time.process_time() < 1.5: pass"],
-                          check=True)                                  # 1.5 s of one core's time
-    assert burn.returncode == 0
-    row = otrace.host_sample(first, reader.snapshot())
-    busy = row["cpu_pct"] * row["cpu_cores_effective"] * row["interval_s"] / 100   # core-seconds used
-    assert busy >= 1.4, row
-
-
-V1_ROOT = Path("/sys/fs/cgroup")
-needs_v1 = pytest.mark.skipif(not (ROOT and (V1_ROOT / "cpu" / "cgroup.procs").exists()
-                                   and (V1_ROOT / "memory" / "cgroup.procs").exists()),
-                              reason="needs root and cgroup v1 cpu and memory hierarchies")
-
-
-@contextlib.contextmanager
-def v1_cgroup(name: str, quota_us: int, memory_bytes: int) -> Iterator[str]:
-    """A real child cgroup in the v1 cpu, cpuacct and memory hierarchies, removed afterwards."""
-    controllers = ("cpu", "cpuacct", "memory")
-    for c in controllers:
-        (V1_ROOT / c / name).mkdir(exist_ok=True)
-    (V1_ROOT / "cpu" / name / "cpu.cfs_quota_us").write_text(str(quota_us))
-    (V1_ROOT / "memory" / name / "memory.limit_in_bytes").write_text(str(memory_bytes))
-    try:
-        yield " ".join(f"echo $$ > {V1_ROOT / c / name / 'cgroup.procs'};" for c in controllers)
-    finally:
-        for c in controllers:
-            for pid in (V1_ROOT / c / name / "cgroup.procs").read_text().split():
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(int(pid), signal.SIGKILL)
-            wait_until(lambda c=c: not (V1_ROOT / c / name / "cgroup.procs").read_text().split(),
-                       what="the cgroup to empty")
-            (V1_ROOT / c / name).rmdir()
-
-
-@needs_v1
-def test_live_cgroup_quota_and_a_real_oom_kill(tmp_path: Path) -> None:
-    """otrace runs in a real child cgroup (0.5 core, 256 MiB); a process beside it burns CPU, then
-    another allocates until the OOM killer kills it: both show in what otrace records."""
-    with v1_cgroup(f"otrace-test-{os.getpid()}", 50_000, 256 << 20) as enter:
-        node = Otrace(tmp_path, {"TRACE_METRICS_INTERVAL": "200ms"})
-        env = {k: v for k, v in os.environ.items() if not k.startswith("TRACE_")} | node.env
-        node.proc = subprocess.Popen(["sh", "-c", f'{enter} exec "$0" "$1"', sys.executable, str(OTRACE)],
-                                     env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        threading.Thread(target=node._read, args=(node.proc.stdout, True), daemon=True).start()
-        threading.Thread(target=node._read, args=(node.proc.stderr, False), daemon=True).start()
-        try:
-            listening = node.wait_log(lambda e: e.get("message") == "listening")
-            node.port = int(listening["address"].rsplit(":", 1)[1])
-            wait_until(lambda: node.health()["host"], what="a first sample")
-            assert node.health()["host"]["cpu_cores_effective"] == 0.5
-            burner = subprocess.Popen(["sh", "-c", f'{enter} exec "$0" -c "$1"', sys.executable,
-                                       "while True: pass"])
-            try:                                  # it burns until a sample shows the quota biting
-                busy = wait_until(lambda: [r for r in node.rows("system_metrics") if (r["cpu_pct"] or 0) > 80
-                                           and r["cpu_throttled_periods"]], timeout=120,
-                                  what="a throttled sample near the quota")
-            finally:
-                burner.kill()
-                burner.wait(10)
-            assert busy[0]["source"] == "cgroup_v1"
-            hog = subprocess.run(["sh", "-c", f'{enter} exec "$0" -c "$1"', sys.executable,
-                                  "x = []\nwhile True: x.append(bytearray(16 << 20))"], check=False)
-            assert hog.returncode == -signal.SIGKILL                       # the OOM killer's doing
-            event = wait_until(lambda: node.rows("error_events"), what="the OOM event")[0]
-            assert event["category"] == "oom_kill"
-            assert json.loads(event["metadata"])["kills"]["cgroup"] == 1
-            assert node.stop() == 0
-        finally:
-            node.kill()
-
-
-# -------------------------------------------------------------------------------------- log tailing
-
-GATEWAY_LOG = HERE.parent / "shared" / "fixtures" / "openclaw" / "gateway-2026.9.6-sample.jsonl"
-# The kind each line of the 62-line real sample becomes (lines not listed are INFO/DEBUG of no kind).
-EXPECTED_KINDS = {
-    10: "gateway_start", 15: "config_change", 16: "config_invalid", 17: "channel_error", 18: "channel_start",
-    19: "channel_error", 20: "channel_error", 22: "other", 27: "model_call", 30: "model_error",
-    31: "model_error", 32: "other", 33: "other", 34: "other", 35: "model_error", 37: "other", 38: "other",
-    39: "model_call", 40: "other", 41: "other", 42: "auth_failure", 43: "other", 44: "channel_down",
-    46: "channel_error", 47: "config_change", 48: "gateway_stop", 53: "channel_inbound",
-    57: "channel_outbound", 60: "gateway_stop", 61: "gateway_stopped",
-}
-needs_gateway_log = pytest.mark.skipif(not GATEWAY_LOG.exists(), reason="needs ../shared beside the repo")
-
-
-def gateway_lines() -> list[bytes]:
-    return GATEWAY_LOG.read_bytes().splitlines(keepends=True)
-
-
-def logged(node: Otrace) -> list[tuple[str, str]]:
-    return [(r["kind"], r["message"]) for r in node.rows("log_events")]
-
-
-def expected(indexes: Iterable[int]) -> list[tuple[str, str]]:
-    lines = gateway_lines()
-    return [(EXPECTED_KINDS[i], json.loads(lines[i])["message"]) for i in indexes if i in EXPECTED_KINDS]
-
-
-def append(path: Path, data: bytes) -> None:
-    with open(path, "ab") as f:
-        f.write(data)
-
-
-@needs_gateway_log
-def test_log_replay_through_rotation_truncation_and_a_new_day(tmp_path: Path,
-                                                             run: Callable[..., Otrace]) -> None:
-    logs = tmp_path / "openclaw"
-    logs.mkdir()
-    today = logs / "openclaw-2026-11-24.log"
-    lines = gateway_lines()
-    node = run({"TRACE_LOG_PATH": str(logs), "TRACE_LOG_POLL": "50ms", "TRACE_LOG_START": "beginning"})
-    node.wait_log(lambda e: e.get("message") == "waiting for the gateway log")   # missing: waits
-    seen: list[int] = []
-
-    def feed(indexes: range, path: Path, *extra: bytes) -> None:
-        for i in indexes:                                       # slowly: a few lines at a time
-            append(path, lines[i])
-            seen.append(i)
-            if i % 7 == 0:
-                wait_until(lambda: sorted(logged(node)) == sorted(expected(seen)), what=f"line {i}")
-        for data in extra:
-            append(path, data)
-        wait_until(lambda: sorted(logged(node)) == sorted(expected(seen)), what=f"lines up to {seen[-1]}")
-
-    feed(range(20), today, b"this is not json\n")
-    today.rename(logs / "openclaw-2026-11-24.1.log")            # size rotation: rename, then a new file
-    append(logs / "openclaw-2026-11-24.1.log", lines[20])       # a last append lands in the renamed file
-    seen.append(20)
-    feed(range(21, 35), today)
-    node.signal(signal.SIGSTOP)                                 # while otrace is paused, the file is
-    with open(today, "wb") as f:                                # truncated and rewritten past its old
-        f.writelines(lines[35:51])                              # offset: only its first bytes tell
-    assert today.stat().st_size > sum(map(len, lines[21:35]))
-    node.signal(signal.SIGCONT)
-    seen.extend(range(35, 51))
-    wait_until(lambda: sorted(logged(node)) == sorted(expected(seen)), what="the rewritten file")
-    huge = b'{"0": "' + b"x" * 1_000_000 + b'", "_meta": {"logLevelName": "ERROR"}}\n'   # cut, not kept
-    feed(range(51, 62), logs / "openclaw-2026-11-25.log", huge)   # the next day's file
-    assert sorted(logged(node)) == sorted(expected(range(62)))  # every expected event, exactly once
-    health = node.health()["log_tail"]
-    assert health["not_json"] >= 1 and health["cut"] == 1 and health["file"].endswith("2026-11-25.log")
-    traces = node.rows("llm_traces")
-    assert [(t["provider"], t["status"], t["latency_ms"], t["source"]) for t in traces] == [
-        ("mock", "ok", 13.0, "log"), ("rlmock", "error", 35.0, "log")]
-    errors = {(e["category"], e["provider"]) for e in node.rows("error_events")}
-    assert errors == {("network_failure", "deadmock"), ("timeout", "deadmock"), ("rate_limit", "rlmock")}
-    assert len(node.rows("error_events")) == 4                  # two timeouts: agent/embedded and fallback
+def test_pyz_serves_on_a_bare_interpreter(tmp_path: Path, run: Callable[..., Otrace]) -> None:
+    """make pyz builds one file that a python3 with no site-packages at all (-I -S) runs: --help, and a
+    real serve that stores traces and host samples (its own RSS read from /proc)."""
+    subprocess.run(["make", "-s", "pyz"], cwd=HERE, check=True, capture_output=True, timeout=240)
+    pyz = HERE / "dist" / "otrace.pyz"
+    bare = [sys._base_executable, "-I", "-S"]         # the interpreter under the venv, nothing installed
+    shiv_root = tmp_path / "shiv"
+    clean_env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "SHIV_ROOT": str(shiv_root)}
+    helped = subprocess.run([*bare, str(pyz), "--help"], env=clean_env, capture_output=True, text=True,
+                            timeout=60, check=True)
+    assert "TRACE_DB_PATH" in helped.stdout
+    node = run({"SHIV_ROOT": str(shiv_root), "TRACE_METRICS_INTERVAL": "100ms"}, command=[*bare, str(pyz)])
+    ids = node.post("/v1/traces", [trace() for _ in range(3)]).json["trace_ids"]
+    wait_until(lambda: len(node.query("SELECT 1 FROM system_metrics WHERE self_rss_bytes > 0")) > 0,
+               what="a host sample with self_rss_bytes")
     assert node.stop() == 0
+    assert {r[0] for r in node.query("SELECT trace_id FROM llm_traces")} == set(ids)
 
 
-@needs_gateway_log
-def test_log_tail_survives_sigkill_without_gap_or_duplicate(tmp_path: Path,
-                                                            run: Callable[..., Otrace]) -> None:
-    import random
-    log = tmp_path / "gateway.log"
-    log.touch()
-    lines = gateway_lines()
-    env = {"TRACE_LOG_PATH": str(log), "TRACE_LOG_POLL": "20ms", "TRACE_LOG_START": "beginning",
-           "TRACE_BATCH_WINDOW": "5ms"}
-    written: list[int] = []                  # fixture index of every line written, in file order
-    stop = threading.Event()
-
-    def writer() -> None:
-        n = 0
-        while not stop.is_set():
-            i = n % len(lines)
-            append(log, lines[i])
-            written.append(i)
-            n += 1
-            time.sleep(0.002)
-
-    thread = threading.Thread(target=writer)
-    thread.start()
-    rng = random.Random(11)
-    try:
-        for _ in range(10):
-            node = run(env, db=tmp_path / "otrace.db")
-            time.sleep(rng.uniform(0.05, 0.4))          # the kill lands at a random moment of the reading
-            node.kill()
-    finally:
-        stop.set()
-        thread.join()
-    node = run(env, db=tmp_path / "otrace.db")
-    size = log.stat().st_size
-    wait_until(lambda: (h := node.health()["log_tail"])["offset"] == size and h["lag_bytes"] == 0,
-               timeout=30, what="caught up")
-    node.wait_persisted(0)
-    wait_until(lambda: node.health()["queue_depth"] == 0, what="queue drained")
-    rows = node.rows("log_events")
-    offsets = [r["file_offset"] for r in rows]
-    assert len(offsets) == len(set(offsets))                                   # no duplicate
-    assert sorted((r["kind"], r["message"]) for r in rows) == sorted(expected(written))    # no gap
+# --------------------------------------------------------------------------------------------- fuzz
 
 
-@needs_gateway_log
-def test_log_start_end_skips_what_was_there(tmp_path: Path, run: Callable[..., Otrace]) -> None:
-    """A file never read starts after its last whole line; the line being written is new, and read."""
-    log = tmp_path / "gateway.log"
-    lines = gateway_lines()
-    log.write_bytes(b"".join(lines[:30]) + lines[30][:50])    # ends inside line 30
-    node = run({"TRACE_LOG_PATH": str(log), "TRACE_LOG_POLL": "50ms"})
-    assert node.wait_log(lambda e: e.get("message") == "following log file")["offset"] == \
-        sum(map(len, lines[:30]))
-    append(log, lines[30][50:] + b"".join(lines[31:40]))
-    wait_until(lambda: sorted(logged(node)) == sorted(expected(range(30, 40))), what="new lines only")
-
-
-@needs_gateway_log
-def test_a_log_that_appears_after_start_is_read_from_its_beginning(tmp_path: Path,
-                                                                   run: Callable[..., Otrace]) -> None:
-    """TRACE_LOG_START=end (the default) is for a file already there: one the gateway creates later
-    is new from its first line."""
-    logs = tmp_path / "openclaw"
-    logs.mkdir()
-    node = run({"TRACE_LOG_PATH": str(logs), "TRACE_LOG_POLL": "50ms"})
-    node.wait_log(lambda e: e.get("message") == "waiting for the gateway log")
-    (logs / "openclaw-2026-11-24.log").write_bytes(b"".join(gateway_lines()[:20]))
-    wait_until(lambda: sorted(logged(node)) == sorted(expected(range(20))), what="the first lines too")
-
-
-def test_waiting_for_a_missing_log_is_one_line_when_it_starts_and_one_when_it_ends(
-        tmp_path: Path, run: Callable[..., Otrace]) -> None:
-    log = tmp_path / "openclaw-2026-11-24.log"
-    node = run({"TRACE_LOG_PATH": str(log), "TRACE_LOG_POLL": "10ms"})
-    node.wait_log(lambda e: e.get("message") == "waiting for the gateway log")
-    wait_until(lambda: node.health()["log_tail"]["polls"] > 50, what="50 polls")
-    assert node.health()["log_tail"]["waiting"]
-    log.write_bytes(b"".join(gateway_lines()[:5]))
-    node.wait_log(lambda e: e.get("message") == "following log file")
-    assert [e["message"] for e in node.lines if e.get("logger") == "otrace.logtail"] == [
-        "waiting for the gateway log", "following log file"]
-    assert node.health()["log_tail"]["last_error"] is None
-    assert node.stop() == 0
-
-
-@pytest.mark.parametrize("strange", ["fifo", "/dev/zero"])
-def test_a_log_path_that_is_not_a_file_is_a_fault_said_once(tmp_path: Path, run: Callable[..., Otrace],
-                                                            strange: str) -> None:
-    """A FIFO with no writer, or /dev/zero: a fault, said once and shown in /health, that never holds
-    the tail thread."""
-    path = tmp_path / "fifo" if strange == "fifo" else Path(strange)
-    if strange == "fifo":
-        os.mkfifo(path)
-    node = run({"TRACE_LOG_PATH": str(path), "TRACE_LOG_POLL": "10ms"})
-    fault = wait_until(lambda: node.health()["log_tail"]["last_error"], what="the fault in /health")
-    assert "not a regular file" in fault
-    wait_until(lambda: node.health()["log_tail"]["polls"] > 50, what="50 polls")
-    assert len(node.logs("logtail failing")) == 1
-    assert node.post("/v1/traces", trace()).status == 202 and node.stop() == 0
-
-
-def test_a_last_line_that_never_ends_is_not_read_again_and_again(tmp_path: Path,
-                                                                 run: Callable[..., Otrace]) -> None:
-    """8 MiB with no newline: held back (cut at 64 KiB once it ends), and the lines after it are read."""
-    log = tmp_path / "openclaw-2026-11-24.log"
-    log.write_bytes(gateway_lines()[0])
-    node = run({"TRACE_LOG_PATH": str(log), "TRACE_LOG_POLL": "10ms", "TRACE_LOG_START": "beginning"})
-    wait_until(lambda: node.health()["log_tail"]["lines"] == 1, what="the first line")
-    append(log, b"x" * (8 << 20))
-    whole = (8 << 20) + len(gateway_lines()[0])
-    read = wait_until(lambda: (t := node.health()["log_tail"])["bytes_read"] == whole and t, what="all once")
-    polls = read["polls"]
-    wait_until(lambda: node.health()["log_tail"]["polls"] > polls + 100, what="100 polls more")
-    assert node.health()["log_tail"]["bytes_read"] == read["bytes_read"]     # none of it read again
-    append(log, b"\n" + gateway_lines()[1])
-    wait_until(lambda: node.health()["log_tail"]["lines"] == 3, what="the lines after it")
-    assert node.health()["log_tail"]["cut"] == 1
-
-
-def test_old_gateway_lines_without_message_are_joined() -> None:
-    line = otrace.LogLine.parse(json.dumps({
-        "0": '{"subsystem":"gateway/reload"}', "1": "config reload skipped (invalid config):", "2": "bad key",
-        "_meta": {"logLevelName": "WARN", "name": '{"subsystem":"gateway/reload"}',
-                  "date": "2026-05-01T10:00:00Z"},
-    }).encode())
-    assert line.message == "config reload skipped (invalid config): bad key"
-    assert (line.subsystem, line.level, line.time_ms) == ("gateway/reload", "WARN", 1777629600000)
-    assert otrace.classify(line) == "config_invalid"
-    for raw in (b"not json", b"[1, 2]", b'"text"', b"{" * 10_000):
-        assert otrace.LogLine.parse(raw) is None
-
-
-def test_database_from_every_older_schema_migrates_keeping_rows(tmp_path: Path,
-                                                                run: Callable[..., Otrace]) -> None:
-    for version in range(1, len(otrace.SCHEMA)):
-        db = tmp_path / f"v{version}.db"
-        with contextlib.closing(sqlite3.connect(db, isolation_level=None)) as conn:
-            conn.execute("PRAGMA journal_mode = WAL")
-            for step in otrace.SCHEMA[:version]:
-                conn.executescript(step)
-            conn.execute(f"PRAGMA user_version = {version}")
-            conn.execute("INSERT INTO llm_traces (trace_id, created_at, received_at, source, provider, "
-                         "model, status, truncated) VALUES ('kept', 1, 1, 'http', 'p', 'm', 'ok', 0)")
-        node = run(db=db)
-        assert node.query("PRAGMA user_version") == [(len(otrace.SCHEMA),)]
-        assert node.query("SELECT trace_id FROM llm_traces") == [("kept",)]
-        assert node.logs("schema migrated")[-1]["version"] == len(otrace.SCHEMA)
-        assert node.stop() == 0
-
-
-# --------------------------------------------------------------------------------- fault and fuzz
 # Hostile and broken clients against a real otrace: fuzzed bodies, slow and half-closed sockets, a
 # slowloris crowd, and what an attacker on the machine (or its network) could get at.
 
 FUZZ_TOKEN = "fuzz-token-7f3a"
+
+
 FUZZ_MAX_BODY, FUZZ_MAX_EVENTS = 64 * 1024, 4
+
+
 FUZZ_ENV = {"TRACE_INGEST_TOKEN": FUZZ_TOKEN, "TRACE_MAX_BODY_BYTES": str(FUZZ_MAX_BODY),
             "TRACE_MAX_EVENTS": str(FUZZ_MAX_EVENTS), "TRACE_MAX_TEXT_BYTES": "1KiB"}
+
+
 # Every status otrace answers a request with (refuse, reply and send_error in otrace.py), but 414 and
 # 431, which only an over-long request line or header section gets, and this fuzz sends neither.
 ANSWERS = {202, 400, 401, 404, 405, 411, 413, 415, 503}
+
+
 TABLE_OF = {"/v1/traces": otrace.TRACES, "/v1/errors": otrace.ERRORS}
 
 
@@ -2518,27 +3037,52 @@ NASTY = st.sampled_from([
     Raw('"tail \\udfff"'), Raw('"\\ud83d\\ude00"'), Raw("9" * 5000), Raw("[" * 10_000 + "]" * 10_000),
     Raw("[" * 10_000), Raw('"' + "x" * 70_000 + '"'),
 ]) | st.integers(900, 1000).map(lambda depth: Raw(nested(depth)))   # around json's recursion limit
+
+
 HUGE = st.sampled_from([10**30, -(10**30), -1, 2**53 - 1, 2**53, 2**63, 2**64, -(2**63) - 1, 1e308, -0.0])
+
+
 SCALARS = (st.none() | st.booleans() | st.integers() | HUGE | st.floats(allow_nan=False, allow_infinity=False)
            | st.text(max_size=20))
+
+
 WILD = st.recursive(SCALARS | NASTY, lambda inner: st.lists(inner, max_size=3)
                     | st.dictionaries(st.text(max_size=8), inner, max_size=3), max_leaves=6)
 
+
 # values each field accepts
 NAME_OK = st.text(max_size=40).map("n".__add__)
+
+
 TEXT_OK = st.text(max_size=60) | st.just("é" * 700) | st.sampled_from(
     [Raw('"\\ud800 lone"'), Raw('"\\udfff"'), Raw('"pair \\ud83d\\ude00"')])
+
+
 MESSAGE_OK = st.text(max_size=60).map("m".__add__) | st.just(Raw('"lone \\ud800"'))
+
+
 COUNT_OK = st.integers(0, otrace.MAX_INT)
+
+
 AMOUNT_OK = st.floats(0, 1e9) | st.integers(0, 10**6)
+
+
 TRACE_ID_OK = st.uuids().map(str) | st.text(st.characters(categories=("L", "N", "P", "S")), min_size=1,
                                              max_size=otrace.MAX_TRACE_ID_CHARS)
+
+
 CREATED_OK = st.integers(0, otrace.MAX_UNIX_MS) | st.datetimes(
     datetime(1970, 1, 2), datetime(9999, 12, 30),
     timezones=st.integers(-1439, 1439).map(lambda m: timezone(timedelta(minutes=m)))).map(datetime.isoformat)
+
+
 METADATA_OK = st.dictionaries(st.text(max_size=8), SCALARS, max_size=4)
+
+
 OPTIONAL_COMMON = {"trace_id": TRACE_ID_OK, "created_at": CREATED_OK, "session_id": NAME_OK,
                    "metadata": METADATA_OK | METADATA_OK.map(json.dumps), "colour": SCALARS}
+
+
 VALID_EVENT = {
     "/v1/traces": st.fixed_dictionaries({"provider": NAME_OK, "model": NAME_OK}, optional={
         "input_text": TEXT_OK, "output_text": TEXT_OK, "prompt_tokens": COUNT_OK,
@@ -2551,6 +3095,8 @@ VALID_EVENT = {
         "category": st.sampled_from(otrace.ERROR_CATEGORIES), "severity": st.sampled_from(otrace.SEVERITIES),
         "stack_trace": TEXT_OK, "provider": NAME_OK, "model": NAME_OK, **OPTIONAL_COMMON}),
 }
+
+
 NEVER_UTF8 = [b"\xff", b"\xfe", b"\xc0\xaf", b"\xed\xa0\x80", b"\xf8\x88\x80\x80\x80"]
 
 
@@ -2711,326 +3257,3 @@ def test_metadata_nested_around_the_parsers_limit_is_always_answered(svc: Otrace
     assert {202, 400} <= set(statuses)       # the sweep does straddle the limit
     svc.wait_persisted(statuses.count(202))
     assert not svc.logs("request failed")
-
-
-def request_head(length: int | str, path: str = "/v1/traces") -> bytes:
-    return (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {length}\r\n\r\n").encode()
-
-
-def read_to_end(sock: socket.socket) -> bytes:
-    """All a peer sends until it hangs up (a reset counts as hanging up); a timeout fails the test."""
-    answer = b""
-    try:
-        while chunk := sock.recv(65536):
-            answer += chunk
-    except ConnectionResetError:
-        pass
-    return answer
-
-
-def answer_of(raw: bytes) -> tuple[int, dict[str, Any]]:
-    head, _, body = raw.partition(b"\r\n\r\n")
-    return int(head.split(b" ", 2)[1]), json.loads(body)
-
-
-def big_body_refused_unread(node: Otrace) -> None:
-    body = b"x" * (10 << 20)
-    with socket.create_connection(("127.0.0.1", node.port), timeout=30) as sock:
-        sock.sendall(request_head(len(body)) + body[:64 << 10])
-        status, error = answer_of(sock.recv(65536))           # answered before the other 9.9 MB are sent
-        assert status == 413 and "TRACE_MAX_BODY_BYTES" in error["error"]
-        with pytest.raises((BrokenPipeError, ConnectionResetError)):   # and hung up rather than read them
-            sock.sendall(body[64 << 10:])
-
-
-SMALL_EVENT = b'{"provider":"p","model":"m"}'
-
-
-FOREVER = {"TRACE_READ_TIMEOUT": "1h"}     # no client here comes near it
-
-
-def slow_body_in_time(node: Otrace) -> None:
-    """28 bytes at one per 50 ms: slow, and inside TRACE_READ_TIMEOUT."""
-    with socket.create_connection(("127.0.0.1", node.port), timeout=30) as sock:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.sendall(request_head(len(SMALL_EVENT)))
-        for byte in SMALL_EVENT:
-            sock.sendall(bytes([byte]))
-            time.sleep(0.05)                                   # the client's own pace, not a wait
-        resp = http.client.HTTPResponse(sock)
-        resp.begin()
-        assert resp.status == 202
-        trace_id = json.loads(resp.read())["trace_ids"][0]
-    node.wait_persisted(1)
-    assert node.query("SELECT provider, model FROM llm_traces WHERE trace_id = ?", trace_id) == [("p", "m")]
-
-
-def slow_body_too_slow(node: Otrace) -> None:
-    """One byte per 100 ms with TRACE_READ_TIMEOUT=1s: cut off at the deadline, not served, not kept."""
-    with socket.create_connection(("127.0.0.1", node.port), timeout=30) as sock:
-        connected = time.monotonic()
-        sock.sendall(request_head(len(SMALL_EVENT)))
-        answer = None
-        for byte in SMALL_EVENT:
-            try:
-                sock.sendall(bytes([byte]))
-            except (BrokenPipeError, ConnectionResetError):
-                answer = b""
-                break
-            if readable(sock, 0.1):
-                answer = read_to_end(sock)
-                break
-        took = time.monotonic() - connected
-    assert answer is not None, "the whole slow body went through"
-    assert answer == b"" or answer.startswith(b"HTTP/1.1 408 "), answer[:100]
-    assert took >= 1.0, took                             # not before its deadline
-    assert node.health()["events_received"] == 0
-
-
-def readable(sock: socket.socket, timeout: float) -> bool:
-    with selectors.DefaultSelector() as sel:
-        sel.register(sock, selectors.EVENT_READ)
-        return bool(sel.select(timeout))
-
-
-def half_closed(sent: bytes, status: int | None, needle: str = "") -> Callable[[Otrace], None]:
-    """The client sends `sent`, then shuts its sending side: otrace sees the end of input at once."""
-    def case(node: Otrace) -> None:
-        with socket.create_connection(("127.0.0.1", node.port), timeout=30) as sock:
-            sock.sendall(sent)
-            sock.shutdown(socket.SHUT_WR)
-            answer = read_to_end(sock)     # TRACE_READ_TIMEOUT is 1 h: the end of input ended it
-        if status is None:
-            assert answer == b""
-        else:
-            code, error = answer_of(answer)
-            assert code == status and needle in error["error"], answer
-    return case
-
-
-@pytest.mark.parametrize(("env", "case"), [
-    ({}, big_body_refused_unread),
-    (FOREVER, slow_body_in_time),
-    ({"TRACE_READ_TIMEOUT": "1s"}, slow_body_too_slow),
-    (FOREVER, half_closed(request_head(100) + b'{"provider": "p"', 400, "body ended after 16 of 100 bytes")),
-    (FOREVER, half_closed(b"POST /v1/traces HTTP/1.1\r\nHost: x\r\nContent-Le", 400, "inside its headers")),
-    (FOREVER, half_closed(b"", None)),
-], ids=["10MB-body", "slow-body-in-time", "slow-body-too-slow", "half-closed-mid-body",
-        "half-closed-mid-headers", "half-closed-at-once"])
-def test_nasty_client_is_answered_or_cut_off_and_the_service_lives(
-        run: Callable[..., Otrace], env: dict[str, str], case: Callable[[Otrace], None]) -> None:
-    node = run(env)
-    case(node)
-    wait_until(lambda: node.health()["connections_open"] == 1, what="the client's handler to finish")
-    assert node.post("/v1/traces", trace()).status == 202
-    assert not node.logs("request failed")
-
-
-class Slowloris(threading.Thread):
-    """`n` connections that each send one more byte of a request line every `every` seconds, noting
-    when otrace hangs up on each and anything it answers. Stops by itself after `lifetime` seconds or
-    once every connection is closed; close() stops it and closes the sockets."""
-
-    LINE = b"POST /v1/traces HTTP/1.1\r\n"
-
-    def __init__(self, port: int, n: int, every: float = 1.0, lifetime: float = 20.0) -> None:
-        super().__init__(daemon=True)
-        self.every, self.lifetime = every, lifetime
-        self.socks: list[socket.socket] = []
-        self.opened: dict[socket.socket, float] = {}
-        self.closed: dict[socket.socket, float] = {}
-        self.answers: dict[socket.socket, bytes] = {}
-        self.halt = threading.Event()
-        for _ in range(n):
-            sock = socket.create_connection(("127.0.0.1", port), timeout=30)
-            self.opened[sock] = time.monotonic()
-            sock.setblocking(False)
-            self.socks.append(sock)
-
-    def run(self) -> None:
-        sent, next_byte, end = 0, time.monotonic(), time.monotonic() + self.lifetime
-        with selectors.DefaultSelector() as sel:
-            for sock in self.socks:
-                sel.register(sock, selectors.EVENT_READ)
-            while not self.halt.is_set() and len(self.closed) < len(self.socks) and time.monotonic() < end:
-                if time.monotonic() >= next_byte:
-                    byte = self.LINE[sent % len(self.LINE):][:1]
-                    sent, next_byte = sent + 1, next_byte + self.every
-                    for sock in self.socks:
-                        if sock not in self.closed:
-                            with contextlib.suppress(BlockingIOError, BrokenPipeError, ConnectionResetError):
-                                sock.send(byte)      # a hang-up shows on the reading side below
-                for key, _ in sel.select(max(0.0, min(0.05, next_byte - time.monotonic()))):
-                    sock = key.fileobj
-                    try:
-                        data = sock.recv(4096)
-                    except BlockingIOError:
-                        continue
-                    except ConnectionResetError:
-                        data = b""
-                    if data:
-                        self.answers[sock] = self.answers.get(sock, b"") + data
-                    else:
-                        self.closed[sock] = time.monotonic()
-                        sel.unregister(sock)
-
-    def close(self) -> None:
-        self.halt.set()
-        if self.is_alive():
-            self.join(10)
-        for sock in self.socks:
-            sock.close()
-
-
-def test_slowloris_crowd_does_not_starve_a_normal_client(run: Callable[..., Otrace]) -> None:
-    """200 connections trickle a request line at a byte a second: a normal client still gets its 202
-    at once, and otrace hangs up on each slow one at TRACE_READ_TIMEOUT, though it keeps sending."""
-    node = run({"TRACE_READ_TIMEOUT": "3s"})       # TRACE_MAX_CONNECTIONS stays 256
-    crowd = Slowloris(node.port, 200)
-    try:
-        crowd.start()
-        wait_until(lambda: node.health()["connections_open"] == 201, timeout=60, what="the crowd admitted")
-        resp = node.post("/v1/traces", trace(), timeout=30)
-        assert resp.status == 202
-        assert not crowd.closed                       # served while every slow one was still open
-        node.wait_persisted(1)
-        wait_until(lambda: len(crowd.closed) == 200, timeout=60, what="otrace to hang up on the crowd")
-        for sock, at in crowd.closed.items():
-            assert at - crowd.opened[sock] >= 3.0                        # not before its deadline
-        assert not [a for a in crowd.answers.values() if not a.startswith(b"HTTP/1.1 4")]
-        wait_until(lambda: node.health()["connections_open"] == 1, what="every handler finished")
-        assert node.post("/v1/traces", trace()).status == 202
-    finally:
-        crowd.close()
-
-
-def non_loopback_addresses() -> list[str]:
-    """This machine's own addresses that are not loopback (nor IPv6 link-local, which needs a scope)."""
-    found: set[str] = set()
-    if shutil.which("hostname"):
-        found.update(subprocess.run(["hostname", "-I"], capture_output=True, text=True, check=False)
-                     .stdout.split())
-    with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        probe.connect(("198.51.100.1", 9))       # picks the address a packet would leave from; sends none
-        found.add(probe.getsockname()[0])
-    return sorted(a for a in found if not ((ip := ipaddress.ip_address(a)).is_loopback or ip.is_link_local
-                                           or ip.is_unspecified))
-
-
-def test_default_bind_is_loopback_only(run: Callable[..., Otrace]) -> None:
-    node = run()
-    assert "TRACE_HOST" not in node.env
-    assert node.logs("starting")[0]["settings"]["host"] == "127.0.0.1"
-    assert node.logs("listening")[0]["address"] == f"http://127.0.0.1:{node.port}"
-    assert node.request("GET", "/health").status == 200
-    addresses = non_loopback_addresses()
-    if not addresses:
-        pytest.skip("this machine has no address but loopback")
-    for address in addresses:
-        family = socket.AF_INET6 if ":" in address else socket.AF_INET
-        with socket.create_server((address, 0), family=family) as control:   # the address does take
-            socket.create_connection(control.getsockname()[:2], timeout=5).close()   # connections ...
-        with pytest.raises(ConnectionRefusedError):                           # ... but not otrace's
-            socket.create_connection((address, node.port), timeout=30).close()
-
-
-def test_ingest_token_guards_every_route_but_health_and_metrics(run: Callable[..., Otrace]) -> None:
-    token = f"tok-{uuid.uuid4().hex}"
-    node = run({"TRACE_INGEST_TOKEN": token})
-    opened = {"/health", "/metrics"}
-    assert opened < set(otrace.ROUTES)
-    posted = 0
-    for path, methods in otrace.ROUTES.items():                  # any route added later is checked too
-        for method in methods:
-            if path in opened:
-                resp = node.request(method, path)
-                assert resp.status == 200, (method, path, resp)
-                assert (resp.body == b"") == (method == "HEAD")
-                continue
-            good = {"error_type": "crash", "message": "m"} if path == "/v1/errors" else trace()
-            for auth in (None, f"Bearer {token}x", f"Bearer {token[:-1]}", f"Basic {token}", token,
-                         f"Token {token}", "Bearer "):
-                resp = node.request(method, path, good, headers={"Authorization": auth} if auth else {})
-                assert resp.status == 401, (method, path, auth, resp)
-                assert resp.json["error"] and resp.headers["www-authenticate"] == "Bearer"
-            for query in (f"?token={token}", f"?access_token={token}"):
-                assert node.request(method, path + query, good).status == 401
-            assert node.request(method, path, b"{bad json").status == 401       # not read, so not judged
-            resp = node.request(method, path, good, headers={"Authorization": f"Bearer {token}"})
-            assert resp.status == 202, (method, path, resp)
-            posted += 1
-    health = node.wait_persisted(posted)
-    assert health["events_received"] == posted                # nothing of the refused requests kept
-    assert node.request("HEAD", "/metrics").status == 200
-
-
-@pytest.mark.parametrize("level", ["info", "debug"])
-def test_logs_never_hold_event_texts_or_secrets(run: Callable[..., Otrace], level: str) -> None:
-    """Event texts, the ingest and push tokens, and a password in the push URL never reach stdout or
-    stderr, at the default level or at debug, through ingest, a failing push and a shutdown."""
-    mark = uuid.uuid4().hex[:12]
-    secrets = {name: f"{name}-{mark}" for name in (
-        "INPUT", "OUTPUT", "MESSAGE", "STACK", "META", "REFUSEDFIELD", "BADJSON", "WRONGTOKEN",
-        "INGESTTOKEN", "PUSHTOKEN", "URLPASSWORD")}
-    with socket.socket() as free:                   # a port nothing listens on: every push fails
-        free.bind(("127.0.0.1", 0))
-        closed_port = free.getsockname()[1]
-    credentials = ({"TRACE_PUSH_TOKEN": secrets["PUSHTOKEN"], "TRACE_PUSH_ENDPOINT":
-                    f"http://127.0.0.1:{closed_port}/in?key={secrets['URLPASSWORD']}"} if level == "info" else
-                   {"TRACE_PUSH_ENDPOINT": f"http://agent:{secrets['URLPASSWORD']}@127.0.0.1:{closed_port}/in"})
-    node = run({"TRACE_LOG_LEVEL": level, "TRACE_INGEST_TOKEN": secrets["INGESTTOKEN"],
-                "TRACE_PUSH_INTERVAL": "100ms", "TRACE_PUSH_RETRIES": "1", "TRACE_PUSH_BACKOFF_BASE": "10ms",
-                **credentials})
-    auth = {"Authorization": f"Bearer {secrets['INGESTTOKEN']}"}
-    assert node.post("/v1/traces", trace(input_text=secrets["INPUT"], output_text=secrets["OUTPUT"],
-                                         metadata={"note": secrets["META"]}), headers=auth).status == 202
-    assert node.post("/v1/errors", {"error_type": "crash", "message": secrets["MESSAGE"],
-                                    "stack_trace": secrets["STACK"]}, headers=auth).status == 202
-    assert node.post("/v1/traces", trace(status=secrets["REFUSEDFIELD"]), headers=auth).status == 400
-    assert node.post("/v1/traces", "{" + secrets["BADJSON"], headers=auth).status == 400
-    assert node.post("/v1/traces", trace(), headers={"Authorization": f"Bearer {secrets['WRONGTOKEN']}"}
-                     ).status == 401
-    node.wait_persisted(2)
-    failed = node.wait_log(lambda e: e.get("message") == "push cycle failed")
-    assert "refused" in failed["error"].lower()        # the push really ran, and failed, and said so
-    assert node.stop() == 0
-    node.wait_log(lambda e: e.get("message") == "stopped")
-    out = "\n".join(json.dumps(line) for line in node.lines) + "".join(node.stderr)
-    assert [name for name, value in secrets.items() if value in out] == []
-    stored = json.dumps(node.rows("llm_traces") + node.rows("error_events"))
-    assert all(secrets[n] in stored for n in ("INPUT", "OUTPUT", "MESSAGE", "STACK", "META"))
-
-
-def test_database_wal_and_shm_are_private_even_under_umask_0(run: Callable[..., Otrace]) -> None:
-    old = os.umask(0)                          # otrace must not rely on the umask it is given
-    try:
-        node = run()
-    finally:
-        os.umask(old)
-    assert node.post("/v1/traces", trace()).status == 202
-    node.wait_persisted(1)
-    files = [Path(f"{node.db_path}{suffix}") for suffix in ("", "-wal", "-shm")]
-    assert {f.name: oct(f.stat().st_mode & 0o777) for f in files} == {f.name: "0o600" for f in files}
-
-
-# ------------------------------------------------------------------------------------------- deploy
-
-
-def test_pyz_serves_on_a_bare_interpreter(tmp_path: Path, run: Callable[..., Otrace]) -> None:
-    """make pyz builds one file that a python3 with no site-packages at all (-I -S) runs: --help, and a
-    real serve that stores traces and host samples (its own RSS read from /proc)."""
-    subprocess.run(["make", "-s", "pyz"], cwd=HERE, check=True, capture_output=True, timeout=240)
-    pyz = HERE / "dist" / "otrace.pyz"
-    bare = [sys._base_executable, "-I", "-S"]         # the interpreter under the venv, nothing installed
-    shiv_root = tmp_path / "shiv"
-    clean_env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "SHIV_ROOT": str(shiv_root)}
-    helped = subprocess.run([*bare, str(pyz), "--help"], env=clean_env, capture_output=True, text=True,
-                            timeout=60, check=True)
-    assert "TRACE_DB_PATH" in helped.stdout
-    node = run({"SHIV_ROOT": str(shiv_root), "TRACE_METRICS_INTERVAL": "100ms"}, command=[*bare, str(pyz)])
-    ids = node.post("/v1/traces", [trace() for _ in range(3)]).json["trace_ids"]
-    wait_until(lambda: len(node.query("SELECT 1 FROM system_metrics WHERE self_rss_bytes > 0")) > 0,
-               what="a host sample with self_rss_bytes")
-    assert node.stop() == 0
-    assert {r[0] for r in node.query("SELECT trace_id FROM llm_traces")} == set(ids)
