@@ -2975,7 +2975,8 @@ def test_logs_never_hold_event_texts_or_secrets(run: Callable[..., Otrace], leve
 
 def test_pyz_serves_on_a_bare_interpreter(tmp_path: Path, run: Callable[..., Otrace]) -> None:
     """make pyz builds one file that a python3 with no site-packages at all (-I -S) runs: --help, and a
-    real serve that stores traces and host samples (its own RSS read from /proc)."""
+    real serve that stores traces, OTLP protobuf (protobuf's compiled extension loaded from the shiv
+    root) and host samples (its own RSS read from /proc)."""
     subprocess.run(["make", "-s", "pyz"], cwd=HERE, check=True, capture_output=True, timeout=240)
     pyz = HERE / "dist" / "otrace.pyz"
     bare = [sys._base_executable, "-I", "-S"]         # the interpreter under the venv, nothing installed
@@ -2986,10 +2987,18 @@ def test_pyz_serves_on_a_bare_interpreter(tmp_path: Path, run: Callable[..., Otr
     assert "TRACE_DB_PATH" in helped.stdout
     node = run({"SHIV_ROOT": str(shiv_root), "TRACE_METRICS_INTERVAL": "100ms"}, command=[*bare, str(pyz)])
     ids = node.post("/v1/traces", [trace() for _ in range(3)]).json["trace_ids"]
+    span = chat_span("0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331",
+                     **{"gen_ai.operation.name": "chat", "gen_ai.request.model": "m"})
+    otlp = node.post("/v1/traces", otlp_message("/v1/traces", spans_body(span)).SerializeToString(),
+                     headers=PROTOBUF)
+    assert (otlp.status, otlp.headers["content-type"]) == (200, "application/x-protobuf")
+    maps = Path(f"/proc/{node.proc.pid}/maps").read_text()
+    assert "_upb" in maps and str(shiv_root) in maps           # the compiled decoder, from the pyz
     wait_until(lambda: len(node.query("SELECT 1 FROM system_metrics WHERE self_rss_bytes > 0")) > 0,
                what="a host sample with self_rss_bytes")
     assert node.stop() == 0
-    assert {r[0] for r in node.query("SELECT trace_id FROM llm_traces")} == set(ids)
+    assert {r[0] for r in node.query("SELECT trace_id FROM llm_traces")} == {
+        *ids, "0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331"}
 
 
 # --------------------------------------------------------------------------------------------- fuzz
@@ -4098,6 +4107,9 @@ def test_the_otlp_decoder_is_loaded_on_the_first_otlp_request_only(svc: Otrace) 
     assert "_upb" not in maps.read_text() and svc.health()["otlp"]["decoder_loaded"] is False
     assert svc.post("/v1/logs", b"", headers=PROTOBUF).status == 200
     assert "_upb" in maps.read_text() and svc.health()["otlp"]["decoder_loaded"] is True
+    exposed = svc.request("GET", "/metrics").body.decode()
+    assert 'otrace_otlp_items_total{item="requests"} 1\n' in exposed
+    assert 'otrace_otlp_items_total{item="spans"} 0\n' in exposed
 
 
 def test_usage_metric_points_are_pushed_like_the_other_tables(run: Callable[..., Otrace],
@@ -4256,5 +4268,27 @@ def test_a_statement_its_own_data_breaks_is_dropped_and_the_writer_goes_on(tmp_p
     finally:
         service.events.submit(None)
         service.writer.join(10)
+        service.server.release()
+        service.db.close()
+
+
+@needs_otlp_fixtures
+def test_openclaw_usage_spans_are_not_stored_again_while_its_session_store_is_followed(tmp_path: Path
+                                                                                       ) -> None:
+    """One real call, one row: with OpenClaw's session store followed (Service.store set), OpenClaw's
+    openclaw.model.usage spans are counted, not stored; its usage metrics are kept all the same."""
+    config = otrace.Config(db_path=str(tmp_path / "x.db"), port=0, otlp_port=0, metrics_interval=0.0)
+    service = otrace.Service(config)
+    try:
+        service.store = otrace.Loop("store", 1.0)                 # as if the session store were followed
+        entries = [e for e in captured_otlp() if e["run"] == "openclaw"]
+        traces = [service.otlp.traces(decoded(e), 0) for e in entries if e["path"] == "/v1/traces"]
+        assert [row for export in traces for row in export.rows] == []
+        assert (sum(e.counts["openclaw_usage_skipped"] for e in traces),
+                sum(e.counts["spans_not_llm"] for e in traces)) == (3, 4)
+        metrics = service.otlp.metrics(decoded(next(e for e in entries if e["path"] == "/v1/metrics"
+                                                    and b"openclaw.tokens" in e["body"])), 0)
+        assert {row.table for row in metrics.rows} == {"genai_metrics"}
+    finally:
         service.server.release()
         service.db.close()
