@@ -4236,8 +4236,21 @@ CHUNK_SHARE = 200_000            # this many bytes of it: a chunk of 2 KB rows f
 
 def checkpoint(mode: str, conn: sqlite3.Connection) -> dict[str, int]:
     """A WAL checkpoint on the writer's connection. After TRUNCATE the page counts read 0."""
-    busy, wal_pages, moved = conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
+    with never_waiting(conn):
+        busy, wal_pages, moved = conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
     return {"busy": busy, "wal_pages": wal_pages, "checkpointed_pages": moved}
+
+
+@contextlib.contextmanager
+def never_waiting(conn: sqlite3.Connection) -> Iterator[None]:
+    """No busy timeout for a TRUNCATE checkpoint: it would wait for every reader to finish (an `otrace
+    report`, a user's sqlite3 shell), holding the writer. Meeting one, it checkpoints what it can and
+    says busy; a later one truncates."""
+    conn.execute("PRAGMA busy_timeout = 0")
+    try:
+        yield
+    finally:
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT * 1000:.0f}")
 
 
 class Checkpointer(Loop):
@@ -4296,10 +4309,10 @@ def prune(table: str, column: str, cutoff: int, extra: str, conn: sqlite3.Connec
                         f"{extra} ORDER BY id LIMIT {CHUNK})", (cutoff,)).rowcount
 
 
-def shrink(conn: sqlite3.Connection) -> None:
+def shrink(conn: sqlite3.Connection) -> dict[str, int]:
     """Give freed pages back to the filesystem: incremental vacuum, then a TRUNCATE checkpoint."""
     conn.executescript("PRAGMA incremental_vacuum;")   # execute() would step it once: one page freed
-    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+    return checkpoint("TRUNCATE", conn)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -4424,11 +4437,19 @@ class Retention(Loop):
                     if table is None:
                         break
                     self.delete_chunk(Cut(table, tier.where, tier.reason, pass_id, limit=tier.chunk), tally)
-                    self.events.call(shrink)      # so the next measure sees the space given back
+                    self.give_back()
                 if self.relieved(cause):
                     return
         self.log.error("still over budget after deleting all it may", extra={
             "cause": cause, "detail": (self.pressure() or (cause, "now under"))[1]})
+
+    def give_back(self) -> None:
+        """Shrink the file so the next measure sees the space given back (else more rows go than
+        needed); while a reader keeps the WAL, try again here, not in the writer, as long as the
+        writer would once have waited."""
+        end = time.monotonic() + BUSY_TIMEOUT
+        while self.events.call(shrink)["busy"] and time.monotonic() < end and not self.stopping.wait(0.05):
+            pass
 
     def report(self, tally: collections.Counter[tuple[str, str, str]], pruned: int, seconds: float) -> None:
         lost = {f"{t}/{r}": n for (t, r, kind), n in tally.items() if kind == "unpushed" and n}
