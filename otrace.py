@@ -1156,14 +1156,15 @@ class PriceFile(NamedTuple):
 def _read_lines(file: Iterable[str], path: Path) -> list[tuple[dict[str, Any], bytes | list[Any]]]:
     """The providers of scripts/prices.py's layout: a provider's fields on a line ending in
     '"models":[', its models a line each, then "]}," ("]}" for the last), then "]}". Each model is
-    compiled once to check it and kept compressed, so the file is never whole in memory."""
+    compiled once to check it (and dropped: no pool kept) and kept compressed, so the file is never
+    whole in memory, nor its models parsed all at once."""
     entries: list[tuple[dict[str, Any], bytes | list[Any]]] = []
     fields: dict[str, Any] | None = None
-    compiler, packer, packed, ended = _Compiler(), zlib.compressobj(1), [b""], False
+    packer, packed, ended = zlib.compressobj(1), [b""], False
     for number, raw in enumerate(file, 3):
         line = raw.removesuffix("\n")
         if fields is not None and line.startswith("{"):
-            compiler.model(json.loads(line.removesuffix(",")), fields["id"])
+            _Compiler().model(json.loads(line.removesuffix(",")), fields["id"])
             packed.append(packer.compress(f"\n{line}".encode()))
         elif fields is not None and line in ("]}", "]},"):
             entries.append((fields, b"".join([*packed, packer.flush()]) if len(packed) > 1 else []))
@@ -1310,7 +1311,10 @@ def _per_unit(rate: Rate | None, total_input: int) -> float:
     if isinstance(rate, float):
         return rate
     base, tiers = rate
-    return next((price for start, price in reversed(tiers) if total_input > start), base)
+    for start, price in reversed(tiers):
+        if total_input > start:
+            return price
+    return base
 
 
 def price_usd(price: Price, input_tokens: int | None, output_tokens: int | None,
@@ -4842,10 +4846,10 @@ def moment(text: str, zone: Zone, now_ms: int, end: bool) -> int:
         return zone.midnight(zone.today(now_ms) + timedelta(days=int(end)))
     with contextlib.suppress(SettingError):
         return now_ms - int(_seconds(text) * 1000)
-    if re.fullmatch(r"\d{4}-\d\d-\d\d", text):
-        return zone.midnight(date.fromisoformat(text) + timedelta(days=int(end)))
     try:
-        at = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+        if re.fullmatch(r"\d{4}-\d\d-\d\d", text):
+            return zone.midnight(date.fromisoformat(text) + timedelta(days=int(end)))
+        at = datetime.fromisoformat(text)
     except ValueError:
         raise ReportError(f"{'--until' if end else '--since'} {text!r} is not a duration (24h, 7d), "
                           "today, a date (2026-11-30) or an RFC 3339 time") from None
@@ -5115,6 +5119,10 @@ def bytes_text(n: int | None) -> str:
     return "-" if n is None else f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 
 
+def plural(n: int, noun: str) -> str:
+    return f"{n:,} {noun}{'s' * (n != 1)}"
+
+
 def bar(value: float, top: float, width: int) -> str:
     """A bar of `width` cells for value/top, in eighths of a cell."""
     eighths = round(8 * width * value / top) if top > 0 else 0
@@ -5169,8 +5177,9 @@ class TableView:
             return text + ("  " + bar(cost, top, bar_width) if bar_width and cost is not None else "")
 
         window = doc["window"]
-        out = [f"otrace report: {window['since']} to {window['until']} ({window['timezone']}), by {doc['by']}"
-               + (f", source {doc['source']}" if doc["source"] else ""), ""]
+        title = (f"otrace report: {window['since']} to {window['until']} ({window['timezone']}), "
+                 f"by {doc['by']}" + (f", source {doc['source']}" if doc["source"] else ""))
+        out = [*textwrap.wrap(title, self.width, subsequent_indent="  "), ""]
         out.append(line(doc["by"].upper(), [name for name, _ in columns]))
         for group, label, models in zip(groups, labels, sub, strict=True):
             out.append(line(label, self.cells(group, compact), group["cost_usd"]))
@@ -5179,7 +5188,9 @@ class TableView:
         if not groups:
             out.append("(no LLM calls in this window)")
         out.append(line("TOTAL", self.cells(calls["totals"], compact)))
-        out += [*self.notes(), "", *self.sections()]
+        out += [line for note in self.notes() for line in textwrap.wrap(note, self.width,
+                                                                         subsequent_indent="  ")]
+        out += ["", *self.sections()]
         return "\n".join(out) + "\n"
 
     def notes(self) -> list[str]:
@@ -5189,15 +5200,15 @@ class TableView:
             notes.append(f"* {usd_text(totals['computed_usd'])} of the cost computed from the price table "
                          + ("(the source reported none)" if mode == "auto" else "(--cost computed)"))
         if totals["unpriced_calls"]:
-            notes.append(f"{totals['unpriced_calls']:,} calls have tokens and no cost: no price for the model"
-                         + (" (or none reported: --cost reported)" if mode == "reported" else ""))
+            notes.append(f"{plural(totals['unpriced_calls'], 'call')} with tokens and no cost: no price for "
+                         "the model" + (" (or none reported: --cost reported)" if mode == "reported" else ""))
         return notes
 
     def sections(self) -> list[str]:
         doc = self.doc
         host, push, retention = doc["host"], doc["push"], doc["retention"]
-        sessions = [f"{s['session_id']} {usd_text(s['cost_usd'])} ({s['calls']:,} calls)" for s in
-                    doc["top_sessions"]]
+        sessions = [f"{s['session_id']} {usd_text(s['cost_usd'])} ({plural(s['calls'], 'call')})"
+                    for s in doc["top_sessions"]]
         errors = [f"{e['error_type']}/{e['category']} {e['count']:,}" for e in doc["errors"]]
         logs = [f"{kind} {n:,}" for kind, n in doc["log_events"].items()]
         host_text = "no samples" if not host["samples"] else (
