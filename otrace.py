@@ -33,6 +33,7 @@ Where a row is deleted: Retention.tick -> Cut.
 from __future__ import annotations
 
 import argparse
+import bisect
 import collections
 import contextlib
 import dataclasses
@@ -1355,7 +1356,7 @@ class Pricing:
     def cost(self, provider: str, model: str, tokens: Tokens, at_ms: int) -> Priced | None:
         """(input with the cache's tokens, output, cache read, cache write) priced at at_ms."""
         if not self.loaded:
-            self.install(PriceTable.load(PRICES_FILE) if PRICES_FILE.exists() else None)
+            self.install(load_prices(""))
         if self.table is None:
             return None
         prompt, completion, read, write = tokens
@@ -4546,8 +4547,8 @@ class CallSeries:
             seconds = latency / 1000
             self.latency_count += 1
             self.latency_sum += seconds
-            bound = next((i for i, top in enumerate(LATENCY_BUCKETS) if seconds <= top), None)
-            if bound is not None:
+            bound = bisect.bisect_left(LATENCY_BUCKETS, seconds)      # the first bound at or over it
+            if bound < len(LATENCY_BUCKETS):
                 self.buckets[bound] += 1
 
     def report(self, provider: str, model: str) -> dict[str, Any]:
@@ -4779,21 +4780,26 @@ class Zone:
     `date` shows it, so days match what OpenClaw counts on the same machine) or a named one."""
 
     def __init__(self, name: str | None) -> None:
-        self.tz: Any = None
-        self.name = f"local ({time.strftime('%Z')})"
-        if name is None:
-            return
-        fixed = re.fullmatch(r"([+-])(\d\d):(\d\d)", name)
+        """A named zone, or None for the machine's."""
+        self.name, self.tz = f"local ({time.strftime('%Z')})", None
+        if name is not None:
+            self.name, self.tz = name, self.named(name)
+
+    @staticmethod
+    def named(name: str) -> Any:
+        """The tzinfo of an IANA name, UTC, or a fixed offset like +05:30."""
         from zoneinfo import ZoneInfo  # noqa: PLC0415 - imported where needed (see the imports)
+        fixed = re.fullmatch(r"([+-])(\d\d):(\d\d)", name)
         try:
-            self.tz = (UTC if name.upper() in ("UTC", "Z") else
-                       dt_timezone((-1 if fixed[1] == "-" else 1) * timedelta(hours=int(fixed[2]),
-                                                                              minutes=int(fixed[3])))
-                       if fixed else ZoneInfo(name))
-        except (ValueError, OSError, KeyError):
-            raise ReportError(f"--timezone {name!r} is not a time zone (like Europe/Berlin, UTC, +05:30)"
-                              ) from None
-        self.name = name
+            if name.upper() in ("UTC", "Z"):
+                return UTC
+            if fixed:
+                offset = timedelta(hours=int(fixed[2]), minutes=int(fixed[3]))
+                return dt_timezone(-offset if fixed[1] == "-" else offset)
+            return ZoneInfo(name)
+        except (ValueError, KeyError, OSError):       # KeyError: ZoneInfoNotFoundError
+            raise ReportError(f"--timezone {name!r} is not a time zone (like Europe/Berlin, UTC, "
+                              "+05:30)") from None
 
     def offset_ms(self, at_ms: int) -> int:
         if self.tz is None:
@@ -4924,10 +4930,10 @@ class Report:
         self.conn, self.since, self.until, self.zone = conn, since_ms, until_ms, zone
         self.by, self.breakdown, self.cost, self.source = by, breakdown, cost, source
 
-    def where(self, table: str = "llm_traces") -> tuple[str, list[Any]]:
-        """The window (and --source) as a WHERE clause for an event table."""
+    def where(self, by_source: bool = True) -> tuple[str, list[Any]]:
+        """The window as a WHERE clause for an event table, and --source (for calls and errors)."""
         sql, params = "created_at >= ? AND created_at < ?", [self.since, self.until]
-        if self.source is not None and table in ("llm_traces", "error_events"):
+        if self.source is not None and by_source:
             sql, params = sql + " AND source = ?", [*params, self.source]
         return sql, params
 
@@ -5008,7 +5014,7 @@ class Report:
                 for session, calls, failures, usd, tokens, first, last in rows]
 
     def errors(self) -> list[dict[str, Any]]:
-        where, params = self.where("error_events")
+        where, params = self.where()
         return [{"error_type": kind, "category": category, "count": n} for kind, category, n in
                 self.conn.execute(f"SELECT error_type, category, count(*) AS n FROM error_events WHERE "
                                   f"{where} GROUP BY error_type, category ORDER BY n DESC, error_type, "
@@ -5016,11 +5022,11 @@ class Report:
 
     def host(self) -> dict[str, Any]:
         """Peaks of the host samples in the window, and the OOM kills otrace saw."""
-        where, params = self.where("system_metrics")
+        where, params = self.where(by_source=False)
         samples, cpu, memory, limit, disk, own = self.conn.execute(
             "SELECT count(*), max(cpu_pct), max(mem_used_bytes), max(mem_limit_bytes), max(disk_used_pct), "
             f"max(self_rss_bytes) FROM system_metrics WHERE {where}", params).fetchone()
-        where, params = self.where("error_events")
+        where, params = self.where(by_source=False)
         kills = self.conn.execute(f"SELECT count(*) FROM error_events WHERE {where} AND "
                                   "category = 'oom_kill'", params).fetchone()[0]
         return {"samples": samples, "cpu_pct_max": cpu, "mem_used_bytes_max": memory,
@@ -5028,7 +5034,7 @@ class Report:
                 "oom_kill_events": kills}
 
     def log_events(self) -> dict[str, int]:
-        where, params = self.where("log_events")
+        where, params = self.where(by_source=False)
         return dict(self.conn.execute(f"SELECT kind, count(*) AS n FROM log_events WHERE {where} "
                                       "GROUP BY kind ORDER BY n DESC, kind", params))
 
@@ -5141,12 +5147,12 @@ class TableView:
         self.doc, self.width = doc, max(40, width)
 
     def cells(self, row: dict[str, Any], compact: bool) -> list[str]:
-        rate = f"{row['failures']}" + (f" {100 * row['failure_rate']:.1f}%" if row["failures"] else "")
+        rate = f"{row['failures']:,}" + (f" {100 * row['failure_rate']:.1f}%" if row["failures"] else "")
         cost = usd_text(row["cost_usd"]) + ("*" if row["computed_usd"] else "")
         latency = row["latency_ms"]
         tokens = [row[f"{kind}_tokens"] for kind in ("input", "output", "cache_read", "cache_write")]
         if compact:
-            return [f"{row['calls']:,}", str(row["failures"]), tokens_text(sum(tokens)), cost,
+            return [f"{row['calls']:,}", f"{row['failures']:,}", tokens_text(sum(tokens)), cost,
                     ms_text(latency["p95"])]
         return [f"{row['calls']:,}", rate, *map(tokens_text, tokens), cost,
                 *(ms_text(latency[p]) for p in ("p50", "p95", "p99"))]
@@ -5216,10 +5222,12 @@ class TableView:
             f"{bytes_text(host['mem_used_bytes_max'])} of {bytes_text(host['mem_limit_bytes'])} · disk peak "
             f"{host['disk_used_pct_max'] or 0:.1f} %")
         host_text += f" · OOM kills {host['oom_kill_events']}"
-        last = push["last_attempt"]
+        last, success = push["last_attempt"], push["last_success"]
         push_text = f"{push['unsynced_total']:,} rows not pushed · " + (
             "never pushed" if last is None else f"last push {last['at']}: " + (
                 f"HTTP {last['http_status']}" if last["http_status"] else last["error"] or "failed"))
+        if success and success != last:
+            push_text += f" · last success {success['at']}"
         lost = (f"{retention['deleted']:,} rows deleted, {retention['unpushed_deleted']:,} never pushed"
                 if retention["deleted"] else "nothing deleted")
         if retention["refused_by_receiver"]:
@@ -5227,9 +5235,8 @@ class TableView:
         rows = [("ERRORS", " · ".join(errors) or "none"), ("TOP SESSIONS", " · ".join(sessions) or "none"),
                 ("HOST", host_text), ("LOG EVENTS", " · ".join(logs) or "none"), ("PUSH", push_text),
                 ("RETENTION", lost)]
-        text_width = self.width - 14
         return [line for name, text in rows for line in textwrap.wrap(
-            text, text_width, initial_indent=name.ljust(14), subsequent_indent=" " * 14) or [name]]
+            text, self.width, initial_indent=name.ljust(14), subsequent_indent=" " * 14)]
 
 
 def run_report(argv: list[str]) -> int:
