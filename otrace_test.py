@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import gzip
 import http.client
 import http.server
 import ipaddress
@@ -37,6 +36,9 @@ from hypothesis import strategies as st
 import otrace
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE / "scripts"))
+from receiver import Receiver  # noqa: E402 - the one push receiver, shared with scripts/soak.py
+
 OTRACE = HERE / "otrace.py"
 ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not ROOT, reason="mounting a small tmpfs needs root")
@@ -2057,83 +2059,6 @@ def test_old_gateway_lines_without_message_are_joined() -> None:
 
 
 # --------------------------------------------------------------------------------------------- push
-
-
-class Receiver:
-    """A real HTTP receiver on loopback for otrace to push to. Each request gets the next scripted
-    answer (default 200) and is recorded; it also checks that pushes never overlap."""
-
-    def __init__(self) -> None:
-        self.script: list[Callable[[Receiver, dict[str, Any]], Any] | int] = []
-        self.default: Callable[[Receiver, dict[str, Any]], Any] | int = 200
-        self.requests: list[dict[str, Any]] = []
-        self.changed = threading.Condition()
-        self.active = self.max_active = 0
-        receiver = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_POST(self) -> None:
-                receiver.handle(self)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/ingest"
-
-    def handle(self, h: http.server.BaseHTTPRequestHandler) -> None:
-        raw = h.rfile.read(int(h.headers["Content-Length"]))
-        body = gzip.decompress(raw) if h.headers.get("Content-Encoding") == "gzip" else raw
-        request = {"headers": dict(h.headers), "raw_bytes": len(raw), "bytes": len(body), "answered": None,
-                   "json": json.loads(body), "at": time.monotonic(), "socket": h.connection}
-        with self.changed:
-            self.active += 1
-            self.max_active = max(self.max_active, self.active)
-            self.requests.append(request)
-            action = self.script.pop(0) if self.script else self.default
-        try:
-            answer = action(self, request) if callable(action) else action
-        finally:
-            with self.changed:
-                self.active -= 1
-        if answer is None:                          # no answer: hang up
-            h.close_connection = True
-            with contextlib.suppress(OSError):
-                h.connection.shutdown(socket.SHUT_RDWR)
-            return
-        status, headers, text = (answer, {}, "") if isinstance(answer, int) else answer
-        with self.changed:
-            request["answered"] = status
-            self.changed.notify_all()
-        payload = text.encode()
-        h.send_response(status)
-        for name, value in headers.items():
-            h.send_header(name, value)
-        h.send_header("Content-Length", str(len(payload)))
-        h.end_headers()
-        with contextlib.suppress(OSError):
-            h.wfile.write(payload)
-
-    def wait(self, check: Callable[[list[dict[str, Any]]], Any], timeout: float = 20.0) -> Any:
-        with self.changed:
-            found = self.changed.wait_for(lambda: check(self.requests), timeout)
-        assert found, f"receiver never saw what was awaited; got {len(self.requests)} requests"
-        return found
-
-    def trace_ids(self, answered: tuple[int, ...] = (200, 201, 202, 204)) -> list[str]:
-        """The trace_ids of the requests answered with one of `answered`."""
-        with self.changed:
-            return [e["trace_id"] for r in self.requests if r["answered"] in answered
-                    for e in r["json"]["events"]]
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 def hang(seconds: float) -> Callable[[Receiver, dict[str, Any]], None]:
