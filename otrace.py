@@ -3514,11 +3514,13 @@ class Breaker:
 
 @dataclasses.dataclass
 class Cycle:
-    """What one push cycle learned: whether the receiver accepted anything, and the rows it refused
-    one by one (poison only if it did accept others)."""
+    """What one push cycle learned: whether the receiver accepted anything, the rows it refused one
+    by one (poison only if it did accept others), and the confirmed batch the writer is marking
+    synced while the next one is sent."""
 
     accepted: bool = False
     refused: list[tuple[str, int, str, Attempt]] = dataclasses.field(default_factory=list)
+    marking: tuple[Future, int] | None = None
 
 
 class Pusher(Loop):
@@ -3554,8 +3556,11 @@ class Pusher(Loop):
             return False
         try:
             cycle = Cycle()
-            with self.db.reading() as conn:
-                ok = all(self.deliver(batch, deadline, cycle) for batch in self.batches(conn))
+            try:
+                with self.db.reading() as conn:
+                    ok = all(self.deliver(batch, deadline, cycle) for batch in self.batches(conn))
+            finally:
+                self.marked(cycle, deadline)
             ok = self.settle(cycle, deadline) and ok
             if ok and self.last_status == "never":
                 self.last_status = "ok"     # nothing was waiting: the receiver is not known to be down
@@ -3594,9 +3599,9 @@ class Pusher(Loop):
             verdict = attempt.verdict
             self.note(attempt, verdict)
             if verdict == "ok":
-                self.events.call(functools.partial(record_pushed, batch, attempt), self.wait(deadline))
-                self.totals.add("events", len(batch))
-                self.totals.add("batches")
+                self.marked(cycle, deadline)      # the batch before, while this one was sent
+                cycle.marking = (self.events.submit(functools.partial(record_pushed, batch, attempt)),
+                                 len(batch))
                 cycle.accepted = True
                 return True
             self.events.submit(functools.partial(record_attempt, attempt))
@@ -3616,6 +3621,16 @@ class Pusher(Loop):
             if self.stopping.wait(wait):
                 return False
         return False
+
+    def marked(self, cycle: Cycle, deadline: float | None) -> None:
+        """Wait until the writer has marked the last confirmed batch synced. Raises if it could not
+        (the cycle ends; its rows stay unsynced and go again)."""
+        if cycle.marking is None:
+            return
+        (future, events), cycle.marking = cycle.marking, None
+        future.result(timeout=self.wait(deadline))
+        self.totals.add("events", events)
+        self.totals.add("batches")
 
     def settle(self, cycle: Cycle, deadline: float | None) -> bool:
         """Rows refused one by one are given up (and reported) only if the receiver accepted others
@@ -3637,8 +3652,8 @@ class Pusher(Loop):
         return True
 
     def wait(self, deadline: float | None) -> float:
-        """How long to wait for the writer to record an outcome: the next page must not see the rows
-        again, so the cycle ends (rows unsynced) if it cannot be committed."""
+        """How long to wait for the writer to record an outcome; the cycle ends (rows unsynced) if it
+        cannot be committed."""
         return JOB_TIMEOUT if deadline is None else max(0.1, deadline - time.monotonic())
 
     def final_push(self, deadline: float) -> None:
@@ -3691,8 +3706,8 @@ def record_pushed(batch: Batch, attempt: Attempt, conn: sqlite3.Connection) -> N
     transaction."""
     with transaction(conn):
         for table, ids in batch.ids().items():
-            conn.executemany(f"UPDATE {table} SET synced = {SYNCED}, pushed_at = ? WHERE id = ?",
-                             [(attempt.started_at, row_id) for row_id in ids])
+            conn.executemany(f"UPDATE {table} SET synced = {SYNCED}, pushed_at = ? WHERE id BETWEEN ? AND ?",
+                             [(attempt.started_at, low, high) for low, high in id_runs(ids)])
         for loss in batch.losses:
             if loss["kind"] == "retention":
                 conn.execute("UPDATE retention_ledger SET reported_at = ? WHERE id = ?",
@@ -3704,6 +3719,18 @@ def record_pushed(batch: Batch, attempt: Attempt, conn: sqlite3.Connection) -> N
                     conn.execute(f"UPDATE {loss['table']} SET synced = {REFUSED_REPORTED} WHERE id = ? "
                                  f"AND synced = {REFUSED}", row_id)
         record_attempt(attempt, conn)
+
+
+def id_runs(ids: list[int]) -> list[tuple[int, int]]:
+    """Ascending ids as runs of consecutive integers (first, last): one UPDATE per run, not per row,
+    and exact, since every id inside a run is one of `ids`."""
+    runs: list[tuple[int, int]] = []
+    for row_id in ids:
+        if runs and row_id == runs[-1][1] + 1:
+            runs[-1] = (runs[-1][0], row_id)
+        else:
+            runs.append((row_id, row_id))
+    return runs
 
 
 def record_refused(refused: list[tuple[str, int, str, Attempt]], conn: sqlite3.Connection) -> None:

@@ -11,6 +11,7 @@ import errno
 import http.client
 import http.server
 import ipaddress
+import itertools
 import json
 import logging
 import os
@@ -2148,6 +2149,13 @@ def test_a_batch_halves_into_the_same_events_in_order() -> None:
     assert first.losses == batch.losses and second.losses == []          # reported once
     body = json.loads(b"".join(bytes(p) for p in batch.parts("agent")))
     assert [e["n"] for e in body["events"]] == [0, 1, 2, 3, 4] and body["agent_id"] == "agent"
+
+
+@given(st.sets(st.integers(1, 300), max_size=60))
+def test_id_runs_cover_exactly_the_ids(ids: set[int]) -> None:
+    runs = otrace.id_runs(sorted(ids))
+    assert {i for low, high in runs for i in range(low, high + 1)} == ids
+    assert all(b[0] > a[1] + 1 for a, b in itertools.pairwise(runs))      # maximal: no two runs touch
 
 
 def test_the_scrubber_takes_out_every_form_of_a_credential() -> None:
