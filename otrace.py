@@ -497,8 +497,11 @@ def clean_text(text: str) -> str:
 
 def cut_utf8(text: str, limit: int) -> tuple[str, int, bool]:
     """Cut text to at most `limit` UTF-8 bytes on a character boundary: (text, original bytes, cut?)."""
-    text = clean_text(text)
-    raw = text.encode("utf-8")
+    try:
+        raw = text.encode("utf-8")
+    except UnicodeEncodeError:                   # lone surrogates: replaced first
+        text = clean_text(text)
+        raw = text.encode("utf-8")
     if len(raw) <= limit:
         return text, len(raw), False
     return raw[:limit].decode("utf-8", "ignore"), len(raw), True
@@ -787,7 +790,7 @@ class Fields:
             return None
         if isinstance(value, str):
             try:
-                value = json.loads(value, parse_constant=_no_constants)
+                value = STRICT_JSON.decode(value)
             except (ValueError, RecursionError):
                 raise self.fail(field, "string must hold a JSON object") from None
         if not isinstance(value, dict):
@@ -804,6 +807,9 @@ class Fields:
 
 def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
+
+
+STRICT_JSON = json.JSONDecoder(parse_constant=_no_constants)   # one, not one per request: NaN refused
 
 
 @dataclasses.dataclass(frozen=True)
@@ -904,7 +910,7 @@ def parse_events(body: bytes, route: str, max_events: int, max_text: int) -> tup
     fields that were ignored."""
     table, build = ROW_BUILDERS[route]
     try:
-        doc = json.loads(body.decode("utf-8"), parse_constant=_no_constants)
+        doc = STRICT_JSON.decode(body.decode("utf-8"))
     except UnicodeDecodeError:
         raise Invalid("body is not UTF-8") from None
     except RecursionError:
@@ -1997,7 +2003,7 @@ def http_date(second: int) -> str:
 
 @functools.lru_cache(maxsize=2)
 def _date_header(second: int) -> str:
-    return "Date: " + http_date(second)
+    return f"Date: {http_date(second)}\r\n"
 
 
 def respond(status: int, body: dict[str, Any] | bytes, *, headers: dict[str, str] | None = None,
@@ -2005,16 +2011,22 @@ def respond(status: int, body: dict[str, Any] | bytes, *, headers: dict[str, str
             http10: bool = False) -> bytes:
     """A whole response, head and body, to be sent in one write."""
     payload = body if isinstance(body, bytes) else json.dumps(body).encode()
-    lines = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}", f"Server: otrace/{__version__}",
-             _date_header(int(time.time())), f"Content-Type: {content_type}",
-             f"Content-Length: {len(payload)}"]
-    lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
+    head = (_status_head(status, content_type) + _date_header(int(time.time())) +
+            f"Content-Length: {len(payload)}\r\n")
+    if headers:
+        head += "".join(f"{name}: {value}\r\n" for name, value in headers.items())
     if close:
-        lines.append("Connection: close")
+        head += "Connection: close\r\n"
     elif http10:
-        lines.append("Connection: keep-alive")
-    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-    return head if head_only else head + payload
+        head += "Connection: keep-alive\r\n"
+    data = (head + "\r\n").encode("latin-1")
+    return data if head_only else data + payload
+
+
+@functools.lru_cache(maxsize=64)
+def _status_head(status: int, content_type: str) -> str:
+    return f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\nServer: otrace/{__version__}\r\n" \
+           f"Content-Type: {content_type}\r\n"
 
 
 def is_json_type(content_type: str) -> bool:
