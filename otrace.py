@@ -1291,6 +1291,51 @@ class Database:
                 self._query = None
 
 
+class DatabaseLocked(Exception):
+    """Another otrace holds the database."""
+
+
+class DatabaseLock:
+    """An exclusive lock on <database>.lock, held for the life of the process: two otraces writing
+    one database would each push, retain and checkpoint it as if alone."""
+
+    def __init__(self, db_path: str) -> None:
+        self.db_path, self.path = db_path, db_path + ".lock"
+        self.fd = self.take()
+
+    def take(self) -> int:
+        folder = Path(self.db_path).parent
+        if not folder.exists():
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise DatabaseLocked(f"another otrace (pid {holder}) is using the database {self.db_path}"
+                                 ) from None
+        with contextlib.suppress(OSError):               # the pid is a courtesy, even on a full disk
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        return fd
+
+    def held(self) -> bool:
+        """True while the lock file at the path is the one this process locked (an rm of the
+        database's files takes it too, and lets another otrace start there)."""
+        st = os.fstat(self.fd)
+        return _identity(self.path) == (st.st_dev, st.st_ino)
+
+    def retake(self) -> None:
+        """Lock a new file at the path; DatabaseLocked if another otrace got there first."""
+        fd = self.take()
+        os.close(self.fd)
+        self.fd = fd
+
+    def release(self) -> None:
+        os.close(self.fd)
+
+
 @dataclasses.dataclass(slots=True)
 class Unit:
     """Rows that are committed together, with statements that must commit with them (a file offset).
@@ -1546,9 +1591,10 @@ class Writer(threading.Thread):
     STUCK_AFTER = 15.0           # seconds without a loop iteration before /health calls it stuck
     LOOK_EVERY = 1.0             # seconds between checks that the file is still the one at the path
 
-    def __init__(self, config: Config, db: Database, events: EventQueue, counters: Counters) -> None:
+    def __init__(self, config: Config, db: Database, events: EventQueue, counters: Counters,
+                 lock: DatabaseLock | None = None) -> None:
         super().__init__(name="otrace-writer", daemon=True)
-        self.config, self.db, self.events, self.counters = config, db, events, counters
+        self.config, self.db, self.events, self.counters, self.lock = config, db, events, counters, lock
         self.batch_size, self.window = config.batch_size, config.batch_window
         self.log = logging.getLogger("otrace.writer")
         self.pending: list[Unit] = []
@@ -1564,8 +1610,9 @@ class Writer(threading.Thread):
 
     @property
     def failing(self) -> bool:
-        """Writes are failing, or the disk is full: a 202 would promise a commit that may not come."""
-        return self.fault.error is not None or self.reserve.released
+        """Writes are failing, the disk is full, or the file at the path could not be taken over: a
+        202 would promise a commit that may not come."""
+        return self.fault.error is not None or self.reserve.released or self.reopen_fault.error is not None
 
     @property
     def stuck(self) -> bool:
@@ -1716,6 +1763,8 @@ class Writer(threading.Thread):
         if self.pending or not self.db.pause_readers():
             return
         try:
+            if self.lock is not None and not self.lock.held():
+                self.lock.retake()
             moved = self.reopen()
         except Exception as exc:  # noqa: BLE001 - the rows stay in the old file or the carry file
             self.reopen_fault.failed(describe(exc))
@@ -4144,35 +4193,10 @@ START_RETRY = 5.0                # seconds between tries of a start the environm
 SPARE_DESCRIPTORS = 64           # for the database, its WAL, the log files, push, epoll
 
 
-class DatabaseLocked(Exception):
-    """Another otrace holds the database."""
-
-
-class DatabaseLock:
-    """An exclusive lock on <database>.lock, held for the life of the process: two otraces writing
-    one database would each push, retain and checkpoint it as if alone."""
-
-    def __init__(self, db_path: str) -> None:
-        self.path = db_path + ".lock"
-        folder = Path(db_path).parent
-        if not folder.exists():
-            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(self.fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
-            os.close(self.fd)
-            raise DatabaseLocked(f"another otrace (pid {holder}) is using the database {db_path}") from None
-        with contextlib.suppress(OSError):               # the pid is a courtesy, even on a full disk
-            os.ftruncate(self.fd, 0)
-            os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
-
-
 class Service:
     """otrace itself: the database, the writer, the loops, the HTTP server, and their orderly stop."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, lock: DatabaseLock | None = None) -> None:
         self.config = config
         self.started = time.monotonic()
         self.counters = Counters((*EVENT_COUNTERS, "connections_refused"))
@@ -4182,7 +4206,7 @@ class Service:
                 log.warning("rows carried over from a replaced database file taken in")
         self.db = Database(config.db_path)
         self.events = EventQueue(config.queue_size, config.batch_size)
-        self.writer = Writer(config, self.db, self.events, self.counters)
+        self.writer = Writer(config, self.db, self.events, self.counters, lock)
         if not self.writer.reserve.hold():
             log.warning("disk reserve not held: no room for it", extra={
                 "path": str(self.writer.reserve.path), "bytes": config.disk_reserve_bytes})
@@ -4280,14 +4304,15 @@ def settled(config: Config) -> Config:
     return config
 
 
-def start_service(config: Config, stop_signals: set[signal.Signals]) -> Service | signal.Signals | None:
+def start_service(config: Config, stop_signals: set[signal.Signals],
+                  lock: DatabaseLock) -> Service | signal.Signals | None:
     """The Service, once its database opens. A fault of the environment (a full disk, an I/O error) is
     retried every START_RETRY seconds, logged once, until it clears or a stop signal comes (that
     signal is returned); anything else is final (None)."""
     fault = FaultLog(log, "start")
     while True:
         try:
-            service = Service(config)
+            service = Service(config, lock)
         except (OSError, sqlite3.Error, RuntimeError) as exc:
             if isinstance(exc, RuntimeError) or not is_environment(exc):
                 log.critical("cannot start", extra={"error": describe(exc)})
@@ -4316,7 +4341,7 @@ def serve(config: Config, warnings: Iterable[str] = ()) -> int:
         log.critical("cannot start", extra={"error": str(exc)})
         print(f"otrace: {exc}", file=sys.stderr)
         return 1
-    service = start_service(config, stop_signals)
+    service = start_service(config, stop_signals, lock)
     if service is None:
         return 1
     if isinstance(service, signal.Signals):
@@ -4329,7 +4354,7 @@ def serve(config: Config, warnings: Iterable[str] = ()) -> int:
     log.info("shutting down", extra={"signal": signal.Signals(received).name,
                                      "timeout_s": config.shutdown_timeout})
     stopped = service.stop(deadline)
-    os.close(lock.fd)
+    lock.release()
     return 0 if stopped else 1
 
 

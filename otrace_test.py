@@ -754,6 +754,32 @@ def test_a_database_deleted_or_replaced_under_otrace_loses_nothing_that_got_202(
         assert node.query("SELECT count(*) FROM t") == [(0,)]
 
 
+def test_after_an_rm_of_its_files_otrace_takes_its_lock_again_or_stands_down(
+        tmp_path: Path, run: Callable[..., Otrace]) -> None:
+    """rm of the database and its lock file lets a second otrace lock the path: the first takes the
+    lock again when it moves to a new file, or, if the second was there first, answers 503 rather
+    than share the file."""
+    first = run({"TRACE_BATCH_WINDOW": "5ms"})
+    assert first.post("/v1/traces", trace()).status == 202
+    first.wait_persisted(1)
+    for suffix in ("", "-wal", "-shm", ".lock"):
+        Path(str(first.db_path) + suffix).unlink(missing_ok=True)
+    first.wait_log(lambda e: e.get("message") == "database file recreated; unpushed rows carried over")
+    second = run(wait=False, db=first.db_path)
+    assert second.proc.wait(10) == 1 and "another otrace" in second.stderr[0]
+    assert first.stop() == 0
+    lone = run({"TRACE_BATCH_WINDOW": "5ms"}, db=tmp_path / "lone.db")
+    lone.proc.send_signal(signal.SIGSTOP)                    # it cannot look before the other starts
+    for suffix in ("", "-wal", "-shm", ".lock"):
+        Path(str(lone.db_path) + suffix).unlink(missing_ok=True)
+    usurper = run(db=lone.db_path)
+    lone.proc.send_signal(signal.SIGCONT)
+    fault = wait_until(lambda: [p for p in lone.health()["problems"] if "another otrace" in p], what="it")
+    assert "deleted or replaced" in fault[0]
+    assert lone.post("/v1/traces", trace()).status == 503
+    assert usurper.post("/v1/traces", trace()).status == 202 and usurper.stop() == 0
+
+
 def test_a_dead_writer_means_503(tmp_path: Path) -> None:
     """The writer is never started here, as if it had died: no 202 can promise a commit then."""
     config = otrace.Config(db_path=str(tmp_path / "x.db"), port=0, metrics_interval=0.0)

@@ -38,7 +38,8 @@ class Receiver:
         self.resets = 0
         self.requests: list[dict[str, Any]] = []
         self.changed = threading.Condition()
-        self.active = self.max_active = 0
+        self.active: list[dict[str, Any]] = []       # requests being answered
+        self.max_active = 0
         self.on_request: Callable[[dict[str, Any]], None] = lambda request: None
         self.host, self.path = host, path
         self.server: ThreadingHTTPServer | None = None
@@ -85,7 +86,11 @@ class Receiver:
                 h.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                 h.connection.close()
             return
-        raw = h.rfile.read(int(h.headers.get("Content-Length", 0)))
+        declared = int(h.headers.get("Content-Length", 0))
+        raw = h.rfile.read(declared)
+        if len(raw) < declared:                      # the client died mid-body: nothing to answer
+            h.close_connection = True
+            return
         body = gzip.decompress(raw) if h.headers.get("Content-Encoding") == "gzip" else raw
         try:
             doc = json.loads(body)
@@ -94,16 +99,17 @@ class Receiver:
         request = {"headers": dict(h.headers), "raw_bytes": len(raw), "bytes": len(body), "answered": None,
                    "json": doc, "at": time.monotonic(), "socket": h.connection}
         self.on_request(request)
-        with self.changed:
-            self.active += 1
-            self.max_active = max(self.max_active, self.active)
+        with self.changed:                           # overlapping: still answered, its client still there
+            live = [r for r in self.active if not _hung_up(r["socket"])]
+            self.max_active = max(self.max_active, len(live) + 1)
+            self.active.append(request)
             self.requests.append(request)
             action = self.script.pop(0) if self.script else self.default
         try:
             answer = action(self, request) if callable(action) else action
         finally:
             with self.changed:
-                self.active -= 1
+                self.active.remove(request)
         if answer is None:                           # no answer: hang up
             h.close_connection = True
             with contextlib.suppress(OSError):
@@ -138,3 +144,13 @@ class Receiver:
 
     def close(self) -> None:
         self.unlisten()
+
+
+def _hung_up(sock: socket.socket) -> bool:
+    """True when the client has closed its side (what it sent is read: only the end remains)."""
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
