@@ -2611,11 +2611,11 @@ class Api:
                           {"Allow": ", ".join(methods)})
         if self.config.ingest_token and request.route not in PUBLIC_ROUTES and not self.authorized(request):
             raise Refusal(401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
+        if request.method == "POST":
+            self.check_post(request)
         if request.length is not None and request.length > self.config.max_body_bytes:
             raise Refusal(413, f"body of {request.length} bytes is over {self.config.max_body_bytes} "
                           "(TRACE_MAX_BODY_BYTES)")
-        if request.method == "POST":
-            self.check_post(request)
 
     def check_post(self, request: Request) -> None:
         content_type = request.headers.get("content-type")
