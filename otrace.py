@@ -5349,7 +5349,8 @@ def run_report(argv: list[str]) -> int:
     parser.add_argument("--cost", choices=COST_MODES, default="auto", help="auto (default): the figure the "
                         "source reported, else computed from the price table; computed: always the price "
                         "table's; reported: only the sources' figures")
-    parser.add_argument("--timezone", help="the zone days and hours are counted in (default: the machine's)")
+    parser.add_argument("--timezone", help="the zone days and hours are counted in: Europe/Berlin, UTC, "
+                        "+05:30 (a negative offset as --timezone=-03:00); default: the machine's")
     parser.add_argument("--source", help="only calls and errors from this source (http, log, otlp, "
                         "openclaw_session, ...)")
     shape = parser.add_mutually_exclusive_group()
