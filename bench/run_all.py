@@ -32,6 +32,7 @@ RUNS: dict[str, tuple[list[str], list[str]]] = {    # name: (full budget, --quic
     "ingest": (["--seconds", "5", "--idle", "60"], ["--seconds", "1", "--idle", "3"]),
     "month": ([], ["--scale", "600", "--cleanup-mib", "20"]),
     "peers": (["--seconds", "10", "--window", "60"], ["--seconds", "2", "--window", "5"]),
+    "report": ([], ["--mib", "20", "--runs", "2"]),
 }
 
 
@@ -112,6 +113,24 @@ def summary() -> list[list[str]]:
     rows.append(["host-metrics CPU per sample against collectd", f"{ours['cpu_ms_per_sample']:.2f} ms",
                  f"{theirs['cpu_ms_per_sample']:.2f} ms collectd", f"{ratio:.1f}×", "≤ 2×",
                  verdict(ratio <= 2)])
+    report = load("report")
+    for name, seconds in report["runs"].items():
+        if name.endswith("--json"):
+            continue
+        rows.append([f"otrace report, {name}, {report['db_bytes'] / 2**20:.0f} MiB database "
+                     f"({report['calls_24h']:,} calls in 24 h, {report['calls']:,} in all)",
+                     f"{seconds:.2f} s",
+                     f"{report['baseline_s']:.2f} s hand-written SQL of the per-model sums",
+                     f"{seconds / report['baseline_s']:.1f}×", "< 1 s", verdict(seconds < 1)])
+    added = report["pricing_us"] - report["unpriced_us"]
+    rows.append(["pricing at ingest, CPU per trace", f"+{added:.1f} µs",
+                 f"{report['unpriced_us']:.1f} µs parse_events without prices", "", "", ""])
+    rows.append(["RSS with the price table, six models priced", f"{report['rss_priced_mib']:.1f} MiB",
+                 f"{report['rss_bare_mib']:.1f} MiB without prices.json",
+                 f"+{report['rss_priced_mib'] - report['rss_bare_mib']:.1f} MiB", "", ""])
+    rows.append(["created_at indexes (for the report)", f"{report['index_bytes'] / 2**20:.1f} MiB",
+                 f"{report['vacuumed_bytes'] / 2**20:.0f} MiB database",
+                 f"{report['index_bytes'] / report['vacuumed_bytes']:.3f}", "", ""])
     return rows
 
 
