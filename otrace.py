@@ -1143,7 +1143,8 @@ SCHEMA: list[str] = [
         PRIMARY KEY (agent, stream)
     );
     CREATE TABLE openclaw_attempts (
-        trace_id TEXT PRIMARY KEY,
+        id INTEGER PRIMARY KEY,
+        trace_id TEXT NOT NULL UNIQUE,
         run_id TEXT NOT NULL,
         outcome TEXT NOT NULL,
         created_at INTEGER NOT NULL
@@ -3398,7 +3399,10 @@ def openclaw_state_dir(setting: str, environ: Mapping[str, str] = os.environ) ->
         return Path(setting).expanduser()
     if environ.get("OPENCLAW_STATE_DIR"):
         return Path(environ["OPENCLAW_STATE_DIR"]).expanduser()
-    home = Path.home() / ".openclaw"
+    try:
+        home = Path.home() / ".openclaw"
+    except (RuntimeError, KeyError):       # no $HOME and a uid the password database does not know
+        return None
     return home if home.is_dir() else None
 
 

@@ -3744,3 +3744,23 @@ def test_one_failure_is_one_event_from_the_log_alone_or_with_the_store(tmp_path:
         assert {t["source"] for t in node.rows("llm_traces")} == {"openclaw_session"}
         assert len(node.rows("llm_traces")) == 6 and len(node.rows("error_events")) == 2
         assert sum(r["kind"] == "model_call" for r in node.rows("log_events")) == 33    # still log events
+
+
+@needs_stores
+def test_retention_prunes_counted_attempts_and_keeps_where_the_store_was_read(
+        tmp_path: Path, run: Callable[..., Otrace]) -> None:
+    """A failed attempt's count is bookkeeping, gone after TRACE_RETENTION; a session's position is
+    not: without it, an old session that wakes up would be read again from its start."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "openclaw-2026-11-30.log").write_bytes(DEBUG_LOG.read_bytes())
+    node = run({**STORE_ENV, "TRACE_OPENCLAW_STATE_DIR": str(state_copy(tmp_path)),
+                "TRACE_LOG_PATH": str(logs), "TRACE_LOG_START": "beginning", "TRACE_RETENTION": "1s",
+                "TRACE_CLEANUP_INTERVAL": "200ms"})
+    wait_traces(node, 6)
+    wait_until(lambda: (h := node.health())["log_tail"]["lag_bytes"] == 0 and h["queue_depth"] == 0,
+               what="the log read and its 34 failed attempts committed")
+    assert node.health()["log_tail"]["failed_attempts"] == 34
+    wait_until(lambda: node.query("SELECT count(*) FROM openclaw_attempts") == [(0,)], what="attempts pruned")
+    assert node.query("SELECT count(*) FROM openclaw_positions") == [(2,)]
+    assert not node.logs("retention failing")
