@@ -520,8 +520,11 @@ def clean_text(text: str) -> str:
 
 def cut_utf8(text: str, limit: int) -> tuple[str, int, bool]:
     """Cut text to at most `limit` UTF-8 bytes on a character boundary: (text, original bytes, cut?)."""
-    text = clean_text(text)
-    raw = text.encode("utf-8")
+    try:
+        raw = text.encode("utf-8")
+    except UnicodeEncodeError:                   # lone surrogates: replaced first
+        text = clean_text(text)
+        raw = text.encode("utf-8")
     if len(raw) <= limit:
         return text, len(raw), False
     return raw[:limit].decode("utf-8", "ignore"), len(raw), True
@@ -810,7 +813,7 @@ class Fields:
             return None
         if isinstance(value, str):
             try:
-                value = json.loads(value, parse_constant=_no_constants)
+                value = STRICT_JSON.decode(value)
             except (ValueError, RecursionError):
                 raise self.fail(field, "string must hold a JSON object") from None
         if not isinstance(value, dict):
@@ -827,6 +830,9 @@ class Fields:
 
 def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
+
+
+STRICT_JSON = json.JSONDecoder(parse_constant=_no_constants)   # one, not one per request: NaN refused
 
 
 @dataclasses.dataclass(frozen=True)
@@ -927,7 +933,7 @@ def parse_events(body: bytes, route: str, max_events: int, max_text: int) -> tup
     fields that were ignored."""
     table, build = ROW_BUILDERS[route]
     try:
-        doc = json.loads(body.decode("utf-8"), parse_constant=_no_constants)
+        doc = STRICT_JSON.decode(body.decode("utf-8"))
     except UnicodeDecodeError:
         raise Invalid("body is not UTF-8") from None
     except RecursionError:
@@ -1332,6 +1338,51 @@ class Database:
                 self._query = None
 
 
+class DatabaseLocked(Exception):
+    """Another otrace holds the database."""
+
+
+class DatabaseLock:
+    """An exclusive lock on <database>.lock, held for the life of the process: two otraces writing
+    one database would each push, retain and checkpoint it as if alone."""
+
+    def __init__(self, db_path: str) -> None:
+        self.db_path, self.path = db_path, db_path + ".lock"
+        self.fd = self.take()
+
+    def take(self) -> int:
+        folder = Path(self.db_path).parent
+        if not folder.exists():
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise DatabaseLocked(f"another otrace (pid {holder}) is using the database {self.db_path}"
+                                 ) from None
+        with contextlib.suppress(OSError):               # the pid is a courtesy, even on a full disk
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        return fd
+
+    def held(self) -> bool:
+        """True while the lock file at the path is the one this process locked (an rm of the
+        database's files takes it too, and lets another otrace start there)."""
+        st = os.fstat(self.fd)
+        return _identity(self.path) == (st.st_dev, st.st_ino)
+
+    def retake(self) -> None:
+        """Lock a new file at the path; DatabaseLocked if another otrace got there first."""
+        fd = self.take()
+        os.close(self.fd)
+        self.fd = fd
+
+    def release(self) -> None:
+        os.close(self.fd)
+
+
 @dataclasses.dataclass(slots=True)
 class Unit:
     """Rows that are committed together, with statements that must commit with them (a file offset).
@@ -1587,9 +1638,10 @@ class Writer(threading.Thread):
     STUCK_AFTER = 15.0           # seconds without a loop iteration before /health calls it stuck
     LOOK_EVERY = 1.0             # seconds between checks that the file is still the one at the path
 
-    def __init__(self, config: Config, db: Database, events: EventQueue, counters: Counters) -> None:
+    def __init__(self, config: Config, db: Database, events: EventQueue, counters: Counters,
+                 lock: DatabaseLock | None = None) -> None:
         super().__init__(name="otrace-writer", daemon=True)
-        self.config, self.db, self.events, self.counters = config, db, events, counters
+        self.config, self.db, self.events, self.counters, self.lock = config, db, events, counters, lock
         self.batch_size, self.window = config.batch_size, config.batch_window
         self.log = logging.getLogger("otrace.writer")
         self.pending: list[Unit] = []
@@ -1605,8 +1657,9 @@ class Writer(threading.Thread):
 
     @property
     def failing(self) -> bool:
-        """Writes are failing, or the disk is full: a 202 would promise a commit that may not come."""
-        return self.fault.error is not None or self.reserve.released
+        """Writes are failing, the disk is full, or the file at the path could not be taken over: a
+        202 would promise a commit that may not come."""
+        return self.fault.error is not None or self.reserve.released or self.reopen_fault.error is not None
 
     @property
     def stuck(self) -> bool:
@@ -1757,6 +1810,8 @@ class Writer(threading.Thread):
         if self.pending or not self.db.pause_readers():
             return
         try:
+            if self.lock is not None and not self.lock.held():
+                self.lock.retake()
             moved = self.reopen()
         except Exception as exc:  # noqa: BLE001 - the rows stay in the old file or the carry file
             self.reopen_fault.failed(describe(exc))
@@ -2044,7 +2099,7 @@ def http_date(second: int) -> str:
 
 @functools.lru_cache(maxsize=2)
 def _date_header(second: int) -> str:
-    return "Date: " + http_date(second)
+    return f"Date: {http_date(second)}\r\n"
 
 
 def respond(status: int, body: dict[str, Any] | bytes, *, headers: dict[str, str] | None = None,
@@ -2052,16 +2107,22 @@ def respond(status: int, body: dict[str, Any] | bytes, *, headers: dict[str, str
             http10: bool = False) -> bytes:
     """A whole response, head and body, to be sent in one write."""
     payload = body if isinstance(body, bytes) else json.dumps(body).encode()
-    lines = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}", f"Server: otrace/{__version__}",
-             _date_header(int(time.time())), f"Content-Type: {content_type}",
-             f"Content-Length: {len(payload)}"]
-    lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
+    head = (_status_head(status, content_type) + _date_header(int(time.time())) +
+            f"Content-Length: {len(payload)}\r\n")
+    if headers:
+        head += "".join(f"{name}: {value}\r\n" for name, value in headers.items())
     if close:
-        lines.append("Connection: close")
+        head += "Connection: close\r\n"
     elif http10:
-        lines.append("Connection: keep-alive")
-    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-    return head if head_only else head + payload
+        head += "Connection: keep-alive\r\n"
+    data = (head + "\r\n").encode("latin-1")
+    return data if head_only else data + payload
+
+
+@functools.lru_cache(maxsize=64)
+def _status_head(status: int, content_type: str) -> str:
+    return f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\nServer: otrace/{__version__}\r\n" \
+           f"Content-Type: {content_type}\r\n"
 
 
 def is_json_type(content_type: str) -> bool:
@@ -2105,11 +2166,11 @@ class Api:
                           {"Allow": ", ".join(methods)})
         if self.config.ingest_token and request.route not in PUBLIC_ROUTES and not self.authorized(request):
             raise Refusal(401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
+        if request.method == "POST":
+            self.check_post(request)
         if request.length is not None and request.length > self.config.max_body_bytes:
             raise Refusal(413, f"body of {request.length} bytes is over {self.config.max_body_bytes} "
                           "(TRACE_MAX_BODY_BYTES)")
-        if request.method == "POST":
-            self.check_post(request)
 
     def check_post(self, request: Request) -> None:
         content_type = request.headers.get("content-type")
@@ -4164,11 +4225,13 @@ class Breaker:
 
 @dataclasses.dataclass
 class Cycle:
-    """What one push cycle learned: whether the receiver accepted anything, and the rows it refused
-    one by one (poison only if it did accept others)."""
+    """What one push cycle learned: whether the receiver accepted anything, the rows it refused one
+    by one (poison only if it did accept others), and the confirmed batch the writer is marking
+    synced while the next one is sent."""
 
     accepted: bool = False
     refused: list[tuple[str, int, str, Attempt]] = dataclasses.field(default_factory=list)
+    marking: tuple[Future, int] | None = None
 
 
 class Pusher(Loop):
@@ -4204,8 +4267,11 @@ class Pusher(Loop):
             return False
         try:
             cycle = Cycle()
-            with self.db.reading() as conn:
-                ok = all(self.deliver(batch, deadline, cycle) for batch in self.batches(conn))
+            try:
+                with self.db.reading() as conn:
+                    ok = all(self.deliver(batch, deadline, cycle) for batch in self.batches(conn))
+            finally:
+                self.marked(cycle, deadline)
             ok = self.settle(cycle, deadline) and ok
             if ok and self.last_status == "never":
                 self.last_status = "ok"     # nothing was waiting: the receiver is not known to be down
@@ -4244,9 +4310,9 @@ class Pusher(Loop):
             verdict = attempt.verdict
             self.note(attempt, verdict)
             if verdict == "ok":
-                self.events.call(functools.partial(record_pushed, batch, attempt), self.wait(deadline))
-                self.totals.add("events", len(batch))
-                self.totals.add("batches")
+                self.marked(cycle, deadline)      # the batch before, while this one was sent
+                cycle.marking = (self.events.submit(functools.partial(record_pushed, batch, attempt)),
+                                 len(batch))
                 cycle.accepted = True
                 return True
             self.events.submit(functools.partial(record_attempt, attempt))
@@ -4266,6 +4332,16 @@ class Pusher(Loop):
             if self.stopping.wait(wait):
                 return False
         return False
+
+    def marked(self, cycle: Cycle, deadline: float | None) -> None:
+        """Wait until the writer has marked the last confirmed batch synced. Raises if it could not
+        (the cycle ends; its rows stay unsynced and go again)."""
+        if cycle.marking is None:
+            return
+        (future, events), cycle.marking = cycle.marking, None
+        future.result(timeout=self.wait(deadline))
+        self.totals.add("events", events)
+        self.totals.add("batches")
 
     def settle(self, cycle: Cycle, deadline: float | None) -> bool:
         """Rows refused one by one are given up (and reported) only if the receiver accepted others
@@ -4287,8 +4363,8 @@ class Pusher(Loop):
         return True
 
     def wait(self, deadline: float | None) -> float:
-        """How long to wait for the writer to record an outcome: the next page must not see the rows
-        again, so the cycle ends (rows unsynced) if it cannot be committed."""
+        """How long to wait for the writer to record an outcome; the cycle ends (rows unsynced) if it
+        cannot be committed."""
         return JOB_TIMEOUT if deadline is None else max(0.1, deadline - time.monotonic())
 
     def final_push(self, deadline: float) -> None:
@@ -4341,8 +4417,8 @@ def record_pushed(batch: Batch, attempt: Attempt, conn: sqlite3.Connection) -> N
     transaction."""
     with transaction(conn):
         for table, ids in batch.ids().items():
-            conn.executemany(f"UPDATE {table} SET synced = {SYNCED}, pushed_at = ? WHERE id = ?",
-                             [(attempt.started_at, row_id) for row_id in ids])
+            conn.executemany(f"UPDATE {table} SET synced = {SYNCED}, pushed_at = ? WHERE id BETWEEN ? AND ?",
+                             [(attempt.started_at, low, high) for low, high in id_runs(ids)])
         for loss in batch.losses:
             if loss["kind"] == "retention":
                 conn.execute("UPDATE retention_ledger SET reported_at = ? WHERE id = ?",
@@ -4354,6 +4430,18 @@ def record_pushed(batch: Batch, attempt: Attempt, conn: sqlite3.Connection) -> N
                     conn.execute(f"UPDATE {loss['table']} SET synced = {REFUSED_REPORTED} WHERE id = ? "
                                  f"AND synced = {REFUSED}", row_id)
         record_attempt(attempt, conn)
+
+
+def id_runs(ids: list[int]) -> list[tuple[int, int]]:
+    """Ascending ids as runs of consecutive integers (first, last): one UPDATE per run, not per row,
+    and exact, since every id inside a run is one of `ids`."""
+    runs: list[tuple[int, int]] = []
+    for row_id in ids:
+        if runs and row_id == runs[-1][1] + 1:
+            runs[-1] = (runs[-1][0], row_id)
+        else:
+            runs.append((row_id, row_id))
+    return runs
 
 
 def record_refused(refused: list[tuple[str, int, str, Attempt]], conn: sqlite3.Connection) -> None:
@@ -4756,35 +4844,10 @@ START_RETRY = 5.0                # seconds between tries of a start the environm
 SPARE_DESCRIPTORS = 64           # for the database, its WAL, the log files, push, epoll
 
 
-class DatabaseLocked(Exception):
-    """Another otrace holds the database."""
-
-
-class DatabaseLock:
-    """An exclusive lock on <database>.lock, held for the life of the process: two otraces writing
-    one database would each push, retain and checkpoint it as if alone."""
-
-    def __init__(self, db_path: str) -> None:
-        self.path = db_path + ".lock"
-        folder = Path(db_path).parent
-        if not folder.exists():
-            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(self.fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
-            os.close(self.fd)
-            raise DatabaseLocked(f"another otrace (pid {holder}) is using the database {db_path}") from None
-        with contextlib.suppress(OSError):               # the pid is a courtesy, even on a full disk
-            os.ftruncate(self.fd, 0)
-            os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
-
-
 class Service:
     """otrace itself: the database, the writer, the loops, the HTTP server, and their orderly stop."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, lock: DatabaseLock | None = None) -> None:
         self.config = config
         self.started = time.monotonic()
         self.counters = Counters((*EVENT_COUNTERS, "connections_refused"))
@@ -4794,7 +4857,7 @@ class Service:
                 log.warning("rows carried over from a replaced database file taken in")
         self.db = Database(config.db_path)
         self.events = EventQueue(config.queue_size, config.batch_size)
-        self.writer = Writer(config, self.db, self.events, self.counters)
+        self.writer = Writer(config, self.db, self.events, self.counters, lock)
         if not self.writer.reserve.hold():
             log.warning("disk reserve not held: no room for it", extra={
                 "path": str(self.writer.reserve.path), "bytes": config.disk_reserve_bytes})
@@ -4895,14 +4958,15 @@ def settled(config: Config) -> Config:
     return config
 
 
-def start_service(config: Config, stop_signals: set[signal.Signals]) -> Service | signal.Signals | None:
+def start_service(config: Config, stop_signals: set[signal.Signals],
+                  lock: DatabaseLock) -> Service | signal.Signals | None:
     """The Service, once its database opens. A fault of the environment (a full disk, an I/O error) is
     retried every START_RETRY seconds, logged once, until it clears or a stop signal comes (that
     signal is returned); anything else is final (None)."""
     fault = FaultLog(log, "start")
     while True:
         try:
-            service = Service(config)
+            service = Service(config, lock)
         except (OSError, sqlite3.Error, RuntimeError) as exc:
             if isinstance(exc, RuntimeError) or not is_environment(exc):
                 log.critical("cannot start", extra={"error": describe(exc)})
@@ -4931,7 +4995,7 @@ def serve(config: Config, warnings: Iterable[str] = ()) -> int:
         log.critical("cannot start", extra={"error": str(exc)})
         print(f"otrace: {exc}", file=sys.stderr)
         return 1
-    service = start_service(config, stop_signals)
+    service = start_service(config, stop_signals, lock)
     if service is None:
         return 1
     if isinstance(service, signal.Signals):
@@ -4944,7 +5008,7 @@ def serve(config: Config, warnings: Iterable[str] = ()) -> int:
     log.info("shutting down", extra={"signal": signal.Signals(received).name,
                                      "timeout_s": config.shutdown_timeout})
     stopped = service.stop(deadline)
-    os.close(lock.fd)
+    lock.release()
     return 0 if stopped else 1
 
 

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import gzip
 import http.client
 import http.server
 import ipaddress
+import itertools
 import json
 import logging
 import os
@@ -37,6 +37,9 @@ from hypothesis import strategies as st
 import otrace
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE / "scripts"))
+from receiver import Receiver  # noqa: E402 - the one push receiver, shared with scripts/soak.py
+
 OTRACE = HERE / "otrace.py"
 ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not ROOT, reason="mounting a small tmpfs needs root")
@@ -750,6 +753,32 @@ def test_a_database_deleted_or_replaced_under_otrace_loses_nothing_that_got_202(
     assert set(before + during + after) <= stored
     if how == "replaced":                                   # the database moved in was kept, not wiped
         assert node.query("SELECT count(*) FROM t") == [(0,)]
+
+
+def test_after_an_rm_of_its_files_otrace_takes_its_lock_again_or_stands_down(
+        tmp_path: Path, run: Callable[..., Otrace]) -> None:
+    """rm of the database and its lock file lets a second otrace lock the path: the first takes the
+    lock again when it moves to a new file, or, if the second was there first, answers 503 rather
+    than share the file."""
+    first = run({"TRACE_BATCH_WINDOW": "5ms"})
+    assert first.post("/v1/traces", trace()).status == 202
+    first.wait_persisted(1)
+    for suffix in ("", "-wal", "-shm", ".lock"):
+        Path(str(first.db_path) + suffix).unlink(missing_ok=True)
+    first.wait_log(lambda e: e.get("message") == "database file recreated; unpushed rows carried over")
+    second = run(wait=False, db=first.db_path)
+    assert second.proc.wait(10) == 1 and "another otrace" in second.stderr[0]
+    assert first.stop() == 0
+    lone = run({"TRACE_BATCH_WINDOW": "5ms"}, db=tmp_path / "lone.db")
+    lone.proc.send_signal(signal.SIGSTOP)                    # it cannot look before the other starts
+    for suffix in ("", "-wal", "-shm", ".lock"):
+        Path(str(lone.db_path) + suffix).unlink(missing_ok=True)
+    usurper = run(db=lone.db_path)
+    lone.proc.send_signal(signal.SIGCONT)
+    fault = wait_until(lambda: [p for p in lone.health()["problems"] if "another otrace" in p], what="it")
+    assert "deleted or replaced" in fault[0]
+    assert lone.post("/v1/traces", trace()).status == 503
+    assert usurper.post("/v1/traces", trace()).status == 202 and usurper.stop() == 0
 
 
 def test_a_dead_writer_means_503(tmp_path: Path) -> None:
@@ -2059,83 +2088,6 @@ def test_old_gateway_lines_without_message_are_joined() -> None:
 # --------------------------------------------------------------------------------------------- push
 
 
-class Receiver:
-    """A real HTTP receiver on loopback for otrace to push to. Each request gets the next scripted
-    answer (default 200) and is recorded; it also checks that pushes never overlap."""
-
-    def __init__(self) -> None:
-        self.script: list[Callable[[Receiver, dict[str, Any]], Any] | int] = []
-        self.default: Callable[[Receiver, dict[str, Any]], Any] | int = 200
-        self.requests: list[dict[str, Any]] = []
-        self.changed = threading.Condition()
-        self.active = self.max_active = 0
-        receiver = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_POST(self) -> None:
-                receiver.handle(self)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/ingest"
-
-    def handle(self, h: http.server.BaseHTTPRequestHandler) -> None:
-        raw = h.rfile.read(int(h.headers["Content-Length"]))
-        body = gzip.decompress(raw) if h.headers.get("Content-Encoding") == "gzip" else raw
-        request = {"headers": dict(h.headers), "raw_bytes": len(raw), "bytes": len(body), "answered": None,
-                   "json": json.loads(body), "at": time.monotonic(), "socket": h.connection}
-        with self.changed:
-            self.active += 1
-            self.max_active = max(self.max_active, self.active)
-            self.requests.append(request)
-            action = self.script.pop(0) if self.script else self.default
-        try:
-            answer = action(self, request) if callable(action) else action
-        finally:
-            with self.changed:
-                self.active -= 1
-        if answer is None:                          # no answer: hang up
-            h.close_connection = True
-            with contextlib.suppress(OSError):
-                h.connection.shutdown(socket.SHUT_RDWR)
-            return
-        status, headers, text = (answer, {}, "") if isinstance(answer, int) else answer
-        with self.changed:
-            request["answered"] = status
-            self.changed.notify_all()
-        payload = text.encode()
-        h.send_response(status)
-        for name, value in headers.items():
-            h.send_header(name, value)
-        h.send_header("Content-Length", str(len(payload)))
-        h.end_headers()
-        with contextlib.suppress(OSError):
-            h.wfile.write(payload)
-
-    def wait(self, check: Callable[[list[dict[str, Any]]], Any], timeout: float = 20.0) -> Any:
-        with self.changed:
-            found = self.changed.wait_for(lambda: check(self.requests), timeout)
-        assert found, f"receiver never saw what was awaited; got {len(self.requests)} requests"
-        return found
-
-    def trace_ids(self, answered: tuple[int, ...] = (200, 201, 202, 204)) -> list[str]:
-        """The trace_ids of the requests answered with one of `answered`."""
-        with self.changed:
-            return [e["trace_id"] for r in self.requests if r["answered"] in answered
-                    for e in r["json"]["events"]]
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
 def hang(seconds: float) -> Callable[[Receiver, dict[str, Any]], None]:
     """Say nothing until the client gives up (or `seconds` pass), then hang up."""
     def act(_: Receiver, request: dict[str, Any]) -> None:
@@ -2223,6 +2175,13 @@ def test_a_batch_halves_into_the_same_events_in_order() -> None:
     assert first.losses == batch.losses and second.losses == []          # reported once
     body = json.loads(b"".join(bytes(p) for p in batch.parts("agent")))
     assert [e["n"] for e in body["events"]] == [0, 1, 2, 3, 4] and body["agent_id"] == "agent"
+
+
+@given(st.sets(st.integers(1, 300), max_size=60))
+def test_id_runs_cover_exactly_the_ids(ids: set[int]) -> None:
+    runs = otrace.id_runs(sorted(ids))
+    assert {i for low, high in runs for i in range(low, high + 1)} == ids
+    assert all(b[0] > a[1] + 1 for a, b in itertools.pairwise(runs))      # maximal: no two runs touch
 
 
 def test_the_scrubber_takes_out_every_form_of_a_credential() -> None:
