@@ -328,11 +328,11 @@ class Config:
                                       "read. A directory not there yet is waited for.")
     openclaw_poll: float = setting("2s", duration("10ms", "1h"), "Time between looks for new entries in "
                                    "OpenClaw's session stores.")
-    checkpoint_interval: float = setting("10m", duration("100ms", "1d"), "Time between WAL checkpoints "
+    checkpoint_interval: float = setting("10m", duration("10ms", "1d"), "Time between WAL checkpoints "
                                          "(PASSIVE; TRUNCATE when the WAL is over TRACE_WAL_MAX_BYTES).")
     wal_max_bytes: int = setting("50MiB", size("64KiB", "64GiB"), "WAL size that makes the next "
                                  "checkpoint a TRUNCATE, and SQLite's journal_size_limit.")
-    cleanup_interval: float = setting("5m", duration("100ms", "1d"), "Time between retention passes.")
+    cleanup_interval: float = setting("5m", duration("10ms", "1d"), "Time between retention passes.")
     retention: float = setting("3d", duration("1s", "3650d"), "Age (since arrival) after which pushed "
                                "rows are deleted.")
     db_max_bytes: int = setting("200MiB", size("64KiB", "16TiB"), "Most the database (file + WAL) may "
