@@ -3,8 +3,8 @@
 
 The agent POSTs LLM-call traces and error events over loopback HTTP; otrace answers 202 at once and a
 single writer thread keeps every accepted event in SQLite. Beside them, loops sample the host's
-metrics, follow the gateway's log, push unsynced rows to a remote API, and keep the database inside
-its budget.
+metrics, follow the gateway's log and OpenClaw's session store, push unsynced rows to a remote API,
+and keep the database inside its budget.
 
 Contents, in the order data flows. Each section opens with its constants and SQL; the thread in
 brackets is the one its code runs on.
@@ -18,6 +18,8 @@ brackets is the one its code runs on.
   ingest ....... Connection, Request, Api, IngestServer: one epoll loop for every client  [http]
   host metrics . HostReader, Cgroup, Sampler: /proc and cgroup files become system_metrics  [metrics]
   gateway log .. LogLine, classify(), LogTailer: the gateway's log becomes log_events  [logtail]
+  openclaw sessions  store_events(), AgentDatabase, SessionStore: OpenClaw's transcripts become
+                 llm_traces and error_events, each model call once                  [sessions]
   push ......... Packer, Batch, Receiver, Breaker, Pusher: unsynced rows leave, at least once  [push]
   upkeep ....... Checkpointer, Retention: the WAL shrinks, old rows are deleted   [checkpoint, retention]
   health ....... Service.health(), prometheus(), CallTally: /health and /metrics       [http]
@@ -27,7 +29,8 @@ brackets is the one its code runs on.
 
 Where a POST becomes a row: IngestServer.serve -> Api.answer -> parse_events -> EventQueue.offer ->
 Writer.flush. Where a row is pushed: Pusher.push -> Packer.batches -> Receiver.post -> record_pushed.
-Where a row is deleted: Retention.tick -> Cut.
+Where a row is deleted: Retention.tick -> Cut. Where OpenClaw's model call becomes a row:
+SessionStore.tick -> read_session (or read_file) -> store_events -> EventQueue.offer.
 """
 
 from __future__ import annotations
@@ -59,7 +62,7 @@ import threading
 import time
 import urllib.parse
 import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future
 from datetime import UTC, date, datetime, timedelta
 from datetime import time as dt_time
@@ -78,6 +81,7 @@ except ImportError as missing:  # pragma: no cover - depends on the environment
 
 __version__ = "0.2.0"
 __all__ = [
+    "AgentDatabase",
     "Attempt",
     "Backoff",
     "Breaker",
@@ -91,6 +95,7 @@ __all__ = [
     "LogLine",
     "Receiver",
     "Row",
+    "SessionStore",
     "SettingError",
     "Snapshot",
     "Unit",
@@ -98,14 +103,18 @@ __all__ = [
     "connect",
     "cut_utf8",
     "decode_chunked",
+    "failure_category",
     "host_sample",
     "insert_rows",
     "main",
     "model_failure",
     "open_database",
+    "openclaw_state_dir",
     "parse_events",
     "prometheus",
     "settings_table",
+    "store_events",
+    "store_trace_id",
     "unknown_settings",
 ]
 
@@ -262,6 +271,14 @@ LEVEL = choice("debug", "info", "warning", "error")
 PRICES = Kind("empty, or a JSON price file shaped like prices.json", _price_file)
 
 
+def _state_dir(raw: str) -> str:
+    value = _nonempty(raw)
+    return value.lower() if value.lower() in ("auto", "off") else value
+
+
+STATE_DIR = Kind("auto, off, or the path of a directory", _state_dir)
+
+
 def setting(default: str, kind: Kind, doc: str, *, secret: bool = False) -> Any:
     """Declare one Config field: its default as written in the environment, its kind and meaning."""
     meta = {"default": default, "kind": kind, "doc": doc, "secret": secret}
@@ -328,6 +345,12 @@ class Config:
                              "has never read (a file it has read resumes where it stopped).")
     log_keep_all: bool = setting("off", SWITCH, "Keep INFO and DEBUG lines of no known kind too (they "
                                  "are skipped by default).")
+    openclaw_state_dir: str = setting("auto", STATE_DIR, "OpenClaw's state directory, whose `agents/*/` "
+                                      "session stores give every model call's tokens and cost; auto: "
+                                      "$OPENCLAW_STATE_DIR, else ~/.openclaw when it exists; off: not "
+                                      "read. A directory not there yet is waited for.")
+    openclaw_poll: float = setting("2s", duration("10ms", "1h"), "Time between looks for new entries in "
+                                   "OpenClaw's session stores.")
     checkpoint_interval: float = setting("10m", duration("10ms", "1d"), "Time between WAL checkpoints "
                                          "(PASSIVE; TRUNCATE when the WAL is over TRACE_WAL_MAX_BYTES).")
     wal_max_bytes: int = setting("50MiB", size("64KiB", "64GiB"), "WAL size that makes the next "
@@ -1585,6 +1608,29 @@ SCHEMA: list[str] = [
     CREATE INDEX system_metrics_created ON system_metrics (created_at);
     CREATE INDEX log_events_created ON log_events (created_at, kind);
     """,
+    # 8: how far each OpenClaw session (or session file) has been read, and the failed attempts of a
+    # run that the gateway log showed, counted on the failure's error event.
+    """
+    CREATE TABLE openclaw_positions (
+        agent TEXT NOT NULL,
+        stream TEXT NOT NULL,
+        mark TEXT NOT NULL,
+        position INTEGER NOT NULL,
+        newest INTEGER,
+        updated_at INTEGER NOT NULL,
+        PRIMARY KEY (agent, stream)
+    );
+    CREATE TABLE openclaw_attempts (
+        id INTEGER PRIMARY KEY,
+        trace_id TEXT NOT NULL UNIQUE,
+        run_id TEXT NOT NULL,
+        outcome TEXT NOT NULL,
+        created_at INTEGER NOT NULL
+    );
+    CREATE INDEX openclaw_attempts_run ON openclaw_attempts (run_id);
+    CREATE INDEX error_events_openclaw_run ON error_events (json_extract(metadata, '$.run_id'))
+        WHERE source = 'openclaw_session';
+    """,
 ]
 
 UNSYNCED, SYNCED, REFUSED, REFUSED_REPORTED = 0, 1, 2, 3   # values of the synced column
@@ -1593,7 +1639,8 @@ CACHE_KIB = 2048                 # per connection; otrace keeps few open
 ROWS_PER_INSERT = 32             # x 29 columns at most: under the 999 variables older SQLite allows
 JOB_TIMEOUT = 120.0              # longest a loop waits for the writer to run its job
 BUSY_TIMEOUT = 10.0              # seconds a statement waits for a lock another connection holds
-STATE_TABLES = ("otrace_state", "log_offsets")   # where readers keep their place: carried to a new file
+STATE_TABLES = ("otrace_state", "log_offsets",   # where readers keep their place: carried to a new file
+                "openclaw_positions", "openclaw_attempts")
 
 
 def connect(path: str, read_only: bool = False) -> sqlite3.Connection:
@@ -3317,6 +3364,10 @@ class Sampler(Loop):
 # The OpenClaw gateway's JSON log. A file is known by its device, inode and a fingerprint of its first
 # bytes; how far it was read is committed in the same transaction as the events read from it, so a
 # restart (even after SIGKILL) resumes exactly there: no gap, no duplicate.
+# One failure, one event: each failed attempt of a run stays a log event and is counted by run in
+# openclaw_attempts; the line that ends the run (model-fallback/decision) is the failure. When the
+# session store is followed, its terminal error entry is the failure of record: the log then makes no
+# trace and no error event, and only adds the count of failed attempts to the store's event.
 
 LOG_LINE_LIMIT = 64 * 1024       # a longer line is cut to this; the rest is skipped, never held
 FINGERPRINT_BYTES = 256
@@ -3328,6 +3379,18 @@ NOTICE = ("WARN", "ERROR", "FATAL")
 OFFSET_SQL = ("INSERT INTO log_offsets (dev, inode, fingerprint, path, position, updated_at) "
               "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (dev, inode, fingerprint) DO UPDATE SET "
               "path = excluded.path, position = excluded.position, updated_at = excluded.updated_at")
+RUN_FAILED = "model-fallback/decision"     # its WARN line ends a run whose model calls failed
+RUNS_REMEMBERED = 256                      # runs whose last failed attempt the tailer keeps in memory
+ATTEMPT_SQL = ("INSERT INTO openclaw_attempts (trace_id, run_id, outcome, created_at) VALUES (?, ?, ?, ?) "
+               "ON CONFLICT (trace_id) DO NOTHING")
+_COUNT_ATTEMPTS = (
+    "UPDATE error_events SET metadata = json_set(coalesce(metadata, '{}'), '$.failed_attempts', json(("
+    "SELECT json_group_object(outcome, n) FROM (SELECT outcome, count(*) AS n FROM openclaw_attempts "
+    "WHERE run_id = ?1 GROUP BY outcome)))) WHERE <row> AND EXISTS (SELECT 1 FROM openclaw_attempts "
+    "WHERE run_id = ?1)")
+COUNT_ON_STORE_SQL = _COUNT_ATTEMPTS.replace(         # the partial index error_events_openclaw_run
+    "<row>", "source = 'openclaw_session' AND json_extract(metadata, '$.run_id') = ?1")
+COUNT_ON_ROW_SQL = _COUNT_ATTEMPTS.replace("<row>", "trace_id = ?2")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -3440,6 +3503,37 @@ def model_failure(line: LogLine, kind: str) -> dict[str, Any] | None:
             "session_id": line.session_id or info.get("sessionId")}
 
 
+def failure_category(*signals: Any) -> str | None:
+    """The category the signals of a failed model call give (HTTP statuses, error codes and types,
+    messages), checked in this order: rate_limit, network_failure, timeout, api_failure; else None."""
+    text = " ".join(s for s in signals if isinstance(s, str)).lower()
+    words = set(re.findall(r"[a-z0-9_]+", text))
+    if "429" in words or "rate_limit" in text or "rate limit" in text:
+        return "rate_limit"
+    if words & {code.lower() for code in NETWORK_CODES} or "provider_transport_failure" in words or any(
+            phrase in text for phrase in ("connection refused", "connection error", "fetch failed")):
+        return "network_failure"
+    if words & {"408", "504", "etimedout", "timeout", "aborterror", "timeouterror"} or "timed out" in text:
+        return "timeout"
+    if any(len(word) == 3 and word.isdigit() and word[0] in "45" for word in words):
+        return "api_failure"
+    return None
+
+
+def attempt_outcome(line: LogLine, causes: dict[str, str]) -> tuple[str, str] | None:
+    """(run id, outcome) of a failed attempt's "embedded run agent end" line: the HTTP status its
+    error starts with, else the cause code of the run's last [model-fetch] error, else OpenClaw's
+    failover reason. None for any other line."""
+    info = line.info
+    run = info.get("runId")
+    if line.subsystem != "agent/embedded" or info.get("isError") is not True or not isinstance(run, str):
+        return None
+    preview = info.get("rawErrorPreview") or info.get("error") or ""
+    status = re.match(r"([1-5]\d\d)\b", preview) if isinstance(preview, str) else None
+    outcome = status[1] if status else causes.get(line.otel_trace_id or "") or info.get("failoverReason")
+    return run, str(outcome or "unknown")[:MAX_NAME_CHARS]
+
+
 def model_call(line: LogLine) -> dict[str, Any] | None:
     """A [model-fetch] response line as an LLM trace (no tokens: the log has none)."""
     fields = line.fields
@@ -3496,8 +3590,9 @@ class Followed:
         if fingerprint_length(self.fingerprint) < FINGERPRINT_BYTES <= self.size():
             self.fingerprint = fingerprint(self.fd, FINGERPRINT_BYTES)
 
-    def lines(self, most: int, to_end: bool = False) -> tuple[list[tuple[int, bytes, int]], int]:
-        """Up to `most` whole lines from `offset`: (start, text cut to LOG_LINE_LIMIT, full length) each,
+    def lines(self, most: int, to_end: bool = False, limit: int = LOG_LINE_LIMIT
+              ) -> tuple[list[tuple[int, bytes, int]], int]:
+        """Up to `most` whole lines from `offset`: (start, text cut to `limit` bytes, full length) each,
         and the offset after them. Reads 64 KiB at a time; a partial last line waits for its newline
         (unless `to_end`: the file is finished), and is not read again while it waits."""
         found: list[tuple[int, bytes, int]] = []
@@ -3521,7 +3616,7 @@ class Followed:
             while at < len(chunk) and len(found) < most:
                 newline = chunk.find(b"\n", at)
                 end = len(chunk) if newline < 0 else newline
-                pending += chunk[at:at + max(0, min(end - at, LOG_LINE_LIMIT - len(pending)))]
+                pending += chunk[at:at + max(0, min(end - at, limit - len(pending)))]
                 if newline < 0:
                     at = len(chunk)
                     break
@@ -3556,11 +3651,15 @@ class LogTailer(Loop):
     """Follows the gateway's log: every TRACE_LOG_POLL it reads the lines appended since the last
     commit and offers their events, with the new offset, to the queue as one unit. After a rename
     rotation it finishes the old file before moving on; a truncated file is read again from its start;
-    a missing file is waited for quietly (a line when waiting starts, one when the file appears)."""
+    a missing file is waited for quietly (a line when waiting starts, one when the file appears).
+    `store_followed`: OpenClaw's session store records the model calls and their failures."""
 
-    def __init__(self, config: Config, events: EventQueue, db: Database) -> None:
+    def __init__(self, config: Config, events: EventQueue, db: Database,
+                 store_followed: bool = False) -> None:
         super().__init__("logtail", config.log_poll, first_delay=0.0)
-        self.config, self.events = config, events
+        self.config, self.events, self.store_followed = config, events, store_followed
+        self.causes: dict[str, str] = {}         # otel trace id -> cause code of its last fetch error
+        self.last_outcome: dict[str, str] = {}   # run id -> outcome of its last failed attempt
         self.known: dict[tuple[int, int], list[tuple[str, int]]] = {}   # (dev, inode) -> [(mark, offset)]
         for dev, inode, mark, position in db.query(
                 "SELECT dev, inode, fingerprint, position FROM log_offsets ORDER BY updated_at"):
@@ -3571,7 +3670,8 @@ class LogTailer(Loop):
         self.waiting = False
         self.most = max(1, min(256, config.queue_size // 4))   # lines per unit, so that units fit the queue
         self.behind = False              # the queue refused the last offer: look again soon
-        self.totals = Counters(("lines", "events", "skipped", "not_json", "cut", "bytes_read"))
+        self.totals = Counters(("lines", "events", "skipped", "not_json", "cut", "bytes_read",
+                                "failed_attempts"))
 
     # -- which file
     def target(self) -> str | None:
@@ -3676,11 +3776,14 @@ class LogTailer(Loop):
             followed.read = 0
             if not lines:
                 return total
-            rows = [row for start, text, length in lines for row in self.rows(followed, start, text, length)]
+            rows: list[Row] = []
+            extra: list[tuple[str, tuple]] = []
+            for start, text, length in lines:
+                rows += self.rows(followed, start, text, length, extra)
             followed.refresh_fingerprint()
-            state = (OFFSET_SQL, (followed.dev, followed.inode, followed.fingerprint, followed.path, end,
-                                  now_ms()))
-            if not self.events.offer(Unit(rows, (state,), own=True)):
+            extra.append((OFFSET_SQL, (followed.dev, followed.inode, followed.fingerprint, followed.path, end,
+                                       now_ms())))
+            if not self.events.offer(Unit(rows, tuple(extra), own=True)):
                 self.behind = True
                 return None
             self.behind = False
@@ -3691,9 +3794,12 @@ class LogTailer(Loop):
             total += len(lines)
         return total
 
-    def rows(self, followed: Followed, start: int, text: bytes, length: int) -> list[Row]:
-        """The rows one line becomes: a log event, and for a model call a trace and/or an error event.
-        Their trace_ids come from the file's identity and the line's offset, so a replay adds none."""
+    def rows(self, followed: Followed, start: int, text: bytes, length: int,
+             extra: list[tuple[str, tuple]]) -> list[Row]:
+        """The rows one line becomes: a log event; without the session store, a trace for a model
+        call's response and an error event for the end of a failed run. Statements that must commit
+        with them (a failed attempt, its count on the failure) go to `extra`. Their trace_ids come
+        from the file's identity and the line's offset, so a replay adds none."""
         if length > LOG_LINE_LIMIT:
             self.totals.add("cut")
         line = LogLine.parse(text)
@@ -3712,8 +3818,20 @@ class LogTailer(Loop):
         rows = [Row(LOGS.name, (trace_id, created, received, "log", line.level, line.subsystem,
                                 kind or "info", message, self.detail_json(line.detail), line.otel_trace_id,
                                 followed.path, start))]
+        self.note_attempt(line, trace_id, created, extra)
+        ends_run = kind == "model_error" and line.subsystem == RUN_FAILED
+        run = line.info.get("runId") if ends_run and isinstance(line.info.get("runId"), str) else None
+        if self.store_followed:
+            if run:
+                extra.append((COUNT_ON_STORE_SQL, (run,)))
+            return rows
+        failure = model_failure(line, kind) if ends_run else None
+        if failure and run:
+            failure["category"] = failure_category(self.last_outcome.get(run)) or failure["category"]
+            failure |= {"severity": "error", "metadata": {"run_id": run}}   # the run got no answer
+            extra.append((COUNT_ON_ROW_SQL, (run, f"{trace_id}-{ERRORS.name}")))
         derived = ((TRACES, trace_row, model_call(line) if kind == "model_call" else None),
-                   (ERRORS, error_row, model_failure(line, kind or "")))
+                   (ERRORS, error_row, failure))
         for table, build, event in derived:
             if event is not None:
                 event |= {"trace_id": f"{trace_id}-{table.name}", "created_at": created, "metadata": {
@@ -3722,6 +3840,25 @@ class LogTailer(Loop):
                     rows.append(event_row(table, build, event, "log", received=received,
                                           max_text=self.config.max_text_bytes))
         return rows
+
+    def note_attempt(self, line: LogLine, trace_id: str, created: int,
+                     extra: list[tuple[str, tuple]]) -> None:
+        """Remember a fetch error's cause for the run's next line; count a failed attempt under its
+        run, once per line (a replayed line inserts nothing)."""
+        if line.message.startswith("[model-fetch] error") and line.otel_trace_id:
+            cause = next((c for c in (line.fields.get("causeCode"), line.fields.get("code"))
+                          if c and c != "undefined"), None)
+            if cause:
+                self.causes[line.otel_trace_id] = cause
+                _forget_oldest(self.causes)
+        attempt = attempt_outcome(line, self.causes)
+        if attempt is None:
+            return
+        run, outcome = attempt
+        self.last_outcome[run] = outcome
+        _forget_oldest(self.last_outcome)
+        extra.append((ATTEMPT_SQL, (trace_id, run, outcome, created)))
+        self.totals.add("failed_attempts")
 
     def detail_json(self, detail: Any) -> str | None:
         if detail is None:
@@ -3740,6 +3877,12 @@ class LogTailer(Loop):
                 **self.totals.snapshot(), "last_error": self.fault.error}
 
 
+def _forget_oldest(memory: dict[str, str]) -> None:
+    """Keep a per-run memory to RUNS_REMEMBERED entries (dicts keep insertion order)."""
+    while len(memory) > RUNS_REMEMBERED:
+        del memory[next(iter(memory))]
+
+
 def open_regular(path: str) -> int:
     """A descriptor of `path` for reading, which must be a regular file: never waits on a FIFO with
     no writer, never reads /dev/zero forever."""
@@ -3755,6 +3898,513 @@ def line_end(fd: int, size: int) -> int:
     tail = os.pread(fd, min(size, LOG_LINE_LIMIT), max(0, size - LOG_LINE_LIMIT))
     newline = tail.rfind(b"\n")
     return size - len(tail) + newline + 1 if newline >= 0 else size
+
+
+# ================================================================================== openclaw sessions
+# OpenClaw's session store: every model call OpenClaw made, with the tokens and cost it computed from
+# its own price config. Agents are found under <state dir>/agents/*/ at every poll. Since 2026.8.1 an
+# agent keeps its transcripts in agent/openclaw-agent.sqlite, read through SQLite (rows still in the
+# gateway's WAL are seen) on a read-only connection, session by session, in short transactions; before
+# that, in sessions/<session>.jsonl files, followed like the gateway log. An assistant entry becomes
+# one llm_traces row, a failed call or run also an error event. A session's position (its rewrite
+# generation, last seq, newest entry) or a file's (identity, offset) commits with the rows it produced.
+
+STORE_SOURCE = "openclaw_session"
+_ERROR_METADATA = ERRORS.columns.index("metadata")
+STORE_LINE_LIMIT = 8 << 20       # an entry is at most 4 MiB in the database; a longer JSONL line is cut
+STORE_CACHE_KIB = 512            # page cache of each agent database's connection
+STORE_BUSY_MS = 1000             # longest wait for a lock the gateway holds; then the next poll tries
+REWRITE_SLACK_MS = 60_000        # after a session is rewritten, entries older than the newest read by
+                                 # more than this are ones otrace has seen (a clock step is tolerated)
+FAILED_BEFORE_REPLY = "run-failed-before-reply"
+TRANSCRIPT_ONLY = ("delivery-mirror", "gateway-injected")   # "models" of provider openclaw: no call
+CHECKPOINT_FILE = re.compile(r".+\.checkpoint\.[0-9a-fA-F-]{36}\.jsonl")   # a copy of a transcript
+POSITION_SQL = ("INSERT INTO openclaw_positions (agent, stream, mark, position, newest, updated_at) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (agent, stream) DO UPDATE SET mark = excluded.mark, "
+                "position = excluded.position, newest = excluded.newest, updated_at = excluded.updated_at")
+# Each session with its last seq and rewrite generation, one index seek per session (a loose index
+# scan of the primary key): no scan of the entries themselves.
+SESSIONS_SQL = """
+    WITH RECURSIVE sessions(id) AS (
+        SELECT min(session_id) FROM transcript_events
+        UNION ALL
+        SELECT (SELECT min(session_id) FROM transcript_events WHERE session_id > sessions.id)
+        FROM sessions WHERE sessions.id IS NOT NULL)
+    SELECT id, (SELECT max(seq) FROM transcript_events WHERE session_id = sessions.id), {generation}
+    FROM sessions WHERE id IS NOT NULL"""
+GENERATION_SQL = "SELECT generation FROM transcript_rewrite_watermarks WHERE session_id = {}"
+# Entries after a seq; the text only of those that can be a call or a failure (the rest are skipped
+# inside SQLite), compressed ones whole.
+ENTRIES_SQL = """
+    SELECT seq, created_at,
+        CASE WHEN instr(event_json, '"assistant"') OR instr(event_json, 'run-failed-before-reply')
+            THEN event_json END,
+        {compressed}
+    FROM transcript_events WHERE session_id = ? AND seq > ? ORDER BY seq LIMIT ?"""
+
+
+def openclaw_state_dir(setting: str, environ: Mapping[str, str] = os.environ) -> Path | None:
+    """The state directory TRACE_OPENCLAW_STATE_DIR names: a path as given; auto: $OPENCLAW_STATE_DIR
+    if set, else ~/.openclaw of this user when it exists; None for off, or auto finding neither."""
+    if setting == "off":
+        return None
+    if setting != "auto":
+        return Path(setting).expanduser()
+    if environ.get("OPENCLAW_STATE_DIR"):
+        return Path(environ["OPENCLAW_STATE_DIR"]).expanduser()
+    try:
+        home = Path.home() / ".openclaw"
+    except (RuntimeError, KeyError):       # no $HOME and a uid the password database does not know
+        return None
+    return home if home.is_dir() else None
+
+
+def store_trace_id(agent: str, session: str, entry: str) -> str:
+    """The trace_id of an entry's rows: the entry read again (after a restart, a rewrite of its session,
+    from a copy of the store) gets the same one, so the UNIQUE trace_id keeps one row. Readable when it
+    fits; else the agent and a 96-bit digest of the three (hashlib would map OpenSSL)."""
+    whole = f"oc:{agent}:{session}:{entry}"
+    if len(whole) <= MAX_TRACE_ID_CHARS and whole.isprintable():
+        return whole
+    raw = whole.encode("utf-8", "surrogatepass")
+    digest = f"{zlib.crc32(raw):08x}{zlib.crc32(raw[::-1]):08x}{zlib.adler32(raw):08x}"
+    return f"oc:{''.join(c for c in agent if c.isprintable())[:64]}:{digest}"
+
+
+def _count(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_INT else None
+
+
+def _name(value: Any) -> str | None:
+    return value[:MAX_NAME_CHARS] if isinstance(value, str) and value.strip() else None
+
+
+def _text(content: Any) -> str | None:
+    """The text of a message's content: a string, or its text blocks joined."""
+    if isinstance(content, str):
+        return content or None
+    if isinstance(content, list):
+        parts = [b["text"] for b in content if isinstance(b, dict) and b.get("type") == "text"
+                 and isinstance(b.get("text"), str)]
+        return "".join(parts) or None
+    return None
+
+
+def entry_time(entry: dict[str, Any]) -> int | None:
+    """When the entry's call started (message.timestamp, Unix ms), else when the entry was written."""
+    message = entry.get("message") if isinstance(entry.get("message"), dict) else {}
+    stamp = message.get("timestamp")
+    if _finite(stamp) and 0 <= stamp <= MAX_UNIX_MS:
+        return int(stamp)
+    return _log_time(entry.get("timestamp"))
+
+
+def store_events(entry: Any, agent: str, session: str, fallback_id: str
+                 ) -> list[tuple[Table, Callable[[Fields, int, str], tuple], dict[str, Any]]]:
+    """What one transcript entry becomes, as (table, row builder, event): an assistant message (one
+    model call) a trace, and when it failed an error event with the same trace_id; a run that failed
+    before any reply an error event; any other entry (user messages, tool results, OpenClaw's own
+    transcript-only messages) nothing."""
+    if not isinstance(entry, dict):
+        return []
+    message = entry.get("message") if isinstance(entry.get("message"), dict) else {}
+    entry_id = entry["id"] if isinstance(entry.get("id"), str) and entry["id"] else fallback_id
+    trace_id, created = store_trace_id(agent, session, entry_id), entry_time(entry)
+    if entry.get("customType") == FAILED_BEFORE_REPLY:
+        details = entry.get("details") if isinstance(entry.get("details"), dict) else {}
+        error = details.get("error") if isinstance(details.get("error"), str) else None
+        text = _text(entry.get("content")) or error or "the run failed before a reply"
+        return [(ERRORS, error_row, {
+            "trace_id": trace_id, "created_at": created, "error_type": "llm_error",
+            "category": failure_category(error, text) or "other", "message": text, "session_id": session,
+            "metadata": {"agent_id": agent, "run_id": _name(details.get("runId")), "entry_id": entry_id}})]
+    if entry.get("type") != "message" or message.get("role") != "assistant":
+        return []
+    provider, model = _name(message.get("provider")), _name(message.get("model"))
+    if (provider == "openclaw" and model in TRANSCRIPT_ONLY) or isinstance(
+            message.get("openclawDeliveryMirror"), dict):
+        return []
+    usage = message.get("usage") if isinstance(message.get("usage"), dict) else {}
+    cost = usage.get("cost") if isinstance(usage.get("cost"), dict) else {}
+    read, write = _count(usage.get("cacheRead")), _count(usage.get("cacheWrite"))
+    parts = [n for n in (_count(usage.get("input")), read, write) if n is not None]
+    internal = message.get("__openclaw") if isinstance(message.get("__openclaw"), dict) else {}
+    stored = _log_time(entry.get("timestamp"))
+    failed = message.get("stopReason") == "error"
+    code, kind = _name(str(message["errorCode"]) if message.get("errorCode") is not None else None), \
+        _name(message.get("errorType"))
+    metadata = {"agent_id": agent, "run_id": _name(internal.get("runId")), "entry_id": entry_id,
+                "response_id": _name(message.get("responseId")), "api": _name(message.get("api")),
+                # from the call's start to OpenClaw storing its entry: the call plus OpenClaw's own
+                # work after it, so an upper bound on the latency, not the latency
+                "stored_after_ms": stored - created if stored is not None and created is not None
+                and stored >= created else None}
+    trace = {"trace_id": trace_id, "created_at": created, "provider": provider or "unknown",
+             "model": model or "unknown", "status": "error" if failed else "ok",
+             "error_type": (kind or code) if failed else None,
+             "finish_reason": _name(message.get("stopReason")), "session_id": session,
+             "prompt_tokens": sum(parts) if parts else None, "completion_tokens": _count(usage.get("output")),
+             "total_tokens": _count(usage.get("totalTokens")),
+             "cache_read_tokens": read, "cache_write_tokens": write,
+             "reasoning_tokens": _count(usage.get("reasoningTokens")),
+             "cost_usd": cost.get("total") if _finite(cost.get("total")) and cost["total"] >= 0 else None,
+             "output_text": _text(message.get("content")),
+             "metadata": {k: v for k, v in metadata.items() if v is not None}}
+    if not failed:
+        return [(TRACES, trace_row, trace)]
+    diagnostics = [d.get("type") for d in message.get("diagnostics") or [] if isinstance(d, dict)]
+    text = message.get("errorMessage") if isinstance(message.get("errorMessage"), str) else None
+    error = {"trace_id": trace_id, "created_at": created, "error_type": "llm_error",
+             "category": failure_category(code, kind, *diagnostics, text) or "other",
+             "message": text or f"model call failed ({kind or code or 'no reason given'})",
+             "provider": trace["provider"], "model": trace["model"], "session_id": session,
+             "metadata": {k: v for k, v in {**metadata, "error_code": code, "error_type": kind}.items()
+                          if v is not None}}
+    return [(TRACES, trace_row, trace), (ERRORS, error_row, error)]
+
+
+def maybe_call(text: str) -> bool:
+    """Whether an entry's JSON can be an assistant message or a failed run: the cheap test that spares
+    parsing user messages and tool results."""
+    return '"assistant"' in text or FAILED_BEFORE_REPLY in text
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Cursor:
+    """How far a session (or session file) was read: its mark (a session's rewrite generation; a
+    file's device, inode and fingerprint), the last seq read (a file's offset), and the newest entry
+    time read."""
+
+    mark: str
+    position: int
+    newest: int | None
+
+    def fresh(self, created: int | None) -> bool:
+        """Whether an entry met again after a rewrite can be one not read before."""
+        return self.newest is None or created is None or created >= self.newest - REWRITE_SLACK_MS
+
+
+class Behind(Exception):
+    """The queue refused a unit: the same entries are read again at the next look, which comes soon."""
+
+
+class AgentDatabase:
+    """One agent's openclaw-agent.sqlite, read on a read-only connection kept between polls with no
+    transaction open between them: a poll first asks SQLite whether anyone committed since the last
+    look (PRAGMA data_version), and only then which sessions have new entries. A file replaced at the
+    path is opened again; one not there yet (before the agent's first turn) is waited for."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.conn: sqlite3.Connection | None = None
+        self.identity: tuple[int, int] | None = None
+        self.version: int | None = None          # data_version once every session was caught up
+        self.sessions_sql = self.entries_sql = self.generation_sql = ""
+
+    def open(self) -> bool:
+        """Connect (again, when the file at the path is another one); False while there is no file,
+        or no transcript table in it yet."""
+        identity = _identity(str(self.path))
+        if identity is None:
+            self.close()
+            return False
+        if self.conn is not None and identity == self.identity:
+            return True
+        self.close()
+        conn = sqlite3.connect(f"file:{urllib.parse.quote(str(self.path))}?mode=ro", uri=True,
+                               timeout=STORE_BUSY_MS / 1000, isolation_level=None, check_same_thread=False)
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {STORE_BUSY_MS}")
+            conn.execute(f"PRAGMA cache_size = -{STORE_CACHE_KIB}")
+            conn.execute("PRAGMA query_only = 1")
+            tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            columns = {row[1] for row in conn.execute("PRAGMA table_info(transcript_events)")}
+        except sqlite3.Error as exc:
+            conn.close()
+            if sqlite_code(exc) in ("SQLITE_READONLY", "SQLITE_CANTOPEN", "SQLITE_PERM"):
+                raise PermissionError(f"{describe(exc)}: a reader of a WAL database must be able to "
+                                      "create or write its -shm beside it; run otrace as the gateway's "
+                                      "user") from None
+            raise
+        if "transcript_events" not in tables:
+            conn.close()
+            return False
+        rewrites = "transcript_rewrite_watermarks" in tables
+        self.sessions_sql = SESSIONS_SQL.format(generation=f"({GENERATION_SQL.format('sessions.id')})"
+                                                if rewrites else "NULL")
+        self.entries_sql = ENTRIES_SQL.format(compressed="event_zstd, event_utf8_bytes" if {
+            "event_zstd", "event_utf8_bytes"} <= columns else "NULL, NULL")
+        self.generation_sql = GENERATION_SQL.format("?") if rewrites else ""
+        self.conn, self.identity, self.version = conn, identity, None
+        return True
+
+    def changed(self) -> int | None:
+        """The database's data_version when something was committed since every session was last caught
+        up (or at the first look), else None."""
+        version = self.conn.execute("PRAGMA data_version").fetchone()[0]
+        return None if version == self.version else version
+
+    def sessions(self) -> list[tuple[str, int, str]]:
+        """Every session with entries: (id, last seq, rewrite generation or "")."""
+        return [(session, seq, generation or "") for session, seq, generation in
+                self.conn.execute(self.sessions_sql) if isinstance(session, str) and seq is not None]
+
+    def entries(self, session: str, after: int, most: int) -> tuple[str, list[tuple]]:
+        """Up to `most` entries after seq `after`, and the generation they belong to, in one read
+        transaction: (generation, [(seq, created_at, json, zstd, size), ...])."""
+        conn = self.conn
+        conn.execute("BEGIN")
+        try:
+            found = conn.execute(self.generation_sql, (session,)).fetchone() if self.generation_sql else None
+            rows = conn.execute(self.entries_sql, (session, after, most)).fetchall()
+        finally:
+            conn.execute("COMMIT")
+        return (found[0] or "") if found else "", rows
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+        self.conn, self.identity, self.version = None, None, None
+
+
+class SessionStore(Loop):
+    """Follows every agent's session store under OpenClaw's state directory: every TRACE_OPENCLAW_POLL
+    it offers the rows of the entries written since the last commit, with the new position, to the
+    queue as units of their own. A directory, agent or database not there yet is waited for quietly;
+    a database that is locked, replaced or unreadable is a fault said once, and the other agents are
+    read meanwhile."""
+
+    def __init__(self, config: Config, events: EventQueue, db: Database, root: Path) -> None:
+        super().__init__("sessions", config.openclaw_poll, first_delay=0.0)
+        self.config, self.events, self.root = config, events, root
+        self.cursors: dict[tuple[str, str], Cursor] = {
+            (agent, stream): Cursor(mark, position, newest) for agent, stream, mark, position, newest in
+            db.query("SELECT agent, stream, mark, position, newest FROM openclaw_positions")}
+        self.databases: dict[str, AgentDatabase] = {}
+        self.followed: set[str] = set()        # what was said to be followed (an agent's db or files)
+        self.agents_seen: set[str] = set()
+        self.started = False
+        self.most = max(1, min(256, config.queue_size // 8))   # entries per unit: 2 rows each at most
+        self.waiting = False
+        self.behind = False
+        self.zstd: Any = None                  # zstandard.ZstdDecompressor, made at the first need
+        self.zstd_error: Any = None
+        self.totals = Counters(("entries", "calls", "failures", "undecodable", "bytes_read"))
+        self.errors: dict[str, str] = {}       # agent -> why it could not be read at the last look
+
+    # -- where
+    def agents(self) -> list[str] | None:
+        """The agents under the state directory; None while it (or its agents/) is not there."""
+        try:
+            found = sorted(e.name for e in os.scandir(self.root / "agents") if e.is_dir())
+        except FileNotFoundError:
+            if not self.waiting:
+                self.log.info("waiting for OpenClaw's state directory", extra={"path": str(self.root)})
+            self.waiting = True
+            return None
+        if self.waiting or not self.started:
+            self.log.info("following OpenClaw's session store", extra={"path": str(self.root),
+                                                                        "agents": found})
+        self.waiting, self.started = False, True
+        self.agents_seen.update(found)
+        return found
+
+    def tick(self) -> None:
+        agents = self.agents()
+        if agents is None:
+            return
+        self.errors = {}
+        for agent in agents:
+            try:
+                self.read_database(agent)
+                self.read_files(agent)
+            except Behind:
+                self.behind = True
+                return
+            except (OSError, sqlite3.Error) as exc:
+                self.errors[agent] = describe(exc)
+                if agent in self.databases and isinstance(exc, sqlite3.Error):
+                    self.databases[agent].close()        # opened afresh at the next look
+        self.behind = False
+        if self.errors:
+            raise RuntimeError("; ".join(f"agent {a}: {e}" for a, e in self.errors.items()))
+
+    def next_delay(self) -> float:
+        """While catching up behind a full queue, look again in 2 ms rather than a whole poll."""
+        return min(self.interval, 0.002) if self.behind else self.interval
+
+    def said(self, what: str, path: Path) -> None:
+        if what not in self.followed:
+            self.followed.add(what)
+            self.log.info("following " + what.split(":", 1)[0], extra={"path": str(path)})
+
+    # -- 2026.8.1 and later: the agent's database
+    def read_database(self, agent: str) -> None:
+        store = self.databases.get(agent)
+        if store is None:
+            store = self.databases[agent] = AgentDatabase(self.root / "agents" / agent / "agent" /
+                                                          "openclaw-agent.sqlite")
+        if not store.open():
+            return
+        self.said(f"agent database:{agent}", store.path)
+        version = store.changed()
+        if version is None:
+            return
+        for session, last, generation in store.sessions():
+            cursor = self.cursors.get((agent, session))
+            if cursor is None or cursor.mark != generation or cursor.position < last:
+                self.read_session(store, agent, session, cursor)
+        store.version = version
+
+    def read_session(self, store: AgentDatabase, agent: str, session: str, cursor: Cursor | None) -> None:
+        """Every entry of the session not read yet, unit by unit. A session rewritten since (another
+        generation) is read again from its start, taking only entries newer than the newest read."""
+        while not self.stopping.is_set():
+            after = cursor.position if cursor else -1
+            generation, rows = store.entries(session, after, self.most)
+            if cursor is not None and cursor.mark != generation:
+                cursor = Cursor(generation, -1, cursor.newest)
+                if after >= 0:
+                    continue
+            newest, found = cursor.newest if cursor else None, []
+            for seq, created, plain, compressed, size in rows:
+                if cursor is not None and not cursor.fresh(created):
+                    continue
+                newest = created if newest is None else max(newest, created)
+                where = f"{agent}/{session}#{seq}"
+                text = plain if compressed is None else self.decompress(compressed, size, where)
+                if text is not None and maybe_call(text):
+                    found += self.parse(text, agent, session, f"seq-{seq}", where)
+            cursor = Cursor(generation, rows[-1][0] if rows else after, newest)
+            if rows or cursor != self.cursors.get((agent, session)):
+                self.offer(agent, session, found, cursor)
+            if len(rows) < self.most:
+                return
+
+    def decompress(self, blob: bytes, size: int | None, where: str) -> str | None:
+        """An event_zstd entry's JSON (a plain zstd frame, as node:zlib writes it); None, counted and
+        logged, if it does not decode."""
+        if self.zstd is None:
+            try:
+                import zstandard  # noqa: PLC0415 - imported where needed (see the imports)
+            except ImportError as exc:
+                self.undecodable(where, f"{describe(exc)} (pip install zstandard)")
+                return None
+            self.zstd, self.zstd_error = zstandard.ZstdDecompressor(), zstandard.ZstdError
+        try:
+            data = self.zstd.decompress(blob, max_output_size=_count(size) or STORE_LINE_LIMIT)
+            return data.decode("utf-8")
+        except (self.zstd_error, UnicodeDecodeError) as exc:
+            self.undecodable(where, describe(exc))
+            return None
+
+    def undecodable(self, where: str, why: str) -> None:
+        self.totals.add("undecodable")
+        self.log.warning("session entry cannot be read; skipped", extra={"entry": where, "error": why})
+
+    def parse(self, text: str, agent: str, session: str, fallback: str, where: str) -> list[Row]:
+        """The rows of one entry's JSON."""
+        self.totals.add("entries")
+        try:
+            entry = json.loads(text)
+        except (ValueError, RecursionError) as exc:
+            self.undecodable(where, describe(exc))
+            return []
+        rows = []
+        for table, build, event in store_events(entry, agent, session, fallback):
+            try:
+                rows.append(event_row(table, build, event, STORE_SOURCE, max_text=self.config.max_text_bytes))
+            except Invalid as exc:
+                self.undecodable(where, str(exc))
+        return rows
+
+    def offer(self, agent: str, stream: str, rows: list[Row], cursor: Cursor) -> None:
+        """Rows with the position after them, as one unit; Behind if the queue is full. A failure
+        with a run id also gets the count of its failed attempts the gateway log has seen so far."""
+        extra = [(POSITION_SQL, (agent, stream, cursor.mark, cursor.position, cursor.newest, now_ms()))]
+        extra += [(COUNT_ON_STORE_SQL, (run,)) for row in rows if row.table == ERRORS.name and (
+            run := _run_of(row))]
+        if not self.events.offer(Unit(rows, tuple(extra), own=True)):
+            raise Behind
+        self.cursors[(agent, stream)] = cursor
+        self.totals.add("calls", sum(row.table == TRACES.name for row in rows))
+        self.totals.add("failures", sum(row.table == ERRORS.name for row in rows))
+
+    # -- 2026.7.x and earlier: sessions/<session>.jsonl
+    def read_files(self, agent: str) -> None:
+        folder = self.root / "agents" / agent / "sessions"
+        try:
+            names = sorted(e.name for e in os.scandir(folder) if e.name.endswith(".jsonl") and not (
+                e.name.endswith(".trajectory.jsonl") or CHECKPOINT_FILE.fullmatch(e.name)))
+        except FileNotFoundError:
+            return
+        if names:
+            self.said(f"agent session files:{agent}", folder)
+        for name in names:
+            self.read_file(agent, folder / name)
+
+    def read_file(self, agent: str, path: Path) -> None:
+        """The lines appended to one session file since the last commit (a partial last line waits
+        for its newline); a file that is not the one read before is read from its start, taking only
+        entries newer than the newest read from its name."""
+        cursor = self.cursors.get((agent, path.name))
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return
+        dev, inode = (int(part) for part in cursor.mark.split(":", 2)[:2]) if cursor else (None, None)
+        same = cursor is not None and (dev, inode) == (st.st_dev, st.st_ino)
+        if same and st.st_size == cursor.position:
+            return
+        fd = open_regular(str(path))
+        try:
+            offset = cursor.position if same and st.st_size >= cursor.position and same_start(
+                fd, cursor.mark.split(":", 2)[2]) else 0
+            followed = Followed(str(path), fd, offset)
+            rewritten = cursor is not None and offset == 0
+            session = path.name[:-len(".jsonl")]
+            newest = cursor.newest if cursor else None
+            while not self.stopping.is_set():
+                lines, end = followed.lines(self.most, limit=STORE_LINE_LIMIT)
+                self.totals.add("bytes_read", followed.read)
+                followed.read = 0
+                if not lines:
+                    return
+                rows: list[Row] = []
+                for start, text, length in lines:
+                    where = f"{agent}/{path.name}@{start}"
+                    if length > STORE_LINE_LIMIT:
+                        self.undecodable(where, f"a line of {length} bytes, over {STORE_LINE_LIMIT}")
+                        continue
+                    if not maybe_call(raw := text.decode("utf-8", "replace")):
+                        continue
+                    found = self.parse(raw, agent, session, f"at-{start}", where)
+                    created = found[0].values[1] if found else None
+                    if created is None or (rewritten and not cursor.fresh(created)):
+                        continue
+                    newest = created if newest is None else max(newest, created)
+                    rows += found
+                followed.refresh_fingerprint()
+                self.offer(agent, path.name, rows, Cursor(f"{followed.dev}:{followed.inode}:"
+                                                          f"{followed.fingerprint}", end, newest))
+                followed.offset = end
+        finally:
+            os.close(fd)
+
+    def health(self) -> dict[str, Any]:
+        return {"state_dir": str(self.root), "waiting": self.waiting, "polls": self.ticks,
+                "agents": sorted(self.agents_seen),
+                "sessions": len(self.cursors), **self.totals.snapshot(), "agent_errors": self.errors,
+                "last_error": self.fault.error}
+
+
+def _run_of(row: Row) -> str | None:
+    """The run id in an error event row's metadata."""
+    metadata = row.values[_ERROR_METADATA]
+    with contextlib.suppress(ValueError, TypeError, AttributeError):
+        run = json.loads(metadata).get("run_id")
+        return run if isinstance(run, str) else None
+    return None
 
 
 # ================================================================================================ push
@@ -4321,7 +4971,7 @@ LEDGER_SQL = (
     "newest_received_at, excluded.newest_received_at)")
 UNDELIVERED = f"synced IN ({UNSYNCED}, {REFUSED})"       # rows whose deletion is a loss to report
 BOOKKEEPING = (("push_log", "started_at", ""), ("push_rejects", "rejected_at", "AND reported_at IS NOT NULL"),
-               ("log_offsets", "updated_at", ""),
+               ("log_offsets", "updated_at", ""), ("openclaw_attempts", "created_at", ""),
                ("retention_ledger", "at", "AND (reported_at IS NOT NULL OR unsynced_deleted = 0)"))
 CHUNK = 1000                     # rows one deletion takes at most; under a smaller cap, one row per
 CHUNK_SHARE = 200_000            # this many bytes of it: a chunk of 2 KB rows frees about 1 % of the cap
@@ -4822,6 +5472,7 @@ def health_report(service: Service) -> dict[str, Any]:
         "metrics": service.sampler and service.sampler.health(),
         "log_tail": service.tailer and service.tailer.health(),
         "llm_calls": {"prices": service.prices and service.prices.label, **service.tally.report()},
+        "openclaw_sessions": service.store and service.store.health(),
     }
 
 
@@ -5429,14 +6080,17 @@ class Service:
         self.writer.on_fault = self.on_write_fault
         self.loops: list[Loop] = [Checkpointer(config, self.events), self.retention]
         self.sampler = Sampler(config, self.events, self.db) if config.metrics_interval else None
-        self.tailer = LogTailer(config, self.events, self.db) if config.log_path else None
+        state_dir = openclaw_state_dir(config.openclaw_state_dir)
+        self.store = SessionStore(config, self.events, self.db, state_dir) if state_dir else None
+        self.tailer = LogTailer(config, self.events, self.db, store_followed=self.store is not None) \
+            if config.log_path else None
         self.pusher: Pusher | None = None
         if config.push_endpoint:
             return_big_buffers()
             self.pusher = Pusher(config, self.events, self.db)
         else:
             log.warning("push is off: events stay in the local database (set TRACE_PUSH_ENDPOINT)")
-        self.loops += [loop for loop in (self.sampler, self.tailer, self.pusher) if loop]
+        self.loops += [loop for loop in (self.sampler, self.tailer, self.store, self.pusher) if loop]
         self.server = IngestServer(self, [(config.host, config.port)])  # last: a failed start binds nothing
 
     def on_write_fault(self, error: str) -> None:

@@ -81,7 +81,8 @@ class Otrace:
         self.command = command or [sys.executable, str(OTRACE)]
         self.db_path = db or tmp / "otrace.db"
         self.env = {"TRACE_PORT": "0", "TRACE_DB_PATH": str(self.db_path), "TRACE_BATCH_WINDOW": "20ms",
-                    "TRACE_LOG_LEVEL": "info", "TRACE_METRICS_INTERVAL": "off", **(env or {})}
+                    "TRACE_LOG_LEVEL": "info", "TRACE_METRICS_INTERVAL": "off",
+                    "TRACE_OPENCLAW_STATE_DIR": "off", **(env or {})}
         self.lines: list[dict[str, Any]] = []
         self.stderr: list[str] = []
         self.changed = threading.Condition()
@@ -1937,9 +1938,8 @@ def test_log_replay_through_rotation_truncation_and_a_new_day(tmp_path: Path,
     traces = node.rows("llm_traces")
     assert [(t["provider"], t["status"], t["latency_ms"], t["source"]) for t in traces] == [
         ("mock", "ok", 13.0, "log"), ("rlmock", "error", 35.0, "log")]
-    errors = {(e["category"], e["provider"]) for e in node.rows("error_events")}
-    assert errors == {("network_failure", "deadmock"), ("timeout", "deadmock"), ("rate_limit", "rlmock")}
-    assert len(node.rows("error_events")) == 4                  # two timeouts: agent/embedded and fallback
+    errors = [(e["category"], e["provider"]) for e in node.rows("error_events")]
+    assert errors == [("network_failure", "deadmock")]         # the run that failed; rlmock's had not yet
     assert node.stop() == 0
 
 
@@ -4046,3 +4046,510 @@ def test_a_report_stopped_mid_read_never_makes_the_writer_wait(run: Callable[...
         done = report(node.db_path, "--since", "1h", "--json")
         assert done.returncode == 0 and json.loads(done.stdout)["calls"]["totals"]["calls"] >= before
     assert node.stop() == 0
+
+
+# -------------------------------------------------------------------------------- openclaw sessions
+
+
+OPENCLAW = HERE.parent / "shared" / "fixtures" / "openclaw"
+STATE_9 = OPENCLAW / "state-2026.9.6"      # the gateway that wrote gateway-2026.9.6-debug.log
+STATE_7 = OPENCLAW / "state-2026.7.35"
+DEBUG_LOG = OPENCLAW / "gateway-2026.9.6-debug.log"
+needs_stores = pytest.mark.skipif(not STATE_9.exists(), reason="needs ../shared beside the repo")
+STORE_ENV = {"TRACE_OPENCLAW_POLL": "50ms"}
+NAVIGATION = json.dumps({"version": 1, "report": {"kind": "canonical"}, "navigation": {}, "reset": {},
+                         "model": {}, "modelBytes": 0, "modelWithoutCheckpointBytes": 0,
+                         "withoutCustomDataBytes": 0})    # what the CHECK on a compressed row demands
+
+
+def state_copy(tmp: Path, source: Path = STATE_9, name: str = "state") -> Path:
+    """A writable copy of a captured state directory: the shared one is never opened."""
+    target = tmp / name
+    shutil.copytree(source, target)
+    for path in (target, *target.rglob("*")):
+        path.chmod(0o700 if path.is_dir() else 0o600)
+    return target
+
+
+def agent_db(state: Path, agent: str = "main") -> Path:
+    return state / "agents" / agent / "agent" / "openclaw-agent.sqlite"
+
+
+def store_entries(db: Path) -> list[tuple[str, int, dict[str, Any]]]:
+    """(session, seq, entry) of every transcript entry, in the order they were written."""
+    import zstandard
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        return [(session, seq, json.loads(text or zstandard.ZstdDecompressor().decompress(frame)))
+                for session, seq, text, frame in conn.execute(
+                    "SELECT session_id, seq, event_json, event_zstd FROM transcript_events "
+                    "ORDER BY created_at, seq")]
+
+
+def assistant_template(db: Path) -> dict[str, Any]:
+    """The first real successful assistant entry of the store."""
+    return next(e for _, _, e in store_entries(db) if e.get("type") == "message"
+                and e["message"]["role"] == "assistant" and e["message"]["stopReason"] == "stop")
+
+
+def a_call(template: dict[str, Any], tokens: int, cost: float, text: str = "a reply") -> dict[str, Any]:
+    """A new model call shaped like a real one: its own id, time, usage and reply."""
+    entry = json.loads(json.dumps(template))
+    now = int(time.time() * 1000)
+    entry["id"] = str(uuid.uuid4())
+    entry["timestamp"] = otrace.iso((now + 40) / 1000)
+    message = entry["message"]
+    message.update({"timestamp": now, "content": [{"type": "text", "text": text}],
+                    "responseId": f"resp-{entry['id'][:8]}"})
+    message["usage"] = {"input": tokens, "output": 10, "cacheRead": 0, "cacheWrite": 0, "reasoningTokens": 0,
+                        "totalTokens": tokens + 10, "cost": {"input": cost, "output": 0.0, "cacheRead": 0,
+                                                             "cacheWrite": 0, "total": cost}}
+    return entry
+
+
+def gateway_connection(db: Path) -> sqlite3.Connection:
+    """A connection writing to an agent database as the gateway does: WAL, held open (what it commits
+    stays in the -wal until a checkpoint), with the octet_length() the CHECK constraints call."""
+    conn = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+    conn.create_function("octet_length", 1, lambda v: None if v is None else len(
+        v if isinstance(v, bytes) else str(v).encode()), deterministic=True)
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    return conn
+
+
+def append_entry(conn: sqlite3.Connection, session: str, entry: dict[str, Any],
+                 compressed: bool = False) -> int:
+    """One entry at the session's next seq, plain or as a zstd frame (as node:zlib writes it); its seq."""
+    seq = conn.execute("SELECT coalesce(max(seq), -1) + 1 FROM transcript_events WHERE session_id = ?",
+                       (session,)).fetchone()[0]
+    text = json.dumps(entry, separators=(",", ":"))
+    created = int(time.time() * 1000)
+    if compressed:
+        import zstandard
+        frame = zstandard.ZstdCompressor(level=1, write_checksum=True, write_content_size=True).compress(
+            text.encode())
+        conn.execute("INSERT INTO transcript_events (session_id, seq, event_json, created_at, event_zstd, "
+                     "event_utf8_bytes, navigation_json) VALUES (?, ?, NULL, ?, ?, ?, ?)",
+                     (session, seq, created, frame, len(text.encode()), NAVIGATION))
+    else:
+        conn.execute("INSERT INTO transcript_events (session_id, seq, event_json, created_at) "
+                     "VALUES (?, ?, ?, ?)", (session, seq, text, created))
+    return seq
+
+
+def session_traces(node: Otrace) -> list[dict[str, Any]]:
+    return [r for r in node.rows("llm_traces") if r["source"] == "openclaw_session"]
+
+
+def wait_traces(node: Otrace, n: int, timeout: float = 20.0) -> list[dict[str, Any]]:
+    return wait_until(lambda: len(rows := session_traces(node)) >= n and rows, timeout,
+                      f"{n} openclaw_session rows")
+
+
+def test_transcript_entries_become_rows_as_openclaw_counts_them() -> None:
+    entry = {"type": "message", "id": "e1", "timestamp": "2026-11-30T11:41:58.092Z", "message": {
+        "role": "assistant",
+        "content": [{"type": "thinking", "thinking": "hm"}, {"type": "text", "text": "Hi"}],
+        "api": "openai-completions", "provider": "mock", "model": "m1", "stopReason": "stop",
+        "timestamp": 1796038916358, "responseId": "r1", "__openclaw": {"runId": "run1"},
+        "usage": {"input": 904, "output": 300, "cacheRead": 4096, "cacheWrite": 7, "reasoningTokens": 12,
+                  "totalTokens": 5307, "cost": {"total": 0.0084408}}}}
+    (table, build, trace), = otrace.store_events(entry, "main", "s1", "seq-5")
+    assert table is otrace.TRACES and build is otrace.trace_row
+    assert trace["trace_id"] == "oc:main:s1:e1" and trace["created_at"] == 1796038916358
+    assert (trace["prompt_tokens"], trace["completion_tokens"], trace["total_tokens"]) == (5007, 300, 5307)
+    assert (trace["cache_read_tokens"], trace["cache_write_tokens"], trace["reasoning_tokens"]) == (
+        4096, 7, 12)
+    assert (trace["cost_usd"], trace["status"], trace["finish_reason"], trace["output_text"]) == (
+        0.0084408, "ok", "stop", "Hi")
+    assert trace["metadata"] == {"agent_id": "main", "run_id": "run1", "entry_id": "e1", "response_id": "r1",
+                                 "api": "openai-completions", "stored_after_ms": 1734}
+    failed = json.loads(json.dumps(entry))
+    failed["message"].update({"stopReason": "error", "errorCode": "429", "errorType": "rate_limit_exceeded",
+                              "errorMessage": "429 Rate limit reached", "content": []})
+    (_, _, trace), (table, _, error) = otrace.store_events(failed, "main", "s1", "seq-5")
+    assert (trace["status"], trace["error_type"], table) == ("error", "rate_limit_exceeded", otrace.ERRORS)
+    assert (error["trace_id"], error["category"], error["message"], error["provider"]) == (
+        "oc:main:s1:e1", "rate_limit", "429 Rate limit reached", "mock")
+    assert error["metadata"]["run_id"] == "run1" and error["metadata"]["error_code"] == "429"
+    before_reply = {"type": "custom_message", "customType": "run-failed-before-reply", "id": "e2",
+                    "content": "This turn ended before a reply: LLM request timed out.", "display": True,
+                    "details": {"runId": "run2", "error": "LLM request timed out."},
+                    "timestamp": "2026-11-30T11:41:58.092Z"}
+    (table, _, error), = otrace.store_events(before_reply, "main", "s1", "x")
+    assert (table, error["category"], error["metadata"]["run_id"]) == (otrace.ERRORS, "timeout", "run2")
+    mirror = json.loads(json.dumps(entry))
+    mirror["message"].update({"provider": "openclaw", "model": "delivery-mirror"})
+    user = {"type": "message", "id": "u", "message": {"role": "user", "content": "assistant, help"}}
+    assert otrace.store_events(mirror, "main", "s1", "x") == []
+    assert otrace.store_events(user, "main", "s1", "x") == []
+    assert otrace.store_events("not an entry", "main", "s1", "x") == []
+    long_id = otrace.store_trace_id("a" * 100, "s" * 100, "e")
+    assert len(long_id) <= otrace.MAX_TRACE_ID_CHARS and long_id.isprintable()
+    assert long_id == otrace.store_trace_id("a" * 100, "s" * 100, "e") != otrace.store_trace_id(
+        "a" * 100, "s" * 100, "f")
+
+
+@pytest.mark.parametrize(("signals", "category"), [
+    (("429",), "rate_limit"), (("rate_limit_exceeded",), "rate_limit"),
+    (("⚠️ Rate limit reached for requests",), "rate_limit"),
+    (("ECONNREFUSED", "Connection error."), "network_failure"),
+    ((None, None, "provider_transport_failure"), "network_failure"), (("ETIMEDOUT",), "timeout"),
+    (("504",), "timeout"), (("LLM request timed out.",), "timeout"), (("500", "server_error"), "api_failure"),
+    (("401 Incorrect API key",), "api_failure"), (("something else",), None), ((), None)])
+def test_failure_categories_follow_the_error(signals: tuple, category: str | None) -> None:
+    assert otrace.failure_category(*signals) == category
+
+
+def test_openclaw_settings_and_where_auto_looks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert otrace.Config().openclaw_state_dir == "auto" and otrace.Config().openclaw_poll == 2.0
+    assert otrace.Config.from_env({"TRACE_OPENCLAW_STATE_DIR": " OFF "}).openclaw_state_dir == "off"
+    assert otrace.openclaw_state_dir("off") is None
+    assert otrace.openclaw_state_dir(str(tmp_path / "x")) == tmp_path / "x"     # waited for if missing
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert otrace.openclaw_state_dir("auto", {}) is None                          # no ~/.openclaw: off
+    (tmp_path / ".openclaw").mkdir()
+    assert otrace.openclaw_state_dir("auto", {}) == tmp_path / ".openclaw"
+    assert otrace.openclaw_state_dir("auto", {"OPENCLAW_STATE_DIR": "/srv/oc"}) == Path("/srv/oc")
+    for name, value, accepts in (("TRACE_OPENCLAW_POLL", "5ms", "a duration from 10ms to 1h"),
+                                 ("TRACE_OPENCLAW_STATE_DIR", " ", "auto, off, or the path of a directory")):
+        out = subprocess.run([sys.executable, str(OTRACE)], capture_output=True, text=True, timeout=10,
+                             env={**os.environ, "TRACE_DB_PATH": str(tmp_path / "x.db"), name: value},
+                             check=False)
+        assert out.returncode == 2 and name in out.stderr and accepts in out.stderr
+
+
+@needs_stores
+def test_the_captured_2026_9_6_store_gives_openclaws_own_figures(tmp_path: Path,
+                                                                 run: Callable[..., Otrace]) -> None:
+    """OpenClaw's own figures for agent main: 6 calls, 8,768 tokens, 0.021065 USD, 2 failed; read once,
+    also by the same otrace started again."""
+    state = state_copy(tmp_path)
+    env = {**STORE_ENV, "TRACE_OPENCLAW_STATE_DIR": str(state)}
+    node = run(env)
+    rows = wait_traces(node, 6)
+    node.wait_persisted(8)
+    assert len(rows) == 6 and sum(r["total_tokens"] for r in rows) == 8768
+    assert round(sum(r["cost_usd"] for r in rows), 6) == 0.021065
+    assert sorted((r["provider"], r["status"], r["error_type"]) for r in rows if r["status"] != "ok") == [
+        ("deadmock", "error", "ECONNREFUSED"), ("mock", "error", "server_error")]
+    cached = next(r for r in rows if r["cache_read_tokens"])
+    assert (cached["prompt_tokens"], cached["completion_tokens"], cached["cache_read_tokens"]) == (
+        5000, 300, 4096)
+    assert all(r["latency_ms"] is None and json.loads(r["metadata"])["stored_after_ms"] >= 0 for r in rows)
+    errors = node.rows("error_events")
+    assert sorted((e["category"], e["provider"], e["error_type"], e["source"]) for e in errors) == [
+        ("api_failure", "mock", "llm_error", "openclaw_session"),
+        ("network_failure", "deadmock", "llm_error", "openclaw_session")]
+    assert {e["trace_id"] for e in errors} < {r["trace_id"] for r in rows}        # the call's own trace_id
+    health = node.health()["openclaw_sessions"]
+    assert (health["calls"], health["failures"], health["agents"], health["last_error"]) == (
+        6, 2, ["main"], None)
+    assert node.stop() == 0
+    node = run(env, db=node.db_path)
+    wait_until(lambda: node.health()["openclaw_sessions"]["polls"] > 5, what="a few polls")
+    assert len(session_traces(node)) == 6 and len(node.rows("error_events")) == 2
+    assert node.health()["events_duplicate"] == 0                        # not even offered again
+
+
+@needs_stores
+def test_the_captured_2026_7_35_session_files_give_three_rows(tmp_path: Path,
+                                                               run: Callable[..., Otrace]) -> None:
+    state = state_copy(tmp_path, STATE_7)
+    node = run({**STORE_ENV, "TRACE_OPENCLAW_STATE_DIR": str(state)})
+    rows = wait_traces(node, 3)
+    assert sorted((r["prompt_tokens"], r["completion_tokens"], r["total_tokens"], r["cost_usd"])
+                  for r in rows) == [(1234, 56, 1290, 0.004542), (1500, 77, 1577, 0.005655),
+                                     (3000, 150, 3150, 0.0057204000000000005)]
+    assert {r["trace_id"].split(":")[3] for r in rows} == {"d4bac086", "3dad41e6", "c8ab804b"}
+    wait_until(lambda: node.health()["openclaw_sessions"]["polls"] > 5, what="a few polls")
+    assert len(session_traces(node)) == 3                  # the .trajectory.jsonl files are not transcripts
+    assert not node.logs("sessions failing")
+
+
+@needs_stores
+def test_entries_still_in_the_wal_of_an_open_gateway_connection_are_read(tmp_path: Path,
+                                                                        run: Callable[..., Otrace]) -> None:
+    """Calls committed by a connection held open like the gateway's, plain or zstd-compressed, in a
+    session otrace has read and in a new one; then a rewrite of a session's suffix: only its new
+    entries are new rows."""
+    state = state_copy(tmp_path)
+    db = agent_db(state)
+    template = assistant_template(db)
+    node = run({**STORE_ENV, "TRACE_OPENCLAW_STATE_DIR": str(state)})
+    wait_traces(node, 6)
+    gateway = gateway_connection(db)
+    session = store_entries(db)[0][0]
+    plain = a_call(template, 1000, 0.003)
+    long = a_call(template, 2000, 0.006, text="long " * 400)           # over 1 KiB: stored compressed
+    append_entry(gateway, session, plain)
+    append_entry(gateway, session, long, compressed=True)
+    other = a_call(template, 3000, 0.009)
+    append_entry(gateway, "new-session", other)
+    assert plain["id"].encode() in Path(str(db) + "-wal").read_bytes()
+    assert plain["id"].encode() not in db.read_bytes()                 # only in the WAL, not checkpointed
+    rows = wait_traces(node, 9)
+    new = {r["trace_id"]: r for r in rows[6:]}
+    assert new[f"oc:main:{session}:{long['id']}"]["output_text"] == "long " * 400
+    assert sorted(r["total_tokens"] for r in new.values()) == [1010, 2010, 3010]
+    assert f"oc:main:new-session:{other['id']}" in new
+    # a suffix rewrite: the last two entries deleted, put back under a new generation, one new call after
+    gateway.execute("BEGIN")
+    last = gateway.execute("SELECT max(seq) FROM transcript_events WHERE session_id = ?",
+                           (session,)).fetchone()[0]
+    kept = gateway.execute("SELECT seq, event_json, event_zstd, event_utf8_bytes, navigation_json, "
+                           "created_at FROM transcript_events WHERE session_id = ? AND seq >= ?",
+                           (session, last - 1)).fetchall()
+    gateway.execute("DELETE FROM transcript_events WHERE session_id = ? AND seq >= ?", (session, last - 1))
+    gateway.executemany("INSERT INTO transcript_events (session_id, seq, event_json, event_zstd, "
+                        "event_utf8_bytes, navigation_json, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        [(session, *row) for row in kept])
+    gateway.execute("UPDATE transcript_rewrite_watermarks SET generation = ? WHERE session_id = ?",
+                    (uuid.uuid4().hex, session))
+    gateway.execute("COMMIT")
+    after = a_call(template, 4000, 0.012)
+    append_entry(gateway, session, after)
+    rows = wait_traces(node, 10)
+    assert rows[-1]["trace_id"] == f"oc:main:{session}:{after['id']}"
+    wait_until(lambda: node.health()["queue_depth"] == 0, what="queue drained")
+    health = node.health()
+    assert len(session_traces(node)) == 10 and health["openclaw_sessions"]["undecodable"] == 0
+    assert health["events_duplicate"] == 2       # the rewritten entries newer than a minute, read again;
+    gateway.close()                              # the session's older entries are not
+
+
+@needs_stores
+def test_a_session_file_line_written_in_two_pieces_waits_for_its_end(tmp_path: Path,
+                                                                     run: Callable[..., Otrace]) -> None:
+    state = state_copy(tmp_path, STATE_7)
+    sessions = state / "agents" / "main" / "sessions"
+    transcript = next(p for p in sessions.glob("*.jsonl") if not p.name.endswith(".trajectory.jsonl"))
+    template = next(json.loads(line) for line in transcript.read_text().splitlines()
+                    if '"assistant"' in line)
+    node = run({**STORE_ENV, "TRACE_OPENCLAW_STATE_DIR": str(state)})
+    wait_traces(node, 3)
+    line = json.dumps(a_call(template, 700, 0.002)).encode() + b"\n"
+    append(transcript, line[:100])
+    polls = node.health()["openclaw_sessions"]["polls"]
+    wait_until(lambda: node.health()["openclaw_sessions"]["polls"] > polls + 10, what="10 polls")
+    assert len(session_traces(node)) == 3
+    append(transcript, line[100:])
+    assert wait_traces(node, 4)[-1]["total_tokens"] == 710
+    new = sessions / "77777777-0000-4000-8000-000000000000.jsonl"    # a new session file, picked up
+    new.write_bytes(json.dumps(a_call(template, 800, 0.002)).encode() + b"\n")
+    assert wait_traces(node, 5)[-1]["session_id"] == new.stem
+    assert not node.logs("sessions failing")
+
+
+@needs_stores
+def test_an_agent_that_appears_later_is_followed_and_waited_for_quietly(tmp_path: Path,
+                                                                        run: Callable[..., Otrace]) -> None:
+    """The state directory, then an agent directory, then its database before its first turn: each is
+    waited for without a fault; the second agent's calls are its own rows."""
+    state = tmp_path / "state"
+    node = run({**STORE_ENV, "TRACE_OPENCLAW_STATE_DIR": str(state)})
+    node.wait_log(lambda e: e.get("message") == "waiting for OpenClaw's state directory")
+    state_copy(tmp_path, name="first").rename(state)             # appears whole
+    wait_traces(node, 6)
+    (state / "agents" / "ops" / "agent").mkdir(parents=True)
+    polls = node.health()["openclaw_sessions"]["polls"]
+    wait_until(lambda: node.health()["openclaw_sessions"]["polls"] > polls + 10, what="10 polls")
+    shutil.copy(agent_db(state), tmp_path / "ops.sqlite")
+    (tmp_path / "ops.sqlite").rename(agent_db(state, "ops"))      # its first turn made it
+    rows = wait_traces(node, 12)
+    assert sorted(r["trace_id"].split(":")[1] for r in rows) == ["main"] * 6 + ["ops"] * 6
+    assert node.health()["openclaw_sessions"]["agents"] == ["main", "ops"]
+    assert [e["message"] for e in node.lines if e.get("logger") == "otrace.sessions"] == [
+        "waiting for OpenClaw's state directory", "following OpenClaw's session store",
+        "following agent database", "following agent database"]
+
+
+@needs_stores
+def test_sigkill_while_following_a_live_store_loses_and_repeats_nothing(tmp_path: Path,
+                                                                         run: Callable[..., Otrace]) -> None:
+    """A gateway connection keeps adding calls across sessions while otrace is killed at random moments
+    of its reading; the otrace started last holds every call exactly once."""
+    import random
+    state = state_copy(tmp_path)
+    db = agent_db(state)
+    template = assistant_template(db)
+    gateway = gateway_connection(db)
+    gateway.execute("BEGIN")
+    for n in range(12_000):                              # a backlog to be caught up on while killed
+        append_entry(gateway, f"backlog-{n % 7}", a_call(template, n, n / 1e6), compressed=n % 5 == 0)
+    gateway.execute("COMMIT")
+    stop = threading.Event()
+
+    def gateway_writes() -> None:
+        n = 0
+        while not stop.is_set():
+            append_entry(gateway, f"live-{n % 3}", a_call(template, n, n / 1e6))
+            n += 1
+            time.sleep(0.003)
+
+    writer = threading.Thread(target=gateway_writes)
+    writer.start()
+    env = {**STORE_ENV, "TRACE_OPENCLAW_STATE_DIR": str(state), "TRACE_QUEUE_SIZE": "64",
+           "TRACE_BATCH_WINDOW": "5ms"}
+    rng = random.Random(19)
+    try:
+        for _ in range(8):
+            node = run(env, db=tmp_path / "otrace.db")
+            time.sleep(rng.uniform(0.05, 0.5))
+            node.kill()
+    finally:
+        stop.set()
+        writer.join()
+    calls = {f"oc:main:{session}:{entry['id']}" for session, _, entry in store_entries(db)
+             if entry.get("type") == "message" and entry["message"]["role"] == "assistant"}
+    gateway.close()
+    node = run(env, db=tmp_path / "otrace.db")
+    wait_until(lambda: len(session_traces(node)) >= len(calls), timeout=60, what=f"{len(calls)} calls")
+    wait_until(lambda: node.health()["queue_depth"] == 0, what="queue drained")
+    stored = [r["trace_id"] for r in session_traces(node)]
+    assert len(stored) == len(set(stored)) and set(stored) == calls
+
+
+@needs_stores
+def test_a_store_deleted_then_replaced_by_a_fresh_one_is_read_without_repeats(
+        tmp_path: Path, run: Callable[..., Otrace]) -> None:
+    state = state_copy(tmp_path)
+    db = agent_db(state)
+    template = assistant_template(db)
+    fresh = tmp_path / "fresh.sqlite"                    # the agent's store started over: no transcript
+    shutil.copy(db, fresh)
+    with contextlib.closing(gateway_connection(fresh)) as conn:
+        conn.execute("DELETE FROM transcript_events")
+        call = a_call(template, 900, 0.0027)
+        append_entry(conn, "after-reset", call)
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    node = run({**STORE_ENV, "TRACE_OPENCLAW_STATE_DIR": str(state)})
+    wait_traces(node, 6)
+    for suffix in ("", "-wal", "-shm"):                  # deleted: waited for quietly
+        Path(str(db) + suffix).unlink(missing_ok=True)
+    polls = node.health()["openclaw_sessions"]["polls"]
+    wait_until(lambda: node.health()["openclaw_sessions"]["polls"] > polls + 10, what="10 polls")
+    fresh.replace(db)                                    # a new file at the path
+    rows = wait_traces(node, 7)
+    assert rows[-1]["trace_id"] == f"oc:main:after-reset:{call['id']}" and len(rows) == 7
+    shutil.copy(agent_db(state_copy(tmp_path, name="again")), str(db) + ".new")
+    Path(str(db) + ".new").replace(db)                   # the old store put back: nothing is new
+    polls = node.health()["openclaw_sessions"]["polls"]
+    wait_until(lambda: node.health()["openclaw_sessions"]["polls"] > polls + 10, what="10 polls")
+    assert len(session_traces(node)) == 7 and not node.logs("sessions failing")
+
+
+@needs_stores
+def test_a_locked_store_is_a_fault_said_once_and_reading_resumes(tmp_path: Path,
+                                                                 run: Callable[..., Otrace]) -> None:
+    state = state_copy(tmp_path)
+    holder = gateway_connection(agent_db(state))
+    holder.execute("PRAGMA locking_mode = EXCLUSIVE")     # held until it closes: readers get SQLITE_BUSY
+    holder.execute("BEGIN EXCLUSIVE")
+    holder.execute("COMMIT")
+    node = run({**STORE_ENV, "TRACE_OPENCLAW_STATE_DIR": str(state)})
+    fault = wait_until(lambda: node.health()["openclaw_sessions"]["last_error"], what="the fault in /health")
+    assert "SQLITE_BUSY" in fault and "agent main" in fault
+    polls = node.health()["openclaw_sessions"]["polls"]
+    wait_until(lambda: node.health()["openclaw_sessions"]["polls"] > polls + 3, what="3 polls more")
+    assert len(node.logs("sessions failing")) == 1 and session_traces(node) == []
+    assert node.post("/v1/traces", trace()).status == 202          # otrace itself is not held up
+    holder.close()
+    wait_traces(node, 6)
+    node.wait_log(lambda e: e.get("message") == "sessions recovered")
+    assert node.health()["openclaw_sessions"]["last_error"] is None
+
+
+@pytest.mark.skipif(not ROOT, reason="reading as another user needs root to become one")
+def test_a_store_otrace_may_not_open_says_why() -> None:
+    """As a user who may read the database but not create its -shm, SQLite refuses to read it at all:
+    the fault says what to do."""
+    import tempfile
+    folder = Path(tempfile.mkdtemp(prefix="otrace-store-"))      # outside pytest's 0700 directory
+    try:
+        with contextlib.closing(sqlite3.connect(folder / "x.sqlite")) as conn:
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("CREATE TABLE transcript_events (session_id TEXT, seq INTEGER)")
+        folder.chmod(0o755)
+        code = ("import os, sys, pathlib; sys.path.insert(0, sys.argv[1]); import otrace; os.setgid(65534); "
+                "os.setuid(65534); otrace.AgentDatabase(pathlib.Path(sys.argv[2])).open()")
+        out = subprocess.run([sys.executable, "-c", code, str(HERE), str(folder / "x.sqlite")],
+                             capture_output=True, text=True, timeout=30, check=False)
+    finally:
+        shutil.rmtree(folder)
+    assert out.returncode == 1 and "PermissionError: SQLITE_READONLY" in out.stderr, out.stderr
+    assert "run otrace as the gateway's user" in out.stderr
+
+
+@needs_stores
+def test_one_failure_is_one_event_from_the_log_alone_or_with_the_store(tmp_path: Path,
+                                                                       run: Callable[..., Otrace]) -> None:
+    """The captured run's log (10 runs, 4 of them failed after 7 to 10 attempts): alone, each HTTP
+    answer is a trace and each failed run one error event carrying its failed attempts; beside its
+    store, the store's terminal error entries are the failures of record and the log only adds the
+    count to them, whichever of the two otrace reads first."""
+    lines = DEBUG_LOG.read_bytes()
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "openclaw-2026-11-30.log").write_bytes(lines)
+    alone = run({"TRACE_LOG_PATH": str(logs), "TRACE_LOG_START": "beginning", "TRACE_LOG_POLL": "50ms"},
+                db=tmp_path / "alone.db")
+    wait_until(lambda: alone.health()["log_tail"]["lag_bytes"] == 0 and alone.health()["queue_depth"] == 0,
+               what="the log read")
+    traces = alone.rows("llm_traces")
+    assert len(traces) == 33 and sum(t["status"] == "error" for t in traces) == 27   # 6 answered 200
+    failures = sorted((e["category"], e["severity"], e["session_id"][:8],
+                       json.loads(e["metadata"])["failed_attempts"]) for e in alone.rows("error_events"))
+    assert failures == [("api_failure", "error", "988a486c", {"500": 7}),
+                        ("network_failure", "error", "8b33866a", {"ECONNREFUSED": 7}),
+                        ("rate_limit", "error", "8fbbb485", {"429": 10}),
+                        ("rate_limit", "error", "ecdc0c34", {"429": 10})]
+    assert alone.health()["log_tail"]["failed_attempts"] == 34
+    expected = [("api_failure", {"500": 7}), ("network_failure", {"ECONNREFUSED": 7})]
+
+    def failures_of_record(node: Otrace) -> list[tuple[str, dict]]:
+        return sorted((e["category"], json.loads(e["metadata"]).get("failed_attempts"))
+                      for e in node.rows("error_events"))
+
+    # the store read first, the log after
+    (tmp_path / "empty").mkdir()
+    store_first = run({**STORE_ENV, "TRACE_OPENCLAW_STATE_DIR": str(state_copy(tmp_path, name="s1")),
+                       "TRACE_LOG_PATH": str(tmp_path / "empty"), "TRACE_LOG_POLL": "50ms"},
+                      db=tmp_path / "store-first.db")
+    wait_traces(store_first, 6)
+    wait_until(lambda: len(store_first.rows("error_events")) == 2, what="the store's failures")
+    assert [e for _, e in failures_of_record(store_first)] == [None, None]
+    (tmp_path / "empty" / "openclaw-2026-11-30.log").write_bytes(lines)
+    wait_until(lambda: failures_of_record(store_first) == expected, what="the log's counts on them")
+    # the log read first, the store after
+    state = tmp_path / "s2"
+    log_first = run({**STORE_ENV, "TRACE_OPENCLAW_STATE_DIR": str(state), "TRACE_LOG_PATH": str(logs),
+                     "TRACE_LOG_START": "beginning", "TRACE_LOG_POLL": "50ms"}, db=tmp_path / "log-first.db")
+    wait_until(lambda: log_first.health()["log_tail"]["lag_bytes"] == 0, what="the log read")
+    state_copy(tmp_path, name="s2-whole").rename(state)          # appears whole
+    wait_traces(log_first, 6)
+    wait_until(lambda: failures_of_record(log_first) == expected, what="the store's failures, counted")
+    for node in (store_first, log_first):
+        wait_until(lambda n=node: n.health()["queue_depth"] == 0, what="queue drained")
+        assert {t["source"] for t in node.rows("llm_traces")} == {"openclaw_session"}
+        assert len(node.rows("llm_traces")) == 6 and len(node.rows("error_events")) == 2
+        assert sum(r["kind"] == "model_call" for r in node.rows("log_events")) == 33    # still log events
+
+
+@needs_stores
+def test_retention_prunes_counted_attempts_and_keeps_where_the_store_was_read(
+        tmp_path: Path, run: Callable[..., Otrace]) -> None:
+    """A failed attempt's count is bookkeeping, gone after TRACE_RETENTION; a session's position is
+    not: without it, an old session that wakes up would be read again from its start."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "openclaw-2026-11-30.log").write_bytes(DEBUG_LOG.read_bytes())
+    node = run({**STORE_ENV, "TRACE_OPENCLAW_STATE_DIR": str(state_copy(tmp_path)),
+                "TRACE_LOG_PATH": str(logs), "TRACE_LOG_START": "beginning", "TRACE_RETENTION": "1s",
+                "TRACE_CLEANUP_INTERVAL": "200ms"})
+    wait_traces(node, 6)
+    wait_until(lambda: (h := node.health())["log_tail"]["lag_bytes"] == 0 and h["queue_depth"] == 0,
+               what="the log read and its 34 failed attempts committed")
+    assert node.health()["log_tail"]["failed_attempts"] == 34
+    wait_until(lambda: node.query("SELECT count(*) FROM openclaw_attempts") == [(0,)], what="attempts pruned")
+    assert node.query("SELECT count(*) FROM openclaw_positions") == [(2,)]
+    assert not node.logs("retention failing")
