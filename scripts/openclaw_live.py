@@ -30,8 +30,13 @@ work directory:
    that ran alongside the gateway (compared while the gateway still ran), that otrace restarted on
    its own database (nothing counted twice), and a fresh otrace reading the stopped gateway's store.
    Prints each side by side and exits non-zero on any difference.
+6. One failure, one event. The otrace that ran alongside holds one llm_error event per failed turn,
+   the store's, each counting the failed attempts the gateway's log showed for its run (every
+   attempt of the turn: RETRIES + 1), and no trace or error event made from the log.
+7. The sums. `otrace report --json` on the same database (OpenClaw's calls, at the cost OpenClaw
+   reported): its usage_cost totals against usage-cost's, to the token and the millionth of a dollar.
 
-Steps 1-4 stop at the first failure; step 5 runs all three comparisons. Needs python3, npm and the
+Steps 1-4 stop at the first failure; steps 5 to 7 run all their checks. Needs python3, npm and the
 npm registry (first run only, about 100 MB), no other network, and about two minutes; it is not part
 of `make test`. Every process it starts is stopped at the end, also on failure. The work directory
 (otrace's databases and log, the private HOME with OpenClaw's state, the gateway's output) is
@@ -590,9 +595,10 @@ def fresh_reports(openclaw: Path, env: dict[str, str], timeout: float = 90) -> t
 
 
 def openclaw_record(openclaw: Path, env: dict[str, str], results: list[TurnResult],
-                    mock: MockProvider) -> dict[Key, Usage]:
+                    mock: MockProvider) -> tuple[dict[Key, Usage], Usage]:
     """Step 3: OpenClaw's own totals per provider and model (sessions.usage's byModel; the errors are
-    the turns that failed), checked against usage-cost, the turns' own usage and the mock."""
+    the turns that failed), checked against usage-cost, the turns' own usage and the mock; and
+    usage-cost's totals."""
     sessions, cost = fresh_reports(openclaw, env)
     record = {(m["provider"], m["model"]): Usage.from_openclaw(m["totals"], calls=m["count"])
               for m in sessions["aggregates"]["byModel"]}
@@ -619,7 +625,7 @@ def openclaw_record(openclaw: Path, env: dict[str, str], results: list[TurnResul
         problems.append(f"mock served vs sessions.usage: {diff}")
     if problems:
         sys.exit("openclaw-live: OpenClaw's own reports disagree: " + "; ".join(problems))
-    return record
+    return record, overall
 
 
 def stop_gateway(gateway: subprocess.Popen, db: Path) -> None:
@@ -643,6 +649,36 @@ def compare(title: str, record: dict[Key, Usage], rows: list[tuple]) -> bool:
                   ("", "otrace", actual, "same" if not diff else "DIFFERS: " + ", ".join(diff))]
     print_usage(lines)
     return same
+
+
+def one_failure_one_event(db: Path, results: list[TurnResult]) -> bool:
+    """Step 6: the failure events of the otrace that ran alongside the gateway, against the failed turns."""
+    events = query(db, "SELECT source, category, provider, json_extract(metadata, '$.failed_attempts') "
+                       "FROM error_events WHERE error_type = 'llm_error' ORDER BY id")
+    from_log = query(db, "SELECT count(*) FROM llm_traces WHERE source != 'openclaw_session'")[0][0]
+    failed = [r.turn.name for r in results if not r.ok]
+    print(f"\none failure, one event: {len(failed)} failed turns ({', '.join(failed)}); otrace's llm_error "
+          f"events, with the failed attempts the log counted on them:")
+    for source, category, provider_id, attempts in events:
+        print(f"  {source:<18}{category:<17}{provider_id:<10}{attempts}")
+    print(f"  llm_traces rows made from the log: {from_log}")
+    counted = [sum(json.loads(a).values()) if a else 0 for *_, a in events]
+    return (len(events) == len(failed) and {e[0] for e in events} == {"openclaw_session"}
+            and counted == [RETRIES + 1] * len(failed) and from_log == 0)
+
+
+def report_sums(db: Path, overall: Usage) -> bool:
+    """Step 7: `otrace report`'s usage_cost totals (OpenClaw's calls, at the cost OpenClaw reported)
+    against OpenClaw's own `gateway usage-cost --json` totals."""
+    out = subprocess.run([sys.executable, str(ROOT / "otrace.py"), "report", "--db", str(db),
+                          "--since", "30d", "--source", "openclaw_session", "--cost", "reported", "--json"],
+                         capture_output=True, text=True, timeout=60, check=True)
+    totals = Usage.from_openclaw(json.loads(out.stdout)["usage_cost"]["totals"], calls=0)
+    diff = overall.differences(totals, TOKENS)
+    print("\notrace report --json (usage_cost.totals) against OpenClaw's gateway usage-cost --json (totals)")
+    print_usage([("all", "usage-cost", overall, ""),
+                 ("", "otrace report", totals, "same" if not diff else "DIFFERS: " + ", ".join(diff))])
+    return not diff
 
 
 def run(work: Path) -> bool:
@@ -669,7 +705,7 @@ def run(work: Path) -> bool:
         results = model_turns(openclaw, env, dbs["live"], mock)
         print(f"  store: {store_files(state_dir)}")
         print("OpenClaw's own record:", flush=True)
-        record = openclaw_record(openclaw, env, results, mock)
+        record, overall = openclaw_record(openclaw, env, results, mock)
         print("otrace alongside the running gateway:", flush=True)
         live_rows = await_stable(dbs["live"])
         stop_gateway(gateway, dbs["live"])
@@ -680,6 +716,8 @@ def run(work: Path) -> bool:
         print(f"otrace recorded: {dict(Counter(kinds(dbs['live'])))}")
     print("\n== Comparison: otrace's openclaw_session rows against OpenClaw's own record ==", flush=True)
     same = compare("otrace alongside the running gateway", record, live_rows)
+    same &= one_failure_one_event(dbs["live"], results)
+    same &= report_sums(dbs["live"], overall)
     for name, db, title in (("restart", dbs["live"], "the same otrace restarted on its database"),
                             ("fresh", dbs["fresh"], "a fresh otrace reading the stopped gateway's store")):
         print(f"{name}:", flush=True)
