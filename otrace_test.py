@@ -4813,6 +4813,15 @@ def test_every_captured_otlp_body_becomes_the_rows_it_means_and_a_retry_adds_non
             meta = json.loads(row["metadata"])
             assert (meta["otel_trace_id"], meta["otel_span_id"]) == (span.trace_id.hex(), span.span_id.hex())
             assert ("otel_merged_spans" in meta) == ("anthropic" in name)
+    def priced(run_name: str, index: int) -> tuple[float, str]:
+        span = spans[run_name][index]
+        row = rows[f"{span.trace_id.hex()}-{span.span_id.hex()}"]
+        return round(row["cost_usd"], 10), row["cost_source"]
+    # 23 in, 7 out at 0.15 and 0.60 USD per 1M; 25 fresh, 13 cache read, 4 cache write in and 9 out at
+    # 3, 0.30, 3.75 and 15; OpenLLMetry's 23 in hold 11 cache reads at 0.075
+    assert priced("py-openai-v2-legacy-nocontent", 0) == (7.65e-06, "computed")
+    assert priced("openllmetry-0.62.4-anthropic-content", 0) == (0.0002289, "computed")
+    assert priced("openllmetry-0.62.4-openai-content", 0) == (6.825e-06, "computed")
     openclaw = [rows[f"{s.trace_id.hex()}-{s.span_id.hex()}"] for s in spans["openclaw"]]
     assert [r["session_id"] for r in openclaw] == ["b03477d4-35a8-4550-853b-385bbb0e240a",
                                                    "ba195bba-38b2-4e64-94b7-fbd912420405",
