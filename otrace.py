@@ -6557,7 +6557,8 @@ def health_report(service: Service) -> dict[str, Any]:
         "log_tail": service.tailer and service.tailer.health(),
         "llm_calls": {"prices": service.prices and service.prices.label, **service.tally.report()},
         "openclaw_sessions": service.store and service.store.health(),
-        "otlp": service.otlp.health() | {"listening": service.otlp_address is not None},
+        "otlp": service.otlp.health() | {"listening": service.otlp_address is not None, "listen_error": next(
+            (unbound["error"] for unbound in service.server.unbound), None)},
     }
 
 
