@@ -5702,14 +5702,21 @@ OTLP_ENVELOPE = {"traces": ("resourceSpans", "scopeSpans", "spans"),     # OTLP 
                  "logs": ("resourceLogs", "scopeLogs", "logRecords"),
                  "metrics": ("resourceMetrics", "scopeMetrics", "metrics")}
 # system_metrics columns pushed under OpenTelemetry's names: (metric, unit, scale, attributes); the
-# others go as otrace.host.<column>.
+# others go as otrace.host.<column>. A sample from a cgroup is the container's, from /proc the host's.
 HOST_METRICS = {
     "mem_used_bytes": ("system.memory.usage", "By", 1, {"system.memory.state": "used"}),
+    "cpu_pct": ("system.cpu.utilization", "1", 0.01, {}),
     "disk_used_bytes": ("system.filesystem.usage", "By", 1, {"system.filesystem.state": "used"}),
     "disk_avail_bytes": ("system.filesystem.usage", "By", 1, {"system.filesystem.state": "free"}),
     "disk_used_pct": ("system.filesystem.utilization", "1", 0.01, {}),
     "self_rss_bytes": ("process.memory.usage", "By", 1, {}),
     "self_cpu_pct": ("process.cpu.utilization", "1", 0.01, {}),
+}
+CONTAINER_METRICS = HOST_METRICS | {
+    "mem_used_bytes": ("container.memory.usage", "By", 1, {}),
+    "mem_rss_bytes": ("container.memory.rss", "By", 1, {}),
+    "mem_available_bytes": ("container.memory.available", "By", 1, {}),
+    "cpu_pct": ("otrace.host.cpu_pct", "%", 1, {}),    # of the allowance: container.cpu.usage is in cpus
 }
 OTLP_PUSH_SKIP = frozenset({"id", "trace_id", "created_at", "received_at", "truncated"})
 
@@ -5815,19 +5822,21 @@ class OtlpFormat:
             event_name=f"otrace.{TABLES[table].push_type if table in TABLES else table}")
 
     def host_metrics(self, row: dict[str, Any]) -> list[Any]:
-        """A host sample as gauges: OpenTelemetry's system.* and process.* names where they mean the
-        same, the rest as otrace.host.<column>."""
+        """A host sample as gauges: OpenTelemetry's system.*, container.* (a sample from a cgroup) and
+        process.* names where they mean the same, the rest as otrace.host.<column>."""
         at = row["created_at"] * 1_000_000
-        scope = {"otrace.source": row["source"], "system.filesystem.mountpoint": row.get("disk_path")}
+        names = CONTAINER_METRICS if str(row["source"]).startswith("cgroup") else HOST_METRICS
+        mount = {"system.filesystem.mountpoint": row["disk_path"]} if row.get("disk_path") else {}
+        points = [(*names.get(column, (f"otrace.host.{column}", "", 1, {})), value)
+                  for column, value in row.items()
+                  if _finite(value) and column not in ("id", "created_at", "received_at")]
+        if names is CONTAINER_METRICS and row["cpu_pct"] is not None and row["cpu_cores_effective"]:
+            cpus = row["cpu_pct"] / 100 * row["cpu_cores_effective"]
+            points.append(("container.cpu.usage", "{cpu}", 1, {}, cpus))
         metrics = []
-        for column, value in row.items():
-            if value is None or not _finite(value) or column in ("id", "created_at", "received_at",
-                                                                  "interval_s"):
-                continue
-            name, unit, scale, attrs = HOST_METRICS.get(column, (f"otrace.host.{column}", "", 1, {}))
+        for name, unit, scale, attrs, value in points:
             point = self.metrics.NumberDataPoint(time_unix_nano=at, attributes=self.attributes(
-                {**attrs, **({k: v for k, v in scope.items() if k.startswith("system.filesystem")}
-                             if name.startswith("system.filesystem") else {})}))
+                attrs | mount if name.startswith("system.filesystem") else attrs))
             if isinstance(value, int) and scale == 1:
                 point.as_int = value
             else:

@@ -2228,6 +2228,29 @@ def test_an_otlp_push_body_is_a_whole_export_request(protocol: str) -> None:
     assert record.event_name == "otrace.loss" and record.severity_text == "WARN" and report.ids() == {}
 
 
+@pytest.mark.parametrize(("case", "memory", "cpu"), [
+    ("v2-quota", "container.memory.usage", "container.cpu.usage"),
+    ("proc-only", "system.memory.usage", "system.cpu.utilization")])
+def test_a_host_sample_is_pushed_as_container_or_system_gauges(tmp_path: Path, case: str, memory: str,
+                                                                cpu: str) -> None:
+    """A sample read from a cgroup is the container's, one from /proc the host's: real captured trees."""
+    row, _ = sample_case(case, tmp_path)
+    row |= {"id": 1, "trace_id": "m1", "created_at": 1_000, "received_at": 1_000}
+    form = otrace.OtlpFormat(otrace.Config(push_endpoint="http://h/", push_format="otlp"), "a")
+    batch = otrace.Batch("metrics", form.separator)
+    batch.add("system_metrics", 1, "m1", form.item("system_metrics", row))
+    request = otrace.decode_otlp("metrics", b"".join(bytes(part) for part in form.body(batch)), "protobuf")
+    gauges = request.resource_metrics[0].scope_metrics[0].metrics
+    metrics = {m.name: m.gauge.data_points[0] for m in gauges}
+    assert metrics[memory].as_int == row["mem_used_bytes"]
+    cpus = row["cpu_cores_effective"] if case == "v2-quota" else 1        # container.cpu.usage is in cpus
+    assert metrics[cpu].as_double == pytest.approx(row["cpu_pct"] / 100 * cpus)
+    assert metrics["otrace.host.mem_total_bytes"].as_int == MEM_TOTAL
+    usage = [m for m in gauges if m.name == "system.filesystem.usage"]
+    assert {p.attributes[0].value.string_value for m in usage for p in m.gauge.data_points
+            if p.attributes[0].key == "system.filesystem.state"} == {"used", "free"}
+
+
 @pytest.mark.parametrize(("answer", "protocol", "rejected"), [
     (b"", "http/protobuf", 0), (b"\n\x03\x08\x87\x01", "http/protobuf", 135),
     (b"\n\x10\x08\x02\x12\x0cbad", "http/protobuf", 2),                   # cut inside its message
