@@ -742,6 +742,13 @@ ERROR_CATEGORIES = ("rate_limit", "timeout", "malformed_response", "api_failure"
 SEVERITIES = ("debug", "info", "warning", "error", "critical")
 
 
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+STRICT_JSON = json.JSONDecoder(parse_constant=_no_constants)   # one, not one per request: NaN refused
+
+
 class Refusal(Exception):
     """A request otrace answers with an error, before or after reading its body."""
 
@@ -901,13 +908,6 @@ class Fields:
             raise self.fail(field, "holds a number too large for JSON (NaN or infinite)") from None
         self.truncated |= cut
         return text
-
-
-def _no_constants(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-STRICT_JSON = json.JSONDecoder(parse_constant=_no_constants)   # one, not one per request: NaN refused
 
 
 @dataclasses.dataclass(frozen=True)
@@ -4470,6 +4470,9 @@ OFFSET_SQL = ("INSERT INTO log_offsets (dev, inode, fingerprint, path, position,
               "path = excluded.path, position = excluded.position, updated_at = excluded.updated_at")
 RUN_FAILED = "model-fallback/decision"     # its WARN line ends a run whose model calls failed
 RUNS_REMEMBERED = 256                      # runs whose last failed attempt the tailer keeps in memory
+_STOPPING = re.compile(r"received SIG\w+; (shutting down|restarting)")
+_UNREAD = object()                         # a LogLine's JSON not parsed yet
+LOG_JSON = json.JSONDecoder()
 ATTEMPT_SQL = ("INSERT INTO openclaw_attempts (trace_id, run_id, outcome, created_at) VALUES (?, ?, ?, ?) "
                "ON CONFLICT (trace_id) DO NOTHING")
 _COUNT_ATTEMPTS = (
@@ -4554,10 +4557,6 @@ class LogLine:
         return session if isinstance(session, str) else None
 
 
-_UNREAD = object()
-LOG_JSON = json.JSONDecoder()
-
-
 @functools.lru_cache(maxsize=256)
 def _subsystem(name: str) -> str:
     """The subsystem of a logger's binding ("{\\"subsystem\\":\\"gateway/reload\\"}", or a module or
@@ -4615,9 +4614,6 @@ def classify(line: LogLine) -> str | None:
     if (sub == "agent/embedded" and line.info.get("isError") is True) or (sub == RUN_FAILED and notice):
         return "model_error"
     return "other" if notice else None
-
-
-_STOPPING = re.compile(r"received SIG\w+; (shutting down|restarting)")
 
 
 def model_failure(line: LogLine, kind: str) -> dict[str, Any] | None:
