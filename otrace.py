@@ -6539,6 +6539,13 @@ def prune(table: str, column: str, cutoff: int, extra: str, conn: sqlite3.Connec
                         f"{extra} ORDER BY id LIMIT {CHUNK})", (cutoff,)).rowcount
 
 
+def live_bytes(conn: sqlite3.Connection) -> int:
+    """The bytes of the pages in use as of the last commit (WAL included): what the file shrinks to."""
+    (pages,), (free,), (size,) = (conn.execute(f"PRAGMA {name}").fetchone()
+                                  for name in ("page_count", "freelist_count", "page_size"))
+    return (pages - free) * size
+
+
 def shrink(conn: sqlite3.Connection) -> dict[str, int]:
     """Give freed pages back to the filesystem: incremental vacuum, then a TRUNCATE checkpoint."""
     conn.executescript("PRAGMA incremental_vacuum;")   # execute() would step it once: one page freed
@@ -6553,7 +6560,7 @@ class Tier:
     tables: tuple[str, ...]
     where: str
     for_disk: bool           # disk pressure may always use it, not only when otrace's rows can help
-    chunk: int               # rows per step: small where every row deleted is a row lost
+    chunk: int               # rows per transaction: small where every row deleted is a row lost
 
 
 class Retention(Loop):
@@ -6599,7 +6606,7 @@ class Retention(Loop):
         self.relieve(pass_id, tally)
         pruned = sum(self.prune_all(table, column, cutoff, extra) for table, column, extra in BOOKKEEPING)
         if tally or pruned:
-            self.events.call(shrink)
+            self.give_back()
         self.report(tally, pruned, time.monotonic() - started)
 
     def delete_all(self, cut: Cut, tally: collections.Counter[tuple[str, str, str]]) -> None:
@@ -6637,9 +6644,11 @@ class Retention(Loop):
             return "disk", f"disk {used_pct} % used > {self.config.disk_high_pct} %"
         return None
 
-    def relieved(self, cause: str) -> bool:
+    def relieved(self, cause: str, conn: sqlite3.Connection) -> bool:
+        """Under the low mark, counting only the pages rows use: freed pages go back at the end of
+        the pass, in one shrink, not one per chunk."""
         if cause == "db_cap":
-            return self.db_bytes() <= self.config.db_max_bytes * self.LOW_DB
+            return live_bytes(conn) <= self.config.db_max_bytes * self.LOW_DB
         return disk_usage(self.db_dir)[3] <= self.config.disk_high_pct - self.LOW_DISK
 
     def own_share_can_relieve(self) -> bool:
@@ -6662,21 +6671,22 @@ class Retention(Loop):
             for tier in self.tiers:
                 if cause == "disk" and not tier.for_disk and not self.own_share_can_relieve():
                     break
-                while not self.stopping.is_set() and not self.relieved(cause):
+                while not self.stopping.is_set() and not self.relieved(cause, conn):
                     table = oldest_table(conn, tier.tables, tier.where)
                     if table is None:
                         break
                     self.delete_chunk(Cut(table, tier.where, tier.reason, pass_id, limit=tier.chunk), tally)
-                    self.give_back()
-                if self.relieved(cause):
+                    if cause == "disk":
+                        self.give_back()           # the disk sees freed pages only once given back
+                if self.relieved(cause, conn):
                     return
+        self.give_back()
         self.log.error("still over budget after deleting all it may", extra={
             "cause": cause, "detail": (self.pressure() or (cause, "now under"))[1]})
 
     def give_back(self) -> None:
-        """Shrink the file so the next measure sees the space given back (else more rows go than
-        needed); while a reader keeps the WAL, try again here, not in the writer, as long as the
-        writer would once have waited."""
+        """Shrink the file, so the space freed is the filesystem's again; while a reader keeps the
+        WAL, try again here, not in the writer, as long as the writer would once have waited."""
         end = time.monotonic() + BUSY_TIMEOUT
         while self.events.call(shrink)["busy"] and time.monotonic() < end and not self.stopping.wait(0.05):
             pass
