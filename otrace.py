@@ -3011,7 +3011,10 @@ class Sampler(Loop):
 # sampled on a thread of its own; each DNS lookup runs on a thread of its own, so a resolver that
 # hangs holds no loop for longer than TRACE_DNS_TIMEOUT.
 
-TCP_STATES = {"01": "established", "06": "time_wait", "08": "close_wait", "0A": "listen"}
+TCP_STATES = {"01": "established", "06": "time_wait", "08": "close_wait", "0A": "listen"}   # st, in hex
+NETLINK_SOCK_DIAG, SOCK_DIAG_BY_FAMILY = 4, 20
+NLMSG_ERROR, NLMSG_DONE, NLM_F_REQUEST_DUMP = 2, 3, 0x301
+TIME_WAIT_ONLY, OTHER_STATES = 1 << 6, 1 << 1 | 1 << 8 | 1 << 10   # sock_diag's bit per TCP state
 NET_RATES = {   # system_metrics column -> the kernel counters (file, section, name) it sums, per second
     "tcp_retrans_ps": (("snmp", "Tcp", "RetransSegs"),),
     "tcp_syn_retrans_ps": (("netstat", "TcpExt", "TCPSynRetrans"),),
@@ -3402,14 +3405,25 @@ class NetSnapshot:
 class NetReader:
     """Reads <procfs>/net: TCP connections by state (tcp, tcp6), traffic summed over every interface
     but loopback (dev), and the error counters of snmp, netstat and snmp6. What a process sees there is
-    its own network namespace: a container's."""
+    its own network namespace: a container's. On the live /proc (`live`) the states are counted over
+    netlink instead (tcp_states_netlink): the kernel formats every socket into tcp, which takes tens of
+    milliseconds once clients leave thousands of connections in TIME_WAIT."""
 
-    def __init__(self, procfs: Path) -> None:
-        self.procfs = procfs
+    def __init__(self, procfs: Path, live: bool = False, logger: logging.Logger = log) -> None:
+        self.procfs, self.netlink, self.log = procfs, live, logger
 
     def snapshot(self) -> NetSnapshot:
         net = self.procfs / "net"
-        snap = NetSnapshot(read_uptime(self.procfs), tcp_states(net), net_dev(net))
+        snap = NetSnapshot(read_uptime(self.procfs), None, net_dev(net))
+        if self.netlink:
+            try:
+                snap.tcp = tcp_states_netlink()
+            except OSError as exc:
+                self.netlink = False
+                self.log.info("sock_diag netlink unavailable: TCP states come from /proc/net/tcp",
+                              extra={"error": describe(exc)})
+        if snap.tcp is None:
+            snap.tcp = tcp_states(net)
         for name in ("snmp", "netstat"):
             for (section, key), value in keyed_rows(read_text(net / name)).items():
                 snap.counters[(name, section, key)] = value
@@ -3432,6 +3446,50 @@ def tcp_states(net: Path) -> dict[str, int] | None:
             if len(fields) > 3:
                 counts[fields[3]] += 1
     return {state: counts[code] for code, state in TCP_STATES.items()} if found else None
+
+
+def tcp_states_netlink() -> dict[str, int]:
+    """Connections by state in this process's network namespace, over sock_diag netlink: for each
+    family a dump of the TIME_WAIT sockets alone (there can be thousands, and their messages all
+    have one size) and one of the other states. OSError where netlink cannot be had (a sandbox)."""
+    counts: collections.Counter[int] = collections.Counter()
+    for family in (socket.AF_INET, socket.AF_INET6):
+        for states in (TIME_WAIT_ONLY, OTHER_STATES):
+            counts.update(diag_dump(family, states))
+    return {name: counts[int(code, 16)] for code, name in TCP_STATES.items()}
+
+
+def diag_dump(family: int, states: int) -> collections.Counter[int]:
+    """TCP sockets of one family in `states` (a bit per state), counted by state. A chunk of messages
+    that all have the same size and kind is counted by stride (in C); any other is walked message
+    by message."""
+    order = sys.byteorder
+    request = b"".join((
+        (16 + 56).to_bytes(4, order), SOCK_DIAG_BY_FAMILY.to_bytes(2, order),
+        NLM_F_REQUEST_DUMP.to_bytes(2, order), (1).to_bytes(4, order), bytes(4),           # nlmsghdr
+        bytes((family, socket.IPPROTO_TCP, 0, 0)), states.to_bytes(4, order), bytes(48)))  # inet_diag_req_v2
+    counts: collections.Counter[int] = collections.Counter()
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_SOCK_DIAG) as sock:
+        sock.sendto(request, (0, 0))
+        while data := sock.recv(1 << 17):
+            step = (int.from_bytes(data[:4], order) + 3) & ~3
+            n = len(data) // step if step > 17 else 0
+            if n and n * step == len(data) and data[4] == SOCK_DIAG_BY_FAMILY and all(
+                    data[i::step] == data[i:i + 1] * n for i in range(6)):
+                found = data[17::step]                  # idiag_state, after the 16-byte header
+                counts.update({state: found.count(state) for state in set(found)})
+                continue
+            at = 0
+            while at + 16 <= len(data):
+                kind = int.from_bytes(data[at + 4:at + 6], order)
+                if kind == NLMSG_DONE:
+                    return counts
+                if kind == NLMSG_ERROR:
+                    code = -int.from_bytes(data[at + 16:at + 20], order, signed=True)
+                    raise OSError(code, f"sock_diag: {os.strerror(code)}")
+                counts[data[at + 17]] += 1
+                at += (int.from_bytes(data[at:at + 4], order) + 3) & ~3
+    return counts
 
 
 def net_dev(net: Path) -> tuple[int, int, int, int] | None:
@@ -3488,7 +3546,7 @@ class SystemWatch:
 
     def __init__(self, config: Config, logger: logging.Logger) -> None:
         self.procfs = Path(config.procfs)
-        self.net = NetReader(self.procfs)
+        self.net = NetReader(self.procfs, live=self.procfs.resolve() == Path("/proc"), logger=logger)
         self.zombies = ZombieWatch(config.zombie_alert, logger)
         self.gateway = (GatewayWatch(config.gateway_match, self.procfs, logger) if config.gateway_match
                         else None)
