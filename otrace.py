@@ -16,9 +16,9 @@ brackets is the one its code runs on.
                  Rows become SQLite rows, in batches                           [writer]
   ingest ....... Connection, Request, Api, IngestServer: one epoll loop for every client  [http]
   host metrics . HostReader, Cgroup, Sampler: /proc and cgroup files become system_metrics  [metrics]
-  processes and network .. read_processes, ProcessTable, SystemWatch (zombies, the gateway, /proc/net),
-                 DnsProbe: the process table becomes process_samples; counts, the gateway, traffic and
-                 DNS join each host sample          [processes; metrics; dns, a thread per lookup]
+  processes and network .. ProcessSampler, GatewayWatch, NetReader, DnsProbe: scans of the process
+                 table become process_samples and a zombie count; the gateway, connections, traffic
+                 and DNS join each host sample      [processes; metrics; dns, a thread per lookup]
   gateway log .. LogLine, classify(), LogTailer: the gateway's log becomes log_events  [logtail]
   push ......... Packer, Batch, Receiver, Breaker, Pusher: unsynced rows leave, at least once  [push]
   upkeep ....... Checkpointer, Retention: the WAL shrinks, old rows are deleted   [checkpoint, retention]
@@ -327,14 +327,14 @@ class Config:
     metrics_interval: float = setting("15s", duration("100ms", "1d", off=True), "Time between host metrics "
                                       "samples (the first one only primes the counters); off stops "
                                       "sampling.")
-    proc_interval: float = setting("60s", duration("1s", "1d", off=True), "Time between samples of the "
-                                   "process table into process_samples (the first one only primes the "
-                                   "CPU counters); off stops them.")
+    proc_interval: float = setting("60s", duration("1s", "1d", off=True), "Time between scans of the "
+                                   "process table: the top processes into process_samples (the first scan "
+                                   "only primes the CPU counters), and the zombie count; off stops both.")
     proc_top: int = setting("10", count(1, 100), "Processes by CPU in each process sample, beside the top "
                             "10 by memory.")
-    zombie_alert: int = setting("5", count(0, 1_000_000), "Zombie processes that, seen in two host "
-                                "samples in a row, make one error event (zombie_processes) per episode; 0: "
-                                "off.")
+    zombie_alert: int = setting("5", count(0, 1_000_000), "Zombie processes that, seen in two scans of "
+                                "the process table in a row, make one error event (zombie_processes) per "
+                                "episode; 0: off.")
     gateway_match: tuple = setting("node:openclaw,gateway", GATEWAY, "The OpenClaw gateway's process, "
                                    "watched in every host sample: `program:word,...` is a process whose "
                                    "executable (or argv[0], or name) is program and whose command line "
@@ -2932,14 +2932,17 @@ def host_sample(prev: Snapshot, cur: Snapshot) -> dict[str, Any]:
 class Sampler(Loop):
     """Every TRACE_METRICS_INTERVAL: a system_metrics row through the same queue and writer as HTTP
     events, and an error event when the OOM killer struck since the last sample; with them, what the
-    SystemWatch and the DNS probe saw. The first sample only primes the counters: a rate needs two."""
+    SystemWatch (processes, the gateway, the network) and the DNS probe saw. The first sample only
+    primes the counters: a rate needs two."""
 
-    def __init__(self, config: Config, events: EventQueue, db: Database, dns: DnsProbe | None = None) -> None:
+    def __init__(self, config: Config, events: EventQueue, db: Database, dns: DnsProbe | None = None,
+                 processes: ProcessSampler | None = None) -> None:
         super().__init__("metrics", config.metrics_interval, first_delay=0.0)
         self.events, self.dns = events, dns
         disk_path = config.disk_path or str(Path(config.db_path).parent)
         self.host = HostReader(Path(config.procfs), Path(config.sysfs), disk_path, config.cgroup)
-        self.watch = SystemWatch(config, self.log)
+        self.watch = SystemWatch(config, self.log, (lambda: processes.zombies.count) if processes else
+                                 (lambda: None))
         self.oom_seen = {key.split(".", 1)[1]: value for key, value in db.query(   # scope -> last count
             "SELECT key, value FROM otrace_state WHERE key LIKE 'oom_kill_count.%'")}
         self.oom_recent: list[dict[str, int]] = [{}, {}]       # kills at the last two samples
@@ -2949,11 +2952,11 @@ class Sampler(Loop):
         self.dropped = 0
 
     def tick(self) -> None:
-        procs, net = self.watch.read()   # first: the OOM counts read next include what ended a process
+        pids, net = self.watch.read()    # first: the OOM counts read next include what ended a process
         snap = self.host.snapshot()
         rows, seen = self.oom_kills(snap)
         oom = collections.Counter(self.oom_recent[0]) + collections.Counter(self.oom_recent[1])
-        columns, events = self.watch.observe(procs, net, dict(oom))
+        columns, events = self.watch.observe(pids, net, dict(oom))
         events, self.unsent = self.unsent + events, []
         if self.dns is not None and (probed := self.dns.take_fresh()):
             columns["dns"] = json.dumps(probed, separators=(",", ":"))
@@ -3006,15 +3009,16 @@ class Sampler(Loop):
 # =============================================================================== processes and network
 # The process table and the network namespace, read from the files the kernel writes; every reader
 # takes its procfs root, so trees captured from real machines test it, and times come from that
-# root's uptime file (the clock process start times count in). Every host sample reads each process's
-# stat once (zombies, the gateway) and /proc/net (connections, traffic, errors); the process table is
-# sampled on a thread of its own; each DNS lookup runs on a thread of its own, so a resolver that
-# hangs holds no loop for longer than TRACE_DNS_TIMEOUT.
+# root's uptime file (the clock process start times count in). The process table is scanned whole
+# only on a thread of its own, every TRACE_PROC_INTERVAL (the top processes, zombies); a host sample
+# lists the pids to follow the gateway and reads /proc/net (connections, traffic, errors); each DNS
+# lookup runs on a thread of its own, so a resolver that hangs holds no loop longer than
+# TRACE_DNS_TIMEOUT.
 
 TCP_STATES = {"01": "established", "06": "time_wait", "08": "close_wait", "0A": "listen"}   # st, in hex
 NETLINK_SOCK_DIAG, SOCK_DIAG_BY_FAMILY = 4, 20
 NLMSG_ERROR, NLMSG_DONE, NLM_F_REQUEST_DUMP = 2, 3, 0x301
-TIME_WAIT_ONLY, OTHER_STATES = 1 << 6, 1 << 1 | 1 << 8 | 1 << 10   # sock_diag's bit per TCP state
+TIME_WAIT_BIT, OTHER_STATES = 1 << 6, 1 << 1 | 1 << 8 | 1 << 10   # sock_diag's bit per TCP state
 NET_RATES = {   # system_metrics column -> the kernel counters (file, section, name) it sums, per second
     "tcp_retrans_ps": (("snmp", "Tcp", "RetransSegs"),),
     "tcp_syn_retrans_ps": (("netstat", "TcpExt", "TCPSynRetrans"),),
@@ -3057,32 +3061,36 @@ class Proc:
 
 def read_processes(procfs: Path) -> dict[int, Proc]:
     """Every process under `procfs`, from its stat file: one open and one read each, relative to the
-    directory (a process that exits meanwhile is skipped). Its name ends at the LAST ')': a name may
-    hold ') ' itself."""
+    directory (a process that exits meanwhile is skipped)."""
     found: dict[int, Proc] = {}
     root = os.open(procfs, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         for entry in os.listdir(root):  # noqa: PTH208 - relative to an open directory, as the opens are
-            if not entry.isdigit():
-                continue
-            try:
-                fd = os.open(entry + "/stat", os.O_RDONLY | os.O_CLOEXEC, dir_fd=root)
-                try:
-                    raw = os.read(fd, 4096)
-                finally:
-                    os.close(fd)
-            except OSError:
-                continue
-            right = raw.rfind(b")")
-            f = raw[right + 2:].split(None, 22)
-            if right < 0 or len(f) < 22:
-                continue
-            found[int(entry)] = Proc(int(entry), raw[raw.find(b"(") + 1:right].decode("utf-8", "replace"),
-                                     f[0].decode("ascii", "replace"), int(f[1]), int(f[11]) + int(f[12]),
-                                     int(f[17]), int(f[19]), int(f[21]) * PAGE_SIZE)
+            if entry.isdigit() and (proc := read_process(entry, root)):
+                found[proc.pid] = proc
     finally:
         os.close(root)
     return found
+
+
+def read_process(pid: str, root: int) -> Proc | None:
+    """One process from its stat file, under the open procfs directory `root`; None once it is gone.
+    Its name ends at the LAST ')': a name may hold ') ' itself."""
+    try:
+        fd = os.open(pid + "/stat", os.O_RDONLY | os.O_CLOEXEC, dir_fd=root)
+        try:
+            raw = os.read(fd, 4096)
+        finally:
+            os.close(fd)
+    except OSError:
+        return None
+    right = raw.rfind(b")")
+    f = raw[right + 2:].split(None, 22)
+    if right < 0 or len(f) < 22:
+        return None
+    return Proc(int(pid), raw[raw.find(b"(") + 1:right].decode("utf-8", "replace"),
+                f[0].decode("ascii", "replace"), int(f[1]), int(f[11]) + int(f[12]), int(f[17]), int(f[19]),
+                int(f[21]) * PAGE_SIZE)
 
 
 def read_uptime(procfs: Path) -> float:
@@ -3168,9 +3176,8 @@ class ProcessTable:
         self.btime: float | None = None
         self.count = 0
 
-    def sample(self) -> list[Row]:
-        """Scan; the rows of this sample (none the first time: CPU needs two scans)."""
-        procs, at = read_processes(self.procfs), read_uptime(self.procfs)
+    def sample(self, procs: dict[int, Proc], at: float) -> list[Row]:
+        """The rows of a scan taken at uptime `at` (none the first time: CPU needs two scans)."""
         previous, wall = self.previous, at - self.previous_at
         self.previous, self.previous_at = {(p.pid, p.start): p.ticks for p in procs.values()}, at
         self.count = len(procs)
@@ -3207,34 +3214,42 @@ class ProcessTable:
 
 
 class ProcessSampler(Loop):
-    """Every TRACE_PROC_INTERVAL: a sample of the process table through the queue and the writer."""
+    """Every TRACE_PROC_INTERVAL, one scan of the process table (the only one otrace makes): a
+    sample of the top processes, and the zombie count (in the host samples until the next scan) with
+    its alert, through the queue and the writer."""
 
     def __init__(self, config: Config, events: EventQueue) -> None:
         super().__init__("processes", config.proc_interval, first_delay=0.0)
-        self.events = events
-        self.table = ProcessTable(Path(config.procfs), config.proc_top)
+        self.events, self.procfs = events, Path(config.procfs)
+        self.table = ProcessTable(self.procfs, config.proc_top)
+        self.zombies = ZombieWatch(config.zombie_alert, self.log)
         self.samples = self.dropped = 0
         self.last_at: float | None = None
 
     def tick(self) -> None:
-        rows = self.table.sample()
-        if not rows:
+        procs, at = read_processes(self.procfs), read_uptime(self.procfs)
+        alert = self.zombies.observe(procs)
+        rows = self.table.sample(procs, at)
+        if not rows and not alert:
             return
-        if not self.events.offer(Unit(rows, own=True)):
+        if not self.events.offer(Unit(alert + rows, own=True)):
             self.dropped += 1
+            self.zombies.alerted = self.zombies.alerted and not alert    # alerted again next time
             raise RuntimeError(f"queue full: process sample dropped ({self.dropped} so far)")
-        self.samples += 1
+        self.samples += bool(rows)
         self.last_at = time.time()
 
     def health(self) -> dict[str, Any]:
+        zombies = self.zombies
         return {"interval_s": self.interval, "samples": self.samples, "processes": self.table.count,
                 "last_sample_at": self.last_at and iso(self.last_at), "samples_dropped": self.dropped,
-                "last_error": self.fault.error}
+                "zombies": zombies.count, "zombie_alert_at": zombies.threshold or None,
+                "zombie_alert": zombies.alerted, "last_error": self.fault.error}
 
 
 class ZombieWatch:
-    """Counts zombies in each host sample; when there are at least TRACE_ZOMBIE_ALERT in two samples in
-    a row, one error event names their parents, and the log says when the episode ends."""
+    """Counts zombies in each scan of the process table; when there are at least TRACE_ZOMBIE_ALERT in
+    two scans in a row, one error event names their parents, and the log says when the episode ends."""
 
     def __init__(self, threshold: int, logger: logging.Logger) -> None:
         self.threshold, self.log = threshold, logger
@@ -3246,10 +3261,10 @@ class ZombieWatch:
         zombies = [p for p in procs.values() if p.state == "Z"]
         self.count = len(zombies)
         if not self.threshold or len(zombies) < self.threshold:
-            if self.alerted:
+            ended, self.streak, self.alerted = self.alerted, 0, False
+            if ended:
                 self.log.warning("zombie processes recovered", extra={"zombies": len(zombies),
                                                                       "alert_at": self.threshold})
-            self.streak, self.alerted = 0, False
             return []
         self.streak += 1
         if self.streak < 2 or self.alerted:
@@ -3260,38 +3275,33 @@ class ZombieWatch:
         named = ", ".join(f"{p['zombies']} of pid {p['pid']} ({p['name'] or '?'})" for p in parents)
         self.log.warning("zombie processes", extra={"zombies": len(zombies), "parents": parents})
         self.alerted = True
-        return [own_error("zombie_processes", f"{len(zombies)} zombie processes in two samples in a row "
+        return [own_error("zombie_processes", f"{len(zombies)} zombie processes in two scans in a row "
                           f"(TRACE_ZOMBIE_ALERT {self.threshold}): {named}", {
                               "zombies": len(zombies), "alert_at": self.threshold, "parents": parents,
                               "zombie_pids": sorted(p.pid for p in zombies)[:100]}, severity="warning")]
 
 
 class GatewayWatch:
-    """Finds the OpenClaw gateway's process in each host sample (TRACE_GATEWAY_MATCH) and reports its
+    """Finds the OpenClaw gateway's process at each host sample (TRACE_GATEWAY_MATCH) and reports its
     usage. A new pid or start time is a restart, a sample without it a disappearance, its return after
-    that a recovery: each an error event (crash, process_crash) with the downtime, saying so when the
-    OOM killer struck at that moment. Which processes match is remembered by pid and start time, so a
-    command line is read once per process."""
+    that a recovery: each an error event (crash, process_crash) with the downtime (from start times),
+    saying so when the OOM killer struck at that moment. A sample lists the pids and reads little:
+    a pid is judged once, when it first shows (its stat and command line); the stat of a process that
+    matched is read again each time, the others' never (a pid reused between two samples by a new
+    gateway, while none was known, would go unseen until that process exits)."""
 
     def __init__(self, match: tuple, procfs: Path, logger: logging.Logger) -> None:
         program, words = match
         self.words = [w.encode() for w in words]
         self.program = re.compile(re.escape(program) + r"(?:js)?(?:[-_.]?\d[\w.-]*)?") if program else None
         self.procfs, self.log = procfs, logger
-        self.verdicts: dict[tuple[int, int], bool] = {}
+        self.judged: dict[int, tuple[int, bool]] = {}      # pid -> (start, matches)
         self.current: Proc | None = None
         self.seen_at = 0.0                   # uptime when it was last seen
         self.gone: Proc | None = None        # the one that disappeared, until one is back
         self.gone_seen_at = 0.0
         self.btime: float | None = None
         self.restarts = 0
-
-    def matches(self, proc: Proc) -> bool:
-        key = (proc.pid, proc.start)
-        verdict = self.verdicts.get(key)
-        if verdict is None:
-            verdict = self.verdicts[key] = self.judge(proc)
-        return verdict
 
     def judge(self, proc: Proc) -> bool:
         """Every word in its command line, and the program its name, argv[0] or executable."""
@@ -3309,20 +3319,37 @@ class GatewayWatch:
             return bool(self.program.fullmatch(exe.removesuffix(" (deleted)")))
         return False
 
-    def find(self, procs: dict[int, Proc]) -> Proc | None:
-        """The gateway: the one already known while it lives, else the oldest match."""
-        self.verdicts = {key: v for key, v in self.verdicts.items()
-                         if (p := procs.get(key[0])) is not None and p.start == key[1]}
-        known = self.current and procs.get(self.current.pid)
-        if known and known.start == self.current.start and known.state not in DEAD:
-            return known
-        return min((p for p in procs.values() if p.state not in DEAD and self.matches(p)),
-                   key=lambda p: (p.start, p.pid), default=None)
+    def matching(self, pids: set[int]) -> list[Proc]:
+        """The live processes among `pids` that match, their stat read now."""
+        self.judged = {pid: seen for pid, seen in self.judged.items() if pid in pids}
+        found = []
+        root = os.open(self.procfs, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            for pid in pids:
+                seen = self.judged.get(pid)
+                if seen is not None and not seen[1]:
+                    continue                                  # judged before: not the gateway
+                proc = read_process(str(pid), root)
+                if proc is None:
+                    continue
+                if seen is None or seen[0] != proc.start:     # new, or the pid of a new process
+                    seen = self.judged[pid] = (proc.start, self.judge(proc))
+                if seen[1] and proc.state not in DEAD:
+                    found.append(proc)
+        finally:
+            os.close(root)
+        return found
 
-    def observe(self, procs: dict[int, Proc], at: float, oom: dict[str, int]
-                ) -> tuple[dict[str, Any], list[Row]]:
+    def find(self, pids: set[int]) -> Proc | None:
+        """The gateway: the one already known while it lives, else the oldest match."""
+        found = self.matching(pids)
+        known = self.current
+        return next((p for p in found if known and (p.pid, p.start) == (known.pid, known.start)),
+                    min(found, key=lambda p: (p.start, p.pid), default=None))
+
+    def observe(self, pids: set[int], at: float, oom: dict[str, int]) -> tuple[dict[str, Any], list[Row]]:
         """This sample's gateway columns (usage over the interval since the last one) and events."""
-        found, before = self.find(procs), self.current
+        found, before = self.find(pids), self.current
         if self.btime is None:
             self.btime = read_btime(self.procfs)
         rows = []
@@ -3403,9 +3430,10 @@ class NetSnapshot:
 
 
 class NetReader:
-    """Reads <procfs>/net: TCP connections by state (tcp, tcp6), traffic summed over every interface
-    but loopback (dev), and the error counters of snmp, netstat and snmp6. What a process sees there is
-    its own network namespace: a container's. On the live /proc (`live`) the states are counted over
+    """Reads <procfs>/net: TCP connections by state (tcp, tcp6; TIME_WAIT as sockstat counts it, like
+    `ss -s`: with the orphans closing in FIN_WAIT2), traffic summed over every interface but loopback
+    (dev), and the error counters of snmp, netstat and snmp6. What a process sees there is its own
+    network namespace: a container's. On the live /proc (`live`) the other states are counted over
     netlink instead (tcp_states_netlink): the kernel formats every socket into tcp, which takes tens of
     milliseconds once clients leave thousands of connections in TIME_WAIT."""
 
@@ -3415,15 +3443,18 @@ class NetReader:
     def snapshot(self) -> NetSnapshot:
         net = self.procfs / "net"
         snap = NetSnapshot(read_uptime(self.procfs), None, net_dev(net))
+        time_wait = read_keyed_row(read_text(net / "sockstat"), "TCP").get("tw")
         if self.netlink:
             try:
-                snap.tcp = tcp_states_netlink()
+                snap.tcp = tcp_states_netlink(with_time_wait=time_wait is None)
             except OSError as exc:
                 self.netlink = False
                 self.log.info("sock_diag netlink unavailable: TCP states come from /proc/net/tcp",
                               extra={"error": describe(exc)})
         if snap.tcp is None:
             snap.tcp = tcp_states(net)
+        if snap.tcp is not None and time_wait is not None:
+            snap.tcp["time_wait"] = time_wait
         for name in ("snmp", "netstat"):
             for (section, key), value in keyed_rows(read_text(net / name)).items():
                 snap.counters[(name, section, key)] = value
@@ -3448,21 +3479,18 @@ def tcp_states(net: Path) -> dict[str, int] | None:
     return {state: counts[code] for code, state in TCP_STATES.items()} if found else None
 
 
-def tcp_states_netlink() -> dict[str, int]:
-    """Connections by state in this process's network namespace, over sock_diag netlink: for each
-    family a dump of the TIME_WAIT sockets alone (there can be thousands, and their messages all
-    have one size) and one of the other states. OSError where netlink cannot be had (a sandbox)."""
+def tcp_states_netlink(with_time_wait: bool = False) -> dict[str, int]:
+    """Connections by state in this process's network namespace, over sock_diag netlink, one dump
+    per family; TIME_WAIT only when asked (sockstat counts it for nothing). OSError where netlink
+    cannot be had (a sandbox)."""
     counts: collections.Counter[int] = collections.Counter()
     for family in (socket.AF_INET, socket.AF_INET6):
-        for states in (TIME_WAIT_ONLY, OTHER_STATES):
-            counts.update(diag_dump(family, states))
+        counts.update(diag_dump(family, OTHER_STATES | (TIME_WAIT_BIT if with_time_wait else 0)))
     return {name: counts[int(code, 16)] for code, name in TCP_STATES.items()}
 
 
 def diag_dump(family: int, states: int) -> collections.Counter[int]:
-    """TCP sockets of one family in `states` (a bit per state), counted by state. A chunk of messages
-    that all have the same size and kind is counted by stride (in C); any other is walked message
-    by message."""
+    """TCP sockets of one family in `states` (a bit per state), counted by state."""
     order = sys.byteorder
     request = b"".join((
         (16 + 56).to_bytes(4, order), SOCK_DIAG_BY_FAMILY.to_bytes(2, order),
@@ -3471,14 +3499,7 @@ def diag_dump(family: int, states: int) -> collections.Counter[int]:
     counts: collections.Counter[int] = collections.Counter()
     with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_SOCK_DIAG) as sock:
         sock.sendto(request, (0, 0))
-        while data := sock.recv(1 << 17):
-            step = (int.from_bytes(data[:4], order) + 3) & ~3
-            n = len(data) // step if step > 17 else 0
-            if n and n * step == len(data) and data[4] == SOCK_DIAG_BY_FAMILY and all(
-                    data[i::step] == data[i:i + 1] * n for i in range(6)):
-                found = data[17::step]                  # idiag_state, after the 16-byte header
-                counts.update({state: found.count(state) for state in set(found)})
-                continue
+        while data := sock.recv(1 << 16):
             at = 0
             while at + 16 <= len(data):
                 kind = int.from_bytes(data[at + 4:at + 6], order)
@@ -3487,7 +3508,7 @@ def diag_dump(family: int, states: int) -> collections.Counter[int]:
                 if kind == NLMSG_ERROR:
                     code = -int.from_bytes(data[at + 16:at + 20], order, signed=True)
                     raise OSError(code, f"sock_diag: {os.strerror(code)}")
-                counts[data[at + 17]] += 1
+                counts[data[at + 17]] += 1                   # idiag_state, after the 16-byte header
                 at += (int.from_bytes(data[at:at + 4], order) + 3) & ~3
     return counts
 
@@ -3507,6 +3528,17 @@ def net_dev(net: Path) -> tuple[int, int, int, int] | None:
         for i, column in enumerate((0, 1, 8, 9)):
             totals[i] += int(fields[column])
     return totals[0], totals[1], totals[2], totals[3]
+
+
+def read_keyed_row(text: str | None, section: str) -> dict[str, int]:
+    """One line of sockstat ("TCP: inuse 4 orphan 0 tw 7 ..."): its names and values."""
+    for line in (text or "").splitlines():
+        name, _, rest = line.partition(":")
+        if name == section:
+            words = rest.split()
+            return {key: int(value) for key, value in zip(words[::2], words[1::2], strict=False)
+                    if value.isdigit()}
+    return {}
 
 
 def keyed_rows(text: str | None) -> dict[tuple[str, str], int]:
@@ -3540,49 +3572,41 @@ def net_sample(prev: NetSnapshot, cur: NetSnapshot) -> dict[str, Any]:
 
 
 class SystemWatch:
-    """The process and network part of each host sample: one scan of the process table (the process
-    and zombie counts, the gateway) and the network counters; the rows it adds to the sample (the
-    zombie alert, the gateway's restarts) are offered with it."""
+    """The process and network part of each host sample: the pids (how many, and the gateway among
+    them), the zombie count of the last scan of the process table, and the network counters; the
+    gateway's events are offered with the sample."""
 
-    def __init__(self, config: Config, logger: logging.Logger) -> None:
-        self.procfs = Path(config.procfs)
+    def __init__(self, config: Config, logger: logging.Logger,
+                 zombies: Callable[[], int | None] = lambda: None) -> None:
+        self.procfs, self.zombies = Path(config.procfs), zombies
         self.net = NetReader(self.procfs, live=self.procfs.resolve() == Path("/proc"), logger=logger)
-        self.zombies = ZombieWatch(config.zombie_alert, logger)
         self.gateway = (GatewayWatch(config.gateway_match, self.procfs, logger) if config.gateway_match
                         else None)
         self.previous: NetSnapshot | None = None
 
-    def read(self) -> tuple[dict[int, Proc] | None, NetSnapshot]:
-        """The process table (None if procfs cannot be listed) and the network counters."""
+    def read(self) -> tuple[set[int] | None, NetSnapshot]:
+        """The pids (None if procfs cannot be listed) and the network counters."""
         try:
-            procs = read_processes(self.procfs)
+            pids = {int(entry) for entry in os.listdir(self.procfs) if entry.isdigit()}  # noqa: PTH208
         except OSError:
-            procs = None
-        return procs, self.net.snapshot()
+            pids = None
+        return pids, self.net.snapshot()
 
-    def observe(self, procs: dict[int, Proc] | None, net: NetSnapshot, oom: dict[str, int]
+    def observe(self, pids: set[int] | None, net: NetSnapshot, oom: dict[str, int]
                 ) -> tuple[dict[str, Any], list[Row]]:
         """This sample's columns (rates over the interval since the last one: none the first time) and
         events. `oom`: the OOM kills counted at this sample and the one before."""
-        columns: dict[str, Any] = {}
+        columns: dict[str, Any] = {"proc_zombies": self.zombies()}
         rows: list[Row] = []
-        if procs is not None:
-            rows += self.zombies.observe(procs)
-            columns |= {"proc_count": len(procs), "proc_zombies": self.zombies.count}
+        if pids is not None:
+            columns["proc_count"] = len(pids)
             if self.gateway is not None:
-                gateway, events = self.gateway.observe(procs, net.at, oom)
+                gateway, rows = self.gateway.observe(pids, net.at, oom)
                 columns |= gateway
-                rows += events
         if self.previous is not None:
             columns |= net_sample(self.previous, net)
         self.previous = net
         return columns, rows
-
-    def health(self) -> dict[str, Any]:
-        zombies = self.zombies
-        return {"zombies": {"count": zombies.count, "alert_at": zombies.threshold or None,
-                            "alerting": zombies.alerted},
-                "gateway": self.gateway.health() if self.gateway else None}
 
 
 @dataclasses.dataclass
@@ -3660,11 +3684,10 @@ class DnsProbe(Loop):
     def judge(self, name: str, result: dict[str, Any]) -> Row | None:
         """The network_failure event once a name has failed FAILURES times in a row."""
         if result["outcome"] == "ok":
+            failed, self.failures[name] = self.failures[name], 0
             if name in self.alerted:
-                self.log.warning("DNS lookups recovered", extra={"host_name": name,
-                                                                 "failed_probes": self.failures[name]})
-            self.failures[name] = 0
-            self.alerted.discard(name)
+                self.alerted.discard(name)
+                self.log.warning("DNS lookups recovered", extra={"host_name": name, "failed_probes": failed})
             return None
         self.failures[name] += 1
         if self.failures[name] < self.FAILURES or name in self.alerted:
@@ -5061,8 +5084,8 @@ def health_report(service: Service) -> dict[str, Any]:
         "log_tail": service.tailer and service.tailer.health(),
         "system": {"custom_events_received": counts["custom_received"],
                    "processes": service.processes and service.processes.health(),
-                   **(service.sampler.watch.health() if service.sampler else dict.fromkeys(
-                       ("zombies", "gateway"))),
+                   "gateway": service.sampler and service.sampler.watch.gateway and
+                   service.sampler.watch.gateway.health(),
                    "dns": service.dns and service.dns.health(), "debug": service.debug is not None},
     }
 
@@ -5296,8 +5319,9 @@ class Service:
         self.writer.on_fault = self.on_write_fault
         self.loops: list[Loop] = [Checkpointer(config, self.events), self.retention]
         self.dns = DnsProbe(config, self.events) if config.dns_probe else None
-        self.sampler = Sampler(config, self.events, self.db, self.dns) if config.metrics_interval else None
         self.processes = ProcessSampler(config, self.events) if config.proc_interval else None
+        self.sampler = Sampler(config, self.events, self.db, self.dns, self.processes) \
+            if config.metrics_interval else None
         self.debug = Debug(self) if config.debug else None
         self.tailer = LogTailer(config, self.events, self.db) if config.log_path else None
         self.pusher: Pusher | None = None
