@@ -11,7 +11,7 @@ RUN useradd --system --uid 10001 --home-dir /data --shell /usr/sbin/nologin otra
 WORKDIR /app
 COPY requirements.txt .
 RUN pip install --no-cache-dir --disable-pip-version-check -r requirements.txt
-COPY otrace.py LICENSE ./
+COPY otrace.py prices.json prices.LICENSE LICENSE ./
 # Run as a module from its compiled form: compiling 3,400 lines at every start leaves 8 MiB more resident.
 RUN python -m compileall -q otrace.py
 

@@ -32,10 +32,10 @@ soak: $(VENV)/.dev
 	$(PY) scripts/soak.py --minutes 3
 	$(PY) bench/ingest.py --idle-only --idle 600
 
-# One file to deploy: otrace.py with psutil, urllib3 and python-json-logger inside (shiv unpacks
-# psutil's compiled extension on first run, into ~/.shiv or $$SHIV_ROOT).
+# One file to deploy: otrace.py and its price table with psutil, urllib3 and python-json-logger inside
+# (shiv unpacks psutil's compiled extension on first run, into ~/.shiv or $$SHIV_ROOT).
 pyz: $(VENV)/.dev
-	rm -rf build/pyz && mkdir -p build/pyz dist && cp otrace.py build/pyz/
+	rm -rf build/pyz && mkdir -p build/pyz dist && cp otrace.py prices.json prices.LICENSE build/pyz/
 	$(VENV)/bin/shiv --quiet --site-packages build/pyz --entry-point otrace:main --python '/usr/bin/env python3' \
 		--reproducible --compressed --compile-pyc --output-file dist/otrace.pyz -r requirements.txt
 

@@ -3,8 +3,8 @@
 
 The agent POSTs LLM-call traces, error events and custom events over loopback HTTP; otrace answers
 202 at once and a single writer thread keeps every accepted event in SQLite. Beside them, loops sample
-the host's metrics, its processes and network, follow the gateway's log, push unsynced rows to a remote
-API, and keep the database inside its budget.
+the host's metrics, its processes and network, follow the gateway's log and OpenClaw's session store,
+push unsynced rows to a remote API, and keep the database inside its budget.
 
 Contents, in the order data flows. Each section opens with its constants and SQL; the thread in
 brackets is the one its code runs on.
@@ -12,6 +12,7 @@ brackets is the one its code runs on.
   config ....... Config, setting(), unknown_settings()              [main, once at start]
   kit .......... FaultLog, Backoff, Loop, transaction(), compact_json()       [any]
   model ........ Invalid, Fields, Table, parse_events(): a POST body becomes Rows   [http]
+  prices ....... PriceTable, price_call(): a call with tokens and no cost is priced   [where rows are built]
   store ........ SCHEMA, open_database(), EventQueue, Gate, Reserve, Writer:
                  Rows become SQLite rows, in batches                           [writer]
   ingest ....... Connection, Request, Api, IngestServer: one epoll loop for every client  [http]
@@ -20,27 +21,33 @@ brackets is the one its code runs on.
                  table become process_samples and a zombie count; the gateway, connections, traffic
                  and DNS join each host sample      [processes; metrics; dns, a thread per lookup]
   gateway log .. LogLine, classify(), LogTailer: the gateway's log becomes log_events  [logtail]
+  openclaw sessions  store_events(), AgentDatabase, SessionStore: OpenClaw's transcripts become
+                 llm_traces and error_events, each model call once                  [sessions]
   push ......... Packer, Batch, Receiver, Breaker, Pusher: unsynced rows leave, at least once  [push]
   upkeep ....... Checkpointer, Retention: the WAL shrinks, old rows are deleted   [checkpoint, retention]
-  health ....... Service.health(), prometheus(), Debug: /health, /metrics and /debug/*
+  health ....... Service.health(), prometheus(), CallTally, Debug: /health, /metrics and /debug/*
                                                                   [http; a profile on its own thread]
+  report ....... Report, TableView, run_report(): `otrace report`, read-only   [the report's own process]
   lifecycle .... DatabaseLock, Service, serve(): start, SIGTERM, an orderly stop   [main]
   cli .......... main()
 
 Where a POST becomes a row: IngestServer.serve -> Api.answer -> parse_events -> EventQueue.offer ->
 Writer.flush. Where a row is pushed: Pusher.push -> Packer.batches -> Receiver.post -> record_pushed.
-Where a row is deleted: Retention.tick -> Cut.
+Where a row is deleted: Retention.tick -> Cut. Where OpenClaw's model call becomes a row:
+SessionStore.tick -> read_session (or read_file) -> store_events -> EventQueue.offer.
 """
 
 from __future__ import annotations
 
 import argparse
+import bisect
 import collections
 import contextlib
 import dataclasses
 import errno
 import fcntl
 import functools
+import itertools
 import json
 import logging
 import math
@@ -60,12 +67,14 @@ import threading
 import time
 import urllib.parse
 import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future
-from datetime import datetime
+from datetime import UTC, date, datetime, timedelta
+from datetime import time as dt_time
+from datetime import timezone as dt_timezone
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 try:
     from pythonjsonlogger.json import JsonFormatter
@@ -77,6 +86,7 @@ except ImportError as missing:  # pragma: no cover - depends on the environment
 
 __version__ = "0.2.0"
 __all__ = [
+    "AgentDatabase",
     "Attempt",
     "Backoff",
     "Breaker",
@@ -93,6 +103,7 @@ __all__ = [
     "ProcessTable",
     "Receiver",
     "Row",
+    "SessionStore",
     "SettingError",
     "Snapshot",
     "Unit",
@@ -101,17 +112,21 @@ __all__ = [
     "connect",
     "cut_utf8",
     "decode_chunked",
+    "failure_category",
     "host_sample",
     "insert_rows",
     "main",
     "model_failure",
     "net_sample",
     "open_database",
+    "openclaw_state_dir",
     "parse_events",
     "prometheus",
     "read_processes",
     "redact_cmdline",
     "settings_table",
+    "store_events",
+    "store_trace_id",
     "unknown_settings",
 ]
 
@@ -269,6 +284,16 @@ def _hostnames(raw: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
+def _price_file(raw: str) -> str:
+    """A price file otrace can use, read once here so a bad one stops the start naming the setting."""
+    if raw.strip():
+        try:
+            PriceFile.read(Path(raw.strip()))
+        except (OSError, ValueError, UnicodeDecodeError) as exc:
+            raise SettingError(str(exc)) from None
+    return raw.strip()
+
+
 TEXT = Kind("any text", str)
 NAME = Kind("a non-empty value", _nonempty)
 SWITCH = Kind("on or off", _switch)
@@ -279,6 +304,15 @@ LEVEL = choice("debug", "info", "warning", "error")
 GATEWAY = Kind("off, or a program name, a colon and words separated by commas (like node:openclaw,gateway)",
                _gateway)
 HOSTNAMES = Kind(f"empty, or up to {MAX_PROBED_NAMES} host names separated by commas", _hostnames)
+PRICES = Kind("empty, or a JSON price file shaped like prices.json", _price_file)
+
+
+def _state_dir(raw: str) -> str:
+    value = _nonempty(raw)
+    return value.lower() if value.lower() in ("auto", "off") else value
+
+
+STATE_DIR = Kind("auto, off, or the path of a directory", _state_dir)
 
 
 def setting(default: str, kind: Kind, doc: str, *, secret: bool = False) -> Any:
@@ -306,6 +340,12 @@ class Config:
                                       "answered 503 before its body is read.")
     max_text_bytes: int = setting("16KiB", size("64B", "16MiB"), "Texts (input_text, output_text, "
                                   "message, stack_trace) and metadata are cut to this many UTF-8 bytes.")
+    prices: str = setting("", PRICES, "Your own LLM prices, over the vendored prices.json (genai-prices): "
+                          "its models match first. A call that reports tokens and no cost is priced at "
+                          "ingest; one no table prices keeps no cost.")
+    metrics_max_models: int = setting("50", count(1, 1000), "Provider and model pairs that get series "
+                                      "of their own on /metrics; calls of later pairs count under "
+                                      "provider and model \"other\".")
     max_events: int = setting("1000", count(1, 100_000), "Most events one request may carry as a JSON "
                               "array.")
     queue_size: int = setting("512", count(1, 100_000), "Events waiting for the writer. A request that "
@@ -364,11 +404,17 @@ class Config:
                              "has never read (a file it has read resumes where it stopped).")
     log_keep_all: bool = setting("off", SWITCH, "Keep INFO and DEBUG lines of no known kind too (they "
                                  "are skipped by default).")
-    checkpoint_interval: float = setting("10m", duration("100ms", "1d"), "Time between WAL checkpoints "
+    openclaw_state_dir: str = setting("auto", STATE_DIR, "OpenClaw's state directory, whose `agents/*/` "
+                                      "session stores give every model call's tokens and cost; auto: "
+                                      "$OPENCLAW_STATE_DIR, else ~/.openclaw when it exists; off: not "
+                                      "read. A directory not there yet is waited for.")
+    openclaw_poll: float = setting("2s", duration("10ms", "1h"), "Time between looks for new entries in "
+                                   "OpenClaw's session stores.")
+    checkpoint_interval: float = setting("10m", duration("10ms", "1d"), "Time between WAL checkpoints "
                                          "(PASSIVE; TRUNCATE when the WAL is over TRACE_WAL_MAX_BYTES).")
     wal_max_bytes: int = setting("50MiB", size("64KiB", "64GiB"), "WAL size that makes the next "
                                  "checkpoint a TRUNCATE, and SQLite's journal_size_limit.")
-    cleanup_interval: float = setting("5m", duration("100ms", "1d"), "Time between retention passes.")
+    cleanup_interval: float = setting("5m", duration("10ms", "1d"), "Time between retention passes.")
     retention: float = setting("3d", duration("1s", "3650d"), "Age (since arrival) after which pushed "
                                "rows are deleted.")
     db_max_bytes: int = setting("200MiB", size("64KiB", "16TiB"), "Most the database (file + WAL) may "
@@ -415,10 +461,11 @@ class Config:
             if name in environ:
                 try:
                     values[spec.name] = spec.metadata["kind"].parse(environ[name])
-                except (SettingError, ValueError):
+                except (SettingError, ValueError) as exc:
                     accepts = spec.metadata["kind"].accepts
                     shown = "***" if spec.metadata["secret"] else repr(environ[name][:200])
-                    raise SettingError(f"{name}={shown} is not valid: expected {accepts}") from None
+                    why = f" ({exc})" if isinstance(exc, SettingError) and str(exc) else ""
+                    raise SettingError(f"{name}={shown} is not valid: expected {accepts}{why}") from None
         config = cls(**values)
         if config.push_token and urllib.parse.urlsplit(config.push_endpoint).username is not None:
             raise SettingError("TRACE_PUSH_ENDPOINT holds user:password@ and TRACE_PUSH_TOKEN is set: "
@@ -559,8 +606,11 @@ def clean_text(text: str) -> str:
 
 def cut_utf8(text: str, limit: int) -> tuple[str, int, bool]:
     """Cut text to at most `limit` UTF-8 bytes on a character boundary: (text, original bytes, cut?)."""
-    text = clean_text(text)
-    raw = text.encode("utf-8")
+    try:
+        raw = text.encode("utf-8")
+    except UnicodeEncodeError:                   # lone surrogates: replaced first
+        text = clean_text(text)
+        raw = text.encode("utf-8")
     if len(raw) <= limit:
         return text, len(raw), False
     return raw[:limit].decode("utf-8", "ignore"), len(raw), True
@@ -852,7 +902,7 @@ class Fields:
             return None
         if isinstance(value, str):
             try:
-                value = json.loads(value, parse_constant=_no_constants)
+                value = STRICT_JSON.decode(value)
             except (ValueError, RecursionError):
                 raise self.fail(field, "string must hold a JSON object") from None
         if not isinstance(value, dict):
@@ -869,6 +919,9 @@ class Fields:
 
 def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
+
+
+STRICT_JSON = json.JSONDecoder(parse_constant=_no_constants)   # one, not one per request: NaN refused
 
 
 @dataclasses.dataclass(frozen=True)
@@ -890,7 +943,8 @@ TRACES = Table("llm_traces", frozenset({
     (*_COMMON, "provider", "model", "status", "error_type", "finish_reason", "session_id",
                "prompt_tokens", "completion_tokens", "total_tokens", "cache_read_tokens",
                "cache_write_tokens", "reasoning_tokens", "cost_usd", "latency_ms", "ttft_ms",
-               "input_text", "input_bytes", "output_text", "output_bytes", "metadata", "truncated"),
+               "input_text", "input_bytes", "output_text", "output_bytes", "metadata", "truncated",
+               "cost_source", "computed_cost_usd", "price_ref"),
     "llm_trace")
 ERRORS = Table("error_events", frozenset({
     "error_type", "category", "message", "stack_trace", "severity", "provider", "model", "session_id",
@@ -927,21 +981,25 @@ class Row(collections.namedtuple("Row", "table values")):
 
 
 def trace_row(f: Fields, received: int, source: str = "http") -> tuple:
-    """The llm_traces row for one trace event, truncated flag last."""
+    """The llm_traces row for one trace event: its fields, the truncated flag, then what it cost
+    (see price_call): every source that builds its rows here gets them priced."""
     prompt, completion = f.count("prompt_tokens"), f.count("completion_tokens")
     total = f.count("total_tokens")
     if total is None and (prompt is not None or completion is not None):
         total = (prompt or 0) + (completion or 0)
+    cache_read, cache_write = f.count("cache_read_tokens"), f.count("cache_write_tokens")
     input_text, input_bytes = f.text("input_text")
     output_text, output_bytes = f.text("output_text")
-    values = (f.trace_id(), f.created_at(received), received, source,
-              f.name("provider", required=True), f.name("model", required=True),
+    trace_id, created = f.trace_id(), f.created_at(received)
+    provider, model = f.name("provider", required=True), f.name("model", required=True)
+    tokens = (prompt, completion, cache_read, cache_write)
+    cost, cost_source, computed, ref = price_call(provider, model, tokens, created, f.amount("cost_usd"))
+    values = (trace_id, created, received, source, provider, model,
               f.choice("status", ("ok", "error"), "ok"), f.name("error_type"), f.name("finish_reason"),
-              f.name("session_id"), prompt, completion, total, f.count("cache_read_tokens"),
-              f.count("cache_write_tokens"), f.count("reasoning_tokens"), f.amount("cost_usd"),
-              f.amount("latency_ms"), f.amount("ttft_ms"), input_text, input_bytes, output_text,
-              output_bytes, f.metadata())
-    return (*values, int(f.truncated))
+              f.name("session_id"), prompt, completion, total, cache_read, cache_write,
+              f.count("reasoning_tokens"), cost, f.amount("latency_ms"), f.amount("ttft_ms"), input_text,
+              input_bytes, output_text, output_bytes, f.metadata())
+    return (*values, int(f.truncated), cost_source, computed, ref)
 
 
 def error_row(f: Fields, received: int, source: str = "http") -> tuple:
@@ -998,7 +1056,7 @@ def parse_events(body: bytes, route: str, max_events: int, max_text: int) -> tup
     fields that were ignored."""
     table, build = ROW_BUILDERS[route]
     try:
-        doc = json.loads(body.decode("utf-8"), parse_constant=_no_constants)
+        doc = STRICT_JSON.decode(body.decode("utf-8"))
     except UnicodeDecodeError:
         raise Invalid("body is not UTF-8") from None
     except RecursionError:
@@ -1018,6 +1076,438 @@ def parse_events(body: bytes, route: str, max_events: int, max_text: int) -> tup
         rows.append(Row(table.name, build(Fields(event, index if many else None, max_text), received)))
         ignored.update(key for key in event if key not in table.fields)
     return rows, sorted(ignored)
+
+
+# ============================================================================================== prices
+# What a call cost when its source sent tokens and no cost. The prices are data: prices.json beside
+# otrace.py (pydantic's genai-prices, vendored by `make prices`), with the user's TRACE_PRICES file in
+# the same shape over it, matched by genai-prices' own rules (see docs: provider by id or its match
+# clause, model by the first clause that matches, prices in force at the call's time, cache tokens
+# priced apart only where the model prices them). A row keeps the figure its source reported apart
+# from the computed one: cost_source says which of them cost_usd is.
+
+PRICES_FILE = Path(__file__).with_name("prices.json")
+PRICE_KEYS = ("input_mtok", "output_mtok", "cache_read_mtok", "cache_write_mtok", "requests_kcount")
+_INPUT, _OUTPUT, _CACHE_READ, _CACHE_WRITE, _REQUESTS = range(len(PRICE_KEYS))
+_ALWAYS, _SINCE, _DAILY = range(3)                # a price's constraint: none, a start day, a UTC window
+PRICE_MEMO = 4096                # (provider, model) pairs remembered; past it the memo starts afresh
+DAY_MS = 86_400_000
+# OpenTelemetry's provider names that genai-prices' own rules would miss or misplace (its
+# provider_match sends azure.ai.openai to openai); every other well-known name finds its provider.
+PROVIDER_ALIASES = {"azure.ai.openai": "azure", "azure.ai.inference": "azure", "az.ai.openai": "azure",
+                    "az.ai.inference": "azure", "gcp.gen_ai": "google", "x_ai": "x-ai"}
+_COMPACT_DATE = re.compile(r"-(20\d{2})(0[1-9]|1[0-2])(0[1-9]|[12]\d|3[01])(?=-|:|$)")
+_LAYOUT = ('{"header":', '"providers":[\n', ',"models":[')    # scripts/prices.py's line layout
+
+Clause = tuple[str, Any]          # ("equals", "gpt-4o"), ("or", (clause, ...)), ...
+Rate = float | tuple[float, tuple[tuple[int, float], ...]]     # flat, or (base, ((start, price), ...))
+Price = tuple[Rate | None, ...]   # a rate or None per PRICE_KEYS
+Period = tuple[int, int, int, Price]   # (_ALWAYS, 0, 0, p), (_SINCE, start ms, 0, p), (_DAILY, from, to, p)
+Tokens = tuple[int | None, int | None, int | None, int | None]   # input (cache included), output, read, write
+
+
+class PriceModel(NamedTuple):
+    match: Clause
+    id: str
+    periods: tuple[Period, ...]
+
+
+class _Compiler:
+    """Turns the JSON of a price file into tuples, checking it: equal strings, prices and periods are
+    stored once, since models share most of them."""
+
+    def __init__(self) -> None:
+        self.pool: dict[Any, Any] = {}
+
+    def shared(self, value: Any) -> Any:
+        return self.pool.setdefault(value, value)
+
+    def clause(self, raw: Any) -> Clause:
+        """A match clause as (kind, operand), its text lower-cased once here rather than at each match."""
+        if not isinstance(raw, dict) or len(raw) != 1:
+            raise ValueError(f"a match clause is one of equals, starts_with, ...: {raw!r}")
+        [(kind, operand)] = raw.items()
+        if kind in ("or", "and") and isinstance(operand, list):
+            return kind, tuple(self.clause(item) for item in operand)
+        if kind == "regex" and isinstance(operand, str):
+            re.compile(operand)
+            return kind, operand          # genai-prices searches the lower-cased name, pattern as is
+        if kind in ("equals", "starts_with", "ends_with", "contains") and isinstance(operand, str):
+            return kind, self.shared(operand.lower())
+        raise ValueError(f"unknown match clause {raw!r}")
+
+    def usd(self, raw: Any, where: str) -> float:
+        if isinstance(raw, int | float) and not isinstance(raw, bool) and 0 <= raw < math.inf:
+            return self.shared(float(raw))
+        raise ValueError(f"{where}: a price is a number >= 0 or {{base, tiers}}, not {raw!r}")
+
+    def rate(self, raw: Any, where: str) -> Rate:
+        """USD per unit: a number, or {"base": n, "tiers": [{"start": tokens, "price": n}, ...]}."""
+        if not (isinstance(raw, dict) and set(raw) == {"base", "tiers"} and isinstance(raw["tiers"], list)):
+            return self.usd(raw, where)
+        tiers = []
+        for tier in raw["tiers"]:
+            if not (isinstance(tier, dict) and set(tier) == {"start", "price"}
+                    and type(tier["start"]) is int):
+                raise ValueError(f"{where}: a tier is {{start: tokens, price: n}}, not {tier!r}")
+            tiers.append((tier["start"], self.usd(tier["price"], where)))
+        return self.usd(raw["base"], where), tuple(sorted(tiers))
+
+    def price(self, raw: Any, where: str) -> Price:
+        if not isinstance(raw, dict) or not set(raw) <= set(PRICE_KEYS):
+            raise ValueError(f"{where}: prices take only {', '.join(PRICE_KEYS)}: {raw!r}")
+        return self.shared(tuple(None if raw.get(key) is None else self.rate(raw[key], where)
+                                 for key in PRICE_KEYS))
+
+    def period(self, raw: Any, where: str) -> Period:
+        """One entry of a price list: since a UTC day, or in a daily UTC window, or always."""
+        if not isinstance(raw, dict):
+            raise ValueError(f"{where}: a price list holds {{constraint, prices}}, not {raw!r}")
+        price, when = self.price(raw.get("prices"), where), raw.get("constraint")
+        if when is None:
+            return _ALWAYS, 0, 0, price
+        if isinstance(when, dict) and set(when) == {"start_date"}:
+            start = datetime.combine(date.fromisoformat(when["start_date"]), dt_time(), UTC)
+            return _SINCE, int(start.timestamp()) * 1000, 0, price
+        if isinstance(when, dict) and set(when) == {"start_time", "end_time"}:
+            return _DAILY, _day_ms(when["start_time"]), _day_ms(when["end_time"]), price
+        raise ValueError(f"{where}: unknown constraint {when!r}")
+
+    def model(self, raw: Any, owner: str) -> PriceModel:
+        if not isinstance(raw, dict) or not isinstance(raw.get("id"), str) or "match" not in raw:
+            raise ValueError(f"{owner}: a model needs an id, a match clause and prices: {str(raw)[:80]!r}")
+        where, prices = f"{owner}/{raw['id']}", raw.get("prices")
+        if isinstance(prices, list) and prices:
+            periods = tuple(self.period(item, where) for item in prices)
+        else:
+            periods = ((_ALWAYS, 0, 0, self.price(prices, where)),)
+        return PriceModel(self.clause(raw["match"]), self.shared(raw["id"]), self.shared(periods))
+
+
+def _day_ms(text: str) -> int:
+    """Milliseconds since UTC midnight of a time of day ("16:30:00", or with an offset)."""
+    at = dt_time.fromisoformat(text)
+    if at.tzinfo is not None:
+        at = datetime.combine(date(1970, 1, 1), at).astimezone(UTC).time()
+    return ((at.hour * 60 + at.minute) * 60 + at.second) * 1000 + at.microsecond // 1000
+
+
+def matches(clause: Clause, text: str) -> bool:
+    """Whether a lower-cased name matches a clause, as genai-prices' Clause*.is_match decide."""
+    kind, operand = clause
+    if kind == "equals":
+        return text == operand
+    if kind == "starts_with":
+        return text.startswith(operand)
+    if kind == "contains":
+        return operand in text
+    if kind == "ends_with":
+        return text.endswith(operand)
+    if kind == "regex":
+        return re.search(operand, text) is not None
+    if kind == "or":
+        return any(matches(item, text) for item in operand)
+    return all(matches(item, text) for item in operand)
+
+
+class ModelList:
+    """One file's models of one provider, compiled when the provider is first asked for. Until then
+    the vendored file's are kept as their JSON lines, compressed: parsed, they would take MiBs."""
+
+    __slots__ = ("_models", "_raw", "label", "owner")
+
+    def __init__(self, label: str, owner: str, raw: bytes | list[Any]) -> None:
+        self.label, self.owner, self._raw = label, owner, raw
+        self._models: tuple[PriceModel, ...] | None = None
+
+    def models(self) -> tuple[PriceModel, ...]:
+        if self._models is None:
+            compiler = _Compiler()
+            self._models = tuple(compiler.model(item, self.owner) for item in self.items())
+            self._raw = b""
+        return self._models
+
+    def items(self) -> Iterator[Any]:
+        """The models' JSON, parsed one at a time."""
+        if isinstance(self._raw, list):
+            yield from self._raw
+            return
+        for line in zlib.decompress(self._raw).decode().split("\n")[1:]:
+            yield json.loads(line.removesuffix(","))
+
+
+class PriceProvider(NamedTuple):
+    id: str
+    provider_match: Clause | None
+    model_match: Clause | None
+    fallback: tuple[str, ...]
+    parts: tuple[ModelList, ...]     # the user's models first, then the vendored ones
+
+    def own_model(self, ref: str) -> tuple[ModelList, PriceModel] | None:
+        """The first of this provider's own models that matches (no fallback)."""
+        for part in self.parts:
+            for model in part.models():
+                if matches(model.match, ref):
+                    return part, model
+        return None
+
+
+class PriceFile(NamedTuple):
+    """A price file read and checked: its label for refs, and each provider's fields and models."""
+
+    label: str
+    providers: list[tuple[dict[str, Any], bytes | list[Any]]]
+
+    @classmethod
+    def read(cls, path: Path) -> PriceFile:
+        """scripts/prices.py's layout (models stay compressed lines) or any JSON of the same shape.
+        ValueError (or OSError) for a file that cannot be used: a cut file must not load as a smaller
+        table, and a bad model must fail now rather than at ingest."""
+        with open(path, encoding="utf-8") as file:
+            first = file.readline()
+            if first.startswith(_LAYOUT[0]) and first.endswith(",\n") and file.readline() == _LAYOUT[1]:
+                return cls(_label(json.loads(first[len(_LAYOUT[0]):-2]), path), _read_lines(file, path))
+            file.seek(0)
+            document = json.load(file)
+        if not isinstance(document, dict) or not isinstance(document.get("providers"), list):
+            raise ValueError(f'{path}: a price file is {{"header": {{...}}, "providers": [...]}}')
+        entries = [(_provider_fields(raw), raw.get("models") or []) for raw in document["providers"]]
+        for fields, models in entries:
+            ModelList("", fields["id"], models).models()
+        return cls(_label(document.get("header") or {}, path), entries)
+
+
+def _read_lines(file: Iterable[str], path: Path) -> list[tuple[dict[str, Any], bytes | list[Any]]]:
+    """The providers of scripts/prices.py's layout: a provider's fields on a line ending in
+    '"models":[', its models a line each, then "]}," ("]}" for the last), then "]}". Each model is
+    compiled once to check it (and dropped: no pool kept) and kept compressed, so the file is never
+    whole in memory, nor its models parsed all at once."""
+    entries: list[tuple[dict[str, Any], bytes | list[Any]]] = []
+    fields: dict[str, Any] | None = None
+    packer, packed, ended = zlib.compressobj(1), [b""], False
+    for number, raw in enumerate(file, 3):
+        line = raw.removesuffix("\n")
+        if fields is not None and line.startswith("{"):
+            _Compiler().model(json.loads(line.removesuffix(",")), fields["id"])
+            packed.append(packer.compress(f"\n{line}".encode()))
+        elif fields is not None and line in ("]}", "]},"):
+            entries.append((fields, b"".join([*packed, packer.flush()]) if len(packed) > 1 else []))
+            fields, packer, packed, ended = None, zlib.compressobj(1), [b""], line == "]}"
+        elif fields is None and not ended and line.endswith(_LAYOUT[2]):
+            fields = _provider_fields(json.loads(line.removesuffix(_LAYOUT[2]) + "}"))
+        elif ended and line == "]}":
+            return entries
+        else:
+            raise ValueError(f"{path}, line {number}: not the layout scripts/prices.py writes")
+    raise ValueError(f"{path}: ends before its last line")
+
+
+def _provider_fields(raw: Any) -> dict[str, Any]:
+    if not isinstance(raw, dict) or not isinstance(raw.get("id"), str):
+        raise ValueError(f"a provider needs an id: {str(raw)[:80]!r}")
+    return {key: value for key, value in raw.items() if key != "models"}
+
+
+def _label(header: dict[str, Any], path: Path) -> str:
+    """How a price_ref names its table: "genai-prices 0.2.3", or the file's name."""
+    return " ".join(str(header[key]) for key in ("source", "version") if header.get(key)) or path.name
+
+
+class Priced(NamedTuple):
+    cost_usd: float
+    ref: str                      # "genai-prices 0.2.3: anthropic/claude-sonnet-4-20250514"
+
+
+class PriceTable:
+    """Prices by provider and model, matched as genai-prices matches them; lookups memoized."""
+
+    def __init__(self, files: list[PriceFile]) -> None:
+        """Files in order of precedence: a provider's models from an earlier file match first, and
+        its fields there replace the later ones; providers only an earlier file has come first."""
+        fields: dict[str, dict[str, Any]] = {}
+        parts: dict[str, list[ModelList]] = {}
+        order: list[str] = []
+        for file in reversed(files):
+            new = [f["id"] for f, _ in file.providers if f["id"] not in fields]
+            for provider_fields, raw in file.providers:
+                pid = provider_fields["id"]
+                fields[pid] = {**fields.get(pid, {}), **provider_fields}
+                parts.setdefault(pid, []).insert(0, ModelList(file.label, pid, raw))
+            order = new + order
+        self.label = " + ".join(file.label for file in files)
+        self.providers = [self._provider(fields[pid], tuple(parts[pid])) for pid in order]
+        self._by_id = {p.id: p for p in self.providers}
+        self._memo: dict[tuple[str, str], tuple[str, tuple[Period, ...]] | None] = {}
+
+    @staticmethod
+    def _provider(fields: dict[str, Any], parts: tuple[ModelList, ...]) -> PriceProvider:
+        compiler = _Compiler()
+        def clause(key: str) -> Clause | None:
+            return None if fields.get(key) is None else compiler.clause(fields[key])
+        return PriceProvider(fields["id"], clause("provider_match"), clause("model_match"),
+                             tuple(fields.get("fallback_model_providers") or ()), parts)
+
+    @classmethod
+    def load(cls, *paths: Path) -> PriceTable:
+        return cls([PriceFile.read(path) for path in paths])
+
+    def cost(self, provider: str, model: str, *, input_tokens: int | None, output_tokens: int | None,
+             cache_read_tokens: int | None, cache_write_tokens: int | None, at_ms: int) -> Priced | None:
+        """The cost of one call, or None: an unknown provider or model, one priced in units otrace does
+        not count, or counts genai-prices would refuse. input_tokens includes the cache's tokens."""
+        hit = self.find(provider, model)
+        if hit is None:
+            return None
+        usd = price_usd(in_force(hit[1], at_ms), input_tokens, output_tokens, cache_read_tokens,
+                        cache_write_tokens)
+        return None if usd is None else Priced(usd, hit[0])
+
+    def find(self, provider: str, model: str) -> tuple[str, tuple[Period, ...]] | None:
+        """The ref and prices of the entry that prices (provider, model); after the first call for a
+        pair, one dict lookup."""
+        key = (provider, model)
+        if key in self._memo:
+            return self._memo[key]
+        if len(self._memo) >= PRICE_MEMO:
+            self._memo.clear()
+        found = self._find(provider, model)
+        hit = self._memo[key] = found and (f"{found[0].label}: {found[0].owner}/{found[1].id}",
+                                           found[1].periods)
+        return hit
+
+    def _find(self, provider_name: str, model_name: str) -> tuple[ModelList, PriceModel] | None:
+        """genai-prices' find_provider_model: the provider by its name (litellm's "provider/model"
+        names both), or without one the first provider whose model_match takes the model."""
+        ref, name = model_name.lower(), provider_name.strip().lower()
+        if name == "litellm" and "/" in ref:
+            head, rest = ref.split("/", 1)
+            if head and self.provider_by_name(head):
+                name, ref = head, rest
+        provider = self.provider_by_name(name) if name else None
+        if provider is None and name in ("", "litellm"):
+            provider = next((p for p in self.providers if p.model_match and matches(p.model_match, ref)),
+                            None)
+        return None if provider is None else self._find_model(provider, ref)
+
+    def provider_by_name(self, name: str) -> PriceProvider | None:
+        """By id, else the first whose provider_match takes the name; OpenTelemetry's names first."""
+        name = PROVIDER_ALIASES.get(name, name)
+        if found := self._by_id.get(name):
+            return found
+        return next((p for p in self.providers if p.provider_match and matches(p.provider_match, name)), None)
+
+    def _find_model(self, provider: PriceProvider, ref: str) -> tuple[ModelList, PriceModel] | None:
+        """The name as given, then with a compact date (-20250514) written with dashes, each in the
+        provider's own models and then its fallback providers' (one step, as genai-prices goes)."""
+        owners = [provider, *filter(None, map(self._by_id.get, provider.fallback))]
+        for candidate in dict.fromkeys((ref, _COMPACT_DATE.sub(_dashed_date, ref))):
+            for owner in owners:
+                if hit := owner.own_model(candidate):
+                    return hit
+        return None
+
+
+def _dashed_date(match: re.Match[str]) -> str:
+    """-20251211 as -2025-12-11 when it is a real date (LiteLLM's spelling of the same model)."""
+    try:
+        day = date(*(int(part) for part in match.groups()))
+    except ValueError:
+        return match.group(0)
+    return f"-{day.isoformat()}"
+
+
+def in_force(periods: tuple[Period, ...], at_ms: int) -> Price:
+    """The price at at_ms: the last period whose constraint holds, else the first."""
+    for kind, start, end, price in reversed(periods):
+        if kind == _ALWAYS or (kind == _SINCE and at_ms >= start):
+            return price
+        if kind == _DAILY:
+            now = at_ms % DAY_MS
+            if (start <= now < end) if start <= end else (now >= start or now < end):
+                return price
+    return periods[0][3]
+
+
+def _per_unit(rate: Rate | None, total_input: int) -> float:
+    """USD per unit, a tiered rate chosen by the whole input: the highest tier it exceeds the start of."""
+    if rate is None:
+        return 0.0
+    if isinstance(rate, float):
+        return rate
+    base, tiers = rate
+    for start, price in reversed(tiers):
+        if total_input > start:
+            return price
+    return base
+
+
+def price_usd(price: Price, input_tokens: int | None, output_tokens: int | None,
+              cache_read_tokens: int | None, cache_write_tokens: int | None) -> float | None:
+    """USD for these counts at this price, or None where genai-prices would not price them."""
+    if input_tokens is None and output_tokens is None and cache_read_tokens is None \
+            and cache_write_tokens is None:
+        return None                   # nothing counted: an unknown cost, not a free call
+    if price[_INPUT] is None and price[_OUTPUT] is None and price[_REQUESTS] is None:
+        return None                   # priced per audio hour, image, search...: not what otrace counts
+    total_input, output = input_tokens or 0, output_tokens or 0
+    read, write = cache_read_tokens or 0, cache_write_tokens or 0
+    if min(total_input, output, read, write) < 0 or (input_tokens is None and (read or write)):
+        return None
+    read *= price[_CACHE_READ] is not None     # not priced apart: they stay input at the input price
+    write *= price[_CACHE_WRITE] is not None
+    fresh = total_input - read - write
+    if fresh < 0:
+        return None                   # more cache tokens than input tokens: the counts are wrong
+    per_token = (_per_unit(price[_INPUT], total_input) * fresh
+                 + _per_unit(price[_OUTPUT], total_input) * output
+                 + _per_unit(price[_CACHE_READ], total_input) * read
+                 + _per_unit(price[_CACHE_WRITE], total_input) * write)
+    return per_token / 1_000_000 + _per_unit(price[_REQUESTS], total_input) / 1000
+
+
+class Pricing:
+    """The table trace rows are priced with wherever they are built (HTTP, the gateway log, other
+    sources): the vendored one, read on first use, until a Service installs the configured one."""
+
+    def __init__(self) -> None:
+        self.table: PriceTable | None = None
+        self.loaded = False
+
+    def install(self, table: PriceTable | None) -> None:
+        self.table, self.loaded = table, True
+
+    def cost(self, provider: str, model: str, tokens: Tokens, at_ms: int) -> Priced | None:
+        """(input with the cache's tokens, output, cache read, cache write) priced at at_ms."""
+        if not self.loaded:
+            self.install(load_prices(""))
+        if self.table is None:
+            return None
+        prompt, completion, read, write = tokens
+        return self.table.cost(provider, model, input_tokens=prompt, output_tokens=completion,
+                               cache_read_tokens=read, cache_write_tokens=write, at_ms=at_ms)
+
+
+PRICING = Pricing()
+
+
+def load_prices(user_file: str) -> PriceTable | None:
+    """The table a Service prices with: TRACE_PRICES (if set) over the vendored prices.json (if it
+    is there: a bare otrace.py without it computes no cost, and says so at start)."""
+    paths = [Path(user_file)] if user_file else []
+    if PRICES_FILE.exists():
+        paths.append(PRICES_FILE)
+    return PriceTable.load(*paths) if paths else None
+
+
+def price_call(provider: str, model: str, tokens: Tokens, at_ms: int,
+               reported: float | None) -> tuple[float | None, str | None, float | None, str | None]:
+    """(cost_usd, cost_source, computed_cost_usd, price_ref) of one call: the figure its source
+    reported wins, and the table's stays beside it; a call the table cannot price stays null."""
+    priced = PRICING.cost(provider, model, tokens, at_ms)
+    computed, ref = priced or (None, None)
+    if reported is not None:
+        return reported, "reported", computed, ref
+    return computed, None if priced is None else "computed", computed, ref
 
 
 # =============================================================================================== store
@@ -1201,7 +1691,41 @@ SCHEMA: list[str] = [
     ALTER TABLE push_rejects ADD COLUMN reported_at INTEGER;
     CREATE INDEX push_rejects_unreported ON push_rejects (id) WHERE reported_at IS NULL;
     """,
-    # 7: custom events, samples of the process table, and processes, network and DNS in host samples.
+    # 7: what a call cost by the price table beside what its source reported, and the event tables
+    # by time, for `otrace report`. Older rows keep cost_source null: their cost_usd was reported.
+    """
+    ALTER TABLE llm_traces ADD COLUMN cost_source TEXT;
+    ALTER TABLE llm_traces ADD COLUMN computed_cost_usd REAL;
+    ALTER TABLE llm_traces ADD COLUMN price_ref TEXT;
+    CREATE INDEX llm_traces_created ON llm_traces (created_at);
+    CREATE INDEX error_events_created ON error_events (created_at);
+    CREATE INDEX system_metrics_created ON system_metrics (created_at);
+    CREATE INDEX log_events_created ON log_events (created_at, kind);
+    """,
+    # 8: how far each OpenClaw session (or session file) has been read, and the failed attempts of a
+    # run that the gateway log showed, counted on the failure's error event.
+    """
+    CREATE TABLE openclaw_positions (
+        agent TEXT NOT NULL,
+        stream TEXT NOT NULL,
+        mark TEXT NOT NULL,
+        position INTEGER NOT NULL,
+        newest INTEGER,
+        updated_at INTEGER NOT NULL,
+        PRIMARY KEY (agent, stream)
+    );
+    CREATE TABLE openclaw_attempts (
+        id INTEGER PRIMARY KEY,
+        trace_id TEXT NOT NULL UNIQUE,
+        run_id TEXT NOT NULL,
+        outcome TEXT NOT NULL,
+        created_at INTEGER NOT NULL
+    );
+    CREATE INDEX openclaw_attempts_run ON openclaw_attempts (run_id);
+    CREATE INDEX error_events_openclaw_run ON error_events (json_extract(metadata, '$.run_id'))
+        WHERE source = 'openclaw_session';
+    """,
+    # 9: custom events, samples of the process table, and processes, network and DNS in host samples.
     """
     CREATE TABLE custom_events (
         id INTEGER PRIMARY KEY,
@@ -1279,16 +1803,18 @@ CACHE_KIB = 2048                 # per connection; otrace keeps few open
 ROWS_PER_INSERT = 32             # at most, and fewer for a wide table (see insert_rows)
 MAX_VARIABLES = 999              # what older SQLite allows in one statement
 JOB_TIMEOUT = 120.0              # longest a loop waits for the writer to run its job
-STATE_TABLES = ("otrace_state", "log_offsets")   # where readers keep their place: carried to a new file
+BUSY_TIMEOUT = 10.0              # seconds a statement waits for a lock another connection holds
+STATE_TABLES = ("otrace_state", "log_offsets",   # where readers keep their place: carried to a new file
+                "openclaw_positions", "openclaw_attempts")
 
 
 def connect(path: str, read_only: bool = False) -> sqlite3.Connection:
     """Open the database with otrace's pragmas; transactions are explicit (see transaction()). A
     read-only connection never creates the file."""
     target = f"file:{urllib.parse.quote(path)}?mode=ro" if read_only else path
-    conn = sqlite3.connect(target, timeout=10.0, isolation_level=None, check_same_thread=False,
+    conn = sqlite3.connect(target, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False,
                            uri=read_only)
-    conn.execute("PRAGMA busy_timeout = 10000")
+    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT * 1000:.0f}")
     conn.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
     conn.execute("PRAGMA synchronous = NORMAL")
     return conn
@@ -1448,6 +1974,51 @@ class Database:
             if self._query is not None:
                 self._query.close()
                 self._query = None
+
+
+class DatabaseLocked(Exception):
+    """Another otrace holds the database."""
+
+
+class DatabaseLock:
+    """An exclusive lock on <database>.lock, held for the life of the process: two otraces writing
+    one database would each push, retain and checkpoint it as if alone."""
+
+    def __init__(self, db_path: str) -> None:
+        self.db_path, self.path = db_path, db_path + ".lock"
+        self.fd = self.take()
+
+    def take(self) -> int:
+        folder = Path(self.db_path).parent
+        if not folder.exists():
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise DatabaseLocked(f"another otrace (pid {holder}) is using the database {self.db_path}"
+                                 ) from None
+        with contextlib.suppress(OSError):               # the pid is a courtesy, even on a full disk
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        return fd
+
+    def held(self) -> bool:
+        """True while the lock file at the path is the one this process locked (an rm of the
+        database's files takes it too, and lets another otrace start there)."""
+        st = os.fstat(self.fd)
+        return _identity(self.path) == (st.st_dev, st.st_ino)
+
+    def retake(self) -> None:
+        """Lock a new file at the path; DatabaseLocked if another otrace got there first."""
+        fd = self.take()
+        os.close(self.fd)
+        self.fd = fd
+
+    def release(self) -> None:
+        os.close(self.fd)
 
 
 @dataclasses.dataclass(slots=True)
@@ -1705,9 +2276,10 @@ class Writer(threading.Thread):
     STUCK_AFTER = 15.0           # seconds without a loop iteration before /health calls it stuck
     LOOK_EVERY = 1.0             # seconds between checks that the file is still the one at the path
 
-    def __init__(self, config: Config, db: Database, events: EventQueue, counters: Counters) -> None:
+    def __init__(self, config: Config, db: Database, events: EventQueue, counters: Counters,
+                 lock: DatabaseLock | None = None) -> None:
         super().__init__(name="otrace-writer", daemon=True)
-        self.config, self.db, self.events, self.counters = config, db, events, counters
+        self.config, self.db, self.events, self.counters, self.lock = config, db, events, counters, lock
         self.batch_size, self.window = config.batch_size, config.batch_window
         self.log = logging.getLogger("otrace.writer")
         self.pending: list[Unit] = []
@@ -1719,12 +2291,14 @@ class Writer(threading.Thread):
         self.conn_path = config.db_path          # the carry file while the path cannot be opened
         self.reopen_fault = FaultLog(self.log, "moving to a new database file")
         self.on_fault: Callable[[str], None] = lambda error: None   # told once per streak of failures
+        self.on_inserted: Callable[[dict[str, list[tuple]]], None] = lambda rows: None   # what committed
         self.reserve = Reserve(config.db_path, config.disk_reserve_bytes, self.log)
 
     @property
     def failing(self) -> bool:
-        """Writes are failing, or the disk is full: a 202 would promise a commit that may not come."""
-        return self.fault.error is not None or self.reserve.released
+        """Writes are failing, the disk is full, or the file at the path could not be taken over: a
+        202 would promise a commit that may not come."""
+        return self.fault.error is not None or self.reserve.released or self.reopen_fault.error is not None
 
     @property
     def stuck(self) -> bool:
@@ -1845,13 +2419,14 @@ class Writer(threading.Thread):
             for row in unit.rows:
                 by_table.setdefault(row.table, []).append(row.values)
         with transaction(self.conn) as conn:
-            inserted = sum(insert_rows(conn, table, values) for table, values in by_table.items())
+            new = {table: insert_new(conn, table, values) for table, values in by_table.items()}
             for unit in units:
                 for sql, params in unit.extra:
                     conn.execute(sql, params)
-        total = sum(map(len, by_table.values()))
+        inserted = sum(map(len, new.values()))
         self.counters.add("persisted", inserted)
-        self.counters.add("duplicate", total - inserted)
+        self.counters.add("duplicate", sum(map(len, by_table.values())) - inserted)
+        self.on_inserted(new)
 
     def drop(self, row: Row, exc: BaseException) -> None:
         """Give up on a row SQLite refuses for its own data: logged whole, counted in /health."""
@@ -1875,6 +2450,8 @@ class Writer(threading.Thread):
         if self.pending or not self.db.pause_readers():
             return
         try:
+            if self.lock is not None and not self.lock.held():
+                self.lock.retake()
             moved = self.reopen()
         except Exception as exc:  # noqa: BLE001 - the rows stay in the old file or the carry file
             self.reopen_fault.failed(describe(exc))
@@ -1943,6 +2520,23 @@ def insert_rows(conn: sqlite3.Connection, table: str, values: list[tuple]) -> in
         inserted += conn.execute(insert_sql(table, size), params).rowcount
         start += size
     return inserted
+
+
+def insert_new(conn: sqlite3.Connection, table: str, values: list[tuple]) -> list[tuple]:
+    """Insert rows (insert_rows) and return the ones that were new: all of them, unless a trace_id was
+    stored already. Then the new rows are the ones with the highest ids, as SQLite gives a new row
+    the id after the highest: one query, only when there were duplicates."""
+    inserted = insert_rows(conn, table, values)
+    if inserted == len(values):
+        return values
+    fresh = {trace_id for (trace_id,) in conn.execute(f"SELECT trace_id FROM {table} ORDER BY id DESC "
+                                                      "LIMIT ?", (inserted,))}
+    new = []
+    for row in values:
+        if row[0] in fresh:          # the first of a trace_id sent twice in the batch is the one stored
+            fresh.discard(row[0])
+            new.append(row)
+    return new
 
 
 def autocheckpoint_pages(config: Config, page_size: int) -> int:
@@ -2165,7 +2759,7 @@ def http_date(second: int) -> str:
 
 @functools.lru_cache(maxsize=2)
 def _date_header(second: int) -> str:
-    return "Date: " + http_date(second)
+    return f"Date: {http_date(second)}\r\n"
 
 
 def respond(status: int, body: dict[str, Any] | bytes, *, headers: dict[str, str] | None = None,
@@ -2173,16 +2767,22 @@ def respond(status: int, body: dict[str, Any] | bytes, *, headers: dict[str, str
             http10: bool = False) -> bytes:
     """A whole response, head and body, to be sent in one write."""
     payload = body if isinstance(body, bytes) else json.dumps(body).encode()
-    lines = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}", f"Server: otrace/{__version__}",
-             _date_header(int(time.time())), f"Content-Type: {content_type}",
-             f"Content-Length: {len(payload)}"]
-    lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
+    head = (_status_head(status, content_type) + _date_header(int(time.time())) +
+            f"Content-Length: {len(payload)}\r\n")
+    if headers:
+        head += "".join(f"{name}: {value}\r\n" for name, value in headers.items())
     if close:
-        lines.append("Connection: close")
+        head += "Connection: close\r\n"
     elif http10:
-        lines.append("Connection: keep-alive")
-    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-    return head if head_only else head + payload
+        head += "Connection: keep-alive\r\n"
+    data = (head + "\r\n").encode("latin-1")
+    return data if head_only else data + payload
+
+
+@functools.lru_cache(maxsize=64)
+def _status_head(status: int, content_type: str) -> str:
+    return f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\nServer: otrace/{__version__}\r\n" \
+           f"Content-Type: {content_type}\r\n"
 
 
 Answer = tuple[int, dict[str, Any] | bytes, dict[str, str], str]   # status, body, headers, content type
@@ -2236,11 +2836,11 @@ class Api:
             raise Refusal(403, "the /debug endpoints answer loopback clients only")
         if self.config.ingest_token and request.route not in PUBLIC_ROUTES and not self.authorized(request):
             raise Refusal(401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
+        if request.method == "POST":
+            self.check_post(request)
         if request.length is not None and request.length > self.config.max_body_bytes:
             raise Refusal(413, f"body of {request.length} bytes is over {self.config.max_body_bytes} "
                           "(TRACE_MAX_BODY_BYTES)")
-        if request.method == "POST":
-            self.check_post(request)
 
     def check_post(self, request: Request) -> None:
         content_type = request.headers.get("content-type")
@@ -3719,6 +4319,10 @@ class DnsProbe(Loop):
 # The OpenClaw gateway's JSON log. A file is known by its device, inode and a fingerprint of its first
 # bytes; how far it was read is committed in the same transaction as the events read from it, so a
 # restart (even after SIGKILL) resumes exactly there: no gap, no duplicate.
+# One failure, one event: each failed attempt of a run stays a log event and is counted by run in
+# openclaw_attempts; the line that ends the run (model-fallback/decision) is the failure. When the
+# session store is followed, its terminal error entry is the failure of record: the log then makes no
+# trace and no error event, and only adds the count of failed attempts to the store's event.
 
 LOG_LINE_LIMIT = 64 * 1024       # a longer line is cut to this; the rest is skipped, never held
 FINGERPRINT_BYTES = 256
@@ -3730,6 +4334,18 @@ NOTICE = ("WARN", "ERROR", "FATAL")
 OFFSET_SQL = ("INSERT INTO log_offsets (dev, inode, fingerprint, path, position, updated_at) "
               "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (dev, inode, fingerprint) DO UPDATE SET "
               "path = excluded.path, position = excluded.position, updated_at = excluded.updated_at")
+RUN_FAILED = "model-fallback/decision"     # its WARN line ends a run whose model calls failed
+RUNS_REMEMBERED = 256                      # runs whose last failed attempt the tailer keeps in memory
+ATTEMPT_SQL = ("INSERT INTO openclaw_attempts (trace_id, run_id, outcome, created_at) VALUES (?, ?, ?, ?) "
+               "ON CONFLICT (trace_id) DO NOTHING")
+_COUNT_ATTEMPTS = (
+    "UPDATE error_events SET metadata = json_set(coalesce(metadata, '{}'), '$.failed_attempts', json(("
+    "SELECT json_group_object(outcome, n) FROM (SELECT outcome, count(*) AS n FROM openclaw_attempts "
+    "WHERE run_id = ?1 GROUP BY outcome)))) WHERE <row> AND EXISTS (SELECT 1 FROM openclaw_attempts "
+    "WHERE run_id = ?1)")
+COUNT_ON_STORE_SQL = _COUNT_ATTEMPTS.replace(         # the partial index error_events_openclaw_run
+    "<row>", "source = 'openclaw_session' AND json_extract(metadata, '$.run_id') = ?1")
+COUNT_ON_ROW_SQL = _COUNT_ATTEMPTS.replace("<row>", "trace_id = ?2")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -3842,6 +4458,37 @@ def model_failure(line: LogLine, kind: str) -> dict[str, Any] | None:
             "session_id": line.session_id or info.get("sessionId")}
 
 
+def failure_category(*signals: Any) -> str | None:
+    """The category the signals of a failed model call give (HTTP statuses, error codes and types,
+    messages), checked in this order: rate_limit, network_failure, timeout, api_failure; else None."""
+    text = " ".join(s for s in signals if isinstance(s, str)).lower()
+    words = set(re.findall(r"[a-z0-9_]+", text))
+    if "429" in words or "rate_limit" in text or "rate limit" in text:
+        return "rate_limit"
+    if words & {code.lower() for code in NETWORK_CODES} or "provider_transport_failure" in words or any(
+            phrase in text for phrase in ("connection refused", "connection error", "fetch failed")):
+        return "network_failure"
+    if words & {"408", "504", "etimedout", "timeout", "aborterror", "timeouterror"} or "timed out" in text:
+        return "timeout"
+    if any(len(word) == 3 and word.isdigit() and word[0] in "45" for word in words):
+        return "api_failure"
+    return None
+
+
+def attempt_outcome(line: LogLine, causes: dict[str, str]) -> tuple[str, str] | None:
+    """(run id, outcome) of a failed attempt's "embedded run agent end" line: the HTTP status its
+    error starts with, else the cause code of the run's last [model-fetch] error, else OpenClaw's
+    failover reason. None for any other line."""
+    info = line.info
+    run = info.get("runId")
+    if line.subsystem != "agent/embedded" or info.get("isError") is not True or not isinstance(run, str):
+        return None
+    preview = info.get("rawErrorPreview") or info.get("error") or ""
+    status = re.match(r"([1-5]\d\d)\b", preview) if isinstance(preview, str) else None
+    outcome = status[1] if status else causes.get(line.otel_trace_id or "") or info.get("failoverReason")
+    return run, str(outcome or "unknown")[:MAX_NAME_CHARS]
+
+
 def model_call(line: LogLine) -> dict[str, Any] | None:
     """A [model-fetch] response line as an LLM trace (no tokens: the log has none)."""
     fields = line.fields
@@ -3898,8 +4545,9 @@ class Followed:
         if fingerprint_length(self.fingerprint) < FINGERPRINT_BYTES <= self.size():
             self.fingerprint = fingerprint(self.fd, FINGERPRINT_BYTES)
 
-    def lines(self, most: int, to_end: bool = False) -> tuple[list[tuple[int, bytes, int]], int]:
-        """Up to `most` whole lines from `offset`: (start, text cut to LOG_LINE_LIMIT, full length) each,
+    def lines(self, most: int, to_end: bool = False, limit: int = LOG_LINE_LIMIT
+              ) -> tuple[list[tuple[int, bytes, int]], int]:
+        """Up to `most` whole lines from `offset`: (start, text cut to `limit` bytes, full length) each,
         and the offset after them. Reads 64 KiB at a time; a partial last line waits for its newline
         (unless `to_end`: the file is finished), and is not read again while it waits."""
         found: list[tuple[int, bytes, int]] = []
@@ -3923,7 +4571,7 @@ class Followed:
             while at < len(chunk) and len(found) < most:
                 newline = chunk.find(b"\n", at)
                 end = len(chunk) if newline < 0 else newline
-                pending += chunk[at:at + max(0, min(end - at, LOG_LINE_LIMIT - len(pending)))]
+                pending += chunk[at:at + max(0, min(end - at, limit - len(pending)))]
                 if newline < 0:
                     at = len(chunk)
                     break
@@ -3958,11 +4606,15 @@ class LogTailer(Loop):
     """Follows the gateway's log: every TRACE_LOG_POLL it reads the lines appended since the last
     commit and offers their events, with the new offset, to the queue as one unit. After a rename
     rotation it finishes the old file before moving on; a truncated file is read again from its start;
-    a missing file is waited for quietly (a line when waiting starts, one when the file appears)."""
+    a missing file is waited for quietly (a line when waiting starts, one when the file appears).
+    `store_followed`: OpenClaw's session store records the model calls and their failures."""
 
-    def __init__(self, config: Config, events: EventQueue, db: Database) -> None:
+    def __init__(self, config: Config, events: EventQueue, db: Database,
+                 store_followed: bool = False) -> None:
         super().__init__("logtail", config.log_poll, first_delay=0.0)
-        self.config, self.events = config, events
+        self.config, self.events, self.store_followed = config, events, store_followed
+        self.causes: dict[str, str] = {}         # otel trace id -> cause code of its last fetch error
+        self.last_outcome: dict[str, str] = {}   # run id -> outcome of its last failed attempt
         self.known: dict[tuple[int, int], list[tuple[str, int]]] = {}   # (dev, inode) -> [(mark, offset)]
         for dev, inode, mark, position in db.query(
                 "SELECT dev, inode, fingerprint, position FROM log_offsets ORDER BY updated_at"):
@@ -3973,7 +4625,8 @@ class LogTailer(Loop):
         self.waiting = False
         self.most = max(1, min(256, config.queue_size // 4))   # lines per unit, so that units fit the queue
         self.behind = False              # the queue refused the last offer: look again soon
-        self.totals = Counters(("lines", "events", "skipped", "not_json", "cut", "bytes_read"))
+        self.totals = Counters(("lines", "events", "skipped", "not_json", "cut", "bytes_read",
+                                "failed_attempts"))
 
     # -- which file
     def target(self) -> str | None:
@@ -4078,11 +4731,14 @@ class LogTailer(Loop):
             followed.read = 0
             if not lines:
                 return total
-            rows = [row for start, text, length in lines for row in self.rows(followed, start, text, length)]
+            rows: list[Row] = []
+            extra: list[tuple[str, tuple]] = []
+            for start, text, length in lines:
+                rows += self.rows(followed, start, text, length, extra)
             followed.refresh_fingerprint()
-            state = (OFFSET_SQL, (followed.dev, followed.inode, followed.fingerprint, followed.path, end,
-                                  now_ms()))
-            if not self.events.offer(Unit(rows, (state,), own=True)):
+            extra.append((OFFSET_SQL, (followed.dev, followed.inode, followed.fingerprint, followed.path, end,
+                                       now_ms())))
+            if not self.events.offer(Unit(rows, tuple(extra), own=True)):
                 self.behind = True
                 return None
             self.behind = False
@@ -4093,9 +4749,12 @@ class LogTailer(Loop):
             total += len(lines)
         return total
 
-    def rows(self, followed: Followed, start: int, text: bytes, length: int) -> list[Row]:
-        """The rows one line becomes: a log event, and for a model call a trace and/or an error event.
-        Their trace_ids come from the file's identity and the line's offset, so a replay adds none."""
+    def rows(self, followed: Followed, start: int, text: bytes, length: int,
+             extra: list[tuple[str, tuple]]) -> list[Row]:
+        """The rows one line becomes: a log event; without the session store, a trace for a model
+        call's response and an error event for the end of a failed run. Statements that must commit
+        with them (a failed attempt, its count on the failure) go to `extra`. Their trace_ids come
+        from the file's identity and the line's offset, so a replay adds none."""
         if length > LOG_LINE_LIMIT:
             self.totals.add("cut")
         line = LogLine.parse(text)
@@ -4114,8 +4773,20 @@ class LogTailer(Loop):
         rows = [Row(LOGS.name, (trace_id, created, received, "log", line.level, line.subsystem,
                                 kind or "info", message, self.detail_json(line.detail), line.otel_trace_id,
                                 followed.path, start))]
+        self.note_attempt(line, trace_id, created, extra)
+        ends_run = kind == "model_error" and line.subsystem == RUN_FAILED
+        run = line.info.get("runId") if ends_run and isinstance(line.info.get("runId"), str) else None
+        if self.store_followed:
+            if run:
+                extra.append((COUNT_ON_STORE_SQL, (run,)))
+            return rows
+        failure = model_failure(line, kind) if ends_run else None
+        if failure and run:
+            failure["category"] = failure_category(self.last_outcome.get(run)) or failure["category"]
+            failure |= {"severity": "error", "metadata": {"run_id": run}}   # the run got no answer
+            extra.append((COUNT_ON_ROW_SQL, (run, f"{trace_id}-{ERRORS.name}")))
         derived = ((TRACES, trace_row, model_call(line) if kind == "model_call" else None),
-                   (ERRORS, error_row, model_failure(line, kind or "")))
+                   (ERRORS, error_row, failure))
         for table, build, event in derived:
             if event is not None:
                 event |= {"trace_id": f"{trace_id}-{table.name}", "created_at": created, "metadata": {
@@ -4124,6 +4795,25 @@ class LogTailer(Loop):
                     rows.append(event_row(table, build, event, "log", received=received,
                                           max_text=self.config.max_text_bytes))
         return rows
+
+    def note_attempt(self, line: LogLine, trace_id: str, created: int,
+                     extra: list[tuple[str, tuple]]) -> None:
+        """Remember a fetch error's cause for the run's next line; count a failed attempt under its
+        run, once per line (a replayed line inserts nothing)."""
+        if line.message.startswith("[model-fetch] error") and line.otel_trace_id:
+            cause = next((c for c in (line.fields.get("causeCode"), line.fields.get("code"))
+                          if c and c != "undefined"), None)
+            if cause:
+                self.causes[line.otel_trace_id] = cause
+                _forget_oldest(self.causes)
+        attempt = attempt_outcome(line, self.causes)
+        if attempt is None:
+            return
+        run, outcome = attempt
+        self.last_outcome[run] = outcome
+        _forget_oldest(self.last_outcome)
+        extra.append((ATTEMPT_SQL, (trace_id, run, outcome, created)))
+        self.totals.add("failed_attempts")
 
     def detail_json(self, detail: Any) -> str | None:
         if detail is None:
@@ -4142,6 +4832,12 @@ class LogTailer(Loop):
                 **self.totals.snapshot(), "last_error": self.fault.error}
 
 
+def _forget_oldest(memory: dict[str, str]) -> None:
+    """Keep a per-run memory to RUNS_REMEMBERED entries (dicts keep insertion order)."""
+    while len(memory) > RUNS_REMEMBERED:
+        del memory[next(iter(memory))]
+
+
 def open_regular(path: str) -> int:
     """A descriptor of `path` for reading, which must be a regular file: never waits on a FIFO with
     no writer, never reads /dev/zero forever."""
@@ -4157,6 +4853,513 @@ def line_end(fd: int, size: int) -> int:
     tail = os.pread(fd, min(size, LOG_LINE_LIMIT), max(0, size - LOG_LINE_LIMIT))
     newline = tail.rfind(b"\n")
     return size - len(tail) + newline + 1 if newline >= 0 else size
+
+
+# ================================================================================== openclaw sessions
+# OpenClaw's session store: every model call OpenClaw made, with the tokens and cost it computed from
+# its own price config. Agents are found under <state dir>/agents/*/ at every poll. Since 2026.8.1 an
+# agent keeps its transcripts in agent/openclaw-agent.sqlite, read through SQLite (rows still in the
+# gateway's WAL are seen) on a read-only connection, session by session, in short transactions; before
+# that, in sessions/<session>.jsonl files, followed like the gateway log. An assistant entry becomes
+# one llm_traces row, a failed call or run also an error event. A session's position (its rewrite
+# generation, last seq, newest entry) or a file's (identity, offset) commits with the rows it produced.
+
+STORE_SOURCE = "openclaw_session"
+_ERROR_METADATA = ERRORS.columns.index("metadata")
+STORE_LINE_LIMIT = 8 << 20       # an entry is at most 4 MiB in the database; a longer JSONL line is cut
+STORE_CACHE_KIB = 512            # page cache of each agent database's connection
+STORE_BUSY_MS = 1000             # longest wait for a lock the gateway holds; then the next poll tries
+REWRITE_SLACK_MS = 60_000        # after a session is rewritten, entries older than the newest read by
+                                 # more than this are ones otrace has seen (a clock step is tolerated)
+FAILED_BEFORE_REPLY = "run-failed-before-reply"
+TRANSCRIPT_ONLY = ("delivery-mirror", "gateway-injected")   # "models" of provider openclaw: no call
+CHECKPOINT_FILE = re.compile(r".+\.checkpoint\.[0-9a-fA-F-]{36}\.jsonl")   # a copy of a transcript
+POSITION_SQL = ("INSERT INTO openclaw_positions (agent, stream, mark, position, newest, updated_at) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (agent, stream) DO UPDATE SET mark = excluded.mark, "
+                "position = excluded.position, newest = excluded.newest, updated_at = excluded.updated_at")
+# Each session with its last seq and rewrite generation, one index seek per session (a loose index
+# scan of the primary key): no scan of the entries themselves.
+SESSIONS_SQL = """
+    WITH RECURSIVE sessions(id) AS (
+        SELECT min(session_id) FROM transcript_events
+        UNION ALL
+        SELECT (SELECT min(session_id) FROM transcript_events WHERE session_id > sessions.id)
+        FROM sessions WHERE sessions.id IS NOT NULL)
+    SELECT id, (SELECT max(seq) FROM transcript_events WHERE session_id = sessions.id), {generation}
+    FROM sessions WHERE id IS NOT NULL"""
+GENERATION_SQL = "SELECT generation FROM transcript_rewrite_watermarks WHERE session_id = {}"
+# Entries after a seq; the text only of those that can be a call or a failure (the rest are skipped
+# inside SQLite), compressed ones whole.
+ENTRIES_SQL = """
+    SELECT seq, created_at,
+        CASE WHEN instr(event_json, '"assistant"') OR instr(event_json, 'run-failed-before-reply')
+            THEN event_json END,
+        {compressed}
+    FROM transcript_events WHERE session_id = ? AND seq > ? ORDER BY seq LIMIT ?"""
+
+
+def openclaw_state_dir(setting: str, environ: Mapping[str, str] = os.environ) -> Path | None:
+    """The state directory TRACE_OPENCLAW_STATE_DIR names: a path as given; auto: $OPENCLAW_STATE_DIR
+    if set, else ~/.openclaw of this user when it exists; None for off, or auto finding neither."""
+    if setting == "off":
+        return None
+    if setting != "auto":
+        return Path(setting).expanduser()
+    if environ.get("OPENCLAW_STATE_DIR"):
+        return Path(environ["OPENCLAW_STATE_DIR"]).expanduser()
+    try:
+        home = Path.home() / ".openclaw"
+    except (RuntimeError, KeyError):       # no $HOME and a uid the password database does not know
+        return None
+    return home if home.is_dir() else None
+
+
+def store_trace_id(agent: str, session: str, entry: str) -> str:
+    """The trace_id of an entry's rows: the entry read again (after a restart, a rewrite of its session,
+    from a copy of the store) gets the same one, so the UNIQUE trace_id keeps one row. Readable when it
+    fits; else the agent and a 96-bit digest of the three (hashlib would map OpenSSL)."""
+    whole = f"oc:{agent}:{session}:{entry}"
+    if len(whole) <= MAX_TRACE_ID_CHARS and whole.isprintable():
+        return whole
+    raw = whole.encode("utf-8", "surrogatepass")
+    digest = f"{zlib.crc32(raw):08x}{zlib.crc32(raw[::-1]):08x}{zlib.adler32(raw):08x}"
+    return f"oc:{''.join(c for c in agent if c.isprintable())[:64]}:{digest}"
+
+
+def _count(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_INT else None
+
+
+def _name(value: Any) -> str | None:
+    return value[:MAX_NAME_CHARS] if isinstance(value, str) and value.strip() else None
+
+
+def _text(content: Any) -> str | None:
+    """The text of a message's content: a string, or its text blocks joined."""
+    if isinstance(content, str):
+        return content or None
+    if isinstance(content, list):
+        parts = [b["text"] for b in content if isinstance(b, dict) and b.get("type") == "text"
+                 and isinstance(b.get("text"), str)]
+        return "".join(parts) or None
+    return None
+
+
+def entry_time(entry: dict[str, Any]) -> int | None:
+    """When the entry's call started (message.timestamp, Unix ms), else when the entry was written."""
+    message = entry.get("message") if isinstance(entry.get("message"), dict) else {}
+    stamp = message.get("timestamp")
+    if _finite(stamp) and 0 <= stamp <= MAX_UNIX_MS:
+        return int(stamp)
+    return _log_time(entry.get("timestamp"))
+
+
+def store_events(entry: Any, agent: str, session: str, fallback_id: str
+                 ) -> list[tuple[Table, Callable[[Fields, int, str], tuple], dict[str, Any]]]:
+    """What one transcript entry becomes, as (table, row builder, event): an assistant message (one
+    model call) a trace, and when it failed an error event with the same trace_id; a run that failed
+    before any reply an error event; any other entry (user messages, tool results, OpenClaw's own
+    transcript-only messages) nothing."""
+    if not isinstance(entry, dict):
+        return []
+    message = entry.get("message") if isinstance(entry.get("message"), dict) else {}
+    entry_id = entry["id"] if isinstance(entry.get("id"), str) and entry["id"] else fallback_id
+    trace_id, created = store_trace_id(agent, session, entry_id), entry_time(entry)
+    if entry.get("customType") == FAILED_BEFORE_REPLY:
+        details = entry.get("details") if isinstance(entry.get("details"), dict) else {}
+        error = details.get("error") if isinstance(details.get("error"), str) else None
+        text = _text(entry.get("content")) or error or "the run failed before a reply"
+        return [(ERRORS, error_row, {
+            "trace_id": trace_id, "created_at": created, "error_type": "llm_error",
+            "category": failure_category(error, text) or "other", "message": text, "session_id": session,
+            "metadata": {"agent_id": agent, "run_id": _name(details.get("runId")), "entry_id": entry_id}})]
+    if entry.get("type") != "message" or message.get("role") != "assistant":
+        return []
+    provider, model = _name(message.get("provider")), _name(message.get("model"))
+    if (provider == "openclaw" and model in TRANSCRIPT_ONLY) or isinstance(
+            message.get("openclawDeliveryMirror"), dict):
+        return []
+    usage = message.get("usage") if isinstance(message.get("usage"), dict) else {}
+    cost = usage.get("cost") if isinstance(usage.get("cost"), dict) else {}
+    read, write = _count(usage.get("cacheRead")), _count(usage.get("cacheWrite"))
+    parts = [n for n in (_count(usage.get("input")), read, write) if n is not None]
+    internal = message.get("__openclaw") if isinstance(message.get("__openclaw"), dict) else {}
+    stored = _log_time(entry.get("timestamp"))
+    failed = message.get("stopReason") == "error"
+    code, kind = _name(str(message["errorCode"]) if message.get("errorCode") is not None else None), \
+        _name(message.get("errorType"))
+    metadata = {"agent_id": agent, "run_id": _name(internal.get("runId")), "entry_id": entry_id,
+                "response_id": _name(message.get("responseId")), "api": _name(message.get("api")),
+                # from the call's start to OpenClaw storing its entry: the call plus OpenClaw's own
+                # work after it, so an upper bound on the latency, not the latency
+                "stored_after_ms": stored - created if stored is not None and created is not None
+                and stored >= created else None}
+    trace = {"trace_id": trace_id, "created_at": created, "provider": provider or "unknown",
+             "model": model or "unknown", "status": "error" if failed else "ok",
+             "error_type": (kind or code) if failed else None,
+             "finish_reason": _name(message.get("stopReason")), "session_id": session,
+             "prompt_tokens": sum(parts) if parts else None, "completion_tokens": _count(usage.get("output")),
+             "total_tokens": _count(usage.get("totalTokens")),
+             "cache_read_tokens": read, "cache_write_tokens": write,
+             "reasoning_tokens": _count(usage.get("reasoningTokens")),
+             "cost_usd": cost.get("total") if _finite(cost.get("total")) and cost["total"] >= 0 else None,
+             "output_text": _text(message.get("content")),
+             "metadata": {k: v for k, v in metadata.items() if v is not None}}
+    if not failed:
+        return [(TRACES, trace_row, trace)]
+    diagnostics = [d.get("type") for d in message.get("diagnostics") or [] if isinstance(d, dict)]
+    text = message.get("errorMessage") if isinstance(message.get("errorMessage"), str) else None
+    error = {"trace_id": trace_id, "created_at": created, "error_type": "llm_error",
+             "category": failure_category(code, kind, *diagnostics, text) or "other",
+             "message": text or f"model call failed ({kind or code or 'no reason given'})",
+             "provider": trace["provider"], "model": trace["model"], "session_id": session,
+             "metadata": {k: v for k, v in {**metadata, "error_code": code, "error_type": kind}.items()
+                          if v is not None}}
+    return [(TRACES, trace_row, trace), (ERRORS, error_row, error)]
+
+
+def maybe_call(text: str) -> bool:
+    """Whether an entry's JSON can be an assistant message or a failed run: the cheap test that spares
+    parsing user messages and tool results."""
+    return '"assistant"' in text or FAILED_BEFORE_REPLY in text
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Cursor:
+    """How far a session (or session file) was read: its mark (a session's rewrite generation; a
+    file's device, inode and fingerprint), the last seq read (a file's offset), and the newest entry
+    time read."""
+
+    mark: str
+    position: int
+    newest: int | None
+
+    def fresh(self, created: int | None) -> bool:
+        """Whether an entry met again after a rewrite can be one not read before."""
+        return self.newest is None or created is None or created >= self.newest - REWRITE_SLACK_MS
+
+
+class Behind(Exception):
+    """The queue refused a unit: the same entries are read again at the next look, which comes soon."""
+
+
+class AgentDatabase:
+    """One agent's openclaw-agent.sqlite, read on a read-only connection kept between polls with no
+    transaction open between them: a poll first asks SQLite whether anyone committed since the last
+    look (PRAGMA data_version), and only then which sessions have new entries. A file replaced at the
+    path is opened again; one not there yet (before the agent's first turn) is waited for."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.conn: sqlite3.Connection | None = None
+        self.identity: tuple[int, int] | None = None
+        self.version: int | None = None          # data_version once every session was caught up
+        self.sessions_sql = self.entries_sql = self.generation_sql = ""
+
+    def open(self) -> bool:
+        """Connect (again, when the file at the path is another one); False while there is no file,
+        or no transcript table in it yet."""
+        identity = _identity(str(self.path))
+        if identity is None:
+            self.close()
+            return False
+        if self.conn is not None and identity == self.identity:
+            return True
+        self.close()
+        conn = sqlite3.connect(f"file:{urllib.parse.quote(str(self.path))}?mode=ro", uri=True,
+                               timeout=STORE_BUSY_MS / 1000, isolation_level=None, check_same_thread=False)
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {STORE_BUSY_MS}")
+            conn.execute(f"PRAGMA cache_size = -{STORE_CACHE_KIB}")
+            conn.execute("PRAGMA query_only = 1")
+            tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            columns = {row[1] for row in conn.execute("PRAGMA table_info(transcript_events)")}
+        except sqlite3.Error as exc:
+            conn.close()
+            if sqlite_code(exc) in ("SQLITE_READONLY", "SQLITE_CANTOPEN", "SQLITE_PERM"):
+                raise PermissionError(f"{describe(exc)}: a reader of a WAL database must be able to "
+                                      "create or write its -shm beside it; run otrace as the gateway's "
+                                      "user") from None
+            raise
+        if "transcript_events" not in tables:
+            conn.close()
+            return False
+        rewrites = "transcript_rewrite_watermarks" in tables
+        self.sessions_sql = SESSIONS_SQL.format(generation=f"({GENERATION_SQL.format('sessions.id')})"
+                                                if rewrites else "NULL")
+        self.entries_sql = ENTRIES_SQL.format(compressed="event_zstd, event_utf8_bytes" if {
+            "event_zstd", "event_utf8_bytes"} <= columns else "NULL, NULL")
+        self.generation_sql = GENERATION_SQL.format("?") if rewrites else ""
+        self.conn, self.identity, self.version = conn, identity, None
+        return True
+
+    def changed(self) -> int | None:
+        """The database's data_version when something was committed since every session was last caught
+        up (or at the first look), else None."""
+        version = self.conn.execute("PRAGMA data_version").fetchone()[0]
+        return None if version == self.version else version
+
+    def sessions(self) -> list[tuple[str, int, str]]:
+        """Every session with entries: (id, last seq, rewrite generation or "")."""
+        return [(session, seq, generation or "") for session, seq, generation in
+                self.conn.execute(self.sessions_sql) if isinstance(session, str) and seq is not None]
+
+    def entries(self, session: str, after: int, most: int) -> tuple[str, list[tuple]]:
+        """Up to `most` entries after seq `after`, and the generation they belong to, in one read
+        transaction: (generation, [(seq, created_at, json, zstd, size), ...])."""
+        conn = self.conn
+        conn.execute("BEGIN")
+        try:
+            found = conn.execute(self.generation_sql, (session,)).fetchone() if self.generation_sql else None
+            rows = conn.execute(self.entries_sql, (session, after, most)).fetchall()
+        finally:
+            conn.execute("COMMIT")
+        return (found[0] or "") if found else "", rows
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+        self.conn, self.identity, self.version = None, None, None
+
+
+class SessionStore(Loop):
+    """Follows every agent's session store under OpenClaw's state directory: every TRACE_OPENCLAW_POLL
+    it offers the rows of the entries written since the last commit, with the new position, to the
+    queue as units of their own. A directory, agent or database not there yet is waited for quietly;
+    a database that is locked, replaced or unreadable is a fault said once, and the other agents are
+    read meanwhile."""
+
+    def __init__(self, config: Config, events: EventQueue, db: Database, root: Path) -> None:
+        super().__init__("sessions", config.openclaw_poll, first_delay=0.0)
+        self.config, self.events, self.root = config, events, root
+        self.cursors: dict[tuple[str, str], Cursor] = {
+            (agent, stream): Cursor(mark, position, newest) for agent, stream, mark, position, newest in
+            db.query("SELECT agent, stream, mark, position, newest FROM openclaw_positions")}
+        self.databases: dict[str, AgentDatabase] = {}
+        self.followed: set[str] = set()        # what was said to be followed (an agent's db or files)
+        self.agents_seen: set[str] = set()
+        self.started = False
+        self.most = max(1, min(256, config.queue_size // 8))   # entries per unit: 2 rows each at most
+        self.waiting = False
+        self.behind = False
+        self.zstd: Any = None                  # zstandard.ZstdDecompressor, made at the first need
+        self.zstd_error: Any = None
+        self.totals = Counters(("entries", "calls", "failures", "undecodable", "bytes_read"))
+        self.errors: dict[str, str] = {}       # agent -> why it could not be read at the last look
+
+    # -- where
+    def agents(self) -> list[str] | None:
+        """The agents under the state directory; None while it (or its agents/) is not there."""
+        try:
+            found = sorted(e.name for e in os.scandir(self.root / "agents") if e.is_dir())
+        except FileNotFoundError:
+            if not self.waiting:
+                self.log.info("waiting for OpenClaw's state directory", extra={"path": str(self.root)})
+            self.waiting = True
+            return None
+        if self.waiting or not self.started:
+            self.log.info("following OpenClaw's session store", extra={"path": str(self.root),
+                                                                        "agents": found})
+        self.waiting, self.started = False, True
+        self.agents_seen.update(found)
+        return found
+
+    def tick(self) -> None:
+        agents = self.agents()
+        if agents is None:
+            return
+        self.errors = {}
+        for agent in agents:
+            try:
+                self.read_database(agent)
+                self.read_files(agent)
+            except Behind:
+                self.behind = True
+                return
+            except (OSError, sqlite3.Error) as exc:
+                self.errors[agent] = describe(exc)
+                if agent in self.databases and isinstance(exc, sqlite3.Error):
+                    self.databases[agent].close()        # opened afresh at the next look
+        self.behind = False
+        if self.errors:
+            raise RuntimeError("; ".join(f"agent {a}: {e}" for a, e in self.errors.items()))
+
+    def next_delay(self) -> float:
+        """While catching up behind a full queue, look again in 2 ms rather than a whole poll."""
+        return min(self.interval, 0.002) if self.behind else self.interval
+
+    def said(self, what: str, path: Path) -> None:
+        if what not in self.followed:
+            self.followed.add(what)
+            self.log.info("following " + what.split(":", 1)[0], extra={"path": str(path)})
+
+    # -- 2026.8.1 and later: the agent's database
+    def read_database(self, agent: str) -> None:
+        store = self.databases.get(agent)
+        if store is None:
+            store = self.databases[agent] = AgentDatabase(self.root / "agents" / agent / "agent" /
+                                                          "openclaw-agent.sqlite")
+        if not store.open():
+            return
+        self.said(f"agent database:{agent}", store.path)
+        version = store.changed()
+        if version is None:
+            return
+        for session, last, generation in store.sessions():
+            cursor = self.cursors.get((agent, session))
+            if cursor is None or cursor.mark != generation or cursor.position < last:
+                self.read_session(store, agent, session, cursor)
+        store.version = version
+
+    def read_session(self, store: AgentDatabase, agent: str, session: str, cursor: Cursor | None) -> None:
+        """Every entry of the session not read yet, unit by unit. A session rewritten since (another
+        generation) is read again from its start, taking only entries newer than the newest read."""
+        while not self.stopping.is_set():
+            after = cursor.position if cursor else -1
+            generation, rows = store.entries(session, after, self.most)
+            if cursor is not None and cursor.mark != generation:
+                cursor = Cursor(generation, -1, cursor.newest)
+                if after >= 0:
+                    continue
+            newest, found = cursor.newest if cursor else None, []
+            for seq, created, plain, compressed, size in rows:
+                if cursor is not None and not cursor.fresh(created):
+                    continue
+                newest = created if newest is None else max(newest, created)
+                where = f"{agent}/{session}#{seq}"
+                text = plain if compressed is None else self.decompress(compressed, size, where)
+                if text is not None and maybe_call(text):
+                    found += self.parse(text, agent, session, f"seq-{seq}", where)
+            cursor = Cursor(generation, rows[-1][0] if rows else after, newest)
+            if rows or cursor != self.cursors.get((agent, session)):
+                self.offer(agent, session, found, cursor)
+            if len(rows) < self.most:
+                return
+
+    def decompress(self, blob: bytes, size: int | None, where: str) -> str | None:
+        """An event_zstd entry's JSON (a plain zstd frame, as node:zlib writes it); None, counted and
+        logged, if it does not decode."""
+        if self.zstd is None:
+            try:
+                import zstandard  # noqa: PLC0415 - imported where needed (see the imports)
+            except ImportError as exc:
+                self.undecodable(where, f"{describe(exc)} (pip install zstandard)")
+                return None
+            self.zstd, self.zstd_error = zstandard.ZstdDecompressor(), zstandard.ZstdError
+        try:
+            data = self.zstd.decompress(blob, max_output_size=_count(size) or STORE_LINE_LIMIT)
+            return data.decode("utf-8")
+        except (self.zstd_error, UnicodeDecodeError) as exc:
+            self.undecodable(where, describe(exc))
+            return None
+
+    def undecodable(self, where: str, why: str) -> None:
+        self.totals.add("undecodable")
+        self.log.warning("session entry cannot be read; skipped", extra={"entry": where, "error": why})
+
+    def parse(self, text: str, agent: str, session: str, fallback: str, where: str) -> list[Row]:
+        """The rows of one entry's JSON."""
+        self.totals.add("entries")
+        try:
+            entry = json.loads(text)
+        except (ValueError, RecursionError) as exc:
+            self.undecodable(where, describe(exc))
+            return []
+        rows = []
+        for table, build, event in store_events(entry, agent, session, fallback):
+            try:
+                rows.append(event_row(table, build, event, STORE_SOURCE, max_text=self.config.max_text_bytes))
+            except Invalid as exc:
+                self.undecodable(where, str(exc))
+        return rows
+
+    def offer(self, agent: str, stream: str, rows: list[Row], cursor: Cursor) -> None:
+        """Rows with the position after them, as one unit; Behind if the queue is full. A failure
+        with a run id also gets the count of its failed attempts the gateway log has seen so far."""
+        extra = [(POSITION_SQL, (agent, stream, cursor.mark, cursor.position, cursor.newest, now_ms()))]
+        extra += [(COUNT_ON_STORE_SQL, (run,)) for row in rows if row.table == ERRORS.name and (
+            run := _run_of(row))]
+        if not self.events.offer(Unit(rows, tuple(extra), own=True)):
+            raise Behind
+        self.cursors[(agent, stream)] = cursor
+        self.totals.add("calls", sum(row.table == TRACES.name for row in rows))
+        self.totals.add("failures", sum(row.table == ERRORS.name for row in rows))
+
+    # -- 2026.7.x and earlier: sessions/<session>.jsonl
+    def read_files(self, agent: str) -> None:
+        folder = self.root / "agents" / agent / "sessions"
+        try:
+            names = sorted(e.name for e in os.scandir(folder) if e.name.endswith(".jsonl") and not (
+                e.name.endswith(".trajectory.jsonl") or CHECKPOINT_FILE.fullmatch(e.name)))
+        except FileNotFoundError:
+            return
+        if names:
+            self.said(f"agent session files:{agent}", folder)
+        for name in names:
+            self.read_file(agent, folder / name)
+
+    def read_file(self, agent: str, path: Path) -> None:
+        """The lines appended to one session file since the last commit (a partial last line waits
+        for its newline); a file that is not the one read before is read from its start, taking only
+        entries newer than the newest read from its name."""
+        cursor = self.cursors.get((agent, path.name))
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return
+        dev, inode = (int(part) for part in cursor.mark.split(":", 2)[:2]) if cursor else (None, None)
+        same = cursor is not None and (dev, inode) == (st.st_dev, st.st_ino)
+        if same and st.st_size == cursor.position:
+            return
+        fd = open_regular(str(path))
+        try:
+            offset = cursor.position if same and st.st_size >= cursor.position and same_start(
+                fd, cursor.mark.split(":", 2)[2]) else 0
+            followed = Followed(str(path), fd, offset)
+            rewritten = cursor is not None and offset == 0
+            session = path.name[:-len(".jsonl")]
+            newest = cursor.newest if cursor else None
+            while not self.stopping.is_set():
+                lines, end = followed.lines(self.most, limit=STORE_LINE_LIMIT)
+                self.totals.add("bytes_read", followed.read)
+                followed.read = 0
+                if not lines:
+                    return
+                rows: list[Row] = []
+                for start, text, length in lines:
+                    where = f"{agent}/{path.name}@{start}"
+                    if length > STORE_LINE_LIMIT:
+                        self.undecodable(where, f"a line of {length} bytes, over {STORE_LINE_LIMIT}")
+                        continue
+                    if not maybe_call(raw := text.decode("utf-8", "replace")):
+                        continue
+                    found = self.parse(raw, agent, session, f"at-{start}", where)
+                    created = found[0].values[1] if found else None
+                    if created is None or (rewritten and not cursor.fresh(created)):
+                        continue
+                    newest = created if newest is None else max(newest, created)
+                    rows += found
+                followed.refresh_fingerprint()
+                self.offer(agent, path.name, rows, Cursor(f"{followed.dev}:{followed.inode}:"
+                                                          f"{followed.fingerprint}", end, newest))
+                followed.offset = end
+        finally:
+            os.close(fd)
+
+    def health(self) -> dict[str, Any]:
+        return {"state_dir": str(self.root), "waiting": self.waiting, "polls": self.ticks,
+                "agents": sorted(self.agents_seen),
+                "sessions": len(self.cursors), **self.totals.snapshot(), "agent_errors": self.errors,
+                "last_error": self.fault.error}
+
+
+def _run_of(row: Row) -> str | None:
+    """The run id in an error event row's metadata."""
+    metadata = row.values[_ERROR_METADATA]
+    with contextlib.suppress(ValueError, TypeError, AttributeError):
+        run = json.loads(metadata).get("run_id")
+        return run if isinstance(run, str) else None
+    return None
 
 
 # ================================================================================================ push
@@ -4469,11 +5672,13 @@ class Breaker:
 
 @dataclasses.dataclass
 class Cycle:
-    """What one push cycle learned: whether the receiver accepted anything, and the rows it refused
-    one by one (poison only if it did accept others)."""
+    """What one push cycle learned: whether the receiver accepted anything, the rows it refused one
+    by one (poison only if it did accept others), and the confirmed batch the writer is marking
+    synced while the next one is sent."""
 
     accepted: bool = False
     refused: list[tuple[str, int, str, Attempt]] = dataclasses.field(default_factory=list)
+    marking: tuple[Future, int] | None = None
 
 
 class Pusher(Loop):
@@ -4509,8 +5714,11 @@ class Pusher(Loop):
             return False
         try:
             cycle = Cycle()
-            with self.db.reading() as conn:
-                ok = all(self.deliver(batch, deadline, cycle) for batch in self.batches(conn))
+            try:
+                with self.db.reading() as conn:
+                    ok = all(self.deliver(batch, deadline, cycle) for batch in self.batches(conn))
+            finally:
+                self.marked(cycle, deadline)
             ok = self.settle(cycle, deadline) and ok
             if ok and self.last_status == "never":
                 self.last_status = "ok"     # nothing was waiting: the receiver is not known to be down
@@ -4549,9 +5757,9 @@ class Pusher(Loop):
             verdict = attempt.verdict
             self.note(attempt, verdict)
             if verdict == "ok":
-                self.events.call(functools.partial(record_pushed, batch, attempt), self.wait(deadline))
-                self.totals.add("events", len(batch))
-                self.totals.add("batches")
+                self.marked(cycle, deadline)      # the batch before, while this one was sent
+                cycle.marking = (self.events.submit(functools.partial(record_pushed, batch, attempt)),
+                                 len(batch))
                 cycle.accepted = True
                 return True
             self.events.submit(functools.partial(record_attempt, attempt))
@@ -4571,6 +5779,16 @@ class Pusher(Loop):
             if self.stopping.wait(wait):
                 return False
         return False
+
+    def marked(self, cycle: Cycle, deadline: float | None) -> None:
+        """Wait until the writer has marked the last confirmed batch synced. Raises if it could not
+        (the cycle ends; its rows stay unsynced and go again)."""
+        if cycle.marking is None:
+            return
+        (future, events), cycle.marking = cycle.marking, None
+        future.result(timeout=self.wait(deadline))
+        self.totals.add("events", events)
+        self.totals.add("batches")
 
     def settle(self, cycle: Cycle, deadline: float | None) -> bool:
         """Rows refused one by one are given up (and reported) only if the receiver accepted others
@@ -4592,8 +5810,8 @@ class Pusher(Loop):
         return True
 
     def wait(self, deadline: float | None) -> float:
-        """How long to wait for the writer to record an outcome: the next page must not see the rows
-        again, so the cycle ends (rows unsynced) if it cannot be committed."""
+        """How long to wait for the writer to record an outcome; the cycle ends (rows unsynced) if it
+        cannot be committed."""
         return JOB_TIMEOUT if deadline is None else max(0.1, deadline - time.monotonic())
 
     def final_push(self, deadline: float) -> None:
@@ -4648,8 +5866,8 @@ def record_pushed(batch: Batch, attempt: Attempt, conn: sqlite3.Connection) -> N
     transaction."""
     with transaction(conn):
         for table, ids in batch.ids().items():
-            conn.executemany(f"UPDATE {table} SET synced = {SYNCED}, pushed_at = ? WHERE id = ?",
-                             [(attempt.started_at, row_id) for row_id in ids])
+            conn.executemany(f"UPDATE {table} SET synced = {SYNCED}, pushed_at = ? WHERE id BETWEEN ? AND ?",
+                             [(attempt.started_at, low, high) for low, high in id_runs(ids)])
         for loss in batch.losses:
             if loss["kind"] == "retention":
                 conn.execute("UPDATE retention_ledger SET reported_at = ? WHERE id = ?",
@@ -4661,6 +5879,18 @@ def record_pushed(batch: Batch, attempt: Attempt, conn: sqlite3.Connection) -> N
                     conn.execute(f"UPDATE {loss['table']} SET synced = {REFUSED_REPORTED} WHERE id = ? "
                                  f"AND synced = {REFUSED}", row_id)
         record_attempt(attempt, conn)
+
+
+def id_runs(ids: list[int]) -> list[tuple[int, int]]:
+    """Ascending ids as runs of consecutive integers (first, last): one UPDATE per run, not per row,
+    and exact, since every id inside a run is one of `ids`."""
+    runs: list[tuple[int, int]] = []
+    for row_id in ids:
+        if runs and row_id == runs[-1][1] + 1:
+            runs[-1] = (runs[-1][0], row_id)
+        else:
+            runs.append((row_id, row_id))
+    return runs
 
 
 def record_refused(refused: list[tuple[str, int, str, Attempt]], conn: sqlite3.Connection) -> None:
@@ -4699,7 +5929,7 @@ LEDGER_SQL = (
 UNDELIVERED = f"synced IN ({UNSYNCED}, {REFUSED})"       # rows whose deletion is a loss to report
 SAMPLE_TABLES = ("system_metrics", "process_samples")    # otrace's own samples: the first to go unpushed
 BOOKKEEPING = (("push_log", "started_at", ""), ("push_rejects", "rejected_at", "AND reported_at IS NOT NULL"),
-               ("log_offsets", "updated_at", ""),
+               ("log_offsets", "updated_at", ""), ("openclaw_attempts", "created_at", ""),
                ("retention_ledger", "at", "AND (reported_at IS NOT NULL OR unsynced_deleted = 0)"))
 CHUNK = 1000                     # rows one deletion takes at most; under a smaller cap, one row per
 CHUNK_SHARE = 200_000            # this many bytes of it: a chunk of 2 KB rows frees about 1 % of the cap
@@ -4707,8 +5937,21 @@ CHUNK_SHARE = 200_000            # this many bytes of it: a chunk of 2 KB rows f
 
 def checkpoint(mode: str, conn: sqlite3.Connection) -> dict[str, int]:
     """A WAL checkpoint on the writer's connection. After TRUNCATE the page counts read 0."""
-    busy, wal_pages, moved = conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
+    with never_waiting(conn):
+        busy, wal_pages, moved = conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
     return {"busy": busy, "wal_pages": wal_pages, "checkpointed_pages": moved}
+
+
+@contextlib.contextmanager
+def never_waiting(conn: sqlite3.Connection) -> Iterator[None]:
+    """No busy timeout for a TRUNCATE checkpoint: it would wait for every reader to finish (an `otrace
+    report`, a user's sqlite3 shell), holding the writer. Meeting one, it checkpoints what it can and
+    says busy; a later one truncates."""
+    conn.execute("PRAGMA busy_timeout = 0")
+    try:
+        yield
+    finally:
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT * 1000:.0f}")
 
 
 class Checkpointer(Loop):
@@ -4767,10 +6010,10 @@ def prune(table: str, column: str, cutoff: int, extra: str, conn: sqlite3.Connec
                         f"{extra} ORDER BY id LIMIT {CHUNK})", (cutoff,)).rowcount
 
 
-def shrink(conn: sqlite3.Connection) -> None:
+def shrink(conn: sqlite3.Connection) -> dict[str, int]:
     """Give freed pages back to the filesystem: incremental vacuum, then a TRUNCATE checkpoint."""
     conn.executescript("PRAGMA incremental_vacuum;")   # execute() would step it once: one page freed
-    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+    return checkpoint("TRUNCATE", conn)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -4895,11 +6138,19 @@ class Retention(Loop):
                     if table is None:
                         break
                     self.delete_chunk(Cut(table, tier.where, tier.reason, pass_id, limit=tier.chunk), tally)
-                    self.events.call(shrink)      # so the next measure sees the space given back
+                    self.give_back()
                 if self.relieved(cause):
                     return
         self.log.error("still over budget after deleting all it may", extra={
             "cause": cause, "detail": (self.pressure() or (cause, "now under"))[1]})
+
+    def give_back(self) -> None:
+        """Shrink the file so the next measure sees the space given back (else more rows go than
+        needed); while a reader keeps the WAL, try again here, not in the writer, as long as the
+        writer would once have waited."""
+        end = time.monotonic() + BUSY_TIMEOUT
+        while self.events.call(shrink)["busy"] and time.monotonic() < end and not self.stopping.wait(0.05):
+            pass
 
     def report(self, tally: collections.Counter[tuple[str, str, str]], pruned: int, seconds: float) -> None:
         lost = {f"{t}/{r}": n for (t, r, kind), n in tally.items() if kind == "unpushed" and n}
@@ -4980,11 +6231,108 @@ HOST_GAUGES = {   # /health "host" column -> (metric, help, scale)
 }
 
 
+# OpenTelemetry's bucket boundaries for gen_ai.client.operation.duration, in seconds.
+LATENCY_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92)
+TOKEN_TYPES = {"input": "prompt_tokens", "output": "completion_tokens",     # gen_ai.token.type values
+               "cache_read": "cache_read_tokens", "cache_creation": "cache_write_tokens"}
+_TRACE_AT = {name: index for index, name in enumerate(TRACES.columns)}
+_ERROR_AT = {name: index for index, name in enumerate(ERRORS.columns)}
+_LOG_KIND_AT = LOGS.columns.index("kind")
+
+
+class CallSeries:
+    """The tallies of one provider and model."""
+
+    __slots__ = ("buckets", "calls", "cost", "failures", "latency_count", "latency_sum", "tokens", "unpriced")
+
+    def __init__(self) -> None:
+        self.calls = self.failures = self.unpriced = self.latency_count = 0
+        self.latency_sum = 0.0
+        self.tokens = dict.fromkeys(TOKEN_TYPES, 0)
+        self.cost = {"reported": 0.0, "computed": 0.0}
+        self.buckets = [0] * len(LATENCY_BUCKETS)       # calls at or under each bound (not cumulative)
+
+    def add(self, row: tuple) -> None:
+        at = _TRACE_AT
+        self.calls += 1
+        self.failures += row[at["status"]] == "error"
+        for kind, column in TOKEN_TYPES.items():
+            self.tokens[kind] += row[at[column]] or 0
+        source = row[at["cost_source"]]
+        if source is not None:
+            self.cost[source] += row[at["cost_usd"]]
+        elif any(row[at[column]] is not None for column in TOKEN_TYPES.values()):
+            self.unpriced += 1
+        latency = row[at["latency_ms"]]
+        if latency is not None:
+            seconds = latency / 1000
+            self.latency_count += 1
+            self.latency_sum += seconds
+            bound = bisect.bisect_left(LATENCY_BUCKETS, seconds)      # the first bound at or over it
+            if bound < len(LATENCY_BUCKETS):
+                self.buckets[bound] += 1
+
+    def report(self, provider: str, model: str) -> dict[str, Any]:
+        cumulative = list(itertools.accumulate(self.buckets))
+        return {"provider": provider, "model": model, "calls": self.calls, "failures": self.failures,
+                "unpriced": self.unpriced, "tokens": dict(self.tokens), "cost_usd": dict(self.cost),
+                "latency_seconds": {"buckets": dict(zip(map(str, LATENCY_BUCKETS), cumulative, strict=True)),
+                                    "count": self.latency_count, "sum": self.latency_sum}}
+
+
+class CallTally:
+    """What the writer committed since start, for /metrics: per provider and model LLM calls,
+    failures, tokens, cost and latency; error events by type and category; log events by kind. Only
+    rows really inserted count (a trace_id sent twice is one call). The first TRACE_METRICS_MAX_MODELS
+    pairs get series of their own; later ones count as provider and model "other", so a client
+    inventing names cannot grow /metrics without bound."""
+
+    def __init__(self, max_models: int) -> None:
+        self.max_models = max_models
+        self._lock = threading.Lock()
+        self._calls: dict[tuple[str, str], CallSeries] = {}
+        self._errors: collections.Counter[tuple[str, str]] = collections.Counter()
+        self._logs: collections.Counter[str] = collections.Counter()
+
+    def add(self, inserted: dict[str, list[tuple]]) -> None:
+        """The writer's rows of one commit, by table."""
+        with self._lock:
+            for row in inserted.get(TRACES.name, ()):
+                self._series(row[_TRACE_AT["provider"]], row[_TRACE_AT["model"]]).add(row)
+            self._errors.update((row[_ERROR_AT["error_type"]], row[_ERROR_AT["category"]])
+                                for row in inserted.get(ERRORS.name, ()))
+            self._logs.update(row[_LOG_KIND_AT] for row in inserted.get(LOGS.name, ()))
+
+    def _series(self, provider: str, model: str) -> CallSeries:
+        key = (provider, model)
+        if key not in self._calls and len(self._calls) >= self.max_models:
+            key = ("other", "other")
+        if key not in self._calls:
+            self._calls[key] = CallSeries()
+        return self._calls[key]
+
+    def report(self) -> dict[str, Any]:
+        with self._lock:
+            return {"calls": [series.report(*key) for key, series in self._calls.items()],
+                    "errors": [{"error_type": kind, "category": category, "count": n}
+                               for (kind, category), n in self._errors.items()],
+                    "log_events": dict(self._logs)}
+
+
+def prometheus_labels(**labels: str) -> str:
+    """{name="value",...}, the values escaped as the text format requires."""
+    def escape(value: str) -> str:
+        return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+    return "{" + ",".join(f'{name}="{escape(value)}"' for name, value in labels.items()) + "}"
+
+
 def prometheus(report: dict[str, Any]) -> str:
     """The /health report as Prometheus text: otrace's own counters and the newest host sample."""
     lines: list[str] = []
 
     def add(name: str, kind: str, text: str, *samples: tuple[str, Any]) -> None:
+        """A family; a sample's first item follows the name: its labels, or a suffix and labels."""
         samples = tuple((labels, value) for labels, value in samples if value is not None)
         if samples:
             lines.extend((f"# HELP otrace_{name} {text}", f"# TYPE otrace_{name} {kind}"))
@@ -5016,18 +6364,55 @@ def prometheus(report: dict[str, Any]) -> str:
         add(name, "gauge", text, ("", None if value is None else value * scale))
     host, system = report["host"] or {}, report["system"]
     add("net_tcp_connections", "gauge", "TCP connections by state, IPv4 and IPv6.",
-        *((f'{{state="{state}"}}', host.get(f"tcp_{state}")) for state in TCP_STATES.values()))
+        *((prometheus_labels(state=state), host.get(f"tcp_{state}")) for state in TCP_STATES.values()))
     add("custom_events_received_total", "counter", "Custom events accepted on /v1/events.",
         ("", system["custom_events_received"]))
     if gateway := system["gateway"]:
         add("gateway_restarts_total", "counter", "Restarts of the gateway seen since otrace started.",
             ("", gateway["restarts"]))
-    names = (system["dns"] or {}).get("names", {})
+    probed = [(prometheus_labels(name=name), r) for name, r in (system["dns"] or {}).get("names", {}).items()]
     add("dns_probe_success", "gauge", "1 when the last lookup of the name succeeded.",
-        *((f'{{name="{name}"}}', r["outcome"] == "ok") for name, r in names.items() if "outcome" in r))
+        *((labels, r["outcome"] == "ok") for labels, r in probed if "outcome" in r))
     add("dns_probe_duration_seconds", "gauge", "Time the last lookup of the name took.",
-        *((f'{{name="{name}"}}', r["ms"] / 1000) for name, r in names.items() if r.get("ms") is not None))
+        *((labels, r["ms"] / 1000) for labels, r in probed if r.get("ms") is not None))
+    llm_metrics(report["llm_calls"], add)
     return "\n".join(lines) + "\n"
+
+
+def llm_metrics(tally: dict[str, Any], add: Callable[..., None]) -> None:
+    """The LLM call families, named after OpenTelemetry's GenAI conventions (gen_ai_client_token_usage,
+    gen_ai_client_operation_duration) with otrace_ before them: an agent exporting its own gen_ai_*
+    metrics to the same Prometheus must not be counted twice."""
+    series = [({"gen_ai_provider_name": c["provider"], "gen_ai_request_model": c["model"]}, c)
+              for c in tally["calls"]]
+    add("gen_ai_calls_total", "counter", "LLM calls stored (a trace_id sent twice is one call).",
+        *((prometheus_labels(**pair), c["calls"]) for pair, c in series))
+    add("gen_ai_call_failures_total", "counter", "LLM calls stored with status error.",
+        *((prometheus_labels(**pair), c["failures"]) for pair, c in series))
+    add("gen_ai_client_token_usage_total", "counter", "Tokens of the calls stored, by gen_ai_token_type; "
+        "input counts the cache's tokens too, as OpenTelemetry's gen_ai.usage.input_tokens does.",
+        *((prometheus_labels(**pair, gen_ai_token_type=kind), n)
+          for pair, c in series for kind, n in c["tokens"].items()))
+    add("gen_ai_cost_usd_total", "counter", "USD of the calls stored, by cost_source: reported by the "
+        "source, or computed from the price table.",
+        *((prometheus_labels(**pair, cost_source=source), usd)
+          for pair, c in series for source, usd in c["cost_usd"].items()))
+    add("gen_ai_unpriced_calls_total", "counter", "Calls stored with tokens and no cost: none reported, "
+        "and no price for the model.", *((prometheus_labels(**pair), c["unpriced"]) for pair, c in series))
+    histogram = []
+    for pair, c in series:
+        latency = c["latency_seconds"]
+        histogram += [("_bucket" + prometheus_labels(**pair, le=bound), n)
+                      for bound, n in (*latency["buckets"].items(), ("+Inf", latency["count"]))]
+        histogram += [("_sum" + prometheus_labels(**pair), latency["sum"]),
+                      ("_count" + prometheus_labels(**pair), latency["count"])]
+    add("gen_ai_client_operation_duration_seconds", "histogram", "Latency of the calls stored that have "
+        "one.", *histogram)
+    add("error_events_total", "counter", "Error events stored, by type and category.",
+        *((prometheus_labels(error_type=e["error_type"], category=e["category"]), e["count"])
+          for e in tally["errors"]))
+    add("log_events_total", "counter", "Gateway log events stored, by kind.",
+        *((prometheus_labels(kind=kind), n) for kind, n in tally["log_events"].items()))
 
 
 def prometheus_number(value: Any) -> str:
@@ -5082,6 +6467,8 @@ def health_report(service: Service) -> dict[str, Any]:
         "host": service.sampler and service.sampler.latest,
         "metrics": service.sampler and service.sampler.health(),
         "log_tail": service.tailer and service.tailer.health(),
+        "llm_calls": {"prices": service.prices and service.prices.label, **service.tally.report()},
+        "openclaw_sessions": service.store and service.store.health(),
         "system": {"custom_events_received": counts["custom_received"],
                    "processes": service.processes and service.processes.health(),
                    "gateway": service.sampler and service.sampler.watch.gateway and
@@ -5261,6 +6648,565 @@ def tracemalloc_tracing() -> bool:
     return bool(module and module.is_tracing())
 
 
+# ============================================================================================== report
+# `otrace report`: what the agent did and cost in a window, read while the service runs without
+# disturbing it: a read-only connection (never the lock file, never a write), one read transaction
+# for a snapshot every section agrees with, and queries on the created_at indexes. A readable table,
+# or --json (whose usage_cost has the shape of OpenClaw's `gateway usage-cost --json`) or --csv.
+
+REPORT_SCHEMA = "otrace.report.v1"
+REPORT_BY = ("model", "provider", "day", "hour", "session", "source")
+COST_MODES = ("auto", "computed", "reported")
+TOP_SESSIONS = 10
+HOUR_MS = 3_600_000
+# A call's cost in each mode: auto takes the figure its source reported, else the computed one.
+COST_SQL = {"auto": "cost_usd", "reported": "CASE WHEN cost_source IS NOT 'computed' THEN cost_usd END",
+            "computed": "computed_cost_usd"}
+COMPUTED_SQL = {"auto": "CASE WHEN cost_source = 'computed' THEN cost_usd END", "reported": "NULL",
+                "computed": "computed_cost_usd"}
+HAS_TOKENS_SQL = ("coalesce(prompt_tokens, completion_tokens, total_tokens, cache_read_tokens, "
+                  "cache_write_tokens) IS NOT NULL")
+# Input as OpenClaw and ccusage count it: the prompt's tokens less the cache's (never below 0).
+INPUT_SQL = ("max(coalesce(prompt_tokens, 0) - coalesce(cache_read_tokens, 0) "
+             "- coalesce(cache_write_tokens, 0), 0)")
+CSV_FIELDS = ("calls", "failures", "failure_rate", "input_tokens", "output_tokens", "cache_read_tokens",
+              "cache_write_tokens", "total_tokens", "cost_usd", "computed_usd", "unpriced_calls",
+              "latency_p50_ms", "latency_p95_ms", "latency_p99_ms")
+
+
+class ReportError(Exception):
+    """A report that cannot be made as asked (exit 2): a bad window, no database, an unknown zone."""
+
+
+class Zone:
+    """The time zone days and hours are counted in: the machine's (the C library's local time, as
+    `date` shows it, so days match what OpenClaw counts on the same machine) or a named one."""
+
+    def __init__(self, name: str | None) -> None:
+        """A named zone, or None for the machine's."""
+        self.name, self.tz = f"local ({time.strftime('%Z')})", None
+        if name is not None:
+            self.name, self.tz = name, self.named(name)
+
+    @staticmethod
+    def named(name: str) -> Any:
+        """The tzinfo of an IANA name, UTC, or a fixed offset like +05:30."""
+        from zoneinfo import ZoneInfo  # noqa: PLC0415 - imported where needed (see the imports)
+        fixed = re.fullmatch(r"([+-])(\d\d):(\d\d)", name)
+        try:
+            if name.upper() in ("UTC", "Z"):
+                return UTC
+            if fixed:
+                offset = timedelta(hours=int(fixed[2]), minutes=int(fixed[3]))
+                return dt_timezone(-offset if fixed[1] == "-" else offset)
+            return ZoneInfo(name)
+        except (ValueError, KeyError, OSError):       # KeyError: ZoneInfoNotFoundError
+            raise ReportError(f"--timezone {name!r} is not a time zone (like Europe/Berlin, UTC, "
+                              "+05:30)") from None
+
+    def offset_ms(self, at_ms: int) -> int:
+        if self.tz is None:
+            return time.localtime(at_ms // 1000).tm_gmtoff * 1000
+        return int(datetime.fromtimestamp(at_ms / 1000, self.tz).utcoffset().total_seconds() * 1000)
+
+    def instant(self, wall: datetime) -> int:
+        """The Unix ms of a wall-clock time here."""
+        if self.tz is None:
+            return int(time.mktime((*wall.timetuple()[:8], -1))) * 1000 + wall.microsecond // 1000
+        return int(wall.replace(tzinfo=self.tz).timestamp() * 1000)
+
+    def midnight(self, day: date) -> int:
+        return self.instant(datetime.combine(day, dt_time()))
+
+    def today(self, now_ms: int) -> date:
+        return date(1970, 1, 1) + timedelta(days=(now_ms + self.offset_ms(now_ms)) // DAY_MS)
+
+    def iso(self, at_ms: int) -> str:
+        offset = timedelta(milliseconds=self.offset_ms(at_ms))
+        return datetime.fromtimestamp(at_ms / 1000, dt_timezone(offset)).isoformat(timespec="seconds")
+
+    def local_sql(self, since_ms: int, until_ms: int) -> tuple[str, list[int]]:
+        """SQL for created_at as local Unix ms, with its parameters: the offset in force, in pieces
+        where it changes inside the window (daylight saving time)."""
+        pieces = [(since_ms, self.offset_ms(since_ms))]
+        at = since_ms
+        while at < until_ms:
+            step = min(at + HOUR_MS, until_ms)
+            if self.offset_ms(step) != pieces[-1][1]:
+                low, high = at, step                  # the offset changes in between: find the ms
+                while high - low > 1:
+                    middle = (low + high) // 2
+                    low, high = (middle, high) if self.offset_ms(middle) == pieces[-1][1] else (low, middle)
+                pieces.append((high, self.offset_ms(high)))
+            at = step
+        if len(pieces) == 1:
+            return "created_at + ?", [pieces[0][1]]
+        cases = " ".join("WHEN created_at < ? THEN ?" for _ in pieces[1:])
+        params = [value for (_, offset), (start, _) in itertools.pairwise(pieces)
+                  for value in (start, offset)]
+        return f"created_at + CASE {cases} ELSE ? END", [*params, pieces[-1][1]]
+
+
+def moment(text: str, zone: Zone, now_ms: int, end: bool) -> int:
+    """A --since or --until as Unix ms: a duration back from now (24h, 7d, 90m), "today", a date (its
+    start; for --until its end, so the day is in), or an RFC 3339 time (without an offset: local)."""
+    text = text.strip()
+    if text.lower() == "today":
+        return zone.midnight(zone.today(now_ms) + timedelta(days=int(end)))
+    with contextlib.suppress(SettingError):
+        return now_ms - int(_seconds(text) * 1000)
+    try:
+        if re.fullmatch(r"\d{4}-\d\d-\d\d", text):
+            return zone.midnight(date.fromisoformat(text) + timedelta(days=int(end)))
+        at = datetime.fromisoformat(text)
+    except ValueError:
+        raise ReportError(f"{'--until' if end else '--since'} {text!r} is not a duration (24h, 7d), "
+                          "today, a date (2026-11-30) or an RFC 3339 time") from None
+    return zone.instant(at) if at.tzinfo is None else int(at.timestamp() * 1000)
+
+
+def open_snapshot(path: str) -> sqlite3.Connection:
+    """The database read-only, in one read transaction. A copy in a directory otrace cannot write
+    (no -shm can be made) is read as immutable when it has no WAL beside it, which is then exact."""
+    if not Path(path).is_file():
+        raise ReportError(f"no database at {path} (set --db, or TRACE_DB_PATH)")
+    try:
+        conn = connect(path, read_only=True)
+        conn.execute("SELECT count(*) FROM sqlite_schema").fetchone()
+    except sqlite3.DatabaseError as exc:
+        if sqlite_code(exc) not in ("SQLITE_READONLY", "SQLITE_CANTOPEN") or Path(path + "-wal").exists():
+            raise ReportError(f"cannot read {path}: {describe(exc)}") from None
+        conn = sqlite3.connect(f"file:{urllib.parse.quote(path)}?mode=ro&immutable=1", uri=True,
+                               isolation_level=None)
+    columns = {name for _, name, *_ in conn.execute("PRAGMA table_info(llm_traces)")}
+    if "cost_source" not in columns:
+        conn.close()
+        raise ReportError(f"{path} is from an older otrace: start this otrace on it once to bring its "
+                          "schema up to date")
+    conn.execute("BEGIN")
+    return conn
+
+
+@dataclasses.dataclass
+class Tally:
+    """The sums of a group of calls."""
+
+    calls: int = 0
+    failures: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
+    total_tokens: int = 0
+    cost_usd: float = 0.0
+    computed_usd: float = 0.0
+    unpriced_calls: int = 0
+    latencies: list[float] = dataclasses.field(default_factory=list)
+
+    def add(self, other: Tally) -> None:
+        for field in dataclasses.fields(self)[:-1]:
+            setattr(self, field.name, getattr(self, field.name) + getattr(other, field.name))
+        self.latencies += other.latencies
+
+    def out(self) -> dict[str, Any]:
+        """As the report gives it: costs to the nano-dollar, latency percentiles by nearest rank."""
+        ranked = sorted(self.latencies)
+
+        def percentile(share: int) -> float | None:
+            return ranked[math.ceil(share * len(ranked) / 100) - 1] if ranked else None
+
+        return {"calls": self.calls, "failures": self.failures,
+                "failure_rate": round(self.failures / self.calls, 4) if self.calls else None,
+                "input_tokens": self.input_tokens, "output_tokens": self.output_tokens,
+                "cache_read_tokens": self.cache_read_tokens, "cache_write_tokens": self.cache_write_tokens,
+                "total_tokens": self.total_tokens, "cost_usd": round(self.cost_usd, 9),
+                "computed_usd": round(self.computed_usd, 9), "unpriced_calls": self.unpriced_calls,
+                "latency_ms": {f"p{share}": percentile(share) for share in (50, 95, 99)}}
+
+
+class Report:
+    """The report's document, read from one snapshot of the database."""
+
+    def __init__(self, conn: sqlite3.Connection, since_ms: int, until_ms: int, zone: Zone, *,
+                 by: str = "model", breakdown: bool = False, cost: str = "auto",
+                 source: str | None = None) -> None:
+        self.conn, self.since, self.until, self.zone = conn, since_ms, until_ms, zone
+        self.by, self.breakdown, self.cost, self.source = by, breakdown, cost, source
+
+    def where(self, by_source: bool = True) -> tuple[str, list[Any]]:
+        """The window as a WHERE clause for an event table, and --source (for calls and errors)."""
+        sql, params = "created_at >= ? AND created_at < ?", [self.since, self.until]
+        if self.source is not None and by_source:
+            sql, params = sql + " AND source = ?", [*params, self.source]
+        return sql, params
+
+    def document(self) -> dict[str, Any]:
+        summed = self.call_sums()
+        return {"schema": REPORT_SCHEMA, "generated_at": self.zone.iso(now_ms()),
+                "window": {"since": self.zone.iso(self.since), "until": self.zone.iso(self.until),
+                           "timezone": self.zone.name},
+                "by": self.by, "breakdown": self.breakdown, "cost": self.cost, "source": self.source,
+                "calls": self.calls(summed), "top_sessions": self.top_sessions(), "errors": self.errors(),
+                "host": self.host(), "log_events": self.log_events(), "push": self.push(),
+                "retention": self.retention(), "usage_cost": self.usage_cost(summed)}
+
+    def call_sums(self) -> list[tuple[Any, int, str, str, Tally]]:
+        """The window's calls summed by row (--by), local day, provider and model: the one scan of
+        llm_traces that the calls and usage_cost sections are made from."""
+        where, params = self.where()
+        first, last = self.conn.execute(f"SELECT min(created_at), max(created_at) FROM llm_traces "
+                                        f"WHERE {where}", params).fetchone()
+        local, offsets = self.zone.local_sql(first or self.since, (last or self.since) + 1)
+        row_sql = {"session": "session_id", "source": "source", "day": f"({local}) / {DAY_MS}",
+                   "hour": f"({local}) / {HOUR_MS}"}.get(self.by, "NULL")
+        row_params = offsets if self.by in ("day", "hour") else []
+        cost, computed = COST_SQL[self.cost], COMPUTED_SQL[self.cost]
+        summed = []
+        for key, day, provider, model, *sums, latencies in self.conn.execute(
+                f"SELECT {row_sql} AS key, ({local}) / {DAY_MS} AS day, provider, model, count(*), "
+                f"sum(status = 'error'), sum({INPUT_SQL}), sum(completion_tokens), sum(cache_read_tokens), "
+                f"sum(cache_write_tokens), sum(total_tokens), total({cost}), total({computed}), "
+                f"sum({HAS_TOKENS_SQL} AND ({cost}) IS NULL), group_concat(latency_ms) FROM llm_traces "
+                f"WHERE {where} GROUP BY key, day, provider, model", [*row_params, *offsets, *params]):
+            latency = [float(value) for value in latencies.split(",")] if latencies else []
+            summed.append((key, day, provider, model, Tally(*(value or 0 for value in sums), latency)))
+        return summed
+
+    def calls(self, summed: list[tuple[Any, int, str, str, Tally]]) -> dict[str, Any]:
+        """Totals and rows of LLM calls; with --breakdown each row split by model."""
+        totals, groups = Tally(), {}
+        parts: dict[tuple, dict[tuple[str, str], Tally]] = collections.defaultdict(dict)
+        for key, _, provider, model, tally in summed:
+            row = {"model": (provider, model), "provider": (provider,)}.get(self.by, (key,))
+            groups.setdefault(row, Tally()).add(tally)
+            parts[row].setdefault((provider, model), Tally()).add(tally)
+            totals.add(tally)
+        if self.by in ("day", "hour"):
+            order = sorted(groups)
+        else:
+            order = sorted(groups, key=lambda k: (-groups[k].cost_usd, -groups[k].calls, tuple(map(str, k))))
+        rows = []
+        for key in order:
+            row = {**self.group_key(key), **groups[key].out()}
+            if self.breakdown:
+                models = sorted(parts[key].items(), key=lambda item: (-item[1].cost_usd, item[0]))
+                row["models"] = [{"provider": p, "model": m, **tally.out()} for (p, m), tally in models]
+            rows.append(row)
+        return {"totals": totals.out(), "groups": rows}
+
+    def group_key(self, key: tuple) -> dict[str, Any]:
+        if self.by == "model":
+            return {"provider": key[0], "model": key[1]}
+        if self.by in ("day", "hour"):
+            unit = DAY_MS if self.by == "day" else HOUR_MS
+            start = datetime(1970, 1, 1) + timedelta(milliseconds=key[0] * unit)
+            return {self.by: start.date().isoformat() if self.by == "day" else
+                    start.isoformat(timespec="minutes")}
+        return {{"session": "session_id"}.get(self.by, self.by): key[0]}
+
+    def top_sessions(self) -> list[dict[str, Any]]:
+        where, params = self.where()
+        cost = COST_SQL[self.cost]
+        rows = self.conn.execute(
+            f"SELECT session_id, count(*), sum(status = 'error'), total({cost}) AS usd, sum(total_tokens), "
+            f"min(created_at), max(created_at) FROM llm_traces WHERE {where} AND session_id IS NOT NULL "
+            f"GROUP BY session_id ORDER BY usd DESC, count(*) DESC, session_id LIMIT {TOP_SESSIONS}",
+            params).fetchall()
+        return [{"session_id": session, "calls": calls, "failures": failures, "cost_usd": round(usd, 9),
+                 "total_tokens": tokens or 0, "first": self.zone.iso(first), "last": self.zone.iso(last)}
+                for session, calls, failures, usd, tokens, first, last in rows]
+
+    def errors(self) -> list[dict[str, Any]]:
+        where, params = self.where()
+        return [{"error_type": kind, "category": category, "count": n} for kind, category, n in
+                self.conn.execute(f"SELECT error_type, category, count(*) AS n FROM error_events WHERE "
+                                  f"{where} GROUP BY error_type, category ORDER BY n DESC, error_type, "
+                                  "category", params)]
+
+    def host(self) -> dict[str, Any]:
+        """Peaks of the host samples in the window, and the OOM kills otrace saw."""
+        where, params = self.where(by_source=False)
+        samples, cpu, memory, limit, disk, own = self.conn.execute(
+            "SELECT count(*), max(cpu_pct), max(mem_used_bytes), max(mem_limit_bytes), max(disk_used_pct), "
+            f"max(self_rss_bytes) FROM system_metrics WHERE {where}", params).fetchone()
+        where, params = self.where(by_source=False)
+        kills = self.conn.execute(f"SELECT count(*) FROM error_events WHERE {where} AND "
+                                  "category = 'oom_kill'", params).fetchone()[0]
+        return {"samples": samples, "cpu_pct_max": cpu, "mem_used_bytes_max": memory,
+                "mem_limit_bytes": limit, "disk_used_pct_max": disk, "otrace_rss_bytes_max": own,
+                "oom_kill_events": kills}
+
+    def log_events(self) -> dict[str, int]:
+        where, params = self.where(by_source=False)
+        return dict(self.conn.execute(f"SELECT kind, count(*) AS n FROM log_events WHERE {where} "
+                                      "GROUP BY kind ORDER BY n DESC, kind", params))
+
+    def push(self) -> dict[str, Any]:
+        """Rows not pushed yet (now, whatever the window) and the last push attempt and success."""
+        waiting = {table: self.conn.execute(f"SELECT count(*) FROM {table} WHERE synced = {UNSYNCED}")
+                   .fetchone()[0] for table in EVENT_TABLES}
+
+        def last(where: str) -> dict[str, Any] | None:
+            row = self.conn.execute("SELECT started_at, http_status, error, events FROM push_log "
+                                    f"{where} ORDER BY id DESC LIMIT 1").fetchone()
+            return row and {"at": self.zone.iso(row[0]), "http_status": row[1], "error": row[2],
+                            "events": row[3]}
+
+        return {"unsynced": waiting, "unsynced_total": sum(waiting.values()), "last_attempt": last(""),
+                "last_success": last("WHERE http_status BETWEEN 200 AND 299")}
+
+    def retention(self) -> dict[str, Any]:
+        """What retention deleted in the window, and what of it had never been pushed."""
+        rows = self.conn.execute(
+            "SELECT table_name, reason, sum(deleted), sum(unsynced_deleted) FROM retention_ledger "
+            "WHERE at >= ? AND at < ? GROUP BY table_name, reason ORDER BY table_name, reason",
+            (self.since, self.until)).fetchall()
+        refused = self.conn.execute("SELECT count(*) FROM push_rejects WHERE rejected_at >= ? AND "
+                                    "rejected_at < ?", (self.since, self.until)).fetchone()[0]
+        return {"deleted": sum(r[2] for r in rows), "unpushed_deleted": sum(r[3] for r in rows),
+                "refused_by_receiver": refused,
+                "by_table": [{"table": t, "reason": r, "deleted": d, "unpushed_deleted": u}
+                             for t, r, d, u in rows]}
+
+    def usage_cost(self, summed: list[tuple[Any, int, str, str, Tally]]) -> dict[str, Any]:
+        """The window's calls by day in OpenClaw's `gateway usage-cost --json` shape and names (input
+        without the cache's tokens, totalTokens as stored), so its totals compare directly."""
+        days: dict[int, Tally] = {}
+        for _, day, _, _, tally in summed:
+            days.setdefault(day, Tally()).add(tally)
+        daily = [{"date": (date(1970, 1, 1) + timedelta(days=day)).isoformat(), **usage_cost_sums(days[day])}
+                 for day in sorted(days)]
+        totals = Tally()
+        for tally in days.values():
+            totals.add(tally)
+        return {"updatedAt": now_ms(), "days": len(daily), "daily": daily, "totals": usage_cost_sums(totals)}
+
+
+def usage_cost_sums(tally: Tally) -> dict[str, Any]:
+    """A Tally under OpenClaw's names."""
+    return {"input": tally.input_tokens, "output": tally.output_tokens, "cacheRead": tally.cache_read_tokens,
+            "cacheWrite": tally.cache_write_tokens, "totalTokens": tally.total_tokens,
+            "totalCost": round(tally.cost_usd, 9), "missingCostEntries": tally.unpriced_calls}
+
+
+# -- output
+
+def csv_text(doc: dict[str, Any]) -> str:
+    """The groups as CSV, one row per group (per group and model with --breakdown)."""
+    import csv  # noqa: PLC0415 - imported where needed (see the imports)
+    import io  # noqa: PLC0415 - imported where needed (see the imports)
+    key = ["provider", "model"] if doc["by"] == "model" else [
+        {"session": "session_id"}.get(doc["by"], doc["by"])]
+    split = doc["breakdown"] and doc["by"] != "model"
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow([*key, *(["provider", "model"] if split else []), *CSV_FIELDS])
+    for group in doc["calls"]["groups"]:
+        for row in group["models"] if split else [group]:
+            flat = {**row, **{f"latency_{p}_ms": v for p, v in row["latency_ms"].items()}}
+            writer.writerow([group[k] for k in key] + ([row["provider"], row["model"]] if split else [])
+                            + [flat[field] for field in CSV_FIELDS])
+    return out.getvalue()
+
+
+def tokens_text(n: int) -> str:
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return str(n)
+
+
+def usd_text(usd: float) -> str:
+    return "$0" if not usd else f"${usd:,.2f}" if usd >= 1 else f"${usd:.4f}"
+
+
+def ms_text(ms: float | None) -> str:
+    return "-" if ms is None else f"{ms:.0f}ms" if ms < 1000 else f"{ms / 1000:.1f}s"
+
+
+def bytes_text(n: int | None) -> str:
+    return "-" if n is None else f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+def plural(n: int, noun: str) -> str:
+    return f"{n:,} {noun}{'s' * (n != 1)}"
+
+
+def bar(value: float, top: float, width: int) -> str:
+    """A bar of `width` cells for value/top, in eighths of a cell."""
+    eighths = round(8 * width * value / top) if top > 0 else 0
+    return "█" * (eighths // 8) + ("", "▏", "▎", "▍", "▌", "▋", "▊", "▉")[eighths % 8]
+
+
+class TableView:
+    """The report as text for a terminal `width` columns wide: every column where it fits, else a
+    compact table; with --by day or hour, each row's cost as a bar scaled to the largest."""
+
+    FULL = (("CALLS", 7), ("FAILED", 12), ("INPUT", 8), ("OUTPUT", 8), ("CACHE R", 8), ("CACHE W", 8),
+            ("COST", 11), ("P50", 7), ("P95", 7), ("P99", 7))
+    COMPACT = (("CALLS", 7), ("FAILED", 7), ("TOKENS", 8), ("COST", 10), ("P95", 7))
+
+    def __init__(self, doc: dict[str, Any], width: int) -> None:
+        self.doc, self.width = doc, max(40, width)
+
+    def cells(self, row: dict[str, Any], compact: bool) -> list[str]:
+        rate = f"{row['failures']:,}" + (f" {100 * row['failure_rate']:.1f}%" if row["failures"] else "")
+        cost = usd_text(row["cost_usd"]) + ("*" if row["computed_usd"] else "")
+        latency = row["latency_ms"]
+        tokens = [row[f"{kind}_tokens"] for kind in ("input", "output", "cache_read", "cache_write")]
+        if compact:
+            return [f"{row['calls']:,}", f"{row['failures']:,}", tokens_text(sum(tokens)), cost,
+                    ms_text(latency["p95"])]
+        return [f"{row['calls']:,}", rate, *map(tokens_text, tokens), cost,
+                *(ms_text(latency[p]) for p in ("p50", "p95", "p99"))]
+
+    def label(self, row: dict[str, Any]) -> str:
+        by = self.doc["by"]
+        if by == "model":
+            return f"{row['provider']}/{row['model']}"
+        value = row[{"session": "session_id"}.get(by, by)]
+        return "(none)" if value is None else str(value)
+
+    def render(self) -> str:
+        doc, calls = self.doc, self.doc["calls"]
+        groups = calls["groups"]
+        labels = [self.label(g) for g in groups]
+        sub = [[f"  {m['provider']}/{m['model']}" for m in g.get("models", [])] for g in groups]
+        key_width = max([len(doc["by"]) + 1, 5, *map(len, labels), *(len(s) for part in sub for s in part)])
+        compact = key_width + sum(w for _, w in self.FULL) > self.width
+        columns = self.COMPACT if compact else self.FULL
+        key_width = min(key_width, self.width - sum(w for _, w in columns) - 1)
+        bars = doc["by"] in ("day", "hour") and bool(groups)
+        bar_width = max(0, self.width - key_width - sum(w for _, w in columns) - 2) if bars else 0
+        top = max((g["cost_usd"] for g in groups), default=0)
+
+        def line(key: str, cells: list[str], cost: float | None = None) -> str:
+            text = key[:key_width].ljust(key_width) + "".join(c.rjust(w) for c, (_, w) in zip(cells, columns,
+                                                                                             strict=True))
+            return text + ("  " + bar(cost, top, bar_width) if bar_width and cost is not None else "")
+
+        window = doc["window"]
+        title = (f"otrace report: {window['since']} to {window['until']} ({window['timezone']}), "
+                 f"by {doc['by']}" + (f", source {doc['source']}" if doc["source"] else ""))
+        out = [*textwrap.wrap(title, self.width, subsequent_indent="  "), ""]
+        out.append(line(doc["by"].upper(), [name for name, _ in columns]))
+        for group, label, models in zip(groups, labels, sub, strict=True):
+            out.append(line(label, self.cells(group, compact), group["cost_usd"]))
+            out += [line(name, self.cells(m, compact)) for name, m in zip(models, group.get("models", []),
+                                                                          strict=True)]
+        if not groups:
+            out.append("(no LLM calls in this window)")
+        out.append(line("TOTAL", self.cells(calls["totals"], compact)))
+        out += [line for note in self.notes() for line in textwrap.wrap(note, self.width,
+                                                                         subsequent_indent="  ")]
+        out += ["", *self.sections()]
+        return "\n".join(out) + "\n"
+
+    def notes(self) -> list[str]:
+        totals, mode = self.doc["calls"]["totals"], self.doc["cost"]
+        notes = []
+        if totals["computed_usd"]:
+            notes.append(f"* {usd_text(totals['computed_usd'])} of the cost computed from the price table "
+                         + ("(the source reported none)" if mode == "auto" else "(--cost computed)"))
+        if totals["unpriced_calls"]:
+            notes.append(f"{plural(totals['unpriced_calls'], 'call')} with tokens and no cost: no price for "
+                         "the model" + (" (or none reported: --cost reported)" if mode == "reported" else ""))
+        return notes
+
+    def sections(self) -> list[str]:
+        doc = self.doc
+        host, push, retention = doc["host"], doc["push"], doc["retention"]
+        sessions = [f"{s['session_id']} {usd_text(s['cost_usd'])} ({plural(s['calls'], 'call')})"
+                    for s in doc["top_sessions"]]
+        errors = [f"{e['error_type']}/{e['category']} {e['count']:,}" for e in doc["errors"]]
+        logs = [f"{kind} {n:,}" for kind, n in doc["log_events"].items()]
+        host_text = "no samples" if not host["samples"] else (
+            f"CPU peak {host['cpu_pct_max'] or 0:.1f} % · memory peak "
+            f"{bytes_text(host['mem_used_bytes_max'])} of {bytes_text(host['mem_limit_bytes'])} · disk peak "
+            f"{host['disk_used_pct_max'] or 0:.1f} %")
+        host_text += f" · OOM kills {host['oom_kill_events']}"
+        last, success = push["last_attempt"], push["last_success"]
+        push_text = f"{push['unsynced_total']:,} rows not pushed · " + (
+            "never pushed" if last is None else f"last push {last['at']}: " + (
+                f"HTTP {last['http_status']}" if last["http_status"] else last["error"] or "failed"))
+        if success and success != last:
+            push_text += f" · last success {success['at']}"
+        lost = (f"{retention['deleted']:,} rows deleted, {retention['unpushed_deleted']:,} never pushed"
+                if retention["deleted"] else "nothing deleted")
+        if retention["refused_by_receiver"]:
+            lost += f" · {retention['refused_by_receiver']:,} refused by the receiver"
+        rows = [("ERRORS", " · ".join(errors) or "none"), ("TOP SESSIONS", " · ".join(sessions) or "none"),
+                ("HOST", host_text), ("LOG EVENTS", " · ".join(logs) or "none"), ("PUSH", push_text),
+                ("RETENTION", lost)]
+        return [line for name, text in rows for line in textwrap.wrap(
+            text, self.width, initial_indent=name.ljust(14), subsequent_indent=" " * 14)]
+
+
+def run_report(argv: list[str]) -> int:
+    """`otrace report`: print the report, or exit 2 saying what is wrong with the question."""
+    parser = argparse.ArgumentParser(
+        prog="otrace report", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="What the agent did and cost in a window: LLM calls, failures, tokens, cost, latency; "
+                    "errors, top sessions, host peaks, log events, push and retention. Reads the database "
+                    "read-only, also while otrace runs.",
+        epilog="examples:\n  otrace report                       the last 24 hours by model\n"
+               "  otrace report --since 7d --by day   a week, a row and a cost bar per day\n"
+               "  otrace report --since today --json  today, machine-readable\n"
+               "  otrace report --since 2026-11-01 --until 2026-11-30 --by day --breakdown --csv")
+    parser.add_argument("--db", default=os.environ.get("TRACE_DB_PATH") or Config.db_path,
+                        help="the database (default: TRACE_DB_PATH, else %(default)s)")
+    parser.add_argument("--since", default="24h", help="start: 24h, 7d, today, 2026-11-30, or an RFC 3339 "
+                        "time (default: 24h)")
+    parser.add_argument("--until", default=None, help="end, in the same forms (a date counts whole); "
+                        "default: now")
+    parser.add_argument("--by", choices=REPORT_BY, default="model", help="a row per (default: model)")
+    parser.add_argument("--breakdown", action="store_true", help="split each row by model")
+    parser.add_argument("--cost", choices=COST_MODES, default="auto", help="auto (default): the figure the "
+                        "source reported, else computed from the price table; computed: always the price "
+                        "table's; reported: only the sources' figures")
+    parser.add_argument("--timezone", help="the zone days and hours are counted in: Europe/Berlin, UTC, "
+                        "+05:30 (a negative offset as --timezone=-03:00); default: the machine's")
+    parser.add_argument("--source", help="only calls and errors from this source (http, log, otlp, "
+                        "openclaw_session, ...)")
+    shape = parser.add_mutually_exclusive_group()
+    shape.add_argument("--json", action="store_true", help="the report as JSON (schema otrace.report.v1)")
+    shape.add_argument("--csv", action="store_true", help="the rows as CSV")
+    args = parser.parse_args(argv)
+    try:
+        if args.breakdown and args.by == "model":
+            raise ReportError("--breakdown splits rows by model: use it with --by provider, day, hour, "
+                              "session or source")
+        zone, now = Zone(args.timezone), now_ms()
+        since = moment(args.since, zone, now, end=False)
+        until = now if args.until is None else moment(args.until, zone, now, end=True)
+        if since >= until:
+            raise ReportError(f"--since ({zone.iso(since)}) is not before --until ({zone.iso(until)})")
+        conn = open_snapshot(args.db)
+    except ReportError as bad:
+        print(f"otrace report: {bad}", file=sys.stderr)
+        return 2
+    try:
+        with contextlib.closing(conn):
+            doc = Report(conn, since, until, zone, by=args.by, breakdown=args.breakdown, cost=args.cost,
+                         source=args.source).document()
+    except sqlite3.Error as exc:
+        print(f"otrace report: cannot read {args.db}: {describe(exc)}", file=sys.stderr)
+        return 1
+    doc["database"] = args.db
+    if args.json:
+        text = json.dumps(doc, indent=2, ensure_ascii=False) + "\n"
+    elif args.csv:
+        text = csv_text(doc)
+    else:
+        width = int(os.environ["COLUMNS"]) if os.environ.get("COLUMNS", "").isdigit() else (
+            os.get_terminal_size(sys.stdout.fileno()).columns if sys.stdout.isatty() else 160)
+        text = TableView(doc, width).render()
+    with contextlib.suppress(BrokenPipeError):
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    return 0
+
+
 # =========================================================================================== lifecycle
 # Start: the lock, the database, the threads. Stop, on SIGTERM: stop accepting, finish in-flight
 # requests, write every queued event, push what time allows, checkpoint, close.
@@ -5269,35 +7215,10 @@ START_RETRY = 5.0                # seconds between tries of a start the environm
 SPARE_DESCRIPTORS = 64           # for the database, its WAL, the log files, push, epoll
 
 
-class DatabaseLocked(Exception):
-    """Another otrace holds the database."""
-
-
-class DatabaseLock:
-    """An exclusive lock on <database>.lock, held for the life of the process: two otraces writing
-    one database would each push, retain and checkpoint it as if alone."""
-
-    def __init__(self, db_path: str) -> None:
-        self.path = db_path + ".lock"
-        folder = Path(db_path).parent
-        if not folder.exists():
-            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(self.fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
-            os.close(self.fd)
-            raise DatabaseLocked(f"another otrace (pid {holder}) is using the database {db_path}") from None
-        with contextlib.suppress(OSError):               # the pid is a courtesy, even on a full disk
-            os.ftruncate(self.fd, 0)
-            os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
-
-
 class Service:
     """otrace itself: the database, the writer, the loops, the HTTP server, and their orderly stop."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, lock: DatabaseLock | None = None) -> None:
         if config.debug_tracemalloc:
             import tracemalloc  # noqa: PLC0415 - imported where needed (see the imports)
             tracemalloc.start(TRACEMALLOC_FRAMES)
@@ -5310,7 +7231,14 @@ class Service:
                 log.warning("rows carried over from a replaced database file taken in")
         self.db = Database(config.db_path)
         self.events = EventQueue(config.queue_size, config.batch_size)
-        self.writer = Writer(config, self.db, self.events, self.counters)
+        self.writer = Writer(config, self.db, self.events, self.counters, lock)
+        self.prices = load_prices(config.prices)
+        PRICING.install(self.prices)
+        if not PRICES_FILE.exists():
+            log.warning("prices.json is not beside otrace.py: costs are computed only from TRACE_PRICES",
+                        extra={"expected_at": str(PRICES_FILE), "prices": config.prices or None})
+        self.tally = CallTally(config.metrics_max_models)
+        self.writer.on_inserted = self.tally.add
         if not self.writer.reserve.hold():
             log.warning("disk reserve not held: no room for it", extra={
                 "path": str(self.writer.reserve.path), "bytes": config.disk_reserve_bytes})
@@ -5323,15 +7251,18 @@ class Service:
         self.sampler = Sampler(config, self.events, self.db, self.dns, self.processes) \
             if config.metrics_interval else None
         self.debug = Debug(self) if config.debug else None
-        self.tailer = LogTailer(config, self.events, self.db) if config.log_path else None
+        state_dir = openclaw_state_dir(config.openclaw_state_dir)
+        self.store = SessionStore(config, self.events, self.db, state_dir) if state_dir else None
+        self.tailer = LogTailer(config, self.events, self.db, store_followed=self.store is not None) \
+            if config.log_path else None
         self.pusher: Pusher | None = None
         if config.push_endpoint:
             return_big_buffers()
             self.pusher = Pusher(config, self.events, self.db)
         else:
             log.warning("push is off: events stay in the local database (set TRACE_PUSH_ENDPOINT)")
-        self.loops += [loop for loop in (self.sampler, self.processes, self.dns, self.tailer, self.pusher)
-                       if loop]
+        self.loops += [loop for loop in (self.sampler, self.processes, self.dns, self.tailer, self.store,
+                                         self.pusher) if loop]
         self.server = IngestServer(self, [(config.host, config.port)])  # last: a failed start binds nothing
 
     def on_write_fault(self, error: str) -> None:
@@ -5415,14 +7346,15 @@ def settled(config: Config) -> Config:
     return config
 
 
-def start_service(config: Config, stop_signals: set[signal.Signals]) -> Service | signal.Signals | None:
+def start_service(config: Config, stop_signals: set[signal.Signals],
+                  lock: DatabaseLock) -> Service | signal.Signals | None:
     """The Service, once its database opens. A fault of the environment (a full disk, an I/O error) is
     retried every START_RETRY seconds, logged once, until it clears or a stop signal comes (that
     signal is returned); anything else is final (None)."""
     fault = FaultLog(log, "start")
     while True:
         try:
-            service = Service(config)
+            service = Service(config, lock)
         except (OSError, sqlite3.Error, RuntimeError) as exc:
             if isinstance(exc, RuntimeError) or not is_environment(exc):
                 log.critical("cannot start", extra={"error": describe(exc)})
@@ -5451,7 +7383,7 @@ def serve(config: Config, warnings: Iterable[str] = ()) -> int:
         log.critical("cannot start", extra={"error": str(exc)})
         print(f"otrace: {exc}", file=sys.stderr)
         return 1
-    service = start_service(config, stop_signals)
+    service = start_service(config, stop_signals, lock)
     if service is None:
         return 1
     if isinstance(service, signal.Signals):
@@ -5464,7 +7396,7 @@ def serve(config: Config, warnings: Iterable[str] = ()) -> int:
     log.info("shutting down", extra={"signal": signal.Signals(received).name,
                                      "timeout_s": config.shutdown_timeout})
     stopped = service.stop(deadline)
-    os.close(lock.fd)
+    lock.release()
     return 0 if stopped else 1
 
 
@@ -5478,9 +7410,13 @@ def main(argv: list[str] | None = None) -> int:
                     "and keeps them in SQLite.",
         epilog="settings (environment variables):\n" + settings_table())
     parser.add_argument("--version", action="version", version=f"otrace {__version__}")
-    parser.add_argument("command", nargs="?", default="serve", choices=("serve", "settings"),
+    parser.add_argument("command", nargs="?", default="serve", choices=("serve", "settings", "report"),
                         help="serve (the default) runs the service; settings prints the settings "
-                             "table as Markdown")
+                             "table as Markdown; report answers what the agent did and cost (see "
+                             "`otrace report --help`)")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["report"]:
+        return run_report(argv[1:])
     args = parser.parse_args(argv)
     if args.command == "settings":
         print(settings_table(markdown=True))

@@ -9,10 +9,12 @@ from __future__ import annotations
 import collections
 import contextlib
 import errno
+import functools
 import gzip
 import http.client
 import http.server
 import ipaddress
+import itertools
 import json
 import logging
 import os
@@ -27,7 +29,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,9 @@ from hypothesis import strategies as st
 import otrace
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE / "scripts"))
+from receiver import Receiver  # noqa: E402 - the one push receiver, shared with scripts/soak.py
+
 OTRACE = HERE / "otrace.py"
 ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not ROOT, reason="mounting a small tmpfs needs root")
@@ -80,7 +85,7 @@ class Otrace:
         self.env = {"TRACE_PORT": "0", "TRACE_DB_PATH": str(self.db_path), "TRACE_BATCH_WINDOW": "20ms",
                     "TRACE_LOG_LEVEL": "info", "TRACE_METRICS_INTERVAL": "off", "TRACE_PROC_INTERVAL": "off",
                     "TRACE_DNS_PROBE": "", "TRACE_ZOMBIE_ALERT": "0", "TRACE_GATEWAY_MATCH": "off",
-                    **(env or {})}
+                    "TRACE_OPENCLAW_STATE_DIR": "off", **(env or {})}
         self.lines: list[dict[str, Any]] = []
         self.stderr: list[str] = []
         self.changed = threading.Condition()
@@ -286,7 +291,7 @@ def test_version() -> None:
     ("TRACE_INGEST_TOKEN", "has space", "printable ASCII"),
     # values that parse but overflow a thread's arithmetic, or spin a loop: bounded
     ("TRACE_BATCH_WINDOW", "106752d", "a duration from 1ms to 10s"),
-    ("TRACE_CLEANUP_INTERVAL", "200000d", "a duration from 100ms to 1d"),
+    ("TRACE_CLEANUP_INTERVAL", "200000d", "a duration from 10ms to 1d"),
     ("TRACE_SHUTDOWN_TIMEOUT", "200000d", "a duration from 500ms to 10m"),
     ("TRACE_DISK_RESERVE_BYTES", "99999999999999GiB", "a size from 64KiB to 4GiB"),
     ("TRACE_METRICS_INTERVAL", "1ms", "a duration from 100ms to 1d"),
@@ -752,6 +757,32 @@ def test_a_database_deleted_or_replaced_under_otrace_loses_nothing_that_got_202(
     assert set(before + during + after) <= stored
     if how == "replaced":                                   # the database moved in was kept, not wiped
         assert node.query("SELECT count(*) FROM t") == [(0,)]
+
+
+def test_after_an_rm_of_its_files_otrace_takes_its_lock_again_or_stands_down(
+        tmp_path: Path, run: Callable[..., Otrace]) -> None:
+    """rm of the database and its lock file lets a second otrace lock the path: the first takes the
+    lock again when it moves to a new file, or, if the second was there first, answers 503 rather
+    than share the file."""
+    first = run({"TRACE_BATCH_WINDOW": "5ms"})
+    assert first.post("/v1/traces", trace()).status == 202
+    first.wait_persisted(1)
+    for suffix in ("", "-wal", "-shm", ".lock"):
+        Path(str(first.db_path) + suffix).unlink(missing_ok=True)
+    first.wait_log(lambda e: e.get("message") == "database file recreated; unpushed rows carried over")
+    second = run(wait=False, db=first.db_path)
+    assert second.proc.wait(10) == 1 and "another otrace" in second.stderr[0]
+    assert first.stop() == 0
+    lone = run({"TRACE_BATCH_WINDOW": "5ms"}, db=tmp_path / "lone.db")
+    lone.proc.send_signal(signal.SIGSTOP)                    # it cannot look before the other starts
+    for suffix in ("", "-wal", "-shm", ".lock"):
+        Path(str(lone.db_path) + suffix).unlink(missing_ok=True)
+    usurper = run(db=lone.db_path)
+    lone.proc.send_signal(signal.SIGCONT)
+    fault = wait_until(lambda: [p for p in lone.health()["problems"] if "another otrace" in p], what="it")
+    assert "deleted or replaced" in fault[0]
+    assert lone.post("/v1/traces", trace()).status == 503
+    assert usurper.post("/v1/traces", trace()).status == 202 and usurper.stop() == 0
 
 
 def test_a_dead_writer_means_503(tmp_path: Path) -> None:
@@ -1911,9 +1942,8 @@ def test_log_replay_through_rotation_truncation_and_a_new_day(tmp_path: Path,
     traces = node.rows("llm_traces")
     assert [(t["provider"], t["status"], t["latency_ms"], t["source"]) for t in traces] == [
         ("mock", "ok", 13.0, "log"), ("rlmock", "error", 35.0, "log")]
-    errors = {(e["category"], e["provider"]) for e in node.rows("error_events")}
-    assert errors == {("network_failure", "deadmock"), ("timeout", "deadmock"), ("rate_limit", "rlmock")}
-    assert len(node.rows("error_events")) == 4                  # two timeouts: agent/embedded and fallback
+    errors = [(e["category"], e["provider"]) for e in node.rows("error_events")]
+    assert errors == [("network_failure", "deadmock")]         # the run that failed; rlmock's had not yet
     assert node.stop() == 0
 
 
@@ -2063,83 +2093,6 @@ def test_old_gateway_lines_without_message_are_joined() -> None:
 # --------------------------------------------------------------------------------------------- push
 
 
-class Receiver:
-    """A real HTTP receiver on loopback for otrace to push to. Each request gets the next scripted
-    answer (default 200) and is recorded; it also checks that pushes never overlap."""
-
-    def __init__(self) -> None:
-        self.script: list[Callable[[Receiver, dict[str, Any]], Any] | int] = []
-        self.default: Callable[[Receiver, dict[str, Any]], Any] | int = 200
-        self.requests: list[dict[str, Any]] = []
-        self.changed = threading.Condition()
-        self.active = self.max_active = 0
-        receiver = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_POST(self) -> None:
-                receiver.handle(self)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/ingest"
-
-    def handle(self, h: http.server.BaseHTTPRequestHandler) -> None:
-        raw = h.rfile.read(int(h.headers["Content-Length"]))
-        body = gzip.decompress(raw) if h.headers.get("Content-Encoding") == "gzip" else raw
-        request = {"headers": dict(h.headers), "raw_bytes": len(raw), "bytes": len(body), "answered": None,
-                   "json": json.loads(body), "at": time.monotonic(), "socket": h.connection}
-        with self.changed:
-            self.active += 1
-            self.max_active = max(self.max_active, self.active)
-            self.requests.append(request)
-            action = self.script.pop(0) if self.script else self.default
-        try:
-            answer = action(self, request) if callable(action) else action
-        finally:
-            with self.changed:
-                self.active -= 1
-        if answer is None:                          # no answer: hang up
-            h.close_connection = True
-            with contextlib.suppress(OSError):
-                h.connection.shutdown(socket.SHUT_RDWR)
-            return
-        status, headers, text = (answer, {}, "") if isinstance(answer, int) else answer
-        with self.changed:
-            request["answered"] = status
-            self.changed.notify_all()
-        payload = text.encode()
-        h.send_response(status)
-        for name, value in headers.items():
-            h.send_header(name, value)
-        h.send_header("Content-Length", str(len(payload)))
-        h.end_headers()
-        with contextlib.suppress(OSError):
-            h.wfile.write(payload)
-
-    def wait(self, check: Callable[[list[dict[str, Any]]], Any], timeout: float = 20.0) -> Any:
-        with self.changed:
-            found = self.changed.wait_for(lambda: check(self.requests), timeout)
-        assert found, f"receiver never saw what was awaited; got {len(self.requests)} requests"
-        return found
-
-    def trace_ids(self, answered: tuple[int, ...] = (200, 201, 202, 204)) -> list[str]:
-        """The trace_ids of the requests answered with one of `answered`."""
-        with self.changed:
-            return [e["trace_id"] for r in self.requests if r["answered"] in answered
-                    for e in r["json"]["events"]]
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
 def hang(seconds: float) -> Callable[[Receiver, dict[str, Any]], None]:
     """Say nothing until the client gives up (or `seconds` pass), then hang up."""
     def act(_: Receiver, request: dict[str, Any]) -> None:
@@ -2227,6 +2180,13 @@ def test_a_batch_halves_into_the_same_events_in_order() -> None:
     assert first.losses == batch.losses and second.losses == []          # reported once
     body = json.loads(b"".join(bytes(p) for p in batch.parts("agent")))
     assert [e["n"] for e in body["events"]] == [0, 1, 2, 3, 4] and body["agent_id"] == "agent"
+
+
+@given(st.sets(st.integers(1, 300), max_size=60))
+def test_id_runs_cover_exactly_the_ids(ids: set[int]) -> None:
+    runs = otrace.id_runs(sorted(ids))
+    assert {i for low, high in runs for i in range(low, high + 1)} == ids
+    assert all(b[0] > a[1] + 1 for a, b in itertools.pairwise(runs))      # maximal: no two runs touch
 
 
 def test_the_scrubber_takes_out_every_form_of_a_credential() -> None:
@@ -2974,8 +2934,9 @@ def test_logs_never_hold_event_texts_or_secrets(run: Callable[..., Otrace], leve
 
 
 def test_pyz_serves_on_a_bare_interpreter(tmp_path: Path, run: Callable[..., Otrace]) -> None:
-    """make pyz builds one file that a python3 with no site-packages at all (-I -S) runs: --help, and a
-    real serve that stores traces and host samples (its own RSS read from /proc)."""
+    """make pyz builds one file that a python3 with no site-packages at all (-I -S) runs: --help, a
+    real serve that stores traces and host samples (its own RSS read from /proc) and prices them from
+    the prices.json it carries, and a report."""
     subprocess.run(["make", "-s", "pyz"], cwd=HERE, check=True, capture_output=True, timeout=240)
     pyz = HERE / "dist" / "otrace.pyz"
     bare = [sys._base_executable, "-I", "-S"]         # the interpreter under the venv, nothing installed
@@ -2985,11 +2946,16 @@ def test_pyz_serves_on_a_bare_interpreter(tmp_path: Path, run: Callable[..., Otr
                             timeout=60, check=True)
     assert "TRACE_DB_PATH" in helped.stdout
     node = run({"SHIV_ROOT": str(shiv_root), "TRACE_METRICS_INTERVAL": "100ms"}, command=[*bare, str(pyz)])
-    ids = node.post("/v1/traces", [trace() for _ in range(3)]).json["trace_ids"]
+    priced = trace(provider="openai", model="gpt-4o", prompt_tokens=1_000, completion_tokens=100)
+    ids = node.post("/v1/traces", [trace(), trace(), priced]).json["trace_ids"]
     wait_until(lambda: len(node.query("SELECT 1 FROM system_metrics WHERE self_rss_bytes > 0")) > 0,
                what="a host sample with self_rss_bytes")
     assert node.stop() == 0
     assert {r[0] for r in node.query("SELECT trace_id FROM llm_traces")} == set(ids)
+    assert cost_columns(node, priced["trace_id"])[:2] == (0.0035, "computed")
+    done = subprocess.run([*bare, str(pyz), "report", "--db", str(node.db_path), "--json"], env=clean_env,
+                          capture_output=True, text=True, timeout=60, check=True)
+    assert json.loads(done.stdout)["calls"]["totals"]["calls"] == 3
 
 
 # --------------------------------------------------------------------------------------------- fuzz
@@ -3196,10 +3162,10 @@ def test_fuzzed_requests_get_a_4xx_naming_the_problem_or_a_202_that_is_kept(run:
             must = 405
         elif wrong == "auth":
             must = 401
-        elif len(body) > FUZZ_MAX_BODY:                 # its Content-Length is judged before its type
-            must = 413
         elif wrong == "content type":
             must = 415
+        elif len(body) > FUZZ_MAX_BODY:
+            must = 413
         resp = exchange(node.port, method, path, body, headers)
         assert resp.status in ANSWERS, resp
         if must is not None and not (must == 202 and resp.status == 503):
@@ -3261,6 +3227,1337 @@ def test_metadata_nested_around_the_parsers_limit_is_always_answered(svc: Otrace
     assert {202, 400} <= set(statuses)       # the sweep does straddle the limit
     svc.wait_persisted(statuses.count(202))
     assert not svc.logs("request failed")
+
+
+# ------------------------------------------------------------------------ prices, llm metrics, report
+# Expected costs are worked out by hand from prices.json (the arithmetic is beside each); when `make
+# prices` brings a new price for a model used here, its test fails: read the diff, update the number.
+
+PRICES_HEADER = json.loads(otrace.PRICES_FILE.read_text().split("\n", 1)[0]
+                           .removeprefix('{"header":').removesuffix(","))
+LABEL = f"{PRICES_HEADER['source']} {PRICES_HEADER['version']}"
+NOV_30 = datetime(2026, 11, 30, 12, tzinfo=UTC)
+
+
+def unix_ms(when: datetime) -> int:
+    return int(when.timestamp() * 1000)
+
+
+@pytest.fixture(scope="module")
+def prices() -> otrace.PriceTable:
+    return otrace.PriceTable.load(otrace.PRICES_FILE)
+
+
+def cost(table: otrace.PriceTable, provider: str, model: str, inp: int | None, out: int | None, *,
+         read: int | None = None, write: int | None = None, at: datetime = NOV_30) -> otrace.Priced | None:
+    return table.cost(provider, model, input_tokens=inp, output_tokens=out, cache_read_tokens=read,
+                      cache_write_tokens=write, at_ms=unix_ms(at))
+
+
+def test_the_vendored_price_file_names_its_source_version_date_and_license() -> None:
+    assert PRICES_HEADER["source"] == "genai-prices" and PRICES_HEADER["license"] == "MIT"
+    assert PRICES_HEADER["copyright"].startswith("Copyright (c) Pydantic")
+    assert PRICES_HEADER["currency"] == "USD" and PRICES_HEADER["vendored"]
+    assert (HERE / PRICES_HEADER["license_file"]).read_text().startswith("The MIT License")
+
+
+def test_a_dated_gpt_4o_with_cache_reads(prices: otrace.PriceTable) -> None:
+    # openai/gpt-4o: input 2.5, output 10, cache_read 1.25 per MTok; no cache write price.
+    # 6,000 fresh x 2.5 + 4,000 read x 1.25 + 1,000 out x 10 = 15,000 + 5,000 + 10,000 = 30,000 / 1e6
+    priced = cost(prices, "openai", "gpt-4o-2024-08-06", 10_000, 1_000, read=4_000)
+    assert priced == otrace.Priced(pytest.approx(0.03, rel=1e-12), f"{LABEL}: openai/gpt-4o")
+
+
+def test_cache_writes_without_their_own_price_cost_the_input_price(prices: otrace.PriceTable) -> None:
+    # gpt-4o has no cache_write_mtok: the 500 written stay input tokens. 10,000 x 2.5 = 25,000 / 1e6
+    assert cost(prices, "openai", "gpt-4o", 10_000, 0, read=0, write=500).cost_usd == pytest.approx(0.025)
+
+
+def test_a_dated_claude_in_any_spelling_with_cache_reads_and_writes(prices: otrace.PriceTable) -> None:
+    # anthropic/claude-3-5-sonnet: input 3, output 15, cache_read 0.3, cache_write 3.75. 10,000 input =
+    # 5,000 fresh + 2,000 read + 3,000 written: 15,000 + 600 + 11,250 + 1,000 out x 15 = 41,850 / 1e6
+    for provider in ("Anthropic", "anthropic", " ANTHROPIC "):
+        priced = cost(prices, provider, "claude-3-5-sonnet-20241022", 10_000, 1_000, read=2_000, write=3_000)
+        assert priced == otrace.Priced(pytest.approx(0.04185, rel=1e-12),
+                                       f"{LABEL}: anthropic/claude-3-5-sonnet")
+
+
+def test_a_tiered_price_applies_to_all_tokens_once_input_exceeds_its_start(prices: otrace.PriceTable) -> None:
+    # google/gemini-2.5-pro: input 1.25 (2.5 above 200,000 input tokens), output 10 (15), read 0.125 (0.25)
+    at_start = cost(prices, "gcp.gemini", "gemini-2.5-pro", 200_000, 1_000)
+    assert at_start.cost_usd == pytest.approx((200_000 * 1.25 + 1_000 * 10) / 1e6)
+    # 200,001 input, 50,000 of them read: 150,001 x 2.5 + 50,000 x 0.25 + 1,000 x 15 = 402,502.5
+    above = cost(prices, "gcp.gemini", "gemini-2.5-pro", 200_001, 1_000, read=50_000)
+    assert above == otrace.Priced(pytest.approx(0.4025025, rel=1e-12), f"{LABEL}: google/gemini-2.5-pro")
+
+
+def test_a_price_change_on_a_start_date(prices: otrace.PriceTable) -> None:
+    # openai/o3: 10 / 40 per MTok, then 2 / 8 from 2025-06-10 (a UTC day)
+    before = datetime(2025, 6, 9, 23, 59, 59, 999_000, tzinfo=UTC)
+    assert cost(prices, "openai", "o3", 1_000, 1_000, at=before).cost_usd == pytest.approx(0.05)
+    since = datetime(2025, 6, 10, tzinfo=UTC)
+    assert cost(prices, "openai", "o3-2025-04-16", 1_000, 1_000, at=since).cost_usd == pytest.approx(0.01)
+
+
+def test_a_price_in_a_daily_window(prices: otrace.PriceTable) -> None:
+    # deepseek/deepseek-chat: 0.27 / 1.1 from 00:30 to 16:30 UTC, else its first entry, 0.135 / 0.55
+    day = datetime(2026, 11, 30, tzinfo=UTC)
+
+    def at(hours: float) -> float:
+        return cost(prices, "deepseek", "deepseek-chat", 1_000_000, 1_000_000,
+                    at=day + timedelta(hours=hours)).cost_usd
+
+    assert [at(12), at(0.5), at(16.5), at(20), at(0.25)] == pytest.approx([1.37, 1.37, 0.685, 0.685, 0.685])
+
+
+def test_a_price_per_request(prices: otrace.PriceTable) -> None:
+    # perplexity/sonar: 1 / 1 per MTok and 12 per 1000 requests: 0.001 + 0.001 + 0.012
+    assert cost(prices, "perplexity", "sonar", 1_000, 1_000).cost_usd == pytest.approx(0.014)
+
+
+@pytest.mark.parametrize(("provider", "model", "ref"), [
+    ("gcp.vertex_ai", "claude-sonnet-4@20250514", "google/claude-4-sonnet"),
+    ("aws.bedrock", "us.anthropic.claude-3-5-sonnet-20241022-v2:0",
+     "aws/regional.anthropic.claude-3-5-sonnet-20241022-v2:0"),
+    ("azure.ai.openai", "gpt-4o", "openai/gpt-4o"),          # azure has no gpt-4o: its fallback, openai
+    ("x_ai", "grok-4", "x-ai/grok-4-0709"),
+    ("xai", "grok-4", "x-ai/grok-4-0709"),
+    ("mistral_ai", "mistral-large-latest", "mistral/mistral-large"),
+    ("OpenAI", "gpt-4o-mini", "openai/gpt-4o-mini"),
+    ("openai", "gpt-4o-20240806", "openai/gpt-4o"),          # LiteLLM's compact date
+    ("litellm", "anthropic/claude-3-haiku-20240307", "anthropic/claude-3-haiku"),
+    ("", "claude-opus-4-1", "anthropic/claude-opus-4-1"),    # no provider: the first model_match
+])
+def test_provider_spellings_and_fallbacks_find_their_price(prices: otrace.PriceTable, provider: str,
+                                                           model: str, ref: str) -> None:
+    assert cost(prices, provider, model, 1_000, 100).ref == f"{LABEL}: {ref}"
+
+
+@pytest.mark.parametrize(("provider", "model"), [
+    ("openai", "gpt-nonexistent-9"), ("ibm.watsonx.ai", "granite-3-8b-instruct"), ("nope", "gpt-4o"),
+    ("anthropic", "gpt-4o"), ("", "totally-unknown"),
+])
+def test_an_unknown_provider_or_model_has_no_price(prices: otrace.PriceTable, provider: str,
+                                                   model: str) -> None:
+    assert cost(prices, provider, model, 1_000, 100) is None
+
+
+def test_counts_that_cannot_be_priced_have_no_price(prices: otrace.PriceTable) -> None:
+    assert cost(prices, "openai", "whisper-1", 1_000, 100) is None            # priced per audio minute
+    assert cost(prices, "openai", "gpt-4o", None, None) is None               # nothing counted
+    assert cost(prices, "openai", "gpt-4o", 100, 10, read=200) is None        # more cache than input
+    assert cost(prices, "openai", "gpt-4o", None, 10, read=5) is None         # cache without input
+    assert cost(prices, "openai", "gpt-4o", None, 1_000).cost_usd == pytest.approx(0.01)   # as genai-prices
+
+
+def test_lookups_are_memoized_and_the_memo_is_bounded() -> None:
+    table = otrace.PriceTable.load(otrace.PRICES_FILE)
+    first = table.find("openai", "gpt-4o")
+    assert table.find("openai", "gpt-4o") is first
+    for n in range(otrace.PRICE_MEMO + 10):
+        table.find("nope", f"model-{n}")
+        assert len(table._memo) <= otrace.PRICE_MEMO
+
+
+def test_a_users_price_file_wins_over_the_vendored_one(prices: otrace.PriceTable, tmp_path: Path) -> None:
+    user = tmp_path / "my-prices.json"
+    user.write_text(json.dumps({"providers": [
+        {"id": "openai", "models": [
+            {"id": "gpt-4o-negotiated",
+             "match": {"or": [{"equals": "gpt-4o"}, {"equals": "gpt-4o-2024-08-06"}]},
+             "prices": {"input_mtok": 1, "output_mtok": 4}}]},
+        {"id": "mycorp", "provider_match": {"contains": "mycorp"}, "models": [
+            {"id": "house-model", "match": {"starts_with": "house-"},
+             "prices": {"input_mtok": 0.5, "output_mtok": 1}}]},
+    ]}, indent=2))
+    both = otrace.PriceTable.load(user, otrace.PRICES_FILE)
+    # 1,000 x 1 + 1,000 x 4 = 5,000 / 1e6 instead of 1,000 x 2.5 + 1,000 x 10
+    assert cost(both, "openai", "gpt-4o-2024-08-06", 1_000, 1_000) == otrace.Priced(
+        pytest.approx(0.005), "my-prices.json: openai/gpt-4o-negotiated")
+    assert cost(both, "azure.ai.openai", "gpt-4o", 1_000, 1_000).cost_usd == pytest.approx(0.005)
+    mini = cost(prices, "openai", "gpt-4o-mini", 1_000, 1_000)
+    assert cost(both, "openai", "gpt-4o-mini", 1_000, 1_000) == mini
+    assert cost(both, "MyCorp-EU", "house-7b", 2_000, 1_000).cost_usd == pytest.approx(0.002)
+    assert cost(prices, "openai", "gpt-4o", 1_000, 1_000).cost_usd == pytest.approx(0.0125)
+
+
+def test_a_price_files_header_names_its_refs_and_a_bad_file_fails_at_load(tmp_path: Path) -> None:
+    user = tmp_path / "p.json"
+    o3 = {"id": "o3", "match": {"equals": "o3"}, "prices": {"input_mtok": 1}}
+    user.write_text(json.dumps({"header": {"source": "acme contract", "version": "7"},
+                                "providers": [{"id": "openai", "models": [o3]}]}))
+    ref = otrace.PriceTable.load(user, otrace.PRICES_FILE).find("openai", "o3")[0]
+    assert ref == "acme contract 7: openai/o3"
+    glob = {"id": "x", "match": {"glob": "x*"}, "prices": {}}
+    unknown_price = {"id": "x", "match": {"equals": "x"}, "prices": {"input_usd": 1}}
+    for bad in ({"providers": [{"id": "openai", "models": [glob]}]},
+                {"providers": [{"id": "openai", "models": [unknown_price]}]}, {"models": []}):
+        user.write_text(json.dumps(bad))
+        with pytest.raises(ValueError):
+            otrace.PriceTable.load(user)
+
+
+def test_any_json_layout_reads_the_same_and_a_cut_file_fails(prices: otrace.PriceTable,
+                                                             tmp_path: Path) -> None:
+    pretty = tmp_path / "pretty.json"
+    pretty.write_text(json.dumps(json.loads(otrace.PRICES_FILE.read_text()), indent=1))
+    again = otrace.PriceTable.load(pretty)
+    for provider, model in (("openai", "gpt-4o"), ("anthropic", "claude-sonnet-4-5"),
+                            ("deepseek", "deepseek-chat")):
+        assert cost(again, provider, model, 300_000, 10, read=1_000).cost_usd == cost(
+            prices, provider, model, 300_000, 10, read=1_000).cost_usd
+    cut = tmp_path / "cut.json"
+    cut.write_text("".join(otrace.PRICES_FILE.read_text().splitlines(keepends=True)[:500]))
+    with pytest.raises(ValueError):
+        otrace.PriceTable.load(cut)
+
+
+def test_prices_agree_with_genai_prices_own_calc_price(prices: otrace.PriceTable) -> None:
+    """Every model of the table, by the names its clauses give, against genai-prices itself (where that
+    package is installed; it is not a dependency of otrace)."""
+    genai = pytest.importorskip("genai_prices")
+    import warnings
+    warnings.simplefilter("ignore")
+    data = json.loads(otrace.PRICES_FILE.read_text())
+    usages = [(1_000, 500, 0, 0), (300_000, 1_000, 100_000, 50_000), (5_000, 200, 4_000, None),
+              (250_000, 2_000, 0, 240_000)]
+    times = [datetime(2024, 3, 1, 3, tzinfo=UTC), datetime(2025, 9, 10, 17, tzinfo=UTC),
+             NOV_30, datetime(2027, 2, 1, 8, tzinfo=UTC)]
+
+    def names(clause: dict[str, Any]) -> list[str]:
+        [(kind, operand)] = clause.items()
+        if kind in ("or", "and"):
+            return [name for item in operand for name in names(item)]
+        return [operand] if kind in ("equals", "starts_with") else []
+
+    compared = 0
+    pairs = [(p["id"], name) for p in data["providers"] for m in p["models"]
+             for name in {m["id"], *names(m["match"])}]
+    for n, (provider, model) in enumerate(pairs):
+        inp, out, read, write = usages[n % len(usages)]
+        when = times[n // len(usages) % len(times)]
+        mine = cost(prices, provider, model, inp, out, read=read, write=write, at=when)
+        try:
+            theirs = genai.calc_price(genai.Usage(input_tokens=inp, output_tokens=out, cache_read_tokens=read,
+                                                  cache_write_tokens=write), model, provider_id=provider,
+                                      genai_request_timestamp=when)
+        except (LookupError, ValueError):
+            assert mine is None, (provider, model)
+            continue
+        if mine is None:       # priced in units otrace does not count: genai-prices says 0 for these tokens
+            assert theirs.total_price == 0, (provider, model)
+            continue
+        expected = pytest.approx(float(theirs.total_price), rel=1e-9, abs=1e-15)
+        assert mine.cost_usd == expected, (provider, model)
+        assert mine.ref.endswith(f"/{theirs.model.id}")
+        compared += 1
+    assert compared > 3000
+
+
+def cost_columns(node: Otrace, trace_id: str) -> tuple:
+    return node.query("SELECT cost_usd, cost_source, computed_cost_usd, price_ref FROM llm_traces "
+                      "WHERE trace_id = ?", trace_id)[0]
+
+
+def test_a_call_with_tokens_and_no_cost_is_priced_at_ingest_and_a_reported_cost_kept(svc: Otrace) -> None:
+    events = [
+        trace(provider="openai", model="gpt-4o", prompt_tokens=1_000, completion_tokens=100),
+        trace(provider="openai", model="gpt-4o", prompt_tokens=2_000, completion_tokens=200,
+              cache_read_tokens=1_000, cost_usd=0.05),
+        trace(provider="mystery", model="unknown-9", prompt_tokens=10, completion_tokens=1),
+        trace(provider="openai", model="gpt-4o", prompt_tokens=10, completion_tokens=1, cache_read_tokens=20),
+        trace(provider="openai", model="gpt-4o", prompt_tokens=None, completion_tokens=None),
+    ]
+    assert svc.post("/v1/traces", events).status == 202
+    svc.wait_persisted(len(events))
+    ids = [e["trace_id"] for e in events]
+    ref = f"{LABEL}: openai/gpt-4o"
+    assert cost_columns(svc, ids[0]) == (0.0035, "computed", 0.0035, ref)          # 1,000 x 2.5 + 100 x 10
+    assert cost_columns(svc, ids[1]) == (0.05, "reported", 0.00575, ref)   # 2,500 + 1,000 x 1.25 + 200 x 10
+    assert cost_columns(svc, ids[2]) == (None, None, None, None)                  # no price: never guessed
+    assert cost_columns(svc, ids[3]) == (None, None, None, None)                  # more cache than input
+    assert cost_columns(svc, ids[4]) == (None, None, None, None)                  # nothing counted
+    assert svc.health()["llm_calls"]["prices"] == LABEL
+
+
+def test_trace_prices_overrides_the_table_and_a_bad_file_is_exit_2(tmp_path: Path, run: Callable[..., Otrace]
+                                                                   ) -> None:
+    user = tmp_path / "contract.json"
+    user.write_text(json.dumps({"header": {"source": "contract", "version": "2026"}, "providers": [
+        {"id": "openai", "models": [{"id": "gpt-4o", "match": {"equals": "gpt-4o"},
+                                     "prices": {"input_mtok": 1, "output_mtok": 2}}]}]}))
+    node = run({"TRACE_PRICES": str(user)})
+    event = trace(provider="openai", model="gpt-4o", prompt_tokens=1_000, completion_tokens=1_000)
+    assert node.post("/v1/traces", event).status == 202
+    node.wait_persisted(1)
+    assert cost_columns(node, event["trace_id"]) == (0.003, "computed", 0.003, "contract 2026: openai/gpt-4o")
+    for content, needle in (("{not json", "Expecting property name"), (None, "No such file"),
+                            ('{"providers": [{"models": []}]}', "a provider needs an id")):
+        bad = tmp_path / "bad.json"
+        bad.unlink(missing_ok=True)
+        if content is not None:
+            bad.write_text(content)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TRACE_")}
+        done = subprocess.run([sys.executable, str(OTRACE)], env={**env, "TRACE_PRICES": str(bad),
+                                                                  "TRACE_DB_PATH": str(tmp_path / "x.db")},
+                              capture_output=True, text=True, timeout=60, check=False)
+        assert done.returncode == 2 and "TRACE_PRICES=" in done.stderr and needle in done.stderr, done.stderr
+        assert not (tmp_path / "x.db").exists()
+
+
+def metric_samples(node: Otrace) -> dict[str, float]:
+    text = node.request("GET", "/metrics").body.decode()
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            if line and not line.startswith("#")}
+
+
+def pair(provider: str, model: str, **more: str) -> str:
+    return otrace.prometheus_labels(gen_ai_provider_name=provider, gen_ai_request_model=model, **more)
+
+
+@needs_gateway_log
+def test_metrics_count_what_the_writer_stored_per_model_and_match_the_rows(
+        tmp_path: Path, run: Callable[..., Otrace]) -> None:
+    log = tmp_path / "gateway.log"
+    log.write_bytes(b"".join(gateway_lines()))
+    node = run({"TRACE_LOG_PATH": str(log), "TRACE_LOG_START": "beginning"})
+    events = [trace(provider="openai", model="gpt-4o", prompt_tokens=1_000 * n, completion_tokens=10 * n,
+                    cache_read_tokens=n, latency_ms=30.0 * n, status="error" if n % 3 == 0 else "ok")
+              for n in range(1, 8)]
+    events += [trace(provider="anthropic", model="claude-sonnet-4-5", prompt_tokens=500, completion_tokens=50,
+                     cost_usd=0.25, cache_write_tokens=100, latency_ms=90_000.0),
+               trace(provider="mystery", model="m", prompt_tokens=5)]
+    assert node.post("/v1/traces", events).status == 202
+    assert node.post("/v1/traces", events[:3]).status == 202             # a retry: stored once, counted once
+    errors = [{"error_type": "llm_error", "category": "rate_limit", "message": "429"}] * 2 + [
+        {"error_type": "crash", "category": "oom_kill", "message": "killed"}]
+    assert node.post("/v1/errors", errors).status == 202
+    wait_until(lambda: node.query("SELECT count(*) FROM log_events")[0][0] == 30, what="the log's 30 events")
+    wait_until(lambda: node.query("SELECT count(*) FROM llm_traces WHERE source = 'http'") == [(len(events),)]
+               and node.query("SELECT count(*) FROM error_events WHERE source = 'http'") == [(3,)]
+               and node.health()["events_duplicate"] == 3, what="every event stored")
+    samples = metric_samples(node)
+    rows = node.query("SELECT provider, model, count(*), sum(status = 'error'), total(prompt_tokens), "
+                      "total(completion_tokens), total(cache_read_tokens), total(cache_write_tokens), "
+                      "total(CASE WHEN cost_source = 'reported' THEN cost_usd END), "
+                      "total(CASE WHEN cost_source = 'computed' THEN cost_usd END), "
+                      "sum(cost_source IS NULL AND prompt_tokens IS NOT NULL), count(latency_ms), "
+                      "total(latency_ms / 1000) FROM llm_traces GROUP BY provider, model")
+    assert {r[0] for r in rows} == {"openai", "anthropic", "mystery", "mock", "rlmock"}   # the log's too
+    for provider, model, calls, failures, *tokens, reported, computed, unpriced, timed, seconds in rows:
+        labels = pair(provider, model)
+        assert samples[f"otrace_gen_ai_calls_total{labels}"] == calls
+        assert samples[f"otrace_gen_ai_call_failures_total{labels}"] == failures
+        for kind, n in zip(("input", "output", "cache_read", "cache_creation"), tokens, strict=True):
+            typed = pair(provider, model, gen_ai_token_type=kind)
+            assert samples[f"otrace_gen_ai_client_token_usage_total{typed}"] == n
+        reported_labels = pair(provider, model, cost_source="reported")
+        assert samples[f"otrace_gen_ai_cost_usd_total{reported_labels}"] == reported
+        assert samples[f"otrace_gen_ai_cost_usd_total{pair(provider, model, cost_source='computed')}"] == \
+            pytest.approx(computed, rel=1e-12)
+        assert samples[f"otrace_gen_ai_unpriced_calls_total{labels}"] == unpriced
+        assert samples[f"otrace_gen_ai_client_operation_duration_seconds_count{labels}"] == timed
+        summed = samples[f"otrace_gen_ai_client_operation_duration_seconds_sum{labels}"]
+        assert summed == pytest.approx(seconds)
+    gpt = pair("openai", "gpt-4o")
+    assert samples[f"otrace_gen_ai_calls_total{gpt}"] == 7
+    assert samples[f"otrace_gen_ai_call_failures_total{gpt}"] == 2
+    bucket = "otrace_gen_ai_client_operation_duration_seconds_bucket"
+    buckets = {le: samples[bucket + pair("openai", "gpt-4o", le=le)]
+               for le in ("0.02", "0.04", "0.08", "0.16", "0.32", "+Inf")}
+    assert buckets == {"0.02": 0, "0.04": 1, "0.08": 2, "0.16": 5, "0.32": 7, "+Inf": 7}   # 30 ... 210 ms
+    claude = pair("anthropic", "claude-sonnet-4-5", le="81.92")            # 90 s: over the last bound
+    assert samples[bucket + claude] == 0
+    assert samples[f"otrace_gen_ai_unpriced_calls_total{pair('mystery', 'm')}"] == 1
+    stored = node.query("SELECT error_type, category, count(*) FROM error_events GROUP BY 1, 2")
+    for kind, category, n in stored:
+        labels = otrace.prometheus_labels(error_type=kind, category=category)
+        assert samples[f"otrace_error_events_total{labels}"] == n
+    assert samples['otrace_error_events_total{error_type="llm_error",category="rate_limit"}'] >= 2
+    for kind, n in node.query("SELECT kind, count(*) FROM log_events GROUP BY kind"):
+        assert samples[f"otrace_log_events_total{otrace.prometheus_labels(kind=kind)}"] == n
+
+
+def test_metrics_fold_models_past_the_cap_and_escape_their_names(run: Callable[..., Otrace]) -> None:
+    node = run({"TRACE_METRICS_MAX_MODELS": "2"})
+    odd = 'new\nline "quoted" back\\slash'
+    events = [trace(provider="p", model=model, prompt_tokens=1) for model in ("a", odd, "c", "d", "a")]
+    assert node.post("/v1/traces", events).status == 202
+    node.wait_persisted(len(events))
+    samples = metric_samples(node)
+    calls = {name: n for name, n in samples.items() if name.startswith("otrace_gen_ai_calls_total")}
+    assert calls == {f"otrace_gen_ai_calls_total{pair('p', 'a')}": 2,
+                     'otrace_gen_ai_calls_total{gen_ai_provider_name="p",gen_ai_request_model='
+                     '"new\\nline \\"quoted\\" back\\\\slash"}': 1,
+                     f"otrace_gen_ai_calls_total{pair('other', 'other')}": 2}
+
+
+# A database with known rows: every source, failures, computed and reported costs, two days (three in
+# Europe/Berlin terms, where the 23:30 UTC call is already the next day), and what else the report reads.
+REPORT_CALLS = [
+    ("http", {"provider": "openai", "model": "gpt-4o", "prompt_tokens": 1_000, "completion_tokens": 100,
+              "latency_ms": 100, "session_id": "s1", "created_at": "2026-11-02T10:00:00Z"}),   # 0.0035
+    ("http", {"provider": "openai", "model": "gpt-4o", "prompt_tokens": 2_000, "completion_tokens": 200,
+              "cache_read_tokens": 1_000, "cost_usd": 0.05, "latency_ms": 300, "session_id": "s1",
+              "created_at": "2026-11-02T11:00:00Z"}),                  # reported; the table says 0.00575
+    ("otlp", {"provider": "anthropic", "model": "claude-sonnet-4-20250514", "prompt_tokens": 10_000,
+              "completion_tokens": 1_000, "cache_read_tokens": 2_000, "cache_write_tokens": 3_000,
+              "latency_ms": 2_000, "session_id": "s2", "created_at": "2026-11-02T23:30:00Z"}),  # 0.04185
+    ("openclaw_session", {"provider": "mock", "model": "mock-model", "prompt_tokens": 5_000,
+                          "completion_tokens": 300, "total_tokens": 5_300, "cache_read_tokens": 4_096,
+                          "cache_write_tokens": 0, "cost_usd": 0.0084408, "session_id": "s3",
+                          "created_at": "2026-11-03T09:00:00Z"}),     # OpenClaw's own figure; no table price
+    ("openclaw_session", {"provider": "mock", "model": "mock-model", "status": "error", "prompt_tokens": 0,
+                          "completion_tokens": 0, "total_tokens": 0, "cache_read_tokens": 0,
+                          "cache_write_tokens": 0, "cost_usd": 0, "session_id": "s3",
+                          "created_at": "2026-11-03T09:05:00Z"}),
+    ("log", {"provider": "anthropic", "model": "claude-sonnet-4", "status": "error", "error_type": "http_429",
+             "latency_ms": 50, "created_at": "2026-11-03T10:00:00Z"}),                        # no tokens
+    ("http", {"provider": "mystery", "model": "unknown-model", "prompt_tokens": 100, "completion_tokens": 10,
+              "latency_ms": 700, "created_at": "2026-11-03T12:00:00Z"}),                      # unpriced
+    ("http", {"provider": "openai", "model": "gpt-4o", "prompt_tokens": 9, "completion_tokens": 9,
+              "cost_usd": 9, "trace_id": "later", "created_at": "2026-11-05T12:00:00Z"}),    # out of window
+]
+# (key, calls, failures, input, output, cache read, cache write, total tokens, cost, computed, unpriced,
+#  p50, p95, p99): by model, --cost auto. Input is the prompt less the cache's tokens.
+BY_MODEL = [
+    ("openai/gpt-4o", 2, 0, 2_000, 300, 1_000, 0, 3_300, 0.0535, 0.0035, 0, 100.0, 300.0, 300.0),
+    ("anthropic/claude-sonnet-4-20250514", 1, 0, 5_000, 1_000, 2_000, 3_000, 11_000, 0.04185, 0.04185, 0,
+     2000.0, 2000.0, 2000.0),
+    ("mock/mock-model", 2, 1, 904, 300, 4_096, 0, 5_300, 0.0084408, 0.0, 0, None, None, None),
+    ("anthropic/claude-sonnet-4", 1, 1, 0, 0, 0, 0, 0, 0.0, 0.0, 0, 50.0, 50.0, 50.0),
+    ("mystery/unknown-model", 1, 0, 100, 10, 0, 0, 110, 0.0, 0.0, 1, 700.0, 700.0, 700.0),
+]
+TOTALS = ("TOTAL", 7, 2, 8_004, 1_610, 7_096, 3_000, 19_710, 0.1037908, 0.04535, 1, 300.0, 2000.0, 2000.0)
+
+
+def metric_row(row: dict[str, Any], key: str) -> tuple:
+    latency = row["latency_ms"]
+    return (key, row["calls"], row["failures"], row["input_tokens"], row["output_tokens"],
+            row["cache_read_tokens"], row["cache_write_tokens"], row["total_tokens"], row["cost_usd"],
+            row["computed_usd"], row["unpriced_calls"], latency["p50"], latency["p95"], latency["p99"])
+
+
+def build_report_database(path: Path) -> Path:
+    """REPORT_CALLS priced by otrace's own code as at ingest, with error events, log events, host
+    samples, push attempts and retention losses, written as otrace writes rows."""
+    otrace.open_database(str(path))
+    calls = [otrace.event_row(otrace.TRACES, otrace.trace_row, event, source)
+             for source, event in REPORT_CALLS]
+    errors = [otrace.event_row(otrace.ERRORS, otrace.error_row, {
+        "error_type": kind, "category": category, "message": "m", "created_at": when}, source)
+        for kind, category, when, source in (("llm_error", "rate_limit", "2026-11-02T10:00:01Z", "http"),
+                                             ("llm_error", "rate_limit", "2026-11-02T10:00:02Z", "http"),
+                                             ("crash", "oom_kill", "2026-11-03T01:00:00Z", "otrace"))]
+    logs = [otrace.Row("log_events", (f"log-{n}", unix_ms(datetime.fromisoformat(when)), 0, "log", "INFO",
+                                      "gateway", kind, "m", None, None, "/x.log", n))
+            for n, (kind, when) in enumerate((("model_call", "2026-11-02T10:00:00Z"),
+                                              ("model_call", "2026-11-03T10:00:00Z"),
+                                              ("channel_inbound", "2026-11-03T10:00:00Z"),
+                                              ("channel_inbound", "2026-11-05T10:00:00Z")))]
+    samples = []
+    for n, (when, cpu, memory, disk) in enumerate((("2026-11-02T12:00:00Z", 10.5, 2**30, 40.0),
+                                                   ("2026-11-03T12:00:00Z", 93.25, 3 * 2**29, 45.5))):
+        values = dict.fromkeys(otrace.METRICS.columns) | {
+            "trace_id": f"m-{n}", "created_at": unix_ms(datetime.fromisoformat(when)), "received_at": 0,
+            "source": "proc", "cpu_pct": cpu, "mem_used_bytes": memory, "mem_limit_bytes": 2**31,
+            "disk_used_pct": disk, "self_rss_bytes": 25 * 2**20}
+        samples.append(otrace.Row("system_metrics", tuple(values.values())))
+    with contextlib.closing(otrace.connect(str(path))) as conn, otrace.transaction(conn):
+        for table in otrace.EVENT_TABLES:
+            otrace.insert_rows(conn, table, [row.values for row in calls + errors + logs + samples
+                                             if row.table == table])
+        conn.execute("UPDATE llm_traces SET synced = 1 WHERE trace_id = 'later'")
+        for when, status, error, events in (("2026-11-03T12:00:00Z", 200, None, 10),
+                                            ("2026-11-03T18:00:00Z", 503, "HTTP 503: busy", 4)):
+            conn.execute("INSERT INTO push_log (batch_id, started_at, duration_ms, events, bytes, "
+                         "http_status, error) VALUES ('b', ?, 1, ?, 100, ?, ?)",
+                         (unix_ms(datetime.fromisoformat(when)), events, status, error))
+        for when, table, reason, deleted, lost in (
+                ("2026-11-02T05:00:00Z", "llm_traces", "age", 10, 0),
+                ("2026-11-03T06:00:00Z", "llm_traces", "pressure_unpushed", 5, 5),
+                ("2026-11-03T06:00:00Z", "log_events", "pressure_pushed", 20, 0),
+                ("2026-11-09T06:00:00Z", "log_events", "age", 7, 0)):
+            conn.execute("INSERT INTO retention_ledger (pass_id, at, table_name, reason, deleted, "
+                         "unsynced_deleted) VALUES (?, ?, ?, ?, ?, ?)",
+                         (when, unix_ms(datetime.fromisoformat(when)), table, reason, deleted, lost))
+        conn.execute("INSERT INTO push_rejects (table_name, row_id, trace_id, rejected_at, http_status) "
+                     "VALUES ('llm_traces', 1, 'x', ?, 422)",
+                     (unix_ms(datetime.fromisoformat("2026-11-03T07:00:00Z")),))
+    return path
+
+
+def report(db: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("TRACE_") and k != "COLUMNS"}
+    return subprocess.run([sys.executable, str(OTRACE), "report", "--db", str(db), *args],
+                          env=clean | (env or {}), capture_output=True, text=True, timeout=120, check=False)
+
+
+def report_json(db: Path, *args: str) -> dict[str, Any]:
+    done = report(db, *args, "--json")
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+WINDOW = ("--since", "2026-11-02", "--until", "2026-11-03")          # both days whole
+
+
+def test_report_numbers_are_exact_in_json_csv_and_the_table(tmp_path: Path) -> None:
+    db = build_report_database(tmp_path / "otrace.db")
+    doc = report_json(db, *WINDOW, "--timezone", "UTC")
+    assert doc["schema"] == "otrace.report.v1"
+    assert (doc["by"], doc["cost"], doc["breakdown"], doc["source"]) == ("model", "auto", False, None)
+    assert doc["window"] == {"since": "2026-11-02T00:00:00+00:00", "until": "2026-11-04T00:00:00+00:00",
+                             "timezone": "UTC"}
+    groups = doc["calls"]["groups"]
+    assert [metric_row(g, f"{g['provider']}/{g['model']}") for g in groups] == BY_MODEL
+    assert metric_row(doc["calls"]["totals"], "TOTAL") == TOTALS
+    assert doc["calls"]["totals"]["failure_rate"] == 0.2857 and groups[2]["failure_rate"] == 0.5
+    assert [(s["session_id"], s["calls"], s["failures"], s["cost_usd"], s["total_tokens"], s["first"])
+            for s in doc["top_sessions"]] == [("s1", 2, 0, 0.0535, 3_300, "2026-11-02T10:00:00+00:00"),
+                                     ("s2", 1, 0, 0.04185, 11_000, "2026-11-02T23:30:00+00:00"),
+                                     ("s3", 2, 1, 0.0084408, 5_300, "2026-11-03T09:00:00+00:00")]
+    assert doc["errors"] == [{"error_type": "llm_error", "category": "rate_limit", "count": 2},
+                             {"error_type": "crash", "category": "oom_kill", "count": 1}]
+    assert doc["host"] == {"samples": 2, "cpu_pct_max": 93.25, "mem_used_bytes_max": 3 * 2**29,
+                           "mem_limit_bytes": 2**31, "disk_used_pct_max": 45.5,
+                           "otrace_rss_bytes_max": 25 * 2**20, "oom_kill_events": 1}
+    assert doc["log_events"] == {"model_call": 2, "channel_inbound": 1}
+    assert doc["push"] == {
+        "unsynced": {"llm_traces": 7, "error_events": 3, "system_metrics": 2, "log_events": 4,
+                     "custom_events": 0, "process_samples": 0},
+        "unsynced_total": 16,
+        "last_attempt": {"at": "2026-11-03T18:00:00+00:00", "http_status": 503, "error": "HTTP 503: busy",
+                         "events": 4},
+        "last_success": {"at": "2026-11-03T12:00:00+00:00", "http_status": 200, "error": None, "events": 10}}
+    assert doc["retention"] == {"deleted": 35, "unpushed_deleted": 5, "refused_by_receiver": 1, "by_table": [
+        {"table": "llm_traces", "reason": "age", "deleted": 10, "unpushed_deleted": 0},
+        {"table": "llm_traces", "reason": "pressure_unpushed", "deleted": 5, "unpushed_deleted": 5},
+        {"table": "log_events", "reason": "pressure_pushed", "deleted": 20, "unpushed_deleted": 0}]}
+
+    done = report(db, *WINDOW, "--timezone", "UTC", "--csv")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == ("provider,model,calls,failures,failure_rate,input_tokens,output_tokens,"
+                        "cache_read_tokens,cache_write_tokens,total_tokens,cost_usd,computed_usd,unpriced_calls,"
+                        "latency_p50_ms,latency_p95_ms,latency_p99_ms")
+    import csv
+    integers = ("calls", "failures", "input_tokens", "output_tokens", "cache_read_tokens",
+                "cache_write_tokens", "total_tokens")
+    parsed = [(f"{r['provider']}/{r['model']}", *(int(r[name]) for name in integers), float(r["cost_usd"]),
+               float(r["computed_usd"]), int(r["unpriced_calls"]),
+               *(float(r[f"latency_{p}_ms"]) if r[f"latency_{p}_ms"] else None
+                 for p in ("p50", "p95", "p99")))
+              for r in csv.DictReader(lines)]
+    assert parsed == BY_MODEL
+
+    done = report(db, *WINDOW, "--timezone", "UTC", env={"COLUMNS": "150"})
+    assert done.returncode == 0, done.stderr
+    table = done.stdout.splitlines()
+    assert table[0] == "otrace report: 2026-11-02T00:00:00+00:00 to 2026-11-04T00:00:00+00:00 (UTC), by model"
+    assert table[2].split() == ["MODEL", "CALLS", "FAILED", "INPUT", "OUTPUT", "CACHE", "R", "CACHE", "W",
+                                "COST", "P50", "P95", "P99"]
+    assert [line.split() for line in table[3:9]] == [
+        ["openai/gpt-4o", "2", "0", "2.0k", "300", "1.0k", "0", "$0.0535*", "100ms", "300ms", "300ms"],
+        ["anthropic/claude-sonnet-4-20250514", "1", "0", "5.0k", "1.0k", "2.0k", "3.0k", "$0.0418*", "2.0s",
+         "2.0s", "2.0s"],
+        ["mock/mock-model", "2", "1", "50.0%", "904", "300", "4.1k", "0", "$0.0084", "-", "-", "-"],
+        ["anthropic/claude-sonnet-4", "1", "1", "100.0%", "0", "0", "0", "0", "$0", "50ms", "50ms", "50ms"],
+        ["mystery/unknown-model", "1", "0", "100", "10", "0", "0", "$0", "700ms", "700ms", "700ms"],
+        ["TOTAL", "7", "2", "28.6%", "8.0k", "1.6k", "7.1k", "3.0k", "$0.1038*", "300ms", "2.0s", "2.0s"]]
+    assert table[9] == "* $0.0454 of the cost computed from the price table (the source reported none)"
+    assert table[10] == "1 call with tokens and no cost: no price for the model"
+    assert "llm_error/rate_limit 2 · crash/oom_kill 1" in done.stdout
+    assert "s1 $0.0535 (2 calls) · s2 $0.0418 (1 call) · s3 $0.0084 (2 calls)" in done.stdout
+    assert "CPU peak 93.2 % · memory peak 1.5 GiB of 2.0 GiB · disk peak 45.5 % · OOM kills 1" in done.stdout
+    assert ("16 rows not pushed · last push 2026-11-03T18:00:00+00:00: HTTP 503 · last success "
+            "2026-11-03T12:00:00+00:00") in done.stdout
+    assert "35 rows deleted, 5 never pushed · 1 refused by the receiver" in done.stdout
+
+    copy = tmp_path / "copy" / "otrace.db"                     # a copy reads the same (the WAL is in it)
+    copy.parent.mkdir()
+    shutil.copy(db, copy)
+    again = report_json(copy, *WINDOW, "--timezone", "UTC")
+    for varying in ("generated_at", "database"):
+        doc.pop(varying), again.pop(varying)
+    doc["usage_cost"].pop("updatedAt"), again["usage_cost"].pop("updatedAt")
+    assert again == doc
+
+
+def test_report_days_and_hours_follow_the_timezone_and_breakdown_splits_by_model(tmp_path: Path) -> None:
+    db = build_report_database(tmp_path / "otrace.db")
+    utc = report_json(db, *WINDOW, "--timezone", "UTC", "--by", "day")
+    assert [(g["day"], g["calls"], g["cost_usd"]) for g in utc["calls"]["groups"]] == [
+        ("2026-11-02", 3, 0.09535), ("2026-11-03", 4, 0.0084408)]
+    berlin = report_json(db, *WINDOW, "--timezone", "Europe/Berlin", "--by", "day", "--breakdown")
+    assert berlin["window"]["since"] == "2026-11-02T00:00:00+01:00"       # 23:00 UTC the day before
+    assert [(g["day"], g["calls"], g["cost_usd"]) for g in berlin["calls"]["groups"]] == [
+        ("2026-11-02", 2, 0.0535), ("2026-11-03", 5, 0.0502908)]        # the 23:30 UTC call is the 3rd here
+    assert [(m["provider"], m["model"], m["calls"]) for m in berlin["calls"]["groups"][1]["models"]] == [
+        ("anthropic", "claude-sonnet-4-20250514", 1), ("mock", "mock-model", 2),
+        ("anthropic", "claude-sonnet-4", 1), ("mystery", "unknown-model", 1)]
+    kolkata = report_json(db, "--since", "2026-11-02T10:00:00Z", "--until", "2026-11-02T12:00:00Z",
+                          "--timezone", "Asia/Kolkata", "--by", "hour")  # +05:30: hours start at :30 UTC
+    assert [(g["hour"], g["calls"]) for g in kolkata["calls"]["groups"]] == [("2026-11-02T15:00", 1),
+                                                                             ("2026-11-02T16:00", 1)]
+    fixed = report_json(db, *WINDOW, "--timezone=-03:00", "--by", "day")
+    assert [(g["day"], g["calls"]) for g in fixed["calls"]["groups"]] == [
+        ("2026-11-02", 3), ("2026-11-03", 4)]
+    by_source = report_json(db, *WINDOW, "--timezone", "UTC", "--by", "source")
+    assert [(g["source"], g["calls"], g["cost_usd"]) for g in by_source["calls"]["groups"]] == [
+        ("http", 3, 0.0535), ("otlp", 1, 0.04185), ("openclaw_session", 2, 0.0084408), ("log", 1, 0.0)]
+    sessions = report_json(db, *WINDOW, "--by", "session", "--source", "http", "--breakdown")
+    assert [(g["session_id"], g["calls"]) for g in sessions["calls"]["groups"]] == [("s1", 2), (None, 1)]
+    assert sessions["errors"] == [{"error_type": "llm_error", "category": "rate_limit", "count": 2}]
+    done = report(db, *WINDOW, "--timezone", "UTC", "--by", "day", "--breakdown", "--csv")
+    assert done.stdout.splitlines()[0].startswith("day,provider,model,calls,")
+    assert [line.split(",")[:4] for line in done.stdout.splitlines()[1:]] == [
+        ["2026-11-02", "openai", "gpt-4o", "2"], ["2026-11-02", "anthropic", "claude-sonnet-4-20250514", "1"],
+        ["2026-11-03", "mock", "mock-model", "2"], ["2026-11-03", "anthropic", "claude-sonnet-4", "1"],
+        ["2026-11-03", "mystery", "unknown-model", "1"]]
+
+
+def test_report_days_across_a_daylight_saving_change(tmp_path: Path) -> None:
+    """Europe/Berlin leaves summer time at 01:00 UTC on 2026-10-25: its days are 23 h before it and 25 h
+    long on it; an hour of clock time is lived twice."""
+    db = tmp_path / "otrace.db"
+    otrace.open_database(str(db))
+    moments = ["2026-10-24T21:59:00Z", "2026-10-24T22:00:00Z", "2026-10-25T00:30:00Z", "2026-10-25T01:30:00Z",
+               "2026-10-25T22:59:00Z", "2026-10-25T23:00:00Z"]
+    rows = [otrace.event_row(otrace.TRACES, otrace.trace_row, {"provider": "p", "model": "m", "cost_usd": 1,
+                                                               "created_at": when}, "http").values
+            for when in moments]
+    with contextlib.closing(otrace.connect(str(db))) as conn, otrace.transaction(conn):
+        otrace.insert_rows(conn, "llm_traces", rows)
+    window = ("--since", "2026-10-24", "--until", "2026-10-26", "--timezone", "Europe/Berlin")
+    days = report_json(db, *window, "--by", "day")
+    assert [(g["day"], g["calls"]) for g in days["calls"]["groups"]] == [
+        ("2026-10-24", 1), ("2026-10-25", 4), ("2026-10-26", 1)]
+    assert days["window"] == {"since": "2026-10-24T00:00:00+02:00", "until": "2026-10-27T00:00:00+01:00",
+                              "timezone": "Europe/Berlin"}
+    hours = report_json(db, *window, "--by", "hour")
+    assert [(g["hour"], g["calls"]) for g in hours["calls"]["groups"]] == [
+        ("2026-10-24T23:00", 1), ("2026-10-25T00:00", 1), ("2026-10-25T02:00", 2),   # 02:30 CEST and CET
+        ("2026-10-25T23:00", 1), ("2026-10-26T00:00", 1)]
+
+
+def test_report_cost_modes_choose_the_reported_or_the_computed_figure(tmp_path: Path) -> None:
+    db = build_report_database(tmp_path / "otrace.db")
+    expected = {"auto": (0.1037908, 0.04535, 1), "computed": (0.0511, 0.0511, 3),
+                "reported": (0.0584408, 0.0, 3)}
+    for mode, (usd, computed, unpriced) in expected.items():
+        doc = report_json(db, *WINDOW, "--timezone", "UTC", "--cost", mode)
+        totals = doc["calls"]["totals"]
+        assert (doc["cost"], totals["cost_usd"], totals["computed_usd"], totals["unpriced_calls"]) == (
+            mode, usd, computed, unpriced)
+        usage_cost = doc["usage_cost"]["totals"]
+        assert (usage_cost["totalCost"], usage_cost["missingCostEntries"]) == (usd, unpriced)
+    done = report(db, *WINDOW, "--timezone", "UTC", "--cost", "reported", env={"COLUMNS": "150"})
+    assert "3 calls with tokens and no cost: no price for the model (or none reported: --cost reported)" in \
+        done.stdout
+
+
+def test_report_usage_cost_equals_openclaws_own_sums_of_its_store(tmp_path: Path) -> None:
+    """The captured 2026.9.6 store's assistant entries as the session-store reader maps them (prompt =
+    input + cacheRead + cacheWrite), summed by the report, against OpenClaw's own summing of the same
+    entries (its loadCostUsageSummary: usage fields and cost.total, per local day) and its README's
+    figures: 6 calls, 8,768 tokens, 0.021065 USD."""
+    store = HERE.parent / "shared" / "fixtures" / "openclaw" / "state-2026.9.6" / "agents" / "main" / "agent"
+    if not store.exists():
+        pytest.skip("needs ../shared beside the repo")
+    copy = tmp_path / "store"
+    shutil.copytree(store, copy)
+    with contextlib.closing(sqlite3.connect(copy / "openclaw-agent.sqlite")) as conn:
+        entries = [(session, json.loads(text)) for session, text in conn.execute(
+            "SELECT session_id, event_json FROM transcript_events ORDER BY created_at, seq")]
+    calls = [(session, e["message"]) for session, e in entries
+             if e.get("type") == "message" and e["message"].get("role") == "assistant"]
+    ours = []
+    theirs: dict[str, dict[str, float]] = {}
+    for session, message in calls:
+        usage = message["usage"]
+        ours.append(otrace.event_row(otrace.TRACES, otrace.trace_row, {
+            "provider": message["provider"], "model": message["model"], "session_id": session,
+            "status": "error" if message["stopReason"] == "error" else "ok",
+            "created_at": message["timestamp"],
+            "prompt_tokens": usage["input"] + usage["cacheRead"] + usage["cacheWrite"],
+            "completion_tokens": usage["output"], "total_tokens": usage["totalTokens"],
+            "cache_read_tokens": usage["cacheRead"], "cache_write_tokens": usage["cacheWrite"],
+            "cost_usd": usage["cost"]["total"]}, "openclaw_session").values)
+        day = datetime.fromtimestamp(message["timestamp"] / 1000).date().isoformat()   # the machine's zone
+        bucket = theirs.setdefault(day, dict.fromkeys(("input", "output", "cacheRead", "cacheWrite",
+                                                       "totalTokens", "totalCost", "missingCostEntries"), 0))
+        for name in ("input", "output", "cacheRead", "cacheWrite", "totalTokens"):
+            bucket[name] += usage[name]
+        bucket["totalCost"] += usage["cost"]["total"]
+    db = tmp_path / "otrace.db"
+    otrace.open_database(str(db))
+    with contextlib.closing(otrace.connect(str(db))) as conn, otrace.transaction(conn):
+        otrace.insert_rows(conn, "llm_traces", ours)
+    first, last = min(m["timestamp"] for _, m in calls), max(m["timestamp"] for _, m in calls)
+    doc = report_json(db, "--source", "openclaw_session", "--cost", "reported", "--since",
+                      datetime.fromtimestamp(first / 1000 - 1, UTC).isoformat(), "--until",
+                      datetime.fromtimestamp(last / 1000 + 1, UTC).isoformat())
+    usage_cost = doc["usage_cost"]
+    for entry in theirs.values():
+        entry["totalCost"] = round(entry["totalCost"], 9)
+    assert [{k: v for k, v in d.items() if k != "date"} for d in usage_cost["daily"]] == list(theirs.values())
+    assert [d["date"] for d in usage_cost["daily"]] == list(theirs)
+    totals = usage_cost["totals"]
+    assert (len(calls), totals["totalTokens"], round(totals["totalCost"], 6)) == (6, 8_768, 0.021065)
+    assert (totals["input"], totals["output"], totals["cacheRead"], totals["cacheWrite"]) == (
+        4_187, 485, 4_096, 0)
+    assert doc["calls"]["totals"]["failures"] == 2 and doc["calls"]["totals"]["calls"] == 6
+
+
+def test_report_refuses_a_bad_question_with_exit_2(tmp_path: Path) -> None:
+    db = build_report_database(tmp_path / "otrace.db")
+    for args, needle in ((("--since", "soon"), "--since 'soon' is not a duration"),
+                         (("--since", "2026-11-04", "--until", "2026-11-03"), "is not before --until"),
+                         (("--until", "2026-11-31"), "--until '2026-11-31' is not"),
+                         (("--timezone", "Mars/Olympus"), "--timezone 'Mars/Olympus' is not a time zone"),
+                         (("--breakdown",), "--breakdown splits rows by model"),
+                         (("--by", "week"), "invalid choice: 'week'"),
+                         (("--json", "--csv"), "not allowed with argument")):
+        done = report(db, *args)
+        assert done.returncode == 2 and needle in done.stderr and not done.stdout, (args, done.stderr)
+    done = report(tmp_path / "nowhere.db")
+    assert (done.returncode, done.stderr) == (2, f"otrace report: no database at {tmp_path / 'nowhere.db'} "
+                                                 "(set --db, or TRACE_DB_PATH)\n")
+    assert not (tmp_path / "nowhere.db").exists()
+    (tmp_path / "junk.db").write_bytes(b"not a database at all" * 100)
+    done = report(tmp_path / "junk.db")
+    assert done.returncode == 2 and "cannot read" in done.stderr and "file is not a database" in done.stderr
+    old = tmp_path / "old.db"                  # every schema step before the one that added cost_source
+    with contextlib.closing(sqlite3.connect(old)) as conn:
+        for step in otrace.SCHEMA[:next(n for n, step in enumerate(otrace.SCHEMA) if "cost_source" in step)]:
+            conn.executescript(step)
+    done = report(old)
+    assert done.returncode == 2 and "from an older otrace" in done.stderr
+    env = {"TRACE_DB_PATH": str(db)}                              # the default database
+    done = subprocess.run([sys.executable, str(OTRACE), "report", *WINDOW, "--json"], capture_output=True,
+                          text=True, timeout=60, env={**os.environ, **env}, check=False)
+    assert done.returncode == 0 and json.loads(done.stdout)["calls"]["totals"]["calls"] == 7
+
+
+def run_in_terminal(args: list[str], columns: int) -> str:
+    """otrace report on a real pseudo-terminal `columns` wide: what it printed."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 50, columns, 0, 0))
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS" and not k.startswith("TRACE_")}
+    proc = subprocess.Popen([sys.executable, str(OTRACE), "report", *args], stdout=follower, stderr=follower,
+                            env=env)
+    os.close(follower)
+    out = b""
+    with contextlib.suppress(OSError):                 # EIO once the report has exited and closed its side
+        while chunk := os.read(leader, 65536):
+            out += chunk
+    os.close(leader)
+    assert proc.wait(60) == 0, out
+    return out.decode().replace("\r\n", "\n")
+
+
+def test_report_on_a_terminal_is_compact_when_narrow_and_draws_cost_bars_by_day(tmp_path: Path) -> None:
+    db = build_report_database(tmp_path / "otrace.db")
+    window = ["--db", str(db), *WINDOW, "--timezone", "UTC"]
+
+    def table(out: str) -> list[str]:
+        """The table's lines, from its header on (a narrow terminal wraps the title)."""
+        lines = out.splitlines()
+        return lines[lines.index("") + 1:]
+
+    wide = run_in_terminal(window, 140)
+    assert table(wide)[0].split()[:5] == ["MODEL", "CALLS", "FAILED", "INPUT", "OUTPUT"]
+    assert all(len(line) <= 140 for line in wide.splitlines())
+    narrow = run_in_terminal(window, 72)
+    assert table(narrow)[0].split() == ["MODEL", "CALLS", "FAILED", "TOKENS", "COST", "P95"]
+    assert table(narrow)[1].split()[-4:] == ["0", "3.3k", "$0.0535*", "300ms"]   # 2,000 + 300 + 1,000 tokens
+    assert all(len(line) <= 72 for line in narrow.splitlines())
+    days = table(run_in_terminal([*window, "--by", "day"], 120))
+    bars = {line.split()[0]: line.rsplit("  ", 1)[1] for line in days[1:3]}
+    full = len(bars["2026-11-02"])
+    assert set(bars["2026-11-02"]) == {"█"} and full == 120 - len(days[1].rsplit("  ", 1)[0]) - 2
+    eighths = sum(8 if c == "█" else "▏▎▍▌▋▊▉".index(c) + 1 for c in bars["2026-11-03"])
+    assert eighths == round(8 * full * 0.0084408 / 0.09535)                 # its cost against the top day's
+
+
+def hold_read_transaction(pid: int, shm: Path) -> bool:
+    """Whether process `pid` holds a WAL read lock on the database (a byte of the -shm's read marks, as
+    /proc/locks shows it): it is inside its read transaction."""
+    inode = shm.stat().st_ino
+    for line in Path("/proc/locks").read_text().splitlines():
+        fields = line.split()
+        if "->" in fields:
+            continue
+        if fields[4] == str(pid) and fields[3] == "READ" and fields[5].endswith(f":{inode}") and \
+                123 <= int(fields[6]) <= 127:
+            return True
+    return False
+
+
+def report_state(proc: subprocess.Popen, shm: Path) -> str | None:
+    if hold_read_transaction(proc.pid, shm):
+        return "reading"
+    return "ended" if proc.poll() is not None else None
+
+
+def stopped_mid_read(command: list[str], shm: Path, env: dict[str, str]) -> subprocess.Popen:
+    """A report process stopped (SIGSTOP) while it holds its read transaction: tried until one is caught."""
+    for _ in range(50):
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        seen = wait_until(functools.partial(report_state, proc, shm), timeout=60, what="the report reading")
+        if seen == "reading":
+            proc.send_signal(signal.SIGSTOP)
+            if hold_read_transaction(proc.pid, shm):
+                return proc
+            proc.send_signal(signal.SIGCONT)            # it left its transaction before it stopped
+        proc.communicate(timeout=60)
+    pytest.fail("no report was caught inside its read transaction")
+
+
+def test_a_report_stopped_mid_read_never_makes_the_writer_wait(run: Callable[..., Otrace]) -> None:
+    """A report paused inside its read transaction (Ctrl-Z, a full pipe) while the service takes load,
+    and checkpoints keep wanting to truncate the WAL: every event still gets its 202 and is stored,
+    checkpoints that meet the reader go on (busy), and the report, resumed, answers from its snapshot.
+    A checkpoint that waited for the reader would stop the writer and fill the queue (503)."""
+    node = run({"TRACE_CHECKPOINT_INTERVAL": "100ms", "TRACE_WAL_MAX_BYTES": "64KiB",
+                "TRACE_QUEUE_SIZE": "2000"})
+    seeded = [trace(prompt_tokens=n, latency_ms=float(n)) for n in range(2_000)]
+    for start in range(0, len(seeded), 500):
+        assert node.post("/v1/traces", seeded[start:start + 500]).status == 202
+    node.wait_persisted(len(seeded), timeout=60)
+    shm = Path(str(node.db_path) + "-shm")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRACE_")}
+    command = [sys.executable, str(OTRACE), "report", "--db", str(node.db_path), "--since", "1h", "--json"]
+    proc = stopped_mid_read(command, shm, env)
+    try:
+        before = node.query("SELECT count(*) FROM llm_traces")[0][0]
+        statuses = [node.post("/v1/traces", trace()).status for _ in range(3_000)]
+        assert statuses == [202] * len(statuses)
+        node.wait_persisted(len(seeded) + len(statuses), timeout=60)
+        busy = wait_until(lambda: [e for e in node.logs("wal checkpoint") if e["mode"] == "truncate"
+                                   and e["busy"]], what="a truncating checkpoint that met the reader")
+        assert busy and node.health()["status"] == "ok"
+    finally:
+        proc.send_signal(signal.SIGCONT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert before <= json.loads(out)["calls"]["totals"]["calls"] < len(seeded) + len(statuses)
+    for _ in range(3):                                   # and reports run to the end while it takes load
+        done = report(node.db_path, "--since", "1h", "--json")
+        assert done.returncode == 0 and json.loads(done.stdout)["calls"]["totals"]["calls"] >= before
+    assert node.stop() == 0
+
+
+# -------------------------------------------------------------------------------- openclaw sessions
+
+
+OPENCLAW = HERE.parent / "shared" / "fixtures" / "openclaw"
+STATE_9 = OPENCLAW / "state-2026.9.6"      # the gateway that wrote gateway-2026.9.6-debug.log
+STATE_7 = OPENCLAW / "state-2026.7.35"
+DEBUG_LOG = OPENCLAW / "gateway-2026.9.6-debug.log"
+needs_stores = pytest.mark.skipif(not STATE_9.exists(), reason="needs ../shared beside the repo")
+STORE_ENV = {"TRACE_OPENCLAW_POLL": "50ms"}
+NAVIGATION = json.dumps({"version": 1, "report": {"kind": "canonical"}, "navigation": {}, "reset": {},
+                         "model": {}, "modelBytes": 0, "modelWithoutCheckpointBytes": 0,
+                         "withoutCustomDataBytes": 0})    # what the CHECK on a compressed row demands
+
+
+def state_copy(tmp: Path, source: Path = STATE_9, name: str = "state") -> Path:
+    """A writable copy of a captured state directory: the shared one is never opened."""
+    target = tmp / name
+    shutil.copytree(source, target)
+    for path in (target, *target.rglob("*")):
+        path.chmod(0o700 if path.is_dir() else 0o600)
+    return target
+
+
+def agent_db(state: Path, agent: str = "main") -> Path:
+    return state / "agents" / agent / "agent" / "openclaw-agent.sqlite"
+
+
+def store_entries(db: Path) -> list[tuple[str, int, dict[str, Any]]]:
+    """(session, seq, entry) of every transcript entry, in the order they were written."""
+    import zstandard
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        return [(session, seq, json.loads(text or zstandard.ZstdDecompressor().decompress(frame)))
+                for session, seq, text, frame in conn.execute(
+                    "SELECT session_id, seq, event_json, event_zstd FROM transcript_events "
+                    "ORDER BY created_at, seq")]
+
+
+def assistant_template(db: Path) -> dict[str, Any]:
+    """The first real successful assistant entry of the store."""
+    return next(e for _, _, e in store_entries(db) if e.get("type") == "message"
+                and e["message"]["role"] == "assistant" and e["message"]["stopReason"] == "stop")
+
+
+def a_call(template: dict[str, Any], tokens: int, cost: float, text: str = "a reply") -> dict[str, Any]:
+    """A new model call shaped like a real one: its own id, time, usage and reply."""
+    entry = json.loads(json.dumps(template))
+    now = int(time.time() * 1000)
+    entry["id"] = str(uuid.uuid4())
+    entry["timestamp"] = otrace.iso((now + 40) / 1000)
+    message = entry["message"]
+    message.update({"timestamp": now, "content": [{"type": "text", "text": text}],
+                    "responseId": f"resp-{entry['id'][:8]}"})
+    message["usage"] = {"input": tokens, "output": 10, "cacheRead": 0, "cacheWrite": 0, "reasoningTokens": 0,
+                        "totalTokens": tokens + 10, "cost": {"input": cost, "output": 0.0, "cacheRead": 0,
+                                                             "cacheWrite": 0, "total": cost}}
+    return entry
+
+
+def gateway_connection(db: Path) -> sqlite3.Connection:
+    """A connection writing to an agent database as the gateway does: WAL, held open (what it commits
+    stays in the -wal until a checkpoint), with the octet_length() the CHECK constraints call."""
+    conn = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+    conn.create_function("octet_length", 1, lambda v: None if v is None else len(
+        v if isinstance(v, bytes) else str(v).encode()), deterministic=True)
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    return conn
+
+
+def append_entry(conn: sqlite3.Connection, session: str, entry: dict[str, Any],
+                 compressed: bool = False) -> int:
+    """One entry at the session's next seq, plain or as a zstd frame (as node:zlib writes it); its seq."""
+    seq = conn.execute("SELECT coalesce(max(seq), -1) + 1 FROM transcript_events WHERE session_id = ?",
+                       (session,)).fetchone()[0]
+    text = json.dumps(entry, separators=(",", ":"))
+    created = int(time.time() * 1000)
+    if compressed:
+        import zstandard
+        frame = zstandard.ZstdCompressor(level=1, write_checksum=True, write_content_size=True).compress(
+            text.encode())
+        conn.execute("INSERT INTO transcript_events (session_id, seq, event_json, created_at, event_zstd, "
+                     "event_utf8_bytes, navigation_json) VALUES (?, ?, NULL, ?, ?, ?, ?)",
+                     (session, seq, created, frame, len(text.encode()), NAVIGATION))
+    else:
+        conn.execute("INSERT INTO transcript_events (session_id, seq, event_json, created_at) "
+                     "VALUES (?, ?, ?, ?)", (session, seq, text, created))
+    return seq
+
+
+def session_traces(node: Otrace) -> list[dict[str, Any]]:
+    return [r for r in node.rows("llm_traces") if r["source"] == "openclaw_session"]
+
+
+def wait_traces(node: Otrace, n: int, timeout: float = 20.0) -> list[dict[str, Any]]:
+    return wait_until(lambda: len(rows := session_traces(node)) >= n and rows, timeout,
+                      f"{n} openclaw_session rows")
+
+
+def test_transcript_entries_become_rows_as_openclaw_counts_them() -> None:
+    entry = {"type": "message", "id": "e1", "timestamp": "2026-11-30T11:41:58.092Z", "message": {
+        "role": "assistant",
+        "content": [{"type": "thinking", "thinking": "hm"}, {"type": "text", "text": "Hi"}],
+        "api": "openai-completions", "provider": "mock", "model": "m1", "stopReason": "stop",
+        "timestamp": 1796038916358, "responseId": "r1", "__openclaw": {"runId": "run1"},
+        "usage": {"input": 904, "output": 300, "cacheRead": 4096, "cacheWrite": 7, "reasoningTokens": 12,
+                  "totalTokens": 5307, "cost": {"total": 0.0084408}}}}
+    (table, build, trace), = otrace.store_events(entry, "main", "s1", "seq-5")
+    assert table is otrace.TRACES and build is otrace.trace_row
+    assert trace["trace_id"] == "oc:main:s1:e1" and trace["created_at"] == 1796038916358
+    assert (trace["prompt_tokens"], trace["completion_tokens"], trace["total_tokens"]) == (5007, 300, 5307)
+    assert (trace["cache_read_tokens"], trace["cache_write_tokens"], trace["reasoning_tokens"]) == (
+        4096, 7, 12)
+    assert (trace["cost_usd"], trace["status"], trace["finish_reason"], trace["output_text"]) == (
+        0.0084408, "ok", "stop", "Hi")
+    assert trace["metadata"] == {"agent_id": "main", "run_id": "run1", "entry_id": "e1", "response_id": "r1",
+                                 "api": "openai-completions", "stored_after_ms": 1734}
+    failed = json.loads(json.dumps(entry))
+    failed["message"].update({"stopReason": "error", "errorCode": "429", "errorType": "rate_limit_exceeded",
+                              "errorMessage": "429 Rate limit reached", "content": []})
+    (_, _, trace), (table, _, error) = otrace.store_events(failed, "main", "s1", "seq-5")
+    assert (trace["status"], trace["error_type"], table) == ("error", "rate_limit_exceeded", otrace.ERRORS)
+    assert (error["trace_id"], error["category"], error["message"], error["provider"]) == (
+        "oc:main:s1:e1", "rate_limit", "429 Rate limit reached", "mock")
+    assert error["metadata"]["run_id"] == "run1" and error["metadata"]["error_code"] == "429"
+    before_reply = {"type": "custom_message", "customType": "run-failed-before-reply", "id": "e2",
+                    "content": "This turn ended before a reply: LLM request timed out.", "display": True,
+                    "details": {"runId": "run2", "error": "LLM request timed out."},
+                    "timestamp": "2026-11-30T11:41:58.092Z"}
+    (table, _, error), = otrace.store_events(before_reply, "main", "s1", "x")
+    assert (table, error["category"], error["metadata"]["run_id"]) == (otrace.ERRORS, "timeout", "run2")
+    mirror = json.loads(json.dumps(entry))
+    mirror["message"].update({"provider": "openclaw", "model": "delivery-mirror"})
+    user = {"type": "message", "id": "u", "message": {"role": "user", "content": "assistant, help"}}
+    assert otrace.store_events(mirror, "main", "s1", "x") == []
+    assert otrace.store_events(user, "main", "s1", "x") == []
+    assert otrace.store_events("not an entry", "main", "s1", "x") == []
+    long_id = otrace.store_trace_id("a" * 100, "s" * 100, "e")
+    assert len(long_id) <= otrace.MAX_TRACE_ID_CHARS and long_id.isprintable()
+    assert long_id == otrace.store_trace_id("a" * 100, "s" * 100, "e") != otrace.store_trace_id(
+        "a" * 100, "s" * 100, "f")
+
+
+@pytest.mark.parametrize(("signals", "category"), [
+    (("429",), "rate_limit"), (("rate_limit_exceeded",), "rate_limit"),
+    (("⚠️ Rate limit reached for requests",), "rate_limit"),
+    (("ECONNREFUSED", "Connection error."), "network_failure"),
+    ((None, None, "provider_transport_failure"), "network_failure"), (("ETIMEDOUT",), "timeout"),
+    (("504",), "timeout"), (("LLM request timed out.",), "timeout"), (("500", "server_error"), "api_failure"),
+    (("401 Incorrect API key",), "api_failure"), (("something else",), None), ((), None)])
+def test_failure_categories_follow_the_error(signals: tuple, category: str | None) -> None:
+    assert otrace.failure_category(*signals) == category
+
+
+def test_openclaw_settings_and_where_auto_looks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert otrace.Config().openclaw_state_dir == "auto" and otrace.Config().openclaw_poll == 2.0
+    assert otrace.Config.from_env({"TRACE_OPENCLAW_STATE_DIR": " OFF "}).openclaw_state_dir == "off"
+    assert otrace.openclaw_state_dir("off") is None
+    assert otrace.openclaw_state_dir(str(tmp_path / "x")) == tmp_path / "x"     # waited for if missing
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert otrace.openclaw_state_dir("auto", {}) is None                          # no ~/.openclaw: off
+    (tmp_path / ".openclaw").mkdir()
+    assert otrace.openclaw_state_dir("auto", {}) == tmp_path / ".openclaw"
+    assert otrace.openclaw_state_dir("auto", {"OPENCLAW_STATE_DIR": "/srv/oc"}) == Path("/srv/oc")
+    for name, value, accepts in (("TRACE_OPENCLAW_POLL", "5ms", "a duration from 10ms to 1h"),
+                                 ("TRACE_OPENCLAW_STATE_DIR", " ", "auto, off, or the path of a directory")):
+        out = subprocess.run([sys.executable, str(OTRACE)], capture_output=True, text=True, timeout=10,
+                             env={**os.environ, "TRACE_DB_PATH": str(tmp_path / "x.db"), name: value},
+                             check=False)
+        assert out.returncode == 2 and name in out.stderr and accepts in out.stderr
+
+
+@needs_stores
+def test_the_captured_2026_9_6_store_gives_openclaws_own_figures(tmp_path: Path,
+                                                                 run: Callable[..., Otrace]) -> None:
+    """OpenClaw's own figures for agent main: 6 calls, 8,768 tokens, 0.021065 USD, 2 failed; read once,
+    also by the same otrace started again."""
+    state = state_copy(tmp_path)
+    env = {**STORE_ENV, "TRACE_OPENCLAW_STATE_DIR": str(state)}
+    node = run(env)
+    rows = wait_traces(node, 6)
+    node.wait_persisted(8)
+    assert len(rows) == 6 and sum(r["total_tokens"] for r in rows) == 8768
+    assert round(sum(r["cost_usd"] for r in rows), 6) == 0.021065
+    assert sorted((r["provider"], r["status"], r["error_type"]) for r in rows if r["status"] != "ok") == [
+        ("deadmock", "error", "ECONNREFUSED"), ("mock", "error", "server_error")]
+    cached = next(r for r in rows if r["cache_read_tokens"])
+    assert (cached["prompt_tokens"], cached["completion_tokens"], cached["cache_read_tokens"]) == (
+        5000, 300, 4096)
+    assert all(r["latency_ms"] is None and json.loads(r["metadata"])["stored_after_ms"] >= 0 for r in rows)
+    errors = node.rows("error_events")
+    assert sorted((e["category"], e["provider"], e["error_type"], e["source"]) for e in errors) == [
+        ("api_failure", "mock", "llm_error", "openclaw_session"),
+        ("network_failure", "deadmock", "llm_error", "openclaw_session")]
+    assert {e["trace_id"] for e in errors} < {r["trace_id"] for r in rows}        # the call's own trace_id
+    health = node.health()["openclaw_sessions"]
+    assert (health["calls"], health["failures"], health["agents"], health["last_error"]) == (
+        6, 2, ["main"], None)
+    assert node.stop() == 0
+    node = run(env, db=node.db_path)
+    wait_until(lambda: node.health()["openclaw_sessions"]["polls"] > 5, what="a few polls")
+    assert len(session_traces(node)) == 6 and len(node.rows("error_events")) == 2
+    assert node.health()["events_duplicate"] == 0                        # not even offered again
+
+
+@needs_stores
+def test_the_captured_2026_7_35_session_files_give_three_rows(tmp_path: Path,
+                                                               run: Callable[..., Otrace]) -> None:
+    state = state_copy(tmp_path, STATE_7)
+    node = run({**STORE_ENV, "TRACE_OPENCLAW_STATE_DIR": str(state)})
+    rows = wait_traces(node, 3)
+    assert sorted((r["prompt_tokens"], r["completion_tokens"], r["total_tokens"], r["cost_usd"])
+                  for r in rows) == [(1234, 56, 1290, 0.004542), (1500, 77, 1577, 0.005655),
+                                     (3000, 150, 3150, 0.0057204000000000005)]
+    assert {r["trace_id"].split(":")[3] for r in rows} == {"d4bac086", "3dad41e6", "c8ab804b"}
+    wait_until(lambda: node.health()["openclaw_sessions"]["polls"] > 5, what="a few polls")
+    assert len(session_traces(node)) == 3                  # the .trajectory.jsonl files are not transcripts
+    assert not node.logs("sessions failing")
+
+
+@needs_stores
+def test_entries_still_in_the_wal_of_an_open_gateway_connection_are_read(tmp_path: Path,
+                                                                        run: Callable[..., Otrace]) -> None:
+    """Calls committed by a connection held open like the gateway's, plain or zstd-compressed, in a
+    session otrace has read and in a new one; then a rewrite of a session's suffix: only its new
+    entries are new rows."""
+    state = state_copy(tmp_path)
+    db = agent_db(state)
+    template = assistant_template(db)
+    node = run({**STORE_ENV, "TRACE_OPENCLAW_STATE_DIR": str(state)})
+    wait_traces(node, 6)
+    gateway = gateway_connection(db)
+    session = store_entries(db)[0][0]
+    plain = a_call(template, 1000, 0.003)
+    long = a_call(template, 2000, 0.006, text="long " * 400)           # over 1 KiB: stored compressed
+    append_entry(gateway, session, plain)
+    append_entry(gateway, session, long, compressed=True)
+    other = a_call(template, 3000, 0.009)
+    append_entry(gateway, "new-session", other)
+    assert plain["id"].encode() in Path(str(db) + "-wal").read_bytes()
+    assert plain["id"].encode() not in db.read_bytes()                 # only in the WAL, not checkpointed
+    rows = wait_traces(node, 9)
+    new = {r["trace_id"]: r for r in rows[6:]}
+    assert new[f"oc:main:{session}:{long['id']}"]["output_text"] == "long " * 400
+    assert sorted(r["total_tokens"] for r in new.values()) == [1010, 2010, 3010]
+    assert f"oc:main:new-session:{other['id']}" in new
+    # a suffix rewrite: the last two entries deleted, put back under a new generation, one new call after
+    gateway.execute("BEGIN")
+    last = gateway.execute("SELECT max(seq) FROM transcript_events WHERE session_id = ?",
+                           (session,)).fetchone()[0]
+    kept = gateway.execute("SELECT seq, event_json, event_zstd, event_utf8_bytes, navigation_json, "
+                           "created_at FROM transcript_events WHERE session_id = ? AND seq >= ?",
+                           (session, last - 1)).fetchall()
+    gateway.execute("DELETE FROM transcript_events WHERE session_id = ? AND seq >= ?", (session, last - 1))
+    gateway.executemany("INSERT INTO transcript_events (session_id, seq, event_json, event_zstd, "
+                        "event_utf8_bytes, navigation_json, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        [(session, *row) for row in kept])
+    gateway.execute("UPDATE transcript_rewrite_watermarks SET generation = ? WHERE session_id = ?",
+                    (uuid.uuid4().hex, session))
+    gateway.execute("COMMIT")
+    after = a_call(template, 4000, 0.012)
+    append_entry(gateway, session, after)
+    rows = wait_traces(node, 10)
+    assert rows[-1]["trace_id"] == f"oc:main:{session}:{after['id']}"
+    wait_until(lambda: node.health()["queue_depth"] == 0, what="queue drained")
+    health = node.health()
+    assert len(session_traces(node)) == 10 and health["openclaw_sessions"]["undecodable"] == 0
+    assert health["events_duplicate"] == 2       # the rewritten entries newer than a minute, read again;
+    gateway.close()                              # the session's older entries are not
+
+
+@needs_stores
+def test_a_session_file_line_written_in_two_pieces_waits_for_its_end(tmp_path: Path,
+                                                                     run: Callable[..., Otrace]) -> None:
+    state = state_copy(tmp_path, STATE_7)
+    sessions = state / "agents" / "main" / "sessions"
+    transcript = next(p for p in sessions.glob("*.jsonl") if not p.name.endswith(".trajectory.jsonl"))
+    template = next(json.loads(line) for line in transcript.read_text().splitlines()
+                    if '"assistant"' in line)
+    node = run({**STORE_ENV, "TRACE_OPENCLAW_STATE_DIR": str(state)})
+    wait_traces(node, 3)
+    line = json.dumps(a_call(template, 700, 0.002)).encode() + b"\n"
+    append(transcript, line[:100])
+    polls = node.health()["openclaw_sessions"]["polls"]
+    wait_until(lambda: node.health()["openclaw_sessions"]["polls"] > polls + 10, what="10 polls")
+    assert len(session_traces(node)) == 3
+    append(transcript, line[100:])
+    assert wait_traces(node, 4)[-1]["total_tokens"] == 710
+    new = sessions / "77777777-0000-4000-8000-000000000000.jsonl"    # a new session file, picked up
+    new.write_bytes(json.dumps(a_call(template, 800, 0.002)).encode() + b"\n")
+    assert wait_traces(node, 5)[-1]["session_id"] == new.stem
+    assert not node.logs("sessions failing")
+
+
+@needs_stores
+def test_an_agent_that_appears_later_is_followed_and_waited_for_quietly(tmp_path: Path,
+                                                                        run: Callable[..., Otrace]) -> None:
+    """The state directory, then an agent directory, then its database before its first turn: each is
+    waited for without a fault; the second agent's calls are its own rows."""
+    state = tmp_path / "state"
+    node = run({**STORE_ENV, "TRACE_OPENCLAW_STATE_DIR": str(state)})
+    node.wait_log(lambda e: e.get("message") == "waiting for OpenClaw's state directory")
+    state_copy(tmp_path, name="first").rename(state)             # appears whole
+    wait_traces(node, 6)
+    (state / "agents" / "ops" / "agent").mkdir(parents=True)
+    polls = node.health()["openclaw_sessions"]["polls"]
+    wait_until(lambda: node.health()["openclaw_sessions"]["polls"] > polls + 10, what="10 polls")
+    shutil.copy(agent_db(state), tmp_path / "ops.sqlite")
+    (tmp_path / "ops.sqlite").rename(agent_db(state, "ops"))      # its first turn made it
+    rows = wait_traces(node, 12)
+    assert sorted(r["trace_id"].split(":")[1] for r in rows) == ["main"] * 6 + ["ops"] * 6
+    assert node.health()["openclaw_sessions"]["agents"] == ["main", "ops"]
+    assert [e["message"] for e in node.lines if e.get("logger") == "otrace.sessions"] == [
+        "waiting for OpenClaw's state directory", "following OpenClaw's session store",
+        "following agent database", "following agent database"]
+
+
+@needs_stores
+def test_sigkill_while_following_a_live_store_loses_and_repeats_nothing(tmp_path: Path,
+                                                                         run: Callable[..., Otrace]) -> None:
+    """A gateway connection keeps adding calls across sessions while otrace is killed at random moments
+    of its reading; the otrace started last holds every call exactly once."""
+    import random
+    state = state_copy(tmp_path)
+    db = agent_db(state)
+    template = assistant_template(db)
+    gateway = gateway_connection(db)
+    gateway.execute("BEGIN")
+    for n in range(12_000):                              # a backlog to be caught up on while killed
+        append_entry(gateway, f"backlog-{n % 7}", a_call(template, n, n / 1e6), compressed=n % 5 == 0)
+    gateway.execute("COMMIT")
+    stop = threading.Event()
+
+    def gateway_writes() -> None:
+        n = 0
+        while not stop.is_set():
+            append_entry(gateway, f"live-{n % 3}", a_call(template, n, n / 1e6))
+            n += 1
+            time.sleep(0.003)
+
+    writer = threading.Thread(target=gateway_writes)
+    writer.start()
+    env = {**STORE_ENV, "TRACE_OPENCLAW_STATE_DIR": str(state), "TRACE_QUEUE_SIZE": "64",
+           "TRACE_BATCH_WINDOW": "5ms"}
+    rng = random.Random(19)
+    try:
+        for _ in range(8):
+            node = run(env, db=tmp_path / "otrace.db")
+            time.sleep(rng.uniform(0.05, 0.5))
+            node.kill()
+    finally:
+        stop.set()
+        writer.join()
+    calls = {f"oc:main:{session}:{entry['id']}" for session, _, entry in store_entries(db)
+             if entry.get("type") == "message" and entry["message"]["role"] == "assistant"}
+    gateway.close()
+    node = run(env, db=tmp_path / "otrace.db")
+    wait_until(lambda: len(session_traces(node)) >= len(calls), timeout=60, what=f"{len(calls)} calls")
+    wait_until(lambda: node.health()["queue_depth"] == 0, what="queue drained")
+    stored = [r["trace_id"] for r in session_traces(node)]
+    assert len(stored) == len(set(stored)) and set(stored) == calls
+
+
+@needs_stores
+def test_a_store_deleted_then_replaced_by_a_fresh_one_is_read_without_repeats(
+        tmp_path: Path, run: Callable[..., Otrace]) -> None:
+    state = state_copy(tmp_path)
+    db = agent_db(state)
+    template = assistant_template(db)
+    fresh = tmp_path / "fresh.sqlite"                    # the agent's store started over: no transcript
+    shutil.copy(db, fresh)
+    with contextlib.closing(gateway_connection(fresh)) as conn:
+        conn.execute("DELETE FROM transcript_events")
+        call = a_call(template, 900, 0.0027)
+        append_entry(conn, "after-reset", call)
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    node = run({**STORE_ENV, "TRACE_OPENCLAW_STATE_DIR": str(state)})
+    wait_traces(node, 6)
+    for suffix in ("", "-wal", "-shm"):                  # deleted: waited for quietly
+        Path(str(db) + suffix).unlink(missing_ok=True)
+    polls = node.health()["openclaw_sessions"]["polls"]
+    wait_until(lambda: node.health()["openclaw_sessions"]["polls"] > polls + 10, what="10 polls")
+    fresh.replace(db)                                    # a new file at the path
+    rows = wait_traces(node, 7)
+    assert rows[-1]["trace_id"] == f"oc:main:after-reset:{call['id']}" and len(rows) == 7
+    shutil.copy(agent_db(state_copy(tmp_path, name="again")), str(db) + ".new")
+    Path(str(db) + ".new").replace(db)                   # the old store put back: nothing is new
+    polls = node.health()["openclaw_sessions"]["polls"]
+    wait_until(lambda: node.health()["openclaw_sessions"]["polls"] > polls + 10, what="10 polls")
+    assert len(session_traces(node)) == 7 and not node.logs("sessions failing")
+
+
+@needs_stores
+def test_a_locked_store_is_a_fault_said_once_and_reading_resumes(tmp_path: Path,
+                                                                 run: Callable[..., Otrace]) -> None:
+    state = state_copy(tmp_path)
+    holder = gateway_connection(agent_db(state))
+    holder.execute("PRAGMA locking_mode = EXCLUSIVE")     # held until it closes: readers get SQLITE_BUSY
+    holder.execute("BEGIN EXCLUSIVE")
+    holder.execute("COMMIT")
+    node = run({**STORE_ENV, "TRACE_OPENCLAW_STATE_DIR": str(state)})
+    fault = wait_until(lambda: node.health()["openclaw_sessions"]["last_error"], what="the fault in /health")
+    assert "SQLITE_BUSY" in fault and "agent main" in fault
+    polls = node.health()["openclaw_sessions"]["polls"]
+    wait_until(lambda: node.health()["openclaw_sessions"]["polls"] > polls + 3, what="3 polls more")
+    assert len(node.logs("sessions failing")) == 1 and session_traces(node) == []
+    assert node.post("/v1/traces", trace()).status == 202          # otrace itself is not held up
+    holder.close()
+    wait_traces(node, 6)
+    node.wait_log(lambda e: e.get("message") == "sessions recovered")
+    assert node.health()["openclaw_sessions"]["last_error"] is None
+
+
+@pytest.mark.skipif(not ROOT, reason="reading as another user needs root to become one")
+def test_a_store_otrace_may_not_open_says_why() -> None:
+    """As a user who may read the database but not create its -shm, SQLite refuses to read it at all:
+    the fault says what to do."""
+    import tempfile
+    folder = Path(tempfile.mkdtemp(prefix="otrace-store-"))      # outside pytest's 0700 directory
+    try:
+        with contextlib.closing(sqlite3.connect(folder / "x.sqlite")) as conn:
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("CREATE TABLE transcript_events (session_id TEXT, seq INTEGER)")
+        folder.chmod(0o755)
+        code = ("import os, sys, pathlib; sys.path.insert(0, sys.argv[1]); import otrace; os.setgid(65534); "
+                "os.setuid(65534); otrace.AgentDatabase(pathlib.Path(sys.argv[2])).open()")
+        out = subprocess.run([sys.executable, "-c", code, str(HERE), str(folder / "x.sqlite")],
+                             capture_output=True, text=True, timeout=30, check=False)
+    finally:
+        shutil.rmtree(folder)
+    assert out.returncode == 1 and "PermissionError: SQLITE_READONLY" in out.stderr, out.stderr
+    assert "run otrace as the gateway's user" in out.stderr
+
+
+@needs_stores
+def test_one_failure_is_one_event_from_the_log_alone_or_with_the_store(tmp_path: Path,
+                                                                       run: Callable[..., Otrace]) -> None:
+    """The captured run's log (10 runs, 4 of them failed after 7 to 10 attempts): alone, each HTTP
+    answer is a trace and each failed run one error event carrying its failed attempts; beside its
+    store, the store's terminal error entries are the failures of record and the log only adds the
+    count to them, whichever of the two otrace reads first."""
+    lines = DEBUG_LOG.read_bytes()
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "openclaw-2026-11-30.log").write_bytes(lines)
+    alone = run({"TRACE_LOG_PATH": str(logs), "TRACE_LOG_START": "beginning", "TRACE_LOG_POLL": "50ms"},
+                db=tmp_path / "alone.db")
+    wait_until(lambda: alone.health()["log_tail"]["lag_bytes"] == 0 and alone.health()["queue_depth"] == 0,
+               what="the log read")
+    traces = alone.rows("llm_traces")
+    assert len(traces) == 33 and sum(t["status"] == "error" for t in traces) == 27   # 6 answered 200
+    failures = sorted((e["category"], e["severity"], e["session_id"][:8],
+                       json.loads(e["metadata"])["failed_attempts"]) for e in alone.rows("error_events"))
+    assert failures == [("api_failure", "error", "988a486c", {"500": 7}),
+                        ("network_failure", "error", "8b33866a", {"ECONNREFUSED": 7}),
+                        ("rate_limit", "error", "8fbbb485", {"429": 10}),
+                        ("rate_limit", "error", "ecdc0c34", {"429": 10})]
+    assert alone.health()["log_tail"]["failed_attempts"] == 34
+    expected = [("api_failure", {"500": 7}), ("network_failure", {"ECONNREFUSED": 7})]
+
+    def failures_of_record(node: Otrace) -> list[tuple[str, dict]]:
+        return sorted((e["category"], json.loads(e["metadata"]).get("failed_attempts"))
+                      for e in node.rows("error_events"))
+
+    # the store read first, the log after
+    (tmp_path / "empty").mkdir()
+    store_first = run({**STORE_ENV, "TRACE_OPENCLAW_STATE_DIR": str(state_copy(tmp_path, name="s1")),
+                       "TRACE_LOG_PATH": str(tmp_path / "empty"), "TRACE_LOG_POLL": "50ms"},
+                      db=tmp_path / "store-first.db")
+    wait_traces(store_first, 6)
+    wait_until(lambda: len(store_first.rows("error_events")) == 2, what="the store's failures")
+    assert [e for _, e in failures_of_record(store_first)] == [None, None]
+    (tmp_path / "empty" / "openclaw-2026-11-30.log").write_bytes(lines)
+    wait_until(lambda: failures_of_record(store_first) == expected, what="the log's counts on them")
+    # the log read first, the store after
+    state = tmp_path / "s2"
+    log_first = run({**STORE_ENV, "TRACE_OPENCLAW_STATE_DIR": str(state), "TRACE_LOG_PATH": str(logs),
+                     "TRACE_LOG_START": "beginning", "TRACE_LOG_POLL": "50ms"}, db=tmp_path / "log-first.db")
+    wait_until(lambda: log_first.health()["log_tail"]["lag_bytes"] == 0, what="the log read")
+    state_copy(tmp_path, name="s2-whole").rename(state)          # appears whole
+    wait_traces(log_first, 6)
+    wait_until(lambda: failures_of_record(log_first) == expected, what="the store's failures, counted")
+    for node in (store_first, log_first):
+        wait_until(lambda n=node: n.health()["queue_depth"] == 0, what="queue drained")
+        assert {t["source"] for t in node.rows("llm_traces")} == {"openclaw_session"}
+        assert len(node.rows("llm_traces")) == 6 and len(node.rows("error_events")) == 2
+        assert sum(r["kind"] == "model_call" for r in node.rows("log_events")) == 33    # still log events
+
+
+@needs_stores
+def test_retention_prunes_counted_attempts_and_keeps_where_the_store_was_read(
+        tmp_path: Path, run: Callable[..., Otrace]) -> None:
+    """A failed attempt's count is bookkeeping, gone after TRACE_RETENTION; a session's position is
+    not: without it, an old session that wakes up would be read again from its start."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "openclaw-2026-11-30.log").write_bytes(DEBUG_LOG.read_bytes())
+    node = run({**STORE_ENV, "TRACE_OPENCLAW_STATE_DIR": str(state_copy(tmp_path)),
+                "TRACE_LOG_PATH": str(logs), "TRACE_LOG_START": "beginning", "TRACE_RETENTION": "1s",
+                "TRACE_CLEANUP_INTERVAL": "200ms"})
+    wait_traces(node, 6)
+    wait_until(lambda: (h := node.health())["log_tail"]["lag_bytes"] == 0 and h["queue_depth"] == 0,
+               what="the log read and its 34 failed attempts committed")
+    assert node.health()["log_tail"]["failed_attempts"] == 34
+    wait_until(lambda: node.query("SELECT count(*) FROM openclaw_attempts") == [(0,)], what="attempts pruned")
+    assert node.query("SELECT count(*) FROM openclaw_positions") == [(2,)]
+    assert not node.logs("retention failing")
 
 
 # ------------------------------------------------------- custom events, processes, network, /debug

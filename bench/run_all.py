@@ -29,9 +29,11 @@ RUNS: dict[str, tuple[list[str], list[str]]] = {    # name: (full budget, --quic
     "metrics": ([], ["--samples", "200"]),
     "push": ([], ["--rows", "20000"]),
     "logtail": (["--lines", "50000", "--idle", "20"], ["--lines", "5000", "--idle", "3"]),
+    "session_store": (["--entries", "100000", "--idle", "30"], ["--entries", "5000", "--idle", "3"]),
     "ingest": (["--seconds", "5", "--idle", "60"], ["--seconds", "1", "--idle", "3"]),
     "month": ([], ["--scale", "600", "--cleanup-mib", "20"]),
     "peers": (["--seconds", "10", "--window", "60"], ["--seconds", "2", "--window", "5"]),
+    "report": ([], ["--mib", "20", "--runs", "2"]),
     "system": ([], ["--processes", "200", "--samples", "10", "--idle", "3", "--seconds", "1"]),
 }
 
@@ -87,6 +89,16 @@ def summary() -> list[list[str]]:
     rows.append(["gateway log lines/s", f"{logtail['lines_per_s']:,.0f}",
                  f"{logtail['bare_lines_per_s']:,.0f} bare read + json.loads", f"{logtail['ratio']:.2f}",
                  "", ""])
+    store = load("session_store")
+    rows.append([f"OpenClaw store catch-up entries/s ({store['entries']:,} entries, "
+                 f"{store['calls']:,} calls)", f"{store['entries_per_s']:,.0f}",
+                 f"{store['bare_entries_per_s']:,.0f} bare sqlite3 read + json.loads",
+                 f"{store['ratio']:.2f}", "", ""])
+    idle, sampler = store["idle_cpu_s_per_hour"], store["sampler_cpu_s_per_hour"]
+    rows.append(["following an idle OpenClaw store: CPU per hour at 2 s",
+                 f"{idle:.3f} s ({store['changed_cpu_s_per_hour']:.2f} s if the gateway commits before "
+                 "every look)", f"{sampler:.3f} s host sampler at 15 s", f"{idle / sampler:.2f}",
+                 "negligible next to host metrics", verdict(idle <= sampler)])
     month = load("month")
     sim, cleanup = month["month"], month["cleanup"]
     rows.append([f"a month at 1:{sim['scale']}: largest file + WAL against the cap",
@@ -113,6 +125,24 @@ def summary() -> list[list[str]]:
     rows.append(["host-metrics CPU per sample against collectd", f"{ours['cpu_ms_per_sample']:.2f} ms",
                  f"{theirs['cpu_ms_per_sample']:.2f} ms collectd", f"{ratio:.1f}×", "≤ 2×",
                  verdict(ratio <= 2)])
+    report = load("report")
+    for name, seconds in report["runs"].items():
+        if name.endswith("--json"):
+            continue
+        rows.append([f"otrace report, {name}, {report['db_bytes'] / 2**20:.0f} MiB database "
+                     f"({report['calls_24h']:,} calls in 24 h, {report['calls']:,} in all)",
+                     f"{seconds:.2f} s",
+                     f"{report['baseline_s']:.2f} s hand-written SQL of the per-model sums",
+                     f"{seconds / report['baseline_s']:.1f}×", "< 1 s", verdict(seconds < 1)])
+    added = report["pricing_us"] - report["unpriced_us"]
+    rows.append(["pricing at ingest, CPU per trace", f"+{added:.1f} µs",
+                 f"{report['unpriced_us']:.1f} µs parse_events without prices", "", "", ""])
+    rows.append(["RSS with the price table, six models priced", f"{report['rss_priced_mib']:.1f} MiB",
+                 f"{report['rss_bare_mib']:.1f} MiB without prices.json",
+                 f"+{report['rss_priced_mib'] - report['rss_bare_mib']:.1f} MiB", "", ""])
+    rows.append(["created_at indexes (for the report)", f"{report['index_bytes'] / 2**20:.1f} MiB",
+                 f"{report['vacuumed_bytes'] / 2**20:.0f} MiB database",
+                 f"{report['index_bytes'] / report['vacuumed_bytes']:.3f}", "", ""])
     rows += system_rows(load("system"))
     return rows
 

@@ -30,8 +30,11 @@ work directory:
    that ran alongside the gateway (compared while the gateway still ran), that otrace restarted on
    its own database (nothing counted twice), and a fresh otrace reading the stopped gateway's store.
    Prints each side by side and exits non-zero on any difference.
+6. One failure, one event. The otrace that ran alongside holds one llm_error event per failed turn,
+   the store's, each counting the failed attempts the gateway's log showed for its run (every
+   attempt of the turn: RETRIES + 1), and no trace or error event made from the log.
 
-Steps 1-4 stop at the first failure; step 5 runs all three comparisons. Needs python3, npm and the
+Steps 1-4 stop at the first failure; steps 5 and 6 run all their checks. Needs python3, npm and the
 npm registry (first run only, about 100 MB), no other network, and about two minutes; it is not part
 of `make test`. Every process it starts is stopped at the end, also on failure. The work directory
 (otrace's databases and log, the private HOME with OpenClaw's state, the gateway's output) is
@@ -645,6 +648,22 @@ def compare(title: str, record: dict[Key, Usage], rows: list[tuple]) -> bool:
     return same
 
 
+def one_failure_one_event(db: Path, results: list[TurnResult]) -> bool:
+    """Step 6: the failure events of the otrace that ran alongside the gateway, against the failed turns."""
+    events = query(db, "SELECT source, category, provider, json_extract(metadata, '$.failed_attempts') "
+                       "FROM error_events WHERE error_type = 'llm_error' ORDER BY id")
+    from_log = query(db, "SELECT count(*) FROM llm_traces WHERE source != 'openclaw_session'")[0][0]
+    failed = [r.turn.name for r in results if not r.ok]
+    print(f"\none failure, one event: {len(failed)} failed turns ({', '.join(failed)}); otrace's llm_error "
+          f"events, with the failed attempts the log counted on them:")
+    for source, category, provider_id, attempts in events:
+        print(f"  {source:<18}{category:<17}{provider_id:<10}{attempts}")
+    print(f"  llm_traces rows made from the log: {from_log}")
+    counted = [sum(json.loads(a).values()) if a else 0 for *_, a in events]
+    return (len(events) == len(failed) and {e[0] for e in events} == {"openclaw_session"}
+            and counted == [RETRIES + 1] * len(failed) and from_log == 0)
+
+
 def run(work: Path) -> bool:
     """Steps 1 to 5 in work; False when otrace's rows differ from OpenClaw's record."""
     node, openclaw = install()
@@ -680,6 +699,7 @@ def run(work: Path) -> bool:
         print(f"otrace recorded: {dict(Counter(kinds(dbs['live'])))}")
     print("\n== Comparison: otrace's openclaw_session rows against OpenClaw's own record ==", flush=True)
     same = compare("otrace alongside the running gateway", record, live_rows)
+    same &= one_failure_one_event(dbs["live"], results)
     for name, db, title in (("restart", dbs["live"], "the same otrace restarted on its database"),
                             ("fresh", dbs["fresh"], "a fresh otrace reading the stopped gateway's store")):
         print(f"{name}:", flush=True)

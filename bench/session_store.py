@@ -1,0 +1,245 @@
+"""OpenClaw session store: entries/s when catching up on a big store, and what following an idle one costs.
+
+    python bench/session_store.py [--entries 100000] [--idle 60]
+
+The store: a copy of the real 2026.9.6 agent database in ../shared/fixtures/openclaw, grown to
+--entries transcript entries by copying its 39 real entries (user and assistant messages, custom and
+model-change entries) with new ids into sessions of 200 entries; every tenth copied assistant entry
+gets a 3 KiB reply and is stored zstd-compressed, as OpenClaw stores entries over 1 KiB.
+
+Catch-up: a fresh otrace follows the store; timed from its start until every call is an llm_traces
+row and every session's position is committed. The baseline, in the same run: a bare loop that reads
+the same entries through sqlite3 and json-parses (decompressing where needed) each of them.
+
+Idle: otrace with the store off, and otrace following the caught-up store at the default
+TRACE_OPENCLAW_POLL, side by side for --idle seconds: their CPU. And in process: the CPU of one look
+at the store when nothing was committed, and of one look after the gateway committed something that
+is no transcript entry (the sessions are listed again), per hour at the default poll; against the
+host sampler's CPU per hour at its default 15 s (one HostReader snapshot and row per sample).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sqlite3
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import zstandard
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from common import ROOT, Usage, save, start_otrace, stop, stop_all, table
+
+import otrace
+
+STATE = ROOT.parent / "shared" / "fixtures" / "openclaw" / "state-2026.9.6"
+SESSION_ENTRIES = 200
+HOUR = 3600.0
+
+
+def octet_length(value: object) -> int | None:
+    return None if value is None else len(value if isinstance(value, bytes) else str(value).encode())
+
+
+def build_store(state: Path, entries: int) -> int:
+    """Grow the copied agent database to `entries` entries; how many of them are model calls."""
+    compress = zstandard.ZstdCompressor(level=1, write_checksum=True, write_content_size=True).compress
+    navigation = json.dumps({"version": 1, "report": {"kind": "canonical"}, "navigation": {}, "reset": {},
+                             "model": {}, "modelBytes": 0, "modelWithoutCheckpointBytes": 0,
+                             "withoutCustomDataBytes": 0})
+    db = state / "agents" / "main" / "agent" / "openclaw-agent.sqlite"
+    conn = sqlite3.connect(db, isolation_level=None)
+    conn.create_function("octet_length", 1, octet_length, deterministic=True)
+    real = [json.loads(t) for (t,) in conn.execute("SELECT event_json FROM transcript_events ORDER BY rowid")]
+    have = conn.execute("SELECT count(*) FROM transcript_events").fetchone()[0]
+    calls = sum(1 for e in real if (e.get("message") or {}).get("role") == "assistant")
+    now = int(time.time() * 1000) - entries
+    rows = []
+    for n in range(entries - have):
+        entry = json.loads(json.dumps(real[n % len(real)]))
+        entry["id"] = str(uuid.uuid4())
+        message = entry.get("message") or {}
+        long = message.get("role") == "assistant" and n % 10 == 0
+        if message.get("role") == "assistant":
+            calls += 1
+            if long:
+                message["content"] = [{"type": "text", "text": "A longer reply. " * 200}]
+        text = json.dumps(entry, separators=(",", ":"))
+        session, seq = f"bench-{n // SESSION_ENTRIES}", n % SESSION_ENTRIES
+        if long:
+            raw = text.encode()
+            rows.append((session, seq, None, now + n, compress(raw), len(raw), navigation))
+        else:
+            rows.append((session, seq, text, now + n, None, None, None))
+    conn.execute("BEGIN")
+    conn.executemany("INSERT INTO transcript_events (session_id, seq, event_json, created_at, event_zstd, "
+                     "event_utf8_bytes, navigation_json) VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+    conn.execute("COMMIT")
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.close()
+    return calls
+
+
+def bare_loop(db: Path) -> float:
+    """Entries/s of the baseline: read every entry through sqlite3, json.loads each."""
+    decompress = zstandard.ZstdDecompressor().decompress
+    started, count = time.perf_counter(), 0
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+        for text, frame in conn.execute("SELECT event_json, event_zstd FROM transcript_events"):
+            json.loads(text if frame is None else decompress(frame))
+            count += 1
+    return count / (time.perf_counter() - started)
+
+
+def caught_up(db: Path, calls: int, sessions: int) -> bool:
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10) as conn:
+            rows = conn.execute("SELECT count(*) FROM llm_traces").fetchone()[0]
+            positions = conn.execute("SELECT count(*) FROM openclaw_positions").fetchone()[0]
+    except sqlite3.OperationalError:
+        return False
+    return rows == calls and positions == sessions
+
+
+def catch_up(work: Path, state: Path, entries: int, calls: int, sessions: int) -> dict[str, float]:
+    """A fresh otrace waiting for the state directory; timed from the store appearing whole."""
+    watched = work / "state"
+    proc, _ = start_otrace(work, {"TRACE_OPENCLAW_STATE_DIR": str(watched), "TRACE_OPENCLAW_POLL": "100ms",
+                                  "TRACE_METRICS_INTERVAL": "off"})
+    try:
+        before, started = Usage.of(proc.pid), time.perf_counter()
+        state.rename(watched)
+        while not caught_up(work / "otrace.db", calls, sessions):
+            time.sleep(0.02)
+        took, after = time.perf_counter() - started, Usage.of(proc.pid)
+        watched.rename(state)
+        return {"entries_per_s": entries / took, "rows_per_s": calls / took, "seconds": took,
+                "cpu_s": after.cpu_s - before.cpu_s, "rss_mib": after.peak_rss_bytes / 2**20}
+    finally:
+        stop(proc)
+
+
+def per_look(work: Path, state: Path) -> dict[str, float]:
+    """CPU seconds of one look at the caught-up store, in process: with nothing committed since the
+    last look, and after a commit to another table of the agent's database."""
+    config = otrace.Config(db_path=str(work / "otrace.db"))
+    database = otrace.Database(config.db_path)
+    store = otrace.SessionStore(config, otrace.EventQueue(64, 8), database, state)
+    store.tick()                                   # connects and lists the sessions once
+    n = 2000
+    started = time.process_time()
+    for _ in range(n):
+        store.tick()
+    idle = (time.process_time() - started) / n
+    gateway = sqlite3.connect(state / "agents" / "main" / "agent" / "openclaw-agent.sqlite",
+                              isolation_level=None)
+    gateway.execute("CREATE TABLE IF NOT EXISTS bench_touch (n INTEGER)")
+    spent, m = 0.0, 200
+    for i in range(m):
+        gateway.execute("INSERT INTO bench_touch VALUES (?)", (i,))
+        started = time.process_time()
+        store.tick()
+        spent += time.process_time() - started
+    gateway.close()
+    if store.fault.error or store.errors:
+        sys.exit(f"bench: the store reader failed: {store.fault.error or store.errors}")
+    database.close()
+    return {"idle_look_s": idle, "changed_look_s": spent / m}
+
+
+def sampler_sample_s(work: Path) -> float:
+    """CPU seconds of one host sample (snapshot and row), as bench/metrics.py measures it."""
+    reader = otrace.HostReader(Path("/proc"), Path("/sys"), str(work))
+    previous = reader.snapshot()
+    n = 500
+    started = time.process_time()
+    for _ in range(n):
+        current = reader.snapshot()
+        current.at = previous.at + 15.0
+        otrace.host_sample(previous, current)
+        previous = current
+    return (time.process_time() - started) / n
+
+
+def idle_processes(work: Path, state: Path, seconds: float) -> dict[str, dict[str, float]]:
+    """Two otraces side by side: the store off, and following the caught-up store at the default poll."""
+    (work / "off").mkdir()
+    shutil.copy(work / "catchup" / "otrace.db", work / "on.db")
+    runs = {"store off (baseline)": (work / "off", {"TRACE_OPENCLAW_STATE_DIR": "off"}),
+            "following the idle store, 2 s poll": (work / "on", {"TRACE_OPENCLAW_STATE_DIR": str(state)})}
+    (work / "on").mkdir()
+    (work / "on.db").rename(work / "on" / "otrace.db")
+    procs = {name: start_otrace(folder, {"TRACE_METRICS_INTERVAL": "off", **env})[0]
+             for name, (folder, env) in runs.items()}
+    try:
+        time.sleep(3.0)
+        before, started = {n: Usage.of(p.pid) for n, p in procs.items()}, time.perf_counter()
+        time.sleep(seconds)
+        wall = time.perf_counter() - started
+        return {n: {"cpu_s_per_hour": (Usage.of(p.pid).cpu_s - before[n].cpu_s) * HOUR / wall,
+                    "rss_mib": Usage.of(p.pid).rss_bytes / 2**20} for n, p in procs.items()}
+    finally:
+        stop_all(procs.values())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--entries", type=int, default=100_000)
+    parser.add_argument("--idle", type=float, default=60.0)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="otrace-bench-") as tmp:
+        work = Path(tmp)
+        state = work / "state"
+        shutil.copytree(STATE, state)
+        for path in (state, *state.rglob("*")):
+            path.chmod(0o700 if path.is_dir() else 0o600)
+        calls = build_store(state, args.entries)
+        db = state / "agents" / "main" / "agent" / "openclaw-agent.sqlite"
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+            sessions, size = conn.execute(
+                "SELECT count(DISTINCT session_id), sum(coalesce(length(event_json), length(event_zstd))) "
+                "FROM transcript_events").fetchone()
+        bare = max(bare_loop(db) for _ in range(3))
+        (work / "catchup").mkdir()
+        ours = catch_up(work / "catchup", state, args.entries, calls, sessions)
+        print(f"  catch-up: {ours['entries_per_s']:.0f} entries/s (bare {bare:.0f})", flush=True)
+        looks = per_look(work / "catchup", state)
+        sample = sampler_sample_s(work)
+        idle = idle_processes(work, state, args.idle)
+    polls = HOUR / otrace.Config().openclaw_poll
+    idle_hour, changed_hour = looks["idle_look_s"] * polls, looks["changed_look_s"] * polls
+    sampler_hour = sample * HOUR / otrace.Config().metrics_interval
+    ratio = ours["entries_per_s"] / bare
+    markdown = table(["path", "entries/s", "ratio", "calls/s", "CPU s", "peak RSS MiB"], [
+        ["bare loop: sqlite3 read + json.loads (baseline)", f"{bare:.0f}", "1.00", "", "", ""],
+        ["otrace catching up (parse, rows, positions in the same transactions)",
+         f"{ours['entries_per_s']:.0f}", f"**{ratio:.2f}**", f"{ours['rows_per_s']:.0f}",
+         f"{ours['cpu_s']:.2f}", f"{ours['rss_mib']:.1f}"]])
+    markdown += (f"\n\n{args.entries:,} entries ({size / 2**20:.1f} MiB of JSON and zstd) in {sessions} "
+                 f"sessions, {calls:,} of them model calls; caught up in {ours['seconds']:.1f} s.\n\n")
+    markdown += table(["following the caught-up store", "CPU per look", "CPU s per hour at 2 s",
+                       "against the host sampler (15 s)"], [
+        ["nothing committed since the last look", f"{looks['idle_look_s'] * 1e6:.0f} µs",
+         f"{idle_hour:.3f}", f"{idle_hour / sampler_hour:.2f}×"],
+        ["the gateway committed something else (sessions listed again)",
+         f"{looks['changed_look_s'] * 1e6:.0f} µs", f"{changed_hour:.3f}",
+         f"{changed_hour / sampler_hour:.2f}×"],
+        ["host sampler: one snapshot + row", f"{sample * 1e6:.0f} µs", f"{sampler_hour:.3f}", "1.00×"]])
+    markdown += "\n\n" + table(
+        [f"otrace processes, idle for {args.idle:.0f} s", "CPU s per hour", "RSS MiB"],
+        [[n, f"{c['cpu_s_per_hour']:.2f}", f"{c['rss_mib']:.1f}"] for n, c in idle.items()])
+    save("session_store", markdown, {
+        "entries": args.entries, "calls": calls, "sessions": sessions, "bare_entries_per_s": bare, **ours,
+        "ratio": ratio, **looks, "sample_s": sample, "idle_cpu_s_per_hour": idle_hour,
+        "changed_cpu_s_per_hour": changed_hour, "sampler_cpu_s_per_hour": sampler_hour, "processes": idle})
+
+
+if __name__ == "__main__":
+    main()
