@@ -6596,7 +6596,7 @@ class Debug:
         """Sample every thread's stack PROFILE_HZ times a second for `seconds` (less if otrace stops):
         collapsed stacks, root first, one line per distinct stack with its count, as flame graph
         tools read them. The profiler's own CPU time is in the X-Profile-* headers."""
-        me, labels = threading.get_ident(), {}
+        me, labels = threading.get_ident(), {}      # (id(code), line) -> (code, label)
         stacks: collections.Counter[tuple[str, ...]] = collections.Counter()
         began, cpu_began, samples = time.monotonic(), time.thread_time(), 0
         due = began
@@ -6606,13 +6606,14 @@ class Debug:
                 if ident == me:
                     continue
                 stack, frame = [], top
-                while frame is not None:
-                    key = (frame.f_code, frame.f_lineno)
-                    label = labels.get(key)
-                    if label is None:
-                        where = f"{Path(frame.f_code.co_filename).name}:{frame.f_lineno}"
-                        label = labels[key] = f"{frame.f_code.co_name} ({where})".replace(";", ":")
-                    stack.append(label)
+                while frame is not None:        # by id: a code object's hash (the module's holds
+                    code = frame.f_code             # every function's) is computed anew each time
+                    key = (id(code), frame.f_lineno)
+                    known = labels.get(key)
+                    if known is None or known[0] is not code:
+                        where = f"{Path(code.co_filename).name}:{frame.f_lineno}"
+                        known = labels[key] = (code, f"{code.co_name} ({where})".replace(";", ":"))
+                    stack.append(known[1])
                     frame = frame.f_back
                 stack.append(names.get(ident, f"thread-{ident}").replace(";", ":"))
                 stacks[tuple(reversed(stack))] += 1
