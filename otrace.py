@@ -4348,49 +4348,91 @@ COUNT_ON_STORE_SQL = _COUNT_ATTEMPTS.replace(         # the partial index error_
 COUNT_ON_ROW_SQL = _COUNT_ATTEMPTS.replace("<row>", "trace_id = ?2")
 
 
-@dataclasses.dataclass(frozen=True)
 class LogLine:
-    """One line of the gateway's log (tslog JSON), as far as otrace reads it."""
+    """One line of the gateway's log (tslog JSON), as far as otrace reads it. What is not needed to
+    classify a line (its time, key=value fields, structured argument) is read only when asked for:
+    most lines are skipped."""
 
-    level: str
-    subsystem: str | None
-    message: str
-    detail: Any                  # the structured argument, when the line has one
-    time_ms: int | None
-    fields: dict[str, str]       # key=value pairs of the message
-    otel_trace_id: str | None
-    session_id: str | None
+    __slots__ = ("_detail", "_fields", "_numbered", "level", "message", "obj", "subsystem")
+
+    def __init__(self, obj: dict[str, Any]) -> None:
+        meta = obj.get("_meta") if isinstance(obj.get("_meta"), dict) else {}
+        name = meta.get("name")
+        self.obj = obj
+        self.level = str(meta.get("logLevelName") or "INFO").upper()
+        self.subsystem = _subsystem(name) if isinstance(name, str) else None
+        self._numbered: list[tuple[int, Any]] | None = None
+        self._detail: Any = _UNREAD
+        self._fields: dict[str, str] | None = None
+        message = obj.get("message")
+        if not isinstance(message, str):           # before about 2026.6: join the numbered arguments
+            message = " ".join(v for k, v in self.numbered
+                               if isinstance(v, str) and not (k == 0 and v == name))
+        self.message = message
 
     @classmethod
     def parse(cls, raw: bytes) -> LogLine | None:
         """None for a line that is not a JSON object."""
         try:
-            obj = json.loads(raw)
+            obj = LOG_JSON.decode(raw.decode("utf-8"))
         except (ValueError, RecursionError):
             return None
-        if not isinstance(obj, dict):
-            return None
-        meta = obj.get("_meta") if isinstance(obj.get("_meta"), dict) else {}
-        name = meta.get("name")
-        subsystem = name if isinstance(name, str) else None
-        if subsystem and subsystem.startswith("{"):
-            with contextlib.suppress(ValueError, AttributeError):
-                binding = json.loads(subsystem)
-                subsystem = binding.get("subsystem") or binding.get("module") or binding.get("plugin") or name
-        numbered = sorted((int(k), v) for k, v in obj.items() if k.isdigit())
-        detail = next((v for _, v in numbered if not isinstance(v, str)), None)
-        message = obj.get("message")
-        if not isinstance(message, str):           # before about 2026.6: join the numbered arguments
-            message = " ".join(v for k, v in numbered if isinstance(v, str) and not (k == 0 and v == name))
-        trace, session = obj.get("traceId"), obj.get("session_id")
-        return cls(str(meta.get("logLevelName") or "INFO").upper(), subsystem, message, detail,
-                   _log_time(obj.get("time")) or _log_time(meta.get("date")),
-                   dict(KEY_VALUE.findall(message)), trace if isinstance(trace, str) else None,
-                   session if isinstance(session, str) else None)
+        return cls(obj) if isinstance(obj, dict) else None
+
+    @property
+    def numbered(self) -> list[tuple[int, Any]]:
+        """The positional arguments "0", "1", ..., in order."""
+        if self._numbered is None:
+            self._numbered = sorted((int(k), v) for k, v in self.obj.items() if k.isdigit())
+        return self._numbered
+
+    @property
+    def detail(self) -> Any:
+        """The structured argument, when the line has one."""
+        if self._detail is _UNREAD:
+            self._detail = next((v for _, v in self.numbered if not isinstance(v, str)), None)
+        return self._detail
 
     @property
     def info(self) -> dict[str, Any]:
         return self.detail if isinstance(self.detail, dict) else {}
+
+    @property
+    def fields(self) -> dict[str, str]:
+        """The key=value pairs of the message."""
+        if self._fields is None:
+            self._fields = dict(KEY_VALUE.findall(self.message))
+        return self._fields
+
+    @property
+    def time_ms(self) -> int | None:
+        meta = self.obj.get("_meta") if isinstance(self.obj.get("_meta"), dict) else {}
+        return _log_time(self.obj.get("time")) or _log_time(meta.get("date"))
+
+    @property
+    def otel_trace_id(self) -> str | None:
+        trace = self.obj.get("traceId")
+        return trace if isinstance(trace, str) else None
+
+    @property
+    def session_id(self) -> str | None:
+        session = self.obj.get("session_id")
+        return session if isinstance(session, str) else None
+
+
+_UNREAD = object()
+LOG_JSON = json.JSONDecoder()
+
+
+@functools.lru_cache(maxsize=256)
+def _subsystem(name: str) -> str:
+    """The subsystem of a logger's binding ("{\\"subsystem\\":\\"gateway/reload\\"}", or a module or
+    plugin), or the name itself: a handful of distinct bindings, parsed once each."""
+    if name.startswith("{"):
+        with contextlib.suppress(ValueError, AttributeError):
+            binding = json.loads(name)
+            return binding.get("subsystem") or binding.get("module") or binding.get("plugin") or name
+    return name
 
 
 def _log_time(value: Any) -> int | None:
@@ -4404,30 +4446,44 @@ def _log_time(value: Any) -> int | None:
 
 
 def classify(line: LogLine) -> str | None:
-    """The kind of event a line is (see README, "Following the gateway log"); None for a line of no
-    known kind."""
+    """The kind of event a line is (see docs/operations.md, "The gateway log"); None for a line of no
+    known kind. The first rule that matches wins."""
     sub, msg, notice = line.subsystem or "", line.message, line.level in NOTICE
-    reload = sub == "gateway/reload"
-    rules = (
-        (sub == "gateway" and msg.startswith("gateway ready"), "gateway_start"),
-        (sub == "gateway" and re.match(r"received SIG\w+; (shutting down|restarting)", msg), "gateway_stop"),
-        (sub == "gateway/shutdown" and msg.startswith("shutdown completed"), "gateway_stopped"),
-        (reload and msg.startswith(("config hot reload applied", "config change requires gateway restart")),
-         "config_change"),
-        (reload and msg.startswith("config reload skipped (invalid config)"), "config_invalid"),
-        (sub.startswith("gateway/channels/") and sub.endswith("/inbound"), "channel_inbound"),
-        (sub.endswith("/send") and "outbound send ok" in msg, "channel_outbound"),
-        (sub == "gateway/health-monitor" and "health-monitor: restarting" in msg, "channel_down"),
-        (sub.startswith("channels/") and "starting provider" in msg, "channel_start"),
-        ((sub.startswith("channels/") or sub.endswith("/network")) and notice, "channel_error"),
-        (sub == "gateway/ws" and msg.startswith("unauthorized"), "auth_failure"),
-        (msg.startswith("[model-fetch] response"), "model_call"),
-        (msg.startswith("[model-fetch] error"), "model_error"),
-        (sub == "agent/embedded" and line.info.get("isError") is True, "model_error"),
-        (sub == "model-fallback/decision" and notice, "model_error"),
-        (notice, "other"),
-    )
-    return next((kind for matched, kind in rules if matched), None)
+    if sub == "gateway":
+        if msg.startswith("gateway ready"):
+            return "gateway_start"
+        if _STOPPING.match(msg):
+            return "gateway_stop"
+    elif sub == "gateway/shutdown" and msg.startswith("shutdown completed"):
+        return "gateway_stopped"
+    elif sub == "gateway/reload":
+        if msg.startswith(("config hot reload applied", "config change requires gateway restart")):
+            return "config_change"
+        if msg.startswith("config reload skipped (invalid config)"):
+            return "config_invalid"
+    if sub.startswith("gateway/channels/") and sub.endswith("/inbound"):
+        return "channel_inbound"
+    if sub.endswith("/send") and "outbound send ok" in msg:
+        return "channel_outbound"
+    if sub == "gateway/health-monitor" and "health-monitor: restarting" in msg:
+        return "channel_down"
+    if sub.startswith("channels/") and "starting provider" in msg:
+        return "channel_start"
+    if (sub.startswith("channels/") or sub.endswith("/network")) and notice:
+        return "channel_error"
+    if sub == "gateway/ws" and msg.startswith("unauthorized"):
+        return "auth_failure"
+    if msg.startswith("[model-fetch] "):
+        if msg.startswith("[model-fetch] response"):
+            return "model_call"
+        if msg.startswith("[model-fetch] error"):
+            return "model_error"
+    if (sub == "agent/embedded" and line.info.get("isError") is True) or (sub == RUN_FAILED and notice):
+        return "model_error"
+    return "other" if notice else None
+
+
+_STOPPING = re.compile(r"received SIG\w+; (shutting down|restarting)")
 
 
 def model_failure(line: LogLine, kind: str) -> dict[str, Any] | None:
@@ -4768,7 +4824,8 @@ class LogTailer(Loop):
             self.totals.add("skipped")
             return []
         trace_id, received = followed.line_id(start, text), now_ms()
-        created = line.time_ms if line.time_ms is not None and 0 <= line.time_ms <= MAX_UNIX_MS else received
+        logged = line.time_ms
+        created = logged if logged is not None and 0 <= logged <= MAX_UNIX_MS else received
         message = cut_utf8(line.message, self.config.max_text_bytes)[0]
         rows = [Row(LOGS.name, (trace_id, created, received, "log", line.level, line.subsystem,
                                 kind or "info", message, self.detail_json(line.detail), line.otel_trace_id,

@@ -33,8 +33,10 @@ work directory:
 6. One failure, one event. The otrace that ran alongside holds one llm_error event per failed turn,
    the store's, each counting the failed attempts the gateway's log showed for its run (every
    attempt of the turn: RETRIES + 1), and no trace or error event made from the log.
+7. The sums. `otrace report --json` on the same database (OpenClaw's calls, at the cost OpenClaw
+   reported): its usage_cost totals against usage-cost's, to the token and the millionth of a dollar.
 
-Steps 1-4 stop at the first failure; steps 5 and 6 run all their checks. Needs python3, npm and the
+Steps 1-4 stop at the first failure; steps 5 to 7 run all their checks. Needs python3, npm and the
 npm registry (first run only, about 100 MB), no other network, and about two minutes; it is not part
 of `make test`. Every process it starts is stopped at the end, also on failure. The work directory
 (otrace's databases and log, the private HOME with OpenClaw's state, the gateway's output) is
@@ -593,9 +595,10 @@ def fresh_reports(openclaw: Path, env: dict[str, str], timeout: float = 90) -> t
 
 
 def openclaw_record(openclaw: Path, env: dict[str, str], results: list[TurnResult],
-                    mock: MockProvider) -> dict[Key, Usage]:
+                    mock: MockProvider) -> tuple[dict[Key, Usage], Usage]:
     """Step 3: OpenClaw's own totals per provider and model (sessions.usage's byModel; the errors are
-    the turns that failed), checked against usage-cost, the turns' own usage and the mock."""
+    the turns that failed), checked against usage-cost, the turns' own usage and the mock; and
+    usage-cost's totals."""
     sessions, cost = fresh_reports(openclaw, env)
     record = {(m["provider"], m["model"]): Usage.from_openclaw(m["totals"], calls=m["count"])
               for m in sessions["aggregates"]["byModel"]}
@@ -622,7 +625,7 @@ def openclaw_record(openclaw: Path, env: dict[str, str], results: list[TurnResul
         problems.append(f"mock served vs sessions.usage: {diff}")
     if problems:
         sys.exit("openclaw-live: OpenClaw's own reports disagree: " + "; ".join(problems))
-    return record
+    return record, overall
 
 
 def stop_gateway(gateway: subprocess.Popen, db: Path) -> None:
@@ -664,6 +667,20 @@ def one_failure_one_event(db: Path, results: list[TurnResult]) -> bool:
             and counted == [RETRIES + 1] * len(failed) and from_log == 0)
 
 
+def report_sums(db: Path, overall: Usage) -> bool:
+    """Step 7: `otrace report`'s usage_cost totals (OpenClaw's calls, at the cost OpenClaw reported)
+    against OpenClaw's own `gateway usage-cost --json` totals."""
+    out = subprocess.run([sys.executable, str(ROOT / "otrace.py"), "report", "--db", str(db),
+                          "--since", "30d", "--source", "openclaw_session", "--cost", "reported", "--json"],
+                         capture_output=True, text=True, timeout=60, check=True)
+    totals = Usage.from_openclaw(json.loads(out.stdout)["usage_cost"]["totals"], calls=0)
+    diff = overall.differences(totals, TOKENS)
+    print("\notrace report --json (usage_cost.totals) against OpenClaw's gateway usage-cost --json (totals)")
+    print_usage([("all", "usage-cost", overall, ""),
+                 ("", "otrace report", totals, "same" if not diff else "DIFFERS: " + ", ".join(diff))])
+    return not diff
+
+
 def run(work: Path) -> bool:
     """Steps 1 to 5 in work; False when otrace's rows differ from OpenClaw's record."""
     node, openclaw = install()
@@ -688,7 +705,7 @@ def run(work: Path) -> bool:
         results = model_turns(openclaw, env, dbs["live"], mock)
         print(f"  store: {store_files(state_dir)}")
         print("OpenClaw's own record:", flush=True)
-        record = openclaw_record(openclaw, env, results, mock)
+        record, overall = openclaw_record(openclaw, env, results, mock)
         print("otrace alongside the running gateway:", flush=True)
         live_rows = await_stable(dbs["live"])
         stop_gateway(gateway, dbs["live"])
@@ -700,6 +717,7 @@ def run(work: Path) -> bool:
     print("\n== Comparison: otrace's openclaw_session rows against OpenClaw's own record ==", flush=True)
     same = compare("otrace alongside the running gateway", record, live_rows)
     same &= one_failure_one_event(dbs["live"], results)
+    same &= report_sums(dbs["live"], overall)
     for name, db, title in (("restart", dbs["live"], "the same otrace restarted on its database"),
                             ("fresh", dbs["fresh"], "a fresh otrace reading the stopped gateway's store")):
         print(f"{name}:", flush=True)
