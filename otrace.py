@@ -3632,6 +3632,7 @@ CMDLINE_READ = 8192              # bytes of a command line read (and redacted as
 CMDLINE_KEEP = 1024              # ... and stored
 TOP_RSS = 10                     # processes by memory in each process sample
 DEAD = ("Z", "X")                # states of a process that has exited
+REJUDGE_EVERY = 20               # host samples after which every pid is judged again (a reused pid)
 MAX_ZOMBIE_PARENTS = 20          # named in a zombie alert
 _SECRET_NAME = r"[\w.-]*(?:token|secret|passw|pwd|key|auth|credential|cookie|signature)[\w.-]*"
 _SECRET_FLAG = re.compile(rf"-{{1,2}}{_SECRET_NAME}", re.IGNORECASE)     # its value is the next argument
@@ -3886,9 +3887,9 @@ class GatewayWatch:
     usage. A new pid or start time is a restart, a sample without it a disappearance, its return after
     that a recovery: each an error event (crash, process_crash) with the downtime (from start times),
     saying so when the OOM killer struck at that moment. A sample lists the pids and reads little:
-    a pid is judged once, when it first shows (its stat and command line); the stat of a process that
-    matched is read again each time, the others' never (a pid reused between two samples by a new
-    gateway, while none was known, would go unseen until that process exits)."""
+    a pid is judged when it first shows (its stat and command line); the stat of a process that
+    matched is read again each time, the others' only every REJUDGE_EVERY samples (so a pid reused
+    between two samples by a new gateway, while none was known, is found within that many)."""
 
     def __init__(self, match: tuple, procfs: Path, logger: logging.Logger) -> None:
         program, words = match
@@ -3896,6 +3897,7 @@ class GatewayWatch:
         self.program = re.compile(re.escape(program) + r"(?:js)?(?:[-_.]?\d[\w.-]*)?") if program else None
         self.procfs, self.log = procfs, logger
         self.judged: dict[int, tuple[int, bool]] = {}      # pid -> (start, matches)
+        self.samples = 0
         self.current: Proc | None = None
         self.seen_at = 0.0                   # uptime when it was last seen
         self.gone: Proc | None = None        # the one that disappeared, until one is back
@@ -3921,7 +3923,10 @@ class GatewayWatch:
 
     def matching(self, pids: set[int]) -> list[Proc]:
         """The live processes among `pids` that match, their stat read now."""
-        self.judged = {pid: seen for pid, seen in self.judged.items() if pid in pids}
+        self.samples += 1
+        again = self.samples % REJUDGE_EVERY == 0
+        self.judged = {pid: seen for pid, seen in self.judged.items()
+                       if pid in pids and (seen[1] or not again)}
         found = []
         root = os.open(self.procfs, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:

@@ -4844,6 +4844,23 @@ def test_a_restart_and_a_disappearance_are_crash_events_with_the_downtime() -> N
     assert "with a new start time" in again["message"] and "OOM killer" in again["message"]
 
 
+def test_a_pid_reused_by_a_new_gateway_is_found_when_every_pid_is_judged_again(tmp_path: Path) -> None:
+    """pid 6 is a sleep when first judged; then a gateway holds pid 6 (a new start time) while none
+    was known: its pid is not read again until every pid is judged again."""
+    sleeper, gateway = (HOSTS / "procs-gateway-restart" / "t2" / "proc",
+                        HOSTS / "procs-gateway-restart" / "t1" / "proc")
+    reused = tmp_path / "proc"
+    shutil.copytree(sleeper, reused, symlinks=True)
+    shutil.rmtree(reused / "6")
+    shutil.copytree(gateway / "20", reused / "6", symlinks=True)
+    watch = otrace.GatewayWatch(("node", ("openclaw", "gateway")), sleeper, logging.getLogger("otrace.test"))
+    pids = {1, 3, 4, 5, 6}
+    assert watch.observe(pids, 1278.27, {})[0] == {"gateway_up": 0}
+    watch.procfs = reused
+    seen = [watch.observe(pids, 1278.27 + n, {})[0]["gateway_up"] for n in range(otrace.REJUDGE_EVERY)]
+    assert seen == [0] * (otrace.REJUDGE_EVERY - 2) + [1, 1]     # its sample count reaches REJUDGE_EVERY
+
+
 # -- the network
 
 
