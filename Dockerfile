@@ -17,7 +17,7 @@ RUN python -m compileall -q otrace.py
 
 USER otrace
 VOLUME ["/data"]
-EXPOSE 9090
+EXPOSE 9090 4318
 STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=30s --timeout=3s --start-period=10s --retries=3 \
     CMD python -c "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('TRACE_PORT', '9090'), timeout=2)"

@@ -16,6 +16,8 @@ brackets is the one its code runs on.
   store ........ SCHEMA, open_database(), EventQueue, Gate, Reserve, Writer:
                  Rows become SQLite rows, in batches                           [writer]
   ingest ....... Connection, Request, Api, IngestServer: one epoll loop for every client  [http]
+  otlp ......... decode_otlp(), llm_call(), Content, Series, OtlpReceiver: OTLP/HTTP traces,
+                 metrics and logs become rows                                  [http]
   host metrics . HostReader, Cgroup, Sampler: /proc and cgroup files become system_metrics  [metrics]
   processes and network .. ProcessSampler, GatewayWatch, NetReader, DnsProbe: scans of the process
                  table become process_samples and a zombie count; the gateway, connections, traffic
@@ -31,8 +33,9 @@ brackets is the one its code runs on.
   lifecycle .... DatabaseLock, Service, serve(): start, SIGTERM, an orderly stop   [main]
   cli .......... main()
 
-Where a POST becomes a row: IngestServer.serve -> Api.answer -> parse_events -> EventQueue.offer ->
-Writer.flush. Where a row is pushed: Pusher.push -> Packer.batches -> Receiver.post -> record_pushed.
+Where a POST becomes a row: IngestServer.serve -> Api.answer -> parse_events (or OtlpReceiver.export)
+-> EventQueue.offer -> Writer.flush. Where a row is pushed: Pusher.push -> Packer.batches ->
+Receiver.post -> record_pushed.
 Where a row is deleted: Retention.tick -> Cut. Where OpenClaw's model call becomes a row:
 SessionStore.tick -> read_session (or read_file) -> store_events -> EventQueue.offer.
 """
@@ -40,6 +43,7 @@ SessionStore.tick -> read_session (or read_file) -> store_events -> EventQueue.o
 from __future__ import annotations
 
 import argparse
+import binascii
 import bisect
 import collections
 import contextlib
@@ -100,6 +104,8 @@ __all__ = [
     "Invalid",
     "LogLine",
     "NetReader",
+    "OtlpReceiver",
+    "Point",
     "ProcessTable",
     "Receiver",
     "Row",
@@ -108,20 +114,26 @@ __all__ = [
     "Snapshot",
     "Unit",
     "ZombieWatch",
+    "call_category",
     "classify",
     "connect",
     "cut_utf8",
     "decode_chunked",
+    "decode_otlp",
+    "difference",
     "failure_category",
     "host_sample",
     "insert_rows",
+    "llm_call",
     "main",
     "model_failure",
     "net_sample",
+    "one_per_call",
     "open_database",
     "openclaw_state_dir",
     "parse_events",
     "prometheus",
+    "provider_name",
     "read_processes",
     "redact_cmdline",
     "settings_table",
@@ -328,6 +340,18 @@ class Config:
     host: str = setting("127.0.0.1", NAME, "Address to listen on. Loopback by default: the agent runs on "
                         "the same machine.")
     port: int = setting("9090", count(0, 65535), "TCP port to listen on; 0 picks a free one (logged).")
+    otlp_port: int = setting("4318", count(0, 65535), "A second TCP port, on the same host, serving the "
+                             "same routes: OTLP/HTTP's own port, where an OpenTelemetry SDK with default "
+                             "settings sends. 0 turns it off (OTLP is still taken on TRACE_PORT); a port "
+                             "in use is logged and left out.")
+    otlp_content_wait: float = setting("1m", duration("1s", "1h"), "Longest the content of a GenAI event "
+                                       "log record waits in memory for its span to arrive.")
+    otlp_content_bytes: int = setting("4MiB", size("64KiB", "256MiB"), "Memory for GenAI event content "
+                                      "waiting for its span, and for the ids of recently stored LLM "
+                                      "spans; the oldest goes first when full.")
+    otlp_max_series: int = setting("5000", count(100, 1_000_000), "OTLP metric series whose last point is "
+                                   "kept in memory (to turn cumulative points into deltas); the least "
+                                   "recently updated is read back from the database when it returns.")
     db_path: str = setting("/data/openclaw-trace.db", NAME, "SQLite database file; its directory is "
                            "created (mode 0700). A symlink is resolved once, at start.")
     log_level: str = setting("info", LEVEL, "Least severe log level written to stdout.")
@@ -777,6 +801,7 @@ class Refusal(Exception):
     def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.headers = status, headers or {}
+        self.otlp: str | None = None     # "json" once an OTLP JSON body is known to be the one refused
 
     def body(self) -> dict[str, Any]:
         return {"error": str(self), "field": None}
@@ -867,6 +892,23 @@ class Fields:
         if not _finite(value) or not 0 <= value <= MAX_INT:
             raise self.fail(field, f"must be a number from 0 to {MAX_INT}")
         return value
+
+    def number(self, field: str) -> float | None:
+        """Any finite number, of either sign (a metric's value)."""
+        value = self.event.get(field)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise self.fail(field, "must be a finite number")
+        return value
+
+    def unix_ms(self, field: str) -> int | None:
+        value = self.event.get(field)
+        if value is None:
+            return None
+        if not _finite(value) or not 0 <= value <= MAX_UNIX_MS:
+            raise self.fail(field, "must be Unix ms from 1970 to 9999")
+        return int(value)
 
     def trace_id(self) -> str:
         value = self.event.get("trace_id")
@@ -965,6 +1007,10 @@ METRICS = Table("system_metrics", frozenset(), (
 LOGS = Table("log_events", frozenset(), (
     *_COMMON, "level", "subsystem", "kind", "message", "detail", "otel_trace_id", "file", "file_offset"),
     "log_event")
+GENAI_METRICS = Table("genai_metrics", frozenset(), (
+    *_COMMON, "name", "kind", "unit", "window_start", "value", "count", "min", "max", "buckets", "provider",
+    "model", "service", "attributes", "reset", "truncated"), "genai_metric")
+METRIC_KINDS = ("sum", "gauge", "histogram", "exponential_histogram")
 CUSTOM = Table("custom_events", frozenset({"name", "attributes", "severity", "session_id", "trace_id",
                                           "created_at"}),
                (*_COMMON, "name", "severity", "session_id", "attributes", "truncated"), "custom_event")
@@ -972,7 +1018,7 @@ PROCESSES = Table("process_samples", frozenset(), (
     *_COMMON, "interval_s", "pid", "ppid", "name", "cmdline", "cmdline_bytes", "user", "uid", "state",
     "cpu_pct", "rss_bytes", "threads", "fds", "started_at", "cpu_rank", "rss_rank", "truncated"),
     "process_sample")
-TABLES = {table.name: table for table in (TRACES, ERRORS, METRICS, LOGS, CUSTOM, PROCESSES)}
+TABLES = {table.name: table for table in (TRACES, ERRORS, METRICS, LOGS, GENAI_METRICS, CUSTOM, PROCESSES)}
 EVENT_TABLES = tuple(TABLES)
 
 
@@ -1010,6 +1056,15 @@ def error_row(f: Fields, received: int, source: str = "http") -> tuple:
               f.choice("error_type", ERROR_TYPES), f.choice("category", ERROR_CATEGORIES, "other"),
               f.choice("severity", SEVERITIES, "error"), message, message_bytes, stack, stack_bytes,
               f.name("provider"), f.name("model"), f.name("session_id"), f.metadata())
+    return (*values, int(f.truncated))
+
+
+def metric_row(f: Fields, received: int, source: str = "otlp") -> tuple:
+    """The genai_metrics row for one metric point (created_at: the end of its window), truncated last."""
+    values = (f.trace_id(), f.created_at(received), received, source, f.name("name", required=True),
+              f.choice("kind", METRIC_KINDS), f.name("unit"), f.unix_ms("window_start"), f.number("value"),
+              f.count("count"), f.number("min"), f.number("max"), f.metadata("buckets"), f.name("provider"),
+              f.name("model"), f.name("service"), f.metadata("attributes"), int(bool(f.event.get("reset"))))
     return (*values, int(f.truncated))
 
 
@@ -1051,18 +1106,23 @@ ROW_BUILDERS: dict[str, tuple[Table, Callable[[Fields, int, str], tuple]]] = {
     "/v1/traces": (TRACES, trace_row), "/v1/errors": (ERRORS, error_row), "/v1/events": (CUSTOM, custom_row)}
 
 
-def parse_events(body: bytes, route: str, max_events: int, max_text: int) -> tuple[list[Row], list[str]]:
-    """Validate a request body (one event or an array of them) into rows, all or nothing; also the
-    fields that were ignored."""
-    table, build = ROW_BUILDERS[route]
+def json_body(body: bytes) -> Any:
+    """A request body as JSON; Invalid saying why it is not (not UTF-8, nested too deeply, not JSON)."""
     try:
-        doc = STRICT_JSON.decode(body.decode("utf-8"))
+        return STRICT_JSON.decode(body.decode("utf-8"))
     except UnicodeDecodeError:
         raise Invalid("body is not UTF-8") from None
     except RecursionError:
         raise Invalid("body is nested too deeply") from None
     except ValueError as exc:
         raise Invalid(f"body is not valid JSON: {exc}") from None
+
+
+def parse_events(body: bytes, route: str, max_events: int, max_text: int) -> tuple[list[Row], list[str]]:
+    """Validate a request body (one event or an array of them) into rows, all or nothing; also the
+    fields that were ignored."""
+    table, build = ROW_BUILDERS[route]
+    doc = json_body(body)
     events, many = (doc, True) if isinstance(doc, list) else ([doc], False)
     if not events:
         raise Invalid("array holds no events")
@@ -1725,7 +1785,46 @@ SCHEMA: list[str] = [
     CREATE INDEX error_events_openclaw_run ON error_events (json_extract(metadata, '$.run_id'))
         WHERE source = 'openclaw_session';
     """,
-    # 9: custom events, samples of the process table, and processes, network and DNS in host samples.
+    # 9: GenAI usage metric points from OTLP, and the last point of each series (for deltas).
+    """
+    CREATE TABLE genai_metrics (
+        id INTEGER PRIMARY KEY,
+        trace_id TEXT NOT NULL UNIQUE,
+        created_at INTEGER NOT NULL,
+        received_at INTEGER NOT NULL,
+        source TEXT NOT NULL,
+        name TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        unit TEXT,
+        window_start INTEGER,
+        value REAL,
+        count INTEGER,
+        min REAL,
+        max REAL,
+        buckets TEXT,
+        provider TEXT,
+        model TEXT,
+        service TEXT,
+        attributes TEXT,
+        reset INTEGER NOT NULL,
+        truncated INTEGER NOT NULL,
+        synced INTEGER NOT NULL DEFAULT 0,
+        pushed_at INTEGER
+    );
+    CREATE INDEX genai_metrics_unsynced ON genai_metrics (id) WHERE synced = 0;
+    CREATE TABLE otlp_series (
+        id INTEGER PRIMARY KEY,
+        key TEXT NOT NULL UNIQUE,
+        series_id INTEGER NOT NULL,
+        start_ns INTEGER NOT NULL,
+        time_ns INTEGER NOT NULL,
+        value REAL,
+        count INTEGER,
+        buckets TEXT,
+        updated_at INTEGER NOT NULL
+    );
+    """,
+    # 10: custom events, samples of the process table, and processes, network and DNS in host samples.
     """
     CREATE TABLE custom_events (
         id INTEGER PRIMARY KEY,
@@ -1805,7 +1904,7 @@ MAX_VARIABLES = 999              # what older SQLite allows in one statement
 JOB_TIMEOUT = 120.0              # longest a loop waits for the writer to run its job
 BUSY_TIMEOUT = 10.0              # seconds a statement waits for a lock another connection holds
 STATE_TABLES = ("otrace_state", "log_offsets",   # where readers keep their place: carried to a new file
-                "openclaw_positions", "openclaw_attempts")
+                "openclaw_positions", "openclaw_attempts", "otlp_series")
 
 
 def connect(path: str, read_only: bool = False) -> sqlite3.Connection:
@@ -2410,8 +2509,15 @@ class Writer(threading.Thread):
                 if is_environment(exc):
                     raise
                 self.drop(row, exc)
-        if unit.extra:
-            self.commit([Unit([], unit.extra)])
+        for statement in unit.extra:           # one its own data breaks must not stop the writer either
+            try:
+                self.commit([Unit([], (statement,))])
+            except Exception as exc:
+                if is_environment(exc):
+                    raise
+                self.log.error("statement cannot be run; dropped", extra={
+                    "error": describe(exc), "statement": statement[0][:60]})
+                self.counters.add("dropped")
 
     def commit(self, units: list[Unit]) -> None:
         by_table: dict[str, list[tuple]] = {}
@@ -2557,8 +2663,8 @@ HEAD_LIMIT = 65536               # request line and headers that otrace holds wh
 MAX_HEADERS = 100
 CHUNK_LINE_LIMIT = 4096          # a chunk's size line, with its extensions
 READ_CHUNK = 65536
-ROUTES = {"/v1/traces": ("POST",), "/v1/errors": ("POST",), "/v1/events": ("POST",),
-          "/health": ("GET", "HEAD"), "/metrics": ("GET", "HEAD")}
+ROUTES = {"/v1/traces": ("POST",), "/v1/errors": ("POST",), "/v1/metrics": ("POST",), "/v1/logs": ("POST",),
+          "/v1/events": ("POST",), "/health": ("GET", "HEAD"), "/metrics": ("GET", "HEAD")}
 PUBLIC_ROUTES = frozenset({"/health", "/metrics"})     # answered without the ingest token
 _DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
@@ -2845,9 +2951,25 @@ class Api:
     def check_post(self, request: Request) -> None:
         content_type = request.headers.get("content-type")
         if content_type and not is_json_type(content_type):
-            raise Refusal(415, f"content type must be application/json, not {content_type}")
+            if request.route not in OTLP_SIGNALS:
+                raise Refusal(415, f"content type must be application/json, not {content_type}")
+            if otlp_encoding(request) != "protobuf":
+                raise Refusal(415, f"content type must be application/json or application/x-protobuf "
+                              f"(OTLP), not {content_type}")
         if not request.has_body and "content-length" not in request.headers:
             raise Refusal(411, "Content-Length (or Transfer-Encoding: chunked) is required")
+
+    def refused(self, request: Request | None, refusal: Refusal) -> tuple[dict[str, Any] | bytes, str]:
+        """The body and content type of a refusal: otrace's JSON error, or for an OTLP request the
+        google.rpc.Status its specification asks for, in the request's encoding."""
+        encoding = refusal.otlp
+        if encoding is None and request is not None and request.route in OTLP_SIGNALS:
+            encoding = otlp_encoding(request)
+            if encoding == "json" and request.route == "/v1/traces":   # otrace's own, until shown OTLP
+                encoding = None
+        if encoding is None:
+            return refusal.body(), "application/json"
+        return rpc_status(refusal, encoding)
 
     def authorized(self, request: Request) -> bool:
         scheme, _, value = request.headers.get("authorization", "").partition(" ")
@@ -2869,11 +2991,13 @@ class Api:
         return self.ingest(request)
 
     def ingest(self, request: Request) -> Answer:
-        """POST /v1/traces, /v1/errors and /v1/events: validate, offer the rows to the queue whole,
-        answer."""
+        """POST /v1/traces, /v1/errors and /v1/events (and OTLP on /v1/traces, /v1/metrics, /v1/logs):
+        validate, offer the rows to the queue whole, answer."""
         service = self.service
         service.events.gate.wait()
         body = decoded_body(request, self.config.max_body_bytes)
+        if request.route in OTLP_SIGNALS and (found := service.otlp.recognise(request, body)):
+            return service.otlp.export(request, body, *found, admit=self.admit)
         rows, ignored = parse_events(body, request.route, self.config.max_events, self.config.max_text_bytes)
         self.admit(rows)
         if request.route == "/v1/events":
@@ -2883,14 +3007,14 @@ class Api:
             answer["ignored_fields"] = ignored
         return 202, answer, {}, "application/json"
 
-    def admit(self, rows: list[Row]) -> None:
-        """Offer rows to the queue whole: a 202 promises a commit, so Refusal (503) when the writer
-        cannot keep that promise now."""
+    def admit(self, rows: list[Row], extra: tuple[tuple[str, tuple], ...] = ()) -> None:
+        """Offer rows (and statements that commit with them) to the queue whole: a 202 promises a
+        commit, so Refusal (503) when the writer cannot keep that promise now."""
         service = self.service
         if not service.writer.is_alive() or service.writer.failing:
             service.counters.add("refused", len(rows))
             raise Refusal(503, "database writes are failing (disk full?); retry later", {"Retry-After": "5"})
-        if not service.events.offer(Unit(rows)):
+        if not service.events.offer(Unit(rows, extra)):
             service.counters.add("refused", len(rows))
             raise Refusal(503, "queue is full; retry later", {"Retry-After": "1"})
         service.counters.add("received", len(rows))
@@ -2898,13 +3022,14 @@ class Api:
 
 class IngestServer:
     """The HTTP server: one thread, at most TRACE_MAX_CONNECTIONS connections, on one or more
-    listening sockets. It hangs up on a client that takes longer than TRACE_READ_TIMEOUT to send a
-    whole request or to take its answer, and at shutdown closes the idle connections and finishes
-    the busy ones."""
+    listening sockets (an `optional` one that cannot be bound is logged and left out). It hangs up on
+    a client that takes longer than TRACE_READ_TIMEOUT to send a whole request or to take its answer,
+    and at shutdown closes the idle connections and finishes the busy ones."""
 
     BACKLOG = 128
 
-    def __init__(self, service: Service, addresses: list[tuple[str, int]]) -> None:
+    def __init__(self, service: Service, addresses: list[tuple[str, int]],
+                 optional: list[tuple[str, int]] = ()) -> None:
         config = service.config
         self.service, self.api = service, Api(service)
         self.counters = service.counters
@@ -2913,13 +3038,16 @@ class IngestServer:
         self.budget = Budget(config.max_buffered_bytes)
         self.poller = select.epoll()
         self.listeners: dict[int, socket.socket] = {}
+        self.unbound: list[dict[str, Any]] = []
         try:
             for host, port in addresses:
-                family = socket.AF_INET6 if ":" in host else socket.AF_INET
-                sock = socket.create_server((host, port), family=family, backlog=self.BACKLOG)
-                sock.setblocking(False)
-                self.listeners[sock.fileno()] = sock
-                self.poller.register(sock.fileno(), IN)
+                self.listen(host, port)
+            for host, port in optional:
+                try:
+                    self.listen(host, port)
+                except OSError as exc:
+                    self.unbound.append({"host": host, "port": port, "error": describe(exc)})
+                    log.error("cannot listen on this port; it is left out", extra=self.unbound[-1])
         except OSError:
             self.release()
             raise
@@ -2934,6 +3062,13 @@ class IngestServer:
         self.close_by = math.inf
         self.cut = 0
         self.stopped = threading.Event()
+
+    def listen(self, host: str, port: int) -> None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.create_server((host, port), family=family, backlog=self.BACKLOG)
+        sock.setblocking(False)
+        self.listeners[sock.fileno()] = sock
+        self.poller.register(sock.fileno(), IN)
 
     def addresses(self) -> list[tuple[str, int]]:
         return [sock.getsockname()[:2] for sock in self.listeners.values()]
@@ -3054,7 +3189,8 @@ class IngestServer:
                 expected = f" of {request.length}" if request.length is not None else ""
                 raise Refusal(400, f"body ended after {len(request.body)}{expected} bytes")
         except Refusal as refusal:                     # before the whole body is in: it stays unread
-            self.finish(conn, refusal.status, refusal.body(), refusal.headers, close=True)
+            body, content_type = self.api.refused(conn.request, refusal)
+            self.finish(conn, refusal.status, body, refusal.headers, close=True, content_type=content_type)
             return True
         self.answer(conn, request)
         return True
@@ -3073,7 +3209,8 @@ class IngestServer:
         headers: dict[str, str] = {}
         content_type = "application/json"
         if isinstance(made, Refusal):
-            status, body, headers = made.status, made.body(), made.headers
+            status, headers = made.status, made.headers
+            body, content_type = self.api.refused(conn.request, made)
         else:
             status, body, headers, content_type = made
         if status >= 400 and status != 503:
@@ -3182,6 +3319,948 @@ class IngestServer:
 
     def count(self) -> int:
         return len(self.open)
+
+
+# ================================================================================================ otlp
+# OpenTelemetry's own protocol, OTLP/HTTP, on /v1/traces, /v1/metrics and /v1/logs of both ports, in
+# protobuf or in JSON (a body whose top level is resourceSpans, ...). Spans of LLM calls become
+# llm_traces rows (other spans are counted), GenAI usage metric points become genai_metrics rows
+# (cumulative series turned into deltas), ERROR log records become error_events, and GenAI event
+# records give their span's row its content. opentelemetry-proto's generated classes decode it,
+# imported on the first OTLP request, so an otrace that never gets one never pays for them.
+
+OTLP_SIGNALS = {"/v1/traces": "traces", "/v1/metrics": "metrics", "/v1/logs": "logs"}
+PROTOBUF_TYPES = frozenset({"application/x-protobuf", "application/protobuf"})
+OTLP_TOP = {"traces": ("resourceSpans", "resource_spans"), "metrics": ("resourceMetrics", "resource_metrics"),
+            "logs": ("resourceLogs", "resource_logs")}
+OTLP_REJECTED = {"traces": ("rejectedSpans", "rejected_spans"),     # partial_success's count, JSON and proto
+                 "metrics": ("rejectedDataPoints", "rejected_data_points"),
+                 "logs": ("rejectedLogRecords", "rejected_log_records")}
+ID_FIELDS = frozenset({"traceId", "spanId", "parentSpanId", "trace_id", "span_id", "parent_span_id"})
+RPC_CODES = {400: 3, 401: 16, 403: 7, 404: 5, 405: 12, 408: 4, 411: 3, 413: 8, 414: 3, 415: 3, 429: 8,
+             431: 3, 501: 12, 503: 14}                 # google.rpc.Code of an HTTP status
+MODEL_OPERATIONS = frozenset({"chat", "text_completion", "generate_content", "embeddings", "completion",
+                              "embedding"})            # the last two: OpenLLMetry's llm.request.type
+OPENCLAW_USAGE = "openclaw.model.usage"
+USAGE_METRICS = frozenset({"openclaw.tokens", "openclaw.cost.usd", "openclaw.run.duration_ms"})
+PROVIDER_KEYS = ("gen_ai.provider.name", "gen_ai.system", "openclaw.provider")
+MODEL_KEYS = ("gen_ai.response.model", "gen_ai.request.model", "openclaw.model")      # response first
+PROVIDER_NAMES = {"az.ai.inference": "azure.ai.inference", "az.ai.openai": "azure.ai.openai",
+                  "azure_openai": "azure.ai.openai", "vertex_ai": "gcp.vertex_ai",
+                  "vertexai": "gcp.vertex_ai", "gemini": "gcp.gemini", "xai": "x_ai",
+                  "mistralai": "mistral_ai", "mistral": "mistral_ai", "bedrock": "aws.bedrock",
+                  "aws_bedrock": "aws.bedrock", "watsonx": "ibm.watsonx.ai"}
+USAGE_KEYS = {   # llm_traces column: span attributes, newest convention first (input includes cached)
+    "prompt_tokens": ("gen_ai.usage.input_tokens", "gen_ai.usage.prompt_tokens", "llm.usage.prompt_tokens"),
+    "completion_tokens": ("gen_ai.usage.output_tokens", "gen_ai.usage.completion_tokens",
+                          "llm.usage.completion_tokens"),
+    "total_tokens": ("gen_ai.usage.total_tokens", "llm.usage.total_tokens"),
+    "cache_read_tokens": ("gen_ai.usage.cache_read.input_tokens", "gen_ai.usage.cache_read_input_tokens"),
+    "cache_write_tokens": ("gen_ai.usage.cache_creation.input_tokens",
+                           "gen_ai.usage.cache_write.input_tokens",
+                           "gen_ai.usage.cache_creation_input_tokens"),
+    "reasoning_tokens": ("gen_ai.usage.reasoning.output_tokens", "gen_ai.usage.reasoning_tokens"),
+}
+OPENCLAW_TOKENS = {"completion_tokens": "openclaw.tokens.output", "total_tokens": "openclaw.tokens.total",
+                   "cache_read_tokens": "openclaw.tokens.cache_read",
+                   "cache_write_tokens": "openclaw.tokens.cache_write"}
+FINISH_KEYS = ("gen_ai.response.finish_reasons", "gen_ai.response.finish_reason",
+               "llm.response.finish_reason", "anthropic.message.stop_reason")
+TTFT_KEYS = ("gen_ai.response.time_to_first_chunk", "gen_ai.response.time_to_first_token")   # seconds
+SESSION_KEYS = ("gen_ai.conversation.id", "openclaw.sessionId", "session.id")
+COST_KEY = "gen_ai.usage.cost"                          # USD, as Langfuse reads it; no convention yet
+CONTENT_KEYS = frozenset({"gen_ai.input.messages", "gen_ai.output.messages", "gen_ai.system_instructions",
+                          "gen_ai.tool.definitions", "gen_ai.prompt", "gen_ai.completion"})
+LEGACY_CONTENT = re.compile(r"gen_ai\.(prompt|completion)\.(\d{1,4})\.(.+)")
+MAPPED_KEYS = frozenset({*PROVIDER_KEYS, "gen_ai.response.model", "openclaw.model", "openclaw.tokens.input",
+                         *OPENCLAW_TOKENS.values(), *(k for keys in USAGE_KEYS.values() for k in keys),
+                         *FINISH_KEYS, *TTFT_KEYS, *SESSION_KEYS, COST_KEY, *CONTENT_KEYS, "error.type"})
+META_PREFIXES = ("gen_ai.", "llm.", "openclaw.")
+META_KEYS = frozenset({"server.address", "http.response.status_code"})
+INPUT_EVENTS = {"gen_ai.system.message": "system", "gen_ai.user.message": "user",
+                "gen_ai.assistant.message": "assistant", "gen_ai.tool.message": "tool"}
+CHOICE_EVENT = "gen_ai.choice"
+DETAILS_EVENT = "gen_ai.client.inference.operation.details"
+SEVERITY_ERROR, SEVERITY_FATAL = 17, 21
+HTTP_STATUS = re.compile(r"\b(?:[Ee]rror code|status(?: code)?)[:= ]+([1-5]\d\d)\b")
+SERIES_SQL = ("INSERT INTO otlp_series (key, series_id, start_ns, time_ns, value, count, buckets, "
+              "updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO UPDATE SET "
+              "start_ns = excluded.start_ns, time_ns = excluded.time_ns, value = excluded.value, "
+              "count = excluded.count, buckets = excluded.buckets, updated_at = excluded.updated_at")
+CONTENT_SQL = ("UPDATE llm_traces SET truncated = truncated OR (input_text IS NULL AND ?) "
+               "OR (output_text IS NULL AND ?), "
+               "input_bytes = CASE WHEN input_text IS NULL THEN ? ELSE input_bytes END, "
+               "input_text = coalesce(input_text, ?), "
+               "output_bytes = CASE WHEN output_text IS NULL THEN ? ELSE output_bytes END, "
+               "output_text = coalesce(output_text, ?) WHERE trace_id = ? AND synced = 0")
+SERIES_TOUCH_MS = 86_400_000     # an unchanged series' state is rewritten daily, so retention keeps it
+KEY_BYTES = 200                  # what one remembered span id costs of TRACE_OTLP_CONTENT_BYTES
+OTLP_COUNTERS = (
+    "requests", "spans", "llm_spans", "spans_merged", "spans_not_llm", "openclaw_usage_skipped",
+    "spans_rejected", "metric_points", "metric_points_kept", "metric_points_unchanged", "metric_points_other",
+    "metric_points_rejected", "metric_resets", "log_records", "log_errors", "log_content",
+    "log_content_after_span", "log_content_unlinked", "log_content_expired", "log_other",
+    "log_records_rejected")
+
+
+def otlp_encoding(request: Request) -> str:
+    """How an OTLP body is encoded, by its Content-Type: "protobuf" or "json"."""
+    media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    return "protobuf" if media in PROTOBUF_TYPES else "json"
+
+
+@functools.cache
+def otlp_classes() -> dict[str, tuple[Any, Any]]:
+    """Each signal's generated request and response classes, imported on the first OTLP request."""
+    from opentelemetry.proto.collector.logs.v1 import logs_service_pb2 as logs  # noqa: PLC0415 - lazy
+    from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2 as metrics  # noqa: PLC0415
+    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2 as traces  # noqa: PLC0415
+    return {"traces": (traces.ExportTraceServiceRequest, traces.ExportTraceServiceResponse),
+            "metrics": (metrics.ExportMetricsServiceRequest, metrics.ExportMetricsServiceResponse),
+            "logs": (logs.ExportLogsServiceRequest, logs.ExportLogsServiceResponse)}
+
+
+def decode_otlp(signal: str, body: bytes, encoding: str, doc: Any = None) -> Any:
+    """The signal's Export*ServiceRequest from a protobuf body, or from OTLP JSON (`doc`, parsed if not
+    given): hex ids, 64-bit integers as strings or numbers, camelCase or the proto's own names."""
+    request_class = otlp_classes()[signal][0]
+    if encoding == "protobuf":
+        from google.protobuf.message import DecodeError  # noqa: PLC0415 - loaded with the classes
+        try:
+            return request_class.FromString(body)
+        except (DecodeError, RecursionError) as exc:
+            raise Invalid(f"body is not an OTLP/protobuf {request_class.DESCRIPTOR.name}: {exc}") from None
+    doc = json_body(body) if doc is None else doc
+    if not isinstance(doc, dict) or (doc and not any(key in doc for key in OTLP_TOP[signal])):
+        raise Invalid(f"body is not OTLP JSON: its top level must be an object with {OTLP_TOP[signal][0]}")
+    from google.protobuf import json_format  # noqa: PLC0415 - loaded with the classes
+    try:
+        _hex_ids_to_base64(doc)
+        return json_format.ParseDict(doc, request_class(), ignore_unknown_fields=True)
+    except json_format.ParseError as exc:
+        raise Invalid(f"body is not OTLP JSON: {exc}") from None
+    except RecursionError:
+        raise Invalid("body is nested too deeply") from None
+
+
+def _hex_ids_to_base64(doc: Any) -> None:
+    """OTLP JSON writes trace and span ids in hex where protobuf's JSON mapping reads base64: rewrite
+    them in place (an id that is not hex is left to the parser, which takes base64)."""
+    todo = [doc]
+    while todo:
+        node = todo.pop()
+        for key, value in (node.items() if isinstance(node, dict) else enumerate(node)):
+            if isinstance(value, (dict, list)):
+                todo.append(value)
+            elif key in ID_FIELDS and isinstance(value, str):
+                with contextlib.suppress(ValueError):
+                    node[key] = binascii.b2a_base64(bytes.fromhex(value), newline=False).decode("ascii")
+
+
+def otel_value(value: Any) -> Any:
+    """An AnyValue as plain Python: str, bool, int, float, list, dict; bytes as hex; None if unset."""
+    kind = value.WhichOneof("value")
+    if kind == "array_value":
+        return [otel_value(item) for item in value.array_value.values]
+    if kind == "kvlist_value":
+        return {pair.key: otel_value(pair.value) for pair in value.kvlist_value.values}
+    if kind == "bytes_value":
+        return value.bytes_value.hex()
+    return None if kind is None else getattr(value, kind)
+
+
+def otel_attributes(pairs: Any) -> dict[str, Any]:
+    return {pair.key: otel_value(pair.value) for pair in pairs}
+
+
+def _first(attrs: dict[str, Any], keys: Iterable[str]) -> Any:
+    for key in keys:
+        value = attrs.get(key)
+        if value is not None and value != "":
+            return value
+    return None
+
+
+def _word(value: Any) -> Any:
+    """A name-like attribute (a model, a session id) as text when it came as a number."""
+    return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+
+
+def _number(value: Any) -> Any:
+    """An amount as a number when it came as one written out ("0.0125")."""
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            return float(value)
+    return value
+
+
+def _integer(value: Any) -> Any:
+    """A token count as an int where it is one in disguise ("3333", 23.0); anything else as it is, for
+    Fields to name."""
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def _as_text(value: Any) -> str | None:
+    """Content as stored: a string as it is, anything else as compact JSON."""
+    if value is None or isinstance(value, str):
+        return value
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str)
+
+
+def provider_name(value: Any) -> str | None:
+    """The conventions' lower-case well-known name of a provider ("Anthropic" is anthropic)."""
+    if not isinstance(value, str) or not value.strip():
+        return None
+    name = value.strip().lower().replace(" ", "_")
+    return PROVIDER_NAMES.get(name, name)
+
+
+def error_name(value: Any) -> str | None:
+    """error.type without a Python class's wrapping and module: RateLimitError."""
+    if value is None or value == "":
+        return None
+    name = str(value).strip()
+    if match := re.fullmatch(r"<class '([^']+)'>", name):
+        name = match[1]
+    return name.rsplit(".", 1)[-1] or None
+
+
+def http_status(attrs: dict[str, Any], *texts: str | None) -> int | None:
+    """The HTTP status a failed call got: its attribute, an error.type that is one, or "Error code: 429"
+    in its message (the OpenAI and Anthropic SDKs' wording)."""
+    for value in (attrs.get("http.response.status_code"), attrs.get("error.type")):
+        if isinstance(value, int) or (isinstance(value, str) and value.isdigit() and len(value) == 3):
+            return int(value)
+    for text in texts:
+        if isinstance(text, str) and (match := HTTP_STATUS.search(text)):
+            return int(match[1])
+    return None
+
+
+def call_category(error_type: str | None, status: int | None, text: Any = None) -> str:
+    """The error_events category of a failed call, found as the gateway log's and the session store's
+    are (failure_category), with an error type read as words too: RateLimitError is "rate limit"."""
+    words = re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])|_", " ", error_type or "")
+    return failure_category(error_type, words, status and str(status), text) or "other"
+
+
+def rpc_status(refusal: Refusal, encoding: str) -> tuple[dict[str, Any] | bytes, str]:
+    """A refusal as the google.rpc.Status OTLP answers errors with: protobuf (written here, one int32
+    and one string field), or JSON, which also keeps otrace's own error and field."""
+    code, message = RPC_CODES.get(refusal.status, 2), str(refusal)
+    if encoding == "json":
+        return {"code": code, "message": message, **refusal.body()}, "application/json"
+    text = message.encode("utf-8", "replace")
+    return b"\x08" + _varint(code) + b"\x12" + _varint(len(text)) + text, "application/x-protobuf"
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+        n >>= 7
+        if not n:
+            return bytes(out)
+
+
+def otlp_answer(signal: str, encoding: str, rejected: int, problems: list[str]) -> tuple[bytes, str]:
+    """The 200 answer: an Export*ServiceResponse in the request's encoding, with partial_success when
+    items were refused."""
+    message = "; ".join(problems[:3]) + ("; ..." if len(problems) > 3 else "")
+    if encoding == "json":
+        field = OTLP_REJECTED[signal][0]
+        body = {"partialSuccess": {field: str(rejected), "errorMessage": message}} if rejected else {}
+        return json.dumps(body).encode(), "application/json"
+    answer = otlp_classes()[signal][1]()
+    if rejected:
+        setattr(answer.partial_success, OTLP_REJECTED[signal][1], rejected)
+        answer.partial_success.error_message = message
+    return answer.SerializeToString(), "application/x-protobuf"
+
+
+# -- spans
+
+
+@dataclasses.dataclass
+class Call:
+    """One LLM call read from a span: the fields of its llm_traces row (None where the span said
+    nothing), those of its error_events row when it failed, and what may tie it to another
+    instrumentation's span of the same call."""
+
+    key: str                         # the row's trace_id: the span's (trace id, span id)
+    group: tuple[int, str | None]    # (its resource in the request, its provider)
+    scope: str
+    start: int
+    end: int
+    response_id: str | None
+    event: dict[str, Any]
+    failure: dict[str, Any] | None
+    keys: list[str]                  # the row keys of the spans it stands for, its own first
+
+
+def span_key(trace_id: bytes, span_id: bytes) -> str | None:
+    """A span's row key, its ids in hex; None for ids OTLP does not allow (wrong length, all zero)."""
+    if len(trace_id) != 16 or len(span_id) != 8 or not any(trace_id) or not any(span_id):
+        return None
+    return f"{trace_id.hex()}-{span_id.hex()}"
+
+
+def llm_call(span: Any, resource: dict[str, Any], where: tuple[int, str], store_followed: bool) -> Call | str:
+    """The LLM call a span records, or why it is none: "not_llm" (agent, tool, HTTP, ... spans) or
+    "openclaw_usage_skipped" (OpenClaw's usage span while its session store is followed). A span is an
+    LLM call when its operation is a model operation, when it names no operation but a request model,
+    and for OpenClaw's openclaw.model.usage. Invalid for ids OTLP does not allow."""
+    attrs = otel_attributes(span.attributes)
+    openclaw = span.name == OPENCLAW_USAGE
+    operation = _word(_first(attrs, ("gen_ai.operation.name", "llm.request.type")))
+    operation = operation if isinstance(operation, str) or operation is None else "?"
+    if openclaw and store_followed:
+        return "openclaw_usage_skipped"
+    if not openclaw and operation not in MODEL_OPERATIONS and (
+            operation is not None or "gen_ai.request.model" not in attrs):
+        return "not_llm"
+    key = span_key(span.trace_id, span.span_id)
+    if key is None:
+        raise Invalid("span has no valid traceId and spanId")
+    event = {"provider": provider_name(_first(attrs, PROVIDER_KEYS)),
+             "model": _word(_first(attrs, MODEL_KEYS)), "trace_id": key,
+             "created_at": span.start_time_unix_nano // 1_000_000 or None,
+             "session_id": _word(_first(attrs, SESSION_KEYS)), "cost_usd": _number(attrs.get(COST_KEY))}
+    for column, keys in USAGE_KEYS.items():
+        event[column] = _integer(_first(attrs, keys))
+    if openclaw:
+        usage_tokens(event, attrs)
+    if span.end_time_unix_nano >= span.start_time_unix_nano > 0:
+        event["latency_ms"] = (span.end_time_unix_nano - span.start_time_unix_nano) / 1e6
+    if isinstance(ttft := _first(attrs, TTFT_KEYS), (int, float)) and not isinstance(ttft, bool):
+        event["ttft_ms"] = ttft * 1000
+    finish = _first(attrs, FINISH_KEYS)
+    event["finish_reason"] = ",".join(map(str, finish)) if isinstance(finish, list) else finish
+    event["input_text"], event["output_text"] = span_content(attrs, span.events)
+    event["metadata"] = span_metadata(span, attrs, resource, where[1])
+    failure = span_failure(span, attrs, event)
+    if failure:
+        event["status"], event["error_type"] = "error", failure["error_type_name"]
+    response_id = attrs.get("gen_ai.response.id")
+    return Call(key, (where[0], event["provider"]), where[1], span.start_time_unix_nano,
+                span.end_time_unix_nano, response_id if isinstance(response_id, str) else None, event,
+                failure, [key])
+
+
+def usage_tokens(event: dict[str, Any], attrs: dict[str, Any]) -> None:
+    """OpenClaw's openclaw.tokens.*: its input excludes cached tokens, which prompt_tokens includes."""
+    for column, key in OPENCLAW_TOKENS.items():
+        if event.get(column) is None:
+            event[column] = _integer(attrs.get(key))
+    parts = [_integer(attrs.get(f"openclaw.tokens.{kind}")) for kind in ("input", "cache_read",
+                                                                          "cache_write")]
+    if event.get("prompt_tokens") is None and isinstance(parts[0], int):
+        event["prompt_tokens"] = sum(part for part in parts if isinstance(part, int))
+
+
+def span_content(attrs: dict[str, Any], events: Any) -> tuple[str | None, str | None]:
+    """The call's messages: gen_ai.input.messages / gen_ai.output.messages (system instructions put
+    first as a system message), the older gen_ai.prompt.N.* / gen_ai.completion.N.*, or the oldest
+    span events gen_ai.content.prompt / gen_ai.content.completion."""
+    inputs, outputs = attrs.get("gen_ai.input.messages"), attrs.get("gen_ai.output.messages")
+    if (system := attrs.get("gen_ai.system_instructions")) is not None:
+        with contextlib.suppress(ValueError):
+            listed = json.loads(inputs) if isinstance(inputs, str) else inputs or []
+            parts = json.loads(system) if isinstance(system, str) else system
+            if isinstance(listed, list):
+                inputs = [{"role": "system", "parts": parts}, *listed]
+    legacy: dict[str, dict[int, dict[str, Any]]] = {"prompt": {}, "completion": {}}
+    for name, value in attrs.items():
+        if name.startswith(("gen_ai.prompt.", "gen_ai.completion.")) and (
+                match := LEGACY_CONTENT.fullmatch(name)):
+            legacy[match[1]].setdefault(int(match[2]), {})[match[3]] = value
+    for event in events:
+        if event.name in ("gen_ai.content.prompt", "gen_ai.content.completion"):
+            side = event.name.rsplit(".", 1)[1]
+            legacy[side].setdefault(-1, {"content": otel_attributes(event.attributes).get(f"gen_ai.{side}")})
+    if inputs is None and legacy["prompt"]:
+        inputs = [legacy["prompt"][n] for n in sorted(legacy["prompt"])]
+    if outputs is None and legacy["completion"]:
+        outputs = [legacy["completion"][n] for n in sorted(legacy["completion"])]
+    return _as_text(inputs), _as_text(outputs)
+
+
+def span_metadata(span: Any, attrs: dict[str, Any], resource: dict[str, Any], scope: str) -> dict[str, Any]:
+    """The OTel ids, the service and scope, and the GenAI attributes no column holds."""
+    meta: dict[str, Any] = {"otel_trace_id": span.trace_id.hex(), "otel_span_id": span.span_id.hex()}
+    if span.parent_span_id:
+        meta["otel_parent_span_id"] = span.parent_span_id.hex()
+    meta |= {"span_name": span.name, "service_name": resource.get("service.name"), "scope": scope}
+    meta |= {key: value for key, value in attrs.items() if (key not in MAPPED_KEYS and (
+        key.startswith(META_PREFIXES) or key in META_KEYS) and not LEGACY_CONTENT.fullmatch(key))}
+    if (raw := attrs.get("error.type")) is not None and error_name(raw) != raw:
+        meta["error.type"] = raw
+    return meta
+
+
+def span_failure(span: Any, attrs: dict[str, Any], event: dict[str, Any]) -> dict[str, Any] | None:
+    """The error_events fields of a failed call (span status ERROR, or error.type set); None if it
+    did not fail."""
+    if span.status.code != 2 and attrs.get("error.type") is None:
+        return None
+    exception = next((otel_attributes(e.attributes) for e in span.events if e.name == "exception"), {})
+    name = error_name(attrs.get("error.type")) or error_name(exception.get("exception.type"))
+    said = _as_text(exception.get("exception.message"))
+    message = span.status.message or said or name or "LLM call failed"
+    status = http_status(attrs, span.status.message, said)
+    meta = {"otel_trace_id": span.trace_id.hex(), "otel_span_id": span.span_id.hex(), "span_name": span.name}
+    meta |= {key: value for key, value in (("error.type", attrs.get("error.type")),
+                                           ("http.response.status_code", status)) if value is not None}
+    return {"error_type_name": name, "error_type": "llm_error",
+            "category": call_category(name, status, message), "message": message,
+            "stack_trace": _as_text(exception.get("exception.stacktrace")), "severity": "error",
+            "trace_id": event["trace_id"], "created_at": span.end_time_unix_nano // 1_000_000 or None,
+            "metadata": meta}
+
+
+def one_per_call(calls: list[Call]) -> tuple[list[Call], int]:
+    """Two instrumentations in one process can each report the same call (the Anthropic SDK's own
+    tracing and OpenLLMetry's do, as two root spans): a span of another scope, with the same provider,
+    and the same response id or lying inside the other's time, is the same call. The inner span's
+    row is kept and filled in from the outer one. The calls left, and how many spans were merged."""
+    groups: dict[tuple[int, str | None], list[Call]] = {}
+    for call in calls:
+        groups.setdefault(call.group, []).append(call)
+    gone: set[int] = set()
+    for group in groups.values():
+        if len({call.scope for call in group}) < 2:
+            continue
+        for outer in sorted(group, key=lambda c: c.end - c.start, reverse=True):
+            inner = [c for c in group if c is not outer and id(c) not in gone and c.scope != outer.scope and (
+                (outer.response_id and c.response_id == outer.response_id)
+                or outer.start <= c.start <= c.end <= outer.end)]
+            if len(inner) == 1:
+                absorb(inner[0], outer)
+                gone.add(id(outer))
+    return [call for call in calls if id(call) not in gone], len(gone)
+
+
+def absorb(call: Call, other: Call) -> None:
+    """Fill in what `call` does not know from `other`, a span of the same call. Token counts are
+    taken as a group (from one span or the other), so that they add up."""
+    has_usage = any(call.event.get(column) is not None for column in USAGE_KEYS)
+    for field, value in other.event.items():
+        if call.event.get(field) is None and not (has_usage and field in USAGE_KEYS):
+            call.event[field] = value
+    meta = call.event["metadata"]
+    call.event["metadata"] = {**other.event["metadata"], **meta, "otel_merged_spans": [
+        *meta.get("otel_merged_spans", []), {"otel_span_id": other.event["metadata"]["otel_span_id"],
+                                             "otel_trace_id": other.event["metadata"]["otel_trace_id"],
+                                             "scope": other.scope}]}
+    if other.failure:
+        mine = call.failure or {}
+        call.failure = {**other.failure, **{k: v for k, v in mine.items() if v is not None},
+                        "trace_id": call.key,
+                        "metadata": {**other.failure["metadata"], **mine.get("metadata", {})}}
+        if mine.get("message") in (None, mine.get("error_type_name")):      # only a type name: say more
+            call.failure["message"] = other.failure["message"]
+        call.event["status"] = "error"
+        call.event["error_type"] = call.event.get("error_type") or other.failure["error_type_name"]
+    call.keys += other.keys
+
+
+# -- log records
+
+
+Said = tuple[Any, Any, bool]    # (input, output, whole): messages of a call from a GenAI event record
+
+
+def log_content(name: str, body: Any, attrs: dict[str, Any]) -> Said | None:
+    """What a GenAI event record says of its call's content: input and output messages (a list to
+    add to, or the whole text when the record holds all of them); None when it carries none (content
+    capture off)."""
+    if name in INPUT_EVENTS:
+        if body is None:
+            return None
+        role = INPUT_EVENTS[name]
+        message = {"role": role, **body} if isinstance(body, dict) else {"role": role, "content": body}
+        return [message], None, False
+    if name == CHOICE_EVENT:
+        message = body.get("message") if isinstance(body, dict) else None
+        return (None, [body], False) if isinstance(message, dict) and set(message) - {"role"} else None
+    if name == DETAILS_EVENT:
+        inputs, outputs = span_content(attrs, ())
+        return (inputs, outputs, True) if inputs is not None or outputs is not None else None
+    return None
+
+
+def combine(known: tuple[Any, Any], said: Said) -> tuple[Any, Any]:
+    """Content known so far with what one more record says: a whole text wins, lists add up."""
+    if said[2]:
+        return said[0] if said[0] is not None else known[0], said[1] if said[1] is not None else known[1]
+    return tuple(new if old is None else (old + new if isinstance(old, list) and new else old)
+                 for old, new in zip(known, said[:2], strict=False))
+
+
+class Content:
+    """Content of GenAI event records waiting for its span (for TRACE_OTLP_CONTENT_WAIT), and the row
+    keys of LLM spans stored lately (to give content that comes after its span to the right row);
+    both within TRACE_OTLP_CONTENT_BYTES, the oldest dropped first."""
+
+    def __init__(self, wait: float, limit: int) -> None:
+        self.wait, self.limit = wait, limit
+        self.waiting: collections.OrderedDict[str, list[Any]] = collections.OrderedDict()  # [at, in, out, n]
+        self.stored: collections.OrderedDict[str, tuple[float, str]] = collections.OrderedDict()  # (at, row)
+        self.held = 0                # bytes, as estimated
+        self.expired = 0             # waiting content no span came for
+
+    def row_of(self, key: str) -> str | None:
+        """The row a span's content belongs to, if that span was stored lately."""
+        found = self.stored.get(key)
+        return found and found[1]
+
+    def peek(self, keys: list[str]) -> tuple[Any, Any]:
+        """What waits for any of these span keys: (input, output)."""
+        inputs = outputs = None
+        for key in keys:
+            if entry := self.waiting.get(key):
+                inputs, outputs = inputs or entry[1], outputs or entry[2]
+        return inputs, outputs
+
+    def park(self, key: str, said: list[Said]) -> None:
+        entry = self.waiting.pop(key, None) or [time.monotonic(), None, None, 0]
+        self.held -= entry[3]
+        for one in said:
+            entry[1], entry[2] = combine((entry[1], entry[2]), one)
+        entry[3] = len(json.dumps(entry[1:3], default=str)) + KEY_BYTES
+        self.waiting[key] = entry
+        self.held += entry[3]
+        self.trim()
+
+    def remember(self, row: str, keys: list[str]) -> None:
+        """Spans just stored: their content is claimed, and content that comes later goes to `row`."""
+        for key in keys:
+            if entry := self.waiting.pop(key, None):
+                self.held -= entry[3]
+            if self.stored.pop(key, None) is None:
+                self.held += KEY_BYTES
+            self.stored[key] = (time.monotonic(), row)
+        self.trim()
+
+    def trim(self) -> None:
+        """Forget what is older than the wait; then, while over the memory limit, the oldest stored
+        span ids first (content that comes for them still reaches their row by its key) and then the
+        oldest waiting content."""
+        deadline = time.monotonic() - self.wait
+        while self.stored and (next(iter(self.stored.values()))[0] < deadline or self.held > self.limit):
+            self.stored.popitem(last=False)
+            self.held -= KEY_BYTES
+        while self.waiting and (next(iter(self.waiting.values()))[0] < deadline or self.held > self.limit):
+            self.held -= self.waiting.popitem(last=False)[1][3]
+            self.expired += 1
+
+    def __len__(self) -> int:
+        return len(self.waiting)
+
+
+# -- metric points
+
+
+@dataclasses.dataclass(slots=True)
+class Point:
+    """A metric point as a series' state: its window, value (a histogram's sum), count and buckets."""
+
+    start_ns: int
+    time_ns: int
+    value: float | None
+    count: int | None
+    buckets: tuple[int, ...] | None = None
+    bounds: tuple[float, ...] | None = None
+
+
+def difference(last: Point | None, point: Point, monotonic: bool) -> tuple[Point, bool] | None:
+    """A cumulative point as the change since the series' last one: (the change, whether the series
+    restarted); None for a point not newer than the last (an exporter's retry). A restart (a new start
+    time, a count or monotonic sum gone down, other buckets) counts from zero, as does a first point."""
+    if last is None:
+        return point, False
+    if point.time_ns <= last.time_ns:
+        return None
+    restarted = point.start_ns not in (last.start_ns, 0) or point.bounds != last.bounds or (
+        point.count is not None and last.count is not None and point.count < last.count) or (
+        monotonic and point.value is not None and last.value is not None and point.value < last.value)
+    if restarted:
+        return point, True
+    buckets = tuple(a - b for a, b in zip(point.buckets, last.buckets, strict=True)) \
+        if point.buckets is not None and last.buckets is not None else None
+    return Point(last.time_ns, point.time_ns, None if point.value is None or last.value is None else
+                 point.value - last.value, None if point.count is None or last.count is None else
+                 point.count - last.count, buckets, point.bounds), False
+
+
+class Series:
+    """Every metric series otrace has seen: its id (in its rows' trace_ids) and, for a cumulative one,
+    its last point. The newest TRACE_OTLP_MAX_SERIES are in memory; all are in otlp_series, written
+    with the rows they produced, so a restart goes on counting from the same points."""
+
+    def __init__(self, db: Database, limit: int) -> None:
+        self.db, self.limit = db, limit
+        self.known: collections.OrderedDict[str, list[Any]] = collections.OrderedDict()  # [id, Point, at]
+        self.next_id: int | None = None
+
+    def get(self, key: str, fresh: dict[str, list[Any]]) -> list[Any]:
+        """[series id, last point or None, ms its state was written] of a series, new ones numbered."""
+        if key in fresh:
+            return fresh[key]
+        if key in self.known:
+            return self.known[key]
+        if self.next_id is None:
+            self.next_id = (self.db.query("SELECT max(series_id) FROM otlp_series")[0][0] or 0) + 1
+        for series_id, start, at, value, count, buckets, updated in self.db.query(
+                "SELECT series_id, start_ns, time_ns, value, count, buckets, updated_at FROM otlp_series "
+                "WHERE key = ?", (key,)):
+            counts, bounds = json.loads(buckets) if buckets else (None, None)
+            return [series_id, Point(start, at, value, count, None if counts is None else tuple(counts),
+                                     None if bounds is None else tuple(bounds)), updated]
+        self.next_id += 1
+        return [self.next_id - 1, None, 0]
+
+    def commit(self, fresh: dict[str, list[Any]]) -> None:
+        for key, state in fresh.items():
+            self.known.pop(key, None)
+            self.known[key] = state
+        while len(self.known) > self.limit:
+            self.known.popitem(last=False)
+
+
+def point_problem(point: Point) -> str | None:
+    """Why a point cannot be kept (a time past 9999, a value or count no column holds), or None."""
+    if not 0 <= point.start_ns <= point.time_ns <= MAX_UNIX_MS * 1_000_000:
+        return "startTimeUnixNano and timeUnixNano must be in order, from 1970 to 9999"
+    if not all(math.isfinite(x) for x in (point.value or 0.0, *(point.bounds or ()))):
+        return "value and bounds must be finite numbers"
+    if not all(0 <= n <= MAX_INT for n in (point.count or 0, *(point.buckets or ()))):
+        return f"counts must be integers from 0 to {MAX_INT}"
+    return None
+
+
+def point_state(key: str, state: list[Any], now: int) -> tuple[str, tuple]:
+    point = state[1] or Point(0, 0, None, None)
+    buckets = json.dumps([point.buckets, point.bounds]) if point.buckets is not None else None
+    return SERIES_SQL, (key, state[0], point.start_ns, point.time_ns, point.value, point.count, buckets, now)
+
+
+# -- the receiver
+
+
+@dataclasses.dataclass
+class Export:
+    """What one OTLP request becomes: rows and statements for the queue, what it refused, and what to
+    remember once the queue has taken it."""
+
+    rows: list[Row] = dataclasses.field(default_factory=list)
+    extra: list[tuple[str, tuple]] = dataclasses.field(default_factory=list)
+    rejected: int = 0
+    problems: list[str] = dataclasses.field(default_factory=list)
+    counts: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
+    stored: list[tuple[str, list[str]]] = dataclasses.field(default_factory=list)   # (row, span keys)
+    parked: list[tuple[str, list[Said]]] = dataclasses.field(default_factory=list)
+    series: dict[str, list[Any]] = dataclasses.field(default_factory=dict)
+
+    def refuse(self, counter: str, where: str, why: Invalid) -> None:
+        self.rejected += 1
+        self.counts[counter] += 1
+        self.problems.append(f"{where}: {why}")
+
+
+class OtlpReceiver:
+    """OTLP/HTTP export requests, all on the HTTP thread: decoded, mapped to rows, offered to the queue
+    whole, and answered as the specification says (200 with partial_success for refused items)."""
+
+    def __init__(self, service: Service) -> None:
+        self.service, self.config = service, service.config
+        self.content = Content(self.config.otlp_content_wait, self.config.otlp_content_bytes)
+        self.series = Series(service.db, self.config.otlp_max_series)
+        self.totals = Counters(OTLP_COUNTERS)
+
+    def recognise(self, request: Request, body: bytes) -> tuple[str, Any] | None:
+        """(encoding, parsed JSON or None) when the request is OTLP: protobuf, or JSON on /v1/metrics
+        and /v1/logs, or on /v1/traces when its top level is resourceSpans; None for otrace's own."""
+        if otlp_encoding(request) == "protobuf":
+            return "protobuf", None
+        if request.route != "/v1/traces":
+            return "json", None
+        if b'"resourceSpans"' not in body and b'"resource_spans"' not in body:
+            return None
+        with contextlib.suppress(Invalid):
+            doc = json_body(body)
+            if isinstance(doc, dict) and any(key in doc for key in OTLP_TOP["traces"]):
+                return "json", doc
+        return None
+
+    def export(self, request: Request, body: bytes, encoding: str, doc: Any, *,
+               admit: Callable[[list[Row], tuple], None]) -> tuple[int, bytes, dict, str]:
+        """Answer one export request; `admit` offers its rows to the queue whole, or refuses (503)."""
+        signal = OTLP_SIGNALS[request.route]
+        try:
+            message = decode_otlp(signal, body, encoding, doc)
+            export = getattr(self, signal)(message, now_ms())
+            if export.rows or export.extra:
+                admit(export.rows, tuple(export.extra))
+        except Refusal as refusal:
+            refusal.otlp = refusal.otlp or (encoding if encoding == "json" else None)
+            raise
+        self.settle(export)
+        answer, content_type = otlp_answer(signal, encoding, export.rejected, export.problems)
+        return 200, answer, {}, content_type
+
+    def settle(self, export: Export) -> None:
+        """The queue has taken the request: remember what it changed, and count it."""
+        for row, keys in export.stored:
+            self.content.remember(row, keys)
+        for key, said in export.parked:
+            self.content.park(key, said)
+        self.series.commit(export.series)
+        self.content.trim()
+        export.counts["requests"] += 1
+        export.counts["log_content_expired"] += self.content.expired
+        self.content.expired = 0
+        for name, n in export.counts.items():
+            self.totals.add(name, n)
+
+    # -- traces
+    def traces(self, message: Any, received: int) -> Export:
+        export, calls = Export(), []
+        store_followed = self.service.store is not None
+        for r, resource_spans in enumerate(message.resource_spans):
+            resource = otel_attributes(resource_spans.resource.attributes)
+            for scope_spans in resource_spans.scope_spans:
+                for span in scope_spans.spans:
+                    export.counts["spans"] += 1
+                    try:
+                        found = llm_call(span, resource, (r, scope_spans.scope.name), store_followed)
+                    except Invalid as why:
+                        export.refuse("spans_rejected", f"span {span.name!r}", why)
+                        continue
+                    if isinstance(found, str):
+                        export.counts[f"spans_{found}" if found == "not_llm" else found] += 1
+                    else:
+                        calls.append(found)
+        calls, export.counts["spans_merged"] = one_per_call(calls)
+        for call in calls:
+            self.call_rows(call, export, received)
+        return export
+
+    def call_rows(self, call: Call, export: Export, received: int) -> None:
+        """The llm_traces row of a call (and its error_events row if it failed), with content that
+        waited for it."""
+        event = call.event
+        inputs, outputs = self.content.peek(call.keys)
+        if event.get("input_text") is None and inputs:
+            event["input_text"] = _as_text(inputs)
+        if event.get("output_text") is None and outputs:
+            event["output_text"] = _as_text(outputs)
+        event["provider"] = event.get("provider") or "unknown"
+        event["model"] = event.get("model") or "unknown"
+        max_text = self.config.max_text_bytes
+        try:
+            rows = [event_row(TRACES, trace_row, event, "otlp", received=received, max_text=max_text)]
+            if call.failure:
+                failure = {k: v for k, v in call.failure.items() if k != "error_type_name"}
+                failure |= {"provider": event["provider"], "model": event["model"],
+                            "session_id": event.get("session_id")}
+                rows.append(event_row(ERRORS, error_row, failure, "otlp", received=received,
+                                      max_text=max_text))
+        except Invalid as why:
+            export.refuse("spans_rejected", f"span {event['metadata'].get('span_name')!r}", why)
+            return
+        export.rows += rows
+        export.counts["llm_spans"] += 1
+        export.stored.append((call.key, call.keys))
+
+    # -- logs
+    def logs(self, message: Any, received: int) -> Export:
+        export, content = Export(), {}
+        for resource_logs in message.resource_logs:
+            resource = otel_attributes(resource_logs.resource.attributes)
+            for scope_logs in resource_logs.scope_logs:
+                for record in scope_logs.log_records:
+                    export.counts["log_records"] += 1
+                    attrs = otel_attributes(record.attributes)
+                    name = getattr(record, "event_name", "") or attrs.get("event.name") or ""
+                    name = name if isinstance(name, str) else ""
+                    used = False
+                    if record.severity_number >= SEVERITY_ERROR:
+                        used = self.log_error(record, attrs, name, (resource, scope_logs.scope.name), export,
+                                              received=received)
+                    said = log_content(name, otel_value(record.body), attrs)
+                    if said:
+                        used = True
+                        key = span_key(record.trace_id, record.span_id)
+                        if key is None:
+                            export.counts["log_content_unlinked"] += 1
+                            continue
+                        export.counts["log_content"] += 1
+                        content.setdefault(key, []).append(said)
+                    if not used:
+                        export.counts["log_other"] += 1
+        for key, said in content.items():
+            self.feed(key, said, export)
+        return export
+
+    def log_error(self, record: Any, attrs: dict[str, Any], name: str, where: tuple[dict[str, Any], str],
+                  export: Export, *, received: int) -> bool:
+        """An ERROR (or FATAL) record as an error_events row; its trace_id is derived from the record
+        itself, so an exporter's retry stores nothing twice."""
+        body = otel_value(record.body)
+        text = _as_text(body) or _as_text(attrs.get("exception.message")) or name or record.severity_text \
+            or "error"
+        at = record.time_unix_nano or record.observed_time_unix_nano
+        error_type = error_name(attrs.get("exception.type") or attrs.get("error.type"))
+        meta = {"service_name": where[0].get("service.name"), "scope": where[1],
+                "severity_text": record.severity_text, "event_name": name or None,
+                "otel_trace_id": record.trace_id.hex() or None, "otel_span_id": record.span_id.hex() or None}
+        meta |= {k: v for k, v in attrs.items() if not k.startswith("exception.")}
+        llm = any(key in attrs for key in PROVIDER_KEYS)
+        event = {"error_type": "llm_error" if llm else "system_error",
+                 "category": call_category(error_type, http_status(attrs, text), text),
+                 "severity": "critical" if record.severity_number >= SEVERITY_FATAL else "error",
+                 "message": text, "stack_trace": _as_text(attrs.get("exception.stacktrace")),
+                 "provider": provider_name(_first(attrs, PROVIDER_KEYS)),
+                 "model": _word(_first(attrs, ("gen_ai.response.model", "gen_ai.request.model"))),
+                 "session_id": _word(_first(attrs, SESSION_KEYS)),
+                 "trace_id": f"otlp-log-{at}-{zlib.crc32(record.SerializeToString(deterministic=True)):08x}",
+                 "created_at": at // 1_000_000 or None,
+                 "metadata": {k: v for k, v in meta.items() if v is not None}}
+        try:
+            export.rows.append(event_row(ERRORS, error_row, event, "otlp", received=received,
+                                         max_text=self.config.max_text_bytes))
+        except Invalid as why:
+            export.refuse("log_records_rejected", f"log record {name or record.severity_text!r}", why)
+            return True
+        export.counts["log_errors"] += 1
+        return True
+
+    def feed(self, key: str, said: list[Said], export: Export) -> None:
+        """Content for the span `key`: into its row if the row is there and not yet pushed (an UPDATE
+        that fills only what the row lacks), and kept for the span if it has not come (to otrace's
+        knowledge) yet."""
+        known: tuple[Any, Any] = (None, None)
+        for one in said:
+            known = combine(known, one)
+        limit = self.config.max_text_bytes
+        cut_in, cut_out = (cut_utf8(_as_text(part), limit) if part else (None, None, False) for part in known)
+        row = self.content.row_of(key)
+        export.extra.append((CONTENT_SQL, (cut_in[2], cut_out[2], cut_in[1], cut_in[0], cut_out[1],
+                                           cut_out[0], row or key)))
+        if row is not None:
+            export.counts["log_content_after_span"] += len(said)
+        else:
+            export.parked.append((key, said))
+
+    # -- metrics
+    def metrics(self, message: Any, received: int) -> Export:
+        export = Export()
+        for resource_metrics in message.resource_metrics:
+            resource = otel_attributes(resource_metrics.resource.attributes)
+            identity = [resource.get(k) for k in ("service.name", "service.namespace", "service.instance.id",
+                                                  "host.name", "process.pid")]
+            for scope_metrics in resource_metrics.scope_metrics:
+                for metric in scope_metrics.metrics:
+                    self.metric(metric, resource, [*identity, scope_metrics.scope.name], export, received)
+        return export
+
+    def metric(self, metric: Any, resource: dict[str, Any], identity: list[Any], export: Export,
+               received: int) -> None:
+        kind = metric.WhichOneof("data")
+        points = getattr(metric, kind).data_points if kind else ()
+        export.counts["metric_points"] += len(points)
+        kept = metric.name.startswith("gen_ai.") or metric.name in USAGE_METRICS
+        if not kept or kind in (None, "summary"):
+            export.counts["metric_points_other"] += len(points)
+            return
+        data = getattr(metric, kind)
+        cumulative = getattr(data, "aggregation_temporality", 1) == 2
+        monotonic = kind == "sum" and data.is_monotonic
+        for point in points:
+            if point.flags & 1:                      # no recorded value
+                export.counts["metric_points_unchanged"] += 1
+                continue
+            current = Point(point.start_time_unix_nano, point.time_unix_nano, *metric_value(kind, point))
+            if problem := point_problem(current):
+                export.refuse("metric_points_rejected", f"metric {metric.name!r}", Invalid(problem))
+                continue
+            attrs = otel_attributes(point.attributes)
+            key = json.dumps([*identity, metric.name, sorted(attrs.items())], separators=(",", ":"),
+                             default=str)
+            try:
+                state = export.series.setdefault(key, self.series.get(key, export.series))
+            except sqlite3.Error as exc:
+                raise Refusal(503, f"cannot read metric series state ({describe(exc)}); retry later",
+                              {"Retry-After": "1"}) from None
+            change, reset = current, False
+            if cumulative:
+                found = difference(state[1], current, monotonic)
+                if found is None:
+                    export.counts["metric_points_unchanged"] += 1
+                    continue
+                change, reset = found
+            zero = not change.value and not change.count
+            if cumulative:
+                fresh = export.series[key] = [state[0], current, state[2]]
+                if not zero or received - state[2] > SERIES_TOUCH_MS:
+                    fresh[2] = received
+                    export.extra.append(point_state(key, fresh, received))
+            elif state[2] == 0:                      # a new delta or gauge series: keep its id
+                fresh = export.series[key] = [state[0], None, received]
+                export.extra.append(point_state(key, fresh, received))
+            if zero and kind != "gauge":
+                export.counts["metric_points_unchanged"] += 1
+                continue
+            export.counts["metric_resets"] += reset
+            self.point_row(metric, point, export, kind=kind, attrs=attrs,
+                           service=resource.get("service.name"), change=change, reset=reset,
+                           series_id=state[0], received=received)
+
+    def point_row(self, metric: Any, point: Any, export: Export, *, kind: str, attrs: dict[str, Any],
+                  service: str | None, change: Point, reset: bool, series_id: int, received: int) -> None:
+        whole = change.start_ns == point.start_time_unix_nano      # not a difference: min and max hold
+        event = {"trace_id": f"otlp-metric-{series_id}-{point.time_unix_nano}",
+                 "created_at": point.time_unix_nano // 1_000_000 or None, "name": metric.name, "kind": kind,
+                 "unit": metric.unit or None, "window_start": (change.start_ns // 1_000_000) or None,
+                 "value": change.value, "count": change.count, "reset": reset,
+                 "min": point.min if whole and kind == "histogram" and point.HasField("min") else None,
+                 "max": point.max if whole and kind == "histogram" and point.HasField("max") else None,
+                 "buckets": {"bounds": list(change.bounds), "counts": list(change.buckets)}
+                 if change.buckets is not None else None,
+                 "provider": provider_name(_first(attrs, PROVIDER_KEYS)),
+                 "model": _word(_first(attrs, MODEL_KEYS)),
+                 "service": _word(service), "attributes": attrs}
+        if kind == "gauge":
+            event["window_start"] = None
+        try:
+            export.rows.append(event_row(GENAI_METRICS, metric_row, event, "otlp", received=received,
+                                         max_text=self.config.max_text_bytes))
+        except Invalid as why:
+            export.refuse("metric_points_rejected", f"metric {metric.name!r}", why)
+            return
+        export.counts["metric_points_kept"] += 1
+
+    def health(self) -> dict[str, Any]:
+        return {"port": self.config.otlp_port or None,
+                "decoder_loaded": otlp_classes.cache_info().currsize > 0, **self.totals.snapshot(),
+                "content_waiting": len(self.content), "content_bytes": self.content.held,
+                "series_in_memory": len(self.series.known)}
+
+
+def metric_value(kind: str, point: Any) -> tuple[float | None, int | None, tuple | None, tuple | None]:
+    """(value, count, bucket counts, bounds) of a point: a sum's or gauge's value, a histogram's sum."""
+    if kind in ("sum", "gauge"):
+        value = point.as_double if point.WhichOneof("value") == "as_double" else point.as_int
+        return value, None, None, None
+    total = point.sum if point.HasField("sum") else None
+    if kind == "histogram":
+        return total, point.count, tuple(point.bucket_counts), tuple(point.explicit_bounds)
+    return total, point.count, None, None
 
 
 # ======================================================================================= host metrics
@@ -5431,7 +6510,7 @@ def _run_of(row: Row) -> str | None:
 # out cycles while the receiver is down. A row the receiver refuses on its own is given up only when
 # it accepted others in the same cycle; a receiver that refuses everything keeps every row.
 
-JSON_COLUMNS = frozenset({"metadata", "detail", "attributes", "dns"})
+JSON_COLUMNS = frozenset({"metadata", "detail", "attributes", "buckets", "dns"})
 INTERNAL_COLUMNS = frozenset({"synced", "pushed_at"})
 ANSWER_LIMIT = 4096              # bytes of a receiver's answer otrace reads at most
 LOSSES_PER_BATCH = 100
@@ -5992,6 +7071,7 @@ UNDELIVERED = f"synced IN ({UNSYNCED}, {REFUSED})"       # rows whose deletion i
 SAMPLE_TABLES = ("system_metrics", "process_samples")    # otrace's own samples: the first to go unpushed
 BOOKKEEPING = (("push_log", "started_at", ""), ("push_rejects", "rejected_at", "AND reported_at IS NOT NULL"),
                ("log_offsets", "updated_at", ""), ("openclaw_attempts", "created_at", ""),
+               ("otlp_series", "updated_at", ""),
                ("retention_ledger", "at", "AND (reported_at IS NOT NULL OR unsynced_deleted = 0)"))
 CHUNK = 1000                     # rows one deletion takes at most; under a smaller cap, one row per
 CHUNK_SHARE = 200_000            # this many bytes of it: a chunk of 2 KB rows frees about 1 % of the cap
@@ -6421,6 +7501,9 @@ def prometheus(report: dict[str, Any]) -> str:
     add("retention_unpushed_deleted_total", "counter", "Rows retention deleted before they were pushed.",
         *((f'{{table="{table}"}}', n) for table, n in (report["retention"]["unpushed_deleted_total"] or {}
                                                       ).items()))
+    otlp = report["otlp"]
+    add("otlp_items_total", "counter", "OTLP requests and items, by what became of them (see /health otlp).",
+        *((f'{{item="{name}"}}', otlp[name]) for name in OTLP_COUNTERS))
     for column, (name, text, scale) in HOST_GAUGES.items():
         value = (report["host"] or {}).get(column)
         add(name, "gauge", text, ("", None if value is None else value * scale))
@@ -6531,6 +7614,8 @@ def health_report(service: Service) -> dict[str, Any]:
         "log_tail": service.tailer and service.tailer.health(),
         "llm_calls": {"prices": service.prices and service.prices.label, **service.tally.report()},
         "openclaw_sessions": service.store and service.store.health(),
+        "otlp": service.otlp.health() | {"listening": service.otlp_address is not None, "listen_error": next(
+            (unbound["error"] for unbound in service.server.unbound), None)},
         "system": {"custom_events_received": counts["custom_received"],
                    "processes": service.processes and service.processes.health(),
                    "gateway": service.sampler and service.sampler.watch.gateway and
@@ -7326,7 +8411,10 @@ class Service:
             log.warning("push is off: events stay in the local database (set TRACE_PUSH_ENDPOINT)")
         self.loops += [loop for loop in (self.sampler, self.processes, self.dns, self.tailer, self.store,
                                          self.pusher) if loop]
-        self.server = IngestServer(self, [(config.host, config.port)])  # last: a failed start binds nothing
+        self.otlp = OtlpReceiver(self)
+        otlp = [(config.host, config.otlp_port)] if config.otlp_port not in (0, config.port) else []
+        # last, so that a failed start binds nothing
+        self.server = IngestServer(self, [(config.host, config.port)], otlp)
 
     def on_write_fault(self, error: str) -> None:
         """A write has just started failing: if for lack of space, run retention now."""
@@ -7340,6 +8428,13 @@ class Service:
     def address(self) -> str:
         host, port = self.server.addresses()[0]
         return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+
+    @property
+    def otlp_address(self) -> str | None:
+        """Where TRACE_OTLP_PORT is served, if it is."""
+        for host, port in self.server.addresses()[1:]:
+            return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+        return None
 
     def start(self) -> None:
         self.writer.start()
@@ -7453,7 +8548,7 @@ def serve(config: Config, warnings: Iterable[str] = ()) -> int:
         log.info("stopped before starting", extra={"signal": service.name})
         return 0
     service.start()
-    log.info("listening", extra={"address": service.address})
+    log.info("listening", extra={"address": service.address, "otlp_address": service.otlp_address})
     received = signal.sigwait(stop_signals)
     deadline = time.monotonic() + config.shutdown_timeout
     log.info("shutting down", extra={"signal": signal.Signals(received).name,

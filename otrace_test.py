@@ -6,6 +6,7 @@ Nothing here mocks otrace. Where a test needs to wait, it waits for something ot
 
 from __future__ import annotations
 
+import base64
 import collections
 import contextlib
 import errno
@@ -82,9 +83,10 @@ class Otrace:
                  command: list[str] | None = None) -> None:
         self.command = command or [sys.executable, str(OTRACE)]
         self.db_path = db or tmp / "otrace.db"
-        self.env = {"TRACE_PORT": "0", "TRACE_DB_PATH": str(self.db_path), "TRACE_BATCH_WINDOW": "20ms",
-                    "TRACE_LOG_LEVEL": "info", "TRACE_METRICS_INTERVAL": "off", "TRACE_PROC_INTERVAL": "off",
-                    "TRACE_DNS_PROBE": "", "TRACE_ZOMBIE_ALERT": "0", "TRACE_GATEWAY_MATCH": "off",
+        self.env = {"TRACE_PORT": "0", "TRACE_OTLP_PORT": "0", "TRACE_DB_PATH": str(self.db_path),
+                    "TRACE_BATCH_WINDOW": "20ms", "TRACE_LOG_LEVEL": "info", "TRACE_METRICS_INTERVAL": "off",
+                    "TRACE_PROC_INTERVAL": "off", "TRACE_DNS_PROBE": "", "TRACE_ZOMBIE_ALERT": "0",
+                    "TRACE_GATEWAY_MATCH": "off",
                     "TRACE_OPENCLAW_STATE_DIR": "off", **(env or {})}
         self.lines: list[dict[str, Any]] = []
         self.stderr: list[str] = []
@@ -787,7 +789,7 @@ def test_after_an_rm_of_its_files_otrace_takes_its_lock_again_or_stands_down(
 
 def test_a_dead_writer_means_503(tmp_path: Path) -> None:
     """The writer is never started here, as if it had died: no 202 can promise a commit then."""
-    config = otrace.Config(db_path=str(tmp_path / "x.db"), port=0, metrics_interval=0.0)
+    config = otrace.Config(db_path=str(tmp_path / "x.db"), port=0, otlp_port=0, metrics_interval=0.0)
     service = otrace.Service(config)
     try:
         with pytest.raises(otrace.Refusal) as refused:
@@ -1552,8 +1554,10 @@ def test_ingest_token_guards_every_route_but_health_and_metrics(run: Callable[..
                 assert resp.status == 200, (method, path, resp)
                 assert (resp.body == b"") == (method == "HEAD")
                 continue
-            good = {"/v1/errors": {"error_type": "crash", "message": "m"},
-                    "/v1/events": {"name": "deploy"}}.get(path, trace())
+            good = {"/v1/errors": {"error_type": "crash", "message": "m"}, "/v1/traces": trace(),
+                    "/v1/metrics": sums_body(1, 10),                        # OTLP: a usage point,
+                    "/v1/logs": log_body("1" * 32, "1" * 16, "", severity=17),   # an ERROR record
+                    "/v1/events": {"name": "deploy"}}[path]
             for auth in (None, f"Bearer {token}x", f"Bearer {token[:-1]}", f"Basic {token}", token,
                          f"Token {token}", "Bearer "):
                 resp = node.request(method, path, good, headers={"Authorization": auth} if auth else {})
@@ -1563,7 +1567,7 @@ def test_ingest_token_guards_every_route_but_health_and_metrics(run: Callable[..
                 assert node.request(method, path + query, good).status == 401
             assert node.request(method, path, b"{bad json").status == 401       # not read, so not judged
             resp = node.request(method, path, good, headers={"Authorization": f"Bearer {token}"})
-            assert resp.status == 202, (method, path, resp)
+            assert resp.status == (200 if path in ("/v1/metrics", "/v1/logs") else 202), (method, path, resp)
             posted += 1
     health = node.wait_persisted(posted)
     assert health["events_received"] == posted                # nothing of the refused requests kept
@@ -2935,8 +2939,9 @@ def test_logs_never_hold_event_texts_or_secrets(run: Callable[..., Otrace], leve
 
 def test_pyz_serves_on_a_bare_interpreter(tmp_path: Path, run: Callable[..., Otrace]) -> None:
     """make pyz builds one file that a python3 with no site-packages at all (-I -S) runs: --help, a
-    real serve that stores traces and host samples (its own RSS read from /proc) and prices them from
-    the prices.json it carries, and a report."""
+    real serve that stores traces, OTLP protobuf (protobuf's compiled extension loaded from the shiv
+    root) and host samples (its own RSS read from /proc) and prices them from the prices.json it
+    carries, and a report."""
     subprocess.run(["make", "-s", "pyz"], cwd=HERE, check=True, capture_output=True, timeout=240)
     pyz = HERE / "dist" / "otrace.pyz"
     bare = [sys._base_executable, "-I", "-S"]         # the interpreter under the venv, nothing installed
@@ -2948,14 +2953,22 @@ def test_pyz_serves_on_a_bare_interpreter(tmp_path: Path, run: Callable[..., Otr
     node = run({"SHIV_ROOT": str(shiv_root), "TRACE_METRICS_INTERVAL": "100ms"}, command=[*bare, str(pyz)])
     priced = trace(provider="openai", model="gpt-4o", prompt_tokens=1_000, completion_tokens=100)
     ids = node.post("/v1/traces", [trace(), trace(), priced]).json["trace_ids"]
+    span = chat_span("0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331",
+                     **{"gen_ai.operation.name": "chat", "gen_ai.request.model": "m"})
+    otlp = node.post("/v1/traces", otlp_message("/v1/traces", spans_body(span)).SerializeToString(),
+                     headers=PROTOBUF)
+    assert (otlp.status, otlp.headers["content-type"]) == (200, "application/x-protobuf")
+    maps = Path(f"/proc/{node.proc.pid}/maps").read_text()
+    assert "_upb" in maps and str(shiv_root) in maps           # the compiled decoder, from the pyz
     wait_until(lambda: len(node.query("SELECT 1 FROM system_metrics WHERE self_rss_bytes > 0")) > 0,
                what="a host sample with self_rss_bytes")
     assert node.stop() == 0
-    assert {r[0] for r in node.query("SELECT trace_id FROM llm_traces")} == set(ids)
+    assert {r[0] for r in node.query("SELECT trace_id FROM llm_traces")} == {
+        *ids, "0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331"}
     assert cost_columns(node, priced["trace_id"])[:2] == (0.0035, "computed")
     done = subprocess.run([*bare, str(pyz), "report", "--db", str(node.db_path), "--json"], env=clean_env,
                           capture_output=True, text=True, timeout=60, check=True)
-    assert json.loads(done.stdout)["calls"]["totals"]["calls"] == 3
+    assert json.loads(done.stdout)["calls"]["totals"]["calls"] == 4
 
 
 # --------------------------------------------------------------------------------------------- fuzz
@@ -3725,7 +3738,7 @@ def test_report_numbers_are_exact_in_json_csv_and_the_table(tmp_path: Path) -> N
     assert doc["log_events"] == {"model_call": 2, "channel_inbound": 1}
     assert doc["push"] == {
         "unsynced": {"llm_traces": 7, "error_events": 3, "system_metrics": 2, "log_events": 4,
-                     "custom_events": 0, "process_samples": 0},
+                     "genai_metrics": 0, "custom_events": 0, "process_samples": 0},
         "unsynced_total": 16,
         "last_attempt": {"at": "2026-11-03T18:00:00+00:00", "http_status": 503, "error": "HTTP 503: busy",
                          "events": 4},
@@ -4558,6 +4571,1042 @@ def test_retention_prunes_counted_attempts_and_keeps_where_the_store_was_read(
     wait_until(lambda: node.query("SELECT count(*) FROM openclaw_attempts") == [(0,)], what="attempts pruned")
     assert node.query("SELECT count(*) FROM openclaw_positions") == [(2,)]
     assert not node.logs("retention failing")
+
+
+# ------------------------------------------------------------------------------------------------- otlp
+
+
+# OTLP/HTTP ingest: every captured body replayed with its original framing (and once more, as an
+# exporter's retry would send it), the real OpenTelemetry exporters (Python protobuf and JSON,
+# JavaScript), refusals as the specification words them, cumulative metrics across a restart, and
+# GenAI event content reaching its span's row whichever arrives first.
+
+OTLP_FIXTURES = HERE.parent / "shared" / "fixtures"
+needs_otlp_fixtures = pytest.mark.skipif(not (OTLP_FIXTURES / "otel-genai" / "index.jsonl").exists(),
+                                         reason="needs ../shared beside the repo")
+PROTOBUF = {"Content-Type": "application/x-protobuf"}
+
+
+def otlp_classes() -> dict[str, tuple[Any, Any]]:
+    """opentelemetry-proto's own request and response classes, by path: the tests decode with them,
+    never with otrace's code."""
+    from opentelemetry.proto.collector.logs.v1 import logs_service_pb2 as logs
+    from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2 as metrics
+    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2 as traces
+    return {"/v1/traces": (traces.ExportTraceServiceRequest, traces.ExportTraceServiceResponse),
+            "/v1/metrics": (metrics.ExportMetricsServiceRequest, metrics.ExportMetricsServiceResponse),
+            "/v1/logs": (logs.ExportLogsServiceRequest, logs.ExportLogsServiceResponse)}
+
+
+def otlp_message(path: str, doc: dict[str, Any]) -> Any:
+    """An export request built from its OTLP JSON form (ids in hex), as protobuf."""
+    from google.protobuf import json_format
+
+    def base64_ids(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: (base64.b64encode(bytes.fromhex(v)).decode() if k in ("traceId", "spanId",
+                                                                             "parentSpanId")
+                        else base64_ids(v)) for k, v in node.items()}
+        return [base64_ids(item) for item in node] if isinstance(node, list) else node
+    return json_format.ParseDict(base64_ids(doc), otlp_classes()[path][0]())
+
+
+def captured_otlp() -> list[dict[str, Any]]:
+    """Every captured OTLP request in the order it was sent: path, body, headers, framing, run."""
+    found = []
+    for line in (OTLP_FIXTURES / "otel-genai" / "index.jsonl").read_text().splitlines():
+        entry = json.loads(line)
+        headers = {"Content-Type": entry["content_type"], "User-Agent": entry["user_agent"]}
+        if entry["content_encoding"]:
+            headers["Content-Encoding"] = entry["content_encoding"]
+        found.append({"path": "/v1/" + entry["path"].rsplit("/", 1)[1], "run": entry["run"],
+                      "headers": headers, "body": (OTLP_FIXTURES / "otel-genai" / entry["file"]).read_bytes(),
+                      "chunked": entry["transfer_encoding"] == "chunked"})
+    for line in (OTLP_FIXTURES / "openclaw" / "otlp-2026.3.31" / "index.jsonl").read_text().splitlines():
+        entry = json.loads(line)
+        found.append({"path": entry["path"], "run": "openclaw",
+                      "headers": {"Content-Type": entry["content_type"],
+                                  "User-Agent": entry["headers"]["User-Agent"]},
+                      "body": (OTLP_FIXTURES / "openclaw" / "otlp-2026.3.31" / entry["file"]).read_bytes(),
+                      "chunked": entry["headers"].get("Transfer-Encoding") == "chunked"})
+    return found
+
+
+def decoded(entry: dict[str, Any]) -> Any:
+    """A captured body decoded by opentelemetry-proto itself (JSON ids turned from hex first)."""
+    body = entry["body"]
+    if entry["headers"].get("Content-Encoding") == "gzip":
+        body = gzip.decompress(body)
+    if "protobuf" in entry["headers"]["Content-Type"]:
+        return otlp_classes()[entry["path"]][0].FromString(body)
+    return otlp_message(entry["path"], json.loads(body))
+
+
+def otlp_post(port: int, path: str, body: bytes, headers: dict[str, str], chunked: bool = False) -> Response:
+    """One POST on its own connection, framed as given: Content-Length, or chunks of 1,000 bytes."""
+    head = f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n" + "".join(
+        f"{name}: {value}\r\n" for name, value in headers.items())
+    if chunked:
+        pieces = [body[i:i + 1000] for i in range(0, len(body), 1000)]
+        raw = head.encode() + b"Transfer-Encoding: chunked\r\n\r\n" + b"".join(
+            b"%x\r\n%s\r\n" % (len(piece), piece) for piece in pieces) + b"0\r\n\r\n"
+    else:
+        raw = head.encode() + b"Content-Length: %d\r\n\r\n" % len(body) + body
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(raw)
+        answer = read_to_end(sock)
+    top, _, rest = answer.partition(b"\r\n\r\n")
+    lines = top.decode("latin-1").split("\r\n")
+    return Response(int(lines[0].split()[1]), {name.lower(): value.strip() for name, _, value in
+                                               (line.partition(":") for line in lines[1:])}, rest)
+
+
+def replay(node: Otrace, entries: list[dict[str, Any]]) -> None:
+    """Send captured requests as they were sent; each must get an empty 200 in its own encoding."""
+    for entry in entries:
+        resp = otlp_post(node.port, entry["path"], entry["body"], entry["headers"], entry["chunked"])
+        protobuf = "protobuf" in entry["headers"]["Content-Type"]
+        assert resp.status == 200, (entry["run"], entry["path"], resp)
+        assert resp.headers["content-type"] == ("application/x-protobuf" if protobuf else "application/json")
+        assert resp.body == (b"" if protobuf else b"{}"), resp
+
+
+# The calls of each captured run, in the order their spans were sent: model, status, error_type,
+# finish_reason, prompt, completion, total, cache read and write, reasoning tokens, ttft_ms.
+OPENAI_V2 = [
+    ("gpt-4o-mini-2024-07-18", "ok", None, "stop", 23, 7, 30, None, None, None, None),
+    ("gpt-4o-mini-tool-2024-07-18", "ok", None, "tool_calls", 23, 7, 30, None, None, None, None),
+    ("gpt-4o-mini-2024-07-18", "ok", None, None, 23, 7, 30, None, None, None, None),        # streamed
+    ("gpt-4o-mini-err-429", "error", "RateLimitError", None, None, None, None, None, None, None, None),
+    ("gpt-4o-mini-err-500", "error", "InternalServerError", None, None, None, None, None, None, None, None),
+    ("text-embedding-3-small-2024-01-01", "ok", None, None, 5, None, 5, None, None, None, None)]
+OPENLLMETRY_OPENAI = [
+    ("gpt-4o-mini-2024-07-18", "ok", None, "stop", 23, 7, 30, 11, None, 0, None),
+    ("gpt-4o-mini-tool-2024-07-18", "ok", None, "tool_call", 23, 7, 30, 11, None, 0, None),
+    ("gpt-4o-mini-2024-07-18", "ok", None, "stop", 23, 7, 30, 11, None, None, None),
+    ("gpt-4o-mini-err-429", "error", "RateLimitError", None, None, None, None, None, None, None, None),
+    ("gpt-4o-mini-err-500", "error", "InternalServerError", None, None, None, None, None, None, None, None),
+    ("text-embedding-3-small-2024-01-01", "ok", None, None, 5, None, 5, 0, None, None, None)]
+
+
+def anthropic_calls(ttft_3: float, ttft_4: float) -> list[tuple]:
+    """The Anthropic SDK's own spans, each filled in from OpenLLMetry's span of the same call."""
+    return [("claude-sonnet-4-5", "ok", None, "end_turn", 42, 9, 51, 13, 4, None, None),
+            ("claude-haiku-4-5", "ok", None, "end_turn", 42, 9, 51, 13, 4, None, None),
+            ("claude-sonnet-4-5", "ok", None, "end_turn", 42, 9, 51, 13, 4, None, ttft_3),
+            ("claude-sonnet-4-5", "ok", None, "end_turn", 42, 9, 51, 13, 4, None, ttft_4),
+            ("claude-err-429", "error", "rate_limit_error", None, None, None, None, None, None, None, None),
+            ("claude-err-500", "error", "api_error", None, None, None, None, None, None, None, None)]
+
+
+# run: (its calls, which of them have input and output content: i = input, o = output, - = none)
+CAPTURED_CALLS = {
+    "py-openai-v2-legacy-nocontent": (OPENAI_V2, "-- -o -- -- -- --"),    # a tool call's name is no content,
+    "py-openai-v2-legacy-content": (OPENAI_V2, "io io io i- i- --"),      # but is all the choice event says
+    "py-openai-v2-legacyutil-optin-span_and_event": (OPENAI_V2, "io io io i- i- --"),
+    "py-openai-v2-nocontent": (OPENAI_V2, "-- -- -- -- -- --"),
+    "py-openai-v2-content-true": (OPENAI_V2, "-- -- -- -- -- --"),
+    "py-openai-v2-span_and_event": (OPENAI_V2, "io io io i- i- --"),
+    "py-openai-v2-span_and_event-gzip": (OPENAI_V2, "io io io i- i- --"),
+    "py-openai-v2-json-span_and_event": (OPENAI_V2, "io io io i- i- --"),
+    "py-openai-v2-json-gzip-event_only": (OPENAI_V2, "io io io i- i- --"),   # content from the logs only
+    "openllmetry-0.62.4-openai-content": (OPENLLMETRY_OPENAI, "io io io i- i- i-"),
+    "openllmetry-0.62.4-openai-nocontent": (OPENLLMETRY_OPENAI, "-- -- -- -- -- --"),
+    "openllmetry-0.62.4-openai-events": (OPENLLMETRY_OPENAI, "io io i- i- i- io"),  # the stream's choice
+    "openllmetry-0.62.4-anthropic-content": (anthropic_calls(158.5, 69.5), "io io io io i- i-"),  # has no ids
+    "openllmetry-0.62.4-anthropic-events": (anthropic_calls(169.6, 68.3), "-- -- -- -- -- --"),  # none have
+    "openclaw": ([("mock-model", "ok", None, None, 3333, 111, 3444, 0, 0, None, None),
+                  ("mock-model", "ok", None, None, 8000, 400, 8400, 6000, 0, None, None),   # input + cached
+                  ("mock-model", "ok", None, None, 1111, 22, 1133, 0, 0, None, None)], "-- -- --"),
+}
+CALL_COLUMNS = ("model", "status", "error_type", "finish_reason", "prompt_tokens", "completion_tokens",
+                "total_tokens", "cache_read_tokens", "cache_write_tokens", "reasoning_tokens", "ttft_ms")
+
+
+def call_spans(entries: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    """The spans each run's rows come from: its LLM spans, less OpenLLMetry's Anthropic spans (each
+    merged into the SDK's own span of the same call)."""
+    spans: dict[str, list[Any]] = {}
+    for entry in entries:
+        if entry["path"] != "/v1/traces":
+            continue
+        for resource_spans in decoded(entry).resource_spans:
+            for scope_spans in resource_spans.scope_spans:
+                for span in scope_spans.spans:
+                    names = {a.key for a in span.attributes}
+                    if span.name == "openclaw.model.usage" or ("gen_ai.operation.name" in names and (
+                            scope_spans.scope.name != "opentelemetry.instrumentation.anthropic")):
+                        spans.setdefault(entry["run"], []).append(span)
+    return spans
+
+
+def metric_totals(entries: list[dict[str, Any]]) -> dict[tuple, list[float]]:
+    """(service, metric, attributes): the sum over processes of each cumulative series' last value
+    (and count), for the metrics otrace keeps; the sum of its stored deltas must equal it."""
+    last: dict[tuple, tuple[int, float, int | None]] = {}
+    for entry in entries:
+        if entry["path"] != "/v1/metrics":
+            continue
+        for resource_metrics in decoded(entry).resource_metrics:
+            resource = {a.key: a.value.string_value for a in resource_metrics.resource.attributes}
+            for scope_metrics in resource_metrics.scope_metrics:
+                for metric in scope_metrics.metrics:
+                    kind = metric.WhichOneof("data")
+                    if not (metric.name.startswith("gen_ai.") or metric.name in otrace.USAGE_METRICS):
+                        continue
+                    for point in getattr(metric, kind).data_points:
+                        attrs = tuple(sorted((a.key, otrace.otel_value(a.value)) for a in point.attributes))
+                        series = (resource.get("service.name"), metric.name, attrs,
+                                  resource.get("service.instance.id") or resource.get("process.pid"),
+                                  scope_metrics.scope.name)
+                        value = point.sum if kind == "histogram" else point.as_double or point.as_int
+                        count = point.count if kind == "histogram" else None
+                        if series not in last or last[series][0] < point.time_unix_nano:
+                            last[series] = (point.time_unix_nano, value, count)
+    totals: dict[tuple, list[float]] = {}
+    for (service, name, attrs, _, _), (_, value, count) in last.items():
+        total = totals.setdefault((service, name, attrs), [0.0, 0])
+        total[0] += value
+        total[1] += count or 0
+    return totals
+
+
+@needs_otlp_fixtures
+def test_every_captured_otlp_body_becomes_the_rows_it_means_and_a_retry_adds_none(
+        run: Callable[..., Otrace]) -> None:
+    """All 105 captured bodies (OpenTelemetry's and OpenLLMetry's Python instrumentations, protobuf and
+    JSON, gzip or not; OpenClaw's chunked protobuf) replayed twice into one otrace, then the metrics
+    once more into a restarted one: one row per real call, field by field; one error event per failed
+    call; content from span attributes or from log events, before or after their span; every
+    cumulative series' deltas adding up to its last value; nothing stored twice."""
+    entries = captured_otlp()
+    node = run()
+    replay(node, entries)
+    first = node.health()
+    replay(node, entries)                                      # every export retried
+    otlp = first["otlp"]
+    health = node.wait_persisted(2 * first["events_received"] - otlp["metric_points_kept"])
+    assert node.stop() == 0
+    expected_spans = sum(len(s.spans) for e in entries if e["path"] == "/v1/traces"
+                         for r in decoded(e).resource_spans for s in r.scope_spans)
+    expected_points = sum(len(getattr(m, m.WhichOneof("data")).data_points) for e in entries
+                          if e["path"] == "/v1/metrics" for r in decoded(e).resource_metrics
+                          for s in r.scope_metrics for m in s.metrics)
+    assert (otlp["requests"], otlp["spans"], otlp["llm_spans"], otlp["spans_merged"], otlp["spans_not_llm"],
+            otlp["spans_rejected"], otlp["metric_points"], otlp["log_records"], otlp["log_errors"]) == (
+        105, expected_spans, 87, 12, 4, 0, expected_points, 93, 0)
+    assert (otlp["log_content"], otlp["log_content_unlinked"], otlp["metric_resets"]) == (51, 12, 0)
+    assert health["otlp"]["metric_points_kept"] == otlp["metric_points_kept"]   # the retry added none
+    assert health["events_duplicate"] == first["events_received"] - otlp["metric_points_kept"]
+
+    rows = {r["trace_id"]: r for r in node.rows("llm_traces")}
+    spans = call_spans(entries)
+    assert len(rows) == sum(map(len, spans.values())) == 87
+    for name, (calls, content) in CAPTURED_CALLS.items():
+        for span, call, has in zip(spans[name], calls, content.split(), strict=True):
+            row = rows[f"{span.trace_id.hex()}-{span.span_id.hex()}"]
+            got = (*(row[c] for c in CALL_COLUMNS[:-1]), row["ttft_ms"] and round(row["ttft_ms"], 1))
+            assert got == call, (name, span.name)
+            assert (row["input_text"] is not None, row["output_text"] is not None) == (
+                has[0] == "i", has[1] == "o"), (name, call[0])
+            assert row["source"] == "otlp"
+            assert row["provider"] == ("mock" if name == "openclaw" else "anthropic" if "anthropic" in name
+                                       else "openai")
+            assert row["latency_ms"] == (span.end_time_unix_nano - span.start_time_unix_nano) / 1e6
+            assert row["created_at"] == span.start_time_unix_nano // 1_000_000
+            meta = json.loads(row["metadata"])
+            assert (meta["otel_trace_id"], meta["otel_span_id"]) == (span.trace_id.hex(), span.span_id.hex())
+            assert ("otel_merged_spans" in meta) == ("anthropic" in name)
+    def priced(run_name: str, index: int) -> tuple[float, str]:
+        span = spans[run_name][index]
+        row = rows[f"{span.trace_id.hex()}-{span.span_id.hex()}"]
+        return round(row["cost_usd"], 10), row["cost_source"]
+    # 23 in, 7 out at 0.15 and 0.60 USD per 1M; 25 fresh, 13 cache read, 4 cache write in and 9 out at
+    # 3, 0.30, 3.75 and 15; OpenLLMetry's 23 in hold 11 cache reads at 0.075
+    assert priced("py-openai-v2-legacy-nocontent", 0) == (7.65e-06, "computed")
+    assert priced("openllmetry-0.62.4-anthropic-content", 0) == (0.0002289, "computed")
+    assert priced("openllmetry-0.62.4-openai-content", 0) == (6.825e-06, "computed")
+    openclaw = [rows[f"{s.trace_id.hex()}-{s.span_id.hex()}"] for s in spans["openclaw"]]
+    assert [r["session_id"] for r in openclaw] == ["b03477d4-35a8-4550-853b-385bbb0e240a",
+                                                   "ba195bba-38b2-4e64-94b7-fbd912420405",
+                                                   "ef56bbbb-5ba3-4582-90db-cdfc62cda851"]
+    assert json.loads(openclaw[0]["metadata"])["openclaw.channel"] == "webchat"
+
+    def content_of(run_name: str, index: int) -> tuple[Any, Any]:
+        span = spans[run_name][index]
+        row = rows[f"{span.trace_id.hex()}-{span.span_id.hex()}"]
+        return json.loads(row["input_text"]), json.loads(row["output_text"])
+    terse = [{"content": "You are a terse assistant.", "type": "text"}]
+    hello = [{"content": "Say hello to the trace sidecar.", "type": "text"}]
+    assert content_of("py-openai-v2-legacy-content", 0) == (     # from gen_ai.*.message / choice events
+        [{"role": "system", "content": "You are a terse assistant."},
+         {"role": "user", "content": "Say hello to the trace sidecar."}],
+        [{"index": 0, "finish_reason": "stop",
+          "message": {"role": "assistant", "content": "Hello from the mock. Tracing is fun!"}}])
+    assert content_of("py-openai-v2-json-gzip-event_only", 0) == (   # from the details event, spans first
+        [{"role": "system", "parts": terse}, {"role": "user", "parts": hello}],
+        [{"role": "assistant", "parts": [{"content": "Hello from the mock. Tracing is fun!", "type": "text"}],
+          "finish_reason": "stop"}])
+    assert content_of("openllmetry-0.62.4-anthropic-content", 0)[0] == [   # system instructions first
+        {"role": "system", "parts": [{"type": "text", "content": "You are terse."}]},
+        {"role": "user", "parts": [{"type": "text", "content": "Say hello to the trace sidecar."}]}]
+
+    errors = {r["trace_id"]: r for r in node.rows("error_events")}
+    failed = {key: row for key, row in rows.items() if row["status"] == "error"}
+    assert set(errors) == set(failed) and len(errors) == 28
+    for key, error in errors.items():
+        rate_limited = failed[key]["model"].endswith("429")
+        assert (error["error_type"], error["category"], error["source"], error["provider"], error["model"]) \
+            == ("llm_error", "rate_limit" if rate_limited else "api_failure", "otlp", failed[key]["provider"],
+                failed[key]["model"])
+        assert error["message"].startswith("Error code: 429" if rate_limited else "Error code: 500"), error
+        openllmetry = "openllmetry" in json.loads(failed[key]["metadata"]).get("service_name", "")
+        assert (error["stack_trace"] is not None) == openllmetry, error
+
+    metrics = node.rows("genai_metrics")
+    stored: dict[tuple, list[float]] = {}
+    for row in metrics:
+        attrs = tuple(sorted(json.loads(row["attributes"]).items()))
+        total = stored.setdefault((row["service"], row["name"], tuple(
+            (k, tuple(v) if isinstance(v, list) else v) for k, v in attrs)), [0.0, 0])
+        total[0] += row["value"]
+        total[1] += row["count"] or 0
+    expected = {(s, n, tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in a)): t
+                for (s, n, a), t in metric_totals(entries).items()}
+    assert {k: [round(v, 9), c] for k, (v, c) in stored.items() if v or c} == {
+        k: [round(v, 9), c] for k, (v, c) in expected.items() if v or c}
+    openclaw_tokens: dict[str, float] = {}
+    for r in metrics:
+        if r["name"] == "openclaw.tokens":
+            kind = json.loads(r["attributes"])["openclaw.token"]
+            openclaw_tokens[kind] = openclaw_tokens.get(kind, 0) + r["value"]
+    assert openclaw_tokens == {"input": 6444, "output": 533, "prompt": 12444, "total": 12977,
+                               "cache_read": 6000}
+    assert round(sum(r["value"] for r in metrics if r["name"] == "openclaw.cost.usd"), 6) == 0.029127
+    assert {(r["provider"], r["model"]) for r in metrics if r["name"] == "openclaw.cost.usd"} == {
+        ("mock", "mock-model")}
+
+    again = run(db=node.db_path)                  # the series' last points were kept with their rows
+    replay(again, [e for e in entries if e["path"] == "/v1/metrics"])
+    assert again.stop() == 0
+    assert len(again.rows("genai_metrics")) == len(metrics)
+
+
+def chat_span(trace_hex: str, span_hex: str, **attributes: Any) -> dict[str, Any]:
+    """An OTLP JSON span of a chat call, one second long, with these attributes."""
+    values = [{"key": k, "value": {"intValue": v} if isinstance(v, int) and not isinstance(v, bool) else
+               {"doubleValue": v} if isinstance(v, float) else {"stringValue": v}}
+              for k, v in attributes.items()]
+    return {"traceId": trace_hex, "spanId": span_hex, "name": "chat", "kind": 3,
+            "startTimeUnixNano": "1796000000000000000", "endTimeUnixNano": "1796000001000000000",
+            "attributes": values}
+
+
+def spans_body(*spans: dict[str, Any], scope: str = "test", service: str = "svc") -> dict[str, Any]:
+    return {"resourceSpans": [{"resource": {"attributes": [{"key": "service.name",
+                                                            "value": {"stringValue": service}}]},
+                               "scopeSpans": [{"scope": {"name": scope}, "spans": list(spans)}]}]}
+
+
+def test_otlp_pieces_decode_and_map_as_the_conventions_say_in_process() -> None:
+    """Pure pieces, in process: OTLP JSON in all its spellings decodes as protobuf does; which spans
+    are LLM calls; provider names, error types and categories; deltas of cumulative points and their
+    restarts; one row for a call two instrumentations both reported; content waiting for its span."""
+    canonical = spans_body(chat_span("0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331",
+                                     **{"gen_ai.operation.name": "chat", "gen_ai.usage.input_tokens": 7}))
+    snake = json.loads(json.dumps(canonical).replace("resourceSpans", "resource_spans").replace(
+        "scopeSpans", "scope_spans").replace("startTimeUnixNano", "start_time_unix_nano"))
+    snake["resource_spans"][0]["scope_spans"][0]["spans"][0]["endTimeUnixNano"] = 1796000001000000000
+    snake["resource_spans"][0]["scope_spans"][0]["spans"][0]["kind"] = "SPAN_KIND_CLIENT"
+    want = otlp_message("/v1/traces", canonical)
+    for doc in (canonical, snake):
+        got = otrace.decode_otlp("traces", json.dumps(doc).encode(), "json")
+        assert got.SerializeToString(deterministic=True) == want.SerializeToString(deterministic=True)
+    assert otrace.decode_otlp("traces", want.SerializeToString(), "protobuf") == want
+    for body, needle in ((b"\x0a\x05\x0a\x03", "not an OTLP/protobuf"), (b"[1]", "top level"),
+                         (b'{"resourceSpans": 5}', "not OTLP JSON"), (b"{", "not valid JSON")):
+        with pytest.raises(otrace.Invalid, match=needle):
+            otrace.decode_otlp("traces", body, "protobuf" if body.startswith(b"\x0a") else "json")
+
+    def call(name: str = "chat", scope: str = "s", follow: bool = False, **attributes: Any) -> Any:
+        span = otlp_message("/v1/traces", spans_body(dict(chat_span(
+            "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331", **attributes), name=name))
+                            ).resource_spans[0].scope_spans[0].spans[0]
+        return otrace.llm_call(span, {"service.name": "svc"}, (0, scope), follow)
+    assert call(**{"gen_ai.operation.name": "invoke_agent", "gen_ai.request.model": "m"}) == "not_llm"
+    assert call(**{"http.request.method": "POST"}) == "not_llm"
+    assert call(name="openclaw.model.usage", follow=True, **{"openclaw.model": "m"}) == \
+        "openclaw_usage_skipped"
+    older = call(**{"llm.request.type": "completion", "gen_ai.system": "Anthropic",
+                    "gen_ai.request.model": "c",
+                    "gen_ai.usage.prompt_tokens": 10, "gen_ai.usage.completion_tokens": 2,
+                    "gen_ai.prompt.0.role": "user", "gen_ai.prompt.0.content": "hi",
+                    "gen_ai.completion.0.content": "yo", "gen_ai.response.time_to_first_chunk": 0.25})
+    assert (older.event["provider"], older.event["model"], older.event["prompt_tokens"],
+            older.event["completion_tokens"], older.event["ttft_ms"], older.event["latency_ms"]) == (
+        "anthropic", "c", 10, 2, 250.0, 1000.0)
+    assert json.loads(older.event["input_text"]) == [{"role": "user", "content": "hi"}]
+    assert json.loads(older.event["output_text"]) == [{"content": "yo"}]
+    bare = call(**{"gen_ai.request.model": "m", "gen_ai.provider.name": "az.ai.openai"})   # no operation
+    assert (bare.event["provider"], bare.failure) == ("azure.ai.openai", None)
+    broken = call(**{"gen_ai.operation.name": "chat", "error.type": "<class 'openai.APIConnectionError'>"})
+    assert (broken.event["status"], broken.event["error_type"], broken.failure["category"]) == (
+        "error", "APIConnectionError", "network_failure")
+    assert [otrace.provider_name(n) for n in ("OpenAI", " Vertex AI ", "xai", "mock")] == [
+        "openai", "gcp.vertex_ai", "x_ai", "mock"]
+    assert [otrace.call_category(t, s, m) for t, s, m in (
+        ("RateLimitError", None, None), ("rate_limit_error", None, None), (None, 429, None),
+        ("APITimeoutError", None, None), (None, 504, None), ("APIConnectionError", None, None),
+        ("InternalServerError", None, "Error code: 500 - boom"), ("AuthenticationError", 401, None),
+        ("ValueError", None, "bad"))] == [
+        "rate_limit", "rate_limit", "rate_limit", "timeout", "timeout", "network_failure", "api_failure",
+        "api_failure", "other"]
+
+    point = otrace.Point
+    assert otrace.difference(None, point(1, 10, 5.0, None), True) == (point(1, 10, 5.0, None), False)
+    assert otrace.difference(point(1, 10, 5.0, None), point(1, 20, 8.0, None), True) == (
+        point(10, 20, 3.0, None), False)
+    assert otrace.difference(point(1, 20, 8.0, None), point(1, 20, 8.0, None), True) is None   # a retry
+    assert otrace.difference(point(1, 20, 8.0, None), point(30, 40, 2.0, None), True) == (     # restarted
+        point(30, 40, 2.0, None), True)
+    assert otrace.difference(point(1, 20, 8.0, None), point(1, 40, 2.0, None), True)[1] is True
+    assert otrace.difference(point(1, 20, 8.0, None), point(1, 40, 2.0, None), False) == (  # up-down sum
+        point(20, 40, -6.0, None), False)
+    assert otrace.difference(point(1, 10, 9.0, 2, (1, 1, 0), (5.0, 10.0)),
+                             point(1, 20, 14.0, 3, (1, 2, 0), (5.0, 10.0)), True) == (
+        point(10, 20, 5.0, 1, (0, 1, 0), (5.0, 10.0)), False)
+
+    content = otrace.Content(wait=60.0, limit=700)
+    content.park("a", [([{"role": "user", "content": "q"}], None, False)])
+    content.park("a", [(None, [{"message": {"content": "r"}}], False)])
+    assert content.peek(["x", "a"]) == ([{"role": "user", "content": "q"}], [{"message": {"content": "r"}}])
+    content.park("b", [("x" * 400, None, True)])                   # over the limit: the oldest goes
+    assert (content.peek(["a"]), len(content), content.expired) == ((None, None), 1, 1)
+    content.remember("row-b", ["b", "b2"])
+    assert (len(content), content.row_of("b2")) == (0, "row-b")
+
+
+def test_two_instrumentations_of_one_call_make_one_row_in_process() -> None:
+    """The Anthropic SDK's own span and OpenLLMetry's span of the same call (another scope, around it
+    in time, or with the same response id) are one row: the inner span's, filled in from the outer."""
+    def make(scope: str, start: int, end: int, **attributes: Any) -> Any:
+        span = otlp_message("/v1/traces", spans_body(dict(chat_span(
+            f"{start:032x}", f"{end:016x}", **attributes), startTimeUnixNano=str(start),
+            endTimeUnixNano=str(end)))).resource_spans[0].scope_spans[0].spans[0]
+        return otrace.llm_call(span, {}, (0, scope), False)
+    sdk = make("sdk", 110, 190, **{"gen_ai.operation.name": "chat", "gen_ai.provider.name": "anthropic",
+                                   "gen_ai.response.model": "claude", "gen_ai.usage.input_tokens": 42,
+                                   "gen_ai.usage.output_tokens": 9})
+    wrapper = make("openllmetry", 100, 200, **{"gen_ai.operation.name": "chat", "gen_ai.provider.name":
+                                               "anthropic", "gen_ai.usage.output_tokens": 10,
+                                               "gen_ai.usage.total_tokens": 52,
+                                               "gen_ai.input.messages": '[{"role":"user"}]'})
+    later = make("openllmetry", 300, 400, **{"gen_ai.operation.name": "chat", "gen_ai.provider.name":
+                                             "anthropic", "gen_ai.request.model": "claude"})
+    same_scope = make("sdk", 120, 180, **{"gen_ai.operation.name": "chat",
+                                          "gen_ai.provider.name": "anthropic"})
+    calls, merged = otrace.one_per_call([sdk, wrapper, later])
+    assert (calls, merged) == ([sdk, later], 1)
+    assert (sdk.event["model"], sdk.event["completion_tokens"], sdk.event["total_tokens"],
+            sdk.event["input_text"]) == ("claude", 9, None, '[{"role":"user"}]')   # tokens from one span
+    assert sdk.keys == [sdk.key, wrapper.key]
+    assert otrace.one_per_call([same_scope, later])[1] == 0       # one library's spans are never merged
+
+
+SDK_CLIENT = r'''
+import json, sys
+if sys.argv[1] == "protobuf":
+    from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter
+    from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+else:
+    from opentelemetry.exporter.otlp.json.http._log_exporter import OTLPLogExporter
+    from opentelemetry.exporter.otlp.json.http.metric_exporter import OTLPMetricExporter
+    from opentelemetry.exporter.otlp.json.http.trace_exporter import OTLPSpanExporter
+from opentelemetry._logs import SeverityNumber
+from opentelemetry.sdk._logs import LoggerProvider
+from opentelemetry.sdk._logs.export import SimpleLogRecordProcessor
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.trace import SpanKind, StatusCode, set_span_in_context
+
+results = []
+
+def recorded(exporter_class):
+    """The exporter as configured by the environment alone, its every result noted."""
+    class Recorded(exporter_class):
+        def export(self, *args, **kwargs):
+            result = super().export(*args, **kwargs)
+            results.append([exporter_class.__name__, result.name])
+            return result
+    return Recorded()
+
+resource = Resource.create({"service.name": "otrace-sdk-client"})
+tracer_provider = TracerProvider(resource=resource)
+tracer_provider.add_span_processor(SimpleSpanProcessor(recorded(OTLPSpanExporter)))
+logger_provider = LoggerProvider(resource=resource)
+logger_provider.add_log_record_processor(SimpleLogRecordProcessor(recorded(OTLPLogExporter)))
+reader = PeriodicExportingMetricReader(recorded(OTLPMetricExporter), export_interval_millis=3_600_000)
+meter_provider = MeterProvider(resource=resource, metric_readers=[reader])
+tracer, logger = tracer_provider.get_tracer("otrace.test"), logger_provider.get_logger("otrace.test")
+meter = meter_provider.get_meter("otrace.test")
+usage = meter.create_histogram("gen_ai.client.token.usage", unit="{token}")
+requests = meter.create_counter("http.client.requests")
+chat_attributes = {"gen_ai.operation.name": "chat", "gen_ai.provider.name": "openai",
+                   "gen_ai.request.model": "gpt-4o"}
+
+agent = tracer.start_span("invoke_agent helper", attributes={"gen_ai.operation.name": "invoke_agent",
+                                                             "gen_ai.request.model": "gpt-4o"})
+chat = tracer.start_span("chat gpt-4o", context=set_span_in_context(agent), kind=SpanKind.CLIENT,
+                         attributes=chat_attributes)
+logger.emit(event_name="gen_ai.user.message", body={"content": "What is 2+2?"},    # before its span
+            context=set_span_in_context(chat), attributes={"gen_ai.provider.name": "openai"})
+chat.set_attributes({"gen_ai.response.model": "gpt-4o-2024-08-06", "gen_ai.usage.input_tokens": 14,
+                     "gen_ai.usage.output_tokens": 2, "gen_ai.usage.cache_read.input_tokens": 4,
+                     "gen_ai.response.finish_reasons": ["stop"], "gen_ai.conversation.id": "conv-7"})
+chat.end()
+logger.emit(event_name="gen_ai.choice", context=set_span_in_context(chat),             # after it
+            body={"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "4"}})
+failed = tracer.start_span("chat gpt-4o", context=set_span_in_context(agent), kind=SpanKind.CLIENT,
+                           attributes=chat_attributes)
+failed.record_exception(TimeoutError("Request timed out."))
+failed.set_attribute("error.type", "APITimeoutError")
+failed.set_status(StatusCode.ERROR, "Request timed out.")
+failed.end()
+agent.end()
+logger.emit(severity_number=SeverityNumber.ERROR, severity_text="ERROR", body="tool 'search' crashed",
+            attributes={"exception.type": "ValueError", "exception.stacktrace": "Traceback\nValueError: q"})
+token_attributes = {"gen_ai.operation.name": "chat", "gen_ai.provider.name": "openai",
+                    "gen_ai.response.model": "gpt-4o-2024-08-06"}
+usage.record(14, {**token_attributes, "gen_ai.token.type": "input"})
+usage.record(2, {**token_attributes, "gen_ai.token.type": "output"})
+requests.add(1)
+meter_provider.force_flush()
+usage.record(30, {**token_attributes, "gen_ai.token.type": "input"})
+meter_provider.force_flush()
+keys = {name: f"{s.get_span_context().trace_id:032x}-{s.get_span_context().span_id:016x}"
+        for name, s in (("chat", chat), ("failed", failed), ("agent", agent))}
+tracer_provider.shutdown()
+logger_provider.shutdown()
+meter_provider.shutdown()
+print(json.dumps({"results": results, **keys}))
+'''
+
+
+def run_client(command: list[str], endpoint: str, cwd: Path | None = None) -> dict[str, Any]:
+    """A client process configured only through OTEL_EXPORTER_OTLP_ENDPOINT; its JSON report."""
+    env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/root"),
+           "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint}
+    out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120, cwd=cwd, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("encoding", ["protobuf", "json"])
+def test_the_opentelemetry_python_sdk_exports_to_otrace_with_success(run: Callable[..., Otrace],
+                                                                     encoding: str) -> None:
+    """The SDK's own OTLP/HTTP exporters (protobuf, and the JSON one), pointed at otrace by
+    OTEL_EXPORTER_OTLP_ENDPOINT alone, export GenAI spans, log events and metrics: every export
+    succeeds, and each becomes what it means."""
+    node = run()
+    report = run_client([sys.executable, "-c", SDK_CLIENT, encoding], f"http://127.0.0.1:{node.port}")
+    assert report["results"] and all(result == "SUCCESS" for _, result in report["results"]), report
+    assert sorted({name for name, _ in report["results"]}) == ["OTLPLogExporter", "OTLPMetricExporter",
+                                                               "OTLPSpanExporter"]
+    health = node.health()["otlp"]
+    assert node.stop() == 0
+    assert (health["spans"], health["llm_spans"], health["spans_not_llm"], health["log_errors"],
+            health["log_content"], health["log_content_after_span"]) == (3, 2, 1, 1, 2, 1)
+    rows = {r["trace_id"]: r for r in node.rows("llm_traces")}
+    assert set(rows) == {report["chat"], report["failed"]}           # the agent span is counted, not kept
+    chat, failed = rows[report["chat"]], rows[report["failed"]]
+    assert (chat["provider"], chat["model"], chat["status"], chat["prompt_tokens"], chat["completion_tokens"],
+            chat["total_tokens"], chat["cache_read_tokens"], chat["finish_reason"], chat["session_id"],
+            chat["source"]) == ("openai", "gpt-4o-2024-08-06", "ok", 14, 2, 16, 4, "stop", "conv-7", "otlp")
+    assert json.loads(chat["input_text"]) == [{"role": "user", "content": "What is 2+2?"}]   # waited for it
+    assert json.loads(chat["output_text"]) == [{"index": 0, "finish_reason": "stop",            # filled in
+                                                "message": {"role": "assistant", "content": "4"}}]
+    meta = json.loads(chat["metadata"])
+    assert (meta["otel_parent_span_id"], meta["gen_ai.request.model"], meta["service_name"],
+            meta["scope"]) == (report["agent"].split("-")[1], "gpt-4o", "otrace-sdk-client", "otrace.test")
+    assert (failed["status"], failed["error_type"], failed["model"], failed["latency_ms"] > 0) == (
+        "error", "APITimeoutError", "gpt-4o", True)
+    errors = {r["trace_id"]: r for r in node.rows("error_events")}
+    call_error = errors.pop(report["failed"])
+    assert (call_error["error_type"], call_error["category"], call_error["message"],
+            call_error["provider"]) == ("llm_error", "timeout", "Request timed out.", "openai")
+    assert "TimeoutError: Request timed out." in call_error["stack_trace"]
+    [log_error] = errors.values()
+    assert (log_error["error_type"], log_error["category"], log_error["severity"], log_error["message"],
+            log_error["stack_trace"], log_error["source"]) == (
+        "system_error", "other", "error", "tool 'search' crashed", "Traceback\nValueError: q", "otlp")
+    points = [(r["name"], json.loads(r["attributes"])["gen_ai.token.type"], r["value"], r["count"],
+               r["reset"]) for r in node.rows("genai_metrics")]
+    assert points == [("gen_ai.client.token.usage", "input", 14.0, 1, 0),
+                      ("gen_ai.client.token.usage", "output", 2.0, 1, 0),
+                      ("gen_ai.client.token.usage", "input", 30.0, 1, 0)]      # a delta, not 44
+
+
+JS_PACKAGES = ["@opentelemetry/api@1", "@opentelemetry/sdk-trace-base@2", "@opentelemetry/resources@2",
+               "@opentelemetry/exporter-trace-otlp-proto@0"]
+JS_CLIENT = r'''
+const { BasicTracerProvider, InMemorySpanExporter, SimpleSpanProcessor } =
+  require("@opentelemetry/sdk-trace-base");
+const { OTLPTraceExporter } = require("@opentelemetry/exporter-trace-otlp-proto");
+const { resourceFromAttributes } = require("@opentelemetry/resources");
+const memory = new InMemorySpanExporter();
+const provider = new BasicTracerProvider({
+  resource: resourceFromAttributes({"service.name": "otrace-js-client"}),
+  spanProcessors: [new SimpleSpanProcessor(memory)]});
+const span = provider.getTracer("otrace.js").startSpan("chat claude-sonnet-4-5", {kind: 2, attributes: {
+  "gen_ai.operation.name": "chat", "gen_ai.provider.name": "anthropic",
+  "gen_ai.request.model": "claude-sonnet-4-5", "gen_ai.usage.input_tokens": 1200,
+  "gen_ai.usage.output_tokens": 80, "gen_ai.response.finish_reasons": ["end_turn"]}});
+span.end();
+const spans = memory.getFinishedSpans();
+const exporter = new OTLPTraceExporter();               // OTEL_EXPORTER_OTLP_ENDPOINT, protobuf
+exporter.export(spans, (result) => {
+  const context = spans[0].spanContext();
+  console.log(JSON.stringify({code: result.code, error: result.error ? String(result.error) : null,
+                              key: `${context.traceId}-${context.spanId}`}));
+  exporter.shutdown();
+});
+'''
+
+
+def javascript_exporter() -> Path:
+    """A scratch directory under .cache/ with the OpenTelemetry JavaScript SDK and its OTLP/HTTP
+    protobuf exporter from npm; the test is skipped without node, npm or the registry."""
+    folder = HERE / ".cache" / "js-otlp"
+    if not (shutil.which("node") and shutil.which("npm")):
+        pytest.skip("needs node and npm")
+    if not (folder / "node_modules" / "@opentelemetry" / "exporter-trace-otlp-proto").exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "package.json").write_text('{"name": "otrace-js-otlp", "private": true}\n')
+        out = subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--loglevel=error", *JS_PACKAGES],
+                             cwd=folder, capture_output=True, text=True, timeout=300, check=False)
+        if out.returncode:
+            pytest.skip(f"npm install failed (registry unreachable?): {out.stderr[-300:]}")
+    return folder
+
+
+def test_the_opentelemetry_javascript_exporter_sends_chunked_protobuf_that_is_stored(
+        run: Callable[..., Otrace]) -> None:
+    folder = javascript_exporter()
+    node = run()
+    script = folder / "client.js"
+    script.write_text(JS_CLIENT)
+    report = run_client(["node", str(script)], f"http://127.0.0.1:{node.port}", cwd=folder)
+    assert (report["code"], report["error"]) == (0, None), report             # ExportResultCode.SUCCESS
+    node.wait_persisted(1)
+    [row] = node.rows("llm_traces")
+    assert (row["trace_id"], row["provider"], row["model"], row["prompt_tokens"], row["completion_tokens"],
+            row["finish_reason"], row["source"]) == (
+        report["key"], "anthropic", "claude-sonnet-4-5", 1200, 80, "end_turn", "otlp")
+    assert json.loads(row["metadata"])["service_name"] == "otrace-js-client"
+
+
+def rpc_status(body: bytes) -> tuple[int, str]:
+    """(code, message) of a google.rpc.Status, decoded by hand: field 1 varint, field 2 string."""
+    assert body[0] == 0x08
+    code, at, shift = 0, 1, 0
+    while True:
+        code |= (body[at] & 0x7F) << shift
+        at, shift = at + 1, shift + 7
+        if not body[at - 1] & 0x80:
+            break
+    assert body[at] == 0x12
+    length, at, shift = 0, at + 1, 0
+    while True:
+        length |= (body[at] & 0x7F) << shift
+        at, shift = at + 1, shift + 7
+        if not body[at - 1] & 0x80:
+            break
+    return code, body[at:at + length].decode()
+
+
+def test_otlp_refusals_follow_the_specification(run: Callable[..., Otrace]) -> None:
+    """A body that can never be taken gets 400 (a google.rpc.Status in the request's encoding, naming
+    the problem); a bad item in a good body gets 200 with partial_success; the token, the body limit
+    (counted after gzip) and the content type apply as elsewhere; otrace's own JSON still works."""
+    node = run({"TRACE_INGEST_TOKEN": "tok", "TRACE_MAX_BODY_BYTES": "64KiB"})
+    auth = {"Authorization": "Bearer tok"}
+    bad = node.post("/v1/traces", b"\x0a\x05\x0a\x03", headers={**PROTOBUF, **auth})
+    assert (bad.status, bad.headers["content-type"]) == (400, "application/x-protobuf")
+    code, message = rpc_status(bad.body)
+    assert code == 3 and "not an OTLP/protobuf ExportTraceServiceRequest" in message
+    json_bad = node.post("/v1/metrics", {"resourceMetrics": "no"}, headers=auth)
+    assert (json_bad.status, json_bad.json["code"]) == (400, 3)
+    assert "not OTLP JSON" in json_bad.json["message"]
+    assert node.post("/v1/logs", {"hello": 1}, headers=auth).json["message"].startswith(
+        "body is not OTLP JSON: its top level must be an object with resourceLogs")
+    unauthorized = node.post("/v1/logs", b"", headers=PROTOBUF)
+    assert unauthorized.status == 401
+    assert rpc_status(unauthorized.body) == (16, "missing or wrong bearer token")
+    assert node.post("/v1/traces", b"x", headers={"Content-Type": "text/plain", **auth}).status == 415
+    assert node.post("/v1/errors", b"", headers={**PROTOBUF, **auth}).status == 415    # not an OTLP path
+    bomb = gzip.compress(b"\x00" * (1 << 20))
+    big = node.post("/v1/traces", bomb, headers={**PROTOBUF, **auth, "Content-Encoding": "gzip"})
+    assert big.status == 413 and "TRACE_MAX_BODY_BYTES" in rpc_status(big.body)[1]
+    empty = node.post("/v1/traces", b"", headers={**PROTOBUF, **auth})
+    assert (empty.status, empty.body) == (200, b"")
+
+    good = chat_span("0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331",
+                     **{"gen_ai.operation.name": "chat", "gen_ai.request.model": "m",
+                        "gen_ai.system": "openai"})
+    huge = chat_span("0af7651916cd43dd8448eb211c80319c", "00000000000000a1",
+                     **{"gen_ai.operation.name": "chat", "gen_ai.request.model": "m",
+                        "gen_ai.usage.input_tokens": 2**60})
+    no_ids = chat_span("00000000000000000000000000000000", "00000000000000a2",
+                       **{"gen_ai.operation.name": "chat", "gen_ai.request.model": "m"})
+    partial = node.post("/v1/traces", spans_body(good, huge, no_ids), headers=auth)
+    assert partial.status == 200, partial
+    assert partial.json["partialSuccess"]["rejectedSpans"] == "2"
+    assert "prompt_tokens must be an integer" in partial.json["partialSuccess"]["errorMessage"]
+    assert "no valid traceId and spanId" in partial.json["partialSuccess"]["errorMessage"]
+    protobuf = node.post("/v1/traces", otlp_message("/v1/traces", spans_body(huge)).SerializeToString(),
+                         headers={**PROTOBUF, **auth})
+    answer = otlp_classes()["/v1/traces"][1].FromString(protobuf.body)
+    assert (protobuf.status, answer.partial_success.rejected_spans) == (200, 1)
+    assert node.post("/v1/traces", trace(), headers=auth).status == 202          # otrace's own JSON
+    own = node.post("/v1/traces", {"provider": "p", "metadata": {"resourceSpans": []}}, headers=auth)
+    assert own.status == 400 and own.json["field"] == "model"            # not OTLP: still otrace's JSON
+    otlp = node.post("/v1/traces", {"resourceSpans": "x", "provider": "p"}, headers=auth)   # top level
+    assert otlp.status == 400 and otlp.json["code"] == 3 and "resourceSpans" in otlp.json["message"]
+    node.wait_persisted(2)
+    assert {r[0] for r in node.query("SELECT trace_id FROM llm_traces WHERE source = 'otlp'")} == {
+        "0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331"}
+    assert node.health()["otlp"]["spans_rejected"] == 3
+    assert not node.logs("request failed")
+
+
+def test_a_full_queue_answers_otlp_with_503_and_retry_after(run: Callable[..., Otrace]) -> None:
+    """Overload is 503 with Retry-After: 1, which both generations of the Python exporter retry, and
+    nothing of that request is kept; the next one, once the writer is back, is."""
+    node = run({"TRACE_QUEUE_SIZE": "4", "TRACE_BATCH_SIZE": "2"})
+    def body(n: int) -> bytes:
+        return otlp_message("/v1/traces", spans_body(*(chat_span(
+            f"{n:032x}", f"{i + 1:016x}", **{"gen_ai.operation.name": "chat", "gen_ai.request.model": "m"})
+            for i in range(3)))).SerializeToString()
+    blocker = sqlite3.connect(node.db_path, isolation_level=None, timeout=10)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        assert node.post("/v1/traces", body(1), headers=PROTOBUF).status == 200     # into an empty queue
+        full = node.post("/v1/traces", body(2), headers=PROTOBUF)
+        assert (full.status, full.headers["retry-after"], full.headers["content-type"]) == (
+            503, "1", "application/x-protobuf")
+        assert rpc_status(full.body) == (14, "queue is full; retry later")
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    node.wait_persisted(3)
+    assert node.post("/v1/traces", body(2), headers=PROTOBUF).status == 200         # the exporter's retry
+    node.wait_persisted(6)
+    assert len(node.rows("llm_traces")) == 6
+
+
+def sums_body(value: float, time_s: int, start_s: int = 1, *, temporality: int = 2,
+              name: str = "openclaw.tokens", attributes: dict[str, str] | None = None) -> dict[str, Any]:
+    """One OTLP JSON sum point of a series of the OpenClaw gateway."""
+    return {"resourceMetrics": [{"resource": {"attributes": [
+        {"key": "service.name", "value": {"stringValue": "openclaw-gateway"}}]},
+        "scopeMetrics": [{"scope": {"name": "openclaw"}, "metrics": [{"name": name, "unit": "1", "sum": {
+            "aggregationTemporality": temporality, "isMonotonic": True, "dataPoints": [{
+                "attributes": [{"key": k, "value": {"stringValue": v}} for k, v in (attributes or {
+                    "openclaw.token": "input", "openclaw.provider": "anthropic"}).items()],
+                "startTimeUnixNano": str(start_s * 10**9), "timeUnixNano": str(time_s * 10**9),
+                "asDouble": value}]}}]}]}]}
+
+
+def test_cumulative_metrics_become_deltas_across_restarts_and_resets(run: Callable[..., Otrace]) -> None:
+    """Each point of a cumulative series is stored as its change since the last: across a restart
+    (the last point is kept in the database), never twice for a retried point, from zero after the
+    series restarted (a reset, flagged); delta points as they come; other metrics counted only."""
+    node = run()
+    for value, at in ((100, 10), (100, 20), (150, 30), (150, 30)):          # unchanged, then a retry
+        assert node.post("/v1/metrics", sums_body(value, at)).status == 200
+    node.post("/v1/metrics", sums_body(5, 12, name="http.server.requests"))
+    node.wait_persisted(2)
+    assert node.stop() == 0
+    node = run(db=node.db_path)
+    for value, at, start in ((175, 40, 1), (20, 50, 45), (20, 50, 45)):     # restarted at 45, retried
+        assert node.post("/v1/metrics", sums_body(value, at, start)).status == 200
+    node.post("/v1/metrics", sums_body(7, 50, 49, temporality=1, name="gen_ai.client.calls"))
+    node.post("/v1/metrics", sums_body(7, 50, 49, temporality=1, name="gen_ai.client.calls"))
+    health = node.wait_persisted(4)
+    assert node.stop() == 0
+    rows = [(r["name"], r["value"], r["window_start"], r["created_at"], r["reset"], r["provider"],
+             r["service"]) for r in node.rows("genai_metrics")]
+    assert rows == [("openclaw.tokens", 100.0, 1000, 10000, 0, "anthropic", "openclaw-gateway"),
+                    ("openclaw.tokens", 50.0, 20000, 30000, 0, "anthropic", "openclaw-gateway"),
+                    ("openclaw.tokens", 25.0, 30000, 40000, 0, "anthropic", "openclaw-gateway"),
+                    ("openclaw.tokens", 20.0, 45000, 50000, 1, "anthropic", "openclaw-gateway"),
+                    ("gen_ai.client.calls", 7.0, 49000, 50000, 0, "anthropic", "openclaw-gateway")]
+    assert (health["otlp"]["metric_resets"], health["otlp"]["metric_points_other"]) == (1, 0)
+    assert len({r["trace_id"] for r in node.rows("genai_metrics")}) == 5
+
+
+def log_body(trace_hex: str, span_hex: str, event: str, body: dict[str, Any] | None = None,
+             severity: int = 0) -> dict[str, Any]:
+    record: dict[str, Any] = {"timeUnixNano": "0", "observedTimeUnixNano": "1796000000500000000",
+                              "eventName": event, "severityNumber": severity, "traceId": trace_hex,
+                              "spanId": span_hex}
+    if body is not None:
+        record["body"] = {"kvlistValue": {"values": [{"key": k, "value": {"stringValue": v}}
+                                                     for k, v in body.items()]}}
+    return {"resourceLogs": [{"resource": {},
+                              "scopeLogs": [{"scope": {"name": "t"}, "logRecords": [record]}]}]}
+
+
+def test_event_content_reaches_its_span_row_whichever_comes_first_until_it_is_pushed(
+        run: Callable[..., Otrace]) -> None:
+    """A GenAI event record that comes before its span waits for it (in memory, within
+    TRACE_OTLP_CONTENT_WAIT and TRACE_OTLP_CONTENT_BYTES); one that comes after fills the row in, if
+    the row has not been pushed yet; content of a pushed row stays out of it (counted as late)."""
+    node = run()
+    chat = {"gen_ai.operation.name": "chat", "gen_ai.request.model": "m", "gen_ai.provider.name": "openai"}
+    ids = [(f"{n:032x}", f"{n:016x}") for n in (1, 2, 3)]
+    node.post("/v1/logs", log_body(*ids[0], "gen_ai.user.message", {"content": "before"}))
+    node.post("/v1/traces", spans_body(*(chat_span(t, s, **chat) for t, s in ids)))
+    node.post("/v1/logs", log_body(*ids[1], "gen_ai.user.message", {"content": "after"}))
+    node.wait_persisted(3)
+    with contextlib.closing(sqlite3.connect(node.db_path, timeout=10)) as conn, conn:   # pushed, as if
+        conn.execute("UPDATE llm_traces SET synced = 1 WHERE trace_id = ?", (f"{ids[2][0]}-{ids[2][1]}",))
+    node.post("/v1/logs", log_body(*ids[2], "gen_ai.user.message", {"content": "too late"}))
+    node.post("/v1/logs", log_body(*ids[0], "gen_ai.choice", {"finish_reason": "stop"}))  # no message: none
+    health = node.health()["otlp"]
+    assert node.stop() == 0
+    inputs = {r["trace_id"]: r["input_text"] and json.loads(r["input_text"]) for r in node.rows("llm_traces")}
+    assert inputs == {f"{ids[0][0]}-{ids[0][1]}": [{"role": "user", "content": "before"}],
+                      f"{ids[1][0]}-{ids[1][1]}": [{"role": "user", "content": "after"}],
+                      f"{ids[2][0]}-{ids[2][1]}": None}
+    assert (health["log_content"], health["log_content_after_span"], health["log_other"]) == (3, 2, 1)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_the_otlp_port_serves_the_same_routes_and_a_taken_one_is_left_out(run: Callable[..., Otrace]) -> None:
+    port = free_port()
+    node = run({"TRACE_OTLP_PORT": str(port)})
+    assert node.logs("listening")[0]["otlp_address"] == f"http://127.0.0.1:{port}"
+    node.port, main = port, node.port
+    span = chat_span("0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331", **{"gen_ai.request.model": "m"})
+    assert node.post("/v1/traces", spans_body(span)).status == 200
+    assert node.post("/v1/traces", trace()).status == 202 and node.health()["otlp"]["listening"] is True
+    node.port = main
+    second = run({"TRACE_OTLP_PORT": str(port)}, db=node.db_path.with_name("second.db"))   # port taken
+    left_out = second.logs("cannot listen on this port; it is left out")[0]
+    assert left_out["port"] == port and "in use" in left_out["error"], left_out
+    assert second.logs("listening")[0]["otlp_address"] is None
+    health = second.health()
+    assert (health["otlp"]["listening"], health["status"]) == (False, "ok")
+    assert "in use" in health["otlp"]["listen_error"]
+    assert otrace.Config.from_env({"TRACE_OTLP_PORT": "0"}).otlp_port == 0
+    assert otrace.Config().otlp_port == 4318
+
+
+def test_the_otlp_decoder_is_loaded_on_the_first_otlp_request_only(svc: Otrace) -> None:
+    """An otrace that never gets OTLP never maps protobuf's extension; the first request loads it."""
+    assert svc.post("/v1/traces", trace()).status == 202
+    svc.wait_persisted(1)
+    maps = Path(f"/proc/{svc.proc.pid}/maps")
+    assert "_upb" not in maps.read_text() and svc.health()["otlp"]["decoder_loaded"] is False
+    assert svc.post("/v1/logs", b"", headers=PROTOBUF).status == 200
+    assert "_upb" in maps.read_text() and svc.health()["otlp"]["decoder_loaded"] is True
+    exposed = svc.request("GET", "/metrics").body.decode()
+    assert 'otrace_otlp_items_total{item="requests"} 1\n' in exposed
+    assert 'otrace_otlp_items_total{item="spans"} 0\n' in exposed
+
+
+def test_usage_metric_points_are_pushed_like_the_other_tables(run: Callable[..., Otrace],
+                                                             receiver: Receiver) -> None:
+    node = run(push_env(receiver))
+    node.post("/v1/metrics", sums_body(0.25, 10, name="openclaw.cost.usd",
+                                       attributes={"openclaw.model": "claude-sonnet-4-5"}))
+    event = receiver.wait(lambda requests: [e for r in requests if r["answered"] == 200
+                                            for e in r["json"]["events"] if e["type"] == "genai_metric"])[0]
+    data = event["data"]
+    assert (data["name"], data["value"], data["model"], data["attributes"], data["source"]) == (
+        "openclaw.cost.usd", 0.25, "claude-sonnet-4-5", {"openclaw.model": "claude-sonnet-4-5"}, "otlp")
+    wait_until(lambda: node.query("SELECT synced FROM genai_metrics") == [(1,)], what="the point synced")
+
+
+def any_value(value: Any) -> dict[str, Any]:
+    """A Python value as an OTLP JSON AnyValue."""
+    if value is None:
+        return {}
+    if isinstance(value, bool):
+        return {"boolValue": value}
+    if isinstance(value, int):
+        return {"intValue": str(value)}
+    if isinstance(value, float):
+        return {"doubleValue": value}
+    if isinstance(value, list):
+        return {"arrayValue": {"values": [any_value(item) for item in value]}}
+    if isinstance(value, dict):
+        return {"kvlistValue": {"values": [{"key": k, "value": any_value(v)} for k, v in value.items()]}}
+    return {"stringValue": str(value)}
+
+
+OTLP_KEYS = st.sampled_from([
+    "gen_ai.operation.name", "gen_ai.request.model", "gen_ai.response.model", "gen_ai.provider.name",
+    "gen_ai.system", "gen_ai.usage.input_tokens", "gen_ai.usage.output_tokens", "gen_ai.usage.cost",
+    "gen_ai.response.finish_reasons", "gen_ai.response.time_to_first_chunk", "gen_ai.conversation.id",
+    "gen_ai.input.messages", "gen_ai.output.messages", "gen_ai.system_instructions",
+    "gen_ai.prompt.0.content", "gen_ai.completion.1.role", "openclaw.tokens.input", "openclaw.model",
+    "error.type", "event.name", "exception.type", "exception.message", "http.response.status_code",
+    "gen_ai.token.type"]) | st.text(max_size=8)
+OTLP_VALUES = st.recursive(
+    SCALARS | st.sampled_from(["chat", "embeddings", "invoke_agent", "[]", "[{}]", "429"]),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=6)
+OTLP_ATTRIBUTES = st.dictionaries(OTLP_KEYS, OTLP_VALUES, max_size=6).map(
+    lambda attrs: [{"key": k, "value": any_value(v)} for k, v in attrs.items()])
+VALID_ID = st.uuids().map(lambda u: u.hex)
+HEX_IDS = st.one_of(VALID_ID, VALID_ID, VALID_ID,
+                    st.sampled_from(["", "00" * 16, "zz", "ab" * 8, "AB" * 16, "q0fw"]))
+NANO = st.integers(0, 2**63)
+NANOS = st.one_of(NANO, NANO, NANO, st.sampled_from([0, 1796000000000000000, 2**64 - 1, -1, "12", "x"]))
+
+
+@st.composite
+def otlp_request(draw: st.DrawFn) -> tuple[str, dict[str, Any]]:
+    """An OTLP JSON export request, wild in its values but mostly OTLP in its shape."""
+    path = draw(st.sampled_from(["/v1/traces", "/v1/metrics", "/v1/logs"]))
+    scope = {"scope": {"name": draw(st.text(max_size=6))}}
+    if path == "/v1/traces":
+        spans = draw(st.lists(st.fixed_dictionaries({
+            "traceId": HEX_IDS, "spanId": HEX_IDS.map(lambda h: h[:16]), "name": st.sampled_from(
+                ["chat", "openclaw.model.usage", "openclaw.model.usage", "x"]),
+            "attributes": st.one_of(OTLP_ATTRIBUTES, OTLP_ATTRIBUTES.map(lambda attrs: [   # an LLM call's
+                {"key": "gen_ai.operation.name", "value": {"stringValue": "chat"}}, *attrs])),  # or not
+            "startTimeUnixNano": NANOS,
+            "endTimeUnixNano": NANOS,
+            "status": st.fixed_dictionaries({"code": st.sampled_from([0, 1, 2, 7])}),
+            "events": st.lists(st.fixed_dictionaries({"name": st.sampled_from(
+                ["exception", "gen_ai.content.prompt"]), "attributes": OTLP_ATTRIBUTES}), max_size=2)}),
+            max_size=4))
+        if draw(st.booleans()):                                  # and a plain one, to reach the writer
+            model = draw(st.text(min_size=1, max_size=9))
+            spans.append(chat_span(draw(VALID_ID), draw(VALID_ID)[:16], **{
+                "gen_ai.operation.name": "chat", "gen_ai.request.model": model}))
+        return path, {"resourceSpans": [{"resource": {"attributes": draw(OTLP_ATTRIBUTES)},
+                                         "scopeSpans": [{**scope, "spans": spans}]}]}
+    if path == "/v1/logs":
+        records = draw(st.lists(st.fixed_dictionaries({
+            "traceId": HEX_IDS, "spanId": HEX_IDS.map(lambda h: h[:16]), "attributes": OTLP_ATTRIBUTES,
+            "eventName": st.sampled_from(["gen_ai.user.message", "gen_ai.choice", "x",
+                                          "gen_ai.client.inference.operation.details"]),
+            "severityNumber": st.sampled_from([0, 9, 17, 21, 24, 99]), "body": OTLP_VALUES.map(any_value),
+            "timeUnixNano": NANOS}), max_size=4))
+        return path, {"resourceLogs": [{"resource": {}, "scopeLogs": [{**scope, "logRecords": records}]}]}
+    point = st.fixed_dictionaries({
+        "attributes": OTLP_ATTRIBUTES, "startTimeUnixNano": st.one_of(st.just(10**18), st.just(0), NANOS),
+        "timeUnixNano": st.one_of(st.integers(10**18 + 1, 2 * 10**18), NANOS),
+        "asDouble": st.floats(allow_nan=False, allow_infinity=False) | st.sampled_from(["NaN", "Infinity"]),
+        "count": st.one_of(st.integers(1, 99), st.integers(0, 2**64 - 1)).map(str)}, optional={
+        "asInt": st.integers(-(2**63), 2**63 - 1).map(str),
+        "sum": st.floats(allow_nan=False), "bucketCounts": st.lists(st.integers(0, 9).map(str), max_size=3),
+        "explicitBounds": st.lists(st.floats(allow_nan=False, allow_infinity=False), max_size=2),
+        "flags": st.sampled_from([0, 1])})
+    kind = draw(st.sampled_from(["sum", "gauge", "histogram", "summary"]))
+    data: dict[str, Any] = {"dataPoints": draw(st.lists(point, max_size=3))}
+    if kind in ("sum", "histogram"):
+        data["aggregationTemporality"] = draw(st.sampled_from([0, 1, 2]))
+    metric = {"name": draw(st.sampled_from(["gen_ai.client.token.usage", "openclaw.tokens", "other"])),
+              kind: data}
+    return path, {"resourceMetrics": [{"resource": {}, "scopeMetrics": [{**scope, "metrics": [metric]}]}]}
+
+
+def test_fuzzed_otlp_requests_get_an_otlp_answer_and_never_take_otrace_down(run: Callable[..., Otrace]
+                                                                             ) -> None:
+    """Wild values in OTLP's shape, in JSON and (where they encode) in protobuf: each gets a 200 (with
+    partial_success for refused items) or a 400 naming the problem; never a 5xx, a dropped connection
+    or a traceback; every row accepted is written."""
+    node = run({"TRACE_MAX_TEXT_BYTES": "1KiB"})
+    statuses: list[int] = []
+
+    @settings(max_examples=300, deadline=None, database=None,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @given(otlp_request(), st.booleans())
+    def example(request: tuple[str, dict[str, Any]], protobuf: bool) -> None:
+        path, doc = request
+        body, headers = json.dumps(doc).encode(), {"Content-Type": "application/json"}
+        if protobuf:
+            with contextlib.suppress(Exception):               # not all of it is valid OTLP to encode
+                body, headers = otlp_message(path, doc).SerializeToString(), PROTOBUF
+        resp = exchange(node.port, "POST", path, body, headers)
+        statuses.append(resp.status)
+        assert resp.status in (200, 400), resp
+        if resp.status == 400 and headers is PROTOBUF:
+            assert rpc_status(resp.body)[0] == 3
+        elif resp.status == 400:
+            assert resp.json["code"] == 3 and resp.json["message"], resp
+
+    example()
+    assert statuses.count(200) >= 30 and 400 in statuses
+    health = node.health()
+    otlp = health["otlp"]
+    made = (otlp["llm_spans"], otlp["log_errors"], otlp["metric_points_kept"])
+    assert all(made), made                                        # the mapping was reached
+    node.wait_persisted(health["events_received"], timeout=30)
+    assert not node.logs("request failed"), node.logs("request failed")[0]
+    assert node.health()["status"] == "ok"
+
+
+def test_a_statement_its_own_data_breaks_is_dropped_and_the_writer_goes_on(tmp_path: Path) -> None:
+    """A statement that commits with rows (a reader's position, a series' last point) and that SQLite
+    cannot run for its own data is logged and dropped like a row, never retried forever."""
+    config = otrace.Config(db_path=str(tmp_path / "x.db"), port=0, otlp_port=0, metrics_interval=0.0,
+                           openclaw_state_dir="off")
+    service = otrace.Service(config)
+    try:
+        service.writer.start()
+        bad = ("INSERT INTO otrace_state (key, value, updated_at) VALUES (?, ?, ?)", ("big", 2**70, 1))
+        good = ("INSERT INTO otrace_state (key, value, updated_at) VALUES (?, ?, ?)", ("small", 7, 1))
+        assert service.events.offer(otrace.Unit([], (bad, good)))
+        assert service.events.offer(otrace.Unit([otrace.event_row(otrace.TRACES, otrace.trace_row, {
+            "provider": "p", "model": "m", "trace_id": "after"}, "http")]))
+        assert service.events.wait_drained(30)
+        assert service.counters.snapshot()["dropped"] == 1
+        assert service.writer.fault.error is None and not service.writer.failing
+        assert service.db.query("SELECT key, value FROM otrace_state") == [("small", 7)]
+        assert service.db.query("SELECT trace_id FROM llm_traces") == [("after",)]
+    finally:
+        service.events.submit(None)
+        service.writer.join(10)
+        service.server.release()
+        service.db.close()
+
+
+@needs_otlp_fixtures
+def test_openclaw_usage_spans_are_not_stored_again_while_its_session_store_is_followed(tmp_path: Path
+                                                                                       ) -> None:
+    """One real call, one row: with OpenClaw's session store followed (Service.store set), OpenClaw's
+    openclaw.model.usage spans are counted, not stored; its usage metrics are kept all the same."""
+    config = otrace.Config(db_path=str(tmp_path / "x.db"), port=0, otlp_port=0, metrics_interval=0.0,
+                           openclaw_state_dir="off")
+    service = otrace.Service(config)
+    try:
+        service.store = otrace.Loop("store", 1.0)                 # as if the session store were followed
+        entries = [e for e in captured_otlp() if e["run"] == "openclaw"]
+        traces = [service.otlp.traces(decoded(e), 0) for e in entries if e["path"] == "/v1/traces"]
+        assert [row for export in traces for row in export.rows] == []
+        assert (sum(e.counts["openclaw_usage_skipped"] for e in traces),
+                sum(e.counts["spans_not_llm"] for e in traces)) == (3, 4)
+        metrics = service.otlp.metrics(decoded(next(e for e in entries if e["path"] == "/v1/metrics"
+                                                    and b"openclaw.tokens" in e["body"])), 0)
+        assert {row.table for row in metrics.rows} == {"genai_metrics"}
+    finally:
+        service.server.release()
+        service.db.close()
 
 
 # ------------------------------------------------------- custom events, processes, network, /debug

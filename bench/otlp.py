@@ -21,9 +21,10 @@ Targets, one after the other, each fresh:
   OpenInference itself). Phoenix answers 200 at once and writes later, at about 100-150 spans/s on
   2 cores: a 10 s load leaves it minutes of writing (--drain bounds the wait; use a short --seconds
   where time is short).
-- otrace, PENDING: it has no OTLP ingest yet. Its side starts otrace with TRACE_OTLP_PORT (a
-  setting still to come) and counts rows of llm_traces with source 'otlp' (otrace_persisted); until
-  then it records otrace as pending and exits 1 after saving. Run with --only phoenix.
+- otrace, started compiled as `make run` does, with TRACE_OTLP_PORT on a free port; persisted = rows
+  of llm_traces with source 'otlp', "complete" = those with the model and both token counts. Before
+  the load it also measures what its first OTLP request costs in RSS (the protobuf classes are
+  imported then): RSS before and after one small export.
 
 Printed: seconds to ready, spans/s persisted (rows over the time from the first span to the last
 row; when rows still come --drain seconds after the load, the rows written by then, marked *), the
@@ -51,12 +52,12 @@ import threading
 import time
 import urllib.request
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, Usage, free_port, save, start_otrace, stop, table, wait_listening
+from common import ROOT, Usage, free_port, save, start_otrace, stop, table
 from peers import PHOENIX_VENV, PHOENIX_VERSION, phoenix_python
 
 SDK_PYTHON = Path(os.environ.get("OTLP_SDK_PYTHON", ROOT / ".venv" / "bin" / "python"))
@@ -246,6 +247,7 @@ class Target:
     count: Callable[[], int]
     complete: Callable[[], int]
     stop: Callable[[], None]
+    extra: dict[str, Any] = field(default_factory=dict)     # figures of this target alone
 
 
 PHOENIX_COMPLETE = """SELECT count(*) FROM spans WHERE span_kind = 'LLM'
@@ -290,37 +292,51 @@ def start_phoenix(work: Path) -> Target:
 
 
 def otrace_persisted(db_path: Path) -> int:
-    """Spans otrace has persisted from OTLP. PENDING: assumes OTLP rows land in llm_traces with
-    source 'otlp', as planned; adjust once OTLP ingest exists."""
+    """Spans otrace has persisted from OTLP: its llm_traces rows with source 'otlp'."""
     with sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=30) as conn:
         return conn.execute("SELECT count(*) FROM llm_traces WHERE source = 'otlp'").fetchone()[0]
 
 
 def otrace_complete(db_path: Path) -> int:
-    """Of those, the rows with the model and both token counts. PENDING, as otrace_persisted."""
+    """Of those, the rows with the model and both token counts."""
     with sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=30) as conn:
         return conn.execute("SELECT count(*) FROM llm_traces WHERE source = 'otlp' AND model <> '' "
                             "AND prompt_tokens > 0 AND completion_tokens > 0").fetchone()[0]
 
 
-class Pending(Exception):
-    """otrace has no OTLP ingest yet."""
+def one_span() -> bytes:
+    """A small OTLP/HTTP protobuf export: one chat span (built with opentelemetry-proto)."""
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (  # noqa: PLC0415
+        ExportTraceServiceRequest,
+    )
+    request = ExportTraceServiceRequest()
+    span = request.resource_spans.add().scope_spans.add().spans.add()
+    span.trace_id, span.span_id, span.name = os.urandom(16), os.urandom(8), "chat gpt-4o-mini"
+    span.start_time_unix_nano, span.end_time_unix_nano = time.time_ns() - 10**9, time.time_ns()
+    for key, value in (("gen_ai.operation.name", "chat"), ("gen_ai.request.model", "gpt-4o-mini")):
+        attribute = span.attributes.add()
+        attribute.key, attribute.value.string_value = key, value
+    return request.SerializeToString()
 
 
 def start_otrace_otlp(work: Path) -> Target:
-    """otrace with OTLP ingest on its own port. PENDING: TRACE_OTLP_PORT does not exist yet."""
+    """otrace with OTLP ingest on its own port; the RSS its first OTLP request adds is measured."""
     otlp_port = free_port()
     began = time.monotonic()
     proc, _ = start_otrace(work, {"TRACE_OTLP_PORT": str(otlp_port), "TRACE_METRICS_INTERVAL": "off"})
-    try:
-        wait_listening(otlp_port, timeout=5)
-    except RuntimeError:
-        stop(proc)
-        raise Pending("otrace does not listen on TRACE_OTLP_PORT: OTLP ingest is not implemented yet "
-                      "(run with --only phoenix)") from None
+    ready = time.monotonic() - began
+    time.sleep(SETTLE_S["otrace"])
+    before = Usage.of(proc.pid).rss_bytes
+    request = urllib.request.Request(f"http://127.0.0.1:{otlp_port}/v1/traces", data=one_span(),
+                                     headers={"Content-Type": "application/x-protobuf"})
+    with urllib.request.urlopen(request, timeout=30) as answer:
+        answer.read()
+    time.sleep(1.0)
+    after = Usage.of(proc.pid).rss_bytes
     db = work / "otrace.db"
-    return Target(proc, f"http://127.0.0.1:{otlp_port}", time.monotonic() - began,
-                  lambda: otrace_persisted(db), lambda: otrace_complete(db), lambda: stop(proc))
+    return Target(proc, f"http://127.0.0.1:{otlp_port}", ready, lambda: otrace_persisted(db),
+                  lambda: otrace_complete(db), lambda: stop(proc),
+                  {"rss_before_otlp_mib": before / 2**20, "rss_after_first_otlp_mib": after / 2**20})
 
 
 # ------------------------------------------------------------------------------------ the run
@@ -381,7 +397,7 @@ def measure(name: str, target: Target, processes: int, seconds: float, batch: in
                 "cpu_s": cpu_after - cpu_before,
                 "cpu_ms_per_1k": 1e6 * (cpu_after - cpu_before) / persisted if persisted else None,
                 "exporter_retries": retries, "exporter_gave_up": gave_up,
-                "loadavg_1m": os.getloadavg()[0], "timeline": timeline}
+                "loadavg_1m": os.getloadavg()[0], "timeline": timeline, **target.extra}
     finally:
         target.stop()
 
@@ -408,8 +424,7 @@ def main() -> None:
     if args.load:
         load(args.seconds, args.batch)
         return
-    results: dict[str, dict[str, Any] | None] = {}
-    pending = None
+    results: dict[str, dict[str, Any]] = {}
     starts = {"phoenix": start_phoenix, "otrace": start_otrace_otlp}
     with tempfile.TemporaryDirectory(prefix="otrace-otlp-") as tmp:
         for name, start in starts.items():
@@ -417,24 +432,18 @@ def main() -> None:
                 continue
             work = Path(tmp) / name
             work.mkdir()
-            try:
-                target = start(work)
-            except Pending as why:
-                pending, results[name] = str(why), None
-                print(f"  {name}: PENDING, {why}", flush=True)
-                continue
+            target = start(work)
             results[name] = measure(name, target, args.processes, args.seconds, args.batch, args.drain,
                                     work)
             print(f"  {name}: {({k: v for k, v in results[name].items() if k != 'timeline'})}", flush=True)
     labels = {"phoenix": f"Arize Phoenix {PHOENIX_VERSION} (SQLite)", "otrace": "otrace"}
-    rows = [row(labels[n], r) if r else [labels[n], "pending", "", "", "", "", "", "", ""]
-            for n, r in results.items()]
+    rows = [row(labels[n], r) for n, r in results.items()]
     markdown = table([f"OTLP/HTTP protobuf, {args.processes} SDK processes, {args.batch} spans an export, "
                       f"{args.seconds:g} s", "ready s", "spans/s persisted",
                       "persisted (with model + tokens)", "exporter ok / failed spans", "idle RSS MiB",
                       "peak RSS MiB", "CPU s (ms per 1k spans)", "load CPU s"], rows)
     data: dict[str, Any] = {**results, "seconds": args.seconds, "processes": args.processes,
-                            "batch": args.batch, "pending": pending}
+                            "batch": args.batch}
     ours, theirs = results.get("otrace"), results.get("phoenix")
     if ours and theirs:
         data["speed_ratio"] = ours["persisted_per_s"] / theirs["persisted_per_s"]
@@ -445,13 +454,13 @@ def main() -> None:
                 if r and not r["drained"]]:
         markdown += (f"\n\n\\* still persisting {args.drain:g} s after the load ended: the rate is of the "
                      f"rows written by then; {', '.join(late)}.")
-    if loads := [f"{n} {r['loadavg_1m']:.1f}" for n, r in results.items() if r]:
+    if ours:
+        markdown += (f"\n\notrace's first OTLP request (the protobuf classes imported): RSS "
+                     f"{ours['rss_before_otlp_mib']:.1f} → {ours['rss_after_first_otlp_mib']:.1f} MiB "
+                     f"(+{ours['rss_after_first_otlp_mib'] - ours['rss_before_otlp_mib']:.1f}).")
+    if loads := [f"{n} {r['loadavg_1m']:.1f}" for n, r in results.items()]:
         markdown += f"\n\nLoad average (1 min) as each run ended: {', '.join(loads)}."
-    if pending:
-        markdown += f"\n\notrace: pending ({pending})."
     save("otlp", markdown, data)
-    if pending:
-        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ RUNS: dict[str, tuple[list[str], list[str]]] = {    # name: (full budget, --quic
     "month": ([], ["--scale", "600", "--cleanup-mib", "20"]),
     "peers": (["--seconds", "10", "--window", "60"], ["--seconds", "2", "--window", "5"]),
     "report": ([], ["--mib", "20", "--runs", "2"]),
+    "otlp": (["--seconds", "2", "--drain", "60"], ["--seconds", "1", "--drain", "10"]),
     "system": ([], ["--processes", "200", "--samples", "10", "--idle", "3", "--seconds", "1"]),
 }
 
@@ -119,6 +120,21 @@ def summary() -> list[list[str]]:
     rows.append(["idle RSS against Arize Phoenix", f"{peers['otrace']['idle_rss_mib']:.0f} MiB",
                  f"{peers['phoenix']['idle_rss_mib']:.0f} MiB", f"{peers['rss_ratio']:.2f}", "≤ 0.10",
                  verdict(peers["rss_ratio"] <= 0.10)])
+    otlp = load("otlp")
+    ours, theirs = otlp["otrace"], otlp["phoenix"]
+    rows.append(["OTLP spans/s persisted against Arize Phoenix (SDK exporter, protobuf)",
+                 f"{ours['persisted_per_s']:,.0f}", f"{theirs['persisted_per_s']:,.0f} Phoenix (SQLite)"
+                 + ("" if theirs["drained"] else " *"), f"{otlp['speed_ratio']:.1f}×", "≥ 30×",
+                 verdict(otlp["speed_ratio"] >= 30)])
+    rows.append(["OTLP spans the exporter sent and otrace did not persist",
+                 f"{ours['ok'] - ours['persisted']:,} of {ours['ok']:,}", "", "", "0",
+                 verdict(ours["ok"] == ours["persisted"] and ours["failed"] == 0)])
+    rows.append(["idle RSS against Arize Phoenix, after otrace's first OTLP request",
+                 f"{ours['idle_rss_mib']:.0f} MiB", f"{theirs['idle_rss_mib']:.0f} MiB",
+                 f"{otlp['rss_ratio']:.2f}", "≤ 0.10", verdict(otlp["rss_ratio"] <= 0.10)])
+    rows.append(["RSS added by the first OTLP request (protobuf imported)",
+                 f"{ours['rss_after_first_otlp_mib'] - ours['rss_before_otlp_mib']:.1f} MiB",
+                 f"{ours['rss_before_otlp_mib']:.1f} MiB before it", "", "", ""])
     costs = peers["host_metrics"]
     ours, theirs = costs["otrace's sampler (on less off)"], costs["collectd"]
     ratio = ours["cpu_ms_per_sample"] / theirs["cpu_ms_per_sample"]
