@@ -452,6 +452,11 @@ class Config:
                                  "pushed rows and unpushed metrics, down to 5 points below it.")
     push_endpoint: str = setting("", URL, "Remote API that receives unsynced events in JSON batches; "
                                  "empty turns push off. A user:password@ in it is sent as Basic auth.")
+    push_format: str = setting("otrace", choice("otrace", "otlp"), "What push sends: otrace's own JSON "
+                               "batches, or OTLP, for any OpenTelemetry backend (TRACE_PUSH_ENDPOINT is "
+                               "then its base URL: /v1/traces, /v1/logs and /v1/metrics are appended).")
+    push_otlp_protocol: str = setting("http/protobuf", choice("http/protobuf", "http/json"), "OTLP's "
+                                      "encoding when TRACE_PUSH_FORMAT=otlp.")
     push_interval: float = setting("5m", duration("100ms", "1d"), "Time between push cycles.")
     push_token: str = setting("", TOKEN, "Sent to the push endpoint as `Authorization: Bearer "
                               "<token>`; never logged.", secret=True)
@@ -6518,91 +6523,420 @@ LOSSES_PER_BATCH = 100
 
 @dataclasses.dataclass
 class Batch:
-    """Events sent in one request, encoded as JSON back to back (", " apart) in one buffer, with
-    where each one is: (table, row id, start, end). One buffer, not an object per event, keeps a
-    5 MiB batch at about 5 MiB."""
+    """Events sent in one request, encoded back to back in one buffer (", " apart in JSON), with
+    where each one is: (table, row id, trace_id, start, end). One buffer, not an object per event,
+    keeps a 5 MiB batch at about 5 MiB. In OTLP a batch holds one signal (traces, logs, metrics)."""
 
+    signal: str = ""
+    separator: bytes = b", "
     data: bytearray = dataclasses.field(default_factory=bytearray)
-    spans: list[tuple[str, int, int, int]] = dataclasses.field(default_factory=list)
+    spans: list[tuple[str, int, str, int, int]] = dataclasses.field(default_factory=list)
     losses: list[dict[str, Any]] = dataclasses.field(default_factory=list)   # reported with this batch
     batch_id: str = dataclasses.field(default_factory=new_id)
 
     def __len__(self) -> int:
         return len(self.spans)
 
-    def add(self, table: str, row_id: int, encoded: bytes) -> None:
+    def add(self, table: str, row_id: int, trace_id: str, encoded: bytes) -> None:
         if self.spans:
-            self.data += b", "
-        self.spans.append((table, row_id, len(self.data), len(self.data) + len(encoded)))
+            self.data += self.separator
+        self.spans.append((table, row_id, trace_id, len(self.data), len(self.data) + len(encoded)))
         self.data += encoded
 
     def event(self, index: int) -> bytes:
-        _, _, start, end = self.spans[index]
+        *_, start, end = self.spans[index]
         return bytes(self.data[start:end])
-
-    def parts(self, agent_id: str) -> list[bytes | memoryview]:
-        """The request body in three parts (sent one after the other, never joined)."""
-        head = {"schema": "otrace.push.v1", "batch_id": self.batch_id, "agent_id": agent_id,
-                "sent_at": iso(time.time())}
-        if self.losses:
-            head["losses"] = self.losses
-        return [json.dumps(head)[:-1].encode() + b', "events": [', memoryview(self.data), b"]}"]
 
     def halves(self) -> tuple[Batch, Batch]:
         middle = len(self.spans) // 2
-        first, second = Batch(losses=self.losses), Batch()
-        for index, (table, row_id, _, _) in enumerate(self.spans):
-            (first if index < middle else second).add(table, row_id, self.event(index))
+        first = Batch(self.signal, self.separator, losses=self.losses)
+        second = Batch(self.signal, self.separator)
+        for index, (table, row_id, trace_id, _, _) in enumerate(self.spans):
+            (first if index < middle else second).add(table, row_id, trace_id, self.event(index))
         return first, second
 
     def ids(self) -> dict[str, list[int]]:
+        """The batch's rows by table (the records of a loss report are none)."""
         by_table: dict[str, list[int]] = {}
-        for table, row_id, _, _ in self.spans:
-            by_table.setdefault(table, []).append(row_id)
+        for table, row_id, *_ in self.spans:
+            if table != LOSS:
+                by_table.setdefault(table, []).append(row_id)
         return by_table
 
 
 class Packer:
-    """Reads unsynced rows a page at a time (table by table, in id order) and packs them into
-    batches of at most max_bytes of JSON, so a backlog of any size is never held in memory."""
+    """Reads unsynced rows a page at a time (table by table, in id order) and packs them, encoded by
+    the push format, into batches of at most max_bytes, so a backlog of any size is never held in
+    memory. A batch holds rows of one signal."""
 
     PAGE = 200
-    ENVELOPE = 256               # bytes of the batch around its events, with room to spare
+    ENVELOPE = 512               # bytes of the batch around its events, with room to spare
 
-    def __init__(self, conn: sqlite3.Connection, max_bytes: int, tables: Iterable[str]) -> None:
-        self.conn, self.max_bytes, self.tables = conn, max_bytes, tuple(tables)
+    def __init__(self, conn: sqlite3.Connection, max_bytes: int, tables: Iterable[str],
+                 form: OtraceFormat | OtlpFormat) -> None:
+        self.conn, self.max_bytes, self.tables, self.form = conn, max_bytes, tuple(tables), form
 
     def batches(self) -> Iterator[Batch]:
-        batch = Batch()
-        for table, row_id, encoded in self.encoded():
-            if batch.spans and self.ENVELOPE + len(batch.data) + 2 + len(encoded) > self.max_bytes:
+        batch = Batch(separator=self.form.separator)
+        for table, row in self.rows():
+            encoded, signal = self.form.item(table, row), self.form.signal(table)
+            if batch.spans and (signal != batch.signal or self.ENVELOPE + len(batch.data) + 2 + len(encoded)
+                                > self.max_bytes):
                 yield batch
-                batch = Batch()
-            batch.add(table, row_id, encoded)
+                batch = Batch(separator=self.form.separator)
+            batch.signal = signal
+            batch.add(table, row["id"], row["trace_id"], encoded)
         if batch.spans:
             yield batch
 
-    def encoded(self) -> Iterator[tuple[str, int, bytes]]:
-        """Each unsynced row as a push event. `event_id` (type:trace_id) is unique across everything
-        otrace pushes: a trace and an error may share a trace_id."""
+    def rows(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        """Each unsynced row, its JSON columns parsed, without otrace's bookkeeping columns."""
         for table in self.tables:
             after = 0
-            push_type = TABLES[table].push_type
             while True:
                 page = f"SELECT * FROM {table} WHERE synced = 0 AND id > ? ORDER BY id LIMIT {self.PAGE}"
                 cursor = self.conn.execute(page, (after,))
                 names = [d[0] for d in cursor.description]
                 rows = cursor.fetchall()
                 for row in rows:
-                    data = {name: json.loads(value) if name in JSON_COLUMNS and value else value
-                            for name, value in zip(names, row, strict=True)
-                            if name not in INTERNAL_COLUMNS}
-                    event = {"type": push_type, "event_id": f"{push_type}:{data['trace_id']}",
-                             "trace_id": data["trace_id"], "data": data}
-                    yield table, data["id"], json.dumps(event, ensure_ascii=False).encode()
+                    yield table, {name: json.loads(value) if name in JSON_COLUMNS and value else value
+                                  for name, value in zip(names, row, strict=True)
+                                  if name not in INTERNAL_COLUMNS}
                 if len(rows) < self.PAGE:
                     break
                 after = rows[-1][0]
+
+
+def _request_target(url: str) -> str:
+    """The path and query a request to `url` names (without its user:password@ host)."""
+    parts = urllib.parse.urlsplit(url)
+    return (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+
+
+class OtraceFormat:
+    """otrace's own push body (schema otrace.push.v1): one JSON object with the batch's fields, the
+    losses to report, and events of any table. Each event's `event_id` (type:trace_id) is unique
+    across everything otrace pushes: a trace and an error may share a trace_id."""
+
+    content_type = "application/json"
+    separator = b", "
+
+    def __init__(self, config: Config, agent_id: str) -> None:
+        self.agent_id = agent_id
+        self.target = _request_target(config.push_endpoint)
+
+    def signal(self, table: str) -> str:
+        return ""
+
+    def item(self, table: str, row: dict[str, Any]) -> bytes:
+        push_type = TABLES[table].push_type
+        return json.dumps({"type": push_type, "event_id": f"{push_type}:{row['trace_id']}",
+                           "trace_id": row["trace_id"], "data": row}, ensure_ascii=False).encode()
+
+    def report(self, losses: list[dict[str, Any]]) -> Batch:
+        """A batch of no events whose head reports the losses."""
+        return Batch(losses=losses)
+
+    def body(self, batch: Batch) -> list[bytes | memoryview]:
+        """The request body in three parts (sent one after the other, never joined)."""
+        head = {"schema": "otrace.push.v1", "batch_id": batch.batch_id, "agent_id": self.agent_id,
+                "sent_at": iso(time.time())}
+        if batch.losses:
+            head["losses"] = batch.losses
+        return [json.dumps(head)[:-1].encode() + b', "events": [', memoryview(batch.data), b"]}"]
+
+    def path(self, batch: Batch) -> str:
+        return self.target
+
+    def rejected(self, answer: bytes) -> int:
+        return 0
+
+
+LOSS = "(loss)"                  # the table of a loss report's records: no row of its own
+_REJECTED_JSON = re.compile(rb'"rejected_?(?:[Ss]pans|[Dd]ata_?[Pp]oints|[Ll]og_?[Rr]ecords)"\s*:\s*"?(\d+)')
+SEVERITY_NUMBERS = {"TRACE": 1, "DEBUG": 5, "INFO": 9, "WARNING": 13, "WARN": 13, "ERROR": 17,
+                    "CRITICAL": 21, "FATAL": 21}
+OTLP_SIGNAL_OF = {"llm_traces": "traces", "system_metrics": "metrics", "genai_metrics": "metrics"}
+OTLP_ENVELOPE = {"traces": ("resourceSpans", "scopeSpans", "spans"),     # OTLP JSON names, outside in
+                 "logs": ("resourceLogs", "scopeLogs", "logRecords"),
+                 "metrics": ("resourceMetrics", "scopeMetrics", "metrics")}
+# system_metrics columns pushed under OpenTelemetry's names: (metric, unit, scale, attributes); the
+# others go as otrace.host.<column>.
+HOST_METRICS = {
+    "mem_used_bytes": ("system.memory.usage", "By", 1, {"system.memory.state": "used"}),
+    "disk_used_bytes": ("system.filesystem.usage", "By", 1, {"system.filesystem.state": "used"}),
+    "disk_avail_bytes": ("system.filesystem.usage", "By", 1, {"system.filesystem.state": "free"}),
+    "disk_used_pct": ("system.filesystem.utilization", "1", 0.01, {}),
+    "self_rss_bytes": ("process.memory.usage", "By", 1, {}),
+    "self_cpu_pct": ("process.cpu.utilization", "1", 0.01, {}),
+}
+OTLP_PUSH_SKIP = frozenset({"id", "trace_id", "created_at", "received_at", "truncated"})
+
+
+class OtlpFormat:
+    """OTLP/HTTP for any OpenTelemetry backend, protobuf or JSON (TRACE_PUSH_OTLP_PROTOCOL): LLM
+    calls as GenAI spans, errors, log events and other events as log records, host samples and
+    GenAI metric points as metrics. Each event is encoded alone, as a repeated field of its scope
+    (a protobuf field, or a JSON array element), so a batch's buffer becomes a whole
+    Export*ServiceRequest by putting a few bytes of envelope before and after it."""
+
+    def __init__(self, config: Config, agent_id: str) -> None:
+        from opentelemetry.proto.common.v1 import common_pb2  # noqa: PLC0415 - imported where needed
+        from opentelemetry.proto.logs.v1 import logs_pb2  # noqa: PLC0415
+        from opentelemetry.proto.metrics.v1 import metrics_pb2  # noqa: PLC0415
+        from opentelemetry.proto.resource.v1 import resource_pb2  # noqa: PLC0415
+        from opentelemetry.proto.trace.v1 import trace_pb2  # noqa: PLC0415
+        self.common, self.logs, self.metrics, self.traces = common_pb2, logs_pb2, metrics_pb2, trace_pb2
+        self.json = config.push_otlp_protocol == "http/json"
+        self.content_type = "application/json" if self.json else "application/x-protobuf"
+        self.separator = b", " if self.json else b""
+        self.base = _request_target(config.push_endpoint).split("?", 1)
+        resource = resource_pb2.Resource(attributes=self.attributes({
+            "service.name": agent_id, "host.name": socket.gethostname()}))
+        scope = common_pb2.InstrumentationScope(name="otrace", version=__version__)
+        self.resource, self.scope = resource.SerializeToString(), scope.SerializeToString()
+        self.resource_json, self.scope_json = _otlp_json(resource), _otlp_json(scope)
+
+    def signal(self, table: str) -> str:
+        return OTLP_SIGNAL_OF.get(table, "logs")
+
+    def path(self, batch: Batch) -> str:
+        """The endpoint's path with /v1/traces, /v1/metrics or /v1/logs after it, as exporters do."""
+        path = self.base[0].rstrip("/") + f"/v1/{batch.signal}"
+        return path + (f"?{self.base[1]}" if len(self.base) > 1 else "")
+
+    # -- one row, as messages of its signal
+    def item(self, table: str, row: dict[str, Any]) -> bytes:
+        if table == "llm_traces":
+            messages = [self.span(row)]
+        elif table == "system_metrics":
+            messages = self.host_metrics(row)
+        elif table == "genai_metrics":
+            messages = [self.genai_metric(row)]
+        else:
+            messages = [self.log_record(table, row)]
+        if self.json:
+            return b", ".join(json.dumps(_otlp_json(m), ensure_ascii=False).encode() for m in messages)
+        return b"".join(_length_delimited(2, m.SerializeToString()) for m in messages)
+
+    def span(self, row: dict[str, Any]) -> Any:
+        """An LLM call as a GenAI client span: its OTel ids when it came over OTLP, else ids derived
+        from its trace_id, so a span pushed again is the same span."""
+        meta = row.get("metadata") if isinstance(row.get("metadata"), dict) else {}
+        trace_id, span_id = otel_ids(row["trace_id"], meta)
+        start = row["created_at"] * 1_000_000
+        operation = meta.get("gen_ai.operation.name") if isinstance(meta.get("gen_ai.operation.name"), str) \
+            else "chat"
+        failed = row["status"] == "error"
+        attrs = {"gen_ai.operation.name": operation, "gen_ai.provider.name": row["provider"],
+                 "gen_ai.request.model": meta.get("gen_ai.request.model") or row["model"],
+                 "gen_ai.response.model": row["model"], "gen_ai.conversation.id": row["session_id"],
+                 "gen_ai.usage.input_tokens": row["prompt_tokens"],
+                 "gen_ai.usage.output_tokens": row["completion_tokens"],
+                 "gen_ai.usage.total_tokens": row["total_tokens"],
+                 "gen_ai.usage.cache_read.input_tokens": row["cache_read_tokens"],
+                 "gen_ai.usage.cache_creation.input_tokens": row["cache_write_tokens"],
+                 "gen_ai.usage.reasoning.output_tokens": row["reasoning_tokens"],
+                 "gen_ai.response.finish_reasons": row["finish_reason"] and row["finish_reason"].split(","),
+                 "gen_ai.response.time_to_first_chunk": row["ttft_ms"] and row["ttft_ms"] / 1000,
+                 "gen_ai.input.messages": row["input_text"], "gen_ai.output.messages": row["output_text"],
+                 COST_KEY: row["cost_usd"], "otrace.cost_source": row.get("cost_source"),
+                 "error.type": row["error_type"] if failed else None, "otrace.trace_id": row["trace_id"],
+                 "otrace.source": row["source"]}
+        status = self.traces.Status(code=2, message=row["error_type"] or "") if failed else None
+        parent = bytes.fromhex(meta["otel_parent_span_id"]) if _hex_id(meta.get("otel_parent_span_id"), 8) \
+            else b""
+        return self.traces.Span(
+            trace_id=trace_id, span_id=span_id, parent_span_id=parent, name=f"{operation} {row['model']}",
+            kind=3, start_time_unix_nano=start,                       # 3: SPAN_KIND_CLIENT
+            end_time_unix_nano=start + round((row["latency_ms"] or 0) * 1_000_000),
+            attributes=self.attributes(attrs), status=status)
+
+    def log_record(self, table: str, row: dict[str, Any]) -> Any:
+        """An error event, a log event or any other event as a log record: its text the body, its
+        other columns attributes (otrace.<column>)."""
+        meta = row.get("metadata") if isinstance(row.get("metadata"), dict) else {}
+        level = row.get("severity") or row.get("level") or "INFO"
+        body = row.get("message") if table != "custom_events" else row.get("name")
+        attrs = {f"otrace.{name}": value for name, value in row.items()
+                 if name not in OTLP_PUSH_SKIP and name not in ("message", "severity", "level")}
+        attrs |= {"otrace.trace_id": row["trace_id"], "otrace.table": table}
+        if table == "custom_events" and isinstance(row.get("attributes"), dict):
+            attrs.pop("otrace.attributes")
+            attrs |= row["attributes"]
+        ids = (bytes.fromhex(meta["otel_trace_id"]), bytes.fromhex(meta["otel_span_id"])) if (
+            _hex_id(meta.get("otel_trace_id"), 16) and _hex_id(meta.get("otel_span_id"), 8)) else (b"", b"")
+        return self.logs.LogRecord(
+            time_unix_nano=row["created_at"] * 1_000_000,
+            observed_time_unix_nano=row["received_at"] * 1_000_000,
+            severity_number=SEVERITY_NUMBERS.get(str(level).upper(), 9), severity_text=str(level).upper(),
+            body=self.value(body), attributes=self.attributes(attrs), trace_id=ids[0], span_id=ids[1],
+            event_name=f"otrace.{TABLES[table].push_type if table in TABLES else table}")
+
+    def host_metrics(self, row: dict[str, Any]) -> list[Any]:
+        """A host sample as gauges: OpenTelemetry's system.* and process.* names where they mean the
+        same, the rest as otrace.host.<column>."""
+        at = row["created_at"] * 1_000_000
+        scope = {"otrace.source": row["source"], "system.filesystem.mountpoint": row.get("disk_path")}
+        metrics = []
+        for column, value in row.items():
+            if value is None or not _finite(value) or column in ("id", "created_at", "received_at",
+                                                                  "interval_s"):
+                continue
+            name, unit, scale, attrs = HOST_METRICS.get(column, (f"otrace.host.{column}", "", 1, {}))
+            point = self.metrics.NumberDataPoint(time_unix_nano=at, attributes=self.attributes(
+                {**attrs, **({k: v for k, v in scope.items() if k.startswith("system.filesystem")}
+                             if name.startswith("system.filesystem") else {})}))
+            if isinstance(value, int) and scale == 1:
+                point.as_int = value
+            else:
+                point.as_double = value * scale
+            metrics.append(self.metrics.Metric(name=name, unit=unit,
+                                               gauge=self.metrics.Gauge(data_points=[point])))
+        return metrics
+
+    def genai_metric(self, row: dict[str, Any]) -> Any:
+        """A GenAI metric point as itself: a delta sum or histogram over its window, or a gauge."""
+        attrs = self.attributes(row["attributes"] if isinstance(row.get("attributes"), dict) else {})
+        end, start = row["created_at"] * 1_000_000, (row["window_start"] or 0) * 1_000_000
+        metric = self.metrics.Metric(name=row["name"], unit=row["unit"] or "")
+        if row["kind"] == "histogram":
+            buckets = row["buckets"] if isinstance(row.get("buckets"), dict) else {}
+            point = self.metrics.HistogramDataPoint(
+                start_time_unix_nano=start, time_unix_nano=end, attributes=attrs, count=row["count"] or 0,
+                sum=row["value"] or 0.0, bucket_counts=buckets.get("counts", []),
+                explicit_bounds=buckets.get("bounds", []))
+            for bound in ("min", "max"):
+                if row[bound] is not None:
+                    setattr(point, bound, row[bound])
+            metric.histogram.CopyFrom(self.metrics.Histogram(data_points=[point], aggregation_temporality=1))
+            return metric
+        point = self.metrics.NumberDataPoint(start_time_unix_nano=start if row["kind"] == "sum" else 0,
+                                             time_unix_nano=end, attributes=attrs,
+                                             as_double=row["value"] or 0.0)
+        if row["kind"] == "sum":
+            metric.sum.CopyFrom(self.metrics.Sum(data_points=[point], aggregation_temporality=1,   # delta
+                                                 is_monotonic=(row["value"] or 0) >= 0))
+        else:
+            metric.gauge.CopyFrom(self.metrics.Gauge(data_points=[point]))
+        return metric
+
+    def report(self, losses: list[dict[str, Any]]) -> Batch:
+        """What was given up, as WARN log records of its own batch (event name otrace.loss)."""
+        batch = Batch("logs", self.separator, losses=losses)
+        for loss in losses:
+            record = self.logs.LogRecord(
+                time_unix_nano=loss["at"] * 1_000_000, severity_number=13, severity_text="WARN",
+                event_name="otrace.loss", body=self.value(
+                    f"otrace gave up {loss['rows']} {loss['table']} row(s): {loss['reason']}"),
+                attributes=self.attributes({f"otrace.loss.{k}": v for k, v in loss.items()}))
+            encoded = (json.dumps(_otlp_json(record)).encode() if self.json
+                       else _length_delimited(2, record.SerializeToString()))
+            batch.add(LOSS, 0, str(loss.get("trace_id") or loss["kind"]), encoded)
+        return batch
+
+    # -- the envelope
+    def body(self, batch: Batch) -> list[bytes | memoryview]:
+        """The Export*ServiceRequest around the batch's events: one resource (service.name, host.name),
+        one scope (otrace), and the events, in parts sent one after the other."""
+        if self.json:
+            resources, scopes, items = OTLP_ENVELOPE[batch.signal]
+            head = json.dumps({resources: [{"resource": self.resource_json, scopes: [
+                {"scope": self.scope_json, items: ["@"]}]}]})
+            before, after = head.split('"@"')
+            return [before.encode(), memoryview(batch.data), after.encode()]
+        scope = _length_delimited(1, self.scope)
+        scoped = len(scope) + len(batch.data)                    # Scope{Spans,Logs,Metrics}
+        resourced = _length_delimited(1, self.resource) + _field_head(2, scoped) + scope
+        return [_field_head(1, len(resourced) + len(batch.data)) + resourced, memoryview(batch.data)]
+
+    def rejected(self, answer: bytes) -> int:
+        """partial_success's count of items the receiver refused, read from the start of its answer
+        (protobuf: Export*ServiceResponse field 1, its field 1), 0 when it says none."""
+        if self.json:
+            found = _REJECTED_JSON.search(answer)
+            return int(found[1]) if found else 0
+        if answer[:1] != b"\n":
+            return 0
+        _, at = _read_varint(answer, 1)
+        return _read_varint(answer, at + 1)[0] if answer[at:at + 1] == b"\x08" else 0
+
+    # -- values
+    def attributes(self, values: dict[str, Any]) -> list[Any]:
+        return [self.common.KeyValue(key=key, value=self.value(value)) for key, value in values.items()
+                if value is not None]
+
+    def value(self, value: Any) -> Any:
+        """An OTLP AnyValue of a JSON value."""
+        common = self.common
+        if isinstance(value, bool):
+            return common.AnyValue(bool_value=value)
+        if isinstance(value, int) and -2**63 <= value < 2**63:
+            return common.AnyValue(int_value=value)
+        if isinstance(value, float):
+            return common.AnyValue(double_value=value)
+        if isinstance(value, (list, tuple)):
+            return common.AnyValue(array_value=common.ArrayValue(values=[self.value(v) for v in value]))
+        if isinstance(value, dict):
+            return common.AnyValue(kvlist_value=common.KeyValueList(values=self.attributes(value)))
+        return common.AnyValue(string_value="" if value is None else str(value))
+
+
+def otel_ids(trace_id: str, meta: dict[str, Any]) -> tuple[bytes, bytes]:
+    """A row's span ids: the OTel ids it came with, else 16 and 8 bytes derived from its trace_id."""
+    if _hex_id(meta.get("otel_trace_id"), 16) and _hex_id(meta.get("otel_span_id"), 8):
+        return bytes.fromhex(meta["otel_trace_id"]), bytes.fromhex(meta["otel_span_id"])
+    import hashlib  # noqa: PLC0415 - push has OpenSSL loaded already (urllib3)
+    digest = hashlib.blake2b(trace_id.encode("utf-8", "surrogatepass"), digest_size=24,
+                             person=b"otrace-span").digest()
+    return digest[:16], digest[16:]
+
+
+def _hex_id(value: Any, size: int) -> bool:
+    return isinstance(value, str) and len(value) == 2 * size and all(c in "0123456789abcdef" for c in value) \
+        and value.strip("0") != ""
+
+
+def _otlp_json(message: Any) -> Any:
+    """A message in OTLP JSON: the proto3 JSON mapping, with enums as numbers and ids in hex."""
+    from google.protobuf import json_format  # noqa: PLC0415 - loaded with the classes
+    doc = json_format.MessageToDict(message, use_integers_for_enums=True)
+    _ids_to_hex(doc)
+    return doc
+
+
+def _ids_to_hex(node: Any) -> None:
+    import base64  # noqa: PLC0415 - imported where needed (see the imports)
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key in ID_FIELDS and isinstance(value, str):
+                node[key] = base64.b64decode(value).hex()
+            else:
+                _ids_to_hex(value)
+    elif isinstance(node, list):
+        for item in node:
+            _ids_to_hex(item)
+
+
+def _field_head(number: int, length: int) -> bytes:
+    """The tag and length of a length-delimited protobuf field."""
+    return _varint(number << 3 | 2) + _varint(length)
+
+
+def _length_delimited(number: int, payload: bytes) -> bytes:
+    return _field_head(number, len(payload)) + payload
+
+
+def _read_varint(data: bytes, at: int) -> tuple[int, int]:
+    """The varint at `at` and where it ends (a cut answer reads as what was there)."""
+    value = shift = 0
+    while at < len(data):
+        byte = data[at]
+        value |= (byte & 0x7F) << shift
+        at, shift = at + 1, shift + 7
+        if not byte & 0x80:
+            break
+    return value, at
 
 
 def unreported_losses(conn: sqlite3.Connection) -> list[dict[str, Any]]:
@@ -6635,6 +6969,7 @@ class Attempt:
     error: str | None = None
     retry_after: float | None = None
     answer: bytes = b""                      # the start of the receiver's answer (ANSWER_LIMIT)
+    rejected: int = 0                        # items a 2xx answer says it refused (OTLP partial_success)
 
     @property
     def verdict(self) -> str:
@@ -6644,7 +6979,7 @@ class Attempt:
         if status is None or status in (408, 429) or status >= 500:
             return "retry"
         if 200 <= status < 300:
-            return "ok"
+            return "split" if self.rejected else "ok"
         if status in (401, 403, 404, 405, 407) or status < 200 or 300 <= status < 400:
             return "config"
         return "split"
@@ -6688,9 +7023,7 @@ class Receiver:
         self.timeout, self.gzip = config.push_timeout, config.push_gzip
         parts = urllib.parse.urlsplit(config.push_endpoint)
         url = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
-        self.target = urllib3.util.parse_url(url).request_uri
-        self.headers = {"Content-Type": "application/json", "User-Agent": f"otrace/{__version__}",
-                        **dict(config.push_headers)}
+        self.headers = {"User-Agent": f"otrace/{__version__}", **dict(config.push_headers)}
         if config.push_token:
             self.headers["Authorization"] = f"Bearer {config.push_token}"
         elif parts.username is not None:
@@ -6704,18 +7037,23 @@ class Receiver:
         self.sock: socket.socket | None = None          # the pooled connection's, for the watchdog
         self.timed_out = False
 
-    def post(self, batch: Batch, agent_id: str, deadline: float | None) -> Attempt:
-        body: list[bytes | memoryview] = batch.parts(agent_id)
+    def post(self, batch: Batch, form: OtraceFormat | OtlpFormat, deadline: float | None) -> Attempt:
+        """Send one batch in the push format; the attempt holds what came of it."""
+        body: list[bytes | memoryview] = form.body(batch)
         attempt = Attempt(batch.batch_id, now_ms(), len(batch), sum(map(len, body)))
         if self.gzip:
             import gzip  # noqa: PLC0415 - imported where needed (see the imports)
             body = [gzip.compress(b"".join(body), 6)]
-        headers = {**self.headers, "Idempotency-Key": batch.batch_id,
+        headers = {**self.headers, "Content-Type": form.content_type, "Idempotency-Key": batch.batch_id,
                    "Content-Length": str(sum(map(len, body)))}   # so the parts go as they are
-        self.send(attempt, body, headers, deadline)
+        self.send(attempt, form.path(batch), body, headers, deadline)
+        if attempt.status is not None and 200 <= attempt.status < 300:
+            attempt.rejected = form.rejected(attempt.answer)
+            if attempt.rejected:
+                attempt.error = f"partial_success: {attempt.rejected} of {attempt.events} refused"
         return attempt
 
-    def send(self, attempt: Attempt, body: list[bytes | memoryview], headers: dict[str, str],
+    def send(self, attempt: Attempt, target: str, body: list[bytes | memoryview], headers: dict[str, str],
              deadline: float | None) -> None:
         """One whole exchange, cut off by a watchdog at TRACE_PUSH_TIMEOUT (or the deadline)."""
         budget = self.timeout if deadline is None else max(0.1, min(self.timeout,
@@ -6726,7 +7064,7 @@ class Receiver:
         started = time.monotonic()
         watchdog.start()
         try:
-            resp = self.pool.urlopen("POST", self.target, body=body, headers=headers, redirect=False,
+            resp = self.pool.urlopen("POST", target, body=body, headers=headers, redirect=False,
                                      retries=False, preload_content=False, release_conn=False,
                                      timeout=self.urllib3.Timeout(connect=min(10.0, budget), read=budget))
             attempt.status = resp.status
@@ -6832,6 +7170,7 @@ class Pusher(Loop):
         self.agent_id = config.agent_id or socket.gethostname()
         self.scrub = Scrubber(config)
         self.receiver = Receiver(config, self.scrub)
+        self.format = (OtlpFormat if config.push_format == "otlp" else OtraceFormat)(config, self.agent_id)
         self.breaker = Breaker(config.push_breaker_threshold, config.push_breaker_cooldown)
         self.cycle_lock = threading.Lock()
         self.last_time: float | None = None
@@ -6876,14 +7215,16 @@ class Pusher(Loop):
             self.cycle_lock.release()
 
     def batches(self, conn: sqlite3.Connection) -> Iterator[Batch]:
-        """The cycle's batches; the first also reports what was given up since the last report."""
+        """The cycle's batches; first, what was given up since the last report (in otrace's format,
+        in the head of its first batch of events)."""
         losses = unreported_losses(conn)
-        batches = Packer(conn, self.config.push_max_bytes, EVENT_TABLES).batches()
-        first = next(batches, None) or (Batch() if losses else None)
-        if first is None:
-            return
-        first.losses = losses
-        yield first
+        batches = Packer(conn, self.config.push_max_bytes, EVENT_TABLES, self.format).batches()
+        if losses:
+            report = self.format.report(losses)
+            if not report.spans and (first := next(batches, None)):
+                first.losses = losses
+                report = first
+            yield report
         yield from batches
 
     def deliver(self, batch: Batch, deadline: float | None, cycle: Cycle) -> bool:
@@ -6894,7 +7235,7 @@ class Pusher(Loop):
             if (self.stopping.is_set() and deadline is None) or (
                     deadline is not None and time.monotonic() >= deadline):
                 return False
-            attempt = self.receiver.post(batch, self.agent_id, deadline)
+            attempt = self.receiver.post(batch, self.format, deadline)
             verdict = attempt.verdict
             self.note(attempt, verdict)
             if verdict == "ok":
@@ -6907,11 +7248,11 @@ class Pusher(Loop):
             if verdict == "config":
                 return False
             if verdict == "split":
-                if not batch.spans:       # a report of losses alone, refused: try it next cycle
+                if not batch.ids():       # a report of losses alone, refused: try it next cycle
                     return False
                 if len(batch) == 1:
-                    table, row_id, _, _ = batch.spans[0]
-                    cycle.refused.append((table, row_id, json.loads(batch.event(0))["trace_id"], attempt))
+                    table, row_id, trace_id, _, _ = batch.spans[0]
+                    cycle.refused.append((table, row_id, trace_id, attempt))
                     return True
                 return all(self.deliver(half, deadline, cycle) for half in batch.halves())
             wait = max(backoff.next(), attempt.retry_after or 0.0)

@@ -2177,13 +2177,70 @@ def test_breaker_opens_after_its_threshold_and_doubles_its_cooldown() -> None:
 def test_a_batch_halves_into_the_same_events_in_order() -> None:
     batch = otrace.Batch(losses=[{"kind": "retention"}])
     for i in range(5):
-        batch.add("llm_traces", i, json.dumps({"n": i}).encode())
+        batch.add("llm_traces", i, f"t{i}", json.dumps({"n": i}).encode())
     first, second = batch.halves()
     assert [json.loads(first.event(i))["n"] for i in range(len(first))] == [0, 1]
     assert [json.loads(second.event(i))["n"] for i in range(len(second))] == [2, 3, 4]
     assert first.losses == batch.losses and second.losses == []          # reported once
-    body = json.loads(b"".join(bytes(p) for p in batch.parts("agent")))
+    assert [span[2] for span in second.spans] == ["t2", "t3", "t4"]
+    form = otrace.OtraceFormat(otrace.Config(push_endpoint="http://h/in"), "agent")
+    body = json.loads(b"".join(bytes(p) for p in form.body(batch)))
     assert [e["n"] for e in body["events"]] == [0, 1, 2, 3, 4] and body["agent_id"] == "agent"
+
+
+@pytest.mark.parametrize("protocol", ["http/protobuf", "http/json"])
+def test_an_otlp_push_body_is_a_whole_export_request(protocol: str) -> None:
+    """The envelope around a batch's pre-encoded events decodes, with OpenTelemetry's own classes, to
+    one resource, one scope, and the events in order; a loss report is log records of its own."""
+    from google.protobuf import json_format
+    from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+    form = otrace.OtlpFormat(otrace.Config(push_endpoint="http://h:4318/base/?k=1", push_format="otlp",
+                                           push_otlp_protocol=protocol, agent_id="a1"), "a1")
+    rows = [dict(zip(otrace.TRACES.columns, otrace.parse_events(json.dumps(trace(
+        trace_id=f"call-{i}", latency_ms=1500.5, finish_reason="stop,length", session_id="s1")).encode(),
+        "/v1/traces", 1, 1000)[0][0].values, strict=True)) | {"id": i, "metadata": None} for i in range(3)]
+    batch = otrace.Batch("traces", form.separator)
+    for row in rows:
+        batch.add("llm_traces", row["id"], row["trace_id"], form.item("llm_traces", row))
+    raw = b"".join(bytes(part) for part in form.body(batch))
+    if protocol == "http/protobuf":
+        request = ExportTraceServiceRequest.FromString(raw)
+    else:
+        doc = json.loads(raw)
+        assert len(doc["resourceSpans"][0]["scopeSpans"][0]["spans"][0]["traceId"]) == 32   # hex, not base64
+        request = otrace.decode_otlp("traces", raw, "json")
+    [resource] = request.resource_spans
+    assert {a.key: a.value.string_value for a in resource.resource.attributes}["service.name"] == "a1"
+    [scoped] = resource.scope_spans
+    assert scoped.scope.name == "otrace" and [s.name for s in scoped.spans] == ["chat claude-sonnet-4"] * 3
+    span = scoped.spans[0]
+    attrs = {a.key: json_format.MessageToDict(a.value) for a in span.attributes}
+    assert attrs["gen_ai.usage.input_tokens"] == {"intValue": "10"} and attrs["otrace.trace_id"] == {
+        "stringValue": "call-0"}
+    assert attrs["gen_ai.response.finish_reasons"]["arrayValue"]["values"] == [
+        {"stringValue": "stop"}, {"stringValue": "length"}]
+    assert span.end_time_unix_nano - span.start_time_unix_nano == 1_500_500_000 and span.kind == 3
+    assert otrace.otel_ids("call-0", {}) == (span.trace_id, span.span_id)        # stable, from the id
+    assert form.path(batch) == "/base/v1/traces?k=1"
+    report = form.report([{"kind": "retention", "ledger_id": 1, "at": 1_000, "table": "llm_traces",
+                           "reason": "pressure_unpushed", "rows": 50}])
+    logs_raw = b"".join(bytes(part) for part in form.body(report))
+    logs = (ExportLogsServiceRequest.FromString(logs_raw) if protocol == "http/protobuf"
+            else otrace.decode_otlp("logs", logs_raw, "json"))
+    [record] = logs.resource_logs[0].scope_logs[0].log_records
+    assert record.event_name == "otrace.loss" and record.severity_text == "WARN" and report.ids() == {}
+
+
+@pytest.mark.parametrize(("answer", "protocol", "rejected"), [
+    (b"", "http/protobuf", 0), (b"\n\x03\x08\x87\x01", "http/protobuf", 135),
+    (b"\n\x10\x08\x02\x12\x0cbad", "http/protobuf", 2),                   # cut inside its message
+    (b'{"partialSuccess": {"rejectedSpans": "3", "errorMessage": "x"}}', "http/json", 3),
+    (b'{"partial_success": {"rejected_log_records": 1}}', "http/json", 1), (b"{}", "http/json", 0)])
+def test_partial_success_is_read_from_the_start_of_an_answer(answer: bytes, protocol: str,
+                                                             rejected: int) -> None:
+    form = otrace.OtlpFormat(otrace.Config(push_endpoint="http://h/", push_otlp_protocol=protocol), "a")
+    assert form.rejected(answer) == rejected
 
 
 @given(st.sets(st.integers(1, 300), max_size=60))
@@ -2389,6 +2446,89 @@ def test_a_password_in_the_push_url_is_sent_as_basic_auth(run: Callable[..., Otr
     assert receiver.requests[0]["headers"]["Authorization"] == "Basic " + base64.b64encode(
         b"agent:p@ss").decode()
     assert "p%40ss" not in json.dumps(node.lines) and "p@ss" not in json.dumps(node.health())
+
+
+ROUND_TRIP = ("created_at", "provider", "model", "status", "error_type", "finish_reason", "session_id",
+              "prompt_tokens", "completion_tokens", "total_tokens", "cache_read_tokens", "cache_write_tokens",
+              "reasoning_tokens", "cost_usd", "input_text", "output_text")
+
+
+@pytest.mark.parametrize("protocol", ["http/protobuf", "http/json"])
+def test_otlp_push_into_another_otrace_reproduces_every_llm_row(tmp_path: Path, run: Callable[..., Otrace],
+                                                                 protocol: str) -> None:
+    """One otrace pushing OTLP to another's OTLP routes: each LLM call is one row there with the same
+    fields (a call that came in over OTLP keeps its OTel ids, so its trace_id too); error events
+    arrive as ERROR log records; nothing is marked synced before the receiver's 200."""
+    receiving = run(db=tmp_path / "receiving.db")
+    pushing = run({**PUSH, "TRACE_PUSH_FORMAT": "otlp", "TRACE_PUSH_OTLP_PROTOCOL": protocol,
+                   "TRACE_PUSH_ENDPOINT": f"http://127.0.0.1:{receiving.port}", "TRACE_PUSH_INTERVAL": "1h"})
+    calls = [trace(trace_id="full", input_text="Summarise this", output_text='[{"role": "assistant"}]',
+                   prompt_tokens=812, completion_tokens=95, total_tokens=1000, cache_read_tokens=400,
+                   cache_write_tokens=12, reasoning_tokens=30, cost_usd=0.0039, latency_ms=1840.25,
+                   ttft_ms=250, finish_reason="stop", session_id="s-1", created_at=1796000000123),
+             trace(trace_id="failed", status="error", error_type="http_429", finish_reason="error,length"),
+             trace(trace_id="priced", provider="openai", model="gpt-4o", prompt_tokens=1000,
+                   completion_tokens=100)]
+    assert pushing.post("/v1/traces", calls).status == 202
+    assert pushing.post("/v1/errors", {"error_type": "crash", "message": "segfault", "severity": "critical"}
+                        ).status == 202
+    span = chat_span("0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331", **{
+        "gen_ai.operation.name": "chat", "gen_ai.provider.name": "openai", "gen_ai.request.model": "gpt-4o",
+        "gen_ai.usage.input_tokens": 7, "gen_ai.usage.output_tokens": 3})
+    assert pushing.post("/v1/traces", spans_body(span)).status == 200
+    pushing.wait_persisted(5)
+    assert pushing.stop() == 0                                 # the last push sends them all
+    assert set(synced(pushing).values()) == {1}
+    sent = {row["trace_id"]: row for row in pushing.rows("llm_traces")}
+    got = {row["trace_id"]: row for row in receiving.rows("llm_traces")}
+    assert len(got) == len(sent) == 4
+    for trace_id, row in sent.items():
+        ids = otrace.otel_ids(trace_id, json.loads(row["metadata"] or "{}"))
+        there = got[f"{ids[0].hex()}-{ids[1].hex()}"]
+        assert {k: there[k] for k in ROUND_TRIP} == {k: row[k] for k in ROUND_TRIP}, trace_id
+        assert there["latency_ms"] == pytest.approx(row["latency_ms"] or 0, abs=1e-6)
+        assert there["ttft_ms"] == pytest.approx(row["ttft_ms"]) if row["ttft_ms"] else True
+    assert "0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331" in got      # its own ids, kept
+    errors = {row["message"]: row for row in receiving.rows("error_events")}
+    assert errors["segfault"]["severity"] == "critical" and errors["segfault"]["source"] == "otlp"
+
+
+def test_otlp_push_splits_on_partial_success_and_waits_out_a_429(run: Callable[..., Otrace],
+                                                                 receiver: Receiver) -> None:
+    """partial_success with rejected items is a refusal of part of a batch: it is split down to the
+    refused span, which is given up (and reported as a loss record) only because the receiver took
+    the others; a 429 before it is retried after its Retry-After; no row is synced early."""
+    poison = "poison-call"
+
+    def answer(_: Receiver, request: dict[str, Any]) -> Any:
+        spans = [s for rs in request["json"].get("resourceSpans", []) for ss in rs["scopeSpans"]
+                 for s in ss["spans"]]
+        named = [a["value"]["stringValue"] for s in spans for a in s["attributes"]
+                 if a["key"] == "otrace.trace_id"]
+        rejected = named.count(poison)
+        return 200, {"Content-Type": "application/json"}, json.dumps(
+            {"partialSuccess": {"rejectedSpans": str(rejected), "errorMessage": "bad"}} if rejected else {})
+
+    receiver.script = [(429, {"Retry-After": "1"}, "slow down")]
+    receiver.default = answer
+    node2 = run({**PUSH, "TRACE_PUSH_FORMAT": "otlp", "TRACE_PUSH_OTLP_PROTOCOL": "http/json",
+                 "TRACE_PUSH_ENDPOINT": receiver.url.rsplit("/", 1)[0]})
+    ids = node2.post("/v1/traces", [trace(trace_id=poison if i == 4 else f"call-{i}") for i in range(9)]
+                     ).json["trace_ids"]
+    receiver.wait(lambda requests: requests and requests[0]["answered"] == 429)
+    assert set(synced(node2).values()) == {0}                     # a 429 marks nothing
+    wait_synced(node2, [i for i in ids if i != poison], timeout=30)
+    first, second = receiver.requests[0], receiver.requests[1]
+    assert first["answered"] == 429 and second["at"] - first["at"] >= 1.0   # Retry-After, not sooner
+    assert receiver.requests[0]["headers"]["Content-Type"] == "application/json"
+    assert all(r["headers"].get("Idempotency-Key") for r in receiver.requests)
+    wait_until(lambda: synced(node2)[poison] == 3, what="the refusal reported")
+    assert node2.query("SELECT trace_id, http_status, reason FROM push_rejects") == [
+        (poison, 200, "partial_success: 1 of 1 refused")]
+    losses = [r for r in receiver.requests if "resourceLogs" in (r["json"] or {})]
+    records = [rec for r in losses for rl in r["json"]["resourceLogs"] for sl in rl["scopeLogs"]
+               for rec in sl["logRecords"]]
+    assert [rec["eventName"] for rec in records] == ["otrace.loss"]
 
 
 def test_a_trace_and_an_error_sharing_a_trace_id_push_as_two_events(run: Callable[..., Otrace],
