@@ -2232,6 +2232,29 @@ def test_an_otlp_push_body_is_a_whole_export_request(protocol: str) -> None:
     assert record.event_name == "otrace.loss" and record.severity_text == "WARN" and report.ids() == {}
 
 
+@pytest.mark.parametrize(("case", "memory", "cpu"), [
+    ("v2-quota", "container.memory.usage", "container.cpu.usage"),
+    ("proc-only", "system.memory.usage", "system.cpu.utilization")])
+def test_a_host_sample_is_pushed_as_container_or_system_gauges(tmp_path: Path, case: str, memory: str,
+                                                                cpu: str) -> None:
+    """A sample read from a cgroup is the container's, one from /proc the host's: real captured trees."""
+    row, _ = sample_case(case, tmp_path)
+    row |= {"id": 1, "trace_id": "m1", "created_at": 1_000, "received_at": 1_000}
+    form = otrace.OtlpFormat(otrace.Config(push_endpoint="http://h/", push_format="otlp"), "a")
+    batch = otrace.Batch("metrics", form.separator)
+    batch.add("system_metrics", 1, "m1", form.item("system_metrics", row))
+    request = otrace.decode_otlp("metrics", b"".join(bytes(part) for part in form.body(batch)), "protobuf")
+    gauges = request.resource_metrics[0].scope_metrics[0].metrics
+    metrics = {m.name: m.gauge.data_points[0] for m in gauges}
+    assert metrics[memory].as_int == row["mem_used_bytes"]
+    cpus = row["cpu_cores_effective"] if case == "v2-quota" else 1        # container.cpu.usage is in cpus
+    assert metrics[cpu].as_double == pytest.approx(row["cpu_pct"] / 100 * cpus)
+    assert metrics["otrace.host.mem_total_bytes"].as_int == MEM_TOTAL
+    usage = [m for m in gauges if m.name == "system.filesystem.usage"]
+    assert {p.attributes[0].value.string_value for m in usage for p in m.gauge.data_points
+            if p.attributes[0].key == "system.filesystem.state"} == {"used", "free"}
+
+
 @pytest.mark.parametrize(("answer", "protocol", "rejected"), [
     (b"", "http/protobuf", 0), (b"\n\x03\x08\x87\x01", "http/protobuf", 135),
     (b"\n\x10\x08\x02\x12\x0cbad", "http/protobuf", 2),                   # cut inside its message
@@ -2493,11 +2516,12 @@ def test_otlp_push_into_another_otrace_reproduces_every_llm_row(tmp_path: Path, 
     assert errors["segfault"]["severity"] == "critical" and errors["segfault"]["source"] == "otlp"
 
 
-def test_otlp_push_splits_on_partial_success_and_waits_out_a_429(run: Callable[..., Otrace],
+def test_otlp_push_outlasts_a_dead_port_a_429_and_partial_success(run: Callable[..., Otrace],
                                                                  receiver: Receiver) -> None:
-    """partial_success with rejected items is a refusal of part of a batch: it is split down to the
-    refused span, which is given up (and reported as a loss record) only because the receiver took
-    the others; a 429 before it is retried after its Retry-After; no row is synced early."""
+    """A dead port, then a 429, then partial_success with rejected items, a refusal of part of a batch:
+    it is split down to the refused span, which is given up (and reported as a loss record) only
+    because the receiver took the others; the 429 is retried after its Retry-After; no row is
+    synced early."""
     poison = "poison-call"
 
     def answer(_: Receiver, request: dict[str, Any]) -> Any:
@@ -2511,10 +2535,15 @@ def test_otlp_push_splits_on_partial_success_and_waits_out_a_429(run: Callable[.
 
     receiver.script = [(429, {"Retry-After": "1"}, "slow down")]
     receiver.default = answer
+    receiver.unlisten()                                           # a dead port first
     node2 = run({**PUSH, "TRACE_PUSH_FORMAT": "otlp", "TRACE_PUSH_OTLP_PROTOCOL": "http/json",
                  "TRACE_PUSH_ENDPOINT": receiver.url.rsplit("/", 1)[0]})
     ids = node2.post("/v1/traces", [trace(trace_id=poison if i == 4 else f"call-{i}") for i in range(9)]
                      ).json["trace_ids"]
+    wait_until(lambda: node2.query("SELECT count(*) FROM push_log WHERE http_status IS NULL AND error LIKE "
+                                   "'%refused%'")[0][0] >= 2, what="pushes to the dead port")
+    assert set(synced(node2).values()) == {0}
+    receiver.listen()
     receiver.wait(lambda requests: requests and requests[0]["answered"] == 429)
     assert set(synced(node2).values()) == {0}                     # a 429 marks nothing
     wait_synced(node2, [i for i in ids if i != poison], timeout=30)
