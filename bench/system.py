@@ -41,7 +41,7 @@ from common import ROOT, Usage, free_port, save, start_otrace, stop, stop_all, t
 
 import otrace
 
-BEFORE = "1c67ff7abe4feb93827fe1c976b910aed108fa49"     # main before processes, network, DNS and /debug
+BEFORE = "e7a636146bbc2970131784e420b75f6c3bfc3fc3"     # main before processes, network, DNS and /debug
 TRACE = {"provider": "openai", "model": "gpt-5", "input_text": "x" * 1000, "output_text": "y" * 1000,
          "prompt_tokens": 250, "completion_tokens": 240, "cost_usd": 0.0031, "latency_ms": 812}
 EVERYTHING = {"TRACE_DEBUG": "on"}                       # the rest is on by default
