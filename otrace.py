@@ -22,9 +22,9 @@ brackets is the one its code runs on.
                       metrics and logs become rows                                           [http]
   host metrics ...... HostReader, Cgroup, Sampler: /proc and cgroup files become
                       system_metrics                                                      [metrics]
-  processes and network  ProcessSampler, GatewayWatch, NetReader, DnsProbe: scans of the process
-                      table become process_samples and a zombie count; the gateway, connections,
-                      traffic and DNS join each host sample  [processes; metrics; dns, one per lookup]
+  processes & network ProcessSampler, GatewayWatch, NetReader, DnsProbe: the process table becomes
+                      process_samples; the gateway, connections, traffic and DNS join each
+                      host sample                           [processes, metrics; dns: one per lookup]
   gateway log ....... LogLine, classify(), LogTailer: the gateway's log becomes log_events [logtail]
   openclaw sessions . store_events(), AgentDatabase, SessionStore: OpenClaw's transcripts become
                       llm_traces and error_events, each model call once                  [sessions]
@@ -4695,7 +4695,7 @@ class Sampler(Loop):
                 "samples_dropped": self.dropped, "last_error": self.fault.error}
 
 
-# =============================================================================== processes and network
+# ====================================================================================== processes & network
 # The process table and the network namespace, read from the files the kernel writes; every reader
 # takes its procfs root, so trees captured from real machines test it, and times come from that
 # root's uptime file (the clock process start times count in). The process table is scanned whole
@@ -6525,7 +6525,8 @@ LOSS = "(loss)"                  # the table of a loss report's records: no row 
 _REJECTED_JSON = re.compile(rb'"rejected_?(?:[Ss]pans|[Dd]ata_?[Pp]oints|[Ll]og_?[Rr]ecords)"\s*:\s*"?(\d+)')
 SEVERITY_NUMBERS = {"TRACE": 1, "DEBUG": 5, "INFO": 9, "WARNING": 13, "WARN": 13, "ERROR": 17,
                     "CRITICAL": 21, "FATAL": 21}
-OTLP_SIGNAL_OF = {"llm_traces": "traces", "system_metrics": "metrics", "genai_metrics": "metrics"}
+OTLP_SIGNAL_OF = {"llm_traces": "traces", "system_metrics": "metrics", "genai_metrics": "metrics",
+                  "process_samples": "metrics"}
 OTLP_ENVELOPE = {"traces": ("resourceSpans", "scopeSpans", "spans"),     # OTLP JSON names, outside in
                  "logs": ("resourceLogs", "scopeLogs", "logRecords"),
                  "metrics": ("resourceMetrics", "scopeMetrics", "metrics")}
@@ -6539,7 +6540,16 @@ HOST_METRICS = {
     "disk_used_pct": ("system.filesystem.utilization", "1", 0.01, {}),
     "self_rss_bytes": ("process.memory.usage", "By", 1, {}),
     "self_cpu_pct": ("process.cpu.utilization", "1", 0.01, {}),
+    "proc_count": ("system.process.count", "{process}", 1, {}),
+    **{f"tcp_{state}": ("system.network.connections", "{connection}", 1, {
+        "network.transport": "tcp", "network.connection.state": state})
+       for state in ("established", "time_wait", "close_wait", "listen")},
 }
+# process_samples columns as process.* gauges, each point named by the process's attributes
+PROCESS_METRICS = {"cpu_pct": ("process.cpu.utilization", "1", 0.01),
+                   "rss_bytes": ("process.memory.usage", "By", 1),
+                   "threads": ("process.thread.count", "{thread}", 1),
+                   "fds": ("process.unix.file_descriptor.count", "{file_descriptor}", 1)}
 CONTAINER_METRICS = HOST_METRICS | {
     "mem_used_bytes": ("container.memory.usage", "By", 1, {}),
     "mem_rss_bytes": ("container.memory.rss", "By", 1, {}),
@@ -6720,6 +6730,8 @@ class OtlpFormat:
             messages = self.host_metrics(row)
         elif table == "genai_metrics":
             messages = [self.genai_metric(row)]
+        elif table == "process_samples":
+            messages = self.process_metrics(row)
         else:
             messages = [self.log_record(table, row)]
         if self.json:
@@ -6802,6 +6814,26 @@ class OtlpFormat:
                 point.as_double = value * scale
             metrics.append(self.metrics.Metric(name=name, unit=unit,
                                                gauge=self.metrics.Gauge(data_points=[point])))
+        return metrics
+
+    def process_metrics(self, row: dict[str, Any]) -> list[Any]:
+        """One process of a process-table sample as process.* gauges, the process in each point."""
+        attrs = self.attributes({
+            "process.pid": row["pid"], "process.parent_pid": row["ppid"],
+            "process.executable.name": row["name"], "process.command_line": row["cmdline"],
+            "process.owner": row["user"],
+            "otrace.cpu_rank": row["cpu_rank"], "otrace.rss_rank": row["rss_rank"]})
+        metrics = []
+        for column, (name, unit, scale) in PROCESS_METRICS.items():
+            if _finite(row[column]):
+                point = self.metrics.NumberDataPoint(time_unix_nano=row["created_at"] * 1_000_000,
+                                                     attributes=attrs)
+                if scale == 1:
+                    point.as_int = row[column]
+                else:
+                    point.as_double = row[column] * scale
+                metrics.append(self.metrics.Metric(name=name, unit=unit,
+                                                   gauge=self.metrics.Gauge(data_points=[point])))
         return metrics
 
     def genai_metric(self, row: dict[str, Any]) -> Any:

@@ -2255,6 +2255,28 @@ def test_a_host_sample_is_pushed_as_container_or_system_gauges(tmp_path: Path, c
             if p.attributes[0].key == "system.filesystem.state"} == {"used", "free"}
 
 
+def test_a_process_sample_is_pushed_as_process_gauges_naming_the_process() -> None:
+    """Captured procs-many: each process of the sample is process.* gauges with its pid and command."""
+    form = otrace.OtlpFormat(otrace.Config(push_endpoint="http://h/", push_format="otlp"), "a")
+    rows = sample_procs()
+    batch = otrace.Batch("metrics", form.separator)
+    for i, row in enumerate(rows):
+        batch.add("process_samples", i, row["trace_id"], form.item("process_samples", row | {"id": i}))
+    request = otrace.decode_otlp("metrics", b"".join(bytes(part) for part in form.body(batch)), "protobuf")
+    points = collections.defaultdict(dict)
+    for metric in request.resource_metrics[0].scope_metrics[0].metrics:
+        point = metric.gauge.data_points[0]
+        attrs = {a.key: a.value for a in point.attributes}
+        points[attrs["process.pid"].int_value][metric.name] = point
+    assert len(points) == len(rows)
+    gateway = next(r for r in rows if r["pid"] == 12)
+    memory = points[12]["process.memory.usage"]
+    assert memory.as_int == gateway["rss_bytes"]
+    named = {a.key: a.value.string_value for a in memory.attributes}
+    assert named["process.command_line"] == gateway["cmdline"]
+    assert points[12]["process.cpu.utilization"].as_double == pytest.approx(gateway["cpu_pct"] / 100)
+
+
 @pytest.mark.parametrize(("answer", "protocol", "rejected"), [
     (b"", "http/protobuf", 0), (b"\n\x03\x08\x87\x01", "http/protobuf", 135),
     (b"\n\x10\x08\x02\x12\x0cbad", "http/protobuf", 2),                   # cut inside its message
