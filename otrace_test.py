@@ -2512,11 +2512,12 @@ def test_otlp_push_into_another_otrace_reproduces_every_llm_row(tmp_path: Path, 
     assert errors["segfault"]["severity"] == "critical" and errors["segfault"]["source"] == "otlp"
 
 
-def test_otlp_push_splits_on_partial_success_and_waits_out_a_429(run: Callable[..., Otrace],
+def test_otlp_push_outlasts_a_dead_port_a_429_and_partial_success(run: Callable[..., Otrace],
                                                                  receiver: Receiver) -> None:
-    """partial_success with rejected items is a refusal of part of a batch: it is split down to the
-    refused span, which is given up (and reported as a loss record) only because the receiver took
-    the others; a 429 before it is retried after its Retry-After; no row is synced early."""
+    """A dead port, then a 429, then partial_success with rejected items, a refusal of part of a batch:
+    it is split down to the refused span, which is given up (and reported as a loss record) only
+    because the receiver took the others; the 429 is retried after its Retry-After; no row is
+    synced early."""
     poison = "poison-call"
 
     def answer(_: Receiver, request: dict[str, Any]) -> Any:
@@ -2530,10 +2531,15 @@ def test_otlp_push_splits_on_partial_success_and_waits_out_a_429(run: Callable[.
 
     receiver.script = [(429, {"Retry-After": "1"}, "slow down")]
     receiver.default = answer
+    receiver.unlisten()                                           # a dead port first
     node2 = run({**PUSH, "TRACE_PUSH_FORMAT": "otlp", "TRACE_PUSH_OTLP_PROTOCOL": "http/json",
                  "TRACE_PUSH_ENDPOINT": receiver.url.rsplit("/", 1)[0]})
     ids = node2.post("/v1/traces", [trace(trace_id=poison if i == 4 else f"call-{i}") for i in range(9)]
                      ).json["trace_ids"]
+    wait_until(lambda: node2.query("SELECT count(*) FROM push_log WHERE http_status IS NULL AND error LIKE "
+                                   "'%refused%'")[0][0] >= 2, what="pushes to the dead port")
+    assert set(synced(node2).values()) == {0}
+    receiver.listen()
     receiver.wait(lambda requests: requests and requests[0]["answered"] == 429)
     assert set(synced(node2).values()) == {0}                     # a 429 marks nothing
     wait_synced(node2, [i for i in ids if i != poison], timeout=30)
