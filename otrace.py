@@ -240,6 +240,17 @@ def choice(*choices: str) -> Kind:
     return Kind("one of " + ", ".join(choices), parse)
 
 
+def choices(*names: str) -> Kind:
+    """Some of `names` (at least one), comma-separated; kept in the order of `names`."""
+    def parse(raw: str) -> tuple[str, ...]:
+        chosen = {item.strip().lower() for item in raw.split(",") if item.strip()}
+        if not chosen or not chosen <= set(names):
+            raise SettingError
+        return tuple(name for name in names if name in chosen)
+
+    return Kind("one or more of " + ", ".join(names) + ", comma-separated", parse)
+
+
 def _token(raw: str) -> str:
     if raw and not (raw.isascii() and raw.isprintable() and " " not in raw):
         raise SettingError
@@ -462,6 +473,12 @@ class Config:
                                "then its base URL: /v1/traces, /v1/logs and /v1/metrics are appended).")
     push_otlp_protocol: str = setting("http/protobuf", choice("http/protobuf", "http/json"), "OTLP's "
                                       "encoding when TRACE_PUSH_FORMAT=otlp.")
+    push_signals: tuple = setting("traces,metrics,logs", choices("traces", "metrics", "logs"), "Which rows "
+                                  "push sends: traces (LLM calls), metrics (host samples, GenAI metric "
+                                  "points), logs (errors, log events, and OTLP reports of rows given up). "
+                                  "Name only what the receiver takes (Arize Phoenix takes traces alone): "
+                                  "a signal it refuses fails every cycle. Rows left out stay in the local "
+                                  "database, as with push off.")
     push_interval: float = setting("5m", duration("100ms", "1d"), "Time between push cycles.")
     push_token: str = setting("", TOKEN, "Sent to the push endpoint as `Authorization: Bearer "
                               "<token>`; never logged.", secret=True)
@@ -6559,6 +6576,11 @@ CONTAINER_METRICS = HOST_METRICS | {
 OTLP_PUSH_SKIP = frozenset({"id", "trace_id", "created_at", "received_at", "truncated"})
 
 
+def push_signal(table: str) -> str:
+    """The signal a table's rows are pushed as (what TRACE_PUSH_SIGNALS names)."""
+    return OTLP_SIGNAL_OF.get(table, "logs")
+
+
 @dataclasses.dataclass
 class Batch:
     """Events sent in one request, encoded back to back in one buffer (", " apart in JSON), with
@@ -6715,7 +6737,7 @@ class OtlpFormat:
         self.resource_json, self.scope_json = _otlp_json(resource), _otlp_json(scope)
 
     def signal(self, table: str) -> str:
-        return OTLP_SIGNAL_OF.get(table, "logs")
+        return push_signal(table)
 
     def path(self, batch: Batch) -> str:
         """The endpoint's path with /v1/traces, /v1/metrics or /v1/logs after it, as exporters do."""
@@ -6980,16 +7002,19 @@ def _read_varint(data: bytes, at: int) -> tuple[int, int]:
     return value, at
 
 
-def unreported_losses(conn: sqlite3.Connection) -> list[dict[str, Any]]:
-    """What the receiver must be told was given up: rows retention deleted unpushed, and rows it
-    refused one by one. Reported with the first batch of a cycle, marked reported on its 2xx."""
+def unreported_losses(conn: sqlite3.Connection, tables: tuple[str, ...]) -> list[dict[str, Any]]:
+    """What the receiver must be told was given up of `tables`: rows retention deleted unpushed, and
+    rows it refused one by one. Reported with the first batch of a cycle, marked reported on its 2xx."""
+    if not tables:
+        return []
+    of = f"table_name IN ({', '.join('?' * len(tables))})"
     ledger = conn.execute(
         "SELECT id, at, table_name, reason, unsynced_deleted, oldest_received_at, newest_received_at "
-        f"FROM retention_ledger WHERE reported_at IS NULL AND unsynced_deleted > 0 ORDER BY id "
-        f"LIMIT {LOSSES_PER_BATCH}").fetchall()
+        f"FROM retention_ledger WHERE reported_at IS NULL AND unsynced_deleted > 0 AND {of} ORDER BY id "
+        f"LIMIT {LOSSES_PER_BATCH}", tables).fetchall()
     refused = conn.execute(
         "SELECT id, rejected_at, table_name, trace_id, http_status, reason FROM push_rejects "
-        f"WHERE reported_at IS NULL ORDER BY id LIMIT {LOSSES_PER_BATCH}").fetchall()
+        f"WHERE reported_at IS NULL AND {of} ORDER BY id LIMIT {LOSSES_PER_BATCH}", tables).fetchall()
     return [{"kind": "retention", "ledger_id": i, "at": at, "table": t, "reason": r, "rows": n,
              "oldest_received_at": old, "newest_received_at": new} for i, at, t, r, n, old, new in ledger] + [
             {"kind": "refused", "reject_id": i, "at": at, "table": t, "reason": "refused_by_receiver",
@@ -7212,6 +7237,10 @@ class Pusher(Loop):
         self.scrub = Scrubber(config)
         self.receiver = Receiver(config, self.scrub)
         self.format = (OtlpFormat if config.push_format == "otlp" else OtraceFormat)(config, self.agent_id)
+        self.tables = tuple(t for t in EVENT_TABLES if push_signal(t) in config.push_signals)
+        # in OTLP a loss report is log records: sent only to a receiver that takes logs
+        self.loss_tables = self.tables if config.push_format == "otrace" or "logs" in config.push_signals \
+            else ()
         self.breaker = Breaker(config.push_breaker_threshold, config.push_breaker_cooldown)
         self.cycle_lock = threading.Lock()
         self.last_time: float | None = None
@@ -7258,8 +7287,8 @@ class Pusher(Loop):
     def batches(self, conn: sqlite3.Connection) -> Iterator[Batch]:
         """The cycle's batches; first, what was given up since the last report (in otrace's format,
         in the head of its first batch of events)."""
-        losses = unreported_losses(conn)
-        batches = Packer(conn, self.config.push_max_bytes, EVENT_TABLES, self.format).batches()
+        losses = unreported_losses(conn, self.loss_tables)
+        batches = Packer(conn, self.config.push_max_bytes, self.tables, self.format).batches()
         if losses:
             report = self.format.report(losses)
             if not report.spans and (first := next(batches, None)):
@@ -7365,6 +7394,7 @@ class Pusher(Loop):
         totals = self.totals.snapshot()
         return {
             "endpoint": redact_url(self.config.push_endpoint),
+            "signals": list(self.config.push_signals),
             "breaker": self.breaker.state,
             "consecutive_failures": self.breaker.failures,
             "next_attempt_at": iso(self.breaker.retry_at) if self.breaker.state == "open" else None,
@@ -7995,7 +8025,7 @@ def health_report(service: Service) -> dict[str, Any]:
         "connections_refused": counts["connections_refused"],
         "db_size_bytes": file_size(service.config.db_path),
         "wal_size_bytes": file_size(service.config.db_path + "-wal"),
-        "unsynced_count": unsynced_count(db),
+        "unsynced_count": unsynced_count(db, service.pusher.tables if service.pusher else EVENT_TABLES),
         "last_write_error": writer.fault.health(),
         "last_push_time": service.pusher and service.pusher.health()["last_push_time"],
         "last_push_status": service.pusher.last_status if service.pusher else "disabled",
@@ -8016,8 +8046,9 @@ def health_report(service: Service) -> dict[str, Any]:
     }
 
 
-def unsynced_count(db: Database) -> int | None:
-    counts = " + ".join(f"(SELECT count(*) FROM {table} WHERE synced = 0)" for table in EVENT_TABLES)
+def unsynced_count(db: Database, tables: tuple[str, ...]) -> int | None:
+    """Rows waiting to be pushed: those of the tables push sends (all of them while push is off)."""
+    counts = " + ".join(f"(SELECT count(*) FROM {table} WHERE synced = 0)" for table in tables)
     try:
         return db.query(f"SELECT {counts}")[0][0]
     except sqlite3.Error:
