@@ -440,6 +440,10 @@ class Config:
     log_path: str = setting("", TEXT, "The OpenClaw gateway log to follow: a file, or a directory whose "
                             "newest openclaw*-YYYY-MM-DD.log is followed; empty: off.")
     log_poll: float = setting("500ms", duration("10ms", "1m"), "Time between looks at the log file.")
+    log_quiet_poll: float = setting("5s", duration("10ms", "10m"), "Time between looks once the log has "
+                                    "been quiet: each look that finds nothing new doubles the wait, from "
+                                    "TRACE_LOG_POLL up to this (never under TRACE_LOG_POLL); a new line "
+                                    "brings it back to TRACE_LOG_POLL.")
     log_start: str = setting("end", choice("end", "beginning"), "Where to start in a log file otrace "
                              "has never read (a file it has read resumes where it stopped).")
     log_keep_all: bool = setting("off", SWITCH, "Keep INFO and DEBUG lines of no known kind too (they "
@@ -771,6 +775,7 @@ class Loop(threading.Thread):
         self.log = logging.getLogger(f"otrace.{name}")
         self.fault = FaultLog(self.log, name)
         self.ticks = 0
+        self.behind = False              # the queue refused the last offer: look again soon
 
     def wake(self) -> None:
         """Run the next tick now instead of at its time."""
@@ -800,7 +805,8 @@ class Loop(threading.Thread):
             delay = self.next_delay()
 
     def next_delay(self) -> float:
-        return self.interval
+        """While catching up behind a full queue, look again in 2 ms rather than a whole interval."""
+        return min(self.interval, 0.002) if self.behind else self.interval
 
     def tick(self) -> None:
         raise NotImplementedError
@@ -2400,7 +2406,8 @@ class Writer(threading.Thread):
     logged whole and dropped without taking its batch-mates with it."""
 
     STUCK_AFTER = 15.0           # seconds without a loop iteration before /health calls it stuck
-    LOOK_EVERY = 1.0             # seconds between checks that the file is still the one at the path
+    LOOK_EVERY = 1.0             # seconds between checks that the file is still the one at the path ...
+    IDLE_WAKE = 5.0              # ... while writing; idle, rows go nowhere, so the writer wakes less often
 
     def __init__(self, config: Config, db: Database, events: EventQueue, counters: Counters,
                  lock: DatabaseLock | None = None) -> None:
@@ -2449,7 +2456,7 @@ class Writer(threading.Thread):
                 if self.pending:
                     work = self.events.next_job(retry_at - time.monotonic()) or []
                 else:
-                    work = self.events.next_work(self.batch_size, self.window, idle=self.LOOK_EVERY)
+                    work = self.events.next_work(self.batch_size, self.window, idle=self.IDLE_WAKE)
                 if isinstance(work, Job):
                     if work.run is None:             # the last job: readers are gone, move if due
                         self.look_at = 0.0
@@ -3113,7 +3120,9 @@ class IngestServer:
         try:
             while not (self.closing and (not self.open or time.monotonic() >= self.close_by)):
                 timeout = min(tick, self.close_by - time.monotonic()) if self.closing else tick
-                for fd, events in self.poller.poll(max(0.0, timeout)):
+                if not self.open and not self.closing:
+                    timeout = -1                 # nothing to reap: sleep until a client or the wake pipe
+                for fd, events in self.poller.poll(timeout if timeout < 0 else max(0.0, timeout)):
                     self.on_ready(fd, events)
                 if (now := time.monotonic()) >= next_reap:
                     next_reap = now + tick
@@ -5815,7 +5824,7 @@ class LogTailer(Loop):
         self.started = False
         self.waiting = False
         self.most = max(1, min(256, config.queue_size // 4))   # lines per unit, so that units fit the queue
-        self.behind = False              # the queue refused the last offer: look again soon
+        self.wait = self.interval        # doubles while the log is quiet: an idle look costs a wake-up
         self.totals = Counters(("lines", "events", "skipped", "not_json", "cut", "bytes_read",
                                 "failed_attempts"))
 
@@ -5874,6 +5883,7 @@ class LogTailer(Loop):
 
     # -- reading
     def tick(self) -> None:
+        self.wait = min(2 * self.wait, max(self.interval, self.config.log_quiet_poll))
         if self.current is None and not self.open_next():
             return
         followed = self.current
@@ -5882,6 +5892,8 @@ class LogTailer(Loop):
                 "file": followed.path, "offset": followed.offset})
             followed.restart()
         read = self.drain(followed)
+        if read != 0:
+            self.wait = self.interval
         if read is None or read > 0 or not self.superseded(followed):
             followed.replaced_at = None              # full queue, news, or still the file to follow
             return
@@ -5896,8 +5908,7 @@ class LogTailer(Loop):
         self.open_next()
 
     def next_delay(self) -> float:
-        """While catching up behind a full queue, look again in 2 ms rather than a whole poll."""
-        return min(self.interval, 0.002) if self.behind else self.interval
+        return super().next_delay() if self.behind else self.wait
 
     def superseded(self, followed: Followed) -> bool:
         """Another file has taken over: `followed` came from the backlog, the day moved on to a new
@@ -6333,7 +6344,6 @@ class SessionStore(Loop):
         self.started = False
         self.most = max(1, min(256, config.queue_size // 8))   # entries per unit: 2 rows each at most
         self.waiting = False
-        self.behind = False
         self.zstd: Any = None                  # zstandard.ZstdDecompressor, made at the first need
         self.zstd_error: Any = None
         self.totals = Counters(("entries", "calls", "failures", "undecodable", "bytes_read"))
@@ -6376,9 +6386,6 @@ class SessionStore(Loop):
         if self.errors:
             raise RuntimeError("; ".join(f"agent {a}: {e}" for a, e in self.errors.items()))
 
-    def next_delay(self) -> float:
-        """While catching up behind a full queue, look again in 2 ms rather than a whole poll."""
-        return min(self.interval, 0.002) if self.behind else self.interval
 
     def said(self, what: str, path: Path) -> None:
         if what not in self.followed:

@@ -1,0 +1,119 @@
+"""Idle footprint with every feature on: otrace's RSS and CPU beside a bare stdlib server's.
+
+    python bench/idle.py [--idle 60] [--only all|push|log]
+
+otrace is started as `make run` starts it (compiled, as a module) with everything a deployment beside
+the gateway turns on: the gateway log (a directory holding a captured OpenClaw log, read to its end
+first), OpenClaw's session store (a captured state directory), the OTLP port, host metrics, the
+process table and DNS probes at their defaults, and push configured (otrace's JSON to a local sink
+that answers 200, every 20 s so a cycle falls inside the window). The baseline is a stdlib
+ThreadingHTTPServer that serves nothing, started in the same run from the stdlib alone.
+Both settle for 5 s; then RSS is read at the end of --idle seconds and CPU over them.
+
+Further rows, each against the same bare server: push configured and nothing else (to see what the
+push client's imports cost), and the log alone (a tailer following an idle file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import Usage, free_port, save, start_otrace, stop, stop_all, table, wait_listening
+
+FIXTURES = Path(__file__).resolve().parent.parent.parent / "shared" / "fixtures" / "openclaw"
+QUIET = {"TRACE_METRICS_INTERVAL": "off", "TRACE_PROC_INTERVAL": "off", "TRACE_DNS_PROBE": "",
+         "TRACE_OPENCLAW_STATE_DIR": "off", "TRACE_OTLP_PORT": "0", "TRACE_GATEWAY_MATCH": "off"}
+
+
+BARE = ("import sys; from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer; "
+        "ThreadingHTTPServer(('127.0.0.1', int(sys.argv[1])), BaseHTTPRequestHandler).serve_forever()")
+
+
+def start_bare() -> subprocess.Popen:
+    """The stdlib server and nothing else: no bench module imported, so nothing compiled at start."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-c", BARE, str(port)])
+    wait_listening(port)
+    return proc
+
+
+def sink() -> tuple[subprocess.Popen, int]:
+    """bench/push.py's receiver: answers every push 200."""
+    port = free_port()
+    here = str(Path(__file__).resolve().parent)
+    proc = subprocess.Popen([sys.executable, "-c", f"import sys; sys.path.insert(0, {here!r}); "
+                             f"import push; push.serve({port})"])
+    wait_listening(port)
+    return proc, port
+
+
+def setups(work: Path, sink_port: int) -> dict[str, dict[str, str]]:
+    logs, state = work / "logs", work / "state"
+    logs.mkdir()
+    shutil.copy(FIXTURES / "gateway-2026.9.6-debug.log", logs / "openclaw-2026-11-30.log")
+    shutil.copytree(FIXTURES / "state-2026.9.6", state)
+    push = {"TRACE_PUSH_ENDPOINT": f"http://127.0.0.1:{sink_port}/ingest", "TRACE_PUSH_INTERVAL": "20s"}
+    return {"all": {"TRACE_LOG_PATH": str(logs), "TRACE_OPENCLAW_STATE_DIR": str(state),
+                    "TRACE_OTLP_PORT": str(free_port()), **push},
+            "push": {**QUIET, **push},
+            "log": {**QUIET, "TRACE_LOG_PATH": str(logs)},
+            "none": dict(QUIET)}
+
+
+def measure(names: list[str], seconds: float) -> dict[str, dict[str, float]]:
+    with tempfile.TemporaryDirectory(prefix="otrace-idle-") as tmp:
+        work = Path(tmp)
+        receiver, port = sink()
+        procs: dict[str, subprocess.Popen] = {"bare": start_bare()}
+        try:
+            for name, env in setups(work, port).items():
+                if name in names:
+                    (work / name).mkdir()
+                    procs[name] = start_otrace(work / name, env)[0]
+            time.sleep(5.0)                                        # startup and the first reads settle
+            first, started = {n: Usage.of(p.pid) for n, p in procs.items()}, time.monotonic()
+            time.sleep(seconds)
+            last, took = {n: Usage.of(p.pid) for n, p in procs.items()}, time.monotonic() - started
+        finally:
+            stop_all(procs.values())
+            stop(receiver)
+    return {name: {"rss_mib": last[name].rss_bytes / 2**20,
+                   "cpu_pct": 100 * (last[name].cpu_s - first[name].cpu_s) / took} for name in procs}
+
+
+LABELS = {"all": "everything on: log, session store, OTLP port, metrics, processes, DNS, push",
+          "push": "push configured, nothing else", "log": "following an idle log file, nothing else",
+          "none": "every optional feature off"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--idle", type=float, default=60)
+    parser.add_argument("--only", choices=sorted(LABELS))
+    args = parser.parse_args()
+    names = [args.only] if args.only else list(LABELS)
+    got = measure(names, args.idle)
+    bare = got["bare"]
+    rows = [["bare ThreadingHTTPServer (baseline)", f"{bare['rss_mib']:.1f}", "1.00",
+             f"{bare['cpu_pct']:.3f}"]]
+    rows += [[f"otrace, {LABELS[name]}", f"{got[name]['rss_mib']:.1f}",
+              f"**{got[name]['rss_mib'] / bare['rss_mib']:.2f}**", f"{got[name]['cpu_pct']:.3f}"]
+             for name in names]
+    markdown = table([f"idle {args.idle:.0f} s", "RSS MiB", "RSS ratio", "CPU % of a core"], rows)
+    markdown += (f"\n\nCPU is counted in the kernel's 10 ms ticks: over {args.idle:.0f} s one tick is "
+                 f"{1 / args.idle:.3f} % of a core.")
+    for line in markdown.splitlines():
+        print(" ", line)
+    save("idle", markdown, {"idle_s": args.idle, **got})
+
+
+if __name__ == "__main__":
+    main()
