@@ -1,33 +1,37 @@
 #!/usr/bin/env python3
 """otrace: an observability sidecar for AI agents.
 
-The agent POSTs LLM-call traces and error events over loopback HTTP; otrace answers 202 at once and a
-single writer thread keeps every accepted event in SQLite. Beside them, loops sample the host's
-metrics, follow the gateway's log and OpenClaw's session store, push unsynced rows to a remote API,
-and keep the database inside its budget.
+The agent POSTs LLM-call traces and error events over loopback HTTP, or sends OpenTelemetry (OTLP/HTTP);
+otrace answers at once and a single writer thread keeps every accepted event in SQLite. Beside them,
+loops sample the host's metrics, follow the gateway's log and OpenClaw's session store, push unsynced
+rows to a remote API (otrace's JSON or OTLP), and keep the database inside its budget. `otrace report`
+reads the database and says what the agent cost and what failed.
 
 Contents, in the order data flows. Each section opens with its constants and SQL; the thread in
 brackets is the one its code runs on.
 
-  config ....... Config, setting(), unknown_settings()              [main, once at start]
-  kit .......... FaultLog, Backoff, Loop, transaction(), compact_json()       [any]
-  model ........ Invalid, Fields, Table, parse_events(): a POST body becomes Rows   [http]
-  prices ....... PriceTable, price_call(): a call with tokens and no cost is priced   [where rows are built]
-  store ........ SCHEMA, open_database(), EventQueue, Gate, Reserve, Writer:
-                 Rows become SQLite rows, in batches                           [writer]
-  ingest ....... Connection, Request, Api, IngestServer: one epoll loop for every client  [http]
-  otlp ......... decode_otlp(), llm_call(), Content, Series, OtlpReceiver: OTLP/HTTP traces,
-                 metrics and logs become rows                                  [http]
-  host metrics . HostReader, Cgroup, Sampler: /proc and cgroup files become system_metrics  [metrics]
-  gateway log .. LogLine, classify(), LogTailer: the gateway's log becomes log_events  [logtail]
-  openclaw sessions  store_events(), AgentDatabase, SessionStore: OpenClaw's transcripts become
-                 llm_traces and error_events, each model call once                  [sessions]
-  push ......... Packer, Batch, Receiver, Breaker, Pusher: unsynced rows leave, at least once  [push]
-  upkeep ....... Checkpointer, Retention: the WAL shrinks, old rows are deleted   [checkpoint, retention]
-  health ....... Service.health(), prometheus(), CallTally: /health and /metrics       [http]
-  report ....... Report, TableView, run_report(): `otrace report`, read-only   [the report's own process]
-  lifecycle .... DatabaseLock, Service, serve(): start, SIGTERM, an orderly stop   [main]
-  cli .......... main()
+  config ............ Config, setting(), unknown_settings()                     [main, once at start]
+  kit ............... FaultLog, Backoff, Loop, transaction(), compact_json()                  [any]
+  model ............. Invalid, Fields, Table, parse_events(): a POST body becomes Rows       [http]
+  prices ............ PriceTable, price_call(): a call with tokens and no cost is priced   [builders]
+  store ............. SCHEMA, open_database(), DatabaseLock, EventQueue, Gate, Reserve, Writer:
+                      Rows become SQLite rows, in batches                                  [writer]
+  ingest ............ Connection, Request, Api, IngestServer: one epoll loop for every client [http]
+  otlp .............. decode_otlp(), llm_call(), Content, Series, OtlpReceiver: OTLP/HTTP traces,
+                      metrics and logs become rows                                           [http]
+  host metrics ...... HostReader, Cgroup, Sampler: /proc and cgroup files become
+                      system_metrics                                                      [metrics]
+  gateway log ....... LogLine, classify(), LogTailer: the gateway's log becomes log_events [logtail]
+  openclaw sessions . store_events(), AgentDatabase, SessionStore: OpenClaw's transcripts become
+                      llm_traces and error_events, each model call once                  [sessions]
+  push .............. Packer, Batch, OtraceFormat, OtlpFormat, Receiver, Breaker, Pusher: unsynced
+                      rows leave, as otrace's JSON or OTLP, at least once                     [push]
+  upkeep ............ Checkpointer, Retention: the WAL shrinks, old rows are deleted
+                                                                         [checkpoint, retention]
+  health ............ Service.health(), prometheus(), CallTally: /health and /metrics        [http]
+  report ............ Report, TableView, run_report(): `otrace report`, read-only  [its own process]
+  lifecycle ......... Service, serve(): start, SIGTERM, an orderly stop                      [main]
+  cli ............... main()
 
 Where a POST becomes a row: IngestServer.serve -> Api.answer -> parse_events (or OtlpReceiver.export)
 -> EventQueue.offer -> Writer.flush. Where a row is pushed: Pusher.push -> Packer.batches ->
@@ -738,6 +742,13 @@ ERROR_CATEGORIES = ("rate_limit", "timeout", "malformed_response", "api_failure"
 SEVERITIES = ("debug", "info", "warning", "error", "critical")
 
 
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+STRICT_JSON = json.JSONDecoder(parse_constant=_no_constants)   # one, not one per request: NaN refused
+
+
 class Refusal(Exception):
     """A request otrace answers with an error, before or after reading its body."""
 
@@ -897,13 +908,6 @@ class Fields:
             raise self.fail(field, "holds a number too large for JSON (NaN or infinite)") from None
         self.truncated |= cut
         return text
-
-
-def _no_constants(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-STRICT_JSON = json.JSONDecoder(parse_constant=_no_constants)   # one, not one per request: NaN refused
 
 
 @dataclasses.dataclass(frozen=True)
@@ -4466,6 +4470,9 @@ OFFSET_SQL = ("INSERT INTO log_offsets (dev, inode, fingerprint, path, position,
               "path = excluded.path, position = excluded.position, updated_at = excluded.updated_at")
 RUN_FAILED = "model-fallback/decision"     # its WARN line ends a run whose model calls failed
 RUNS_REMEMBERED = 256                      # runs whose last failed attempt the tailer keeps in memory
+_STOPPING = re.compile(r"received SIG\w+; (shutting down|restarting)")
+_UNREAD = object()                         # a LogLine's JSON not parsed yet
+LOG_JSON = json.JSONDecoder()
 ATTEMPT_SQL = ("INSERT INTO openclaw_attempts (trace_id, run_id, outcome, created_at) VALUES (?, ?, ?, ?) "
                "ON CONFLICT (trace_id) DO NOTHING")
 _COUNT_ATTEMPTS = (
@@ -4550,10 +4557,6 @@ class LogLine:
         return session if isinstance(session, str) else None
 
 
-_UNREAD = object()
-LOG_JSON = json.JSONDecoder()
-
-
 @functools.lru_cache(maxsize=256)
 def _subsystem(name: str) -> str:
     """The subsystem of a logger's binding ("{\\"subsystem\\":\\"gateway/reload\\"}", or a module or
@@ -4611,9 +4614,6 @@ def classify(line: LogLine) -> str | None:
     if (sub == "agent/embedded" and line.info.get("isError") is True) or (sub == RUN_FAILED and notice):
         return "model_error"
     return "other" if notice else None
-
-
-_STOPPING = re.compile(r"received SIG\w+; (shutting down|restarting)")
 
 
 def model_failure(line: LogLine, kind: str) -> dict[str, Any] | None:
@@ -5551,7 +5551,8 @@ def _run_of(row: Row) -> str | None:
 
 # ================================================================================================ push
 # Every unsynced row reaches the receiver at least once and is marked synced only when a 2xx answer
-# confirmed its batch. Rows are read page by page and packed into byte-capped batches; a batch is
+# confirmed its batch. Rows are read page by page, encoded by the push format (otrace's JSON, or
+# OTLP for any OpenTelemetry backend) and packed into byte-capped batches; a batch is
 # retried with full-jitter backoff, split when refused for its content, and a circuit breaker spaces
 # out cycles while the receiver is down. A row the receiver refuses on its own is given up only when
 # it accepted others in the same cycle; a receiver that refuses everything keeps every row.
@@ -5560,6 +5561,32 @@ JSON_COLUMNS = frozenset({"metadata", "detail", "attributes", "buckets"})
 INTERNAL_COLUMNS = frozenset({"synced", "pushed_at"})
 ANSWER_LIMIT = 4096              # bytes of a receiver's answer otrace reads at most
 LOSSES_PER_BATCH = 100
+LOSS = "(loss)"                  # the table of a loss report's records: no row of its own
+_REJECTED_JSON = re.compile(rb'"rejected_?(?:[Ss]pans|[Dd]ata_?[Pp]oints|[Ll]og_?[Rr]ecords)"\s*:\s*"?(\d+)')
+SEVERITY_NUMBERS = {"TRACE": 1, "DEBUG": 5, "INFO": 9, "WARNING": 13, "WARN": 13, "ERROR": 17,
+                    "CRITICAL": 21, "FATAL": 21}
+OTLP_SIGNAL_OF = {"llm_traces": "traces", "system_metrics": "metrics", "genai_metrics": "metrics"}
+OTLP_ENVELOPE = {"traces": ("resourceSpans", "scopeSpans", "spans"),     # OTLP JSON names, outside in
+                 "logs": ("resourceLogs", "scopeLogs", "logRecords"),
+                 "metrics": ("resourceMetrics", "scopeMetrics", "metrics")}
+# system_metrics columns pushed under OpenTelemetry's names: (metric, unit, scale, attributes); the
+# others go as otrace.host.<column>. A sample from a cgroup is the container's, from /proc the host's.
+HOST_METRICS = {
+    "mem_used_bytes": ("system.memory.usage", "By", 1, {"system.memory.state": "used"}),
+    "cpu_pct": ("system.cpu.utilization", "1", 0.01, {}),
+    "disk_used_bytes": ("system.filesystem.usage", "By", 1, {"system.filesystem.state": "used"}),
+    "disk_avail_bytes": ("system.filesystem.usage", "By", 1, {"system.filesystem.state": "free"}),
+    "disk_used_pct": ("system.filesystem.utilization", "1", 0.01, {}),
+    "self_rss_bytes": ("process.memory.usage", "By", 1, {}),
+    "self_cpu_pct": ("process.cpu.utilization", "1", 0.01, {}),
+}
+CONTAINER_METRICS = HOST_METRICS | {
+    "mem_used_bytes": ("container.memory.usage", "By", 1, {}),
+    "mem_rss_bytes": ("container.memory.rss", "By", 1, {}),
+    "mem_available_bytes": ("container.memory.available", "By", 1, {}),
+    "cpu_pct": ("otrace.host.cpu_pct", "%", 1, {}),    # of the allowance: container.cpu.usage is in cpus
+}
+OTLP_PUSH_SKIP = frozenset({"id", "trace_id", "created_at", "received_at", "truncated"})
 
 
 @dataclasses.dataclass
@@ -5691,34 +5718,6 @@ class OtraceFormat:
 
     def rejected(self, answer: bytes) -> int:
         return 0
-
-
-LOSS = "(loss)"                  # the table of a loss report's records: no row of its own
-_REJECTED_JSON = re.compile(rb'"rejected_?(?:[Ss]pans|[Dd]ata_?[Pp]oints|[Ll]og_?[Rr]ecords)"\s*:\s*"?(\d+)')
-SEVERITY_NUMBERS = {"TRACE": 1, "DEBUG": 5, "INFO": 9, "WARNING": 13, "WARN": 13, "ERROR": 17,
-                    "CRITICAL": 21, "FATAL": 21}
-OTLP_SIGNAL_OF = {"llm_traces": "traces", "system_metrics": "metrics", "genai_metrics": "metrics"}
-OTLP_ENVELOPE = {"traces": ("resourceSpans", "scopeSpans", "spans"),     # OTLP JSON names, outside in
-                 "logs": ("resourceLogs", "scopeLogs", "logRecords"),
-                 "metrics": ("resourceMetrics", "scopeMetrics", "metrics")}
-# system_metrics columns pushed under OpenTelemetry's names: (metric, unit, scale, attributes); the
-# others go as otrace.host.<column>. A sample from a cgroup is the container's, from /proc the host's.
-HOST_METRICS = {
-    "mem_used_bytes": ("system.memory.usage", "By", 1, {"system.memory.state": "used"}),
-    "cpu_pct": ("system.cpu.utilization", "1", 0.01, {}),
-    "disk_used_bytes": ("system.filesystem.usage", "By", 1, {"system.filesystem.state": "used"}),
-    "disk_avail_bytes": ("system.filesystem.usage", "By", 1, {"system.filesystem.state": "free"}),
-    "disk_used_pct": ("system.filesystem.utilization", "1", 0.01, {}),
-    "self_rss_bytes": ("process.memory.usage", "By", 1, {}),
-    "self_cpu_pct": ("process.cpu.utilization", "1", 0.01, {}),
-}
-CONTAINER_METRICS = HOST_METRICS | {
-    "mem_used_bytes": ("container.memory.usage", "By", 1, {}),
-    "mem_rss_bytes": ("container.memory.rss", "By", 1, {}),
-    "mem_available_bytes": ("container.memory.available", "By", 1, {}),
-    "cpu_pct": ("otrace.host.cpu_pct", "%", 1, {}),    # of the allowance: container.cpu.usage is in cpus
-}
-OTLP_PUSH_SKIP = frozenset({"id", "trace_id", "created_at", "received_at", "truncated"})
 
 
 class OtlpFormat:
