@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
 """otrace: an observability sidecar for AI agents.
 
-The agent POSTs LLM-call traces and error events over loopback HTTP, or sends OpenTelemetry (OTLP/HTTP);
-otrace answers at once and a single writer thread keeps every accepted event in SQLite. Beside them,
-loops sample the host's metrics, follow the gateway's log and OpenClaw's session store, push unsynced
-rows to a remote API (otrace's JSON or OTLP), and keep the database inside its budget. `otrace report`
-reads the database and says what the agent cost and what failed.
+The agent POSTs LLM-call traces, error events and custom events over loopback HTTP, or sends
+OpenTelemetry (OTLP/HTTP); otrace answers at once and a single writer thread keeps every accepted
+event in SQLite. Beside them, loops sample the host's metrics, its processes and network, follow the
+gateway's log and OpenClaw's session store, push unsynced rows to a remote API (otrace's JSON or OTLP),
+and keep the database inside its budget. `otrace report` reads the database and says what the agent
+cost and what failed.
 
 Contents, in the order data flows. Each section opens with its constants and SQL; the thread in
 brackets is the one its code runs on.
@@ -21,6 +22,9 @@ brackets is the one its code runs on.
                       metrics and logs become rows                                           [http]
   host metrics ...... HostReader, Cgroup, Sampler: /proc and cgroup files become
                       system_metrics                                                      [metrics]
+  processes and network  ProcessSampler, GatewayWatch, NetReader, DnsProbe: scans of the process
+                      table become process_samples and a zombie count; the gateway, connections,
+                      traffic and DNS join each host sample  [processes; metrics; dns, one per lookup]
   gateway log ....... LogLine, classify(), LogTailer: the gateway's log becomes log_events [logtail]
   openclaw sessions . store_events(), AgentDatabase, SessionStore: OpenClaw's transcripts become
                       llm_traces and error_events, each model call once                  [sessions]
@@ -28,7 +32,8 @@ brackets is the one its code runs on.
                       rows leave, as otrace's JSON or OTLP, at least once                     [push]
   upkeep ............ Checkpointer, Retention: the WAL shrinks, old rows are deleted
                                                                          [checkpoint, retention]
-  health ............ Service.health(), prometheus(), CallTally: /health and /metrics        [http]
+  health ............ Service.health(), prometheus(), CallTally, Debug: /health, /metrics and
+                      /debug/*                                  [http; a profile on its own thread]
   report ............ Report, TableView, run_report(): `otrace report`, read-only  [its own process]
   lifecycle ......... Service, serve(): start, SIGTERM, an orderly stop                      [main]
   cli ............... main()
@@ -56,6 +61,7 @@ import json
 import logging
 import math
 import os
+import pwd
 import queue
 import random
 import re
@@ -98,17 +104,21 @@ __all__ = [
     "DatabaseLock",
     "EventQueue",
     "Fields",
+    "GatewayWatch",
     "HostReader",
     "Invalid",
     "LogLine",
+    "NetReader",
     "OtlpReceiver",
     "Point",
+    "ProcessTable",
     "Receiver",
     "Row",
     "SessionStore",
     "SettingError",
     "Snapshot",
     "Unit",
+    "ZombieWatch",
     "call_category",
     "classify",
     "connect",
@@ -122,12 +132,15 @@ __all__ = [
     "llm_call",
     "main",
     "model_failure",
+    "net_sample",
     "one_per_call",
     "open_database",
     "openclaw_state_dir",
     "parse_events",
     "prometheus",
     "provider_name",
+    "read_processes",
+    "redact_cmdline",
     "settings_table",
     "store_events",
     "store_trace_id",
@@ -150,6 +163,8 @@ _SIZE_UNITS = {None: 1, "B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3, "Ti
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}")
 _RESERVED_HEADERS = {"content-type", "content-length", "content-encoding", "transfer-encoding", "host",
                      "connection", "idempotency-key"}
+_HOSTNAME = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)(?:\.(?!-)[a-z0-9-]{1,63}(?<!-))*")
+MAX_PROBED_NAMES = 16
 
 
 class SettingError(ValueError):
@@ -267,6 +282,25 @@ def _headers(raw: str) -> tuple[tuple[str, str], ...]:
     return tuple(pairs)
 
 
+def _gateway(raw: str) -> tuple:
+    """`program:word,...` as (program, (word, ...)); off as ()."""
+    if raw.strip().lower() == "off":
+        return ()
+    program, colon, words = raw.strip().partition(":")
+    found = tuple(w.strip() for w in words.split(",") if w.strip())
+    if not colon or not found or any(not w.isprintable() for w in (program, *found)) or "/" in program or (
+            program != program.strip()):
+        raise SettingError
+    return program, found
+
+
+def _hostnames(raw: str) -> tuple[str, ...]:
+    names = tuple(n.strip().rstrip(".").lower() for n in raw.split(",") if n.strip())
+    if len(names) > MAX_PROBED_NAMES or not all(len(n) <= 253 and _HOSTNAME.fullmatch(n) for n in names):
+        raise SettingError
+    return tuple(dict.fromkeys(names))
+
+
 def _price_file(raw: str) -> str:
     """A price file otrace can use, read once here so a bad one stops the start naming the setting."""
     if raw.strip():
@@ -284,6 +318,9 @@ URL = Kind("empty, or an http:// or https:// URL", _url)
 TOKEN = Kind("empty, or printable ASCII without spaces", _token)
 HEADERS = Kind("empty, or key=value pairs separated by commas, values URL-encoded", _headers)
 LEVEL = choice("debug", "info", "warning", "error")
+GATEWAY = Kind("off, or a program name, a colon and words separated by commas (like node:openclaw,gateway)",
+               _gateway)
+HOSTNAMES = Kind(f"empty, or up to {MAX_PROBED_NAMES} host names separated by commas", _hostnames)
 PRICES = Kind("empty, or a JSON price file shaped like prices.json", _price_file)
 
 
@@ -359,6 +396,29 @@ class Config:
     metrics_interval: float = setting("15s", duration("100ms", "1d", off=True), "Time between host metrics "
                                       "samples (the first one only primes the counters); off stops "
                                       "sampling.")
+    proc_interval: float = setting("60s", duration("1s", "1d", off=True), "Time between scans of the "
+                                   "process table: the top processes into process_samples (the first scan "
+                                   "only primes the CPU counters), and the zombie count; off stops both.")
+    proc_top: int = setting("10", count(1, 100), "Processes by CPU in each process sample, beside the top "
+                            "10 by memory.")
+    zombie_alert: int = setting("5", count(0, 1_000_000), "Zombie processes that, seen in two scans of "
+                                "the process table in a row, make one error event (zombie_processes) per "
+                                "episode; 0: off.")
+    gateway_match: tuple = setting("node:openclaw,gateway", GATEWAY, "The OpenClaw gateway's process, "
+                                   "watched in every host sample: `program:word,...` is a process whose "
+                                   "executable (or argv[0], or name) is program and whose command line "
+                                   "holds every word; an empty program matches any; off: no watch.")
+    dns_probe: tuple = setting("api.anthropic.com,api.openai.com", HOSTNAMES, "Host names resolved every "
+                               "TRACE_DNS_INTERVAL, their time and outcome kept; two failures in a row of "
+                               "a name are one network_failure event. Empty: off.")
+    dns_interval: float = setting("1m", duration("1s", "1d"), "Time between DNS probes.")
+    dns_timeout: float = setting("5s", duration("100ms", "1m"), "Longest a DNS probe waits for a name "
+                                 "(the lookup runs on a thread of its own, left to finish if it hangs).")
+    debug: bool = setting("off", SWITCH, "Answer /debug/vars, /debug/threads, /debug/profile and "
+                          "/debug/memory, to loopback clients only (with the ingest token when one is "
+                          "set).")
+    debug_tracemalloc: bool = setting("off", SWITCH, "Trace Python allocations from the start, for "
+                                      "/debug/memory (costs memory and CPU while on; needs TRACE_DEBUG).")
     cgroup: str = setting("auto", choice("auto", "v2", "v1", "none"), "Which cgroup hierarchy host "
                           "metrics come from; none reads /proc only (a VM).")
     procfs: str = setting("/proc", NAME, "Where procfs is mounted (a host's /proc seen from a container "
@@ -444,6 +504,9 @@ class Config:
         if config.push_token and urllib.parse.urlsplit(config.push_endpoint).username is not None:
             raise SettingError("TRACE_PUSH_ENDPOINT holds user:password@ and TRACE_PUSH_TOKEN is set: "
                                "both would be the Authorization header; keep one")
+        if config.debug_tracemalloc and not config.debug:
+            raise SettingError("TRACE_DEBUG_TRACEMALLOC=on needs TRACE_DEBUG=on: /debug/memory is what "
+                               "reads the traces")
         return config
 
     def shown(self) -> dict[str, Any]:
@@ -738,7 +801,7 @@ OWN_TEXT_BYTES = 16384           # texts of the events otrace writes itself
 ERROR_TYPES = ("llm_error", "crash", "system_error")
 ERROR_CATEGORIES = ("rate_limit", "timeout", "malformed_response", "api_failure", "process_crash",
                     "oom_kill", "unhandled_exception", "disk_full", "network_failure",
-                    "permission_denied", "other")
+                    "permission_denied", "zombie_processes", "other")
 SEVERITIES = ("debug", "info", "warning", "error", "critical")
 
 
@@ -793,7 +856,8 @@ class Fields:
     def fail(self, field: str, message: str) -> Invalid:
         return Invalid(f"{field} {message}", field, self.index)
 
-    def name(self, field: str, required: bool = False, limit: int = MAX_NAME_CHARS) -> str | None:
+    def name(self, field: str, required: bool = False, limit: int = MAX_NAME_CHARS,
+             printable: bool = False) -> str | None:
         value = self.event.get(field)
         if value is None:
             if required:
@@ -803,6 +867,8 @@ class Fields:
             raise self.fail(field, "must be a non-empty string")
         if len(value) > limit:
             raise self.fail(field, f"must be at most {limit} characters")
+        if printable and not value.isprintable():
+            raise self.fail(field, f"must be 1 to {limit} printable characters (no control characters)")
         return clean_text(value)
 
     def choice(self, field: str, choices: tuple[str, ...], default: str | None = None) -> str:
@@ -943,7 +1009,11 @@ METRICS = Table("system_metrics", frozenset(), (
     "mem_used_bytes", "mem_rss_bytes", "mem_limit_bytes", "mem_available_bytes", "mem_total_bytes",
     "disk_path", "disk_device", "disk_total_bytes", "disk_used_bytes", "disk_avail_bytes", "disk_used_pct",
     "disk_read_bps", "disk_write_bps", "cgroup_read_bps", "cgroup_write_bps", "self_rss_bytes",
-    "self_cpu_pct"), "system_metric")
+    "self_cpu_pct", "proc_count", "proc_zombies", "gateway_up", "gateway_pid", "gateway_cpu_pct",
+    "gateway_rss_bytes", "gateway_threads", "gateway_fds", "gateway_uptime_s", "tcp_established",
+    "tcp_time_wait", "tcp_close_wait", "tcp_listen", "net_rx_bps", "net_tx_bps", "net_rx_pps", "net_tx_pps",
+    "tcp_retrans_ps", "tcp_syn_retrans_ps", "tcp_attempt_fails_ps", "tcp_estab_resets_ps", "tcp_out_rsts_ps",
+    "udp_in_errors_ps", "udp_no_ports_ps", "dns"), "system_metric")
 LOGS = Table("log_events", frozenset(), (
     *_COMMON, "level", "subsystem", "kind", "message", "detail", "otel_trace_id", "file", "file_offset"),
     "log_event")
@@ -951,7 +1021,14 @@ GENAI_METRICS = Table("genai_metrics", frozenset(), (
     *_COMMON, "name", "kind", "unit", "window_start", "value", "count", "min", "max", "buckets", "provider",
     "model", "service", "attributes", "reset", "truncated"), "genai_metric")
 METRIC_KINDS = ("sum", "gauge", "histogram", "exponential_histogram")
-TABLES = {table.name: table for table in (TRACES, ERRORS, METRICS, LOGS, GENAI_METRICS)}
+CUSTOM = Table("custom_events", frozenset({"name", "attributes", "severity", "session_id", "trace_id",
+                                          "created_at"}),
+               (*_COMMON, "name", "severity", "session_id", "attributes", "truncated"), "custom_event")
+PROCESSES = Table("process_samples", frozenset(), (
+    *_COMMON, "interval_s", "pid", "ppid", "name", "cmdline", "cmdline_bytes", "user", "uid", "state",
+    "cpu_pct", "rss_bytes", "threads", "fds", "started_at", "cpu_rank", "rss_rank", "truncated"),
+    "process_sample")
+TABLES = {table.name: table for table in (TRACES, ERRORS, METRICS, LOGS, GENAI_METRICS, CUSTOM, PROCESSES)}
 EVENT_TABLES = tuple(TABLES)
 
 
@@ -1001,6 +1078,24 @@ def metric_row(f: Fields, received: int, source: str = "otlp") -> tuple:
     return (*values, int(f.truncated))
 
 
+def custom_row(f: Fields, received: int, source: str = "http") -> tuple:
+    """The custom_events row for one named event, truncated flag last."""
+    values = (f.trace_id(), f.created_at(received), received, source,
+              f.name("name", required=True, printable=True), f.choice("severity", SEVERITIES, "info"),
+              f.name("session_id"), f.metadata("attributes"))
+    return (*values, int(f.truncated))
+
+
+def process_row(f: Fields, received: int, source: str = "otrace") -> tuple:
+    """The process_samples row for one process of a sample, truncated flag last."""
+    cmdline, cmdline_bytes = f.text("cmdline")
+    values = (f.trace_id(), received, received, source, f.amount("interval_s"), f.count("pid"),
+              f.count("ppid"), f.name("name"), cmdline, cmdline_bytes, f.name("user"), f.count("uid"),
+              f.name("state"), f.amount("cpu_pct"), f.count("rss_bytes"), f.count("threads"), f.count("fds"),
+              f.count("started_at"), f.count("cpu_rank"), f.count("rss_rank"))
+    return (*values, int(f.truncated))
+
+
 def event_row(table: Table, build: Callable[[Fields, int, str], tuple], event: dict[str, Any],
               source: str, *, received: int | None = None, max_text: int = OWN_TEXT_BYTES) -> Row:
     """A row from an event otrace builds itself (from a log line, a host sample, its own faults),
@@ -1018,7 +1113,7 @@ def own_error(category: str, message: str, metadata: dict[str, Any], severity: s
 
 
 ROW_BUILDERS: dict[str, tuple[Table, Callable[[Fields, int, str], tuple]]] = {
-    "/v1/traces": (TRACES, trace_row), "/v1/errors": (ERRORS, error_row)}
+    "/v1/traces": (TRACES, trace_row), "/v1/errors": (ERRORS, error_row), "/v1/events": (CUSTOM, custom_row)}
 
 
 def json_body(body: bytes) -> Any:
@@ -1739,12 +1834,83 @@ SCHEMA: list[str] = [
         updated_at INTEGER NOT NULL
     );
     """,
+    # 10: custom events, samples of the process table, and processes, network and DNS in host samples.
+    """
+    CREATE TABLE custom_events (
+        id INTEGER PRIMARY KEY,
+        trace_id TEXT NOT NULL UNIQUE,
+        created_at INTEGER NOT NULL,
+        received_at INTEGER NOT NULL,
+        source TEXT NOT NULL,
+        name TEXT NOT NULL,
+        severity TEXT NOT NULL,
+        session_id TEXT,
+        attributes TEXT,
+        truncated INTEGER NOT NULL,
+        synced INTEGER NOT NULL DEFAULT 0,
+        pushed_at INTEGER
+    );
+    CREATE INDEX custom_events_unsynced ON custom_events (id) WHERE synced = 0;
+    CREATE TABLE process_samples (
+        id INTEGER PRIMARY KEY,
+        trace_id TEXT NOT NULL UNIQUE,
+        created_at INTEGER NOT NULL,
+        received_at INTEGER NOT NULL,
+        source TEXT NOT NULL,
+        interval_s REAL,
+        pid INTEGER NOT NULL,
+        ppid INTEGER,
+        name TEXT,
+        cmdline TEXT,
+        cmdline_bytes INTEGER,
+        user TEXT,
+        uid INTEGER,
+        state TEXT,
+        cpu_pct REAL,
+        rss_bytes INTEGER,
+        threads INTEGER,
+        fds INTEGER,
+        started_at INTEGER,
+        cpu_rank INTEGER,
+        rss_rank INTEGER,
+        truncated INTEGER NOT NULL,
+        synced INTEGER NOT NULL DEFAULT 0,
+        pushed_at INTEGER
+    );
+    CREATE INDEX process_samples_unsynced ON process_samples (id) WHERE synced = 0;
+    ALTER TABLE system_metrics ADD COLUMN proc_count INTEGER;
+    ALTER TABLE system_metrics ADD COLUMN proc_zombies INTEGER;
+    ALTER TABLE system_metrics ADD COLUMN gateway_up INTEGER;
+    ALTER TABLE system_metrics ADD COLUMN gateway_pid INTEGER;
+    ALTER TABLE system_metrics ADD COLUMN gateway_cpu_pct REAL;
+    ALTER TABLE system_metrics ADD COLUMN gateway_rss_bytes INTEGER;
+    ALTER TABLE system_metrics ADD COLUMN gateway_threads INTEGER;
+    ALTER TABLE system_metrics ADD COLUMN gateway_fds INTEGER;
+    ALTER TABLE system_metrics ADD COLUMN gateway_uptime_s REAL;
+    ALTER TABLE system_metrics ADD COLUMN tcp_established INTEGER;
+    ALTER TABLE system_metrics ADD COLUMN tcp_time_wait INTEGER;
+    ALTER TABLE system_metrics ADD COLUMN tcp_close_wait INTEGER;
+    ALTER TABLE system_metrics ADD COLUMN tcp_listen INTEGER;
+    ALTER TABLE system_metrics ADD COLUMN net_rx_bps REAL;
+    ALTER TABLE system_metrics ADD COLUMN net_tx_bps REAL;
+    ALTER TABLE system_metrics ADD COLUMN net_rx_pps REAL;
+    ALTER TABLE system_metrics ADD COLUMN net_tx_pps REAL;
+    ALTER TABLE system_metrics ADD COLUMN tcp_retrans_ps REAL;
+    ALTER TABLE system_metrics ADD COLUMN tcp_syn_retrans_ps REAL;
+    ALTER TABLE system_metrics ADD COLUMN tcp_attempt_fails_ps REAL;
+    ALTER TABLE system_metrics ADD COLUMN tcp_estab_resets_ps REAL;
+    ALTER TABLE system_metrics ADD COLUMN tcp_out_rsts_ps REAL;
+    ALTER TABLE system_metrics ADD COLUMN udp_in_errors_ps REAL;
+    ALTER TABLE system_metrics ADD COLUMN udp_no_ports_ps REAL;
+    ALTER TABLE system_metrics ADD COLUMN dns TEXT;
+    """,
 ]
 
 UNSYNCED, SYNCED, REFUSED, REFUSED_REPORTED = 0, 1, 2, 3   # values of the synced column
 DELIVERED = f"synced IN ({SYNCED}, {REFUSED_REPORTED})"      # rows retention may take as pushed
 CACHE_KIB = 2048                 # per connection; otrace keeps few open
-ROWS_PER_INSERT = 32             # x 29 columns at most: under the 999 variables older SQLite allows
+ROWS_PER_INSERT = 32             # at most, and fewer for a wide table (see insert_rows)
+MAX_VARIABLES = 999              # what older SQLite allows in one statement
 JOB_TIMEOUT = 120.0              # longest a loop waits for the writer to run its job
 BUSY_TIMEOUT = 10.0              # seconds a statement waits for a lock another connection holds
 STATE_TABLES = ("otrace_state", "log_offsets",   # where readers keep their place: carried to a new file
@@ -2459,12 +2625,13 @@ def insert_sql(table: str, rows: int = 1) -> str:
 
 
 def insert_rows(conn: sqlite3.Connection, table: str, values: list[tuple]) -> int:
-    """Insert rows 32, 16, ..., 1 at a time, a multi-row statement each; how many were new. Not
-    executemany: that steps SQLite once per row, and every step gives the GIL away and must win it
-    back from the busy HTTP thread (see docs/design.md)."""
+    """Insert rows 32, 16, ..., 1 at a time (fewer for a table too wide for 32 rows in MAX_VARIABLES), a
+    multi-row statement each; how many were new. Not executemany: that steps SQLite once per row, and
+    every step gives the GIL away and must win it back from the busy HTTP thread (see docs/design.md)."""
     inserted = start = 0
+    most = min(ROWS_PER_INSERT, 1 << (MAX_VARIABLES // len(TABLES[table].columns)).bit_length() - 1)
     while start < len(values):
-        size = min(ROWS_PER_INSERT, 1 << (len(values) - start).bit_length() - 1)
+        size = min(most, 1 << (len(values) - start).bit_length() - 1)
         params = [value for row in values[start:start + size] for value in row]
         inserted += conn.execute(insert_sql(table, size), params).rowcount
         start += size
@@ -2507,7 +2674,7 @@ MAX_HEADERS = 100
 CHUNK_LINE_LIMIT = 4096          # a chunk's size line, with its extensions
 READ_CHUNK = 65536
 ROUTES = {"/v1/traces": ("POST",), "/v1/errors": ("POST",), "/v1/metrics": ("POST",), "/v1/logs": ("POST",),
-          "/health": ("GET", "HEAD"), "/metrics": ("GET", "HEAD")}
+          "/v1/events": ("POST",), "/health": ("GET", "HEAD"), "/metrics": ("GET", "HEAD")}
 PUBLIC_ROUTES = frozenset({"/health", "/metrics"})     # answered without the ingest token
 _DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
@@ -2531,6 +2698,7 @@ class Request:
     length: int | None           # Content-Length; None when chunked
     chunked: bool
     body: bytearray = dataclasses.field(default_factory=bytearray)
+    client: str = ""             # the peer's address
 
     @property
     def has_body(self) -> bool:
@@ -2653,6 +2821,7 @@ class Connection:
     reserved: int = 0                  # bytes of the budget this connection holds
     close: bool = False                # hang up once the outbox is sent
     mask: int = 0                      # the epoll events it is registered for
+    waiting: Future | None = None      # an answer another thread is making (a profile)
 
     @property
     def idle(self) -> bool:
@@ -2732,6 +2901,13 @@ def _status_head(status: int, content_type: str) -> str:
            f"Content-Type: {content_type}\r\n"
 
 
+Answer = tuple[int, dict[str, Any] | bytes, dict[str, str], str]   # status, body, headers, content type
+
+
+def is_loopback(address: str) -> bool:
+    return address.startswith(("127.", "::ffff:127.")) or address == "::1"
+
+
 def is_json_type(content_type: str) -> bool:
     media = content_type.split(";", 1)[0].strip().lower()
     return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
@@ -2761,16 +2937,19 @@ class Api:
 
     def __init__(self, service: Service) -> None:
         self.service, self.config = service, service.config
+        self.routes = ROUTES | (DEBUG_ROUTES if service.debug else {})
 
     def begin(self, request: Request) -> None:
         """Checks made before a byte of the body is read; Refusal ends the request (and the connection,
         as its body stays unread)."""
-        methods = ROUTES.get(request.route)
+        methods = self.routes.get(request.route)
         if methods is None:
             raise Refusal(404, f"no such path: {request.route}")
         if request.method not in methods:
             raise Refusal(405, f"{request.method} is not allowed on {request.route}",
                           {"Allow": ", ".join(methods)})
+        if request.route in DEBUG_ROUTES and not is_loopback(request.client):
+            raise Refusal(403, "the /debug endpoints answer loopback clients only")
         if self.config.ingest_token and request.route not in PUBLIC_ROUTES and not self.authorized(request):
             raise Refusal(401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
         if request.method == "POST":
@@ -2808,19 +2987,22 @@ class Api:
         return scheme.lower() == "bearer" and hmac.compare_digest(
             value.strip().encode("utf-8", "surrogateescape"), self.config.ingest_token.encode())
 
-    def answer(self, request: Request) -> tuple[int, dict[str, Any] | bytes, dict[str, str], str]:
-        """(status, body, headers, content type) for a whole request."""
+    def answer(self, request: Request) -> Answer | Future:
+        """(status, body, headers, content type) for a whole request, or a Future of them when another
+        thread makes the answer (the HTTP thread goes on serving meanwhile)."""
         service = self.service
         if request.route == "/health":
             report = service.health()
             return (200 if report["status"] == "ok" else 503), report, {}, "application/json"
         if request.route == "/metrics":
             return 200, prometheus(service.health()).encode(), {}, PROMETHEUS_TYPE
+        if request.route in DEBUG_ROUTES:
+            return service.debug.answer(request)
         return self.ingest(request)
 
-    def ingest(self, request: Request) -> tuple[int, dict[str, Any] | bytes, dict[str, str], str]:
-        """POST /v1/traces and /v1/errors (and OTLP on /v1/traces, /v1/metrics, /v1/logs): validate,
-        offer the rows to the queue whole, answer."""
+    def ingest(self, request: Request) -> Answer:
+        """POST /v1/traces, /v1/errors and /v1/events (and OTLP on /v1/traces, /v1/metrics, /v1/logs):
+        validate, offer the rows to the queue whole, answer."""
         service = self.service
         service.events.gate.wait()
         body = decoded_body(request, self.config.max_body_bytes)
@@ -2828,6 +3010,8 @@ class Api:
             return service.otlp.export(request, body, *found, admit=self.admit)
         rows, ignored = parse_events(body, request.route, self.config.max_events, self.config.max_text_bytes)
         self.admit(rows)
+        if request.route == "/v1/events":
+            service.counters.add("custom_received", len(rows))
         answer: dict[str, Any] = {"accepted": len(rows), "trace_ids": [row.values[0] for row in rows]}
         if ignored:
             answer["ignored_fields"] = ignored
@@ -2879,6 +3063,8 @@ class IngestServer:
             raise
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.poller.register(self.wake_r, IN)
+        self.close_asked = False
+        self.made: collections.deque[tuple[Connection, Future]] = collections.deque()  # made by others
         self.open: dict[int, Connection] = {}
         self.chunk = memoryview(bytearray(READ_CHUNK))
         self.accept_fault = FaultLog(log, "accepting connections")
@@ -2933,7 +3119,7 @@ class IngestServer:
             elif fd in self.listeners and not self.closing:
                 self.accept(self.listeners[fd])
             elif fd == self.wake_r:
-                self.begin_closing()
+                self.on_wake()
         except Exception:                # a request never takes the server down
             log.exception("request failed", extra={"client": conn and conn.address})
             if conn:
@@ -2990,6 +3176,8 @@ class IngestServer:
         """Move the connection's next request on as far as what has arrived allows. True when it
         wrote something to send (an answer, or 100 Continue)."""
         request = conn.request
+        if conn.waiting is not None:                   # its answer is being made: the next one waits
+            return False
         try:
             if request is None:
                 head = conn.take_head(at_eof) if conn.inbox else None
@@ -2997,6 +3185,7 @@ class IngestServer:
                     return False
                 conn.deadline = time.monotonic() + self.read_timeout
                 request = conn.request = parse_head(*head)
+                request.client = conn.address
                 self.api.begin(request)
                 if request.length:
                     self.budget.take(request.length)
@@ -3017,16 +3206,60 @@ class IngestServer:
         return True
 
     def answer(self, conn: Connection, request: Request) -> None:
+        try:
+            made = self.api.answer(request)
+        except Refusal as refusal:
+            made = refusal
+        if isinstance(made, Future):
+            self.defer(conn, made)
+            return
+        self.deliver(conn, made)
+
+    def deliver(self, conn: Connection, made: Answer | Refusal) -> None:
         headers: dict[str, str] = {}
         content_type = "application/json"
-        try:
-            status, body, headers, content_type = self.api.answer(request)
-        except Refusal as refusal:
-            status, headers = refusal.status, refusal.headers
-            body, content_type = self.api.refused(request, refusal)
+        if isinstance(made, Refusal):
+            status, headers = made.status, made.headers
+            body, content_type = self.api.refused(conn.request, made)
+        else:
+            status, body, headers, content_type = made
         if status >= 400 and status != 503:
             self.counters.add("rejected")
         self.finish(conn, status, body, headers, content_type=content_type)
+
+    def defer(self, conn: Connection, future: Future) -> None:
+        """The answer comes from another thread: the connection waits without a deadline and without
+        reading (a hang-up is still seen), and the wake-up pipe says when the answer is made."""
+        conn.waiting, conn.deadline, conn.mask = future, math.inf, 0
+        self.poller.modify(conn.sock.fileno(), 0)
+
+        def made(done: Future) -> None:        # on the thread that made it
+            self.made.append((conn, done))
+            with contextlib.suppress(OSError):   # a full pipe already holds a wake-up
+                os.write(self.wake_w, b"a")
+
+        future.add_done_callback(made)
+
+    def on_wake(self) -> None:
+        """The wake-up pipe: answers made by other threads are sent; a shutdown begins."""
+        with contextlib.suppress(BlockingIOError):
+            os.read(self.wake_r, 4096)
+        while self.made:
+            conn, done = self.made.popleft()
+            if self.open.get(conn.sock.fileno()) is not conn:
+                continue                                   # the client hung up meanwhile
+            conn.waiting = None
+            try:
+                made = done.result()
+            except Refusal as refusal:
+                made = refusal
+            except Exception:                              # a bug: say so, answer 500 rather than hang
+                log.exception("answer failed", extra={"client": conn.address})
+                made = Refusal(500, "the answer could not be made; see otrace's log")
+            self.deliver(conn, made)
+            self.serve(conn, OUT)                          # send it, then any request that waited
+        if self.close_asked:
+            self.begin_closing()
 
     def finish(self, conn: Connection, status: int, body: dict[str, Any] | bytes, headers: dict[str, str],
                *, close: bool = False, content_type: str = "application/json") -> None:
@@ -3076,7 +3309,6 @@ class IngestServer:
 
     def begin_closing(self) -> None:
         """Shutdown: stop accepting, close the idle connections; the busy ones finish by close_by."""
-        os.read(self.wake_r, 64)
         if self.closing:
             return
         self.closing = True
@@ -3088,7 +3320,7 @@ class IngestServer:
     def close(self, until: float) -> int:
         """Stop serving (called from another thread): returns once every connection is closed, the
         ones still busy at `until` cut off; how many were cut."""
-        self.close_by = until
+        self.close_by, self.close_asked = until, True
         os.write(self.wake_w, b"x")
         if self.stopped.wait(max(0.0, until - time.monotonic()) + 1.0):
             for fd in (self.wake_r, self.wake_w):
@@ -4388,35 +4620,48 @@ def host_sample(prev: Snapshot, cur: Snapshot) -> dict[str, Any]:
 
 class Sampler(Loop):
     """Every TRACE_METRICS_INTERVAL: a system_metrics row through the same queue and writer as HTTP
-    events, and an error event when the OOM killer struck since the last sample. The first sample
-    only primes the counters: a rate needs two."""
+    events, and an error event when the OOM killer struck since the last sample; with them, what the
+    SystemWatch (processes, the gateway, the network) and the DNS probe saw. The first sample only
+    primes the counters: a rate needs two."""
 
-    def __init__(self, config: Config, events: EventQueue, db: Database) -> None:
+    def __init__(self, config: Config, events: EventQueue, db: Database, dns: DnsProbe | None = None,
+                 processes: ProcessSampler | None = None) -> None:
         super().__init__("metrics", config.metrics_interval, first_delay=0.0)
-        self.events = events
+        self.events, self.dns = events, dns
         disk_path = config.disk_path or str(Path(config.db_path).parent)
         self.host = HostReader(Path(config.procfs), Path(config.sysfs), disk_path, config.cgroup)
+        self.watch = SystemWatch(config, self.log, (lambda: processes.zombies.count) if processes else
+                                 (lambda: None))
         self.oom_seen = {key.split(".", 1)[1]: value for key, value in db.query(   # scope -> last count
             "SELECT key, value FROM otrace_state WHERE key LIKE 'oom_kill_count.%'")}
+        self.oom_recent: list[dict[str, int]] = [{}, {}]       # kills at the last two samples
+        self.unsent: list[Row] = []      # events of a sample the queue refused: offered with the next
         self.previous: Snapshot | None = None
         self.latest: dict[str, Any] | None = None
         self.dropped = 0
 
     def tick(self) -> None:
+        pids, net = self.watch.read()    # first: the OOM counts read next include what ended a process
         snap = self.host.snapshot()
         rows, seen = self.oom_kills(snap)
+        oom = collections.Counter(self.oom_recent[0]) + collections.Counter(self.oom_recent[1])
+        columns, events = self.watch.observe(pids, net, dict(oom))
+        events, self.unsent = self.unsent + events, []
+        if self.dns is not None and (probed := self.dns.take_fresh()):
+            columns["dns"] = json.dumps(probed, separators=(",", ":"))
         if self.previous is not None:
-            self.latest = host_sample(self.previous, snap)
+            self.latest = dict.fromkeys(METRICS.columns[3:]) | host_sample(self.previous, snap) | columns
             now = now_ms()
             values = (self.latest[column] for column in METRICS.columns[3:])   # after the ids and times
             rows.append(Row(METRICS.name, (new_id(), now, now, *values)))
         self.previous = snap
         state = tuple((STATE_SQL, (f"oom_kill_count.{scope}", count, now_ms())) for scope, count in
                       seen.items())
-        if not rows and not state:
+        if not rows and not events and not state:
             return
-        if not self.events.offer(Unit(rows, state, own=True)):
+        if not self.events.offer(Unit(rows + events, state, own=True)):
             self.dropped += 1            # the queue is full: this sample is lost, an OOM kill is not
+            self.unsent = events[-100:]
             raise RuntimeError(f"queue full: host sample dropped ({self.dropped} so far)")
         self.oom_seen.update(seen)
 
@@ -4431,6 +4676,7 @@ class Sampler(Loop):
             seen[scope] = count
             if last is not None:
                 kills[scope] = count - last if count > last else count   # lower: the counter was reset
+        self.oom_recent = [self.oom_recent[1], {scope: n for scope, n in kills.items() if n}]
         if not any(kills.values()):
             return [], seen
         memory = self.host.cgroup and self.host.cgroup.dirs.get("memory")
@@ -4447,6 +4693,720 @@ class Sampler(Loop):
         return {"source": self.latest and self.latest["source"],
                 "cgroup": cgroup and {res: f"{ver}:{path}" for res, (ver, path) in cgroup.dirs.items()},
                 "samples_dropped": self.dropped, "last_error": self.fault.error}
+
+
+# =============================================================================== processes and network
+# The process table and the network namespace, read from the files the kernel writes; every reader
+# takes its procfs root, so trees captured from real machines test it, and times come from that
+# root's uptime file (the clock process start times count in). The process table is scanned whole
+# only on a thread of its own, every TRACE_PROC_INTERVAL (the top processes, zombies); a host sample
+# lists the pids to follow the gateway and reads /proc/net (connections, traffic, errors); each DNS
+# lookup runs on a thread of its own, so a resolver that hangs holds no loop longer than
+# TRACE_DNS_TIMEOUT.
+
+TCP_STATES = {"01": "established", "06": "time_wait", "08": "close_wait", "0A": "listen"}   # st, in hex
+NETLINK_SOCK_DIAG, SOCK_DIAG_BY_FAMILY = 4, 20
+NLMSG_ERROR, NLMSG_DONE, NLM_F_REQUEST_DUMP = 2, 3, 0x301
+TIME_WAIT_BIT, OTHER_STATES = 1 << 6, 1 << 1 | 1 << 8 | 1 << 10   # sock_diag's bit per TCP state
+NET_RATES = {   # system_metrics column -> the kernel counters (file, section, name) it sums, per second
+    "tcp_retrans_ps": (("snmp", "Tcp", "RetransSegs"),),
+    "tcp_syn_retrans_ps": (("netstat", "TcpExt", "TCPSynRetrans"),),
+    "tcp_attempt_fails_ps": (("snmp", "Tcp", "AttemptFails"),),
+    "tcp_estab_resets_ps": (("snmp", "Tcp", "EstabResets"),),
+    "tcp_out_rsts_ps": (("snmp", "Tcp", "OutRsts"),),
+    "udp_in_errors_ps": (("snmp", "Udp", "InErrors"), ("snmp6", "", "Udp6InErrors")),
+    "udp_no_ports_ps": (("snmp", "Udp", "NoPorts"), ("snmp6", "", "Udp6NoPorts")),
+}
+CMDLINE_READ = 8192              # bytes of a command line read (and redacted as a whole) ...
+CMDLINE_KEEP = 1024              # ... and stored
+TOP_RSS = 10                     # processes by memory in each process sample
+DEAD = ("Z", "X")                # states of a process that has exited
+REJUDGE_EVERY = 20               # host samples after which every pid is judged again (a reused pid)
+MAX_ZOMBIE_PARENTS = 20          # named in a zombie alert
+_SECRET_NAME = r"[\w.-]*(?:token|secret|passw|pwd|key|auth|credential|cookie|signature)[\w.-]*"
+_SECRET_FLAG = re.compile(rf"-{{1,2}}{_SECRET_NAME}", re.IGNORECASE)     # its value is the next argument
+_SECRETS = (     # (pattern, replacement), applied in order to the whole command line
+    (re.compile(r"\b((?:bearer|basic)\s+)[\w.~+/=-]+", re.IGNORECASE), r"\1***"),
+    (re.compile(rf"(?<![\w.-])(-{{0,2}}{_SECRET_NAME}\s*[=:]\s*)(?!(?:bearer|basic)\s)[^\s,;&]+",
+                re.IGNORECASE), r"\1***"),
+    (re.compile(r"(\w[\w+.-]*://[^/\s:@]*:)[^/\s@]+@"), r"\1***@"),    # a URL's password
+    (re.compile(r"\b(?:sk|pk|rk)[-_][\w-]{16,}|\bgh[pousr]_\w{20,}|\bxox[abprs]-[\w-]{10,}"
+                r"|\bAKIA[0-9A-Z]{16}\b|\beyJ[\w-]{8,}\.[\w-]{8,}\.[\w-]{8,}"), "***"),  # API keys, JWTs
+)
+
+
+@dataclasses.dataclass(slots=True)
+class Proc:
+    """One process, as its /proc/<pid>/stat shows it."""
+
+    pid: int
+    name: str
+    state: str
+    ppid: int
+    ticks: int                   # CPU time, utime + stime, in clock ticks
+    threads: int
+    start: int                   # clock ticks after boot
+    rss: int                     # bytes
+
+
+def read_processes(procfs: Path) -> dict[int, Proc]:
+    """Every process under `procfs`, from its stat file: one open and one read each, relative to the
+    directory (a process that exits meanwhile is skipped)."""
+    found: dict[int, Proc] = {}
+    root = os.open(procfs, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for entry in os.listdir(root):  # noqa: PTH208 - relative to an open directory, as the opens are
+            if entry.isdigit() and (proc := read_process(entry, root)):
+                found[proc.pid] = proc
+    finally:
+        os.close(root)
+    return found
+
+
+def read_process(pid: str, root: int) -> Proc | None:
+    """One process from its stat file, under the open procfs directory `root`; None once it is gone.
+    Its name ends at the LAST ')': a name may hold ') ' itself."""
+    try:
+        fd = os.open(pid + "/stat", os.O_RDONLY | os.O_CLOEXEC, dir_fd=root)
+        try:
+            raw = os.read(fd, 4096)
+        finally:
+            os.close(fd)
+    except OSError:
+        return None
+    right = raw.rfind(b")")
+    f = raw[right + 2:].split(None, 22)
+    if right < 0 or len(f) < 22:
+        return None
+    return Proc(int(pid), raw[raw.find(b"(") + 1:right].decode("utf-8", "replace"),
+                f[0].decode("ascii", "replace"), int(f[1]), int(f[11]) + int(f[12]), int(f[17]), int(f[19]),
+                int(f[21]) * PAGE_SIZE)
+
+
+def read_uptime(procfs: Path) -> float:
+    """Seconds since boot, from <procfs>/uptime (the boot-time clock if it cannot be read)."""
+    text = read_text(procfs / "uptime")
+    with contextlib.suppress(ValueError, IndexError, AttributeError):
+        return float(text.split()[0])
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
+def read_btime(procfs: Path) -> float | None:
+    """The boot time, in Unix seconds, from <procfs>/stat."""
+    return read_keyed(procfs / "stat").get("btime")
+
+
+def read_cmdline(procfs: Path, pid: int) -> list[bytes] | None:
+    """A process's arguments (its first CMDLINE_READ bytes); None if they cannot be read."""
+    try:
+        fd = os.open(procfs / str(pid) / "cmdline", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        raw = b""
+        while len(raw) < CMDLINE_READ and (chunk := os.read(fd, CMDLINE_READ - len(raw))):
+            raw += chunk
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return raw.rstrip(b"\0").split(b"\0") if raw.strip(b"\0") else []
+
+
+def redact_cmdline(args: list[bytes]) -> str:
+    """The arguments as one line, with what looks like a secret replaced by ***: the value after a
+    flag like --token or --api-key (as the next argument or after =), key=value pairs whose key
+    names a secret, a URL's password, bearer tokens, and API keys and JWTs by their look."""
+    words = [arg.decode("utf-8", "replace") for arg in args]
+    for i, word in enumerate(words[:-1]):
+        if _SECRET_FLAG.fullmatch(word):
+            words[i + 1] = "***"
+    line = " ".join(words)
+    for pattern, replacement in _SECRETS:
+        line = pattern.sub(replacement, line)
+    return line
+
+
+def read_uid(procfs: Path, pid: int) -> int | None:
+    """The real uid of a process, from the Uid: line of its status file."""
+    for line in (read_text(procfs / str(pid) / "status") or "").splitlines():
+        if line.startswith("Uid:"):
+            with contextlib.suppress(ValueError, IndexError):
+                return int(line.split()[1])
+    return None
+
+
+def count_fds(procfs: Path, pid: int) -> int | None:
+    """Open file descriptors of a process; None when its fd directory cannot be read (another user's,
+    without root)."""
+    try:
+        return len(os.listdir(procfs / str(pid) / "fd"))  # noqa: PTH208 - a count: no Path per entry
+    except OSError:
+        return None
+
+
+@functools.lru_cache(maxsize=256)
+def user_name(uid: int) -> str | None:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return None
+
+
+class ProcessTable:
+    """Samples of the process table: the top processes by CPU over the interval between two scans,
+    and the top TOP_RSS by resident memory, as process_samples rows (one per process, with its rank
+    in each list). CPU time is told apart per process by pid and start time, so a reused pid starts
+    from zero."""
+
+    def __init__(self, procfs: Path, top: int) -> None:
+        self.procfs, self.top = procfs, top
+        self.previous: dict[tuple[int, int], int] | None = None     # (pid, start) -> ticks
+        self.previous_at = 0.0
+        self.btime: float | None = None
+        self.count = 0
+
+    def sample(self, procs: dict[int, Proc], at: float) -> list[Row]:
+        """The rows of a scan taken at uptime `at` (none the first time: CPU needs two scans)."""
+        previous, wall = self.previous, at - self.previous_at
+        self.previous, self.previous_at = {(p.pid, p.start): p.ticks for p in procs.values()}, at
+        self.count = len(procs)
+        if previous is None or wall <= 0:
+            return []
+        if self.btime is None:
+            self.btime = read_btime(self.procfs)
+        used = {p.pid: p.ticks - previous.get((p.pid, p.start), 0) for p in procs.values()}
+        by_cpu = sorted((p for p in procs.values() if used[p.pid] > 0), key=lambda p: (-used[p.pid], p.pid))
+        by_rss = sorted((p for p in procs.values() if p.rss > 0), key=lambda p: (-p.rss, p.pid))
+        cpu_rank = {p.pid: rank for rank, p in enumerate(by_cpu[:self.top], start=1)}
+        rss_rank = {p.pid: rank for rank, p in enumerate(by_rss[:TOP_RSS], start=1)}
+        received = now_ms()
+        return [event_row(PROCESSES, process_row, self.describe(
+            procs[pid], used[pid] / CLOCK_TICKS / wall * 100, wall, cpu_rank.get(pid), rss_rank.get(pid)),
+            "otrace", received=received, max_text=CMDLINE_KEEP)
+            for pid in sorted(cpu_rank.keys() | rss_rank.keys(), key=lambda pid: (
+                cpu_rank.get(pid, math.inf), rss_rank.get(pid, math.inf)))]
+
+    def describe(self, proc: Proc, cpu_pct: float, wall: float, cpu_rank: int | None,
+                 rss_rank: int | None) -> dict[str, Any]:
+        """One process as the event process_row takes: what its stat said, and its command line
+        (redacted), user and open files."""
+        args = read_cmdline(self.procfs, proc.pid)
+        uid = read_uid(self.procfs, proc.pid)
+        started = None if self.btime is None else round((self.btime + proc.start / CLOCK_TICKS) * 1000)
+        return {"interval_s": round(wall, 3), "pid": proc.pid, "ppid": proc.ppid,
+                "name": proc.name if proc.name.strip() else None,
+                "cmdline": redact_cmdline(args) if args else None, "user": None if uid is None else (
+                    user_name(uid) or str(uid)), "uid": uid, "state": proc.state,
+                "cpu_pct": round(cpu_pct, 2), "rss_bytes": proc.rss, "threads": proc.threads,
+                "fds": count_fds(self.procfs, proc.pid), "started_at": started, "cpu_rank": cpu_rank,
+                "rss_rank": rss_rank}
+
+
+class ProcessSampler(Loop):
+    """Every TRACE_PROC_INTERVAL, one scan of the process table (the only one otrace makes): a
+    sample of the top processes, and the zombie count (in the host samples until the next scan) with
+    its alert, through the queue and the writer."""
+
+    def __init__(self, config: Config, events: EventQueue) -> None:
+        super().__init__("processes", config.proc_interval, first_delay=0.0)
+        self.events, self.procfs = events, Path(config.procfs)
+        self.table = ProcessTable(self.procfs, config.proc_top)
+        self.zombies = ZombieWatch(config.zombie_alert, self.log)
+        self.samples = self.dropped = 0
+        self.last_at: float | None = None
+
+    def tick(self) -> None:
+        procs, at = read_processes(self.procfs), read_uptime(self.procfs)
+        alert = self.zombies.observe(procs)
+        rows = self.table.sample(procs, at)
+        if not rows and not alert:
+            return
+        if not self.events.offer(Unit(alert + rows, own=True)):
+            self.dropped += 1
+            self.zombies.alerted = self.zombies.alerted and not alert    # alerted again next time
+            raise RuntimeError(f"queue full: process sample dropped ({self.dropped} so far)")
+        self.samples += bool(rows)
+        self.last_at = time.time()
+
+    def health(self) -> dict[str, Any]:
+        zombies = self.zombies
+        return {"interval_s": self.interval, "samples": self.samples, "processes": self.table.count,
+                "last_sample_at": self.last_at and iso(self.last_at), "samples_dropped": self.dropped,
+                "zombies": zombies.count, "zombie_alert_at": zombies.threshold or None,
+                "zombie_alert": zombies.alerted, "last_error": self.fault.error}
+
+
+class ZombieWatch:
+    """Counts zombies in each scan of the process table; when there are at least TRACE_ZOMBIE_ALERT in
+    two scans in a row, one error event names their parents, and the log says when the episode ends."""
+
+    def __init__(self, threshold: int, logger: logging.Logger) -> None:
+        self.threshold, self.log = threshold, logger
+        self.streak = 0
+        self.alerted = False
+        self.count: int | None = None
+
+    def observe(self, procs: dict[int, Proc]) -> list[Row]:
+        zombies = [p for p in procs.values() if p.state == "Z"]
+        self.count = len(zombies)
+        if not self.threshold or len(zombies) < self.threshold:
+            ended, self.streak, self.alerted = self.alerted, 0, False
+            if ended:
+                self.log.warning("zombie processes recovered", extra={"zombies": len(zombies),
+                                                                      "alert_at": self.threshold})
+            return []
+        self.streak += 1
+        if self.streak < 2 or self.alerted:
+            return []
+        by_parent = collections.Counter(p.ppid for p in zombies).most_common(MAX_ZOMBIE_PARENTS)
+        parents = [{"pid": ppid, "name": procs[ppid].name if ppid in procs else None, "zombies": n}
+                   for ppid, n in by_parent]
+        named = ", ".join(f"{p['zombies']} of pid {p['pid']} ({p['name'] or '?'})" for p in parents)
+        self.log.warning("zombie processes", extra={"zombies": len(zombies), "parents": parents})
+        self.alerted = True
+        return [own_error("zombie_processes", f"{len(zombies)} zombie processes in two scans in a row "
+                          f"(TRACE_ZOMBIE_ALERT {self.threshold}): {named}", {
+                              "zombies": len(zombies), "alert_at": self.threshold, "parents": parents,
+                              "zombie_pids": sorted(p.pid for p in zombies)[:100]}, severity="warning")]
+
+
+class GatewayWatch:
+    """Finds the OpenClaw gateway's process at each host sample (TRACE_GATEWAY_MATCH) and reports its
+    usage. A new pid or start time is a restart, a sample without it a disappearance, its return after
+    that a recovery: each an error event (crash, process_crash) with the downtime (from start times),
+    saying so when the OOM killer struck at that moment. A sample lists the pids and reads little:
+    a pid is judged when it first shows (its stat and command line); the stat of a process that
+    matched is read again each time, the others' only every REJUDGE_EVERY samples (so a pid reused
+    between two samples by a new gateway, while none was known, is found within that many)."""
+
+    def __init__(self, match: tuple, procfs: Path, logger: logging.Logger) -> None:
+        program, words = match
+        self.words = [w.encode() for w in words]
+        self.program = re.compile(re.escape(program) + r"(?:js)?(?:[-_.]?\d[\w.-]*)?") if program else None
+        self.procfs, self.log = procfs, logger
+        self.judged: dict[int, tuple[int, bool]] = {}      # pid -> (start, matches)
+        self.samples = 0
+        self.current: Proc | None = None
+        self.seen_at = 0.0                   # uptime when it was last seen
+        self.gone: Proc | None = None        # the one that disappeared, until one is back
+        self.gone_seen_at = 0.0
+        self.btime: float | None = None
+        self.restarts = 0
+
+    def judge(self, proc: Proc) -> bool:
+        """Every word in its command line, and the program its name, argv[0] or executable."""
+        args = read_cmdline(self.procfs, proc.pid)
+        line = b" ".join(args or ())
+        if not args or not all(w in line for w in self.words):
+            return False
+        if self.program is None:
+            return True
+        argv0 = args[0].decode("utf-8", "replace").rsplit("/", 1)[-1]
+        if self.program.fullmatch(argv0) or self.program.fullmatch(proc.name):
+            return True
+        with contextlib.suppress(OSError):                # another user's, without root
+            exe = (self.procfs / str(proc.pid) / "exe").readlink().name
+            return bool(self.program.fullmatch(exe.removesuffix(" (deleted)")))
+        return False
+
+    def matching(self, pids: set[int]) -> list[Proc]:
+        """The live processes among `pids` that match, their stat read now."""
+        self.samples += 1
+        again = self.samples % REJUDGE_EVERY == 0
+        self.judged = {pid: seen for pid, seen in self.judged.items()
+                       if pid in pids and (seen[1] or not again)}
+        found = []
+        root = os.open(self.procfs, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            for pid in pids:
+                seen = self.judged.get(pid)
+                if seen is not None and not seen[1]:
+                    continue                                  # judged before: not the gateway
+                proc = read_process(str(pid), root)
+                if proc is None:
+                    continue
+                if seen is None or seen[0] != proc.start:     # new, or the pid of a new process
+                    seen = self.judged[pid] = (proc.start, self.judge(proc))
+                if seen[1] and proc.state not in DEAD:
+                    found.append(proc)
+        finally:
+            os.close(root)
+        return found
+
+    def find(self, pids: set[int]) -> Proc | None:
+        """The gateway: the one already known while it lives, else the oldest match."""
+        found = self.matching(pids)
+        known = self.current
+        return next((p for p in found if known and (p.pid, p.start) == (known.pid, known.start)),
+                    min(found, key=lambda p: (p.start, p.pid), default=None))
+
+    def observe(self, pids: set[int], at: float, oom: dict[str, int]) -> tuple[dict[str, Any], list[Row]]:
+        """This sample's gateway columns (usage over the interval since the last one) and events."""
+        found, before = self.find(pids), self.current
+        if self.btime is None:
+            self.btime = read_btime(self.procfs)
+        rows = []
+        if before is not None and (found is None or (found.pid, found.start) != (before.pid, before.start)):
+            rows.append(self.restarted(before, found, oom) if found else self.disappeared(before, at, oom))
+        elif before is None and found is not None:
+            if self.gone is not None:
+                rows.append(self.returned(found))
+            else:
+                self.log.info("gateway process found", extra={"pid": found.pid})
+        columns: dict[str, Any] = {"gateway_up": int(found is not None)}
+        if found is not None:
+            same = before is not None and before.pid == found.pid and before.start == found.start
+            wall = at - self.seen_at
+            used = max(0, found.ticks - before.ticks) / CLOCK_TICKS if same and wall > 0 else None
+            columns |= {"gateway_pid": found.pid, "gateway_rss_bytes": found.rss,
+                        "gateway_threads": found.threads, "gateway_fds": count_fds(self.procfs, found.pid),
+                        "gateway_uptime_s": round(max(0.0, at - found.start / CLOCK_TICKS), 2),
+                        "gateway_cpu_pct": None if used is None else round(100 * used / wall, 2)}
+            self.seen_at = at
+        self.current = found
+        return columns, rows
+
+    def epoch(self, uptime: float) -> str | None:
+        return None if self.btime is None else iso(self.btime + uptime)
+
+    def about(self, proc: Proc) -> dict[str, Any]:
+        return {"pid": proc.pid, "started_at": self.epoch(proc.start / CLOCK_TICKS)}
+
+    def event(self, message: str, metadata: dict[str, Any], oom: dict[str, int], severity: str) -> Row:
+        if oom:
+            where = " and ".join(f"{n} in {'its cgroup' if scope == 'cgroup' else 'the host'}"
+                                 for scope, n in oom.items())
+            message += f"; the OOM killer struck at that time ({where})"
+        level = logging.INFO if severity == "info" else logging.WARNING
+        self.log.log(level, message, extra={"gateway": metadata})
+        return own_error("process_crash", message, {**metadata, "oom_kill": bool(oom),
+                                                    "oom_kills": oom or None}, severity=severity,
+                         error_type="crash")
+
+    def restarted(self, old: Proc, new: Proc, oom: dict[str, int]) -> Row:
+        self.restarts += 1
+        down = round(max(0.0, new.start / CLOCK_TICKS - self.seen_at), 2)
+        how = f"pid {old.pid} gave way to pid {new.pid}" if old.pid != new.pid else \
+            f"pid {new.pid} again, with a new start time"
+        return self.event(f"OpenClaw gateway restarted: {how}, down at most {down} s", {
+            "change": "restarted", "old": self.about(old), "new": self.about(new),
+            "last_seen_at": self.epoch(self.seen_at), "downtime_s": down}, oom, "error")
+
+    def disappeared(self, old: Proc, at: float, oom: dict[str, int]) -> Row:
+        self.gone, self.gone_seen_at = old, self.seen_at
+        ago = round(at - self.seen_at, 2)
+        return self.event(f"OpenClaw gateway process {old.pid} is gone (last seen {ago} s before)", {
+            "change": "gone", "old": self.about(old), "last_seen_at": self.epoch(self.seen_at),
+            "uptime_s": round(self.seen_at - old.start / CLOCK_TICKS, 2)}, oom, "critical")
+
+    def returned(self, new: Proc) -> Row:
+        old, self.gone = self.gone, None
+        down = round(max(0.0, new.start / CLOCK_TICKS - self.gone_seen_at), 2)
+        return self.event(f"OpenClaw gateway is back as pid {new.pid}, down at most {down} s", {
+            "change": "back", "old": self.about(old), "new": self.about(new),
+            "last_seen_at": self.epoch(self.gone_seen_at), "downtime_s": down}, {}, "info")
+
+    def health(self) -> dict[str, Any]:
+        up = self.current
+        return {"up": up is not None, "pid": up and up.pid, "restarts": self.restarts,
+                "gone_since": self.gone and self.epoch(self.gone_seen_at)}
+
+
+@dataclasses.dataclass
+class NetSnapshot:
+    """The network namespace's counters at one moment (uptime seconds); two make the rates."""
+
+    at: float
+    tcp: dict[str, int] | None = None                 # connections by state, IPv4 and IPv6
+    dev: tuple[int, int, int, int] | None = None      # received bytes, packets; sent bytes, packets
+    counters: dict[tuple[str, str, str], int] = dataclasses.field(default_factory=dict)
+
+
+class NetReader:
+    """Reads <procfs>/net: TCP connections by state (tcp, tcp6; TIME_WAIT as sockstat counts it, like
+    `ss -s`: with the orphans closing in FIN_WAIT2), traffic summed over every interface but loopback
+    (dev), and the error counters of snmp, netstat and snmp6. What a process sees there is its own
+    network namespace: a container's. On the live /proc (`live`) the other states are counted over
+    netlink instead (tcp_states_netlink): the kernel formats every socket into tcp, which takes tens of
+    milliseconds once clients leave thousands of connections in TIME_WAIT."""
+
+    def __init__(self, procfs: Path, live: bool = False, logger: logging.Logger = log) -> None:
+        self.procfs, self.netlink, self.log = procfs, live, logger
+
+    def snapshot(self) -> NetSnapshot:
+        net = self.procfs / "net"
+        snap = NetSnapshot(read_uptime(self.procfs), None, net_dev(net))
+        time_wait = read_keyed_row(read_text(net / "sockstat"), "TCP").get("tw")
+        if self.netlink:
+            try:
+                snap.tcp = tcp_states_netlink(with_time_wait=time_wait is None)
+            except OSError as exc:
+                self.netlink = False
+                self.log.info("sock_diag netlink unavailable: TCP states come from /proc/net/tcp",
+                              extra={"error": describe(exc)})
+        if snap.tcp is None:
+            snap.tcp = tcp_states(net)
+        if snap.tcp is not None and time_wait is not None:
+            snap.tcp["time_wait"] = time_wait
+        for name in ("snmp", "netstat"):
+            for (section, key), value in keyed_rows(read_text(net / name)).items():
+                snap.counters[(name, section, key)] = value
+        for key, value in read_keyed(net / "snmp6").items():
+            snap.counters[("snmp6", "", key)] = value
+        return snap
+
+
+def tcp_states(net: Path) -> dict[str, int] | None:
+    """Connections by state in tcp and tcp6 (the fourth column, st, in hex); None without either."""
+    counts: collections.Counter[str] = collections.Counter()
+    found = False
+    for name in ("tcp", "tcp6"):
+        text = read_text(net / name)
+        if text is None:
+            continue
+        found = True
+        for line in text.splitlines()[1:]:
+            fields = line.split(None, 4)
+            if len(fields) > 3:
+                counts[fields[3]] += 1
+    return {state: counts[code] for code, state in TCP_STATES.items()} if found else None
+
+
+def tcp_states_netlink(with_time_wait: bool = False) -> dict[str, int]:
+    """Connections by state in this process's network namespace, over sock_diag netlink, one dump
+    per family; TIME_WAIT only when asked (sockstat counts it for nothing). OSError where netlink
+    cannot be had (a sandbox)."""
+    counts: collections.Counter[int] = collections.Counter()
+    for family in (socket.AF_INET, socket.AF_INET6):
+        counts.update(diag_dump(family, OTHER_STATES | (TIME_WAIT_BIT if with_time_wait else 0)))
+    return {name: counts[int(code, 16)] for code, name in TCP_STATES.items()}
+
+
+def diag_dump(family: int, states: int) -> collections.Counter[int]:
+    """TCP sockets of one family in `states` (a bit per state), counted by state."""
+    order = sys.byteorder
+    request = b"".join((
+        (16 + 56).to_bytes(4, order), SOCK_DIAG_BY_FAMILY.to_bytes(2, order),
+        NLM_F_REQUEST_DUMP.to_bytes(2, order), (1).to_bytes(4, order), bytes(4),           # nlmsghdr
+        bytes((family, socket.IPPROTO_TCP, 0, 0)), states.to_bytes(4, order), bytes(48)))  # inet_diag_req_v2
+    counts: collections.Counter[int] = collections.Counter()
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_SOCK_DIAG) as sock:
+        sock.sendto(request, (0, 0))
+        while data := sock.recv(1 << 16):
+            at = 0
+            while at + 16 <= len(data):
+                kind = int.from_bytes(data[at + 4:at + 6], order)
+                if kind == NLMSG_DONE:
+                    return counts
+                if kind == NLMSG_ERROR:
+                    code = -int.from_bytes(data[at + 16:at + 20], order, signed=True)
+                    raise OSError(code, f"sock_diag: {os.strerror(code)}")
+                counts[data[at + 17]] += 1                   # idiag_state, after the 16-byte header
+                at += (int.from_bytes(data[at:at + 4], order) + 3) & ~3
+    return counts
+
+
+def net_dev(net: Path) -> tuple[int, int, int, int] | None:
+    """Bytes and packets received and sent, summed over every interface but lo. Two header lines;
+    an interface's name ends at its colon, with or without a space after it."""
+    text = read_text(net / "dev")
+    if text is None:
+        return None
+    totals = [0, 0, 0, 0]
+    for line in text.splitlines()[2:]:
+        name, colon, rest = line.partition(":")
+        fields = rest.split()
+        if not colon or name.strip() == "lo" or len(fields) < 10:
+            continue
+        for i, column in enumerate((0, 1, 8, 9)):
+            totals[i] += int(fields[column])
+    return totals[0], totals[1], totals[2], totals[3]
+
+
+def read_keyed_row(text: str | None, section: str) -> dict[str, int]:
+    """One line of sockstat ("TCP: inuse 4 orphan 0 tw 7 ..."): its names and values."""
+    for line in (text or "").splitlines():
+        name, _, rest = line.partition(":")
+        if name == section:
+            words = rest.split()
+            return {key: int(value) for key, value in zip(words[::2], words[1::2], strict=False)
+                    if value.isdigit()}
+    return {}
+
+
+def keyed_rows(text: str | None) -> dict[tuple[str, str], int]:
+    """snmp and netstat: each section is a row of names and a row of values, both starting with
+    "Section:"; which sections and columns there are varies with the kernel."""
+    values: dict[tuple[str, str], int] = {}
+    lines = (text or "").splitlines()
+    for names, numbers in zip(lines[::2], lines[1::2], strict=False):
+        section, _, keys = names.partition(":")
+        if numbers.partition(":")[0] != section:
+            continue
+        for key, value in zip(keys.split(), numbers.partition(":")[2].split(), strict=False):
+            with contextlib.suppress(ValueError):
+                values[(section, key)] = int(value)
+    return values
+
+
+def net_sample(prev: NetSnapshot, cur: NetSnapshot) -> dict[str, Any]:
+    """The network columns of a system_metrics row from two snapshots: connections now, rates over
+    the interval (a counter that went down was reset: 0 for that interval)."""
+    wall = cur.at - prev.at
+    row: dict[str, Any] = {f"tcp_{state}": (cur.tcp or {}).get(state) for state in TCP_STATES.values()}
+    traffic = dict(zip(("net_rx_bps", "net_rx_pps", "net_tx_bps", "net_tx_pps"),
+                       zip(prev.dev or (None,) * 4, cur.dev or (None,) * 4, strict=True), strict=True))
+    for column, (a, b) in traffic.items():
+        row[column] = None if a is None or b is None or wall <= 0 else round(max(0, b - a) / wall, 1)
+    for column, keys in NET_RATES.items():
+        moved = [cur.counters[k] - prev.counters[k] for k in keys if k in cur.counters and k in prev.counters]
+        row[column] = round(sum(max(0, m) for m in moved) / wall, 3) if moved and wall > 0 else None
+    return row
+
+
+class SystemWatch:
+    """The process and network part of each host sample: the pids (how many, and the gateway among
+    them), the zombie count of the last scan of the process table, and the network counters; the
+    gateway's events are offered with the sample."""
+
+    def __init__(self, config: Config, logger: logging.Logger,
+                 zombies: Callable[[], int | None] = lambda: None) -> None:
+        self.procfs, self.zombies = Path(config.procfs), zombies
+        self.net = NetReader(self.procfs, live=self.procfs.resolve() == Path("/proc"), logger=logger)
+        self.gateway = (GatewayWatch(config.gateway_match, self.procfs, logger) if config.gateway_match
+                        else None)
+        self.previous: NetSnapshot | None = None
+
+    def read(self) -> tuple[set[int] | None, NetSnapshot]:
+        """The pids (None if procfs cannot be listed) and the network counters."""
+        try:
+            pids = {int(entry) for entry in os.listdir(self.procfs) if entry.isdigit()}  # noqa: PTH208
+        except OSError:
+            pids = None
+        return pids, self.net.snapshot()
+
+    def observe(self, pids: set[int] | None, net: NetSnapshot, oom: dict[str, int]
+                ) -> tuple[dict[str, Any], list[Row]]:
+        """This sample's columns (rates over the interval since the last one: none the first time) and
+        events. `oom`: the OOM kills counted at this sample and the one before."""
+        columns: dict[str, Any] = {"proc_zombies": self.zombies()}
+        rows: list[Row] = []
+        if pids is not None:
+            columns["proc_count"] = len(pids)
+            if self.gateway is not None:
+                gateway, rows = self.gateway.observe(pids, net.at, oom)
+                columns |= gateway
+        if self.previous is not None:
+            columns |= net_sample(self.previous, net)
+        self.previous = net
+        return columns, rows
+
+
+@dataclasses.dataclass
+class Lookup:
+    """One getaddrinfo of a name, on a thread of its own."""
+
+    name: str
+    started: float = dataclasses.field(default_factory=time.monotonic)
+    done: threading.Event = dataclasses.field(default_factory=threading.Event)
+    seconds: float | None = None
+    outcome: str = "timeout"
+
+    def start(self) -> Lookup:
+        threading.Thread(target=self.run, name="otrace-dns-lookup", daemon=True).start()
+        return self
+
+    def run(self) -> None:
+        try:
+            socket.getaddrinfo(self.name, 443, proto=socket.IPPROTO_TCP)
+            self.outcome = "ok"
+        except socket.gaierror as exc:
+            self.outcome = {socket.EAI_NONAME: "not_found", socket.EAI_AGAIN: "temporary_failure",
+                            getattr(socket, "EAI_NODATA", socket.EAI_NONAME): "not_found"}.get(
+                exc.errno, f"error: {exc}")
+        except (OSError, UnicodeError) as exc:
+            self.outcome = f"error: {describe(exc)}"
+        self.seconds = time.monotonic() - self.started
+        self.done.set()
+
+
+class DnsProbe(Loop):
+    """Every TRACE_DNS_INTERVAL, resolves each TRACE_DNS_PROBE name, all at once, each lookup on a thread
+    of its own: getaddrinfo has no timeout, so the loop waits TRACE_DNS_TIMEOUT at most and leaves a
+    lookup that hangs to finish alone (a name whose last lookup still hangs is not asked again meanwhile:
+    it counts as timed out). Two failures in a row of a name are one network_failure event per episode;
+    the log says when it resolves again."""
+
+    FAILURES = 2
+
+    def __init__(self, config: Config, events: EventQueue) -> None:
+        super().__init__("dns", config.dns_interval, first_delay=0.0)
+        self.events, self.names, self.timeout = events, config.dns_probe, config.dns_timeout
+        self.lookups: dict[str, Lookup] = {}
+        self.failures = dict.fromkeys(self.names, 0)
+        self.alerted: set[str] = set()
+        self.latest: dict[str, dict[str, Any]] = {}
+        self.fresh: dict[str, dict[str, Any]] = {}   # results the next host sample has not taken yet
+        self.lock = threading.Lock()
+        self.probes = 0
+
+    def tick(self) -> None:
+        for name in self.names:
+            last = self.lookups.get(name)
+            if last is None or last.done.is_set():
+                self.lookups[name] = Lookup(name).start()
+        deadline = time.monotonic() + self.timeout
+        for name in self.names:
+            self.lookups[name].done.wait(max(0.0, deadline - time.monotonic()))
+        results = {name: self.result(self.lookups[name]) for name in self.names}
+        with self.lock:
+            self.latest |= results
+            self.fresh |= results
+        self.probes += 1
+        judged = [(name, row) for name, result in results.items() if (row := self.judge(name, result))]
+        if judged and not self.events.offer(Unit([row for _, row in judged], own=True)):
+            self.alerted.difference_update(name for name, _ in judged)      # offered again next time
+            raise RuntimeError("queue full: DNS failure events not stored yet")
+
+    def result(self, lookup: Lookup) -> dict[str, Any]:
+        if not lookup.done.is_set():
+            return {"ms": None, "outcome": "timeout", "at": iso(time.time()),
+                    "running_s": round(time.monotonic() - lookup.started, 3)}
+        return {"ms": round(lookup.seconds * 1000, 3), "outcome": lookup.outcome, "at": iso(time.time())}
+
+    def judge(self, name: str, result: dict[str, Any]) -> Row | None:
+        """The network_failure event once a name has failed FAILURES times in a row."""
+        if result["outcome"] == "ok":
+            failed, self.failures[name] = self.failures[name], 0
+            if name in self.alerted:
+                self.alerted.discard(name)
+                self.log.warning("DNS lookups recovered", extra={"host_name": name, "failed_probes": failed})
+            return None
+        self.failures[name] += 1
+        if self.failures[name] < self.FAILURES or name in self.alerted:
+            return None
+        self.alerted.add(name)
+        self.log.warning("DNS lookups failing", extra={"host_name": name, "outcome": result["outcome"]})
+        return own_error("network_failure", f"DNS lookup of {name} failed {self.failures[name]} times in a "
+                         f"row: {result['outcome']}", {"name": name, "outcome": result["outcome"],
+                                                       "failures": self.failures[name],
+                                                       "timeout_s": self.timeout})
+
+    def take_fresh(self) -> dict[str, Any] | None:
+        """The results since the last call (for a host sample), or None."""
+        with self.lock:
+            fresh, self.fresh = self.fresh, {}
+        return {name: {"ms": r["ms"], "outcome": r["outcome"]} for name, r in fresh.items()} or None
+
+    def health(self) -> dict[str, Any]:
+        with self.lock:
+            latest = dict(self.latest)
+        return {"interval_s": self.interval, "timeout_s": self.timeout, "probes": self.probes,
+                "names": {name: {**latest.get(name, {}), "failures_in_a_row": self.failures[name]}
+                          for name in self.names},
+                "lookups_still_running": sum(not lk.done.is_set() for lk in self.lookups.values()),
+                "last_error": self.fault.error}
 
 
 # ======================================================================================== gateway log
@@ -5557,7 +6517,7 @@ def _run_of(row: Row) -> str | None:
 # out cycles while the receiver is down. A row the receiver refuses on its own is given up only when
 # it accepted others in the same cycle; a receiver that refuses everything keeps every row.
 
-JSON_COLUMNS = frozenset({"metadata", "detail", "attributes", "buckets"})
+JSON_COLUMNS = frozenset({"metadata", "detail", "attributes", "buckets", "dns"})
 INTERNAL_COLUMNS = frozenset({"synced", "pushed_at"})
 ANSWER_LIMIT = 4096              # bytes of a receiver's answer otrace reads at most
 LOSSES_PER_BATCH = 100
@@ -6225,7 +7185,7 @@ class Pusher(Loop):
         self.last_time: float | None = None
         self.last_status = "never"
         self.last_error: str | None = None
-        self.totals = Counters(("events", "batches", "refused"))
+        self.totals = Counters(("events", "batches", "refused", "failed"))
 
     def next_delay(self) -> float:
         if self.breaker.state == "open":
@@ -6366,6 +7326,8 @@ class Pusher(Loop):
         self.last_status = {"ok": "ok", "retry": "failed", "split": "refused", "config": "config_error"}[
             verdict]
         self.last_error = None if verdict == "ok" else attempt.summary()
+        if verdict != "ok":
+            self.totals.add("failed")
 
     def health(self) -> dict[str, Any]:
         totals = self.totals.snapshot()
@@ -6456,6 +7418,7 @@ LEDGER_SQL = (
     "newest_received_at = coalesce(max(newest_received_at, excluded.newest_received_at), "
     "newest_received_at, excluded.newest_received_at)")
 UNDELIVERED = f"synced IN ({UNSYNCED}, {REFUSED})"       # rows whose deletion is a loss to report
+SAMPLE_TABLES = ("system_metrics", "process_samples")    # otrace's own samples: the first to go unpushed
 BOOKKEEPING = (("push_log", "started_at", ""), ("push_rejects", "rejected_at", "AND reported_at IS NOT NULL"),
                ("log_offsets", "updated_at", ""), ("openclaw_attempts", "created_at", ""),
                ("otlp_series", "updated_at", ""),
@@ -6539,6 +7502,13 @@ def prune(table: str, column: str, cutoff: int, extra: str, conn: sqlite3.Connec
                         f"{extra} ORDER BY id LIMIT {CHUNK})", (cutoff,)).rowcount
 
 
+def live_bytes(conn: sqlite3.Connection) -> int:
+    """The bytes of the pages in use as of the last commit (WAL included): what the file shrinks to."""
+    (pages,), (free,), (size,) = (conn.execute(f"PRAGMA {name}").fetchone()
+                                  for name in ("page_count", "freelist_count", "page_size"))
+    return (pages - free) * size
+
+
 def shrink(conn: sqlite3.Connection) -> dict[str, int]:
     """Give freed pages back to the filesystem: incremental vacuum, then a TRUNCATE checkpoint."""
     conn.executescript("PRAGMA incremental_vacuum;")   # execute() would step it once: one page freed
@@ -6553,7 +7523,7 @@ class Tier:
     tables: tuple[str, ...]
     where: str
     for_disk: bool           # disk pressure may always use it, not only when otrace's rows can help
-    chunk: int               # rows per step: small where every row deleted is a row lost
+    chunk: int               # rows per transaction: small where every row deleted is a row lost
 
 
 class Retention(Loop):
@@ -6571,10 +7541,10 @@ class Retention(Loop):
         super().__init__("retention", config.cleanup_interval)
         self.config, self.events, self.db, self.tables = config, events, db, EVENT_TABLES
         self.db_dir = str(Path(config.db_path).parent)
-        unpushed = tuple(t for t in self.tables if t != "system_metrics")
+        unpushed = tuple(t for t in self.tables if t not in SAMPLE_TABLES)
         self.chunk = max(50, min(CHUNK, config.db_max_bytes // CHUNK_SHARE))
         self.tiers = (Tier("pressure_pushed", self.tables, DELIVERED, True, self.chunk),
-                      Tier("pressure_metrics", ("system_metrics",), UNDELIVERED, True, self.chunk),
+                      Tier("pressure_metrics", SAMPLE_TABLES, UNDELIVERED, True, self.chunk),
                       Tier("pressure_unpushed", unpushed, UNDELIVERED, False, 50))
         self.last_pass: dict[str, Any] | None = None
 
@@ -6599,7 +7569,7 @@ class Retention(Loop):
         self.relieve(pass_id, tally)
         pruned = sum(self.prune_all(table, column, cutoff, extra) for table, column, extra in BOOKKEEPING)
         if tally or pruned:
-            self.events.call(shrink)
+            self.give_back()
         self.report(tally, pruned, time.monotonic() - started)
 
     def delete_all(self, cut: Cut, tally: collections.Counter[tuple[str, str, str]]) -> None:
@@ -6637,9 +7607,11 @@ class Retention(Loop):
             return "disk", f"disk {used_pct} % used > {self.config.disk_high_pct} %"
         return None
 
-    def relieved(self, cause: str) -> bool:
+    def relieved(self, cause: str, conn: sqlite3.Connection) -> bool:
+        """Under the low mark, counting only the pages rows use: freed pages go back at the end of
+        the pass, in one shrink, not one per chunk."""
         if cause == "db_cap":
-            return self.db_bytes() <= self.config.db_max_bytes * self.LOW_DB
+            return live_bytes(conn) <= self.config.db_max_bytes * self.LOW_DB
         return disk_usage(self.db_dir)[3] <= self.config.disk_high_pct - self.LOW_DISK
 
     def own_share_can_relieve(self) -> bool:
@@ -6662,21 +7634,22 @@ class Retention(Loop):
             for tier in self.tiers:
                 if cause == "disk" and not tier.for_disk and not self.own_share_can_relieve():
                     break
-                while not self.stopping.is_set() and not self.relieved(cause):
+                while not self.stopping.is_set() and not self.relieved(cause, conn):
                     table = oldest_table(conn, tier.tables, tier.where)
                     if table is None:
                         break
                     self.delete_chunk(Cut(table, tier.where, tier.reason, pass_id, limit=tier.chunk), tally)
-                    self.give_back()
-                if self.relieved(cause):
+                    if cause == "disk":
+                        self.give_back()           # the disk sees freed pages only once given back
+                if self.relieved(cause, conn):
                     return
+        self.give_back()
         self.log.error("still over budget after deleting all it may", extra={
             "cause": cause, "detail": (self.pressure() or (cause, "now under"))[1]})
 
     def give_back(self) -> None:
-        """Shrink the file so the next measure sees the space given back (else more rows go than
-        needed); while a reader keeps the WAL, try again here, not in the writer, as long as the
-        writer would once have waited."""
+        """Shrink the file, so the space freed is the filesystem's again; while a reader keeps the
+        WAL, try again here, not in the writer, as long as the writer would once have waited."""
         end = time.monotonic() + BUSY_TIMEOUT
         while self.events.call(shrink)["busy"] and time.monotonic() < end and not self.stopping.wait(0.05):
             pass
@@ -6704,7 +7677,10 @@ class Retention(Loop):
 
 
 # ============================================================================================== health
-# What otrace says about itself: /health as JSON, /metrics as Prometheus text from the same report.
+# What otrace says about itself: /health as JSON, /metrics as Prometheus text from the same report;
+# with TRACE_DEBUG, what Go's expvar and pprof would say: counters, stacks, a sampling profile and
+# the top allocations. A profile or an allocation snapshot is made on a thread of its own while the
+# HTTP thread goes on serving.
 
 EVENT_COUNTERS = ("received", "persisted", "duplicate", "refused", "rejected", "dropped")
 PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -6732,6 +7708,28 @@ HOST_GAUGES = {   # /health "host" column -> (metric, help, scale)
     "cgroup_write_bps": ("host_cgroup_write_bytes_per_second", "Writes by the cgroup.", 1),
     "self_rss_bytes": ("self_rss_bytes", "otrace's own resident memory.", 1),
     "self_cpu_pct": ("self_cpu_percent", "otrace's own CPU, as a share of one core.", 1),
+    "proc_count": ("host_processes", "Processes otrace sees (its PID namespace).", 1),
+    "proc_zombies": ("host_zombie_processes", "Processes that exited, not yet reaped by their parent.", 1),
+    "gateway_up": ("gateway_up", "1 while the OpenClaw gateway's process runs.", 1),
+    "gateway_cpu_pct": ("gateway_cpu_percent", "The gateway's CPU over the last interval, as a share of "
+                        "one core.", 1),
+    "gateway_rss_bytes": ("gateway_resident_memory_bytes", "The gateway's resident memory.", 1),
+    "gateway_threads": ("gateway_threads", "The gateway's threads.", 1),
+    "gateway_fds": ("gateway_open_fds", "The gateway's open file descriptors.", 1),
+    "gateway_uptime_s": ("gateway_uptime_seconds", "Time since the gateway's process started.", 1),
+    "net_rx_bps": ("net_receive_bytes_per_second", "Received on every interface but loopback.", 1),
+    "net_tx_bps": ("net_transmit_bytes_per_second", "Sent on every interface but loopback.", 1),
+    "net_rx_pps": ("net_receive_packets_per_second", "Packets received on every interface but loopback.", 1),
+    "net_tx_pps": ("net_transmit_packets_per_second", "Packets sent on every interface but loopback.", 1),
+    "tcp_retrans_ps": ("net_tcp_retransmitted_segments_per_second", "TCP segments sent again.", 1),
+    "tcp_syn_retrans_ps": ("net_tcp_syn_retransmits_per_second", "Connection attempts (SYNs) sent again.", 1),
+    "tcp_attempt_fails_ps": ("net_tcp_failed_connection_attempts_per_second", "Connection attempts that "
+                             "failed (refused, timed out).", 1),
+    "tcp_estab_resets_ps": ("net_tcp_established_resets_per_second", "Established connections reset.", 1),
+    "tcp_out_rsts_ps": ("net_tcp_resets_sent_per_second", "TCP resets sent.", 1),
+    "udp_in_errors_ps": ("net_udp_receive_errors_per_second", "UDP datagrams that could not be delivered "
+                         "(full buffers, bad checksums).", 1),
+    "udp_no_ports_ps": ("net_udp_no_port_per_second", "UDP datagrams to a port nothing listens on.", 1),
 }
 
 
@@ -6869,6 +7867,19 @@ def prometheus(report: dict[str, Any]) -> str:
     for column, (name, text, scale) in HOST_GAUGES.items():
         value = (report["host"] or {}).get(column)
         add(name, "gauge", text, ("", None if value is None else value * scale))
+    host, system = report["host"] or {}, report["system"]
+    add("net_tcp_connections", "gauge", "TCP connections by state, IPv4 and IPv6.",
+        *((prometheus_labels(state=state), host.get(f"tcp_{state}")) for state in TCP_STATES.values()))
+    add("custom_events_received_total", "counter", "Custom events accepted on /v1/events.",
+        ("", system["custom_events_received"]))
+    if gateway := system["gateway"]:
+        add("gateway_restarts_total", "counter", "Restarts of the gateway seen since otrace started.",
+            ("", gateway["restarts"]))
+    probed = [(prometheus_labels(name=name), r) for name, r in (system["dns"] or {}).get("names", {}).items()]
+    add("dns_probe_success", "gauge", "1 when the last lookup of the name succeeded.",
+        *((labels, r["outcome"] == "ok") for labels, r in probed if "outcome" in r))
+    add("dns_probe_duration_seconds", "gauge", "Time the last lookup of the name took.",
+        *((labels, r["ms"] / 1000) for labels, r in probed if r.get("ms") is not None))
     llm_metrics(report["llm_calls"], add)
     return "\n".join(lines) + "\n"
 
@@ -6965,6 +7976,11 @@ def health_report(service: Service) -> dict[str, Any]:
         "openclaw_sessions": service.store and service.store.health(),
         "otlp": service.otlp.health() | {"listening": service.otlp_address is not None, "listen_error": next(
             (unbound["error"] for unbound in service.server.unbound), None)},
+        "system": {"custom_events_received": counts["custom_received"],
+                   "processes": service.processes and service.processes.health(),
+                   "gateway": service.sampler and service.sampler.watch.gateway and
+                   service.sampler.watch.gateway.health(),
+                   "dns": service.dns and service.dns.health(), "debug": service.debug is not None},
     }
 
 
@@ -6974,6 +7990,170 @@ def unsynced_count(db: Database) -> int | None:
         return db.query(f"SELECT {counts}")[0][0]
     except sqlite3.Error:
         return None
+
+
+DEBUG_ROUTES = {"/debug/vars": ("GET", "HEAD"), "/debug/threads": ("GET", "HEAD"), "/debug/profile": ("GET",),
+                "/debug/memory": ("GET",)}
+PROFILE_HZ = 100
+PROFILE_MAX_SECONDS = 60.0
+TRACEMALLOC_FRAMES = 1           # frames kept per allocation: each one costs memory per traced block
+TEXT_TYPE = "text/plain; charset=utf-8"
+
+
+def query_number(request: Request, name: str, default: float, low: float, high: float) -> float:
+    """A number from the request's query string, or Invalid naming it."""
+    values = urllib.parse.parse_qs(request.target.partition("?")[2]).get(name)
+    if not values:
+        return default
+    try:
+        value = float(values[-1])
+    except ValueError:
+        value = math.nan
+    if not low <= value <= high:
+        raise Invalid(f"{name} must be a number from {low:g} to {high:g}", name)
+    return value
+
+
+class Debug:
+    """The /debug endpoints (TRACE_DEBUG): vars and threads are answered at once; a profile or an
+    allocation snapshot is made on a thread of its own, one of each at a time, and answered through
+    a Future, so the HTTP thread never waits for one."""
+
+    def __init__(self, service: Service) -> None:
+        self.service = service
+        self.profiling, self.snapshotting = threading.Lock(), threading.Lock()
+        self.stopping = threading.Event()
+
+    def stop(self) -> None:
+        """Shutdown: a profile under way ends now, with the samples it has."""
+        self.stopping.set()
+
+    def answer(self, request: Request) -> Answer | Future:
+        route = request.route
+        if route == "/debug/vars":
+            return 200, self.vars(), {}, "application/json"
+        if route == "/debug/threads":
+            return 200, self.threads().encode(), {}, TEXT_TYPE
+        if route == "/debug/profile":
+            seconds = query_number(request, "seconds", 10.0, 0.01, PROFILE_MAX_SECONDS)
+            return self.elsewhere(self.profiling, "a profile", functools.partial(self.profile, seconds))
+        if not tracemalloc_tracing():
+            raise Refusal(409, "tracemalloc is off: start otrace with TRACE_DEBUG_TRACEMALLOC=on")
+        top = int(query_number(request, "top", 25, 1, 1000))
+        return self.elsewhere(self.snapshotting, "a memory snapshot", functools.partial(self.memory, top))
+
+    def elsewhere(self, lock: threading.Lock, what: str, make: Callable[[], Answer]) -> Future:
+        """Run `make` on a thread of its own, one at a time per lock; its answer comes as a Future."""
+        if not lock.acquire(blocking=False):
+            raise Refusal(409, f"{what} is being made already; try again once it is done",
+                          {"Retry-After": "5"})
+        future: Future = Future()
+
+        def run() -> None:
+            try:
+                future.set_result(make())
+            except BaseException as exc:  # noqa: BLE001 - handed to the HTTP thread, which answers
+                future.set_exception(exc)
+            finally:
+                lock.release()
+
+        threading.Thread(target=run, name="otrace-debug", daemon=True).start()
+        return future
+
+    def vars(self) -> dict[str, Any]:
+        """expvar-style: every internal counter and gauge, in one flat-ish JSON object."""
+        import gc  # noqa: PLC0415 - imported where needed (see the imports)
+        service, counts = self.service, self.service.counters.snapshot()
+        push = service.pusher.totals.snapshot() if service.pusher else {}
+        cpu, rss = own_usage(Path(service.config.procfs))
+        return {
+            "version": __version__, "pid": os.getpid(), "cmdline": sys.argv, "python": sys.version,
+            "uptime_seconds": round(time.monotonic() - service.started, 3),
+            "events_accepted": counts["received"], "events_refused": counts["refused"],
+            "events_received": counts["received"] + counts["refused"],
+            "requests_rejected": counts["rejected"],
+            "events_persisted": counts["persisted"], "events_duplicate": counts["duplicate"],
+            "events_dropped": counts["dropped"], "custom_events_received": counts["custom_received"],
+            "events_pushed": push.get("events", 0), "push_batches": push.get("batches", 0),
+            "push_failures": push.get("failed", 0), "events_refused_by_receiver": push.get("refused", 0),
+            "queue_depth": service.events.qsize(), "queue_capacity": service.config.queue_size,
+            "connections_open": service.server.count(), "connections_refused": counts["connections_refused"],
+            "threads": threading.active_count(),
+            "thread_names": sorted(t.name for t in threading.enumerate()),
+            "rss_bytes": rss, "cpu_seconds": cpu,
+            "gc": {"counts": gc.get_count(), "collections": [g["collections"] for g in gc.get_stats()],
+                   "collected": [g["collected"] for g in gc.get_stats()], "frozen": gc.get_freeze_count()},
+            "tracemalloc": tracemalloc_tracing(),
+        }
+
+    @staticmethod
+    def threads() -> str:
+        """Every thread's stack, innermost call last, as a traceback prints it."""
+        import traceback  # noqa: PLC0415 - imported where needed (see the imports)
+        frames = sys._current_frames()
+        out = []
+        for thread in sorted(threading.enumerate(), key=lambda t: t.name):
+            frame = frames.get(thread.ident)
+            out.append(f"Thread {thread.name} (ident {thread.ident}, native id {thread.native_id}"
+                       f"{', daemon' if thread.daemon else ''}):\n"
+                       + ("".join(traceback.format_stack(frame)) if frame else "  (no Python frame)\n"))
+        return "\n".join(out)
+
+    def profile(self, seconds: float) -> Answer:
+        """Sample every thread's stack PROFILE_HZ times a second for `seconds` (less if otrace stops):
+        collapsed stacks, root first, one line per distinct stack with its count, as flame graph
+        tools read them. The profiler's own CPU time is in the X-Profile-* headers."""
+        me, labels = threading.get_ident(), {}      # (id(code), line) -> (code, label)
+        stacks: collections.Counter[tuple[str, ...]] = collections.Counter()
+        began, cpu_began, samples = time.monotonic(), time.thread_time(), 0
+        due = began
+        while not self.stopping.is_set() and due < began + seconds:
+            names = {t.ident: t.name for t in threading.enumerate()}
+            for ident, top in sys._current_frames().items():
+                if ident == me:
+                    continue
+                stack, frame = [], top
+                while frame is not None:        # by id: a code object's hash (the module's holds
+                    code = frame.f_code             # every function's) is computed anew each time
+                    key = (id(code), frame.f_lineno)
+                    known = labels.get(key)
+                    if known is None or known[0] is not code:
+                        where = f"{Path(code.co_filename).name}:{frame.f_lineno}"
+                        known = labels[key] = (code, f"{code.co_name} ({where})".replace(";", ":"))
+                    stack.append(known[1])
+                    frame = frame.f_back
+                stack.append(names.get(ident, f"thread-{ident}").replace(";", ":"))
+                stacks[tuple(reversed(stack))] += 1
+            samples += 1
+            due += 1 / PROFILE_HZ
+            self.stopping.wait(max(0.0, due - time.monotonic()))
+        elapsed, cpu = time.monotonic() - began, time.thread_time() - cpu_began
+        body = "".join(f"{';'.join(stack)} {n}\n" for stack, n in stacks.most_common())
+        return 200, body.encode(), {
+            "X-Profile-Seconds": f"{elapsed:.3f}", "X-Profile-Samples": str(samples),
+            "X-Profile-Hz": str(PROFILE_HZ), "X-Profile-CPU-Seconds": f"{cpu:.3f}",
+            "X-Profile-Overhead-Percent": f"{100 * cpu / elapsed if elapsed else 0:.3f}"}, TEXT_TYPE
+
+    @staticmethod
+    def memory(top: int) -> Answer:
+        """tracemalloc's top allocations by source line, with what is traced in all."""
+        import tracemalloc  # noqa: PLC0415 - imported where needed (see the imports)
+        snapshot = tracemalloc.take_snapshot().filter_traces(
+            (tracemalloc.Filter(False, tracemalloc.__file__),))
+        stats = snapshot.statistics("lineno")
+        current, peak = tracemalloc.get_traced_memory()
+        return 200, {"traced_bytes": current, "traced_peak_bytes": peak,
+                     "tracemalloc_own_bytes": tracemalloc.get_tracemalloc_memory(), "blocks": sum(
+                         s.count for s in stats), "frames_per_block": tracemalloc.get_traceback_limit(),
+                     "top": [{"file": s.traceback[0].filename, "line": s.traceback[0].lineno,
+                              "bytes": s.size, "blocks": s.count} for s in stats[:top]]}, {}, \
+            "application/json"
+
+
+def tracemalloc_tracing() -> bool:
+    """Whether tracemalloc runs, without importing it when it was never started."""
+    module = sys.modules.get("tracemalloc")
+    return bool(module and module.is_tracing())
 
 
 # ============================================================================================== report
@@ -7547,9 +8727,12 @@ class Service:
     """otrace itself: the database, the writer, the loops, the HTTP server, and their orderly stop."""
 
     def __init__(self, config: Config, lock: DatabaseLock | None = None) -> None:
+        if config.debug_tracemalloc:
+            import tracemalloc  # noqa: PLC0415 - imported where needed (see the imports)
+            tracemalloc.start(TRACEMALLOC_FRAMES)
         self.config = config
         self.started = time.monotonic()
-        self.counters = Counters((*EVENT_COUNTERS, "connections_refused"))
+        self.counters = Counters((*EVENT_COUNTERS, "connections_refused", "custom_received"))
         open_database(config.db_path)
         with contextlib.closing(connect(config.db_path)) as conn:
             if take_carried(conn, config.db_path + "-carry"):
@@ -7571,7 +8754,11 @@ class Service:
         self.retention.check_budget()
         self.writer.on_fault = self.on_write_fault
         self.loops: list[Loop] = [Checkpointer(config, self.events), self.retention]
-        self.sampler = Sampler(config, self.events, self.db) if config.metrics_interval else None
+        self.dns = DnsProbe(config, self.events) if config.dns_probe else None
+        self.processes = ProcessSampler(config, self.events) if config.proc_interval else None
+        self.sampler = Sampler(config, self.events, self.db, self.dns, self.processes) \
+            if config.metrics_interval else None
+        self.debug = Debug(self) if config.debug else None
         state_dir = openclaw_state_dir(config.openclaw_state_dir)
         self.store = SessionStore(config, self.events, self.db, state_dir) if state_dir else None
         self.tailer = LogTailer(config, self.events, self.db, store_followed=self.store is not None) \
@@ -7582,7 +8769,8 @@ class Service:
             self.pusher = Pusher(config, self.events, self.db)
         else:
             log.warning("push is off: events stay in the local database (set TRACE_PUSH_ENDPOINT)")
-        self.loops += [loop for loop in (self.sampler, self.tailer, self.store, self.pusher) if loop]
+        self.loops += [loop for loop in (self.sampler, self.processes, self.dns, self.tailer, self.store,
+                                         self.pusher) if loop]
         self.otlp = OtlpReceiver(self)
         otlp = [(config.host, config.otlp_port)] if config.otlp_port not in (0, config.port) else []
         # last, so that a failed start binds nothing
@@ -7618,6 +8806,8 @@ class Service:
         """Stop in order within the deadline. False if events that got a 202 could not be written in
         time (otrace's own rows left unwritten are logged, not counted: no client was promised them)."""
         reserve = 0.5                       # kept for the checkpoint and the close
+        if self.debug:
+            self.debug.stop()               # a profile under way is answered with what it has
         cut = self.server.close(until=deadline - reserve - 1.0)
         for loop in self.loops:             # producers offer nothing more; a refused offer loses nothing
             loop.stop()

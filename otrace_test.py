@@ -7,6 +7,7 @@ Nothing here mocks otrace. Where a test needs to wait, it waits for something ot
 from __future__ import annotations
 
 import base64
+import collections
 import contextlib
 import errno
 import functools
@@ -84,6 +85,8 @@ class Otrace:
         self.db_path = db or tmp / "otrace.db"
         self.env = {"TRACE_PORT": "0", "TRACE_OTLP_PORT": "0", "TRACE_DB_PATH": str(self.db_path),
                     "TRACE_BATCH_WINDOW": "20ms", "TRACE_LOG_LEVEL": "info", "TRACE_METRICS_INTERVAL": "off",
+                    "TRACE_PROC_INTERVAL": "off", "TRACE_DNS_PROBE": "", "TRACE_ZOMBIE_ALERT": "0",
+                    "TRACE_GATEWAY_MATCH": "off",
                     "TRACE_OPENCLAW_STATE_DIR": "off", **(env or {})}
         self.lines: list[dict[str, Any]] = []
         self.stderr: list[str] = []
@@ -1553,7 +1556,8 @@ def test_ingest_token_guards_every_route_but_health_and_metrics(run: Callable[..
                 continue
             good = {"/v1/errors": {"error_type": "crash", "message": "m"}, "/v1/traces": trace(),
                     "/v1/metrics": sums_body(1, 10),                        # OTLP: a usage point,
-                    "/v1/logs": log_body("1" * 32, "1" * 16, "", severity=17)}[path]   # an ERROR record
+                    "/v1/logs": log_body("1" * 32, "1" * 16, "", severity=17),   # an ERROR record
+                    "/v1/events": {"name": "deploy"}}[path]
             for auth in (None, f"Bearer {token}x", f"Bearer {token[:-1]}", f"Basic {token}", token,
                          f"Token {token}", "Bearer "):
                 resp = node.request(method, path, good, headers={"Authorization": auth} if auth else {})
@@ -3903,7 +3907,7 @@ def test_report_numbers_are_exact_in_json_csv_and_the_table(tmp_path: Path) -> N
     assert doc["log_events"] == {"model_call": 2, "channel_inbound": 1}
     assert doc["push"] == {
         "unsynced": {"llm_traces": 7, "error_events": 3, "system_metrics": 2, "log_events": 4,
-                     "genai_metrics": 0},
+                     "genai_metrics": 0, "custom_events": 0, "process_samples": 0},
         "unsynced_total": 16,
         "last_attempt": {"at": "2026-11-03T18:00:00+00:00", "http_status": 503, "error": "HTTP 503: busy",
                          "events": 4},
@@ -5772,3 +5776,833 @@ def test_openclaw_usage_spans_are_not_stored_again_while_its_session_store_is_fo
     finally:
         service.server.release()
         service.db.close()
+
+
+# ------------------------------------------------------- custom events, processes, network, /debug
+# The v2 seed: POST /v1/events; the process table, zombies and the gateway; /proc/net and DNS probes;
+# the /debug endpoints. Captured trees (fixtures/hosts/procs-*, net) for the readers; real processes,
+# zombies, a real node gateway, a stub resolver and a profile under load for the service.
+
+
+PROCS = HOSTS / "procs-many"
+PROCS_META = json.loads((PROCS / "meta.json").read_text())
+
+
+def error_rows(node: Otrace, category: str) -> list[dict[str, Any]]:
+    return [r for r in node.rows("error_events") if r["category"] == category]
+
+
+def test_v2_settings_parse_and_bad_ones_are_refused_naming_them(tmp_path: Path) -> None:
+    parse = otrace.Config.from_env
+    assert otrace.Config().gateway_match == ("node", ("openclaw", "gateway"))
+    assert parse({"TRACE_GATEWAY_MATCH": ":openclaw"}).gateway_match == ("", ("openclaw",))
+    assert parse({"TRACE_GATEWAY_MATCH": "OFF"}).gateway_match == ()
+    assert otrace.Config().dns_probe == ("api.anthropic.com", "api.openai.com")
+    assert parse({"TRACE_DNS_PROBE": " API.Example.com., b.test,b.test"}).dns_probe == ("api.example.com",
+                                                                                      "b.test")
+    assert parse({"TRACE_DNS_PROBE": ""}).dns_probe == ()
+    assert parse({"TRACE_PROC_INTERVAL": "off"}).proc_interval == 0.0
+    assert parse({"TRACE_DEBUG": "on", "TRACE_DEBUG_TRACEMALLOC": "on"}).debug_tracemalloc is True
+    for name, value, accepts in (
+            ("TRACE_GATEWAY_MATCH", "node", "a program name, a colon"),
+            ("TRACE_GATEWAY_MATCH", "node:", "a program name, a colon"),
+            ("TRACE_GATEWAY_MATCH", "/usr/bin/node:openclaw", "a program name, a colon"),
+            ("TRACE_DNS_PROBE", "bad_name.example", "host names"),
+            ("TRACE_DNS_PROBE", ",".join(f"h{i}.test" for i in range(17)), "up to 16 host names"),
+            ("TRACE_PROC_INTERVAL", "10ms", "a duration from 1s to 1d"),
+            ("TRACE_PROC_TOP", "0", "an integer from 1 to 100"),
+            ("TRACE_DNS_TIMEOUT", "5m", "a duration from 100ms to 1m"),
+            ("TRACE_ZOMBIE_ALERT", "-1", "an integer from 0 to 1000000")):
+        out = subprocess.run([sys.executable, str(OTRACE)], env={**os.environ, name: value,
+                             "TRACE_DB_PATH": str(tmp_path / "x.db")}, capture_output=True, text=True,
+                             timeout=10, check=False)
+        assert out.returncode == 2 and name in out.stderr and accepts in out.stderr, (name, value, out.stderr)
+    alone = subprocess.run([sys.executable, str(OTRACE)], env={**os.environ, "TRACE_DEBUG_TRACEMALLOC": "on",
+                           "TRACE_DB_PATH": str(tmp_path / "x.db")}, capture_output=True, text=True,
+                           timeout=10, check=False)
+    assert alone.returncode == 2 and "TRACE_DEBUG_TRACEMALLOC=on needs TRACE_DEBUG=on" in alone.stderr
+    assert not (tmp_path / "x.db").exists()
+
+
+# -- custom events
+
+
+def test_custom_event_is_stored_with_every_field(svc: Otrace) -> None:
+    event = {"name": "deploy finished", "attributes": {"version": "1.4.2", "ok": True, "n": [1, 2]},
+             "severity": "warning", "session_id": "sess-9", "trace_id": "evt-1",
+             "created_at": "2026-03-01T12:00:00.250Z", "colour": "blue"}
+    resp = svc.post("/v1/events", [event, {"name": "ping"}])
+    assert resp.status == 202, resp
+    assert resp.json["accepted"] == 2 and resp.json["trace_ids"][0] == "evt-1"
+    assert resp.json["ignored_fields"] == ["colour"]
+    svc.wait_persisted(2)
+    first, second = svc.rows("custom_events")
+    assert (first["name"], first["severity"], first["session_id"], first["trace_id"]) == \
+        ("deploy finished", "warning", "sess-9", "evt-1")
+    assert json.loads(first["attributes"]) == event["attributes"]
+    assert first["created_at"] == 1772366400250 and first["source"] == "http" and first["truncated"] == 0
+    assert (second["severity"], second["attributes"], second["session_id"]) == ("info", None, None)
+    assert uuid.UUID(second["trace_id"]).version == 7
+    health = svc.health()
+    assert health["system"]["custom_events_received"] == 2 and health["unsynced_count"] == 2
+    samples = dict(line.rsplit(" ", 1) for line in svc.request("GET", "/metrics").body.decode().splitlines()
+                   if not line.startswith("#"))
+    assert samples["otrace_custom_events_received_total"] == "2"
+
+
+@pytest.mark.parametrize(("event", "field"), [
+    ({"attributes": {}}, "name"),
+    ({"name": ""}, "name"),
+    ({"name": "   "}, "name"),
+    ({"name": 7}, "name"),
+    ({"name": "n" * 257}, "name"),
+    ({"name": "two\nlines"}, "name"),
+    ({"name": "bell\x07"}, "name"),
+    ({"name": "n", "attributes": [1, 2]}, "attributes"),
+    ({"name": "n", "attributes": "not json"}, "attributes"),
+    ({"name": "n", "attributes": {"x": 1e400}}, "attributes"),
+    ({"name": "n", "severity": "loud"}, "severity"),
+    ({"name": "n", "trace_id": ""}, "trace_id"),
+    ({"name": "n", "created_at": "yesterday"}, "created_at"),
+    ({"name": "n", "session_id": 5}, "session_id"),
+])
+def test_bad_custom_event_field_is_named(svc: Otrace, event: dict[str, Any], field: str) -> None:
+    body = json.dumps([{"name": "fine"}, event]).replace("Infinity", "1e400")
+    resp = svc.post("/v1/events", body)
+    assert resp.status == 400, resp
+    assert (resp.json["field"], resp.json["index"]) == (field, 1)
+    assert svc.post("/v1/events", {"name": "n" * 256}).status == 202      # 256 characters: fine
+    svc.wait_persisted(1)
+    assert [r["name"] for r in svc.rows("custom_events")] == ["n" * 256]  # nothing of the bad array
+
+
+def test_custom_events_share_the_limits_and_idempotency_of_traces(run: Callable[..., Otrace]) -> None:
+    node = run({"TRACE_MAX_TEXT_BYTES": "100", "TRACE_MAX_EVENTS": "3", "TRACE_MAX_BODY_BYTES": "1KiB"})
+    again = {"name": "retry-me", "trace_id": "same-id"}
+    assert node.post("/v1/events", again).status == 202
+    assert node.post("/v1/events", again).status == 202
+    big = node.post("/v1/events", {"name": "big", "attributes": {"text": "x" * 200}})
+    assert big.status == 202
+    assert node.post("/v1/events", [{"name": "n"}] * 4).status == 413
+    assert node.post("/v1/events", {"name": "n", "attributes": {"t": "y" * 2000}}).status == 413
+    gzipped = gzip.compress(json.dumps({"name": "zipped"}).encode())
+    assert node.post("/v1/events", gzipped, headers={"Content-Encoding": "gzip"}).status == 202
+    health = node.wait_persisted(4)
+    assert health["events_persisted"] == 3 and health["events_duplicate"] == 1
+    rows = {r["name"]: r for r in node.rows("custom_events")}
+    assert set(rows) == {"retry-me", "big", "zipped"}
+    assert json.loads(rows["big"]["attributes"]) == {"_otrace_truncated": True, "original_bytes": 211}
+    assert rows["big"]["truncated"] == 1
+
+
+def test_custom_events_are_pushed_and_retained_like_the_others(run: Callable[..., Otrace],
+                                                                receiver: Receiver) -> None:
+    node = run(push_env(receiver, TRACE_CLEANUP_INTERVAL="200ms", TRACE_RETENTION="1s"))
+    ids = node.post("/v1/events", [{"name": "tool_call", "attributes": {"tool": "browser", "ms": 812}},
+                                   {"name": "deploy"}]).json["trace_ids"]
+    events = receiver.wait(lambda reqs: [e for r in reqs if r["answered"] == 200 for e in r["json"]["events"]
+                                         if e["trace_id"] in ids])
+    first = next(e for e in events if e["trace_id"] == ids[0])
+    assert first["type"] == "custom_event" and first["event_id"] == f"custom_event:{ids[0]}"
+    assert first["data"]["attributes"] == {"tool": "browser", "ms": 812}          # an object, not a string
+    assert first["data"]["name"] == "tool_call" and "synced" not in first["data"]
+    wait_until(lambda: not node.rows("custom_events"), what="pushed custom events past retention deleted")
+    assert ledger(node)[("custom_events", "age")] == (2, 0)
+
+
+# -- the process table
+
+
+def sample_procs(top: int = 10) -> list[dict[str, Any]]:
+    """The process_samples rows ProcessTable makes from procs-many t0 and t1."""
+    table = otrace.ProcessTable(PROCS / "t0" / "proc", top)
+    scan = [(otrace.read_processes(root), otrace.read_uptime(root)) for root in (PROCS / "t0" / "proc",
+                                                                                PROCS / "t1" / "proc")]
+    assert table.sample(*scan[0]) == []                        # the first scan only primes
+    table.procfs = PROCS / "t1" / "proc"
+    return [dict(zip(otrace.PROCESSES.columns, row.values, strict=True)) for row in table.sample(*scan[1])]
+
+
+def test_the_process_table_of_500_captured_processes() -> None:
+    procs = otrace.read_processes(PROCS / "t1" / "proc")
+    assert len(procs) == PROCS_META["process_count"]["t1"] == 500
+    assert collections.Counter(p.state for p in procs.values()) == PROCS_META["state_counts"]["t1"]
+    assert (procs[180].name, procs[180].state, procs[180].ppid) == ("evil) R 1 (x", "S", 56)
+    assert procs[178].name == "pool worker" and procs[181].name == "(sd-pam)"
+    assert procs[8].threads == 8 and procs[12].rss == PROCS_META["gateway"]["observed"]["t1"]["rss_bytes"]
+    assert procs[34].state == "Z" and procs[34].rss == 0
+    assert otrace.read_cmdline(PROCS / "t1" / "proc", 34) == []                 # a zombie has none
+    rows = sample_procs()
+    by_cpu = sorted((r for r in rows if r["cpu_rank"]), key=lambda r: r["cpu_rank"])
+    for burner, row in zip(PROCS_META["burners"], by_cpu, strict=False):        # the top 3, in order
+        low, high = burner["assert_range"]
+        assert row["pid"] == burner["pid"] and row["name"] == burner["comm"] and low <= row["cpu_pct"] <= high
+    by_rss = sorted((r for r in rows if r["rss_rank"]), key=lambda r: r["rss_rank"])
+    assert [(r["pid"], r["rss_bytes"]) for r in by_rss] == [(p["pid"], p["rss_bytes"])
+                                                            for p in PROCS_META["top_rss_t1"]]
+    assert len(rows) == len({r["pid"] for r in rows})          # in both lists: one row, two ranks
+    gateway = next(r for r in rows if r["pid"] == 12)
+    assert gateway["cmdline"] == "node /app/openclaw.mjs gateway run --port 18789"
+    assert (gateway["threads"], gateway["fds"], gateway["user"], gateway["uid"]) == (7, 19, "root", 0)
+    assert gateway["started_at"] == round(PROCS_META["gateway"]["start_epoch"] * 1000)
+    assert {r["interval_s"] for r in rows} == {3.0}            # the tree's own clock: proc/uptime
+    assert {r["source"] for r in rows} == {"otrace"}
+
+
+def test_a_process_row_says_who_runs_it_and_what_it_holds() -> None:
+    table = otrace.ProcessTable(PROCS / "t1" / "proc", 10)
+    procs = otrace.read_processes(table.procfs)
+    holder = table.describe(procs[9], 0.0, 3.0, None, 1)
+    assert (holder["fds"], holder["name"]) == (PROCS_META["fd_holder"]["fds"], "fd-holder")
+    assert table.describe(procs[160], 0.0, 3.0, None, 1)["uid"] == 65534
+    stranger = table.describe(procs[185], 0.0, 3.0, None, 1)
+    assert (stranger["uid"], stranger["user"]) == (1234, "1234")               # no passwd entry
+    odd = table.describe(procs[45], 0.0, 3.0, None, 1)["cmdline"]
+    assert odd.endswith("--name café ☕ \ufffd\ufffd-not-utf8")                 # bytes ff fe
+
+
+def test_no_secret_in_a_captured_command_line_survives() -> None:
+    secrets = PROCS_META["secret_values"]
+    root = PROCS / "t1" / "proc"
+    shown = {pid: otrace.redact_cmdline(otrace.read_cmdline(root, pid) or [])
+             for pid in otrace.read_processes(root)}
+    assert not [(pid, s) for pid, line in shown.items() for s in secrets if s in line]
+    assert shown[24] == "node /app/bot.mjs --token *** --port 3000"
+    assert shown[26] == "node /app/client.mjs --api-key=*** --verbose"
+    assert shown[31] == "node /app/sync.mjs host=db user=app password=*** dbname=prod"
+    assert shown[33] == "node /app/migrate.mjs DATABASE_URL=postgres://u:***@h/db --dry-run"
+    assert shown[37].endswith("--role idle --key *** --token=***")
+    assert shown[43].endswith("--token=***") and len(shown[43]) > 5000          # read whole, then redacted
+    assert shown[12] == "node /app/openclaw.mjs gateway run --port 18789"       # nothing else touched
+    for line, expected in (
+            ("curl -H Authorization: Bearer abc.def-123 x", "curl -H Authorization: Bearer *** x"),
+            ("x --secret s1 --client-secret=s2", "x --secret *** --client-secret=***"),
+            ("ghp_" + "a" * 36, "***"), ("run AKIAABCDEFGHIJKLMNOP", "run ***")):
+        assert otrace.redact_cmdline(line.encode().split(b" ")) == expected
+    rows = sample_procs(top=100)
+    stored = json.dumps(rows)
+    assert not [s for s in secrets if s in stored]
+    assert all(len(r["cmdline"].encode()) <= otrace.CMDLINE_KEEP for r in rows if r["cmdline"])
+
+
+# -- zombies and the gateway, from captured trees
+
+
+def test_zombies_make_one_alert_per_episode_naming_their_parents(caplog: pytest.LogCaptureFixture) -> None:
+    watch = otrace.ZombieWatch(5, logging.getLogger("otrace.test"))
+    t0, t1 = (otrace.read_processes(PROCS / moment / "proc") for moment in ("t0", "t1"))
+    with caplog.at_level(logging.WARNING):
+        assert watch.observe(t0) == []                       # once is not yet an episode
+        [alert] = watch.observe(t1)
+        assert watch.observe(t1) == []                       # the same episode
+        assert watch.observe({1: t1[1]}) == []               # they were reaped
+        assert watch.observe(t0) == [] and len(watch.observe(t1)) == 1    # a new episode
+    row = dict(zip(otrace.ERRORS.columns, alert.values, strict=True))
+    assert (row["error_type"], row["category"], row["severity"], row["source"]) == \
+        ("system_error", "zombie_processes", "warning", "otrace")
+    assert "3 of pid 10 (zmaker-alpha), 2 of pid 11 (zmaker-beta)" in row["message"]
+    meta = json.loads(row["metadata"])
+    assert meta["parents"] == [{"pid": 10, "name": "zmaker-alpha", "zombies": 3},
+                               {"pid": 11, "name": "zmaker-beta", "zombies": 2}]
+    assert meta["zombie_pids"] == [34, 35, 36, 105, 116]
+    assert [r.message for r in caplog.records].count("zombie processes recovered") == 1
+    assert otrace.ZombieWatch(6, logging.getLogger("x")).observe(t1) == []
+    off = otrace.ZombieWatch(0, logging.getLogger("x"))
+    assert off.observe(t1) == [] and off.observe(t1) == []
+
+
+def gateway_over(case: str, moments: list[str], match: tuple = ("node", ("openclaw", "gateway")),
+                 oom: dict[str, int] | None = None) -> list[tuple[dict[str, Any], list[dict[str, Any]]]]:
+    """What a GatewayWatch says at each moment of a captured case: its columns and its events."""
+    watch = otrace.GatewayWatch(match, HOSTS / case / moments[0] / "proc", logging.getLogger("otrace.test"))
+    seen = []
+    for moment in moments:
+        watch.procfs = root = HOSTS / case / moment / "proc"
+        pids = {int(entry.name) for entry in root.iterdir() if entry.name.isdigit()}
+        columns, rows = watch.observe(pids, otrace.read_uptime(root), oom or {})
+        seen.append((columns, [dict(zip(otrace.ERRORS.columns, r.values, strict=True)) for r in rows]))
+    return seen
+
+
+def test_the_default_match_finds_the_gateway_and_not_its_decoys() -> None:
+    (first, events), (second, _) = gateway_over("procs-many", ["t0", "t1"])
+    assert events == [] and first["gateway_cpu_pct"] is None            # usage needs two samples
+    assert second == {"gateway_up": 1, "gateway_pid": 12, "gateway_rss_bytes": 42598400,
+                      "gateway_threads": 7, "gateway_fds": 19, "gateway_uptime_s": 8.44,
+                      "gateway_cpu_pct": 0.0}
+    titled = gateway_over("procs-gateway-titled", ["t0"])[0][0]         # process.title: node only in exe
+    assert (titled["gateway_up"], titled["gateway_pid"]) == (1, 7)
+    assert gateway_over("procs-gateway-titled", ["t0"], ("node", ("openclaw", "gateway", "run")))[0][0] == \
+        {"gateway_up": 0}                                              # its argv is gone
+    assert gateway_over("procs-many", ["t1"], ("bun", ("openclaw", "gateway")))[0][0] == {"gateway_up": 0}
+    anything = gateway_over("procs-many", ["t1"], ("", ("openclaw-gateway-watchdog",)))[0][0]
+    assert anything["gateway_pid"] == 22                                # any program: the sh decoy
+    assert gateway_over("procs-many", ["t1"], ("node", ("gateway", "8080")))[0][0]["gateway_pid"] == 21
+
+
+def test_a_restart_and_a_disappearance_are_crash_events_with_the_downtime() -> None:
+    seen = gateway_over("procs-gateway-restart", ["t0", "t1", "t2"])
+    (_, none), (restarted, [restart]), (gone_columns, [gone]) = seen
+    assert none == [] and restarted["gateway_pid"] == 20 and gone_columns == {"gateway_up": 0}
+    assert (restart["error_type"], restart["category"], restart["severity"]) == ("crash", "process_crash",
+                                                                                 "error")
+    meta = json.loads(restart["metadata"])
+    # last seen at uptime 1274.27 (t0); the new one started at 127448 ticks = 1274.48 s
+    assert (meta["change"], meta["old"]["pid"], meta["new"]["pid"], meta["downtime_s"]) == \
+        ("restarted", 7, 20, 0.21)
+    assert "pid 7 gave way to pid 20, down at most 0.21 s" in restart["message"]
+    assert meta["oom_kill"] is False
+    assert gone["severity"] == "critical" and json.loads(gone["metadata"])["change"] == "gone"
+    assert "process 20 is gone" in gone["message"]
+    (_, _), (reused, [again]) = gateway_over("procs-gateway-pid-reuse", ["t0", "t1"], oom={"cgroup": 1})
+    assert reused["gateway_pid"] == 6 and reused["gateway_cpu_pct"] is None     # a new process: no delta
+    meta = json.loads(again["metadata"])
+    assert (meta["old"]["pid"], meta["new"]["pid"], meta["oom_kill"], meta["oom_kills"]) == \
+        (6, 6, True, {"cgroup": 1})
+    assert "with a new start time" in again["message"] and "OOM killer" in again["message"]
+
+
+def test_a_pid_reused_by_a_new_gateway_is_found_when_every_pid_is_judged_again(tmp_path: Path) -> None:
+    """pid 6 is a sleep when first judged; then a gateway holds pid 6 (a new start time) while none
+    was known: its pid is not read again until every pid is judged again."""
+    sleeper, gateway = (HOSTS / "procs-gateway-restart" / "t2" / "proc",
+                        HOSTS / "procs-gateway-restart" / "t1" / "proc")
+    reused = tmp_path / "proc"
+    shutil.copytree(sleeper, reused, symlinks=True)
+    shutil.rmtree(reused / "6")
+    shutil.copytree(gateway / "20", reused / "6", symlinks=True)
+    watch = otrace.GatewayWatch(("node", ("openclaw", "gateway")), sleeper, logging.getLogger("otrace.test"))
+    pids = {1, 3, 4, 5, 6}
+    assert watch.observe(pids, 1278.27, {})[0] == {"gateway_up": 0}
+    watch.procfs = reused
+    seen = [watch.observe(pids, 1278.27 + n, {})[0]["gateway_up"] for n in range(otrace.REJUDGE_EVERY)]
+    assert seen == [0] * (otrace.REJUDGE_EVERY - 2) + [1, 1]     # its sample count reaches REJUDGE_EVERY
+
+
+# -- the network
+
+
+def test_captured_proc_net_becomes_connections_traffic_and_error_rates() -> None:
+    meta = json.loads((HOSTS / "net" / "meta.json").read_text())
+    before, after = (otrace.NetReader(HOSTS / "net" / moment / "proc").snapshot() for moment in ("t0", "t1"))
+    assert after.at - before.at == pytest.approx(5.0)                  # proc/uptime: 1287.14 -> 1292.14
+    states = {s: meta["tcp_states"]["tcp_t1"].get(s.upper(), 0) + meta["tcp_states"]["tcp6_t1"].get(
+        s.upper(), 0) for s in ("established", "close_wait", "listen")}
+    # TIME_WAIT as sockstat (and ss -s) counts it: 5 + 1 in TIME_WAIT and the client orphaned in FIN_WAIT2
+    assert after.tcp == {**states, "time_wait": 5 + 1 + 1} == {"established": 23, "time_wait": 7,
+                                                               "close_wait": 1, "listen": 5}
+    row = otrace.net_sample(before, after)
+    moved = meta["expected_deltas"]
+    veth = moved["dev_non_loopback"]["otfx-a"]                        # lo's traffic is left out
+    assert (row["net_rx_bps"], row["net_rx_pps"], row["net_tx_bps"], row["net_tx_pps"]) == (
+        veth["rx_bytes"] / 5, veth["rx_packets"] / 5, veth["tx_bytes"] / 5, veth["tx_packets"] / 5)
+    assert row["tcp_attempt_fails_ps"] == moved["Tcp"]["AttemptFails"] / 5
+    assert row["tcp_estab_resets_ps"] == moved["Tcp"]["EstabResets"] / 5
+    assert row["tcp_out_rsts_ps"] == moved["Tcp"]["OutRsts"] / 5
+    assert row["tcp_retrans_ps"] >= moved["Tcp"]["RetransSegs_at_least"] / 5
+    assert row["tcp_syn_retrans_ps"] == moved["TcpExt"]["TCPSynRetrans"] / 5
+    assert row["udp_in_errors_ps"] == moved["Udp"]["InErrors"] / 5            # no Udp6InErrors moved
+    assert row["udp_no_ports_ps"] == (moved["Udp"]["NoPorts"] + moved["snmp6"]["Udp6NoPorts"]) / 5
+    assert set(row) == {c for c in otrace.METRICS.columns if c.startswith(("tcp_", "net_", "udp_"))}
+
+
+NETNS_SOCKETS = r"""
+import json, socket, sys, time
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+import otrace
+def listener(family, host):
+    sock = socket.socket(family)
+    sock.bind((host, 0))
+    sock.listen()
+    return sock
+v4, v6 = listener(socket.AF_INET, "127.0.0.1"), listener(socket.AF_INET6, "::1")
+held = [v4, v6]
+for server in (v4, v4, v6):                    # 3 connections: 6 established sockets
+    held += [socket.create_connection(server.getsockname()[:2]), server.accept()[0]]
+for _ in range(2):                             # closed by the client first: TIME_WAIT on its side
+    client = socket.create_connection(v4.getsockname())
+    peer = v4.accept()[0]
+    client.close()
+    peer.recv(1)
+    peer.close()
+client = socket.create_connection(v4.getsockname())
+held.append(v4.accept()[0])                    # never closed: CLOSE_WAIT (the client in FIN_WAIT2)
+client.close()
+expected = {"established": 6, "time_wait": 3, "close_wait": 1, "listen": 2}   # the FIN_WAIT2 orphan too
+files, netlink = otrace.NetReader(Path("/proc")), otrace.NetReader(Path("/proc"), live=True)
+end = time.monotonic() + 20
+while files.snapshot().tcp != expected and time.monotonic() < end:
+    time.sleep(0.01)
+print(json.dumps({"files": files.snapshot().tcp, "netlink": netlink.snapshot().tcp,
+                  "raw": otrace.tcp_states(Path("/proc/net")), "dump": otrace.tcp_states_netlink(True)}))
+"""
+
+
+@pytest.mark.skipif(not (ROOT and shutil.which("unshare") and shutil.which("ip")),
+                    reason="needs root, unshare and ip for a network namespace of its own")
+def test_tcp_states_over_netlink_agree_with_the_files_in_a_namespace_of_known_sockets() -> None:
+    out = subprocess.run(["unshare", "--net", "sh", "-c", 'ip link set lo up && exec "$0" -c "$1" "$2"',
+                          sys.executable, NETNS_SOCKETS, str(HERE)], capture_output=True, text=True,
+                         timeout=60, check=True)
+    seen = json.loads(out.stdout)
+    assert seen["files"] == seen["netlink"] == {"established": 6, "time_wait": 3, "close_wait": 1,
+                                                "listen": 2}
+    assert seen["raw"] == seen["dump"] == {**seen["files"], "time_wait": 2}    # TIME_WAIT proper
+
+
+def test_net_files_in_other_shapes_are_read_or_left_null(tmp_path: Path) -> None:
+    net = tmp_path / "proc" / "net"
+    net.mkdir(parents=True)
+    (tmp_path / "proc" / "uptime").write_text("100.00 50.00\n")
+    (net / "dev").write_text("Inter-|   Receive\n face |bytes\n    lo:9 9 0 0 0 0 0 0 9 9 0 0 0 0 0 0\n"
+                             "eth0:100 2 0 0 0 0 0 0 300 4 0 0 0 0 0 0\n"        # no space after the colon
+                             "  wg0: 5 1 0 0 0 0 0 0 7 1 0 0 0 0 0 0\n")
+    (net / "snmp").write_text("Tcp: RetransSegs AttemptFails\nTcp: 10 -1\nUdp: NoPorts\nUdp: 3\n")
+    first = otrace.NetReader(tmp_path / "proc").snapshot()
+    assert first.dev == (105, 3, 307, 5) and first.tcp is None
+    assert first.counters[("snmp", "Tcp", "AttemptFails")] == -1
+    (tmp_path / "proc" / "uptime").write_text("110.00 50.00\n")
+    (net / "snmp").write_text("Tcp: AttemptFails RetransSegs\nTcp: 4 20\n")            # columns moved
+    row = otrace.net_sample(first, otrace.NetReader(tmp_path / "proc").snapshot())
+    assert (row["tcp_retrans_ps"], row["tcp_attempt_fails_ps"], row["udp_no_ports_ps"]) == (1.0, 0.5, None)
+    assert row["tcp_established"] is None and row["net_rx_bps"] == 0.0
+
+
+# -- the service, on real and captured trees
+
+
+def test_a_live_tree_gives_every_column_and_the_gateway_events_with_the_oom_killer(
+        tmp_path: Path, run: Callable[..., Otrace]) -> None:
+    """otrace reads a tree that moves from moment to moment: the processes of procs-gateway-restart
+    beside the cgroup of v1-oom (its OOM count; the host's stays) and the network of the net case.
+    Each moment is a whole tree, swapped in at once (a symlink replaced), so no sample sees half of
+    one."""
+    live = tmp_path / "host"
+    live.mkdir()
+
+    def swap(procs: str, oom: str, net: str) -> None:
+        tree = tmp_path / f"{procs}-{oom}-{net}"
+        if not tree.exists():
+            shutil.copytree(HOSTS / "v1-oom" / oom, tree)
+            shutil.copy(HOSTS / "v1-oom" / "t0" / "proc" / "vmstat", tree / "proc")    # host: no kill
+            for entry in (HOSTS / "procs-gateway-restart" / procs / "proc").iterdir():
+                if entry.name.isdigit():
+                    shutil.copytree(entry, tree / "proc" / entry.name, symlinks=True)
+            shutil.copy(HOSTS / "procs-gateway-restart" / procs / "proc" / "uptime", tree / "proc")
+            shutil.copytree(HOSTS / "net" / net / "proc" / "net", tree / "proc" / "net")
+        for part in ("sys", "proc"):                       # the OOM counts first, then the processes
+            (live / "next").symlink_to(tree / part)
+            (live / "next").replace(live / part)
+
+    swap("t1", "t0", "t0")
+    default = otrace.Config.__dataclass_fields__["gateway_match"].metadata["default"]
+    node = run({"TRACE_METRICS_INTERVAL": "100ms", "TRACE_PROCFS": str(live / "proc"),
+                "TRACE_SYSFS": str(live / "sys"), "TRACE_DISK_PATH": str(tmp_path),
+                "TRACE_GATEWAY_MATCH": default, "TRACE_PROC_INTERVAL": "1s"})
+    row = wait_until(lambda: (h := node.health()["host"]) and h["proc_zombies"] is not None and h,
+                     what="a host sample after a scan of the process table")
+    assert (row["gateway_up"], row["gateway_pid"], row["proc_count"], row["proc_zombies"]) == (1, 20, 6, 0)
+    assert row["tcp_listen"] == 3 + 2 and row["tcp_established"] == 16 + 5
+    assert row["net_rx_bps"] is None and row["gateway_cpu_pct"] is None     # the tree's clock stood still
+    swap("t2", "t1", "t1")                                               # gone, with an OOM kill
+    gone = wait_until(lambda: error_rows(node, "process_crash"), what="the gateway's disappearance")[0]
+    meta = json.loads(gone["metadata"])
+    assert (gone["error_type"], gone["severity"], meta["change"], meta["old"]["pid"]) == \
+        ("crash", "critical", "gone", 20)
+    assert meta["oom_kill"] is True and meta["oom_kills"] == {"cgroup": 1}
+    assert "the OOM killer struck at that time (1 in its cgroup)" in gone["message"]
+    assert [r["category"] for r in node.rows("error_events")] == ["oom_kill", "process_crash"]
+    row = wait_until(lambda: (h := node.health()["host"]) and h["gateway_up"] == 0 and h, what="up 0")
+    assert row["gateway_pid"] is None
+    gateway = node.health()["system"]["gateway"]
+    assert (gateway["up"], gateway["pid"], gateway["restarts"]) == (False, None, 0) and gateway["gone_since"]
+    swap("t1", "t1", "t1")                                               # the same one, back
+    back = wait_until(lambda: [r for r in error_rows(node, "process_crash") if r["severity"] == "info"],
+                      what="the gateway back")[0]
+    assert json.loads(back["metadata"])["change"] == "back" and "back as pid 20" in back["message"]
+    wait_until(lambda: node.health()["host"]["gateway_up"] == 1, what="up again")
+    text = node.request("GET", "/metrics").body.decode()
+    assert 'otrace_net_tcp_connections{state="listen"} 5' in text
+    assert "otrace_gateway_up 1" in text and "otrace_host_processes 6" in text
+    assert "otrace_gateway_restarts_total 0" in text
+    stored = node.rows("system_metrics")
+    assert all(r["tcp_established"] is not None for r in stored)
+    assert {r["gateway_up"] for r in stored} == {0, 1}
+    # the one interval in which the tree's clock moved forward and its net files changed: t0 to t1 of
+    # the net case over the 2 s from procs t1 to t2 (4 SYNs resent); every other rate is 0 or None
+    assert [r["tcp_syn_retrans_ps"] for r in stored if r["tcp_syn_retrans_ps"]] == [4 / 2.0]
+    assert len(error_rows(node, "process_crash")) == 2
+
+
+def test_real_processes_are_sampled_without_their_secrets(run: Callable[..., Otrace]) -> None:
+    secret = f"s3cret-{uuid.uuid4().hex}"
+    burner = subprocess.Popen([sys.executable, "-c", "while True: pass", "--token", secret,
+                               f"password={secret}"])
+    try:
+        node = run({"TRACE_PROC_INTERVAL": "1s", "TRACE_PROC_TOP": "100", "TRACE_METRICS_INTERVAL": "200ms",
+                    "TRACE_LOG_LEVEL": "debug"})
+        row = wait_until(lambda: [r for r in node.rows("process_samples") if r["pid"] == burner.pid],
+                         timeout=30, what="the burner in a process sample")[0]
+        assert row["cpu_pct"] > 0 and row["cpu_rank"] >= 1 and row["uid"] == os.getuid()
+        assert row["cmdline"] == f"{sys.executable} -c while True: pass --token *** password=***"
+        assert row["started_at"] <= otrace.now_ms() and row["threads"] == 1 and row["fds"] >= 3
+        assert row["name"] == Path(sys.executable).name[:15] and row["state"] in ("R", "S")
+        mine = [r for r in node.rows("process_samples") if r["pid"] == node.proc.pid]
+        assert not mine or mine[0]["cmdline"].endswith("otrace.py")
+        health = node.health()
+        sampler = health["system"]["processes"]
+        assert sampler["samples"] >= 1 and sampler["processes"] > 1
+        host = wait_until(lambda: node.health()["host"], what="a host sample")
+        assert host["proc_count"] >= 2 and host["tcp_listen"] >= 1          # otrace's own listener at least
+        seen = json.dumps(node.lines) + node.request("GET", "/metrics").body.decode() + json.dumps(health)
+        with contextlib.closing(sqlite3.connect(node.db_path)) as conn:
+            seen += "".join(line for line in conn.iterdump())
+        assert secret not in seen
+    finally:
+        burner.kill()
+        burner.wait(10)
+
+
+ZOMBIE_MAKER = """
+import os, sys
+for _ in range(int(sys.argv[1])):
+    if os.fork() == 0:
+        os._exit(0)
+print("made", flush=True)
+sys.stdin.readline()              # then reap them all
+for _ in range(int(sys.argv[1])):
+    os.wait()
+print("reaped", flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_real_zombies_alert_once_and_recover(run: Callable[..., Otrace]) -> None:
+    count = 7
+    maker = subprocess.Popen([sys.executable, "-c", ZOMBIE_MAKER, str(count)], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert maker.stdout.readline() == "made\n"
+        node = run({"TRACE_METRICS_INTERVAL": "100ms", "TRACE_PROC_INTERVAL": "1s",
+                    "TRACE_ZOMBIE_ALERT": str(count)})
+        alert = wait_until(lambda: error_rows(node, "zombie_processes"), what="the zombie alert")[0]
+        meta = json.loads(alert["metadata"])
+        assert {"pid": maker.pid, "name": Path(sys.executable).name[:15], "zombies": count} in meta["parents"]
+        assert f"of pid {maker.pid}" in alert["message"] and alert["severity"] == "warning"
+        assert wait_until(lambda: node.health()["host"])["proc_zombies"] >= count   # in host samples too
+        scans = node.health()["system"]["processes"]["samples"]
+        wait_until(lambda: node.health()["system"]["processes"]["samples"] >= scans + 2, what="more scans")
+        assert len(error_rows(node, "zombie_processes")) == 1                # one per episode
+        maker.stdin.write("\n")
+        maker.stdin.flush()
+        assert maker.stdout.readline() == "reaped\n"
+        node.wait_log(lambda e: e.get("message") == "zombie processes recovered")
+        assert node.health()["system"]["processes"]["zombie_alert"] is False
+    finally:
+        maker.kill()
+        maker.wait(10)
+
+
+NODE_GATEWAY = "setInterval(() => {}, 1 << 30)"
+
+
+def test_a_real_gateway_killed_and_restarted(run: Callable[..., Otrace]) -> None:
+    """A real node process that matches the gateway pattern (a unique word keeps other tests' out)."""
+    word = f"otrace-test-{uuid.uuid4().hex[:8]}"
+    start = [shutil.which("node") or pytest.skip("needs node"), "-e", NODE_GATEWAY, "openclaw", "gateway",
+             word]
+    node = run({"TRACE_METRICS_INTERVAL": "100ms", "TRACE_GATEWAY_MATCH": f"node:openclaw,gateway,{word}"})
+    first = subprocess.Popen(start)
+    second = third = None
+    try:
+        row = wait_until(lambda: (h := node.health()["host"]) and h["gateway_pid"] == first.pid and h,
+                         what="the gateway found")
+        assert row["gateway_up"] == 1 and row["gateway_threads"] >= 1 and row["gateway_rss_bytes"] > 1 << 20
+        assert row["gateway_fds"] >= 3 and row["gateway_uptime_s"] >= 0
+        first.kill()                                   # killed, not yet reaped: a zombie is not up
+        gone = wait_until(lambda: error_rows(node, "process_crash"), what="the gateway gone")[0]
+        assert json.loads(gone["metadata"])["old"]["pid"] == first.pid and gone["severity"] == "critical"
+        first.wait(10)
+        second = subprocess.Popen(start)
+        back = wait_until(lambda: [r for r in error_rows(node, "process_crash") if r["severity"] == "info"],
+                          what="the gateway back")[0]
+        meta = json.loads(back["metadata"])
+        assert (meta["change"], meta["new"]["pid"]) == ("back", second.pid) and meta["downtime_s"] > 0
+        third = subprocess.Popen(start)                # a second match: the known one is kept ...
+        samples = len(node.rows("system_metrics"))
+        wait_until(lambda: len(node.rows("system_metrics")) >= samples + 2, what="samples seeing both")
+        assert node.health()["host"]["gateway_pid"] == second.pid
+        second.kill()                                  # ... until it dies: the other one took over
+        restart = wait_until(lambda: [r for r in error_rows(node, "process_crash")
+                                      if r["severity"] == "error"], what="the restart")[0]
+        meta = json.loads(restart["metadata"])
+        assert (meta["change"], meta["old"]["pid"], meta["new"]["pid"]) == ("restarted", second.pid,
+                                                                            third.pid)
+        assert node.health()["system"]["gateway"]["restarts"] == 1
+        assert len(error_rows(node, "process_crash")) == 3
+    finally:
+        for proc in (first, second, third):
+            if proc:
+                proc.kill()
+                proc.wait(10)
+
+
+@needs_v1
+def test_a_real_gateway_killed_by_the_oom_killer_says_so(tmp_path: Path) -> None:
+    """otrace and a node gateway share a real cgroup (256 MiB); the gateway is told to eat memory."""
+    word = f"otrace-oom-{uuid.uuid4().hex[:8]}"
+    hog = ("process.on('SIGUSR2', () => { const kept = []; "
+           "setInterval(() => kept.push(Buffer.alloc(8 << 20, 1)), 5) }); setInterval(() => {}, 1 << 30)")
+    with v1_cgroup(f"otrace-test-{os.getpid()}", -1, 256 << 20) as enter:
+        node = Otrace(tmp_path, {"TRACE_METRICS_INTERVAL": "200ms",
+                                 "TRACE_GATEWAY_MATCH": f"node:openclaw,gateway,{word}"})
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TRACE_")} | node.env
+        node.proc = subprocess.Popen(["sh", "-c", f'{enter} exec "$0" "$1"', sys.executable, str(OTRACE)],
+                                     env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        threading.Thread(target=node._read, args=(node.proc.stdout, True), daemon=True).start()
+        threading.Thread(target=node._read, args=(node.proc.stderr, False), daemon=True).start()
+        gateway = subprocess.Popen(["sh", "-c", f'{enter} exec "$@"', "sh", shutil.which("node") or "node",
+                                    "-e", hog, "openclaw", "gateway", word])
+        try:
+            listening = node.wait_log(lambda e: e.get("message") == "listening")
+            node.port = int(listening["address"].rsplit(":", 1)[1])
+            wait_until(lambda: (h := node.health()["host"]) and h["gateway_pid"] == gateway.pid,
+                       what="the gateway found")
+            gateway.send_signal(signal.SIGUSR2)
+            assert gateway.wait(60) == -signal.SIGKILL                  # the OOM killer's doing
+            gone = wait_until(lambda: error_rows(node, "process_crash"), what="the gateway gone")[0]
+            meta = json.loads(gone["metadata"])
+            assert meta["old"]["pid"] == gateway.pid and meta["oom_kill"] is True
+            assert meta["oom_kills"]["cgroup"] == 1 and "OOM killer" in gone["message"]
+            assert error_rows(node, "oom_kill")
+            assert node.stop() == 0
+        finally:
+            gateway.kill()
+            gateway.wait(10)
+            node.kill()
+
+
+# -- DNS probes
+
+
+class DnsStub(threading.Thread):
+    """A DNS server on a loopback address, port 53: an A record for the names in `answers`, NXDOMAIN
+    for the others, and no answer at all for the names in `hang`."""
+
+    def __init__(self, address: str, hang: set[str]) -> None:
+        super().__init__(daemon=True)
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind((address, 53))
+        self.sock.settimeout(0.2)
+        self.answers: dict[str, str] = {}
+        self.hang = hang
+        self.queries: collections.Counter[str] = collections.Counter()
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                query, peer = self.sock.recvfrom(512)
+            except TimeoutError:
+                continue
+            labels, at = [], 12
+            while query[at]:
+                labels.append(query[at + 1:at + 1 + query[at]].decode())
+                at += 1 + query[at]
+            name, qtype = ".".join(labels).lower(), int.from_bytes(query[at + 1:at + 3], "big")
+            self.queries[name] += 1
+            if name in self.hang:
+                continue
+            found = self.answers.get(name)
+            answer = found is not None and qtype == 1
+            head = query[:2] + (0x8180 | (0 if found else 3)).to_bytes(2, "big") + bytes(
+                [0, 1, 0, int(answer), 0, 0, 0, 0])
+            reply = head + query[12:at + 5]
+            if answer:
+                reply += b"\xc0\x0c\x00\x01\x00\x01\x00\x00\x00\x05\x00\x04" + socket.inet_aton(found)
+            self.sock.sendto(reply, peer)
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.join(5)
+        self.sock.close()
+
+
+needs_namespaces = pytest.mark.skipif(not (ROOT and shutil.which("unshare")),
+                                      reason="needs root and unshare: a private /etc/hosts and resolv.conf")
+
+
+@needs_namespaces
+def test_dns_probes_time_a_name_in_hosts_one_that_cannot_resolve_and_one_that_hangs(
+        tmp_path: Path, run: Callable[..., Otrace]) -> None:
+    """otrace runs in a mount namespace of its own, with an /etc/hosts and a resolv.conf pointing at a
+    stub resolver on loopback that never answers hang.test (glibc would wait minutes)."""
+    address = f"127.53.{os.getpid() % 250}.{threading.get_ident() % 250 + 1}"
+    stub = DnsStub(address, {"hang.test"})
+    stub.start()
+    (tmp_path / "hosts").write_text("127.0.0.1 localhost\n10.9.8.7 in-hosts.test\n")
+    (tmp_path / "resolv.conf").write_text(f"nameserver {address}\noptions timeout:30 attempts:5\n")
+    command = ["unshare", "--mount", "sh", "-c", 'mount --bind "$0" /etc/hosts && mount --bind "$1" '
+               '/etc/resolv.conf && exec "$2" "$3"', str(tmp_path / "hosts"), str(tmp_path / "resolv.conf"),
+               sys.executable, str(OTRACE)]
+    try:
+        node = run({"TRACE_DNS_PROBE": "in-hosts.test,missing.test,hang.test", "TRACE_DNS_INTERVAL": "1s",
+                    "TRACE_DNS_TIMEOUT": "300ms", "TRACE_METRICS_INTERVAL": "200ms"}, command=command)
+
+        def outcomes() -> dict[str, str]:
+            return {n: r.get("outcome") for n, r in node.health()["system"]["dns"]["names"].items()}
+
+        wait_until(lambda: outcomes() == {"in-hosts.test": "ok", "missing.test": "not_found",
+                                          "hang.test": "timeout"}, what="the three outcomes")
+        failures = wait_until(lambda: len(rows := error_rows(node, "network_failure")) == 2 and rows,
+                              what="one event per failing name")
+        said = [json.loads(r["metadata"]) for r in failures]
+        assert {m["name"]: m["outcome"] for m in said} == {"missing.test": "not_found",
+                                                           "hang.test": "timeout"}
+        assert all(r["error_type"] == "system_error" and r["severity"] == "error" for r in failures)
+        probes = node.health()["system"]["dns"]["probes"]
+        wait_until(lambda: node.health()["system"]["dns"]["probes"] >= probes + 3, what="probes go on")
+        dns = node.health()["system"]["dns"]
+        assert dns["lookups_still_running"] == 1                  # the hung one, never a pile of them
+        assert stub.queries["hang.test"] <= 2                     # asked once (A and AAAA), left hanging
+        assert dns["names"]["hang.test"]["running_s"] > 0.3 and dns["names"]["in-hosts.test"]["ms"] >= 0
+        assert len(error_rows(node, "network_failure")) == 2       # one per episode
+        stub.answers["missing.test"] = "10.1.1.1"                  # it resolves now
+        node.wait_log(lambda e: e.get("message") == "DNS lookups recovered"
+                      and e["host_name"] == "missing.test")
+        probed = [json.loads(r["dns"]) for r in node.rows("system_metrics") if r["dns"]]
+        assert probed and {"in-hosts.test", "missing.test", "hang.test"} <= set(probed[0])
+        text = node.request("GET", "/metrics").body.decode()
+        assert 'otrace_dns_probe_success{name="in-hosts.test"} 1' in text
+        assert 'otrace_dns_probe_success{name="hang.test"} 0' in text
+        assert 'otrace_dns_probe_duration_seconds{name="in-hosts.test"}' in text
+        assert node.stop() == 0                                    # a hung lookup does not hold the exit
+    finally:
+        stub.stop()
+
+
+# -- /debug
+
+
+def debug_node(run: Callable[..., Otrace], **env: str) -> Otrace:
+    return run({"TRACE_DEBUG": "on", **env})
+
+
+def test_debug_endpoints_are_off_unless_asked_for(svc: Otrace) -> None:
+    for path in otrace.DEBUG_ROUTES:
+        resp = svc.request("GET", path)
+        assert resp.status == 404 and resp.json["error"] == f"no such path: {path}"
+    assert svc.health()["system"]["debug"] is False
+
+
+def test_debug_vars_and_threads(run: Callable[..., Otrace]) -> None:
+    node = debug_node(run)
+    assert node.post("/v1/traces", [trace(), trace()]).status == 202
+    node.post("/v1/events", {"name": ""})                          # rejected
+    node.wait_persisted(2)
+    data = node.request("GET", "/debug/vars").json
+    assert (data["events_accepted"], data["events_persisted"], data["requests_rejected"]) == (2, 2, 1)
+    assert data["events_received"] == 2 and data["events_refused"] == 0 and data["events_dropped"] == 0
+    assert data["queue_depth"] == 0 and data["queue_capacity"] == 512 and data["rss_bytes"] > 1 << 20
+    assert {"otrace-writer", "otrace-http", "MainThread"} <= set(data["thread_names"])
+    assert data["threads"] == len(data["thread_names"]) and len(data["gc"]["collections"]) == 3
+    assert data["pid"] == node.proc.pid and data["uptime_seconds"] > 0 and data["tracemalloc"] is False
+    assert node.request("HEAD", "/debug/vars").body == b""
+    stacks = node.request("GET", "/debug/threads")
+    assert stacks.status == 200 and stacks.headers["content-type"].startswith("text/plain")
+    text = stacks.body.decode()
+    assert "Thread otrace-writer (ident" in text and "in next_work" in text and "in serve_forever" in text
+
+
+def test_a_profile_under_load_leaves_ingest_free_and_ends_at_shutdown(run: Callable[..., Otrace]) -> None:
+    node = debug_node(run, TRACE_SHUTDOWN_TIMEOUT="20s")
+    profile: dict[str, Response] = {}
+
+    def take() -> None:
+        profile["answer"] = node.request("GET", "/debug/profile?seconds=60", timeout=90)
+
+    taker = threading.Thread(target=take, daemon=True)
+    taker.start()
+    wait_until(lambda: "otrace-debug" in node.request("GET", "/debug/vars").json["thread_names"],
+               what="the profile under way")
+    posted = 0
+    for _ in range(50):                                            # load while it samples
+        assert node.post("/v1/traces", [trace() for _ in range(20)]).status == 202
+        posted += 20
+    assert node.wait_persisted(posted)["status"] == "ok"
+    assert node.request("GET", "/debug/profile?seconds=1").status == 409      # one at a time
+    assert "answer" not in profile                                 # still sampling: nothing waited on it
+    node.signal(signal.SIGTERM)                                    # shutdown answers it with what it has
+    taker.join(30)
+    answer = profile["answer"]
+    assert answer.status == 200 and answer.headers["content-type"].startswith("text/plain")
+    assert node.proc.wait(30) == 0
+    lines = answer.body.decode().splitlines()
+    counts = collections.Counter()
+    for line in lines:
+        stack, count = line.rsplit(" ", 1)
+        counts[stack.split(";")[0]] += int(count)
+    assert {"otrace-writer", "otrace-http", "MainThread"} <= set(counts)
+    samples = int(answer.headers["x-profile-samples"])
+    assert samples >= 1 and counts["otrace-writer"] == samples
+    assert float(answer.headers["x-profile-seconds"]) < 60
+    assert float(answer.headers["x-profile-cpu-seconds"]) > 0
+    assert 0 < float(answer.headers["x-profile-overhead-percent"]) < 100
+
+
+def test_a_profile_is_answered_and_bad_seconds_are_named(run: Callable[..., Otrace]) -> None:
+    node = debug_node(run)
+    for bad in ("0", "61", "abc", "nan", "-1", "inf"):
+        resp = node.request("GET", f"/debug/profile?seconds={bad}")
+        assert resp.status == 400 and resp.json["field"] == "seconds", (bad, resp)
+    answer = node.request("GET", "/debug/profile?seconds=0.3")
+    assert answer.status == 200
+    first = answer.body.decode().splitlines()[0]
+    assert first.rsplit(" ", 1)[1].isdigit() and ";" in first
+    assert int(answer.headers["x-profile-hz"]) == otrace.PROFILE_HZ
+    assert node.request("GET", "/debug/memory").status == 409                  # tracemalloc is off
+    assert node.post("/debug/vars", {}).status == 405
+
+
+def test_debug_memory_shows_the_top_allocations_with_tracemalloc(run: Callable[..., Otrace]) -> None:
+    node = debug_node(run, TRACE_DEBUG_TRACEMALLOC="on")
+    assert node.post("/v1/traces", [trace(input_text="x" * 1000) for _ in range(50)]).status == 202
+    node.wait_persisted(50)
+    resp = node.request("GET", "/debug/memory?top=5")
+    assert resp.status == 200, resp
+    data = resp.json
+    assert len(data["top"]) == 5 and data["traced_bytes"] > 0 and data["frames_per_block"] == 1
+    assert all(r["bytes"] > 0 and r["line"] >= 0 and r["file"] for r in data["top"])
+    assert data["top"][0]["bytes"] >= data["top"][-1]["bytes"]
+    assert node.request("GET", "/debug/memory?top=0").json["field"] == "top"
+    assert node.request("GET", "/debug/vars").json["tracemalloc"] is True
+
+
+def test_debug_needs_the_token_and_a_loopback_client(run: Callable[..., Otrace]) -> None:
+    token = f"tok-{uuid.uuid4().hex}"
+    node = debug_node(run, TRACE_INGEST_TOKEN=token, TRACE_HOST="0.0.0.0")
+    for path in ("/debug/vars", "/debug/threads", "/debug/profile?seconds=0.1"):
+        assert node.request("GET", path).status == 401
+        assert node.request("GET", path, headers={"Authorization": f"Bearer {token}"}).status == 200
+    addresses = [a for a in non_loopback_addresses() if ":" not in a]
+    if not addresses:
+        pytest.skip("this machine has no IPv4 address but loopback")
+    conn = http.client.HTTPConnection(addresses[0], node.port, timeout=10)
+    resp = node.request("GET", "/debug/vars", headers={"Authorization": f"Bearer {token}"}, conn=conn)
+    assert resp.status == 403 and "loopback" in resp.json["error"]
+    assert node.request("GET", "/health", conn=http.client.HTTPConnection(addresses[0], node.port,
+                                                                          timeout=10)).status == 200
+
+
+def test_schema_has_the_v2_tables_and_a_wide_metrics_insert_fits(tmp_path: Path) -> None:
+    otrace.open_database(str(tmp_path / "x.db"))
+    with contextlib.closing(otrace.connect(str(tmp_path / "x.db"))) as conn:
+        for table in ("custom_events", "process_samples", "system_metrics"):
+            columns = [name for _, name, *_ in conn.execute(f"PRAGMA table_info({table})")]
+            assert set(otrace.TABLES[table].columns) <= set(columns), table
+        conn.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 999)
+        rows = [tuple(f"m-{i}" if c == "trace_id" else 0 for c in otrace.METRICS.columns) for i in range(40)]
+        with otrace.transaction(conn):
+            assert otrace.insert_rows(conn, "system_metrics", rows) == 40
+    assert "process_samples" in otrace.EVENT_TABLES and "custom_events" in otrace.EVENT_TABLES

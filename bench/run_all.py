@@ -35,6 +35,7 @@ RUNS: dict[str, tuple[list[str], list[str]]] = {    # name: (full budget, --quic
     "peers": (["--seconds", "10", "--window", "60"], ["--seconds", "2", "--window", "5"]),
     "report": ([], ["--mib", "20", "--runs", "2"]),
     "otlp": (["--seconds", "2", "--drain", "60"], ["--seconds", "1", "--drain", "10"]),
+    "system": ([], ["--processes", "200", "--samples", "10", "--idle", "3", "--seconds", "1"]),
 }
 
 
@@ -158,6 +159,38 @@ def summary() -> list[list[str]]:
     rows.append(["created_at indexes (for the report)", f"{report['index_bytes'] / 2**20:.1f} MiB",
                  f"{report['vacuumed_bytes'] / 2**20:.0f} MiB database",
                  f"{report['index_bytes'] / report['vacuumed_bytes']:.3f}", "", ""])
+    rows += system_rows(load("system"))
+    return rows
+
+
+def system_rows(system: dict[str, Any]) -> list[list[str]]:
+    """Processes, network, DNS and /debug: each sampler against the host sample, the idle sidecar with
+    all of it on against otrace before it, and the profiler's overhead."""
+    cost, share, n = system["cost"], system["share_pct"], system["cost"]["process_count"]
+    host = cost["host"]
+    rows = [[f"{what} CPU per call ({n} processes)", f"{cost[key] * 1e6:.0f} µs", f"{host * 1e6:.0f} µs host "
+             "sample", f"{cost[key] / host:.2f}×", "", f"{share[key]:.4f} % of a core at {interval}"]
+            for what, key, interval in (("process sample", "processes", "60 s"),
+                                        ("processes and network in a host sample", "system", "15 s"),
+                                        ("DNS probe", "dns", "60 s"))]
+    rows[0][4:] = ["< 0.05 % of a core at 60 s", verdict(share["processes"] < 0.05)
+                   + f" ({share['processes']:.4f} %)"]
+    rows.append(["all of them, per minute at the defaults", f"{system['all_share_pct']:.4f} % of a core", "",
+                 "", "", ""])
+    idle, seconds = system["idle"], system["idle_seconds"]
+    if "before" in idle:
+        now, before = idle["now"], idle["before"]
+        rows.append([f"idle RSS, everything on, {n} processes ({seconds:.0f} s)",
+                     f"{now['rss_mib']:.1f} MiB", f"{before['rss_mib']:.1f} MiB otrace before",
+                     f"{now['rss_mib'] / before['rss_mib']:.2f}", "≤ 25 MB",
+                     verdict(now["rss_mib"] * 2**20 <= 25e6)])
+        rows.append(["idle CPU, everything on", f"{now['cpu_pct']:.3f} % of a core",
+                     f"{before['cpu_pct']:.3f} % otrace before", "", "", ""])
+    profile = system["profile"]
+    rows.append(["ingest 202s/s, 4 connections, while /debug/profile samples",
+                 f"{profile['profiled_rps']:,.0f}", f"{profile['rps']:,.0f} without a profile",
+                 f"{profile['profiled_rps'] / profile['rps']:.2f}", "",
+                 f"profiler: {system['profile_overhead_pct']:.2f} % of a core"])
     return rows
 
 
