@@ -22,9 +22,9 @@ brackets is the one its code runs on.
                       metrics and logs become rows                                           [http]
   host metrics ...... HostReader, Cgroup, Sampler: /proc and cgroup files become
                       system_metrics                                                      [metrics]
-  processes and network  ProcessSampler, GatewayWatch, NetReader, DnsProbe: scans of the process
-                      table become process_samples and a zombie count; the gateway, connections,
-                      traffic and DNS join each host sample  [processes; metrics; dns, one per lookup]
+  processes & network ProcessSampler, GatewayWatch, NetReader, DnsProbe: the process table becomes
+                      process_samples; the gateway, connections, traffic and DNS join each
+                      host sample                           [processes, metrics; dns: one per lookup]
   gateway log ....... LogLine, classify(), LogTailer: the gateway's log becomes log_events [logtail]
   openclaw sessions . store_events(), AgentDatabase, SessionStore: OpenClaw's transcripts become
                       llm_traces and error_events, each model call once                  [sessions]
@@ -238,6 +238,17 @@ def choice(*choices: str) -> Kind:
         return raw.strip().lower()
 
     return Kind("one of " + ", ".join(choices), parse)
+
+
+def choices(*names: str) -> Kind:
+    """Some of `names` (at least one), comma-separated; kept in the order of `names`."""
+    def parse(raw: str) -> tuple[str, ...]:
+        chosen = {item.strip().lower() for item in raw.split(",") if item.strip()}
+        if not chosen or not chosen <= set(names):
+            raise SettingError
+        return tuple(name for name in names if name in chosen)
+
+    return Kind("one or more of " + ", ".join(names) + ", comma-separated", parse)
 
 
 def _token(raw: str) -> str:
@@ -462,6 +473,12 @@ class Config:
                                "then its base URL: /v1/traces, /v1/logs and /v1/metrics are appended).")
     push_otlp_protocol: str = setting("http/protobuf", choice("http/protobuf", "http/json"), "OTLP's "
                                       "encoding when TRACE_PUSH_FORMAT=otlp.")
+    push_signals: tuple = setting("traces,metrics,logs", choices("traces", "metrics", "logs"), "Which rows "
+                                  "push sends: traces (LLM calls), metrics (host samples, GenAI metric "
+                                  "points), logs (errors, log events, and OTLP reports of rows given up). "
+                                  "Name only what the receiver takes (Arize Phoenix takes traces alone): "
+                                  "a signal it refuses fails every cycle. Rows left out stay in the local "
+                                  "database, as with push off.")
     push_interval: float = setting("5m", duration("100ms", "1d"), "Time between push cycles.")
     push_token: str = setting("", TOKEN, "Sent to the push endpoint as `Authorization: Bearer "
                               "<token>`; never logged.", secret=True)
@@ -4695,7 +4712,7 @@ class Sampler(Loop):
                 "samples_dropped": self.dropped, "last_error": self.fault.error}
 
 
-# =============================================================================== processes and network
+# ====================================================================================== processes & network
 # The process table and the network namespace, read from the files the kernel writes; every reader
 # takes its procfs root, so trees captured from real machines test it, and times come from that
 # root's uptime file (the clock process start times count in). The process table is scanned whole
@@ -6525,7 +6542,8 @@ LOSS = "(loss)"                  # the table of a loss report's records: no row 
 _REJECTED_JSON = re.compile(rb'"rejected_?(?:[Ss]pans|[Dd]ata_?[Pp]oints|[Ll]og_?[Rr]ecords)"\s*:\s*"?(\d+)')
 SEVERITY_NUMBERS = {"TRACE": 1, "DEBUG": 5, "INFO": 9, "WARNING": 13, "WARN": 13, "ERROR": 17,
                     "CRITICAL": 21, "FATAL": 21}
-OTLP_SIGNAL_OF = {"llm_traces": "traces", "system_metrics": "metrics", "genai_metrics": "metrics"}
+OTLP_SIGNAL_OF = {"llm_traces": "traces", "system_metrics": "metrics", "genai_metrics": "metrics",
+                  "process_samples": "metrics"}
 OTLP_ENVELOPE = {"traces": ("resourceSpans", "scopeSpans", "spans"),     # OTLP JSON names, outside in
                  "logs": ("resourceLogs", "scopeLogs", "logRecords"),
                  "metrics": ("resourceMetrics", "scopeMetrics", "metrics")}
@@ -6539,7 +6557,16 @@ HOST_METRICS = {
     "disk_used_pct": ("system.filesystem.utilization", "1", 0.01, {}),
     "self_rss_bytes": ("process.memory.usage", "By", 1, {}),
     "self_cpu_pct": ("process.cpu.utilization", "1", 0.01, {}),
+    "proc_count": ("system.process.count", "{process}", 1, {}),
+    **{f"tcp_{state}": ("system.network.connections", "{connection}", 1, {
+        "network.transport": "tcp", "network.connection.state": state})
+       for state in ("established", "time_wait", "close_wait", "listen")},
 }
+# process_samples columns as process.* gauges, each point named by the process's attributes
+PROCESS_METRICS = {"cpu_pct": ("process.cpu.utilization", "1", 0.01),
+                   "rss_bytes": ("process.memory.usage", "By", 1),
+                   "threads": ("process.thread.count", "{thread}", 1),
+                   "fds": ("process.unix.file_descriptor.count", "{file_descriptor}", 1)}
 CONTAINER_METRICS = HOST_METRICS | {
     "mem_used_bytes": ("container.memory.usage", "By", 1, {}),
     "mem_rss_bytes": ("container.memory.rss", "By", 1, {}),
@@ -6547,6 +6574,11 @@ CONTAINER_METRICS = HOST_METRICS | {
     "cpu_pct": ("otrace.host.cpu_pct", "%", 1, {}),    # of the allowance: container.cpu.usage is in cpus
 }
 OTLP_PUSH_SKIP = frozenset({"id", "trace_id", "created_at", "received_at", "truncated"})
+
+
+def push_signal(table: str) -> str:
+    """The signal a table's rows are pushed as (what TRACE_PUSH_SIGNALS names)."""
+    return OTLP_SIGNAL_OF.get(table, "logs")
 
 
 @dataclasses.dataclass
@@ -6705,7 +6737,7 @@ class OtlpFormat:
         self.resource_json, self.scope_json = _otlp_json(resource), _otlp_json(scope)
 
     def signal(self, table: str) -> str:
-        return OTLP_SIGNAL_OF.get(table, "logs")
+        return push_signal(table)
 
     def path(self, batch: Batch) -> str:
         """The endpoint's path with /v1/traces, /v1/metrics or /v1/logs after it, as exporters do."""
@@ -6720,6 +6752,8 @@ class OtlpFormat:
             messages = self.host_metrics(row)
         elif table == "genai_metrics":
             messages = [self.genai_metric(row)]
+        elif table == "process_samples":
+            messages = self.process_metrics(row)
         else:
             messages = [self.log_record(table, row)]
         if self.json:
@@ -6802,6 +6836,26 @@ class OtlpFormat:
                 point.as_double = value * scale
             metrics.append(self.metrics.Metric(name=name, unit=unit,
                                                gauge=self.metrics.Gauge(data_points=[point])))
+        return metrics
+
+    def process_metrics(self, row: dict[str, Any]) -> list[Any]:
+        """One process of a process-table sample as process.* gauges, the process in each point."""
+        attrs = self.attributes({
+            "process.pid": row["pid"], "process.parent_pid": row["ppid"],
+            "process.executable.name": row["name"], "process.command_line": row["cmdline"],
+            "process.owner": row["user"],
+            "otrace.cpu_rank": row["cpu_rank"], "otrace.rss_rank": row["rss_rank"]})
+        metrics = []
+        for column, (name, unit, scale) in PROCESS_METRICS.items():
+            if _finite(row[column]):
+                point = self.metrics.NumberDataPoint(time_unix_nano=row["created_at"] * 1_000_000,
+                                                     attributes=attrs)
+                if scale == 1:
+                    point.as_int = row[column]
+                else:
+                    point.as_double = row[column] * scale
+                metrics.append(self.metrics.Metric(name=name, unit=unit,
+                                                   gauge=self.metrics.Gauge(data_points=[point])))
         return metrics
 
     def genai_metric(self, row: dict[str, Any]) -> Any:
@@ -6948,16 +7002,19 @@ def _read_varint(data: bytes, at: int) -> tuple[int, int]:
     return value, at
 
 
-def unreported_losses(conn: sqlite3.Connection) -> list[dict[str, Any]]:
-    """What the receiver must be told was given up: rows retention deleted unpushed, and rows it
-    refused one by one. Reported with the first batch of a cycle, marked reported on its 2xx."""
+def unreported_losses(conn: sqlite3.Connection, tables: tuple[str, ...]) -> list[dict[str, Any]]:
+    """What the receiver must be told was given up of `tables`: rows retention deleted unpushed, and
+    rows it refused one by one. Reported with the first batch of a cycle, marked reported on its 2xx."""
+    if not tables:
+        return []
+    of = f"table_name IN ({', '.join('?' * len(tables))})"
     ledger = conn.execute(
         "SELECT id, at, table_name, reason, unsynced_deleted, oldest_received_at, newest_received_at "
-        f"FROM retention_ledger WHERE reported_at IS NULL AND unsynced_deleted > 0 ORDER BY id "
-        f"LIMIT {LOSSES_PER_BATCH}").fetchall()
+        f"FROM retention_ledger WHERE reported_at IS NULL AND unsynced_deleted > 0 AND {of} ORDER BY id "
+        f"LIMIT {LOSSES_PER_BATCH}", tables).fetchall()
     refused = conn.execute(
         "SELECT id, rejected_at, table_name, trace_id, http_status, reason FROM push_rejects "
-        f"WHERE reported_at IS NULL ORDER BY id LIMIT {LOSSES_PER_BATCH}").fetchall()
+        f"WHERE reported_at IS NULL AND {of} ORDER BY id LIMIT {LOSSES_PER_BATCH}", tables).fetchall()
     return [{"kind": "retention", "ledger_id": i, "at": at, "table": t, "reason": r, "rows": n,
              "oldest_received_at": old, "newest_received_at": new} for i, at, t, r, n, old, new in ledger] + [
             {"kind": "refused", "reject_id": i, "at": at, "table": t, "reason": "refused_by_receiver",
@@ -7180,6 +7237,10 @@ class Pusher(Loop):
         self.scrub = Scrubber(config)
         self.receiver = Receiver(config, self.scrub)
         self.format = (OtlpFormat if config.push_format == "otlp" else OtraceFormat)(config, self.agent_id)
+        self.tables = tuple(t for t in EVENT_TABLES if push_signal(t) in config.push_signals)
+        # in OTLP a loss report is log records: sent only to a receiver that takes logs
+        self.loss_tables = self.tables if config.push_format == "otrace" or "logs" in config.push_signals \
+            else ()
         self.breaker = Breaker(config.push_breaker_threshold, config.push_breaker_cooldown)
         self.cycle_lock = threading.Lock()
         self.last_time: float | None = None
@@ -7226,8 +7287,8 @@ class Pusher(Loop):
     def batches(self, conn: sqlite3.Connection) -> Iterator[Batch]:
         """The cycle's batches; first, what was given up since the last report (in otrace's format,
         in the head of its first batch of events)."""
-        losses = unreported_losses(conn)
-        batches = Packer(conn, self.config.push_max_bytes, EVENT_TABLES, self.format).batches()
+        losses = unreported_losses(conn, self.loss_tables)
+        batches = Packer(conn, self.config.push_max_bytes, self.tables, self.format).batches()
         if losses:
             report = self.format.report(losses)
             if not report.spans and (first := next(batches, None)):
@@ -7333,6 +7394,7 @@ class Pusher(Loop):
         totals = self.totals.snapshot()
         return {
             "endpoint": redact_url(self.config.push_endpoint),
+            "signals": list(self.config.push_signals),
             "breaker": self.breaker.state,
             "consecutive_failures": self.breaker.failures,
             "next_attempt_at": iso(self.breaker.retry_at) if self.breaker.state == "open" else None,
@@ -7963,7 +8025,7 @@ def health_report(service: Service) -> dict[str, Any]:
         "connections_refused": counts["connections_refused"],
         "db_size_bytes": file_size(service.config.db_path),
         "wal_size_bytes": file_size(service.config.db_path + "-wal"),
-        "unsynced_count": unsynced_count(db),
+        "unsynced_count": unsynced_count(db, service.pusher.tables if service.pusher else EVENT_TABLES),
         "last_write_error": writer.fault.health(),
         "last_push_time": service.pusher and service.pusher.health()["last_push_time"],
         "last_push_status": service.pusher.last_status if service.pusher else "disabled",
@@ -7984,8 +8046,9 @@ def health_report(service: Service) -> dict[str, Any]:
     }
 
 
-def unsynced_count(db: Database) -> int | None:
-    counts = " + ".join(f"(SELECT count(*) FROM {table} WHERE synced = 0)" for table in EVENT_TABLES)
+def unsynced_count(db: Database, tables: tuple[str, ...]) -> int | None:
+    """Rows waiting to be pushed: those of the tables push sends (all of them while push is off)."""
+    counts = " + ".join(f"(SELECT count(*) FROM {table} WHERE synced = 0)" for table in tables)
     try:
         return db.query(f"SELECT {counts}")[0][0]
     except sqlite3.Error:

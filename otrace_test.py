@@ -2255,6 +2255,28 @@ def test_a_host_sample_is_pushed_as_container_or_system_gauges(tmp_path: Path, c
             if p.attributes[0].key == "system.filesystem.state"} == {"used", "free"}
 
 
+def test_a_process_sample_is_pushed_as_process_gauges_naming_the_process() -> None:
+    """Captured procs-many: each process of the sample is process.* gauges with its pid and command."""
+    form = otrace.OtlpFormat(otrace.Config(push_endpoint="http://h/", push_format="otlp"), "a")
+    rows = sample_procs()
+    batch = otrace.Batch("metrics", form.separator)
+    for i, row in enumerate(rows):
+        batch.add("process_samples", i, row["trace_id"], form.item("process_samples", row | {"id": i}))
+    request = otrace.decode_otlp("metrics", b"".join(bytes(part) for part in form.body(batch)), "protobuf")
+    points = collections.defaultdict(dict)
+    for metric in request.resource_metrics[0].scope_metrics[0].metrics:
+        point = metric.gauge.data_points[0]
+        attrs = {a.key: a.value for a in point.attributes}
+        points[attrs["process.pid"].int_value][metric.name] = point
+    assert len(points) == len(rows)
+    gateway = next(r for r in rows if r["pid"] == 12)
+    memory = points[12]["process.memory.usage"]
+    assert memory.as_int == gateway["rss_bytes"]
+    named = {a.key: a.value.string_value for a in memory.attributes}
+    assert named["process.command_line"] == gateway["cmdline"]
+    assert points[12]["process.cpu.utilization"].as_double == pytest.approx(gateway["cpu_pct"] / 100)
+
+
 @pytest.mark.parametrize(("answer", "protocol", "rejected"), [
     (b"", "http/protobuf", 0), (b"\n\x03\x08\x87\x01", "http/protobuf", 135),
     (b"\n\x10\x08\x02\x12\x0cbad", "http/protobuf", 2),                   # cut inside its message
@@ -6606,3 +6628,49 @@ def test_schema_has_the_v2_tables_and_a_wide_metrics_insert_fits(tmp_path: Path)
         with otrace.transaction(conn):
             assert otrace.insert_rows(conn, "system_metrics", rows) == 40
     assert "process_samples" in otrace.EVENT_TABLES and "custom_events" in otrace.EVENT_TABLES
+
+
+# ------------------------------------------------------------------------------ otlp push: signals
+
+
+def test_push_signals_are_some_of_three_and_nothing_else() -> None:
+    assert otrace.Config().push_signals == ("traces", "metrics", "logs")
+    assert otrace.Config.from_env({"TRACE_PUSH_SIGNALS": " LOGS, traces,"}).push_signals == ("traces", "logs")
+    for bad in ("", " , ", "traces,spans"):
+        with pytest.raises(otrace.SettingError) as refused:
+            otrace.Config.from_env({"TRACE_PUSH_SIGNALS": bad})
+        assert "TRACE_PUSH_SIGNALS=" in str(refused.value)
+        assert "one or more of traces, metrics, logs" in str(refused.value)
+
+
+def test_a_traces_only_backend_gets_traces_alone_and_every_cycle_succeeds(tmp_path: Path,
+                                                                          run: Callable[..., Otrace],
+                                                                          receiver: Receiver) -> None:
+    """A backend that takes only traces (Arize Phoenix answers 405 on /v1/logs and /v1/metrics) with
+    TRACE_PUSH_SIGNALS=traces: no error, host sample or loss report is sent, so no cycle fails (with a
+    breaker that one failed cycle opens), and what is not pushed is not counted as waiting."""
+    def traces_only(_: Receiver, request: dict[str, Any]) -> Any:
+        if "resourceSpans" in (request["json"] or {}):
+            return 200
+        return 405, {"Content-Type": "application/json"}, '{"detail": "Method Not Allowed"}'
+
+    receiver.default = traces_only
+    db = tmp_path / "traces-only.db"
+    run(db=db).stop()
+    with contextlib.closing(sqlite3.connect(db)) as conn, conn:      # a loss to report: it would go first
+        conn.execute("INSERT INTO retention_ledger (pass_id, at, table_name, reason, deleted, "
+                     "unsynced_deleted) VALUES ('p', 1, 'error_events', 'pressure_unpushed', 3, 3)")
+    node = run({**PUSH, "TRACE_PUSH_FORMAT": "otlp", "TRACE_PUSH_OTLP_PROTOCOL": "http/json",
+                "TRACE_PUSH_ENDPOINT": receiver.url.rsplit("/", 1)[0], "TRACE_PUSH_SIGNALS": "traces",
+                "TRACE_PUSH_BREAKER_THRESHOLD": "1", "TRACE_METRICS_INTERVAL": "100ms"}, db=db)
+    first = post_some(node, 3)                                           # 3 traces and an error
+    wait_synced(node, first[:3])
+    wait_until(lambda: node.query("SELECT count(*) FROM system_metrics")[0][0] >= 1, what="a host sample")
+    later = node.post("/v1/traces", [trace() for _ in range(2)]).json["trace_ids"]
+    wait_synced(node, later)
+    push = node.health()["push"]
+    assert (push["signals"], push["breaker"], push["consecutive_failures"]) == (["traces"], "closed", 0)
+    assert node.health()["unsynced_count"] == 0
+    assert all("resourceSpans" in r["json"] and r["answered"] == 200 for r in receiver.requests)
+    assert synced(node)[first[3]] == 0                                   # the error stays local
+    assert node.query("SELECT reported_at FROM retention_ledger") == [(None,)]

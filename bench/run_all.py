@@ -36,6 +36,7 @@ RUNS: dict[str, tuple[list[str], list[str]]] = {    # name: (full budget, --quic
     "report": ([], ["--mib", "20", "--runs", "2"]),
     "otlp": (["--seconds", "2", "--drain", "60"], ["--seconds", "1", "--drain", "10"]),
     "system": ([], ["--processes", "200", "--samples", "10", "--idle", "3", "--seconds", "1"]),
+    "otlp_push": ([], ["--traces", "100", "--spans", "5000", "--late", "5"]),
 }
 
 
@@ -135,6 +136,23 @@ def summary() -> list[list[str]]:
     rows.append(["RSS added by the first OTLP request (protobuf imported)",
                  f"{ours['rss_after_first_otlp_mib'] - ours['rss_before_otlp_mib']:.1f} MiB",
                  f"{ours['rss_before_otlp_mib']:.1f} MiB before it", "", "", ""])
+    pushed = load("otlp_push")
+    proof, refused = pushed["proof"]["traces_only"], pushed["proof"]["default_signals"]
+    rows.append(["OTLP push into Arize Phoenix (TRACE_PUSH_SIGNALS=traces): calls identical there, field by "
+                 "field", f"{proof['matched']:,} of {proof['calls']:,}", "", "", "all",
+                 verdict(proof["mismatched"] == 0)])
+    rows.append(["OTLP push into Arize Phoenix, default signals: calls pushed after its 405 on /v1/logs "
+                 "opened the breaker", f"{refused['late_synced']} of {refused['late_calls']} within "
+                 f"{refused['late_wait_s']:g} s", "", "", "", ""])
+    for protocol in ("http/protobuf", "http/json"):
+        sdk, ours = pushed["throughput"][f"sdk {protocol}"], pushed["throughput"][f"otrace {protocol}"]
+        rows.append([f"OTLP push spans/s, {pushed['spans']:,}-row backlog ({protocol})",
+                     f"{ours['spans_per_s']:,.0f}", f"{sdk['spans_per_s']:,.0f} OpenTelemetry SDK exporter",
+                     f"{ours['spans_per_s'] / sdk['spans_per_s']:.2f}", "", ""])
+    grow = max(pushed["throughput"][f"otrace {p}"]["rss_peak_mib"] - pushed["throughput"][f"otrace {p}"]
+               ["rss_idle_mib"] for p in ("http/protobuf", "http/json"))
+    rows.append(["RSS growth while pushing the backlog as OTLP", f"{grow:.0f} MiB", "", "", "≤ 30 MB",
+                 verdict(grow * 2**20 <= 30e6)])
     costs = peers["host_metrics"]
     ours, theirs = costs["otrace's sampler (on less off)"], costs["collectd"]
     ratio = ours["cpu_ms_per_sample"] / theirs["cpu_ms_per_sample"]
