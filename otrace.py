@@ -3403,6 +3403,7 @@ MAPPED_KEYS = frozenset({*PROVIDER_KEYS, "gen_ai.response.model", "openclaw.mode
                          *OPENCLAW_TOKENS.values(), *(k for keys in USAGE_KEYS.values() for k in keys),
                          *FINISH_KEYS, *TTFT_KEYS, *SESSION_KEYS, COST_KEY, *CONTENT_KEYS, "error.type"})
 META_PREFIXES = ("gen_ai.", "llm.", "openclaw.")
+TEXT_MESSAGES_KEY = "otrace.text_messages"      # which sides an otrace wrapped from plain text, pushing
 META_KEYS = frozenset({"server.address", "http.response.status_code"})
 INPUT_EVENTS = {"gen_ai.system.message": "system", "gen_ai.user.message": "user",
                 "gen_ai.assistant.message": "assistant", "gen_ai.tool.message": "tool"}
@@ -3713,7 +3714,34 @@ def span_content(attrs: dict[str, Any], events: Any) -> tuple[str | None, str | 
         inputs = [legacy["prompt"][n] for n in sorted(legacy["prompt"])]
     if outputs is None and legacy["completion"]:
         outputs = [legacy["completion"][n] for n in sorted(legacy["completion"])]
-    return _as_text(inputs), _as_text(outputs)
+    wrapped = attrs.get(TEXT_MESSAGES_KEY) or ()
+    return (_unwrapped(inputs) if "input" in wrapped else _as_text(inputs),
+            _unwrapped(outputs) if "output" in wrapped else _as_text(outputs))
+
+
+def text_messages(text: str | None, role: str, finish_reason: str | None = None) -> str | None:
+    """Content as gen_ai.*.messages: a JSON array of messages as it is, other text as one message of
+    one text part (with the call's finish reason, on output), the shape backends display; None for
+    no content."""
+    if text is None:
+        return None
+    with contextlib.suppress(ValueError):
+        if isinstance(json.loads(text), list):
+            return text
+    message = {"role": role, "parts": [{"type": "text", "content": text}]}
+    if finish_reason:
+        message["finish_reason"] = finish_reason
+    return json.dumps([message], ensure_ascii=False)
+
+
+def _unwrapped(messages: Any) -> str | None:
+    """The text text_messages() wrapped (an otrace pushed it), else the content as stored."""
+    with contextlib.suppress(ValueError, TypeError, KeyError, IndexError):
+        [message] = json.loads(messages) if isinstance(messages, str) else messages
+        [part] = message["parts"]
+        if isinstance(part["content"], str):
+            return part["content"]
+    return _as_text(messages)
 
 
 def span_metadata(span: Any, attrs: dict[str, Any], resource: dict[str, Any], scope: str) -> dict[str, Any]:
@@ -6769,6 +6797,8 @@ class OtlpFormat:
         operation = meta.get("gen_ai.operation.name") if isinstance(meta.get("gen_ai.operation.name"), str) \
             else "chat"
         failed = row["status"] == "error"
+        inputs = text_messages(row["input_text"], "user")
+        outputs = text_messages(row["output_text"], "assistant", (row["finish_reason"] or "").split(",")[0])
         attrs = {"gen_ai.operation.name": operation, "gen_ai.provider.name": row["provider"],
                  "gen_ai.request.model": meta.get("gen_ai.request.model") or row["model"],
                  "gen_ai.response.model": row["model"], "gen_ai.conversation.id": row["session_id"],
@@ -6780,7 +6810,9 @@ class OtlpFormat:
                  "gen_ai.usage.reasoning.output_tokens": row["reasoning_tokens"],
                  "gen_ai.response.finish_reasons": row["finish_reason"] and row["finish_reason"].split(","),
                  "gen_ai.response.time_to_first_chunk": row["ttft_ms"] and row["ttft_ms"] / 1000,
-                 "gen_ai.input.messages": row["input_text"], "gen_ai.output.messages": row["output_text"],
+                 "gen_ai.input.messages": inputs, "gen_ai.output.messages": outputs,
+                 TEXT_MESSAGES_KEY: [side for side, text, sent in (("input", row["input_text"], inputs), (
+                     "output", row["output_text"], outputs)) if sent != text] or None,
                  COST_KEY: row["cost_usd"], "otrace.cost_source": row.get("cost_source"),
                  "error.type": row["error_type"] if failed else None, "otrace.trace_id": row["trace_id"],
                  "otrace.source": row["source"]}
@@ -7036,6 +7068,7 @@ class Attempt:
     retry_after: float | None = None
     answer: bytes = b""                      # the start of the receiver's answer (ANSWER_LIMIT)
     rejected: int = 0                        # items a 2xx answer says it refused (OTLP partial_success)
+    path: str = ""                           # where it went (OTLP: one path a signal), query aside
 
     @property
     def verdict(self) -> str:
@@ -7051,10 +7084,10 @@ class Attempt:
         return "split"
 
     def summary(self) -> str:
-        """"HTTP 503: why the receiver said so", or the network error."""
+        """"HTTP 405 on /v1/logs: why the receiver said so", or the network error."""
         if self.status is None:
             return self.error or "unknown error"
-        return f"HTTP {self.status}" + (f": {self.error}" if self.error else "")
+        return f"HTTP {self.status} on {self.path}" + (f": {self.error}" if self.error else "")
 
 
 class Scrubber:
@@ -7106,13 +7139,15 @@ class Receiver:
     def post(self, batch: Batch, form: OtraceFormat | OtlpFormat, deadline: float | None) -> Attempt:
         """Send one batch in the push format; the attempt holds what came of it."""
         body: list[bytes | memoryview] = form.body(batch)
-        attempt = Attempt(batch.batch_id, now_ms(), len(batch), sum(map(len, body)))
+        target = form.path(batch)
+        attempt = Attempt(batch.batch_id, now_ms(), len(batch), sum(map(len, body)),
+                          path=urllib.parse.urlsplit(target).path)
         if self.gzip:
             import gzip  # noqa: PLC0415 - imported where needed (see the imports)
             body = [gzip.compress(b"".join(body), 6)]
         headers = {**self.headers, "Content-Type": form.content_type, "Idempotency-Key": batch.batch_id,
                    "Content-Length": str(sum(map(len, body)))}   # so the parts go as they are
-        self.send(attempt, form.path(batch), body, headers, deadline)
+        self.send(attempt, target, body, headers, deadline)
         if attempt.status is not None and 200 <= attempt.status < 300:
             attempt.rejected = form.rejected(attempt.answer)
             if attempt.rejected:

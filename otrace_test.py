@@ -2198,7 +2198,8 @@ def test_an_otlp_push_body_is_a_whole_export_request(protocol: str) -> None:
     form = otrace.OtlpFormat(otrace.Config(push_endpoint="http://h:4318/base/?k=1", push_format="otlp",
                                            push_otlp_protocol=protocol, agent_id="a1"), "a1")
     rows = [dict(zip(otrace.TRACES.columns, otrace.parse_events(json.dumps(trace(
-        trace_id=f"call-{i}", latency_ms=1500.5, finish_reason="stop,length", session_id="s1")).encode(),
+        trace_id=f"call-{i}", latency_ms=1500.5, finish_reason="stop,length", session_id="s1",
+        input_text="Summarise this", output_text='[{"role": "assistant", "parts": []}]')).encode(),
         "/v1/traces", 1, 1000)[0][0].values, strict=True)) | {"id": i, "metadata": None} for i in range(3)]
     batch = otrace.Batch("traces", form.separator)
     for row in rows:
@@ -2218,6 +2219,10 @@ def test_an_otlp_push_body_is_a_whole_export_request(protocol: str) -> None:
     attrs = {a.key: json_format.MessageToDict(a.value) for a in span.attributes}
     assert attrs["gen_ai.usage.input_tokens"] == {"intValue": "10"} and attrs["otrace.trace_id"] == {
         "stringValue": "call-0"}
+    assert json.loads(attrs["gen_ai.input.messages"]["stringValue"]) == [     # plain text: one message
+        {"role": "user", "parts": [{"type": "text", "content": "Summarise this"}]}]
+    assert attrs["gen_ai.output.messages"]["stringValue"] == '[{"role": "assistant", "parts": []}]'  # as sent
+    assert attrs["otrace.text_messages"]["arrayValue"]["values"] == [{"stringValue": "input"}]
     assert attrs["gen_ai.response.finish_reasons"]["arrayValue"]["values"] == [
         {"stringValue": "stop"}, {"stringValue": "length"}]
     assert span.end_time_unix_nano - span.start_time_unix_nano == 1_500_500_000 and span.kind == 3
@@ -2605,7 +2610,8 @@ def test_configuration_fault_stops_the_cycle_and_touches_no_row(run: Callable[..
     assert receiver.requests[1]["json"]["batch_id"] != first    # no retry within the cycle
     assert set(synced(node).values()) == {0}
     push = node.health()["push"]
-    assert node.health()["last_push_status"] == "config_error" and f"HTTP {status}" in push["last_error"]
+    assert node.health()["last_push_status"] == "config_error"
+    assert push["last_error"].startswith(f"HTTP {status} on /ingest")   # which path: OTLP has three
 
 
 def test_batches_respect_the_byte_cap(run: Callable[..., Otrace], receiver: Receiver) -> None:

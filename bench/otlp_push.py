@@ -13,7 +13,8 @@ cycles (the breaker opens), 50 more calls; recorded: what Phoenix answered on /v
 tokens, a tenth failed) and a few error events; once all its rows are synced and Phoenix's spans
 table holds every call as an LLM span with the model and both token counts, each span is compared
 with the call as it was posted: name, model, provider, prompt / completion / cache tokens, session,
-ERROR status and error type for the failures, start and end time, and the cost otrace computed.
+ERROR status and error type for the failures, start and end time, the cost otrace computed, and
+the prompt and response text.
 A call missing from Phoenix or differing in any field makes the run exit 1 (after saving).
 
 Throughput. A bare OTLP sink (stdlib http.server in a process of its own, answering 200 with an
@@ -164,6 +165,14 @@ def utc_us(text: str) -> int:
     return round(moment.timestamp() * 1_000_000)
 
 
+def message_text(attrs: dict[str, Any], key: str) -> str | None:
+    """The text of the one message Phoenix shows under `key` (OpenInference's flattened messages)."""
+    messages = at(attrs, key)
+    if not isinstance(messages, list) or len(messages) != 1:
+        return None
+    return (messages[0].get("message") or {}).get("content")
+
+
 def differences(sent: dict[str, Any], cost: float | None, span: dict[str, Any] | None,
                 trace_hex: str) -> dict[str, tuple[Any, Any]]:
     """Each field where Phoenix's span differs from the call as posted: {field: (expected, found)}."""
@@ -180,7 +189,8 @@ def differences(sent: dict[str, Any], cost: float | None, span: dict[str, Any] |
         "cache_write_tokens": sent.get("cache_write_tokens"),
         "reasoning_tokens": sent.get("reasoning_tokens"), "session.id": sent["session_id"],
         "status_code": "ERROR" if failed else "UNSET", "status_message": sent.get("error_type", ""),
-        "start_us": start_us, "latency_us": latency_us, "cost_usd": cost}
+        "start_us": start_us, "latency_us": latency_us, "cost_usd": cost,
+        "input_text": sent["input_text"], "output_text": sent["output_text"]}
     found = {
         "trace_id": span["trace_id"], "name": span["name"], "span_kind": span["span_kind"],
         "llm.model_name": at(attrs, "llm.model_name"),
@@ -193,7 +203,9 @@ def differences(sent: dict[str, Any], cost: float | None, span: dict[str, Any] |
         "session.id": at(attrs, "session.id"), "status_code": span["status_code"],
         "status_message": span["status_message"], "start_us": utc_us(span["start_time"]),
         "latency_us": utc_us(span["end_time"]) - utc_us(span["start_time"]),
-        "cost_usd": at(attrs, "gen_ai.usage.cost")}
+        "cost_usd": at(attrs, "gen_ai.usage.cost"),
+        "input_text": message_text(attrs, "llm.input_messages"),
+        "output_text": message_text(attrs, "llm.output_messages")}
     near = {"start_us": 2, "latency_us": 2}      # Phoenix turns nanoseconds into a float of seconds
     return {key: (value, found[key]) for key, value in expected.items()
             if not (found[key] == value or (key in near and abs(found[key] - value) <= near[key])
@@ -220,8 +232,6 @@ def compare(db: Path, phoenix_db: Path, prefix: str, sent: list[dict[str, Any]])
             examples.append({"trace_id": event["trace_id"], **{k: list(v) for k, v in diff.items()}})
     return {"calls": len(sent), "matched": matched, "mismatched": len(sent) - matched,
             "spans_in_phoenix": len(spans),
-            "with_input_value": sum(at(span["attributes"], "input.value") is not None
-                                    for span in spans.values()),
             "fields_differing": dict(fields), "examples": examples,
             "errors_sent": sum(e.get("status") == "error" for e in sent),
             "with_cache_tokens": sum("cache_read_tokens" in e or "cache_write_tokens" in e for e in sent)}
@@ -612,13 +622,12 @@ def proof_markdown(p: dict[str, Any]) -> str:
         f"Compared for every call: span name, llm.model_name, gen_ai.provider.name, prompt and completion "
         f"tokens (Phoenix's columns), cache read / write tokens (llm.token_count.prompt_details), "
         f"reasoning tokens, session.id, status (ERROR with the error type for failures, UNSET otherwise), "
-        f"start time and latency (to 2 µs), and gen_ai.usage.cost against otrace's computed cost. Fields "
-        f"that differed: {differing}. All synced {b['synced_s']:.1f} s after the first POST; complete in "
-        f"Phoenix after {b['in_phoenix_s']:.1f} s. Host samples kept local (not pushed): "
-        f"{b['host_samples_kept_local']}; unsynced_count {b['state']['unsynced_count']}. Spans whose prompt "
-        f"Phoenix shows (input.value): {b['with_input_value']} of {b['spans_in_phoenix']} (otrace sends "
-        f"gen_ai.input.messages and gen_ai.output.messages as plain text; Phoenix reads only the "
-        f"conventions' JSON array of messages there)."]
+        f"start time and latency (to 2 µs), gen_ai.usage.cost against otrace's computed cost, and the "
+        f"prompt and response text (llm.input_messages, llm.output_messages: Phoenix's reading of "
+        f"gen_ai.input.messages and gen_ai.output.messages). Fields that differed: {differing}. All synced "
+        f"{b['synced_s']:.1f} s after the first POST; complete in Phoenix after {b['in_phoenix_s']:.1f} s. "
+        f"Host samples kept local (not pushed): {b['host_samples_kept_local']}; unsynced_count "
+        f"{b['state']['unsynced_count']}."]
     return "\n".join(lines)
 
 
