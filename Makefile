@@ -3,7 +3,10 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: run test bench soak pyz docs settings prices openclaw-live clean
+.PHONY: help run test bench soak pyz docs settings prices openclaw-live clean
+
+help:  ## list the targets (the default)
+	@awk -F ':.*## ' '/^[a-z-]+:.*## / {printf "  make %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 $(VENV)/.run: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -14,47 +17,47 @@ $(VENV)/.dev: $(VENV)/.run requirements-dev.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 	touch $@
 
-run: $(VENV)/.run
+run: $(VENV)/.run  ## serve on 127.0.0.1:9090 (OTLP also on :4318), database ./otrace.db
 	$(PY) -m compileall -q otrace.py      # so -m loads it compiled: 8 MiB less resident
 	exec env TRACE_DB_PATH=$${TRACE_DB_PATH:-./otrace.db} $(PY) -m otrace serve
 
-test: $(VENV)/.dev
+test: $(VENV)/.dev  ## ruff, then every test (about 4 minutes on 2 cores)
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
-# Every benchmark against its same-run baseline, about 8 minutes; tables in bench/results/.
-bench: $(VENV)/.dev
+# About 8 minutes: each benchmark runs in a budget (bench/run_all.py).
+bench: $(VENV)/.dev  ## every benchmark against its same-run baseline; tables in bench/results/
 	$(PY) bench/run_all.py
 
 # The long runs: a fault soak (load, SIGTERM, SIGKILL, full disk, dead and slow receiver) and
 # 10 minutes of idle footprint.
-soak: $(VENV)/.dev
+soak: $(VENV)/.dev  ## as root: the fault soak, then 10 minutes of idle footprint
 	$(PY) scripts/soak.py --minutes 3
 	$(PY) bench/ingest.py --idle-only --idle 600
 
-# One file to deploy: otrace.py and its price table with psutil, urllib3 and python-json-logger inside
-# (shiv unpacks psutil's compiled extension on first run, into ~/.shiv or $$SHIV_ROOT).
-pyz: $(VENV)/.dev
+# One file to deploy: otrace.py and its price table with the packages of requirements.txt inside (shiv
+# unpacks them on first run, into ~/.shiv or $$SHIV_ROOT: protobuf and zstandard are compiled extensions).
+pyz: $(VENV)/.dev  ## dist/otrace.pyz: otrace and its packages in one file
 	rm -rf build/pyz && mkdir -p build/pyz dist && cp otrace.py prices.json prices.LICENSE build/pyz/
 	$(VENV)/bin/shiv --quiet --site-packages build/pyz --entry-point otrace:main --python '/usr/bin/env python3' \
 		--reproducible --compressed --compile-pyc --output-file dist/otrace.pyz -r requirements.txt
 
-settings: $(VENV)/.run
+settings: $(VENV)/.run  ## print the settings table (Markdown)
 	@$(PY) otrace.py settings
 
-# Rewrite README's settings table from otrace.py (a test checks they match).
-docs: $(VENV)/.run
+# A test checks that docs/settings.md's table is what otrace.py prints.
+docs: $(VENV)/.run  ## write docs/settings.md's table from otrace.py
 	$(PY) -c 'import re, subprocess, sys; table = subprocess.check_output([sys.executable, "otrace.py", "settings"], text=True); \
-	readme = open("README.md").read(); \
-	open("README.md", "w").write(re.sub(r"(?s)(<!-- settings:begin -->\n).*?(\n<!-- settings:end -->)", lambda m: m[1] + table.rstrip("\n") + m[2], readme))'
+	doc = open("docs/settings.md").read(); \
+	open("docs/settings.md", "w").write(re.sub(r"(?s)(<!-- settings:begin -->\n).*?(\n<!-- settings:end -->)", lambda m: m[1] + table.rstrip("\n") + m[2], doc))'
 
 # Refresh prices.json and prices.LICENSE from the newest genai-prices release on PyPI.
-prices: $(VENV)/.run
+prices: $(VENV)/.run  ## refresh prices.json from the newest genai-prices release
 	$(PY) scripts/prices.py
 
 # A real OpenClaw gateway (Node 24 and openclaw from npm, about 100 MB) writing the log otrace follows.
-openclaw-live: $(VENV)/.run
+openclaw-live: $(VENV)/.run  ## otrace beside a real OpenClaw gateway (Node 24 and openclaw from npm)
 	$(PY) scripts/openclaw_live.py
 
-clean:
+clean:  ## remove .venv, caches, build/ and dist/
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis build dist

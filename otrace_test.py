@@ -336,10 +336,10 @@ def test_settings_name_what_they_accept_and_keep_secrets() -> None:
         "TRACE_PORTT is not a setting otrace knows; did you mean TRACE_PORT?"]
 
 
-def test_readme_settings_table_is_generated_from_config() -> None:
-    readme = (HERE / "README.md").read_text()
+def test_settings_doc_is_generated_from_config() -> None:
+    doc = (HERE / "docs" / "settings.md").read_text()
     begin, end = "<!-- settings:begin -->\n", "\n<!-- settings:end -->"
-    assert readme[readme.index(begin) + len(begin):readme.index(end)] == otrace.settings_table(markdown=True)
+    assert doc[doc.index(begin) + len(begin):doc.index(end)] == otrace.settings_table(markdown=True)
 
 
 def test_a_misspelled_setting_is_warned_about_with_the_closest_name(run: Callable[..., Otrace]) -> None:
