@@ -90,7 +90,7 @@ try:
 except ImportError as missing:  # pragma: no cover - depends on the environment
     sys.exit(f"otrace: missing package {missing.name!r}: pip install -r requirements.txt, or run otrace.pyz")
 
-# Imported where first needed, not here (see README, "Dependencies, and why"): urllib3 and gzip (push),
+# Imported where first needed, not here (see docs/design.md, "Dependencies"): urllib3 and gzip (push),
 # hmac (the ingest token), ctypes (push's buffers), difflib (a misspelled setting).
 
 __version__ = "0.2.0"
@@ -470,8 +470,9 @@ class Config:
                                       "503 until the space is back. 0: off.")
     disk_high_pct: int = setting("80", count(1, 100), "Disk use (as df counts it) that starts deleting "
                                  "pushed rows and unpushed metrics, down to 5 points below it.")
-    push_endpoint: str = setting("", URL, "Remote API that receives unsynced events in JSON batches; "
-                                 "empty turns push off. A user:password@ in it is sent as Basic auth.")
+    push_endpoint: str = setting("", URL, "Remote API that receives unsynced events in batches (see "
+                                 "TRACE_PUSH_FORMAT); empty turns push off. A user:password@ in it is "
+                                 "sent as Basic auth.")
     push_format: str = setting("otrace", choice("otrace", "otlp"), "What push sends: otrace's own JSON "
                                "batches, or OTLP, for any OpenTelemetry backend (TRACE_PUSH_ENDPOINT is "
                                "then its base URL: /v1/traces, /v1/logs and /v1/metrics are appended).")
