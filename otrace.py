@@ -440,10 +440,6 @@ class Config:
     log_path: str = setting("", TEXT, "The OpenClaw gateway log to follow: a file, or a directory whose "
                             "newest openclaw*-YYYY-MM-DD.log is followed; empty: off.")
     log_poll: float = setting("500ms", duration("10ms", "1m"), "Time between looks at the log file.")
-    log_quiet_poll: float = setting("5s", duration("10ms", "10m"), "Time between looks once the log has "
-                                    "been quiet: each look that finds nothing new doubles the wait, from "
-                                    "TRACE_LOG_POLL up to this (never under TRACE_LOG_POLL); a new line "
-                                    "brings it back to TRACE_LOG_POLL.")
     log_start: str = setting("end", choice("end", "beginning"), "Where to start in a log file otrace "
                              "has never read (a file it has read resumes where it stopped).")
     log_keep_all: bool = setting("off", SWITCH, "Keep INFO and DEBUG lines of no known kind too (they "
@@ -452,6 +448,10 @@ class Config:
                                       "session stores give every model call's tokens and cost; auto: "
                                       "$OPENCLAW_STATE_DIR, else ~/.openclaw when it exists; off: not "
                                       "read. A directory not there yet is waited for.")
+    quiet_poll: float = setting("5s", duration("10ms", "10m"), "The longest wait between looks at a quiet "
+                                "gateway log or session store: each look that finds nothing new doubles "
+                                "the wait, from TRACE_LOG_POLL (TRACE_OPENCLAW_POLL) up to this; something "
+                                "new brings it back.")
     openclaw_poll: float = setting("2s", duration("10ms", "1h"), "Time between looks for new entries in "
                                    "OpenClaw's session stores.")
     checkpoint_interval: float = setting("10m", duration("10ms", "1d"), "Time between WAL checkpoints "
@@ -767,9 +767,13 @@ class Loop(threading.Thread):
     stopped. A tick reports failure by raising: the loop logs it through FaultLog (once per change)
     and goes on; it never dies of one."""
 
-    def __init__(self, name: str, interval: float, first_delay: float | None = None) -> None:
+    def __init__(self, name: str, interval: float, first_delay: float | None = None,
+                 quiet: float = 0.0) -> None:
         super().__init__(name=f"otrace-{name}", daemon=True)
         self.interval = interval
+        self.quiet = quiet               # a reader's longest wait while its looks find nothing (0: none)
+        self.wait = interval
+        self.news = False                # the last tick found something to read
         self.first_delay = interval if first_delay is None else first_delay
         self.stopping = threading.Event()
         self.bell = threading.Event()
@@ -795,6 +799,7 @@ class Loop(threading.Thread):
             if self.stopping.is_set():
                 return
             self.ticks += 1
+            self.news = False
             try:
                 self.tick()
             except Exception as exc:  # a loop outlives any one failure
@@ -806,8 +811,12 @@ class Loop(threading.Thread):
             delay = self.next_delay()
 
     def next_delay(self) -> float:
-        """While catching up behind a full queue, look again in 2 ms rather than a whole interval."""
-        return min(self.interval, 0.002) if self.behind else self.interval
+        """The interval; 2 ms while catching up behind a full queue; for a reader with a quiet wait,
+        twice the last wait (up to it) after a look that found nothing: an idle look costs a wake-up."""
+        if self.behind:
+            return min(self.interval, 0.002)
+        self.wait = self.interval if self.news else min(2 * self.wait, max(self.interval, self.quiet))
+        return self.wait
 
     def tick(self) -> None:
         raise NotImplementedError
@@ -5812,7 +5821,7 @@ class LogTailer(Loop):
 
     def __init__(self, config: Config, events: EventQueue, db: Database,
                  store_followed: bool = False) -> None:
-        super().__init__("logtail", config.log_poll, first_delay=0.0)
+        super().__init__("logtail", config.log_poll, first_delay=0.0, quiet=config.quiet_poll)
         self.config, self.events, self.store_followed = config, events, store_followed
         self.causes: dict[str, str] = {}         # otel trace id -> cause code of its last fetch error
         self.last_outcome: dict[str, str] = {}   # run id -> outcome of its last failed attempt
@@ -5825,7 +5834,6 @@ class LogTailer(Loop):
         self.started = False
         self.waiting = False
         self.most = max(1, min(256, config.queue_size // 4))   # lines per unit, so that units fit the queue
-        self.wait = self.interval        # doubles while the log is quiet: an idle look costs a wake-up
         self.totals = Counters(("lines", "events", "skipped", "not_json", "cut", "bytes_read",
                                 "failed_attempts"))
 
@@ -5884,7 +5892,6 @@ class LogTailer(Loop):
 
     # -- reading
     def tick(self) -> None:
-        self.wait = min(2 * self.wait, max(self.interval, self.config.log_quiet_poll))
         if self.current is None and not self.open_next():
             return
         followed = self.current
@@ -5893,8 +5900,6 @@ class LogTailer(Loop):
                 "file": followed.path, "offset": followed.offset})
             followed.restart()
         read = self.drain(followed)
-        if read != 0:
-            self.wait = self.interval
         if read is None or read > 0 or not self.superseded(followed):
             followed.replaced_at = None              # full queue, news, or still the file to follow
             return
@@ -5907,9 +5912,6 @@ class LogTailer(Loop):
         self.log.info("finished log file", extra={"file": followed.path, "offset": followed.offset})
         self.current = None
         self.open_next()
-
-    def next_delay(self) -> float:
-        return super().next_delay() if self.behind else self.wait
 
     def superseded(self, followed: Followed) -> bool:
         """Another file has taken over: `followed` came from the backlog, the day moved on to a new
@@ -5948,6 +5950,7 @@ class LogTailer(Loop):
             self.known[(followed.dev, followed.inode)] = [(followed.fingerprint, end)]
             followed.offset = end
             self.totals.add("lines", len(lines))
+            self.news = True
             self.totals.add("events", len(rows))
             total += len(lines)
         return total
@@ -6334,7 +6337,7 @@ class SessionStore(Loop):
     read meanwhile."""
 
     def __init__(self, config: Config, events: EventQueue, db: Database, root: Path) -> None:
-        super().__init__("sessions", config.openclaw_poll, first_delay=0.0)
+        super().__init__("sessions", config.openclaw_poll, first_delay=0.0, quiet=config.quiet_poll)
         self.config, self.events, self.root = config, events, root
         self.cursors: dict[tuple[str, str], Cursor] = {
             (agent, stream): Cursor(mark, position, newest) for agent, stream, mark, position, newest in
@@ -6386,7 +6389,6 @@ class SessionStore(Loop):
         self.behind = False
         if self.errors:
             raise RuntimeError("; ".join(f"agent {a}: {e}" for a, e in self.errors.items()))
-
 
     def said(self, what: str, path: Path) -> None:
         if what not in self.followed:
@@ -6460,6 +6462,7 @@ class SessionStore(Loop):
     def parse(self, text: str, agent: str, session: str, fallback: str, where: str) -> list[Row]:
         """The rows of one entry's JSON."""
         self.totals.add("entries")
+        self.news = True
         try:
             entry = json.loads(text)
         except (ValueError, RecursionError) as exc:

@@ -86,7 +86,7 @@ class Otrace:
         self.env = {"TRACE_PORT": "0", "TRACE_OTLP_PORT": "0", "TRACE_DB_PATH": str(self.db_path),
                     "TRACE_BATCH_WINDOW": "20ms", "TRACE_LOG_LEVEL": "info", "TRACE_METRICS_INTERVAL": "off",
                     "TRACE_PROC_INTERVAL": "off", "TRACE_DNS_PROBE": "", "TRACE_ZOMBIE_ALERT": "0",
-                    "TRACE_GATEWAY_MATCH": "off", "TRACE_LOG_QUIET_POLL": "10ms",   # polls counted by tests
+                    "TRACE_GATEWAY_MATCH": "off", "TRACE_QUIET_POLL": "10ms",   # polls counted by tests
                     "TRACE_OPENCLAW_STATE_DIR": "off", **(env or {})}
         self.lines: list[dict[str, Any]] = []
         self.stderr: list[str] = []
@@ -2071,24 +2071,24 @@ def test_a_last_line_that_never_ends_is_not_read_again_and_again(tmp_path: Path,
 
 
 def test_a_quiet_log_is_looked_at_less_and_less_often_until_a_line_comes(tmp_path: Path) -> None:
-    """Each look that finds nothing doubles the wait, up to TRACE_LOG_QUIET_POLL; a line resets it."""
+    """Each look that finds nothing doubles the wait, up to TRACE_QUIET_POLL; a line resets it."""
     log = tmp_path / "openclaw-2026-11-24.log"
     log.write_bytes(gateway_lines()[0])
     config = otrace.Config(db_path=str(tmp_path / "o.db"), log_path=str(log), log_poll=0.1,
-                           log_quiet_poll=1.0, log_start="beginning")
+                           quiet_poll=1.0, log_start="beginning")
     otrace.open_database(config.db_path)
-    events = otrace.EventQueue(512, 50)
-    tailer = otrace.LogTailer(config, events, otrace.Database(config.db_path))
-    tailer.tick()
-    assert tailer.totals.snapshot()["lines"] == 1 and tailer.next_delay() == 0.1     # it read a line
-    waits = []
-    for _ in range(6):
+    tailer = otrace.LogTailer(config, otrace.EventQueue(512, 50), otrace.Database(config.db_path))
+
+    def look() -> float:
+        """One turn of the loop (Loop.run): a tick, then the wait before the next."""
+        tailer.news = False
         tailer.tick()
-        waits.append(tailer.next_delay())
-    assert waits == [0.2, 0.4, 0.8, 1.0, 1.0, 1.0]
+        return tailer.next_delay()
+
+    assert look() == 0.1 and tailer.totals.snapshot()["lines"] == 1            # it read a line
+    assert [look() for _ in range(6)] == [0.2, 0.4, 0.8, 1.0, 1.0, 1.0]
     append(log, gateway_lines()[1])
-    tailer.tick()
-    assert tailer.totals.snapshot()["lines"] == 2 and tailer.next_delay() == 0.1
+    assert look() == 0.1 and tailer.totals.snapshot()["lines"] == 2
 
 
 @needs_gateway_log
