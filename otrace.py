@@ -772,7 +772,7 @@ class Loop(threading.Thread):
         super().__init__(name=f"otrace-{name}", daemon=True)
         self.interval = interval
         self.quiet = quiet               # a reader's longest wait while its looks find nothing (0: none)
-        self.wait = interval
+        self.idle_wait = interval        # the current wait of a quiet reader
         self.news = False                # the last tick found something to read
         self.first_delay = interval if first_delay is None else first_delay
         self.stopping = threading.Event()
@@ -815,8 +815,9 @@ class Loop(threading.Thread):
         twice the last wait (up to it) after a look that found nothing: an idle look costs a wake-up."""
         if self.behind:
             return min(self.interval, 0.002)
-        self.wait = self.interval if self.news else min(2 * self.wait, max(self.interval, self.quiet))
-        return self.wait
+        self.idle_wait = (self.interval if self.news
+                          else min(2 * self.idle_wait, max(self.interval, self.quiet)))
+        return self.idle_wait
 
     def tick(self) -> None:
         raise NotImplementedError
