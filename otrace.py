@@ -2451,6 +2451,9 @@ class Writer(threading.Thread):
     def connect(self, path: str) -> sqlite3.Connection:
         conn = connect(path)
         conn.execute(f"PRAGMA journal_size_limit = {self.config.wal_max_bytes}")  # per connection
+        # zeroing every freed page (some builds' default) writes a deleted row twice, through the WAL;
+        # FAST zeroes only pages written anyway, and the shrink after a deletion drops the rest
+        conn.execute("PRAGMA secure_delete = FAST")
         page = conn.execute("PRAGMA page_size").fetchone()[0]
         conn.execute(f"PRAGMA wal_autocheckpoint = {autocheckpoint_pages(self.config, page)}")
         return conn
@@ -7618,10 +7621,11 @@ def live_bytes(conn: sqlite3.Connection) -> int:
     return (pages - free) * size
 
 
-def shrink(conn: sqlite3.Connection) -> dict[str, int]:
-    """Give freed pages back to the filesystem: incremental vacuum, then a TRUNCATE checkpoint."""
-    conn.executescript("PRAGMA incremental_vacuum;")   # execute() would step it once: one page freed
-    return checkpoint("TRUNCATE", conn)
+def shrink(pages: int, conn: sqlite3.Connection) -> dict[str, int]:
+    """Give up to `pages` freed pages back to the filesystem: incremental vacuum, then a TRUNCATE
+    checkpoint; "free" is how many free pages the file still holds."""
+    conn.executescript(f"PRAGMA incremental_vacuum({pages});")   # execute() would step it once
+    return {**checkpoint("TRUNCATE", conn), "free": conn.execute("PRAGMA freelist_count").fetchone()[0]}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -7652,6 +7656,7 @@ class Retention(Loop):
         self.db_dir = str(Path(config.db_path).parent)
         unpushed = tuple(t for t in self.tables if t not in SAMPLE_TABLES)
         self.chunk = max(50, min(CHUNK, config.db_max_bytes // CHUNK_SHARE))
+        self.step = autocheckpoint_pages(config, 4096)       # pages given back per shrink
         self.tiers = (Tier("pressure_pushed", self.tables, DELIVERED, True, self.chunk),
                       Tier("pressure_metrics", SAMPLE_TABLES, UNDELIVERED, True, self.chunk),
                       Tier("pressure_unpushed", unpushed, UNDELIVERED, False, 50))
@@ -7757,11 +7762,19 @@ class Retention(Loop):
             "cause": cause, "detail": (self.pressure() or (cause, "now under"))[1]})
 
     def give_back(self) -> None:
-        """Shrink the file, so the space freed is the filesystem's again; while a reader keeps the
-        WAL, try again here, not in the writer, as long as the writer would once have waited."""
-        end = time.monotonic() + BUSY_TIMEOUT
-        while self.events.call(shrink)["busy"] and time.monotonic() < end and not self.stopping.wait(0.05):
-            pass
+        """Shrink the file, so the space freed is the filesystem's again. In steps of a WAL's worth:
+        the pages a vacuum moves pass through the WAL, which the cap counts too, before the file
+        shrinks. While a reader keeps the WAL, try again here, not in the writer, as long as the
+        writer would once have waited."""
+        end, free = time.monotonic() + BUSY_TIMEOUT, None
+        while not self.stopping.is_set():
+            result = self.events.call(functools.partial(shrink, self.step))
+            if result["busy"]:
+                if time.monotonic() >= end or self.stopping.wait(0.05):
+                    return
+            elif result["free"] == 0 or result["free"] == free:
+                return
+            free = result["free"]
 
     def report(self, tally: collections.Counter[tuple[str, str, str]], pruned: int, seconds: float) -> None:
         lost = {f"{t}/{r}": n for (t, r, kind), n in tally.items() if kind == "unpushed" and n}

@@ -2859,6 +2859,28 @@ def test_database_cap_deletes_in_order_and_reports_the_losses(
     assert all(x["oldest_received_at"] <= x["newest_received_at"] for x in losses)
 
 
+def test_a_deletion_costs_the_wal_a_few_pages_and_the_file_shrinks_a_step_at_a_time(tmp_path: Path) -> None:
+    """The writer deletes without copying every freed page through the WAL (builds that zero freed
+    pages by default would, and the cap counts the WAL); the file is then given back in steps, each a
+    WAL's worth, each leaving the file smaller."""
+    db = tmp_path / "o.db"
+    seed(db, [("trace", 400, 1)])
+    config = otrace.Config.from_env({"TRACE_DB_PATH": str(db)})
+    writer = otrace.Writer(config, otrace.Database(str(db)), otrace.EventQueue(512, 50), otrace.Counters(()))
+    with contextlib.closing(writer.connect(str(db))) as conn:
+        deleted, lost = otrace.Cut("llm_traces", "synced = 1", "test", "pass-1", limit=300)(conn)
+        freed = conn.execute("PRAGMA freelist_count").fetchone()[0]
+        assert (deleted, lost) == (300, 0) and freed >= 250                 # a page or so per row
+        assert (tmp_path / "o.db-wal").stat().st_size < freed * 4096 // 5
+        sizes = [db.stat().st_size]
+        while (result := otrace.shrink(64, conn))["free"]:
+            assert result["free"] < freed and result["busy"] == 0
+            freed = result["free"]
+            sizes.append(db.stat().st_size)
+        sizes.append(db.stat().st_size)
+    assert len(sizes) >= 5 and sizes == sorted(sizes, reverse=True) and len(set(sizes)) == len(sizes)
+
+
 @needs_root
 def test_disk_pressure_spares_unpushed_traces_it_cannot_help_with(tmp_path: Path,
                                                                  run: Callable[..., Otrace]) -> None:

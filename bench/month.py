@@ -111,7 +111,7 @@ def month(work: Path, scale: int, rate: float) -> dict[str, float]:
             metrics = conn.execute("SELECT count(*) FROM system_metrics").fetchone()[0]
         return {"scale": scale, "cap": cap, "cleanup_ms": cleanup, "checkpoint_ms": checkpoint,
                 "traces": traces, "seconds": took, "max_size": max(sizes),
-                "max_file": max(files),
+                "max_file": max(files), "max_wal": max(s - f for s, f in zip(sizes, files, strict=True)),
                 "final_size": db_size(db), "kept": kept, "metric_rows": metrics,
                 "pushed": report["push"]["events_pushed"],
                 "unpushed_deleted": sum(report["retention"]["unpushed_deleted_total"].values())}
@@ -188,6 +188,7 @@ def main() -> None:
          f"{sim['max_size'] / mib:.1f} MiB (**{sim['max_size'] / sim['cap']:.2f}** × cap)"],
         ["largest main file seen (WAL aside)",
          f"{sim['max_file'] / mib:.1f} MiB (**{sim['max_file'] / sim['cap']:.2f}** × cap)"],
+        ["largest WAL seen", f"{sim['max_wal'] / mib:.1f} MiB (**{sim['max_wal'] / sim['cap']:.2f}** × cap)"],
         ["at the end", f"{sim['final_size'] / mib:.1f} MiB, {sim['kept']:,} traces kept"],
         ["pushed / deleted before being pushed", f"{sim['pushed']:,} / {sim['unpushed_deleted']}"]])
     markdown += "\n\n" + table([f"cleanup of a {args.cleanup_mib} MiB database", "seconds", "ratio"], [
