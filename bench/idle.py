@@ -10,8 +10,9 @@ that answers 200, every 20 s so a cycle falls inside the window). The baseline i
 ThreadingHTTPServer that serves nothing, started in the same run from the stdlib alone.
 Both settle for 5 s; then RSS is read at the end of --idle seconds and CPU over them.
 
-Further rows, each against the same bare server: push configured and nothing else (to see what the
-push client's imports cost), and the log alone (a tailer following an idle file).
+Further rows, each against the same bare server: everything but the process table and DNS probes
+(the seed's v2 samplers), push configured and nothing else (to see what the push client's imports
+cost), the log alone (a tailer following an idle file), and every optional feature off.
 """
 
 from __future__ import annotations
@@ -60,8 +61,11 @@ def setups(work: Path, sink_port: int) -> dict[str, dict[str, str]]:
     shutil.copy(FIXTURES / "gateway-2026.9.6-debug.log", logs / "openclaw-2026-11-30.log")
     shutil.copytree(FIXTURES / "state-2026.9.6", state)
     push = {"TRACE_PUSH_ENDPOINT": f"http://127.0.0.1:{sink_port}/ingest", "TRACE_PUSH_INTERVAL": "20s"}
-    return {"all": {"TRACE_LOG_PATH": str(logs), "TRACE_OPENCLAW_STATE_DIR": str(state),
-                    "TRACE_OTLP_PORT": str(free_port()), **push},
+    everything = {"TRACE_LOG_PATH": str(logs), "TRACE_OPENCLAW_STATE_DIR": str(state),
+                  "TRACE_OTLP_PORT": str(free_port()), **push}
+    return {"all": everything,
+            "core": {**everything, "TRACE_OTLP_PORT": str(free_port()), "TRACE_PROC_INTERVAL": "off",
+                     "TRACE_DNS_PROBE": "", "TRACE_GATEWAY_MATCH": "off"},
             "push": {**QUIET, **push},
             "log": {**QUIET, "TRACE_LOG_PATH": str(logs)},
             "none": dict(QUIET)}
@@ -89,6 +93,7 @@ def measure(names: list[str], seconds: float) -> dict[str, dict[str, float]]:
 
 
 LABELS = {"all": "everything on: log, session store, OTLP port, metrics, processes, DNS, push",
+          "core": "everything on but the process table and DNS probes",
           "push": "push configured, nothing else", "log": "following an idle log file, nothing else",
           "none": "every optional feature off"}
 

@@ -79,7 +79,9 @@ def idle_costs(work: Path, seconds: float) -> dict[str, dict[str, float]]:
     procs = {}
     for name, (folder, env) in runs.items():
         folder.mkdir()
-        procs[name] = start_otrace(folder, {"TRACE_METRICS_INTERVAL": "off", **env})[0]
+        procs[name] = start_otrace(folder, {"TRACE_METRICS_INTERVAL": "off", "TRACE_PROC_INTERVAL": "off",
+                                            "TRACE_DNS_PROBE": "", "TRACE_GATEWAY_MATCH": "off",
+                                            "TRACE_OPENCLAW_STATE_DIR": "off", **env})[0]
     try:
         time.sleep(1.0)
         before, started = {n: Usage.of(p.pid) for n, p in procs.items()}, time.perf_counter()
