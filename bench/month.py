@@ -51,8 +51,8 @@ def file_size(db: Path) -> int:
 
 def scaled_ms(seconds: float, scale: int, rate: float) -> int:
     """An interval of the seed's defaults, shrunk so that the share of the cap that arrives within
-    it is the same as at the seed's rate with the full cap."""
-    return max(1, round(1000 * seconds * SEED_RATE / (rate * scale)))
+    it is the same as at the seed's rate with the full cap (at least 10 ms, the settings' floor)."""
+    return max(10, round(1000 * seconds * SEED_RATE / (rate * scale)))
 
 
 def month(work: Path, scale: int, rate: float) -> dict[str, float]:

@@ -61,9 +61,9 @@ def bare_push(path: Path, url: str, max_bytes: int) -> float:
     pool = urllib3.PoolManager(maxsize=1, retries=False)
     started, sent = time.perf_counter(), 0
     with sqlite3.connect(path) as conn:
-        batches = otrace.Packer(conn, max_bytes, ["llm_traces"]).batches()
-        for batch in batches:
-            body = b"".join(batch.parts("bench"))
+        form = otrace.OtraceFormat(otrace.Config(push_endpoint=url), "bench")
+        for batch in otrace.Packer(conn, max_bytes, ["llm_traces"], form).batches():
+            body = b"".join(form.body(batch))
             resp = pool.request("POST", url, body=body, headers={"Content-Type": "application/json"})
             assert resp.status == 200
             sent += len(batch)

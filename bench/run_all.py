@@ -165,7 +165,7 @@ def summary() -> list[list[str]]:
                  verdict(grow * 2**20 <= 30e6)])
     costs = peers["host_metrics"]
     ours, theirs = costs["otrace's sampler (on less off)"], costs["collectd"]
-    ratio = ours["cpu_ms_per_sample"] / theirs["cpu_ms_per_sample"]
+    ratio = ours["cpu_ms_per_sample"] / max(theirs["cpu_ms_per_sample"], 1e-9)   # 0 in a --quick window
     rows.append(["host-metrics CPU per sample against collectd", f"{ours['cpu_ms_per_sample']:.2f} ms",
                  f"{theirs['cpu_ms_per_sample']:.2f} ms collectd", f"{ratio:.1f}×", "≤ 2×",
                  verdict(ratio <= 2)])
@@ -246,10 +246,14 @@ def main() -> None:
     parser.add_argument("--summary-only", action="store_true", help="rebuild the summary from saved results")
     args = parser.parse_args()
     began = time.monotonic()
+    failed = []
     for name, (full, quick) in {} if args.summary_only else RUNS.items():
         print(f"# {name}", flush=True)
-        subprocess.run([sys.executable, str(BENCH / f"{name}.py"), *(quick if args.quick else full)],
-                       check=True)
+        command = [sys.executable, str(BENCH / f"{name}.py"), *(quick if args.quick else full)]
+        if subprocess.run(command, check=False).returncode:
+            failed.append(name)            # the others still run; the summary is not written
+    if failed:
+        sys.exit(f"benchmarks failed: {', '.join(failed)}")
     took = f"{(time.monotonic() - began) / 60:.1f} minutes"
     if args.summary_only:
         took = "rebuilt from saved results"

@@ -47,7 +47,7 @@ def through_otrace(path: str, batch: list[otrace.Row], size: int) -> tuple[float
     config = otrace.Config(db_path=path, batch_size=size, queue_size=len(batch))
     otrace.open_database(path)
     events = otrace.EventQueue(config.queue_size, config.batch_size)
-    writer = otrace.Writer(config, events, otrace.Counters())
+    writer = otrace.Writer(config, otrace.Database(path), events, otrace.Counters(otrace.EVENT_COUNTERS))
     writer.start()
     wall, cpu = time.perf_counter(), time.process_time()
     for row in batch:
