@@ -76,7 +76,7 @@ import threading
 import time
 import urllib.parse
 import zlib
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Container, Iterable, Iterator, Mapping
 from concurrent.futures import Future
 from datetime import UTC, date, datetime, timedelta
 from datetime import time as dt_time
@@ -4785,6 +4785,7 @@ NET_RATES = {   # system_metrics column -> the kernel counters (file, section, n
     "udp_in_errors_ps": (("snmp", "Udp", "InErrors"), ("snmp6", "", "Udp6InErrors")),
     "udp_no_ports_ps": (("snmp", "Udp", "NoPorts"), ("snmp6", "", "Udp6NoPorts")),
 }
+NET_COUNTERS = frozenset(counter for counters in NET_RATES.values() for counter in counters)
 CMDLINE_READ = 8192              # bytes of a command line read (and redacted as a whole) ...
 CMDLINE_KEEP = 1024              # ... and stored
 TOP_RSS = 10                     # processes by memory in each process sample
@@ -5218,10 +5219,11 @@ class NetReader:
         if snap.tcp is not None and time_wait is not None:
             snap.tcp["time_wait"] = time_wait
         for name in ("snmp", "netstat"):
-            for (section, key), value in keyed_rows(read_text(net / name)).items():
-                snap.counters[(name, section, key)] = value
-        for key, value in read_keyed(net / "snmp6").items():
-            snap.counters[("snmp6", "", key)] = value
+            snap.counters |= keyed_rows(read_text(net / name), name, NET_COUNTERS)
+        for line in (read_text(net / "snmp6") or "").splitlines():
+            key, _, value = line.partition(" ")
+            if ("snmp6", "", key) in NET_COUNTERS and value.strip().isdigit():
+                snap.counters[("snmp6", "", key)] = int(value)
         return snap
 
 
@@ -5303,18 +5305,20 @@ def read_keyed_row(text: str | None, section: str) -> dict[str, int]:
     return {}
 
 
-def keyed_rows(text: str | None) -> dict[tuple[str, str], int]:
-    """snmp and netstat: each section is a row of names and a row of values, both starting with
-    "Section:"; which sections and columns there are varies with the kernel."""
-    values: dict[tuple[str, str], int] = {}
+def keyed_rows(text: str | None, name: str, wanted: Container[tuple[str, str, str]]
+               ) -> dict[tuple[str, str, str], int]:
+    """The `wanted` counters (name, section, key) of snmp or netstat `name`: each section is a row of
+    names and a row of values, both starting with "Section:"; which sections and columns there are
+    varies with the kernel."""
+    values: dict[tuple[str, str, str], int] = {}
     lines = (text or "").splitlines()
     for names, numbers in zip(lines[::2], lines[1::2], strict=False):
         section, _, keys = names.partition(":")
         if numbers.partition(":")[0] != section:
             continue
         for key, value in zip(keys.split(), numbers.partition(":")[2].split(), strict=False):
-            with contextlib.suppress(ValueError):
-                values[(section, key)] = int(value)
+            if (name, section, key) in wanted and value.lstrip("-").isdigit():
+                values[(name, section, key)] = int(value)
     return values
 
 
