@@ -4371,8 +4371,13 @@ def read_int(path: Path) -> int | None:
         return None
 
 
-def read_keyed(path: Path) -> dict[str, int]:
-    """A flat-keyed file ("name value" per line: cpu.stat, memory.stat, /proc/vmstat, ...)."""
+def read_keyed(path: Path, keys: Iterable[str] | None = None) -> dict[str, int]:
+    """A flat-keyed file ("name value" per line: cpu.stat, memory.stat, /proc/vmstat, ...): every
+    key, or only `keys`, found without splitting the whole file (vmstat has nearly 200 lines)."""
+    if keys is not None:
+        text = read_text(path) or ""
+        found = ((key, re.search(rf"^{re.escape(key)}:?[ \t]+(-?\d+)", text, re.MULTILINE)) for key in keys)
+        return {key: int(match[1]) for key, match in found if match}
     values = {}
     for line in (read_text(path) or "").splitlines():
         parts = line.split()
@@ -4531,7 +4536,7 @@ class HostReader:
     def snapshot(self) -> Snapshot:
         online = count_cpus(read_text(self.sysfs / "devices" / "system" / "cpu" / "online"))
         snap = Snapshot(time.monotonic(), "proc", cores=online)
-        meminfo = read_keyed(self.procfs / "meminfo")
+        meminfo = read_keyed(self.procfs / "meminfo", ("MemTotal", "MemAvailable", "AnonPages"))
         snap.mem_total = meminfo.get("MemTotal", 0) * 1024 or None
         if self.cgroup:
             self.read_cgroup(snap)
@@ -4544,7 +4549,7 @@ class HostReader:
         if snap.mem_used is None and "MemAvailable" in meminfo:
             snap.mem_used = (meminfo["MemTotal"] - meminfo["MemAvailable"]) * 1024
             snap.mem_rss = meminfo.get("AnonPages", 0) * 1024
-        snap.host_oom_kills = read_keyed(self.procfs / "vmstat").get("oom_kill")
+        snap.host_oom_kills = read_keyed(self.procfs / "vmstat", ("oom_kill",)).get("oom_kill")
         self.read_disk(snap)
         snap.self_cpu, snap.self_rss = own_usage(self.procfs)
         return snap
@@ -4553,20 +4558,20 @@ class HostReader:
         dirs = self.cgroup.dirs
         if "cpuacct" in dirs:
             version, cpuacct = dirs["cpuacct"]
-            usage = (read_keyed(cpuacct / "cpu.stat").get("usage_usec", -1) / 1e6 if version == "v2"
-                     else (read_int(cpuacct / "cpuacct.usage") or -1) / 1e9)
+            usage = (read_keyed(cpuacct / "cpu.stat", ("usage_usec",)).get("usage_usec", -1) / 1e6
+                     if version == "v2" else (read_int(cpuacct / "cpuacct.usage") or -1) / 1e9)
             if usage >= 0:
                 snap.source, snap.cpu_used = f"cgroup_{version}", usage
         if "cpu" in dirs:
             version, cpu = dirs["cpu"]
             if version == "v2":
                 quota, _, period = (read_text(cpu / "cpu.max") or "max").strip().partition(" ")
-                stat = read_keyed(cpu / "cpu.stat")
+                stat = read_keyed(cpu / "cpu.stat", ("throttled_usec", "nr_throttled"))
                 snap.throttled_s = stat["throttled_usec"] / 1e6 if "throttled_usec" in stat else None
             else:
                 quota = str(read_int(cpu / "cpu.cfs_quota_us"))
                 period = str(read_int(cpu / "cpu.cfs_period_us"))
-                stat = read_keyed(cpu / "cpu.stat")
+                stat = read_keyed(cpu / "cpu.stat", ("throttled_time", "nr_throttled"))
                 snap.throttled_s = stat["throttled_time"] / 1e9 if "throttled_time" in stat else None
             snap.throttled_periods = stat.get("nr_throttled")
             if quota.lstrip("-").isdigit() and int(quota) > 0 and period.isdigit() and int(period) > 0:
@@ -4586,17 +4591,18 @@ class HostReader:
             snap.cgroup_read, snap.cgroup_written = cgroup_io(io, version == "v2")
 
     def read_cgroup_memory(self, snap: Snapshot, memory: Path, v2: bool) -> None:
-        stat = read_keyed(memory / "memory.stat")
+        stat = read_keyed(memory / "memory.stat", ("inactive_file", "anon", "total_inactive_file",
+                                                   "total_rss", "rss"))
         if v2:
             usage, limit = read_int(memory / "memory.current"), read_text(memory / "memory.max")
             inactive, anon = stat.get("inactive_file"), stat.get("anon")
-            snap.cgroup_oom_kills = read_keyed(memory / "memory.events").get("oom_kill")
+            snap.cgroup_oom_kills = read_keyed(memory / "memory.events", ("oom_kill",)).get("oom_kill")
         else:
             usage = read_int(memory / "memory.usage_in_bytes")
             limit = read_text(memory / "memory.limit_in_bytes")
             inactive = stat.get("total_inactive_file", stat.get("inactive_file"))
             anon = stat.get("total_rss", stat.get("rss"))
-            snap.cgroup_oom_kills = read_keyed(memory / "memory.oom_control").get("oom_kill")
+            snap.cgroup_oom_kills = read_keyed(memory / "memory.oom_control", ("oom_kill",)).get("oom_kill")
         if usage is None:
             return                   # e.g. the root cgroup has no memory.current: /proc speaks for it
         snap.mem_used, snap.mem_rss = max(0, usage - (inactive or 0)), anon
