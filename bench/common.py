@@ -87,6 +87,21 @@ def stop_all(procs: Iterable[subprocess.Popen]) -> None:
         stop(proc)
 
 
+def side_by_side(procs: dict[str, subprocess.Popen], settle: float, seconds: float
+                 ) -> dict[str, dict[str, float]]:
+    """Processes left idle together for `seconds` after `settle`: each one's CPU over the window
+    (% of a core) and RSS at its end. Stops them all."""
+    try:
+        time.sleep(settle)
+        before, started = {n: Usage.of(p.pid) for n, p in procs.items()}, time.perf_counter()
+        time.sleep(seconds)
+        after, wall = {n: Usage.of(p.pid) for n, p in procs.items()}, time.perf_counter() - started
+    finally:
+        stop_all(procs.values())
+    return {n: {"cpu_pct": 100 * (after[n].cpu_s - before[n].cpu_s) / wall,
+                "rss_mib": after[n].rss_bytes / 2**20} for n in procs}
+
+
 def health(port: int) -> dict[str, Any]:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as resp:
         return json.load(resp)

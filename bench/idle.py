@@ -22,11 +22,10 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Usage, free_port, save, start_otrace, stop, stop_all, table, wait_listening
+from common import free_port, save, side_by_side, start_otrace, stop, stop_all, table, wait_listening
 
 FIXTURES = Path(__file__).resolve().parent.parent.parent / "shared" / "fixtures" / "openclaw"
 QUIET = {"TRACE_METRICS_INTERVAL": "off", "TRACE_PROC_INTERVAL": "off", "TRACE_DNS_PROBE": "",
@@ -81,15 +80,10 @@ def measure(names: list[str], seconds: float) -> dict[str, dict[str, float]]:
                 if name in names:
                     (work / name).mkdir()
                     procs[name] = start_otrace(work / name, env)[0]
-            time.sleep(5.0)                                        # startup and the first reads settle
-            first, started = {n: Usage.of(p.pid) for n, p in procs.items()}, time.monotonic()
-            time.sleep(seconds)
-            last, took = {n: Usage.of(p.pid) for n, p in procs.items()}, time.monotonic() - started
+            return side_by_side(procs, 5.0, seconds)        # startup and the first reads settle first
         finally:
             stop_all(procs.values())
             stop(receiver)
-    return {name: {"rss_mib": last[name].rss_bytes / 2**20,
-                   "cpu_pct": 100 * (last[name].cpu_s - first[name].cpu_s) / took} for name in procs}
 
 
 LABELS = {"all": "everything on: log, session store, OTLP port, metrics, processes, DNS, push",

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, Usage, save, start_otrace, stop, stop_all, table
+from common import ROOT, Usage, save, side_by_side, start_otrace, stop, table
 
 SAMPLE = ROOT.parent / "shared" / "fixtures" / "openclaw" / "gateway-2026.9.6-sample.jsonl"
 
@@ -82,15 +82,7 @@ def idle_costs(work: Path, seconds: float) -> dict[str, dict[str, float]]:
         procs[name] = start_otrace(folder, {"TRACE_METRICS_INTERVAL": "off", "TRACE_PROC_INTERVAL": "off",
                                             "TRACE_DNS_PROBE": "", "TRACE_GATEWAY_MATCH": "off",
                                             "TRACE_OPENCLAW_STATE_DIR": "off", **env})[0]
-    try:
-        time.sleep(1.0)
-        before, started = {n: Usage.of(p.pid) for n, p in procs.items()}, time.perf_counter()
-        time.sleep(seconds)
-        wall = time.perf_counter() - started
-        return {n: {"cpu_pct": 100 * (Usage.of(p.pid).cpu_s - before[n].cpu_s) / wall,
-                    "rss_mib": Usage.of(p.pid).rss_bytes / 2**20} for n, p in procs.items()}
-    finally:
-        stop_all(procs.values())
+    return side_by_side(procs, 1.0, seconds)
 
 
 def main() -> None:

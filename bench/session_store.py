@@ -34,7 +34,7 @@ import zstandard
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from common import ROOT, Usage, save, start_otrace, stop, stop_all, table
+from common import ROOT, Usage, save, side_by_side, start_otrace, stop, table
 
 import otrace
 
@@ -177,15 +177,8 @@ def idle_processes(work: Path, state: Path, seconds: float) -> dict[str, dict[st
     (work / "on.db").rename(work / "on" / "otrace.db")
     procs = {name: start_otrace(folder, {"TRACE_METRICS_INTERVAL": "off", **env})[0]
              for name, (folder, env) in runs.items()}
-    try:
-        time.sleep(3.0)
-        before, started = {n: Usage.of(p.pid) for n, p in procs.items()}, time.perf_counter()
-        time.sleep(seconds)
-        wall = time.perf_counter() - started
-        return {n: {"cpu_s_per_hour": (Usage.of(p.pid).cpu_s - before[n].cpu_s) * HOUR / wall,
-                    "rss_mib": Usage.of(p.pid).rss_bytes / 2**20} for n, p in procs.items()}
-    finally:
-        stop_all(procs.values())
+    return {n: {"cpu_s_per_hour": got["cpu_pct"] / 100 * HOUR, "rss_mib": got["rss_mib"]}
+            for n, got in side_by_side(procs, 3.0, seconds).items()}
 
 
 def main() -> None:
