@@ -5227,9 +5227,9 @@ class NetReader:
         for name in ("snmp", "netstat"):
             snap.counters |= keyed_rows(read_text(net / name), name, NET_COUNTERS)
         for line in (read_text(net / "snmp6") or "").splitlines():
-            key, _, value = line.partition(" ")
-            if ("snmp6", "", key) in NET_COUNTERS and value.strip().isdigit():
-                snap.counters[("snmp6", "", key)] = int(value)
+            words = line.split()
+            if len(words) == 2 and ("snmp6", "", words[0]) in NET_COUNTERS and words[1].isdigit():
+                snap.counters[("snmp6", "", words[0])] = int(words[1])
         return snap
 
 
