@@ -47,6 +47,9 @@ from receiver import Receiver  # noqa: E402 - the one push receiver, shared with
 OTRACE = HERE / "otrace.py"
 ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not ROOT, reason="mounting a small tmpfs needs root")
+# tests that read or change what the whole host shows (its OOM kills, zombies, processes like a
+# gateway, its cgroup's memory): `make test` runs them one after the other, on one pytest-xdist worker
+HOST_WIDE = pytest.mark.xdist_group("host")
 
 
 # ------------------------------------------------------------------------------------------ harness
@@ -1776,6 +1779,7 @@ def test_oom_kill_becomes_one_error_event_and_is_never_reported_twice(tmp_path: 
     assert len(again.rows("error_events")) == 1
 
 
+@HOST_WIDE
 def test_live_readings_agree_with_the_files(tmp_path: Path) -> None:
     reader = otrace.HostReader(Path("/proc"), Path("/sys"), str(tmp_path))
     memory = reader.cgroup and reader.cgroup.dirs.get("memory")
@@ -1791,6 +1795,7 @@ def test_live_readings_agree_with_the_files(tmp_path: Path) -> None:
     assert 0 < usage - snap.cpu_used < 5                            # read just after, so a little more
 
 
+@HOST_WIDE
 def test_live_child_burning_a_core_shows_in_cpu_pct(tmp_path: Path) -> None:
     reader = otrace.HostReader(Path("/proc"), Path("/sys"), str(tmp_path))
     first = reader.snapshot()
@@ -1830,6 +1835,7 @@ def v1_cgroup(name: str, quota_us: int, memory_bytes: int) -> Iterator[str]:
             (V1_ROOT / c / name).rmdir()
 
 
+@HOST_WIDE
 @needs_v1
 def test_live_cgroup_quota_and_a_real_oom_kill(tmp_path: Path) -> None:
     """otrace runs in a real child cgroup (0.5 core, 256 MiB); a process beside it burns CPU, then
@@ -6349,6 +6355,7 @@ sys.stdin.readline()
 """
 
 
+@HOST_WIDE
 def test_real_zombies_alert_once_and_recover(run: Callable[..., Otrace]) -> None:
     count = 7
     maker = subprocess.Popen([sys.executable, "-c", ZOMBIE_MAKER, str(count)], stdin=subprocess.PIPE,
@@ -6378,6 +6385,7 @@ def test_real_zombies_alert_once_and_recover(run: Callable[..., Otrace]) -> None
 NODE_GATEWAY = "setInterval(() => {}, 1 << 30)"
 
 
+@HOST_WIDE
 def test_a_real_gateway_killed_and_restarted(run: Callable[..., Otrace]) -> None:
     """A real node process that matches the gateway pattern (a unique word keeps other tests' out)."""
     word = f"otrace-test-{uuid.uuid4().hex[:8]}"
@@ -6419,6 +6427,7 @@ def test_a_real_gateway_killed_and_restarted(run: Callable[..., Otrace]) -> None
                 proc.wait(10)
 
 
+@HOST_WIDE
 @needs_v1
 def test_a_real_gateway_killed_by_the_oom_killer_says_so(tmp_path: Path) -> None:
     """otrace and a node gateway share a real cgroup (256 MiB); the gateway is told to eat memory."""
