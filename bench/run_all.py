@@ -2,7 +2,7 @@
 
     python bench/run_all.py [--quick]
 
-Each benchmark runs as its own process with a budget that keeps the whole run under 10 minutes on
+Each benchmark runs as its own process with a budget that keeps the whole run near 15 minutes on
 2 cores, and saves its own table under bench/results/. This script then reads their JSON and writes
 bench/results/summary.md: one row per measurement, otrace against the baseline measured in the same
 run, the goal where an issue set one, and whether it was met. --quick shortens every run (a smoke
