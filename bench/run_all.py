@@ -99,7 +99,7 @@ def summary() -> list[list[str]]:
                  verdict(following["cpu_pct"] <= 0.01)])
     rows.append(["RSS following an idle log file", f"{following['rss_mib']:.1f} MiB",
                  f"{without['rss_mib']:.1f} MiB without the log",
-                 f"{following['rss_mib'] / without['rss_mib']:.2f}", "no more than without",
+                 f"{following['rss_mib'] / without['rss_mib']:.2f}", "no more than without (± 0.25 MiB)",
                  verdict(following["rss_mib"] <= without["rss_mib"] + 0.25)])
     store = load("session_store")
     rows.append([f"OpenClaw store catch-up entries/s ({store['entries']:,} entries, "
