@@ -7303,6 +7303,7 @@ class Pusher(Loop):
             else ()
         self.breaker = Breaker(config.push_breaker_threshold, config.push_breaker_cooldown)
         self.cycle_lock = threading.Lock()
+        self.not_before = 0.0            # monotonic time the receiver's last Retry-After asked to wait for
         self.last_time: float | None = None
         self.last_status = "never"
         self.last_error: str | None = None
@@ -7363,9 +7364,11 @@ class Pusher(Loop):
         attempts = 1 if deadline is not None else self.config.push_retries
         for number in range(1, attempts + 1):
             if (self.stopping.is_set() and deadline is None) or (
-                    deadline is not None and time.monotonic() >= deadline):
+                    deadline is not None and time.monotonic() >= deadline) or not self.held(deadline):
                 return False
             attempt = self.receiver.post(batch, self.format, deadline)
+            if attempt.retry_after:
+                self.not_before = time.monotonic() + attempt.retry_after
             verdict = attempt.verdict
             self.note(attempt, verdict)
             if verdict == "ok":
@@ -7391,6 +7394,19 @@ class Pusher(Loop):
             if self.stopping.wait(wait):
                 return False
         return False
+
+    def held(self, deadline: float | None) -> bool:
+        """Wait out the receiver's last Retry-After, in this cycle or a later one (a 429 on a cycle's
+        last attempt holds the next cycle back too); False if stopping or the deadline comes first."""
+        hold = self.not_before - time.monotonic()
+        if hold <= 0:
+            return True
+        if deadline is None:
+            return not self.stopping.wait(hold)
+        if time.monotonic() + hold > deadline:
+            return False
+        time.sleep(hold)                 # the final push at shutdown: stopping is already set
+        return True
 
     def marked(self, cycle: Cycle, deadline: float | None) -> None:
         """Wait until the writer has marked the last confirmed batch synced. Raises if it could not

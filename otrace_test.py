@@ -2407,9 +2407,12 @@ def test_no_row_is_synced_without_a_2xx(run: Callable[..., Otrace], receiver: Re
     assert health["status"] == "ok"          # a receiver being down is not otrace being down
 
 
-def test_retry_after_is_a_floor_on_the_wait(run: Callable[..., Otrace], receiver: Receiver) -> None:
+@pytest.mark.parametrize("retries", ["5", "1"])
+def test_retry_after_is_a_floor_on_the_wait(run: Callable[..., Otrace], receiver: Receiver,
+                                            retries: str) -> None:
+    """Within a cycle, and across cycles: a 429 on a cycle's last attempt holds the next one back."""
     receiver.script = [(429, {"Retry-After": "2"}, "slow down")]
-    node = run(push_env(receiver))
+    node = run(push_env(receiver, TRACE_PUSH_RETRIES=retries))
     ids = post_some(node, 1)
     receiver.wait(lambda reqs: len(reqs) >= 2)
     gap = receiver.requests[1]["at"] - receiver.requests[0]["at"]
