@@ -925,8 +925,9 @@ def test_full_disk_degrades_health_and_recovers_without_loss(tmp_path: Path, run
         assert len(node.logs("database write failing")) < attempts    # logged on change, not each retry
         filler.unlink()
         node.wait_persisted(1 + len(accepted), timeout=30)
-        healed = node.request("GET", "/health")
-        assert healed.status == 200 and healed.json["last_write_error"] is None
+        healed = wait_until(lambda: (r := node.request("GET", "/health")).status == 200 and r, timeout=30,
+                            what="/health ok again")    # the fault clears after the outage is recorded
+        assert healed.json["last_write_error"] is None
         node.wait_log(lambda e: e.get("message") == "database write recovered")
         stored = {r[0] for r in node.query("SELECT trace_id FROM llm_traces")}
         assert set(accepted) <= stored
@@ -2436,9 +2437,10 @@ def test_refused_batch_is_split_down_to_the_poison_event(run: Callable[..., Otra
     assert set(receiver.trace_ids()) == set(ids) - {poison}
     sizes = [len(r["json"]["events"]) for r in receiver.requests]
     assert sizes[0] == 9 and 1 in sizes          # halved until the poison event went alone
-    assert node2.query("SELECT trace_id, http_status, reason FROM push_rejects") == [
-        (poison, 400, f"event {poison} is malformed")]
-    assert node2.health()["push"]["events_refused_by_receiver"] == 1
+    rejects = wait_until(lambda: node2.query("SELECT trace_id, http_status, reason FROM push_rejects"),
+                         what="the refusal recorded")      # at the end of the cycle, after the marking
+    assert rejects == [(poison, 400, f"event {poison} is malformed")]
+    wait_until(lambda: node2.health()["push"]["events_refused_by_receiver"] == 1, what="it counted")
     wait_until(lambda: synced(node2)[poison] == 3, what="the refusal reported")   # refused, reported
     reports = [loss for r in receiver.requests if r["answered"] == 200
                for loss in r["json"].get("losses", [])]
