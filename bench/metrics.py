@@ -14,6 +14,7 @@ import argparse
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -37,7 +38,23 @@ def files_read(reader: otrace.HostReader) -> list[Path]:
     return [p for p in dict.fromkeys(paths) if p.exists()]
 
 
-def per_call(fn: object, n: int) -> float:
+def host_sampler(reader: otrace.HostReader) -> Callable[[], None]:
+    """One host sample per call (a snapshot, and the row it makes with the last), each as if taken
+    15 s after the one before."""
+    previous = reader.snapshot()
+
+    def sample() -> None:
+        nonlocal previous
+        current = reader.snapshot()
+        current.at = previous.at + 15.0
+        otrace.host_sample(previous, current)
+        previous = current
+
+    return sample
+
+
+def per_call(fn: Callable[[], object], n: int) -> float:
+    """CPU seconds of one call of `fn`, over `n` calls."""
     started = time.process_time()
     for _ in range(n):
         fn()
@@ -52,14 +69,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         reader = otrace.HostReader(Path("/proc"), Path("/sys"), tmp)
         paths = files_read(reader)
-        previous = reader.snapshot()
-
-        def sample() -> None:
-            nonlocal previous
-            current = reader.snapshot()
-            current.at = previous.at + 15.0
-            otrace.host_sample(previous, current)
-            previous = current
+        sample = host_sampler(reader)
 
         def read_files() -> None:
             for path in paths:

@@ -35,6 +35,7 @@ import zstandard
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import ROOT, Usage, save, side_by_side, start_otrace, stop, table
+from metrics import host_sampler, per_call
 
 import otrace
 
@@ -155,16 +156,7 @@ def per_look(work: Path, state: Path) -> dict[str, float]:
 
 def sampler_sample_s(work: Path) -> float:
     """CPU seconds of one host sample (snapshot and row), as bench/metrics.py measures it."""
-    reader = otrace.HostReader(Path("/proc"), Path("/sys"), str(work))
-    previous = reader.snapshot()
-    n = 500
-    started = time.process_time()
-    for _ in range(n):
-        current = reader.snapshot()
-        current.at = previous.at + 15.0
-        otrace.host_sample(previous, current)
-        previous = current
-    return (time.process_time() - started) / n
+    return per_call(host_sampler(otrace.HostReader(Path("/proc"), Path("/sys"), str(work))), 500)
 
 
 def idle_processes(work: Path, state: Path, seconds: float) -> dict[str, dict[str, float]]:

@@ -38,6 +38,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import ROOT, Usage, free_port, save, start_otrace, stop, stop_all, table, wait_listening, wrk
+from metrics import host_sampler, per_call
 
 import otrace
 
@@ -45,13 +46,6 @@ BEFORE = "e7a636146bbc2970131784e420b75f6c3bfc3fc3"     # main before processes,
 TRACE = {"provider": "openai", "model": "gpt-5", "input_text": "x" * 1000, "output_text": "y" * 1000,
          "prompt_tokens": 250, "completion_tokens": 240, "cost_usd": 0.0031, "latency_ms": 812}
 EVERYTHING = {"TRACE_DEBUG": "on"}                       # the rest is on by default
-
-
-def per_call(fn: object, n: int) -> float:
-    started = time.process_time()
-    for _ in range(n):
-        fn()
-    return (time.process_time() - started) / n
 
 
 def crowd(at_least: int) -> list[subprocess.Popen]:
@@ -65,15 +59,7 @@ def samplers(samples: int) -> dict[str, float]:
     config = otrace.Config.from_env({"TRACE_DNS_TIMEOUT": "5s"})
     procfs = Path("/proc")
     with tempfile.TemporaryDirectory() as tmp:
-        host = otrace.HostReader(procfs, Path("/sys"), tmp)
-        previous = host.snapshot()
-
-        def host_sample() -> None:
-            nonlocal previous
-            current = host.snapshot()
-            current.at = previous.at + 15.0
-            otrace.host_sample(previous, current)
-            previous = current
+        host_sample = host_sampler(otrace.HostReader(procfs, Path("/sys"), tmp))
 
         processes = otrace.ProcessSampler(config, otrace.EventQueue(100_000, 50))   # room for every sample
         process_sample = processes.tick
