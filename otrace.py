@@ -4371,19 +4371,12 @@ def read_int(path: Path) -> int | None:
         return None
 
 
-def read_keyed(path: Path, keys: Iterable[str] | None = None) -> dict[str, int]:
-    """A flat-keyed file ("name value" per line: cpu.stat, memory.stat, /proc/vmstat, ...): every
-    key, or only `keys`, found without splitting the whole file (vmstat has nearly 200 lines)."""
-    if keys is not None:
-        text = read_text(path) or ""
-        found = ((key, re.search(rf"^{re.escape(key)}:?[ \t]+(-?\d+)", text, re.MULTILINE)) for key in keys)
-        return {key: int(match[1]) for key, match in found if match}
-    values = {}
-    for line in (read_text(path) or "").splitlines():
-        parts = line.split()
-        if len(parts) >= 2 and parts[1].lstrip("-").isdigit():
-            values[parts[0].rstrip(":")] = int(parts[1])
-    return values
+def read_keyed(path: Path, keys: Iterable[str]) -> dict[str, int]:
+    """The `keys` of a flat-keyed file ("name value" per line: cpu.stat, memory.stat, /proc/vmstat,
+    ...), found without splitting the whole file (vmstat has nearly 200 lines)."""
+    text = read_text(path) or ""
+    found = ((key, re.search(rf"^{re.escape(key)}:?[ \t]+(-?\d+)", text, re.MULTILINE)) for key in keys)
+    return {key: int(match[1]) for key, match in found if match}
 
 
 def count_cpus(cpulist: str | None) -> int | None:
@@ -4868,7 +4861,7 @@ def read_uptime(procfs: Path) -> float:
 
 def read_btime(procfs: Path) -> float | None:
     """The boot time, in Unix seconds, from <procfs>/stat."""
-    return read_keyed(procfs / "stat").get("btime")
+    return read_keyed(procfs / "stat", ("btime",)).get("btime")
 
 
 def read_cmdline(procfs: Path, pid: int) -> list[bytes] | None:
