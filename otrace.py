@@ -7381,7 +7381,7 @@ class Pusher(Loop):
                     cycle.refused.append((table, row_id, trace_id, attempt))
                     return True
                 return all(self.deliver(half, deadline, cycle) for half in batch.halves())
-            wait = max(backoff.next(), attempt.retry_after or 0.0)
+            wait = backoff.next()                # and a Retry-After is waited out by held()
             if number == attempts or (deadline is not None and time.monotonic() + wait > deadline):
                 return False
             if self.stopping.wait(wait):
