@@ -5784,7 +5784,8 @@ def test_fuzzed_otlp_requests_get_an_otlp_answer_and_never_take_otrace_down(run:
     node = run({"TRACE_MAX_TEXT_BYTES": "1KiB"})
     statuses: list[int] = []
 
-    @settings(max_examples=300, deadline=None, database=None,
+    # the same examples every run: whether every mapping is reached must not be left to chance
+    @settings(max_examples=300, deadline=None, database=None, derandomize=True,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
     @given(otlp_request(), st.booleans())
     def example(request: tuple[str, dict[str, Any]], protobuf: bool) -> None:
