@@ -1946,6 +1946,7 @@ CACHE_KIB = 2048                 # per connection; otrace keeps few open
 ROWS_PER_INSERT = 32             # at most, and fewer for a wide table (see insert_rows)
 MAX_VARIABLES = 999              # what older SQLite allows in one statement
 JOB_TIMEOUT = 120.0              # longest a loop waits for the writer to run its job
+READER_WAIT = 1.0                # longest a reader's unit waits for room in the queue
 BUSY_TIMEOUT = 10.0              # seconds a statement waits for a lock another connection holds
 STATE_TABLES = ("otrace_state", "log_offsets",   # where readers keep their place: carried to a new file
                 "openclaw_positions", "openclaw_attempts", "otlp_series")
@@ -2261,9 +2262,13 @@ class EventQueue(queue.Queue):
         return unit
 
     def offer(self, unit: Unit) -> bool:
-        """Enqueue the unit if all its events fit (or nothing is uncommitted); never blocks."""
+        """Enqueue the unit if all its events fit (or nothing is uncommitted). A client's unit never
+        waits; otrace's own waits up to READER_WAIT for room, so a reader catching up hands over what
+        it has read instead of reading it again."""
         with self.mutex:
-            if self.closed or (self.uncommitted and self.uncommitted + len(unit) > self.maxsize):
+            if unit.own and not self.closed:
+                self.not_full.wait_for(lambda: self.closed or self.fits(unit), READER_WAIT)
+            if self.closed or not self.fits(unit):
                 return False
             unit.arrived = time.monotonic()
             was_empty = not self.waiting
@@ -2274,11 +2279,16 @@ class EventQueue(queue.Queue):
                 self.not_empty.notify()
             return True
 
+    def fits(self, unit: Unit) -> bool:
+        """Called with the queue's lock held."""
+        return not self.uncommitted or self.uncommitted + len(unit) <= self.maxsize
+
     def done(self, unit: Unit) -> None:
         """The writer committed the unit (or gave up on its rows): it no longer counts."""
         with self.mutex:
             self.uncommitted -= len(unit)
             self.uncommitted_own -= len(unit) if unit.own else 0
+            self.not_full.notify_all()
         self.task_done()
 
     def committed(self) -> None:
@@ -2340,6 +2350,7 @@ class EventQueue(queue.Queue):
         with self.mutex:
             self.closed = True
             self.not_empty.notify_all()
+            self.not_full.notify_all()
         self.gate.release()
 
     def wait_drained(self, timeout: float) -> bool:

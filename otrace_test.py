@@ -815,6 +815,23 @@ def test_the_queue_tells_promised_events_from_otraces_own() -> None:
         events.done(unit)
     assert events.unwritten() == (0, 0)
 
+def test_a_readers_unit_waits_for_room_where_a_clients_is_refused_at_once() -> None:
+    """A reader catching up hands over what it read once room is made, instead of reading it again."""
+    events = otrace.EventQueue(capacity=4, batch_size=4)
+    assert events.offer(otrace.Unit([otrace.Row("t", ())] * 4))
+    assert not events.offer(otrace.Unit([otrace.Row("t", ())]))                # a client's: at once
+    answers: list[bool] = []
+    reader = threading.Thread(target=lambda: answers.append(
+        events.offer(otrace.Unit([otrace.Row("t", ())] * 2, own=True))))
+    reader.start()
+    wait_until(lambda: len(events.not_full._waiters) == 1, what="the reader waiting for room")
+    events.done(events.next_work(batch_size=4, window=0.0, idle=0.0)[0])
+    reader.join(10)
+    assert answers == [True] and events.unwritten() == (0, 2)
+    events.close()                                       # shutdown: a waiting reader is let go at once
+    assert not events.offer(otrace.Unit([otrace.Row("t", ())], own=True))
+
+
 
 def test_queue_full_answers_503_and_keeps_nothing_of_that_request(run: Callable[..., Otrace]) -> None:
     node = run({"TRACE_QUEUE_SIZE": "20", "TRACE_BATCH_SIZE": "5"})

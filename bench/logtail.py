@@ -4,8 +4,9 @@
 
 Throughput: the 62 real gateway lines of ../shared/fixtures/openclaw, repeated to --lines, appear at
 once in the directory a fresh otrace follows; timed until otrace has committed the offset of the
-file's end (every event before it is then in SQLite). The baseline, in the same run: a bare loop that
-reads the same file line by line and json-parses each line.
+file's end (every event before it is then in SQLite). otrace looks every 10 ms here, so the figure is
+the tailer's pace, not the wait for its next look (up to TRACE_QUIET_POLL on a quiet log). The
+baseline, in the same run: a bare loop that reads the same file line by line and json-parses each line.
 
 Idle: otrace with no log to follow, and otrace following an idle file, side by side for --idle
 seconds at the default TRACE_LOG_POLL: their CPU (share of one core) and RSS.
@@ -56,7 +57,8 @@ def committed(db: Path) -> int | None:
 def through_otrace(work: Path, source: Path, size: int, lines: int) -> dict[str, float]:
     logs = work / "logs"
     logs.mkdir()
-    proc, _ = start_otrace(work, {"TRACE_LOG_PATH": str(logs), "TRACE_METRICS_INTERVAL": "off"})
+    proc, _ = start_otrace(work, {"TRACE_LOG_PATH": str(logs), "TRACE_METRICS_INTERVAL": "off",
+                                  "TRACE_LOG_POLL": "10ms", "TRACE_QUIET_POLL": "10ms"})
     try:
         before, started = Usage.of(proc.pid), time.perf_counter()
         os.link(source, logs / "openclaw-2026-11-24.log")        # all of it there at once
