@@ -457,7 +457,7 @@ class Config:
     checkpoint_interval: float = setting("10m", duration("10ms", "1d"), "Time between WAL checkpoints "
                                          "(PASSIVE; TRUNCATE when the WAL is over TRACE_WAL_MAX_BYTES).")
     wal_max_bytes: int = setting("50MiB", size("64KiB", "64GiB"), "WAL size that makes the next "
-                                 "checkpoint a TRUNCATE, and SQLite's journal_size_limit.")
+                                 "checkpoint a TRUNCATE, and the most SQLite's journal_size_limit keeps.")
     cleanup_interval: float = setting("5m", duration("10ms", "1d"), "Time between retention passes.")
     retention: float = setting("3d", duration("1s", "3650d"), "Age (since arrival) after which pushed "
                                "rows are deleted.")
@@ -2447,6 +2447,7 @@ class Writer(threading.Thread):
         self.reopen_fault = FaultLog(self.log, "moving to a new database file")
         self.on_fault: Callable[[str], None] = lambda error: None   # told once per streak of failures
         self.on_inserted: Callable[[dict[str, list[tuple]]], None] = lambda rows: None   # what committed
+        self.on_committed: Callable[[], None] = lambda: None       # after every batch that committed
         self.reserve = Reserve(config.db_path, config.disk_reserve_bytes, self.log)
 
     @property
@@ -2461,12 +2462,15 @@ class Writer(threading.Thread):
 
     def connect(self, path: str) -> sqlite3.Connection:
         conn = connect(path)
-        conn.execute(f"PRAGMA journal_size_limit = {self.config.wal_max_bytes}")  # per connection
         # zeroing every freed page (some builds' default) writes a deleted row twice, through the WAL;
         # FAST zeroes only pages written anyway, and the shrink after a deletion drops the rest
         conn.execute("PRAGMA secure_delete = FAST")
         page = conn.execute("PRAGMA page_size").fetchone()[0]
-        conn.execute(f"PRAGMA wal_autocheckpoint = {autocheckpoint_pages(self.config, page)}")
+        pages = autocheckpoint_pages(self.config, page)
+        conn.execute(f"PRAGMA wal_autocheckpoint = {pages}")
+        # a WAL a reader made grow is cut back to what one autocheckpoint needs when it restarts, so
+        # a burst does not keep its share of the cap until the next TRUNCATE
+        conn.execute(f"PRAGMA journal_size_limit = {min(self.config.wal_max_bytes, 2 * pages * page)}")
         return conn
 
     def run(self) -> None:
@@ -2503,6 +2507,7 @@ class Writer(threading.Thread):
                 self.fault.cleared()
                 self.backoff.reset()
                 self.events.committed()
+                self.on_committed()
         finally:
             self.conn.close()
 
@@ -7607,34 +7612,46 @@ class Checkpointer(Loop):
 
 @dataclasses.dataclass(frozen=True)
 class Cut:
-    """One kind of deletion: rows of `table` matching `where`, oldest first, for `reason` in a pass.
-    Called on the writer's connection, it deletes one chunk and its ledger entry in one transaction
-    and returns (rows deleted, of which never pushed)."""
+    """One kind of deletion: rows matching `where`, oldest first, from whichever of `tables` holds the
+    oldest, for `reason` in a pass. Called on the writer's connection, it deletes one chunk and its
+    ledger entry in one transaction and returns what it did, with the bytes the rows left still use:
+    a pass needs no reading connection of its own, whose snapshot would keep the WAL growing."""
 
-    table: str
+    tables: tuple[str, ...]
     where: str
     reason: str
     pass_id: str
     params: tuple = ()
     limit: int = 1000
 
-    def __call__(self, conn: sqlite3.Connection) -> tuple[int, int]:
+    def __call__(self, conn: sqlite3.Connection) -> Chunk:
         with transaction(conn):
-            oldest = f"SELECT id FROM {self.table} WHERE {self.where} ORDER BY id LIMIT {self.limit}"
-            gone = conn.execute(f"DELETE FROM {self.table} WHERE id IN ({oldest}) RETURNING synced, "
-                                f"received_at", self.params).fetchall()
+            table = oldest_table(conn, self.tables, self.where, self.params)
+            gone = [] if table is None else conn.execute(
+                f"DELETE FROM {table} WHERE id IN (SELECT id FROM {table} WHERE {self.where} ORDER BY id "
+                f"LIMIT {self.limit}) RETURNING synced, received_at", self.params).fetchall()
             lost = [received for synced, received in gone if synced in (UNSYNCED, REFUSED)]
             if gone:
-                conn.execute(LEDGER_SQL, (self.pass_id, now_ms(), self.table, self.reason, len(gone),
+                conn.execute(LEDGER_SQL, (self.pass_id, now_ms(), table, self.reason, len(gone),
                                           len(lost), min(lost, default=None), max(lost, default=None)))
-        return len(gone), len(lost)
+        return Chunk(table, len(gone), len(lost), live_bytes(conn))
+
+
+class Chunk(NamedTuple):
+    """What one Cut did."""
+
+    table: str | None        # None: no row matched
+    deleted: int
+    lost: int                # of the deleted rows, the ones never pushed
+    live_bytes: int          # after it
 
 
 
-def oldest_table(conn: sqlite3.Connection, tables: Iterable[str], where: str) -> str | None:
+def oldest_table(conn: sqlite3.Connection, tables: Iterable[str], where: str, params: tuple = ()
+                 ) -> str | None:
     """Which of `tables` holds the oldest row (by arrival) matching `where`; None if none does."""
     heads = [(head[0], table) for table in tables if (head := conn.execute(
-        f"SELECT received_at FROM {table} WHERE {where} ORDER BY id LIMIT 1").fetchone())]
+        f"SELECT received_at FROM {table} WHERE {where} ORDER BY id LIMIT 1", params).fetchone())]
     return min(heads)[1] if heads else None
 
 
@@ -7691,6 +7708,7 @@ class Retention(Loop):
                       Tier("pressure_metrics", SAMPLE_TABLES, UNDELIVERED, True, self.chunk),
                       Tier("pressure_unpushed", unpushed, UNDELIVERED, False, 50))
         self.last_pass: dict[str, Any] | None = None
+        self.housekept_at = -math.inf            # when the age deletions and pruning last ran
 
     def check_budget(self) -> None:
         """Warn when the database cap cannot be reached before the disk mark: then only pushed rows
@@ -7703,22 +7721,31 @@ class Retention(Loop):
                 "disk_total_bytes": total, "disk_high_pct": self.config.disk_high_pct,
                 "advice": "set TRACE_DB_MAX_BYTES under TRACE_DISK_HIGH_PCT of the volume, less the WAL"})
 
+    def watch(self) -> None:
+        """After each batch the writer commits: a database past its high mark wakes a pass now, not
+        at the next interval, so the file outgrows the mark by a batch or two, not by an interval's."""
+        if self.db_bytes() > self.config.db_max_bytes * self.HIGH_DB:
+            self.wake()
+
     def tick(self) -> None:
         pass_id, started = new_id(), time.monotonic()
         tally: collections.Counter[tuple[str, str, str]] = collections.Counter()
-        cutoff = now_ms() - int(self.config.retention * 1000)
-        for table in self.tables:
-            self.delete_all(Cut(table, f"{DELIVERED} AND received_at < ?", "age", pass_id, (cutoff,),
-                                self.chunk), tally)
         self.relieve(pass_id, tally)
-        pruned = sum(self.prune_all(table, column, cutoff, extra) for table, column, extra in BOOKKEEPING)
+        pruned = 0
+        if started >= self.housekept_at + self.interval:   # a pass woken by watch() only relieves
+            self.housekept_at = started
+            cutoff = now_ms() - int(self.config.retention * 1000)
+            for table in self.tables:
+                self.delete_all(Cut((table,), f"{DELIVERED} AND received_at < ?", "age", pass_id,
+                                    (cutoff,), self.chunk), tally)
+            pruned = sum(self.prune_all(table, column, cutoff, extra) for table, column, extra in BOOKKEEPING)
         if tally or pruned:
             self.give_back()
         self.report(tally, pruned, time.monotonic() - started)
 
     def delete_all(self, cut: Cut, tally: collections.Counter[tuple[str, str, str]]) -> None:
         """Delete chunk after chunk until no row matches."""
-        while not self.stopping.is_set() and self.delete_chunk(cut, tally) == cut.limit:
+        while not self.stopping.is_set() and self.delete_chunk(cut, tally).deleted == cut.limit:
             pass
 
     def prune_all(self, table: str, column: str, cutoff: int, extra: str) -> int:
@@ -7731,11 +7758,11 @@ class Retention(Loop):
                 break
         return pruned
 
-    def delete_chunk(self, cut: Cut, tally: collections.Counter[tuple[str, str, str]]) -> int:
-        deleted, lost = self.events.call(cut)
-        tally[(cut.table, cut.reason, "deleted")] += deleted
-        tally[(cut.table, cut.reason, "unpushed")] += lost
-        return deleted
+    def delete_chunk(self, cut: Cut, tally: collections.Counter[tuple[str, str, str]]) -> Chunk:
+        chunk = self.events.call(cut)
+        tally[(chunk.table, cut.reason, "deleted")] += chunk.deleted
+        tally[(chunk.table, cut.reason, "unpushed")] += chunk.lost
+        return chunk
 
     def db_bytes(self) -> int:
         """The database's size as the cap counts it: file + WAL."""
@@ -7751,11 +7778,11 @@ class Retention(Loop):
             return "disk", f"disk {used_pct} % used > {self.config.disk_high_pct} %"
         return None
 
-    def relieved(self, cause: str, conn: sqlite3.Connection) -> bool:
-        """Under the low mark, counting only the pages rows use: freed pages go back at the end of
-        the pass, in one shrink, not one per chunk."""
+    def relieved(self, cause: str, live: int) -> bool:
+        """Under the low mark, counting only the `live` bytes rows use: freed pages go back at the
+        end of the pass, in one shrink, not one per chunk."""
         if cause == "db_cap":
-            return live_bytes(conn) <= self.config.db_max_bytes * self.LOW_DB
+            return live <= self.config.db_max_bytes * self.LOW_DB
         return disk_usage(self.db_dir)[3] <= self.config.disk_high_pct - self.LOW_DISK
 
     def own_share_can_relieve(self) -> bool:
@@ -7774,19 +7801,20 @@ class Retention(Loop):
             return
         cause, detail = found
         self.log.warning("over budget: deleting oldest rows", extra={"cause": cause, "detail": detail})
-        with self.db.reading() as conn:
-            for tier in self.tiers:
-                if cause == "disk" and not tier.for_disk and not self.own_share_can_relieve():
+        live = self.events.call(live_bytes)
+        for tier in self.tiers:
+            if cause == "disk" and not tier.for_disk and not self.own_share_can_relieve():
+                break
+            while not self.stopping.is_set() and not self.relieved(cause, live):
+                chunk = self.delete_chunk(Cut(tier.tables, tier.where, tier.reason, pass_id,
+                                              limit=tier.chunk), tally)
+                live = chunk.live_bytes
+                if chunk.table is None:
                     break
-                while not self.stopping.is_set() and not self.relieved(cause, conn):
-                    table = oldest_table(conn, tier.tables, tier.where)
-                    if table is None:
-                        break
-                    self.delete_chunk(Cut(table, tier.where, tier.reason, pass_id, limit=tier.chunk), tally)
-                    if cause == "disk":
-                        self.give_back()           # the disk sees freed pages only once given back
-                if self.relieved(cause, conn):
-                    return
+                if cause == "disk":
+                    self.give_back()           # the disk sees freed pages only once given back
+            if self.relieved(cause, live):
+                return
         self.give_back()
         self.log.error("still over budget after deleting all it may", extra={
             "cause": cause, "detail": (self.pressure() or (cause, "now under"))[1]})
@@ -8906,6 +8934,7 @@ class Service:
         self.retention = Retention(config, self.events, self.db)
         self.retention.check_budget()
         self.writer.on_fault = self.on_write_fault
+        self.writer.on_committed = self.retention.watch
         self.loops: list[Loop] = [Checkpointer(config, self.events), self.retention]
         self.dns = DnsProbe(config, self.events) if config.dns_probe else None
         self.processes = ProcessSampler(config, self.events) if config.proc_interval else None

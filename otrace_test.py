@@ -2887,6 +2887,45 @@ def test_database_cap_deletes_in_order_and_reports_the_losses(
     assert all(x["oldest_received_at"] <= x["newest_received_at"] for x in losses)
 
 
+def test_a_database_past_its_high_mark_wakes_retention_before_its_interval(
+        tmp_path: Path, run: Callable[..., Otrace]) -> None:
+    """The writer looks at the size after each batch: a burst is met within a batch or two, not at
+    the next TRACE_CLEANUP_INTERVAL (a day here, so no pass runs on its own)."""
+    cap = 1 << 20
+    node = run({"TRACE_DB_MAX_BYTES": str(cap), "TRACE_CLEANUP_INTERVAL": "1d"})
+    sent = 0
+    while db_bytes(node.db_path) <= cap * otrace.Retention.HIGH_DB:
+        assert sent < 5000, "the database never reached its high mark"
+        assert node.post("/v1/traces", [trace(input_text="t" * 2000) for _ in range(20)]).status == 202
+        sent += 20
+    node.wait_log(lambda e: e.get("message") == "retention deleted rows that were never pushed", timeout=30)
+    assert ledger(node)[("llm_traces", "pressure_unpushed")][0] > 0
+
+
+def test_a_wal_a_reader_made_grow_is_cut_back_when_it_restarts(tmp_path: Path) -> None:
+    """The cap counts the WAL file: one that grew while a reader held a snapshot keeps no more than
+    two autocheckpoints' worth once SQLite starts it over, not up to TRACE_WAL_MAX_BYTES."""
+    db = tmp_path / "o.db"
+    otrace.open_database(str(db))
+    config = otrace.Config.from_env({"TRACE_DB_PATH": str(db), "TRACE_DB_MAX_BYTES": str(4 << 20)})
+    limit = 2 * otrace.autocheckpoint_pages(config, 4096) * 4096
+    writer = otrace.Writer(config, otrace.Database(str(db)), otrace.EventQueue(512, 50), otrace.Counters(()))
+    with (contextlib.closing(writer.connect(str(db))) as conn,
+          contextlib.closing(sqlite3.connect(db)) as reader):
+        conn.execute("CREATE TABLE filler (data BLOB)")
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM filler").fetchall()           # a snapshot the WAL must keep
+        for _ in range(100):
+            with otrace.transaction(conn):
+                conn.execute("INSERT INTO filler VALUES (randomblob(8000))")
+        grown = (tmp_path / "o.db-wal").stat().st_size
+        reader.rollback()
+        for _ in range(20):                                # a checkpoint completes; the WAL starts over
+            with otrace.transaction(conn):
+                conn.execute("INSERT INTO filler VALUES (randomblob(8000))")
+        assert grown > 2 * limit and (tmp_path / "o.db-wal").stat().st_size <= limit
+
+
 def test_a_deletion_costs_the_wal_a_few_pages_and_the_file_shrinks_a_step_at_a_time(tmp_path: Path) -> None:
     """The writer deletes without copying every freed page through the WAL (builds that zero freed
     pages by default would, and the cap counts the WAL); the file is then given back in steps, each a
@@ -2896,7 +2935,7 @@ def test_a_deletion_costs_the_wal_a_few_pages_and_the_file_shrinks_a_step_at_a_t
     config = otrace.Config.from_env({"TRACE_DB_PATH": str(db)})
     writer = otrace.Writer(config, otrace.Database(str(db)), otrace.EventQueue(512, 50), otrace.Counters(()))
     with contextlib.closing(writer.connect(str(db))) as conn:
-        deleted, lost = otrace.Cut("llm_traces", "synced = 1", "test", "pass-1", limit=300)(conn)
+        _, deleted, lost, _ = otrace.Cut(("llm_traces",), "synced = 1", "test", "pass-1", limit=300)(conn)
         freed = conn.execute("PRAGMA freelist_count").fetchone()[0]
         assert (deleted, lost) == (300, 0) and freed >= 250                 # a page or so per row
         assert (tmp_path / "o.db-wal").stat().st_size < freed * 4096 // 5
