@@ -5851,7 +5851,7 @@ class LogTailer(Loop):
         self.backlog = self.unfinished()  # files read before, with lines left: finish them first
         self.started = False
         self.waiting = False
-        self.most = max(1, min(256, config.queue_size // 4))   # lines per unit, so that units fit the queue
+        self.most = max(1, min(256, config.queue_size // 2))   # lines per unit: two units fit the queue
         self.totals = Counters(("lines", "events", "skipped", "not_json", "cut", "bytes_read",
                                 "failed_attempts"))
 
