@@ -5798,6 +5798,10 @@ class Followed:
             at = 0
             while at < len(chunk) and len(found) < most:
                 newline = chunk.find(b"\n", at)
+                if start == pos + at and at <= newline <= at + limit:   # whole in the chunk: a slice, no copy
+                    found.append((start, chunk[at:newline], newline - at))
+                    start, at = pos + newline + 1, newline + 1
+                    continue
                 end = len(chunk) if newline < 0 else newline
                 pending += chunk[at:at + max(0, min(end - at, limit - len(pending)))]
                 if newline < 0:
