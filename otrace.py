@@ -5803,6 +5803,10 @@ class Followed:
             at = 0
             while at < len(chunk) and len(found) < most:
                 newline = chunk.find(b"\n", at)
+                if start == pos + at and at <= newline <= at + limit:   # whole in the chunk: a slice, no copy
+                    found.append((start, chunk[at:newline], newline - at))
+                    start, at = pos + newline + 1, newline + 1
+                    continue
                 end = len(chunk) if newline < 0 else newline
                 pending += chunk[at:at + max(0, min(end - at, limit - len(pending)))]
                 if newline < 0:
@@ -5856,7 +5860,7 @@ class LogTailer(Loop):
         self.backlog = self.unfinished()  # files read before, with lines left: finish them first
         self.started = False
         self.waiting = False
-        self.most = max(1, min(256, config.queue_size // 4))   # lines per unit, so that units fit the queue
+        self.most = max(1, min(256, config.queue_size // 2))   # lines per unit: two units fit the queue
         self.totals = Counters(("lines", "events", "skipped", "not_json", "cut", "bytes_read",
                                 "failed_attempts"))
 

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, Usage, save, side_by_side, start_otrace, stop, table
+from common import ROOT, Usage, health, save, side_by_side, start_otrace, stop, table
 
 SAMPLE = ROOT.parent / "shared" / "fixtures" / "openclaw" / "gateway-2026.9.6-sample.jsonl"
 
@@ -57,9 +57,11 @@ def committed(db: Path) -> int | None:
 def through_otrace(work: Path, source: Path, size: int, lines: int) -> dict[str, float]:
     logs = work / "logs"
     logs.mkdir()
-    proc, _ = start_otrace(work, {"TRACE_LOG_PATH": str(logs), "TRACE_METRICS_INTERVAL": "off",
-                                  "TRACE_LOG_POLL": "10ms", "TRACE_QUIET_POLL": "10ms"})
+    proc, port = start_otrace(work, {"TRACE_LOG_PATH": str(logs), "TRACE_METRICS_INTERVAL": "off",
+                                     "TRACE_LOG_POLL": "10ms", "TRACE_QUIET_POLL": "10ms"})
     try:
+        while not health(port)["log_tail"]["waiting"]:   # a file there at the first look is read from its end
+            time.sleep(0.01)
         before, started = Usage.of(proc.pid), time.perf_counter()
         os.link(source, logs / "openclaw-2026-11-24.log")        # all of it there at once
         while committed(work / "otrace.db") != size:
