@@ -7690,16 +7690,45 @@ class Tier:
     chunk: int               # rows per transaction: small where every row deleted is a row lost
 
 
+class Marks:
+    """The database's high and low marks, as shares of its cap: 85 % and 75 %, lowered together by as
+    much as the database recently got past the high mark before a pass relieved it (a flood, a slow
+    disk, a reader holding the WAL), so that it peaks under PEAK all the same."""
+
+    HIGH = 0.85              # room for the WAL and what arrives while a pass runs, ...
+    LOW = 0.75               # ... and a pass deletes down to here
+    PEAK = 0.90
+    FLOOR = 0.50             # the high mark never comes lower
+    FORGET = 0.98            # a past overshoot weighs this much less at each pass
+
+    def __init__(self) -> None:
+        self.overshoot = 0.0     # share of the cap
+        self.peak = 0.0          # the largest share seen since the last pass
+
+    @property
+    def high(self) -> float:
+        return max(self.FLOOR, min(self.HIGH, self.PEAK - self.overshoot))
+
+    @property
+    def low(self) -> float:
+        return self.high - (self.HIGH - self.LOW)
+
+    def seen(self, share: float) -> None:
+        self.peak = max(self.peak, share)
+
+    def passed(self, share: float) -> None:
+        """A pass under pressure is over, and the database is now at `share`."""
+        self.overshoot = max(self.peak - self.high, self.overshoot * self.FORGET)
+        self.peak = share
+
+
 class Retention(Loop):
     """Every TRACE_CLEANUP_INTERVAL (and at once when a write fails for lack of space): deletes
     pushed rows older than TRACE_RETENTION; then, while the database is over TRACE_DB_MAX_BYTES or
     the disk over TRACE_DISK_HIGH_PCT, deletes oldest first in TIERS order down to the low mark. Every
     deletion runs in a chunk of its own between ingest batches, with its ledger row."""
 
-    HIGH_DB = 0.85           # past 85 % of its cap the database is under pressure (room for the
-                             # WAL and what arrives while a pass runs), ...
-    LOW_DB = 0.75            # ... and deletes until it is under 75 %; ...
-    LOW_DISK = 5.0           # ... and the disk 5 points under TRACE_DISK_HIGH_PCT
+    LOW_DISK = 5.0           # a pass deletes until the disk is 5 points under TRACE_DISK_HIGH_PCT
 
     def __init__(self, config: Config, events: EventQueue, db: Database) -> None:
         super().__init__("retention", config.cleanup_interval)
@@ -7713,6 +7742,7 @@ class Retention(Loop):
                       Tier("pressure_unpushed", unpushed, UNDELIVERED, False, 50))
         self.last_pass: dict[str, Any] | None = None
         self.housekept_at = -math.inf            # when the age deletions and pruning last ran
+        self.marks = Marks()
 
     def check_budget(self) -> None:
         """Warn when the database cap cannot be reached before the disk mark: then only pushed rows
@@ -7728,13 +7758,13 @@ class Retention(Loop):
     def watch(self) -> None:
         """After each batch the writer commits: a database past its high mark wakes a pass now, not
         at the next interval, so the file outgrows the mark by a batch or two, not by an interval's."""
-        if self.db_bytes() > self.config.db_max_bytes * self.HIGH_DB:
+        if self.share() > self.marks.high:
             self.wake()
 
     def tick(self) -> None:
         pass_id, started = new_id(), time.monotonic()
         tally: collections.Counter[tuple[str, str, str]] = collections.Counter()
-        self.relieve(pass_id, tally)
+        cause = self.relieve(pass_id, tally)
         pruned = 0
         if started >= self.housekept_at + self.interval:   # a pass woken by watch() only relieves
             self.housekept_at = started
@@ -7745,6 +7775,8 @@ class Retention(Loop):
             pruned = sum(self.prune_all(table, column, cutoff, extra) for table, column, extra in BOOKKEEPING)
         if tally or pruned:
             self.give_back()
+        if cause == "db_cap":
+            self.marks.passed(self.share())
         self.report(tally, pruned, time.monotonic() - started)
 
     def delete_all(self, cut: Cut, tally: collections.Counter[tuple[str, str, str]]) -> None:
@@ -7772,11 +7804,18 @@ class Retention(Loop):
         """The database's size as the cap counts it: file + WAL."""
         return file_size(self.config.db_path) + file_size(self.config.db_path + "-wal")
 
+    def share(self) -> float:
+        """The database's size as a share of its cap, which the marks learn from (the WAL a pass
+        writes counts too)."""
+        share = self.db_bytes() / self.config.db_max_bytes
+        self.marks.seen(share)
+        return share
+
     def pressure(self) -> tuple[str, str] | None:
         """Why the database must shrink now ("db_cap" or "disk"), with the figures, or None."""
-        db = self.db_bytes()
-        if db > self.config.db_max_bytes * self.HIGH_DB:
-            return "db_cap", f"database {db} bytes > {self.HIGH_DB:.0%} of {self.config.db_max_bytes}"
+        if (share := self.share()) > self.marks.high:
+            return "db_cap", (f"database {share:.0%} of {self.config.db_max_bytes} bytes > high mark "
+                              f"{self.marks.high:.0%}")
         used_pct = disk_usage(self.db_dir)[3]
         if used_pct > self.config.disk_high_pct:
             return "disk", f"disk {used_pct} % used > {self.config.disk_high_pct} %"
@@ -7786,7 +7825,7 @@ class Retention(Loop):
         """Under the low mark, counting only the `live` bytes rows use: freed pages go back at the
         end of the pass, in one shrink, not one per chunk."""
         if cause == "db_cap":
-            return live <= self.config.db_max_bytes * self.LOW_DB
+            return live <= self.config.db_max_bytes * self.marks.low
         return disk_usage(self.db_dir)[3] <= self.config.disk_high_pct - self.LOW_DISK
 
     def own_share_can_relieve(self) -> bool:
@@ -7795,14 +7834,15 @@ class Retention(Loop):
         excess = used - (self.config.disk_high_pct - self.LOW_DISK) / 100 * (used + avail)
         return self.db_bytes() >= excess
 
-    def relieve(self, pass_id: str, tally: collections.Counter[tuple[str, str, str]]) -> None:
+    def relieve(self, pass_id: str, tally: collections.Counter[tuple[str, str, str]]) -> str | None:
         """Under pressure, delete tier after tier, a chunk at a time from whichever table holds the
         oldest row, until under the low mark. Disk pressure reaches unpushed traces, errors and log
         events only when the database is big enough for deleting them to bring the disk under the
-        low mark: a disk filled by something else is not helped by losing them."""
+        low mark: a disk filled by something else is not helped by losing them. Returns the cause
+        of the pressure, if there was some."""
         found = self.pressure()
         if not found:
-            return
+            return None
         cause, detail = found
         self.log.warning("over budget: deleting oldest rows", extra={"cause": cause, "detail": detail})
         live = self.events.call(live_bytes)
@@ -7813,15 +7853,17 @@ class Retention(Loop):
                 chunk = self.delete_chunk(Cut(tier.tables, tier.where, tier.reason, pass_id,
                                               limit=tier.chunk), tally)
                 live = chunk.live_bytes
+                self.share()
                 if chunk.table is None:
                     break
                 if cause == "disk":
                     self.give_back()           # the disk sees freed pages only once given back
             if self.relieved(cause, live):
-                return
+                return cause
         self.give_back()
         self.log.error("still over budget after deleting all it may", extra={
             "cause": cause, "detail": (self.pressure() or (cause, "now under"))[1]})
+        return cause
 
     def give_back(self) -> None:
         """Shrink the file, so the space freed is the filesystem's again. In steps of a WAL's worth:
@@ -7855,7 +7897,8 @@ class Retention(Loop):
                                       "WHERE unsynced_deleted > 0 GROUP BY table_name"))
         except sqlite3.Error:
             lost = None
-        return {"db_max_bytes": self.config.db_max_bytes, "disk_used_pct": used_pct,
+        return {"db_max_bytes": self.config.db_max_bytes, "db_high_mark": round(self.marks.high, 3),
+                "disk_used_pct": used_pct,
                 "disk_avail_bytes": avail, "disk_high_pct": self.config.disk_high_pct,
                 "unpushed_deleted_total": lost, "last_pass": self.last_pass}
 

@@ -2866,7 +2866,7 @@ def test_database_cap_deletes_in_order_and_reports_the_losses(
     node = run(push_env(receiver, TRACE_DB_MAX_BYTES=str(cap), TRACE_CLEANUP_INTERVAL="300ms",
                         TRACE_PUSH_RETRIES="1", TRACE_PUSH_BREAKER_THRESHOLD="1000"), db=db)  # no cool-down
     node.wait_log(lambda e: e.get("message") == "retention deleted rows that were never pushed")
-    assert db_bytes(db) <= cap * otrace.Retention.LOW_DB
+    assert db_bytes(db) <= cap * otrace.Marks.LOW
     assert not present(node, "llm_traces") & set(made["trace/1"])        # 1. pushed rows, all
     assert not present(node, "system_metrics")                            # 2. unpushed metrics, all
     kept = present(node, "llm_traces")                                    # 3. unpushed traces, oldest first
@@ -2894,12 +2894,30 @@ def test_a_database_past_its_high_mark_wakes_retention_before_its_interval(
     cap = 1 << 20
     node = run({"TRACE_DB_MAX_BYTES": str(cap), "TRACE_CLEANUP_INTERVAL": "1d"})
     sent = 0
-    while db_bytes(node.db_path) <= cap * otrace.Retention.HIGH_DB:
+    while db_bytes(node.db_path) <= cap * otrace.Marks.HIGH:
         assert sent < 5000, "the database never reached its high mark"
         assert node.post("/v1/traces", [trace(input_text="t" * 2000) for _ in range(20)]).status == 202
         sent += 20
     node.wait_log(lambda e: e.get("message") == "retention deleted rows that were never pushed", timeout=30)
     assert ledger(node)[("llm_traces", "pressure_unpushed")][0] > 0
+
+
+def test_the_marks_come_down_by_how_far_the_database_got_past_them_and_return() -> None:
+    marks = otrace.Marks()
+    assert (marks.high, marks.low) == (0.85, 0.75)
+    marks.seen(0.86)                              # a batch or two past the mark: nothing to learn
+    marks.passed(0.74)
+    assert marks.high == 0.85
+    marks.seen(0.99)                              # a flood got 14 points past it before the pass
+    marks.passed(0.70)
+    assert marks.high == pytest.approx(0.90 - 0.14) and marks.low == pytest.approx(marks.high - 0.10)
+    for _ in range(200):                          # the flood is over: passes meet the mark again
+        marks.seen(marks.high + 0.01)
+        marks.passed(marks.low)
+    assert marks.high == 0.85
+    marks.seen(2.0)                               # a stalled disk: never below the floor
+    marks.passed(0.5)
+    assert marks.high == otrace.Marks.FLOOR
 
 
 def test_a_wal_a_reader_made_grow_is_cut_back_when_it_restarts(tmp_path: Path) -> None:
