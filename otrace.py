@@ -462,8 +462,8 @@ class Config:
     retention: float = setting("3d", duration("1s", "3650d"), "Age (since arrival) after which pushed "
                                "rows are deleted.")
     db_max_bytes: int = setting("200MiB", size("64KiB", "16TiB"), "Most the database (file + WAL) may "
-                                "use: past 85 % of it the oldest rows are deleted, down to 75 % (see "
-                                "docs/operations.md).")
+                                "use: past 85 % of it (less after a flood) the oldest rows are deleted, "
+                                "down to 75 % (see docs/operations.md).")
     disk_reserve_bytes: int = setting("16MiB", size("64KiB", "4GiB", zero_is_off=True), "Space held in a "
                                       "file beside the database and given up on the first disk-full "
                                       "write, so what was accepted still commits; ingest then answers "
@@ -7693,11 +7693,10 @@ class Tier:
 class Marks:
     """The database's high and low marks, as shares of its cap: 85 % and 75 %, lowered together by as
     much as the database recently got past the high mark before a pass relieved it (a flood, a slow
-    disk, a reader holding the WAL), so that it peaks under PEAK all the same."""
+    disk, a reader holding the WAL), so that it peaks near 85 % all the same."""
 
     HIGH = 0.85              # room for the WAL and what arrives while a pass runs, ...
     LOW = 0.75               # ... and a pass deletes down to here
-    PEAK = 0.90
     FLOOR = 0.50             # the high mark never comes lower
     FORGET = 0.98            # a past overshoot weighs this much less at each pass
 
@@ -7707,7 +7706,7 @@ class Marks:
 
     @property
     def high(self) -> float:
-        return max(self.FLOOR, min(self.HIGH, self.PEAK - self.overshoot))
+        return max(self.FLOOR, self.HIGH - self.overshoot)
 
     @property
     def low(self) -> float:

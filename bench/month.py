@@ -4,14 +4,16 @@
 
 Month: the seed's rate is 100 LLM calls a minute plus a host sample every 15 s: 4,320,000 traces a
 month. Scaled down by --scale (traffic and the database cap alike: TRACE_DB_MAX_BYTES = 200 MiB /
-scale, and TRACE_WAL_MAX_BYTES, TRACE_PUSH_MAX_BYTES and TRACE_QUEUE_SIZE with it: what waits in the
-queue while a checkpoint's fsync holds the writer lands in the file at once), and compressed in time: --rate
-traces/s, with the retention, push and checkpoint intervals shrunk so that what arrives between two
-passes is the same share of the cap as 5 (and 10) minutes of the seed's traffic is of 200 MiB (at 1:30
-and 1,500/s: 11, 22 and 100 ms, the push interval's floor). The push interval matters to the WAL:
+scale, and TRACE_WAL_MAX_BYTES and TRACE_PUSH_MAX_BYTES with it; TRACE_QUEUE_SIZE is 64, the least
+that keeps the rate, since what waits in the queue while a checkpoint's fsync holds the writer lands
+in the file at once: 512 traces are 17 % of the cap, 64 are 2 %), and compressed in time:
+--rate traces/s, with the retention, push and checkpoint intervals shrunk so that what arrives between
+two passes is the same share of the cap as 5 (and 10) minutes of the seed's traffic is of 200 MiB (at
+1:30 and 1,500/s: 11, 22 and 100 ms, the push interval's floor). The push interval matters to the WAL:
 marking a cycle's rows synced rewrites their pages into it, so a cycle of 100 ms puts 5 % of the cap in
 the WAL at once, where a real 5-minute cycle puts half a percent. otrace pushes to a local receiver
-and samples the host every 100 ms. The file and WAL sizes are read every 20 ms; the ratio is the largest seen against the cap.
+and samples the host every 100 ms. The file and WAL sizes are read every 20 ms; the ratio is the
+largest seen against the cap.
 
 Cleanup: a 200 MiB database of pushed traces past TRACE_RETENTION; otrace's retention pass (chunks of
 1,000 rows between batches, incremental vacuum, TRUNCATE checkpoint) against one raw DELETE plus the
@@ -68,7 +70,7 @@ def month(work: Path, scale: int, rate: float) -> dict[str, float]:
     wait_listening(sink)
     proc, port = start_otrace(work, {
         "TRACE_DB_MAX_BYTES": str(cap), "TRACE_WAL_MAX_BYTES": str(cap // 4),
-        "TRACE_PUSH_MAX_BYTES": str(5 * 2**20 // scale), "TRACE_QUEUE_SIZE": str(512 // scale),
+        "TRACE_PUSH_MAX_BYTES": str(5 * 2**20 // scale), "TRACE_QUEUE_SIZE": "64",
         "TRACE_CLEANUP_INTERVAL": f"{cleanup}ms", "TRACE_CHECKPOINT_INTERVAL": f"{checkpoint}ms",
         "TRACE_PUSH_ENDPOINT": f"http://127.0.0.1:{sink}/ingest", "TRACE_PUSH_INTERVAL": f"{push}ms",
         "TRACE_METRICS_INTERVAL": "100ms"})
@@ -112,8 +114,8 @@ def month(work: Path, scale: int, rate: float) -> dict[str, float]:
         with sqlite3.connect(db) as conn:
             kept = conn.execute("SELECT count(*) FROM llm_traces").fetchone()[0]
             metrics = conn.execute("SELECT count(*) FROM system_metrics").fetchone()[0]
-        return {"scale": scale, "cap": cap, "cleanup_ms": cleanup, "checkpoint_ms": checkpoint, "push_ms": push,
-                "traces": traces, "seconds": took, "max_size": max(sizes),
+        return {"scale": scale, "cap": cap, "cleanup_ms": cleanup, "checkpoint_ms": checkpoint,
+                "push_ms": push, "traces": traces, "seconds": took, "max_size": max(sizes),
                 "max_file": max(files), "max_wal": max(s - f for s, f in zip(sizes, files, strict=True)),
                 "final_size": db_size(db), "kept": kept, "metric_rows": metrics,
                 "pushed": report["push"]["events_pushed"],
