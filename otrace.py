@@ -7650,7 +7650,6 @@ class Chunk(NamedTuple):
     live_bytes: int          # after it
 
 
-
 def oldest_table(conn: sqlite3.Connection, tables: Iterable[str], where: str, params: tuple = ()
                  ) -> str | None:
     """Which of `tables` holds the oldest row (by arrival) matching `where`; None if none does."""
@@ -7722,10 +7721,11 @@ class Marks:
 
 
 class Retention(Loop):
-    """Every TRACE_CLEANUP_INTERVAL (and at once when a write fails for lack of space): deletes
-    pushed rows older than TRACE_RETENTION; then, while the database is over TRACE_DB_MAX_BYTES or
-    the disk over TRACE_DISK_HIGH_PCT, deletes oldest first in TIERS order down to the low mark. Every
-    deletion runs in a chunk of its own between ingest batches, with its ledger row."""
+    """Every TRACE_CLEANUP_INTERVAL, and at once when a batch takes the database past its high mark or
+    a write fails for lack of space: while the database is over its high mark or the disk over
+    TRACE_DISK_HIGH_PCT, deletes oldest first in tier order down to the low mark; then, on the
+    interval, deletes pushed rows older than TRACE_RETENTION. Every deletion runs in a chunk of its own
+    between ingest batches, with its ledger row."""
 
     LOW_DISK = 5.0           # a pass deletes until the disk is 5 points under TRACE_DISK_HIGH_PCT
 
@@ -7795,8 +7795,9 @@ class Retention(Loop):
 
     def delete_chunk(self, cut: Cut, tally: collections.Counter[tuple[str, str, str]]) -> Chunk:
         chunk = self.events.call(cut)
-        tally[(chunk.table, cut.reason, "deleted")] += chunk.deleted
-        tally[(chunk.table, cut.reason, "unpushed")] += chunk.lost
+        if chunk.table is not None:
+            tally[(chunk.table, cut.reason, "deleted")] += chunk.deleted
+            tally[(chunk.table, cut.reason, "unpushed")] += chunk.lost
         return chunk
 
     def db_bytes(self) -> int:
@@ -7852,7 +7853,7 @@ class Retention(Loop):
                 chunk = self.delete_chunk(Cut(tier.tables, tier.where, tier.reason, pass_id,
                                               limit=tier.chunk), tally)
                 live = chunk.live_bytes
-                self.share()
+                self.share()                   # the marks learn from the WAL a chunk writes too
                 if chunk.table is None:
                     break
                 if cause == "disk":

@@ -62,7 +62,10 @@ def through_otrace(work: Path, source: Path, size: int, lines: int) -> dict[str,
     proc, port = start_otrace(work, {"TRACE_LOG_PATH": str(logs), "TRACE_METRICS_INTERVAL": "off",
                                      "TRACE_LOG_POLL": "10ms", "TRACE_QUIET_POLL": "10ms"})
     try:
+        deadline = time.monotonic() + 60
         while not health(port)["log_tail"]["waiting"]:   # a file there at the first look is read from its end
+            if time.monotonic() > deadline:
+                raise RuntimeError("otrace's tailer never looked for the log")
             time.sleep(0.01)
         before, started = Usage.of(proc.pid), time.perf_counter()
         os.link(source, logs / "openclaw-2026-11-24.log")        # all of it there at once
