@@ -7696,7 +7696,7 @@ class Marks:
 
     HIGH = 0.85              # room for the WAL and what arrives while a pass runs, ...
     LOW = 0.75               # ... and a pass deletes down to here
-    FLOOR = 0.50             # the high mark never comes lower
+    FLOOR = 0.70             # the high mark never comes lower: a burst larger than the cap is no lesson
     FORGET = 0.98            # a past overshoot weighs this much less at each pass
 
     def __init__(self) -> None:
