@@ -2427,9 +2427,9 @@ class Writer(threading.Thread):
     retries it with backoff while /health says degraded; a row whose own data cannot be written is
     logged whole and dropped without taking its batch-mates with it."""
 
-    STUCK_AFTER = 15.0           # seconds without a loop iteration before /health calls it stuck
+    STUCK_AFTER = 15.0           # seconds busy without a loop iteration before /health calls it stuck
     LOOK_EVERY = 1.0             # seconds between checks that the file is still the one at the path ...
-    IDLE_WAKE = 5.0              # ... while writing; idle, rows go nowhere, so the writer wakes less often
+    IDLE_WAKE = 15.0             # ... while writing; idle, as often as host samples come (a wake costs CPU)
 
     def __init__(self, config: Config, db: Database, events: EventQueue, counters: Counters,
                  lock: DatabaseLock | None = None) -> None:
@@ -2441,6 +2441,8 @@ class Writer(threading.Thread):
         self.fault = FaultLog(self.log, "database write")
         self.backoff = Backoff(0.05, 5.0)
         self.heartbeat = time.monotonic()
+        self.resting = False                     # waiting for work with none to do: not stuck
+        self.unlooked = False                    # a batch committed since the last look at the file
         self.look_at = 0.0
         self.conn: sqlite3.Connection | None = None
         self.conn_path = config.db_path          # the carry file while the path cannot be opened
@@ -2458,7 +2460,7 @@ class Writer(threading.Thread):
 
     @property
     def stuck(self) -> bool:
-        return time.monotonic() - self.heartbeat > self.STUCK_AFTER + self.window
+        return not self.resting and time.monotonic() - self.heartbeat > self.STUCK_AFTER + self.window
 
     def connect(self, path: str) -> sqlite3.Connection:
         conn = connect(path)
@@ -2485,7 +2487,10 @@ class Writer(threading.Thread):
                 if self.pending:
                     work = self.events.next_job(retry_at - time.monotonic()) or []
                 else:
-                    work = self.events.next_work(self.batch_size, self.window, idle=self.IDLE_WAKE)
+                    self.resting = True         # what a batch wrote is looked after within LOOK_EVERY
+                    idle = self.LOOK_EVERY if self.unlooked or self.db.replaced_pending else self.IDLE_WAKE
+                    work = self.events.next_work(self.batch_size, self.window, idle=idle)
+                    self.resting, self.heartbeat = False, time.monotonic()
                 if isinstance(work, Job):
                     if work.run is None:             # the last job: readers are gone, move if due
                         self.look_at = 0.0
@@ -2508,6 +2513,7 @@ class Writer(threading.Thread):
                 self.backoff.reset()
                 self.events.committed()
                 self.on_committed()
+                self.unlooked = True
         finally:
             self.conn.close()
 
@@ -2610,7 +2616,7 @@ class Writer(threading.Thread):
         one as soon as no reader holds the old one (until then, the old inode keeps every row)."""
         if time.monotonic() < self.look_at:
             return
-        self.look_at = time.monotonic() + self.LOOK_EVERY
+        self.look_at, self.unlooked = time.monotonic() + self.LOOK_EVERY, False
         if not self.db.moved():
             return
         if not self.db.replaced_pending:
@@ -4371,12 +4377,21 @@ STATE_SQL = ("INSERT INTO otrace_state (key, value, updated_at) VALUES (?, ?, ?)
 
 
 def read_text(path: Path) -> str | None:
-    """A small kernel file's text, or None if it is missing or unreadable."""
+    """A small kernel file's text, or None if it is missing or unreadable. Read with bare os calls: a
+    text file object costs five times as much, and a host sample reads some twenty files."""
     try:
-        with open(path, encoding="ascii", errors="replace") as f:
-            return f.read()
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return None
+    chunks = []
+    try:
+        while chunk := os.read(fd, 1 << 16):
+            chunks.append(chunk)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return b"".join(chunks).decode("ascii", "replace")
 
 
 def read_int(path: Path) -> int | None:
@@ -5221,10 +5236,15 @@ class NetReader:
     def snapshot(self) -> NetSnapshot:
         net = self.procfs / "net"
         snap = NetSnapshot(read_uptime(self.procfs), None, net_dev(net))
-        time_wait = read_keyed_row(read_text(net / "sockstat"), "TCP").get("tw")
+        tcp4 = read_keyed_row(read_text(net / "sockstat"), "TCP")
+        time_wait = tcp4.get("tw")
         if self.netlink:
+            # a family with no socket in use has none to count, and its dump walks the kernel's whole table
+            in_use = {socket.AF_INET: tcp4.get("inuse"),
+                      socket.AF_INET6: read_keyed_row(read_text(net / "sockstat6"), "TCP6").get("inuse")}
+            families = [f for f, n in in_use.items() if n != 0 or time_wait is None]
             try:
-                snap.tcp = tcp_states_netlink(with_time_wait=time_wait is None)
+                snap.tcp = tcp_states_netlink(families, with_time_wait=time_wait is None)
             except OSError as exc:
                 self.netlink = False
                 self.log.info("sock_diag netlink unavailable: TCP states come from /proc/net/tcp",
@@ -5258,12 +5278,13 @@ def tcp_states(net: Path) -> dict[str, int] | None:
     return {state: counts[code] for code, state in TCP_STATES.items()} if found else None
 
 
-def tcp_states_netlink(with_time_wait: bool = False) -> dict[str, int]:
+def tcp_states_netlink(families: Iterable[int] = (socket.AF_INET, socket.AF_INET6),
+                       with_time_wait: bool = False) -> dict[str, int]:
     """Connections by state in this process's network namespace, over sock_diag netlink, one dump
     per family; TIME_WAIT only when asked (sockstat counts it for nothing). OSError where netlink
     cannot be had (a sandbox)."""
     counts: collections.Counter[int] = collections.Counter()
-    for family in (socket.AF_INET, socket.AF_INET6):
+    for family in families:
         counts.update(diag_dump(family, OTHER_STATES | (TIME_WAIT_BIT if with_time_wait else 0)))
     return {name: counts[int(code, 16)] for code, name in TCP_STATES.items()}
 

@@ -1,14 +1,18 @@
 """Idle footprint with every feature on: otrace's RSS and CPU beside a bare stdlib server's.
 
-    python bench/idle.py [--idle 60] [--only all|push|log]
+    python bench/idle.py [--idle 300] [--only all|push|log]
 
 otrace is started as `make run` starts it (compiled, as a module) with everything a deployment beside
-the gateway turns on: the gateway log (a directory holding a captured OpenClaw log, read to its end
-first), OpenClaw's session store (a captured state directory), the OTLP port, host metrics, the
-process table and DNS probes at their defaults, and push configured (otrace's JSON to a local sink
-that answers 200, every 20 s so a cycle falls inside the window). The baseline is a stdlib
-ThreadingHTTPServer that serves nothing, started in the same run from the stdlib alone.
-Both settle for 5 s; then RSS is read at the end of --idle seconds and CPU over them.
+the gateway turns on, each at its default: the gateway log (a directory holding a captured OpenClaw
+log, read to its end first), OpenClaw's session store (a captured state directory), the OTLP port,
+host metrics, the process table, DNS probes, and push configured (otrace's JSON to a local sink that
+answers 200). The baseline is a stdlib ThreadingHTTPServer that serves nothing, started in the same
+run from the stdlib alone; a second one, the floor, also imports what otrace cannot do without: sqlite3
+and the design card's urllib3 (which brings ssl) and python-json-logger, to show how much of the
+difference is otrace's own.
+All settle for 10 s; then RSS is read at the end of --idle seconds and CPU over them. The default
+window is the push interval's default, 5 min, so the idle CPU is a steady state's: every loop runs in
+it at its own pace (push at 5 s and 5 min 5 s, retention at 5 min, metrics 20 times, and so on).
 
 Further rows, each against the same bare server: everything but the process table and DNS probes
 (the seed's v2 samplers), push configured and nothing else (to see what the push client's imports
@@ -34,12 +38,13 @@ QUIET = {"TRACE_METRICS_INTERVAL": "off", "TRACE_PROC_INTERVAL": "off", "TRACE_D
 
 BARE = ("import sys; from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer; "
         "ThreadingHTTPServer(('127.0.0.1', int(sys.argv[1])), BaseHTTPRequestHandler).serve_forever()")
+FLOOR = "import sqlite3, urllib3, pythonjsonlogger.json; " + BARE
 
 
-def start_bare() -> subprocess.Popen:
+def start_bare(code: str = BARE) -> subprocess.Popen:
     """The stdlib server and nothing else: no bench module imported, so nothing compiled at start."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-c", BARE, str(port)])
+    proc = subprocess.Popen([sys.executable, "-c", code, str(port)])
     wait_listening(port)
     return proc
 
@@ -59,7 +64,7 @@ def setups(work: Path, sink_port: int) -> dict[str, dict[str, str]]:
     logs.mkdir()
     shutil.copy(FIXTURES / "gateway-2026.9.6-debug.log", logs / "openclaw-2026-11-30.log")
     shutil.copytree(FIXTURES / "state-2026.9.6", state)
-    push = {"TRACE_PUSH_ENDPOINT": f"http://127.0.0.1:{sink_port}/ingest", "TRACE_PUSH_INTERVAL": "20s"}
+    push = {"TRACE_PUSH_ENDPOINT": f"http://127.0.0.1:{sink_port}/ingest"}
     everything = {"TRACE_LOG_PATH": str(logs), "TRACE_OPENCLAW_STATE_DIR": str(state),
                   "TRACE_OTLP_PORT": str(free_port()), **push}
     return {"all": everything,
@@ -74,13 +79,13 @@ def measure(names: list[str], seconds: float) -> dict[str, dict[str, float]]:
     with tempfile.TemporaryDirectory(prefix="otrace-idle-") as tmp:
         work = Path(tmp)
         receiver, port = sink()
-        procs: dict[str, subprocess.Popen] = {"bare": start_bare()}
+        procs: dict[str, subprocess.Popen] = {"bare": start_bare(), "floor": start_bare(FLOOR)}
         try:
             for name, env in setups(work, port).items():
                 if name in names:
                     (work / name).mkdir()
                     procs[name] = start_otrace(work / name, env)[0]
-            return side_by_side(procs, 5.0, seconds)        # startup and the first reads settle first
+            return side_by_side(procs, 10.0, seconds)       # startup and the first reads settle first
         finally:
             stop_all(procs.values())
             stop(receiver)
@@ -95,14 +100,17 @@ LABELS = {"all": "everything on: log, session store, OTLP port, metrics, process
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--idle", type=float, default=60)
+    parser.add_argument("--idle", type=float, default=300)
     parser.add_argument("--only", choices=sorted(LABELS))
     args = parser.parse_args()
     names = [args.only] if args.only else list(LABELS)
     got = measure(names, args.idle)
-    bare = got["bare"]
+    bare, floor = got["bare"], got["floor"]
     rows = [["bare ThreadingHTTPServer (baseline)", f"{bare['rss_mib']:.1f}", "1.00",
-             f"{bare['cpu_pct']:.3f}"]]
+             f"{bare['cpu_pct']:.3f}"],
+            ["the floor: that server importing sqlite3, urllib3, python-json-logger",
+             f"{floor['rss_mib']:.1f}", f"{floor['rss_mib'] / bare['rss_mib']:.2f}",
+             f"{floor['cpu_pct']:.3f}"]]
     rows += [[f"otrace, {LABELS[name]}", f"{got[name]['rss_mib']:.1f}",
               f"**{got[name]['rss_mib'] / bare['rss_mib']:.2f}**", f"{got[name]['cpu_pct']:.3f}"]
              for name in names]

@@ -37,7 +37,7 @@ RUNS: dict[str, tuple[list[str], list[str]]] = {    # name: (full budget, --quic
     "otlp": (["--seconds", "2", "--drain", "60"], ["--seconds", "1", "--drain", "10"]),
     "system": ([], ["--processes", "200", "--samples", "10", "--idle", "3", "--seconds", "1"]),
     "otlp_push": ([], ["--traces", "100", "--spans", "5000", "--late", "5"]),
-    "idle": (["--idle", "60"], ["--idle", "3"]),
+    "idle": (["--idle", "300"], ["--idle", "3"]),
 }
 
 
@@ -199,6 +199,11 @@ def summary() -> list[list[str]]:
 def idle_rows(idle: dict[str, Any]) -> list[list[str]]:
     """The idle sidecar as deployed beside the gateway, against a bare stdlib server in the same run."""
     bare, seconds, rows = idle["bare"], idle["idle_s"], []
+    if "floor" in idle:
+        floor = idle["floor"]["rss_mib"]
+        rows.append([f"idle RSS of the floor: that server importing otrace's libraries ({seconds:.0f} s)",
+                     f"{floor:.1f} MiB", f"{bare['rss_mib']:.1f} MiB bare stdlib server",
+                     f"{floor / bare['rss_mib']:.2f}", "", ""])
     for name, what in (("all", "everything on (log, store, OTLP, metrics, processes, DNS, push)"),
                        ("core", "everything on but the process table and DNS probes"),
                        ("push", "push configured, nothing else"), ("none", "every optional feature off")):
