@@ -591,7 +591,8 @@ def setup_logging(level: str) -> None:
 
 # ================================================================================================= kit
 # Small pieces every section uses: one way to log a failure that repeats, to back off, to run a timer
-# loop, to run a transaction, to tell an environment fault from a bad row, and to write JSON.
+# loop, to tell that a reader's files have not changed, to run a transaction, to tell an environment
+# fault from a bad row, and to write JSON.
 
 # SQLite result codes that mean "the environment, not this row": a write is retried as it is, and a
 # start that meets one waits for it to clear.
@@ -602,6 +603,7 @@ ENVIRONMENT_CODES = frozenset({
 ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EIO, errno.EDQUOT})
 _ids = random.Random()           # seeded from os.urandom once
 _UUID7_RANDOM = 0xFFF << 64 | (1 << 62) - 1        # rand_a (12 bits) and rand_b (62 bits)
+STAMP_MARGIN_NS = 3_000_000_000  # stamps are trusted only when older than their look by this (see Stamps)
 
 
 def sqlite_code(exc: BaseException) -> str | None:
@@ -821,6 +823,50 @@ class Loop(threading.Thread):
 
     def tick(self) -> None:
         raise NotImplementedError
+
+
+Stamp = tuple[int, int, int, int, int]   # device, inode, size, modification and change times (ns)
+
+
+class Stamps:
+    """What a reader's files looked like when a look that found nothing began: while every one of them
+    stays the same, a look would find nothing again, and a few stat calls stand in for it. A file is
+    named by its path, or by a descriptor when what is read is the open file."""
+
+    def __init__(self, margin_ns: int = STAMP_MARGIN_NS) -> None:
+        self.margin_ns = margin_ns
+        self.kept: tuple[tuple[str | int, ...], list[Stamp | None]] | None = None
+        self.taken: tuple[tuple[str | int, ...], list[Stamp | None]] | None = None
+
+    def unchanged(self, watched: tuple[str | int, ...]) -> bool:
+        """True when `watched` are the files kept and none changed since; else False, and the stamps
+        just taken wait for `keep`. Nothing watched is never unchanged."""
+        if not watched:
+            self.kept = self.taken = None
+            return False
+        now = time.time_ns()
+        taken = watched, [stamp(file) for file in watched]
+        if taken == self.kept:
+            return True
+        # a write in the timestamp step of its stat can leave every stamp as it was (1 s on some
+        # filesystems, 2 s on FAT): only stamps older than the look by more than that can tell it
+        old = now - self.margin_ns
+        self.kept = None
+        self.taken = taken if all(s is None or (s[3] < old and s[4] < old) for s in taken[1]) else None
+        return False
+
+    def keep(self) -> None:
+        """The look after `unchanged` found nothing: what it saw holds until a stamp changes."""
+        self.kept, self.taken = self.taken, None
+
+
+def stamp(file: str | int) -> Stamp | None:
+    """A file's stamp; None when it is not there (or cannot be looked at)."""
+    try:
+        st = os.stat(file)  # noqa: PTH116 - a path or a descriptor, and no Path object per look
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 # =============================================================================================== model
@@ -5878,22 +5924,29 @@ class LogTailer(Loop):
                 "SELECT dev, inode, fingerprint, position FROM log_offsets ORDER BY updated_at"):
             self.known.setdefault((dev, inode), []).append((mark, position))
         self.current: Followed | None = None
+        self.chosen_by: tuple[str, ...] = ()   # what the last choice of the file to follow read
         self.backlog = self.unfinished()  # files read before, with lines left: finish them first
         self.started = False
         self.waiting = False
         self.most = max(1, min(256, config.queue_size // 2))   # lines per unit: two units fit the queue
         self.totals = Counters(("lines", "events", "skipped", "not_json", "cut", "bytes_read",
                                 "failed_attempts"))
+        self.stamps = Stamps()
 
     # -- which file
     def target(self) -> str | None:
         """The file to follow now: TRACE_LOG_PATH, or the newest dated log in that directory; None
-        while there is none."""
+        while there is none. What the choice read goes to `chosen_by`: the file, or the directory and
+        the dated logs of the newest one's day (a write to another of them can make it the newest)."""
         path = Path(self.config.log_path)
         if not path.is_dir():
+            self.chosen_by = (str(path),)
             return str(path) if path.exists() else None
         dated = [p for p in path.iterdir() if LOG_NAME.fullmatch(p.name)]
-        return str(max(dated, key=lambda p: (p.name[-14:], p.stat().st_mtime))) if dated else None
+        newest = max(dated, key=lambda p: (p.name[-14:], p.stat().st_mtime), default=None)
+        day = newest.name[-14:] if newest else None
+        self.chosen_by = (str(path), *sorted(str(p) for p in dated if p.name[-14:] == day))
+        return str(newest) if newest else None
 
     def unfinished(self) -> list[str]:
         """Files in the log's directory otrace has read part of, with bytes left (rotated while
@@ -5940,6 +5993,24 @@ class LogTailer(Loop):
 
     # -- reading
     def tick(self) -> None:
+        """A look, or only a few stat calls while nothing it reads changed since a look that found
+        nothing."""
+        watched = self.watched()
+        if self.stamps.unchanged(watched):
+            return
+        self.look()
+        if not self.news and self.watched() == watched:
+            self.stamps.keep()
+
+    def watched(self) -> tuple[str | int, ...]:
+        """What a look reads while it simply follows the file to follow: the open file, and what the
+        choice of it read; nothing while it waits for a file, finishes one, or is behind."""
+        followed = self.current
+        if followed is None or followed.replaced_at is not None or self.backlog or self.behind:
+            return ()
+        return followed.fd, *self.chosen_by
+
+    def look(self) -> None:
         if self.current is None and not self.open_next():
             return
         followed = self.current
@@ -6306,6 +6377,7 @@ class AgentDatabase:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.files = (str(path), f"{path}-wal")   # what a look reads: the gateway's rows wait in the WAL
         self.conn: sqlite3.Connection | None = None
         self.identity: tuple[int, int] | None = None
         self.version: int | None = None          # data_version once every session was caught up
@@ -6400,6 +6472,8 @@ class SessionStore(Loop):
         self.zstd_error: Any = None
         self.totals = Counters(("entries", "calls", "failures", "undecodable", "bytes_read"))
         self.errors: dict[str, str] = {}       # agent -> why it could not be read at the last look
+        self.looked_at: tuple[str, ...] = ()   # the directories and files the last whole look read
+        self.stamps = Stamps()
 
     # -- where
     def agents(self) -> list[str] | None:
@@ -6419,14 +6493,31 @@ class SessionStore(Loop):
         return found
 
     def tick(self) -> None:
+        """A look, or only a few stat calls while nothing it reads changed since a look that found
+        nothing."""
+        watched = self.watched()
+        if self.stamps.unchanged(watched):
+            return
+        self.look()
+        if not self.news and self.watched() == watched:
+            self.stamps.keep()
+
+    def watched(self) -> tuple[str, ...]:
+        """What a look reads, as the last whole look found it: the agents directory, and each agent's
+        database, WAL, sessions directory and session files; nothing while behind."""
+        return () if self.behind else self.looked_at
+
+    def look(self) -> None:
         agents = self.agents()
         if agents is None:
+            self.looked_at = ()
             return
         self.errors = {}
+        looked_at = [str(self.root / "agents")]
         for agent in agents:
             try:
                 self.read_database(agent)
-                self.read_files(agent)
+                looked_at += self.read_files(agent)
             except Behind:
                 self.behind = True
                 return
@@ -6434,9 +6525,11 @@ class SessionStore(Loop):
                 self.errors[agent] = describe(exc)
                 if agent in self.databases and isinstance(exc, sqlite3.Error):
                     self.databases[agent].close()        # opened afresh at the next look
+            looked_at += self.databases[agent].files
         self.behind = False
         if self.errors:
             raise RuntimeError("; ".join(f"agent {a}: {e}" for a, e in self.errors.items()))
+        self.looked_at = tuple(looked_at)
 
     def said(self, what: str, path: Path) -> None:
         if what not in self.followed:
@@ -6537,17 +6630,19 @@ class SessionStore(Loop):
         self.totals.add("failures", sum(row.table == ERRORS.name for row in rows))
 
     # -- 2026.7.x and earlier: sessions/<session>.jsonl
-    def read_files(self, agent: str) -> None:
+    def read_files(self, agent: str) -> list[str]:
+        """Read the agent's session files; the directory and files that were read."""
         folder = self.root / "agents" / agent / "sessions"
         try:
             names = sorted(e.name for e in os.scandir(folder) if e.name.endswith(".jsonl") and not (
                 e.name.endswith(".trajectory.jsonl") or CHECKPOINT_FILE.fullmatch(e.name)))
         except FileNotFoundError:
-            return
+            return [str(folder)]
         if names:
             self.said(f"agent session files:{agent}", folder)
         for name in names:
             self.read_file(agent, folder / name)
+        return [str(folder), *(str(folder / name) for name in names)]
 
     def read_file(self, agent: str, path: Path) -> None:
         """The lines appended to one session file since the last commit (a partial last line waits

@@ -430,6 +430,54 @@ def test_fault_log_says_a_repeating_failure_once() -> None:
     assert records[-1].failed_attempts == 6
 
 
+def test_stamps_see_every_change_and_trust_only_stamps_older_than_their_look(tmp_path: Path) -> None:
+    """A look that found nothing holds while every watched file stays as it was; an append, a missing
+    file that appears, a change of metadata or of what is watched each mean a whole look again. Stamps
+    as young as their look are not trusted: a same-size rewrite in the same timestamp step would leave
+    them as they were."""
+    log, later = tmp_path / "a.log", tmp_path / "b.log"
+    log.write_bytes(b"one\n")
+    watched = (str(tmp_path), str(log), str(later))
+    stamps = otrace.Stamps(margin_ns=0)                # files written just now are trusted here
+
+    def look(files: tuple[str | int, ...] = watched) -> bool:
+        """A quiet reader's turn: True for the stat calls alone, False for a whole look (finding nothing)."""
+        if stamps.unchanged(files):
+            return True
+        stamps.keep()
+        return False
+
+    assert [look(), look(), look()] == [False, True, True]
+    append(log, b"two\n")
+    assert [look(), look()] == [False, True]
+    later.write_bytes(b"")                              # a missing file appears
+    assert [look(), look()] == [False, True]
+    with open(log, "rb") as f:                          # a descriptor: the open file
+        assert [look((f.fileno(),)), look((f.fileno(),))] == [False, True]
+        append(log, b"three\n")
+        assert look((f.fileno(),)) is False
+    log.chmod(0o400)                                    # metadata only: the change time moves
+    assert [look(), look()] == [False, True]
+    append(log, b"five\n")
+    assert not stamps.unchanged(watched)                # a look that finds it keeps nothing:
+    assert not stamps.unchanged(watched)                # the next one is whole too
+    assert [look(()), look(())] == [False, False]       # nothing watched: always a whole look
+
+    young = otrace.Stamps()
+    log.write_bytes(b"four\n")                         # a same-size rewrite, just now
+    assert not young.unchanged(watched)
+    young.keep()
+    assert not young.unchanged(watched)                 # unchanged, but too young to tell: a whole look
+    written = log.stat().st_mtime_ns
+    os.utime(log, ns=(written - 10**10, written - 10**10))
+    young.keep()
+    assert not young.unchanged(watched)                 # an old mtime, but the change time is now
+    library = (os.__file__,)                            # written long before this test
+    assert not young.unchanged(library)
+    young.keep()
+    assert young.unchanged(library)
+
+
 def test_cut_utf8_never_splits_a_character() -> None:
     for limit in range(12):
         text, size, cut = otrace.cut_utf8("añ日🙂b", limit)
@@ -2114,6 +2162,69 @@ def test_a_quiet_log_is_looked_at_less_and_less_often_until_a_line_comes(tmp_pat
     assert [look() for _ in range(6)] == [0.2, 0.4, 0.8, 1.0, 1.0, 1.0]
     append(log, gateway_lines()[1])
     assert look() == 0.1 and tailer.totals.snapshot()["lines"] == 2
+
+
+@functools.cache
+def listings() -> list[int]:
+    """The threads that list a directory from now on, once per listing: os.listdir and os.scandir
+    raise audit events, and an audit hook cannot be taken back, so one serves every test."""
+    listed: list[int] = []
+    sys.addaudithook(lambda event, _: listed.append(threading.get_ident()) if event in (
+        "os.listdir", "os.scandir") else None)
+    return listed
+
+
+def quick_look(reader: otrace.Loop) -> bool:
+    """One turn of a quiet reader's loop (Loop.run): True when it took the stat calls alone, without a
+    look (which finds something, or lists a directory to find that there is nothing)."""
+    listed, me = listings(), threading.get_ident()
+    before = listed.count(me)
+    reader.news = False
+    reader.tick()
+    return not reader.news and listed.count(me) == before
+
+
+@needs_gateway_log
+def test_a_quiet_log_takes_a_few_stat_calls_until_a_file_it_reads_changes(tmp_path: Path) -> None:
+    """After a look that found nothing, a look at the same files lists no directory and reads nothing;
+    a line, the next day's file, a rename rotation and a write to another log of that day (the newest
+    of a day is followed) are each what the next look sees."""
+    logs = tmp_path / "openclaw"
+    logs.mkdir()
+    lines = gateway_lines()
+    today = logs / "openclaw-2026-11-24.log"
+    today.write_bytes(lines[0])
+    config = otrace.Config(db_path=str(tmp_path / "o.db"), log_path=str(logs), log_start="beginning")
+    otrace.open_database(config.db_path)
+    tailer = otrace.LogTailer(config, otrace.EventQueue(512, 50), otrace.Database(config.db_path))
+    tailer.stamps = otrace.Stamps(margin_ns=0)           # files written just now are trusted here
+
+    def read() -> int:
+        return tailer.totals.snapshot()["lines"]
+
+    def until_quiet() -> list[bool]:
+        """Turns until one takes the stat calls alone (a rotation takes a few: see LogTailer.tick)."""
+        turns = [quick_look(tailer)]
+        while not turns[-1] and len(turns) < 6:
+            turns.append(quick_look(tailer))
+        return turns
+
+    assert until_quiet() == [False, False, True] and read() == 1     # read, then found nothing
+    assert [quick_look(tailer), quick_look(tailer)] == [True, True] and read() == 1
+    append(today, lines[1])
+    assert until_quiet() == [False, False, True] and read() == 2
+    tomorrow = logs / "openclaw-2026-11-25.log"
+    tomorrow.write_bytes(lines[2])
+    assert not until_quiet()[0] and read() == 3 and tailer.health()["file"] == str(tomorrow)
+    tomorrow.rename(logs / "openclaw-2026-11-25.1.log")               # size rotation
+    tomorrow.write_bytes(lines[3])
+    assert not until_quiet()[0] and read() == 4 and tailer.health()["file"] == str(tomorrow)
+    other = logs / "openclaw-ops-2026-11-25.log"                       # another profile's log, older
+    other.write_bytes(lines[4])
+    os.utime(other, ns=(tomorrow.stat().st_mtime_ns - 10**9,) * 2)
+    assert until_quiet()[-1] and tailer.health()["file"] == str(tomorrow) and read() == 4
+    append(other, lines[5])                                            # now the newest of the day
+    assert not until_quiet()[0] and read() == 6 and tailer.health()["file"] == str(other)
 
 
 @needs_gateway_log
@@ -4777,6 +4888,84 @@ def test_a_store_deleted_then_replaced_by_a_fresh_one_is_read_without_repeats(
     polls = node.health()["openclaw_sessions"]["polls"]
     wait_until(lambda: node.health()["openclaw_sessions"]["polls"] > polls + 10, what="10 polls")
     assert len(session_traces(node)) == 7 and not node.logs("sessions failing")
+
+
+@needs_stores
+def test_a_quiet_store_takes_a_few_stat_calls_until_a_file_it_reads_changes(tmp_path: Path) -> None:
+    """After a look that found nothing, a look at the same files lists no directory; a call committed
+    into the WAL of a connection held open like the gateway's, and a new agent, are each what the
+    next look sees."""
+    state = state_copy(tmp_path)
+    db = agent_db(state)
+    template = assistant_template(db)
+    config = otrace.Config(db_path=str(tmp_path / "o.db"))
+    otrace.open_database(config.db_path)
+    store = otrace.SessionStore(config, otrace.EventQueue(4096, 50), otrace.Database(config.db_path), state)
+    store.stamps = otrace.Stamps(margin_ns=0)            # files written just now are trusted here
+
+    def calls() -> int:
+        return store.totals.snapshot()["calls"]
+
+    assert [quick_look(store), quick_look(store), quick_look(store), quick_look(store)] == [
+        False, False, True, True] and calls() == 6
+    gateway = gateway_connection(db)
+    append_entry(gateway, "s1", a_call(template, 1000, 0.003))
+    assert [quick_look(store), quick_look(store), quick_look(store)] == [False, False, True]
+    assert calls() == 7
+    shutil.copytree(agent_db(state).parent, state / "agents" / "ops" / "agent")
+    assert [quick_look(store), quick_look(store), quick_look(store)] == [False, False, True]
+    assert calls() == 14 and store.health()["agents"] == ["main", "ops"]
+    gateway.close()
+
+
+@contextlib.contextmanager
+def whole_seconds_filesystem(path: Path) -> Iterator[Path]:
+    """A small ext4 whose 128-byte inodes keep whole seconds only, on a loop device, unmounted
+    afterwards: a write in the second of a stat can leave every stamp as it was."""
+    image = path.with_suffix(".img")
+    with open(image, "wb") as f:
+        f.truncate(16 << 20)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-I", "128", str(image)], check=True, capture_output=True)
+    path.mkdir()
+    subprocess.run(["mount", "-o", "loop", str(image), str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+@needs_root
+@needs_stores
+@pytest.mark.skipif(not shutil.which("mkfs.ext4"), reason="needs mkfs.ext4")
+def test_a_same_size_wal_rewrite_in_the_second_of_a_look_is_read(tmp_path: Path) -> None:
+    """The gateway's first commit after a checkpoint writes its WAL again from the start: same size.
+    In the second of otrace's look on whole-second timestamps, it leaves every stamp as the look saw
+    it; stamps that young are not trusted, so the next look reads the call."""
+    with whole_seconds_filesystem(tmp_path / "fs") as fs:
+        state = state_copy(fs)
+        db = agent_db(state)
+        template = assistant_template(db)
+        config = otrace.Config(db_path=str(tmp_path / "o.db"))
+        otrace.open_database(config.db_path)
+        store = otrace.SessionStore(config, otrace.EventQueue(4096, 50), otrace.Database(config.db_path),
+                                    state)
+        gateway = gateway_connection(db)
+        for _ in range(10):                    # until the commit lands in the second of the WAL's last write
+            for n in range(20):
+                append_entry(gateway, "s1", a_call(template, n, 0.001))
+            gateway.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            quick_look(store)
+            assert not quick_look(store)       # found nothing, its stamps too young to keep
+            seen, calls = [otrace.stamp(file) for file in store.watched()], store.totals.snapshot()["calls"]
+            append_entry(gateway, "s1", a_call(template, 1, 0.001))
+            if [otrace.stamp(file) for file in store.watched()] == seen:
+                break
+            quick_look(store)
+        else:
+            pytest.fail("no commit landed in the second of the WAL's last write")
+        quick_look(store)
+        assert store.totals.snapshot()["calls"] == calls + 1
+        gateway.close()
 
 
 @needs_stores
