@@ -2473,9 +2473,9 @@ class Writer(threading.Thread):
     retries it with backoff while /health says degraded; a row whose own data cannot be written is
     logged whole and dropped without taking its batch-mates with it."""
 
-    STUCK_AFTER = 15.0           # seconds busy without a loop iteration before /health calls it stuck
+    STUCK_AFTER = 15.0           # seconds without a loop iteration before /health calls it stuck
     LOOK_EVERY = 1.0             # seconds between checks that the file is still the one at the path ...
-    IDLE_WAKE = 15.0             # ... while writing; idle, as often as host samples come (a wake costs CPU)
+    IDLE_WAKE = 5.0              # ... while writing; idle, rows go nowhere, so the writer wakes less often
 
     def __init__(self, config: Config, db: Database, events: EventQueue, counters: Counters,
                  lock: DatabaseLock | None = None) -> None:
@@ -2487,8 +2487,6 @@ class Writer(threading.Thread):
         self.fault = FaultLog(self.log, "database write")
         self.backoff = Backoff(0.05, 5.0)
         self.heartbeat = time.monotonic()
-        self.resting = False                     # waiting for work with none to do: not stuck
-        self.unlooked = False                    # a batch committed since the last look at the file
         self.look_at = 0.0
         self.conn: sqlite3.Connection | None = None
         self.conn_path = config.db_path          # the carry file while the path cannot be opened
@@ -2506,7 +2504,7 @@ class Writer(threading.Thread):
 
     @property
     def stuck(self) -> bool:
-        return not self.resting and time.monotonic() - self.heartbeat > self.STUCK_AFTER + self.window
+        return time.monotonic() - self.heartbeat > self.STUCK_AFTER + self.window
 
     def connect(self, path: str) -> sqlite3.Connection:
         conn = connect(path)
@@ -2533,10 +2531,7 @@ class Writer(threading.Thread):
                 if self.pending:
                     work = self.events.next_job(retry_at - time.monotonic()) or []
                 else:
-                    self.resting = True         # what a batch wrote is looked after within LOOK_EVERY
-                    idle = self.LOOK_EVERY if self.unlooked or self.db.replaced_pending else self.IDLE_WAKE
-                    work = self.events.next_work(self.batch_size, self.window, idle=idle)
-                    self.resting, self.heartbeat = False, time.monotonic()
+                    work = self.events.next_work(self.batch_size, self.window, idle=self.IDLE_WAKE)
                 if isinstance(work, Job):
                     if work.run is None:             # the last job: readers are gone, move if due
                         self.look_at = 0.0
@@ -2559,7 +2554,6 @@ class Writer(threading.Thread):
                 self.backoff.reset()
                 self.events.committed()
                 self.on_committed()
-                self.unlooked = True
         finally:
             self.conn.close()
 
@@ -2662,7 +2656,7 @@ class Writer(threading.Thread):
         one as soon as no reader holds the old one (until then, the old inode keeps every row)."""
         if time.monotonic() < self.look_at:
             return
-        self.look_at, self.unlooked = time.monotonic() + self.LOOK_EVERY, False
+        self.look_at = time.monotonic() + self.LOOK_EVERY
         if not self.db.moved():
             return
         if not self.db.replaced_pending:

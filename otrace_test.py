@@ -822,8 +822,7 @@ def test_after_an_rm_of_its_files_otrace_takes_its_lock_again_or_stands_down(
     first.wait_persisted(1)
     for suffix in ("", "-wal", "-shm", ".lock"):
         Path(str(first.db_path) + suffix).unlink(missing_ok=True)
-    first.wait_log(lambda e: e.get("message") == "database file recreated; unpushed rows carried over",
-                   timeout=30)                          # idle, the writer looks every IDLE_WAKE
+    first.wait_log(lambda e: e.get("message") == "database file recreated; unpushed rows carried over")
     second = run(wait=False, db=first.db_path)
     assert second.proc.wait(10) == 1 and "another otrace" in second.stderr[0]
     assert first.stop() == 0
@@ -833,7 +832,7 @@ def test_after_an_rm_of_its_files_otrace_takes_its_lock_again_or_stands_down(
         Path(str(lone.db_path) + suffix).unlink(missing_ok=True)
     usurper = run(db=lone.db_path)
     lone.proc.send_signal(signal.SIGCONT)
-    fault = wait_until(lambda: [p for p in lone.health()["problems"] if "another otrace" in p], 30, "it")
+    fault = wait_until(lambda: [p for p in lone.health()["problems"] if "another otrace" in p], what="it")
     assert "deleted or replaced" in fault[0]
     assert lone.post("/v1/traces", trace()).status == 503
     assert usurper.post("/v1/traces", trace()).status == 202 and usurper.stop() == 0
