@@ -869,6 +869,30 @@ def stamp(file: str | int) -> Stamp | None:
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
+class QuietReader(Loop):
+    """A loop that reads what another process writes: each tick a look (`look`), or only a few stat
+    calls while the files it reads (`watched`) are as they were at a look that found nothing."""
+
+    def __init__(self, name: str, interval: float, quiet: float) -> None:
+        super().__init__(name, interval, first_delay=0.0, quiet=quiet)
+        self.stamps = Stamps()
+
+    def tick(self) -> None:
+        watched = self.watched()
+        if self.stamps.unchanged(watched):
+            return
+        self.look()
+        if not self.news and self.watched() == watched:
+            self.stamps.keep()
+
+    def watched(self) -> tuple[str | int, ...]:
+        """The files a look reads now; nothing when the next look must be a whole one."""
+        raise NotImplementedError
+
+    def look(self) -> None:
+        raise NotImplementedError
+
+
 # =============================================================================================== model
 # What an event is: the fields each endpoint accepts, how a JSON value becomes a column value, and the
 # rows that reach SQLite. Validation is all-or-nothing per request.
@@ -5900,7 +5924,7 @@ def same_start(fd: int, mark: str) -> bool:
     return hashlib.sha256(os.pread(fd, int(length), 0)).hexdigest()[:32] == digest
 
 
-class LogTailer(Loop):
+class LogTailer(QuietReader):
     """Follows the gateway's log: every TRACE_LOG_POLL it reads the lines appended since the last
     commit and offers their events, with the new offset, to the queue as one unit. After a rename
     rotation it finishes the old file before moving on; a truncated file is read again from its start;
@@ -5909,7 +5933,7 @@ class LogTailer(Loop):
 
     def __init__(self, config: Config, events: EventQueue, db: Database,
                  store_followed: bool = False) -> None:
-        super().__init__("logtail", config.log_poll, first_delay=0.0, quiet=config.quiet_poll)
+        super().__init__("logtail", config.log_poll, config.quiet_poll)
         self.config, self.events, self.store_followed = config, events, store_followed
         self.causes: dict[str, str] = {}         # otel trace id -> cause code of its last fetch error
         self.last_outcome: dict[str, str] = {}   # run id -> outcome of its last failed attempt
@@ -5925,7 +5949,6 @@ class LogTailer(Loop):
         self.most = max(1, min(256, config.queue_size // 2))   # lines per unit: two units fit the queue
         self.totals = Counters(("lines", "events", "skipped", "not_json", "cut", "bytes_read",
                                 "failed_attempts"))
-        self.stamps = Stamps()
 
     # -- which file
     def target(self) -> str | None:
@@ -5986,16 +6009,6 @@ class LogTailer(Loop):
         return True
 
     # -- reading
-    def tick(self) -> None:
-        """A look, or only a few stat calls while nothing it reads changed since a look that found
-        nothing."""
-        watched = self.watched()
-        if self.stamps.unchanged(watched):
-            return
-        self.look()
-        if not self.news and self.watched() == watched:
-            self.stamps.keep()
-
     def watched(self) -> tuple[str | int, ...]:
         """What a look reads while it simply follows the file to follow: the open file, and what the
         choice of it read; nothing while it waits for a file, finishes one, or is behind."""
@@ -6443,7 +6456,7 @@ class AgentDatabase:
         self.conn, self.identity, self.version = None, None, None
 
 
-class SessionStore(Loop):
+class SessionStore(QuietReader):
     """Follows every agent's session store under OpenClaw's state directory: every TRACE_OPENCLAW_POLL
     it offers the rows of the entries written since the last commit, with the new position, to the
     queue as units of their own. A directory, agent or database not there yet is waited for quietly;
@@ -6451,7 +6464,7 @@ class SessionStore(Loop):
     read meanwhile."""
 
     def __init__(self, config: Config, events: EventQueue, db: Database, root: Path) -> None:
-        super().__init__("sessions", config.openclaw_poll, first_delay=0.0, quiet=config.quiet_poll)
+        super().__init__("sessions", config.openclaw_poll, config.quiet_poll)
         self.config, self.events, self.root = config, events, root
         self.cursors: dict[tuple[str, str], Cursor] = {
             (agent, stream): Cursor(mark, position, newest) for agent, stream, mark, position, newest in
@@ -6467,7 +6480,6 @@ class SessionStore(Loop):
         self.totals = Counters(("entries", "calls", "failures", "undecodable", "bytes_read"))
         self.errors: dict[str, str] = {}       # agent -> why it could not be read at the last look
         self.looked_at: tuple[str, ...] = ()   # the directories and files the last whole look read
-        self.stamps = Stamps()
 
     # -- where
     def agents(self) -> list[str] | None:
@@ -6485,16 +6497,6 @@ class SessionStore(Loop):
         self.waiting, self.started = False, True
         self.agents_seen.update(found)
         return found
-
-    def tick(self) -> None:
-        """A look, or only a few stat calls while nothing it reads changed since a look that found
-        nothing."""
-        watched = self.watched()
-        if self.stamps.unchanged(watched):
-            return
-        self.look()
-        if not self.news and self.watched() == watched:
-            self.stamps.keep()
 
     def watched(self) -> tuple[str, ...]:
         """What a look reads, as the last whole look found it: the agents directory, and each agent's
