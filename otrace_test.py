@@ -55,6 +55,14 @@ HOST_WIDE = pytest.mark.xdist_group("host")
 # ------------------------------------------------------------------------------------------ harness
 
 
+def task_state(task: Path) -> str | None:
+    """The state letter of a thread (/proc/<pid>/task/<tid>); None once it is gone."""
+    try:
+        return (task / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
 def wait_until(check: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
     """Poll `check` until it returns something truthy; fail after `timeout` seconds."""
     end = time.monotonic() + timeout
@@ -174,8 +182,14 @@ class Otrace:
             return [dict(r) for r in conn.execute(f"SELECT * FROM {table} ORDER BY id")]
 
     def signal(self, sig: int) -> None:
+        """Send `sig`; a SIGSTOP returns once every thread has stopped (each stops as it next leaves
+        the kernel, which on a busy machine can be after kill() has returned)."""
         assert self.proc
         self.proc.send_signal(sig)
+        if sig == signal.SIGSTOP:
+            tasks = Path(f"/proc/{self.proc.pid}/task")
+            wait_until(lambda: all(task_state(t) in ("T", "t", None) for t in tasks.iterdir()),
+                       what="every thread to stop")
 
     def stop(self, timeout: float = 10.0) -> int:
         """SIGTERM and wait for the exit code."""
@@ -827,11 +841,11 @@ def test_after_an_rm_of_its_files_otrace_takes_its_lock_again_or_stands_down(
     assert second.proc.wait(10) == 1 and "another otrace" in second.stderr[0]
     assert first.stop() == 0
     lone = run({"TRACE_BATCH_WINDOW": "5ms"}, db=tmp_path / "lone.db")
-    lone.proc.send_signal(signal.SIGSTOP)                    # it cannot look before the other starts
+    lone.signal(signal.SIGSTOP)                              # it cannot look before the other starts
     for suffix in ("", "-wal", "-shm", ".lock"):
         Path(str(lone.db_path) + suffix).unlink(missing_ok=True)
     usurper = run(db=lone.db_path)
-    lone.proc.send_signal(signal.SIGCONT)
+    lone.signal(signal.SIGCONT)
     fault = wait_until(lambda: [p for p in lone.health()["problems"] if "another otrace" in p], what="it")
     assert "deleted or replaced" in fault[0]
     assert lone.post("/v1/traces", trace()).status == 503
