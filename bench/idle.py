@@ -8,7 +8,7 @@ log, read to its end first), OpenClaw's session store (a captured state director
 host metrics, the process table, DNS probes, and push configured (otrace's JSON to a local sink that
 answers 200). The baseline is a stdlib ThreadingHTTPServer that serves nothing, started in the same
 run from the stdlib alone; a second one, the floor, also imports what otrace cannot do without: sqlite3
-and the design card's urllib3 (which brings ssl) and python-json-logger, to show how much of the
+and the design card's urllib3 and python-json-logger, to show how much of the
 difference is otrace's own.
 All settle for 10 s; then RSS is read at the end of --idle seconds and CPU over them. The default
 window is the push interval's default, 5 min, so the idle CPU is a steady state's: every loop runs in
