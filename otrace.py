@@ -12,7 +12,7 @@ Contents, in the order data flows. Each section opens with its constants and SQL
 brackets is the one its code runs on.
 
   config ............ Config, setting(), unknown_settings()                     [main, once at start]
-  kit ............... FaultLog, Backoff, Loop, transaction(), compact_json()                  [any]
+  kit ............... FaultLog, Backoff, Loop, Stamps, QuietReader, transaction(), compact_json() [any]
   model ............. Invalid, Fields, Table, parse_events(): a POST body becomes Rows       [http]
   prices ............ PriceTable, price_call(): a call with tokens and no cost is priced   [builders]
   store ............. SCHEMA, open_database(), DatabaseLock, EventQueue, Gate, Reserve, Writer:
@@ -30,7 +30,7 @@ brackets is the one its code runs on.
                       llm_traces and error_events, each model call once                  [sessions]
   push .............. Packer, Batch, OtraceFormat, OtlpFormat, Receiver, Breaker, Pusher: unsynced
                       rows leave, as otrace's JSON or OTLP, at least once                     [push]
-  upkeep ............ Checkpointer, Retention: the WAL shrinks, old rows are deleted
+  upkeep ............ Checkpointer, Marks, Retention: the WAL shrinks, old rows are deleted
                                                                          [checkpoint, retention]
   health ............ Service.health(), prometheus(), CallTally, Debug: /health, /metrics and
                       /debug/*                                  [http; a profile on its own thread]
@@ -42,7 +42,7 @@ Where a POST becomes a row: IngestServer.serve -> Api.answer -> parse_events (or
 -> EventQueue.offer -> Writer.flush. Where a row is pushed: Pusher.push -> Packer.batches ->
 Receiver.post -> record_pushed.
 Where a row is deleted: Retention.tick -> Cut. Where OpenClaw's model call becomes a row:
-SessionStore.tick -> read_session (or read_file) -> store_events -> EventQueue.offer.
+SessionStore.look -> read_session (or read_file) -> store_events -> EventQueue.offer.
 """
 
 from __future__ import annotations

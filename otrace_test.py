@@ -2216,7 +2216,7 @@ def test_a_quiet_log_takes_a_few_stat_calls_until_a_file_it_reads_changes(tmp_pa
         return tailer.totals.snapshot()["lines"]
 
     def until_quiet() -> list[bool]:
-        """Turns until one takes the stat calls alone (a rotation takes a few: see LogTailer.tick)."""
+        """Turns until one takes the stat calls alone (a rotation takes a few: see LogTailer.look)."""
         turns = [quick_look(tailer)]
         while not turns[-1] and len(turns) < 6:
             turns.append(quick_look(tailer))
