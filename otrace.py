@@ -2497,9 +2497,9 @@ class Writer(threading.Thread):
     retries it with backoff while /health says degraded; a row whose own data cannot be written is
     logged whole and dropped without taking its batch-mates with it."""
 
-    STUCK_AFTER = 15.0           # seconds without a loop iteration before /health calls it stuck
+    STUCK_AFTER = 15.0           # seconds in one batch or job before /health calls the writer stuck
     LOOK_EVERY = 1.0             # seconds between checks that the file is still the one at the path ...
-    IDLE_WAKE = 5.0              # ... while writing; idle, rows go nowhere, so the writer wakes less often
+    IDLE_WAKE = 15.0             # ... while writing; idle, a look already followed the last write
 
     def __init__(self, config: Config, db: Database, events: EventQueue, counters: Counters,
                  lock: DatabaseLock | None = None) -> None:
@@ -2511,6 +2511,8 @@ class Writer(threading.Thread):
         self.fault = FaultLog(self.log, "database write")
         self.backoff = Backoff(0.05, 5.0)
         self.heartbeat = time.monotonic()
+        self.resting = False                      # waiting for work: no heartbeat is due
+        self.wrote_since_look = False
         self.look_at = 0.0
         self.conn: sqlite3.Connection | None = None
         self.conn_path = config.db_path          # the carry file while the path cannot be opened
@@ -2528,7 +2530,14 @@ class Writer(threading.Thread):
 
     @property
     def stuck(self) -> bool:
-        return time.monotonic() - self.heartbeat > self.STUCK_AFTER + self.window
+        return not self.resting and time.monotonic() - self.heartbeat > self.STUCK_AFTER + self.window
+
+    def idle_wake(self) -> float:
+        """How long to wait for work: soon while a moved file is not yet left or a reserve not yet held;
+        otherwise work arriving is looked after first, so only /health's account of the file waits."""
+        if self.db.replaced_pending or (self.reserve.size and not self.reserve.held):
+            return self.LOOK_EVERY
+        return self.IDLE_WAKE
 
     def connect(self, path: str) -> sqlite3.Connection:
         conn = connect(path)
@@ -2555,7 +2564,9 @@ class Writer(threading.Thread):
                 if self.pending:
                     work = self.events.next_job(retry_at - time.monotonic()) or []
                 else:
-                    work = self.events.next_work(self.batch_size, self.window, idle=self.IDLE_WAKE)
+                    self.resting = True
+                    work = self.events.next_work(self.batch_size, self.window, idle=self.idle_wake())
+                    self.resting = False
                 if isinstance(work, Job):
                     if work.run is None:             # the last job: readers are gone, move if due
                         self.look_at = 0.0
@@ -2577,6 +2588,7 @@ class Writer(threading.Thread):
                 self.fault.cleared()
                 self.backoff.reset()
                 self.events.committed()
+                self.wrote_since_look = True
                 self.on_committed()
         finally:
             self.conn.close()
@@ -2676,11 +2688,12 @@ class Writer(threading.Thread):
 
     # -- the file at the path deleted or replaced
     def look_after_file(self) -> None:
-        """Once a second: is the file at the path still the one otrace writes? If not, move to a new
-        one as soon as no reader holds the old one (until then, the old inode keeps every row)."""
-        if time.monotonic() < self.look_at:
+        """Once a second while writing, and once the queue is empty after a write: is the file at the
+        path still the one otrace writes? If not, move to a new one as soon as no reader holds the old
+        one (until then, the old inode keeps every row)."""
+        if time.monotonic() < self.look_at and not (self.wrote_since_look and not self.events.qsize()):
             return
-        self.look_at = time.monotonic() + self.LOOK_EVERY
+        self.look_at, self.wrote_since_look = time.monotonic() + self.LOOK_EVERY, False
         if not self.db.moved():
             return
         if not self.db.replaced_pending:

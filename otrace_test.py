@@ -836,7 +836,9 @@ def test_after_an_rm_of_its_files_otrace_takes_its_lock_again_or_stands_down(
     first.wait_persisted(1)
     for suffix in ("", "-wal", "-shm", ".lock"):
         Path(str(first.db_path) + suffix).unlink(missing_ok=True)
-    first.wait_log(lambda e: e.get("message") == "database file recreated; unpushed rows carried over")
+    idle = otrace.Writer.IDLE_WAKE + 10                       # an idle writer looks that often
+    first.wait_log(lambda e: e.get("message") == "database file recreated; unpushed rows carried over",
+                   timeout=idle)
     second = run(wait=False, db=first.db_path)
     assert second.proc.wait(10) == 1 and "another otrace" in second.stderr[0]
     assert first.stop() == 0
@@ -846,7 +848,8 @@ def test_after_an_rm_of_its_files_otrace_takes_its_lock_again_or_stands_down(
         Path(str(lone.db_path) + suffix).unlink(missing_ok=True)
     usurper = run(db=lone.db_path)
     lone.signal(signal.SIGCONT)
-    fault = wait_until(lambda: [p for p in lone.health()["problems"] if "another otrace" in p], what="it")
+    fault = wait_until(lambda: [p for p in lone.health()["problems"] if "another otrace" in p],
+                       timeout=idle, what="it")
     assert "deleted or replaced" in fault[0]
     assert lone.post("/v1/traces", trace()).status == 503
     assert usurper.post("/v1/traces", trace()).status == 202 and usurper.stop() == 0
@@ -862,6 +865,30 @@ def test_a_dead_writer_means_503(tmp_path: Path) -> None:
         assert refused.value.status == 503
         assert service.health()["problems"] == ["writer thread is not running"]
     finally:
+        service.server.release()
+        service.db.close()
+
+
+def test_a_writer_waiting_for_work_is_not_stuck_however_long_it_waits(tmp_path: Path) -> None:
+    """Idle, the writer wakes only every IDLE_WAKE, so its heartbeat ages past STUCK_AFTER; that is not
+    a stuck writer. One whose last iteration is that old and that is not waiting for work is."""
+    config = otrace.Config(db_path=str(tmp_path / "x.db"), port=0, otlp_port=0, metrics_interval=0.0,
+                           openclaw_state_dir="off")
+    service = otrace.Service(config)
+    writer = service.writer
+    try:
+        writer.start()
+        assert service.events.offer(otrace.Unit([otrace.event_row(otrace.TRACES, otrace.trace_row, {
+            "provider": "p", "model": "m", "trace_id": "t"}, "http")]))
+        assert service.events.wait_drained(30)
+        wait_until(lambda: writer.resting and writer.idle_wake() == writer.IDLE_WAKE, what="a resting writer")
+        writer.heartbeat -= 10 * writer.STUCK_AFTER
+        assert not writer.stuck and service.health()["problems"] == []
+        writer.resting = False
+        assert writer.stuck and service.health()["problems"] == ["writer thread is stuck"]
+    finally:
+        service.events.submit(None)
+        writer.join(10)
         service.server.release()
         service.db.close()
 
@@ -3413,7 +3440,8 @@ def test_pyz_serves_on_a_bare_interpreter(tmp_path: Path, run: Callable[..., Otr
     assert {r[0] for r in node.query("SELECT trace_id FROM llm_traces")} == {
         *ids, "0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331"}
     assert cost_columns(node, priced["trace_id"])[:2] == (0.0035, "computed")
-    done = subprocess.run([*bare, str(pyz), "report", "--db", str(node.db_path), "--json"], env=clean_env,
+    done = subprocess.run([*bare, str(pyz), "report", "--db", str(node.db_path), "--json", "--since",
+                           "2026-01-01"], env=clean_env,          # the span's own time is a fixed day
                           capture_output=True, text=True, timeout=60, check=True)
     assert json.loads(done.stdout)["calls"]["totals"]["calls"] == 4
 
