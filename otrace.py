@@ -4972,7 +4972,7 @@ def read_btime(procfs: Path) -> float | None:
     return read_keyed(procfs / "stat", ("btime",)).get("btime")
 
 
-def read_cmdline(procfs: Path, pid: int) -> list[bytes] | None:
+def read_cmdline(procfs: Path, pid: int) -> tuple[bytes, ...] | None:
     """A process's arguments (its first CMDLINE_READ bytes); None if they cannot be read."""
     try:
         fd = os.open(procfs / str(pid) / "cmdline", os.O_RDONLY | os.O_CLOEXEC)
@@ -4986,10 +4986,11 @@ def read_cmdline(procfs: Path, pid: int) -> list[bytes] | None:
         return None
     finally:
         os.close(fd)
-    return raw.rstrip(b"\0").split(b"\0") if raw.strip(b"\0") else []
+    return tuple(raw.rstrip(b"\0").split(b"\0")) if raw.strip(b"\0") else ()
 
 
-def redact_cmdline(args: list[bytes]) -> str:
+@functools.lru_cache(maxsize=64)     # the top processes are mostly the same ones from scan to scan
+def redact_cmdline(args: tuple[bytes, ...]) -> str:
     """The arguments as one line, with what looks like a secret replaced by ***: the value after a
     flag like --token or --api-key (as the next argument or after =), key=value pairs whose key
     names a secret, a URL's password, bearer tokens, and API keys and JWTs by their look."""

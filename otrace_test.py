@@ -6316,7 +6316,7 @@ def test_the_process_table_of_500_captured_processes() -> None:
     assert procs[178].name == "pool worker" and procs[181].name == "(sd-pam)"
     assert procs[8].threads == 8 and procs[12].rss == PROCS_META["gateway"]["observed"]["t1"]["rss_bytes"]
     assert procs[34].state == "Z" and procs[34].rss == 0
-    assert otrace.read_cmdline(PROCS / "t1" / "proc", 34) == []                 # a zombie has none
+    assert otrace.read_cmdline(PROCS / "t1" / "proc", 34) == ()                 # a zombie has none
     rows = sample_procs()
     by_cpu = sorted((r for r in rows if r["cpu_rank"]), key=lambda r: r["cpu_rank"])
     for burner, row in zip(PROCS_META["burners"], by_cpu, strict=False):        # the top 3, in order
@@ -6349,7 +6349,7 @@ def test_a_process_row_says_who_runs_it_and_what_it_holds() -> None:
 def test_no_secret_in_a_captured_command_line_survives() -> None:
     secrets = PROCS_META["secret_values"]
     root = PROCS / "t1" / "proc"
-    shown = {pid: otrace.redact_cmdline(otrace.read_cmdline(root, pid) or [])
+    shown = {pid: otrace.redact_cmdline(otrace.read_cmdline(root, pid) or ())
              for pid in otrace.read_processes(root)}
     assert not [(pid, s) for pid, line in shown.items() for s in secrets if s in line]
     assert shown[24] == "node /app/bot.mjs --token *** --port 3000"
@@ -6363,7 +6363,7 @@ def test_no_secret_in_a_captured_command_line_survives() -> None:
             ("curl -H Authorization: Bearer abc.def-123 x", "curl -H Authorization: Bearer *** x"),
             ("x --secret s1 --client-secret=s2", "x --secret *** --client-secret=***"),
             ("ghp_" + "a" * 36, "***"), ("run AKIAABCDEFGHIJKLMNOP", "run ***")):
-        assert otrace.redact_cmdline(line.encode().split(b" ")) == expected
+        assert otrace.redact_cmdline(tuple(line.encode().split(b" "))) == expected
     rows = sample_procs(top=100)
     stored = json.dumps(rows)
     assert not [s for s in secrets if s in stored]
