@@ -2534,7 +2534,7 @@ class Writer(threading.Thread):
 
     def idle_wake(self) -> float:
         """How long to wait for work: soon while a moved file is not yet left or a reserve not yet held;
-        otherwise work arriving is looked after first, so only /health's account of the file waits."""
+        otherwise every write was followed by a look, so only /health's account of an rm waits."""
         if self.db.replaced_pending or (self.reserve.size and not self.reserve.held):
             return self.LOOK_EVERY
         return self.IDLE_WAKE
