@@ -6,7 +6,8 @@ For 1, 4, 16 and 64 keep-alive connections, wrk posts the same 2 KB trace to a f
 ThreadingHTTPServer (which reads the body and answers 202 in one write) and to a fresh otrace, one
 after the other. Printed: requests/s (otrace's: those answered 202), p50/p99, CPU per 1,000
 requests, the otrace/bare ratio, and how many of otrace's events were persisted and refused (503).
-Then otrace's latency at a steady 100 events/s, and its idle RSS and CPU beside the bare server's
+Then otrace's latency at a steady 100 events/s and the bare server's under the same paced client (what
+this machine gives any server), and otrace's idle RSS and CPU beside the bare server's
 (--idle-only: just that, for the 10-minute footprint run of `make soak`).
 """
 
@@ -127,24 +128,44 @@ def steady(rate: float, seconds: float) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         proc, port = start_otrace(Path(tmp))
         try:
-            conn = http.client.HTTPConnection("127.0.0.1", port)
-            body = json.dumps(TRACE)
-            latencies = []
-            start = time.perf_counter()
-            for n in range(int(rate * seconds)):
-                time.sleep(max(0.0, start + n / rate - time.perf_counter()))
-                sent = time.perf_counter()
-                conn.request("POST", "/v1/traces", body, {"Content-Type": "application/json"})
-                resp = conn.getresponse()
-                resp.read()
-                latencies.append((time.perf_counter() - sent) * 1000)
-                assert resp.status == 202, resp.status
+            latencies = paced(port, rate, seconds)
             usage = Usage.of(proc.pid)
         finally:
             stop(proc)
-    latencies.sort()
+    return {**percentiles(latencies), "rss_mb": usage.rss_bytes / 2**20}
+
+
+def steady_bare(rate: float, seconds: float) -> dict[str, float]:
+    """The same paced client against the bare server: the latency this machine gives any server."""
+    proc, port = start_bare()
+    try:
+        return percentiles(paced(port, rate, seconds))
+    finally:
+        stop(proc)
+
+
+def paced(port: int, rate: float, seconds: float) -> list[float]:
+    """Milliseconds per request, each answered 202, sent at `rate` a second on one connection."""
+    conn = http.client.HTTPConnection("127.0.0.1", port)
+    body = json.dumps(TRACE)
+    latencies = []
+    start = time.perf_counter()
+    for n in range(int(rate * seconds)):
+        time.sleep(max(0.0, start + n / rate - time.perf_counter()))
+        sent = time.perf_counter()
+        conn.request("POST", "/v1/traces", body, {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        resp.read()
+        latencies.append((time.perf_counter() - sent) * 1000)
+        assert resp.status == 202, resp.status
+    conn.close()
+    return latencies
+
+
+def percentiles(latencies: list[float]) -> dict[str, float]:
+    latencies = sorted(latencies)
     return {"p50_ms": latencies[len(latencies) // 2], "p99_ms": latencies[int(len(latencies) * 0.99)],
-            "max_ms": latencies[-1], "rss_mb": usage.rss_bytes / 2**20}
+            "max_ms": latencies[-1]}
 
 
 def idle(seconds: float) -> dict[str, float]:
@@ -188,13 +209,16 @@ def main() -> None:
         save("idle", idle_line(rest), {"idle": rest})
         return
     rows, raw = compare([1, 4, 16, 64], args.seconds)
-    calm = steady(100, 20)
+    calm, calm_bare = steady(100, 20), steady_bare(100, 20)
     rest = idle(args.idle)
     markdown = table(["conns", "bare req/s", "otrace 202/s", "ratio", "bare p50/p99 ms", "otrace p50/p99 ms",
                       "bare CPU ms/1k", "otrace CPU ms/1k", "otrace persisted/s", "otrace 503s"], rows)
     markdown += (f"\n\nAt a steady 100 events/s on one connection: p50 {calm['p50_ms']:.2f} ms, "
-                 f"p99 {calm['p99_ms']:.2f} ms, max {calm['max_ms']:.2f} ms.\n" + idle_line(rest))
-    save("ingest", markdown, {"levels": raw, "steady_100": calm, "idle": rest, "seconds": args.seconds})
+                 f"p99 {calm['p99_ms']:.2f} ms, max {calm['max_ms']:.2f} ms (the bare server: p50 "
+                 f"{calm_bare['p50_ms']:.2f} ms, p99 {calm_bare['p99_ms']:.2f} ms, max "
+                 f"{calm_bare['max_ms']:.2f} ms).\n" + idle_line(rest))
+    save("ingest", markdown, {"levels": raw, "steady_100": calm, "steady_100_bare": calm_bare, "idle": rest,
+                              "seconds": args.seconds})
 
 
 if __name__ == "__main__":
