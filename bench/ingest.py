@@ -6,8 +6,9 @@ For 1, 4, 16 and 64 keep-alive connections, wrk posts the same 2 KB trace to a f
 ThreadingHTTPServer (which reads the body and answers 202 in one write) and to a fresh otrace, one
 after the other. Printed: requests/s (otrace's: those answered 202), p50/p99, CPU per 1,000
 requests, the otrace/bare ratio, and how many of otrace's events were persisted and refused (503).
-Then otrace's latency at a steady 100 events/s and the bare server's under the same paced client (what
-this machine gives any server), and otrace's idle RSS and CPU beside the bare server's
+Then otrace's latency at a steady 100 events/s and the bare server's, from a bare paced client (a
+prebuilt request, one send, the response read to its Content-Length), and otrace's idle RSS and CPU
+beside the bare server's
 (--idle-only: just that, for the 10-minute footprint run of `make soak`).
 """
 
@@ -15,8 +16,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import http.client
 import json
+import socket
 import subprocess
 import sys
 import tempfile
@@ -145,21 +146,45 @@ def steady_bare(rate: float, seconds: float) -> dict[str, float]:
 
 
 def paced(port: int, rate: float, seconds: float) -> list[float]:
-    """Milliseconds per request, each answered 202, sent at `rate` a second on one connection."""
-    conn = http.client.HTTPConnection("127.0.0.1", port)
-    body = json.dumps(TRACE)
+    """Milliseconds per request, each answered 202, sent at `rate` a second on one kept-alive connection
+    by a bare client: the request written in one send, the response read to its Content-Length. What
+    the server takes, not what a client library adds: http.client adds about 2 ms to the p99 here,
+    whichever server it talks to (docs/performance.md)."""
+    body = json.dumps(TRACE).encode()
+    request = (f"POST /v1/traces HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+               f"Content-Length: {len(body)}\r\n\r\n").encode() + body
     latencies = []
-    start = time.perf_counter()
-    for n in range(int(rate * seconds)):
-        time.sleep(max(0.0, start + n / rate - time.perf_counter()))
-        sent = time.perf_counter()
-        conn.request("POST", "/v1/traces", body, {"Content-Type": "application/json"})
-        resp = conn.getresponse()
-        resp.read()
-        latencies.append((time.perf_counter() - sent) * 1000)
-        assert resp.status == 202, resp.status
-    conn.close()
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        start = time.perf_counter()
+        for n in range(int(rate * seconds)):
+            time.sleep(max(0.0, start + n / rate - time.perf_counter()))
+            sent = time.perf_counter()
+            sock.sendall(request)
+            status = read_response(sock)
+            latencies.append((time.perf_counter() - sent) * 1000)
+            assert status == 202, status
     return latencies
+
+
+def read_response(sock: socket.socket) -> int:
+    """One response read whole, its head and then Content-Length bytes of body; its status."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += receive(sock)
+    head, _, body = data.partition(b"\r\n\r\n")
+    status, *fields = head.split(b"\r\n")
+    length = next((int(value) for name, _, value in (field.partition(b":") for field in fields)
+                   if name.strip().lower() == b"content-length"), 0)
+    while len(body) < length:
+        body += receive(sock)
+    return int(status.split()[1])
+
+
+def receive(sock: socket.socket) -> bytes:
+    chunk = sock.recv(65536)
+    if not chunk:
+        raise ConnectionError("the server closed the connection before its whole response")
+    return chunk
 
 
 def percentiles(latencies: list[float]) -> dict[str, float]:
