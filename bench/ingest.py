@@ -137,7 +137,7 @@ def steady(rate: float, seconds: float) -> dict[str, float]:
 
 
 def steady_bare(rate: float, seconds: float) -> dict[str, float]:
-    """The same paced client against the bare server: the latency this machine gives any server."""
+    """The same paced client against the bare server: otrace's baseline, in the same run."""
     proc, port = start_bare()
     try:
         return percentiles(paced(port, rate, seconds))
@@ -148,8 +148,8 @@ def steady_bare(rate: float, seconds: float) -> dict[str, float]:
 def paced(port: int, rate: float, seconds: float) -> list[float]:
     """Milliseconds per request, each answered 202, sent at `rate` a second on one kept-alive connection
     by a bare client: the request written in one send, the response read to its Content-Length. What
-    the server takes, not what a client library adds: http.client adds about 2 ms to the p99 here,
-    whichever server it talks to (docs/performance.md)."""
+    the server takes, not what a client library adds (http.client writes a request's head and body in
+    two sends: docs/performance.md)."""
     body = json.dumps(TRACE).encode()
     request = (f"POST /v1/traces HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
                f"Content-Length: {len(body)}\r\n\r\n").encode() + body
