@@ -190,7 +190,7 @@ def receive(sock: socket.socket) -> bytes:
 def percentiles(latencies: list[float]) -> dict[str, float]:
     latencies = sorted(latencies)
     return {"p50_ms": latencies[len(latencies) // 2], "p99_ms": latencies[int(len(latencies) * 0.99)],
-            "max_ms": latencies[-1]}
+            "max_ms": latencies[-1], "requests": len(latencies)}
 
 
 def idle(seconds: float) -> dict[str, float]:
