@@ -6218,6 +6218,7 @@ STORE_CACHE_KIB = 512            # page cache of each agent database's connectio
 STORE_BUSY_MS = 1000             # longest wait for a lock the gateway holds; then the next poll tries
 REWRITE_SLACK_MS = 60_000        # after a session is rewritten, entries older than the newest read by
                                  # more than this are ones otrace has seen (a clock step is tolerated)
+STORE_LIST_EVERY = 30.0          # seconds: every session is listed at least this often while commits come
 FAILED_BEFORE_REPLY = "run-failed-before-reply"
 TRANSCRIPT_ONLY = ("delivery-mirror", "gateway-injected")   # "models" of provider openclaw: no call
 CHECKPOINT_FILE = re.compile(r".+\.checkpoint\.[0-9a-fA-F-]{36}\.jsonl")   # a copy of a transcript
@@ -6234,6 +6235,11 @@ SESSIONS_SQL = """
         FROM sessions WHERE sessions.id IS NOT NULL)
     SELECT id, (SELECT max(seq) FROM transcript_events WHERE session_id = sessions.id), {generation}
     FROM sessions WHERE id IS NOT NULL"""
+# The sessions with rows past a rowid: a search of the table by rowid, never a scan of the store.
+ADDED_SQL = """
+    SELECT id, (SELECT max(seq) FROM transcript_events WHERE session_id = added.id), {generation}
+    FROM (SELECT DISTINCT session_id AS id FROM transcript_events NOT INDEXED WHERE rowid > ?) AS added"""
+TOP_ROWID_SQL = "SELECT max(rowid) FROM transcript_events"
 GENERATION_SQL = "SELECT generation FROM transcript_rewrite_watermarks WHERE session_id = {}"
 # Entries after a seq; the text only of those that can be a call or a failure (the rest are skipped
 # inside SQLite), compressed ones whole.
@@ -6393,16 +6399,23 @@ class Behind(Exception):
 class AgentDatabase:
     """One agent's openclaw-agent.sqlite, read on a read-only connection kept between polls with no
     transaction open between them: a poll first asks SQLite whether anyone committed since the last
-    look (PRAGMA data_version), and only then which sessions have new entries. A file replaced at the
-    path is opened again; one not there yet (before the agent's first turn) is waited for."""
+    look (PRAGMA data_version), and only then which sessions have new entries: those with rows added
+    since (SQLite gives a new row a rowid above every other). Every session is listed at the first
+    look, at the first look after the commits stop, and every STORE_LIST_EVERY while they go on, so a
+    row that took the rowid of one deleted meanwhile is found too. A file replaced at the path is
+    opened again; one not there yet (before the agent's first turn) is waited for."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.files = (str(path), f"{path}-wal")   # what a look reads: the gateway's rows wait in the WAL
         self.conn: sqlite3.Connection | None = None
         self.identity: tuple[int, int] | None = None
-        self.version: int | None = None          # data_version once every session was caught up
-        self.sessions_sql = self.entries_sql = self.generation_sql = ""
+        self.listed: int | None = None           # data_version when every session was last caught up
+        self.seen: int | None = None             # data_version at the last look that caught up ...
+        self.top: int | None = None              # ... and the highest rowid then
+        self.listed_at = -math.inf
+        self.looking: tuple[int, int | None, bool] = (0, None, True)   # the look under way: the same three
+        self.sessions_sql = self.added_sql = self.entries_sql = self.generation_sql = ""
 
     def open(self) -> bool:
         """Connect (again, when the file at the path is another one); False while there is no file,
@@ -6420,7 +6433,7 @@ class AgentDatabase:
             conn.execute(f"PRAGMA busy_timeout = {STORE_BUSY_MS}")
             conn.execute(f"PRAGMA cache_size = -{STORE_CACHE_KIB}")
             conn.execute("PRAGMA query_only = 1")
-            tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            tables = dict(conn.execute("SELECT name, sql FROM sqlite_master WHERE type = 'table'"))
             columns = {row[1] for row in conn.execute("PRAGMA table_info(transcript_events)")}
         except sqlite3.Error as exc:
             conn.close()
@@ -6435,22 +6448,45 @@ class AgentDatabase:
         rewrites = "transcript_rewrite_watermarks" in tables
         self.sessions_sql = SESSIONS_SQL.format(generation=f"({GENERATION_SQL.format('sessions.id')})"
                                                 if rewrites else "NULL")
+        rowids = "WITHOUT ROWID" not in (tables["transcript_events"] or "").upper()
+        self.added_sql = ADDED_SQL.format(generation=f"({GENERATION_SQL.format('added.id')})" if rewrites
+                                          else "NULL") if rowids else ""
         self.entries_sql = ENTRIES_SQL.format(compressed="event_zstd, event_utf8_bytes" if {
             "event_zstd", "event_utf8_bytes"} <= columns else "NULL, NULL")
         self.generation_sql = GENERATION_SQL.format("?") if rewrites else ""
-        self.conn, self.identity, self.version = conn, identity, None
+        self.conn, self.identity, self.listed = conn, identity, None
         return True
 
     def changed(self) -> int | None:
         """The database's data_version when something was committed since every session was last caught
         up (or at the first look), else None."""
         version = self.conn.execute("PRAGMA data_version").fetchone()[0]
-        return None if version == self.version else version
+        return None if version == self.listed else version
 
-    def sessions(self) -> list[tuple[str, int, str]]:
-        """Every session with entries: (id, last seq, rewrite generation or "")."""
-        return [(session, seq, generation or "") for session, seq, generation in
-                self.conn.execute(self.sessions_sql) if isinstance(session, str) and seq is not None]
+    @property
+    def owed(self) -> bool:
+        """Commits came since every session was last listed: a look is due even if no file changed."""
+        return self.listed != self.seen
+
+    def sessions(self, version: int) -> list[tuple[str, int, str]]:
+        """The sessions that may have entries not read, (id, last seq, rewrite generation or ""): those
+        with rows past the top of the last look, or every session with entries when that is due, or
+        when the top came down (rows deleted from the end, or renumbered by VACUUM)."""
+        # the top first: a row committed between the two reads is past it, so listed again next time
+        top = self.conn.execute(TOP_ROWID_SQL).fetchone()[0] if self.added_sql else None
+        whole = (top is None or self.top is None or top < self.top or version == self.seen
+                 or time.monotonic() >= self.listed_at + STORE_LIST_EVERY)
+        self.looking = (version, top, whole)
+        found = (self.conn.execute(self.sessions_sql) if whole else
+                 self.conn.execute(self.added_sql, (self.top,)))
+        return [(session, seq, generation or "") for session, seq, generation in found
+                if isinstance(session, str) and seq is not None]
+
+    def caught_up(self) -> None:
+        """Every session the look listed was read to its end: where the next look starts from."""
+        self.seen, self.top, whole = self.looking
+        if whole:
+            self.listed, self.listed_at = self.seen, time.monotonic()
 
     def entries(self, session: str, after: int, most: int) -> tuple[str, list[tuple]]:
         """Up to `most` entries after seq `after`, and the generation they belong to, in one read
@@ -6467,7 +6503,7 @@ class AgentDatabase:
     def close(self) -> None:
         if self.conn is not None:
             self.conn.close()
-        self.conn, self.identity, self.version = None, None, None
+        self.conn, self.identity, self.listed, self.seen, self.top = None, None, None, None, None
 
 
 class SessionStore(QuietReader):
@@ -6514,8 +6550,10 @@ class SessionStore(QuietReader):
 
     def watched(self) -> tuple[str, ...]:
         """What a look reads, as the last whole look found it: the agents directory, and each agent's
-        database, WAL, sessions directory and session files; nothing while behind."""
-        return () if self.behind else self.looked_at
+        database, WAL, sessions directory and session files; nothing while behind, or while a database
+        is owed a listing of every session."""
+        owed = any(store.owed for store in self.databases.values())
+        return () if self.behind or owed else self.looked_at
 
     def look(self) -> None:
         agents = self.agents()
@@ -6558,11 +6596,11 @@ class SessionStore(QuietReader):
         version = store.changed()
         if version is None:
             return
-        for session, last, generation in store.sessions():
+        for session, last, generation in store.sessions(version):
             cursor = self.cursors.get((agent, session))
             if cursor is None or cursor.mark != generation or cursor.position < last:
                 self.read_session(store, agent, session, cursor)
-        store.version = version
+        store.caught_up()
 
     def read_session(self, store: AgentDatabase, agent: str, session: str, cursor: Cursor | None) -> None:
         """Every entry of the session not read yet, unit by unit. A session rewritten since (another

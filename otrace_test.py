@@ -4950,13 +4950,81 @@ def test_a_quiet_store_takes_a_few_stat_calls_until_a_file_it_reads_changes(tmp_
     assert [quick_look(store), quick_look(store), quick_look(store), quick_look(store)] == [
         False, False, True, True] and calls() == 6
     gateway = gateway_connection(db)
-    append_entry(gateway, "s1", a_call(template, 1000, 0.003))
-    assert [quick_look(store), quick_look(store), quick_look(store)] == [False, False, True]
+    append_entry(gateway, "s1", a_call(template, 1000, 0.003))   # the look after it lists every session
+    assert [quick_look(store), quick_look(store), quick_look(store), quick_look(store)] == [
+        False, False, False, True]
     assert calls() == 7
     shutil.copytree(agent_db(state).parent, state / "agents" / "ops" / "agent")
     assert [quick_look(store), quick_look(store), quick_look(store)] == [False, False, True]
     assert calls() == 14 and store.health()["agents"] == ["main", "ops"]
     gateway.close()
+
+
+@needs_stores
+def test_a_look_after_a_commit_lists_only_the_sessions_with_rows_added(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After the first look, a commit makes a look search the rows past the last top by rowid, not list
+    every session. Every session is listed when the commits stop, at once when rows were deleted from
+    the end, and every STORE_LIST_EVERY while commits go on, which finds a row that took the rowid of
+    one deleted meanwhile."""
+    state = state_copy(tmp_path)
+    db = agent_db(state)
+    template = assistant_template(db)
+    config = otrace.Config(db_path=str(tmp_path / "o.db"))
+    otrace.open_database(config.db_path)
+    store = otrace.SessionStore(config, otrace.EventQueue(4096, 50), otrace.Database(config.db_path), state)
+    store.look()
+    ran: list[str] = []
+    store.databases["main"].conn.set_trace_callback(ran.append)
+
+    def look() -> tuple[str | None, int]:
+        """Which listing a look ran, and the calls found so far."""
+        ran.clear()
+        store.look()
+        listing = next((kind for kind, sql in (("every session", otrace.SESSIONS_SQL[:30]),
+                                               ("added", "AS added")) if any(sql in s for s in ran)), None)
+        return listing, store.totals.snapshot()["calls"]
+
+    gateway = gateway_connection(db)
+    assert look() == (None, 6)                                           # nothing committed
+    append_entry(gateway, "s1", a_call(template, 1000, 0.003))
+    assert look() == ("added", 7) and store.watched() == ()              # no quiet look until ...
+    assert look() == ("every session", 7) and store.watched()            # ... the commits stop
+    assert look() == (None, 7)
+    gateway.execute("INSERT INTO cache_entries (scope, key, updated_at) VALUES ('t', 'k1', 0)")
+    assert look() == ("added", 7)
+    gateway.execute("DELETE FROM transcript_events WHERE rowid >= (SELECT max(rowid) - 1 FROM "
+                    "transcript_events)")
+    append_entry(gateway, "s2", a_call(template, 1000, 0.003))
+    assert look() == ("every session", 8)                                # the top came down
+    gateway.execute("DELETE FROM transcript_events WHERE rowid = (SELECT max(rowid) FROM transcript_events)")
+    append_entry(gateway, "s3", a_call(template, 1000, 0.003))           # it takes s2's rowid
+    assert look() == ("added", 8)
+    gateway.execute("INSERT INTO cache_entries (scope, key, updated_at) VALUES ('t', 'k2', 0)")
+    assert look() == ("added", 8)                                        # while the commits go on
+    monkeypatch.setattr(otrace, "STORE_LIST_EVERY", 0.0)
+    gateway.execute("INSERT INTO cache_entries (scope, key, updated_at) VALUES ('t', 'k3', 0)")
+    assert look() == ("every session", 9)
+    gateway.close()
+
+
+def test_a_store_without_rowids_lists_every_session_at_each_look(tmp_path: Path) -> None:
+    db = tmp_path / "agent.sqlite"
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        conn.execute("CREATE TABLE transcript_events (session_id TEXT NOT NULL, seq INTEGER NOT NULL, "
+                     "event_json TEXT, created_at INTEGER NOT NULL, PRIMARY KEY (session_id, seq)) "
+                     "WITHOUT ROWID")
+        conn.execute("INSERT INTO transcript_events VALUES ('s1', 0, '{}', 1)")
+        conn.commit()
+    store = otrace.AgentDatabase(db)
+    assert store.open()
+    ran: list[str] = []
+    store.conn.set_trace_callback(ran.append)
+    for _ in range(2):
+        assert store.sessions(store.changed()) == [("s1", 0, "")]
+        store.caught_up()
+    assert sum(otrace.SESSIONS_SQL[:30] in s for s in ran) == 2 and not any("rowid" in s for s in ran)
+    store.close()
 
 
 @contextlib.contextmanager

@@ -12,10 +12,12 @@ row and every session's position is committed. The baseline, in the same run: a 
 the same entries through sqlite3 and json-parses (decompressing where needed) each of them.
 
 Idle: otrace with the store off, and otrace following the caught-up store at the default
-TRACE_OPENCLAW_POLL, side by side for --idle seconds: their CPU. And in process: the CPU of one look
-at the store when nothing was committed, and of one look after the gateway committed something that
-is no transcript entry (the sessions are listed again), per hour at the default poll; against the
-host sampler's CPU per hour at its default 15 s (one HostReader snapshot and row per sample).
+TRACE_OPENCLAW_POLL, side by side for --idle seconds: their CPU. And in process, each as the store's
+loop takes it: the CPU of one look at the store when nothing was committed (a few stat calls), of one
+look after the gateway committed something that is no transcript entry (the rows past the last top,
+searched by rowid), and of one that lists every session (once the commits stop, and every
+STORE_LIST_EVERY while they go on), per hour at the default poll; against the host sampler's CPU per
+hour at its default 15 s (one HostReader snapshot and row per sample).
 """
 
 from __future__ import annotations
@@ -127,31 +129,43 @@ def catch_up(work: Path, state: Path, entries: int, calls: int, sessions: int) -
 
 
 def per_look(work: Path, state: Path) -> dict[str, float]:
-    """CPU seconds of one look at the caught-up store, in process: with nothing committed since the
-    last look, and after a commit to another table of the agent's database."""
+    """CPU seconds of one turn of the store's loop at the caught-up store, in process, each as the loop
+    takes it (Loop.run clears `news` first): with nothing committed since the last look (the files
+    older than the stamps' margin, as an idle store's are: a few stat calls), the look after the
+    gateway committed to another table of its database (the rows past the last top, searched by
+    rowid), and the look that lists every session (the first after the commits stop, and one every
+    STORE_LIST_EVERY while they go on)."""
     config = otrace.Config(db_path=str(work / "otrace.db"))
     database = otrace.Database(config.db_path)
     store = otrace.SessionStore(config, otrace.EventQueue(64, 8), database, state)
-    store.tick()                                   # connects and lists the sessions once
-    n = 2000
-    started = time.process_time()
-    for _ in range(n):
+
+    def turn() -> float:
+        started = time.process_time()
+        store.news = False
         store.tick()
-    idle = (time.process_time() - started) / n
+        return time.process_time() - started
+
+    turn()                                         # connects and lists the sessions once
+    time.sleep(otrace.STAMP_MARGIN_NS / 1e9 + 0.5)
+    turn()                                         # a look that found nothing: its stamps kept
+    n = 2000
+    idle = sum(turn() for _ in range(n)) / n
     gateway = sqlite3.connect(state / "agents" / "main" / "agent" / "openclaw-agent.sqlite",
                               isolation_level=None)
     gateway.execute("CREATE TABLE IF NOT EXISTS bench_touch (n INTEGER)")
-    spent, m = 0.0, 200
+    turn()
+    turn()
+    added = listed = 0.0
+    m = 200
     for i in range(m):
         gateway.execute("INSERT INTO bench_touch VALUES (?)", (i,))
-        started = time.process_time()
-        store.tick()
-        spent += time.process_time() - started
+        added += turn()
+        listed += turn()                           # nothing committed since: every session listed
     gateway.close()
     if store.fault.error or store.errors:
         sys.exit(f"bench: the store reader failed: {store.fault.error or store.errors}")
     database.close()
-    return {"idle_look_s": idle, "changed_look_s": spent / m}
+    return {"idle_look_s": idle, "changed_look_s": added / m, "listing_look_s": listed / m}
 
 
 def sampler_sample_s(work: Path) -> float:
@@ -199,7 +213,9 @@ def main() -> None:
         sample = sampler_sample_s(work)
         idle = idle_processes(work, state, args.idle)
     polls = HOUR / otrace.Config().openclaw_poll
-    idle_hour, changed_hour = looks["idle_look_s"] * polls, looks["changed_look_s"] * polls
+    listings = HOUR / otrace.STORE_LIST_EVERY      # while the gateway commits before every look
+    idle_hour = looks["idle_look_s"] * polls
+    changed_hour = looks["changed_look_s"] * (polls - listings) + looks["listing_look_s"] * listings
     sampler_hour = sample * HOUR / otrace.Config().metrics_interval
     ratio = ours["entries_per_s"] / bare
     markdown = table(["path", "entries/s", "ratio", "calls/s", "CPU s", "peak RSS MiB"], [
@@ -213,8 +229,11 @@ def main() -> None:
                        "against the host sampler (15 s)"], [
         ["nothing committed since the last look", f"{looks['idle_look_s'] * 1e6:.0f} µs",
          f"{idle_hour:.3f}", f"{idle_hour / sampler_hour:.2f}×"],
-        ["the gateway committed something else (sessions listed again)",
-         f"{looks['changed_look_s'] * 1e6:.0f} µs", f"{changed_hour:.3f}",
+        ["the gateway committed something else (rows past the last top searched by rowid)",
+         f"{looks['changed_look_s'] * 1e6:.0f} µs", "", ""],
+        [f"every session listed (once the commits stop, and every {otrace.STORE_LIST_EVERY:g} s while "
+         "they go on)", f"{looks['listing_look_s'] * 1e6:.0f} µs", "", ""],
+        ["the gateway committing before every look: both, at their rates", "", f"{changed_hour:.3f}",
          f"{changed_hour / sampler_hour:.2f}×"],
         ["host sampler: one snapshot + row", f"{sample * 1e6:.0f} µs", f"{sampler_hour:.3f}", "1.00×"]])
     markdown += "\n\n" + table(
