@@ -76,7 +76,7 @@ import threading
 import time
 import urllib.parse
 import zlib
-from collections.abc import Callable, Container, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from concurrent.futures import Future
 from datetime import UTC, date, datetime, timedelta
 from datetime import time as dt_time
@@ -4454,7 +4454,14 @@ STATE_SQL = ("INSERT INTO otrace_state (key, value, updated_at) VALUES (?, ?, ?)
              "ON CONFLICT (key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at")
 
 
-def read_text(path: Path) -> str | None:
+@functools.lru_cache(maxsize=256)
+def under(root: str | Path, *parts: str) -> str:
+    """The path of a file under a reader's root, joined once: a Path joined at each read costs more
+    than reading some of these files."""
+    return os.path.join(root, *parts)  # noqa: PTH118 - a str, for os.open
+
+
+def read_text(path: str | Path) -> str | None:
     """A small kernel file's text, or None if it is missing or unreadable. Read with bare os calls: a
     text file object costs five times as much, and a host sample reads some twenty files."""
     try:
@@ -4472,7 +4479,7 @@ def read_text(path: Path) -> str | None:
     return b"".join(chunks).decode("ascii", "replace")
 
 
-def read_int(path: Path) -> int | None:
+def read_int(path: str | Path) -> int | None:
     text = read_text(path)
     try:
         return int(text.split()[0]) if text and text.strip() else None
@@ -4480,7 +4487,7 @@ def read_int(path: Path) -> int | None:
         return None
 
 
-def read_keyed(path: Path, keys: Iterable[str]) -> dict[str, int]:
+def read_keyed(path: str | Path, keys: Iterable[str]) -> dict[str, int]:
     """The `keys` of a flat-keyed file ("name value" per line: cpu.stat, memory.stat, /proc/vmstat,
     ...), found without splitting the whole file (vmstat has nearly 200 lines)."""
     text = read_text(path) or ""
@@ -4523,7 +4530,7 @@ class Mount:
 
 
 def mounts(procfs: Path) -> list[Mount]:
-    return [m for line in (read_text(procfs / "self" / "mountinfo") or "").splitlines()
+    return [m for line in (read_text(under(procfs, "self", "mountinfo")) or "").splitlines()
             if (m := Mount.parse(line))]
 
 
@@ -4547,7 +4554,7 @@ class Cgroup:
         if mode == "none":
             return None
         paths: dict[str, str] = {}           # v1 controller, or "" for v2 -> path of our cgroup
-        for line in (read_text(procfs / "self" / "cgroup") or "").splitlines():
+        for line in (read_text(under(procfs, "self", "cgroup")) or "").splitlines():
             _, controllers, path = line.split(":", 2)
             for name in controllers.split(",") if controllers else [""]:
                 paths[name] = path
@@ -4557,7 +4564,7 @@ class Cgroup:
         for mount in mounts(procfs):
             if mount.fstype == "cgroup2" and "" in paths and mode in ("auto", "v2"):
                 where = _cgroup_dir(sysfs, mount, paths[""])
-                enabled = set((read_text(where / "cgroup.controllers") or "").split())
+                enabled = set((read_text(under(where, "cgroup.controllers")) or "").split())
                 v2 = {res: ("v2", where) for res, name in V2_CONTROLLERS.items() if name in enabled}
                 usage_only = where if (where / "cpu.stat").exists() else None
             elif mount.fstype == "cgroup" and mode in ("auto", "v1"):
@@ -4629,21 +4636,21 @@ class HostReader:
         holding = max((m for m in mounts(self.procfs) if path == m.point or path.startswith(
             m.point.rstrip("/") + "/")), key=lambda m: len(m.point), default=None)
         name = holding.source.rsplit("/", 1)[-1] if holding and holding.source.startswith("/dev/") else None
-        for line in (read_text(self.procfs / "diskstats") or "").splitlines():
+        for line in (read_text(under(self.procfs, "diskstats")) or "").splitlines():
             fields = line.split()
             if len(fields) > 9 and fields[2] == name:
                 return int(fields[0]), int(fields[1])
         return None
 
     def snapshot(self) -> Snapshot:
-        online = count_cpus(read_text(self.sysfs / "devices" / "system" / "cpu" / "online"))
+        online = count_cpus(read_text(under(self.sysfs, "devices", "system", "cpu", "online")))
         snap = Snapshot(time.monotonic(), "proc", cores=online)
-        meminfo = read_keyed(self.procfs / "meminfo", ("MemTotal", "MemAvailable", "AnonPages"))
+        meminfo = read_keyed(under(self.procfs, "meminfo"), ("MemTotal", "MemAvailable", "AnonPages"))
         snap.mem_total = meminfo.get("MemTotal", 0) * 1024 or None
         if self.cgroup:
             self.read_cgroup(snap)
         if snap.source == "proc":
-            stat = (read_text(self.procfs / "stat") or "").split("\n", 1)[0].split()
+            stat = (read_text(under(self.procfs, "stat")) or "").split("\n", 1)[0].split()
             if len(stat) >= 9 and stat[0] == "cpu":
                 user, nice, system, idle, iowait, irq, softirq, steal = map(int, stat[1:9])
                 snap.cpu_used = user + nice + system + irq + softirq + steal   # guest is inside user
@@ -4651,7 +4658,7 @@ class HostReader:
         if snap.mem_used is None and "MemAvailable" in meminfo:
             snap.mem_used = (meminfo["MemTotal"] - meminfo["MemAvailable"]) * 1024
             snap.mem_rss = meminfo.get("AnonPages", 0) * 1024
-        snap.host_oom_kills = read_keyed(self.procfs / "vmstat", ("oom_kill",)).get("oom_kill")
+        snap.host_oom_kills = read_keyed(under(self.procfs, "vmstat"), ("oom_kill",)).get("oom_kill")
         self.read_disk(snap)
         snap.self_cpu, snap.self_rss = own_usage(self.procfs)
         return snap
@@ -4660,20 +4667,20 @@ class HostReader:
         dirs = self.cgroup.dirs
         if "cpuacct" in dirs:
             version, cpuacct = dirs["cpuacct"]
-            usage = (read_keyed(cpuacct / "cpu.stat", ("usage_usec",)).get("usage_usec", -1) / 1e6
-                     if version == "v2" else (read_int(cpuacct / "cpuacct.usage") or -1) / 1e9)
+            usage = (read_keyed(under(cpuacct, "cpu.stat"), ("usage_usec",)).get("usage_usec", -1) / 1e6
+                     if version == "v2" else (read_int(under(cpuacct, "cpuacct.usage")) or -1) / 1e9)
             if usage >= 0:
                 snap.source, snap.cpu_used = f"cgroup_{version}", usage
         if "cpu" in dirs:
             version, cpu = dirs["cpu"]
             if version == "v2":
-                quota, _, period = (read_text(cpu / "cpu.max") or "max").strip().partition(" ")
-                stat = read_keyed(cpu / "cpu.stat", ("throttled_usec", "nr_throttled"))
+                quota, _, period = (read_text(under(cpu, "cpu.max")) or "max").strip().partition(" ")
+                stat = read_keyed(under(cpu, "cpu.stat"), ("throttled_usec", "nr_throttled"))
                 snap.throttled_s = stat["throttled_usec"] / 1e6 if "throttled_usec" in stat else None
             else:
-                quota = str(read_int(cpu / "cpu.cfs_quota_us"))
-                period = str(read_int(cpu / "cpu.cfs_period_us"))
-                stat = read_keyed(cpu / "cpu.stat", ("throttled_time", "nr_throttled"))
+                quota = str(read_int(under(cpu, "cpu.cfs_quota_us")))
+                period = str(read_int(under(cpu, "cpu.cfs_period_us")))
+                stat = read_keyed(under(cpu, "cpu.stat"), ("throttled_time", "nr_throttled"))
                 snap.throttled_s = stat["throttled_time"] / 1e9 if "throttled_time" in stat else None
             snap.throttled_periods = stat.get("nr_throttled")
             if quota.lstrip("-").isdigit() and int(quota) > 0 and period.isdigit() and int(period) > 0:
@@ -4682,7 +4689,7 @@ class HostReader:
             version, cpuset = dirs["cpuset"]
             names = (("cpuset.cpus.effective",) if version == "v2"
                      else ("cpuset.effective_cpus", "cpuset.cpus"))
-            allowed = next((n for name in names if (n := count_cpus(read_text(cpuset / name)))), None)
+            allowed = next((n for name in names if (n := count_cpus(read_text(under(cpuset, name))))), None)
             if allowed:
                 snap.cores = min(allowed, snap.cores or math.inf)
         if "memory" in dirs:
@@ -4693,18 +4700,19 @@ class HostReader:
             snap.cgroup_read, snap.cgroup_written = cgroup_io(io, version == "v2")
 
     def read_cgroup_memory(self, snap: Snapshot, memory: Path, v2: bool) -> None:
-        stat = read_keyed(memory / "memory.stat", ("inactive_file", "anon", "total_inactive_file",
+        stat = read_keyed(under(memory, "memory.stat"), ("inactive_file", "anon", "total_inactive_file",
                                                    "total_rss", "rss"))
         if v2:
-            usage, limit = read_int(memory / "memory.current"), read_text(memory / "memory.max")
+            usage, limit = read_int(under(memory, "memory.current")), read_text(under(memory, "memory.max"))
             inactive, anon = stat.get("inactive_file"), stat.get("anon")
-            snap.cgroup_oom_kills = read_keyed(memory / "memory.events", ("oom_kill",)).get("oom_kill")
+            snap.cgroup_oom_kills = read_keyed(under(memory, "memory.events"), ("oom_kill",)).get("oom_kill")
         else:
-            usage = read_int(memory / "memory.usage_in_bytes")
-            limit = read_text(memory / "memory.limit_in_bytes")
+            usage = read_int(under(memory, "memory.usage_in_bytes"))
+            limit = read_text(under(memory, "memory.limit_in_bytes"))
             inactive = stat.get("total_inactive_file", stat.get("inactive_file"))
             anon = stat.get("total_rss", stat.get("rss"))
-            snap.cgroup_oom_kills = read_keyed(memory / "memory.oom_control", ("oom_kill",)).get("oom_kill")
+            snap.cgroup_oom_kills = read_keyed(under(memory, "memory.oom_control"), ("oom_kill",)).get(
+                "oom_kill")
         if usage is None:
             return                   # e.g. the root cgroup has no memory.current: /proc speaks for it
         snap.mem_used, snap.mem_rss = max(0, usage - (inactive or 0)), anon
@@ -4717,7 +4725,7 @@ class HostReader:
             snap.disk = disk_usage(self.disk_path)
         if self.device is None:
             return
-        for line in (read_text(self.procfs / "diskstats") or "").splitlines():
+        for line in (read_text(under(self.procfs, "diskstats")) or "").splitlines():
             fields = line.split()
             if len(fields) > 9 and (int(fields[0]), int(fields[1])) == self.device:
                 snap.disk_device = f"{fields[2]} ({fields[0]}:{fields[1]})"
@@ -4727,7 +4735,7 @@ class HostReader:
 
 def own_usage(procfs: Path) -> tuple[float | None, int | None]:
     """otrace's own CPU seconds and resident bytes, from <procfs>/self/stat and statm."""
-    stat_text, statm = read_text(procfs / "self" / "stat"), read_text(procfs / "self" / "statm")
+    stat_text, statm = read_text(under(procfs, "self", "stat")), read_text(under(procfs, "self", "statm"))
     cpu = rss = None
     if stat_text and ")" in stat_text:
         fields = stat_text.rsplit(")", 1)[1].split()
@@ -4740,14 +4748,14 @@ def own_usage(procfs: Path) -> tuple[float | None, int | None]:
 def cgroup_io(directory: Path, v2: bool) -> tuple[int | None, int | None]:
     """Bytes read and written by the cgroup, summed over devices: v2 io.stat, v1 blkio."""
     if v2:
-        text = read_text(directory / "io.stat")
+        text = read_text(under(directory, "io.stat"))
         if text is None:
             return None, None
         pairs = [field.split("=") for line in text.splitlines() for field in line.split()[1:]]
         return sum(int(v) for k, v in pairs if k == "rbytes"), sum(int(v) for k, v in pairs if k == "wbytes")
     for name in ("blkio.throttle.io_service_bytes_recursive", "blkio.throttle.io_service_bytes",
                  "blkio.io_service_bytes_recursive"):
-        text = read_text(directory / name)
+        text = read_text(under(directory, name))
         if text is not None:
             rows = [line.split() for line in text.splitlines() if len(line.split()) == 3]
             return (sum(int(n) for _, op, n in rows if op == "Read"),
@@ -4962,7 +4970,7 @@ def read_process(pid: str, root: int) -> Proc | None:
 
 def read_uptime(procfs: Path) -> float:
     """Seconds since boot, from <procfs>/uptime (the boot-time clock if it cannot be read)."""
-    text = read_text(procfs / "uptime")
+    text = read_text(under(procfs, "uptime"))
     with contextlib.suppress(ValueError, IndexError, AttributeError):
         return float(text.split()[0])
     return time.clock_gettime(time.CLOCK_BOOTTIME)
@@ -4970,7 +4978,7 @@ def read_uptime(procfs: Path) -> float:
 
 def read_btime(procfs: Path) -> float | None:
     """The boot time, in Unix seconds, from <procfs>/stat."""
-    return read_keyed(procfs / "stat", ("btime",)).get("btime")
+    return read_keyed(under(procfs, "stat"), ("btime",)).get("btime")
 
 
 def read_cmdline(procfs: Path, pid: int) -> tuple[bytes, ...] | None:
@@ -5313,14 +5321,14 @@ class NetReader:
         self.procfs, self.netlink, self.log = procfs, live, logger
 
     def snapshot(self) -> NetSnapshot:
-        net = self.procfs / "net"
+        net = under(self.procfs, "net")
         snap = NetSnapshot(read_uptime(self.procfs), None, net_dev(net))
-        tcp4 = read_keyed_row(read_text(net / "sockstat"), "TCP")
+        tcp4 = read_keyed_row(read_text(under(net, "sockstat")), "TCP")
         time_wait = tcp4.get("tw")
         if self.netlink:
             # a family with no socket in use has none to count, and its dump walks the kernel's whole table
-            in_use = {socket.AF_INET: tcp4.get("inuse"),
-                      socket.AF_INET6: read_keyed_row(read_text(net / "sockstat6"), "TCP6").get("inuse")}
+            tcp6 = read_keyed_row(read_text(under(net, "sockstat6")), "TCP6")
+            in_use = {socket.AF_INET: tcp4.get("inuse"), socket.AF_INET6: tcp6.get("inuse")}
             families = [f for f, n in in_use.items() if n != 0 or time_wait is None]
             try:
                 snap.tcp = tcp_states_netlink(families, with_time_wait=time_wait is None)
@@ -5333,11 +5341,9 @@ class NetReader:
         if snap.tcp is not None and time_wait is not None:
             snap.tcp["time_wait"] = time_wait
         for name in ("snmp", "netstat"):
-            snap.counters |= keyed_rows(read_text(net / name), name, NET_COUNTERS)
-        for line in (read_text(net / "snmp6") or "").splitlines():
-            words = line.split()
-            if len(words) == 2 and ("snmp6", "", words[0]) in NET_COUNTERS and words[1].isdigit():
-                snap.counters[("snmp6", "", words[0])] = int(words[1])
+            snap.counters |= keyed_rows(read_text(under(net, name)), name, NET_COUNTERS)
+        snmp6 = read_keyed(under(net, "snmp6"), [key for file, _, key in NET_COUNTERS if file == "snmp6"])
+        snap.counters |= {("snmp6", "", key): value for key, value in snmp6.items()}
         return snap
 
 
@@ -5346,7 +5352,7 @@ def tcp_states(net: Path) -> dict[str, int] | None:
     counts: collections.Counter[str] = collections.Counter()
     found = False
     for name in ("tcp", "tcp6"):
-        text = read_text(net / name)
+        text = read_text(under(net, name))
         if text is None:
             continue
         found = True
@@ -5395,7 +5401,7 @@ def diag_dump(family: int, states: int) -> collections.Counter[int]:
 def net_dev(net: Path) -> tuple[int, int, int, int] | None:
     """Bytes and packets received and sent, summed over every interface but lo. Two header lines;
     an interface's name ends at its colon, with or without a space after it."""
-    text = read_text(net / "dev")
+    text = read_text(under(net, "dev"))
     if text is None:
         return None
     totals = [0, 0, 0, 0]
@@ -5420,16 +5426,17 @@ def read_keyed_row(text: str | None, section: str) -> dict[str, int]:
     return {}
 
 
-def keyed_rows(text: str | None, name: str, wanted: Container[tuple[str, str, str]]
+def keyed_rows(text: str | None, name: str, wanted: Collection[tuple[str, str, str]]
                ) -> dict[tuple[str, str, str], int]:
     """The `wanted` counters (name, section, key) of snmp or netstat `name`: each section is a row of
     names and a row of values, both starting with "Section:"; which sections and columns there are
     varies with the kernel."""
     values: dict[tuple[str, str, str], int] = {}
+    sections = {section for file, section, _ in wanted if file == name}
     lines = (text or "").splitlines()
     for names, numbers in zip(lines[::2], lines[1::2], strict=False):
         section, _, keys = names.partition(":")
-        if numbers.partition(":")[0] != section:
+        if section not in sections or numbers.partition(":")[0] != section:
             continue
         for key, value in zip(keys.split(), numbers.partition(":")[2].split(), strict=False):
             if (name, section, key) in wanted and value.lstrip("-").isdigit():
