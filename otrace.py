@@ -2385,8 +2385,7 @@ class EventQueue(queue.Queue):
 
     def next_work(self, batch_size: int, window: float, idle: float) -> Job | list[Unit]:
         """The writer's next job, or its next batch: whole units until batch_size events, waiting at
-        most `window` after the oldest arrived, unless it is otrace's own: its reader batched it, and
-        the wait would only cost a wake-up. An empty list after `idle` seconds with nothing to do."""
+        most `window` after the oldest arrived. An empty list after `idle` seconds with nothing to do."""
         with self.not_empty:
             end = time.monotonic() + idle
             while not (self.jobs or self.queue):
@@ -2396,7 +2395,7 @@ class EventQueue(queue.Queue):
                 self.not_empty.wait(left)     # closed or not: jobs still come, and the last is None
             if self.jobs:
                 return self.jobs.popleft()
-            due = self.queue[0].arrived + (0.0 if self.queue[0].own else window)
+            due = self.queue[0].arrived + window
             while self.waiting < batch_size and not self.jobs and not self.closed:
                 left = due - time.monotonic()
                 if left <= 0:
