@@ -4931,6 +4931,13 @@ def test_a_store_deleted_then_replaced_by_a_fresh_one_is_read_without_repeats(
     assert len(session_traces(node)) == 7 and not node.logs("sessions failing")
 
 
+def store_in_process(tmp_path: Path, state: Path) -> otrace.SessionStore:
+    """A SessionStore following `state` in this process, its rows offered to a queue no writer takes."""
+    config = otrace.Config(db_path=str(tmp_path / "o.db"))
+    otrace.open_database(config.db_path)
+    return otrace.SessionStore(config, otrace.EventQueue(4096, 50), otrace.Database(config.db_path), state)
+
+
 @needs_stores
 def test_a_quiet_store_takes_a_few_stat_calls_until_a_file_it_reads_changes(tmp_path: Path) -> None:
     """After a look that found nothing, a look at the same files lists no directory; a call committed
@@ -4939,9 +4946,7 @@ def test_a_quiet_store_takes_a_few_stat_calls_until_a_file_it_reads_changes(tmp_
     state = state_copy(tmp_path)
     db = agent_db(state)
     template = assistant_template(db)
-    config = otrace.Config(db_path=str(tmp_path / "o.db"))
-    otrace.open_database(config.db_path)
-    store = otrace.SessionStore(config, otrace.EventQueue(4096, 50), otrace.Database(config.db_path), state)
+    store = store_in_process(tmp_path, state)
     store.stamps = otrace.Stamps(margin_ns=0)            # files written just now are trusted here
 
     def calls() -> int:
@@ -4970,9 +4975,7 @@ def test_a_look_after_a_commit_lists_only_the_sessions_with_rows_added(
     state = state_copy(tmp_path)
     db = agent_db(state)
     template = assistant_template(db)
-    config = otrace.Config(db_path=str(tmp_path / "o.db"))
-    otrace.open_database(config.db_path)
-    store = otrace.SessionStore(config, otrace.EventQueue(4096, 50), otrace.Database(config.db_path), state)
+    store = store_in_process(tmp_path, state)
     store.look()
     ran: list[str] = []
     store.databases["main"].conn.set_trace_callback(ran.append)
