@@ -7747,6 +7747,7 @@ BOOKKEEPING = (("push_log", "started_at", ""), ("push_rejects", "rejected_at", "
                ("retention_ledger", "at", "AND (reported_at IS NOT NULL OR unsynced_deleted = 0)"))
 CHUNK = 1000                     # rows one deletion takes at most; under a smaller cap, one row per
 CHUNK_SHARE = 200_000            # this many bytes of it: a chunk of 2 KB rows frees about 1 % of the cap
+RELIEF_TIME = 0.005              # seconds of chunks one job runs under the cap: about a batch
 
 
 def checkpoint(mode: str, conn: sqlite3.Connection) -> dict[str, int]:
@@ -7809,13 +7810,14 @@ class Cut:
             if gone:
                 conn.execute(LEDGER_SQL, (self.pass_id, now_ms(), table, self.reason, len(gone),
                                           len(lost), min(lost, default=None), max(lost, default=None)))
-        return Chunk(table, len(gone), len(lost), live_bytes(conn))
+        return Chunk(table, self.reason, len(gone), len(lost), live_bytes(conn))
 
 
 class Chunk(NamedTuple):
     """What one Cut did."""
 
     table: str | None        # None: no row matched
+    reason: str
     deleted: int
     lost: int                # of the deleted rows, the ones never pushed
     live_bytes: int          # after it
@@ -7859,6 +7861,31 @@ class Tier:
     for_disk: bool           # disk pressure may always use it, not only when otrace's rows can help
     chunk: int               # rows per transaction: small where every row deleted is a row lost
 
+    def cut(self, pass_id: str) -> Cut:
+        return Cut(self.tables, self.where, self.reason, pass_id, limit=self.chunk)
+
+
+class Relief(NamedTuple):
+    """What one relief job did under the cap."""
+
+    chunks: list[Chunk]
+    live_bytes: int                  # after it
+    tiers: tuple[Tier, ...]          # those not run out yet, for the next job (looking is not free)
+
+
+def relief(tiers: tuple[Tier, ...], until: int, pass_id: str, conn: sqlite3.Connection) -> Relief:
+    """Under the cap: tier after tier, chunk after chunk (each a transaction of its own), until the
+    rows use at most `until` bytes, every tier has run out, or RELIEF_TIME has passed after one
+    chunk at least. One chunk a job, between two batches, would only keep pace with a burst."""
+    chunks: list[Chunk] = []
+    live, end = live_bytes(conn), time.monotonic() + RELIEF_TIME
+    while tiers and live > until and not (chunks and time.monotonic() >= end):
+        chunks.append(chunk := tiers[0].cut(pass_id)(conn))
+        live = chunk.live_bytes
+        if chunk.table is None:
+            tiers = tiers[1:]
+    return Relief(chunks, live, tiers)
+
 
 class Marks:
     """The database's high and low marks, as shares of its cap: 85 % and 75 %, lowered together by as
@@ -7895,8 +7922,9 @@ class Retention(Loop):
     """Every TRACE_CLEANUP_INTERVAL, and at once when a batch takes the database past its high mark or
     a write fails for lack of space: while the database is over its high mark or the disk over
     TRACE_DISK_HIGH_PCT, deletes oldest first in tier order down to the low mark; then, on the
-    interval, deletes pushed rows older than TRACE_RETENTION. Every deletion runs in a chunk of its own
-    between ingest batches, with its ledger row."""
+    interval, deletes pushed rows older than TRACE_RETENTION. Every deletion runs in a chunk of its own,
+    a transaction with its ledger row, between ingest batches; under the cap, chunk after chunk for up
+    to RELIEF_TIME."""
 
     LOW_DISK = 5.0           # a pass deletes until the disk is 5 points under TRACE_DISK_HIGH_PCT
 
@@ -7912,6 +7940,8 @@ class Retention(Loop):
                       Tier("pressure_unpushed", unpushed, UNDELIVERED, False, 50))
         self.last_pass: dict[str, Any] | None = None
         self.housekept_at = -math.inf            # when the age deletions and pruning last ran
+        self.file_bytes = 0                      # the main file's size after the last batch
+        self.head_starts: collections.deque[Future] = collections.deque()   # relief jobs watch() began
         self.marks = Marks()
 
     def check_budget(self) -> None:
@@ -7926,15 +7956,26 @@ class Retention(Loop):
                 "advice": "set TRACE_DB_MAX_BYTES under TRACE_DISK_HIGH_PCT of the volume, less the WAL"})
 
     def watch(self) -> None:
-        """After each batch the writer commits: a database past its high mark wakes a pass now, not
-        at the next interval, so the file outgrows the mark by a batch or two, not by an interval's."""
+        """On the writer's thread, after each batch it commits: a database past its high mark wakes
+        a pass now, not at the next interval. If the batch grew the file, the writer's next job
+        starts deleting at once (a head start, which the pass takes over): a burst would otherwise
+        outgrow the mark while the pass thread gets going, as a stalled client catches up."""
+        grew = (file := file_size(self.config.db_path)) > self.file_bytes
+        self.file_bytes = file
         if self.share() > self.marks.high:
+            if grew and not self.head_starts:
+                self.head_starts.append(self.events.submit(functools.partial(
+                    relief, self.tiers, self.low_bytes(), new_id())))
             self.wake()
 
     def tick(self) -> None:
         pass_id, started = new_id(), time.monotonic()
         tally: collections.Counter[tuple[str, str, str]] = collections.Counter()
-        cause = self.relieve(pass_id, tally)
+        tiers = self.tiers
+        while self.head_starts:
+            chunks, _, tiers = self.head_starts.popleft().result(JOB_TIMEOUT)
+            self.tally(chunks, tally)
+        cause = self.relieve(pass_id, tally, tiers)
         pruned = 0
         if started >= self.housekept_at + self.interval:   # a pass woken by watch() only relieves
             self.housekept_at = started
@@ -7966,10 +8007,15 @@ class Retention(Loop):
 
     def delete_chunk(self, cut: Cut, tally: collections.Counter[tuple[str, str, str]]) -> Chunk:
         chunk = self.events.call(cut)
-        if chunk.table is not None:
-            tally[(chunk.table, cut.reason, "deleted")] += chunk.deleted
-            tally[(chunk.table, cut.reason, "unpushed")] += chunk.lost
+        self.tally([chunk], tally)
         return chunk
+
+    @staticmethod
+    def tally(chunks: list[Chunk], tally: collections.Counter[tuple[str, str, str]]) -> None:
+        for chunk in chunks:
+            if chunk.table is not None:
+                tally[(chunk.table, chunk.reason, "deleted")] += chunk.deleted
+                tally[(chunk.table, chunk.reason, "unpushed")] += chunk.lost
 
     def db_bytes(self) -> int:
         """The database's size as the cap counts it: file + WAL."""
@@ -7992,11 +8038,12 @@ class Retention(Loop):
             return "disk", f"disk {used_pct} % used > {self.config.disk_high_pct} %"
         return None
 
-    def relieved(self, cause: str, live: int) -> bool:
-        """Under the low mark, counting only the `live` bytes rows use: freed pages go back at the
-        end of the pass, in one shrink, not one per chunk."""
-        if cause == "db_cap":
-            return live <= self.config.db_max_bytes * self.marks.low
+    def low_bytes(self) -> int:
+        """The low mark, in the bytes rows use: freed pages go back at the end of a pass, in one
+        shrink, not one per chunk."""
+        return int(self.config.db_max_bytes * self.marks.low)
+
+    def disk_relieved(self) -> bool:
         return disk_usage(self.db_dir)[3] <= self.config.disk_high_pct - self.LOW_DISK
 
     def own_share_can_relieve(self) -> bool:
@@ -8005,32 +8052,37 @@ class Retention(Loop):
         excess = used - (self.config.disk_high_pct - self.LOW_DISK) / 100 * (used + avail)
         return self.db_bytes() >= excess
 
-    def relieve(self, pass_id: str, tally: collections.Counter[tuple[str, str, str]]) -> str | None:
-        """Under pressure, delete tier after tier, a chunk at a time from whichever table holds the
-        oldest row, until under the low mark. Disk pressure reaches unpushed traces, errors and log
-        events only when the database is big enough for deleting them to bring the disk under the
-        low mark: a disk filled by something else is not helped by losing them. Returns the cause
-        of the pressure, if there was some."""
+    def relieve(self, pass_id: str, tally: collections.Counter[tuple[str, str, str]],
+                tiers: tuple[Tier, ...]) -> str | None:
+        """Under pressure, delete tier after tier (from `tiers` on, under the cap: those a head start
+        left), a chunk at a time from whichever table holds the oldest row, until under the low mark.
+        Disk pressure reaches unpushed traces, errors and log events only when the database is big
+        enough for deleting them to bring the disk under the low mark: a disk filled by something
+        else is not helped by losing them. Returns the cause of the pressure, if there was some."""
         found = self.pressure()
         if not found:
             return None
         cause, detail = found
         self.log.warning("over budget: deleting oldest rows", extra={"cause": cause, "detail": detail})
-        live = self.events.call(live_bytes)
-        for tier in self.tiers:
-            if cause == "disk" and not tier.for_disk and not self.own_share_can_relieve():
-                break
-            while not self.stopping.is_set() and not self.relieved(cause, live):
-                chunk = self.delete_chunk(Cut(tier.tables, tier.where, tier.reason, pass_id,
-                                              limit=tier.chunk), tally)
-                live = chunk.live_bytes
-                self.share()                   # the marks learn from the WAL a chunk writes too
-                if chunk.table is None:
+        if cause == "db_cap":
+            while tiers and not self.stopping.is_set():
+                job = functools.partial(relief, tiers, self.low_bytes(), pass_id)
+                chunks, live, tiers = self.events.call(job)
+                self.tally(chunks, tally)
+                self.share()                   # the marks learn from the WAL a job writes too
+                if live <= self.low_bytes():
+                    return cause
+        else:
+            for tier in self.tiers:
+                if not tier.for_disk and not self.own_share_can_relieve():
                     break
-                if cause == "disk":
+                while not self.stopping.is_set() and not self.disk_relieved():
+                    chunk = self.delete_chunk(tier.cut(pass_id), tally)
+                    if chunk.table is None:
+                        break
                     self.give_back()           # the disk sees freed pages only once given back
-            if self.relieved(cause, live):
-                return cause
+                if self.disk_relieved():
+                    return cause
         self.give_back()
         self.log.error("still over budget after deleting all it may", extra={
             "cause": cause, "detail": (self.pressure() or (cause, "now under"))[1]})

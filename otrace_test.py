@@ -3093,6 +3093,59 @@ def test_a_wal_a_reader_made_grow_is_cut_back_when_it_restarts(tmp_path: Path) -
         assert grown > 2 * limit and (tmp_path / "o.db-wal").stat().st_size <= limit
 
 
+def test_a_relief_job_deletes_tier_after_tier_chunk_after_chunk_down_to_its_mark(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under the cap the writer deletes chunk after chunk in one job, each its own transaction with
+    its ledger entry, tier after tier, and stops at the mark, not a chunk later; when every tier has
+    run out; or when RELIEF_TIME is up, after one chunk at least (here a minute, then none). It says
+    which tiers have rows left, so the next job does not look again where none are."""
+    db = tmp_path / "o.db"
+    seed(db, [("trace", 60, 0), ("metric", 100, 0), ("trace", 300, 1)])
+    pushed = otrace.Tier("pressure_pushed", ("llm_traces",), "synced = 1", True, 10)
+    samples = otrace.Tier("pressure_metrics", ("system_metrics",), "synced = 0", True, 10)
+    monkeypatch.setattr(otrace, "RELIEF_TIME", 60.0)
+    with contextlib.closing(otrace.connect(str(db))) as conn:
+        live = otrace.live_bytes(conn)
+        assert otrace.relief((pushed,), live, "p1", conn) == ([], live, (pushed,))
+        chunks, left, tiers = otrace.relief((pushed, samples), live // 2, "p2", conn)
+        assert left <= live // 2 < chunks[-2].live_bytes and tiers == (pushed, samples)
+        assert {(c.table, c.reason, c.deleted) for c in chunks} == {("llm_traces", "pressure_pushed", 10)}
+        assert conn.execute("SELECT count(*), sum(deleted) FROM retention_ledger").fetchone() == (
+            1, 10 * len(chunks))                         # the pass's entry, added to by each chunk
+        monkeypatch.setattr(otrace, "RELIEF_TIME", 0.0)
+        assert [c.deleted for c in otrace.relief((pushed,), 0, "p3", conn).chunks] == [10]
+        monkeypatch.setattr(otrace, "RELIEF_TIME", 60.0)
+        chunks, _, tiers = otrace.relief((pushed, samples), 0, "p4", conn)
+        tables = [c.table for c in chunks]                # the pushed traces, then the samples
+        first = tables.index(None)
+        assert not tiers and tables == ["llm_traces"] * first + [None] + ["system_metrics"] * 10 + [None]
+        assert conn.execute("SELECT synced, count(*) FROM llm_traces GROUP BY synced").fetchall() == [(0, 60)]
+        assert conn.execute("SELECT count(*) FROM system_metrics").fetchone() == (0,)
+
+
+def test_a_batch_that_grows_the_database_past_its_high_mark_starts_a_deletion_at_once(tmp_path: Path) -> None:
+    """The writer, after such a batch, queues the first relief job itself, ahead of the next batch,
+    and wakes the pass to take it over; one at a time, and none for a batch that grew nothing."""
+    db = tmp_path / "o.db"
+    seed(db, [("trace", 300, 1)])
+    cap = int(db_bytes(db) / 0.9)
+    config = otrace.Config.from_env({"TRACE_DB_PATH": str(db), "TRACE_DB_MAX_BYTES": str(cap)})
+    events = otrace.EventQueue(512, 50)
+    retention = otrace.Retention(config, events, otrace.Database(str(db)))
+    retention.watch()                                    # from nothing to 90 % of the cap
+    retention.watch()
+    assert len(events.jobs) == 1 and len(retention.head_starts) == 1 and retention.bell.is_set()
+    writer = otrace.Writer(config, otrace.Database(str(db)), events, otrace.Counters(()))
+    with contextlib.closing(writer.connect(str(db))) as conn:
+        job = events.jobs.popleft()
+        chunks = job.run(conn).chunks
+    assert {c.reason for c in chunks} == {"pressure_pushed"} and chunks[0].deleted == retention.chunk
+    retention.head_starts.clear()
+    retention.bell.clear()
+    retention.watch()                                    # the file did not grow: the pass alone
+    assert not events.jobs and retention.bell.is_set()
+
+
 def test_a_deletion_costs_the_wal_a_few_pages_and_the_file_shrinks_a_step_at_a_time(tmp_path: Path) -> None:
     """The writer deletes without copying every freed page through the WAL (builds that zero freed
     pages by default would, and the cap counts the WAL); the file is then given back in steps, each a
@@ -3102,7 +3155,7 @@ def test_a_deletion_costs_the_wal_a_few_pages_and_the_file_shrinks_a_step_at_a_t
     config = otrace.Config.from_env({"TRACE_DB_PATH": str(db)})
     writer = otrace.Writer(config, otrace.Database(str(db)), otrace.EventQueue(512, 50), otrace.Counters(()))
     with contextlib.closing(writer.connect(str(db))) as conn:
-        _, deleted, lost, _ = otrace.Cut(("llm_traces",), "synced = 1", "test", "pass-1", limit=300)(conn)
+        _, _, deleted, lost, _ = otrace.Cut(("llm_traces",), "synced = 1", "test", "pass-1", limit=300)(conn)
         freed = conn.execute("PRAGMA freelist_count").fetchone()[0]
         assert (deleted, lost) == (300, 0) and freed >= 250                 # a page or so per row
         assert (tmp_path / "o.db-wal").stat().st_size < freed * 4096 // 5
