@@ -7924,7 +7924,7 @@ class Retention(Loop):
     TRACE_DISK_HIGH_PCT, deletes oldest first in tier order down to the low mark; then, on the
     interval, deletes pushed rows older than TRACE_RETENTION. Every deletion runs in a chunk of its own,
     a transaction with its ledger row, between ingest batches; under the cap, chunk after chunk for up
-    to RELIEF_TIME."""
+    to RELIEF_TIME a job, the first of them queued by the writer itself (`watch`)."""
 
     LOW_DISK = 5.0           # a pass deletes until the disk is 5 points under TRACE_DISK_HIGH_PCT
 
