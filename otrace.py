@@ -7962,7 +7962,7 @@ class Retention(Loop):
         outgrow the mark while the pass thread gets going, as a stalled client catches up."""
         grew = (file := file_size(self.config.db_path)) > self.file_bytes
         self.file_bytes = file
-        if self.share() > self.marks.high:
+        if self.share(file) > self.marks.high:
             if grew and not self.head_starts:
                 self.head_starts.append(self.events.submit(functools.partial(
                     relief, self.tiers, self.low_bytes(), new_id())))
@@ -8017,14 +8017,15 @@ class Retention(Loop):
                 tally[(chunk.table, chunk.reason, "deleted")] += chunk.deleted
                 tally[(chunk.table, chunk.reason, "unpushed")] += chunk.lost
 
-    def db_bytes(self) -> int:
-        """The database's size as the cap counts it: file + WAL."""
-        return file_size(self.config.db_path) + file_size(self.config.db_path + "-wal")
+    def db_bytes(self, file: int | None = None) -> int:
+        """The database's size as the cap counts it: file (its size if just read) + WAL."""
+        main = file_size(self.config.db_path) if file is None else file
+        return main + file_size(self.config.db_path + "-wal")
 
-    def share(self) -> float:
+    def share(self, file: int | None = None) -> float:
         """The database's size as a share of its cap, which the marks learn from (the WAL a pass
         writes counts too)."""
-        share = self.db_bytes() / self.config.db_max_bytes
+        share = self.db_bytes(file) / self.config.db_max_bytes
         self.marks.seen(share)
         return share
 
@@ -8065,12 +8066,12 @@ class Retention(Loop):
         cause, detail = found
         self.log.warning("over budget: deleting oldest rows", extra={"cause": cause, "detail": detail})
         if cause == "db_cap":
+            until = self.low_bytes()
             while tiers and not self.stopping.is_set():
-                job = functools.partial(relief, tiers, self.low_bytes(), pass_id)
-                chunks, live, tiers = self.events.call(job)
+                chunks, live, tiers = self.events.call(functools.partial(relief, tiers, until, pass_id))
                 self.tally(chunks, tally)
                 self.share()                   # the marks learn from the WAL a job writes too
-                if live <= self.low_bytes():
+                if live <= until:
                     return cause
         else:
             for tier in self.tiers:
