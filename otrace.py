@@ -2022,12 +2022,13 @@ STATE_TABLES = ("otrace_state", "log_offsets",   # where readers keep their plac
                 "openclaw_positions", "openclaw_attempts", "otlp_series")
 
 
-def connect(path: str, read_only: bool = False) -> sqlite3.Connection:
+def connect(path: str, read_only: bool = False, create: bool = True) -> sqlite3.Connection:
     """Open the database with otrace's pragmas; transactions are explicit (see transaction()). A
-    read-only connection never creates the file."""
-    target = f"file:{urllib.parse.quote(path)}?mode=ro" if read_only else path
+    read-only connection, or one that must not `create` it, never creates the file."""
+    mode = "ro" if read_only else None if create else "rw"
+    target = f"file:{urllib.parse.quote(path)}?mode={mode}" if mode else path
     conn = sqlite3.connect(target, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False,
-                           uri=read_only)
+                           uri=mode is not None)
     conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT * 1000:.0f}")
     conn.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
     conn.execute("PRAGMA synchronous = NORMAL")
@@ -2130,13 +2131,14 @@ class Database:
         return True
 
     @contextlib.contextmanager
-    def reading(self, wait: float = 5.0) -> Iterator[sqlite3.Connection]:
-        """A read-only connection for one task (a push cycle, a retention pass), closed after it."""
+    def reading(self, wait: float = 5.0, read_only: bool = True) -> Iterator[sqlite3.Connection]:
+        """A connection for one task (a push cycle, a retention pass; read-only unless it checkpoints),
+        closed after it."""
         with self._state:
             self._admit(wait)
             self._readers += 1
         try:
-            with contextlib.closing(connect(self.path, read_only=True)) as conn:
+            with contextlib.closing(connect(self.path, read_only=read_only, create=False)) as conn:
                 yield conn
         finally:
             with self._state:
@@ -7750,9 +7752,12 @@ CHUNK_SHARE = 200_000            # this many bytes of it: a chunk of 2 KB rows f
 RELIEF_TIME = 0.005              # seconds of chunks one job runs under the cap: about a batch
 
 
+CHECKPOINTS = threading.Lock()   # one at a time: a TRUNCATE that met the checkpointer's copy would give up
+
+
 def checkpoint(mode: str, conn: sqlite3.Connection) -> dict[str, int]:
-    """A WAL checkpoint on the writer's connection. After TRUNCATE the page counts read 0."""
-    with never_waiting(conn):
+    """A WAL checkpoint, once no other is under way. After TRUNCATE the page counts read 0."""
+    with CHECKPOINTS, never_waiting(conn):
         busy, wal_pages, moved = conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
     return {"busy": busy, "wal_pages": wal_pages, "checkpointed_pages": moved}
 
@@ -7770,20 +7775,48 @@ def never_waiting(conn: sqlite3.Connection) -> Iterator[None]:
 
 
 class Checkpointer(Loop):
-    """Every TRACE_CHECKPOINT_INTERVAL the writer checkpoints between two batches (no second writer
-    races it): PASSIVE, or TRUNCATE once the WAL is over TRACE_WAL_MAX_BYTES, since a passive
-    checkpoint reuses the WAL file but never shrinks it."""
+    """Keeps the WAL copied into the database without holding the writer through the copy. The writer's
+    own autocheckpoint copies an autocheckpoint's worth of pages and fsyncs twice while requests queue
+    up; so the writer wakes this loop (`watch`) each time it has changed half that many rows (a changed
+    row dirties a page: a rough count of the WAL's), and the loop copies on a connection of its own
+    (PASSIVE: nobody waits for it), then has the writer copy what it appended meanwhile, between two
+    batches: SQLite starts the WAL over only once a checkpoint has copied all of it, and only the
+    writer's can. Every TRACE_CHECKPOINT_INTERVAL it does the same; once the WAL is over
+    TRACE_WAL_MAX_BYTES, the writer checkpoints with TRUNCATE instead, since a passive checkpoint reuses
+    the WAL file but never shrinks it."""
 
-    def __init__(self, config: Config, events: EventQueue) -> None:
+    def __init__(self, config: Config, events: EventQueue, db: Database) -> None:
         super().__init__("checkpoint", config.checkpoint_interval)
-        self.events, self.limit, self.wal_path = events, config.wal_max_bytes, config.db_path + "-wal"
+        self.events, self.db, self.limit, self.wal_path = events, db, config.wal_max_bytes, db.path + "-wal"
+        self.step = autocheckpoint_pages(config, 4096) // 2
+        self.seen = 0              # the writer's changes when it last woke the loop
+        self.woken = False
+
+    def watch(self, changes: int) -> None:
+        """On the writer's thread, after each batch: `changes` is its connection's total_changes."""
+        if changes < self.seen:      # a new connection (the file was replaced)
+            self.seen = 0
+        if changes - self.seen >= self.step and not self.db.replaced_pending:
+            self.seen, self.woken = changes, True
+            self.wake()
 
     def tick(self) -> None:
+        woken, self.woken = self.woken, False
         before = file_size(self.wal_path)
-        mode = "TRUNCATE" if before > self.limit else "PASSIVE"
-        result = self.events.call(functools.partial(checkpoint, mode))
-        self.log.info("wal checkpoint", extra={"mode": mode.lower(), **result, "wal_bytes_before": before,
-                                               "wal_bytes_after": file_size(self.wal_path)})
+        if before > self.limit:
+            mode, result = "truncate", self.events.call(functools.partial(checkpoint, "TRUNCATE"))
+        else:
+            aside = self.copy_aside()
+            mode, result = "passive", {**self.events.call(functools.partial(checkpoint, "PASSIVE")),
+                                       "copied_aside": aside}
+        log = self.log.debug if woken and mode == "passive" else self.log.info   # a burst's copies: many
+        log("wal checkpoint", extra={"mode": mode, **result, "wal_bytes_before": before,
+                                     "wal_bytes_after": file_size(self.wal_path)})
+
+    def copy_aside(self) -> int:
+        """A PASSIVE checkpoint on a connection of the loop's own: how many pages it copied."""
+        with self.db.reading(read_only=False) as conn:
+            return checkpoint("PASSIVE", conn)["checkpointed_pages"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -9205,8 +9238,9 @@ class Service:
         self.retention = Retention(config, self.events, self.db)
         self.retention.check_budget()
         self.writer.on_fault = self.on_write_fault
-        self.writer.on_committed = self.retention.watch
-        self.loops: list[Loop] = [Checkpointer(config, self.events), self.retention]
+        self.checkpointer = Checkpointer(config, self.events, self.db)
+        self.writer.on_committed = self.committed
+        self.loops: list[Loop] = [self.checkpointer, self.retention]
         self.dns = DnsProbe(config, self.events) if config.dns_probe else None
         self.processes = ProcessSampler(config, self.events) if config.proc_interval else None
         self.sampler = Sampler(config, self.events, self.db, self.dns, self.processes) \
@@ -9228,6 +9262,12 @@ class Service:
         otlp = [(config.host, config.otlp_port)] if config.otlp_port not in (0, config.port) else []
         # last, so that a failed start binds nothing
         self.server = IngestServer(self, [(config.host, config.port)], otlp)
+
+    def committed(self) -> None:
+        """After each batch, on the writer's thread: what the batch grew may be due for a deletion or a
+        copy."""
+        self.retention.watch()
+        self.checkpointer.watch(self.writer.conn.total_changes)
 
     def on_write_fault(self, error: str) -> None:
         """A write has just started failing: if for lack of space, run retention now."""

@@ -782,8 +782,12 @@ def test_a_symlinked_database_path_finds_its_wal_and_reserve_beside_the_real_fil
     node = run({"TRACE_WAL_MAX_BYTES": "64KiB", "TRACE_CHECKPOINT_INTERVAL": "200ms"}, db=link)
     assert node.health()["db_path"] == str(real)
     assert (real.parent / "otrace.db-reserve").stat().st_size == 16 * 2**20
-    node.post("/v1/traces", [trace(input_text="x" * 2000) for _ in range(200)])
-    wait_until(lambda: node.health()["wal_size_bytes"] > 0, what="the WAL seen beside the real file")
+
+    def wal_seen() -> bool:               # between two checkpoints, which may truncate it
+        assert node.post("/v1/traces", [trace(input_text="x" * 2000) for _ in range(20)]).status == 202
+        return node.health()["wal_size_bytes"] > 0
+
+    wait_until(wal_seen, what="the WAL seen beside the real file")
     node.wait_log(lambda e: e.get("message") == "wal checkpoint" and e.get("mode") == "truncate")
     assert node.stop() == 0
 
@@ -3091,6 +3095,90 @@ def test_a_wal_a_reader_made_grow_is_cut_back_when_it_restarts(tmp_path: Path) -
             with otrace.transaction(conn):
                 conn.execute("INSERT INTO filler VALUES (randomblob(8000))")
         assert grown > 2 * limit and (tmp_path / "o.db-wal").stat().st_size <= limit
+
+
+def rows_in_file_alone(db: Path, table: str) -> int:
+    """The rows of `table` in the database file itself, as a checkpoint left it (its WAL aside)."""
+    alone = db.with_name("alone.db")
+    shutil.copyfile(db, alone)
+    try:
+        with contextlib.closing(sqlite3.connect(alone)) as conn:
+            return conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+    finally:
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{alone}{suffix}").unlink(missing_ok=True)
+
+
+def test_the_checkpointer_copies_the_wal_on_a_connection_of_its_own(tmp_path: Path) -> None:
+    """The writer wakes the checkpointer once it has changed half an autocheckpoint's worth of rows:
+    not before, not while the file is being replaced, and counting afresh on a new connection. The
+    copy aside puts the rows into the database file without the writer (no writer thread runs here)."""
+    db = tmp_path / "o.db"
+    otrace.open_database(str(db))
+    config = otrace.Config.from_env({"TRACE_DB_PATH": str(db), "TRACE_DB_MAX_BYTES": str(4 << 20)})
+    database, events = otrace.Database(str(db)), otrace.EventQueue(512, 50)
+    writer = otrace.Writer(config, database, events, otrace.Counters(()))
+    checkpointer = otrace.Checkpointer(config, events, database)
+    assert 0 < checkpointer.step < otrace.autocheckpoint_pages(config, 4096)
+    with contextlib.closing(writer.connect(str(db))) as conn:
+        conn.execute("CREATE TABLE filler (data BLOB)")
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+        def insert(n: int) -> None:
+            with otrace.transaction(conn):
+                conn.executemany("INSERT INTO filler VALUES (randomblob(100))", [()] * n)
+            checkpointer.watch(conn.total_changes)
+
+        insert(checkpointer.step - 1)
+        assert not checkpointer.bell.is_set()
+        database.replaced_pending = True
+        insert(1)
+        assert not checkpointer.bell.is_set()
+        database.replaced_pending = False
+        insert(1)
+        assert checkpointer.bell.is_set() and checkpointer.woken
+        assert rows_in_file_alone(db, "filler") == 0
+        assert checkpointer.copy_aside() > 0
+        assert rows_in_file_alone(db, "filler") == checkpointer.step + 1
+    checkpointer.bell.clear()
+    with contextlib.closing(writer.connect(str(db))) as conn:   # a new connection counts from 0
+        checkpointer.watch(conn.total_changes)
+        assert checkpointer.seen == 0 and not checkpointer.bell.is_set()
+
+
+def test_a_truncating_checkpoint_waits_for_a_copy_under_way(tmp_path: Path) -> None:
+    """A TRUNCATE checkpoint (the writer's, at a shrink or past TRACE_WAL_MAX_BYTES) that met the
+    checkpointer's copy would give up busy, and the file would keep its freed pages: it waits."""
+    db = tmp_path / "o.db"
+    otrace.open_database(str(db))
+    done: list[dict[str, int]] = []
+    with contextlib.closing(otrace.connect(str(db))) as conn:
+        with otrace.transaction(conn):
+            conn.execute("CREATE TABLE filler (data BLOB)")
+            conn.execute("INSERT INTO filler VALUES (randomblob(100000))")
+        with otrace.CHECKPOINTS:                                   # a copy under way
+            truncate = threading.Thread(target=lambda: done.append(otrace.checkpoint("TRUNCATE", conn)))
+            truncate.start()
+            truncate.join(0.2)
+            assert truncate.is_alive() and not done
+        truncate.join(10)
+        assert done == [{"busy": 0, "wal_pages": 0, "checkpointed_pages": 0}]
+        assert Path(f"{db}-wal").stat().st_size == 0
+
+
+def test_a_burst_is_copied_into_the_database_by_the_checkpoint_thread(run: Callable[..., Otrace]) -> None:
+    """Under a small cap an autocheckpoint is a few dozen pages: a burst makes the writer wake the
+    checkpoint thread long before its 10-minute interval. It copies the WAL aside, then the writer
+    copies the rest (logged at debug): the whole WAL, so that SQLite starts it over."""
+    node = run({"TRACE_LOG_LEVEL": "debug", "TRACE_DB_MAX_BYTES": "4MiB"})
+    for _ in range(5):
+        assert node.post("/v1/traces", [trace(input_text="c" * 2000) for _ in range(20)]).status == 202
+    node.wait_persisted(100)
+    copy = node.wait_log(lambda e: e.get("message") == "wal checkpoint" and e["mode"] == "passive"
+                         and e["copied_aside"] > 0)
+    assert copy["logger"] == "otrace.checkpoint" and copy["level"] == "DEBUG"
+    assert copy["checkpointed_pages"] == copy["wal_pages"]      # the writer copied the rest: none left
+    assert node.query("PRAGMA integrity_check") == [("ok",)]
 
 
 def test_a_relief_job_deletes_tier_after_tier_chunk_after_chunk_down_to_its_mark(
