@@ -2008,6 +2008,17 @@ SCHEMA: list[str] = [
     ALTER TABLE system_metrics ADD COLUMN udp_no_ports_ps REAL;
     ALTER TABLE system_metrics ADD COLUMN dns TEXT;
     """,
+    # 11: the rows retention may take as pushed, by id: with none (push off, a receiver long down),
+    # finding the oldest read the whole table, on the writer, at every pass under the cap.
+    """
+    CREATE INDEX llm_traces_pushed ON llm_traces (id) WHERE synced IN (1, 3);
+    CREATE INDEX error_events_pushed ON error_events (id) WHERE synced IN (1, 3);
+    CREATE INDEX system_metrics_pushed ON system_metrics (id) WHERE synced IN (1, 3);
+    CREATE INDEX log_events_pushed ON log_events (id) WHERE synced IN (1, 3);
+    CREATE INDEX genai_metrics_pushed ON genai_metrics (id) WHERE synced IN (1, 3);
+    CREATE INDEX custom_events_pushed ON custom_events (id) WHERE synced IN (1, 3);
+    CREATE INDEX process_samples_pushed ON process_samples (id) WHERE synced IN (1, 3);
+    """,
 ]
 
 UNSYNCED, SYNCED, REFUSED, REFUSED_REPORTED = 0, 1, 2, 3   # values of the synced column

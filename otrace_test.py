@@ -3181,6 +3181,25 @@ def test_a_burst_is_copied_into_the_database_by_the_checkpoint_thread(run: Calla
     assert node.query("PRAGMA integrity_check") == [("ok",)]
 
 
+def test_retention_finds_the_oldest_pushed_rows_through_an_index(tmp_path: Path) -> None:
+    """With no pushed rows (push off, a receiver long down), finding the oldest read the whole table,
+    on the writer, at every pass under the cap: the pushed tier's statements seek a partial index."""
+    db = tmp_path / "o.db"
+    seed(db, [("trace", 3, otrace.UNSYNCED), ("trace", 2, otrace.SYNCED), ("metric", 2, otrace.UNSYNCED)])
+    statements: list[str] = []
+    with contextlib.closing(otrace.connect(str(db))) as conn:
+        conn.set_trace_callback(statements.append)
+        chunk = otrace.Cut(otrace.EVENT_TABLES, otrace.DELIVERED, "pressure_pushed", "p1")(conn)
+        conn.set_trace_callback(None)
+        assert (chunk.table, chunk.deleted, chunk.lost) == ("llm_traces", 2, 0)
+        looked = [sql for sql in statements if otrace.DELIVERED in sql]
+        assert len(looked) == len(otrace.EVENT_TABLES) + 1          # the oldest in each table, the delete
+        for sql in looked:
+            table = sql.split(" FROM ", 1)[1].split()[0]
+            plan = " ".join(row[3] for row in conn.execute(f"EXPLAIN QUERY PLAN {sql}"))
+            assert f"INDEX {table}_pushed" in plan, plan          # USING (COVERING) INDEX
+
+
 def test_a_relief_job_deletes_tier_after_tier_chunk_after_chunk_down_to_its_mark(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Under the cap the writer deletes chunk after chunk in one job, each its own transaction with
