@@ -2562,7 +2562,7 @@ class Writer(threading.Thread):
         conn.execute(f"PRAGMA wal_autocheckpoint = {pages}")
         # a WAL a reader made grow is cut back to what one autocheckpoint needs when it restarts, so
         # a burst does not keep its share of the cap until the next TRUNCATE
-        conn.execute(f"PRAGMA journal_size_limit = {min(self.config.wal_max_bytes, 2 * pages * page)}")
+        conn.execute(f"PRAGMA journal_size_limit = {wal_limit(self.config, page)}")
         return conn
 
     def run(self) -> None:
@@ -2803,6 +2803,11 @@ def insert_new(conn: sqlite3.Connection, table: str, values: list[tuple]) -> lis
             fresh.discard(row[0])
             new.append(row)
     return new
+
+
+def wal_limit(config: Config, page_size: int) -> int:
+    """SQLite's journal_size_limit: two autocheckpoints' worth, at most TRACE_WAL_MAX_BYTES."""
+    return min(config.wal_max_bytes, 2 * autocheckpoint_pages(config, page_size) * page_size)
 
 
 def autocheckpoint_pages(config: Config, page_size: int) -> int:
@@ -7792,24 +7797,33 @@ class Checkpointer(Loop):
     row dirties a page: a rough count of the WAL's), and the loop copies on a connection of its own
     (PASSIVE: nobody waits for it), then has the writer copy what it appended meanwhile, between two
     batches: SQLite starts the WAL over only once a checkpoint has copied all of it, and only the
-    writer's can. Every TRACE_CHECKPOINT_INTERVAL it does the same; once the WAL is over
-    TRACE_WAL_MAX_BYTES, the writer checkpoints with TRUNCATE instead, since a passive checkpoint reuses
-    the WAL file but never shrinks it."""
+    writer's can (when the copies fall behind, the writer copies on its own: `watch`). Every
+    TRACE_CHECKPOINT_INTERVAL it does the same; once the WAL is over TRACE_WAL_MAX_BYTES, the writer
+    checkpoints with TRUNCATE instead, since a passive checkpoint reuses the WAL file but never shrinks
+    it."""
 
     def __init__(self, config: Config, events: EventQueue, db: Database) -> None:
         super().__init__("checkpoint", config.checkpoint_interval)
         self.events, self.db, self.limit, self.wal_path = events, db, config.wal_max_bytes, db.path + "-wal"
         self.step = autocheckpoint_pages(config, 4096) // 2
+        self.most = wal_limit(config, 4096)
         self.seen = 0              # the writer's changes when it last woke the loop
         self.woken = False
 
-    def watch(self, changes: int) -> None:
-        """On the writer's thread, after each batch: `changes` is its connection's total_changes."""
-        if changes < self.seen:      # a new connection (the file was replaced)
+    def watch(self, conn: sqlite3.Connection) -> None:
+        """On the writer's thread, after each batch, with its connection. A WAL past the journal size
+        limit was not started over since it grew there (SQLite cuts it back to that then): the copies
+        fall behind, so the writer copies too, as its autocheckpoint did, and the WAL keeps to its
+        share of the cap."""
+        if self.db.replaced_pending:
+            return
+        if (changes := conn.total_changes) < self.seen:      # a new connection (a replaced file)
             self.seen = 0
-        if changes - self.seen >= self.step and not self.db.replaced_pending:
+        if changes - self.seen >= self.step:
             self.seen, self.woken = changes, True
             self.wake()
+        if file_size(self.wal_path) > self.most:
+            checkpoint("PASSIVE", conn)
 
     def tick(self) -> None:
         woken, self.woken = self.woken, False
@@ -9278,7 +9292,7 @@ class Service:
         """After each batch, on the writer's thread: what the batch grew may be due for a deletion or a
         copy."""
         self.retention.watch()
-        self.checkpointer.watch(self.writer.conn.total_changes)
+        self.checkpointer.watch(self.writer.conn)
 
     def on_write_fault(self, error: str) -> None:
         """A write has just started failing: if for lack of space, run retention now."""

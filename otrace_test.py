@@ -3127,7 +3127,7 @@ def test_the_checkpointer_copies_the_wal_on_a_connection_of_its_own(tmp_path: Pa
         def insert(n: int) -> None:
             with otrace.transaction(conn):
                 conn.executemany("INSERT INTO filler VALUES (randomblob(100))", [()] * n)
-            checkpointer.watch(conn.total_changes)
+            checkpointer.watch(conn)
 
         insert(checkpointer.step - 1)
         assert not checkpointer.bell.is_set()
@@ -3142,8 +3142,31 @@ def test_the_checkpointer_copies_the_wal_on_a_connection_of_its_own(tmp_path: Pa
         assert rows_in_file_alone(db, "filler") == checkpointer.step + 1
     checkpointer.bell.clear()
     with contextlib.closing(writer.connect(str(db))) as conn:   # a new connection counts from 0
-        checkpointer.watch(conn.total_changes)
+        checkpointer.watch(conn)
         assert checkpointer.seen == 0 and not checkpointer.bell.is_set()
+
+
+def test_a_wal_past_its_limit_after_a_batch_is_copied_by_the_writer(tmp_path: Path) -> None:
+    """When the copies fall behind (a slow disk), the WAL passes the journal size limit: after that
+    batch the writer copies it itself, as its autocheckpoint did, so it keeps to its share of the cap."""
+    db = tmp_path / "o.db"
+    otrace.open_database(str(db))
+    config = otrace.Config.from_env({"TRACE_DB_PATH": str(db), "TRACE_DB_MAX_BYTES": str(4 << 20)})
+    database, events = otrace.Database(str(db)), otrace.EventQueue(512, 50)
+    checkpointer = otrace.Checkpointer(config, events, database)
+    writer = otrace.Writer(config, database, events, otrace.Counters(()))
+    with contextlib.closing(writer.connect(str(db))) as conn:
+        conn.execute("PRAGMA wal_autocheckpoint = 0")                  # only watch() copies here
+        conn.execute("CREATE TABLE filler (data BLOB)")
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        rows = 0
+        while Path(f"{db}-wal").stat().st_size <= checkpointer.most:
+            with otrace.transaction(conn):
+                conn.execute("INSERT INTO filler VALUES (randomblob(8000))")
+            rows += 1
+        assert rows_in_file_alone(db, "filler") == 0
+        checkpointer.watch(conn)
+        assert rows_in_file_alone(db, "filler") == rows
 
 
 def test_a_truncating_checkpoint_waits_for_a_copy_under_way(tmp_path: Path) -> None:
