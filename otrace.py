@@ -7823,7 +7823,10 @@ class Checkpointer(Loop):
             self.seen, self.woken = changes, True
             self.wake()
         if file_size(self.wal_path) > self.most:
-            checkpoint("PASSIVE", conn)
+            try:
+                checkpoint("PASSIVE", conn)
+            except sqlite3.Error as exc:  # as SQLite's own autocheckpoint: the batch stands, the next tries
+                self.log.debug("wal checkpoint failed", extra={"by": "writer", "error": describe(exc)})
 
     def tick(self) -> None:
         woken, self.woken = self.woken, False

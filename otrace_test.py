@@ -3148,7 +3148,8 @@ def test_the_checkpointer_copies_the_wal_on_a_connection_of_its_own(tmp_path: Pa
 
 def test_a_wal_past_its_limit_after_a_batch_is_copied_by_the_writer(tmp_path: Path) -> None:
     """When the copies fall behind (a slow disk), the WAL passes the journal size limit: after that
-    batch the writer copies it itself, as its autocheckpoint did, so it keeps to its share of the cap."""
+    batch the writer copies it itself, as its autocheckpoint did, so it keeps to its share of the cap.
+    A copy that fails (here SQLite refuses it; a full disk would) fails no batch: the next tries again."""
     db = tmp_path / "o.db"
     otrace.open_database(str(db))
     config = otrace.Config.from_env({"TRACE_DB_PATH": str(db), "TRACE_DB_MAX_BYTES": str(4 << 20)})
@@ -3165,6 +3166,15 @@ def test_a_wal_past_its_limit_after_a_batch_is_copied_by_the_writer(tmp_path: Pa
                 conn.execute("INSERT INTO filler VALUES (randomblob(8000))")
             rows += 1
         assert rows_in_file_alone(db, "filler") == 0
+
+        def no_checkpoint(action: int, name: str | None, *_: Any) -> int:
+            refused = action == sqlite3.SQLITE_PRAGMA and name == "wal_checkpoint"
+            return sqlite3.SQLITE_DENY if refused else sqlite3.SQLITE_OK
+
+        conn.set_authorizer(no_checkpoint)
+        checkpointer.watch(conn)                                        # does not raise
+        assert rows_in_file_alone(db, "filler") == 0
+        conn.set_authorizer(None)
         checkpointer.watch(conn)
         assert rows_in_file_alone(db, "filler") == rows
 
