@@ -2025,6 +2025,7 @@ UNSYNCED, SYNCED, REFUSED, REFUSED_REPORTED = 0, 1, 2, 3   # values of the synce
 DELIVERED = f"synced IN ({SYNCED}, {REFUSED_REPORTED})"      # rows retention may take as pushed
 CACHE_KIB = 2048                 # per connection; otrace keeps few open
 ROWS_PER_INSERT = 32             # at most, and fewer for a wide table (see insert_rows)
+DB_PAGE = 4096                   # SQLite's default page size, which otrace's files keep
 MAX_VARIABLES = 999              # what older SQLite allows in one statement
 JOB_TIMEOUT = 120.0              # longest a loop waits for the writer to run its job
 READER_WAIT = 1.0                # longest a reader's unit waits for room in the queue
@@ -7805,8 +7806,8 @@ class Checkpointer(Loop):
     def __init__(self, config: Config, events: EventQueue, db: Database) -> None:
         super().__init__("checkpoint", config.checkpoint_interval)
         self.events, self.db, self.limit, self.wal_path = events, db, config.wal_max_bytes, db.path + "-wal"
-        self.step = autocheckpoint_pages(config, 4096) // 2
-        self.most = wal_limit(config, 4096)
+        self.step = autocheckpoint_pages(config, DB_PAGE) // 2
+        self.most = wal_limit(config, DB_PAGE)
         self.seen = 0              # the writer's changes when it last woke the loop
         self.woken = False
 
@@ -7995,7 +7996,7 @@ class Retention(Loop):
         self.db_dir = str(Path(config.db_path).parent)
         unpushed = tuple(t for t in self.tables if t not in SAMPLE_TABLES)
         self.chunk = max(50, min(CHUNK, config.db_max_bytes // CHUNK_SHARE))
-        self.step = autocheckpoint_pages(config, 4096)       # pages given back per shrink
+        self.step = autocheckpoint_pages(config, DB_PAGE)    # pages given back per shrink
         self.tiers = (Tier("pressure_pushed", self.tables, DELIVERED, True, self.chunk),
                       Tier("pressure_metrics", SAMPLE_TABLES, UNDELIVERED, True, self.chunk),
                       Tier("pressure_unpushed", unpushed, UNDELIVERED, False, 50))
