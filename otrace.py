@@ -5868,7 +5868,8 @@ class Followed:
     def __init__(self, path: str, fd: int, offset: int) -> None:
         self.path, self.fd, self.offset = path, fd, offset
         st = os.fstat(fd)
-        self.dev, self.inode, self.seen_size = st.st_dev, st.st_ino, st.st_size
+        self.dev, self.inode = st.st_dev, st.st_ino
+        self.seen = st.st_size, st.st_mtime_ns       # what the last check for a rewrite saw
         self.fingerprint = fingerprint(fd, st.st_size)
         self.replaced_at: float | None = None      # when another file took its name
         self.partial: tuple[int, bytes, int] | None = None   # an unfinished last line: start, head, end
@@ -5879,14 +5880,15 @@ class Followed:
 
     def rewritten(self) -> bool:
         """True when the file was truncated since the last look: it is shorter than what was read,
-        or its first bytes changed (truncated, then written past the old offset). Checked only when
-        the size changed."""
-        size = self.size()
-        if size == self.seen_size:
+        or its first bytes changed (truncated, then written back to its old size or past it).
+        Checked only when its size or modification time changed."""
+        st = os.fstat(self.fd)
+        if (st.st_size, st.st_mtime_ns) == self.seen:
             return False
-        self.seen_size = size
+        self.seen = st.st_size, st.st_mtime_ns
         length = fingerprint_length(self.fingerprint)
-        return size < self.offset or (size >= length and fingerprint(self.fd, length) != self.fingerprint)
+        return st.st_size < self.offset or (st.st_size >= length and
+                                            fingerprint(self.fd, length) != self.fingerprint)
 
     def restart(self) -> None:
         """Read the file again from its start (it was truncated)."""

@@ -2208,6 +2208,26 @@ def test_a_quiet_log_is_looked_at_less_and_less_often_until_a_line_comes(tmp_pat
     assert look() == 0.1 and tailer.totals.snapshot()["lines"] == 2
 
 
+def test_a_log_written_back_to_the_size_read_is_read_again_from_its_start(tmp_path: Path) -> None:
+    """Truncated and rewritten to exactly the size already read: the size cannot tell, the
+    modification time and the first bytes do."""
+    first = gateway_lines()[0]
+    other = first.replace(b"loading configuration", b"Loading configuration")
+    assert len(other) == len(first) and other != first
+    log = tmp_path / "openclaw-2026-11-24.log"
+    log.write_bytes(first)
+    config = otrace.Config(db_path=str(tmp_path / "o.db"), log_path=str(log), log_start="beginning")
+    otrace.open_database(config.db_path)
+    tailer = otrace.LogTailer(config, otrace.EventQueue(512, 50), otrace.Database(config.db_path))
+    tailer.tick()
+    assert tailer.totals.snapshot()["lines"] == 1 and tailer.current.offset == len(first)
+    read = log.stat()
+    log.write_bytes(other)
+    os.utime(log, ns=(read.st_atime_ns, read.st_mtime_ns + 1_000_000))   # later, whatever the clock's step
+    tailer.tick()
+    assert tailer.totals.snapshot()["lines"] == 2 and tailer.current.offset == len(other)
+
+
 @functools.cache
 def listings() -> list[int]:
     """The threads that list a directory from now on, once per listing: os.listdir and os.scandir
