@@ -48,8 +48,9 @@ settings: $(VENV)/.run  ## print the settings table (Markdown)
 # A test checks that docs/settings.md's table is what otrace.py prints.
 docs: $(VENV)/.run  ## write docs/settings.md's table from otrace.py
 	$(PY) -c 'import re, subprocess, sys; table = subprocess.check_output([sys.executable, "otrace.py", "settings"], text=True); \
-	doc = open("docs/settings.md").read(); \
-	open("docs/settings.md", "w").write(re.sub(r"(?s)(<!-- settings:begin -->\n).*?(\n<!-- settings:end -->)", lambda m: m[1] + table.rstrip("\n") + m[2], doc))'
+	doc, found = re.subn(r"(?s)(<!-- settings:begin -->\n).*?(\n<!-- settings:end -->)", lambda m: m[1] + table.rstrip("\n") + m[2], open("docs/settings.md").read()); \
+	found == 1 or sys.exit("make docs: docs/settings.md needs one <!-- settings:begin --> ... <!-- settings:end --> pair"); \
+	open("docs/settings.md", "w").write(doc)'
 
 # Refresh prices.json and prices.LICENSE from the newest genai-prices release on PyPI.
 prices: $(VENV)/.run  ## refresh prices.json from the newest genai-prices release
