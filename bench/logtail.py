@@ -7,6 +7,9 @@ once in the directory a fresh otrace follows; timed until otrace has committed t
 file's end (every event before it is then in SQLite). otrace looks every 10 ms here, so the figure is
 the tailer's pace, not the wait for its next look (up to TRACE_QUIET_POLL on a quiet log). The
 baseline, in the same run: a bare loop that reads the same file line by line and json-parses each line.
+The sample is measured twice: repeated as it is (the goal's row), where each copy starts 15 minutes
+before the last one ended, and with each copy moved on in time, as a real log's times rise (the
+timestamps decide where a row lands in the created_at index). Then a real debug log, repeated as it is.
 
 Idle: otrace with no log to follow, and otrace following an idle file, side by side for --idle
 seconds at the default TRACE_LOG_POLL: their CPU (share of one core, summed over their threads to the
@@ -18,10 +21,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sqlite3
 import sys
 import tempfile
 import time
+from datetime import datetime, timedelta
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -32,13 +37,34 @@ SAMPLE = FIXTURES / "gateway-2026.9.6-sample.jsonl"     # a line of each kind: a
 DEBUG_LOG = FIXTURES / "gateway-2026.9.6-debug.log"     # a gateway's debug log as written: about a fifth
 
 
-def write_sample(path: Path, lines: int, sample_file: Path = SAMPLE) -> int:
-    """The sample's lines repeated to `lines` lines; the file's size."""
+STAMP = re.compile(rb'"(time|date)":"([^"]+)"')        # tslog's two timestamps of a line
+
+
+def write_sample(path: Path, lines: int, sample_file: Path = SAMPLE, rising: bool = False) -> int:
+    """The sample's lines repeated to `lines` lines; the file's size. `rising`: each copy's timestamps
+    are moved on past the copy before it, as a real log's times rise."""
     sample = sample_file.read_bytes().splitlines(keepends=True)
+    times = [stamp_time(m) for m in STAMP.finditer(b"".join(sample))]
+    step = max(times) - min(times) + timedelta(seconds=1)
     with open(path, "wb") as out:
-        for start in range(0, lines, len(sample)):
-            out.write(b"".join(sample[:lines - start]))
+        for copy, start in enumerate(range(0, lines, len(sample))):
+            text = b"".join(sample[:lines - start])
+            if rising and copy:
+                text = STAMP.sub(lambda m, by=copy * step: moved(m, by), text)
+            out.write(text)
     return path.stat().st_size
+
+
+def stamp_time(stamp: re.Match[bytes]) -> datetime:
+    return datetime.fromisoformat(stamp[2].decode().replace("Z", "+00:00"))
+
+
+def moved(stamp: re.Match[bytes], by: timedelta) -> bytes:
+    """A timestamp `by` later, written as it was (Z or +00:00, milliseconds)."""
+    later = (stamp_time(stamp) + by).isoformat(timespec="milliseconds")
+    if stamp[2].endswith(b"Z"):
+        later = later.replace("+00:00", "Z")
+    return b'"%s":"%s"' % (stamp[1], later.encode())
 
 
 def bare_loop(path: Path) -> float:
@@ -104,9 +130,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="otrace-bench-") as tmp:
         work = Path(tmp)
         runs = {}
-        for name, sample_file in (("sample", SAMPLE), ("debug log", DEBUG_LOG)):
+        for name, sample_file, rising in (("sample", SAMPLE, False), ("sample, rising", SAMPLE, True),
+                                          ("debug log", DEBUG_LOG, False)):
             source = work / f"{name}.log"
-            size = write_sample(source, args.lines, sample_file)
+            size = write_sample(source, args.lines, sample_file, rising)
             bare = max(bare_loop(source) for _ in range(3))
             (work / name).mkdir()
             ours = through_otrace(work / name, source, size, args.lines)
@@ -121,11 +148,13 @@ def main() -> None:
         [f"{name}: {args.lines} lines ({run['mib']:.1f} MiB)", f"{run['bare_lines_per_s']:.0f}",
          f"{run['lines_per_s']:.0f}", f"**{run['ratio']:.2f}**", f"{run['cpu_s_per_100k_lines']:.2f}",
          f"{run['rss_mib']:.1f}", f"{run['events']}"] for name, run in runs.items()])
-    markdown += ("\n\nsample: the real gateway sample, a line of each kind (about half become events); "
+    markdown += ("\n\nsample: the real gateway sample, a line of each kind (about half become events), "
+                 "repeated as it is; sample, rising: each copy moved on in time, as a real log's times rise; "
                  "debug log: a real gateway debug log as written (about a fifth do).\n\n" + table(
                      [f"otrace, idle for {args.idle:.0f} s", "CPU % of a core", "RSS MiB"],
                      [[n, f"{c['cpu_pct']:.3f}", f"{c['rss_mib']:.1f}"] for n, c in idle.items()]))
-    save("logtail", markdown, {"lines": args.lines, **ours, "debug_log": debug, "idle": idle})
+    save("logtail", markdown, {"lines": args.lines, **ours, "rising": runs["sample, rising"],
+                               "debug_log": debug, "idle": idle})
 
 
 if __name__ == "__main__":

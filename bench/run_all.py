@@ -97,6 +97,11 @@ def summary() -> list[list[str]]:
     rows.append(["gateway log lines/s (the sample: a line of each kind)", f"{logtail['lines_per_s']:,.0f}",
                  f"{logtail['bare_lines_per_s']:,.0f} bare read + json.loads", f"{logtail['ratio']:.2f}",
                  "≥ 0.25", verdict(logtail["ratio"] >= 0.25)])
+    if rising := logtail.get("rising"):
+        rows.append(["gateway log lines/s (the sample, its times rising as a real log's)",
+                     f"{rising['lines_per_s']:,.0f}",
+                     f"{rising['bare_lines_per_s']:,.0f} bare read + json.loads", f"{rising['ratio']:.2f}",
+                     "", ""])
     if debug := logtail.get("debug_log"):
         rows.append(["gateway log lines/s (a real debug log as written)", f"{debug['lines_per_s']:,.0f}",
                      f"{debug['bare_lines_per_s']:,.0f} bare read + json.loads", f"{debug['ratio']:.2f}",
