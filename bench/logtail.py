@@ -44,8 +44,9 @@ def write_sample(path: Path, lines: int, sample_file: Path = SAMPLE, rising: boo
     """The sample's lines repeated to `lines` lines; the file's size. `rising`: each copy's timestamps
     are moved on past the copy before it, as a real log's times rise."""
     sample = sample_file.read_bytes().splitlines(keepends=True)
-    times = [stamp_time(m) for m in STAMP.finditer(b"".join(sample))]
-    step = max(times) - min(times) + timedelta(seconds=1)
+    if rising:
+        times = [stamp_time(m) for m in STAMP.finditer(b"".join(sample))]
+        step = max(times) - min(times) + timedelta(seconds=1)
     with open(path, "wb") as out:
         for copy, start in enumerate(range(0, lines, len(sample))):
             text = b"".join(sample[:lines - start])
