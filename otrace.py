@@ -2330,6 +2330,7 @@ class EventQueue(queue.Queue):
         self.waiting = 0         # events in self.queue
         self.uncommitted = 0     # waiting + taken by the writer and not yet done
         self.uncommitted_own = 0
+        self.no_room = False     # an offer did not fit, and nothing has been taken or freed since
 
     def _qsize(self) -> int:
         return self.uncommitted
@@ -2351,8 +2352,10 @@ class EventQueue(queue.Queue):
         it has read instead of reading it again."""
         with self.mutex:
             if unit.own and not self.closed:
-                self.not_full.wait_for(lambda: self.closed or self.fits(unit), READER_WAIT)
+                self.not_full.wait_for(lambda: self.closed or self.fits(unit) or self.turned_away(),
+                                       READER_WAIT)
             if self.closed or not self.fits(unit):
+                self.turned_away()
                 return False
             unit.arrived = time.monotonic()
             was_empty = not self.waiting
@@ -2367,11 +2370,20 @@ class EventQueue(queue.Queue):
         """Called with the queue's lock held."""
         return not self.uncommitted or self.uncommitted + len(unit) <= self.maxsize
 
+    def turned_away(self) -> bool:
+        """Called with the queue's lock held, for a unit that does not fit: the batch waiting to fill
+        cannot grow until the writer commits, so the writer takes it now. False, for `wait_for`."""
+        if not self.no_room:
+            self.no_room = True
+            self.not_empty.notify()
+        return False
+
     def done(self, unit: Unit) -> None:
         """The writer committed the unit (or gave up on its rows): it no longer counts."""
         with self.mutex:
             self.uncommitted -= len(unit)
             self.uncommitted_own -= len(unit) if unit.own else 0
+            self.no_room = False
             self.not_full.notify_all()
         self.task_done()
 
@@ -2410,11 +2422,12 @@ class EventQueue(queue.Queue):
             if self.jobs:
                 return self.jobs.popleft()
             due = self.queue[0].arrived + window
-            while self.waiting < batch_size and not self.jobs and not self.closed:
+            while self.waiting < batch_size and not (self.jobs or self.closed or self.no_room):
                 left = due - time.monotonic()
                 if left <= 0:
                     break
                 self.not_empty.wait(left)
+            self.no_room = False
             batch = [self._get()]
             taken = len(batch[0])
             while self.queue and taken + len(self.queue[0]) <= batch_size:

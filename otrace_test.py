@@ -925,6 +925,43 @@ def test_a_readers_unit_waits_for_room_where_a_clients_is_refused_at_once() -> N
     assert not events.offer(otrace.Unit([otrace.Row("t", ())], own=True))
 
 
+@pytest.mark.parametrize("own", [False, True], ids=["client-refused", "reader-waiting"])
+def test_a_batch_that_cannot_fill_is_taken_once_an_offer_finds_no_room(own: bool) -> None:
+    """A batch larger than the queue can hold would otherwise wait out its whole window, each time."""
+    events = otrace.EventQueue(capacity=6, batch_size=6)
+    assert events.offer(otrace.Unit([otrace.Row("t", ())] * 4))
+    taken: list[Any] = []
+    writer = threading.Thread(target=lambda: taken.append(events.next_work(batch_size=6, window=3600,
+                                                                           idle=3600)), daemon=True)
+    writer.start()
+    wait_until(lambda: len(events.not_empty._waiters) == 1, what="the writer waiting for its batch to fill")
+    reader = threading.Thread(target=events.offer, args=(otrace.Unit([otrace.Row("t", ())] * 3, own=own),),
+                              daemon=True)
+    reader.start()
+    writer.join(60)
+    assert [len(batch[0]) for batch in taken] == [4]
+    events.done(taken[0][0])                               # room again: a waiting reader's unit goes in
+    reader.join(60)
+    assert events.unwritten() == ((0, 3) if own else (0, 0))
+
+
+def test_a_request_refused_while_the_writer_commits_does_not_cut_its_next_batch_short() -> None:
+    events = otrace.EventQueue(capacity=6, batch_size=6)
+    assert events.offer(otrace.Unit([otrace.Row("t", ())] * 4))
+    committing = events.next_work(batch_size=6, window=0.0, idle=0.0)
+    assert not events.offer(otrace.Unit([otrace.Row("t", ())] * 3))
+    events.done(committing[0])                                   # room again: the batch can fill
+    assert events.offer(otrace.Unit([otrace.Row("t", ())] * 2))
+    taken: list[Any] = []
+    writer = threading.Thread(target=lambda: taken.append(events.next_work(batch_size=6, window=3600,
+                                                                           idle=3600)), daemon=True)
+    writer.start()
+    wait_until(lambda: len(events.not_empty._waiters) == 1, what="the writer waiting for its batch to fill")
+    assert events.offer(otrace.Unit([otrace.Row("t", ())] * 4))
+    writer.join(60)
+    assert [[len(unit) for unit in batch] for batch in taken] == [[2, 4]]
+
+
 
 def test_queue_full_answers_503_and_keeps_nothing_of_that_request(run: Callable[..., Otrace]) -> None:
     node = run({"TRACE_QUEUE_SIZE": "20", "TRACE_BATCH_SIZE": "5"})
