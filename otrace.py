@@ -2411,7 +2411,8 @@ class EventQueue(queue.Queue):
 
     def next_work(self, batch_size: int, window: float, idle: float) -> Job | list[Unit]:
         """The writer's next job, or its next batch: whole units until batch_size events, waiting at
-        most `window` after the oldest arrived. An empty list after `idle` seconds with nothing to do."""
+        most `window` after the oldest arrived, and no longer once an offer finds no room. An empty
+        list after `idle` seconds with nothing to do."""
         with self.not_empty:
             end = time.monotonic() + idle
             while not (self.jobs or self.queue):

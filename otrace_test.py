@@ -925,16 +925,23 @@ def test_a_readers_unit_waits_for_room_where_a_clients_is_refused_at_once() -> N
     assert not events.offer(otrace.Unit([otrace.Row("t", ())], own=True))
 
 
-@pytest.mark.parametrize("own", [False, True], ids=["client-refused", "reader-waiting"])
-def test_a_batch_that_cannot_fill_is_taken_once_an_offer_finds_no_room(own: bool) -> None:
-    """A batch larger than the queue can hold would otherwise wait out its whole window, each time."""
-    events = otrace.EventQueue(capacity=6, batch_size=6)
-    assert events.offer(otrace.Unit([otrace.Row("t", ())] * 4))
+def writer_waiting_for_a_batch(events: otrace.EventQueue) -> tuple[threading.Thread, list[Any]]:
+    """A thread taking the next batch of 6 with an hour's window, once it waits; its batch lands in
+    the list."""
     taken: list[Any] = []
     writer = threading.Thread(target=lambda: taken.append(events.next_work(batch_size=6, window=3600,
                                                                            idle=3600)), daemon=True)
     writer.start()
     wait_until(lambda: len(events.not_empty._waiters) == 1, what="the writer waiting for its batch to fill")
+    return writer, taken
+
+
+@pytest.mark.parametrize("own", [False, True], ids=["client-refused", "reader-waiting"])
+def test_a_batch_that_cannot_fill_is_taken_once_an_offer_finds_no_room(own: bool) -> None:
+    """A batch larger than the queue can hold would otherwise wait out its whole window, each time."""
+    events = otrace.EventQueue(capacity=6, batch_size=6)
+    assert events.offer(otrace.Unit([otrace.Row("t", ())] * 4))
+    writer, taken = writer_waiting_for_a_batch(events)
     reader = threading.Thread(target=events.offer, args=(otrace.Unit([otrace.Row("t", ())] * 3, own=own),),
                               daemon=True)
     reader.start()
@@ -952,11 +959,7 @@ def test_a_request_refused_while_the_writer_commits_does_not_cut_its_next_batch_
     assert not events.offer(otrace.Unit([otrace.Row("t", ())] * 3))
     events.done(committing[0])                                   # room again: the batch can fill
     assert events.offer(otrace.Unit([otrace.Row("t", ())] * 2))
-    taken: list[Any] = []
-    writer = threading.Thread(target=lambda: taken.append(events.next_work(batch_size=6, window=3600,
-                                                                           idle=3600)), daemon=True)
-    writer.start()
-    wait_until(lambda: len(events.not_empty._waiters) == 1, what="the writer waiting for its batch to fill")
+    writer, taken = writer_waiting_for_a_batch(events)
     assert events.offer(otrace.Unit([otrace.Row("t", ())] * 4))
     writer.join(60)
     assert [[len(unit) for unit in batch] for batch in taken] == [[2, 4]]
@@ -7243,8 +7246,10 @@ def test_a_profile_under_load_leaves_ingest_free_and_ends_at_shutdown(run: Calla
     wait_until(lambda: "otrace-debug" in node.request("GET", "/debug/vars").json["thread_names"],
                what="the profile under way")
     posted = 0
-    for _ in range(50):                                            # load while it samples
-        assert node.post("/v1/traces", [trace() for _ in range(20)]).status == 202
+    for _ in range(50):        # load while it samples; a 503 (a busy machine's full queue) is sent again
+        batch = [trace() for _ in range(20)]
+        wait_until(lambda batch=batch: node.post("/v1/traces", batch).status == 202, timeout=30,
+                   what="the batch accepted while the profile (60 s) samples")
         posted += 20
     assert node.wait_persisted(posted)["status"] == "ok"
     assert node.request("GET", "/debug/profile?seconds=1").status == 409      # one at a time
