@@ -965,7 +965,6 @@ def test_a_request_refused_while_the_writer_commits_does_not_cut_its_next_batch_
     assert [[len(unit) for unit in batch] for batch in taken] == [[2, 4]]
 
 
-
 def test_queue_full_answers_503_and_keeps_nothing_of_that_request(run: Callable[..., Otrace]) -> None:
     node = run({"TRACE_QUEUE_SIZE": "20", "TRACE_BATCH_SIZE": "5"})
     # another process holds the write lock: the writer cannot commit, so the queue really fills
