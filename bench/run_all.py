@@ -94,18 +94,17 @@ def summary() -> list[list[str]]:
                  "≤ 0.05 % of a core at 15 s", verdict(metrics["share_pct"] <= 0.05)
                  + f" ({metrics['share_pct']:.4f} %)"])
     logtail = load("logtail")
-    rows.append(["gateway log lines/s (the sample: a line of each kind)", f"{logtail['lines_per_s']:,.0f}",
-                 f"{logtail['bare_lines_per_s']:,.0f} bare read + json.loads", f"{logtail['ratio']:.2f}",
-                 "≥ 0.25", verdict(logtail["ratio"] >= 0.25)])
-    if rising := logtail.get("rising"):
-        rows.append(["gateway log lines/s (the sample, its times rising as a real log's)",
-                     f"{rising['lines_per_s']:,.0f}",
-                     f"{rising['bare_lines_per_s']:,.0f} bare read + json.loads", f"{rising['ratio']:.2f}",
-                     "", ""])
-    if debug := logtail.get("debug_log"):
-        rows.append(["gateway log lines/s (a real debug log as written)", f"{debug['lines_per_s']:,.0f}",
-                     f"{debug['bare_lines_per_s']:,.0f} bare read + json.loads", f"{debug['ratio']:.2f}",
-                     "", ""])
+    for what, run, goal in (("the sample: a line of each kind", logtail, True),
+                            ("the sample, its times rising as a real log's", logtail.get("rising"), False),
+                            ("a real debug log as written", logtail.get("debug_log"), False)):
+        if not run:
+            continue
+        ours = f"{run['lines_per_s']:,.0f}"
+        if "to_end_lines_per_s" in run:                 # results from before the pace was measured lack it
+            ours += f" ({run['to_end_lines_per_s']:,.0f} to the last commit)"
+        rows.append([f"gateway log lines/s catching up ({what})", ours,
+                     f"{run['bare_lines_per_s']:,.0f} bare read + json.loads", f"{run['ratio']:.2f}",
+                     "≥ 0.25" if goal else "", verdict(run["ratio"] >= 0.25) if goal else ""])
     without, following = logtail["idle"]["no log (baseline)"], logtail["idle"]["following an idle file"]
     rows.append(["CPU following an idle log file", f"{following['cpu_pct']:.3f} % of a core",
                  f"{without['cpu_pct']:.3f} % without the log", "", "≤ 0.01 %",
