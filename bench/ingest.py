@@ -6,6 +6,9 @@ For 1, 4, 16 and 64 keep-alive connections, wrk posts the same 2 KB trace to a f
 ThreadingHTTPServer (which reads the body and answers 202 in one write) and to a fresh otrace, one
 after the other. Printed: requests/s (otrace's: those answered 202), p50/p99, CPU per 1,000
 requests, the otrace/bare ratio, and how many of otrace's events were persisted and refused (503).
+A second baseline stores what it is sent: the same bare server, which also json-parses each body and
+inserts it as one llm_traces row (raw sqlite3, otrace's schema, WAL, synchronous=NORMAL), committed
+before it answers, one request at a time under a lock: the plain way to store each event.
 otrace's database cap is raised to 2 GiB for these runs: a fast machine fills the default 200 MiB
 within one, and deleting unpushed rows under the cap is the month's measurement, not this one's.
 Then otrace's latency at a steady 100 events/s and the bare server's, from a bare paced client (a
@@ -20,14 +23,19 @@ import argparse
 import contextlib
 import json
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import ClassVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import Usage, free_port, health, save, start_otrace, stop, stop_all, table, wait_listening, wrk
 
 TRACE = {"provider": "openai", "model": "gpt-5", "input_text": "x" * 1000, "output_text": "y" * 1000,
@@ -55,16 +63,50 @@ class Bare(BaseHTTPRequestHandler):
             super().handle()
 
 
-def serve_bare(port: int) -> None:
-    server = ThreadingHTTPServer(("127.0.0.1", port), Bare)
+class BareStore(Bare):
+    """The storing baseline: the bare server, and each body json-parsed and committed as one
+    llm_traces row before the answer."""
+
+    conn: sqlite3.Connection
+    lock = threading.Lock()
+    insert = ""
+    empty: ClassVar[dict[str, None]] = {}
+
+    def do_POST(self) -> None:
+        trace = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        now = int(time.time() * 1000)
+        row = {**self.empty, **trace, "trace_id": str(uuid.uuid4()), "created_at": now, "received_at": now,
+               "source": "http", "status": "ok", "input_bytes": len(trace["input_text"].encode()),
+               "output_bytes": len(trace["output_text"].encode()), "truncated": 0}
+        with self.lock:
+            self.conn.execute(self.insert, row)
+        self.wfile.write(RESPONSE)
+
+
+def serve_bare(port: int, db: str | None = None) -> None:
+    handler = Bare
+    if db:
+        import otrace  # noqa: PLC0415 - its schema, for the storing baseline only
+
+        otrace.open_database(db)
+        columns = otrace.TABLES["llm_traces"].columns
+        BareStore.empty = dict.fromkeys(columns)
+        BareStore.insert = (f"INSERT INTO llm_traces ({', '.join(columns)}) VALUES "
+                            f"({', '.join(':' + c for c in columns)})")
+        BareStore.conn = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+        BareStore.conn.execute("PRAGMA synchronous = NORMAL")
+        handler = BareStore
+    server = ThreadingHTTPServer(("127.0.0.1", port), handler)
     server.daemon_threads = True
     server.request_queue_size = 128
     server.serve_forever()
 
 
-def start_bare() -> tuple[subprocess.Popen, int]:
+def start_bare(db: Path | None = None) -> tuple[subprocess.Popen, int]:
+    """The bare server; with `db`, the storing one, writing there."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, __file__, "--serve-bare", str(port)])
+    proc = subprocess.Popen([sys.executable, __file__, "--serve-bare", str(port),
+                             *(["--bare-db", str(db)] if db else [])])
     wait_listening(port)
     return proc, port
 
@@ -107,6 +149,12 @@ def compare(levels: list[int], seconds: float) -> tuple[list[list[object]], list
         finally:
             stop(bare_proc)
         with tempfile.TemporaryDirectory() as tmp:
+            store_proc, store_port = start_bare(Path(tmp) / "bare.db")
+            try:
+                storing = measure(store_proc, store_port, connections, seconds, is_otrace=False)
+            finally:
+                stop(store_proc)
+        with tempfile.TemporaryDirectory() as tmp:
             proc, port = start_otrace(Path(tmp), {"TRACE_DB_MAX_BYTES": "2GiB"})
             try:
                 ours = measure(proc, port, connections, seconds, is_otrace=True)
@@ -114,15 +162,18 @@ def compare(levels: list[int], seconds: float) -> tuple[list[list[object]], list
                 stop(proc)
         ours["accepted_rps"] = ours["rps"] * (1 - ours["non_2xx"] / max(ours["requests"], 1))
         ratio = ours["accepted_rps"] / bare["rps"]                 # a 503 is not a request served
-        raw.append({"connections": connections, "bare": bare, "otrace": ours, "ratio": ratio})
+        store_ratio = ours["accepted_rps"] / storing["rps"]
+        raw.append({"connections": connections, "bare": bare, "otrace": ours, "ratio": ratio,
+                    "bare_store": storing, "store_ratio": store_ratio})
         rows.append([connections, f"{bare['rps']:.0f}", f"{ours['accepted_rps']:.0f}", f"**{ratio:.2f}**",
+                     f"{storing['rps']:.0f}", f"{store_ratio:.2f}",
                      f"{bare['p50_ms']:.2f} / {bare['p99_ms']:.2f}",
                      f"{ours['p50_ms']:.2f} / {ours['p99_ms']:.2f}",
                      f"{bare['cpu_ms_per_1k']:.0f}", f"{ours['cpu_ms_per_1k']:.0f}",
                      f"{ours['persisted'] / seconds:.0f}", ours["refused"]])
-        print(f"  {connections:>2} connections: bare {bare['rps']:.0f}/s, otrace {ours['accepted_rps']:.0f}/s"
-              f" accepted ({ratio:.2f}x), persisted {ours['persisted'] / seconds:.0f}/s,"
-              f" refused {ours['refused']}", flush=True)
+        print(f"  {connections:>2} connections: bare {bare['rps']:.0f}/s, storing {storing['rps']:.0f}/s, "
+              f"otrace {ours['accepted_rps']:.0f}/s accepted ({ratio:.2f}x, {store_ratio:.2f}x), "
+              f"persisted {ours['persisted'] / seconds:.0f}/s, refused {ours['refused']}", flush=True)
     return rows, raw
 
 
@@ -227,9 +278,10 @@ def main() -> None:
     parser.add_argument("--idle", type=float, default=60, help="idle window for RSS and CPU")
     parser.add_argument("--idle-only", action="store_true", help="only the idle window (make soak)")
     parser.add_argument("--serve-bare", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    parser.add_argument("--bare-db", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_bare:
-        serve_bare(args.serve_bare)
+        serve_bare(args.serve_bare, args.bare_db)
         return
     if args.idle_only:
         rest = idle(args.idle)
@@ -238,7 +290,8 @@ def main() -> None:
     rows, raw = compare([1, 4, 16, 64], args.seconds)
     calm, calm_bare = steady(100, 20), steady_bare(100, 20)
     rest = idle(args.idle)
-    markdown = table(["conns", "bare req/s", "otrace 202/s", "ratio", "bare p50/p99 ms", "otrace p50/p99 ms",
+    markdown = table(["conns", "bare req/s", "otrace 202/s", "ratio", "bare storing each event, req/s",
+                      "ratio to it", "bare p50/p99 ms", "otrace p50/p99 ms",
                       "bare CPU ms/1k", "otrace CPU ms/1k", "otrace persisted/s", "otrace 503s"], rows)
     markdown += (f"\n\nAt a steady 100 events/s on one connection: p50 {calm['p50_ms']:.2f} ms, "
                  f"p99 {calm['p99_ms']:.2f} ms, max {calm['max_ms']:.2f} ms (the bare server: p50 "

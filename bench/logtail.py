@@ -10,7 +10,11 @@ the first past 95 %, over the time between them. Beside it, lines/s to the last 
 the last lines' wait for their batch to fill (up to TRACE_BATCH_WINDOW: latency by design). otrace
 looks every 10 ms here, so neither holds the wait for its next look (up to TRACE_QUIET_POLL on a
 quiet log). The baseline, in the same run: a bare loop that reads the same file line by line and
-json-parses each line.
+json-parses each line. A second baseline does the same job as otrace without its judgement: the bare
+loop, and every 256 lines (otrace's unit) one transaction of raw sqlite3 `executemany` that inserts
+the very rows otrace stored from those lines (read back from its database after its run) into a
+fresh database of otrace's schema, with the file's offset: reading, parsing and storing, nothing
+classified.
 The sample is measured twice: repeated as it is (the goal's row), where each copy starts 15 minutes
 before the last one ended, and with each copy moved on in time, as a real log's times rise (the
 timestamps decide where a row lands in the created_at index). Then a real debug log, repeated as it is.
@@ -36,13 +40,17 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import ROOT, Usage, health, save, side_by_side, start_otrace, stop, table
+
+import otrace
 
 FIXTURES = ROOT.parent / "shared" / "fixtures" / "openclaw"
 SAMPLE = FIXTURES / "gateway-2026.9.6-sample.jsonl"     # a line of each kind: about half become events
 DEBUG_LOG = FIXTURES / "gateway-2026.9.6-debug.log"     # a gateway's debug log as written: about a fifth
 
 
+UNIT = 256                                              # lines otrace commits together, at most
 POLL = 0.01                                             # seconds between reads of the committed offset
 STAMP = re.compile(rb'"(time|date)":"([^"]+)"')        # tslog's two timestamps of a line
 
@@ -83,6 +91,64 @@ def bare_loop(path: Path) -> float:
             json.loads(line)
             count += 1
     return count / (time.perf_counter() - started)
+
+
+# Where each stored row came from in the file: the offset of its line.
+ROW_OFFSETS = {"log_events": "file_offset", "llm_traces": "json_extract(metadata, '$.log_offset')",
+               "error_events": "json_extract(metadata, '$.log_offset')"}
+
+
+def stored_rows(db: Path) -> dict[int, list[tuple[str, tuple]]]:
+    """The rows otrace stored, by the offset of the line each came from: what the storing baseline
+    writes (the failed attempts' rows too, by the offset in their trace_id)."""
+    rows: dict[int, list[tuple[str, tuple]]] = {}
+    with sqlite3.connect(db) as conn:
+        for name, offset in ROW_OFFSETS.items():
+            columns = ", ".join(otrace.TABLES[name].columns)
+            for found in conn.execute(f"SELECT {offset}, {columns} FROM {name}"):
+                rows.setdefault(found[0], []).append((name, found[1:]))
+        for found in conn.execute("SELECT trace_id, run_id, outcome, created_at FROM openclaw_attempts"):
+            rows.setdefault(int(found[0].split("-")[3], 16), []).append(("openclaw_attempts", found))
+    return rows
+
+
+def bare_store_loop(path: Path, rows: dict[int, list[tuple[str, tuple]]], db: Path) -> float:
+    """Lines/s of the storing baseline: the bare loop, and a transaction of raw executemany every UNIT
+    lines that stores the rows otrace made of them, with the offset, in a fresh otrace database."""
+    for name in (db, Path(f"{db}-wal"), Path(f"{db}-shm")):
+        name.unlink(missing_ok=True)
+    otrace.open_database(str(db))
+    inserts = {name: f"INSERT INTO {name} ({', '.join(otrace.TABLES[name].columns)}) VALUES "
+                     f"({', '.join('?' * len(otrace.TABLES[name].columns))})" for name in ROW_OFFSETS}
+    inserts["openclaw_attempts"] = ("INSERT INTO openclaw_attempts (trace_id, run_id, outcome, created_at) "
+                                    "VALUES (?, ?, ?, ?)")
+    st = path.stat()
+    conn = sqlite3.connect(db, isolation_level=None)
+    conn.execute("PRAGMA synchronous = NORMAL")
+    pending: dict[str, list[tuple]] = {}
+
+    def commit(offset: int) -> None:
+        conn.execute("BEGIN")
+        for name, values in pending.items():
+            conn.executemany(inserts[name], values)
+        conn.execute(otrace.OFFSET_SQL, (st.st_dev, st.st_ino, "bench", str(path), offset, 0))
+        conn.execute("COMMIT")
+        pending.clear()
+
+    started, count, offset = time.perf_counter(), 0, 0
+    with open(path, "rb") as lines:
+        for line in lines:
+            json.loads(line)
+            for name, values in rows.get(offset, ()):
+                pending.setdefault(name, []).append(values)
+            offset += len(line)
+            count += 1
+            if count % UNIT == 0:
+                commit(offset)
+    commit(offset)
+    took = time.perf_counter() - started
+    conn.close()
+    return count / took
 
 
 def committed(db: Path) -> int | None:
@@ -159,24 +225,32 @@ def main() -> None:
             bare = max(bare_loop(source) for _ in range(3))
             (work / name).mkdir()
             ours = through_otrace(work / name, source, size, args.lines)
-            runs[name] = {"bare_lines_per_s": bare, **ours, "ratio": ours["lines_per_s"] / bare,
+            rows = stored_rows(work / name / "otrace.db")
+            storing = max(bare_store_loop(source, rows, work / "bare-store.db") for _ in range(3))
+            runs[name] = {"bare_lines_per_s": bare, "bare_store_lines_per_s": storing, **ours,
+                          "ratio": ours["lines_per_s"] / bare, "store_ratio": ours["lines_per_s"] / storing,
                           "mib": size / 2**20}
             print(f"  tailer, {name}: {ours['lines_per_s']:.0f} lines/s catching up, "
-                  f"{ours['to_end_lines_per_s']:.0f} to the last commit (bare {bare:.0f})", flush=True)
+                  f"{ours['to_end_lines_per_s']:.0f} to the last commit (bare {bare:.0f}, bare and "
+                  f"storing the same rows {storing:.0f})", flush=True)
         idle = idle_costs(work, args.idle)
     ours, debug = runs["sample"], runs["debug log"]
     markdown = table(["lines", "bare loop: read + json.loads (baseline), lines/s", "otrace tailer (classify, "
                       "rows, offset in the same transaction), lines/s catching up", "ratio",
+                      "bare loop storing the same rows (second baseline), lines/s", "ratio to it",
                       "lines/s to the last commit", "CPU s / 100k lines", "RSS MiB", "became log events"], [
         [f"{name}: {args.lines} lines ({run['mib']:.1f} MiB)", f"{run['bare_lines_per_s']:.0f}",
-         f"{run['lines_per_s']:.0f}", f"**{run['ratio']:.2f}**", f"{run['to_end_lines_per_s']:.0f}",
+         f"{run['lines_per_s']:.0f}", f"**{run['ratio']:.2f}**", f"{run['bare_store_lines_per_s']:.0f}",
+         f"{run['store_ratio']:.2f}", f"{run['to_end_lines_per_s']:.0f}",
          f"{run['cpu_s_per_100k_lines']:.2f}", f"{run['rss_mib']:.1f}", f"{run['events']}"]
         for name, run in runs.items()])
     markdown += ("\n\nsample: the real gateway sample, a line of each kind (about half become events), "
                  "repeated as it is; sample, rising: each copy moved on in time, as a real log's times rise; "
                  "debug log: a real gateway debug log as written (about a fifth do). Catching up: from "
                  "the first commit past 5 % of the file to the first past 95 %; to the last commit: from "
-                 "the file's appearance, with the last lines' wait for their batch (TRACE_BATCH_WINDOW)."
+                 "the file's appearance, with the last lines' wait for their batch (TRACE_BATCH_WINDOW). "
+                 "Bare loop storing the same rows: the bare loop, and every 256 lines one raw sqlite3 "
+                 "transaction (executemany) of the rows otrace made of them, and the offset."
                  "\n\n" + table(
                      [f"otrace, idle for {args.idle:.0f} s", "CPU % of a core", "RSS MiB"],
                      [[n, f"{c['cpu_pct']:.3f}", f"{c['rss_mib']:.1f}"] for n, c in idle.items()]))
