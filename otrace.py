@@ -440,8 +440,9 @@ class Config:
     log_path: str = setting("", TEXT, "The OpenClaw gateway log to follow: a file, or a directory whose "
                             "newest openclaw*-YYYY-MM-DD.log is followed; empty: off.")
     log_poll: float = setting("500ms", duration("10ms", "1m"), "Time between looks at the log file.")
-    log_start: str = setting("end", choice("end", "beginning"), "Where to start in a log file otrace "
-                             "has never read (a file it has read resumes where it stopped).")
+    log_start: str = setting("end", choice("end", "beginning"), "Where to start the first time otrace "
+                             "follows this log; from then on it resumes where it stopped, and reads a file "
+                             "of the log it has not seen (a new day, a rotation while it was down) whole.")
     log_keep_all: bool = setting("off", SWITCH, "Keep INFO and DEBUG lines of no known kind too (they "
                                  "are skipped by default).")
     openclaw_state_dir: str = setting("auto", STATE_DIR, "OpenClaw's state directory, whose `agents/*/` "
@@ -5888,6 +5889,7 @@ class Followed:
         self.replaced_at: float | None = None      # when another file took its name
         self.partial: tuple[int, bytes, int] | None = None   # an unfinished last line: start, head, end
         self.read = 0                              # bytes read since the tailer last counted them
+        self.recorded = False                      # whether `offset` is committed for this file
 
     def size(self) -> int:
         return os.fstat(self.fd).st_size
@@ -5906,7 +5908,7 @@ class Followed:
 
     def restart(self) -> None:
         """Read the file again from its start (it was truncated)."""
-        self.offset, self.partial = 0, None
+        self.offset, self.partial, self.recorded = 0, None, False
         self.fingerprint = fingerprint(self.fd, self.size())
 
     def line_id(self, start: int, text: bytes) -> str:
@@ -5994,9 +5996,12 @@ class LogTailer(QuietReader):
         self.causes: dict[str, str] = {}         # otel trace id -> cause code of its last fetch error
         self.last_outcome: dict[str, str] = {}   # run id -> outcome of its last failed attempt
         self.known: dict[tuple[int, int], list[tuple[str, int]]] = {}   # (dev, inode) -> [(mark, offset)]
-        for dev, inode, mark, position in db.query(
-                "SELECT dev, inode, fingerprint, position FROM log_offsets ORDER BY updated_at"):
+        folder = self.folder()
+        self.followed_before = False     # this log's files were followed before: any new one is news
+        for dev, inode, mark, position, path in db.query(
+                "SELECT dev, inode, fingerprint, position, path FROM log_offsets ORDER BY updated_at"):
             self.known.setdefault((dev, inode), []).append((mark, position))
+            self.followed_before = self.followed_before or Path(path).parent == folder
         self.current: Followed | None = None
         self.chosen_by: tuple[str, ...] = ()   # what the last choice of the file to follow read
         self.backlog = self.unfinished()  # files read before, with lines left: finish them first
@@ -6007,6 +6012,11 @@ class LogTailer(QuietReader):
                                 "failed_attempts"))
 
     # -- which file
+    def folder(self) -> Path:
+        """The directory the log's files are in."""
+        path = Path(self.config.log_path)
+        return path if path.is_dir() else path.parent
+
     def target(self) -> str | None:
         """The file to follow now: TRACE_LOG_PATH, or the newest dated log in that directory; None
         while there is none. What the choice read goes to `chosen_by`: the file, or the directory and
@@ -6024,8 +6034,7 @@ class LogTailer(QuietReader):
     def unfinished(self) -> list[str]:
         """Files in the log's directory otrace has read part of, with bytes left (rotated while
         otrace was down), oldest first."""
-        path = Path(self.config.log_path)
-        folder = path if path.is_dir() else path.parent
+        folder = self.folder()
         found = []
         with contextlib.suppress(OSError):
             for candidate in folder.iterdir():
@@ -6057,8 +6066,9 @@ class LogTailer(QuietReader):
         fd = open_regular(path)
         st = os.fstat(fd)
         offset = self.resume_at(path, st)
-        if offset is None:           # never read: TRACE_LOG_START for a file there at startup, else 0
-            offset = 0 if self.started or self.config.log_start == "beginning" else line_end(fd, st.st_size)
+        if offset is None:   # never read: TRACE_LOG_START at the first start on this log, else all of it
+            offset = (0 if self.started or self.followed_before or self.config.log_start == "beginning"
+                      else line_end(fd, st.st_size))
         self.started, self.waiting = True, False
         self.current = Followed(path, fd, offset)
         self.log.info("following log file", extra={"file": path, "offset": offset, "size": st.st_size})
@@ -6116,7 +6126,7 @@ class LogTailer(QuietReader):
             lines, end = followed.lines(self.most, to_end)
             self.totals.add("bytes_read", followed.read)
             followed.read = 0
-            if not lines:
+            if not lines and followed.recorded:
                 return total
             rows: list[Row] = []
             extra: list[tuple[str, tuple]] = []
@@ -6130,7 +6140,9 @@ class LogTailer(QuietReader):
                 return None
             self.behind = False
             self.known[(followed.dev, followed.inode)] = [(followed.fingerprint, end)]
-            followed.offset = end
+            followed.offset, followed.recorded = end, True    # a file skipped to its end is known too
+            if not lines:
+                return total
             self.totals.add("lines", len(lines))
             self.news = True
             self.totals.add("events", len(rows))

@@ -2177,6 +2177,54 @@ def test_a_log_that_appears_after_start_is_read_from_its_beginning(tmp_path: Pat
     wait_until(lambda: sorted(logged(node)) == sorted(expected(range(20))), what="the first lines too")
 
 
+def committed_offsets(node: Otrace) -> list[tuple[str, int]]:
+    with contextlib.closing(sqlite3.connect(node.db_path, timeout=10)) as conn:
+        return conn.execute("SELECT path, position FROM log_offsets ORDER BY path").fetchall()
+
+
+@needs_gateway_log
+def test_a_file_skipped_to_its_end_resumes_there_after_a_restart(tmp_path: Path,
+                                                                 run: Callable[..., Otrace]) -> None:
+    """TRACE_LOG_START=end skips what the file held at the first start, and commits that offset: the
+    lines written while otrace is down are read at the next start."""
+    log = tmp_path / "gateway.log"
+    lines = gateway_lines()
+    log.write_bytes(b"".join(lines[:20]))
+    env = {"TRACE_LOG_PATH": str(log), "TRACE_LOG_POLL": "50ms"}
+    node = run(env)
+    wait_until(lambda: committed_offsets(node) == [(str(log), sum(map(len, lines[:20])))],
+               what="the skipped-to offset committed")
+    assert node.stop() == 0
+    append(log, b"".join(lines[20:40]))
+    node = run(env)
+    wait_until(lambda: sorted(logged(node)) == sorted(expected(range(20, 40))), what="the downtime's lines")
+
+
+@needs_gateway_log
+def test_files_rotated_or_begun_while_otrace_was_down_are_read(tmp_path: Path,
+                                                               run: Callable[..., Otrace]) -> None:
+    """Once otrace has followed a log, a file of it that it has not seen is news from its first line:
+    the file that took a rotated one's name, or the next day's, both made while otrace was down."""
+    logs = tmp_path / "openclaw"
+    logs.mkdir()
+    today = logs / "openclaw-2026-11-24.log"
+    lines = gateway_lines()
+    today.write_bytes(b"".join(lines[:10]))
+    env = {"TRACE_LOG_PATH": str(logs), "TRACE_LOG_POLL": "50ms"}
+    node = run(env)
+    wait_until(lambda: committed_offsets(node), what="the skipped-to offset committed")
+    assert node.stop() == 0 and node.rows("log_events") == []
+    append(today, b"".join(lines[10:20]))                        # while down: appended, rotated,
+    today.rename(logs / "openclaw-2026-11-24.1.log")             # and a new file under its name
+    today.write_bytes(b"".join(lines[20:30]))
+    node = run(env)
+    wait_until(lambda: sorted(logged(node)) == sorted(expected(range(10, 30))), what="both files")
+    assert node.stop() == 0
+    (logs / "openclaw-2026-11-25.log").write_bytes(b"".join(lines[30:45]))   # the next day, while down
+    node = run(env)
+    wait_until(lambda: sorted(logged(node)) == sorted(expected(range(10, 45))), what="the new day's file")
+
+
 def test_waiting_for_a_missing_log_is_one_line_when_it_starts_and_one_when_it_ends(
         tmp_path: Path, run: Callable[..., Otrace]) -> None:
     log = tmp_path / "openclaw-2026-11-24.log"
