@@ -3579,6 +3579,35 @@ CONTENT_SQL = ("UPDATE llm_traces SET truncated = truncated OR (input_text IS NU
                "output_text = coalesce(output_text, ?) WHERE trace_id = ? AND synced = 0")
 SERIES_TOUCH_MS = 86_400_000     # an unchanged series' state is rewritten daily, so retention keeps it
 KEY_BYTES = 200                  # what one remembered span id costs of TRACE_OTLP_CONTENT_BYTES
+RECENT_CALLS = 64                # LLM calls remembered for another instrumentation's span in a later request
+
+
+# The texts a merge keeps in memory not at all, with their byte counts: the row holds them.
+MERGE_TEXTS = {"llm_traces": (("input_text", "input_bytes"), ("output_text", "output_bytes")),
+               "error_events": (("stack_trace", "stack_trace_bytes"),)}
+
+
+def merge_sql(table: Table, call_first: bool) -> str:
+    """An UPDATE of a stored row to the merged call's, whose values are ?1, ?2, ... in the table's
+    columns' order, the row's trace_id last: its id, arrival and source stay; a text the row has wins,
+    unless `call_first` (the new span is the inner one), whose text then wins where it has one."""
+    at = {column: f"?{n}" for n, column in enumerate(table.columns, 1)}
+    texts = MERGE_TEXTS[table.name]
+    sets = [f"{c} = {at[c]}" for c in table.columns
+            if c not in ("trace_id", "received_at", "source", "truncated", *itertools.chain(*texts))]
+    for text, size in texts:
+        if call_first:       # the new span's text, where it has one
+            sets += [f"{size} = CASE WHEN {at[text]} IS NULL THEN {size} ELSE {at[size]} END",
+                     f"{text} = coalesce({at[text]}, {text})"]
+        else:                # the row's text, where it has one
+            sets += [f"{size} = CASE WHEN {text} IS NULL THEN {at[size]} ELSE {size} END",
+                     f"{text} = coalesce({text}, {at[text]})"]
+    sets.append(f"truncated = truncated OR {at['truncated']}")
+    return f"UPDATE {table.name} SET {', '.join(sets)} WHERE trace_id = ?{len(at) + 1} AND synced = 0"
+
+
+MERGE_SQL = {(table.name, first): merge_sql(table, first)
+             for table in (TRACES, ERRORS) for first in (True, False)}
 OTLP_COUNTERS = (
     "requests", "spans", "llm_spans", "spans_merged", "spans_not_llm", "openclaw_usage_skipped",
     "spans_rejected", "metric_points", "metric_points_kept", "metric_points_unchanged", "metric_points_other",
@@ -3979,6 +4008,66 @@ def absorb(call: Call, other: Call) -> None:
     call.keys += other.keys
 
 
+def same_call(stored: Call, call: Call) -> bool:
+    """Whether `call`, from a later request, is another instrumentation's span of the call `stored`:
+    another scope, the same service and provider, and the same response id (where both have one), or
+    one lying inside the other's time. A call already made of two spans takes no third."""
+    if (stored.scope == call.scope or len(stored.keys) > 1 or stored.group[1] != call.group[1]
+            or stored.event["metadata"].get("service_name") != call.event["metadata"].get("service_name")):
+        return False
+    if stored.response_id and call.response_id:
+        return stored.response_id == call.response_id
+    return (stored.start <= call.start <= call.end <= stored.end
+            or call.start <= stored.start <= stored.end <= call.end)
+
+
+class RecentCalls:
+    """The last RECENT_CALLS LLM calls stored within TRACE_OTLP_CONTENT_WAIT, without their content: a
+    span of one of them from another instrumentation, exported in a later request, fills in that row
+    instead of making a second. Looked through only for a service and provider whose calls came from
+    another scope too within that time."""
+
+    def __init__(self, wait: float) -> None:
+        self.wait = wait
+        self.calls: collections.deque[tuple[float, Call]] = collections.deque(maxlen=RECENT_CALLS)
+        self.scopes: dict[tuple[Any, Any], dict[str, float]] = {}   # (service, provider) -> {scope: when}
+
+    @staticmethod
+    def group(call: Call) -> tuple[Any, Any]:
+        return call.event["metadata"].get("service_name"), call.group[1]
+
+    def partner(self, call: Call) -> Call | None:
+        """The one stored call `call` is another span of, if exactly one."""
+        deadline = time.monotonic() - self.wait
+        if not any(scope != call.scope and seen >= deadline
+                   for scope, seen in self.scopes.get(self.group(call), {}).items()):
+            return None
+        found = [stored for at, stored in self.calls if at >= deadline and same_call(stored, call)]
+        return found[0] if len(found) == 1 else None
+
+    def remember(self, call: Call) -> None:
+        now = time.monotonic()
+        self.calls.append((now, self.textless(call)))
+        if len(self.scopes) > RECENT_CALLS:       # groups not seen within the wait go
+            self.scopes = {group: seen for group, seen in self.scopes.items()
+                           if max(seen.values()) >= now - self.wait}
+        self.scopes.setdefault(self.group(call), {})[call.scope] = now
+
+    def replace(self, stored: Call, merged: Call) -> None:
+        """`stored`'s row is now the call of two spans, `merged`."""
+        merged = self.textless(merged)
+        self.calls = collections.deque(((at, merged if c is stored else c) for at, c in self.calls),
+                                       maxlen=RECENT_CALLS)
+
+    @staticmethod
+    def textless(call: Call) -> Call:
+        """A copy without the texts its rows hold (MERGE_TEXTS): what is kept in memory."""
+        def without(fields: dict[str, Any] | None, table: str) -> dict[str, Any] | None:
+            return fields and {**fields, **{text: None for text, _ in MERGE_TEXTS[table]}}
+        return dataclasses.replace(call, event=without(call.event, TRACES.name),
+                                   failure=without(call.failure, ERRORS.name), keys=list(call.keys))
+
+
 # -- log records
 
 
@@ -4174,6 +4263,8 @@ class Export:
     problems: list[str] = dataclasses.field(default_factory=list)
     counts: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
     stored: list[tuple[str, list[str]]] = dataclasses.field(default_factory=list)   # (row, span keys)
+    calls: list[Call] = dataclasses.field(default_factory=list)                     # each with its row
+    merged: list[tuple[Call, Call]] = dataclasses.field(default_factory=list)       # (stored, now)
     parked: list[tuple[str, list[Said]]] = dataclasses.field(default_factory=list)
     series: dict[str, list[Any]] = dataclasses.field(default_factory=dict)
 
@@ -4190,6 +4281,7 @@ class OtlpReceiver:
     def __init__(self, service: Service) -> None:
         self.service, self.config = service, service.config
         self.content = Content(self.config.otlp_content_wait, self.config.otlp_content_bytes)
+        self.recent = RecentCalls(self.config.otlp_content_wait)
         self.series = Series(service.db, self.config.otlp_max_series)
         self.totals = Counters(OTLP_COUNTERS)
 
@@ -4228,6 +4320,10 @@ class OtlpReceiver:
         """The queue has taken the request: remember what it changed, and count it."""
         for row, keys in export.stored:
             self.content.remember(row, keys)
+        for call in export.calls:
+            self.recent.remember(call)
+        for stored, merged in export.merged:
+            self.recent.replace(stored, merged)
         for key, said in export.parked:
             self.content.park(key, said)
         self.series.commit(export.series)
@@ -4257,36 +4353,76 @@ class OtlpReceiver:
                     else:
                         calls.append(found)
         calls, export.counts["spans_merged"] = one_per_call(calls)
-        for call in calls:
-            self.call_rows(call, export, received)
+        for found in calls:
+            if self.content.row_of(found.key) not in (None, found.key):   # merged into another row before:
+                export.counts["spans_merged"] += 1                         # a retry
+                continue
+            call = dataclasses.replace(found, event=self.with_content(found))
+            if stored := self.recent.partner(call):
+                self.merge_rows(stored, call, export, received)
+            else:
+                self.call_rows(call, export, received)
         return export
 
-    def call_rows(self, call: Call, export: Export, received: int) -> None:
-        """The llm_traces row of a call (and its error_events row if it failed), with content that
-        waited for it."""
-        event = call.event
+    def with_content(self, call: Call) -> dict[str, Any]:
+        """The call's fields, with content that waited for its spans where they had none."""
+        event = dict(call.event)
         inputs, outputs = self.content.peek(call.keys)
         if event.get("input_text") is None and inputs:
             event["input_text"] = _as_text(inputs)
         if event.get("output_text") is None and outputs:
             event["output_text"] = _as_text(outputs)
-        event["provider"] = event.get("provider") or "unknown"
-        event["model"] = event.get("model") or "unknown"
+        return event
+
+    def rows_of(self, event: dict[str, Any], failure: dict[str, Any] | None, received: int) -> list[Row]:
+        """The llm_traces row of a call, and its error_events row if it failed; Invalid if it cannot be
+        stored."""
+        event = {**event, "provider": event.get("provider") or "unknown",
+                 "model": event.get("model") or "unknown"}
         max_text = self.config.max_text_bytes
+        rows = [event_row(TRACES, trace_row, event, "otlp", received=received, max_text=max_text)]
+        if failure:
+            failure = {k: v for k, v in failure.items() if k != "error_type_name"}
+            failure |= {"provider": event["provider"], "model": event["model"],
+                        "session_id": event.get("session_id")}
+            rows.append(event_row(ERRORS, error_row, failure, "otlp", received=received, max_text=max_text))
+        return rows
+
+    def call_rows(self, call: Call, export: Export, received: int) -> None:
+        """The rows of a call."""
         try:
-            rows = [event_row(TRACES, trace_row, event, "otlp", received=received, max_text=max_text)]
-            if call.failure:
-                failure = {k: v for k, v in call.failure.items() if k != "error_type_name"}
-                failure |= {"provider": event["provider"], "model": event["model"],
-                            "session_id": event.get("session_id")}
-                rows.append(event_row(ERRORS, error_row, failure, "otlp", received=received,
-                                      max_text=max_text))
+            export.rows += self.rows_of(call.event, call.failure, received)
         except Invalid as why:
-            export.refuse("spans_rejected", f"span {event['metadata'].get('span_name')!r}", why)
+            export.refuse("spans_rejected", f"span {call.event['metadata'].get('span_name')!r}", why)
             return
-        export.rows += rows
         export.counts["llm_spans"] += 1
         export.stored.append((call.key, call.keys))
+        export.calls.append(call)
+
+    def merge_rows(self, stored: Call, call: Call, export: Export, received: int) -> None:
+        """`call` is another instrumentation's span of `stored`, whose rows are in: they become the call
+        of both spans, as one_per_call makes it within a request (the inner span's fields first), unless
+        pushed already; a failure the stored span did not have is added."""
+        call_first = call.end - call.start < stored.end - stored.start
+        inner, outer = (call, stored) if call_first else (stored, call)
+        merged = dataclasses.replace(inner, key=stored.key, event={**inner.event, "trace_id": stored.key},
+                                     keys=list(inner.keys))
+        absorb(merged, outer)
+        if merged.failure:
+            merged.failure = {**merged.failure, "trace_id": stored.key}
+        try:
+            rows = self.rows_of(merged.event, merged.failure, received)
+        except Invalid as why:
+            export.refuse("spans_rejected", f"span {call.event['metadata'].get('span_name')!r}", why)
+            return
+        for row in rows:
+            if row.table == TRACES.name or stored.failure:
+                export.extra.append((MERGE_SQL[row.table, call_first], (*row.values, stored.key)))
+            else:                                      # a failure the stored span did not have
+                export.rows.append(row)
+        export.counts["spans_merged"] += 1
+        export.stored.append((stored.key, call.keys))
+        export.merged.append((stored, merged))
 
     # -- logs
     def logs(self, message: Any, received: int) -> Export:

@@ -5936,6 +5936,59 @@ def test_two_instrumentations_of_one_call_make_one_row_in_process() -> None:
     assert sdk.keys == [sdk.key, wrapper.key]
     assert otrace.one_per_call([same_scope, later])[1] == 0       # one library's spans are never merged
 
+    recent = otrace.RecentCalls(wait=60.0)                        # and in a later request:
+    recent.remember(later)
+    chat = {"gen_ai.operation.name": "chat", "gen_ai.provider.name": "anthropic"}
+    assert recent.partner(make("openllmetry", 310, 390, **chat)) is None      # its own scope
+    assert recent.partner(make("sdk", 310, 390, **chat)).key == later.key     # inside its time
+    assert recent.partner(make("sdk", 500, 600, **chat)) is None              # another time
+    assert recent.partner(make("sdk", 310, 390, **{**chat, "gen_ai.provider.name": "openai"})) is None
+    recent.replace(recent.partner(make("sdk", 310, 390, **chat)), sdk)        # merged: takes no third
+    assert recent.partner(make("sdk", 310, 390, **chat)) is None
+
+
+@needs_otlp_fixtures
+@pytest.mark.parametrize("first", ["sdk", "openllmetry"])
+def test_two_instrumentations_of_one_call_in_two_requests_make_one_row(
+        tmp_path: Path, run: Callable[..., Otrace], first: str) -> None:
+    """The Anthropic SDK's spans and OpenLLMetry's spans of the same calls, exported in two requests (a
+    batch boundary between them), in either order, make the rows the one request makes."""
+    wrapper = "opentelemetry.instrumentation.anthropic"
+    entries = [e for e in captured_otlp()
+               if e["run"] == "openllmetry-0.62.4-anthropic-content" and e["path"] == "/v1/traces"]
+    halves: dict[str, list[bytes]] = {"sdk": [], "openllmetry": []}
+    for entry in entries:
+        for name, bodies in halves.items():
+            message = decoded(entry)
+            for resource_spans in message.resource_spans:
+                kept = [s for s in resource_spans.scope_spans if (s.scope.name == wrapper) == (name != "sdk")]
+                del resource_spans.scope_spans[:]
+                resource_spans.scope_spans.extend(kept)
+            bodies.append(message.SerializeToString())
+
+    def calls(node: Otrace) -> tuple[list[tuple], list[tuple]]:
+        traces = sorted(((*(r[c] for c in CALL_COLUMNS[:-1]), r["ttft_ms"] and round(r["ttft_ms"], 1),
+                          r["input_text"] is not None, r["output_text"] is not None, r["cost_usd"],
+                          r["latency_ms"], r["created_at"]) for r in node.rows("llm_traces")), key=repr)
+        errors = sorted((e["category"], e["model"], e["message"]) for e in node.rows("error_events"))
+        return traces, errors
+
+    whole = run(db=tmp_path / "whole.db")
+    replay(whole, entries)
+    reference = wait_until(lambda: (got := calls(whole)) and len(got[0]) == 6 and len(got[1]) == 2 and got,
+                           what="the calls of the whole requests")
+    node = run()
+    second = ({"sdk", "openllmetry"} - {first}).pop()
+    for body in halves[first] + halves[second]:
+        assert otlp_post(node.port, "/v1/traces", body, PROTOBUF).status == 200
+    wait_until(lambda: calls(node) == reference, what="the same calls from the split requests")
+    assert node.health()["otlp"]["spans_merged"] == 6
+    for body in halves[second]:                                   # the exporter retries the second half
+        assert otlp_post(node.port, "/v1/traces", body, PROTOBUF).status == 200
+    assert node.post("/v1/traces", trace(model="after-the-retry")).status == 202
+    wait_until(lambda: any(r["model"] == "after-the-retry" for r in node.rows("llm_traces")), what="a mark")
+    assert calls(node)[1] == reference[1] and len(node.rows("llm_traces")) == 7
+
 
 SDK_CLIENT = r'''
 import json, sys
