@@ -7055,11 +7055,16 @@ class Packer:
     def __init__(self, conn: sqlite3.Connection, max_bytes: int, tables: Iterable[str],
                  form: OtraceFormat | OtlpFormat) -> None:
         self.conn, self.max_bytes, self.tables, self.form = conn, max_bytes, tuple(tables), form
+        self.unencodable: list[tuple[str, int, str, str]] = []   # (table, row id, trace_id, why)
 
     def batches(self) -> Iterator[Batch]:
         batch = Batch(separator=self.form.separator)
         for table, row in self.rows():
-            encoded, signal = self.form.item(table, row), self.form.signal(table)
+            try:
+                encoded, signal = self.form.item(table, row), self.form.signal(table)
+            except (ValueError, TypeError, OverflowError) as exc:   # a value the format cannot hold
+                self.unencodable.append((table, row["id"], row["trace_id"], describe(exc)))
+                continue
             if batch.spans and (signal != batch.signal or self.ENVELOPE + len(batch.data) + 2 + len(encoded)
                                 > self.max_bytes):
                 yield batch
@@ -7185,7 +7190,7 @@ class OtlpFormat:
         from its trace_id, so a span pushed again is the same span."""
         meta = row.get("metadata") if isinstance(row.get("metadata"), dict) else {}
         trace_id, span_id = otel_ids(row["trace_id"], meta)
-        start = row["created_at"] * 1_000_000
+        start = unix_nano(row["created_at"])
         operation = meta.get("gen_ai.operation.name") if isinstance(meta.get("gen_ai.operation.name"), str) \
             else "chat"
         failed = row["status"] == "error"
@@ -7214,7 +7219,7 @@ class OtlpFormat:
         return self.traces.Span(
             trace_id=trace_id, span_id=span_id, parent_span_id=parent, name=f"{operation} {row['model']}",
             kind=3, start_time_unix_nano=start,                       # 3: SPAN_KIND_CLIENT
-            end_time_unix_nano=start + round((row["latency_ms"] or 0) * 1_000_000),
+            end_time_unix_nano=unix_nano(row["created_at"], row["latency_ms"] or 0),
             attributes=self.attributes(attrs), status=status)
 
     def log_record(self, table: str, row: dict[str, Any]) -> Any:
@@ -7232,8 +7237,8 @@ class OtlpFormat:
         ids = (bytes.fromhex(meta["otel_trace_id"]), bytes.fromhex(meta["otel_span_id"])) if (
             _hex_id(meta.get("otel_trace_id"), 16) and _hex_id(meta.get("otel_span_id"), 8)) else (b"", b"")
         return self.logs.LogRecord(
-            time_unix_nano=row["created_at"] * 1_000_000,
-            observed_time_unix_nano=row["received_at"] * 1_000_000,
+            time_unix_nano=unix_nano(row["created_at"]),
+            observed_time_unix_nano=unix_nano(row["received_at"]),
             severity_number=SEVERITY_NUMBERS.get(str(level).upper(), 9), severity_text=str(level).upper(),
             body=self.value(body), attributes=self.attributes(attrs), trace_id=ids[0], span_id=ids[1],
             event_name=f"otrace.{TABLES[table].push_type if table in TABLES else table}")
@@ -7241,7 +7246,7 @@ class OtlpFormat:
     def host_metrics(self, row: dict[str, Any]) -> list[Any]:
         """A host sample as gauges: OpenTelemetry's system.*, container.* (a sample from a cgroup) and
         process.* names where they mean the same, the rest as otrace.host.<column>."""
-        at = row["created_at"] * 1_000_000
+        at = unix_nano(row["created_at"])
         names = CONTAINER_METRICS if str(row["source"]).startswith("cgroup") else HOST_METRICS
         mount = {"system.filesystem.mountpoint": row["disk_path"]} if row.get("disk_path") else {}
         points = [(*names.get(column, (f"otrace.host.{column}", "", 1, {})), value)
@@ -7272,7 +7277,7 @@ class OtlpFormat:
         metrics = []
         for column, (name, unit, scale) in PROCESS_METRICS.items():
             if _finite(row[column]):
-                point = self.metrics.NumberDataPoint(time_unix_nano=row["created_at"] * 1_000_000,
+                point = self.metrics.NumberDataPoint(time_unix_nano=unix_nano(row["created_at"]),
                                                      attributes=attrs)
                 if scale == 1:
                     point.as_int = row[column]
@@ -7285,7 +7290,7 @@ class OtlpFormat:
     def genai_metric(self, row: dict[str, Any]) -> Any:
         """A GenAI metric point as itself: a delta sum or histogram over its window, or a gauge."""
         attrs = self.attributes(row["attributes"] if isinstance(row.get("attributes"), dict) else {})
-        end, start = row["created_at"] * 1_000_000, (row["window_start"] or 0) * 1_000_000
+        end, start = unix_nano(row["created_at"]), unix_nano(row["window_start"] or 0)
         metric = self.metrics.Metric(name=row["name"], unit=row["unit"] or "")
         if row["kind"] == "histogram":
             buckets = row["buckets"] if isinstance(row.get("buckets"), dict) else {}
@@ -7313,7 +7318,7 @@ class OtlpFormat:
         batch = Batch("logs", self.separator, losses=losses)
         for loss in losses:
             record = self.logs.LogRecord(
-                time_unix_nano=loss["at"] * 1_000_000, severity_number=13, severity_text="WARN",
+                time_unix_nano=unix_nano(loss["at"]), severity_number=13, severity_text="WARN",
                 event_name="otrace.loss", body=self.value(
                     f"otrace gave up {loss['rows']} {loss['table']} row(s): {loss['reason']}"),
                 attributes=self.attributes({f"otrace.loss.{k}": v for k, v in loss.items()}))
@@ -7367,6 +7372,12 @@ class OtlpFormat:
         if isinstance(value, dict):
             return common.AnyValue(kvlist_value=common.KeyValueList(values=self.attributes(value)))
         return common.AnyValue(string_value="" if value is None else str(value))
+
+
+def unix_nano(ms: float, later_ms: float = 0.0) -> int:
+    """Unix ms (and `later_ms` after it) as OTLP's unsigned 64-bit nanoseconds: a time past 2554
+    (otrace takes up to 9999) is held at the largest."""
+    return min(max(0, round(ms * 1_000_000) + round(later_ms * 1_000_000)), 2**64 - 1)
 
 
 def otel_ids(trace_id: str, meta: dict[str, Any]) -> tuple[bytes, bytes]:
@@ -7651,6 +7662,7 @@ class Cycle:
     accepted: bool = False
     refused: list[tuple[str, int, str, Attempt]] = dataclasses.field(default_factory=list)
     marking: tuple[Future, int] | None = None
+    packer: Packer | None = None
 
 
 class Pusher(Loop):
@@ -7674,7 +7686,7 @@ class Pusher(Loop):
         self.last_time: float | None = None
         self.last_status = "never"
         self.last_error: str | None = None
-        self.totals = Counters(("events", "batches", "refused", "failed"))
+        self.totals = Counters(("events", "batches", "refused", "unencodable", "failed"))
 
     def next_delay(self) -> float:
         if self.breaker.state == "open":
@@ -7694,7 +7706,7 @@ class Pusher(Loop):
             cycle = Cycle()
             try:
                 with self.db.reading() as conn:
-                    ok = all(self.deliver(batch, deadline, cycle) for batch in self.batches(conn))
+                    ok = all(self.deliver(batch, deadline, cycle) for batch in self.batches(conn, cycle))
             finally:
                 self.marked(cycle, deadline)
             ok = self.settle(cycle, deadline) and ok
@@ -7712,11 +7724,12 @@ class Pusher(Loop):
         finally:
             self.cycle_lock.release()
 
-    def batches(self, conn: sqlite3.Connection) -> Iterator[Batch]:
+    def batches(self, conn: sqlite3.Connection, cycle: Cycle) -> Iterator[Batch]:
         """The cycle's batches; first, what was given up since the last report (in otrace's format,
         in the head of its first batch of events)."""
         losses = unreported_losses(conn, self.loss_tables)
-        batches = Packer(conn, self.config.push_max_bytes, self.tables, self.format).batches()
+        cycle.packer = Packer(conn, self.config.push_max_bytes, self.tables, self.format)
+        batches = cycle.packer.batches()
         if losses:
             report = self.format.report(losses)
             if not report.spans and (first := next(batches, None)):
@@ -7786,8 +7799,20 @@ class Pusher(Loop):
         self.totals.add("batches")
 
     def settle(self, cycle: Cycle, deadline: float | None) -> bool:
-        """Rows refused one by one are given up (and reported) only if the receiver accepted others
-        in the same cycle; otherwise the receiver is at fault: they stay, and the cycle failed."""
+        """Rows the push format cannot hold are given up (and reported). Rows refused one by one are
+        given up only if the receiver accepted others in the same cycle; otherwise the receiver is at
+        fault: they stay, and the cycle failed."""
+        if cycle.packer and (unencodable := cycle.packer.unencodable):
+            attempt = Attempt("", now_ms(), 1, 0, status=0,        # 0: never sent
+                              error=f"cannot be sent as {self.config.push_format}")
+            self.events.call(functools.partial(record_refused, [
+                (table, row_id, trace_id, dataclasses.replace(attempt, error=f"{attempt.error}: {why}"))
+                for table, row_id, trace_id, why in unencodable]), self.wait(deadline))
+            self.totals.add("unencodable", len(unencodable))
+            self.log.error("events that cannot be sent in the push format: given up, reported in the next "
+                           "push", extra={"events": len(unencodable), "first": {
+                               "table": unencodable[0][0], "trace_id": unencodable[0][2],
+                               "reason": unencodable[0][3]}})
         if not cycle.refused:
             return True
         example = cycle.refused[0][3]
@@ -7847,6 +7872,7 @@ class Pusher(Loop):
             "events_pushed": totals["events"],
             "batches_pushed": totals["batches"],
             "events_refused_by_receiver": totals["refused"],
+            "events_unencodable": totals["unencodable"],
         }
 
 

@@ -2855,6 +2855,59 @@ def test_otlp_push_into_another_otrace_reproduces_every_llm_row(tmp_path: Path, 
     assert errors["segfault"]["severity"] == "critical" and errors["segfault"]["source"] == "otlp"
 
 
+def test_otlp_push_holds_times_past_its_range_at_their_largest(run: Callable[..., Otrace],
+                                                               receiver: Receiver) -> None:
+    """otrace takes times up to 9999; OTLP's nanoseconds end in 2554. A row past that, or a latency
+    that ends past it, is pushed with those times held at the largest, and holds no other row back."""
+    node = run({**PUSH, "TRACE_PUSH_FORMAT": "otlp", "TRACE_PUSH_OTLP_PROTOCOL": "http/json",
+                "TRACE_PUSH_ENDPOINT": receiver.url.rsplit("/", 1)[0]})
+    ids = node.post("/v1/traces", [trace(trace_id="future", created_at="9999-12-31T23:59:59Z"),
+                                   trace(trace_id="long", latency_ms=1e15), trace(trace_id="plain")]
+                    ).json["trace_ids"]
+    ids += node.post("/v1/errors", {"error_type": "crash", "message": "late",
+                                    "created_at": "2600-01-01T00:00:00Z"}).json["trace_ids"]
+    wait_synced(node, ids)
+    spans = {a["value"]["stringValue"]: s for r in receiver.requests for rs in (r["json"] or {}).get(
+             "resourceSpans", []) for ss in rs["scopeSpans"] for s in ss["spans"] for a in s["attributes"]
+             if a["key"] == "otrace.trace_id"}
+    largest = str(2**64 - 1)
+    assert (spans["future"]["startTimeUnixNano"], spans["future"]["endTimeUnixNano"]) == (largest, largest)
+    assert spans["long"]["endTimeUnixNano"] == largest and spans["long"]["startTimeUnixNano"] != largest
+    assert spans["plain"]["endTimeUnixNano"] != largest
+    records = [rec for r in receiver.requests for rl in (r["json"] or {}).get("resourceLogs", [])
+               for sl in rl["scopeLogs"] for rec in sl["logRecords"]]
+    assert [rec["timeUnixNano"] for rec in records if rec["body"]["stringValue"] == "late"] == [largest]
+    assert node.health()["push"]["last_error"] is None
+
+
+def test_a_row_otlp_cannot_hold_is_given_up_and_reported_not_stopping_push(
+        tmp_path: Path, run: Callable[..., Otrace], receiver: Receiver) -> None:
+    """A stored row whose value OTLP has no room for (here a histogram bucket count below zero, as a
+    database from elsewhere might hold) is given up and reported as a loss; the rows beside it go."""
+    db = tmp_path / "otrace.db"
+    otrace.open_database(str(db))
+    columns = otrace.GENAI_METRICS.columns
+
+    def point(trace_id: str, counts: list[int]) -> tuple:
+        fields = dict.fromkeys(columns) | {
+            "trace_id": trace_id, "created_at": 1796000000000, "received_at": 1796000000000, "source": "otlp",
+            "name": "gen_ai.client.token.usage", "kind": "histogram", "unit": "{token}", "value": 3.0,
+            "count": 1, "window_start": 1795999990000, "reset": 0, "truncated": 0,
+            "buckets": json.dumps({"bounds": [1.0], "counts": counts})}
+        return tuple(fields[c] for c in columns)
+    with contextlib.closing(sqlite3.connect(db)) as conn, conn:
+        conn.executemany(otrace.insert_sql("genai_metrics"), [point("bad", [-1, 2]), point("good", [1, 0])])
+    node = run({**PUSH, "TRACE_PUSH_FORMAT": "otlp", "TRACE_PUSH_OTLP_PROTOCOL": "http/json",
+                "TRACE_PUSH_ENDPOINT": receiver.url.rsplit("/", 1)[0]})
+    wait_until(lambda: dict(node.query("SELECT trace_id, synced FROM genai_metrics")) == {
+        "bad": 3, "good": 1}, what="the good point pushed, the bad one given up and reported")
+    assert node.query("SELECT trace_id, reason FROM push_rejects") == [
+        ("bad", "cannot be sent as otlp: ValueError: Value out of range: -1")]
+    receiver.wait(lambda requests: any("otrace.loss" in json.dumps(r["json"]) for r in requests))
+    assert node.health()["push"]["events_unencodable"] == 1
+    assert node.logs("events that cannot be sent in the push format: given up, reported in the next push")
+
+
 def test_otlp_push_outlasts_a_dead_port_a_429_and_partial_success(run: Callable[..., Otrace],
                                                                  receiver: Receiver) -> None:
     """A dead port, then a 429, then partial_success with rejected items, a refusal of part of a batch:
