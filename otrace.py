@@ -270,13 +270,18 @@ def _switch(raw: str) -> bool:
     return value in ("on", "true", "1", "yes")
 
 
+HOST_NAME = re.compile(r"[A-Za-z0-9._-]+|[0-9A-Fa-f:.]+(%[\w.-]+)?")   # a name, an IPv4 or an IPv6 address
+
+
 def _url(raw: str) -> str:
     parts = urllib.parse.urlsplit(raw.strip())
-    if raw.strip() and (parts.scheme not in ("http", "https") or not parts.hostname):
+    if not raw.strip():
+        return ""
+    if parts.scheme not in ("http", "https") or not HOST_NAME.fullmatch(parts.hostname or ""):
         raise SettingError
     with contextlib.suppress(ValueError):
-        parts.port                                     # noqa: B018 - raises for a bad port
-        return raw.strip()
+        if parts.port != 0:                            # raises for a port that is not one
+            return raw.strip()
     raise SettingError
 
 
@@ -588,6 +593,7 @@ def setup_logging(level: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    logging.getLogger("urllib3").setLevel(logging.WARNING)   # its debug lines name the push URL's query
 
 
 # ================================================================================================= kit
@@ -625,7 +631,13 @@ def is_environment(exc: BaseException) -> bool:
 
 
 def describe(exc: BaseException) -> str:
+    if isinstance(exc, Condition):
+        return str(exc)
     return f"{getattr(exc, 'sqlite_errorname', None) or type(exc).__name__}: {exc}"
+
+
+class Condition(Exception):
+    """A failure a loop reports in its own words (a full queue, an unreadable file): no traceback."""
 
 
 @contextlib.contextmanager
@@ -806,8 +818,8 @@ class Loop(threading.Thread):
             try:
                 self.tick()
             except Exception as exc:  # a loop outlives any one failure
-                if self.fault.error is None:
-                    self.log.exception("%s failed", self.name)
+                if self.fault.error is None and not (isinstance(exc, Condition) or is_environment(exc)):
+                    self.log.exception("%s failed", self.name)          # a bug: its traceback
                 self.fault.failed(describe(exc))
             else:
                 self.fault.cleared()
@@ -948,7 +960,7 @@ def _finite(value: Any) -> bool:
     """A JSON number that fits a column: no bool, no NaN or infinity, no integer too long for a float."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return False
-    return -MAX_UNIX_MS <= value <= MAX_UNIX_MS if isinstance(value, int) else math.isfinite(value)
+    return -MAX_INT <= value <= MAX_INT if isinstance(value, int) else math.isfinite(value)
 
 
 class Fields:
@@ -2879,8 +2891,9 @@ class Request:
 def parse_head(raw: bytes, complete: bool) -> Request:
     """A request's line and headers, or Refusal. `complete`: the blank line that ends them is in."""
     line, _, rest = raw.partition(b"\n")
-    if not complete and len(raw) > HEAD_LIMIT:
-        raise Refusal(431 if b"\n" in raw else 414, f"request line and headers are over {HEAD_LIMIT} bytes")
+    if len(raw) > HEAD_LIMIT:
+        raise Refusal(414 if len(line) > HEAD_LIMIT else 431,
+                      f"request line and headers are over {HEAD_LIMIT} bytes")
     words = line.decode("latin-1").rstrip("\r").split(" ")
     if len(words) != 3 or words[2] not in ("HTTP/1.1", "HTTP/1.0") or not words[0].isalpha():
         raise Refusal(400, f"not an HTTP/1.1 request line: {line[:200].decode('latin-1')!r}")
@@ -5015,7 +5028,7 @@ class Sampler(Loop):
         if not self.events.offer(Unit(rows + events, state, own=True)):
             self.dropped += 1            # the queue is full: this sample is lost, an OOM kill is not
             self.unsent = events[-100:]
-            raise RuntimeError(f"queue full: host sample dropped ({self.dropped} so far)")
+            raise Condition(f"queue full: host sample dropped ({self.dropped} so far)")
         self.oom_seen.update(seen)
 
     def oom_kills(self, snap: Snapshot) -> tuple[list[Row], dict[str, int]]:
@@ -5280,7 +5293,7 @@ class ProcessSampler(Loop):
         if not self.events.offer(Unit(alert + rows, own=True)):
             self.dropped += 1
             self.zombies.alerted = self.zombies.alerted and not alert    # alerted again next time
-            raise RuntimeError(f"queue full: process sample dropped ({self.dropped} so far)")
+            raise Condition(f"queue full: process sample dropped ({self.dropped} so far)")
         self.samples += bool(rows)
         self.last_at = time.time()
 
@@ -5730,7 +5743,7 @@ class DnsProbe(Loop):
         judged = [(name, row) for name, result in results.items() if (row := self.judge(name, result))]
         if judged and not self.events.offer(Unit([row for _, row in judged], own=True)):
             self.alerted.difference_update(name for name, _ in judged)      # offered again next time
-            raise RuntimeError("queue full: DNS failure events not stored yet")
+            raise Condition("queue full: DNS failure events not stored yet")
 
     def result(self, lookup: Lookup) -> dict[str, Any]:
         if not lookup.done.is_set():
@@ -6766,7 +6779,7 @@ class SessionStore(QuietReader):
             looked_at += self.databases[agent].files
         self.behind = False
         if self.errors:
-            raise RuntimeError("; ".join(f"agent {a}: {e}" for a, e in self.errors.items()))
+            raise Condition("; ".join(f"agent {a}: {e}" for a, e in self.errors.items()))
         self.looked_at = tuple(looked_at)
 
     def said(self, what: str, path: Path) -> None:
@@ -8962,18 +8975,24 @@ class Zone:
 def moment(text: str, zone: Zone, now_ms: int, end: bool) -> int:
     """A --since or --until as Unix ms: a duration back from now (24h, 7d, 90m), "today", a date (its
     start; for --until its end, so the day is in), or an RFC 3339 time (without an offset: local)."""
-    text = text.strip()
+    text, flag = text.strip(), "--until" if end else "--since"
+    try:
+        return min(max(0, _moment(text, zone, now_ms, end)), MAX_UNIX_MS)   # before 1970: all there is
+    except OverflowError:
+        raise ReportError(f"{flag} {text!r} is out of range (1970 to 9999)") from None
+    except ValueError:
+        raise ReportError(f"{flag} {text!r} is not a duration (24h, 7d), today, a date (2026-11-30) or an "
+                          "RFC 3339 time") from None
+
+
+def _moment(text: str, zone: Zone, now_ms: int, end: bool) -> int:
     if text.lower() == "today":
         return zone.midnight(zone.today(now_ms) + timedelta(days=int(end)))
     with contextlib.suppress(SettingError):
         return now_ms - int(_seconds(text) * 1000)
-    try:
-        if re.fullmatch(r"\d{4}-\d\d-\d\d", text):
-            return zone.midnight(date.fromisoformat(text) + timedelta(days=int(end)))
-        at = datetime.fromisoformat(text)
-    except ValueError:
-        raise ReportError(f"{'--until' if end else '--since'} {text!r} is not a duration (24h, 7d), "
-                          "today, a date (2026-11-30) or an RFC 3339 time") from None
+    if re.fullmatch(r"\d{4}-\d\d-\d\d", text):
+        return zone.midnight(date.fromisoformat(text) + timedelta(days=int(end)))
+    at = datetime.fromisoformat(text)
     return zone.instant(at) if at.tzinfo is None else int(at.timestamp() * 1000)
 
 
@@ -9210,13 +9229,14 @@ def csv_text(doc: dict[str, Any]) -> str:
     key = ["provider", "model"] if doc["by"] == "model" else [
         {"session": "session_id"}.get(doc["by"], doc["by"])]
     split = doc["breakdown"] and doc["by"] != "model"
+    named = [name for name in ("provider", "model") if split and name not in key]   # each column once
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow([*key, *(["provider", "model"] if split else []), *CSV_FIELDS])
+    writer.writerow([*key, *named, *CSV_FIELDS])
     for group in doc["calls"]["groups"]:
         for row in group["models"] if split else [group]:
             flat = {**row, **{f"latency_{p}_ms": v for p, v in row["latency_ms"].items()}}
-            writer.writerow([group[k] for k in key] + ([row["provider"], row["model"]] if split else [])
+            writer.writerow([group[k] for k in key] + [row[name] for name in named]
                             + [flat[field] for field in CSV_FIELDS])
     return out.getvalue()
 
@@ -9601,7 +9621,7 @@ def start_service(config: Config, stop_signals: set[signal.Signals],
 def serve(config: Config, warnings: Iterable[str] = ()) -> int:
     """Run until SIGTERM or SIGINT, then stop within TRACE_SHUTDOWN_TIMEOUT. The exit code."""
     setup_logging(config.log_level)
-    stop_signals = {signal.SIGTERM, signal.SIGINT}
+    stop_signals = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}   # SIGHUP: the terminal went away
     signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)   # every thread inherits this; main waits
     for warning in warnings:
         log.warning(warning)

@@ -316,6 +316,8 @@ def test_version() -> None:
     ("TRACE_METRICS_INTERVAL", "1ms", "a duration from 100ms to 1d"),
     ("TRACE_PUSH_TIMEOUT", "9" * 400 + "s", "a duration from 100ms to 10m"),
     ("TRACE_PUSH_HEADERS", "x-api-key", "key=value pairs"),
+    ("TRACE_PUSH_ENDPOINT", "http://a b/", "an http:// or https:// URL"),      # no such host name
+    ("TRACE_PUSH_ENDPOINT", "http://h:0/", "an http:// or https:// URL"),      # no such port
 ])
 def test_bad_setting_exits_2_naming_it(tmp_path: Path, name: str, value: str, accepts: str) -> None:
     env = {**os.environ, "TRACE_DB_PATH": str(tmp_path / "x.db"), name: value}
@@ -1381,6 +1383,9 @@ def test_request_headers_are_read_as_http_1_1_says(svc: Otrace) -> None:
                           (b"X-Folded: a\r\n b\r\n", "bad header line")):
         status, error = answer_of(exchange(head % 1 + extra + b"\r\n" + event))
         assert status == 400 and needle in error["error"], (extra, error)
+    over = b"X-Big: " + b"a" * 70_000 + b"\r\n"                  # over 64 KiB, however it is read
+    assert answer_of(exchange(head % 1 + over + b"\r\n" + event))[0] == 431
+    assert answer_of(exchange(b"POST /v1/traces?" + b"a" * 70_000 + b" HTTP/1.1\r\n\r\n"))[0] == 414
     with socket.create_connection(("127.0.0.1", svc.port), timeout=30) as sock:
         sock.sendall(head % 1 + b"Expect: 100-continue\r\n\r\n")
         assert sock.recv(4096).startswith(b"HTTP/1.1 100 Continue\r\n")
@@ -3661,11 +3666,13 @@ def test_sigterm_during_a_burst_keeps_every_202(svc: Otrace) -> None:
     assert not Path(f"{svc.db_path}-wal").exists() or Path(f"{svc.db_path}-wal").stat().st_size == 0
 
 
-def test_sigint_stops_cleanly_too(svc: Otrace) -> None:
-    assert svc.post("/v1/traces", trace()).status == 202
-    svc.signal(signal.SIGINT)
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGHUP])   # SIGHUP: `make run`'s terminal closed
+def test_sigint_and_sighup_stop_cleanly_too(run: Callable[..., Otrace], sig: signal.Signals) -> None:
+    svc = run({"TRACE_BATCH_WINDOW": "10s"})                    # the events still queued at the signal
+    assert svc.post("/v1/traces", [trace() for _ in range(5)]).status == 202
+    svc.signal(sig)
     assert svc.proc.wait(10) == 0
-    assert len(svc.rows("llm_traces")) == 1
+    assert len(svc.rows("llm_traces")) == 5 and svc.logs("stopped")[0]["events_lost"] == 0
 
 
 @needs_root
@@ -3762,6 +3769,18 @@ def test_logs_never_hold_event_texts_or_secrets(run: Callable[..., Otrace], leve
     assert [name for name, value in secrets.items() if value in out] == []
     stored = json.dumps(node.rows("llm_traces") + node.rows("error_events"))
     assert all(secrets[n] in stored for n in ("INPUT", "OUTPUT", "MESSAGE", "STACK", "META"))
+
+
+def test_a_secret_in_the_push_urls_query_stays_out_of_a_debug_log(run: Callable[..., Otrace],
+                                                                    receiver: Receiver) -> None:
+    """At debug level too: urllib3's own debug lines name each request's path and query."""
+    secret = f"key-{uuid.uuid4().hex[:12]}"
+    node = run(push_env(receiver, TRACE_LOG_LEVEL="debug",
+                        TRACE_PUSH_ENDPOINT=f"{receiver.url}?api_key={secret}"))
+    wait_synced(node, post_some(node, 1))
+    assert receiver.requests[0]["path"].endswith(f"?api_key={secret}")     # the receiver got it
+    assert node.stop() == 0
+    assert secret not in "\n".join(json.dumps(line) for line in node.lines) + "".join(node.stderr)
 
 
 def test_pyz_serves_on_a_bare_interpreter(tmp_path: Path, run: Callable[..., Otrace]) -> None:
@@ -4756,6 +4775,7 @@ def test_report_refuses_a_bad_question_with_exit_2(tmp_path: Path) -> None:
     for args, needle in ((("--since", "soon"), "--since 'soon' is not a duration"),
                          (("--since", "2026-11-04", "--until", "2026-11-03"), "is not before --until"),
                          (("--until", "2026-11-31"), "--until '2026-11-31' is not"),
+                         (("--until", "9999-12-31"), "--until '9999-12-31' is out of range (1970 to 9999)"),
                          (("--timezone", "Mars/Olympus"), "--timezone 'Mars/Olympus' is not a time zone"),
                          (("--breakdown",), "--breakdown splits rows by model"),
                          (("--by", "week"), "invalid choice: 'week'"),
@@ -5110,6 +5130,22 @@ def test_the_captured_2026_7_35_session_files_give_three_rows(tmp_path: Path,
     wait_until(lambda: node.health()["openclaw_sessions"]["polls"] > 5, what="a few polls")
     assert len(session_traces(node)) == 3                  # the .trajectory.jsonl files are not transcripts
     assert not node.logs("sessions failing")
+
+
+@needs_stores
+def test_an_agent_database_that_is_not_one_is_said_once_and_the_others_are_read(
+        tmp_path: Path, run: Callable[..., Otrace]) -> None:
+    """A fault of the store's files is said in its own words (a line, /health), without a traceback."""
+    state = state_copy(tmp_path)
+    broken = agent_db(state, "broken")
+    broken.parent.mkdir(parents=True)
+    broken.write_bytes(b"not a database at all" * 100)
+    node = run({**STORE_ENV, "TRACE_OPENCLAW_STATE_DIR": str(state)})
+    wait_traces(node, 6)                                   # agent main's six calls
+    failing = node.wait_log(lambda e: e.get("message") == "sessions failing")
+    assert "agent broken" in failing["error"] and "SQLITE_NOTADB" in failing["error"]
+    assert "broken" in node.health()["openclaw_sessions"]["agent_errors"]
+    assert not [line for line in node.lines if "exc_info" in line]
 
 
 @needs_stores
