@@ -2549,6 +2549,7 @@ class Writer(threading.Thread):
         self.batch_size, self.window = config.batch_size, config.batch_window
         self.log = logging.getLogger("otrace.writer")
         self.pending: list[Unit] = []
+        self.outage: Row | None = None   # the event of the last write outage, until it is stored
         self.fault = FaultLog(self.log, "database write")
         self.backoff = Backoff(0.05, 5.0)
         self.heartbeat = time.monotonic()
@@ -2625,8 +2626,9 @@ class Writer(threading.Thread):
                     retry_at = self.failed(describe(exc))
                     continue
                 if self.fault.error is not None:
-                    self.record_outage()
+                    self.outage = self.outage_row()
                 self.fault.cleared()
+                self.record_outage()
                 self.backoff.reset()
                 self.events.committed()
                 self.wrote_since_look = True
@@ -2644,19 +2646,29 @@ class Writer(threading.Thread):
             return 0.0                 # the space is there now: write what was accepted
         return time.monotonic() + self.backoff.next()
 
-    def record_outage(self) -> None:
-        """Once writes work again, store what stopped them as an error event."""
+    def outage_row(self) -> Row:
+        """What stopped writes, now that they work again, as an error event."""
         error = self.fault.error or ""
         category = {"SQLITE_FULL": "disk_full", "SQLITE_READONLY": "permission_denied",
                     "SQLITE_PERM": "permission_denied", "SQLITE_CANTOPEN": "permission_denied",
                     }.get("_".join(error.split(":", 1)[0].split("_")[:2]), "other")
-        row = own_error(category, f"database writes failed for {time.time() - self.fault.since:.1f} s: "
-                        f"{error}", {"since": iso(self.fault.since), "attempts": self.fault.count,
-                                     "db_path": self.config.db_path}, severity="critical")
+        return own_error(category, f"database writes failed for {time.time() - self.fault.since:.1f} s: "
+                         f"{error}", {"since": iso(self.fault.since), "attempts": self.fault.count,
+                                      "db_path": self.config.db_path}, severity="critical")
+
+    def record_outage(self) -> None:
+        """Store the last outage's event, if not yet: after the batch that ended it, or after a later
+        one (a disk with room for that batch alone has none for it yet)."""
+        if self.outage is None:
+            return
         try:
-            self.commit([Unit([row])])
-        except Exception as exc:  # noqa: BLE001 - the outage is in the log either way
-            self.log.error("could not record the write outage", extra={"error": describe(exc)})
+            self.commit([Unit([self.outage])])
+        except Exception as exc:  # noqa: BLE001 - kept for the next commit, or given up if its data fails
+            if not is_environment(exc):
+                self.drop(self.outage, exc)
+                self.outage = None
+            return
+        self.outage = None
 
     def run_job(self, job: Job) -> None:
         if job.future.set_running_or_notify_cancel():

@@ -3532,6 +3532,28 @@ def test_a_write_outage_is_recorded_as_an_error_event(tmp_path: Path, run: Calla
         assert node.stop() == 0
 
 
+@needs_root
+def test_an_outage_the_reserve_ended_is_recorded_once_the_disk_has_room(tmp_path: Path,
+                                                                        run: Callable[..., Otrace]) -> None:
+    """On a full disk the reserve gives the accepted events their room, and may leave none for the
+    outage's own event: that one is stored after a later commit, once the disk has room again."""
+    with tmpfs(tmp_path / "vol", "3m") as vol:
+        node = run({"TRACE_DISK_RESERVE_BYTES": "256KiB", "TRACE_DB_MAX_BYTES": "2MiB",
+                    "TRACE_WAL_MAX_BYTES": "256KiB"}, db=vol / "otrace.db")
+        node.wait_log(lambda e: e.get("message") == "listening")
+        filler = fill(vol)
+        assert node.post("/v1/traces", [trace(input_text="x" * 8000) for _ in range(20)]).status == 202
+        node.wait_persisted(20)                             # in the reserve's room, most of it
+        filler.unlink()
+        wait_until(lambda: node.post("/v1/traces", trace()).status == 202, timeout=30,
+                   what="ingest open again (the reserve taken back)")
+        node.wait_persisted(21)
+        event = wait_until(lambda: [e for e in node.rows("error_events") if e["source"] == "otrace"],
+                           what="the outage event")[0]
+        assert (event["category"], event["severity"]) == ("disk_full", "critical")
+        assert node.stop() == 0
+
+
 # ------------------------------------------------------------------------------------------- health
 
 
