@@ -450,6 +450,9 @@ class Config:
                              "of the log it has not seen (a new day, a rotation while it was down) whole.")
     log_keep_all: bool = setting("off", SWITCH, "Keep INFO and DEBUG lines of no known kind too (they "
                                  "are skipped by default).")
+    log_line_max: int = setting("1MiB", size("64KiB", "64MiB"), "Longest gateway log line read whole; a "
+                                "longer one is skipped (counted as cut in /health, said once per file), "
+                                "never held. The lines otrace reads at once hold at most 4 MiB, or one line.")
     openclaw_state_dir: str = setting("auto", STATE_DIR, "OpenClaw's state directory, whose `agents/*/` "
                                       "session stores give every model call's tokens and cost; auto: "
                                       "$OPENCLAW_STATE_DIR, else ~/.openclaw when it exists; off: not "
@@ -5806,7 +5809,7 @@ class DnsProbe(Loop):
 # session store is followed, its terminal error entry is the failure of record: the log then makes no
 # trace and no error event, and only adds the count of failed attempts to the store's event.
 
-LOG_LINE_LIMIT = 64 * 1024       # a longer line is cut to this; the rest is skipped, never held
+LOG_UNIT_BYTES = 4 << 20         # lines read into one unit: at most this, or one line
 FINGERPRINT_BYTES = 256
 LOG_NAME = re.compile(r"openclaw(?:-[\w.-]+)?-\d{4}-\d{2}-\d{2}\.log")   # not a rotated .N.log
 KEY_VALUE = re.compile(r"(\w+)=(\S+)")
@@ -6051,6 +6054,7 @@ class Followed:
         self.partial: tuple[int, bytes, int] | None = None   # an unfinished last line: start, head, end
         self.read = 0                              # bytes read since the tailer last counted them
         self.recorded = False                      # whether `offset` is committed for this file
+        self.cut_said = False                      # a line over TRACE_LOG_LINE_MAX was logged
 
     def size(self) -> int:
         return os.fstat(self.fd).st_size
@@ -6082,19 +6086,20 @@ class Followed:
         if fingerprint_length(self.fingerprint) < FINGERPRINT_BYTES <= self.size():
             self.fingerprint = fingerprint(self.fd, FINGERPRINT_BYTES)
 
-    def lines(self, most: int, to_end: bool = False, limit: int = LOG_LINE_LIMIT
-              ) -> tuple[list[tuple[int, bytes, int]], int]:
-        """Up to `most` whole lines from `offset`: (start, text cut to `limit` bytes, full length) each,
-        and the offset after them. Reads 64 KiB at a time; a partial last line waits for its newline
-        (unless `to_end`: the file is finished), and is not read again while it waits."""
+    def lines(self, most: int, limit: int, to_end: bool = False) -> tuple[list[tuple[int, bytes, int]], int]:
+        """Up to `most` whole lines from `offset` (fewer once they hold LOG_UNIT_BYTES): (start, text cut
+        to `limit` bytes, full length) each, and the offset after them. Reads 64 KiB at a time; a partial
+        last line waits for its newline (unless `to_end`: the file is finished), and is not read again
+        while it waits."""
         found: list[tuple[int, bytes, int]] = []
+        held = 0
         start = self.offset
         if self.partial and self.partial[0] == start:
             pending, pos = bytearray(self.partial[1]), self.partial[2]
         else:
             pending, pos = bytearray(), start
         self.partial = None
-        while len(found) < most:
+        while len(found) < most and held < LOG_UNIT_BYTES:
             chunk = os.pread(self.fd, 65536, pos)
             self.read += len(chunk)
             if not chunk:
@@ -6105,10 +6110,11 @@ class Followed:
                     self.partial = (start, bytes(pending), pos)
                 break
             at = 0
-            while at < len(chunk) and len(found) < most:
+            while at < len(chunk) and len(found) < most and held < LOG_UNIT_BYTES:
                 newline = chunk.find(b"\n", at)
                 if start == pos + at and at <= newline <= at + limit:   # whole in the chunk: a slice, no copy
                     found.append((start, chunk[at:newline], newline - at))
+                    held += newline - at
                     start, at = pos + newline + 1, newline + 1
                     continue
                 end = len(chunk) if newline < 0 else newline
@@ -6117,6 +6123,7 @@ class Followed:
                     at = len(chunk)
                     break
                 found.append((start, bytes(pending), pos + newline - start))
+                held += len(pending)
                 pending.clear()
                 start, at = pos + newline + 1, newline + 1
             pos += at
@@ -6229,7 +6236,7 @@ class LogTailer(QuietReader):
         offset = self.resume_at(path, st)
         if offset is None:   # never read: TRACE_LOG_START at the first start on this log, else all of it
             offset = (0 if self.started or self.followed_before or self.config.log_start == "beginning"
-                      else line_end(fd, st.st_size))
+                      else line_end(fd, st.st_size, self.config.log_line_max))
         self.started, self.waiting = True, False
         self.current = Followed(path, fd, offset)
         self.log.info("following log file", extra={"file": path, "offset": offset, "size": st.st_size})
@@ -6284,7 +6291,7 @@ class LogTailer(QuietReader):
         full (the offset then stays, and the same lines are read again next tick)."""
         total = 0
         while not self.stopping.is_set():
-            lines, end = followed.lines(self.most, to_end)
+            lines, end = followed.lines(self.most, self.config.log_line_max, to_end)
             self.totals.add("bytes_read", followed.read)
             followed.read = 0
             if not lines and followed.recorded:
@@ -6316,8 +6323,13 @@ class LogTailer(QuietReader):
         call's response and an error event for the end of a failed run. Statements that must commit
         with them (a failed attempt, its count on the failure) go to `extra`. Their trace_ids come
         from the file's identity and the line's offset, so a replay adds none."""
-        if length > LOG_LINE_LIMIT:
+        if length > self.config.log_line_max:
             self.totals.add("cut")
+            if not followed.cut_said:
+                followed.cut_said = True
+                self.log.warning("log line over TRACE_LOG_LINE_MAX skipped (said once per file)", extra={
+                    "file": followed.path, "offset": start, "bytes": length})
+            return []
         line = LogLine.parse(text)
         if line is None:
             self.totals.add("not_json")
@@ -6410,9 +6422,10 @@ def open_regular(path: str) -> int:
     return fd
 
 
-def line_end(fd: int, size: int) -> int:
-    """The offset just after the last newline in the file (where "the end" starts for a new reader)."""
-    tail = os.pread(fd, min(size, LOG_LINE_LIMIT), max(0, size - LOG_LINE_LIMIT))
+def line_end(fd: int, size: int, limit: int) -> int:
+    """The offset just after the last newline in the file's last `limit` bytes (where "the end" starts
+    for a new reader; a last line longer than that is skipped)."""
+    tail = os.pread(fd, min(size, limit), max(0, size - limit))
     newline = tail.rfind(b"\n")
     return size - len(tail) + newline + 1 if newline >= 0 else size
 

@@ -2099,7 +2099,7 @@ def test_log_replay_through_rotation_truncation_and_a_new_day(tmp_path: Path,
     node.signal(signal.SIGCONT)
     seen.extend(range(35, 51))
     wait_until(lambda: sorted(logged(node)) == sorted(expected(seen)), what="the rewritten file")
-    huge = b'{"0": "' + b"x" * 1_000_000 + b'", "_meta": {"logLevelName": "ERROR"}}\n'   # cut, not kept
+    huge = b'{"0": "' + b"x" * 1_100_000 + b'", "_meta": {"logLevelName": "ERROR"}}\n'   # cut, not kept
     feed(range(51, 62), logs / "openclaw-2026-11-25.log", huge)   # the next day's file
     assert sorted(logged(node)) == sorted(expected(range(62)))  # every expected event, exactly once
     health = node.health()["log_tail"]
@@ -2261,9 +2261,26 @@ def test_a_log_path_that_is_not_a_file_is_a_fault_said_once(tmp_path: Path, run:
     assert node.post("/v1/traces", trace()).status == 202 and node.stop() == 0
 
 
+@needs_gateway_log
+def test_a_line_longer_than_64_kib_is_read_whole(tmp_path: Path, run: Callable[..., Otrace]) -> None:
+    """The line that ends a failed run, with a provider's 70 KB error body beside its message (OpenClaw
+    cuts messages, not the values beside them): its log event and the run's error event are there."""
+    log = tmp_path / "gateway.log"
+    lines = gateway_lines()
+    line = json.loads(lines[35])
+    assert line["message"] == "model fallback decision"
+    line["1"]["errorBody"] = "x" * 70_000
+    log.write_bytes(b"".join(lines[:35]) + json.dumps(line).encode() + b"\n")
+    node = run({"TRACE_LOG_PATH": str(log), "TRACE_LOG_POLL": "50ms", "TRACE_LOG_START": "beginning"})
+    wait_until(lambda: sorted(logged(node)) == sorted(expected(range(36))), what="every line's event")
+    wait_until(lambda: len(node.rows("error_events")) == 1, what="the run's failure")
+    assert node.health()["log_tail"]["cut"] == 0
+
+
 def test_a_last_line_that_never_ends_is_not_read_again_and_again(tmp_path: Path,
                                                                  run: Callable[..., Otrace]) -> None:
-    """8 MiB with no newline: held back (cut at 64 KiB once it ends), and the lines after it are read."""
+    """8 MiB with no newline: held back (cut at TRACE_LOG_LINE_MAX once it ends), and the lines after
+    it are read."""
     log = tmp_path / "openclaw-2026-11-24.log"
     log.write_bytes(gateway_lines()[0])
     node = run({"TRACE_LOG_PATH": str(log), "TRACE_LOG_POLL": "10ms", "TRACE_LOG_START": "beginning"})
