@@ -508,7 +508,7 @@ class Config:
                                 "cycle counts as failed; the rows wait for the next cycle.")
     push_backoff_base: float = setting("1s", duration("1ms", "1h"), "First retry wait; each retry "
                                        "doubles the ceiling, and the wait is drawn uniformly below it "
-                                       "(full jitter). A Retry-After answer is a floor.")
+                                       "(full jitter). A Retry-After answer is a floor (up to 1 h).")
     push_backoff_cap: float = setting("1m", duration("1ms", "1d"), "Highest retry wait ceiling.")
     push_breaker_threshold: int = setting("3", count(1, 1000), "Failed cycles in a row that open the "
                                           "circuit breaker.")
@@ -7635,11 +7635,12 @@ class Receiver:
             attempt.error = self.scrub(attempt.answer.decode("utf-8", "replace").strip()[:500]) or None
 
     def retry_after(self, value: str | None) -> float | None:
-        """A Retry-After header (seconds, or an HTTP date) as seconds from now."""
+        """A Retry-After header (seconds, or an HTTP date) as seconds from now, at most as long as the
+        breaker's longest wait (a receiver's typo must not stop push for a day)."""
         if not value:
             return None
         try:
-            return self.urllib3.util.Retry().parse_retry_after(value)
+            return min(self.urllib3.util.Retry().parse_retry_after(value), Breaker.MAX_COOLDOWN)
         except self.urllib3.exceptions.InvalidHeader:
             return None
 
@@ -7904,6 +7905,8 @@ class Pusher(Loop):
             "breaker": self.breaker.state,
             "consecutive_failures": self.breaker.failures,
             "next_attempt_at": iso(self.breaker.retry_at) if self.breaker.state == "open" else None,
+            "held_by_retry_after_until": iso(time.time() + hold) if (
+                hold := self.not_before - time.monotonic()) > 0 else None,
             "last_push_time": self.last_time and iso(self.last_time),
             "last_push_status": self.last_status,
             "last_error": self.last_error,

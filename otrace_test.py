@@ -2724,6 +2724,19 @@ def test_retry_after_is_a_floor_on_the_wait(run: Callable[..., Otrace], receiver
     wait_synced(node, ids)
 
 
+@pytest.mark.parametrize("later", ["99999999", "Wed, 21 Oct 2099 07:28:00 GMT"])
+def test_a_retry_after_holds_push_back_an_hour_at_most_and_health_says_until_when(
+        run: Callable[..., Otrace], receiver: Receiver, later: str) -> None:
+    receiver.script = [(429, {"Retry-After": later}, "come back much later")]
+    node = run(push_env(receiver))
+    post_some(node, 1)
+    wait_until(lambda: node.query("SELECT retry_after_s FROM push_log"), what="the 429 recorded")
+    assert node.query("SELECT retry_after_s FROM push_log") == [(3600.0,)]
+    until = datetime.fromisoformat(node.health()["push"]["held_by_retry_after_until"])
+    assert timedelta(minutes=59) < until - datetime.now(UTC) <= timedelta(hours=1)
+    assert node.stop() == 0
+
+
 def test_refused_batch_is_split_down_to_the_poison_event(run: Callable[..., Otrace],
                                                          receiver: Receiver) -> None:
     """A row the receiver refuses alone while it accepts its siblings is given up, and reported in the
