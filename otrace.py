@@ -2926,8 +2926,8 @@ def parse_head(raw: bytes, complete: bool) -> Request:
         name, value = name.lower(), value.strip()
         if headers.setdefault(name, value) != value and name in ("content-length", "transfer-encoding"):
             raise Refusal(400, f"conflicting {name} headers")
-    connection = headers.get("connection", "").lower()
-    close = connection == "close" or (version == "HTTP/1.0" and connection != "keep-alive")
+    connection = {option.strip() for option in headers.get("connection", "").lower().split(",")}
+    close = "close" in connection or (version == "HTTP/1.0" and "keep-alive" not in connection)
     length, chunked = body_framing(headers, version)
     return Request(method, target, target.split("?", 1)[0], version, headers, close, length, chunked)
 
@@ -3302,7 +3302,7 @@ class IngestServer:
                 if (now := time.monotonic()) >= next_reap:
                     next_reap = now + tick
                     for conn in [c for c in self.open.values() if c.deadline < now]:
-                        self.hang_up(conn)
+                        self.time_out(conn)
             self.cut = len(self.open)
             for conn in list(self.open.values()):
                 self.hang_up(conn)
@@ -3391,7 +3391,8 @@ class IngestServer:
                 if request.length:
                     self.budget.take(request.length)
                     conn.reserved += request.length
-                if request.has_body and request.headers.get("expect", "").lower() == "100-continue":
+                if (request.has_body and request.version == "HTTP/1.1"         # 1.0 has no 100
+                        and request.headers.get("expect", "").lower() == "100-continue"):
                     conn.outbox += b"HTTP/1.1 100 Continue\r\n\r\n"
                     return True
             if request.has_body and not conn.read_body(self.budget, self.max_body):
@@ -3497,6 +3498,16 @@ class IngestServer:
             conn.mask = mask
             self.poller.modify(conn.sock.fileno(), mask)
         return not out
+
+    def time_out(self, conn: Connection) -> None:
+        """A client past TRACE_READ_TIMEOUT: one that was sending a request is told so (408, if its
+        socket takes it now); an idle one, or one not taking its answer, is simply closed."""
+        if (conn.inbox or conn.request is not None) and not conn.outbox:
+            with contextlib.suppress(OSError):
+                conn.sock.send(respond(408, {"error": f"the request did not arrive whole within "
+                                             f"TRACE_READ_TIMEOUT ({self.read_timeout:g} s)", "field": None},
+                                       close=True))
+        self.hang_up(conn)
 
     def hang_up(self, conn: Connection) -> None:
         if self.open.pop(conn.sock.fileno(), None) is not None:
@@ -6765,8 +6776,10 @@ class SessionStore(QuietReader):
         try:
             found = sorted(e.name for e in os.scandir(self.root / "agents") if e.is_dir())
         except FileNotFoundError:
-            if not self.waiting:
-                self.log.info("waiting for OpenClaw's state directory", extra={"path": str(self.root)})
+            if not self.waiting:       # a warning: a wrong path loses the usage spans said below
+                self.log.warning("waiting for OpenClaw's state directory; until it is there, OpenClaw's "
+                                 "own OTLP usage spans are not stored (the store gives those calls)",
+                                 extra={"path": str(self.root)})
             self.waiting = True
             return None
         if self.waiting or not self.started:
@@ -9269,6 +9282,15 @@ def csv_text(doc: dict[str, Any]) -> str:
     return out.getvalue()
 
 
+CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: str) -> str:
+    """Text from the data as a terminal shows it: control characters (an escape sequence, a newline,
+    a bidirectional override) as "?", so a model name cannot move the cursor or split a row."""
+    return CONTROL.sub("?", text)
+
+
 def tokens_text(n: int) -> str:
     for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if n >= size:
@@ -9323,15 +9345,15 @@ class TableView:
     def label(self, row: dict[str, Any]) -> str:
         by = self.doc["by"]
         if by == "model":
-            return f"{row['provider']}/{row['model']}"
+            return printable(f"{row['provider']}/{row['model']}")
         value = row[{"session": "session_id"}.get(by, by)]
-        return "(none)" if value is None else str(value)
+        return "(none)" if value is None else printable(str(value))
 
     def render(self) -> str:
         doc, calls = self.doc, self.doc["calls"]
         groups = calls["groups"]
         labels = [self.label(g) for g in groups]
-        sub = [[f"  {m['provider']}/{m['model']}" for m in g.get("models", [])] for g in groups]
+        sub = [[printable(f"  {m['provider']}/{m['model']}") for m in g.get("models", [])] for g in groups]
         key_width = max([len(doc["by"]) + 1, 5, *map(len, labels), *(len(s) for part in sub for s in part)])
         compact = key_width + sum(w for _, w in self.FULL) > self.width
         columns = self.COMPACT if compact else self.FULL
@@ -9399,7 +9421,7 @@ class TableView:
                 ("HOST", host_text), ("LOG EVENTS", " · ".join(logs) or "none"), ("PUSH", push_text),
                 ("RETENTION", lost)]
         return [line for name, text in rows for line in textwrap.wrap(
-            text, self.width, initial_indent=name.ljust(14), subsequent_indent=" " * 14)]
+            printable(text), self.width, initial_indent=name.ljust(14), subsequent_indent=" " * 14)]
 
 
 def run_report(argv: list[str]) -> int:
