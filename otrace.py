@@ -155,9 +155,9 @@ log = logging.getLogger("otrace")
 # Config, its environment variable is TRACE_<NAME>, and its metadata says what it accepts. Every
 # duration, size and count has bounds; a value outside them is exit 2 naming the setting.
 
-_DURATION = re.compile(r"(\d{1,12}(?:\.\d{1,9})?)(ms|s|m|h|d)")
+_DURATION = re.compile(r"([0-9]{1,12}(?:\.[0-9]{1,9})?)(ms|s|m|h|d)")   # ASCII digits only
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-_SIZE = re.compile(r"(\d{1,15})\s*(B|KiB|MiB|GiB|TiB|kB|KB|MB|GB|TB)?")
+_SIZE = re.compile(r"([0-9]{1,15})\s*(B|KiB|MiB|GiB|TiB|kB|KB|MB|GB|TB)?")
 _SIZE_UNITS = {None: 1, "B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3, "TiB": 1024**4,
                "kB": 1000, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4}
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}")
@@ -224,7 +224,7 @@ def size(low: str, high: str, zero_is_off: bool = False) -> Kind:
 
 def count(low: int, high: int) -> Kind:
     def parse(raw: str) -> int:
-        if not re.fullmatch(r"\d{1,9}", raw.strip()) or not low <= int(raw) <= high:
+        if not re.fullmatch(r"[0-9]{1,9}", raw.strip()) or not low <= int(raw) <= high:
             raise SettingError
         return int(raw)
 
@@ -3343,6 +3343,11 @@ class IngestServer:
                 self.counters.add("connections_refused")
                 with contextlib.suppress(OSError):
                     sock.sendall(TOO_MANY_CONNECTIONS)
+                    sock.shutdown(socket.SHUT_WR)
+                    sock.setblocking(False)
+                    for _ in range(16):           # what the client sent already: closed unread, the
+                        if not sock.recv(65536):  # kernel would answer it with a reset, not the 503
+                            break
                 sock.close()
                 continue
             sock.setblocking(False)
@@ -4231,8 +4236,10 @@ def difference(last: Point | None, point: Point, monotonic: bool) -> tuple[Point
         return point, True
     buckets = tuple(a - b for a, b in zip(point.buckets, last.buckets, strict=True)) \
         if point.buckets is not None and last.buckets is not None else None
-    return Point(last.time_ns, point.time_ns, None if point.value is None or last.value is None else
-                 point.value - last.value, None if point.count is None or last.count is None else
+    value = None if point.value is None or last.value is None else point.value - last.value
+    if isinstance(value, int) and not -2**63 <= value < 2**63:    # two int64s apart: beyond SQLite's
+        value = float(value)
+    return Point(last.time_ns, point.time_ns, value, None if point.count is None or last.count is None else
                  point.count - last.count, buckets, point.bounds), False
 
 
@@ -9051,6 +9058,9 @@ def open_snapshot(path: str) -> sqlite3.Connection:
         conn = sqlite3.connect(f"file:{urllib.parse.quote(path)}?mode=ro&immutable=1", uri=True,
                                isolation_level=None)
     columns = {name for _, name, *_ in conn.execute("PRAGMA table_info(llm_traces)")}
+    if not columns:
+        conn.close()
+        raise ReportError(f"{path} is not an otrace database (it has no llm_traces table)")
     if "cost_source" not in columns:
         conn.close()
         raise ReportError(f"{path} is from an older otrace: start this otrace on it once to bring its "
@@ -9587,10 +9597,11 @@ class Service:
     def stop(self, deadline: float) -> bool:
         """Stop in order within the deadline. False if events that got a 202 could not be written in
         time (otrace's own rows left unwritten are logged, not counted: no client was promised them)."""
-        reserve = 0.5                       # kept for the checkpoint and the close
+        timeout = self.config.shutdown_timeout
+        reserve = min(0.5, timeout / 8)     # kept for the checkpoint and the close
         if self.debug:
             self.debug.stop()               # a profile under way is answered with what it has
-        cut = self.server.close(until=deadline - reserve - 1.0)
+        cut = self.server.close(until=deadline - min(1.5, timeout / 2))   # then the queue's turn
         for loop in self.loops:             # producers offer nothing more; a refused offer loses nothing
             loop.stop()
         self.events.close()

@@ -303,6 +303,7 @@ def test_version() -> None:
 @pytest.mark.parametrize(("name", "value", "accepts"), [
     ("TRACE_PORT", "abc", "an integer from 0 to 65535"),
     ("TRACE_PORT", "70000", "an integer from 0 to 65535"),
+    ("TRACE_QUEUE_SIZE", "\u0661\u0660\u0660", "an integer from 1 to"),     # Arabic-Indic digits: not ASCII
     ("TRACE_BATCH_WINDOW", "-5ms", "a duration"),
     ("TRACE_SHUTDOWN_TIMEOUT", "4", "a duration"),
     ("TRACE_LOG_LEVEL", "loud", "one of debug, info, warning, error"),
@@ -1481,6 +1482,10 @@ def test_connection_limit_answers_503(run: Callable[..., Otrace]) -> None:
         with socket.create_connection(("127.0.0.1", node.port), timeout=30) as extra:
             answer = extra.recv(4096)
         assert answer.startswith(b"HTTP/1.1 503 ") and b"Retry-After: 1" in answer
+        for _ in range(40):                 # a client that sends its request at once still reads the
+            with socket.create_connection(("127.0.0.1", node.port), timeout=30) as eager:   # 503, no reset
+                eager.sendall(request_head(len(SMALL_EVENT)) + SMALL_EVENT)
+                assert read_to_end(eager).startswith(b"HTTP/1.1 503 ")
     finally:
         for sock in held:
             sock.close()
@@ -3669,7 +3674,10 @@ def test_make_run_stops_with_the_make_that_started_it(tmp_path: Path) -> None:
     wait_until(lambda: not Path(f"/proc/{pid}").exists(), what="otrace gone")
 
 
-def test_sigterm_closes_idle_connections_and_finishes_a_request_in_flight(svc: Otrace) -> None:
+@pytest.mark.parametrize("timeout", ["4s", "1s"])     # 1s: the request in flight gets half of it
+def test_sigterm_closes_idle_connections_and_finishes_a_request_in_flight(run: Callable[..., Otrace],
+                                                                          timeout: str) -> None:
+    svc = run({"TRACE_SHUTDOWN_TIMEOUT": timeout})
     idle = socket.create_connection(("127.0.0.1", svc.port), timeout=30)
     event = json.dumps(trace()).encode()
     first = json.dumps(trace()).encode()
@@ -4859,6 +4867,9 @@ def test_report_refuses_a_bad_question_with_exit_2(tmp_path: Path) -> None:
     (tmp_path / "junk.db").write_bytes(b"not a database at all" * 100)
     done = report(tmp_path / "junk.db")
     assert done.returncode == 2 and "cannot read" in done.stderr and "file is not a database" in done.stderr
+    (tmp_path / "empty.db").touch()
+    done = report(tmp_path / "empty.db")
+    assert done.returncode == 2 and "is not an otrace database" in done.stderr, done.stderr
     old = tmp_path / "old.db"                  # every schema step before the one that added cost_source
     with contextlib.closing(sqlite3.connect(old)) as conn:
         for step in otrace.SCHEMA[:next(n for n, step in enumerate(otrace.SCHEMA) if "cost_source" in step)]:
@@ -6056,6 +6067,8 @@ def test_otlp_pieces_decode_and_map_as_the_conventions_say_in_process() -> None:
     assert otrace.difference(point(1, 20, 8.0, None), point(1, 40, 2.0, None), True)[1] is True
     assert otrace.difference(point(1, 20, 8.0, None), point(1, 40, 2.0, None), False) == (  # up-down sum
         point(20, 40, -6.0, None), False)
+    assert otrace.difference(point(1, 20, -2**63, None), point(1, 40, 2**63 - 1, None), False) == (
+        point(20, 40, float(2**64 - 1), None), False)               # beyond an int64: a float
     assert otrace.difference(point(1, 10, 9.0, 2, (1, 1, 0), (5.0, 10.0)),
                              point(1, 20, 14.0, 3, (1, 2, 0), (5.0, 10.0)), True) == (
         point(10, 20, 5.0, 1, (0, 1, 0), (5.0, 10.0)), False)
