@@ -291,8 +291,9 @@ def _headers(raw: str) -> tuple[tuple[str, str], ...]:
     for item in filter(str.strip, raw.split(",")):
         name, equals, value = item.partition("=")
         name, value = name.strip(), urllib.parse.unquote(value.strip())
-        if not equals or not _HEADER_NAME.fullmatch(name) or name.lower() in _RESERVED_HEADERS or not (
-                value.isprintable() and value.isascii()):
+        if name.lower() in _RESERVED_HEADERS:
+            raise SettingError(f"{name} is set by otrace itself")
+        if not equals or not _HEADER_NAME.fullmatch(name) or not (value.isprintable() and value.isascii()):
             raise SettingError
         pairs.append((name, value))
     return tuple(pairs)
@@ -497,8 +498,10 @@ class Config:
     push_token: str = setting("", TOKEN, "Sent to the push endpoint as `Authorization: Bearer "
                               "<token>`; never logged.", secret=True)
     push_headers: tuple = setting("", HEADERS, "Extra headers for every push request, as the OTLP "
-                                  "exporters write them: `key=value,key2=value2`; never logged.",
-                                  secret=True)
+                                  "exporters write them: `key=value,key2=value2`; never logged. Not the "
+                                  "ones otrace sets (Content-Type, Content-Length, Content-Encoding, "
+                                  "Transfer-Encoding, Host, Connection, Idempotency-Key), nor "
+                                  "Authorization with TRACE_PUSH_TOKEN.", secret=True)
     push_max_bytes: int = setting("5MiB", size("1KiB", "256MiB"), "Largest body of one push request "
                                   "(before gzip); a single larger event is sent alone.")
     push_timeout: float = setting("30s", duration("100ms", "10m"), "Longest one push request may take, "
@@ -535,6 +538,9 @@ class Config:
         if config.push_token and urllib.parse.urlsplit(config.push_endpoint).username is not None:
             raise SettingError("TRACE_PUSH_ENDPOINT holds user:password@ and TRACE_PUSH_TOKEN is set: "
                                "both would be the Authorization header; keep one")
+        if config.push_token and any(name.lower() == "authorization" for name, _ in config.push_headers):
+            raise SettingError("TRACE_PUSH_HEADERS holds Authorization and TRACE_PUSH_TOKEN is set: both "
+                               "would be the Authorization header; keep one")
         if config.debug_tracemalloc and not config.debug:
             raise SettingError("TRACE_DEBUG_TRACEMALLOC=on needs TRACE_DEBUG=on: /debug/memory is what "
                                "reads the traces")

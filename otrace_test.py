@@ -351,6 +351,10 @@ def test_settings_name_what_they_accept_and_keep_secrets() -> None:
             otrace.Config.from_env({"TRACE_PUSH_HEADERS": bad})
     with pytest.raises(otrace.SettingError, match="keep one"):
         otrace.Config.from_env({"TRACE_PUSH_ENDPOINT": "https://u:p@h/x", "TRACE_PUSH_TOKEN": "t"})
+    with pytest.raises(otrace.SettingError, match=r"TRACE_PUSH_HEADERS holds Authorization .* keep one"):
+        otrace.Config.from_env({"TRACE_PUSH_HEADERS": "Authorization=Basic%20YQ", "TRACE_PUSH_TOKEN": "t"})
+    with pytest.raises(otrace.SettingError, match="content-type is set by otrace itself"):
+        otrace.Config.from_env({"TRACE_PUSH_HEADERS": "content-type=x"})
     assert otrace.redact_url("https://u:p@h:8443/in?key=s3&x=1") == "https://h:8443/in?key=***&x=***"
     assert otrace.unknown_settings({"TRACE_PORTT": "1", "TRACE_PORT": "2", "HOME": "/"}) == [
         "TRACE_PORTT is not a setting otrace knows; did you mean TRACE_PORT?"]
