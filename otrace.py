@@ -2957,8 +2957,8 @@ def body_framing(headers: dict[str, str], version: str) -> tuple[int | None, boo
 def decode_chunked(raw: bytearray, out: bytearray, limit: int, state: list[int]) -> int | None:
     """Move the chunks of a chunked body that have arrived in `raw` into `out`, consuming them. `state`
     holds [bytes left in the current chunk, or -1 for a size line next, or -2 once the last chunk is
-    read and trailers follow]. The body's length once it is complete, else None; Refusal for a bad
-    chunk or a body over `limit`."""
+    read and trailers follow; bytes of trailers so far]. The body's length once it is complete, else
+    None; Refusal for a bad chunk, a body over `limit` or trailers over HEAD_LIMIT."""
     while True:
         left = state[0]
         if left > 0:                                   # inside a chunk's data
@@ -2987,7 +2987,10 @@ def decode_chunked(raw: bytearray, out: bytearray, limit: int, state: list[int])
             if left == -2:
                 if not line:
                     return len(out)
-                continue                               # trailers carry nothing otrace uses
+                state[1] += end + 1                    # trailers carry nothing otrace uses: bounded
+                if state[1] > HEAD_LIMIT:
+                    raise Refusal(431, f"chunked trailers are over {HEAD_LIMIT} bytes")
+                continue
             digits = line.split(b";", 1)[0].strip()
             if not re.fullmatch(rb"[0-9A-Fa-f]{1,15}", digits):
                 raise Refusal(400, "a chunk size is not hexadecimal")
@@ -3022,7 +3025,7 @@ class Connection:
     inbox: bytearray = dataclasses.field(default_factory=bytearray)
     outbox: bytearray = dataclasses.field(default_factory=bytearray)
     request: Request | None = None     # the request whose body is being read
-    chunk_state: list[int] = dataclasses.field(default_factory=lambda: [-1])
+    chunk_state: list[int] = dataclasses.field(default_factory=lambda: [-1, 0])
     reserved: int = 0                  # bytes of the budget this connection holds
     close: bool = False                # hang up once the outbox is sent
     mask: int = 0                      # the epoll events it is registered for
@@ -3125,16 +3128,20 @@ def decoded_body(request: Request, limit: int) -> bytes:
         return bytes(request.body)
     if coding not in ("gzip", "x-gzip"):
         raise Refusal(415, f"Content-Encoding {coding!r} is not supported: gzip or none")
-    inflater = zlib.decompressobj(wbits=31)
-    try:
-        data = inflater.decompress(request.body, limit + 1)
-    except zlib.error as exc:
-        raise Refusal(400, f"body is not valid gzip: {exc}") from None
-    if len(data) > limit or inflater.unconsumed_tail:
-        raise Refusal(413, f"body is over {limit} bytes once decompressed (TRACE_MAX_BODY_BYTES)")
-    if not inflater.eof:
-        raise Refusal(400, "gzip body ends early")
-    return data
+    data, rest = b"", bytes(request.body)
+    while True:                                  # one gzip member after another, as RFC 1952 allows
+        inflater = zlib.decompressobj(wbits=31)
+        try:
+            data += inflater.decompress(rest, limit + 1 - len(data))
+        except zlib.error as exc:
+            raise Refusal(400, f"body is not valid gzip: {exc}") from None
+        if len(data) > limit or inflater.unconsumed_tail:
+            raise Refusal(413, f"body is over {limit} bytes once decompressed (TRACE_MAX_BODY_BYTES)")
+        if not inflater.eof:
+            raise Refusal(400, "gzip body ends early")
+        rest = inflater.unused_data               # bytes after a member: another one, or not gzip (400)
+        if not rest:
+            return data
 
 
 class Api:
@@ -3484,7 +3491,7 @@ class IngestServer:
                                http10=request is not None and request.version == "HTTP/1.0")
         conn.close |= close
         self.budget.give(conn.reserved)
-        conn.reserved, conn.request, conn.chunk_state[0] = 0, None, -1
+        conn.reserved, conn.request, conn.chunk_state[:] = 0, None, [-1, 0]
         conn.deadline = time.monotonic() + self.read_timeout
         if log.isEnabledFor(logging.DEBUG):
             log.debug("request", extra={"method": request and request.method, "route": request and

@@ -1202,14 +1202,18 @@ def test_chunked_bodies_decode_in_pieces_of_any_size_in_process() -> None:
     body = json.dumps([trace() for _ in range(5)]).encode()
     wire = chunked(body, 13)[:-2] + b"X-Checksum: 1\r\n\r\n"
     for step in (1, 2, 7, len(wire)):                     # however the bytes arrive
-        raw, out, state, done = bytearray(), bytearray(), [-1], None
+        raw, out, state, done = bytearray(), bytearray(), [-1, 0], None
         for start in range(0, len(wire), step):
             raw += wire[start:start + step]
             done = otrace.decode_chunked(raw, out, 10_000, state)
         assert done == len(body) and bytes(out) == body and raw == b""
     with pytest.raises(otrace.Refusal) as big:
-        otrace.decode_chunked(bytearray(chunked(body)), bytearray(), 100, [-1])
+        otrace.decode_chunked(bytearray(chunked(body)), bytearray(), 100, [-1, 0])
     assert big.value.status == 413
+    endless = bytearray(chunked(body)[:-2] + b"X-Padding: 0123456789\r\n" * 4000)   # trailers never end
+    with pytest.raises(otrace.Refusal) as trailers:
+        otrace.decode_chunked(endless, bytearray(), 10_000, [-1, 0])
+    assert trailers.value.status == 431
 
 
 @pytest.mark.parametrize("length", ["\u00b2", "1\u00b9", "9" * 4301, "-1", "1e3", "0x10"])
@@ -6873,10 +6877,14 @@ def test_custom_events_share_the_limits_and_idempotency_of_traces(run: Callable[
     assert node.post("/v1/events", {"name": "n", "attributes": {"t": "y" * 2000}}).status == 413
     gzipped = gzip.compress(json.dumps({"name": "zipped"}).encode())
     assert node.post("/v1/events", gzipped, headers={"Content-Encoding": "gzip"}).status == 202
-    health = node.wait_persisted(4)
-    assert health["events_persisted"] == 3 and health["events_duplicate"] == 1
+    members = gzip.compress(b'[{"name": "two"}') + gzip.compress(b', {"name": "members"}]')  # RFC 1952
+    assert node.post("/v1/events", members, headers={"Content-Encoding": "gzip"}).status == 202
+    junk = node.post("/v1/events", gzipped + b"junk", headers={"Content-Encoding": "gzip"})
+    assert junk.status == 400 and "not valid gzip" in junk.json["error"]
+    health = node.wait_persisted(6)
+    assert health["events_persisted"] == 5 and health["events_duplicate"] == 1
     rows = {r["name"]: r for r in node.rows("custom_events")}
-    assert set(rows) == {"retry-me", "big", "zipped"}
+    assert set(rows) == {"retry-me", "big", "zipped", "two", "members"}
     assert json.loads(rows["big"]["attributes"]) == {"_otrace_truncated": True, "original_bytes": 211}
     assert rows["big"]["truncated"] == 1
 
