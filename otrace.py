@@ -639,14 +639,14 @@ def is_environment(exc: BaseException) -> bool:
     return isinstance(exc, (sqlite3.OperationalError, MemoryError))
 
 
+class Condition(Exception):
+    """A failure a loop reports in its own words (a full queue, an unreadable file): no traceback."""
+
+
 def describe(exc: BaseException) -> str:
     if isinstance(exc, Condition):
         return str(exc)
     return f"{getattr(exc, 'sqlite_errorname', None) or type(exc).__name__}: {exc}"
-
-
-class Condition(Exception):
-    """A failure a loop reports in its own words (a full queue, an unreadable file): no traceback."""
 
 
 @contextlib.contextmanager
@@ -3639,7 +3639,7 @@ KEY_BYTES = 200                  # what one remembered span id costs of TRACE_OT
 RECENT_CALLS = 64                # LLM calls remembered for another instrumentation's span in a later request
 
 
-# The texts a merge keeps in memory not at all, with their byte counts: the row holds them.
+# Texts the rows hold and a remembered call does not (RecentCalls), each with its byte count column.
 MERGE_TEXTS = {"llm_traces": (("input_text", "input_bytes"), ("output_text", "output_bytes")),
                "error_events": (("stack_trace", "stack_trace_bytes"),)}
 

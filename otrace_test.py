@@ -519,6 +519,10 @@ def test_parse_events_is_all_or_nothing_in_process() -> None:
     with pytest.raises(otrace.Invalid) as many:
         otrace.parse_events(json.dumps([trace()] * 11).encode(), "/v1/traces", 10, 100)
     assert many.value.status == 413
+    whole, _ = otrace.parse_events(json.dumps(trace(latency_ms=10**15)).encode(), "/v1/traces", 10, 100)
+    assert dict(zip(otrace.TRACES.columns, whole[0].values, strict=True))["latency_ms"] == 10**15   # 2^53-1
+    with pytest.raises(otrace.Invalid, match="from 0 to 9007199254740991"):
+        otrace.parse_events(json.dumps(trace(latency_ms=2**53)).encode(), "/v1/traces", 10, 100)
 
 
 def test_trace_is_stored_with_every_field(svc: Otrace) -> None:
