@@ -8945,6 +8945,7 @@ REPORT_BY = ("model", "provider", "day", "hour", "session", "source")
 COST_MODES = ("auto", "computed", "reported")
 TOP_SESSIONS = 10
 HOUR_MS = 3_600_000
+REPORT_LABEL_MIN = 16            # a row's label keeps this much on any terminal (an hour is 16 wide)
 # A call's cost in each mode: auto takes the figure its source reported, else the computed one.
 COST_SQL = {"auto": "cost_usd", "reported": "CASE WHEN cost_source IS NOT 'computed' THEN cost_usd END",
             "computed": "computed_cost_usd"}
@@ -9380,7 +9381,7 @@ class TableView:
         key_width = max([len(doc["by"]) + 1, 5, *map(len, labels), *(len(s) for part in sub for s in part)])
         compact = key_width + sum(w for _, w in self.FULL) > self.width
         columns = self.COMPACT if compact else self.FULL
-        key_width = min(key_width, self.width - sum(w for _, w in columns) - 1)
+        key_width = min(key_width, max(REPORT_LABEL_MIN, self.width - sum(w for _, w in columns) - 1))
         bars = doc["by"] in ("day", "hour") and bool(groups)
         bar_width = max(0, self.width - key_width - sum(w for _, w in columns) - 2) if bars else 0
         top = max((g["cost_usd"] for g in groups), default=0)

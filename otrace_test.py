@@ -4937,6 +4937,8 @@ def test_report_on_a_terminal_is_compact_when_narrow_and_draws_cost_bars_by_day(
     assert set(bars["2026-11-02"]) == {"█"} and full == 120 - len(days[1].rsplit("  ", 1)[0]) - 2
     eighths = sum(8 if c == "█" else "▏▎▍▌▋▊▉".index(c) + 1 for c in bars["2026-11-03"])
     assert eighths == round(8 * full * 0.0084408 / 0.09535)                 # its cost against the top day's
+    tiny = table(run_in_terminal([*window, "--by", "day"], 20))             # rows still say which day
+    assert [line.split()[0] for line in tiny[1:3]] == ["2026-11-02", "2026-11-03"]
 
 
 def hold_read_transaction(pid: int, shm: Path) -> bool:
