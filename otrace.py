@@ -3128,7 +3128,7 @@ def decoded_body(request: Request, limit: int) -> bytes:
         return bytes(request.body)
     if coding not in ("gzip", "x-gzip"):
         raise Refusal(415, f"Content-Encoding {coding!r} is not supported: gzip or none")
-    data, rest = b"", bytes(request.body)
+    data, rest = b"", request.body           # rest: the bytes after the members read so far
     while True:                                  # one gzip member after another, as RFC 1952 allows
         inflater = zlib.decompressobj(wbits=31)
         try:
@@ -4065,12 +4065,16 @@ def absorb(call: Call, other: Call) -> None:
     call.keys += other.keys
 
 
+def service_and_provider(call: Call) -> tuple[Any, Any]:
+    return call.event["metadata"].get("service_name"), call.group[1]
+
+
 def same_call(stored: Call, call: Call) -> bool:
     """Whether `call`, from a later request, is another instrumentation's span of the call `stored`:
     another scope, the same service and provider, and the same response id (where both have one), or
     one lying inside the other's time. A call already made of two spans takes no third."""
-    if (stored.scope == call.scope or len(stored.keys) > 1 or stored.group[1] != call.group[1]
-            or stored.event["metadata"].get("service_name") != call.event["metadata"].get("service_name")):
+    if (stored.scope == call.scope or len(stored.keys) > 1
+            or service_and_provider(stored) != service_and_provider(call)):
         return False
     if stored.response_id and call.response_id:
         return stored.response_id == call.response_id
@@ -4089,15 +4093,11 @@ class RecentCalls:
         self.calls: collections.deque[tuple[float, Call]] = collections.deque(maxlen=RECENT_CALLS)
         self.scopes: dict[tuple[Any, Any], dict[str, float]] = {}   # (service, provider) -> {scope: when}
 
-    @staticmethod
-    def group(call: Call) -> tuple[Any, Any]:
-        return call.event["metadata"].get("service_name"), call.group[1]
-
     def partner(self, call: Call) -> Call | None:
         """The one stored call `call` is another span of, if exactly one."""
         deadline = time.monotonic() - self.wait
         if not any(scope != call.scope and seen >= deadline
-                   for scope, seen in self.scopes.get(self.group(call), {}).items()):
+                   for scope, seen in self.scopes.get(service_and_provider(call), {}).items()):
             return None
         found = [stored for at, stored in self.calls if at >= deadline and same_call(stored, call)]
         return found[0] if len(found) == 1 else None
@@ -4108,7 +4108,7 @@ class RecentCalls:
         if len(self.scopes) > RECENT_CALLS:       # groups not seen within the wait go
             self.scopes = {group: seen for group, seen in self.scopes.items()
                            if max(seen.values()) >= now - self.wait}
-        self.scopes.setdefault(self.group(call), {})[call.scope] = now
+        self.scopes.setdefault(service_and_provider(call), {})[call.scope] = now
 
     def replace(self, stored: Call, merged: Call) -> None:
         """`stored`'s row is now the call of two spans, `merged`."""
