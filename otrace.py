@@ -2231,12 +2231,20 @@ class DatabaseLocked(Exception):
 
 
 class DatabaseLock:
-    """An exclusive lock on <database>.lock, held for the life of the process: two otraces writing
-    one database would each push, retain and checkpoint it as if alone."""
+    """Exclusive locks held for the life of the process, on <database>.lock and on the database file
+    itself (a hard link gives the file a second name, and that name a lock file of its own): two
+    otraces writing one database would each push, retain and checkpoint it as if alone, each with a
+    WAL of its own."""
 
     def __init__(self, db_path: str) -> None:
         self.db_path, self.path = db_path, db_path + ".lock"
         self.fd = self.take()
+        self.file_fd: int | None = None
+        try:
+            self.hold_file()
+        except BaseException:
+            os.close(self.fd)
+            raise
 
     def take(self) -> int:
         folder = Path(self.db_path).parent
@@ -2255,6 +2263,22 @@ class DatabaseLock:
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         return fd
 
+    def hold_file(self) -> None:
+        """Lock the database file at the path (made empty if there is none: SQLite takes an empty file
+        as a new database), and let go of the one locked before (a file the writer has left). The
+        descriptor stays open while the file is in use: closing one drops the process's SQLite locks
+        on the file."""
+        fd = os.open(self.db_path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise DatabaseLocked(f"another otrace is using the database {self.db_path} under another "
+                                 "name (a hard link)") from None
+        if self.file_fd is not None:
+            os.close(self.file_fd)
+        self.file_fd = fd
+
     def held(self) -> bool:
         """True while the lock file at the path is the one this process locked (an rm of the
         database's files takes it too, and lets another otrace start there)."""
@@ -2268,6 +2292,8 @@ class DatabaseLock:
         self.fd = fd
 
     def release(self) -> None:
+        if self.file_fd is not None:
+            os.close(self.file_fd)
         os.close(self.fd)
 
 
@@ -2793,6 +2819,8 @@ class Writer(threading.Thread):
             self.db.forget_old_companions()
             self.conn, self.conn_path = self.connect(carry), carry
         open_database(self.config.db_path)
+        if self.lock is not None:
+            self.lock.hold_file()
         conn = self.connect(self.config.db_path)
         carried, self.conn, self.conn_path = self.conn, conn, self.config.db_path
         carried.close()

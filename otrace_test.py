@@ -856,6 +856,9 @@ def test_after_an_rm_of_its_files_otrace_takes_its_lock_again_or_stands_down(
                    timeout=idle)
     second = run(wait=False, db=first.db_path)
     assert second.proc.wait(10) == 1 and "another otrace" in second.stderr[0]
+    os.link(first.db_path, tmp_path / "link.db")
+    linked = run(wait=False, db=tmp_path / "link.db")       # the new file itself is locked too
+    assert linked.proc.wait(10) == 1 and "under another name" in linked.stderr[0]
     assert first.stop() == 0
     lone = run({"TRACE_BATCH_WINDOW": "5ms"}, db=tmp_path / "lone.db")
     lone.signal(signal.SIGSTOP)                              # it cannot look before the other starts
@@ -3718,6 +3721,25 @@ def test_a_second_otrace_on_the_same_database_exits_naming_it(run: Callable[...,
     assert first.health()["status"] == "ok"
     assert first.stop() == 0
     third = run(db=first.db_path)                           # the lock went with its holder
+    assert third.stop() == 0
+
+
+def test_a_second_otrace_on_a_hard_link_of_the_database_exits_naming_it(
+        tmp_path: Path, run: Callable[..., Otrace]) -> None:
+    """A hard link names the file twice, with a lock file beside each name: the file itself is locked."""
+    first = run()
+    assert first.post("/v1/traces", trace()).status == 202
+    first.wait_persisted(1)
+    link = tmp_path / "other-name.db"
+    os.link(first.db_path, link)
+    second = run(wait=False, db=link)
+    assert second.proc.wait(10) == 1
+    assert second.stderr == [f"otrace: another otrace is using the database {link} under another name "
+                             "(a hard link)\n"]
+    assert first.health()["status"] == "ok"
+    assert first.stop() == 0
+    third = run(db=link)                                   # the lock went with its holder
+    assert third.query("SELECT count(*) FROM llm_traces") == [(1,)]
     assert third.stop() == 0
 
 
