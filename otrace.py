@@ -5163,14 +5163,19 @@ CMDLINE_KEEP = 1024              # ... and stored
 TOP_RSS = 10                     # processes by memory in each process sample
 DEAD = ("Z", "X")                # states of a process that has exited
 REJUDGE_EVERY = 20               # host samples after which every pid is judged again (a reused pid)
+EXEC_WINDOW = 60.0               # seconds a new process that did not match is watched for an exec
 MAX_ZOMBIE_PARENTS = 20          # named in a zombie alert
-_SECRET_NAME = r"[\w.-]*(?:token|secret|passw|pwd|key|auth|credential|cookie|signature)[\w.-]*"
+_SECRET_NAME = (r"[\w.-]*(?:token|secret|pass|pwd|key|auth|cred|cookie|signature|sig|session|private)"
+                r"[\w.-]*")
 _SECRET_FLAG = re.compile(rf"-{{1,2}}{_SECRET_NAME}", re.IGNORECASE)     # its value is the next argument
+_SECRET_ASSIGNED = re.compile(rf"(-{{0,2}}{_SECRET_NAME}\s*[=:]).+", re.IGNORECASE | re.DOTALL)  # an argument
+_USER_FLAG = re.compile(r"-u|--user")                          # curl's user:password
 _SECRETS = (     # (pattern, replacement), applied in order to the whole command line
     (re.compile(r"\b((?:bearer|basic)\s+)[\w.~+/=-]+", re.IGNORECASE), r"\1***"),
-    (re.compile(rf"(?<![\w.-])(-{{0,2}}{_SECRET_NAME}\s*[=:]\s*)(?!(?:bearer|basic)\s)[^\s,;&]+",
-                re.IGNORECASE), r"\1***"),
-    (re.compile(r"(\w[\w+.-]*://[^/\s:@]*:)[^/\s@]+@"), r"\1***@"),    # a URL's password
+    (re.compile(rf"(?<![\w.-])(-{{0,2}}{_SECRET_NAME}[\"']?\s*[=:]\s*)(?!(?:bearer|basic)\s)"
+                r"(?:\"[^\"]*\"?|'[^']*'?|[^\s,;&\"']+)", re.IGNORECASE), r"\1***"),   # JSON's "key": "v" too
+    (re.compile(r"(\w[\w+.-]*://[^/\s:@]*:)\S*@"), r"\1***@"),   # a URL's password, to its last @
+    (re.compile(r"(https?://)[^/\s:@]+@", re.IGNORECASE), r"\1***@"),   # a token as an http URL's user
     (re.compile(r"\b(?:sk|pk|rk)[-_][\w-]{16,}|\bgh[pousr]_\w{20,}|\bxox[abprs]-[\w-]{10,}"
                 r"|\bAKIA[0-9A-Z]{16}\b|\beyJ[\w-]{8,}\.[\w-]{8,}\.[\w-]{8,}"), "***"),  # API keys, JWTs
 )
@@ -5257,12 +5262,17 @@ def read_cmdline(procfs: Path, pid: int) -> tuple[bytes, ...] | None:
 @functools.lru_cache(maxsize=64)     # the top processes are mostly the same ones from scan to scan
 def redact_cmdline(args: tuple[bytes, ...]) -> str:
     """The arguments as one line, with what looks like a secret replaced by ***: the value after a
-    flag like --token or --api-key (as the next argument or after =), key=value pairs whose key
-    names a secret, a URL's password, bearer tokens, and API keys and JWTs by their look."""
+    flag like --token or --api-key (as the next argument or after =), key=value pairs (and JSON's
+    "key": "value") whose key names a secret, curl's -u user:password, a URL's password or token
+    user, bearer tokens, and API keys and JWTs by their look."""
     words = [arg.decode("utf-8", "replace") for arg in args]
-    for i, word in enumerate(words[:-1]):
-        if _SECRET_FLAG.fullmatch(word):
+    for i, word in enumerate(words):
+        if i + 1 < len(words) and _SECRET_FLAG.fullmatch(word):
             words[i + 1] = "***"
+        elif i + 1 < len(words) and _USER_FLAG.fullmatch(word) and ":" in words[i + 1]:
+            words[i + 1] = words[i + 1].split(":", 1)[0] + ":***"
+        elif assigned := _SECRET_ASSIGNED.fullmatch(word):      # the whole value, spaces and all
+            words[i] = assigned[1] + "***"
     line = " ".join(words)
     for pattern, replacement in _SECRETS:
         line = pattern.sub(replacement, line)
@@ -5419,15 +5429,17 @@ class GatewayWatch:
     that a recovery: each an error event (crash, process_crash) with the downtime (from start times),
     saying so when the OOM killer struck at that moment. A sample lists the pids and reads little:
     a pid is judged when it first shows (its stat and command line); the stat of a process that
-    matched is read again each time, the others' only every REJUDGE_EVERY samples (so a pid reused
-    between two samples by a new gateway, while none was known, is found within that many)."""
+    matched is read again each time, and of one under EXEC_WINDOW old (a wrapper that execs the
+    gateway keeps its pid and start time: its name changes), the others' only every REJUDGE_EVERY
+    samples (so a pid reused between two samples by a new gateway, while none was known, is found
+    within that many)."""
 
     def __init__(self, match: tuple, procfs: Path, logger: logging.Logger) -> None:
         program, words = match
         self.words = [w.encode() for w in words]
         self.program = re.compile(re.escape(program) + r"(?:js)?(?:[-_.]?\d[\w.-]*)?") if program else None
         self.procfs, self.log = procfs, logger
-        self.judged: dict[int, tuple[int, bool]] = {}      # pid -> (start, matches)
+        self.judged: dict[int, tuple[int, str, bool]] = {}      # pid -> (start, name, matches)
         self.samples = 0
         self.current: Proc | None = None
         self.seen_at = 0.0                   # uptime when it was last seen
@@ -5452,40 +5464,41 @@ class GatewayWatch:
             return bool(self.program.fullmatch(exe.removesuffix(" (deleted)")))
         return False
 
-    def matching(self, pids: set[int]) -> list[Proc]:
-        """The live processes among `pids` that match, their stat read now."""
+    def matching(self, pids: set[int], at: float) -> list[Proc]:
+        """The live processes among `pids` that match, their stat read now (`at`: uptime)."""
         self.samples += 1
         again = self.samples % REJUDGE_EVERY == 0
         self.judged = {pid: seen for pid, seen in self.judged.items()
-                       if pid in pids and (seen[1] or not again)}
+                       if pid in pids and (seen[2] or not again)}
+        settled = (at - EXEC_WINDOW) * CLOCK_TICKS              # started before it: no exec awaited
         found = []
         root = os.open(self.procfs, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             for pid in pids:
                 seen = self.judged.get(pid)
-                if seen is not None and not seen[1]:
+                if seen is not None and not seen[2] and seen[0] < settled:
                     continue                                  # judged before: not the gateway
                 proc = read_process(str(pid), root)
                 if proc is None:
                     continue
-                if seen is None or seen[0] != proc.start:     # new, or the pid of a new process
-                    seen = self.judged[pid] = (proc.start, self.judge(proc))
-                if seen[1] and proc.state not in DEAD:
+                if seen is None or seen[:2] != (proc.start, proc.name):   # new, reused, or exec'd
+                    seen = self.judged[pid] = (proc.start, proc.name, self.judge(proc))
+                if seen[2] and proc.state not in DEAD:
                     found.append(proc)
         finally:
             os.close(root)
         return found
 
-    def find(self, pids: set[int]) -> Proc | None:
+    def find(self, pids: set[int], at: float) -> Proc | None:
         """The gateway: the one already known while it lives, else the oldest match."""
-        found = self.matching(pids)
+        found = self.matching(pids, at)
         known = self.current
         return next((p for p in found if known and (p.pid, p.start) == (known.pid, known.start)),
                     min(found, key=lambda p: (p.start, p.pid), default=None))
 
     def observe(self, pids: set[int], at: float, oom: dict[str, int]) -> tuple[dict[str, Any], list[Row]]:
         """This sample's gateway columns (usage over the interval since the last one) and events."""
-        found, before = self.find(pids), self.current
+        found, before = self.find(pids, at), self.current
         if self.btime is None:
             self.btime = read_btime(self.procfs)
         rows = []
@@ -5544,6 +5557,7 @@ class GatewayWatch:
 
     def returned(self, new: Proc) -> Row:
         old, self.gone = self.gone, None
+        self.restarts += (new.pid, new.start) != (old.pid, old.start)   # not the one that went missing
         down = round(max(0.0, new.start / CLOCK_TICKS - self.gone_seen_at), 2)
         return self.event(f"OpenClaw gateway is back as pid {new.pid}, down at most {down} s", {
             "change": "back", "old": self.about(old), "new": self.about(new),
@@ -7604,7 +7618,9 @@ class Scrubber:
             userinfo = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
             secrets |= {parts.password or "", urllib.parse.unquote(parts.password or ""), userinfo,
                         base64.b64encode(userinfo.encode()).decode()}
-        secrets |= {value for _, value in urllib.parse.parse_qsl(parts.query)}
+        for pair in re.split("[&;]", parts.query):       # each value as sent (%2B) and as meant (+)
+            raw = pair.partition("=")[2]
+            secrets |= {raw, urllib.parse.unquote_plus(raw)}
         self.secrets = sorted((s for s in secrets if len(s) >= 4), key=len, reverse=True)
 
     def __call__(self, text: str) -> str:

@@ -28,6 +28,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime, timedelta, timezone
@@ -2841,10 +2842,11 @@ def test_push_credentials_never_leave_the_process(run: Callable[..., Otrace], re
     """A key in the URL's query is redacted in /health and the start log, and a receiver that echoes
     the Authorization header back puts the token nowhere: not in /health, the log, push_log or
     push_rejects."""
-    token, key = "push-" + uuid.uuid4().hex, "key-" + uuid.uuid4().hex
-    receiver.default = lambda _, request: (400, {}, "bad: " + json.dumps(request["headers"]))
+    token, key = "push-" + uuid.uuid4().hex, "key+" + uuid.uuid4().hex + "=="    # sent as key%2B...%3D%3D
+    receiver.default = lambda _, request: (400, {}, f"bad: {json.dumps(request['headers'])} "
+                                                    f"{request['path']}")
     node = run(push_env(receiver, TRACE_PUSH_TOKEN=token, TRACE_PUSH_RETRIES="1",
-                        TRACE_PUSH_ENDPOINT=f"{receiver.url}?api_key={key}&x=1"))
+                        TRACE_PUSH_ENDPOINT=f"{receiver.url}?api_key={urllib.parse.quote(key, safe='')}&x=1"))
     post_some(node, 2)
     receiver.wait(lambda requests: len(requests) >= 4)
     node.wait_log(lambda e: e.get("message") == "receiver refused every event sent this cycle: keeping "
@@ -2855,7 +2857,8 @@ def test_push_credentials_never_leave_the_process(run: Callable[..., Otrace], re
     assert "Bearer ***" in health                            # the echo is there, the token is not
     kept = (health + json.dumps(node.lines) + json.dumps(node.query("SELECT error FROM push_log")) +
             json.dumps(node.query("SELECT reason FROM push_rejects")))
-    assert token not in kept and key not in kept
+    assert "/ingest?api_key=***&x=1" in kept                 # the echoed query, its key taken out
+    assert token not in kept and key not in kept and urllib.parse.quote(key, safe="") not in kept
 
 
 def test_a_password_in_the_push_url_is_sent_as_basic_auth(run: Callable[..., Otrace],
@@ -7001,6 +7004,17 @@ def test_no_secret_in_a_captured_command_line_survives() -> None:
             ("x --secret s1 --client-secret=s2", "x --secret *** --client-secret=***"),
             ("ghp_" + "a" * 36, "***"), ("run AKIAABCDEFGHIJKLMNOP", "run ***")):
         assert otrace.redact_cmdline(tuple(line.encode().split(b" "))) == expected
+    for args, expected in (                                  # each argument as the process has it
+            (["app", "--password=horse battery staple"], "app --password=***"),
+            (["app", "--config", '{"apiKey":"k1","password": "p 2"}'],
+             'app --config {"apiKey":***,"password": ***}'),
+            (["psql", "postgresql://app:p/@ss@db:5432/app"], "psql postgresql://app:***@db:5432/app"),
+            (["git", "clone", "https://t0ken@github.com/o/r"], "git clone https://***@github.com/o/r"),
+            (["curl", "-u", "alice:pw", "https://h/p?sig=s1g&se=1"], "curl -u alice:*** https://h/p?sig=***&se=1"),
+            (["openssl", "enc", "-pass", "pass:x"], "openssl enc -pass ***"),
+            (["app", "--passphrase=x", "--session", "s", "--creds=c"],
+             "app --passphrase=*** --session *** --creds=***")):
+        assert otrace.redact_cmdline(tuple(a.encode() for a in args)) == expected
     rows = sample_procs(top=100)
     stored = json.dumps(rows)
     assert not [s for s in secrets if s in stored]
@@ -7094,11 +7108,34 @@ def test_a_pid_reused_by_a_new_gateway_is_found_when_every_pid_is_judged_again(t
     shutil.rmtree(reused / "6")
     shutil.copytree(gateway / "20", reused / "6", symlinks=True)
     watch = otrace.GatewayWatch(("node", ("openclaw", "gateway")), sleeper, logging.getLogger("otrace.test"))
-    pids = {1, 3, 4, 5, 6}
-    assert watch.observe(pids, 1278.27, {})[0] == {"gateway_up": 0}
+    pids, settled = {1, 3, 4, 5, 6}, 1278.27 + otrace.EXEC_WINDOW      # no exec awaited of pid 6 then
+    assert watch.observe(pids, settled, {})[0] == {"gateway_up": 0}
     watch.procfs = reused
-    seen = [watch.observe(pids, 1278.27 + n, {})[0]["gateway_up"] for n in range(otrace.REJUDGE_EVERY)]
+    seen = [watch.observe(pids, settled + n, {})[0]["gateway_up"] for n in range(otrace.REJUDGE_EVERY)]
     assert seen == [0] * (otrace.REJUDGE_EVERY - 2) + [1, 1]     # its sample count reaches REJUDGE_EVERY
+
+
+def test_a_wrapper_that_execs_the_gateway_is_found_at_the_next_sample(tmp_path: Path) -> None:
+    """`sh -c 'exec node openclaw.mjs gateway'`: judged as sh, then the same pid and start time are
+    node. A process watched past EXEC_WINDOW is judged again only with every pid."""
+    def tree(name: str, args: list[bytes], exe: str) -> Path:
+        root = tmp_path / name / "proc"
+        shutil.copytree(HOSTS / "procs-gateway-restart" / "t2" / "proc", root, symlinks=True)
+        stat = root / "6" / "stat"
+        stat.write_text(stat.read_text().replace("(node)", f"({name})"))
+        (root / "6" / "cmdline").write_bytes(b"\0".join(args) + b"\0")
+        (root / "6" / "exe").unlink()
+        (root / "6" / "exe").symlink_to(exe)
+        return root
+    wrapper = tree("sh", [b"sh", b"-c", b"exec node /app/openclaw.mjs gateway"], "/usr/bin/dash")
+    execd = tree("node", [b"node", b"/app/openclaw.mjs", b"gateway"], "/usr/local/bin/node")
+    started = 127321 / otrace.CLOCK_TICKS                                # pid 6's start, in its stat
+    pids = {1, 3, 4, 5, 6}
+    for first_seen, expected in ((started + 5, 1), (started + otrace.EXEC_WINDOW + 5, 0)):
+        watch = otrace.GatewayWatch(("node", ("openclaw", "gateway")), wrapper, logging.getLogger("t"))
+        assert watch.observe(pids, first_seen, {})[0] == {"gateway_up": 0}
+        watch.procfs = execd
+        assert watch.observe(pids, first_seen + 1, {})[0]["gateway_up"] == expected
 
 
 # -- the network
@@ -7360,6 +7397,7 @@ def test_a_real_gateway_killed_and_restarted(run: Callable[..., Otrace]) -> None
                           what="the gateway back")[0]
         meta = json.loads(back["metadata"])
         assert (meta["change"], meta["new"]["pid"]) == ("back", second.pid) and meta["downtime_s"] > 0
+        assert node.health()["system"]["gateway"]["restarts"] == 1          # gone and back: a restart
         third = subprocess.Popen(start)                # a second match: the known one is kept ...
         samples = len(node.rows("system_metrics"))
         wait_until(lambda: len(node.rows("system_metrics")) >= samples + 2, what="samples seeing both")
@@ -7370,7 +7408,7 @@ def test_a_real_gateway_killed_and_restarted(run: Callable[..., Otrace]) -> None
         meta = json.loads(restart["metadata"])
         assert (meta["change"], meta["old"]["pid"], meta["new"]["pid"]) == ("restarted", second.pid,
                                                                             third.pid)
-        assert node.health()["system"]["gateway"]["restarts"] == 1
+        assert node.health()["system"]["gateway"]["restarts"] == 2
         assert len(error_rows(node, "process_crash")) == 3
     finally:
         for proc in (first, second, third):
