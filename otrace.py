@@ -617,6 +617,7 @@ ENVIRONMENT_CODES = frozenset({
     "SQLITE_NOMEM", "SQLITE_PROTOCOL", "SQLITE_CORRUPT", "SQLITE_NOTADB", "SQLITE_PERM",
     "SQLITE_INTERRUPT", "SQLITE_ABORT"})
 ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EIO, errno.EDQUOT})
+CORRUPTION = ("SQLITE_CORRUPT", "SQLITE_NOTADB")   # a fault of the file: waiting does not clear it at start
 _ids = random.Random()           # seeded from os.urandom once
 _UUID7_RANDOM = 0xFFF << 64 | (1 << 62) - 1        # rand_a (12 bits) and rand_b (62 bits)
 STAMP_MARGIN_NS = 3_000_000_000  # stamps are trusted only when older than their look by this (see Stamps)
@@ -2056,13 +2057,17 @@ STATE_TABLES = ("otrace_state", "log_offsets",   # where readers keep their plac
                 "openclaw_positions", "openclaw_attempts", "otlp_series")
 
 
+def sqlite_uri(path: str | Path, mode: str, immutable: bool = False) -> str:
+    """A file: URI of a path, whatever bytes its name holds."""
+    return f"file:{urllib.parse.quote(os.fsencode(path))}?mode={mode}" + ("&immutable=1" if immutable else "")
+
+
 def connect(path: str, read_only: bool = False, create: bool = True) -> sqlite3.Connection:
     """Open the database with otrace's pragmas; transactions are explicit (see transaction()). A
     read-only connection, or one that must not `create` it, never creates the file."""
     mode = "ro" if read_only else None if create else "rw"
-    target = f"file:{urllib.parse.quote(path)}?mode={mode}" if mode else path
-    conn = sqlite3.connect(target, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False,
-                           uri=mode is not None)
+    conn = sqlite3.connect(sqlite_uri(path, mode) if mode else path, timeout=BUSY_TIMEOUT,
+                           isolation_level=None, check_same_thread=False, uri=mode is not None)
     conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT * 1000:.0f}")
     conn.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
     conn.execute("PRAGMA synchronous = NORMAL")
@@ -2087,6 +2092,35 @@ def open_database(path: str) -> None:
         migrate(conn)
     finally:
         conn.close()
+
+
+def schema_of(conn: sqlite3.Connection) -> tuple[int, set[str]]:
+    """A database's schema version (user_version) and its tables."""
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    return version, {name for (name,) in conn.execute("SELECT name FROM sqlite_schema WHERE type = 'table'")}
+
+
+def database_problem(path: str) -> str | None:
+    """Why otrace must not write the file at `path`, read without changing it: not SQLite, another
+    program's database, or a newer otrace's. None for otrace's own, an empty file, or none; a file
+    that cannot be read now is left to the start to report."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError:
+        return None
+    if head and head != b"SQLite format 3\x00":
+        return f"{path} is not an SQLite database"
+    try:
+        with contextlib.closing(connect(path, read_only=True)) as conn:
+            version, tables = schema_of(conn)
+    except sqlite3.Error:
+        return None
+    if "llm_traces" not in tables and (version or tables):
+        return f"{path} is not an otrace database (another program's: it has no llm_traces table)"
+    if version > len(SCHEMA):
+        return f"{path} has schema {version}, newer than this otrace's ({len(SCHEMA)})"
+    return None
 
 
 def migrate(conn: sqlite3.Connection) -> None:
@@ -6728,8 +6762,8 @@ class AgentDatabase:
         if self.conn is not None and identity == self.identity:
             return True
         self.close()
-        conn = sqlite3.connect(f"file:{urllib.parse.quote(str(self.path))}?mode=ro", uri=True,
-                               timeout=STORE_BUSY_MS / 1000, isolation_level=None, check_same_thread=False)
+        conn = sqlite3.connect(sqlite_uri(self.path, "ro"), uri=True, timeout=STORE_BUSY_MS / 1000,
+                               isolation_level=None, check_same_thread=False)
         try:
             conn.execute(f"PRAGMA busy_timeout = {STORE_BUSY_MS}")
             conn.execute(f"PRAGMA cache_size = -{STORE_CACHE_KIB}")
@@ -9113,16 +9147,16 @@ def open_snapshot(path: str) -> sqlite3.Connection:
     except sqlite3.DatabaseError as exc:
         if sqlite_code(exc) not in ("SQLITE_READONLY", "SQLITE_CANTOPEN") or Path(path + "-wal").exists():
             raise ReportError(f"cannot read {path}: {describe(exc)}") from None
-        conn = sqlite3.connect(f"file:{urllib.parse.quote(path)}?mode=ro&immutable=1", uri=True,
+        conn = sqlite3.connect(sqlite_uri(path, "ro", immutable=True), uri=True,
                                isolation_level=None)
-    columns = {name for _, name, *_ in conn.execute("PRAGMA table_info(llm_traces)")}
-    if not columns:
+    version, tables = schema_of(conn)
+    if "llm_traces" not in tables:
         conn.close()
         raise ReportError(f"{path} is not an otrace database (it has no llm_traces table)")
-    if "cost_source" not in columns:
+    if version < len(SCHEMA):
         conn.close()
-        raise ReportError(f"{path} is from an older otrace: start this otrace on it once to bring its "
-                          "schema up to date")
+        raise ReportError(f"{path} is from an older otrace (schema {version} of {len(SCHEMA)}): start this "
+                          "otrace on it once to bring its schema up to date")
     conn.execute("BEGIN")
     return conn
 
@@ -9725,7 +9759,7 @@ def start_service(config: Config, stop_signals: set[signal.Signals],
         try:
             service = Service(config, lock)
         except (OSError, sqlite3.Error, RuntimeError) as exc:
-            if isinstance(exc, RuntimeError) or not is_environment(exc):
+            if isinstance(exc, RuntimeError) or not is_environment(exc) or sqlite_code(exc) in CORRUPTION:
                 log.critical("cannot start", extra={"error": describe(exc)})
                 return None
             fault.failed(describe(exc))
@@ -9746,6 +9780,10 @@ def serve(config: Config, warnings: Iterable[str] = ()) -> int:
         log.warning(warning)
     config = settled(config)
     log.info("starting", extra={"version": __version__, "pid": os.getpid(), "settings": config.shown()})
+    if problem := database_problem(config.db_path):
+        log.critical("cannot start", extra={"error": problem})
+        print(f"otrace: TRACE_DB_PATH: {problem}", file=sys.stderr)
+        return 2
     try:
         lock = DatabaseLock(config.db_path)
     except (DatabaseLocked, OSError) as exc:

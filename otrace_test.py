@@ -763,13 +763,46 @@ def test_schema_pragmas_and_file_mode(svc: Otrace) -> None:
     assert (svc.db_path.stat().st_mode & 0o777) == 0o600
 
 
-def test_database_from_a_newer_otrace_is_refused(tmp_path: Path, run: Callable[..., Otrace]) -> None:
-    db = tmp_path / "newer.db"
-    with contextlib.closing(sqlite3.connect(db)) as conn:
+def test_a_database_otrace_must_not_write_is_refused_as_it_was(tmp_path: Path, run: Callable[..., Otrace]
+                                                               ) -> None:
+    """A newer otrace's, another program's, or not SQLite: exit 2 naming TRACE_DB_PATH before anything
+    is written (its bytes, mode, journal and schema as they were); a corrupt one exits 1 at once."""
+    newer, foreign, junk = tmp_path / "newer.db", tmp_path / "foreign.db", tmp_path / "junk.db"
+    with contextlib.closing(sqlite3.connect(newer)) as conn:
+        for step in otrace.SCHEMA:
+            conn.executescript(step)
         conn.execute(f"PRAGMA user_version = {len(otrace.SCHEMA) + 1}")
-    node = run(wait=False, db=db)
+    with contextlib.closing(sqlite3.connect(foreign)) as conn:
+        conn.execute("CREATE TABLE notes (body TEXT)")
+        conn.execute("PRAGMA user_version = 3")              # its own migrations' count: not to be moved
+    junk.write_text("hello\n")
+    for db, says in ((newer, "newer than this otrace"), (foreign, "is not an otrace database"),
+                     (junk, "is not an SQLite database")):
+        db.chmod(0o644)
+        before = db.read_bytes()
+        node = run(wait=False, db=db)
+        assert node.proc.wait(10) == 2
+        assert len(node.stderr) == 1 and node.stderr[0].startswith(f"otrace: TRACE_DB_PATH: {db} ")
+        assert says in node.stderr[0]
+        assert db.read_bytes() == before and db.stat().st_mode & 0o777 == 0o644
+        assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(db.name + ".") or
+                    p.name.startswith(db.name + "-")]          # no lock, WAL or reserve beside it
+    corrupt = tmp_path / "corrupt.db"
+    otrace.open_database(str(corrupt))
+    with open(corrupt, "r+b") as f:                          # the schema's page header
+        f.seek(100)
+        f.write(b"\xff" * 8)
+    node = run(wait=False, db=corrupt)
     assert node.proc.wait(10) == 1
-    assert "newer than this otrace" in node.wait_log(lambda e: e.get("message") == "cannot start")["error"]
+    assert "SQLITE_CORRUPT" in node.wait_log(lambda e: e.get("message") == "cannot start")["error"]
+
+
+def test_a_database_path_that_is_not_utf8_opens_read_only_too(tmp_path: Path) -> None:
+    path = os.fsdecode(os.fsencode(tmp_path) + b"/bad\xff.db")       # a name Linux allows
+    otrace.open_database(path)
+    with contextlib.closing(otrace.connect(path, read_only=True)) as conn:
+        assert otrace.schema_of(conn)[0] == len(otrace.SCHEMA)
+    assert otrace.database_problem(path) is None
 
 
 def test_parent_directory_is_created_private_and_an_existing_file_made_private(
@@ -4907,12 +4940,14 @@ def test_report_refuses_a_bad_question_with_exit_2(tmp_path: Path) -> None:
     (tmp_path / "empty.db").touch()
     done = report(tmp_path / "empty.db")
     assert done.returncode == 2 and "is not an otrace database" in done.stderr, done.stderr
-    old = tmp_path / "old.db"                  # every schema step before the one that added cost_source
-    with contextlib.closing(sqlite3.connect(old)) as conn:
-        for step in otrace.SCHEMA[:next(n for n, step in enumerate(otrace.SCHEMA) if "cost_source" in step)]:
-            conn.executescript(step)
-    done = report(old)
-    assert done.returncode == 2 and "from an older otrace" in done.stderr
+    for steps in (next(n for n, step in enumerate(otrace.SCHEMA) if "cost_source" in step), 9):
+        old = tmp_path / f"old-{steps}.db"                 # the schema of an otrace before
+        with contextlib.closing(sqlite3.connect(old)) as conn:
+            for step in otrace.SCHEMA[:steps]:
+                conn.executescript(step)
+            conn.execute(f"PRAGMA user_version = {steps}")
+        done = report(old)
+        assert done.returncode == 2 and f"from an older otrace (schema {steps} of" in done.stderr
     env = {"TRACE_DB_PATH": str(db)}                              # the default database
     done = subprocess.run([sys.executable, str(OTRACE), "report", *WINDOW, "--json"], capture_output=True,
                           text=True, timeout=60, env={**os.environ, **env}, check=False)
