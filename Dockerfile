@@ -19,8 +19,9 @@ USER otrace
 VOLUME ["/data"]
 EXPOSE 9090 4318
 STOPSIGNAL SIGTERM
+# /health where otrace listens: TRACE_HOST, or loopback when that is every address (0.0.0.0, ::)
 HEALTHCHECK --interval=30s --timeout=3s --start-period=10s --retries=3 \
-    CMD python -c "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('TRACE_PORT', '9090'), timeout=2)"
+    CMD python -c "import os, urllib.request; h = os.environ.get('TRACE_HOST', '127.0.0.1'); h = '127.0.0.1' if h in ('0.0.0.0', '::') else h; urllib.request.urlopen('http://%s:%s/health' % ('[%s]' % h if ':' in h else h, os.environ.get('TRACE_PORT', '9090')), timeout=2)"
 
 ENTRYPOINT ["python", "-m", "otrace"]
 CMD ["serve"]

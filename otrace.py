@@ -323,8 +323,10 @@ def _price_file(raw: str) -> str:
     if raw.strip():
         try:
             PriceFile.read(Path(raw.strip()))
-        except (OSError, ValueError, UnicodeDecodeError) as exc:
+        except (OSError, ValueError) as exc:           # UnicodeDecodeError and JSON's errors are ValueErrors
             raise SettingError(str(exc)) from None
+        except (TypeError, AttributeError, LookupError, ArithmeticError, RecursionError, re.error) as exc:
+            raise SettingError(f"{raw.strip()}: {exc}") from None
     return raw.strip()
 
 
@@ -343,10 +345,22 @@ PRICES = Kind("empty, or a JSON price file shaped like prices.json", _price_file
 
 def _state_dir(raw: str) -> str:
     value = _nonempty(raw)
-    return value.lower() if value.lower() in ("auto", "off") else value
+    if value.lower() in ("auto", "off"):
+        return value.lower()
+    if Path(value).exists() and not Path(value).is_dir():     # one not there yet is waited for
+        raise SettingError(f"{value} is not a directory")
+    return value
+
+
+def _directory(raw: str) -> str:
+    value = _nonempty(raw)
+    if not Path(value).is_dir():
+        raise SettingError(f"{value} is not a directory")
+    return value
 
 
 STATE_DIR = Kind("auto, off, or the path of a directory", _state_dir)
+DIRECTORY = Kind("the path of a directory", _directory)
 
 
 def setting(default: str, kind: Kind, doc: str, *, secret: bool = False) -> Any:
@@ -360,7 +374,7 @@ class Config:
     """Every setting otrace has. Read from TRACE_* environment variables by `Config.from_env`."""
 
     host: str = setting("127.0.0.1", NAME, "Address to listen on. Loopback by default: the agent runs on "
-                        "the same machine.")
+                        "the same machine. :: is every address, IPv4's too (0.0.0.0 only IPv4's).")
     port: int = setting("9090", count(0, 65535), "TCP port to listen on; 0 picks a free one (logged).")
     otlp_port: int = setting("4318", count(0, 65535), "A second TCP port, on the same host, serving the "
                              "same routes: OTLP/HTTP's own port, where an OpenTelemetry SDK with default "
@@ -438,7 +452,7 @@ class Config:
                                       "/debug/memory (costs memory and CPU while on; needs TRACE_DEBUG).")
     cgroup: str = setting("auto", choice("auto", "v2", "v1", "none"), "Which cgroup hierarchy host "
                           "metrics come from; none reads /proc only (a VM).")
-    procfs: str = setting("/proc", NAME, "Where procfs is mounted (a host's /proc seen from a container "
+    procfs: str = setting("/proc", DIRECTORY, "Where procfs is mounted (a host's /proc seen from a container "
                           "can be mounted elsewhere).")
     sysfs: str = setting("/sys", NAME, "Where sysfs is mounted.")
     disk_path: str = setting("", TEXT, "A path on the filesystem whose space and I/O are reported; "
@@ -531,7 +545,8 @@ class Config:
                     values[spec.name] = spec.metadata["kind"].parse(environ[name])
                 except (SettingError, ValueError) as exc:
                     accepts = spec.metadata["kind"].accepts
-                    shown = "***" if spec.metadata["secret"] else repr(environ[name][:200])
+                    shown = cls.displayed(spec, environ[name])
+                    shown = shown if shown == "***" else repr(shown[:200])
                     why = f" ({exc})" if isinstance(exc, SettingError) and str(exc) else ""
                     raise SettingError(f"{name}={shown} is not valid: expected {accepts}{why}") from None
         config = cls(**values)
@@ -547,10 +562,21 @@ class Config:
         return config
 
     def shown(self) -> dict[str, Any]:
-        """The effective settings for the startup log: secrets masked, the push URL redacted."""
-        return {spec.name: ("***" if spec.metadata["secret"] and getattr(self, spec.name) else
-                            getattr(self, spec.name)) for spec in dataclasses.fields(self)} | {
-            "push_endpoint": redact_url(self.push_endpoint)}
+        """The effective settings for the startup log."""
+        return {spec.name: self.displayed(spec, getattr(self, spec.name))
+                for spec in dataclasses.fields(self)}
+
+    @staticmethod
+    def displayed(spec: dataclasses.Field, value: Any) -> Any:
+        """A setting's value as a log or an error shows it: a secret masked, the push URL redacted."""
+        if spec.metadata["secret"] and value:
+            return "***"
+        if spec.name == "push_endpoint":
+            try:
+                return redact_url(value)
+            except ValueError:                         # not even a URL: nothing of it is shown
+                return "***"
+        return value
 
 
 def env_name(spec: dataclasses.Field) -> str:
@@ -563,7 +589,7 @@ def unknown_settings(environ: Iterable[str]) -> list[str]:
     known = [env_name(spec) for spec in dataclasses.fields(Config)]
     warnings = []
     for name in sorted(n for n in environ if n.startswith("TRACE_") and n not in known):
-        close = difflib.get_close_matches(name[6:], [k[6:] for k in known], n=1, cutoff=0.75)
+        close = difflib.get_close_matches(name[6:].upper(), [k[6:] for k in known], n=1, cutoff=0.75)
         warnings.append(f"{name} is not a setting otrace knows" + (f"; did you mean TRACE_{close[0]}?"
                                                                   if close else ""))
     return warnings
@@ -828,7 +854,8 @@ class Loop(threading.Thread):
             try:
                 self.tick()
             except Exception as exc:  # a loop outlives any one failure
-                if self.fault.error is None and not (isinstance(exc, Condition) or is_environment(exc)):
+                known = isinstance(exc, (Condition, OSError)) or is_environment(exc)   # a file, a socket
+                if self.fault.error is None and not known:
                     self.log.exception("%s failed", self.name)          # a bug: its traceback
                 self.fault.failed(describe(exc))
             else:
@@ -3349,7 +3376,8 @@ class IngestServer:
 
     def listen(self, host: str, port: int) -> None:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.create_server((host, port), family=family, backlog=self.BACKLOG)
+        both = host == "::" and socket.has_dualstack_ipv6()   # every address means IPv4's too (127.0.0.1)
+        sock = socket.create_server((host, port), family=family, backlog=self.BACKLOG, dualstack_ipv6=both)
         sock.setblocking(False)
         self.listeners[sock.fileno()] = sock
         self.poller.register(sock.fileno(), IN)
@@ -9703,9 +9731,9 @@ class Service:
             if self.pusher:
                 self.pusher.final_push(deadline - reserve)
             self.checkpoint(deadline)
+        self.db.close()                     # the writer's connection closes last: it removes the WAL
         self.events.submit(None)
         self.writer.join(max(0.0, deadline - time.monotonic()))
-        self.db.close()
         counts = self.counters.snapshot()
         if lost:
             log.error("shutdown deadline passed with accepted events not written",
@@ -9761,6 +9789,7 @@ def start_service(config: Config, stop_signals: set[signal.Signals],
         except (OSError, sqlite3.Error, RuntimeError) as exc:
             if isinstance(exc, RuntimeError) or not is_environment(exc) or sqlite_code(exc) in CORRUPTION:
                 log.critical("cannot start", extra={"error": describe(exc)})
+                print(f"otrace: cannot start: {describe(exc)}", file=sys.stderr)
                 return None
             fault.failed(describe(exc))
             received = signal.sigtimedwait(stop_signals, START_RETRY)

@@ -357,8 +357,22 @@ def test_settings_name_what_they_accept_and_keep_secrets() -> None:
     with pytest.raises(otrace.SettingError, match="content-type is set by otrace itself"):
         otrace.Config.from_env({"TRACE_PUSH_HEADERS": "content-type=x"})
     assert otrace.redact_url("https://u:p@h:8443/in?key=s3&x=1") == "https://h:8443/in?key=***&x=***"
-    assert otrace.unknown_settings({"TRACE_PORTT": "1", "TRACE_PORT": "2", "HOME": "/"}) == [
-        "TRACE_PORTT is not a setting otrace knows; did you mean TRACE_PORT?"]
+    for name, value in (("TRACE_PROCFS", "/nonexistent"), ("TRACE_OPENCLAW_STATE_DIR", "/etc/hostname")):
+        with pytest.raises(otrace.SettingError, match=f"{name}='{value}' is not valid: expected .* directory "
+                                                      f"\\({value} is not a directory\\)"):
+            otrace.Config.from_env({name: value})
+    assert otrace.Config.from_env({"TRACE_OPENCLAW_STATE_DIR": "/not/yet"}).openclaw_state_dir == "/not/yet"
+    for bad, shown in (("https://u:Sup3rS3cret@h.example:99999/v1?api_key=Sup3rS3cret",
+                        "'https://h.example:99999/v1?api_key=***'"),
+                       ("http://[::1/x?key=Sup3rS3cret", "***")):
+        with pytest.raises(otrace.SettingError) as refused:
+            otrace.Config.from_env({"TRACE_PUSH_ENDPOINT": bad})
+        assert str(refused.value).startswith(f"TRACE_PUSH_ENDPOINT={shown} is not valid")
+        assert "Sup3rS3cret" not in str(refused.value)
+    assert otrace.unknown_settings({"TRACE_PORTT": "1", "TRACE_port": "1", "TRACE_PORT": "2", "HOME": "/"}
+                                   ) == [
+        "TRACE_PORTT is not a setting otrace knows; did you mean TRACE_PORT?",
+        "TRACE_port is not a setting otrace knows; did you mean TRACE_PORT?"]
 
 
 def test_settings_doc_is_generated_from_config() -> None:
@@ -373,6 +387,18 @@ def test_a_misspelled_setting_is_warned_about_with_the_closest_name(run: Callabl
     assert "TRACE_INGEST_TOKNE is not a setting otrace knows; did you mean TRACE_INGEST_TOKEN?" in warnings
     assert "TRACE_WHATEVER is not a setting otrace knows" in warnings
     assert "s3cret" not in json.dumps(node.lines)
+
+
+def test_a_loops_file_fault_is_one_line_without_a_traceback(tmp_path: Path, run: Callable[..., Otrace]
+                                                           ) -> None:
+    """A state directory whose agents/ is a file: the store's loop fails on it, says so, and lives."""
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "agents").write_text("not a directory")
+    node = run({"TRACE_OPENCLAW_STATE_DIR": str(tmp_path / "state")})
+    failing = node.wait_log(lambda e: e.get("message") == "sessions failing")
+    assert failing["error"].startswith("NotADirectoryError")
+    assert not [line for line in node.lines if "exc_info" in line]
+    assert node.request("GET", "/health").status == 200
 
 
 def test_startup_log_is_json_with_masked_token(run: Callable[..., Otrace]) -> None:
@@ -795,6 +821,7 @@ def test_a_database_otrace_must_not_write_is_refused_as_it_was(tmp_path: Path, r
     node = run(wait=False, db=corrupt)
     assert node.proc.wait(10) == 1
     assert "SQLITE_CORRUPT" in node.wait_log(lambda e: e.get("message") == "cannot start")["error"]
+    assert node.stderr == ["otrace: cannot start: SQLITE_CORRUPT: database disk image is malformed\n"]
 
 
 def test_a_database_path_that_is_not_utf8_opens_read_only_too(tmp_path: Path) -> None:
@@ -1755,6 +1782,19 @@ def test_default_bind_is_loopback_only(run: Callable[..., Otrace]) -> None:
             socket.create_connection(control.getsockname()[:2], timeout=5).close()   # connections ...
         with pytest.raises(ConnectionRefusedError):                           # ... but not otrace's
             socket.create_connection((address, node.port), timeout=30).close()
+
+
+@pytest.mark.skipif(not socket.has_dualstack_ipv6(), reason="no IPv6 here")
+def test_host_of_every_ipv6_address_takes_ipv4_too(run: Callable[..., Otrace]) -> None:
+    """TRACE_HOST=:: (deploy.md's Fly recipe): the agent beside it still sends to 127.0.0.1."""
+    node = run({"TRACE_HOST": "::", "TRACE_OTLP_PORT": str(free_port())})
+    listening = node.logs("listening")[0]
+    for address in (listening["address"], listening["otlp_address"]):
+        port = int(address.rsplit(":", 1)[1])
+        for host in ("127.0.0.1", "::1"):
+            with contextlib.closing(http.client.HTTPConnection(host, port, timeout=30)) as conn:
+                conn.request("GET", "/health")
+                assert conn.getresponse().status == 200, (host, port)
 
 
 def test_ingest_token_guards_every_route_but_health_and_metrics(run: Callable[..., Otrace]) -> None:
@@ -3800,6 +3840,18 @@ def test_sigterm_during_a_burst_keeps_every_202(svc: Otrace) -> None:
     assert not Path(f"{svc.db_path}-wal").exists() or Path(f"{svc.db_path}-wal").stat().st_size == 0
 
 
+def test_a_clean_stop_after_health_was_asked_leaves_no_wal(run: Callable[..., Otrace]) -> None:
+    """/health reads through a connection of its own; the writer's must close last to remove the WAL
+    (deploy.md: no WAL left; a read-only copy without one reads exactly)."""
+    node = run()
+    assert node.post("/v1/traces", trace()).status == 202
+    node.wait_persisted(1)
+    assert node.request("GET", "/health").status == 200
+    assert node.stop() == 0
+    assert [p.name for p in node.db_path.parent.iterdir() if p.name.startswith(node.db_path.name + "-")
+            and p.name != node.db_path.name + "-reserve"] == []
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGHUP])   # SIGHUP: `make run`'s terminal closed
 def test_sigint_and_sighup_stop_cleanly_too(run: Callable[..., Otrace], sig: signal.Signals) -> None:
     svc = run({"TRACE_BATCH_WINDOW": "10s"})                    # the events still queued at the signal
@@ -4485,8 +4537,14 @@ def test_trace_prices_overrides_the_table_and_a_bad_file_is_exit_2(tmp_path: Pat
     assert node.post("/v1/traces", event).status == 202
     node.wait_persisted(1)
     assert cost_columns(node, event["trace_id"]) == (0.003, "computed", 0.003, "contract 2026: openai/gpt-4o")
+    model = '{"providers": [{"id": "x", "models": [{"id": "m", "match": %s, "prices": %s}]}]}'
     for content, needle in (("{not json", "Expecting property name"), (None, "No such file"),
-                            ('{"providers": [{"models": []}]}', "a provider needs an id")):
+                            ('{"providers": [{"models": []}]}', "a provider needs an id"),
+                            (model % ('{"regex": "("}', "{}"), "unterminated subpattern"),
+                            (model % ('{"equals": "m"}', '{"input_mtok": 1%s}' % ("0" * 400)), "too large"),
+                            ('{"providers": [{"id": "x", "models": 5}]}', "bytes-like"),
+                            ('{"header": [1], "providers": []}', "no attribute"),
+                            ("[" * 100_000 + "]" * 100_000, "recursion")):
         bad = tmp_path / "bad.json"
         bad.unlink(missing_ok=True)
         if content is not None:
