@@ -485,7 +485,7 @@ class Config:
     cleanup_interval: float = setting("5m", duration("10ms", "1d"), "Time between retention passes.")
     retention: float = setting("3d", duration("1s", "3650d"), "Age (since arrival) after which pushed "
                                "rows are deleted.")
-    db_max_bytes: int = setting("200MiB", size("64KiB", "16TiB"), "Most the database (file + WAL) may "
+    db_max_bytes: int = setting("200MiB", size("1MiB", "16TiB"), "Most the database (file + WAL) may "
                                 "use: past 85 % of it (less after a flood) the oldest rows are deleted, "
                                 "down to 75 % (see docs/operations.md).")
     disk_reserve_bytes: int = setting("16MiB", size("64KiB", "4GiB", zero_is_off=True), "Space held in a "
@@ -2131,6 +2131,8 @@ def database_problem(path: str) -> str | None:
     """Why otrace must not write the file at `path`, read without changing it: not SQLite, another
     program's database, or a newer otrace's. None for otrace's own, an empty file, or none; a file
     that cannot be read now is left to the start to report."""
+    if Path(path).exists() and not Path(path).is_file():
+        return f"{path} is not a regular file"
     try:
         with open(path, "rb") as f:
             head = f.read(16)
@@ -2233,7 +2235,9 @@ class Database:
             self._admit(wait)
             self._readers += 1
         try:
+            self._still_ours()
             with contextlib.closing(connect(self.path, read_only=read_only, create=False)) as conn:
+                self._still_ours()               # moved while it opened: it may have the new file
                 yield conn
         finally:
             with self._state:
@@ -2245,8 +2249,16 @@ class Database:
         with self._state:
             self._admit(0.0)
             if self._query is None:
+                self._still_ours()
                 self._query = connect(self.path, read_only=True)
             return self._query.execute(sql, params).fetchall()
+
+    def _still_ours(self) -> None:
+        """A new connection must open the file otrace writes: one moved in over it (a backup restored
+        with mv) would read the old file's WAL, still beside it, as its own, and a checkpoint through
+        it would write that WAL's pages into it."""
+        if _identity(self.path) != self.identity:
+            raise sqlite3.OperationalError("the database file is being replaced; try again")
 
     def _admit(self, wait: float) -> None:
         if not self._state.wait_for(lambda: not self._paused, wait):
@@ -2569,7 +2581,7 @@ class EventQueue(queue.Queue):
 class Reserve:
     """Space held back on the database's filesystem: a file of TRACE_DISK_RESERVE_BYTES beside it. On
     the first disk-full write it is deleted, so the batch and the queue behind it can commit; ingest
-    answers 503 while it is released, and it is taken back once the disk has room for it four times.
+    answers 503 while it is released, and it is taken back once the disk has room for it twice.
     A reserve there was no room for at start is taken the same way, without holding ingest back."""
 
     RETRY = 1.0                  # seconds between tries to take it (back)
@@ -2616,13 +2628,17 @@ class Reserve:
         return True
 
     def retake(self) -> None:
-        """When not held: take the space (back) once the disk has room for it four times over; tried
-        at most once a second."""
+        """When not held: take the space (back) once the disk has room for it twice over (more could be
+        more than retention ever frees: the pause would not end); tried at most once a second."""
         if not self.size or self.held or time.monotonic() < self.next_try:
             return
         self.next_try = time.monotonic() + self.RETRY
         released = self.released
-        if disk_usage(str(self.path.parent))[2] >= 4 * self.size and self.hold():
+        try:
+            room = disk_usage(str(self.path.parent))[2]
+        except OSError:              # its directory is gone (the database's files removed): later
+            return
+        if room >= 2 * self.size and self.hold():
             self.log.warning("disk reserve held again: ingest resumes" if released else "disk reserve held",
                              extra={"bytes": self.size})
 
@@ -2894,6 +2910,7 @@ def take_carried(conn: sqlite3.Connection, carry: str) -> bool:
     after a crash), then remove it. False if there is none."""
     if not Path(carry).exists():
         return False
+    open_database(carry)             # a crash while it was being made leaves it empty or half made
     conn.execute("ATTACH DATABASE ? AS carry", (carry,))
     try:
         carry_over(conn, "carry", "main")
@@ -8380,12 +8397,13 @@ class Retention(Loop):
         """Warn when the database cap cannot be reached before the disk mark: then only pushed rows
         and host samples make room, and a receiver that stays down fills the disk."""
         total = disk_usage(self.db_dir)[0]
-        budget = self.config.db_max_bytes + self.config.wal_max_bytes
+        budget = self.config.db_max_bytes + self.config.wal_max_bytes + self.config.disk_reserve_bytes
         if budget > total * self.config.disk_high_pct / 100:
             self.log.warning("database cap is over the disk's budget", extra={
                 "db_max_bytes": self.config.db_max_bytes, "wal_max_bytes": self.config.wal_max_bytes,
-                "disk_total_bytes": total, "disk_high_pct": self.config.disk_high_pct,
-                "advice": "set TRACE_DB_MAX_BYTES under TRACE_DISK_HIGH_PCT of the volume, less the WAL"})
+                "disk_reserve_bytes": self.config.disk_reserve_bytes, "disk_total_bytes": total,
+                "disk_high_pct": self.config.disk_high_pct, "advice": "set TRACE_DB_MAX_BYTES under "
+                "TRACE_DISK_HIGH_PCT of the volume, less the WAL and the reserve"})
 
     def watch(self) -> None:
         """On the writer's thread, after each batch it commits: a database past its high mark wakes
@@ -8547,7 +8565,10 @@ class Retention(Loop):
             self.log.info("retention pass", extra=self.last_pass)
 
     def health(self) -> dict[str, Any]:
-        _, _, avail, used_pct = disk_usage(self.db_dir)
+        try:
+            _, _, avail, used_pct = disk_usage(self.db_dir)
+        except OSError:                  # the directory is gone: the writer makes it again
+            avail = used_pct = None
         try:
             lost = dict(self.db.query("SELECT table_name, sum(unsynced_deleted) FROM retention_ledger "
                                       "WHERE unsynced_deleted > 0 GROUP BY table_name"))
@@ -8830,6 +8851,11 @@ def health_report(service: Service) -> dict[str, Any]:
     if db.replaced_pending:
         problems.append("database file was deleted or replaced: moving to a new one" + (
             f" failing: {writer.reopen_fault.error}" if writer.reopen_fault.error else ""))
+    main, wal = file_size(service.config.db_path), file_size(service.config.db_path + "-wal")
+    if main + wal > service.config.db_max_bytes:
+        problems.append(f"database over TRACE_DB_MAX_BYTES: file {main} + WAL {wal} bytes" + (
+            " (a WAL past TRACE_WAL_MAX_BYTES: a reader holding one snapshot keeps it from starting over)"
+            if wal > service.config.wal_max_bytes else ""))
     return {
         "status": "degraded" if problems else "ok",
         "problems": problems,
@@ -8844,8 +8870,8 @@ def health_report(service: Service) -> dict[str, Any]:
         **{f"events_{name}": counts[name] for name in EVENT_COUNTERS},
         "connections_open": service.server.count(),
         "connections_refused": counts["connections_refused"],
-        "db_size_bytes": file_size(service.config.db_path),
-        "wal_size_bytes": file_size(service.config.db_path + "-wal"),
+        "db_size_bytes": main,
+        "wal_size_bytes": wal,
         "unsynced_count": unsynced_count(db, service.pusher.tables if service.pusher else EVENT_TABLES),
         "last_write_error": writer.fault.health(),
         "last_push_time": service.pusher and service.pusher.health()["last_push_time"],

@@ -315,6 +315,7 @@ def test_version() -> None:
     ("TRACE_CLEANUP_INTERVAL", "200000d", "a duration from 10ms to 1d"),
     ("TRACE_SHUTDOWN_TIMEOUT", "200000d", "a duration from 500ms to 10m"),
     ("TRACE_DISK_RESERVE_BYTES", "99999999999999GiB", "a size from 64KiB to 4GiB"),
+    ("TRACE_DB_MAX_BYTES", "512KiB", "a size from 1MiB to 16TiB"),       # an empty database is 224 KiB
     ("TRACE_METRICS_INTERVAL", "1ms", "a duration from 100ms to 1d"),
     ("TRACE_PUSH_TIMEOUT", "9" * 400 + "s", "a duration from 100ms to 10m"),
     ("TRACE_PUSH_HEADERS", "x-api-key", "key=value pairs"),
@@ -902,6 +903,79 @@ def test_a_database_deleted_or_replaced_under_otrace_loses_nothing_that_got_202(
         assert node.query("SELECT count(*) FROM t") == [(0,)]
 
 
+def test_a_backup_restored_with_mv_under_load_is_not_corrupted(tmp_path: Path, run: Callable[..., Otrace]
+                                                               ) -> None:
+    """The old file's WAL stays beside the path until the writer moves on: no other connection may
+    open the file moved in meanwhile (a checkpoint through one wrote the old WAL's pages into it)."""
+    node = run({"TRACE_CHECKPOINT_INTERVAL": "10ms"})
+    before = [i for _ in range(3) for i in node.post("/v1/traces", [trace() for _ in range(100)]
+                                                      ).json["trace_ids"]]
+    node.wait_persisted(len(before))
+    backup = tmp_path / "backup.db"
+    with contextlib.closing(sqlite3.connect(f"file:{node.db_path}?mode=ro", uri=True)) as source, \
+            contextlib.closing(sqlite3.connect(backup)) as copy:
+        source.backup(copy)
+        copy.execute("PRAGMA journal_mode = WAL")
+    stop = threading.Event()
+    result: list[tuple[list[str], list[int]]] = []
+    loader = threading.Thread(target=lambda: result.append(post_flat_out(node, 2, stop, per_request=20)))
+    loader.start()
+    try:
+        wait_until(lambda: node.health()["events_persisted"] >= len(before) + 2000, timeout=60, what="load")
+        backup.rename(node.db_path)
+        node.wait_log(lambda e: e.get("message") == "database file recreated; unpushed rows carried over",
+                      timeout=60)
+    finally:
+        stop.set()
+        loader.join()
+    assert node.stop() == 0
+    assert not [line for line in node.lines if "CORRUPT" in json.dumps(line)]
+    assert node.query("PRAGMA integrity_check") == [("ok",)]
+    stored = {r[0] for r in node.query("SELECT trace_id FROM llm_traces")}
+    assert set(before) | set(result[0][0]) <= stored
+
+
+def test_a_carry_file_left_empty_or_half_made_by_a_crash_is_taken_in(tmp_path: Path,
+                                                                     run: Callable[..., Otrace]) -> None:
+    """A crash while the carry file was made leaves it empty, or with its first schema steps only."""
+    node = run()
+    ids = post_some(node, 3)
+    node.wait_persisted(len(ids))
+    assert node.stop() == 0
+    carry = Path(f"{node.db_path}-carry")
+    for steps in (0, 4):
+        carry.touch()
+        with contextlib.closing(sqlite3.connect(carry)) as conn:
+            for step in otrace.SCHEMA[:steps]:
+                conn.executescript(step)
+            conn.execute(f"PRAGMA user_version = {steps}")
+        again = run(db=node.db_path)
+        again.wait_log(lambda e: e["message"] == "rows carried over from a replaced database file taken in")
+        assert again.stop() == 0 and not carry.exists()
+    assert sorted(ids) == sorted(r[0] for r in node.query("SELECT trace_id FROM llm_traces UNION ALL "
+                                                          "SELECT trace_id FROM error_events"))
+
+
+@needs_root
+def test_an_rm_of_the_database_directory_without_a_reserve_held_is_taken_over(
+        tmp_path: Path, run: Callable[..., Otrace]) -> None:
+    """A reserve too big for the disk is never held, so the writer keeps trying to take it: with the
+    directory gone, that look must not kill the writer (nor /health's look at the disk)."""
+    with tmpfs(tmp_path / "vol", "8m") as vol:
+        node = run({"TRACE_DISK_RESERVE_BYTES": "16MiB"}, db=vol / "data" / "otrace.db")
+        ids = post_some(node, 5)
+        node.wait_persisted(len(ids))
+        shutil.rmtree(vol / "data")
+        assert node.request("GET", "/health").status in (200, 503)
+        ids += post_some(node, 5)
+        node.wait_log(lambda e: e.get("message") == "database file recreated; unpushed rows carried over",
+                      timeout=otrace.Writer.IDLE_WAKE + 15)
+        assert node.stop() == 0
+        assert not [line for line in node.lines if "exc_info" in line]
+        assert set(ids) <= {r[0] for r in node.query("SELECT trace_id FROM llm_traces UNION ALL "
+                                                     "SELECT trace_id FROM error_events")}
+
+
 def test_after_an_rm_of_its_files_otrace_takes_its_lock_again_or_stands_down(
         tmp_path: Path, run: Callable[..., Otrace]) -> None:
     """rm of the database and its lock file lets a second otrace lock the path: the first takes the
@@ -1182,11 +1256,22 @@ def test_disk_reserve_commits_what_was_accepted_when_the_disk_fills(tmp_path: Pa
         assert report.status == 503 and any("reserve released" in p for p in report.json["problems"])
         stored = {r[0] for r in node.query("SELECT trace_id FROM llm_traces")}    # committed: a SIGKILL
         assert set(accepted) <= stored                                             # now would lose none
-        filler.unlink()
-        node.wait_log(lambda e: e.get("message") == "disk reserve held again: ingest resumes")
+        os.truncate(filler, filler.stat().st_size - 3 * 2**20 - (2**20 // 2))  # room for it 3.5 times:
+        node.wait_log(lambda e: e.get("message") == "disk reserve held again: ingest resumes")  # enough
         assert reserve.stat().st_blocks * 512 >= 2 * 2**20
         assert node.post("/v1/traces", trace()).status == 202
         assert node.stop() == 0
+
+
+@needs_root
+def test_a_cap_that_with_the_wal_and_the_reserve_is_over_the_disk_mark_is_warned_about(
+        tmp_path: Path, run: Callable[..., Otrace]) -> None:
+    with tmpfs(tmp_path / "vol", "32m") as vol:                   # its 80 %: 25.6 MiB
+        for reserve, warned in (("16MiB", True), ("1MiB", False)):   # 20 + 1 + 16, or + 1
+            node = run({"TRACE_DB_MAX_BYTES": "20MiB", "TRACE_WAL_MAX_BYTES": "1MiB",
+                        "TRACE_DISK_RESERVE_BYTES": reserve}, db=vol / f"{reserve}.db")
+            assert node.stop() == 0
+            assert bool(node.logs("database cap is over the disk's budget")) == warned, reserve
 
 
 @needs_root
@@ -3292,6 +3377,30 @@ def test_wal_past_its_limit_is_truncated(run: Callable[..., Otrace]) -> None:
     assert node.query("PRAGMA integrity_check") == [("ok",)]
 
 
+def test_a_wal_a_reader_holds_past_the_cap_is_a_problem_in_health(run: Callable[..., Otrace]) -> None:
+    """SQLite cannot start a WAL over under a reader's snapshot, so the cap cannot hold meanwhile:
+    /health says so, and why, until the reader lets go."""
+    node = run({"TRACE_DB_MAX_BYTES": "1MiB", "TRACE_WAL_MAX_BYTES": "256KiB",
+                "TRACE_CHECKPOINT_INTERVAL": "200ms", "TRACE_CLEANUP_INTERVAL": "200ms"})
+    reader = sqlite3.connect(node.db_path, isolation_level=None)
+    reader.execute("BEGIN")
+    reader.execute("SELECT count(*) FROM llm_traces").fetchone()
+    try:
+        for _ in range(100):
+            if (health := node.health())["db_size_bytes"] + health["wal_size_bytes"] > 1 << 20:
+                break
+            assert node.post("/v1/traces", [trace(input_text="w" * 4000) for _ in range(20)]).status == 202
+            node.wait_persisted(health["events_received"] + 20)
+        report = node.request("GET", "/health")
+        assert report.status == 503 and report.json["status"] == "degraded"
+        [problem] = report.json["problems"]
+        assert problem.startswith("database over TRACE_DB_MAX_BYTES") and "a reader holding" in problem
+    finally:
+        reader.execute("COMMIT")
+        reader.close()
+    wait_until(lambda: node.health()["problems"] == [], timeout=60, what="the WAL started over")
+
+
 def test_age_retention_deletes_pushed_rows_only(tmp_path: Path, run: Callable[..., Otrace],
                                                 receiver: Receiver) -> None:
     db = tmp_path / "aged.db"
@@ -3311,8 +3420,9 @@ def test_age_retention_deletes_pushed_rows_only(tmp_path: Path, run: Callable[..
 def test_database_cap_deletes_in_order_and_reports_the_losses(
         tmp_path: Path, run: Callable[..., Otrace], receiver: Receiver) -> None:
     db = tmp_path / "capped.db"
-    made = seed(db, [("trace", 150, 0), ("metric", 100, 0), ("trace", 150, 1)], age_days=0.01)
+    made = seed(db, [("trace", 150, 0), ("metric", 100, 0), ("trace", 150, 1)], age_days=0.01, text=6000)
     cap = int(db_bytes(db) * 0.6)      # the unpushed traces are the oldest: the order is by tier first
+    assert cap >= 1 << 20                                  # TRACE_DB_MAX_BYTES' least
     receiver.default = 503
     node = run(push_env(receiver, TRACE_DB_MAX_BYTES=str(cap), TRACE_CLEANUP_INTERVAL="300ms",
                         TRACE_PUSH_RETRIES="1", TRACE_PUSH_BREAKER_THRESHOLD="1000"), db=db)  # no cool-down
