@@ -451,7 +451,8 @@ class Config:
     debug_tracemalloc: bool = setting("off", SWITCH, "Trace Python allocations from the start, for "
                                       "/debug/memory (costs memory and CPU while on; needs TRACE_DEBUG).")
     cgroup: str = setting("auto", choice("auto", "v2", "v1", "none"), "Which cgroup hierarchy host "
-                          "metrics come from; none reads /proc only (a VM).")
+                          "metrics come from; none reads /proc only (a VM). auto skips a systemd "
+                          "service or session of otrace's own without limits (see docs/operations.md).")
     procfs: str = setting("/proc", DIRECTORY, "Where procfs is mounted (a host's /proc seen from a container "
                           "can be mounted elsewhere).")
     sysfs: str = setting("/sys", NAME, "Where sysfs is mounted.")
@@ -4783,6 +4784,9 @@ def metric_value(kind: str, point: Any) -> tuple[float | None, int | None, tuple
 
 V1_CONTROLLERS = {"cpu": "cpu", "cpuacct": "cpuacct", "cpuset": "cpuset", "memory": "memory", "io": "blkio"}
 V2_CONTROLLERS = {"cpu": "cpu", "cpuacct": "cpu", "cpuset": "cpuset", "memory": "memory", "io": "io"}
+SYSTEMD_UNIT = re.compile(r".+\.(?:service|scope)")
+CONTAINER_UNIT = re.compile(r"(?:docker|libpod|crio|cri-containerd|containerd)-\w+\.scope|kubepods"
+                            r"|machine\.slice")         # a container's unit: its cgroup is the agent's box
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 STATE_SQL = ("INSERT INTO otrace_state (key, value, updated_at) VALUES (?, ?, ?) "
@@ -4909,7 +4913,30 @@ class Cgroup:
         dirs = {**v1, **v2}
         if "cpuacct" not in dirs and usage_only is not None:
             dirs["cpuacct"] = ("v2", usage_only)
+        if mode == "auto" and any(map(host_unit, paths.values())) and not limited(dirs):
+            return None          # otrace's own service or login session on a host: the host speaks
         return cls(dirs) if dirs else None
+
+
+def host_unit(path: str) -> bool:
+    """A systemd service or scope of the host itself (not a container runtime's): what it uses is
+    otrace's alone, not the agent's beside it."""
+    return bool(SYSTEMD_UNIT.fullmatch(path.rpartition("/")[2])) and not CONTAINER_UNIT.search(path)
+
+
+def limited(dirs: dict[str, tuple[str, Path]]) -> bool:
+    """A CPU quota or a memory limit on the cgroup: then it is the box otrace and the agent live in."""
+    if "cpu" in dirs:
+        version, cpu = dirs["cpu"]
+        quota = ((read_text(under(cpu, "cpu.max")) or "max").split() or ["max"])[0] if version == "v2" \
+            else str(read_int(under(cpu, "cpu.cfs_quota_us")))
+        if quota.isdigit() and int(quota) > 0:
+            return True
+    if "memory" in dirs:
+        version, memory = dirs["memory"]
+        limit = (read_text(under(memory, "memory.max" if version == "v2" else "memory.limit_in_bytes")) or "")
+        return limit.strip().isdigit() and int(limit) < 2**62      # v1 writes "no limit" as about 2^63
+    return False
 
 
 def _cgroup_dir(sysfs: Path, mount: Mount, path: str) -> Path:

@@ -2092,6 +2092,29 @@ def test_forced_cgroup_modes(tmp_path: Path, case: str, mode: str, expected: str
         assert set(found.dirs) == {"cpuacct"}
 
 
+@pytest.mark.parametrize(("unit", "limits", "expected"), [
+    ("system.slice/agent.service", True, "v2"),          # the capture: a quota and a memory limit
+    ("system.slice/agent.service", False, None),          # a VM's service without limits: the host's
+    ("user.slice/user-0.slice/session-3.scope", False, None),   # started by hand in a login session
+    ("system.slice/docker-4f2a9c.scope", False, "v2"),   # a container's: the agent's box, limits or not
+])
+def test_auto_reads_a_hosts_own_systemd_unit_only_when_it_is_limited(tmp_path: Path, unit: str, limits: bool,
+                                                                     expected: str | None) -> None:
+    root = tmp_path / "host"
+    shutil.copytree(HOSTS / "v2-quota" / "t0", root)
+    moved = root / "sys" / "fs" / "cgroup" / unit
+    moved.parent.mkdir(parents=True, exist_ok=True)
+    if moved != root / "sys/fs/cgroup/system.slice/agent.service":
+        (root / "sys/fs/cgroup/system.slice/agent.service").rename(moved)
+    (root / "proc" / "self" / "cgroup").write_text(f"0::/{unit}\n")
+    if not limits:
+        (moved / "cpu.max").write_text("max 100000\n")
+        (moved / "memory.max").write_text("max\n")
+    found = otrace.Cgroup.find(root / "proc", root / "sys", "auto")
+    assert (found and found.version) == expected
+    assert otrace.Cgroup.find(root / "proc", root / "sys", "v2").version == "v2"     # forced: always
+
+
 def test_oom_kill_becomes_one_error_event_and_is_never_reported_twice(tmp_path: Path,
                                                                       run: Callable[..., Otrace]) -> None:
     """The real service reads a copy of the v1-oom tree; the tree then moves from t0 to t1."""
