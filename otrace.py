@@ -2342,6 +2342,9 @@ class DatabaseLock:
         as a new database), and let go of the one locked before (a file the writer has left). The
         descriptor stays open while the file is in use: closing one drops the process's SQLite locks
         on the file."""
+        held = os.fstat(self.file_fd) if self.file_fd is not None else None
+        if held and _identity(self.db_path) == (held.st_dev, held.st_ino):
+            return                       # held already (a move that failed after it is tried again)
         fd = os.open(self.db_path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -2582,13 +2585,15 @@ class EventQueue(queue.Queue):
 class Reserve:
     """Space held back on the database's filesystem: a file of TRACE_DISK_RESERVE_BYTES beside it. On
     the first disk-full write it is deleted, so the batch and the queue behind it can commit; ingest
-    answers 503 while it is released, and it is taken back once the disk has room for it twice.
-    A reserve there was no room for at start is taken the same way, without holding ingest back."""
+    answers 503 while it is released, and it is taken back once the disk has room for it twice. A
+    disk retention has brought to its low mark without that room (a reserve large for the volume)
+    lets ingest resume without it. A reserve there was no room for at start is taken the same way,
+    without holding ingest back."""
 
     RETRY = 1.0                  # seconds between tries to take it (back)
 
-    def __init__(self, db_path: str, size: int, logger: logging.Logger) -> None:
-        self.path, self.size, self.log = Path(db_path + "-reserve"), size, logger
+    def __init__(self, db_path: str, size: int, logger: logging.Logger, low_pct: float = 75.0) -> None:
+        self.path, self.size, self.log, self.low_pct = Path(db_path + "-reserve"), size, logger, low_pct
         self.held = False
         self.released = False
         self.next_try = 0.0
@@ -2636,12 +2641,16 @@ class Reserve:
         self.next_try = time.monotonic() + self.RETRY
         released = self.released
         try:
-            room = disk_usage(str(self.path.parent))[2]
+            _, _, room, used_pct = disk_usage(str(self.path.parent))
         except OSError:              # its directory is gone (the database's files removed): later
             return
         if room >= 2 * self.size and self.hold():
             self.log.warning("disk reserve held again: ingest resumes" if released else "disk reserve held",
                              extra={"bytes": self.size})
+        elif released and used_pct <= self.low_pct:     # retention can free no more: go on without it
+            self.released = False
+            self.log.warning("disk has room again, not for the reserve: ingest resumes without it",
+                             extra={"bytes": self.size, "disk_avail_bytes": room, "disk_used_pct": used_pct})
 
 
 class Writer(threading.Thread):
@@ -2675,7 +2684,8 @@ class Writer(threading.Thread):
         self.on_fault: Callable[[str], None] = lambda error: None   # told once per streak of failures
         self.on_inserted: Callable[[dict[str, list[tuple]]], None] = lambda rows: None   # what committed
         self.on_committed: Callable[[], None] = lambda: None       # after every batch that committed
-        self.reserve = Reserve(config.db_path, config.disk_reserve_bytes, self.log)
+        self.reserve = Reserve(config.db_path, config.disk_reserve_bytes, self.log,
+                               low_pct=config.disk_high_pct - Retention.LOW_DISK)
 
     @property
     def failing(self) -> bool:
@@ -2896,6 +2906,8 @@ class Writer(threading.Thread):
             self.conn.close()
             self.db.forget_old_companions()
             self.conn, self.conn_path = self.connect(carry), carry
+        if problem := database_problem(self.config.db_path):   # moved in: not to be written
+            raise RuntimeError(problem)
         open_database(self.config.db_path)
         if self.lock is not None:
             self.lock.hold_file()
@@ -2911,8 +2923,19 @@ def take_carried(conn: sqlite3.Connection, carry: str) -> bool:
     after a crash), then remove it. False if there is none."""
     if not Path(carry).exists():
         return False
-    open_database(carry)             # a crash while it was being made leaves it empty or half made
-    conn.execute("ATTACH DATABASE ? AS carry", (carry,))
+    try:
+        open_database(carry)         # a crash while it was being made leaves it empty or half made
+        conn.execute("ATTACH DATABASE ? AS carry", (carry,))
+    except sqlite3.DatabaseError as exc:
+        if sqlite_code(exc) not in CORRUPTION:
+            raise
+        aside = f"{carry}.damaged-{int(time.time())}"     # kept for a hand, never in the way of a start
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                Path(carry + suffix).rename(aside + suffix)
+        log.error("carry file is damaged: set aside, its rows not taken in", extra={
+            "file": aside, "error": describe(exc)})
+        return False
     try:
         carry_over(conn, "carry", "main")
     finally:
@@ -4785,8 +4808,8 @@ def metric_value(kind: str, point: Any) -> tuple[float | None, int | None, tuple
 V1_CONTROLLERS = {"cpu": "cpu", "cpuacct": "cpuacct", "cpuset": "cpuset", "memory": "memory", "io": "blkio"}
 V2_CONTROLLERS = {"cpu": "cpu", "cpuacct": "cpu", "cpuset": "cpuset", "memory": "memory", "io": "io"}
 SYSTEMD_UNIT = re.compile(r".+\.(?:service|scope)")
-CONTAINER_UNIT = re.compile(r"(?:docker|libpod|crio|cri-containerd|containerd)-\w+\.scope|kubepods"
-                            r"|machine\.slice")         # a container's unit: its cgroup is the agent's box
+CONTAINER_UNIT = re.compile(r"(?:docker|libpod|crio|cri-containerd|containerd|nerdctl)-\w+\.scope|kubepods"
+                            r"|machine\.slice|lxc\.payload")   # a container's unit: the agent's box
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 STATE_SQL = ("INSERT INTO otrace_state (key, value, updated_at) VALUES (?, ?, ?) "
@@ -4913,29 +4936,36 @@ class Cgroup:
         dirs = {**v1, **v2}
         if "cpuacct" not in dirs and usage_only is not None:
             dirs["cpuacct"] = ("v2", usage_only)
-        if mode == "auto" and any(map(host_unit, paths.values())) and not limited(dirs):
+        used = [path for name, path in paths.items() if name in ("", *V1_CONTROLLERS.values())]
+        if (mode == "auto" and any(map(host_unit, used)) and not in_container(procfs)
+                and not any(limited(version, where) for version, where in dirs.values())):
             return None          # otrace's own service or login session on a host: the host speaks
         return cls(dirs) if dirs else None
 
 
 def host_unit(path: str) -> bool:
-    """A systemd service or scope of the host itself (not a container runtime's): what it uses is
-    otrace's alone, not the agent's beside it."""
+    """A systemd service or scope (not a container runtime's): on a host, what it uses is otrace's
+    alone, not the agent's beside it."""
     return bool(SYSTEMD_UNIT.fullmatch(path.rpartition("/")[2])) and not CONTAINER_UNIT.search(path)
 
 
-def limited(dirs: dict[str, tuple[str, Path]]) -> bool:
-    """A CPU quota or a memory limit on the cgroup: then it is the box otrace and the agent live in."""
-    if "cpu" in dirs:
-        version, cpu = dirs["cpu"]
-        quota = ((read_text(under(cpu, "cpu.max")) or "max").split() or ["max"])[0] if version == "v2" \
-            else str(read_int(under(cpu, "cpu.cfs_quota_us")))
-        if quota.isdigit() and int(quota) > 0:
+def in_container(procfs: Path) -> bool:
+    """PID 1 says it runs in a container (`container=` in its environment, as systemd-nspawn, LXC and
+    podman set it): a systemd unit there is inside the agent's box. Unreadable (not root): no."""
+    return "\0container=" in "\0" + (read_text(under(procfs, "1", "environ")) or "")
+
+
+def limited(version: str, where: Path) -> bool:
+    """A CPU quota or a memory limit on the cgroup or a parent (a slice): then it is the box otrace and
+    the agent live in."""
+    files = ("cpu.max", "memory.max") if version == "v2" else ("cpu.cfs_quota_us", "memory.limit_in_bytes")
+    for folder in (where, *where.parents):   # past the hierarchy's root, the files are not there
+        values = [read_text(under(folder, name)) for name in files]
+        quota = (values[0] or "").split()[:1] or ["max"]
+        if quota[0].isdigit() and int(quota[0]) > 0:
             return True
-    if "memory" in dirs:
-        version, memory = dirs["memory"]
-        limit = (read_text(under(memory, "memory.max" if version == "v2" else "memory.limit_in_bytes")) or "")
-        return limit.strip().isdigit() and int(limit) < 2**62      # v1 writes "no limit" as about 2^63
+        if (values[1] or "").strip().isdigit() and int(values[1]) < 2**62:   # v1's "no limit" is ~2^63
+            return True
     return False
 
 
@@ -5271,18 +5301,20 @@ DEAD = ("Z", "X")                # states of a process that has exited
 REJUDGE_EVERY = 20               # host samples after which every pid is judged again (a reused pid)
 EXEC_WINDOW = 60.0               # seconds a new process that did not match is watched for an exec
 MAX_ZOMBIE_PARENTS = 20          # named in a zombie alert
-_SECRET_NAME = (r"[\w.-]*(?:token|secret|pass|pwd|key|auth|cred|cookie|signature|sig|session|private)"
-                r"[\w.-]*")
+_SECRET_NAME = (r"[\w.-]*(?:token|secret|passw|passphrase|(?<![a-z])pass(?![a-z])|pwd|key|auth|credential"
+                r"|(?<![a-z])creds?(?![a-z])|cookie|signature|session.?(?:id|key|token|secret))[\w.-]*")
 _SECRET_FLAG = re.compile(rf"-{{1,2}}{_SECRET_NAME}", re.IGNORECASE)     # its value is the next argument
 _SECRET_ASSIGNED = re.compile(rf"(-{{0,2}}{_SECRET_NAME}\s*[=:]).+", re.IGNORECASE | re.DOTALL)  # an argument
-_USER_FLAG = re.compile(r"-u|--user")                          # curl's user:password
+_USER_FLAG = re.compile(r"-u|--user")                          # curl's user:password (not uid:gid)
 _SECRETS = (     # (pattern, replacement), applied in order to the whole command line
     (re.compile(r"\b((?:bearer|basic)\s+)[\w.~+/=-]+", re.IGNORECASE), r"\1***"),
     (re.compile(rf"(?<![\w.-])(-{{0,2}}{_SECRET_NAME}[\"']?\s*[=:]\s*)(?!(?:bearer|basic)\s)"
                 r"(?:\"[^\"]*\"?|'[^']*'?|[^\s,;&\"']+)", re.IGNORECASE), r"\1***"),   # JSON's "key": "v" too
-    (re.compile(r"(\w[\w+.-]*://[^/\s:@]*:)\S*@"), r"\1***@"),   # a URL's password, to its last @
+    (re.compile(r"(\w[\w+.-]*://[^/\s:@]*:)[^/\s]*@"), r"\1***@"),   # a URL's password, to its host's @
     (re.compile(r"(https?://)[^/\s:@]+@", re.IGNORECASE), r"\1***@"),   # a token as an http URL's user
+    (re.compile(r"([?&]sig=)[^&\s#]+"), r"\1***"),                  # a signed URL's signature (SAS)
     (re.compile(r"\b(?:sk|pk|rk)[-_][\w-]{16,}|\bgh[pousr]_\w{20,}|\bxox[abprs]-[\w-]{10,}"
+                r"|\bAIza[\w-]{30,}|\b(?:hf|gsk)_\w{30,}"
                 r"|\bAKIA[0-9A-Z]{16}\b|\beyJ[\w-]{8,}\.[\w-]{8,}\.[\w-]{8,}"), "***"),  # API keys, JWTs
 )
 
@@ -5375,7 +5407,8 @@ def redact_cmdline(args: tuple[bytes, ...]) -> str:
     for i, word in enumerate(words):
         if i + 1 < len(words) and _SECRET_FLAG.fullmatch(word):
             words[i + 1] = "***"
-        elif i + 1 < len(words) and _USER_FLAG.fullmatch(word) and ":" in words[i + 1]:
+        elif (i + 1 < len(words) and _USER_FLAG.fullmatch(word) and ":" in words[i + 1]
+              and not re.fullmatch(r"\d+:\d+", words[i + 1])):
             words[i + 1] = words[i + 1].split(":", 1)[0] + ":***"
         elif assigned := _SECRET_ASSIGNED.fullmatch(word):      # the whole value, spaces and all
             words[i] = assigned[1] + "***"
@@ -5587,8 +5620,8 @@ class GatewayWatch:
                 proc = read_process(str(pid), root)
                 if proc is None:
                     continue
-                if seen is None or seen[:2] != (proc.start, proc.name):   # new, reused, or exec'd
-                    seen = self.judged[pid] = (proc.start, proc.name, self.judge(proc))
+                if seen is None or seen[0] != proc.start or (not seen[2] and seen[1] != proc.name):
+                    seen = self.judged[pid] = (proc.start, proc.name, self.judge(proc))   # new or exec'd
                 if seen[2] and proc.state not in DEAD:
                     found.append(proc)
         finally:
@@ -8879,10 +8912,9 @@ def health_report(service: Service) -> dict[str, Any]:
         problems.append("database file was deleted or replaced: moving to a new one" + (
             f" failing: {writer.reopen_fault.error}" if writer.reopen_fault.error else ""))
     main, wal = file_size(service.config.db_path), file_size(service.config.db_path + "-wal")
-    if main + wal > service.config.db_max_bytes:
-        problems.append(f"database over TRACE_DB_MAX_BYTES: file {main} + WAL {wal} bytes" + (
-            " (a WAL past TRACE_WAL_MAX_BYTES: a reader holding one snapshot keeps it from starting over)"
-            if wal > service.config.wal_max_bytes else ""))
+    if main + wal > service.config.db_max_bytes and wal > service.config.wal_max_bytes:
+        problems.append(f"database over TRACE_DB_MAX_BYTES with a WAL past TRACE_WAL_MAX_BYTES (file {main} "
+                        f"+ WAL {wal} bytes): a reader holding one snapshot keeps the WAL from starting over")
     return {
         "status": "degraded" if problems else "ok",
         "problems": problems,

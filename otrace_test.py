@@ -884,10 +884,13 @@ def test_a_database_deleted_or_replaced_under_otrace_loses_nothing_that_got_202(
     if how == "deleted":
         for suffix in ("", "-wal", "-shm"):
             Path(str(node.db_path) + suffix).unlink(missing_ok=True)
-    else:
+    else:                                                    # a backup of it, or another otrace's
         other = tmp_path / "other.db"
+        otrace.open_database(str(other))
         with contextlib.closing(sqlite3.connect(other)) as conn:
-            conn.execute("CREATE TABLE t (x)")
+            conn.execute(otrace.insert_sql("llm_traces"), otrace.parse_events(
+                json.dumps(trace(trace_id="moved-in")).encode(), "/v1/traces", 1, 1024)[0][0].values)
+            conn.commit()
         other.replace(node.db_path)
     during = node.post("/v1/traces", [trace() for _ in range(20)]).json["trace_ids"]
     node.wait_log(lambda e: e.get("message") == "database file recreated; unpushed rows carried over")
@@ -900,7 +903,36 @@ def test_a_database_deleted_or_replaced_under_otrace_loses_nothing_that_got_202(
     stored = {r[0] for r in node.query("SELECT trace_id FROM llm_traces")}
     assert set(before + during + after) <= stored
     if how == "replaced":                                   # the database moved in was kept, not wiped
-        assert node.query("SELECT count(*) FROM t") == [(0,)]
+        assert "moved-in" in stored
+
+
+def test_another_programs_database_moved_in_is_not_written_until_it_is_gone(
+        tmp_path: Path, run: Callable[..., Otrace]) -> None:
+    """As at start, otrace does not write into another program's database: rows go to the carry file,
+    /health says why, POSTs are 503; once the file is taken away, a new one gets them all."""
+    node = run({"TRACE_BATCH_WINDOW": "5ms"})
+    before = node.post("/v1/traces", [trace() for _ in range(20)]).json["trace_ids"]
+    node.wait_persisted(20)
+    other = tmp_path / "other.db"
+    with contextlib.closing(sqlite3.connect(other)) as conn:
+        conn.execute("CREATE TABLE users (name)")
+        conn.execute("PRAGMA user_version = 3")
+    other.replace(node.db_path)
+    kept = node.db_path.read_bytes()
+    meanwhile = node.post("/v1/traces", trace())                          # before or after it noticed
+    assert meanwhile.status in (202, 503)
+    before += meanwhile.json.get("trace_ids", [])
+    problem = wait_until(lambda: [p for p in node.health()["problems"] if "not an otrace database" in p],
+                         timeout=otrace.Writer.IDLE_WAKE + 15, what="the refusal")
+    assert "moving to a new one failing" in problem[0]
+    assert node.post("/v1/traces", trace()).status == 503
+    assert node.db_path.read_bytes() == kept                               # not written
+    node.db_path.unlink()
+    node.wait_log(lambda e: e.get("message") == "database file recreated; unpushed rows carried over",
+                  timeout=30)
+    after = node.post("/v1/traces", [trace() for _ in range(5)]).json["trace_ids"]
+    assert node.stop() == 0
+    assert set(before + after) <= {r[0] for r in node.query("SELECT trace_id FROM llm_traces")}
 
 
 def test_a_backup_restored_with_mv_under_load_is_not_corrupted(tmp_path: Path, run: Callable[..., Otrace]
@@ -974,6 +1006,40 @@ def test_an_rm_of_the_database_directory_without_a_reserve_held_is_taken_over(
         assert not [line for line in node.lines if "exc_info" in line]
         assert set(ids) <= {r[0] for r in node.query("SELECT trace_id FROM llm_traces UNION ALL "
                                                      "SELECT trace_id FROM error_events")}
+
+
+def test_the_database_file_lock_is_taken_again_without_conflict(tmp_path: Path) -> None:
+    """A move to a new file that failed after the lock was taken is tried again: the same file is
+    held already, not another otrace's."""
+    lock = otrace.DatabaseLock(str(tmp_path / "o.db"))
+    try:
+        lock.hold_file()
+        lock.hold_file()
+        with pytest.raises(otrace.DatabaseLocked, match="under another name"):
+            os.link(tmp_path / "o.db", tmp_path / "link.db")
+            otrace.DatabaseLock(str(tmp_path / "link.db"))
+    finally:
+        lock.release()
+
+
+def test_a_damaged_carry_file_is_set_aside_and_the_start_goes_on(tmp_path: Path,
+                                                               run: Callable[..., Otrace]) -> None:
+    node = run()
+    ids = post_some(node, 2)
+    node.wait_persisted(len(ids))
+    assert node.stop() == 0
+    carry = Path(f"{node.db_path}-carry")
+    shutil.copy(node.db_path, carry)
+    with open(carry, "r+b") as f:                            # a torn schema page
+        f.seek(100)
+        f.write(b"\xff" * 8)
+    again = run(db=node.db_path)
+    aside = again.wait_log(lambda e: e.get("message") == "carry file is damaged: set aside, its rows not "
+                           "taken in")["file"]
+    assert Path(aside).exists() and not carry.exists() and aside.startswith(f"{carry}.damaged-")
+    assert again.post("/v1/traces", trace()).status == 202 and again.stop() == 0
+    assert set(ids) <= {r[0] for r in node.query("SELECT trace_id FROM llm_traces UNION ALL "
+                                                 "SELECT trace_id FROM error_events")}
 
 
 def test_after_an_rm_of_its_files_otrace_takes_its_lock_again_or_stands_down(
@@ -1272,6 +1338,27 @@ def test_a_cap_that_with_the_wal_and_the_reserve_is_over_the_disk_mark_is_warned
                         "TRACE_DISK_RESERVE_BYTES": reserve}, db=vol / f"{reserve}.db")
             assert node.stop() == 0
             assert bool(node.logs("database cap is over the disk's budget")) == warned, reserve
+
+
+@needs_root
+def test_a_reserve_too_big_for_what_retention_frees_lets_ingest_resume_without_it(
+        tmp_path: Path, run: Callable[..., Otrace]) -> None:
+    """8 MiB on 24 MiB: room for it twice (16 MiB) is more than a disk at retention's low mark has."""
+    with tmpfs(tmp_path / "vol", "24m") as vol:
+        node = run({"TRACE_DISK_RESERVE_BYTES": "8MiB", "TRACE_BATCH_WINDOW": "200ms"}, db=vol / "o.db")
+        filler = fill(vol)
+        batch = [trace(input_text="x" * 4000) for _ in range(20)]
+        while node.post("/v1/traces", batch).status == 202:
+            batch = [trace(input_text="x" * 4000) for _ in range(20)]
+        node.wait_log(lambda e: e.get("message") == "disk full: reserve released; ingest paused")
+        wait_until(lambda: node.health()["queue_depth"] == 0, what="the queue committed")
+        st = os.statvfs(vol)                                  # 11 MiB free: the disk under 75 % used
+        os.truncate(filler, filler.stat().st_size - max(0, (11 << 20) - st.f_bavail * st.f_frsize))
+        resumed = node.wait_log(lambda e: e.get("message") == "disk has room again, not for the reserve: "
+                                "ingest resumes without it")
+        assert resumed["disk_avail_bytes"] < 16 << 20
+        assert node.post("/v1/traces", trace()).status == 202 and node.health()["status"] == "ok"
+        assert node.stop() == 0
 
 
 @needs_root
@@ -2093,23 +2180,33 @@ def test_forced_cgroup_modes(tmp_path: Path, case: str, mode: str, expected: str
 
 
 @pytest.mark.parametrize(("unit", "limits", "expected"), [
-    ("system.slice/agent.service", True, "v2"),          # the capture: a quota and a memory limit
-    ("system.slice/agent.service", False, None),          # a VM's service without limits: the host's
-    ("user.slice/user-0.slice/session-3.scope", False, None),   # started by hand in a login session
-    ("system.slice/docker-4f2a9c.scope", False, "v2"),   # a container's: the agent's box, limits or not
+    ("system.slice/agent.service", "unit", "v2"),         # the capture: a quota and a memory limit
+    ("system.slice/agent.service", None, None),           # a VM's service without limits: the host's
+    ("user.slice/user-0.slice/session-3.scope", None, None),   # started by hand in a login session
+    ("agent.slice/otrace.service", "slice", "v2"),        # a memory limit on the slice it is in
+    ("system.slice/docker-4f2a9c.scope", None, "v2"),    # a container's: the agent's box, limits or not
+    ("system.slice/nerdctl-4f2a9c.scope", None, "v2"),
+    ("system.slice/otrace.service", "container", "v2"),   # systemd inside a container (LXC, nspawn)
 ])
-def test_auto_reads_a_hosts_own_systemd_unit_only_when_it_is_limited(tmp_path: Path, unit: str, limits: bool,
+def test_auto_reads_a_hosts_own_systemd_unit_only_when_it_is_limited(tmp_path: Path, unit: str,
+                                                                     limits: str | None,
                                                                      expected: str | None) -> None:
     root = tmp_path / "host"
     shutil.copytree(HOSTS / "v2-quota" / "t0", root)
-    moved = root / "sys" / "fs" / "cgroup" / unit
+    cgroups = root / "sys" / "fs" / "cgroup"
+    moved = cgroups / unit
     moved.parent.mkdir(parents=True, exist_ok=True)
-    if moved != root / "sys/fs/cgroup/system.slice/agent.service":
-        (root / "sys/fs/cgroup/system.slice/agent.service").rename(moved)
+    if moved != cgroups / "system.slice" / "agent.service":
+        (cgroups / "system.slice" / "agent.service").rename(moved)
     (root / "proc" / "self" / "cgroup").write_text(f"0::/{unit}\n")
-    if not limits:
+    (root / "proc" / "1").mkdir()
+    pid1 = b"PATH=/bin\0" + (b"container=lxc\0" if limits == "container" else b"")
+    (root / "proc" / "1" / "environ").write_bytes(pid1)
+    if limits != "unit":
         (moved / "cpu.max").write_text("max 100000\n")
         (moved / "memory.max").write_text("max\n")
+    if limits == "slice":
+        (moved.parent / "memory.max").write_text("1073741824\n")
     found = otrace.Cgroup.find(root / "proc", root / "sys", "auto")
     assert (found and found.version) == expected
     assert otrace.Cgroup.find(root / "proc", root / "sys", "v2").version == "v2"     # forced: always
@@ -7234,12 +7331,20 @@ def test_no_secret_in_a_captured_command_line_survives() -> None:
             (["app", "--password=horse battery staple"], "app --password=***"),
             (["app", "--config", '{"apiKey":"k1","password": "p 2"}'],
              'app --config {"apiKey":***,"password": ***}'),
-            (["psql", "postgresql://app:p/@ss@db:5432/app"], "psql postgresql://app:***@db:5432/app"),
+            (["psql", "postgresql://app:p@ss@db:5432/app"], "psql postgresql://app:***@db:5432/app"),
             (["git", "clone", "https://t0ken@github.com/o/r"], "git clone https://***@github.com/o/r"),
-            (["curl", "-u", "alice:pw", "https://h/p?sig=s1g&se=1"], "curl -u alice:*** https://h/p?sig=***&se=1"),
+            (["curl", "-u", "alice:pw", "https://h/p?sig=s1g&se=1"],
+             "curl -u alice:*** https://h/p?sig=***&se=1"),
             (["openssl", "enc", "-pass", "pass:x"], "openssl enc -pass ***"),
-            (["app", "--passphrase=x", "--session", "s", "--creds=c"],
-             "app --passphrase=*** --session *** --creds=***")):
+            (["app", "--passphrase=x", "--creds=c", "AIza" + "x" * 35],
+             "app --passphrase=*** --creds=*** ***"),
+            # what an operator needs is kept: ports, paths, a URL's own @, uid:gid, ordinary flags
+            (["node", "gw.js", "--model-url", "http://localhost:8080/v1/models/llama@main"],
+             "node gw.js --model-url http://localhost:8080/v1/models/llama@main"),
+            (["docker", "run", "-u", "1000:1000", "-v", "/var/lib/openclaw/sessions:/data/sessions"],
+             "docker run -u 1000:1000 -v /var/lib/openclaw/sessions:/data/sessions"),
+            (["node", "gw.js", "--session-dir=/s", "--passthrough", "x", "--signal", "TERM", "--bypass", "y"],
+             "node gw.js --session-dir=/s --passthrough x --signal TERM --bypass y")):
         assert otrace.redact_cmdline(tuple(a.encode() for a in args)) == expected
     rows = sample_procs(top=100)
     stored = json.dumps(rows)
@@ -7362,6 +7467,21 @@ def test_a_wrapper_that_execs_the_gateway_is_found_at_the_next_sample(tmp_path: 
         assert watch.observe(pids, first_seen, {})[0] == {"gateway_up": 0}
         watch.procfs = execd
         assert watch.observe(pids, first_seen + 1, {})[0]["gateway_up"] == expected
+
+
+def test_a_gateway_that_renames_itself_stays_the_gateway(tmp_path: Path) -> None:
+    """process.title: the name and command line change, the pid and start time do not."""
+    root = tmp_path / "proc"
+    shutil.copytree(HOSTS / "procs-gateway-restart" / "t1" / "proc", root, symlinks=True)
+    watch = otrace.GatewayWatch(("node", ("openclaw", "gateway")), root, logging.getLogger("t"))
+    pids = {int(p.name) for p in root.iterdir() if p.name.isdigit()}
+    assert watch.observe(pids, 1275.0, {})[0]["gateway_pid"] == 20
+    stat = root / "20" / "stat"
+    stat.write_text(stat.read_text().replace("(node)", "(openclaw-gw)"))
+    (root / "20" / "cmdline").write_bytes(b"openclaw-gw\0")
+    (root / "20" / "exe").unlink()                            # another user's: not readable
+    columns, events = watch.observe(pids, 1276.0, {})
+    assert columns["gateway_pid"] == 20 and events == []
 
 
 # -- the network
