@@ -2129,9 +2129,9 @@ def schema_of(conn: sqlite3.Connection) -> tuple[int, set[str]]:
 
 
 def database_problem(path: str) -> str | None:
-    """Why otrace must not write the file at `path`, read without changing it: not SQLite, another
-    program's database, or a newer otrace's. None for otrace's own, an empty file, or none; a file
-    that cannot be read now is left to the start to report."""
+    """Why otrace must not write the file at `path`, read through a read-only connection (which may
+    make its -shm): not SQLite, another program's database, or a newer otrace's. None for otrace's
+    own, an empty file, or none; a file that cannot be read now is left to the start to report."""
     if Path(path).exists() and not Path(path).is_file():
         return f"{path} is not a regular file"
     try:
@@ -2139,7 +2139,9 @@ def database_problem(path: str) -> str | None:
             head = f.read(16)
     except OSError:
         return None
-    if head and head != b"SQLite format 3\x00":
+    if not head:
+        return None                  # a new database
+    if head != b"SQLite format 3\x00":
         return f"{path} is not an SQLite database"
     try:
         with contextlib.closing(connect(path, read_only=True)) as conn:
