@@ -2594,7 +2594,7 @@ class Reserve:
 
     RETRY = 1.0                  # seconds between tries to take it (back)
 
-    def __init__(self, db_path: str, size: int, logger: logging.Logger, low_pct: float = 75.0) -> None:
+    def __init__(self, db_path: str, size: int, logger: logging.Logger, low_pct: float) -> None:
         self.path, self.size, self.log, self.low_pct = Path(db_path + "-reserve"), size, logger, low_pct
         self.held = False
         self.released = False
