@@ -451,8 +451,9 @@ class Config:
     debug_tracemalloc: bool = setting("off", SWITCH, "Trace Python allocations from the start, for "
                                       "/debug/memory (costs memory and CPU while on; needs TRACE_DEBUG).")
     cgroup: str = setting("auto", choice("auto", "v2", "v1", "none"), "Which cgroup hierarchy host "
-                          "metrics come from; none reads /proc only (a VM). auto skips a systemd "
-                          "service or session of otrace's own without limits (see docs/operations.md).")
+                          "metrics come from; none reads /proc only (a VM). For a systemd unit of "
+                          "otrace's own, auto reads the cgroup around it that bounds the agent too, else "
+                          "/proc (see docs/operations.md).")
     procfs: str = setting("/proc", DIRECTORY, "Where procfs is mounted (a host's /proc seen from a container "
                           "can be mounted elsewhere).")
     sysfs: str = setting("/sys", NAME, "Where sysfs is mounted.")
@@ -2145,8 +2146,11 @@ def database_problem(path: str) -> str | None:
         return f"{path} is not an SQLite database"
     try:
         with contextlib.closing(connect(path, read_only=True)) as conn:
+            conn.execute("PRAGMA busy_timeout = 1000")       # a look, not a wait: the writer may be in it
             version, tables = schema_of(conn)
-    except sqlite3.Error:
+    except sqlite3.Error as exc:
+        if sqlite_code(exc) in ("SQLITE_BUSY", "SQLITE_LOCKED"):
+            raise                    # another program writes it: whose it is cannot be told yet
         return None
     if "llm_traces" not in tables and (version or tables):
         return f"{path} is not an otrace database (another program's: it has no llm_traces table)"
@@ -2588,14 +2592,14 @@ class Reserve:
     """Space held back on the database's filesystem: a file of TRACE_DISK_RESERVE_BYTES beside it. On
     the first disk-full write it is deleted, so the batch and the queue behind it can commit; ingest
     answers 503 while it is released, and it is taken back once the disk has room for it twice. A
-    disk retention has brought to its low mark without that room (a reserve large for the volume)
-    lets ingest resume without it. A reserve there was no room for at start is taken the same way,
+    disk under TRACE_DISK_HIGH_PCT without that room (retention frees no more; a reserve large for the
+    volume) lets ingest resume without it. A reserve there was no room for at start is taken the same way,
     without holding ingest back."""
 
     RETRY = 1.0                  # seconds between tries to take it (back)
 
-    def __init__(self, db_path: str, size: int, logger: logging.Logger, low_pct: float) -> None:
-        self.path, self.size, self.log, self.low_pct = Path(db_path + "-reserve"), size, logger, low_pct
+    def __init__(self, db_path: str, size: int, logger: logging.Logger, high_pct: float) -> None:
+        self.path, self.size, self.log, self.high_pct = Path(db_path + "-reserve"), size, logger, high_pct
         self.held = False
         self.released = False
         self.next_try = 0.0
@@ -2649,7 +2653,7 @@ class Reserve:
         if room >= 2 * self.size and self.hold():
             self.log.warning("disk reserve held again: ingest resumes" if released else "disk reserve held",
                              extra={"bytes": self.size})
-        elif released and used_pct <= self.low_pct:     # retention can free no more: go on without it
+        elif released and used_pct <= self.high_pct:    # retention frees no more: go on without it
             self.released = False
             self.log.warning("disk has room again, not for the reserve: ingest resumes without it",
                              extra={"bytes": self.size, "disk_avail_bytes": room, "disk_used_pct": used_pct})
@@ -2687,7 +2691,7 @@ class Writer(threading.Thread):
         self.on_inserted: Callable[[dict[str, list[tuple]]], None] = lambda rows: None   # what committed
         self.on_committed: Callable[[], None] = lambda: None       # after every batch that committed
         self.reserve = Reserve(config.db_path, config.disk_reserve_bytes, self.log,
-                               low_pct=config.disk_high_pct - Retention.LOW_DISK)
+                               high_pct=config.disk_high_pct)
 
     @property
     def failing(self) -> bool:
@@ -2928,23 +2932,33 @@ def take_carried(conn: sqlite3.Connection, carry: str) -> bool:
     try:
         open_database(carry)         # a crash while it was being made leaves it empty or half made
         conn.execute("ATTACH DATABASE ? AS carry", (carry,))
-    except sqlite3.DatabaseError as exc:
-        if sqlite_code(exc) not in CORRUPTION:
+    except (sqlite3.DatabaseError, RuntimeError) as exc:      # RuntimeError: a newer otrace's schema
+        if isinstance(exc, sqlite3.DatabaseError) and sqlite_code(exc) not in CORRUPTION:
             raise
-        aside = f"{carry}.damaged-{int(time.time())}"     # kept for a hand, never in the way of a start
-        for suffix in ("", "-wal", "-shm"):
-            with contextlib.suppress(FileNotFoundError):
-                Path(carry + suffix).rename(aside + suffix)
-        log.error("carry file is damaged: set aside, its rows not taken in", extra={
-            "file": aside, "error": describe(exc)})
-        return False
+        return set_aside(carry, describe(exc))
     try:
-        carry_over(conn, "carry", "main")
+        check = conn.execute("PRAGMA carry.quick_check(1)").fetchone()[0]   # a torn page past the schema
+        if check == "ok":
+            carry_over(conn, "carry", "main")
     finally:
         conn.execute("DETACH DATABASE carry")
+    if check != "ok":
+        return set_aside(carry, check)
     for suffix in ("", "-wal", "-shm"):
         Path(carry + suffix).unlink(missing_ok=True)
     return True
+
+
+def set_aside(carry: str, error: str) -> bool:
+    """Rename a carry file that cannot be taken in (damaged, or a newer otrace's), kept for a hand and
+    out of the start's way; False."""
+    aside = f"{carry}.aside-{time.time_ns() // 1_000_000}"
+    for suffix in ("", "-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            Path(carry + suffix).rename(aside + suffix)
+    log.error("carry file cannot be taken in: set aside, its rows not taken in", extra={
+        "file": aside, "error": error})
+    return False
 
 
 @functools.cache
@@ -4924,6 +4938,7 @@ class Cgroup:
                 paths[name] = path
         v1: dict[str, tuple[str, Path]] = {}
         v2: dict[str, tuple[str, Path]] = {}
+        roots: dict[str, Path] = {}          # per resource, its hierarchy's root as this process sees it
         usage_only = None                    # v2 cpu.stat has usage_usec even without the cpu controller
         for mount in mounts(procfs):
             if mount.fstype == "cgroup2" and "" in paths and mode in ("auto", "v2"):
@@ -4931,17 +4946,20 @@ class Cgroup:
                 enabled = set((read_text(under(where, "cgroup.controllers")) or "").split())
                 v2 = {res: ("v2", where) for res, name in V2_CONTROLLERS.items() if name in enabled}
                 usage_only = where if (where / "cpu.stat").exists() else None
+                roots |= dict.fromkeys(V2_CONTROLLERS, _cgroup_dir(sysfs, mount, "/"))
             elif mount.fstype == "cgroup" and mode in ("auto", "v1"):
                 for res, name in V1_CONTROLLERS.items():
                     if name in mount.options and name in paths:
                         v1[res] = ("v1", _cgroup_dir(sysfs, mount, paths[name]))
+                        roots[res] = _cgroup_dir(sysfs, mount, "/")
         dirs = {**v1, **v2}
         if "cpuacct" not in dirs and usage_only is not None:
             dirs["cpuacct"] = ("v2", usage_only)
         used = [path for name, path in paths.items() if name in ("", *V1_CONTROLLERS.values())]
-        if (mode == "auto" and any(map(host_unit, used)) and not in_container(procfs)
-                and not any(limited(version, where) for version, where in dirs.values())):
-            return None          # otrace's own service or login session on a host: the host speaks
+        if mode == "auto" and any(map(host_unit, used)):     # otrace's own unit: read the box around it
+            container = in_container(procfs)
+            dirs = {res: (version, box) for res, (version, where) in dirs.items()
+                    if (box := box_of(version, where, roots[res], container)) is not None}
         return cls(dirs) if dirs else None
 
 
@@ -4957,18 +4975,25 @@ def in_container(procfs: Path) -> bool:
     return "\0container=" in "\0" + (read_text(under(procfs, "1", "environ")) or "")
 
 
-def limited(version: str, where: Path) -> bool:
-    """A CPU quota or a memory limit on the cgroup or a parent (a slice): then it is the box otrace and
-    the agent live in."""
+def box_of(version: str, where: Path, root: Path, container: bool) -> Path | None:
+    """The cgroup a systemd unit of otrace's own sits in that bounds the agent too: the nearest one,
+    the unit or a slice above it, with a CPU quota or a memory limit; else, in a container, the
+    container's (the root it sees); else none (a host: /proc speaks)."""
+    for folder in (where, *where.parents):
+        if limited(version, folder):
+            return folder
+        if folder == root:
+            return root if container else None
+    return None
+
+
+def limited(version: str, folder: Path) -> bool:
+    """A CPU quota or a memory limit on this cgroup."""
     files = ("cpu.max", "memory.max") if version == "v2" else ("cpu.cfs_quota_us", "memory.limit_in_bytes")
-    for folder in (where, *where.parents):   # past the hierarchy's root, the files are not there
-        values = [read_text(under(folder, name)) for name in files]
-        quota = (values[0] or "").split()[:1] or ["max"]
-        if quota[0].isdigit() and int(quota[0]) > 0:
-            return True
-        if (values[1] or "").strip().isdigit() and int(values[1]) < 2**62:   # v1's "no limit" is ~2^63
-            return True
-    return False
+    quota, memory = (read_text(under(folder, name)) or "" for name in files)
+    quota = (quota.split() or ["max"])[0]
+    unlimited_v1 = 2**62                     # v1 writes "no limit" as about 2^63
+    return (quota.isdigit() and int(quota) > 0) or (memory.strip().isdigit() and int(memory) < unlimited_v1)
 
 
 def _cgroup_dir(sysfs: Path, mount: Mount, path: str) -> Path:
@@ -5303,16 +5328,19 @@ DEAD = ("Z", "X")                # states of a process that has exited
 REJUDGE_EVERY = 20               # host samples after which every pid is judged again (a reused pid)
 EXEC_WINDOW = 60.0               # seconds a new process that did not match is watched for an exec
 MAX_ZOMBIE_PARENTS = 20          # named in a zombie alert
-_SECRET_NAME = (r"[\w.-]*(?:token|secret|passw|passphrase|(?<![a-z])pass(?![a-z])|pwd|key|auth|credential"
-                r"|(?<![a-z])creds?(?![a-z])|cookie|signature|session.?(?:id|key|token|secret))[\w.-]*")
+_SECRET_NAME = (r"[\w.-]*(?:token|secret|(?<!by)(?<!com)(?<!sur)pass(?!thr|ive|ing|port|age|e[sd]|enger)|pwd"
+                r"|key|auth|credential|(?<!sa)creds?(?![a-z])|cookie|signature|session(?![\w.-])"
+                r"|session.?(?:id|key|token|secret))[\w.-]*")   # not bypass, passthrough, --session-dir
 _SECRET_FLAG = re.compile(rf"-{{1,2}}{_SECRET_NAME}", re.IGNORECASE)     # its value is the next argument
 _SECRET_ASSIGNED = re.compile(rf"(-{{0,2}}{_SECRET_NAME}\s*[=:]).+", re.IGNORECASE | re.DOTALL)  # an argument
-_USER_FLAG = re.compile(r"-u|--user")                          # curl's user:password (not uid:gid)
+_USER_FLAG = re.compile(r"-u|--user")                          # curl's user:password ...
+CONTAINER_CLI = re.compile(r"docker|podman|nerdctl")           # ... not a container's uid:gid
 _SECRETS = (     # (pattern, replacement), applied in order to the whole command line
     (re.compile(r"\b((?:bearer|basic)\s+)[\w.~+/=-]+", re.IGNORECASE), r"\1***"),
     (re.compile(rf"(?<![\w.-])(-{{0,2}}{_SECRET_NAME}[\"']?\s*[=:]\s*)(?!(?:bearer|basic)\s)"
                 r"(?:\"[^\"]*\"?|'[^']*'?|[^\s,;&\"']+)", re.IGNORECASE), r"\1***"),   # JSON's "key": "v" too
-    (re.compile(r"(\w[\w+.-]*://[^/\s:@]*:)[^/\s]*@"), r"\1***@"),   # a URL's password, to its host's @
+    (re.compile(r"(\w[\w+.-]*://[^/\s:@]*:)(?!\d+(?:[/?#\s]|$))\S*?@(?=[^\s@/]*(?:[/?#\s]|$))"),
+     r"\1***@"),                            # a URL's password (not a port), to the @ of its host
     (re.compile(r"(https?://)[^/\s:@]+@", re.IGNORECASE), r"\1***@"),   # a token as an http URL's user
     (re.compile(r"([?&]sig=)[^&\s#]+"), r"\1***"),                  # a signed URL's signature (SAS)
     (re.compile(r"\b(?:sk|pk|rk)[-_][\w-]{16,}|\bgh[pousr]_\w{20,}|\bxox[abprs]-[\w-]{10,}"
@@ -5410,7 +5438,8 @@ def redact_cmdline(args: tuple[bytes, ...]) -> str:
         if i + 1 < len(words) and _SECRET_FLAG.fullmatch(word):
             words[i + 1] = "***"
         elif (i + 1 < len(words) and _USER_FLAG.fullmatch(word) and ":" in words[i + 1]
-              and not re.fullmatch(r"\d+:\d+", words[i + 1])):
+              and not (CONTAINER_CLI.fullmatch(words[0].rpartition("/")[2]) and re.fullmatch(r"\d+:\d+",
+                                                                                          words[i + 1]))):
             words[i + 1] = words[i + 1].split(":", 1)[0] + ":***"
         elif assigned := _SECRET_ASSIGNED.fullmatch(word):      # the whole value, spaces and all
             words[i] = assigned[1] + "***"
@@ -9896,7 +9925,14 @@ def serve(config: Config, warnings: Iterable[str] = ()) -> int:
         log.warning(warning)
     config = settled(config)
     log.info("starting", extra={"version": __version__, "pid": os.getpid(), "settings": config.shown()})
-    if problem := database_problem(config.db_path):
+    try:
+        problem = database_problem(config.db_path)
+    except sqlite3.Error as exc:
+        problem = f"{config.db_path} is locked by another program ({describe(exc)})"
+        log.critical("cannot start", extra={"error": problem})
+        print(f"otrace: cannot start: {problem}", file=sys.stderr)
+        return 1
+    if problem:
         log.critical("cannot start", extra={"error": problem})
         print(f"otrace: TRACE_DB_PATH: {problem}", file=sys.stderr)
         return 2

@@ -825,6 +825,21 @@ def test_a_database_otrace_must_not_write_is_refused_as_it_was(tmp_path: Path, r
     assert node.stderr == ["otrace: cannot start: SQLITE_CORRUPT: database disk image is malformed\n"]
 
 
+def test_a_database_another_program_is_writing_is_not_taken_for_a_new_one(tmp_path: Path) -> None:
+    """Its schema cannot be read while its program holds the write lock: that is no answer."""
+    db = tmp_path / "theirs.db"
+    holder = sqlite3.connect(db, isolation_level=None)
+    holder.execute("CREATE TABLE foo (x)")
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        with pytest.raises(sqlite3.OperationalError):
+            otrace.database_problem(str(db))
+    finally:
+        holder.execute("COMMIT")
+        holder.close()
+    assert "not an otrace database" in otrace.database_problem(str(db))
+
+
 def test_a_database_path_that_is_not_utf8_opens_read_only_too(tmp_path: Path) -> None:
     path = os.fsdecode(os.fsencode(tmp_path) + b"/bad\xff.db")       # a name Linux allows
     otrace.open_database(path)
@@ -1029,15 +1044,18 @@ def test_a_damaged_carry_file_is_set_aside_and_the_start_goes_on(tmp_path: Path,
     node.wait_persisted(len(ids))
     assert node.stop() == 0
     carry = Path(f"{node.db_path}-carry")
-    shutil.copy(node.db_path, carry)
-    with open(carry, "r+b") as f:                            # a torn schema page
-        f.seek(100)
-        f.write(b"\xff" * 8)
-    again = run(db=node.db_path)
-    aside = again.wait_log(lambda e: e.get("message") == "carry file is damaged: set aside, its rows not "
-                           "taken in")["file"]
-    assert Path(aside).exists() and not carry.exists() and aside.startswith(f"{carry}.damaged-")
-    assert again.post("/v1/traces", trace()).status == 202 and again.stop() == 0
+    with contextlib.closing(sqlite3.connect(node.db_path)) as conn:
+        root = conn.execute("SELECT rootpage FROM sqlite_schema WHERE name = 'llm_traces'").fetchone()[0]
+    for torn in (100, (root - 1) * 4096):                    # the schema's page, or a table's
+        shutil.copy(node.db_path, carry)
+        with open(carry, "r+b") as f:
+            f.seek(torn)
+            f.write(b"\xff" * 12)
+        again = run(db=node.db_path)
+        aside = again.wait_log(lambda e: e.get("message") == "carry file cannot be taken in: set aside, its "
+                               "rows not taken in")["file"]
+        assert Path(aside).exists() and not carry.exists() and aside.startswith(f"{carry}.aside-")
+        assert again.post("/v1/traces", trace()).status == 202 and again.stop() == 0
     assert set(ids) <= {r[0] for r in node.query("SELECT trace_id FROM llm_traces UNION ALL "
                                                  "SELECT trace_id FROM error_events")}
 
@@ -1352,8 +1370,8 @@ def test_a_reserve_too_big_for_what_retention_frees_lets_ingest_resume_without_i
             batch = [trace(input_text="x" * 4000) for _ in range(20)]
         node.wait_log(lambda e: e.get("message") == "disk full: reserve released; ingest paused")
         wait_until(lambda: node.health()["queue_depth"] == 0, what="the queue committed")
-        st = os.statvfs(vol)                                  # 11 MiB free: the disk under 75 % used
-        os.truncate(filler, filler.stat().st_size - max(0, (11 << 20) - st.f_bavail * st.f_frsize))
+        st = os.statvfs(vol)                 # 5.3 MiB free: 78 % used, between retention's two marks
+        os.truncate(filler, filler.stat().st_size - max(0, int(5.3 * 2**20) - st.f_bavail * st.f_frsize))
         resumed = node.wait_log(lambda e: e.get("message") == "disk has room again, not for the reserve: "
                                 "ingest resumes without it")
         assert resumed["disk_avail_bytes"] < 16 << 20
@@ -2179,18 +2197,19 @@ def test_forced_cgroup_modes(tmp_path: Path, case: str, mode: str, expected: str
         assert set(found.dirs) == {"cpuacct"}
 
 
-@pytest.mark.parametrize(("unit", "limits", "expected"), [
-    ("system.slice/agent.service", "unit", "v2"),         # the capture: a quota and a memory limit
+@pytest.mark.parametrize(("unit", "limits", "box"), [
+    ("system.slice/agent.service", "unit", "system.slice/agent.service"),   # the capture: its limits
     ("system.slice/agent.service", None, None),           # a VM's service without limits: the host's
     ("user.slice/user-0.slice/session-3.scope", None, None),   # started by hand in a login session
-    ("agent.slice/otrace.service", "slice", "v2"),        # a memory limit on the slice it is in
-    ("system.slice/docker-4f2a9c.scope", None, "v2"),    # a container's: the agent's box, limits or not
-    ("system.slice/nerdctl-4f2a9c.scope", None, "v2"),
-    ("system.slice/otrace.service", "container", "v2"),   # systemd inside a container (LXC, nspawn)
+    ("agent.slice/otrace.service", "slice", "agent.slice"),    # a memory limit on the slice it is in
+    ("system.slice/docker-4f2a9c.scope", None, "system.slice/docker-4f2a9c.scope"),   # a container's
+    ("system.slice/nerdctl-4f2a9c.scope", None, "system.slice/nerdctl-4f2a9c.scope"),
+    ("system.slice/otrace.service", "container", ""),     # systemd inside a container: the container's
 ])
-def test_auto_reads_a_hosts_own_systemd_unit_only_when_it_is_limited(tmp_path: Path, unit: str,
-                                                                     limits: str | None,
-                                                                     expected: str | None) -> None:
+def test_auto_reads_the_box_around_a_systemd_unit_of_its_own(tmp_path: Path, unit: str, limits: str | None,
+                                                             box: str | None) -> None:
+    """otrace in a systemd unit of its own reads the cgroup that bounds the agent too: the unit or a
+    slice with limits, a container's, or none (a host: /proc)."""
     root = tmp_path / "host"
     shutil.copytree(HOSTS / "v2-quota" / "t0", root)
     cgroups = root / "sys" / "fs" / "cgroup"
@@ -2208,8 +2227,9 @@ def test_auto_reads_a_hosts_own_systemd_unit_only_when_it_is_limited(tmp_path: P
     if limits == "slice":
         (moved.parent / "memory.max").write_text("1073741824\n")
     found = otrace.Cgroup.find(root / "proc", root / "sys", "auto")
-    assert (found and found.version) == expected
-    assert otrace.Cgroup.find(root / "proc", root / "sys", "v2").version == "v2"     # forced: always
+    assert ({where for _, where in found.dirs.values()} if found else None) == (
+        {cgroups / box} if box is not None else None)
+    assert otrace.Cgroup.find(root / "proc", root / "sys", "v2").dirs["memory"] == ("v2", moved)   # forced
 
 
 def test_oom_kill_becomes_one_error_event_and_is_never_reported_twice(tmp_path: Path,
@@ -7332,6 +7352,10 @@ def test_no_secret_in_a_captured_command_line_survives() -> None:
             (["app", "--config", '{"apiKey":"k1","password": "p 2"}'],
              'app --config {"apiKey":***,"password": ***}'),
             (["psql", "postgresql://app:p@ss@db:5432/app"], "psql postgresql://app:***@db:5432/app"),
+            (["psql", "postgres://admin:Ab3/9xK+q@db:5432/app"], "psql postgres://admin:***@db:5432/app"),
+            (["app", "--dbpass", "h1", "PGPASS=h2", "--awscreds=h3", "--session=h4"],
+             "app --dbpass *** PGPASS=*** --awscreds=*** --session=***"),
+            (["curl", "-u", "1234:5678", "https://h"], "curl -u 1234:*** https://h"),
             (["git", "clone", "https://t0ken@github.com/o/r"], "git clone https://***@github.com/o/r"),
             (["curl", "-u", "alice:pw", "https://h/p?sig=s1g&se=1"],
              "curl -u alice:*** https://h/p?sig=***&se=1"),
