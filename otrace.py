@@ -2145,9 +2145,8 @@ def database_problem(path: str) -> str | None:
     if head != b"SQLite format 3\x00":
         return f"{path} is not an SQLite database"
     try:
-        with contextlib.closing(connect(path, read_only=True)) as conn:
-            conn.execute("PRAGMA busy_timeout = 1000")       # a look, not a wait: the writer may be in it
-            version, tables = schema_of(conn)
+        with contextlib.closing(sqlite3.connect(sqlite_uri(path, "ro"), uri=True, timeout=1.0)) as conn:
+            version, tables = schema_of(conn)           # a look of a second at most: the writer may wait
     except sqlite3.Error as exc:
         if sqlite_code(exc) in ("SQLITE_BUSY", "SQLITE_LOCKED"):
             raise                    # another program writes it: whose it is cannot be told yet
