@@ -2148,7 +2148,8 @@ def database_problem(path: str) -> str | None:
         with contextlib.closing(sqlite3.connect(sqlite_uri(path, "ro"), uri=True, timeout=1.0)) as conn:
             version, tables = schema_of(conn)           # a look of a second at most: the writer may wait
     except sqlite3.Error as exc:
-        if sqlite_code(exc) in ("SQLITE_BUSY", "SQLITE_LOCKED"):
+        if sqlite_code(exc) in ("SQLITE_BUSY", "SQLITE_LOCKED") and \
+                getattr(exc, "sqlite_errorname", "") != "SQLITE_BUSY_RECOVERY":   # a WAL rebuilt: wait
             raise                    # another program writes it: whose it is cannot be told yet
         return None
     if "llm_traces" not in tables and (version or tables):
@@ -2652,7 +2653,7 @@ class Reserve:
         if room >= 2 * self.size and self.hold():
             self.log.warning("disk reserve held again: ingest resumes" if released else "disk reserve held",
                              extra={"bytes": self.size})
-        elif released and used_pct <= self.high_pct:    # retention frees no more: go on without it
+        elif released and used_pct < self.high_pct:     # retention frees no more: go on without it
             self.released = False
             self.log.warning("disk has room again, not for the reserve: ingest resumes without it",
                              extra={"bytes": self.size, "disk_avail_bytes": room, "disk_used_pct": used_pct})
@@ -2935,10 +2936,13 @@ def take_carried(conn: sqlite3.Connection, carry: str) -> bool:
         if isinstance(exc, sqlite3.DatabaseError) and sqlite_code(exc) not in CORRUPTION:
             raise
         return set_aside(carry, describe(exc))
+    check = "ok"
     try:
-        check = conn.execute("PRAGMA carry.quick_check(1)").fetchone()[0]   # a torn page past the schema
-        if check == "ok":
-            carry_over(conn, "carry", "main")
+        carry_over(conn, "carry", "main")
+    except sqlite3.DatabaseError as exc:    # a torn page past the schema: the carry's, or the database's?
+        if sqlite_code(exc) not in CORRUPTION or (
+                check := conn.execute("PRAGMA carry.quick_check(1)").fetchone()[0]) == "ok":
+            raise
     finally:
         conn.execute("DETACH DATABASE carry")
     if check != "ok":
@@ -4937,7 +4941,8 @@ class Cgroup:
                 paths[name] = path
         v1: dict[str, tuple[str, Path]] = {}
         v2: dict[str, tuple[str, Path]] = {}
-        roots: dict[str, Path] = {}          # per resource, its hierarchy's root as this process sees it
+        v1_roots: dict[str, Path] = {}       # per v1 resource, its hierarchy's root as this process sees it
+        v2_root = Path("/")
         usage_only = None                    # v2 cpu.stat has usage_usec even without the cpu controller
         for mount in mounts(procfs):
             if mount.fstype == "cgroup2" and "" in paths and mode in ("auto", "v2"):
@@ -4945,20 +4950,20 @@ class Cgroup:
                 enabled = set((read_text(under(where, "cgroup.controllers")) or "").split())
                 v2 = {res: ("v2", where) for res, name in V2_CONTROLLERS.items() if name in enabled}
                 usage_only = where if (where / "cpu.stat").exists() else None
-                roots |= dict.fromkeys(V2_CONTROLLERS, _cgroup_dir(sysfs, mount, "/"))
+                v2_root = _cgroup_dir(sysfs, mount, "/")
             elif mount.fstype == "cgroup" and mode in ("auto", "v1"):
                 for res, name in V1_CONTROLLERS.items():
                     if name in mount.options and name in paths:
                         v1[res] = ("v1", _cgroup_dir(sysfs, mount, paths[name]))
-                        roots[res] = _cgroup_dir(sysfs, mount, "/")
+                        v1_roots[res] = _cgroup_dir(sysfs, mount, "/")
         dirs = {**v1, **v2}
         if "cpuacct" not in dirs and usage_only is not None:
             dirs["cpuacct"] = ("v2", usage_only)
         used = [path for name, path in paths.items() if name in ("", *V1_CONTROLLERS.values())]
         if mode == "auto" and any(map(host_unit, used)):     # otrace's own unit: read the box around it
             container = in_container(procfs)
-            dirs = {res: (version, box) for res, (version, where) in dirs.items()
-                    if (box := box_of(version, where, roots[res], container)) is not None}
+            dirs = {res: (version, box) for res, (version, where) in dirs.items() if (box := box_of(
+                version, where, v2_root if version == "v2" else v1_roots[res], container)) is not None}
         return cls(dirs) if dirs else None
 
 
@@ -4975,15 +4980,15 @@ def in_container(procfs: Path) -> bool:
 
 
 def box_of(version: str, where: Path, root: Path, container: bool) -> Path | None:
-    """The cgroup a systemd unit of otrace's own sits in that bounds the agent too: the nearest one,
-    the unit or a slice above it, with a CPU quota or a memory limit; else, in a container, the
-    container's (the root it sees); else none (a host: /proc speaks)."""
-    for folder in (where, *where.parents):
-        if limited(version, folder):
+    """The cgroup a systemd unit sits in that bounds the agent too: the nearest one, the unit or a
+    slice above it up to the hierarchy's root, with a CPU quota or a memory limit; else, in a
+    container, the container's (the root it sees); else none (a host: /proc speaks). A unit named for
+    otrace holds otrace alone: its own limits (a sidecar's hardening) say nothing of the agent's box."""
+    above = [where, *where.parents]
+    for folder in above[:above.index(root) + 1] if root in above else [where]:
+        if limited(version, folder) and not (folder == where and "otrace" in where.name):
             return folder
-        if folder == root:
-            return root if container else None
-    return None
+    return root if container else None
 
 
 def limited(version: str, folder: Path) -> bool:

@@ -19,6 +19,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import selectors
 import shutil
 import signal
@@ -2205,7 +2206,8 @@ def test_forced_cgroup_modes(tmp_path: Path, case: str, mode: str, expected: str
     ("system.slice/docker-4f2a9c.scope", None, "system.slice/docker-4f2a9c.scope"),   # a container's
     ("system.slice/nerdctl-4f2a9c.scope", None, "system.slice/nerdctl-4f2a9c.scope"),
     ("system.slice/otrace.service", "container", ""),     # systemd inside a container: the container's
-])
+    ("system.slice/otrace.service", "unit", None),         # otrace's own unit's limits: a sidecar's, not
+])                                                          # the agent's box
 def test_auto_reads_the_box_around_a_systemd_unit_of_its_own(tmp_path: Path, unit: str, limits: str | None,
                                                              box: str | None) -> None:
     """otrace in a systemd unit of its own reads the cgroup that bounds the agent too: the unit or a
@@ -2230,6 +2232,22 @@ def test_auto_reads_the_box_around_a_systemd_unit_of_its_own(tmp_path: Path, uni
     assert ({where for _, where in found.dirs.values()} if found else None) == (
         {cgroups / box} if box is not None else None)
     assert otrace.Cgroup.find(root / "proc", root / "sys", "v2").dirs["memory"] == ("v2", moved)   # forced
+
+
+def test_auto_finds_the_box_on_a_hybrid_host_whatever_the_order_of_its_mounts(tmp_path: Path) -> None:
+    """The captured hybrid host mounts its v2 tree after the v1 ones: each v1 resource walks up to
+    its own hierarchy's root (here, systemd inside a container: the container's)."""
+    root = tmp_path / "host"
+    shutil.copytree(HOSTS / "hybrid" / "t0", root)
+    cgroup = root / "proc" / "self" / "cgroup"
+    cgroup.write_text(re.sub(r"memory:/\S+", "memory:/system.slice/otrace.service", cgroup.read_text()))
+    unit = root / "sys" / "fs" / "cgroup" / "memory" / "system.slice" / "otrace.service"
+    unit.mkdir(parents=True)
+    (unit / "memory.limit_in_bytes").write_text("9223372036854771712\n")
+    (root / "proc" / "1").mkdir()
+    (root / "proc" / "1" / "environ").write_bytes(b"container=lxc\0")
+    found = otrace.Cgroup.find(root / "proc", root / "sys", "auto")
+    assert found.dirs["memory"] == ("v1", root / "sys" / "fs" / "cgroup" / "memory")
 
 
 def test_oom_kill_becomes_one_error_event_and_is_never_reported_twice(tmp_path: Path,
