@@ -2206,6 +2206,9 @@ def carry_over(conn: sqlite3.Connection, source: str, target: str) -> dict[str, 
     return moved
 
 
+REPLACING = "the database file is being replaced; try again"   # what a reader is told meanwhile
+
+
 class Database:
     """The database file at one path, and the read-only connections other threads read it through.
 
@@ -2265,11 +2268,11 @@ class Database:
         with mv) would read the old file's WAL, still beside it, as its own, and a checkpoint through
         it would write that WAL's pages into it."""
         if _identity(self.path) != self.identity:
-            raise sqlite3.OperationalError("the database file is being replaced; try again")
+            raise sqlite3.OperationalError(REPLACING)
 
     def _admit(self, wait: float) -> None:
         if not self._state.wait_for(lambda: not self._paused, wait):
-            raise sqlite3.OperationalError("the database file is being replaced; try again")
+            raise sqlite3.OperationalError(REPLACING)
 
     def pause_readers(self) -> bool:
         """Keep new readers out; True once none is left (the old file can be closed)."""
@@ -4993,11 +4996,25 @@ def box_of(version: str, where: Path, root: Path, container: bool) -> Path | Non
 
 def limited(version: str, folder: Path) -> bool:
     """A CPU quota or a memory limit on this cgroup."""
-    files = ("cpu.max", "memory.max") if version == "v2" else ("cpu.cfs_quota_us", "memory.limit_in_bytes")
-    quota, memory = (read_text(under(folder, name)) or "" for name in files)
-    quota = (quota.split() or ["max"])[0]
-    unlimited_v1 = 2**62                     # v1 writes "no limit" as about 2^63
-    return (quota.isdigit() and int(quota) > 0) or (memory.strip().isdigit() and int(memory) < unlimited_v1)
+    return cpu_quota(version, folder) is not None or memory_limit(version, folder) is not None
+
+
+def cpu_quota(version: str, folder: Path) -> float | None:
+    """The cores a cgroup's CPU quota allows (cpu.max, or v1's quota over its period); None: no quota."""
+    if version == "v2":
+        quota, _, period = (read_text(under(folder, "cpu.max")) or "max").strip().partition(" ")
+    else:
+        quota, period = (str(read_int(under(folder, f"cpu.cfs_{name}_us"))) for name in ("quota", "period"))
+    if quota.lstrip("-").isdigit() and int(quota) > 0 and period.isdigit() and int(period) > 0:
+        return int(quota) / int(period)
+    return None
+
+
+def memory_limit(version: str, folder: Path, total: int | None = None) -> int | None:
+    """A cgroup's memory limit in bytes; None for "max", v1's "no limit" (about 2^63), or one over
+    the machine's `total`."""
+    limit = read_text(under(folder, "memory.max" if version == "v2" else "memory.limit_in_bytes")) or ""
+    return int(limit) if limit.strip().isdigit() and int(limit) < (total or 2**62) else None
 
 
 def _cgroup_dir(sysfs: Path, mount: Mount, path: str) -> Path:
@@ -5097,17 +5114,14 @@ class HostReader:
         if "cpu" in dirs:
             version, cpu = dirs["cpu"]
             if version == "v2":
-                quota, _, period = (read_text(under(cpu, "cpu.max")) or "max").strip().partition(" ")
                 stat = read_keyed(under(cpu, "cpu.stat"), ("throttled_usec", "nr_throttled"))
                 snap.throttled_s = stat["throttled_usec"] / 1e6 if "throttled_usec" in stat else None
             else:
-                quota = str(read_int(under(cpu, "cpu.cfs_quota_us")))
-                period = str(read_int(under(cpu, "cpu.cfs_period_us")))
                 stat = read_keyed(under(cpu, "cpu.stat"), ("throttled_time", "nr_throttled"))
                 snap.throttled_s = stat["throttled_time"] / 1e9 if "throttled_time" in stat else None
             snap.throttled_periods = stat.get("nr_throttled")
-            if quota.lstrip("-").isdigit() and int(quota) > 0 and period.isdigit() and int(period) > 0:
-                snap.cores = min(int(quota) / int(period), snap.cores or math.inf)
+            if (cores := cpu_quota(version, cpu)) is not None:
+                snap.cores = min(cores, snap.cores or math.inf)
         if "cpuset" in dirs:
             version, cpuset = dirs["cpuset"]
             names = (("cpuset.cpus.effective",) if version == "v2"
@@ -5117,21 +5131,20 @@ class HostReader:
                 snap.cores = min(allowed, snap.cores or math.inf)
         if "memory" in dirs:
             version, memory = dirs["memory"]
-            self.read_cgroup_memory(snap, memory, version == "v2")
+            self.read_cgroup_memory(snap, memory, version)
         if "io" in dirs:
             version, io = dirs["io"]
             snap.cgroup_read, snap.cgroup_written = cgroup_io(io, version == "v2")
 
-    def read_cgroup_memory(self, snap: Snapshot, memory: Path, v2: bool) -> None:
+    def read_cgroup_memory(self, snap: Snapshot, memory: Path, version: str) -> None:
         stat = read_keyed(under(memory, "memory.stat"), ("inactive_file", "anon", "total_inactive_file",
                                                    "total_rss", "rss"))
-        if v2:
-            usage, limit = read_int(under(memory, "memory.current")), read_text(under(memory, "memory.max"))
+        if version == "v2":
+            usage = read_int(under(memory, "memory.current"))
             inactive, anon = stat.get("inactive_file"), stat.get("anon")
             snap.cgroup_oom_kills = read_keyed(under(memory, "memory.events"), ("oom_kill",)).get("oom_kill")
         else:
             usage = read_int(under(memory, "memory.usage_in_bytes"))
-            limit = read_text(under(memory, "memory.limit_in_bytes"))
             inactive = stat.get("total_inactive_file", stat.get("inactive_file"))
             anon = stat.get("total_rss", stat.get("rss"))
             snap.cgroup_oom_kills = read_keyed(under(memory, "memory.oom_control"), ("oom_kill",)).get(
@@ -5139,8 +5152,8 @@ class HostReader:
         if usage is None:
             return                   # e.g. the root cgroup has no memory.current: /proc speaks for it
         snap.mem_used, snap.mem_rss = max(0, usage - (inactive or 0)), anon
-        if limit and limit.strip().isdigit() and int(limit) < (snap.mem_total or 2**62):
-            snap.mem_limit = int(limit)          # "max", or v1's huge sentinel, means no limit
+        if (limit := memory_limit(version, memory, snap.mem_total)) is not None:
+            snap.mem_limit = limit
 
     def read_disk(self, snap: Snapshot) -> None:
         snap.disk_path = self.disk_path
@@ -9897,6 +9910,12 @@ def settled(config: Config) -> Config:
     return config
 
 
+def cannot_start(error: str, said: str = "cannot start: ") -> None:
+    """A start that will not happen: logged, and said in one line on stderr after `said`."""
+    log.critical("cannot start", extra={"error": error})
+    print(f"otrace: {said}{error}", file=sys.stderr)
+
+
 def start_service(config: Config, stop_signals: set[signal.Signals],
                   lock: DatabaseLock) -> Service | signal.Signals | None:
     """The Service, once its database opens. A fault of the environment (a full disk, an I/O error) is
@@ -9908,8 +9927,7 @@ def start_service(config: Config, stop_signals: set[signal.Signals],
             service = Service(config, lock)
         except (OSError, sqlite3.Error, RuntimeError) as exc:
             if isinstance(exc, RuntimeError) or not is_environment(exc) or sqlite_code(exc) in CORRUPTION:
-                log.critical("cannot start", extra={"error": describe(exc)})
-                print(f"otrace: cannot start: {describe(exc)}", file=sys.stderr)
+                cannot_start(describe(exc))
                 return None
             fault.failed(describe(exc))
             received = signal.sigtimedwait(stop_signals, START_RETRY)
@@ -9932,19 +9950,15 @@ def serve(config: Config, warnings: Iterable[str] = ()) -> int:
     try:
         problem = database_problem(config.db_path)
     except sqlite3.Error as exc:
-        problem = f"{config.db_path} is locked by another program ({describe(exc)})"
-        log.critical("cannot start", extra={"error": problem})
-        print(f"otrace: cannot start: {problem}", file=sys.stderr)
+        cannot_start(f"{config.db_path} is locked by another program ({describe(exc)})")
         return 1
     if problem:
-        log.critical("cannot start", extra={"error": problem})
-        print(f"otrace: TRACE_DB_PATH: {problem}", file=sys.stderr)
+        cannot_start(problem, said="TRACE_DB_PATH: ")
         return 2
     try:
         lock = DatabaseLock(config.db_path)
     except (DatabaseLocked, OSError) as exc:
-        log.critical("cannot start", extra={"error": str(exc)})
-        print(f"otrace: {exc}", file=sys.stderr)
+        cannot_start(str(exc), said="")
         return 1
     service = start_service(config, stop_signals, lock)
     if service is None:
