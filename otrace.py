@@ -3776,6 +3776,7 @@ INPUT_EVENTS = {"gen_ai.system.message": "system", "gen_ai.user.message": "user"
 CHOICE_EVENT = "gen_ai.choice"
 DETAILS_EVENT = "gen_ai.client.inference.operation.details"
 SEVERITY_ERROR, SEVERITY_FATAL = 17, 21
+PUSHED_ERROR = "otrace.error_event"     # the event name of an error_events row another otrace pushed
 HTTP_STATUS = re.compile(r"\b(?:[Ee]rror code|status(?: code)?)[:= ]+([1-5]\d\d)\b")
 SERIES_SQL = ("INSERT INTO otlp_series (key, series_id, start_ns, time_ns, value, count, buckets, "
               "updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO UPDATE SET "
@@ -3917,11 +3918,17 @@ def _number(value: Any) -> Any:
     return value
 
 
+def count_of(text: str | None) -> int | None:
+    """A whole number written in ASCII digits (at most 18 of them), else None: str.isdigit() takes
+    "²", which int() refuses, and int() refuses 4,300 digits or more."""
+    return int(text) if text and len(text) <= 18 and text.isascii() and text.isdigit() else None
+
+
 def _integer(value: Any) -> Any:
     """A token count as an int where it is one in disguise ("3333", 23.0); anything else as it is, for
     Fields to name."""
-    if isinstance(value, str) and value.strip().isdigit():
-        return int(value)
+    if isinstance(value, str) and (count := count_of(value.strip())) is not None:
+        return count
     if isinstance(value, float) and value.is_integer():
         return int(value)
     return value
@@ -3956,7 +3963,7 @@ def http_status(attrs: dict[str, Any], *texts: str | None) -> int | None:
     """The HTTP status a failed call got: its attribute, an error.type that is one, or "Error code: 429"
     in its message (the OpenAI and Anthropic SDKs' wording)."""
     for value in (attrs.get("http.response.status_code"), attrs.get("error.type")):
-        if isinstance(value, int) or (isinstance(value, str) and value.isdigit() and len(value) == 3):
+        if isinstance(value, int) or (isinstance(value, str) and len(value) == 3 and count_of(value)):
             return int(value)
     for text in texts:
         if isinstance(text, str) and (match := HTTP_STATUS.search(text)):
@@ -4170,6 +4177,19 @@ def span_failure(span: Any, attrs: dict[str, Any], event: dict[str, Any]) -> dic
             "stack_trace": _as_text(exception.get("exception.stacktrace")), "severity": "error",
             "trace_id": event["trace_id"], "created_at": span.end_time_unix_nano // 1_000_000 or None,
             "metadata": meta}
+
+
+def pushed_error(record: Any, attrs: dict[str, Any]) -> dict[str, Any]:
+    """The columns of an error event another otrace pushed (its otrace.* attributes, its level) and
+    the key of the call it is the failure of: the span that otrace pushed for the call has its ids,
+    or ids derived from the same trace_id, so the failure that span makes here is this same row."""
+    key = span_key(record.trace_id, record.span_id)
+    if key is None and isinstance(attrs.get("otrace.trace_id"), str):
+        key = span_key(*otel_ids(attrs["otrace.trace_id"], {}))
+    level = record.severity_text.lower()
+    return {"trace_id": key, "severity": {"warn": "warning", "fatal": "critical"}.get(level, level),
+            **{column: attrs.get(f"otrace.{column}") for column in (
+                "error_type", "category", "stack_trace", "provider", "model", "session_id")}}
 
 
 def one_per_call(calls: list[Call]) -> tuple[list[Call], int]:
@@ -4648,7 +4668,7 @@ class OtlpReceiver:
                     name = getattr(record, "event_name", "") or attrs.get("event.name") or ""
                     name = name if isinstance(name, str) else ""
                     used = False
-                    if record.severity_number >= SEVERITY_ERROR:
+                    if record.severity_number >= SEVERITY_ERROR or name == PUSHED_ERROR:
                         used = self.log_error(record, attrs, name, (resource, scope_logs.scope.name), export,
                                               received=received)
                     said = log_content(name, otel_value(record.body), attrs)
@@ -4690,12 +4710,17 @@ class OtlpReceiver:
                  "trace_id": f"otlp-log-{at}-{zlib.crc32(record.SerializeToString(deterministic=True)):08x}",
                  "created_at": at // 1_000_000 or None,
                  "metadata": {k: v for k, v in meta.items() if v is not None}}
+        if name == PUSHED_ERROR:
+            event |= {k: v for k, v in pushed_error(record, attrs).items() if v is not None}
         try:
-            export.rows.append(event_row(ERRORS, error_row, event, "otlp", received=received,
-                                         max_text=self.config.max_text_bytes))
+            row = event_row(ERRORS, error_row, event, "otlp", received=received,
+                            max_text=self.config.max_text_bytes)
         except Invalid as why:
             export.refuse("log_records_rejected", f"log record {name or record.severity_text!r}", why)
             return True
+        export.rows.append(row)
+        if name == PUSHED_ERROR:        # its words over those the failed span gave the same row
+            export.extra.append((MERGE_SQL[ERRORS.name, True], (*row.values, event["trace_id"])))
         export.counts["log_errors"] += 1
         return True
 
@@ -4778,11 +4803,13 @@ class OtlpReceiver:
             export.counts["metric_resets"] += reset
             self.point_row(metric, point, export, kind=kind, attrs=attrs,
                            service=resource.get("service.name"), change=change, reset=reset,
-                           series_id=state[0], received=received)
+                           series_id=state[0], received=received, whole=change is current)
 
     def point_row(self, metric: Any, point: Any, export: Export, *, kind: str, attrs: dict[str, Any],
-                  service: str | None, change: Point, reset: bool, series_id: int, received: int) -> None:
-        whole = change.start_ns == point.start_time_unix_nano      # not a difference: min and max hold
+                  service: str | None, change: Point, reset: bool, series_id: int, received: int,
+                  whole: bool) -> None:
+        """`whole`: the point as sent, not its change since the last one (whose min and max are not
+        known)."""
         event = {"trace_id": f"otlp-metric-{series_id}-{point.time_unix_nano}",
                  "created_at": point.time_unix_nano // 1_000_000 or None, "name": metric.name, "kind": kind,
                  "unit": metric.unit or None, "window_start": (change.start_ns // 1_000_000) or None,
@@ -5352,17 +5379,35 @@ _SECRET_FLAG = re.compile(rf"-{{1,2}}{_SECRET_NAME}", re.IGNORECASE)     # its v
 _SECRET_ASSIGNED = re.compile(rf"(-{{0,2}}{_SECRET_NAME}\s*[=:]).+", re.IGNORECASE | re.DOTALL)  # an argument
 _USER_FLAG = re.compile(r"-u|--user")                          # curl's user:password ...
 CONTAINER_CLI = re.compile(r"docker|podman|nerdctl")           # ... not a container's uid:gid
+_BEARER = (re.compile(r"\b((?:bearer|basic)\s+)[\w.~+/=-]+", re.IGNORECASE), r"\1***")
+_KEY_SHAPES = (re.compile(r"\b(?:sk|pk|rk)[-_][\w-]{16,}|\bgh[pousr]_\w{20,}|\bxox[abprs]-[\w-]{10,}"
+                          r"|\bAIza[\w-]{30,}|\b(?:hf|gsk)_\w{30,}"
+                          r"|\bAKIA[0-9A-Z]{16}\b|\beyJ[\w-]{8,}\.[\w-]{8,}\.[\w-]{8,}"),
+               "***")                                                # API keys and JWTs, by their look
+_SIGNATURE = (re.compile(r"([?&]sig=)[^&\s#]+"), r"\1***")         # a signed URL's signature (SAS)
 _SECRETS = (     # (pattern, replacement), applied in order to the whole command line
-    (re.compile(r"\b((?:bearer|basic)\s+)[\w.~+/=-]+", re.IGNORECASE), r"\1***"),
+    _BEARER,
     (re.compile(rf"(?<![\w.-])(-{{0,2}}{_SECRET_NAME}[\"']?\s*[=:]\s*)(?!(?:bearer|basic)\s)"
                 r"(?:\"[^\"]*\"?|'[^']*'?|[^\s,;&\"']+)", re.IGNORECASE), r"\1***"),   # JSON's "key": "v" too
     (re.compile(r"(\w[\w+.-]*://[^/\s:@]*:)(?!\d+(?:[/?#\s]|$))\S*?@(?=[^\s@/]*(?:[/?#\s]|$))"),
      r"\1***@"),                            # a URL's password (not a port), to the @ of its host
     (re.compile(r"(https?://)[^/\s:@]+@", re.IGNORECASE), r"\1***@"),   # a token as an http URL's user
-    (re.compile(r"([?&]sig=)[^&\s#]+"), r"\1***"),                  # a signed URL's signature (SAS)
-    (re.compile(r"\b(?:sk|pk|rk)[-_][\w-]{16,}|\bgh[pousr]_\w{20,}|\bxox[abprs]-[\w-]{10,}"
-                r"|\bAIza[\w-]{30,}|\b(?:hf|gsk)_\w{30,}"
-                r"|\bAKIA[0-9A-Z]{16}\b|\beyJ[\w-]{8,}\.[\w-]{8,}\.[\w-]{8,}"), "***"),  # API keys, JWTs
+    _SIGNATURE,
+    _KEY_SHAPES,
+)
+_TEXT_SECRETS = (   # (words that must be in the lower-cased text, pattern, replacement), for prose and JSON
+    (("bearer", "basic"), *_BEARER),
+    (("key", "token", "secret", "passw"),        # not "tokens=", "sessionKey=": counts and ids
+     re.compile(r"(?<![\w-])([\w-]*(?:api[_-]?key|token|secret|passw(?:or)?d)[\"']?\s*[=:]\s*)"
+                r"(\"(?:[^\"\\]|\\.)*\"|'[^']*'|[^\s,;&\"'}\\]+)", re.IGNORECASE),
+     lambda m: m[1] + (m[2][0] + "***" + m[2][0] if m[2][0] in "\"'" else "***")),   # JSON stays JSON
+    (("://",), re.compile(r"://([^/\s:@]*):(?!\d+(?:[/?#\s]|$))[^\s\"]*?@(?=[^\s@/]*(?:[/?#\s]|$))"),
+     r"://\1:***@"),                                                    # a URL's password (not a port)
+    (("://",), re.compile(r"://[^/\s:@\"]+@"), "://***@"),            # a token as a URL's user
+    (("sig=",), *_SIGNATURE),
+    (("bot",), re.compile(r"\bbot\d{5,}:[\w-]{30,}"), "bot***"),      # a Telegram bot's token in its URL
+    (("sk-", "sk_", "pk-", "pk_", "rk-", "rk_", "gh", "xox", "aiza", "hf_", "gsk_", "akia", "eyj"),
+     *_KEY_SHAPES),
 )
 
 
@@ -5464,6 +5509,17 @@ def redact_cmdline(args: tuple[bytes, ...]) -> str:
     for pattern, replacement in _SECRETS:
         line = pattern.sub(replacement, line)
     return line
+
+
+def redact_text(text: str) -> str:
+    """Text another program wrote (an error it logged, with the request it quotes), with what looks
+    like a secret replaced by ***: values of secret-named keys, bearer tokens, URL passwords and
+    users, and API keys and JWTs by their look. A pattern runs only if its words are in the text."""
+    lower = text.lower()
+    for words, pattern, replacement in _TEXT_SECRETS:
+        if any(word in lower for word in words):
+            text = pattern.sub(replacement, text)
+    return text
 
 
 def read_uid(procfs: Path, pid: int) -> int | None:
@@ -6079,6 +6135,7 @@ NOTICE = ("WARN", "ERROR", "FATAL")
 OFFSET_SQL = ("INSERT INTO log_offsets (dev, inode, fingerprint, path, position, updated_at) "
               "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (dev, inode, fingerprint) DO UPDATE SET "
               "path = excluded.path, position = excluded.position, updated_at = excluded.updated_at")
+FORGET_SQL = "DELETE FROM log_offsets WHERE dev = ? AND inode = ? AND fingerprint <> ?"   # a file's old marks
 RUN_FAILED = "model-fallback/decision"     # its WARN line ends a run whose model calls failed
 RUNS_REMEMBERED = 256                      # runs whose last failed attempt the tailer keeps in memory
 _STOPPING = re.compile(r"received SIG\w+; (shutting down|restarting)")
@@ -6131,7 +6188,7 @@ class LogLine:
     def numbered(self) -> list[tuple[int, Any]]:
         """The positional arguments "0", "1", ..., in order."""
         if self._numbered is None:
-            self._numbered = sorted((int(k), v) for k, v in self.obj.items() if k.isdigit())
+            self._numbered = sorted((n, v) for k, v in self.obj.items() if (n := count_of(k)) is not None)
         return self._numbered
 
     @property
@@ -6231,7 +6288,7 @@ def model_failure(line: LogLine, kind: str) -> dict[str, Any] | None:
     """A failed model call as an error event (llm_error), in the form /v1/errors takes; else None."""
     fields, info = line.fields, line.info
     if kind == "model_call":
-        status = int(fields["status"]) if fields.get("status", "").isdigit() else 0
+        status = count_of(fields.get("status")) or 0
         if status < 400:
             return None
         category = "rate_limit" if status == 429 else "timeout" if status in (408, 504) else "api_failure"
@@ -6246,10 +6303,10 @@ def model_failure(line: LogLine, kind: str) -> dict[str, Any] | None:
                     "timeout" if status == 408 or reason == "timeout" else "api_failure")
     else:
         return None
+    preview = info.get("errorPreview")
+    said = _as_text(info.get("error")) or (f"{line.message}: {preview}" if preview else line.message) or kind
     return {"error_type": "llm_error", "category": category, "severity": "error" if line.level in (
-                "ERROR", "FATAL") else "warning",
-            "message": info.get("error") or (f"{line.message}: {info['errorPreview']}" if info.get(
-                "errorPreview") else line.message) or kind,
+                "ERROR", "FATAL") else "warning", "message": redact_text(said),
             "provider": fields.get("provider") or info.get("provider") or info.get("requestedProvider"),
             "model": fields.get("model") or info.get("model") or info.get("requestedModel"),
             "session_id": line.session_id or info.get("sessionId")}
@@ -6289,14 +6346,13 @@ def attempt_outcome(line: LogLine, causes: dict[str, str]) -> tuple[str, str] | 
 def model_call(line: LogLine) -> dict[str, Any] | None:
     """A [model-fetch] response line as an LLM trace (no tokens: the log has none)."""
     fields = line.fields
-    if not (fields.get("provider") and fields.get("model") and fields.get("status", "").isdigit()):
+    status = count_of(fields.get("status"))
+    if not (fields.get("provider") and fields.get("model") and status is not None):
         return None
-    status = int(fields["status"])
-    elapsed = fields.get("elapsedMs", "")
     return {"provider": fields["provider"], "model": fields["model"],
             "status": "ok" if 200 <= status < 300 else "error",
             "error_type": None if 200 <= status < 300 else f"http_{status}",
-            "latency_ms": int(elapsed) if elapsed.isdigit() else None, "session_id": line.session_id,
+            "latency_ms": count_of(fields.get("elapsedMs")), "session_id": line.session_id,
             "metadata": {"http_status": status, "api": fields.get("api")}}
 
 
@@ -6314,7 +6370,8 @@ class Followed:
         self.partial: tuple[int, bytes, int] | None = None   # an unfinished last line: start, head, end
         self.read = 0                              # bytes read since the tailer last counted them
         self.recorded = False                      # whether `offset` is committed for this file
-        self.cut_said = False                      # a line over TRACE_LOG_LINE_MAX was logged
+        self.said: set[str] = set()                # warnings about its lines logged (once per file each)
+        self.committed: str | None = None          # the fingerprint its offset was last committed under
 
     def size(self) -> int:
         return os.fstat(self.fd).st_size
@@ -6342,8 +6399,9 @@ class Followed:
         return f"log-{self.dev:x}-{self.inode:x}-{start:x}-{zlib.crc32(text):08x}"
 
     def refresh_fingerprint(self) -> None:
-        """A file first seen shorter than FINGERPRINT_BYTES gets its full fingerprint once it grows."""
-        if fingerprint_length(self.fingerprint) < FINGERPRINT_BYTES <= self.size():
+        """A file first seen shorter than FINGERPRINT_BYTES gets a longer fingerprint as it grows: an
+        empty file's would match any file."""
+        if fingerprint_length(self.fingerprint) < min(self.size(), FINGERPRINT_BYTES):
             self.fingerprint = fingerprint(self.fd, FINGERPRINT_BYTES)
 
     def lines(self, most: int, limit: int, to_end: bool = False) -> tuple[list[tuple[int, bytes, int]], int]:
@@ -6436,23 +6494,29 @@ class LogTailer(QuietReader):
         self.started = False
         self.waiting = False
         self.most = max(1, min(256, config.queue_size // 2))   # lines per unit: two units fit the queue
-        self.totals = Counters(("lines", "events", "skipped", "not_json", "cut", "bytes_read",
+        self.totals = Counters(("lines", "events", "skipped", "not_json", "cut", "unreadable", "bytes_read",
                                 "failed_attempts"))
 
     # -- which file
     def folder(self) -> Path:
         """The directory the log's files are in."""
         path = Path(self.config.log_path)
-        return path if path.is_dir() else path.parent
+        return path if os.path.isdir(path) else path.parent  # noqa: PTH112 - Path's raises on EACCES
 
     def target(self) -> str | None:
         """The file to follow now: TRACE_LOG_PATH, or the newest dated log in that directory; None
         while there is none. What the choice read goes to `chosen_by`: the file, or the directory and
         the dated logs of the newest one's day (a write to another of them can make it the newest)."""
         path = Path(self.config.log_path)
-        if not path.is_dir():
+        if not os.path.isdir(path):  # noqa: PTH112 - Path's raises on EACCES
             self.chosen_by = (str(path),)
-            return str(path) if path.exists() else None
+            try:
+                path.stat()
+            except (FileNotFoundError, NotADirectoryError):
+                return None
+            except OSError:
+                pass                     # one otrace may not look at is opened, and the fault said
+            return str(path)
         dated = [p for p in path.iterdir() if LOG_NAME.fullmatch(p.name)]
         newest = max(dated, key=lambda p: (p.name[-14:], p.stat().st_mtime), default=None)
         day = newest.name[-14:] if newest else None
@@ -6475,8 +6539,9 @@ class LogTailer(QuietReader):
         return [p for _, p in sorted(found)]
 
     def resume_at(self, path: str, st: os.stat_result) -> int | None:
-        """The committed offset of this very file, if otrace has read it before."""
-        for mark, offset in self.known.get((st.st_dev, st.st_ino), []):
+        """The committed offset of this very file, if otrace has read it before: the newest mark
+        first (one taken while the file was short may match it too)."""
+        for mark, offset in reversed(self.known.get((st.st_dev, st.st_ino), [])):
             with contextlib.suppress(OSError), open(path, "rb") as f:
                 if same_start(f.fileno(), mark):
                     return offset if offset <= st.st_size else 0
@@ -6559,14 +6624,22 @@ class LogTailer(QuietReader):
             rows: list[Row] = []
             extra: list[tuple[str, tuple]] = []
             for start, text, length in lines:
-                rows += self.rows(followed, start, text, length, extra)
+                held = len(extra)
+                try:
+                    rows += self.rows(followed, start, text, length, extra)
+                except Exception as exc:  # noqa: BLE001 - a line otrace misreads must not hold the log
+                    del extra[held:]
+                    self.unreadable(followed, start, exc)
             followed.refresh_fingerprint()
+            if followed.fingerprint != followed.committed:     # one mark a file: none stale to resume at
+                extra.append((FORGET_SQL, (followed.dev, followed.inode, followed.fingerprint)))
             extra.append((OFFSET_SQL, (followed.dev, followed.inode, followed.fingerprint, followed.path, end,
                                        now_ms())))
             if not self.events.offer(Unit(rows, tuple(extra), own=True)):
                 self.behind = True
                 return None
             self.behind = False
+            followed.committed = followed.fingerprint
             self.known[(followed.dev, followed.inode)] = [(followed.fingerprint, end)]
             followed.offset, followed.recorded = end, True    # a file skipped to its end is known too
             if not lines:
@@ -6585,8 +6658,8 @@ class LogTailer(QuietReader):
         from the file's identity and the line's offset, so a replay adds none."""
         if length > self.config.log_line_max:
             self.totals.add("cut")
-            if not followed.cut_said:
-                followed.cut_said = True
+            if "cut" not in followed.said:
+                followed.said.add("cut")
                 self.log.warning("log line over TRACE_LOG_LINE_MAX skipped (said once per file)", extra={
                     "file": followed.path, "offset": start, "bytes": length})
             return []
@@ -6594,7 +6667,7 @@ class LogTailer(QuietReader):
         if line is None:
             self.totals.add("not_json")
             self.log.debug("log line is not JSON", extra={"file": followed.path, "offset": start,
-                                                          "sample": text[:200].decode("utf-8", "replace")})
+                                                          "bytes": length})    # its text may hold a secret
             return []
         kind = classify(line)
         if kind is None and not self.config.log_keep_all:
@@ -6603,10 +6676,13 @@ class LogTailer(QuietReader):
         trace_id, received = followed.line_id(start, text), now_ms()
         logged = line.time_ms
         created = logged if logged is not None and 0 <= logged <= MAX_UNIX_MS else received
-        message = cut_utf8(line.message, self.config.max_text_bytes)[0]
+        quoted = line.level in NOTICE or kind is None   # not only OpenClaw's words: what an error quotes
+        message = cut_utf8(redact_text(line.message) if quoted else line.message,
+                           self.config.max_text_bytes)[0]
+        detail = self.detail_json(line.detail)
         rows = [Row(LOGS.name, (trace_id, created, received, "log", line.level, line.subsystem,
-                                kind or "info", message, self.detail_json(line.detail), line.otel_trace_id,
-                                followed.path, start))]
+                                kind or "info", message, redact_text(detail) if quoted and detail else detail,
+                                line.otel_trace_id, followed.path, start))]
         self.note_attempt(line, trace_id, created, extra)
         ends_run = kind == "model_error" and line.subsystem == RUN_FAILED
         run = line.info.get("runId") if ends_run and isinstance(line.info.get("runId"), str) else None
@@ -6629,6 +6705,15 @@ class LogTailer(QuietReader):
                     rows.append(event_row(table, build, event, "log", received=received,
                                           max_text=self.config.max_text_bytes))
         return rows
+
+    def unreadable(self, followed: Followed, start: int, exc: Exception) -> None:
+        """A line whose reading raised: skipped and counted, the first of a file logged with its
+        traceback (a fault of otrace's, not of the line)."""
+        self.totals.add("unreadable")
+        if "unreadable" not in followed.said:
+            followed.said.add("unreadable")
+            self.log.error("log line could not be read: skipped (said once per file)", exc_info=exc, extra={
+                "file": followed.path, "offset": start, "error": describe(exc)})
 
     def note_attempt(self, line: LogLine, trace_id: str, created: int,
                      extra: list[tuple[str, tuple]]) -> None:
@@ -8855,6 +8940,8 @@ def prometheus(report: dict[str, Any]) -> str:
     add("info", "gauge", "otrace's version.", (f'{{version="{report["version"]}"}}', 1))
     add("healthy", "gauge", "1 when /health says ok.", ("", report["status"] == "ok"))
     add("uptime_seconds", "gauge", "Time since start.", ("", report["uptime_seconds"]))
+    add("loop_failing", "gauge", "1 while a loop's ticks fail (a log or store it cannot read, a full disk).",
+        *((prometheus_labels(loop=loop), 1) for loop in report["loops_failing"]))
     for name, text in EVENT_HELP.items():
         add(f"events_{name}_total", "counter", text, ("", report[f"events_{name}"]))
     add("connections_refused_total", "counter", "Connections over TRACE_MAX_CONNECTIONS.",
@@ -8966,6 +9053,7 @@ def health_report(service: Service) -> dict[str, Any]:
     return {
         "status": "degraded" if problems else "ok",
         "problems": problems,
+        "loops_failing": {loop.fault.what: loop.fault.health() for loop in service.loops if loop.fault.error},
         "version": __version__,
         "uptime_seconds": round(time.monotonic() - service.started, 3),
         "db_status": "error" if writer.fault.error else "ok",

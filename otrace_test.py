@@ -2260,19 +2260,26 @@ def test_oom_kill_becomes_one_error_event_and_is_never_reported_twice(tmp_path: 
     node = run(env)
     wait_until(lambda: node.query("SELECT count(*) FROM system_metrics")[0][0] >= 1, what="samples")
     assert node.rows("error_events") == []                        # the counts at start are a baseline
-    shutil.copytree(HOSTS / "v1-oom" / "t1", live, dirs_exist_ok=True)
-    event = wait_until(lambda: node.rows("error_events"), what="the OOM event")[0]
-    assert (event["error_type"], event["category"], event["severity"], event["source"]) == \
-        ("crash", "oom_kill", "critical", "otrace")
-    meta = json.loads(event["metadata"])
-    assert meta["kills"] == {"cgroup": 1, "host": 1} and meta["counts"] == {"cgroup": 1, "host": 4}
-    assert meta["seen_in"]["cgroup"].endswith("memory/otrace-fixture-oom")
+    shutil.copytree(HOSTS / "v1-oom" / "t1", live, dirs_exist_ok=True)  # a sample may see half of it
+
+    def kills() -> collections.Counter[str]:
+        found = [collections.Counter(json.loads(e["metadata"])["kills"]) for e in node.rows("error_events")]
+        return sum(found, collections.Counter())
+
+    wait_until(lambda: kills() == {"cgroup": 1, "host": 1}, what="both OOM kills")
+    events = node.rows("error_events")                            # one, or one a scope
+    assert {(e["error_type"], e["category"], e["severity"], e["source"]) for e in events} == \
+        {("crash", "oom_kill", "critical", "otrace")}
+    assert any(json.loads(e["metadata"])["seen_in"].get("cgroup", "").endswith("memory/otrace-fixture-oom")
+               for e in events)
     row = node.rows("system_metrics")[-1]
     assert row["source"] == "cgroup_v1" and row["mem_limit_bytes"] == 64 << 20
     assert node.stop() == 0
+    assert dict(node.query("SELECT key, value FROM otrace_state WHERE key LIKE 'oom_kill_count.%'")) == {
+        "oom_kill_count.cgroup": 1, "oom_kill_count.host": 4}
     again = run(env, db=node.db_path)                              # restart: same counts, no news
     wait_until(lambda: again.health()["host"], what="a sample after the restart")
-    assert len(again.rows("error_events")) == 1
+    assert len(again.rows("error_events")) == len(events)
 
 
 @HOST_WIDE
@@ -2616,6 +2623,123 @@ def test_a_line_longer_than_64_kib_is_read_whole(tmp_path: Path, run: Callable[.
     wait_until(lambda: sorted(logged(node)) == sorted(expected(range(36))), what="every line's event")
     wait_until(lambda: len(node.rows("error_events")) == 1, what="the run's failure")
     assert node.health()["log_tail"]["cut"] == 0
+
+
+@needs_gateway_log
+def test_lines_with_numbers_int_refuses_are_read_and_the_log_goes_on(tmp_path: Path,
+                                                                      run: Callable[..., Otrace]) -> None:
+    """"status=²" (a digit to str.isdigit(), not to int()), a status of 5,000 digits, an argument keyed
+    "²": each stays a log event, and the lines after them are read (each held the log at it for good)."""
+    fetch = json.loads(gateway_lines()[27])
+    assert fetch["message"].startswith("[model-fetch] response")
+    assert "status=200 elapsedMs=13" in fetch["message"]
+
+    def fetch_line(said: str) -> bytes:
+        text = fetch["message"].replace("status=200 elapsedMs=13", said)
+        return json.dumps({**fetch, "1": text, "message": text}).encode() + b"\n"
+
+    keyed = {"\u00b2": {"weird": True}, "message": "odd argument", "_meta": {"logLevelName": "ERROR"}}
+    log = tmp_path / "gateway.log"
+    log.write_bytes(fetch_line("status=\u00b2 elapsedMs=13") + fetch_line("status=200 elapsedMs=\u00b2")
+                    + fetch_line(f"status={'9' * 5000} elapsedMs=1") + json.dumps(keyed).encode() + b"\n"
+                    + gateway_lines()[10])
+    node = run({"TRACE_LOG_PATH": str(log), "TRACE_LOG_POLL": "20ms", "TRACE_LOG_START": "beginning"})
+    wait_until(lambda: [r["kind"] for r in node.rows("log_events")] == [
+        "model_call", "model_call", "model_call", "other", "gateway_start"], what="every line's event")
+    traces = node.rows("llm_traces")
+    assert [(t["status"], t["latency_ms"]) for t in traces] == [("ok", None)]   # the one with a status
+    health = node.health()["log_tail"]
+    assert health["last_error"] is None and health["unreadable"] == 0
+
+
+@pytest.mark.skipif(not ROOT, reason="reading as another user needs root to become one")
+def test_a_log_in_a_directory_otrace_may_not_enter_is_a_fault_not_a_failed_start(
+        run: Callable[..., Otrace]) -> None:
+    """The gateway's log directory is 0700: an otrace of another user starts, serves, and says why it
+    reads no log."""
+    import tempfile
+    folder = Path(tempfile.mkdtemp(prefix="otrace-log-"))      # outside pytest's 0700 directory
+    try:
+        folder.chmod(0o777)
+        (logs := folder / "openclaw").mkdir(mode=0o700)
+        (logs / "openclaw-2026-12-01.log").write_bytes(b"{}\n")
+        node = run({"TRACE_LOG_PATH": str(logs / "openclaw-2026-12-01.log"), "TRACE_LOG_POLL": "20ms"},
+                   db=folder / "otrace.db", command=["setpriv", "--reuid=65534", "--regid=65534",
+                                                     "--clear-groups", sys.executable, str(OTRACE)])
+        fault = wait_until(lambda: node.health()["log_tail"]["last_error"], what="the fault in /health")
+        assert "PermissionError" in fault
+        health = node.request("GET", "/health")                 # serving is fine: no 503 for a reader
+        assert health.status == 200 and "PermissionError" in health.json["loops_failing"]["logtail"]["error"]
+        assert 'otrace_loop_failing{loop="logtail"} 1' in node.request("GET", "/metrics").body.decode()
+        assert node.post("/v1/traces", trace()).status == 202 and node.stop() == 0
+    finally:
+        shutil.rmtree(folder)
+
+
+@needs_gateway_log
+def test_a_log_first_seen_short_is_not_read_again_after_a_restart(tmp_path: Path,
+                                                                   run: Callable[..., Otrace]) -> None:
+    """A new day's file is empty when otrace first opens it: the mark of its first bytes grows with
+    it, and a restart resumes at the committed offset (it read the file again from the first mark,
+    and rows retention had deleted came back)."""
+    log = tmp_path / "openclaw-2026-12-01.log"
+    log.touch()
+    env = {"TRACE_LOG_PATH": str(log), "TRACE_LOG_POLL": "20ms"}
+    node = run(env)
+    node.wait_log(lambda e: e.get("message") == "following log file")
+    lines = gateway_lines()
+    for i in (10, *range(11, 30)):                   # one line, then many: short first, long after
+        append(log, lines[i])
+        if i == 10:
+            wait_until(lambda: len(node.rows("log_events")) == 1, what="the first line")
+    wait_until(lambda: sorted(logged(node)) == sorted(expected(range(10, 30))), what="every line")
+    assert node.stop() == 0
+    assert len(node.query("SELECT * FROM log_offsets")) == 1             # one mark a file
+    with contextlib.closing(sqlite3.connect(node.db_path)) as conn, conn:  # and one an older otrace left
+        conn.execute("INSERT INTO log_offsets (dev, inode, fingerprint, path, position, updated_at) "
+                     "SELECT dev, inode, '0:00000000', path, 0, 1 FROM log_offsets")
+    node = run(env, db=node.db_path)
+    assert node.wait_log(lambda e: e.get("message") == "following log file")["offset"] == log.stat().st_size
+    append(log, lines[44])
+    wait_until(lambda: sorted(logged(node)) == sorted(expected([*range(10, 30), 44])), what="the new line")
+    assert node.health()["events_duplicate"] == 0
+
+
+@needs_gateway_log
+def test_secrets_a_gateway_error_quotes_stay_out_of_the_database_and_the_log(
+        tmp_path: Path, run: Callable[..., Otrace]) -> None:
+    """A channel's failed request with its bot token in the URL, a request's headers, a provider's
+    error ending a run: stored with *** in place of each secret; a line that is not JSON is logged at
+    debug without its text. OpenClaw's own words (a model call's line) are stored as written."""
+    bot, key = "123456789:AAHsecretTelegramBotTokenXYZ0123456789", "sk-proj-QAsecretKEY0123456789abcdef"
+    other = "hunter2x"
+    channel = {"0": '{"subsystem":"channels/telegram"}', "_meta": {"logLevelName": "ERROR",
+               "name": '{"subsystem":"channels/telegram"}'}, "message": f"getUpdates failed: request to "
+               f"https://api.telegram.org/bot{bot}/getUpdates failed, reason: ECONNRESET"}
+    headers = {"_meta": {"logLevelName": "ERROR", "name": '{"subsystem":"gateway"}'},
+               "message": f"request headers {{authorization: 'Bearer {key}'}}",
+               "1": {"request": {"headers": {"x-api-key": key, "password": f"{other} and more"}}}}
+    decision = json.loads(gateway_lines()[35])
+    decision["1"]["errorPreview"] = f"401 invalid api_key={other} for https://user:{other}@proxy.local/v1"
+    log = tmp_path / "gateway.log"
+    log.write_bytes(b"".join(json.dumps(line).encode() + b"\n" for line in (channel, headers, decision))
+                    + f"curl -H 'Authorization: Bearer {key}'\n".encode() + gateway_lines()[27])
+    node = run({"TRACE_LOG_PATH": str(log), "TRACE_LOG_POLL": "20ms", "TRACE_LOG_START": "beginning",
+                "TRACE_LOG_LEVEL": "debug"})
+    wait_until(lambda: len(node.rows("log_events")) == 4 and len(node.rows("error_events")) == 1,
+               what="the events")
+    assert node.stop() == 0
+    stored = node.db_path.read_bytes() + json.dumps(node.lines).encode()
+    for secret in (bot, key, other):
+        assert secret.encode() not in stored
+    events = node.rows("log_events")
+    assert "https://api.telegram.org/bot***/getUpdates" in events[0]["message"]
+    assert "Bearer ***" in events[1]["message"] and json.loads(events[1]["detail"])["request"]["headers"] == {
+        "x-api-key": "***", "password": "***"}
+    assert node.rows("error_events")[0]["message"] == \
+        "model fallback decision: 401 invalid api_key=*** for https://user:***@proxy.local/v1"
+    assert events[3]["message"] == json.loads(gateway_lines()[27])["message"]
+    assert node.logs("log line is not JSON")
 
 
 def test_a_last_line_that_never_ends_is_not_read_again_and_again(tmp_path: Path,
@@ -3197,8 +3321,9 @@ ROUND_TRIP = ("created_at", "provider", "model", "status", "error_type", "finish
 def test_otlp_push_into_another_otrace_reproduces_every_llm_row(tmp_path: Path, run: Callable[..., Otrace],
                                                                  protocol: str) -> None:
     """One otrace pushing OTLP to another's OTLP routes: each LLM call is one row there with the same
-    fields (a call that came in over OTLP keeps its OTel ids, so its trace_id too); error events
-    arrive as ERROR log records; nothing is marked synced before the receiver's 200."""
+    fields (a call that came in over OTLP keeps its OTel ids, so its trace_id too); each error event
+    is one row there with its columns, the failure of a call too (its failed span makes the same
+    row); nothing is marked synced before the receiver's 200."""
     receiving = run(db=tmp_path / "receiving.db")
     pushing = run({**PUSH, "TRACE_PUSH_FORMAT": "otlp", "TRACE_PUSH_OTLP_PROTOCOL": protocol,
                    "TRACE_PUSH_ENDPOINT": f"http://127.0.0.1:{receiving.port}", "TRACE_PUSH_INTERVAL": "1h"})
@@ -3210,18 +3335,25 @@ def test_otlp_push_into_another_otrace_reproduces_every_llm_row(tmp_path: Path, 
              trace(trace_id="priced", provider="openai", model="gpt-4o", prompt_tokens=1000,
                    completion_tokens=100)]
     assert pushing.post("/v1/traces", calls).status == 202
-    assert pushing.post("/v1/errors", {"error_type": "crash", "message": "segfault", "severity": "critical"}
-                        ).status == 202
+    assert pushing.post("/v1/errors", [
+        {"error_type": "crash", "message": "segfault", "severity": "critical"},
+        {"error_type": "llm_error", "category": "timeout", "message": "slow", "severity": "warning",
+         "provider": "anthropic", "model": "claude", "session_id": "s-2", "stack_trace": "at f()"}]
+    ).status == 202
     span = chat_span("0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331", **{
         "gen_ai.operation.name": "chat", "gen_ai.provider.name": "openai", "gen_ai.request.model": "gpt-4o",
         "gen_ai.usage.input_tokens": 7, "gen_ai.usage.output_tokens": 3})
-    assert pushing.post("/v1/traces", spans_body(span)).status == 200
-    pushing.wait_persisted(5)
+    failed = chat_span("0af7651916cd43dd8448eb211c80319d", "b7ad6b7169203332", **{
+        "gen_ai.operation.name": "chat", "gen_ai.provider.name": "openai", "gen_ai.request.model": "gpt-4o",
+        "error.type": "RateLimitError"})
+    failed["status"] = {"code": 2, "message": "Error code: 429 - rate limit reached"}
+    assert pushing.post("/v1/traces", spans_body(span, failed)).status == 200
+    pushing.wait_persisted(8)
     assert pushing.stop() == 0                                 # the last push sends them all
     assert set(synced(pushing).values()) == {1}
     sent = {row["trace_id"]: row for row in pushing.rows("llm_traces")}
     got = {row["trace_id"]: row for row in receiving.rows("llm_traces")}
-    assert len(got) == len(sent) == 4
+    assert len(got) == len(sent) == 5
     for trace_id, row in sent.items():
         ids = otrace.otel_ids(trace_id, json.loads(row["metadata"] or "{}"))
         there = got[f"{ids[0].hex()}-{ids[1].hex()}"]
@@ -3229,8 +3361,12 @@ def test_otlp_push_into_another_otrace_reproduces_every_llm_row(tmp_path: Path, 
         assert there["latency_ms"] == pytest.approx(row["latency_ms"] or 0, abs=1e-6)
         assert there["ttft_ms"] == pytest.approx(row["ttft_ms"]) if row["ttft_ms"] else True
     assert "0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331" in got      # its own ids, kept
-    errors = {row["message"]: row for row in receiving.rows("error_events")}
-    assert errors["segfault"]["severity"] == "critical" and errors["segfault"]["source"] == "otlp"
+    columns = ("error_type", "category", "severity", "message", "stack_trace", "provider", "model",
+               "session_id")
+    there = collections.Counter(tuple(row[k] for k in columns) for row in receiving.rows("error_events"))
+    here = collections.Counter(tuple(row[k] for k in columns) for row in pushing.rows("error_events"))
+    assert there == here + collections.Counter([("llm_error", "rate_limit", "error", "http_429", None,
+                                                 "anthropic", "claude-sonnet-4", None)])  # "failed"'s span
 
 
 def test_otlp_push_holds_times_past_its_range_at_their_largest(run: Callable[..., Otrace],
@@ -6897,6 +7033,26 @@ def test_cumulative_metrics_become_deltas_across_restarts_and_resets(run: Callab
                     ("gen_ai.client.calls", 7.0, 49000, 50000, 0, "anthropic", "openclaw-gateway")]
     assert (health["otlp"]["metric_resets"], health["otlp"]["metric_points_other"]) == (1, 0)
     assert len({r["trace_id"] for r in node.rows("genai_metrics")}) == 5
+
+
+def test_a_cumulative_histograms_change_has_no_min_or_max(run: Callable[..., Otrace]) -> None:
+    """OTLP's min and max cover a point's whole window: a change since the last point has neither,
+    also when the first point's time was its start time (a millisecond clock, as the JS SDK's)."""
+    def histogram(at: int, count: int, total: float, low: float, high: float) -> dict[str, Any]:
+        point = {"startTimeUnixNano": "1796160000000000000", "timeUnixNano": str(at), "count": str(count),
+                 "sum": total, "min": low, "max": high, "bucketCounts": [str(count)], "explicitBounds": [],
+                 "attributes": [{"key": "gen_ai.request.model", "value": {"stringValue": "m"}}]}
+        metric = {"name": "gen_ai.client.operation.duration", "unit": "s",
+                  "histogram": {"aggregationTemporality": 2, "dataPoints": [point]}}
+        return {"resourceMetrics": [{"resource": {}, "scopeMetrics": [{"scope": {"name": "s"},
+                                                                        "metrics": [metric]}]}]}
+
+    node = run()
+    assert node.post("/v1/metrics", histogram(1796160000000000000, 1, 1.5, 1.5, 1.5)).status == 200
+    assert node.post("/v1/metrics", histogram(1796160010000000000, 2, 2.0, 0.5, 1.5)).status == 200
+    node.wait_persisted(2)
+    rows = [(r["count"], r["value"], r["min"], r["max"]) for r in node.rows("genai_metrics")]
+    assert rows == [(1, 1.5, 1.5, 1.5), (1, 0.5, None, None)]
 
 
 def log_body(trace_hex: str, span_hex: str, event: str, body: dict[str, Any] | None = None,
