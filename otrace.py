@@ -472,8 +472,8 @@ class Config:
                                 "never held. The lines otrace reads at once hold at most 4 MiB, or one line.")
     openclaw_state_dir: str = setting("auto", STATE_DIR, "OpenClaw's state directory, whose `agents/*/` "
                                       "session stores give every model call's tokens and cost; auto: "
-                                      "$OPENCLAW_STATE_DIR, else ~/.openclaw when it exists; off: not "
-                                      "read. A directory not there yet is waited for.")
+                                      "$OPENCLAW_STATE_DIR, else ~/.openclaw; off: not read. A "
+                                      "directory not there yet is waited for.")
     quiet_poll: float = setting("5s", duration("10ms", "10m"), "The longest wait between looks at a quiet "
                                 "gateway log or session store: each look that finds nothing new doubles "
                                 "the wait, from TRACE_LOG_POLL (TRACE_OPENCLAW_POLL) up to this; something "
@@ -6279,7 +6279,8 @@ def classify(line: LogLine) -> str | None:
             return "model_call"
         if msg.startswith("[model-fetch] error"):
             return "model_error"
-    if (sub == "agent/embedded" and line.info.get("isError") is True) or (sub == RUN_FAILED and notice):
+    if (sub == "agent/embedded" and line.info.get("isError") is True) or (
+            sub == RUN_FAILED and notice and line.info.get("decision") != "candidate_succeeded"):
         return "model_error"
     return "other" if notice else None
 
@@ -6307,8 +6308,10 @@ def model_failure(line: LogLine, kind: str) -> dict[str, Any] | None:
     said = _as_text(info.get("error")) or (f"{line.message}: {preview}" if preview else line.message) or kind
     return {"error_type": "llm_error", "category": category, "severity": "error" if line.level in (
                 "ERROR", "FATAL") else "warning", "message": redact_text(said),
-            "provider": fields.get("provider") or info.get("provider") or info.get("requestedProvider"),
-            "model": fields.get("model") or info.get("model") or info.get("requestedModel"),
+            "provider": fields.get("provider") or info.get("provider") or info.get("candidateProvider")
+            or info.get("requestedProvider"),
+            "model": fields.get("model") or info.get("model") or info.get("candidateModel")
+            or info.get("requestedModel"),
             "session_id": line.session_id or info.get("sessionId")}
 
 
@@ -6684,16 +6687,18 @@ class LogTailer(QuietReader):
                                 kind or "info", message, redact_text(detail) if quoted and detail else detail,
                                 line.otel_trace_id, followed.path, start))]
         self.note_attempt(line, trace_id, created, extra)
-        ends_run = kind == "model_error" and line.subsystem == RUN_FAILED
-        run = line.info.get("runId") if ends_run and isinstance(line.info.get("runId"), str) else None
-        if self.store_followed:
+        decided = kind == "model_error" and line.subsystem == RUN_FAILED
+        # a candidate failed and the next is tried: the store keeps only the run's answer, if any
+        candidate = decided and line.info.get("fallbackStepFinalOutcome") == "next_fallback"
+        run = line.info.get("runId") if decided and isinstance(line.info.get("runId"), str) else None
+        if self.store_followed and not candidate:
             if run:
                 extra.append((COUNT_ON_STORE_SQL, (run,)))
             return rows
-        failure = model_failure(line, kind) if ends_run else None
+        failure = model_failure(line, kind) if decided else None
         if failure and run:
             failure["category"] = failure_category(self.last_outcome.get(run)) or failure["category"]
-            failure |= {"severity": "error", "metadata": {"run_id": run}}   # the run got no answer
+            failure |= {"severity": "error", "metadata": {"run_id": run}}   # that model gave no answer
             extra.append((COUNT_ON_ROW_SQL, (run, f"{trace_id}-{ERRORS.name}")))
         derived = ((TRACES, trace_row, model_call(line) if kind == "model_call" else None),
                    (ERRORS, error_row, failure))
@@ -6826,7 +6831,8 @@ ENTRIES_SQL = """
 
 def openclaw_state_dir(setting: str, environ: Mapping[str, str] = os.environ) -> Path | None:
     """The state directory TRACE_OPENCLAW_STATE_DIR names: a path as given; auto: $OPENCLAW_STATE_DIR
-    if set, else ~/.openclaw of this user when it exists; None for off, or auto finding neither."""
+    if set, else ~/.openclaw of this user, there yet or not (a store that appears later must not find
+    its calls already stored from OpenClaw's spans); None for off, or a user without a home."""
     if setting == "off":
         return None
     if setting != "auto":
@@ -6837,7 +6843,7 @@ def openclaw_state_dir(setting: str, environ: Mapping[str, str] = os.environ) ->
         home = Path.home() / ".openclaw"
     except (RuntimeError, KeyError):       # no $HOME and a uid the password database does not know
         return None
-    return home if home.is_dir() else None
+    return home
 
 
 def store_trace_id(agent: str, session: str, entry: str) -> str:
@@ -6911,7 +6917,9 @@ def store_events(entry: Any, agent: str, session: str, fallback_id: str
     parts = [n for n in (_count(usage.get("input")), read, write) if n is not None]
     internal = message.get("__openclaw") if isinstance(message.get("__openclaw"), dict) else {}
     stored = _log_time(entry.get("timestamp"))
-    failed = message.get("stopReason") == "error"
+    failed = message.get("stopReason") == "error" or (      # a turn that timed out is stored aborted
+        message.get("stopReason") == "aborted" and isinstance(message.get("errorMessage"), str)
+        and bool(message["errorMessage"]))
     code, kind = _name(str(message["errorCode"]) if message.get("errorCode") is not None else None), \
         _name(message.get("errorType"))
     metadata = {"agent_id": agent, "run_id": _name(internal.get("runId")), "entry_id": entry_id,
@@ -8041,14 +8049,20 @@ class Breaker:
             self.retry_at = time.time() + min(self.MAX_COOLDOWN, self.cooldown * 2**doublings)
 
 
+REFUSALS_IN_A_ROW = 64      # answers refusing content with no acceptance between: the receiver refuses all
+
+
 @dataclasses.dataclass
 class Cycle:
-    """What one push cycle learned: whether the receiver accepted anything, the rows it refused one
-    by one (poison only if it did accept others), and the confirmed batch the writer is marking
-    synced while the next one is sent."""
+    """What one push cycle learned: whether the receiver accepted anything; the event it refused
+    alone last, a suspect until the next answer (an acceptance makes it poison, anything else a fault
+    of the receiver's); the poison found; how many answers in a row refused content; and the confirmed
+    batch the writer is marking synced while the next one is sent."""
 
     accepted: bool = False
-    refused: list[tuple[str, int, str, Attempt]] = dataclasses.field(default_factory=list)
+    suspect: tuple[Batch, Attempt] | None = None
+    refused: list[tuple[Batch, Attempt]] = dataclasses.field(default_factory=list)
+    refusals_in_a_row: int = 0
     marking: tuple[Future, int] | None = None
     packer: Packer | None = None
 
@@ -8135,10 +8149,14 @@ class Pusher(Loop):
                     deadline is not None and time.monotonic() >= deadline) or not self.held(deadline):
                 return False
             attempt = self.receiver.post(batch, self.format, deadline)
-            if attempt.retry_after:
-                self.not_before = time.monotonic() + attempt.retry_after
             verdict = attempt.verdict
+            if attempt.retry_after and verdict != "ok":     # an accepting receiver is not asking to wait
+                self.not_before = time.monotonic() + attempt.retry_after
             self.note(attempt, verdict)
+            if cycle.suspect and verdict == "ok":   # accepted right after it: the suspect is poison
+                cycle.refused.append(cycle.suspect)
+            cycle.suspect = None
+            cycle.refusals_in_a_row = cycle.refusals_in_a_row + 1 if verdict == "split" else 0
             if verdict == "ok":
                 self.marked(cycle, deadline)      # the batch before, while this one was sent
                 cycle.marking = (self.events.submit(functools.partial(record_pushed, batch, attempt)),
@@ -8151,9 +8169,10 @@ class Pusher(Loop):
             if verdict == "split":
                 if not batch.ids():       # a report of losses alone, refused: try it next cycle
                     return False
+                if cycle.refusals_in_a_row > REFUSALS_IN_A_ROW:     # the receiver refuses everything
+                    return False
                 if len(batch) == 1:
-                    table, row_id, trace_id, _, _ = batch.spans[0]
-                    cycle.refused.append((table, row_id, trace_id, attempt))
+                    cycle.suspect = (batch, attempt)
                     return True
                 return all(self.deliver(half, deadline, cycle) for half in batch.halves())
             wait = backoff.next()                # and a Retry-After is waited out by held()
@@ -8187,9 +8206,9 @@ class Pusher(Loop):
         self.totals.add("batches")
 
     def settle(self, cycle: Cycle, deadline: float | None) -> bool:
-        """Rows the push format cannot hold are given up (and reported). Rows refused one by one are
-        given up only if the receiver accepted others in the same cycle; otherwise the receiver is at
-        fault: they stay, and the cycle failed."""
+        """Rows the push format cannot hold are given up (and reported). An event refused alone and
+        followed by an acceptance is sent once more and given up if refused again; a receiver that
+        accepted nothing is at fault: every row stays, and the cycle failed."""
         if cycle.packer and (unencodable := cycle.packer.unencodable):
             attempt = Attempt("", now_ms(), 1, 0, status=0,        # 0: never sent
                               error=f"cannot be sent as {self.config.push_format}")
@@ -8201,20 +8220,29 @@ class Pusher(Loop):
                            "push", extra={"events": len(unencodable), "first": {
                                "table": unencodable[0][0], "trace_id": unencodable[0][2],
                                "reason": unencodable[0][3]}})
-        if not cycle.refused:
-            return True
-        example = cycle.refused[0][3]
-        if not cycle.accepted:
+        if cycle.suspect and not cycle.accepted:
             self.log.warning("receiver refused every event sent this cycle: keeping them for the next",
-                             extra={"refused": len(cycle.refused), "status": example.status,
-                                    "reason": example.error})
+                             extra={"status": cycle.suspect[1].status, "reason": cycle.suspect[1].error})
             return False
-        self.events.call(functools.partial(record_refused, cycle.refused), self.wait(deadline))
-        self.totals.add("refused", len(cycle.refused))
-        self.log.warning("events refused by the receiver while it accepted others: given up, reported "
-                         "in the next push", extra={"refused": len(cycle.refused), "first": {
-                             "table": cycle.refused[0][0], "trace_id": cycle.refused[0][2],
-                             "status": example.status, "reason": example.error}})
+        refused = []
+        for batch, _ in cycle.refused:      # a receiver back from refusing all would refuse it no more
+            if self.stopping.is_set() and (deadline is None or time.monotonic() >= deadline):
+                return False
+            attempt = self.receiver.post(batch, self.format, deadline)
+            self.note(attempt, attempt.verdict)
+            if attempt.verdict == "ok":
+                self.events.call(functools.partial(record_pushed, batch, attempt), self.wait(deadline))
+                self.totals.add("events")
+            elif attempt.verdict == "split":
+                table, row_id, trace_id, _, _ = batch.spans[0]
+                refused.append((table, row_id, trace_id, attempt))
+        if refused:
+            self.events.call(functools.partial(record_refused, refused), self.wait(deadline))
+            self.totals.add("refused", len(refused))
+            self.log.warning("events refused by the receiver while it accepted others: given up, reported "
+                             "in the next push", extra={"refused": len(refused), "first": {
+                                 "table": refused[0][0], "trace_id": refused[0][2],
+                                 "status": refused[0][3].status, "reason": refused[0][3].error}})
         return True
 
     def wait(self, deadline: float | None) -> float:
@@ -8418,7 +8446,8 @@ class Checkpointer(Loop):
             aside = self.copy_aside()
             mode, result = "passive", {**self.events.call(functools.partial(checkpoint, "PASSIVE")),
                                        "copied_aside": aside}
-        log = self.log.debug if woken and mode == "passive" else self.log.info   # a burst's copies: many
+        # a burst's copies are many, and so are the TRUNCATEs a long reader keeps busy: debug
+        log = self.log.debug if woken and (mode == "passive" or result.get("busy")) else self.log.info
         log("wal checkpoint", extra={"mode": mode, **result, "wal_bytes_before": before,
                                      "wal_bytes_after": file_size(self.wal_path)})
 
@@ -9341,11 +9370,12 @@ class Zone:
 
     def local_sql(self, since_ms: int, until_ms: int) -> tuple[str, list[int]]:
         """SQL for created_at as local Unix ms, with its parameters: the offset in force, in pieces
-        where it changes inside the window (daylight saving time)."""
+        where it changes inside the window (daylight saving time; at most once a day), looked for up
+        to a year from now (a row dated far ahead, a clock's error, takes the offset then)."""
         pieces = [(since_ms, self.offset_ms(since_ms))]
-        at = since_ms
+        at, until_ms = since_ms, min(until_ms, now_ms() + 366 * DAY_MS)
         while at < until_ms:
-            step = min(at + HOUR_MS, until_ms)
+            step = min(at + DAY_MS, until_ms)
             if self.offset_ms(step) != pieces[-1][1]:
                 low, high = at, step                  # the offset changes in between: find the ms
                 while high - low > 1:
@@ -9388,16 +9418,25 @@ def _moment(text: str, zone: Zone, now_ms: int, end: bool) -> int:
 def open_snapshot(path: str) -> sqlite3.Connection:
     """The database read-only, in one read transaction. A copy in a directory otrace cannot write
     (no -shm can be made) is read as immutable when it has no WAL beside it, which is then exact."""
-    if not Path(path).is_file():
-        raise ReportError(f"no database at {path} (set --db, or TRACE_DB_PATH)")
+    try:
+        if not stat.S_ISREG(Path(path).stat().st_mode):
+            raise FileNotFoundError
+    except (FileNotFoundError, NotADirectoryError):
+        raise ReportError(f"no database at {path} (set --db, or TRACE_DB_PATH)") from None
+    except OSError as exc:
+        raise ReportError(f"cannot read {path}: {describe(exc)} (run as otrace's user, or root)") from None
     try:
         conn = connect(path, read_only=True)
         conn.execute("SELECT count(*) FROM sqlite_schema").fetchone()
     except sqlite3.DatabaseError as exc:
         if sqlite_code(exc) not in ("SQLITE_READONLY", "SQLITE_CANTOPEN") or Path(path + "-wal").exists():
             raise ReportError(f"cannot read {path}: {describe(exc)}") from None
-        conn = sqlite3.connect(sqlite_uri(path, "ro", immutable=True), uri=True,
-                               isolation_level=None)
+        try:
+            conn = sqlite3.connect(sqlite_uri(path, "ro", immutable=True), uri=True, isolation_level=None)
+            conn.execute("SELECT count(*) FROM sqlite_schema").fetchone()
+        except sqlite3.DatabaseError as again:
+            raise ReportError(f"cannot read {path}: {describe(again)} (run as otrace's user, or root)"
+                              ) from None
     version, tables = schema_of(conn)
     if "llm_traces" not in tables:
         conn.close()

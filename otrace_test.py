@@ -2742,6 +2742,38 @@ def test_secrets_a_gateway_error_quotes_stay_out_of_the_database_and_the_log(
     assert node.logs("log line is not JSON")
 
 
+@needs_gateway_log
+@pytest.mark.parametrize("store", [False, True])
+def test_a_candidate_that_failed_before_a_fallback_answered_is_one_error_event(
+        tmp_path: Path, run: Callable[..., Otrace], store: bool) -> None:
+    """A run whose primary model failed and whose fallback answered: the primary's failure is one
+    error event from its "candidate_failed ... next_fallback" line, with or without the session store
+    (which keeps only the answer); the fallback's "candidate_succeeded" line is no failure."""
+    decision = json.loads(gateway_lines()[35])
+    info = decision["1"]
+    failed = {**info, "decision": "candidate_failed", "candidateProvider": "primary",
+              "candidateModel": "big", "status": 500, "reason": "server_error",
+              "fallbackStepFinalOutcome": "next_fallback",
+              "nextCandidateProvider": "backup", "nextCandidateModel": "small"}
+    succeeded = {**info, "decision": "candidate_succeeded", "candidateProvider": "backup",
+                 "candidateModel": "small", "fallbackStepFinalOutcome": "succeeded"}
+    log = tmp_path / "gateway.log"
+    log.write_bytes(b"".join(json.dumps({**decision, "1": one}).encode() + b"\n"
+                             for one in (failed, succeeded)))
+    env = {"TRACE_LOG_PATH": str(log), "TRACE_LOG_POLL": "20ms", "TRACE_LOG_START": "beginning"}
+    if store:
+        env |= {**STORE_ENV, "TRACE_OPENCLAW_STATE_DIR": str(state_copy(tmp_path))}
+    node = run(env)
+    wait_until(lambda: len(node.rows("log_events")) == 2, what="both lines")
+    node.wait_persisted(0)
+    wait_until(lambda: node.health()["log_tail"]["lines"] == 2 and node.health()["queue_depth"] == 0,
+               what="both lines committed")
+    errors = [(e["provider"], e["model"], e["category"]) for e in node.rows("error_events")
+              if e["source"] == "log"]
+    assert errors == [("primary", "big", "api_failure")]
+    assert [e["kind"] for e in node.rows("log_events")] == ["model_error", "other"]
+
+
 def test_a_last_line_that_never_ends_is_not_read_again_and_again(tmp_path: Path,
                                                                  run: Callable[..., Otrace]) -> None:
     """8 MiB with no newline: held back (cut at TRACE_LOG_LINE_MAX once it ends), and the lines after
@@ -3226,6 +3258,47 @@ def test_refused_batch_is_split_down_to_the_poison_event(run: Callable[..., Otra
                for loss in r["json"].get("losses", [])]
     assert [(x["kind"], x["trace_id"], x["http_status"]) for x in reports] == [("refused", poison, 400)]
     assert node2.query("SELECT count(*) FROM push_rejects WHERE reported_at IS NULL") == [(0,)]
+
+
+def test_events_refused_while_the_receiver_refused_everything_are_not_given_up_when_it_heals(
+        run: Callable[..., Otrace], receiver: Receiver) -> None:
+    """A receiver that answers 400 to everything for a while and then heals, in one cycle: the events
+    it refused alone are kept (an event is poison only if the answer right after its refusal was an
+    acceptance, and it is refused again when sent once more), and every row arrives."""
+    node = run({**PUSH, "TRACE_PUSH_INTERVAL": "1h"})          # nothing pushed before the rows exist
+    ids = node.post("/v1/traces", [trace() for _ in range(40)]).json["trace_ids"]
+    node.wait_persisted(40)
+    assert node.stop() == 0
+    receiver.script = [400] * 7                                  # [8] [4] [2] [1] [1] [2] [1]: then healed
+    node = run(push_env(receiver, TRACE_PUSH_MAX_BYTES="8KiB"), db=node.db_path)
+    wait_synced(node, ids)
+    assert node.query("SELECT count(*) FROM push_rejects") == [(0,)]
+    assert set(receiver.trace_ids()) == set(ids) and node.health()["push"]["events_refused_by_receiver"] == 0
+
+
+def test_a_retry_after_on_an_acceptance_holds_nothing_back(run: Callable[..., Otrace],
+                                                          receiver: Receiver) -> None:
+    """An accepting receiver's Retry-After (asynchronous ingest APIs send one with 202) is no reason
+    to wait: the next cycle goes at its time."""
+    receiver.script = [(202, {"Retry-After": "600"}, "queued")]
+    node = run(push_env(receiver))
+    wait_synced(node, post_some(node, 1))
+    assert node.health()["push"]["held_by_retry_after_until"] is None
+    wait_synced(node, post_some(node, 1))
+
+
+def test_a_receiver_refusing_everything_is_not_sent_every_event_alone(run: Callable[..., Otrace],
+                                                                        receiver: Receiver) -> None:
+    """The search for poison stops after REFUSALS_IN_A_ROW refusals with no acceptance between: a
+    receiver that refuses all gets that many requests a cycle, not two for every event waiting."""
+    receiver.default = 400
+    node = run(push_env(receiver, TRACE_PUSH_MAX_BYTES="8KiB", TRACE_PUSH_INTERVAL="1h"))
+    ids = node.post("/v1/traces", [trace() for _ in range(300)]).json["trace_ids"]
+    node.wait_persisted(300)
+    node.wait_log(lambda e: e.get("message") == "push cycle failed", timeout=30)
+    assert 64 < len(receiver.requests) <= 65                      # REFUSALS_IN_A_ROW, then the cycle ends
+    assert set(synced(node).values()) == {0} and node.query("SELECT count(*) FROM push_rejects") == [(0,)]
+    assert len(ids) == 300
 
 
 @pytest.mark.parametrize("status", [400, 413])
@@ -5149,6 +5222,42 @@ def report(db: Path, *args: str, env: dict[str, str] | None = None) -> subproces
                           env=clean | (env or {}), capture_output=True, text=True, timeout=120, check=False)
 
 
+@pytest.mark.skipif(not ROOT, reason="reading as another user needs root to become one")
+def test_the_report_says_why_a_user_may_not_read_the_database(tmp_path: Path) -> None:
+    """In a directory the user may not enter, or a file it may not read: exit 2 saying so (it was a
+    traceback, exit 1)."""
+    import tempfile
+    folder = Path(tempfile.mkdtemp(prefix="otrace-report-"))    # outside pytest's 0700 directory
+    try:
+        (folder / "private").mkdir()
+        db = build_report_database(folder / "private" / "otrace.db")
+        for directory, file in ((0o700, 0o644), (0o755, 0o600)):
+            (folder / "private").chmod(directory)
+            db.chmod(file)
+            done = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                                   sys.executable, str(OTRACE), "report", "--db", str(db)],
+                                  capture_output=True, text=True, timeout=120, check=False)
+            assert done.returncode == 2 and f"otrace report: cannot read {db}" in done.stderr, done.stderr
+            assert "Traceback" not in done.stderr and "run as otrace's user, or root" in done.stderr
+    finally:
+        shutil.rmtree(folder)
+
+
+def test_a_row_dated_far_ahead_does_not_hold_the_report(svc: Otrace) -> None:
+    """A clock's error put a row in the year 9000: the offsets are looked for up to a year from now,
+    a day at a time (the window was walked an hour at a time to its last row: minutes, and a CASE of
+    14,000 pieces), and the report over all time answers."""
+    berlin, far = otrace.Zone("Europe/Berlin"), int(datetime(9000, 1, 1, tzinfo=UTC).timestamp() * 1000)
+    sql, params = berlin.local_sql(0, far)
+    years = datetime.now(UTC).year + 1 - 1970
+    assert sql.count("WHEN") <= 2 * years and len(params) == 2 * sql.count("WHEN") + 1
+    assert svc.post("/v1/traces", [trace(created_at="9000-01-01T00:00:00Z"), trace()]).status == 202
+    svc.wait_persisted(2)
+    done = report(svc.db_path, "--since", "1970-01-01", "--until", "9998-12-31", "--json",
+                  "--timezone", "Europe/Berlin")
+    assert done.returncode == 0 and json.loads(done.stdout)["calls"]["totals"]["calls"] == 2, done.stderr
+
+
 def test_the_report_shows_control_characters_from_the_data_as_question_marks(svc: Otrace) -> None:
     """A model or session named with an escape sequence or a newline cannot recolour the operator's
     terminal or split a row."""
@@ -5654,6 +5763,13 @@ def test_transcript_entries_become_rows_as_openclaw_counts_them() -> None:
     assert (error["trace_id"], error["category"], error["message"], error["provider"]) == (
         "oc:main:s1:e1", "rate_limit", "429 Rate limit reached", "mock")
     assert error["metadata"]["run_id"] == "run1" and error["metadata"]["error_code"] == "429"
+    timed_out = json.loads(json.dumps(entry))                  # a turn that timed out is stored aborted
+    timed_out["message"].update({"stopReason": "aborted", "errorMessage": "request timed out", "content": []})
+    (_, _, trace), (_, _, error) = otrace.store_events(timed_out, "main", "s1", "seq-5")
+    assert (trace["status"], error["category"], error["message"]) == ("error", "timeout", "request timed out")
+    aborted = json.loads(json.dumps(entry))
+    aborted["message"]["stopReason"] = "aborted"               # stopped with no error: not a failure
+    assert [event["status"] for _, _, event in otrace.store_events(aborted, "main", "s1", "seq-5")] == ["ok"]
     before_reply = {"type": "custom_message", "customType": "run-failed-before-reply", "id": "e2",
                     "content": "This turn ended before a reply: LLM request timed out.", "display": True,
                     "details": {"runId": "run2", "error": "LLM request timed out."},
@@ -5689,9 +5805,7 @@ def test_openclaw_settings_and_where_auto_looks(tmp_path: Path, monkeypatch: pyt
     assert otrace.openclaw_state_dir("off") is None
     assert otrace.openclaw_state_dir(str(tmp_path / "x")) == tmp_path / "x"     # waited for if missing
     monkeypatch.setenv("HOME", str(tmp_path))
-    assert otrace.openclaw_state_dir("auto", {}) is None                          # no ~/.openclaw: off
-    (tmp_path / ".openclaw").mkdir()
-    assert otrace.openclaw_state_dir("auto", {}) == tmp_path / ".openclaw"
+    assert otrace.openclaw_state_dir("auto", {}) == tmp_path / ".openclaw"        # not there yet: waited for
     assert otrace.openclaw_state_dir("auto", {"OPENCLAW_STATE_DIR": "/srv/oc"}) == Path("/srv/oc")
     for name, value, accepts in (("TRACE_OPENCLAW_POLL", "5ms", "a duration from 10ms to 1h"),
                                  ("TRACE_OPENCLAW_STATE_DIR", " ", "auto, off, or the path of a directory")):
@@ -6300,6 +6414,31 @@ def replay(node: Otrace, entries: list[dict[str, Any]]) -> None:
         assert resp.status == 200, (entry["run"], entry["path"], resp)
         assert resp.headers["content-type"] == ("application/x-protobuf" if protobuf else "application/json")
         assert resp.body == (b"" if protobuf else b"{}"), resp
+
+
+@needs_stores
+@needs_otlp_fixtures
+def test_a_default_state_dir_not_there_yet_is_waited_for_so_no_call_counts_twice(
+        tmp_path: Path, run: Callable[..., Otrace]) -> None:
+    """TRACE_OPENCLAW_STATE_DIR=auto on a box where ~/.openclaw is made after otrace starts (a first
+    boot): the store is waited for from the start, so OpenClaw's usage spans are not stored meanwhile
+    (the store will hold those calls); once it is there its calls are read, once, across a restart.
+    (auto read no store at all then, stored the spans, and after a restart read the store as well:
+    every call twice.)"""
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {**STORE_ENV, "TRACE_OPENCLAW_STATE_DIR": "auto", "HOME": str(home), "OPENCLAW_STATE_DIR": ""}
+    node = run(env)
+    assert node.health()["openclaw_sessions"]["waiting"] is True
+    replay(node, [e for e in captured_otlp() if e["run"] == "openclaw" and e["path"] == "/v1/traces"])
+    assert node.health()["otlp"]["openclaw_usage_skipped"] > 0 and node.rows("llm_traces") == []
+    state_copy(home, name=".openclaw")
+    calls = len(wait_traces(node, 6))
+    assert node.stop() == 0
+    node = run(env, db=node.db_path)
+    node.wait_log(lambda e: e.get("message") == "following OpenClaw's session store")
+    wait_until(lambda: node.health()["openclaw_sessions"]["polls"] > 3, what="looks after the restart")
+    assert len(node.rows("llm_traces")) == calls == len(session_traces(node))
 
 
 # The calls of each captured run, in the order their spans were sent: model, status, error_type,
