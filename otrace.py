@@ -3777,6 +3777,9 @@ CHOICE_EVENT = "gen_ai.choice"
 DETAILS_EVENT = "gen_ai.client.inference.operation.details"
 SEVERITY_ERROR, SEVERITY_FATAL = 17, 21
 PUSHED_ERROR = "otrace.error_event"     # the event name of an error_events row another otrace pushed
+# OpenClaw's loggers whose lines tell of a model call's failure: the session store records those
+OPENCLAW_FAILURE_SUBSYSTEMS = frozenset({"diagnostic", "agent/embedded", "model-fallback/decision",
+                                         "provider-transport-fetch"})
 HTTP_STATUS = re.compile(r"\b(?:[Ee]rror code|status(?: code)?)[:= ]+([1-5]\d\d)\b")
 SERIES_SQL = ("INSERT INTO otlp_series (key, series_id, start_ns, time_ns, value, count, buckets, "
               "updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO UPDATE SET "
@@ -3821,6 +3824,7 @@ MERGE_SQL = {(table.name, first): merge_sql(table, first)
              for table in (TRACES, ERRORS) for first in (True, False)}
 OTLP_COUNTERS = (
     "requests", "spans", "llm_spans", "spans_merged", "spans_not_llm", "openclaw_usage_skipped",
+    "openclaw_logs_skipped",
     "spans_rejected", "metric_points", "metric_points_kept", "metric_points_unchanged", "metric_points_other",
     "metric_points_rejected", "metric_resets", "log_records", "log_errors", "log_content",
     "log_content_after_span", "log_content_unlinked", "log_content_expired", "log_other",
@@ -4659,12 +4663,18 @@ class OtlpReceiver:
     # -- logs
     def logs(self, message: Any, received: int) -> Export:
         export, content = Export(), {}
+        log_followed, store_followed = self.service.tailer is not None, self.service.store is not None
         for resource_logs in message.resource_logs:
             resource = otel_attributes(resource_logs.resource.attributes)
             for scope_logs in resource_logs.scope_logs:
                 for record in scope_logs.log_records:
                     export.counts["log_records"] += 1
                     attrs = otel_attributes(record.attributes)
+                    subsystem = attrs.get("openclaw.subsystem")
+                    if scope_logs.scope.name == "openclaw" and (log_followed or (
+                            store_followed and subsystem in OPENCLAW_FAILURE_SUBSYSTEMS)):
+                        export.counts["openclaw_logs_skipped"] += 1     # its lines are read from the file,
+                        continue                                        # its model failures from the store
                     name = getattr(record, "event_name", "") or attrs.get("event.name") or ""
                     name = name if isinstance(name, str) else ""
                     used = False
@@ -6128,6 +6138,7 @@ class DnsProbe(Loop):
 LOG_UNIT_BYTES = 4 << 20         # lines read into one unit: at most this, or one line
 FINGERPRINT_BYTES = 256
 LOG_NAME = re.compile(r"openclaw(?:-[\w.-]+)?-\d{4}-\d{2}-\d{2}\.log")   # not a rotated .N.log
+ROTATED = re.compile(r"openclaw[\w.-]*\.\d+\.log")                          # a size rotation's file
 KEY_VALUE = re.compile(r"(\w+)=(\S+)")
 NETWORK_CODES = {"ECONNREFUSED", "ECONNRESET", "ENOTFOUND", "EAI_AGAIN", "EHOSTUNREACH", "ENETUNREACH",
                  "EPIPE", "UND_ERR_SOCKET"}
@@ -6280,7 +6291,8 @@ def classify(line: LogLine) -> str | None:
         if msg.startswith("[model-fetch] error"):
             return "model_error"
     if (sub == "agent/embedded" and line.info.get("isError") is True) or (
-            sub == RUN_FAILED and notice and line.info.get("decision") != "candidate_succeeded"):
+            sub == RUN_FAILED and notice and line.info.get("decision") != "candidate_succeeded") or (
+            sub == "diagnostic" and msg.startswith("lane task error")):
         return "model_error"
     return "other" if notice else None
 
@@ -6301,7 +6313,8 @@ def model_failure(line: LogLine, kind: str) -> dict[str, Any] | None:
     elif kind == "model_error":
         status, reason = info.get("status"), info.get("failoverReason") or info.get("reason")
         category = ("rate_limit" if status == 429 or reason == "rate_limit" else
-                    "timeout" if status == 408 or reason == "timeout" else "api_failure")
+                    "timeout" if status == 408 or reason == "timeout" else
+                    failure_category(info.get("error"), line.message) or "api_failure")
     else:
         return None
     preview = info.get("errorPreview")
@@ -6487,10 +6500,15 @@ class LogTailer(QuietReader):
         self.known: dict[tuple[int, int], list[tuple[str, int]]] = {}   # (dev, inode) -> [(mark, offset)]
         folder = self.folder()
         self.followed_before = False     # this log's files were followed before: any new one is news
-        for dev, inode, mark, position, path in db.query(
-                "SELECT dev, inode, fingerprint, position, path FROM log_offsets ORDER BY updated_at"):
+        last_read = 0
+        for dev, inode, mark, position, path, updated in db.query(
+                "SELECT dev, inode, fingerprint, position, path, updated_at FROM log_offsets "
+                "ORDER BY updated_at"):
             self.known.setdefault((dev, inode), []).append((mark, position))
-            self.followed_before = self.followed_before or Path(path).parent == folder
+            if Path(path).parent == folder:
+                self.followed_before, last_read = True, max(last_read, updated)
+        # a rotated file written after this and never read is news: the last read, or this start
+        self.since = last_read / 1000 if self.followed_before else time.time()
         self.current: Followed | None = None
         self.chosen_by: tuple[str, ...] = ()   # what the last choice of the file to follow read
         self.backlog = self.unfinished()  # files read before, with lines left: finish them first
@@ -6527,18 +6545,26 @@ class LogTailer(QuietReader):
         return str(newest) if newest else None
 
     def unfinished(self) -> list[str]:
-        """Files in the log's directory otrace has read part of, with bytes left (rotated while
-        otrace was down), oldest first."""
-        folder = self.folder()
+        """Files in the log's directory with lines otrace has not read, oldest first: those it read
+        part of (rotated while otrace was down or behind), and rotated files it never read that were
+        written since it last read this log (rotated away unseen: twice while it was down, or while a
+        full disk held it back)."""
+        try:
+            target, names = self.target(), [p for p in self.folder().iterdir()
+                                            if p.name.startswith("openclaw") and p.name.endswith(".log")]
+        except OSError:
+            return []
         found = []
-        with contextlib.suppress(OSError):
-            for candidate in folder.iterdir():
-                if not candidate.name.startswith("openclaw") or not candidate.name.endswith(".log"):
-                    continue
+        for candidate in names:
+            try:
                 st = candidate.stat()
-                offset = self.resume_at(str(candidate), st)
-                if offset is not None and offset < st.st_size and str(candidate) != self.target():
-                    found.append((st.st_mtime, str(candidate)))
+            except OSError:                  # gone since the listing: the gateway's retention
+                continue
+            offset = self.resume_at(str(candidate), st)
+            if offset is None and ROTATED.fullmatch(candidate.name) and st.st_mtime > self.since:
+                offset = 0
+            if offset is not None and offset < st.st_size and str(candidate) != target:
+                found.append((st.st_mtime, str(candidate)))
         return [p for _, p in sorted(found)]
 
     def resume_at(self, path: str, st: os.stat_result) -> int | None:
@@ -6599,6 +6625,7 @@ class LogTailer(QuietReader):
         os.close(followed.fd)
         self.log.info("finished log file", extra={"file": followed.path, "offset": followed.offset})
         self.current = None
+        self.backlog = self.unfinished()
         self.open_next()
 
     def superseded(self, followed: Followed) -> bool:

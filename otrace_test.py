@@ -2386,9 +2386,9 @@ GATEWAY_LOG = HERE.parent / "shared" / "fixtures" / "openclaw" / "gateway-2026.9
 EXPECTED_KINDS = {
     10: "gateway_start", 15: "config_change", 16: "config_invalid", 17: "channel_error", 18: "channel_start",
     19: "channel_error", 20: "channel_error", 22: "other", 27: "model_call", 30: "model_error",
-    31: "model_error", 32: "other", 33: "other", 34: "other", 35: "model_error", 37: "other", 38: "other",
-    39: "model_call", 40: "other", 41: "other", 42: "auth_failure", 43: "other", 44: "channel_down",
-    46: "channel_error", 47: "config_change", 48: "gateway_stop", 53: "channel_inbound",
+    31: "model_error", 32: "other", 33: "other", 34: "model_error", 35: "model_error", 37: "other",
+    38: "other", 39: "model_call", 40: "other", 41: "other", 42: "auth_failure", 43: "other",
+    44: "channel_down", 46: "channel_error", 47: "config_change", 48: "gateway_stop", 53: "channel_inbound",
     57: "channel_outbound", 60: "gateway_stop", 61: "gateway_stopped",
 }
 
@@ -2458,6 +2458,41 @@ def test_log_replay_through_rotation_truncation_and_a_new_day(tmp_path: Path,
     errors = [(e["category"], e["provider"]) for e in node.rows("error_events")]
     assert errors == [("network_failure", "deadmock")]         # the run that failed; rlmock's had not yet
     assert node.stop() == 0
+
+
+@needs_gateway_log
+def test_a_file_rotated_away_before_otrace_saw_it_is_read(tmp_path: Path, run: Callable[..., Otrace]) -> None:
+    """The gateway's size rotation twice while otrace was down (the file read renamed .1 then .2, and a
+    file otrace never saw renamed .1): each is read, the unseen one too (it was skipped: a gap); the
+    rotated files of before are not read again."""
+    logs = tmp_path / "openclaw"
+    logs.mkdir()
+    day = "openclaw-2026-12-01"
+    lines = gateway_lines()
+
+    def rotate() -> None:
+        for n in (1, 0):
+            name = logs / (f"{day}.{n}.log" if n else f"{day}.log")
+            if name.exists():
+                name.rename(logs / f"{day}.{n + 1}.log")
+
+    (logs / f"{day}.2.log").write_bytes(b"".join(lines[40:44]))          # rotated long before: not news
+    os.utime(logs / f"{day}.2.log", (1, 1))
+    (logs / f"{day}.log").touch()
+    env = {"TRACE_LOG_PATH": str(logs), "TRACE_LOG_POLL": "20ms"}
+    node = run(env)
+    node.wait_log(lambda e: e.get("message") == "following log file")
+    append(logs / f"{day}.log", b"".join(lines[10:15]))
+    wait_until(lambda: sorted(logged(node)) == sorted(expected(range(10, 15))), what="the first lines")
+    assert node.stop() == 0
+    append(logs / f"{day}.log", b"".join(lines[15:20]))
+    rotate()
+    append(logs / f"{day}.log", b"".join(lines[20:30]))                  # never seen by otrace
+    rotate()
+    append(logs / f"{day}.log", b"".join(lines[30:40]))
+    node = run(env, db=node.db_path)
+    wait_until(lambda: sorted(logged(node)) == sorted(expected(range(10, 40))), what="every file's lines")
+    assert node.health()["events_duplicate"] == 0
 
 
 @needs_gateway_log
@@ -2905,7 +2940,8 @@ def test_every_captured_line_is_classified_as_the_gateway_meant_it() -> None:
     failures = {i: otrace.model_failure(otrace.LogLine.parse(gateway_lines()[i]), kind)
                 for i, kind in kinds.items() if kind in ("model_call", "model_error")}
     assert {i: f and f["category"] for i, f in failures.items()} == {   # 31, 35: OpenClaw's own reason
-        27: None, 30: "network_failure", 31: "timeout", 35: "timeout", 39: "rate_limit"}
+        27: None, 30: "network_failure", 31: "timeout", 34: "network_failure", 35: "timeout",
+        39: "rate_limit"}
 
 
 def test_old_gateway_lines_without_message_are_joined() -> None:
@@ -6439,6 +6475,46 @@ def test_a_default_state_dir_not_there_yet_is_waited_for_so_no_call_counts_twice
     node.wait_log(lambda e: e.get("message") == "following OpenClaw's session store")
     wait_until(lambda: node.health()["openclaw_sessions"]["polls"] > 3, what="looks after the restart")
     assert len(node.rows("llm_traces")) == calls == len(session_traces(node))
+
+
+@needs_stores
+@needs_otlp_fixtures
+@pytest.mark.parametrize("follows", ["log", "store", "neither"])
+def test_openclaws_own_error_records_over_otlp_are_not_a_second_event(
+        tmp_path: Path, run: Callable[..., Otrace], follows: str) -> None:
+    """OpenClaw's diagnostics export sends each gateway log line as a log record: while otrace reads the
+    gateway log those records are skipped (the file's lines are the events); while it reads only the
+    session store, the records of a model's failure are (the store's event is the failure); else each
+    ERROR record is an error event."""
+    entry = next(e for e in captured_otlp() if e["run"] == "openclaw" and e["path"] == "/v1/logs")
+    message = decoded(entry)
+    template = message.resource_logs[0].scope_logs[0].log_records[0]
+    records = message.resource_logs[0].scope_logs[0].log_records
+    del records[:]
+    for subsystem, text in (("diagnostic", "lane task error: lane=main error=\"LLM request failed\""),
+                            ("gateway/ws", "closed before connect")):
+        record = records.add()
+        record.CopyFrom(template)
+        record.severity_number, record.severity_text = 17, "ERROR"
+        record.body.string_value = text
+        for attribute in record.attributes:
+            if attribute.key == "openclaw.subsystem":
+                attribute.value.string_value = subsystem
+        if not any(a.key == "openclaw.subsystem" for a in record.attributes):
+            record.attributes.add(key="openclaw.subsystem").value.string_value = subsystem
+    env = {"log": {"TRACE_LOG_PATH": str(tmp_path / "gateway.log")},
+           "store": {**STORE_ENV, "TRACE_OPENCLAW_STATE_DIR": str(state_copy(tmp_path))},
+           "neither": {}}[follows]
+    node = run(env)
+    assert node.post("/v1/logs", message.SerializeToString(), headers=PROTOBUF).status == 200
+    stored = {"log": [], "store": ["closed before connect"],
+              "neither": ["lane task error: lane=main error=\"LLM request failed\"", "closed before connect"]}
+    wait_until(lambda: node.health()["otlp"]["log_records"] == 2, what="both records")
+    node.wait_persisted(0)
+    wait_until(lambda: node.health()["queue_depth"] == 0, what="written")
+    assert sorted(e["message"] for e in node.rows("error_events") if e["source"] == "otlp") == sorted(
+        stored[follows])
+    assert node.health()["otlp"]["openclaw_logs_skipped"] == 2 - len(stored[follows])
 
 
 # The calls of each captured run, in the order their spans were sent: model, status, error_type,
