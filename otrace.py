@@ -9694,9 +9694,15 @@ def csv_text(doc: dict[str, Any]) -> str:
     for group in doc["calls"]["groups"]:
         for row in group["models"] if split else [group]:
             flat = {**row, **{f"latency_{p}_ms": v for p, v in row["latency_ms"].items()}}
-            writer.writerow([group[k] for k in key] + [row[name] for name in named]
-                            + [flat[field] for field in CSV_FIELDS])
+            names = [group[k] for k in key] + [row[name] for name in named]
+            writer.writerow([*map(spreadsheet_safe, names), *(flat[field] for field in CSV_FIELDS)])
     return out.getvalue()
+
+
+def spreadsheet_safe(value: Any) -> Any:
+    """A name as a spreadsheet shows it, not as a formula it runs: =, +, -, @ first get a quote."""
+    return "'" + value if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r") \
+        else value
 
 
 CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2066-\u2069]")

@@ -9,11 +9,13 @@ from __future__ import annotations
 import base64
 import collections
 import contextlib
+import csv
 import errno
 import functools
 import gzip
 import http.client
 import http.server
+import io
 import ipaddress
 import itertools
 import json
@@ -5306,6 +5308,10 @@ def test_the_report_shows_control_characters_from_the_data_as_question_marks(svc
     lines = report(svc.db_path).stdout.splitlines()
     assert any(line.startswith("anthropic/x?[31mRED?[0m ") for line in lines)
     assert any(line.startswith("anthropic/new?line ") for line in lines)
+    assert svc.post("/v1/traces", trace(provider="=cmd", model="@SUM(A1)")).status == 202   # a formula
+    svc.wait_persisted(3)
+    rows = list(csv.reader(io.StringIO(report(svc.db_path, "--csv").stdout)))
+    assert ["'=cmd", "'@SUM(A1)"] in [row[:2] for row in rows]
 
 
 def report_json(db: Path, *args: str) -> dict[str, Any]:
