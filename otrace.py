@@ -472,8 +472,9 @@ class Config:
                                 "never held. The lines otrace reads at once hold at most 4 MiB, or one line.")
     openclaw_state_dir: str = setting("auto", STATE_DIR, "OpenClaw's state directory, whose `agents/*/` "
                                       "session stores give every model call's tokens and cost; auto: "
-                                      "$OPENCLAW_STATE_DIR, else ~/.openclaw; off: not read. A "
-                                      "directory not there yet is waited for.")
+                                      "$OPENCLAW_STATE_DIR, else ~/.openclaw when it exists or when "
+                                      "TRACE_LOG_PATH is set; off: not read. A directory not there yet is "
+                                      "waited for.")
     quiet_poll: float = setting("5s", duration("10ms", "10m"), "The longest wait between looks at a quiet "
                                 "gateway log or session store: each look that finds nothing new doubles "
                                 "the wait, from TRACE_LOG_POLL (TRACE_OPENCLAW_POLL) up to this; something "
@@ -5407,14 +5408,14 @@ _SECRETS = (     # (pattern, replacement), applied in order to the whole command
 )
 _TEXT_SECRETS = (   # (words that must be in the lower-cased text, pattern, replacement), for prose and JSON
     (("bearer", "basic"), *_BEARER),
-    (("key", "token", "secret", "passw"),        # not "tokens=", "sessionKey=": counts and ids
-     re.compile(r"(?<![\w-])([\w-]*(?:api[_-]?key|token|secret|passw(?:or)?d)[\"']?\s*[=:]\s*)"
-                r"(\"(?:[^\"\\]|\\.)*\"|'[^']*'|[^\s,;&\"'}\\]+)", re.IGNORECASE),
-     lambda m: m[1] + (m[2][0] + "***" + m[2][0] if m[2][0] in "\"'" else "***")),   # JSON stays JSON
-    (("://",), re.compile(r"://([^/\s:@]*):(?!\d+(?:[/?#\s]|$))[^\s\"]*?@(?=[^\s@/]*(?:[/?#\s]|$))"),
-     r"://\1:***@"),                                                    # a URL's password (not a port)
-    (("://",), re.compile(r"://[^/\s:@\"]+@"), "://***@"),            # a token as a URL's user
-    (("sig=",), *_SIGNATURE),
+    (("api_key", "api-key", "apikey", "token", "secret", "passw"),   # not "tokens=", "sessionKey="
+     re.compile(r"((?:api[_-]?key|token|secret|passw(?:or)?d)[\"']?\s*[=:]\s*)"
+                r"(\"(?:[^\"\\]|\\.){0,4096}\"|'[^']{0,4096}'|[^\s,;&\"'}\\]+)", re.IGNORECASE),
+     lambda m: m[1] + (m[2][0] + "***" + m[2][0] if m[2][0] in "\"'" else "***")),
+    (("://",), re.compile(r"://([^/\s:@\"]{0,256}):(?!\d+(?:[/?#\s]|$))[^\s\"@]{0,256}@"
+                          r"(?=[^\s@/]*(?:[/?#\s]|$))"), r"://\1:***@"),       # a URL's password, not a port
+    (("://",), re.compile(r"://[^/\s:@\"]{1,256}@"), "://***@"),       # a token as a URL's user
+    (("sig=",), re.compile(r"([?&]sig=)[^&\s#\"]+"), r"\1***"),
     (("bot",), re.compile(r"\bbot\d{5,}:[\w-]{30,}"), "bot***"),      # a Telegram bot's token in its URL
     (("sk-", "sk_", "pk-", "pk_", "rk-", "rk_", "gh", "xox", "aiza", "hf_", "gsk_", "akia", "eyj"),
      *_KEY_SHAPES),
@@ -5525,11 +5526,38 @@ def redact_text(text: str) -> str:
     """Text another program wrote (an error it logged, with the request it quotes), with what looks
     like a secret replaced by ***: values of secret-named keys, bearer tokens, URL passwords and
     users, and API keys and JWTs by their look. A pattern runs only if its words are in the text."""
+    if not might_hold_secret(text):
+        return text
     lower = text.lower()
     for words, pattern, replacement in _TEXT_SECRETS:
         if any(word in lower for word in words):
             text = pattern.sub(replacement, text)
     return text
+
+
+_SECRET_KEY = re.compile(r"[\w.-]*(?:api[_-]?key|token|secret|passw(?:or)?d|authorization|cookie"
+                         r"|credentials?)", re.IGNORECASE)
+_SECRET_WORDS = tuple({word for words, _, _ in _TEXT_SECRETS for word in words}
+                      | {"authorization", "cookie", "credential"})
+
+
+def might_hold_secret(text: str) -> bool:
+    """Whether any word a secret pattern needs is in the text: most texts are passed over at that."""
+    lower = text.lower()
+    return any(word in lower for word in _SECRET_WORDS)
+
+
+def redact_json(value: Any) -> Any:
+    """A structured value with its strings redacted (redact_text) and the strings under a key named
+    like a secret replaced by ***: done on the value, so its JSON stays JSON."""
+    if isinstance(value, str):
+        return redact_text(value)
+    if isinstance(value, list):
+        return [redact_json(item) for item in value]
+    if isinstance(value, dict):
+        return {key: "***" if isinstance(item, str) and isinstance(key, str) and _SECRET_KEY.fullmatch(key)
+                else redact_json(item) for key, item in value.items()}
+    return value
 
 
 def read_uid(procfs: Path, pid: int) -> int | None:
@@ -6710,9 +6738,10 @@ class LogTailer(QuietReader):
         message = cut_utf8(redact_text(line.message) if quoted else line.message,
                            self.config.max_text_bytes)[0]
         detail = self.detail_json(line.detail)
+        if quoted and detail and might_hold_secret(detail):
+            detail = self.detail_json(redact_json(line.detail))
         rows = [Row(LOGS.name, (trace_id, created, received, "log", line.level, line.subsystem,
-                                kind or "info", message, redact_text(detail) if quoted and detail else detail,
-                                line.otel_trace_id, followed.path, start))]
+                                kind or "info", message, detail, line.otel_trace_id, followed.path, start))]
         self.note_attempt(line, trace_id, created, extra)
         decided = kind == "model_error" and line.subsystem == RUN_FAILED
         # a candidate failed and the next is tried: the store keeps only the run's answer, if any
@@ -6856,10 +6885,12 @@ ENTRIES_SQL = """
     FROM transcript_events WHERE session_id = ? AND seq > ? ORDER BY seq LIMIT ?"""
 
 
-def openclaw_state_dir(setting: str, environ: Mapping[str, str] = os.environ) -> Path | None:
+def openclaw_state_dir(setting: str, environ: Mapping[str, str] = os.environ,
+                       gateway_here: bool = False) -> Path | None:
     """The state directory TRACE_OPENCLAW_STATE_DIR names: a path as given; auto: $OPENCLAW_STATE_DIR
-    if set, else ~/.openclaw of this user, there yet or not (a store that appears later must not find
-    its calls already stored from OpenClaw's spans); None for off, or a user without a home."""
+    if set, else ~/.openclaw of this user when it exists, or when otrace follows the gateway's log
+    (`gateway_here`: a store the gateway makes later must not find its calls already stored from
+    OpenClaw's spans and log); None for off, or auto finding neither."""
     if setting == "off":
         return None
     if setting != "auto":
@@ -6870,7 +6901,7 @@ def openclaw_state_dir(setting: str, environ: Mapping[str, str] = os.environ) ->
         home = Path.home() / ".openclaw"
     except (RuntimeError, KeyError):       # no $HOME and a uid the password database does not know
         return None
-    return home
+    return home if gateway_here or home.is_dir() else None
 
 
 def store_trace_id(agent: str, session: str, entry: str) -> str:
@@ -7473,13 +7504,16 @@ class Packer:
     ENVELOPE = 512               # bytes of the batch around its events, with room to spare
 
     def __init__(self, conn: sqlite3.Connection, max_bytes: int, tables: Iterable[str],
-                 form: OtraceFormat | OtlpFormat) -> None:
+                 form: OtraceFormat | OtlpFormat, skip: Collection[tuple[str, int]] = ()) -> None:
         self.conn, self.max_bytes, self.tables, self.form = conn, max_bytes, tuple(tables), form
+        self.skip = skip                 # (table, row id) of rows left out: the push's suspects
         self.unencodable: list[tuple[str, int, str, str]] = []   # (table, row id, trace_id, why)
 
     def batches(self) -> Iterator[Batch]:
         batch = Batch(separator=self.form.separator)
         for table, row in self.rows():
+            if (table, row["id"]) in self.skip:
+                continue
             try:
                 encoded, signal = self.form.item(table, row), self.form.signal(table)
             except (ValueError, TypeError, OverflowError) as exc:   # a value the format cannot hold
@@ -7504,12 +7538,21 @@ class Packer:
                 names = [d[0] for d in cursor.description]
                 rows = cursor.fetchall()
                 for row in rows:
-                    yield table, {name: json.loads(value) if name in JSON_COLUMNS and value else value
+                    yield table, {name: json_or_text(value) if name in JSON_COLUMNS and value else value
                                   for name, value in zip(names, row, strict=True)
                                   if name not in INTERNAL_COLUMNS}
                 if len(rows) < self.PAGE:
                     break
                 after = rows[-1][0]
+
+
+def json_or_text(value: str) -> Any:
+    """A JSON column's value; its text as it is if it is not JSON (a database from elsewhere, or an
+    otrace's fault): one such row must not stop every push."""
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value
 
 
 def _request_target(url: str) -> str:
@@ -8076,18 +8119,17 @@ class Breaker:
             self.retry_at = time.time() + min(self.MAX_COOLDOWN, self.cooldown * 2**doublings)
 
 
-REFUSALS_IN_A_ROW = 64      # answers refusing content with no acceptance between: the receiver refuses all
+REFUSALS_IN_A_ROW = 64      # answers refusing content with no acceptance between: the cycle ends
+MAX_SUSPECTS = 1024         # events refused alone, kept out of batches until sent again
 
 
 @dataclasses.dataclass
 class Cycle:
-    """What one push cycle learned: whether the receiver accepted anything; the event it refused
-    alone last, a suspect until the next answer (an acceptance makes it poison, anything else a fault
-    of the receiver's); the poison found; how many answers in a row refused content; and the confirmed
-    batch the writer is marking synced while the next one is sent."""
+    """What one push cycle learned: whether the receiver accepted anything, the events it refused
+    alone (with the answer), how many answers in a row refused content, and the confirmed batch the
+    writer is marking synced while the next one is sent."""
 
     accepted: bool = False
-    suspect: tuple[Batch, Attempt] | None = None
     refused: list[tuple[Batch, Attempt]] = dataclasses.field(default_factory=list)
     refusals_in_a_row: int = 0
     marking: tuple[Future, int] | None = None
@@ -8110,6 +8152,9 @@ class Pusher(Loop):
         self.loss_tables = self.tables if config.push_format == "otrace" or "logs" in config.push_signals \
             else ()
         self.breaker = Breaker(config.push_breaker_threshold, config.push_breaker_cooldown)
+        # events refused alone, left out of the batches until a cycle the receiver accepts others in
+        # sends them again: poison then, if refused alone again; else a receiver that refused all
+        self.suspects: dict[tuple[str, int], Batch] = {}
         self.cycle_lock = threading.Lock()
         self.not_before = 0.0            # monotonic time the receiver's last Retry-After asked to wait for
         self.last_time: float | None = None
@@ -8139,6 +8184,8 @@ class Pusher(Loop):
             finally:
                 self.marked(cycle, deadline)
             ok = self.settle(cycle, deadline) and ok
+            if ok and self.suspects:
+                ok = self.retry_suspects(cycle.accepted, deadline)
             if ok and self.last_status == "never":
                 self.last_status = "ok"     # nothing was waiting: the receiver is not known to be down
             if not ok and self.stopping.is_set() and (deadline is None or time.monotonic() >= deadline):
@@ -8157,7 +8204,8 @@ class Pusher(Loop):
         """The cycle's batches; first, what was given up since the last report (in otrace's format,
         in the head of its first batch of events)."""
         losses = unreported_losses(conn, self.loss_tables)
-        cycle.packer = Packer(conn, self.config.push_max_bytes, self.tables, self.format)
+        cycle.packer = Packer(conn, self.config.push_max_bytes, self.tables, self.format,
+                              skip=self.suspects)
         batches = cycle.packer.batches()
         if losses:
             report = self.format.report(losses)
@@ -8177,18 +8225,18 @@ class Pusher(Loop):
                 return False
             attempt = self.receiver.post(batch, self.format, deadline)
             verdict = attempt.verdict
-            if attempt.retry_after and verdict != "ok":     # an accepting receiver is not asking to wait
+            if attempt.retry_after and not 200 <= (attempt.status or 0) < 300:   # a 2xx asks no wait
                 self.not_before = time.monotonic() + attempt.retry_after
             self.note(attempt, verdict)
-            if cycle.suspect and verdict == "ok":   # accepted right after it: the suspect is poison
-                cycle.refused.append(cycle.suspect)
-            cycle.suspect = None
             cycle.refusals_in_a_row = cycle.refusals_in_a_row + 1 if verdict == "split" else 0
             if verdict == "ok":
                 self.marked(cycle, deadline)      # the batch before, while this one was sent
                 cycle.marking = (self.events.submit(functools.partial(record_pushed, batch, attempt)),
                                  len(batch))
                 cycle.accepted = True
+                if self.suspects:
+                    for table, row_id, *_ in batch.spans:
+                        self.suspects.pop((table, row_id), None)
                 return True
             self.events.submit(functools.partial(record_attempt, attempt))
             if verdict == "config":
@@ -8196,10 +8244,13 @@ class Pusher(Loop):
             if verdict == "split":
                 if not batch.ids():       # a report of losses alone, refused: try it next cycle
                     return False
-                if cycle.refusals_in_a_row > REFUSALS_IN_A_ROW:     # the receiver refuses everything
-                    return False
                 if len(batch) == 1:
-                    cycle.suspect = (batch, attempt)
+                    table, row_id, *_ = batch.spans[0]
+                    self.suspects[(table, row_id)] = batch
+                    cycle.refused.append((batch, attempt))
+                if cycle.refusals_in_a_row >= REFUSALS_IN_A_ROW or len(self.suspects) >= MAX_SUSPECTS:
+                    return False                 # the receiver may refuse everything
+                if len(batch) == 1:
                     return True
                 return all(self.deliver(half, deadline, cycle) for half in batch.halves())
             wait = backoff.next()                # and a Retry-After is waited out by held()
@@ -8233,9 +8284,8 @@ class Pusher(Loop):
         self.totals.add("batches")
 
     def settle(self, cycle: Cycle, deadline: float | None) -> bool:
-        """Rows the push format cannot hold are given up (and reported). An event refused alone and
-        followed by an acceptance is sent once more and given up if refused again; a receiver that
-        accepted nothing is at fault: every row stays, and the cycle failed."""
+        """Rows the push format cannot hold are given up (and reported). A cycle in which the
+        receiver refused events and accepted none failed: they stay, suspects, for the next."""
         if cycle.packer and (unencodable := cycle.packer.unencodable):
             attempt = Attempt("", now_ms(), 1, 0, status=0,        # 0: never sent
                               error=f"cannot be sent as {self.config.push_format}")
@@ -8247,29 +8297,50 @@ class Pusher(Loop):
                            "push", extra={"events": len(unencodable), "first": {
                                "table": unencodable[0][0], "trace_id": unencodable[0][2],
                                "reason": unencodable[0][3]}})
-        if cycle.suspect and not cycle.accepted:
+        if cycle.refused and not cycle.accepted:
             self.log.warning("receiver refused every event sent this cycle: keeping them for the next",
-                             extra={"status": cycle.suspect[1].status, "reason": cycle.suspect[1].error})
+                             extra={"refused": len(cycle.refused), "status": cycle.refused[0][1].status,
+                                    "reason": cycle.refused[0][1].error})
             return False
-        refused = []
-        for batch, _ in cycle.refused:      # a receiver back from refusing all would refuse it no more
-            if self.stopping.is_set() and (deadline is None or time.monotonic() >= deadline):
-                return False
-            attempt = self.receiver.post(batch, self.format, deadline)
-            self.note(attempt, attempt.verdict)
-            if attempt.verdict == "ok":
-                self.events.call(functools.partial(record_pushed, batch, attempt), self.wait(deadline))
-                self.totals.add("events")
-            elif attempt.verdict == "split":
-                table, row_id, trace_id, _, _ = batch.spans[0]
-                refused.append((table, row_id, trace_id, attempt))
-        if refused:
-            self.events.call(functools.partial(record_refused, refused), self.wait(deadline))
-            self.totals.add("refused", len(refused))
-            self.log.warning("events refused by the receiver while it accepted others: given up, reported "
-                             "in the next push", extra={"refused": len(refused), "first": {
-                                 "table": refused[0][0], "trace_id": refused[0][2],
-                                 "status": refused[0][3].status, "reason": refused[0][3].error}})
+        return True
+
+    def retry_suspects(self, accepted: bool, deadline: float | None) -> bool:
+        """After a cycle that went through, the events refused alone (in it or before) are sent again,
+        in batches split as any batch is. One refused alone again while the receiver accepted others
+        in the cycle is poison: given up, reported in the next push. If it accepted nothing at all,
+        they stay suspects, and the cycle failed (a receiver that refuses everything)."""
+        again = Cycle()
+        suspects = sorted(self.suspects.items())
+        batches: list[Batch] = []
+        for (table, row_id), single in suspects:
+            _, _, trace_id, start, end = single.spans[0]
+            batch = batches[-1] if batches else None
+            if batch is None or batch.signal != single.signal or (
+                    Packer.ENVELOPE + len(batch.data) + 2 + end - start > self.config.push_max_bytes):
+                batches.append(batch := Batch(single.signal, single.separator))
+            batch.add(table, row_id, trace_id, bytes(single.data[start:end]))
+        try:
+            for batch in batches:
+                if not self.deliver(batch, deadline, again):
+                    break
+        finally:
+            self.marked(again, deadline)
+        if not again.refused:
+            return True
+        if not (accepted or again.accepted):
+            self.log.warning("receiver refused every event sent this cycle: keeping them for the next",
+                             extra={"refused": len(again.refused), "status": again.refused[0][1].status,
+                                    "reason": again.refused[0][1].error})
+            return False
+        refused = [(*batch.spans[0][:3], attempt) for batch, attempt in again.refused]
+        for table, row_id, _, _ in refused:
+            self.suspects.pop((table, row_id), None)
+        self.events.call(functools.partial(record_refused, refused), self.wait(deadline))
+        self.totals.add("refused", len(refused))
+        self.log.warning("events refused by the receiver while it accepted others: given up, reported "
+                         "in the next push", extra={"refused": len(refused), "first": {
+                             "table": refused[0][0], "trace_id": refused[0][2],
+                             "status": refused[0][3].status, "reason": refused[0][3].error}})
         return True
 
     def wait(self, deadline: float | None) -> float:
@@ -9958,7 +10029,7 @@ class Service:
         self.sampler = Sampler(config, self.events, self.db, self.dns, self.processes) \
             if config.metrics_interval else None
         self.debug = Debug(self) if config.debug else None
-        state_dir = openclaw_state_dir(config.openclaw_state_dir)
+        state_dir = openclaw_state_dir(config.openclaw_state_dir, gateway_here=bool(config.log_path))
         self.store = SessionStore(config, self.events, self.db, state_dir) if state_dir else None
         self.tailer = LogTailer(config, self.events, self.db, store_followed=self.store is not None) \
             if config.log_path else None

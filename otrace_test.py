@@ -2755,7 +2755,8 @@ def test_secrets_a_gateway_error_quotes_stay_out_of_the_database_and_the_log(
                f"https://api.telegram.org/bot{bot}/getUpdates failed, reason: ECONNRESET"}
     headers = {"_meta": {"logLevelName": "ERROR", "name": '{"subsystem":"gateway"}'},
                "message": f"request headers {{authorization: 'Bearer {key}'}}",
-               "1": {"request": {"headers": {"x-api-key": key, "password": f"{other} and more"}}}}
+               "1": {"request": {"headers": {"x-api-key": key, "password": f"{other} and more"},
+                                 "token": None, "tokens": 12, "url": f"https://x.blob/c?sv=1&sig={other}"}}}
     decision = json.loads(gateway_lines()[35])
     decision["1"]["errorPreview"] = f"401 invalid api_key={other} for https://user:{other}@proxy.local/v1"
     log = tmp_path / "gateway.log"
@@ -2771,8 +2772,9 @@ def test_secrets_a_gateway_error_quotes_stay_out_of_the_database_and_the_log(
         assert secret.encode() not in stored
     events = node.rows("log_events")
     assert "https://api.telegram.org/bot***/getUpdates" in events[0]["message"]
-    assert "Bearer ***" in events[1]["message"] and json.loads(events[1]["detail"])["request"]["headers"] == {
-        "x-api-key": "***", "password": "***"}
+    assert "Bearer ***" in events[1]["message"] and json.loads(events[1]["detail"])["request"] == {
+        "headers": {"x-api-key": "***", "password": "***"}, "token": None, "tokens": 12,
+        "url": "https://x.blob/c?sv=1&sig=***"}                      # JSON still, and only secrets masked
     assert node.rows("error_events")[0]["message"] == \
         "model fallback decision: 401 invalid api_key=*** for https://user:***@proxy.local/v1"
     assert events[3]["message"] == json.loads(gateway_lines()[27])["message"]
@@ -3314,6 +3316,50 @@ def test_events_refused_while_the_receiver_refused_everything_are_not_given_up_w
     assert set(receiver.trace_ids()) == set(ids) and node.health()["push"]["events_refused_by_receiver"] == 0
 
 
+@pytest.mark.parametrize("bad, good", [(40, 20), (0, 5)])
+def test_events_the_receiver_refuses_alone_are_given_up_and_the_rest_goes(
+        run: Callable[..., Otrace], receiver: Receiver, bad: int, good: int) -> None:
+    """40 events a receiver refuses, then 20 it takes (the search for them passes REFUSALS_IN_A_ROW:
+    those found wait out of the batches, so the next cycle gets further); or one refused event last of
+    six: every good row goes, every bad one is given up once refused alone again, and the breaker
+    stays closed."""
+    node = run({**PUSH, "TRACE_PUSH_INTERVAL": "1h"})
+    ids = node.post("/v1/traces", [trace() for _ in range(bad + good + (0 if bad else 1))]).json["trace_ids"]
+    node.wait_persisted(len(ids))
+    assert node.stop() == 0
+    refused = set(ids[:bad]) if bad else {ids[-1]}
+
+    def act(_: Receiver, request: dict[str, Any]) -> Any:
+        if refused & {e["trace_id"] for e in request["json"]["events"]}:
+            return 400, {"Content-Type": "text/plain"}, "malformed"
+        return 200
+
+    receiver.default = act
+    node = run(push_env(receiver), db=node.db_path)
+    wait_synced(node, [i for i in ids if i not in refused], timeout=60)
+    wait_until(lambda: {i for i, v in synced(node).items() if v in (2, 3)} == refused, timeout=60,
+               what="every refused row given up")
+    assert set(receiver.trace_ids()) >= set(ids) - refused
+    health = node.health()["push"]
+    assert health["events_refused_by_receiver"] == len(refused) and health["breaker"] == "closed"
+
+
+def test_a_row_whose_json_column_is_not_json_is_pushed_as_text(run: Callable[..., Otrace],
+                                                                receiver: Receiver) -> None:
+    """A metadata value that is not JSON (a database from elsewhere, a fault) goes as its text; the
+    rows beside it go too (its json.loads stopped every push cycle)."""
+    node = run({**PUSH, "TRACE_PUSH_INTERVAL": "1h"})
+    ids = node.post("/v1/traces", [trace() for _ in range(3)]).json["trace_ids"]
+    node.wait_persisted(3)
+    assert node.stop() == 0
+    with contextlib.closing(sqlite3.connect(node.db_path)) as conn, conn:
+        conn.execute("UPDATE llm_traces SET metadata = '{\"token\":***}' WHERE trace_id = ?", (ids[1],))
+    node = run(push_env(receiver), db=node.db_path)
+    wait_synced(node, ids)
+    sent = {e["trace_id"]: e for r in receiver.requests for e in r["json"]["events"]}
+    assert sent[ids[1]]["data"]["metadata"] == '{"token":***}'
+
+
 def test_a_retry_after_on_an_acceptance_holds_nothing_back(run: Callable[..., Otrace],
                                                           receiver: Receiver) -> None:
     """An accepting receiver's Retry-After (asynchronous ingest APIs send one with 202) is no reason
@@ -3334,7 +3380,7 @@ def test_a_receiver_refusing_everything_is_not_sent_every_event_alone(run: Calla
     ids = node.post("/v1/traces", [trace() for _ in range(300)]).json["trace_ids"]
     node.wait_persisted(300)
     node.wait_log(lambda e: e.get("message") == "push cycle failed", timeout=30)
-    assert 64 < len(receiver.requests) <= 65                      # REFUSALS_IN_A_ROW, then the cycle ends
+    assert len(receiver.requests) == 64                           # REFUSALS_IN_A_ROW, then the cycle ends
     assert set(synced(node).values()) == {0} and node.query("SELECT count(*) FROM push_rejects") == [(0,)]
     assert len(ids) == 300
 
@@ -5847,7 +5893,10 @@ def test_openclaw_settings_and_where_auto_looks(tmp_path: Path, monkeypatch: pyt
     assert otrace.openclaw_state_dir("off") is None
     assert otrace.openclaw_state_dir(str(tmp_path / "x")) == tmp_path / "x"     # waited for if missing
     monkeypatch.setenv("HOME", str(tmp_path))
-    assert otrace.openclaw_state_dir("auto", {}) == tmp_path / ".openclaw"        # not there yet: waited for
+    assert otrace.openclaw_state_dir("auto", {}) is None                          # no ~/.openclaw: off
+    assert otrace.openclaw_state_dir("auto", {}, gateway_here=True) == tmp_path / ".openclaw"   # awaited
+    (tmp_path / ".openclaw").mkdir()
+    assert otrace.openclaw_state_dir("auto", {}) == tmp_path / ".openclaw"
     assert otrace.openclaw_state_dir("auto", {"OPENCLAW_STATE_DIR": "/srv/oc"}) == Path("/srv/oc")
     for name, value, accepts in (("TRACE_OPENCLAW_POLL", "5ms", "a duration from 10ms to 1h"),
                                  ("TRACE_OPENCLAW_STATE_DIR", " ", "auto, off, or the path of a directory")):
@@ -6462,14 +6511,16 @@ def replay(node: Otrace, entries: list[dict[str, Any]]) -> None:
 @needs_otlp_fixtures
 def test_a_default_state_dir_not_there_yet_is_waited_for_so_no_call_counts_twice(
         tmp_path: Path, run: Callable[..., Otrace]) -> None:
-    """TRACE_OPENCLAW_STATE_DIR=auto on a box where ~/.openclaw is made after otrace starts (a first
-    boot): the store is waited for from the start, so OpenClaw's usage spans are not stored meanwhile
-    (the store will hold those calls); once it is there its calls are read, once, across a restart.
-    (auto read no store at all then, stored the spans, and after a restart read the store as well:
-    every call twice.)"""
+    """TRACE_OPENCLAW_STATE_DIR=auto beside a gateway (its log followed) whose ~/.openclaw is made after
+    otrace starts (a first boot): the store is waited for from the start, so OpenClaw's usage spans
+    are not stored meanwhile (the store will hold those calls); once it is there its calls are read,
+    once, across a restart. (auto read no store at all then, stored the spans, and after a restart read
+    the store as well: every call twice.) Without the gateway's log, auto needs the directory there."""
     home = tmp_path / "home"
     home.mkdir()
-    env = {**STORE_ENV, "TRACE_OPENCLAW_STATE_DIR": "auto", "HOME": str(home), "OPENCLAW_STATE_DIR": ""}
+    env = {**STORE_ENV, "TRACE_OPENCLAW_STATE_DIR": "auto", "HOME": str(home), "OPENCLAW_STATE_DIR": "",
+           "TRACE_LOG_PATH": str(tmp_path / "openclaw")}
+    assert run({**env, "TRACE_LOG_PATH": ""}, db=tmp_path / "alone.db").health()["openclaw_sessions"] is None
     node = run(env)
     assert node.health()["openclaw_sessions"]["waiting"] is True
     replay(node, [e for e in captured_otlp() if e["run"] == "openclaw" and e["path"] == "/v1/traces"])

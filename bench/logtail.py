@@ -161,7 +161,8 @@ def through_otrace(work: Path, source: Path, size: int, lines: int) -> dict[str,
     logs = work / "logs"
     logs.mkdir()
     proc, port = start_otrace(work, {"TRACE_LOG_PATH": str(logs), "TRACE_METRICS_INTERVAL": "off",
-                                     "TRACE_LOG_POLL": "10ms", "TRACE_QUIET_POLL": "10ms"})
+                                     "TRACE_LOG_POLL": "10ms", "TRACE_QUIET_POLL": "10ms",
+                                     "TRACE_OPENCLAW_STATE_DIR": "off"})   # the log alone: its traces too
     try:
         deadline = time.monotonic() + 60
         while not health(port)["log_tail"]["waiting"]:   # a file there at the first look is read from its end
