@@ -5393,7 +5393,7 @@ CONTAINER_CLI = re.compile(r"docker|podman|nerdctl")           # ... not a conta
 _BEARER = (re.compile(r"\b((?:bearer|basic)\s+)[\w.~+/=-]+", re.IGNORECASE), r"\1***")
 _KEY_SHAPES = (re.compile(r"\b(?:sk|pk|rk)[-_][\w-]{16,}|\bgh[pousr]_\w{20,}|\bxox[abprs]-[\w-]{10,}"
                           r"|\bAIza[\w-]{30,}|\b(?:hf|gsk)_\w{30,}"
-                          r"|\bAKIA[0-9A-Z]{16}\b|\beyJ[\w-]{8,}\.[\w-]{8,}\.[\w-]{8,}"),
+                          r"|\bAKIA[0-9A-Z]{16}\b|(?<![\w-])eyJ[\w-]{8,}+\.[\w-]{8,}+\.[\w-]{8,}+"),
                "***")                                                # API keys and JWTs, by their look
 _SIGNATURE = (re.compile(r"([?&]sig=)[^&\s#]+"), r"\1***")         # a signed URL's signature (SAS)
 _SECRETS = (     # (pattern, replacement), applied in order to the whole command line
@@ -5535,8 +5535,8 @@ def redact_text(text: str) -> str:
     return text
 
 
-_SECRET_KEY = re.compile(r"[\w.-]*(?:api[_-]?key|token|secret|passw(?:or)?d|authorization|cookie"
-                         r"|credentials?)", re.IGNORECASE)
+_SECRET_KEY = re.compile(r"[\w.-]*(?:(?:api|private|secret|access|secret[_-]?access)[_-]?key|token|secret"
+                         r"|passw(?:or)?d|authorization|cookie|credentials?)", re.IGNORECASE)
 _SECRET_WORDS = tuple({word for words, _, _ in _TEXT_SECRETS for word in words}
                       | {"authorization", "cookie", "credential"})
 
@@ -5548,15 +5548,16 @@ def might_hold_secret(text: str) -> bool:
 
 
 def redact_json(value: Any) -> Any:
-    """A structured value with its strings redacted (redact_text) and the strings under a key named
-    like a secret replaced by ***: done on the value, so its JSON stays JSON."""
+    """A structured value (parsed JSON: its keys are strings) with its strings redacted (redact_text)
+    and whatever a key named like a secret holds replaced by ***: done on the value, so its JSON stays
+    JSON."""
     if isinstance(value, str):
         return redact_text(value)
     if isinstance(value, list):
         return [redact_json(item) for item in value]
     if isinstance(value, dict):
-        return {key: "***" if isinstance(item, str) and isinstance(key, str) and _SECRET_KEY.fullmatch(key)
-                else redact_json(item) for key, item in value.items()}
+        return {key: "***" if item is not None and _SECRET_KEY.fullmatch(key) else redact_json(item)
+                for key, item in value.items()}
     return value
 
 
@@ -6735,11 +6736,14 @@ class LogTailer(QuietReader):
         logged = line.time_ms
         created = logged if logged is not None and 0 <= logged <= MAX_UNIX_MS else received
         quoted = line.level in NOTICE or kind is None   # not only OpenClaw's words: what an error quotes
-        message = cut_utf8(redact_text(line.message) if quoted else line.message,
-                           self.config.max_text_bytes)[0]
+        message = cut_utf8(line.message, self.config.max_text_bytes)[0]
+        message = redact_text(message) if quoted else message
         detail = self.detail_json(line.detail)
         if quoted and detail and might_hold_secret(detail):
-            detail = self.detail_json(redact_json(line.detail))
+            try:
+                detail = self.detail_json(redact_json(line.detail))
+            except RecursionError:               # nested deeper than the masking walks
+                detail = None
         rows = [Row(LOGS.name, (trace_id, created, received, "log", line.level, line.subsystem,
                                 kind or "info", message, detail, line.otel_trace_id, followed.path, start))]
         self.note_attempt(line, trace_id, created, extra)
@@ -7504,15 +7508,17 @@ class Packer:
     ENVELOPE = 512               # bytes of the batch around its events, with room to spare
 
     def __init__(self, conn: sqlite3.Connection, max_bytes: int, tables: Iterable[str],
-                 form: OtraceFormat | OtlpFormat, skip: Collection[tuple[str, int]] = ()) -> None:
+                 form: OtraceFormat | OtlpFormat, *, skip: Collection[tuple[str, str]] = (),
+                 only: dict[str, list[str]] | None = None) -> None:
         self.conn, self.max_bytes, self.tables, self.form = conn, max_bytes, tuple(tables), form
-        self.skip = skip                 # (table, row id) of rows left out: the push's suspects
+        self.skip = skip                 # (table, trace_id) of rows left out: the push's suspects
+        self.only = only                 # else only these rows (trace_ids by table): the suspects
         self.unencodable: list[tuple[str, int, str, str]] = []   # (table, row id, trace_id, why)
 
     def batches(self) -> Iterator[Batch]:
         batch = Batch(separator=self.form.separator)
         for table, row in self.rows():
-            if (table, row["id"]) in self.skip:
+            if (table, row["trace_id"]) in self.skip:
                 continue
             try:
                 encoded, signal = self.form.item(table, row), self.form.signal(table)
@@ -7528,9 +7534,25 @@ class Packer:
         if batch.spans:
             yield batch
 
+    @staticmethod
+    def parsed(names: list[str], row: tuple) -> dict[str, Any]:
+        """A row, its JSON columns parsed, without otrace's bookkeeping columns."""
+        return {name: json_or_text(value) if name in JSON_COLUMNS and value else value
+                for name, value in zip(names, row, strict=True) if name not in INTERNAL_COLUMNS}
+
     def rows(self) -> Iterator[tuple[str, dict[str, Any]]]:
         """Each unsynced row, its JSON columns parsed, without otrace's bookkeeping columns."""
         for table in self.tables:
+            if self.only is not None:
+                wanted = self.only.get(table, [])
+                for start in range(0, len(wanted), self.PAGE):
+                    some = wanted[start:start + self.PAGE]
+                    cursor = self.conn.execute(f"SELECT * FROM {table} WHERE synced = 0 AND trace_id IN "
+                                               f"({', '.join('?' * len(some))}) ORDER BY id", some)
+                    names = [d[0] for d in cursor.description]
+                    for row in cursor.fetchall():
+                        yield table, self.parsed(names, row)
+                continue
             after = 0
             while True:
                 page = f"SELECT * FROM {table} WHERE synced = 0 AND id > ? ORDER BY id LIMIT {self.PAGE}"
@@ -7538,9 +7560,7 @@ class Packer:
                 names = [d[0] for d in cursor.description]
                 rows = cursor.fetchall()
                 for row in rows:
-                    yield table, {name: json_or_text(value) if name in JSON_COLUMNS and value else value
-                                  for name, value in zip(names, row, strict=True)
-                                  if name not in INTERNAL_COLUMNS}
+                    yield table, self.parsed(names, row)
                 if len(rows) < self.PAGE:
                     break
                 after = rows[-1][0]
@@ -7550,7 +7570,7 @@ def json_or_text(value: str) -> Any:
     """A JSON column's value; its text as it is if it is not JSON (a database from elsewhere, or an
     otrace's fault): one such row must not stop every push."""
     try:
-        return json.loads(value)
+        return json.loads(value, parse_constant=_no_constants)
     except ValueError:
         return value
 
@@ -8120,17 +8140,19 @@ class Breaker:
 
 
 REFUSALS_IN_A_ROW = 64      # answers refusing content with no acceptance between: the cycle ends
-MAX_SUSPECTS = 1024         # events refused alone, kept out of batches until sent again
+MAX_SUSPECTS = 10_000       # events refused alone, kept out of batches until sent again (their keys)
 
 
 @dataclasses.dataclass
 class Cycle:
     """What one push cycle learned: whether the receiver accepted anything, the events it refused
-    alone (with the answer), how many answers in a row refused content, and the confirmed batch the
-    writer is marking synced while the next one is sent."""
+    alone (with the answer) and how many of them were new suspects, how many answers in a row refused
+    content, and the confirmed batch the writer is marking synced while the next one is sent."""
 
     accepted: bool = False
     refused: list[tuple[Batch, Attempt]] = dataclasses.field(default_factory=list)
+    new_suspects: int = 0
+    faults: int = 0                  # answers that were no answer, a 5xx, a 429 or a wrong endpoint
     refusals_in_a_row: int = 0
     marking: tuple[Future, int] | None = None
     packer: Packer | None = None
@@ -8154,7 +8176,7 @@ class Pusher(Loop):
         self.breaker = Breaker(config.push_breaker_threshold, config.push_breaker_cooldown)
         # events refused alone, left out of the batches until a cycle the receiver accepts others in
         # sends them again: poison then, if refused alone again; else a receiver that refused all
-        self.suspects: dict[tuple[str, int], Batch] = {}
+        self.suspects: set[tuple[str, str]] = set()     # (table, trace_id): ids change with a new file
         self.cycle_lock = threading.Lock()
         self.not_before = 0.0            # monotonic time the receiver's last Retry-After asked to wait for
         self.last_time: float | None = None
@@ -8185,13 +8207,16 @@ class Pusher(Loop):
                 self.marked(cycle, deadline)
             ok = self.settle(cycle, deadline) and ok
             if ok and self.suspects:
-                ok = self.retry_suspects(cycle.accepted, deadline)
+                ok = self.retry_suspects(cycle, deadline)
+            # a receiver that answers, refusing events found for the first time, is not down: the next
+            # cycle leaves them out and gets further, so the breaker does not hold it back
+            progressed = not ok and cycle.new_suspects > 0 and cycle.faults == 0
             if ok and self.last_status == "never":
                 self.last_status = "ok"     # nothing was waiting: the receiver is not known to be down
             if not ok and self.stopping.is_set() and (deadline is None or time.monotonic() >= deadline):
                 self.log.info("push cycle cut short by shutdown")
                 return False
-            self.breaker.cycle_ended(ok)
+            self.breaker.cycle_ended(ok or progressed)
             if not ok:
                 self.log.warning("push cycle failed", extra={
                     "status": self.last_status, "error": self.last_error, "breaker": self.breaker.state,
@@ -8205,7 +8230,7 @@ class Pusher(Loop):
         in the head of its first batch of events)."""
         losses = unreported_losses(conn, self.loss_tables)
         cycle.packer = Packer(conn, self.config.push_max_bytes, self.tables, self.format,
-                              skip=self.suspects)
+                              skip=self.suspects.copy())
         batches = cycle.packer.batches()
         if losses:
             report = self.format.report(losses)
@@ -8229,26 +8254,28 @@ class Pusher(Loop):
                 self.not_before = time.monotonic() + attempt.retry_after
             self.note(attempt, verdict)
             cycle.refusals_in_a_row = cycle.refusals_in_a_row + 1 if verdict == "split" else 0
+            cycle.faults += verdict in ("retry", "config")
             if verdict == "ok":
                 self.marked(cycle, deadline)      # the batch before, while this one was sent
                 cycle.marking = (self.events.submit(functools.partial(record_pushed, batch, attempt)),
                                  len(batch))
                 cycle.accepted = True
                 if self.suspects:
-                    for table, row_id, *_ in batch.spans:
-                        self.suspects.pop((table, row_id), None)
+                    self.suspects.difference_update((t, trace_id) for t, _, trace_id, _, _ in batch.spans)
                 return True
             self.events.submit(functools.partial(record_attempt, attempt))
             if verdict == "config":
                 return False
             if verdict == "split":
-                if not batch.ids():       # a report of losses alone, refused: try it next cycle
-                    return False
+                if not batch.ids():       # a report of losses alone, refused: the events go on, it
+                    return True           # is tried again next cycle
                 if len(batch) == 1:
-                    table, row_id, *_ = batch.spans[0]
-                    self.suspects[(table, row_id)] = batch
+                    table, _, trace_id, _, _ = batch.spans[0]
+                    if (table, trace_id) not in self.suspects and len(self.suspects) < MAX_SUSPECTS:
+                        self.suspects.add((table, trace_id))
+                        cycle.new_suspects += 1
                     cycle.refused.append((batch, attempt))
-                if cycle.refusals_in_a_row >= REFUSALS_IN_A_ROW or len(self.suspects) >= MAX_SUSPECTS:
+                if cycle.refusals_in_a_row >= REFUSALS_IN_A_ROW:
                     return False                 # the receiver may refuse everything
                 if len(batch) == 1:
                     return True
@@ -8304,37 +8331,39 @@ class Pusher(Loop):
             return False
         return True
 
-    def retry_suspects(self, accepted: bool, deadline: float | None) -> bool:
-        """After a cycle that went through, the events refused alone (in it or before) are sent again,
-        in batches split as any batch is. One refused alone again while the receiver accepted others
-        in the cycle is poison: given up, reported in the next push. If it accepted nothing at all,
-        they stay suspects, and the cycle failed (a receiver that refuses everything)."""
+    def retry_suspects(self, cycle: Cycle, deadline: float | None) -> bool:
+        """After a cycle that went through, the events refused alone (in it or before) are read again
+        and sent, in batches split as any batch is. One refused alone again while the receiver
+        accepted others in the cycle is poison: given up, reported in the next push. If it accepted
+        nothing at all, they stay suspects, and the cycle failed (a receiver that refuses everything,
+        or poison with nothing else waiting to tell them apart: the next event decides)."""
         again = Cycle()
-        suspects = sorted(self.suspects.items())
-        batches: list[Batch] = []
-        for (table, row_id), single in suspects:
-            _, _, trace_id, start, end = single.spans[0]
-            batch = batches[-1] if batches else None
-            if batch is None or batch.signal != single.signal or (
-                    Packer.ENVELOPE + len(batch.data) + 2 + end - start > self.config.push_max_bytes):
-                batches.append(batch := Batch(single.signal, single.separator))
-            batch.add(table, row_id, trace_id, bytes(single.data[start:end]))
         try:
-            for batch in batches:
-                if not self.deliver(batch, deadline, again):
-                    break
+            with self.db.reading() as conn:
+                wanted: dict[str, list[str]] = {}
+                for table, trace_id in self.suspects:
+                    wanted.setdefault(table, []).append(trace_id)
+                again.packer = Packer(conn, self.config.push_max_bytes, self.tables, self.format, only=wanted)
+                found = set()
+                delivered = True
+                for batch in again.packer.batches():
+                    found.update((table, trace_id) for table, _, trace_id, _, _ in batch.spans)
+                    if not self.deliver(batch, deadline, again):
+                        delivered = False
+                        break
+                else:
+                    self.suspects &= found       # pushed, given up or gone meanwhile: no suspect now
         finally:
             self.marked(again, deadline)
         if not again.refused:
-            return True
-        if not (accepted or again.accepted):
+            return delivered
+        if not (cycle.accepted or again.accepted):
             self.log.warning("receiver refused every event sent this cycle: keeping them for the next",
                              extra={"refused": len(again.refused), "status": again.refused[0][1].status,
                                     "reason": again.refused[0][1].error})
             return False
         refused = [(*batch.spans[0][:3], attempt) for batch, attempt in again.refused]
-        for table, row_id, _, _ in refused:
-            self.suspects.pop((table, row_id), None)
+        self.suspects.difference_update((table, trace_id) for table, _, trace_id, _ in refused)
         self.events.call(functools.partial(record_refused, refused), self.wait(deadline))
         self.totals.add("refused", len(refused))
         self.log.warning("events refused by the receiver while it accepted others: given up, reported "

@@ -3360,6 +3360,21 @@ def test_a_row_whose_json_column_is_not_json_is_pushed_as_text(run: Callable[...
     assert sent[ids[1]]["data"]["metadata"] == '{"token":***}'
 
 
+def test_a_lone_refused_event_waits_for_an_acceptance_to_be_given_up(
+        run: Callable[..., Otrace], receiver: Receiver) -> None:
+    """An idle agent whose one waiting event the receiver refuses: nothing tells poison from a receiver
+    at fault, so it stays (not given up; the cycles count as failed); the next event the receiver takes
+    proves it poison, and it is given up."""
+    node = run(push_env(receiver, TRACE_PUSH_BREAKER_THRESHOLD="2", TRACE_PUSH_BREAKER_COOLDOWN="100ms"))
+    poison = node.post("/v1/traces", trace()).json["trace_ids"][0]
+    receiver.default = refuse_trace(poison)
+    wait_until(lambda: len(receiver.requests) >= 6, what="several cycles")
+    assert synced(node)[poison] == 0 and node.query("SELECT count(*) FROM push_rejects") == [(0,)]
+    good = node.post("/v1/traces", trace()).json["trace_ids"]
+    wait_synced(node, good)
+    wait_until(lambda: synced(node)[poison] in (2, 3), what="the poison given up")
+
+
 def test_a_retry_after_on_an_acceptance_holds_nothing_back(run: Callable[..., Otrace],
                                                           receiver: Receiver) -> None:
     """An accepting receiver's Retry-After (asynchronous ingest APIs send one with 202) is no reason

@@ -24,7 +24,9 @@ events answered 202 within TRACE_BATCH_WINDOW before a SIGKILL ("accepted but no
 Counted apart, as the README documents them: events accepted just before a write outage that a
 SIGTERM during it could not write, which otrace reports itself (exit 1, events_lost: at least as many),
 and those a SIGKILL during a write outage takes from the queue (otrace answers 503 once writes fail, so
-they were accepted before it began).
+they were accepted before it began). The outage is the disk's being full at the signal, or otrace's
+own log saying its writes fail and not yet that they recovered (a disk freed a moment before the
+signal is not written to before the writer's next try, up to 5 s later).
 Exit code 0 when nothing else was lost, 1 otherwise; the other checks (SIGTERM exits 0 in time, ...)
 are printed. --log keeps otrace's log lines, the receiver's pushes and the faults, in time order.
 """
@@ -416,6 +418,7 @@ class Stop:
     code: int | None             # None: it had to be killed after all
     disk_full: bool
     phase: str
+    writes_failing: bool = False  # otrace's writer in an outage at the signal (by its own log)
 
     @property
     def exited(self) -> float:
@@ -487,6 +490,7 @@ class Node:
         """Signal otrace and wait for it to exit (killing it if it overstays by 10 s)."""
         assert self.proc
         self.journal.note("runner", f"sending {sig.name}", life=self.life)
+        failing = self.writes_failing()
         at = time.monotonic()
         self.proc.send_signal(sig)
         try:
@@ -495,11 +499,19 @@ class Node:
             self.proc.kill()
             self.proc.wait()
             code = None
-        stop = Stop(kind, at, time.monotonic() - at, code, disk_full, phase)
+        stop = Stop(kind, at, time.monotonic() - at, code, disk_full, phase, failing)
         self.stops.append(stop)
         self.journal.note("runner", kind, exit_code=code, seconds=round(stop.seconds, 3), disk_full=disk_full,
                           receiver=phase)
         return stop
+
+    def writes_failing(self) -> bool:
+        """Whether this otrace's last word on its writes was that they fail: a disk freed a moment
+        ago is not written to before the writer's next try."""
+        with self.lock:
+            said = [line["message"] for life, line in self.notes if life == self.life and line.get("message")
+                    in ("database write failing", "database write recovered")]
+        return bool(said) and said[-1] == "database write failing"
 
     def crashed(self, disk_full: bool, phase: str) -> None:
         assert self.proc
@@ -639,7 +651,7 @@ def losses(ledger: Ledger, kept: set[str], stops: list[Stop]) -> Loss:
             loss.add(loss.WINDOW, age)
         elif stop and stop.kind == "SIGTERM" and stop.code == 1:
             loss.add(loss.REPORTED, age)
-        elif stop and stop.kind == "SIGKILL" and stop.disk_full:
+        elif stop and stop.kind == "SIGKILL" and (stop.disk_full or stop.writes_failing):
             loss.add(loss.OUTAGE_KILL, age)
         elif stop:
             loss.add(f"at {stop.kind}" + (", disk full" if stop.disk_full else ""), age)
