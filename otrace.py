@@ -2728,7 +2728,14 @@ class Writer(threading.Thread):
         return conn
 
     def run(self) -> None:
-        self.conn = self.connect(self.conn_path)
+        while True:       # a disk that fills as the writer opens its connection is a write failure too
+            try:
+                self.conn = self.connect(self.conn_path)
+                break
+            except (sqlite3.Error, OSError) as exc:
+                self.fault.failed(describe(exc))
+                time.sleep(self.backoff.next())
+        self.backoff.reset()
         retry_at = 0.0
         try:
             while True:
@@ -5395,7 +5402,7 @@ _KEY_SHAPES = (re.compile(r"\b(?:sk|pk|rk)[-_][\w-]{16,}|\bgh[pousr]_\w{20,}|\bx
                           r"|\bAIza[\w-]{30,}|\b(?:hf|gsk)_\w{30,}"
                           r"|\bAKIA[0-9A-Z]{16}\b|(?<![\w-])eyJ[\w-]{8,}+\.[\w-]{8,}+\.[\w-]{8,}+"),
                "***")                                                # API keys and JWTs, by their look
-_SIGNATURE = (re.compile(r"([?&]sig=)[^&\s#]+"), r"\1***")         # a signed URL's signature (SAS)
+_SIGNATURE = (re.compile(r"([?&]sig=)[^&\s#\"]+"), r"\1***")       # a signed URL's signature (SAS)
 _SECRETS = (     # (pattern, replacement), applied in order to the whole command line
     _BEARER,
     (re.compile(rf"(?<![\w.-])(-{{0,2}}{_SECRET_NAME}[\"']?\s*[=:]\s*)(?!(?:bearer|basic)\s)"
@@ -5415,7 +5422,7 @@ _TEXT_SECRETS = (   # (words that must be in the lower-cased text, pattern, repl
     (("://",), re.compile(r"://([^/\s:@\"]{0,256}):(?!\d+(?:[/?#\s]|$))[^\s\"@]{0,256}@"
                           r"(?=[^\s@/]*(?:[/?#\s]|$))"), r"://\1:***@"),       # a URL's password, not a port
     (("://",), re.compile(r"://[^/\s:@\"]{1,256}@"), "://***@"),       # a token as a URL's user
-    (("sig=",), re.compile(r"([?&]sig=)[^&\s#\"]+"), r"\1***"),
+    (("sig=",), *_SIGNATURE),
     (("bot",), re.compile(r"\bbot\d{5,}:[\w-]{30,}"), "bot***"),      # a Telegram bot's token in its URL
     (("sk-", "sk_", "pk-", "pk_", "rk-", "rk_", "gh", "xox", "aiza", "hf_", "gsk_", "akia", "eyj"),
      *_KEY_SHAPES),
@@ -5556,8 +5563,8 @@ def redact_json(value: Any) -> Any:
     if isinstance(value, list):
         return [redact_json(item) for item in value]
     if isinstance(value, dict):
-        return {key: "***" if item is not None and _SECRET_KEY.fullmatch(key) else redact_json(item)
-                for key, item in value.items()}
+        return {key: "***" if item is not None and not isinstance(item, bool) and _SECRET_KEY.fullmatch(key)
+                else redact_json(item) for key, item in value.items()}
     return value
 
 
@@ -6175,6 +6182,7 @@ NOTICE = ("WARN", "ERROR", "FATAL")
 OFFSET_SQL = ("INSERT INTO log_offsets (dev, inode, fingerprint, path, position, updated_at) "
               "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (dev, inode, fingerprint) DO UPDATE SET "
               "path = excluded.path, position = excluded.position, updated_at = excluded.updated_at")
+REDACT_MARGIN = 256              # bytes past a message's cut masked with it: no secret is cut in half
 FORGET_SQL = "DELETE FROM log_offsets WHERE dev = ? AND inode = ? AND fingerprint <> ?"   # a file's old marks
 RUN_FAILED = "model-fallback/decision"     # its WARN line ends a run whose model calls failed
 RUNS_REMEMBERED = 256                      # runs whose last failed attempt the tailer keeps in memory
@@ -6736,8 +6744,8 @@ class LogTailer(QuietReader):
         logged = line.time_ms
         created = logged if logged is not None and 0 <= logged <= MAX_UNIX_MS else received
         quoted = line.level in NOTICE or kind is None   # not only OpenClaw's words: what an error quotes
-        message = cut_utf8(line.message, self.config.max_text_bytes)[0]
-        message = redact_text(message) if quoted else message
+        message = cut_utf8(line.message, self.config.max_text_bytes + REDACT_MARGIN)[0]
+        message = cut_utf8(redact_text(message) if quoted else message, self.config.max_text_bytes)[0]
         detail = self.detail_json(line.detail)
         if quoted and detail and might_hold_secret(detail):
             try:
@@ -7566,11 +7574,17 @@ class Packer:
                 after = rows[-1][0]
 
 
+def _finite_float(text: str) -> float:
+    if not math.isfinite(number := float(text)):
+        raise ValueError(f"{text} is too large for JSON")
+    return number
+
+
 def json_or_text(value: str) -> Any:
     """A JSON column's value; its text as it is if it is not JSON (a database from elsewhere, or an
     otrace's fault): one such row must not stop every push."""
     try:
-        return json.loads(value, parse_constant=_no_constants)
+        return json.loads(value, parse_constant=_no_constants, parse_float=_finite_float)
     except ValueError:
         return value
 
@@ -8141,6 +8155,7 @@ class Breaker:
 
 REFUSALS_IN_A_ROW = 64      # answers refusing content with no acceptance between: the cycle ends
 MAX_SUSPECTS = 10_000       # events refused alone, kept out of batches until sent again (their keys)
+SUSPECTS_A_BATCH = 16       # suspects sent again together: their search stays under REFUSALS_IN_A_ROW
 
 
 @dataclasses.dataclass
@@ -8152,6 +8167,7 @@ class Cycle:
     accepted: bool = False
     refused: list[tuple[Batch, Attempt]] = dataclasses.field(default_factory=list)
     new_suspects: int = 0
+    cut: bool = False                # ended by REFUSALS_IN_A_ROW: more of the queue is left to reach
     faults: int = 0                  # answers that were no answer, a 5xx, a 429 or a wrong endpoint
     refusals_in_a_row: int = 0
     marking: tuple[Future, int] | None = None
@@ -8208,15 +8224,16 @@ class Pusher(Loop):
             ok = self.settle(cycle, deadline) and ok
             if ok and self.suspects:
                 ok = self.retry_suspects(cycle, deadline)
-            # a receiver that answers, refusing events found for the first time, is not down: the next
-            # cycle leaves them out and gets further, so the breaker does not hold it back
-            progressed = not ok and cycle.new_suspects > 0 and cycle.faults == 0
+            # a cycle cut short by refusals that found new suspects got further into the queue, and the
+            # next starts past them: it does not count against the breaker (nor for it)
+            progressed = not ok and cycle.cut and cycle.new_suspects > 0 and cycle.faults == 0
             if ok and self.last_status == "never":
                 self.last_status = "ok"     # nothing was waiting: the receiver is not known to be down
             if not ok and self.stopping.is_set() and (deadline is None or time.monotonic() >= deadline):
                 self.log.info("push cycle cut short by shutdown")
                 return False
-            self.breaker.cycle_ended(ok or progressed)
+            if not progressed:
+                self.breaker.cycle_ended(ok)
             if not ok:
                 self.log.warning("push cycle failed", extra={
                     "status": self.last_status, "error": self.last_error, "breaker": self.breaker.state,
@@ -8259,7 +8276,7 @@ class Pusher(Loop):
                 self.marked(cycle, deadline)      # the batch before, while this one was sent
                 cycle.marking = (self.events.submit(functools.partial(record_pushed, batch, attempt)),
                                  len(batch))
-                cycle.accepted = True
+                cycle.accepted = cycle.accepted or bool(batch.ids())   # events, not a loss report alone
                 if self.suspects:
                     self.suspects.difference_update((t, trace_id) for t, _, trace_id, _, _ in batch.spans)
                 return True
@@ -8276,6 +8293,7 @@ class Pusher(Loop):
                         cycle.new_suspects += 1
                     cycle.refused.append((batch, attempt))
                 if cycle.refusals_in_a_row >= REFUSALS_IN_A_ROW:
+                    cycle.cut = True
                     return False                 # the receiver may refuse everything
                 if len(batch) == 1:
                     return True
@@ -8337,19 +8355,23 @@ class Pusher(Loop):
         accepted others in the cycle is poison: given up, reported in the next push. If it accepted
         nothing at all, they stay suspects, and the cycle failed (a receiver that refuses everything,
         or poison with nothing else waiting to tell them apart: the next event decides)."""
-        again = Cycle()
+        again, found, delivered = Cycle(), set(), True
+        suspects = sorted(self.suspects)
         try:
             with self.db.reading() as conn:
-                wanted: dict[str, list[str]] = {}
-                for table, trace_id in self.suspects:
-                    wanted.setdefault(table, []).append(trace_id)
-                again.packer = Packer(conn, self.config.push_max_bytes, self.tables, self.format, only=wanted)
-                found = set()
-                delivered = True
-                for batch in again.packer.batches():
-                    found.update((table, trace_id) for table, _, trace_id, _, _ in batch.spans)
-                    if not self.deliver(batch, deadline, again):
-                        delivered = False
+                # a few at a time: after an acceptance each few may be poison to the last, and then
+                # REFUSALS_IN_A_ROW must not cut the search short
+                for start in range(0, len(suspects), SUSPECTS_A_BATCH):
+                    wanted: dict[str, list[str]] = {}
+                    for table, trace_id in suspects[start:start + SUSPECTS_A_BATCH]:
+                        wanted.setdefault(table, []).append(trace_id)
+                    if cycle.accepted:
+                        again.refusals_in_a_row = 0
+                    for batch in Packer(conn, self.config.push_max_bytes, self.tables, self.format,
+                                        only=wanted).batches():
+                        found.update((table, trace_id) for table, _, trace_id, _, _ in batch.spans)
+                        delivered = delivered and self.deliver(batch, deadline, again)
+                    if not delivered:
                         break
                 else:
                     self.suspects &= found       # pushed, given up or gone meanwhile: no suspect now

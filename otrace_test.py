@@ -3375,6 +3375,26 @@ def test_a_lone_refused_event_waits_for_an_acceptance_to_be_given_up(
     wait_until(lambda: synced(node)[poison] in (2, 3), what="the poison given up")
 
 
+def test_a_loss_report_accepted_alone_proves_no_event_poison(tmp_path: Path, run: Callable[..., Otrace],
+                                                              receiver: Receiver) -> None:
+    """A receiver that takes a batch with no events (a loss report alone) and refuses every event:
+    nothing it refused is given up, since it accepted no event."""
+    node = run({**PUSH, "TRACE_PUSH_INTERVAL": "1h"})
+    ids = node.post("/v1/traces", [trace() for _ in range(30)]).json["trace_ids"]
+    node.wait_persisted(30)
+    assert node.stop() == 0
+    with contextlib.closing(sqlite3.connect(node.db_path)) as conn, conn:   # a refusal not yet reported
+        conn.execute("INSERT INTO push_rejects (table_name, row_id, trace_id, rejected_at, http_status, "
+                     "reason) VALUES ('llm_traces', 999, 'gone-before', 1796000000000, 400, 'malformed')")
+    receiver.default = lambda _, request: 400 if request["json"]["events"] else 200
+    node = run(push_env(receiver, TRACE_PUSH_MAX_BYTES="8KiB", TRACE_PUSH_BREAKER_COOLDOWN="100ms"),
+               db=node.db_path)
+    wait_until(lambda: len(receiver.requests) >= 150 or set(synced(node).values()) != {0}, timeout=30,
+               what="many cycles, or a row given up")
+    assert set(synced(node).values()) == {0} and len(synced(node)) == len(ids)
+    assert node.health()["push"]["events_refused_by_receiver"] == 0
+
+
 def test_a_retry_after_on_an_acceptance_holds_nothing_back(run: Callable[..., Otrace],
                                                           receiver: Receiver) -> None:
     """An accepting receiver's Retry-After (asynchronous ingest APIs send one with 202) is no reason
