@@ -2733,8 +2733,10 @@ class Writer(threading.Thread):
                 self.conn = self.connect(self.conn_path)
                 break
             except (sqlite3.Error, OSError) as exc:
-                self.fault.failed(describe(exc))
-                time.sleep(self.backoff.next())
+                time.sleep(max(0.0, self.failed(describe(exc)) - time.monotonic()))
+        if self.fault.error is not None:      # ingest waits for this: nothing queues while writes fail
+            self.outage = self.outage_row()
+            self.fault.cleared()
         self.backoff.reset()
         retry_at = 0.0
         try:
@@ -8156,6 +8158,7 @@ class Breaker:
 REFUSALS_IN_A_ROW = 64      # answers refusing content with no acceptance between: the cycle ends
 MAX_SUSPECTS = 10_000       # events refused alone, kept out of batches until sent again (their keys)
 SUSPECTS_A_BATCH = 16       # suspects sent again together: their search stays under REFUSALS_IN_A_ROW
+SUSPECTS_A_CYCLE = 1024     # suspects sent again in one cycle (at most about twice as many requests)
 
 
 @dataclasses.dataclass
@@ -8222,8 +8225,8 @@ class Pusher(Loop):
             finally:
                 self.marked(cycle, deadline)
             ok = self.settle(cycle, deadline) and ok
-            if ok and self.suspects:
-                ok = self.retry_suspects(cycle, deadline)
+            if self.suspects and (ok or (cycle.cut and cycle.accepted)):   # cut, it may still prove some
+                ok = self.retry_suspects(cycle, deadline) and ok
             # a cycle cut short by refusals that found new suspects got further into the queue, and the
             # next starts past them: it does not count against the breaker (nor for it)
             progressed = not ok and cycle.cut and cycle.new_suspects > 0 and cycle.faults == 0
@@ -8356,7 +8359,7 @@ class Pusher(Loop):
         nothing at all, they stay suspects, and the cycle failed (a receiver that refuses everything,
         or poison with nothing else waiting to tell them apart: the next event decides)."""
         again, found, delivered = Cycle(), set(), True
-        suspects = sorted(self.suspects)
+        suspects = sorted(self.suspects)[:SUSPECTS_A_CYCLE]
         try:
             with self.db.reading() as conn:
                 # a few at a time: after an acceptance each few may be poison to the last, and then
@@ -8365,7 +8368,7 @@ class Pusher(Loop):
                     wanted: dict[str, list[str]] = {}
                     for table, trace_id in suspects[start:start + SUSPECTS_A_BATCH]:
                         wanted.setdefault(table, []).append(trace_id)
-                    if cycle.accepted:
+                    if cycle.accepted or again.accepted:
                         again.refusals_in_a_row = 0
                     for batch in Packer(conn, self.config.push_max_bytes, self.tables, self.format,
                                         only=wanted).batches():
@@ -8374,7 +8377,7 @@ class Pusher(Loop):
                     if not delivered:
                         break
                 else:
-                    self.suspects &= found       # pushed, given up or gone meanwhile: no suspect now
+                    self.suspects -= set(suspects) - found   # gone, pushed or given up meanwhile
         finally:
             self.marked(again, deadline)
         if not again.refused:
