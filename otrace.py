@@ -10107,9 +10107,9 @@ class Service:
         self.checkpointer.watch(self.writer.conn)
 
     def on_write_fault(self, error: str) -> None:
-        """A write has just started failing: if for lack of space, run retention now."""
-        if error.startswith("SQLITE_FULL"):
-            self.retention.wake()
+        """A write has just started failing: run retention now, which acts if space is short (a full
+        disk shows as SQLITE_FULL, or as an I/O error growing the -shm)."""
+        self.retention.wake()
 
     def health(self) -> dict[str, Any]:
         return health_report(self)

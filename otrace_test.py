@@ -4242,14 +4242,15 @@ def test_disk_filled_by_unpushed_rows_deletes_the_oldest_and_reports_them(tmp_pa
 def test_a_write_outage_is_recorded_as_an_error_event(tmp_path: Path, run: Callable[..., Otrace]) -> None:
     with tmpfs(tmp_path / "vol", "2m") as vol:
         node = run(db=vol / "otrace.db")
-        node.wait_log(lambda e: e.get("message") == "listening")
+        assert node.post("/v1/traces", trace()).status == 202
+        node.wait_persisted(1)                        # the writer has its connection: a write fails
         filler = fill(vol)
         assert node.post("/v1/traces", trace()).status == 202
         node.wait_log(lambda e: e.get("message") == "database write failing")
         over = node.wait_log(lambda e: e.get("message") == "over budget: deleting oldest rows")
         assert over["cause"] == "disk"                       # retention ran at once, not in 5 minutes
         filler.unlink()
-        node.wait_persisted(1)
+        node.wait_persisted(2)
         event = wait_until(lambda: [e for e in node.rows("error_events") if e["source"] == "otrace"],
                            what="the outage event")[0]
         assert (event["error_type"], event["category"], event["severity"]) == \
