@@ -5535,9 +5535,9 @@ def redact_text(text: str) -> str:
     """Text another program wrote (an error it logged, with the request it quotes), with what looks
     like a secret replaced by ***: values of secret-named keys, bearer tokens, URL passwords and
     users, and API keys and JWTs by their look. A pattern runs only if its words are in the text."""
-    if not might_hold_secret(text):
-        return text
     lower = text.lower()
+    if not holds_secret_words(lower):
+        return text
     for words, pattern, replacement in _TEXT_SECRETS:
         if any(word in lower for word in words):
             text = pattern.sub(replacement, text)
@@ -5550,9 +5550,8 @@ _SECRET_WORDS = tuple({word for words, _, _ in _TEXT_SECRETS for word in words}
                       | {"authorization", "cookie", "credential"})
 
 
-def might_hold_secret(text: str) -> bool:
-    """Whether any word a secret pattern needs is in the text: most texts are passed over at that."""
-    lower = text.lower()
+def holds_secret_words(lower: str) -> bool:
+    """Whether any word a secret pattern needs is in the lower-cased text: most texts stop here."""
     return any(word in lower for word in _SECRET_WORDS)
 
 
@@ -6749,7 +6748,7 @@ class LogTailer(QuietReader):
         message = cut_utf8(line.message, self.config.max_text_bytes + REDACT_MARGIN)[0]
         message = cut_utf8(redact_text(message) if quoted else message, self.config.max_text_bytes)[0]
         detail = self.detail_json(line.detail)
-        if quoted and detail and might_hold_secret(detail):
+        if quoted and detail and holds_secret_words(detail.lower()):
             try:
                 detail = self.detail_json(redact_json(line.detail))
             except RecursionError:               # nested deeper than the masking walks
@@ -8346,11 +8345,14 @@ class Pusher(Loop):
                                "table": unencodable[0][0], "trace_id": unencodable[0][2],
                                "reason": unencodable[0][3]}})
         if cycle.refused and not cycle.accepted:
-            self.log.warning("receiver refused every event sent this cycle: keeping them for the next",
-                             extra={"refused": len(cycle.refused), "status": cycle.refused[0][1].status,
-                                    "reason": cycle.refused[0][1].error})
-            return False
+            return self.kept(cycle.refused)
         return True
+
+    def kept(self, refused: list[tuple[Batch, Attempt]]) -> bool:
+        """Events refused by a receiver that accepted none this cycle: they stay, and the cycle failed."""
+        self.log.warning("receiver refused every event sent this cycle: keeping them for the next", extra={
+            "refused": len(refused), "status": refused[0][1].status, "reason": refused[0][1].error})
+        return False
 
     def retry_suspects(self, cycle: Cycle, deadline: float | None) -> bool:
         """After a cycle that went through, the events refused alone (in it or before) are read again
@@ -8373,7 +8375,9 @@ class Pusher(Loop):
                     for batch in Packer(conn, self.config.push_max_bytes, self.tables, self.format,
                                         only=wanted).batches():
                         found.update((table, trace_id) for table, _, trace_id, _, _ in batch.spans)
-                        delivered = delivered and self.deliver(batch, deadline, again)
+                        if not self.deliver(batch, deadline, again):
+                            delivered = False
+                            break
                     if not delivered:
                         break
                 else:
@@ -8383,10 +8387,7 @@ class Pusher(Loop):
         if not again.refused:
             return delivered
         if not (cycle.accepted or again.accepted):
-            self.log.warning("receiver refused every event sent this cycle: keeping them for the next",
-                             extra={"refused": len(again.refused), "status": again.refused[0][1].status,
-                                    "reason": again.refused[0][1].error})
-            return False
+            return self.kept(again.refused)
         refused = [(*batch.spans[0][:3], attempt) for batch, attempt in again.refused]
         self.suspects.difference_update((table, trace_id) for table, _, trace_id, _ in refused)
         self.events.call(functools.partial(record_refused, refused), self.wait(deadline))
