@@ -76,7 +76,7 @@ import threading
 import time
 import urllib.parse
 import zlib
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Container, Iterable, Iterator, Mapping
 from concurrent.futures import Future
 from datetime import UTC, date, datetime, timedelta
 from datetime import time as dt_time
@@ -2229,6 +2229,7 @@ class Database:
         self._readers = 0
         self._paused = False
         self._query: sqlite3.Connection | None = None
+        self.merges = Merges()
 
     def moved(self) -> bool:
         """True when the path no longer names the file otrace has open. Also notes the -wal and -shm
@@ -2308,6 +2309,36 @@ class Database:
             if self._query is not None:
                 self._query.close()
                 self._query = None
+
+
+class Merges:
+    """Rows a merge changed (a call's content from an OTLP log record, a later span of the call) while
+    a push may hold an older copy read before it: the writer counts each after its commit, and the push
+    marks a row synced only if it was not merged after its read began (else it goes again)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.watching = False            # only while push runs: else nothing would ever forget them
+        self._at: dict[tuple[str, str], int] = {}      # (table, trace_id): the count at its last merge
+        self._lock = threading.Lock()
+
+    def merged(self, keys: list[tuple[str, str]]) -> None:
+        """The writer, once the merges of `keys` are committed."""
+        if self.watching:
+            with self._lock:
+                for key in keys:
+                    self.count += 1
+                    self._at[key] = self.count
+
+    def read_begins(self) -> int:
+        """A push's read begins (none before it still marks rows): what it reads holds every merge so far."""
+        with self._lock:
+            self._at.clear()
+            return self.count
+
+    def after(self, read_at: int, keys: Iterable[tuple[str, str]]) -> set[tuple[str, str]]:
+        with self._lock:
+            return {key for key in keys if self._at.get(key, 0) > read_at}
 
 
 class DatabaseLocked(Exception):
@@ -2865,11 +2896,15 @@ class Writer(threading.Thread):
         for unit in units:
             for row in unit.rows:
                 by_table.setdefault(row.table, []).append(row.values)
+        merged = []
         with transaction(self.conn) as conn:
             new = {table: insert_new(conn, table, values) for table, values in by_table.items()}
             for unit in units:
                 for sql, params in unit.extra:
-                    conn.execute(sql, params)
+                    if conn.execute(sql, params).rowcount and sql in MERGED_TABLE:
+                        merged.append((MERGED_TABLE[sql], params[-1]))
+        if merged:
+            self.db.merges.merged(merged)
         inserted = sum(map(len, new.values()))
         self.counters.add("persisted", inserted)
         self.counters.add("duplicate", sum(map(len, by_table.values())) - inserted)
@@ -3832,6 +3867,8 @@ def merge_sql(table: Table, call_first: bool) -> str:
 
 MERGE_SQL = {(table.name, first): merge_sql(table, first)
              for table in (TRACES, ERRORS) for first in (True, False)}
+# The statements that change a stored row's content (by trace_id, its last parameter), and its table.
+MERGED_TABLE = {CONTENT_SQL: TRACES.name, **{sql: name for (name, _), sql in MERGE_SQL.items()}}
 OTLP_COUNTERS = (
     "requests", "spans", "llm_spans", "spans_merged", "spans_not_llm", "openclaw_usage_skipped",
     "openclaw_logs_skipped",
@@ -7481,6 +7518,11 @@ class Batch:
     def __len__(self) -> int:
         return len(self.spans)
 
+    @property
+    def events(self) -> int:
+        """Its rows (the records of a loss report are none)."""
+        return sum(table != LOSS for table, *_ in self.spans)
+
     def add(self, table: str, row_id: int, trace_id: str, encoded: bytes) -> None:
         if self.spans:
             self.data += self.separator
@@ -7499,11 +7541,11 @@ class Batch:
             (first if index < middle else second).add(table, row_id, trace_id, self.event(index))
         return first, second
 
-    def ids(self) -> dict[str, list[int]]:
-        """The batch's rows by table (the records of a loss report are none)."""
+    def ids(self, leaving: Container[tuple[str, str]] = ()) -> dict[str, list[int]]:
+        """The batch's rows by table (the records of a loss report are none), but those `leaving`."""
         by_table: dict[str, list[int]] = {}
-        for table, row_id, *_ in self.spans:
-            if table != LOSS:
+        for table, row_id, trace_id, _, _ in self.spans:
+            if table != LOSS and (table, trace_id) not in leaving:
                 by_table.setdefault(table, []).append(row_id)
         return by_table
 
@@ -8043,7 +8085,7 @@ class Receiver:
         """Send one batch in the push format; the attempt holds what came of it."""
         body: list[bytes | memoryview] = form.body(batch)
         target = form.path(batch)
-        attempt = Attempt(batch.batch_id, now_ms(), len(batch), sum(map(len, body)),
+        attempt = Attempt(batch.batch_id, now_ms(), batch.events, sum(map(len, body)),
                           path=urllib.parse.urlsplit(target).path)
         if self.gzip:
             import gzip  # noqa: PLC0415 - imported where needed (see the imports)
@@ -8162,18 +8204,22 @@ SUSPECTS_A_CYCLE = 1024     # suspects sent again in one cycle (at most about tw
 
 @dataclasses.dataclass
 class Cycle:
-    """What one push cycle learned: whether the receiver accepted anything, the events it refused
-    alone (with the answer) and how many of them were new suspects, how many answers in a row refused
-    content, and the confirmed batch the writer is marking synced while the next one is sent."""
+    """What one push cycle learned: whether the receiver accepted anything, how many events it refused
+    alone (and the first answer), how many of them were new suspects and which were poison, how many
+    answers in a row refused content, and the confirmed batch the writer is marking synced while the
+    next one is sent."""
 
     accepted: bool = False
-    refused: list[tuple[Batch, Attempt]] = dataclasses.field(default_factory=list)
+    refused: int = 0
+    first_refusal: Attempt | None = None
+    poison: list[tuple[Batch, Attempt]] = dataclasses.field(default_factory=list)
     new_suspects: int = 0
     cut: bool = False                # ended by REFUSALS_IN_A_ROW: more of the queue is left to reach
     faults: int = 0                  # answers that were no answer, a 5xx, a 429 or a wrong endpoint
     refusals_in_a_row: int = 0
     marking: tuple[Future, int] | None = None
     packer: Packer | None = None
+    read_at: int = 0                 # merges counted when its read began (see Merges)
 
 
 class Pusher(Loop):
@@ -8192,9 +8238,12 @@ class Pusher(Loop):
         self.loss_tables = self.tables if config.push_format == "otrace" or "logs" in config.push_signals \
             else ()
         self.breaker = Breaker(config.push_breaker_threshold, config.push_breaker_cooldown)
+        db.merges.watching = True
         # events refused alone, left out of the batches until a cycle the receiver accepts others in
-        # sends them again: poison then, if refused alone again; else a receiver that refused all
-        self.suspects: set[tuple[str, str]] = set()     # (table, trace_id): ids change with a new file
+        # sends them again: poison then, if refused alone again and proven (see refused_alone); else
+        # a receiver that may refuse everything
+        self.suspects: dict[tuple[str, str], tuple[int, bool]] = {}   # (table, trace_id): ids change
+        self.acceptances = 0             # batches of events accepted: when each suspect was refused
         self.cycle_lock = threading.Lock()
         self.not_before = 0.0            # monotonic time the receiver's last Retry-After asked to wait for
         self.last_time: float | None = None
@@ -8217,7 +8266,7 @@ class Pusher(Loop):
         if not self.cycle_lock.acquire(timeout=wait):
             return False
         try:
-            cycle = Cycle()
+            cycle = Cycle(read_at=self.db.merges.read_begins())
             try:
                 with self.db.reading() as conn:
                     ok = all(self.deliver(batch, deadline, cycle) for batch in self.batches(conn, cycle))
@@ -8234,8 +8283,11 @@ class Pusher(Loop):
             if not ok and self.stopping.is_set() and (deadline is None or time.monotonic() >= deadline):
                 self.log.info("push cycle cut short by shutdown")
                 return False
-            if not progressed:
-                self.breaker.cycle_ended(ok)
+            if progressed:
+                self.log.info("push cycle cut short by refused events: the next goes on past them", extra={
+                    "new_suspects": cycle.new_suspects, "suspects": len(self.suspects)})
+                return ok
+            self.breaker.cycle_ended(ok)
             if not ok:
                 self.log.warning("push cycle failed", extra={
                     "status": self.last_status, "error": self.last_error, "breaker": self.breaker.state,
@@ -8249,7 +8301,7 @@ class Pusher(Loop):
         in the head of its first batch of events)."""
         losses = unreported_losses(conn, self.loss_tables)
         cycle.packer = Packer(conn, self.config.push_max_bytes, self.tables, self.format,
-                              skip=self.suspects.copy())
+                              skip=set(self.suspects))
         batches = cycle.packer.batches()
         if losses:
             report = self.format.report(losses)
@@ -8259,8 +8311,10 @@ class Pusher(Loop):
             yield report
         yield from batches
 
-    def deliver(self, batch: Batch, deadline: float | None, cycle: Cycle) -> bool:
-        """Send one batch until it is confirmed, split, or the cycle gives up on it (False)."""
+    def deliver(self, batch: Batch, deadline: float | None, cycle: Cycle,
+                split_at: int | None = None) -> bool:
+        """Send one batch until it is confirmed, split, or the cycle gives up on it (False). split_at:
+        the acceptances counted when the batch it is half of was refused."""
         backoff = Backoff(self.config.push_backoff_base, self.config.push_backoff_cap)
         attempts = 1 if deadline is not None else self.config.push_retries
         for number in range(1, attempts + 1):
@@ -8276,11 +8330,13 @@ class Pusher(Loop):
             cycle.faults += verdict in ("retry", "config")
             if verdict == "ok":
                 self.marked(cycle, deadline)      # the batch before, while this one was sent
-                cycle.marking = (self.events.submit(functools.partial(record_pushed, batch, attempt)),
-                                 len(batch))
-                cycle.accepted = cycle.accepted or bool(batch.ids())   # events, not a loss report alone
-                if self.suspects:
-                    self.suspects.difference_update((t, trace_id) for t, _, trace_id, _, _ in batch.spans)
+                cycle.marking = (self.events.submit(functools.partial(
+                    record_pushed, batch, attempt, self.db.merges, cycle.read_at)), batch.events)
+                if batch.events:                 # events, not a loss report alone
+                    cycle.accepted = True
+                    self.acceptances += 1
+                for table, _, trace_id, _, _ in batch.spans if self.suspects else ():
+                    self.suspects.pop((table, trace_id), None)
                 return True
             self.events.submit(functools.partial(record_attempt, attempt))
             if verdict == "config":
@@ -8289,17 +8345,14 @@ class Pusher(Loop):
                 if not batch.ids():       # a report of losses alone, refused: the events go on, it
                     return True           # is tried again next cycle
                 if len(batch) == 1:
-                    table, _, trace_id, _, _ = batch.spans[0]
-                    if (table, trace_id) not in self.suspects and len(self.suspects) < MAX_SUSPECTS:
-                        self.suspects.add((table, trace_id))
-                        cycle.new_suspects += 1
-                    cycle.refused.append((batch, attempt))
+                    self.refused_alone(batch, attempt, cycle, split_at)
                 if cycle.refusals_in_a_row >= REFUSALS_IN_A_ROW:
                     cycle.cut = True
                     return False                 # the receiver may refuse everything
                 if len(batch) == 1:
                     return True
-                return all(self.deliver(half, deadline, cycle) for half in batch.halves())
+                refused_at = self.acceptances
+                return all(self.deliver(half, deadline, cycle, refused_at) for half in batch.halves())
             wait = backoff.next()                # and a Retry-After is waited out by held()
             if number == attempts or (deadline is not None and time.monotonic() + wait > deadline):
                 return False
@@ -8345,33 +8398,52 @@ class Pusher(Loop):
                                "table": unencodable[0][0], "trace_id": unencodable[0][2],
                                "reason": unencodable[0][3]}})
         if cycle.refused and not cycle.accepted:
-            return self.kept(cycle.refused)
+            return self.kept(cycle)
         return True
 
-    def kept(self, refused: list[tuple[Batch, Attempt]]) -> bool:
-        """Events refused by a receiver that accepted none this cycle: they stay, and the cycle failed."""
+    def refused_alone(self, batch: Batch, attempt: Attempt, cycle: Cycle, split_at: int | None) -> None:
+        """An event refused on its own: a suspect, proven if the receiver accepted part of the batch it
+        was split from. Poison, refused again, if proven or the receiver has accepted other events
+        since its last refusal: a receiver that turned to refusing everything has done neither."""
+        table, _, trace_id, _, _ = batch.spans[0]
+        key = (table, trace_id)
+        refused_at, proven = self.suspects.get(key, (None, False))
+        if refused_at is not None and (proven or self.acceptances > refused_at):
+            cycle.poison.append((batch, attempt))
+            return
+        if refused_at is not None or len(self.suspects) < MAX_SUSPECTS:
+            cycle.new_suspects += refused_at is None
+            self.suspects[key] = (self.acceptances, split_at is not None and self.acceptances > split_at)
+        cycle.refused += 1
+        cycle.first_refusal = cycle.first_refusal or attempt
+
+    def kept(self, cycle: Cycle) -> bool:
+        """Events refused by a receiver that accepted none since: they stay, and the cycle failed."""
+        first = cycle.first_refusal
         self.log.warning("receiver refused every event sent this cycle: keeping them for the next", extra={
-            "refused": len(refused), "status": refused[0][1].status, "reason": refused[0][1].error})
+            "refused": cycle.refused, "status": first and first.status, "reason": first and first.error})
         return False
 
     def retry_suspects(self, cycle: Cycle, deadline: float | None) -> bool:
         """After a cycle that went through, the events refused alone (in it or before) are read again
-        and sent, in batches split as any batch is. One refused alone again while the receiver
-        accepted others in the cycle is poison: given up, reported in the next push. If it accepted
-        nothing at all, they stay suspects, and the cycle failed (a receiver that refuses everything,
-        or poison with nothing else waiting to tell them apart: the next event decides)."""
-        again, found, delivered = Cycle(), set(), True
+        and sent, in batches split as any batch is. One refused alone again after the receiver accepted
+        other events since its last refusal is poison: given up, reported in the next push. If it
+        accepted nothing in the cycle, they stay suspects, and the cycle failed (a receiver that refuses
+        everything, or poison with nothing else waiting to tell them apart: the next event decides)."""
+        again, found, delivered = Cycle(read_at=self.db.merges.read_begins()), set(), True
         suspects = sorted(self.suspects)[:SUSPECTS_A_CYCLE]
         try:
             with self.db.reading() as conn:
-                # a few at a time: after an acceptance each few may be poison to the last, and then
-                # REFUSALS_IN_A_ROW must not cut the search short
+                taken = None
                 for start in range(0, len(suspects), SUSPECTS_A_BATCH):
                     wanted: dict[str, list[str]] = {}
                     for table, trace_id in suspects[start:start + SUSPECTS_A_BATCH]:
                         wanted.setdefault(table, []).append(trace_id)
-                    if cycle.accepted or again.accepted:
+                    # the few before were accepted or poison: the receiver takes events, and a run of
+                    # poison must not cut the search short; else its refusals run on and may end it
+                    if taken != (now := (self.acceptances, len(again.poison))):
                         again.refusals_in_a_row = 0
+                    taken = now
                     for batch in Packer(conn, self.config.push_max_bytes, self.tables, self.format,
                                         only=wanted).batches():
                         found.update((table, trace_id) for table, _, trace_id, _, _ in batch.spans)
@@ -8381,22 +8453,26 @@ class Pusher(Loop):
                     if not delivered:
                         break
                 else:
-                    self.suspects -= set(suspects) - found   # gone, pushed or given up meanwhile
+                    for key in set(suspects) - found:        # gone, pushed or given up meanwhile
+                        self.suspects.pop(key, None)
         finally:
             self.marked(again, deadline)
-        if not again.refused:
-            return delivered
-        if not (cycle.accepted or again.accepted):
-            return self.kept(again.refused)
-        refused = [(*batch.spans[0][:3], attempt) for batch, attempt in again.refused]
-        self.suspects.difference_update((table, trace_id) for table, _, trace_id, _ in refused)
+        if again.poison:
+            self.give_up(again.poison, deadline)
+        if again.refused and not (cycle.accepted or again.accepted):
+            return self.kept(again)
+        return delivered
+
+    def give_up(self, poison: list[tuple[Batch, Attempt]], deadline: float | None) -> None:
+        refused = [(*batch.spans[0][:3], attempt) for batch, attempt in poison]
+        for table, _, trace_id, _ in refused:
+            self.suspects.pop((table, trace_id), None)
         self.events.call(functools.partial(record_refused, refused), self.wait(deadline))
         self.totals.add("refused", len(refused))
         self.log.warning("events refused by the receiver while it accepted others: given up, reported "
                          "in the next push", extra={"refused": len(refused), "first": {
                              "table": refused[0][0], "trace_id": refused[0][2],
                              "status": refused[0][3].status, "reason": refused[0][3].error}})
-        return True
 
     def wait(self, deadline: float | None) -> float:
         """How long to wait for the writer to record an outcome; the cycle ends (rows unsynced) if it
@@ -8454,11 +8530,13 @@ def record_attempt(attempt: Attempt, conn: sqlite3.Connection) -> None:
                   attempt.status, attempt.error, attempt.retry_after))
 
 
-def record_pushed(batch: Batch, attempt: Attempt, conn: sqlite3.Connection) -> None:
-    """Mark exactly the batch's rows synced, and the losses it reported, with its push_log row, in one
-    transaction."""
+def record_pushed(batch: Batch, attempt: Attempt, merges: Merges, read_at: int,
+                  conn: sqlite3.Connection) -> None:
+    """Mark exactly the batch's rows synced, but those merged since they were read (they go again),
+    and the losses it reported, with its push_log row, in one transaction."""
+    changed = merges.after(read_at, [(table, trace_id) for table, _, trace_id, _, _ in batch.spans])
     with transaction(conn):
-        for table, ids in batch.ids().items():
+        for table, ids in batch.ids(leaving=changed).items():
             conn.executemany(f"UPDATE {table} SET synced = {SYNCED}, pushed_at = ? WHERE id BETWEEN ? AND ?",
                              [(attempt.started_at, low, high) for low, high in id_runs(ids)])
         for loss in batch.losses:
@@ -8490,8 +8568,8 @@ def record_refused(refused: list[tuple[str, int, str, Attempt]], conn: sqlite3.C
     """Take rows the receiver refused on their own out of the push queue, keeping why."""
     with transaction(conn):
         for table, row_id, trace_id, attempt in refused:
-            conn.execute(f"UPDATE {table} SET synced = {REFUSED} WHERE id = ? AND synced = {UNSYNCED}",
-                         (row_id,))
+            conn.execute(f"UPDATE {table} SET synced = {REFUSED} WHERE id = ? AND trace_id = ? AND "
+                         f"synced = {UNSYNCED}", (row_id, trace_id))
             conn.execute("INSERT INTO push_rejects (table_name, row_id, trace_id, rejected_at, http_status, "
                          "reason) VALUES (?, ?, ?, ?, ?, ?)", (table, row_id, trace_id, now_ms(),
                                                                attempt.status, attempt.error))
@@ -9453,6 +9531,7 @@ REPORT_SCHEMA = "otrace.report.v1"
 REPORT_BY = ("model", "provider", "day", "hour", "session", "source")
 COST_MODES = ("auto", "computed", "reported")
 TOP_SESSIONS = 10
+PERCENTILES = (50, 95, 99)        # of latency, by nearest rank
 HOUR_MS = 3_600_000
 REPORT_LABEL_MIN = 16            # a row's label keeps this much on any terminal (an hour is 16 wide)
 # A call's cost in each mode: auto takes the figure its source reported, else the computed one.
@@ -9602,7 +9681,7 @@ def open_snapshot(path: str) -> sqlite3.Connection:
     return conn
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class Tally:
     """The sums of a group of calls."""
 
@@ -9616,27 +9695,44 @@ class Tally:
     cost_usd: float = 0.0
     computed_usd: float = 0.0
     unpriced_calls: int = 0
-    latencies: list[float] = dataclasses.field(default_factory=list)
+    timed_calls: int = 0                        # those with a latency
 
     def add(self, other: Tally) -> None:
-        for field in dataclasses.fields(self)[:-1]:
+        for field in dataclasses.fields(self):
             setattr(self, field.name, getattr(self, field.name) + getattr(other, field.name))
-        self.latencies += other.latencies
 
-    def out(self) -> dict[str, Any]:
-        """As the report gives it: costs to the nano-dollar, latency percentiles by nearest rank."""
-        ranked = sorted(self.latencies)
-
-        def percentile(share: int) -> float | None:
-            return ranked[math.ceil(share * len(ranked) / 100) - 1] if ranked else None
-
+    def out(self, latency: dict[str, float | None]) -> dict[str, Any]:
+        """As the report gives it: costs to the nano-dollar, with the group's latency percentiles."""
         return {"calls": self.calls, "failures": self.failures,
                 "failure_rate": round(self.failures / self.calls, 4) if self.calls else None,
                 "input_tokens": self.input_tokens, "output_tokens": self.output_tokens,
                 "cache_read_tokens": self.cache_read_tokens, "cache_write_tokens": self.cache_write_tokens,
                 "total_tokens": self.total_tokens, "cost_usd": round(self.cost_usd, 9),
                 "computed_usd": round(self.computed_usd, 9), "unpriced_calls": self.unpriced_calls,
-                "latency_ms": {f"p{share}": percentile(share) for share in (50, 95, 99)}}
+                "latency_ms": latency}
+
+
+class Ranks:
+    """A group's latency percentiles by nearest rank, taken from its latencies as they pass in order:
+    the report keeps a few numbers per group, never the calls' latencies."""
+
+    __slots__ = ("ranks", "seen", "values")
+
+    def __init__(self, n: int) -> None:
+        self.ranks = tuple((share * n + 99) // 100 for share in PERCENTILES)
+        self.seen, self.values = 0, [None] * len(PERCENTILES)
+
+    def see(self, latency: float) -> None:
+        self.seen += 1
+        if self.seen in self.ranks:
+            self.values = [latency if rank == self.seen else value
+                           for rank, value in zip(self.ranks, self.values, strict=True)]
+
+    def found(self) -> dict[str, float | None]:
+        return {f"p{share}": value for share, value in zip(PERCENTILES, self.values, strict=True)}
+
+
+Summed = list[tuple[Any, Any, Any, Any, Tally]]   # a row per group of calls (see Report.groups_sql)
 
 
 class Report:
@@ -9656,58 +9752,80 @@ class Report:
         return sql, params
 
     def document(self) -> dict[str, Any]:
-        summed = self.call_sums()
+        groups = self.groups_sql(self.by)
+        summed = self.sums(*groups)
         return {"schema": REPORT_SCHEMA, "generated_at": self.zone.iso(now_ms()),
                 "window": {"since": self.zone.iso(self.since), "until": self.zone.iso(self.until),
                            "timezone": self.zone.name},
                 "by": self.by, "breakdown": self.breakdown, "cost": self.cost, "source": self.source,
-                "calls": self.calls(summed), "top_sessions": self.top_sessions(), "errors": self.errors(),
-                "host": self.host(), "log_events": self.log_events(), "push": self.push(),
-                "retention": self.retention(), "usage_cost": self.usage_cost(summed)}
+                "calls": self.calls(summed, groups), "top_sessions": self.top_sessions(),
+                "errors": self.errors(), "host": self.host(), "log_events": self.log_events(),
+                "push": self.push(), "retention": self.retention(), "usage_cost": self.usage_cost(summed)}
 
-    def call_sums(self) -> list[tuple[Any, int, str, str, Tally]]:
-        """The window's calls summed by row (--by), local day, provider and model: the one scan of
-        llm_traces that the calls and usage_cost sections are made from."""
+    def groups_sql(self, by: str) -> tuple[str, list[int]]:
+        """SQL of a call's group, with its parameters: its row's key, local day, provider and model, each
+        NULL where not needed. Not the day by session (a group per call, at worst): usage_cost then
+        sums the days by itself."""
         where, params = self.where()
         first, last = self.conn.execute(f"SELECT min(created_at), max(created_at) FROM llm_traces "
                                         f"WHERE {where}", params).fetchone()
         local, offsets = self.zone.local_sql(first or self.since, (last or self.since) + 1)
-        row_sql = {"session": "session_id", "source": "source", "day": f"({local}) / {DAY_MS}",
-                   "hour": f"({local}) / {HOUR_MS}"}.get(self.by, "NULL")
-        row_params = offsets if self.by in ("day", "hour") else []
-        cost, computed = COST_SQL[self.cost], COMPUTED_SQL[self.cost]
-        summed = []
-        for key, day, provider, model, *sums, latencies in self.conn.execute(
-                f"SELECT {row_sql} AS key, ({local}) / {DAY_MS} AS day, provider, model, count(*), "
-                f"sum(status = 'error'), sum({INPUT_SQL}), sum(completion_tokens), sum(cache_read_tokens), "
-                f"sum(cache_write_tokens), sum(total_tokens), total({cost}), total({computed}), "
-                f"sum({HAS_TOKENS_SQL} AND ({cost}) IS NULL), group_concat(latency_ms) FROM llm_traces "
-                f"WHERE {where} GROUP BY key, day, provider, model", [*row_params, *offsets, *params]):
-            latency = [float(value) for value in latencies.split(",")] if latencies else []
-            summed.append((key, day, provider, model, Tally(*(value or 0 for value in sums), latency)))
-        return summed
+        day = f"({local}) / {DAY_MS}"
+        key = {"session": "session_id", "source": "source", "day": day,
+               "hour": f"({local}) / {HOUR_MS}"}.get(by, "NULL")
+        split = self.breakdown or by == "model"
+        sql = (f"{key}, {'NULL' if by == 'session' else day}, "
+               f"{'provider' if split or by == 'provider' else 'NULL'}, {'model' if split else 'NULL'}")
+        return sql, offsets * ((by in ("day", "hour")) + (by != "session"))
 
-    def calls(self, summed: list[tuple[Any, int, str, str, Tally]]) -> dict[str, Any]:
-        """Totals and rows of LLM calls; with --breakdown each row split by model."""
-        totals, groups = Tally(), {}
-        parts: dict[tuple, dict[tuple[str, str], Tally]] = collections.defaultdict(dict)
-        for key, _, provider, model, tally in summed:
-            row = {"model": (provider, model), "provider": (provider,)}.get(self.by, (key,))
-            groups.setdefault(row, Tally()).add(tally)
+    def sums(self, groups: str, group_params: list[Any]) -> Summed:
+        """The window's calls summed by group (see groups_sql): memory grows with the groups, never
+        with the calls."""
+        where, params = self.where()
+        cost, computed = COST_SQL[self.cost], COMPUTED_SQL[self.cost]
+        return [(*call[:4], Tally(*(value or 0 for value in call[4:]))) for call in self.conn.execute(
+            f"SELECT {groups}, count(*), sum(status = 'error'), sum({INPUT_SQL}), sum(completion_tokens), "
+            f"sum(cache_read_tokens), sum(cache_write_tokens), sum(total_tokens), total({cost}), "
+            f"total({computed}), sum({HAS_TOKENS_SQL} AND ({cost}) IS NULL), count(latency_ms) "
+            f"FROM llm_traces WHERE {where} GROUP BY 1, 2, 3, 4", [*group_params, *params])]
+
+    def calls(self, summed: Summed, groups: tuple[str, list[int]]) -> dict[str, Any]:
+        """Totals and rows of LLM calls; with --breakdown each row split by model. Latency percentiles
+        from one pass over the calls in order of latency, fed to the Ranks of each group they are in."""
+        totals, rows_summed = Tally(), {}
+        parts: dict[tuple, dict[tuple[Any, Any], Tally]] = collections.defaultdict(dict)
+        rows_of: dict[tuple, tuple] = {}
+        for key, day, provider, model, tally in summed:
+            row = rows_of[key, day, provider, model] = {"model": (provider, model),
+                                                        "provider": (provider,)}.get(self.by, (key,))
+            rows_summed.setdefault(row, Tally()).add(tally)
             parts[row].setdefault((provider, model), Tally()).add(tally)
             totals.add(tally)
+        total_ranks = Ranks(totals.timed_calls)
+        row_ranks = {row: Ranks(tally.timed_calls) for row, tally in rows_summed.items()}
+        model_ranks = {(row, *model): Ranks(tally.timed_calls) for row, models in parts.items()
+                       for model, tally in models.items()} if self.breakdown else {}
+        feeds = {group: (total_ranks, row_ranks[row], model_ranks[(row, *group[2:])]) if self.breakdown
+                 else (total_ranks, row_ranks[row]) for group, row in rows_of.items()}
+        where, params = self.where()
+        for call in self.conn.execute(f"SELECT {groups[0]}, latency_ms FROM llm_traces WHERE {where} AND "
+                                      "latency_ms IS NOT NULL ORDER BY latency_ms", [*groups[1], *params]):
+            for ranks in feeds[call[:4]]:
+                ranks.see(call[4])
         if self.by in ("day", "hour"):
-            order = sorted(groups)
+            order = sorted(rows_summed)
         else:
-            order = sorted(groups, key=lambda k: (-groups[k].cost_usd, -groups[k].calls, tuple(map(str, k))))
+            order = sorted(rows_summed, key=lambda k: (-rows_summed[k].cost_usd, -rows_summed[k].calls,
+                                                       tuple(map(str, k))))
         rows = []
         for key in order:
-            row = {**self.group_key(key), **groups[key].out()}
+            row = {**self.group_key(key), **rows_summed[key].out(row_ranks[key].found())}
             if self.breakdown:
                 models = sorted(parts[key].items(), key=lambda item: (-item[1].cost_usd, item[0]))
-                row["models"] = [{"provider": p, "model": m, **tally.out()} for (p, m), tally in models]
+                row["models"] = [{"provider": p, "model": m, **tally.out(model_ranks[key, p, m].found())}
+                                 for (p, m), tally in models]
             rows.append(row)
-        return {"totals": totals.out(), "groups": rows}
+        return {"totals": totals.out(total_ranks.found()), "groups": rows}
 
     def group_key(self, key: tuple) -> dict[str, Any]:
         if self.by == "model":
@@ -9783,11 +9901,11 @@ class Report:
                 "by_table": [{"table": t, "reason": r, "deleted": d, "unpushed_deleted": u}
                              for t, r, d, u in rows]}
 
-    def usage_cost(self, summed: list[tuple[Any, int, str, str, Tally]]) -> dict[str, Any]:
+    def usage_cost(self, summed: Summed) -> dict[str, Any]:
         """The window's calls by day in OpenClaw's `gateway usage-cost --json` shape and names (input
         without the cache's tokens, totalTokens as stored), so its totals compare directly."""
         days: dict[int, Tally] = {}
-        for _, day, _, _, tally in summed:
+        for _, day, _, _, tally in summed if self.by != "session" else self.sums(*self.groups_sql("day")):
             days.setdefault(day, Tally()).add(tally)
         daily = [{"date": (date(1970, 1, 1) + timedelta(days=day)).isoformat(), **usage_cost_sums(days[day])}
                  for day in sorted(days)]

@@ -3344,6 +3344,33 @@ def test_events_the_receiver_refuses_alone_are_given_up_and_the_rest_goes(
     assert health["events_refused_by_receiver"] == len(refused) and health["breaker"] == "closed"
 
 
+def test_a_receiver_that_turns_to_refusing_everything_mid_cycle_keeps_every_row(
+        run: Callable[..., Otrace], receiver: Receiver) -> None:
+    """It takes the first batch and then refuses all: an event refused alone after that was neither
+    part of a batch the receiver took part of, nor refused again after it took others, so none is
+    given up (they were, the rest of the queue); once it heals every row goes."""
+    node = run({**PUSH, "TRACE_PUSH_INTERVAL": "1h"})
+    ids = node.post("/v1/traces", [trace() for _ in range(30)]).json["trace_ids"]
+    node.wait_persisted(len(ids))
+    assert node.stop() == 0
+    healed = threading.Event()
+
+    def act(_: Receiver, request: dict[str, Any]) -> Any:
+        if healed.is_set() or not receiver.trace_ids():
+            return 200
+        return 400, {"Content-Type": "text/plain"}, "schema changed"
+
+    receiver.default = act
+    node = run(push_env(receiver, TRACE_PUSH_MAX_BYTES="4KiB", TRACE_PUSH_INTERVAL="300ms"), db=node.db_path)
+    node.wait_log(lambda e: e.get("message") == "receiver refused every event sent this cycle: keeping "
+                  "them for the next")                       # the cycle after: its suspects, sent again
+    assert node.query("SELECT count(*) FROM push_rejects") == [(0,)]
+    assert set(synced(node).values()) == {0, 1} and 0 < len(receiver.trace_ids()) < len(ids)
+    healed.set()
+    wait_synced(node, ids)
+    assert node.health()["push"]["events_refused_by_receiver"] == 0
+
+
 def test_a_row_whose_json_column_is_not_json_is_pushed_as_text(run: Callable[..., Otrace],
                                                                 receiver: Receiver) -> None:
     """A metadata value that is not JSON (a database from elsewhere, a fault) goes as its text; the
@@ -3414,7 +3441,8 @@ def test_a_receiver_refusing_everything_is_not_sent_every_event_alone(run: Calla
     node = run(push_env(receiver, TRACE_PUSH_MAX_BYTES="8KiB", TRACE_PUSH_INTERVAL="1h"))
     ids = node.post("/v1/traces", [trace() for _ in range(300)]).json["trace_ids"]
     node.wait_persisted(300)
-    node.wait_log(lambda e: e.get("message") == "push cycle failed", timeout=30)
+    node.wait_log(lambda e: e.get("message") == "push cycle cut short by refused events: the next goes on "
+                  "past them", timeout=30)
     assert len(receiver.requests) == 64                           # REFUSALS_IN_A_ROW, then the cycle ends
     assert set(synced(node).values()) == {0} and node.query("SELECT count(*) FROM push_rejects") == [(0,)]
     assert len(ids) == 300
@@ -3656,6 +3684,9 @@ def test_otlp_push_outlasts_a_dead_port_a_429_and_partial_success(run: Callable[
     records = [rec for r in losses for rl in r["json"]["resourceLogs"] for sl in rl["scopeLogs"]
                for rec in sl["logRecords"]]
     assert [rec["eventName"] for rec in records] == ["otrace.loss"]
+    wait_until(lambda: losses[-1]["answered"] == 200, what="the loss report accepted")
+    wait_until(lambda: node2.health()["push"]["events_pushed"] == 8, what="8 events pushed, not the report")
+    assert node2.query("SELECT sum(events) FROM push_log WHERE http_status = 200 AND error IS NULL") == [(8,)]
 
 
 def test_a_trace_and_an_error_sharing_a_trace_id_push_as_two_events(run: Callable[..., Otrace],
@@ -5544,6 +5575,49 @@ def test_report_days_across_a_daylight_saving_change(tmp_path: Path) -> None:
         ("2026-10-25T23:00", 1), ("2026-10-26T00:00", 1)]
 
 
+def test_a_month_of_calls_in_many_sessions_reports_exact_percentiles_in_little_memory(tmp_path: Path) -> None:
+    """The report keeps a few numbers per group, never every call's latency: 200,000 calls over 2,000
+    sessions, 21 models and 30 days; percentiles exact to the stored value."""
+    db = tmp_path / "otrace.db"
+    otrace.open_database(str(db))
+    start = unix_ms(datetime.fromisoformat("2026-11-01T00:00:00Z"))
+    with contextlib.closing(sqlite3.connect(db)) as conn, conn:
+        conn.execute(
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 200000) "
+            "INSERT INTO llm_traces (trace_id, created_at, received_at, source, provider, model, status, "
+            "session_id, prompt_tokens, completion_tokens, total_tokens, cost_usd, latency_ms, truncated, "
+            "synced) SELECT 'c' || i, ? + (i - 1) * 12960, 0, 'http', 'p' || (i % 3), 'm' || (i % 7), 'ok', "
+            "'s' || (i % 2000), 10, 1, 11, 0.001, CASE WHEN i % 11 THEN (i * 7919 % 20000) / 3.0 END, 0, 0 "
+            "FROM n", (start,))
+        latencies = conn.execute("SELECT session_id, provider, model, latency_ms FROM llm_traces "
+                                 "WHERE latency_ms IS NOT NULL").fetchall()
+
+    def ranked(values: list[float]) -> dict[str, float]:
+        values = sorted(values)
+        return {f"p{p}": values[-(-p * len(values) // 100) - 1] for p in (50, 95, 99)}
+
+    window = ("--since", "2026-11-01", "--until", "2026-11-30", "--timezone", "UTC")
+    measured = subprocess.run(
+        [sys.executable, "-c", "import resource, subprocess, sys; done = subprocess.run(sys.argv[1:], "
+         "stdout=subprocess.PIPE); sys.stderr.write(str(resource.getrusage(resource.RUSAGE_CHILDREN)"
+         ".ru_maxrss)); sys.stdout.buffer.write(done.stdout)",
+         sys.executable, str(OTRACE), "report", "--db", str(db), *window, "--by", "session", "--json"],
+        capture_output=True, timeout=120, check=True)
+    doc = json.loads(measured.stdout)
+    assert doc["calls"]["totals"]["calls"] == 200_000
+    assert doc["calls"]["totals"]["latency_ms"] == ranked([row[3] for row in latencies])
+    groups = {group["session_id"]: group for group in doc["calls"]["groups"]}
+    assert len(groups) == 2_000
+    for session in ("s0", "s1", "s1999"):
+        assert groups[session]["latency_ms"] == ranked([row[3] for row in latencies if row[0] == session])
+    split = report_json(db, *window, "--by", "source", "--breakdown")["calls"]["groups"][0]["models"]
+    assert len(split) == 21
+    for model in split:
+        assert model["latency_ms"] == ranked([row[3] for row in latencies if row[1:3] == (
+            model["provider"], model["model"])])
+    assert int(measured.stderr) < 100 * 1024, "peak RSS of the report in KiB"
+
+
 def test_report_cost_modes_choose_the_reported_or_the_computed_figure(tmp_path: Path) -> None:
     db = build_report_database(tmp_path / "otrace.db")
     expected = {"auto": (0.1037908, 0.04535, 1), "computed": (0.0511, 0.0511, 3),
@@ -7398,6 +7472,38 @@ def test_event_content_reaches_its_span_row_whichever_comes_first_until_it_is_pu
                       f"{ids[1][0]}-{ids[1][1]}": [{"role": "user", "content": "after"}],
                       f"{ids[2][0]}-{ids[2][1]}": None}
     assert (health["log_content"], health["log_content_after_span"], health["log_other"]) == (3, 2, 1)
+
+
+def test_content_merged_into_a_row_while_its_push_is_in_flight_goes_again(run: Callable[..., Otrace],
+                                                                          receiver: Receiver) -> None:
+    """The span's row is on its way to the receiver when the call's prompt arrives and fills it in: the
+    receiver's 2xx marks the copy it got, not the row, so the row goes again, with the prompt."""
+    on_wire, merged = threading.Event(), threading.Event()
+
+    def hold_the_first(_: Receiver, request: dict[str, Any]) -> Any:
+        on_wire.set()
+        merged.wait(60)
+        return 200
+
+    receiver.script = [hold_the_first]
+    node = run(push_env(receiver, TRACE_PUSH_INTERVAL="500ms"))
+    chat = {"gen_ai.operation.name": "chat", "gen_ai.request.model": "m", "gen_ai.provider.name": "openai"}
+    trace_hex, span_hex = f"{7:032x}", f"{7:016x}"
+    assert node.post("/v1/traces", spans_body(chat_span(trace_hex, span_hex, **chat))).status == 200
+    assert on_wire.wait(30)
+    assert node.post("/v1/logs", log_body(trace_hex, span_hex, "gen_ai.user.message",
+                                          {"content": "the prompt"})).status == 200
+    wait_until(lambda: node.query("SELECT input_text IS NOT NULL FROM llm_traces") == [(1,)],
+               what="the prompt merged into the row")
+    merged.set()
+
+    def sent() -> list[str | None]:
+        return [e["data"]["input_text"] for r in receiver.requests if r["answered"] == 200
+                for e in r["json"]["events"]]
+
+    wait_until(lambda: len(sent()) == 2, what="the row pushed again")
+    assert sent()[0] is None and json.loads(sent()[1]) == [{"role": "user", "content": "the prompt"}]
+    wait_until(lambda: node.query("SELECT synced FROM llm_traces") == [(1,)], what="the row marked pushed")
 
 
 def free_port() -> int:
