@@ -726,11 +726,15 @@ def cut_utf8(text: str, limit: int) -> tuple[str, int, bool]:
     return raw[:limit].decode("utf-8", "ignore"), len(raw), True
 
 
+# json.dumps with these arguments makes a new encoder each call: one, made once
+COMPACT_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
 def compact_json(value: Any, limit: int) -> tuple[str, bool]:
     """Compact JSON of `value` for a TEXT column, and whether it was over `limit` bytes (then a small
     marker object stands in for it). Raises ValueError for NaN or infinities, RecursionError for a
     value nested too deeply to write."""
-    text = clean_text(json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False))
+    text = clean_text(COMPACT_JSON.encode(value))
     size = len(text.encode("utf-8"))
     if size <= limit:
         return text, False
@@ -5584,12 +5588,35 @@ def redact_text(text: str) -> str:
 _SECRET_KEY = re.compile(r"[\w.-]*(?:(?:api|private|secret|access|secret[_-]?access)[_-]?key|token|secret"
                          r"|passw(?:or)?d|authorization|cookie|credentials?)", re.IGNORECASE)
 _SECRET_WORDS = tuple({word for words, _, _ in _TEXT_SECRETS for word in words}
-                      | {"authorization", "cookie", "credential"})
+                      | {"authorization", "cookie", "credential", "privatekey", "private_key", "private-key",
+                         "accesskey", "access_key", "access-key"})     # every name _SECRET_KEY takes
+_SECRET_KEY_ENDS = ("key", "token", "secret", "passwd", "password", "authorization", "cookie", "credential",
+                    "credentials")          # how a name _SECRET_KEY takes ends, lower-cased
+
+
+def any_word(words: Iterable[str]) -> re.Pattern[str]:
+    """A pattern that finds any of the words in one scan: branched on their first letter, which re
+    tests once per place, not once per word."""
+    after: dict[str, list[str]] = {}
+    for word in sorted(words):
+        after.setdefault(word[0], []).append(re.escape(word[1:]))
+    return re.compile("|".join(f"{re.escape(first)}(?:{'|'.join(rest)})" for first, rest in after.items()))
+
+
+_ANY_SECRET_WORD = any_word(_SECRET_WORDS)
 
 
 def holds_secret_words(lower: str) -> bool:
     """Whether any word a secret pattern needs is in the lower-cased text: most texts stop here."""
-    return any(word in lower for word in _SECRET_WORDS)
+    return _ANY_SECRET_WORD.search(lower) is not None
+
+
+def secret_key(key: str) -> bool:
+    """Whether a key names a secret (_SECRET_KEY); an ASCII key that does not end like one is not
+    (IGNORECASE matches ASCII as lower() does), without the pattern's backtracking."""
+    if key.isascii() and not key.lower().endswith(_SECRET_KEY_ENDS):
+        return False
+    return _SECRET_KEY.fullmatch(key) is not None
 
 
 def redact_json(value: Any) -> Any:
@@ -5601,7 +5628,7 @@ def redact_json(value: Any) -> Any:
     if isinstance(value, list):
         return [redact_json(item) for item in value]
     if isinstance(value, dict):
-        return {key: "***" if item is not None and not isinstance(item, bool) and _SECRET_KEY.fullmatch(key)
+        return {key: "***" if item is not None and not isinstance(item, bool) and secret_key(key)
                 else redact_json(item) for key, item in value.items()}
     return value
 
@@ -6274,7 +6301,8 @@ class LogLine:
     def numbered(self) -> list[tuple[int, Any]]:
         """The positional arguments "0", "1", ..., in order."""
         if self._numbered is None:
-            self._numbered = sorted((n, v) for k, v in self.obj.items() if (n := count_of(k)) is not None)
+            self._numbered = sorted((n, v) for k, v in self.obj.items()   # isdigit() first: most keys are not
+                                    if k.isdigit() and (n := count_of(k)) is not None)
         return self._numbered
 
     @property
@@ -6455,6 +6483,7 @@ class Followed:
         self.path, self.fd, self.offset = path, fd, offset
         st = os.fstat(fd)
         self.dev, self.inode = st.st_dev, st.st_ino
+        self.id_prefix = f"log-{self.dev:x}-{self.inode:x}-"   # of every line_id: formatted once
         self.seen = st.st_size, st.st_mtime_ns       # what the last check for a rewrite saw
         self.fingerprint = fingerprint(fd, st.st_size)
         self.replaced_at: float | None = None      # when another file took its name
@@ -6487,7 +6516,7 @@ class Followed:
     def line_id(self, start: int, text: bytes) -> str:
         """The trace_id of the events from a line: the same line read again gets the same one, a line
         written at the same offset after a truncation gets another."""
-        return f"log-{self.dev:x}-{self.inode:x}-{start:x}-{zlib.crc32(text):08x}"
+        return f"{self.id_prefix}{start:x}-{zlib.crc32(text):08x}"
 
     def refresh_fingerprint(self) -> None:
         """A file first seen shorter than FINGERPRINT_BYTES gets a longer fingerprint as it grows: an

@@ -7917,6 +7917,28 @@ def test_a_process_row_says_who_runs_it_and_what_it_holds() -> None:
     assert odd.endswith("--name café ☕ \ufffd\ufffd-not-utf8")                 # bytes ff fe
 
 
+def test_the_quick_secret_checks_agree_with_the_patterns() -> None:
+    """holds_secret_words looks for every word in one scan, and secret_key tries _SECRET_KEY only on a
+    key that ends like a secret: the answers of the plain rules, also where IGNORECASE matches what
+    lower() leaves alone (long s, dotless i, dotted I, the Kelvin sign)."""
+    long_s, dotless_i, dotted_i, kelvin = "\u017f", "\u0131", "\u0130", "\u212a"
+    texts = [json.loads(line)["message"] for line in gateway_lines()] + [
+        f"token {long_s}ecret=abc", f"ap{dotted_i}_key=k1", "Authorization: Bearer abc.def", "tokens=12",
+        "see https://github.com/o/r", "key ghp_" + "a" * 36, "bot123456:" + "A" * 35, "AKIA", "", "x"]
+    assert [otrace.holds_secret_words(text.lower()) for text in texts] == [
+        any(word in text.lower() for word in otrace._SECRET_WORDS) for text in texts]
+    assert sum(map(otrace.holds_secret_words, (text.lower() for text in texts))) > 10
+    keys = ["token", "x-api-key", "privateKey", "secret_access_key", "passwd", "Password", "cookie",
+            "credentials", "tokens", "tokenCount", "monkey", f"{long_s}ecret", f"ap{dotted_i}_key",
+            f"ap{dotless_i}_key", f"{kelvin}ey", f"api_{kelvin}ey", "name", ""]
+    assert [otrace.secret_key(key) for key in keys] == [bool(otrace._SECRET_KEY.fullmatch(key))
+                                                         for key in keys]
+    assert [key for key in keys if otrace.secret_key(key)][:8] == keys[:8]
+    for key in [*keys, "private_key", "secretAccessKey", "AWS_ACCESS_KEY", "sessionToken", "apiKey"]:
+        if key.isascii() and otrace.secret_key(key):     # an argument with it is walked by the masking
+            assert otrace.holds_secret_words(json.dumps({key: "v"}).lower()), key
+
+
 def test_no_secret_in_a_captured_command_line_survives() -> None:
     secrets = PROCS_META["secret_values"]
     root = PROCS / "t1" / "proc"
