@@ -2322,7 +2322,7 @@ class Merges:
 
     def __init__(self) -> None:
         self.count = 0
-        self.watching = False            # only while push runs: else nothing would ever forget them
+        self.watching = False            # only while a push cycle runs: no other needs them
         self._at: dict[tuple[str, str], int] = {}      # (table, trace_id): the count at its last merge
         self._lock = threading.Lock()
 
@@ -2338,7 +2338,13 @@ class Merges:
         """A push's read begins (none before it still marks rows): what it reads holds every merge so far."""
         with self._lock:
             self._at.clear()
+            self.watching = True
             return self.count
+
+    def cycle_ended(self) -> None:
+        with self._lock:
+            self._at.clear()
+            self.watching = False
 
     def after(self, read_at: int, keys: Iterable[tuple[str, str]]) -> set[tuple[str, str]]:
         with self._lock:
@@ -2905,8 +2911,9 @@ class Writer(threading.Thread):
             new = {table: insert_new(conn, table, values) for table, values in by_table.items()}
             for unit in units:
                 for sql, params in unit.extra:
-                    if conn.execute(sql, params).rowcount and sql in MERGED_TABLE:
-                        merged.append((MERGED_TABLE[sql], params[-1]))
+                    cursor = conn.execute(sql, params)
+                    if sql in MERGED_TABLE:
+                        merged += [(MERGED_TABLE[sql], trace_id) for trace_id, in cursor]
         if merged:
             self.db.merges.merged(merged)
         inserted = sum(map(len, new.values()))
@@ -3839,7 +3846,7 @@ CONTENT_SQL = ("UPDATE llm_traces SET truncated = truncated OR (input_text IS NU
                "input_bytes = CASE WHEN input_text IS NULL THEN ? ELSE input_bytes END, "
                "input_text = coalesce(input_text, ?), "
                "output_bytes = CASE WHEN output_text IS NULL THEN ? ELSE output_bytes END, "
-               "output_text = coalesce(output_text, ?) WHERE trace_id = ? AND synced = 0")
+               "output_text = coalesce(output_text, ?) WHERE trace_id = ? AND synced = 0 RETURNING trace_id")
 SERIES_TOUCH_MS = 86_400_000     # an unchanged series' state is rewritten daily, so retention keeps it
 KEY_BYTES = 200                  # what one remembered span id costs of TRACE_OTLP_CONTENT_BYTES
 RECENT_CALLS = 64                # LLM calls remembered for another instrumentation's span in a later request
@@ -3866,13 +3873,12 @@ def merge_sql(table: Table, call_first: bool) -> str:
             sets += [f"{size} = CASE WHEN {text} IS NULL THEN {at[size]} ELSE {size} END",
                      f"{text} = coalesce({text}, {at[text]})"]
     sets.append(f"truncated = truncated OR {at['truncated']}")
-    return f"UPDATE {table.name} SET {', '.join(sets)} WHERE trace_id = ?{len(at) + 1} AND synced = 0"
+    return (f"UPDATE {table.name} SET {', '.join(sets)} WHERE trace_id = ?{len(at) + 1} AND synced = 0 "
+            "RETURNING trace_id")
 
 
 MERGE_SQL = {(table.name, first): merge_sql(table, first)
              for table in (TRACES, ERRORS) for first in (True, False)}
-# The statements that change a stored row's content (by trace_id, its last parameter), and its table.
-MERGED_TABLE = {CONTENT_SQL: TRACES.name, **{sql: name for (name, _), sql in MERGE_SQL.items()}}
 OTLP_COUNTERS = (
     "requests", "spans", "llm_spans", "spans_merged", "spans_not_llm", "openclaw_usage_skipped",
     "openclaw_logs_skipped",
@@ -6259,11 +6265,14 @@ ATTEMPT_SQL = ("INSERT INTO openclaw_attempts (trace_id, run_id, outcome, create
 _COUNT_ATTEMPTS = (
     "UPDATE error_events SET metadata = json_set(coalesce(metadata, '{}'), '$.failed_attempts', json(("
     "SELECT json_group_object(outcome, n) FROM (SELECT outcome, count(*) AS n FROM openclaw_attempts "
-    "WHERE run_id = ?1 GROUP BY outcome)))) WHERE <row> AND EXISTS (SELECT 1 FROM openclaw_attempts "
-    "WHERE run_id = ?1)")
+    "WHERE run_id = ?1 GROUP BY outcome)))) WHERE <row> AND synced = 0 AND EXISTS (SELECT 1 FROM "
+    "openclaw_attempts WHERE run_id = ?1) RETURNING trace_id")      # a pushed event is not sent twice for it
 COUNT_ON_STORE_SQL = _COUNT_ATTEMPTS.replace(         # the partial index error_events_openclaw_run
     "<row>", "source = 'openclaw_session' AND json_extract(metadata, '$.run_id') = ?1")
 COUNT_ON_ROW_SQL = _COUNT_ATTEMPTS.replace("<row>", "trace_id = ?2")
+# The statements that change a stored row, each returning its trace_id, and their table (see Merges).
+MERGED_TABLE = {CONTENT_SQL: TRACES.name, **{sql: name for (name, _), sql in MERGE_SQL.items()},
+                COUNT_ON_STORE_SQL: ERRORS.name, COUNT_ON_ROW_SQL: ERRORS.name}
 
 
 class LogLine:
@@ -8246,7 +8255,7 @@ class Cycle:
     cut: bool = False                # ended by REFUSALS_IN_A_ROW: more of the queue is left to reach
     faults: int = 0                  # answers that were no answer, a 5xx, a 429 or a wrong endpoint
     refusals_in_a_row: int = 0
-    marking: tuple[Future, int] | None = None
+    marking: Future | None = None    # its result: how many events it marked
     packer: Packer | None = None
     read_at: int = 0                 # merges counted when its read began (see Merges)
 
@@ -8267,12 +8276,12 @@ class Pusher(Loop):
         self.loss_tables = self.tables if config.push_format == "otrace" or "logs" in config.push_signals \
             else ()
         self.breaker = Breaker(config.push_breaker_threshold, config.push_breaker_cooldown)
-        db.merges.watching = True
         # events refused alone, left out of the batches until a cycle the receiver accepts others in
         # sends them again: poison then, if refused alone again and proven (see refused_alone); else
         # a receiver that may refuse everything
         self.suspects: dict[tuple[str, str], tuple[int, bool]] = {}   # (table, trace_id): ids change
-        self.acceptances = 0             # batches of events accepted: when each suspect was refused
+        # batches of events accepted by signal (an OTLP receiver may refuse one); a suspect keeps its count
+        self.acceptances: collections.Counter[str] = collections.Counter()
         self.cycle_lock = threading.Lock()
         self.not_before = 0.0            # monotonic time the receiver's last Retry-After asked to wait for
         self.last_time: float | None = None
@@ -8323,6 +8332,7 @@ class Pusher(Loop):
                     "consecutive_failures": self.breaker.failures})
             return ok
         finally:
+            self.db.merges.cycle_ended()
             self.cycle_lock.release()
 
     def batches(self, conn: sqlite3.Connection, cycle: Cycle) -> Iterator[Batch]:
@@ -8359,11 +8369,11 @@ class Pusher(Loop):
             cycle.faults += verdict in ("retry", "config")
             if verdict == "ok":
                 self.marked(cycle, deadline)      # the batch before, while this one was sent
-                cycle.marking = (self.events.submit(functools.partial(
-                    record_pushed, batch, attempt, self.db.merges, cycle.read_at)), batch.events)
+                cycle.marking = self.events.submit(functools.partial(
+                    record_pushed, batch, attempt, self.db.merges, cycle.read_at))
                 if batch.events:                 # events, not a loss report alone
                     cycle.accepted = True
-                    self.acceptances += 1
+                    self.acceptances[batch.signal] += 1
                 for table, _, trace_id, _, _ in batch.spans if self.suspects else ():
                     self.suspects.pop((table, trace_id), None)
                 return True
@@ -8380,7 +8390,7 @@ class Pusher(Loop):
                     return False                 # the receiver may refuse everything
                 if len(batch) == 1:
                     return True
-                refused_at = self.acceptances
+                refused_at = self.acceptances[batch.signal]
                 return all(self.deliver(half, deadline, cycle, refused_at) for half in batch.halves())
             wait = backoff.next()                # and a Retry-After is waited out by held()
             if number == attempts or (deadline is not None and time.monotonic() + wait > deadline):
@@ -8407,9 +8417,8 @@ class Pusher(Loop):
         (the cycle ends; its rows stay unsynced and go again)."""
         if cycle.marking is None:
             return
-        (future, events), cycle.marking = cycle.marking, None
-        future.result(timeout=self.wait(deadline))
-        self.totals.add("events", events)
+        future, cycle.marking = cycle.marking, None
+        self.totals.add("events", future.result(timeout=self.wait(deadline)))
         self.totals.add("batches")
 
     def settle(self, cycle: Cycle, deadline: float | None) -> bool:
@@ -8436,20 +8445,21 @@ class Pusher(Loop):
         since its last refusal: a receiver that turned to refusing everything has done neither."""
         table, _, trace_id, _, _ = batch.spans[0]
         key = (table, trace_id)
+        accepted = self.acceptances[batch.signal]
         refused_at, proven = self.suspects.get(key, (None, False))
-        if refused_at is not None and (proven or self.acceptances > refused_at):
+        if refused_at is not None and (proven or accepted > refused_at):
             cycle.poison.append((batch, attempt))
             return
         if refused_at is not None or len(self.suspects) < MAX_SUSPECTS:
             cycle.new_suspects += refused_at is None
-            self.suspects[key] = (self.acceptances, split_at is not None and self.acceptances > split_at)
+            self.suspects[key] = (accepted, split_at is not None and accepted > split_at)
         cycle.refused += 1
         cycle.first_refusal = cycle.first_refusal or attempt
 
-    def kept(self, cycle: Cycle) -> bool:
+    def kept(self, cycle: Cycle, sent: str = "sent this cycle") -> bool:
         """Events refused by a receiver that accepted none since: they stay, and the cycle failed."""
         first = cycle.first_refusal
-        self.log.warning("receiver refused every event sent this cycle: keeping them for the next", extra={
+        self.log.warning(f"receiver refused every event {sent}: keeping them for the next", extra={
             "refused": cycle.refused, "status": first and first.status, "reason": first and first.error})
         return False
 
@@ -8470,7 +8480,7 @@ class Pusher(Loop):
                         wanted.setdefault(table, []).append(trace_id)
                     # the few before were accepted or poison: the receiver takes events, and a run of
                     # poison must not cut the search short; else its refusals run on and may end it
-                    if taken != (now := (self.acceptances, len(again.poison))):
+                    if taken != (now := (self.acceptances.total(), len(again.poison))):
                         again.refusals_in_a_row = 0
                     taken = now
                     for batch in Packer(conn, self.config.push_max_bytes, self.tables, self.format,
@@ -8488,8 +8498,9 @@ class Pusher(Loop):
             self.marked(again, deadline)
         if again.poison:
             self.give_up(again.poison, deadline)
-        if again.refused and not (cycle.accepted or again.accepted):
-            return self.kept(again)
+        if again.refused and not again.accepted:
+            kept = self.kept(again, "sent again")       # it may have turned to refusing everything
+            return kept if not cycle.accepted else delivered
         return delivered
 
     def give_up(self, poison: list[tuple[Batch, Attempt]], deadline: float | None) -> None:
@@ -8560,12 +8571,13 @@ def record_attempt(attempt: Attempt, conn: sqlite3.Connection) -> None:
 
 
 def record_pushed(batch: Batch, attempt: Attempt, merges: Merges, read_at: int,
-                  conn: sqlite3.Connection) -> None:
+                  conn: sqlite3.Connection) -> int:
     """Mark exactly the batch's rows synced, but those merged since they were read (they go again),
-    and the losses it reported, with its push_log row, in one transaction."""
+    and the losses it reported, with its push_log row, in one transaction. Returns the rows marked."""
     changed = merges.after(read_at, [(table, trace_id) for table, _, trace_id, _, _ in batch.spans])
+    marked = batch.ids(leaving=changed)
     with transaction(conn):
-        for table, ids in batch.ids(leaving=changed).items():
+        for table, ids in marked.items():
             conn.executemany(f"UPDATE {table} SET synced = {SYNCED}, pushed_at = ? WHERE id BETWEEN ? AND ?",
                              [(attempt.started_at, low, high) for low, high in id_runs(ids)])
         for loss in batch.losses:
@@ -8579,6 +8591,7 @@ def record_pushed(batch: Batch, attempt: Attempt, merges: Merges, read_at: int,
                     conn.execute(f"UPDATE {loss['table']} SET synced = {REFUSED_REPORTED} WHERE id = ? "
                                  f"AND synced = {REFUSED}", row_id)
         record_attempt(attempt, conn)
+    return sum(map(len, marked.values()))
 
 
 def id_runs(ids: list[int]) -> list[tuple[int, int]]:

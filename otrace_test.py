@@ -3362,12 +3362,42 @@ def test_a_receiver_that_turns_to_refusing_everything_mid_cycle_keeps_every_row(
 
     receiver.default = act
     node = run(push_env(receiver, TRACE_PUSH_MAX_BYTES="4KiB", TRACE_PUSH_INTERVAL="300ms"), db=node.db_path)
-    node.wait_log(lambda e: e.get("message") == "receiver refused every event sent this cycle: keeping "
-                  "them for the next")                       # the cycle after: its suspects, sent again
+    node.wait_log(lambda e: e.get("message") == "receiver refused every event sent again: keeping them "
+                  "for the next" and e.get("refused") == len(ids) - len(receiver.trace_ids()))
     assert node.query("SELECT count(*) FROM push_rejects") == [(0,)]
     assert set(synced(node).values()) == {0, 1} and 0 < len(receiver.trace_ids()) < len(ids)
     healed.set()
     wait_synced(node, ids)
+    assert node.health()["push"]["events_refused_by_receiver"] == 0
+
+
+def test_an_otlp_receiver_refusing_one_signal_keeps_its_rows(run: Callable[..., Otrace],
+                                                              receiver: Receiver) -> None:
+    """It takes spans and refuses every log record: its acceptance of spans proves nothing about the
+    errors it refuses (log records), so none is given up; they all go once it takes logs."""
+    takes_logs = threading.Event()
+
+    def act(_: Receiver, request: dict[str, Any]) -> Any:
+        if request["path"].endswith("/v1/logs") and not takes_logs.is_set():
+            return 415, {"Content-Type": "text/plain"}, "logs not enabled"
+        return 200
+
+    receiver.default = act
+    node = run(push_env(receiver, TRACE_PUSH_FORMAT="otlp", TRACE_PUSH_OTLP_PROTOCOL="http/json",
+                        TRACE_PUSH_ENDPOINT=receiver.url.rsplit("/", 1)[0], TRACE_PUSH_MAX_BYTES="4KiB"))
+    errors = [node.post("/v1/errors", {"error_type": "crash", "message": f"boom {n}"}).json["trace_ids"][0]
+              for n in range(8)]
+    refused_alone = "SELECT count(*) FROM push_log WHERE http_status = 415 AND events = 1"
+    for _ in range(500):                 # spans taken between the refusals
+        if node.query(refused_alone)[0][0] >= 3 * len(errors):
+            break
+        wait_synced(node, node.post("/v1/traces", trace()).json["trace_ids"])
+    else:
+        pytest.fail("the errors were not refused alone three times each")
+    assert node.query("SELECT count(*) FROM push_rejects") == [(0,)]
+    assert {synced(node)[i] for i in errors} == {0}
+    takes_logs.set()
+    wait_synced(node, errors)
     assert node.health()["push"]["events_refused_by_receiver"] == 0
 
 
@@ -6500,6 +6530,43 @@ def test_one_failure_is_one_event_from_the_log_alone_or_with_the_store(tmp_path:
 
 
 @needs_stores
+def test_failed_attempts_counted_while_their_error_is_pushed_go_with_it(tmp_path: Path,
+                                                                        run: Callable[..., Otrace],
+                                                                        receiver: Receiver) -> None:
+    """The store's two failures are on their way to the receiver when the log that counts their failed
+    attempts is read: the counts reach the rows, which go again; a row is marked pushed only as the
+    receiver has it (an error event pushed before its count keeps what was sent)."""
+    on_wire, counted = threading.Event(), threading.Event()
+
+    def hold_the_errors(_: Receiver, request: dict[str, Any]) -> Any:
+        if not on_wire.is_set() and any(e["type"] == "error_event" for e in request["json"]["events"]):
+            on_wire.set()
+            counted.wait(60)
+        return 200
+
+    receiver.default = hold_the_errors
+    (tmp_path / "logs").mkdir()
+    node = run({**STORE_ENV, **push_env(receiver), "TRACE_OPENCLAW_STATE_DIR": str(state_copy(tmp_path)),
+                "TRACE_LOG_PATH": str(tmp_path / "logs"), "TRACE_LOG_POLL": "50ms"})
+    assert on_wire.wait(30)
+    (tmp_path / "logs" / "openclaw-2026-11-30.log").write_bytes(DEBUG_LOG.read_bytes())
+    wait_until(lambda: node.health()["log_tail"]["failed_attempts"] == 34, what="the log read")
+    wait_until(lambda: node.health()["queue_depth"] == 0, what="its counts written")
+    counted.set()
+
+    def as_received() -> dict[str, Any]:        # the last copy of each error event the receiver took
+        return {e["trace_id"]: e["data"]["metadata"].get("failed_attempts") for r in receiver.requests
+                if r["answered"] == 200 for e in r["json"]["events"] if e["type"] == "error_event"}
+
+    def as_stored() -> dict[str, Any]:
+        return {e["trace_id"]: json.loads(e["metadata"]).get("failed_attempts")
+                for e in node.rows("error_events") if e["synced"] == 1}
+
+    wait_until(lambda: len(as_stored()) == 2 and as_stored() == as_received(), what="pushed as stored")
+    assert {"500": 7} in as_received().values() or {"ECONNREFUSED": 7} in as_received().values()
+
+
+@needs_stores
 def test_retention_prunes_counted_attempts_and_keeps_where_the_store_was_read(
         tmp_path: Path, run: Callable[..., Otrace]) -> None:
     """A failed attempt's count is bookkeeping, gone after TRACE_RETENTION; a session's position is
@@ -7504,6 +7571,15 @@ def test_content_merged_into_a_row_while_its_push_is_in_flight_goes_again(run: C
     wait_until(lambda: len(sent()) == 2, what="the row pushed again")
     assert sent()[0] is None and json.loads(sent()[1]) == [{"role": "user", "content": "the prompt"}]
     wait_until(lambda: node.query("SELECT synced FROM llm_traces") == [(1,)], what="the row marked pushed")
+    assert node.health()["push"]["events_pushed"] == 1          # marked once, though sent twice
+    merges = otrace.Merges()                   # what it keeps: merges during a push's cycle, only
+    merges.merged([("llm_traces", "a")])
+    read_at = merges.read_begins()
+    merges.merged([("llm_traces", "b")])
+    assert merges.after(read_at, [("llm_traces", "a"), ("llm_traces", "b")]) == {("llm_traces", "b")}
+    merges.cycle_ended()
+    merges.merged([("llm_traces", "c")])
+    assert merges.after(0, [("llm_traces", "b"), ("llm_traces", "c")]) == set()
 
 
 def free_port() -> int:
