@@ -9740,8 +9740,8 @@ class Tally:
     timed_calls: int = 0                        # those with a latency
 
     def add(self, other: Tally) -> None:
-        for field in dataclasses.fields(self):
-            setattr(self, field.name, getattr(self, field.name) + getattr(other, field.name))
+        for name in self.__slots__:             # the fields, in order
+            setattr(self, name, getattr(self, name) + getattr(other, name))
 
     def out(self, latency: dict[str, float | None]) -> dict[str, Any]:
         """As the report gives it: costs to the nano-dollar, with the group's latency percentiles."""
@@ -10184,16 +10184,16 @@ def run_report(argv: list[str]) -> int:
         print(f"otrace report: cannot read {args.db}: {describe(exc)}", file=sys.stderr)
         return 1
     doc["database"] = args.db
-    if args.json:
-        text = json.dumps(doc, indent=2, ensure_ascii=False) + "\n"
-    elif args.csv:
-        text = csv_text(doc)
-    else:
-        width = int(os.environ["COLUMNS"]) if os.environ.get("COLUMNS", "").isdigit() else (
-            os.get_terminal_size(sys.stdout.fileno()).columns if sys.stdout.isatty() else 160)
-        text = TableView(doc, width).render()
     with contextlib.suppress(BrokenPipeError):
-        sys.stdout.write(text)
+        if args.json:           # written as it is encoded: a report of many rows is never held as one text
+            json.dump(doc, sys.stdout, indent=2, ensure_ascii=False)
+            sys.stdout.write("\n")
+        elif args.csv:
+            sys.stdout.write(csv_text(doc))
+        else:
+            width = int(os.environ["COLUMNS"]) if os.environ.get("COLUMNS", "").isdigit() else (
+                os.get_terminal_size(sys.stdout.fileno()).columns if sys.stdout.isatty() else 160)
+            sys.stdout.write(TableView(doc, width).render())
         sys.stdout.flush()
     return 0
 
