@@ -8559,6 +8559,7 @@ class Pusher(Loop):
             "events_pushed": totals["events"],
             "batches_pushed": totals["batches"],
             "events_refused_by_receiver": totals["refused"],
+            "events_refused_waiting": len(self.suspects),      # kept out of batches, not given up
             "events_unencodable": totals["unencodable"],
         }
 

@@ -3396,9 +3396,11 @@ def test_an_otlp_receiver_refusing_one_signal_keeps_its_rows(run: Callable[..., 
         pytest.fail("the errors were not refused alone three times each")
     assert node.query("SELECT count(*) FROM push_rejects") == [(0,)]
     assert {synced(node)[i] for i in errors} == {0}
+    assert node.health()["push"]["events_refused_waiting"] == len(errors)
     takes_logs.set()
     wait_synced(node, errors)
     assert node.health()["push"]["events_refused_by_receiver"] == 0
+    wait_until(lambda: node.health()["push"]["events_refused_waiting"] == 0, what="none waiting")
 
 
 def test_a_row_whose_json_column_is_not_json_is_pushed_as_text(run: Callable[..., Otrace],
