@@ -7602,6 +7602,7 @@ class Packer:
         self.conn, self.max_bytes, self.tables, self.form = conn, max_bytes, tuple(tables), form
         self.skip = skip                 # (table, trace_id) of rows left out: the push's suspects
         self.only = only                 # else only these rows (trace_ids by table): the suspects
+        self.dropped: set[str] = set()   # signals no longer wanted this cycle
         self.unencodable: list[tuple[str, int, str, str]] = []   # (table, row id, trace_id, why)
 
     def batches(self) -> Iterator[Batch]:
@@ -7632,6 +7633,8 @@ class Packer:
     def rows(self) -> Iterator[tuple[str, dict[str, Any]]]:
         """Each unsynced row, its JSON columns parsed, without otrace's bookkeeping columns."""
         for table in self.tables:
+            if self.form.signal(table) in self.dropped:
+                continue
             if self.only is not None:
                 wanted = self.only.get(table, [])
                 for start in range(0, len(wanted), self.PAGE):
@@ -7650,7 +7653,7 @@ class Packer:
                 rows = cursor.fetchall()
                 for row in rows:
                     yield table, self.parsed(names, row)
-                if len(rows) < self.PAGE:
+                if len(rows) < self.PAGE or self.form.signal(table) in self.dropped:
                     break
                 after = rows[-1][0]
 
@@ -8234,7 +8237,7 @@ class Breaker:
             self.retry_at = time.time() + min(self.MAX_COOLDOWN, self.cooldown * 2**doublings)
 
 
-REFUSALS_IN_A_ROW = 64      # answers refusing content with no acceptance between: the cycle ends
+REFUSALS_IN_A_ROW = 64      # answers refusing a signal's content with no acceptance between: it waits
 MAX_SUSPECTS = 10_000       # events refused alone, kept out of batches until sent again (their keys)
 SUSPECTS_A_BATCH = 16       # suspects sent again together: their search stays under REFUSALS_IN_A_ROW
 SUSPECTS_A_CYCLE = 1024     # suspects sent again in one cycle (at most about twice as many requests)
@@ -8244,17 +8247,17 @@ SUSPECTS_A_CYCLE = 1024     # suspects sent again in one cycle (at most about tw
 class Cycle:
     """What one push cycle learned: whether the receiver accepted anything, how many events it refused
     alone (and the first answer), how many of them were new suspects and which were poison, how many
-    answers in a row refused content, and the confirmed batch the writer is marking synced while the
-    next one is sent."""
+    answers in a row refused content of each signal, and the confirmed batch the writer is marking
+    synced while the next one is sent."""
 
     accepted: bool = False
     refused: int = 0
     first_refusal: Attempt | None = None
     poison: list[tuple[Batch, Attempt]] = dataclasses.field(default_factory=list)
     new_suspects: int = 0
-    cut: bool = False                # ended by REFUSALS_IN_A_ROW: more of the queue is left to reach
+    cut: set[str] = dataclasses.field(default_factory=set)   # signals left by REFUSALS_IN_A_ROW
     faults: int = 0                  # answers that were no answer, a 5xx, a 429 or a wrong endpoint
-    refusals_in_a_row: int = 0
+    refusals_in_a_row: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
     marking: Future | None = None    # its result: how many events it marked
     packer: Packer | None = None
     read_at: int = 0                 # merges counted when its read began (see Merges)
@@ -8307,15 +8310,16 @@ class Pusher(Loop):
             cycle = Cycle(read_at=self.db.merges.read_begins())
             try:
                 with self.db.reading() as conn:
-                    ok = all(self.deliver(batch, deadline, cycle) for batch in self.batches(conn, cycle))
+                    ok = self.send(self.batches(conn, cycle), deadline, cycle)
             finally:
                 self.marked(cycle, deadline)
             ok = self.settle(cycle, deadline) and ok
-            if self.suspects and (ok or (cycle.cut and cycle.accepted)):   # cut, it may still prove some
-                ok = self.retry_suspects(cycle, deadline) and ok
+            cut_short = bool(cycle.cut) and not cycle.accepted     # refusals ran on, nothing accepted
+            if self.suspects and ok and not cut_short:
+                ok = self.retry_suspects(cycle, deadline)
             # a cycle cut short by refusals that found new suspects got further into the queue, and the
             # next starts past them: it does not count against the breaker (nor for it)
-            progressed = not ok and cycle.cut and cycle.new_suspects > 0 and cycle.faults == 0
+            progressed = cut_short and cycle.new_suspects > 0 and cycle.faults == 0
             if ok and self.last_status == "never":
                 self.last_status = "ok"     # nothing was waiting: the receiver is not known to be down
             if not ok and self.stopping.is_set() and (deadline is None or time.monotonic() >= deadline):
@@ -8350,6 +8354,20 @@ class Pusher(Loop):
             yield report
         yield from batches
 
+    def send(self, batches: Iterable[Batch], deadline: float | None, cycle: Cycle) -> bool:
+        """Deliver the batches in order; a signal whose refusals run to REFUSALS_IN_A_ROW waits for the
+        next cycle while the others go on. False if a batch could not be delivered (no answer, a fault,
+        out of time)."""
+        for batch in batches:
+            if batch.signal in cycle.cut:
+                continue
+            if not self.deliver(batch, deadline, cycle):
+                if batch.signal not in cycle.cut:
+                    return False
+                if cycle.packer:
+                    cycle.packer.dropped.add(batch.signal)
+        return True
+
     def deliver(self, batch: Batch, deadline: float | None, cycle: Cycle,
                 split_at: int | None = None) -> bool:
         """Send one batch until it is confirmed, split, or the cycle gives up on it (False). split_at:
@@ -8365,7 +8383,8 @@ class Pusher(Loop):
             if attempt.retry_after and not 200 <= (attempt.status or 0) < 300:   # a 2xx asks no wait
                 self.not_before = time.monotonic() + attempt.retry_after
             self.note(attempt, verdict)
-            cycle.refusals_in_a_row = cycle.refusals_in_a_row + 1 if verdict == "split" else 0
+            in_a_row = cycle.refusals_in_a_row[batch.signal] = (
+                cycle.refusals_in_a_row[batch.signal] + 1 if verdict == "split" else 0)
             cycle.faults += verdict in ("retry", "config")
             if verdict == "ok":
                 self.marked(cycle, deadline)      # the batch before, while this one was sent
@@ -8385,9 +8404,9 @@ class Pusher(Loop):
                     return True           # is tried again next cycle
                 if len(batch) == 1:
                     self.refused_alone(batch, attempt, cycle, split_at)
-                if cycle.refusals_in_a_row >= REFUSALS_IN_A_ROW:
-                    cycle.cut = True
-                    return False                 # the receiver may refuse everything
+                if in_a_row >= REFUSALS_IN_A_ROW:
+                    cycle.cut.add(batch.signal)
+                    return False                 # the receiver may refuse all of this signal
                 if len(batch) == 1:
                     return True
                 refused_at = self.acceptances[batch.signal]
@@ -8456,10 +8475,10 @@ class Pusher(Loop):
         cycle.refused += 1
         cycle.first_refusal = cycle.first_refusal or attempt
 
-    def kept(self, cycle: Cycle, sent: str = "sent this cycle") -> bool:
+    def kept(self, cycle: Cycle, sent: str = "sent this cycle", level: int = logging.WARNING) -> bool:
         """Events refused by a receiver that accepted none since: they stay, and the cycle failed."""
         first = cycle.first_refusal
-        self.log.warning(f"receiver refused every event {sent}: keeping them for the next", extra={
+        self.log.log(level, f"receiver refused every event {sent}: keeping them for the next", extra={
             "refused": cycle.refused, "status": first and first.status, "reason": first and first.error})
         return False
 
@@ -8469,38 +8488,43 @@ class Pusher(Loop):
         other events since its last refusal is poison: given up, reported in the next push. If it
         accepted nothing in the cycle, they stay suspects, and the cycle failed (a receiver that refuses
         everything, or poison with nothing else waiting to tell them apart: the next event decides)."""
-        again, found, delivered = Cycle(read_at=self.db.merges.read_begins()), set(), True
+        again, asked, found = Cycle(read_at=self.db.merges.read_begins()), set(), set()
         suspects = sorted(self.suspects)[:SUSPECTS_A_CYCLE]
+        delivered = True
+
+        def noting(batches: Iterator[Batch]) -> Iterator[Batch]:
+            for batch in batches:
+                found.update((table, trace_id) for table, _, trace_id, _, _ in batch.spans)
+                yield batch
+
         try:
             with self.db.reading() as conn:
                 taken = None
                 for start in range(0, len(suspects), SUSPECTS_A_BATCH):
                     wanted: dict[str, list[str]] = {}
                     for table, trace_id in suspects[start:start + SUSPECTS_A_BATCH]:
-                        wanted.setdefault(table, []).append(trace_id)
+                        if self.format.signal(table) not in again.cut:
+                            wanted.setdefault(table, []).append(trace_id)
+                            asked.add((table, trace_id))
                     # the few before were accepted or poison: the receiver takes events, and a run of
                     # poison must not cut the search short; else its refusals run on and may end it
                     if taken != (now := (self.acceptances.total(), len(again.poison))):
-                        again.refusals_in_a_row = 0
+                        again.refusals_in_a_row.clear()
                     taken = now
-                    for batch in Packer(conn, self.config.push_max_bytes, self.tables, self.format,
-                                        only=wanted).batches():
-                        found.update((table, trace_id) for table, _, trace_id, _, _ in batch.spans)
-                        if not self.deliver(batch, deadline, again):
-                            delivered = False
-                            break
-                    if not delivered:
+                    batches = Packer(conn, self.config.push_max_bytes, self.tables, self.format,
+                                     only=wanted).batches()
+                    if not (delivered := self.send(noting(batches), deadline, again)):
                         break
-                else:
-                    for key in set(suspects) - found:        # gone, pushed or given up meanwhile
-                        self.suspects.pop(key, None)
+                for key in asked - found if delivered else ():       # gone, pushed or given up meanwhile
+                    self.suspects.pop(key, None)
         finally:
             self.marked(again, deadline)
         if again.poison:
             self.give_up(again.poison, deadline)
-        if again.refused and not again.accepted:
-            kept = self.kept(again, "sent again")       # it may have turned to refusing everything
-            return kept if not cycle.accepted else delivered
+        if again.refused and not again.accepted:        # it may refuse everything, or one signal
+            if not cycle.accepted:
+                return self.kept(again, "sent again")
+            self.kept(again, "sent again", logging.INFO)
         return delivered
 
     def give_up(self, poison: list[tuple[Batch, Attempt]], deadline: float | None) -> None:

@@ -3374,7 +3374,8 @@ def test_a_receiver_that_turns_to_refusing_everything_mid_cycle_keeps_every_row(
 def test_an_otlp_receiver_refusing_one_signal_keeps_its_rows(run: Callable[..., Otrace],
                                                               receiver: Receiver) -> None:
     """It takes spans and refuses every log record: its acceptance of spans proves nothing about the
-    errors it refuses (log records), so none is given up; they all go once it takes logs."""
+    errors it refuses (log records), so none is given up, and their refusals, however many, hold
+    neither the spans nor the breaker; they all go once it takes logs."""
     takes_logs = threading.Event()
 
     def act(_: Receiver, request: dict[str, Any]) -> Any:
@@ -3386,7 +3387,7 @@ def test_an_otlp_receiver_refusing_one_signal_keeps_its_rows(run: Callable[..., 
     node = run(push_env(receiver, TRACE_PUSH_FORMAT="otlp", TRACE_PUSH_OTLP_PROTOCOL="http/json",
                         TRACE_PUSH_ENDPOINT=receiver.url.rsplit("/", 1)[0], TRACE_PUSH_MAX_BYTES="4KiB"))
     errors = [node.post("/v1/errors", {"error_type": "crash", "message": f"boom {n}"}).json["trace_ids"][0]
-              for n in range(8)]
+              for n in range(48)]
     refused_alone = "SELECT count(*) FROM push_log WHERE http_status = 415 AND events = 1"
     for _ in range(500):                 # spans taken between the refusals
         if node.query(refused_alone)[0][0] >= 3 * len(errors):
@@ -3396,7 +3397,9 @@ def test_an_otlp_receiver_refusing_one_signal_keeps_its_rows(run: Callable[..., 
         pytest.fail("the errors were not refused alone three times each")
     assert node.query("SELECT count(*) FROM push_rejects") == [(0,)]
     assert {synced(node)[i] for i in errors} == {0}
-    assert node.health()["push"]["events_refused_waiting"] == len(errors)
+    push = node.health()["push"]
+    assert (push["events_refused_waiting"], push["breaker"], push["consecutive_failures"]) == (
+        len(errors), "closed", 0)
     takes_logs.set()
     wait_synced(node, errors)
     assert node.health()["push"]["events_refused_by_receiver"] == 0
