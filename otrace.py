@@ -2316,9 +2316,10 @@ class Database:
 
 
 class Merges:
-    """Rows a merge changed (a call's content from an OTLP log record, a later span of the call) while
-    a push may hold an older copy read before it: the writer counts each after its commit, and the push
-    marks a row synced only if it was not merged after its read began (else it goes again)."""
+    """Rows a merge changed (a call's content from an OTLP log record, a later span of the call, failed
+    attempts counted from the gateway's log) while a push may hold an older copy read before it: the
+    writer counts each after its commit, and the push marks a row synced only if it was not merged
+    after its read began (else it goes again)."""
 
     def __init__(self) -> None:
         self.count = 0
@@ -8313,9 +8314,9 @@ class Pusher(Loop):
                     ok = self.send(self.batches(conn, cycle), deadline, cycle)
             finally:
                 self.marked(cycle, deadline)
-            ok = self.settle(cycle, deadline) and ok
             cut_short = bool(cycle.cut) and not cycle.accepted     # refusals ran on, nothing accepted
-            if self.suspects and ok and not cut_short:
+            ok = self.settle(cycle, deadline) and ok and not cut_short
+            if self.suspects and ok:
                 ok = self.retry_suspects(cycle, deadline)
             # a cycle cut short by refusals that found new suspects got further into the queue, and the
             # next starts past them: it does not count against the breaker (nor for it)
@@ -8476,7 +8477,8 @@ class Pusher(Loop):
         cycle.first_refusal = cycle.first_refusal or attempt
 
     def kept(self, cycle: Cycle, sent: str = "sent this cycle", level: int = logging.WARNING) -> bool:
-        """Events refused by a receiver that accepted none since: they stay, and the cycle failed."""
+        """Events refused by a receiver that accepted none since: they stay. False: the cycle failed,
+        unless the receiver accepted other events in it (the caller's to say)."""
         first = cycle.first_refusal
         self.log.log(level, f"receiver refused every event {sent}: keeping them for the next", extra={
             "refused": cycle.refused, "status": first and first.status, "reason": first and first.error})
@@ -8484,10 +8486,10 @@ class Pusher(Loop):
 
     def retry_suspects(self, cycle: Cycle, deadline: float | None) -> bool:
         """After a cycle that went through, the events refused alone (in it or before) are read again
-        and sent, in batches split as any batch is. One refused alone again after the receiver accepted
-        other events since its last refusal is poison: given up, reported in the next push. If it
-        accepted nothing in the cycle, they stay suspects, and the cycle failed (a receiver that refuses
-        everything, or poison with nothing else waiting to tell them apart: the next event decides)."""
+        and sent, in batches split as any batch is. One refused alone again with proof (refused_alone)
+        is poison: given up, reported in the next push. If the receiver accepted nothing in the cycle,
+        they stay suspects, and the cycle failed (a receiver that refuses everything, or poison with
+        nothing else waiting to tell them apart: the next event decides)."""
         again, asked, found = Cycle(read_at=self.db.merges.read_begins()), set(), set()
         suspects = sorted(self.suspects)[:SUSPECTS_A_CYCLE]
         delivered = True
