@@ -8262,6 +8262,7 @@ class Cycle:
     marking: Future | None = None    # its result: how many events it marked
     packer: Packer | None = None
     read_at: int = 0                 # merges counted when its read began (see Merges)
+    idle: bool = False               # it had nothing new, and the receiver refused every suspect again
 
 
 class Pusher(Loop):
@@ -8319,7 +8320,7 @@ class Pusher(Loop):
             if self.suspects and ok:
                 ok = self.retry_suspects(cycle, deadline)
             # a cycle cut short by refusals that found new suspects got further into the queue, and the
-            # next starts past them: it does not count against the breaker (nor for it)
+            # next starts past them; one with nothing new tried nothing: neither counts for the breaker
             progressed = cut_short and cycle.new_suspects > 0 and cycle.faults == 0
             if ok and self.last_status == "never":
                 self.last_status = "ok"     # nothing was waiting: the receiver is not known to be down
@@ -8330,6 +8331,8 @@ class Pusher(Loop):
                 self.log.info("push cycle cut short by refused events: the next goes on past them", extra={
                     "new_suspects": cycle.new_suspects, "suspects": len(self.suspects)})
                 return ok
+            if cycle.idle:
+                return False
             self.breaker.cycle_ended(ok)
             if not ok:
                 self.log.warning("push cycle failed", extra={
@@ -8477,8 +8480,8 @@ class Pusher(Loop):
         cycle.first_refusal = cycle.first_refusal or attempt
 
     def kept(self, cycle: Cycle, sent: str = "sent this cycle", level: int = logging.WARNING) -> bool:
-        """Events refused by a receiver that accepted none since: they stay. False: the cycle failed,
-        unless the receiver accepted other events in it (the caller's to say)."""
+        """Events refused by a receiver that accepted none since: they stay (False: for a cycle that
+        sent new events, it failed)."""
         first = cycle.first_refusal
         self.log.log(level, f"receiver refused every event {sent}: keeping them for the next", extra={
             "refused": cycle.refused, "status": first and first.status, "reason": first and first.error})
@@ -8487,10 +8490,11 @@ class Pusher(Loop):
     def retry_suspects(self, cycle: Cycle, deadline: float | None) -> bool:
         """After a cycle that went through, the events refused alone (in it or before) are read again
         and sent, in batches split as any batch is. One refused alone again with proof (refused_alone)
-        is poison: given up, reported in the next push. If the receiver accepted nothing in the cycle,
-        they stay suspects, and the cycle failed (a receiver that refuses everything, or poison with
-        nothing else waiting to tell them apart: the next event decides)."""
+        is poison: given up, reported in the next push. Those refused without proof stay suspects;
+        if the cycle had nothing new (the receiver may refuse everything, or one signal, or it is poison
+        with nothing else to tell them apart: the next event decides), the breaker is left as it was."""
         again, asked, found = Cycle(read_at=self.db.merges.read_begins()), set(), set()
+        again.cut = set(cycle.cut)               # a signal the receiver refused on and on just now waits
         suspects = sorted(self.suspects)[:SUSPECTS_A_CYCLE]
         delivered = True
 
@@ -8524,9 +8528,8 @@ class Pusher(Loop):
         if again.poison:
             self.give_up(again.poison, deadline)
         if again.refused and not again.accepted:        # it may refuse everything, or one signal
-            if not cycle.accepted:
-                return self.kept(again, "sent again")
-            self.kept(again, "sent again", logging.INFO)
+            self.kept(again, "sent again", logging.INFO if cycle.accepted else logging.WARNING)
+            cycle.idle = delivered and not cycle.accepted    # it had nothing new to try
         return delivered
 
     def give_up(self, poison: list[tuple[Batch, Attempt]], deadline: float | None) -> None:

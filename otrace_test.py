@@ -3397,9 +3397,13 @@ def test_an_otlp_receiver_refusing_one_signal_keeps_its_rows(run: Callable[..., 
         pytest.fail("the errors were not refused alone three times each")
     assert node.query("SELECT count(*) FROM push_rejects") == [(0,)]
     assert {synced(node)[i] for i in errors} == {0}
+    idle = len(node.logs("receiver refused every event sent again: keeping them for the next"))
+    wait_until(lambda: len(node.logs("receiver refused every event sent again: keeping them for the "
+                                     "next")) >= idle + 3, timeout=60, what="cycles re-sending the errors")
     push = node.health()["push"]
     assert (push["events_refused_waiting"], push["breaker"], push["consecutive_failures"]) == (
         len(errors), "closed", 0)
+    wait_synced(node, node.post("/v1/traces", trace()).json["trace_ids"])
     takes_logs.set()
     wait_synced(node, errors)
     assert node.health()["push"]["events_refused_by_receiver"] == 0
@@ -3496,6 +3500,7 @@ def test_a_receiver_refusing_everything_keeps_every_row_until_it_heals(run: Call
     ids = post_some(node)
     node.wait_log(lambda e: e.get("message") == "receiver refused every event sent this cycle: keeping "
                   "them for the next")
+    ids += post_some(node)                  # cycles that sent new events fail (not those that re-send)
     wait_until(lambda: node.health()["push"]["consecutive_failures"] >= 2, what="failed cycles counted")
     wait_until(lambda: node.health()["retention"]["last_pass"], what="a retention pass")
     health = node.health()
