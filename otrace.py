@@ -8287,6 +8287,7 @@ class Pusher(Loop):
         self.suspects: dict[tuple[str, str], tuple[int, bool]] = {}   # (table, trace_id): ids change
         # batches of events accepted by signal (an OTLP receiver may refuse one); a suspect keeps its count
         self.acceptances: collections.Counter[str] = collections.Counter()
+        self.failed_at = 0               # acceptances when a cycle last failed
         self.cycle_lock = threading.Lock()
         self.not_before = 0.0            # monotonic time the receiver's last Retry-After asked to wait for
         self.last_time: float | None = None
@@ -8335,6 +8336,7 @@ class Pusher(Loop):
                 return False
             self.breaker.cycle_ended(ok)
             if not ok:
+                self.failed_at = self.acceptances.total()
                 self.log.warning("push cycle failed", extra={
                     "status": self.last_status, "error": self.last_error, "breaker": self.breaker.state,
                     "consecutive_failures": self.breaker.failures})
@@ -8491,10 +8493,10 @@ class Pusher(Loop):
         """After a cycle that went through, the events refused alone (in it or before) are read again
         and sent, in batches split as any batch is. One refused alone again with proof (refused_alone)
         is poison: given up, reported in the next push. Those refused without proof stay suspects;
-        if the cycle had nothing new (the receiver may refuse everything, or one signal, or it is poison
-        with nothing else to tell them apart: the next event decides), the breaker is left as it was."""
+        if the cycle had nothing new and the receiver took events since a cycle last failed (it refuses
+        one signal, or this is poison with nothing else to tell them apart: the next event decides),
+        the breaker is left as it was; else the cycle failed (it refuses everything)."""
         again, asked, found = Cycle(read_at=self.db.merges.read_begins()), set(), set()
-        again.cut = set(cycle.cut)               # a signal the receiver refused on and on just now waits
         suspects = sorted(self.suspects)[:SUSPECTS_A_CYCLE]
         delivered = True
 
@@ -8529,7 +8531,10 @@ class Pusher(Loop):
             self.give_up(again.poison, deadline)
         if again.refused and not again.accepted:        # it may refuse everything, or one signal
             self.kept(again, "sent again", logging.INFO if cycle.accepted else logging.WARNING)
-            cycle.idle = delivered and not cycle.accepted    # it had nothing new to try
+            if not cycle.accepted:                       # nothing new was tried: failed, unless the
+                # receiver has taken events since a cycle last failed (then the breaker is left alone)
+                cycle.idle = delivered and self.acceptances.total() > self.failed_at
+                return False
         return delivered
 
     def give_up(self, poison: list[tuple[Batch, Attempt]], deadline: float | None) -> None:
