@@ -8287,7 +8287,6 @@ class Pusher(Loop):
         self.suspects: dict[tuple[str, str], tuple[int, bool]] = {}   # (table, trace_id): ids change
         # batches of events accepted by signal (an OTLP receiver may refuse one); a suspect keeps its count
         self.acceptances: collections.Counter[str] = collections.Counter()
-        self.failed_at = 0               # acceptances when a cycle last failed
         self.cycle_lock = threading.Lock()
         self.not_before = 0.0            # monotonic time the receiver's last Retry-After asked to wait for
         self.last_time: float | None = None
@@ -8336,7 +8335,6 @@ class Pusher(Loop):
                 return False
             self.breaker.cycle_ended(ok)
             if not ok:
-                self.failed_at = self.acceptances.total()
                 self.log.warning("push cycle failed", extra={
                     "status": self.last_status, "error": self.last_error, "breaker": self.breaker.state,
                     "consecutive_failures": self.breaker.failures})
@@ -8493,9 +8491,9 @@ class Pusher(Loop):
         """After a cycle that went through, the events refused alone (in it or before) are read again
         and sent, in batches split as any batch is. One refused alone again with proof (refused_alone)
         is poison: given up, reported in the next push. Those refused without proof stay suspects;
-        if the cycle had nothing new and the receiver took events since a cycle last failed (it refuses
-        one signal, or this is poison with nothing else to tell them apart: the next event decides),
-        the breaker is left as it was; else the cycle failed (it refuses everything)."""
+        if the cycle had nothing new (the receiver refuses one signal, or everything, or this is poison
+        with nothing else to tell them apart: the next event decides), the breaker is left as it was,
+        but for an open breaker's trial, which failed."""
         again, asked, found = Cycle(read_at=self.db.merges.read_begins()), set(), set()
         suspects = sorted(self.suspects)[:SUSPECTS_A_CYCLE]
         delivered = True
@@ -8531,9 +8529,9 @@ class Pusher(Loop):
             self.give_up(again.poison, deadline)
         if again.refused and not again.accepted:        # it may refuse everything, or one signal
             self.kept(again, "sent again", logging.INFO if cycle.accepted else logging.WARNING)
-            if not cycle.accepted:                       # nothing new was tried: failed, unless the
-                # receiver has taken events since a cycle last failed (then the breaker is left alone)
-                cycle.idle = delivered and self.acceptances.total() > self.failed_at
+            if not cycle.accepted:                       # nothing new was tried: the breaker is left
+                # alone (but for the one trial it lets through once open: that failed)
+                cycle.idle = delivered and self.breaker.state != "half_open"
                 return False
         return delivered
 

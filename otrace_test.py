@@ -3411,6 +3411,27 @@ def test_an_otlp_receiver_refusing_one_signal_keeps_its_rows(run: Callable[..., 
     wait_until(lambda: node.health()["push"]["events_refused_waiting"] == 0, what="none waiting")
 
 
+def test_an_idle_agent_whose_one_error_is_refused_keeps_the_breaker_closed(run: Callable[..., Otrace],
+                                                                           receiver: Receiver) -> None:
+    """A span is taken, then an error refused alone (that cycle failed: it accepted nothing); the
+    cycles after, with nothing new, only send the error again: they leave the breaker as it was, and
+    the next span goes at its time, not after a cool-down."""
+    def no_logs(_: Receiver, request: dict[str, Any]) -> Any:
+        return (415, {"Content-Type": "text/plain"}, "logs not enabled") if request["path"].endswith(
+            "/v1/logs") else 200
+
+    receiver.default = no_logs
+    node = run(push_env(receiver, TRACE_PUSH_FORMAT="otlp", TRACE_PUSH_OTLP_PROTOCOL="http/json",
+                        TRACE_PUSH_ENDPOINT=receiver.url.rsplit("/", 1)[0]))
+    wait_synced(node, node.post("/v1/traces", trace()).json["trace_ids"])
+    node.post("/v1/errors", {"error_type": "crash", "message": "boom"})
+    wait_until(lambda: len(node.logs("receiver refused every event sent again: keeping them for the next"))
+               >= 4, timeout=60, what="idle cycles sending the error again")
+    push = node.health()["push"]
+    assert (push["breaker"], push["consecutive_failures"], push["events_refused_waiting"]) == ("closed", 1, 1)
+    wait_synced(node, node.post("/v1/traces", trace()).json["trace_ids"])
+
+
 def test_a_row_whose_json_column_is_not_json_is_pushed_as_text(run: Callable[..., Otrace],
                                                                 receiver: Receiver) -> None:
     """A metadata value that is not JSON (a database from elsewhere, a fault) goes as its text; the
@@ -3501,6 +3522,7 @@ def test_a_receiver_refusing_everything_keeps_every_row_until_it_heals(run: Call
     ids = post_some(node)
     node.wait_log(lambda e: e.get("message") == "receiver refused every event sent this cycle: keeping "
                   "them for the next")
+    ids += post_some(node)                  # cycles that try new events fail (not those that re-send)
     wait_until(lambda: node.health()["push"]["consecutive_failures"] >= 2, what="failed cycles counted")
     wait_until(lambda: node.health()["retention"]["last_pass"], what="a retention pass")
     health = node.health()
