@@ -509,8 +509,9 @@ class Config:
                                   "push sends: traces (LLM calls), metrics (host samples, GenAI metric "
                                   "points), logs (errors, log events, and OTLP reports of rows given up). "
                                   "Name only what the receiver takes (Arize Phoenix takes traces alone): "
-                                  "a signal it refuses fails every cycle. Rows left out stay in the local "
-                                  "database, as with push off.")
+                                  "in OTLP a signal whose endpoint answers an error opens its own breaker "
+                                  "and its rows wait while the others go. Rows left out stay in the "
+                                  "local database, as with push off.")
     push_interval: float = setting("5m", duration("100ms", "1d"), "Time between push cycles.")
     push_token: str = setting("", TOKEN, "Sent to the push endpoint as `Authorization: Bearer "
                               "<token>`; never logged.", secret=True)
@@ -525,13 +526,14 @@ class Config:
                                   "from connecting to the last byte of the answer.")
     push_gzip: bool = setting("off", SWITCH, "Compress push bodies (Content-Encoding: gzip).")
     push_retries: int = setting("5", count(1, 1000), "Attempts at one batch within a cycle before the "
-                                "cycle counts as failed; the rows wait for the next cycle.")
+                                "cycle (in OTLP, its signal's) counts as failed; the rows wait for the "
+                                "next cycle.")
     push_backoff_base: float = setting("1s", duration("1ms", "1h"), "First retry wait; each retry "
                                        "doubles the ceiling, and the wait is drawn uniformly below it "
                                        "(full jitter). A Retry-After answer is a floor (up to 1 h).")
     push_backoff_cap: float = setting("1m", duration("1ms", "1d"), "Highest retry wait ceiling.")
     push_breaker_threshold: int = setting("3", count(1, 1000), "Failed cycles in a row that open the "
-                                          "circuit breaker.")
+                                          "circuit breaker (in OTLP each signal has its own).")
     push_breaker_cooldown: float = setting("5m", duration("100ms", "1d"), "Wait of an open breaker before "
                                            "the next try; it doubles with each further failed cycle, up "
                                            "to 1 h.")
@@ -7489,10 +7491,11 @@ def _run_of(row: Row) -> str | None:
 # ================================================================================================ push
 # Every unsynced row reaches the receiver at least once and is marked synced only when a 2xx answer
 # confirmed its batch. Rows are read page by page, encoded by the push format (otrace's JSON, or
-# OTLP for any OpenTelemetry backend) and packed into byte-capped batches; a batch is
-# retried with full-jitter backoff, split when refused for its content, and a circuit breaker spaces
-# out cycles while the receiver is down. A row the receiver refuses on its own is given up only when
-# it accepted others in the same cycle; a receiver that refuses everything keeps every row.
+# OTLP for any OpenTelemetry backend) and packed into byte-capped batches; a batch is retried with
+# full-jitter backoff, split when refused for its content, and a circuit breaker spaces out cycles
+# while the receiver is down (in OTLP one a signal: a backend may lack one endpoint). A row the
+# receiver refuses on its own is given up only when it accepted others in the same cycle; a receiver
+# that refuses everything keeps every row.
 
 JSON_COLUMNS = frozenset({"metadata", "detail", "attributes", "buckets", "dns"})
 INTERNAL_COLUMNS = frozenset({"synced", "pushed_at"})
@@ -8238,6 +8241,65 @@ class Breaker:
             self.retry_at = time.time() + min(self.MAX_COOLDOWN, self.cooldown * 2**doublings)
 
 
+class Breakers:
+    """A breaker for each signal pushed: an OTLP receiver may lack, or fail on, one signal's endpoint
+    while it takes the others (otrace's format is one signal, named ""). A signal whose breaker is
+    open is left out of the cycles until its cool-down ends."""
+
+    def __init__(self, signals: Iterable[str], threshold: int, cooldown: float) -> None:
+        self.of = {signal: Breaker(threshold, cooldown) for signal in signals}
+        self.errors: dict[str, str] = {}     # the fault that failed a signal's last cycle
+
+    def held(self) -> set[str]:
+        """The signals whose breaker is open: a cycle leaves them out."""
+        return {name for name, breaker in self.of.items() if not breaker.allows()}
+
+    def allows(self) -> bool:
+        return any(breaker.allows() for breaker in self.of.values())
+
+    def trial(self, held: Collection[str]) -> bool:
+        """Whether a cycle that leaves `held` out is the one try of an open breaker."""
+        return any(b.state == "half_open" for name, b in self.of.items() if name not in held)
+
+    def next_delay(self, interval: float) -> float:
+        """The interval, or less when an open breaker's cool-down ends before it."""
+        now = time.time()
+        return min(max(0.0, b.retry_at - now) if b.state == "open" else interval for b in self.of.values())
+
+    @property
+    def state(self) -> str:
+        """The worst of them."""
+        states = {breaker.state for breaker in self.of.values()}
+        return next(state for state in ("open", "half_open", "closed") if state in states)
+
+    @property
+    def failures(self) -> int:
+        return max(breaker.failures for breaker in self.of.values())
+
+    @property
+    def retry_at(self) -> float:
+        """When the first open breaker lets a cycle try (0 if none is open)."""
+        return min((b.retry_at for b in self.of.values() if b.state == "open"), default=0.0)
+
+    def cycle_ended(self, ok: bool | None, held: Collection[str], faulted: dict[str, Attempt]) -> None:
+        """A signal whose endpoint faulted failed its cycle; the others that were not held out took
+        the cycle's outcome (None: a cycle that neither succeeded nor failed, see Pusher.push)."""
+        for name, breaker in self.of.items():
+            if name in faulted:
+                breaker.cycle_ended(False)
+                self.errors[name] = faulted[name].summary()
+            elif ok is not None and name not in held:
+                breaker.cycle_ended(ok)
+                if ok:
+                    self.errors.pop(name, None)
+
+    def health(self) -> dict[str, Any]:
+        return {name: {"state": breaker.state, "consecutive_failures": breaker.failures,
+                         "next_attempt_at": iso(breaker.retry_at) if breaker.state == "open" else None,
+                         "last_error": self.errors.get(name)}
+                for name, breaker in self.of.items()}
+
+
 REFUSALS_IN_A_ROW = 64      # answers refusing a signal's content with no acceptance between: it waits
 MAX_SUSPECTS = 10_000       # events refused alone, kept out of batches until sent again (their keys)
 SUSPECTS_A_BATCH = 16       # suspects sent again together: their search stays under REFUSALS_IN_A_ROW
@@ -8248,8 +8310,9 @@ SUSPECTS_A_CYCLE = 1024     # suspects sent again in one cycle (at most about tw
 class Cycle:
     """What one push cycle learned: whether the receiver accepted anything, how many events it refused
     alone (and the first answer), how many of them were new suspects and which were poison, how many
-    answers in a row refused content of each signal, and the confirmed batch the writer is marking
-    synced while the next one is sent."""
+    answers in a row refused content of each signal, which signals it left (for refusals, an open
+    breaker or a fault of their endpoint), and the confirmed batch the writer is marking synced while
+    the next one is sent."""
 
     accepted: bool = False
     refused: int = 0
@@ -8257,12 +8320,19 @@ class Cycle:
     poison: list[tuple[Batch, Attempt]] = dataclasses.field(default_factory=list)
     new_suspects: int = 0
     cut: set[str] = dataclasses.field(default_factory=set)   # signals left by REFUSALS_IN_A_ROW
-    faults: int = 0                  # answers that were no answer, a 5xx, a 429 or a wrong endpoint
+    held: set[str] = dataclasses.field(default_factory=set)  # signals whose breaker is open: left out
+    faulted: dict[str, Attempt] = dataclasses.field(default_factory=dict)   # signals left by a fault
+    faults: int = 0                  # answers that were no answer or a 429 (in OTLP), or any fault
     refusals_in_a_row: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
     marking: Future | None = None    # its result: how many events it marked
     packer: Packer | None = None
     read_at: int = 0                 # merges counted when its read began (see Merges)
     idle: bool = False               # it had nothing new, and the receiver refused every suspect again
+
+    @property
+    def left(self) -> set[str]:
+        """The signals it sends no more."""
+        return self.cut | self.held | self.faulted.keys()
 
 
 class Pusher(Loop):
@@ -8280,7 +8350,8 @@ class Pusher(Loop):
         # in OTLP a loss report is log records: sent only to a receiver that takes logs
         self.loss_tables = self.tables if config.push_format == "otrace" or "logs" in config.push_signals \
             else ()
-        self.breaker = Breaker(config.push_breaker_threshold, config.push_breaker_cooldown)
+        self.breakers = Breakers(config.push_signals if config.push_format == "otlp" else ("",),
+                                 config.push_breaker_threshold, config.push_breaker_cooldown)
         # events refused alone, left out of the batches until a cycle the receiver accepts others in
         # sends them again: poison then, if refused alone again and proven (see refused_alone); else
         # a receiver that may refuse everything
@@ -8295,12 +8366,10 @@ class Pusher(Loop):
         self.totals = Counters(("events", "batches", "refused", "unencodable", "failed"))
 
     def next_delay(self) -> float:
-        if self.breaker.state == "open":
-            return max(0.0, self.breaker.retry_at - time.time())
-        return self.interval
+        return self.breakers.next_delay(self.interval)
 
     def tick(self) -> None:
-        if self.breaker.allows():
+        if self.breakers.allows():
             self.push(deadline=None)
 
     def push(self, deadline: float | None) -> bool:
@@ -8309,7 +8378,7 @@ class Pusher(Loop):
         if not self.cycle_lock.acquire(timeout=wait):
             return False
         try:
-            cycle = Cycle(read_at=self.db.merges.read_begins())
+            cycle = Cycle(read_at=self.db.merges.read_begins(), held=self.breakers.held())
             try:
                 with self.db.reading() as conn:
                     ok = self.send(self.batches(conn, cycle), deadline, cycle)
@@ -8330,15 +8399,17 @@ class Pusher(Loop):
             if progressed:
                 self.log.info("push cycle cut short by refused events: the next goes on past them", extra={
                     "new_suspects": cycle.new_suspects, "suspects": len(self.suspects)})
-                return ok
-            if cycle.idle:
-                return False
-            self.breaker.cycle_ended(ok)
-            if not ok:
+            self.breakers.cycle_ended(None if progressed or cycle.idle else ok, cycle.held, cycle.faulted)
+            for name, attempt in cycle.faulted.items():
+                breaker = self.breakers.of[name]
+                self.log.warning("push of a signal failed: its rows wait, the others go on", extra={
+                    "signal": name, "status": attempt.status, "error": attempt.summary(),
+                    "breaker": breaker.state, "consecutive_failures": breaker.failures})
+            if not ok and not progressed and not cycle.idle:
                 self.log.warning("push cycle failed", extra={
-                    "status": self.last_status, "error": self.last_error, "breaker": self.breaker.state,
-                    "consecutive_failures": self.breaker.failures})
-            return ok
+                    "status": self.last_status, "error": self.last_error, "breaker": self.breakers.state,
+                    "consecutive_failures": self.breakers.failures})
+            return ok and not cycle.idle and not cycle.faulted
         finally:
             self.db.merges.cycle_ended()
             self.cycle_lock.release()
@@ -8349,6 +8420,7 @@ class Pusher(Loop):
         losses = unreported_losses(conn, self.loss_tables)
         cycle.packer = Packer(conn, self.config.push_max_bytes, self.tables, self.format,
                               skip=set(self.suspects))
+        cycle.packer.dropped |= cycle.held
         batches = cycle.packer.batches()
         if losses:
             report = self.format.report(losses)
@@ -8359,14 +8431,15 @@ class Pusher(Loop):
         yield from batches
 
     def send(self, batches: Iterable[Batch], deadline: float | None, cycle: Cycle) -> bool:
-        """Deliver the batches in order; a signal whose refusals run to REFUSALS_IN_A_ROW waits for the
-        next cycle while the others go on. False if a batch could not be delivered (no answer, a fault,
-        out of time)."""
+        """Deliver the batches in order; a signal whose refusals run to REFUSALS_IN_A_ROW, or whose
+        endpoint faults (in OTLP), waits for the next cycle while the others go on. False if a batch
+        could not be delivered otherwise (no answer, a 429, any fault in otrace's format, out of
+        time)."""
         for batch in batches:
-            if batch.signal in cycle.cut:
+            if batch.signal in cycle.left:
                 continue
             if not self.deliver(batch, deadline, cycle):
-                if batch.signal not in cycle.cut:
+                if batch.signal not in cycle.left:
                     return False
                 if cycle.packer:
                     cycle.packer.dropped.add(batch.signal)
@@ -8389,7 +8462,7 @@ class Pusher(Loop):
             self.note(attempt, verdict)
             in_a_row = cycle.refusals_in_a_row[batch.signal] = (
                 cycle.refusals_in_a_row[batch.signal] + 1 if verdict == "split" else 0)
-            cycle.faults += verdict in ("retry", "config")
+            cycle.faults += verdict in ("retry", "config") and not self.signal_fault(attempt)
             if verdict == "ok":
                 self.marked(cycle, deadline)      # the batch before, while this one was sent
                 cycle.marking = self.events.submit(functools.partial(
@@ -8402,7 +8475,7 @@ class Pusher(Loop):
                 return True
             self.events.submit(functools.partial(record_attempt, attempt))
             if verdict == "config":
-                return False
+                return self.faulted(batch, attempt, cycle)
             if verdict == "split":
                 if not batch.ids():       # a report of losses alone, refused: the events go on, it
                     return True           # is tried again next cycle
@@ -8417,9 +8490,20 @@ class Pusher(Loop):
                 return all(self.deliver(half, deadline, cycle, refused_at) for half in batch.halves())
             wait = backoff.next()                # and a Retry-After is waited out by held()
             if number == attempts or (deadline is not None and time.monotonic() + wait > deadline):
-                return False
+                return self.faulted(batch, attempt, cycle)
             if self.stopping.wait(wait):
                 return False
+        return False
+
+    def signal_fault(self, attempt: Attempt) -> bool:
+        """An OTLP endpoint's own fault: an HTTP answer (a 5xx, 404, 401...) on one signal's path. No
+        answer, or a 429, is the whole receiver's."""
+        return isinstance(self.format, OtlpFormat) and attempt.status not in (None, 429)
+
+    def faulted(self, batch: Batch, attempt: Attempt, cycle: Cycle) -> bool:
+        """A batch given up for this cycle on a fault; one of its signal's endpoint leaves the signal."""
+        if self.signal_fault(attempt):
+            cycle.faulted.setdefault(batch.signal, attempt)
         return False
 
     def held(self, deadline: float | None) -> bool:
@@ -8494,8 +8578,11 @@ class Pusher(Loop):
         if the cycle had nothing new (the receiver refuses one signal, or everything, or this is poison
         with nothing else to tell them apart: the next event decides), the breaker is left as it was,
         but for an open breaker's trial, which failed."""
-        again, asked, found = Cycle(read_at=self.db.merges.read_begins()), set(), set()
-        suspects = sorted(self.suspects)[:SUSPECTS_A_CYCLE]
+        again = Cycle(read_at=self.db.merges.read_begins(), held=cycle.held | cycle.faulted.keys())
+        asked: set[tuple[str, str]] = set()
+        found: set[tuple[str, str]] = set()
+        suspects = sorted(key for key in self.suspects if self.format.signal(key[0]) not in again.held
+                          )[:SUSPECTS_A_CYCLE]
         delivered = True
 
         def noting(batches: Iterator[Batch]) -> Iterator[Batch]:
@@ -8509,7 +8596,7 @@ class Pusher(Loop):
                 for start in range(0, len(suspects), SUSPECTS_A_BATCH):
                     wanted: dict[str, list[str]] = {}
                     for table, trace_id in suspects[start:start + SUSPECTS_A_BATCH]:
-                        if self.format.signal(table) not in again.cut:
+                        if self.format.signal(table) not in again.left:
                             wanted.setdefault(table, []).append(trace_id)
                             asked.add((table, trace_id))
                     # the few before were accepted or poison: the receiver takes events, and a run of
@@ -8525,13 +8612,14 @@ class Pusher(Loop):
                     self.suspects.pop(key, None)
         finally:
             self.marked(again, deadline)
+            cycle.faulted |= again.faulted
         if again.poison:
             self.give_up(again.poison, deadline)
         if again.refused and not again.accepted:        # it may refuse everything, or one signal
             self.kept(again, "sent again", logging.INFO if cycle.accepted else logging.WARNING)
             if not cycle.accepted:                       # nothing new was tried: the breaker is left
                 # alone (but for the one trial it lets through once open: that failed)
-                cycle.idle = delivered and self.breaker.state != "half_open"
+                cycle.idle = delivered and not self.breakers.trial(cycle.held)
                 return False
         return delivered
 
@@ -8553,9 +8641,9 @@ class Pusher(Loop):
 
     def final_push(self, deadline: float) -> None:
         """The last push, at shutdown: what time allows. The rest stays unsynced for the next start."""
-        if not self.breaker.allows():
+        if not self.breakers.allows():
             self.log.info("final push skipped: circuit breaker open", extra={
-                "next_attempt_at": iso(self.breaker.retry_at)})
+                "next_attempt_at": iso(self.breakers.retry_at)})
             return
         before = self.totals.snapshot()["events"]
         try:
@@ -8580,9 +8668,9 @@ class Pusher(Loop):
         return {
             "endpoint": redact_url(self.config.push_endpoint),
             "signals": list(self.config.push_signals),
-            "breaker": self.breaker.state,
-            "consecutive_failures": self.breaker.failures,
-            "next_attempt_at": iso(self.breaker.retry_at) if self.breaker.state == "open" else None,
+            "breaker": self.breakers.state,
+            "consecutive_failures": self.breakers.failures,
+            "next_attempt_at": iso(self.breakers.retry_at) if self.breakers.state == "open" else None,
             "held_by_retry_after_until": iso(time.time() + hold) if (
                 hold := self.not_before - time.monotonic()) > 0 else None,
             "last_push_time": self.last_time and iso(self.last_time),
@@ -8593,6 +8681,7 @@ class Pusher(Loop):
             "events_refused_by_receiver": totals["refused"],
             "events_refused_waiting": len(self.suspects),      # kept out of batches, not given up
             "events_unencodable": totals["unencodable"],
+            **({"breakers": self.breakers.health()} if isinstance(self.format, OtlpFormat) else {}),
         }
 
 
@@ -9288,9 +9377,9 @@ def prometheus(report: dict[str, Any]) -> str:
     add("wal_size_bytes", "gauge", "WAL file size.", ("", report["wal_size_bytes"]))
     if push := report["push"]:
         add("push_events_total", "counter", "Events confirmed by the receiver.", ("", push["events_pushed"]))
-        add("push_consecutive_failures", "gauge", "Failed push cycles in a row.",
+        add("push_consecutive_failures", "gauge", "Failed push cycles in a row (OTLP: a signal's most).",
             ("", push["consecutive_failures"]))
-        add("push_breaker_open", "gauge", "1 while the circuit breaker is open.",
+        add("push_breaker_open", "gauge", "1 while a circuit breaker is open (OTLP: any signal's).",
             ("", push["breaker"] == "open"))
     add("retention_unpushed_deleted_total", "counter", "Rows retention deleted before they were pushed.",
         *((f'{{table="{table}"}}', n) for table, n in (report["retention"]["unpushed_deleted_total"] or {}

@@ -3436,6 +3436,60 @@ def test_an_idle_agent_whose_one_error_is_refused_keeps_the_breaker_closed(run: 
     wait_synced(node, node.post("/v1/traces", trace()).json["trace_ids"])
 
 
+def test_an_otlp_endpoint_that_faults_holds_back_its_signal_alone(run: Callable[..., Otrace],
+                                                                 receiver: Receiver) -> None:
+    """A backend without a logs pipeline answers 405 on /v1/logs (as Arize Phoenix does): that
+    signal's breaker opens and its rows wait, while spans posted after, on an otherwise idle agent,
+    go at their time; /v1/logs is not asked again in the cool-down."""
+    def no_logs(_: Receiver, request: dict[str, Any]) -> Any:
+        if request["path"].endswith("/v1/logs"):
+            return 405, {"Content-Type": "application/json"}, '{"detail": "Method Not Allowed"}'
+        return 200
+
+    receiver.default = no_logs
+    node = run(otlp_push_env(receiver, TRACE_PUSH_BREAKER_THRESHOLD="2", TRACE_PUSH_BREAKER_COOLDOWN="1h"))
+    error = node.post("/v1/errors", {"error_type": "crash", "message": "boom"}).json["trace_ids"][0]
+    push = wait_until(lambda: (p := node.health()["push"])["breakers"]["logs"]["state"] == "open" and p,
+                      what="the logs breaker open")
+    assert push["breakers"]["logs"]["consecutive_failures"] == 2
+    assert push["breakers"]["logs"]["last_error"].startswith("HTTP 405 on /v1/logs")
+    assert (push["breakers"]["traces"]["state"], push["breaker"]) == ("closed", "open")
+    asked = sum(r["path"].endswith("/v1/logs") for r in receiver.requests)
+    for _ in range(3):                   # cycles on, the logs left out of them
+        wait_synced(node, node.post("/v1/traces", trace()).json["trace_ids"])
+    assert sum(r["path"].endswith("/v1/logs") for r in receiver.requests) == asked == 2
+    assert synced(node)[error] == 0 and node.query("SELECT count(*) FROM push_rejects") == [(0,)]
+    assert len(node.logs("push of a signal failed: its rows wait, the others go on")) == 2
+    assert node.logs("push cycle failed") == []
+
+
+def test_a_faulted_signal_goes_again_when_its_breaker_lets_it_try(run: Callable[..., Otrace],
+                                                                  receiver: Receiver) -> None:
+    """/v1/logs answers 503 while spans are taken: the errors wait, and go once the endpoint heals
+    and the logs breaker's cool-down lets a cycle try them; the breaker closes and forgets the fault."""
+    healed = threading.Event()
+
+    def logs_down(_: Receiver, request: dict[str, Any]) -> Any:
+        if request["path"].endswith("/v1/logs") and not healed.is_set():
+            return 503, {"Content-Type": "text/plain"}, "logs pipeline down"
+        return 200
+
+    receiver.default = logs_down
+    node = run(otlp_push_env(receiver, TRACE_PUSH_RETRIES="2", TRACE_PUSH_BREAKER_THRESHOLD="1",
+                             TRACE_PUSH_BREAKER_COOLDOWN="1s"))
+    ids = post_some(node, 2)
+    wait_synced(node, ids[:2])
+    logs = wait_until(lambda: (b := node.health()["push"]["breakers"]["logs"])["last_error"] and b,
+                      what="the logs fault recorded")
+    assert logs["last_error"] == "HTTP 503 on /v1/logs: logs pipeline down"
+    assert synced(node)[ids[2]] == 0
+    healed.set()
+    wait_synced(node, ids)
+    wait_until(lambda: node.health()["push"]["breakers"]["logs"] == {
+        "state": "closed", "consecutive_failures": 0, "next_attempt_at": None, "last_error": None},
+        what="the logs breaker closed")
+
+
 def test_a_row_whose_json_column_is_not_json_is_pushed_as_text(run: Callable[..., Otrace],
                                                                 receiver: Receiver) -> None:
     """A metadata value that is not JSON (a database from elsewhere, a fault) goes as its text; the
