@@ -5,8 +5,8 @@ against the OpenTelemetry SDK's own exporter into the same bare sink, in the sam
 
 Proof. Arize Phoenix in SQLite mode (started as bench/otlp.py starts it) is otrace's push endpoint:
 TRACE_PUSH_FORMAT=otlp, http/protobuf, TRACE_PUSH_INTERVAL 1 s, host metrics every second. First with
-the default TRACE_PUSH_SIGNALS: 50 LLM calls and an error event, then, once push has failed three
-cycles (the breaker opens), 50 more calls; recorded: what Phoenix answered on /v1/logs and
+the default TRACE_PUSH_SIGNALS: 50 LLM calls and an error event, then, once the logs have failed
+three cycles (their breaker opens), 50 more calls; recorded: what Phoenix answered on /v1/logs and
 /v1/metrics, otrace's push_log and /health, and how many of the later calls reached Phoenix within
 --late seconds. Then a second otrace on the same Phoenix with TRACE_PUSH_SIGNALS=traces gets
 --traces LLM calls (four providers, six models, varied prompt, completion, cache and reasoning
@@ -253,9 +253,9 @@ def push_state(port: int, db: Path) -> dict[str, Any]:
     report = health(port)
     answers = otrace_query(db, "SELECT http_status, error, count(*), sum(events) FROM push_log "
                                "GROUP BY 1, 2 ORDER BY 1")
-    return {"health": {k: report["push"][k] for k in ("signals", "breaker", "consecutive_failures",
-                                                      "last_push_status", "last_error", "events_pushed",
-                                                      "next_attempt_at")},
+    return {"health": {k: report["push"].get(k) for k in ("signals", "breaker", "consecutive_failures",
+                                                          "last_push_status", "last_error", "events_pushed",
+                                                          "next_attempt_at", "breakers")},
             "unsynced_count": report["unsynced_count"],
             "push_log": [{"http_status": s, "error": e, "requests": n, "events": ev}
                          for s, e, n, ev in answers],
@@ -276,7 +276,8 @@ def default_signals(work: Path, phoenix: Target, late_s: float) -> dict[str, Any
         post_all(port, "/v1/traces", first)
         post_all(port, "/v1/errors", [{"error_type": "llm_error", "message": "provider answered 529"}])
         wait_for(lambda: synced_of(db, "proof-a") == len(first), "the first calls synced")
-        wait_for(lambda: health(port)["push"]["breaker"] == "open", "the breaker to open", 60)
+        wait_for(lambda: health(port)["push"]["breakers"]["logs"]["state"] == "open",
+                 "the logs breaker to open", 60)
         opened = push_state(port, db)
         retry_at = datetime.fromisoformat(opened["health"]["next_attempt_at"]).timestamp()
         opened["next_attempt_in_s"] = round(retry_at - time.time())
@@ -286,11 +287,15 @@ def default_signals(work: Path, phoenix: Target, late_s: float) -> dict[str, Any
         while time.monotonic() < end and synced_of(db, "proof-a") < len(first) + len(late):
             time.sleep(0.25)
         reached = synced_of(db, "proof-a") - len(first)
+        in_phoenix = ("SELECT count(*) FROM spans WHERE json_extract(attributes, '$.otrace.trace_id') "
+                      "LIKE 'proof-a-%'")
+        end = time.monotonic() + 30                      # Phoenix persists what it accepted a little later
+        while time.monotonic() < end and phoenix_count(phoenix.extra["db"], in_phoenix) < 2 * len(first):
+            time.sleep(0.25)
         return {"first_calls": len(first), "first_synced": len(first), "when_breaker_opened": opened,
                 "late_calls": len(late), "late_wait_s": late_s, "late_synced": reached,
                 "after": push_state(port, db),
-                "in_phoenix": phoenix_count(phoenix.extra["db"], "SELECT count(*) FROM spans WHERE "
-                                            "json_extract(attributes, '$.otrace.trace_id') LIKE 'proof-a-%'")}
+                "in_phoenix": phoenix_count(phoenix.extra["db"], in_phoenix)}
     finally:
         stop(proc)
 
@@ -598,6 +603,9 @@ def proof_markdown(p: dict[str, Any]) -> str:
     differing = ", ".join(f"{k} ({v})" for k, v in b["fields_differing"].items()) or "none"
     answers = ", ".join(f"/v1/{s} → {a_}" for s, a_ in p["phoenix_answers_empty_export"].items())
     opened = a["when_breaker_opened"]
+    breakers = "; ".join(f"{signal} {b['state']} after {b['consecutive_failures']} failed cycles"
+                         + (f" ({b['last_error']!r})" if b["last_error"] else "")
+                         for signal, b in opened["health"]["breakers"].items())
     refusals = "; ".join(f"{r['http_status']}{' ' + r['error'] if r['error'] else ''} ×{r['requests']}"
                          for r in opened["push_log"])
     lines = [
@@ -606,12 +614,10 @@ def proof_markdown(p: dict[str, Any]) -> str:
         "",
         table(["TRACE_PUSH_SIGNALS", "LLM calls", "in Phoenix", "field by field", "push_log", "breaker"], [
             ["traces,metrics,logs (default)",
-             f"{a['first_calls']} + {a['late_calls']} after the breaker opened",
+             f"{a['first_calls']} + {a['late_calls']} after the logs breaker opened",
              f"{a['in_phoenix']} ({a['late_synced']} of the later {a['late_calls']} within "
              f"{a['late_wait_s']:g} s)",
-             "", refusals, f"{opened['health']['breaker']} after {opened['health']['consecutive_failures']} "
-             f"failed cycles, next try in {opened['next_attempt_in_s']} s; last error "
-             f"{opened['health']['last_error']!r}"],
+             "", refusals, f"{breakers}; next try in {opened['next_attempt_in_s']} s"],
             ["traces",
              f"{b['calls']} ({b['errors_sent']} failed, {b['with_cache_tokens']} with cache tokens)",
              f"{b['spans_in_phoenix']}", f"**{b['matched']} match, {b['mismatched']} differ**",
