@@ -8322,7 +8322,7 @@ class Cycle:
     cut: set[str] = dataclasses.field(default_factory=set)   # signals left by REFUSALS_IN_A_ROW
     held: set[str] = dataclasses.field(default_factory=set)  # signals whose breaker is open: left out
     faulted: dict[str, Attempt] = dataclasses.field(default_factory=dict)   # signals left by a fault
-    faults: int = 0                  # answers that were no answer or a 429 (in OTLP), or any fault
+    faults: int = 0                  # the whole receiver's: no answer, a 429 (in otrace's format, any)
     refusals_in_a_row: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
     marking: Future | None = None    # its result: how many events it marked
     packer: Packer | None = None
