@@ -8257,10 +8257,6 @@ class Breakers:
     def allows(self) -> bool:
         return any(breaker.allows() for breaker in self.of.values())
 
-    def trial(self, held: Collection[str]) -> bool:
-        """Whether a cycle that leaves `held` out is the one try of an open breaker."""
-        return any(b.state == "half_open" for name, b in self.of.items() if name not in held)
-
     def next_delay(self, interval: float) -> float:
         """The interval, or less when an open breaker's cool-down ends before it."""
         now = time.time()
@@ -8281,17 +8277,21 @@ class Breakers:
         """When the first open breaker lets a cycle try (0 if none is open)."""
         return min((b.retry_at for b in self.of.values() if b.state == "open"), default=0.0)
 
-    def cycle_ended(self, ok: bool | None, held: Collection[str], faulted: dict[str, Attempt]) -> None:
-        """A signal whose endpoint faulted failed its cycle; the others that were not held out took
-        the cycle's outcome (None: a cycle that neither succeeded nor failed, see Pusher.push)."""
+    def cycle_ended(self, ok: bool | None, held: Collection[str], failed: dict[str, Attempt],
+                    error: str | None) -> None:
+        """The signals in `failed` failed their cycle (their endpoint faulted, or their trial was
+        refused); the others that were not held out took the cycle's outcome (None: a cycle that
+        neither succeeded nor failed, see Pusher.push), and `error` with a failure."""
         for name, breaker in self.of.items():
-            if name in faulted:
+            if name in failed:
                 breaker.cycle_ended(False)
-                self.errors[name] = faulted[name].summary()
+                self.errors[name] = failed[name].summary()
             elif ok is not None and name not in held:
                 breaker.cycle_ended(ok)
                 if ok:
                     self.errors.pop(name, None)
+                else:
+                    self.errors[name] = error or "unknown error"
 
     def health(self) -> dict[str, Any]:
         return {name: {"state": breaker.state, "consecutive_failures": breaker.failures,
@@ -8316,7 +8316,7 @@ class Cycle:
 
     accepted: bool = False
     refused: int = 0
-    first_refusal: Attempt | None = None
+    refused_by: dict[str, Attempt] = dataclasses.field(default_factory=dict)   # each signal's first
     poison: list[tuple[Batch, Attempt]] = dataclasses.field(default_factory=list)
     new_suspects: int = 0
     cut: set[str] = dataclasses.field(default_factory=set)   # signals left by REFUSALS_IN_A_ROW
@@ -8328,6 +8328,11 @@ class Cycle:
     packer: Packer | None = None
     read_at: int = 0                 # merges counted when its read began (see Merges)
     idle: bool = False               # it had nothing new, and the receiver refused every suspect again
+    trials_failed: dict[str, Attempt] = dataclasses.field(default_factory=dict)   # of open breakers
+
+    @property
+    def first_refusal(self) -> Attempt | None:
+        return next(iter(self.refused_by.values()), None)
 
     @property
     def left(self) -> set[str]:
@@ -8359,7 +8364,8 @@ class Pusher(Loop):
         # batches of events accepted by signal (an OTLP receiver may refuse one); a suspect keeps its count
         self.acceptances: collections.Counter[str] = collections.Counter()
         self.cycle_lock = threading.Lock()
-        self.not_before = 0.0            # monotonic time the receiver's last Retry-After asked to wait for
+        # monotonic time a Retry-After asked to wait for: the receiver's (""), or an OTLP signal's endpoint's
+        self.not_before: dict[str, float] = {}
         self.last_time: float | None = None
         self.last_status = "never"
         self.last_error: str | None = None
@@ -8378,7 +8384,8 @@ class Pusher(Loop):
         if not self.cycle_lock.acquire(timeout=wait):
             return False
         try:
-            cycle = Cycle(read_at=self.db.merges.read_begins(), held=self.breakers.held())
+            cycle = Cycle(read_at=self.db.merges.read_begins(), held=self.breakers.held() | {
+                name for name in self.breakers.of if name and self.hold(name) > 0})
             try:
                 with self.db.reading() as conn:
                     ok = self.send(self.batches(conn, cycle), deadline, cycle)
@@ -8399,13 +8406,14 @@ class Pusher(Loop):
             if progressed:
                 self.log.info("push cycle cut short by refused events: the next goes on past them", extra={
                     "new_suspects": cycle.new_suspects, "suspects": len(self.suspects)})
-            self.breakers.cycle_ended(None if progressed or cycle.idle else ok, cycle.held, cycle.faulted)
+            self.breakers.cycle_ended(None if progressed or cycle.idle else ok, cycle.held,
+                                      cycle.trials_failed | cycle.faulted, self.last_error)
             for name, attempt in cycle.faulted.items():
                 breaker = self.breakers.of[name]
                 self.log.warning("push of a signal failed: its rows wait, the others go on", extra={
                     "signal": name, "status": attempt.status, "error": attempt.summary(),
                     "breaker": breaker.state, "consecutive_failures": breaker.failures})
-            if not ok and not progressed and not cycle.idle:
+            if not ok and not progressed and (not cycle.idle or cycle.trials_failed):
                 self.log.warning("push cycle failed", extra={
                     "status": self.last_status, "error": self.last_error, "breaker": self.breakers.state,
                     "consecutive_failures": self.breakers.failures})
@@ -8458,7 +8466,8 @@ class Pusher(Loop):
             attempt = self.receiver.post(batch, self.format, deadline)
             verdict = attempt.verdict
             if attempt.retry_after and not 200 <= (attempt.status or 0) < 300:   # a 2xx asks no wait
-                self.not_before = time.monotonic() + attempt.retry_after
+                whose = batch.signal if self.signal_fault(attempt) else ""
+                self.not_before[whose] = time.monotonic() + attempt.retry_after
             self.note(attempt, verdict)
             in_a_row = cycle.refusals_in_a_row[batch.signal] = (
                 cycle.refusals_in_a_row[batch.signal] + 1 if verdict == "split" else 0)
@@ -8488,12 +8497,19 @@ class Pusher(Loop):
                     return True
                 refused_at = self.acceptances[batch.signal]
                 return all(self.deliver(half, deadline, cycle, refused_at) for half in batch.halves())
+            if attempt.retry_after and self.signal_fault(attempt):   # the signal waits, the others go
+                return self.faulted(batch, attempt, cycle)
             wait = backoff.next()                # and a Retry-After is waited out by held()
             if number == attempts or (deadline is not None and time.monotonic() + wait > deadline):
                 return self.faulted(batch, attempt, cycle)
             if self.stopping.wait(wait):
                 return False
         return False
+
+    def hold(self, whose: str) -> float:
+        """Seconds a Retry-After still asks to wait: the receiver's (""), or a signal's endpoint's (a
+        cycle leaves that signal out meanwhile)."""
+        return self.not_before.get(whose, 0.0) - time.monotonic()
 
     def signal_fault(self, attempt: Attempt) -> bool:
         """An OTLP endpoint's own fault: an HTTP answer (a 5xx, 404, 401...) on one signal's path. No
@@ -8509,7 +8525,7 @@ class Pusher(Loop):
     def held(self, deadline: float | None) -> bool:
         """Wait out the receiver's last Retry-After, in this cycle or a later one (a 429 on a cycle's
         last attempt holds the next cycle back too); False if stopping or the deadline comes first."""
-        hold = self.not_before - time.monotonic()
+        hold = self.hold("")
         if hold <= 0:
             return True
         if deadline is None:
@@ -8561,7 +8577,7 @@ class Pusher(Loop):
             cycle.new_suspects += refused_at is None
             self.suspects[key] = (accepted, split_at is not None and accepted > split_at)
         cycle.refused += 1
-        cycle.first_refusal = cycle.first_refusal or attempt
+        cycle.refused_by.setdefault(batch.signal, attempt)
 
     def kept(self, cycle: Cycle, sent: str = "sent this cycle", level: int = logging.WARNING) -> bool:
         """Events refused by a receiver that accepted none since: they stay (False: for a cycle that
@@ -8617,9 +8633,11 @@ class Pusher(Loop):
             self.give_up(again.poison, deadline)
         if again.refused and not again.accepted:        # it may refuse everything, or one signal
             self.kept(again, "sent again", logging.INFO if cycle.accepted else logging.WARNING)
-            if not cycle.accepted:                       # nothing new was tried: the breaker is left
-                # alone (but for the one trial it lets through once open: that failed)
-                cycle.idle = delivered and not self.breakers.trial(cycle.held)
+            if not cycle.accepted:                       # nothing new was tried: the breakers are left
+                # alone, but for the one trial each lets through once open: refused again, it failed
+                cycle.idle = delivered
+                cycle.trials_failed = {name: attempt for name, attempt in again.refused_by.items()
+                                       if self.breakers.of[name].state == "half_open"}
                 return False
         return delivered
 
@@ -8671,8 +8689,7 @@ class Pusher(Loop):
             "breaker": self.breakers.state,
             "consecutive_failures": self.breakers.failures,
             "next_attempt_at": iso(self.breakers.retry_at) if self.breakers.state == "open" else None,
-            "held_by_retry_after_until": iso(time.time() + hold) if (
-                hold := self.not_before - time.monotonic()) > 0 else None,
+            "held_by_retry_after_until": self.hold_until(""),
             "last_push_time": self.last_time and iso(self.last_time),
             "last_push_status": self.last_status,
             "last_error": self.last_error,
@@ -8681,8 +8698,13 @@ class Pusher(Loop):
             "events_refused_by_receiver": totals["refused"],
             "events_refused_waiting": len(self.suspects),      # kept out of batches, not given up
             "events_unencodable": totals["unencodable"],
-            **({"breakers": self.breakers.health()} if isinstance(self.format, OtlpFormat) else {}),
+            **({"breakers": {name: {**breaker, "held_by_retry_after_until": self.hold_until(name)}
+                             for name, breaker in self.breakers.health().items()}}
+               if isinstance(self.format, OtlpFormat) else {}),
         }
+
+    def hold_until(self, whose: str) -> str | None:
+        return iso(time.time() + hold) if (hold := self.hold(whose)) > 0 else None
 
 
 def record_attempt(attempt: Attempt, conn: sqlite3.Connection) -> None:

@@ -3486,8 +3486,60 @@ def test_a_faulted_signal_goes_again_when_its_breaker_lets_it_try(run: Callable[
     healed.set()
     wait_synced(node, ids)
     wait_until(lambda: node.health()["push"]["breakers"]["logs"] == {
-        "state": "closed", "consecutive_failures": 0, "next_attempt_at": None, "last_error": None},
+        "state": "closed", "consecutive_failures": 0, "next_attempt_at": None, "last_error": None,
+        "held_by_retry_after_until": None},
         what="the logs breaker closed")
+
+
+def test_a_retry_after_from_one_otlp_endpoint_holds_back_its_signal_alone(run: Callable[..., Otrace],
+                                                                          receiver: Receiver) -> None:
+    """/v1/logs answers 503 with Retry-After: 60: the logs wait that long (shown in /health) while
+    spans posted after go at their time, and the last push at shutdown sends the spans."""
+    def logs_busy(_: Receiver, request: dict[str, Any]) -> Any:
+        if request["path"].endswith("/v1/logs"):
+            return 503, {"Content-Type": "text/plain", "Retry-After": "60"}, "logs pipeline down"
+        return 200
+
+    receiver.default = logs_busy
+    node = run(otlp_push_env(receiver))
+    error = node.post("/v1/errors", {"error_type": "crash", "message": "boom"}).json["trace_ids"][0]
+    logs = wait_until(lambda: (b := node.health()["push"]["breakers"]["logs"])["held_by_retry_after_until"]
+                      and b, what="the logs held by their Retry-After")
+    assert logs["last_error"] == "HTTP 503 on /v1/logs: logs pipeline down"
+    assert node.health()["push"]["held_by_retry_after_until"] is None     # the receiver's own: none
+    wait_synced(node, node.post("/v1/traces", trace()).json["trace_ids"])
+    late = node.post("/v1/traces", trace()).json["trace_ids"]
+    node.wait_persisted(3)
+    assert node.stop() == 0
+    assert {synced(node)[i] for i in late} == {1} and synced(node)[error] == 0
+    assert sum(r["path"].endswith("/v1/logs") for r in receiver.requests) == 1
+
+
+def test_a_failed_trial_of_one_signals_breaker_counts_on_no_other(run: Callable[..., Otrace],
+                                                                   receiver: Receiver) -> None:
+    """/v1/logs is down while a lone span the receiver refuses waits on an idle agent: each trial of
+    the logs breaker fails, and the cycle's re-sent span (refused, not a fault) counts on no breaker,
+    so a good span goes at its time."""
+    def rule(_: Receiver, request: dict[str, Any]) -> Any:
+        if request["path"].endswith("/v1/logs"):
+            return 503, {"Content-Type": "text/plain"}, "logs pipeline down"
+        if "poison-model" in json.dumps(request["json"]):
+            return 400, {"Content-Type": "text/plain"}, "span malformed"
+        return 200
+
+    receiver.default = rule
+    node = run(otlp_push_env(receiver, TRACE_PUSH_RETRIES="1", TRACE_PUSH_BREAKER_THRESHOLD="2",
+                             TRACE_PUSH_BREAKER_COOLDOWN="100ms"))
+    node.post("/v1/errors", {"error_type": "crash", "message": "boom"})
+    node.post("/v1/traces", trace(model="poison-model"))
+    wait_until(lambda: sum(r["path"].endswith("/v1/logs") for r in receiver.requests) >= 6, timeout=60,
+               what="three failed trials of the logs breaker")
+    push = node.health()["push"]
+    assert push["breakers"]["logs"]["consecutive_failures"] >= 5
+    assert push["breakers"]["traces"]["state"] == "closed"     # failed once at most: the cycle that
+    assert push["breakers"]["traces"]["consecutive_failures"] <= 1     # refused the span, nothing taken
+    assert push["events_refused_waiting"] == 1
+    wait_synced(node, node.post("/v1/traces", trace()).json["trace_ids"])
 
 
 def test_a_row_whose_json_column_is_not_json_is_pushed_as_text(run: Callable[..., Otrace],
