@@ -8250,7 +8250,7 @@ class Breakers:
         self.of = {signal: Breaker(threshold, cooldown) for signal in signals}
         self.errors: dict[str, str] = {}     # the fault that failed a signal's last cycle
 
-    def held(self) -> set[str]:
+    def open(self) -> set[str]:
         """The signals whose breaker is open: a cycle leaves them out."""
         return {name for name, breaker in self.of.items() if not breaker.allows()}
 
@@ -8309,7 +8309,7 @@ SUSPECTS_A_CYCLE = 1024     # suspects sent again in one cycle (at most about tw
 @dataclasses.dataclass
 class Cycle:
     """What one push cycle learned: whether the receiver accepted anything, how many events it refused
-    alone (and the first answer), how many of them were new suspects and which were poison, how many
+    alone (and each signal's first answer), how many of them were new suspects and which were poison, how many
     answers in a row refused content of each signal, which signals it left (for refusals, an open
     breaker or a fault of their endpoint), and the confirmed batch the writer is marking synced while
     the next one is sent."""
@@ -8320,7 +8320,7 @@ class Cycle:
     poison: list[tuple[Batch, Attempt]] = dataclasses.field(default_factory=list)
     new_suspects: int = 0
     cut: set[str] = dataclasses.field(default_factory=set)   # signals left by REFUSALS_IN_A_ROW
-    held: set[str] = dataclasses.field(default_factory=set)  # signals whose breaker is open: left out
+    held: set[str] = dataclasses.field(default_factory=set)  # left out: an open breaker, a Retry-After
     faulted: dict[str, Attempt] = dataclasses.field(default_factory=dict)   # signals left by a fault
     faults: int = 0                  # the whole receiver's: no answer, a 429 (in otrace's format, any)
     refusals_in_a_row: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
@@ -8384,7 +8384,7 @@ class Pusher(Loop):
         if not self.cycle_lock.acquire(timeout=wait):
             return False
         try:
-            cycle = Cycle(read_at=self.db.merges.read_begins(), held=self.breakers.held() | {
+            cycle = Cycle(read_at=self.db.merges.read_begins(), held=self.breakers.open() | {
                 name for name in self.breakers.of if name and self.hold(name) > 0})
             try:
                 with self.db.reading() as conn:
@@ -8592,8 +8592,8 @@ class Pusher(Loop):
         and sent, in batches split as any batch is. One refused alone again with proof (refused_alone)
         is poison: given up, reported in the next push. Those refused without proof stay suspects;
         if the cycle had nothing new (the receiver refuses one signal, or everything, or this is poison
-        with nothing else to tell them apart: the next event decides), the breaker is left as it was,
-        but for an open breaker's trial, which failed."""
+        with nothing else to tell them apart: the next event decides), the breakers are left as they
+        were, but for an open breaker's trial whose suspects were refused again: it failed."""
         again = Cycle(read_at=self.db.merges.read_begins(), held=cycle.held | cycle.faulted.keys())
         asked: set[tuple[str, str]] = set()
         found: set[tuple[str, str]] = set()
