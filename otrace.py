@@ -8328,6 +8328,7 @@ class Cycle:
     packer: Packer | None = None
     read_at: int = 0                 # merges counted when its read began (see Merges)
     idle: bool = False               # it had nothing new, and the receiver refused every suspect again
+    stopped: bool = False            # by the whole receiver (no answer, a 429...) or out of time
     trials_failed: dict[str, Attempt] = dataclasses.field(default_factory=dict)   # of open breakers
 
     @property
@@ -8366,6 +8367,7 @@ class Pusher(Loop):
         self.cycle_lock = threading.Lock()
         # monotonic time a Retry-After asked to wait for: the receiver's (""), or an OTLP signal's endpoint's
         self.not_before: dict[str, float] = {}
+        self.throttled: collections.Counter[str] = collections.Counter()   # its answers since a failure
         self.last_time: float | None = None
         self.last_status = "never"
         self.last_error: str | None = None
@@ -8388,11 +8390,11 @@ class Pusher(Loop):
                 name for name in self.breakers.of if name and self.hold(name) > 0})
             try:
                 with self.db.reading() as conn:
-                    ok = self.send(self.batches(conn, cycle), deadline, cycle)
+                    cycle.stopped = not self.send(self.batches(conn, cycle), deadline, cycle)
             finally:
                 self.marked(cycle, deadline)
             cut_short = bool(cycle.cut) and not cycle.accepted     # refusals ran on, nothing accepted
-            ok = self.settle(cycle, deadline) and ok and not cut_short
+            ok = self.settle(cycle, deadline) and not cycle.stopped and not cut_short
             if self.suspects and ok:
                 ok = self.retry_suspects(cycle, deadline)
             # a cycle cut short by refusals that found new suspects got further into the queue, and the
@@ -8406,8 +8408,11 @@ class Pusher(Loop):
             if progressed:
                 self.log.info("push cycle cut short by refused events: the next goes on past them", extra={
                     "new_suspects": cycle.new_suspects, "suspects": len(self.suspects)})
-            self.breakers.cycle_ended(None if progressed or cycle.idle else ok, cycle.held,
-                                      cycle.trials_failed | cycle.faulted, self.last_error)
+            # a cycle stopped by the whole receiver failed every signal; one in which content was refused
+            # and none accepted failed the signals refused (see also retry_suspects: idle cycles)
+            refusing = {} if ok or cycle.stopped or progressed or cycle.idle else cycle.refused_by
+            self.breakers.cycle_ended(True if ok else False if cycle.stopped else None, cycle.held,
+                                      refusing | cycle.trials_failed | cycle.faulted, self.last_error)
             for name, attempt in cycle.faulted.items():
                 breaker = self.breakers.of[name]
                 self.log.warning("push of a signal failed: its rows wait, the others go on", extra={
@@ -8417,7 +8422,7 @@ class Pusher(Loop):
                 self.log.warning("push cycle failed", extra={
                     "status": self.last_status, "error": self.last_error, "breaker": self.breakers.state,
                     "consecutive_failures": self.breakers.failures})
-            return ok and not cycle.idle and not cycle.faulted
+            return ok and not cycle.idle and not cycle.faulted and not cycle.held
         finally:
             self.db.merges.cycle_ended()
             self.cycle_lock.release()
@@ -8479,6 +8484,7 @@ class Pusher(Loop):
                 if batch.events:                 # events, not a loss report alone
                     cycle.accepted = True
                     self.acceptances[batch.signal] += 1
+                self.throttled.pop(batch.signal, None)
                 for table, _, trace_id, _, _ in batch.spans if self.suspects else ():
                     self.suspects.pop((table, trace_id), None)
                 return True
@@ -8498,6 +8504,10 @@ class Pusher(Loop):
                 refused_at = self.acceptances[batch.signal]
                 return all(self.deliver(half, deadline, cycle, refused_at) for half in batch.halves())
             if attempt.retry_after and self.signal_fault(attempt):   # the signal waits, the others go
+                self.throttled[batch.signal] += 1                      # on: an attempt of its retries
+                if self.throttled[batch.signal] < self.config.push_retries:
+                    cycle.held.add(batch.signal)
+                    return False
                 return self.faulted(batch, attempt, cycle)
             wait = backoff.next()                # and a Retry-After is waited out by held()
             if number == attempts or (deadline is not None and time.monotonic() + wait > deadline):
@@ -8511,6 +8521,10 @@ class Pusher(Loop):
         cycle leaves that signal out meanwhile)."""
         return self.not_before.get(whose, 0.0) - time.monotonic()
 
+    def signal_holds(self) -> float:
+        """Seconds until no signal's endpoint asks to wait any more (0: none asks)."""
+        return max((hold for name in self.breakers.of if name and (hold := self.hold(name)) > 0), default=0.0)
+
     def signal_fault(self, attempt: Attempt) -> bool:
         """An OTLP endpoint's own fault: an HTTP answer (a 5xx, 404, 401...) on one signal's path. No
         answer, or a 429, is the whole receiver's."""
@@ -8520,6 +8534,7 @@ class Pusher(Loop):
         """A batch given up for this cycle on a fault; one of its signal's endpoint leaves the signal."""
         if self.signal_fault(attempt):
             cycle.faulted.setdefault(batch.signal, attempt)
+            self.throttled.pop(batch.signal, None)
         return False
 
     def held(self, deadline: float | None) -> bool:
@@ -8629,6 +8644,8 @@ class Pusher(Loop):
         finally:
             self.marked(again, deadline)
             cycle.faulted |= again.faulted
+            cycle.held |= again.held - cycle.faulted.keys()
+            cycle.stopped = not delivered
         if again.poison:
             self.give_up(again.poison, deadline)
         if again.refused and not again.accepted:        # it may refuse everything, or one signal
@@ -8666,6 +8683,10 @@ class Pusher(Loop):
         before = self.totals.snapshot()["events"]
         try:
             complete = self.push(deadline)
+            # a signal whose endpoint asked for a moment (Retry-After) goes again if the wait ends in time
+            while not complete and (wait := self.signal_holds()) and time.monotonic() + wait < deadline:
+                time.sleep(wait)
+                complete = self.push(deadline)
         except Exception as exc:  # noqa: BLE001 - the rows stay unsynced; shutdown goes on
             self.log.warning("final push stopped", extra={"error": describe(exc)})
             complete = False

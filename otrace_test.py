@@ -3493,8 +3493,9 @@ def test_a_faulted_signal_goes_again_when_its_breaker_lets_it_try(run: Callable[
 
 def test_a_retry_after_from_one_otlp_endpoint_holds_back_its_signal_alone(run: Callable[..., Otrace],
                                                                           receiver: Receiver) -> None:
-    """/v1/logs answers 503 with Retry-After: 60: the logs wait that long (shown in /health) while
-    spans posted after go at their time, and the last push at shutdown sends the spans."""
+    """/v1/logs answers 503 with Retry-After: 60: the logs wait that long (shown in /health), an
+    attempt of their retries, while spans posted after go at their time, and the last push at
+    shutdown sends the spans."""
     def logs_busy(_: Receiver, request: dict[str, Any]) -> Any:
         if request["path"].endswith("/v1/logs"):
             return 503, {"Content-Type": "text/plain", "Retry-After": "60"}, "logs pipeline down"
@@ -3505,7 +3506,7 @@ def test_a_retry_after_from_one_otlp_endpoint_holds_back_its_signal_alone(run: C
     error = node.post("/v1/errors", {"error_type": "crash", "message": "boom"}).json["trace_ids"][0]
     logs = wait_until(lambda: (b := node.health()["push"]["breakers"]["logs"])["held_by_retry_after_until"]
                       and b, what="the logs held by their Retry-After")
-    assert logs["last_error"] == "HTTP 503 on /v1/logs: logs pipeline down"
+    assert (logs["state"], logs["consecutive_failures"]) == ("closed", 0)   # one of its retries
     assert node.health()["push"]["held_by_retry_after_until"] is None     # the receiver's own: none
     wait_synced(node, node.post("/v1/traces", trace()).json["trace_ids"])
     late = node.post("/v1/traces", trace()).json["trace_ids"]
@@ -3540,6 +3541,63 @@ def test_a_failed_trial_of_one_signals_breaker_counts_on_no_other(run: Callable[
     assert push["breakers"]["traces"]["consecutive_failures"] <= 1     # refused the span, nothing taken
     assert push["events_refused_waiting"] == 1
     wait_synced(node, node.post("/v1/traces", trace()).json["trace_ids"])
+
+
+def test_a_signal_throttled_with_retry_after_rides_it_out(run: Callable[..., Otrace],
+                                                           receiver: Receiver) -> None:
+    """/v1/traces answers 503 with Retry-After: 1 three times, then takes the span: each such answer is
+    one of the signal's TRACE_PUSH_RETRIES attempts, waited for across cycles, not a failed cycle (a
+    breaker that one failed cycle opens stays closed)."""
+    answers = iter([(503, {"Content-Type": "text/plain", "Retry-After": "1"}, "busy")] * 3)
+
+    def throttling(_: Receiver, request: dict[str, Any]) -> Any:
+        return next(answers, 200) if request["path"].endswith("/v1/traces") else 200
+
+    receiver.default = throttling
+    node = run(otlp_push_env(receiver, TRACE_PUSH_BREAKER_THRESHOLD="1", TRACE_PUSH_BREAKER_COOLDOWN="1h"))
+    wait_synced(node, node.post("/v1/traces", trace()).json["trace_ids"], timeout=30)
+    assert [r["answered"] for r in receiver.requests if r["path"].endswith("/v1/traces")] == [503] * 3 + [200]
+    traces = node.health()["push"]["breakers"]["traces"]
+    assert (traces["state"], traces["consecutive_failures"]) == ("closed", 0)
+
+
+def test_a_signal_whose_content_is_all_refused_fails_its_own_breaker_alone(run: Callable[..., Otrace],
+                                                                           receiver: Receiver) -> None:
+    """/v1/logs refuses every log record (400) while spans are taken: a cycle that sent only errors and
+    had them refused fails the logs breaker, not the traces one, and spans go at their time."""
+    def no_logs(_: Receiver, request: dict[str, Any]) -> Any:
+        if request["path"].endswith("/v1/logs"):
+            return 400, {"Content-Type": "text/plain"}, "log records refused"
+        return 200
+
+    receiver.default = no_logs
+    node = run(otlp_push_env(receiver, TRACE_PUSH_BREAKER_THRESHOLD="1", TRACE_PUSH_BREAKER_COOLDOWN="1h"))
+    node.post("/v1/errors", {"error_type": "crash", "message": "boom"})
+    push = wait_until(lambda: (p := node.health()["push"])["breakers"]["logs"]["state"] == "open" and p,
+                      what="the logs breaker open")
+    assert push["breakers"]["logs"]["last_error"] == "HTTP 400 on /v1/logs: log records refused"
+    assert (push["breakers"]["traces"]["state"], push["events_refused_waiting"]) == ("closed", 1)
+    wait_synced(node, node.post("/v1/traces", trace()).json["trace_ids"])
+    assert node.query("SELECT count(*) FROM push_rejects") == [(0,)]
+
+
+def test_the_last_push_waits_for_a_signal_whose_retry_after_ends_in_time(run: Callable[..., Otrace],
+                                                                         receiver: Receiver) -> None:
+    """/v1/logs answered 503 with Retry-After: 1 in the first cycle; a SIGTERM right after: the last
+    push sends the span, waits out the second, and sends the error too, within the deadline."""
+    answers = iter([(503, {"Content-Type": "text/plain", "Retry-After": "1"}, "busy")])
+
+    def rule(_: Receiver, request: dict[str, Any]) -> Any:
+        return next(answers, 200) if request["path"].endswith("/v1/logs") else 200
+
+    receiver.default = rule
+    node = run(otlp_push_env(receiver, TRACE_PUSH_INTERVAL="1h"))      # one cycle, 5 s after start
+    ids = node.post("/v1/errors", {"error_type": "crash", "message": "boom"}).json["trace_ids"]
+    receiver.wait(lambda requests: any(r["answered"] == 503 for r in requests))
+    ids += node.post("/v1/traces", trace()).json["trace_ids"]
+    assert node.stop() == 0
+    assert {synced(node)[i] for i in ids} == {1}
+    assert node.logs("final push")[0]["complete"] is True
 
 
 def test_a_row_whose_json_column_is_not_json_is_pushed_as_text(run: Callable[..., Otrace],
