@@ -8374,7 +8374,9 @@ class Pusher(Loop):
         self.totals = Counters(("events", "batches", "refused", "unencodable", "failed"))
 
     def next_delay(self) -> float:
-        return self.breakers.next_delay(self.interval)
+        """The interval, or less when an open breaker's cool-down or a signal's Retry-After ends first."""
+        holds = [hold for name in self.breakers.of if name and (hold := self.hold(name)) > 0]
+        return min([self.breakers.next_delay(self.interval), *holds])
 
     def tick(self) -> None:
         if self.breakers.allows():
@@ -8410,7 +8412,8 @@ class Pusher(Loop):
                     "new_suspects": cycle.new_suspects, "suspects": len(self.suspects)})
             # a cycle stopped by the whole receiver failed every signal; one in which content was refused
             # and none accepted failed the signals refused (see also retry_suspects: idle cycles)
-            refusing = {} if ok or cycle.stopped or progressed or cycle.idle else cycle.refused_by
+            refusing = {} if ok or cycle.stopped or progressed or cycle.idle else {
+                name: attempt for name, attempt in cycle.refused_by.items() if name not in cycle.held}
             self.breakers.cycle_ended(True if ok else False if cycle.stopped else None, cycle.held,
                                       refusing | cycle.trials_failed | cycle.faulted, self.last_error)
             for name, attempt in cycle.faulted.items():
@@ -8470,7 +8473,7 @@ class Pusher(Loop):
                 return False
             attempt = self.receiver.post(batch, self.format, deadline)
             verdict = attempt.verdict
-            if attempt.retry_after and not 200 <= (attempt.status or 0) < 300:   # a 2xx asks no wait
+            if attempt.retry_after and verdict == "retry":     # a 2xx asks no wait, a 4xx no retry
                 whose = batch.signal if self.signal_fault(attempt) else ""
                 self.not_before[whose] = time.monotonic() + attempt.retry_after
             self.note(attempt, verdict)
@@ -8522,8 +8525,9 @@ class Pusher(Loop):
         return self.not_before.get(whose, 0.0) - time.monotonic()
 
     def signal_holds(self) -> float:
-        """Seconds until no signal's endpoint asks to wait any more (0: none asks)."""
-        return max((hold for name in self.breakers.of if name and (hold := self.hold(name)) > 0), default=0.0)
+        """Seconds until no signal a cycle could send is held by its endpoint's Retry-After (0: none)."""
+        return max((hold for name, breaker in self.breakers.of.items()
+                    if name and breaker.allows() and (hold := self.hold(name)) > 0), default=0.0)
 
     def signal_fault(self, attempt: Attempt) -> bool:
         """An OTLP endpoint's own fault: an HTTP answer (a 5xx, 404, 401...) on one signal's path. No
@@ -8684,7 +8688,7 @@ class Pusher(Loop):
         try:
             complete = self.push(deadline)
             # a signal whose endpoint asked for a moment (Retry-After) goes again if the wait ends in time
-            while not complete and (wait := self.signal_holds()) and time.monotonic() + wait < deadline:
+            if not complete and (wait := self.signal_holds()) and time.monotonic() + wait < deadline:
                 time.sleep(wait)
                 complete = self.push(deadline)
         except Exception as exc:  # noqa: BLE001 - the rows stay unsynced; shutdown goes on

@@ -3546,16 +3546,17 @@ def test_a_failed_trial_of_one_signals_breaker_counts_on_no_other(run: Callable[
 def test_a_signal_throttled_with_retry_after_rides_it_out(run: Callable[..., Otrace],
                                                            receiver: Receiver) -> None:
     """/v1/traces answers 503 with Retry-After: 1 three times, then takes the span: each such answer is
-    one of the signal's TRACE_PUSH_RETRIES attempts, waited for across cycles, not a failed cycle (a
-    breaker that one failed cycle opens stays closed)."""
+    one of the signal's TRACE_PUSH_RETRIES attempts, the next cycle comes when it asked (not after an
+    hour's interval), and it is not a failed cycle (a breaker that one failed cycle opens stays closed)."""
     answers = iter([(503, {"Content-Type": "text/plain", "Retry-After": "1"}, "busy")] * 3)
 
     def throttling(_: Receiver, request: dict[str, Any]) -> Any:
         return next(answers, 200) if request["path"].endswith("/v1/traces") else 200
 
     receiver.default = throttling
-    node = run(otlp_push_env(receiver, TRACE_PUSH_BREAKER_THRESHOLD="1", TRACE_PUSH_BREAKER_COOLDOWN="1h"))
-    wait_synced(node, node.post("/v1/traces", trace()).json["trace_ids"], timeout=30)
+    node = run(otlp_push_env(receiver, TRACE_PUSH_INTERVAL="1h", TRACE_PUSH_BREAKER_THRESHOLD="1",
+                             TRACE_PUSH_BREAKER_COOLDOWN="1h"))     # the first cycle 5 s after start
+    wait_synced(node, node.post("/v1/traces", trace()).json["trace_ids"], timeout=60)
     assert [r["answered"] for r in receiver.requests if r["path"].endswith("/v1/traces")] == [503] * 3 + [200]
     traces = node.health()["push"]["breakers"]["traces"]
     assert (traces["state"], traces["consecutive_failures"]) == ("closed", 0)
