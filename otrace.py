@@ -8329,6 +8329,7 @@ class Cycle:
     read_at: int = 0                 # merges counted when its read began (see Merges)
     idle: bool = False               # it had nothing new, and the receiver refused every suspect again
     stopped: bool = False            # by the whole receiver (no answer, a 429...) or out of time
+    waiting: set[str] = dataclasses.field(default_factory=set)   # held by their endpoint's Retry-After
     trials_failed: dict[str, Attempt] = dataclasses.field(default_factory=dict)   # of open breakers
 
     @property
@@ -8374,9 +8375,7 @@ class Pusher(Loop):
         self.totals = Counters(("events", "batches", "refused", "unencodable", "failed"))
 
     def next_delay(self) -> float:
-        """The interval, or less when an open breaker's cool-down or a signal's Retry-After ends first."""
-        holds = [hold for name in self.breakers.of if name and (hold := self.hold(name)) > 0]
-        return min([self.breakers.next_delay(self.interval), *holds])
+        return self.breakers.next_delay(self.interval)
 
     def tick(self) -> None:
         if self.breakers.allows():
@@ -8388,8 +8387,10 @@ class Pusher(Loop):
         if not self.cycle_lock.acquire(timeout=wait):
             return False
         try:
-            cycle = Cycle(read_at=self.db.merges.read_begins(), held=self.breakers.open() | {
-                name for name in self.breakers.of if name and self.hold(name) > 0})
+            waiting = {name for name, breaker in self.breakers.of.items()
+                       if name and breaker.allows() and self.hold(name) > 0}
+            cycle = Cycle(read_at=self.db.merges.read_begins(), held=self.breakers.open() | waiting,
+                          waiting=waiting)
             try:
                 with self.db.reading() as conn:
                     cycle.stopped = not self.send(self.batches(conn, cycle), deadline, cycle)
@@ -8399,6 +8400,7 @@ class Pusher(Loop):
             ok = self.settle(cycle, deadline) and not cycle.stopped and not cut_short
             if self.suspects and ok:
                 ok = self.retry_suspects(cycle, deadline)
+            self.wait_out(cycle, deadline)
             # a cycle cut short by refusals that found new suspects got further into the queue, and the
             # next starts past them; one with nothing new tried nothing: neither counts for the breaker
             progressed = cut_short and cycle.new_suspects > 0 and cycle.faults == 0
@@ -8510,6 +8512,7 @@ class Pusher(Loop):
                 self.throttled[batch.signal] += 1                      # on: an attempt of its retries
                 if self.throttled[batch.signal] < self.config.push_retries:
                     cycle.held.add(batch.signal)
+                    cycle.waiting.add(batch.signal)
                     return False
                 return self.faulted(batch, attempt, cycle)
             wait = backoff.next()                # and a Retry-After is waited out by held()
@@ -8524,10 +8527,31 @@ class Pusher(Loop):
         cycle leaves that signal out meanwhile)."""
         return self.not_before.get(whose, 0.0) - time.monotonic()
 
-    def signal_holds(self) -> float:
-        """Seconds until no signal a cycle could send is held by its endpoint's Retry-After (0: none)."""
-        return max((hold for name, breaker in self.breakers.of.items()
-                    if name and breaker.allows() and (hold := self.hold(name)) > 0), default=0.0)
+    def wait_out(self, cycle: Cycle, deadline: float | None) -> None:
+        """Once the other signals have gone, send those whose endpoint asked to wait (Retry-After),
+        soonest first, each when its wait ends if that is sooner than the next cycle (or within the
+        deadline); the others wait for a later cycle."""
+        while cycle.waiting and not cycle.stopped:
+            name = min(cycle.waiting, key=self.hold)
+            cycle.waiting.discard(name)
+            tables = [table for table in self.tables if self.format.signal(table) == name]
+            with self.db.reading() as conn:
+                if not any(conn.execute(f"SELECT 1 FROM {table} WHERE synced = 0 LIMIT 1").fetchone()
+                           for table in tables):
+                    continue             # nothing of it to send: no reason to wait
+            wait = max(0.0, self.hold(name))
+            if wait > (self.interval if deadline is None else deadline - time.monotonic()):
+                return
+            if deadline is not None:
+                time.sleep(wait)         # the last push: stopping is already set
+            elif self.stopping.wait(wait):
+                return
+            cycle.held.discard(name)
+            with self.db.reading() as conn:
+                batches = Packer(conn, self.config.push_max_bytes, tables, self.format,
+                                 skip=set(self.suspects)).batches()
+                cycle.stopped = not self.send(batches, deadline, cycle)
+            self.marked(cycle, deadline)
 
     def signal_fault(self, attempt: Attempt) -> bool:
         """An OTLP endpoint's own fault: an HTTP answer (a 5xx, 404, 401...) on one signal's path. No
@@ -8649,6 +8673,7 @@ class Pusher(Loop):
             self.marked(again, deadline)
             cycle.faulted |= again.faulted
             cycle.held |= again.held - cycle.faulted.keys()
+            cycle.waiting |= again.waiting
             cycle.stopped = not delivered
         if again.poison:
             self.give_up(again.poison, deadline)
@@ -8687,10 +8712,6 @@ class Pusher(Loop):
         before = self.totals.snapshot()["events"]
         try:
             complete = self.push(deadline)
-            # a signal whose endpoint asked for a moment (Retry-After) goes again if the wait ends in time
-            if not complete and (wait := self.signal_holds()) and time.monotonic() + wait < deadline:
-                time.sleep(wait)
-                complete = self.push(deadline)
         except Exception as exc:  # noqa: BLE001 - the rows stay unsynced; shutdown goes on
             self.log.warning("final push stopped", extra={"error": describe(exc)})
             complete = False

@@ -3601,6 +3601,42 @@ def test_the_last_push_waits_for_a_signal_whose_retry_after_ends_in_time(run: Ca
     assert node.logs("final push")[0]["complete"] is True
 
 
+def test_a_signal_waited_out_in_its_cycle_sends_no_other_signal_again(run: Callable[..., Otrace],
+                                                                      receiver: Receiver) -> None:
+    """/v1/traces is down (503) while /v1/logs asks three times to wait a second: the cycle waits the
+    logs out once the spans have failed, and the spans are not tried again before the next interval."""
+    busy = iter([(503, {"Content-Type": "text/plain", "Retry-After": "1"}, "busy")] * 3)
+
+    def rule(_: Receiver, request: dict[str, Any]) -> Any:
+        if request["path"].endswith("/v1/logs"):
+            return next(busy, 200)
+        return 503, {"Content-Type": "text/plain"}, "traces down"
+
+    receiver.default = rule
+    node = run(otlp_push_env(receiver, TRACE_PUSH_INTERVAL="1h"))
+    span = node.post("/v1/traces", trace()).json["trace_ids"]
+    error = node.post("/v1/errors", {"error_type": "crash", "message": "boom"}).json["trace_ids"]
+    wait_synced(node, error, timeout=60)
+    assert [r["answered"] for r in receiver.requests if r["path"].endswith("/v1/traces")] == [503] * 5
+    traces = node.health()["push"]["breakers"]["traces"]
+    assert traces["consecutive_failures"] == 1 and synced(node)[span[0]] == 0
+
+
+def test_a_refusal_asking_to_wait_is_split_at_once(run: Callable[..., Otrace], receiver: Receiver) -> None:
+    """A 400 with Retry-After: 1h for a batch holding one bad event: the wait is no reason to hold back
+    its halves (only an answer that is retried waits), so the good event goes at once."""
+    def rule(_: Receiver, request: dict[str, Any]) -> Any:
+        if "poison-model" in json.dumps(request["json"]):
+            return 400, {"Content-Type": "text/plain", "Retry-After": "3600"}, "bad event"
+        return 200
+
+    receiver.default = rule
+    node = run(push_env(receiver))
+    ids = node.post("/v1/traces", [trace(model="poison-model"), trace()]).json["trace_ids"]
+    wait_synced(node, ids[1:])
+    assert node.health()["push"]["held_by_retry_after_until"] is None
+
+
 def test_a_row_whose_json_column_is_not_json_is_pushed_as_text(run: Callable[..., Otrace],
                                                                 receiver: Receiver) -> None:
     """A metadata value that is not JSON (a database from elsewhere, a fault) goes as its text; the
