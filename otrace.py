@@ -8387,6 +8387,7 @@ class Pusher(Loop):
         if not self.cycle_lock.acquire(timeout=wait):
             return False
         try:
+            started = time.monotonic()
             waiting = {name for name, breaker in self.breakers.of.items()
                        if name and breaker.allows() and self.hold(name) > 0}
             cycle = Cycle(read_at=self.db.merges.read_begins(), held=self.breakers.open() | waiting,
@@ -8400,7 +8401,8 @@ class Pusher(Loop):
             ok = self.settle(cycle, deadline) and not cycle.stopped and not cut_short
             if self.suspects and ok:
                 ok = self.retry_suspects(cycle, deadline)
-            self.wait_out(cycle, deadline)
+            self.wait_out(cycle, deadline, started + self.interval if deadline is None else deadline)
+            ok = ok and not cycle.stopped
             # a cycle cut short by refusals that found new suspects got further into the queue, and the
             # next starts past them; one with nothing new tried nothing: neither counts for the breaker
             progressed = cut_short and cycle.new_suspects > 0 and cycle.faults == 0
@@ -8527,10 +8529,10 @@ class Pusher(Loop):
         cycle leaves that signal out meanwhile)."""
         return self.not_before.get(whose, 0.0) - time.monotonic()
 
-    def wait_out(self, cycle: Cycle, deadline: float | None) -> None:
+    def wait_out(self, cycle: Cycle, deadline: float | None, until: float) -> None:
         """Once the other signals have gone, send those whose endpoint asked to wait (Retry-After),
-        soonest first, each when its wait ends if that is sooner than the next cycle (or within the
-        deadline); the others wait for a later cycle."""
+        soonest first, each when its wait ends if that is before `until` (the next cycle's time, or
+        the shutdown deadline); the others wait for a later cycle."""
         while cycle.waiting and not cycle.stopped:
             name = min(cycle.waiting, key=self.hold)
             cycle.waiting.discard(name)
@@ -8540,13 +8542,14 @@ class Pusher(Loop):
                            for table in tables):
                     continue             # nothing of it to send: no reason to wait
             wait = max(0.0, self.hold(name))
-            if wait > (self.interval if deadline is None else deadline - time.monotonic()):
+            if time.monotonic() + wait > until:
                 return
             if deadline is not None:
                 time.sleep(wait)         # the last push: stopping is already set
             elif self.stopping.wait(wait):
                 return
             cycle.held.discard(name)
+            cycle.read_at = self.db.merges.read_begins()        # what changed while it waited goes now
             with self.db.reading() as conn:
                 batches = Packer(conn, self.config.push_max_bytes, tables, self.format,
                                  skip=set(self.suspects)).batches()

@@ -3637,6 +3637,26 @@ def test_a_refusal_asking_to_wait_is_split_at_once(run: Callable[..., Otrace], r
     assert node.health()["push"]["held_by_retry_after_until"] is None
 
 
+def test_no_answer_after_a_signal_was_waited_out_fails_the_cycle(run: Callable[..., Otrace],
+                                                                  receiver: Receiver) -> None:
+    """/v1/traces asks to wait a second, then hangs up: the cycle that waited it out was stopped by the
+    whole receiver, so every breaker counts it (one failed cycle opens them here)."""
+    traces = iter([(503, {"Content-Type": "text/plain", "Retry-After": "1"}, "busy")])
+
+    def rule(_: Receiver, request: dict[str, Any]) -> Any:
+        return next(traces, None) if request["path"].endswith("/v1/traces") else 200   # None: no answer
+
+    receiver.default = rule
+    node = run(otlp_push_env(receiver, TRACE_PUSH_INTERVAL="1h", TRACE_PUSH_RETRIES="2",
+                             TRACE_PUSH_BREAKER_THRESHOLD="1", TRACE_PUSH_BREAKER_COOLDOWN="1h"))
+    span = node.post("/v1/traces", trace()).json["trace_ids"]
+    wait_synced(node, node.post("/v1/errors", {"error_type": "crash", "message": "boom"}).json["trace_ids"])
+    push = wait_until(lambda: (p := node.health()["push"])["breakers"]["traces"]["state"] == "open" and p,
+                      timeout=30, what="the traces breaker open")
+    assert push["breakers"]["logs"]["state"] == "open" and synced(node)[span[0]] == 0
+    assert len(node.logs("push cycle failed")) == 1
+
+
 def test_a_row_whose_json_column_is_not_json_is_pushed_as_text(run: Callable[..., Otrace],
                                                                 receiver: Receiver) -> None:
     """A metadata value that is not JSON (a database from elsewhere, a fault) goes as its text; the
