@@ -8402,7 +8402,7 @@ class Pusher(Loop):
             if self.suspects and ok:
                 ok = self.retry_suspects(cycle, deadline)
             self.wait_out(cycle, deadline, started + self.interval if deadline is None else deadline)
-            ok = ok and not cycle.stopped
+            ok = ok and not cycle.stopped and not (cycle.refused and not cycle.accepted)   # its sends too
             # a cycle cut short by refusals that found new suspects got further into the queue, and the
             # next starts past them; one with nothing new tried nothing: neither counts for the breaker
             progressed = cut_short and cycle.new_suspects > 0 and cycle.faults == 0
