@@ -3007,6 +3007,13 @@ def otlp_push_env(receiver: Receiver, **extra: str) -> dict[str, str]:
                     TRACE_PUSH_ENDPOINT=receiver.url.rsplit("/", 1)[0], **extra)
 
 
+def logs_answer(answer: Any, until: threading.Event | None = None) -> Callable[..., Any]:
+    """A receiver's answers: `answer` on /v1/logs (until `until` is set), 200 on the other paths."""
+    def act(_: Receiver, request: dict[str, Any]) -> Any:
+        return answer if request["path"].endswith("/v1/logs") and not (until and until.is_set()) else 200
+    return act
+
+
 def post_some(node: Otrace, n: int = 5) -> list[str]:
     ids = node.post("/v1/traces", [trace() for _ in range(n)]).json["trace_ids"]
     ids += node.post("/v1/errors", {"error_type": "crash", "message": "boom"}).json["trace_ids"]
@@ -3384,13 +3391,7 @@ def test_an_otlp_receiver_refusing_one_signal_keeps_its_rows(run: Callable[..., 
     errors it refuses (log records), so none is given up, and their refusals, however many, hold
     neither the spans nor the breaker; they all go once it takes logs."""
     takes_logs = threading.Event()
-
-    def act(_: Receiver, request: dict[str, Any]) -> Any:
-        if request["path"].endswith("/v1/logs") and not takes_logs.is_set():
-            return 415, {"Content-Type": "text/plain"}, "logs not enabled"
-        return 200
-
-    receiver.default = act
+    receiver.default = logs_answer((415, {"Content-Type": "text/plain"}, "logs not enabled"), takes_logs)
     node = run(otlp_push_env(receiver, TRACE_PUSH_MAX_BYTES="4KiB"))
     errors = [node.post("/v1/errors", {"error_type": "crash", "message": f"boom {n}"}).json["trace_ids"][0]
               for n in range(48)]
@@ -3421,11 +3422,7 @@ def test_an_idle_agent_whose_one_error_is_refused_keeps_the_breaker_closed(run: 
     """A span is taken, then an error refused alone (that cycle failed: it accepted nothing); the
     cycles after, with nothing new, only send the error again: they leave the breaker as it was, and
     the next span goes at its time, not after a cool-down."""
-    def no_logs(_: Receiver, request: dict[str, Any]) -> Any:
-        return (415, {"Content-Type": "text/plain"}, "logs not enabled") if request["path"].endswith(
-            "/v1/logs") else 200
-
-    receiver.default = no_logs
+    receiver.default = logs_answer((415, {"Content-Type": "text/plain"}, "logs not enabled"))
     node = run(otlp_push_env(receiver))
     wait_synced(node, node.post("/v1/traces", trace()).json["trace_ids"])
     node.post("/v1/errors", {"error_type": "crash", "message": "boom"})
@@ -3441,12 +3438,8 @@ def test_an_otlp_endpoint_that_faults_holds_back_its_signal_alone(run: Callable[
     """A backend without a logs pipeline answers 405 on /v1/logs (as Arize Phoenix does): that
     signal's breaker opens and its rows wait, while spans posted after, on an otherwise idle agent,
     go at their time; /v1/logs is not asked again in the cool-down."""
-    def no_logs(_: Receiver, request: dict[str, Any]) -> Any:
-        if request["path"].endswith("/v1/logs"):
-            return 405, {"Content-Type": "application/json"}, '{"detail": "Method Not Allowed"}'
-        return 200
-
-    receiver.default = no_logs
+    receiver.default = logs_answer((405, {"Content-Type": "application/json"},
+                                    '{"detail": "Method Not Allowed"}'))
     node = run(otlp_push_env(receiver, TRACE_PUSH_BREAKER_THRESHOLD="2", TRACE_PUSH_BREAKER_COOLDOWN="1h"))
     error = node.post("/v1/errors", {"error_type": "crash", "message": "boom"}).json["trace_ids"][0]
     push = wait_until(lambda: (p := node.health()["push"])["breakers"]["logs"]["state"] == "open" and p,
@@ -3468,13 +3461,7 @@ def test_a_faulted_signal_goes_again_when_its_breaker_lets_it_try(run: Callable[
     """/v1/logs answers 503 while spans are taken: the errors wait, and go once the endpoint heals
     and the logs breaker's cool-down lets a cycle try them; the breaker closes and forgets the fault."""
     healed = threading.Event()
-
-    def logs_down(_: Receiver, request: dict[str, Any]) -> Any:
-        if request["path"].endswith("/v1/logs") and not healed.is_set():
-            return 503, {"Content-Type": "text/plain"}, "logs pipeline down"
-        return 200
-
-    receiver.default = logs_down
+    receiver.default = logs_answer((503, {"Content-Type": "text/plain"}, "logs pipeline down"), healed)
     node = run(otlp_push_env(receiver, TRACE_PUSH_RETRIES="2", TRACE_PUSH_BREAKER_THRESHOLD="1",
                              TRACE_PUSH_BREAKER_COOLDOWN="1s"))
     ids = post_some(node, 2)
@@ -3496,12 +3483,8 @@ def test_a_retry_after_from_one_otlp_endpoint_holds_back_its_signal_alone(run: C
     """/v1/logs answers 503 with Retry-After: 60: the logs wait that long (shown in /health), an
     attempt of their retries, while spans posted after go at their time, and the last push at
     shutdown sends the spans."""
-    def logs_busy(_: Receiver, request: dict[str, Any]) -> Any:
-        if request["path"].endswith("/v1/logs"):
-            return 503, {"Content-Type": "text/plain", "Retry-After": "60"}, "logs pipeline down"
-        return 200
-
-    receiver.default = logs_busy
+    receiver.default = logs_answer((503, {"Content-Type": "text/plain", "Retry-After": "60"},
+                                    "logs pipeline down"))
     node = run(otlp_push_env(receiver))
     error = node.post("/v1/errors", {"error_type": "crash", "message": "boom"}).json["trace_ids"][0]
     logs = wait_until(lambda: (b := node.health()["push"]["breakers"]["logs"])["held_by_retry_after_until"]
@@ -3566,12 +3549,7 @@ def test_a_signal_whose_content_is_all_refused_fails_its_own_breaker_alone(run: 
                                                                            receiver: Receiver) -> None:
     """/v1/logs refuses every log record (400) while spans are taken: a cycle that sent only errors and
     had them refused fails the logs breaker, not the traces one, and spans go at their time."""
-    def no_logs(_: Receiver, request: dict[str, Any]) -> Any:
-        if request["path"].endswith("/v1/logs"):
-            return 400, {"Content-Type": "text/plain"}, "log records refused"
-        return 200
-
-    receiver.default = no_logs
+    receiver.default = logs_answer((400, {"Content-Type": "text/plain"}, "log records refused"))
     node = run(otlp_push_env(receiver, TRACE_PUSH_BREAKER_THRESHOLD="1", TRACE_PUSH_BREAKER_COOLDOWN="1h"))
     node.post("/v1/errors", {"error_type": "crash", "message": "boom"})
     push = wait_until(lambda: (p := node.health()["push"])["breakers"]["logs"]["state"] == "open" and p,
