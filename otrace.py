@@ -8368,7 +8368,8 @@ class Pusher(Loop):
         self.cycle_lock = threading.Lock()
         # monotonic time a Retry-After asked to wait for: the receiver's (""), or an OTLP signal's endpoint's
         self.not_before: dict[str, float] = {}
-        self.throttled: collections.Counter[str] = collections.Counter()   # its answers since a failure
+        # a signal's Retry-After answers since its last 2xx or failure: each is one of its retries
+        self.throttled: collections.Counter[str] = collections.Counter()
         self.last_time: float | None = None
         self.last_status = "never"
         self.last_error: str | None = None
