@@ -592,6 +592,16 @@ def stored_ids(db: Path) -> tuple[set[str], int, dict[str, int]]:
     return {trace_id for trace_id, _ in mine}, sum(1 for _, synced in mine if synced == 0), lost
 
 
+def pushed_losses(losses: list[dict[str, Any]]) -> dict[str, int]:
+    """Rows by table and reason in the loss reports the receiver got, each report counted once (the
+    ledger keeps a reported row only TRACE_RETENTION long, so the database at the end may not)."""
+    once = {(loss.get("kind"), loss.get("ledger_id", loss.get("reject_id"))): loss for loss in losses}
+    rows: collections.Counter[str] = collections.Counter()
+    for loss in once.values():
+        rows[f"{loss.get('table')}/{loss.get('reason')}"] += loss.get("rows", 0)
+    return dict(rows)
+
+
 @dataclasses.dataclass
 class Loss:
     """Events answered 202 that are nowhere, sorted by what ended the process that accepted them."""
@@ -827,7 +837,7 @@ class Soak:
                 f"| otrace's own events pushed | {receiver.others.total()} | {counts(receiver.others)} |",
                 f"| malformed pushes or events | {receiver.malformed} | |",
                 f"| unpushed rows retention deleted | {sum(retention_lost.values())} | {retention_lost}; "
-                f"losses reported in pushes: {len(receiver.losses)} |"]
+                f"losses reported in pushes: {len(receiver.losses)} ({pushed_losses(receiver.losses)}) |"]
         out += ["", "| otrace said (warnings and errors) | Count |", "|---|---:|"]
         out += [f"| {message} | {n} |" for message, n in node.warnings.most_common()]
         final_pushes = [line for _, line in node.notes if line.get("message") == "final push"]
