@@ -19,7 +19,8 @@
 Then the load stops, the disk is freed, the receiver stays healthy, otrace pushes everything and is
 stopped, and the tally is printed. Lost: answered 202, yet neither in the database nor seen by the
 receiver (retention deletes pushed traces and errors only, unless over TRACE_DB_MAX_BYTES, which the
-ledger would show; so the union is the whole truth). The one loss allowed is the documented one:
+ledger or, once reported and pruned from it, the loss reports pushed would show; so the union is the
+whole truth). The one loss allowed is the documented one:
 events answered 202 within TRACE_BATCH_WINDOW before a SIGKILL ("accepted but not yet committed").
 Counted apart, as the README documents them: events accepted just before a write outage that a
 SIGTERM during it could not write, which otrace reports itself (exit 1, events_lost: at least as many),
