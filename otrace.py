@@ -8221,6 +8221,7 @@ class Breaker:
         self.threshold, self.cooldown = threshold, cooldown
         self.failures = 0
         self.retry_at = 0.0      # time.time() of the next try while open
+        self.last_error: str | None = None   # why its last cycle failed
 
     @property
     def state(self) -> str:
@@ -8231,11 +8232,11 @@ class Breaker:
     def allows(self) -> bool:
         return self.state != "open"
 
-    def cycle_ended(self, ok: bool) -> None:
+    def cycle_ended(self, ok: bool, error: str | None = None) -> None:
         if ok:
-            self.failures, self.retry_at = 0, 0.0
+            self.failures, self.retry_at, self.last_error = 0, 0.0, None
             return
-        self.failures += 1
+        self.failures, self.last_error = self.failures + 1, error or "unknown error"
         if self.failures >= self.threshold:
             doublings = min(self.failures - self.threshold, 30)
             self.retry_at = time.time() + min(self.MAX_COOLDOWN, self.cooldown * 2**doublings)
@@ -8248,7 +8249,6 @@ class Breakers:
 
     def __init__(self, signals: Iterable[str], threshold: int, cooldown: float) -> None:
         self.of = {signal: Breaker(threshold, cooldown) for signal in signals}
-        self.errors: dict[str, str] = {}     # the fault that failed a signal's last cycle
 
     def open(self) -> set[str]:
         """The signals whose breaker is open: a cycle leaves them out."""
@@ -8284,19 +8284,14 @@ class Breakers:
         neither succeeded nor failed, see Pusher.push), and `error` with a failure."""
         for name, breaker in self.of.items():
             if name in failed:
-                breaker.cycle_ended(False)
-                self.errors[name] = failed[name].summary()
+                breaker.cycle_ended(False, failed[name].summary())
             elif ok is not None and name not in held:
-                breaker.cycle_ended(ok)
-                if ok:
-                    self.errors.pop(name, None)
-                else:
-                    self.errors[name] = error or "unknown error"
+                breaker.cycle_ended(ok, error)
 
     def health(self) -> dict[str, Any]:
         return {name: {"state": breaker.state, "consecutive_failures": breaker.failures,
                          "next_attempt_at": iso(breaker.retry_at) if breaker.state == "open" else None,
-                         "last_error": self.errors.get(name)}
+                         "last_error": breaker.last_error}
                 for name, breaker in self.of.items()}
 
 
@@ -8309,10 +8304,10 @@ SUSPECTS_A_CYCLE = 1024     # suspects sent again in one cycle (at most about tw
 @dataclasses.dataclass
 class Cycle:
     """What one push cycle learned: whether the receiver accepted anything, how many events it refused
-    alone (and each signal's first answer), how many of them were new suspects and which were poison, how many
-    answers in a row refused content of each signal, which signals it left (for refusals, an open
-    breaker or a fault of their endpoint), and the confirmed batch the writer is marking synced while
-    the next one is sent."""
+    alone (and each signal's first answer), how many of them were new suspects and which were poison,
+    how many answers in a row refused content of each signal, which signals it left (for refusals, an
+    open breaker or a fault of their endpoint), and the confirmed batch the writer is marking synced
+    while the next one is sent."""
 
     accepted: bool = False
     refused: int = 0
