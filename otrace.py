@@ -9191,9 +9191,10 @@ class Retention(Loop):
                 tiers: tuple[Tier, ...]) -> str | None:
         """Under pressure, delete tier after tier (from `tiers` on, under the cap: those a head start
         left), a chunk at a time from whichever table holds the oldest row, until under the low mark.
-        Disk pressure reaches unpushed traces, errors and log events only when the database is big
-        enough for deleting them to bring the disk under the low mark: a disk filled by something
-        else is not helped by losing them. Returns the cause of the pressure, if there was some."""
+        Disk pressure reaches unpushed traces, errors and log events only while the database is big
+        enough for deleting them to bring the disk under the low mark, asked before each chunk: a disk
+        filled by something else is not helped by losing them, nor is one whose freed space another
+        program takes as it appears. Returns the cause of the pressure, if there was some."""
         found = self.pressure()
         if not found:
             return None
@@ -9209,9 +9210,8 @@ class Retention(Loop):
                     return cause
         else:
             for tier in self.tiers:
-                if not tier.for_disk and not self.own_share_can_relieve():
-                    break
-                while not self.stopping.is_set() and not self.disk_relieved():
+                while not self.stopping.is_set() and not self.disk_relieved() and (
+                        tier.for_disk or self.own_share_can_relieve()):
                     chunk = self.delete_chunk(tier.cut(pass_id), tally)
                     if chunk.table is None:
                         break

@@ -4531,6 +4531,52 @@ def test_disk_filled_by_unpushed_rows_deletes_the_oldest_and_reports_them(tmp_pa
         assert node.stop() == 0
 
 
+@contextlib.contextmanager
+def kept_full(vol: Path, free: int) -> Iterator[None]:
+    """Another program that takes whatever space appears on `vol` as it appears (a log growing), so
+    that no more than `free` bytes stay available."""
+    stopping = threading.Event()
+
+    def take() -> None:
+        with open(vol / "agent-data", "ab") as out:
+            while not stopping.wait(0.002):
+                st = os.statvfs(vol)
+                if (room := st.f_bavail * st.f_frsize - free) > 0:
+                    out.write(b"\0" * room)
+                    out.flush()
+
+    thread = threading.Thread(target=take, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stopping.set()
+        thread.join(10)
+
+
+@needs_root
+def test_disk_pressure_stops_deleting_unpushed_traces_once_another_program_takes_the_room(
+        tmp_path: Path, run: Callable[..., Otrace]) -> None:
+    """Unpushed traces go for the disk only while the database holds what the disk is over its low
+    mark: checked before each chunk, so space another program takes back as it is freed ends the
+    deleting, where a pass that checked once gave up every unpushed row to it."""
+    with tmpfs(tmp_path / "vol", "48m") as vol:
+        db = vol / "otrace.db"
+        made = seed(db, [("trace", 3000, 0)], age_days=0.01)
+        node = run({"TRACE_CLEANUP_INTERVAL": "200ms", "TRACE_DISK_HIGH_PCT": "80",
+                    "TRACE_DISK_RESERVE_BYTES": "0", "TRACE_METRICS_INTERVAL": "off"}, db=db)
+        free = 4 << 20                                # what the other program leaves
+        over = otrace.disk_usage(str(vol))[0] * 0.25 - free            # the disk over its low mark (75 %)
+        assert db_bytes(db) > over                    # so it is otrace's rows that put it there
+        with kept_full(vol, free):
+            node.wait_log(lambda e: e.get("message") == "retention deleted rows that were never pushed")
+            node.wait_log(lambda e: e.get("message") == "still over budget after deleting all it may")
+            kept = present(node, "llm_traces")
+        assert 0 < len(made["trace/0"]) - len(kept) < len(made["trace/0"]) // 2
+        assert kept == set(made["trace/0"][-len(kept):])                      # the newest stay
+        assert node.stop() == 0
+
+
 @needs_root
 def test_a_write_outage_is_recorded_as_an_error_event(tmp_path: Path, run: Callable[..., Otrace]) -> None:
     with tmpfs(tmp_path / "vol", "2m") as vol:
