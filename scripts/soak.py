@@ -18,11 +18,13 @@
 
 Then the load stops, the disk is freed, the receiver stays healthy, otrace pushes everything and is
 stopped, and the tally is printed. Lost: answered 202, yet neither in the database nor seen by the
-receiver (retention deletes pushed traces and errors only, unless over TRACE_DB_MAX_BYTES, which the
-ledger or, once reported and pruned from it, the loss reports pushed would show; so the union is the
-whole truth). The one loss allowed is the documented one:
+receiver. The one loss allowed is the documented one:
 events answered 202 within TRACE_BATCH_WINDOW before a SIGKILL ("accepted but not yet committed").
-Counted apart, as the README documents them: events accepted just before a write outage that a
+Counted apart, as the docs describe them: unpushed traces and errors retention deleted under
+pressure (the full disk, when otrace's rows are what puts it over its mark), which otrace reports
+with the received_at range of each deletion (in its ledger, and once reported and pruned from it,
+in the loss reports pushed: the union is the whole truth), so an id answered within one, up to the
+rows it reported, is that deletion's; events accepted just before a write outage that a
 SIGTERM during it could not write, which otrace reports itself (exit 1, events_lost: at least as many),
 and those a SIGKILL during a write outage takes from the queue (otrace answers 503 once writes fail, so
 they were accepted before it began). The outage is the disk's being full at the signal, or otrace's
@@ -87,6 +89,8 @@ PHASES = ("healthy", "dead: port closed", "healthy", "slow", "healthy", "dead: r
 PHASE_SECONDS = {"healthy": (6.0, 12.0), "slow": (6.0, 12.0), "dead: port closed": (5.0, 10.0),
                  "dead: reset": (5.0, 10.0)}
 PUSH_TYPES = {"t": "llm_trace", "e": "error_event"}     # our id prefix -> the pushed event's type
+TABLES = {"t": "llm_traces", "e": "error_events"}       # ... and its table
+ANSWER_LAG = 2.0                 # seconds from otrace's received_at to the client's reading the 202, at most
 LOG_NOTES = ("database write failing", "database write recovered", "push cycle failed", "final push",
              "shutdown deadline passed with events not written", "stopped", "cannot start",
              "retention deleted rows that were never pushed", "over budget: deleting oldest rows")
@@ -136,6 +140,7 @@ class Ledger:
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
+        self.wall = time.time() - time.monotonic()       # add to a time here for the wall clock's
         self.sent = 0
         self.accepted: dict[str, float] = {}      # id -> when its 202 was read
         self.answers: collections.Counter[str] = collections.Counter()      # per request
@@ -582,24 +587,33 @@ def drain(node: Node, port: int, timeout: float) -> bool:
     return False
 
 
-def stored_ids(db: Path) -> tuple[set[str], int, dict[str, int]]:
-    """Our ids in the database, how many of them were never pushed, and retention's unpushed losses."""
+def stored_ids(db: Path) -> tuple[set[str], int, list[dict[str, Any]]]:
+    """Our ids in the database, how many of them were never pushed, and the ledger's rows of
+    retention's unpushed deletions, in the shape of a loss report."""
     with contextlib.closing(sqlite3.connect(db)) as conn:
         rows = conn.execute("SELECT trace_id, synced FROM llm_traces UNION ALL "
                             "SELECT trace_id, synced FROM error_events").fetchall()
-        lost = dict(conn.execute("SELECT table_name, sum(unsynced_deleted) FROM retention_ledger "
-                                 "GROUP BY table_name HAVING sum(unsynced_deleted) > 0"))
+        ledger = conn.execute("SELECT id, at, table_name, reason, unsynced_deleted, oldest_received_at, "
+                              "newest_received_at FROM retention_ledger WHERE unsynced_deleted > 0"
+                              ).fetchall()
     mine = [(trace_id, synced) for trace_id, synced in rows if ours(trace_id)]
-    return {trace_id for trace_id, _ in mine}, sum(1 for _, synced in mine if synced == 0), lost
+    deleted = [{"kind": "retention", "ledger_id": i, "at": at, "table": t, "reason": r, "rows": n,
+                "oldest_received_at": old, "newest_received_at": new} for i, at, t, r, n, old, new in ledger]
+    return {trace_id for trace_id, _ in mine}, sum(1 for _, synced in mine if synced == 0), deleted
 
 
-def pushed_losses(losses: list[dict[str, Any]]) -> dict[str, int]:
-    """Rows by table and reason in the loss reports the receiver got, each report counted once (the
-    ledger keeps a reported row only TRACE_RETENTION long, so the database at the end may not)."""
-    once = {(loss.get("kind"), loss.get("ledger_id", loss.get("reject_id"))): loss for loss in losses}
+def retention_deleted(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Retention's unpushed deletions, each once: from the loss reports the receiver got and the
+    ledger at the end (which keeps a reported row only TRACE_RETENTION long, 20 s here)."""
+    once = {(r["ledger_id"], r["at"], r["table"], r["reason"]): r for r in reports
+            if r.get("kind") == "retention" and r.get("oldest_received_at") is not None}
+    return list(once.values())
+
+
+def by_table(reports: list[dict[str, Any]]) -> dict[str, int]:
     rows: collections.Counter[str] = collections.Counter()
-    for loss in once.values():
-        rows[f"{loss.get('table')}/{loss.get('reason')}"] += loss.get("rows", 0)
+    for report in reports:
+        rows[f"{report['table']}/{report['reason']}"] += report["rows"]
     return dict(rows)
 
 
@@ -608,6 +622,7 @@ class Loss:
     """Events answered 202 that are nowhere, sorted by what ended the process that accepted them."""
 
     WINDOW = "in the SIGKILL window"
+    DELETED = "deleted unpushed by retention, and reported"
     REPORTED = "at a SIGTERM that could not write them (exit 1, events_lost logged)"
     OUTAGE_KILL = "at a SIGKILL during a write outage"
 
@@ -632,10 +647,14 @@ class Loss:
         return self.causes[self.OUTAGE_KILL]
 
     @property
+    def deleted(self) -> int:
+        return self.causes[self.DELETED]
+
+    @property
     def total(self) -> int:
-        """Every loss but the documented ones: the SIGKILL window, what otrace reported at exit, and
-        what a SIGKILL took from the queue while writes were failing."""
-        return self.causes.total() - self.allowed - self.reported - self.outage_killed
+        """Every loss but the documented ones: the SIGKILL window, what otrace reported at exit, what
+        a SIGKILL took from the queue while writes were failing, and what retention deleted unpushed."""
+        return self.causes.total() - self.allowed - self.reported - self.outage_killed - self.deleted
 
     def detail(self, cause: str) -> str:
         return f"answered 202 {describe_ages(*self.ages[cause])} the signal"
@@ -647,18 +666,28 @@ def reported_losses(node: Node) -> list[int]:
             if line.get("message") == "shutdown deadline passed with events not written"]
 
 
-def losses(ledger: Ledger, kept: set[str], stops: list[Stop]) -> Loss:
+def losses(ledger: Ledger, kept: set[str], stops: list[Stop], deleted: list[dict[str, Any]]) -> Loss:
     """Sort every lost id by the stop that ended the process that answered it 202 (the one alive when
     the answer was read: processes never overlap), and by how long before the signal that was. A 202
-    read after the signal came from a process that was shutting down."""
+    read after the signal came from a process that was shutting down. An id whose answer falls in the
+    received_at range of a retention deletion of its table is that deletion's, up to the rows it
+    reported."""
     loss = Loss()
     ends = sorted(stops, key=lambda s: s.exited)
-    for trace_id, answered_at in ledger.accepted.items():
+    budget = [dict(report) for report in deleted]
+    for trace_id, answered_at in sorted(ledger.accepted.items(), key=lambda item: item[1]):
         if trace_id in kept:
             continue
         stop = next((s for s in ends if s.exited + READ_LATE >= answered_at), None)
         age = stop.at - answered_at if stop else 0.0
-        if stop and stop.kind == "SIGKILL" and age <= BATCH_WINDOW + WINDOW_SLACK:
+        wall_ms = (answered_at + ledger.wall) * 1000
+        report = next((r for r in budget if r["rows"] > 0 and r["table"] == TABLES[trace_id[0]]
+                       and r["oldest_received_at"] <= wall_ms <= r["newest_received_at"] + ANSWER_LAG * 1000),
+                      None)
+        if report:
+            report["rows"] -= 1
+            loss.add(loss.DELETED, age)
+        elif stop and stop.kind == "SIGKILL" and age <= BATCH_WINDOW + WINDOW_SLACK:
             loss.add(loss.WINDOW, age)
         elif stop and stop.kind == "SIGTERM" and stop.code == 1:
             loss.add(loss.REPORTED, age)
@@ -723,8 +752,9 @@ class Soak:
             final = node.stop(signal.SIGTERM, "final SIGTERM", False, receiver.phase)
             self.say(f"drained: {drained}; final SIGTERM: exit {final.code} after {final.seconds:.2f} s")
             stored = stored_ids(disk.path / "otrace.db")
-            loss = losses(self.ledger, stored[0] | set(receiver.seen), node.stops)
-            text = self.report(final, drained, stored, loss)
+            deleted = retention_deleted(stored[2] + receiver.losses)
+            loss = losses(self.ledger, stored[0] | set(receiver.seen), node.stops, deleted)
+            text = self.report(final, drained, stored, deleted, loss)
             print(text, flush=True)
             if args.out:
                 args.out.write_text(text + "\n")
@@ -768,17 +798,17 @@ class Soak:
         self.journal.close()
 
     # -- the report
-    def report(self, final: Stop, drained: bool, stored: tuple[set[str], int, dict[str, int]],
-               loss: Loss) -> str:
+    def report(self, final: Stop, drained: bool, stored: tuple[set[str], int, list[dict[str, Any]]],
+               deleted: list[dict[str, Any]], loss: Loss) -> str:
         """The tally as Markdown tables."""
         args, ledger, receiver, node, disk, monitor = (self.args, self.ledger, self.receiver, self.node,
                                                        self.disk, self.monitor)
         assert receiver and node and monitor
-        kept_in_db, unpushed, retention_lost = stored
+        kept_in_db, unpushed, _ = stored
         accepted, pushed = set(ledger.accepted), set(receiver.seen)
         never = ", ".join(f"{n} {outcome}" for outcome, n in ledger.never.most_common()) or "none"
         causes = "; ".join(f"{n} {cause} ({loss.detail(cause)})" for cause, n in loss.causes.items()
-                           if cause not in (loss.WINDOW, loss.REPORTED, loss.OUTAGE_KILL))
+                           if cause not in (loss.WINDOW, loss.REPORTED, loss.OUTAGE_KILL, loss.DELETED))
         unwritten = reported_losses(node)
         window = (f"at most {(BATCH_WINDOW + WINDOW_SLACK) * 1000:.0f} ms before a SIGKILL"
                   + (f"; {loss.detail(loss.WINDOW)}" if loss.allowed else ""))
@@ -800,6 +830,9 @@ class Soak:
             ("lost at a SIGKILL during a write outage (accepted before it began: otrace answers 503 "
              "once writes fail)", loss.outage_killed,
              loss.detail(loss.OUTAGE_KILL) if loss.outage_killed else ""),
+            ("deleted unpushed by retention (the disk or the cap), and reported", loss.deleted,
+             f"of {sum(r['rows'] for r in deleted if r['table'] in TABLES.values())} such rows reported"
+             + (f"; {loss.detail(loss.DELETED)}" if loss.deleted else "")),
             ("**lost**", f"**{loss.total}**", causes),
         ]
         out = [f"## otrace fault soak, {datetime.now().astimezone():%Y-%m-%d %H:%M}, {args.minutes:g} min, "
@@ -837,8 +870,8 @@ class Soak:
                 f"{counts(receiver.requests)}; {len(receiver.batch_ids)} distinct batches |",
                 f"| otrace's own events pushed | {receiver.others.total()} | {counts(receiver.others)} |",
                 f"| malformed pushes or events | {receiver.malformed} | |",
-                f"| unpushed rows retention deleted | {sum(retention_lost.values())} | {retention_lost}; "
-                f"losses reported in pushes: {len(receiver.losses)} ({pushed_losses(receiver.losses)}) |"]
+                f"| unpushed rows retention deleted | {sum(r['rows'] for r in deleted)} | "
+                f"{by_table(deleted)}; losses reported in pushes: {len(receiver.losses)} |"]
         out += ["", "| otrace said (warnings and errors) | Count |", "|---|---:|"]
         out += [f"| {message} | {n} |" for message, n in node.warnings.most_common()]
         final_pushes = [line for _, line in node.notes if line.get("message") == "final push"]
@@ -852,7 +885,8 @@ class Soak:
             (loss.total == 0 and loss.reported <= sum(unwritten),
              "nothing answered 202 was lost but in the documented cases: the SIGKILL window, a SIGTERM "
              "during a write outage that otrace reports (events_lost; its own unwritten rows are "
-             "logged apart), a SIGKILL during a write outage (the exit code)"),
+             "logged apart), a SIGKILL during a write outage (the exit code), retention's unpushed "
+             "deletions (reported)"),
             (all(s.code == 0 for s in terms), "every SIGTERM exited 0"),
             (all(s.seconds <= SHUTDOWN_TIMEOUT + EXIT_SLACK for s in terms),
              f"every SIGTERM exited within TRACE_SHUTDOWN_TIMEOUT ({SHUTDOWN_TIMEOUT:g} s, "
