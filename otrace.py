@@ -9760,6 +9760,7 @@ def tracemalloc_tracing() -> bool:
 
 REPORT_SCHEMA = "otrace.report.v1"
 REPORT_BY = ("model", "provider", "day", "hour", "session", "source")
+REPORT_SOURCES = ("http", "otlp", "log", STORE_SOURCE, "otrace")   # what calls and errors come from
 COST_MODES = ("auto", "computed", "reported")
 TOP_SESSIONS = 10
 PERCENTILES = (50, 95, 99)        # of latency, by nearest rank
@@ -10346,8 +10347,9 @@ def run_report(argv: list[str]) -> int:
                         "table's; reported: only the sources' figures")
     parser.add_argument("--timezone", help="the zone days and hours are counted in: Europe/Berlin, UTC, "
                         "+05:30 (a negative offset as --timezone=-03:00); default: the machine's")
-    parser.add_argument("--source", help="only calls and errors from this source (http, log, otlp, "
-                        "openclaw_session, ...)")
+    parser.add_argument("--source", choices=REPORT_SOURCES, help="only calls and errors from this "
+                        "source: http (the API), otlp, log (the gateway's), openclaw_session, otrace (its "
+                        "own errors)")
     shape = parser.add_mutually_exclusive_group()
     shape.add_argument("--json", action="store_true", help="the report as JSON (schema otrace.report.v1)")
     shape.add_argument("--csv", action="store_true", help="the rows as CSV")

@@ -6004,6 +6004,8 @@ def test_report_refuses_a_bad_question_with_exit_2(tmp_path: Path) -> None:
                          (("--timezone", "Mars/Olympus"), "--timezone 'Mars/Olympus' is not a time zone"),
                          (("--breakdown",), "--breakdown splits rows by model"),
                          (("--by", "week"), "invalid choice: 'week'"),
+                         (("--source", "api"), "argument --source: invalid choice: 'api' (choose from "
+                                               "'http', 'otlp', 'log', 'openclaw_session', 'otrace')"),
                          (("--json", "--csv"), "not allowed with argument")):
         done = report(db, *args)
         assert done.returncode == 2 and needle in done.stderr and not done.stdout, (args, done.stderr)
