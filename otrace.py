@@ -8771,8 +8771,7 @@ def record_pushed(batch: Batch, attempt: Attempt, merges: Merges, read_at: int,
                              [(attempt.started_at, low, high) for low, high in id_runs(ids)])
         for loss in batch.losses:
             if loss["kind"] == "retention":
-                conn.execute("UPDATE retention_ledger SET reported_at = ? WHERE id = ?",
-                             (attempt.started_at, loss["ledger_id"]))
+                mark_reported(conn, loss, attempt.started_at)
             else:
                 row_id = conn.execute("UPDATE push_rejects SET reported_at = ? WHERE id = ? RETURNING row_id",
                                       (attempt.started_at, loss["reject_id"])).fetchone()
@@ -8941,9 +8940,40 @@ class Cut:
                 f"LIMIT {self.limit}) RETURNING synced, received_at", self.params).fetchall()
             lost = [received for synced, received in gone if synced in (UNSYNCED, REFUSED)]
             if gone:
-                conn.execute(LEDGER_SQL, (self.pass_id, now_ms(), table, self.reason, len(gone),
-                                          len(lost), min(lost, default=None), max(lost, default=None)))
+                conn.execute(LEDGER_SQL, (ledger_key(conn, self.pass_id, table, self.reason), now_ms(), table,
+                                          self.reason, len(gone), len(lost), min(lost, default=None),
+                                          max(lost, default=None)))
         return Chunk(table, self.reason, len(gone), len(lost), live_bytes(conn))
+
+
+def ledger_key(conn: sqlite3.Connection, pass_id: str, table: str, reason: str) -> str:
+    """The pass_id of the pass's ledger row a chunk adds to: once a push reported that row, a new row
+    keyed after it, so that what the pass deletes after the report is reported too."""
+    key = pass_id
+    while True:
+        row = conn.execute("SELECT id, reported_at FROM retention_ledger WHERE pass_id = ? AND "
+                           "table_name = ? AND reason = ?", (key, table, reason)).fetchone()
+        if row is None or row[1] is None:
+            return key
+        key = f"{pass_id}.{row[0]}"
+
+
+def mark_reported(conn: sqlite3.Connection, loss: dict[str, Any], at: int) -> None:
+    """Mark a ledger row reported as the push read it: rows a chunk of its pass added since move to a
+    row of their own, reported next (every reported row has only unpushed rows: deleted = lost)."""
+    found = conn.execute("SELECT pass_id, table_name, reason, unsynced_deleted, oldest_received_at, "
+                         "newest_received_at FROM retention_ledger WHERE id = ? AND at = ? AND "
+                         "reported_at IS NULL", (loss["ledger_id"], loss["at"])).fetchone()
+    if found is None:                            # marked by a copy of this batch
+        return
+    pass_id, table, reason, rows, oldest, newest = found
+    conn.execute("UPDATE retention_ledger SET reported_at = ?, deleted = deleted - ?, unsynced_deleted = ?, "
+                 "oldest_received_at = ?, newest_received_at = ? WHERE id = ?", (
+                     at, rows - loss["rows"], loss["rows"], loss["oldest_received_at"],
+                     loss["newest_received_at"], loss["ledger_id"]))
+    if rows > loss["rows"]:
+        conn.execute(LEDGER_SQL, (ledger_key(conn, pass_id, table, reason), now_ms(), table, reason,
+                                  rows - loss["rows"], rows - loss["rows"], oldest, newest))
 
 
 class Chunk(NamedTuple):

@@ -4227,6 +4227,45 @@ def test_database_cap_deletes_in_order_and_reports_the_losses(
     assert all(x["oldest_received_at"] <= x["newest_received_at"] for x in losses)
 
 
+def report_losses(conn: sqlite3.Connection, losses: list[dict[str, Any]]) -> None:
+    """What push does once the receiver answered 2xx to a batch carrying `losses`."""
+    batch, merges = otrace.Batch(losses=losses), otrace.Merges()
+    otrace.record_pushed(batch, otrace.Attempt(batch.batch_id, otrace.now_ms(), 0, 0, status=200), merges,
+                         merges.read_begins(), conn)
+
+
+@pytest.mark.parametrize("chunk_between", ["the report and its 2xx", "two reports"])
+def test_every_row_a_pass_deletes_is_reported_when_push_reports_during_the_pass(
+        tmp_path: Path, chunk_between: str) -> None:
+    """A pass's chunks add to one ledger row; a push may read it between two chunks, and mark it
+    reported on its 2xx after more were added. What came after the read is reported next, once."""
+    db = tmp_path / "otrace.db"
+    made = seed(db, [("trace", 200, 0)], age_days=0.01)["trace/0"]
+    with contextlib.closing(sqlite3.connect(db, isolation_level=None)) as conn:
+        received = dict(conn.execute("SELECT trace_id, received_at FROM llm_traces"))
+        cut = otrace.Cut(("llm_traces",), otrace.UNDELIVERED, "pressure_unpushed", "pass-1", limit=50)
+        told: list[dict[str, Any]] = []
+        assert cut(conn).lost == 50
+        losses = otrace.unreported_losses(conn, ("llm_traces",))
+        if chunk_between == "the report and its 2xx":
+            assert cut(conn).lost == 50                  # in flight: the row grows under the report
+        report_losses(conn, losses)
+        told += losses
+        if chunk_between == "two reports":
+            assert cut(conn).lost == 50                  # after the report: into a row already reported
+        assert cut(conn).lost == 50
+        while losses := otrace.unreported_losses(conn, ("llm_traces",)):
+            report_losses(conn, losses)
+            told += losses
+        assert sum(loss["rows"] for loss in told) == 150
+        assert len({loss["ledger_id"] for loss in told}) == len(told)          # each report once
+        gone = sorted(received[t] for t in made[:150])
+        assert min(x["oldest_received_at"] for x in told) == gone[0]
+        assert max(x["newest_received_at"] for x in told) == gone[-1]
+        assert conn.execute("SELECT sum(deleted), sum(unsynced_deleted), count(*) FROM retention_ledger "
+                            "WHERE reported_at IS NOT NULL").fetchone() == (150, 150, len(told))
+
+
 def test_a_database_past_its_high_mark_wakes_retention_before_its_interval(
         tmp_path: Path, run: Callable[..., Otrace]) -> None:
     """The writer looks at the size after each batch: a burst is met within a batch or two, not at
@@ -4571,9 +4610,11 @@ def test_disk_pressure_stops_deleting_unpushed_traces_once_another_program_takes
         with kept_full(vol, free):
             node.wait_log(lambda e: e.get("message") == "retention deleted rows that were never pushed")
             node.wait_log(lambda e: e.get("message") == "still over budget after deleting all it may")
-            kept = present(node, "llm_traces")
-        assert 0 < len(made["trace/0"]) - len(kept) < len(made["trace/0"]) // 2
+            kept, left = present(node, "llm_traces"), db_bytes(db)
+        lost = len(made["trace/0"]) - len(kept)
+        assert 0 < lost < len(made["trace/0"]) // 2 and left <= over + (1 << 20)   # down to about `over`
         assert kept == set(made["trace/0"][-len(kept):])                      # the newest stay
+        assert ledger(node) == {("llm_traces", "pressure_unpushed"): (lost, lost)}
         assert node.stop() == 0
 
 
