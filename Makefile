@@ -29,10 +29,11 @@ test: $(VENV)/.dev  ## ruff, then every test (about 3 minutes on 2 cores)
 bench: $(VENV)/.dev  ## every benchmark against its same-run baseline; tables in bench/results/
 	$(PY) bench/run_all.py
 
-# The long runs: a fault soak (load, SIGTERM, SIGKILL, full disk, dead and slow receiver) and
-# 10 minutes of idle footprint.
-soak: $(VENV)/.dev  ## as root: the fault soak, then 10 minutes of idle footprint
+# The long runs: a fault soak (load, SIGTERM, SIGKILL, full disk, dead and slow receiver) pushing
+# otrace's format, then OTLP, and 10 minutes of idle footprint.
+soak: $(VENV)/.dev  ## as root: the fault soak in both push formats, then 10 minutes of idle footprint
 	$(PY) scripts/soak.py --minutes 3
+	$(PY) scripts/soak.py --minutes 3 --format otlp
 	$(PY) bench/ingest.py --idle-only --idle 600
 
 # One file to deploy: otrace.py and its price table with the packages of requirements.txt inside (shiv

@@ -29,7 +29,8 @@ Action = Callable[["Receiver", dict[str, Any]], Answer] | Answer
 
 class Receiver:
     """See the module docstring. Requests are dicts: path (with its query), headers, raw_bytes, bytes,
-    json, at (monotonic), socket, and answered (the status sent, None until then or if it hung up)."""
+    body (gzip undone), json, at (monotonic), socket, and answered (the status sent, None until then
+    or if it hung up)."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, path: str = "/ingest") -> None:
         self.script: list[Action] = []
@@ -97,7 +98,8 @@ class Receiver:
         except ValueError:
             doc = None
         request = {"path": h.path, "headers": dict(h.headers), "raw_bytes": len(raw), "bytes": len(body),
-                   "answered": None, "json": doc, "at": time.monotonic(), "socket": h.connection}
+                   "body": body, "answered": None, "json": doc, "at": time.monotonic(),
+                   "socket": h.connection}
         self.on_request(request)
         with self.changed:                           # overlapping: still answered, its client still there
             live = [r for r in self.active if not _hung_up(r["socket"])]

@@ -1,6 +1,7 @@
 """Fault soak: otrace must lose nothing it answered 202 to, with every fault happening at once.
 
-    python scripts/soak.py [--minutes 3] [--clients 4] [--seed N] [--out FILE] [--log FILE]
+    python scripts/soak.py [--minutes 3] [--clients 4] [--seed N] [--format otrace|otlp] [--out FILE]
+                           [--log FILE]
 
 (or: make soak). Needs root, for a tmpfs; all traffic stays on 127.0.0.1. For --minutes, together:
 
@@ -12,7 +13,10 @@
   whatever otrace frees) and then frees;
 - the push receiver, a stdlib ThreadingHTTPServer, goes round healthy, dead (port closed), healthy,
   slow (answers after 1.5-5 s; TRACE_PUSH_TIMEOUT is 3 s), healthy, dead (connections reset), and
-  records the id of every event it is sent;
+  records the id of every event it is sent. With --format otlp otrace pushes OTLP (http/protobuf: the
+  LLM calls as spans, errors as log records), and the round has two more phases where one signal's
+  endpoint faults while the others answer 200: /v1/logs answers 503, then /v1/traces answers 429
+  with Retry-After: 1;
 - every 20-40 s otrace is restarted on the same database, alternately after SIGTERM (it must exit 0
   within TRACE_SHUTDOWN_TIMEOUT) and after SIGKILL.
 
@@ -24,7 +28,9 @@ Counted apart, as the docs describe them: unpushed traces and errors retention d
 pressure (the full disk, when otrace's rows are what puts it over its mark), which otrace reports
 with the received_at range of each deletion (in its ledger, and once reported and pruned from it,
 in the loss reports pushed: the union is the whole truth), so an id answered within one, up to the
-rows it reported, is that deletion's; events accepted just before a write outage that a
+rows it reported, is that deletion's (a bound, not an identity: rows of the deletion that are not
+lost ids, such as ones the receiver took after otrace gave up waiting, leave room for a loss of
+another cause in the same seconds); events accepted just before a write outage that a
 SIGTERM during it could not write, which otrace reports itself (exit 1, events_lost: at least as many),
 and those a SIGKILL during a write outage takes from the queue (otrace answers 503 once writes fail, so
 they were accepted before it began). The outage is the disk's being full at the signal, or otrace's
@@ -58,8 +64,13 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from google.protobuf.message import DecodeError
+from opentelemetry.proto.collector.logs.v1 import logs_service_pb2
+from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from receiver import Receiver
+from receiver import Answer, Receiver
 
 ROOT = Path(__file__).resolve().parent.parent
 OTRACE = ROOT / "otrace.py"
@@ -86,8 +97,10 @@ TMPFS_SIZE = "512m"
 RESTART_EVERY = (20.0, 40.0)
 DISK_GAP, DISK_HOLD = (8.0, 20.0), (5.0, 10.0)
 PHASES = ("healthy", "dead: port closed", "healthy", "slow", "healthy", "dead: reset")
+SIGNAL_FAULTS = {"logs: 503": ("/v1/logs", (503, {}, "")),            # OTLP: one signal's endpoint
+                 "traces: 429": ("/v1/traces", (429, {"Retry-After": "1"}, ""))}
 PHASE_SECONDS = {"healthy": (6.0, 12.0), "slow": (6.0, 12.0), "dead: port closed": (5.0, 10.0),
-                 "dead: reset": (5.0, 10.0)}
+                 "dead: reset": (5.0, 10.0), "logs: 503": (5.0, 10.0), "traces: 429": (5.0, 10.0)}
 PUSH_TYPES = {"t": "llm_trace", "e": "error_event"}     # our id prefix -> the pushed event's type
 TABLES = {"t": "llm_traces", "e": "error_events"}       # ... and its table
 ANSWER_LAG = 2.0                 # seconds from otrace's received_at to the client's reading the 202, at most
@@ -325,8 +338,9 @@ class PushReceiver:
     phases, recording every event id it is sent (on arrival: a slow answer may never reach otrace, a
     duplicate follows)."""
 
-    def __init__(self, rng: random.Random, journal: Journal) -> None:
-        self.rng, self.journal = rng, journal
+    def __init__(self, rng: random.Random, journal: Journal, otlp: bool) -> None:
+        self.rng, self.journal, self.otlp = rng, journal, otlp
+        self.round = PHASES + (("healthy", *SIGNAL_FAULTS, "healthy") if otlp else ())
         self.lock = threading.Lock()
         self.phase = "healthy"
         self.phases: collections.Counter[str] = collections.Counter()
@@ -357,9 +371,9 @@ class PushReceiver:
     def run(self) -> None:
         index = 0
         self.phases[self.phase] += 1
-        while not self.stopping.wait(self.rng.uniform(*PHASE_SECONDS[PHASES[index]])):
-            index = (index + 1) % len(PHASES)
-            self.enter(PHASES[index])
+        while not self.stopping.wait(self.rng.uniform(*PHASE_SECONDS[self.round[index]])):
+            index = (index + 1) % len(self.round)
+            self.enter(self.round[index])
 
     def settle(self) -> None:
         """Stop cycling and stay healthy."""
@@ -371,44 +385,105 @@ class PushReceiver:
 
     def arrived(self, request: dict[str, Any]) -> None:
         batch_id = request["headers"].get("Idempotency-Key", "")
-        events = self.record(request["json"], batch_id)
-        self.journal.note("receiver", "push", phase=self.phase, batch_id=batch_id, events=events,
-                          bytes=request["bytes"])
+        body = request.pop("body")               # not kept: the receiver keeps every request
+        events = self.record(request["path"], request["json"], body, batch_id)
+        self.journal.note("receiver", "push", phase=self.phase, path=request["path"], batch_id=batch_id,
+                          events=events, bytes=request["bytes"])
 
-    def answer(self, _: Receiver, __: dict[str, Any]) -> int:
+    def answer(self, _: Receiver, request: dict[str, Any]) -> Answer:
         phase = self.phase
         if phase == "slow":
             time.sleep(self.rng.uniform(PUSH_TIMEOUT / 2, PUSH_TIMEOUT * 5 / 3))
         with self.lock:
             self.requests[phase] += 1
-        return 200
+        path, fault = SIGNAL_FAULTS.get(phase, ("", 200))
+        return fault if path and request["path"].endswith(path) else 200
 
-    def record(self, doc: Any, batch_id: str) -> int:
+    def record(self, path: str, doc: Any, body: bytes, batch_id: str) -> int:
         """Note the events of one push; how many it held."""
         try:
-            events = [(e["type"], e["trace_id"], e["data"]) for e in doc["events"]]
-            right = doc["schema"] == "otrace.push.v1" and doc["agent_id"] == "soak"
+            events, losses = otlp_events(path, body) if self.otlp else otrace_events(doc)
         except (ValueError, KeyError, TypeError):
-            right = False
-        if not right:
             with self.lock:
                 self.malformed += 1
             return 0
         with self.lock:
             self.batch_ids.add(batch_id)
-            self.losses += doc.get("losses") or []
-            for kind, trace_id, data in events:
-                if ours(trace_id) and PUSH_TYPES[trace_id[0]] == kind and data["trace_id"] == trace_id:
+            self.losses += losses
+            for kind, trace_id, named, what in events:
+                if ours(trace_id) and PUSH_TYPES[trace_id[0]] == kind and named == trace_id:
                     self.seen[trace_id] += 1
                 elif ours(trace_id):
                     self.malformed += 1
                 else:
-                    self.others[f"{kind} ({data.get('source')}, {data.get('category', '-')})"] += 1
+                    self.others[f"{kind} ({what})"] += 1
         return len(events)
 
     def close(self) -> None:
         self.stopping.set()
         self.server.close()
+
+
+Event = tuple[str, str, str, str]      # push type, trace_id, the trace_id its data names, what it is
+
+
+def otrace_events(doc: Any) -> tuple[list[Event], list[dict[str, Any]]]:
+    """The events and loss reports of one push in otrace's format; ValueError if it is not soak's."""
+    if doc["schema"] != "otrace.push.v1" or doc["agent_id"] != "soak":
+        raise ValueError("not otrace.push.v1 from soak")
+    events = [(e["type"], e["trace_id"], e["data"]["trace_id"],
+               f"{e['data'].get('source')}, {e['data'].get('category', '-')}") for e in doc["events"]]
+    return events, doc.get("losses") or []
+
+
+def otlp_events(path: str, body: bytes) -> tuple[list[Event], list[dict[str, Any]]]:
+    """The events and loss reports of one OTLP/protobuf push (spans, log records, metrics; a record
+    named otrace.loss is a loss report); ValueError if it does not decode or is not from soak."""
+    signal = path.split("?", 1)[0].rsplit("/", 1)[-1]
+    kinds = {"traces": (trace_service_pb2.ExportTraceServiceRequest, "resource_spans", "scope_spans",
+                        "spans"),
+             "logs": (logs_service_pb2.ExportLogsServiceRequest, "resource_logs", "scope_logs",
+                      "log_records"),
+             "metrics": (metrics_service_pb2.ExportMetricsServiceRequest, "resource_metrics",
+                         "scope_metrics", "metrics")}
+    try:
+        kind, resources, scopes, items = kinds[signal]
+        request = kind.FromString(body)
+    except (KeyError, DecodeError) as exc:
+        raise ValueError(f"not OTLP {signal}") from exc
+    events: list[Event] = []
+    losses: list[dict[str, Any]] = []
+    for resource in getattr(request, resources):
+        if attributes(resource.resource.attributes).get("service.name") != "soak":
+            raise ValueError("not from soak")
+        for item in (i for scope in getattr(resource, scopes) for i in getattr(scope, items)):
+            attrs = attributes(getattr(item, "attributes", ()))
+            if signal == "metrics":
+                events.append(("metric", "", "", item.name.split(".", 1)[0]))
+            elif signal == "traces":
+                events.append(("llm_trace", attrs["otrace.trace_id"], attrs["otrace.trace_id"],
+                               f"{attrs.get('otrace.source')}, -"))
+            elif item.event_name == "otrace.loss":
+                losses.append({key.removeprefix("otrace.loss."): value for key, value in attrs.items()})
+            else:
+                events.append((item.event_name.removeprefix("otrace."), attrs["otrace.trace_id"],
+                               attrs["otrace.trace_id"],
+                               f"{attrs.get('otrace.source')}, {attrs.get('otrace.category', '-')}"))
+    return events, losses
+
+
+def attributes(pairs: Any) -> dict[str, Any]:
+    return {pair.key: plain(pair.value) for pair in pairs}
+
+
+def plain(value: Any) -> Any:
+    """An OTLP AnyValue as the JSON value it holds."""
+    kind = value.WhichOneof("value")
+    if kind == "kvlist_value":
+        return attributes(value.kvlist_value.values)
+    if kind == "array_value":
+        return [plain(item) for item in value.array_value.values]
+    return getattr(value, kind) if kind else None
 
 
 # ========================================================================================= the node
@@ -605,8 +680,12 @@ def stored_ids(db: Path) -> tuple[set[str], int, list[dict[str, Any]]]:
 def retention_deleted(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Retention's unpushed deletions, each once: from the loss reports the receiver got and the
     ledger at the end (which keeps a reported row only TRACE_RETENTION long, 20 s here)."""
-    once = {(r["ledger_id"], r["at"], r["table"], r["reason"]): r for r in reports
-            if r.get("kind") == "retention" and r.get("oldest_received_at") is not None}
+    once: dict[tuple, dict[str, Any]] = {}
+    for report in reports:
+        key = (report.get("ledger_id"), report.get("at"), report.get("table"), report.get("reason"))
+        if report.get("kind") == "retention" and report.get("oldest_received_at") is not None and \
+                report["rows"] > once.get(key, {}).get("rows", -1):       # a row unmarked may have grown
+            once[key] = report
     return list(once.values())
 
 
@@ -725,16 +804,18 @@ class Soak:
         args, disk = self.args, self.disk
         try:
             disk.mount()
-            self.receiver = receiver = PushReceiver(random.Random(self.rng.random()), self.journal)
+            otlp = args.format == "otlp"
+            self.receiver = receiver = PushReceiver(random.Random(self.rng.random()), self.journal, otlp)
             self.node = node = Node({**SETTINGS, "TRACE_PORT": str(self.port),
+                                     "TRACE_PUSH_FORMAT": args.format,
                                      "TRACE_DB_PATH": str(disk.path / "otrace.db"),
                                      "TRACE_PUSH_ENDPOINT": receiver.url}, self.journal)
             node.start()
             self.clients = clients = Clients(args.clients, self.port, self.ledger, disk.is_full, args.seed)
             self.monitor = monitor = Monitor(node, self.port, disk.is_full)
             print(f"soak: otrace on {HOST}:{self.port}, database on a {TMPFS_SIZE} tmpfs, receiver on "
-                  f"{receiver.port}, {args.clients} clients, {args.minutes:g} min, seed {args.seed}",
-                  flush=True)
+                  f"{receiver.port}, {args.clients} clients, {args.minutes:g} min, seed {args.seed}, "
+                  f"push {args.format}", flush=True)
             self.started = time.monotonic()
             clients.start()
             for thread in (receiver.thread, disk.thread, monitor.thread):
@@ -836,7 +917,7 @@ class Soak:
             ("**lost**", f"**{loss.total}**", causes),
         ]
         out = [f"## otrace fault soak, {datetime.now().astimezone():%Y-%m-%d %H:%M}, {args.minutes:g} min, "
-               f"{args.clients} clients, seed {args.seed}", "",
+               f"{args.clients} clients, seed {args.seed}, push {args.format}", "",
                "| Events | Count | Detail |", "|---|---:|---|"]
         out += [f"| {name} | {value} | {detail} |" for name, value, detail in rows]
 
@@ -930,6 +1011,8 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=int(time.time()) % 100_000, help="for the schedule")
     parser.add_argument("--out", type=Path, help="also write the tally (Markdown) to this file")
     parser.add_argument("--log", type=Path, help="append otrace's log lines to this file")
+    parser.add_argument("--format", choices=("otrace", "otlp"), default="otrace",
+                        help="what otrace pushes (TRACE_PUSH_FORMAT); otlp adds faults of one signal")
     args = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit("soak: needs root, to mount a tmpfs")
