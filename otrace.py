@@ -2299,6 +2299,7 @@ class Database:
             self.identity = _identity(self.path)
             self.replaced_pending = False
             self.replaced = {"at": iso(time.time()), "carried_over": moved}
+            self.merges.replaced()
             self._paused = False
             self._state.notify_all()
 
@@ -2321,10 +2322,12 @@ class Merges:
     """Rows a merge changed (a call's content from an OTLP log record, a later span of the call, failed
     attempts counted from the gateway's log) while a push may hold an older copy read before it: the
     writer counts each after its commit, and the push marks a row synced only if it was not merged
-    after its read began (else it goes again)."""
+    after its read began (else it goes again). A new database file changes every row: the old file's
+    ids name other rows in it (its pushed rows were not carried over)."""
 
     def __init__(self) -> None:
         self.count = 0
+        self.replaced_at = 0             # the count when the writer last moved to a new file
         self.watching = False            # only while a push cycle runs: no other needs them
         self._at: dict[tuple[str, str], int] = {}      # (table, trace_id): the count at its last merge
         self._lock = threading.Lock()
@@ -2349,8 +2352,20 @@ class Merges:
             self._at.clear()
             self.watching = False
 
+    def replaced(self) -> None:
+        """The writer, once it writes a new file at the path."""
+        with self._lock:
+            self.count += 1
+            self.replaced_at = self.count
+
+    def replaced_since(self, read_at: int) -> bool:
+        with self._lock:
+            return self.replaced_at > read_at
+
     def after(self, read_at: int, keys: Iterable[tuple[str, str]]) -> set[tuple[str, str]]:
         with self._lock:
+            if self.replaced_at > read_at:
+                return set(keys)
             return {key for key in keys if self._at.get(key, 0) > read_at}
 
 
@@ -8762,14 +8777,16 @@ def record_attempt(attempt: Attempt, conn: sqlite3.Connection) -> None:
 def record_pushed(batch: Batch, attempt: Attempt, merges: Merges, read_at: int,
                   conn: sqlite3.Connection) -> int:
     """Mark exactly the batch's rows synced, but those merged since they were read (they go again),
-    and the losses it reported, with its push_log row, in one transaction. Returns the rows marked."""
+    and the losses it reported, with its push_log row, in one transaction. Returns the rows marked.
+    Read from a file since replaced, nothing is marked: its rows and losses go again from the new one."""
     changed = merges.after(read_at, [(table, trace_id) for table, _, trace_id, _, _ in batch.spans])
     marked = batch.ids(leaving=changed)
+    losses = [] if merges.replaced_since(read_at) else batch.losses
     with transaction(conn):
         for table, ids in marked.items():
             conn.executemany(f"UPDATE {table} SET synced = {SYNCED}, pushed_at = ? WHERE id BETWEEN ? AND ?",
                              [(attempt.started_at, low, high) for low, high in id_runs(ids)])
-        for loss in batch.losses:
+        for loss in losses:
             if loss["kind"] == "retention":
                 mark_reported(conn, loss, attempt.started_at)
             else:
