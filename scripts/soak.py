@@ -14,9 +14,11 @@
 - the push receiver, a stdlib ThreadingHTTPServer, goes round healthy, dead (port closed), healthy,
   slow (answers after 1.5-5 s; TRACE_PUSH_TIMEOUT is 3 s), healthy, dead (connections reset), and
   records the id of every event it is sent. With --format otlp otrace pushes OTLP (http/protobuf: the
-  LLM calls as spans, errors as log records), and the round has two more phases where one signal's
-  endpoint faults while the others answer 200: /v1/logs answers 503, then /v1/traces answers 429
-  with Retry-After: 1;
+  LLM calls as spans, their OTel ids checked, errors as log records), and the round has three more
+  phases where one signal's endpoint faults while the others answer 200: /v1/logs answers 503, then
+  /v1/traces 503 with Retry-After: 1 (the signal waits, the others go on), then /v1/traces 429 with
+  Retry-After: 1 (which otrace takes as the whole receiver's); the events of a request answered so
+  are not counted as received;
 - every 20-40 s otrace is restarted on the same database, alternately after SIGTERM (it must exit 0
   within TRACE_SHUTDOWN_TIMEOUT) and after SIGKILL.
 
@@ -36,8 +38,9 @@ and those a SIGKILL during a write outage takes from the queue (otrace answers 5
 they were accepted before it began). The outage is the disk's being full at the signal, or otrace's
 own log saying its writes fail and not yet that they recovered (a disk freed a moment before the
 signal is not written to before the writer's next try, up to 5 s later).
-Exit code 0 when nothing else was lost, 1 otherwise; the other checks (SIGTERM exits 0 in time, ...)
-are printed. --log keeps otrace's log lines, the receiver's pushes and the faults, in time order.
+Exit code 0 when nothing else was lost and every row was pushed once the faults ended, 1 otherwise;
+the other checks (SIGTERM exits 0 in time, ...) are printed. --log keeps otrace's log lines, the
+receiver's pushes and the faults, in time order.
 """
 
 from __future__ import annotations
@@ -70,7 +73,10 @@ from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from receiver import Answer, Receiver
+
+from otrace import otel_ids
 
 ROOT = Path(__file__).resolve().parent.parent
 OTRACE = ROOT / "otrace.py"
@@ -98,9 +104,10 @@ RESTART_EVERY = (20.0, 40.0)
 DISK_GAP, DISK_HOLD = (8.0, 20.0), (5.0, 10.0)
 PHASES = ("healthy", "dead: port closed", "healthy", "slow", "healthy", "dead: reset")
 SIGNAL_FAULTS = {"logs: 503": ("/v1/logs", (503, {}, "")),            # OTLP: one signal's endpoint
-                 "traces: 429": ("/v1/traces", (429, {"Retry-After": "1"}, ""))}
+                 "traces: 503, Retry-After": ("/v1/traces", (503, {"Retry-After": "1"}, "")),
+                 "traces: 429": ("/v1/traces", (429, {"Retry-After": "1"}, ""))}   # otrace: the receiver's
 PHASE_SECONDS = {"healthy": (6.0, 12.0), "slow": (6.0, 12.0), "dead: port closed": (5.0, 10.0),
-                 "dead: reset": (5.0, 10.0), "logs: 503": (5.0, 10.0), "traces: 429": (5.0, 10.0)}
+                 "dead: reset": (5.0, 10.0), **dict.fromkeys(SIGNAL_FAULTS, (5.0, 10.0))}
 PUSH_TYPES = {"t": "llm_trace", "e": "error_event"}     # our id prefix -> the pushed event's type
 TABLES = {"t": "llm_traces", "e": "error_events"}       # ... and its table
 ANSWER_LAG = 2.0                 # seconds from otrace's received_at to the client's reading the 202, at most
@@ -384,20 +391,23 @@ class PushReceiver:
         self.requests["reset"] = self.server.resets
 
     def arrived(self, request: dict[str, Any]) -> None:
+        """Record a request's events, unless its answer is to be a fault (decided here, once)."""
         batch_id = request["headers"].get("Idempotency-Key", "")
         body = request.pop("body")               # not kept: the receiver keeps every request
-        events = self.record(request["path"], request["json"], body, batch_id)
-        self.journal.note("receiver", "push", phase=self.phase, path=request["path"], batch_id=batch_id,
-                          events=events, bytes=request["bytes"])
+        request["phase"] = phase = self.phase
+        path, fault = SIGNAL_FAULTS.get(phase, ("", None))
+        request["fault"] = fault if path and request["path"].split("?", 1)[0].endswith(path) else None
+        events = 0 if request["fault"] else self.record(request["path"], request["json"], body, batch_id)
+        self.journal.note("receiver", "push", phase=phase, path=request["path"], batch_id=batch_id,
+                          events=events, bytes=request["bytes"], fault=bool(request["fault"]))
 
     def answer(self, _: Receiver, request: dict[str, Any]) -> Answer:
-        phase = self.phase
+        phase = request["phase"]
         if phase == "slow":
             time.sleep(self.rng.uniform(PUSH_TIMEOUT / 2, PUSH_TIMEOUT * 5 / 3))
         with self.lock:
             self.requests[phase] += 1
-        path, fault = SIGNAL_FAULTS.get(phase, ("", 200))
-        return fault if path and request["path"].endswith(path) else 200
+        return request["fault"] or 200
 
     def record(self, path: str, doc: Any, body: bytes, batch_id: str) -> int:
         """Note the events of one push; how many it held."""
@@ -460,8 +470,10 @@ def otlp_events(path: str, body: bytes) -> tuple[list[Event], list[dict[str, Any
             attrs = attributes(getattr(item, "attributes", ()))
             if signal == "metrics":
                 events.append(("metric", "", "", item.name.split(".", 1)[0]))
-            elif signal == "traces":
-                events.append(("llm_trace", attrs["otrace.trace_id"], attrs["otrace.trace_id"],
+            elif signal == "traces":          # its ids derived from its trace_id, as otrace derives them
+                named = attrs["otrace.trace_id"] if otel_ids(attrs["otrace.trace_id"], {}) == (
+                    item.trace_id, item.span_id) else "(other OTel ids)"
+                events.append(("llm_trace", attrs["otrace.trace_id"], named,
                                f"{attrs.get('otrace.source')}, -"))
             elif item.event_name == "otrace.loss":
                 losses.append({key.removeprefix("otrace.loss."): value for key, value in attrs.items()})
@@ -760,9 +772,9 @@ def losses(ledger: Ledger, kept: set[str], stops: list[Stop], deleted: list[dict
         stop = next((s for s in ends if s.exited + READ_LATE >= answered_at), None)
         age = stop.at - answered_at if stop else 0.0
         wall_ms = (answered_at + ledger.wall) * 1000
-        report = next((r for r in budget if r["rows"] > 0 and r["table"] == TABLES[trace_id[0]]
-                       and r["oldest_received_at"] <= wall_ms <= r["newest_received_at"] + ANSWER_LAG * 1000),
-                      None)
+        report = min((r for r in budget if r["rows"] > 0 and r["table"] == TABLES[trace_id[0]]
+                      and r["oldest_received_at"] <= wall_ms <= r["newest_received_at"] + ANSWER_LAG * 1000),
+                     key=lambda r: r["newest_received_at"], default=None)   # the range ending first
         if report:
             report["rows"] -= 1
             loss.add(loss.DELETED, age)
@@ -839,7 +851,7 @@ class Soak:
             print(text, flush=True)
             if args.out:
                 args.out.write_text(text + "\n")
-            return 1 if loss.total or loss.reported > sum(reported_losses(node)) else 0
+            return 1 if loss.total or loss.reported > sum(reported_losses(node)) or not drained else 0
         finally:
             self.close()
 
@@ -968,6 +980,7 @@ class Soak:
              "during a write outage that otrace reports (events_lost; its own unwritten rows are "
              "logged apart), a SIGKILL during a write outage (the exit code), retention's unpushed "
              "deletions (reported)"),
+            (drained, "once the faults ended, otrace pushed every row (no row left unpushed)"),
             (all(s.code == 0 for s in terms), "every SIGTERM exited 0"),
             (all(s.seconds <= SHUTDOWN_TIMEOUT + EXIT_SLACK for s in terms),
              f"every SIGTERM exited within TRACE_SHUTDOWN_TIMEOUT ({SHUTDOWN_TIMEOUT:g} s, "
@@ -979,7 +992,7 @@ class Soak:
             (ledger.mismatches == 0 and receiver.malformed == 0,
              "every 202 and every push held the right ids"),
         ]
-        out += ["", "Checks (only the first sets the exit code):", ""]
+        out += ["", "Checks (only the first two set the exit code):", ""]
         out += [f"- {'PASS' if ok else 'FAIL'}: {text}" for ok, text in checks]
         return "\n".join(out)
 
