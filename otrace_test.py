@@ -7049,7 +7049,7 @@ def test_a_default_state_dir_not_there_yet_is_waited_for_so_no_call_counts_twice
            "TRACE_LOG_PATH": str(tmp_path / "openclaw")}
     assert run({**env, "TRACE_LOG_PATH": ""}, db=tmp_path / "alone.db").health()["openclaw_sessions"] is None
     node = run(env)
-    assert node.health()["openclaw_sessions"]["waiting"] is True
+    wait_until(lambda: node.health()["openclaw_sessions"]["waiting"] is True, what="the store waited for")
     replay(node, [e for e in captured_otlp() if e["run"] == "openclaw" and e["path"] == "/v1/traces"])
     assert node.health()["otlp"]["openclaw_usage_skipped"] > 0 and node.rows("llm_traces") == []
     state_copy(home, name=".openclaw")
