@@ -2299,7 +2299,6 @@ class Database:
             self.identity = _identity(self.path)
             self.replaced_pending = False
             self.replaced = {"at": iso(time.time()), "carried_over": moved}
-            self.merges.replaced()
             self._paused = False
             self._state.notify_all()
 
@@ -2353,7 +2352,7 @@ class Merges:
             self.watching = False
 
     def replaced(self) -> None:
-        """The writer, once it writes a new file at the path."""
+        """The writer, before it moves to a new file (the path's, or the carry file first)."""
         with self._lock:
             self.count += 1
             self.replaced_at = self.count
@@ -2961,6 +2960,7 @@ class Writer(threading.Thread):
                            "path", extra={"db_path": self.config.db_path})
         if self.pending or not self.db.pause_readers():
             return
+        self.db.merges.replaced()       # no reader left: a batch read before marks nothing from now on
         try:
             if self.lock is not None and not self.lock.held():
                 self.lock.retake()

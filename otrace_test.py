@@ -4085,33 +4085,51 @@ def test_confirmed_batch_killed_before_marking_is_sent_again(run: Callable[..., 
     assert duplicated == set(ids)    # the documented crash case, and only it: the receiver dedups
 
 
-def test_a_batch_read_from_a_file_since_replaced_marks_nothing_in_the_new_one(tmp_path: Path) -> None:
-    """The new file takes the old one's unpushed rows renumbered (its pushed rows stay behind), so the
-    ids of a batch read from the old file name other rows there: its 2xx, marked after the writer
-    moved on, must mark none of them (a row never sent would pass for pushed), nor its loss reports
-    (the new file's ledger rows are others). They go again from the new file."""
-    path, new = tmp_path / "otrace.db", tmp_path / "new.db"
+@pytest.mark.parametrize("move", ["deleted", "another program's database moved in"])
+def test_a_batch_read_from_a_file_since_replaced_marks_nothing_where_the_writer_moved(
+        tmp_path: Path, move: str) -> None:
+    """The writer carries the old file's unpushed rows into a new one (the path's, or the carry file
+    while another program's database sits at the path), numbered anew: its pushed rows stay behind.
+    The ids of a batch read from the old file then name other rows, so its 2xx, marked after the move,
+    must mark none of them (a row never sent would pass for pushed), nor its loss reports."""
+    path = tmp_path / "otrace.db"
     made = seed(path, [("trace", 50, 1), ("trace", 150, 0)], age_days=0.01)    # ids 1-50 pushed
     db = otrace.Database(str(path))
-    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as conn:
+    writer = otrace.Writer(otrace.Config.from_env({"TRACE_DB_PATH": str(path)}), db,
+                           otrace.EventQueue(512, 50), otrace.Counters(()))
+    writer.conn = writer.connect(str(path))
+    try:
         cut = otrace.Cut(("llm_traces",), otrace.UNDELIVERED, "pressure_unpushed", "pass-1", limit=10)
-        assert cut(conn).lost == 10                             # ids 51-60 gone, reported below
+        assert cut(writer.conn).lost == 10                       # ids 51-60 gone, reported below
         read_at = db.merges.read_begins()
-        batch = otrace.Batch(losses=otrace.unreported_losses(conn, ("llm_traces",)))
-        for trace_id, row_id in conn.execute("SELECT trace_id, id FROM llm_traces WHERE synced = 0 "
-                                             "ORDER BY id LIMIT 100"):
-            batch.add("llm_traces", row_id, trace_id, b"{}")   # ids 61-160, in flight
-        conn.execute("ATTACH DATABASE ? AS carry", (str(new),))
-        otrace.open_database(str(new))
-        otrace.carry_over(conn, "main", "carry")                # 140 rows, ids 1-140 there
-        conn.execute("DETACH DATABASE carry")
-    db.reopened({})                                             # the writer moved to the new file
-    with contextlib.closing(sqlite3.connect(new, isolation_level=None)) as conn:
-        otrace.record_pushed(batch, otrace.Attempt(batch.batch_id, otrace.now_ms(), 0, 0, status=200),
-                             db.merges, read_at, conn)
-        assert conn.execute("SELECT count(*) FROM llm_traces WHERE synced = 0").fetchone() == (140,)
-        assert {t for (t,) in conn.execute("SELECT trace_id FROM llm_traces")} == set(made["trace/0"][10:])
-        assert otrace.unreported_losses(conn, ("llm_traces",))[0]["rows"] == 10      # told again
+        with db.reading() as conn:
+            batch = otrace.Batch(losses=otrace.unreported_losses(conn, ("llm_traces",)))
+            for trace_id, row_id in conn.execute("SELECT trace_id, id FROM llm_traces WHERE synced = 0 "
+                                                 "ORDER BY id LIMIT 100"):
+                batch.add("llm_traces", row_id, trace_id, b"{}")   # ids 61-160, in flight
+        if move == "deleted":
+            path.unlink()
+        else:
+            foreign = tmp_path / "foreign.db"
+            with contextlib.closing(sqlite3.connect(foreign)) as other:
+                other.execute("CREATE TABLE notes (x)")
+            foreign.replace(path)
+        writer.look_at = 0.0
+        writer.look_after_file()                                  # 140 rows there, ids 1-140
+        writer.run_job(job := otrace.Job(functools.partial(otrace.record_pushed, batch, otrace.Attempt(
+            batch.batch_id, otrace.now_ms(), 0, 0, status=200), db.merges, read_at)))
+        job.future.result()
+        if move != "deleted":
+            assert writer.conn_path == db.carry_path              # until the path is free again
+            path.unlink()
+            writer.look_at = 0.0
+            writer.look_after_file()
+        assert writer.conn_path == str(path)
+        unsynced = {t for (t,) in writer.conn.execute("SELECT trace_id FROM llm_traces WHERE synced = 0")}
+        assert unsynced == set(made["trace/0"][10:])             # all go again
+        assert [x["rows"] for x in otrace.unreported_losses(writer.conn, ("llm_traces",))] == [10]
+    finally:
+        writer.conn.close()
 
 
 # ------------------------------------------------------------------------------------------- upkeep
