@@ -2208,6 +2208,13 @@ def carry_over(conn: sqlite3.Connection, source: str, target: str) -> dict[str, 
                                      where=f"WHERE synced IN ({UNSYNCED}, {REFUSED})")
         moved["retention_ledger"] = copy_rows(conn, source, target, "retention_ledger",
                                               where="WHERE reported_at IS NULL AND unsynced_deleted > 0")
+        moved["push_rejects"] = sum(conn.execute(   # refusals not reported, naming their rows' new ids
+            f"INSERT INTO {target}.push_rejects (table_name, row_id, trace_id, rejected_at, http_status, "
+            f"reason) SELECT r.table_name, t.id, r.trace_id, r.rejected_at, r.http_status, r.reason FROM "
+            f"{source}.push_rejects r JOIN {target}.{table} t ON t.trace_id = r.trace_id WHERE "
+            f"r.table_name = ? AND r.reported_at IS NULL AND NOT EXISTS (SELECT 1 FROM "
+            f"{target}.push_rejects x WHERE x.trace_id = r.trace_id AND x.rejected_at = r.rejected_at)",
+            (table,)).rowcount for table in EVENT_TABLES)
         for table in STATE_TABLES:
             copy_rows(conn, source, target, table, conflict="REPLACE")
     return moved
@@ -8789,12 +8796,10 @@ def record_pushed(batch: Batch, attempt: Attempt, merges: Merges, read_at: int,
         for loss in losses:
             if loss["kind"] == "retention":
                 mark_reported(conn, loss, attempt.started_at)
-            else:
-                row_id = conn.execute("UPDATE push_rejects SET reported_at = ? WHERE id = ? RETURNING row_id",
-                                      (attempt.started_at, loss["reject_id"])).fetchone()
-                if row_id:
-                    conn.execute(f"UPDATE {loss['table']} SET synced = {REFUSED_REPORTED} WHERE id = ? "
-                                 f"AND synced = {REFUSED}", row_id)
+            elif conn.execute("UPDATE push_rejects SET reported_at = ? WHERE id = ? RETURNING id",
+                              (attempt.started_at, loss["reject_id"])).fetchone():
+                conn.execute(f"UPDATE {loss['table']} SET synced = {REFUSED_REPORTED} WHERE trace_id = ? "
+                             f"AND synced = {REFUSED}", (loss["trace_id"],))
         record_attempt(attempt, conn)
     return sum(map(len, marked.values()))
 
@@ -8812,14 +8817,15 @@ def id_runs(ids: list[int]) -> list[tuple[int, int]]:
 
 
 def record_refused(refused: list[tuple[str, int, str, Attempt]], conn: sqlite3.Connection) -> None:
-    """Take rows the receiver refused on their own out of the push queue, keeping why."""
+    """Take rows the receiver refused on their own out of the push queue, keeping why. By trace_id:
+    the row's id is another in a database file that replaced the one it was read from."""
     with transaction(conn):
         for table, row_id, trace_id, attempt in refused:
-            conn.execute(f"UPDATE {table} SET synced = {REFUSED} WHERE id = ? AND trace_id = ? AND "
-                         f"synced = {UNSYNCED}", (row_id, trace_id))
+            found = conn.execute(f"UPDATE {table} SET synced = {REFUSED} WHERE trace_id = ? AND "
+                                 f"synced = {UNSYNCED} RETURNING id", (trace_id,)).fetchone()
             conn.execute("INSERT INTO push_rejects (table_name, row_id, trace_id, rejected_at, http_status, "
-                         "reason) VALUES (?, ?, ?, ?, ?, ?)", (table, row_id, trace_id, now_ms(),
-                                                               attempt.status, attempt.error))
+                         "reason) VALUES (?, ?, ?, ?, ?, ?)", (table, found[0] if found else row_id, trace_id,
+                                                               now_ms(), attempt.status, attempt.error))
 
 
 def return_big_buffers() -> None:

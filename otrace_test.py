@@ -4132,6 +4132,38 @@ def test_a_batch_read_from_a_file_since_replaced_marks_nothing_where_the_writer_
         writer.conn.close()
 
 
+def carried(path: Path, new: Path) -> None:
+    """What the writer does when the file at the path was replaced: carry what it owes to a new file."""
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as conn:
+        conn.execute("ATTACH DATABASE ? AS carry", (str(new),))
+        otrace.open_database(str(new))
+        otrace.carry_over(conn, "main", "carry")
+        conn.execute("DETACH DATABASE carry")
+
+
+def test_refusals_not_yet_reported_go_to_a_new_file_and_are_marked_by_trace_id_there(tmp_path: Path) -> None:
+    """A new database file numbers the carried rows anew: a refusal not yet reported goes with its row
+    (it was left behind: the row stayed refused, never reported), and a refusal recorded, or
+    reported, after the move finds its row by trace_id (by the old id it named another row)."""
+    path, new = tmp_path / "otrace.db", tmp_path / "new.db"
+    made = seed(path, [("trace", 50, 1), ("trace", 100, 0)], age_days=0.01)["trace/0"]   # ids 51-150
+    refusal = otrace.Attempt("b", otrace.now_ms(), 1, 0, status=400, error="bad")
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as conn:
+        otrace.record_refused([("llm_traces", 121, made[70], refusal)], conn)
+    carried(path, new)                                             # ids 51-150 -> 1-100 there
+    with contextlib.closing(sqlite3.connect(new, isolation_level=None)) as conn:
+        otrace.record_refused([("llm_traces", 71, made[20], refusal)], conn)   # read before the move
+        losses = otrace.unreported_losses(conn, ("llm_traces",))
+        assert sorted(loss["trace_id"] for loss in losses) == sorted([made[70], made[20]])
+        report_losses(conn, losses)
+        flags = dict(conn.execute("SELECT trace_id, synced FROM llm_traces WHERE synced <> 0"))
+        assert flags == {made[70]: otrace.REFUSED_REPORTED, made[20]: otrace.REFUSED_REPORTED}
+    carried(path, tmp_path / "again.db")                          # carried twice (a crash in between)
+    carried(path, tmp_path / "again.db")
+    with contextlib.closing(sqlite3.connect(tmp_path / "again.db")) as conn:
+        assert conn.execute("SELECT count(*) FROM push_rejects").fetchone() == (1,)
+
+
 # ------------------------------------------------------------------------------------------- upkeep
 
 
