@@ -2370,8 +2370,6 @@ class Merges:
 
     def after(self, read_at: int, keys: Iterable[tuple[str, str]]) -> set[tuple[str, str]]:
         with self._lock:
-            if self.replaced_at > read_at:
-                return set(keys)
             return {key for key in keys if self._at.get(key, 0) > read_at}
 
 
@@ -8786,9 +8784,11 @@ def record_pushed(batch: Batch, attempt: Attempt, merges: Merges, read_at: int,
     """Mark exactly the batch's rows synced, but those merged since they were read (they go again),
     and the losses it reported, with its push_log row, in one transaction. Returns the rows marked.
     Read from a file since replaced, nothing is marked: its rows and losses go again from the new one."""
-    changed = merges.after(read_at, [(table, trace_id) for table, _, trace_id, _, _ in batch.spans])
-    marked = batch.ids(leaving=changed)
-    losses = [] if merges.replaced_since(read_at) else batch.losses
+    if merges.replaced_since(read_at):
+        marked, losses = {}, []
+    else:
+        changed = merges.after(read_at, [(table, trace_id) for table, _, trace_id, _, _ in batch.spans])
+        marked, losses = batch.ids(leaving=changed), batch.losses
     with transaction(conn):
         for table, ids in marked.items():
             conn.executemany(f"UPDATE {table} SET synced = {SYNCED}, pushed_at = ? WHERE id BETWEEN ? AND ?",
