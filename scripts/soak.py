@@ -76,7 +76,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from receiver import Answer, Receiver
 
-from otrace import otel_ids
+from otrace import TABLES as OTRACE_TABLES
+from otrace import otel_attributes, otel_ids
 
 ROOT = Path(__file__).resolve().parent.parent
 OTRACE = ROOT / "otrace.py"
@@ -108,8 +109,8 @@ SIGNAL_FAULTS = {"logs: 503": ("/v1/logs", (503, {}, "")),            # OTLP: on
                  "traces: 429": ("/v1/traces", (429, {"Retry-After": "1"}, ""))}   # otrace: the receiver's
 PHASE_SECONDS = {"healthy": (6.0, 12.0), "slow": (6.0, 12.0), "dead: port closed": (5.0, 10.0),
                  "dead: reset": (5.0, 10.0), **dict.fromkeys(SIGNAL_FAULTS, (5.0, 10.0))}
-PUSH_TYPES = {"t": "llm_trace", "e": "error_event"}     # our id prefix -> the pushed event's type
-TABLES = {"t": "llm_traces", "e": "error_events"}       # ... and its table
+TABLES = {"t": "llm_traces", "e": "error_events"}       # our id prefix -> its table
+PUSH_TYPES = {prefix: OTRACE_TABLES[table].push_type for prefix, table in TABLES.items()}   # ... its event
 ANSWER_LAG = 2.0                 # seconds from otrace's received_at to the client's reading the 202, at most
 LOG_NOTES = ("database write failing", "database write recovered", "push cycle failed", "final push",
              "shutdown deadline passed with events not written", "stopped", "cannot start",
@@ -464,10 +465,10 @@ def otlp_events(path: str, body: bytes) -> tuple[list[Event], list[dict[str, Any
     events: list[Event] = []
     losses: list[dict[str, Any]] = []
     for resource in getattr(request, resources):
-        if attributes(resource.resource.attributes).get("service.name") != "soak":
+        if otel_attributes(resource.resource.attributes).get("service.name") != "soak":
             raise ValueError("not from soak")
         for item in (i for scope in getattr(resource, scopes) for i in getattr(scope, items)):
-            attrs = attributes(getattr(item, "attributes", ()))
+            attrs = otel_attributes(getattr(item, "attributes", ()))
             if signal == "metrics":
                 events.append(("metric", "", "", item.name.split(".", 1)[0]))
             elif signal == "traces":          # its ids derived from its trace_id, as otrace derives them
@@ -483,19 +484,6 @@ def otlp_events(path: str, body: bytes) -> tuple[list[Event], list[dict[str, Any
                                f"{attrs.get('otrace.source')}, {attrs.get('otrace.category', '-')}"))
     return events, losses
 
-
-def attributes(pairs: Any) -> dict[str, Any]:
-    return {pair.key: plain(pair.value) for pair in pairs}
-
-
-def plain(value: Any) -> Any:
-    """An OTLP AnyValue as the JSON value it holds."""
-    kind = value.WhichOneof("value")
-    if kind == "kvlist_value":
-        return attributes(value.kvlist_value.values)
-    if kind == "array_value":
-        return [plain(item) for item in value.array_value.values]
-    return getattr(value, kind) if kind else None
 
 
 # ========================================================================================= the node
