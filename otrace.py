@@ -2111,23 +2111,26 @@ def connect(path: str, read_only: bool = False, create: bool = True) -> sqlite3.
 
 
 def open_database(path: str) -> None:
-    """Create the database file (its directory 0700, the file 0600, also when it was there already)
-    and bring its schema up to date, before any thread starts."""
+    """Create the database file (its directory 0700, the file 0600) and make it otrace's, before any
+    thread starts."""
     folder = Path(path).parent
     if not folder.exists():
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
+    with contextlib.closing(connect(path)) as conn:
+        prepare(conn, path)
+
+
+def prepare(conn: sqlite3.Connection, path: str) -> None:
+    """Make the file `conn` has open at `path` otrace's: 0600 (also when it was there already), in WAL
+    mode, its schema up to date. A connection opens a new, empty file if the path's went away."""
     for name in (path, path + "-wal", path + "-shm"):
         with contextlib.suppress(FileNotFoundError):
             Path(name).chmod(0o600)
-    conn = connect(path)
-    try:
-        conn.execute("PRAGMA auto_vacuum = INCREMENTAL")  # takes only on a new file, before WAL mode
-        if conn.execute("PRAGMA journal_mode = WAL").fetchone()[0] != "wal":
-            raise RuntimeError(f"{path}: cannot use WAL mode")
-        migrate(conn)
-    finally:
-        conn.close()
+    conn.execute("PRAGMA auto_vacuum = INCREMENTAL")  # takes only on a new file, before WAL mode
+    if conn.execute("PRAGMA journal_mode = WAL").fetchone()[0] != "wal":
+        raise RuntimeError(f"{path}: cannot use WAL mode")
+    migrate(conn)
 
 
 def schema_of(conn: sqlite3.Connection) -> tuple[int, set[str]]:
@@ -2779,6 +2782,11 @@ class Writer(threading.Thread):
 
     def connect(self, path: str) -> sqlite3.Connection:
         conn = connect(path)
+        try:
+            prepare(conn, path)          # rows go only where their tables are, even into a new file
+        except BaseException:
+            conn.close()
+            raise
         # zeroing every freed page (some builds' default) writes a deleted row twice, through the WAL;
         # FAST zeroes only pages written anyway, and the shrink after a deletion drops the rest
         conn.execute("PRAGMA secure_delete = FAST")
@@ -2795,7 +2803,7 @@ class Writer(threading.Thread):
             try:
                 self.conn = self.connect(self.conn_path)
                 break
-            except (sqlite3.Error, OSError) as exc:
+            except (sqlite3.Error, OSError, RuntimeError) as exc:   # RuntimeError: not WAL, a newer schema
                 time.sleep(max(0.0, self.failed(describe(exc)) - time.monotonic()))
         if self.fault.error is not None:      # ingest waits for this: nothing queues while writes fail
             self.outage = self.outage_row()

@@ -27,6 +27,7 @@ import shutil
 import signal
 import socket
 import sqlite3
+import stat
 import subprocess
 import sys
 import threading
@@ -4130,6 +4131,33 @@ def test_a_batch_read_from_a_file_since_replaced_marks_nothing_where_the_writer_
         assert [x["rows"] for x in otrace.unreported_losses(writer.conn, ("llm_traces",))] == [10]
     finally:
         writer.conn.close()
+
+
+def test_a_database_file_deleted_before_the_writer_opens_it_is_made_anew_and_no_row_is_dropped(
+        tmp_path: Path) -> None:
+    """The file checked at the start is gone when the writer connects: SQLite makes an empty file at
+    the path, which the writer must make otrace's before it writes there (its tables, WAL mode)."""
+    path = tmp_path / "otrace.db"
+    service = otrace.Service(otrace.Config(db_path=str(path), port=0, otlp_port=0, metrics_interval=0.0,
+                                           openclaw_state_dir="off"))
+    try:
+        path.unlink()
+        assert service.events.offer(otrace.Unit([otrace.event_row(otrace.TRACES, otrace.trace_row, {
+            "provider": "p", "model": "m", "trace_id": "after"}, "http")]))
+        service.writer.start()
+        assert service.events.wait_drained(30)
+        wait_until(lambda: not service.db.replaced_pending, 30, "the writer at home in the new file")
+        assert service.counters.snapshot()["dropped"] == 0
+        assert service.writer.reopen_fault.error is None and service.writer.fault.error is None
+        with contextlib.closing(sqlite3.connect(path)) as conn:
+            assert conn.execute("SELECT trace_id FROM llm_traces").fetchall() == [("after",)]
+            assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    finally:
+        service.events.submit(None)
+        service.writer.join(10)
+        service.server.release()
+        service.db.close()
 
 
 def carried(path: Path, new: Path) -> None:
