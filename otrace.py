@@ -8414,10 +8414,10 @@ class Pusher(Loop):
             started = time.monotonic()
             waiting = {name for name, breaker in self.breakers.of.items()
                        if name and breaker.allows() and self.hold(name) > 0}
-            cycle = Cycle(read_at=self.db.merges.read_begins(), held=self.breakers.open() | waiting,
-                          waiting=waiting)
+            cycle = Cycle(held=self.breakers.open() | waiting, waiting=waiting)
             try:
                 with self.db.reading() as conn:
+                    cycle.read_at = self.db.merges.read_begins()   # once a move reading() waited out is done
                     cycle.stopped = not self.send(self.batches(conn, cycle), deadline, cycle)
             finally:
                 self.marked(cycle, deadline)
@@ -8573,8 +8573,8 @@ class Pusher(Loop):
             elif self.stopping.wait(wait):
                 return
             cycle.held.discard(name)
-            cycle.read_at = self.db.merges.read_begins()        # what changed while it waited goes now
             with self.db.reading() as conn:
+                cycle.read_at = self.db.merges.read_begins()    # what changed while it waited goes now
                 batches = Packer(conn, self.config.push_max_bytes, tables, self.format,
                                  skip=set(self.suspects)).batches()
                 cycle.stopped = not self.send(batches, deadline, cycle)
@@ -8664,7 +8664,7 @@ class Pusher(Loop):
         if the cycle had nothing new (the receiver refuses one signal, or everything, or this is poison
         with nothing else to tell them apart: the next event decides), the breakers are left as they
         were, but for an open breaker's trial whose suspects were refused again: it failed."""
-        again = Cycle(read_at=self.db.merges.read_begins(), held=cycle.held | cycle.faulted.keys())
+        again = Cycle(held=cycle.held | cycle.faulted.keys())
         asked: set[tuple[str, str]] = set()
         found: set[tuple[str, str]] = set()
         suspects = sorted(key for key in self.suspects if self.format.signal(key[0]) not in again.held
@@ -8678,7 +8678,7 @@ class Pusher(Loop):
 
         try:
             with self.db.reading() as conn:
-                taken = None
+                again.read_at, taken = self.db.merges.read_begins(), None
                 for start in range(0, len(suspects), SUSPECTS_A_BATCH):
                     wanted: dict[str, list[str]] = {}
                     for table, trace_id in suspects[start:start + SUSPECTS_A_BATCH]:

@@ -4160,6 +4160,46 @@ def test_a_database_file_deleted_before_the_writer_opens_it_is_made_anew_and_no_
         service.db.close()
 
 
+def waits_in(thread: threading.Thread, function: str) -> bool:
+    """`thread` is inside `function` now (blocked there, as far as the caller waits for it)."""
+    frame = sys._current_frames().get(thread.ident)
+    while frame is not None and frame.f_code.co_name != function:
+        frame = frame.f_back
+    return frame is not None
+
+
+def test_a_push_that_waited_out_a_move_marks_the_rows_it_read_from_the_new_file(
+        tmp_path: Path, receiver: Receiver) -> None:
+    """A push cycle that begins while the writer moves to a new database file waits to read until the
+    move is done, and reads the new file: its 2xx marks those rows (they are not sent again)."""
+    path = tmp_path / "otrace.db"
+    made = seed(path, [("trace", 100, 0)], age_days=0.01)["trace/0"]
+    service = otrace.Service(otrace.Config(db_path=str(path), port=0, otlp_port=0, metrics_interval=0.0,
+                                           openclaw_state_dir="off", push_endpoint=receiver.url))
+    service.writer.start()
+    try:
+        wait_until(lambda: service.writer.conn, 30, "the writer's connection")
+        assert service.db.pause_readers()                     # the writer has begun a move
+        pushing = threading.Thread(target=service.pusher.push, args=(None,))
+        pushing.start()
+        wait_until(lambda: waits_in(pushing, "_admit"), 30, "the push waiting to read")
+        path.unlink()                                        # what the writer moves for
+        assert service.events.offer(otrace.Unit([otrace.event_row(otrace.TRACES, otrace.trace_row, {
+            "provider": "p", "model": "m", "trace_id": "after"}, "http")]))   # it looks after a write
+        pushing.join(60)
+        assert not pushing.is_alive()
+        assert service.writer.conn_path == str(path)
+        sent = [e["trace_id"] for r in receiver.requests if r["answered"] == 200 for e in r["json"]["events"]]
+        assert len(sent) == len(set(sent)) and set(made) <= set(sent)    # "after" too, if written in time
+        unsynced = {t for (t,) in service.db.query("SELECT trace_id FROM llm_traces WHERE synced = 0")}
+        assert unsynced == {"after"} - set(sent)
+    finally:
+        service.events.submit(None)
+        service.writer.join(10)
+        service.server.release()
+        service.db.close()
+
+
 def carried(path: Path, new: Path) -> None:
     """What the writer does when the file at the path was replaced: carry what it owes to a new file."""
     with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as conn:
