@@ -394,7 +394,8 @@ class Config:
     ingest_token: str = setting("", TOKEN, "When set, requests need `Authorization: Bearer <token>` "
                                 "(all but /health and /metrics).", secret=True)
     max_body_bytes: int = setting("1MiB", size("1KiB", "256MiB"), "Largest request body, after any "
-                                  "gzip is undone; a larger one is answered 413.")
+                                  "gzip is undone; a larger one is answered 413. At most "
+                                  "TRACE_MAX_BUFFERED_BYTES.")
     max_buffered_bytes: int = setting("16MiB", size("64KiB", "4GiB"), "Request bodies held in memory "
                                       "across all connections at once; a request that would pass it is "
                                       "answered 503 before its body is read.")
@@ -412,7 +413,7 @@ class Config:
                               "does not fit whole gets 503 (one that is larger than the queue is taken "
                               "only into an empty queue).")
     batch_size: int = setting("50", count(1, 10_000), "Most events the writer commits in one "
-                              "transaction.")
+                              "transaction; at most half of TRACE_QUEUE_SIZE (lowered, with a warning).")
     batch_window: float = setting("500ms", duration("1ms", "10s"), "Longest an event waits in the queue "
                                   "for its batch to fill: the most a SIGKILL can lose.")
     read_timeout: float = setting("10s", duration("100ms", "1h"), "Longest a client may take to send one "
@@ -564,6 +565,9 @@ class Config:
         if config.debug_tracemalloc and not config.debug:
             raise SettingError("TRACE_DEBUG_TRACEMALLOC=on needs TRACE_DEBUG=on: /debug/memory is what "
                                "reads the traces")
+        if config.max_body_bytes > config.max_buffered_bytes:
+            raise SettingError("TRACE_MAX_BODY_BYTES is over TRACE_MAX_BUFFERED_BYTES: a body that large "
+                               "would find no room for ever (503 each time); raise TRACE_MAX_BUFFERED_BYTES")
         return config
 
     def shown(self) -> dict[str, Any]:
@@ -10589,8 +10593,9 @@ class Service:
 
 def settled(config: Config) -> Config:
     """The settings as this process can honour them: the database path resolved once (a symlink's
-    target, so the WAL and reserve are found beside the real file), and no more connections than
-    file descriptors allow (the soft limit raised toward the hard one first)."""
+    target, so the WAL and reserve are found beside the real file), no more connections than file
+    descriptors allow (the soft limit raised toward the hard one first), and batches of at most half
+    the queue (the writer commits while the other half takes requests)."""
     import resource  # noqa: PLC0415 - imported where needed (see the imports)
     config = dataclasses.replace(config, db_path=os.path.realpath(config.db_path))
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -10605,6 +10610,10 @@ def settled(config: Config) -> Config:
         log.warning("TRACE_MAX_CONNECTIONS is over what the file-descriptor limit allows: lowered", extra={
             "max_connections": config.max_connections, "lowered_to": allowed, "nofile_limit": soft})
         config = dataclasses.replace(config, max_connections=allowed)
+    if config.batch_size > (half := max(1, config.queue_size // 2)):   # else a full queue refuses first
+        log.warning("TRACE_BATCH_SIZE is over half TRACE_QUEUE_SIZE: lowered", extra={
+            "batch_size": config.batch_size, "lowered_to": half, "queue_size": config.queue_size})
+        config = dataclasses.replace(config, batch_size=half)
     return config
 
 

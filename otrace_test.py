@@ -325,6 +325,7 @@ def test_version() -> None:
     ("TRACE_PUSH_HEADERS", "x-api-key", "key=value pairs"),
     ("TRACE_PUSH_ENDPOINT", "http://a b/", "an http:// or https:// URL"),      # no such host name
     ("TRACE_PUSH_ENDPOINT", "http://h:0/", "an http:// or https:// URL"),      # no such port
+    ("TRACE_MAX_BODY_BYTES", "32MiB", "over TRACE_MAX_BUFFERED_BYTES"),    # would be 503 for ever
 ])
 def test_bad_setting_exits_2_naming_it(tmp_path: Path, name: str, value: str, accepts: str) -> None:
     env = {**os.environ, "TRACE_DB_PATH": str(tmp_path / "x.db"), name: value}
@@ -4868,6 +4869,15 @@ def test_max_connections_over_the_descriptor_limit_is_lowered_and_said(tmp_path:
     for sock in socks:
         sock.close()
     assert node.logs("accepting connections failing") == []
+
+
+def test_a_batch_over_half_the_queue_is_lowered_and_said(run: Callable[..., Otrace]) -> None:
+    """A batch the queue cannot hold twice would make the writer wait for requests the full queue
+    refuses: lowered to half the queue, as the gate holds requests back once half of it waits."""
+    node = run({"TRACE_QUEUE_SIZE": "9", "TRACE_BATCH_SIZE": "10000"})
+    lowered = node.wait_log(lambda e: e.get("message", "").startswith("TRACE_BATCH_SIZE is over half"))
+    assert (lowered["lowered_to"], lowered["queue_size"]) == (4, 9)
+    assert node.logs("starting")[0]["settings"]["batch_size"] == 4
 
 
 def test_make_run_stops_with_the_make_that_started_it(tmp_path: Path) -> None:
