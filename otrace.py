@@ -2205,26 +2205,42 @@ def copy_rows(conn: sqlite3.Connection, source: str, target: str, table: str, *,
                         f"{source}.{table} {where}").rowcount
 
 
-def carry_over(conn: sqlite3.Connection, source: str, target: str) -> dict[str, int]:
+def carry_over(conn: sqlite3.Connection, source: str, target: str, salvage: bool = False) -> dict[str, int]:
     """What a database still owes the receiver (rows not yet pushed, losses not yet reported) and where
-    its readers stood, copied from one attached database to another in one transaction."""
-    moved = {}
-    with transaction(conn):
-        for table in EVENT_TABLES:
-            moved[table] = copy_rows(conn, source, target, table,
-                                     where=f"WHERE synced IN ({UNSYNCED}, {REFUSED})")
-        moved["retention_ledger"] = copy_rows(conn, source, target, "retention_ledger",
-                                              where="WHERE reported_at IS NULL AND unsynced_deleted > 0")
-        moved["push_rejects"] = sum(conn.execute(   # refusals not reported, naming their rows' new ids
+    its readers stood, copied from one attached database to another in one transaction. `salvage`: the
+    source is damaged, and the first damage a transaction meets fails all of it: a transaction a table,
+    and a table whose copy meets the damage is left in the source (and said)."""
+    def rejects() -> int:            # refusals not reported, naming their rows' new ids
+        return sum(conn.execute(
             f"INSERT INTO {target}.push_rejects (table_name, row_id, trace_id, rejected_at, http_status, "
             f"reason) SELECT r.table_name, t.id, r.trace_id, r.rejected_at, r.http_status, r.reason FROM "
             f"{source}.push_rejects r JOIN {target}.{table} t ON t.trace_id = r.trace_id WHERE "
             f"r.table_name = ? AND r.reported_at IS NULL AND NOT EXISTS (SELECT 1 FROM "
             f"{target}.push_rejects x WHERE x.trace_id = r.trace_id AND x.rejected_at = r.rejected_at)",
             (table,)).rowcount for table in EVENT_TABLES)
-        for table in STATE_TABLES:
-            copy_rows(conn, source, target, table, conflict="REPLACE")
-    return moved
+
+    copy = functools.partial(copy_rows, conn, source, target)
+    steps = [*((table, functools.partial(copy, table, where=f"WHERE synced IN ({UNSYNCED}, {REFUSED})"))
+               for table in EVENT_TABLES),
+             ("retention_ledger", functools.partial(
+                 copy, "retention_ledger", where="WHERE reported_at IS NULL AND unsynced_deleted > 0")),
+             ("push_rejects", rejects),
+             *((table, functools.partial(copy, table, conflict="REPLACE")) for table in STATE_TABLES)]
+    moved: dict[str, int] = {}
+    left: list[str] = []
+    with contextlib.nullcontext() if salvage else transaction(conn):
+        for name, step in steps:
+            try:
+                with transaction(conn) if salvage else contextlib.nullcontext():
+                    moved[name] = step()
+            except sqlite3.DatabaseError as exc:
+                if not salvage or sqlite_code(exc) not in CORRUPTION:
+                    raise
+                left.append(name)
+    if left:
+        log.error("tables left in the damaged database file: their rows not carried over", extra={
+            "tables": left})
+    return {name: n for name, n in moved.items() if name not in STATE_TABLES}
 
 
 REPLACING = "the database file is being replaced; try again"   # what a reader is told meanwhile
@@ -2761,6 +2777,7 @@ class Writer(threading.Thread):
         self.conn: sqlite3.Connection | None = None
         self.conn_path = config.db_path          # the carry file while the path cannot be opened
         self.reopen_fault = FaultLog(self.log, "moving to a new database file")
+        self.damaged = False                     # the file was set aside damaged: move with the batch
         self.on_fault: Callable[[str], None] = lambda error: None   # told once per streak of failures
         self.on_inserted: Callable[[dict[str, list[tuple]]], None] = lambda rows: None   # what committed
         self.on_committed: Callable[[], None] = lambda: None       # after every batch that committed
@@ -2841,6 +2858,8 @@ class Writer(threading.Thread):
                     self.flush()
                 except Exception as exc:  # noqa: BLE001 - any failure keeps the batch for a retry
                     retry_at = self.failed(describe(exc))
+                    if sqlite_code(exc) in CORRUPTION:
+                        self.set_aside_damaged(describe(exc))
                     continue
                 if self.fault.error is not None:
                     self.outage = self.outage_row()
@@ -2975,7 +2994,7 @@ class Writer(threading.Thread):
             self.db.replaced_pending = True
             self.log.error("database file deleted or replaced under otrace: moving to a new file at the "
                            "path", extra={"db_path": self.config.db_path})
-        if self.pending or not self.db.pause_readers():
+        if (self.pending and not self.damaged) or not self.db.pause_readers():
             return
         self.db.merges.replaced()       # no reader left: a batch read before marks nothing from now on
         try:
@@ -2986,9 +3005,25 @@ class Writer(threading.Thread):
             self.reopen_fault.failed(describe(exc))
             return
         self.reopen_fault.cleared()
+        self.damaged = False
         self.db.reopened(moved)
         self.log.warning("database file recreated; unpushed rows carried over", extra={
             "db_path": self.config.db_path, "carried_over": moved})
+
+    def set_aside_damaged(self, error: str) -> None:
+        """A write found the file at the path damaged: rename it aside with its -wal and -shm, kept for
+        a hand, and move to a new file as after an rm, carrying what can still be read, the failed
+        batch with it (waiting would not heal the file, and ingest would stay refused)."""
+        if self.conn_path != self.config.db_path or self.db.moved():
+            return                       # the carry file's damage, or the path's file is another now
+        aside = f"{self.config.db_path}.damaged-{time.time_ns() // 1_000_000}"
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                Path(self.config.db_path + suffix).rename(aside + suffix)
+        self.damaged = self.db.replaced_pending = True
+        self.look_at = 0.0
+        self.log.critical("database file is damaged: set aside, moving to a new file", extra={
+            "error": error, "set_aside_as": aside, "db_path": self.config.db_path})
 
     def reopen(self) -> dict[str, int]:
         """Copy what the old file owes into the carry file, close the old file, open a new one at the
@@ -2999,8 +3034,9 @@ class Writer(threading.Thread):
             open_database(carry)
             self.conn.execute("ATTACH DATABASE ? AS carry", (carry,))
             try:
-                moved = carry_over(self.conn, "main", "carry")
-                self.conn.execute("PRAGMA main.wal_checkpoint(TRUNCATE)")   # the old WAL, empty if left
+                moved = carry_over(self.conn, "main", "carry", salvage=self.damaged)
+                if not self.damaged:                 # a damaged file's WAL goes aside with it, as it is
+                    self.conn.execute("PRAGMA main.wal_checkpoint(TRUNCATE)")   # the old WAL, empty if left
             finally:
                 self.conn.execute("DETACH DATABASE carry")
             self.conn.close()

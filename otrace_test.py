@@ -4161,6 +4161,49 @@ def test_a_database_file_deleted_before_the_writer_opens_it_is_made_anew_and_no_
         service.db.close()
 
 
+def damage(path: Path, table: str) -> None:
+    """Overwrite the root page of `table` in the database file at `path` (checkpointed, not open)."""
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        [(root,)] = conn.execute("SELECT rootpage FROM sqlite_schema WHERE name = ?", (table,)).fetchall()
+        [(page,)] = conn.execute("PRAGMA page_size").fetchall()
+    with open(path, "r+b") as f:
+        f.seek((root - 1) * page)
+        f.write(b"\xff" * page)
+
+
+def test_a_damaged_database_file_is_set_aside_and_what_it_owes_that_can_be_read_goes_on_in_a_new_one(
+        tmp_path: Path) -> None:
+    """A write that finds the file damaged (SQLITE_CORRUPT) does not wait for it to heal: the file is
+    renamed aside for a hand, and the writer moves to a new file with the rows it could not write,
+    carrying what the damaged file owes where it can still be read."""
+    path = tmp_path / "otrace.db"
+    made = seed(path, [("trace", 100, 0), ("metric", 20, 0)], age_days=0.01)
+    service = otrace.Service(otrace.Config(db_path=str(path), port=0, otlp_port=0, metrics_interval=0.0,
+                                           openclaw_state_dir="off"))
+    try:
+        damage(path, "llm_traces")
+        assert service.events.offer(otrace.Unit([otrace.event_row(otrace.TRACES, otrace.trace_row, {
+            "provider": "p", "model": "m", "trace_id": "after"}, "http")]))
+        service.writer.start()
+        assert service.events.wait_drained(60)
+        wait_until(lambda: not service.db.replaced_pending, 30, "the writer in a new file")
+        [aside] = tmp_path.glob("otrace.db.damaged-*[0-9]")
+        with contextlib.closing(sqlite3.connect(path)) as conn:
+            assert conn.execute("SELECT trace_id FROM llm_traces").fetchall() == [("after",)]
+            metrics = {t for (t,) in conn.execute("SELECT trace_id FROM system_metrics")}
+            assert metrics == set(made["metric/0"])
+            assert conn.execute("PRAGMA quick_check").fetchone() == ("ok",)
+        with contextlib.closing(sqlite3.connect(aside)) as conn:
+            assert conn.execute("PRAGMA quick_check").fetchone() != ("ok",)     # kept as it was
+        assert service.counters.snapshot()["dropped"] == 0
+        assert service.writer.fault.error is None and service.writer.reopen_fault.error is None
+    finally:
+        service.events.submit(None)
+        service.writer.join(10)
+        service.server.release()
+        service.db.close()
+
+
 def waits_in(thread: threading.Thread, function: str) -> bool:
     """`thread` is inside `function` now (blocked there, as far as the caller waits for it)."""
     frame = sys._current_frames().get(thread.ident)
