@@ -10292,7 +10292,7 @@ def printable(text: str) -> str:
 
 
 def tokens_text(n: int) -> str:
-    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+    for unit, size in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if n >= size:
             return f"{n / size:.1f}{unit}"
     return str(n)
@@ -10357,14 +10357,22 @@ class TableView:
         key_width = max([len(doc["by"]) + 1, 5, *map(len, labels), *(len(s) for part in sub for s in part)])
         compact = key_width + sum(w for _, w in self.FULL) > self.width
         columns = self.COMPACT if compact else self.FULL
-        key_width = min(key_width, max(REPORT_LABEL_MIN, self.width - sum(w for _, w in columns) - 1))
+        rows: list[tuple[str, list[str], float | None]] = []
+        for group, label, models in zip(groups, labels, sub, strict=True):
+            rows.append((label, self.cells(group, compact), group["cost_usd"]))
+            rows += [(name, self.cells(m, compact), None) for name, m in zip(models, group.get("models", []),
+                                                                            strict=True)]
+        total = ("TOTAL", self.cells(calls["totals"], compact), None)
+        widths = [max(w, *(len(cells[i]) + 1 for _, cells, _ in (*rows, total)))   # a value wider than
+                  for i, (_, w) in enumerate(columns)]                               # its column: wider
+        key_width = min(key_width, max(REPORT_LABEL_MIN, self.width - sum(widths) - 1))
         bars = doc["by"] in ("day", "hour") and bool(groups)
-        bar_width = max(0, self.width - key_width - sum(w for _, w in columns) - 2) if bars else 0
+        bar_width = max(0, self.width - key_width - sum(widths) - 2) if bars else 0
         top = max((g["cost_usd"] for g in groups), default=0)
 
         def line(key: str, cells: list[str], cost: float | None = None) -> str:
-            text = key[:key_width].ljust(key_width) + "".join(c.rjust(w) for c, (_, w) in zip(cells, columns,
-                                                                                             strict=True))
+            text = key[:key_width].ljust(key_width) + "".join(c.rjust(w) for c, w in zip(cells, widths,
+                                                                                        strict=True))
             return text + ("  " + bar(cost, top, bar_width) if bar_width and cost is not None else "")
 
         window = doc["window"]
@@ -10372,13 +10380,10 @@ class TableView:
                  f"by {doc['by']}" + (f", source {doc['source']}" if doc["source"] else ""))
         out = [*textwrap.wrap(title, self.width, subsequent_indent="  "), ""]
         out.append(line(doc["by"].upper(), [name for name, _ in columns]))
-        for group, label, models in zip(groups, labels, sub, strict=True):
-            out.append(line(label, self.cells(group, compact), group["cost_usd"]))
-            out += [line(name, self.cells(m, compact)) for name, m in zip(models, group.get("models", []),
-                                                                          strict=True)]
+        out += [line(*row) for row in rows]
         if not groups:
             out.append("(no LLM calls in this window)")
-        out.append(line("TOTAL", self.cells(calls["totals"], compact)))
+        out.append(line(*total))
         out += [line for note in self.notes() for line in textwrap.wrap(note, self.width,
                                                                          subsequent_indent="  ")]
         out += ["", *self.sections()]

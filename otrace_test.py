@@ -6321,6 +6321,30 @@ def test_report_on_a_terminal_is_compact_when_narrow_and_draws_cost_bars_by_day(
     assert [line.split()[0] for line in tiny[1:3]] == ["2026-11-02", "2026-11-03"]
 
 
+def test_report_columns_widen_for_the_largest_values_the_api_takes(tmp_path: Path) -> None:
+    """2^53-1 tokens and milliseconds (the API's largest integer) still print as separate columns."""
+    db = tmp_path / "otrace.db"
+    otrace.open_database(str(db))
+    most = otrace.MAX_INT
+    rows, _ = otrace.parse_events(json.dumps([
+        trace(trace_id="big", created_at="2026-11-02T10:00:00Z", prompt_tokens=most, latency_ms=most,
+              cost_usd=most / 1e3),
+        trace(trace_id="small", created_at="2026-11-02T11:00:00Z", status="error", error_type="rate_limit",
+              prompt_tokens=5, latency_ms=5)]).encode(), "/v1/traces", 10, 16384)
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        for row in rows:
+            conn.execute(otrace.insert_sql("llm_traces"), row.values)
+        conn.commit()
+    for columns in (140, 72):
+        out = run_in_terminal(["--db", str(db), *WINDOW, "--timezone", "UTC"], columns)
+        lines = out.splitlines()
+        header = lines.index("") + 1
+        shown = otrace.TableView.FULL if "INPUT" in lines[header] else otrace.TableView.COMPACT
+        for line in lines[header + 1:header + 3]:             # the model's row and TOTAL
+            assert len(line.split()) == 1 + len(shown) + ("%" in line), (columns, line)   # one a column
+        assert "9.0P" in out and "$9,007,199,254,740.99" in out, out
+
+
 def hold_read_transaction(pid: int, shm: Path) -> bool:
     """Whether process `pid` holds a WAL read lock on the database (a byte of the -shm's read marks, as
     /proc/locks shows it): it is inside its read transaction."""
