@@ -2117,12 +2117,16 @@ def connect(path: str, read_only: bool = False, create: bool = True) -> sqlite3.
 def open_database(path: str) -> None:
     """Create the database file (its directory 0700, the file 0600) and make it otrace's, before any
     thread starts."""
-    folder = Path(path).parent
-    if not folder.exists():
-        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    private_folder(Path(path).parent)
     os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
     with contextlib.closing(connect(path)) as conn:
         prepare(conn, path)
+
+
+def private_folder(folder: Path) -> None:
+    """Create `folder` and each parent it lacks, 0700 (mkdir's parents= makes them by the umask)."""
+    for missing in reversed([p for p in (folder, *folder.parents) if not p.exists()]):
+        missing.mkdir(mode=0o700, exist_ok=True)
 
 
 def prepare(conn: sqlite3.Connection, path: str) -> None:
@@ -2417,9 +2421,7 @@ class DatabaseLock:
             raise
 
     def take(self) -> int:
-        folder = Path(self.db_path).parent
-        if not folder.exists():
-            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        private_folder(Path(self.db_path).parent)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

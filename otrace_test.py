@@ -859,7 +859,7 @@ def test_parent_directory_is_created_private_and_an_existing_file_made_private(
     assert node.post("/v1/traces", trace()).status == 202
     node.wait_persisted(1)
     assert node.stop() == 0
-    assert (tmp_path / "a" / "b").stat().st_mode & 0o777 == 0o700
+    assert (tmp_path / "a").stat().st_mode & 0o777 == (tmp_path / "a" / "b").stat().st_mode & 0o777 == 0o700
     node.db_path.chmod(0o644)                               # an older otrace, or a careless copy
     node2 = run(db=node.db_path)
     assert node.db_path.stat().st_mode & 0o777 == 0o600
