@@ -8278,6 +8278,7 @@ def _watched(base: type, receiver: Receiver) -> type:
             super().connect()
             receiver.sock = self.sock
 
+    Watched.__name__ = Watched.__qualname__ = base.__name__     # as urllib3's errors name it
     return Watched
 
 

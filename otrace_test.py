@@ -3933,6 +3933,8 @@ def test_otlp_push_outlasts_a_dead_port_a_429_and_partial_success(run: Callable[
     wait_until(lambda: node2.query("SELECT count(*) FROM push_log WHERE http_status IS NULL AND error LIKE "
                                    "'%refused%'")[0][0] >= 2, what="pushes to the dead port")
     assert set(synced(node2).values()) == {0}
+    said = node2.query("SELECT error FROM push_log WHERE http_status IS NULL")[0][0]
+    assert said.startswith("NewConnectionError: HTTPConnection(host="), said     # urllib3's own words
     receiver.listen()
     receiver.wait(lambda requests: requests and requests[0]["answered"] == 429)
     assert set(synced(node2).values()) == {0}                     # a 429 marks nothing
