@@ -8150,7 +8150,8 @@ class Attempt:
 
 class Scrubber:
     """Takes the push credentials out of any text otrace keeps or shows: a receiver may echo the
-    request's Authorization header in its error body, or an error may quote the URL."""
+    request's Authorization header in its error body, or an error may quote the URL; and what looks
+    like a credential of any other (redact_text)."""
 
     def __init__(self, config: Config) -> None:
         import base64  # noqa: PLC0415 - imported where needed (see the imports)
@@ -8168,7 +8169,7 @@ class Scrubber:
     def __call__(self, text: str) -> str:
         for secret in self.secrets:
             text = text.replace(secret, "***")
-        return text
+        return redact_text(text)
 
 
 class Receiver:

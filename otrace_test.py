@@ -3189,6 +3189,8 @@ def test_the_scrubber_takes_out_every_form_of_a_credential() -> None:
     import base64
     text = f"Basic {base64.b64encode(b'agent:pa$s').decode()} pa$s k3y-value hdr-secret"
     assert scrub(text) == "Basic *** *** *** ***"
+    other = otrace.Scrubber(otrace.Config(push_endpoint="https://h/in"))    # no credential of otrace's
+    assert "sekret123" not in other("bad event poison; Authorization: Bearer sekret123")
 
 
 def test_push_off_by_default_says_so(svc: Otrace) -> None:
