@@ -1109,7 +1109,7 @@ class Fields:
             return received
         if isinstance(value, str):
             try:
-                moment = datetime.fromisoformat(value)
+                moment = datetime.fromisoformat(value.upper())     # RFC 3339 allows a lower-case t and z
             except ValueError:
                 raise self.fail("created_at", "must be RFC 3339 (2026-01-31T12:00:00Z) or Unix ms") from None
             if moment.tzinfo is None:

@@ -674,6 +674,13 @@ def test_array_is_all_or_nothing_with_index(svc: Otrace) -> None:
     assert health["events_rejected"] == 1 and health["events_received"] == 2
 
 
+@pytest.mark.parametrize("written", ["2026-11-30T12:00:00Z", "2026-11-30t12:00:00z",
+                                     "2026-11-30T13:00:00+01:00", "2026-11-30 12:00:00.000+00:00"])
+def test_created_at_reads_rfc_3339_in_each_of_its_forms(written: str) -> None:
+    rows, _ = otrace.parse_events(json.dumps({**TRACE, "created_at": written}).encode(), "/v1/traces", 1, 100)
+    assert rows[0].values[1] == 1796040000000              # 2026-11-30T12:00:00Z
+
+
 def test_unknown_fields_are_listed_back_and_not_stored(svc: Otrace) -> None:
     resp = svc.post("/v1/traces", [trace(colour="blue"), trace(synced=1, id=5)])
     assert resp.status == 202
