@@ -332,7 +332,7 @@ def _price_file(raw: str) -> str:
 
 TEXT = Kind("any text", str)
 NAME = Kind("a non-empty value", _nonempty)
-SWITCH = Kind("on or off", _switch)
+SWITCH = Kind("on or off (or true/false, yes/no, 1/0)", _switch)
 URL = Kind("empty, or an http:// or https:// URL", _url)
 TOKEN = Kind("empty, or printable ASCII without spaces", _token)
 HEADERS = Kind("empty, or key=value pairs separated by commas, values URL-encoded", _headers)
@@ -380,8 +380,9 @@ class Config:
                              "same routes: OTLP/HTTP's own port, where an OpenTelemetry SDK with default "
                              "settings sends. 0 turns it off (OTLP is still taken on TRACE_PORT); a port "
                              "in use is logged and left out.")
-    otlp_content_wait: float = setting("1m", duration("1s", "1h"), "Longest the content of a GenAI event "
-                                       "log record waits in memory for its span to arrive.")
+    otlp_content_wait: float = setting("1m", duration("1s", "1h"), "How long the content of a GenAI event "
+                                       "log record waits in memory for its span to arrive: at least this, "
+                                       "until the first OTLP request after it.")
     otlp_content_bytes: int = setting("4MiB", size("64KiB", "256MiB"), "Memory for GenAI event content "
                                       "waiting for its span, and for the ids of recently stored LLM "
                                       "spans; the oldest goes first when full.")
