@@ -1552,7 +1552,8 @@ def test_a_request_hidden_in_a_body_is_never_acted_on(svc: Otrace, smuggler: str
 def test_bodies_held_across_connections_stay_within_their_budget(run: Callable[..., Otrace]) -> None:
     """With TRACE_MAX_BUFFERED_BYTES at 256 KiB, two slow 100 KB bodies fit and a third is answered 503
     before a byte of it is read; once they are done there is room again."""
-    node = run({"TRACE_MAX_BUFFERED_BYTES": "256KiB", "TRACE_READ_TIMEOUT": "1h"})
+    node = run({"TRACE_MAX_BUFFERED_BYTES": "256KiB", "TRACE_MAX_BODY_BYTES": "128KiB",
+                "TRACE_READ_TIMEOUT": "1h"})
     body = json.dumps(trace()).encode()
     body += b" " * (100_000 - len(body))
     slow = [socket.create_connection(("127.0.0.1", node.port), timeout=10) for _ in range(2)]
