@@ -6,7 +6,8 @@ Month: the seed's rate is 100 LLM calls a minute plus a host sample every 15 s: 
 month. Scaled down by --scale (traffic and the database cap alike: TRACE_DB_MAX_BYTES = 200 MiB /
 scale, and TRACE_WAL_MAX_BYTES and TRACE_PUSH_MAX_BYTES with it; TRACE_QUEUE_SIZE is 64, the least
 that keeps the rate, since what waits in the queue while a checkpoint's fsync holds the writer lands
-in the file at once: 512 traces are 17 % of the cap, 64 are 2 %), and compressed in time:
+in the file at once: 512 traces are 17 % of the cap, 64 are 2 %; TRACE_BATCH_SIZE 32, half of it, the
+most otrace takes from such a queue), and compressed in time:
 --rate traces/s, with the retention, push and checkpoint intervals shrunk so that what arrives between
 two passes is the same share of the cap as 5 (and 10) minutes of the seed's traffic is of 200 MiB (at
 1:30 and 1,500/s: 11, 22 and 100 ms, the push interval's floor). The push interval matters to the WAL:
@@ -70,7 +71,7 @@ def month(work: Path, scale: int, rate: float) -> dict[str, float]:
     wait_listening(sink)
     proc, port = start_otrace(work, {
         "TRACE_DB_MAX_BYTES": str(cap), "TRACE_WAL_MAX_BYTES": str(cap // 4),
-        "TRACE_PUSH_MAX_BYTES": str(5 * 2**20 // scale), "TRACE_QUEUE_SIZE": "64",
+        "TRACE_PUSH_MAX_BYTES": str(5 * 2**20 // scale), "TRACE_QUEUE_SIZE": "64", "TRACE_BATCH_SIZE": "32",
         "TRACE_CLEANUP_INTERVAL": f"{cleanup}ms", "TRACE_CHECKPOINT_INTERVAL": f"{checkpoint}ms",
         "TRACE_PUSH_ENDPOINT": f"http://127.0.0.1:{sink}/ingest", "TRACE_PUSH_INTERVAL": f"{push}ms",
         "TRACE_METRICS_INTERVAL": "100ms"})
