@@ -475,8 +475,8 @@ class Config:
     openclaw_state_dir: str = setting("auto", STATE_DIR, "OpenClaw's state directory, whose `agents/*/` "
                                       "session stores give every model call's tokens and cost; auto: "
                                       "$OPENCLAW_STATE_DIR, else ~/.openclaw when it exists or when "
-                                      "TRACE_LOG_PATH is set; off: not read. A directory not there yet is "
-                                      "waited for.")
+                                      "TRACE_LOG_PATH is set (~/.openclaw-<profile> for a profile's log); "
+                                      "off: not read. A directory not there yet is waited for.")
     quiet_poll: float = setting("5s", duration("10ms", "10m"), "The longest wait between looks at a quiet "
                                 "gateway log or session store: each look that finds nothing new doubles "
                                 "the wait, from TRACE_LOG_POLL (TRACE_OPENCLAW_POLL) up to this; something "
@@ -6318,7 +6318,7 @@ class DnsProbe(Loop):
 
 LOG_UNIT_BYTES = 4 << 20         # lines read into one unit: at most this, or one line
 FINGERPRINT_BYTES = 256
-LOG_NAME = re.compile(r"openclaw(?:-[\w.-]+)?-\d{4}-\d{2}-\d{2}\.log")   # not a rotated .N.log
+LOG_NAME = re.compile(r"openclaw(?:-(?P<profile>[\w.-]+))?-\d{4}-\d{2}-\d{2}\.log")   # not a rotated .N.log
 ROTATED = re.compile(r"openclaw[\w.-]*\.\d+\.log")                          # a size rotation's file
 KEY_VALUE = re.compile(r"(\w+)=(\S+)")
 NETWORK_CODES = {"ECONNREFUSED", "ECONNRESET", "ENOTFOUND", "EAI_AGAIN", "EHOSTUNREACH", "ENETUNREACH",
@@ -6707,8 +6707,12 @@ class LogTailer(QuietReader):
 
     # -- which file
     def folder(self) -> Path:
+        return self.folder_of(self.config.log_path)
+
+    @staticmethod
+    def folder_of(log_path: str) -> Path:
         """The directory the log's files are in."""
-        path = Path(self.config.log_path)
+        path = Path(log_path)
         return path if os.path.isdir(path) else path.parent  # noqa: PTH112 - Path's raises on EACCES
 
     def target(self) -> str | None:
@@ -7048,11 +7052,12 @@ ENTRIES_SQL = """
 
 
 def openclaw_state_dir(setting: str, environ: Mapping[str, str] = os.environ,
-                       gateway_here: bool = False) -> Path | None:
+                       gateway_here: bool = False, logs: Path | None = None) -> Path | None:
     """The state directory TRACE_OPENCLAW_STATE_DIR names: a path as given; auto: $OPENCLAW_STATE_DIR
     if set, else ~/.openclaw of this user when it exists, or when otrace follows the gateway's log
     (`gateway_here`: a store the gateway makes later must not find its calls already stored from
-    OpenClaw's spans and log); None for off, or auto finding neither."""
+    OpenClaw's spans and log); ~/.openclaw-<profile> instead when the newest log in `logs` is an
+    OpenClaw profile's and that directory exists. None for off, or auto finding neither."""
     if setting == "off":
         return None
     if setting != "auto":
@@ -7063,7 +7068,19 @@ def openclaw_state_dir(setting: str, environ: Mapping[str, str] = os.environ,
         home = Path.home() / ".openclaw"
     except (RuntimeError, KeyError):       # no $HOME and a uid the password database does not know
         return None
+    with contextlib.suppress(OSError):
+        dated = [p for p in (logs.iterdir() if logs else ()) if LOG_NAME.fullmatch(p.name)]
+        newest = max(dated, key=lambda p: (p.name[-14:], p.stat().st_mtime), default=None)
+        profile = newest and LOG_NAME.fullmatch(newest.name)["profile"]
+        if profile and (mine := home.with_name(f".openclaw-{profile}")).is_dir():
+            return mine
     return home if gateway_here or home.is_dir() else None
+
+
+def log_profile(path: str | None) -> str | None:
+    """The OpenClaw profile whose gateway writes the log file at `path` (openclaw-<profile>-DATE.log)."""
+    match = LOG_NAME.fullmatch(Path(path).name) if path else None
+    return match and match["profile"]
 
 
 def store_trace_id(agent: str, session: str, entry: str) -> str:
@@ -7338,9 +7355,10 @@ class SessionStore(QuietReader):
         try:
             found = sorted(e.name for e in os.scandir(self.root / "agents") if e.is_dir())
         except FileNotFoundError:
-            if not self.waiting:       # a warning: a wrong path loses the usage spans said below
-                self.log.warning("waiting for OpenClaw's state directory; until it is there, OpenClaw's "
-                                 "own OTLP usage spans are not stored (the store gives those calls)",
+            if not self.waiting:       # a warning: a wrong path loses what is said below
+                self.log.warning("waiting for OpenClaw's state directory; until it is there, the model "
+                                 "calls and failures in the gateway's log and OpenClaw's own OTLP usage "
+                                 "spans are not stored (its session store gives them)",
                                  extra={"path": str(self.root)})
             self.waiting = True
             return None
@@ -9640,6 +9658,15 @@ def health_report(service: Service) -> dict[str, Any]:
         problems.append("database writes failing: " + writer.fault.error)
     if writer.reserve.released:
         problems.append("disk full: reserve released, ingest paused until there is room again")
+    if service.store and service.store.waiting:
+        problems.append(f"OpenClaw's state directory {service.store.root} is not there: the model calls and "
+                        "failures the gateway logs come from its session store, and are not stored until "
+                        "it is (TRACE_OPENCLAW_STATE_DIR)")
+    profile = log_profile(service.tailer and service.tailer.current and service.tailer.current.path)
+    if service.store and profile and service.config.openclaw_state_dir == "auto" and \
+            service.store.root.name != f".openclaw-{profile}" and not os.environ.get("OPENCLAW_STATE_DIR"):
+        problems.append(f"the gateway log followed is OpenClaw profile {profile}'s, whose session store is "
+                        f"~/.openclaw-{profile}, not {service.store.root} (set TRACE_OPENCLAW_STATE_DIR)")
     if db.replaced_pending:
         problems.append("database file was deleted or replaced: moving to a new one" + (
             f" failing: {writer.reopen_fault.error}" if writer.reopen_fault.error else ""))
@@ -10546,7 +10573,8 @@ class Service:
         self.sampler = Sampler(config, self.events, self.db, self.dns, self.processes) \
             if config.metrics_interval else None
         self.debug = Debug(self) if config.debug else None
-        state_dir = openclaw_state_dir(config.openclaw_state_dir, gateway_here=bool(config.log_path))
+        state_dir = openclaw_state_dir(config.openclaw_state_dir, gateway_here=bool(config.log_path),
+                                       logs=config.log_path and LogTailer.folder_of(config.log_path))
         self.store = SessionStore(config, self.events, self.db, state_dir) if state_dir else None
         self.tailer = LogTailer(config, self.events, self.db, store_followed=self.store is not None) \
             if config.log_path else None

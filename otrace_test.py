@@ -6595,6 +6595,15 @@ def test_openclaw_settings_and_where_auto_looks(tmp_path: Path, monkeypatch: pyt
     (tmp_path / ".openclaw").mkdir()
     assert otrace.openclaw_state_dir("auto", {}) == tmp_path / ".openclaw"
     assert otrace.openclaw_state_dir("auto", {"OPENCLAW_STATE_DIR": "/srv/oc"}) == Path("/srv/oc")
+    logs = tmp_path / "logs"                                  # `openclaw --profile work` writes its own log
+    logs.mkdir()
+    (logs / "openclaw-2026-12-01.log").touch()
+    (logs / "openclaw-work-2026-12-02.log").touch()
+    assert otrace.openclaw_state_dir("auto", {}, True, logs) == tmp_path / ".openclaw"   # no such directory
+    (tmp_path / ".openclaw-work").mkdir()
+    assert otrace.openclaw_state_dir("auto", {}, True, logs) == tmp_path / ".openclaw-work"
+    assert otrace.log_profile(str(logs / "openclaw-work-2026-12-02.log")) == "work"
+    assert otrace.log_profile(str(logs / "openclaw-2026-12-01.log")) is None
     for name, value, accepts in (("TRACE_OPENCLAW_POLL", "5ms", "a duration from 10ms to 1h"),
                                  ("TRACE_OPENCLAW_STATE_DIR", " ", "auto, off, or the path of a directory")):
         out = subprocess.run([sys.executable, str(OTRACE)], capture_output=True, text=True, timeout=10,
@@ -7257,10 +7266,18 @@ def test_a_default_state_dir_not_there_yet_is_waited_for_so_no_call_counts_twice
     assert run({**env, "TRACE_LOG_PATH": ""}, db=tmp_path / "alone.db").health()["openclaw_sessions"] is None
     node = run(env)
     wait_until(lambda: node.health()["openclaw_sessions"]["waiting"] is True, what="the store waited for")
+    assert node.health()["status"] == "degraded"           # what the gateway logs is not stored meanwhile
+    assert f"OpenClaw's state directory {home / '.openclaw'} is not there" in node.health()["problems"][0]
     replay(node, [e for e in captured_otlp() if e["run"] == "openclaw" and e["path"] == "/v1/traces"])
     assert node.health()["otlp"]["openclaw_usage_skipped"] > 0 and node.rows("llm_traces") == []
     state_copy(home, name=".openclaw")
     calls = len(wait_traces(node, 6))
+    assert node.health()["status"] == "ok"
+    (tmp_path / "openclaw").mkdir()                        # a gateway run as `openclaw --profile work`
+    (tmp_path / "openclaw" / "openclaw-work-2026-12-02.log").write_text("")
+    problems = wait_until(lambda: node.health()["problems"], what="the other profile's log followed")
+    assert problems == [f"the gateway log followed is OpenClaw profile work's, whose session store is "
+                        f"~/.openclaw-work, not {home / '.openclaw'} (set TRACE_OPENCLAW_STATE_DIR)"]
     assert node.stop() == 0
     node = run(env, db=node.db_path)
     node.wait_log(lambda e: e.get("message") == "following OpenClaw's session store")
