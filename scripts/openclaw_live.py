@@ -421,8 +421,9 @@ def otrace(db: Path, state_dir: Path, log: Path) -> Iterator[subprocess.Popen]:
     start = log.stat().st_size if log.exists() else 0
     with open(log, "ab") as sink:
         tracer = subprocess.Popen([sys.executable, str(ROOT / "otrace.py")], stdout=sink, env={
-            **env, "TRACE_PORT": "0", "TRACE_DB_PATH": str(db), "TRACE_LOG_PATH": str(LOG_DIR),
-            "TRACE_LOG_START": "end", "TRACE_LOG_POLL": "200ms", "TRACE_METRICS_INTERVAL": "off",
+            **env, "TRACE_PORT": "0", "TRACE_OTLP_PORT": "0", "TRACE_DB_PATH": str(db),
+            "TRACE_LOG_PATH": str(LOG_DIR), "TRACE_LOG_START": "end", "TRACE_LOG_POLL": "200ms",
+            "TRACE_METRICS_INTERVAL": "off",
             "TRACE_OPENCLAW_STATE_DIR": str(state_dir), "TRACE_OPENCLAW_POLL": "200ms"})
     try:
         end = time.monotonic() + 30
@@ -503,7 +504,7 @@ def otrace_usage(rows: list[tuple]) -> dict[Key, Usage]:
 
 def log_events(openclaw: Path, env: dict[str, str], db: Path, configure: dict) -> None:
     """Step 1: the gateway's start, a hot reload, an invalid config and a wrong token, as log events."""
-    await_kind(db, "gateway_start")
+    await_kind(db, "gateway_start", timeout=180)    # a first start on a cold host takes about a minute
     write_config(**configure, timeout=120)
     await_kind(db, "config_change")
     write_config(**configure, timeout="abc")
