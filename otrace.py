@@ -440,7 +440,8 @@ class Config:
     gateway_match: tuple = setting("node:openclaw,gateway", GATEWAY, "The OpenClaw gateway's process, "
                                    "watched in every host sample: `program:word,...` is a process whose "
                                    "executable (or argv[0], or name) is program and whose command line "
-                                   "holds every word; an empty program matches any; off: no watch.")
+                                   "holds every word, once it listens on a TCP port; an empty program "
+                                   "matches any; off: no watch.")
     dns_probe: tuple = setting("api.anthropic.com,api.openai.com", HOSTNAMES, "Host names resolved every "
                                "TRACE_DNS_INTERVAL, their time and outcome kept; two failures in a row of "
                                "a name are one network_failure event. Empty: off.")
@@ -5862,8 +5863,9 @@ class GatewayWatch:
     usage. A new pid or start time is a restart, a sample without it a disappearance, its return after
     that a recovery: each an error event (crash, process_crash) with the downtime (from start times),
     saying so when the OOM killer struck at that moment. A sample lists the pids and reads little:
-    a pid is judged when it first shows (its stat and command line); the stat of a process that
-    matched is read again each time, and of one under EXEC_WINDOW old (a wrapper that execs the
+    a pid is judged when it first shows (its stat and command line), and at each sample while it
+    resembles the gateway and listens on nothing yet; the stat of a process that matched is read
+    again each time, and of one under EXEC_WINDOW old (a wrapper that execs the
     gateway keeps its pid and start time: its name changes), the others' only every REJUDGE_EVERY
     samples (so a pid reused between two samples by a new gateway, while none was known, is found
     within that many)."""
@@ -5873,7 +5875,7 @@ class GatewayWatch:
         self.words = [w.encode() for w in words]
         self.program = re.compile(re.escape(program) + r"(?:js)?(?:[-_.]?\d[\w.-]*)?") if program else None
         self.procfs, self.log = procfs, logger
-        self.judged: dict[int, tuple[int, str, bool]] = {}      # pid -> (start, name, matches)
+        self.judged: dict[int, tuple[int, str, bool | None]] = {}   # pid -> (start, name, judge())
         self.samples = 0
         self.current: Proc | None = None
         self.seen_at = 0.0                   # uptime when it was last seen
@@ -5882,7 +5884,15 @@ class GatewayWatch:
         self.btime: float | None = None
         self.restarts = 0
 
-    def judge(self, proc: Proc) -> bool:
+    def judge(self, proc: Proc) -> bool | None:
+        """The gateway: it resembles it, and it listens on a TCP port (OpenClaw's CLI commands have its
+        command line, as process.title names each `openclaw-gateway`, and listen on none). None: it
+        resembles it and listens on none yet (judged again at each sample)."""
+        if not self.resembles(proc):
+            return False
+        return True if self.listens(proc.pid) else None
+
+    def resembles(self, proc: Proc) -> bool:
         """Every word in its command line, and the program its name, argv[0] or executable."""
         args = read_cmdline(self.procfs, proc.pid)
         line = b" ".join(args or ())
@@ -5898,6 +5908,25 @@ class GatewayWatch:
             return bool(self.program.fullmatch(exe.removesuffix(" (deleted)")))
         return False
 
+    def listens(self, pid: int) -> bool:
+        """It holds a listening TCP socket (its network namespace's tcp and tcp6 say which); True when
+        its descriptors cannot be read (another user's, without root): then its command line decides."""
+        folder = self.procfs / str(pid) / "fd"
+        try:
+            names = folder.iterdir()
+            sockets = set()
+            for name in names:
+                with contextlib.suppress(FileNotFoundError):      # closed since the listing
+                    link = str(name.readlink())
+                    if link.startswith("socket:["):
+                        sockets.add(link[8:-1])
+        except PermissionError:
+            return True
+        except OSError:
+            return False
+        own = self.procfs / str(pid) / "net"                     # its namespace's view, where there is one
+        return bool(sockets & listening_sockets(own if own.is_dir() else self.procfs / "net"))
+
     def matching(self, pids: set[int], at: float) -> list[Proc]:
         """The live processes among `pids` that match, their stat read now (`at`: uptime)."""
         self.samples += 1
@@ -5910,13 +5939,14 @@ class GatewayWatch:
         try:
             for pid in pids:
                 seen = self.judged.get(pid)
-                if seen is not None and not seen[2] and seen[0] < settled:
+                if seen is not None and seen[2] is False and seen[0] < settled:
                     continue                                  # judged before: not the gateway
                 proc = read_process(str(pid), root)
                 if proc is None:
                     continue
-                if seen is None or seen[0] != proc.start or (not seen[2] and seen[1] != proc.name):
-                    seen = self.judged[pid] = (proc.start, proc.name, self.judge(proc))   # new or exec'd
+                if seen is None or seen[0] != proc.start or seen[2] is None or (
+                        not seen[2] and seen[1] != proc.name):   # new, exec'd, or not listening yet
+                    seen = self.judged[pid] = (proc.start, proc.name, self.judge(proc))
                 if seen[2] and proc.state not in DEAD:
                     found.append(proc)
         finally:
@@ -6065,6 +6095,17 @@ def tcp_states(net: Path) -> dict[str, int] | None:
             if len(fields) > 3:
                 counts[fields[3]] += 1
     return {state: counts[code] for code, state in TCP_STATES.items()} if found else None
+
+
+def listening_sockets(net: Path) -> set[str]:
+    """The inodes of the listening sockets in tcp and tcp6 (state 0A)."""
+    found = set()
+    for name in ("tcp", "tcp6"):
+        for line in (read_text(under(net, name)) or "").splitlines()[1:]:
+            fields = line.split()
+            if len(fields) > 9 and fields[3] == "0A":
+                found.add(fields[9])
+    return found
 
 
 def tcp_states_netlink(families: Iterable[int] = (socket.AF_INET, socket.AF_INET6),

@@ -8687,9 +8687,26 @@ def test_the_default_match_finds_the_gateway_and_not_its_decoys() -> None:
     assert gateway_over("procs-gateway-titled", ["t0"], ("node", ("openclaw", "gateway", "run")))[0][0] == \
         {"gateway_up": 0}                                              # its argv is gone
     assert gateway_over("procs-many", ["t1"], ("bun", ("openclaw", "gateway")))[0][0] == {"gateway_up": 0}
-    anything = gateway_over("procs-many", ["t1"], ("", ("openclaw-gateway-watchdog",)))[0][0]
-    assert anything["gateway_pid"] == 22                                # any program: the sh decoy
-    assert gateway_over("procs-many", ["t1"], ("node", ("gateway", "8080")))[0][0]["gateway_pid"] == 21
+    for match in (("", ("openclaw-gateway-watchdog",)), ("node", ("gateway", "8080"))):   # the sh decoy,
+        assert gateway_over("procs-many", ["t1"], match)[0][0] == {"gateway_up": 0}   # a node: no listener
+
+
+def test_an_openclaw_command_titled_as_the_gateway_is_not_the_gateway(tmp_path: Path) -> None:
+    """`openclaw gateway call health` names itself openclaw-gateway as the gateway does, and listens on
+    no port: neither taken for the gateway while it runs, nor a crash when it ends; once it listens, it
+    is the gateway."""
+    case = HOSTS / "procs-gateway-titled" / "t0" / "proc"
+    cli = tmp_path / "proc"
+    shutil.copytree(case, cli, symlinks=True)
+    for fd in (cli / "7" / "fd").iterdir():
+        if str(fd.readlink()).startswith("socket:"):
+            fd.unlink()
+    watch = otrace.GatewayWatch(("node", ("openclaw", "gateway")), cli, logging.getLogger("otrace.test"))
+    pids = {int(p.name) for p in cli.iterdir() if p.name.isdigit()}
+    assert watch.observe(pids, 1290.0, {}) == ({"gateway_up": 0}, [])
+    assert watch.observe(pids - {7}, 1291.0, {}) == ({"gateway_up": 0}, [])       # it ended: no event
+    watch.procfs = case
+    assert watch.observe(pids, 1292.0, {})[0]["gateway_pid"] == 7                  # a gateway listening
 
 
 def test_a_restart_and_a_disappearance_are_crash_events_with_the_downtime() -> None:
@@ -8723,6 +8740,7 @@ def test_a_pid_reused_by_a_new_gateway_is_found_when_every_pid_is_judged_again(t
     shutil.copytree(sleeper, reused, symlinks=True)
     shutil.rmtree(reused / "6")
     shutil.copytree(gateway / "20", reused / "6", symlinks=True)
+    shutil.copytree(gateway / "net", reused / "6" / "net")       # its listener, in its namespace's view
     watch = otrace.GatewayWatch(("node", ("openclaw", "gateway")), sleeper, logging.getLogger("otrace.test"))
     pids, settled = {1, 3, 4, 5, 6}, 1278.27 + otrace.EXEC_WINDOW      # no exec awaited of pid 6 then
     assert watch.observe(pids, settled, {})[0] == {"gateway_up": 0}
@@ -8742,6 +8760,9 @@ def test_a_wrapper_that_execs_the_gateway_is_found_at_the_next_sample(tmp_path: 
         (root / "6" / "cmdline").write_bytes(b"\0".join(args) + b"\0")
         (root / "6" / "exe").unlink()
         (root / "6" / "exe").symlink_to(exe)
+        listening = HOSTS / "procs-gateway-restart" / "t1" / "proc"             # pid 20's listener
+        shutil.copytree(listening / "net", root / "6" / "net")
+        (root / "6" / "fd" / "99").symlink_to((listening / "20" / "fd" / "18").readlink())
         return root
     wrapper = tree("sh", [b"sh", b"-c", b"exec node /app/openclaw.mjs gateway"], "/usr/bin/dash")
     execd = tree("node", [b"node", b"/app/openclaw.mjs", b"gateway"], "/usr/local/bin/node")
@@ -8884,8 +8905,9 @@ def test_a_live_tree_gives_every_column_and_the_gateway_events_with_the_oom_kill
             shutil.copytree(HOSTS / "v1-oom" / oom, tree)
             shutil.copy(HOSTS / "v1-oom" / "t0" / "proc" / "vmstat", tree / "proc")    # host: no kill
             for entry in (HOSTS / "procs-gateway-restart" / procs / "proc").iterdir():
-                if entry.name.isdigit():
+                if entry.name.isdigit():                   # each with its namespace's view, as in /proc
                     shutil.copytree(entry, tree / "proc" / entry.name, symlinks=True)
+                    shutil.copytree(entry.parent / "net", tree / "proc" / entry.name / "net")
             shutil.copy(HOSTS / "procs-gateway-restart" / procs / "proc" / "uptime", tree / "proc")
             shutil.copytree(HOSTS / "net" / net / "proc" / "net", tree / "proc" / "net")
         for part in ("sys", "proc"):                       # the OOM counts first, then the processes
@@ -9002,7 +9024,7 @@ def test_real_zombies_alert_once_and_recover(run: Callable[..., Otrace]) -> None
         maker.wait(10)
 
 
-NODE_GATEWAY = "setInterval(() => {}, 1 << 30)"
+NODE_GATEWAY = "require('net').createServer().listen(0, '127.0.0.1')"     # a gateway listens
 
 
 @HOST_WIDE
@@ -9054,7 +9076,7 @@ def test_a_real_gateway_killed_by_the_oom_killer_says_so(tmp_path: Path) -> None
     """otrace and a node gateway share a real cgroup (256 MiB); the gateway is told to eat memory."""
     word = f"otrace-oom-{uuid.uuid4().hex[:8]}"
     hog = ("process.on('SIGUSR2', () => { const kept = []; "
-           "setInterval(() => kept.push(Buffer.alloc(8 << 20, 1)), 5) }); setInterval(() => {}, 1 << 30)")
+           "setInterval(() => kept.push(Buffer.alloc(8 << 20, 1)), 5) }); " + NODE_GATEWAY)
     with v1_cgroup(f"otrace-test-{os.getpid()}", -1, 256 << 20) as enter:
         node = Otrace(tmp_path, {"TRACE_METRICS_INTERVAL": "200ms",
                                  "TRACE_GATEWAY_MATCH": f"node:openclaw,gateway,{word}"})
