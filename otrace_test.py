@@ -4850,14 +4850,15 @@ def test_an_outage_the_reserve_ended_is_recorded_once_the_disk_has_room(tmp_path
     with tmpfs(tmp_path / "vol", "3m") as vol:
         node = run({"TRACE_DISK_RESERVE_BYTES": "256KiB", "TRACE_DB_MAX_BYTES": "2MiB",
                     "TRACE_WAL_MAX_BYTES": "256KiB"}, db=vol / "otrace.db")
-        node.wait_log(lambda e: e.get("message") == "listening")
+        assert node.post("/v1/traces", trace()).status == 202
+        node.wait_persisted(1)                              # the writer has its connection (and -shm)
         filler = fill(vol)
         assert node.post("/v1/traces", [trace(input_text="x" * 8000) for _ in range(20)]).status == 202
-        node.wait_persisted(20)                             # in the reserve's room, most of it
+        node.wait_persisted(21)                             # in the reserve's room, most of it
         filler.unlink()
         wait_until(lambda: node.post("/v1/traces", trace()).status == 202, timeout=30,
                    what="ingest open again (the reserve taken back)")
-        node.wait_persisted(21)
+        node.wait_persisted(22)
         event = wait_until(lambda: [e for e in node.rows("error_events") if e["source"] == "otrace"],
                            what="the outage event")[0]
         assert (event["category"], event["severity"]) == ("disk_full", "critical")
