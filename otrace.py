@@ -396,7 +396,7 @@ class Config:
                                 "(all but /health and /metrics).", secret=True)
     max_body_bytes: int = setting("1MiB", size("1KiB", "256MiB"), "Largest request body, after any "
                                   "gzip is undone; a larger one is answered 413. At most "
-                                  "TRACE_MAX_BUFFERED_BYTES.")
+                                  "TRACE_MAX_BUFFERED_BYTES (lowered, with a warning).")
     max_buffered_bytes: int = setting("16MiB", size("64KiB", "4GiB"), "Request bodies held in memory "
                                       "across all connections at once; a request that would pass it is "
                                       "answered 503 before its body is read.")
@@ -567,9 +567,6 @@ class Config:
         if config.debug_tracemalloc and not config.debug:
             raise SettingError("TRACE_DEBUG_TRACEMALLOC=on needs TRACE_DEBUG=on: /debug/memory is what "
                                "reads the traces")
-        if config.max_body_bytes > config.max_buffered_bytes:
-            raise SettingError("TRACE_MAX_BODY_BYTES is over TRACE_MAX_BUFFERED_BYTES: a body that large "
-                               "would find no room for ever (503 each time); raise TRACE_MAX_BUFFERED_BYTES")
         return config
 
     def shown(self) -> dict[str, Any]:
@@ -2226,8 +2223,9 @@ def carry_over(conn: sqlite3.Connection, source: str, target: str, salvage: bool
             (table,)).rowcount for table in EVENT_TABLES)
 
     copy = functools.partial(copy_rows, conn, source, target)
-    steps = [*((table, functools.partial(copy, table, where=f"WHERE synced IN ({UNSYNCED}, {REFUSED})"))
-               for table in EVENT_TABLES),
+    owed = f"synced IN ({UNSYNCED}, {REFUSED})"
+    steps = [*((table, functools.partial(salvage_rows, conn, source, target, table, owed) if salvage else
+                functools.partial(copy, table, where=f"WHERE {owed}")) for table in EVENT_TABLES),
              ("retention_ledger", functools.partial(
                  copy, "retention_ledger", where="WHERE reported_at IS NULL AND unsynced_deleted > 0")),
              ("push_rejects", rejects),
@@ -2237,19 +2235,51 @@ def carry_over(conn: sqlite3.Connection, source: str, target: str, salvage: bool
     with contextlib.nullcontext() if salvage else transaction(conn):
         for name, step in steps:
             try:
-                with transaction(conn) if salvage else contextlib.nullcontext():
+                with transaction(conn) if salvage and name not in EVENT_TABLES else contextlib.nullcontext():
                     moved[name] = step()
             except sqlite3.DatabaseError as exc:
                 if not salvage or sqlite_code(exc) not in CORRUPTION:
                     raise
                 left.append(name)
+    if "push_rejects" in left:       # refused rows with no refusal to report: sent again instead
+        with transaction(conn):
+            for table in EVENT_TABLES:
+                conn.execute(f"UPDATE {target}.{table} SET synced = {UNSYNCED} WHERE synced = {REFUSED}")
     if left:
         log.error("tables left in the damaged database file: their rows not carried over", extra={
             "tables": left})
     return {name: n for name, n in moved.items() if name not in STATE_TABLES}
 
 
+def salvage_rows(conn: sqlite3.Connection, source: str, target: str, table: str, where: str) -> int:
+    """copy_rows from a damaged database: by ranges of row ids, read without an index, each range in a
+    transaction of its own (one that meets the damage fails whole) and halved around what cannot be
+    read, so that the damage keeps only the rows it holds. How many were written."""
+    columns = ", ".join(name for _, name, *_ in conn.execute(f"PRAGMA {target}.table_info({table})")
+                        if name != "id")
+    top = conn.execute(f"SELECT max(id) FROM {source}.{table}").fetchone()[0] or 0
+    ranges = collections.deque((low, min(low + SALVAGE_RANGE - 1, top))
+                               for low in range(1, top + 1, SALVAGE_RANGE))
+    copied = 0
+    while ranges:
+        low, high = ranges.popleft()
+        try:
+            with transaction(conn):
+                copied += conn.execute(
+                    f"INSERT OR IGNORE INTO {target}.{table} ({columns}) SELECT {columns} FROM "
+                    f"{source}.{table} NOT INDEXED WHERE id BETWEEN ? AND ? AND {where}", (low, high)
+                ).rowcount
+        except sqlite3.DatabaseError as exc:
+            if sqlite_code(exc) not in CORRUPTION:
+                raise
+            if low < high:
+                middle = (low + high) // 2
+                ranges.extendleft(((middle + 1, high), (low, middle)))
+    return copied
+
+
 REPLACING = "the database file is being replaced; try again"   # what a reader is told meanwhile
+SALVAGE_RANGE = 1024             # row ids a salvage copies in one transaction, before halving
 
 
 class Database:
@@ -2781,7 +2811,8 @@ class Writer(threading.Thread):
         self.conn: sqlite3.Connection | None = None
         self.conn_path = config.db_path          # the carry file while the path cannot be opened
         self.reopen_fault = FaultLog(self.log, "moving to a new database file")
-        self.damaged = False                     # the file was set aside damaged: move with the batch
+        self.damaged = False                     # a damaged file is being left: move with the batch
+        self.damaged_file: tuple[int, int] | None = None   # its identity, never to be written again
         self.on_fault: Callable[[str], None] = lambda error: None   # told once per streak of failures
         self.on_inserted: Callable[[dict[str, list[tuple]]], None] = lambda rows: None   # what committed
         self.on_committed: Callable[[], None] = lambda: None       # after every batch that committed
@@ -2829,7 +2860,11 @@ class Writer(threading.Thread):
                 self.conn = self.connect(self.conn_path)
                 break
             except (sqlite3.Error, OSError, RuntimeError) as exc:   # RuntimeError: not WAL, a newer schema
-                time.sleep(max(0.0, self.failed(describe(exc)) - time.monotonic()))
+                retry_at = self.failed(describe(exc))
+                self.damage_met(exc)
+                if self.damaged_file and _identity(self.conn_path) == self.damaged_file:   # not set aside
+                    self.conn_path = self.db.carry_path
+                time.sleep(max(0.0, retry_at - time.monotonic()))
         if self.fault.error is not None:      # ingest waits for this: nothing queues while writes fail
             self.outage = self.outage_row()
             self.fault.cleared()
@@ -2862,8 +2897,7 @@ class Writer(threading.Thread):
                     self.flush()
                 except Exception as exc:  # noqa: BLE001 - any failure keeps the batch for a retry
                     retry_at = self.failed(describe(exc))
-                    if sqlite_code(exc) in CORRUPTION:
-                        self.set_aside_damaged(describe(exc))
+                    self.damage_met(exc)
                     continue
                 if self.fault.error is not None:
                     self.outage = self.outage_row()
@@ -2916,6 +2950,7 @@ class Writer(threading.Thread):
                 job.future.set_result(job.run(self.conn))
             except BaseException as exc:  # noqa: BLE001 - handed to whoever waits on the job
                 job.future.set_exception(exc)
+                self.damage_met(exc)          # a push's mark, a retention pass: writes too
 
     def flush(self) -> None:
         """Commit the pending units, in one transaction if their data allows. Units leave `pending` as
@@ -2992,7 +3027,7 @@ class Writer(threading.Thread):
         if time.monotonic() < self.look_at and not (self.wrote_since_look and not self.events.qsize()):
             return
         self.look_at, self.wrote_since_look = time.monotonic() + self.LOOK_EVERY, False
-        if not self.db.moved():
+        if not self.db.moved() and not self.damaged:
             return
         if not self.db.replaced_pending:
             self.db.replaced_pending = True
@@ -3014,20 +3049,33 @@ class Writer(threading.Thread):
         self.log.warning("database file recreated; unpushed rows carried over", extra={
             "db_path": self.config.db_path, "carried_over": moved})
 
-    def set_aside_damaged(self, error: str) -> None:
-        """A write found the file at the path damaged: rename it aside with its -wal and -shm, kept for
-        a hand, and move to a new file as after an rm, carrying what can still be read, the failed
-        batch with it (waiting would not heal the file, and ingest would stay refused)."""
-        if self.conn_path != self.config.db_path or self.db.moved():
-            return                       # the carry file's damage, or the path's file is another now
-        aside = f"{self.config.db_path}.damaged-{time.time_ns() // 1_000_000}"
-        for suffix in ("", "-wal", "-shm"):
-            with contextlib.suppress(FileNotFoundError):
-                Path(self.config.db_path + suffix).rename(aside + suffix)
+    def damage_met(self, exc: BaseException) -> None:
+        """A write or a job found the file at the path damaged (SQLITE_CORRUPT, SQLITE_NOTADB): waiting
+        would not heal it. Rename it aside with its -wal and -shm, kept for a hand, and move to a new
+        file as after an rm, carrying what can still be read, and the batch that could not be written.
+        A file that cannot be renamed (a bind mount of its own) is left for the carry file, and POSTs
+        are answered 503 until it is moved away."""
+        if sqlite_code(exc) not in CORRUPTION or self.damaged or self.conn_path != self.config.db_path:
+            return                       # no damage, being left already, or the carry file's own
         self.damaged = self.db.replaced_pending = True
-        self.look_at = 0.0
+        self.damaged_file, self.look_at = self.db.identity, 0.0
+        said = {"error": describe(exc), "db_path": self.config.db_path}
+        if self.db.moved():              # removed or replaced meanwhile: nothing at the path to set aside
+            self.log.critical("database file is damaged: moving to a new file", extra=said)
+            return
+        aside = f"{self.config.db_path}.damaged-{time.time_ns() // 1_000_000}"
+        try:
+            Path(self.config.db_path).rename(aside)
+        except OSError as refused:
+            said["rename_error"] = describe(refused)
+            self.log.critical("database file is damaged and cannot be set aside: rows wait in the carry "
+                              "file until it is moved away", extra=said)
+            return
+        for suffix in ("-wal", "-shm"):
+            with contextlib.suppress(OSError):
+                Path(self.config.db_path + suffix).rename(aside + suffix)
         self.log.critical("database file is damaged: set aside, moving to a new file", extra={
-            "error": error, "set_aside_as": aside, "db_path": self.config.db_path})
+            **said, "set_aside_as": aside})
 
     def reopen(self) -> dict[str, int]:
         """Copy what the old file owes into the carry file, close the old file, open a new one at the
@@ -3048,6 +3096,8 @@ class Writer(threading.Thread):
             self.conn, self.conn_path = self.connect(carry), carry
         if problem := database_problem(self.config.db_path):   # moved in: not to be written
             raise RuntimeError(problem)
+        if self.damaged_file and _identity(self.config.db_path) == self.damaged_file:
+            raise RuntimeError(f"{self.config.db_path} is damaged and could not be set aside: move it away")
         open_database(self.config.db_path)
         if self.lock is not None:
             self.lock.hold_file()
@@ -9709,7 +9759,8 @@ def health_report(service: Service) -> dict[str, Any]:
         problems.append(f"the gateway log followed is OpenClaw profile {profile}'s, whose session store is "
                         f"~/.openclaw-{profile}, not {service.store.root} (set TRACE_OPENCLAW_STATE_DIR)")
     if db.replaced_pending:
-        problems.append("database file was deleted or replaced: moving to a new one" + (
+        problems.append(("database file is damaged: moving to a new one" if writer.damaged else
+                         "database file was deleted or replaced: moving to a new one") + (
             f" failing: {writer.reopen_fault.error}" if writer.reopen_fault.error else ""))
     main, wal = file_size(service.config.db_path), file_size(service.config.db_path + "-wal")
     if main + wal > service.config.db_max_bytes and wal > service.config.wal_max_bytes:
@@ -10709,8 +10760,9 @@ class Service:
 def settled(config: Config) -> Config:
     """The settings as this process can honour them: the database path resolved once (a symlink's
     target, so the WAL and reserve are found beside the real file), no more connections than file
-    descriptors allow (the soft limit raised toward the hard one first), and batches of at most half
-    the queue (the writer commits while the other half takes requests)."""
+    descriptors allow (the soft limit raised toward the hard one first), bodies no larger than the
+    memory all may hold, and batches of at most half the queue (the writer commits while the other
+    half takes requests)."""
     import resource  # noqa: PLC0415 - imported where needed (see the imports)
     config = dataclasses.replace(config, db_path=os.path.realpath(config.db_path))
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -10725,6 +10777,10 @@ def settled(config: Config) -> Config:
         log.warning("TRACE_MAX_CONNECTIONS is over what the file-descriptor limit allows: lowered", extra={
             "max_connections": config.max_connections, "lowered_to": allowed, "nofile_limit": soft})
         config = dataclasses.replace(config, max_connections=allowed)
+    if config.max_body_bytes > config.max_buffered_bytes:    # else such a body is answered 503 for ever
+        log.warning("TRACE_MAX_BODY_BYTES is over TRACE_MAX_BUFFERED_BYTES: lowered", extra={
+            "max_body_bytes": config.max_body_bytes, "lowered_to": config.max_buffered_bytes})
+        config = dataclasses.replace(config, max_body_bytes=config.max_buffered_bytes)
     if config.batch_size > (half := max(1, config.queue_size // 2)):   # else a full queue refuses first
         log.warning("TRACE_BATCH_SIZE is over half TRACE_QUEUE_SIZE: lowered", extra={
             "batch_size": config.batch_size, "lowered_to": half, "queue_size": config.queue_size})

@@ -325,7 +325,6 @@ def test_version() -> None:
     ("TRACE_PUSH_HEADERS", "x-api-key", "key=value pairs"),
     ("TRACE_PUSH_ENDPOINT", "http://a b/", "an http:// or https:// URL"),      # no such host name
     ("TRACE_PUSH_ENDPOINT", "http://h:0/", "an http:// or https:// URL"),      # no such port
-    ("TRACE_MAX_BODY_BYTES", "32MiB", "over TRACE_MAX_BUFFERED_BYTES"),    # would be 503 for ever
 ])
 def test_bad_setting_exits_2_naming_it(tmp_path: Path, name: str, value: str, accepts: str) -> None:
     env = {**os.environ, "TRACE_DB_PATH": str(tmp_path / "x.db"), name: value}
@@ -4151,12 +4150,10 @@ def test_a_database_file_deleted_before_the_writer_opens_it_is_made_anew_and_no_
     """The file checked at the start is gone when the writer connects: SQLite makes an empty file at
     the path, which the writer must make otrace's before it writes there (its tables, WAL mode)."""
     path = tmp_path / "otrace.db"
-    service = otrace.Service(otrace.Config(db_path=str(path), port=0, otlp_port=0, metrics_interval=0.0,
-                                           openclaw_state_dir="off"))
+    service = service_at(path)
     try:
         path.unlink()
-        assert service.events.offer(otrace.Unit([otrace.event_row(otrace.TRACES, otrace.trace_row, {
-            "provider": "p", "model": "m", "trace_id": "after"}, "http")]))
+        assert service.events.offer(one_call("after"))
         service.writer.start()
         assert service.events.wait_drained(30)
         wait_until(lambda: not service.db.replaced_pending, 30, "the writer at home in the new file")
@@ -4167,10 +4164,7 @@ def test_a_database_file_deleted_before_the_writer_opens_it_is_made_anew_and_no_
             assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
     finally:
-        service.events.submit(None)
-        service.writer.join(10)
-        service.server.release()
-        service.db.close()
+        stopped(service)
 
 
 def damage(path: Path, table: str) -> None:
@@ -4190,12 +4184,10 @@ def test_a_damaged_database_file_is_set_aside_and_what_it_owes_that_can_be_read_
     carrying what the damaged file owes where it can still be read."""
     path = tmp_path / "otrace.db"
     made = seed(path, [("trace", 100, 0), ("metric", 20, 0)], age_days=0.01)
-    service = otrace.Service(otrace.Config(db_path=str(path), port=0, otlp_port=0, metrics_interval=0.0,
-                                           openclaw_state_dir="off"))
+    service = service_at(path)
     try:
         damage(path, "llm_traces")
-        assert service.events.offer(otrace.Unit([otrace.event_row(otrace.TRACES, otrace.trace_row, {
-            "provider": "p", "model": "m", "trace_id": "after"}, "http")]))
+        assert service.events.offer(one_call("after"))
         service.writer.start()
         assert service.events.wait_drained(60)
         wait_until(lambda: not service.db.replaced_pending, 30, "the writer in a new file")
@@ -4210,10 +4202,150 @@ def test_a_damaged_database_file_is_set_aside_and_what_it_owes_that_can_be_read_
         assert service.counters.snapshot()["dropped"] == 0
         assert service.writer.fault.error is None and service.writer.reopen_fault.error is None
     finally:
-        service.events.submit(None)
-        service.writer.join(10)
-        service.server.release()
-        service.db.close()
+        stopped(service)
+
+
+def service_at(path: Path, **settings: Any) -> otrace.Service:
+    """otrace in this process on the database at `path`, its threads not started."""
+    return otrace.Service(otrace.Config(db_path=str(path), port=0, otlp_port=0, metrics_interval=0.0,
+                                        openclaw_state_dir="off", **settings))
+
+
+def stopped(service: otrace.Service) -> None:
+    service.events.submit(None)
+    service.writer.join(10)
+    service.server.release()
+    service.db.close()
+
+
+def one_call(trace_id: str) -> otrace.Unit:
+    return otrace.Unit([otrace.event_row(otrace.TRACES, otrace.trace_row, {
+        "provider": "p", "model": "m", "trace_id": trace_id}, "http")])
+
+
+def damage_page(path: Path, number: int) -> None:
+    """Overwrite page `number` of the database file at `path`."""
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        [(page,)] = conn.execute("PRAGMA page_size").fetchall()
+    with open(path, "r+b") as f:
+        f.seek((number - 1) * page)
+        f.write(b"\xff" * page)
+
+
+def test_damage_a_push_marking_its_rows_meets_is_left_and_its_rows_go_once_more(
+        tmp_path: Path, receiver: Receiver) -> None:
+    """A job is a write too: the push's mark meets damage (an index it updates), the file is set aside
+    and the batch goes once more, from the new file, where it is marked."""
+    path = tmp_path / "otrace.db"
+    made = seed(path, [("trace", 20, 0)], age_days=0.01)["trace/0"]
+    service = service_at(path, push_endpoint=receiver.url)
+    damage(path, "llm_traces_pushed")
+    service.writer.start()
+    try:
+        wait_until(lambda: service.writer.conn, 30, "the writer's connection")
+        for _ in range(3):
+            with contextlib.suppress(Exception):         # the first cycle's mark fails: it says so
+                service.pusher.push(None)
+            wait_until(lambda: not service.db.replaced_pending, 30, "the writer in a new file")
+        assert list(tmp_path.glob("otrace.db.damaged-*[0-9]"))
+        sent = [e["trace_id"] for r in receiver.requests if r["answered"] == 200 for e in r["json"]["events"]]
+        assert collections.Counter(sent) == collections.Counter(made * 2)
+        assert service.db.query("SELECT count(*) FROM llm_traces WHERE synced = 0") == [(0,)]
+    finally:
+        stopped(service)
+
+
+def test_damage_keeps_only_the_rows_it_holds_and_refused_rows_without_their_refusal_go_again(
+        tmp_path: Path) -> None:
+    """The salvage reads a damaged table by ranges of ids, halved around the damage: a damaged page of
+    rows pushed long ago keeps none of the unpushed rows back. A refused row whose refusal could not
+    be carried (push_rejects damaged) is sent again, not kept refused with nothing to report."""
+    path = tmp_path / "otrace.db"
+    made = seed(path, [("trace", 400, 1), ("trace", 10, 2), ("trace", 30, 0)], age_days=0.01)
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.execute("INSERT INTO push_rejects (table_name, row_id, trace_id, rejected_at, http_status, "
+                     "reason) SELECT 'llm_traces', id, trace_id, 1, 400, 'x' FROM llm_traces "
+                     "WHERE synced = 2")
+        conn.commit()
+        conn.execute("VACUUM")
+    leaf = path.read_bytes().find(made["trace/1"][200].encode()) // 4096 + 1
+    service = service_at(path)
+    try:
+        damage(path, "llm_traces_created")                        # what the next insert meets
+        damage(path, "push_rejects")
+        damage_page(path, leaf)                                   # rows pushed long ago
+        assert service.events.offer(one_call("after"))
+        service.writer.start()
+        assert service.events.wait_drained(60)
+        wait_until(lambda: not service.db.replaced_pending, 30, "the writer in a new file")
+        with contextlib.closing(sqlite3.connect(path)) as conn:
+            flags = dict(conn.execute("SELECT trace_id, synced FROM llm_traces"))
+        assert flags == dict.fromkeys((*made["trace/2"], *made["trace/0"], "after"), 0)
+    finally:
+        stopped(service)
+
+
+@pytest.mark.parametrize("how", ["removed too", "header"])
+def test_damage_is_left_whether_the_file_was_removed_too_or_the_writer_cannot_open_it(
+        tmp_path: Path, how: str) -> None:
+    """Damage on a file also rm'd: nothing to rename, the batch still goes to a new file. Damage in the
+    header (SQLITE_NOTADB) that the writer's own connection meets: set aside, and a new file made."""
+    path = tmp_path / "otrace.db"
+    seed(path, [("trace", 50, 0)], age_days=0.01)
+    service = service_at(path)
+    try:
+        if how == "header":
+            damage_page(path, 1)
+        else:
+            service.writer.start()
+            wait_until(lambda: service.writer.conn, 30, "the writer's connection")
+            damage(path, "llm_traces")
+            for suffix in ("", "-wal", "-shm"):
+                Path(f"{path}{suffix}").unlink(missing_ok=True)
+        assert service.events.offer(one_call("after"))
+        if how == "header":
+            service.writer.start()
+        assert service.events.wait_drained(60)
+        wait_until(lambda: not service.db.replaced_pending, 30, "the writer in a new file")
+        assert not service.writer.failing
+        with contextlib.closing(sqlite3.connect(path)) as conn:
+            assert conn.execute("SELECT trace_id FROM llm_traces").fetchall() == [("after",)]
+    finally:
+        stopped(service)
+
+
+def test_a_damaged_file_that_cannot_be_renamed_leaves_rows_in_the_carry_file_until_it_is_moved(
+        tmp_path: Path) -> None:
+    """A database file that is a mount of its own (`docker run -v host.db:/data/otrace.db`) cannot be
+    renamed (EBUSY): the writer lives on, writes to the carry file, ingest is refused and /health says
+    why, until the file is moved away (here: unmounted); then the rows go to a new file at the path."""
+    host = tmp_path / "host.db"
+    seed(host, [("trace", 50, 0)], age_days=0.01)
+    path = tmp_path / "data" / "otrace.db"
+    path.parent.mkdir()
+    path.touch()
+    subprocess.run(["mount", "--bind", str(host), str(path)], check=True)
+    mounted = True
+    service = service_at(path)
+    try:
+        damage(path, "llm_traces")
+        assert service.events.offer(one_call("after"))
+        service.writer.start()
+        assert service.events.wait_drained(60)                   # committed to the carry file
+        wait_until(lambda: service.writer.reopen_fault.error, 30, "the move refused")
+        assert "is damaged and could not be set aside" in service.writer.reopen_fault.error
+        assert service.writer.is_alive() and service.writer.failing
+        assert "database file is damaged" in service.health()["problems"][0]
+        subprocess.run(["umount", str(path)], check=True)
+        mounted = False
+        wait_until(lambda: not service.db.replaced_pending, 30, "the writer in a new file")
+        assert not service.writer.failing
+        with contextlib.closing(sqlite3.connect(path)) as conn:
+            assert conn.execute("SELECT trace_id FROM llm_traces").fetchall() == [("after",)]
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(path)], check=False)
+        stopped(service)
 
 
 def waits_in(thread: threading.Thread, function: str) -> bool:
@@ -4230,8 +4362,7 @@ def test_a_push_that_waited_out_a_move_marks_the_rows_it_read_from_the_new_file(
     move is done, and reads the new file: its 2xx marks those rows (they are not sent again)."""
     path = tmp_path / "otrace.db"
     made = seed(path, [("trace", 100, 0)], age_days=0.01)["trace/0"]
-    service = otrace.Service(otrace.Config(db_path=str(path), port=0, otlp_port=0, metrics_interval=0.0,
-                                           openclaw_state_dir="off", push_endpoint=receiver.url))
+    service = service_at(path, push_endpoint=receiver.url)
     service.writer.start()
     try:
         wait_until(lambda: service.writer.conn, 30, "the writer's connection")
@@ -4240,8 +4371,7 @@ def test_a_push_that_waited_out_a_move_marks_the_rows_it_read_from_the_new_file(
         pushing.start()
         wait_until(lambda: waits_in(pushing, "_admit"), 30, "the push waiting to read")
         path.unlink()                                        # what the writer moves for
-        assert service.events.offer(otrace.Unit([otrace.event_row(otrace.TRACES, otrace.trace_row, {
-            "provider": "p", "model": "m", "trace_id": "after"}, "http")]))   # it looks after a write
+        assert service.events.offer(one_call("after"))   # it looks after a write
         pushing.join(60)
         assert not pushing.is_alive()
         assert service.writer.conn_path == str(path)
@@ -4250,10 +4380,7 @@ def test_a_push_that_waited_out_a_move_marks_the_rows_it_read_from_the_new_file(
         unsynced = {t for (t,) in service.db.query("SELECT trace_id FROM llm_traces WHERE synced = 0")}
         assert unsynced == {"after"} - set(sent)
     finally:
-        service.events.submit(None)
-        service.writer.join(10)
-        service.server.release()
-        service.db.close()
+        stopped(service)
 
 
 def carried(path: Path, new: Path) -> None:
@@ -4927,13 +5054,19 @@ def test_max_connections_over_the_descriptor_limit_is_lowered_and_said(tmp_path:
     assert node.logs("accepting connections failing") == []
 
 
-def test_a_batch_over_half_the_queue_is_lowered_and_said(run: Callable[..., Otrace]) -> None:
+def test_settings_that_could_not_work_together_are_lowered_and_said(run: Callable[..., Otrace]) -> None:
     """A batch the queue cannot hold twice would make the writer wait for requests the full queue
-    refuses: lowered to half the queue, as the gate holds requests back once half of it waits."""
-    node = run({"TRACE_QUEUE_SIZE": "9", "TRACE_BATCH_SIZE": "10000"})
+    refuses: lowered to half the queue, as the gate holds requests back once half of it waits. A body
+    larger than the memory for all bodies would be answered 503 for ever: 413 names the limit."""
+    node = run({"TRACE_QUEUE_SIZE": "9", "TRACE_BATCH_SIZE": "10000", "TRACE_MAX_BUFFERED_BYTES": "64KiB"})
     lowered = node.wait_log(lambda e: e.get("message", "").startswith("TRACE_BATCH_SIZE is over half"))
     assert (lowered["lowered_to"], lowered["queue_size"]) == (4, 9)
-    assert node.logs("starting")[0]["settings"]["batch_size"] == 4
+    body = node.wait_log(lambda e: e.get("message", "").startswith("TRACE_MAX_BODY_BYTES is over"))
+    assert (body["max_body_bytes"], body["lowered_to"]) == (1 << 20, 64 << 10)
+    assert {k: node.logs("starting")[0]["settings"][k] for k in ("batch_size", "max_body_bytes")} == {
+        "batch_size": 4, "max_body_bytes": 64 << 10}
+    big = node.post("/v1/traces", json.dumps(trace(input_text="x" * 70_000)))
+    assert big.status == 413 and "TRACE_MAX_BODY_BYTES" in big.json["error"]
 
 
 def test_make_run_stops_with_the_make_that_started_it(tmp_path: Path) -> None:
@@ -8345,18 +8478,14 @@ def test_a_statement_its_own_data_breaks_is_dropped_and_the_writer_goes_on(tmp_p
         bad = ("INSERT INTO otrace_state (key, value, updated_at) VALUES (?, ?, ?)", ("big", 2**70, 1))
         good = ("INSERT INTO otrace_state (key, value, updated_at) VALUES (?, ?, ?)", ("small", 7, 1))
         assert service.events.offer(otrace.Unit([], (bad, good)))
-        assert service.events.offer(otrace.Unit([otrace.event_row(otrace.TRACES, otrace.trace_row, {
-            "provider": "p", "model": "m", "trace_id": "after"}, "http")]))
+        assert service.events.offer(one_call("after"))
         assert service.events.wait_drained(30)
         assert service.counters.snapshot()["dropped"] == 1
         assert service.writer.fault.error is None and not service.writer.failing
         assert service.db.query("SELECT key, value FROM otrace_state") == [("small", 7)]
         assert service.db.query("SELECT trace_id FROM llm_traces") == [("after",)]
     finally:
-        service.events.submit(None)
-        service.writer.join(10)
-        service.server.release()
-        service.db.close()
+        stopped(service)
 
 
 @needs_otlp_fixtures
