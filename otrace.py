@@ -2257,7 +2257,7 @@ def salvage_rows(conn: sqlite3.Connection, source: str, target: str, table: str,
     read, so that the damage keeps only the rows it holds. How many were written."""
     columns = ", ".join(name for _, name, *_ in conn.execute(f"PRAGMA {target}.table_info({table})")
                         if name != "id")
-    top = conn.execute(f"SELECT max(id) FROM {source}.{table}").fetchone()[0] or 0
+    top = highest_id(conn, source, target, table)
     ranges = collections.deque((low, min(low + SALVAGE_RANGE - 1, top))
                                for low in range(1, top + 1, SALVAGE_RANGE))
     copied = 0
@@ -2276,6 +2276,22 @@ def salvage_rows(conn: sqlite3.Connection, source: str, target: str, table: str,
                 middle = (low + high) // 2
                 ranges.extendleft(((middle + 1, high), (low, middle)))
     return copied
+
+
+def highest_id(conn: sqlite3.Connection, source: str, target: str, table: str) -> int:
+    """The highest row id of a damaged table: from the table (its newest page), else from any of its
+    indexes (each holds every row id), the first that can be read."""
+    indexes = [name for _, name, _, _, partial in conn.execute(f"PRAGMA {target}.index_list({table})")
+               if not partial]                  # a partial index holds only some of the rows
+    damage = None
+    for hint in ("", *(f" INDEXED BY {name}" for name in indexes)):
+        try:
+            return conn.execute(f"SELECT max(id) FROM {source}.{table}{hint}").fetchone()[0] or 0
+        except sqlite3.DatabaseError as exc:
+            if sqlite_code(exc) not in CORRUPTION:
+                raise
+            damage = exc
+    raise damage
 
 
 REPLACING = "the database file is being replaced; try again"   # what a reader is told meanwhile
@@ -3044,7 +3060,7 @@ class Writer(threading.Thread):
             self.reopen_fault.failed(describe(exc))
             return
         self.reopen_fault.cleared()
-        self.damaged = False
+        self.damaged, self.damaged_file = False, None      # its inode may be a new file's one day
         self.db.reopened(moved)
         self.log.warning("database file recreated; unpushed rows carried over", extra={
             "db_path": self.config.db_path, "carried_over": moved})
@@ -5926,6 +5942,8 @@ class GatewayWatch:
         self.program = re.compile(re.escape(program) + r"(?:js)?(?:[-_.]?\d[\w.-]*)?") if program else None
         self.procfs, self.log = procfs, logger
         self.judged: dict[int, tuple[int, str, bool | None]] = {}   # pid -> (start, name, judge())
+        self.starting: list[Proc] = []       # this sample's processes like it that listen on nothing yet
+        self.listening: dict[str, set[str]] = {}   # this sample's listening sockets, by namespace
         self.samples = 0
         self.current: Proc | None = None
         self.seen_at = 0.0                   # uptime when it was last seen
@@ -5974,8 +5992,15 @@ class GatewayWatch:
             return True
         except OSError:
             return False
+        if not sockets:
+            return False
         own = self.procfs / str(pid) / "net"                     # its namespace's view, where there is one
-        return bool(sockets & listening_sockets(own if own.is_dir() else self.procfs / "net"))
+        net, key = (own, "") if own.is_dir() else (self.procfs / "net", "-")
+        with contextlib.suppress(OSError):
+            key = str((self.procfs / str(pid) / "ns" / "net").readlink())
+        if key not in self.listening:
+            self.listening[key] = listening_sockets(net)         # once a sample for each namespace
+        return bool(sockets & self.listening[key])
 
     def matching(self, pids: set[int], at: float) -> list[Proc]:
         """The live processes among `pids` that match, their stat read now (`at`: uptime)."""
@@ -5984,7 +6009,7 @@ class GatewayWatch:
         self.judged = {pid: seen for pid, seen in self.judged.items()
                        if pid in pids and (seen[2] or not again)}
         settled = (at - EXEC_WINDOW) * CLOCK_TICKS              # started before it: no exec awaited
-        found = []
+        found, self.starting, self.listening = [], [], {}
         root = os.open(self.procfs, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             for pid in pids:
@@ -5997,18 +6022,23 @@ class GatewayWatch:
                 if seen is None or seen[0] != proc.start or seen[2] is None or (
                         not seen[2] and seen[1] != proc.name):   # new, exec'd, or not listening yet
                     seen = self.judged[pid] = (proc.start, proc.name, self.judge(proc))
-                if seen[2] and proc.state not in DEAD:
-                    found.append(proc)
+                if seen[2] is not False and proc.state not in DEAD:
+                    (found if seen[2] else self.starting).append(proc)
         finally:
             os.close(root)
         return found
 
     def find(self, pids: set[int], at: float) -> Proc | None:
-        """The gateway: the one already known while it lives, else the oldest match."""
+        """The gateway: the one already known while it lives (listening or not yet), else the oldest
+        match; when the known one is gone, one that started after it and does not listen yet is its
+        successor starting (a restart, not a disappearance)."""
         found = self.matching(pids, at)
         known = self.current
-        return next((p for p in found if known and (p.pid, p.start) == (known.pid, known.start)),
-                    min(found, key=lambda p: (p.start, p.pid), default=None))
+        if known is None:
+            return min(found, key=lambda p: (p.start, p.pid), default=None)
+        alive = [p for p in (*found, *self.starting) if (p.pid, p.start) == (known.pid, known.start)]
+        later = [p for p in self.starting if p.start > known.start]
+        return (alive or [min(found or later, key=lambda p: (p.start, p.pid), default=None)])[0]
 
     def observe(self, pids: set[int], at: float, oom: dict[str, int]) -> tuple[dict[str, Any], list[Row]]:
         """This sample's gateway columns (usage over the interval since the last one) and events."""
@@ -6798,12 +6828,8 @@ class LogTailer(QuietReader):
 
     # -- which file
     def folder(self) -> Path:
-        return self.folder_of(self.config.log_path)
-
-    @staticmethod
-    def folder_of(log_path: str) -> Path:
         """The directory the log's files are in."""
-        path = Path(log_path)
+        path = Path(self.config.log_path)
         return path if os.path.isdir(path) else path.parent  # noqa: PTH112 - Path's raises on EACCES
 
     def target(self) -> str | None:
@@ -7143,12 +7169,13 @@ ENTRIES_SQL = """
 
 
 def openclaw_state_dir(setting: str, environ: Mapping[str, str] = os.environ,
-                       gateway_here: bool = False, logs: Path | None = None) -> Path | None:
+                       gateway_here: bool = False, log_path: str = "") -> Path | None:
     """The state directory TRACE_OPENCLAW_STATE_DIR names: a path as given; auto: $OPENCLAW_STATE_DIR
     if set, else ~/.openclaw of this user when it exists, or when otrace follows the gateway's log
     (`gateway_here`: a store the gateway makes later must not find its calls already stored from
-    OpenClaw's spans and log); ~/.openclaw-<profile> instead when the newest log in `logs` is an
-    OpenClaw profile's and that directory exists. None for off, or auto finding neither."""
+    OpenClaw's spans and log); ~/.openclaw-<profile> instead when the log followed (TRACE_LOG_PATH's
+    file, or the newest in its directory) is an OpenClaw profile's and that directory exists. None for
+    off, or auto finding neither."""
     if setting == "off":
         return None
     if setting != "auto":
@@ -7160,18 +7187,50 @@ def openclaw_state_dir(setting: str, environ: Mapping[str, str] = os.environ,
     except (RuntimeError, KeyError):       # no $HOME and a uid the password database does not know
         return None
     with contextlib.suppress(OSError):
-        dated = [p for p in (logs.iterdir() if logs else ()) if LOG_NAME.fullmatch(p.name)]
+        logs = Path(log_path)
+        dated = [p for p in logs.iterdir() if LOG_NAME.fullmatch(p.name)] if logs.is_dir() else [logs]
         newest = max(dated, key=lambda p: (p.name[-14:], p.stat().st_mtime), default=None)
-        profile = newest and LOG_NAME.fullmatch(newest.name)["profile"]
-        if profile and (mine := home.with_name(f".openclaw-{profile}")).is_dir():
+        profile = newest and log_profile(str(newest))
+        if profile and (mine := state_dir_of(home, profile)).is_dir():
             return mine
     return home if gateway_here or home.is_dir() else None
 
 
+def state_dir_of(home: Path, profile: str | None) -> Path:
+    """Where OpenClaw keeps a profile's state, next to ~/.openclaw (`home`), the default profile's."""
+    return home.with_name(f".openclaw-{profile}") if profile else home
+
+
 def log_profile(path: str | None) -> str | None:
-    """The OpenClaw profile whose gateway writes the log file at `path` (openclaw-<profile>-DATE.log)."""
+    """The OpenClaw profile whose gateway writes the log file at `path` (openclaw-<profile>-DATE.log),
+    its name as OpenClaw writes it there undone ('-' is '--', '_' '-0', a capital '-1' and the letter,
+    another character '-2', its code in hex and '-'); None for the default profile, or a name written
+    as a hash."""
     match = LOG_NAME.fullmatch(Path(path).name) if path else None
-    return match and match["profile"]
+    written = match and match["profile"]
+    if not written:
+        return None
+    name, at = [], 0
+    try:
+        while at < len(written):
+            if written[at] != "-":
+                name.append(written[at])
+                at += 1
+            elif (code := written[at + 1]) in "-0":
+                name.append("-" if code == "-" else "_")
+                at += 2
+            elif code == "1":
+                name.append(written[at + 2].upper())
+                at += 3
+            elif code == "2":
+                end = written.index("-", at + 2)
+                name.append(chr(int(written[at + 2:end], 16)))
+                at = end + 1
+            else:
+                return None
+    except (IndexError, ValueError):
+        return None
+    return "".join(name)
 
 
 def store_trace_id(agent: str, session: str, entry: str) -> str:
@@ -9753,11 +9812,13 @@ def health_report(service: Service) -> dict[str, Any]:
         problems.append(f"OpenClaw's state directory {service.store.root} is not there: the model calls and "
                         "failures the gateway logs come from its session store, and are not stored until "
                         "it is (TRACE_OPENCLAW_STATE_DIR)")
-    profile = log_profile(service.tailer and service.tailer.current and service.tailer.current.path)
-    if service.store and profile and service.config.openclaw_state_dir == "auto" and \
-            service.store.root.name != f".openclaw-{profile}" and not os.environ.get("OPENCLAW_STATE_DIR"):
-        problems.append(f"the gateway log followed is OpenClaw profile {profile}'s, whose session store is "
-                        f"~/.openclaw-{profile}, not {service.store.root} (set TRACE_OPENCLAW_STATE_DIR)")
+    followed = service.tailer and service.tailer.current
+    if followed and service.store and service.config.openclaw_state_dir == "auto" and \
+            not os.environ.get("OPENCLAW_STATE_DIR") and \
+            service.store.root != (want := state_dir_of(service.store.root.with_name(".openclaw"),
+                                                          profile := log_profile(followed.path))):
+        problems.append(f"the gateway log followed is OpenClaw profile {profile or 'default'}'s, whose "
+                        f"session store is {want}, not {service.store.root} (set TRACE_OPENCLAW_STATE_DIR)")
     if db.replaced_pending:
         problems.append(("database file is damaged: moving to a new one" if writer.damaged else
                          "database file was deleted or replaced: moving to a new one") + (
@@ -10666,7 +10727,7 @@ class Service:
             if config.metrics_interval else None
         self.debug = Debug(self) if config.debug else None
         state_dir = openclaw_state_dir(config.openclaw_state_dir, gateway_here=bool(config.log_path),
-                                       logs=config.log_path and LogTailer.folder_of(config.log_path))
+                                       log_path=config.log_path)
         self.store = SessionStore(config, self.events, self.db, state_dir) if state_dir else None
         self.tailer = LogTailer(config, self.events, self.db, store_followed=self.store is not None) \
             if config.log_path else None

@@ -4285,6 +4285,34 @@ def test_damage_keeps_only_the_rows_it_holds_and_refused_rows_without_their_refu
         stopped(service)
 
 
+def test_damage_on_the_newest_page_keeps_back_no_unpushed_row_of_the_pages_before(tmp_path: Path) -> None:
+    """The highest id of a table whose newest page is damaged comes from one of its indexes."""
+    path = tmp_path / "otrace.db"
+    made = seed(path, [("trace", 30, 0), ("trace", 400, 1)], age_days=0.01)
+    leaf = path.read_bytes().find(made["trace/1"][-1].encode()) // 4096 + 1
+    service = service_at(path)
+    try:
+        damage(path, "llm_traces_created")                       # what the next insert meets
+        damage_page(path, leaf)                                  # the newest page: pushed rows only
+        assert service.events.offer(one_call("after"))
+        service.writer.start()
+        assert service.events.wait_drained(60)
+        wait_until(lambda: not service.db.replaced_pending, 30, "the writer in a new file")
+        with contextlib.closing(sqlite3.connect(path)) as conn:
+            unsynced = {t for (t,) in conn.execute("SELECT trace_id FROM llm_traces WHERE synced = 0")}
+        assert unsynced == {*made["trace/0"], "after"}
+        for aside in tmp_path.glob("otrace.db.damaged-*"):       # a hand deletes it; its inode may be
+            aside.unlink()                                       # the next file's: a good one restored
+        otrace.open_database(str(backup := tmp_path / "restored.db"))
+        backup.rename(path)
+        assert service.events.offer(one_call("after the restore"))
+        assert service.events.wait_drained(60)
+        wait_until(lambda: not service.db.replaced_pending, 30, "the restored file taken")
+        assert service.writer.reopen_fault.error is None and not service.writer.failing
+    finally:
+        stopped(service)
+
+
 @pytest.mark.parametrize("how", ["removed too", "header"])
 def test_damage_is_left_whether_the_file_was_removed_too_or_the_writer_cannot_open_it(
         tmp_path: Path, how: str) -> None:
@@ -4335,7 +4363,7 @@ def test_a_damaged_file_that_cannot_be_renamed_leaves_rows_in_the_carry_file_unt
         wait_until(lambda: service.writer.reopen_fault.error, 30, "the move refused")
         assert "is damaged and could not be set aside" in service.writer.reopen_fault.error
         assert service.writer.is_alive() and service.writer.failing
-        assert "database file is damaged" in service.health()["problems"][0]
+        assert any("database file is damaged" in problem for problem in service.health()["problems"])
         subprocess.run(["umount", str(path)], check=True)
         mounted = False
         wait_until(lambda: not service.db.replaced_pending, 30, "the writer in a new file")
@@ -4343,9 +4371,9 @@ def test_a_damaged_file_that_cannot_be_renamed_leaves_rows_in_the_carry_file_unt
         with contextlib.closing(sqlite3.connect(path)) as conn:
             assert conn.execute("SELECT trace_id FROM llm_traces").fetchall() == [("after",)]
     finally:
+        stopped(service)                                         # its files closed: nothing holds the mount
         if mounted:
-            subprocess.run(["umount", str(path)], check=False)
-        stopped(service)
+            subprocess.run(["umount", "--lazy", str(path)], check=False)
 
 
 def waits_in(thread: threading.Thread, function: str) -> bool:
@@ -6733,10 +6761,17 @@ def test_openclaw_settings_and_where_auto_looks(tmp_path: Path, monkeypatch: pyt
     logs.mkdir()
     (logs / "openclaw-2026-12-01.log").touch()
     (logs / "openclaw-work-2026-12-02.log").touch()
-    assert otrace.openclaw_state_dir("auto", {}, True, logs) == tmp_path / ".openclaw"   # no such directory
+    assert otrace.openclaw_state_dir("auto", {}, True, str(logs)) == tmp_path / ".openclaw"   # none there
     (tmp_path / ".openclaw-work").mkdir()
-    assert otrace.openclaw_state_dir("auto", {}, True, logs) == tmp_path / ".openclaw-work"
-    assert otrace.log_profile(str(logs / "openclaw-work-2026-12-02.log")) == "work"
+    assert otrace.openclaw_state_dir("auto", {}, True, str(logs)) == tmp_path / ".openclaw-work"
+    mine = str(logs / "openclaw-2026-12-01.log")              # TRACE_LOG_PATH naming one file: its own
+    assert otrace.openclaw_state_dir("auto", {}, True, mine) == tmp_path / ".openclaw"
+    (logs / "openclaw-work--bot-2026-12-03.log").touch()      # the name OpenClaw writes for work-bot
+    (tmp_path / ".openclaw-work-bot").mkdir()
+    assert otrace.openclaw_state_dir("auto", {}, True, str(logs)) == tmp_path / ".openclaw-work-bot"
+    assert [otrace.log_profile(f"openclaw-{written}-2026-12-02.log") for written in (
+        "work", "work--bot", "my-0bot", "-1work", "a-22e-b", "-3c0ffee")] == [
+        "work", "work-bot", "my_bot", "Work", "a.b", None]                 # a hashed name: None
     assert otrace.log_profile(str(logs / "openclaw-2026-12-01.log")) is None
     for name, value, accepts in (("TRACE_OPENCLAW_POLL", "5ms", "a duration from 10ms to 1h"),
                                  ("TRACE_OPENCLAW_STATE_DIR", " ", "auto, off, or the path of a directory")):
@@ -7411,7 +7446,7 @@ def test_a_default_state_dir_not_there_yet_is_waited_for_so_no_call_counts_twice
     (tmp_path / "openclaw" / "openclaw-work-2026-12-02.log").write_text("")
     problems = wait_until(lambda: node.health()["problems"], what="the other profile's log followed")
     assert problems == [f"the gateway log followed is OpenClaw profile work's, whose session store is "
-                        f"~/.openclaw-work, not {home / '.openclaw'} (set TRACE_OPENCLAW_STATE_DIR)"]
+                        f"{home / '.openclaw-work'}, not {home / '.openclaw'} (set TRACE_OPENCLAW_STATE_DIR)"]
     assert node.stop() == 0
     node = run(env, db=node.db_path)
     node.wait_log(lambda e: e.get("message") == "following OpenClaw's session store")
@@ -8903,6 +8938,43 @@ def test_a_wrapper_that_execs_the_gateway_is_found_at_the_next_sample(tmp_path: 
         assert watch.observe(pids, first_seen, {})[0] == {"gateway_up": 0}
         watch.procfs = execd
         assert watch.observe(pids, first_seen + 1, {})[0]["gateway_up"] == expected
+
+
+LATE_LISTENER = ("import socket, sys, time; time.sleep(float(sys.argv[1])); s = socket.socket(); "
+                 "s.bind(('127.0.0.1', 0)); s.listen(); time.sleep(120)")
+
+
+def test_a_gateway_restarted_is_one_restart_while_the_new_one_starts_to_listen() -> None:
+    """A restart whose new gateway takes a while to listen (OpenClaw's: seconds, a minute cold) is one
+    `restarted` event, not the gateway gone (critical) and back: the process like it that started
+    after the known one is its successor starting."""
+    word = f"otrace-restart-{uuid.uuid4().hex[:8]}"
+    watch = otrace.GatewayWatch(("", (word,)), Path("/proc"), logging.getLogger("otrace.test"))
+
+    def sample() -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        pids = {int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()}
+        columns, rows = watch.observe(pids, otrace.read_uptime(Path("/proc")), {})
+        return columns, [dict(zip(otrace.ERRORS.columns, r.values, strict=True)) for r in rows]
+
+    old = subprocess.Popen([sys.executable, "-c", LATE_LISTENER, "0", word])
+    new = None
+    try:
+        wait_until(lambda: sample()[0]["gateway_up"], 30, "the first gateway listening")
+        old.kill()
+        old.wait()
+        new = subprocess.Popen([sys.executable, "-c", LATE_LISTENER, "3600", word])   # never listens here
+        wait_until(lambda: Path(f"/proc/{new.pid}/cmdline").read_bytes().count(word.encode()), 30,
+                   what="its successor running")
+        columns, events = sample()
+        assert columns["gateway_pid"] == new.pid
+        assert [(e["severity"], json.loads(e["metadata"])["change"]) for e in events] == [
+            ("error", "restarted")]
+        assert sample()[1] == []                                  # still starting: nothing more
+    finally:
+        for proc in (old, new):
+            if proc is not None:
+                proc.kill()
+                proc.wait()
 
 
 def test_a_gateway_that_renames_itself_stays_the_gateway(tmp_path: Path) -> None:
