@@ -6021,7 +6021,10 @@ class GatewayWatch:
                     continue
                 if seen is None or seen[0] != proc.start or seen[2] is None or (
                         not seen[2] and seen[1] != proc.name):   # new, exec'd, or not listening yet
-                    seen = self.judged[pid] = (proc.start, proc.name, self.judge(proc))
+                    verdict = self.judge(proc)
+                    if verdict is False and seen and seen[2] is None and seen[0] == proc.start:
+                        verdict = None           # renaming itself (process.title) rewrites its argv
+                    seen = self.judged[pid] = (proc.start, proc.name, verdict)
                 if seen[2] is not False and proc.state not in DEAD:
                     (found if seen[2] else self.starting).append(proc)
         finally:

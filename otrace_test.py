@@ -8977,6 +8977,25 @@ def test_a_gateway_restarted_is_one_restart_while_the_new_one_starts_to_listen()
                 proc.wait()
 
 
+def test_a_successor_rewriting_its_command_line_as_it_starts_stays_the_gateway(tmp_path: Path) -> None:
+    """The known gateway gone, the one like it that started after it is its successor; while it renames
+    itself (process.title rewrites its argv: for a moment the command line reads empty) it stays so."""
+    before, after = HOSTS / "procs-gateway-restart" / "t0" / "proc", tmp_path / "proc"
+    shutil.copytree(HOSTS / "procs-gateway-restart" / "t1" / "proc", after, symlinks=True)
+    for fd in (after / "20" / "fd").iterdir():                # not listening yet
+        if str(fd.readlink()).startswith("socket:"):
+            fd.unlink()
+    watch = otrace.GatewayWatch(("node", ("openclaw", "gateway")), before, logging.getLogger("otrace.test"))
+    assert watch.observe({1, 3, 4, 5, 6, 7}, 1274.3, {})[0]["gateway_pid"] == 7
+    watch.procfs = after
+    columns, [event] = watch.observe({1, 3, 4, 5, 6, 20}, 1275.0, {})
+    assert columns["gateway_pid"] == 20 and json.loads(event.values[otrace.ERRORS.columns.index(
+        "metadata")])["change"] == "restarted"
+    (after / "20" / "cmdline").write_bytes(b"")
+    assert watch.observe({1, 3, 4, 5, 6, 20}, 1276.0, {})[0]["gateway_pid"] == 20
+    assert watch.observe({1, 3, 4, 5, 6, 20}, 1277.0, {})[1] == []
+
+
 def test_a_gateway_that_renames_itself_stays_the_gateway(tmp_path: Path) -> None:
     """process.title: the name and command line change, the pid and start time do not."""
     root = tmp_path / "proc"
