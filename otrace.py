@@ -2211,8 +2211,9 @@ def copy_rows(conn: sqlite3.Connection, source: str, target: str, table: str, *,
 def carry_over(conn: sqlite3.Connection, source: str, target: str, salvage: bool = False) -> dict[str, int]:
     """What a database still owes the receiver (rows not yet pushed, losses not yet reported) and where
     its readers stood, copied from one attached database to another in one transaction. `salvage`: the
-    source is damaged, and the first damage a transaction meets fails all of it: a transaction a table,
-    and a table whose copy meets the damage is left in the source (and said)."""
+    source is damaged, and the first damage a transaction meets fails all of it: a transaction a table
+    (a range of rows for the event tables: salvage_rows), and a table whose copy meets the damage is
+    left in the source (and said)."""
     def rejects() -> int:            # refusals not reported, naming their rows' new ids
         return sum(conn.execute(
             f"INSERT INTO {target}.push_rejects (table_name, row_id, trace_id, rejected_at, http_status, "
