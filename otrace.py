@@ -2877,8 +2877,7 @@ class Writer(threading.Thread):
                 self.conn = self.connect(self.conn_path)
                 break
             except (sqlite3.Error, OSError, RuntimeError) as exc:   # RuntimeError: not WAL, a newer schema
-                retry_at = self.failed(describe(exc))
-                self.damage_met(exc)
+                retry_at = self.failed(exc)
                 if self.damaged_file and _identity(self.conn_path) == self.damaged_file:   # not set aside
                     self.conn_path = self.db.carry_path
                 time.sleep(max(0.0, retry_at - time.monotonic()))
@@ -2913,8 +2912,7 @@ class Writer(threading.Thread):
                 try:
                     self.flush()
                 except Exception as exc:  # noqa: BLE001 - any failure keeps the batch for a retry
-                    retry_at = self.failed(describe(exc))
-                    self.damage_met(exc)
+                    retry_at = self.failed(exc)
                     continue
                 if self.fault.error is not None:
                     self.outage = self.outage_row()
@@ -2927,12 +2925,15 @@ class Writer(threading.Thread):
         finally:
             self.conn.close()
 
-    def failed(self, error: str) -> float:
-        """A batch could not be written: note it, and say when to try again."""
+    def failed(self, exc: BaseException) -> float:
+        """A batch could not be written (or the file opened): note it, leave a damaged file, and say
+        when to try again."""
+        error = describe(exc)
         if self.fault.error is None:
             self.on_fault(error)
         self.fault.failed(error)
         self.events.gate.release()
+        self.damage_met(exc)
         if error.startswith("SQLITE_FULL") and self.reserve.on_disk_full(self.events.qsize()):
             return 0.0                 # the space is there now: write what was accepted
         return time.monotonic() + self.backoff.next()

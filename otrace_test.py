@@ -4171,10 +4171,7 @@ def damage(path: Path, table: str) -> None:
     """Overwrite the root page of `table` in the database file at `path` (checkpointed, not open)."""
     with contextlib.closing(sqlite3.connect(path)) as conn:
         [(root,)] = conn.execute("SELECT rootpage FROM sqlite_schema WHERE name = ?", (table,)).fetchall()
-        [(page,)] = conn.execute("PRAGMA page_size").fetchall()
-    with open(path, "r+b") as f:
-        f.seek((root - 1) * page)
-        f.write(b"\xff" * page)
+    damage_page(path, root)
 
 
 def test_a_damaged_database_file_is_set_aside_and_what_it_owes_that_can_be_read_goes_on_in_a_new_one(
