@@ -4158,7 +4158,8 @@ def test_a_database_file_deleted_before_the_writer_opens_it_is_made_anew_and_no_
         assert service.events.wait_drained(30)
         wait_until(lambda: not service.db.replaced_pending, 30, "the writer at home in the new file")
         assert service.counters.snapshot()["dropped"] == 0
-        assert service.writer.reopen_fault.error is None and service.writer.fault.error is None
+        wait_until(lambda: service.writer.reopen_fault.error is None and service.writer.fault.error is None,
+                   30, "the write fault cleared")      # the batch is done a moment before that
         with contextlib.closing(sqlite3.connect(path)) as conn:
             assert conn.execute("SELECT trace_id FROM llm_traces").fetchall() == [("after",)]
             assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
@@ -4197,7 +4198,8 @@ def test_a_damaged_database_file_is_set_aside_and_what_it_owes_that_can_be_read_
         with contextlib.closing(sqlite3.connect(aside)) as conn:
             assert conn.execute("PRAGMA quick_check").fetchone() != ("ok",)     # kept as it was
         assert service.counters.snapshot()["dropped"] == 0
-        assert service.writer.fault.error is None and service.writer.reopen_fault.error is None
+        wait_until(lambda: service.writer.fault.error is None and service.writer.reopen_fault.error is None,
+                   30, "the write fault cleared")      # the batch is done a moment before that
     finally:
         stopped(service)
 
@@ -4305,7 +4307,8 @@ def test_damage_on_the_newest_page_keeps_back_no_unpushed_row_of_the_pages_befor
         assert service.events.offer(one_call("after the restore"))
         assert service.events.wait_drained(60)
         wait_until(lambda: not service.db.replaced_pending, 30, "the restored file taken")
-        assert service.writer.reopen_fault.error is None and not service.writer.failing
+        wait_until(lambda: service.writer.reopen_fault.error is None and not service.writer.failing, 30,
+                   "the write fault cleared")
     finally:
         stopped(service)
 
@@ -4332,7 +4335,7 @@ def test_damage_is_left_whether_the_file_was_removed_too_or_the_writer_cannot_op
             service.writer.start()
         assert service.events.wait_drained(60)
         wait_until(lambda: not service.db.replaced_pending, 30, "the writer in a new file")
-        assert not service.writer.failing
+        wait_until(lambda: not service.writer.failing, 30, "the write fault cleared")
         with contextlib.closing(sqlite3.connect(path)) as conn:
             assert conn.execute("SELECT trace_id FROM llm_traces").fetchall() == [("after",)]
     finally:
@@ -4364,7 +4367,7 @@ def test_a_damaged_file_that_cannot_be_renamed_leaves_rows_in_the_carry_file_unt
         subprocess.run(["umount", str(path)], check=True)
         mounted = False
         wait_until(lambda: not service.db.replaced_pending, 30, "the writer in a new file")
-        assert not service.writer.failing
+        wait_until(lambda: not service.writer.failing, 30, "the write fault cleared")
         with contextlib.closing(sqlite3.connect(path)) as conn:
             assert conn.execute("SELECT trace_id FROM llm_traces").fetchall() == [("after",)]
     finally:
@@ -8502,9 +8505,7 @@ def test_fuzzed_otlp_requests_get_an_otlp_answer_and_never_take_otrace_down(run:
 def test_a_statement_its_own_data_breaks_is_dropped_and_the_writer_goes_on(tmp_path: Path) -> None:
     """A statement that commits with rows (a reader's position, a series' last point) and that SQLite
     cannot run for its own data is logged and dropped like a row, never retried forever."""
-    config = otrace.Config(db_path=str(tmp_path / "x.db"), port=0, otlp_port=0, metrics_interval=0.0,
-                           openclaw_state_dir="off")
-    service = otrace.Service(config)
+    service = service_at(tmp_path / "x.db")
     try:
         service.writer.start()
         bad = ("INSERT INTO otrace_state (key, value, updated_at) VALUES (?, ?, ?)", ("big", 2**70, 1))
