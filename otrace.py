@@ -8760,7 +8760,8 @@ class Pusher(Loop):
                     return False
                 return self.faulted(batch, attempt, cycle)
             wait = backoff.next()                # and a Retry-After is waited out by held()
-            if number == attempts or (deadline is not None and time.monotonic() + wait > deadline):
+            if (number == attempts or self.db.replaced_pending      # a move waits for this cycle's read
+                    or (deadline is not None and time.monotonic() + wait > deadline)):
                 return self.faulted(batch, attempt, cycle)
             if self.stopping.wait(wait):
                 return False

@@ -4342,6 +4342,37 @@ def test_damage_is_left_whether_the_file_was_removed_too_or_the_writer_cannot_op
         stopped(service)
 
 
+def test_a_push_retrying_a_silent_receiver_lets_a_move_to_a_new_file_go_after_its_attempt(
+        tmp_path: Path, receiver: Receiver) -> None:
+    """A move waits for readers to leave the old file, and a push cycle reads it while it sends: one
+    retrying a receiver that does not answer gives up its retries once a move waits (a damaged file
+    takes no rows meanwhile), and its rows go from the new file."""
+    path = tmp_path / "otrace.db"
+    made = seed(path, [("metric", 20, 0)], age_days=0.01)["metric/0"]
+    damage(path, "log_offsets")                          # no push reads it; the tailer's next commit does
+    receiver.default = hang(60)
+    service = service_at(path, push_endpoint=receiver.url, push_timeout=1.0, push_retries=5,
+                         push_backoff_base=0.01, push_backoff_cap=0.05)
+    service.writer.start()
+    cycle = threading.Thread(target=service.pusher.push, args=(None,), daemon=True)
+    try:
+        wait_until(lambda: service.writer.conn, 30, "the writer's connection")
+        cycle.start()
+        wait_until(lambda: receiver.requests, 30, "the push's first attempt")
+        offset = (otrace.OFFSET_SQL, (1, 2, "f", "/log", 10, 0))
+        assert service.events.offer(otrace.Unit([], (offset,), own=True))
+        wait_until(lambda: list(tmp_path.glob("otrace.db.damaged-*[0-9]"))
+                   and not service.db.replaced_pending, 60, "the writer in a new file")
+        assert len(receiver.requests) <= 2     # the attempt under way, and one begun as the move came
+        cycle.join(60)
+        receiver.default = 200
+        service.pusher.push(None)
+        sent = [e["trace_id"] for r in receiver.requests if r["answered"] == 200 for e in r["json"]["events"]]
+        assert sorted(sent) == sorted(made)
+    finally:
+        stopped(service)
+
+
 def test_a_damaged_file_that_cannot_be_renamed_leaves_rows_in_the_carry_file_until_it_is_moved(
         tmp_path: Path) -> None:
     """A database file that is a mount of its own (`docker run -v host.db:/data/otrace.db`) cannot be
