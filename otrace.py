@@ -411,8 +411,8 @@ class Config:
     max_events: int = setting("1000", count(1, 100_000), "Most events one request may carry as a JSON "
                               "array.")
     queue_size: int = setting("512", count(1, 100_000), "Events waiting for the writer. A request that "
-                              "does not fit whole gets 503 (one that is larger than the queue is taken "
-                              "only into an empty queue).")
+                              "does not fit whole has the writer commit what is waiting and waits up to "
+                              "50 ms for room, then gets 503 (one larger than the queue needs it empty).")
     batch_size: int = setting("50", count(1, 10_000), "Most events the writer commits in one "
                               "transaction; at most half of TRACE_QUEUE_SIZE (lowered, with a warning).")
     batch_window: float = setting("500ms", duration("1ms", "10s"), "Longest an event waits in the queue "
@@ -2574,8 +2574,16 @@ class Gate:
     def wait(self) -> None:
         """The HTTP thread, before an ingest request: yield the GIL while the writer is behind."""
         if not self.opened.is_set() and not self.opened.wait(self.WAIT):
-            self.writer_stuck = True
-            self.opened.set()
+            self.ran_out()
+
+    def patience(self) -> float:
+        """How long the HTTP thread may wait for the writer now: not at all while it is stuck."""
+        return 0.0 if self.writer_stuck else self.WAIT
+
+    def ran_out(self) -> None:
+        """The writer did not catch up within WAIT: stuck, until it commits again."""
+        self.writer_stuck = True
+        self.opened.set()
 
     def release(self) -> None:
         """Nothing to gain from holding the HTTP thread back (writes failing, shutdown)."""
@@ -2619,13 +2627,17 @@ class EventQueue(queue.Queue):
         return unit
 
     def offer(self, unit: Unit) -> bool:
-        """Enqueue the unit if all its events fit (or nothing is uncommitted). A client's unit never
-        waits; otrace's own waits up to READER_WAIT for room, so a reader catching up hands over what
-        it has read instead of reading it again."""
+        """Enqueue the unit if all its events fit (or nothing is uncommitted). One that does not has the
+        writer commit what is waiting, and waits for room: otrace's own up to READER_WAIT, so a reader
+        catching up hands over what it has read instead of reading it again; a client's as the gate
+        lets the HTTP thread wait, so a request larger than the queue is not refused for ever by events
+        that wait for their batch to fill."""
         with self.mutex:
-            if unit.own and not self.closed:
-                self.not_full.wait_for(lambda: self.closed or self.fits(unit) or self.turned_away(),
-                                       READER_WAIT)
+            if not self.closed and not self.fits(unit):
+                patience = READER_WAIT if unit.own else self.gate.patience()
+                if not self.not_full.wait_for(lambda: self.closed or self.fits(unit) or self.turned_away(),
+                                              patience) and not unit.own:
+                    self.gate.ran_out()
             if self.closed or not self.fits(unit):
                 self.turned_away()
                 return False
@@ -3300,9 +3312,12 @@ def body_framing(headers: dict[str, str], version: str) -> tuple[int | None, boo
         return None, True
     if length is None:
         return 0, False
-    if not re.fullmatch(r"[0-9]{1,18}", length):
+    if not re.fullmatch(r"[0-9]+", length):
         raise Refusal(400, "Content-Length must be a number of bytes")
-    return int(length), False
+    digits = length.lstrip("0")
+    if len(digits) > 18:
+        raise Refusal(413, f"Content-Length of {len(digits)} digits is over any TRACE_MAX_BODY_BYTES")
+    return int(digits or "0"), False
 
 
 def decode_chunked(raw: bytearray, out: bytearray, limit: int, state: list[int]) -> int | None:
@@ -3343,9 +3358,10 @@ def decode_chunked(raw: bytearray, out: bytearray, limit: int, state: list[int])
                     raise Refusal(431, f"chunked trailers are over {HEAD_LIMIT} bytes")
                 continue
             digits = line.split(b";", 1)[0].strip()
-            if not re.fullmatch(rb"[0-9A-Fa-f]{1,15}", digits):
+            if not re.fullmatch(rb"[0-9A-Fa-f]+", digits):
                 raise Refusal(400, "a chunk size is not hexadecimal")
-            size = int(digits, 16)
+            digits = digits.lstrip(b"0")
+            size = int(digits or b"0", 16) if len(digits) <= 15 else limit + 1
             if len(out) + size > limit:
                 raise Refusal(413, f"body is over {limit} bytes (TRACE_MAX_BODY_BYTES)")
             state[0] = size if size else -2
@@ -3397,6 +3413,10 @@ class Connection:
         """The next request's head when its end is in (or can never come); else None. The flag says
         whether the head is complete."""
         inbox = self.inbox
+        if inbox[:1] in (b"\r", b"\n"):             # empty lines before a request line: ignored (RFC 9112)
+            del inbox[:len(inbox) - len(inbox.lstrip(b"\r\n"))]
+            if not inbox:
+                return None
         ends = [i for i in (inbox.find(b"\n\r\n"), inbox.find(b"\n\n")) if i >= 0]
         if ends:
             end = min(ends)                            # the last header line's \n, then \r\n or \n
@@ -3472,6 +3492,9 @@ def is_json_type(content_type: str) -> bool:
     return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
 
 
+GZIP_FIRST_PIECE = 64                    # bytes of a gzip member inflated first: about its least
+
+
 def decoded_body(request: Request, limit: int) -> bytes:
     """The body with its Content-Encoding undone; the decoded size counts against `limit` too."""
     coding = request.headers.get("content-encoding", "identity").strip().lower()
@@ -3479,20 +3502,23 @@ def decoded_body(request: Request, limit: int) -> bytes:
         return bytes(request.body)
     if coding not in ("gzip", "x-gzip"):
         raise Refusal(415, f"Content-Encoding {coding!r} is not supported: gzip or none")
-    data, rest = b"", request.body           # rest: the bytes after the members read so far
+    body, parts, size, at = bytes(request.body), [], 0, 0
     while True:                                  # one gzip member after another, as RFC 1952 allows
-        inflater = zlib.decompressobj(wbits=31)
-        try:
-            data += inflater.decompress(rest, limit + 1 - len(data))
-        except zlib.error as exc:
-            raise Refusal(400, f"body is not valid gzip: {exc}") from None
-        if len(data) > limit or inflater.unconsumed_tail:
-            raise Refusal(413, f"body is over {limit} bytes once decompressed (TRACE_MAX_BODY_BYTES)")
-        if not inflater.eof:
-            raise Refusal(400, "gzip body ends early")
-        rest = inflater.unused_data               # bytes after a member: another one, or not gzip (400)
-        if not rest:
-            return data
+        inflater, piece = zlib.decompressobj(wbits=31), GZIP_FIRST_PIECE
+        while not inflater.eof:                  # pieces that double: what follows a member is copied
+            if at == len(body):                  # (unused_data), so a small member copies little
+                raise Refusal(400, "gzip body ends early")
+            chunk = body[at:at + piece]
+            try:
+                parts.append(inflater.decompress(chunk, limit + 1 - size))
+            except zlib.error as exc:
+                raise Refusal(400, f"body is not valid gzip: {exc}") from None
+            size += len(parts[-1])
+            if size > limit or inflater.unconsumed_tail:
+                raise Refusal(413, f"body is over {limit} bytes once decompressed (TRACE_MAX_BODY_BYTES)")
+            at, piece = at + len(chunk) - len(inflater.unused_data), piece * 2
+        if at == len(body):                      # else another member, or bytes that are not gzip (400)
+            return b"".join(parts)
 
 
 class Api:
