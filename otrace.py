@@ -10836,8 +10836,8 @@ class Service:
             log.warning("shutdown deadline passed with otrace's own rows not written (a host sample is "
                         "lost; log lines are read again at the next start)", extra={"rows": own})
         log.info("stopped", extra={"events_received": counts["received"], "events_persisted":
-                                   counts["persisted"], "events_lost": lost, "own_rows_unwritten": own,
-                                   "connections_cut": cut})
+                                   counts["persisted"], "events_duplicate": counts["duplicate"],
+                                   "events_lost": lost, "own_rows_unwritten": own, "connections_cut": cut})
         return not lost
 
     def checkpoint(self, deadline: float) -> None:
