@@ -9844,6 +9844,9 @@ def health_report(service: Service) -> dict[str, Any]:
         problems.append(f"OpenClaw's state directory {service.store.root} is not there: the model calls and "
                         "failures the gateway logs come from its session store, and are not stored until "
                         "it is (TRACE_OPENCLAW_STATE_DIR)")
+    elif service.store and service.store.fault.error:       # OpenClaw's usage spans are skipped meanwhile
+        problems.append(f"OpenClaw's session store cannot be read ({service.store.fault.error}): the model "
+                        "calls it holds are not stored until it can be (TRACE_OPENCLAW_STATE_DIR)")
     followed = service.tailer and service.tailer.current
     if followed and service.store and service.config.openclaw_state_dir == "auto" and \
             not os.environ.get("OPENCLAW_STATE_DIR") and \

@@ -6904,8 +6904,13 @@ def test_an_agent_database_that_is_not_one_is_said_once_and_the_others_are_read(
     wait_traces(node, 6)                                   # agent main's six calls
     failing = node.wait_log(lambda e: e.get("message") == "sessions failing")
     assert "agent broken" in failing["error"] and "SQLITE_NOTADB" in failing["error"]
-    assert "broken" in node.health()["openclaw_sessions"]["agent_errors"]
+    health = node.health()
+    assert "broken" in health["openclaw_sessions"]["agent_errors"]
+    assert health["status"] == "degraded"                  # its calls are not stored, nor its usage spans
+    assert any("session store cannot be read" in p and "agent broken" in p for p in health["problems"])
     assert not [line for line in node.lines if "exc_info" in line]
+    broken.unlink()                                        # the agent taken away: healthy at the next look
+    wait_until(lambda: node.health()["status"] == "ok", what="healthy again")
 
 
 @needs_stores
