@@ -1210,6 +1210,9 @@ def trace_row(f: Fields, received: int, source: str = "http") -> tuple:
     if total is None and (prompt is not None or completion is not None):
         total = (prompt or 0) + (completion or 0)
     cache_read, cache_write = f.count("cache_read_tokens"), f.count("cache_write_tokens")
+    if source == "http" and prompt is not None and (cache := (cache_read or 0) + (cache_write or 0)) > prompt:
+        raise f.fail("prompt_tokens", f"counts the cache's tokens too: it is {prompt}, and "
+                     f"cache_read_tokens + cache_write_tokens are {cache}")    # else it cannot be priced
     input_text, input_bytes = f.text("input_text")
     output_text, output_bytes = f.text("output_text")
     trace_id, created = f.trace_id(), f.created_at(received)

@@ -626,6 +626,7 @@ def test_error_event_is_stored_with_defaults(svc: Otrace) -> None:
     ({**TRACE, "prompt_tokens": -1}, "prompt_tokens"),
     ({**TRACE, "prompt_tokens": 1.5}, "prompt_tokens"),
     ({**TRACE, "completion_tokens": 2**63}, "completion_tokens"),
+    ({**TRACE, "prompt_tokens": 999, "cache_read_tokens": 900, "cache_write_tokens": 100}, "prompt_tokens"),
     ({**TRACE, "cost_usd": -0.01}, "cost_usd"),
     ({**TRACE, "cost_usd": "1"}, "cost_usd"),
     ('{"provider": "p", "model": "m", "cost_usd": 1e400}', "cost_usd"),   # parses as infinity
@@ -5519,7 +5520,9 @@ VALID_EVENT = {
         "completion_tokens": COUNT_OK, "total_tokens": COUNT_OK, "cache_read_tokens": COUNT_OK,
         "cache_write_tokens": COUNT_OK, "reasoning_tokens": COUNT_OK, "cost_usd": AMOUNT_OK,
         "latency_ms": AMOUNT_OK, "ttft_ms": AMOUNT_OK, "status": st.sampled_from(["ok", "error"]),
-        "error_type": NAME_OK, "finish_reason": NAME_OK, **OPTIONAL_COMMON}),
+        "error_type": NAME_OK, "finish_reason": NAME_OK, **OPTIONAL_COMMON}).filter(
+            lambda e: e.get("prompt_tokens") is None   # prompt_tokens counts the cache's tokens
+            or (e.get("cache_read_tokens") or 0) + (e.get("cache_write_tokens") or 0) <= e["prompt_tokens"]),
     "/v1/errors": st.fixed_dictionaries({"error_type": st.sampled_from(otrace.ERROR_TYPES),
                                          "message": MESSAGE_OK}, optional={
         "category": st.sampled_from(otrace.ERROR_CATEGORIES), "severity": st.sampled_from(otrace.SEVERITIES),
@@ -5726,6 +5729,7 @@ def test_a_dated_gpt_4o_with_cache_reads(prices: otrace.PriceTable) -> None:
     # 6,000 fresh x 2.5 + 4,000 read x 1.25 + 1,000 out x 10 = 15,000 + 5,000 + 10,000 = 30,000 / 1e6
     priced = cost(prices, "openai", "gpt-4o-2024-08-06", 10_000, 1_000, read=4_000)
     assert priced == otrace.Priced(pytest.approx(0.03, rel=1e-12), f"{LABEL}: openai/gpt-4o")
+    assert cost(prices, "openai", "gpt-4o", 10, 1, read=20) is None      # more read than input: counts wrong
 
 
 def test_cache_writes_without_their_own_price_cost_the_input_price(prices: otrace.PriceTable) -> None:
@@ -5925,7 +5929,6 @@ def test_a_call_with_tokens_and_no_cost_is_priced_at_ingest_and_a_reported_cost_
         trace(provider="openai", model="gpt-4o", prompt_tokens=2_000, completion_tokens=200,
               cache_read_tokens=1_000, cost_usd=0.05),
         trace(provider="mystery", model="unknown-9", prompt_tokens=10, completion_tokens=1),
-        trace(provider="openai", model="gpt-4o", prompt_tokens=10, completion_tokens=1, cache_read_tokens=20),
         trace(provider="openai", model="gpt-4o", prompt_tokens=None, completion_tokens=None),
     ]
     assert svc.post("/v1/traces", events).status == 202
@@ -5935,8 +5938,7 @@ def test_a_call_with_tokens_and_no_cost_is_priced_at_ingest_and_a_reported_cost_
     assert cost_columns(svc, ids[0]) == (0.0035, "computed", 0.0035, ref)          # 1,000 x 2.5 + 100 x 10
     assert cost_columns(svc, ids[1]) == (0.05, "reported", 0.00575, ref)   # 2,500 + 1,000 x 1.25 + 200 x 10
     assert cost_columns(svc, ids[2]) == (None, None, None, None)                  # no price: never guessed
-    assert cost_columns(svc, ids[3]) == (None, None, None, None)                  # more cache than input
-    assert cost_columns(svc, ids[4]) == (None, None, None, None)                  # nothing counted
+    assert cost_columns(svc, ids[3]) == (None, None, None, None)                  # nothing counted
     assert svc.health()["llm_calls"]["prices"] == LABEL
 
 
