@@ -4054,7 +4054,8 @@ MERGE_SQL = {(table.name, first): merge_sql(table, first)
 OTLP_COUNTERS = (
     "requests", "spans", "llm_spans", "spans_merged", "spans_not_llm", "openclaw_usage_skipped",
     "openclaw_logs_skipped",
-    "spans_rejected", "metric_points", "metric_points_kept", "metric_points_unchanged", "metric_points_other",
+    "spans_rejected", "span_values_dropped", "metric_points", "metric_points_kept", "metric_points_unchanged",
+    "metric_points_other",
     "metric_points_rejected", "metric_resets", "log_records", "log_errors", "log_content",
     "log_content_after_span", "log_content_unlinked", "log_content_expired", "log_other",
     "log_records_rejected")
@@ -4717,6 +4718,11 @@ def point_state(key: str, state: list[Any], now: int) -> tuple[str, tuple]:
 # -- the receiver
 
 
+# A span's values that leave its row when no column can hold them: the call is kept without them.
+SPAN_VALUES = frozenset(("prompt_tokens", "completion_tokens", "total_tokens", "cache_read_tokens",
+                         "cache_write_tokens", "reasoning_tokens", "cost_usd", "latency_ms", "ttft_ms"))
+
+
 @dataclasses.dataclass
 class Export:
     """What one OTLP request becomes: rows and statements for the queue, what it refused, and what to
@@ -4839,13 +4845,25 @@ class OtlpReceiver:
             event["output_text"] = _as_text(outputs)
         return event
 
-    def rows_of(self, event: dict[str, Any], failure: dict[str, Any] | None, received: int) -> list[Row]:
+    def rows_of(self, event: dict[str, Any], failure: dict[str, Any] | None, received: int,
+                export: Export) -> list[Row]:
         """The llm_traces row of a call, and its error_events row if it failed; Invalid if it cannot be
-        stored."""
+        stored. A value no column can hold (a cost of NaN, tokens of -1) is left out of the row, the
+        call kept, and named in its metadata."""
         event = {**event, "provider": event.get("provider") or "unknown",
                  "model": event.get("model") or "unknown"}
         max_text = self.config.max_text_bytes
-        rows = [event_row(TRACES, trace_row, event, "otlp", received=received, max_text=max_text)]
+        while True:
+            try:
+                rows = [event_row(TRACES, trace_row, event, "otlp", received=received, max_text=max_text)]
+                break
+            except Invalid as why:
+                if why.field not in SPAN_VALUES or event.get(why.field) is None:
+                    raise
+                export.counts["span_values_dropped"] += 1
+                metadata = event.get("metadata") or {}
+                event = {**event, why.field: None, "metadata": {
+                    **metadata, "dropped": {**metadata.get("dropped", {}), why.field: str(why)}}}
         if failure:
             failure = {k: v for k, v in failure.items() if k != "error_type_name"}
             failure |= {"provider": event["provider"], "model": event["model"],
@@ -4856,7 +4874,7 @@ class OtlpReceiver:
     def call_rows(self, call: Call, export: Export, received: int) -> None:
         """The rows of a call."""
         try:
-            export.rows += self.rows_of(call.event, call.failure, received)
+            export.rows += self.rows_of(call.event, call.failure, received, export)
         except Invalid as why:
             export.refuse("spans_rejected", f"span {call.event['metadata'].get('span_name')!r}", why)
             return
@@ -4876,7 +4894,7 @@ class OtlpReceiver:
         if merged.failure:
             merged.failure = {**merged.failure, "trace_id": stored.key}
         try:
-            rows = self.rows_of(merged.event, merged.failure, received)
+            rows = self.rows_of(merged.event, merged.failure, received, export)
         except Invalid as why:
             export.refuse("spans_rejected", f"span {call.event['metadata'].get('span_name')!r}", why)
             return

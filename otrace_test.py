@@ -8212,10 +8212,9 @@ def test_otlp_refusals_follow_the_specification(run: Callable[..., Otrace]) -> N
                        **{"gen_ai.operation.name": "chat", "gen_ai.request.model": "m"})
     partial = node.post("/v1/traces", spans_body(good, huge, no_ids), headers=auth)
     assert partial.status == 200, partial
-    assert partial.json["partialSuccess"]["rejectedSpans"] == "2"
-    assert "prompt_tokens must be an integer" in partial.json["partialSuccess"]["errorMessage"]
+    assert partial.json["partialSuccess"]["rejectedSpans"] == "1"          # a call with a bad count stays
     assert "no valid traceId and spanId" in partial.json["partialSuccess"]["errorMessage"]
-    protobuf = node.post("/v1/traces", otlp_message("/v1/traces", spans_body(huge)).SerializeToString(),
+    protobuf = node.post("/v1/traces", otlp_message("/v1/traces", spans_body(no_ids)).SerializeToString(),
                          headers={**PROTOBUF, **auth})
     answer = otlp_classes()["/v1/traces"][1].FromString(protobuf.body)
     assert (protobuf.status, answer.partial_success.rejected_spans) == (200, 1)
@@ -8224,10 +8223,14 @@ def test_otlp_refusals_follow_the_specification(run: Callable[..., Otrace]) -> N
     assert own.status == 400 and own.json["field"] == "model"            # not OTLP: still otrace's JSON
     otlp = node.post("/v1/traces", {"resourceSpans": "x", "provider": "p"}, headers=auth)   # top level
     assert otlp.status == 400 and otlp.json["code"] == 3 and "resourceSpans" in otlp.json["message"]
-    node.wait_persisted(2)
-    assert {r[0] for r in node.query("SELECT trace_id FROM llm_traces WHERE source = 'otlp'")} == {
-        "0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331"}
-    assert node.health()["otlp"]["spans_rejected"] == 3
+    node.wait_persisted(3)
+    rows = {r[0]: r[1:] for r in node.query("SELECT trace_id, prompt_tokens, metadata FROM llm_traces "
+                                            "WHERE source = 'otlp'")}
+    assert set(rows) == {"0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331",
+                         "0af7651916cd43dd8448eb211c80319c-00000000000000a1"}
+    prompt, metadata = rows["0af7651916cd43dd8448eb211c80319c-00000000000000a1"]
+    assert prompt is None and "must be an integer" in json.loads(metadata)["dropped"]["prompt_tokens"]
+    assert (node.health()["otlp"]["spans_rejected"], node.health()["otlp"]["span_values_dropped"]) == (2, 1)
     assert not node.logs("request failed")
 
 
