@@ -7182,6 +7182,7 @@ def line_end(fd: int, size: int, limit: int) -> int:
 
 STORE_SOURCE = "openclaw_session"
 _ERROR_METADATA = ERRORS.columns.index("metadata")
+_TRACE_SESSION, _TRACE_CREATED = TRACES.columns.index("session_id"), TRACES.columns.index("created_at")
 STORE_LINE_LIMIT = 8 << 20       # an entry is at most 4 MiB in the database; a longer JSONL line is cut
 STORE_CACHE_KIB = 512            # page cache of each agent database's connection
 STORE_BUSY_MS = 1000             # longest wait for a lock the gateway holds; then the next poll tries
@@ -7191,6 +7192,13 @@ STORE_LIST_EVERY = 30.0          # seconds: every session is listed at least thi
 FAILED_BEFORE_REPLY = "run-failed-before-reply"
 TRANSCRIPT_ONLY = ("delivery-mirror", "gateway-injected")   # "models" of provider openclaw: no call
 CHECKPOINT_FILE = re.compile(r".+\.checkpoint\.[0-9a-fA-F-]{36}\.jsonl")   # a copy of a transcript
+# OpenClaw's usage spans stored while its session store was not read (it was not there, or off) are
+# superseded by the store's calls of the same session and time: one call, one row. A span covers a
+# run, from before its first call starts.
+USAGE_SUPERSEDED_SQL = (
+    "DELETE FROM llm_traces WHERE source = 'otlp' AND session_id = ?1 AND created_at BETWEEN ?2 - 86400000 "
+    "AND ?3 + 60000 AND created_at + coalesce(latency_ms, 0) >= ?2 - 60000 "
+    f"AND json_extract(metadata, '$.span_name') = '{OPENCLAW_USAGE}'")
 POSITION_SQL = ("INSERT INTO openclaw_positions (agent, stream, mark, position, newest, updated_at) "
                 "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (agent, stream) DO UPDATE SET mark = excluded.mark, "
                 "position = excluded.position, newest = excluded.newest, updated_at = excluded.updated_at")
@@ -7694,6 +7702,7 @@ class SessionStore(QuietReader):
         extra = [(POSITION_SQL, (agent, stream, cursor.mark, cursor.position, cursor.newest, now_ms()))]
         extra += [(COUNT_ON_STORE_SQL, (run,)) for row in rows if row.table == ERRORS.name and (
             run := _run_of(row))]
+        extra += [(USAGE_SUPERSEDED_SQL, (session, *times)) for session, times in call_times(rows).items()]
         if not self.events.offer(Unit(rows, tuple(extra), own=True)):
             raise Behind
         self.cursors[(agent, stream)] = cursor
@@ -7768,6 +7777,17 @@ class SessionStore(QuietReader):
                 "agents": sorted(self.agents_seen),
                 "sessions": len(self.cursors), **self.totals.snapshot(), "agent_errors": self.errors,
                 "last_error": self.fault.error}
+
+
+def call_times(rows: list[Row]) -> dict[str, tuple[int, int]]:
+    """Each session's first and last call start among these rows."""
+    times: dict[str, tuple[int, int]] = {}
+    for row in rows:
+        if row.table == TRACES.name and (session := row.values[_TRACE_SESSION]):
+            at = row.values[_TRACE_CREATED]
+            first, last = times.get(session, (at, at))
+            times[session] = (min(first, at), max(last, at))
+    return times
 
 
 def _run_of(row: Row) -> str | None:

@@ -7490,6 +7490,35 @@ def replay(node: Otrace, entries: list[dict[str, Any]]) -> None:
 
 
 @needs_stores
+def test_usage_spans_stored_before_the_store_was_read_give_way_to_its_calls(
+        tmp_path: Path, run: Callable[..., Otrace]) -> None:
+    """OpenClaw's usage spans are stored while its session store is not read (off, or not there at a
+    start without the gateway's log); once the store is read, its calls of the same session and time
+    take their place: one call, one row. A span of a session the store does not hold stays."""
+    def usage(span_hex: str, session: str, start_ms: int) -> dict[str, Any]:
+        span = chat_span("5b8aa5a2d2c872e8321cf37308d69df2", span_hex, **{
+            "openclaw.provider": "mock", "openclaw.model": "mock-model", "openclaw.sessionId": session,
+            "openclaw.tokens.input": 1234, "openclaw.tokens.output": 56})
+        return {**span, "name": "openclaw.model.usage", "startTimeUnixNano": str(start_ms * 10**6),
+                "endTimeUnixNano": str((start_ms + 2_500) * 10**6)}
+
+    called = 1796038916928                     # the store's call of 1234 + 56 tokens in that session
+    session = "8b33866a-7e6a-4c29-af85-1bb854d75296"
+    first = run({"TRACE_OPENCLAW_STATE_DIR": "off"})
+    spans = [usage("051581bf3cb55c13", session, called - 400), usage("051581bf3cb55c14", "elsewhere", called)]
+    assert first.post("/v1/traces", spans_body(*spans, scope="openclaw")).status == 200
+    first.wait_persisted(2)
+    assert first.stop() == 0
+    node = run({**STORE_ENV, "TRACE_OPENCLAW_STATE_DIR": str(state_copy(tmp_path))})
+    stored = wait_traces(node, 6)
+    assert any(r["session_id"] == session and r["created_at"] == called and r["completion_tokens"] == 56
+               for r in stored)
+    wait_until(lambda: len(node.rows("llm_traces")) == 7, what="the span of the store's call gone")
+    assert [r["session_id"] for r in node.rows("llm_traces") if r["source"] == "otlp"] == ["elsewhere"]
+    assert node.stop() == 0
+
+
+@needs_stores
 @needs_otlp_fixtures
 def test_a_default_state_dir_not_there_yet_is_waited_for_so_no_call_counts_twice(
         tmp_path: Path, run: Callable[..., Otrace]) -> None:
