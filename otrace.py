@@ -3876,7 +3876,8 @@ class IngestServer:
         conn.deadline = time.monotonic() + self.read_timeout
         if log.isEnabledFor(logging.DEBUG):
             log.debug("request", extra={"method": request and request.method, "route": request and
-                                        request.route, "status": status, "client": conn.address})
+                                        redact_text(request.route),    # a client's path may hold a key
+                                        "status": status, "client": conn.address})
 
     def send(self, conn: Connection) -> bool:
         """Send what is waiting for the client. True once it is all sent and the connection stays open;
@@ -10560,7 +10561,9 @@ def tokens_text(n: int) -> str:
 
 
 def usd_text(usd: float) -> str:
-    return "$0" if not usd else f"${usd:,.2f}" if usd >= 1 else f"${usd:.4f}"
+    """Four decimals up to $100, so the rows of a report add up to its total as printed."""
+    return "$0" if not usd else "<$0.0001" if usd < 0.00005 else f"${usd:,.2f}" if usd >= 100 else \
+        f"${usd:.4f}"
 
 
 def ms_text(ms: float | None) -> str:

@@ -5343,6 +5343,7 @@ def test_logs_never_hold_event_texts_or_secrets(run: Callable[..., Otrace], leve
     secrets = {name: f"{name}-{mark}" for name in (
         "INPUT", "OUTPUT", "MESSAGE", "STACK", "META", "REFUSEDFIELD", "BADJSON", "WRONGTOKEN",
         "INGESTTOKEN", "PUSHTOKEN", "URLPASSWORD")}
+    secrets["PATHKEY"] = f"sk-proj-{mark}{'x' * 30}"      # a key a client put in a path
     with socket.socket() as free:                   # a port nothing listens on: every push fails
         free.bind(("127.0.0.1", 0))
         closed_port = free.getsockname()[1]
@@ -5361,6 +5362,7 @@ def test_logs_never_hold_event_texts_or_secrets(run: Callable[..., Otrace], leve
     assert node.post("/v1/traces", "{" + secrets["BADJSON"], headers=auth).status == 400
     assert node.post("/v1/traces", trace(), headers={"Authorization": f"Bearer {secrets['WRONGTOKEN']}"}
                      ).status == 401
+    assert node.request("GET", f"/v1/{secrets['PATHKEY']}", headers=auth).status == 404
     node.wait_persisted(2)
     failed = node.wait_log(lambda e: e.get("message") == "push cycle failed")
     assert "refused" in failed["error"].lower()        # the push really ran, and failed, and said so
@@ -6304,6 +6306,12 @@ def test_report_numbers_are_exact_in_json_csv_and_the_table(tmp_path: Path) -> N
         doc.pop(varying), again.pop(varying)
     doc["usage_cost"].pop("updatedAt"), again["usage_cost"].pop("updatedAt")
     assert again == doc
+
+
+def test_report_costs_print_so_the_rows_add_up_to_the_total() -> None:
+    costs = (0, 0.00004, 0.125, 0.25, 0.75, 1.125, 99.5, 1234.5)
+    assert [otrace.usd_text(usd) for usd in costs] == [
+        "$0", "<$0.0001", "$0.1250", "$0.2500", "$0.7500", "$1.1250", "$99.5000", "$1,234.50"]
 
 
 def test_report_days_and_hours_follow_the_timezone_and_breakdown_splits_by_model(tmp_path: Path) -> None:
