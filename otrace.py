@@ -10154,7 +10154,8 @@ class Zone:
 
     def __init__(self, name: str | None) -> None:
         """A named zone, or None for the machine's."""
-        self.name, self.tz = f"local ({time.strftime('%Z')})", None
+        offset = time.strftime("%z")                # the name alone can mislead: TZ=UTC-3 is "UTC"
+        self.name, self.tz = f"local ({time.strftime('%Z')}, {offset[:3]}:{offset[3:]})", None
         if name is not None:
             self.name, self.tz = name, self.named(name)
 

@@ -6369,6 +6369,10 @@ def test_report_days_across_a_daylight_saving_change(tmp_path: Path) -> None:
     assert [(g["hour"], g["calls"]) for g in hours["calls"]["groups"]] == [
         ("2026-10-24T23:00", 1), ("2026-10-25T00:00", 1), ("2026-10-25T02:00", 2),   # 02:30 CEST and CET
         ("2026-10-25T23:00", 1), ("2026-10-26T00:00", 1)]
+    local = report(db, "--since", "2026-10-24", "--until", "2026-10-26", "--json", env={"TZ": "UTC-3"})
+    assert json.loads(local.stdout)["window"] == {         # POSIX UTC-3 is 3 h ahead, and named "UTC"
+        "since": "2026-10-24T00:00:00+03:00", "until": "2026-10-27T00:00:00+03:00",
+        "timezone": "local (UTC, +03:00)"}
 
 
 def test_a_month_of_calls_in_many_sessions_reports_exact_percentiles_in_little_memory(tmp_path: Path) -> None:
