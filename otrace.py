@@ -9699,7 +9699,7 @@ class CallSeries:
         source = row[at["cost_source"]]
         if source is not None:
             self.cost[source] += row[at["cost_usd"]]
-        elif any(row[at[column]] is not None for column in TOKEN_TYPES.values()):
+        elif any(row[at[column]] for column in TOKEN_TYPES.values()):      # something to price
             self.unpriced += 1
         latency = row[at["latency_ms"]]
         if latency is not None:
@@ -10134,8 +10134,9 @@ COST_SQL = {"auto": "cost_usd", "reported": "CASE WHEN cost_source IS NOT 'compu
             "computed": "computed_cost_usd"}
 COMPUTED_SQL = {"auto": "CASE WHEN cost_source = 'computed' THEN cost_usd END", "reported": "NULL",
                 "computed": "computed_cost_usd"}
-HAS_TOKENS_SQL = ("coalesce(prompt_tokens, completion_tokens, total_tokens, cache_read_tokens, "
-                  "cache_write_tokens) IS NOT NULL")
+HAS_TOKENS_SQL = ("max(coalesce(prompt_tokens, 0), coalesce(completion_tokens, 0), "    # something to price
+                  "coalesce(total_tokens, 0), coalesce(cache_read_tokens, 0), "
+                  "coalesce(cache_write_tokens, 0)) > 0")
 # Input as OpenClaw and ccusage count it: the prompt's tokens less the cache's (never below 0).
 INPUT_SQL = ("max(coalesce(prompt_tokens, 0) - coalesce(cache_read_tokens, 0) "
              "- coalesce(cache_write_tokens, 0), 0)")
