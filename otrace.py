@@ -498,8 +498,9 @@ class Config:
                                       "file beside the database and given up on the first disk-full "
                                       "write, so what was accepted still commits; ingest then answers "
                                       "503 until the space is back. 0: off.")
-    disk_high_pct: int = setting("80", count(1, 100), "Disk use (as df counts it) that starts deleting "
-                                 "pushed rows and unpushed metrics, down to 5 points below it.")
+    disk_high_pct: int = setting("80", count(10, 95), "Disk use (as df counts it) that starts deleting "
+                                 "pushed rows and unpushed metrics, down to 5 points below it. Under it, "
+                                 "ingest paused by a full disk resumes without the reserve: at most 95.")
     push_endpoint: str = setting("", URL, "Remote API that receives unsynced events in batches (see "
                                  "TRACE_PUSH_FORMAT); empty turns push off. A user:password@ in it is "
                                  "sent as Basic auth.")
@@ -2761,11 +2762,17 @@ class Reserve:
         self.next_try = 0.0
 
     def hold(self) -> bool:
-        """Make sure the file holds its full size (allocated, not sparse). False if there is no room."""
+        """Make sure the file holds its full size (allocated, not sparse), and no more: one an earlier,
+        larger setting made is cut to it, and removed if the reserve is off. False if there is no room."""
         if not self.size:
+            with contextlib.suppress(OSError):
+                self.path.unlink(missing_ok=True)
             return True
         with contextlib.suppress(OSError):
-            if self.path.stat().st_blocks * 512 >= self.size:
+            st = self.path.stat()
+            if st.st_blocks * 512 >= self.size:
+                if st.st_size > self.size:
+                    os.truncate(self.path, self.size)
                 self.held, self.released = True, False
                 return True
         try:

@@ -321,6 +321,7 @@ def test_version() -> None:
     ("TRACE_SHUTDOWN_TIMEOUT", "200000d", "a duration from 500ms to 10m"),
     ("TRACE_DISK_RESERVE_BYTES", "99999999999999GiB", "a size from 64KiB to 4GiB"),
     ("TRACE_DB_MAX_BYTES", "512KiB", "a size from 1MiB to 16TiB"),       # an empty database is 224 KiB
+    ("TRACE_DISK_HIGH_PCT", "100", "an integer from 10 to 95"),    # a full disk's pause would end at once
     ("TRACE_METRICS_INTERVAL", "1ms", "a duration from 100ms to 1d"),
     ("TRACE_PUSH_TIMEOUT", "9" * 400 + "s", "a duration from 100ms to 10m"),
     ("TRACE_PUSH_HEADERS", "x-api-key", "key=value pairs"),
@@ -893,11 +894,19 @@ def test_a_symlinked_database_path_finds_its_wal_and_reserve_beside_the_real_fil
     assert node.stop() == 0
 
 
-def test_disk_reserve_of_zero_is_off(tmp_path: Path, run: Callable[..., Otrace]) -> None:
+def test_disk_reserve_of_zero_is_off_and_a_smaller_one_gives_back_the_rest(
+        tmp_path: Path, run: Callable[..., Otrace]) -> None:
+    """A reserve an earlier setting made is cut to the new one, or removed with the reserve off: else
+    its space is neither free nor given back on a full disk."""
+    reserve = tmp_path / "otrace.db-reserve"
+    assert run({"TRACE_DISK_RESERVE_BYTES": "2MiB"}).stop() == 0
+    assert reserve.stat().st_size == 2 << 20
+    assert run({"TRACE_DISK_RESERVE_BYTES": "64KiB"}).stop() == 0
+    assert reserve.stat().st_size == 64 << 10
     node = run({"TRACE_DISK_RESERVE_BYTES": "0"})
     assert node.post("/v1/traces", trace()).status == 202
     node.wait_persisted(1)
-    assert not Path(str(node.db_path) + "-reserve").exists()
+    assert not reserve.exists()
     assert node.stop() == 0
 
 
