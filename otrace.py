@@ -10956,6 +10956,13 @@ def start_service(config: Config, stop_signals: set[signal.Signals],
             if isinstance(exc, RuntimeError) or not is_environment(exc) or sqlite_code(exc) in CORRUPTION:
                 cannot_start(describe(exc))
                 return None
+            reserve = Path(config.db_path + "-reserve")      # otrace's own room, left by its last run
+            if reserve.exists():
+                with contextlib.suppress(OSError):
+                    reserve.unlink()
+                    log.warning("start failing: disk reserve released so the database can open", extra={
+                        "error": describe(exc), "path": str(reserve)})
+                    continue
             fault.failed(describe(exc))
             received = signal.sigtimedwait(stop_signals, START_RETRY)
             if received:

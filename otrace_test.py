@@ -1358,6 +1358,25 @@ def test_full_disk_degrades_health_and_recovers_without_loss(tmp_path: Path, run
 
 
 @needs_root
+def test_a_start_on_a_full_disk_takes_its_own_reserve(tmp_path: Path, run: Callable[..., Otrace]) -> None:
+    """The reserve a stopped otrace left beside its database is otrace's own room: a start that fails
+    on a full disk (opening the WAL index needs room) gives it up and starts, and says so."""
+    with tmpfs(tmp_path / "vol", "8m") as vol:
+        db = vol / "otrace.db"
+        env = {"TRACE_DISK_RESERVE_BYTES": "1MiB"}
+        first = run(env, db=db)
+        assert first.post("/v1/traces", trace()).status == 202
+        assert first.stop() == 0
+        fill(vol)
+        node = run(env, db=db, wait=False)
+        node.wait_log(lambda e: e.get("message") == "start failing: disk reserve released so the database "
+                                                    "can open", timeout=60)
+        node.wait_log(lambda e: e.get("message") == "listening", timeout=60)
+        assert node.query("SELECT count(*) FROM llm_traces") == [(1,)]
+        assert node.stop() == 0
+
+
+@needs_root
 def test_disk_reserve_commits_what_was_accepted_when_the_disk_fills(tmp_path: Path,
                                                                     run: Callable[..., Otrace]) -> None:
     """The reserve is given up on the first disk-full write, so every 202'd event is committed while
