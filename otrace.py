@@ -9431,6 +9431,9 @@ class Retention(Loop):
         self.file_bytes = 0                      # the main file's size after the last batch
         self.head_starts: collections.deque[Future] = collections.deque()   # relief jobs watch() began
         self.marks = Marks()
+        self.passes = 0
+        self.over: str | None = None             # the pressure said, until a pass finds none
+        self.stuck: str | None = None            # over budget after deleting all it may: why
 
     def check_budget(self) -> None:
         """Warn when the database cap cannot be reached before the disk mark: then only pushed rows
@@ -9478,6 +9481,7 @@ class Retention(Loop):
         if cause == "db_cap":
             self.marks.passed(self.share())
         self.report(tally, pruned, time.monotonic() - started)
+        self.passes += 1
 
     def delete_all(self, cut: Cut, tally: collections.Counter[tuple[str, str, str]]) -> None:
         """Delete chunk after chunk until no row matches."""
@@ -9552,9 +9556,12 @@ class Retention(Loop):
         program takes as it appears. Returns the cause of the pressure, if there was some."""
         found = self.pressure()
         if not found:
-            return None
+            self.over = None
+            return self.relieved(None)
         cause, detail = found
-        self.log.warning("over budget: deleting oldest rows", extra={"cause": cause, "detail": detail})
+        if self.over != cause:                 # said once a stretch: a pass may run every few seconds
+            self.over = cause
+            self.log.warning("over budget: deleting oldest rows", extra={"cause": cause, "detail": detail})
         if cause == "db_cap":
             until = self.low_bytes()
             while tiers and not self.stopping.is_set():
@@ -9562,7 +9569,7 @@ class Retention(Loop):
                 self.tally(chunks, tally)
                 self.share()                   # the marks learn from the WAL a job writes too
                 if live <= until:
-                    return cause
+                    return self.relieved(cause)
         else:
             for tier in self.tiers:
                 while not self.stopping.is_set() and not self.disk_relieved() and (
@@ -9572,10 +9579,19 @@ class Retention(Loop):
                         break
                     self.give_back()           # the disk sees freed pages only once given back
                 if self.disk_relieved():
-                    return cause
+                    return self.relieved(cause)
         self.give_back()
-        self.log.error("still over budget after deleting all it may", extra={
-            "cause": cause, "detail": (self.pressure() or (cause, "now under"))[1]})
+        detail = (self.pressure() or (cause, "now under"))[1]
+        if self.stuck is None:
+            self.log.error("still over budget after deleting all it may", extra={"cause": cause,
+                                                                                 "detail": detail})
+        self.stuck = detail
+        return cause
+
+    def relieved(self, cause: str | None) -> str | None:
+        if self.stuck:
+            self.log.warning("under budget again", extra={"was": self.stuck})
+        self.stuck = None
         return cause
 
     def give_back(self) -> None:
@@ -9616,7 +9632,15 @@ class Retention(Loop):
         return {"db_max_bytes": self.config.db_max_bytes, "db_high_mark": round(self.marks.high, 3),
                 "disk_used_pct": used_pct,
                 "disk_avail_bytes": avail, "disk_high_pct": self.config.disk_high_pct,
-                "unpushed_deleted_total": lost, "last_pass": self.last_pass}
+                "unpushed_deleted_total": lost, "last_pass": self.last_pass, "passes": self.passes,
+                "still_over_budget": self.still_over()}
+
+    def still_over(self) -> str | None:
+        """Why the last pass ended over budget, while it still is (room may come before the next pass)."""
+        try:
+            return self.stuck and (found := self.pressure()) and found[1]
+        except OSError:                  # the directory is gone: the writer makes it again
+            return None
 
 
 # ============================================================================================== health
@@ -9907,6 +9931,8 @@ def health_report(service: Service) -> dict[str, Any]:
         problems.append(("database file is damaged: moving to a new one" if writer.damaged else
                          "database file was deleted or replaced: moving to a new one") + (
             f" failing: {writer.reopen_fault.error}" if writer.reopen_fault.error else ""))
+    if stuck := service.retention.still_over():
+        problems.append(f"still over budget after deleting all retention may ({stuck})")
     main, wal = file_size(service.config.db_path), file_size(service.config.db_path + "-wal")
     if main + wal > service.config.db_max_bytes and wal > service.config.wal_max_bytes:
         problems.append(f"database over TRACE_DB_MAX_BYTES with a WAL past TRACE_WAL_MAX_BYTES (file {main} "

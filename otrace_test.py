@@ -4994,6 +4994,16 @@ def test_disk_pressure_spares_unpushed_traces_it_cannot_help_with(tmp_path: Path
         node.wait_log(lambda e: e.get("message") == "still over budget after deleting all it may")
         assert present(node, "llm_traces") == set(made["trace/0"])
         assert ledger(node) == {("llm_traces", "pressure_pushed"): (100, 0)}
+        health = node.health()
+        assert health["status"] == "degraded" and "disk" in health["retention"]["still_over_budget"]
+        passes = health["retention"]["passes"]
+        wait_until(lambda: node.health()["retention"]["passes"] >= passes + 5, what="five more passes")
+        filler.unlink()
+        node.wait_log(lambda e: e.get("message") == "under budget again")
+        wait_until(lambda: node.health()["status"] == "ok", what="healthy again")
+        said = collections.Counter(e["message"] for e in node.lines)
+        assert said["over budget: deleting oldest rows"] == 1                  # once, not once a pass
+        assert said["still over budget after deleting all it may"] == 1
         assert node.stop() == 0
 
 
