@@ -4314,6 +4314,7 @@ def llm_call(span: Any, resource: dict[str, Any], where: tuple[int, str], store_
     event["finish_reason"] = ",".join(map(str, finish)) if isinstance(finish, list) else finish
     event["input_text"], event["output_text"] = span_content(attrs, span.events)
     event["metadata"] = span_metadata(span, attrs, resource, where[1])
+    leave_out_bad_values(event)
     failure = span_failure(span, attrs, event)
     if failure:
         event["status"], event["error_type"] = "error", failure["error_type_name"]
@@ -4454,6 +4455,27 @@ def one_per_call(calls: list[Call]) -> tuple[list[Call], int]:
                 absorb(inner[0], outer)
                 gone.add(id(outer))
     return [call for call in calls if id(call) not in gone], len(gone)
+
+
+def leave_out_bad_values(event: dict[str, Any]) -> None:
+    """A count, cost or latency of a span that no column can hold (a cost of NaN, tokens of -1) is
+    left out of its call, named with why in metadata.dropped, the call kept. One bad token count
+    takes the span's others with it: counts taken in part would not add up, nor price the call, and
+    another span of the call gives its whole group (absorb)."""
+    fields, dropped = Fields(event, None, 0), {}
+    for column in (*USAGE_KEYS, "cost_usd", "latency_ms", "ttft_ms"):
+        check = fields.count if column in USAGE_KEYS else fields.amount
+        try:
+            check(column)
+        except Invalid as why:
+            dropped[column] = str(why)
+    if dropped.keys() & USAGE_KEYS.keys():
+        dropped |= {column: "left out with the span's other token counts" for column in USAGE_KEYS
+                    if event.get(column) is not None and column not in dropped}
+    for column in dropped:
+        event[column] = None
+    if dropped:
+        event["metadata"]["dropped"] = dropped
 
 
 def absorb(call: Call, other: Call) -> None:
@@ -4726,11 +4748,6 @@ def point_state(key: str, state: list[Any], now: int) -> tuple[str, tuple]:
 # -- the receiver
 
 
-# A span's values that leave its row when no column can hold them: the call is kept without them.
-SPAN_VALUES = frozenset(("prompt_tokens", "completion_tokens", "total_tokens", "cache_read_tokens",
-                         "cache_write_tokens", "reasoning_tokens", "cost_usd", "latency_ms", "ttft_ms"))
-
-
 @dataclasses.dataclass
 class Export:
     """What one OTLP request becomes: rows and statements for the queue, what it refused, and what to
@@ -4831,6 +4848,8 @@ class OtlpReceiver:
                         export.counts[f"spans_{found}" if found == "not_llm" else found] += 1
                     else:
                         calls.append(found)
+                        left_out = found.event["metadata"].get("dropped", {})
+                        export.counts["span_values_dropped"] += len(left_out)
         calls, export.counts["spans_merged"] = one_per_call(calls)
         for found in calls:
             if self.content.row_of(found.key) not in (None, found.key):   # merged into another row before:
@@ -4853,25 +4872,13 @@ class OtlpReceiver:
             event["output_text"] = _as_text(outputs)
         return event
 
-    def rows_of(self, event: dict[str, Any], failure: dict[str, Any] | None, received: int,
-                export: Export) -> list[Row]:
+    def rows_of(self, event: dict[str, Any], failure: dict[str, Any] | None, received: int) -> list[Row]:
         """The llm_traces row of a call, and its error_events row if it failed; Invalid if it cannot be
-        stored. A value no column can hold (a cost of NaN, tokens of -1) is left out of the row, the
-        call kept, and named in its metadata."""
+        stored."""
         event = {**event, "provider": event.get("provider") or "unknown",
                  "model": event.get("model") or "unknown"}
         max_text = self.config.max_text_bytes
-        while True:
-            try:
-                rows = [event_row(TRACES, trace_row, event, "otlp", received=received, max_text=max_text)]
-                break
-            except Invalid as why:
-                if why.field not in SPAN_VALUES or event.get(why.field) is None:
-                    raise
-                export.counts["span_values_dropped"] += 1
-                metadata = event.get("metadata") or {}
-                event = {**event, why.field: None, "metadata": {
-                    **metadata, "dropped": {**metadata.get("dropped", {}), why.field: str(why)}}}
+        rows = [event_row(TRACES, trace_row, event, "otlp", received=received, max_text=max_text)]
         if failure:
             failure = {k: v for k, v in failure.items() if k != "error_type_name"}
             failure |= {"provider": event["provider"], "model": event["model"],
@@ -4882,7 +4889,7 @@ class OtlpReceiver:
     def call_rows(self, call: Call, export: Export, received: int) -> None:
         """The rows of a call."""
         try:
-            export.rows += self.rows_of(call.event, call.failure, received, export)
+            export.rows += self.rows_of(call.event, call.failure, received)
         except Invalid as why:
             export.refuse("spans_rejected", f"span {call.event['metadata'].get('span_name')!r}", why)
             return
@@ -4902,7 +4909,7 @@ class OtlpReceiver:
         if merged.failure:
             merged.failure = {**merged.failure, "trace_id": stored.key}
         try:
-            rows = self.rows_of(merged.event, merged.failure, received, export)
+            rows = self.rows_of(merged.event, merged.failure, received)
         except Invalid as why:
             export.refuse("spans_rejected", f"span {call.event['metadata'].get('span_name')!r}", why)
             return

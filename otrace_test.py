@@ -7998,6 +7998,19 @@ def test_two_instrumentations_of_one_call_make_one_row_in_process() -> None:
     recent.replace(recent.partner(make("sdk", 310, 390, **chat)), sdk)        # merged: takes no third
     assert recent.partner(make("sdk", 310, 390, **chat)) is None
 
+    # a count no column holds leaves with the span's other counts, so the other span's whole group is
+    # taken, and a span alone is not priced from a part of its tokens
+    bad = make("sdk", 110, 190, **{"gen_ai.operation.name": "chat", "gen_ai.provider.name": "anthropic",
+                                   "gen_ai.usage.input_tokens": -1, "gen_ai.usage.output_tokens": 9,
+                                   "gen_ai.usage.cost": -0.5})
+    assert (bad.event["prompt_tokens"], bad.event["completion_tokens"], bad.event["cost_usd"]) == (None,) * 3
+    assert set(bad.event["metadata"]["dropped"]) == {"prompt_tokens", "completion_tokens", "cost_usd"}
+    good = make("openllmetry", 100, 200, **{"gen_ai.operation.name": "chat", "gen_ai.provider.name":
+                                            "anthropic", "gen_ai.usage.input_tokens": 42,
+                                            "gen_ai.usage.output_tokens": 10})
+    assert otrace.one_per_call([bad, good]) == ([bad], 1)
+    assert (bad.event["prompt_tokens"], bad.event["completion_tokens"]) == (42, 10)
+
 
 @needs_otlp_fixtures
 @pytest.mark.parametrize("first", ["sdk", "openllmetry"])
