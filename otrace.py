@@ -7214,6 +7214,9 @@ USAGE_SUPERSEDED_SQL = (
     "DELETE FROM llm_traces WHERE source = 'otlp' AND session_id = ?1 AND created_at BETWEEN ?2 - 86400000 "
     "AND ?3 + 60000 AND created_at + coalesce(latency_ms, 0) >= ?2 - 60000 "
     f"AND json_extract(metadata, '$.span_name') = '{OPENCLAW_USAGE}'")
+# The sessions that have such rows, read once at start: none are stored while the store is followed.
+USAGE_SESSIONS_SQL = ("SELECT DISTINCT session_id FROM llm_traces WHERE source = 'otlp' AND session_id "
+                      f"IS NOT NULL AND json_extract(metadata, '$.span_name') = '{OPENCLAW_USAGE}'")
 POSITION_SQL = ("INSERT INTO openclaw_positions (agent, stream, mark, position, newest, updated_at) "
                 "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (agent, stream) DO UPDATE SET mark = excluded.mark, "
                 "position = excluded.position, newest = excluded.newest, updated_at = excluded.updated_at")
@@ -7562,6 +7565,7 @@ class SessionStore(QuietReader):
         self.cursors: dict[tuple[str, str], Cursor] = {
             (agent, stream): Cursor(mark, position, newest) for agent, stream, mark, position, newest in
             db.query("SELECT agent, stream, mark, position, newest FROM openclaw_positions")}
+        self.usage_sessions = {session for (session,) in db.query(USAGE_SESSIONS_SQL)}
         self.databases: dict[str, AgentDatabase] = {}
         self.followed: set[str] = set()        # what was said to be followed (an agent's db or files)
         self.agents_seen: set[str] = set()
@@ -7717,7 +7721,8 @@ class SessionStore(QuietReader):
         extra = [(POSITION_SQL, (agent, stream, cursor.mark, cursor.position, cursor.newest, now_ms()))]
         extra += [(COUNT_ON_STORE_SQL, (run,)) for row in rows if row.table == ERRORS.name and (
             run := _run_of(row))]
-        extra += [(USAGE_SUPERSEDED_SQL, (session, *times)) for session, times in call_times(rows).items()]
+        extra += [(USAGE_SUPERSEDED_SQL, (session, *times)) for session, times in call_times(rows).items()
+                  if session in self.usage_sessions]
         if not self.events.offer(Unit(rows, tuple(extra), own=True)):
             raise Behind
         self.cursors[(agent, stream)] = cursor
