@@ -498,9 +498,10 @@ class Config:
                                       "file beside the database and given up on the first disk-full "
                                       "write, so what was accepted still commits; ingest then answers "
                                       "503 until the space is back. 0: off.")
-    disk_high_pct: int = setting("80", count(10, 95), "Disk use (as df counts it) that starts deleting "
+    disk_high_pct: int = setting("80", count(1, 100), "Disk use (as df counts it) that starts deleting "
                                  "pushed rows and unpushed metrics, down to 5 points below it. Under it, "
-                                 "ingest paused by a full disk resumes without the reserve: at most 95.")
+                                 "ingest paused by a full disk resumes without the reserve: at most 95 "
+                                 "(lowered, with a warning).")
     push_endpoint: str = setting("", URL, "Remote API that receives unsynced events in batches (see "
                                  "TRACE_PUSH_FORMAT); empty turns push off. A user:password@ in it is "
                                  "sent as Basic auth.")
@@ -2776,6 +2777,8 @@ class Reserve:
                 self.held, self.released = True, False
                 return True
         try:
+            if disk_usage(str(self.path.parent))[2] < 2 * self.size:   # taking it would fill the disk
+                return False
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600)
             try:
                 os.posix_fallocate(fd, 0, self.size)
@@ -9172,6 +9175,7 @@ BOOKKEEPING = (("push_log", "started_at", ""), ("push_rejects", "rejected_at", "
                ("retention_ledger", "at", "AND (reported_at IS NOT NULL OR unsynced_deleted = 0)"))
 CHUNK = 1000                     # rows one deletion takes at most; under a smaller cap, one row per
 CHUNK_SHARE = 200_000            # this many bytes of it: a chunk of 2 KB rows frees about 1 % of the cap
+DISK_HIGH_MOST = 95              # TRACE_DISK_HIGH_PCT's most: room for a paused ingest to resume into
 RELIEF_TIME = 0.005              # seconds of chunks one job runs under the cap: about a batch
 
 
@@ -9534,9 +9538,11 @@ class Retention(Loop):
         self.marks.seen(share)
         return share
 
-    def pressure(self) -> tuple[str, str] | None:
-        """Why the database must shrink now ("db_cap" or "disk"), with the figures, or None."""
-        if (share := self.share()) > self.marks.high:
+    def pressure(self, learn: bool = True) -> tuple[str, str] | None:
+        """Why the database must shrink now ("db_cap" or "disk"), with the figures, or None. `learn`:
+        the marks learn from the size read (not from /health's look, on another thread)."""
+        share = self.share() if learn else self.db_bytes() / self.config.db_max_bytes
+        if share > self.marks.high:
             return "db_cap", (f"database {share:.0%} of {self.config.db_max_bytes} bytes > high mark "
                               f"{self.marks.high:.0%}")
         used_pct = disk_usage(self.db_dir)[3]
@@ -9592,6 +9598,8 @@ class Retention(Loop):
                     self.give_back()           # the disk sees freed pages only once given back
                 if self.disk_relieved():
                     return self.relieved(cause)
+        if self.stopping.is_set():             # cut short: not the end of what it may delete
+            return cause
         self.give_back()
         detail = (self.pressure() or (cause, "now under"))[1]
         if self.stuck is None:
@@ -9650,7 +9658,7 @@ class Retention(Loop):
     def still_over(self) -> str | None:
         """Why the last pass ended over budget, while it still is (room may come before the next pass)."""
         try:
-            return self.stuck and (found := self.pressure()) and found[1]
+            return self.stuck and (found := self.pressure(learn=False)) and found[1]
         except OSError:                  # the directory is gone: the writer makes it again
             return None
 
@@ -10968,6 +10976,10 @@ def settled(config: Config) -> Config:
         log.warning("TRACE_MAX_BODY_BYTES is over TRACE_MAX_BUFFERED_BYTES: lowered", extra={
             "max_body_bytes": config.max_body_bytes, "lowered_to": config.max_buffered_bytes})
         config = dataclasses.replace(config, max_body_bytes=config.max_buffered_bytes)
+    if config.disk_high_pct > DISK_HIGH_MOST:     # else a full disk's pause ends at once, reserve or not
+        log.warning("TRACE_DISK_HIGH_PCT is over 95: lowered", extra={
+            "disk_high_pct": config.disk_high_pct, "lowered_to": DISK_HIGH_MOST})
+        config = dataclasses.replace(config, disk_high_pct=DISK_HIGH_MOST)
     if config.batch_size > (half := max(1, config.queue_size // 2)):   # else a full queue refuses first
         log.warning("TRACE_BATCH_SIZE is over half TRACE_QUEUE_SIZE: lowered", extra={
             "batch_size": config.batch_size, "lowered_to": half, "queue_size": config.queue_size})
@@ -10995,8 +11007,8 @@ def start_service(config: Config, stop_signals: set[signal.Signals],
                 cannot_start(describe(exc))
                 return None
             reserve = Path(config.db_path + "-reserve")      # otrace's own room, left by its last run
-            if reserve.exists():
-                with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError):
+                if disk_usage(str(reserve.parent))[2] < reserve.stat().st_size:    # a disk full, not a lock
                     reserve.unlink()
                     log.warning("start failing: disk reserve released so the database can open", extra={
                         "error": describe(exc), "path": str(reserve)})

@@ -321,7 +321,6 @@ def test_version() -> None:
     ("TRACE_SHUTDOWN_TIMEOUT", "200000d", "a duration from 500ms to 10m"),
     ("TRACE_DISK_RESERVE_BYTES", "99999999999999GiB", "a size from 64KiB to 4GiB"),
     ("TRACE_DB_MAX_BYTES", "512KiB", "a size from 1MiB to 16TiB"),       # an empty database is 224 KiB
-    ("TRACE_DISK_HIGH_PCT", "100", "an integer from 10 to 95"),    # a full disk's pause would end at once
     ("TRACE_METRICS_INTERVAL", "1ms", "a duration from 100ms to 1d"),
     ("TRACE_PUSH_TIMEOUT", "9" * 400 + "s", "a duration from 100ms to 10m"),
     ("TRACE_PUSH_HEADERS", "x-api-key", "key=value pairs"),
@@ -5188,14 +5187,19 @@ def test_max_connections_over_the_descriptor_limit_is_lowered_and_said(tmp_path:
 def test_settings_that_could_not_work_together_are_lowered_and_said(run: Callable[..., Otrace]) -> None:
     """A batch the queue cannot hold twice would make the writer wait for requests the full queue
     refuses: lowered to half the queue, as the gate holds requests back once half of it waits. A body
-    larger than the memory for all bodies would be answered 503 for ever: 413 names the limit."""
-    node = run({"TRACE_QUEUE_SIZE": "9", "TRACE_BATCH_SIZE": "10000", "TRACE_MAX_BUFFERED_BYTES": "64KiB"})
+    larger than the memory for all bodies would be answered 503 for ever: 413 names the limit. A disk
+    mark over 95 % would end a full disk's pause at once, the reserve given up for nothing."""
+    node = run({"TRACE_QUEUE_SIZE": "9", "TRACE_BATCH_SIZE": "10000", "TRACE_MAX_BUFFERED_BYTES": "64KiB",
+                "TRACE_DISK_HIGH_PCT": "100"})
     lowered = node.wait_log(lambda e: e.get("message", "").startswith("TRACE_BATCH_SIZE is over half"))
     assert (lowered["lowered_to"], lowered["queue_size"]) == (4, 9)
     body = node.wait_log(lambda e: e.get("message", "").startswith("TRACE_MAX_BODY_BYTES is over"))
     assert (body["max_body_bytes"], body["lowered_to"]) == (1 << 20, 64 << 10)
-    assert {k: node.logs("starting")[0]["settings"][k] for k in ("batch_size", "max_body_bytes")} == {
-        "batch_size": 4, "max_body_bytes": 64 << 10}
+    disk = node.wait_log(lambda e: e.get("message", "").startswith("TRACE_DISK_HIGH_PCT is over 95"))
+    assert (disk["disk_high_pct"], disk["lowered_to"]) == (100, 95)
+    settings = node.logs("starting")[0]["settings"]
+    assert {k: settings[k] for k in ("batch_size", "max_body_bytes", "disk_high_pct")} == {
+        "batch_size": 4, "max_body_bytes": 64 << 10, "disk_high_pct": 95}
     big = node.post("/v1/traces", json.dumps(trace(input_text="x" * 70_000)))
     assert big.status == 413 and "TRACE_MAX_BODY_BYTES" in big.json["error"]
 
