@@ -1579,6 +1579,7 @@ def test_chunked_bodies_are_decoded_within_the_body_limit(run: Callable[..., Otr
     with socket.create_connection(("127.0.0.1", node.port), timeout=30) as sock:    # sizes zero-padded
         sock.sendall(head + b"".join(b"%016x\r\n%s\r\n" % (len(part), part) for part in (
             json.dumps(trace()).encode(), b"")))
+        sock.shutdown(socket.SHUT_WR)                      # the answer, then the close: no keep-alive wait
         assert answer_of(read_to_end(sock))[0] == 202
     node.wait_persisted(3)
     assert node.query("SELECT count(*) FROM llm_traces") == [(3,)]
