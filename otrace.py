@@ -2805,6 +2805,17 @@ class Reserve:
             "bytes": self.size, "queued_events": queued})
         return True
 
+    def free_for_start(self, error: str) -> bool:
+        """A start failed while the disk has less free than the file a last run left holds: give it up
+        so the database can open (taken back once there is room). True if it was."""
+        with contextlib.suppress(OSError):
+            if disk_usage(str(self.path.parent))[2] < self.path.stat().st_size:    # a disk full, not a lock
+                self.path.unlink()
+                self.log.warning("start failing: disk reserve released so the database can open", extra={
+                    "error": error, "path": str(self.path)})
+                return True
+        return False
+
     def retake(self) -> None:
         """When not held: take the space (back) once the disk has room for it twice over (more could be
         more than retention ever frees: the pause would not end); tried at most once a second."""
@@ -2816,7 +2827,7 @@ class Reserve:
             _, _, room, used_pct = disk_usage(str(self.path.parent))
         except OSError:              # its directory is gone (the database's files removed): later
             return
-        if room >= 2 * self.size and self.hold():
+        if self.hold():                                   # with room for it twice (hold)
             self.log.warning("disk reserve held again: ingest resumes" if released else "disk reserve held",
                              extra={"bytes": self.size})
         elif released and used_pct < self.high_pct:     # retention frees no more: go on without it
@@ -11006,13 +11017,9 @@ def start_service(config: Config, stop_signals: set[signal.Signals],
             if isinstance(exc, RuntimeError) or not is_environment(exc) or sqlite_code(exc) in CORRUPTION:
                 cannot_start(describe(exc))
                 return None
-            reserve = Path(config.db_path + "-reserve")      # otrace's own room, left by its last run
-            with contextlib.suppress(OSError):
-                if disk_usage(str(reserve.parent))[2] < reserve.stat().st_size:    # a disk full, not a lock
-                    reserve.unlink()
-                    log.warning("start failing: disk reserve released so the database can open", extra={
-                        "error": describe(exc), "path": str(reserve)})
-                    continue
+            if Reserve(config.db_path, config.disk_reserve_bytes, log, config.disk_high_pct).free_for_start(
+                    describe(exc)):                       # otrace's own room, left by its last run
+                continue
             fault.failed(describe(exc))
             received = signal.sigtimedwait(stop_signals, START_RETRY)
             if received:
