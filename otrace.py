@@ -2410,13 +2410,16 @@ class Merges:
     attempts counted from the gateway's log) while a push may hold an older copy read before it: the
     writer counts each after its commit, and the push marks a row synced only if it was not merged
     after its read began (else it goes again). A new database file changes every row: the old file's
-    ids name other rows in it (its pushed rows were not carried over)."""
+    ids name other rows in it (its pushed rows were not carried over). Unpushed rows retention deleted
+    meanwhile are kept too: delivered after all, they leave the ledger's count of losses."""
 
     def __init__(self) -> None:
         self.count = 0
         self.replaced_at = 0             # the count when the writer last moved to a new file
         self.watching = False            # only while a push cycle runs: no other needs them
         self._at: dict[tuple[str, str], int] = {}      # (table, trace_id): the count at its last merge
+        # unpushed rows retention deleted since the read began, by table: (first id, last id, pass, reason)
+        self._gone: dict[str, list[tuple[int, int, str, str]]] = {}
         self._lock = threading.Lock()
 
     def merged(self, keys: list[tuple[str, str]]) -> None:
@@ -2427,16 +2430,39 @@ class Merges:
                     self.count += 1
                     self._at[key] = self.count
 
+    def deleted(self, table: str, ids: list[int], pass_id: str, reason: str) -> None:
+        """The writer, once retention's deletion of the unpushed rows `ids` is committed with its ledger
+        row: a push may hold a copy of them, and if the receiver takes it, they were not lost."""
+        if self.watching and ids:
+            with self._lock:
+                self._gone.setdefault(table, []).extend(
+                    (low, high, pass_id, reason) for low, high in id_runs(sorted(ids)))
+
+    def gone(self, table: str, ids: Iterable[int]) -> collections.Counter[tuple[str, str]]:
+        """Of `ids`, rows found deleted when their push was confirmed: how many each pass and reason
+        of retention counted lost."""
+        with self._lock:
+            runs = sorted(self._gone.get(table, ()))
+        found: collections.Counter[tuple[str, str]] = collections.Counter()
+        for row_id in ids:
+            at = bisect.bisect_right(runs, (row_id, math.inf)) - 1
+            if at >= 0 and runs[at][0] <= row_id <= runs[at][1]:
+                found[runs[at][2:]] += 1
+        return found
+
     def read_begins(self) -> int:
-        """A push's read begins (none before it still marks rows): what it reads holds every merge so far."""
+        """A push's read begins (none before it still marks rows): what it reads holds every merge and
+        deletion so far."""
         with self._lock:
             self._at.clear()
+            self._gone.clear()
             self.watching = True
             return self.count
 
     def cycle_ended(self) -> None:
         with self._lock:
             self._at.clear()
+            self._gone.clear()
             self.watching = False
 
     def replaced(self) -> None:
@@ -9119,9 +9145,12 @@ def record_pushed(batch: Batch, attempt: Attempt, merges: Merges, read_at: int,
         marked, losses = batch.ids(leaving=changed), batch.losses
     with transaction(conn):
         for table, ids in marked.items():
-            conn.executemany(f"UPDATE {table} SET synced = {SYNCED}, pushed_at = ? WHERE id BETWEEN ? AND ?",
-                             [(attempt.started_at, low, high) for low, high in id_runs(ids)])
-        for loss in losses:
+            runs = id_runs(ids)
+            if conn.executemany(f"UPDATE {table} SET synced = {SYNCED}, pushed_at = ? WHERE id BETWEEN ? "
+                                "AND ?", [(attempt.started_at, low, high) for low, high in runs]
+                                ).rowcount < len(ids):
+                delivered_after_all(conn, table, ids, runs, merges)
+        for loss in losses:   # after: a ledger row read for this report may have counted rows it carried
             if loss["kind"] == "retention":
                 mark_reported(conn, loss, attempt.started_at)
             elif conn.execute("UPDATE push_rejects SET reported_at = ? WHERE id = ? RETURNING id",
@@ -9130,6 +9159,19 @@ def record_pushed(batch: Batch, attempt: Attempt, merges: Merges, read_at: int,
                              f"AND synced = {REFUSED}", (loss["trace_id"],))
         record_attempt(attempt, conn)
     return sum(map(len, marked.values()))
+
+
+def delivered_after_all(conn: sqlite3.Connection, table: str, ids: list[int], runs: list[tuple[int, int]],
+                        merges: Merges) -> None:
+    """Rows of a confirmed batch that retention deleted while it was on its way: those it counted lost
+    leave the count of the ledger row they were added to, not reported yet (a report is read at a
+    cycle's start, before these deletions), so the receiver is not told it lacks what it holds."""
+    found = {row_id for low, high in runs for (row_id,) in conn.execute(
+        f"SELECT id FROM {table} WHERE id BETWEEN ? AND ?", (low, high))}
+    for (pass_id, reason), rows in merges.gone(table, (i for i in ids if i not in found)).items():
+        conn.execute("UPDATE retention_ledger SET unsynced_deleted = max(0, unsynced_deleted - ?) WHERE "
+                     "pass_id = ? AND table_name = ? AND reason = ?",
+                     (rows, ledger_key(conn, pass_id, table, reason), table, reason))
 
 
 def id_runs(ids: list[int]) -> list[tuple[int, int]]:
@@ -9283,18 +9325,23 @@ class Cut:
     pass_id: str
     params: tuple = ()
     limit: int = 1000
+    merges: Merges | None = None     # told of the unpushed rows deleted: a push may be delivering them
 
     def __call__(self, conn: sqlite3.Connection) -> Chunk:
         with transaction(conn):
             table = oldest_table(conn, self.tables, self.where, self.params)
             gone = [] if table is None else conn.execute(
                 f"DELETE FROM {table} WHERE id IN (SELECT id FROM {table} WHERE {self.where} ORDER BY id "
-                f"LIMIT {self.limit}) RETURNING synced, received_at", self.params).fetchall()
-            lost = [received for synced, received in gone if synced in (UNSYNCED, REFUSED)]
+                f"LIMIT {self.limit}) RETURNING id, synced, received_at", self.params).fetchall()
+            # a refused row is not counted lost: its refusal is reported on its own (push_rejects)
+            lost = [(row_id, received) for row_id, synced, received in gone if synced == UNSYNCED]
             if gone:
+                times = [received for _, received in lost]
                 conn.execute(LEDGER_SQL, (ledger_key(conn, self.pass_id, table, self.reason), now_ms(), table,
-                                          self.reason, len(gone), len(lost), min(lost, default=None),
-                                          max(lost, default=None)))
+                                          self.reason, len(gone), len(lost), min(times, default=None),
+                                          max(times, default=None)))
+        if self.merges and lost:
+            self.merges.deleted(table, [row_id for row_id, _ in lost], self.pass_id, self.reason)
         return Chunk(table, self.reason, len(gone), len(lost), live_bytes(conn))
 
 
@@ -9375,9 +9422,10 @@ class Tier:
     where: str
     for_disk: bool           # disk pressure may always use it, not only when otrace's rows can help
     chunk: int               # rows per transaction: small where every row deleted is a row lost
+    merges: Merges | None = None
 
     def cut(self, pass_id: str) -> Cut:
-        return Cut(self.tables, self.where, self.reason, pass_id, limit=self.chunk)
+        return Cut(self.tables, self.where, self.reason, pass_id, limit=self.chunk, merges=self.merges)
 
 
 class Relief(NamedTuple):
@@ -9451,8 +9499,8 @@ class Retention(Loop):
         self.chunk = max(50, min(CHUNK, config.db_max_bytes // CHUNK_SHARE))
         self.step = autocheckpoint_pages(config, DB_PAGE)    # pages given back per shrink
         self.tiers = (Tier("pressure_pushed", self.tables, DELIVERED, True, self.chunk),
-                      Tier("pressure_metrics", SAMPLE_TABLES, UNDELIVERED, True, self.chunk),
-                      Tier("pressure_unpushed", unpushed, UNDELIVERED, False, 50))
+                      Tier("pressure_metrics", SAMPLE_TABLES, UNDELIVERED, True, self.chunk, db.merges),
+                      Tier("pressure_unpushed", unpushed, UNDELIVERED, False, 50, db.merges))
         self.last_pass: dict[str, Any] | None = None
         self.housekept_at = -math.inf            # when the age deletions and pruning last ran
         self.file_bytes = 0                      # the main file's size after the last batch

@@ -4678,6 +4678,45 @@ def test_database_cap_deletes_in_order_and_reports_the_losses(
     assert all(x["oldest_received_at"] <= x["newest_received_at"] for x in losses)
 
 
+def test_an_event_retention_deletes_on_its_way_is_delivered_or_reported_lost_never_both(
+        run: Callable[..., Otrace], receiver: Receiver) -> None:
+    """The receiver is slow with the first batch while a flood takes the database past its cap, and
+    retention deletes the oldest unpushed rows: the batch's. Every accepted event ends up either at the
+    receiver or in a loss report it was sent, and none in both."""
+    on_wire, flooded = threading.Event(), threading.Event()
+
+    def hold_the_first(_: Receiver, request: dict[str, Any]) -> int:
+        on_wire.set()
+        flooded.wait(60)
+        return 200
+
+    receiver.script = [hold_the_first]
+    node = run(push_env(receiver, TRACE_DB_MAX_BYTES="1MiB", TRACE_PUSH_INTERVAL="300ms",
+                        TRACE_CLEANUP_INTERVAL="300ms"))
+    first = node.post("/v1/traces", [trace(input_text="f" * 2000) for _ in range(100)]).json["trace_ids"]
+    accepted = set(first)
+    assert on_wire.wait(30)
+    deadline = time.monotonic() + 60
+    while present(node, "llm_traces") & set(first):             # until retention took the batch's rows
+        assert time.monotonic() < deadline, "retention never reached the rows on their way"
+        answer = node.post("/v1/traces", [trace(input_text="x" * 2000) for _ in range(20)])
+        accepted |= set(answer.json["trace_ids"]) if answer.status == 202 else set()
+    flooded.set()
+
+    def settled() -> bool:
+        return node.query("SELECT (SELECT count(*) FROM llm_traces WHERE synced = 0) + (SELECT count(*) FROM "
+                          "retention_ledger WHERE unsynced_deleted > 0 AND reported_at IS NULL)") == [(0,)]
+
+    wait_until(settled, timeout=60, what="every row pushed or reported lost")
+    answered = [r["json"] for r in receiver.requests if r["answered"] == 200]
+    delivered = {e["trace_id"] for doc in answered for e in doc["events"]}
+    told_lost = sum(x["rows"] for doc in answered for x in doc.get("losses", [])
+                    if x["table"] == "llm_traces")
+    assert delivered <= accepted and set(first) <= delivered
+    assert told_lost == len(accepted - delivered) > 0
+    assert node.health()["retention"]["unpushed_deleted_total"]["llm_traces"] == told_lost
+
+
 def report_losses(conn: sqlite3.Connection, losses: list[dict[str, Any]]) -> None:
     """What push does once the receiver answered 2xx to a batch carrying `losses`."""
     batch, merges = otrace.Batch(losses=losses), otrace.Merges()
@@ -4715,6 +4754,48 @@ def test_every_row_a_pass_deletes_is_reported_when_push_reports_during_the_pass(
         assert max(x["newest_received_at"] for x in told) == gone[-1]
         assert conn.execute("SELECT sum(deleted), sum(unsynced_deleted), count(*) FROM retention_ledger "
                             "WHERE reported_at IS NOT NULL").fetchone() == (150, 150, len(told))
+
+
+def confirm(conn: sqlite3.Connection, batch: otrace.Batch, merges: otrace.Merges, read_at: int) -> int:
+    """What push does once the receiver answered 2xx to `batch`, read when `read_at` was taken."""
+    return otrace.record_pushed(batch, otrace.Attempt(batch.batch_id, otrace.now_ms(), 0, 0, status=200),
+                                merges, read_at, conn)
+
+
+@pytest.mark.parametrize("batches", [1, 2])
+def test_rows_deleted_while_their_push_is_in_flight_are_not_counted_lost_once_it_is_confirmed(
+        tmp_path: Path, batches: int) -> None:
+    """Retention deletes the oldest unpushed rows, which are the ones a push reads first: those a push
+    had read and the receiver then took were delivered, not lost. The receiver is told of, and the
+    ledger counts, only the rows it lacks, each once: with one batch, whose loss report's ledger row
+    grew under it, or two, the second confirmed after the first's report moved that growth to a row of
+    its own. A row refused alone is reported as refused, not also as lost when retention takes it."""
+    db = tmp_path / "otrace.db"
+    made = seed(db, [("trace", 200, 0)], age_days=0.01)["trace/0"]
+    merges = otrace.Merges()
+    with contextlib.closing(sqlite3.connect(db, isolation_level=None)) as conn:
+        conn.execute("UPDATE llm_traces SET synced = ? WHERE trace_id = ?", (otrace.REFUSED, made[199]))
+        cut = otrace.Cut(("llm_traces",), otrace.UNDELIVERED, "pressure_unpushed", "pass-1", limit=50,
+                         merges=merges)
+        assert cut(conn).lost == 50                                   # ids 1-50: lost for sure
+        read_at = merges.read_begins()
+        told = otrace.unreported_losses(conn, ("llm_traces",))
+        in_flight = [otrace.Batch(losses=told)] + [otrace.Batch() for _ in range(batches - 1)]
+        rows = conn.execute("SELECT trace_id, id FROM llm_traces WHERE synced = 0 ORDER BY id LIMIT 100")
+        for n, (trace_id, row_id) in enumerate(rows.fetchall()):    # ids 51-150
+            in_flight[n * batches // 100].add("llm_traces", row_id, trace_id, b"{}")
+        assert cut(conn).lost == 50 and cut(conn).lost == 50           # ids 51-150, on their way
+        assert [confirm(conn, batch, merges, read_at) for batch in in_flight] == [100 // batches] * batches
+        merges.cycle_ended()
+        assert [(x["rows"], x["oldest_received_at"]) for x in told] == [(50, told[0]["oldest_received_at"])]
+        assert otrace.unreported_losses(conn, ("llm_traces",)) == []    # nothing more to tell
+        totals = conn.execute("SELECT sum(deleted), sum(unsynced_deleted) FROM retention_ledger").fetchone()
+        assert totals == (150, 50)
+        conn.execute("DELETE FROM llm_traces WHERE synced = 0 AND id < 199")
+        chunk = otrace.Cut(("llm_traces",), otrace.UNDELIVERED, "pressure_unpushed", "pass-2", limit=50,
+                           merges=merges)(conn)
+        assert (chunk.deleted, chunk.lost) == (2, 1)                  # the refused row is not lost
+        assert [x["rows"] for x in otrace.unreported_losses(conn, ("llm_traces",))] == [1]
 
 
 def test_a_database_past_its_high_mark_wakes_retention_before_its_interval(
