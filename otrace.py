@@ -9345,9 +9345,16 @@ class Cut:
         return Chunk(table, self.reason, len(gone), len(lost), live_bytes(conn))
 
 
+def ledger_hour() -> str:
+    """The pass_id a pass files its deletions under: the UTC hour. Under a small cap a pass may come
+    every few seconds, and a ledger row for each would crowd the cap it keeps."""
+    return time.strftime("%Y-%m-%dT%H", time.gmtime())
+
+
 def ledger_key(conn: sqlite3.Connection, pass_id: str, table: str, reason: str) -> str:
     """The pass_id of the pass's ledger row a chunk adds to: once a push reported that row, a new row
-    keyed after it, so that what the pass deletes after the report is reported too."""
+    keyed after it, so that what the pass deletes after the report is reported too. At most one row
+    of a pass, table and reason is unreported, the last (see mark_reported)."""
     key = pass_id
     while True:
         row = conn.execute("SELECT id, reported_at FROM retention_ledger WHERE pass_id = ? AND "
@@ -9358,18 +9365,30 @@ def ledger_key(conn: sqlite3.Connection, pass_id: str, table: str, reason: str) 
 
 
 def mark_reported(conn: sqlite3.Connection, loss: dict[str, Any], at: int) -> None:
-    """Mark a ledger row reported as the push read it: rows a chunk of its pass added since move to a
-    row of their own, reported next (every reported row has only unpushed rows: deleted = lost)."""
+    """Mark a ledger row reported as the push read it, and add the pass's reported row to it: a pass
+    reported at every push cycle keeps two rows, not one a cycle. Rows a chunk of its pass added
+    since the read move to the pass's next row, reported next (every reported row has only unpushed
+    rows: deleted = lost, but for those a push delivered as they went: delivered_after_all)."""
     found = conn.execute("SELECT pass_id, table_name, reason, unsynced_deleted, oldest_received_at, "
                          "newest_received_at FROM retention_ledger WHERE id = ? AND at = ? AND "
                          "reported_at IS NULL", (loss["ledger_id"], loss["at"])).fetchone()
     if found is None:                            # marked by a copy of this batch
         return
-    pass_id, table, reason, rows, oldest, newest = found
+    key, table, reason, rows, oldest, newest = found
+    pass_id = key.partition(".")[0]              # a later row's key is the pass's, a dot, and more
     conn.execute("UPDATE retention_ledger SET reported_at = ?, deleted = deleted - ?, unsynced_deleted = ?, "
                  "oldest_received_at = ?, newest_received_at = ? WHERE id = ?", (
                      at, rows - loss["rows"], loss["rows"], loss["oldest_received_at"],
                      loss["newest_received_at"], loss["ledger_id"]))
+    if key != pass_id and (first := conn.execute(
+            "DELETE FROM retention_ledger WHERE pass_id = ? AND table_name = ? AND reason = ? AND "
+            "reported_at IS NOT NULL RETURNING at, deleted, unsynced_deleted, oldest_received_at, "
+            "newest_received_at", (pass_id, table, reason)).fetchone()):
+        # the later row takes the pass's key: the older id goes, never handed out again as a newer one
+        conn.execute("UPDATE retention_ledger SET pass_id = ?, at = ?, deleted = deleted + ?, "
+                     "unsynced_deleted = unsynced_deleted + ?, oldest_received_at = min(oldest_received_at, "
+                     "?), newest_received_at = max(newest_received_at, ?) WHERE id = ?",
+                     (pass_id, *first, loss["ledger_id"]))
     if rows > loss["rows"]:
         conn.execute(LEDGER_SQL, (ledger_key(conn, pass_id, table, reason), now_ms(), table, reason,
                                   rows - loss["rows"], rows - loss["rows"], oldest, newest))
@@ -9532,11 +9551,11 @@ class Retention(Loop):
         if self.share(file) > self.marks.high:
             if grew and not self.head_starts:
                 self.head_starts.append(self.events.submit(functools.partial(
-                    relief, self.tiers, self.low_bytes(), new_id())))
+                    relief, self.tiers, self.low_bytes(), ledger_hour())))
             self.wake()
 
     def tick(self) -> None:
-        pass_id, started = new_id(), time.monotonic()
+        pass_id, started = ledger_hour(), time.monotonic()
         tally: collections.Counter[tuple[str, str, str]] = collections.Counter()
         tiers = self.tiers
         while self.head_starts:
