@@ -9570,7 +9570,7 @@ class Retention(Loop):
                 self.delete_all(Cut((table,), f"{DELIVERED} AND received_at < ?", "age", pass_id,
                                     (cutoff,), self.chunk), tally)
             pruned = sum(self.prune_all(table, column, cutoff, extra) for table, column, extra in BOOKKEEPING)
-        if tally or pruned:
+        if tally or pruned or cause:     # over budget with nothing to delete: free pages, or a WAL grown
             self.give_back()
         if cause == "db_cap":
             self.marks.passed(self.share())
@@ -10034,7 +10034,8 @@ def health_report(service: Service) -> dict[str, Any]:
     main, wal = file_size(service.config.db_path), file_size(service.config.db_path + "-wal")
     if main + wal > service.config.db_max_bytes and wal > service.config.wal_max_bytes:
         problems.append(f"database over TRACE_DB_MAX_BYTES with a WAL past TRACE_WAL_MAX_BYTES (file {main} "
-                        f"+ WAL {wal} bytes): a reader holding one snapshot keeps the WAL from starting over")
+                        f"+ WAL {wal} bytes): the next retention pass shrinks them, unless a reader holding "
+                        "one snapshot keeps the WAL from starting over")
     return {
         "status": "degraded" if problems else "ok",
         "problems": problems,

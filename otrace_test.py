@@ -4829,6 +4829,22 @@ def test_rows_deleted_while_their_push_is_in_flight_are_not_counted_lost_once_it
         assert [x["rows"] for x in otrace.unreported_losses(conn, ("llm_traces",))] == [1]
 
 
+def test_a_database_over_its_cap_in_free_pages_alone_is_given_back_without_deleting(
+        tmp_path: Path, run: Callable[..., Otrace]) -> None:
+    """Its rows are under the low mark, its file over the high one: pages freed and not yet given
+    back (rows deleted by another connection, or a pass cut short). A pass has nothing to delete; it
+    must still shrink the file, or the database stays over its cap until something else is written."""
+    db = tmp_path / "otrace.db"
+    made = seed(db, [("trace", 700, 0)], age_days=0.01)["trace/0"]
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        conn.execute("DELETE FROM llm_traces WHERE id > 100")
+        conn.commit()
+    assert db_bytes(db) > 1 << 20
+    node = run({"TRACE_DB_MAX_BYTES": "1MiB", "TRACE_CLEANUP_INTERVAL": "200ms"}, db=db)
+    wait_until(lambda: db_bytes(db) < (1 << 20) * otrace.Marks.LOW, what="the free pages given back")
+    assert present(node, "llm_traces") == set(made[:100]) and ledger(node) == {}
+
+
 def test_a_database_past_its_high_mark_wakes_retention_before_its_interval(
         tmp_path: Path, run: Callable[..., Otrace]) -> None:
     """The writer looks at the size after each batch: a burst is met within a batch or two, not at
