@@ -5302,11 +5302,25 @@ class Cgroup:
         if "cpuacct" not in dirs and usage_only is not None:
             dirs["cpuacct"] = ("v2", usage_only)
         used = [path for name, path in paths.items() if name in ("", *V1_CONTROLLERS.values())]
+        roots = {res: v2_root if version == "v2" else v1_roots[res] for res, (version, _) in dirs.items()}
         if mode == "auto" and any(map(host_unit, used)):     # otrace's own unit: read the box around it
             container = in_container(procfs)
-            dirs = {res: (version, box) for res, (version, where) in dirs.items() if (box := box_of(
-                version, where, v2_root if version == "v2" else v1_roots[res], container)) is not None}
+            dirs = {res: (version, box) for res, (version, where) in dirs.items()
+                    if (box := box_of(version, where, roots[res], container)) is not None}
+        elif mode == "auto":         # limits on a parent bind its children: read the one that has them
+            bound = {res: (version, nearest_limited(version, where, roots[res]) or where)
+                     for res, (version, where) in dirs.items()}
+            if (cpu := relative(dirs, roots, "cpu")) and cpu == relative(dirs, roots, "cpuacct"):
+                # v1's CPU usage from where the quota is, when the two hierarchies are mounted apart
+                bound["cpuacct"] = ("v1", roots["cpuacct"] / bound["cpu"][1].relative_to(roots["cpu"]))
+            dirs = bound
         return cls(dirs) if dirs else None
+
+
+def relative(dirs: dict[str, tuple[str, Path]], roots: dict[str, Path], res: str) -> Path | None:
+    """A v1 resource's cgroup path within its hierarchy; None for v2 or none."""
+    version, where = dirs.get(res, ("", None))
+    return where.relative_to(roots[res]) if version == "v1" and where.is_relative_to(roots[res]) else None
 
 
 def host_unit(path: str) -> bool:
@@ -5323,14 +5337,21 @@ def in_container(procfs: Path) -> bool:
 
 def box_of(version: str, where: Path, root: Path, container: bool) -> Path | None:
     """The cgroup a systemd unit sits in that bounds the agent too: the nearest one, the unit or a
-    slice above it up to the hierarchy's root, with a CPU quota or a memory limit; else, in a
-    container, the container's (the root it sees); else none (a host: /proc speaks). A unit named for
-    otrace holds otrace alone: its own limits (a sidecar's hardening) say nothing of the agent's box."""
+    slice above it, with a CPU quota or a memory limit; else, in a container, the container's (the
+    root it sees); else none (a host: /proc speaks). A unit named for otrace holds otrace alone: its
+    own limits (a sidecar's hardening) say nothing of the agent's box."""
+    return nearest_limited(version, where, root, own="otrace" not in where.name) or (
+        root if container else None)
+
+
+def nearest_limited(version: str, where: Path, root: Path, own: bool = True) -> Path | None:
+    """The nearest cgroup with a CPU quota or a memory limit: `where` (if `own`) or one above it, up
+    to the hierarchy's root as this process sees it; None if none has one."""
     above = [where, *where.parents]
     for folder in above[:above.index(root) + 1] if root in above else [where]:
-        if limited(version, folder) and not (folder == where and "otrace" in where.name):
+        if (own or folder != where) and limited(version, folder):
             return folder
-    return root if container else None
+    return None
 
 
 def limited(version: str, folder: Path) -> bool:
@@ -5381,6 +5402,7 @@ class Snapshot:
     mem_rss: int | None = None
     mem_limit: int | None = None
     mem_total: int | None = None
+    mem_host_available: int | None = None    # MemAvailable: a cgroup gets no more than the machine has
     disk_path: str | None = None
     disk_device: str | None = None
     disk: tuple[int, int, int, float] | None = None
@@ -5426,6 +5448,7 @@ class HostReader:
         snap = Snapshot(time.monotonic(), "proc", cores=online)
         meminfo = read_keyed(under(self.procfs, "meminfo"), ("MemTotal", "MemAvailable", "AnonPages"))
         snap.mem_total = meminfo.get("MemTotal", 0) * 1024 or None
+        snap.mem_host_available = meminfo["MemAvailable"] * 1024 if "MemAvailable" in meminfo else None
         if self.cgroup:
             self.read_cgroup(snap)
         if snap.source == "proc":
@@ -5567,7 +5590,8 @@ def host_sample(prev: Snapshot, cur: Snapshot) -> dict[str, Any]:
         "cpu_cores_effective": cur.cores, "cpu_throttled_ms": None if throttled is None else round(
             throttled * 1000, 3), "cpu_throttled_periods": delta("throttled_periods"),
         "mem_used_bytes": cur.mem_used, "mem_rss_bytes": cur.mem_rss, "mem_limit_bytes": limit,
-        "mem_available_bytes": None if None in (limit, cur.mem_used) else max(0, limit - cur.mem_used),
+        "mem_available_bytes": None if None in (limit, cur.mem_used) else max(0, min(
+            limit - cur.mem_used, cur.mem_host_available or math.inf)),
         "mem_total_bytes": cur.mem_total, "disk_path": cur.disk_path, "disk_device": cur.disk_device,
         "disk_total_bytes": total, "disk_used_bytes": disk_used, "disk_avail_bytes": avail,
         "disk_used_pct": used_pct, "disk_read_bps": rate("disk_read"), "disk_write_bps": rate("disk_written"),
@@ -9761,7 +9785,7 @@ HOST_GAUGES = {   # /health "host" column -> (metric, help, scale)
     "mem_used_bytes": ("host_memory_used_bytes", "Working set: usage less inactive file cache.", 1),
     "mem_rss_bytes": ("host_memory_rss_bytes", "Anonymous memory.", 1),
     "mem_limit_bytes": ("host_memory_limit_bytes", "Memory limit (the host's total when unlimited).", 1),
-    "mem_available_bytes": ("host_memory_available_bytes", "Limit less working set.", 1),
+    "mem_available_bytes": ("host_memory_available_bytes", "Limit less working set, up to MemAvailable.", 1),
     "mem_total_bytes": ("host_memory_total_bytes", "The host's MemTotal.", 1),
     "disk_total_bytes": ("host_disk_total_bytes", "Size of the filesystem holding the database.", 1),
     "disk_used_bytes": ("host_disk_used_bytes", "Space used on it.", 1),

@@ -2103,12 +2103,13 @@ HOSTS = HERE / "fixtures" / "hosts"
 MEM_TOTAL = 24684096 * 1024          # MemTotal of the machine the real trees were captured on
 
 
-def sample_case(case: str, disk_path: Path, mode: str = "auto") -> tuple[dict[str, Any], otrace.HostReader]:
+def sample_case(case: str, disk_path: Path, mode: str = "auto", hosts: Path = HOSTS
+                ) -> tuple[dict[str, Any], otrace.HostReader]:
     """The system_metrics row from a fixture's t0 and t1, the interval taken from its meta.json."""
-    meta = json.loads((HOSTS / case / "meta.json").read_text())
+    meta = json.loads((hosts / case / "meta.json").read_text())
     snaps = []
     for moment in ("t0", "t1"):
-        root = HOSTS / case / moment
+        root = hosts / case / moment
         reader = otrace.HostReader(root / "proc", root / "sys", str(disk_path), mode,
                                    disk_device=tuple(meta["disk_device"]))
         snaps.append(reader.snapshot())
@@ -2155,7 +2156,7 @@ def test_fixture_v2_unlimited_at_the_namespace_root(tmp_path: Path) -> None:
         "mem_used_bytes": 310_000_000,     # 410,000,000 - inactive_file 100,000,000
         "mem_rss_bytes": 260_000_000,
         "mem_limit_bytes": MEM_TOTAL,      # memory.max "max": the host's MemTotal
-        "mem_available_bytes": MEM_TOTAL - 310_000_000,
+        "mem_available_bytes": MEM_TOTAL - 310_000_000,   # under MemAvailable 24,395,328 kB
         "mem_total_bytes": MEM_TOTAL,
     }
     assert (row["cgroup_read_bps"], row["cgroup_write_bps"]) == (0.0, 300_000.0)   # wbytes +600,000 / 2 s
@@ -2190,7 +2191,7 @@ def test_fixture_v1_unlimited_pure_v1(tmp_path: Path) -> None:
         "cpu_throttled_ms": 0.0, "cpu_throttled_periods": 0,
         "mem_used_bytes": 4_554_752, "mem_rss_bytes": 4_460_544,
         "mem_limit_bytes": MEM_TOTAL,      # 9223372036854771712 is v1's "no limit"
-        "mem_available_bytes": MEM_TOTAL - 4_554_752,
+        "mem_available_bytes": 24_407_176 * 1024,    # the machine's MemAvailable: under MemTotal - used
         "mem_total_bytes": MEM_TOTAL,
     }
     # vda (254:0) sectors written 65,753,904 -> 65,756,560: 2,656 * 512 = 1,359,872 bytes in 2.003482 s
@@ -2212,9 +2213,37 @@ def test_fixture_hybrid_reads_v1_controllers_beside_an_empty_v2(tmp_path: Path) 
         "mem_used_bytes": 78_073_856,      # 93,306,880 - total_inactive_file 15,233,024
         "mem_rss_bytes": 17_833_984,
         "mem_limit_bytes": MEM_TOTAL,
-        "mem_available_bytes": MEM_TOTAL - 78_073_856,
+        "mem_available_bytes": 24_409_372 * 1024,    # MemAvailable: what runs outside the cgroup uses memory
         "mem_total_bytes": MEM_TOTAL,
     }
+
+
+@pytest.mark.parametrize("case", ["v1-quota", "v2-quota"])
+def test_limits_on_a_parent_cgroup_are_the_ones_read(tmp_path: Path, case: str) -> None:
+    """otrace in a child cgroup with no limits of its own (a container's init moved into `init`, a
+    pod's container without its own): the parent's quota and limit bind it, so its figures are the
+    parent's (they once were the machine's: 25 GB available to a cgroup with 64 MB left)."""
+    copy = tmp_path / "hosts"
+    shutil.copytree(HOSTS / case, copy / case)
+    parent = "otrace-fixture-quota" if case == "v1-quota" else "system.slice/agent.service"
+    for moment in ("t0", "t1"):
+        root = copy / case / moment
+        cgroup = root / "proc" / "self" / "cgroup"
+        cgroup.write_text(cgroup.read_text().replace(f":/{parent}\n", f":/{parent}/init\n"))
+        for folder in (root / "sys" / "fs" / "cgroup").rglob(parent.rpartition("/")[2]):
+            child = folder / "init"                  # its own cgroup: no limits, its own usage
+            child.mkdir()
+            for file in folder.iterdir():
+                if file.is_file():
+                    text = {"cpu.cfs_quota_us": "-1\n", "cpu.max": "max 100000\n", "memory.max": "max\n",
+                            "memory.limit_in_bytes": "9223372036854771712\n", "cpuacct.usage": "5\n",
+                            "memory.usage_in_bytes": "7\n", "memory.current": "7\n"}
+                    (child / file.name).write_text(text.get(file.name, file.read_text()))
+    row, reader = sample_case(case, tmp_path, hosts=copy)
+    bounds = {reader.cgroup.dirs[res][1].name for res in ("cpu", "cpuacct", "memory")}
+    assert bounds == {parent.rpartition("/")[2]}
+    expected, _ = sample_case(case, tmp_path)
+    assert picked(row, *CPU_MEM) == picked(expected, *CPU_MEM) and row["mem_limit_bytes"] < MEM_TOTAL
 
 
 def test_fixture_mount_root_below_the_cgroup_root(tmp_path: Path) -> None:
