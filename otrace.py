@@ -5721,6 +5721,9 @@ _KEY_SHAPES = (re.compile(r"\b(?:sk|pk|rk)[-_][\w-]{16,}|\bgh[pousr]_\w{20,}|\bx
                           r"|\bAKIA[0-9A-Z]{16}\b|(?<![\w-])eyJ[\w-]{8,}+\.[\w-]{8,}+\.[\w-]{8,}+"),
                "***")                                                # API keys and JWTs, by their look
 _SIGNATURE = (re.compile(r"([?&]sig=)[^&\s#\"]+"), r"\1***")       # a signed URL's signature (SAS)
+_TELEGRAM = (re.compile(r"\bbot\d{5,}:[\w-]{30,}"), "bot***")        # a Telegram bot's token in its URL
+_WEBHOOK = (re.compile(r"((?:hooks\.slack\.com/services/\w+/\w+|discord(?:app)?\.com/api/webhooks/\d+)/)"
+                       r"[\w-]+", re.IGNORECASE), r"\1***")           # a chat webhook's URL is its secret
 _SECRETS = (     # (pattern, replacement), applied in order to the whole command line
     _BEARER,
     (re.compile(rf"(?<![\w.-])(-{{0,2}}{_SECRET_NAME}[\"']?\s*[=:]\s*)(?!(?:bearer|basic)\s)"
@@ -5729,19 +5732,22 @@ _SECRETS = (     # (pattern, replacement), applied in order to the whole command
      r"\1***@"),                            # a URL's password (not a port), to the @ of its host
     (re.compile(r"(https?://)[^/\s:@]+@", re.IGNORECASE), r"\1***@"),   # a token as an http URL's user
     _SIGNATURE,
+    _TELEGRAM,
+    _WEBHOOK,
     _KEY_SHAPES,
 )
 _TEXT_SECRETS = (   # (words that must be in the lower-cased text, pattern, replacement), for prose and JSON
     (("bearer", "basic"), *_BEARER),
-    (("api_key", "api-key", "apikey", "token", "secret", "passw"),   # not "tokens=", "sessionKey="
-     re.compile(r"((?:api[_-]?key|token|secret|passw(?:or)?d)[\"']?\s*[=:]\s*)"
+    (("api_key", "api-key", "apikey", "token", "secret", "passw", "pwd", "auth"),   # not "tokens=", "oauth"
+     re.compile(r"((?:api[_-]?key|token|secret|passw(?:or)?d|pwd|(?<![a-z])auth)[\"']?\s*[=:]\s*)"
                 r"(\"(?:[^\"\\]|\\.){0,4096}\"|'[^']{0,4096}'|[^\s,;&\"'}\\]+)", re.IGNORECASE),
      lambda m: m[1] + (m[2][0] + "***" + m[2][0] if m[2][0] in "\"'" else "***")),
     (("://",), re.compile(r"://([^/\s:@\"]{0,256}):(?!\d+(?:[/?#\s]|$))[^\s\"@]{0,256}@"
                           r"(?=[^\s@/]*(?:[/?#\s]|$))"), r"://\1:***@"),       # a URL's password, not a port
     (("://",), re.compile(r"://[^/\s:@\"]{1,256}@"), "://***@"),       # a token as a URL's user
     (("sig=",), *_SIGNATURE),
-    (("bot",), re.compile(r"\bbot\d{5,}:[\w-]{30,}"), "bot***"),      # a Telegram bot's token in its URL
+    (("bot",), *_TELEGRAM),
+    (("hooks.slack.com", "discord"), *_WEBHOOK),
     (("sk-", "sk_", "pk-", "pk_", "rk-", "rk_", "gh", "xox", "aiza", "hf_", "gsk_", "akia", "eyj"),
      *_KEY_SHAPES),
 )
@@ -5861,12 +5867,13 @@ def redact_text(text: str) -> str:
 
 
 _SECRET_KEY = re.compile(r"[\w.-]*(?:(?:api|private|secret|access|secret[_-]?access)[_-]?key|token|secret"
-                         r"|passw(?:or)?d|authorization|cookie|credentials?)", re.IGNORECASE)
+                         r"|passw(?:or)?d|pwd|authorization|(?<![a-z])auth|cookie|credentials?)",
+                         re.IGNORECASE)
 _SECRET_WORDS = tuple({word for words, _, _ in _TEXT_SECRETS for word in words}
                       | {"authorization", "cookie", "credential", "privatekey", "private_key", "private-key",
                          "accesskey", "access_key", "access-key"})     # every name _SECRET_KEY takes
-_SECRET_KEY_ENDS = ("key", "token", "secret", "passwd", "password", "authorization", "cookie", "credential",
-                    "credentials")          # how a name _SECRET_KEY takes ends, lower-cased
+_SECRET_KEY_ENDS = ("key", "token", "secret", "passwd", "password", "pwd", "authorization", "auth", "cookie",
+                    "credential", "credentials")          # how a name _SECRET_KEY takes ends, lower-cased
 
 
 def any_word(words: Iterable[str]) -> re.Pattern[str]:

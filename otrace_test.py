@@ -9117,6 +9117,21 @@ def test_the_quick_secret_checks_agree_with_the_patterns() -> None:
             assert otrace.holds_secret_words(json.dumps({key: "v"}).lower()), key
 
 
+def test_a_log_line_masks_what_the_command_line_masks() -> None:
+    """The gateway log's WARN and ERROR lines and the process table mask the same secrets: a pwd= or
+    an auth= (a URL's query, an X-Auth header), a chat webhook's URL; OAuth settings, an author and
+    OpenClaw's sessionKey (a session's name, agent:main:...) are what an operator needs, and stay."""
+    hook = "https://hooks.slack.com/services/T01/B02/" + "x" * 24
+    assert otrace.redact_text(f"pwd=p1 url https://h/x?auth=a2&v=1 X-Auth: a3 post {hook} failed "
+                              "oauth=kept author: kept sessionKey=agent:main:main") == (
+        "pwd=*** url https://h/x?auth=***&v=1 X-Auth: *** post https://hooks.slack.com/services/T01/B02/*** "
+        "failed oauth=kept author: kept sessionKey=agent:main:main")
+    assert otrace.redact_json({"headers": {"X-Auth": "a4", "proxy_auth": "a5"}, "pwd": "p6", "oauth": {
+        "scope": "read"}, "author": "me", "sessionKey": "agent:main:main"}) == {
+        "headers": {"X-Auth": "***", "proxy_auth": "***"}, "pwd": "***", "oauth": {"scope": "read"},
+        "author": "me", "sessionKey": "agent:main:main"}
+
+
 def test_no_secret_in_a_captured_command_line_survives() -> None:
     secrets = PROCS_META["secret_values"]
     root = PROCS / "t1" / "proc"
@@ -9150,6 +9165,12 @@ def test_no_secret_in_a_captured_command_line_survives() -> None:
             (["openssl", "enc", "-pass", "pass:x"], "openssl enc -pass ***"),
             (["app", "--passphrase=x", "--creds=c", "AIza" + "x" * 35],
              "app --passphrase=*** --creds=*** ***"),
+            (["curl", "https://api.telegram.org/bot123456789:" + "A" * 35 + "/getUpdates"],   # as the
+             "curl https://api.telegram.org/bot***/getUpdates"),                              # log's are
+            (["notify", "--slack-webhook", "https://hooks.slack.com/services/T01/B02/" + "x" * 24,
+              "--hook", "https://discord.com/api/webhooks/1234/" + "y" * 40],
+             "notify --slack-webhook https://hooks.slack.com/services/T01/B02/*** "
+             "--hook https://discord.com/api/webhooks/1234/***"),
             # what an operator needs is kept: ports, paths, a URL's own @, uid:gid, ordinary flags
             (["node", "gw.js", "--model-url", "http://localhost:8080/v1/models/llama@main"],
              "node gw.js --model-url http://localhost:8080/v1/models/llama@main"),
