@@ -311,6 +311,27 @@ def _gateway(raw: str) -> tuple:
     return program, found
 
 
+def _listen_address(raw: str) -> str:
+    """An IP address, or a host name that resolves: a bad one stops the start here, not at the bind,
+    after the database was made. A name of digits alone ("0", "1.5") is a typo, not a host."""
+    address = raw.strip()
+    for family in (socket.AF_INET, socket.AF_INET6):
+        with contextlib.suppress(OSError):
+            socket.inet_pton(family, address.strip("[]"))
+            return address.strip("[]")
+    if not (address.isascii() and _HOSTNAME.fullmatch(address.lower().rstrip(".")) and re.search(
+            r"[a-z]", address.lower())):
+        raise SettingError
+    with contextlib.suppress(OSError):       # "0x10", "127.1": C's old forms of an address, not names
+        socket.getaddrinfo(address, None, flags=socket.AI_NUMERICHOST)
+        raise SettingError
+    try:
+        socket.getaddrinfo(address, None, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as exc:
+        raise SettingError(f"{address} does not resolve: {exc}") from None
+    return address
+
+
 def _hostnames(raw: str) -> tuple[str, ...]:
     names = tuple(n.strip().rstrip(".").lower() for n in raw.split(",") if n.strip())
     if len(names) > MAX_PROBED_NAMES or not all(len(n) <= 253 and _HOSTNAME.fullmatch(n) for n in names):
@@ -332,6 +353,7 @@ def _price_file(raw: str) -> str:
 
 TEXT = Kind("any text", str)
 NAME = Kind("a non-empty value", _nonempty)
+ADDRESS = Kind("an IP address, or a host name that resolves", _listen_address)
 SWITCH = Kind("on or off (or true/false, yes/no, 1/0)", _switch)
 URL = Kind("empty, or an http:// or https:// URL", _url)
 TOKEN = Kind("empty, or printable ASCII without spaces", _token)
@@ -373,7 +395,7 @@ def setting(default: str, kind: Kind, doc: str, *, secret: bool = False) -> Any:
 class Config:
     """Every setting otrace has. Read from TRACE_* environment variables by `Config.from_env`."""
 
-    host: str = setting("127.0.0.1", NAME, "Address to listen on. Loopback by default: the agent runs on "
+    host: str = setting("127.0.0.1", ADDRESS, "Address to listen on. Loopback by default: the agent runs on "
                         "the same machine. :: is every address, IPv4's too (0.0.0.0 only IPv4's).")
     port: int = setting("9090", count(0, 65535), "TCP port to listen on; 0 picks a free one (logged).")
     otlp_port: int = setting("4318", count(0, 65535), "A second TCP port, on the same host, serving the "
@@ -524,7 +546,8 @@ class Config:
                                   "exporters write them: `key=value,key2=value2`; never logged. Not the "
                                   "ones otrace sets (Content-Type, Content-Length, Content-Encoding, "
                                   "Transfer-Encoding, Host, Connection, Idempotency-Key), nor "
-                                  "Authorization with TRACE_PUSH_TOKEN.", secret=True)
+                                  "Authorization with TRACE_PUSH_TOKEN or a user:password@ in "
+                                  "TRACE_PUSH_ENDPOINT.", secret=True)
     push_max_bytes: int = setting("5MiB", size("1KiB", "256MiB"), "Largest body of one push request "
                                   "(before gzip); a single larger event is sent alone.")
     push_timeout: float = setting("30s", duration("100ms", "10m"), "Longest one push request may take, "
@@ -563,9 +586,11 @@ class Config:
         if config.push_token and urllib.parse.urlsplit(config.push_endpoint).username is not None:
             raise SettingError("TRACE_PUSH_ENDPOINT holds user:password@ and TRACE_PUSH_TOKEN is set: "
                                "both would be the Authorization header; keep one")
-        if config.push_token and any(name.lower() == "authorization" for name, _ in config.push_headers):
-            raise SettingError("TRACE_PUSH_HEADERS holds Authorization and TRACE_PUSH_TOKEN is set: both "
-                               "would be the Authorization header; keep one")
+        if any(name.lower() == "authorization" for name, _ in config.push_headers) and (
+                config.push_token or urllib.parse.urlsplit(config.push_endpoint).username is not None):
+            raise SettingError("TRACE_PUSH_HEADERS holds Authorization, and so does " + (
+                "TRACE_PUSH_TOKEN" if config.push_token else "TRACE_PUSH_ENDPOINT's user:password@") +
+                ": both would be the Authorization header; keep one")
         if config.debug_tracemalloc and not config.debug:
             raise SettingError("TRACE_DEBUG_TRACEMALLOC=on needs TRACE_DEBUG=on: /debug/memory is what "
                                "reads the traces")

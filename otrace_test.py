@@ -358,10 +358,20 @@ def test_settings_name_what_they_accept_and_keep_secrets() -> None:
             otrace.Config.from_env({"TRACE_PUSH_HEADERS": bad})
     with pytest.raises(otrace.SettingError, match="keep one"):
         otrace.Config.from_env({"TRACE_PUSH_ENDPOINT": "https://u:p@h/x", "TRACE_PUSH_TOKEN": "t"})
-    with pytest.raises(otrace.SettingError, match=r"TRACE_PUSH_HEADERS holds Authorization .* keep one"):
+    with pytest.raises(otrace.SettingError, match=r"TRACE_PUSH_HEADERS holds Authorization, .* keep one"):
         otrace.Config.from_env({"TRACE_PUSH_HEADERS": "Authorization=Basic%20YQ", "TRACE_PUSH_TOKEN": "t"})
+    with pytest.raises(otrace.SettingError, match=r"TRACE_PUSH_HEADERS holds Authorization, and so does "
+                                                  r"TRACE_PUSH_ENDPOINT's user:password@: .* keep one"):
+        otrace.Config.from_env({"TRACE_PUSH_HEADERS": "Authorization=Bearer%20t", "TRACE_PUSH_ENDPOINT":
+                                "https://u:p@h/x"})             # one would silently replace the other
     with pytest.raises(otrace.SettingError, match="content-type is set by otrace itself"):
         otrace.Config.from_env({"TRACE_PUSH_HEADERS": "content-type=x"})
+    for typo in ("0", "-1", "1.5", "0x10", "127.1", "\uff11\uff10", "no-such-host.invalid"):  # not 0.0.0.0
+        with pytest.raises(otrace.SettingError, match=r"TRACE_HOST=.* is not valid: expected an IP address"):
+            otrace.Config.from_env({"TRACE_HOST": typo})
+    hosts = ("localhost", "::", "[::1]", "10.0.0.1")
+    assert [otrace.Config.from_env({"TRACE_HOST": host}).host for host in hosts] == [
+        "localhost", "::", "::1", "10.0.0.1"]
     assert otrace.redact_url("https://u:p@h:8443/in?key=s3&x=1") == "https://h:8443/in?key=***&x=***"
     for name, value in (("TRACE_PROCFS", "/nonexistent"), ("TRACE_OPENCLAW_STATE_DIR", "/etc/hostname")):
         with pytest.raises(otrace.SettingError, match=f"{name}='{value}' is not valid: expected .* directory "
