@@ -6108,6 +6108,7 @@ class GatewayWatch:
         self.current: Proc | None = None
         self.seen_at = 0.0                   # uptime when it was last seen
         self.gone: Proc | None = None        # the one that disappeared, until one is back
+        self.awaiting: tuple[Proc, dict[str, int]] | None = None   # gone while one like it starts: a restart?
         self.gone_seen_at = 0.0
         self.btime: float | None = None
         self.restarts = 0
@@ -6192,16 +6193,19 @@ class GatewayWatch:
         return found
 
     def find(self, pids: set[int], at: float) -> Proc | None:
-        """The gateway: the one already known while it lives (listening or not yet), else the oldest
-        match; when the known one is gone, one that started after it and does not listen yet is its
-        successor starting (a restart, not a disappearance)."""
+        """The gateway: the one already known while it lives (listening or not), else the oldest match
+        that listens."""
         found = self.matching(pids, at)
         known = self.current
-        if known is None:
-            return min(found, key=lambda p: (p.start, p.pid), default=None)
-        alive = [p for p in (*found, *self.starting) if (p.pid, p.start) == (known.pid, known.start)]
-        later = [p for p in self.starting if p.start > known.start]
-        return (alive or [min(found or later, key=lambda p: (p.start, p.pid), default=None)])[0]
+        alive = [p for p in (*found, *self.starting) if known and (p.pid, p.start) == (known.pid,
+                                                                                         known.start)]
+        return (alive or [min(found, key=lambda p: (p.start, p.pid), default=None)])[0]
+
+    def successor_starting(self, old: Proc, at: float) -> bool:
+        """A process like the gateway that started after `old` and listens on nothing yet, for up to
+        EXEC_WINDOW: the gateway starting again (a restart, not a disappearance), or one of OpenClaw's
+        CLI commands run meanwhile, which never listens; its first listening socket tells which."""
+        return at - self.seen_at <= EXEC_WINDOW and any(p.start > old.start for p in self.starting)
 
     def observe(self, pids: set[int], at: float, oom: dict[str, int]) -> tuple[dict[str, Any], list[Row]]:
         """This sample's gateway columns (usage over the interval since the last one) and events."""
@@ -6210,12 +6214,24 @@ class GatewayWatch:
             self.btime = read_btime(self.procfs)
         rows = []
         if before is not None and (found is None or (found.pid, found.start) != (before.pid, before.start)):
-            rows.append(self.restarted(before, found, oom) if found else self.disappeared(before, at, oom))
+            if found is not None:
+                rows.append(self.restarted(before, found, oom))
+            elif self.successor_starting(before, at):      # told when it listens, or never does
+                self.awaiting = (before, oom)
+            else:
+                rows.append(self.disappeared(before, at, oom))
         elif before is None and found is not None:
-            if self.gone is not None:
+            if self.awaiting is not None:
+                old, then = self.awaiting
+                rows.append(self.restarted(old, found, then))
+            elif self.gone is not None:
                 rows.append(self.returned(found))
             else:
                 self.log.info("gateway process found", extra={"pid": found.pid})
+            self.awaiting = None
+        elif self.awaiting is not None and not self.successor_starting(self.awaiting[0], at):
+            rows.append(self.disappeared(self.awaiting[0], at, self.awaiting[1]))
+            self.awaiting = None
         columns: dict[str, Any] = {"gateway_up": int(found is not None)}
         if found is not None:
             same = before is not None and before.pid == found.pid and before.start == found.start

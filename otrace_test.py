@@ -9335,58 +9335,87 @@ def test_a_wrapper_that_execs_the_gateway_is_found_at_the_next_sample(tmp_path: 
 
 LATE_LISTENER = ("import socket, sys, time; time.sleep(float(sys.argv[1])); s = socket.socket(); "
                  "s.bind(('127.0.0.1', 0)); s.listen(); time.sleep(120)")
+LISTENS_WHEN = ("import os, socket, sys, time\nwhile not os.path.exists(sys.argv[1]): time.sleep(0.01)\n"
+                "s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen(); time.sleep(120)")
 
 
-def test_a_gateway_restarted_is_one_restart_while_the_new_one_starts_to_listen() -> None:
+def test_a_gateway_restarted_is_one_restart_once_the_new_one_listens_and_a_command_is_no_gateway(
+        tmp_path: Path) -> None:
     """A restart whose new gateway takes a while to listen (OpenClaw's: seconds, a minute cold) is one
-    `restarted` event, not the gateway gone (critical) and back: the process like it that started
-    after the known one is its successor starting."""
+    `restarted` event once it listens, not the gateway gone (critical) and back; meanwhile it is not
+    up. A process like it that never listens (one of OpenClaw's CLI commands, run as the gateway died)
+    is no successor: when it ends, the gateway is gone, and the next one that listens is it back."""
     word = f"otrace-restart-{uuid.uuid4().hex[:8]}"
     watch = otrace.GatewayWatch(("", (word,)), Path("/proc"), logging.getLogger("otrace.test"))
 
-    def sample() -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    def sample() -> tuple[dict[str, Any], list[tuple[str, str, int | None]]]:
         pids = {int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()}
         columns, rows = watch.observe(pids, otrace.read_uptime(Path("/proc")), {})
-        return columns, [dict(zip(otrace.ERRORS.columns, r.values, strict=True)) for r in rows]
+        meta = [json.loads(dict(zip(otrace.ERRORS.columns, r.values, strict=True))["metadata"]) for r in rows]
+        return columns, [(m["change"], m["old"]["pid"], m.get("new", {}).get("pid")) for m in meta]
 
-    old = subprocess.Popen([sys.executable, "-c", LATE_LISTENER, "0", word])
-    new = None
+    def running(proc: subprocess.Popen) -> None:
+        wait_until(lambda: Path(f"/proc/{proc.pid}/cmdline").read_bytes().count(word.encode()), 30,
+                   what="it running")
+
+    started: list[subprocess.Popen] = []
+
+    def start(code: str, arg: str) -> subprocess.Popen:
+        started.append(proc := subprocess.Popen([sys.executable, "-c", code, arg, word]))
+        running(proc)
+        return proc
+
     try:
+        first = start(LATE_LISTENER, "0")
         wait_until(lambda: sample()[0]["gateway_up"], 30, "the first gateway listening")
-        old.kill()
-        old.wait()
-        new = subprocess.Popen([sys.executable, "-c", LATE_LISTENER, "3600", word])   # never listens here
-        wait_until(lambda: Path(f"/proc/{new.pid}/cmdline").read_bytes().count(word.encode()), 30,
-                   what="its successor running")
-        columns, events = sample()
-        assert columns["gateway_pid"] == new.pid
-        assert [(e["severity"], json.loads(e["metadata"])["change"]) for e in events] == [
-            ("error", "restarted")]
-        assert sample()[1] == []                                  # still starting: nothing more
+        first.kill()
+        first.wait()
+        second = start(LISTENS_WHEN, str(tmp_path / "listen"))
+        assert sample() == ({"gateway_up": 0}, []) and sample() == ({"gateway_up": 0}, [])   # starting
+        (tmp_path / "listen").touch()
+        columns, events = wait_until(lambda: (found := sample())[0]["gateway_up"] and found,
+                                     what="it listening")
+        assert columns["gateway_pid"] == second.pid and events == [("restarted", first.pid, second.pid)]
+        second.kill()
+        second.wait()
+        command = start(LATE_LISTENER, "3600")                   # like it, and never listens
+        assert sample() == ({"gateway_up": 0}, [])
+        command.kill()
+        command.wait()
+        assert sample() == ({"gateway_up": 0}, [("gone", second.pid, None)])
+        third = start(LATE_LISTENER, "0")
+        _, events = wait_until(lambda: (found := sample())[0]["gateway_up"] and found, what="it back")
+        assert events == [("back", second.pid, third.pid)] and watch.restarts == 2
     finally:
-        for proc in (old, new):
-            if proc is not None:
-                proc.kill()
-                proc.wait()
+        for proc in started:
+            proc.kill()
+            proc.wait()
 
 
 def test_a_successor_rewriting_its_command_line_as_it_starts_stays_the_gateway(tmp_path: Path) -> None:
-    """The known gateway gone, the one like it that started after it is its successor; while it renames
-    itself (process.title rewrites its argv: for a moment the command line reads empty) it stays so."""
+    """The known gateway gone, the one like it that started after it is its successor starting; while
+    it renames itself (process.title rewrites its argv: for a moment the command line reads empty) it
+    stays so, and once it listens it is the gateway, restarted."""
     before, after = HOSTS / "procs-gateway-restart" / "t0" / "proc", tmp_path / "proc"
     shutil.copytree(HOSTS / "procs-gateway-restart" / "t1" / "proc", after, symlinks=True)
-    for fd in (after / "20" / "fd").iterdir():                # not listening yet
-        if str(fd.readlink()).startswith("socket:"):
-            fd.unlink()
+    sockets = {fd.name: fd.readlink() for fd in (after / "20" / "fd").iterdir()
+               if str(fd.readlink()).startswith("socket:")}
+    for name in sockets:                                      # not listening yet
+        (after / "20" / "fd" / name).unlink()
     watch = otrace.GatewayWatch(("node", ("openclaw", "gateway")), before, logging.getLogger("otrace.test"))
     assert watch.observe({1, 3, 4, 5, 6, 7}, 1274.3, {})[0]["gateway_pid"] == 7
     watch.procfs = after
-    columns, [event] = watch.observe({1, 3, 4, 5, 6, 20}, 1275.0, {})
+    assert watch.observe({1, 3, 4, 5, 6, 20}, 1275.0, {}) == ({"gateway_up": 0}, [])
+    cmdline = (after / "20" / "cmdline").read_bytes()
+    (after / "20" / "cmdline").write_bytes(b"")
+    assert watch.observe({1, 3, 4, 5, 6, 20}, 1276.0, {}) == ({"gateway_up": 0}, [])
+    (after / "20" / "cmdline").write_bytes(cmdline)          # renamed, and listening
+    for name, target in sockets.items():
+        (after / "20" / "fd" / name).symlink_to(target)
+    columns, [event] = watch.observe({1, 3, 4, 5, 6, 20}, 1277.0, {})
     assert columns["gateway_pid"] == 20 and json.loads(event.values[otrace.ERRORS.columns.index(
         "metadata")])["change"] == "restarted"
-    (after / "20" / "cmdline").write_bytes(b"")
-    assert watch.observe({1, 3, 4, 5, 6, 20}, 1276.0, {})[0]["gateway_pid"] == 20
-    assert watch.observe({1, 3, 4, 5, 6, 20}, 1277.0, {})[1] == []
+    assert watch.observe({1, 3, 4, 5, 6, 20}, 1278.0, {})[1] == []
 
 
 def test_a_gateway_that_renames_itself_stays_the_gateway(tmp_path: Path) -> None:
