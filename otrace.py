@@ -4093,6 +4093,7 @@ CONTENT_SQL = ("UPDATE llm_traces SET truncated = truncated OR (input_text IS NU
                "output_bytes = CASE WHEN output_text IS NULL THEN ? ELSE output_bytes END, "
                "output_text = coalesce(output_text, ?) WHERE trace_id = ? AND synced = 0 RETURNING trace_id")
 SERIES_TOUCH_MS = 86_400_000     # an unchanged series' state is rewritten daily, so retention keeps it
+SERIES_A_QUERY = 500             # series states read in one query (SQLite takes 32,766 parameters)
 KEY_BYTES = 200                  # what one remembered span id costs of TRACE_OTLP_CONTENT_BYTES
 RECENT_CALLS = 64                # LLM calls remembered for another instrumentation's span in a later request
 
@@ -4758,6 +4759,20 @@ def difference(last: Point | None, point: Point, monotonic: bool) -> tuple[Point
                  point.count - last.count, buckets, point.bounds), False
 
 
+class Kept(NamedTuple):
+    """A metric point otrace keeps, read from its request, with the key of its series."""
+
+    metric: Any
+    resource: dict[str, Any]
+    kind: str
+    cumulative: bool
+    monotonic: bool
+    point: Any
+    current: Point
+    attrs: dict[str, Any]
+    key: str
+
+
 class Series:
     """Every metric series otrace has seen: its id (in its rows' trace_ids) and, for a cumulative one,
     its last point. The newest TRACE_OTLP_MAX_SERIES are in memory; all are in otlp_series, written
@@ -4768,20 +4783,32 @@ class Series:
         self.known: collections.OrderedDict[str, list[Any]] = collections.OrderedDict()  # [id, Point, at]
         self.next_id: int | None = None
 
-    def get(self, key: str, fresh: dict[str, list[Any]]) -> list[Any]:
-        """[series id, last point or None, ms its state was written] of a series, new ones numbered."""
+    def load(self, keys: Iterable[str]) -> dict[str, list[Any]]:
+        """The stored state of those of `keys` not in memory, read a few hundred at a time: a request
+        may bring thousands of new series, and one query each held the HTTP thread for seconds."""
+        wanted = [key for key in dict.fromkeys(keys) if key not in self.known]
+        stored: dict[str, list[Any]] = {}
+        for start in range(0, len(wanted), SERIES_A_QUERY):
+            part = tuple(wanted[start:start + SERIES_A_QUERY])
+            for key, series_id, begin, at, value, count, buckets, updated in self.db.query(
+                    "SELECT key, series_id, start_ns, time_ns, value, count, buckets, updated_at FROM "
+                    f"otlp_series WHERE key IN ({', '.join('?' * len(part))})", part):
+                counts, bounds = json.loads(buckets) if buckets else (None, None)
+                stored[key] = [series_id, Point(begin, at, value, count, None if counts is None else tuple(
+                    counts), None if bounds is None else tuple(bounds)), updated]
+        return stored
+
+    def get(self, key: str, fresh: dict[str, list[Any]], stored: dict[str, list[Any]]) -> list[Any]:
+        """[series id, last point or None, ms its state was written] of a series (`stored`: what load
+        read for the request), new ones numbered."""
         if key in fresh:
             return fresh[key]
         if key in self.known:
             return self.known[key]
+        if key in stored:
+            return stored[key]
         if self.next_id is None:
             self.next_id = (self.db.query("SELECT max(series_id) FROM otlp_series")[0][0] or 0) + 1
-        for series_id, start, at, value, count, buckets, updated in self.db.query(
-                "SELECT series_id, start_ns, time_ns, value, count, buckets, updated_at FROM otlp_series "
-                "WHERE key = ?", (key,)):
-            counts, bounds = json.loads(buckets) if buckets else (None, None)
-            return [series_id, Point(start, at, value, count, None if counts is None else tuple(counts),
-                                     None if bounds is None else tuple(bounds)), updated]
         self.next_id += 1
         return [self.next_id - 1, None, 0]
 
@@ -5080,28 +5107,38 @@ class OtlpReceiver:
 
     # -- metrics
     def metrics(self, message: Any, received: int) -> Export:
-        export = Export()
+        export, points = Export(), []
         for resource_metrics in message.resource_metrics:
             resource = otel_attributes(resource_metrics.resource.attributes)
             identity = [resource.get(k) for k in ("service.name", "service.namespace", "service.instance.id",
                                                   "host.name", "process.pid")]
             for scope_metrics in resource_metrics.scope_metrics:
                 for metric in scope_metrics.metrics:
-                    self.metric(metric, resource, [*identity, scope_metrics.scope.name], export, received)
+                    points += self.kept_points(metric, resource, [*identity, scope_metrics.scope.name],
+                                               export)
+        try:
+            stored = self.series.load(point.key for point in points)
+            for point in points:
+                self.metric_point(point, export, stored, received)
+        except sqlite3.Error as exc:
+            raise Refusal(503, f"cannot read metric series state ({describe(exc)}); retry later",
+                          {"Retry-After": "1"}) from None
         return export
 
-    def metric(self, metric: Any, resource: dict[str, Any], identity: list[Any], export: Export,
-               received: int) -> None:
+    def kept_points(self, metric: Any, resource: dict[str, Any], identity: list[Any], export: Export
+                    ) -> list[Kept]:
+        """The points of a metric otrace keeps (GenAI's), each with the key of its series."""
         kind = metric.WhichOneof("data")
         points = getattr(metric, kind).data_points if kind else ()
         export.counts["metric_points"] += len(points)
         kept = metric.name.startswith("gen_ai.") or metric.name in USAGE_METRICS
         if not kept or kind in (None, "summary"):
             export.counts["metric_points_other"] += len(points)
-            return
+            return []
         data = getattr(metric, kind)
         cumulative = getattr(data, "aggregation_temporality", 1) == 2
         monotonic = kind == "sum" and data.is_monotonic
+        found = []
         for point in points:
             if point.flags & 1:                      # no recorded value
                 export.counts["metric_points_unchanged"] += 1
@@ -5113,34 +5150,36 @@ class OtlpReceiver:
             attrs = otel_attributes(point.attributes)
             key = json.dumps([*identity, metric.name, sorted(attrs.items())], separators=(",", ":"),
                              default=str)
-            try:
-                state = export.series.setdefault(key, self.series.get(key, export.series))
-            except sqlite3.Error as exc:
-                raise Refusal(503, f"cannot read metric series state ({describe(exc)}); retry later",
-                              {"Retry-After": "1"}) from None
-            change, reset = current, False
-            if cumulative:
-                found = difference(state[1], current, monotonic)
-                if found is None:
-                    export.counts["metric_points_unchanged"] += 1
-                    continue
-                change, reset = found
-            zero = not change.value and not change.count
-            if cumulative:
-                fresh = export.series[key] = [state[0], current, state[2]]
-                if not zero or received - state[2] > SERIES_TOUCH_MS:
-                    fresh[2] = received
-                    export.extra.append(point_state(key, fresh, received))
-            elif state[2] == 0:                      # a new delta or gauge series: keep its id
-                fresh = export.series[key] = [state[0], None, received]
-                export.extra.append(point_state(key, fresh, received))
-            if zero and kind != "gauge":
+            found.append(Kept(metric, resource, kind, cumulative, monotonic, point, current, attrs, key))
+        return found
+
+    def metric_point(self, kept: Kept, export: Export, stored: dict[str, list[Any]], received: int) -> None:
+        """A point's change since the last of its series (a cumulative one), as a row."""
+        metric, resource, kind, cumulative, monotonic, point, current, attrs, key = kept
+        state = export.series.setdefault(key, self.series.get(key, export.series, stored))
+        change, reset = current, False
+        if cumulative:
+            found = difference(state[1], current, monotonic)
+            if found is None:
                 export.counts["metric_points_unchanged"] += 1
-                continue
-            export.counts["metric_resets"] += reset
-            self.point_row(metric, point, export, kind=kind, attrs=attrs,
-                           service=resource.get("service.name"), change=change, reset=reset,
-                           series_id=state[0], received=received, whole=change is current)
+                return
+            change, reset = found
+        zero = not change.value and not change.count
+        if cumulative:
+            fresh = export.series[key] = [state[0], current, state[2]]
+            if not zero or received - state[2] > SERIES_TOUCH_MS:
+                fresh[2] = received
+                export.extra.append(point_state(key, fresh, received))
+        elif state[2] == 0:                      # a new delta or gauge series: keep its id
+            fresh = export.series[key] = [state[0], None, received]
+            export.extra.append(point_state(key, fresh, received))
+        if zero and kind != "gauge":
+            export.counts["metric_points_unchanged"] += 1
+            return
+        export.counts["metric_resets"] += reset
+        self.point_row(metric, point, export, kind=kind, attrs=attrs,
+                       service=resource.get("service.name"), change=change, reset=reset,
+                       series_id=state[0], received=received, whole=change is current)
 
     def point_row(self, metric: Any, point: Any, export: Export, *, kind: str, attrs: dict[str, Any],
                   service: str | None, change: Point, reset: bool, series_id: int, received: int,
@@ -5763,8 +5802,8 @@ _SECRETS = (     # (pattern, replacement), applied in order to the whole command
 )
 _TEXT_SECRETS = (   # (words that must be in the lower-cased text, pattern, replacement), for prose and JSON
     (("bearer", "basic"), *_BEARER),
-    (("api_key", "api-key", "apikey", "token", "secret", "passw", "pwd", "auth"),   # not "tokens=", "oauth"
-     re.compile(r"((?:api[_-]?key|token|secret|passw(?:or)?d|pwd|(?<![a-z])auth)[\"']?\s*[=:]\s*)"
+    (("api_key", "api-key", "apikey", "token", "secret", "passw", "pwd", "auth"),   # not "tokens=", "auth=x"
+     re.compile(r"((?:api[_-]?key|token|secret|passw(?:or)?d|pwd|(?<=[?&])auth|x-auth)[\"']?\s*[=:]\s*)"
                 r"(\"(?:[^\"\\]|\\.){0,4096}\"|'[^']{0,4096}'|[^\s,;&\"'}\\]+)", re.IGNORECASE),
      lambda m: m[1] + (m[2][0] + "***" + m[2][0] if m[2][0] in "\"'" else "***")),
     (("://",), re.compile(r"://([^/\s:@\"]{0,256}):(?!\d+(?:[/?#\s]|$))[^\s\"@]{0,256}@"
@@ -5892,7 +5931,7 @@ def redact_text(text: str) -> str:
 
 
 _SECRET_KEY = re.compile(r"[\w.-]*(?:(?:api|private|secret|access|secret[_-]?access)[_-]?key|token|secret"
-                         r"|passw(?:or)?d|pwd|authorization|(?<![a-z])auth|cookie|credentials?)",
+                         r"|passw(?:or)?d|pwd|authorization|[_-]auth|cookie|credentials?)",
                          re.IGNORECASE)
 _SECRET_WORDS = tuple({word for words, _, _ in _TEXT_SECRETS for word in words}
                       | {"authorization", "cookie", "credential", "privatekey", "private_key", "private-key",

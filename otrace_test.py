@@ -9128,18 +9128,19 @@ def test_the_quick_secret_checks_agree_with_the_patterns() -> None:
 
 
 def test_a_log_line_masks_what_the_command_line_masks() -> None:
-    """The gateway log's WARN and ERROR lines and the process table mask the same secrets: a pwd= or
-    an auth= (a URL's query, an X-Auth header), a chat webhook's URL; OAuth settings, an author and
-    OpenClaw's sessionKey (a session's name, agent:main:...) are what an operator needs, and stay."""
+    """The gateway log's WARN and ERROR lines and the process table mask the same secrets: a pwd=, a
+    URL's ?auth=, an X-Auth header, a chat webhook's URL; OAuth settings, an author, OpenClaw's
+    auth=token (how a client authenticated) and sessionKey (a session's name, agent:main:...) are what
+    an operator needs, and stay."""
     hook = "https://hooks.slack.com/services/T01/B02/" + "x" * 24
     assert otrace.redact_text(f"pwd=p1 url https://h/x?auth=a2&v=1 X-Auth: a3 post {hook} failed "
-                              "oauth=kept author: kept sessionKey=agent:main:main") == (
+                              "oauth=kept author: kept auth=token sessionKey=agent:main:main") == (
         "pwd=*** url https://h/x?auth=***&v=1 X-Auth: *** post https://hooks.slack.com/services/T01/B02/*** "
-        "failed oauth=kept author: kept sessionKey=agent:main:main")
+        "failed oauth=kept author: kept auth=token sessionKey=agent:main:main")     # auth=: a mode's name
     assert otrace.redact_json({"headers": {"X-Auth": "a4", "proxy_auth": "a5"}, "pwd": "p6", "oauth": {
-        "scope": "read"}, "author": "me", "sessionKey": "agent:main:main"}) == {
+        "scope": "read"}, "author": "me", "auth": "token", "sessionKey": "agent:main:main"}) == {
         "headers": {"X-Auth": "***", "proxy_auth": "***"}, "pwd": "***", "oauth": {"scope": "read"},
-        "author": "me", "sessionKey": "agent:main:main"}
+        "author": "me", "auth": "token", "sessionKey": "agent:main:main"}
 
 
 def test_no_secret_in_a_captured_command_line_survives() -> None:
