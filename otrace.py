@@ -5595,6 +5595,16 @@ class HostReader:
                 return
 
 
+def oom_text(kills: Mapping[str, int]) -> str:
+    """OOM kills by where they were counted, as words: the host's count holds the cgroup's, so one
+    kill in the cgroup is one in each."""
+    inside, anywhere = kills.get("cgroup", 0), kills.get("host", 0)
+    parts = [f"{inside} in its cgroup"] if inside else []
+    if anywhere > inside:
+        parts.append(f"{anywhere - inside} {'elsewhere on' if 'cgroup' in kills else 'on'} the host")
+    return " and ".join(parts)
+
+
 def own_usage(procfs: Path) -> tuple[float | None, int | None]:
     """otrace's own CPU seconds and resident bytes, from <procfs>/self/stat and statm."""
     stat_text, statm = read_text(under(procfs, "self", "stat")), read_text(under(procfs, "self", "statm"))
@@ -5728,9 +5738,7 @@ class Sampler(Loop):
             return [], seen
         memory = self.host.cgroup and self.host.cgroup.dirs.get("memory")
         where = {"cgroup": str(memory[1]) if memory else None, "host": "/proc/vmstat"}
-        text = " and ".join(f"{n} in {'its cgroup' if scope == 'cgroup' else 'the host'}"
-                            for scope, n in kills.items())
-        event = own_error("oom_kill", f"OOM killer: {text}", {
+        event = own_error("oom_kill", f"OOM killer: {oom_text(kills)}", {
             "kills": kills, "counts": seen, "seen_in": {s: where[s] for s in kills}},
             severity="critical", error_type="crash")
         return [event], seen
@@ -6292,9 +6300,7 @@ class GatewayWatch:
 
     def event(self, message: str, metadata: dict[str, Any], oom: dict[str, int], severity: str) -> Row:
         if oom:
-            where = " and ".join(f"{n} in {'its cgroup' if scope == 'cgroup' else 'the host'}"
-                                 for scope, n in oom.items())
-            message += f"; the OOM killer struck at that time ({where})"
+            message += f"; the OOM killer struck at that time ({oom_text(oom)})"
         level = logging.INFO if severity == "info" else logging.WARNING
         self.log.log(level, message, extra={"gateway": metadata})
         return own_error("process_crash", message, {**metadata, "oom_kill": bool(oom),
@@ -6337,7 +6343,7 @@ class NetSnapshot:
 
     at: float
     tcp: dict[str, int] | None = None                 # connections by state, IPv4 and IPv6
-    dev: tuple[int, int, int, int] | None = None      # received bytes, packets; sent bytes, packets
+    dev: dict[str, tuple[int, int, int, int]] | None = None   # by interface: received bytes, packets; sent
     counters: dict[tuple[str, str, str], int] = dataclasses.field(default_factory=dict)
 
 
@@ -6441,21 +6447,19 @@ def diag_dump(family: int, states: int) -> collections.Counter[int]:
     return counts
 
 
-def net_dev(net: Path) -> tuple[int, int, int, int] | None:
-    """Bytes and packets received and sent, summed over every interface but lo. Two header lines;
-    an interface's name ends at its colon, with or without a space after it."""
+def net_dev(net: Path) -> dict[str, tuple[int, int, int, int]] | None:
+    """Bytes and packets received and sent, by interface but lo. Two header lines; an interface's
+    name ends at its colon, with or without a space after it."""
     text = read_text(under(net, "dev"))
     if text is None:
         return None
-    totals = [0, 0, 0, 0]
+    found = {}
     for line in text.splitlines()[2:]:
         name, colon, rest = line.partition(":")
         fields = rest.split()
-        if not colon or name.strip() == "lo" or len(fields) < 10:
-            continue
-        for i, column in enumerate((0, 1, 8, 9)):
-            totals[i] += int(fields[column])
-    return totals[0], totals[1], totals[2], totals[3]
+        if colon and name.strip() != "lo" and len(fields) >= 10:
+            found[name.strip()] = (int(fields[0]), int(fields[1]), int(fields[8]), int(fields[9]))
+    return found
 
 
 def read_keyed_row(text: str | None, section: str) -> dict[str, int]:
@@ -6489,13 +6493,15 @@ def keyed_rows(text: str | None, name: str, wanted: Collection[tuple[str, str, s
 
 def net_sample(prev: NetSnapshot, cur: NetSnapshot) -> dict[str, Any]:
     """The network columns of a system_metrics row from two snapshots: connections now, rates over
-    the interval (a counter that went down was reset: 0 for that interval)."""
+    the interval (a counter that went down was reset: 0 for that interval). Traffic is summed over
+    the interfaces in both: one that came (moved into the namespace with its past on its counters)
+    or went says nothing of the interval."""
     wall = cur.at - prev.at
     row: dict[str, Any] = {f"tcp_{state}": (cur.tcp or {}).get(state) for state in TCP_STATES.values()}
-    traffic = dict(zip(("net_rx_bps", "net_rx_pps", "net_tx_bps", "net_tx_pps"),
-                       zip(prev.dev or (None,) * 4, cur.dev or (None,) * 4, strict=True), strict=True))
-    for column, (a, b) in traffic.items():
-        row[column] = None if a is None or b is None or wall <= 0 else round(max(0, b - a) / wall, 1)
+    both = [(prev.dev[name], now) for name, now in cur.dev.items() if name in prev.dev] \
+        if prev.dev is not None and cur.dev is not None and wall > 0 else None
+    for i, column in enumerate(("net_rx_bps", "net_rx_pps", "net_tx_bps", "net_tx_pps")):
+        row[column] = None if both is None else round(sum(max(0, b[i] - a[i]) for a, b in both) / wall, 1)
     for column, keys in NET_RATES.items():
         moved = [cur.counters[k] - prev.counters[k] for k in keys if k in cur.counters and k in prev.counters]
         row[column] = round(sum(max(0, m) for m in moved) / wall, 3) if moved and wall > 0 else None

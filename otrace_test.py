@@ -2291,6 +2291,10 @@ def test_fixture_oom_kill_counters(tmp_path: Path) -> None:
         assert (snap.cgroup_oom_kills, snap.host_oom_kills) == (cgroup_kills, host_kills)
     root = HOSTS / "v2-unlimited" / "t1"
     assert otrace.HostReader(root / "proc", root / "sys", str(tmp_path)).snapshot().cgroup_oom_kills == 3
+    # the host's count holds the cgroup's: t0 -> t1 is one kill, not "1 in its cgroup and 1 in the host"
+    assert [otrace.oom_text(kills) for kills in ({"cgroup": 1, "host": 1}, {"cgroup": 1, "host": 3},
+                                                 {"host": 2}, {"cgroup": 1})] == [
+        "1 in its cgroup", "1 in its cgroup and 2 elsewhere on the host", "2 on the host", "1 in its cgroup"]
 
 
 @pytest.mark.parametrize(("case", "mode", "expected"), [
@@ -9522,13 +9526,18 @@ def test_net_files_in_other_shapes_are_read_or_left_null(tmp_path: Path) -> None
                              "  wg0: 5 1 0 0 0 0 0 0 7 1 0 0 0 0 0 0\n")
     (net / "snmp").write_text("Tcp: RetransSegs AttemptFails\nTcp: 10 -1\nUdp: NoPorts\nUdp: 3\n")
     first = otrace.NetReader(tmp_path / "proc").snapshot()
-    assert first.dev == (105, 3, 307, 5) and first.tcp is None
+    assert first.dev == {"eth0": (100, 2, 300, 4), "wg0": (5, 1, 7, 1)} and first.tcp is None
     assert first.counters[("snmp", "Tcp", "AttemptFails")] == -1
     (tmp_path / "proc" / "uptime").write_text("110.00 50.00\n")
     (net / "snmp").write_text("Tcp: AttemptFails RetransSegs\nTcp: 4 20\n")            # columns moved
+    (net / "dev").write_text("Inter-|   Receive\n face |bytes\n"                        # wg0 went, and
+                             "eth0:1100 12 0 0 0 0 0 0 300 4 0 0 0 0 0 0\n"           # veth1 came with
+                             "veth1: 9000000 9000 0 0 0 0 0 0 52000000 40000 0 0 0 0 0 0\n")  # its past
     row = otrace.net_sample(first, otrace.NetReader(tmp_path / "proc").snapshot())
     assert (row["tcp_retrans_ps"], row["tcp_attempt_fails_ps"], row["udp_no_ports_ps"]) == (1.0, 0.5, None)
-    assert row["tcp_established"] is None and row["net_rx_bps"] == 0.0
+    assert row["tcp_established"] is None
+    traffic = (row["net_rx_bps"], row["net_rx_pps"], row["net_tx_bps"], row["net_tx_pps"])
+    assert traffic == (100.0, 1.0, 0.0, 0.0)                   # eth0's alone
 
 
 # -- the service, on real and captured trees
