@@ -10742,10 +10742,19 @@ class Report:
             (self.since, self.until)).fetchall()
         refused = self.conn.execute("SELECT count(*) FROM push_rejects WHERE rejected_at >= ? AND "
                                     "rejected_at < ?", (self.since, self.until)).fetchone()[0]
+        # retention deletes the oldest first: if it deleted calls since the window began (a ledger row
+        # holds an hour's, dated by its first: from an hour before) and the oldest call kept came after
+        # the window began, calls of the window may be among those deleted, and the totals miss them
+        deleted = self.conn.execute("SELECT 1 FROM retention_ledger WHERE table_name = 'llm_traces' AND "
+                                    "at >= ? AND at < ? AND deleted > 0 LIMIT 1",
+                                    (self.since - 3_600_000, self.until)).fetchone()
+        oldest = self.conn.execute("SELECT received_at FROM llm_traces ORDER BY id LIMIT 1").fetchone()
         return {"deleted": sum(r[2] for r in rows), "unpushed_deleted": sum(r[3] for r in rows),
                 "refused_by_receiver": refused,
                 "by_table": [{"table": t, "reason": r, "deleted": d, "unpushed_deleted": u}
-                             for t, r, d, u in rows]}
+                             for t, r, d, u in rows],
+                "oldest_call_kept_at": oldest and self.zone.iso(oldest[0]),
+                "calls_incomplete": bool(deleted) and (oldest is None or oldest[0] > self.since)}
 
     def usage_cost(self, summed: Summed) -> dict[str, Any]:
         """The window's calls by day in OpenClaw's `gateway usage-cost --json` shape and names (input
@@ -10913,6 +10922,11 @@ class TableView:
         if totals["unpriced_calls"]:
             notes.append(f"{plural(totals['unpriced_calls'], 'call')} with tokens and no cost: no price for "
                          "the model" + (" (or none reported: --cost reported)" if mode == "reported" else ""))
+        if (retention := self.doc["retention"])["calls_incomplete"]:
+            kept = retention["oldest_call_kept_at"]
+            notes.append("! totals may miss calls: retention deleted calls since the window began "
+                         "(RETENTION below), and " + (f"the oldest call kept arrived {kept}" if kept
+                                                       else "none is kept"))
         return notes
 
     def sections(self) -> list[str]:

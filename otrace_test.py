@@ -6433,6 +6433,25 @@ def test_the_report_shows_control_characters_from_the_data_as_question_marks(svc
     assert ["'=cmd", "'@SUM(A1)"] in [row[:2] for row in rows]
 
 
+def test_the_report_says_its_totals_may_miss_calls_retention_deleted(tmp_path: Path) -> None:
+    """Retention deletes the oldest rows first: when it deleted calls since the window began and the
+    oldest call kept arrived after that, some of the window's calls are gone, and the totals say so
+    (they once read as the whole). A window that begins after the oldest call kept is whole."""
+    db = tmp_path / "otrace.db"
+    seed(db, [("trace", 30, 1)], age_days=0.01)                 # pushed, arrived 15 minutes ago
+    with contextlib.closing(sqlite3.connect(db, isolation_level=None)) as conn:
+        cut = otrace.Cut(("llm_traces",), otrace.DELIVERED, "pressure_pushed", otrace.ledger_hour(), limit=10)
+        assert cut(conn).deleted == 10
+        kept_at = conn.execute("SELECT min(received_at) FROM llm_traces").fetchone()[0]
+    whole_hour = report_json(db, "--since", "1h")
+    assert whole_hour["calls"]["totals"]["calls"] == 20 and whole_hour["retention"]["calls_incomplete"]
+    text = report(db, "--since", "1h").stdout
+    assert "! totals may miss calls: retention deleted calls since the window began" in " ".join(
+        text.split()), text
+    after = datetime.fromtimestamp(kept_at / 1000 + 1, UTC).isoformat()
+    assert not report_json(db, "--since", after)["retention"]["calls_incomplete"]
+
+
 def report_json(db: Path, *args: str) -> dict[str, Any]:
     done = report(db, *args, "--json")
     assert done.returncode == 0, done.stderr
@@ -6470,10 +6489,13 @@ def test_report_numbers_are_exact_in_json_csv_and_the_table(tmp_path: Path) -> N
         "last_attempt": {"at": "2026-11-03T18:00:00+00:00", "http_status": 503, "error": "HTTP 503: busy",
                          "events": 4},
         "last_success": {"at": "2026-11-03T12:00:00+00:00", "http_status": 200, "error": None, "events": 10}}
-    assert doc["retention"] == {"deleted": 35, "unpushed_deleted": 5, "refused_by_receiver": 1, "by_table": [
+    retention = {k: v for k, v in doc["retention"].items() if k != "oldest_call_kept_at"}
+    assert doc["retention"]["oldest_call_kept_at"].startswith(datetime.now(UTC).date().isoformat())
+    assert retention == {"deleted": 35, "unpushed_deleted": 5, "refused_by_receiver": 1, "by_table": [
         {"table": "llm_traces", "reason": "age", "deleted": 10, "unpushed_deleted": 0},
         {"table": "llm_traces", "reason": "pressure_unpushed", "deleted": 5, "unpushed_deleted": 5},
-        {"table": "log_events", "reason": "pressure_pushed", "deleted": 20, "unpushed_deleted": 0}]}
+        {"table": "log_events", "reason": "pressure_pushed", "deleted": 20, "unpushed_deleted": 0}],
+        "calls_incomplete": True}                               # the calls kept arrived after the deletions
 
     done = report(db, *WINDOW, "--timezone", "UTC", "--csv")
     assert done.returncode == 0, done.stderr
