@@ -9343,6 +9343,10 @@ BOOKKEEPING = (("push_log", "started_at", ""), ("push_rejects", "rejected_at", "
                ("log_offsets", "updated_at", ""), ("openclaw_attempts", "created_at", ""),
                ("otlp_series", "updated_at", ""),
                ("retention_ledger", "at", "AND (reported_at IS NOT NULL OR unsynced_deleted = 0)"))
+# The newest row of a table stays: SQLite numbers a new row after the largest id there is, so deleting
+# it would hand its id out again, and a push's 2xx, which marks its batch's rows by id, would mark a
+# row it never sent.
+BELOW_NEWEST = "id < (SELECT max(id) FROM {table})"
 CHUNK = 1000                     # rows one deletion takes at most; under a smaller cap, one row per
 CHUNK_SHARE = 200_000            # this many bytes of it: a chunk of 2 KB rows frees about 1 % of the cap
 DISK_HIGH_MOST = 95              # TRACE_DISK_HIGH_PCT's most: room for a paused ingest to resume into
@@ -9448,8 +9452,9 @@ class Cut:
         with transaction(conn):
             table = oldest_table(conn, self.tables, self.where, self.params)
             gone = [] if table is None else conn.execute(
-                f"DELETE FROM {table} WHERE id IN (SELECT id FROM {table} WHERE {self.where} ORDER BY id "
-                f"LIMIT {self.limit}) RETURNING id, synced, received_at", self.params).fetchall()
+                f"DELETE FROM {table} WHERE id IN (SELECT id FROM {table} WHERE {self.where} AND "
+                f"{BELOW_NEWEST.format(table=table)} ORDER BY id LIMIT {self.limit}) "
+                "RETURNING id, synced, received_at", self.params).fetchall()
             # a refused row is not counted lost: its refusal is reported on its own (push_rejects)
             lost = [(row_id, received) for row_id, synced, received in gone if synced == UNSYNCED]
             if gone:
@@ -9523,9 +9528,11 @@ class Chunk(NamedTuple):
 
 def oldest_table(conn: sqlite3.Connection, tables: Iterable[str], where: str, params: tuple = ()
                  ) -> str | None:
-    """Which of `tables` holds the oldest row (by arrival) matching `where`; None if none does."""
+    """Which of `tables` holds the oldest row (by arrival) matching `where`, its newest row aside
+    (BELOW_NEWEST); None if none does."""
     heads = [(head[0], table) for table in tables if (head := conn.execute(
-        f"SELECT received_at FROM {table} WHERE {where} ORDER BY id LIMIT 1", params).fetchone())]
+        f"SELECT received_at FROM {table} WHERE {where} AND {BELOW_NEWEST.format(table=table)} ORDER BY id "
+        "LIMIT 1", params).fetchone())]
     return min(heads)[1] if heads else None
 
 

@@ -4701,15 +4701,16 @@ def test_database_cap_deletes_in_order_and_reports_the_losses(
                         TRACE_PUSH_RETRIES="1", TRACE_PUSH_BREAKER_THRESHOLD="1000"), db=db)  # no cool-down
     node.wait_log(lambda e: e.get("message") == "retention deleted rows that were never pushed")
     assert db_bytes(db) <= cap * otrace.Marks.LOW
-    assert not present(node, "llm_traces") & set(made["trace/1"])        # 1. pushed rows, all
-    assert not present(node, "system_metrics")                            # 2. unpushed metrics, all
+    assert present(node, "llm_traces") & set(made["trace/1"]) == {made["trace/1"][-1]}   # 1. pushed rows
+    assert present(node, "system_metrics") == {made["metric/0"][-1]}     # 2. unpushed metrics (all but
+                                                                          # a table's newest: its id stays)
     kept = present(node, "llm_traces")                                    # 3. unpushed traces, oldest first
     lost = [t for t in made["trace/0"] if t not in kept]
     assert 0 < len(lost) < 150 and lost == made["trace/0"][:len(lost)]
-    assert ledger(node) == {("llm_traces", "pressure_pushed"): (150, 0),
-                            ("system_metrics", "pressure_metrics"): (100, 100),
+    assert ledger(node) == {("llm_traces", "pressure_pushed"): (149, 0),
+                            ("system_metrics", "pressure_metrics"): (99, 99),
                             ("llm_traces", "pressure_unpushed"): (len(lost), len(lost))}
-    assert node.health()["retention"]["unpushed_deleted_total"] == {"system_metrics": 100,
+    assert node.health()["retention"]["unpushed_deleted_total"] == {"system_metrics": 99,
                                                                    "llm_traces": len(lost)}
     receiver.default = 200                                  # the receiver comes back: it is told
     wait_until(lambda: node.query("SELECT count(*) FROM retention_ledger WHERE unsynced_deleted > 0 "
@@ -4717,7 +4718,7 @@ def test_database_cap_deletes_in_order_and_reports_the_losses(
     # (the rows kept may be gone again by now: once pushed, they are the first to go under pressure)
     losses = [loss for r in receiver.requests if r["answered"] == 200 for loss in r["json"].get("losses", [])]
     assert sorted((x["table"], x["reason"], x["rows"]) for x in losses) == [
-        ("llm_traces", "pressure_unpushed", len(lost)), ("system_metrics", "pressure_metrics", 100)]
+        ("llm_traces", "pressure_unpushed", len(lost)), ("system_metrics", "pressure_metrics", 99)]
     assert all(x["oldest_received_at"] <= x["newest_received_at"] for x in losses)
 
 
@@ -4848,7 +4849,7 @@ def test_rows_deleted_while_their_push_is_in_flight_are_not_counted_lost_once_it
     made = seed(db, [("trace", 200, 0)], age_days=0.01)["trace/0"]
     merges = otrace.Merges()
     with contextlib.closing(sqlite3.connect(db, isolation_level=None)) as conn:
-        conn.execute("UPDATE llm_traces SET synced = ? WHERE trace_id = ?", (otrace.REFUSED, made[199]))
+        conn.execute("UPDATE llm_traces SET synced = ? WHERE trace_id = ?", (otrace.REFUSED, made[198]))
         cut = otrace.Cut(("llm_traces",), otrace.UNDELIVERED, "pressure_unpushed", "pass-1", limit=50,
                          merges=merges)
         assert cut(conn).lost == 50                                   # ids 1-50: lost for sure
@@ -4868,8 +4869,37 @@ def test_rows_deleted_while_their_push_is_in_flight_are_not_counted_lost_once_it
         conn.execute("DELETE FROM llm_traces WHERE synced = 0 AND id < 199")
         chunk = otrace.Cut(("llm_traces",), otrace.UNDELIVERED, "pressure_unpushed", "pass-2", limit=50,
                            merges=merges)(conn)
-        assert (chunk.deleted, chunk.lost) == (2, 1)                  # the refused row is not lost
-        assert [x["rows"] for x in otrace.unreported_losses(conn, ("llm_traces",))] == [1]
+        assert (chunk.deleted, chunk.lost) == (1, 0)                  # the refused row is not lost
+        assert otrace.unreported_losses(conn, ("llm_traces",)) == []  # (the newest, 200, stays)
+
+
+def test_retention_keeps_each_tables_newest_row_so_no_id_is_handed_out_twice(tmp_path: Path) -> None:
+    """A push's batch of samples is on its way when retention deletes every unpushed sample: had the
+    table been emptied, the next samples would get the ids 1, 2, ... again (SQLite numbers after the
+    largest id there is), and the batch's 2xx, which marks rows by id, would mark them pushed unsent.
+    The newest row stays: the next ones are numbered after it, and stay unpushed."""
+    db = tmp_path / "otrace.db"
+    otrace.open_database(str(db))
+    merges = otrace.Merges()
+    with contextlib.closing(sqlite3.connect(db, isolation_level=None)) as conn:
+        def sample(trace_id: str) -> None:
+            conn.execute("INSERT INTO system_metrics (trace_id, created_at, received_at, source, cpu_pct) "
+                         "VALUES (?, ?, ?, 'proc', 1.0)", (trace_id, otrace.now_ms(), otrace.now_ms()))
+
+        for n in range(10):
+            sample(f"old-{n}")
+        read_at, batch = merges.read_begins(), otrace.Batch("metrics")
+        for row_id, trace_id in conn.execute("SELECT id, trace_id FROM system_metrics").fetchall():
+            batch.add("system_metrics", row_id, trace_id, b"{}")
+        cut = otrace.Cut(otrace.SAMPLE_TABLES, otrace.UNDELIVERED, "pressure_metrics", otrace.ledger_hour(),
+                         merges=merges)
+        assert (cut(conn).deleted, cut(conn).table) == (9, None)       # all but the newest
+        for n in range(3):
+            sample(f"new-{n}")
+        assert confirm(conn, batch, merges, read_at) == 10
+        rows = dict(conn.execute("SELECT trace_id, synced FROM system_metrics"))
+        assert rows == {"old-9": 1, "new-0": 0, "new-1": 0, "new-2": 0}
+        assert otrace.unreported_losses(conn, ("system_metrics",)) == []    # the 9 were delivered
 
 
 def test_a_database_over_its_cap_in_free_pages_alone_is_given_back_without_deleting(
@@ -5063,7 +5093,7 @@ def test_retention_finds_the_oldest_pushed_rows_through_an_index(tmp_path: Path)
     """With no pushed rows (push off, a receiver long down), finding the oldest read the whole table,
     on the writer, at every pass under the cap: the pushed tier's statements seek a partial index."""
     db = tmp_path / "o.db"
-    seed(db, [("trace", 3, otrace.UNSYNCED), ("trace", 2, otrace.SYNCED), ("metric", 2, otrace.UNSYNCED)])
+    seed(db, [("trace", 2, otrace.SYNCED), ("trace", 3, otrace.UNSYNCED), ("metric", 2, otrace.UNSYNCED)])
     statements: list[str] = []
     with contextlib.closing(otrace.connect(str(db))) as conn:
         conn.set_trace_callback(statements.append)
@@ -5104,8 +5134,9 @@ def test_a_relief_job_deletes_tier_after_tier_chunk_after_chunk_down_to_its_mark
         tables = [c.table for c in chunks]                # the pushed traces, then the samples
         first = tables.index(None)
         assert not tiers and tables == ["llm_traces"] * first + [None] + ["system_metrics"] * 10 + [None]
-        assert conn.execute("SELECT synced, count(*) FROM llm_traces GROUP BY synced").fetchall() == [(0, 60)]
-        assert conn.execute("SELECT count(*) FROM system_metrics").fetchone() == (0,)
+        assert conn.execute("SELECT synced, count(*) FROM llm_traces GROUP BY synced").fetchall() == [
+            (0, 60), (1, 1)]                              # each table's newest stays (BELOW_NEWEST)
+        assert conn.execute("SELECT count(*) FROM system_metrics").fetchone() == (1,)
 
 
 def test_a_batch_that_grows_the_database_past_its_high_mark_starts_a_deletion_at_once(tmp_path: Path) -> None:
@@ -5165,8 +5196,8 @@ def test_disk_pressure_spares_unpushed_traces_it_cannot_help_with(tmp_path: Path
             out.write(b"\0" * (int(total * 0.9) - db_bytes(db)))
         node = run({"TRACE_CLEANUP_INTERVAL": "200ms", "TRACE_DISK_HIGH_PCT": "80"}, db=db)
         node.wait_log(lambda e: e.get("message") == "still over budget after deleting all it may")
-        assert present(node, "llm_traces") == set(made["trace/0"])
-        assert ledger(node) == {("llm_traces", "pressure_pushed"): (100, 0)}
+        assert present(node, "llm_traces") == {*made["trace/0"], made["trace/1"][-1]}
+        assert ledger(node) == {("llm_traces", "pressure_pushed"): (99, 0)}    # the newest stays
         health = node.health()
         assert health["status"] == "degraded" and "disk" in health["retention"]["still_over_budget"]
         passes = health["retention"]["passes"]
