@@ -9083,10 +9083,9 @@ class Pusher(Loop):
         if cycle.packer and (unencodable := cycle.packer.unencodable):
             attempt = Attempt("", now_ms(), 1, 0, status=0,        # 0: never sent
                               error=f"cannot be sent as {self.config.push_format}")
-            self.events.call(functools.partial(record_refused, [
+            self.totals.add("unencodable", self.events.call(functools.partial(record_refused, [
                 (table, row_id, trace_id, dataclasses.replace(attempt, error=f"{attempt.error}: {why}"))
-                for table, row_id, trace_id, why in unencodable]), self.wait(deadline))
-            self.totals.add("unencodable", len(unencodable))
+                for table, row_id, trace_id, why in unencodable]), self.wait(deadline)))
             self.log.error("events that cannot be sent in the push format: given up, reported in the next "
                            "push", extra={"events": len(unencodable), "first": {
                                "table": unencodable[0][0], "trace_id": unencodable[0][2],
@@ -9181,8 +9180,8 @@ class Pusher(Loop):
         refused = [(*batch.spans[0][:3], attempt) for batch, attempt in poison]
         for table, _, trace_id, _ in refused:
             self.suspects.pop((table, trace_id), None)
-        self.events.call(functools.partial(record_refused, refused), self.wait(deadline))
-        self.totals.add("refused", len(refused))
+        self.totals.add("refused", self.events.call(functools.partial(record_refused, refused),
+                                                    self.wait(deadline)))
         self.log.warning("events refused by the receiver while it accepted others: given up, reported "
                          "in the next push", extra={"refused": len(refused), "first": {
                              "table": refused[0][0], "trace_id": refused[0][2],
@@ -9303,16 +9302,21 @@ def id_runs(ids: list[int]) -> list[tuple[int, int]]:
     return runs
 
 
-def record_refused(refused: list[tuple[str, int, str, Attempt]], conn: sqlite3.Connection) -> None:
+def record_refused(refused: list[tuple[str, int, str, Attempt]], conn: sqlite3.Connection) -> int:
     """Take rows the receiver refused on their own out of the push queue, keeping why. By trace_id:
-    the row's id is another in a database file that replaced the one it was read from."""
+    the row's id is another in a database file that replaced the one it was read from. A row no
+    longer waiting has no refusal to report: retention deleted it (its ledger reports it), or a copy
+    of this batch's answer was taken already. Returns how many it filed."""
+    filed = 0
     with transaction(conn):
-        for table, row_id, trace_id, attempt in refused:
-            found = conn.execute(f"UPDATE {table} SET synced = {REFUSED} WHERE trace_id = ? AND "
-                                 f"synced = {UNSYNCED} RETURNING id", (trace_id,)).fetchone()
-            conn.execute("INSERT INTO push_rejects (table_name, row_id, trace_id, rejected_at, http_status, "
-                         "reason) VALUES (?, ?, ?, ?, ?, ?)", (table, found[0] if found else row_id, trace_id,
-                                                               now_ms(), attempt.status, attempt.error))
+        for table, _, trace_id, attempt in refused:
+            if found := conn.execute(f"UPDATE {table} SET synced = {REFUSED} WHERE trace_id = ? AND "
+                                     f"synced = {UNSYNCED} RETURNING id", (trace_id,)).fetchone():
+                conn.execute("INSERT INTO push_rejects (table_name, row_id, trace_id, rejected_at, "
+                             "http_status, reason) VALUES (?, ?, ?, ?, ?, ?)",
+                             (table, found[0], trace_id, now_ms(), attempt.status, attempt.error))
+                filed += 1
+    return filed
 
 
 def return_big_buffers() -> None:

@@ -4873,6 +4873,20 @@ def test_rows_deleted_while_their_push_is_in_flight_are_not_counted_lost_once_it
         assert otrace.unreported_losses(conn, ("llm_traces",)) == []  # (the newest, 200, stays)
 
 
+def test_an_event_retention_deleted_before_the_receiver_refused_it_is_reported_once(tmp_path: Path) -> None:
+    """Sent alone (a suspect tried again), deleted by retention on its way (a loss in the ledger), then
+    refused: the refusal finds no row to take out of the queue, and files none, so the receiver is
+    told of the event once, as lost, not also as refused."""
+    db = tmp_path / "otrace.db"
+    made = seed(db, [("trace", 2, otrace.UNSYNCED)], age_days=0.01)["trace/0"]
+    with contextlib.closing(sqlite3.connect(db, isolation_level=None)) as conn:
+        assert otrace.Cut(("llm_traces",), otrace.UNDELIVERED, "pressure_unpushed", "p1")(conn).lost == 1
+        attempt = otrace.Attempt("b", otrace.now_ms(), 1, 0, status=400, error="bad event")
+        otrace.record_refused([("llm_traces", 1, made[0], attempt)], conn)
+        assert [(x["kind"], x["rows"]) for x in otrace.unreported_losses(conn, ("llm_traces",))] == [
+            ("retention", 1)]
+
+
 def test_retention_keeps_each_tables_newest_row_so_no_id_is_handed_out_twice(tmp_path: Path) -> None:
     """A push's batch of samples is on its way when retention deletes every unpushed sample: had the
     table been emptied, the next samples would get the ids 1, 2, ... again (SQLite numbers after the
