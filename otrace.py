@@ -5794,8 +5794,8 @@ _KEY_SHAPES = (re.compile(r"\b(?:sk|pk|rk)[-_][\w-]{16,}|\bgh[pousr]_\w{20,}|\bx
                "***")                                                # API keys and JWTs, by their look
 _SIGNATURE = (re.compile(r"([?&]sig=)[^&\s#\"]+"), r"\1***")       # a signed URL's signature (SAS)
 _TELEGRAM = (re.compile(r"\bbot\d{5,}:[\w-]{30,}"), "bot***")        # a Telegram bot's token in its URL
-_WEBHOOK = (re.compile(r"((?:hooks\.slack\.com/services/\w+/\w+|discord(?:app)?\.com/api/webhooks/\d+)/)"
-                       r"[\w-]+", re.IGNORECASE), r"\1***")           # a chat webhook's URL is its secret
+_WEBHOOK = (re.compile(r"((?:hooks\.slack\.com/(?:services|triggers|workflows)/\w+/\w+|discord(?:app)?\.com"
+                       r"/api(?:/v\d+)?/webhooks/\d+)/)[\w-]+", re.IGNORECASE), r"\1***")   # a webhook's URL
 _SECRETS = (     # (pattern, replacement), applied in order to the whole command line
     _BEARER,
     (re.compile(rf"(?<![\w.-])(-{{0,2}}{_SECRET_NAME}[\"']?\s*[=:]\s*)(?!(?:bearer|basic)\s)"
@@ -5811,7 +5811,8 @@ _SECRETS = (     # (pattern, replacement), applied in order to the whole command
 _TEXT_SECRETS = (   # (words that must be in the lower-cased text, pattern, replacement), for prose and JSON
     (("bearer", "basic"), *_BEARER),
     (("api_key", "api-key", "apikey", "token", "secret", "passw", "pwd", "auth"),   # not "tokens=", "auth=x"
-     re.compile(r"((?:api[_-]?key|token|secret|passw(?:or)?d|pwd|(?<=[?&])auth|x-auth)[\"']?\s*[=:]\s*)"
+     re.compile(r"((?:(?:api|auth)[_-]?key|token|secret|passw(?:or)?d|pwd|(?<=[?&])auth|x-auth[\w-]*)"
+                r"[\"']?\s*[=:]\s*)"
                 r"(\"(?:[^\"\\]|\\.){0,4096}\"|'[^']{0,4096}'|[^\s,;&\"'}\\]+)", re.IGNORECASE),
      lambda m: m[1] + (m[2][0] + "***" + m[2][0] if m[2][0] in "\"'" else "***")),
     (("://",), re.compile(r"://([^/\s:@\"]{0,256}):(?!\d+(?:[/?#\s]|$))[^\s\"@]{0,256}@"
@@ -5938,8 +5939,8 @@ def redact_text(text: str) -> str:
     return text
 
 
-_SECRET_KEY = re.compile(r"[\w.-]*(?:(?:api|private|secret|access|secret[_-]?access)[_-]?key|token|secret"
-                         r"|passw(?:or)?d|pwd|authorization|[_-]auth|cookie|credentials?)",
+_SECRET_KEY = re.compile(r"[\w.-]*(?:(?:api|auth|private|secret|access|secret[_-]?access)[_-]?key|token"
+                         r"|secret|passw(?:or)?d|pwd|authorization|[_-]auth|cookie|credentials?)",
                          re.IGNORECASE)
 _SECRET_WORDS = tuple({word for words, _, _ in _TEXT_SECRETS for word in words}
                       | {"authorization", "cookie", "credential", "privatekey", "private_key", "private-key",

@@ -9208,6 +9208,12 @@ def test_a_log_line_masks_what_the_command_line_masks() -> None:
                               "oauth=kept author: kept auth=token sessionKey=agent:main:main") == (
         "pwd=*** url https://h/x?auth=***&v=1 X-Auth: *** post https://hooks.slack.com/services/T01/B02/*** "
         "failed oauth=kept author: kept auth=token sessionKey=agent:main:main")     # auth=: a mode's name
+    assert otrace.redact_text("X-Auth-Key: k1 https://discord.com/api/v10/webhooks/1/" + "t" * 60 +
+                              " https://hooks.slack.com/triggers/T01/123/" + "t" * 40) == (
+        "X-Auth-Key: *** https://discord.com/api/v10/webhooks/1/*** "
+        "https://hooks.slack.com/triggers/T01/123/***")
+    assert otrace.redact_json({"X-Auth-Key": "k2", "authKey": "k3"}) == {"X-Auth-Key": "***",
+                                                                        "authKey": "***"}
     assert otrace.redact_json({"headers": {"X-Auth": "a4", "proxy_auth": "a5"}, "pwd": "p6", "oauth": {
         "scope": "read"}, "author": "me", "auth": "token", "sessionKey": "agent:main:main"}) == {
         "headers": {"X-Auth": "***", "proxy_auth": "***"}, "pwd": "***", "oauth": {"scope": "read"},
