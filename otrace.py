@@ -5371,20 +5371,35 @@ class Cgroup:
             container = in_container(procfs)
             dirs = {res: (version, box) for res, (version, where) in dirs.items()
                     if (box := box_of(version, where, roots[res], container)) is not None}
-        elif mode == "auto":         # limits on a parent bind its children: read the one that has them
-            bound = {res: (version, nearest_limited(version, where, roots[res]) or where)
-                     for res, (version, where) in dirs.items()}
-            if (cpu := relative(dirs, roots, "cpu")) and cpu == relative(dirs, roots, "cpuacct"):
-                # v1's CPU usage from where the quota is, when the two hierarchies are mounted apart
-                bound["cpuacct"] = ("v1", roots["cpuacct"] / bound["cpu"][1].relative_to(roots["cpu"]))
+        elif mode == "auto" and not any(CONTAINER_UNIT.search(path) for path in used):
+            # limits on a parent bind its children: each read where its limit is (a runtime's unit is
+            # read as it is: above it are the other containers)
+            bound = {res: (version, bound_by(res, version, where, roots[res])) for res, (version, where)
+                     in dirs.items()}
+            if (cpu := relative(dirs, roots, "cpu")) and cpu == relative(dirs, roots, "cpuacct") and \
+                    dirs["cpu"][0] == dirs["cpuacct"][0]:    # the CPU usage from where the quota is
+                bound["cpuacct"] = (dirs["cpuacct"][0], roots["cpuacct"] / bound["cpu"][1].relative_to(
+                    roots["cpu"]))
             dirs = bound
         return cls(dirs) if dirs else None
 
 
 def relative(dirs: dict[str, tuple[str, Path]], roots: dict[str, Path], res: str) -> Path | None:
-    """A v1 resource's cgroup path within its hierarchy; None for v2 or none."""
-    version, where = dirs.get(res, ("", None))
-    return where.relative_to(roots[res]) if version == "v1" and where.is_relative_to(roots[res]) else None
+    """A resource's cgroup path within its hierarchy; None if it has none."""
+    where = dirs[res][1] if res in dirs else None
+    return where.relative_to(roots[res]) if where and where.is_relative_to(roots[res]) else None
+
+
+def bound_by(resource: str, version: str, where: Path, root: Path) -> Path:
+    """The cgroup whose limit on `resource` (a CPU quota, a memory limit) binds `where`: its own if it
+    has one, else the nearest above it that has, up to the root it sees; `where` for a resource
+    with no limit read, or none set."""
+    has = {"cpu": cpu_quota, "memory": memory_limit}.get(resource)
+    above = [where, *where.parents]
+    for folder in (above[:above.index(root) + 1] if root in above else [where]) if has else ():
+        if has(version, folder) is not None:
+            return folder
+    return where
 
 
 def host_unit(path: str) -> bool:

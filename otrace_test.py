@@ -2256,6 +2256,34 @@ def test_limits_on_a_parent_cgroup_are_the_ones_read(tmp_path: Path, case: str) 
     assert picked(row, *CPU_MEM) == picked(expected, *CPU_MEM) and row["mem_limit_bytes"] < MEM_TOTAL
 
 
+@pytest.mark.parametrize(("own", "limits", "cpu", "memory"), [
+    ("pod/ctr", {"pod/ctr": ("50000 100000", "max"), "pod": ("max 100000", "1073741824")}, "pod/ctr", "pod"),
+    ("pod/ctr", {"pod/ctr": ("max 100000", "max"), "pod": ("max 100000", "max")}, "pod/ctr", "pod/ctr"),
+    ("kubepods.slice/pod1.slice/cri-containerd-4f2a.scope",               # a runtime's unit: as it is
+     {"kubepods.slice/pod1.slice/cri-containerd-4f2a.scope": ("max 100000", "max"),
+      "kubepods.slice/pod1.slice": ("max 100000", "1073741824")}, "cri-containerd-4f2a.scope",
+     "cri-containerd-4f2a.scope"),
+])
+def test_each_limit_is_read_where_it_is_set(tmp_path: Path, own: str, limits: dict[str, tuple[str, str]],
+                                            cpu: str, memory: str) -> None:
+    """A CPU quota on the cgroup itself and a memory limit on its parent: each figure from where its
+    limit is (one limit once hid the other); none set: its own; a container runtime's unit is read as
+    it is (above it are the other containers of the node)."""
+    root = tmp_path / "host"
+    shutil.copytree(HOSTS / "v2-quota" / "t0", root)
+    cgroups = root / "sys" / "fs" / "cgroup"
+    (cgroups / "system.slice" / "agent.service").rename(moved := cgroups / own.replace("/", "_tmp_"))
+    (cgroups / own).parent.mkdir(parents=True, exist_ok=True)
+    moved.rename(cgroups / own)
+    for path, (quota, limit) in limits.items():
+        (cgroups / path / "cpu.max").write_text(quota + "\n")
+        (cgroups / path / "memory.max").write_text(limit + "\n")
+    (root / "proc" / "self" / "cgroup").write_text(f"0::/{own}\n")
+    found = otrace.Cgroup.find(root / "proc", root / "sys", "auto")
+    assert (found.dirs["cpu"][1].name, found.dirs["cpuacct"][1].name, found.dirs["memory"][1].name) == (
+        cpu.rpartition("/")[2], cpu.rpartition("/")[2], memory.rpartition("/")[2])
+
+
 def test_fixture_mount_root_below_the_cgroup_root(tmp_path: Path) -> None:
     """A container without its own cgroup namespace: mountinfo's root is the cgroup's path."""
     row, reader = sample_case("v1-subtree-root", tmp_path)   # captured: interval 2.011379 s
