@@ -6171,7 +6171,8 @@ class GatewayWatch:
         self.current: Proc | None = None
         self.seen_at = 0.0                   # uptime when it was last seen
         self.gone: Proc | None = None        # the one that disappeared, until one is back
-        self.awaiting: tuple[Proc, dict[str, int]] | None = None   # gone while one like it starts: a restart?
+        # gone while one like it starts (a restart?): it, the OOM kills then, and when (uptime)
+        self.awaiting: tuple[Proc, dict[str, int], float] | None = None
         self.gone_seen_at = 0.0
         self.btime: float | None = None
         self.restarts = 0
@@ -6264,11 +6265,12 @@ class GatewayWatch:
                                                                                          known.start)]
         return (alive or [min(found, key=lambda p: (p.start, p.pid), default=None)])[0]
 
-    def successor_starting(self, old: Proc, at: float) -> bool:
-        """A process like the gateway that started after `old` and listens on nothing yet, for up to
-        EXEC_WINDOW: the gateway starting again (a restart, not a disappearance), or one of OpenClaw's
-        CLI commands run meanwhile, which never listens; its first listening socket tells which."""
-        return at - self.seen_at <= EXEC_WINDOW and any(p.start > old.start for p in self.starting)
+    def successor_starting(self, old: Proc) -> bool:
+        """A process like the gateway that started after `old` and listens on nothing yet: the gateway
+        starting again (a restart, not a disappearance), or one of OpenClaw's CLI commands run
+        meanwhile, which never listens; its first listening socket tells which (waited for up to
+        EXEC_WINDOW)."""
+        return any(p.start > old.start for p in self.starting)
 
     def observe(self, pids: set[int], at: float, oom: dict[str, int]) -> tuple[dict[str, Any], list[Row]]:
         """This sample's gateway columns (usage over the interval since the last one) and events."""
@@ -6279,20 +6281,21 @@ class GatewayWatch:
         if before is not None and (found is None or (found.pid, found.start) != (before.pid, before.start)):
             if found is not None:
                 rows.append(self.restarted(before, found, oom))
-            elif self.successor_starting(before, at):      # told when it listens, or never does
-                self.awaiting = (before, oom)
+            elif self.successor_starting(before):          # told when it listens, or never does
+                self.awaiting = (before, oom, at)
             else:
                 rows.append(self.disappeared(before, at, oom))
         elif before is None and found is not None:
             if self.awaiting is not None:
-                old, then = self.awaiting
+                old, then, _ = self.awaiting
                 rows.append(self.restarted(old, found, then))
             elif self.gone is not None:
                 rows.append(self.returned(found))
             else:
                 self.log.info("gateway process found", extra={"pid": found.pid})
             self.awaiting = None
-        elif self.awaiting is not None and not self.successor_starting(self.awaiting[0], at):
+        elif self.awaiting is not None and (not self.successor_starting(self.awaiting[0])
+                                            or at - self.awaiting[2] > EXEC_WINDOW):
             rows.append(self.disappeared(self.awaiting[0], at, self.awaiting[1]))
             self.awaiting = None
         columns: dict[str, Any] = {"gateway_up": int(found is not None)}

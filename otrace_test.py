@@ -9524,6 +9524,25 @@ def test_a_successor_rewriting_its_command_line_as_it_starts_stays_the_gateway(t
     assert watch.observe({1, 3, 4, 5, 6, 20}, 1278.0, {})[1] == []
 
 
+def test_a_restart_seen_by_samples_a_minute_apart_is_one_restart(tmp_path: Path) -> None:
+    """TRACE_METRICS_INTERVAL of a minute or more: the successor, not listening at the first sample
+    after the old one went, is waited for from that sample, not from the old one's last."""
+    before, after = HOSTS / "procs-gateway-restart" / "t0" / "proc", tmp_path / "proc"
+    shutil.copytree(HOSTS / "procs-gateway-restart" / "t1" / "proc", after, symlinks=True)
+    sockets = {fd.name: fd.readlink() for fd in (after / "20" / "fd").iterdir()
+               if str(fd.readlink()).startswith("socket:")}
+    for name in sockets:
+        (after / "20" / "fd" / name).unlink()
+    watch = otrace.GatewayWatch(("node", ("openclaw", "gateway")), before, logging.getLogger("otrace.test"))
+    assert watch.observe({1, 3, 4, 5, 6, 7}, 1274.3, {})[0]["gateway_pid"] == 7
+    watch.procfs = after
+    assert watch.observe({1, 3, 4, 5, 6, 20}, 1364.3, {}) == ({"gateway_up": 0}, [])    # 90 s later
+    for name, target in sockets.items():
+        (after / "20" / "fd" / name).symlink_to(target)
+    _, [event] = watch.observe({1, 3, 4, 5, 6, 20}, 1454.3, {})
+    assert json.loads(event.values[otrace.ERRORS.columns.index("metadata")])["change"] == "restarted"
+
+
 def test_a_gateway_that_renames_itself_stays_the_gateway(tmp_path: Path) -> None:
     """process.title: the name and command line change, the pid and start time do not."""
     root = tmp_path / "proc"
