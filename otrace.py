@@ -2460,14 +2460,19 @@ class Merges:
         row: a push may hold a copy of them, and if the receiver takes it, they were not lost."""
         if self.watching and ids:
             with self._lock:
-                self._gone.setdefault(table, []).extend(
-                    (low, high, pass_id, reason) for low, high in id_runs(sorted(ids)))
+                runs = self._gone.setdefault(table, [])
+                for low, high in id_runs(sorted(ids)):     # chunk after chunk, oldest first: one run
+                    if runs and runs[-1][1] + 1 == low and runs[-1][2:] == (pass_id, reason):
+                        runs[-1] = (runs[-1][0], high, pass_id, reason)
+                    else:
+                        runs.append((low, high, pass_id, reason))
 
     def gone(self, table: str, ids: Iterable[int]) -> collections.Counter[tuple[str, str]]:
         """Of `ids`, rows found deleted when their push was confirmed: how many each pass and reason
         of retention counted lost."""
         with self._lock:
-            runs = sorted(self._gone.get(table, ()))
+            runs = self._gone.get(table, [])
+            runs.sort()                                  # mostly sorted already: cheap
         found: collections.Counter[tuple[str, str]] = collections.Counter()
         for row_id in ids:
             at = bisect.bisect_right(runs, (row_id, math.inf)) - 1
@@ -9709,7 +9714,8 @@ class Retention(Loop):
             chunks, _, tiers = self.head_starts.popleft().result(JOB_TIMEOUT)
             self.tally(chunks, tally)
         cause = self.relieve(pass_id, tally, tiers)
-        pruned = 0
+        given = cause is not None and self.stuck is not None    # relieve gave back all it could, just now
+        pruned, relieved = 0, sum(tally.values())
         if started >= self.housekept_at + self.interval:   # a pass woken by watch() only relieves
             self.housekept_at = started
             cutoff = now_ms() - int(self.config.retention * 1000)
@@ -9717,7 +9723,8 @@ class Retention(Loop):
                 self.delete_all(Cut((table,), f"{DELIVERED} AND received_at < ?", "age", pass_id,
                                     (cutoff,), self.chunk), tally)
             pruned = sum(self.prune_all(table, column, cutoff, extra) for table, column, extra in BOOKKEEPING)
-        if tally or pruned or cause:     # over budget with nothing to delete: free pages, or a WAL grown
+        # over budget with nothing to delete, it gives back too: free pages alone, or a WAL grown
+        if (tally or pruned or cause) and not (given and not pruned and sum(tally.values()) == relieved):
             self.give_back()
         if cause == "db_cap":
             self.marks.passed(self.share())
