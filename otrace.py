@@ -316,8 +316,8 @@ def _listen_address(raw: str) -> str:
     after the database was made. A name of digits alone ("0", "1.5") is a typo, not a host."""
     address = raw.strip()
     for family in (socket.AF_INET, socket.AF_INET6):
-        with contextlib.suppress(OSError):
-            socket.inet_pton(family, address.strip("[]"))
+        with contextlib.suppress(OSError):            # an IPv6 address may name its link: fe80::1%eth0
+            socket.inet_pton(family, address.strip("[]").partition("%")[0])
             return address.strip("[]")
     if not (address.isascii() and _HOSTNAME.fullmatch(address.lower().rstrip(".")) and re.search(
             r"[a-z]", address.lower())):
@@ -325,10 +325,10 @@ def _listen_address(raw: str) -> str:
     with contextlib.suppress(OSError):       # "0x10", "127.1": C's old forms of an address, not names
         socket.getaddrinfo(address, None, flags=socket.AI_NUMERICHOST)
         raise SettingError
-    try:
-        socket.getaddrinfo(address, None, type=socket.SOCK_STREAM)
+    try:                                             # a name is listened on over IPv4 (IngestServer.listen)
+        socket.getaddrinfo(address, None, family=socket.AF_INET, type=socket.SOCK_STREAM)
     except (OSError, UnicodeError) as exc:
-        raise SettingError(f"{address} does not resolve: {exc}") from None
+        raise SettingError(f"{address} does not resolve to an IPv4 address: {exc}") from None
     return address
 
 
@@ -353,7 +353,7 @@ def _price_file(raw: str) -> str:
 
 TEXT = Kind("any text", str)
 NAME = Kind("a non-empty value", _nonempty)
-ADDRESS = Kind("an IP address, or a host name that resolves", _listen_address)
+ADDRESS = Kind("an IP address, or a host name that resolves to an IPv4 one", _listen_address)
 SWITCH = Kind("on or off (or true/false, yes/no, 1/0)", _switch)
 URL = Kind("empty, or an http:// or https:// URL", _url)
 TOKEN = Kind("empty, or printable ASCII without spaces", _token)

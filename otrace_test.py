@@ -369,9 +369,9 @@ def test_settings_name_what_they_accept_and_keep_secrets() -> None:
     for typo in ("0", "-1", "1.5", "0x10", "127.1", "\uff11\uff10", "no-such-host.invalid"):  # not 0.0.0.0
         with pytest.raises(otrace.SettingError, match=r"TRACE_HOST=.* is not valid: expected an IP address"):
             otrace.Config.from_env({"TRACE_HOST": typo})
-    hosts = ("localhost", "::", "[::1]", "10.0.0.1")
+    hosts = ("localhost", "::", "[::1]", "10.0.0.1", "fe80::1%lo")
     assert [otrace.Config.from_env({"TRACE_HOST": host}).host for host in hosts] == [
-        "localhost", "::", "::1", "10.0.0.1"]
+        "localhost", "::", "::1", "10.0.0.1", "fe80::1%lo"]
     assert otrace.redact_url("https://u:p@h:8443/in?key=s3&x=1") == "https://h:8443/in?key=***&x=***"
     for name, value in (("TRACE_PROCFS", "/nonexistent"), ("TRACE_OPENCLAW_STATE_DIR", "/etc/hostname")):
         with pytest.raises(otrace.SettingError, match=f"{name}='{value}' is not valid: expected .* directory "
