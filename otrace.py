@@ -314,11 +314,16 @@ def _gateway(raw: str) -> tuple:
 def _listen_address(raw: str) -> str:
     """An IP address, or a host name that resolves: a bad one stops the start here, not at the bind,
     after the database was made. A name of digits alone ("0", "1.5") is a typo, not a host."""
-    address = raw.strip()
+    address = raw.strip().strip("[]")
+    ip, percent, zone = address.partition("%")     # an IPv6 address may name its link: fe80::1%eth0
     for family in (socket.AF_INET, socket.AF_INET6):
-        with contextlib.suppress(OSError):            # an IPv6 address may name its link: fe80::1%eth0
-            socket.inet_pton(family, address.strip("[]").partition("%")[0])
-            return address.strip("[]")
+        with contextlib.suppress(OSError):
+            socket.inet_pton(family, ip)
+            if percent and family == socket.AF_INET:
+                raise SettingError("an IPv4 address names no interface")
+            if percent and not (zone.isdigit() or zone in {name for _, name in socket.if_nameindex()}):
+                raise SettingError(f"no network interface {zone!r} here")
+            return address
     if not (address.isascii() and _HOSTNAME.fullmatch(address.lower().rstrip(".")) and re.search(
             r"[a-z]", address.lower())):
         raise SettingError
@@ -512,7 +517,8 @@ class Config:
                                  "checkpoint a TRUNCATE, and the most SQLite's journal_size_limit keeps.")
     cleanup_interval: float = setting("5m", duration("10ms", "1d"), "Time between retention passes.")
     retention: float = setting("3d", duration("1s", "3650d"), "Age (since arrival) after which pushed "
-                               "rows are deleted.")
+                               "rows are deleted (but each table's newest row, whose id must not come "
+                               "back: see operations.md).")
     db_max_bytes: int = setting("200MiB", size("1MiB", "16TiB"), "Most the database (file + WAL) may "
                                 "use: past 85 % of it (less after a flood) the oldest rows are deleted, "
                                 "down to 75 % (see docs/operations.md).")
@@ -5814,8 +5820,9 @@ _KEY_SHAPES = (re.compile(r"\b(?:sk|pk|rk)[-_][\w-]{16,}|\bgh[pousr]_\w{20,}|\bx
                "***")                                                # API keys and JWTs, by their look
 _SIGNATURE = (re.compile(r"([?&]sig=)[^&\s#\"]+"), r"\1***")       # a signed URL's signature (SAS)
 _TELEGRAM = (re.compile(r"\bbot\d{5,}:[\w-]{30,}"), "bot***")        # a Telegram bot's token in its URL
-_WEBHOOK = (re.compile(r"((?:hooks\.slack\.com/(?:services|triggers|workflows)/\w+/\w+|discord(?:app)?\.com"
-                       r"/api(?:/v\d+)?/webhooks/\d+)/)[\w-]+", re.IGNORECASE), r"\1***")   # a webhook's URL
+_WEBHOOK = (re.compile(r"((?:hooks\.slack\.com/(?:services|triggers|workflows)(?:/[\w-]+)+?|discord(?:app)?"
+                       r"\.com/api(?:/v\d+)?/webhooks/\d+)/)[\w-]+(?![\w/-])", re.IGNORECASE),
+            r"\1***")                                  # a webhook's URL: its last part is its secret
 _SECRETS = (     # (pattern, replacement), applied in order to the whole command line
     _BEARER,
     (re.compile(rf"(?<![\w.-])(-{{0,2}}{_SECRET_NAME}[\"']?\s*[=:]\s*)(?!(?:bearer|basic)\s)"
@@ -10779,19 +10786,26 @@ class Report:
             (self.since, self.until)).fetchall()
         refused = self.conn.execute("SELECT count(*) FROM push_rejects WHERE rejected_at >= ? AND "
                                     "rejected_at < ?", (self.since, self.until)).fetchone()[0]
-        # retention deletes the oldest first: if it deleted calls since the window began (a ledger row
-        # holds an hour's, dated by its first: from an hour before) and the oldest call kept came after
-        # the window began, calls of the window may be among those deleted, and the totals miss them
-        deleted = self.conn.execute("SELECT 1 FROM retention_ledger WHERE table_name = 'llm_traces' AND "
-                                    "at >= ? AND at < ? AND deleted > 0 LIMIT 1",
-                                    (self.since - 3_600_000, self.until)).fetchone()
-        oldest = self.conn.execute("SELECT received_at FROM llm_traces ORDER BY id LIMIT 1").fetchone()
         return {"deleted": sum(r[2] for r in rows), "unpushed_deleted": sum(r[3] for r in rows),
                 "refused_by_receiver": refused,
                 "by_table": [{"table": t, "reason": r, "deleted": d, "unpushed_deleted": u}
                              for t, r, d, u in rows],
-                "oldest_call_kept_at": oldest and self.zone.iso(oldest[0]),
-                "calls_incomplete": bool(deleted) and (oldest is None or oldest[0] > self.since)}
+                "calls_incomplete": self.calls_incomplete()}
+
+    def calls_incomplete(self) -> bool:
+        """Whether retention may have deleted calls of the window: each pressure tier deletes the oldest
+        rows of its kind (pushed, or not) first, so it did if it deleted calls after the window began
+        (then or later: a ledger row holds an hour's, dated by its first) while the oldest call of that
+        kind kept arrived after the window began. Age deletions take rows older than TRACE_RETENTION."""
+        for reason, kind in (("pressure_pushed", DELIVERED), ("pressure_unpushed", UNDELIVERED)):
+            if self.conn.execute("SELECT 1 FROM retention_ledger WHERE table_name = 'llm_traces' AND "
+                                 "reason = ? AND at >= ? AND deleted > 0 LIMIT 1",
+                                 (reason, self.since - 3_600_000)).fetchone():
+                oldest = self.conn.execute(f"SELECT received_at FROM llm_traces WHERE {kind} ORDER BY id "
+                                           "LIMIT 1").fetchone()
+                if oldest is None or oldest[0] > self.since:
+                    return True
+        return False
 
     def usage_cost(self, summed: Summed) -> dict[str, Any]:
         """The window's calls by day in OpenClaw's `gateway usage-cost --json` shape and names (input
@@ -10959,11 +10973,9 @@ class TableView:
         if totals["unpriced_calls"]:
             notes.append(f"{plural(totals['unpriced_calls'], 'call')} with tokens and no cost: no price for "
                          "the model" + (" (or none reported: --cost reported)" if mode == "reported" else ""))
-        if (retention := self.doc["retention"])["calls_incomplete"]:
-            kept = retention["oldest_call_kept_at"]
-            notes.append("! totals may miss calls: retention deleted calls since the window began "
-                         "(RETENTION below), and " + (f"the oldest call kept arrived {kept}" if kept
-                                                       else "none is kept"))
+        if self.doc["retention"]["calls_incomplete"]:
+            notes.append("! totals may miss calls: retention deleted the oldest calls since the window "
+                         "began, and the oldest kept arrived after it began (RETENTION below)")
         return notes
 
     def sections(self) -> list[str]:

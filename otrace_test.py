@@ -366,7 +366,8 @@ def test_settings_name_what_they_accept_and_keep_secrets() -> None:
                                 "https://u:p@h/x"})             # one would silently replace the other
     with pytest.raises(otrace.SettingError, match="content-type is set by otrace itself"):
         otrace.Config.from_env({"TRACE_PUSH_HEADERS": "content-type=x"})
-    for typo in ("0", "-1", "1.5", "0x10", "127.1", "\uff11\uff10", "no-such-host.invalid"):  # not 0.0.0.0
+    for typo in ("0", "-1", "1.5", "0x10", "127.1", "\uff11\uff10", "no-such-host.invalid",   # not 0.0.0.0
+                 "127.0.0.1%lo", "::1%nosuchif", "fe80::1%"):
         with pytest.raises(otrace.SettingError, match=r"TRACE_HOST=.* is not valid: expected an IP address"):
             otrace.Config.from_env({"TRACE_HOST": typo})
     hosts = ("localhost", "::", "[::1]", "10.0.0.1", "fe80::1%lo")
@@ -6507,20 +6508,24 @@ def test_the_report_shows_control_characters_from_the_data_as_question_marks(svc
 
 
 def test_the_report_says_its_totals_may_miss_calls_retention_deleted(tmp_path: Path) -> None:
-    """Retention deletes the oldest rows first: when it deleted calls since the window began and the
-    oldest call kept arrived after that, some of the window's calls are gone, and the totals say so
-    (they once read as the whole). A window that begins after the oldest call kept is whole."""
+    """Retention deletes the oldest rows of a kind (pushed, unpushed) first: when it deleted calls
+    after the window began and the oldest call of that kind kept arrived after the window began, some
+    of the window's calls are gone, and the totals say so (they once read as the whole): also with an
+    older unpushed call kept, and for a window that ended before the deletion. A window that begins
+    after the oldest call kept of the kind deleted is whole."""
     db = tmp_path / "otrace.db"
-    seed(db, [("trace", 30, 1)], age_days=0.01)                 # pushed, arrived 15 minutes ago
+    seed(db, [("trace", 1, otrace.UNSYNCED)], age_days=0.1)          # unpushed, 2.4 hours ago
+    seed(db, [("trace", 30, otrace.SYNCED)], age_days=0.01)          # pushed, 15 minutes ago
     with contextlib.closing(sqlite3.connect(db, isolation_level=None)) as conn:
         cut = otrace.Cut(("llm_traces",), otrace.DELIVERED, "pressure_pushed", otrace.ledger_hour(), limit=10)
         assert cut(conn).deleted == 10
-        kept_at = conn.execute("SELECT min(received_at) FROM llm_traces").fetchone()[0]
+        kept_at = conn.execute("SELECT min(received_at) FROM llm_traces WHERE synced = 1").fetchone()[0]
     whole_hour = report_json(db, "--since", "1h")
-    assert whole_hour["calls"]["totals"]["calls"] == 20 and whole_hour["retention"]["calls_incomplete"]
+    assert whole_hour["calls"]["totals"]["calls"] == 21 and whole_hour["retention"]["calls_incomplete"]
     text = report(db, "--since", "1h").stdout
-    assert "! totals may miss calls: retention deleted calls since the window began" in " ".join(
+    assert "! totals may miss calls: retention deleted the oldest calls since the window began" in " ".join(
         text.split()), text
+    assert report_json(db, "--since", "1h", "--until", "1m")["retention"]["calls_incomplete"]   # ended before
     after = datetime.fromtimestamp(kept_at / 1000 + 1, UTC).isoformat()
     assert not report_json(db, "--since", after)["retention"]["calls_incomplete"]
 
@@ -6562,9 +6567,7 @@ def test_report_numbers_are_exact_in_json_csv_and_the_table(tmp_path: Path) -> N
         "last_attempt": {"at": "2026-11-03T18:00:00+00:00", "http_status": 503, "error": "HTTP 503: busy",
                          "events": 4},
         "last_success": {"at": "2026-11-03T12:00:00+00:00", "http_status": 200, "error": None, "events": 10}}
-    retention = {k: v for k, v in doc["retention"].items() if k != "oldest_call_kept_at"}
-    assert doc["retention"]["oldest_call_kept_at"].startswith(datetime.now(UTC).date().isoformat())
-    assert retention == {"deleted": 35, "unpushed_deleted": 5, "refused_by_receiver": 1, "by_table": [
+    assert doc["retention"] == {"deleted": 35, "unpushed_deleted": 5, "refused_by_receiver": 1, "by_table": [
         {"table": "llm_traces", "reason": "age", "deleted": 10, "unpushed_deleted": 0},
         {"table": "llm_traces", "reason": "pressure_unpushed", "deleted": 5, "unpushed_deleted": 5},
         {"table": "log_events", "reason": "pressure_pushed", "deleted": 20, "unpushed_deleted": 0}],
@@ -9149,8 +9152,9 @@ def test_custom_events_are_pushed_and_retained_like_the_others(run: Callable[...
     assert first["type"] == "custom_event" and first["event_id"] == f"custom_event:{ids[0]}"
     assert first["data"]["attributes"] == {"tool": "browser", "ms": 812}          # an object, not a string
     assert first["data"]["name"] == "tool_call" and "synced" not in first["data"]
-    wait_until(lambda: not node.rows("custom_events"), what="pushed custom events past retention deleted")
-    assert ledger(node)[("custom_events", "age")] == (2, 0)
+    wait_until(lambda: len(node.rows("custom_events")) == 1, what="pushed events past retention deleted")
+    assert [r["trace_id"] for r in node.rows("custom_events")] == [ids[1]]    # the newest stays
+    assert ledger(node)[("custom_events", "age")] == (1, 0)
 
 
 # -- the process table
@@ -9237,9 +9241,10 @@ def test_a_log_line_masks_what_the_command_line_masks() -> None:
         "pwd=*** url https://h/x?auth=***&v=1 X-Auth: *** post https://hooks.slack.com/services/T01/B02/*** "
         "failed oauth=kept author: kept auth=token sessionKey=agent:main:main")     # auth=: a mode's name
     assert otrace.redact_text("X-Auth-Key: k1 https://discord.com/api/v10/webhooks/1/" + "t" * 60 +
-                              " https://hooks.slack.com/triggers/T01/123/" + "t" * 40) == (
+                              " https://hooks.slack.com/triggers/T01/123/" + "t" * 40 +
+                              " https://hooks.slack.com/workflows/T01/A02/345/" + "t" * 40) == (
         "X-Auth-Key: *** https://discord.com/api/v10/webhooks/1/*** "
-        "https://hooks.slack.com/triggers/T01/123/***")
+        "https://hooks.slack.com/triggers/T01/123/*** https://hooks.slack.com/workflows/T01/A02/345/***")
     assert otrace.redact_json({"X-Auth-Key": "k2", "authKey": "k3"}) == {"X-Auth-Key": "***",
                                                                         "authKey": "***"}
     assert otrace.redact_json({"headers": {"X-Auth": "a4", "proxy_auth": "a5"}, "pwd": "p6", "oauth": {
