@@ -312,8 +312,9 @@ def _gateway(raw: str) -> tuple:
 
 
 def _listen_address(raw: str) -> str:
-    """An IP address, or a host name that resolves: a bad one stops the start here, not at the bind,
-    after the database was made. A name of digits alone ("0", "1.5") is a typo, not a host."""
+    """An IP address (IPv6 with its link's zone, if any), or a host name that resolves to an IPv4 one:
+    a bad one stops the start here, not at the bind, after the database was made. A name of digits
+    alone ("0", "1.5") is a typo, not a host."""
     address = raw.strip().strip("[]")
     ip, percent, zone = address.partition("%")     # an IPv6 address may name its link: fe80::1%eth0
     for family in (socket.AF_INET, socket.AF_INET6):
@@ -6272,10 +6273,11 @@ class GatewayWatch:
         """The gateway: the one already known while it lives (listening or not), else the oldest match
         that listens."""
         found = self.matching(pids, at)
-        known = self.current
-        alive = [p for p in (*found, *self.starting) if known and (p.pid, p.start) == (known.pid,
-                                                                                         known.start)]
-        return (alive or [min(found, key=lambda p: (p.start, p.pid), default=None)])[0]
+        if (known := self.current) is not None:
+            for proc in (*found, *self.starting):
+                if (proc.pid, proc.start) == (known.pid, known.start):
+                    return proc
+        return min(found, key=lambda p: (p.start, p.pid), default=None)
 
     def successor_starting(self, old: Proc) -> bool:
         """A process like the gateway that started after `old` and listens on nothing yet: the gateway
