@@ -526,7 +526,8 @@ class Config:
     disk_reserve_bytes: int = setting("16MiB", size("64KiB", "4GiB", zero_is_off=True), "Space held in a "
                                       "file beside the database and given up on the first disk-full "
                                       "write, so what was accepted still commits; ingest then answers "
-                                      "503 until the space is back. 0: off.")
+                                      "503 until the space is back. 0: off (then a full disk stays full "
+                                      "until space is freed by hand: deleting rows needs room in the WAL).")
     disk_high_pct: int = setting("80", count(1, 100), "Disk use (as df counts it) that starts deleting "
                                  "pushed rows and unpushed metrics, down to 5 points below it. Under it, "
                                  "ingest paused by a full disk resumes without the reserve: at most 95 "
@@ -9694,13 +9695,14 @@ class Retention(Loop):
         """Warn when the database cap cannot be reached before the disk mark: then only pushed rows
         and host samples make room, and a receiver that stays down fills the disk."""
         total = disk_usage(self.db_dir)[0]
-        budget = self.config.db_max_bytes + self.config.wal_max_bytes + self.config.disk_reserve_bytes
+        budget = self.config.db_max_bytes + self.config.disk_reserve_bytes    # the cap holds the WAL
         if budget > total * self.config.disk_high_pct / 100:
+            config = self.config
             self.log.warning("database cap is over the disk's budget", extra={
-                "db_max_bytes": self.config.db_max_bytes, "wal_max_bytes": self.config.wal_max_bytes,
-                "disk_reserve_bytes": self.config.disk_reserve_bytes, "disk_total_bytes": total,
-                "disk_high_pct": self.config.disk_high_pct, "advice": "set TRACE_DB_MAX_BYTES under "
-                "TRACE_DISK_HIGH_PCT of the volume, less the WAL and the reserve"})
+                "db_max_bytes": config.db_max_bytes, "disk_reserve_bytes": config.disk_reserve_bytes,
+                "disk_total_bytes": total, "disk_high_pct": config.disk_high_pct,
+                "advice": "lower TRACE_DB_MAX_BYTES or TRACE_DISK_RESERVE_BYTES: together they must fit "
+                          "under TRACE_DISK_HIGH_PCT of the volume"})
 
     def watch(self) -> None:
         """On the writer's thread, after each batch it commits: a database past its high mark wakes
