@@ -998,6 +998,7 @@ MAX_INT = 2**53 - 1              # the largest integer a JavaScript agent can se
 MAX_NAME_CHARS = 256             # provider, model, session_id, finish_reason, ...
 MAX_TRACE_ID_CHARS = 128
 MAX_UNIX_MS = 253402300799999    # 9999-12-31T23:59:59.999Z
+SECONDS_NOT_MS = 100_000_000_000  # a created_at number under it (before 1973-03-03 in ms) is Unix seconds
 OWN_TEXT_BYTES = 16384           # texts of the events otrace writes itself
 ERROR_TYPES = ("llm_error", "crash", "system_error")
 ERROR_CATEGORIES = ("rate_limit", "timeout", "malformed_response", "api_failure", "process_crash",
@@ -1151,6 +1152,8 @@ class Fields:
             value = round(moment.timestamp() * 1000)
         elif not _finite(value):
             raise self.fail("created_at", "must be RFC 3339 (2026-01-31T12:00:00Z) or Unix ms")
+        elif value < SECONDS_NOT_MS:             # stored, it would date the event in 1970, out of reports
+            raise self.fail("created_at", "must be Unix ms: this looks like Unix seconds")
         if not 0 <= value <= MAX_UNIX_MS:
             raise self.fail("created_at", "is out of range (1970 to 9999)")
         return int(value)

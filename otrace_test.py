@@ -651,6 +651,7 @@ def test_error_event_is_stored_with_defaults(svc: Otrace) -> None:
     ({**TRACE, "created_at": "yesterday"}, "created_at"),
     ({**TRACE, "created_at": "2026-03-01T12:00:00"}, "created_at"),
     ({**TRACE, "created_at": -5}, "created_at"),
+    ({**TRACE, "created_at": 1796169600}, "created_at"),     # Unix seconds: stored, 1970 and no report
     ({**TRACE, "metadata": [1, 2]}, "metadata"),
     ({**TRACE, "metadata": "not json"}, "metadata"),
     ({**TRACE, "model": "m" * 300}, "model"),
@@ -5797,7 +5798,7 @@ TRACE_ID_OK = st.uuids().map(str) | st.text(st.characters(categories=("L", "N", 
                                              max_size=otrace.MAX_TRACE_ID_CHARS)
 
 
-CREATED_OK = st.integers(0, otrace.MAX_UNIX_MS) | st.datetimes(
+CREATED_OK = st.integers(otrace.SECONDS_NOT_MS, otrace.MAX_UNIX_MS) | st.datetimes(
     datetime(1970, 1, 2), datetime(9999, 12, 30),
     timezones=st.integers(-1439, 1439).map(lambda m: timezone(timedelta(minutes=m)))).map(datetime.isoformat)
 
