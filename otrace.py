@@ -1051,8 +1051,9 @@ def _finite(value: Any) -> bool:
 class Fields:
     """Turns the JSON values of one event into column values, raising Invalid naming the field."""
 
-    def __init__(self, event: dict[str, Any], index: int | None, max_text: int) -> None:
+    def __init__(self, event: dict[str, Any], index: int | None, max_text: int, posted: bool = False) -> None:
         self.event, self.index, self.max_text = event, index, max_text
+        self.posted = posted             # sent to the JSON API, whose numbers people write by hand
         self.truncated = False
 
     def fail(self, field: str, message: str) -> Invalid:
@@ -1152,10 +1153,10 @@ class Fields:
             value = round(moment.timestamp() * 1000)
         elif not _finite(value):
             raise self.fail("created_at", "must be RFC 3339 (2026-01-31T12:00:00Z) or Unix ms")
-        elif value < SECONDS_NOT_MS:             # stored, it would date the event in 1970, out of reports
-            raise self.fail("created_at", "must be Unix ms: this looks like Unix seconds")
         if not 0 <= value <= MAX_UNIX_MS:
             raise self.fail("created_at", "is out of range (1970 to 9999)")
+        if self.posted and not isinstance(self.event["created_at"], str) and value < SECONDS_NOT_MS:
+            raise self.fail("created_at", "must be Unix ms: this looks like Unix seconds")   # else 1970
         return int(value)
 
     def metadata(self, field: str = "metadata") -> str | None:
@@ -1350,7 +1351,8 @@ def parse_events(body: bytes, route: str, max_events: int, max_text: int) -> tup
     for index, event in enumerate(events):
         if not isinstance(event, dict):
             raise Invalid("event must be a JSON object", None, index if many else None)
-        rows.append(Row(table.name, build(Fields(event, index if many else None, max_text), received)))
+        rows.append(Row(table.name, build(Fields(event, index if many else None, max_text, posted=True),
+                                          received)))
         ignored.update(key for key in event if key not in table.fields)
     return rows, sorted(ignored)
 
