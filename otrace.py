@@ -5413,11 +5413,16 @@ def bound_by(resource: str, version: str, where: Path, root: Path) -> Path:
     has one, else the nearest above it that has, up to the root it sees; `where` for a resource
     with no limit read, or none set."""
     has = {"cpu": cpu_quota, "memory": memory_limit}.get(resource)
-    above = [where, *where.parents]
-    for folder in (above[:above.index(root) + 1] if root in above else [where]) if has else ():
+    for folder in upward(where, root) if has else ():
         if has(version, folder) is not None:
             return folder
     return where
+
+
+def upward(where: Path, root: Path) -> list[Path]:
+    """A cgroup and those above it, up to the hierarchy's root as this process sees it."""
+    above = [where, *where.parents]
+    return above[:above.index(root) + 1] if root in above else [where]
 
 
 def host_unit(path: str) -> bool:
@@ -5444,8 +5449,7 @@ def box_of(version: str, where: Path, root: Path, container: bool) -> Path | Non
 def nearest_limited(version: str, where: Path, root: Path, own: bool = True) -> Path | None:
     """The nearest cgroup with a CPU quota or a memory limit: `where` (if `own`) or one above it, up
     to the hierarchy's root as this process sees it; None if none has one."""
-    above = [where, *where.parents]
-    for folder in above[:above.index(root) + 1] if root in above else [where]:
+    for folder in upward(where, root):
         if (own or folder != where) and limited(version, folder):
             return folder
     return None

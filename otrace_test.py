@@ -3120,6 +3120,15 @@ def hang(seconds: float) -> Callable[[Receiver, dict[str, Any]], None]:
     return act
 
 
+def held(on_wire: threading.Event, release: threading.Event) -> Callable[[Receiver, dict[str, Any]], int]:
+    """Say the request is here (`on_wire`), then answer 200 once `release` is set: a push in flight."""
+    def act(_: Receiver, __: dict[str, Any]) -> int:
+        on_wire.set()
+        release.wait(60)
+        return 200
+    return act
+
+
 def reset(_: Receiver, __: dict[str, Any]) -> None:
     return None
 
@@ -4761,13 +4770,7 @@ def test_an_event_retention_deletes_on_its_way_is_delivered_or_reported_lost_nev
     retention deletes the oldest unpushed rows: the batch's. Every accepted event ends up either at the
     receiver or in a loss report it was sent, and none in both."""
     on_wire, flooded = threading.Event(), threading.Event()
-
-    def hold_the_first(_: Receiver, request: dict[str, Any]) -> int:
-        on_wire.set()
-        flooded.wait(60)
-        return 200
-
-    receiver.script = [hold_the_first]
+    receiver.script = [held(on_wire, flooded)]
     node = run(push_env(receiver, TRACE_DB_MAX_BYTES="1MiB", TRACE_PUSH_INTERVAL="300ms",
                         TRACE_CLEANUP_INTERVAL="300ms"))
     first = node.post("/v1/traces", [trace(input_text="f" * 2000) for _ in range(100)]).json["trace_ids"]
@@ -4825,11 +4828,16 @@ def test_the_ledger_keeps_a_row_or_two_an_hour_however_many_passes_and_reports(
     assert lost == sum(x["rows"] for x in told) == len(accepted - delivered) > 0
 
 
+def confirm(conn: sqlite3.Connection, batch: otrace.Batch, merges: otrace.Merges, read_at: int) -> int:
+    """What push does once the receiver answered 2xx to `batch`, read when `read_at` was taken."""
+    return otrace.record_pushed(batch, otrace.Attempt(batch.batch_id, otrace.now_ms(), 0, 0, status=200),
+                                merges, read_at, conn)
+
+
 def report_losses(conn: sqlite3.Connection, losses: list[dict[str, Any]]) -> None:
     """What push does once the receiver answered 2xx to a batch carrying `losses`."""
-    batch, merges = otrace.Batch(losses=losses), otrace.Merges()
-    otrace.record_pushed(batch, otrace.Attempt(batch.batch_id, otrace.now_ms(), 0, 0, status=200), merges,
-                         merges.read_begins(), conn)
+    merges = otrace.Merges()
+    confirm(conn, otrace.Batch(losses=losses), merges, merges.read_begins())
 
 
 @pytest.mark.parametrize("chunk_between", ["the report and its 2xx", "two reports"])
@@ -4862,12 +4870,6 @@ def test_every_row_a_pass_deletes_is_reported_when_push_reports_during_the_pass(
         assert max(x["newest_received_at"] for x in told) == gone[-1]
         assert conn.execute("SELECT sum(deleted), sum(unsynced_deleted), count(*) FROM retention_ledger "
                             "WHERE reported_at IS NOT NULL").fetchone() == (150, 150, 1)   # added up
-
-
-def confirm(conn: sqlite3.Connection, batch: otrace.Batch, merges: otrace.Merges, read_at: int) -> int:
-    """What push does once the receiver answered 2xx to `batch`, read when `read_at` was taken."""
-    return otrace.record_pushed(batch, otrace.Attempt(batch.batch_id, otrace.now_ms(), 0, 0, status=200),
-                                merges, read_at, conn)
 
 
 @pytest.mark.parametrize("batches", [1, 2])
@@ -8734,13 +8736,7 @@ def test_content_merged_into_a_row_while_its_push_is_in_flight_goes_again(run: C
     """The span's row is on its way to the receiver when the call's prompt arrives and fills it in: the
     receiver's 2xx marks the copy it got, not the row, so the row goes again, with the prompt."""
     on_wire, merged = threading.Event(), threading.Event()
-
-    def hold_the_first(_: Receiver, request: dict[str, Any]) -> Any:
-        on_wire.set()
-        merged.wait(60)
-        return 200
-
-    receiver.script = [hold_the_first]
+    receiver.script = [held(on_wire, merged)]
     node = run(push_env(receiver, TRACE_PUSH_INTERVAL="500ms"))
     chat = {"gen_ai.operation.name": "chat", "gen_ai.request.model": "m", "gen_ai.provider.name": "openai"}
     trace_hex, span_hex = f"{7:032x}", f"{7:016x}"
@@ -9507,19 +9503,26 @@ def test_a_gateway_restarted_is_one_restart_once_the_new_one_listens_and_a_comma
             proc.wait()
 
 
-def test_a_successor_rewriting_its_command_line_as_it_starts_stays_the_gateway(tmp_path: Path) -> None:
-    """The known gateway gone, the one like it that started after it is its successor starting; while
-    it renames itself (process.title rewrites its argv: for a moment the command line reads empty) it
-    stays so, and once it listens it is the gateway, restarted."""
+def gateway_gone_and_successor_starting(tmp_path: Path) -> tuple[otrace.GatewayWatch, Path, dict[str, Path]]:
+    """A watch that knew procs-gateway-restart's gateway (pid 7, t0), turned to a copy of t1 whose new
+    gateway (pid 20) listens on nothing yet: the watch, the copy's proc, and pid 20's sockets taken."""
     before, after = HOSTS / "procs-gateway-restart" / "t0" / "proc", tmp_path / "proc"
     shutil.copytree(HOSTS / "procs-gateway-restart" / "t1" / "proc", after, symlinks=True)
     sockets = {fd.name: fd.readlink() for fd in (after / "20" / "fd").iterdir()
                if str(fd.readlink()).startswith("socket:")}
-    for name in sockets:                                      # not listening yet
+    for name in sockets:
         (after / "20" / "fd" / name).unlink()
     watch = otrace.GatewayWatch(("node", ("openclaw", "gateway")), before, logging.getLogger("otrace.test"))
     assert watch.observe({1, 3, 4, 5, 6, 7}, 1274.3, {})[0]["gateway_pid"] == 7
     watch.procfs = after
+    return watch, after, sockets
+
+
+def test_a_successor_rewriting_its_command_line_as_it_starts_stays_the_gateway(tmp_path: Path) -> None:
+    """The known gateway gone, the one like it that started after it is its successor starting; while
+    it renames itself (process.title rewrites its argv: for a moment the command line reads empty) it
+    stays so, and once it listens it is the gateway, restarted."""
+    watch, after, sockets = gateway_gone_and_successor_starting(tmp_path)
     assert watch.observe({1, 3, 4, 5, 6, 20}, 1275.0, {}) == ({"gateway_up": 0}, [])
     cmdline = (after / "20" / "cmdline").read_bytes()
     (after / "20" / "cmdline").write_bytes(b"")
@@ -9536,15 +9539,7 @@ def test_a_successor_rewriting_its_command_line_as_it_starts_stays_the_gateway(t
 def test_a_restart_seen_by_samples_a_minute_apart_is_one_restart(tmp_path: Path) -> None:
     """TRACE_METRICS_INTERVAL of a minute or more: the successor, not listening at the first sample
     after the old one went, is waited for from that sample, not from the old one's last."""
-    before, after = HOSTS / "procs-gateway-restart" / "t0" / "proc", tmp_path / "proc"
-    shutil.copytree(HOSTS / "procs-gateway-restart" / "t1" / "proc", after, symlinks=True)
-    sockets = {fd.name: fd.readlink() for fd in (after / "20" / "fd").iterdir()
-               if str(fd.readlink()).startswith("socket:")}
-    for name in sockets:
-        (after / "20" / "fd" / name).unlink()
-    watch = otrace.GatewayWatch(("node", ("openclaw", "gateway")), before, logging.getLogger("otrace.test"))
-    assert watch.observe({1, 3, 4, 5, 6, 7}, 1274.3, {})[0]["gateway_pid"] == 7
-    watch.procfs = after
+    watch, after, sockets = gateway_gone_and_successor_starting(tmp_path)
     assert watch.observe({1, 3, 4, 5, 6, 20}, 1364.3, {}) == ({"gateway_up": 0}, [])    # 90 s later
     for name, target in sockets.items():
         (after / "20" / "fd" / name).symlink_to(target)
