@@ -4512,10 +4512,14 @@ def test_a_push_retrying_a_silent_receiver_lets_a_move_to_a_new_file_go_after_it
                    and not service.db.replaced_pending, 60, "the writer in a new file")
         assert len(receiver.requests) <= 2     # the attempt under way, and one begun as the move came
         cycle.join(60)
+        # the offsets' retry in the new file ends the outage, whose error event goes with the rows
+        wait_until(lambda: service.writer.fault.error is None and service.writer.outage is None, 60,
+                   "the outage recorded")
+        outage = [t for (t,) in service.db.query("SELECT trace_id FROM error_events")]
         receiver.default = 200
         service.pusher.push(None)
         sent = [e["trace_id"] for r in receiver.requests if r["answered"] == 200 for e in r["json"]["events"]]
-        assert sorted(sent) == sorted(made)
+        assert len(outage) == 1 and sorted(sent) == sorted(made + outage)
     finally:
         stopped(service)
 
@@ -4813,6 +4817,7 @@ def test_the_ledger_keeps_a_row_or_two_an_hour_however_many_passes_and_reports(
         while len(node.logs("retention deleted rows that were never pushed")) < passes + 5:
             answer = node.post("/v1/traces", [trace(input_text="x" * 2000) for _ in range(20)])
             accepted |= set(answer.json["trace_ids"]) if answer.status == 202 else set()
+        node.wait_persisted(len(accepted), timeout=60)    # none still queued as the last look is taken
         receiver.default = 200
         wait_until(lambda: node.query("SELECT count(*) FROM llm_traces WHERE synced = 0") == [(0,)] and
                    node.query("SELECT count(*) FROM retention_ledger WHERE reported_at IS NULL AND "
@@ -5324,7 +5329,9 @@ def test_disk_pressure_stops_deleting_unpushed_traces_once_another_program_takes
             node.wait_log(lambda e: e.get("message") == "still over budget after deleting all it may")
             kept, left = present(node, "llm_traces"), db_bytes(db)
         lost = len(made["trace/0"]) - len(kept)
-        assert 0 < lost < len(made["trace/0"]) // 2 and left <= over + (1 << 20)   # down to about `over`
+        # how many go depends on how soon the other program takes the room (a starved one takes it
+        # late, and the disk looks relieved): never all but the newest, which one look a pass gave up
+        assert 0 < lost < len(made["trace/0"]) - 1 and left <= over + (1 << 20)   # down to about `over`
         assert kept == set(made["trace/0"][-len(kept):])                      # the newest stay
         assert ledger(node) == {("llm_traces", "pressure_unpushed"): (lost, lost)}
         assert node.stop() == 0
