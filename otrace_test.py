@@ -21,6 +21,7 @@ import itertools
 import json
 import logging
 import os
+import py_compile
 import re
 import selectors
 import shutil
@@ -51,6 +52,11 @@ sys.path.insert(0, str(HERE / "scripts"))
 from receiver import Receiver  # noqa: E402 - the one push receiver, shared with scripts/soak.py
 
 OTRACE = HERE / "otrace.py"
+# Children run otrace as a module, compiled once here (py_compile writes under PYTHONDONTWRITEBYTECODE
+# too): run as a script, each of them would compile the whole file first, most of its start.
+py_compile.compile(str(OTRACE), doraise=True)
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(HERE), os.environ.get("PYTHONPATH")) if p)
+START = [sys.executable, "-m", "otrace"]
 ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not ROOT, reason="mounting a small tmpfs needs root")
 # tests that read or change what the whole host shows (its OOM kills, zombies, processes like a
@@ -98,7 +104,7 @@ class Otrace:
 
     def __init__(self, tmp: Path, env: dict[str, str] | None = None, db: Path | None = None,
                  command: list[str] | None = None) -> None:
-        self.command = command or [sys.executable, str(OTRACE)]
+        self.command = command or START
         self.db_path = db or tmp / "otrace.db"
         self.env = {"TRACE_PORT": "0", "TRACE_OTLP_PORT": "0", "TRACE_DB_PATH": str(self.db_path),
                     "TRACE_BATCH_WINDOW": "20ms", "TRACE_LOG_LEVEL": "info", "TRACE_METRICS_INTERVAL": "off",
@@ -329,8 +335,7 @@ def test_version() -> None:
 ])
 def test_bad_setting_exits_2_naming_it(tmp_path: Path, name: str, value: str, accepts: str) -> None:
     env = {**os.environ, "TRACE_DB_PATH": str(tmp_path / "x.db"), name: value}
-    out = subprocess.run([sys.executable, str(OTRACE)], env=env, capture_output=True, text=True, timeout=10,
-                         check=False)
+    out = subprocess.run(START, env=env, capture_output=True, text=True, timeout=10, check=False)
     assert out.returncode == 2
     assert out.stdout == ""
     lines = out.stderr.strip().splitlines()
@@ -2495,7 +2500,7 @@ def test_live_cgroup_quota_and_a_real_oom_kill(tmp_path: Path) -> None:
     with v1_cgroup(f"otrace-test-{os.getpid()}", 50_000, 256 << 20) as enter:
         node = Otrace(tmp_path, {"TRACE_METRICS_INTERVAL": "200ms"})
         env = {k: v for k, v in os.environ.items() if not k.startswith("TRACE_")} | node.env
-        node.proc = subprocess.Popen(["sh", "-c", f'{enter} exec "$0" "$1"', sys.executable, str(OTRACE)],
+        node.proc = subprocess.Popen(["sh", "-c", f'{enter} exec "$0" -m otrace', sys.executable],
                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         threading.Thread(target=node._read, args=(node.proc.stdout, True), daemon=True).start()
         threading.Thread(target=node._read, args=(node.proc.stderr, False), daemon=True).start()
@@ -2849,7 +2854,7 @@ def test_a_log_in_a_directory_otrace_may_not_enter_is_a_fault_not_a_failed_start
         (logs / "openclaw-2026-12-01.log").write_bytes(b"{}\n")
         node = run({"TRACE_LOG_PATH": str(logs / "openclaw-2026-12-01.log"), "TRACE_LOG_POLL": "20ms"},
                    db=folder / "otrace.db", command=["setpriv", "--reuid=65534", "--regid=65534",
-                                                     "--clear-groups", sys.executable, str(OTRACE)])
+                                                     "--clear-groups", *START])
         fault = wait_until(lambda: node.health()["log_tail"]["last_error"], what="the fault in /health")
         assert "PermissionError" in fault
         health = node.request("GET", "/health")                 # serving is fine: no 503 for a reader
@@ -5429,7 +5434,7 @@ def test_health_and_prometheus_show_the_newest_sample(run: Callable[..., Otrace]
 def test_max_connections_over_the_descriptor_limit_is_lowered_and_said(tmp_path: Path,
                                                                       run: Callable[..., Otrace]) -> None:
     node = run({"TRACE_MAX_CONNECTIONS": "10000"},
-               command=["prlimit", "--nofile=200:200", sys.executable, str(OTRACE)])
+               command=["prlimit", "--nofile=200:200", *START])
     lowered = node.wait_log(lambda e: e.get("message", "").startswith("TRACE_MAX_CONNECTIONS is over"))
     assert lowered["lowered_to"] == 200 - otrace.SPARE_DESCRIPTORS and lowered["nofile_limit"] == 200
     assert node.logs("starting")[0]["settings"]["max_connections"] == 136
@@ -6271,8 +6276,8 @@ def test_trace_prices_overrides_the_table_and_a_bad_file_is_exit_2(tmp_path: Pat
         if content is not None:
             bad.write_text(content)
         env = {k: v for k, v in os.environ.items() if not k.startswith("TRACE_")}
-        done = subprocess.run([sys.executable, str(OTRACE)], env={**env, "TRACE_PRICES": str(bad),
-                                                                  "TRACE_DB_PATH": str(tmp_path / "x.db")},
+        done = subprocess.run(START, env={**env, "TRACE_PRICES": str(bad),
+                                          "TRACE_DB_PATH": str(tmp_path / "x.db")},
                               capture_output=True, text=True, timeout=60, check=False)
         assert done.returncode == 2 and "TRACE_PRICES=" in done.stderr and needle in done.stderr, done.stderr
         assert not (tmp_path / "x.db").exists()
@@ -6462,7 +6467,7 @@ def build_report_database(path: Path) -> Path:
 
 def report(db: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("TRACE_") and k != "COLUMNS"}
-    return subprocess.run([sys.executable, str(OTRACE), "report", "--db", str(db), *args],
+    return subprocess.run([*START, "report", "--db", str(db), *args],
                           env=clean | (env or {}), capture_output=True, text=True, timeout=120, check=False)
 
 
@@ -6479,7 +6484,7 @@ def test_the_report_says_why_a_user_may_not_read_the_database(tmp_path: Path) ->
             (folder / "private").chmod(directory)
             db.chmod(file)
             done = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-                                   sys.executable, str(OTRACE), "report", "--db", str(db)],
+                                   *START, "report", "--db", str(db)],
                                   capture_output=True, text=True, timeout=120, check=False)
             assert done.returncode == 2 and f"otrace report: cannot read {db}" in done.stderr, done.stderr
             assert "Traceback" not in done.stderr and "run as otrace's user, or root" in done.stderr
@@ -6728,7 +6733,7 @@ def test_a_month_of_calls_in_many_sessions_reports_exact_percentiles_in_little_m
         [sys.executable, "-c", "import resource, subprocess, sys; done = subprocess.run(sys.argv[1:], "
          "stdout=subprocess.PIPE); sys.stderr.write(str(resource.getrusage(resource.RUSAGE_CHILDREN)"
          ".ru_maxrss)); sys.stdout.buffer.write(done.stdout)",
-         sys.executable, str(OTRACE), "report", "--db", str(db), *window, "--by", "session", "--json"],
+         *START, "report", "--db", str(db), *window, "--by", "session", "--json"],
         capture_output=True, timeout=120, check=True)
     doc = json.loads(measured.stdout)
     assert doc["calls"]["totals"]["calls"] == 200_000
@@ -6847,7 +6852,7 @@ def test_report_refuses_a_bad_question_with_exit_2(tmp_path: Path) -> None:
         done = report(old)
         assert done.returncode == 2 and f"from an older otrace (schema {steps} of" in done.stderr
     env = {"TRACE_DB_PATH": str(db)}                              # the default database
-    done = subprocess.run([sys.executable, str(OTRACE), "report", *WINDOW, "--json"], capture_output=True,
+    done = subprocess.run([*START, "report", *WINDOW, "--json"], capture_output=True,
                           text=True, timeout=60, env={**os.environ, **env}, check=False)
     assert done.returncode == 0 and json.loads(done.stdout)["calls"]["totals"]["calls"] == 7
 
@@ -6861,7 +6866,7 @@ def run_in_terminal(args: list[str], columns: int) -> str:
     leader, follower = pty.openpty()
     fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 50, columns, 0, 0))
     env = {k: v for k, v in os.environ.items() if k != "COLUMNS" and not k.startswith("TRACE_")}
-    proc = subprocess.Popen([sys.executable, str(OTRACE), "report", *args], stdout=follower, stderr=follower,
+    proc = subprocess.Popen([*START, "report", *args], stdout=follower, stderr=follower,
                             env=env)
     os.close(follower)
     out = b""
@@ -6970,7 +6975,7 @@ def test_a_report_stopped_mid_read_never_makes_the_writer_wait(run: Callable[...
     node.wait_persisted(len(seeded), timeout=60)
     shm = Path(str(node.db_path) + "-shm")
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRACE_")}
-    command = [sys.executable, str(OTRACE), "report", "--db", str(node.db_path), "--since", "1h", "--json"]
+    command = [*START, "report", "--db", str(node.db_path), "--since", "1h", "--json"]
     proc = stopped_mid_read(command, shm, env)
     try:
         before = node.query("SELECT count(*) FROM llm_traces")[0][0]
@@ -7179,7 +7184,7 @@ def test_openclaw_settings_and_where_auto_looks(tmp_path: Path, monkeypatch: pyt
     assert otrace.log_profile(str(logs / "openclaw-2026-12-01.log")) is None
     for name, value, accepts in (("TRACE_OPENCLAW_POLL", "5ms", "a duration from 10ms to 1h"),
                                  ("TRACE_OPENCLAW_STATE_DIR", " ", "auto, off, or the path of a directory")):
-        out = subprocess.run([sys.executable, str(OTRACE)], capture_output=True, text=True, timeout=10,
+        out = subprocess.run(START, capture_output=True, text=True, timeout=10,
                              env={**os.environ, "TRACE_DB_PATH": str(tmp_path / "x.db"), name: value},
                              check=False)
         assert out.returncode == 2 and name in out.stderr and accepts in out.stderr
@@ -9027,11 +9032,11 @@ def test_v2_settings_parse_and_bad_ones_are_refused_naming_them(tmp_path: Path) 
             ("TRACE_PROC_TOP", "0", "an integer from 1 to 100"),
             ("TRACE_DNS_TIMEOUT", "5m", "a duration from 100ms to 1m"),
             ("TRACE_ZOMBIE_ALERT", "-1", "an integer from 0 to 1000000")):
-        out = subprocess.run([sys.executable, str(OTRACE)], env={**os.environ, name: value,
+        out = subprocess.run(START, env={**os.environ, name: value,
                              "TRACE_DB_PATH": str(tmp_path / "x.db")}, capture_output=True, text=True,
                              timeout=10, check=False)
         assert out.returncode == 2 and name in out.stderr and accepts in out.stderr, (name, value, out.stderr)
-    alone = subprocess.run([sys.executable, str(OTRACE)], env={**os.environ, "TRACE_DEBUG_TRACEMALLOC": "on",
+    alone = subprocess.run(START, env={**os.environ, "TRACE_DEBUG_TRACEMALLOC": "on",
                            "TRACE_DB_PATH": str(tmp_path / "x.db")}, capture_output=True, text=True,
                            timeout=10, check=False)
     assert alone.returncode == 2 and "TRACE_DEBUG_TRACEMALLOC=on needs TRACE_DEBUG=on" in alone.stderr
@@ -9752,7 +9757,7 @@ def test_real_processes_are_sampled_without_their_secrets(run: Callable[..., Otr
         assert row["started_at"] <= otrace.now_ms() and row["threads"] == 1 and row["fds"] >= 3
         assert row["name"] == Path(sys.executable).name[:15] and row["state"] in ("R", "S")
         mine = [r for r in node.rows("process_samples") if r["pid"] == node.proc.pid]
-        assert not mine or mine[0]["cmdline"].endswith("otrace.py")
+        assert not mine or mine[0]["cmdline"].endswith("-m otrace")
         health = node.health()
         sampler = health["system"]["processes"]
         assert sampler["samples"] >= 1 and sampler["processes"] > 1
@@ -9865,7 +9870,7 @@ def test_a_real_gateway_killed_by_the_oom_killer_says_so(tmp_path: Path) -> None
         node = Otrace(tmp_path, {"TRACE_METRICS_INTERVAL": "200ms",
                                  "TRACE_GATEWAY_MATCH": f"node:openclaw,gateway,{word}"})
         env = {k: v for k, v in os.environ.items() if not k.startswith("TRACE_")} | node.env
-        node.proc = subprocess.Popen(["sh", "-c", f'{enter} exec "$0" "$1"', sys.executable, str(OTRACE)],
+        node.proc = subprocess.Popen(["sh", "-c", f'{enter} exec "$0" -m otrace', sys.executable],
                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         threading.Thread(target=node._read, args=(node.proc.stdout, True), daemon=True).start()
         threading.Thread(target=node._read, args=(node.proc.stderr, False), daemon=True).start()
@@ -9951,8 +9956,8 @@ def test_dns_probes_time_a_name_in_hosts_one_that_cannot_resolve_and_one_that_ha
     (tmp_path / "hosts").write_text("127.0.0.1 localhost\n10.9.8.7 in-hosts.test\n")
     (tmp_path / "resolv.conf").write_text(f"nameserver {address}\noptions timeout:30 attempts:5\n")
     command = ["unshare", "--mount", "sh", "-c", 'mount --bind "$0" /etc/hosts && mount --bind "$1" '
-               '/etc/resolv.conf && exec "$2" "$3"', str(tmp_path / "hosts"), str(tmp_path / "resolv.conf"),
-               sys.executable, str(OTRACE)]
+               '/etc/resolv.conf && exec "$2" -m otrace', str(tmp_path / "hosts"),
+               str(tmp_path / "resolv.conf"), sys.executable]
     try:
         node = run({"TRACE_DNS_PROBE": "in-hosts.test,missing.test,hang.test", "TRACE_DNS_INTERVAL": "1s",
                     "TRACE_DNS_TIMEOUT": "300ms", "TRACE_METRICS_INTERVAL": "200ms"}, command=command)
