@@ -2144,15 +2144,24 @@ def sqlite_uri(path: str | Path, mode: str, immutable: bool = False) -> str:
     return f"file:{urllib.parse.quote(os.fsencode(path))}?mode={mode}" + ("&immutable=1" if immutable else "")
 
 
-def connect(path: str, read_only: bool = False, create: bool = True) -> sqlite3.Connection:
+def connect(path: str, read_only: bool = False, create: bool = True,
+            opened: Callable[[], None] | None = None) -> sqlite3.Connection:
     """Open the database with otrace's pragmas; transactions are explicit (see transaction()). A
-    read-only connection, or one that must not `create` it, never creates the file."""
+    read-only connection, or one that must not `create` it, never creates the file. `opened` runs
+    once the file is open, before its first statement opens the -wal and -shm beside the path: if it
+    raises, the connection is closed having read neither."""
     mode = "ro" if read_only else None if create else "rw"
     conn = sqlite3.connect(sqlite_uri(path, mode) if mode else path, timeout=BUSY_TIMEOUT,
                            isolation_level=None, check_same_thread=False, uri=mode is not None)
-    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT * 1000:.0f}")
-    conn.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
-    conn.execute("PRAGMA synchronous = NORMAL")
+    try:
+        if opened is not None:
+            opened()
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT * 1000:.0f}")
+        conn.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
+        conn.execute("PRAGMA synchronous = NORMAL")
+    except BaseException:
+        conn.close()
+        raise
     return conn
 
 
@@ -2380,8 +2389,8 @@ class Database:
             self._readers += 1
         try:
             self._still_ours()
-            with contextlib.closing(connect(self.path, read_only=read_only, create=False)) as conn:
-                self._still_ours()               # moved while it opened: it may have the new file
+            with contextlib.closing(connect(self.path, read_only=read_only, create=False,
+                                            opened=self._still_ours)) as conn:
                 yield conn
         finally:
             with self._state:
@@ -2394,13 +2403,14 @@ class Database:
             self._admit(0.0)
             if self._query is None:
                 self._still_ours()
-                self._query = connect(self.path, read_only=True)
+                self._query = connect(self.path, read_only=True, opened=self._still_ours)
             return self._query.execute(sql, params).fetchall()
 
     def _still_ours(self) -> None:
-        """A new connection must open the file otrace writes: one moved in over it (a backup restored
-        with mv) would read the old file's WAL, still beside it, as its own, and a checkpoint through
-        it would write that WAL's pages into it."""
+        """A new connection must open the file otrace writes (asked before it opens, and again once it
+        has, before its first statement): one moved in over it (a backup restored with mv) would read
+        the old file's WAL, still beside it, as its own, and its close, the last to that file in the
+        process, would checkpoint that WAL's pages into it and remove the -wal and -shm."""
         if _identity(self.path) != self.identity:
             raise sqlite3.OperationalError(REPLACING)
 

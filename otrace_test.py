@@ -1022,6 +1022,54 @@ def test_a_backup_restored_with_mv_under_load_is_not_corrupted(tmp_path: Path, r
     assert set(before) | set(result[0][0]) <= stored
 
 
+def test_a_reader_opening_as_a_backup_is_moved_in_leaves_the_old_wal_and_the_new_file_alone(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The mv lands between a reader's look at the path and its open (the checkpointer's, or /health's
+    first query): its first statement would read the old file's WAL as the new file's, and its close
+    wrote those pages into the backup and removed the -wal and -shm under the writer. Refused before it
+    reads anything, it touches neither file."""
+    path, old, backup = tmp_path / "otrace.db", tmp_path / "old.db", tmp_path / "backup.db"
+    otrace.open_database(str(path))
+    with contextlib.closing(otrace.connect(str(path))) as writer:
+        writer.execute("PRAGMA wal_autocheckpoint = 0")
+        insert = "INSERT INTO otrace_state (key, value, updated_at) VALUES (?, ?, 0)"
+        writer.executemany(insert, ((f"a{i}", "x" * 500) for i in range(300)))
+        with contextlib.closing(sqlite3.connect(backup)) as copy:
+            writer.backup(copy)
+            copy.execute("PRAGMA journal_mode = WAL")
+        writer.executemany(insert, ((f"b{i}", "y" * 500) for i in range(300)))
+        otrace.checkpoint("TRUNCATE", writer)                # the old file moves on from the backup,
+        writer.executemany(insert, ((f"c{i}", "z" * 500) for i in range(300)))    # these in its WAL only
+        companions = [Path(f"{path}{suffix}") for suffix in ("-wal", "-shm")]
+        identity = otrace._identity
+        for read in (lambda db: db.reading(read_only=False).__enter__(), lambda db: db.query("SELECT 1")):
+            db = otrace.Database(str(path))
+            assert not db.moved()
+            backup_bytes = backup.stat().st_size
+            before = [(f.stat().st_ino, f.stat().st_size) if f.exists() else None for f in companions]
+            moved: list[str] = []
+
+            def look_then_mv(at: str, moved: list[str] = moved) -> tuple[int, int]:
+                seen = identity(at)
+                if at == str(path) and not moved:            # the reader's first look, then the mv
+                    moved.append(at)
+                    path.rename(old)                         # the old file, as the writer still has it
+                    backup.rename(path)
+                return seen
+
+            monkeypatch.setattr(otrace, "_identity", look_then_mv)
+            with pytest.raises(sqlite3.OperationalError, match=re.escape(otrace.REPLACING)):
+                read(db)
+            monkeypatch.setattr(otrace, "_identity", identity)
+            assert moved and [(f.stat().st_ino, f.stat().st_size) if f.exists() else None
+                              for f in companions] == before and None not in before
+            assert path.stat().st_size == backup_bytes
+            with contextlib.closing(sqlite3.connect(f"file:{path}?immutable=1", uri=True)) as alone:
+                assert alone.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+            path.rename(backup)                              # the next reader meets the same move
+            old.rename(path)
+
+
 def test_a_carry_file_left_empty_or_half_made_by_a_crash_is_taken_in(tmp_path: Path,
                                                                      run: Callable[..., Otrace]) -> None:
     """A crash while the carry file was made leaves it empty, or with its first schema steps only."""
