@@ -7864,17 +7864,19 @@ class SessionStore(QuietReader):
 
     def read_session(self, store: AgentDatabase, agent: str, session: str, cursor: Cursor | None) -> None:
         """Every entry of the session not read yet, unit by unit. A session rewritten since (another
-        generation) is read again from its start, taking only entries newer than the newest read."""
+        generation) is read again from its start, taking only entries newer than the newest read; an
+        entry after the last read in the same generation is new whatever its time (a clock stepped back)."""
+        rewritten = False
         while not self.stopping.is_set():
             after = cursor.position if cursor else -1
             generation, rows = store.entries(session, after, self.most)
             if cursor is not None and cursor.mark != generation:
-                cursor = Cursor(generation, -1, cursor.newest)
+                cursor, rewritten = Cursor(generation, -1, cursor.newest), True
                 if after >= 0:
                     continue
             newest, found = cursor.newest if cursor else None, []
             for seq, created, plain, compressed, size in rows:
-                if cursor is not None and not cursor.fresh(created):
+                if rewritten and not cursor.fresh(created):
                     continue
                 newest = created if newest is None else max(newest, created)
                 where = f"{agent}/{session}#{seq}"

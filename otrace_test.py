@@ -7119,12 +7119,13 @@ def gateway_connection(db: Path) -> sqlite3.Connection:
 
 
 def append_entry(conn: sqlite3.Connection, session: str, entry: dict[str, Any],
-                 compressed: bool = False) -> int:
-    """One entry at the session's next seq, plain or as a zstd frame (as node:zlib writes it); its seq."""
+                 compressed: bool = False, created: int | None = None) -> int:
+    """One entry at the session's next seq, plain or as a zstd frame (as node:zlib writes it), stored
+    `created` (now by default); its seq."""
     seq = conn.execute("SELECT coalesce(max(seq), -1) + 1 FROM transcript_events WHERE session_id = ?",
                        (session,)).fetchone()[0]
     text = json.dumps(entry, separators=(",", ":"))
-    created = int(time.time() * 1000)
+    created = int(time.time() * 1000) if created is None else created
     if compressed:
         import zstandard
         frame = zstandard.ZstdCompressor(level=1, write_checksum=True, write_content_size=True).compress(
@@ -7362,6 +7363,29 @@ def test_entries_still_in_the_wal_of_an_open_gateway_connection_are_read(tmp_pat
     assert len(session_traces(node)) == 10 and health["openclaw_sessions"]["undecodable"] == 0
     assert health["events_duplicate"] == 2       # the rewritten entries newer than a minute, read again;
     gateway.close()                              # the session's older entries are not
+
+
+@needs_stores
+def test_calls_stored_after_the_gateways_clock_stepped_back_are_read(tmp_path: Path,
+                                                                    run: Callable[..., Otrace]) -> None:
+    """A clock a day fast at boot, then set right (NTP, a resume from suspend): the calls stored after
+    it, at times before the newest read, come at new seqs of the same generation, and are calls."""
+    state = state_copy(tmp_path)
+    db = agent_db(state)
+    template = assistant_template(db)
+    node = run({**STORE_ENV, "TRACE_OPENCLAW_STATE_DIR": str(state)})
+    wait_traces(node, 6)
+    gateway = gateway_connection(db)
+    session = store_entries(db)[0][0]
+    now = int(time.time() * 1000)
+    calls = [a_call(template, 1000 * n, 0.003) for n in (1, 2, 3)]
+    append_entry(gateway, session, calls[0], created=now + 86_400_000)
+    wait_traces(node, 7)                                      # read: the newest entry a day ahead
+    append_entry(gateway, session, calls[1], created=now)
+    append_entry(gateway, session, calls[2], created=now + 5_000)
+    rows = wait_traces(node, 9, timeout=30)
+    assert {r["trace_id"] for r in rows[6:]} == {f"oc:main:{session}:{call['id']}" for call in calls}
+    gateway.close()
 
 
 @needs_stores
