@@ -7666,6 +7666,8 @@ class AgentDatabase:
         self.files = (str(path), f"{path}-wal")   # what a look reads: the gateway's rows wait in the WAL
         self.conn: sqlite3.Connection | None = None
         self.identity: tuple[int, int] | None = None
+        self.known: tuple[int, int] | None = None   # the file last read, kept while there is none
+        self.replaced = False                    # another file than that one: every session read again
         self.listed: int | None = None           # data_version when every session was last caught up
         self.seen: int | None = None             # data_version at the last look that caught up ...
         self.top: int | None = None              # ... and the highest rowid then
@@ -7710,7 +7712,8 @@ class AgentDatabase:
         self.entries_sql = ENTRIES_SQL.format(compressed="event_zstd, event_utf8_bytes" if {
             "event_zstd", "event_utf8_bytes"} <= columns else "NULL, NULL")
         self.generation_sql = GENERATION_SQL.format("?") if rewrites else ""
-        self.conn, self.identity, self.listed = conn, identity, None
+        self.replaced = self.replaced or self.known not in (None, identity)   # a backup restored
+        self.conn, self.identity, self.known, self.listed = conn, identity, identity, None
         return True
 
     def changed(self) -> int | None:
@@ -7858,15 +7861,21 @@ class SessionStore(QuietReader):
             return
         for session, last, generation in store.sessions(version):
             cursor = self.cursors.get((agent, session))
-            if cursor is None or cursor.mark != generation or cursor.position < last:
-                self.read_session(store, agent, session, cursor)
+            if cursor is None or cursor.mark != generation or cursor.position != last or store.replaced:
+                again = cursor is not None and (store.replaced or cursor.position > last)
+                self.read_session(store, agent, session, cursor, again)
         store.caught_up()
+        store.replaced = False
 
-    def read_session(self, store: AgentDatabase, agent: str, session: str, cursor: Cursor | None) -> None:
+    def read_session(self, store: AgentDatabase, agent: str, session: str, cursor: Cursor | None,
+                     again: bool = False) -> None:
         """Every entry of the session not read yet, unit by unit. A session rewritten since (another
-        generation) is read again from its start, taking only entries newer than the newest read; an
-        entry after the last read in the same generation is new whatever its time (a clock stepped back)."""
-        rewritten = False
+        generation), or `again` (its file replaced, or its end cut: a backup restored), is read again
+        from its start, taking only entries newer than the newest read; an entry after the last read
+        in the same generation is new whatever its time (a clock stepped back)."""
+        rewritten = again
+        if again:
+            cursor = Cursor(cursor.mark, -1, cursor.newest)
         while not self.stopping.is_set():
             after = cursor.position if cursor else -1
             generation, rows = store.entries(session, after, self.most)

@@ -7389,6 +7389,46 @@ def test_calls_stored_after_the_gateways_clock_stepped_back_are_read(tmp_path: P
 
 
 @needs_stores
+@pytest.mark.parametrize("restore", ["mv", "cut"])
+def test_calls_written_after_a_backup_of_the_store_is_restored_are_read(tmp_path: Path, restore: str,
+                                                                       run: Callable[..., Otrace]) -> None:
+    """A backup moved over the agent database ends its sessions below where otrace read to, as does a
+    session's end cut in place with its generation kept: the gateway's next calls take seqs otrace had
+    read past."""
+    state = state_copy(tmp_path)
+    db = agent_db(state)
+    template = assistant_template(db)
+    node = run({**STORE_ENV, "TRACE_OPENCLAW_STATE_DIR": str(state)})
+    wait_traces(node, 6)
+    session = store_entries(db)[0][0]
+    backup = tmp_path / "backup.sqlite"
+    with contextlib.closing(sqlite3.connect(db)) as source, \
+            contextlib.closing(sqlite3.connect(backup)) as copy:
+        source.backup(copy)
+    gateway = gateway_connection(db)
+    end = append_entry(gateway, session, a_call(template, 1000, 0.003)) - 1
+    append_entry(gateway, session, a_call(template, 2000, 0.003))
+    wait_traces(node, 8)
+    if restore == "mv":
+        gateway.close()                                      # the gateway stopped for the restore
+        for suffix in ("-wal", "-shm"):                      # which takes the backup alone
+            Path(f"{db}{suffix}").unlink(missing_ok=True)
+        backup.rename(db)
+        gateway = gateway_connection(db)
+    else:
+        polls = node.health()["openclaw_sessions"]["polls"]
+        gateway.execute("DELETE FROM transcript_events WHERE session_id = ? AND seq > ?", (session, end))
+        wait_until(lambda: node.health()["openclaw_sessions"]["polls"] >= polls + 2, what="a look after it")
+    calls = [a_call(template, 1000 * n, 0.003) for n in (3, 4, 5)]
+    for call in calls:
+        append_entry(gateway, session, call)
+    rows = wait_traces(node, 11, timeout=30)
+    assert {f"oc:main:{session}:{call['id']}" for call in calls} <= {r["trace_id"] for r in rows}
+    assert len(session_traces(node)) == 11
+    gateway.close()
+
+
+@needs_stores
 def test_a_session_file_line_written_in_two_pieces_waits_for_its_end(tmp_path: Path,
                                                                      run: Callable[..., Otrace]) -> None:
     state = state_copy(tmp_path, STATE_7)
