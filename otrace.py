@@ -8922,6 +8922,7 @@ class Pusher(Loop):
         self.last_time: float | None = None
         self.last_status = "never"
         self.last_error: str | None = None
+        self.failing: tuple[float, int] | None = None   # since when, and how many cycles failed in a row
         self.totals = Counters(("events", "batches", "refused", "unencodable", "failed"))
 
     def next_delay(self) -> float:
@@ -8979,6 +8980,13 @@ class Pusher(Loop):
                 self.log.warning("push cycle failed", extra={
                     "status": self.last_status, "error": self.last_error, "breaker": self.breakers.state,
                     "consecutive_failures": self.breakers.failures})
+                since, failed = self.failing or (time.time(), 0)
+                self.failing = since, failed + 1
+            elif ok and cycle.accepted and self.failing:     # the receiver took rows again
+                since, failed = self.failing
+                self.log.warning("push recovered", extra={"failed_cycles": failed,
+                                                          "failed_seconds": round(time.time() - since, 3)})
+                self.failing = None
             return ok and not cycle.idle and not cycle.faulted and not cycle.held
         finally:
             self.db.merges.cycle_ended()
@@ -9946,7 +9954,7 @@ EVENT_COUNTERS = ("received", "persisted", "duplicate", "refused", "rejected", "
 PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 EVENT_HELP = {"received": "Events accepted (answered 202).", "persisted": "Events written to SQLite.",
               "duplicate": "Events already stored under their trace_id.",
-              "refused": "Events refused with 503 because the queue was full.",
+              "refused": "Events refused with 503: the queue was full, or writes are failing.",
               "rejected": "Requests refused for bad input (4xx).",
               "dropped": "Rows SQLite refused for their own data, logged and dropped."}
 HOST_GAUGES = {   # /health "host" column -> (metric, help, scale)
