@@ -3012,7 +3012,7 @@ class Writer(threading.Thread):
                 else:
                     self.resting = True
                     work = self.events.next_work(self.batch_size, self.window, idle=self.idle_wake())
-                    self.resting = False
+                    self.heartbeat, self.resting = time.monotonic(), False   # its batch starts now
                 if isinstance(work, Job):
                     if work.run is None:             # the last job: readers are gone, move if due
                         self.look_at = 0.0

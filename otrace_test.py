@@ -1209,8 +1209,17 @@ def test_a_writer_waiting_for_work_is_not_stuck_however_long_it_waits(tmp_path: 
         wait_until(lambda: writer.resting and writer.idle_wake() == writer.IDLE_WAKE, what="a resting writer")
         writer.heartbeat -= 10 * writer.STUCK_AFTER
         assert not writer.stuck and service.health()["problems"] == []
-        writer.resting = False
-        assert writer.stuck and service.health()["problems"] == ["writer thread is stuck"]
+        # a batch after a long wait, held by another program's write lock: its time counts from its start
+        with contextlib.closing(sqlite3.connect(tmp_path / "x.db", isolation_level=None)) as other:
+            other.execute("BEGIN IMMEDIATE")
+            assert service.events.offer(otrace.Unit([otrace.event_row(otrace.TRACES, otrace.trace_row, {
+                "provider": "p", "model": "m", "trace_id": "u"}, "http")]))
+            wait_until(lambda: not writer.resting, what="the writer in its batch")
+            assert not writer.stuck and service.health()["problems"] == []
+            writer.heartbeat -= 10 * writer.STUCK_AFTER
+            assert writer.stuck and service.health()["problems"] == ["writer thread is stuck"]
+            other.execute("ROLLBACK")
+        assert service.events.wait_drained(30)
     finally:
         service.events.submit(None)
         writer.join(10)
