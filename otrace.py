@@ -8984,8 +8984,8 @@ class Pusher(Loop):
                 self.failing = since, failed + 1
             elif ok and cycle.accepted and self.failing:     # the receiver took rows again
                 since, failed = self.failing
-                self.log.warning("push recovered", extra={"failed_cycles": failed,
-                                                          "failed_seconds": round(time.time() - since, 3)})
+                self.log.warning("push cycles succeed again", extra={
+                    "failed_cycles": failed, "failed_seconds": round(time.time() - since, 3)})
                 self.failing = None
             return ok and not cycle.idle and not cycle.faulted and not cycle.held
         finally:

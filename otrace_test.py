@@ -4247,11 +4247,11 @@ def test_breaker_opens_after_failed_cycles_and_closes_on_success(run: Callable[.
                what="the breaker closed by the successful cycle")
     # while open, it waited: no request in the cool-down before the successful one
     assert receiver.requests[opened]["at"] - receiver.requests[opened - 1]["at"] >= 0.9
-    recovered = node.wait_log(lambda e: e.get("message") == "push recovered")     # the end of the outage
+    recovered = node.wait_log(lambda e: e.get("message") == "push cycles succeed again")   # the outage ended
     assert recovered["failed_cycles"] == len(node.logs("push cycle failed")) >= 2
     assert "failed_seconds" in recovered
     wait_synced(node, post_some(node, 1))
-    assert len(node.logs("push recovered")) == 1
+    assert len(node.logs("push cycles succeed again")) == 1
 
 
 def test_sigterm_pushes_what_is_left(run: Callable[..., Otrace], receiver: Receiver) -> None:
