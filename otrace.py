@@ -7413,6 +7413,7 @@ STORE_CACHE_KIB = 512            # page cache of each agent database's connectio
 STORE_BUSY_MS = 1000             # longest wait for a lock the gateway holds; then the next poll tries
 REWRITE_SLACK_MS = 60_000        # after a session is rewritten, entries older than the newest read by
                                  # more than this are ones otrace has seen (a clock step is tolerated)
+REREAD = "+again"                # a session mark's suffix while it is read again from its start
 STORE_LIST_EVERY = 30.0          # seconds: every session is listed at least this often while commits come
 FAILED_BEFORE_REPLY = "run-failed-before-reply"
 TRANSCRIPT_ONLY = ("delivery-mirror", "gateway-injected")   # "models" of provider openclaw: no call
@@ -7647,6 +7648,11 @@ class Cursor:
         """Whether an entry met again after a rewrite can be one not read before."""
         return self.newest is None or created is None or created >= self.newest - REWRITE_SLACK_MS
 
+    @property
+    def again(self) -> bool:
+        """The session is being read again from its start (see SessionStore.read_session)."""
+        return self.mark.endswith(REREAD)
+
 
 class Behind(Exception):
     """The queue refused a unit: the same entries are read again at the next look, which comes soon."""
@@ -7859,23 +7865,27 @@ class SessionStore(QuietReader):
         version = store.changed()
         if version is None:
             return
-        for session, last, generation in store.sessions(version):
+        listed = store.sessions(version)
+        for session, last, _ in listed:     # a backup restored: the gateway writes where otrace read past
             cursor = self.cursors.get((agent, session))
-            if cursor is None or cursor.mark != generation or cursor.position != last or store.replaced:
-                again = cursor is not None and (store.replaced or cursor.position > last)
-                self.read_session(store, agent, session, cursor, again)
-        store.caught_up()
+            if cursor is not None and (store.replaced or cursor.position > last) and not cursor.again:
+                self.cursors[agent, session] = Cursor(cursor.mark + REREAD, -1, cursor.newest)
         store.replaced = False
+        for session, last, generation in listed:
+            cursor = self.cursors.get((agent, session))
+            if cursor is None or cursor.mark != generation or cursor.position != last:
+                self.read_session(store, agent, session, cursor)
+        store.caught_up()
 
-    def read_session(self, store: AgentDatabase, agent: str, session: str, cursor: Cursor | None,
-                     again: bool = False) -> None:
+    def read_session(self, store: AgentDatabase, agent: str, session: str, cursor: Cursor | None) -> None:
         """Every entry of the session not read yet, unit by unit. A session rewritten since (another
-        generation), or `again` (its file replaced, or its end cut: a backup restored), is read again
-        from its start, taking only entries newer than the newest read; an entry after the last read
-        in the same generation is new whatever its time (a clock stepped back)."""
-        rewritten = again
-        if again:
-            cursor = Cursor(cursor.mark, -1, cursor.newest)
+        generation), or to be read again (its file replaced, or its end cut), is read again from its
+        start, taking only entries newer than the newest read, until its end, even across looks (the
+        mark says so meanwhile); an entry after the last read in the same generation is new whatever
+        its time (a clock stepped back)."""
+        rewritten = cursor is not None and cursor.again
+        if rewritten:
+            cursor = Cursor(cursor.mark.removesuffix(REREAD), cursor.position, cursor.newest)
         while not self.stopping.is_set():
             after = cursor.position if cursor else -1
             generation, rows = store.entries(session, after, self.most)
@@ -7892,10 +7902,12 @@ class SessionStore(QuietReader):
                 text = plain if compressed is None else self.decompress(compressed, size, where)
                 if text is not None and maybe_call(text):
                     found += self.parse(text, agent, session, f"seq-{seq}", where)
+            done = len(rows) < self.most
             cursor = Cursor(generation, rows[-1][0] if rows else after, newest)
-            if rows or cursor != self.cursors.get((agent, session)):
-                self.offer(agent, session, found, cursor)
-            if len(rows) < self.most:
+            kept = cursor if done or not rewritten else Cursor(generation + REREAD, cursor.position, newest)
+            if rows or kept != self.cursors.get((agent, session)):
+                self.offer(agent, session, found, kept)
+            if done:
                 return
 
     def decompress(self, blob: bytes, size: int | None, where: str) -> str | None:

@@ -7599,6 +7599,44 @@ def test_a_quiet_store_takes_a_few_stat_calls_until_a_file_it_reads_changes(tmp_
 
 
 @needs_stores
+def test_a_rewritten_session_read_again_across_looks_takes_its_old_entries_at_none(tmp_path: Path) -> None:
+    """A session OpenClaw rewrote is read again from its start, its entries older than the newest read
+    by a minute left out (read before; retention may have deleted their rows). A read cut short (the
+    gateway's lock, a stop) goes on at the next look with the same judgement, not as new entries: it
+    takes what a read in one go takes."""
+    state = state_copy(tmp_path)
+    db = agent_db(state)
+    (tmp_path / "whole").mkdir()
+    (tmp_path / "cut").mkdir()
+    whole, cut = store_in_process(tmp_path / "whole", state), store_in_process(tmp_path / "cut", state)
+    for store in (whole, cut):
+        store.look()
+    assert whole.totals.snapshot()["calls"] == cut.totals.snapshot()["calls"] == 6
+    session = max(store_entries(db), key=lambda e: e[1])[0]           # the longest session
+    with contextlib.closing(gateway_connection(db)) as gateway:
+        gateway.execute("UPDATE transcript_rewrite_watermarks SET generation = ? WHERE session_id = ?",
+                        (uuid.uuid4().hex, session))
+    for store in (whole, cut):
+        store.look()                     # rows added since the last look: none (the whole list is next)
+        store.most = 2                                               # entries a unit: several units
+    entries, looks = cut.databases["main"].entries, []
+
+    def locked_mid_read(*args: Any) -> tuple[str, list[tuple]]:
+        looks.append(args)                       # the first meets the new generation, the second reads
+        if len(looks) == 3:                      # a unit from the start; the third meets a lock
+            raise sqlite3.OperationalError("database is locked")
+        return entries(*args)
+
+    cut.databases["main"].entries = locked_mid_read
+    with pytest.raises(otrace.Condition, match="database is locked"):
+        cut.look()
+    assert cut.cursors["main", session].position >= 0                  # cut short after a unit
+    for store in (whole, cut):
+        store.look()                                                 # (cut's database opened afresh)
+    assert cut.totals.snapshot()["calls"] == whole.totals.snapshot()["calls"]    # its last minute's
+
+
+@needs_stores
 def test_a_look_after_a_commit_lists_only_the_sessions_with_rows_added(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """After the first look, a commit makes a look search the rows past the last top by rowid, not list
