@@ -113,7 +113,7 @@ TABLES = {"t": "llm_traces", "e": "error_events"}       # our id prefix -> its t
 PUSH_TYPES = {prefix: OTRACE_TABLES[table].push_type for prefix, table in TABLES.items()}   # ... its event
 ANSWER_LAG = 2.0                 # seconds from otrace's received_at to the client's reading the 202, at most
 LOG_NOTES = ("database write failing", "database write recovered", "push cycle failed", "final push",
-             "shutdown deadline passed with events not written", "stopped", "cannot start",
+             "shutdown deadline passed with accepted events not written", "stopped", "cannot start",
              "retention deleted rows that were never pushed", "over budget: deleting oldest rows")
 
 
@@ -742,7 +742,7 @@ class Loss:
 def reported_losses(node: Node) -> list[int]:
     """The events_lost otrace logged at each shutdown that could not write its queue."""
     return [line.get("events_lost", 0) for _, line in node.notes
-            if line.get("message") == "shutdown deadline passed with events not written"]
+            if line.get("message") == "shutdown deadline passed with accepted events not written"]
 
 
 def losses(ledger: Ledger, kept: set[str], stops: list[Stop], deleted: list[dict[str, Any]]) -> Loss:
