@@ -8166,8 +8166,9 @@ class Packer:
 
     def __init__(self, conn: sqlite3.Connection, max_bytes: int, tables: Iterable[str],
                  form: OtraceFormat | OtlpFormat, *, skip: Collection[tuple[str, str]] = (),
-                 only: dict[str, list[str]] | None = None) -> None:
+                 only: dict[str, list[str]] | None = None, deadline: float | None = None) -> None:
         self.conn, self.max_bytes, self.tables, self.form = conn, max_bytes, tuple(tables), form
+        self.deadline = math.inf if deadline is None else deadline   # the final push packs no further
         self.skip = skip                 # (table, trace_id) of rows left out: the push's suspects
         self.only = only                 # else only these rows (trace_ids by table): the suspects
         self.dropped: set[str] = set()   # signals no longer wanted this cycle
@@ -8176,6 +8177,8 @@ class Packer:
     def batches(self) -> Iterator[Batch]:
         batch = Batch(separator=self.form.separator)
         for table, row in self.rows():
+            if time.monotonic() >= self.deadline:      # a batch can take seconds to pack: left unsent
+                return
             if (table, row["trace_id"]) in self.skip:
                 continue
             try:
@@ -8957,7 +8960,7 @@ class Pusher(Loop):
             try:
                 with self.db.reading() as conn:
                     cycle.read_at = self.db.merges.read_begins()   # once a move reading() waited out is done
-                    cycle.stopped = not self.send(self.batches(conn, cycle), deadline, cycle)
+                    cycle.stopped = not self.send(self.batches(conn, cycle, deadline), deadline, cycle)
             finally:
                 self.marked(cycle, deadline)
             cut_short = bool(cycle.cut) and not cycle.accepted     # refusals ran on, nothing accepted
@@ -9004,12 +9007,12 @@ class Pusher(Loop):
             self.db.merges.cycle_ended()
             self.cycle_lock.release()
 
-    def batches(self, conn: sqlite3.Connection, cycle: Cycle) -> Iterator[Batch]:
+    def batches(self, conn: sqlite3.Connection, cycle: Cycle, deadline: float | None) -> Iterator[Batch]:
         """The cycle's batches; first, what was given up since the last report (in otrace's format,
         in the head of its first batch of events)."""
         losses = unreported_losses(conn, self.loss_tables)
         cycle.packer = Packer(conn, self.config.push_max_bytes, self.tables, self.format,
-                              skip=set(self.suspects))
+                              skip=set(self.suspects), deadline=deadline)
         cycle.packer.dropped |= cycle.held
         batches = cycle.packer.batches()
         if losses:
@@ -9033,7 +9036,7 @@ class Pusher(Loop):
                     return False
                 if cycle.packer:
                     cycle.packer.dropped.add(batch.signal)
-        return True
+        return deadline is None or time.monotonic() < deadline    # else the packing stopped at it
 
     def deliver(self, batch: Batch, deadline: float | None, cycle: Cycle,
                 split_at: int | None = None) -> bool:
@@ -9123,7 +9126,7 @@ class Pusher(Loop):
             with self.db.reading() as conn:
                 cycle.read_at = self.db.merges.read_begins()    # what changed while it waited goes now
                 batches = Packer(conn, self.config.push_max_bytes, tables, self.format,
-                                 skip=set(self.suspects)).batches()
+                                 skip=set(self.suspects), deadline=deadline).batches()
                 cycle.stopped = not self.send(batches, deadline, cycle)
             self.marked(cycle, deadline)
 
@@ -9237,7 +9240,7 @@ class Pusher(Loop):
                         again.refusals_in_a_row.clear()
                     taken = now
                     batches = Packer(conn, self.config.push_max_bytes, self.tables, self.format,
-                                     only=wanted).batches()
+                                     only=wanted, deadline=deadline).batches()
                     if not (delivered := self.send(noting(batches), deadline, again)):
                         break
                 for key in asked - found if delivered else ():       # gone, pushed or given up meanwhile

@@ -4292,6 +4292,22 @@ def test_shutdown_with_a_backlog_keeps_its_deadline(run: Callable[..., Otrace], 
     assert not node.logs("push cycle failed")
 
 
+def test_the_final_push_packs_nothing_past_its_deadline(tmp_path: Path) -> None:
+    """A batch of a large backlog can take seconds to pack (OTLP's JSON, a big TRACE_PUSH_MAX_BYTES, a
+    busy machine): the final push's packer stops at the deadline, not at the end of a batch, and its
+    rows stay for the next start."""
+    path = tmp_path / "otrace.db"
+    seed(path, [("trace", 50, 0)], age_days=0.01)
+    form = otrace.OtlpFormat(otrace.Config(db_path=str(path), push_format="otlp"), "agent")
+    with contextlib.closing(otrace.connect(str(path))) as conn:
+        def packed(deadline: float | None) -> int:
+            batches = otrace.Packer(conn, 1 << 30, ["llm_traces"], form, deadline=deadline).batches()
+            return sum(len(batch.spans) for batch in batches)
+
+        assert packed(None) == packed(time.monotonic() + 600) == 50
+        assert packed(time.monotonic()) == 0
+
+
 def test_confirmed_batch_killed_before_marking_is_sent_again(run: Callable[..., Otrace],
                                                             receiver: Receiver) -> None:
     got_it = threading.Event()
