@@ -7868,8 +7868,9 @@ class SessionStore(QuietReader):
         listed = store.sessions(version)
         for session, last, _ in listed:     # a backup restored: the gateway writes where otrace read past
             cursor = self.cursors.get((agent, session))
-            if cursor is not None and (store.replaced or cursor.position > last) and not cursor.again:
-                self.cursors[agent, session] = Cursor(cursor.mark + REREAD, -1, cursor.newest)
+            if cursor is not None and (store.replaced or cursor.position > last):   # one read again too
+                self.cursors[agent, session] = Cursor(cursor.mark.removesuffix(REREAD) + REREAD, -1,
+                                                      cursor.newest)
         store.replaced = False
         for session, last, generation in listed:
             cursor = self.cursors.get((agent, session))

@@ -7653,6 +7653,40 @@ def test_a_rewritten_session_read_again_across_looks_takes_its_old_entries_at_no
 
 
 @needs_stores
+def test_a_session_cut_while_it_is_read_again_is_read_again_from_its_start(tmp_path: Path) -> None:
+    """A rewrite's reading again, cut short by a lock, then the session's end cut in place below where
+    it got to, and a new call written there: the next look reads the session again from its start."""
+    state = state_copy(tmp_path)
+    db = agent_db(state)
+    store = store_in_process(tmp_path, state)
+    store.look()
+    session = max(store_entries(db), key=lambda e: e[1])[0]           # the longest session
+    gateway = gateway_connection(db)
+    gateway.execute("UPDATE transcript_rewrite_watermarks SET generation = ? WHERE session_id = ?",
+                    (uuid.uuid4().hex, session))
+    store.look()                         # rows added since the last look: none (the whole list is next)
+    store.most = 2
+    entries, looks = store.databases["main"].entries, []
+
+    def locked_mid_read(*args: Any) -> tuple[str, list[tuple]]:
+        looks.append(args)
+        if len(looks) == 4:
+            raise sqlite3.OperationalError("database is locked")
+        return entries(*args)
+
+    store.databases["main"].entries = locked_mid_read
+    with pytest.raises(otrace.Condition, match="database is locked"):
+        store.look()
+    got_to = store.cursors["main", session].position
+    gateway.execute("DELETE FROM transcript_events WHERE session_id = ? AND seq > ?", (session, got_to - 3))
+    before = store.totals.snapshot()["calls"]
+    append_entry(gateway, session, a_call(assistant_template(db), 1000, 0.003))
+    store.look()                                                     # the database opened afresh
+    assert store.totals.snapshot()["calls"] == before + 1
+    gateway.close()
+
+
+@needs_stores
 def test_a_look_after_a_commit_lists_only_the_sessions_with_rows_added(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """After the first look, a commit makes a look search the rows past the last top by rowid, not list
