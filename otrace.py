@@ -8157,6 +8157,10 @@ class Batch:
         return by_table
 
 
+class OutOfTime(Exception):
+    """The final push's deadline came while a batch was being packed: its rows go at the next start."""
+
+
 class Packer:
     """Reads unsynced rows a page at a time (table by table, in id order) and packs them, encoded by
     the push format, into batches of at most max_bytes, so a backlog of any size is never held in
@@ -8179,7 +8183,7 @@ class Packer:
         batch = Batch(separator=self.form.separator)
         for table, row in self.rows():
             if time.monotonic() >= self.deadline:      # a batch can take seconds to pack: left unsent
-                return
+                raise OutOfTime
             if (table, row["trace_id"]) in self.skip:
                 continue
             try:
@@ -9029,15 +9033,18 @@ class Pusher(Loop):
         endpoint faults (in OTLP), waits for the next cycle while the others go on. False if a batch
         could not be delivered otherwise (no answer, a 429, any fault in otrace's format, out of
         time)."""
-        for batch in batches:
-            if batch.signal in cycle.left:
-                continue
-            if not self.deliver(batch, deadline, cycle):
-                if batch.signal not in cycle.left:
-                    return False
-                if cycle.packer:
-                    cycle.packer.dropped.add(batch.signal)
-        return deadline is None or time.monotonic() < deadline    # else the packing stopped at it
+        try:
+            for batch in batches:
+                if batch.signal in cycle.left:
+                    continue
+                if not self.deliver(batch, deadline, cycle):
+                    if batch.signal not in cycle.left:
+                        return False
+                    if cycle.packer:
+                        cycle.packer.dropped.add(batch.signal)
+        except OutOfTime:
+            return False
+        return True
 
     def deliver(self, batch: Batch, deadline: float | None, cycle: Cycle,
                 split_at: int | None = None) -> bool:
