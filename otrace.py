@@ -8158,7 +8158,8 @@ class Batch:
 
 
 class OutOfTime(Exception):
-    """The final push's deadline came while a batch was being packed: its rows go at the next start."""
+    """The final push's deadline came, or otrace began to stop, while a batch was being packed: its
+    rows go at the next push, or the next start."""
 
 
 class Packer:
@@ -8171,9 +8172,11 @@ class Packer:
 
     def __init__(self, conn: sqlite3.Connection, max_bytes: int, tables: Iterable[str],
                  form: OtraceFormat | OtlpFormat, *, skip: Collection[tuple[str, str]] = (),
-                 only: dict[str, list[str]] | None = None, deadline: float | None = None) -> None:
+                 only: dict[str, list[str]] | None = None, deadline: float | None = None,
+                 stopping: threading.Event | None = None) -> None:
         self.conn, self.max_bytes, self.tables, self.form = conn, max_bytes, tuple(tables), form
         self.deadline = math.inf if deadline is None else deadline   # the final push packs no further
+        self.stopping = stopping         # a cycle's: it leaves the cycle lock to the final push
         self.skip = skip                 # (table, trace_id) of rows left out: the push's suspects
         self.only = only                 # else only these rows (trace_ids by table): the suspects
         self.dropped: set[str] = set()   # signals no longer wanted this cycle
@@ -8182,8 +8185,8 @@ class Packer:
     def batches(self) -> Iterator[Batch]:
         batch = Batch(separator=self.form.separator)
         for table, row in self.rows():
-            if time.monotonic() >= self.deadline:      # a batch can take seconds to pack: left unsent
-                raise OutOfTime
+            if time.monotonic() >= self.deadline or (self.stopping and self.stopping.is_set()):
+                raise OutOfTime                          # a batch can take seconds to pack: left unsent
             if (table, row["trace_id"]) in self.skip:
                 continue
             try:
@@ -9012,12 +9015,18 @@ class Pusher(Loop):
             self.db.merges.cycle_ended()
             self.cycle_lock.release()
 
+    def packer(self, conn: sqlite3.Connection, tables: Iterable[str], deadline: float | None,
+               **rows: Any) -> Packer:
+        """A packer of this push's rows (`rows`: skip or only) that stops at the final push's deadline,
+        or, in a cycle of the loop, once otrace begins to stop."""
+        return Packer(conn, self.config.push_max_bytes, tables, self.format, deadline=deadline,
+                      stopping=self.stopping if deadline is None else None, **rows)
+
     def batches(self, conn: sqlite3.Connection, cycle: Cycle, deadline: float | None) -> Iterator[Batch]:
         """The cycle's batches; first, what was given up since the last report (in otrace's format,
         in the head of its first batch of events)."""
         losses = unreported_losses(conn, self.loss_tables)
-        cycle.packer = Packer(conn, self.config.push_max_bytes, self.tables, self.format,
-                              skip=set(self.suspects), deadline=deadline)
+        cycle.packer = self.packer(conn, self.tables, deadline, skip=set(self.suspects))
         cycle.packer.dropped |= cycle.held
         batches = cycle.packer.batches()
         if losses:
@@ -9133,8 +9142,7 @@ class Pusher(Loop):
             cycle.held.discard(name)
             with self.db.reading() as conn:
                 cycle.read_at = self.db.merges.read_begins()    # what changed while it waited goes now
-                batches = Packer(conn, self.config.push_max_bytes, tables, self.format,
-                                 skip=set(self.suspects), deadline=deadline).batches()
+                batches = self.packer(conn, tables, deadline, skip=set(self.suspects)).batches()
                 cycle.stopped = not self.send(batches, deadline, cycle)
             self.marked(cycle, deadline)
 
@@ -9247,8 +9255,7 @@ class Pusher(Loop):
                     if taken != (now := (self.acceptances.total(), len(again.poison))):
                         again.refusals_in_a_row.clear()
                     taken = now
-                    batches = Packer(conn, self.config.push_max_bytes, self.tables, self.format,
-                                     only=wanted, deadline=deadline).batches()
+                    batches = self.packer(conn, self.tables, deadline, only=wanted).batches()
                     if not (delivered := self.send(noting(batches), deadline, again)):
                         break
                 for key in asked - found if delivered else ():       # gone, pushed or given up meanwhile
