@@ -7184,6 +7184,43 @@ def wait_traces(node: Otrace, n: int, timeout: float = 20.0) -> list[dict[str, A
                       f"{n} openclaw_session rows")
 
 
+def store_followed(tmp_path: Path, run: Callable[..., Otrace]) -> tuple[Otrace, Path, dict[str, Any]]:
+    """otrace following a copy of the captured 2026.9.6 store, its six calls read: the node, agent
+    main's database, and a real call's entry to shape new ones on."""
+    state = state_copy(tmp_path)
+    db = agent_db(state)
+    template = assistant_template(db)
+    node = run({**STORE_ENV, "TRACE_OPENCLAW_STATE_DIR": str(state)})
+    wait_traces(node, 6)
+    return node, db, template
+
+
+def new_generation(gateway: sqlite3.Connection, session: str) -> None:
+    """The session rewritten, as OpenClaw marks it: a new rewrite generation."""
+    gateway.execute("UPDATE transcript_rewrite_watermarks SET generation = ? WHERE session_id = ?",
+                    (uuid.uuid4().hex, session))
+
+
+def look_cut_short_by_a_lock(store: otrace.SessionStore, at: int) -> None:
+    """One look of `store` whose `at`-th read of entries meets the gateway's lock (the database is
+    opened afresh at the next look)."""
+    agent_db_of = store.databases["main"]
+    entries, reads = agent_db_of.entries, []
+
+    def locked(*args: Any) -> tuple[str, list[tuple]]:
+        reads.append(args)
+        if len(reads) == at:
+            raise sqlite3.OperationalError("database is locked")
+        return entries(*args)
+
+    agent_db_of.entries = locked
+    try:
+        with pytest.raises(otrace.Condition, match="database is locked"):
+            store.look()
+    finally:
+        del agent_db_of.entries
+
+
 def test_transcript_entries_become_rows_as_openclaw_counts_them() -> None:
     entry = {"type": "message", "id": "e1", "timestamp": "2026-11-30T11:41:58.092Z", "message": {
         "role": "assistant",
@@ -7356,11 +7393,7 @@ def test_entries_still_in_the_wal_of_an_open_gateway_connection_are_read(tmp_pat
     """Calls committed by a connection held open like the gateway's, plain or zstd-compressed, in a
     session otrace has read and in a new one; then a rewrite of a session's suffix: only its new
     entries are new rows."""
-    state = state_copy(tmp_path)
-    db = agent_db(state)
-    template = assistant_template(db)
-    node = run({**STORE_ENV, "TRACE_OPENCLAW_STATE_DIR": str(state)})
-    wait_traces(node, 6)
+    node, db, template = store_followed(tmp_path, run)
     gateway = gateway_connection(db)
     session = store_entries(db)[0][0]
     plain = a_call(template, 1000, 0.003)
@@ -7387,8 +7420,7 @@ def test_entries_still_in_the_wal_of_an_open_gateway_connection_are_read(tmp_pat
     gateway.executemany("INSERT INTO transcript_events (session_id, seq, event_json, event_zstd, "
                         "event_utf8_bytes, navigation_json, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
                         [(session, *row) for row in kept])
-    gateway.execute("UPDATE transcript_rewrite_watermarks SET generation = ? WHERE session_id = ?",
-                    (uuid.uuid4().hex, session))
+    new_generation(gateway, session)
     gateway.execute("COMMIT")
     after = a_call(template, 4000, 0.012)
     append_entry(gateway, session, after)
@@ -7406,11 +7438,7 @@ def test_calls_stored_after_the_gateways_clock_stepped_back_are_read(tmp_path: P
                                                                     run: Callable[..., Otrace]) -> None:
     """A clock a day fast at boot, then set right (NTP, a resume from suspend): the calls stored after
     it, at times before the newest read, come at new seqs of the same generation, and are calls."""
-    state = state_copy(tmp_path)
-    db = agent_db(state)
-    template = assistant_template(db)
-    node = run({**STORE_ENV, "TRACE_OPENCLAW_STATE_DIR": str(state)})
-    wait_traces(node, 6)
+    node, db, template = store_followed(tmp_path, run)
     gateway = gateway_connection(db)
     session = store_entries(db)[0][0]
     now = int(time.time() * 1000)
@@ -7431,11 +7459,7 @@ def test_calls_written_after_a_backup_of_the_store_is_restored_are_read(tmp_path
     """A backup moved over the agent database ends its sessions below where otrace read to, as does a
     session's end cut in place with its generation kept: the gateway's next calls take seqs otrace had
     read past."""
-    state = state_copy(tmp_path)
-    db = agent_db(state)
-    template = assistant_template(db)
-    node = run({**STORE_ENV, "TRACE_OPENCLAW_STATE_DIR": str(state)})
-    wait_traces(node, 6)
+    node, db, template = store_followed(tmp_path, run)
     session = store_entries(db)[0][0]
     backup = tmp_path / "backup.sqlite"
     with contextlib.closing(sqlite3.connect(db)) as source, \
@@ -7636,22 +7660,12 @@ def test_a_rewritten_session_read_again_across_looks_takes_its_old_entries_at_no
     assert whole.totals.snapshot()["calls"] == cut.totals.snapshot()["calls"] == 6
     session = max(store_entries(db), key=lambda e: e[1])[0]           # the longest session
     with contextlib.closing(gateway_connection(db)) as gateway:
-        gateway.execute("UPDATE transcript_rewrite_watermarks SET generation = ? WHERE session_id = ?",
-                        (uuid.uuid4().hex, session))
+        new_generation(gateway, session)
     for store in (whole, cut):
         store.look()                     # rows added since the last look: none (the whole list is next)
         store.most = 2                                               # entries a unit: several units
-    entries, looks = cut.databases["main"].entries, []
-
-    def locked_mid_read(*args: Any) -> tuple[str, list[tuple]]:
-        looks.append(args)                       # the first meets the new generation, the second reads
-        if len(looks) == 3:                      # a unit from the start; the third meets a lock
-            raise sqlite3.OperationalError("database is locked")
-        return entries(*args)
-
-    cut.databases["main"].entries = locked_mid_read
-    with pytest.raises(otrace.Condition, match="database is locked"):
-        cut.look()
+    # the first read meets the new generation, the second reads a unit from the start, the third a lock
+    look_cut_short_by_a_lock(cut, at=3)
     assert cut.cursors["main", session].position >= 0                  # cut short after a unit
     for store in (whole, cut):
         store.look()                                                 # (cut's database opened afresh)
@@ -7668,21 +7682,10 @@ def test_a_session_cut_while_it_is_read_again_is_read_again_from_its_start(tmp_p
     store.look()
     session = max(store_entries(db), key=lambda e: e[1])[0]           # the longest session
     gateway = gateway_connection(db)
-    gateway.execute("UPDATE transcript_rewrite_watermarks SET generation = ? WHERE session_id = ?",
-                    (uuid.uuid4().hex, session))
+    new_generation(gateway, session)
     store.look()                         # rows added since the last look: none (the whole list is next)
     store.most = 2
-    entries, looks = store.databases["main"].entries, []
-
-    def locked_mid_read(*args: Any) -> tuple[str, list[tuple]]:
-        looks.append(args)
-        if len(looks) == 4:
-            raise sqlite3.OperationalError("database is locked")
-        return entries(*args)
-
-    store.databases["main"].entries = locked_mid_read
-    with pytest.raises(otrace.Condition, match="database is locked"):
-        store.look()
+    look_cut_short_by_a_lock(store, at=4)
     got_to = store.cursors["main", session].position
     gateway.execute("DELETE FROM transcript_events WHERE session_id = ? AND seq > ?", (session, got_to - 3))
     before = store.totals.snapshot()["calls"]
