@@ -3499,7 +3499,7 @@ class Connection:
     reserved: int = 0                  # bytes of the budget this connection holds
     close: bool = False                # hang up once the outbox is sent
     mask: int = 0                      # the epoll events it is registered for
-    waiting: Future | None = None      # an answer another thread is making (a profile)
+    waiting: Future | None = None      # an answer another thread is making (OTLP, a profile)
 
     @property
     def idle(self) -> bool:
@@ -3692,14 +3692,14 @@ class Api:
             return service.debug.answer(request)
         return self.ingest(request)
 
-    def ingest(self, request: Request) -> Answer:
+    def ingest(self, request: Request) -> Answer | Future:
         """POST /v1/traces, /v1/errors and /v1/events (and OTLP on /v1/traces, /v1/metrics, /v1/logs):
-        validate, offer the rows to the queue whole, answer."""
+        validate, offer the rows to the queue whole, answer. OTLP is answered from its own thread."""
         service = self.service
         service.events.gate.wait()
         body = decoded_body(request, self.config.max_body_bytes)
         if request.route in OTLP_SIGNALS and (found := service.otlp.recognise(request, body)):
-            return service.otlp.export(request, body, *found, admit=self.admit)
+            return service.otlp.submit(request, body, *found, admit=self.admit)
         rows, ignored = parse_events(body, request.route, self.config.max_events, self.config.max_text_bytes)
         self.admit(rows)
         if request.route == "/v1/events":
@@ -3755,6 +3755,8 @@ class IngestServer:
             raise
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.poller.register(self.wake_r, IN)
+        self.wake_lock = threading.Lock()
+        self.wake_closed = False
         self.close_asked = False
         self.made: collections.deque[tuple[Connection, Future]] = collections.deque()  # made by others
         self.open: dict[int, Connection] = {}
@@ -3936,10 +3938,17 @@ class IngestServer:
 
         def made(done: Future) -> None:        # on the thread that made it
             self.made.append((conn, done))
-            with contextlib.suppress(OSError):   # a full pipe already holds a wake-up
-                os.write(self.wake_w, b"a")
+            self.wake()
 
         future.add_done_callback(made)
+
+    def wake(self) -> None:
+        """Wake the server's thread, from any thread; never once the pipe is closed (an answer made
+        after the server stopped), when its number may be another file's."""
+        with self.wake_lock:
+            if not self.wake_closed:
+                with contextlib.suppress(OSError):   # a full pipe already holds a wake-up
+                    os.write(self.wake_w, b"a")
 
     def on_wake(self) -> None:
         """The wake-up pipe: answers made by other threads are sent; a shutdown begins."""
@@ -4011,6 +4020,8 @@ class IngestServer:
 
     def hang_up(self, conn: Connection) -> None:
         if self.open.pop(conn.sock.fileno(), None) is not None:
+            if conn.waiting is not None:
+                conn.waiting.cancel()            # an answer not begun is not made for a client gone
             self.budget.give(conn.reserved)
             conn.reserved = 0
             with contextlib.suppress(OSError):
@@ -4033,10 +4044,12 @@ class IngestServer:
         """Stop serving (called from another thread): returns once every connection is closed, the
         ones still busy at `until` cut off; how many were cut."""
         self.close_by, self.close_asked = until, True
-        os.write(self.wake_w, b"x")
+        self.wake()
         if self.stopped.wait(max(0.0, until - time.monotonic()) + 1.0):
-            for fd in (self.wake_r, self.wake_w):
-                os.close(fd)
+            with self.wake_lock:
+                self.wake_closed = True
+                for fd in (self.wake_r, self.wake_w):
+                    os.close(fd)
         return self.cut
 
     def count(self) -> int:
@@ -4890,8 +4903,51 @@ class Export:
         self.problems.append(f"{where}: {why}")
 
 
+def fulfil(future: Future, make: Callable[[], Any]) -> None:
+    """Make an answer the HTTP thread waits for: `make`'s result, or what it raised."""
+    try:
+        future.set_result(make())
+    except BaseException as exc:  # noqa: BLE001 - handed to the HTTP thread, which answers
+        future.set_exception(exc)
+
+
+class Worker(threading.Thread):
+    """A thread that makes answers one at a time, in the order they were asked for; started by the
+    first. One whose client hung up before it began is not made."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name=name, daemon=True)
+        self.jobs: queue.SimpleQueue[tuple[Callable[[], Any], Future] | None] = queue.SimpleQueue()
+        self.asked = self.ended = 0      # each counted by one thread: the asking one, this one
+
+    def submit(self, make: Callable[[], Any]) -> Future:
+        future: Future = Future()
+        self.asked += 1
+        self.jobs.put((make, future))
+        if self.ident is None:
+            self.start()
+        return future
+
+    def run(self) -> None:
+        while (job := self.jobs.get()) is not None:
+            make, future = job
+            if future.set_running_or_notify_cancel():
+                fulfil(future, make)
+            self.ended += 1
+
+    @property
+    def in_progress(self) -> int:
+        """Answers asked for and not yet made (or dropped)."""
+        return self.asked - self.ended
+
+    def stop(self) -> None:
+        """Shutdown, once the HTTP server is closed: the answer under way, if any, is the last."""
+        self.jobs.put(None)
+
+
 class OtlpReceiver:
-    """OTLP/HTTP export requests, all on the HTTP thread: decoded, mapped to rows, offered to the queue
+    """OTLP/HTTP export requests, one at a time on a thread of their own (a large one takes seconds,
+    while the HTTP thread serves every other client): decoded, mapped to rows, offered to the queue
     whole, and answered as the specification says (200 with partial_success for refused items)."""
 
     def __init__(self, service: Service) -> None:
@@ -4900,6 +4956,12 @@ class OtlpReceiver:
         self.recent = RecentCalls(self.config.otlp_content_wait)
         self.series = Series(service.db, self.config.otlp_max_series)
         self.totals = Counters(OTLP_COUNTERS)
+        self.worker = Worker("otrace-otlp")
+
+    def submit(self, request: Request, body: bytes, encoding: str, doc: Any, *,
+               admit: Callable[[list[Row], tuple], None]) -> Future:
+        """The answer to an export request, made on the receiver's thread."""
+        return self.worker.submit(functools.partial(self.export, request, body, encoding, doc, admit=admit))
 
     def recognise(self, request: Request, body: bytes) -> tuple[str, Any] | None:
         """(encoding, parsed JSON or None) when the request is OTLP: protobuf, or JSON on /v1/metrics
@@ -5236,7 +5298,7 @@ class OtlpReceiver:
         export.counts["metric_points_kept"] += 1
 
     def health(self) -> dict[str, Any]:
-        return {"port": self.config.otlp_port or None,
+        return {"port": self.config.otlp_port or None, "requests_in_progress": self.worker.in_progress,
                 "decoder_loaded": otlp_classes.cache_info().currsize > 0, **self.totals.snapshot(),
                 "content_waiting": len(self.content), "content_bytes": self.content.held,
                 "series_in_memory": len(self.series.known)}
@@ -10372,12 +10434,11 @@ class Debug:
             raise Refusal(409, f"{what} is being made already; try again once it is done",
                           {"Retry-After": "5"})
         future: Future = Future()
+        future.set_running_or_notify_cancel()     # begun: a client's hang-up does not cancel it
 
         def run() -> None:
             try:
-                future.set_result(make())
-            except BaseException as exc:  # noqa: BLE001 - handed to the HTTP thread, which answers
-                future.set_exception(exc)
+                fulfil(future, make)
             finally:
                 lock.release()
 
@@ -11249,6 +11310,7 @@ class Service:
         if self.debug:
             self.debug.stop()               # a profile under way is answered with what it has
         cut = self.server.close(until=deadline - min(1.5, timeout / 2))   # then the queue's turn
+        self.otlp.worker.stop()
         for loop in self.loops:             # producers offer nothing more; a refused offer loses nothing
             loop.stop()
         self.events.close()

@@ -8876,6 +8876,40 @@ def test_a_full_queue_answers_otlp_with_503_and_retry_after(run: Callable[..., O
     assert len(node.rows("llm_traces")) == 6
 
 
+def error_records(count: int, tag: str) -> bytes:
+    """An OTLP logs export request (protobuf) of `count` distinct ERROR records: about 48 bytes each."""
+    request = otlp_classes()["/v1/logs"][0]()
+    scope = request.resource_logs.add().scope_logs.add()
+    for i in range(count):
+        record = scope.log_records.add()
+        record.time_unix_nano = 1_700_000_000 * 10**9 + i
+        record.severity_number, record.severity_text = 17, "ERROR"
+        record.body.string_value = f"tool {tag} failed: {i}"
+    return request.SerializeToString()
+
+
+def test_a_large_otlp_request_holds_only_its_own_client(run: Callable[..., Otrace]) -> None:
+    """An export request that takes long to map (10,000 log records, about half a MiB) is mapped on
+    the OTLP receiver's thread: /health and the JSON API answer meanwhile, and it is answered 200 with
+    every record stored. A SIGTERM while the next one is mapped stops otrace cleanly, nothing that was
+    accepted lost."""
+    node = run()
+    big = http.client.HTTPConnection("127.0.0.1", node.port, timeout=60)
+    big.request("POST", "/v1/logs", error_records(10_000, "a"), headers=PROTOBUF)
+    wait_until(lambda: node.health()["otlp"].get("requests_in_progress"), 30, "/health while it is mapped")
+    assert node.post("/v1/traces", {"provider": "p", "model": "m", "trace_id": "agent-1"}).status == 202
+    answer = big.getresponse()
+    assert (answer.status, answer.read()) == (200, b"")          # no partial_success: all taken
+    node.wait_persisted(10_001, timeout=60)
+    assert node.query("SELECT count(*) FROM error_events WHERE source = 'otlp'") == [(10_000,)]
+    big.request("POST", "/v1/logs", error_records(10_000, "b"), headers=PROTOBUF)
+    wait_until(lambda: node.health()["otlp"]["requests_in_progress"], 30, "the next request mapped")
+    assert node.stop(timeout=30) == 0
+    assert node.logs("stopped")[0]["events_lost"] == 0
+    assert not [e for e in node.lines if e.get("level") in ("ERROR", "CRITICAL")], node.lines[-5:]
+    big.close()
+
+
 def sums_body(value: float, time_s: int, start_s: int = 1, *, temporality: int = 2,
               name: str = "openclaw.tokens", attributes: dict[str, str] | None = None) -> dict[str, Any]:
     """One OTLP JSON sum point of a series of the OpenClaw gateway."""

@@ -12,8 +12,10 @@ before it answers, one request at a time under a lock: the plain way to store ea
 otrace's database cap is raised to 2 GiB for these runs: a fast machine fills the default 200 MiB
 within one, and deleting unpushed rows under the cap is the month's measurement, not this one's.
 Then otrace's latency at a steady 100 events/s and the bare server's, from a bare paced client (a
-prebuilt request, one send, the response read to its Content-Length), and otrace's idle RSS and CPU
-beside the bare server's
+prebuilt request, one send, the response read to its Content-Length); otrace's again while another
+client posts OTLP log requests of about 1 MB (18,000 ERROR records, each stored) back to back, with
+how many of the paced events were answered 503 (a request larger than the queue holds it until it is
+written); and otrace's idle RSS and CPU beside the bare server's
 (--idle-only: just that, for the 10-minute footprint run of `make soak`).
 """
 
@@ -21,6 +23,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import http.client
+import itertools
 import json
 import socket
 import sqlite3
@@ -177,36 +181,74 @@ def compare(levels: list[int], seconds: float) -> tuple[list[list[object]], list
     return rows, raw
 
 
-def steady(rate: float, seconds: float) -> dict[str, float]:
-    """otrace's latency when the agent sends `rate` events/s on one kept-alive connection."""
+def steady(rate: float, seconds: float, otlp: bool = False) -> dict[str, float]:
+    """otrace's latency when the agent sends `rate` events/s on one kept-alive connection; `otlp`:
+    while another client posts large OTLP requests back to back (otlp_load)."""
     with tempfile.TemporaryDirectory() as tmp:
         proc, port = start_otrace(Path(tmp))
+        done, exports = threading.Event(), []
+        loader = threading.Thread(target=otlp_load, args=(port, done, exports))
         try:
-            latencies = paced(port, rate, seconds)
+            if otlp:
+                loader.start()
+            latencies, refused = paced(port, rate, seconds, refusals=otlp)
             usage = Usage.of(proc.pid)
         finally:
+            done.set()
+            if otlp:
+                loader.join()
             stop(proc)
-    return {**percentiles(latencies), "rss_mb": usage.rss_bytes / 2**20}
+    beside = {"otlp_exports": len(exports), "otlp_export_s": sum(exports) / max(1, len(exports)),
+              "refused": refused} if otlp else {}
+    return {**percentiles(latencies), "rss_mb": usage.rss_bytes / 2**20, **beside}
+
+
+OTLP_RECORDS = 18_000                    # ERROR log records in one export request: about 1 MB
+
+
+def otlp_load(port: int, done: threading.Event, took: list[float]) -> None:
+    """Post one OTLP logs export request of OTLP_RECORDS distinct ERROR records after another on its
+    own connection, each answered 200, until `done`; the seconds each took go to `took`."""
+    from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest  # noqa: PLC0415
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    for n in itertools.count():
+        request = ExportLogsServiceRequest()
+        scope = request.resource_logs.add().scope_logs.add()
+        for i in range(OTLP_RECORDS):                 # distinct each time: each is stored
+            record = scope.log_records.add()
+            record.time_unix_nano, record.severity_number = time.time_ns(), 17
+            record.body.string_value = f"tool failed: {n}.{i}"
+        body = request.SerializeToString()
+        sent = time.perf_counter()
+        conn.request("POST", "/v1/logs", body, headers={"Content-Type": "application/x-protobuf"})
+        answer = conn.getresponse()
+        answer.read()
+        assert answer.status in (200, 503), answer.status   # 503: the queue had no room for it whole
+        took.append(time.perf_counter() - sent)
+        if done.is_set():
+            break
+    conn.close()
 
 
 def steady_bare(rate: float, seconds: float) -> dict[str, float]:
     """The same paced client against the bare server: otrace's baseline, in the same run."""
     proc, port = start_bare()
     try:
-        return percentiles(paced(port, rate, seconds))
+        return percentiles(paced(port, rate, seconds)[0])
     finally:
         stop(proc)
 
 
-def paced(port: int, rate: float, seconds: float) -> list[float]:
+def paced(port: int, rate: float, seconds: float, refusals: bool = False) -> tuple[list[float], int]:
     """Milliseconds per request, each answered 202, sent at `rate` a second on one kept-alive connection
     by a bare client: the request written in one send, the response read to its Content-Length. What
     the server takes, not what a client library adds (http.client writes a request's head and body in
-    two sends: docs/performance.md)."""
+    two sends: docs/performance.md). `refusals`: a 503 is allowed too, and counted (a request larger
+    than the queue, taken whole into an empty one, holds the queue until it is written)."""
     body = json.dumps(TRACE).encode()
     request = (f"POST /v1/traces HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
                f"Content-Length: {len(body)}\r\n\r\n").encode() + body
-    latencies = []
+    latencies, refused = [], 0
     with socket.create_connection(("127.0.0.1", port)) as sock:
         start = time.perf_counter()
         for n in range(int(rate * seconds)):
@@ -215,8 +257,9 @@ def paced(port: int, rate: float, seconds: float) -> list[float]:
             sock.sendall(request)
             status = read_response(sock)
             latencies.append((time.perf_counter() - sent) * 1000)
-            assert status == 202, status
-    return latencies
+            refused += status == 503
+            assert status == 202 or (refusals and status == 503), status
+    return latencies, refused
 
 
 def read_response(sock: socket.socket) -> int:
@@ -289,6 +332,7 @@ def main() -> None:
         return
     rows, raw = compare([1, 4, 16, 64], args.seconds)
     calm, calm_bare = steady(100, 20), steady_bare(100, 20)
+    beside_otlp = steady(100, 20, otlp=True)
     rest = idle(args.idle)
     markdown = table(["conns", "bare req/s", "otrace 202/s", "ratio", "bare storing each event, req/s",
                       "ratio to it", "bare p50/p99 ms", "otrace p50/p99 ms",
@@ -296,9 +340,14 @@ def main() -> None:
     markdown += (f"\n\nAt a steady 100 events/s on one connection: p50 {calm['p50_ms']:.2f} ms, "
                  f"p99 {calm['p99_ms']:.2f} ms, max {calm['max_ms']:.2f} ms (the bare server: p50 "
                  f"{calm_bare['p50_ms']:.2f} ms, p99 {calm_bare['p99_ms']:.2f} ms, max "
-                 f"{calm_bare['max_ms']:.2f} ms).\n" + idle_line(rest))
-    save("ingest", markdown, {"levels": raw, "steady_100": calm, "steady_100_bare": calm_bare, "idle": rest,
-                              "seconds": args.seconds})
+                 f"{calm_bare['max_ms']:.2f} ms).\n"
+                 f"The same while another client posts OTLP log requests of {OTLP_RECORDS:,} records "
+                 f"(about 1 MB) back to back ({beside_otlp['otlp_exports']}, "
+                 f"{beside_otlp['otlp_export_s']:.2f} s each): p50 {beside_otlp['p50_ms']:.2f} ms, "
+                 f"p99 {beside_otlp['p99_ms']:.2f} ms, max {beside_otlp['max_ms']:.2f} ms, "
+                 f"{beside_otlp['refused']} answered 503.\n" + idle_line(rest))
+    save("ingest", markdown, {"levels": raw, "steady_100": calm, "steady_100_bare": calm_bare,
+                              "steady_100_otlp": beside_otlp, "idle": rest, "seconds": args.seconds})
 
 
 if __name__ == "__main__":
