@@ -3147,9 +3147,10 @@ class Writer(threading.Thread):
         self.on_inserted(new)
 
     def drop(self, row: Row, exc: BaseException) -> None:
-        """Give up on a row SQLite refuses for its own data: logged whole, counted in /health."""
+        """Give up on a row SQLite refuses for its own data: logged by its trace_id (its text may be a
+        prompt, with secrets in it), counted in /health."""
         self.log.error("row cannot be stored; dropped", extra={
-            "table": row.table, "error": describe(exc), "row": repr(row.values)})
+            "table": row.table, "trace_id": row.values[0], "error": describe(exc)})
         self.counters.add("dropped")
 
     # -- the file at the path deleted or replaced

@@ -5121,6 +5121,34 @@ def test_a_wal_a_reader_made_grow_is_cut_back_when_it_restarts(tmp_path: Path) -
         assert grown > 2 * limit and (tmp_path / "o.db-wal").stat().st_size <= limit
 
 
+def test_a_row_sqlite_refuses_is_dropped_alone_and_logged_by_its_id(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A unit whose commit fails for one row's own data is committed row by row: the others are kept,
+    the refused one is counted dropped and logged by its trace_id, never with its text."""
+    db = tmp_path / "o.db"
+    otrace.open_database(str(db))
+    config = otrace.Config.from_env({"TRACE_DB_PATH": str(db)})
+    events, counters = otrace.EventQueue(512, 50), otrace.Counters(otrace.EVENT_COUNTERS)
+    writer = otrace.Writer(config, otrace.Database(str(db)), events, counters)
+    good = otrace.event_row(otrace.TRACES, otrace.trace_row, {
+        "provider": "p", "model": "m", "trace_id": "good", "input_text": "sk-live-prompt-secret"}, "http")
+    values = list(good.values)
+    values[0], values[otrace.TRACES.columns.index("provider")] = "refused", None   # NOT NULL: a bug alone
+    refused = otrace.Row(good.table, tuple(values))
+    writer.start()
+    try:
+        assert events.offer(otrace.Unit([good, refused]))
+        assert events.wait_drained(30)
+    finally:
+        events.submit(None)
+        writer.join(30)
+    assert [r[0] for r in sqlite3.connect(db).execute("SELECT trace_id FROM llm_traces")] == ["good"]
+    assert {k: counters.snapshot()[k] for k in ("persisted", "dropped")} == {"persisted": 1, "dropped": 1}
+    [said] = [r for r in caplog.records if r.getMessage() == "row cannot be stored; dropped"]
+    assert (said.trace_id, said.table) == ("refused", "llm_traces")
+    assert "sk-live" not in repr(vars(said))
+
+
 def rows_in_file_alone(db: Path, table: str) -> int:
     """The rows of `table` in the database file itself, as a checkpoint left it (its WAL aside)."""
     alone = db.with_name("alone.db")
