@@ -440,7 +440,8 @@ class Config:
                               "array.")
     queue_size: int = setting("512", count(1, 100_000), "Events waiting for the writer. A request that "
                               "does not fit whole has the writer commit what is waiting and waits up to "
-                              "50 ms for room, then gets 503 (one larger than the queue needs it empty).")
+                              "50 ms for room, then gets 503. One larger than the queue goes in beside "
+                              "the others, one such request at a time.")
     batch_size: int = setting("50", count(1, 10_000), "Most events the writer commits in one "
                               "transaction; at most half of TRACE_QUEUE_SIZE (lowered, with a warning).")
     batch_window: float = setting("500ms", duration("1ms", "10s"), "Longest an event waits in the queue "
@@ -2679,8 +2680,9 @@ class EventQueue(queue.Queue):
 
     Its size counts every accepted event not yet committed: the ones waiting and the ones in the
     writer's hands, until the writer calls `done`. So TRACE_QUEUE_SIZE bounds what a crash can lose
-    and what otrace holds in memory. It also holds the writer's Jobs, which are not counted and go
-    first."""
+    and what otrace holds in memory, but for one request larger than the whole queue, taken beside
+    the others (the rest would wait for it to be written). It also holds the writer's Jobs, which
+    are not counted and go first."""
 
     def __init__(self, capacity: int, batch_size: int) -> None:
         super().__init__(capacity)
@@ -2694,6 +2696,7 @@ class EventQueue(queue.Queue):
         self.waiting = 0         # events in self.queue
         self.uncommitted = 0     # waiting + taken by the writer and not yet done
         self.uncommitted_own = 0
+        self.oversized = 0       # of those, the events of a unit larger than the queue
         self.no_room = False     # an offer did not fit, and nothing has been taken or freed since
 
     def _qsize(self) -> int:
@@ -2704,6 +2707,7 @@ class EventQueue(queue.Queue):
         self.waiting += len(unit)
         self.uncommitted += len(unit)
         self.uncommitted_own += len(unit) if unit.own else 0
+        self.oversized += len(unit) if len(unit) > self.maxsize else 0
 
     def _get(self) -> Unit:
         unit = self.queue.popleft()
@@ -2711,11 +2715,11 @@ class EventQueue(queue.Queue):
         return unit
 
     def offer(self, unit: Unit) -> bool:
-        """Enqueue the unit if all its events fit (or nothing is uncommitted). One that does not has the
-        writer commit what is waiting, and waits for room: otrace's own up to READER_WAIT, so a reader
-        catching up hands over what it has read instead of reading it again; a client's as the gate
-        lets the HTTP thread wait, so a request larger than the queue is not refused for ever by events
-        that wait for their batch to fill."""
+        """Enqueue the unit if all its events fit (`fits`). One that does not has the writer commit what
+        is waiting, and waits for room: otrace's own up to READER_WAIT, so a reader catching up hands
+        over what it has read instead of reading it again; a client's as the gate lets the HTTP thread
+        wait, so a request that needs the whole queue is not refused for ever by events that wait for
+        their batch to fill."""
         with self.mutex:
             if not self.closed and not self.fits(unit):
                 patience = READER_WAIT if unit.own else self.gate.patience()
@@ -2735,8 +2739,11 @@ class EventQueue(queue.Queue):
             return True
 
     def fits(self, unit: Unit) -> bool:
-        """Called with the queue's lock held."""
-        return not self.uncommitted or self.uncommitted + len(unit) <= self.maxsize
+        """Called with the queue's lock held. A unit larger than the queue fits while no other is in;
+        the others must fit in the queue together."""
+        if len(unit) > self.maxsize:
+            return not self.oversized
+        return self.uncommitted - self.oversized + len(unit) <= self.maxsize
 
     def turned_away(self) -> bool:
         """Called with the queue's lock held, for a unit that does not fit: the batch waiting to fill
@@ -2751,6 +2758,7 @@ class EventQueue(queue.Queue):
         with self.mutex:
             self.uncommitted -= len(unit)
             self.uncommitted_own -= len(unit) if unit.own else 0
+            self.oversized -= len(unit) if len(unit) > self.maxsize else 0
             self.no_room = False
             self.not_full.notify_all()
         self.task_done()

@@ -1238,6 +1238,25 @@ def test_the_queue_tells_promised_events_from_otraces_own() -> None:
         events.done(unit)
     assert events.unwritten() == (0, 0)
 
+def test_a_request_larger_than_the_queue_goes_in_beside_the_others_one_at_a_time() -> None:
+    """Other requests do not wait for one larger than the queue to be written (nor it for them to be):
+    it goes in beside them, one such at a time, and the rest still fit the queue together."""
+    events = otrace.EventQueue(capacity=8, batch_size=4)
+    def unit(n: int) -> otrace.Unit:
+        return otrace.Unit([otrace.Row("t", ())] * n)
+    assert events.offer(unit(3))
+    big = unit(20)
+    assert events.offer(big)                                   # beside the 3 waiting
+    assert events.offer(unit(5))                               # 3 + 5: the queue, the big one aside
+    assert not events.offer(unit(1)) and not events.offer(unit(9))
+    assert events.unwritten() == (28, 0)
+    for batch in (events.next_work(batch_size=4, window=0.0, idle=0.0) for _ in range(3)):
+        for taken in batch:
+            if taken is big:
+                events.done(taken)
+    assert events.offer(unit(9)) and events.unwritten() == (17, 0)    # the next large one, once it is done
+
+
 def test_a_readers_unit_waits_for_room_where_a_clients_is_refused_at_once() -> None:
     """A reader catching up hands over what it read once room is made, instead of reading it again."""
     events = otrace.EventQueue(capacity=4, batch_size=4)
