@@ -5712,6 +5712,23 @@ def test_a_clean_stop_after_health_was_asked_leaves_no_wal(run: Callable[..., Ot
             and p.name != node.db_path.name + "-reserve"] == []
 
 
+def test_events_a_lock_keeps_unwritten_past_the_deadline_are_counted_lost_and_the_exit_is_1(
+        run: Callable[..., Otrace]) -> None:
+    """A 202 is a promise: when another program holds the write lock past the shutdown deadline, the
+    accepted events not written are named by count (events_lost), and otrace exits 1, not 0."""
+    node = run({"TRACE_SHUTDOWN_TIMEOUT": "1s"})
+    blocker = sqlite3.connect(node.db_path, isolation_level=None, timeout=10)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        assert node.post("/v1/traces", [trace() for _ in range(5)]).status == 202
+        assert node.stop(timeout=30) == 1
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    assert node.logs("shutdown deadline passed with accepted events not written")[0]["events_lost"] == 5
+    assert node.logs("stopped")[0]["events_lost"] == 5 and node.rows("llm_traces") == []
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGHUP])   # SIGHUP: `make run`'s terminal closed
 def test_sigint_and_sighup_stop_cleanly_too(run: Callable[..., Otrace], sig: signal.Signals) -> None:
     svc = run({"TRACE_BATCH_WINDOW": "10s"})                    # the events still queued at the signal
