@@ -7485,6 +7485,7 @@ STORE_BUSY_MS = 1000             # longest wait for a lock the gateway holds; th
 REWRITE_SLACK_MS = 60_000        # after a session is rewritten, entries older than the newest read by
                                  # more than this are ones otrace has seen (a clock step is tolerated)
 REREAD = "+again"                # a session mark's suffix while it is read again from its start
+INODE_KEY = "openclaw_db_inode."  # otrace_state: the inode of an agent's database, by agent
 STORE_LIST_EVERY = 30.0          # seconds: every session is listed at least this often while commits come
 FAILED_BEFORE_REPLY = "run-failed-before-reply"
 TRANSCRIPT_ONLY = ("delivery-mirror", "gateway-injected")   # "models" of provider openclaw: no call
@@ -7856,6 +7857,8 @@ class SessionStore(QuietReader):
             (agent, stream): Cursor(mark, position, newest) for agent, stream, mark, position, newest in
             db.query("SELECT agent, stream, mark, position, newest FROM openclaw_positions")}
         self.usage_sessions = {session for (session,) in db.query(USAGE_SESSIONS_SQL)}
+        self.inodes = {key.removeprefix(INODE_KEY): inode for key, inode in db.query(
+            "SELECT key, value FROM otrace_state WHERE substr(key, 1, ?) = ?", (len(INODE_KEY), INODE_KEY))}
         self.databases: dict[str, AgentDatabase] = {}
         self.followed: set[str] = set()        # what was said to be followed (an agent's db or files)
         self.agents_seen: set[str] = set()
@@ -7933,15 +7936,19 @@ class SessionStore(QuietReader):
         if not store.open():
             return
         self.said(f"agent database:{agent}", store.path)
+        inode = store.identity[1]
+        store.replaced |= self.inodes.get(agent, inode) != inode     # a backup restored while stopped
         version = store.changed()
         if version is None:
             return
         listed = store.sessions(version)
-        for session, last, _ in listed:     # a backup restored: the gateway writes where otrace read past
+        again = {}                        # a backup restored: the gateway writes where otrace read past
+        for session, last, _ in listed:
             cursor = self.cursors.get((agent, session))
             if cursor is not None and (store.replaced or cursor.position > last):   # one read again too
-                self.cursors[agent, session] = Cursor(cursor.mark.removesuffix(REREAD) + REREAD, -1,
-                                                      cursor.newest)
+                again[session] = Cursor(cursor.mark.removesuffix(REREAD) + REREAD, -1, cursor.newest)
+        if again or self.inodes.get(agent) != inode:
+            self.mark(agent, again, inode)
         store.replaced = False
         for session, last, generation in listed:
             cursor = self.cursors.get((agent, session))
@@ -8019,6 +8026,19 @@ class SessionStore(QuietReader):
             except Invalid as exc:
                 self.undecodable(where, str(exc))
         return rows
+
+    def mark(self, agent: str, again: dict[str, Cursor], inode: int) -> None:
+        """The agent's sessions to read again and the inode of its database, as one unit (Behind if
+        the queue is full): a stop before they are read again keeps them, and a file that is another
+        at the next start (a backup moved in while otrace was stopped) has every session read again."""
+        now = now_ms()
+        extra = [(POSITION_SQL, (agent, session, cursor.mark, cursor.position, cursor.newest, now))
+                 for session, cursor in again.items()]
+        extra.append((STATE_SQL, (INODE_KEY + agent, inode, now)))
+        if not self.events.offer(Unit([], tuple(extra), own=True)):
+            raise Behind
+        self.cursors.update({(agent, session): cursor for session, cursor in again.items()})
+        self.inodes[agent] = inode
 
     def offer(self, agent: str, stream: str, rows: list[Row], cursor: Cursor) -> None:
         """Rows with the position after them, as one unit; Behind if the queue is full. A failure

@@ -7517,12 +7517,13 @@ def test_calls_stored_after_the_gateways_clock_stepped_back_are_read(tmp_path: P
 
 
 @needs_stores
-@pytest.mark.parametrize("restore", ["mv", "cut"])
+@pytest.mark.parametrize("restore", ["mv", "mv-while-stopped", "cut"])
 def test_calls_written_after_a_backup_of_the_store_is_restored_are_read(tmp_path: Path, restore: str,
                                                                        run: Callable[..., Otrace]) -> None:
     """A backup moved over the agent database ends its sessions below where otrace read to, as does a
     session's end cut in place with its generation kept: the gateway's next calls take seqs otrace had
-    read past."""
+    read past. Also when the backup is moved in while otrace is stopped, and the calls are written
+    before it starts again."""
     node, db, template = store_followed(tmp_path, run)
     session = store_entries(db)[0][0]
     backup = tmp_path / "backup.sqlite"
@@ -7533,7 +7534,9 @@ def test_calls_written_after_a_backup_of_the_store_is_restored_are_read(tmp_path
     end = append_entry(gateway, session, a_call(template, 1000, 0.003)) - 1
     append_entry(gateway, session, a_call(template, 2000, 0.003))
     wait_traces(node, 8)
-    if restore == "mv":
+    if restore.startswith("mv"):
+        if restore == "mv-while-stopped":
+            assert node.stop() == 0
         gateway.close()                                      # the gateway stopped for the restore
         for suffix in ("-wal", "-shm"):                      # which takes the backup alone
             Path(f"{db}{suffix}").unlink(missing_ok=True)
@@ -7546,6 +7549,8 @@ def test_calls_written_after_a_backup_of_the_store_is_restored_are_read(tmp_path
     calls = [a_call(template, 1000 * n, 0.003) for n in (3, 4, 5)]
     for call in calls:
         append_entry(gateway, session, call)
+    if restore == "mv-while-stopped":
+        node = run(node.env)
     rows = wait_traces(node, 11, timeout=30)
     assert {f"oc:main:{session}:{call['id']}" for call in calls} <= {r["trace_id"] for r in rows}
     assert len(session_traces(node)) == 11
