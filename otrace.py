@@ -408,6 +408,10 @@ class Config:
                              "same routes: OTLP/HTTP's own port, where an OpenTelemetry SDK with default "
                              "settings sends. 0 turns it off (OTLP is still taken on TRACE_PORT); a port "
                              "in use is logged and left out.")
+    otlp_backlog: int = setting("4", count(1, 64), "OTLP export requests received and not yet answered: "
+                                "they are mapped one at a time, each body held until then (up to "
+                                "TRACE_MAX_BODY_BYTES once decompressed); one more is answered 503 with "
+                                "Retry-After: 1.")
     otlp_content_wait: float = setting("1m", duration("1s", "1h"), "How long the content of a GenAI event "
                                        "log record waits in memory for its span to arrive: at least this, "
                                        "until the first OTLP request after it.")
@@ -2371,6 +2375,7 @@ class Database:
         self._readers = 0
         self._paused = False
         self._query: sqlite3.Connection | None = None
+        self._closed = False
         self.merges = Merges()
 
     def moved(self) -> bool:
@@ -2399,8 +2404,11 @@ class Database:
                 self._state.notify_all()
 
     def query(self, sql: str, params: tuple = ()) -> list[tuple]:
-        """A read for /health on a connection kept open between calls; never waits for a move."""
+        """A read for /health on a connection kept open between calls; never waits for a move. Refused
+        once closed at shutdown: an OTLP request still being mapped must not open it again."""
         with self._state:
+            if self._closed:
+                raise sqlite3.OperationalError("otrace is stopping")
             self._admit(0.0)
             if self._query is None:
                 self._still_ours()
@@ -2449,6 +2457,7 @@ class Database:
 
     def close(self) -> None:
         with self._state:
+            self._closed = True
             if self._query is not None:
                 self._query.close()
                 self._query = None
@@ -2697,6 +2706,7 @@ class EventQueue(queue.Queue):
         self.uncommitted = 0     # waiting + taken by the writer and not yet done
         self.uncommitted_own = 0
         self.oversized = 0       # of those, the events of a unit larger than the queue
+        self.waiting_oversized = 0   # of self.waiting, that unit's
         self.no_room = False     # an offer did not fit, and nothing has been taken or freed since
 
     def _qsize(self) -> int:
@@ -2708,10 +2718,12 @@ class EventQueue(queue.Queue):
         self.uncommitted += len(unit)
         self.uncommitted_own += len(unit) if unit.own else 0
         self.oversized += len(unit) if len(unit) > self.maxsize else 0
+        self.waiting_oversized += len(unit) if len(unit) > self.maxsize else 0
 
     def _get(self) -> Unit:
         unit = self.queue.popleft()
         self.waiting -= len(unit)
+        self.waiting_oversized -= len(unit) if len(unit) > self.maxsize else 0
         return unit
 
     def offer(self, unit: Unit) -> bool:
@@ -2733,7 +2745,7 @@ class EventQueue(queue.Queue):
             was_empty = not self.waiting
             self._put(unit)
             self.unfinished_tasks += 1
-            self.gate.note(self.waiting)
+            self.gate.note(self.waiting - self.waiting_oversized)   # not a unit the writer takes alone
             if was_empty or self.waiting >= self.batch_size:
                 self.not_empty.notify()
             return True
@@ -2766,7 +2778,7 @@ class EventQueue(queue.Queue):
     def committed(self) -> None:
         """The writer has committed: the HTTP thread may go on once the writer has caught up."""
         with self.mutex:
-            self.gate.committed(0 if self.closed else self.waiting)
+            self.gate.committed(0 if self.closed else self.waiting - self.waiting_oversized)
 
     def unwritten(self) -> tuple[int, int]:
         """Events accepted and not committed: (promised to clients, otrace's own)."""
@@ -3361,7 +3373,8 @@ _BUSY_BODY = b'{"error": "too many connections; retry later", "field": null}'
 TOO_MANY_CONNECTIONS = b"\r\n".join([
     b"HTTP/1.1 503 Service Unavailable", b"Retry-After: 1", b"Content-Type: application/json",
     b"Content-Length: %d" % len(_BUSY_BODY), b"Connection: close", b"", _BUSY_BODY])
-IN, OUT = select.EPOLLIN, select.EPOLLOUT
+IN, OUT, RDHUP = select.EPOLLIN, select.EPOLLOUT, select.EPOLLRDHUP
+HUP, ERR = select.EPOLLHUP, select.EPOLLERR
 
 
 @dataclasses.dataclass(slots=True)
@@ -3864,6 +3877,13 @@ class IngestServer:
     def serve(self, conn: Connection, events: int) -> None:
         """Send what is left of the last answer; read what the client sent; answer every request that
         is now whole, in order, one at a time (the next once the last is sent)."""
+        if conn.waiting is not None:                   # its answer is being made: nothing is read
+            if events & (HUP | ERR):                   # reset: the client is gone
+                self.hang_up(conn)
+            elif events & RDHUP:                       # FIN: gone, or half-closed and waiting
+                conn.close, conn.mask = True, 0        # answered, then closed
+                self.poller.modify(conn.sock.fileno(), 0)
+            return
         if conn.outbox and not self.send(conn):
             return
         at_eof = False
@@ -3880,7 +3900,9 @@ class IngestServer:
         while self.step(conn, at_eof):
             if not self.send(conn):
                 return
-        if at_eof or (self.closing and conn.idle):
+        if conn.waiting is not None:
+            conn.close |= at_eof                       # its answer is being made: sent, then closed
+        elif at_eof or (self.closing and conn.idle):
             self.hang_up(conn)
 
     def step(self, conn: Connection, at_eof: bool) -> bool:
@@ -3942,8 +3964,8 @@ class IngestServer:
     def defer(self, conn: Connection, future: Future) -> None:
         """The answer comes from another thread: the connection waits without a deadline and without
         reading (a hang-up is still seen), and the wake-up pipe says when the answer is made."""
-        conn.waiting, conn.deadline, conn.mask = future, math.inf, 0
-        self.poller.modify(conn.sock.fileno(), 0)
+        conn.waiting, conn.deadline, conn.mask = future, math.inf, RDHUP
+        self.poller.modify(conn.sock.fileno(), RDHUP)
 
         def made(done: Future) -> None:        # on the thread that made it
             self.made.append((conn, done))
@@ -4011,7 +4033,7 @@ class IngestServer:
         if not out and conn.close:
             self.hang_up(conn)
             return False
-        mask = OUT if out else IN
+        mask = OUT if out else RDHUP if conn.waiting is not None else IN    # waiting: a hang-up only
         if mask != conn.mask:
             conn.mask = mask
             self.poller.modify(conn.sock.fileno(), mask)
@@ -4182,7 +4204,7 @@ OTLP_COUNTERS = (
     "metric_points_other",
     "metric_points_rejected", "metric_resets", "log_records", "log_errors", "log_content",
     "log_content_after_span", "log_content_unlinked", "log_content_expired", "log_other",
-    "log_records_rejected")
+    "log_records_rejected", "requests_refused")
 
 
 def otlp_encoding(request: Request) -> str:
@@ -4969,7 +4991,12 @@ class OtlpReceiver:
 
     def submit(self, request: Request, body: bytes, encoding: str, doc: Any, *,
                admit: Callable[[list[Row], tuple], None]) -> Future:
-        """The answer to an export request, made on the receiver's thread."""
+        """The answer to an export request, made on the receiver's thread; Refusal (503) while
+        TRACE_OTLP_BACKLOG requests wait for theirs, each holding its body."""
+        if self.worker.in_progress >= self.config.otlp_backlog:
+            self.totals.add("requests_refused")
+            raise Refusal(503, f"{self.worker.in_progress} OTLP requests are waiting to be mapped "
+                          "(TRACE_OTLP_BACKLOG); retry later", {"Retry-After": "1"})
         return self.worker.submit(functools.partial(self.export, request, body, encoding, doc, admit=admit))
 
     def recognise(self, request: Request, body: bytes) -> tuple[str, Any] | None:

@@ -1247,6 +1247,7 @@ def test_a_request_larger_than_the_queue_goes_in_beside_the_others_one_at_a_time
     assert events.offer(unit(3))
     big = unit(20)
     assert events.offer(big)                                   # beside the 3 waiting
+    assert events.gate.opened.is_set()          # the writer takes it alone: no reason to hold clients
     assert events.offer(unit(5))                               # 3 + 5: the queue, the big one aside
     assert not events.offer(unit(1)) and not events.offer(unit(9))
     assert events.unwritten() == (28, 0)
@@ -8977,6 +8978,33 @@ def test_a_large_otlp_request_holds_only_its_own_client(run: Callable[..., Otrac
     assert node.logs("stopped")[0]["events_lost"] == 0
     assert not [e for e in node.lines if e.get("level") in ("ERROR", "CRITICAL")], node.lines[-5:]
     big.close()
+
+
+def test_otlp_requests_waiting_past_the_backlog_are_answered_503_and_a_half_closed_client_is_answered(
+        run: Callable[..., Otrace]) -> None:
+    """Each OTLP request waiting for the thread that maps them holds its body: past TRACE_OTLP_BACKLOG
+    one more is answered 503 with Retry-After, in OTLP's form. A client that sends its request and
+    closes its side (shutdown(SHUT_WR)) still gets its answer, and nothing sent behind a request is read
+    while its answer is made."""
+    node = run({"TRACE_OTLP_BACKLOG": "1"})
+    big = http.client.HTTPConnection("127.0.0.1", node.port, timeout=60)
+    big.request("POST", "/v1/logs", error_records(20_000, "a"), headers=PROTOBUF)
+    wait_until(lambda: node.health()["otlp"].get("requests_in_progress"), 30, "the request being mapped")
+    refused = node.post("/v1/logs", error_records(1, "b"), headers=PROTOBUF)
+    assert (refused.status, refused.headers["retry-after"]) == (503, "1")
+    assert rpc_status(refused.body)[1].endswith("(TRACE_OTLP_BACKLOG); retry later")
+    assert node.health()["otlp"]["requests_refused"] == 1
+    assert big.getresponse().status == 200
+    node.wait_persisted(20_000, timeout=60)                   # one request larger than the queue at a time
+    for records in (1, 10_000):
+        body = error_records(records, f"c{records}")
+        with socket.create_connection(("127.0.0.1", node.port), timeout=60) as sock:
+            sock.sendall(b"POST /v1/logs HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-protobuf\r\n"
+                         b"Content-Length: %d\r\n\r\n" % len(body) + body)
+            sock.shutdown(socket.SHUT_WR)
+            answer = b"".join(iter(lambda: sock.recv(65536), b""))
+        assert answer.startswith(b"HTTP/1.1 200 "), answer[:80]
+    node.wait_persisted(20_000 + 1 + 10_000, timeout=60)
 
 
 def sums_body(value: float, time_s: int, start_s: int = 1, *, temporality: int = 2,
