@@ -3720,8 +3720,8 @@ class Api:
         service = self.service
         service.events.gate.wait()
         body = decoded_body(request, self.config.max_body_bytes)
-        if request.route in OTLP_SIGNALS and (found := service.otlp.recognise(request, body)):
-            return service.otlp.submit(request, body, *found, admit=self.admit)
+        if request.route in OTLP_SIGNALS and (encoding := service.otlp.recognise(request, body)):
+            return service.otlp.submit(request, body, encoding, admit=self.admit)
         rows, ignored = parse_events(body, request.route, self.config.max_events, self.config.max_text_bytes)
         self.admit(rows)
         if request.route == "/v1/events":
@@ -4224,9 +4224,9 @@ def otlp_classes() -> dict[str, tuple[Any, Any]]:
             "logs": (logs.ExportLogsServiceRequest, logs.ExportLogsServiceResponse)}
 
 
-def decode_otlp(signal: str, body: bytes, encoding: str, doc: Any = None) -> Any:
-    """The signal's Export*ServiceRequest from a protobuf body, or from OTLP JSON (`doc`, parsed if not
-    given): hex ids, 64-bit integers as strings or numbers, camelCase or the proto's own names."""
+def decode_otlp(signal: str, body: bytes, encoding: str) -> Any:
+    """The signal's Export*ServiceRequest from a protobuf body, or from OTLP JSON: hex ids, 64-bit
+    integers as strings or numbers, camelCase or the proto's own names."""
     request_class = otlp_classes()[signal][0]
     if encoding == "protobuf":
         from google.protobuf.message import DecodeError  # noqa: PLC0415 - loaded with the classes
@@ -4234,7 +4234,7 @@ def decode_otlp(signal: str, body: bytes, encoding: str, doc: Any = None) -> Any
             return request_class.FromString(body)
         except (DecodeError, RecursionError) as exc:
             raise Invalid(f"body is not an OTLP/protobuf {request_class.DESCRIPTOR.name}: {exc}") from None
-    doc = json_body(body) if doc is None else doc
+    doc = json_body(body)
     if not isinstance(doc, dict) or (doc and not any(key in doc for key in OTLP_TOP[signal])):
         raise Invalid(f"body is not OTLP JSON: its top level must be an object with {OTLP_TOP[signal][0]}")
     from google.protobuf import json_format  # noqa: PLC0415 - loaded with the classes
@@ -4989,7 +4989,7 @@ class OtlpReceiver:
         self.totals = Counters(OTLP_COUNTERS)
         self.worker = Worker("otrace-otlp")
 
-    def submit(self, request: Request, body: bytes, encoding: str, doc: Any, *,
+    def submit(self, request: Request, body: bytes, encoding: str, *,
                admit: Callable[[list[Row], tuple], None]) -> Future:
         """The answer to an export request, made on the receiver's thread; Refusal (503) while
         TRACE_OTLP_BACKLOG requests wait for theirs, each holding its body."""
@@ -4997,29 +4997,31 @@ class OtlpReceiver:
             self.totals.add("requests_refused")
             raise Refusal(503, f"{self.worker.in_progress} OTLP requests are waiting to be mapped "
                           "(TRACE_OTLP_BACKLOG); retry later", {"Retry-After": "1"})
-        return self.worker.submit(functools.partial(self.export, request, body, encoding, doc, admit=admit))
+        return self.worker.submit(functools.partial(self.export, request, body, encoding, admit=admit))
 
-    def recognise(self, request: Request, body: bytes) -> tuple[str, Any] | None:
-        """(encoding, parsed JSON or None) when the request is OTLP: protobuf, or JSON on /v1/metrics
-        and /v1/logs, or on /v1/traces when its top level is resourceSpans; None for otrace's own."""
+    def recognise(self, request: Request, body: bytes) -> str | None:
+        """The encoding when the request is OTLP: protobuf, or JSON on /v1/metrics and /v1/logs, or on
+        /v1/traces when its top level is resourceSpans (parsed to tell, and again when it is mapped:
+        a parsed document waiting for its turn would hold several times its body); None for otrace's
+        own."""
         if otlp_encoding(request) == "protobuf":
-            return "protobuf", None
+            return "protobuf"
         if request.route != "/v1/traces":
-            return "json", None
+            return "json"
         if b'"resourceSpans"' not in body and b'"resource_spans"' not in body:
             return None
         with contextlib.suppress(Invalid):
             doc = json_body(body)
             if isinstance(doc, dict) and any(key in doc for key in OTLP_TOP["traces"]):
-                return "json", doc
+                return "json"
         return None
 
-    def export(self, request: Request, body: bytes, encoding: str, doc: Any, *,
+    def export(self, request: Request, body: bytes, encoding: str, *,
                admit: Callable[[list[Row], tuple], None]) -> tuple[int, bytes, dict, str]:
         """Answer one export request; `admit` offers its rows to the queue whole, or refuses (503)."""
         signal = OTLP_SIGNALS[request.route]
         try:
-            message = decode_otlp(signal, body, encoding, doc)
+            message = decode_otlp(signal, body, encoding)
             export = getattr(self, signal)(message, now_ms())
             if export.rows or export.extra:
                 admit(export.rows, tuple(export.extra))
