@@ -725,9 +725,10 @@ def describe(exc: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
-    """BEGIN IMMEDIATE ... COMMIT, rolled back on any exception (connections use isolation_level None)."""
-    conn.execute("BEGIN IMMEDIATE")
+def transaction(conn: sqlite3.Connection, immediate: bool = True) -> Iterator[sqlite3.Connection]:
+    """BEGIN IMMEDIATE ... COMMIT, rolled back on any exception (connections use isolation_level None).
+    Not `immediate`: a deferred BEGIN, which locks only the attached databases its statements use."""
+    conn.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
     try:
         yield conn
         conn.execute("COMMIT")
@@ -2300,7 +2301,7 @@ def carry_over(conn: sqlite3.Connection, source: str, target: str, salvage: bool
                     raise
                 left.append(name)
     if "push_rejects" in left:       # refused rows with no refusal to report: sent again instead
-        with transaction(conn):
+        with transaction(conn, immediate=False):        # the target's alone: the source may not open
             for table in EVENT_TABLES:
                 conn.execute(f"UPDATE {target}.{table} SET synced = {UNSYNCED} WHERE synced = {REFUSED}")
     if left:

@@ -4466,6 +4466,32 @@ def test_a_damaged_database_file_is_set_aside_and_what_it_owes_that_can_be_read_
         stopped(service)
 
 
+def test_a_file_whose_header_is_damaged_is_left_for_a_new_one_though_nothing_in_it_can_be_read(
+        tmp_path: Path) -> None:
+    """Damage to the first bytes (the header), seen once another connection has checkpointed: nothing
+    of the old file can be carried, and moving to a new file still goes on, with the batch that met the
+    damage (it was retried for ever, every POST answered 503 and the batch lost at the stop)."""
+    path = tmp_path / "otrace.db"
+    service = service_at(path)
+    try:
+        service.writer.start()
+        assert service.events.offer(one_call("before"))
+        assert service.events.wait_drained(60)
+        with contextlib.closing(sqlite3.connect(path)) as conn:
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        with open(path, "r+b") as f:
+            f.write(b"GARBAGE" * 3)
+        assert service.events.offer(one_call("after"))
+        assert service.events.wait_drained(60)
+        wait_until(lambda: not service.db.replaced_pending, 30, "the writer in a new file")
+        [aside] = tmp_path.glob("otrace.db.damaged-*[0-9]")
+        assert aside.read_bytes().startswith(b"GARBAGE")                   # kept as it was, for a hand
+        with contextlib.closing(sqlite3.connect(path)) as conn:
+            assert conn.execute("SELECT trace_id FROM llm_traces").fetchall() == [("after",)]
+    finally:
+        stopped(service)
+
+
 def service_at(path: Path, **settings: Any) -> otrace.Service:
     """otrace in this process on the database at `path`, its threads not started."""
     return otrace.Service(otrace.Config(db_path=str(path), port=0, otlp_port=0, metrics_interval=0.0,
