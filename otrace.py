@@ -3934,6 +3934,8 @@ class IngestServer:
                 expected = f" of {request.length}" if request.length is not None else ""
                 raise Refusal(400, f"body ended after {len(request.body)}{expected} bytes")
         except Refusal as refusal:                     # before the whole body is in: it stays unread
+            if refusal.status == 401:                  # a client without the token loses what it sends
+                self.counters.add("unauthorized")
             body, content_type = self.api.refused(conn.request, refusal)
             self.finish(conn, refusal.status, body, refusal.headers, close=True, content_type=content_type)
             return True
@@ -10268,6 +10270,8 @@ def prometheus(report: dict[str, Any]) -> str:
         add(f"events_{name}_total", "counter", text, ("", report[f"events_{name}"]))
     add("connections_refused_total", "counter", "Connections over TRACE_MAX_CONNECTIONS.",
         ("", report["connections_refused"]))
+    add("requests_unauthorized_total", "counter", "Requests answered 401: no or a wrong TRACE_INGEST_TOKEN.",
+        ("", report["requests_unauthorized"]))
     add("queue_depth_events", "gauge", "Events accepted and not yet committed.", ("", report["queue_depth"]))
     add("queue_capacity_events", "gauge", "TRACE_QUEUE_SIZE.", ("", report["queue_capacity"]))
     add("unsynced_events", "gauge", "Rows not yet pushed.", ("", report["unsynced_count"]))
@@ -10405,6 +10409,7 @@ def health_report(service: Service) -> dict[str, Any]:
         **{f"events_{name}": counts[name] for name in EVENT_COUNTERS},
         "connections_open": service.server.count(),
         "connections_refused": counts["connections_refused"],
+        "requests_unauthorized": counts["unauthorized"],
         "db_size_bytes": main,
         "wal_size_bytes": wal,
         "unsynced_count": unsynced_count(db, service.pusher.tables if service.pusher else EVENT_TABLES),
@@ -11212,8 +11217,8 @@ def run_report(argv: list[str]) -> int:
                "  otrace report --since 2026-11-01 --until 2026-11-30 --by day --breakdown --csv")
     parser.add_argument("--db", default=os.environ.get("TRACE_DB_PATH") or Config.db_path,
                         help="the database (default: TRACE_DB_PATH, else %(default)s)")
-    parser.add_argument("--since", default="24h", help="start: 24h, 7d, today, 2026-11-30, or an RFC 3339 "
-                        "time (default: 24h)")
+    parser.add_argument("--since", default=None, help="start: 24h, 7d, today, 2026-11-30, or an RFC 3339 "
+                        "time (default: 24 hours before --until)")
     parser.add_argument("--until", default=None, help="end, in the same forms (a date counts whole); "
                         "default: now")
     parser.add_argument("--by", choices=REPORT_BY, default="model", help="a row per (default: model)")
@@ -11235,8 +11240,8 @@ def run_report(argv: list[str]) -> int:
             raise ReportError("--breakdown splits rows by model: use it with --by provider, day, hour, "
                               "session or source")
         zone, now = Zone(args.timezone), now_ms()
-        since = moment(args.since, zone, now, end=False)
         until = now if args.until is None else moment(args.until, zone, now, end=True)
+        since = until - DAY_MS if args.since is None else moment(args.since, zone, now, end=False)
         if since >= until:
             raise ReportError(f"--since ({zone.iso(since)}) is not before --until ({zone.iso(until)})")
         conn = open_snapshot(args.db)
@@ -11282,7 +11287,7 @@ class Service:
             tracemalloc.start(TRACEMALLOC_FRAMES)
         self.config = config
         self.started = time.monotonic()
-        self.counters = Counters((*EVENT_COUNTERS, "connections_refused", "custom_received"))
+        self.counters = Counters((*EVENT_COUNTERS, "connections_refused", "unauthorized", "custom_received"))
         open_database(config.db_path)
         with contextlib.closing(connect(config.db_path)) as conn:
             if take_carried(conn, config.db_path + "-carry"):

@@ -7000,6 +7000,13 @@ def test_report_usage_cost_equals_openclaws_own_sums_of_its_store(tmp_path: Path
     assert doc["calls"]["totals"]["failures"] == 2 and doc["calls"]["totals"]["calls"] == 6
 
 
+def test_report_until_alone_looks_at_the_day_before_it(tmp_path: Path) -> None:
+    """--until with no --since: the 24 hours before it (the flag table's own example), not before now."""
+    db = build_report_database(tmp_path / "otrace.db")
+    window = report_json(db, "--until", "2026-11-02", "--timezone", "UTC")["window"]
+    assert (window["since"], window["until"]) == ("2026-11-02T00:00:00+00:00", "2026-11-03T00:00:00+00:00")
+
+
 def test_report_refuses_a_bad_question_with_exit_2(tmp_path: Path) -> None:
     db = build_report_database(tmp_path / "otrace.db")
     for args, needle in ((("--since", "soon"), "--since 'soon' is not a duration"),
@@ -8757,13 +8764,36 @@ print(json.dumps({"results": results, **keys}))
 '''
 
 
-def run_client(command: list[str], endpoint: str, cwd: Path | None = None) -> dict[str, Any]:
-    """A client process configured only through OTEL_EXPORTER_OTLP_ENDPOINT; its JSON report."""
+def run_client(command: list[str], endpoint: str, cwd: Path | None = None, headers: str | None = None
+               ) -> dict[str, Any]:
+    """A client process configured only through OTEL_EXPORTER_OTLP_ENDPOINT (and _HEADERS); its JSON
+    report."""
     env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/root"),
            "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint}
+    if headers:
+        env["OTEL_EXPORTER_OTLP_HEADERS"] = headers
     out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120, cwd=cwd, check=False)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_with_an_ingest_token_the_sdk_sends_it_as_the_docs_say_and_one_without_is_counted(
+        run: Callable[..., Otrace]) -> None:
+    """OTEL_EXPORTER_OTLP_HEADERS=Authorization=Bearer%20<token> (README, deploy.md) gets the SDK's
+    exports in; without it every export fails 401 (the SDK does not retry it), which /health and
+    /metrics count, as the request never reaches a count of events."""
+    token = f"tok-{uuid.uuid4().hex}"
+    node = run({"TRACE_INGEST_TOKEN": token})
+    endpoint = f"http://127.0.0.1:{node.port}"
+    client = [sys.executable, "-c", SDK_CLIENT, "protobuf"]
+    refused = run_client(client, endpoint)
+    assert {result for _, result in refused["results"]} == {"FAILURE"}
+    assert node.health()["requests_unauthorized"] == len(refused["results"])
+    metrics = node.request("GET", "/metrics").body.decode()
+    assert f"otrace_requests_unauthorized_total {len(refused['results'])}" in metrics
+    taken = run_client(client, endpoint, headers=f"Authorization=Bearer%20{token}")
+    assert {result for _, result in taken["results"]} == {"SUCCESS"}
+    assert {r["trace_id"] for r in node.rows("llm_traces")} == {taken["chat"], taken["failed"]}
 
 
 @pytest.mark.parametrize("encoding", ["protobuf", "json"])
