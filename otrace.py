@@ -10370,7 +10370,8 @@ def health_report(service: Service) -> dict[str, Any]:
     if writer.reserve.released:
         problems.append("disk full: reserve released, ingest paused until there is room again")
     if service.store and service.store.waiting:
-        problems.append(f"OpenClaw's state directory {service.store.root} is not there: the model calls and "
+        problems.append(f"OpenClaw's state directory {service.store.root} is not there (or has no agents/ "
+                        "yet): the model calls and "
                         "failures the gateway logs come from its session store, and are not stored until "
                         "it is (TRACE_OPENCLAW_STATE_DIR)")
     elif service.store and service.store.fault.error:       # OpenClaw's usage spans are skipped meanwhile
@@ -10764,6 +10765,10 @@ def open_snapshot(path: str) -> sqlite3.Connection:
         conn.close()
         raise ReportError(f"{path} is from an older otrace (schema {version} of {len(SCHEMA)}): start this "
                           "otrace on it once to bring its schema up to date")
+    if version > len(SCHEMA):       # its columns may mean what this report does not know
+        conn.close()
+        raise ReportError(f"{path} is from a newer otrace (schema {version}; this one knows {len(SCHEMA)}): "
+                          "report with that otrace")
     conn.execute("BEGIN")
     return conn
 
@@ -11188,8 +11193,9 @@ class TableView:
             f"{host['disk_used_pct_max'] or 0:.1f} %")
         host_text += f" · OOM kills {host['oom_kill_events']}"
         last, success = push["last_attempt"], push["last_success"]
-        push_text = f"{push['unsynced_total']:,} rows not pushed · " + (
-            "never pushed" if last is None else f"last push {last['at']}: " + (
+        unsynced = push["unsynced_total"]
+        push_text = f"{unsynced:,} row{'s' * (unsynced != 1)} not pushed · " + (
+            "no push in the push log" if last is None else f"last push {last['at']}: " + (
                 f"HTTP {last['http_status']}" if last["http_status"] else last["error"] or "failed"))
         if success and success != last:
             push_text += f" · last success {success['at']}"

@@ -7039,6 +7039,12 @@ def test_report_refuses_a_bad_question_with_exit_2(tmp_path: Path) -> None:
             conn.execute(f"PRAGMA user_version = {steps}")
         done = report(old)
         assert done.returncode == 2 and f"from an older otrace (schema {steps} of" in done.stderr
+    newer = tmp_path / "newer.db"                                  # as the server, which will not open it
+    shutil.copyfile(db, newer)
+    with contextlib.closing(sqlite3.connect(newer)) as conn:
+        conn.execute(f"PRAGMA user_version = {len(otrace.SCHEMA) + 1}")
+    done = report(newer)
+    assert done.returncode == 2 and f"from a newer otrace (schema {len(otrace.SCHEMA) + 1};" in done.stderr
     env = {"TRACE_DB_PATH": str(db)}                              # the default database
     done = subprocess.run([*START, "report", *WINDOW, "--json"], capture_output=True,
                           text=True, timeout=60, env={**os.environ, **env}, check=False)
