@@ -10371,9 +10371,8 @@ def health_report(service: Service) -> dict[str, Any]:
         problems.append("disk full: reserve released, ingest paused until there is room again")
     if service.store and service.store.waiting:
         problems.append(f"OpenClaw's state directory {service.store.root} is not there (or has no agents/ "
-                        "yet): the model calls and "
-                        "failures the gateway logs come from its session store, and are not stored until "
-                        "it is (TRACE_OPENCLAW_STATE_DIR)")
+                        "yet): the model calls and failures the gateway logs come from its session store, "
+                        "and are not stored until it is (TRACE_OPENCLAW_STATE_DIR)")
     elif service.store and service.store.fault.error:       # OpenClaw's usage spans are skipped meanwhile
         problems.append(f"OpenClaw's session store cannot be read ({service.store.fault.error}): the model "
                         "calls it holds are not stored until it can be (TRACE_OPENCLAW_STATE_DIR)")
