@@ -3881,8 +3881,8 @@ class IngestServer:
         if conn.waiting is not None:                   # its answer is being made: nothing is read
             if events & (HUP | ERR):                   # reset: the client is gone
                 self.hang_up(conn)
-            elif events & RDHUP:                       # FIN: gone, or half-closed and waiting
-                conn.close, conn.mask = True, 0        # answered, then closed
+            elif events & RDHUP:                       # FIN: read once answered, after what came before
+                conn.mask = 0
                 self.poller.modify(conn.sock.fileno(), 0)
             return
         if conn.outbox and not self.send(conn):
@@ -3901,10 +3901,8 @@ class IngestServer:
         while self.step(conn, at_eof):
             if not self.send(conn):
                 return
-        if conn.waiting is not None:
-            conn.close |= at_eof                       # its answer is being made: sent, then closed
-        elif at_eof or (self.closing and conn.idle):
-            self.hang_up(conn)
+        if conn.waiting is None and (at_eof or (self.closing and conn.idle)):   # waiting: the end of
+            self.hang_up(conn)                         # file is read again once it is answered
 
     def step(self, conn: Connection, at_eof: bool) -> bool:
         """Move the connection's next request on as far as what has arrived allows. True when it
@@ -4998,8 +4996,10 @@ class OtlpReceiver:
         TRACE_OTLP_BACKLOG requests wait for theirs, each holding its body."""
         if self.worker.in_progress >= self.config.otlp_backlog:
             self.totals.add("requests_refused")
-            raise Refusal(503, f"{self.worker.in_progress} OTLP requests are waiting to be mapped "
-                          "(TRACE_OTLP_BACKLOG); retry later", {"Retry-After": "1"})
+            refusal = Refusal(503, f"{self.worker.in_progress} OTLP requests are waiting to be mapped "
+                              "(TRACE_OTLP_BACKLOG); retry later", {"Retry-After": "1"})
+            refusal.otlp = encoding                  # OTLP's answer, on /v1/traces as elsewhere
+            raise refusal
         return self.worker.submit(functools.partial(self.export, request, body, encoding, admit=admit))
 
     def recognise(self, request: Request, body: bytes) -> str | None:
@@ -10710,12 +10710,14 @@ class Zone:
         return f"created_at + CASE {cases} ELSE ? END", [*params, pieces[-1][1]]
 
 
-def moment(text: str, zone: Zone, now_ms: int, end: bool) -> int:
-    """A --since or --until as Unix ms: a duration back from now (24h, 7d, 90m), "today", a date (its
-    start; for --until its end, so the day is in), or an RFC 3339 time (without an offset: local)."""
+def moment(text: str, zone: Zone, now_ms: int, end: bool, back_from: int | None = None) -> int:
+    """A --since or --until as Unix ms: a duration back from `back_from` (24h, 7d, 90m; default now),
+    "today", a date (its start; for --until its end, so the day is in), or an RFC 3339 time (without
+    an offset: local)."""
     text, flag = text.strip(), "--until" if end else "--since"
+    back_from = now_ms if back_from is None else back_from
     try:
-        return min(max(0, _moment(text, zone, now_ms, end)), MAX_UNIX_MS)   # before 1970: all there is
+        return min(max(0, _moment(text, zone, now_ms, end, back_from)), MAX_UNIX_MS)   # before 1970: all
     except OverflowError:
         raise ReportError(f"{flag} {text!r} is out of range (1970 to 9999)") from None
     except ValueError:
@@ -10723,11 +10725,11 @@ def moment(text: str, zone: Zone, now_ms: int, end: bool) -> int:
                           "RFC 3339 time") from None
 
 
-def _moment(text: str, zone: Zone, now_ms: int, end: bool) -> int:
+def _moment(text: str, zone: Zone, now_ms: int, end: bool, back_from: int) -> int:
     if text.lower() == "today":
         return zone.midnight(zone.today(now_ms) + timedelta(days=int(end)))
     with contextlib.suppress(SettingError):
-        return now_ms - int(_seconds(text) * 1000)
+        return back_from - int(_seconds(text) * 1000)
     if re.fullmatch(r"\d{4}-\d\d-\d\d", text):
         return zone.midnight(date.fromisoformat(text) + timedelta(days=int(end)))
     at = datetime.fromisoformat(text)
@@ -11222,8 +11224,8 @@ def run_report(argv: list[str]) -> int:
                "  otrace report --since 2026-11-01 --until 2026-11-30 --by day --breakdown --csv")
     parser.add_argument("--db", default=os.environ.get("TRACE_DB_PATH") or Config.db_path,
                         help="the database (default: TRACE_DB_PATH, else %(default)s)")
-    parser.add_argument("--since", default=None, help="start: 24h, 7d, today, 2026-11-30, or an RFC 3339 "
-                        "time (default: 24 hours before --until)")
+    parser.add_argument("--since", default="24h", help="start: 24h, 7d (before --until), today, "
+                        "2026-11-30, or an RFC 3339 time (default: 24h)")
     parser.add_argument("--until", default=None, help="end, in the same forms (a date counts whole); "
                         "default: now")
     parser.add_argument("--by", choices=REPORT_BY, default="model", help="a row per (default: model)")
@@ -11246,7 +11248,7 @@ def run_report(argv: list[str]) -> int:
                               "session or source")
         zone, now = Zone(args.timezone), now_ms()
         until = now if args.until is None else moment(args.until, zone, now, end=True)
-        since = until - DAY_MS if args.since is None else moment(args.since, zone, now, end=False)
+        since = moment(args.since, zone, now, end=False, back_from=until)
         if since >= until:
             raise ReportError(f"--since ({zone.iso(since)}) is not before --until ({zone.iso(until)})")
         conn = open_snapshot(args.db)

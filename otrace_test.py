@@ -4687,7 +4687,8 @@ def test_a_damaged_file_that_cannot_be_renamed_leaves_rows_in_the_carry_file_unt
         assert "is damaged and could not be set aside" in service.writer.reopen_fault.error
         assert service.writer.is_alive() and service.writer.failing
         assert any("database file is damaged" in problem for problem in service.health()["problems"])
-        subprocess.run(["umount", str(path)], check=True)
+        wait_until(lambda: subprocess.run(["umount", str(path)], check=False).returncode == 0, 30,
+                   "the mount released")               # the writer looks at the file once a second
         mounted = False
         wait_until(lambda: not service.db.replaced_pending, 30, "the writer in a new file")
         wait_until(lambda: not service.writer.failing, 30, "the write fault cleared")
@@ -7001,10 +7002,12 @@ def test_report_usage_cost_equals_openclaws_own_sums_of_its_store(tmp_path: Path
 
 
 def test_report_until_alone_looks_at_the_day_before_it(tmp_path: Path) -> None:
-    """--until with no --since: the 24 hours before it (the flag table's own example), not before now."""
+    """--until with no --since: the 24 hours before it (the flag table's own example), not before now;
+    a duration in --since counts back from --until too."""
     db = build_report_database(tmp_path / "otrace.db")
-    window = report_json(db, "--until", "2026-11-02", "--timezone", "UTC")["window"]
-    assert (window["since"], window["until"]) == ("2026-11-02T00:00:00+00:00", "2026-11-03T00:00:00+00:00")
+    for since, start in (((), "2026-11-02"), (("--since", "48h"), "2026-11-01")):
+        window = report_json(db, *since, "--until", "2026-11-02", "--timezone", "UTC")["window"]
+        assert (window["since"], window["until"]) == (f"{start}T00:00:00+00:00", "2026-11-03T00:00:00+00:00")
 
 
 def test_report_refuses_a_bad_question_with_exit_2(tmp_path: Path) -> None:
@@ -9055,18 +9058,25 @@ def test_otlp_requests_waiting_past_the_backlog_are_answered_503_and_a_half_clos
     refused = node.post("/v1/logs", error_records(1, "b"), headers=PROTOBUF)
     assert (refused.status, refused.headers["retry-after"]) == (503, "1")
     assert rpc_status(refused.body)[1].endswith("(TRACE_OTLP_BACKLOG); retry later")
-    assert node.health()["otlp"]["requests_refused"] == 1
+    span = chat_span("1" * 32, "1" * 16, **{"gen_ai.request.model": "m"})
+    as_json = node.post("/v1/traces", spans_body(span))
+    assert (as_json.status, as_json.json["code"]) == (503, 14)                 # OTLP's answer, in JSON
+    assert node.health()["otlp"]["requests_refused"] == 2
     assert big.getresponse().status == 200
     node.wait_persisted(20_000, timeout=60)                   # one request larger than the queue at a time
-    for records in (1, 10_000):
+    posted = json.dumps(trace()).encode()                        # pipelined behind one, then a FIN
+    behind = (b"POST /v1/traces HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+              b"Content-Length: %d\r\n\r\n" % len(posted) + posted + b"GET /health HTTP/1.1\r\n\r\n")
+    for records, pipelined in ((1, b""), (10_000, b""), (10, behind)):
         body = error_records(records, f"c{records}")
         with socket.create_connection(("127.0.0.1", node.port), timeout=60) as sock:
             sock.sendall(b"POST /v1/logs HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-protobuf\r\n"
-                         b"Content-Length: %d\r\n\r\n" % len(body) + body)
+                         b"Content-Length: %d\r\n\r\n" % len(body) + body + pipelined)
             sock.shutdown(socket.SHUT_WR)
             answer = b"".join(iter(lambda: sock.recv(65536), b""))
-        assert answer.startswith(b"HTTP/1.1 200 "), answer[:80]
-    node.wait_persisted(20_000 + 1 + 10_000, timeout=60)
+        statuses = re.findall(rb"HTTP/1.1 (\d+) ", answer)
+        assert statuses == ([b"200"] if not pipelined else [b"200", b"202", b"200"]), answer[:300]
+    node.wait_persisted(20_000 + 1 + 10_000 + 10 + 1, timeout=60)
 
 
 def sums_body(value: float, time_s: int, start_s: int = 1, *, temporality: int = 2,
