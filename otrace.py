@@ -7778,6 +7778,7 @@ class AgentDatabase:
         self.identity: tuple[int, int] | None = None
         self.known: tuple[int, int] | None = None   # the file last read, kept while there is none
         self.replaced = False                    # another file than that one: every session read again
+        self.checked = False                     # the cursors checked against this connection's file
         self.listed: int | None = None           # data_version when every session was last caught up
         self.seen: int | None = None             # data_version at the last look that caught up ...
         self.top: int | None = None              # ... and the highest rowid then
@@ -7824,6 +7825,7 @@ class AgentDatabase:
         self.generation_sql = GENERATION_SQL.format("?") if rewrites else ""
         self.replaced = self.replaced or self.known not in (None, identity)   # a backup restored
         self.conn, self.identity, self.known, self.listed = conn, identity, identity, None
+        self.checked = False
         return True
 
     def changed(self) -> int | None:
@@ -7850,6 +7852,15 @@ class AgentDatabase:
                  self.conn.execute(self.added_sql, (self.top,)))
         return [(session, seq, generation or "") for session, seq, generation in found
                 if isinstance(session, str) and seq is not None]
+
+    def put_back(self, session: str, cursor: Cursor) -> bool:
+        """The entry where the cursor stands was stored after the newest otrace read: the file was put
+        back (a backup copied over it, or restored with the old inode) and written past since."""
+        if cursor.again or cursor.position < 0 or cursor.newest is None:
+            return False
+        found = self.conn.execute("SELECT created_at FROM transcript_events WHERE session_id = ? AND seq = ?",
+                                  (session, cursor.position)).fetchone()
+        return found is not None and isinstance(found[0], int) and found[0] > cursor.newest
 
     def caught_up(self) -> None:
         """Every session the look listed was read to its end: where the next look starts from."""
@@ -7977,11 +7988,12 @@ class SessionStore(QuietReader):
         again = {}                        # a backup restored: the gateway writes where otrace read past
         for session, last, _ in listed:
             cursor = self.cursors.get((agent, session))
-            if cursor is not None and (store.replaced or cursor.position > last):   # one read again too
+            if cursor is not None and (store.replaced or cursor.position > last or (   # one read again too
+                    not store.checked and store.put_back(session, cursor))):
                 again[session] = Cursor(cursor.mark.removesuffix(REREAD) + REREAD, -1, cursor.newest)
         if again or self.inodes.get(agent) != inode:
             self.mark(agent, again, inode)
-        store.replaced = False
+        store.replaced, store.checked = False, True
         for session, last, generation in listed:
             cursor = self.cursors.get((agent, session))
             if cursor is None or cursor.mark != generation or cursor.position != last:

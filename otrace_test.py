@@ -7560,13 +7560,13 @@ def test_calls_stored_after_the_gateways_clock_stepped_back_are_read(tmp_path: P
 
 
 @needs_stores
-@pytest.mark.parametrize("restore", ["mv", "mv-while-stopped", "cut"])
+@pytest.mark.parametrize("restore", ["mv", "mv-while-stopped", "copied-while-stopped", "cut"])
 def test_calls_written_after_a_backup_of_the_store_is_restored_are_read(tmp_path: Path, restore: str,
                                                                        run: Callable[..., Otrace]) -> None:
     """A backup moved over the agent database ends its sessions below where otrace read to, as does a
     session's end cut in place with its generation kept: the gateway's next calls take seqs otrace had
-    read past. Also when the backup is moved in while otrace is stopped, and the calls are written
-    before it starts again."""
+    read past. Also when the backup is moved in (or copied over the file, keeping its inode) while
+    otrace is stopped, and the calls are written before it starts again."""
     node, db, template = store_followed(tmp_path, run)
     session = store_entries(db)[0][0]
     backup = tmp_path / "backup.sqlite"
@@ -7585,6 +7585,10 @@ def test_calls_written_after_a_backup_of_the_store_is_restored_are_read(tmp_path
             Path(f"{db}{suffix}").unlink(missing_ok=True)
         backup.rename(db)
         gateway = gateway_connection(db)
+    elif restore == "copied-while-stopped":
+        assert node.stop() == 0
+        with contextlib.closing(sqlite3.connect(backup)) as source:
+            source.backup(gateway)                           # into the same file: its inode kept
     else:
         polls = node.health()["openclaw_sessions"]["polls"]
         gateway.execute("DELETE FROM transcript_events WHERE session_id = ? AND seq > ?", (session, end))
@@ -7592,7 +7596,7 @@ def test_calls_written_after_a_backup_of_the_store_is_restored_are_read(tmp_path
     calls = [a_call(template, 1000 * n, 0.003) for n in (3, 4, 5)]
     for call in calls:
         append_entry(gateway, session, call)
-    if restore == "mv-while-stopped":
+    if restore.endswith("while-stopped"):
         node = run(node.env)
     rows = wait_traces(node, 11, timeout=30)
     assert {f"oc:main:{session}:{call['id']}" for call in calls} <= {r["trace_id"] for r in rows}
