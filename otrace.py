@@ -4964,8 +4964,15 @@ class Worker(threading.Thread):
         while (job := self.jobs.get()) is not None:
             make, future = job
             if future.set_running_or_notify_cancel():
-                fulfil(future, make)
-            self.ended += 1
+                fulfil(future, functools.partial(self.counted, make))
+            else:
+                self.ended += 1
+
+    def counted(self, make: Callable[[], Any]) -> Any:
+        try:
+            return make()
+        finally:
+            self.ended += 1          # before the answer is handed over: a client answered waits no more
 
     @property
     def in_progress(self) -> int:
