@@ -9053,8 +9053,8 @@ def test_otlp_requests_waiting_past_the_backlog_are_answered_503_and_a_half_clos
         run: Callable[..., Otrace]) -> None:
     """Each OTLP request waiting for the thread that maps them holds its body: past TRACE_OTLP_BACKLOG
     one more is answered 503 with Retry-After, in OTLP's form. A client that sends its request and
-    closes its side (shutdown(SHUT_WR)) still gets its answer, and nothing sent behind a request is read
-    while its answer is made."""
+    closes its side (shutdown(SHUT_WR)) still gets its answer, and then the answers to what it sent
+    behind it."""
     node = run({"TRACE_OTLP_BACKLOG": "1"})
     big = http.client.HTTPConnection("127.0.0.1", node.port, timeout=60)
     big.request("POST", "/v1/logs", error_records(20_000, "a"), headers=PROTOBUF)
