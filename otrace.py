@@ -2718,13 +2718,13 @@ class EventQueue(queue.Queue):
         self.waiting += len(unit)
         self.uncommitted += len(unit)
         self.uncommitted_own += len(unit) if unit.own else 0
-        self.oversized += len(unit) if len(unit) > self.maxsize else 0
-        self.waiting_oversized += len(unit) if len(unit) > self.maxsize else 0
+        self.oversized += self.beyond(unit)
+        self.waiting_oversized += self.beyond(unit)
 
     def _get(self) -> Unit:
         unit = self.queue.popleft()
         self.waiting -= len(unit)
-        self.waiting_oversized -= len(unit) if len(unit) > self.maxsize else 0
+        self.waiting_oversized -= self.beyond(unit)
         return unit
 
     def offer(self, unit: Unit) -> bool:
@@ -2751,10 +2751,14 @@ class EventQueue(queue.Queue):
                 self.not_empty.notify()
             return True
 
+    def beyond(self, unit: Unit) -> int:
+        """Its events, if the unit is larger than the whole queue; else 0."""
+        return len(unit) if len(unit) > self.maxsize else 0
+
     def fits(self, unit: Unit) -> bool:
         """Called with the queue's lock held. A unit larger than the queue fits while no other is in;
         the others must fit in the queue together."""
-        if len(unit) > self.maxsize:
+        if self.beyond(unit):
             return not self.oversized
         return self.uncommitted - self.oversized + len(unit) <= self.maxsize
 
@@ -2771,7 +2775,7 @@ class EventQueue(queue.Queue):
         with self.mutex:
             self.uncommitted -= len(unit)
             self.uncommitted_own -= len(unit) if unit.own else 0
-            self.oversized -= len(unit) if len(unit) > self.maxsize else 0
+            self.oversized -= self.beyond(unit)
             self.no_room = False
             self.not_full.notify_all()
         self.task_done()
