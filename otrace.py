@@ -834,17 +834,18 @@ class FaultLog:
 
     def failed(self, error: str) -> None:
         self.count += 1
-        if error != self.error:
-            self.logger.error("%s failing", self.what, extra={"error": error, "attempt": self.count})
+        if error != self.error:              # state first: whoever read the line finds /health agreeing
             if self.error is None:
                 self.since = time.time()
             self.error = error
+            self.logger.error("%s failing", self.what, extra={"error": error, "attempt": self.count})
 
     def cleared(self) -> None:
         if self.error is not None:
+            attempts, seconds = self.count, round(time.time() - self.since, 3)
+            self.error, self.count = None, 0
             self.logger.warning("%s recovered", self.what, extra={
-                "failed_attempts": self.count, "failed_seconds": round(time.time() - self.since, 3)})
-        self.error, self.count = None, 0
+                "failed_attempts": attempts, "failed_seconds": seconds})
 
     def health(self) -> dict[str, Any] | None:
         return self.error and {"error": self.error, "since": iso(self.since), "attempts": self.count}
@@ -7280,9 +7281,9 @@ class LogTailer(QuietReader):
         file that cannot be read (permissions, not a regular file) raises."""
         path = self.backlog.pop(0) if self.backlog else self.target()
         if path is None:
-            if not self.waiting:
+            was, self.started, self.waiting = self.waiting, True, True   # one appearing now is new: all read
+            if not was:
                 self.log.info("waiting for the gateway log", extra={"path": self.config.log_path})
-            self.started = self.waiting = True   # a file that appears from now on is new: read it whole
             return False
         fd = open_regular(path)
         st = os.fstat(fd)
@@ -7931,17 +7932,17 @@ class SessionStore(QuietReader):
         try:
             found = sorted(e.name for e in os.scandir(self.root / "agents") if e.is_dir())
         except FileNotFoundError:
-            if not self.waiting:       # a warning: a wrong path loses what is said below
+            was, self.waiting = self.waiting, True
+            if not was:                # a warning: a wrong path loses what is said below
                 self.log.warning("waiting for OpenClaw's state directory; until it is there, the model "
                                  "calls and failures in the gateway's log and OpenClaw's own OTLP usage "
                                  "spans are not stored (its session store gives them)",
                                  extra={"path": str(self.root)})
-            self.waiting = True
             return None
-        if self.waiting or not self.started:
+        news, self.waiting, self.started = self.waiting or not self.started, False, True
+        if news:
             self.log.info("following OpenClaw's session store", extra={"path": str(self.root),
                                                                         "agents": found})
-        self.waiting, self.started = False, True
         self.agents_seen.update(found)
         return found
 
@@ -10059,16 +10060,16 @@ class Retention(Loop):
             return cause
         self.give_back()
         detail = (self.pressure() or (cause, "now under"))[1]
-        if self.stuck is None:
+        was, self.stuck = self.stuck, detail     # state first: /health agrees with the line
+        if was is None:
             self.log.error("still over budget after deleting all it may", extra={"cause": cause,
                                                                                  "detail": detail})
-        self.stuck = detail
         return cause
 
     def relieved(self, cause: str | None) -> str | None:
-        if self.stuck:
-            self.log.warning("under budget again", extra={"was": self.stuck})
-        self.stuck = None
+        was, self.stuck = self.stuck, None
+        if was:
+            self.log.warning("under budget again", extra={"was": was})
         return cause
 
     def give_back(self) -> None:

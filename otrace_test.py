@@ -489,8 +489,9 @@ def test_compact_json_cuts_whole_and_refuses_what_json_cannot_carry() -> None:
 def test_fault_log_says_a_repeating_failure_once() -> None:
     logger = logging.getLogger("otrace.test.faults")
     records: list[logging.LogRecord] = []
+    seen: list[str | None] = []                            # what /health would say as each line is written
     handler = logging.Handler()
-    handler.emit = records.append                          # type: ignore[method-assign]
+    handler.emit = lambda record: (records.append(record), seen.append(fault.error))  # type: ignore
     logger.addHandler(handler)
     fault = otrace.FaultLog(logger, "thing")
     for _ in range(5):
@@ -500,6 +501,7 @@ def test_fault_log_says_a_repeating_failure_once() -> None:
     fault.cleared()
     assert [r.getMessage() for r in records] == ["thing failing", "thing failing", "thing recovered"]
     assert records[-1].failed_attempts == 6
+    assert seen == ["EIO", "ENOSPC", None]     # a reader of the line who asks /health finds it agreeing
 
 
 def test_stamps_see_every_change_and_trust_only_stamps_older_than_their_look(tmp_path: Path) -> None:
