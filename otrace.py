@@ -5837,6 +5837,9 @@ def host_sample(prev: Snapshot, cur: Snapshot) -> dict[str, Any]:
     }
 
 
+OOM_WINDOW = 10.0    # seconds an OOM kill is taken as what ended a gateway seen gone (exit can be slow)
+
+
 class Sampler(Loop):
     """Every TRACE_METRICS_INTERVAL: a system_metrics row through the same queue and writer as HTTP
     events, and an error event when the OOM killer struck since the last sample; with them, what the
@@ -5853,7 +5856,7 @@ class Sampler(Loop):
                                  (lambda: None))
         self.oom_seen = {key.split(".", 1)[1]: value for key, value in db.query(   # scope -> last count
             "SELECT key, value FROM otrace_state WHERE key LIKE 'oom_kill_count.%'")}
-        self.oom_recent: list[dict[str, int]] = [{}, {}]       # kills at the last two samples
+        self.oom_recent: collections.deque[tuple[float, dict[str, int]]] = collections.deque()  # when, kills
         self.unsent: list[Row] = []      # events of a sample the queue refused: offered with the next
         self.previous: Snapshot | None = None
         self.latest: dict[str, Any] | None = None
@@ -5863,7 +5866,7 @@ class Sampler(Loop):
         pids, net = self.watch.read()    # first: the OOM counts read next include what ended a process
         snap = self.host.snapshot()
         rows, seen = self.oom_kills(snap)
-        oom = collections.Counter(self.oom_recent[0]) + collections.Counter(self.oom_recent[1])
+        oom = sum((collections.Counter(kills) for _, kills in self.oom_recent), collections.Counter())
         columns, events = self.watch.observe(pids, net, dict(oom))
         events, self.unsent = self.unsent + events, []
         if self.dns is not None and (probed := self.dns.take_fresh()):
@@ -5895,7 +5898,11 @@ class Sampler(Loop):
             seen[scope] = count
             if last is not None:
                 kills[scope] = count - last if count > last else count   # lower: the counter was reset
-        self.oom_recent = [self.oom_recent[1], {scope: n for scope, n in kills.items() if n}]
+        now, window = time.monotonic(), max(OOM_WINDOW, 2 * self.interval)     # this sample and the last
+        if any(kills.values()):
+            self.oom_recent.append((now, {scope: n for scope, n in kills.items() if n}))
+        while self.oom_recent and self.oom_recent[0][0] < now - window:
+            self.oom_recent.popleft()
         if not any(kills.values()):
             return [], seen
         memory = self.host.cgroup and self.host.cgroup.dirs.get("memory")

@@ -10119,12 +10119,11 @@ def test_net_files_in_other_shapes_are_read_or_left_null(tmp_path: Path) -> None
 # -- the service, on real and captured trees
 
 
-def test_a_live_tree_gives_every_column_and_the_gateway_events_with_the_oom_killer(
-        tmp_path: Path, run: Callable[..., Otrace]) -> None:
-    """otrace reads a tree that moves from moment to moment: the processes of procs-gateway-restart
-    beside the cgroup of v1-oom (its OOM count; the host's stays) and the network of the net case.
-    Each moment is a whole tree, swapped in at once (a symlink replaced), so no sample sees half of
-    one."""
+def live_tree(tmp_path: Path) -> Callable[[str, str, str], None]:
+    """A tree that moves from moment to moment: the processes of procs-gateway-restart beside the
+    cgroup of v1-oom (its OOM count; the host's stays) and the network of the net case, under
+    tmp_path/host. Each moment is a whole tree, swapped in at once (a symlink replaced), so no sample
+    sees half of one."""
     live = tmp_path / "host"
     live.mkdir()
 
@@ -10143,11 +10142,22 @@ def test_a_live_tree_gives_every_column_and_the_gateway_events_with_the_oom_kill
             (live / "next").symlink_to(tree / part)
             (live / "next").replace(live / part)
 
+    return swap
+
+
+def live_tree_env(tmp_path: Path) -> dict[str, str]:
+    return {"TRACE_METRICS_INTERVAL": "100ms", "TRACE_PROCFS": str(tmp_path / "host" / "proc"),
+            "TRACE_SYSFS": str(tmp_path / "host" / "sys"), "TRACE_DISK_PATH": str(tmp_path),
+            "TRACE_GATEWAY_MATCH": otrace.Config.__dataclass_fields__["gateway_match"].metadata["default"],
+            "TRACE_PROC_INTERVAL": "1s"}
+
+
+def test_a_live_tree_gives_every_column_and_the_gateway_events_with_the_oom_killer(
+        tmp_path: Path, run: Callable[..., Otrace]) -> None:
+    """otrace reads a live tree (live_tree): each column, the gateway gone with an OOM kill, back."""
+    swap = live_tree(tmp_path)
     swap("t1", "t0", "t0")
-    default = otrace.Config.__dataclass_fields__["gateway_match"].metadata["default"]
-    node = run({"TRACE_METRICS_INTERVAL": "100ms", "TRACE_PROCFS": str(live / "proc"),
-                "TRACE_SYSFS": str(live / "sys"), "TRACE_DISK_PATH": str(tmp_path),
-                "TRACE_GATEWAY_MATCH": default, "TRACE_PROC_INTERVAL": "1s"})
+    node = run(live_tree_env(tmp_path))
     row = wait_until(lambda: (h := node.health()["host"]) and h["proc_zombies"] is not None and h,
                      what="a host sample after a scan of the process table")
     assert (row["gateway_up"], row["gateway_pid"], row["proc_count"], row["proc_zombies"]) == (1, 20, 6, 0)
@@ -10181,6 +10191,24 @@ def test_a_live_tree_gives_every_column_and_the_gateway_events_with_the_oom_kill
     # the net case over the 2 s from procs t1 to t2 (4 SYNs resent); every other rate is 0 or None
     assert [r["tcp_syn_retrans_ps"] for r in stored if r["tcp_syn_retrans_ps"]] == [4 / 2.0]
     assert len(error_rows(node, "process_crash")) == 2
+
+
+def test_a_gateway_slow_to_exit_after_an_oom_kill_is_still_said_killed_by_it(
+        tmp_path: Path, run: Callable[..., Otrace]) -> None:
+    """The OOM killer's count rises while the gateway it killed is still exiting (freeing a large heap
+    on a loaded machine takes a while): the samples between do not part the kill from the crash."""
+    swap = live_tree(tmp_path)
+    swap("t1", "t0", "t0")
+    node = run(live_tree_env(tmp_path))
+    wait_until(lambda: (h := node.health()["host"]) and h["gateway_up"] == 1, what="the gateway found")
+    swap("t1", "t1", "t0")                                               # killed, not yet gone
+    wait_until(lambda: error_rows(node, "oom_kill"), what="the kill counted")
+    samples = len(node.rows("system_metrics"))
+    wait_until(lambda: len(node.rows("system_metrics")) >= samples + 3, what="three samples more")
+    swap("t2", "t1", "t0")                                               # now gone
+    gone = wait_until(lambda: error_rows(node, "process_crash"), what="the gateway's disappearance")[0]
+    meta = json.loads(gone["metadata"])
+    assert meta["change"] == "gone" and meta["oom_kill"] is True and meta["oom_kills"] == {"cgroup": 1}
 
 
 def test_real_processes_are_sampled_without_their_secrets(run: Callable[..., Otrace]) -> None:
