@@ -3724,9 +3724,13 @@ class Api:
         """POST /v1/traces, /v1/errors and /v1/events (and OTLP on /v1/traces, /v1/metrics, /v1/logs):
         validate, offer the rows to the queue whole, answer. OTLP is answered from its own thread."""
         service = self.service
+        if encoding := service.otlp.known(request):     # refused before its body is inflated
+            service.otlp.room(encoding)
         service.events.gate.wait()
         body = decoded_body(request, self.config.max_body_bytes)
-        if request.route in OTLP_SIGNALS and (encoding := service.otlp.recognise(request, body)):
+        if encoding is None and request.route == "/v1/traces":
+            encoding = service.otlp.recognise(body)
+        if encoding:
             return service.otlp.submit(request, body, encoding, admit=self.admit)
         rows, ignored = parse_events(body, request.route, self.config.max_events, self.config.max_text_bytes)
         self.admit(rows)
@@ -5004,25 +5008,34 @@ class OtlpReceiver:
 
     def submit(self, request: Request, body: bytes, encoding: str, *,
                admit: Callable[[list[Row], tuple], None]) -> Future:
-        """The answer to an export request, made on the receiver's thread; Refusal (503) while
-        TRACE_OTLP_BACKLOG requests wait for theirs, each holding its body."""
+        """The answer to an export request, made on the receiver's thread."""
+        self.room(encoding)
+        return self.worker.submit(functools.partial(self.export, request, body, encoding, admit=admit))
+
+    def room(self, encoding: str) -> None:
+        """Refusal (503) while TRACE_OTLP_BACKLOG requests wait for their answers, each holding its body."""
         if self.worker.in_progress >= self.config.otlp_backlog:
             self.totals.add("requests_refused")
             refusal = Refusal(503, f"{self.worker.in_progress} OTLP requests are waiting to be mapped "
                               "(TRACE_OTLP_BACKLOG); retry later", {"Retry-After": "1"})
             refusal.otlp = encoding                  # OTLP's answer, on /v1/traces as elsewhere
             raise refusal
-        return self.worker.submit(functools.partial(self.export, request, body, encoding, admit=admit))
 
-    def recognise(self, request: Request, body: bytes) -> str | None:
-        """The encoding when the request is OTLP: protobuf, or JSON on /v1/metrics and /v1/logs, or on
-        /v1/traces when its top level is resourceSpans (parsed to tell, and again when it is mapped:
-        a parsed document waiting for its turn would hold several times its body); None for otrace's
-        own."""
+    @staticmethod
+    def known(request: Request) -> str | None:
+        """The encoding of a request that is OTLP by its route and Content-Type alone: protobuf, or
+        JSON on /v1/metrics and /v1/logs; None for JSON on /v1/traces (recognise tells by the body)."""
+        if request.route not in OTLP_SIGNALS:
+            return None
         if otlp_encoding(request) == "protobuf":
             return "protobuf"
-        if request.route != "/v1/traces":
-            return "json"
+        return None if request.route == "/v1/traces" else "json"
+
+    @staticmethod
+    def recognise(body: bytes) -> str | None:
+        """The encoding of JSON on /v1/traces when its top level is resourceSpans (parsed to tell, and
+        again when it is mapped: a parsed document waiting for its turn would hold several times its
+        body); None for otrace's own."""
         if b'"resourceSpans"' not in body and b'"resource_spans"' not in body:
             return None
         with contextlib.suppress(Invalid):

@@ -9054,9 +9054,9 @@ def test_a_large_otlp_request_holds_only_its_own_client(run: Callable[..., Otrac
 def test_otlp_requests_waiting_past_the_backlog_are_answered_503_and_a_half_closed_client_is_answered(
         run: Callable[..., Otrace]) -> None:
     """Each OTLP request waiting for the thread that maps them holds its body: past TRACE_OTLP_BACKLOG
-    one more is answered 503 with Retry-After, in OTLP's form. A client that sends its request and
-    closes its side (shutdown(SHUT_WR)) still gets its answer, and then the answers to what it sent
-    behind it."""
+    one more is answered 503 with Retry-After, in OTLP's form, without its body inflated. A client
+    that sends its request and closes its side (shutdown(SHUT_WR)) still gets its answer, and then the
+    answers to what it sent behind it."""
     node = run({"TRACE_OTLP_BACKLOG": "1"})
     big = http.client.HTTPConnection("127.0.0.1", node.port, timeout=60)
     big.request("POST", "/v1/logs", error_records(20_000, "a"), headers=PROTOBUF)
@@ -9067,7 +9067,10 @@ def test_otlp_requests_waiting_past_the_backlog_are_answered_503_and_a_half_clos
     span = chat_span("1" * 32, "1" * 16, **{"gen_ai.request.model": "m"})
     as_json = node.post("/v1/traces", spans_body(span))
     assert (as_json.status, as_json.json["code"]) == (503, 14)                 # OTLP's answer, in JSON
-    assert node.health()["otlp"]["requests_refused"] == 2
+    gzipped = {**PROTOBUF, "Content-Encoding": "gzip"}
+    unread = node.post("/v1/metrics", b"\x1f\x8b not gzip", headers=gzipped)
+    assert unread.status == 503                         # refused before its body is inflated (not a 400)
+    assert node.health()["otlp"]["requests_refused"] == 3
     assert big.getresponse().status == 200
     node.wait_persisted(20_000, timeout=60)                   # one request larger than the queue at a time
     posted = json.dumps(trace()).encode()                        # pipelined behind one, then a FIN
