@@ -973,6 +973,12 @@ def stamp(file: str | int) -> Stamp | None:
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
+def int64(n: int) -> int:
+    """An unsigned 64-bit number (an inode: NFS and overlayfs may set its top bit) as SQLite's signed
+    INTEGER holds it; `% 2**64` of what is read back is the number again."""
+    return n - (1 << 64) if n >= 1 << 63 else n
+
+
 class QuietReader(Loop):
     """A loop that reads what another process writes: each tick a look (`look`), or only a few stat
     calls while the files it reads (`watched`) are as they were at a look that found nothing."""
@@ -7224,7 +7230,7 @@ class LogTailer(QuietReader):
         for dev, inode, mark, position, path, updated in db.query(
                 "SELECT dev, inode, fingerprint, position, path, updated_at FROM log_offsets "
                 "ORDER BY updated_at"):
-            self.known.setdefault((dev, inode), []).append((mark, position))
+            self.known.setdefault((dev % 2**64, inode % 2**64), []).append((mark, position))
             if Path(path).parent == folder:
                 self.followed_before, last_read = True, max(last_read, updated)
         # a rotated file written after this and never read is news: the last read, or this start
@@ -7381,10 +7387,10 @@ class LogTailer(QuietReader):
                     del extra[held:]
                     self.unreadable(followed, start, exc)
             followed.refresh_fingerprint()
+            file = int64(followed.dev), int64(followed.inode)
             if followed.fingerprint != followed.committed:     # one mark a file: none stale to resume at
-                extra.append((FORGET_SQL, (followed.dev, followed.inode, followed.fingerprint)))
-            extra.append((OFFSET_SQL, (followed.dev, followed.inode, followed.fingerprint, followed.path, end,
-                                       now_ms())))
+                extra.append((FORGET_SQL, (*file, followed.fingerprint)))
+            extra.append((OFFSET_SQL, (*file, followed.fingerprint, followed.path, end, now_ms())))
             if not self.events.offer(Unit(rows, tuple(extra), own=True)):
                 self.behind = True
                 return None
@@ -7932,7 +7938,7 @@ class SessionStore(QuietReader):
             (agent, stream): Cursor(mark, position, newest) for agent, stream, mark, position, newest in
             db.query("SELECT agent, stream, mark, position, newest FROM openclaw_positions")}
         self.usage_sessions = {session for (session,) in db.query(USAGE_SESSIONS_SQL)}
-        self.inodes = {key.removeprefix(INODE_KEY): inode for key, inode in db.query(
+        self.inodes = {key.removeprefix(INODE_KEY): inode % 2**64 for key, inode in db.query(
             "SELECT key, value FROM otrace_state WHERE substr(key, 1, ?) = ?", (len(INODE_KEY), INODE_KEY))}
         self.databases: dict[str, AgentDatabase] = {}
         self.followed: set[str] = set()        # what was said to be followed (an agent's db or files)
@@ -8110,7 +8116,7 @@ class SessionStore(QuietReader):
         now = now_ms()
         extra = [(POSITION_SQL, (agent, session, cursor.mark, cursor.position, cursor.newest, now))
                  for session, cursor in again.items()]
-        extra.append((STATE_SQL, (INODE_KEY + agent, inode, now)))
+        extra.append((STATE_SQL, (INODE_KEY + agent, int64(inode), now)))
         if not self.events.offer(Unit([], tuple(extra), own=True)):
             raise Behind
         self.cursors.update({(agent, session): cursor for session, cursor in again.items()})

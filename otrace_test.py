@@ -486,6 +486,18 @@ def test_compact_json_cuts_whole_and_refuses_what_json_cannot_carry() -> None:
         otrace.compact_json({"x": float("inf")}, 100)
 
 
+def test_an_inode_past_sqlites_signed_range_is_stored_and_read_back_as_itself() -> None:
+    """An inode with its top bit set (NFS, overlayfs) would make SQLite refuse the statement that keeps
+    the log's offset or the agent database's inode: each is stored as int64 and read back % 2**64."""
+    conn = sqlite3.connect(":memory:")
+    conn.execute("CREATE TABLE kept (value INTEGER)")
+    inodes = [0, 12, 2**63 - 1, 2**63, 2**64 - 1]
+    with pytest.raises(OverflowError):
+        conn.execute("INSERT INTO kept VALUES (?)", (2**63,))
+    conn.executemany("INSERT INTO kept VALUES (?)", [(otrace.int64(n),) for n in inodes])
+    assert [value % 2**64 for (value,) in conn.execute("SELECT value FROM kept ORDER BY rowid")] == inodes
+
+
 def test_fault_log_says_a_repeating_failure_once() -> None:
     logger = logging.getLogger("otrace.test.faults")
     records: list[logging.LogRecord] = []
