@@ -11507,6 +11507,17 @@ def cannot_start(error: str, said: str = "cannot start: ") -> None:
     print(f"otrace: {said}{error}", file=sys.stderr)
 
 
+def full_disk_note(path: str) -> str:
+    """What SQLite's error may not say (it can name a step, SQLITE_IOERR_SHMSIZE): the disk holding
+    the database has no room left for otrace (root may use the blocks kept for it)."""
+    with contextlib.suppress(OSError):
+        st = os.statvfs(Path(path).parent)
+        free = (st.f_bfree if os.geteuid() == 0 else st.f_bavail) * st.f_frsize
+        if free < 1 << 20:
+            return f"; the disk holding the database is full ({free} bytes free)"
+    return ""
+
+
 def start_service(config: Config, stop_signals: set[signal.Signals],
                   lock: DatabaseLock) -> Service | signal.Signals | None:
     """The Service, once its database opens. A fault of the environment (a full disk, an I/O error) is
@@ -11523,7 +11534,7 @@ def start_service(config: Config, stop_signals: set[signal.Signals],
             if Reserve(config.db_path, config.disk_reserve_bytes, log, config.disk_high_pct).free_for_start(
                     describe(exc)):                       # otrace's own room, left by its last run
                 continue
-            fault.failed(describe(exc))
+            fault.failed(describe(exc) + full_disk_note(config.db_path))
             received = signal.sigtimedwait(stop_signals, START_RETRY)
             if received:
                 return signal.Signals(received.si_signo)

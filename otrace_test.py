@@ -5792,6 +5792,7 @@ def test_start_on_a_full_disk_waits_for_space(tmp_path: Path, run: Callable[...,
         node = run(db=db, wait=False)
         failing = node.wait_log(lambda e: e.get("message") == "start failing")
         assert "SQLITE_FULL" in failing["error"] or "SQLITE_IOERR" in failing["error"], failing
+        assert "the disk holding the database is full" in failing["error"]    # whichever step SQLite names
         filler.unlink()
         node.wait_log(lambda e: e.get("message") == "listening", timeout=15)
         node.port = int(node.logs("listening")[0]["address"].rsplit(":", 1)[1])
