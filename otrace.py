@@ -3760,6 +3760,34 @@ class Api:
         service.counters.add("received", len(rows))
 
 
+class RefusalLog:
+    """Says a request answered 4xx at WARNING, once a minute for each kind (status, route, field), with
+    how many of that kind were refused since the last line: a client that never reads its answers
+    loses what it sends, and the log is where that shows. Only what otrace wrote is said: a body's
+    field and its fault, else the status's phrase (a bad header's text is the client's, secrets and
+    all)."""
+
+    EVERY = 60.0
+
+    def __init__(self) -> None:
+        self.last: dict[tuple[int, str, str | None], list] = {}     # kind -> [said at, refused since]
+
+    def refused(self, request: Request | None, refusal: Refusal) -> None:
+        route = request.route if request is not None and request.route in ROUTES else "other"
+        field = refusal.field if isinstance(refusal, Invalid) else None
+        said = self.last.setdefault((refusal.status, route, field), [-math.inf, 0])
+        now = time.monotonic()
+        if now - said[0] < self.EVERY:
+            said[1] += 1
+            return
+        log.warning("request refused", extra={
+            "status": refusal.status, "route": route, "method": request and request.method,
+            "error": str(refusal) if isinstance(refusal, Invalid) else HTTPStatus(refusal.status).phrase,
+            "field": field, "index": refusal.index if isinstance(refusal, Invalid) else None,
+            "client": request and request.client, "refused_since_last_line": said[1]})
+        said[:] = [now, 0]
+
+
 class IngestServer:
     """The HTTP server: one thread, at most TRACE_MAX_CONNECTIONS connections, on one or more
     listening sockets (an `optional` one that cannot be bound is logged and left out). It hangs up on
@@ -3773,6 +3801,7 @@ class IngestServer:
         config = service.config
         self.service, self.api = service, Api(service)
         self.counters = service.counters
+        self.refusals = RefusalLog()
         self.limit, self.read_timeout = config.max_connections, config.read_timeout
         self.max_body = config.max_body_bytes
         self.budget = Budget(config.max_buffered_bytes)
@@ -3949,6 +3978,8 @@ class IngestServer:
         except Refusal as refusal:                     # before the whole body is in: it stays unread
             if refusal.status == 401:                  # a client without the token loses what it sends
                 self.counters.add("unauthorized")
+            if refusal.status < 500:
+                self.refusals.refused(conn.request, refusal)
             body, content_type = self.api.refused(conn.request, refusal)
             self.finish(conn, refusal.status, body, refusal.headers, close=True, content_type=content_type)
             return True
@@ -3971,6 +4002,8 @@ class IngestServer:
         if isinstance(made, Refusal):
             status, headers = made.status, made.headers
             body, content_type = self.api.refused(conn.request, made)
+            if status < 500:
+                self.refusals.refused(conn.request, made)
         else:
             status, body, headers, content_type = made
         if status >= 400 and status != 503:

@@ -2178,6 +2178,43 @@ def test_host_of_every_ipv6_address_takes_ipv4_too(run: Callable[..., Otrace]) -
                 assert conn.getresponse().status == 200, (host, port)
 
 
+def test_a_refused_request_is_logged_once_a_minute_by_kind_without_what_the_client_wrote(
+        run: Callable[..., Otrace]) -> None:
+    """An agent that never reads its answers loses each event refused: the log says so, once a minute
+    for each (status, route, field), with otrace's words, never the client's (a header's secret)."""
+    token, secret = f"tok-{uuid.uuid4().hex}", f"s3cret-{uuid.uuid4().hex}"
+    node = run({"TRACE_INGEST_TOKEN": token})
+    auth = {"Authorization": f"Bearer {token}"}
+    for _ in range(3):
+        assert node.post("/v1/traces", trace(status="success"), headers=auth).status == 400
+    assert node.post("/v1/traces", trace(), headers={"Authorization": f"Bearer {secret}"}).status == 401
+    with socket.create_connection(("127.0.0.1", node.port), timeout=30) as sock:
+        sock.sendall(b"POST /v1/errors HTTP/1.1\r\nx-token %s\r\n\r\n" % secret.encode())
+        assert read_to_end(sock).startswith(b"HTTP/1.1 400 ")
+    node.wait_log(lambda e: e.get("message") == "request refused" and e["status"] == 400 and
+                  e["route"] == "other")                     # the head was not read: its route is not known
+    said = node.logs("request refused")
+    assert [(e["status"], e["route"], e["field"]) for e in said] == [
+        (400, "/v1/traces", "status"), (401, "/v1/traces", None), (400, "other", None)]
+    assert said[0]["error"].startswith("status ") and said[0]["index"] is None
+    assert said[1]["error"] == "Unauthorized" and said[2]["error"] == "Bad Request"
+    assert secret not in json.dumps(node.lines)
+
+
+def test_refusal_log_says_each_kind_once_a_minute_with_how_many_since(caplog: pytest.LogCaptureFixture
+                                                                      ) -> None:
+    refusals, fault = otrace.RefusalLog(), "status must be ok or error"
+    with caplog.at_level(logging.WARNING, logger="otrace"):
+        for _ in range(4):
+            refusals.refused(None, otrace.Invalid(fault, "status"))
+        refusals.refused(None, otrace.Refusal(413, "body is over 10 bytes"))
+        refusals.last[(400, "other", "status")][0] -= refusals.EVERY                # a minute later
+        refusals.refused(None, otrace.Invalid(fault, "status"))
+    said = [r for r in caplog.records if r.getMessage() == "request refused"]
+    assert [(r.status, r.error, r.refused_since_last_line) for r in said] == [
+        (400, fault, 0), (413, "Request Entity Too Large", 0), (400, fault, 3)]
+
+
 def test_ingest_token_guards_every_route_but_health_and_metrics(run: Callable[..., Otrace]) -> None:
     token = f"tok-{uuid.uuid4().hex}"
     node = run({"TRACE_INGEST_TOKEN": token})
