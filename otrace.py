@@ -8017,7 +8017,7 @@ class SessionStore(QuietReader):
         if agents is None:
             self.looked_at = ()
             return
-        self.errors = {}
+        errors: dict[str, str] = {}             # kept whole: /health never sees a look's half
         looked_at = [str(self.root / "agents")]
         for agent in agents:
             try:
@@ -8027,11 +8027,11 @@ class SessionStore(QuietReader):
                 self.behind = True
                 return
             except (OSError, sqlite3.Error) as exc:
-                self.errors[agent] = describe(exc)
+                errors[agent] = describe(exc)
                 if agent in self.databases and isinstance(exc, sqlite3.Error):
                     self.databases[agent].close()        # opened afresh at the next look
             looked_at += self.databases[agent].files
-        self.behind = False
+        self.behind, self.errors = False, errors
         if self.errors:
             raise Condition("; ".join(f"agent {a}: {e}" for a, e in self.errors.items()))
         self.looked_at = tuple(looked_at)

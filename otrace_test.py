@@ -3926,10 +3926,10 @@ def test_no_answer_after_a_signal_was_waited_out_fails_the_cycle(run: Callable[.
                              TRACE_PUSH_BREAKER_THRESHOLD="1", TRACE_PUSH_BREAKER_COOLDOWN="1h"))
     span = node.post("/v1/traces", trace()).json["trace_ids"]
     wait_synced(node, node.post("/v1/errors", {"error_type": "crash", "message": "boom"}).json["trace_ids"])
-    push = wait_until(lambda: (p := node.health()["push"])["breakers"]["traces"]["state"] == "open" and p,
-                      timeout=30, what="the traces breaker open")
-    assert push["breakers"]["logs"]["state"] == "open" and synced(node)[span[0]] == 0
-    assert len(node.logs("push cycle failed")) == 1
+    node.wait_log(lambda e: e.get("message") == "push cycle failed", timeout=30)   # the breakers opened first
+    push = node.health()["push"]
+    assert push["breakers"]["traces"]["state"] == "open" == push["breakers"]["logs"]["state"]
+    assert synced(node)[span[0]] == 0 and len(node.logs("push cycle failed")) == 1
 
 
 def test_a_row_whose_json_column_is_not_json_is_pushed_as_text(run: Callable[..., Otrace],
@@ -4053,8 +4053,8 @@ def test_a_2xx_whose_body_never_ends_does_not_stall_push(run: Callable[..., Otra
     receiver.script = [trickle(False), trickle(True)]
     node = run(push_env(receiver, TRACE_PUSH_TIMEOUT="1s", TRACE_PUSH_INTERVAL="100ms"))
     ids = []
-    for _ in range(3):                          # each batch after the last was answered (or cut off)
-        ids += post_some(node, 1)
+    for _ in range(3):                  # each batch after the last was answered (or cut off): one POST,
+        ids += node.post("/v1/traces", [trace()]).json["trace_ids"]     # so a cycle cannot split it
         wait_synced(node, ids, timeout=30)
     assert len(receiver.requests) == 3 and receiver.requests[-1]["answered"] == 200
     assert node.health()["status"] == "ok"
@@ -4307,17 +4307,17 @@ def test_breaker_opens_after_failed_cycles_and_closes_on_success(run: Callable[.
                                                                  receiver: Receiver) -> None:
     receiver.default = 503
     node = run(push_env(receiver, TRACE_PUSH_RETRIES="1", TRACE_PUSH_BREAKER_THRESHOLD="2",
-                        TRACE_PUSH_BREAKER_COOLDOWN="1s"))
+                        TRACE_PUSH_BREAKER_COOLDOWN="3s"))
     ids = post_some(node, 2)
     push = wait_until(lambda: (p := node.health()["push"])["breaker"] == "open" and p, what="breaker open")
-    assert push["consecutive_failures"] == 2 and push["next_attempt_at"]
+    assert push["consecutive_failures"] >= 2 and push["next_attempt_at"]   # more if a trial came between
     opened = len(receiver.requests)
     receiver.default = 200
     wait_synced(node, ids)
     wait_until(lambda: (p := node.health()["push"])["breaker"] == "closed" and p["consecutive_failures"] == 0,
                what="the breaker closed by the successful cycle")
     # while open, it waited: no request in the cool-down before the successful one
-    assert receiver.requests[opened]["at"] - receiver.requests[opened - 1]["at"] >= 0.9
+    assert receiver.requests[opened]["at"] - receiver.requests[opened - 1]["at"] >= 2.9
     recovered = node.wait_log(lambda e: e.get("message") == "push cycles succeed again")   # the outage ended
     assert recovered["failed_cycles"] == len(node.logs("push cycle failed")) >= 2
     assert "failed_seconds" in recovered
@@ -4974,11 +4974,18 @@ def test_an_event_retention_deletes_on_its_way_is_delivered_or_reported_lost_nev
     accepted = set(first)
     assert on_wire.wait(30)
     deadline = time.monotonic() + 60
-    while present(node, "llm_traces") & set(first):             # until retention took the batch's rows
+
+    def lost_so_far() -> int:          # the held batch's deleted rows count here until its 2xx
+        return node.query("SELECT coalesce(sum(unsynced_deleted), 0) FROM retention_ledger "
+                          "WHERE table_name = 'llm_traces'")[0][0]
+
+    # until retention took the batch's rows, and a row of the flood too (off the wire: truly lost)
+    while present(node, "llm_traces") & set(first) or lost_so_far() <= len(first):
         assert time.monotonic() < deadline, "retention never reached the rows on their way"
         answer = node.post("/v1/traces", [trace(input_text="x" * 2000) for _ in range(20)])
         accepted |= set(answer.json["trace_ids"]) if answer.status == 202 else set()
     flooded.set()
+    node.wait_persisted(len(accepted), timeout=60)       # none still queued as the last look is taken
 
     def settled() -> bool:
         return node.query("SELECT (SELECT count(*) FROM llm_traces WHERE synced = 0) + (SELECT count(*) FROM "
@@ -5171,12 +5178,11 @@ def test_a_database_past_its_high_mark_wakes_retention_before_its_interval(
     the next TRACE_CLEANUP_INTERVAL (a day here, so no pass runs on its own)."""
     cap = 1 << 20
     node = run({"TRACE_DB_MAX_BYTES": str(cap), "TRACE_CLEANUP_INTERVAL": "1d"})
-    sent = 0
-    while db_bytes(node.db_path) <= cap * otrace.Marks.HIGH:
-        assert sent < 5000, "the database never reached its high mark"
+    sent = 0                 # a pass woken by a WAL the checkpoints let grow may only shrink it: go on
+    while not node.logs("retention deleted rows that were never pushed"):
+        assert sent < 5000, "the database never reached its high mark, or no pass was woken"
         assert node.post("/v1/traces", [trace(input_text="t" * 2000) for _ in range(20)]).status == 202
         sent += 20
-    node.wait_log(lambda e: e.get("message") == "retention deleted rows that were never pushed", timeout=30)
     assert ledger(node)[("llm_traces", "pressure_unpushed")][0] > 0
 
 
