@@ -1039,6 +1039,13 @@ class Refusal(Exception):
         return {"error": str(self), "field": None}
 
 
+def answered(refusal: Refusal) -> Refusal:
+    """A refusal to be kept until it is answered, without its traceback: the frames in it hold the
+    request's body and rows, in a cycle through the frame that keeps it, which only the cyclic GC
+    frees (a flood of refusals outruns it)."""
+    return refusal.with_traceback(None)
+
+
 class Invalid(Refusal):
     """A request body that cannot be accepted, with the field (and array index) to blame."""
 
@@ -3534,6 +3541,13 @@ class Connection:
     close: bool = False                # hang up once the outbox is sent
     mask: int = 0                      # the epoll events it is registered for
     waiting: Future | None = None      # an answer another thread is making (OTLP, a profile)
+    discard: int = 0                   # bytes of a refused body still to read and drop (see linger)
+
+    @property
+    def lingering(self) -> bool:
+        """Answered and to be closed, with what the client still sends of a refused body read and
+        dropped until then."""
+        return self.discard > 0 and self.close and not self.outbox
 
     @property
     def idle(self) -> bool:
@@ -3632,14 +3646,17 @@ def is_json_type(content_type: str) -> bool:
 GZIP_FIRST_PIECE = 64                    # bytes of a gzip member inflated first: about its least
 
 
-def decoded_body(request: Request, limit: int) -> bytes:
-    """The body with its Content-Encoding undone; the decoded size counts against `limit` too."""
+def take_body(request: Request, limit: int) -> bytearray:
+    """The body, taken from the request (not copied: one held for long holds no twin), with its
+    Content-Encoding undone; the decoded size counts against `limit` too."""
     coding = request.headers.get("content-encoding", "identity").strip().lower()
     if coding in ("", "identity"):
-        return bytes(request.body)
+        body, request.body = request.body, bytearray()
+        return body
     if coding not in ("gzip", "x-gzip"):
         raise Refusal(415, f"Content-Encoding {coding!r} is not supported: gzip or none")
     body, parts, size, at = bytes(request.body), [], 0, 0
+    request.body = bytearray()
     while True:                                  # one gzip member after another, as RFC 1952 allows
         inflater, piece = zlib.decompressobj(wbits=31), GZIP_FIRST_PIECE
         while not inflater.eof:                  # pieces that double: what follows a member is copied
@@ -3655,7 +3672,7 @@ def decoded_body(request: Request, limit: int) -> bytes:
                 raise Refusal(413, f"body is over {limit} bytes once decompressed (TRACE_MAX_BODY_BYTES)")
             at, piece = at + len(chunk) - len(inflater.unused_data), piece * 2
         if at == len(body):                      # else another member, or bytes that are not gzip (400)
-            return b"".join(parts)
+            return bytearray().join(parts)
 
 
 class Api:
@@ -3733,7 +3750,7 @@ class Api:
         if encoding := service.otlp.known(request):     # refused before its body is inflated
             service.otlp.room(encoding)
         service.events.gate.wait()
-        body = decoded_body(request, self.config.max_body_bytes)
+        body = take_body(request, self.config.max_body_bytes)
         if encoding is None and request.route == "/v1/traces":
             encoding = service.otlp.recognise(body)
         if encoding:
@@ -3922,6 +3939,9 @@ class IngestServer:
     def serve(self, conn: Connection, events: int) -> None:
         """Send what is left of the last answer; read what the client sent; answer every request that
         is now whole, in order, one at a time (the next once the last is sent)."""
+        if conn.lingering:
+            self.drop_unread(conn)
+            return
         if conn.waiting is not None:                   # its answer is being made: nothing is read
             if events & (HUP | ERR):                   # reset: the client is gone
                 self.hang_up(conn)
@@ -3981,16 +4001,29 @@ class IngestServer:
             if refusal.status < 500:
                 self.refusals.refused(conn.request, refusal)
             body, content_type = self.api.refused(conn.request, refusal)
+            unread = self.unread(conn.request, conn.inbox) if not at_eof else 0
             self.finish(conn, refusal.status, body, refusal.headers, close=True, content_type=content_type)
+            conn.discard = unread
             return True
         self.answer(conn, request)
         return True
+
+    def unread(self, request: Request | None, inbox: bytearray) -> int:
+        """Bytes of a refused request's body still to come that otrace reads and drops before it hangs
+        up (linger), so that a client still sending gets to read the answer: the rest of a declared
+        length, or up to TRACE_MAX_BODY_BYTES of a chunked body; none past that (hung up at once)."""
+        if request is None or not request.has_body:
+            return 0
+        if request.length is None:
+            return self.max_body
+        left = request.length - len(request.body) - len(inbox)
+        return left if 0 < left <= self.max_body else 0
 
     def answer(self, conn: Connection, request: Request) -> None:
         try:
             made = self.api.answer(request)
         except Refusal as refusal:
-            made = refusal
+            made = answered(refusal)
         if isinstance(made, Future):
             self.defer(conn, made)
             return
@@ -4039,12 +4072,13 @@ class IngestServer:
             if self.open.get(conn.sock.fileno()) is not conn:
                 continue                                   # the client hung up meanwhile
             conn.waiting = None
-            try:
+            problem = done.exception()                     # not raised here: that traces it again
+            if problem is None:
                 made = done.result()
-            except Refusal as refusal:
-                made = refusal
-            except Exception:                              # a bug: say so, answer 500 rather than hang
-                log.exception("answer failed", extra={"client": conn.address})
+            elif isinstance(problem, Refusal):
+                made = problem
+            else:                                          # a bug: say so, answer 500 rather than hang
+                log.error("answer failed", exc_info=problem, extra={"client": conn.address})
                 made = Refusal(500, "the answer could not be made; see otrace's log")
             self.deliver(conn, made)
             self.serve(conn, OUT)                          # send it, then any request that waited
@@ -4080,7 +4114,10 @@ class IngestServer:
             self.hang_up(conn)
             return False
         if not out and conn.close:
-            self.hang_up(conn)
+            if conn.lingering:
+                self.linger(conn)
+            else:
+                self.hang_up(conn)
             return False
         mask = OUT if out else RDHUP if conn.waiting is not None else IN    # waiting: a hang-up only
         if mask != conn.mask:
@@ -4097,6 +4134,32 @@ class IngestServer:
                                              f"TRACE_READ_TIMEOUT ({self.read_timeout:g} s)", "field": None},
                                        close=True))
         self.hang_up(conn)
+
+    def linger(self, conn: Connection) -> None:
+        """The answer to a request refused before its body was read is sent: say the end (FIN), and
+        read and drop what the client still sends until it hangs up, `discard` bytes are read or its
+        TRACE_READ_TIMEOUT passes. Closed at once, a socket with unread data resets the connection,
+        and a client still sending sees a broken pipe, never the answer."""
+        with contextlib.suppress(OSError):
+            conn.sock.shutdown(socket.SHUT_WR)
+        conn.inbox.clear()
+        conn.deadline = time.monotonic() + self.read_timeout
+        conn.mask = IN
+        self.poller.modify(conn.sock.fileno(), IN)
+
+    def drop_unread(self, conn: Connection) -> None:
+        """Read what a lingering client sends, and drop it; hang up at its end or past `discard`."""
+        while True:
+            try:
+                n = conn.sock.recv_into(self.chunk)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                n = 0
+            conn.discard -= n
+            if not n or conn.discard <= 0:
+                self.hang_up(conn)
+                return
 
     def hang_up(self, conn: Connection) -> None:
         if self.open.pop(conn.sock.fileno(), None) is not None:
@@ -4117,7 +4180,7 @@ class IngestServer:
         self.closing = True
         for fd in self.listeners:
             self.poller.unregister(fd)
-        for conn in [c for c in self.open.values() if c.idle]:
+        for conn in [c for c in self.open.values() if c.idle or c.lingering]:
             self.hang_up(conn)
 
     def close(self, until: float) -> int:
@@ -4987,6 +5050,8 @@ def fulfil(future: Future, make: Callable[[], Any]) -> None:
     """Make an answer the HTTP thread waits for: `make`'s result, or what it raised."""
     try:
         future.set_result(make())
+    except Refusal as refusal:    # an answer: kept without the frames that hold the body (see answered)
+        future.set_exception(answered(refusal))
     except BaseException as exc:  # noqa: BLE001 - handed to the HTTP thread, which answers
         future.set_exception(exc)
 
@@ -5083,13 +5148,17 @@ class OtlpReceiver:
                 return "json"
         return None
 
-    def export(self, request: Request, body: bytes, encoding: str, *,
+    def export(self, request: Request, body: bytearray, encoding: str, *,
                admit: Callable[[list[Row], tuple], None]) -> tuple[int, bytes, dict, str]:
         """Answer one export request; `admit` offers its rows to the queue whole, or refuses (503)."""
         signal = OTLP_SIGNALS[request.route]
         try:
-            message = decode_otlp(signal, body, encoding)
+            try:
+                message = decode_otlp(signal, body, encoding)
+            finally:
+                body.clear()            # its job holds it too: the bytes go now, not at the next job
             export = getattr(self, signal)(message, now_ms())
+            del message
             if export.rows or export.extra:
                 admit(export.rows, tuple(export.extra))
         except Refusal as refusal:

@@ -498,6 +498,35 @@ def test_an_inode_past_sqlites_signed_range_is_stored_and_read_back_as_itself() 
     assert [value % 2**64 for (value,) in conn.execute("SELECT value FROM kept ORDER BY rowid")] == inodes
 
 
+def test_a_refusal_kept_for_its_answer_holds_no_frame_of_the_request() -> None:
+    """A refusal made on the OTLP thread waits in its Future for the HTTP thread: kept with its
+    traceback, the frames in it (the request's body, message and rows) sat in a cycle through the
+    frame that set it, freed only by the cyclic GC, which a flood of 503s outran."""
+    import gc
+    import weakref
+    from concurrent.futures import Future
+
+    class Body:
+        """Stands for a request's body: what a weak reference can watch."""
+
+    held: list[weakref.ref] = []
+
+    def make() -> None:
+        body = Body()
+        held.append(weakref.ref(body))
+        raise otrace.Refusal(503, "the queue is full")
+
+    gc.disable()
+    try:
+        future: Future = Future()
+        otrace.fulfil(future, make)
+        assert isinstance(future.exception(), otrace.Refusal)
+        del future
+        assert held[0]() is None                      # freed by its count, with no collection
+    finally:
+        gc.enable()
+
+
 def test_fault_log_says_a_repeating_failure_once() -> None:
     logger = logging.getLogger("otrace.test.faults")
     records: list[logging.LogRecord] = []
@@ -1737,6 +1766,30 @@ def test_bodies_held_across_connections_stay_within_their_budget(run: Callable[.
         assert answer_of(sock.recv(65536))[0] == 202
         sock.close()
     assert node.post("/v1/traces", body).status == 202
+
+
+def test_a_client_still_sending_a_refused_body_reads_the_answer(run: Callable[..., Otrace]) -> None:
+    """Refused before its body is read (no room among the bodies in flight, no token), a request whose
+    client goes on sending the body, as an HTTP client does before it reads, gets its answer, not a
+    broken pipe: otrace reads and drops the rest before it hangs up. The body is larger than what
+    loopback's buffers hold."""
+    token = f"tok-{uuid.uuid4().hex}"
+    node = run({"TRACE_MAX_BUFFERED_BYTES": "8MiB", "TRACE_MAX_BODY_BYTES": "8MiB",
+                "TRACE_INGEST_TOKEN": token, "TRACE_READ_TIMEOUT": "1h"})
+    body = json.dumps([trace(input_text="x" * 60_000) for _ in range(100)]).encode()    # 6 MB
+    with socket.create_connection(("127.0.0.1", node.port), timeout=30) as holder:      # 5 MB in flight
+        holder.sendall(b"POST /v1/traces HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                       b"Authorization: Bearer %s\r\nContent-Length: 5000000\r\n\r\n[" % token.encode())
+        wait_until(lambda: node.health()["connections_open"] == 2, what="the body under way (and /health)")
+        for auth, status in ((token, 503), ("wrong", 401)):
+            client = http.client.HTTPConnection("127.0.0.1", node.port, timeout=30)
+            client.request("POST", "/v1/traces", body, headers={"Content-Type": "application/json",
+                                                                "Authorization": f"Bearer {auth}"})
+            answer = client.getresponse()
+            assert (answer.status, answer.getheader("connection")) == (status, "close")
+            assert json.loads(answer.read())["error"]
+            client.close()
+    assert node.post("/v1/traces", trace(), headers={"Authorization": f"Bearer {token}"}).status == 202
 
 
 def test_http_errors(run: Callable[..., Otrace]) -> None:
@@ -9644,12 +9697,12 @@ def test_a_gzip_body_of_many_members_is_inflated_in_one_pass(monkeypatch: pytest
         return otrace.Request("POST", "/v1/events", "/v1/events", "HTTP/1.1", {"content-encoding": "gzip"},
                               False, len(raw), False, bytearray(raw))
 
-    assert otrace.decoded_body(request(body), 1 << 20) == b'{"a": "' + large + b'"}'
+    assert otrace.take_body(request(body), 1 << 20) == b'{"a": "' + large + b'"}'
     assert sum(fed) <= 4 * len(body)                    # 64 bytes for each 20-byte member
     with pytest.raises(otrace.Refusal, match="ends early"):
-        otrace.decoded_body(request(body[:-5]), 1 << 20)
+        otrace.take_body(request(body[:-5]), 1 << 20)
     with pytest.raises(otrace.Refusal, match="over 1000 bytes"):
-        otrace.decoded_body(request(body), 1000)
+        otrace.take_body(request(body), 1000)
 
 
 def test_custom_events_are_pushed_and_retained_like_the_others(run: Callable[..., Otrace],
