@@ -1042,7 +1042,9 @@ class Refusal(Exception):
 def answered(refusal: Refusal) -> Refusal:
     """A refusal to be kept until it is answered, without its traceback: the frames in it hold the
     request's body and rows, in a cycle through the frame that keeps it, which only the cyclic GC
-    frees (a flood of refusals outruns it)."""
+    frees (a flood of refusals outruns it). The exception it was raised from, shown or not, holds them
+    too."""
+    refusal.__context__ = refusal.__cause__ = None
     return refusal.with_traceback(None)
 
 
@@ -1050,9 +1052,14 @@ class Invalid(Refusal):
     """A request body that cannot be accepted, with the field (and array index) to blame."""
 
     def __init__(self, message: str, field: str | None = None, index: int | None = None,
-                 status: int = 400) -> None:
+                 status: int = 400, *, quoted: bool = False) -> None:
         super().__init__(status, message)
         self.field, self.index = field, index
+        self.quoted = quoted             # after its first ": ", a parser's words quoting the client's text
+
+    def said(self) -> str:
+        """The message as the log may hold it: otrace's own words, never what the client sent."""
+        return str(self).split(": ", 1)[0] if self.quoted else str(self)
 
     def body(self) -> dict[str, Any]:
         out: dict[str, Any] = {"error": str(self), "field": self.field}
@@ -3779,30 +3786,36 @@ class Api:
 
 class RefusalLog:
     """Says a request answered 4xx at WARNING, once a minute for each kind (status, route, field), with
-    how many of that kind were refused since the last line: a client that never reads its answers
-    loses what it sends, and the log is where that shows. Only what otrace wrote is said: a body's
-    field and its fault, else the status's phrase (a bad header's text is the client's, secrets and
-    all)."""
+    how many of that kind were answered since the last line; those of a burst that ended are said once
+    its minute is up (`flush`). A client that never reads its answers loses what it sends, and the log
+    is where that shows. Only otrace's words are said: a body's field and its fault, else the status's
+    phrase (a bad header's text is the client's, secrets and all). Used by the HTTP thread alone."""
 
     EVERY = 60.0
+    METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
     def __init__(self) -> None:
-        self.last: dict[tuple[int, str, str | None], list] = {}     # kind -> [said at, refused since]
+        self.last: dict[tuple[int, str, str | None], list] = {}   # kind -> [said at, since, its line]
 
     def refused(self, request: Request | None, refusal: Refusal) -> None:
         route = request.route if request is not None and request.route in ROUTES else "other"
-        field = refusal.field if isinstance(refusal, Invalid) else None
-        said = self.last.setdefault((refusal.status, route, field), [-math.inf, 0])
-        now = time.monotonic()
-        if now - said[0] < self.EVERY:
-            said[1] += 1
-            return
-        log.warning("request refused", extra={
-            "status": refusal.status, "route": route, "method": request and request.method,
-            "error": str(refusal) if isinstance(refusal, Invalid) else HTTPStatus(refusal.status).phrase,
-            "field": field, "index": refusal.index if isinstance(refusal, Invalid) else None,
-            "client": request and request.client, "refused_since_last_line": said[1]})
-        said[:] = [now, 0]
+        invalid = refusal if isinstance(refusal, Invalid) else None
+        field = invalid and invalid.field
+        said = self.last.setdefault((refusal.status, route, field), [-math.inf, 0, {}])
+        said[1] += 1
+        said[2] = {"status": refusal.status, "route": route,
+                   "method": request and (request.method if request.method in self.METHODS else "other"),
+                   "error": invalid.said() if invalid else HTTPStatus(refusal.status).phrase,
+                   "field": field, "index": invalid and invalid.index, "client": request and request.client}
+        self.flush(said)
+
+    def flush(self, said: list | None = None, *, now: float | None = None) -> None:
+        """Say each kind whose minute is up and that has refusals unsaid (or only `said`)."""
+        now = time.monotonic() if now is None else now
+        for entry in [said] if said is not None else self.last.values():
+            if entry[1] and now - entry[0] >= self.EVERY:
+                log.warning("request refused", extra={**entry[2], "refused_since_last_line": entry[1] - 1})
+                entry[:2] = [now, 0]
 
 
 class IngestServer:
@@ -3883,6 +3896,8 @@ class IngestServer:
                     next_reap = now + tick
                     for conn in [c for c in self.open.values() if c.deadline < now]:
                         self.time_out(conn)
+                    self.refusals.flush()
+            self.refusals.flush(now=math.inf)          # a burst's count, said before the stop
             self.cut = len(self.open)
             for conn in list(self.open.values()):
                 self.hang_up(conn)
@@ -4015,7 +4030,7 @@ class IngestServer:
         if request is None or not request.has_body:
             return 0
         if request.length is None:
-            return self.max_body
+            return 2 * self.max_body + HEAD_LIMIT      # its chunks' size lines come on top of the body
         left = request.length - len(request.body) - len(inbox)
         return left if 0 < left <= self.max_body else 0
 
@@ -4345,7 +4360,8 @@ def decode_otlp(signal: str, body: bytes, encoding: str) -> Any:
         try:
             return request_class.FromString(body)
         except (DecodeError, RecursionError) as exc:
-            raise Invalid(f"body is not an OTLP/protobuf {request_class.DESCRIPTOR.name}: {exc}") from None
+            raise Invalid(f"body is not an OTLP/protobuf {request_class.DESCRIPTOR.name}: {exc}",
+                          quoted=True) from None
     doc = json_body(body)
     if not isinstance(doc, dict) or (doc and not any(key in doc for key in OTLP_TOP[signal])):
         raise Invalid(f"body is not OTLP JSON: its top level must be an object with {OTLP_TOP[signal][0]}")
@@ -4354,7 +4370,7 @@ def decode_otlp(signal: str, body: bytes, encoding: str) -> Any:
         _hex_ids_to_base64(doc)
         return json_format.ParseDict(doc, request_class(), ignore_unknown_fields=True)
     except json_format.ParseError as exc:
-        raise Invalid(f"body is not OTLP JSON: {exc}") from None
+        raise Invalid(f"body is not OTLP JSON: {exc}", quoted=True) from None
     except RecursionError:
         raise Invalid("body is nested too deeply") from None
 
@@ -11614,9 +11630,8 @@ def full_disk_note(path: str) -> str:
     the database has no room left for otrace (root may use the blocks kept for it)."""
     with contextlib.suppress(OSError):
         st = os.statvfs(Path(path).parent)
-        free = (st.f_bfree if os.geteuid() == 0 else st.f_bavail) * st.f_frsize
-        if free < 1 << 20:
-            return f"; the disk holding the database is full ({free} bytes free)"
+        if (st.f_bfree if os.geteuid() == 0 else st.f_bavail) * st.f_frsize < 1 << 20:
+            return "; the disk holding the database is full"    # no count: the line is said once
     return ""
 
 

@@ -511,18 +511,27 @@ def test_a_refusal_kept_for_its_answer_holds_no_frame_of_the_request() -> None:
 
     held: list[weakref.ref] = []
 
-    def make() -> None:
+    def full() -> None:
         body = Body()
         held.append(weakref.ref(body))
         raise otrace.Refusal(503, "the queue is full")
 
+    def unparsable() -> None:                 # `from None` hides the error it came from, still kept
+        body = Body()
+        held.append(weakref.ref(body))
+        try:
+            json.loads("{")
+        except ValueError:
+            raise otrace.Invalid("body is not valid JSON") from None
+
     gc.disable()
     try:
-        future: Future = Future()
-        otrace.fulfil(future, make)
-        assert isinstance(future.exception(), otrace.Refusal)
-        del future
-        assert held[0]() is None                      # freed by its count, with no collection
+        for make in (full, unparsable):
+            future: Future = Future()
+            otrace.fulfil(future, make)
+            assert isinstance(future.exception(), otrace.Refusal)
+            del future
+            assert held[-1]() is None, make           # freed by its count, with no collection
     finally:
         gc.enable()
 
@@ -1789,6 +1798,12 @@ def test_a_client_still_sending_a_refused_body_reads_the_answer(run: Callable[..
             assert (answer.status, answer.getheader("connection")) == (status, "close")
             assert json.loads(answer.read())["error"]
             client.close()
+    # chunked, 8 bytes a chunk: 13 MB on the wire for 8 MB of body, the size lines on top
+    chunked = re.sub(rb"(?s)(.{8})", rb"8\r\n\1\r\n", b"x" * 8_000_000) + b"0\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", node.port), timeout=30) as sock:
+        sock.sendall(b"POST /v1/traces HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Transfer-Encoding: chunked\r\nAuthorization: Bearer wrong\r\n\r\n" + chunked)
+        assert read_to_end(sock).startswith(b"HTTP/1.1 401 ")
     assert node.post("/v1/traces", trace(), headers={"Authorization": f"Bearer {token}"}).status == 202
 
 
@@ -2257,15 +2272,22 @@ def test_a_refused_request_is_logged_once_a_minute_by_kind_without_what_the_clie
 def test_refusal_log_says_each_kind_once_a_minute_with_how_many_since(caplog: pytest.LogCaptureFixture
                                                                       ) -> None:
     refusals, fault = otrace.RefusalLog(), "status must be ok or error"
+    secret = "sk-live-SECRET-1111"
     with caplog.at_level(logging.WARNING, logger="otrace"):
         for _ in range(4):
             refusals.refused(None, otrace.Invalid(fault, "status"))
         refusals.refused(None, otrace.Refusal(413, "body is over 10 bytes"))
         refusals.last[(400, "other", "status")][0] -= refusals.EVERY                # a minute later
         refusals.refused(None, otrace.Invalid(fault, "status"))
+        for _ in range(3):                                   # a burst, then none: said when its minute is up
+            refusals.refused(None, otrace.Invalid(f"body is not OTLP JSON: {secret!r}", quoted=True))
+        refusals.flush()
+        refusals.flush(now=time.monotonic() + refusals.EVERY)
     said = [r for r in caplog.records if r.getMessage() == "request refused"]
     assert [(r.status, r.error, r.refused_since_last_line) for r in said] == [
-        (400, fault, 0), (413, "Request Entity Too Large", 0), (400, fault, 3)]
+        (400, fault, 0), (413, "Request Entity Too Large", 0), (400, fault, 3),
+        (400, "body is not OTLP JSON", 0), (400, "body is not OTLP JSON", 1)]
+    assert secret not in caplog.text
 
 
 def test_ingest_token_guards_every_route_but_health_and_metrics(run: Callable[..., Otrace]) -> None:
