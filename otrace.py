@@ -4129,7 +4129,7 @@ class IngestServer:
             self.hang_up(conn)
             return False
         if not out and conn.close:
-            if conn.lingering:
+            if conn.lingering and not self.closing:     # at a stop there is no time to read it
                 self.linger(conn)
             else:
                 self.hang_up(conn)
@@ -4144,10 +4144,11 @@ class IngestServer:
         """A client past TRACE_READ_TIMEOUT: one that was sending a request is told so (408, if its
         socket takes it now); an idle one, or one not taking its answer, is simply closed."""
         if (conn.inbox or conn.request is not None) and not conn.outbox:
+            late = Refusal(408, f"the request did not arrive whole within TRACE_READ_TIMEOUT "
+                                f"({self.read_timeout:g} s)")
+            self.refusals.refused(conn.request, late)
             with contextlib.suppress(OSError):
-                conn.sock.send(respond(408, {"error": f"the request did not arrive whole within "
-                                             f"TRACE_READ_TIMEOUT ({self.read_timeout:g} s)", "field": None},
-                                       close=True))
+                conn.sock.send(respond(408, late.body(), close=True))
         self.hang_up(conn)
 
     def linger(self, conn: Connection) -> None:

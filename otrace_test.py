@@ -1947,6 +1947,8 @@ def test_slow_client_is_cut_off_and_others_are_served(run: Callable[..., Otrace]
         slow.sendall(b"Host: x\r\n")                               # keeps trickling
         status, error = answer_of(read_to_end(slow))               # told, and closed, at its deadline
         assert status == 408 and "TRACE_READ_TIMEOUT (0.5 s)" in error["error"]
+    said = node.wait_log(lambda e: e.get("message") == "request refused")
+    assert (said["status"], said["route"], said["error"]) == (408, "other", "Request Timeout")
     node.wait_persisted(1)
 
 
