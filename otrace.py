@@ -4025,8 +4025,9 @@ class IngestServer:
 
     def unread(self, request: Request | None, inbox: bytearray) -> int:
         """Bytes of a refused request's body still to come that otrace reads and drops before it hangs
-        up (linger), so that a client still sending gets to read the answer: the rest of a declared
-        length, or up to TRACE_MAX_BODY_BYTES of a chunked body; none past that (hung up at once)."""
+        up (linger), so that a client still sending gets to read the answer: the rest of a length
+        declared up to TRACE_MAX_BODY_BYTES (none past it: hung up at once), or what such a body takes
+        on the wire when chunked."""
         if request is None or not request.has_body:
             return 0
         if request.length is None:
@@ -5127,7 +5128,7 @@ class OtlpReceiver:
         self.totals = Counters(OTLP_COUNTERS)
         self.worker = Worker("otrace-otlp")
 
-    def submit(self, request: Request, body: bytes, encoding: str, *,
+    def submit(self, request: Request, body: bytearray, encoding: str, *,
                admit: Callable[[list[Row], tuple], None]) -> Future:
         """The answer to an export request, made on the receiver's thread."""
         self.room(encoding)
@@ -5153,7 +5154,7 @@ class OtlpReceiver:
         return None if request.route == "/v1/traces" else "json"
 
     @staticmethod
-    def recognise(body: bytes) -> str | None:
+    def recognise(body: bytearray) -> str | None:
         """The encoding of JSON on /v1/traces when its top level is resourceSpans (parsed to tell, and
         again when it is mapped: a parsed document waiting for its turn would hold several times its
         body); None for otrace's own."""
