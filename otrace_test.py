@@ -10491,13 +10491,14 @@ def test_a_real_gateway_killed_by_the_oom_killer_says_so(tmp_path: Path) -> None
             wait_until(lambda: (h := node.health()["host"]) and h["gateway_pid"] == gateway.pid,
                        what="the gateway found")
             gateway.send_signal(signal.SIGUSR2)
-            assert gateway.wait(60) == -signal.SIGKILL                  # the OOM killer's doing
+            assert gateway.wait(60) == -signal.SIGKILL, node.lines[-5:]   # the OOM killer's doing
             gone = wait_until(lambda: error_rows(node, "process_crash"), what="the gateway gone")[0]
             meta = json.loads(gone["metadata"])
-            assert meta["old"]["pid"] == gateway.pid and meta["oom_kill"] is True
-            assert meta["oom_kills"]["cgroup"] == 1 and "OOM killer" in gone["message"]
-            assert error_rows(node, "oom_kill")
-            assert node.stop() == 0
+            said = (gone["message"], error_rows(node, "oom_kill"), node.lines[-8:])   # shown if it fails
+            assert meta["old"]["pid"] == gateway.pid and meta["oom_kill"] is True, said
+            assert meta["oom_kills"]["cgroup"] == 1 and "OOM killer" in gone["message"], said
+            assert error_rows(node, "oom_kill"), said
+            assert node.stop() == 0, node.lines[-5:]
         finally:
             gateway.kill()
             gateway.wait(10)
