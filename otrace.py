@@ -453,9 +453,11 @@ class Config:
     read_timeout: float = setting("10s", duration("100ms", "1h"), "Longest a client may take to send one "
                                   "whole request or to take its answer, and to stay idle between "
                                   "requests on a kept-alive connection.")
-    max_connections: int = setting("256", count(1, 10_000), "Open client connections; the next one is "
-                                   "answered 503 and closed. Lowered at start to what the process's "
-                                   "file-descriptor limit allows.")
+    max_connections: int = setting("256", count(1, 10_000), "Open client connections. 8 more serve only "
+                                   "GET and HEAD on /health and /metrics (probes, scrapes) for as long "
+                                   "as they stay open; the next one is answered 503 and closed. Lowered "
+                                   "at start to what the process's file-descriptor limit allows, the 8 "
+                                   "counted in.")
     shutdown_timeout: float = setting("4s", duration("500ms", "10m"), "Time from SIGTERM to exit: answer "
                                       "in-flight requests, write the queue, push what time allows, "
                                       "checkpoint, close.")
@@ -3393,6 +3395,10 @@ READ_CHUNK = 65536
 ROUTES = {"/v1/traces": ("POST",), "/v1/errors": ("POST",), "/v1/metrics": ("POST",), "/v1/logs": ("POST",),
           "/v1/events": ("POST",), "/health": ("GET", "HEAD"), "/metrics": ("GET", "HEAD")}
 PUBLIC_ROUTES = frozenset({"/health", "/metrics"})     # answered without the ingest token
+# Connections over TRACE_MAX_CONNECTIONS that serve GET and HEAD on PUBLIC_ROUTES only, so that a flood
+# holding every slot does not fail the liveness probe or the scrape. A constant: a probe or a scrape is
+# one short request at a time, and 8 is plenty for the few that come at once.
+PROBE_RESERVE = 8
 _DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 _BUSY_BODY = b'{"error": "too many connections; retry later", "field": null}'
@@ -3549,6 +3555,7 @@ class Connection:
     mask: int = 0                      # the epoll events it is registered for
     waiting: Future | None = None      # an answer another thread is making (OTLP, a profile)
     discard: int = 0                   # bytes of a refused body still to read and drop (see linger)
+    probe: bool = False                # accepted into PROBE_RESERVE: probes only, for its whole life
 
     @property
     def lingering(self) -> bool:
@@ -3819,10 +3826,11 @@ class RefusalLog:
 
 
 class IngestServer:
-    """The HTTP server: one thread, at most TRACE_MAX_CONNECTIONS connections, on one or more
-    listening sockets (an `optional` one that cannot be bound is logged and left out). It hangs up on
-    a client that takes longer than TRACE_READ_TIMEOUT to send a whole request or to take its answer,
-    and at shutdown closes the idle connections and finishes the busy ones."""
+    """The HTTP server: one thread, at most TRACE_MAX_CONNECTIONS connections (and PROBE_RESERVE more
+    that serve /health and /metrics only, each for as long as it stays open), on one or more listening
+    sockets (an `optional` one that cannot be bound is logged and left out). It hangs up on a client
+    that takes longer than TRACE_READ_TIMEOUT to send a whole request or to take its answer, and at
+    shutdown closes the idle connections and finishes the busy ones."""
 
     BACKLOG = 128
 
@@ -3857,6 +3865,7 @@ class IngestServer:
         self.close_asked = False
         self.made: collections.deque[tuple[Connection, Future]] = collections.deque()  # made by others
         self.open: dict[int, Connection] = {}
+        self.probes = 0                            # of the open connections, those in PROBE_RESERVE
         self.chunk = memoryview(bytearray(READ_CHUNK))
         self.accept_fault = FaultLog(log, "accepting connections")
         self.closing = False
@@ -3934,7 +3943,8 @@ class IngestServer:
                     return
                 continue                                      # that client gave up
             self.accept_fault.cleared()
-            if len(self.open) >= self.limit:
+            over = len(self.open) - self.probes >= self.limit
+            if over and self.probes >= PROBE_RESERVE:
                 self.counters.add("connections_refused")
                 with contextlib.suppress(OSError):
                     sock.sendall(TOO_MANY_CONNECTIONS)
@@ -3947,7 +3957,8 @@ class IngestServer:
                 continue
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn = Connection(sock, address[0], time.monotonic() + self.read_timeout, mask=IN)
+            conn = Connection(sock, address[0], time.monotonic() + self.read_timeout, mask=IN, probe=over)
+            self.probes += over
             self.open[sock.fileno()] = conn
             self.poller.register(sock.fileno(), IN)
 
@@ -3997,6 +4008,10 @@ class IngestServer:
                 conn.deadline = time.monotonic() + self.read_timeout
                 request = conn.request = parse_head(*head)
                 request.client = conn.address
+                if conn.probe and (request.method not in ("GET", "HEAD")       # a reserve connection
+                                   or request.route not in PUBLIC_ROUTES):   # serves probes only
+                    self.counters.add("connections_refused")
+                    raise Refusal(503, "too many connections; retry later", {"Retry-After": "1"})
                 self.api.begin(request)
                 if request.length:
                     self.budget.take(request.length)
@@ -4180,6 +4195,7 @@ class IngestServer:
 
     def hang_up(self, conn: Connection) -> None:
         if self.open.pop(conn.sock.fileno(), None) is not None:
+            self.probes -= conn.probe
             if conn.waiting is not None:
                 conn.waiting.cancel()            # an answer not begun is not made for a client gone
             self.budget.give(conn.reserved)
@@ -10438,7 +10454,8 @@ def prometheus(report: dict[str, Any]) -> str:
         *((prometheus_labels(loop=loop), 1) for loop in report["loops_failing"]))
     for name, text in EVENT_HELP.items():
         add(f"events_{name}_total", "counter", text, ("", report[f"events_{name}"]))
-    add("connections_refused_total", "counter", "Connections over TRACE_MAX_CONNECTIONS.",
+    add("connections_refused_total", "counter", "Connections, and requests on the probes' reserve, "
+        "refused over TRACE_MAX_CONNECTIONS.",
         ("", report["connections_refused"]))
     add("requests_unauthorized_total", "counter", "Requests answered 401: no or a wrong TRACE_INGEST_TOKEN.",
         ("", report["requests_unauthorized"]))
@@ -11595,14 +11612,14 @@ def settled(config: Config) -> Config:
     import resource  # noqa: PLC0415 - imported where needed (see the imports)
     config = dataclasses.replace(config, db_path=os.path.realpath(config.db_path))
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    needed = config.max_connections + SPARE_DESCRIPTORS
+    needed = config.max_connections + PROBE_RESERVE + SPARE_DESCRIPTORS
     if soft != resource.RLIM_INFINITY and soft < needed:
         raised = needed if hard == resource.RLIM_INFINITY else min(hard, needed)
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
             soft = raised
     if soft != resource.RLIM_INFINITY and soft < needed:
-        allowed = max(1, soft - SPARE_DESCRIPTORS)
+        allowed = max(1, soft - PROBE_RESERVE - SPARE_DESCRIPTORS)
         log.warning("TRACE_MAX_CONNECTIONS is over what the file-descriptor limit allows: lowered", extra={
             "max_connections": config.max_connections, "lowered_to": allowed, "nofile_limit": soft})
         config = dataclasses.replace(config, max_connections=allowed)

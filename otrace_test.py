@@ -1997,9 +1997,10 @@ def test_a_client_that_does_not_read_its_answers_holds_no_one_up(svc: Otrace) ->
 
 def test_connection_limit_answers_503(run: Callable[..., Otrace]) -> None:
     node = run({"TRACE_MAX_CONNECTIONS": "2"})
-    held = [socket.create_connection(("127.0.0.1", node.port), timeout=30) for _ in range(2)]
+    held = [socket.create_connection(("127.0.0.1", node.port), timeout=30)
+            for _ in range(2 + otrace.PROBE_RESERVE)]
     try:
-        # the server accepts in arrival order, so the two held connections hold both slots
+        # the server accepts in arrival order, so the held connections hold both slots and the reserve
         with socket.create_connection(("127.0.0.1", node.port), timeout=30) as extra:
             answer = extra.recv(4096)
         assert answer.startswith(b"HTTP/1.1 503 ") and b"Retry-After: 1" in answer
@@ -2011,6 +2012,54 @@ def test_connection_limit_answers_503(run: Callable[..., Otrace]) -> None:
         for sock in held:
             sock.close()
     assert wait_until(lambda: node.request("GET", "/health").status == 200, what="slots free again")
+
+
+def test_probes_are_answered_over_the_connection_limit(run: Callable[..., Otrace]) -> None:
+    """Clients holding every connection do not get a busy otrace restarted by its liveness probe: a
+    reserve of connections over TRACE_MAX_CONNECTIONS serves GET and HEAD on /health and /metrics, and
+    refuses anything else as over the limit, for as long as the connection lasts; past the reserve,
+    every connection is refused as before."""
+    node = run({"TRACE_MAX_CONNECTIONS": "2"})
+    # the server accepts in arrival order, so the two held connections hold both slots
+    held = [socket.create_connection(("127.0.0.1", node.port), timeout=30) for _ in range(2)]
+    probe = http.client.HTTPConnection("127.0.0.1", node.port, timeout=30)
+    probes: list[http.client.HTTPConnection] = []
+    try:
+        assert node.request("GET", "/health", conn=probe).status == 200      # over the limit
+        head = node.request("HEAD", "/metrics", conn=probe)                  # kept alive
+        assert (head.status, head.body) == (200, b"")
+        assert node.request("GET", "/metrics", conn=probe).status == 200
+        with socket.create_connection(("127.0.0.1", node.port), timeout=30) as eager:   # a reserve one
+            body = b"x" * (256 << 10)               # still being sent when refused: read and dropped
+            eager.sendall(request_head(len(body)) + body)
+            refused = read_to_end(eager)
+        status, error = answer_of(refused)
+        assert (status, error["error"]) == (503, "too many connections; retry later")
+        assert b"\r\nRetry-After: 1\r\n" in refused and b"\r\nConnection: close\r\n" in refused
+        probe.sock.sendall(request_head(len(SMALL_EVENT)) + SMALL_EVENT)     # its probes answered,
+        refused = read_to_end(probe.sock)                                    # the probe posts
+        assert answer_of(refused) == (503, {"error": "too many connections; retry later", "field": None})
+        assert b"\r\nRetry-After: 1\r\n" in refused
+        probe.close()                               # the server hung up (read to its end): reserve free
+        for _ in range(otrace.PROBE_RESERVE):
+            probes.append(http.client.HTTPConnection("127.0.0.1", node.port, timeout=30))
+            assert node.request("GET", "/health", conn=probes[-1]).status == 200
+        for request in (b"", b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"):   # past the reserve
+            with socket.create_connection(("127.0.0.1", node.port), timeout=30) as extra:
+                extra.sendall(request)
+                assert read_to_end(extra) == otrace.TOO_MANY_CONNECTIONS
+        scrape = node.request("GET", "/metrics", conn=probes[0]).body.decode()
+        assert "\notrace_connections_refused_total 4\n" in scrape
+    finally:
+        for sock in held:
+            sock.close()
+    wait_until(lambda: node.request("GET", "/health", conn=probes[0]).json["connections_open"]
+               == otrace.PROBE_RESERVE, what="the held connections closed")
+    assert node.post("/v1/traces", trace()).status == 202          # a slot is free: a new client's
+    probes[1].sock.sendall(request_head(len(SMALL_EVENT)) + SMALL_EVENT)   # a reserve one's is not
+    assert answer_of(read_to_end(probes[1].sock))[0] == 503
+    for conn in probes:
+        conn.close()
 
 
 @pytest.mark.skipif(not shutil.which("prlimit"), reason="needs prlimit (util-linux)")
@@ -5758,15 +5807,21 @@ def test_max_connections_over_the_descriptor_limit_is_lowered_and_said(tmp_path:
     node = run({"TRACE_MAX_CONNECTIONS": "10000"},
                command=["prlimit", "--nofile=200:200", *START])
     lowered = node.wait_log(lambda e: e.get("message", "").startswith("TRACE_MAX_CONNECTIONS is over"))
-    assert lowered["lowered_to"] == 200 - otrace.SPARE_DESCRIPTORS and lowered["nofile_limit"] == 200
-    assert node.logs("starting")[0]["settings"]["max_connections"] == 136
-    socks = [socket.create_connection(("127.0.0.1", node.port)) for _ in range(135)]
-    wait_until(lambda: node.health()["connections_open"] == 136, what="all but one connection open")
+    assert lowered["lowered_to"] == 200 - otrace.PROBE_RESERVE - otrace.SPARE_DESCRIPTORS
+    assert lowered["nofile_limit"] == 200 and node.logs("starting")[0]["settings"]["max_connections"] == 128
+    socks = [socket.create_connection(("127.0.0.1", node.port)) for _ in range(127)]
+    wait_until(lambda: node.health()["connections_open"] == 128, what="all but one connection open")
     socks.append(socket.create_connection(("127.0.0.1", node.port)))
+    probes = [http.client.HTTPConnection("127.0.0.1", node.port, timeout=30)
+              for _ in range(otrace.PROBE_RESERVE)]
+    for probe in probes:                        # the reserve has descriptors of its own
+        assert node.request("GET", "/health", conn=probe).status == 200
     with socket.create_connection(("127.0.0.1", node.port), timeout=30) as extra:
         assert read_to_end(extra).startswith(b"HTTP/1.1 503 ")         # refused by the limit, not EMFILE
     for sock in socks:
         sock.close()
+    for probe in probes:
+        probe.close()
     assert node.logs("accepting connections failing") == []
 
 
