@@ -455,7 +455,8 @@ class Config:
                                   "requests on a kept-alive connection.")
     max_connections: int = setting("256", count(1, 10_000), "Open client connections. 8 more serve only "
                                    "GET and HEAD on /health and /metrics (probes, scrapes) for as long "
-                                   "as they stay open; the next one is answered 503 and closed. Lowered "
+                                   "as they stay open; a new one takes the place of the oldest of them "
+                                   "that holds no request, else it is answered 503 and closed. Lowered "
                                    "at start to what the process's file-descriptor limit allows, the 8 "
                                    "counted in.")
     shutdown_timeout: float = setting("4s", duration("500ms", "10m"), "Time from SIGTERM to exit: answer "
@@ -3865,7 +3866,7 @@ class IngestServer:
         self.close_asked = False
         self.made: collections.deque[tuple[Connection, Future]] = collections.deque()  # made by others
         self.open: dict[int, Connection] = {}
-        self.probes = 0                            # of the open connections, those in PROBE_RESERVE
+        self.reserve: dict[int, Connection] = {}    # the open ones in PROBE_RESERVE, oldest first
         self.chunk = memoryview(bytearray(READ_CHUNK))
         self.accept_fault = FaultLog(log, "accepting connections")
         self.closing = False
@@ -3943,8 +3944,8 @@ class IngestServer:
                     return
                 continue                                      # that client gave up
             self.accept_fault.cleared()
-            over = len(self.open) - self.probes >= self.limit
-            if over and self.probes >= PROBE_RESERVE:
+            over = len(self.open) - len(self.reserve) >= self.limit
+            if over and len(self.reserve) >= PROBE_RESERVE and not self.make_room():
                 self.counters.add("connections_refused")
                 with contextlib.suppress(OSError):
                     sock.sendall(TOO_MANY_CONNECTIONS)
@@ -3958,9 +3959,19 @@ class IngestServer:
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn = Connection(sock, address[0], time.monotonic() + self.read_timeout, mask=IN, probe=over)
-            self.probes += over
+            if over:
+                self.reserve[sock.fileno()] = conn
             self.open[sock.fileno()] = conn
             self.poller.register(sock.fileno(), IN)
+
+    def make_room(self) -> bool:
+        """Hang up on the oldest reserve connection that holds nothing of a request (silent since it
+        came, or idle after its answers), so that clients that connect and send nothing cannot keep a
+        probe out. False when each of them is busy."""
+        silent = next((c for c in self.reserve.values() if c.idle and not c.lingering), None)
+        if silent is not None:
+            self.hang_up(silent)
+        return silent is not None
 
     def serve(self, conn: Connection, events: int) -> None:
         """Send what is left of the last answer; read what the client sent; answer every request that
@@ -4008,8 +4019,8 @@ class IngestServer:
                 conn.deadline = time.monotonic() + self.read_timeout
                 request = conn.request = parse_head(*head)
                 request.client = conn.address
-                if conn.probe and (request.method not in ("GET", "HEAD")       # a reserve connection
-                                   or request.route not in PUBLIC_ROUTES):   # serves probes only
+                if conn.probe and (request.method not in ("GET", "HEAD") or request.has_body   # a reserve
+                                   or request.route not in PUBLIC_ROUTES):   # connection serves probes only
                     self.counters.add("connections_refused")
                     raise Refusal(503, "too many connections; retry later", {"Retry-After": "1"})
                 self.api.begin(request)
@@ -4195,7 +4206,7 @@ class IngestServer:
 
     def hang_up(self, conn: Connection) -> None:
         if self.open.pop(conn.sock.fileno(), None) is not None:
-            self.probes -= conn.probe
+            self.reserve.pop(conn.sock.fileno(), None)
             if conn.waiting is not None:
                 conn.waiting.cancel()            # an answer not begun is not made for a client gone
             self.budget.give(conn.reserved)

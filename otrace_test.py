@@ -11,6 +11,7 @@ import collections
 import contextlib
 import csv
 import errno
+import fcntl
 import functools
 import gzip
 import http.client
@@ -29,8 +30,10 @@ import signal
 import socket
 import sqlite3
 import stat
+import struct
 import subprocess
 import sys
+import termios
 import threading
 import time
 import urllib.parse
@@ -287,6 +290,14 @@ def read_to_end(sock: socket.socket) -> bytes:
 def answer_of(raw: bytes) -> tuple[int, dict[str, Any]]:
     head, _, body = raw.partition(b"\r\n\r\n")
     return int(head.split(b" ", 2)[1]), json.loads(body)
+
+
+def begun(sock: socket.socket) -> None:
+    """Send the start of a request, and wait until otrace's side has it (nothing left unacknowledged):
+    the connection is then busy to otrace, not idle."""
+    sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+    wait_until(lambda: struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, bytes(4)))[0] == 0,
+               what="the request's start received")
 
 
 def readable(sock: socket.socket, timeout: float) -> bool:
@@ -2000,7 +2011,10 @@ def test_connection_limit_answers_503(run: Callable[..., Otrace]) -> None:
     held = [socket.create_connection(("127.0.0.1", node.port), timeout=30)
             for _ in range(2 + otrace.PROBE_RESERVE)]
     try:
-        # the server accepts in arrival order, so the held connections hold both slots and the reserve
+        # the server accepts in arrival order, so the held connections hold both slots and the reserve,
+        # each busy with a request begun (an idle one in the reserve gives way to a newcomer)
+        for sock in held:
+            begun(sock)
         with socket.create_connection(("127.0.0.1", node.port), timeout=30) as extra:
             answer = extra.recv(4096)
         assert answer.startswith(b"HTTP/1.1 503 ") and b"Retry-After: 1" in answer
@@ -2044,22 +2058,51 @@ def test_probes_are_answered_over_the_connection_limit(run: Callable[..., Otrace
         for _ in range(otrace.PROBE_RESERVE):
             probes.append(http.client.HTTPConnection("127.0.0.1", node.port, timeout=30))
             assert node.request("GET", "/health", conn=probes[-1]).status == 200
+            begun(probes[-1].sock)                  # its next request begun: busy, it keeps its place
         for request in (b"", b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"):   # past the reserve
             with socket.create_connection(("127.0.0.1", node.port), timeout=30) as extra:
                 extra.sendall(request)
                 assert read_to_end(extra) == otrace.TOO_MANY_CONNECTIONS
-        scrape = node.request("GET", "/metrics", conn=probes[0]).body.decode()
-        assert "\notrace_connections_refused_total 4\n" in scrape
+        probes[0].sock.sendall(b"\r\n")            # its GET /metrics ended
+        scrape = http.client.HTTPResponse(probes[0].sock)
+        scrape.begin()
+        assert "\notrace_connections_refused_total 4\n" in scrape.read().decode()
     finally:
         for sock in held:
             sock.close()
-    wait_until(lambda: node.request("GET", "/health", conn=probes[0]).json["connections_open"]
-               == otrace.PROBE_RESERVE, what="the held connections closed")
+    wait_until(lambda: node.request("GET", "/health").json["connections_open"] == otrace.PROBE_RESERVE + 1,
+               what="the held connections closed")      # the reserve, and this request's own
     assert node.post("/v1/traces", trace()).status == 202          # a slot is free: a new client's
-    probes[1].sock.sendall(request_head(len(SMALL_EVENT)) + SMALL_EVENT)   # a reserve one's is not
-    assert answer_of(read_to_end(probes[1].sock))[0] == 503
+    probes[1].sock.sendall(b"\r\n" + request_head(len(SMALL_EVENT)) + SMALL_EVENT)   # a reserve one's
+    answers = read_to_end(probes[1].sock)                                          # is not
+    assert answers.startswith(b"HTTP/1.1 200 ")                   # its GET, then the POST refused
+    assert answer_of(answers[answers.rindex(b"HTTP/1.1 "):])[0] == 503
     for conn in probes:
         conn.close()
+
+
+def test_connections_that_send_nothing_do_not_keep_a_probe_out(run: Callable[..., Otrace]) -> None:
+    """With every connection and the probes' reserve held by clients that send nothing, a probe takes
+    the place of the oldest of them; a request with a body is no probe."""
+    node = run({"TRACE_MAX_CONNECTIONS": "2"})
+    # the server accepts in arrival order: two slots, then the reserve, then the probe
+    held = [socket.create_connection(("127.0.0.1", node.port), timeout=30) for _ in range(2)]
+    silent = [socket.create_connection(("127.0.0.1", node.port), timeout=30)
+              for _ in range(otrace.PROBE_RESERVE)]
+    probe = http.client.HTTPConnection("127.0.0.1", node.port, timeout=30)
+    try:
+        assert node.request("GET", "/health", conn=probe).status == 200
+        assert silent[0].recv(1) == b""                     # the oldest silent one was hung up on
+        assert node.request("GET", "/health", conn=probe).json["connections_open"] == 2 + otrace.PROBE_RESERVE
+        with socket.create_connection(("127.0.0.1", node.port), timeout=30) as sending:
+            sending.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello")
+            assert answer_of(read_to_end(sending)) == (503, {"error": "too many connections; retry later",
+                                                             "field": None})
+        assert silent[1].recv(1) == b""                     # its place was taken in turn
+    finally:
+        probe.close()
+        for sock in held + silent:
+            sock.close()
 
 
 @pytest.mark.skipif(not shutil.which("prlimit"), reason="needs prlimit (util-linux)")
@@ -5816,6 +5859,7 @@ def test_max_connections_over_the_descriptor_limit_is_lowered_and_said(tmp_path:
               for _ in range(otrace.PROBE_RESERVE)]
     for probe in probes:                        # the reserve has descriptors of its own
         assert node.request("GET", "/health", conn=probe).status == 200
+        begun(probe.sock)                       # busy: it keeps its place
     with socket.create_connection(("127.0.0.1", node.port), timeout=30) as extra:
         assert read_to_end(extra).startswith(b"HTTP/1.1 503 ")         # refused by the limit, not EMFILE
     for sock in socks:
