@@ -2031,8 +2031,8 @@ def test_connection_limit_answers_503(run: Callable[..., Otrace]) -> None:
 def test_probes_are_answered_over_the_connection_limit(run: Callable[..., Otrace]) -> None:
     """Clients holding every connection do not get a busy otrace restarted by its liveness probe: a
     reserve of connections over TRACE_MAX_CONNECTIONS serves GET and HEAD on /health and /metrics, and
-    refuses anything else as over the limit, for as long as the connection lasts; past the reserve,
-    every connection is refused as before."""
+    refuses anything else as over the limit, for as long as the connection lasts; past a reserve busy
+    with requests, every connection is refused as before."""
     node = run({"TRACE_MAX_CONNECTIONS": "2"})
     # the server accepts in arrival order, so the two held connections hold both slots
     held = [socket.create_connection(("127.0.0.1", node.port), timeout=30) for _ in range(2)]
