@@ -3402,7 +3402,8 @@ PUBLIC_ROUTES = frozenset({"/health", "/metrics"})     # answered without the in
 PROBE_RESERVE = 8
 _DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
-_BUSY_BODY = b'{"error": "too many connections; retry later", "field": null}'
+TOO_MANY = "too many connections; retry later"
+_BUSY_BODY = json.dumps(Refusal(503, TOO_MANY).body()).encode()
 TOO_MANY_CONNECTIONS = b"\r\n".join([
     b"HTTP/1.1 503 Service Unavailable", b"Retry-After: 1", b"Content-Type: application/json",
     b"Content-Length: %d" % len(_BUSY_BODY), b"Connection: close", b"", _BUSY_BODY])
@@ -3556,7 +3557,6 @@ class Connection:
     mask: int = 0                      # the epoll events it is registered for
     waiting: Future | None = None      # an answer another thread is making (OTLP, a profile)
     discard: int = 0                   # bytes of a refused body still to read and drop (see linger)
-    probe: bool = False                # accepted into PROBE_RESERVE: probes only, for its whole life
 
     @property
     def lingering(self) -> bool:
@@ -3866,7 +3866,7 @@ class IngestServer:
         self.close_asked = False
         self.made: collections.deque[tuple[Connection, Future]] = collections.deque()  # made by others
         self.open: dict[int, Connection] = {}
-        self.reserve: dict[int, Connection] = {}    # the open ones in PROBE_RESERVE, oldest first
+        self.reserve: dict[int, Connection] = {}   # in PROBE_RESERVE (probes only), oldest first
         self.chunk = memoryview(bytearray(READ_CHUNK))
         self.accept_fault = FaultLog(log, "accepting connections")
         self.closing = False
@@ -3958,7 +3958,7 @@ class IngestServer:
                 continue
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn = Connection(sock, address[0], time.monotonic() + self.read_timeout, mask=IN, probe=over)
+            conn = Connection(sock, address[0], time.monotonic() + self.read_timeout, mask=IN)
             if over:
                 self.reserve[sock.fileno()] = conn
             self.open[sock.fileno()] = conn
@@ -4019,10 +4019,11 @@ class IngestServer:
                 conn.deadline = time.monotonic() + self.read_timeout
                 request = conn.request = parse_head(*head)
                 request.client = conn.address
-                if conn.probe and (request.method not in ("GET", "HEAD") or request.has_body   # a reserve
-                                   or request.route not in PUBLIC_ROUTES):   # connection serves probes only
+                probes_only = conn.sock.fileno() in self.reserve
+                if probes_only and (request.method not in ("GET", "HEAD") or request.has_body
+                                    or request.route not in PUBLIC_ROUTES):
                     self.counters.add("connections_refused")
-                    raise Refusal(503, "too many connections; retry later", {"Retry-After": "1"})
+                    raise Refusal(503, TOO_MANY, {"Retry-After": "1"})
                 self.api.begin(request)
                 if request.length:
                     self.budget.take(request.length)
