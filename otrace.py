@@ -537,7 +537,8 @@ class Config:
                                       "503 until the space is back. 0: off (then a full disk stays full "
                                       "until space is freed by hand: deleting rows needs room in the WAL).")
     disk_high_pct: int = setting("80", count(1, 100), "Disk use (as df counts it) that starts deleting "
-                                 "pushed rows and unpushed metrics, down to 5 points below it. Under it, "
+                                 "pushed rows, down to 5 points below it (rows not yet pushed only while "
+                                 "otrace's own database is what fills the disk). Under it, "
                                  "ingest paused by a full disk resumes without the reserve: at most 95 "
                                  "(lowered, with a warning).")
     push_endpoint: str = setting("", URL, "Remote API that receives unsynced events in batches (see "
@@ -9990,7 +9991,7 @@ class Tier:
     reason: str
     tables: tuple[str, ...]
     where: str
-    for_disk: bool           # disk pressure may always use it, not only when otrace's rows can help
+    for_disk: bool           # disk pressure may always use it: it holds no row whose deletion is a loss
     chunk: int               # rows per transaction: small where every row deleted is a row lost
     merges: Merges | None = None
 
@@ -10069,7 +10070,7 @@ class Retention(Loop):
         self.chunk = max(50, min(CHUNK, config.db_max_bytes // CHUNK_SHARE))
         self.step = autocheckpoint_pages(config, DB_PAGE)    # pages given back per shrink
         self.tiers = (Tier("pressure_pushed", self.tables, DELIVERED, True, self.chunk),
-                      Tier("pressure_metrics", SAMPLE_TABLES, UNDELIVERED, True, self.chunk, db.merges),
+                      Tier("pressure_metrics", SAMPLE_TABLES, UNDELIVERED, False, self.chunk, db.merges),
                       Tier("pressure_unpushed", unpushed, UNDELIVERED, False, 50, db.merges))
         self.last_pass: dict[str, Any] | None = None
         self.housekept_at = -math.inf            # when the age deletions and pruning last ran
@@ -10200,10 +10201,10 @@ class Retention(Loop):
                 tiers: tuple[Tier, ...]) -> str | None:
         """Under pressure, delete tier after tier (from `tiers` on, under the cap: those a head start
         left), a chunk at a time from whichever table holds the oldest row, until under the low mark.
-        Disk pressure reaches unpushed traces, errors and log events only while the database is big
-        enough for deleting them to bring the disk under the low mark, asked before each chunk: a disk
-        filled by something else is not helped by losing them, nor is one whose freed space another
-        program takes as it appears. Returns the cause of the pressure, if there was some."""
+        Disk pressure reaches rows not yet pushed (samples too) only while the database is big enough
+        for deleting them to bring the disk under the low mark, asked before each chunk: a disk filled
+        by something else is not helped by losing them, nor is one whose freed space another program
+        takes as it appears. Returns the cause of the pressure, if there was some."""
         found = self.pressure()
         if not found:
             self.over = None

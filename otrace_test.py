@@ -5658,11 +5658,13 @@ def test_a_deletion_costs_the_wal_a_few_pages_and_the_file_shrinks_a_step_at_a_t
 
 
 @needs_root
-def test_disk_pressure_spares_unpushed_traces_it_cannot_help_with(tmp_path: Path,
-                                                                 run: Callable[..., Otrace]) -> None:
+def test_disk_pressure_spares_unpushed_rows_it_cannot_help_with(tmp_path: Path,
+                                                               run: Callable[..., Otrace]) -> None:
+    """A disk filled by the agent's files: pushed rows go, rows not yet pushed stay, host samples
+    too (losing them would free nothing that matters, as the disk trouble builds)."""
     with tmpfs(tmp_path / "vol", "8m") as vol:
         db = vol / "otrace.db"
-        made = seed(db, [("trace", 100, 0), ("trace", 100, 1)], age_days=0.01)
+        made = seed(db, [("metric", 50, 0), ("trace", 100, 0), ("trace", 100, 1)], age_days=0.01)
         filler = vol / "agent-data"
         total, _, _, _ = otrace.disk_usage(str(vol))
         with open(filler, "wb") as out:                     # the agent's own files take the disk to ~90 %
@@ -5670,6 +5672,7 @@ def test_disk_pressure_spares_unpushed_traces_it_cannot_help_with(tmp_path: Path
         node = run({"TRACE_CLEANUP_INTERVAL": "200ms", "TRACE_DISK_HIGH_PCT": "80"}, db=db)
         node.wait_log(lambda e: e.get("message") == "still over budget after deleting all it may")
         assert present(node, "llm_traces") == {*made["trace/0"], made["trace/1"][-1]}
+        assert set(made["metric/0"]) <= present(node, "system_metrics")
         assert ledger(node) == {("llm_traces", "pressure_pushed"): (99, 0)}    # the newest stays
         health = node.health()
         assert health["status"] == "degraded" and "disk" in health["retention"]["still_over_budget"]
@@ -5687,22 +5690,26 @@ def test_disk_pressure_spares_unpushed_traces_it_cannot_help_with(tmp_path: Path
 @needs_root
 def test_disk_filled_by_unpushed_rows_deletes_the_oldest_and_reports_them(tmp_path: Path,
                                                                           run: Callable[..., Otrace]) -> None:
-    """A dead receiver and a disk over its mark mostly because of otrace's own rows: the last tier
-    (unpushed traces, oldest first) runs for the disk too, counted in the ledger."""
+    """A dead receiver and a disk over its mark mostly because of otrace's own rows: unpushed host
+    samples, then unpushed traces, oldest first, go for the disk too, counted in the ledger."""
     with tmpfs(tmp_path / "vol", "48m") as vol:
         db = vol / "otrace.db"
-        made = seed(db, [("trace", 2000, 0)], age_days=0.01)
+        made = seed(db, [("metric", 50, 0), ("trace", 2000, 0)], age_days=0.01)
         total, _, _, _ = otrace.disk_usage(str(vol))
         with open(vol / "agent-data", "wb") as out:           # the rest of the disk, to ~90 % in all
             out.write(b"\0" * max(0, int(total * 0.9) - db_bytes(db)))
-        node = run({"TRACE_CLEANUP_INTERVAL": "200ms", "TRACE_DISK_HIGH_PCT": "80"}, db=db)
+        node = run({"TRACE_CLEANUP_INTERVAL": "200ms", "TRACE_DISK_HIGH_PCT": "80",
+                    "TRACE_METRICS_INTERVAL": "off"}, db=db)
         node.wait_log(lambda e: e.get("message") == "retention deleted rows that were never pushed")
         assert otrace.disk_usage(str(vol))[3] <= 75
         kept = present(node, "llm_traces")
         lost = [t for t in made["trace/0"] if t not in kept]
         assert 0 < len(lost) < 2000 and lost == made["trace/0"][:len(lost)]     # oldest first
-        assert ledger(node) == {("llm_traces", "pressure_unpushed"): (len(lost), len(lost))}
-        assert node.health()["retention"]["unpushed_deleted_total"] == {"llm_traces": len(lost)}
+        assert present(node, "system_metrics") == {made["metric/0"][-1]}        # the newest stays
+        assert ledger(node) == {("system_metrics", "pressure_metrics"): (49, 49),
+                                ("llm_traces", "pressure_unpushed"): (len(lost), len(lost))}
+        assert node.health()["retention"]["unpushed_deleted_total"] == {"system_metrics": 49,
+                                                                       "llm_traces": len(lost)}
         assert node.stop() == 0
 
 
