@@ -4656,7 +4656,8 @@ def span_content(attrs: dict[str, Any], events: Any) -> tuple[str | None, str | 
         inputs = [legacy["prompt"][n] for n in sorted(legacy["prompt"])]
     if outputs is None and legacy["completion"]:
         outputs = [legacy["completion"][n] for n in sorted(legacy["completion"])]
-    wrapped = attrs.get(TEXT_MESSAGES_KEY) or ()
+    wrapped = attrs.get(TEXT_MESSAGES_KEY)
+    wrapped = wrapped if isinstance(wrapped, (list, str)) else ()    # another otrace's list of sides
     return (_unwrapped(inputs) if "input" in wrapped else _as_text(inputs),
             _unwrapped(outputs) if "output" in wrapped else _as_text(outputs))
 

@@ -8864,6 +8864,13 @@ def test_otlp_pieces_decode_and_map_as_the_conventions_say_in_process() -> None:
     content.remember("row-b", ["b", "b2"])
     assert (len(content), content.row_of("b2")) == (0, "row-b")
 
+    wrapped = otrace.text_messages("q", "user")                     # as another otrace pushes it
+    assert otrace.span_content({"gen_ai.input.messages": wrapped, "otrace.text_messages": ["input"]}, []) \
+        == ("q", None)
+    for odd in (1.5, 7, True, None):                                # the attribute, mistyped: content as sent
+        assert otrace.span_content({"gen_ai.input.messages": wrapped, "otrace.text_messages": odd}, []) \
+            == (wrapped, None)
+
 
 def test_two_instrumentations_of_one_call_make_one_row_in_process() -> None:
     """The Anthropic SDK's own span and OpenLLMetry's span of the same call (another scope, around it
@@ -9560,7 +9567,7 @@ OTLP_KEYS = st.sampled_from([
     "gen_ai.input.messages", "gen_ai.output.messages", "gen_ai.system_instructions",
     "gen_ai.prompt.0.content", "gen_ai.completion.1.role", "openclaw.tokens.input", "openclaw.model",
     "error.type", "event.name", "exception.type", "exception.message", "http.response.status_code",
-    "gen_ai.token.type"]) | st.text(max_size=8)
+    "gen_ai.token.type", "otrace.text_messages"]) | st.text(max_size=8)
 OTLP_VALUES = st.recursive(
     SCALARS | st.sampled_from(["chat", "embeddings", "invoke_agent", "[]", "[{}]", "429"]),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
