@@ -648,12 +648,15 @@ def unknown_settings(environ: Iterable[str]) -> list[str]:
 
 
 def redact_url(url: str) -> str:
-    """The URL without its user:password@ and with every query value masked: fit for logs and /health."""
+    """The URL without its user:password@ and fragment, every query value (a bare item whole) masked:
+    fit for logs and /health."""
     if not url:
         return url
     parts = urllib.parse.urlsplit(url)
-    query = "&".join(pair.partition("=")[0] + "=***" for pair in parts.query.split("&") if pair)
-    return parts._replace(netloc=parts.netloc.rpartition("@")[2], query=query).geturl()
+    query = "&".join(pair.partition("=")[0] + "=***" if "=" in pair else "***"
+                     for pair in parts.query.split("&") if pair)
+    shown = parts._replace(netloc=parts.netloc.rpartition("@")[2], query=query, fragment="").geturl()
+    return re.sub(r"[^/\s]*@", "***@", shown)     # a user:password@ a mistyped scheme left in the path
 
 
 def settings_table(markdown: bool = False) -> str:
@@ -8985,13 +8988,16 @@ class Scrubber:
         import base64  # noqa: PLC0415 - imported where needed (see the imports)
         parts = urllib.parse.urlsplit(config.push_endpoint)
         secrets = {config.push_token, *(value for _, value in config.push_headers)}
-        if parts.username is not None:
-            userinfo = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
-            secrets |= {parts.password or "", urllib.parse.unquote(parts.password or ""), userinfo,
-                        base64.b64encode(userinfo.encode()).decode()}
-        for pair in re.split("[&;]", parts.query):       # each value as sent (%2B) and as meant (+)
-            raw = pair.partition("=")[2]
+        if parts.username is not None:                   # the user too: a token is often sent as one
+            user, password = urllib.parse.unquote(parts.username), urllib.parse.unquote(parts.password or "")
+            secrets |= {parts.username, user, parts.password or "", password, f"{user}:{password}",
+                        base64.b64encode(f"{user}:{password}".encode()).decode()}
+        for pair in re.split("[&;]", parts.query):       # each value (a bare item whole) as sent and as meant
+            raw = pair.partition("=")[2] if "=" in pair else pair
             secrets |= {raw, urllib.parse.unquote_plus(raw)}
+        # and as an echo may escape them: in JSON (quotes, backslashes, slashes) or in a URL
+        secrets |= {form for s in secrets for form in (json.dumps(s)[1:-1], json.dumps(s)[1:-1].replace(
+            "/", "\\/"), urllib.parse.quote(s, safe=""))}
         self.secrets = sorted((s for s in secrets if len(s) >= 4), key=len, reverse=True)
 
     def __call__(self, text: str) -> str:
@@ -9080,7 +9086,7 @@ class Receiver:
         resp.release_conn()
         attempt.answer = answer[:ANSWER_LIMIT]
         if not 200 <= resp.status < 300:
-            attempt.error = self.scrub(attempt.answer.decode("utf-8", "replace").strip()[:500]) or None
+            attempt.error = self.scrub(attempt.answer.decode("utf-8", "replace").strip())[:500] or None
 
     def retry_after(self, value: str | None) -> float | None:
         """A Retry-After header (seconds, or an HTTP date) as seconds from now, at most as long as the

@@ -390,6 +390,7 @@ def test_settings_name_what_they_accept_and_keep_secrets() -> None:
     assert [otrace.Config.from_env({"TRACE_HOST": host}).host for host in hosts] == [
         "localhost", "::", "::1", "10.0.0.1", "fe80::1%lo"]
     assert otrace.redact_url("https://u:p@h:8443/in?key=s3&x=1") == "https://h:8443/in?key=***&x=***"
+    assert otrace.redact_url("https://h/in?key=s3&bare-token#frag-token") == "https://h/in?key=***&***"
     for name, value in (("TRACE_PROCFS", "/nonexistent"), ("TRACE_OPENCLAW_STATE_DIR", "/etc/hostname")):
         with pytest.raises(otrace.SettingError, match=f"{name}='{value}' is not valid: expected .* directory "
                                                       f"\\({value} is not a directory\\)"):
@@ -397,7 +398,10 @@ def test_settings_name_what_they_accept_and_keep_secrets() -> None:
     assert otrace.Config.from_env({"TRACE_OPENCLAW_STATE_DIR": "/not/yet"}).openclaw_state_dir == "/not/yet"
     for bad, shown in (("https://u:Sup3rS3cret@h.example:99999/v1?api_key=Sup3rS3cret",
                         "'https://h.example:99999/v1?api_key=***'"),
-                       ("http://[::1/x?key=Sup3rS3cret", "***")):
+                       ("http://[::1/x?key=Sup3rS3cret", "***"),
+                       ("u:Sup3rS3cret@h:8080/x", "'***@h:8080/x'"),               # no scheme: no netloc
+                       ("http:/u:Sup3rS3cret@h/x", "'http:///***@h/x'"),
+                       ("http://h:99999/x?Sup3rS3cret#Sup3rS3cret", "'http://h:99999/x?***'")):
         with pytest.raises(otrace.SettingError) as refused:
             otrace.Config.from_env({"TRACE_PUSH_ENDPOINT": bad})
         assert str(refused.value).startswith(f"TRACE_PUSH_ENDPOINT={shown} is not valid")
@@ -3674,6 +3678,13 @@ def test_the_scrubber_takes_out_every_form_of_a_credential() -> None:
     import base64
     text = f"Basic {base64.b64encode(b'agent:pa$s').decode()} pa$s k3y-value hdr-secret"
     assert scrub(text) == "Basic *** *** *** ***"
+    token = otrace.Scrubber(otrace.Config(push_endpoint="https://t0ken-as-user@h/in?k=val1&bare-item"))
+    assert token("unknown api key t0ken-as-user; path /in?k=val1&bare-item") == \
+        "unknown api key ***; path /in?k=***&***"
+    quoted = otrace.Scrubber(otrace.Config(push_endpoint="https://h/", push_token='tok"en/with+odd'))
+    echoes = (json.dumps({"authorization": 'Bearer tok"en/with+odd'}), "tok%22en%2Fwith%2Bodd",
+              'tok\\"en\\/with+odd')                                   # JSON, a URL, PHP's JSON
+    assert [quoted(echo) for echo in echoes] == ['{"authorization": "Bearer ***"}', "***", "***"]
     other = otrace.Scrubber(otrace.Config(push_endpoint="https://h/in"))    # no credential of otrace's
     assert "sekret123" not in other("bad event poison; Authorization: Bearer sekret123")
 
@@ -4257,9 +4268,16 @@ def test_push_credentials_never_leave_the_process(run: Callable[..., Otrace], re
     the Authorization header back puts the token nowhere: not in /health, the log, push_log or
     push_rejects."""
     token, key = "push-" + uuid.uuid4().hex, "key+" + uuid.uuid4().hex + "=="    # sent as key%2B...%3D%3D
-    receiver.default = lambda _, request: (400, {}, f"bad: {json.dumps(request['headers'])} "
-                                                    f"{request['path']}")
+    team, answers = "team-" + uuid.uuid4().hex, itertools.count()
+
+    def echo(_: str, request: dict[str, Any]) -> tuple[int, dict[str, str], str]:
+        if next(answers) % 2:               # one where the 500 characters kept end inside a credential
+            return 400, {}, "x" * 470 + f" invalid team key {team}"
+        return 400, {}, f"bad: {json.dumps(request['headers'])} {request['path']}"
+
+    receiver.default = echo
     node = run(push_env(receiver, TRACE_PUSH_TOKEN=token, TRACE_PUSH_RETRIES="1",
+                        TRACE_PUSH_HEADERS=f"x-team={team}",
                         TRACE_PUSH_ENDPOINT=f"{receiver.url}?api_key={urllib.parse.quote(key, safe='')}&x=1"))
     post_some(node, 2)
     receiver.wait(lambda requests: len(requests) >= 4)
@@ -4272,7 +4290,9 @@ def test_push_credentials_never_leave_the_process(run: Callable[..., Otrace], re
     kept = (health + json.dumps(node.lines) + json.dumps(node.query("SELECT error FROM push_log")) +
             json.dumps(node.query("SELECT reason FROM push_rejects")))
     assert "/ingest?api_key=***&x=1" in kept                 # the echoed query, its key taken out
+    assert "x invalid team key ***" in kept
     assert token not in kept and key not in kept and urllib.parse.quote(key, safe="") not in kept
+    assert team[:7] not in kept
 
 
 def test_a_password_in_the_push_url_is_sent_as_basic_auth(run: Callable[..., Otrace],
