@@ -6152,10 +6152,15 @@ _SECRETS = (     # (pattern, replacement), applied in order to the whole command
 )
 _TEXT_SECRETS = (   # (words that must be in the lower-cased text, pattern, replacement), for prose and JSON
     (("bearer", "basic"), *_BEARER),
-    (("api_key", "api-key", "apikey", "token", "secret", "passw", "pwd", "auth"),   # not "tokens=", "auth=x"
-     re.compile(r"((?:(?:api|auth)[_-]?key|token|secret|passw(?:or)?d|pwd|(?<=[?&])auth|x-auth[\w-]*)"
-                r"[\"']?\s*[=:]\s*)"
-                r"(\"(?:[^\"\\]|\\.){0,4096}\"|'[^']{0,4096}'|[^\s,;&\"'}\\]+)", re.IGNORECASE),
+    (("api_key", "api-key", "apikey", "api key", "token", "secret", "passw", "pwd", "auth", "private_key",
+      "private-key", "privatekey", "access_key", "access-key", "accesskey"),      # not "tokens=", "auth=x"
+     re.compile(r"((?:(?:api|auth)[ _-]?key|(?:secret|private|access)[_-]?key|token|secret|passw(?:or)?d|pwd"
+                r"|(?<=[?&])auth|x-auth[\w-]*)[\"']?\s*[=:]\s*)"
+                r"(\"(?:[^\"\\]|\\.)*+\"?|'[^']*+'?|[^\s,;&\"'}\\]+)", re.IGNORECASE),
+     lambda m: m[1] + (m[2][0] + "***" + m[2][0] if m[2][0] in "\"'" else "***")),
+    (("authorization", "cookie"),              # a header's whole value, to its line's end: a=1; sid=...
+     re.compile(r"((?:authorization|cookie)[\"']?\s*[=:]\s*+)(?![\"']?(?:bearer|basic)\s)"
+                r"(\"(?:[^\"\\]|\\.)*+\"?|'[^']*+'?|[^\r\n\"'}]+)", re.IGNORECASE),
      lambda m: m[1] + (m[2][0] + "***" + m[2][0] if m[2][0] in "\"'" else "***")),
     (("://",), re.compile(r"://([^/\s:@\"]{0,256}):(?!\d+(?:[/?#\s]|$))[^\s\"@]{0,256}@"
                           r"(?=[^\s@/]*(?:[/?#\s]|$))"), r"://\1:***@"),       # a URL's password, not a port
@@ -7862,7 +7867,7 @@ def store_events(entry: Any, agent: str, session: str, fallback_id: str
     """What one transcript entry becomes, as (table, row builder, event): an assistant message (one
     model call) a trace, and when it failed an error event with the same trace_id; a run that failed
     before any reply an error event; any other entry (user messages, tool results, OpenClaw's own
-    transcript-only messages) nothing."""
+    transcript-only messages) nothing. An error's text is masked as the gateway log's is."""
     if not isinstance(entry, dict):
         return []
     message = entry.get("message") if isinstance(entry.get("message"), dict) else {}
@@ -7874,7 +7879,8 @@ def store_events(entry: Any, agent: str, session: str, fallback_id: str
         text = _text(entry.get("content")) or error or "the run failed before a reply"
         return [(ERRORS, error_row, {
             "trace_id": trace_id, "created_at": created, "error_type": "llm_error",
-            "category": failure_category(error, text) or "other", "message": text, "session_id": session,
+            "category": failure_category(error, text) or "other", "message": redact_text(text),
+            "session_id": session,
             "metadata": {"agent_id": agent, "run_id": _name(details.get("runId")), "entry_id": entry_id}})]
     if entry.get("type") != "message" or message.get("role") != "assistant":
         return []
@@ -7914,9 +7920,10 @@ def store_events(entry: Any, agent: str, session: str, fallback_id: str
         return [(TRACES, trace_row, trace)]
     diagnostics = [d.get("type") for d in message.get("diagnostics") or [] if isinstance(d, dict)]
     text = message.get("errorMessage") if isinstance(message.get("errorMessage"), str) else None
+    said = redact_text(text) if text else None      # a provider's error may quote the request's headers
     error = {"trace_id": trace_id, "created_at": created, "error_type": "llm_error",
              "category": failure_category(code, kind, *diagnostics, text) or "other",
-             "message": text or f"model call failed ({kind or code or 'no reason given'})",
+             "message": said or f"model call failed ({kind or code or 'no reason given'})",
              "provider": trace["provider"], "model": trace["model"], "session_id": session,
              "metadata": {k: v for k, v in {**metadata, "error_code": code, "error_type": kind}.items()
                           if v is not None}}

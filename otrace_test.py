@@ -7638,6 +7638,9 @@ def test_transcript_entries_become_rows_as_openclaw_counts_them() -> None:
     assert (error["trace_id"], error["category"], error["message"], error["provider"]) == (
         "oc:main:s1:e1", "rate_limit", "429 Rate limit reached", "mock")
     assert error["metadata"]["run_id"] == "run1" and error["metadata"]["error_code"] == "429"
+    failed["message"]["errorMessage"] = "401 Unauthorized: Authorization: Bearer s3cr3t-b x-api-key: s3cr3t-k"
+    (_, _, trace), (_, _, error) = otrace.store_events(failed, "main", "s1", "seq-5")
+    assert error["message"] == "401 Unauthorized: Authorization: Bearer *** x-api-key: ***"
     timed_out = json.loads(json.dumps(entry))                  # a turn that timed out is stored aborted
     timed_out["message"].update({"stopReason": "aborted", "errorMessage": "request timed out", "content": []})
     (_, _, trace), (_, _, error) = otrace.store_events(timed_out, "main", "s1", "seq-5")
@@ -7651,6 +7654,9 @@ def test_transcript_entries_become_rows_as_openclaw_counts_them() -> None:
                     "timestamp": "2026-11-30T11:41:58.092Z"}
     (table, _, error), = otrace.store_events(before_reply, "main", "s1", "x")
     assert (table, error["category"], error["metadata"]["run_id"]) == (otrace.ERRORS, "timeout", "run2")
+    before_reply["content"] = "This turn ended before a reply: 401 for https://u:s3cr3t-p@proxy/v1."
+    (_, _, error), = otrace.store_events(before_reply, "main", "s1", "x")
+    assert error["message"] == "This turn ended before a reply: 401 for https://u:***@proxy/v1."
     mirror = json.loads(json.dumps(entry))
     mirror["message"].update({"provider": "openclaw", "model": "delivery-mirror"})
     user = {"type": "message", "id": "u", "message": {"role": "user", "content": "assistant, help"}}
@@ -9995,6 +10001,25 @@ def test_a_log_line_masks_what_the_command_line_masks() -> None:
         "scope": "read"}, "author": "me", "auth": "token", "sessionKey": "agent:main:main"}) == {
         "headers": {"X-Auth": "***", "proxy_auth": "***"}, "pwd": "***", "oauth": {"scope": "read"},
         "author": "me", "auth": "token", "sessionKey": "agent:main:main"}
+
+
+def test_every_key_the_docs_name_is_masked_in_a_log_lines_text() -> None:
+    """What keys named like api_key, secret_key, private_key, access keys, token, password, authorization
+    or cookie hold, in prose, JSON or a header dump; a quoted value cut before its closing quote, or
+    longer than any bound, to its end."""
+    said = ('failed: secret_key=s1 aws_secret_access_key=s2 invalid api key: s3 {"private_key": "s4"} '
+            '{"cookie": "sid=s5", "authorization": "s6"}')
+    assert otrace.redact_text(said) == (
+        'failed: secret_key=*** aws_secret_access_key=*** invalid api key: *** {"private_key": "***"} '
+        '{"cookie": "***", "authorization": "***"}')
+    assert otrace.redact_text("upstream: Cookie: a=1; sid=s7\r\nAuthorization: s8 s9\nHost: h") == \
+        "upstream: Cookie: ***\r\nAuthorization: ***\nHost: h"
+    assert otrace.redact_text("sent Authorization: Bearer s10 and {authorization: 'Basic s11'}") == \
+        "sent Authorization: Bearer *** and {authorization: 'Basic ***'}"       # the scheme stays
+    for cut in ('x "token": "s12-cut-here', '"password": "' + "p" * 5000 + '" after'):
+        assert "s12" not in otrace.redact_text(cut) and "p" * 100 not in otrace.redact_text(cut)
+    assert otrace.redact_text("authorization failed; cookies: 3; tokens=12; author: me") == \
+        "authorization failed; cookies: 3; tokens=12; author: me"             # no value of one: kept
 
 
 def test_no_secret_in_a_captured_command_line_survives() -> None:
