@@ -6122,7 +6122,7 @@ REJUDGE_EVERY = 20               # host samples after which every pid is judged 
 EXEC_WINDOW = 60.0               # seconds a new process that did not match is watched for an exec
 MAX_ZOMBIE_PARENTS = 20          # named in a zombie alert
 _SECRET_NAME = (r"[\w.-]*(?:token|secret|(?<!by)(?<!com)(?<!sur)pass(?!thr|ive|ing|port|age|e[sd]|enger)|pwd"
-                r"|key|auth|credential|(?<!sa)creds?(?![a-z])|cookie|signature|session(?![\w.-])"
+                r"|key|auth|credential|(?<!sa)creds?(?![a-z])|cookie|signature|session(?![\w.-])|pw(?![a-z])|jwt"
                 r"|session.?(?:id|key|token|secret))[\w.-]*")   # not bypass, passthrough, --session-dir
 _SECRET_FLAG = re.compile(rf"-{{1,2}}{_SECRET_NAME}", re.IGNORECASE)     # its value is the next argument
 _SECRET_ASSIGNED = re.compile(rf"(-{{0,2}}{_SECRET_NAME}\s*[=:]).+", re.IGNORECASE | re.DOTALL)  # an argument

@@ -10055,6 +10055,7 @@ def test_no_secret_in_a_captured_command_line_survives() -> None:
             (["openssl", "enc", "-pass", "pass:x"], "openssl enc -pass ***"),
             (["app", "--passphrase=x", "--creds=c", "AIza" + "x" * 35],
              "app --passphrase=*** --creds=*** ***"),
+            (["app", "--pw", "p1", "--jwt", "j1", "--pwsh", "kept"], "app --pw *** --jwt *** --pwsh kept"),
             (["curl", "https://api.telegram.org/bot123456789:" + "A" * 35 + "/getUpdates"],   # as the
              "curl https://api.telegram.org/bot***/getUpdates"),                              # log's are
             (["notify", "--slack-webhook", "https://hooks.slack.com/services/T01/B02/" + "x" * 24,
