@@ -3796,6 +3796,14 @@ class Api:
         service.counters.add("received", len(rows))
 
 
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+def method_said(request: Request | None) -> str | None:
+    """A request's method as a log says it: another word a client sent (any text) is "other"."""
+    return request and (request.method if request.method in HTTP_METHODS else "other")
+
+
 class RefusalLog:
     """Says a request answered 4xx at WARNING, once a minute for each kind (status, route, field), with
     how many of that kind were answered since the last line; those of a burst that ended are said once
@@ -3804,7 +3812,6 @@ class RefusalLog:
     phrase (a bad header's text is the client's, secrets and all). Used by the HTTP thread alone."""
 
     EVERY = 60.0
-    METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
     def __init__(self) -> None:
         self.last: dict[tuple[int, str, str | None], list] = {}   # kind -> [said at, since, its line]
@@ -3816,7 +3823,7 @@ class RefusalLog:
         said = self.last.setdefault((refusal.status, route, field), [-math.inf, 0, {}])
         said[1] += 1
         said[2] = {"status": refusal.status, "route": route,
-                   "method": request and (request.method if request.method in self.METHODS else "other"),
+                   "method": method_said(request),
                    "error": invalid.said() if invalid else HTTPStatus(refusal.status).phrase,
                    "field": field, "index": invalid and invalid.index, "client": request and request.client}
         self.flush(said)
@@ -4145,7 +4152,7 @@ class IngestServer:
         conn.reserved, conn.request, conn.chunk_state[:] = 0, None, [-1, 0]
         conn.deadline = time.monotonic() + self.read_timeout
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("request", extra={"method": request and request.method, "route": request and
+            log.debug("request", extra={"method": method_said(request), "route": request and
                                         redact_text(request.route),    # a client's path may hold a key
                                         "status": status, "client": conn.address})
 

@@ -6118,6 +6118,7 @@ def test_logs_never_hold_event_texts_or_secrets(run: Callable[..., Otrace], leve
         "INPUT", "OUTPUT", "MESSAGE", "STACK", "META", "REFUSEDFIELD", "BADJSON", "WRONGTOKEN",
         "INGESTTOKEN", "PUSHTOKEN", "URLPASSWORD")}
     secrets["PATHKEY"] = f"sk-proj-{mark}{'x' * 30}"      # a key a client put in a path
+    secrets["METHOD"] = "LEAK" + mark.translate(str.maketrans("0123456789", "ghijklmnop")).upper()
     with socket.socket() as free:                   # a port nothing listens on: every push fails
         free.bind(("127.0.0.1", 0))
         closed_port = free.getsockname()[1]
@@ -6137,6 +6138,7 @@ def test_logs_never_hold_event_texts_or_secrets(run: Callable[..., Otrace], leve
     assert node.post("/v1/traces", trace(), headers={"Authorization": f"Bearer {secrets['WRONGTOKEN']}"}
                      ).status == 401
     assert node.request("GET", f"/v1/{secrets['PATHKEY']}", headers=auth).status == 404
+    assert node.request(secrets["METHOD"], "/v1/traces", headers=auth).status == 405   # a word as a method
     node.wait_persisted(2)
     failed = node.wait_log(lambda e: e.get("message") == "push cycle failed")
     assert "refused" in failed["error"].lower()        # the push really ran, and failed, and said so
