@@ -88,6 +88,7 @@ def call(i: int, prefix: str) -> dict[str, Any]:
         event["cache_read_tokens"] = i * 53 % 20_000
     if i % 4 == 1:
         event["cache_write_tokens"] = i * 29 % 5_000
+    event["prompt_tokens"] += event.get("cache_read_tokens", 0) + event.get("cache_write_tokens", 0)  # in it
     if i % 5 == 2:
         event["reasoning_tokens"] = i * 11 % 1_000
     if failed:
