@@ -6294,13 +6294,13 @@ def redact_text(text: str) -> str:
 
 
 _SECRET_KEY = re.compile(r"[\w.-]*(?:(?:api|auth|private|secret|access|secret[_-]?access)[_-]?key|token"
-                         r"|secret|passw(?:or)?d|pwd|authorization|[_-]auth|cookie|credentials?)",
-                         re.IGNORECASE)
-_SECRET_WORDS = tuple({word for words, _, _ in _TEXT_SECRETS for word in words}
-                      | {"authorization", "cookie", "credential", "privatekey", "private_key", "private-key",
-                         "accesskey", "access_key", "access-key"})     # every name _SECRET_KEY takes
-_SECRET_KEY_ENDS = ("key", "token", "secret", "passwd", "password", "pwd", "authorization", "auth", "cookie",
-                    "credential", "credentials")          # how a name _SECRET_KEY takes ends, lower-cased
+                         r"|secret|passw(?:or)?d|(?<![a-z])pass(?:phrase)?|pwd|jwt|authorization|[_-]auth"
+                         r"|cookie|credentials?)", re.IGNORECASE)
+_SECRET_WORDS = tuple({word for words, _, _ in _TEXT_SECRETS for word in words}    # and every name
+                      | {"authorization", "cookie", "credential", "privatekey", "private_key",   # _SECRET_KEY
+                         "private-key", "accesskey", "access_key", "access-key", "pass", "jwt"})  # takes
+_SECRET_KEY_ENDS = ("key", "token", "secret", "passwd", "password", "pass", "passphrase", "pwd", "jwt",
+                    "authorization", "auth", "cookie", "credential", "credentials")   # _SECRET_KEY's, lowered
 
 
 def any_word(words: Iterable[str]) -> re.Pattern[str]:
@@ -6335,8 +6335,13 @@ def redact_json(value: Any) -> Any:
     if isinstance(value, str):
         return redact_text(value)
     if isinstance(value, list):
+        if len(value) == 2 and all(isinstance(item, str) for item in value) and secret_key(value[0]):
+            return [value[0], "***"]                     # a header as a [name, value] pair
         return [redact_json(item) for item in value]
     if isinstance(value, dict):
+        name = value.get("name", value.get("key"))       # a header as {"name": ..., "value": ...}
+        if isinstance(name, str) and isinstance(value.get("value"), str) and secret_key(name):
+            return {**redact_json({k: v for k, v in value.items() if k != "value"}), "value": "***"}
         return {key: "***" if item is not None and not isinstance(item, bool) and secret_key(key)
                 else redact_json(item) for key, item in value.items()}
     return value

@@ -9977,7 +9977,8 @@ def test_the_quick_secret_checks_agree_with_the_patterns() -> None:
     assert [otrace.secret_key(key) for key in keys] == [bool(otrace._SECRET_KEY.fullmatch(key))
                                                          for key in keys]
     assert [key for key in keys if otrace.secret_key(key)][:8] == keys[:8]
-    for key in [*keys, "private_key", "secretAccessKey", "AWS_ACCESS_KEY", "sessionToken", "apiKey"]:
+    for key in [*keys, "private_key", "secretAccessKey", "AWS_ACCESS_KEY", "sessionToken", "apiKey", "pass",
+                "passphrase", "smtp_pass", "jwt"]:
         if key.isascii() and otrace.secret_key(key):     # an argument with it is walked by the masking
             assert otrace.holds_secret_words(json.dumps({key: "v"}).lower()), key
 
@@ -9999,6 +10000,12 @@ def test_a_log_line_masks_what_the_command_line_masks() -> None:
         "https://hooks.slack.com/triggers/T01/123/*** https://hooks.slack.com/workflows/T01/A02/345/***")
     assert otrace.redact_json({"X-Auth-Key": "k2", "authKey": "k3"}) == {"X-Auth-Key": "***",
                                                                         "authKey": "***"}
+    assert otrace.redact_json({"pass": "p7", "passphrase": "p8", "jwt": "j9", "bypass": "kept", "headers": [
+        ["x-api-key", "k10"], ["accept", "kept"], {"name": "Authorization", "value": "a11"}, {
+            "name": "accept", "value": "kept"}]}) == {
+        "pass": "***", "passphrase": "***", "jwt": "***", "bypass": "kept", "headers": [
+            ["x-api-key", "***"], ["accept", "kept"], {"name": "Authorization", "value": "***"}, {
+                "name": "accept", "value": "kept"}]}                   # a header as a pair, as an object
     assert otrace.redact_json({"headers": {"X-Auth": "a4", "proxy_auth": "a5"}, "pwd": "p6", "oauth": {
         "scope": "read"}, "author": "me", "auth": "token", "sessionKey": "agent:main:main"}) == {
         "headers": {"X-Auth": "***", "proxy_auth": "***"}, "pwd": "***", "oauth": {"scope": "read"},
