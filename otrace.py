@@ -6136,11 +6136,13 @@ _SECRET_ASSIGNED = re.compile(rf"(-{{0,2}}{_SECRET_NAME}\s*[=:]).+", re.IGNORECA
 _USER_FLAG = re.compile(r"-u|--user")                          # curl's user:password ...
 CONTAINER_CLI = re.compile(r"docker|podman|nerdctl")           # ... not a container's uid:gid
 _BEARER = (re.compile(r"\b((?:bearer|basic)\s+)[\w.~+/=-]+", re.IGNORECASE), r"\1***")
-_KEY_SHAPES = (re.compile(r"\b(?:sk|pk|rk)[-_][\w-]{16,}|\bgh[pousr]_\w{20,}|\bxox[abprs]-[\w-]{10,}"
+_KEY_SHAPES = (re.compile(r"\b(?:sk|pk|rk)[-_][\w-]{16,}|\bgh[pousr]_\w{20,}|\bgithub_pat_\w{22,}"
+                          r"|\bglpat-[\w-]{20,}|\bnpm_\w{36}|\bxox[abprs]-[\w-]{10,}"
                           r"|\bAIza[\w-]{30,}|\b(?:hf|gsk)_\w{30,}"
                           r"|\bAKIA[0-9A-Z]{16}\b|(?<![\w-])eyJ[\w-]{8,}+\.[\w-]{8,}+\.[\w-]{8,}+"),
                "***")                                                # API keys and JWTs, by their look
-_SIGNATURE = (re.compile(r"([?&]sig=)[^&\s#\"]+"), r"\1***")       # a signed URL's signature (SAS)
+_SIGNATURE = (re.compile(r"([?&](?:sig|x-amz-signature)=)[^&\s#\"]+", re.IGNORECASE),
+              r"\1***")                                               # a signed URL's signature (SAS, S3)
 _TELEGRAM = (re.compile(r"\bbot\d{5,}:[\w-]{30,}"), "bot***")        # a Telegram bot's token in its URL
 _WEBHOOK = (re.compile(r"((?:hooks\.slack\.com/(?:services|triggers|workflows)(?:/[\w-]+)+?|discord(?:app)?"
                        r"\.com/api(?:/v\d+)?/webhooks/\d+)/)[\w-]+(?![\w/-])", re.IGNORECASE),
@@ -6172,10 +6174,11 @@ _TEXT_SECRETS = (   # (words that must be in the lower-cased text, pattern, repl
     (("://",), re.compile(r"://([^/\s:@\"]{0,256}):(?!\d+(?:[/?#\s]|$))[^\s\"@]{0,256}@"
                           r"(?=[^\s@/]*(?:[/?#\s]|$))"), r"://\1:***@"),       # a URL's password, not a port
     (("://",), re.compile(r"://[^/\s:@\"]{1,256}@"), "://***@"),       # a token as a URL's user
-    (("sig=",), *_SIGNATURE),
+    (("sig=", "signature="), *_SIGNATURE),
     (("bot",), *_TELEGRAM),
     (("hooks.slack.com", "discord"), *_WEBHOOK),
-    (("sk-", "sk_", "pk-", "pk_", "rk-", "rk_", "gh", "xox", "aiza", "hf_", "gsk_", "akia", "eyj"),
+    (("sk-", "sk_", "pk-", "pk_", "rk-", "rk_", "gh", "github_pat_", "glpat-", "npm_", "xox", "aiza", "hf_",
+      "gsk_", "akia", "eyj"),
      *_KEY_SHAPES),
 )
 

@@ -10027,6 +10027,9 @@ def test_every_key_the_docs_name_is_masked_in_a_log_lines_text() -> None:
         "sent Authorization: Bearer *** and {authorization: 'Basic ***'}"       # the scheme stays
     for cut in ('x "token": "s12-cut-here', '"password": "' + "p" * 5000 + '" after'):
         assert "s12" not in otrace.redact_text(cut) and "p" * 100 not in otrace.redact_text(cut)
+    pat, lab, npm = "github_pat_11ABCDEFG0" + "a" * 40, "glpat-" + "b" * 20, "npm_" + "c" * 36
+    assert otrace.redact_text(f"keys {pat} {lab} {npm} https://b.s3.amazonaws.com/k?X-Amz-Signature=d1&x=1") \
+        == "keys *** *** *** https://b.s3.amazonaws.com/k?X-Amz-Signature=***&x=1"
     assert otrace.redact_text("authorization failed; cookies: 3; tokens=12; author: me") == \
         "authorization failed; cookies: 3; tokens=12; author: me"             # no value of one: kept
 
