@@ -653,10 +653,12 @@ def redact_url(url: str) -> str:
     if not url:
         return url
     parts = urllib.parse.urlsplit(url)
+    if "@" in url and "@" not in parts.netloc:      # a mistyped scheme, or a / ? # in the password
+        scheme, sep, _ = url.rpartition("@")[0].partition("://")
+        parts = urllib.parse.urlsplit((scheme + sep if sep else "") + "***@" + url.rpartition("@")[2])
     query = "&".join(pair.partition("=")[0] + "=***" if "=" in pair else "***"
                      for pair in parts.query.split("&") if pair)
-    shown = parts._replace(netloc=parts.netloc.rpartition("@")[2], query=query, fragment="").geturl()
-    return re.sub(r"[^/\s]*@", "***@", shown)     # a user:password@ a mistyped scheme left in the path
+    return parts._replace(netloc=parts.netloc.rpartition("@")[2], query=query, fragment="").geturl()
 
 
 def settings_table(markdown: bool = False) -> str:
@@ -4667,7 +4669,7 @@ def span_content(attrs: dict[str, Any], events: Any) -> tuple[str | None, str | 
     if outputs is None and legacy["completion"]:
         outputs = [legacy["completion"][n] for n in sorted(legacy["completion"])]
     wrapped = attrs.get(TEXT_MESSAGES_KEY)
-    wrapped = wrapped if isinstance(wrapped, (list, str)) else ()    # another otrace's list of sides
+    wrapped = wrapped if isinstance(wrapped, list) else ()    # another otrace's list of sides
     return (_unwrapped(inputs) if "input" in wrapped else _as_text(inputs),
             _unwrapped(outputs) if "output" in wrapped else _as_text(outputs))
 
@@ -6128,30 +6130,32 @@ DEAD = ("Z", "X")                # states of a process that has exited
 REJUDGE_EVERY = 20               # host samples after which every pid is judged again (a reused pid)
 EXEC_WINDOW = 60.0               # seconds a new process that did not match is watched for an exec
 MAX_ZOMBIE_PARENTS = 20          # named in a zombie alert
-_SECRET_NAME = (r"[\w.-]*(?:token|secret|(?<!by)(?<!com)(?<!sur)pass(?!thr|ive|ing|port|age|e[sd]|enger)|pwd"
-                r"|key|auth|credential|(?<!sa)creds?(?![a-z])|cookie|signature|session(?![\w.-])|pw(?![a-z])|jwt"
-                r"|session.?(?:id|key|token|secret))[\w.-]*")   # not bypass, passthrough, --session-dir
+_SECRET_NAME = (r"(?=[\w.-]*?(?:token|secret|(?<!by)(?<!com)(?<!sur)pass(?!thr|ive|ing|port|age|e[sd]|enger)"
+                r"|pwd|key|auth|credential|(?<!sa)creds?(?![a-z])|cookie|signature|session(?![\w.-])|pw(?![a-z])"
+                r"|jwt|session.?(?:id|key|token|secret)))[\w.-]*+")   # not bypass, passthrough, --session-dir
+# (a name holding one of the words, then the whole name at once: a crafted argument costs a pass, not
+# its square)
 _SECRET_FLAG = re.compile(rf"-{{1,2}}{_SECRET_NAME}", re.IGNORECASE)     # its value is the next argument
 _SECRET_ASSIGNED = re.compile(rf"(-{{0,2}}{_SECRET_NAME}\s*[=:]).+", re.IGNORECASE | re.DOTALL)  # an argument
 _USER_FLAG = re.compile(r"-u|--user")                          # curl's user:password ...
 CONTAINER_CLI = re.compile(r"docker|podman|nerdctl")           # ... not a container's uid:gid
-_BEARER = (re.compile(r"\b((?:bearer|basic)\s+)[\w.~+/=-]+", re.IGNORECASE), r"\1***")
+_BEARER = (re.compile(r"\b((?:bearer|basic)\s+)[\w.~+/=|-]+", re.IGNORECASE | re.ASCII), r"\1***")
 _KEY_SHAPES = (re.compile(r"\b(?:sk|pk|rk)[-_][\w-]{16,}|\bgh[pousr]_\w{20,}|\bgithub_pat_\w{22,}"
                           r"|\bglpat-[\w-]{20,}|\bnpm_\w{36}|\bxox[abprs]-[\w-]{10,}"
                           r"|\bAIza[\w-]{30,}|\b(?:hf|gsk)_\w{30,}"
                           r"|\bAKIA[0-9A-Z]{16}\b|(?<![\w-])eyJ[\w-]{8,}+\.[\w-]{8,}+\.[\w-]{8,}+"),
                "***")                                                # API keys and JWTs, by their look
-_SIGNATURE = (re.compile(r"([?&](?:sig|x-amz-signature)=)[^&\s#\"]+", re.IGNORECASE),
+_SIGNATURE = (re.compile(r"([?&](?:sig|x-amz-signature)=)[^&\s#\"]+", re.IGNORECASE | re.ASCII),
               r"\1***")                                               # a signed URL's signature (SAS, S3)
 _TELEGRAM = (re.compile(r"\bbot\d{5,}:[\w-]{30,}"), "bot***")        # a Telegram bot's token in its URL
 _WEBHOOK = (re.compile(r"((?:hooks\.slack\.com/(?:services|triggers|workflows)(?:/[\w-]+)+?|discord(?:app)?"
-                       r"\.com/api(?:/v\d+)?/webhooks/\d+)/)[\w-]+(?![\w/-])", re.IGNORECASE),
+                       r"\.com/api(?:/v\d+)?/webhooks/\d+)/)[\w-]+(?![\w/-])", re.IGNORECASE | re.ASCII),
             r"\1***")                                  # a webhook's URL: its last part is its secret
 _SECRETS = (     # (pattern, replacement), applied in order to the whole command line
     _BEARER,
     (re.compile(rf"(?<![\w.-])(-{{0,2}}{_SECRET_NAME}[\"']?\s*[=:]\s*)(?!(?:bearer|basic)\s)"
                 r"(?:\"[^\"]*\"?|'[^']*'?|[^\s,;&\"']+)", re.IGNORECASE), r"\1***"),   # JSON's "key": "v" too
-    (re.compile(r"(\w[\w+.-]*://[^/\s:@]*:)(?!\d+(?:[/?#\s]|$))\S*?@(?=[^\s@/]*(?:[/?#\s]|$))"),
+    (re.compile(r"((?<![\w+.-])\w[\w+.-]*+://[^/\s:@]*:)(?!\d+(?:[/?#\s]|$))\S*?@(?=[^\s@/]*(?:[/?#\s]|$))"),
      r"\1***@"),                            # a URL's password (not a port), to the @ of its host
     (re.compile(r"(https?://)[^/\s:@]+@", re.IGNORECASE), r"\1***@"),   # a token as an http URL's user
     _SIGNATURE,
@@ -6161,15 +6165,15 @@ _SECRETS = (     # (pattern, replacement), applied in order to the whole command
 )
 _TEXT_SECRETS = (   # (words that must be in the lower-cased text, pattern, replacement), for prose and JSON
     (("bearer", "basic"), *_BEARER),
-    (("api_key", "api-key", "apikey", "api key", "token", "secret", "passw", "pwd", "auth", "private_key",
-      "private-key", "privatekey", "access_key", "access-key", "accesskey"),      # not "tokens=", "auth=x"
-     re.compile(r"((?:(?:api|auth)[ _-]?key|(?:secret|private|access)[_-]?key|token|secret|passw(?:or)?d|pwd"
-                r"|(?<=[?&])auth|x-auth[\w-]*)[\"']?\s*[=:]\s*)"
-                r"(\"(?:[^\"\\]|\\.)*+\"?|'[^']*+'?|[^\s,;&\"'}\\]+)", re.IGNORECASE),
+    (("api_key", "api-key", "apikey", "token", "secret", "passw", "pwd", "auth", "private_key", "private-key",
+      "privatekey", "access_key", "access-key", "accesskey"),                     # not "tokens=", "auth=x"
+     re.compile(r"((?:(?:api|auth)[_-]?key|(?:secret|private|access)[_-]?key|token|secret|passw(?:or)?d|pwd"
+                r"|(?<=[?&])auth|x-auth[\w-]{0,64}+)[\"']?\s*[=:]\s*)"
+                r"(\"(?:[^\"\\]|\\.)*+\"?|'[^']*+'?|[^\s,;&\"'}\\]+)", re.IGNORECASE | re.ASCII),
      lambda m: m[1] + (m[2][0] + "***" + m[2][0] if m[2][0] in "\"'" else "***")),
-    (("authorization", "cookie"),              # a header's whole value, to its line's end: a=1; sid=...
+    (("authorization", "cookie"),              # a header's whole value, to its line's end: a=1; sid="..."
      re.compile(r"((?:authorization|cookie)[\"']?\s*[=:]\s*+)(?![\"']?(?:bearer|basic)\s)"
-                r"(\"(?:[^\"\\]|\\.)*+\"?|'[^']*+'?|[^\r\n\"'}]+)", re.IGNORECASE),
+                r"(\"(?:[^\"\\]|\\.)*+\"?|'[^']*+'?|[^\r\n]+)", re.IGNORECASE | re.ASCII),
      lambda m: m[1] + (m[2][0] + "***" + m[2][0] if m[2][0] in "\"'" else "***")),
     (("://",), re.compile(r"://([^/\s:@\"]{0,256}):(?!\d+(?:[/?#\s]|$))[^\s\"@]{0,256}@"
                           r"(?=[^\s@/]*(?:[/?#\s]|$))"), r"://\1:***@"),       # a URL's password, not a port
@@ -6338,16 +6342,29 @@ def redact_json(value: Any) -> Any:
     if isinstance(value, str):
         return redact_text(value)
     if isinstance(value, list):
-        if len(value) == 2 and all(isinstance(item, str) for item in value) and secret_key(value[0]):
-            return [value[0], "***"]                     # a header as a [name, value] pair
         return [redact_json(item) for item in value]
     if isinstance(value, dict):
-        name = value.get("name", value.get("key"))       # a header as {"name": ..., "value": ...}
-        if isinstance(name, str) and isinstance(value.get("value"), str) and secret_key(name):
-            return {**redact_json({k: v for k, v in value.items() if k != "value"}), "value": "***"}
         return {key: "***" if item is not None and not isinstance(item, bool) and secret_key(key)
+                else redact_headers(item) if isinstance(item, list) and key.lower().endswith("headers")
                 else redact_json(item) for key, item in value.items()}
     return value
+
+
+def redact_headers(items: list[Any]) -> list[Any]:
+    """A list of headers (under a key named like "headers"): Node's flat [name, value, ...], [name,
+    value] pairs or {"name": ..., "value": ...} objects, a secret-named header's value masked."""
+    if len(items) % 2 == 0 and all(isinstance(item, str) for item in items):
+        return ["***" if i % 2 and secret_key(items[i - 1]) else redact_text(item)
+                for i, item in enumerate(items)]
+    return [redact_header(item) for item in items]
+
+
+def redact_header(item: Any) -> Any:
+    if isinstance(item, list) and len(item) == 2 and all(isinstance(part, str) for part in item):
+        return [item[0], "***" if secret_key(item[0]) else redact_text(item[1])]
+    if isinstance(item, dict) and isinstance(item.get("name"), str) and secret_key(item["name"]):
+        return {**redact_json(item), "value": "***"}
+    return redact_json(item)
 
 
 def read_uid(procfs: Path, pid: int) -> int | None:
@@ -9014,8 +9031,8 @@ class Scrubber:
             user, password = urllib.parse.unquote(parts.username), urllib.parse.unquote(parts.password or "")
             secrets |= {parts.username, user, parts.password or "", password, f"{user}:{password}",
                         base64.b64encode(f"{user}:{password}".encode()).decode()}
-        for pair in re.split("[&;]", parts.query):       # each value (a bare item whole) as sent and as meant
-            raw = pair.partition("=")[2] if "=" in pair else pair
+        for pair in re.split("[&;]", parts.query):       # each value as sent and as meant, and a bare
+            raw = pair.partition("=")[2] if "=" in pair else pair if len(pair) >= 16 else ""   # token whole
             secrets |= {raw, urllib.parse.unquote_plus(raw)}
         # and as an echo may escape them: in JSON (quotes, backslashes, slashes) or in a URL
         secrets |= {form for s in secrets for form in (json.dumps(s)[1:-1], json.dumps(s)[1:-1].replace(
@@ -10111,8 +10128,8 @@ class Retention(Loop):
         self.stuck: str | None = None            # over budget after deleting all it may: why
 
     def check_budget(self) -> None:
-        """Warn when the database cap cannot be reached before the disk mark: then only pushed rows
-        and host samples make room, and a receiver that stays down fills the disk."""
+        """Warn when the database cap cannot be reached before the disk mark: the disk mark then
+        bounds the database in the cap's place, and the rest of the disk decides what it may keep."""
         total = disk_usage(self.db_dir)[0]
         budget = self.config.db_max_bytes + self.config.disk_reserve_bytes    # the cap holds the WAL
         if budget > total * self.config.disk_high_pct / 100:

@@ -400,7 +400,9 @@ def test_settings_name_what_they_accept_and_keep_secrets() -> None:
                         "'https://h.example:99999/v1?api_key=***'"),
                        ("http://[::1/x?key=Sup3rS3cret", "***"),
                        ("u:Sup3rS3cret@h:8080/x", "'***@h:8080/x'"),               # no scheme: no netloc
-                       ("http:/u:Sup3rS3cret@h/x", "'http:///***@h/x'"),
+                       ("http:/u:Sup3rS3cret@h/x", "'***@h/x'"),
+                       ("https://u:Sup3r#S3cret@h/x", "'https://h/x'"),            # a # / ? in the password
+                       ("https://u:Sup3r/S3cret@h:0/x", "'https://h:0/x'"),
                        ("http://h:99999/x?Sup3rS3cret#Sup3rS3cret", "'http://h:99999/x?***'")):
         with pytest.raises(otrace.SettingError) as refused:
             otrace.Config.from_env({"TRACE_PUSH_ENDPOINT": bad})
@@ -3678,9 +3680,10 @@ def test_the_scrubber_takes_out_every_form_of_a_credential() -> None:
     import base64
     text = f"Basic {base64.b64encode(b'agent:pa$s').decode()} pa$s k3y-value hdr-secret"
     assert scrub(text) == "Basic *** *** *** ***"
-    token = otrace.Scrubber(otrace.Config(push_endpoint="https://t0ken-as-user@h/in?k=val1&bare-item"))
-    assert token("unknown api key t0ken-as-user; path /in?k=val1&bare-item") == \
-        "unknown api key ***; path /in?k=***&***"
+    token = otrace.Scrubber(otrace.Config(push_endpoint="https://t0ken-as-user@h/in?k=val1&pretty&bare-token-"
+                                                        "0123456789"))          # a short bare item is a flag
+    assert token("unknown api key t0ken-as-user; path /in?k=val1&pretty&bare-token-0123456789") == \
+        "unknown api key ***; path /in?k=***&pretty&***"
     quoted = otrace.Scrubber(otrace.Config(push_endpoint="https://h/", push_token='tok"en/with+odd'))
     echoes = (json.dumps({"authorization": 'Bearer tok"en/with+odd'}), "tok%22en%2Fwith%2Bodd",
               'tok\\"en\\/with+odd')                                   # JSON, a URL, PHP's JSON
@@ -8895,7 +8898,7 @@ def test_otlp_pieces_decode_and_map_as_the_conventions_say_in_process() -> None:
     wrapped = otrace.text_messages("q", "user")                     # as another otrace pushes it
     assert otrace.span_content({"gen_ai.input.messages": wrapped, "otrace.text_messages": ["input"]}, []) \
         == ("q", None)
-    for odd in (1.5, 7, True, None):                                # the attribute, mistyped: content as sent
+    for odd in (1.5, 7, True, None, "no-input"):                    # the attribute, mistyped: content as sent
         assert otrace.span_content({"gen_ai.input.messages": wrapped, "otrace.text_messages": odd}, []) \
             == (wrapped, None)
 
@@ -10016,11 +10019,11 @@ def test_every_key_the_docs_name_is_masked_in_a_log_lines_text() -> None:
     """What keys named like api_key, secret_key, private_key, access keys, token, password, authorization
     or cookie hold, in prose, JSON or a header dump; a quoted value cut before its closing quote, or
     longer than any bound, to its end."""
-    said = ('failed: secret_key=s1 aws_secret_access_key=s2 invalid api key: s3 {"private_key": "s4"} '
-            '{"cookie": "sid=s5", "authorization": "s6"}')
+    said = ('failed: secret_key=s1 aws_secret_access_key=s2 {"private_key": "s4"} '
+            '{"cookie": "sid=s5", "authorization": "s6"} No API key: configure one')
     assert otrace.redact_text(said) == (
-        'failed: secret_key=*** aws_secret_access_key=*** invalid api key: *** {"private_key": "***"} '
-        '{"cookie": "***", "authorization": "***"}')
+        'failed: secret_key=*** aws_secret_access_key=*** {"private_key": "***"} '
+        '{"cookie": "***", "authorization": "***"} No API key: configure one')
     assert otrace.redact_text("upstream: Cookie: a=1; sid=s7\r\nAuthorization: s8 s9\nHost: h") == \
         "upstream: Cookie: ***\r\nAuthorization: ***\nHost: h"
     assert otrace.redact_text("sent Authorization: Bearer s10 and {authorization: 'Basic s11'}") == \
@@ -10030,6 +10033,15 @@ def test_every_key_the_docs_name_is_masked_in_a_log_lines_text() -> None:
     pat, lab, npm = "github_pat_11ABCDEFG0" + "a" * 40, "glpat-" + "b" * 20, "npm_" + "c" * 36
     assert otrace.redact_text(f"keys {pat} {lab} {npm} https://b.s3.amazonaws.com/k?X-Amz-Signature=d1&x=1") \
         == "keys *** *** *** https://b.s3.amazonaws.com/k?X-Amz-Signature=***&x=1"
+    assert otrace.redact_text('Cookie: sid="s13"; csrf=s14\nAuthorization: Digest username="bob", '
+                              'response="s15"\nAuthorization: Bearer 12|s16') == (
+        "Cookie: ***\nAuthorization: ***\nAuthorization: Bearer ***")
+    for folded in ("Cook\u0131e: sid=s17", "acce\u017fs_key=s17"):   # what IGNORECASE folds and lower() keeps
+        assert otrace.redact_text(folded) == folded and not otrace.holds_secret_words(folded.lower())
+    listed = {"rawHeaders": ["Host", "h", "Cookie", "s18", "x-api-key", "s19"],          # Node's flat list
+              "paths": ["gateway.auth.token", "gateway.port"], "changed": ["apiKey", "model"]}   # not headers
+    assert otrace.redact_json(listed) == {**listed, "rawHeaders": [
+        "Host", "h", "Cookie", "***", "x-api-key", "***"]}
     assert otrace.redact_text("authorization failed; cookies: 3; tokens=12; author: me") == \
         "authorization failed; cookies: 3; tokens=12; author: me"             # no value of one: kept
 
