@@ -6287,6 +6287,15 @@ def redact_cmdline(args: tuple[bytes, ...]) -> str:
     return line
 
 
+REDACT_MARGIN = 256              # bytes past a text's cut masked with it: no secret is cut in half
+
+
+def masked_text(text: str, limit: int) -> str:
+    """Text another program wrote, cut to `limit` bytes and masked (redact_text): masked with a margin
+    past the cut, so that no secret is cut in half and masking costs no more than the text kept."""
+    return cut_utf8(redact_text(cut_utf8(text, limit + REDACT_MARGIN)[0]), limit)[0]
+
+
 def redact_text(text: str) -> str:
     """Text another program wrote (an error it logged, with the request it quotes), with what looks
     like a secret replaced by ***: values of secret-named keys, bearer tokens, URL passwords and
@@ -7056,7 +7065,6 @@ NOTICE = ("WARN", "ERROR", "FATAL")
 OFFSET_SQL = ("INSERT INTO log_offsets (dev, inode, fingerprint, path, position, updated_at) "
               "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (dev, inode, fingerprint) DO UPDATE SET "
               "path = excluded.path, position = excluded.position, updated_at = excluded.updated_at")
-REDACT_MARGIN = 256              # bytes past a message's cut masked with it: no secret is cut in half
 FORGET_SQL = "DELETE FROM log_offsets WHERE dev = ? AND inode = ? AND fingerprint <> ?"   # a file's old marks
 RUN_FAILED = "model-fallback/decision"     # its WARN line ends a run whose model calls failed
 RUNS_REMEMBERED = 256                      # runs whose last failed attempt the tailer keeps in memory
@@ -7623,8 +7631,8 @@ class LogTailer(QuietReader):
         logged = line.time_ms
         created = logged if logged is not None and 0 <= logged <= MAX_UNIX_MS else received
         quoted = line.level in NOTICE or kind is None   # not only OpenClaw's words: what an error quotes
-        message = cut_utf8(line.message, self.config.max_text_bytes + REDACT_MARGIN)[0]
-        message = cut_utf8(redact_text(message) if quoted else message, self.config.max_text_bytes)[0]
+        limit = self.config.max_text_bytes
+        message = masked_text(line.message, limit) if quoted else cut_utf8(line.message, limit)[0]
         detail = self.detail_json(line.detail)
         if quoted and detail and holds_secret_words(detail.lower()):
             try:
@@ -7894,12 +7902,13 @@ def entry_time(entry: dict[str, Any]) -> int | None:
     return _log_time(entry.get("timestamp"))
 
 
-def store_events(entry: Any, agent: str, session: str, fallback_id: str
+def store_events(entry: Any, agent: str, session: str, fallback_id: str, max_text: int
                  ) -> list[tuple[Table, Callable[[Fields, int, str], tuple], dict[str, Any]]]:
     """What one transcript entry becomes, as (table, row builder, event): an assistant message (one
     model call) a trace, and when it failed an error event with the same trace_id; a run that failed
     before any reply an error event; any other entry (user messages, tool results, OpenClaw's own
-    transcript-only messages) nothing. An error's text is masked as the gateway log's is."""
+    transcript-only messages) nothing. An error's text is masked as the gateway log's is, and cut to
+    `max_text` bytes."""
     if not isinstance(entry, dict):
         return []
     message = entry.get("message") if isinstance(entry.get("message"), dict) else {}
@@ -7911,7 +7920,7 @@ def store_events(entry: Any, agent: str, session: str, fallback_id: str
         text = _text(entry.get("content")) or error or "the run failed before a reply"
         return [(ERRORS, error_row, {
             "trace_id": trace_id, "created_at": created, "error_type": "llm_error",
-            "category": failure_category(error, text) or "other", "message": redact_text(text),
+            "category": failure_category(error, text) or "other", "message": masked_text(text, max_text),
             "session_id": session,
             "metadata": {"agent_id": agent, "run_id": _name(details.get("runId")), "entry_id": entry_id}})]
     if entry.get("type") != "message" or message.get("role") != "assistant":
@@ -7952,7 +7961,7 @@ def store_events(entry: Any, agent: str, session: str, fallback_id: str
         return [(TRACES, trace_row, trace)]
     diagnostics = [d.get("type") for d in message.get("diagnostics") or [] if isinstance(d, dict)]
     text = message.get("errorMessage") if isinstance(message.get("errorMessage"), str) else None
-    said = redact_text(text) if text else None      # a provider's error may quote the request's headers
+    said = masked_text(text, max_text) if text else None   # a provider's error may quote its request
     error = {"trace_id": trace_id, "created_at": created, "error_type": "llm_error",
              "category": failure_category(code, kind, *diagnostics, text) or "other",
              "message": said or f"model call failed ({kind or code or 'no reason given'})",
@@ -8294,7 +8303,7 @@ class SessionStore(QuietReader):
             self.undecodable(where, describe(exc))
             return []
         rows = []
-        for table, build, event in store_events(entry, agent, session, fallback):
+        for table, build, event in store_events(entry, agent, session, fallback, self.config.max_text_bytes):
             try:
                 rows.append(event_row(table, build, event, STORE_SOURCE, max_text=self.config.max_text_bytes))
             except Invalid as exc:

@@ -7625,7 +7625,7 @@ def test_transcript_entries_become_rows_as_openclaw_counts_them() -> None:
         "timestamp": 1796038916358, "responseId": "r1", "__openclaw": {"runId": "run1"},
         "usage": {"input": 904, "output": 300, "cacheRead": 4096, "cacheWrite": 7, "reasoningTokens": 12,
                   "totalTokens": 5307, "cost": {"total": 0.0084408}}}}
-    (table, build, trace), = otrace.store_events(entry, "main", "s1", "seq-5")
+    (table, build, trace), = otrace.store_events(entry, "main", "s1", "seq-5", 16384)
     assert table is otrace.TRACES and build is otrace.trace_row
     assert trace["trace_id"] == "oc:main:s1:e1" and trace["created_at"] == 1796038916358
     assert (trace["prompt_tokens"], trace["completion_tokens"], trace["total_tokens"]) == (5007, 300, 5307)
@@ -7638,36 +7638,37 @@ def test_transcript_entries_become_rows_as_openclaw_counts_them() -> None:
     failed = json.loads(json.dumps(entry))
     failed["message"].update({"stopReason": "error", "errorCode": "429", "errorType": "rate_limit_exceeded",
                               "errorMessage": "429 Rate limit reached", "content": []})
-    (_, _, trace), (table, _, error) = otrace.store_events(failed, "main", "s1", "seq-5")
+    (_, _, trace), (table, _, error) = otrace.store_events(failed, "main", "s1", "seq-5", 16384)
     assert (trace["status"], trace["error_type"], table) == ("error", "rate_limit_exceeded", otrace.ERRORS)
     assert (error["trace_id"], error["category"], error["message"], error["provider"]) == (
         "oc:main:s1:e1", "rate_limit", "429 Rate limit reached", "mock")
     assert error["metadata"]["run_id"] == "run1" and error["metadata"]["error_code"] == "429"
     failed["message"]["errorMessage"] = "401 Unauthorized: Authorization: Bearer s3cr3t-b x-api-key: s3cr3t-k"
-    (_, _, trace), (_, _, error) = otrace.store_events(failed, "main", "s1", "seq-5")
+    (_, _, trace), (_, _, error) = otrace.store_events(failed, "main", "s1", "seq-5", 16384)
     assert error["message"] == "401 Unauthorized: Authorization: Bearer *** x-api-key: ***"
     timed_out = json.loads(json.dumps(entry))                  # a turn that timed out is stored aborted
     timed_out["message"].update({"stopReason": "aborted", "errorMessage": "request timed out", "content": []})
-    (_, _, trace), (_, _, error) = otrace.store_events(timed_out, "main", "s1", "seq-5")
+    (_, _, trace), (_, _, error) = otrace.store_events(timed_out, "main", "s1", "seq-5", 16384)
     assert (trace["status"], error["category"], error["message"]) == ("error", "timeout", "request timed out")
     aborted = json.loads(json.dumps(entry))
     aborted["message"]["stopReason"] = "aborted"               # stopped with no error: not a failure
-    assert [event["status"] for _, _, event in otrace.store_events(aborted, "main", "s1", "seq-5")] == ["ok"]
+    assert [event["status"] for _, _, event in otrace.store_events(aborted, "main", "s1", "seq-5", 16384)
+            ] == ["ok"]
     before_reply = {"type": "custom_message", "customType": "run-failed-before-reply", "id": "e2",
                     "content": "This turn ended before a reply: LLM request timed out.", "display": True,
                     "details": {"runId": "run2", "error": "LLM request timed out."},
                     "timestamp": "2026-11-30T11:41:58.092Z"}
-    (table, _, error), = otrace.store_events(before_reply, "main", "s1", "x")
+    (table, _, error), = otrace.store_events(before_reply, "main", "s1", "x", 16384)
     assert (table, error["category"], error["metadata"]["run_id"]) == (otrace.ERRORS, "timeout", "run2")
     before_reply["content"] = "This turn ended before a reply: 401 for https://u:s3cr3t-p@proxy/v1."
-    (_, _, error), = otrace.store_events(before_reply, "main", "s1", "x")
+    (_, _, error), = otrace.store_events(before_reply, "main", "s1", "x", 16384)
     assert error["message"] == "This turn ended before a reply: 401 for https://u:***@proxy/v1."
     mirror = json.loads(json.dumps(entry))
     mirror["message"].update({"provider": "openclaw", "model": "delivery-mirror"})
     user = {"type": "message", "id": "u", "message": {"role": "user", "content": "assistant, help"}}
-    assert otrace.store_events(mirror, "main", "s1", "x") == []
-    assert otrace.store_events(user, "main", "s1", "x") == []
-    assert otrace.store_events("not an entry", "main", "s1", "x") == []
+    assert otrace.store_events(mirror, "main", "s1", "x", 16384) == []
+    assert otrace.store_events(user, "main", "s1", "x", 16384) == []
+    assert otrace.store_events("not an entry", "main", "s1", "x", 16384) == []
     long_id = otrace.store_trace_id("a" * 100, "s" * 100, "e")
     assert len(long_id) <= otrace.MAX_TRACE_ID_CHARS and long_id.isprintable()
     assert long_id == otrace.store_trace_id("a" * 100, "s" * 100, "e") != otrace.store_trace_id(
@@ -10028,6 +10029,8 @@ def test_every_key_the_docs_name_is_masked_in_a_log_lines_text() -> None:
         "upstream: Cookie: ***\r\nAuthorization: ***\nHost: h"
     assert otrace.redact_text("sent Authorization: Bearer s10 and {authorization: 'Basic s11'}") == \
         "sent Authorization: Bearer *** and {authorization: 'Basic ***'}"       # the scheme stays
+    cut = "x" * 100 + ' token="***"'                                  # masked, then cut at 112 bytes
+    assert otrace.masked_text("x" * 100 + ' token="' + "s20" * 40 + '" after', 112) == cut
     for cut in ('x "token": "s12-cut-here', '"password": "' + "p" * 5000 + '" after'):
         assert "s12" not in otrace.redact_text(cut) and "p" * 100 not in otrace.redact_text(cut)
     pat, lab, npm = "github_pat_11ABCDEFG0" + "a" * 40, "glpat-" + "b" * 20, "npm_" + "c" * 36
