@@ -6130,11 +6130,11 @@ DEAD = ("Z", "X")                # states of a process that has exited
 REJUDGE_EVERY = 20               # host samples after which every pid is judged again (a reused pid)
 EXEC_WINDOW = 60.0               # seconds a new process that did not match is watched for an exec
 MAX_ZOMBIE_PARENTS = 20          # named in a zombie alert
+# A name that holds one of these words, looked for first and then taken whole: a crafted argument
+# costs a pass over it, not its square.
 _SECRET_NAME = (r"(?=[\w.-]*?(?:token|secret|(?<!by)(?<!com)(?<!sur)pass(?!thr|ive|ing|port|age|e[sd]|enger)"
                 r"|pwd|key|auth|credential|(?<!sa)creds?(?![a-z])|cookie|signature|session(?![\w.-])|pw(?![a-z])"
                 r"|jwt|session.?(?:id|key|token|secret)))[\w.-]*+")   # not bypass, passthrough, --session-dir
-# (a name holding one of the words, then the whole name at once: a crafted argument costs a pass, not
-# its square)
 _SECRET_FLAG = re.compile(rf"-{{1,2}}{_SECRET_NAME}", re.IGNORECASE)     # its value is the next argument
 _SECRET_ASSIGNED = re.compile(rf"(-{{0,2}}{_SECRET_NAME}\s*[=:]).+", re.IGNORECASE | re.DOTALL)  # an argument
 _USER_FLAG = re.compile(r"-u|--user")                          # curl's user:password ...
