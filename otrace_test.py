@@ -10029,8 +10029,8 @@ def test_every_key_the_docs_name_is_masked_in_a_log_lines_text() -> None:
         "upstream: Cookie: ***\r\nAuthorization: ***\nHost: h"
     assert otrace.redact_text("sent Authorization: Bearer s10 and {authorization: 'Basic s11'}") == \
         "sent Authorization: Bearer *** and {authorization: 'Basic ***'}"       # the scheme stays
-    cut = "x" * 100 + ' token="***"'                                  # masked, then cut at 112 bytes
-    assert otrace.masked_text("x" * 100 + ' token="' + "s20" * 40 + '" after', 112) == cut
+    kept = "x" * 100 + ' token="***"'                                 # masked, then cut at 112 bytes
+    assert otrace.masked_text("x" * 100 + ' token="' + "s20" * 40 + '" after', 112) == kept
     for cut in ('x "token": "s12-cut-here', '"password": "' + "p" * 5000 + '" after'):
         assert "s12" not in otrace.redact_text(cut) and "p" * 100 not in otrace.redact_text(cut)
     pat, lab, npm = "github_pat_11ABCDEFG0" + "a" * 40, "glpat-" + "b" * 20, "npm_" + "c" * 36
@@ -10039,7 +10039,8 @@ def test_every_key_the_docs_name_is_masked_in_a_log_lines_text() -> None:
     assert otrace.redact_text('Cookie: sid="s13"; csrf=s14\nAuthorization: Digest username="bob", '
                               'response="s15"\nAuthorization: Bearer 12|s16') == (
         "Cookie: ***\nAuthorization: ***\nAuthorization: Bearer ***")
-    for folded in ("Cook\u0131e: sid=s17", "acce\u017fs_key=s17"):   # what IGNORECASE folds and lower() keeps
+    for folded in ("Cook\u0131e: sid=s17", "acce\u017fs_key=s17"):   # no header's name: the patterns fold
+                                                                     # case in ASCII, as the pre-check does
         assert otrace.redact_text(folded) == folded and not otrace.holds_secret_words(folded.lower())
     listed = {"rawHeaders": ["Host", "h", "Cookie", "s18", "x-api-key", "s19"],          # Node's flat list
               "paths": ["gateway.auth.token", "gateway.port"], "changed": ["apiKey", "model"]}   # not headers
