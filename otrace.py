@@ -11106,7 +11106,8 @@ class Report:
                 "window": {"since": self.zone.iso(self.since), "until": self.zone.iso(self.until),
                            "timezone": self.zone.name},
                 "by": self.by, "breakdown": self.breakdown, "cost": self.cost, "source": self.source,
-                "calls": self.calls(summed, groups), "top_sessions": self.top_sessions(),
+                "calls": {**self.calls(summed, groups), "reported_zero": self.reported_zero()},
+                "top_sessions": self.top_sessions(),
                 "errors": self.errors(), "host": self.host(), "log_events": self.log_events(),
                 "push": self.push(), "retention": self.retention(), "usage_cost": self.usage_cost(summed)}
 
@@ -11184,6 +11185,15 @@ class Report:
             return {self.by: start.date().isoformat() if self.by == "day" else
                     start.isoformat(timespec="minutes")}
         return {{"session": "session_id"}.get(self.by, self.by): key[0]}
+
+    def reported_zero(self) -> dict[str, Any]:
+        """Calls their source reported at $0 that the price table prices: what OpenClaw writes for a
+        model it has no cost configured for, which `auto` takes at its word."""
+        where, params = self.where()
+        calls, usd = self.conn.execute(
+            f"SELECT count(*), total(computed_cost_usd) FROM llm_traces WHERE {where} AND cost_usd = 0 AND "
+            "cost_source IS NOT 'computed' AND computed_cost_usd > 0", params).fetchone()
+        return {"calls": calls, "computed_usd": round(usd, 9)}
 
     def top_sessions(self) -> list[dict[str, Any]]:
         where, params = self.where()
@@ -11431,6 +11441,10 @@ class TableView:
         if totals["unpriced_calls"]:
             notes.append(f"{plural(totals['unpriced_calls'], 'call')} with tokens and no cost: no price for "
                          "the model" + (" (or none reported: --cost reported)" if mode == "reported" else ""))
+        if (zero := self.doc["calls"]["reported_zero"])["calls"] and mode != "computed":
+            notes.append(f"{plural(zero['calls'], 'call')} reported at $0 by the source: the price table "
+                         f"puts {'it' if zero['calls'] == 1 else 'them'} at {usd_text(zero['computed_usd'])} "
+                         "(--cost computed)")
         if self.doc["retention"]["calls_incomplete"]:
             notes.append("! totals may miss calls: retention deleted the oldest calls since the window "
                          "began, and the oldest kept arrived after it began (RETENTION below)")

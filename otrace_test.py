@@ -7237,6 +7237,32 @@ def test_report_cost_modes_choose_the_reported_or_the_computed_figure(tmp_path: 
         done.stdout
 
 
+def test_report_says_what_the_price_table_puts_on_calls_reported_at_0(tmp_path: Path) -> None:
+    """OpenClaw writes a cost of 0 for a model it has no cost configured for: `auto` keeps that figure,
+    and the report says what the price table puts on those calls instead of showing $0 alone."""
+    db = tmp_path / "otrace.db"
+    otrace.open_database(str(db))
+    mini = {"provider": "openai", "model": "gpt-4o-mini", "created_at": "2026-11-02T10:00:00Z"}
+    events = [mini | {"prompt_tokens": 2048, "completion_tokens": 128, "cost_usd": 0},   # priced: $0.000384
+              mini | {"prompt_tokens": 1000, "completion_tokens": 100, "cost_usd": 0},   # $0.00021
+              mini | {"prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0},        # nothing to price
+              mini | {"prompt_tokens": 1000, "completion_tokens": 100},                  # computed
+              mini | {"prompt_tokens": 1000, "completion_tokens": 100, "cost_usd": 0.5},
+              {**mini, "model": "acme-9", "prompt_tokens": 10, "cost_usd": 0}]           # no price
+    rows = [otrace.event_row(otrace.TRACES, otrace.trace_row, event, "http").values for event in events]
+    with contextlib.closing(otrace.connect(str(db))) as conn, otrace.transaction(conn):
+        otrace.insert_rows(conn, "llm_traces", rows)
+    window = ("--since", "2026-11-02", "--until", "2026-11-02", "--timezone", "UTC")
+    for mode in ("auto", "reported", "computed"):
+        doc = report_json(db, *window, "--cost", mode)
+        assert doc["calls"]["reported_zero"] == {"calls": 2, "computed_usd": 0.000594}
+        text = report(db, *window, "--cost", mode, env={"COLUMNS": "150"}).stdout
+        note = "2 calls reported at $0 by the source: the price table puts them at $0.0006 (--cost computed)"
+        assert (note in text) is (mode != "computed"), text
+    assert report_json(db, "--since", "2026-11-03", "--until", "2026-11-03", "--timezone", "UTC")[
+        "calls"]["reported_zero"] == {"calls": 0, "computed_usd": 0}
+
+
 def test_report_usage_cost_equals_openclaws_own_sums_of_its_store(tmp_path: Path) -> None:
     """The captured 2026.9.6 store's assistant entries as the session-store reader maps them (prompt =
     input + cacheRead + cacheWrite), summed by the report, against OpenClaw's own summing of the same
