@@ -445,7 +445,8 @@ class Config:
     queue_size: int = setting("512", count(1, 100_000), "Events waiting for the writer. A request that "
                               "does not fit whole has the writer commit what is waiting and waits up to "
                               "50 ms for room, then gets 503. One larger than the queue goes in beside "
-                              "the others, one such request at a time.")
+                              "the others, one such request at a time. otrace's own readers and samplers "
+                              "leave a quarter of it to clients.")
     batch_size: int = setting("50", count(1, 10_000), "Most events the writer commits in one "
                               "transaction; at most half of TRACE_QUEUE_SIZE (lowered, with a warning).")
     batch_window: float = setting("500ms", duration("1ms", "10s"), "Longest an event waits in the queue "
@@ -2737,7 +2738,8 @@ class EventQueue(queue.Queue):
         self.uncommitted = 0     # waiting + taken by the writer and not yet done
         self.uncommitted_own = 0
         self.oversized = 0       # of those, the events of a unit larger than the queue
-        self.waiting_oversized = 0   # of self.waiting, that unit's
+        self.waiting_gated = 0   # of self.waiting, what the gate counts: clients' (not otrace's own,
+                                 # whose readers the HTTP thread's wait would not hold back), not oversized
         self.no_room = False     # an offer did not fit, and nothing has been taken or freed since
 
     def _qsize(self) -> int:
@@ -2749,12 +2751,12 @@ class EventQueue(queue.Queue):
         self.uncommitted += len(unit)
         self.uncommitted_own += len(unit) if unit.own else 0
         self.oversized += self.beyond(unit)
-        self.waiting_oversized += self.beyond(unit)
+        self.waiting_gated += self.gated(unit)
 
     def _get(self) -> Unit:
         unit = self.queue.popleft()
         self.waiting -= len(unit)
-        self.waiting_oversized -= self.beyond(unit)
+        self.waiting_gated -= self.gated(unit)
         return unit
 
     def offer(self, unit: Unit) -> bool:
@@ -2776,7 +2778,7 @@ class EventQueue(queue.Queue):
             was_empty = not self.waiting
             self._put(unit)
             self.unfinished_tasks += 1
-            self.gate.note(self.waiting - self.waiting_oversized)   # not a unit the writer takes alone
+            self.gate.note(self.waiting_gated)
             if was_empty or self.waiting >= self.batch_size:
                 self.not_empty.notify()
             return True
@@ -2785,12 +2787,19 @@ class EventQueue(queue.Queue):
         """Its events, if the unit is larger than the whole queue; else 0."""
         return len(unit) if len(unit) > self.maxsize else 0
 
+    def gated(self, unit: Unit) -> int:
+        """Its events, if the gate counts them: a client's, in a unit the writer does not take alone."""
+        return 0 if unit.own or self.beyond(unit) else len(unit)
+
     def fits(self, unit: Unit) -> bool:
         """Called with the queue's lock held. A unit larger than the queue fits while no other is in;
-        the others must fit in the queue together."""
+        the others must fit in the queue together, otrace's own leaving a quarter of it to clients (a
+        reader catching up must not turn the agent away) unless the queue is empty."""
         if self.beyond(unit):
             return not self.oversized
-        return self.uncommitted - self.oversized + len(unit) <= self.maxsize
+        taken = self.uncommitted - self.oversized
+        room = self.maxsize - self.maxsize // 4 if unit.own else self.maxsize
+        return taken + len(unit) <= room or (unit.own and not taken)
 
     def turned_away(self) -> bool:
         """Called with the queue's lock held, for a unit that does not fit: the batch waiting to fill
@@ -2813,7 +2822,7 @@ class EventQueue(queue.Queue):
     def committed(self) -> None:
         """The writer has committed: the HTTP thread may go on once the writer has caught up."""
         with self.mutex:
-            self.gate.committed(0 if self.closed else self.waiting - self.waiting_oversized)
+            self.gate.committed(0 if self.closed else self.waiting_gated)
 
     def unwritten(self) -> tuple[int, int]:
         """Events accepted and not committed: (promised to clients, otrace's own)."""
@@ -7438,7 +7447,7 @@ class LogTailer(QuietReader):
         self.backlog = self.unfinished()  # files read before, with lines left: finish them first
         self.started = False
         self.waiting = False
-        self.most = max(1, min(256, config.queue_size // 2))   # lines per unit: two units fit the queue
+        self.most = max(1, min(256, config.queue_size // 2))   # lines per unit: one read while one is written
         self.totals = Counters(("lines", "events", "skipped", "not_json", "cut", "unreadable", "bytes_read",
                                 "failed_attempts"))
 

@@ -2982,6 +2982,31 @@ def test_a_file_rotated_away_before_otrace_saw_it_is_read(tmp_path: Path, run: C
 
 
 @needs_gateway_log
+def test_a_log_catch_up_never_turns_a_client_away(tmp_path: Path, run: Callable[..., Otrace]) -> None:
+    """otrace's own units leave a quarter of the queue to clients: while the tailer catches up on a
+    long log, every batch of 10 traces is taken."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    sample = (HERE.parent / "shared" / "fixtures" / "openclaw" / "gateway-2026.9.6-sample.jsonl").read_bytes()
+    log = logs / "openclaw-2026-12-03.log"
+    log.write_bytes(sample * 300)                                    # 18,600 lines, half of them events
+    node = run({"TRACE_LOG_PATH": str(logs), "TRACE_LOG_START": "beginning", "TRACE_QUEUE_SIZE": "64",
+                "TRACE_BATCH_SIZE": "32", "TRACE_LOG_POLL": "20ms"})
+    answers: collections.Counter[int] = collections.Counter()
+    during = 0
+    conn = http.client.HTTPConnection("127.0.0.1", node.port, timeout=10)
+    deadline = time.monotonic() + 120
+    while (tail := node.health()["log_tail"])["offset"] < log.stat().st_size and time.monotonic() < deadline:
+        answer = node.post("/v1/traces", [trace() for _ in range(10)], conn=conn)
+        answers[answer.status] += 1
+        during += tail["offset"] > 0
+    conn.close()
+    assert during >= 5, f"only {during} batches posted while the log was read"
+    assert answers == {202: sum(answers.values())}, answers
+    wait_until(lambda: node.query("SELECT count(*) FROM llm_traces WHERE source = 'http'") == [
+        (10 * answers[202],)], timeout=60, what="every accepted trace stored")
+
+
 def test_log_tail_survives_sigkill_without_gap_or_duplicate(tmp_path: Path,
                                                             run: Callable[..., Otrace]) -> None:
     import random
