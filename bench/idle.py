@@ -17,6 +17,11 @@ it at its own pace (push at 5 s and 5 min 5 s, retention at 5 min, metrics 20 ti
 Further rows, each against the same bare server: everything but the process table and DNS probes
 (the seed's v2 samplers), push configured and nothing else (to see what the push client's imports
 cost), the log alone (a tailer following an idle file), and every optional feature off.
+
+--tcp-table BUCKETS runs it all in a new network namespace whose TCP table has that many buckets
+(root, Linux 6.1+; results saved as idle-tcp-BUCKETS): a host sample's TCP-state dump walks the whole
+table, which the kernel sizes at a bucket per 128 KiB of memory, so a large machine's CPU figures
+are not a small one's; 8192 is a 1 GiB machine's table.
 """
 
 from __future__ import annotations
@@ -91,6 +96,20 @@ def measure(names: list[str], seconds: float) -> dict[str, dict[str, float]]:
             stop(receiver)
 
 
+def in_namespace(buckets: int, rest: list[str]) -> int:
+    """This benchmark again, with `rest` of its arguments, in a new network namespace (its loopback
+    up) whose TCP table has `buckets` buckets."""
+    child = Path("/proc/sys/net/ipv4/tcp_child_ehash_entries")
+    before = child.read_text()
+    child.write_text(str(buckets))
+    try:
+        return subprocess.run(["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$0" "$@"',
+                               sys.executable, __file__, *rest, "--name", f"idle-tcp-{buckets}"],
+                              check=False).returncode
+    finally:
+        child.write_text(before)
+
+
 LABELS = {"all": "everything on: log, session store, OTLP port, metrics, processes, DNS, push",
           "core": "everything on but the process table and DNS probes",
           "push": "push configured, nothing else", "log": "following an idle log file, nothing else",
@@ -102,7 +121,12 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--idle", type=float, default=300)
     parser.add_argument("--only", choices=sorted(LABELS))
+    parser.add_argument("--tcp-table", type=int, metavar="BUCKETS")
+    parser.add_argument("--name", default="idle", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.tcp_table:
+        sys.exit(in_namespace(args.tcp_table, [*sys.argv[1:sys.argv.index("--tcp-table")],
+                                               *sys.argv[sys.argv.index("--tcp-table") + 2:]]))
     names = [args.only] if args.only else list(LABELS)
     got = measure(names, args.idle)
     bare, floor = got["bare"], got["floor"]
@@ -119,7 +143,7 @@ def main() -> None:
                  f"{1 / args.idle:.3f} % of a core.")
     for line in markdown.splitlines():
         print(" ", line)
-    save("idle", markdown, {"idle_s": args.idle, **got})
+    save(args.name, markdown, {"idle_s": args.idle, **got})
 
 
 if __name__ == "__main__":

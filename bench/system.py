@@ -4,14 +4,19 @@ against otrace as it was before them, and the profiler's own overhead, measured 
     python bench/system.py [--processes 500] [--samples 100] [--idle 65] [--seconds 5]
 
 1. With at least --processes processes on the box (sleepers started here, each with a command line of
-   a few arguments), the CPU time (process_time, so lookup threads count) of one call of:
+   a few arguments, and measured once they are older than a minute, as a box's processes mostly are:
+   a younger one is looked at again at each sample, for an exec that would make it the gateway), the
+   CPU time (process_time, so lookup threads count) of one call of:
    - a scan of the process table (ProcessSampler.tick: every /proc/<pid>/stat, the zombie count, the
      top rows in full, offered to a queue),
    - the process and network part of a host sample (SystemWatch.read and .observe: the pids, the
      gateway's stat, /proc/net),
    - a DNS probe of the default names (DnsProbe.tick, its lookup threads included),
    beside the host sample otrace already took (HostReader snapshot and row). Each is also given as a
-   share of one core at its default interval.
+   share of one core at its default interval. Then the TCP-state dump alone, as a sampler's look
+   finds it (cold, each after a pause): the kernel walks its whole table of established sockets,
+   sized by the machine's memory, so it is given here and, where the kernel lets a new network
+   namespace have a smaller table (6.1+, root), in one sized as on a 1 GiB machine.
 2. Idle for --idle seconds with those processes still there: otrace with everything on (defaults, and
    TRACE_DEBUG=on) beside otrace as it was before (otrace.py of BEFORE, from git), both started from
    their compiled modules: RSS and CPU.
@@ -74,6 +79,43 @@ def samplers(samples: int) -> dict[str, float]:
         return {"host": per_call(host_sample, samples), "processes": per_call(process_sample, samples),
                 "system": per_call(system_part, samples), "dns": per_call(dns.tick, max(5, samples // 20)),
                 "process_count": processes.table.count}
+
+
+EHASH = Path("/proc/sys/net/ipv4/tcp_ehash_entries")
+CHILD_EHASH = Path("/proc/sys/net/ipv4/tcp_child_ehash_entries")
+SMALL_EHASH = 8192                   # the kernel sizes its TCP table at a bucket per 128 KiB of memory
+DUMP = ("import os, socket, sys, time; sys.path.insert(0, {root!r}); import otrace\n"
+        "took = []\n"
+        "for _ in range({samples}):\n"
+        "    time.sleep(0.05)\n"
+        "    started = time.thread_time()\n"
+        "    otrace.tcp_states_netlink([socket.AF_INET])\n"
+        "    took.append(time.thread_time() - started)\n"
+        "ehash = open({ehash!r}).read().strip() if os.path.exists({ehash!r}) else '?'\n"
+        "print(sum(took) / len(took), ehash)")
+
+
+def tcp_dumps(samples: int) -> dict[str, float | str | None]:
+    """CPU seconds of one TCP-state dump (the largest part of a host sample on a large machine: the
+    kernel walks its whole table of established sockets, sized by the machine's memory), each after a
+    50 ms pause as a sampler's look comes cold: in this network namespace, and, where the kernel can
+    size a new namespace's table (6.1+, as root), in one with a 1 GiB machine's table."""
+    run = [sys.executable, "-c", DUMP.format(root=str(ROOT), samples=samples, ehash=str(EHASH))]
+    here = subprocess.run(run, capture_output=True, text=True, check=True).stdout.split()
+    got: dict[str, float | str | None] = {"host_s": float(here[0]), "host_buckets": here[1],
+                                          "small_s": None, "small_buckets": None}
+    try:
+        before = CHILD_EHASH.read_text()
+        CHILD_EHASH.write_text(str(SMALL_EHASH))
+    except OSError:
+        return got
+    try:
+        small = subprocess.run(["unshare", "-n", *run], capture_output=True, text=True, check=False)
+    finally:
+        CHILD_EHASH.write_text(before)
+    if small.returncode == 0:
+        got["small_s"], got["small_buckets"] = float(small.stdout.split()[0]), small.stdout.split()[1]
+    return got
 
 
 def start_before(tmp: Path) -> tuple[subprocess.Popen, int] | None:
@@ -164,7 +206,10 @@ def main() -> None:
     args = parser.parse_args()
     logging.disable(logging.WARNING)          # the samplers' own alerts about this box are not results
     sleepers = crowd(args.processes)
+    crowded = time.monotonic()
     try:
+        dumps = tcp_dumps(args.samples)
+        time.sleep(max(0.0, otrace.EXEC_WINDOW + 1 - (time.monotonic() - crowded)))  # a box's steady state
         cost = samplers(args.samples)
         rest = idle(args.idle)
     finally:
@@ -181,9 +226,14 @@ def main() -> None:
             ["process table scan: every stat, zombies, the top rows", f"{cost['processes'] * 1e6:.0f}",
              "60 s", f"{share['processes']:.4f} %"],
             ["process and network part of a host sample", f"{cost['system'] * 1e6:.0f}", "15 s",
-             f"{share['system']:.4f} %"],
-            [f"DNS probe of {', '.join(config.dns_probe)}", f"{cost['dns'] * 1e6:.0f}", "60 s",
-             f"{share['dns']:.4f} %"]]
+             f"{share['system']:.4f} %"]]
+    for key, label in (("host", "its TCP-state dump, cold, in this machine's TCP table"),
+                       ("small", "the same in a network namespace with a 1 GiB machine's table")):
+        if dumps[f"{key}_s"] is not None:
+            rows.append([f"{label} ({dumps[f'{key}_buckets']} buckets)", f"{dumps[f'{key}_s'] * 1e6:.0f}",
+                         "15 s", f"{100 * dumps[f'{key}_s'] / config.metrics_interval:.4f} %"])
+    rows.append([f"DNS probe of {', '.join(config.dns_probe)}", f"{cost['dns'] * 1e6:.0f}", "60 s",
+                 f"{share['dns']:.4f} %"])
     markdown = table(["sampler", "CPU µs per call", "default interval", "share of a core"], rows)
     everything = sum(share[key] for key in ("processes", "system", "dns"))
     markdown += (f"\n\nThe process sample is PROC-01's cost (goal < 0.05 % of a core at 60 s): "
@@ -198,9 +248,9 @@ def main() -> None:
                  f"Hz; the profiler thread used {load['profile_cpu_s']:.3f} s of CPU in "
                  f"{load['profile_s']:.1f} s ({overhead:.2f} % of a core; {load['samples']} samples, "
                  f"{load['stacks']} distinct stacks).")
-    save("system", markdown, {"cost": cost, "share_pct": share, "all_share_pct": everything,
-                              "idle": rest, "idle_seconds": args.idle, "profile": load,
-                              "profile_overhead_pct": overhead})
+    save("system", markdown, {"cost": cost, "tcp_dumps": dumps, "share_pct": share,
+                              "all_share_pct": everything, "idle": rest, "idle_seconds": args.idle,
+                              "profile": load, "profile_overhead_pct": overhead})
 
 
 if __name__ == "__main__":
