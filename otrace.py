@@ -11115,7 +11115,8 @@ class Report:
                 "window": {"since": self.zone.iso(self.since), "until": self.zone.iso(self.until),
                            "timezone": self.zone.name},
                 "by": self.by, "breakdown": self.breakdown, "cost": self.cost, "source": self.source,
-                "calls": {**self.calls(summed, groups), "reported_zero": self.reported_zero()},
+                "calls": {**self.calls(summed, groups), "reported_zero": self.reported_zero(),
+                          "log_calls_beside_the_store": self.log_beside_store()},
                 "top_sessions": self.top_sessions(),
                 "errors": self.errors(), "host": self.host(), "log_events": self.log_events(),
                 "push": self.push(), "retention": self.retention(), "usage_cost": self.usage_cost(summed)}
@@ -11203,6 +11204,15 @@ class Report:
             f"SELECT count(*), total(computed_cost_usd) FROM llm_traces WHERE {where} AND cost_usd = 0 AND "
             "cost_source IS NOT 'computed' AND computed_cost_usd > 0", params).fetchone()
         return {"calls": calls, "computed_usd": round(usd, 9)}
+
+    def log_beside_store(self) -> int:
+        """Calls taken from the gateway's log while the session store was not followed, in the time the
+        store's calls span: the store read later holds the same calls, so both count them."""
+        where, params = self.where(by_source=False)
+        store = f"SELECT {{}}(created_at) FROM llm_traces WHERE {where} AND source = '{STORE_SOURCE}'"
+        return self.conn.execute(
+            f"SELECT count(*) FROM llm_traces WHERE {where} AND source = 'log' AND created_at BETWEEN "
+            f"({store.format('min')}) AND ({store.format('max')})", params * 3).fetchone()[0]
 
     def top_sessions(self) -> list[dict[str, Any]]:
         where, params = self.where()
@@ -11454,6 +11464,10 @@ class TableView:
             notes.append(f"{plural(zero['calls'], 'call')} reported at $0 by the source: the price table "
                          f"puts {'it' if zero['calls'] == 1 else 'them'} at {usd_text(zero['computed_usd'])} "
                          "(--cost computed)")
+        if (beside := self.doc["calls"]["log_calls_beside_the_store"]) and self.doc["source"] is None:
+            notes.append(f"! {plural(beside, 'call')} from the gateway's log, stored while the session store "
+                         "was off, fall in the time the store's calls span: both may count the same calls "
+                         f"(--source {STORE_SOURCE} gives the store's alone)")
         if self.doc["retention"]["calls_incomplete"]:
             notes.append("! totals may miss calls: retention deleted the oldest calls since the window "
                          "began, and the oldest kept arrived after it began (RETENTION below)")

@@ -7288,6 +7288,30 @@ def test_report_says_what_the_price_table_puts_on_calls_reported_at_0(tmp_path: 
         "calls"]["reported_zero"] == {"calls": 0, "computed_usd": 0}
 
 
+def test_report_warns_of_log_calls_in_the_time_the_stores_calls_span(tmp_path: Path) -> None:
+    """Calls the log gave while the store was off are stored again when the store is read: the report
+    says how many of the log's fall in the time the store's calls span."""
+    db = tmp_path / "otrace.db"
+    otrace.open_database(str(db))
+    at = "2026-11-02T10:{:02d}:00Z".format
+    calls = [("log", at(0)), ("log", at(10)), ("log", at(20)), ("log", at(50)),
+             (otrace.STORE_SOURCE, at(5)), (otrace.STORE_SOURCE, at(20)), ("http", at(30))]
+    rows = [otrace.event_row(otrace.TRACES, otrace.trace_row, {"provider": "p", "model": "m",
+                                                               "created_at": when}, source).values
+            for source, when in calls]
+    with contextlib.closing(otrace.connect(str(db))) as conn, otrace.transaction(conn):
+        otrace.insert_rows(conn, "llm_traces", rows)
+    window = ("--since", "2026-11-02", "--until", "2026-11-02", "--timezone", "UTC")
+    assert report_json(db, *window)["calls"]["log_calls_beside_the_store"] == 2        # 10:10 and 10:20
+    note = ("! 2 calls from the gateway's log, stored while the session store was off, fall in the time the "
+            "store's calls span")
+    assert note in " ".join(report(db, *window, env={"COLUMNS": "200"}).stdout.split())
+    assert note not in " ".join(report(db, *window, "--source", "log", env={"COLUMNS": "200"}).stdout.split())
+    with contextlib.closing(otrace.connect(str(db))) as conn, otrace.transaction(conn):
+        conn.execute("DELETE FROM llm_traces WHERE source = ?", (otrace.STORE_SOURCE,))
+    assert report_json(db, *window)["calls"]["log_calls_beside_the_store"] == 0
+
+
 def test_report_usage_cost_equals_openclaws_own_sums_of_its_store(tmp_path: Path) -> None:
     """The captured 2026.9.6 store's assistant entries as the session-store reader maps them (prompt =
     input + cacheRead + cacheWrite), summed by the report, against OpenClaw's own summing of the same
