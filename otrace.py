@@ -445,8 +445,8 @@ class Config:
     queue_size: int = setting("512", count(1, 100_000), "Events waiting for the writer. A request that "
                               "does not fit whole has the writer commit what is waiting and waits up to "
                               "50 ms for room, then gets 503. One larger than the queue goes in beside "
-                              "the others, one such request at a time. otrace's own readers and samplers "
-                              "leave a quarter of it to clients.")
+                              "the others, one such request at a time. The gateway log's and the session "
+                              "store's readers leave a quarter of it to clients.")
     batch_size: int = setting("50", count(1, 10_000), "Most events the writer commits in one "
                               "transaction; at most half of TRACE_QUEUE_SIZE (lowered, with a warning).")
     batch_window: float = setting("500ms", duration("1ms", "10s"), "Longest an event waits in the queue "
@@ -2650,11 +2650,13 @@ class DatabaseLock:
 @dataclasses.dataclass(slots=True)
 class Unit:
     """Rows that are committed together, with statements that must commit with them (a file offset).
-    `own`: otrace's own rows (a host sample, lines of a log), that no client was promised."""
+    `own`: otrace's own rows (a host sample, lines of a log), that no client was promised; `reader`:
+    a reader's (the gateway log's, the session store's), which may have much to catch up on."""
 
     rows: list[Row]
     extra: tuple[tuple[str, tuple], ...] = ()
     own: bool = False
+    reader: bool = False
     arrived: float = 0.0
 
     def __len__(self) -> int:
@@ -2673,9 +2675,10 @@ class Gate:
     """Holds the HTTP thread back while the writer is behind, so the writer gets the GIL.
 
     A busy HTTP thread starves the writer thread: each of the writer's SQLite calls gives the GIL away
-    and must win it back from a thread that holds it for all but its system calls. So once half the
-    queue is waiting, the HTTP thread waits (WAIT at most) until the writer has drained it below one
-    batch. A writer that does not drain it within WAIT is stuck, not starved (a lock, a slow disk):
+    and must win it back from a thread that holds it for all but its system calls. So once clients'
+    events fill half the queue, the HTTP thread waits (WAIT at most) until the writer has drained them
+    below one batch (otrace's own are not waited on: holding the HTTP thread back does not hold a reader
+    back). A writer that does not drain it within WAIT is stuck, not starved (a lock, a slow disk):
     the gate then stays open until it commits again."""
 
     WAIT = 0.05
@@ -2793,13 +2796,20 @@ class EventQueue(queue.Queue):
 
     def fits(self, unit: Unit) -> bool:
         """Called with the queue's lock held. A unit larger than the queue fits while no other is in;
-        the others must fit in the queue together, otrace's own leaving a quarter of it to clients (a
-        reader catching up must not turn the agent away) unless the queue is empty."""
+        the others must fit in the queue together, a reader's in `reader_room` (a reader catching up
+        must not turn the agent away), or alone in an empty queue if it is larger."""
+        if not unit.rows:
+            return True                                   # statements alone take no room
         if self.beyond(unit):
             return not self.oversized
         taken = self.uncommitted - self.oversized
-        room = self.maxsize - self.maxsize // 4 if unit.own else self.maxsize
-        return taken + len(unit) <= room or (unit.own and not taken)
+        room = self.reader_room if unit.reader else self.maxsize
+        return taken + len(unit) <= room or (unit.reader and not taken)
+
+    @property
+    def reader_room(self) -> int:
+        """What readers may fill: all but a quarter of the queue, which is left to clients."""
+        return self.maxsize - self.maxsize // 4
 
     def turned_away(self) -> bool:
         """Called with the queue's lock held, for a unit that does not fit: the batch waiting to fill
@@ -7064,6 +7074,7 @@ class DnsProbe(Loop):
 # trace and no error event, and only adds the count of failed attempts to the store's event.
 
 LOG_UNIT_BYTES = 4 << 20         # lines read into one unit: at most this, or one line
+LINE_ROWS_MOST = 2               # rows a line becomes: its log event, and a trace or an error event
 FINGERPRINT_BYTES = 256
 LOG_NAME = re.compile(r"openclaw(?:-(?P<profile>[\w.-]+))?-\d{4}-\d{2}-\d{2}\.log")   # not a rotated .N.log
 ROTATED = re.compile(r"openclaw[\w.-]*\.\d+\.log")                          # a size rotation's file
@@ -7448,6 +7459,7 @@ class LogTailer(QuietReader):
         self.started = False
         self.waiting = False
         self.most = max(1, min(256, config.queue_size // 2))   # lines per unit: one read while one is written
+        self.rows_most = events.reader_room // 2                # and rows: two units in the readers' room
         self.totals = Counters(("lines", "events", "skipped", "not_json", "cut", "unreadable", "bytes_read",
                                 "failed_attempts"))
 
@@ -7586,7 +7598,10 @@ class LogTailer(QuietReader):
                 return total
             rows: list[Row] = []
             extra: list[tuple[str, tuple]] = []
-            for start, text, length in lines:
+            for i, (start, text, length) in enumerate(lines):
+                if rows and len(rows) + LINE_ROWS_MOST > self.rows_most:   # the rest in the next unit
+                    lines, end = lines[:i], start
+                    break
                 held = len(extra)
                 try:
                     rows += self.rows(followed, start, text, length, extra)
@@ -7598,7 +7613,7 @@ class LogTailer(QuietReader):
             if followed.fingerprint != followed.committed:     # one mark a file: none stale to resume at
                 extra.append((FORGET_SQL, (*file, followed.fingerprint)))
             extra.append((OFFSET_SQL, (*file, followed.fingerprint, followed.path, end, now_ms())))
-            if not self.events.offer(Unit(rows, tuple(extra), own=True)):
+            if not self.events.offer(Unit(rows, tuple(extra), own=True, reader=True)):
                 self.behind = True
                 return None
             self.behind = False
@@ -8327,7 +8342,7 @@ class SessionStore(QuietReader):
         extra = [(POSITION_SQL, (agent, session, cursor.mark, cursor.position, cursor.newest, now))
                  for session, cursor in again.items()]
         extra.append((STATE_SQL, (INODE_KEY + agent, int64(inode), now)))
-        if not self.events.offer(Unit([], tuple(extra), own=True)):
+        if not self.events.offer(Unit([], tuple(extra), own=True, reader=True)):
             raise Behind
         self.cursors.update({(agent, session): cursor for session, cursor in again.items()})
         self.inodes[agent] = inode
@@ -8340,7 +8355,7 @@ class SessionStore(QuietReader):
             run := _run_of(row))]
         extra += [(USAGE_SUPERSEDED_SQL, (session, *times)) for session, times in call_times(rows).items()
                   if session in self.usage_sessions]
-        if not self.events.offer(Unit(rows, tuple(extra), own=True)):
+        if not self.events.offer(Unit(rows, tuple(extra), own=True, reader=True)):
             raise Behind
         self.cursors[(agent, stream)] = cursor
         self.totals.add("calls", sum(row.table == TRACES.name for row in rows))

@@ -2983,15 +2983,15 @@ def test_a_file_rotated_away_before_otrace_saw_it_is_read(tmp_path: Path, run: C
 
 @needs_gateway_log
 def test_a_log_catch_up_never_turns_a_client_away(tmp_path: Path, run: Callable[..., Otrace]) -> None:
-    """otrace's own units leave a quarter of the queue to clients: while the tailer catches up on a
-    long log, every batch of 10 traces is taken."""
+    """A reader's units leave a quarter of the queue to clients, the tailer's cut to half the rest in
+    rows: while it catches up on a log of model calls (two rows a line without the store), every batch
+    of a client that posts one at a time is taken."""
     logs = tmp_path / "logs"
     logs.mkdir()
-    sample = (HERE.parent / "shared" / "fixtures" / "openclaw" / "gateway-2026.9.6-sample.jsonl").read_bytes()
+    calls = [line for i, line in enumerate(gateway_lines()) if EXPECTED_KINDS.get(i) == "model_call"]
     log = logs / "openclaw-2026-12-03.log"
-    log.write_bytes(sample * 300)                                    # 18,600 lines, half of them events
-    node = run({"TRACE_LOG_PATH": str(logs), "TRACE_LOG_START": "beginning", "TRACE_QUEUE_SIZE": "64",
-                "TRACE_BATCH_SIZE": "32", "TRACE_LOG_POLL": "20ms"})
+    log.write_bytes(b"".join(calls) * 10_000)                        # 20,000 lines, 40,000 rows
+    node = run({"TRACE_LOG_PATH": str(logs), "TRACE_LOG_START": "beginning", "TRACE_LOG_POLL": "20ms"})
     answers: collections.Counter[int] = collections.Counter()
     during = 0
     conn = http.client.HTTPConnection("127.0.0.1", node.port, timeout=10)
@@ -3005,8 +3005,10 @@ def test_a_log_catch_up_never_turns_a_client_away(tmp_path: Path, run: Callable[
     assert answers == {202: sum(answers.values())}, answers
     wait_until(lambda: node.query("SELECT count(*) FROM llm_traces WHERE source = 'http'") == [
         (10 * answers[202],)], timeout=60, what="every accepted trace stored")
+    assert node.query("SELECT count(*) FROM llm_traces WHERE source = 'log'") == [(20_000,)]
 
 
+@needs_gateway_log
 def test_log_tail_survives_sigkill_without_gap_or_duplicate(tmp_path: Path,
                                                             run: Callable[..., Otrace]) -> None:
     import random
