@@ -10909,9 +10909,38 @@ HAS_TOKENS_SQL = ("max(coalesce(prompt_tokens, 0), coalesce(completion_tokens, 0
 # Input as OpenClaw and ccusage count it: the prompt's tokens less the cache's (never below 0).
 INPUT_SQL = ("max(coalesce(prompt_tokens, 0) - coalesce(cache_read_tokens, 0) "
              "- coalesce(cache_write_tokens, 0), 0)")
+ASIDE_SQL = ("sum(cost_usd = 0 AND cost_source IS NOT 'computed' AND computed_cost_usd > 0), "
+             "total(CASE WHEN cost_usd = 0 AND cost_source IS NOT 'computed' THEN computed_cost_usd END), "
+             f"sum(source = 'log'), min(CASE WHEN source = '{STORE_SOURCE}' THEN created_at END), "
+             f"max(CASE WHEN source = '{STORE_SOURCE}' THEN created_at END)")
 CSV_FIELDS = ("calls", "failures", "failure_rate", "input_tokens", "output_tokens", "cache_read_tokens",
               "cache_write_tokens", "total_tokens", "cost_usd", "computed_usd", "unpriced_calls",
               "latency_p50_ms", "latency_p95_ms", "latency_p99_ms")
+
+
+@dataclasses.dataclass(slots=True)
+class Aside:
+    """What the notes below a report's table need, summed beside its calls (ASIDE_SQL): calls their
+    source reported at $0 that the price table prices (OpenClaw's figure for a model it has no cost
+    configured for, which `auto` takes at its word), and the log's calls and the span of the store's."""
+
+    zero_calls: int = 0
+    zero_usd: float = 0.0
+    log_calls: int = 0
+    store_first: int | None = None
+    store_last: int | None = None
+
+    def add(self, zero_calls: int | None, zero_usd: float, log_calls: int | None, store_first: int | None,
+            store_last: int | None) -> None:
+        self.zero_calls += zero_calls or 0
+        self.zero_usd += zero_usd
+        self.log_calls += log_calls or 0
+        if store_first is not None and store_last is not None:
+            self.store_first = store_first if self.store_first is None else min(self.store_first, store_first)
+            self.store_last = store_last if self.store_last is None else max(self.store_last, store_last)
+
+    def reported_zero(self) -> dict[str, Any]:
+        return {"calls": self.zero_calls, "computed_usd": round(self.zero_usd, 9)}
 
 
 class ReportError(Exception):
@@ -11125,13 +11154,13 @@ class Report:
 
     def document(self) -> dict[str, Any]:
         groups = self.groups_sql(self.by)
-        summed = self.sums(*groups)
+        summed, aside = self.sums(*groups)
         return {"schema": REPORT_SCHEMA, "generated_at": self.zone.iso(now_ms()),
                 "window": {"since": self.zone.iso(self.since), "until": self.zone.iso(self.until),
                            "timezone": self.zone.name},
                 "by": self.by, "breakdown": self.breakdown, "cost": self.cost, "source": self.source,
-                "calls": {**self.calls(summed, groups), "reported_zero": self.reported_zero(),
-                          "log_calls_beside_the_store": self.log_beside_store()},
+                "calls": {**self.calls(summed, groups), "reported_zero": aside.reported_zero(),
+                          "log_calls_beside_the_store": self.log_beside_store(aside)},
                 "top_sessions": self.top_sessions(),
                 "errors": self.errors(), "host": self.host(), "log_events": self.log_events(),
                 "push": self.push(), "retention": self.retention(), "usage_cost": self.usage_cost(summed)}
@@ -11152,16 +11181,20 @@ class Report:
                f"{'provider' if split or by == 'provider' else 'NULL'}, {'model' if split else 'NULL'}")
         return sql, offsets * ((by in ("day", "hour")) + (by != "session"))
 
-    def sums(self, groups: str, group_params: list[Any]) -> Summed:
-        """The window's calls summed by group (see groups_sql): memory grows with the groups, never
-        with the calls."""
+    def sums(self, groups: str, group_params: list[Any]) -> tuple[Summed, Aside]:
+        """The window's calls summed by group (see groups_sql), and in the same pass what the notes
+        below the table need: memory grows with the groups, never with the calls."""
         where, params = self.where()
         cost, computed = COST_SQL[self.cost], COMPUTED_SQL[self.cost]
-        return [(*call[:4], Tally(*(value or 0 for value in call[4:]))) for call in self.conn.execute(
-            f"SELECT {groups}, count(*), sum(status = 'error'), sum({INPUT_SQL}), sum(completion_tokens), "
-            f"sum(cache_read_tokens), sum(cache_write_tokens), sum(total_tokens), total({cost}), "
-            f"total({computed}), sum({HAS_TOKENS_SQL} AND ({cost}) IS NULL), count(latency_ms) "
-            f"FROM llm_traces WHERE {where} GROUP BY 1, 2, 3, 4", [*group_params, *params])]
+        summed, aside, fields = [], Aside(), len(Tally.__slots__)
+        sql = (f"SELECT {groups}, count(*), sum(status = 'error'), sum({INPUT_SQL}), sum(completion_tokens), "
+               f"sum(cache_read_tokens), sum(cache_write_tokens), sum(total_tokens), total({cost}), "
+               f"total({computed}), sum({HAS_TOKENS_SQL} AND ({cost}) IS NULL), count(latency_ms), "
+               f"{ASIDE_SQL} FROM llm_traces WHERE {where} GROUP BY 1, 2, 3, 4")
+        for call in self.conn.execute(sql, [*group_params, *params]):
+            summed.append((*call[:4], Tally(*(value or 0 for value in call[4:4 + fields]))))
+            aside.add(*call[4 + fields:])
+        return summed, aside
 
     def calls(self, summed: Summed, groups: tuple[str, list[int]]) -> dict[str, Any]:
         """Totals and rows of LLM calls; with --breakdown each row split by model. Latency percentiles
@@ -11211,23 +11244,16 @@ class Report:
                     start.isoformat(timespec="minutes")}
         return {{"session": "session_id"}.get(self.by, self.by): key[0]}
 
-    def reported_zero(self) -> dict[str, Any]:
-        """Calls their source reported at $0 that the price table prices: what OpenClaw writes for a
-        model it has no cost configured for, which `auto` takes at its word."""
-        where, params = self.where()
-        calls, usd = self.conn.execute(
-            f"SELECT count(*), total(computed_cost_usd) FROM llm_traces WHERE {where} AND cost_usd = 0 AND "
-            "cost_source IS NOT 'computed' AND computed_cost_usd > 0", params).fetchone()
-        return {"calls": calls, "computed_usd": round(usd, 9)}
-
-    def log_beside_store(self) -> int:
+    def log_beside_store(self, aside: Aside) -> int:
         """Calls taken from the gateway's log while the session store was not followed, in the time the
-        store's calls span: the store read later holds the same calls, so both count them."""
-        where, params = self.where(by_source=False)
-        store = f"SELECT {{}}(created_at) FROM llm_traces WHERE {where} AND source = '{STORE_SOURCE}'"
-        return self.conn.execute(
-            f"SELECT count(*) FROM llm_traces WHERE {where} AND source = 'log' AND created_at BETWEEN "
-            f"({store.format('min')}) AND ({store.format('max')})", params * 3).fetchone()[0]
+        store's calls span: the store read later holds the same calls, so both count them. A look only
+        when the window holds calls of both."""
+        if not aside.log_calls or aside.store_first is None:
+            return 0
+        where, params = self.where()
+        return self.conn.execute(f"SELECT count(*) FROM llm_traces WHERE {where} AND source = 'log' AND "
+                                 "created_at BETWEEN ? AND ?",
+                                 [*params, aside.store_first, aside.store_last]).fetchone()[0]
 
     def top_sessions(self) -> list[dict[str, Any]]:
         where, params = self.where()
@@ -11313,7 +11339,7 @@ class Report:
         """The window's calls by day in OpenClaw's `gateway usage-cost --json` shape and names (input
         without the cache's tokens, totalTokens as stored), so its totals compare directly."""
         days: dict[int, Tally] = {}
-        for _, day, _, _, tally in summed if self.by != "session" else self.sums(*self.groups_sql("day")):
+        for _, day, _, _, tally in summed if self.by != "session" else self.sums(*self.groups_sql("day"))[0]:
             days.setdefault(day, Tally()).add(tally)
         daily = [{"date": (date(1970, 1, 1) + timedelta(days=day)).isoformat(), **usage_cost_sums(days[day])}
                  for day in sorted(days)]
