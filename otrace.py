@@ -2797,7 +2797,7 @@ class EventQueue(queue.Queue):
     def fits(self, unit: Unit) -> bool:
         """Called with the queue's lock held. A unit larger than the queue fits while no other is in;
         the others must fit in the queue together, a reader's in `reader_room` (a reader catching up
-        must not turn the agent away), or alone in an empty queue if it is larger."""
+        must not turn the agent away; one larger, which the readers' cuts leave none of, alone)."""
         if not unit.rows:
             return True                                   # statements alone take no room
         if self.beyond(unit):
@@ -7328,6 +7328,8 @@ class Followed:
         self.fingerprint = fingerprint(fd, st.st_size)
         self.replaced_at: float | None = None      # when another file took its name
         self.partial: tuple[int, bytes, int] | None = None   # an unfinished last line: start, head, end
+        self.ahead: tuple[int, list[tuple[int, bytes, int]], int] | None = None   # lines read, not yet
+                                                   # offered (a unit cut short): their start, them, end
         self.read = 0                              # bytes read since the tailer last counted them
         self.recorded = False                      # whether `offset` is committed for this file
         self.said: set[str] = set()                # warnings about its lines logged (once per file each)
@@ -7350,7 +7352,7 @@ class Followed:
 
     def restart(self) -> None:
         """Read the file again from its start (it was truncated)."""
-        self.offset, self.partial, self.recorded = 0, None, False
+        self.offset, self.partial, self.ahead, self.recorded = 0, None, None, False
         self.fingerprint = fingerprint(self.fd, self.size())
 
     def line_id(self, start: int, text: bytes) -> str:
@@ -7368,7 +7370,10 @@ class Followed:
         """Up to `most` whole lines from `offset` (fewer once they hold LOG_UNIT_BYTES): (start, text cut
         to `limit` bytes, full length) each, and the offset after them. Reads 64 KiB at a time; a partial
         last line waits for its newline (unless `to_end`: the file is finished), and is not read again
-        while it waits."""
+        while it waits; nor are lines left out of the last unit."""
+        ahead, self.ahead = self.ahead, None
+        if ahead is not None and ahead[0] == self.offset:
+            return ahead[1], ahead[2]
         found: list[tuple[int, bytes, int]] = []
         held = 0
         start = self.offset
@@ -7600,6 +7605,7 @@ class LogTailer(QuietReader):
             extra: list[tuple[str, tuple]] = []
             for i, (start, text, length) in enumerate(lines):
                 if rows and len(rows) + LINE_ROWS_MOST > self.rows_most:   # the rest in the next unit
+                    followed.ahead = start, lines[i:], end
                     lines, end = lines[:i], start
                     break
                 held = len(extra)
