@@ -2797,7 +2797,8 @@ class EventQueue(queue.Queue):
     def fits(self, unit: Unit) -> bool:
         """Called with the queue's lock held. A unit larger than the queue fits while no other is in;
         the others must fit in the queue together, a reader's in `reader_room` (a reader catching up
-        must not turn the agent away; one larger, which the readers' cuts leave none of, alone)."""
+        must not turn the agent away). A reader's unit larger than that room goes in alone: a safety
+        net, as the readers cut their units to fit."""
         if not unit.rows:
             return True                                   # statements alone take no room
         if self.beyond(unit):
@@ -10915,6 +10916,8 @@ HAS_TOKENS_SQL = ("max(coalesce(prompt_tokens, 0), coalesce(completion_tokens, 0
 # Input as OpenClaw and ccusage count it: the prompt's tokens less the cache's (never below 0).
 INPUT_SQL = ("max(coalesce(prompt_tokens, 0) - coalesce(cache_read_tokens, 0) "
              "- coalesce(cache_write_tokens, 0), 0)")
+# Summed beside the calls for the report's notes (Aside): calls reported at $0 that the table prices,
+# the log's calls and the span of the store's.
 ASIDE_SQL = ("sum(cost_usd = 0 AND cost_source IS NOT 'computed' AND computed_cost_usd > 0), "
              "total(CASE WHEN cost_usd = 0 AND cost_source IS NOT 'computed' THEN computed_cost_usd END), "
              f"sum(source = 'log'), min(CASE WHEN source = '{STORE_SOURCE}' THEN created_at END), "
