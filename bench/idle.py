@@ -34,7 +34,17 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import free_port, save, side_by_side, start_otrace, stop, stop_all, table, wait_listening
+from common import (
+    free_port,
+    save,
+    side_by_side,
+    small_tcp_table,
+    start_otrace,
+    stop,
+    stop_all,
+    table,
+    wait_listening,
+)
 
 FIXTURES = Path(__file__).resolve().parent.parent.parent / "shared" / "fixtures" / "openclaw"
 QUIET = {"TRACE_METRICS_INTERVAL": "off", "TRACE_PROC_INTERVAL": "off", "TRACE_DNS_PROBE": "",
@@ -96,20 +106,6 @@ def measure(names: list[str], seconds: float) -> dict[str, dict[str, float]]:
             stop(receiver)
 
 
-def in_namespace(buckets: int, rest: list[str]) -> int:
-    """This benchmark again, with `rest` of its arguments, in a new network namespace (its loopback
-    up) whose TCP table has `buckets` buckets."""
-    child = Path("/proc/sys/net/ipv4/tcp_child_ehash_entries")
-    before = child.read_text()
-    child.write_text(str(buckets))
-    try:
-        return subprocess.run(["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$0" "$@"',
-                               sys.executable, __file__, *rest, "--name", f"idle-tcp-{buckets}"],
-                              check=False).returncode
-    finally:
-        child.write_text(before)
-
-
 LABELS = {"all": "everything on: log, session store, OTLP port, metrics, processes, DNS, push",
           "core": "everything on but the process table and DNS probes",
           "push": "push configured, nothing else", "log": "following an idle log file, nothing else",
@@ -125,8 +121,9 @@ def main() -> None:
     parser.add_argument("--name", default="idle", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.tcp_table:
-        sys.exit(in_namespace(args.tcp_table, [*sys.argv[1:sys.argv.index("--tcp-table")],
-                                               *sys.argv[sys.argv.index("--tcp-table") + 2:]]))
+        at = sys.argv.index("--tcp-table")            # this benchmark again, in that namespace
+        sys.exit(small_tcp_table([sys.executable, __file__, *sys.argv[1:at], *sys.argv[at + 2:], "--name",
+                                  f"idle-tcp-{args.tcp_table}"], args.tcp_table).returncode)
     names = [args.only] if args.only else list(LABELS)
     got = measure(names, args.idle)
     bare, floor = got["bare"], got["floor"]

@@ -42,7 +42,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from common import ROOT, Usage, free_port, save, start_otrace, stop, stop_all, table, wait_listening, wrk
+from common import (
+    ROOT,
+    Usage,
+    free_port,
+    save,
+    small_tcp_table,
+    start_otrace,
+    stop,
+    stop_all,
+    table,
+    wait_listening,
+    wrk,
+)
 from metrics import host_sampler, per_call
 
 import otrace
@@ -82,7 +94,6 @@ def samplers(samples: int) -> dict[str, float]:
 
 
 EHASH = Path("/proc/sys/net/ipv4/tcp_ehash_entries")
-CHILD_EHASH = Path("/proc/sys/net/ipv4/tcp_child_ehash_entries")
 SMALL_EHASH = 8192                   # the kernel sizes its TCP table at a bucket per 128 KiB of memory
 DUMP = ("import os, socket, sys, time; sys.path.insert(0, {root!r}); import otrace\n"
         "took = []\n"
@@ -105,16 +116,9 @@ def tcp_dumps(samples: int) -> dict[str, float | str | None]:
     got: dict[str, float | str | None] = {"host_s": float(here[0]), "host_buckets": here[1],
                                           "small_s": None, "small_buckets": None}
     try:
-        before = CHILD_EHASH.read_text()
-        CHILD_EHASH.write_text(str(SMALL_EHASH))
-    except OSError:
+        small = small_tcp_table(run, SMALL_EHASH, capture_output=True, text=True)
+    except OSError:                                        # not root, an older kernel, no unshare
         return got
-    try:
-        small = subprocess.run(["unshare", "-n", *run], capture_output=True, text=True, check=False)
-    except OSError:                                        # no unshare here
-        return got
-    finally:
-        CHILD_EHASH.write_text(before)
     if small.returncode == 0:
         got["small_s"], got["small_buckets"] = float(small.stdout.split()[0]), small.stdout.split()[1]
     return got
