@@ -11514,7 +11514,7 @@ class TableView:
             notes.append(f"{plural(zero['calls'], 'call')} reported at $0 by the source: the price table "
                          f"puts {'it' if zero['calls'] == 1 else 'them'} at {usd_text(zero['computed_usd'])} "
                          "(--cost computed)")
-        if (beside := self.doc["calls"]["log_calls_beside_the_store"]) and self.doc["source"] is None:
+        if beside := self.doc["calls"]["log_calls_beside_the_store"]:     # 0 with --source
             notes.append(f"! {plural(beside, 'call')} from the gateway's log, stored while the session store "
                          "was off, fall in the time the store's calls span: both may count the same calls "
                          f"(--source {STORE_SOURCE} gives the store's alone)")
