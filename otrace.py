@@ -828,6 +828,11 @@ class Counters:
         with self._lock:
             self._values[name] += n
 
+    def add_all(self, counts: Mapping[str, int]) -> None:
+        with self._lock:
+            for name, n in counts.items():
+                self._values[name] += n
+
     def snapshot(self) -> dict[str, int]:
         with self._lock:
             return dict(self._values)
@@ -7468,6 +7473,8 @@ class LogTailer(QuietReader):
         self.rows_most = events.reader_room // 2                # and rows: two units in the readers' room
         self.totals = Counters(("lines", "events", "skipped", "not_json", "cut", "unreadable", "bytes_read",
                                 "failed_attempts"))
+        # the tallies of the unit's lines, counted once it is in: a refused unit's lines are read again
+        self.staged: collections.Counter[str] = collections.Counter()
 
     # -- which file
     def folder(self) -> Path:
@@ -7604,6 +7611,7 @@ class LogTailer(QuietReader):
                 return total
             rows: list[Row] = []
             extra: list[tuple[str, tuple]] = []
+            self.staged.clear()
             for i, (start, text, length) in enumerate(lines):
                 if rows and len(rows) + LINE_ROWS_MOST > self.rows_most:   # the rest in the next unit
                     followed.ahead = start, lines[i:], end
@@ -7624,6 +7632,7 @@ class LogTailer(QuietReader):
                 self.behind = True
                 return None
             self.behind = False
+            self.totals.add_all(self.staged)
             followed.committed = followed.fingerprint
             self.known[(followed.dev, followed.inode)] = [(followed.fingerprint, end)]
             followed.offset, followed.recorded = end, True    # a file skipped to its end is known too
@@ -7642,7 +7651,7 @@ class LogTailer(QuietReader):
         with them (a failed attempt, its count on the failure) go to `extra`. Their trace_ids come
         from the file's identity and the line's offset, so a replay adds none."""
         if length > self.config.log_line_max:
-            self.totals.add("cut")
+            self.staged["cut"] += 1
             if "cut" not in followed.said:
                 followed.said.add("cut")
                 self.log.warning("log line over TRACE_LOG_LINE_MAX skipped (said once per file)", extra={
@@ -7650,13 +7659,13 @@ class LogTailer(QuietReader):
             return []
         line = LogLine.parse(text)
         if line is None:
-            self.totals.add("not_json")
+            self.staged["not_json"] += 1
             self.log.debug("log line is not JSON", extra={"file": followed.path, "offset": start,
                                                           "bytes": length})    # its text may hold a secret
             return []
         kind = classify(line)
         if kind is None and not self.config.log_keep_all:
-            self.totals.add("skipped")
+            self.staged["skipped"] += 1
             return []
         trace_id, received = followed.line_id(start, text), now_ms()
         logged = line.time_ms
@@ -7700,7 +7709,7 @@ class LogTailer(QuietReader):
     def unreadable(self, followed: Followed, start: int, exc: Exception) -> None:
         """A line whose reading raised: skipped and counted, the first of a file logged with its
         traceback (a fault of otrace's, not of the line)."""
-        self.totals.add("unreadable")
+        self.staged["unreadable"] += 1
         if "unreadable" not in followed.said:
             followed.said.add("unreadable")
             self.log.error("log line could not be read: skipped (said once per file)", exc_info=exc, extra={
@@ -7723,7 +7732,7 @@ class LogTailer(QuietReader):
         self.last_outcome[run] = outcome
         _forget_oldest(self.last_outcome)
         extra.append((ATTEMPT_SQL, (trace_id, run, outcome, created)))
-        self.totals.add("failed_attempts")
+        self.staged["failed_attempts"] += 1
 
     def detail_json(self, detail: Any) -> str | None:
         if detail is None:
@@ -8181,6 +8190,8 @@ class SessionStore(QuietReader):
         self.zstd: Any = None                  # zstandard.ZstdDecompressor, made at the first need
         self.zstd_error: Any = None
         self.totals = Counters(("entries", "calls", "failures", "undecodable", "bytes_read"))
+        # the tallies of the unit's entries, counted once it is in: a refused unit's are read again
+        self.staged: collections.Counter[str] = collections.Counter()
         self.errors: dict[str, str] = {}       # agent -> why it could not be read at the last look
         self.looked_at: tuple[str, ...] = ()   # the directories and files the last whole look read
 
@@ -8287,6 +8298,7 @@ class SessionStore(QuietReader):
                 if after >= 0:
                     continue
             newest, found = cursor.newest if cursor else None, []
+            self.staged.clear()
             for seq, created, plain, compressed, size in rows:
                 if rewritten and not cursor.fresh(created):
                     continue
@@ -8321,12 +8333,12 @@ class SessionStore(QuietReader):
             return None
 
     def undecodable(self, where: str, why: str) -> None:
-        self.totals.add("undecodable")
+        self.staged["undecodable"] += 1
         self.log.warning("session entry cannot be read; skipped", extra={"entry": where, "error": why})
 
     def parse(self, text: str, agent: str, session: str, fallback: str, where: str) -> list[Row]:
         """The rows of one entry's JSON."""
-        self.totals.add("entries")
+        self.staged["entries"] += 1
         self.news = True
         try:
             entry = json.loads(text)
@@ -8365,6 +8377,7 @@ class SessionStore(QuietReader):
         if not self.events.offer(Unit(rows, tuple(extra), own=True, reader=True)):
             raise Behind
         self.cursors[(agent, stream)] = cursor
+        self.totals.add_all(self.staged)
         self.totals.add("calls", sum(row.table == TRACES.name for row in rows))
         self.totals.add("failures", sum(row.table == ERRORS.name for row in rows))
 
@@ -8411,6 +8424,7 @@ class SessionStore(QuietReader):
                 if not lines:
                     return
                 rows: list[Row] = []
+                self.staged.clear()
                 for start, text, length in lines:
                     where = f"{agent}/{path.name}@{start}"
                     if length > STORE_LINE_LIMIT:

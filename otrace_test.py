@@ -3365,6 +3365,48 @@ def test_a_quiet_log_is_looked_at_less_and_less_often_until_a_line_comes(tmp_pat
     assert look() == 0.1 and tailer.totals.snapshot()["lines"] == 2
 
 
+def held_by_a_client(capacity: int) -> otrace.EventQueue:
+    """A queue whose room a client's events fill: a reader's unit of rows is refused (after READER_WAIT)."""
+    events = otrace.EventQueue(capacity, 50)
+    assert events.offer(otrace.Unit([otrace.Row("llm_traces", ())] * capacity))
+    return events
+
+
+def taken(events: otrace.EventQueue) -> list[otrace.Unit]:
+    """Every unit waiting, taken and done as the writer would after committing them."""
+    units = []
+    while batch := events.next_work(10**6, 0, idle=0):
+        for unit in batch:
+            events.done(unit)
+        units += batch
+    return units
+
+
+@needs_gateway_log
+def test_lines_read_again_after_a_full_queue_are_counted_once(tmp_path: Path) -> None:
+    """A unit the queue refuses is read again: /health counts each line once, in one place."""
+    lines = gateway_lines()
+    kept = [i for i in EXPECTED_KINDS if not EXPECTED_KINDS[i].startswith("model_")][:3]   # a row each
+    skipped = [i for i in range(len(lines)) if i not in EXPECTED_KINDS][:6]
+    log = tmp_path / "openclaw-2026-11-24.log"
+    log.write_bytes(b"not json\n" + b"".join(lines[i] for i in skipped[:2] + kept[:1] + skipped[2:]
+                                             + kept[1:]))
+    config = otrace.Config(db_path=str(tmp_path / "o.db"), log_path=str(log), log_start="beginning",
+                           queue_size=8)
+    otrace.open_database(config.db_path)
+    events = held_by_a_client(8)
+    tailer = otrace.LogTailer(config, events, otrace.Database(config.db_path))
+    tailer.look()
+    assert tailer.behind and tailer.totals.snapshot()["lines"] == 0    # its first unit was refused
+    units = taken(events)
+    tailer.look()
+    units += taken(events)
+    assert not tailer.behind
+    totals = tailer.totals.snapshot()
+    stored = sum(row.table == "log_events" for unit in units for row in unit.rows)
+    assert (totals["lines"], totals["not_json"], totals["skipped"], stored) == (10, 1, 6, 3)
+
+
 def test_a_log_written_back_to_the_size_read_is_read_again_from_its_start(tmp_path: Path) -> None:
     """Truncated and rewritten to exactly the size already read: the size cannot tell, the
     modification time and the first bytes do."""
@@ -8105,6 +8147,25 @@ def store_in_process(tmp_path: Path, state: Path) -> otrace.SessionStore:
     config = otrace.Config(db_path=str(tmp_path / "o.db"))
     otrace.open_database(config.db_path)
     return otrace.SessionStore(config, otrace.EventQueue(4096, 50), otrace.Database(config.db_path), state)
+
+
+@needs_stores
+def test_entries_read_again_after_a_full_queue_are_counted_once(tmp_path: Path) -> None:
+    """A unit the queue refuses is read again: /health counts each entry once."""
+    state = state_copy(tmp_path)
+    (tmp_path / "alone").mkdir()
+    alone = store_in_process(tmp_path / "alone", state)
+    alone.look()
+    config = otrace.Config(db_path=str(tmp_path / "o.db"))
+    otrace.open_database(config.db_path)
+    events = held_by_a_client(8)
+    store = otrace.SessionStore(config, events, otrace.Database(config.db_path), state)
+    store.look()
+    assert store.behind and store.totals.snapshot()["calls"] == 0       # its first unit was refused
+    while store.behind:
+        taken(events)
+        store.look()
+    assert store.totals.snapshot() == alone.totals.snapshot() and alone.totals.snapshot()["calls"] > 0
 
 
 @needs_stores
