@@ -78,13 +78,17 @@ import urllib.parse
 import zlib
 from collections.abc import Callable, Collection, Container, Iterable, Iterator, Mapping
 from concurrent.futures import Future
-from datetime import UTC, date, datetime, timedelta
+from datetime import date, datetime, timedelta
 from datetime import time as dt_time
 from datetime import timezone as dt_timezone
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any, NamedTuple
 
+try:
+    from datetime import UTC
+except ImportError:  # pragma: no cover - Python before 3.11, whose datetime has no UTC
+    sys.exit(f"otrace: needs Python 3.11 or newer, not {sys.version.split()[0]}")
 try:
     from pythonjsonlogger.json import JsonFormatter
 except ImportError as missing:  # pragma: no cover - depends on the environment
@@ -387,8 +391,15 @@ def _directory(raw: str) -> str:
     return value
 
 
+def _existing_or_empty(raw: str) -> str:
+    if raw and not os.path.exists(raw):  # noqa: PTH110 - Path's raises on EACCES
+        raise SettingError(f"{raw} does not exist")
+    return raw
+
+
 STATE_DIR = Kind("auto, off, or the path of a directory", _state_dir)
 DIRECTORY = Kind("the path of a directory", _directory)
+EXISTING = Kind("empty, or a path that exists", _existing_or_empty)
 
 
 def setting(default: str, kind: Kind, doc: str, *, secret: bool = False) -> Any:
@@ -496,8 +507,8 @@ class Config:
                           "/proc (see docs/operations.md).")
     procfs: str = setting("/proc", DIRECTORY, "Where procfs is mounted (a host's /proc seen from a container "
                           "can be mounted elsewhere).")
-    sysfs: str = setting("/sys", NAME, "Where sysfs is mounted.")
-    disk_path: str = setting("", TEXT, "A path on the filesystem whose space and I/O are reported; "
+    sysfs: str = setting("/sys", DIRECTORY, "Where sysfs is mounted.")
+    disk_path: str = setting("", EXISTING, "A path on the filesystem whose space and I/O are reported; "
                              "empty: the database's directory.")
     log_path: str = setting("", TEXT, "The OpenClaw gateway log to follow: a file, or a directory whose "
                             "newest openclaw*-YYYY-MM-DD.log is followed; empty: off.")
@@ -3037,6 +3048,15 @@ class Writer(threading.Thread):
         202 would promise a commit that may not come."""
         return self.fault.error is not None or self.reserve.released or self.reopen_fault.error is not None
 
+    def failing_because(self) -> str:
+        """Why writes fail, in the few words a refused client is told (/health has the error)."""
+        error = self.fault.error or self.reopen_fault.error or ""
+        if self.reserve.released or error.startswith("SQLITE_FULL"):
+            return "disk full"
+        if error.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
+            return "database locked by another program"
+        return "see /health"
+
     @property
     def stuck(self) -> bool:
         return not self.resting and time.monotonic() - self.heartbeat > self.STUCK_AFTER + self.window
@@ -3816,7 +3836,8 @@ class Api:
         service = self.service
         if not service.writer.is_alive() or service.writer.failing:
             service.counters.add("refused", len(rows))
-            raise Refusal(503, "database writes are failing (disk full?); retry later", {"Retry-After": "5"})
+            why = service.writer.failing_because() if service.writer.is_alive() else "the writer stopped"
+            raise Refusal(503, f"database writes are failing ({why}); retry later", {"Retry-After": "5"})
         if not service.events.offer(Unit(rows, extra)):
             service.counters.add("refused", len(rows))
             raise Refusal(503, "queue is full; retry later", {"Retry-After": "1"})

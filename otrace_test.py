@@ -317,6 +317,17 @@ def test_help_lists_every_setting_with_default() -> None:
         assert f"{name} (default: {spec.metadata['default'] or 'empty'})" in out.stdout
 
 
+OLDER_PYTHONS = sorted(Path(os.environ.get("PYENV_ROOT", "/root/.pyenv")).glob("versions/3.10*/bin/python3"))
+
+
+@pytest.mark.skipif(not OLDER_PYTHONS, reason="needs a Python 3.10 (pyenv's)")
+def test_an_older_python_is_told_what_otrace_needs() -> None:
+    out = subprocess.run([str(OLDER_PYTHONS[0]), "-I", str(OTRACE)], capture_output=True, text=True,
+                         timeout=60, check=False)
+    version = OLDER_PYTHONS[0].parent.parent.name
+    assert (out.returncode, out.stderr) == (1, f"otrace: needs Python 3.11 or newer, not {version}\n")
+
+
 def test_version() -> None:
     out = subprocess.run([sys.executable, str(OTRACE), "--version"], capture_output=True, text=True,
                          check=True)
@@ -391,11 +402,16 @@ def test_settings_name_what_they_accept_and_keep_secrets() -> None:
         "localhost", "::", "::1", "10.0.0.1", "fe80::1%lo"]
     assert otrace.redact_url("https://u:p@h:8443/in?key=s3&x=1") == "https://h:8443/in?key=***&x=***"
     assert otrace.redact_url("https://h/in?key=s3&bare-token#frag-token") == "https://h/in?key=***&***"
-    for name, value in (("TRACE_PROCFS", "/nonexistent"), ("TRACE_OPENCLAW_STATE_DIR", "/etc/hostname")):
+    for name, value in (("TRACE_PROCFS", "/nonexistent"), ("TRACE_SYSFS", "/nonexistent"),
+                        ("TRACE_OPENCLAW_STATE_DIR", "/etc/hostname")):
         with pytest.raises(otrace.SettingError, match=f"{name}='{value}' is not valid: expected .* directory "
                                                       f"\\({value} is not a directory\\)"):
             otrace.Config.from_env({name: value})
     assert otrace.Config.from_env({"TRACE_OPENCLAW_STATE_DIR": "/not/yet"}).openclaw_state_dir == "/not/yet"
+    missing = r"TRACE_DISK_PATH='/no/such/disk' is not valid: expected empty, or a path that exists \(/no/su"
+    with pytest.raises(otrace.SettingError, match=missing + r"ch/disk does not exist\)"):
+        otrace.Config.from_env({"TRACE_DISK_PATH": "/no/such/disk"})    # else its columns stay empty, unsaid
+    assert otrace.Config.from_env({"TRACE_DISK_PATH": "/etc/hostname"}).disk_path == "/etc/hostname"
     for bad, shown in (("https://u:Sup3rS3cret@h.example:99999/v1?api_key=Sup3rS3cret",
                         "'https://h.example:99999/v1?api_key=***'"),
                        ("http://[::1/x?key=Sup3rS3cret", "***"),
@@ -1506,7 +1522,8 @@ def test_full_disk_degrades_health_and_recovers_without_loss(tmp_path: Path, run
         assert "SQLITE_FULL" in report["last_write_error"]["error"]
         assert any("database writes failing" in p for p in report["problems"])
         refused = node.post("/v1/traces", trace())                 # no 202 it could not keep
-        assert refused.status == 503 and "database writes are failing" in refused.json["error"]
+        assert refused.json == {"error": "database writes are failing (disk full); retry later",
+                                "field": None}
         attempts = wait_until(lambda: (n := node.health()["last_write_error"]["attempts"]) >= 5 and n,
                               timeout=30, what="several retries")
         assert len(node.logs("database write failing")) < attempts    # logged on change, not each retry
@@ -1620,6 +1637,25 @@ def test_a_reserve_there_was_no_room_for_at_start_is_taken_once_there_is(tmp_pat
         assert (vol / "otrace.db-reserve").stat().st_blocks * 512 >= 2 << 20
         assert node.health()["status"] == "ok"
         node.wait_persisted(1)
+
+
+def test_a_client_refused_while_another_program_locks_the_database_is_told_so(
+        run: Callable[..., Otrace]) -> None:
+    node = run()
+    blocker = sqlite3.connect(node.db_path, isolation_level=None, timeout=10)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        assert node.post("/v1/traces", trace()).status == 202
+        refused = wait_until(lambda: (resp := node.post("/v1/traces", trace())).status == 503 and resp,
+                             timeout=60, what="writes failing on the lock")
+        assert refused.json["error"] == ("database writes are failing (database locked by another "
+                                         "program); retry later") and refused.headers["retry-after"] == "5"
+        assert "SQLITE_BUSY" in node.health()["last_write_error"]["error"]
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    wait_until(lambda: node.post("/v1/traces", trace()).status == 202, timeout=60, what="writes again")
+    node.wait_persisted(2)
 
 
 def test_health_answers_while_the_writer_is_blocked(run: Callable[..., Otrace]) -> None:
