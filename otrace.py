@@ -2961,6 +2961,12 @@ class Reserve:
         self.held, self.released = True, False
         return True
 
+    def in_place(self) -> bool:
+        try:
+            return self.path.stat().st_blocks * 512 >= self.size
+        except OSError:
+            return False
+
     def on_disk_full(self, queued: int) -> bool:
         """A write found the disk full: give the space to the database. True if there was some."""
         if not self.held:
@@ -2987,11 +2993,17 @@ class Reserve:
         return False
 
     def retake(self) -> None:
-        """When not held: take the space (back) once the disk has room for it twice over (more could be
-        more than retention ever frees: the pause would not end); tried at most once a second."""
-        if not self.size or self.held or time.monotonic() < self.next_try:
+        """When not held, or its file is gone (its directory wiped): take the space (back) once the disk
+        has room for it twice over (more could be more than retention ever frees: the pause would not
+        end); looked at most once a second."""
+        if not self.size or time.monotonic() < self.next_try:
             return
         self.next_try = time.monotonic() + self.RETRY
+        if self.held:
+            if self.in_place():
+                return
+            self.held = False
+            self.log.warning("disk reserve file gone: taking it again", extra={"path": str(self.path)})
         released = self.released
         try:
             _, _, room, used_pct = disk_usage(str(self.path.parent))
@@ -10126,6 +10138,7 @@ class Relief(NamedTuple):
     chunks: list[Chunk]
     live_bytes: int                  # after it
     tiers: tuple[Tier, ...]          # those not run out yet, for the next job (looking is not free)
+    failed: Exception | None = None  # what stopped it after `chunks` committed
 
 
 def relief(tiers: tuple[Tier, ...], until: int, pass_id: str, conn: sqlite3.Connection) -> Relief:
@@ -10134,11 +10147,16 @@ def relief(tiers: tuple[Tier, ...], until: int, pass_id: str, conn: sqlite3.Conn
     chunk at least. One chunk a job, between two batches, would only keep pace with a burst."""
     chunks: list[Chunk] = []
     live, end = live_bytes(conn), time.monotonic() + RELIEF_TIME
-    while tiers and live > until and not (chunks and time.monotonic() >= end):
-        chunks.append(chunk := tiers[0].cut(pass_id)(conn))
-        live = chunk.live_bytes
-        if chunk.table is None:
-            tiers = tiers[1:]
+    try:
+        while tiers and live > until and not (chunks and time.monotonic() >= end):
+            chunks.append(chunk := tiers[0].cut(pass_id)(conn))
+            live = chunk.live_bytes
+            if chunk.table is None:
+                tiers = tiers[1:]
+    except Exception as exc:
+        if not chunks:
+            raise
+        return Relief(chunks, live, tiers, exc)   # the chunks before it are gone: the pass says so
     return Relief(chunks, live, tiers)
 
 
@@ -10231,27 +10249,35 @@ class Retention(Loop):
     def tick(self) -> None:
         pass_id, started = ledger_hour(), time.monotonic()
         tally: collections.Counter[tuple[str, str, str]] = collections.Counter()
+        pruned: list[int] = []                        # bookkeeping rows pruned, table by table
+        try:
+            self.run_pass(pass_id, started, tally, pruned)
+        finally:                     # one that fails still says what it deleted: those rows are gone
+            self.report(tally, sum(pruned), time.monotonic() - started)
+            self.passes += 1
+
+    def run_pass(self, pass_id: str, started: float, tally: collections.Counter[tuple[str, str, str]],
+                 pruned: list[int]) -> None:
         tiers = self.tiers
         while self.head_starts:
-            chunks, _, tiers = self.head_starts.popleft().result(JOB_TIMEOUT)
-            self.tally(chunks, tally)
+            tiers = self.tally_relief(self.head_starts.popleft().result(JOB_TIMEOUT), tally)
         cause = self.relieve(pass_id, tally, tiers)
         given = cause is not None and self.stuck is not None    # relieve gave back all it could, just now
-        pruned, relieved = 0, sum(tally.values())
+        relieved = sum(tally.values())
         if started >= self.housekept_at + self.interval:   # a pass woken by watch() only relieves
             self.housekept_at = started
             cutoff = now_ms() - int(self.config.retention * 1000)
             for table in self.tables:
                 self.delete_all(Cut((table,), f"{DELIVERED} AND received_at < ?", "age", pass_id,
                                     (cutoff,), self.chunk), tally)
-            pruned = sum(self.prune_all(table, column, cutoff, extra) for table, column, extra in BOOKKEEPING)
+            for table, column, extra in BOOKKEEPING:
+                pruned.append(self.prune_all(table, column, cutoff, extra))
         # over budget with nothing to delete, it gives back too: free pages alone, or a WAL grown
-        if (tally or pruned or cause) and not (given and not pruned and sum(tally.values()) == relieved):
+        housekept = any(pruned) or sum(tally.values()) != relieved
+        if (tally or any(pruned) or cause) and not (given and not housekept):
             self.give_back()
         if cause == "db_cap":
             self.marks.passed(self.share())
-        self.report(tally, pruned, time.monotonic() - started)
-        self.passes += 1
 
     def delete_all(self, cut: Cut, tally: collections.Counter[tuple[str, str, str]]) -> None:
         """Delete chunk after chunk until no row matches."""
@@ -10272,6 +10298,14 @@ class Retention(Loop):
         chunk = self.events.call(cut)
         self.tally([chunk], tally)
         return chunk
+
+    def tally_relief(self, done: Relief, tally: collections.Counter[tuple[str, str, str]]
+                     ) -> tuple[Tier, ...]:
+        """Count a relief job's chunks; raise what stopped it, if anything did. The tiers left."""
+        self.tally(done.chunks, tally)
+        if done.failed is not None:
+            raise done.failed
+        return done.tiers
 
     @staticmethod
     def tally(chunks: list[Chunk], tally: collections.Counter[tuple[str, str, str]]) -> None:
@@ -10337,8 +10371,8 @@ class Retention(Loop):
         if cause == "db_cap":
             until = self.low_bytes()
             while tiers and not self.stopping.is_set():
-                chunks, live, tiers = self.events.call(functools.partial(relief, tiers, until, pass_id))
-                self.tally(chunks, tally)
+                done = self.events.call(functools.partial(relief, tiers, until, pass_id))
+                tiers, live = self.tally_relief(done, tally), done.live_bytes
                 self.share()                   # the marks learn from the WAL a job writes too
                 if live <= until:
                     return self.relieved(cause)
@@ -10733,6 +10767,8 @@ def health_report(service: Service) -> dict[str, Any]:
         "requests_unauthorized": counts["unauthorized"],
         "db_size_bytes": main,
         "wal_size_bytes": wal,
+        "disk_reserve": {"bytes": writer.reserve.size, "held": writer.reserve.held,
+                         "released": writer.reserve.released},
         "unsynced_count": unsynced_count(db, service.pusher.tables if service.pusher else EVENT_TABLES),
         "last_write_error": writer.fault.health(),
         "last_push_time": service.pusher and service.pusher.health()["last_push_time"],

@@ -1013,6 +1013,20 @@ def test_disk_reserve_of_zero_is_off_and_a_smaller_one_gives_back_the_rest(
     assert node.stop() == 0
 
 
+def test_a_reserve_file_removed_under_otrace_is_taken_again(tmp_path: Path,
+                                                            run: Callable[..., Otrace]) -> None:
+    """A reserve thought held but gone would give nothing to the next full disk: the batch would wait
+    in memory. The writer looks for its file and takes it again."""
+    reserve = tmp_path / "otrace.db-reserve"
+    node = run({"TRACE_DISK_RESERVE_BYTES": "2MiB"})
+    assert node.health()["disk_reserve"] == {"bytes": 2 << 20, "held": True, "released": False}
+    reserve.unlink()                                     # a cleaner, or a data directory wiped
+    wait_until(lambda: node.post("/v1/traces", trace()).status == 202 and reserve.exists() and
+               reserve.stat().st_blocks * 512 >= 2 << 20, timeout=30, what="the reserve taken again")
+    assert node.logs("disk reserve file gone: taking it again") and node.logs("disk reserve held")
+    assert node.health()["disk_reserve"]["held"] and node.stop() == 0
+
+
 @pytest.mark.parametrize("how", ["deleted", "replaced"])
 def test_a_database_deleted_or_replaced_under_otrace_loses_nothing_that_got_202(
         tmp_path: Path, run: Callable[..., Otrace], how: str) -> None:
@@ -5784,6 +5798,24 @@ def test_a_deletion_costs_the_wal_a_few_pages_and_the_file_shrinks_a_step_at_a_t
             sizes.append(db.stat().st_size)
         sizes.append(db.stat().st_size)
     assert len(sizes) >= 5 and sizes == sorted(sizes, reverse=True) and len(set(sizes)) == len(sizes)
+
+
+def test_a_failed_retention_pass_still_says_the_unpushed_rows_it_deleted(tmp_path: Path,
+                                                                         run: Callable[..., Otrace]) -> None:
+    """Chunks commit one by one: rows a pass deleted before a later chunk failed are gone, and said so
+    (the warning, /health's last_pass), not forgotten with the pass."""
+    db = tmp_path / "o.db"
+    made = seed(db, [("trace", 1500, 0)], age_days=0.01)
+    with contextlib.closing(sqlite3.connect(db)) as conn:      # a row SQLite will not delete: a real fault
+        conn.execute(f"CREATE TRIGGER poison BEFORE DELETE ON llm_traces WHEN old.trace_id = "
+                     f"'{made['trace/0'][120]}' BEGIN SELECT RAISE(ABORT, 'poisoned row'); END")
+    node = run({"TRACE_DB_MAX_BYTES": str(db_bytes(db) // 2), "TRACE_CLEANUP_INTERVAL": "200ms",
+                "TRACE_METRICS_INTERVAL": "off"}, db=db)
+    said = node.wait_log(lambda e: e.get("message") == "retention deleted rows that were never pushed")
+    assert said["unpushed_deleted"] == {"llm_traces/pressure_unpushed": 100}   # two chunks of 50 before it
+    assert node.wait_log(lambda e: e.get("message") == "retention failing")["error"].endswith("poisoned row")
+    assert node.health()["retention"]["unpushed_deleted_total"] == {"llm_traces": 100}
+    assert present(node, "llm_traces") == set(made["trace/0"][100:])
 
 
 @needs_root
