@@ -11698,6 +11698,9 @@ START_RETRY = 5.0                # seconds between tries of a start the environm
 SPARE_DESCRIPTORS = 64           # for the database, its WAL, the log files, push, epoll
 
 
+RUN_KEY = "running_pid"          # otrace_state: the pid of the run under way; a clean stop removes it
+
+
 class Service:
     """otrace itself: the database, the writer, the loops, the HTTP server, and their orderly stop."""
 
@@ -11712,6 +11715,8 @@ class Service:
         with contextlib.closing(connect(config.db_path)) as conn:
             if take_carried(conn, config.db_path + "-carry"):
                 log.warning("rows carried over from a replaced database file taken in")
+            self.last_run = conn.execute("SELECT value, updated_at FROM otrace_state WHERE key = ?",
+                                         (RUN_KEY,)).fetchone()     # a run that did not stop cleanly
         self.db = Database(config.db_path)
         self.events = EventQueue(config.queue_size, config.batch_size)
         self.writer = Writer(config, self.db, self.events, self.counters, lock)
@@ -11782,6 +11787,7 @@ class Service:
 
     def start(self) -> None:
         self.writer.start()
+        self.mark_run()
         for loop in self.loops:
             loop.start()
         threading.Thread(target=self.server.serve_forever, name="otrace-http", daemon=True).start()
@@ -11803,6 +11809,7 @@ class Service:
         if drained:
             if self.pusher:
                 self.pusher.final_push(deadline - reserve)
+            self.unmark_run(deadline)
             self.checkpoint(deadline)
         self.db.close()                     # the writer's connection closes last: it removes the WAL
         self.events.submit(None)
@@ -11818,6 +11825,28 @@ class Service:
                                    counts["persisted"], "events_duplicate": counts["duplicate"],
                                    "events_lost": lost, "own_rows_unwritten": own, "connections_cut": cut})
         return not lost
+
+    def mark_run(self) -> None:
+        """Mark this run as under way, which only a clean stop undoes; and say, in the log and as an
+        error event, if the last run was not undone: killed, or out of time at its stop."""
+        rows = []
+        if self.last_run:
+            said = {"pid": self.last_run[0], "started_at": iso(self.last_run[1] / 1000)}
+            log.warning("the last run did not stop cleanly: what it accepted in its last moments may be "
+                        "lost", extra=said)
+            rows.append(own_error("process_crash", "otrace's last run did not stop cleanly: the events it "
+                                  "answered 202 for in its last moments may be lost", said))
+        self.events.offer(Unit(rows, ((STATE_SQL, (RUN_KEY, os.getpid(), now_ms())),), own=True))
+
+    def unmark_run(self, deadline: float) -> None:
+        """A clean stop: every event accepted is written."""
+        def unmark(conn: sqlite3.Connection) -> None:
+            with transaction(conn):
+                conn.execute("DELETE FROM otrace_state WHERE key = ?", (RUN_KEY,))
+        try:
+            self.events.call(unmark, deadline - time.monotonic())
+        except Exception as exc:  # noqa: BLE001 - the next start then says this one did not stop cleanly
+            log.warning("could not mark the stop as clean", extra={"error": describe(exc)})
 
     def checkpoint(self, deadline: float) -> None:
         """TRUNCATE checkpoint at shutdown, so the next start finds a small WAL."""

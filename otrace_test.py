@@ -6213,6 +6213,30 @@ def test_start_on_a_full_disk_waits_for_space(tmp_path: Path, run: Callable[...,
         assert {r[0] for r in stored} >= set(ids)
 
 
+def test_a_run_that_did_not_stop_cleanly_is_said_at_the_next_start(tmp_path: Path,
+                                                                  run: Callable[..., Otrace]) -> None:
+    """A SIGKILL can lose what was accepted in the last batch window: the next start says so, in its
+    log and as an error event the report counts; after a clean stop it says nothing."""
+    db = tmp_path / "o.db"
+    first = run(db=db)
+    assert first.post("/v1/traces", trace()).status == 202
+    first.wait_persisted(1)
+    first.kill()
+    second = run(db=db)
+    said = second.wait_log(lambda e: e.get("message", "").startswith("the last run did not stop cleanly"))
+    assert said["level"] == "WARNING" and said["pid"] == first.proc.pid
+    crash = wait_until(lambda: second.query("SELECT category, severity, metadata FROM error_events"),
+                       what="the error event")
+    assert crash[0][:2] == ("process_crash", "error") and json.loads(crash[0][2])["pid"] == first.proc.pid
+    assert second.stop() == 0
+    third = run(db=db)
+    assert third.post("/v1/traces", trace()).status == 202
+    third.wait_persisted(1)
+    assert third.stop() == 0 and not third.logs("the last run did not stop cleanly: what it accepted in "
+                                                 "its last moments may be lost")
+    assert len(third.query("SELECT id FROM error_events")) == 1
+
+
 def test_sigkill_at_random_moments_keeps_every_committed_row(tmp_path: Path, run: Callable[..., Otrace],
                                                              receiver: Receiver) -> None:
     """Twenty SIGKILLs under load, with checkpoints, retention and push all busy: each time the file
