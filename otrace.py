@@ -9400,6 +9400,8 @@ class Pusher(Loop):
         self.last_time: float | None = None
         self.last_status = "never"
         self.last_error: str | None = None
+        last_ok = db.query("SELECT max(started_at) FROM push_log WHERE http_status BETWEEN 200 AND 299")
+        self.last_success: float | None = last_ok[0][0] / 1000 if last_ok and last_ok[0][0] else None
         self.failing: tuple[float, int] | None = None   # since when, and how many cycles failed in a row
         self.totals = Counters(("events", "batches", "refused", "unencodable", "failed"))
 
@@ -9770,7 +9772,9 @@ class Pusher(Loop):
         self.last_status = {"ok": "ok", "retry": "failed", "split": "refused", "config": "config_error"}[
             verdict]
         self.last_error = None if verdict == "ok" else attempt.summary()
-        if verdict != "ok":
+        if verdict == "ok":
+            self.last_success = self.last_time
+        else:
             self.totals.add("failed")
 
     def health(self) -> dict[str, Any]:
@@ -9784,6 +9788,7 @@ class Pusher(Loop):
             "held_by_retry_after_until": self.hold_until(""),
             "last_push_time": self.last_time and iso(self.last_time),
             "last_push_status": self.last_status,
+            "last_success_time": self.last_success and iso(self.last_success),
             "last_error": self.last_error,
             "events_pushed": totals["events"],
             "batches_pushed": totals["batches"],
@@ -10638,6 +10643,8 @@ def prometheus(report: dict[str, Any]) -> str:
             ("", push["consecutive_failures"]))
         add("push_breaker_open", "gauge", "1 while a circuit breaker is open (OTLP: any signal's).",
             ("", push["breaker"] == "open"))
+        add("push_last_success_timestamp_seconds", "gauge", "When the receiver last answered 2xx.",
+            ("", (ok := push["last_success_time"]) and datetime.fromisoformat(ok).timestamp()))
     add("retention_unpushed_deleted_total", "counter", "Rows retention deleted before they were pushed.",
         *((f'{{table="{table}"}}', n) for table, n in (report["retention"]["unpushed_deleted_total"] or {}
                                                       ).items()))

@@ -3883,6 +3883,30 @@ def test_no_row_is_synced_without_a_2xx(run: Callable[..., Otrace], receiver: Re
     assert health["status"] == "ok"          # a receiver being down is not otrace being down
 
 
+def test_the_last_successful_push_is_known_through_failures_and_restarts(tmp_path: Path,
+                                                                        run: Callable[..., Otrace],
+                                                                        receiver: Receiver) -> None:
+    """An alert on "no push for an hour" needs the last 2xx, not the last try: /health and /metrics
+    keep it while the receiver fails, and a restart finds it in push_log."""
+    db = tmp_path / "o.db"
+    node = run(push_env(receiver, TRACE_PUSH_RETRIES="1"), db=db)
+    assert node.health()["push"]["last_success_time"] is None
+    wait_synced(node, post_some(node, 1))
+    ok = wait_until(lambda: node.health()["push"]["last_success_time"], what="the success")
+    receiver.default = 503
+    post_some(node, 1)
+    wait_until(lambda: node.health()["last_push_status"] == "failed", what="a failed cycle")
+    health = node.health()
+    assert health["push"]["last_success_time"] == ok and health["last_push_time"] > ok
+    scraped = node.request("GET", "/metrics").body.decode()
+    stamp = datetime.fromisoformat(ok).timestamp()
+    assert f"otrace_push_last_success_timestamp_seconds {otrace.prometheus_number(stamp)}\n" in scraped
+    assert node.stop() == 0
+    again = run(push_env(receiver, TRACE_PUSH_RETRIES="1"), db=db)
+    started = again.health()["push"]["last_success_time"]       # the request's start, from push_log
+    assert started is not None and started <= ok
+
+
 @pytest.mark.parametrize("retries", ["5", "1"])
 def test_retry_after_is_a_floor_on_the_wait(run: Callable[..., Otrace], receiver: Receiver,
                                             retries: str) -> None:
