@@ -10648,6 +10648,17 @@ def prometheus(report: dict[str, Any]) -> str:
     add("retention_unpushed_deleted_total", "counter", "Rows retention deleted before they were pushed.",
         *((f'{{table="{table}"}}', n) for table, n in (report["retention"]["unpushed_deleted_total"] or {}
                                                       ).items()))
+    if tail := report["log_tail"]:
+        add("log_tail_waiting", "gauge", "1 while the gateway log is not there (a mistyped path stays 1).",
+            ("", tail["waiting"]))
+        add("log_tail_lag_bytes", "gauge", "Bytes of the followed log file not read yet.",
+            ("", tail["lag_bytes"]))
+        add("log_tail_lines_total", "counter", "Gateway log lines read.", ("", tail["lines"]))
+    if store := report["openclaw_sessions"]:
+        add("sessions_waiting", "gauge", "1 while OpenClaw's state directory is not there.",
+            ("", store["waiting"]))
+        add("sessions_calls_total", "counter", "Model calls read from OpenClaw's session store.",
+            ("", store["calls"]))
     otlp = report["otlp"]
     add("otlp_items_total", "counter", "OTLP requests and items, by what became of them (see /health otlp).",
         *((f'{{item="{name}"}}', otlp[name]) for name in OTLP_COUNTERS))

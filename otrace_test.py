@@ -3180,15 +3180,25 @@ def test_files_rotated_or_begun_while_otrace_was_down_are_read(tmp_path: Path,
 def test_waiting_for_a_missing_log_is_one_line_when_it_starts_and_one_when_it_ends(
         tmp_path: Path, run: Callable[..., Otrace]) -> None:
     log = tmp_path / "openclaw-2026-11-24.log"
-    node = run({"TRACE_LOG_PATH": str(log), "TRACE_LOG_POLL": "10ms"})
+    node = run({"TRACE_LOG_PATH": str(log), "TRACE_LOG_POLL": "10ms",
+                "TRACE_OPENCLAW_STATE_DIR": str(tmp_path / "state")})
     node.wait_log(lambda e: e.get("message") == "waiting for the gateway log")
     wait_until(lambda: node.health()["log_tail"]["polls"] > 50, what="50 polls")
     assert node.health()["log_tail"]["waiting"]
+
+    def scraped() -> set[str]:                         # alerts on a path that never appears read these
+        return {line for line in node.request("GET", "/metrics").body.decode().splitlines()
+                if line.startswith(("otrace_log_tail_", "otrace_sessions_"))}
+
+    assert scraped() == {"otrace_log_tail_waiting 1", "otrace_log_tail_lines_total 0",
+                         "otrace_sessions_waiting 1", "otrace_sessions_calls_total 0"}
     log.write_bytes(b"".join(gateway_lines()[:5]))
     node.wait_log(lambda e: e.get("message") == "following log file")
     assert [e["message"] for e in node.lines if e.get("logger") == "otrace.logtail"] == [
         "waiting for the gateway log", "following log file"]
     assert node.health()["log_tail"]["last_error"] is None
+    wait_until(lambda: "otrace_log_tail_lines_total 5" in scraped(), what="the lines counted")
+    assert {"otrace_log_tail_waiting 0", "otrace_log_tail_lag_bytes 0"} <= scraped()
     assert node.stop() == 0
 
 
