@@ -3036,7 +3036,8 @@ class Writer(threading.Thread):
         self.batch_size, self.window = config.batch_size, config.batch_window
         self.log = logging.getLogger("otrace.writer")
         self.pending: list[Unit] = []
-        self.outage: Row | None = None   # the event of the last write outage, until it is stored
+        self.outages: list[Row] = []     # events of write outages and ingest pauses, until stored
+        self.paused: tuple[float, int] | None = None   # a full disk's pause: since, events refused then
         self.fault = FaultLog(self.log, "database write")
         self.backoff = Backoff(0.05, 5.0)
         self.heartbeat = time.monotonic()
@@ -3109,7 +3110,7 @@ class Writer(threading.Thread):
                     self.conn_path = self.db.carry_path
                 time.sleep(max(0.0, retry_at - time.monotonic()))
         if self.fault.error is not None:      # ingest waits for this: nothing queues while writes fail
-            self.outage = self.outage_row()
+            self.outages.append(self.outage_row())
             self.fault.cleared()
         self.backoff.reset()
         retry_at = 0.0
@@ -3117,7 +3118,7 @@ class Writer(threading.Thread):
             while True:
                 self.heartbeat = time.monotonic()
                 if not self.pending:              # the last batch committed: the disk has room
-                    self.reserve.retake()
+                    self.retake_reserve()
                 self.look_after_file()
                 if self.pending:
                     work = self.events.next_job(retry_at - time.monotonic()) or []
@@ -3142,9 +3143,9 @@ class Writer(threading.Thread):
                     retry_at = self.failed(exc)
                     continue
                 if self.fault.error is not None:
-                    self.outage = self.outage_row()
+                    self.outages.append(self.outage_row())
                 self.fault.cleared()
-                self.record_outage()
+                self.record_outages()
                 self.backoff.reset()
                 self.events.committed()
                 self.wrote_since_look = True
@@ -3162,6 +3163,7 @@ class Writer(threading.Thread):
         self.events.gate.release()
         self.damage_met(exc)
         if error.startswith("SQLITE_FULL") and self.reserve.on_disk_full(self.events.qsize()):
+            self.paused = time.time(), self.counters.snapshot()["refused"]
             return 0.0                 # the space is there now: write what was accepted
         return time.monotonic() + self.backoff.next()
 
@@ -3175,19 +3177,35 @@ class Writer(threading.Thread):
                          f"{error}", {"since": iso(self.fault.since), "attempts": self.fault.count,
                                       "db_path": self.config.db_path}, severity="critical")
 
-    def record_outage(self) -> None:
-        """Store the last outage's event, if not yet: after the batch that ended it, or after a later
-        one (a disk with room for that batch alone has none for it yet)."""
-        if self.outage is None:
+    def record_outages(self) -> None:
+        """Store the outages' events, if not yet: after the batch that ended one, or after a later one (a
+        disk with room for that batch alone has none for them yet)."""
+        if not self.outages:
             return
         try:
-            self.commit([Unit([self.outage])])
-        except Exception as exc:  # noqa: BLE001 - kept for the next commit, or given up if its data fails
+            self.commit([Unit(list(self.outages))])
+        except Exception as exc:  # noqa: BLE001 - kept for the next commit, or given up if their data fails
             if not is_environment(exc):
-                self.drop(self.outage, exc)
-                self.outage = None
+                for row in self.outages:
+                    self.drop(row, exc)
+                self.outages = []
             return
-        self.outage = None
+        self.outages = []
+
+    def retake_reserve(self) -> None:
+        """Take the reserve (back); when that ends a full disk's pause, say and store how long it was:
+        the write that released the reserve took a moment, the clients' 503s lasted this long."""
+        self.reserve.retake()
+        if self.paused is None or self.reserve.released:
+            return
+        since, refused = self.paused
+        self.paused = None
+        seconds, refused = round(time.time() - since, 1), self.counters.snapshot()["refused"] - refused
+        said = {"since": iso(since), "seconds": seconds, "events_refused": refused}
+        self.log.warning("ingest pause for a full disk ended", extra=said)
+        text = f"ingest paused {seconds} s by a full disk: {refused} events answered 503"
+        self.outages.append(own_error("disk_full", text, said, severity="critical"))
+        self.record_outages()
 
     def run_job(self, job: Job) -> None:
         if job.future.set_running_or_notify_cancel():
@@ -10741,7 +10759,8 @@ def health_report(service: Service) -> dict[str, Any]:
     if writer.fault.error:
         problems.append("database writes failing: " + writer.fault.error)
     if writer.reserve.released:
-        problems.append("disk full: reserve released, ingest paused until there is room again")
+        since = f" since {iso(paused[0])}" if (paused := writer.paused) else ""
+        problems.append(f"disk full{since}: reserve released, ingest paused until there is room again")
     if service.store and service.store.waiting:
         problems.append(f"OpenClaw's state directory {service.store.root} is not there (or has no agents/ "
                         "yet): the model calls and failures the gateway logs come from its session store, "

@@ -1595,10 +1595,19 @@ def test_disk_reserve_commits_what_was_accepted_when_the_disk_fills(tmp_path: Pa
         assert report.status == 503 and any("reserve released" in p for p in report.json["problems"])
         stored = {r[0] for r in node.query("SELECT trace_id FROM llm_traces")}    # committed: a SIGKILL
         assert set(accepted) <= stored                                             # now would lose none
+        assert node.post("/v1/traces", batch).status == 503                        # during the pause
         os.truncate(filler, filler.stat().st_size - 3 * 2**20 - (2**20 // 2))  # room for it 3.5 times:
         node.wait_log(lambda e: e.get("message") == "disk reserve held again: ingest resumes")  # enough
         assert reserve.stat().st_blocks * 512 >= 2 * 2**20
+        ended = node.wait_log(lambda e: e.get("message") == "ingest pause for a full disk ended")
+        assert ended["events_refused"] >= 20 and ended["seconds"] > 0     # the 503s, not the one write's
         assert node.post("/v1/traces", trace()).status == 202
+        paused = wait_until(lambda: node.query("SELECT message, severity, metadata FROM error_events WHERE "
+                                               "message LIKE 'ingest paused%'"), what="the pause's event")
+        seconds, refused = ended["seconds"], ended["events_refused"]
+        assert paused[0][:2] == (f"ingest paused {seconds} s by a full disk: {refused} events answered 503",
+                                 "critical")
+        assert json.loads(paused[0][2]) == {k: ended[k] for k in ("since", "seconds", "events_refused")}
         assert node.stop() == 0
 
 
@@ -5074,7 +5083,7 @@ def test_a_push_retrying_a_silent_receiver_lets_a_move_to_a_new_file_go_after_it
         assert len(receiver.requests) <= 2     # the attempt under way, and one begun as the move came
         cycle.join(60)
         # the offsets' retry in the new file ends the outage, whose error event goes with the rows
-        wait_until(lambda: service.writer.fault.error is None and service.writer.outage is None, 60,
+        wait_until(lambda: service.writer.fault.error is None and not service.writer.outages, 60,
                    "the outage recorded")
         outage = [t for (t,) in service.db.query("SELECT trace_id FROM error_events")]
         receiver.default = 200
