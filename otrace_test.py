@@ -5780,16 +5780,16 @@ def test_a_relief_job_deletes_tier_after_tier_chunk_after_chunk_down_to_its_mark
     monkeypatch.setattr(otrace, "RELIEF_TIME", 60.0)
     with contextlib.closing(otrace.connect(str(db))) as conn:
         live = otrace.live_bytes(conn)
-        assert otrace.relief((pushed,), live, "p1", conn) == ([], live, (pushed,))
-        chunks, left, tiers = otrace.relief((pushed, samples), live // 2, "p2", conn)
-        assert left <= live // 2 < chunks[-2].live_bytes and tiers == (pushed, samples)
+        assert otrace.relief((pushed,), live, "p1", conn) == ([], live, (pushed,), None)
+        chunks, left, tiers, failed = otrace.relief((pushed, samples), live // 2, "p2", conn)
+        assert left <= live // 2 < chunks[-2].live_bytes and tiers == (pushed, samples) and failed is None
         assert {(c.table, c.reason, c.deleted) for c in chunks} == {("llm_traces", "pressure_pushed", 10)}
         assert conn.execute("SELECT count(*), sum(deleted) FROM retention_ledger").fetchone() == (
             1, 10 * len(chunks))                         # the pass's entry, added to by each chunk
         monkeypatch.setattr(otrace, "RELIEF_TIME", 0.0)
         assert [c.deleted for c in otrace.relief((pushed,), 0, "p3", conn).chunks] == [10]
         monkeypatch.setattr(otrace, "RELIEF_TIME", 60.0)
-        chunks, _, tiers = otrace.relief((pushed, samples), 0, "p4", conn)
+        chunks, _, tiers, _ = otrace.relief((pushed, samples), 0, "p4", conn)
         tables = [c.table for c in chunks]                # the pushed traces, then the samples
         first = tables.index(None)
         assert not tiers and tables == ["llm_traces"] * first + [None] + ["system_metrics"] * 10 + [None]
