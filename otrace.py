@@ -3050,6 +3050,7 @@ class Writer(threading.Thread):
         self.damaged = False                     # a damaged file is being left: move with the batch
         self.damaged_file: tuple[int, int] | None = None   # its identity, never to be written again
         self.on_fault: Callable[[str], None] = lambda error: None   # told once per streak of failures
+        self.on_recovered: Callable[[], None] = lambda: None        # and once when it ends
         self.on_inserted: Callable[[dict[str, list[tuple]]], None] = lambda rows: None   # what committed
         self.on_committed: Callable[[], None] = lambda: None       # after every batch that committed
         self.reserve = Reserve(config.db_path, config.disk_reserve_bytes, self.log,
@@ -3144,6 +3145,7 @@ class Writer(threading.Thread):
                     continue
                 if self.fault.error is not None:
                     self.outages.append(self.outage_row())
+                    self.on_recovered()
                 self.fault.cleared()
                 self.record_outages()
                 self.backoff.reset()
@@ -3203,6 +3205,7 @@ class Writer(threading.Thread):
         seconds, refused = round(time.time() - since, 1), self.counters.snapshot()["refused"] - refused
         said = {"since": iso(since), "seconds": seconds, "events_refused": refused}
         self.log.warning("ingest pause for a full disk ended", extra=said)
+        self.on_recovered()
         text = f"ingest paused {seconds} s by a full disk: {refused} events answered 503"
         self.outages.append(own_error("disk_full", text, said, severity="critical"))
         self.record_outages()
@@ -3308,10 +3311,17 @@ class Writer(threading.Thread):
             self.reopen_fault.failed(describe(exc))
             return
         self.reopen_fault.cleared()
+        why = "damaged" if self.damaged else "deleted or replaced"
         self.damaged, self.damaged_file = False, None      # its inode may be a new file's one day
         self.db.reopened(moved)
         self.log.warning("database file recreated; unpushed rows carried over", extra={
             "db_path": self.config.db_path, "carried_over": moved})
+        # the new file's first row: a report over it counts nothing the old one held that was pushed
+        self.outages.append(own_error("other", f"database file {why} under otrace: this file was started "
+                                      "then, with the old one's unpushed rows; rows pushed before are not in "
+                                      "it", {"db_path": self.config.db_path, "carried_over": moved},
+                                      severity="critical"))
+        self.record_outages()
 
     def damage_met(self, exc: BaseException) -> None:
         """A write or a job found the file at the path damaged (SQLITE_CORRUPT, SQLITE_NOTADB): waiting
@@ -11770,6 +11780,7 @@ class Service:
         self.retention = Retention(config, self.events, self.db)
         self.retention.check_budget()
         self.writer.on_fault = self.on_write_fault
+        self.writer.on_recovered = self.on_write_recovered
         self.checkpointer = Checkpointer(config, self.events, self.db)
         self.writer.on_committed = self.committed
         self.loops: list[Loop] = [self.checkpointer, self.retention]
@@ -11806,6 +11817,13 @@ class Service:
         """A write has just started failing: run retention now, which acts if space is short (a full
         disk shows as SQLITE_FULL, or as an I/O error growing the -shm)."""
         self.retention.wake()
+
+    def on_write_recovered(self) -> None:
+        """Writes work again: loops that failed with them try now, not at their next interval (their
+        faults would stay listed for minutes after the disk was fixed)."""
+        for loop in (self.retention, self.checkpointer):
+            if loop.fault.error is not None:
+                loop.wake()
 
     def health(self) -> dict[str, Any]:
         return health_report(self)

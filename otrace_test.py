@@ -1056,6 +1056,10 @@ def test_a_database_deleted_or_replaced_under_otrace_loses_nothing_that_got_202(
     assert node.stop() == 0
     stored = {r[0] for r in node.query("SELECT trace_id FROM llm_traces")}
     assert set(before + during + after) <= stored
+    said = node.query("SELECT category, severity, message, metadata FROM error_events")   # for the report
+    assert [s[:2] for s in said] == [("other", "critical")] and said[0][2].startswith(
+        "database file deleted or replaced under otrace: this file was started then")
+    assert json.loads(said[0][3])["carried_over"] == health["db_replaced"]["carried_over"]
     if how == "replaced":                                   # the database moved in was kept, not wiped
         assert "moved-in" in stored
 
@@ -1319,6 +1323,42 @@ def test_a_writer_waiting_for_work_is_not_stuck_however_long_it_waits(tmp_path: 
             assert writer.stuck and service.health()["problems"] == ["writer thread is stuck"]
             other.execute("ROLLBACK")
         assert service.events.wait_drained(30)
+    finally:
+        service.events.submit(None)
+        writer.join(10)
+        service.server.release()
+        service.db.close()
+
+
+def test_a_loop_that_failed_with_the_writes_tries_again_once_they_work(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Retention's pass on a write fault fails with it (a full disk, another program's lock); when the
+    writer commits again it wakes the pass, so the fault is not listed for minutes after its cause."""
+    monkeypatch.setattr(otrace, "BUSY_TIMEOUT", 0.2)       # another program's lock fails a write soon
+    config = otrace.Config(db_path=str(tmp_path / "x.db"), port=0, otlp_port=0, metrics_interval=0.0,
+                           openclaw_state_dir="off")
+    service = otrace.Service(config)
+    writer, retention = service.writer, service.retention
+
+    def offer(trace_id: str) -> None:
+        assert service.events.offer(otrace.Unit([otrace.event_row(otrace.TRACES, otrace.trace_row, {
+            "provider": "p", "model": "m", "trace_id": trace_id}, "http")]))
+
+    try:
+        writer.start()
+        offer("t")
+        assert service.events.wait_drained(30)              # the writer has the file open
+        with contextlib.closing(sqlite3.connect(tmp_path / "x.db", isolation_level=None)) as other:
+            other.execute("BEGIN IMMEDIATE")
+            offer("u")
+            wait_until(lambda: writer.fault.error, what="writes failing on the lock")
+            with pytest.raises(sqlite3.OperationalError) as failed:
+                retention.tick()                            # its deletions are writes too
+            retention.fault.failed(otrace.describe(failed.value))     # as its loop does
+            retention.bell.clear()                          # the wake the write fault gave it is spent
+            other.execute("ROLLBACK")
+        assert service.events.wait_drained(30)
+        wait_until(retention.bell.is_set, what="retention woken by the recovery")
     finally:
         service.events.submit(None)
         writer.join(10)
