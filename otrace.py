@@ -3316,7 +3316,7 @@ class Writer(threading.Thread):
         self.db.reopened(moved)
         self.log.warning("database file recreated; unpushed rows carried over", extra={
             "db_path": self.config.db_path, "carried_over": moved})
-        # the new file's first row: a report over it counts nothing the old one held that was pushed
+        # said in the new file at once: a report over it counts nothing the old one held that was pushed
         self.outages.append(own_error("other", f"database file {why} under otrace: this file was started "
                                       "then, with the old one's unpushed rows; rows pushed before are not in "
                                       "it", {"db_path": self.config.db_path, "carried_over": moved},
