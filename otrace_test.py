@@ -4840,7 +4840,7 @@ def test_a_batch_read_from_a_file_since_replaced_marks_nothing_where_the_writer_
     made = seed(path, [("trace", 50, 1), ("trace", 150, 0)], age_days=0.01)    # ids 1-50 pushed
     db = otrace.Database(str(path))
     writer = otrace.Writer(otrace.Config.from_env({"TRACE_DB_PATH": str(path)}), db,
-                           otrace.EventQueue(512, 50), otrace.Counters(()))
+                           otrace.EventQueue(512, 50), otrace.Counters(otrace.EVENT_COUNTERS))
     writer.conn = writer.connect(str(path))
     try:
         cut = otrace.Cut(("llm_traces",), otrace.UNDELIVERED, "pressure_unpushed", "pass-1", limit=10)
@@ -5005,7 +5005,8 @@ def test_damage_a_push_marking_its_rows_meets_is_left_and_its_rows_go_once_more(
             wait_until(lambda: not service.db.replaced_pending, 30, "the writer in a new file")
         assert list(tmp_path.glob("otrace.db.damaged-*[0-9]"))
         sent = [e["trace_id"] for r in receiver.requests if r["answered"] == 200 for e in r["json"]["events"]]
-        assert collections.Counter(sent) == collections.Counter(made * 2)
+        said = [t for (t,) in service.db.query("SELECT trace_id FROM error_events")]    # the move's event
+        assert len(said) == 1 and collections.Counter(sent) == collections.Counter(made * 2 + said)
         assert service.db.query("SELECT count(*) FROM llm_traces WHERE synced = 0") == [(0,)]
     finally:
         stopped(service)
@@ -5122,14 +5123,15 @@ def test_a_push_retrying_a_silent_receiver_lets_a_move_to_a_new_file_go_after_it
                    and not service.db.replaced_pending, 60, "the writer in a new file")
         assert len(receiver.requests) <= 2     # the attempt under way, and one begun as the move came
         cycle.join(60)
-        # the offsets' retry in the new file ends the outage, whose error event goes with the rows
+        # the offsets' retry in the new file ends the outage, whose error event goes with the rows, as
+        # does the move's
         wait_until(lambda: service.writer.fault.error is None and not service.writer.outages, 60,
                    "the outage recorded")
         outage = [t for (t,) in service.db.query("SELECT trace_id FROM error_events")]
         receiver.default = 200
         service.pusher.push(None)
         sent = [e["trace_id"] for r in receiver.requests if r["answered"] == 200 for e in r["json"]["events"]]
-        assert len(outage) == 1 and sorted(sent) == sorted(made + outage)
+        assert len(outage) == 2 and sorted(sent) == sorted(made + outage)
     finally:
         stopped(service)
 
@@ -5626,7 +5628,8 @@ def test_a_wal_a_reader_made_grow_is_cut_back_when_it_restarts(tmp_path: Path) -
     otrace.open_database(str(db))
     config = otrace.Config.from_env({"TRACE_DB_PATH": str(db), "TRACE_DB_MAX_BYTES": str(4 << 20)})
     limit = 2 * otrace.autocheckpoint_pages(config, 4096) * 4096
-    writer = otrace.Writer(config, otrace.Database(str(db)), otrace.EventQueue(512, 50), otrace.Counters(()))
+    writer = otrace.Writer(config, otrace.Database(str(db)), otrace.EventQueue(512, 50),
+                           otrace.Counters(otrace.EVENT_COUNTERS))
     with (contextlib.closing(writer.connect(str(db))) as conn,
           contextlib.closing(sqlite3.connect(db)) as reader):
         conn.execute("CREATE TABLE filler (data BLOB)")
@@ -5691,7 +5694,7 @@ def test_the_checkpointer_copies_the_wal_on_a_connection_of_its_own(tmp_path: Pa
     otrace.open_database(str(db))
     config = otrace.Config.from_env({"TRACE_DB_PATH": str(db), "TRACE_DB_MAX_BYTES": str(4 << 20)})
     database, events = otrace.Database(str(db)), otrace.EventQueue(512, 50)
-    writer = otrace.Writer(config, database, events, otrace.Counters(()))
+    writer = otrace.Writer(config, database, events, otrace.Counters(otrace.EVENT_COUNTERS))
     checkpointer = otrace.Checkpointer(config, events, database)
     assert 0 < checkpointer.step < otrace.autocheckpoint_pages(config, 4096)
     with contextlib.closing(writer.connect(str(db))) as conn:
@@ -5729,7 +5732,7 @@ def test_a_wal_past_its_limit_after_a_batch_is_copied_by_the_writer(tmp_path: Pa
     config = otrace.Config.from_env({"TRACE_DB_PATH": str(db), "TRACE_DB_MAX_BYTES": str(4 << 20)})
     database, events = otrace.Database(str(db)), otrace.EventQueue(512, 50)
     checkpointer = otrace.Checkpointer(config, events, database)
-    writer = otrace.Writer(config, database, events, otrace.Counters(()))
+    writer = otrace.Writer(config, database, events, otrace.Counters(otrace.EVENT_COUNTERS))
     with contextlib.closing(writer.connect(str(db))) as conn:
         conn.execute("PRAGMA wal_autocheckpoint = 0")                  # only watch() copies here
         conn.execute("CREATE TABLE filler (data BLOB)")
@@ -5850,7 +5853,7 @@ def test_a_batch_that_grows_the_database_past_its_high_mark_starts_a_deletion_at
     retention.watch()                                    # from nothing to 90 % of the cap
     retention.watch()
     assert len(events.jobs) == 1 and len(retention.head_starts) == 1 and retention.bell.is_set()
-    writer = otrace.Writer(config, otrace.Database(str(db)), events, otrace.Counters(()))
+    writer = otrace.Writer(config, otrace.Database(str(db)), events, otrace.Counters(otrace.EVENT_COUNTERS))
     with contextlib.closing(writer.connect(str(db))) as conn:
         job = events.jobs.popleft()
         chunks = job.run(conn).chunks
@@ -5868,7 +5871,8 @@ def test_a_deletion_costs_the_wal_a_few_pages_and_the_file_shrinks_a_step_at_a_t
     db = tmp_path / "o.db"
     seed(db, [("trace", 400, 1)])
     config = otrace.Config.from_env({"TRACE_DB_PATH": str(db)})
-    writer = otrace.Writer(config, otrace.Database(str(db)), otrace.EventQueue(512, 50), otrace.Counters(()))
+    writer = otrace.Writer(config, otrace.Database(str(db)), otrace.EventQueue(512, 50),
+                           otrace.Counters(otrace.EVENT_COUNTERS))
     with contextlib.closing(writer.connect(str(db))) as conn:
         _, _, deleted, lost, _ = otrace.Cut(("llm_traces",), "synced = 1", "test", "pass-1", limit=300)(conn)
         freed = conn.execute("PRAGMA freelist_count").fetchone()[0]
