@@ -6249,14 +6249,20 @@ _SECRETS = (     # (pattern, replacement), applied in order to the whole command
     _WEBHOOK,
     _KEY_SHAPES,
 )
+_SECRET_VALUE = re.compile(r"((?:(?:api|auth)[_-]?key|(?:secret|private|access)[_-]?key|token|secret"
+                           r"|passw(?:or)?d|pwd|(?<=[?&])auth|x-auth[\w-]{0,64}+)[\"']?\s*[=:]\s*)"
+                           r"(\"(?:[^\"\\]|\\.)*+\"?|'[^']*+'?|[^\s,;&\"'}\\]+)", re.IGNORECASE | re.ASCII)
+# Its keys, with their = or :, in the lower-cased text: where _SECRET_VALUE can match. A tenth of its cost
+# on a text with the words and no such key ("Unexpected token"): re skips to these first letters, and
+# under IGNORECASE it tries every place.
+_SECRET_VALUE_KEY = re.compile(r"(?:api[_-]?key|auth[_-]?key|secret[_-]?key|private[_-]?key|access[_-]?key"
+                               r"|token|secret|passwd|password|pwd|\?auth|&auth|x-auth[\w-]{0,64}+)[\"']?\s*[=:]",
+                               re.ASCII)
 _TEXT_SECRETS = (   # (words that must be in the lower-cased text, pattern, replacement), for prose and JSON
     (("bearer", "basic"), *_BEARER),
     (("api_key", "api-key", "apikey", "token", "secret", "passw", "pwd", "auth", "private_key", "private-key",
       "privatekey", "access_key", "access-key", "accesskey"),                     # not "tokens=", "auth=x"
-     re.compile(r"((?:(?:api|auth)[_-]?key|(?:secret|private|access)[_-]?key|token|secret|passw(?:or)?d|pwd"
-                r"|(?<=[?&])auth|x-auth[\w-]{0,64}+)[\"']?\s*[=:]\s*)"
-                r"(\"(?:[^\"\\]|\\.)*+\"?|'[^']*+'?|[^\s,;&\"'}\\]+)", re.IGNORECASE | re.ASCII),
-     lambda m: m[1] + (m[2][0] + "***" + m[2][0] if m[2][0] in "\"'" else "***")),
+     _SECRET_VALUE, lambda m: m[1] + (m[2][0] + "***" + m[2][0] if m[2][0] in "\"'" else "***")),
     (("authorization", "cookie"),              # a header's whole value, to its line's end: a=1; sid="..."
      re.compile(r"((?:authorization|cookie)[\"']?\s*[=:]\s*+)(?![\"']?(?:bearer|basic)\s)"
                 r"(\"(?:[^\"\\]|\\.)*+\"?|'[^']*+'?|[^\r\n]+)", re.IGNORECASE | re.ASCII),
@@ -6390,7 +6396,8 @@ def redact_text(text: str) -> str:
     if not holds_secret_words(lower):
         return text
     for words, pattern, replacement in _TEXT_SECRETS:
-        if any(word in lower for word in words):
+        if any(word in lower for word in words) and (
+                pattern is not _SECRET_VALUE or _SECRET_VALUE_KEY.search(lower)):
             text = pattern.sub(replacement, text)
     return text
 
@@ -7145,7 +7152,7 @@ LINE_ROWS_MOST = 2               # rows a line becomes: its log event, and a tra
 FINGERPRINT_BYTES = 256
 LOG_NAME = re.compile(r"openclaw(?:-(?P<profile>[\w.-]+))?-\d{4}-\d{2}-\d{2}\.log")   # not a rotated .N.log
 ROTATED = re.compile(r"openclaw[\w.-]*\.\d+\.log")                          # a size rotation's file
-KEY_VALUE = re.compile(r"(\w+)=(\S+)")
+KEY_VALUE = re.compile(r"\b(\w+)=(\S+)")   # \b: each match starts a word; without, a long word costs n²
 NETWORK_CODES = {"ECONNREFUSED", "ECONNRESET", "ENOTFOUND", "EAI_AGAIN", "EHOSTUNREACH", "ENETUNREACH",
                  "EPIPE", "UND_ERR_SOCKET"}
 NOTICE = ("WARN", "ERROR", "FATAL")
@@ -7181,7 +7188,9 @@ class LogLine:
     __slots__ = ("_detail", "_fields", "_numbered", "level", "message", "obj", "subsystem")
 
     def __init__(self, obj: dict[str, Any]) -> None:
-        meta = obj.get("_meta") if isinstance(obj.get("_meta"), dict) else {}
+        meta = obj.get("_meta")
+        if not isinstance(meta, dict):
+            meta = {}
         name = meta.get("name")
         self.obj = obj
         self.level = str(meta.get("logLevelName") or "INFO").upper()
@@ -7199,7 +7208,7 @@ class LogLine:
     def parse(cls, raw: bytes) -> LogLine | None:
         """None for a line that is not a JSON object."""
         try:
-            obj = LOG_JSON.decode(raw.decode("utf-8"))
+            obj = log_json(raw.decode("utf-8"))
         except (ValueError, RecursionError):
             return None
         return cls(obj) if isinstance(obj, dict) else None
@@ -7208,8 +7217,10 @@ class LogLine:
     def numbered(self) -> list[tuple[int, Any]]:
         """The positional arguments "0", "1", ..., in order."""
         if self._numbered is None:
-            self._numbered = sorted((n, v) for k, v in self.obj.items()   # isdigit() first: most keys are not
-                                    if k.isdigit() and (n := count_of(k)) is not None)
+            numbered = [(n, v) for k, v in self.obj.items()    # isdigit() first: most keys are not
+                        if k.isdigit() and (n := count_of(k)) is not None]
+            numbered.sort(key=_first_item)                     # "1" and "01": by number, as written
+            self._numbered = numbered
         return self._numbered
 
     @property
@@ -7221,7 +7232,8 @@ class LogLine:
 
     @property
     def info(self) -> dict[str, Any]:
-        return self.detail if isinstance(self.detail, dict) else {}
+        detail = self.detail
+        return detail if isinstance(detail, dict) else {}
 
     @property
     def fields(self) -> dict[str, str]:
@@ -7232,8 +7244,9 @@ class LogLine:
 
     @property
     def time_ms(self) -> int | None:
-        meta = self.obj.get("_meta") if isinstance(self.obj.get("_meta"), dict) else {}
-        return _log_time(self.obj.get("time")) or _log_time(meta.get("date"))
+        meta = self.obj.get("_meta")
+        date = meta.get("date") if isinstance(meta, dict) else None
+        return _log_time(self.obj.get("time")) or _log_time(date)
 
     @property
     def otel_trace_id(self) -> str | None:
@@ -7244,6 +7257,22 @@ class LogLine:
     def session_id(self) -> str | None:
         session = self.obj.get("session_id")
         return session if isinstance(session, str) else None
+
+
+def _first_item(pair: tuple[int, Any]) -> int:
+    return pair[0]
+
+
+def log_json(text: str) -> Any:
+    """LOG_JSON.decode(text), without decode()'s two calls and two whitespace scans for a line that is a
+    value with at most JSON's whitespace after it; any other line is decode()'s, to raise as it does."""
+    try:
+        value, end = LOG_JSON.scan_once(text, 0)      # what decode() runs when text[0] is not whitespace
+    except StopIteration:                             # whitespace first, or no value at all
+        return LOG_JSON.decode(text)
+    if end < len(text) and text[end:].strip(" \t\n\r"):   # more than JSON's whitespace after it
+        return LOG_JSON.decode(text)
+    return value
 
 
 @functools.lru_cache(maxsize=256)

@@ -3516,6 +3516,40 @@ def test_lines_read_again_after_a_full_queue_are_counted_once(tmp_path: Path) ->
     assert (totals["lines"], totals["not_json"], totals["skipped"], stored) == (10, 1, 6, 3)
 
 
+@needs_gateway_log
+def test_a_model_fetch_line_with_a_very_long_word_is_read_at_once(tmp_path: Path,
+                                                                  run: Callable[..., Otrace]) -> None:
+    """Its key=value fields are found from word starts only: tried at every place of a word with no =,
+    a 300,000-character one took minutes (a megabyte's, hours), and held the whole log back."""
+    line = json.loads(gateway_lines()[27])                 # a [model-fetch] response line
+    line["message"] = line["message"].replace("response ", "response " + "x" * 300_000 + " ")
+    log = tmp_path / "openclaw-2026-11-24.log"
+    log.write_bytes(json.dumps(line).encode() + b"\n" + gateway_lines()[39])
+    node = run({"TRACE_LOG_PATH": str(log), "TRACE_LOG_START": "beginning", "TRACE_LOG_POLL": "10ms",
+                "TRACE_OPENCLAW_STATE_DIR": "off"})
+    wait_until(lambda: node.health()["log_tail"]["lines"] == 2, timeout=60, what="both lines read")
+    calls = wait_until(lambda: node.query("SELECT model, status FROM llm_traces"), what="their calls")
+    assert sorted(calls) == [("mock-model", "error"), ("mock-model", "ok")]    # the long line's: ok
+
+
+@needs_gateway_log
+def test_a_line_numbering_an_argument_twice_is_read(tmp_path: Path) -> None:
+    """"1" and "01" both name argument 1: taken in the order written, not compared (a structure and
+    another would not compare, and the line was lost as unreadable)."""
+    line = json.loads(gateway_lines()[37])                 # a WARN line
+    line |= {"01": {"b": 2}, "2": {"a": 1}, "02": [1]}
+    log = tmp_path / "openclaw-2026-11-24.log"
+    log.write_bytes(json.dumps(line).encode() + b"\n")
+    config = otrace.Config(db_path=str(tmp_path / "o.db"), log_path=str(log), log_start="beginning")
+    otrace.open_database(config.db_path)
+    events = otrace.EventQueue(512, 50)
+    tailer = otrace.LogTailer(config, events, otrace.Database(config.db_path))
+    tailer.look()
+    totals = tailer.totals.snapshot()
+    assert (totals["lines"], totals["unreadable"], totals["events"]) == (1, 0, 1)
+    assert otrace.LogLine(line).numbered[-2:] == [(2, {"a": 1}), (2, [1])]
+
+
 def test_a_log_written_back_to_the_size_read_is_read_again_from_its_start(tmp_path: Path) -> None:
     """Truncated and rewritten to exactly the size already read: the size cannot tell, the
     modification time and the first bytes do."""
