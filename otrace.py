@@ -8147,6 +8147,7 @@ class AgentDatabase:
         self.identity: tuple[int, int] | None = None
         self.known: tuple[int, int] | None = None   # the file last read, kept while there is none
         self.replaced = False                    # another file than that one: every session read again
+        self.gone = False                        # read, then no longer at the path (deleted, moved away)
         self.checked = False                     # the cursors checked against this connection's file
         self.listed: int | None = None           # data_version when every session was last caught up
         self.seen: int | None = None             # data_version at the last look that caught up ...
@@ -8160,6 +8161,7 @@ class AgentDatabase:
         or no transcript table in it yet."""
         identity = _identity(str(self.path))
         if identity is None:
+            self.gone = self.gone or self.conn is not None
             self.close()
             return False
         if self.conn is not None and identity == self.identity:
@@ -8347,8 +8349,15 @@ class SessionStore(QuietReader):
         if store is None:
             store = self.databases[agent] = AgentDatabase(self.root / "agents" / agent / "agent" /
                                                           "openclaw-agent.sqlite")
+        gone = store.gone
         if not store.open():
+            if store.gone and not gone:          # waited for quietly, but said: its calls stop coming
+                self.log.warning("agent database gone: waiting for it", extra={"agent": agent,
+                                                                              "path": str(store.path)})
             return
+        if store.gone:
+            store.gone = False
+            self.log.info("agent database back", extra={"agent": agent, "path": str(store.path)})
         self.said(f"agent database:{agent}", store.path)
         inode = store.identity[1]
         store.replaced |= self.inodes.get(agent, inode) != inode     # a backup restored while stopped

@@ -8341,12 +8341,16 @@ def test_a_store_deleted_then_replaced_by_a_fresh_one_is_read_without_repeats(
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     node = run({**STORE_ENV, "TRACE_OPENCLAW_STATE_DIR": str(state)})
     wait_traces(node, 6)
-    for suffix in ("", "-wal", "-shm"):                  # deleted: waited for quietly
+    for suffix in ("", "-wal", "-shm"):                  # deleted: waited for, said once
         Path(str(db) + suffix).unlink(missing_ok=True)
+    gone = node.wait_log(lambda e: e.get("message") == "agent database gone: waiting for it")
+    assert (gone["level"], gone["agent"], gone["path"]) == ("WARNING", "main", str(db))
     polls = node.health()["openclaw_sessions"]["polls"]
     wait_until(lambda: node.health()["openclaw_sessions"]["polls"] > polls + 10, what="10 polls")
+    assert len(node.logs("agent database gone: waiting for it")) == 1 and node.health()["status"] == "ok"
     fresh.replace(db)                                    # a new file at the path
     rows = wait_traces(node, 7)
+    assert len(node.logs("agent database back")) == 1
     assert rows[-1]["trace_id"] == f"oc:main:after-reset:{call['id']}" and len(rows) == 7
     shutil.copy(agent_db(state_copy(tmp_path, name="again")), str(db) + ".new")
     Path(str(db) + ".new").replace(db)                   # the old store put back: nothing is new
