@@ -1023,7 +1023,8 @@ def test_a_reserve_file_removed_under_otrace_is_taken_again(tmp_path: Path,
     reserve.unlink()                                     # a cleaner, or a data directory wiped
     wait_until(lambda: node.post("/v1/traces", trace()).status == 202 and reserve.exists() and
                reserve.stat().st_blocks * 512 >= 2 << 20, timeout=30, what="the reserve taken again")
-    assert node.logs("disk reserve file gone: taking it again") and node.logs("disk reserve held")
+    node.wait_log(lambda e: e.get("message") == "disk reserve held")     # the file is there just before
+    assert node.logs("disk reserve file gone: taking it again")
     assert node.health()["disk_reserve"]["held"] and node.stop() == 0
 
 
