@@ -392,8 +392,13 @@ def _directory(raw: str) -> str:
 
 
 def _existing_or_empty(raw: str) -> str:
-    if raw and not os.path.exists(raw):  # noqa: PTH110 - Path's raises on EACCES
-        raise SettingError(f"{raw} does not exist")
+    if raw:
+        try:
+            os.stat(raw)  # noqa: PTH116 - one call, its errors told apart
+        except (FileNotFoundError, NotADirectoryError):
+            raise SettingError(f"{raw} does not exist") from None
+        except OSError as exc:
+            raise SettingError(f"{raw} cannot be looked at: {exc.strerror}") from None
     return raw
 
 
@@ -2962,8 +2967,9 @@ class Reserve:
         return True
 
     def in_place(self) -> bool:
+        """Its file is still there, whole (by its size: a compressing filesystem counts fewer blocks)."""
         try:
-            return self.path.stat().st_blocks * 512 >= self.size
+            return self.path.stat().st_size >= self.size
         except OSError:
             return False
 
@@ -2999,9 +3005,10 @@ class Reserve:
         if not self.size or time.monotonic() < self.next_try:
             return
         self.next_try = time.monotonic() + self.RETRY
-        if self.held:
-            if self.in_place():
-                return
+        gone = self.held and not self.in_place()
+        if self.held and not gone:
+            return
+        if gone:
             self.held = False
             self.log.warning("disk reserve file gone: taking it again", extra={"path": str(self.path)})
         released = self.released
@@ -3016,6 +3023,9 @@ class Reserve:
             self.released = False
             self.log.warning("disk has room again, not for the reserve: ingest resumes without it",
                              extra={"bytes": self.size, "disk_avail_bytes": room, "disk_used_pct": used_pct})
+        elif gone:                                      # taken once there is room, as at start
+            self.log.warning("disk reserve not held: no room for it", extra={"bytes": self.size,
+                                                                             "disk_avail_bytes": room})
 
 
 class Writer(threading.Thread):
@@ -3112,6 +3122,7 @@ class Writer(threading.Thread):
                 time.sleep(max(0.0, retry_at - time.monotonic()))
         if self.fault.error is not None:      # ingest waits for this: nothing queues while writes fail
             self.outages.append(self.outage_row())
+            self.on_recovered()
             self.fault.cleared()
         self.backoff.reset()
         retry_at = 0.0
@@ -3131,6 +3142,7 @@ class Writer(threading.Thread):
                     if work.run is None:             # the last job: readers are gone, move if due
                         self.look_at = 0.0
                         self.look_after_file()
+                        self.record_outages()            # an outage's event, if no batch came after
                         work.future.set_result(None)
                         return
                     self.run_job(work)
@@ -7707,11 +7719,12 @@ class LogTailer(QuietReader):
                     followed.ahead = start, lines[i:], end
                     lines, end = lines[:i], start
                     break
-                held = len(extra)
+                held, attempts = len(extra), self.staged["failed_attempts"]
                 try:
                     rows += self.rows(followed, start, text, length, extra)
                 except Exception as exc:  # noqa: BLE001 - a line otrace misreads must not hold the log
                     del extra[held:]
+                    self.staged["failed_attempts"] = attempts     # its attempt is not stored either
                     self.unreadable(followed, start, exc)
             followed.refresh_fingerprint()
             file = int64(followed.dev), int64(followed.inode)
@@ -7837,7 +7850,8 @@ class LogTailer(QuietReader):
         size = followed.size() if followed else None
         return {"path": self.config.log_path, "file": followed and followed.path, "waiting": self.waiting,
                 "polls": self.ticks,
-                "offset": followed and followed.offset, "lag_bytes": followed and size - followed.offset,
+                "offset": followed and followed.offset,
+                "lag_bytes": followed and max(0, size - followed.offset),   # a truncation: read again soon
                 **self.totals.snapshot(), "last_error": self.fault.error}
 
 
@@ -10225,7 +10239,7 @@ def relief(tiers: tuple[Tier, ...], until: int, pass_id: str, conn: sqlite3.Conn
             if chunk.table is None:
                 tiers = tiers[1:]
     except Exception as exc:
-        if not chunks:
+        if not chunks or sqlite_code(exc) in CORRUPTION:    # damage: the writer sets the file aside
             raise
         return Relief(chunks, live, tiers, exc)   # the chunks before it are gone: the pass says so
     return Relief(chunks, live, tiers)
@@ -10321,10 +10335,14 @@ class Retention(Loop):
         pass_id, started = ledger_hour(), time.monotonic()
         tally: collections.Counter[tuple[str, str, str]] = collections.Counter()
         pruned: list[int] = []                        # bookkeeping rows pruned, table by table
+        failed = None
         try:
             self.run_pass(pass_id, started, tally, pruned)
+        except Exception as exc:
+            failed = describe(exc)
+            raise
         finally:                     # one that fails still says what it deleted: those rows are gone
-            self.report(tally, sum(pruned), time.monotonic() - started)
+            self.report(tally, sum(pruned), time.monotonic() - started, failed)
             self.passes += 1
 
     def run_pass(self, pass_id: str, started: float, tally: collections.Counter[tuple[str, str, str]],
@@ -10488,11 +10506,13 @@ class Retention(Loop):
                 return
             free = result["free"]
 
-    def report(self, tally: collections.Counter[tuple[str, str, str]], pruned: int, seconds: float) -> None:
+    def report(self, tally: collections.Counter[tuple[str, str, str]], pruned: int, seconds: float,
+               failed: str | None = None) -> None:
         lost = {f"{t}/{r}": n for (t, r, kind), n in tally.items() if kind == "unpushed" and n}
         deleted = {f"{t}/{r}": n for (t, r, kind), n in tally.items() if kind == "deleted" and n}
         self.last_pass = {"at": iso(time.time()), "seconds": round(seconds, 3), "deleted": deleted,
-                          "unpushed_deleted": lost, "bookkeeping_pruned": pruned}
+                          "unpushed_deleted": lost, "bookkeeping_pruned": pruned,
+                          **({"failed": failed} if failed else {})}
         if lost:
             self.log.warning("retention deleted rows that were never pushed", extra=self.last_pass)
         elif deleted or pruned:
@@ -11783,7 +11803,8 @@ START_RETRY = 5.0                # seconds between tries of a start the environm
 SPARE_DESCRIPTORS = 64           # for the database, its WAL, the log files, push, epoll
 
 
-RUN_KEY = "running_pid"          # otrace_state: the pid of the run under way; a clean stop removes it
+RUN_KEY = "running_pid"          # otrace_state: the pid of the run under way; a clean stop removes it ...
+RUN_FILE_KEY = "running_inode"   # ... and its file's inode: a backup taken meanwhile holds both, not this
 
 
 class Service:
@@ -11800,8 +11821,12 @@ class Service:
         with contextlib.closing(connect(config.db_path)) as conn:
             if take_carried(conn, config.db_path + "-carry"):
                 log.warning("rows carried over from a replaced database file taken in")
-            self.last_run = conn.execute("SELECT value, updated_at FROM otrace_state WHERE key = ?",
-                                         (RUN_KEY,)).fetchone()     # a run that did not stop cleanly
+            marks = {key: (value, updated) for key, value, updated in conn.execute(
+                "SELECT key, value, updated_at FROM otrace_state WHERE key IN (?, ?)",
+                (RUN_KEY, RUN_FILE_KEY))}
+        inode = int64((_identity(config.db_path) or (0, 0))[1])
+        # a run that did not stop cleanly, in this very file (a backup restored holds its run's mark)
+        self.last_run = marks.get(RUN_KEY) if marks.get(RUN_FILE_KEY, (None,))[0] == inode else None
         self.db = Database(config.db_path)
         self.events = EventQueue(config.queue_size, config.batch_size)
         self.writer = Writer(config, self.db, self.events, self.counters, lock)
@@ -11899,10 +11924,11 @@ class Service:
         self.events.close()
         drained = self.events.wait_drained(deadline - reserve - time.monotonic())
         lost, own = (0, 0) if drained else self.events.unwritten()
+        if not lost:                        # every event a client was answered 202 for is written
+            self.unmark_run(deadline)
         if drained:
             if self.pusher:
                 self.pusher.final_push(deadline - reserve)
-            self.unmark_run(deadline)
             self.checkpoint(deadline)
         self.db.close()                     # the writer's connection closes last: it removes the WAL
         self.events.submit(None)
@@ -11921,7 +11947,8 @@ class Service:
 
     def mark_run(self) -> None:
         """Mark this run as under way, which only a clean stop undoes; and say, in the log and as an
-        error event, if the last run was not undone: killed, or out of time at its stop."""
+        error event, if the last run was not undone: killed, or out of time at its stop with events
+        unwritten."""
         rows = []
         if self.last_run:
             said = {"pid": self.last_run[0], "started_at": iso(self.last_run[1] / 1000)}
@@ -11929,13 +11956,15 @@ class Service:
                         "lost", extra=said)
             rows.append(own_error("process_crash", "otrace's last run did not stop cleanly: the events it "
                                   "answered 202 for in its last moments may be lost", said))
-        self.events.offer(Unit(rows, ((STATE_SQL, (RUN_KEY, os.getpid(), now_ms())),), own=True))
+        inode, now = int64((_identity(self.config.db_path) or (0, 0))[1]), now_ms()
+        self.events.offer(Unit(rows, ((STATE_SQL, (RUN_KEY, os.getpid(), now)),
+                                      (STATE_SQL, (RUN_FILE_KEY, inode, now))), own=True))
 
     def unmark_run(self, deadline: float) -> None:
-        """A clean stop: every event accepted is written."""
+        """A clean stop: every event a client was answered 202 for is written."""
         def unmark(conn: sqlite3.Connection) -> None:
             with transaction(conn):
-                conn.execute("DELETE FROM otrace_state WHERE key = ?", (RUN_KEY,))
+                conn.execute("DELETE FROM otrace_state WHERE key IN (?, ?)", (RUN_KEY, RUN_FILE_KEY))
         try:
             self.events.call(unmark, deadline - time.monotonic())
         except Exception as exc:  # noqa: BLE001 - the next start then says this one did not stop cleanly

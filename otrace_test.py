@@ -5936,7 +5936,9 @@ def test_a_failed_retention_pass_still_says_the_unpushed_rows_it_deleted(tmp_pat
     said = node.wait_log(lambda e: e.get("message") == "retention deleted rows that were never pushed")
     assert said["unpushed_deleted"] == {"llm_traces/pressure_unpushed": 100}   # two chunks of 50 before it
     assert node.wait_log(lambda e: e.get("message") == "retention failing")["error"].endswith("poisoned row")
-    assert node.health()["retention"]["unpushed_deleted_total"] == {"llm_traces": 100}
+    retention = node.health()["retention"]
+    assert retention["unpushed_deleted_total"] == {"llm_traces": 100}
+    assert retention["last_pass"]["failed"].endswith("poisoned row")
     assert present(node, "llm_traces") == set(made["trace/0"][100:])
 
 
@@ -6343,6 +6345,9 @@ def test_a_run_that_did_not_stop_cleanly_is_said_at_the_next_start(tmp_path: Pat
     first = run(db=db)
     assert first.post("/v1/traces", trace()).status == 202
     first.wait_persisted(1)
+    with contextlib.closing(sqlite3.connect(db)) as live, contextlib.closing(
+            sqlite3.connect(tmp_path / "backup.db")) as backup:
+        live.backup(backup)                                # as operations.md's backup, the run's mark in it
     first.kill()
     second = run(db=db)
     said = second.wait_log(lambda e: e.get("message", "").startswith("the last run did not stop cleanly"))
@@ -6357,6 +6362,12 @@ def test_a_run_that_did_not_stop_cleanly_is_said_at_the_next_start(tmp_path: Pat
     assert third.stop() == 0 and not third.logs("the last run did not stop cleanly: what it accepted in "
                                                  "its last moments may be lost")
     assert len(third.query("SELECT id FROM error_events")) == 1
+    for suffix in ("-wal", "-shm"):
+        Path(str(db) + suffix).unlink(missing_ok=True)
+    (tmp_path / "backup.db").replace(db)                   # restored while otrace is stopped: no crash
+    restored = run(db=db)
+    restored.wait_log(lambda e: e.get("message") == "listening")
+    assert restored.stop() == 0 and not restored.query("SELECT id FROM error_events")
 
 
 def test_sigkill_at_random_moments_keeps_every_committed_row(tmp_path: Path, run: Callable[..., Otrace],
