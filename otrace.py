@@ -3212,9 +3212,9 @@ class Writer(threading.Thread):
         self.reserve.retake()
         if self.paused is None or self.reserve.released:
             return
-        since, refused = self.paused
+        since, refused_before = self.paused
         self.paused = None
-        seconds, refused = round(time.time() - since, 1), self.counters.snapshot()["refused"] - refused
+        seconds, refused = round(time.time() - since, 1), self.counters.snapshot()["refused"] - refused_before
         said = {"since": iso(since), "seconds": seconds, "events_refused": refused}
         self.log.warning("ingest pause for a full disk ended", extra=said)
         self.on_recovered()
@@ -6264,8 +6264,8 @@ _SECRETS = (     # (pattern, replacement), applied in order to the whole command
 _SECRET_VALUE = re.compile(r"((?:(?:api|auth)[_-]?key|(?:secret|private|access)[_-]?key|token|secret"
                            r"|passw(?:or)?d|pwd|(?<=[?&])auth|x-auth[\w-]{0,64}+)[\"']?\s*[=:]\s*)"
                            r"(\"(?:[^\"\\]|\\.)*+\"?|'[^']*+'?|[^\s,;&\"'}\\]+)", re.IGNORECASE | re.ASCII)
-# Its keys, with their = or :, in the lower-cased text: where _SECRET_VALUE can match. A tenth of its cost
-# on a text with the words and no such key ("Unexpected token"): re skips to these first letters, and
+# Its keys, with their = or :, in the lower-cased text: where _SECRET_VALUE can match. Far cheaper on a
+# text with the words and no such key ("Unexpected token"): re skips to these first letters, where
 # under IGNORECASE it tries every place.
 _SECRET_VALUE_KEY = re.compile(r"(?:api[_-]?key|auth[_-]?key|secret[_-]?key|private[_-]?key|access[_-]?key"
                                r"|token|secret|passwd|password|pwd|\?auth|&auth|x-auth[\w-]{0,64}+)[\"']?\s*[=:]",
