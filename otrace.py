@@ -11930,6 +11930,8 @@ class Service:
             if self.pusher:
                 self.pusher.final_push(deadline - reserve)
             self.checkpoint(deadline)
+        # what the next start pushes (a receiver down at the stop): None with push off, or unread
+        unpushed = unsynced_count(self.db, self.pusher.tables) if self.pusher and drained else None
         self.db.close()                     # the writer's connection closes last: it removes the WAL
         self.events.submit(None)
         self.writer.join(max(0.0, deadline - time.monotonic()))
@@ -11942,7 +11944,8 @@ class Service:
                         "lost; log lines are read again at the next start)", extra={"rows": own})
         log.info("stopped", extra={"events_received": counts["received"], "events_persisted":
                                    counts["persisted"], "events_duplicate": counts["duplicate"],
-                                   "events_lost": lost, "own_rows_unwritten": own, "connections_cut": cut})
+                                   "events_lost": lost, "own_rows_unwritten": own, "connections_cut": cut,
+                                   "rows_unpushed": unpushed})
         return not lost
 
     def mark_run(self) -> None:

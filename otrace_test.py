@@ -3975,6 +3975,7 @@ def test_no_row_is_synced_without_a_2xx(run: Callable[..., Otrace], receiver: Re
     health = node.health()
     assert health["last_push_status"] == "failed" and "HTTP 503" in health["push"]["last_error"]
     assert health["status"] == "ok"          # a receiver being down is not otrace being down
+    assert node.stop() == 0 and node.logs("stopped")[0]["rows_unpushed"] == 4    # for the next start
 
 
 def test_the_last_successful_push_is_known_through_failures_and_restarts(tmp_path: Path,
