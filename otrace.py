@@ -9480,7 +9480,9 @@ class Pusher(Loop):
         self.last_time: float | None = None
         self.last_status = "never"
         self.last_error: str | None = None
-        last_ok = db.query("SELECT max(started_at) FROM push_log WHERE http_status BETWEEN 200 AND 299")
+        last_ok = db.query(        # push_log alone: a database of an otrace from before the key
+            "SELECT max(at) FROM (SELECT value AS at FROM otrace_state WHERE key = ? UNION ALL "
+            "SELECT max(started_at) FROM push_log WHERE http_status BETWEEN 200 AND 299)", (PUSHED_KEY,))
         self.last_success: float | None = last_ok[0][0] / 1000 if last_ok and last_ok[0][0] else None
         self.failing: tuple[float, int] | None = None   # since when, and how many cycles failed in a row
         self.totals = Counters(("events", "batches", "refused", "unencodable", "failed"))
@@ -9884,6 +9886,9 @@ class Pusher(Loop):
         return iso(time.time() + hold) if (hold := self.hold(whose)) > 0 else None
 
 
+PUSHED_KEY = "last_push_success"   # otrace_state: when the receiver last took a batch (push_log is pruned)
+
+
 def record_attempt(attempt: Attempt, conn: sqlite3.Connection) -> None:
     conn.execute("INSERT INTO push_log (batch_id, started_at, duration_ms, events, bytes, http_status, "
                  "error, retry_after_s) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -9916,6 +9921,7 @@ def record_pushed(batch: Batch, attempt: Attempt, merges: Merges, read_at: int,
                 conn.execute(f"UPDATE {loss['table']} SET synced = {REFUSED_REPORTED} WHERE trace_id = ? "
                              f"AND synced = {REFUSED}", (loss["trace_id"],))
         record_attempt(attempt, conn)
+        conn.execute(STATE_SQL, (PUSHED_KEY, attempt.started_at, attempt.started_at))
     return sum(map(len, marked.values()))
 
 
