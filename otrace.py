@@ -1017,6 +1017,8 @@ class QuietReader(Loop):
     def __init__(self, name: str, interval: float, quiet: float) -> None:
         super().__init__(name, interval, first_delay=0.0, quiet=quiet)
         self.stamps = Stamps()
+        # the tallies of the unit being read, counted once the queue takes it: a refused one is read again
+        self.staged: collections.Counter[str] = collections.Counter()
 
     def tick(self) -> None:
         watched = self.watched()
@@ -7575,8 +7577,6 @@ class LogTailer(QuietReader):
         self.rows_most = events.reader_room // 2                # and rows: two units in the readers' room
         self.totals = Counters(("lines", "events", "skipped", "not_json", "cut", "unreadable", "bytes_read",
                                 "failed_attempts"))
-        # the tallies of the unit's lines, counted once it is in: a refused unit's lines are read again
-        self.staged: collections.Counter[str] = collections.Counter()
 
     # -- which file
     def folder(self) -> Path:
@@ -8296,8 +8296,6 @@ class SessionStore(QuietReader):
         self.zstd: Any = None                  # zstandard.ZstdDecompressor, made at the first need
         self.zstd_error: Any = None
         self.totals = Counters(("entries", "calls", "failures", "undecodable", "bytes_read"))
-        # the tallies of the unit's entries, counted once it is in: a refused unit's are read again
-        self.staged: collections.Counter[str] = collections.Counter()
         self.errors: dict[str, str] = {}       # agent -> why it could not be read at the last look
         self.looked_at: tuple[str, ...] = ()   # the directories and files the last whole look read
 
@@ -11830,10 +11828,10 @@ class Service:
             marks = {key: (value, updated) for key, value, updated in conn.execute(
                 "SELECT key, value, updated_at FROM otrace_state WHERE key IN (?, ?)",
                 (RUN_KEY, RUN_FILE_KEY))}
-        inode = int64((_identity(config.db_path) or (0, 0))[1])
-        # a run that did not stop cleanly, in this very file (a backup restored holds its run's mark)
-        self.last_run = marks.get(RUN_KEY) if marks.get(RUN_FILE_KEY, (None,))[0] == inode else None
         self.db = Database(config.db_path)
+        self.run_file = int64((self.db.identity or (0, 0))[1])   # the inode this run marks
+        # a run that did not stop cleanly, in this very file (a backup restored holds its run's mark)
+        self.last_run = marks.get(RUN_KEY) if marks.get(RUN_FILE_KEY, (None,))[0] == self.run_file else None
         self.events = EventQueue(config.queue_size, config.batch_size)
         self.writer = Writer(config, self.db, self.events, self.counters, lock)
         self.prices = load_prices(config.prices)
@@ -11965,9 +11963,9 @@ class Service:
                         "lost", extra=said)
             rows.append(own_error("process_crash", "otrace's last run did not stop cleanly: the events it "
                                   "answered 202 for in its last moments may be lost", said))
-        inode, now = int64((_identity(self.config.db_path) or (0, 0))[1]), now_ms()
+        now = now_ms()
         self.events.offer(Unit(rows, ((STATE_SQL, (RUN_KEY, os.getpid(), now)),
-                                      (STATE_SQL, (RUN_FILE_KEY, inode, now))), own=True))
+                                      (STATE_SQL, (RUN_FILE_KEY, self.run_file, now))), own=True))
 
     def unmark_run(self, deadline: float) -> None:
         """A clean stop: every event a client was answered 202 for is written."""
