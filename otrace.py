@@ -10840,6 +10840,9 @@ def health_report(service: Service) -> dict[str, Any]:
     elif service.store and service.store.fault.error:       # OpenClaw's usage spans are skipped meanwhile
         problems.append(f"OpenClaw's session store cannot be read ({service.store.fault.error}): the model "
                         "calls it holds are not stored until it can be (TRACE_OPENCLAW_STATE_DIR)")
+    if service.tailer and service.tailer.fault.error and not service.store:   # the log is their one source
+        problems.append(f"the gateway log cannot be read ({service.tailer.fault.error}): the model calls and "
+                        "failures it logs are not stored until it can be (TRACE_LOG_PATH)")
     followed = service.tailer and service.tailer.current
     if followed and service.store and service.config.openclaw_state_dir == "auto" and \
             not os.environ.get("OPENCLAW_STATE_DIR") and \

@@ -3312,23 +3312,36 @@ def test_lines_with_numbers_int_refuses_are_read_and_the_log_goes_on(tmp_path: P
 
 
 @pytest.mark.skipif(not ROOT, reason="reading as another user needs root to become one")
+@pytest.mark.parametrize("store", [False, True], ids=["log-alone", "store-followed"])
 def test_a_log_in_a_directory_otrace_may_not_enter_is_a_fault_not_a_failed_start(
-        run: Callable[..., Otrace]) -> None:
+        run: Callable[..., Otrace], store: bool) -> None:
     """The gateway's log directory is 0700: an otrace of another user starts, serves, and says why it
-    reads no log."""
+    reads no log; /health is degraded when the log is the one source of the gateway's model calls,
+    and ok when its session store is followed (it holds them)."""
     import tempfile
     folder = Path(tempfile.mkdtemp(prefix="otrace-log-"))      # outside pytest's 0700 directory
     try:
         folder.chmod(0o777)
         (logs := folder / "openclaw").mkdir(mode=0o700)
         (logs / "openclaw-2026-12-01.log").write_bytes(b"{}\n")
-        node = run({"TRACE_LOG_PATH": str(logs / "openclaw-2026-12-01.log"), "TRACE_LOG_POLL": "20ms"},
-                   db=folder / "otrace.db", command=["setpriv", "--reuid=65534", "--regid=65534",
-                                                     "--clear-groups", *START])
+        env = {"TRACE_LOG_PATH": str(logs / "openclaw-2026-12-01.log"), "TRACE_LOG_POLL": "20ms"}
+        if store:
+            state = state_copy(folder)
+            for path in (state, *state.rglob("*")):
+                os.chown(path, 65534, 65534)
+            env |= {**STORE_ENV, "TRACE_OPENCLAW_STATE_DIR": str(state)}
+        node = run(env, db=folder / "otrace.db", command=["setpriv", "--reuid=65534", "--regid=65534",
+                                                          "--clear-groups", *START])
         fault = wait_until(lambda: node.health()["log_tail"]["last_error"], what="the fault in /health")
         assert "PermissionError" in fault
-        health = node.request("GET", "/health")                 # serving is fine: no 503 for a reader
-        assert health.status == 200 and "PermissionError" in health.json["loops_failing"]["logtail"]["error"]
+        health = node.request("GET", "/health")                 # serving is fine either way
+        assert "PermissionError" in health.json["loops_failing"]["logtail"]["error"]
+        said = [p for p in health.json["problems"] if p.startswith("the gateway log cannot be read")]
+        if store:
+            assert health.status == 200 and not said, health.json["problems"]
+        else:
+            assert health.status == 503 and said and "PermissionError" in said[0] and \
+                "TRACE_LOG_PATH" in said[0]
         assert 'otrace_loop_failing{loop="logtail"} 1' in node.request("GET", "/metrics").body.decode()
         assert node.post("/v1/traces", trace()).status == 202 and node.stop() == 0
     finally:
