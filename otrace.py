@@ -9480,7 +9480,7 @@ class Pusher(Loop):
         self.last_error: str | None = None
         last_ok = db.query(        # push_log alone: a database of an otrace from before the key
             "SELECT max(at) FROM (SELECT value AS at FROM otrace_state WHERE key = ? UNION ALL "
-            "SELECT max(started_at) FROM push_log WHERE http_status BETWEEN 200 AND 299)", (PUSHED_KEY,))
+            f"SELECT max(started_at) FROM push_log WHERE {CONFIRMED_SQL})", (PUSHED_KEY,))
         self.last_success: float | None = last_ok[0][0] / 1000 if last_ok and last_ok[0][0] else None
         self.failing: tuple[float, int] | None = None   # since when, and how many cycles failed in a row
         self.totals = Counters(("events", "batches", "refused", "unencodable", "failed"))
@@ -9885,6 +9885,8 @@ class Pusher(Loop):
 
 
 PUSHED_KEY = "last_push_success"   # otrace_state: when the receiver last took a batch (push_log is pruned)
+# push_log rows of batches taken whole: a 2xx whose partial_success refused items has that as its error
+CONFIRMED_SQL = "http_status BETWEEN 200 AND 299 AND error IS NULL"
 
 
 def record_attempt(attempt: Attempt, conn: sqlite3.Connection) -> None:
@@ -10733,7 +10735,8 @@ def prometheus(report: dict[str, Any]) -> str:
             ("", push["consecutive_failures"]))
         add("push_breaker_open", "gauge", "1 while a circuit breaker is open (OTLP: any signal's).",
             ("", push["breaker"] == "open"))
-        add("push_last_success_timestamp_seconds", "gauge", "When the receiver last answered 2xx.",
+        add("push_last_success_timestamp_seconds", "gauge", "When the receiver last took a whole batch "
+            "(a 2xx refusing nothing).",
             ("", (ok := push["last_success_time"]) and datetime.fromisoformat(ok).timestamp()))
     add("retention_unpushed_deleted_total", "counter", "Rows retention deleted before they were pushed.",
         *((f'{{table="{table}"}}', n) for table, n in (report["retention"]["unpushed_deleted_total"] or {}
@@ -11496,7 +11499,7 @@ class Report:
                             "events": row[3]}
 
         return {"unsynced": waiting, "unsynced_total": sum(waiting.values()), "last_attempt": last(""),
-                "last_success": last("WHERE http_status BETWEEN 200 AND 299")}
+                "last_success": last(f"WHERE {CONFIRMED_SQL}")}
 
     def retention(self) -> dict[str, Any]:
         """What retention deleted in the window, and what of it had never been pushed."""

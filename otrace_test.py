@@ -4018,6 +4018,28 @@ def test_the_last_successful_push_is_known_through_failures_and_restarts(tmp_pat
     assert started is not None and started <= ok
 
 
+def test_a_2xx_refusing_items_is_no_success_after_a_restart_either(tmp_path: Path, run: Callable[..., Otrace],
+                                                                     receiver: Receiver) -> None:
+    """A receiver that answers 200 with partial_success refusing items took no batch whole: neither
+    the running otrace, nor one started again over its push_log, nor the report calls that a success."""
+    def answer(_: Receiver, request: dict[str, Any]) -> Any:
+        field = "rejectedSpans" if "resourceSpans" in request["json"] else "rejectedLogRecords"
+        return 200, {"Content-Type": "application/json"}, json.dumps(
+            {"partialSuccess": {field: "1", "errorMessage": "bad"}})
+
+    receiver.default = answer
+    db = tmp_path / "o.db"
+    node = run(otlp_push_env(receiver), db=db)
+    post_some(node, 1)
+    receiver.wait(lambda requests: any("resourceLogs" in (r["json"] or {}) for r in requests))  # the loss
+    assert node.health()["push"]["last_success_time"] is None
+    assert node.stop() == 0
+    assert node.query("SELECT count(*) FROM push_log WHERE http_status = 200") >= [(2,)]
+    again = run(otlp_push_env(receiver, TRACE_PUSH_INTERVAL="1h"), db=db)
+    assert again.health()["push"]["last_success_time"] is None
+    assert report_json(db, "--since", "1h")["push"]["last_success"] is None
+
+
 @pytest.mark.parametrize("retries", ["5", "1"])
 def test_retry_after_is_a_floor_on_the_wait(run: Callable[..., Otrace], receiver: Receiver,
                                             retries: str) -> None:
