@@ -3199,12 +3199,8 @@ class Writer(threading.Thread):
         if not self.outages:
             return
         try:
-            self.commit([Unit(list(self.outages))])
-        except Exception as exc:  # noqa: BLE001 - kept for the next commit, or given up if their data fails
-            if not is_environment(exc):
-                for row in self.outages:
-                    self.drop(row, exc)
-                self.outages = []
+            self.commit_alone(Unit(list(self.outages)))      # a row whose data fails is dropped alone
+        except Exception:  # noqa: BLE001 - the disk, a lock: kept for the next commit
             return
         self.outages = []
 

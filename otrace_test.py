@@ -5748,6 +5748,25 @@ def test_a_row_sqlite_refuses_is_dropped_alone_and_logged_by_its_id(
     assert "sk-live" not in repr(vars(said))
 
 
+def test_an_outage_event_sqlite_refuses_is_dropped_alone(tmp_path: Path) -> None:
+    """The outages' events are stored together: one whose data SQLite refuses (a bug) is dropped and
+    counted, and the others are stored all the same."""
+    db = tmp_path / "o.db"
+    otrace.open_database(str(db))
+    config = otrace.Config.from_env({"TRACE_DB_PATH": str(db)})
+    counters = otrace.Counters(otrace.EVENT_COUNTERS)
+    writer = otrace.Writer(config, otrace.Database(str(db)), otrace.EventQueue(512, 50), counters)
+    good = otrace.own_error("disk_full", "ingest paused 1.0 s by a full disk", {}, severity="critical")
+    values = list(good.values)
+    values[otrace.ERRORS.columns.index("error_type")] = None                   # NOT NULL: a bug alone
+    writer.outages = [otrace.Row(good.table, tuple(values)), good]
+    with contextlib.closing(writer.connect(str(db))) as writer.conn:
+        writer.record_outages()
+    assert writer.outages == [] and counters.snapshot()["dropped"] == 1
+    assert sqlite3.connect(db).execute("SELECT message FROM error_events").fetchall() == [
+        ("ingest paused 1.0 s by a full disk",)]
+
+
 def rows_in_file_alone(db: Path, table: str) -> int:
     """The rows of `table` in the database file itself, as a checkpoint left it (its WAL aside)."""
     alone = db.with_name("alone.db")
