@@ -10301,7 +10301,8 @@ class Retention(Loop):
         self.last_pass: dict[str, Any] | None = None
         self.housekept_at = -math.inf            # when the age deletions and pruning last ran
         self.file_bytes = 0                      # the main file's size after the last batch
-        self.head_starts: collections.deque[Future] = collections.deque()   # relief jobs watch() began
+        # relief jobs begun: watch()'s head starts, and one a pass stopped waiting for, still to be tallied
+        self.begun: collections.deque[Future] = collections.deque()
         self.marks = Marks()
         self.passes = 0
         self.over: str | None = None             # the pressure said, until a pass finds none
@@ -10328,8 +10329,8 @@ class Retention(Loop):
         grew = (file := file_size(self.config.db_path)) > self.file_bytes
         self.file_bytes = file
         if self.share(file) > self.marks.high:
-            if grew and not self.head_starts:
-                self.head_starts.append(self.events.submit(functools.partial(
+            if grew and not self.begun:
+                self.begun.append(self.events.submit(functools.partial(
                     relief, self.tiers, self.low_bytes(), ledger_hour())))
             self.wake()
 
@@ -10350,8 +10351,8 @@ class Retention(Loop):
     def run_pass(self, pass_id: str, started: float, tally: collections.Counter[tuple[str, str, str]],
                  pruned: list[int]) -> None:
         tiers = self.tiers
-        while self.head_starts:
-            tiers = self.tally_relief(self.head_starts.popleft().result(JOB_TIMEOUT), tally)
+        while self.begun:
+            tiers = self.finish(tally).tiers
         cause = self.relieve(pass_id, tally, tiers)
         given = cause is not None and self.stuck is not None    # relieve gave back all it could, just now
         relieved = sum(tally.values())
@@ -10390,13 +10391,16 @@ class Retention(Loop):
         self.tally([chunk], tally)
         return chunk
 
-    def tally_relief(self, done: Relief, tally: collections.Counter[tuple[str, str, str]]
-                     ) -> tuple[Tier, ...]:
-        """Count a relief job's chunks; raise what stopped it, if anything did. The tiers left."""
+    def finish(self, tally: collections.Counter[tuple[str, str, str]]) -> Relief:
+        """The oldest relief job begun, once the writer has run it, its chunks counted; raise what
+        stopped it, if anything did. One still running after JOB_TIMEOUT stays begun (TimeoutError):
+        it deletes all the same, and the pass that sees it end says what."""
+        self.begun[0].exception(JOB_TIMEOUT)
+        done = self.begun.popleft().result()
         self.tally(done.chunks, tally)
         if done.failed is not None:
             raise done.failed
-        return done.tiers
+        return done
 
     @staticmethod
     def tally(chunks: list[Chunk], tally: collections.Counter[tuple[str, str, str]]) -> None:
@@ -10462,8 +10466,9 @@ class Retention(Loop):
         if cause == "db_cap":
             until = self.low_bytes()
             while tiers and not self.stopping.is_set():
-                done = self.events.call(functools.partial(relief, tiers, until, pass_id))
-                tiers, live = self.tally_relief(done, tally), done.live_bytes
+                self.begun.append(self.events.submit(functools.partial(relief, tiers, until, pass_id)))
+                done = self.finish(tally)
+                tiers, live = done.tiers, done.live_bytes
                 self.share()                   # the marks learn from the WAL a job writes too
                 if live <= until:
                     return self.relieved(cause)

@@ -5945,16 +5945,44 @@ def test_a_batch_that_grows_the_database_past_its_high_mark_starts_a_deletion_at
     retention = otrace.Retention(config, events, otrace.Database(str(db)))
     retention.watch()                                    # from nothing to 90 % of the cap
     retention.watch()
-    assert len(events.jobs) == 1 and len(retention.head_starts) == 1 and retention.bell.is_set()
+    assert len(events.jobs) == 1 and len(retention.begun) == 1 and retention.bell.is_set()
     writer = otrace.Writer(config, otrace.Database(str(db)), events, otrace.Counters(otrace.EVENT_COUNTERS))
     with contextlib.closing(writer.connect(str(db))) as conn:
         job = events.jobs.popleft()
         chunks = job.run(conn).chunks
     assert {c.reason for c in chunks} == {"pressure_pushed"} and chunks[0].deleted == retention.chunk
-    retention.head_starts.clear()
+    retention.begun.clear()
     retention.bell.clear()
     retention.watch()                                    # the file did not grow: the pass alone
     assert not events.jobs and retention.bell.is_set()
+
+
+def test_a_relief_job_a_pass_stopped_waiting_for_is_counted_by_the_next_pass(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A relief job the writer runs after its pass stopped waiting (JOB_TIMEOUT) deletes all the
+    same: the next pass counts its rows, so what it deleted unpushed is said, not only in the ledger."""
+    db = tmp_path / "o.db"
+    seed(db, [("trace", 300, 1)])
+    cap = int(db_bytes(db) / 0.9)
+    config = otrace.Config.from_env({"TRACE_DB_PATH": str(db), "TRACE_DB_MAX_BYTES": str(cap)})
+    events = otrace.EventQueue(512, 50)
+    retention = otrace.Retention(config, events, otrace.Database(str(db)))
+    retention.watch()                                    # a head start, with no writer to run it yet
+    [job] = events.jobs
+    tally: collections.Counter[tuple[str, str, str]] = collections.Counter()
+    monkeypatch.setattr(otrace, "JOB_TIMEOUT", 0.2)
+    with pytest.raises(TimeoutError):
+        retention.run_pass("p1", time.monotonic(), tally, [])
+    writer = otrace.Writer(config, otrace.Database(str(db)), events, otrace.Counters(otrace.EVENT_COUNTERS))
+    writer.start()
+    try:
+        deleted = sum(c.deleted for c in job.future.result(30).chunks)
+        monkeypatch.setattr(otrace, "JOB_TIMEOUT", 30.0)
+        retention.run_pass("p2", time.monotonic(), tally, [])
+    finally:
+        events.submit(None)
+        writer.join(30)
+    assert deleted >= retention.chunk and tally[("llm_traces", "pressure_pushed", "deleted")] >= deleted
 
 
 def test_a_deletion_costs_the_wal_a_few_pages_and_the_file_shrinks_a_step_at_a_time(tmp_path: Path) -> None:
