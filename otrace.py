@@ -3388,13 +3388,15 @@ class Writer(threading.Thread):
         conn = self.connect(self.config.db_path)
         carried, self.conn, self.conn_path = self.conn, conn, self.config.db_path
         carried.close()
-        take_carried(conn, carry)
+        take_carried(conn, self.config.db_path)
         return moved
 
 
-def take_carried(conn: sqlite3.Connection, carry: str) -> bool:
-    """Take in a carry file left by a replacement of the database file (at once, or at the next start
-    after a crash), then remove it. False if there is none."""
+def take_carried(conn: sqlite3.Connection, path: str) -> bool:
+    """Take in the carry file beside the database file at `path`, left by a replacement of the file
+    (at once, or at the next start after a crash), then remove it. False if there is none. The run's
+    mark it carries names this file from then on: a crash in it is said at the next start."""
+    carry = path + "-carry"
     if not Path(carry).exists():
         return False
     try:
@@ -3415,6 +3417,8 @@ def take_carried(conn: sqlite3.Connection, carry: str) -> bool:
         conn.execute("DETACH DATABASE carry")
     if check != "ok":
         return set_aside(carry, check)
+    if identity := _identity(path):
+        conn.execute("UPDATE otrace_state SET value = ? WHERE key = ?", (int64(identity[1]), RUN_FILE_KEY))
     for suffix in ("", "-wal", "-shm"):
         Path(carry + suffix).unlink(missing_ok=True)
     return True
@@ -11830,7 +11834,7 @@ class Service:
         self.counters = Counters((*EVENT_COUNTERS, "connections_refused", "unauthorized", "custom_received"))
         open_database(config.db_path)
         with contextlib.closing(connect(config.db_path)) as conn:
-            if take_carried(conn, config.db_path + "-carry"):
+            if take_carried(conn, config.db_path):
                 log.warning("rows carried over from a replaced database file taken in")
             marks = {key: (value, updated) for key, value, updated in conn.execute(
                 "SELECT key, value, updated_at FROM otrace_state WHERE key IN (?, ?)",

@@ -6456,6 +6456,26 @@ def test_a_run_that_did_not_stop_cleanly_is_said_at_the_next_start(tmp_path: Pat
     assert restored.stop() == 0 and not restored.query("SELECT id FROM error_events")
 
 
+def test_a_run_killed_after_its_file_was_replaced_is_said_at_the_next_start(
+        tmp_path: Path, run: Callable[..., Otrace]) -> None:
+    """The run's mark moves with the rows to the new file at the path: a SIGKILL after the file was
+    deleted under otrace is said at the next start, as one before it is."""
+    db = tmp_path / "o.db"
+    first = run(db=db)
+    assert first.post("/v1/traces", trace()).status == 202
+    first.wait_persisted(1)
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{db}{suffix}").unlink(missing_ok=True)
+    assert first.post("/v1/traces", trace()).status == 202
+    first.wait_log(lambda e: e.get("message") == "database file recreated; unpushed rows carried over")
+    first.wait_persisted(2)
+    first.kill()
+    second = run(db=db)
+    said = second.wait_log(lambda e: e.get("message", "").startswith("the last run did not stop cleanly"))
+    assert said["pid"] == first.proc.pid
+    assert second.stop() == 0
+
+
 def test_sigkill_at_random_moments_keeps_every_committed_row(tmp_path: Path, run: Callable[..., Otrace],
                                                              receiver: Receiver) -> None:
     """Twenty SIGKILLs under load, with checkpoints, retention and push all busy: each time the file
