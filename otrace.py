@@ -863,11 +863,12 @@ class FaultLog:
         self.since = 0.0
         self.count = 0
 
-    def failed(self, error: str) -> None:
+    def failed(self, error: str, began: float | None = None) -> None:
+        """`began`: when the failed attempt started, for one that waited (a lock) before it failed."""
         self.count += 1
         if error != self.error:              # state first: whoever read the line finds /health agreeing
             if self.error is None:
-                self.since = time.time()
+                self.since = began or time.time()
             self.error = error
             self.logger.error("%s failing", self.what, extra={"error": error, "attempt": self.count})
 
@@ -3152,10 +3153,11 @@ class Writer(threading.Thread):
                 self.pending += work
                 if not self.pending or time.monotonic() < retry_at:
                     continue
+                began = time.time()
                 try:
                     self.flush()
                 except Exception as exc:  # noqa: BLE001 - any failure keeps the batch for a retry
-                    retry_at = self.failed(exc)
+                    retry_at = self.failed(exc, began)
                     continue
                 if self.fault.error is not None:
                     self.outages.append(self.outage_row())
@@ -3169,13 +3171,13 @@ class Writer(threading.Thread):
         finally:
             self.conn.close()
 
-    def failed(self, exc: BaseException) -> float:
+    def failed(self, exc: BaseException, began: float | None = None) -> float:
         """A batch could not be written (or the file opened): note it, leave a damaged file, and say
-        when to try again."""
+        when to try again. `began`: when the write started (a lock is waited for before it fails)."""
         error = describe(exc)
         if self.fault.error is None:
             self.on_fault(error)
-        self.fault.failed(error)
+        self.fault.failed(error, began)
         self.events.gate.release()
         self.damage_met(exc)
         if error.startswith("SQLITE_FULL") and self.reserve.on_disk_full(self.events.qsize()):

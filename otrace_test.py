@@ -1705,6 +1705,8 @@ def test_a_reserve_there_was_no_room_for_at_start_is_taken_once_there_is(tmp_pat
 
 def test_a_client_refused_while_another_program_locks_the_database_is_told_so(
         run: Callable[..., Otrace]) -> None:
+    """A 503 names the lock; the failure's `since` is when the write began waiting for it, which
+    SQLite gives up on only after BUSY_TIMEOUT."""
     node = run()
     blocker = sqlite3.connect(node.db_path, isolation_level=None, timeout=10)
     blocker.execute("BEGIN IMMEDIATE")
@@ -1714,7 +1716,11 @@ def test_a_client_refused_while_another_program_locks_the_database_is_told_so(
                              timeout=60, what="writes failing on the lock")
         assert refused.json["error"] == ("database writes are failing (database locked by another "
                                          "program); retry later") and refused.headers["retry-after"] == "5"
-        assert "SQLITE_BUSY" in node.health()["last_write_error"]["error"]
+        failing = node.health()["last_write_error"]
+        assert "SQLITE_BUSY" in failing["error"]
+        [said] = node.logs("database write failing")
+        waited = datetime.fromisoformat(said["time"]) - datetime.fromisoformat(failing["since"])
+        assert waited.total_seconds() >= otrace.BUSY_TIMEOUT - 1         # SQLite's last sleep may be cut
     finally:
         blocker.execute("ROLLBACK")
         blocker.close()
