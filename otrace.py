@@ -32,7 +32,7 @@ brackets is the one its code runs on.
                       rows leave, as otrace's JSON or OTLP, at least once                     [push]
   upkeep ............ Checkpointer, Marks, Retention: the WAL shrinks, old rows are deleted
                                                                          [checkpoint, retention]
-  health ............ Service.health(), prometheus(), CallTally, Debug: /health, /metrics and
+  health ............ health_report(), prometheus(), CallTally, Debug: /health, /metrics and
                       /debug/*                                  [http; a profile on its own thread]
   report ............ Report, TableView, run_report(): `otrace report`, read-only  [its own process]
   lifecycle ......... Service, serve(): start, SIGTERM, an orderly stop                      [main]
@@ -167,7 +167,8 @@ _SIZE_UNITS = {None: 1, "B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3, "Ti
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}")
 _RESERVED_HEADERS = {"content-type", "content-length", "content-encoding", "transfer-encoding", "host",
                      "connection", "idempotency-key"}
-_HOSTNAME = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)(?:\.(?!-)[a-z0-9-]{1,63}(?<!-))*")
+_DNS_NAME = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)(?:\.(?!-)[a-z0-9-]{1,63}(?<!-))*")
+_URL_HOST = re.compile(r"[A-Za-z0-9._-]+|[0-9A-Fa-f:.]+(%[\w.-]+)?")   # a name, an IPv4 or an IPv6 address
 MAX_PROBED_NAMES = 16
 
 
@@ -274,14 +275,11 @@ def _switch(raw: str) -> bool:
     return value in ("on", "true", "1", "yes")
 
 
-HOST_NAME = re.compile(r"[A-Za-z0-9._-]+|[0-9A-Fa-f:.]+(%[\w.-]+)?")   # a name, an IPv4 or an IPv6 address
-
-
 def _url(raw: str) -> str:
     parts = urllib.parse.urlsplit(raw.strip())
     if not raw.strip():
         return ""
-    if parts.scheme not in ("http", "https") or not HOST_NAME.fullmatch(parts.hostname or ""):
+    if parts.scheme not in ("http", "https") or not _URL_HOST.fullmatch(parts.hostname or ""):
         raise SettingError
     with contextlib.suppress(ValueError):
         if parts.port != 0:                            # raises for a port that is not one
@@ -329,7 +327,7 @@ def _listen_address(raw: str) -> str:
             if percent and not (zone.isdigit() or zone in {name for _, name in socket.if_nameindex()}):
                 raise SettingError(f"no network interface {zone!r} here")
             return address
-    if not (address.isascii() and _HOSTNAME.fullmatch(address.lower().rstrip(".")) and re.search(
+    if not (address.isascii() and _DNS_NAME.fullmatch(address.lower().rstrip(".")) and re.search(
             r"[a-z]", address.lower())):
         raise SettingError
     with contextlib.suppress(OSError):       # "0x10", "127.1": C's old forms of an address, not names
@@ -344,7 +342,7 @@ def _listen_address(raw: str) -> str:
 
 def _hostnames(raw: str) -> tuple[str, ...]:
     names = tuple(n.strip().rstrip(".").lower() for n in raw.split(",") if n.strip())
-    if len(names) > MAX_PROBED_NAMES or not all(len(n) <= 253 and _HOSTNAME.fullmatch(n) for n in names):
+    if len(names) > MAX_PROBED_NAMES or not all(len(n) <= 253 and _DNS_NAME.fullmatch(n) for n in names):
         raise SettingError
     return tuple(dict.fromkeys(names))
 
@@ -405,6 +403,7 @@ def _existing_or_empty(raw: str) -> str:
 STATE_DIR = Kind("auto, off, or the path of a directory", _state_dir)
 DIRECTORY = Kind("the path of a directory", _directory)
 EXISTING = Kind("empty, or a path that exists", _existing_or_empty)
+DISK_HIGH_MOST = 95              # TRACE_DISK_HIGH_PCT's most: room for a paused ingest to resume into
 
 
 def setting(default: str, kind: Kind, doc: str, *, secret: bool = False) -> Any:
@@ -556,8 +555,8 @@ class Config:
     disk_high_pct: int = setting("80", count(1, 100), "Disk use (as df counts it) that starts deleting "
                                  "pushed rows, down to 5 points below it (rows not yet pushed only while "
                                  "otrace's own database is what fills the disk). Under it, "
-                                 "ingest paused by a full disk resumes without the reserve: at most 95 "
-                                 "(lowered, with a warning).")
+                                 f"ingest paused by a full disk resumes without the reserve: at most "
+                                 f"{DISK_HIGH_MOST} (lowered, with a warning).")
     push_endpoint: str = setting("", URL, "Remote API that receives unsynced events in batches (see "
                                  "TRACE_PUSH_FORMAT); empty turns push off. A user:password@ in it is "
                                  "sent as Basic auth.")
@@ -726,7 +725,12 @@ STAMP_MARGIN_NS = 3_000_000_000  # stamps are trusted only when older than their
 def sqlite_code(exc: BaseException) -> str | None:
     """SQLite's primary result code of an error (SQLITE_IOERR_WRITE is SQLITE_IOERR), if it has one."""
     name = getattr(exc, "sqlite_errorname", None)
-    return "_".join(name.split("_")[:2]) if name else None
+    return primary_code(name) if name else None
+
+
+def primary_code(error: str) -> str:
+    """The primary result code a result code's name, or an error as describe() words it, begins with."""
+    return "_".join(error.split(":", 1)[0].split("_")[:2])
 
 
 def is_environment(exc: BaseException) -> bool:
@@ -1120,8 +1124,7 @@ class Fields:
     def fail(self, field: str, message: str) -> Invalid:
         return Invalid(f"{field} {message}", field, self.index)
 
-    def name(self, field: str, required: bool = False, limit: int = MAX_NAME_CHARS,
-             printable: bool = False) -> str | None:
+    def name(self, field: str, required: bool = False, printable: bool = False) -> str | None:
         value = self.event.get(field)
         if value is None:
             if required:
@@ -1129,10 +1132,11 @@ class Fields:
             return None
         if not isinstance(value, str) or not value.strip():
             raise self.fail(field, "must be a non-empty string")
-        if len(value) > limit:
-            raise self.fail(field, f"must be at most {limit} characters")
+        if len(value) > MAX_NAME_CHARS:
+            raise self.fail(field, f"must be at most {MAX_NAME_CHARS} characters")
         if printable and not value.isprintable():
-            raise self.fail(field, f"must be 1 to {limit} printable characters (no control characters)")
+            raise self.fail(field, f"must be 1 to {MAX_NAME_CHARS} printable characters (no control "
+                                   "characters)")
         return clean_text(value)
 
     def choice(self, field: str, choices: tuple[str, ...], default: str | None = None) -> str:
@@ -2189,15 +2193,19 @@ SCHEMA: list[str] = [
 
 UNSYNCED, SYNCED, REFUSED, REFUSED_REPORTED = 0, 1, 2, 3   # values of the synced column
 DELIVERED = f"synced IN ({SYNCED}, {REFUSED_REPORTED})"      # rows retention may take as pushed
+UNDELIVERED = f"synced IN ({UNSYNCED}, {REFUSED})"       # rows still owed: a deletion of one is a loss
 CACHE_KIB = 2048                 # per connection; otrace keeps few open
 ROWS_PER_INSERT = 32             # at most, and fewer for a wide table (see insert_rows)
 DB_PAGE = 4096                   # SQLite's default page size, which otrace's files keep
 MAX_VARIABLES = 999              # what older SQLite allows in one statement
 JOB_TIMEOUT = 120.0              # longest a loop waits for the writer to run its job
 READER_WAIT = 1.0                # longest a reader's unit waits for room in the queue
+MOVE_WAIT = 5.0                  # longest a task's reading connection waits out a move to a new file
 BUSY_TIMEOUT = 10.0              # seconds a statement waits for a lock another connection holds
 STATE_TABLES = ("otrace_state", "log_offsets",   # where readers keep their place: carried to a new file
                 "openclaw_positions", "openclaw_attempts", "otlp_series")
+STATE_SQL = ("INSERT INTO otrace_state (key, value, updated_at) VALUES (?, ?, ?) "
+             "ON CONFLICT (key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at")
 
 
 def sqlite_uri(path: str | Path, mode: str, immutable: bool = False) -> str:
@@ -2310,6 +2318,17 @@ def _identity(path: str) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
+def rename_aside(path: str, tag: str) -> str:
+    """Rename a database file to `<path>.<tag>-<ms>`, with its -wal and -shm if they are there, kept for
+    a hand; the new name. OSError if the file itself cannot be renamed."""
+    aside = f"{path}.{tag}-{now_ms()}"
+    Path(path).rename(aside)
+    for suffix in ("-wal", "-shm"):
+        with contextlib.suppress(OSError):
+            Path(path + suffix).rename(aside + suffix)
+    return aside
+
+
 def copy_rows(conn: sqlite3.Connection, source: str, target: str, table: str, *, where: str = "",
               conflict: str = "IGNORE") -> int:
     """Copy a table's rows between two attached databases, all columns but the row id (the target
@@ -2337,9 +2356,8 @@ def carry_over(conn: sqlite3.Connection, source: str, target: str, salvage: bool
             (table,)).rowcount for table in EVENT_TABLES)
 
     copy = functools.partial(copy_rows, conn, source, target)
-    owed = f"synced IN ({UNSYNCED}, {REFUSED})"
-    steps = [*((table, functools.partial(salvage_rows, conn, source, target, table, owed) if salvage else
-                functools.partial(copy, table, where=f"WHERE {owed}")) for table in EVENT_TABLES),
+    steps = [*((table, functools.partial(salvage_rows, conn, source, target, table, UNDELIVERED) if salvage
+                else functools.partial(copy, table, where=f"WHERE {UNDELIVERED}")) for table in EVENT_TABLES),
              ("retention_ledger", functools.partial(
                  copy, "retention_ledger", where="WHERE reported_at IS NULL AND unsynced_deleted > 0")),
              ("push_rejects", rejects),
@@ -2443,11 +2461,11 @@ class Database:
         return True
 
     @contextlib.contextmanager
-    def reading(self, wait: float = 5.0, read_only: bool = True) -> Iterator[sqlite3.Connection]:
+    def reading(self, read_only: bool = True) -> Iterator[sqlite3.Connection]:
         """A connection for one task (a push cycle, a retention pass; read-only unless it checkpoints),
         closed after it."""
         with self._state:
-            self._admit(wait)
+            self._admit(MOVE_WAIT)
             self._readers += 1
         try:
             self._still_ours()
@@ -2460,8 +2478,9 @@ class Database:
                 self._state.notify_all()
 
     def query(self, sql: str, params: tuple = ()) -> list[tuple]:
-        """A read for /health on a connection kept open between calls; never waits for a move. Refused
-        once closed at shutdown: an OTLP request still being mapped must not open it again."""
+        """A short read (/health, the OTLP series, the loops' places at start) on a connection kept open
+        between calls; never waits for a move. Refused once closed at shutdown: an OTLP request still
+        being mapped must not open it again."""
         with self._state:
             if self._closed:
                 raise sqlite3.OperationalError("otrace is stopping")
@@ -3077,10 +3096,10 @@ class Writer(threading.Thread):
 
     def failing_because(self) -> str:
         """Why writes fail, in the few words a refused client is told (/health has the error)."""
-        error = self.fault.error or self.reopen_fault.error or ""
-        if self.reserve.released or error.startswith("SQLITE_FULL"):
+        code = primary_code(self.fault.error or self.reopen_fault.error or "")
+        if self.reserve.released or code == "SQLITE_FULL":
             return "disk full"
-        if error.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
+        if code in ("SQLITE_BUSY", "SQLITE_LOCKED"):
             return "database locked by another program"
         return "see /health"
 
@@ -3123,10 +3142,7 @@ class Writer(threading.Thread):
                 if self.damaged_file and _identity(self.conn_path) == self.damaged_file:   # not set aside
                     self.conn_path = self.db.carry_path
                 time.sleep(max(0.0, retry_at - time.monotonic()))
-        if self.fault.error is not None:      # ingest waits for this: nothing queues while writes fail
-            self.outages.append(self.outage_row())
-            self.on_recovered()
-            self.fault.cleared()
+        self.recovered()                      # ingest waits for this: nothing queues while writes fail
         self.backoff.reset()
         retry_at = 0.0
         try:
@@ -3159,10 +3175,7 @@ class Writer(threading.Thread):
                 except Exception as exc:  # noqa: BLE001 - any failure keeps the batch for a retry
                     retry_at = self.failed(exc, began)
                     continue
-                if self.fault.error is not None:
-                    self.outages.append(self.outage_row())
-                    self.on_recovered()
-                self.fault.cleared()
+                self.recovered()
                 self.record_outages()
                 self.backoff.reset()
                 self.events.committed()
@@ -3180,17 +3193,24 @@ class Writer(threading.Thread):
         self.fault.failed(error, began)
         self.events.gate.release()
         self.damage_met(exc)
-        if error.startswith("SQLITE_FULL") and self.reserve.on_disk_full(self.events.qsize()):
+        if sqlite_code(exc) == "SQLITE_FULL" and self.reserve.on_disk_full(self.events.qsize()):
             self.paused = time.time(), self.counters.snapshot()["refused"]
             return 0.0                 # the space is there now: write what was accepted
         return time.monotonic() + self.backoff.next()
+
+    def recovered(self) -> None:
+        """A write (or the file's opening) worked: an outage before it ends, and is to be stored."""
+        if self.fault.error is not None:
+            self.outages.append(self.outage_row())
+            self.on_recovered()
+        self.fault.cleared()
 
     def outage_row(self) -> Row:
         """What stopped writes, now that they work again, as an error event."""
         error = self.fault.error or ""
         category = {"SQLITE_FULL": "disk_full", "SQLITE_READONLY": "permission_denied",
                     "SQLITE_PERM": "permission_denied", "SQLITE_CANTOPEN": "permission_denied",
-                    }.get("_".join(error.split(":", 1)[0].split("_")[:2]), "other")
+                    }.get(primary_code(error), "other")
         return own_error(category, f"database writes failed for {time.time() - self.fault.since:.1f} s: "
                          f"{error}", {"since": iso(self.fault.since), "attempts": self.fault.count,
                                       "db_path": self.config.db_path}, severity="critical")
@@ -3349,17 +3369,13 @@ class Writer(threading.Thread):
         if self.db.moved():              # removed or replaced meanwhile: nothing at the path to set aside
             self.log.critical("database file is damaged: moving to a new file", extra=said)
             return
-        aside = f"{self.config.db_path}.damaged-{time.time_ns() // 1_000_000}"
         try:
-            Path(self.config.db_path).rename(aside)
+            aside = rename_aside(self.config.db_path, "damaged")
         except OSError as refused:
             said["rename_error"] = describe(refused)
             self.log.critical("database file is damaged and cannot be set aside: rows wait in the carry "
                               "file until it is moved away", extra=said)
             return
-        for suffix in ("-wal", "-shm"):
-            with contextlib.suppress(OSError):
-                Path(self.config.db_path + suffix).rename(aside + suffix)
         self.log.critical("database file is damaged: set aside, moving to a new file", extra={
             **said, "set_aside_as": aside})
 
@@ -3429,10 +3445,7 @@ def take_carried(conn: sqlite3.Connection, path: str) -> bool:
 def set_aside(carry: str, error: str) -> bool:
     """Rename a carry file that cannot be taken in (damaged, or a newer otrace's), kept for a hand and
     out of the start's way; False."""
-    aside = f"{carry}.aside-{time.time_ns() // 1_000_000}"
-    for suffix in ("", "-wal", "-shm"):
-        with contextlib.suppress(FileNotFoundError):
-            Path(carry + suffix).rename(aside + suffix)
+    aside = rename_aside(carry, "aside")
     log.error("carry file cannot be taken in: set aside, its rows not taken in", extra={
         "file": aside, "error": error})
     return False
@@ -4406,7 +4419,7 @@ FINISH_KEYS = ("gen_ai.response.finish_reasons", "gen_ai.response.finish_reason"
                "llm.response.finish_reason", "anthropic.message.stop_reason")
 TTFT_KEYS = ("gen_ai.response.time_to_first_chunk", "gen_ai.response.time_to_first_token")   # seconds
 SESSION_KEYS = ("gen_ai.conversation.id", "openclaw.sessionId", "session.id")
-COST_KEY = "gen_ai.usage.cost"                          # USD, as Langfuse reads it; no convention yet
+COST_KEY = "gen_ai.usage.cost"                          # USD, as Langfuse reads it: no semantic convention
 CONTENT_KEYS = frozenset({"gen_ai.input.messages", "gen_ai.output.messages", "gen_ai.system_instructions",
                           "gen_ai.tool.definitions", "gen_ai.prompt", "gen_ai.completion"})
 LEGACY_CONTENT = re.compile(r"gen_ai\.(prompt|completion)\.(\d{1,4})\.(.+)")
@@ -4435,9 +4448,10 @@ CONTENT_SQL = ("UPDATE llm_traces SET truncated = truncated OR (input_text IS NU
                "input_bytes = CASE WHEN input_text IS NULL THEN ? ELSE input_bytes END, "
                "input_text = coalesce(input_text, ?), "
                "output_bytes = CASE WHEN output_text IS NULL THEN ? ELSE output_bytes END, "
-               "output_text = coalesce(output_text, ?) WHERE trace_id = ? AND synced = 0 RETURNING trace_id")
+               f"output_text = coalesce(output_text, ?) WHERE trace_id = ? AND synced = {UNSYNCED} "
+               "RETURNING trace_id")
 SERIES_TOUCH_MS = 86_400_000     # an unchanged series' state is rewritten daily, so retention keeps it
-SERIES_A_QUERY = 500             # series states read in one query (SQLite takes 32,766 parameters)
+SERIES_A_QUERY = 500             # series states read in one query: under MAX_VARIABLES
 KEY_BYTES = 200                  # what one remembered span id costs of TRACE_OTLP_CONTENT_BYTES
 RECENT_CALLS = 64                # LLM calls remembered for another instrumentation's span in a later request
 
@@ -4463,8 +4477,8 @@ def merge_sql(table: Table, call_first: bool) -> str:
             sets += [f"{size} = CASE WHEN {text} IS NULL THEN {at[size]} ELSE {size} END",
                      f"{text} = coalesce({text}, {at[text]})"]
     sets.append(f"truncated = truncated OR {at['truncated']}")
-    return (f"UPDATE {table.name} SET {', '.join(sets)} WHERE trace_id = ?{len(at) + 1} AND synced = 0 "
-            "RETURNING trace_id")
+    return (f"UPDATE {table.name} SET {', '.join(sets)} WHERE trace_id = ?{len(at) + 1} "
+            f"AND synced = {UNSYNCED} RETURNING trace_id")
 
 
 MERGE_SQL = {(table.name, first): merge_sql(table, first)
@@ -5663,8 +5677,6 @@ CONTAINER_UNIT = re.compile(r"(?:docker|libpod|crio|cri-containerd|containerd|ne
                             r"|machine\.slice|lxc\.payload")   # a container's unit: the agent's box
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
-STATE_SQL = ("INSERT INTO otrace_state (key, value, updated_at) VALUES (?, ?, ?) "
-             "ON CONFLICT (key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at")
 
 
 @functools.lru_cache(maxsize=256)
@@ -7186,7 +7198,7 @@ ATTEMPT_SQL = ("INSERT INTO openclaw_attempts (trace_id, run_id, outcome, create
 _COUNT_ATTEMPTS = (
     "UPDATE error_events SET metadata = json_set(coalesce(metadata, '{}'), '$.failed_attempts', json(("
     "SELECT json_group_object(outcome, n) FROM (SELECT outcome, count(*) AS n FROM openclaw_attempts "
-    "WHERE run_id = ?1 GROUP BY outcome)))) WHERE <row> AND synced = 0 AND EXISTS (SELECT 1 FROM "
+    f"WHERE run_id = ?1 GROUP BY outcome)))) WHERE <row> AND synced = {UNSYNCED} AND EXISTS (SELECT 1 FROM "
     "openclaw_attempts WHERE run_id = ?1) RETURNING trace_id")      # a pushed event is not sent twice for it
 COUNT_ON_STORE_SQL = _COUNT_ATTEMPTS.replace(         # the partial index error_events_openclaw_run
     "<row>", "source = 'openclaw_session' AND json_extract(metadata, '$.run_id') = ?1")
@@ -7215,7 +7227,7 @@ class LogLine:
         self._detail: Any = _UNREAD
         self._fields: dict[str, str] | None = None
         message = obj.get("message")
-        if not isinstance(message, str):           # before about 2026.6: join the numbered arguments
+        if not isinstance(message, str):           # an older gateway's: join the numbered arguments
             message = " ".join(v for k, v in self.numbered
                                if isinstance(v, str) and not (k == 0 and v == name))
         self.message = message
@@ -7883,12 +7895,13 @@ def line_end(fd: int, size: int, limit: int) -> int:
 
 # ================================================================================== openclaw sessions
 # OpenClaw's session store: every model call OpenClaw made, with the tokens and cost it computed from
-# its own price config. Agents are found under <state dir>/agents/*/ at every poll. Since 2026.8.1 an
-# agent keeps its transcripts in agent/openclaw-agent.sqlite, read through SQLite (rows still in the
-# gateway's WAL are seen) on a read-only connection, session by session, in short transactions; before
-# that, in sessions/<session>.jsonl files, followed like the gateway log. An assistant entry becomes
-# one llm_traces row, a failed call or run also an error event. A session's position (its rewrite
-# generation, last seq, newest entry) or a file's (identity, offset) commits with the rows it produced.
+# its own price config. Agents are found under <state dir>/agents/*/ at every poll. An agent keeps its
+# transcripts in agent/openclaw-agent.sqlite, read through SQLite (rows still in the gateway's WAL are
+# seen) on a read-only connection, session by session, in short transactions; an older OpenClaw's, in
+# sessions/<session>.jsonl files, followed like the gateway log (operations.md names the versions).
+# An assistant entry becomes one llm_traces row, a failed call or run also an error event. A session's
+# position (its rewrite generation, last seq, newest entry) or a file's (identity, offset) commits with
+# the rows it produced.
 
 STORE_SOURCE = "openclaw_session"
 _ERROR_METADATA = ERRORS.columns.index("metadata")
@@ -8357,7 +8370,7 @@ class SessionStore(QuietReader):
             self.followed.add(what)
             self.log.info("following " + what.split(":", 1)[0], extra={"path": str(path)})
 
-    # -- 2026.8.1 and later: the agent's database
+    # -- the agent's database
     def read_database(self, agent: str) -> None:
         store = self.databases.get(agent)
         if store is None:
@@ -8494,7 +8507,7 @@ class SessionStore(QuietReader):
         self.totals.add("calls", sum(row.table == TRACES.name for row in rows))
         self.totals.add("failures", sum(row.table == ERRORS.name for row in rows))
 
-    # -- 2026.7.x and earlier: sessions/<session>.jsonl
+    # -- an older OpenClaw's session files: sessions/<session>.jsonl
     def read_files(self, agent: str) -> list[str]:
         """Read the agent's session files; the directory and files that were read."""
         folder = self.root / "agents" / agent / "sessions"
@@ -8599,6 +8612,9 @@ INTERNAL_COLUMNS = frozenset({"synced", "pushed_at"})
 ANSWER_LIMIT = 4096              # bytes of a receiver's answer otrace reads at most
 LOSSES_PER_BATCH = 100
 LOSS = "(loss)"                  # the table of a loss report's records: no row of its own
+PUSHED_KEY = "last_push_success"   # otrace_state: when the receiver last took a batch (push_log is pruned)
+# push_log rows of batches taken whole: a 2xx whose partial_success refused items has that as its error
+CONFIRMED_SQL = "http_status BETWEEN 200 AND 299 AND error IS NULL"
 _REJECTED_JSON = re.compile(rb'"rejected_?(?:[Ss]pans|[Dd]ata_?[Pp]oints|[Ll]og_?[Rr]ecords)"\s*:\s*"?(\d+)')
 SEVERITY_NUMBERS = {"TRACE": 1, "DEBUG": 5, "INFO": 9, "WARNING": 13, "WARN": 13, "ERROR": 17,
                     "CRITICAL": 21, "FATAL": 21}
@@ -8750,15 +8766,17 @@ class Packer:
                 wanted = self.only.get(table, [])
                 for start in range(0, len(wanted), self.PAGE):
                     some = wanted[start:start + self.PAGE]
-                    cursor = self.conn.execute(f"SELECT * FROM {table} WHERE synced = 0 AND trace_id IN "
-                                               f"({', '.join('?' * len(some))}) ORDER BY id", some)
+                    marks = ", ".join("?" * len(some))
+                    cursor = self.conn.execute(f"SELECT * FROM {table} WHERE synced = {UNSYNCED} AND "
+                                               f"trace_id IN ({marks}) ORDER BY id", some)
                     names = [d[0] for d in cursor.description]
                     for row in cursor.fetchall():
                         yield table, self.parsed(names, row)
                 continue
             after = 0
             while True:
-                page = f"SELECT * FROM {table} WHERE synced = 0 AND id > ? ORDER BY id LIMIT {self.PAGE}"
+                page = (f"SELECT * FROM {table} WHERE synced = {UNSYNCED} AND id > ? ORDER BY id "
+                        f"LIMIT {self.PAGE}")
                 cursor = self.conn.execute(page, (after,))
                 names = [d[0] for d in cursor.description]
                 rows = cursor.fetchall()
@@ -9456,10 +9474,9 @@ class Pusher(Loop):
     def __init__(self, config: Config, events: EventQueue, db: Database) -> None:
         super().__init__("push", config.push_interval, first_delay=min(config.push_interval, 5.0))
         self.config, self.events, self.db = config, events, db
-        self.agent_id = config.agent_id or socket.gethostname()
-        self.scrub = Scrubber(config)
-        self.receiver = Receiver(config, self.scrub)
-        self.format = (OtlpFormat if config.push_format == "otlp" else OtraceFormat)(config, self.agent_id)
+        self.receiver = Receiver(config, Scrubber(config))
+        self.format = (OtlpFormat if config.push_format == "otlp" else OtraceFormat)(
+            config, config.agent_id or socket.gethostname())
         self.tables = tuple(t for t in EVENT_TABLES if push_signal(t) in config.push_signals)
         # in OTLP a loss report is log records: sent only to a receiver that takes logs
         self.loss_tables = self.tables if config.push_format == "otrace" or "logs" in config.push_signals \
@@ -9480,7 +9497,7 @@ class Pusher(Loop):
         self.last_time: float | None = None
         self.last_status = "never"
         self.last_error: str | None = None
-        last_ok = db.query(        # push_log alone: a database of an otrace from before the key
+        last_ok = db.query(        # push_log too: a database whose otrace_state lacks the key
             "SELECT max(at) FROM (SELECT value AS at FROM otrace_state WHERE key = ? UNION ALL "
             f"SELECT max(started_at) FROM push_log WHERE {CONFIRMED_SQL})", (PUSHED_KEY,))
         self.last_success: float | None = last_ok[0][0] / 1000 if last_ok and last_ok[0][0] else None
@@ -9668,7 +9685,7 @@ class Pusher(Loop):
             cycle.waiting.discard(name)
             tables = [table for table in self.tables if self.format.signal(table) == name]
             with self.db.reading() as conn:
-                if not any(conn.execute(f"SELECT 1 FROM {table} WHERE synced = 0 LIMIT 1").fetchone()
+                if not any(conn.execute(f"SELECT 1 FROM {table} WHERE synced = {UNSYNCED} LIMIT 1").fetchone()
                            for table in tables):
                     continue             # nothing of it to send: no reason to wait
             wait = max(0.0, self.hold(name))
@@ -9886,9 +9903,6 @@ class Pusher(Loop):
         return iso(time.time() + hold) if (hold := self.hold(whose)) > 0 else None
 
 
-PUSHED_KEY = "last_push_success"   # otrace_state: when the receiver last took a batch (push_log is pruned)
-# push_log rows of batches taken whole: a 2xx whose partial_success refused items has that as its error
-CONFIRMED_SQL = "http_status BETWEEN 200 AND 299 AND error IS NULL"
 
 
 def record_attempt(attempt: Attempt, conn: sqlite3.Connection) -> None:
@@ -9991,7 +10005,6 @@ LEDGER_SQL = (
     "oldest_received_at, excluded.oldest_received_at), "
     "newest_received_at = coalesce(max(newest_received_at, excluded.newest_received_at), "
     "newest_received_at, excluded.newest_received_at)")
-UNDELIVERED = f"synced IN ({UNSYNCED}, {REFUSED})"       # rows whose deletion is a loss to report
 SAMPLE_TABLES = ("system_metrics", "process_samples")    # otrace's own samples: the first to go unpushed
 BOOKKEEPING = (("push_log", "started_at", ""), ("push_rejects", "rejected_at", "AND reported_at IS NOT NULL"),
                ("log_offsets", "updated_at", ""), ("openclaw_attempts", "created_at", ""),
@@ -10003,7 +10016,6 @@ BOOKKEEPING = (("push_log", "started_at", ""), ("push_rejects", "rejected_at", "
 BELOW_NEWEST = "id < (SELECT max(id) FROM {table})"
 CHUNK = 1000                     # rows one deletion takes at most; under a smaller cap, one row per
 CHUNK_SHARE = 200_000            # this many bytes of it: a chunk of 2 KB rows frees about 1 % of the cap
-DISK_HIGH_MOST = 95              # TRACE_DISK_HIGH_PCT's most: room for a paused ingest to resume into
 RELIEF_TIME = 0.005              # seconds of chunks one job runs under the cap: about a batch
 
 
@@ -10099,7 +10111,7 @@ class Cut:
     reason: str
     pass_id: str
     params: tuple = ()
-    limit: int = 1000
+    limit: int = CHUNK
     merges: Merges | None = None     # told of the unpushed rows deleted: a push may be delivering them
 
     def __call__(self, conn: sqlite3.Connection) -> Chunk:
@@ -10829,9 +10841,8 @@ def prometheus_number(value: Any) -> str:
     return str(int(value)) if value.is_integer() and abs(value) < 2**53 else repr(value)
 
 
-def health_report(service: Service) -> dict[str, Any]:
-    """The /health report; cheap enough to answer within 100 ms while the writer is busy."""
-    counts = service.counters.snapshot()
+def health_problems(service: Service) -> list[str]:
+    """What makes /health degraded, each in a sentence an operator can act on."""
     writer, db = service.writer, service.db
     problems = []
     if not writer.is_alive():
@@ -10871,6 +10882,16 @@ def health_report(service: Service) -> dict[str, Any]:
         problems.append(f"database over TRACE_DB_MAX_BYTES with a WAL past TRACE_WAL_MAX_BYTES (file {main} "
                         f"+ WAL {wal} bytes): the next retention pass shrinks them, unless a reader holding "
                         "one snapshot keeps the WAL from starting over")
+    return problems
+
+
+def health_report(service: Service) -> dict[str, Any]:
+    """The /health report; no query in it waits for the writer, so a probe is answered while it is busy."""
+    counts = service.counters.snapshot()
+    writer, db, pusher = service.writer, service.db, service.pusher
+    problems = health_problems(service)
+    main, wal = file_size(service.config.db_path), file_size(service.config.db_path + "-wal")
+    push = pusher and pusher.health()
     return {
         "status": "degraded" if problems else "ok",
         "problems": problems,
@@ -10891,11 +10912,11 @@ def health_report(service: Service) -> dict[str, Any]:
         "wal_size_bytes": wal,
         "disk_reserve": {"bytes": writer.reserve.size, "held": writer.reserve.held,
                          "released": writer.reserve.released},
-        "unsynced_count": unsynced_count(db, service.pusher.tables if service.pusher else EVENT_TABLES),
+        "unsynced_count": unsynced_count(db, pusher.tables if pusher else EVENT_TABLES),
         "last_write_error": writer.fault.health(),
-        "last_push_time": service.pusher and service.pusher.health()["last_push_time"],
-        "last_push_status": service.pusher.last_status if service.pusher else "disabled",
-        "push": service.pusher.health() if service.pusher else None,
+        "last_push_time": push and push["last_push_time"],
+        "last_push_status": pusher.last_status if pusher else "disabled",
+        "push": push,
         "retention": service.retention.health(),
         "host": service.sampler and service.sampler.latest,
         "metrics": service.sampler and service.sampler.health(),
@@ -10914,7 +10935,7 @@ def health_report(service: Service) -> dict[str, Any]:
 
 def unsynced_count(db: Database, tables: tuple[str, ...]) -> int | None:
     """Rows waiting to be pushed: those of the tables push sends (all of them while push is off)."""
-    counts = " + ".join(f"(SELECT count(*) FROM {table} WHERE synced = 0)" for table in tables)
+    counts = " + ".join(f"(SELECT count(*) FROM {table} WHERE synced = {UNSYNCED})" for table in tables)
     try:
         return db.query(f"SELECT {counts}")[0][0]
     except sqlite3.Error:
@@ -11190,8 +11211,8 @@ class Zone:
     def midnight(self, day: date) -> int:
         return self.instant(datetime.combine(day, dt_time()))
 
-    def today(self, now_ms: int) -> date:
-        return date(1970, 1, 1) + timedelta(days=(now_ms + self.offset_ms(now_ms)) // DAY_MS)
+    def today(self, now: int) -> date:
+        return date(1970, 1, 1) + timedelta(days=(now + self.offset_ms(now)) // DAY_MS)
 
     def iso(self, at_ms: int) -> str:
         offset = timedelta(milliseconds=self.offset_ms(at_ms))
@@ -11220,14 +11241,14 @@ class Zone:
         return f"created_at + CASE {cases} ELSE ? END", [*params, pieces[-1][1]]
 
 
-def moment(text: str, zone: Zone, now_ms: int, end: bool, back_from: int | None = None) -> int:
+def moment(text: str, zone: Zone, now: int, end: bool, back_from: int | None = None) -> int:
     """A --since or --until as Unix ms: a duration back from `back_from` (24h, 7d, 90m; default now),
     "today", a date (its start; for --until its end, so the day is in), or an RFC 3339 time (without
     an offset: local)."""
     text, flag = text.strip(), "--until" if end else "--since"
-    back_from = now_ms if back_from is None else back_from
+    back_from = now if back_from is None else back_from
     try:
-        return min(max(0, _moment(text, zone, now_ms, end, back_from)), MAX_UNIX_MS)   # before 1970: all
+        return min(max(0, _moment(text, zone, now, end, back_from)), MAX_UNIX_MS)   # before 1970: all
     except OverflowError:
         raise ReportError(f"{flag} {text!r} is out of range (1970 to 9999)") from None
     except ValueError:
@@ -11235,9 +11256,9 @@ def moment(text: str, zone: Zone, now_ms: int, end: bool, back_from: int | None 
                           "RFC 3339 time") from None
 
 
-def _moment(text: str, zone: Zone, now_ms: int, end: bool, back_from: int) -> int:
+def _moment(text: str, zone: Zone, now: int, end: bool, back_from: int) -> int:
     if text.lower() == "today":
-        return zone.midnight(zone.today(now_ms) + timedelta(days=int(end)))
+        return zone.midnight(zone.today(now) + timedelta(days=int(end)))
     with contextlib.suppress(SettingError):
         return back_from - int(_seconds(text) * 1000)
     if re.fullmatch(r"\d{4}-\d\d-\d\d", text):
@@ -12025,7 +12046,7 @@ def settled(config: Config) -> Config:
             "max_body_bytes": config.max_body_bytes, "lowered_to": config.max_buffered_bytes})
         config = dataclasses.replace(config, max_body_bytes=config.max_buffered_bytes)
     if config.disk_high_pct > DISK_HIGH_MOST:     # else a full disk's pause ends at once, reserve or not
-        log.warning("TRACE_DISK_HIGH_PCT is over 95: lowered", extra={
+        log.warning(f"TRACE_DISK_HIGH_PCT is over {DISK_HIGH_MOST}: lowered", extra={
             "disk_high_pct": config.disk_high_pct, "lowered_to": DISK_HIGH_MOST})
         config = dataclasses.replace(config, disk_high_pct=DISK_HIGH_MOST)
     if config.batch_size > (half := max(1, config.queue_size // 2)):   # else a full queue refuses first
