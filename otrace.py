@@ -10654,7 +10654,7 @@ class CallSeries:
         source = row[at["cost_source"]]
         if source is not None:
             self.cost[source] += row[at["cost_usd"]]
-        elif any(row[at[column]] for column in TOKEN_TYPES.values()):      # something to price
+        elif row[at["total_tokens"]] or any(row[at[c]] for c in TOKEN_TYPES.values()):  # as HAS_TOKENS_SQL
             self.unpriced += 1
         latency = row[at["latency_ms"]]
         if latency is not None:
@@ -10813,7 +10813,8 @@ def llm_metrics(tally: dict[str, Any], add: Callable[..., None]) -> None:
         *((prometheus_labels(**pair, cost_source=source), usd)
           for pair, c in series for source, usd in c["cost_usd"].items()))
     add("gen_ai_unpriced_calls_total", "counter", "Calls stored with tokens and no cost: none reported, "
-        "and no price for the model.", *((prometheus_labels(**pair), c["unpriced"]) for pair, c in series))
+        "and no price for the model (or a total of tokens alone).",
+        *((prometheus_labels(**pair), c["unpriced"]) for pair, c in series))
     histogram = []
     for pair, c in series:
         latency = c["latency_seconds"]
@@ -11124,7 +11125,7 @@ COST_SQL = {"auto": "cost_usd", "reported": "CASE WHEN cost_source IS NOT 'compu
             "computed": "computed_cost_usd"}
 COMPUTED_SQL = {"auto": "CASE WHEN cost_source = 'computed' THEN cost_usd END", "reported": "NULL",
                 "computed": "computed_cost_usd"}
-HAS_TOKENS_SQL = ("max(coalesce(prompt_tokens, 0), coalesce(completion_tokens, 0), "    # something to price
+HAS_TOKENS_SQL = ("max(coalesce(prompt_tokens, 0), coalesce(completion_tokens, 0), "  # as /metrics' unpriced
                   "coalesce(total_tokens, 0), coalesce(cache_read_tokens, 0), "
                   "coalesce(cache_write_tokens, 0)) > 0")
 # Input as OpenClaw and ccusage count it: the prompt's tokens less the cache's (never below 0).
@@ -11723,7 +11724,8 @@ class TableView:
                          + ("(the source reported none)" if mode == "auto" else "(--cost computed)"))
         if totals["unpriced_calls"]:
             notes.append(f"{plural(totals['unpriced_calls'], 'call')} with tokens and no cost: no price for "
-                         "the model" + (" (or none reported: --cost reported)" if mode == "reported" else ""))
+                         "the model, or a total of tokens alone" + (
+                             " (or none reported: --cost reported)" if mode == "reported" else ""))
         if (zero := self.doc["calls"]["reported_zero"])["calls"] and mode != "computed":
             notes.append(f"{plural(zero['calls'], 'call')} reported at $0 by the source: the price table "
                          f"puts {'it' if zero['calls'] == 1 else 'them'} at {usd_text(zero['computed_usd'])} "

@@ -7182,7 +7182,9 @@ def test_metrics_count_what_the_writer_stored_per_model_and_match_the_rows(
               for n in range(1, 8)]
     events += [trace(provider="anthropic", model="claude-sonnet-4-5", prompt_tokens=500, completion_tokens=50,
                      cost_usd=0.25, cache_write_tokens=100, latency_ms=90_000.0),
-               trace(provider="mystery", model="m", prompt_tokens=5)]
+               trace(provider="mystery", model="m", prompt_tokens=5),
+               trace(provider="mystery", model="m", prompt_tokens=None, completion_tokens=None,
+                     total_tokens=40)]
     assert node.post("/v1/traces", events).status == 202
     assert node.post("/v1/traces", events[:3]).status == 202             # a retry: stored once, counted once
     errors = [{"error_type": "llm_error", "category": "rate_limit", "message": "429"}] * 2 + [
@@ -7197,7 +7199,7 @@ def test_metrics_count_what_the_writer_stored_per_model_and_match_the_rows(
                       "total(completion_tokens), total(cache_read_tokens), total(cache_write_tokens), "
                       "total(CASE WHEN cost_source = 'reported' THEN cost_usd END), "
                       "total(CASE WHEN cost_source = 'computed' THEN cost_usd END), "
-                      "sum(cost_source IS NULL AND prompt_tokens IS NOT NULL), count(latency_ms), "
+                      f"sum(cost_source IS NULL AND {otrace.HAS_TOKENS_SQL}), count(latency_ms), "
                       "total(latency_ms / 1000) FROM llm_traces GROUP BY provider, model")
     assert {r[0] for r in rows} == {"openai", "anthropic", "mystery", "mock", "rlmock"}   # the log's too
     for provider, model, calls, failures, *tokens, reported, computed, unpriced, timed, seconds in rows:
@@ -7224,7 +7226,7 @@ def test_metrics_count_what_the_writer_stored_per_model_and_match_the_rows(
     assert buckets == {"0.02": 0, "0.04": 1, "0.08": 2, "0.16": 5, "0.32": 7, "+Inf": 7}   # 30 ... 210 ms
     claude = pair("anthropic", "claude-sonnet-4-5", le="81.92")            # 90 s: over the last bound
     assert samples[bucket + claude] == 0
-    assert samples[f"otrace_gen_ai_unpriced_calls_total{pair('mystery', 'm')}"] == 1
+    assert samples[f"otrace_gen_ai_unpriced_calls_total{pair('mystery', 'm')}"] == 2   # a total alone too
     stored = node.query("SELECT error_type, category, count(*) FROM error_events GROUP BY 1, 2")
     for kind, category, n in stored:
         labels = otrace.prometheus_labels(error_type=kind, category=category)
@@ -7500,7 +7502,7 @@ def test_report_numbers_are_exact_in_json_csv_and_the_table(tmp_path: Path) -> N
         ["mystery/unknown-model", "1", "0", "100", "10", "0", "0", "$0", "700ms", "700ms", "700ms"],
         ["TOTAL", "7", "2", "28.6%", "8.0k", "1.6k", "7.1k", "3.0k", "$0.1038*", "300ms", "2.0s", "2.0s"]]
     assert table[9] == "* $0.0454 of the cost computed from the price table (the source reported none)"
-    assert table[10] == "1 call with tokens and no cost: no price for the model"
+    assert table[10] == "1 call with tokens and no cost: no price for the model, or a total of tokens alone"
     assert "llm_error/rate_limit 2 · crash/oom_kill 1" in done.stdout
     assert "s1 $0.0535 (2 calls) · s2 $0.0418 (1 call) · s3 $0.0084 (2 calls)" in done.stdout
     assert "CPU peak 93.2 % · memory peak 1.5 GiB of 2.0 GiB · disk peak 45.5 % · OOM kills 1" in done.stdout
@@ -7640,7 +7642,8 @@ def test_report_cost_modes_choose_the_reported_or_the_computed_figure(tmp_path: 
         usage_cost = doc["usage_cost"]["totals"]
         assert (usage_cost["totalCost"], usage_cost["missingCostEntries"]) == (usd, unpriced)
     done = report(db, *WINDOW, "--timezone", "UTC", "--cost", "reported", env={"COLUMNS": "150"})
-    assert "3 calls with tokens and no cost: no price for the model (or none reported: --cost reported)" in \
+    assert "3 calls with tokens and no cost: no price for the model, or a total of tokens alone (or none " \
+           "reported: --cost reported)" in \
         done.stdout
 
 
