@@ -2958,6 +2958,7 @@ class Reserve:
         self.held = False
         self.released = False
         self.next_try = 0.0
+        self.blocks = 0              # its file's when taken: fewer later is a hole (a compressing fs has few)
 
     def hold(self) -> bool:
         """Make sure the file holds its full size (allocated, not sparse), and no more: one an earlier,
@@ -2971,7 +2972,7 @@ class Reserve:
             if st.st_blocks * 512 >= self.size:
                 if st.st_size > self.size:
                     os.truncate(self.path, self.size)
-                self.held, self.released = True, False
+                self.held, self.released, self.blocks = True, False, self.path.stat().st_blocks
                 return True
         try:
             if disk_usage(str(self.path.parent))[2] < 2 * self.size:   # taking it would fill the disk
@@ -2980,6 +2981,7 @@ class Reserve:
             try:
                 os.posix_fallocate(fd, 0, self.size)
                 os.fsync(fd)
+                self.blocks = os.fstat(fd).st_blocks
             finally:
                 os.close(fd)
         except OSError:
@@ -2989,11 +2991,13 @@ class Reserve:
         return True
 
     def in_place(self) -> bool:
-        """Its file is still there, whole (by its size: a compressing filesystem counts fewer blocks)."""
+        """Its file is still there, whole: its size, and the blocks it had when taken (a compressing
+        filesystem counts fewer than its size; a file cut and grown again, or copied sparse, has none)."""
         try:
-            return self.path.stat().st_size >= self.size
+            st = self.path.stat()
         except OSError:
             return False
+        return st.st_size >= self.size and st.st_blocks >= self.blocks
 
     def on_disk_full(self, queued: int) -> bool:
         """A write found the disk full: give the space to the database. True if there was some."""
@@ -3032,7 +3036,8 @@ class Reserve:
             return
         if gone:
             self.held = False
-            self.log.warning("disk reserve file gone: taking it again", extra={"path": str(self.path)})
+            self.log.warning("disk reserve file gone or emptied: taking it again", extra={
+                "path": str(self.path)})
         released = self.released
         try:
             _, _, room, used_pct = disk_usage(str(self.path.parent))

@@ -366,6 +366,28 @@ def test_bad_setting_exits_2_naming_it(tmp_path: Path, name: str, value: str, ac
     assert not (tmp_path / "x.db").exists()  # it stopped before touching anything
 
 
+@pytest.mark.skipif(not ROOT, reason="looking as another user needs root to become one")
+def test_a_disk_path_otrace_may_not_look_at_exits_2_saying_so_not_that_it_is_missing() -> None:
+    """TRACE_DISK_PATH below a directory otrace's user may not enter: exit 2 naming why it cannot be
+    looked at (it was said not to exist, which sends an operator looking for a typo)."""
+    import tempfile
+    folder = Path(tempfile.mkdtemp(prefix="otrace-disk-"))     # outside pytest's 0700 directory
+    try:
+        folder.chmod(0o777)                                     # the database's directory: writable
+        (closed := folder / "closed").mkdir(mode=0o000)
+        (disk := closed / "data").mkdir()
+        env = {**os.environ, "TRACE_DB_PATH": str(folder / "otrace.db"), "TRACE_DISK_PATH": str(disk)}
+        out = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *START],
+                             env=env, capture_output=True, text=True, timeout=10, check=False)
+        assert (out.returncode, out.stdout) == (2, "")
+        assert out.stderr.splitlines() == [
+            f"otrace: TRACE_DISK_PATH='{disk}' is not valid: expected empty, or a path that exists ({disk} "
+            "cannot be looked at: Permission denied)"]
+        assert not (folder / "otrace.db").exists()              # it stopped before touching anything
+    finally:
+        shutil.rmtree(folder)
+
+
 def test_durations_and_sizes_parse() -> None:
     config = otrace.Config.from_env({"TRACE_BATCH_WINDOW": "250ms", "TRACE_SHUTDOWN_TIMEOUT": "1m",
                                      "TRACE_MAX_BODY_BYTES": "2MiB", "TRACE_MAX_TEXT_BYTES": "100"})
@@ -1013,18 +1035,26 @@ def test_disk_reserve_of_zero_is_off_and_a_smaller_one_gives_back_the_rest(
     assert node.stop() == 0
 
 
-def test_a_reserve_file_removed_under_otrace_is_taken_again(tmp_path: Path,
-                                                            run: Callable[..., Otrace]) -> None:
-    """A reserve thought held but gone would give nothing to the next full disk: the batch would wait
-    in memory. The writer looks for its file and takes it again."""
+@pytest.mark.parametrize("how", ["removed", "emptied"])
+def test_a_reserve_file_removed_or_emptied_under_otrace_is_taken_again(tmp_path: Path,
+                                                                       run: Callable[..., Otrace],
+                                                                       how: str) -> None:
+    """A reserve thought held but gone, or a file of its size with no blocks (cut and grown again, a
+    sparse copy), would give nothing to the next full disk: the batch would wait in memory. The
+    writer looks at its file and takes it again."""
     reserve = tmp_path / "otrace.db-reserve"
     node = run({"TRACE_DISK_RESERVE_BYTES": "2MiB"})
     assert node.health()["disk_reserve"] == {"bytes": 2 << 20, "held": True, "released": False}
-    reserve.unlink()                                     # a cleaner, or a data directory wiped
+    if how == "removed":
+        reserve.unlink()                                 # a cleaner, or a data directory wiped
+    else:
+        os.truncate(reserve, 0)
+        os.truncate(reserve, 2 << 20)
+        assert reserve.stat().st_blocks == 0
     wait_until(lambda: node.post("/v1/traces", trace()).status == 202 and reserve.exists() and
                reserve.stat().st_blocks * 512 >= 2 << 20, timeout=30, what="the reserve taken again")
     node.wait_log(lambda e: e.get("message") == "disk reserve held")     # the file is there just before
-    assert node.logs("disk reserve file gone: taking it again")
+    assert node.logs("disk reserve file gone or emptied: taking it again")
     assert node.health()["disk_reserve"]["held"] and node.stop() == 0
 
 
@@ -1701,6 +1731,27 @@ def test_a_reserve_there_was_no_room_for_at_start_is_taken_once_there_is(tmp_pat
         assert (vol / "otrace.db-reserve").stat().st_blocks * 512 >= 2 << 20
         assert node.health()["status"] == "ok"
         node.wait_persisted(1)
+
+
+@needs_root
+def test_a_reserve_removed_under_otrace_with_no_room_to_take_it_again_is_said_not_held(
+        tmp_path: Path, run: Callable[..., Otrace]) -> None:
+    """A full disk whose reserve file was wiped: the room it freed is less than twice its size, so it is
+    not taken again; the log says so and why, /health that it is not held (it said "taking it again"
+    and then nothing)."""
+    with tmpfs(tmp_path / "vol", "24m") as vol:
+        node = run({"TRACE_DISK_RESERVE_BYTES": "2MiB"}, db=vol / "otrace.db")
+        assert node.health()["disk_reserve"] == {"bytes": 2 << 20, "held": True, "released": False}
+        fill(vol)
+        (vol / "otrace.db-reserve").unlink()                 # a data directory wiped: 2 MiB free
+        wait_until(lambda: node.post("/v1/traces", trace()).status == 202 and      # the writer looks
+                   node.logs("disk reserve not held: no room for it"), timeout=30,   # after a batch
+                   what="the reserve looked for")
+        said = node.logs("disk reserve not held: no room for it")
+        assert len(said) == 1 and said[0]["bytes"] == 2 << 20 and said[0]["disk_avail_bytes"] < 4 << 20
+        assert node.logs("disk reserve file gone or emptied: taking it again")
+        assert node.health()["disk_reserve"] == {"bytes": 2 << 20, "held": False, "released": False}
+        assert node.stop() == 0
 
 
 def test_a_client_refused_while_another_program_locks_the_database_is_told_so(
@@ -3588,6 +3639,29 @@ def test_a_log_written_back_to_the_size_read_is_read_again_from_its_start(tmp_pa
     os.utime(log, ns=(read.st_atime_ns, read.st_mtime_ns + 1_000_000))   # later, whatever the clock's step
     tailer.tick()
     assert tailer.totals.snapshot()["lines"] == 2 and tailer.current.offset == len(other)
+
+
+@needs_gateway_log
+def test_a_log_truncated_under_otrace_shows_no_negative_lag_before_it_is_looked_at(
+        tmp_path: Path, run: Callable[..., Otrace]) -> None:
+    """Between a truncation and the look that finds it, the file is shorter than the offset read:
+    /health and /metrics show no lag, not minus the bytes cut (an alert would read the tail ahead)."""
+    log = tmp_path / "openclaw-2026-11-24.log"
+    lines = gateway_lines()
+    log.write_bytes(b"".join(lines))
+    node = run({"TRACE_LOG_PATH": str(log), "TRACE_LOG_POLL": "1m"})   # a look at start, the next in a minute
+    wait_until(lambda: node.health()["log_tail"]["offset"] == log.stat().st_size, what="the file followed")
+    log.write_bytes(b"".join(lines[:5]))                       # the gateway starts it again, in place
+
+    def cut_not_yet_seen() -> dict[str, Any] | None:
+        tail = node.health()["log_tail"]
+        return tail if tail["offset"] > log.stat().st_size else None
+
+    before = wait_until(cut_not_yet_seen, what="the truncation, not yet looked at")
+    scraped = metric_samples(node)["otrace_log_tail_lag_bytes"]
+    after = wait_until(cut_not_yet_seen, what="the truncation, still not looked at")   # around the scrape
+    assert (before["lag_bytes"], scraped, after["lag_bytes"]) == (0, 0, 0)
+    assert node.stop() == 0
 
 
 @functools.cache
@@ -6480,6 +6554,37 @@ def test_a_run_killed_after_its_file_was_replaced_is_said_at_the_next_start(
     said = second.wait_log(lambda e: e.get("message", "").startswith("the last run did not stop cleanly"))
     assert said["pid"] == first.proc.pid
     assert second.stop() == 0
+
+
+@needs_root
+@needs_gateway_log
+def test_a_stop_that_leaves_only_otraces_own_rows_unwritten_is_a_clean_one(
+        tmp_path: Path, run: Callable[..., Otrace]) -> None:
+    """A full disk holds the gateway log's lines (otrace's own rows, read again at the next start) past
+    the shutdown deadline: no event that got a 202 is lost, so the run's mark is removed and the next
+    start says no crash."""
+    log = tmp_path / "openclaw-2026-11-24.log"
+    log.touch()
+    env = {"TRACE_LOG_PATH": str(log), "TRACE_LOG_POLL": "50ms", "TRACE_DISK_RESERVE_BYTES": "0",
+           "TRACE_SHUTDOWN_TIMEOUT": "4s"}                 # its last 0.5 s for the mark's removal
+    marks = "SELECT key FROM otrace_state WHERE key IN ('running_pid', 'running_inode')"
+    with tmpfs(tmp_path / "vol", "8m") as vol:
+        node = run(env, db=vol / "otrace.db")
+        wait_until(lambda: len(node.query(marks)) == 2, what="the run's mark")
+        filler = fill(vol)
+        os.truncate(filler, filler.stat().st_size - (256 << 10))   # room for a small write, not the log's
+        append(log, b"".join(gateway_lines()) * 100)
+        node.wait_log(lambda e: e.get("message") == "database write failing", timeout=30)
+        assert node.stop(timeout=30) == 0
+        stopped = node.logs("stopped")[0]
+        assert stopped["events_lost"] == 0 and stopped["own_rows_unwritten"] > 0, stopped
+        assert node.query(marks) == [], node.logs("could not mark the stop as clean")
+        filler.unlink()
+        second = run(env, db=vol / "otrace.db")
+        assert second.stop() == 0
+        assert not second.logs("the last run did not stop cleanly: what it accepted in its last moments may "
+                               "be lost")
+        assert not second.query("SELECT id FROM error_events WHERE category = 'process_crash'")
 
 
 def test_sigkill_at_random_moments_keeps_every_committed_row(tmp_path: Path, run: Callable[..., Otrace],
