@@ -1435,6 +1435,7 @@ PRICE_KEYS = ("input_mtok", "output_mtok", "cache_read_mtok", "cache_write_mtok"
 _INPUT, _OUTPUT, _CACHE_READ, _CACHE_WRITE, _REQUESTS = range(len(PRICE_KEYS))
 _ALWAYS, _SINCE, _DAILY = range(3)                # a price's constraint: none, a start day, a UTC window
 PRICE_MEMO = 4096                # (provider, model) pairs remembered; past it the memo starts afresh
+MAX_CLAUSE_DEPTH = 16            # or/and nested in a match clause: deeper would overflow the stack at ingest
 DAY_MS = 86_400_000
 # OpenTelemetry's provider names that genai-prices' own rules would miss or misplace (its
 # provider_match sends azure.ai.openai to openai); every other well-known name finds its provider.
@@ -1466,13 +1467,15 @@ class _Compiler:
     def shared(self, value: Any) -> Any:
         return self.pool.setdefault(value, value)
 
-    def clause(self, raw: Any) -> Clause:
+    def clause(self, raw: Any, depth: int = 0) -> Clause:
         """A match clause as (kind, operand), its text lower-cased once here rather than at each match."""
         if not isinstance(raw, dict) or len(raw) != 1:
             raise ValueError(f"a match clause is one of equals, starts_with, ...: {raw!r}")
         [(kind, operand)] = raw.items()
         if kind in ("or", "and") and isinstance(operand, list):
-            return kind, tuple(self.clause(item) for item in operand)
+            if depth == MAX_CLAUSE_DEPTH:
+                raise ValueError(f"a match clause nests or/and at most {MAX_CLAUSE_DEPTH} deep")
+            return kind, tuple(self.clause(item, depth + 1) for item in operand)
         if kind == "regex" and isinstance(operand, str):
             re.compile(operand)
             return kind, operand          # genai-prices searches the lower-cased name, pattern as is

@@ -7250,6 +7250,8 @@ def test_trace_prices_overrides_the_table_and_a_bad_file_is_exit_2(tmp_path: Pat
     for content, needle in (("{not json", "Expecting property name"), (None, "No such file"),
                             ('{"providers": [{"models": []}]}', "a provider needs an id"),
                             (model % ('{"regex": "("}', "{}"), "unterminated subpattern"),
+                            (model % ('{"or": [' * 17 + '{"equals": "m"}' + "]}" * 17, "{}"),   # would
+                             "nests or/and at most 16 deep"),                   # overflow at ingest
                             (model % ('{"equals": "m"}', '{"input_mtok": 1%s}' % ("0" * 400)), "too large"),
                             ('{"providers": [{"id": "x", "models": 5}]}', "bytes-like"),
                             ('{"header": [1], "providers": []}', "no attribute"),
