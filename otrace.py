@@ -9527,14 +9527,14 @@ class Pusher(Loop):
         try:
             started = time.monotonic()
             waiting = {name for name, breaker in self.breakers.of.items()
-                       if name and breaker.allows() and self.hold(name) > 0}
+                       if name and breaker.allows() and self.retry_after_left(name) > 0}
             cycle = Cycle(held=self.breakers.open() | waiting, waiting=waiting)
             try:
                 with self.db.reading() as conn:
                     cycle.read_at = self.db.merges.read_begins()   # once a move reading() waited out is done
                     cycle.stopped = not self.send(self.batches(conn, cycle, deadline), deadline, cycle)
             finally:
-                self.marked(cycle, deadline)
+                self.wait_marked(cycle, deadline)
             cut_short = bool(cycle.cut) and not cycle.accepted     # refusals ran on, nothing accepted
             ok = self.settle(cycle, deadline) and not cycle.stopped and not cut_short
             if self.suspects and ok:
@@ -9627,7 +9627,7 @@ class Pusher(Loop):
         attempts = 1 if deadline is not None else self.config.push_retries
         for number in range(1, attempts + 1):
             if (self.stopping.is_set() and deadline is None) or (
-                    deadline is not None and time.monotonic() >= deadline) or not self.held(deadline):
+                    deadline is not None and time.monotonic() >= deadline) or not self.waited_out(deadline):
                 return False
             attempt = self.receiver.post(batch, self.format, deadline)
             verdict = attempt.verdict
@@ -9639,7 +9639,7 @@ class Pusher(Loop):
                 cycle.refusals_in_a_row[batch.signal] + 1 if verdict == "split" else 0)
             cycle.faults += verdict in ("retry", "config") and not self.signal_fault(attempt)
             if verdict == "ok":
-                self.marked(cycle, deadline)      # the batch before, while this one was sent
+                self.wait_marked(cycle, deadline)      # the batch before, while this one was sent
                 cycle.marking = self.events.submit(functools.partial(
                     record_pushed, batch, attempt, self.db.merges, cycle.read_at))
                 if batch.events:                 # events, not a loss report alone
@@ -9679,7 +9679,7 @@ class Pusher(Loop):
                 return False
         return False
 
-    def hold(self, whose: str) -> float:
+    def retry_after_left(self, whose: str) -> float:
         """Seconds a Retry-After still asks to wait: the receiver's (""), or a signal's endpoint's (a
         cycle leaves that signal out meanwhile)."""
         return self.not_before.get(whose, 0.0) - time.monotonic()
@@ -9689,14 +9689,14 @@ class Pusher(Loop):
         soonest first, each when its wait ends if that is before `until` (the next cycle's time, or
         the shutdown deadline); the others wait for a later cycle."""
         while cycle.waiting and not cycle.stopped:
-            name = min(cycle.waiting, key=self.hold)
+            name = min(cycle.waiting, key=self.retry_after_left)
             cycle.waiting.discard(name)
             tables = [table for table in self.tables if self.format.signal(table) == name]
             with self.db.reading() as conn:
                 if not any(conn.execute(f"SELECT 1 FROM {table} WHERE synced = {UNSYNCED} LIMIT 1").fetchone()
                            for table in tables):
                     continue             # nothing of it to send: no reason to wait
-            wait = max(0.0, self.hold(name))
+            wait = max(0.0, self.retry_after_left(name))
             if time.monotonic() + wait > until:
                 return
             if deadline is not None:
@@ -9708,7 +9708,7 @@ class Pusher(Loop):
                 cycle.read_at = self.db.merges.read_begins()    # what changed while it waited goes now
                 batches = self.packer(conn, tables, deadline, skip=set(self.suspects)).batches()
                 cycle.stopped = not self.send(batches, deadline, cycle)
-            self.marked(cycle, deadline)
+            self.wait_marked(cycle, deadline)
 
     def signal_fault(self, attempt: Attempt) -> bool:
         """An OTLP endpoint's own fault: an HTTP answer (a 5xx, 404, 401...) on one signal's path. No
@@ -9722,26 +9722,26 @@ class Pusher(Loop):
             self.throttled.pop(batch.signal, None)
         return False
 
-    def held(self, deadline: float | None) -> bool:
+    def waited_out(self, deadline: float | None) -> bool:
         """Wait out the receiver's last Retry-After, in this cycle or a later one (a 429 on a cycle's
         last attempt holds the next cycle back too); False if stopping or the deadline comes first."""
-        hold = self.hold("")
-        if hold <= 0:
+        left = self.retry_after_left("")
+        if left <= 0:
             return True
         if deadline is None:
-            return not self.stopping.wait(hold)
-        if time.monotonic() + hold > deadline:
+            return not self.stopping.wait(left)
+        if time.monotonic() + left > deadline:
             return False
-        time.sleep(hold)                 # the final push at shutdown: stopping is already set
+        time.sleep(left)                 # the final push at shutdown: stopping is already set
         return True
 
-    def marked(self, cycle: Cycle, deadline: float | None) -> None:
+    def wait_marked(self, cycle: Cycle, deadline: float | None) -> None:
         """Wait until the writer has marked the last confirmed batch synced. Raises if it could not
         (the cycle ends; its rows stay unsynced and go again)."""
         if cycle.marking is None:
             return
         future, cycle.marking = cycle.marking, None
-        self.totals.add("events", future.result(timeout=self.wait(deadline)))
+        self.totals.add("events", future.result(timeout=self.job_timeout(deadline)))
         self.totals.add("batches")
 
     def settle(self, cycle: Cycle, deadline: float | None) -> bool:
@@ -9752,13 +9752,14 @@ class Pusher(Loop):
                               error=f"cannot be sent as {self.config.push_format}")
             self.totals.add("unencodable", self.events.call(functools.partial(record_refused, [
                 (table, row_id, trace_id, dataclasses.replace(attempt, error=f"{attempt.error}: {why}"))
-                for table, row_id, trace_id, why in unencodable]), self.wait(deadline)))
+                for table, row_id, trace_id, why in unencodable]), self.job_timeout(deadline)))
             self.log.error("events that cannot be sent in the push format: given up, reported in the next "
                            "push", extra={"events": len(unencodable), "first": {
                                "table": unencodable[0][0], "trace_id": unencodable[0][2],
                                "reason": unencodable[0][3]}})
-        if cycle.refused and not cycle.accepted:
-            return self.kept(cycle)
+        if cycle.refused and not cycle.accepted:       # for a cycle that sent new events, it failed
+            self.say_kept(cycle)
+            return False
         return True
 
     def refused_alone(self, batch: Batch, attempt: Attempt, cycle: Cycle, split_at: int | None) -> None:
@@ -9778,13 +9779,11 @@ class Pusher(Loop):
         cycle.refused += 1
         cycle.refused_by.setdefault(batch.signal, attempt)
 
-    def kept(self, cycle: Cycle, sent: str = "sent this cycle", level: int = logging.WARNING) -> bool:
-        """Events refused by a receiver that accepted none since: they stay (False: for a cycle that
-        sent new events, it failed)."""
+    def say_kept(self, cycle: Cycle, sent: str = "sent this cycle", level: int = logging.WARNING) -> None:
+        """Events refused by a receiver that accepted none since: they stay, for the next cycle."""
         first = cycle.first_refusal
         self.log.log(level, f"receiver refused every event {sent}: keeping them for the next", extra={
             "refused": cycle.refused, "status": first and first.status, "reason": first and first.error})
-        return False
 
     def retry_suspects(self, cycle: Cycle, deadline: float | None) -> bool:
         """After a cycle that went through, the events refused alone (in it or before) are read again
@@ -9825,7 +9824,7 @@ class Pusher(Loop):
                 for key in asked - found if delivered else ():       # gone, pushed or given up meanwhile
                     self.suspects.pop(key, None)
         finally:
-            self.marked(again, deadline)
+            self.wait_marked(again, deadline)
             cycle.faulted |= again.faulted
             cycle.held |= again.held - cycle.faulted.keys()
             cycle.waiting |= again.waiting
@@ -9833,7 +9832,7 @@ class Pusher(Loop):
         if again.poison:
             self.give_up(again.poison, deadline)
         if again.refused and not again.accepted:        # it may refuse everything, or one signal
-            self.kept(again, "sent again", logging.INFO if cycle.accepted else logging.WARNING)
+            self.say_kept(again, "sent again", logging.INFO if cycle.accepted else logging.WARNING)
             if not cycle.accepted:                       # nothing new was tried: the breakers are left
                 # alone, but for the one trial each lets through once open: refused again, it failed
                 cycle.idle = delivered
@@ -9847,13 +9846,13 @@ class Pusher(Loop):
         for table, _, trace_id, _ in refused:
             self.suspects.pop((table, trace_id), None)
         self.totals.add("refused", self.events.call(functools.partial(record_refused, refused),
-                                                    self.wait(deadline)))
+                                                    self.job_timeout(deadline)))
         self.log.warning("events refused by the receiver while it accepted others: given up, reported "
                          "in the next push", extra={"refused": len(refused), "first": {
                              "table": refused[0][0], "trace_id": refused[0][2],
                              "status": refused[0][3].status, "reason": refused[0][3].error}})
 
-    def wait(self, deadline: float | None) -> float:
+    def job_timeout(self, deadline: float | None) -> float:
         """How long to wait for the writer to record an outcome; the cycle ends (rows unsynced) if it
         cannot be committed."""
         return JOB_TIMEOUT if deadline is None else max(0.1, deadline - time.monotonic())
@@ -9908,7 +9907,7 @@ class Pusher(Loop):
         }
 
     def hold_until(self, whose: str) -> str | None:
-        return iso(time.time() + hold) if (hold := self.hold(whose)) > 0 else None
+        return iso(time.time() + hold) if (hold := self.retry_after_left(whose)) > 0 else None
 
 
 
