@@ -8973,17 +8973,9 @@ class OtlpFormat:
         if names is CONTAINER_METRICS and row["cpu_pct"] is not None and row["cpu_cores_effective"]:
             cpus = row["cpu_pct"] / 100 * row["cpu_cores_effective"]
             points.append(("container.cpu.usage", "{cpu}", 1, {}, cpus))
-        metrics = []
-        for name, unit, scale, attrs, value in points:
-            point = self.metrics.NumberDataPoint(time_unix_nano=at, attributes=self.attributes(
-                attrs | mount if name.startswith("system.filesystem") else attrs))
-            if isinstance(value, int) and scale == 1:
-                point.as_int = value
-            else:
-                point.as_double = value * scale
-            metrics.append(self.metrics.Metric(name=name, unit=unit,
-                                               gauge=self.metrics.Gauge(data_points=[point])))
-        return metrics
+        return [self.gauge(name, unit, value if scale == 1 else value * scale, at, self.attributes(
+                    attrs | mount if name.startswith("system.filesystem") else attrs))
+                for name, unit, scale, attrs, value in points]
 
     def process_metrics(self, row: dict[str, Any]) -> list[Any]:
         """One process of a process-table sample as process.* gauges, the process in each point."""
@@ -8992,18 +8984,18 @@ class OtlpFormat:
             "process.executable.name": row["name"], "process.command_line": row["cmdline"],
             "process.owner": row["user"],
             "otrace.cpu_rank": row["cpu_rank"], "otrace.rss_rank": row["rss_rank"]})
-        metrics = []
-        for column, (name, unit, scale) in PROCESS_METRICS.items():
-            if _finite(row[column]):
-                point = self.metrics.NumberDataPoint(time_unix_nano=unix_nano(row["created_at"]),
-                                                     attributes=attrs)
-                if scale == 1:
-                    point.as_int = row[column]
-                else:
-                    point.as_double = row[column] * scale
-                metrics.append(self.metrics.Metric(name=name, unit=unit,
-                                                   gauge=self.metrics.Gauge(data_points=[point])))
-        return metrics
+        at = unix_nano(row["created_at"])
+        return [self.gauge(name, unit, row[column] if scale == 1 else row[column] * scale, at, attrs)
+                for column, (name, unit, scale) in PROCESS_METRICS.items() if _finite(row[column])]
+
+    def gauge(self, name: str, unit: str, value: float, at: int, attributes: Any) -> Any:
+        """A gauge of one point, at its scale already: an integer as one, else a double."""
+        point = self.metrics.NumberDataPoint(time_unix_nano=at, attributes=attributes)
+        if isinstance(value, int):
+            point.as_int = value
+        else:
+            point.as_double = value
+        return self.metrics.Metric(name=name, unit=unit, gauge=self.metrics.Gauge(data_points=[point]))
 
     def genai_metric(self, row: dict[str, Any]) -> Any:
         """A GenAI metric point as itself: a delta sum or histogram over its window, or a gauge."""
