@@ -2337,8 +2337,7 @@ def copy_rows(conn: sqlite3.Connection, source: str, target: str, table: str, *,
     """Copy a table's rows between two attached databases, all columns but the row id (the target
     numbers its own); a row whose unique key is there already is kept (IGNORE) or replaced (REPLACE).
     How many were written."""
-    columns = ", ".join(name for _, name, *_ in conn.execute(f"PRAGMA {source}.table_info({table})")
-                        if name != "id")
+    columns = columns_but_id(conn, source, table)
     return conn.execute(f"INSERT OR {conflict} INTO {target}.{table} ({columns}) SELECT {columns} FROM "
                         f"{source}.{table} {where}").rowcount
 
@@ -2386,12 +2385,17 @@ def carry_over(conn: sqlite3.Connection, source: str, target: str, salvage: bool
     return {name: n for name, n in moved.items() if name not in STATE_TABLES}
 
 
+def columns_but_id(conn: sqlite3.Connection, schema: str, table: str) -> str:
+    """A table's columns, as a list for SQL, all but its row id."""
+    described = conn.execute(f"PRAGMA {schema}.table_info({table})")
+    return ", ".join(name for _, name, *_ in described if name != "id")
+
+
 def salvage_rows(conn: sqlite3.Connection, source: str, target: str, table: str, where: str) -> int:
     """copy_rows from a damaged database: by ranges of row ids, read without an index, each range in a
     transaction of its own (one that meets the damage fails whole) and halved around what cannot be
     read, so that the damage keeps only the rows it holds. How many were written."""
-    columns = ", ".join(name for _, name, *_ in conn.execute(f"PRAGMA {target}.table_info({table})")
-                        if name != "id")
+    columns = columns_but_id(conn, target, table)           # the source's schema may be what is damaged
     top = highest_id(conn, source, target, table)
     ranges = collections.deque((low, min(low + SALVAGE_RANGE - 1, top))
                                for low in range(1, top + 1, SALVAGE_RANGE))
@@ -10088,8 +10092,8 @@ class Checkpointer(Loop):
             mode, result = "passive", {**self.events.call(functools.partial(checkpoint, "PASSIVE")),
                                        "copied_aside": aside}
         # a burst's copies are many, and so are the TRUNCATEs a long reader keeps busy: debug
-        log = self.log.debug if woken and (mode == "passive" or result.get("busy")) else self.log.info
-        log("wal checkpoint", extra={"mode": mode, **result, "wal_bytes_before": before,
+        say = self.log.debug if woken and (mode == "passive" or result.get("busy")) else self.log.info
+        say("wal checkpoint", extra={"mode": mode, **result, "wal_bytes_before": before,
                                      "wal_bytes_after": file_size(self.wal_path)})
 
     def copy_aside(self) -> int:
@@ -11840,10 +11844,12 @@ def run_report(argv: list[str]) -> int:
 
 START_RETRY = 5.0                # seconds between tries of a start the environment holds up
 SPARE_DESCRIPTORS = 64           # for the database, its WAL, the log files, push, epoll
-
-
 RUN_KEY = "running_pid"          # otrace_state: the pid of the run under way; a clean stop removes it ...
 RUN_FILE_KEY = "running_inode"   # ... and its file's inode: a backup taken meanwhile holds both, not this
+
+
+def http_url(host: str, port: int) -> str:
+    return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
 
 
 class Service:
@@ -11932,15 +11938,13 @@ class Service:
 
     @property
     def address(self) -> str:
-        host, port = self.server.addresses()[0]
-        return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+        return http_url(*self.server.addresses()[0])
 
     @property
     def otlp_address(self) -> str | None:
         """Where TRACE_OTLP_PORT is served, if it is."""
-        for host, port in self.server.addresses()[1:]:
-            return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
-        return None
+        listening = self.server.addresses()[1:]
+        return http_url(*listening[0]) if listening else None
 
     def start(self) -> None:
         self.writer.start()
