@@ -9548,32 +9548,37 @@ class Pusher(Loop):
             if progressed:
                 self.log.info("push cycle cut short by refused events: the next goes on past them", extra={
                     "new_suspects": cycle.new_suspects, "suspects": len(self.suspects)})
-            # a cycle stopped by the whole receiver failed every signal; one in which content was refused
-            # and none accepted failed the signals refused (see also retry_suspects: idle cycles)
-            refusing = {} if ok or cycle.stopped or progressed or cycle.idle else {
-                name: attempt for name, attempt in cycle.refused_by.items() if name not in cycle.held}
-            self.breakers.cycle_ended(True if ok else False if cycle.stopped else None, cycle.held,
-                                      refusing | cycle.trials_failed | cycle.faulted, self.last_error)
-            for name, attempt in cycle.faulted.items():
-                breaker = self.breakers.of[name]
-                self.log.warning("push of a signal failed: its rows wait, the others go on", extra={
-                    "signal": name, "status": attempt.status, "error": attempt.summary(),
-                    "breaker": breaker.state, "consecutive_failures": breaker.failures})
-            if not ok and not progressed and (not cycle.idle or cycle.trials_failed):
-                self.log.warning("push cycle failed", extra={
-                    "status": self.last_status, "error": self.last_error, "breaker": self.breakers.state,
-                    "consecutive_failures": self.breakers.failures})
-                since, failed = self.failing or (time.time(), 0)
-                self.failing = since, failed + 1
-            elif ok and cycle.accepted and self.failing:     # the receiver took rows again
-                since, failed = self.failing
-                self.log.warning("push cycles succeed again", extra={
-                    "failed_cycles": failed, "failed_seconds": round(time.time() - since, 3)})
-                self.failing = None
+            self.judge(cycle, ok, progressed)
             return ok and not cycle.idle and not cycle.faulted and not cycle.held
         finally:
             self.db.merges.cycle_ended()
             self.cycle_lock.release()
+
+    def judge(self, cycle: Cycle, ok: bool, progressed: bool) -> None:
+        """A cycle's outcome to the breakers, and said: the signals that failed, a failed cycle, the
+        first that succeeds after failures."""
+        # a cycle stopped by the whole receiver failed every signal; one in which content was refused
+        # and none accepted failed the signals refused (see also retry_suspects: idle cycles)
+        refusing = {} if ok or cycle.stopped or progressed or cycle.idle else {
+            name: attempt for name, attempt in cycle.refused_by.items() if name not in cycle.held}
+        self.breakers.cycle_ended(True if ok else False if cycle.stopped else None, cycle.held,
+                                  refusing | cycle.trials_failed | cycle.faulted, self.last_error)
+        for name, attempt in cycle.faulted.items():
+            breaker = self.breakers.of[name]
+            self.log.warning("push of a signal failed: its rows wait, the others go on", extra={
+                "signal": name, "status": attempt.status, "error": attempt.summary(),
+                "breaker": breaker.state, "consecutive_failures": breaker.failures})
+        if not ok and not progressed and (not cycle.idle or cycle.trials_failed):
+            self.log.warning("push cycle failed", extra={
+                "status": self.last_status, "error": self.last_error, "breaker": self.breakers.state,
+                "consecutive_failures": self.breakers.failures})
+            since, failed = self.failing or (time.time(), 0)
+            self.failing = since, failed + 1
+        elif ok and cycle.accepted and self.failing:     # the receiver took rows again
+            since, failed = self.failing
+            self.log.warning("push cycles succeed again", extra={
+                "failed_cycles": failed, "failed_seconds": round(time.time() - since, 3)})
+            self.failing = None
 
     def packer(self, conn: sqlite3.Connection, tables: Iterable[str], deadline: float | None,
                **rows: Any) -> Packer:
