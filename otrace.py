@@ -11560,7 +11560,7 @@ class Report:
         for reason, kind in (("pressure_pushed", DELIVERED), ("pressure_unpushed", UNDELIVERED)):
             if self.conn.execute("SELECT 1 FROM retention_ledger WHERE table_name = 'llm_traces' AND "
                                  "reason = ? AND at >= ? AND deleted > 0 LIMIT 1",
-                                 (reason, self.since - 3_600_000)).fetchone():
+                                 (reason, self.since - HOUR_MS)).fetchone():
                 oldest = self.conn.execute(f"SELECT received_at FROM llm_traces WHERE {kind} ORDER BY id "
                                            "LIMIT 1").fetchone()
                 if oldest is None or oldest[0] > self.since:
