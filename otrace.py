@@ -11618,7 +11618,7 @@ def spreadsheet_safe(value: Any) -> Any:
 CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2066-\u2069]")
 
 
-def printable(text: str) -> str:
+def terminal_safe(text: str) -> str:
     """Text from the data as a terminal shows it: control characters (an escape sequence, a newline,
     a bidirectional override) as "?", so a model name cannot move the cursor or split a row."""
     return CONTROL.sub("?", text)
@@ -11680,15 +11680,16 @@ class TableView:
     def label(self, row: dict[str, Any]) -> str:
         by = self.doc["by"]
         if by == "model":
-            return printable(f"{row['provider']}/{row['model']}")
+            return terminal_safe(f"{row['provider']}/{row['model']}")
         value = row[{"session": "session_id"}.get(by, by)]
-        return "(none)" if value is None else printable(str(value))
+        return "(none)" if value is None else terminal_safe(str(value))
 
     def render(self) -> str:
         doc, calls = self.doc, self.doc["calls"]
         groups = calls["groups"]
         labels = [self.label(g) for g in groups]
-        sub = [[printable(f"  {m['provider']}/{m['model']}") for m in g.get("models", [])] for g in groups]
+        sub = [[terminal_safe(f"  {m['provider']}/{m['model']}") for m in g.get("models", [])]
+               for g in groups]
         key_width = max([len(doc["by"]) + 1, 5, *map(len, labels), *(len(s) for part in sub for s in part)])
         compact = key_width + sum(w for _, w in self.FULL) > self.width
         columns = self.COMPACT if compact else self.FULL
@@ -11774,7 +11775,7 @@ class TableView:
                 ("HOST", host_text), ("LOG EVENTS", " · ".join(logs) or "none"), ("PUSH", push_text),
                 ("RETENTION", lost)]
         return [line for name, text in rows for line in textwrap.wrap(
-            printable(text), self.width, initial_indent=name.ljust(14), subsequent_indent=" " * 14)]
+            terminal_safe(text), self.width, initial_indent=name.ljust(14), subsequent_indent=" " * 14)]
 
 
 def run_report(argv: list[str]) -> int:
