@@ -2207,6 +2207,7 @@ MOVE_WAIT = 5.0                  # longest a task's reading connection waits out
 BUSY_TIMEOUT = 10.0              # seconds a statement waits for a lock another connection holds
 STATE_TABLES = ("otrace_state", "log_offsets",   # where readers keep their place: carried to a new file
                 "openclaw_positions", "openclaw_attempts", "otlp_series")
+CARRY = "-carry"                 # beside the database: what a replaced file owes, on its way to the new one
 STATE_SQL = ("INSERT INTO otrace_state (key, value, updated_at) VALUES (?, ?, ?) "
              "ON CONFLICT (key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at")
 
@@ -2327,8 +2328,12 @@ def rename_aside(path: str, tag: str) -> str:
     aside = f"{path}.{tag}-{now_ms()}"
     Path(path).rename(aside)
     for suffix in ("-wal", "-shm"):
-        with contextlib.suppress(OSError):
+        try:
             Path(path + suffix).rename(aside + suffix)
+        except FileNotFoundError:
+            pass
+        except OSError:                  # never to be read as the next file's own
+            Path(path + suffix).unlink(missing_ok=True)
     return aside
 
 
@@ -2447,7 +2452,7 @@ class Database:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self.carry_path = path + "-carry"
+        self.carry_path = path + CARRY
         self.identity = _identity(path)
         self.companions: dict[str, tuple[int, int] | None] = {}   # -wal, -shm: ours, by inode
         self.replaced_pending = False                    # moved, and not yet reopened
@@ -3146,11 +3151,12 @@ class Writer(threading.Thread):
 
     def run(self) -> None:
         while True:       # a disk that fills as the writer opens its connection is a write failure too
+            began = time.time()
             try:
                 self.conn = self.connect(self.conn_path)
                 break
             except (sqlite3.Error, OSError, RuntimeError) as exc:   # RuntimeError: not WAL, a newer schema
-                retry_at = self.failed(exc)
+                retry_at = self.failed(exc, began)
                 if self.damaged_file and _identity(self.conn_path) == self.damaged_file:   # not set aside
                     self.conn_path = self.db.carry_path
                 time.sleep(max(0.0, retry_at - time.monotonic()))
@@ -3230,13 +3236,12 @@ class Writer(threading.Thread):
     def record_outages(self) -> None:
         """Store the outages' events, if not yet: after the batch that ended one, or after a later one (a
         disk with room for that batch alone has none for them yet)."""
-        if not self.outages:
-            return
-        try:
-            self.commit_alone(Unit(list(self.outages)))      # a row whose data fails is dropped alone
-        except Exception:  # noqa: BLE001 - the disk, a lock: kept for the next commit
-            return
-        self.outages = []
+        while self.outages:              # one at a time: each leaves once stored, or dropped for its data
+            try:
+                self.commit_alone(Unit(self.outages[:1]))
+            except Exception:  # noqa: BLE001 - the disk, a lock: kept for the next commit
+                return
+            self.outages.pop(0)
 
     def retake_reserve(self) -> None:
         """Take the reserve (back); when that ends a full disk's pause, say and store how long it was:
@@ -3347,12 +3352,13 @@ class Writer(threading.Thread):
         if (self.pending and not self.damaged) or not self.db.pause_readers():
             return
         self.db.merges.replaced()       # no reader left: a batch read before marks nothing from now on
+        began = time.time()
         try:
             if self.lock is not None and not self.lock.held():
                 self.lock.retake()
             moved = self.reopen()
         except Exception as exc:  # noqa: BLE001 - the rows stay in the old file or the carry file
-            self.reopen_fault.failed(describe(exc))
+            self.reopen_fault.failed(describe(exc), began)
             return
         self.reopen_fault.cleared()
         why = "damaged" if self.damaged else "deleted or replaced"
@@ -3426,7 +3432,7 @@ def take_carried(conn: sqlite3.Connection, path: str) -> bool:
     """Take in the carry file beside the database file at `path`, left by a replacement of the file
     (at once, or at the next start after a crash), then remove it. False if there is none. The run's
     mark it carries names this file from then on: a crash in it is said at the next start."""
-    carry = path + "-carry"
+    carry = path + CARRY
     if not Path(carry).exists():
         return False
     try:
@@ -3457,7 +3463,10 @@ def take_carried(conn: sqlite3.Connection, path: str) -> bool:
 def set_aside(carry: str, error: str) -> bool:
     """Rename a carry file that cannot be taken in (damaged, or a newer otrace's), kept for a hand and
     out of the start's way; False."""
-    aside = rename_aside(carry, "aside")
+    try:
+        aside = rename_aside(carry, "aside")
+    except FileNotFoundError:            # gone meanwhile: nothing to set aside
+        return False
     log.error("carry file cannot be taken in: set aside, its rows not taken in", extra={
         "file": aside, "error": error})
     return False
@@ -5769,7 +5778,6 @@ class Mount:
 def mounts(procfs: Path) -> list[Mount]:
     return [m for line in (read_text(under(procfs, "self", "mountinfo")) or "").splitlines()
             if (m := Mount.parse(line))]
-
 
 
 @dataclasses.dataclass(frozen=True)
@@ -9911,8 +9919,6 @@ class Pusher(Loop):
         return iso(time.time() + hold) if (hold := self.retry_after_left(whose)) > 0 else None
 
 
-
-
 def record_attempt(attempt: Attempt, conn: sqlite3.Connection) -> None:
     conn.execute("INSERT INTO push_log (batch_id, started_at, duration_ms, events, bytes, http_status, "
                  "error, retry_after_s) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -10377,7 +10383,7 @@ class Retention(Loop):
     def run_pass(self, pass_id: str, started: float, tally: collections.Counter[tuple[str, str, str]],
                  pruned: list[int]) -> None:
         tiers = self.tiers
-        while self.begun:
+        if self.begun:
             tiers = self.finish(tally).tiers
         cause = self.relieve(pass_id, tally, tiers)
         given = cause is not None and self.stuck is not None    # relieve gave back all it could, just now
@@ -10417,16 +10423,20 @@ class Retention(Loop):
         self.tally([chunk], tally)
         return chunk
 
-    def finish(self, tally: collections.Counter[tuple[str, str, str]]) -> Relief:
-        """The oldest relief job begun, once the writer has run it, its chunks counted; raise what
-        stopped it, if anything did. One still running after JOB_TIMEOUT stays begun (TimeoutError):
-        it deletes all the same, and the pass that sees it end says what."""
-        self.begun[0].exception(JOB_TIMEOUT)
-        done = self.begun.popleft().result()
-        self.tally(done.chunks, tally)
-        if done.failed is not None:
-            raise done.failed
-        return done
+    def finish(self, tally: collections.Counter[tuple[str, str, str]], job: Future | None = None) -> Relief:
+        """The relief jobs begun, oldest first, up to `job` (all of them without one), once the writer
+        has run them, their chunks counted; the last one's Relief. Raise what stopped one, if anything
+        did. One still running after JOB_TIMEOUT stays begun (TimeoutError): it deletes all the same,
+        and the pass that sees it end says what."""
+        while True:
+            self.begun[0].exception(JOB_TIMEOUT)
+            ended = self.begun.popleft()
+            done = ended.result()
+            self.tally(done.chunks, tally)
+            if done.failed is not None:
+                raise done.failed
+            if ended is job or not self.begun:
+                return done
 
     @staticmethod
     def tally(chunks: list[Chunk], tally: collections.Counter[tuple[str, str, str]]) -> None:
@@ -10492,8 +10502,8 @@ class Retention(Loop):
         if cause == "db_cap":
             until = self.low_bytes()
             while tiers and not self.stopping.is_set():
-                self.begun.append(self.events.submit(functools.partial(relief, tiers, until, pass_id)))
-                done = self.finish(tally)
+                self.begun.append(job := self.events.submit(functools.partial(relief, tiers, until, pass_id)))
+                done = self.finish(tally, job)         # and a head start watch() began meanwhile
                 tiers, live = done.tiers, done.live_bytes
                 self.share()                   # the marks learn from the WAL a job writes too
                 if live <= until:
@@ -10850,8 +10860,9 @@ def prometheus_number(value: Any) -> str:
     return str(int(value)) if value.is_integer() and abs(value) < 2**53 else repr(value)
 
 
-def health_problems(service: Service) -> list[str]:
-    """What makes /health degraded, each in a sentence an operator can act on."""
+def health_problems(service: Service, main: int, wal: int) -> list[str]:
+    """What makes /health degraded, each in a sentence an operator can act on (`main`, `wal`: the
+    database's file and WAL sizes)."""
     writer, db = service.writer, service.db
     problems = []
     if not writer.is_alive():
@@ -10870,7 +10881,7 @@ def health_problems(service: Service) -> list[str]:
     elif service.store and service.store.fault.error:       # OpenClaw's usage spans are skipped meanwhile
         problems.append(f"OpenClaw's session store cannot be read ({service.store.fault.error}): the model "
                         "calls it holds are not stored until it can be (TRACE_OPENCLAW_STATE_DIR)")
-    if service.tailer and service.tailer.fault.error and not service.store:   # the log is their one source
+    if service.tailer and service.tailer.fault.error and not service.store:   # their calls are read there
         problems.append(f"the gateway log cannot be read ({service.tailer.fault.error}): the model calls and "
                         "failures it logs are not stored until it can be (TRACE_LOG_PATH)")
     followed = service.tailer and service.tailer.current
@@ -10886,7 +10897,6 @@ def health_problems(service: Service) -> list[str]:
             f" failing: {writer.reopen_fault.error}" if writer.reopen_fault.error else ""))
     if stuck := service.retention.still_over():
         problems.append(f"still over budget after deleting all retention may ({stuck})")
-    main, wal = file_size(service.config.db_path), file_size(service.config.db_path + "-wal")
     if main + wal > service.config.db_max_bytes and wal > service.config.wal_max_bytes:
         problems.append(f"database over TRACE_DB_MAX_BYTES with a WAL past TRACE_WAL_MAX_BYTES (file {main} "
                         f"+ WAL {wal} bytes): the next retention pass shrinks them, unless a reader holding "
@@ -10898,8 +10908,8 @@ def health_report(service: Service) -> dict[str, Any]:
     """The /health report; no query in it waits for the writer, so a probe is answered while it is busy."""
     counts = service.counters.snapshot()
     writer, db, pusher = service.writer, service.db, service.pusher
-    problems = health_problems(service)
     main, wal = file_size(service.config.db_path), file_size(service.config.db_path + "-wal")
+    problems = health_problems(service, main, wal)
     push = pusher and pusher.health()
     return {
         "status": "degraded" if problems else "ok",
@@ -11764,7 +11774,8 @@ class TableView:
         unsynced = push["unsynced_total"]
         push_text = f"{unsynced:,} row{'s' * (unsynced != 1)} not pushed · " + (
             "no push in the push log" if last is None else f"last push {last['at']}: " + (
-                f"HTTP {last['http_status']}" if last["http_status"] else last["error"] or "failed"))
+                f"HTTP {status}" + (f", {last['error']}" if last["error"] and 200 <= status < 300 else "")
+                if (status := last["http_status"]) else last["error"] or "failed"))   # a 2xx refusing some
         if success and success != last:
             push_text += f" · last success {success['at']}"
         lost = (f"{retention['deleted']:,} rows deleted, {retention['unpushed_deleted']:,} never pushed"
