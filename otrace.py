@@ -8187,13 +8187,16 @@ class AgentDatabase:
     since (SQLite gives a new row a rowid above every other). Every session is listed at the first
     look, at the first look after the commits stop, and every STORE_LIST_EVERY while they go on, so a
     row that took the rowid of one deleted meanwhile is found too. A file replaced at the path is
-    opened again; one not there yet (before the agent's first turn) is waited for."""
+    opened again, and so is one whose files changed by more than the commits SQLite tells the
+    connection of (a checkpoint; a backup copied over it, its -wal or -shm removed), its sessions'
+    places checked against it; one not there yet (before the agent's first turn) is waited for."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.files = (str(path), f"{path}-wal")   # what a look reads: the gateway's rows wait in the WAL
         self.conn: sqlite3.Connection | None = None
         self.identity: tuple[int, int] | None = None
+        self.stamp: tuple[Any, ...] = ()         # the files under the connection as last looked at
         self.known: tuple[int, int] | None = None   # the file last read, kept while there is none
         self.replaced = False                    # another file than that one: every session read again
         self.gone = False                        # read, then no longer at the path (deleted, moved away)
@@ -8213,7 +8216,7 @@ class AgentDatabase:
             self.gone = self.gone or self.conn is not None
             self.close()
             return False
-        if self.conn is not None and identity == self.identity:
+        if self.conn is not None and identity == self.identity and self.stamped() == self.stamp:
             return True
         self.close()
         conn = sqlite3.connect(sqlite_uri(self.path, "ro"), uri=True, timeout=STORE_BUSY_MS / 1000,
@@ -8245,8 +8248,19 @@ class AgentDatabase:
         self.generation_sql = GENERATION_SQL.format("?") if rewrites else ""
         self.replaced = self.replaced or self.known not in (None, identity)   # a backup restored
         self.conn, self.identity, self.known, self.listed = conn, identity, identity, None
-        self.checked = False
+        self.stamp, self.checked = self.stamped(), False       # after the first read, which makes a -shm
         return True
+
+    def stamped(self) -> tuple[Any, ...]:
+        """The database file's identity, time and size, and its -wal's and -shm's identities: a change
+        SQLite does not see through the wal-index (a copy over the file, its -wal removed) changes one."""
+        def stat(suffix: str) -> tuple[int, ...] | None:
+            try:
+                st = Path(f"{self.path}{suffix}").stat()
+            except OSError:
+                return None
+            return (st.st_dev, st.st_ino) + ((st.st_mtime_ns, st.st_size) if not suffix else ())
+        return stat(""), stat("-wal"), stat("-shm")
 
     def changed(self) -> int | None:
         """The database's data_version when something was committed since every session was last caught
@@ -8420,6 +8434,9 @@ class SessionStore(QuietReader):
                 again[session] = Cursor(cursor.mark.removesuffix(REREAD) + REREAD, -1, cursor.newest)
         if again or self.inodes.get(agent) != inode:
             self.mark(agent, again, inode)
+        if again:
+            self.log.info("agent database put back or cut: sessions read again", extra={
+                "agent": agent, "sessions": len(again), "another_file": store.replaced})
         store.replaced, store.checked = False, True
         for session, last, generation in listed:
             cursor = self.cursors.get((agent, session))

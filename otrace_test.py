@@ -8435,13 +8435,16 @@ def test_calls_stored_after_the_gateways_clock_stepped_back_are_read(tmp_path: P
 
 
 @needs_stores
-@pytest.mark.parametrize("restore", ["mv", "mv-while-stopped", "copied-while-stopped", "cut"])
+@pytest.mark.parametrize("restore", ["mv", "mv-while-stopped", "copied", "copied-sidecars-removed",
+                                     "sidecars-removed", "copied-while-stopped", "cut"])
 def test_calls_written_after_a_backup_of_the_store_is_restored_are_read(tmp_path: Path, restore: str,
                                                                        run: Callable[..., Otrace]) -> None:
     """A backup moved over the agent database ends its sessions below where otrace read to, as does a
     session's end cut in place with its generation kept: the gateway's next calls take seqs otrace had
-    read past. Also when the backup is moved in (or copied over the file, keeping its inode) while
-    otrace is stopped, and the calls are written before it starts again."""
+    read past. Also when the backup is copied over the file (its inode kept, which SQLite's wal-index
+    does not see), with or without its -wal and -shm removed, or only those removed (otrace's connection
+    held the removed ones); and when it is moved in or copied over while otrace is stopped, and the
+    calls are written before it starts again."""
     node, db, template = store_followed(tmp_path, run)
     session = store_entries(db)[0][0]
     backup = tmp_path / "backup.sqlite"
@@ -8464,6 +8467,15 @@ def test_calls_written_after_a_backup_of_the_store_is_restored_are_read(tmp_path
         assert node.stop() == 0
         with contextlib.closing(sqlite3.connect(backup)) as source:
             source.backup(gateway)                           # into the same file: its inode kept
+    elif restore != "cut":                                   # while otrace reads on
+        gateway.execute("PRAGMA wal_checkpoint(TRUNCATE)")   # the gateway stopped: otrace keeps its WAL
+        gateway.close()
+        if restore.endswith("sidecars-removed"):
+            for suffix in ("-wal", "-shm"):
+                Path(f"{db}{suffix}").unlink()
+        if restore.startswith("copied"):
+            shutil.copyfile(backup, db)                      # as cp does: the same inode, its bytes anew
+        gateway = gateway_connection(db)
     else:
         polls = node.health()["openclaw_sessions"]["polls"]
         gateway.execute("DELETE FROM transcript_events WHERE session_id = ? AND seq > ?", (session, end))
@@ -8476,6 +8488,37 @@ def test_calls_written_after_a_backup_of_the_store_is_restored_are_read(tmp_path
     rows = wait_traces(node, 11, timeout=30)
     assert {f"oc:main:{session}:{call['id']}" for call in calls} <= {r["trace_id"] for r in rows}
     assert len(session_traces(node)) == 11
+    said = node.logs("agent database put back or cut: sessions read again")
+    assert said if restore != "sidecars-removed" else not said
+    gateway.close()
+
+
+@needs_stores
+def test_an_agent_database_overwritten_in_place_degrades_health_until_it_is_good_again(
+        tmp_path: Path, run: Callable[..., Otrace]) -> None:
+    """Garbage written over the file's first pages (its inode kept, its -wal and -shm untouched):
+    otrace's cached pages must not hide it; /health is degraded while no one can read the file, and
+    the calls written once a good copy is back are read."""
+    node, db, template = store_followed(tmp_path, run)
+    gateway = gateway_connection(db)
+    gateway.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    gateway.close()
+    good = tmp_path / "good.sqlite"
+    shutil.copyfile(db, good)
+    polls = node.health()["openclaw_sessions"]["polls"]       # the checkpoint looked at: nothing new
+    wait_until(lambda: node.health()["openclaw_sessions"]["polls"] >= polls + 2, what="a look after it")
+    with db.open("r+b") as file:
+        file.write(os.urandom(8192))
+    degraded = wait_until(lambda: (h := node.request("GET", "/health")).status == 503 and h.json, timeout=30,
+                          what="/health degraded")
+    assert "SQLITE_NOTADB" in degraded["openclaw_sessions"]["agent_errors"]["main"]
+    shutil.copyfile(good, db)                                 # a good copy back, in place too
+    gateway = gateway_connection(db)
+    session = store_entries(db)[0][0]
+    call = a_call(template, 4000, 0.003)
+    append_entry(gateway, session, call)
+    assert wait_traces(node, 7)[-1]["trace_id"] == f"oc:main:{session}:{call['id']}"
+    wait_until(lambda: node.request("GET", "/health").status == 200, what="/health ok again")
     gateway.close()
 
 
