@@ -8252,14 +8252,15 @@ class AgentDatabase:
         return True
 
     def stamped(self) -> tuple[Any, ...]:
-        """The database file's identity, time and size, and its -wal's and -shm's identities: a change
-        SQLite does not see through the wal-index (a copy over the file, its -wal removed) changes one."""
+        """The database file's identity, change time and size, and its -wal's and -shm's identities: a
+        change SQLite does not see through the wal-index (a copy over the file, even one that sets its
+        time back; its -wal removed) changes one."""
         def stat(suffix: str) -> tuple[int, ...] | None:
             try:
                 st = Path(f"{self.path}{suffix}").stat()
             except OSError:
                 return None
-            return (st.st_dev, st.st_ino) + ((st.st_mtime_ns, st.st_size) if not suffix else ())
+            return (st.st_dev, st.st_ino) + ((st.st_ctime_ns, st.st_size) if not suffix else ())
         return stat(""), stat("-wal"), stat("-shm")
 
     def changed(self) -> int | None:
