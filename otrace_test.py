@@ -6025,15 +6025,21 @@ def test_a_relief_job_deletes_tier_after_tier_chunk_after_chunk_down_to_its_mark
         assert conn.execute("SELECT count(*) FROM system_metrics").fetchone() == (1,)
 
 
-def test_a_batch_that_grows_the_database_past_its_high_mark_starts_a_deletion_at_once(tmp_path: Path) -> None:
-    """The writer, after such a batch, queues the first relief job itself, ahead of the next batch,
-    and wakes the pass to take it over; one at a time, and none for a batch that grew nothing."""
+def retention_at_its_high_mark(tmp_path: Path) -> tuple[Path, otrace.Config, otrace.EventQueue,
+                                                         otrace.Retention]:
+    """A database of 300 pushed traces at 90 % of its cap, and a retention over it (no writer yet)."""
     db = tmp_path / "o.db"
     seed(db, [("trace", 300, 1)])
     cap = int(db_bytes(db) / 0.9)
     config = otrace.Config.from_env({"TRACE_DB_PATH": str(db), "TRACE_DB_MAX_BYTES": str(cap)})
     events = otrace.EventQueue(512, 50)
-    retention = otrace.Retention(config, events, otrace.Database(str(db)))
+    return db, config, events, otrace.Retention(config, events, otrace.Database(str(db)))
+
+
+def test_a_batch_that_grows_the_database_past_its_high_mark_starts_a_deletion_at_once(tmp_path: Path) -> None:
+    """The writer, after such a batch, queues the first relief job itself, ahead of the next batch,
+    and wakes the pass to take it over; one at a time, and none for a batch that grew nothing."""
+    db, config, events, retention = retention_at_its_high_mark(tmp_path)
     retention.watch()                                    # from nothing to 90 % of the cap
     retention.watch()
     assert len(events.jobs) == 1 and len(retention.begun) == 1 and retention.bell.is_set()
@@ -6052,12 +6058,7 @@ def test_a_relief_job_a_pass_stopped_waiting_for_is_counted_by_the_next_pass(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A relief job the writer runs after its pass stopped waiting (JOB_TIMEOUT) deletes all the
     same: the next pass counts its rows, so what it deleted unpushed is said, not only in the ledger."""
-    db = tmp_path / "o.db"
-    seed(db, [("trace", 300, 1)])
-    cap = int(db_bytes(db) / 0.9)
-    config = otrace.Config.from_env({"TRACE_DB_PATH": str(db), "TRACE_DB_MAX_BYTES": str(cap)})
-    events = otrace.EventQueue(512, 50)
-    retention = otrace.Retention(config, events, otrace.Database(str(db)))
+    db, config, events, retention = retention_at_its_high_mark(tmp_path)
     retention.watch()                                    # a head start, with no writer to run it yet
     [job] = events.jobs
     tally: collections.Counter[tuple[str, str, str]] = collections.Counter()
