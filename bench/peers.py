@@ -152,7 +152,8 @@ def tree_rss(pid: int) -> int:
 
 def phoenix(work: Path, connections: int, seconds: float) -> dict[str, float]:
     port = free_port()
-    env = {**os.environ, "PHOENIX_WORKING_DIR": str(work), "PHOENIX_HOST": "127.0.0.1",
+    env = {**os.environ, "PHOENIX_WORKING_DIR": str(work), "TMPDIR": str(work),   # its pid files too
+           "PHOENIX_HOST": "127.0.0.1",
            "PHOENIX_PORT": str(port), "PHOENIX_GRPC_PORT": str(free_port()),
            "PHOENIX_TELEMETRY_ENABLED": "false"}
     bodies = span_bodies(connections)
