@@ -8497,9 +8497,9 @@ def test_calls_written_after_a_backup_of_the_store_is_restored_are_read(tmp_path
 @needs_stores
 def test_an_agent_database_overwritten_in_place_degrades_health_until_it_is_good_again(
         tmp_path: Path, run: Callable[..., Otrace]) -> None:
-    """Garbage written over the file's first pages (its inode kept, its -wal and -shm untouched):
-    otrace's cached pages must not hide it; /health is degraded while no one can read the file, and
-    the calls written once a good copy is back are read."""
+    """Garbage written over the file's first pages (its inode, size and modification time kept, its
+    -wal and -shm untouched): otrace's cached pages must not hide it; /health is degraded while no one
+    can read the file, and the calls written once a good copy is back are read."""
     node, db, template = store_followed(tmp_path, run)
     gateway = gateway_connection(db)
     gateway.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -8508,8 +8508,10 @@ def test_an_agent_database_overwritten_in_place_degrades_health_until_it_is_good
     shutil.copyfile(db, good)
     polls = node.health()["openclaw_sessions"]["polls"]       # the checkpoint looked at: nothing new
     wait_until(lambda: node.health()["openclaw_sessions"]["polls"] >= polls + 2, what="a look after it")
+    before = db.stat()
     with db.open("r+b") as file:
         file.write(os.urandom(8192))
+    os.utime(db, ns=(before.st_atime_ns, before.st_mtime_ns))   # as cp -p or touch -r would
     degraded = wait_until(lambda: (h := node.request("GET", "/health")).status == 503 and h.json, timeout=30,
                           what="/health degraded")
     assert "SQLITE_NOTADB" in degraded["openclaw_sessions"]["agent_errors"]["main"]
