@@ -60,6 +60,7 @@ import itertools
 import json
 import logging
 import math
+import operator
 import os
 import pwd
 import queue
@@ -7267,7 +7268,7 @@ class LogLine:
         if self._numbered is None:
             numbered = [(n, v) for k, v in self.obj.items()    # isdigit() first: most keys are not
                         if k.isdigit() and (n := count_of(k)) is not None]
-            numbered.sort(key=_first_item)                     # "1" and "01": by number, as written
+            numbered.sort(key=operator.itemgetter(0))          # "1" and "01": by number, as written
             self._numbered = numbered
         return self._numbered
 
@@ -7305,10 +7306,6 @@ class LogLine:
     def session_id(self) -> str | None:
         session = self.obj.get("session_id")
         return session if isinstance(session, str) else None
-
-
-def _first_item(pair: tuple[int, Any]) -> int:
-    return pair[0]
 
 
 def log_json(text: str) -> Any:
@@ -8211,13 +8208,14 @@ class AgentDatabase:
     def open(self) -> bool:
         """Connect (again, when the file at the path is another one); False while there is no file,
         or no transcript table in it yet."""
-        identity = _identity(str(self.path))
-        if identity is None:
+        stamp = self.stamped()
+        if stamp[0] is None:
             self.gone = self.gone or self.conn is not None
             self.close()
             return False
-        if self.conn is not None and identity == self.identity and self.stamped() == self.stamp:
+        if self.conn is not None and stamp == self.stamp:   # the same file, changed only by commits
             return True
+        identity = stamp[0][:2]
         self.close()
         conn = sqlite3.connect(sqlite_uri(self.path, "ro"), uri=True, timeout=STORE_BUSY_MS / 1000,
                                isolation_level=None, check_same_thread=False)
