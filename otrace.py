@@ -1016,12 +1016,17 @@ def int64(n: int) -> int:
     return n - (1 << 64) if n >= 1 << 63 else n
 
 
+class Behind(Exception):
+    """The queue refused a reader's unit: what it held is read again at the next look, which comes soon."""
+
+
 class QuietReader(Loop):
     """A loop that reads what another process writes: each tick a look (`look`), or only a few stat
     calls while the files it reads (`watched`) are as they were at a look that found nothing."""
 
-    def __init__(self, name: str, interval: float, quiet: float) -> None:
+    def __init__(self, name: str, interval: float, quiet: float, events: EventQueue) -> None:
         super().__init__(name, interval, first_delay=0.0, quiet=quiet)
+        self.events = events
         self.stamps = Stamps()
         # the tallies of the unit being read, counted once the queue takes it: a refused one is read again
         self.staged: collections.Counter[str] = collections.Counter()
@@ -1030,9 +1035,20 @@ class QuietReader(Loop):
         watched = self.watched()
         if self.stamps.unchanged(watched):
             return
-        self.look()
+        self.behind = False
+        try:
+            self.look()
+        except Behind:
+            self.behind = True
+            return
         if not self.news and self.watched() == watched:
             self.stamps.keep()
+
+    def send(self, rows: list[Row], extra: list[tuple[str, tuple]]) -> None:
+        """Offer rows, and the statements that commit with them, to the writer as one unit; Behind if
+        the queue is full."""
+        if not self.events.offer(Unit(rows, tuple(extra), own=True, reader=True)):
+            raise Behind
 
     def watched(self) -> tuple[str | int, ...]:
         """The files a look reads now; nothing when the next look must be a whole one."""
@@ -5155,6 +5171,12 @@ class Kept(NamedTuple):
     key: str
 
 
+class SeriesState(NamedTuple):
+    series_id: int
+    last: Point | None           # a cumulative series' last point
+    written: int                 # ms its state was last written to otlp_series (0: never)
+
+
 class Series:
     """Every metric series otrace has seen: its id (in its rows' trace_ids) and, for a cumulative one,
     its last point. The newest TRACE_OTLP_MAX_SERIES are in memory; all are in otlp_series, written
@@ -5162,27 +5184,28 @@ class Series:
 
     def __init__(self, db: Database, limit: int) -> None:
         self.db, self.limit = db, limit
-        self.known: collections.OrderedDict[str, list[Any]] = collections.OrderedDict()  # [id, Point, at]
+        self.known: collections.OrderedDict[str, SeriesState] = collections.OrderedDict()
         self.next_id: int | None = None
 
-    def load(self, keys: Iterable[str]) -> dict[str, list[Any]]:
+    def load(self, keys: Iterable[str]) -> dict[str, SeriesState]:
         """The stored state of those of `keys` not in memory, read a few hundred at a time: a request
         may bring thousands of new series, and one query each held the HTTP thread for seconds."""
         wanted = [key for key in dict.fromkeys(keys) if key not in self.known]
-        stored: dict[str, list[Any]] = {}
+        stored: dict[str, SeriesState] = {}
         for start in range(0, len(wanted), SERIES_A_QUERY):
             part = tuple(wanted[start:start + SERIES_A_QUERY])
             for key, series_id, begin, at, value, count, buckets, updated in self.db.query(
                     "SELECT key, series_id, start_ns, time_ns, value, count, buckets, updated_at FROM "
                     f"otlp_series WHERE key IN ({', '.join('?' * len(part))})", part):
                 counts, bounds = json.loads(buckets) if buckets else (None, None)
-                stored[key] = [series_id, Point(begin, at, value, count, None if counts is None else tuple(
-                    counts), None if bounds is None else tuple(bounds)), updated]
+                last = Point(begin, at, value, count, None if counts is None else tuple(counts),
+                             None if bounds is None else tuple(bounds))
+                stored[key] = SeriesState(series_id, last, updated)
         return stored
 
-    def get(self, key: str, fresh: dict[str, list[Any]], stored: dict[str, list[Any]]) -> list[Any]:
-        """[series id, last point or None, ms its state was written] of a series (`stored`: what load
-        read for the request), new ones numbered."""
+    def get(self, key: str, fresh: dict[str, SeriesState],
+            stored: dict[str, SeriesState]) -> SeriesState:
+        """A series' state (`stored`: what load read for the request), new ones numbered."""
         if key in fresh:
             return fresh[key]
         if key in self.known:
@@ -5192,9 +5215,9 @@ class Series:
         if self.next_id is None:
             self.next_id = (self.db.query("SELECT max(series_id) FROM otlp_series")[0][0] or 0) + 1
         self.next_id += 1
-        return [self.next_id - 1, None, 0]
+        return SeriesState(self.next_id - 1, None, 0)
 
-    def commit(self, fresh: dict[str, list[Any]]) -> None:
+    def commit(self, fresh: dict[str, SeriesState]) -> None:
         for key, state in fresh.items():
             self.known.pop(key, None)
             self.known[key] = state
@@ -5213,10 +5236,11 @@ def point_problem(point: Point) -> str | None:
     return None
 
 
-def point_state(key: str, state: list[Any], now: int) -> tuple[str, tuple]:
-    point = state[1] or Point(0, 0, None, None)
+def point_state(key: str, state: SeriesState, now: int) -> tuple[str, tuple]:
+    point = state.last or Point(0, 0, None, None)
     buckets = json.dumps([point.buckets, point.bounds]) if point.buckets is not None else None
-    return SERIES_SQL, (key, state[0], point.start_ns, point.time_ns, point.value, point.count, buckets, now)
+    return SERIES_SQL, (key, state.series_id, point.start_ns, point.time_ns, point.value, point.count,
+                        buckets, now)
 
 
 # -- the receiver
@@ -5236,7 +5260,7 @@ class Export:
     calls: list[Call] = dataclasses.field(default_factory=list)                     # each with its row
     merged: list[tuple[Call, Call]] = dataclasses.field(default_factory=list)       # (stored, now)
     parked: list[tuple[str, list[Said]]] = dataclasses.field(default_factory=list)
-    series: dict[str, list[Any]] = dataclasses.field(default_factory=dict)
+    series: dict[str, SeriesState] = dataclasses.field(default_factory=dict)
 
     def refuse(self, counter: str, where: str, why: Invalid) -> None:
         self.rejected += 1
@@ -5615,25 +5639,26 @@ class OtlpReceiver:
             found.append(Kept(metric, resource, kind, cumulative, monotonic, point, current, attrs, key))
         return found
 
-    def metric_point(self, kept: Kept, export: Export, stored: dict[str, list[Any]], received: int) -> None:
+    def metric_point(self, kept: Kept, export: Export, stored: dict[str, SeriesState], received: int) -> None:
         """A point's change since the last of its series (a cumulative one), as a row."""
         metric, resource, kind, cumulative, monotonic, point, current, attrs, key = kept
         state = export.series.setdefault(key, self.series.get(key, export.series, stored))
         change, reset = current, False
         if cumulative:
-            found = difference(state[1], current, monotonic)
+            found = difference(state.last, current, monotonic)
             if found is None:
                 export.counts["metric_points_unchanged"] += 1
                 return
             change, reset = found
         zero = not change.value and not change.count
         if cumulative:
-            fresh = export.series[key] = [state[0], current, state[2]]
-            if not zero or received - state[2] > SERIES_TOUCH_MS:
-                fresh[2] = received
+            touch = not zero or received - state.written > SERIES_TOUCH_MS
+            fresh = export.series[key] = SeriesState(state.series_id, current,
+                                                     received if touch else state.written)
+            if touch:
                 export.extra.append(point_state(key, fresh, received))
-        elif state[2] == 0:                      # a new delta or gauge series: keep its id
-            fresh = export.series[key] = [state[0], None, received]
+        elif state.written == 0:                 # a new delta or gauge series: keep its id
+            fresh = export.series[key] = SeriesState(state.series_id, None, received)
             export.extra.append(point_state(key, fresh, received))
         if zero and kind != "gauge":
             export.counts["metric_points_unchanged"] += 1
@@ -5641,7 +5666,7 @@ class OtlpReceiver:
         export.counts["metric_resets"] += reset
         self.point_row(metric, point, export, kind=kind, attrs=attrs,
                        service=resource.get("service.name"), change=change, reset=reset,
-                       series_id=state[0], received=received, whole=change is current)
+                       series_id=state.series_id, received=received, whole=change is current)
 
     def point_row(self, metric: Any, point: Any, export: Export, *, kind: str, attrs: dict[str, Any],
                   service: str | None, change: Point, reset: bool, series_id: int, received: int,
@@ -7583,8 +7608,8 @@ class LogTailer(QuietReader):
 
     def __init__(self, config: Config, events: EventQueue, db: Database,
                  store_followed: bool = False) -> None:
-        super().__init__("logtail", config.log_poll, config.quiet_poll)
-        self.config, self.events, self.store_followed = config, events, store_followed
+        super().__init__("logtail", config.log_poll, config.quiet_poll, events)
+        self.config, self.store_followed = config, store_followed
         self.causes: dict[str, str] = {}         # otel trace id -> cause code of its last fetch error
         self.last_outcome: dict[str, str] = {}   # run id -> outcome of its last failed attempt
         self.known: dict[tuple[int, int], list[tuple[str, int]]] = {}   # (dev, inode) -> [(mark, offset)]
@@ -7705,14 +7730,13 @@ class LogTailer(QuietReader):
                 "file": followed.path, "offset": followed.offset})
             followed.restart()
         read = self.drain(followed)
-        if read is None or read > 0 or not self.superseded(followed):
-            followed.replaced_at = None              # full queue, news, or still the file to follow
+        if read > 0 or not self.superseded(followed):
+            followed.replaced_at = None              # news, or still the file to follow
             return
         if followed.replaced_at is None:             # give a rename's last appends one more poll
             followed.replaced_at = time.monotonic()
             return
-        if self.drain(followed, to_end=True) is None:
-            return
+        self.drain(followed, to_end=True)
         os.close(followed.fd)
         self.log.info("finished log file", extra={"file": followed.path, "offset": followed.offset})
         self.current = None
@@ -7732,9 +7756,9 @@ class LogTailer(QuietReader):
             return (st.st_dev, st.st_ino) != (followed.dev, followed.inode)
         return False
 
-    def drain(self, followed: Followed, to_end: bool = False) -> int | None:
-        """Offer every whole line from the file's offset: how many lines, or None if the queue was
-        full (the offset then stays, and the same lines are read again next tick)."""
+    def drain(self, followed: Followed, to_end: bool = False) -> int:
+        """Offer every whole line from the file's offset: how many lines. Behind if the queue is full
+        (the offset then stays, and the same lines are read again at the next look)."""
         total = 0
         while not self.stopping.is_set():
             lines, end = followed.lines(self.most, self.config.log_line_max, to_end)
@@ -7762,10 +7786,7 @@ class LogTailer(QuietReader):
             if followed.fingerprint != followed.committed:     # one mark a file: none stale to resume at
                 extra.append((FORGET_SQL, (*file, followed.fingerprint)))
             extra.append((OFFSET_SQL, (*file, followed.fingerprint, followed.path, end, now_ms())))
-            if not self.events.offer(Unit(rows, tuple(extra), own=True, reader=True)):
-                self.behind = True
-                return None
-            self.behind = False
+            self.send(rows, extra)
             self.totals.add_all(self.staged)
             followed.committed = followed.fingerprint
             self.known[(followed.dev, followed.inode)] = [(followed.fingerprint, end)]
@@ -8173,10 +8194,6 @@ class Cursor:
         return self.mark.endswith(REREAD)
 
 
-class Behind(Exception):
-    """The queue refused a unit: the same entries are read again at the next look, which comes soon."""
-
-
 class AgentDatabase:
     """One agent's openclaw-agent.sqlite, read on a read-only connection kept between polls with no
     transaction open between them: a poll first asks SQLite whether anyone committed since the last
@@ -8327,8 +8344,8 @@ class SessionStore(QuietReader):
     read meanwhile."""
 
     def __init__(self, config: Config, events: EventQueue, db: Database, root: Path) -> None:
-        super().__init__("sessions", config.openclaw_poll, config.quiet_poll)
-        self.config, self.events, self.root = config, events, root
+        super().__init__("sessions", config.openclaw_poll, config.quiet_poll, events)
+        self.config, self.root = config, root
         self.cursors: dict[tuple[str, str], Cursor] = {
             (agent, stream): Cursor(mark, position, newest) for agent, stream, mark, position, newest in
             db.query("SELECT agent, stream, mark, position, newest FROM openclaw_positions")}
@@ -8385,15 +8402,12 @@ class SessionStore(QuietReader):
             try:
                 self.read_database(agent)
                 looked_at += self.read_files(agent)
-            except Behind:
-                self.behind = True
-                return
             except (OSError, sqlite3.Error) as exc:
                 errors[agent] = describe(exc)
                 if agent in self.databases and isinstance(exc, sqlite3.Error):
                     self.databases[agent].close()        # opened afresh at the next look
             looked_at += self.databases[agent].files
-        self.behind, self.errors = False, errors
+        self.errors = errors
         if self.errors:
             raise Condition("; ".join(f"agent {a}: {e}" for a, e in self.errors.items()))
         self.looked_at = tuple(looked_at)
@@ -8523,8 +8537,7 @@ class SessionStore(QuietReader):
         extra = [(POSITION_SQL, (agent, session, cursor.mark, cursor.position, cursor.newest, now))
                  for session, cursor in again.items()]
         extra.append((STATE_SQL, (INODE_KEY + agent, int64(inode), now)))
-        if not self.events.offer(Unit([], tuple(extra), own=True, reader=True)):
-            raise Behind
+        self.send([], extra)
         self.cursors.update({(agent, session): cursor for session, cursor in again.items()})
         self.inodes[agent] = inode
 
@@ -8536,8 +8549,7 @@ class SessionStore(QuietReader):
             run := _run_of(row))]
         extra += [(USAGE_SUPERSEDED_SQL, (session, *times)) for session, times in call_times(rows).items()
                   if session in self.usage_sessions]
-        if not self.events.offer(Unit(rows, tuple(extra), own=True, reader=True)):
-            raise Behind
+        self.send(rows, extra)
         self.cursors[(agent, stream)] = cursor
         self.totals.add_all(self.staged)
         self.totals.add("calls", sum(row.table == TRACES.name for row in rows))

@@ -3578,10 +3578,10 @@ def test_lines_read_again_after_a_full_queue_are_counted_once(tmp_path: Path) ->
     otrace.open_database(config.db_path)
     events = held_by_a_client(8)
     tailer = otrace.LogTailer(config, events, otrace.Database(config.db_path))
-    tailer.look()
+    tailer.tick()
     assert tailer.behind and tailer.totals.snapshot()["lines"] == 0    # its first unit was refused
     units = taken(events)
-    tailer.look()
+    tailer.tick()
     units += taken(events)
     assert not tailer.behind
     totals = tailer.totals.snapshot()
@@ -8669,11 +8669,11 @@ def test_entries_read_again_after_a_full_queue_are_counted_once(tmp_path: Path) 
     otrace.open_database(config.db_path)
     events = held_by_a_client(8)
     store = otrace.SessionStore(config, events, otrace.Database(config.db_path), state)
-    store.look()
+    store.tick()
     assert store.behind and store.totals.snapshot()["calls"] == 0       # its first unit was refused
     while store.behind:
         taken(events)
-        store.look()
+        store.tick()
     assert store.totals.snapshot() == alone.totals.snapshot() and alone.totals.snapshot()["calls"] > 0
 
 
