@@ -8470,7 +8470,9 @@ def test_calls_written_after_a_backup_of_the_store_is_restored_are_read(tmp_path
             source.backup(gateway)                           # into the same file: its inode kept
     elif restore != "cut":                                   # while otrace reads on
         gateway.execute("PRAGMA wal_checkpoint(TRUNCATE)")   # the gateway stopped: otrace keeps its WAL
-        gateway.close()
+        polls = node.health()["openclaw_sessions"]["polls"]  # a checkpoint has otrace open the file anew:
+        wait_until(lambda: node.health()["openclaw_sessions"]["polls"] >= polls + 2, what="a look after it")
+        gateway.close()                                      # closed meanwhile, it would remove the WAL
         if restore.endswith("sidecars-removed"):
             for suffix in ("-wal", "-shm"):
                 Path(f"{db}{suffix}").unlink()
