@@ -721,6 +721,7 @@ CORRUPTION = ("SQLITE_CORRUPT", "SQLITE_NOTADB")   # a fault of the file: waitin
 _ids = random.Random()           # seeded from os.urandom once
 _UUID7_RANDOM = 0xFFF << 64 | (1 << 62) - 1        # rand_a (12 bits) and rand_b (62 bits)
 STAMP_MARGIN_NS = 3_000_000_000  # stamps are trusted only when older than their look by this (see Stamps)
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def sqlite_code(exc: BaseException) -> str | None:
@@ -771,6 +772,12 @@ def transaction(conn: sqlite3.Connection, immediate: bool = True) -> Iterator[sq
 
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+def epoch_ms(moment: datetime) -> int:
+    """An aware time as Unix ms, what is below a millisecond cut off as a number's fraction is (rounded,
+    the last instant of a day fell on the next; a float's product can land a millisecond low)."""
+    return (moment - EPOCH) // timedelta(milliseconds=1)
 
 
 def new_id() -> str:
@@ -1232,7 +1239,7 @@ class Fields:
                 raise self.fail("created_at", "must be RFC 3339 (2026-01-31T12:00:00Z) or Unix ms") from None
             if moment.tzinfo is None:
                 raise self.fail("created_at", "needs a timezone offset (Z or +hh:mm)")
-            value = round(moment.timestamp() * 1000)
+            value = epoch_ms(moment)
         elif not _finite(value):
             raise self.fail("created_at", "must be RFC 3339 (2026-01-31T12:00:00Z) or Unix ms")
         if not 0 <= value <= MAX_UNIX_MS:
@@ -7363,7 +7370,7 @@ def _log_time(value: Any) -> int | None:
         moment = datetime.fromisoformat(value)
     except ValueError:
         return None
-    return round(moment.timestamp() * 1000) if moment.tzinfo else None
+    return epoch_ms(moment) if moment.tzinfo else None
 
 
 def classify(line: LogLine) -> str | None:
@@ -11253,7 +11260,7 @@ class Zone:
         """The Unix ms of a wall-clock time here."""
         if self.tz is None:
             return int(time.mktime((*wall.timetuple()[:8], -1))) * 1000 + wall.microsecond // 1000
-        return int(wall.replace(tzinfo=self.tz).timestamp() * 1000)
+        return epoch_ms(wall.replace(tzinfo=self.tz))
 
     def midnight(self, day: date) -> int:
         return self.instant(datetime.combine(day, dt_time()))
@@ -11311,7 +11318,7 @@ def _moment(text: str, zone: Zone, now: int, end: bool, back_from: int) -> int:
     if re.fullmatch(r"\d{4}-\d\d-\d\d", text):
         return zone.midnight(date.fromisoformat(text) + timedelta(days=int(end)))
     at = datetime.fromisoformat(text)
-    return zone.instant(at) if at.tzinfo is None else int(at.timestamp() * 1000)
+    return zone.instant(at) if at.tzinfo is None else epoch_ms(at)
 
 
 def open_snapshot(path: str) -> sqlite3.Connection:
@@ -11545,17 +11552,20 @@ class Report:
                                   "category", params)]
 
     def host(self) -> dict[str, Any]:
-        """Peaks of the host samples in the window, and the OOM kills otrace saw."""
+        """Peaks of the host samples in the window, and the OOM kills otrace saw (one a client posted
+        is among the errors)."""
         where, params = self.where(by_source=False)
         samples, cpu, memory, limit, disk, own = self.conn.execute(
             "SELECT count(*), max(cpu_pct), max(mem_used_bytes), max(mem_limit_bytes), max(disk_used_pct), "
             f"max(self_rss_bytes) FROM system_metrics WHERE {where}", params).fetchone()
         where, params = self.where(by_source=False)
-        kills = self.conn.execute(f"SELECT count(*) FROM error_events WHERE {where} AND "
-                                  "category = 'oom_kill'", params).fetchone()[0]
+        kills = self.conn.execute(     # the kills of one sample: the host's count holds the cgroup's
+            "SELECT total(max(1, coalesce(json_extract(metadata, '$.kills.host'), 0), "
+            "coalesce(json_extract(metadata, '$.kills.cgroup'), 0))) FROM error_events "
+            f"WHERE {where} AND category = 'oom_kill' AND source = 'otrace'", params).fetchone()[0]
         return {"samples": samples, "cpu_pct_max": cpu, "mem_used_bytes_max": memory,
                 "mem_limit_bytes": limit, "disk_used_pct_max": disk, "otrace_rss_bytes_max": own,
-                "oom_kill_events": kills}
+                "oom_kills": int(kills)}
 
     def log_events(self) -> dict[str, int]:
         where, params = self.where(by_source=False)
@@ -11670,7 +11680,8 @@ def tokens_text(n: int) -> str:
 
 
 def usd_text(usd: float) -> str:
-    """Four decimals up to $100, so the rows of a report add up to its total as printed."""
+    """Four decimals up to $100, so a call's fraction of a cent shows (rows rounded so may miss the
+    total as printed by a digit or two in the last place)."""
     return "$0" if not usd else "<$0.0001" if usd < 0.00005 else f"${usd:,.2f}" if usd >= 100 else \
         f"${usd:.4f}"
 
@@ -11706,11 +11717,12 @@ class TableView:
 
     def cells(self, row: dict[str, Any], compact: bool) -> list[str]:
         rate = f"{row['failures']:,}" + (f" {100 * row['failure_rate']:.1f}%" if row["failures"] else "")
-        cost = usd_text(row["cost_usd"]) + ("*" if row["computed_usd"] else "")
+        cost = usd_text(row["cost_usd"]) + "*" * bool(row["computed_usd"]) + "?" * bool(
+            row["unpriced_calls"])
         latency = row["latency_ms"]
         tokens = [row[f"{kind}_tokens"] for kind in ("input", "output", "cache_read", "cache_write")]
         if compact:
-            return [f"{row['calls']:,}", f"{row['failures']:,}", tokens_text(sum(tokens)), cost,
+            return [f"{row['calls']:,}", f"{row['failures']:,}", tokens_text(row["total_tokens"]), cost,
                     ms_text(latency["p95"])]
         return [f"{row['calls']:,}", rate, *map(tokens_text, tokens), cost,
                 *(ms_text(latency[p]) for p in ("p50", "p95", "p99"))]
@@ -11770,8 +11782,8 @@ class TableView:
             notes.append(f"* {usd_text(totals['computed_usd'])} of the cost computed from the price table "
                          + ("(the source reported none)" if mode == "auto" else "(--cost computed)"))
         if totals["unpriced_calls"]:
-            notes.append(f"{plural(totals['unpriced_calls'], 'call')} with tokens and no cost: no price for "
-                         "the model, or a total of tokens alone" + (
+            notes.append(f"? {plural(totals['unpriced_calls'], 'call')} with tokens and no cost: no price "
+                         "for the model, or a total of tokens alone" + (
                              " (or none reported: --cost reported)" if mode == "reported" else ""))
         if (zero := self.doc["calls"]["reported_zero"])["calls"] and mode != "computed":
             notes.append(f"{plural(zero['calls'], 'call')} reported at $0 by the source: the price table "
@@ -11797,7 +11809,7 @@ class TableView:
             f"CPU peak {host['cpu_pct_max'] or 0:.1f} % · memory peak "
             f"{bytes_text(host['mem_used_bytes_max'])} of {bytes_text(host['mem_limit_bytes'])} · disk peak "
             f"{host['disk_used_pct_max'] or 0:.1f} %")
-        host_text += f" · OOM kills {host['oom_kill_events']}"
+        host_text += f" · OOM kills {host['oom_kills']}"
         last, success = push["last_attempt"], push["last_success"]
         unsynced = push["unsynced_total"]
         push_text = f"{unsynced:,} row{'s' * (unsynced != 1)} not pushed · " + (

@@ -808,6 +808,14 @@ def test_created_at_reads_rfc_3339_in_each_of_its_forms(written: str) -> None:
     assert rows[0].values[1] == 1796040000000              # 2026-11-30T12:00:00Z
 
 
+@pytest.mark.parametrize("written", ["2026-11-30T11:59:59.9999Z", "2026-11-30T11:59:59.999999+00:00",
+                                     "2026-11-30T12:59:59.999999+01:00", 1796039999999.7])
+def test_created_at_below_a_millisecond_is_cut_off_in_each_form(written: str | float) -> None:
+    """As a number's fraction is: rounded up, the last instant of a day was counted on the next."""
+    rows, _ = otrace.parse_events(json.dumps({**TRACE, "created_at": written}).encode(), "/v1/traces", 1, 100)
+    assert rows[0].values[1] == 1796039999999              # 2026-11-30T11:59:59.999Z
+
+
 def test_unknown_fields_are_listed_back_and_not_stored(svc: Otrace) -> None:
     resp = svc.post("/v1/traces", [trace(colour="blue"), trace(synced=1, id=5)])
     assert resp.status == 202
@@ -7576,7 +7584,7 @@ def test_report_numbers_are_exact_in_json_csv_and_the_table(tmp_path: Path) -> N
                              {"error_type": "crash", "category": "oom_kill", "count": 1}]
     assert doc["host"] == {"samples": 2, "cpu_pct_max": 93.25, "mem_used_bytes_max": 3 * 2**29,
                            "mem_limit_bytes": 2**31, "disk_used_pct_max": 45.5,
-                           "otrace_rss_bytes_max": 25 * 2**20, "oom_kill_events": 1}
+                           "otrace_rss_bytes_max": 25 * 2**20, "oom_kills": 1}
     assert doc["log_events"] == {"model_call": 2, "channel_inbound": 1}
     assert doc["push"] == {
         "unsynced": {"llm_traces": 7, "error_events": 3, "system_metrics": 2, "log_events": 4,
@@ -7619,10 +7627,10 @@ def test_report_numbers_are_exact_in_json_csv_and_the_table(tmp_path: Path) -> N
          "2.0s", "2.0s"],
         ["mock/mock-model", "2", "1", "50.0%", "904", "300", "4.1k", "0", "$0.0084", "-", "-", "-"],
         ["anthropic/claude-sonnet-4", "1", "1", "100.0%", "0", "0", "0", "0", "$0", "50ms", "50ms", "50ms"],
-        ["mystery/unknown-model", "1", "0", "100", "10", "0", "0", "$0", "700ms", "700ms", "700ms"],
-        ["TOTAL", "7", "2", "28.6%", "8.0k", "1.6k", "7.1k", "3.0k", "$0.1038*", "300ms", "2.0s", "2.0s"]]
+        ["mystery/unknown-model", "1", "0", "100", "10", "0", "0", "$0?", "700ms", "700ms", "700ms"],
+        ["TOTAL", "7", "2", "28.6%", "8.0k", "1.6k", "7.1k", "3.0k", "$0.1038*?", "300ms", "2.0s", "2.0s"]]
     assert table[9] == "* $0.0454 of the cost computed from the price table (the source reported none)"
-    assert table[10] == "1 call with tokens and no cost: no price for the model, or a total of tokens alone"
+    assert table[10] == "? 1 call with tokens and no cost: no price for the model, or a total of tokens alone"
     assert "llm_error/rate_limit 2 · crash/oom_kill 1" in done.stdout
     assert "s1 $0.0535 (2 calls) · s2 $0.0418 (1 call) · s3 $0.0084 (2 calls)" in done.stdout
     assert "CPU peak 93.2 % · memory peak 1.5 GiB of 2.0 GiB · disk peak 45.5 % · OOM kills 1" in done.stdout
@@ -7640,7 +7648,7 @@ def test_report_numbers_are_exact_in_json_csv_and_the_table(tmp_path: Path) -> N
     assert again == doc
 
 
-def test_report_costs_print_so_the_rows_add_up_to_the_total() -> None:
+def test_report_costs_print_four_decimals_up_to_100_dollars() -> None:
     costs = (0, 0.00004, 0.125, 0.25, 0.75, 1.125, 99.5, 1234.5)
     assert [otrace.usd_text(usd) for usd in costs] == [
         "$0", "<$0.0001", "$0.1250", "$0.2500", "$0.7500", "$1.1250", "$99.5000", "$1,234.50"]
@@ -7968,6 +7976,37 @@ def test_report_on_a_terminal_is_compact_when_narrow_and_draws_cost_bars_by_day(
     assert eighths == round(8 * full * 0.0084408 / 0.09535)                 # its cost against the top day's
     tiny = table(run_in_terminal([*window, "--by", "day"], 20))             # rows still say which day
     assert [line.split()[0] for line in tiny[1:3]] == ["2026-11-02", "2026-11-03"]
+
+
+def test_report_counts_the_oom_kills_otrace_saw_not_their_events(tmp_path: Path) -> None:
+    """One event holds a sample's kills, the host's count holding the cgroup's; an OOM error a client
+    posted is among the errors, not a kill counted again."""
+    db = tmp_path / "otrace.db"
+    otrace.open_database(str(db))
+    events = [otrace.own_error("oom_kill", "OOM killer", {"kills": kills}, "critical", "crash")
+              for kills in ({"cgroup": 1, "host": 3}, {"cgroup": 2}, {"host": 1})]
+    events.append(otrace.event_row(otrace.ERRORS, otrace.error_row, {
+        "error_type": "system_error", "category": "oom_kill", "message": "oom"}, "http"))
+    with contextlib.closing(otrace.connect(str(db))) as conn, otrace.transaction(conn):
+        otrace.insert_rows(conn, "error_events", [row.values for row in events])
+    doc = report_json(db, "--since", "1h")
+    assert doc["host"]["oom_kills"] == 6
+    assert {(e["category"], e["count"]) for e in doc["errors"]} == {("oom_kill", 3), ("oom_kill", 1)}
+
+
+def test_report_compact_tokens_are_the_calls_totals(tmp_path: Path) -> None:
+    """A call that gave only its total counts it: the four kinds of token summed left it out."""
+    db = tmp_path / "otrace.db"
+    otrace.open_database(str(db))
+    calls = [otrace.event_row(otrace.TRACES, otrace.trace_row, {
+        "provider": "openai", "model": "gpt-4o", "created_at": "2026-11-02T10:00:00Z", **tokens}, "http")
+        for tokens in ({"prompt_tokens": 1000, "completion_tokens": 200}, {"total_tokens": 500})]
+    with contextlib.closing(otrace.connect(str(db))) as conn, otrace.transaction(conn):
+        otrace.insert_rows(conn, "llm_traces", [row.values for row in calls])
+    narrow = run_in_terminal(["--db", str(db), *WINDOW, "--timezone", "UTC"], 72).splitlines()
+    header = next(line.split() for line in narrow if line.startswith("MODEL"))
+    row = next(line.split() for line in narrow if line.startswith("openai/gpt-4o"))
+    assert row[header.index("TOKENS")] == "1.7k"
 
 
 def test_report_columns_widen_for_the_largest_values_the_api_takes(tmp_path: Path) -> None:
