@@ -6321,6 +6321,35 @@ def test_health_and_prometheus_show_the_newest_sample(run: Callable[..., Otrace]
     assert otrace.prometheus_number(0.1 + 0.2) == "0.30000000000000004"
 
 
+def test_metrics_read_by_the_prometheus_parser_with_labels_a_client_chose(run: Callable[..., Otrace]) -> None:
+    """The exposition as Prometheus's own Python parser reads it: each family typed once, a histogram's
+    buckets whole, and a model name with a quote, a backslash and a non-ASCII letter read back as sent."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    node = run({"TRACE_METRICS_INTERVAL": "100ms"})
+    odd = 'gpt "4o" \\ mini ü'
+    assert node.post("/v1/traces", [trace(provider="openai", model=odd, prompt_tokens=10, completion_tokens=2,
+                                          latency_ms=120.0, status=status) for status in ("ok", "error")]
+                     ).status == 202
+    node.wait_persisted(2)
+    wait_until(lambda: node.health()["host"], what="a host sample")
+    families = list(text_string_to_metric_families(node.request("GET", "/metrics").body.decode()))
+    names = [family.name for family in families]
+    assert len(names) == len(set(names)) and all(family.documentation for family in families)
+    kinds = {family.name: family.type for family in families}
+    assert (kinds["otrace_gen_ai_calls"], kinds["otrace_gen_ai_client_operation_duration_seconds"]) == (
+        "counter", "histogram")
+    samples = {(sample.name, sample.labels.get("gen_ai_request_model")): sample.value
+               for family in families for sample in family.samples}
+    assert samples[("otrace_gen_ai_calls_total", odd)] == 2
+    assert samples[("otrace_gen_ai_call_failures_total", odd)] == 1
+    buckets = sorted((float(sample.labels["le"]), sample.value) for family in families
+                     for sample in family.samples if sample.name.endswith("_bucket")
+                     and sample.labels.get("gen_ai_request_model") == odd)
+    assert buckets[-1] == (float("inf"), 2) and [v for _, v in buckets] == sorted(v for _, v in buckets)
+    assert samples[("otrace_gen_ai_client_operation_duration_seconds_count", odd)] == 2
+
+
 # ---------------------------------------------------------------------------------------- lifecycle
 
 
