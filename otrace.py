@@ -8135,8 +8135,8 @@ def store_events(entry: Any, agent: str, session: str, fallback_id: str, max_tex
         return []
     usage = message.get("usage") if isinstance(message.get("usage"), dict) else {}
     cost = usage.get("cost") if isinstance(usage.get("cost"), dict) else {}
-    read, write = _count(usage.get("cacheRead")), _count(usage.get("cacheWrite"))
-    parts = [n for n in (_count(usage.get("input")), read, write) if n is not None]
+    fresh, read = _count(usage.get("input")), _count(usage.get("cacheRead"))
+    write = _count(usage.get("cacheWrite"))
     internal = message.get("__openclaw") if isinstance(message.get("__openclaw"), dict) else {}
     stored = _log_time(entry.get("timestamp"))
     failed = message.get("stopReason") == "error" or (      # a turn that timed out is stored aborted
@@ -8154,7 +8154,9 @@ def store_events(entry: Any, agent: str, session: str, fallback_id: str, max_tex
              "model": model or "unknown", "status": "error" if failed else "ok",
              "error_type": (kind or code) if failed else None,
              "finish_reason": _name(message.get("stopReason")), "session_id": session,
-             "prompt_tokens": sum(parts) if parts else None, "completion_tokens": _count(usage.get("output")),
+             # the prompt counts the cache's tokens too; without its fresh ones it is unknown, not the cache's
+             "prompt_tokens": None if fresh is None else fresh + (read or 0) + (write or 0),
+             "completion_tokens": _count(usage.get("output")),
              "total_tokens": _count(usage.get("totalTokens")),
              "cache_read_tokens": read, "cache_write_tokens": write,
              "reasoning_tokens": _count(usage.get("reasoningTokens")),

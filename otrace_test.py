@@ -8283,6 +8283,13 @@ def test_transcript_entries_become_rows_as_openclaw_counts_them() -> None:
         0.0084408, "ok", "stop", "Hi")
     assert trace["metadata"] == {"agent_id": "main", "run_id": "run1", "entry_id": "e1", "response_id": "r1",
                                  "api": "openai-completions", "stored_after_ms": 1734}
+    for fresh in ({"input": -5}, {"input": "904"}, {}):         # the prompt is unknown, not the cache's
+        odd = json.loads(json.dumps(entry))
+        del odd["message"]["usage"]["input"]
+        odd["message"]["usage"] |= fresh
+        (_, _, trace), = otrace.store_events(odd, "main", "s1", "seq-5", 16384)
+        assert (trace["prompt_tokens"], trace["cache_read_tokens"], trace["total_tokens"]) == (
+            None, 4096, 5307)
     failed = json.loads(json.dumps(entry))
     failed["message"].update({"stopReason": "error", "errorCode": "429", "errorType": "rate_limit_exceeded",
                               "errorMessage": "429 Rate limit reached", "content": []})
