@@ -1292,6 +1292,71 @@ def test_a_damaged_carry_file_is_set_aside_and_the_start_goes_on(tmp_path: Path,
                                                  "SELECT trace_id FROM error_events")}
 
 
+def test_a_carry_files_companion_that_cannot_follow_it_aside_is_removed_not_left_for_the_next(
+        tmp_path: Path, run: Callable[..., Otrace]) -> None:
+    """The carry file's own new name fits in NAME_MAX (255 bytes) and its -wal's and -shm's, four bytes
+    longer, do not (ENAMETOOLONG): the carry goes aside alone, and its companions, kept by another
+    program that has it open (otrace's close would have removed them), are removed, never to be read as
+    the -wal and -shm of the next carry file at that path."""
+    db = tmp_path / ("o" * 224 + ".db")                           # 227 bytes: its carry's aside 253
+    carry = Path(f"{db}{otrace.CARRY}")
+    aside_name = f"{carry.name}.aside-{otrace.now_ms()}"
+    assert len(aside_name) <= 255 < len(f"{aside_name}-wal")      # NAME_MAX
+    node = run(db=db)
+    node.wait_persisted(len(post_some(node, 2)))
+    assert node.stop() == 0
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        root = conn.execute("SELECT rootpage FROM sqlite_schema WHERE name = 'llm_traces'").fetchone()[0]
+    shutil.copy(db, carry)
+    with open(carry, "r+b") as f:                                 # a table's page: its rows cannot be read
+        f.seek((root - 1) * 4096)
+        f.write(b"\xff" * 12)
+    with contextlib.closing(sqlite3.connect(carry)) as looker:    # someone looking at it, as otrace starts
+        looker.execute("SELECT count(*) FROM sqlite_schema").fetchone()
+        assert Path(f"{carry}-wal").exists() and Path(f"{carry}-shm").exists()
+        again = run(db=db)
+        aside = again.wait_log(lambda e: e.get("message") == "carry file cannot be taken in: set aside, its "
+                               "rows not taken in")["file"]
+        assert aside.startswith(f"{carry}.aside-")
+        beside = [p.name.removeprefix(carry.name) for p in tmp_path.iterdir()
+                  if p.name.startswith(carry.name)]
+        assert beside == [aside.removeprefix(str(carry))]         # no -wal, no -shm, under either name
+    assert again.post("/v1/traces", trace()).status == 202
+    again.wait_persisted(1)
+    assert again.stop() == 0
+
+
+def test_a_damaged_carry_file_removed_while_it_is_read_is_nothing_to_set_aside(
+        tmp_path: Path, run: Callable[..., Otrace], caplog: pytest.LogCaptureFixture) -> None:
+    """take_carried finds the carry file damaged, and by the time it would rename it aside the file is
+    gone (removed meanwhile, here by the connection's trace callback as the carry is detached, after
+    its damage was found): nothing was taken in, nothing is set aside, and no error is raised."""
+    node = run()
+    node.wait_persisted(len(post_some(node, 3)))
+    assert node.stop() == 0
+    db, carry = str(node.db_path), Path(f"{node.db_path}{otrace.CARRY}")
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        root = conn.execute("SELECT rootpage FROM sqlite_schema WHERE name = 'llm_traces'").fetchone()[0]
+    shutil.copy(db, carry)
+    with open(carry, "r+b") as f:                                 # a table's page: carry_over meets it
+        f.seek((root - 1) * 4096)
+        f.write(b"\xff" * 12)
+    detached = []
+
+    def remove_at_detach(statement: str) -> None:
+        if statement.startswith("DETACH DATABASE carry"):
+            detached.append(statement)
+            carry.unlink()
+
+    with contextlib.closing(otrace.connect(db)) as conn, caplog.at_level(logging.INFO, logger="otrace"):
+        conn.set_trace_callback(remove_at_detach)
+        assert otrace.take_carried(conn, db) is False
+    assert detached and not carry.exists()
+    assert [p.name for p in node.db_path.parent.iterdir() if ".aside-" in p.name] == []
+    assert "carry file cannot be taken in" not in caplog.text
+    assert len(node.query("SELECT trace_id FROM llm_traces")) == 3            # nothing taken in
+
+
 def test_after_an_rm_of_its_files_otrace_takes_its_lock_again_or_stands_down(
         tmp_path: Path, run: Callable[..., Otrace]) -> None:
     """rm of the database and its lock file lets a second otrace lock the path: the first takes the
@@ -1787,6 +1852,111 @@ def test_a_client_refused_while_another_program_locks_the_database_is_told_so(
         blocker.close()
     wait_until(lambda: node.post("/v1/traces", trace()).status == 202, timeout=60, what="writes again")
     node.wait_persisted(2)
+
+
+def serve_fifo(fifo: Path, content: bytes, before: Callable[[], None] = lambda: None,
+               timeout: float = 30.0) -> None:
+    """Once a reader opens the FIFO (waited for, with a deadline), run `before`, write `content` and
+    close: the reader is held in its read until then."""
+    def opened() -> int | None:
+        try:
+            return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError as exc:
+            if exc.errno != errno.ENXIO:                  # ENXIO: no reader yet
+                raise
+            return None
+    fd = wait_until(opened, timeout, f"a reader of {fifo}")
+    try:
+        before()
+        os.set_blocking(fd, True)
+        with os.fdopen(fd, "wb", closefd=False) as pipe:
+            pipe.write(content)
+    finally:
+        os.close(fd)
+
+
+def lock_out_readers(db: Path | str) -> sqlite3.Connection:
+    """Another program's connection holding the database file's lock until it closes: in WAL mode with
+    locking_mode EXCLUSIVE, otrace cannot even read it (SQLITE_BUSY after its busy timeout)."""
+    holder = sqlite3.connect(db, isolation_level=None, timeout=10)
+    holder.execute("PRAGMA locking_mode = EXCLUSIVE")
+    holder.execute("BEGIN EXCLUSIVE")
+    holder.execute("COMMIT")
+    return holder
+
+
+def test_a_lock_met_by_the_writers_first_connection_is_failing_since_that_attempt_began(
+        tmp_path: Path, run: Callable[..., Otrace]) -> None:
+    """Another program locks the database just after otrace opened it at its start, before the writer
+    opens its own connection: that connection waits BUSY_TIMEOUT for the lock and fails, and the
+    failure's `since` is when it began waiting, not when it gave up. TRACE_PRICES is a FIFO so that
+    the lock is taken at that very moment: otrace reads the price file once to check the setting, and
+    once more after the start's own work on the database, before its threads start."""
+    prices = tmp_path / "prices.fifo"
+    os.mkfifo(prices)
+    table = otrace.PRICES_FILE.read_bytes()
+    node = run({"TRACE_PRICES": str(prices)}, wait=False)
+    serve_fifo(prices, table)                            # the setting's check, which ends before
+    node.wait_log(lambda e: e.get("message") == "starting")    # this line: its reader has closed
+    holders: list[sqlite3.Connection] = []
+    began = 0.0
+
+    def lock() -> None:
+        nonlocal began
+        holders.append(lock_out_readers(node.db_path))
+        began = time.time()
+
+    try:
+        serve_fifo(prices, table, before=lock)           # Service(): the database is ready, no thread yet
+        said = node.wait_log(lambda e: e.get("message") == "database write failing", timeout=60)
+        assert "SQLITE_BUSY" in said["error"]
+        listening = node.wait_log(lambda e: e.get("message") == "listening")
+        node.port = int(listening["address"].rsplit(":", 1)[1])
+        # /health counts unpushed rows through a read that waits out the lock too (then says null)
+        failing = node.request("GET", "/health", timeout=60).json["last_write_error"]
+        since = datetime.fromisoformat(failing["since"])
+        assert since.timestamp() >= began - 0.001             # its attempt began once the lock was held
+        waited = datetime.fromisoformat(said["time"]) - since
+        assert waited.total_seconds() >= otrace.BUSY_TIMEOUT - 1         # SQLite's last sleep may be cut
+    finally:
+        for holder in holders:
+            holder.close()
+    node.wait_log(lambda e: e.get("message") == "database write recovered", timeout=60)
+    assert node.post("/v1/traces", trace()).status == 202
+    node.wait_persisted(1)
+    assert node.stop() == 0
+
+
+def test_a_lock_met_moving_to_a_new_database_file_is_failing_since_that_attempt_began(
+        tmp_path: Path, run: Callable[..., Otrace]) -> None:
+    """The database file is replaced by another program's new, empty one, which it holds locked: the
+    writer's move to it waits BUSY_TIMEOUT for the lock and fails, and the failure is timed from when
+    that attempt began, not from when it gave up (the recovery's failed_seconds says so)."""
+    node = run()
+    assert node.post("/v1/traces", trace()).status == 202
+    node.wait_persisted(1)
+    theirs = tmp_path / "theirs.db"
+    theirs.touch()
+    holder = sqlite3.connect(theirs, isolation_level=None, timeout=10)
+    try:
+        holder.execute("BEGIN EXCLUSIVE")           # an empty file, in rollback mode: no reader gets in
+        replaced = time.time()
+        theirs.replace(node.db_path)
+        assert node.post("/v1/traces", trace()).status == 202     # written to the old file; then a look
+        said = node.wait_log(lambda e: e.get("message") == "moving to a new database file failing",
+                             timeout=60)
+        assert "SQLITE_BUSY" in said["error"]
+    finally:
+        holder.close()
+    recovered = node.wait_log(lambda e: e.get("message") == "moving to a new database file recovered",
+                              timeout=60)
+    since = datetime.fromisoformat(recovered["time"]).timestamp() - recovered["failed_seconds"]
+    gave_up = datetime.fromisoformat(said["time"]).timestamp()
+    assert replaced - 0.01 <= since <= gave_up - (otrace.BUSY_TIMEOUT - 1)    # from before the wait
+    node.wait_log(lambda e: e.get("message") == "database file recreated; unpushed rows carried over")
+    wait_until(lambda: node.post("/v1/traces", trace()).status == 202, timeout=30, what="writes again")
+    node.wait_persisted(3)
+    assert node.stop() == 0
 
 
 def test_health_answers_while_the_writer_is_blocked(run: Callable[..., Otrace]) -> None:
