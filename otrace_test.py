@@ -10325,6 +10325,23 @@ def test_cumulative_metrics_become_deltas_across_restarts_and_resets(run: Callab
     assert len({r["trace_id"] for r in node.rows("genai_metrics")}) == 5
 
 
+def test_a_series_out_of_memory_goes_on_from_its_stored_point(run: Callable[..., Otrace]) -> None:
+    """Past TRACE_OTLP_MAX_SERIES the oldest series leaves memory; its next point is a change from the
+    last one stored, under its own id, as after a restart."""
+    node = run({"TRACE_OTLP_MAX_SERIES": "100"})
+    body = sums_body(100, 10)
+    points = body["resourceMetrics"][0]["scopeMetrics"][0]["metrics"][0]["sum"]["dataPoints"]
+    points[:] = [json.loads(json.dumps(points[0]).replace('"input"', f'"kind-{n}"')) for n in range(101)]
+    assert node.post("/v1/metrics", body).status == 200
+    assert node.wait_persisted(101)["otlp"]["series_in_memory"] == 100
+    assert node.post("/v1/metrics", sums_body(150, 20, attributes={
+        "openclaw.token": "kind-0", "openclaw.provider": "anthropic"})).status == 200
+    node.wait_persisted(102)
+    first = [r for r in node.rows("genai_metrics") if '"kind-0"' in (r["attributes"] or "")]
+    assert [(r["value"], r["window_start"]) for r in first] == [(100.0, 1000), (50.0, 10000)]
+    assert first[0]["trace_id"].rsplit("-", 1)[0] == first[1]["trace_id"].rsplit("-", 1)[0]   # its id
+
+
 def test_a_cumulative_histograms_change_has_no_min_or_max(run: Callable[..., Otrace]) -> None:
     """OTLP's min and max cover a point's whole window: a change since the last point has neither,
     also when the first point's time was its start time (a millisecond clock, as the JS SDK's)."""
