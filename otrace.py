@@ -405,6 +405,8 @@ STATE_DIR = Kind("auto, off, or the path of a directory", _state_dir)
 DIRECTORY = Kind("the path of a directory", _directory)
 EXISTING = Kind("empty, or a path that exists", _existing_or_empty)
 DISK_HIGH_MOST = 95              # TRACE_DISK_HIGH_PCT's most: room for a paused ingest to resume into
+DB_HIGH_MARK = 0.85              # of TRACE_DB_MAX_BYTES: room for the WAL and what arrives while a pass runs
+DB_LOW_MARK = 0.75               # a pass deletes down to here
 
 
 def setting(default: str, kind: Kind, doc: str, *, secret: bool = False) -> Any:
@@ -546,8 +548,9 @@ class Config:
                                "rows are deleted (but each table's newest row, whose id must not come "
                                "back: see operations.md).")
     db_max_bytes: int = setting("200MiB", size("1MiB", "16TiB"), "Most the database (file + WAL) may "
-                                "use: past 85 % of it (less after a flood) the oldest rows are deleted, "
-                                "down to 75 % (see docs/operations.md).")
+                                f"use: past {DB_HIGH_MARK * 100:.0f} % of it (less after a flood) the "
+                                f"oldest rows are deleted, down to {DB_LOW_MARK * 100:.0f} % (see "
+                                "docs/operations.md).")
     disk_reserve_bytes: int = setting("16MiB", size("64KiB", "4GiB", zero_is_off=True), "Space held in a "
                                       "file beside the database and given up on the first disk-full "
                                       "write, so what was accepted still commits; ingest then answers "
@@ -10317,12 +10320,11 @@ def relief(tiers: tuple[Tier, ...], until: int, pass_id: str, conn: sqlite3.Conn
 
 
 class Marks:
-    """The database's high and low marks, as shares of its cap: 85 % and 75 %, lowered together by as
-    much as the database recently got past the high mark before a pass relieved it (a flood, a slow
-    disk, a reader holding the WAL), so that it peaks near 85 % all the same."""
+    """The database's high and low marks, as shares of its cap, lowered together by as much as the
+    database recently got past the high mark before a pass relieved it (a flood, a slow disk, a reader
+    holding the WAL), so that it peaks near the high mark all the same."""
 
-    HIGH = 0.85              # room for the WAL and what arrives while a pass runs, ...
-    LOW = 0.75               # ... and a pass deletes down to here
+    HIGH, LOW = DB_HIGH_MARK, DB_LOW_MARK
     FLOOR = 0.70             # the high mark never comes lower: a burst larger than the cap is no lesson
     FORGET = 0.98            # a past overshoot weighs this much less at each pass
 
