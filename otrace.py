@@ -7316,6 +7316,7 @@ class LogLine:
 
     @property
     def info(self) -> dict[str, Any]:
+        """The structured argument's keys: {} when it has none, or it is no object."""
         detail = self.detail
         return detail if isinstance(detail, dict) else {}
 
