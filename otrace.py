@@ -9323,7 +9323,8 @@ class Receiver:
         if attempt.status is not None and 200 <= attempt.status < 300:
             attempt.rejected = form.rejected(attempt.answer)
             if attempt.rejected:
-                attempt.error = f"partial_success: {attempt.rejected} of {attempt.events} refused"
+                # of every record sent, a loss report's too (batch.events leaves them out)
+                attempt.error = f"partial_success: {attempt.rejected} of {len(batch)} refused"
         return attempt
 
     def send(self, attempt: Attempt, target: str, body: list[bytes | memoryview], headers: dict[str, str],
@@ -11578,7 +11579,8 @@ class Report:
                                       "GROUP BY kind ORDER BY n DESC, kind", params))
 
     def push(self) -> dict[str, Any]:
-        """Rows not pushed yet (now, whatever the window) and the last push attempt and success."""
+        """Rows not pushed yet (now, whatever the window) and the last push attempt and success (its
+        time alone once the push log no longer holds it)."""
         waiting = {table: self.conn.execute(f"SELECT count(*) FROM {table} WHERE synced = {UNSYNCED}")
                    .fetchone()[0] for table in EVENT_TABLES}
 
@@ -11588,8 +11590,12 @@ class Report:
             return row and {"at": self.zone.iso(row[0]), "http_status": row[1], "error": row[2],
                             "events": row[3]}
 
+        success = last(f"WHERE {CONFIRMED_SQL}")
+        if success is None and (kept := self.conn.execute("SELECT value FROM otrace_state WHERE key = ?",
+                                                          (PUSHED_KEY,)).fetchone()):
+            success = {"at": self.zone.iso(kept[0]), "http_status": None, "error": None, "events": None}
         return {"unsynced": waiting, "unsynced_total": sum(waiting.values()), "last_attempt": last(""),
-                "last_success": last(f"WHERE {CONFIRMED_SQL}")}
+                "last_success": success}
 
     def retention(self) -> dict[str, Any]:
         """What retention deleted in the window, and what of it had never been pushed."""
@@ -11817,12 +11823,16 @@ class TableView:
         host_text += f" · OOM kills {host['oom_kills']}"
         last, success = push["last_attempt"], push["last_success"]
         unsynced = push["unsynced_total"]
-        push_text = f"{unsynced:,} row{'s' * (unsynced != 1)} not pushed · " + (
-            "no push in the push log" if last is None else f"last push {last['at']}: " + (
+        pushes = [f"{unsynced:,} row{'s' * (unsynced != 1)} not pushed"]
+        if last:
+            pushes.append(f"last push {last['at']}: " + (
                 f"HTTP {status}" + (f", {last['error']}" if last["error"] and 200 <= status < 300 else "")
                 if (status := last["http_status"]) else last["error"] or "failed"))   # a 2xx refusing some
         if success and success != last:
-            push_text += f" · last success {success['at']}"
+            pushes.append(f"last success {success['at']}")
+        if not last and not success:
+            pushes.append("no push in the push log")
+        push_text = " · ".join(pushes)
         lost = (f"{retention['deleted']:,} rows deleted, {retention['unpushed_deleted']:,} never pushed"
                 if retention["deleted"] else "nothing deleted")
         if retention["refused_by_receiver"]:

@@ -4969,8 +4969,14 @@ def test_otlp_push_outlasts_a_dead_port_a_429_and_partial_success(run: Callable[
         named = [a["value"]["stringValue"] for s in spans for a in s["attributes"]
                  if a["key"] == "otrace.trace_id"]
         rejected = named.count(poison)
+        if "resourceLogs" in request["json"] and not reports_refused:    # the loss report's, once
+            reports_refused.append(request)
+            return 200, {"Content-Type": "application/json"}, json.dumps(
+                {"partialSuccess": {"rejectedLogRecords": "1", "errorMessage": "not now"}})
         return 200, {"Content-Type": "application/json"}, json.dumps(
             {"partialSuccess": {"rejectedSpans": str(rejected), "errorMessage": "bad"}} if rejected else {})
+
+    reports_refused: list[dict[str, Any]] = []
 
     receiver.script = [(429, {"Retry-After": "1"}, "slow down")]
     receiver.default = answer
@@ -4994,11 +5000,16 @@ def test_otlp_push_outlasts_a_dead_port_a_429_and_partial_success(run: Callable[
     wait_until(lambda: synced(node2)[poison] == 3, what="the refusal reported")
     assert node2.query("SELECT trace_id, http_status, reason FROM push_rejects") == [
         (poison, 200, "partial_success: 1 of 1 refused")]
-    losses = [r for r in receiver.requests if "resourceLogs" in (r["json"] or {})]
-    records = [rec for r in losses for rl in r["json"]["resourceLogs"] for sl in rl["scopeLogs"]
+    def losses() -> list[dict[str, Any]]:
+        return [r for r in receiver.requests if "resourceLogs" in (r["json"] or {})]
+
+    wait_until(lambda: len(losses()) == 2 and losses()[-1]["answered"] == 200,
+               what="the loss report refused, then accepted")
+    records = [rec for r in losses() for rl in r["json"]["resourceLogs"] for sl in rl["scopeLogs"]
                for rec in sl["logRecords"]]
-    assert [rec["eventName"] for rec in records] == ["otrace.loss"]
-    wait_until(lambda: losses[-1]["answered"] == 200, what="the loss report accepted")
+    assert [rec["eventName"] for rec in records] == ["otrace.loss", "otrace.loss"]
+    assert node2.query("SELECT error FROM push_log WHERE events = 0 AND error IS NOT NULL") == [
+        ("partial_success: 1 of 1 refused",)]                      # its record counted, though no event
     wait_until(lambda: node2.health()["push"]["events_pushed"] == 8, what="8 events pushed, not the report")
     assert node2.query("SELECT sum(events) FROM push_log WHERE http_status = 200 AND error IS NULL") == [(8,)]
 
@@ -8175,6 +8186,21 @@ def test_report_on_a_terminal_is_compact_when_narrow_and_draws_cost_bars_by_day(
     assert eighths == round(8 * full * 0.0084408 / 0.09535)                 # its cost against the top day's
     tiny = table(run_in_terminal([*window, "--by", "day"], 20))             # rows still say which day
     assert [line.split()[0] for line in tiny[1:3]] == ["2026-11-02", "2026-11-03"]
+
+
+def test_report_says_the_last_success_the_pruned_push_log_no_longer_holds(tmp_path: Path) -> None:
+    """The push log keeps TRACE_RETENTION; otrace_state keeps when the receiver last took a batch."""
+    db = tmp_path / "otrace.db"
+    otrace.open_database(str(db))
+    at = unix_ms(datetime.fromisoformat("2026-11-02T10:00:00Z"))
+    with contextlib.closing(otrace.connect(str(db))) as conn, otrace.transaction(conn):
+        conn.execute(otrace.STATE_SQL, (otrace.PUSHED_KEY, at, at))
+    doc = report_json(db, *WINDOW, "--timezone", "UTC")
+    assert doc["push"]["last_attempt"] is None
+    assert doc["push"]["last_success"] == {"at": "2026-11-02T10:00:00+00:00", "http_status": None,
+                                           "error": None, "events": None}
+    assert "PUSH          0 rows not pushed · last success 2026-11-02T10:00:00+00:00\n" in report(
+        db, *WINDOW, "--timezone", "UTC").stdout
 
 
 def test_report_counts_the_oom_kills_otrace_saw_not_their_events(tmp_path: Path) -> None:
