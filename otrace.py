@@ -11833,15 +11833,20 @@ class TableView:
         if not last and not success:
             pushes.append("no push in the push log")
         push_text = " · ".join(pushes)
-        lost = (f"{retention['deleted']:,} rows deleted, {retention['unpushed_deleted']:,} never pushed"
-                if retention["deleted"] else "nothing deleted")
+        deleted: collections.Counter[str] = collections.Counter()
+        for part in retention["by_table"]:
+            deleted[part["table"]] += part["deleted"]
+        tables = ", ".join(f"{table} {n:,}" for table, n in deleted.items() if n)
+        lost = (f"{retention['deleted']:,} rows deleted ({tables}), {retention['unpushed_deleted']:,} never "
+                "pushed" if retention["deleted"] else "nothing deleted")
         if retention["refused_by_receiver"]:
             lost += f" · {retention['refused_by_receiver']:,} refused by the receiver"
         rows = [("ERRORS", " · ".join(errors) or "none"), ("TOP SESSIONS", " · ".join(sessions) or "none"),
                 ("HOST", host_text), ("LOG EVENTS", " · ".join(logs) or "none"), ("PUSH", push_text),
                 ("RETENTION", lost)]
-        return [line for name, text in rows for line in textwrap.wrap(
-            terminal_safe(text), self.width, initial_indent=name.ljust(14), subsequent_indent=" " * 14)]
+        return [line for name, text in rows for line in textwrap.wrap(      # never within an id or a name
+            terminal_safe(text), self.width, initial_indent=name.ljust(14), subsequent_indent=" " * 14,
+            break_on_hyphens=False, break_long_words=False)]
 
 
 def run_report(argv: list[str]) -> int:

@@ -7846,7 +7846,8 @@ def test_report_numbers_are_exact_in_json_csv_and_the_table(tmp_path: Path) -> N
     assert "CPU peak 93.2 % · memory peak 1.5 GiB of 2.0 GiB · disk peak 45.5 % · OOM kills 1" in done.stdout
     assert ("16 rows not pushed · last push 2026-11-03T18:00:00+00:00: HTTP 503 · last success "
             "2026-11-03T12:00:00+00:00") in done.stdout
-    assert "35 rows deleted, 5 never pushed · 1 refused by the receiver" in done.stdout
+    assert "35 rows deleted (llm_traces 15, log_events 20), 5 never pushed · 1 refused by the receiver" in (
+        done.stdout)
 
     copy = tmp_path / "copy" / "otrace.db"                     # a copy reads the same (the WAL is in it)
     copy.parent.mkdir()
@@ -8232,6 +8233,22 @@ def test_report_compact_tokens_are_the_calls_totals(tmp_path: Path) -> None:
     header = next(line.split() for line in narrow if line.startswith("MODEL"))
     row = next(line.split() for line in narrow if line.startswith("openai/gpt-4o"))
     assert row[header.index("TOKENS")] == "1.7k"
+
+
+def test_report_sections_wrap_between_ids_never_within_one(tmp_path: Path) -> None:
+    """A session id copied from the terminal is the id: wrapped at its hyphens, it was two pieces."""
+    db = tmp_path / "otrace.db"
+    otrace.open_database(str(db))
+    sessions = ["4ffeb0fa-fdbe-4aba-bba1-abf62a653faa", "988a486c-e9f0-4797-80b2-2641d808ab0d"]
+    calls = [otrace.event_row(otrace.TRACES, otrace.trace_row, {
+        "provider": "openai", "model": "gpt-4o", "created_at": "2026-11-02T10:00:00Z", "cost_usd": 0.01,
+        "session_id": session}, "http") for session in sessions]
+    with contextlib.closing(otrace.connect(str(db))) as conn, otrace.transaction(conn):
+        otrace.insert_rows(conn, "llm_traces", [row.values for row in calls])
+    doc = report_json(db, *WINDOW, "--timezone", "UTC")
+    for width in range(40, 140):
+        text = otrace.TableView(doc, width).render()
+        assert all(session in text for session in sessions), text
 
 
 def test_report_columns_widen_for_the_largest_values_the_api_takes(tmp_path: Path) -> None:
