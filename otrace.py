@@ -11540,15 +11540,16 @@ class Report:
 
     def top_sessions(self) -> list[dict[str, Any]]:
         where, params = self.where()
-        cost = COST_SQL[self.cost]
+        cost, computed = COST_SQL[self.cost], COMPUTED_SQL[self.cost]
         rows = self.conn.execute(
-            f"SELECT session_id, count(*), sum(status = 'error'), total({cost}) AS usd, sum(total_tokens), "
-            f"min(created_at), max(created_at) FROM llm_traces WHERE {where} AND session_id IS NOT NULL "
-            f"GROUP BY session_id ORDER BY usd DESC, count(*) DESC, session_id LIMIT {TOP_SESSIONS}",
-            params).fetchall()
+            f"SELECT session_id, count(*), sum(status = 'error'), total({cost}) AS usd, total({computed}), "
+            f"sum({HAS_TOKENS_SQL} AND ({cost}) IS NULL), sum(total_tokens), min(created_at), "
+            f"max(created_at) FROM llm_traces WHERE {where} AND session_id IS NOT NULL GROUP BY session_id "
+            f"ORDER BY usd DESC, count(*) DESC, session_id LIMIT {TOP_SESSIONS}", params).fetchall()
         return [{"session_id": session, "calls": calls, "failures": failures, "cost_usd": round(usd, 9),
-                 "total_tokens": tokens or 0, "first": self.zone.iso(first), "last": self.zone.iso(last)}
-                for session, calls, failures, usd, tokens, first, last in rows]
+                 "computed_usd": round(part, 9), "unpriced_calls": unpriced, "total_tokens": tokens or 0,
+                 "first": self.zone.iso(first), "last": self.zone.iso(last)}
+                for session, calls, failures, usd, part, unpriced, tokens, first, last in rows]
 
     def errors(self) -> list[dict[str, Any]]:
         where, params = self.where()
@@ -11697,6 +11698,12 @@ def usd_text(usd: float) -> str:
         f"${usd:.4f}"
 
 
+def cost_text(sums: dict[str, Any]) -> str:
+    """A group's cost, marked * where the price table computed part of it, ? where calls with tokens
+    have none."""
+    return usd_text(sums["cost_usd"]) + "*" * bool(sums["computed_usd"]) + "?" * bool(sums["unpriced_calls"])
+
+
 def ms_text(ms: float | None) -> str:
     return "-" if ms is None else f"{ms:.0f}ms" if ms < 1000 else f"{ms / 1000:.1f}s"
 
@@ -11728,8 +11735,7 @@ class TableView:
 
     def cells(self, row: dict[str, Any], compact: bool) -> list[str]:
         rate = f"{row['failures']:,}" + (f" {100 * row['failure_rate']:.1f}%" if row["failures"] else "")
-        cost = usd_text(row["cost_usd"]) + "*" * bool(row["computed_usd"]) + "?" * bool(
-            row["unpriced_calls"])
+        cost = cost_text(row)
         latency = row["latency_ms"]
         tokens = [row[f"{kind}_tokens"] for kind in ("input", "output", "cache_read", "cache_write")]
         if compact:
@@ -11812,7 +11818,7 @@ class TableView:
     def sections(self) -> list[str]:
         doc = self.doc
         host, push, retention = doc["host"], doc["push"], doc["retention"]
-        sessions = [f"{s['session_id']} {usd_text(s['cost_usd'])} ({plural(s['calls'], 'call')})"
+        sessions = [f"{s['session_id']} {cost_text(s)} ({plural(s['calls'], 'call')})"
                     for s in doc["top_sessions"]]
         errors = [f"{e['error_type']}/{e['category']} {e['count']:,}" for e in doc["errors"]]
         logs = [f"{kind} {n:,}" for kind, n in doc["log_events"].items()]

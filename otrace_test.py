@@ -7842,7 +7842,7 @@ def test_report_numbers_are_exact_in_json_csv_and_the_table(tmp_path: Path) -> N
     assert table[9] == "* $0.0454 of the cost computed from the price table (the source reported none)"
     assert table[10] == "? 1 call with tokens and no cost: no price for the model, or a total of tokens alone"
     assert "llm_error/rate_limit 2 · crash/oom_kill 1" in done.stdout
-    assert "s1 $0.0535 (2 calls) · s2 $0.0418 (1 call) · s3 $0.0084 (2 calls)" in done.stdout
+    assert "s1 $0.0535* (2 calls) · s2 $0.0418* (1 call) · s3 $0.0084 (2 calls)" in done.stdout   # as rows
     assert "CPU peak 93.2 % · memory peak 1.5 GiB of 2.0 GiB · disk peak 45.5 % · OOM kills 1" in done.stdout
     assert ("16 rows not pushed · last push 2026-11-03T18:00:00+00:00: HTTP 503 · last success "
             "2026-11-03T12:00:00+00:00") in done.stdout
