@@ -2740,6 +2740,7 @@ class Unit:
     own: bool = False
     reader: bool = False
     arrived: float = 0.0
+    settled: int = 0              # its rows, then statements, stored or dropped alone (Writer.commit_alone)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -3311,29 +3312,30 @@ class Writer(threading.Thread):
         self.pending = []
 
     def commit_alone(self, unit: Unit) -> None:
-        """Commit one unit; if its data fails, commit its rows one by one and drop the ones that fail."""
-        try:
-            self.commit([unit])
-            return
-        except Exception as exc:
-            if is_environment(exc):
-                raise
-        for row in unit.rows:
+        """Commit one unit; if its data fails, commit its rows and then its statements one by one (one
+        whose own data breaks must not stop the writer either) and drop the ones that fail. An
+        environment fault raises; the retry goes on after the last one stored or dropped."""
+        if not unit.settled:
             try:
-                self.commit([Unit([row])])
+                self.commit([unit])
+                return
             except Exception as exc:
                 if is_environment(exc):
                     raise
-                self.drop(row, exc)
-        for statement in unit.extra:           # one its own data breaks must not stop the writer either
+        parts = [Unit([row]) for row in unit.rows] + [Unit([], (statement,)) for statement in unit.extra]
+        for part in parts[unit.settled:]:
             try:
-                self.commit([Unit([], (statement,))])
+                self.commit([part])
             except Exception as exc:
                 if is_environment(exc):
                     raise
-                self.log.error("statement cannot be run; dropped", extra={
-                    "error": describe(exc), "statement": statement[0][:60]})
-                self.counters.add("dropped")
+                if part.rows:
+                    self.drop(part.rows[0], exc)
+                else:
+                    self.log.error("statement cannot be run; dropped", extra={
+                        "error": describe(exc), "statement": part.extra[0][0][:60]})
+                    self.counters.add("dropped")
+            unit.settled += 1
 
     def commit(self, units: list[Unit]) -> None:
         by_table: dict[str, list[tuple]] = {}
@@ -3370,7 +3372,8 @@ class Writer(threading.Thread):
         if time.monotonic() < self.look_at and not (self.wrote_since_look and not self.events.qsize()):
             return
         self.look_at, self.wrote_since_look = time.monotonic() + self.LOOK_EVERY, False
-        if not self.db.moved() and not self.damaged:
+        # pending: a move that failed half way, whose new file may have taken the old one's inode number
+        if not (self.db.moved() or self.damaged or self.db.replaced_pending):
             return
         if not self.db.replaced_pending:
             self.db.replaced_pending = True
@@ -3438,9 +3441,10 @@ class Writer(threading.Thread):
                     self.conn.execute("PRAGMA main.wal_checkpoint(TRUNCATE)")   # the old WAL, empty if left
             finally:
                 self.conn.execute("DETACH DATABASE carry")
+            carried = self.connect(carry)            # first: failing (a full disk), the old one stays open
             self.conn.close()
             self.db.forget_old_companions()
-            self.conn, self.conn_path = self.connect(carry), carry
+            self.conn, self.conn_path = carried, carry
         if problem := database_problem(self.config.db_path):   # moved in: not to be written
             raise RuntimeError(problem)
         if self.damaged_file and _identity(self.config.db_path) == self.damaged_file:

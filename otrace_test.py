@@ -5222,6 +5222,92 @@ def test_a_batch_read_from_a_file_since_replaced_marks_nothing_where_the_writer_
         writer.conn.close()
 
 
+def test_a_carry_file_a_hand_holds_locked_when_it_is_taken_in_keeps_its_rows_until_it_can_be(
+        tmp_path: Path) -> None:
+    """Another program's database took the path, so the writer moved to the carry file and wrote there.
+    The path is free again, but a hand's sqlite3 holds a write lock on the carry file: taking it in
+    fails (database locked) and the carry file keeps its rows. Once the hand lets go the move is made
+    again: every unpushed row is in the file at the path once, and the carry file is gone."""
+    path = tmp_path / "otrace.db"
+    made = seed(path, [("trace", 20, 1), ("trace", 30, 0)], age_days=0.01)
+    db = otrace.Database(str(path))
+    writer = otrace.Writer(otrace.Config.from_env({"TRACE_DB_PATH": str(path)}), db,
+                           otrace.EventQueue(512, 50), otrace.Counters(otrace.EVENT_COUNTERS))
+    writer.conn = writer.connect(str(path))
+    try:
+        foreign = tmp_path / "foreign.db"
+        with contextlib.closing(sqlite3.connect(foreign)) as other:
+            other.execute("CREATE TABLE notes (x)")
+        foreign.replace(path)
+        writer.look_at = 0.0
+        writer.look_after_file()
+        assert writer.conn_path == db.carry_path
+        writer.commit([one_call("in-carry")])              # a batch while the path is another program's
+        with contextlib.closing(sqlite3.connect(db.carry_path, isolation_level=None)) as hand:
+            hand.execute("BEGIN IMMEDIATE")
+            path.unlink()
+            writer.look_at = 0.0
+            writer.look_after_file()                       # waits BUSY_TIMEOUT for the lock
+            assert otrace.primary_code(writer.reopen_fault.error or "") == "SQLITE_BUSY"
+            assert db.replaced_pending
+            carried = {t for (t,) in hand.execute("SELECT trace_id FROM llm_traces")}
+            assert carried == {*made["trace/0"], "in-carry"}
+            hand.execute("ROLLBACK")
+        writer.look_at = 0.0
+        writer.look_after_file()
+        assert writer.reopen_fault.error is None and not db.replaced_pending
+        assert writer.conn_path == str(path) and not Path(db.carry_path).exists()
+        unsynced = [t for (t,) in writer.conn.execute("SELECT trace_id FROM llm_traces WHERE synced = 0")]
+        assert sorted(unsynced) == sorted([*made["trace/0"], "in-carry"])
+        assert writer.counters.snapshot()["dropped"] == 0
+    finally:
+        writer.conn.close()
+
+
+@needs_root
+def test_a_carry_file_taken_in_on_a_full_disk_keeps_its_rows_until_there_is_room(tmp_path: Path) -> None:
+    """The writer wrote to the carry file while another program's database held the path. The path is
+    free again, and the disk has room for the new file's tables but not for the carry's rows: taking
+    them in fails (disk full) and the carry file keeps them. With room, every unpushed row is in the
+    file at the path once, and the carry file is gone."""
+    with tmpfs(tmp_path / "vol", "16m") as vol:
+        path = vol / "otrace.db"
+        made = seed(path, [("trace", 20, 1), ("trace", 1000, 0)], age_days=0.01)   # 4 MB to carry
+        db = otrace.Database(str(path))
+        config = otrace.Config.from_env({"TRACE_DB_PATH": str(path), "TRACE_DISK_RESERVE_BYTES": "0"})
+        writer = otrace.Writer(config, db, otrace.EventQueue(512, 50), otrace.Counters(otrace.EVENT_COUNTERS))
+        writer.conn = writer.connect(str(path))
+        try:
+            foreign = vol / "foreign.db"
+            with contextlib.closing(sqlite3.connect(foreign)) as other:
+                other.execute("CREATE TABLE notes (x)")
+            foreign.replace(path)
+            writer.look_at = 0.0
+            writer.look_after_file()
+            assert writer.conn_path == db.carry_path
+            writer.commit([one_call("in-carry")])          # a batch while the path is another program's
+            path.unlink()
+            filler = fill(vol)
+            os.truncate(filler, filler.stat().st_size - (1 << 20))     # 1 MiB: the new file's tables
+            writer.look_at = 0.0
+            writer.look_after_file()
+            assert otrace.primary_code(writer.reopen_fault.error or "") == "SQLITE_FULL"
+            assert db.replaced_pending and path.exists()                # made, then the carry failed
+            carry = otrace.sqlite_uri(db.carry_path, "ro")
+            with contextlib.closing(sqlite3.connect(carry, uri=True)) as conn:
+                carried = {t for (t,) in conn.execute("SELECT trace_id FROM llm_traces")}
+            assert carried == {*made["trace/0"], "in-carry"}
+            filler.unlink()
+            writer.look_at = 0.0
+            writer.look_after_file()
+            assert writer.reopen_fault.error is None and not db.replaced_pending
+            assert writer.conn_path == str(path) and not Path(db.carry_path).exists()
+            unsynced = [t for (t,) in writer.conn.execute("SELECT trace_id FROM llm_traces WHERE synced = 0")]
+            assert sorted(unsynced) == sorted([*made["trace/0"], "in-carry"])
+        finally:
+            writer.conn.close()
+
+
 def test_a_database_file_deleted_before_the_writer_opens_it_is_made_anew_and_no_row_is_dropped(
         tmp_path: Path) -> None:
     """The file checked at the start is gone when the writer connects: SQLite makes an empty file at
@@ -5386,6 +5472,69 @@ def test_damage_keeps_only_the_rows_it_holds_and_refused_rows_without_their_refu
         assert flags == dict.fromkeys((*made["trace/2"], *made["trace/0"], "after"), 0)
     finally:
         stopped(service)
+
+
+@needs_root
+def test_a_salvage_that_meets_a_full_disk_is_retried_and_loses_no_row(tmp_path: Path) -> None:
+    """The file is damaged, and the disk has room for the carry file's tables but not for the rows the
+    salvage copies into it. A full disk is not damage: the move fails whole (said in /health), the
+    damaged file keeps every row, and once the disk has room the move is made again, every unpushed
+    row carried and the batch that met the damage written."""
+    with tmpfs(tmp_path / "vol", "32m") as vol:
+        path = vol / "otrace.db"
+        made = seed(path, [("trace", 100, 1), ("trace", 1500, 0)], age_days=0.01)   # 7 MB, 6 to carry
+        service = service_at(path, disk_reserve_bytes=0)
+        try:
+            damage(path, "llm_traces_created")                       # what the next insert meets
+            filler = fill(vol)
+            os.truncate(filler, filler.stat().st_size - (2 << 20))     # 2 MiB: the carry file's tables
+            assert service.events.offer(one_call("after"))
+            service.writer.start()
+            wait_until(lambda: "SQLITE_FULL" in (service.writer.reopen_fault.error or ""), 60,
+                       "the move failing for the full disk")
+            assert service.db.replaced_pending and list(vol.glob("otrace.db.damaged-*[0-9]"))
+            carry = otrace.sqlite_uri(service.db.carry_path, "ro")
+            with contextlib.closing(sqlite3.connect(carry, uri=True)) as conn:
+                assert conn.execute("SELECT count(*) FROM llm_traces").fetchone() == (0,)   # tables, no row
+            filler.unlink()
+            assert service.events.wait_drained(60)
+            wait_until(lambda: not service.db.replaced_pending, 60, "the writer in a new file")
+            with contextlib.closing(sqlite3.connect(path)) as conn:
+                unsynced = {t for (t,) in conn.execute("SELECT trace_id FROM llm_traces WHERE synced = 0")}
+            assert unsynced == {*made["trace/0"], "after"}
+            assert service.counters.snapshot()["dropped"] == 0
+            wait_until(lambda: service.writer.reopen_fault.error is None and not service.writer.failing, 30,
+                       "the write fault cleared")
+        finally:
+            stopped(service)
+
+
+@needs_root
+def test_a_move_whose_carry_file_cannot_be_opened_after_the_carry_drops_no_row(tmp_path: Path) -> None:
+    """The carry is copied, and the checkpoint of the carry file's WAL then fills the disk, so the carry
+    file cannot be opened for the writer. A full disk: the writer waits, drops nothing, and once the disk
+    has room the move is made, every unpushed row carried and the batch that met the damage written."""
+    with tmpfs(tmp_path / "vol", "32m") as vol:
+        path = vol / "otrace.db"
+        made = seed(path, [("trace", 100, 1), ("trace", 1500, 0)], age_days=0.01)   # 7 MB, 6 to carry
+        service = service_at(path, disk_reserve_bytes=0)
+        try:
+            damage(path, "llm_traces_created")                       # what the next insert meets
+            filler = fill(vol)
+            os.truncate(filler, filler.stat().st_size - (8 << 20))     # room for the carry's WAL, not more
+            assert service.events.offer(one_call("after"))
+            service.writer.start()
+            wait_until(lambda: "SQLITE_FULL" in (service.writer.reopen_fault.error or ""), 60,
+                       "the move failing for the full disk")
+            filler.unlink()
+            assert service.events.wait_drained(60)
+            assert service.counters.snapshot()["dropped"] == 0
+            wait_until(lambda: not service.db.replaced_pending, 60, "the writer in a new file")
+            with contextlib.closing(sqlite3.connect(path)) as conn:
+                unsynced = {t for (t,) in conn.execute("SELECT trace_id FROM llm_traces WHERE synced = 0")}
+            assert unsynced == {*made["trace/0"], "after"}
+        finally:
+            stopped(service)
 
 
 def test_damage_on_the_newest_page_keeps_back_no_unpushed_row_of_the_pages_before(tmp_path: Path) -> None:
@@ -5615,6 +5764,113 @@ def seed(db: Path, groups: list[tuple[str, int, int]], text: int = 2000, age_day
         conn.commit()
         conn.execute("VACUUM")
     return made
+
+
+@needs_root
+def test_a_relief_job_that_fails_after_a_chunk_says_what_it_deleted_and_the_next_pass_goes_on(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under the cap, one relief job deletes chunk after chunk, each in its own transaction with its
+    ledger row. One that commits a chunk and then meets a full disk keeps what it did: those rows are
+    gone and are in the ledger, in /health's total and in the pass's report, which says why it
+    failed. Once the disk has room, the next pass deletes the rest down to the low mark, every row it
+    deletes in the ledger too."""
+    monkeypatch.setattr(otrace, "RELIEF_TIME", 600.0)     # one job to the low mark, on a busy machine too
+    with tmpfs(tmp_path / "vol", "16m") as vol:
+        path = vol / "otrace.db"
+        made = seed(path, [("metric", 5, 0), ("trace", 1000, 0)], age_days=0.01)   # 4.3 MB, all unpushed
+        service = service_at(path, db_max_bytes=4 << 20, disk_reserve_bytes=0)
+        retention = service.retention
+        try:
+            service.writer.start()
+            wait_until(lambda: service.writer.conn, 30, "the writer's connection")
+            filler = fill(vol)
+            os.truncate(filler, filler.stat().st_size - (128 << 10))   # room for a few pages of WAL
+            with pytest.raises(sqlite3.OperationalError) as raised:     # a chunk or more, then the disk
+                retention.tick()
+            assert otrace.sqlite_code(raised.value) == "SQLITE_FULL"
+            gone = rows_gone(service, made)
+            assert gone["llm_traces"] < 1000 and sum(gone.values()) > 0
+            said = {table: n for table, n in gone.items() if n}
+            assert ledger_of(path) == {(table, reason): (n, n) for table, n in said.items()
+                                       for reason in [TIER_OF[table]]}
+            health = retention.health()
+            assert health["unpushed_deleted_total"] == said
+            assert health["last_pass"]["unpushed_deleted"] == {f"{t}/{TIER_OF[t]}": n
+                                                               for t, n in said.items()}
+            assert health["last_pass"]["failed"].startswith("SQLITE_FULL")
+            filler.unlink()
+            retention.tick()
+            health = retention.health()
+            assert "failed" not in health["last_pass"] and not health["still_over_budget"]
+            assert retention.db_bytes() < 0.85 * (4 << 20)
+            now_gone = rows_gone(service, made)
+            assert now_gone["llm_traces"] > gone["llm_traces"]
+            assert ledger_of(path) == {(t, TIER_OF[t]): (n, n) for t, n in now_gone.items() if n}
+            assert health["unpushed_deleted_total"] == {t: n for t, n in now_gone.items() if n}
+            assert health["last_pass"]["unpushed_deleted"] == {
+                f"{t}/{TIER_OF[t]}": n - gone[t] for t, n in now_gone.items() if n - gone[t]}
+        finally:
+            stopped(service)
+
+
+@needs_root
+def test_a_head_start_that_fails_after_a_chunk_is_said_by_the_pass_that_takes_it_over(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The relief job the writer queues after a batch that took the database past its high mark (the
+    head start) deletes a chunk or more, then meets a full disk. The disk has room again by the time
+    the pass takes the job over: the pass still counts what the job deleted and says that it failed;
+    the pass after it deletes down to the low mark."""
+    monkeypatch.setattr(otrace, "RELIEF_TIME", 600.0)     # one job to the low mark, on a busy machine too
+    with tmpfs(tmp_path / "vol", "16m") as vol:
+        path = vol / "otrace.db"
+        made = seed(path, [("metric", 5, 0), ("trace", 1000, 0)], age_days=0.01)   # 4.3 MB, all unpushed
+        service = service_at(path, db_max_bytes=4 << 20, disk_reserve_bytes=0)
+        retention = service.retention
+        try:
+            service.writer.start()
+            wait_until(lambda: service.writer.conn, 30, "the writer's connection")
+            filler = fill(vol)
+            os.truncate(filler, filler.stat().st_size - (128 << 10))   # room for a batch and a chunk or two
+            assert service.events.offer(one_call("after"))
+            assert service.events.wait_drained(30)
+            wait_until(lambda: retention.begun and retention.begun[0].done(), 60, "the head start to end")
+            gone = rows_gone(service, made)
+            assert gone["llm_traces"] < 1000 and sum(gone.values()) > 0
+            filler.unlink()
+            with pytest.raises(sqlite3.OperationalError) as raised:
+                retention.tick()
+            assert otrace.sqlite_code(raised.value) == "SQLITE_FULL"
+            said = {table: n for table, n in gone.items() if n}
+            assert rows_gone(service, made) == gone                 # the failing pass deleted no more
+            assert ledger_of(path) == {(t, TIER_OF[t]): (n, n) for t, n in said.items()}
+            health = retention.health()
+            assert health["last_pass"]["failed"].startswith("SQLITE_FULL")
+            assert health["last_pass"]["unpushed_deleted"] == {f"{t}/{TIER_OF[t]}": n
+                                                               for t, n in said.items()}
+            assert health["unpushed_deleted_total"] == said
+            retention.tick()
+            assert "failed" not in retention.health()["last_pass"] and retention.db_bytes() < 0.85 * (4 << 20)
+            assert ledger_of(path) == {(t, TIER_OF[t]): (n, n)
+                                       for t, n in rows_gone(service, made).items() if n}
+        finally:
+            stopped(service)
+
+
+TIER_OF = {"system_metrics": "pressure_metrics", "llm_traces": "pressure_unpushed"}   # for unpushed rows
+
+
+def rows_gone(service: otrace.Service, made: dict[str, list[str]]) -> dict[str, int]:
+    """How many of the rows `seed` made are no longer there, by table."""
+    return {table: len(set(made[group]) - {t for (t,) in service.db.query(f"SELECT trace_id FROM {table}")})
+            for table, group in (("system_metrics", "metric/0"), ("llm_traces", "trace/0"))}
+
+
+def ledger_of(path: Path) -> dict[tuple[str, str], tuple[int, int]]:
+    """retention_ledger at `path`, summed by table and reason: (deleted, unpushed deleted)."""
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        rows = conn.execute("SELECT table_name, reason, sum(deleted), sum(unsynced_deleted) FROM "
+                            "retention_ledger GROUP BY table_name, reason").fetchall()
+    return {(table, reason): (deleted, lost) for table, reason, deleted, lost in rows}
 
 
 def db_bytes(db: Path) -> int:
@@ -6045,6 +6301,101 @@ def test_an_outage_event_sqlite_refuses_is_dropped_alone_and_once(tmp_path: Path
         with contextlib.closing(sqlite3.connect(db)) as conn:
             assert conn.execute("SELECT message FROM error_events").fetchall() == [
                 ("ingest paused 1.0 s by a full disk",)]
+
+
+def call_row(trace_id: str, provider: str | None = "p") -> otrace.Row:
+    """A trace row as ingest makes it; with provider None, one SQLite refuses for its own data (NOT NULL)."""
+    fields = {"provider": "p", "model": "m", "trace_id": trace_id}
+    row = otrace.event_row(otrace.TRACES, otrace.trace_row, fields, "http")
+    values = list(row.values)
+    values[otrace.TRACES.columns.index("provider")] = provider
+    return otrace.Row(row.table, tuple(values))
+
+
+@contextlib.contextmanager
+def writer_on(db: Path, counters: otrace.Counters, *units: otrace.Unit) -> Iterator[otrace.Writer]:
+    """A writer (not started) on `db`, its connection open, holding `units` as its batch, taken from its queue
+    as its thread takes them; the reserve is off, so a full disk stays full."""
+    otrace.open_database(str(db))
+    config = otrace.Config.from_env({"TRACE_DB_PATH": str(db), "TRACE_DISK_RESERVE_BYTES": "0"})
+    events = otrace.EventQueue(512, 50)
+    writer = otrace.Writer(config, otrace.Database(str(db)), events, counters)
+    for unit in units:
+        assert events.offer(unit)
+    writer.pending = events.next_work(50, 0.0, 0.0)
+    with contextlib.closing(writer.connect(str(db))) as writer.conn:
+        yield writer
+
+
+@needs_root
+def test_a_full_disk_met_while_a_refused_row_is_sought_drops_no_good_row(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A batch fails for one row's data; committing its rows one by one then meets a full disk. That is
+    the disk, not the rows: the writer raises with the whole batch kept, nothing dropped. Once the disk has
+    room, the good rows are stored and the refused one alone is dropped, logged once."""
+    counters = otrace.Counters(otrace.EVENT_COUNTERS)
+    unit = otrace.Unit([call_row("good-1"), call_row("refused", None), call_row("good-2")])
+    with tmpfs(tmp_path / "vol", "4m") as vol, writer_on(vol / "o.db", counters, unit) as writer:
+        filler = fill(vol)
+        for _ in range(2):                         # each retry while the disk is full: nothing given up
+            with pytest.raises(sqlite3.OperationalError) as raised:
+                writer.flush()
+            assert otrace.sqlite_code(raised.value) == "SQLITE_FULL"
+            assert writer.pending == [unit] and counters.snapshot()["dropped"] == 0
+        filler.unlink()
+        writer.flush()
+        assert writer.pending == [] and writer.events.wait_drained(0)
+        with contextlib.closing(sqlite3.connect(vol / "o.db")) as conn:
+            assert sorted(conn.execute("SELECT trace_id FROM llm_traces")) == [("good-1",), ("good-2",)]
+    assert {k: counters.snapshot()[k] for k in ("persisted", "dropped")} == {"persisted": 2, "dropped": 1}
+    said = [r.trace_id for r in caplog.records if r.getMessage() == "row cannot be stored; dropped"]
+    assert said == ["refused"]
+
+
+@needs_root
+def test_a_full_disk_met_while_a_refused_statement_is_sought_drops_no_good_statement(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The same for the statements that commit with a unit's rows (a reader's offset, a count): one
+    refused for its data, a full disk met while the others are run one by one, raises with the unit kept;
+    with room, the good statement is run and the refused one alone dropped."""
+    counters = otrace.Counters(otrace.EVENT_COUNTERS)
+    good, refused = (otrace.STATE_SQL, ("test.good", 7, 1)), (otrace.STATE_SQL, ("test.refused", None, 1))
+    unit = otrace.Unit([], (good, refused), own=True, reader=True)
+    with tmpfs(tmp_path / "vol", "4m") as vol, writer_on(vol / "o.db", counters, unit) as writer:
+        filler = fill(vol)
+        with pytest.raises(sqlite3.OperationalError) as raised:
+            writer.flush()
+        assert otrace.sqlite_code(raised.value) == "SQLITE_FULL"
+        assert writer.pending == [unit] and counters.snapshot()["dropped"] == 0
+        filler.unlink()
+        writer.flush()
+        assert writer.pending == []
+        with contextlib.closing(sqlite3.connect(vol / "o.db")) as conn:
+            assert conn.execute("SELECT key, value FROM otrace_state WHERE key LIKE 'test.%'").fetchall() == [
+                ("test.good", 7)]
+    assert counters.snapshot()["dropped"] == 1
+    assert [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()] == [
+        "statement cannot be run; dropped"]
+
+
+@needs_root
+def test_a_refused_row_is_dropped_once_however_often_its_batch_is_retried(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The refused row comes first in its batch: it is dropped, then the next row meets a full disk and
+    the batch is kept for a retry. The retries must not drop it again: one row refused, one dropped."""
+    counters = otrace.Counters(otrace.EVENT_COUNTERS)
+    unit = otrace.Unit([call_row("refused", None), call_row("good")])
+    with tmpfs(tmp_path / "vol", "4m") as vol, writer_on(vol / "o.db", counters, unit) as writer:
+        filler = fill(vol)
+        for _ in range(3):
+            with pytest.raises(sqlite3.OperationalError):
+                writer.flush()
+        filler.unlink()
+        writer.flush()
+        with contextlib.closing(sqlite3.connect(vol / "o.db")) as conn:
+            assert conn.execute("SELECT trace_id FROM llm_traces").fetchall() == [("good",)]
+    said = [r.trace_id for r in caplog.records if r.getMessage() == "row cannot be stored; dropped"]
+    assert (counters.snapshot()["dropped"], said) == (1, ["refused"])
 
 
 def rows_in_file_alone(db: Path, table: str) -> int:
