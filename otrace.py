@@ -1337,10 +1337,11 @@ def trace_row(f: Fields, received: int, source: str = "http") -> tuple:
     """The llm_traces row for one trace event: its fields, the truncated flag, then what it cost
     (see price_call): every source that builds its rows here gets them priced."""
     prompt, completion = f.count("prompt_tokens"), f.count("completion_tokens")
-    total = f.count("total_tokens")
-    if total is None and (prompt is not None or completion is not None):
-        total = (prompt or 0) + (completion or 0)
     cache_read, cache_write = f.count("cache_read_tokens"), f.count("cache_write_tokens")
+    total = f.count("total_tokens")
+    if total is None and any(n is not None for n in (prompt, completion, cache_read, cache_write)):
+        # the prompt counts the cache's tokens: without it, those are what is known of it
+        total = (prompt if prompt is not None else (cache_read or 0) + (cache_write or 0)) + (completion or 0)
     if source == "http" and prompt is not None and (cache := (cache_read or 0) + (cache_write or 0)) > prompt:
         raise f.fail("prompt_tokens", f"counts the cache's tokens too: it is {prompt}, and "
                      f"cache_read_tokens + cache_write_tokens are {cache}")    # else it cannot be priced
@@ -7320,7 +7321,7 @@ class LogLine:
 
     @property
     def info(self) -> dict[str, Any]:
-        """The structured argument's keys: {} when it has none, or it is no object."""
+        """The structured argument when it is an object, else {}."""
         detail = self.detail
         return detail if isinstance(detail, dict) else {}
 
@@ -11175,7 +11176,7 @@ def tracemalloc_tracing() -> bool:
 # for a snapshot every section agrees with, and queries on the created_at indexes. A readable table,
 # or --json (whose usage_cost has the shape of OpenClaw's `gateway usage-cost --json`) or --csv.
 
-REPORT_SCHEMA = "otrace.report.v1"
+REPORT_SCHEMA = "otrace.report.v2"
 REPORT_BY = ("model", "provider", "day", "hour", "session", "source")
 REPORT_SOURCES = ("http", "otlp", "log", STORE_SOURCE, "otrace")   # what calls and errors come from
 COST_MODES = ("auto", "computed", "reported")
@@ -11887,7 +11888,7 @@ def run_report(argv: list[str]) -> int:
                         "source: http (the API), otlp, log (the gateway's), openclaw_session, otrace (its "
                         "own errors)")
     shape = parser.add_mutually_exclusive_group()
-    shape.add_argument("--json", action="store_true", help="the report as JSON (schema otrace.report.v1)")
+    shape.add_argument("--json", action="store_true", help=f"the report as JSON (schema {REPORT_SCHEMA})")
     shape.add_argument("--csv", action="store_true", help="the rows as CSV")
     args = parser.parse_args(argv)
     try:

@@ -8129,7 +8129,7 @@ WINDOW = ("--since", "2026-11-02", "--until", "2026-11-03")          # both days
 def test_report_numbers_are_exact_in_json_csv_and_the_table(tmp_path: Path) -> None:
     db = build_report_database(tmp_path / "otrace.db")
     doc = report_json(db, *WINDOW, "--timezone", "UTC")
-    assert doc["schema"] == "otrace.report.v1"
+    assert doc["schema"] == "otrace.report.v2"
     assert (doc["by"], doc["cost"], doc["breakdown"], doc["source"]) == ("model", "auto", False, None)
     assert doc["window"] == {"since": "2026-11-02T00:00:00+00:00", "until": "2026-11-04T00:00:00+00:00",
                              "timezone": "UTC"}
@@ -8577,13 +8577,14 @@ def test_report_compact_tokens_are_the_calls_totals(tmp_path: Path) -> None:
     otrace.open_database(str(db))
     calls = [otrace.event_row(otrace.TRACES, otrace.trace_row, {
         "provider": "openai", "model": "gpt-4o", "created_at": "2026-11-02T10:00:00Z", **tokens}, "http")
-        for tokens in ({"prompt_tokens": 1000, "completion_tokens": 200}, {"total_tokens": 500})]
+        for tokens in ({"prompt_tokens": 1000, "completion_tokens": 200}, {"total_tokens": 500},
+                       {"cache_read_tokens": 4000, "completion_tokens": 50})]    # a prompt of 4,000 at least
     with contextlib.closing(otrace.connect(str(db))) as conn, otrace.transaction(conn):
         otrace.insert_rows(conn, "llm_traces", [row.values for row in calls])
     narrow = run_in_terminal(["--db", str(db), *WINDOW, "--timezone", "UTC"], 72).splitlines()
     header = next(line.split() for line in narrow if line.startswith("MODEL"))
     row = next(line.split() for line in narrow if line.startswith("openai/gpt-4o"))
-    assert row[header.index("TOKENS")] == "1.7k"
+    assert row[header.index("TOKENS")] == "5.8k"
 
 
 def test_report_sections_wrap_between_ids_never_within_one(tmp_path: Path) -> None:
