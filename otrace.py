@@ -2562,6 +2562,12 @@ class Database:
             self._paused = False
             self._state.notify_all()
 
+    def back_in_place(self) -> None:
+        """The file was put back at the path before its move began: no move, and readers may read."""
+        with self._state:
+            self.replaced_pending = self._paused = False
+            self._state.notify_all()
+
     def forget_old_companions(self) -> None:
         """Remove the old file's -wal and -shm if they are still beside the path: with no connection
         left to the old file they are stale, and a new file must not read them as its own."""
@@ -3373,8 +3379,12 @@ class Writer(threading.Thread):
         if time.monotonic() < self.look_at and not (self.wrote_since_look and not self.events.qsize()):
             return
         self.look_at, self.wrote_since_look = time.monotonic() + self.LOOK_EVERY, False
-        # pending: a move that failed half way, whose new file may have taken the old one's inode number
-        if not (self.db.moved() or self.damaged or self.db.replaced_pending):
+        if not self.db.moved() and not self.damaged:
+            if self.db.replaced_pending and self.conn_path == self.config.db_path and not Path(
+                    self.db.carry_path).exists():           # put back before its move began
+                self.db.back_in_place()
+                self.log.warning("database file back at its path: nothing to move", extra={
+                    "db_path": self.config.db_path})
             return
         if not self.db.replaced_pending:
             self.db.replaced_pending = True
@@ -3443,9 +3453,9 @@ class Writer(threading.Thread):
             finally:
                 self.conn.execute("DETACH DATABASE carry")
             carried = self.connect(carry)            # first: failing (a full disk), the old one stays open
-            self.conn.close()
+            old, self.conn, self.conn_path = self.conn, carried, carry
+            old.close()
             self.db.forget_old_companions()
-            self.conn, self.conn_path = carried, carry
         if problem := database_problem(self.config.db_path):   # moved in: not to be written
             raise RuntimeError(problem)
         if self.damaged_file and _identity(self.config.db_path) == self.damaged_file:

@@ -5222,6 +5222,43 @@ def test_a_batch_read_from_a_file_since_replaced_marks_nothing_where_the_writer_
         writer.conn.close()
 
 
+def test_a_database_file_put_back_before_its_move_began_is_written_on(tmp_path: Path) -> None:
+    """Moved away while a batch kept its move waiting, then put back: nothing is moved, and the writer
+    goes on in it. It used to wait for the move for ever (pushes refused, /health saying a move)."""
+    path = tmp_path / "otrace.db"
+    otrace.open_database(str(path))
+    lock = otrace.DatabaseLock(str(path))
+    db = otrace.Database(str(path))
+    writer = otrace.Writer(otrace.Config.from_env({"TRACE_DB_PATH": str(path)}), db,
+                           otrace.EventQueue(512, 50), otrace.Counters(otrace.EVENT_COUNTERS), lock)
+    writer.conn = writer.connect(str(path))
+    try:
+        writer.commit([one_call("before")])
+        writer.look_at = 0.0
+        writer.look_after_file()
+        aside = tmp_path / "aside.db"
+        path.rename(aside)
+        writer.pending = [one_call("pending")]
+        writer.look_at = 0.0
+        writer.look_after_file()                           # the move waits for the batch
+        assert db.replaced_pending
+        writer.pending = []
+        aside.rename(path)
+        writer.look_at = 0.0
+        writer.look_after_file()
+        assert not db.replaced_pending and writer.reopen_fault.error is None
+        writer.commit([one_call("after")])
+        with db.reading() as conn:                         # readers are let in again
+            stored = {t for (t,) in conn.execute("SELECT trace_id FROM llm_traces")}
+            moves = conn.execute("SELECT count(*) FROM error_events").fetchone()[0]    # a move says so
+        assert stored == {"before", "after"} and moves == 0
+        assert sorted(p.name for p in tmp_path.iterdir()) == [
+            "otrace.db", "otrace.db-shm", "otrace.db-wal", "otrace.db.lock"]
+    finally:
+        writer.conn.close()
+        lock.release()
+
+
 def test_a_carry_file_a_hand_holds_locked_when_it_is_taken_in_keeps_its_rows_until_it_can_be(
         tmp_path: Path) -> None:
     """Another program's database took the path, so the writer moved to the carry file and wrote there.
@@ -5234,6 +5271,7 @@ def test_a_carry_file_a_hand_holds_locked_when_it_is_taken_in_keeps_its_rows_unt
     writer = otrace.Writer(otrace.Config.from_env({"TRACE_DB_PATH": str(path)}), db,
                            otrace.EventQueue(512, 50), otrace.Counters(otrace.EVENT_COUNTERS))
     writer.conn = writer.connect(str(path))
+    held = os.open(path, os.O_RDONLY)      # as otrace's lock file does: no new file takes the old inode
     try:
         foreign = tmp_path / "foreign.db"
         with contextlib.closing(sqlite3.connect(foreign)) as other:
@@ -5262,6 +5300,7 @@ def test_a_carry_file_a_hand_holds_locked_when_it_is_taken_in_keeps_its_rows_unt
         assert writer.counters.snapshot()["dropped"] == 0
     finally:
         writer.conn.close()
+        os.close(held)
 
 
 @needs_root
