@@ -5184,10 +5184,7 @@ def test_a_batch_read_from_a_file_since_replaced_marks_nothing_where_the_writer_
     must mark none of them (a row never sent would pass for pushed), nor its loss reports."""
     path = tmp_path / "otrace.db"
     made = seed(path, [("trace", 50, 1), ("trace", 150, 0)], age_days=0.01)    # ids 1-50 pushed
-    db = otrace.Database(str(path))
-    writer = otrace.Writer(otrace.Config.from_env({"TRACE_DB_PATH": str(path)}), db,
-                           otrace.EventQueue(512, 50), otrace.Counters(otrace.EVENT_COUNTERS))
-    writer.conn = writer.connect(str(path))
+    db, writer = writer_at(path)
     try:
         cut = otrace.Cut(("llm_traces",), otrace.UNDELIVERED, "pressure_unpushed", "pass-1", limit=10)
         assert cut(writer.conn).lost == 10                       # ids 51-60 gone, reported below
@@ -5222,16 +5219,48 @@ def test_a_batch_read_from_a_file_since_replaced_marks_nothing_where_the_writer_
         writer.conn.close()
 
 
+def writer_at(path: Path, lock: otrace.DatabaseLock | None = None,
+              **settings: str) -> tuple[otrace.Database, otrace.Writer]:
+    """A writer of the database at `path`, its connection open, run by the test (no thread)."""
+    db = otrace.Database(str(path))
+    writer = otrace.Writer(otrace.Config.from_env({"TRACE_DB_PATH": str(path), **settings}), db,
+                           otrace.EventQueue(512, 50), otrace.Counters(otrace.EVENT_COUNTERS), lock)
+    writer.conn = writer.connect(str(path))
+    return db, writer
+
+
+def moved_to_the_carry(db: otrace.Database, writer: otrace.Writer) -> None:
+    """Another program's database takes the path: the writer moves to the carry file, and a batch is
+    written there ("in-carry")."""
+    path = Path(db.path)
+    foreign = path.with_name("foreign.db")
+    with contextlib.closing(sqlite3.connect(foreign)) as other:
+        other.execute("CREATE TABLE notes (x)")
+    foreign.replace(path)
+    writer.look_at = 0.0
+    writer.look_after_file()
+    assert writer.conn_path == db.carry_path
+    writer.commit([one_call("in-carry")])
+
+
+def moved_back_with(db: otrace.Database, writer: otrace.Writer, unsynced: list[str]) -> None:
+    """The writer's next look takes the carry file into a new file at the path, which then holds
+    `unsynced` as its rows not pushed; the carry file is gone."""
+    writer.look_at = 0.0
+    writer.look_after_file()
+    assert writer.reopen_fault.error is None and not db.replaced_pending
+    assert writer.conn_path == db.path and not Path(db.carry_path).exists()
+    rows = [t for (t,) in writer.conn.execute("SELECT trace_id FROM llm_traces WHERE synced = 0")]
+    assert sorted(rows) == sorted(unsynced)
+
+
 def test_a_database_file_put_back_before_its_move_began_is_written_on(tmp_path: Path) -> None:
     """Moved away while a batch kept its move waiting, then put back: nothing is moved, and the writer
     goes on in it. It used to wait for the move for ever (pushes refused, /health saying a move)."""
     path = tmp_path / "otrace.db"
     otrace.open_database(str(path))
     lock = otrace.DatabaseLock(str(path))
-    db = otrace.Database(str(path))
-    writer = otrace.Writer(otrace.Config.from_env({"TRACE_DB_PATH": str(path)}), db,
-                           otrace.EventQueue(512, 50), otrace.Counters(otrace.EVENT_COUNTERS), lock)
-    writer.conn = writer.connect(str(path))
+    db, writer = writer_at(path, lock)
     try:
         writer.commit([one_call("before")])
         writer.look_at = 0.0
@@ -5267,20 +5296,10 @@ def test_a_carry_file_a_hand_holds_locked_when_it_is_taken_in_keeps_its_rows_unt
     again: every unpushed row is in the file at the path once, and the carry file is gone."""
     path = tmp_path / "otrace.db"
     made = seed(path, [("trace", 20, 1), ("trace", 30, 0)], age_days=0.01)
-    db = otrace.Database(str(path))
-    writer = otrace.Writer(otrace.Config.from_env({"TRACE_DB_PATH": str(path)}), db,
-                           otrace.EventQueue(512, 50), otrace.Counters(otrace.EVENT_COUNTERS))
-    writer.conn = writer.connect(str(path))
+    db, writer = writer_at(path)
     held = os.open(path, os.O_RDONLY)      # as otrace's lock file does: no new file takes the old inode
     try:
-        foreign = tmp_path / "foreign.db"
-        with contextlib.closing(sqlite3.connect(foreign)) as other:
-            other.execute("CREATE TABLE notes (x)")
-        foreign.replace(path)
-        writer.look_at = 0.0
-        writer.look_after_file()
-        assert writer.conn_path == db.carry_path
-        writer.commit([one_call("in-carry")])              # a batch while the path is another program's
+        moved_to_the_carry(db, writer)
         with contextlib.closing(sqlite3.connect(db.carry_path, isolation_level=None)) as hand:
             hand.execute("BEGIN IMMEDIATE")
             path.unlink()
@@ -5291,12 +5310,7 @@ def test_a_carry_file_a_hand_holds_locked_when_it_is_taken_in_keeps_its_rows_unt
             carried = {t for (t,) in hand.execute("SELECT trace_id FROM llm_traces")}
             assert carried == {*made["trace/0"], "in-carry"}
             hand.execute("ROLLBACK")
-        writer.look_at = 0.0
-        writer.look_after_file()
-        assert writer.reopen_fault.error is None and not db.replaced_pending
-        assert writer.conn_path == str(path) and not Path(db.carry_path).exists()
-        unsynced = [t for (t,) in writer.conn.execute("SELECT trace_id FROM llm_traces WHERE synced = 0")]
-        assert sorted(unsynced) == sorted([*made["trace/0"], "in-carry"])
+        moved_back_with(db, writer, [*made["trace/0"], "in-carry"])
         assert writer.counters.snapshot()["dropped"] == 0
     finally:
         writer.conn.close()
@@ -5312,19 +5326,9 @@ def test_a_carry_file_taken_in_on_a_full_disk_keeps_its_rows_until_there_is_room
     with tmpfs(tmp_path / "vol", "16m") as vol:
         path = vol / "otrace.db"
         made = seed(path, [("trace", 20, 1), ("trace", 1000, 0)], age_days=0.01)   # 4 MB to carry
-        db = otrace.Database(str(path))
-        config = otrace.Config.from_env({"TRACE_DB_PATH": str(path), "TRACE_DISK_RESERVE_BYTES": "0"})
-        writer = otrace.Writer(config, db, otrace.EventQueue(512, 50), otrace.Counters(otrace.EVENT_COUNTERS))
-        writer.conn = writer.connect(str(path))
+        db, writer = writer_at(path, TRACE_DISK_RESERVE_BYTES="0")
         try:
-            foreign = vol / "foreign.db"
-            with contextlib.closing(sqlite3.connect(foreign)) as other:
-                other.execute("CREATE TABLE notes (x)")
-            foreign.replace(path)
-            writer.look_at = 0.0
-            writer.look_after_file()
-            assert writer.conn_path == db.carry_path
-            writer.commit([one_call("in-carry")])          # a batch while the path is another program's
+            moved_to_the_carry(db, writer)
             path.unlink()
             filler = fill(vol)
             os.truncate(filler, filler.stat().st_size - (1 << 20))     # 1 MiB: the new file's tables
@@ -5337,12 +5341,7 @@ def test_a_carry_file_taken_in_on_a_full_disk_keeps_its_rows_until_there_is_room
                 carried = {t for (t,) in conn.execute("SELECT trace_id FROM llm_traces")}
             assert carried == {*made["trace/0"], "in-carry"}
             filler.unlink()
-            writer.look_at = 0.0
-            writer.look_after_file()
-            assert writer.reopen_fault.error is None and not db.replaced_pending
-            assert writer.conn_path == str(path) and not Path(db.carry_path).exists()
-            unsynced = [t for (t,) in writer.conn.execute("SELECT trace_id FROM llm_traces WHERE synced = 0")]
-            assert sorted(unsynced) == sorted([*made["trace/0"], "in-carry"])
+            moved_back_with(db, writer, [*made["trace/0"], "in-carry"])
         finally:
             writer.conn.close()
 
@@ -5513,35 +5512,32 @@ def test_damage_keeps_only_the_rows_it_holds_and_refused_rows_without_their_refu
         stopped(service)
 
 
-@needs_root
-def test_a_salvage_that_meets_a_full_disk_is_retried_and_loses_no_row(tmp_path: Path) -> None:
-    """The file is damaged, and the disk has room for the carry file's tables but not for the rows the
-    salvage copies into it. A full disk is not damage: the move fails whole (said in /health), the
-    damaged file keeps every row, and once the disk has room the move is made again, every unpushed
-    row carried and the batch that met the damage written."""
+@contextlib.contextmanager
+def a_damaged_file_moved_on_a_full_disk(tmp_path: Path, room: int) -> Iterator[tuple[otrace.Service, Path]]:
+    """A damaged database (7 MB, 6 of them unpushed rows) on a tmpfs with `room` bytes left, and a batch
+    that meets the damage: yields (service, vol) once the move to a new file fails for the full disk.
+    Then the disk is given room: the move is made, nothing dropped, every unpushed row carried and the
+    batch written."""
     with tmpfs(tmp_path / "vol", "32m") as vol:
         path = vol / "otrace.db"
-        made = seed(path, [("trace", 100, 1), ("trace", 1500, 0)], age_days=0.01)   # 7 MB, 6 to carry
+        made = seed(path, [("trace", 100, 1), ("trace", 1500, 0)], age_days=0.01)
         service = service_at(path, disk_reserve_bytes=0)
         try:
             damage(path, "llm_traces_created")                       # what the next insert meets
             filler = fill(vol)
-            os.truncate(filler, filler.stat().st_size - (2 << 20))     # 2 MiB: the carry file's tables
+            os.truncate(filler, filler.stat().st_size - room)
             assert service.events.offer(one_call("after"))
             service.writer.start()
             wait_until(lambda: "SQLITE_FULL" in (service.writer.reopen_fault.error or ""), 60,
                        "the move failing for the full disk")
-            assert service.db.replaced_pending and list(vol.glob("otrace.db.damaged-*[0-9]"))
-            carry = otrace.sqlite_uri(service.db.carry_path, "ro")
-            with contextlib.closing(sqlite3.connect(carry, uri=True)) as conn:
-                assert conn.execute("SELECT count(*) FROM llm_traces").fetchone() == (0,)   # tables, no row
+            yield service, vol
             filler.unlink()
             assert service.events.wait_drained(60)
+            assert service.counters.snapshot()["dropped"] == 0
             wait_until(lambda: not service.db.replaced_pending, 60, "the writer in a new file")
             with contextlib.closing(sqlite3.connect(path)) as conn:
                 unsynced = {t for (t,) in conn.execute("SELECT trace_id FROM llm_traces WHERE synced = 0")}
             assert unsynced == {*made["trace/0"], "after"}
-            assert service.counters.snapshot()["dropped"] == 0
             wait_until(lambda: service.writer.reopen_fault.error is None and not service.writer.failing, 30,
                        "the write fault cleared")
         finally:
@@ -5549,31 +5545,24 @@ def test_a_salvage_that_meets_a_full_disk_is_retried_and_loses_no_row(tmp_path: 
 
 
 @needs_root
+def test_a_salvage_that_meets_a_full_disk_is_retried_and_loses_no_row(tmp_path: Path) -> None:
+    """The disk has room for the carry file's tables but not for the rows the salvage copies into it.
+    A full disk is not damage: the move fails whole (said in /health), the damaged file keeps every
+    row, and once the disk has room the move is made again."""
+    with a_damaged_file_moved_on_a_full_disk(tmp_path, 2 << 20) as (service, vol):
+        assert service.db.replaced_pending and list(vol.glob("otrace.db.damaged-*[0-9]"))
+        carry = otrace.sqlite_uri(service.db.carry_path, "ro")
+        with contextlib.closing(sqlite3.connect(carry, uri=True)) as conn:
+            assert conn.execute("SELECT count(*) FROM llm_traces").fetchone() == (0,)   # tables, no row
+
+
+@needs_root
 def test_a_move_whose_carry_file_cannot_be_opened_after_the_carry_drops_no_row(tmp_path: Path) -> None:
-    """The carry is copied, and the checkpoint of the carry file's WAL then fills the disk, so the carry
-    file cannot be opened for the writer. A full disk: the writer waits, drops nothing, and once the disk
-    has room the move is made, every unpushed row carried and the batch that met the damage written."""
-    with tmpfs(tmp_path / "vol", "32m") as vol:
-        path = vol / "otrace.db"
-        made = seed(path, [("trace", 100, 1), ("trace", 1500, 0)], age_days=0.01)   # 7 MB, 6 to carry
-        service = service_at(path, disk_reserve_bytes=0)
-        try:
-            damage(path, "llm_traces_created")                       # what the next insert meets
-            filler = fill(vol)
-            os.truncate(filler, filler.stat().st_size - (8 << 20))     # room for the carry's WAL, not more
-            assert service.events.offer(one_call("after"))
-            service.writer.start()
-            wait_until(lambda: "SQLITE_FULL" in (service.writer.reopen_fault.error or ""), 60,
-                       "the move failing for the full disk")
-            filler.unlink()
-            assert service.events.wait_drained(60)
-            assert service.counters.snapshot()["dropped"] == 0
-            wait_until(lambda: not service.db.replaced_pending, 60, "the writer in a new file")
-            with contextlib.closing(sqlite3.connect(path)) as conn:
-                unsynced = {t for (t,) in conn.execute("SELECT trace_id FROM llm_traces WHERE synced = 0")}
-            assert unsynced == {*made["trace/0"], "after"}
-        finally:
-            stopped(service)
+    """The carry is copied, and the checkpoint of the carry file's WAL then fills the disk (room for
+    the WAL, not more), so the carry file cannot be opened for the writer: it stays on the old file,
+    drops nothing, and once the disk has room the move is made."""
+    with a_damaged_file_moved_on_a_full_disk(tmp_path, 8 << 20) as (service, _):
+        assert service.db.replaced_pending
 
 
 def test_damage_on_the_newest_page_keeps_back_no_unpushed_row_of_the_pages_before(tmp_path: Path) -> None:
@@ -5805,6 +5794,37 @@ def seed(db: Path, groups: list[tuple[str, int, int]], text: int = 2000, age_day
     return made
 
 
+@contextlib.contextmanager
+def relief_near_a_full_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                            ) -> Iterator[tuple[otrace.Service, Path, dict[str, list[str]], Path]]:
+    """A service whose database (4.3 MB, all unpushed) is over a 4 MiB cap, its writer running, on a
+    tmpfs filled but for a few pages of WAL: (service, database, the rows made, the filler file)."""
+    monkeypatch.setattr(otrace, "RELIEF_TIME", 600.0)     # one job to the low mark, on a busy machine too
+    with tmpfs(tmp_path / "vol", "16m") as vol:
+        path = vol / "otrace.db"
+        made = seed(path, [("metric", 5, 0), ("trace", 1000, 0)], age_days=0.01)
+        service = service_at(path, db_max_bytes=4 << 20, disk_reserve_bytes=0)
+        try:
+            service.writer.start()
+            wait_until(lambda: service.writer.conn, 30, "the writer's connection")
+            filler = fill(vol)
+            os.truncate(filler, filler.stat().st_size - (128 << 10))
+            yield service, path, made, filler
+        finally:
+            stopped(service)
+
+
+def said_failed_after(service: otrace.Service, path: Path, gone: dict[str, int]) -> None:
+    """The pass failed on the full disk, and what was deleted before is in the ledger, /health's total
+    and the pass's report."""
+    said = {table: n for table, n in gone.items() if n}
+    assert ledger_of(path) == {(t, TIER_OF[t]): (n, n) for t, n in said.items()}
+    health = service.retention.health()
+    assert health["last_pass"]["failed"].startswith("SQLITE_FULL")
+    assert health["last_pass"]["unpushed_deleted"] == {f"{t}/{TIER_OF[t]}": n for t, n in said.items()}
+    assert health["unpushed_deleted_total"] == said
+
+
 @needs_root
 def test_a_relief_job_that_fails_after_a_chunk_says_what_it_deleted_and_the_next_pass_goes_on(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -5813,43 +5833,25 @@ def test_a_relief_job_that_fails_after_a_chunk_says_what_it_deleted_and_the_next
     gone and are in the ledger, in /health's total and in the pass's report, which says why it
     failed. Once the disk has room, the next pass deletes the rest down to the low mark, every row it
     deletes in the ledger too."""
-    monkeypatch.setattr(otrace, "RELIEF_TIME", 600.0)     # one job to the low mark, on a busy machine too
-    with tmpfs(tmp_path / "vol", "16m") as vol:
-        path = vol / "otrace.db"
-        made = seed(path, [("metric", 5, 0), ("trace", 1000, 0)], age_days=0.01)   # 4.3 MB, all unpushed
-        service = service_at(path, db_max_bytes=4 << 20, disk_reserve_bytes=0)
+    with relief_near_a_full_disk(tmp_path, monkeypatch) as (service, path, made, filler):
         retention = service.retention
-        try:
-            service.writer.start()
-            wait_until(lambda: service.writer.conn, 30, "the writer's connection")
-            filler = fill(vol)
-            os.truncate(filler, filler.stat().st_size - (128 << 10))   # room for a few pages of WAL
-            with pytest.raises(sqlite3.OperationalError) as raised:     # a chunk or more, then the disk
-                retention.tick()
-            assert otrace.sqlite_code(raised.value) == "SQLITE_FULL"
-            gone = rows_gone(service, made)
-            assert gone["llm_traces"] < 1000 and sum(gone.values()) > 0
-            said = {table: n for table, n in gone.items() if n}
-            assert ledger_of(path) == {(table, reason): (n, n) for table, n in said.items()
-                                       for reason in [TIER_OF[table]]}
-            health = retention.health()
-            assert health["unpushed_deleted_total"] == said
-            assert health["last_pass"]["unpushed_deleted"] == {f"{t}/{TIER_OF[t]}": n
-                                                               for t, n in said.items()}
-            assert health["last_pass"]["failed"].startswith("SQLITE_FULL")
-            filler.unlink()
+        with pytest.raises(sqlite3.OperationalError) as raised:     # a chunk or more, then the disk
             retention.tick()
-            health = retention.health()
-            assert "failed" not in health["last_pass"] and not health["still_over_budget"]
-            assert retention.db_bytes() < 0.85 * (4 << 20)
-            now_gone = rows_gone(service, made)
-            assert now_gone["llm_traces"] > gone["llm_traces"]
-            assert ledger_of(path) == {(t, TIER_OF[t]): (n, n) for t, n in now_gone.items() if n}
-            assert health["unpushed_deleted_total"] == {t: n for t, n in now_gone.items() if n}
-            assert health["last_pass"]["unpushed_deleted"] == {
-                f"{t}/{TIER_OF[t]}": n - gone[t] for t, n in now_gone.items() if n - gone[t]}
-        finally:
-            stopped(service)
+        assert otrace.sqlite_code(raised.value) == "SQLITE_FULL"
+        gone = rows_gone(service, made)
+        assert gone["llm_traces"] < 1000 and sum(gone.values()) > 0
+        said_failed_after(service, path, gone)
+        filler.unlink()
+        retention.tick()
+        health = retention.health()
+        assert "failed" not in health["last_pass"] and not health["still_over_budget"]
+        assert retention.db_bytes() < 0.85 * (4 << 20)
+        now_gone = rows_gone(service, made)
+        assert now_gone["llm_traces"] > gone["llm_traces"]
+        assert ledger_of(path) == {(t, TIER_OF[t]): (n, n) for t, n in now_gone.items() if n}
+        assert health["unpushed_deleted_total"] == {t: n for t, n in now_gone.items() if n}
+        assert health["last_pass"]["unpushed_deleted"] == {
+            f"{t}/{TIER_OF[t]}": n - gone[t] for t, n in now_gone.items() if n - gone[t]}
 
 
 @needs_root
@@ -5859,40 +5861,23 @@ def test_a_head_start_that_fails_after_a_chunk_is_said_by_the_pass_that_takes_it
     head start) deletes a chunk or more, then meets a full disk. The disk has room again by the time
     the pass takes the job over: the pass still counts what the job deleted and says that it failed;
     the pass after it deletes down to the low mark."""
-    monkeypatch.setattr(otrace, "RELIEF_TIME", 600.0)     # one job to the low mark, on a busy machine too
-    with tmpfs(tmp_path / "vol", "16m") as vol:
-        path = vol / "otrace.db"
-        made = seed(path, [("metric", 5, 0), ("trace", 1000, 0)], age_days=0.01)   # 4.3 MB, all unpushed
-        service = service_at(path, db_max_bytes=4 << 20, disk_reserve_bytes=0)
+    with relief_near_a_full_disk(tmp_path, monkeypatch) as (service, path, made, filler):
         retention = service.retention
-        try:
-            service.writer.start()
-            wait_until(lambda: service.writer.conn, 30, "the writer's connection")
-            filler = fill(vol)
-            os.truncate(filler, filler.stat().st_size - (128 << 10))   # room for a batch and a chunk or two
-            assert service.events.offer(one_call("after"))
-            assert service.events.wait_drained(30)
-            wait_until(lambda: retention.begun and retention.begun[0].done(), 60, "the head start to end")
-            gone = rows_gone(service, made)
-            assert gone["llm_traces"] < 1000 and sum(gone.values()) > 0
-            filler.unlink()
-            with pytest.raises(sqlite3.OperationalError) as raised:
-                retention.tick()
-            assert otrace.sqlite_code(raised.value) == "SQLITE_FULL"
-            said = {table: n for table, n in gone.items() if n}
-            assert rows_gone(service, made) == gone                 # the failing pass deleted no more
-            assert ledger_of(path) == {(t, TIER_OF[t]): (n, n) for t, n in said.items()}
-            health = retention.health()
-            assert health["last_pass"]["failed"].startswith("SQLITE_FULL")
-            assert health["last_pass"]["unpushed_deleted"] == {f"{t}/{TIER_OF[t]}": n
-                                                               for t, n in said.items()}
-            assert health["unpushed_deleted_total"] == said
+        assert service.events.offer(one_call("after"))
+        assert service.events.wait_drained(30)
+        wait_until(lambda: retention.begun and retention.begun[0].done(), 60, "the head start to end")
+        gone = rows_gone(service, made)
+        assert gone["llm_traces"] < 1000 and sum(gone.values()) > 0
+        filler.unlink()
+        with pytest.raises(sqlite3.OperationalError) as raised:
             retention.tick()
-            assert "failed" not in retention.health()["last_pass"] and retention.db_bytes() < 0.85 * (4 << 20)
-            assert ledger_of(path) == {(t, TIER_OF[t]): (n, n)
-                                       for t, n in rows_gone(service, made).items() if n}
-        finally:
-            stopped(service)
+        assert otrace.sqlite_code(raised.value) == "SQLITE_FULL"
+        assert rows_gone(service, made) == gone                 # the failing pass deleted no more
+        said_failed_after(service, path, gone)
+        retention.tick()
+        assert "failed" not in retention.health()["last_pass"] and retention.db_bytes() < 0.85 * (4 << 20)
+        assert ledger_of(path) == {(t, TIER_OF[t]): (n, n)
+                                   for t, n in rows_gone(service, made).items() if n}
 
 
 TIER_OF = {"system_metrics": "pressure_metrics", "llm_traces": "pressure_unpushed"}   # for unpushed rows
@@ -6366,6 +6351,21 @@ def writer_on(db: Path, counters: otrace.Counters, *units: otrace.Unit) -> Itera
         yield writer
 
 
+def flushed_past_a_full_disk(writer: otrace.Writer, vol: Path, counters: otrace.Counters, unit: otrace.Unit,
+                             tries: int = 1) -> None:
+    """Each flush while the disk is full raises SQLITE_FULL with the unit kept and nothing dropped;
+    once the disk has room, a flush commits it."""
+    filler = fill(vol)
+    for _ in range(tries):
+        with pytest.raises(sqlite3.OperationalError) as raised:
+            writer.flush()
+        assert otrace.sqlite_code(raised.value) == "SQLITE_FULL"
+        assert writer.pending == [unit] and counters.snapshot()["dropped"] == 0
+    filler.unlink()
+    writer.flush()
+    assert writer.pending == []
+
+
 @needs_root
 def test_a_full_disk_met_while_a_refused_row_is_sought_drops_no_good_row(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -6375,15 +6375,8 @@ def test_a_full_disk_met_while_a_refused_row_is_sought_drops_no_good_row(
     counters = otrace.Counters(otrace.EVENT_COUNTERS)
     unit = otrace.Unit([call_row("good-1"), call_row("refused", None), call_row("good-2")])
     with tmpfs(tmp_path / "vol", "4m") as vol, writer_on(vol / "o.db", counters, unit) as writer:
-        filler = fill(vol)
-        for _ in range(2):                         # each retry while the disk is full: nothing given up
-            with pytest.raises(sqlite3.OperationalError) as raised:
-                writer.flush()
-            assert otrace.sqlite_code(raised.value) == "SQLITE_FULL"
-            assert writer.pending == [unit] and counters.snapshot()["dropped"] == 0
-        filler.unlink()
-        writer.flush()
-        assert writer.pending == [] and writer.events.wait_drained(0)
+        flushed_past_a_full_disk(writer, vol, counters, unit, tries=2)
+        assert writer.events.wait_drained(0)
         with contextlib.closing(sqlite3.connect(vol / "o.db")) as conn:
             assert sorted(conn.execute("SELECT trace_id FROM llm_traces")) == [("good-1",), ("good-2",)]
     assert {k: counters.snapshot()[k] for k in ("persisted", "dropped")} == {"persisted": 2, "dropped": 1}
@@ -6401,14 +6394,7 @@ def test_a_full_disk_met_while_a_refused_statement_is_sought_drops_no_good_state
     good, refused = (otrace.STATE_SQL, ("test.good", 7, 1)), (otrace.STATE_SQL, ("test.refused", None, 1))
     unit = otrace.Unit([], (good, refused), own=True, reader=True)
     with tmpfs(tmp_path / "vol", "4m") as vol, writer_on(vol / "o.db", counters, unit) as writer:
-        filler = fill(vol)
-        with pytest.raises(sqlite3.OperationalError) as raised:
-            writer.flush()
-        assert otrace.sqlite_code(raised.value) == "SQLITE_FULL"
-        assert writer.pending == [unit] and counters.snapshot()["dropped"] == 0
-        filler.unlink()
-        writer.flush()
-        assert writer.pending == []
+        flushed_past_a_full_disk(writer, vol, counters, unit)
         with contextlib.closing(sqlite3.connect(vol / "o.db")) as conn:
             assert conn.execute("SELECT key, value FROM otrace_state WHERE key LIKE 'test.%'").fetchall() == [
                 ("test.good", 7)]
