@@ -3336,12 +3336,7 @@ class Writer(threading.Thread):
             except Exception as exc:
                 if is_environment(exc):
                     raise
-                if part.rows:
-                    self.drop(part.rows[0], exc)
-                else:
-                    self.log.error("statement cannot be run; dropped", extra={
-                        "error": describe(exc), "statement": part.extra[0][0][:60]})
-                    self.counters.add("dropped")
+                self.drop(part, exc)
             unit.settled += 1
 
     def commit(self, units: list[Unit]) -> None:
@@ -3364,11 +3359,16 @@ class Writer(threading.Thread):
         self.counters.add("duplicate", sum(map(len, by_table.values())) - inserted)
         self.on_inserted(new)
 
-    def drop(self, row: Row, exc: BaseException) -> None:
-        """Give up on a row SQLite refuses for its own data: logged by its trace_id (its text may be a
-        prompt, with secrets in it), counted in /health."""
-        self.log.error("row cannot be stored; dropped", extra={
-            "table": row.table, "trace_id": row.values[0], "error": describe(exc)})
+    def drop(self, part: Unit, exc: BaseException) -> None:
+        """Give up on a row or a statement (`part` holds one) SQLite refuses for its own data: logged, a
+        row by its trace_id (its text may be a prompt, with secrets in it), counted in /health."""
+        if part.rows:
+            row = part.rows[0]
+            self.log.error("row cannot be stored; dropped", extra={
+                "table": row.table, "trace_id": row.values[0], "error": describe(exc)})
+        else:
+            self.log.error("statement cannot be run; dropped", extra={
+                "error": describe(exc), "statement": part.extra[0][0][:60]})
         self.counters.add("dropped")
 
     # -- the file at the path deleted or replaced
@@ -11580,7 +11580,6 @@ class Report:
         samples, cpu, memory, limit, disk, own = self.conn.execute(
             "SELECT count(*), max(cpu_pct), max(mem_used_bytes), max(mem_limit_bytes), max(disk_used_pct), "
             f"max(self_rss_bytes) FROM system_metrics WHERE {where}", params).fetchone()
-        where, params = self.where(by_source=False)
         kills = self.conn.execute(     # the kills of one sample: the host's count holds the cgroup's
             "SELECT total(max(1, coalesce(json_extract(metadata, '$.kills.host'), 0), "
             "coalesce(json_extract(metadata, '$.kills.cgroup'), 0))) FROM error_events "
