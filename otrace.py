@@ -3445,14 +3445,20 @@ class Writer(threading.Thread):
         carry, moved = self.db.carry_path, {}
         if self.conn_path != carry:
             open_database(carry)
-            self.conn.execute("ATTACH DATABASE ? AS carry", (carry,))
+            carried = self.connect(carry)            # before the copy: failing (a full disk), none is made
             try:
-                moved = carry_over(self.conn, "main", "carry", salvage=self.damaged)
+                self.conn.execute("ATTACH DATABASE ? AS carry", (carry,))
+                try:
+                    moved = carry_over(self.conn, "main", "carry", salvage=self.damaged)
+                finally:
+                    self.conn.execute("DETACH DATABASE carry")
+            except BaseException:
+                carried.close()
+                raise
+            with contextlib.suppress(sqlite3.Error):     # room only: the rows are committed either way
+                carried.execute("PRAGMA wal_checkpoint(TRUNCATE)")         # the copy's WAL, as big as it
                 if not self.damaged:                 # a damaged file's WAL goes aside with it, as it is
                     self.conn.execute("PRAGMA main.wal_checkpoint(TRUNCATE)")   # the old WAL, empty if left
-            finally:
-                self.conn.execute("DETACH DATABASE carry")
-            carried = self.connect(carry)            # first: failing (a full disk), the old one stays open
             old, self.conn, self.conn_path = self.conn, carried, carry
             old.close()
             self.db.forget_old_companions()

@@ -5557,12 +5557,14 @@ def test_a_salvage_that_meets_a_full_disk_is_retried_and_loses_no_row(tmp_path: 
 
 
 @needs_root
-def test_a_move_whose_carry_file_cannot_be_opened_after_the_carry_drops_no_row(tmp_path: Path) -> None:
-    """The carry is copied, and the checkpoint of the carry file's WAL then fills the disk (room for
-    the WAL, not more), so the carry file cannot be opened for the writer: it stays on the old file,
-    drops nothing, and once the disk has room the move is made."""
+def test_a_move_with_room_for_the_carry_alone_writes_in_the_carry_file_and_drops_no_row(
+        tmp_path: Path) -> None:
+    """The disk has room for the carry, not for a new file at the path. The writer goes on in the
+    carry file: never in the old file beside a copy of its rows, which a retry would copy again (rows
+    deleted meanwhile back, the ledger's counts stale). It drops nothing, and once the disk has room
+    the new file is made."""
     with a_damaged_file_moved_on_a_full_disk(tmp_path, 8 << 20) as (service, _):
-        assert service.db.replaced_pending
+        assert service.db.replaced_pending and service.writer.conn_path == service.db.carry_path
 
 
 def test_damage_on_the_newest_page_keeps_back_no_unpushed_row_of_the_pages_before(tmp_path: Path) -> None:
