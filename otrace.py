@@ -440,7 +440,8 @@ class Config:
                                    "kept in memory (to turn cumulative points into deltas); the least "
                                    "recently updated is read back from the database when it returns.")
     db_path: str = setting("/data/openclaw-trace.db", NAME, "SQLite database file; its directory is "
-                           "created (mode 0700). A symlink is resolved once, at start.")
+                           "created (mode 0700); one otrace cannot make or use is exit 2 (1 on a full "
+                           "disk). A symlink is resolved once, at start.")
     log_level: str = setting("info", LEVEL, "Least severe log level written to stdout.")
     ingest_token: str = setting("", TOKEN, "When set, requests need `Authorization: Bearer <token>` "
                                 "(all but /health and /metrics).", secret=True)
@@ -4002,7 +4003,7 @@ class RefusalLog:
     def __init__(self) -> None:
         self.last: dict[tuple[int, str, str | None], list] = {}   # kind -> [said at, since, its line]
 
-    def refused(self, request: Request | None, refusal: Refusal) -> None:
+    def refused(self, request: Request | None, refusal: Refusal, client: str) -> None:
         route = request.route if request is not None and request.route in ROUTES else "other"
         invalid = refusal if isinstance(refusal, Invalid) else None
         field = invalid and invalid.field
@@ -4011,7 +4012,7 @@ class RefusalLog:
         said[2] = {"status": refusal.status, "route": route,
                    "method": method_said(request),
                    "error": invalid.said() if invalid else HTTPStatus(refusal.status).phrase,
-                   "field": field, "index": invalid and invalid.index, "client": request and request.client}
+                   "field": field, "index": invalid and invalid.index, "client": client}
         self.flush(said)
 
     def flush(self, said: list | None = None, *, now: float | None = None) -> None:
@@ -4238,7 +4239,7 @@ class IngestServer:
             if refusal.status == 401:                  # a client without the token loses what it sends
                 self.counters.add("unauthorized")
             if refusal.status < 500:
-                self.refusals.refused(conn.request, refusal)
+                self.refusals.refused(conn.request, refusal, conn.address)
             body, content_type = self.api.refused(conn.request, refusal)
             unread = self.unread(conn.request, conn.inbox) if not at_eof else 0
             self.finish(conn, refusal.status, body, refusal.headers, close=True, content_type=content_type)
@@ -4276,7 +4277,7 @@ class IngestServer:
             status, headers = made.status, made.headers
             body, content_type = self.api.refused(conn.request, made)
             if status < 500:
-                self.refusals.refused(conn.request, made)
+                self.refusals.refused(conn.request, made, conn.address)
         else:
             status, body, headers, content_type = made
         if status >= 400 and status != 503:
@@ -4371,7 +4372,7 @@ class IngestServer:
         if (conn.inbox or conn.request is not None) and not conn.outbox:
             late = Refusal(408, f"the request did not arrive whole within TRACE_READ_TIMEOUT "
                                 f"({self.read_timeout:g} s)")
-            self.refusals.refused(conn.request, late)
+            self.refusals.refused(conn.request, late, conn.address)
             with contextlib.suppress(OSError):
                 conn.sock.send(respond(408, late.body(), close=True))
         self.hang_up(conn)
@@ -12224,9 +12225,12 @@ def serve(config: Config, warnings: Iterable[str] = ()) -> int:
         return 2
     try:
         lock = DatabaseLock(config.db_path)
-    except (DatabaseLocked, OSError) as exc:
+    except DatabaseLocked as exc:
         cannot_start(str(exc), said="")
         return 1
+    except OSError as exc:               # its directory cannot be made, or a file opened there
+        cannot_start(f"{config.db_path} cannot be used ({describe(exc)})", said="TRACE_DB_PATH: ")
+        return 1 if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO) else 2   # else: the path's fault
     service = start_service(config, stop_signals, lock)
     if service is None:
         return 1

@@ -940,7 +940,8 @@ def test_schema_pragmas_and_file_mode(svc: Otrace) -> None:
 def test_a_database_otrace_must_not_write_is_refused_as_it_was(tmp_path: Path, run: Callable[..., Otrace]
                                                                ) -> None:
     """A newer otrace's, another program's, or not SQLite: exit 2 naming TRACE_DB_PATH before anything
-    is written (its bytes, mode, journal and schema as they were); a corrupt one exits 1 at once."""
+    is written (its bytes, mode, journal and schema as they were), as for a path under a file; a
+    corrupt one exits 1 at once."""
     newer, foreign, junk = tmp_path / "newer.db", tmp_path / "foreign.db", tmp_path / "junk.db"
     with contextlib.closing(sqlite3.connect(newer)) as conn:
         for step in otrace.SCHEMA:
@@ -961,6 +962,11 @@ def test_a_database_otrace_must_not_write_is_refused_as_it_was(tmp_path: Path, r
         assert db.read_bytes() == before and db.stat().st_mode & 0o777 == 0o644
         assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(db.name + ".") or
                     p.name.startswith(db.name + "-")]          # no lock, WAL or reserve beside it
+    under_a_file = junk / "otrace.db"                       # a directory that cannot be made
+    node = run(wait=False, db=under_a_file)
+    assert node.proc.wait(10) == 2
+    assert node.stderr == [f"otrace: TRACE_DB_PATH: {under_a_file} cannot be used (NotADirectoryError: "
+                           f"[Errno 20] Not a directory: '{under_a_file}.lock')\n"]
     corrupt = tmp_path / "corrupt.db"
     otrace.open_database(str(corrupt))
     with open(corrupt, "r+b") as f:                          # the schema's page header
@@ -2708,6 +2714,7 @@ def test_a_refused_request_is_logged_once_a_minute_by_kind_without_what_the_clie
         (400, "/v1/traces", "status"), (401, "/v1/traces", None), (400, "other", None)]
     assert said[0]["error"].startswith("status ") and said[0]["index"] is None
     assert said[1]["error"] == "Unauthorized" and said[2]["error"] == "Bad Request"
+    assert [e["client"] for e in said] == ["127.0.0.1"] * 3     # also who sent a head that was not read
     assert secret not in json.dumps(node.lines)
 
 
@@ -2717,12 +2724,13 @@ def test_refusal_log_says_each_kind_once_a_minute_with_how_many_since(caplog: py
     secret = "sk-live-SECRET-1111"
     with caplog.at_level(logging.WARNING, logger="otrace"):
         for _ in range(4):
-            refusals.refused(None, otrace.Invalid(fault, "status"))
-        refusals.refused(None, otrace.Refusal(413, "body is over 10 bytes"))
+            refusals.refused(None, otrace.Invalid(fault, "status"), "127.0.0.1")
+        refusals.refused(None, otrace.Refusal(413, "body is over 10 bytes"), "127.0.0.1")
         refusals.last[(400, "other", "status")][0] -= refusals.EVERY                # a minute later
-        refusals.refused(None, otrace.Invalid(fault, "status"))
+        refusals.refused(None, otrace.Invalid(fault, "status"), "127.0.0.1")
         for _ in range(3):                                   # a burst, then none: said when its minute is up
-            refusals.refused(None, otrace.Invalid(f"body is not OTLP JSON: {secret!r}", quoted=True))
+            refusals.refused(None, otrace.Invalid(f"body is not OTLP JSON: {secret!r}", quoted=True),
+                             "127.0.0.1")
         refusals.flush()
         refusals.flush(now=time.monotonic() + refusals.EVERY)
     said = [r for r in caplog.records if r.getMessage() == "request refused"]
