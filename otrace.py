@@ -4764,6 +4764,7 @@ class Call:
     start: int
     end: int
     response_id: str | None
+    said: tuple[Any, ...]            # its kind of operation, requested model, answering model
     event: dict[str, Any]
     failure: dict[str, Any] | None
     keys: list[str]                  # the row keys of the spans it stands for, its own first
@@ -4814,9 +4815,11 @@ def llm_call(span: Any, resource: dict[str, Any], where: tuple[int, str], store_
     if failure:
         event["status"], event["error_type"] = "error", failure["error_type_name"]
     response_id = attrs.get("gen_ai.response.id")
+    said = ("embeddings" if operation in ("embeddings", "embedding") else operation and "generation",
+            _word(attrs.get("gen_ai.request.model")), _word(attrs.get("gen_ai.response.model")))
     return Call(key, (where[0], event["provider"]), where[1], span.start_time_unix_nano,
-                span.end_time_unix_nano, response_id if isinstance(response_id, str) else None, event,
-                failure, [key])
+                span.end_time_unix_nano, response_id if isinstance(response_id, str) else None, said,
+                event, failure, [key])
 
 
 def usage_tokens(event: dict[str, Any], attrs: dict[str, Any]) -> None:
@@ -4934,8 +4937,9 @@ def pushed_error(record: Any, attrs: dict[str, Any]) -> dict[str, Any]:
 def one_per_call(calls: list[Call]) -> tuple[list[Call], int]:
     """Two instrumentations in one process can each report the same call (the Anthropic SDK's own
     tracing and OpenLLMetry's do, as two root spans): a span of another scope, with the same provider,
-    and the same response id or lying inside the other's time, is the same call. The inner span's
-    row is kept and filled in from the outer one. The calls left, and how many spans were merged."""
+    that may be the same call (may_be_one_call), is the one with the same response id, else the one
+    lying inside the other's time. The inner span's row is kept and filled in from the outer one. The
+    calls left, and how many spans were merged."""
     groups: dict[tuple[int, str | None], list[Call]] = {}
     for call in calls:
         groups.setdefault(call.group, []).append(call)
@@ -4944,9 +4948,10 @@ def one_per_call(calls: list[Call]) -> tuple[list[Call], int]:
         if len({call.scope for call in group}) < 2:
             continue
         for outer in sorted(group, key=lambda c: c.end - c.start, reverse=True):
-            inner = [c for c in group if c is not outer and id(c) not in gone and c.scope != outer.scope and (
-                (outer.response_id and c.response_id == outer.response_id)
-                or outer.start <= c.start <= c.end <= outer.end)]
+            others = [c for c in group if c is not outer and id(c) not in gone and c.scope != outer.scope
+                      and may_be_one_call(outer, c)]
+            inner = [c for c in others if outer.response_id and c.response_id == outer.response_id] or [
+                c for c in others if outer.start <= c.start <= c.end <= outer.end]
             if len(inner) == 1:
                 absorb(inner[0], outer)
                 gone.add(id(outer))
@@ -4998,19 +5003,27 @@ def absorb(call: Call, other: Call) -> None:
     call.keys += other.keys
 
 
+def may_be_one_call(one: Call, other: Call) -> bool:
+    """Whether two spans can record one call: they do not differ in response id, kind of operation
+    (an embedding is not a chat), requested model or answering model, where both say it."""
+    return all(a is None or b is None or a == b for a, b in zip(
+        (one.response_id, *one.said), (other.response_id, *other.said), strict=True))
+
+
 def service_and_provider(call: Call) -> tuple[Any, Any]:
     return call.event["metadata"].get("service_name"), call.group[1]
 
 
 def same_call(stored: Call, call: Call) -> bool:
     """Whether `call`, from a later request, is another instrumentation's span of the call `stored`:
-    another scope, the same service and provider, and the same response id (where both have one), or
-    one lying inside the other's time. A call already made of two spans takes no third."""
-    if (stored.scope == call.scope or len(stored.keys) > 1
+    another scope, the same service and provider, one that may be the same call (may_be_one_call),
+    and the same response id (where both have one), or one lying inside the other's time. A call
+    already made of two spans takes no third."""
+    if (stored.scope == call.scope or len(stored.keys) > 1 or not may_be_one_call(stored, call)
             or service_and_provider(stored) != service_and_provider(call)):
         return False
     if stored.response_id and call.response_id:
-        return stored.response_id == call.response_id
+        return True
     return (stored.start <= call.start <= call.end <= stored.end
             or call.start <= stored.start <= stored.end <= call.end)
 

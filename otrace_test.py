@@ -10254,14 +10254,30 @@ def test_two_instrumentations_of_one_call_make_one_row_in_process() -> None:
             sdk.event["input_text"]) == ("claude", 9, None, '[{"role":"user"}]')   # tokens from one span
     assert sdk.keys == [sdk.key, wrapper.key]
     assert otrace.one_per_call([same_scope, later])[1] == 0       # one library's spans are never merged
+    # calls made at once: an embedding during a chat, another model's call, another response id
+    chat = {"gen_ai.operation.name": "chat", "gen_ai.provider.name": "anthropic"}
+    long_chat = make("openllmetry", 100, 900, **{**chat, "gen_ai.request.model": "claude",
+                                                 "gen_ai.response.id": "msg_a"})
+    for other in ({"gen_ai.operation.name": "embeddings", "gen_ai.provider.name": "anthropic"},
+                  {**chat, "gen_ai.request.model": "claude-haiku"}, {**chat, "gen_ai.response.id": "msg_b"}):
+        assert otrace.one_per_call([long_chat, make("sdk", 200, 300, **other)])[1] == 0, other
+    # two calls at once, each reported by both: each pair by its response id
+    pairs = [make("openllmetry", 100, 900, **{**chat, "gen_ai.response.id": "msg_a"}),
+             make("sdk", 110, 890, **{**chat, "gen_ai.response.id": "msg_a"}),
+             make("openllmetry", 200, 500, **{**chat, "gen_ai.response.id": "msg_b"}),
+             make("sdk", 210, 490, **{**chat, "gen_ai.response.id": "msg_b"})]
+    assert otrace.one_per_call(pairs) == ([pairs[1], pairs[3]], 2)
+    assert [c.keys for c in (pairs[1], pairs[3])] == [[p.key, q.key] for p, q in ((pairs[1], pairs[0]),
+                                                                               (pairs[3], pairs[2]))]
 
     recent = otrace.RecentCalls(wait=60.0)                        # and in a later request:
     recent.remember(later)
-    chat = {"gen_ai.operation.name": "chat", "gen_ai.provider.name": "anthropic"}
     assert recent.partner(make("openllmetry", 310, 390, **chat)) is None      # its own scope
     assert recent.partner(make("sdk", 310, 390, **chat)).key == later.key     # inside its time
     assert recent.partner(make("sdk", 500, 600, **chat)) is None              # another time
     assert recent.partner(make("sdk", 310, 390, **{**chat, "gen_ai.provider.name": "openai"})) is None
+    assert recent.partner(make("sdk", 310, 390, **{**chat, "gen_ai.request.model": "claude-haiku"})) is None
+    assert recent.partner(make("sdk", 310, 390, **{**chat, "gen_ai.operation.name": "embeddings"})) is None
     recent.replace(recent.partner(make("sdk", 310, 390, **chat)), sdk)        # merged: takes no third
     assert recent.partner(make("sdk", 310, 390, **chat)) is None
 
