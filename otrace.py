@@ -4807,7 +4807,7 @@ def llm_call(span: Any, resource: dict[str, Any], where: tuple[int, str], store_
     if isinstance(ttft := _first(attrs, TTFT_KEYS), (int, float)) and not isinstance(ttft, bool):
         event["ttft_ms"] = ttft * 1000
     finish = _first(attrs, FINISH_KEYS)
-    event["finish_reason"] = ",".join(map(str, finish)) if isinstance(finish, list) else finish
+    event["finish_reason"] = (",".join(map(str, finish)) or None) if isinstance(finish, list) else finish
     event["input_text"], event["output_text"] = span_content(attrs, span.events)
     event["metadata"] = span_metadata(span, attrs, resource, where[1])
     leave_out_bad_values(event)
@@ -4959,13 +4959,15 @@ def one_per_call(calls: list[Call]) -> tuple[list[Call], int]:
 
 
 def leave_out_bad_values(event: dict[str, Any]) -> None:
-    """A count, cost or latency of a span that no column can hold (a cost of NaN, tokens of -1) is
-    left out of its call, named with why in metadata.dropped, the call kept. One bad token count
-    takes the span's others with it: counts taken in part would not add up, nor price the call, and
-    another span of the call gives its whole group (absorb)."""
+    """A count, cost or latency of a span that no column can hold (a cost of NaN, tokens of -1), or a
+    finish reason or session id that is no name (empty, over MAX_NAME_CHARS), is left out of its call,
+    named with why in metadata.dropped, the call kept. One bad token count takes the span's others
+    with it: counts taken in part would not add up, nor price the call, and another span of the call
+    gives its whole group (absorb)."""
     fields, dropped = Fields(event, None, 0), {}
-    for column in (*USAGE_KEYS, "cost_usd", "latency_ms", "ttft_ms"):
-        check = fields.count if column in USAGE_KEYS else fields.amount
+    for column in (*USAGE_KEYS, "cost_usd", "latency_ms", "ttft_ms", "finish_reason", "session_id"):
+        check = (fields.count if column in USAGE_KEYS else
+                 fields.name if column in ("finish_reason", "session_id") else fields.amount)
         try:
             check(column)
         except Invalid as why:

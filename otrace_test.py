@@ -10610,7 +10610,12 @@ def test_otlp_refusals_follow_the_specification(run: Callable[..., Otrace]) -> N
                         "gen_ai.usage.input_tokens": 2**60})
     no_ids = chat_span("00000000000000000000000000000000", "00000000000000a2",
                        **{"gen_ai.operation.name": "chat", "gen_ai.request.model": "m"})
-    partial = node.post("/v1/traces", spans_body(good, huge, no_ids), headers=auth)
+    odd_names = chat_span("0af7651916cd43dd8448eb211c80319c", "00000000000000a3",
+                          **{"gen_ai.operation.name": "chat", "gen_ai.request.model": "m",
+                             "gen_ai.usage.input_tokens": 40, "gen_ai.conversation.id": "c" * 300})
+    odd_names["attributes"].append({"key": "gen_ai.response.finish_reasons",      # a stream cut short
+                                    "value": {"arrayValue": {"values": []}}})
+    partial = node.post("/v1/traces", spans_body(good, huge, no_ids, odd_names), headers=auth)
     assert partial.status == 200, partial
     assert partial.json["partialSuccess"]["rejectedSpans"] == "1"          # a call with a bad count stays
     assert "no valid traceId and spanId" in partial.json["partialSuccess"]["errorMessage"]
@@ -10623,14 +10628,18 @@ def test_otlp_refusals_follow_the_specification(run: Callable[..., Otrace]) -> N
     assert own.status == 400 and own.json["field"] == "model"            # not OTLP: still otrace's JSON
     otlp = node.post("/v1/traces", {"resourceSpans": "x", "provider": "p"}, headers=auth)   # top level
     assert otlp.status == 400 and otlp.json["code"] == 3 and "resourceSpans" in otlp.json["message"]
-    node.wait_persisted(3)
-    rows = {r[0]: r[1:] for r in node.query("SELECT trace_id, prompt_tokens, metadata FROM llm_traces "
-                                            "WHERE source = 'otlp'")}
+    node.wait_persisted(4)
+    rows = {r[0]: r[1:] for r in node.query("SELECT trace_id, prompt_tokens, metadata, session_id, "
+                                            "finish_reason FROM llm_traces WHERE source = 'otlp'")}
     assert set(rows) == {"0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331",
-                         "0af7651916cd43dd8448eb211c80319c-00000000000000a1"}
-    prompt, metadata = rows["0af7651916cd43dd8448eb211c80319c-00000000000000a1"]
+                         "0af7651916cd43dd8448eb211c80319c-00000000000000a1",
+                         "0af7651916cd43dd8448eb211c80319c-00000000000000a3"}
+    prompt, metadata, _, _ = rows["0af7651916cd43dd8448eb211c80319c-00000000000000a1"]
     assert prompt is None and "must be an integer" in json.loads(metadata)["dropped"]["prompt_tokens"]
-    assert (node.health()["otlp"]["spans_rejected"], node.health()["otlp"]["span_values_dropped"]) == (2, 1)
+    prompt, metadata, session, finish = rows["0af7651916cd43dd8448eb211c80319c-00000000000000a3"]
+    assert (prompt, session, finish) == (40, None, None)                  # the call kept, its tokens too
+    assert json.loads(metadata)["dropped"] == {"session_id": "session_id must be at most 256 characters"}
+    assert (node.health()["otlp"]["spans_rejected"], node.health()["otlp"]["span_values_dropped"]) == (2, 2)
     assert not node.logs("request failed")
 
 
