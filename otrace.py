@@ -12081,6 +12081,8 @@ class Service:
             self.debug.stop()               # a profile under way is answered with what it has
         cut = self.server.close(until=deadline - min(1.5, timeout / 2))   # then the queue's turn
         self.otlp.worker.stop()
+        if unjoined := len(self.otlp.content):      # kept in memory only: its span, if it comes, has none
+            log.warning("OTLP content waiting for its span dropped at the stop", extra={"spans": unjoined})
         for loop in self.loops:             # producers offer nothing more; a refused offer loses nothing
             loop.stop()
         self.events.close()

@@ -10832,8 +10832,9 @@ def log_body(trace_hex: str, span_hex: str, event: str, body: dict[str, Any] | N
 def test_event_content_reaches_its_span_row_whichever_comes_first_until_it_is_pushed(
         run: Callable[..., Otrace]) -> None:
     """A GenAI event record that comes before its span waits for it (in memory, within
-    TRACE_OTLP_CONTENT_WAIT and TRACE_OTLP_CONTENT_BYTES); one that comes after fills the row in, if
-    the row has not been pushed yet; content of a pushed row stays out of it (counted as late)."""
+    TRACE_OTLP_CONTENT_WAIT and TRACE_OTLP_CONTENT_BYTES; what still waits at a stop is said); one that
+    comes after fills the row in, if the row has not been pushed yet; content of a pushed row stays
+    out of it (counted as late)."""
     node = run()
     chat = {"gen_ai.operation.name": "chat", "gen_ai.request.model": "m", "gen_ai.provider.name": "openai"}
     ids = [(f"{n:032x}", f"{n:016x}") for n in (1, 2, 3)]
@@ -10845,13 +10846,15 @@ def test_event_content_reaches_its_span_row_whichever_comes_first_until_it_is_pu
         conn.execute("UPDATE llm_traces SET synced = 1 WHERE trace_id = ?", (f"{ids[2][0]}-{ids[2][1]}",))
     node.post("/v1/logs", log_body(*ids[2], "gen_ai.user.message", {"content": "too late"}))
     node.post("/v1/logs", log_body(*ids[0], "gen_ai.choice", {"finish_reason": "stop"}))  # no message: none
+    node.post("/v1/logs", log_body(f"{4:032x}", f"{4:016x}", "gen_ai.user.message", {"content": "alone"}))
     health = node.health()["otlp"]
     assert node.stop() == 0
+    assert [e["spans"] for e in node.logs("OTLP content waiting for its span dropped at the stop")] == [1]
     inputs = {r["trace_id"]: r["input_text"] and json.loads(r["input_text"]) for r in node.rows("llm_traces")}
     assert inputs == {f"{ids[0][0]}-{ids[0][1]}": [{"role": "user", "content": "before"}],
                       f"{ids[1][0]}-{ids[1][1]}": [{"role": "user", "content": "after"}],
                       f"{ids[2][0]}-{ids[2][1]}": None}
-    assert (health["log_content"], health["log_content_after_span"], health["log_other"]) == (3, 2, 1)
+    assert (health["log_content"], health["log_content_after_span"], health["log_other"]) == (4, 2, 1)
 
 
 def test_content_merged_into_a_row_while_its_push_is_in_flight_goes_again(run: Callable[..., Otrace],
