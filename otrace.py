@@ -5113,7 +5113,8 @@ class Content:
 
     def __init__(self, wait: float, limit: int) -> None:
         self.wait, self.limit = wait, limit
-        self.waiting: collections.OrderedDict[str, list[Any]] = collections.OrderedDict()  # [at, in, out, n]
+        self.waiting: collections.OrderedDict[str, list[Any]] = collections.OrderedDict()   # [at, in, out,
+        # bytes held, digests of the requests' content taken]
         self.stored: collections.OrderedDict[str, tuple[float, str]] = collections.OrderedDict()  # (at, row)
         self.held = 0                # bytes, as estimated
         self.expired = 0             # waiting content no span came for
@@ -5132,10 +5133,15 @@ class Content:
         return inputs, outputs
 
     def park(self, key: str, said: list[Said]) -> None:
-        entry = self.waiting.pop(key, None) or [time.monotonic(), None, None, 0]
+        """Keep what one request says of a span not stored yet; the same again (an exporter's retry of
+        the request) adds nothing."""
+        entry = self.waiting.pop(key, None) or [time.monotonic(), None, None, 0, set()]
         self.held -= entry[3]
-        for one in said:
-            entry[1], entry[2] = combine((entry[1], entry[2]), one)
+        digest = zlib.crc32(json.dumps(said, default=str).encode())
+        if digest not in entry[4]:
+            entry[4].add(digest)
+            for one in said:
+                entry[1], entry[2] = combine((entry[1], entry[2]), one)
         entry[3] = len(json.dumps(entry[1:3], default=str)) + KEY_BYTES
         self.waiting[key] = entry
         self.held += entry[3]
