@@ -4499,6 +4499,8 @@ MAPPED_KEYS = frozenset({*PROVIDER_KEYS, "gen_ai.response.model", "openclaw.mode
 META_PREFIXES = ("gen_ai.", "llm.", "openclaw.")
 TEXT_MESSAGES_KEY = "otrace.text_messages"      # which sides an otrace wrapped from plain text, pushing
 META_KEYS = frozenset({"server.address", "http.response.status_code"})
+SPAN_NAMING = frozenset({"otel_trace_id", "otel_span_id", "otel_parent_span_id", "span_name", "service_name",
+                         "scope", "otel_merged_spans", "dropped"})    # kept in a call's metadata over its cap
 INPUT_EVENTS = {"gen_ai.system.message": "system", "gen_ai.user.message": "user",
                 "gen_ai.assistant.message": "assistant", "gen_ai.tool.message": "tool"}
 CHOICE_EVENT = "gen_ai.choice"
@@ -4899,6 +4901,27 @@ def span_metadata(span: Any, attrs: dict[str, Any], resource: dict[str, Any], sc
     if (raw := attrs.get("error.type")) is not None and error_name(raw) != raw:
         meta["error.type"] = raw
     return meta
+
+
+def within(meta: dict[str, Any], limit: int) -> dict[str, Any]:
+    """A call's metadata within `limit` bytes of JSON: its largest attributes left out first, counted
+    in _otrace_left_out, so that what names its spans (ids, service, scope) stays. Metadata JSON
+    cannot write is left for Fields.metadata to refuse."""
+    try:
+        size = len(COMPACT_JSON.encode(meta).encode())
+        if size <= limit:
+            return meta
+        sizes = sorted(((len(COMPACT_JSON.encode({key: value}).encode()) - 1, key)   # one comma, no braces
+                        for key, value in meta.items() if key not in SPAN_NAMING), reverse=True)
+    except (ValueError, RecursionError):
+        return meta
+    kept = dict(meta)
+    for size_of, key in sizes:
+        if size <= limit - 32:           # room for the count
+            break
+        del kept[key]
+        size -= size_of
+    return {**kept, "_otrace_left_out": len(meta) - len(kept)}
 
 
 def span_failure(span: Any, attrs: dict[str, Any], event: dict[str, Any]) -> dict[str, Any] | None:
@@ -5506,14 +5529,16 @@ class OtlpReceiver:
     def rows_of(self, event: dict[str, Any], failure: dict[str, Any] | None, received: int) -> list[Row]:
         """The llm_traces row of a call, and its error_events row if it failed; Invalid if it cannot be
         stored."""
-        event = {**event, "provider": event.get("provider") or "unknown",
-                 "model": event.get("model") or "unknown"}
         max_text = self.config.max_text_bytes
+        event = {**event, "provider": event.get("provider") or "unknown",
+                 "model": event.get("model") or "unknown", "metadata": within(event["metadata"], max_text)}
         rows = [event_row(TRACES, trace_row, event, "otlp", received=received, max_text=max_text)]
         if failure:
             failure = {k: v for k, v in failure.items() if k != "error_type_name"}
             failure |= {"provider": event["provider"], "model": event["model"],
-                        "session_id": event.get("session_id")}
+                        "session_id": event.get("session_id"), "metadata": {**{   # errors by service too
+                            key: value for key in ("service_name", "scope")
+                            if (value := event["metadata"].get(key)) is not None}, **failure["metadata"]}}
             rows.append(event_row(ERRORS, error_row, failure, "otlp", received=received, max_text=max_text))
         return rows
 

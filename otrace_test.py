@@ -10643,6 +10643,29 @@ def test_otlp_refusals_follow_the_specification(run: Callable[..., Otrace]) -> N
     assert not node.logs("request failed")
 
 
+def test_a_calls_metadata_over_its_cap_keeps_what_names_its_spans(run: Callable[..., Otrace]) -> None:
+    """A call whose attributes are over TRACE_MAX_TEXT_BYTES as metadata (OpenLLMetry's definitions of
+    an agent's twenty tools): its largest attributes are left out, and counted, and the span's ids,
+    service and scope stay (the whole metadata used to give way to a marker); its failure's row names
+    the service and scope too."""
+    node = run()
+    schema = {f"p{i}": {"type": "string", "description": "d" * 80} for i in range(10)}
+    tools = {f"llm.request.functions.{n}.parameters": json.dumps(schema) for n in range(20)}
+    chat = {"gen_ai.operation.name": "chat", "gen_ai.request.model": "m", "gen_ai.provider.name": "openai"}
+    span = chat_span(f"{9:032x}", f"{9:016x}", **chat, **{"llm.request.functions.0.name": "search"}, **tools)
+    span["status"] = {"code": 2, "message": "rate limited"}
+    scope = "opentelemetry.instrumentation.openai.v1"
+    assert node.post("/v1/traces", spans_body(span, scope=scope, service="agent")).status == 200
+    node.wait_persisted(2)
+    [(text,)] = node.query("SELECT metadata FROM llm_traces")
+    meta = json.loads(text)
+    assert len(text.encode()) <= 16384 and 0 < meta["_otrace_left_out"] < 20
+    assert (meta["otel_span_id"], meta["service_name"], meta["scope"], meta["llm.request.functions.0.name"]
+            ) == (f"{9:016x}", "agent", scope, "search")
+    [(error,)] = node.query("SELECT metadata FROM error_events")
+    assert (json.loads(error)["service_name"], json.loads(error)["scope"]) == ("agent", scope)
+
+
 def test_a_full_queue_answers_otlp_with_503_and_retry_after(run: Callable[..., Otrace]) -> None:
     """Overload is 503 with Retry-After: 1, which both generations of the Python exporter retry, and
     nothing of that request is kept; the next one, once the writer is back, is."""
