@@ -4813,6 +4813,10 @@ def llm_call(span: Any, resource: dict[str, Any], where: tuple[int, str], store_
     event["input_text"], event["output_text"] = span_content(attrs, span.events)
     event["metadata"] = span_metadata(span, attrs, resource, where[1])
     leave_out_bad_values(event)
+    cache = sum(event[column] or 0 for column in ("cache_read_tokens", "cache_write_tokens"))
+    if event["prompt_tokens"] is not None and event["prompt_tokens"] < cache:   # Anthropic's own input
+        event["metadata"]["input_tokens_without_cache"] = event["prompt_tokens"]   # tokens: no cache in it
+        event["prompt_tokens"] += cache
     failure = span_failure(span, attrs, event)
     if failure:
         event["status"], event["error_type"] = "error", failure["error_type_name"]
