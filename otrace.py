@@ -1319,6 +1319,7 @@ GENAI_METRICS = Table("genai_metrics", frozenset(), (
     *_COMMON, "name", "kind", "unit", "window_start", "value", "count", "min", "max", "buckets", "provider",
     "model", "service", "attributes", "reset", "truncated"), "genai_metric")
 METRIC_KINDS = ("sum", "gauge", "histogram", "exponential_histogram")
+HISTOGRAMS = METRIC_KINDS[2:]
 CUSTOM = Table("custom_events", frozenset({"name", "attributes", "severity", "session_id", "trace_id",
                                           "created_at"}),
                (*_COMMON, "name", "severity", "session_id", "attributes", "truncated"), "custom_event")
@@ -5759,8 +5760,8 @@ class OtlpReceiver:
                  "created_at": point.time_unix_nano // 1_000_000 or None, "name": metric.name, "kind": kind,
                  "unit": metric.unit or None, "window_start": (change.start_ns // 1_000_000) or None,
                  "value": change.value, "count": change.count, "reset": reset,
-                 "min": point.min if whole and kind == "histogram" and point.HasField("min") else None,
-                 "max": point.max if whole and kind == "histogram" and point.HasField("max") else None,
+                 "min": point.min if whole and kind in HISTOGRAMS and point.HasField("min") else None,
+                 "max": point.max if whole and kind in HISTOGRAMS and point.HasField("max") else None,
                  "buckets": {"bounds": list(change.bounds), "counts": list(change.buckets)}
                  if change.buckets is not None else None,
                  "provider": provider_name(_first(attrs, PROVIDER_KEYS)),

@@ -10827,15 +10827,18 @@ def test_a_series_out_of_memory_goes_on_from_its_stored_point(run: Callable[...,
     assert first[0]["trace_id"].rsplit("-", 1)[0] == first[1]["trace_id"].rsplit("-", 1)[0]   # its id
 
 
-def test_a_cumulative_histograms_change_has_no_min_or_max(run: Callable[..., Otrace]) -> None:
+@pytest.mark.parametrize("kind", ["histogram", "exponentialHistogram"])
+def test_a_cumulative_histograms_change_has_no_min_or_max(run: Callable[..., Otrace], kind: str) -> None:
     """OTLP's min and max cover a point's whole window: a change since the last point has neither,
     also when the first point's time was its start time (a millisecond clock, as the JS SDK's)."""
     def histogram(at: int, count: int, total: float, low: float, high: float) -> dict[str, Any]:
         point = {"startTimeUnixNano": "1796160000000000000", "timeUnixNano": str(at), "count": str(count),
-                 "sum": total, "min": low, "max": high, "bucketCounts": [str(count)], "explicitBounds": [],
+                 "sum": total, "min": low, "max": high,
                  "attributes": [{"key": "gen_ai.request.model", "value": {"stringValue": "m"}}]}
+        point |= {"bucketCounts": [str(count)], "explicitBounds": []} if kind == "histogram" else {
+            "scale": 0, "zeroCount": "0", "positive": {"offset": 0, "bucketCounts": [str(count)]}}
         metric = {"name": "gen_ai.client.operation.duration", "unit": "s",
-                  "histogram": {"aggregationTemporality": 2, "dataPoints": [point]}}
+                  kind: {"aggregationTemporality": 2, "dataPoints": [point]}}
         return {"resourceMetrics": [{"resource": {}, "scopeMetrics": [{"scope": {"name": "s"},
                                                                         "metrics": [metric]}]}]}
 
