@@ -4859,7 +4859,12 @@ def span_content(attrs: dict[str, Any], events: Any) -> tuple[str | None, str | 
     for event in events:
         if event.name in ("gen_ai.content.prompt", "gen_ai.content.completion"):
             side = event.name.rsplit(".", 1)[1]
-            legacy[side].setdefault(-1, {"content": otel_attributes(event.attributes).get(f"gen_ai.{side}")})
+            said = otel_attributes(event.attributes).get(f"gen_ai.{side}")
+            with contextlib.suppress(ValueError, RecursionError):     # the conventions' JSON of messages
+                if isinstance(said, str) and isinstance(listed := json.loads(said), list):
+                    legacy[side].update(enumerate(listed, -len(listed)))
+                    continue
+            legacy[side].setdefault(-1, {"content": said})
     if inputs is None and legacy["prompt"]:
         inputs = [legacy["prompt"][n] for n in sorted(legacy["prompt"])]
     if outputs is None and legacy["completion"]:

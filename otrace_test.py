@@ -10234,6 +10234,16 @@ def test_otlp_pieces_decode_and_map_as_the_conventions_say_in_process() -> None:
     for odd in (1.5, 7, True, None, "no-input"):                    # the attribute, mistyped: content as sent
         assert otrace.span_content({"gen_ai.input.messages": wrapped, "otrace.text_messages": odd}, []) \
             == (wrapped, None)
+    prompt = '[{"role": "user", "content": "hi"}, {"role": "user", "content": "and"}]'    # the oldest form
+    said = [{"name": "gen_ai.content.prompt", "attributes": [{"key": "gen_ai.prompt",
+                                                              "value": {"stringValue": prompt}}]},
+            {"name": "gen_ai.content.completion", "attributes": [{"key": "gen_ai.completion",
+                                                                  "value": {"stringValue": "not JSON"}}]}]
+    span = otlp_message("/v1/traces", spans_body(dict(chat_span(f"{5:032x}", f"{5:016x}"), events=said))
+                        ).resource_spans[0].scope_spans[0].spans[0]
+    inputs, outputs = otrace.span_content({}, span.events)
+    assert json.loads(inputs) == [{"role": "user", "content": "hi"}, {"role": "user", "content": "and"}]
+    assert json.loads(outputs) == [{"content": "not JSON"}]
 
 
 def test_two_instrumentations_of_one_call_make_one_row_in_process() -> None:
