@@ -4507,6 +4507,8 @@ INPUT_EVENTS = {"gen_ai.system.message": "system", "gen_ai.user.message": "user"
 CHOICE_EVENT = "gen_ai.choice"
 DETAILS_EVENT = "gen_ai.client.inference.operation.details"
 SEVERITY_ERROR, SEVERITY_FATAL = 17, 21
+SEVERITY_NUMBERS = {"TRACE": 1, "DEBUG": 5, "INFO": 9, "WARNING": 13, "WARN": 13, "ERROR": SEVERITY_ERROR,
+                    "CRITICAL": SEVERITY_FATAL, "FATAL": SEVERITY_FATAL}    # a level's, and its text's
 PUSHED_ERROR = "otrace.error_event"     # the event name of an error_events row another otrace pushed
 # OpenClaw's loggers whose lines tell of a model call's failure: the session store records those
 OPENCLAW_FAILURE_SUBSYSTEMS = frozenset({"diagnostic", "agent/embedded", "model-fallback/decision",
@@ -4952,6 +4954,12 @@ def span_failure(span: Any, attrs: dict[str, Any], event: dict[str, Any]) -> dic
             "stack_trace": _as_text(exception.get("exception.stacktrace")), "severity": "error",
             "trace_id": event["trace_id"], "created_at": span.end_time_unix_nano // 1_000_000 or None,
             "metadata": meta}
+
+
+def severity(record: Any) -> int:
+    """A log record's severity number; one left unspecified (0) read from its severity text, which
+    the logs data model lets stand alone ("ERROR", "Fatal")."""
+    return record.severity_number or SEVERITY_NUMBERS.get(record.severity_text.strip().upper(), 0)
 
 
 def pushed_error(record: Any, attrs: dict[str, Any]) -> dict[str, Any]:
@@ -5606,7 +5614,7 @@ class OtlpReceiver:
                     name = getattr(record, "event_name", "") or attrs.get("event.name") or ""
                     name = name if isinstance(name, str) else ""
                     used = False
-                    if record.severity_number >= SEVERITY_ERROR or name == PUSHED_ERROR:
+                    if severity(record) >= SEVERITY_ERROR or name == PUSHED_ERROR:
                         used = self.log_error(record, attrs, name, (resource, scope_logs.scope.name), export,
                                               received=received)
                     said = log_content(name, otel_value(record.body), attrs)
@@ -5640,7 +5648,7 @@ class OtlpReceiver:
         llm = any(key in attrs for key in PROVIDER_KEYS)
         event = {"error_type": "llm_error" if llm else "system_error",
                  "category": call_category(error_type, http_status(attrs, text), text),
-                 "severity": "critical" if record.severity_number >= SEVERITY_FATAL else "error",
+                 "severity": "critical" if severity(record) >= SEVERITY_FATAL else "error",
                  "message": text, "stack_trace": _as_text(attrs.get("exception.stacktrace")),
                  "provider": provider_name(_first(attrs, PROVIDER_KEYS)),
                  "model": _word(_first(attrs, ("gen_ai.response.model", "gen_ai.request.model"))),
@@ -8755,8 +8763,6 @@ PUSHED_KEY = "last_push_success"   # otrace_state: when the receiver last took a
 # push_log rows of batches taken whole: a 2xx whose partial_success refused items has that as its error
 CONFIRMED_SQL = "http_status BETWEEN 200 AND 299 AND error IS NULL"
 _REJECTED_JSON = re.compile(rb'"rejected_?(?:[Ss]pans|[Dd]ata_?[Pp]oints|[Ll]og_?[Rr]ecords)"\s*:\s*"?(\d+)')
-SEVERITY_NUMBERS = {"TRACE": 1, "DEBUG": 5, "INFO": 9, "WARNING": 13, "WARN": 13, "ERROR": 17,
-                    "CRITICAL": 21, "FATAL": 21}
 OTLP_SIGNAL_OF = {"llm_traces": "traces", "system_metrics": "metrics", "genai_metrics": "metrics",
                   "process_samples": "metrics"}
 OTLP_ENVELOPE = {"traces": ("resourceSpans", "scopeSpans", "spans"),     # OTLP JSON names, outside in

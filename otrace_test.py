@@ -10872,6 +10872,21 @@ def log_body(trace_hex: str, span_hex: str, event: str, body: dict[str, Any] | N
                               "scopeLogs": [{"scope": {"name": "t"}, "logRecords": [record]}]}]}
 
 
+def test_a_log_records_severity_text_alone_says_an_error(run: Callable[..., Otrace]) -> None:
+    """The logs data model lets a record give its severity as text alone (number 0, unspecified):
+    "Error" and "FATAL" are error events, the second critical; "WARN" is not."""
+    node = run()
+    for text in ("Error", "FATAL", "WARN"):
+        body = log_body("", "", "", {"message": f"said at {text}"})
+        body["resourceLogs"][0]["scopeLogs"][0]["logRecords"][0]["severityText"] = text
+        assert node.post("/v1/logs", body).status == 200
+    assert node.post("/v1/traces", trace(model="a-mark")).status == 202         # every record before it
+    node.wait_persisted(3)
+    rows = sorted((r["severity"], r["metadata"] and json.loads(r["metadata"])["severity_text"])
+                  for r in node.rows("error_events"))
+    assert rows == [("critical", "FATAL"), ("error", "Error")]
+
+
 def test_event_content_reaches_its_span_row_whichever_comes_first_until_it_is_pushed(
         run: Callable[..., Otrace]) -> None:
     """A GenAI event record that comes before its span waits for it (in memory, within
