@@ -2377,12 +2377,13 @@ def copy_rows(conn: sqlite3.Connection, source: str, target: str, table: str, *,
                         f"{source}.{table} {where}").rowcount
 
 
-def carry_over(conn: sqlite3.Connection, source: str, target: str, salvage: bool = False) -> dict[str, int]:
+def carry_over(conn: sqlite3.Connection, source: str, target: str, salvage: bool = False,
+               also: Callable[[], Any] | None = None) -> dict[str, int]:
     """What a database still owes the receiver (rows not yet pushed, losses not yet reported) and where
-    its readers stood, copied from one attached database to another in one transaction. `salvage`: the
-    source is damaged, and the first damage a transaction meets fails all of it: a transaction a table
-    (a range of rows for the event tables: salvage_rows), and a table whose copy meets the damage is
-    left in the source (and said)."""
+    its readers stood, copied from one attached database to another in one transaction, with `also`
+    run last in it. `salvage`: the source is damaged, and the first damage a transaction meets fails
+    all of it: a transaction a table (a range of rows for the event tables: salvage_rows), and a table
+    whose copy meets the damage is left in the source (and said)."""
     def rejects() -> int:            # refusals not reported, naming their rows' new ids
         return sum(conn.execute(
             f"INSERT INTO {target}.push_rejects (table_name, row_id, trace_id, rejected_at, http_status, "
@@ -2410,6 +2411,8 @@ def carry_over(conn: sqlite3.Connection, source: str, target: str, salvage: bool
                 if not salvage or sqlite_code(exc) not in CORRUPTION:
                     raise
                 left.append(name)
+        if also is not None:
+            also()
     if "push_rejects" in left:       # refused rows with no refusal to report: sent again instead
         with transaction(conn, immediate=False):        # the target's alone: the source may not open
             for table in EVENT_TABLES:
@@ -3446,6 +3449,11 @@ class Writer(threading.Thread):
         file; a crash in between leaves it for the next start."""
         carry, moved = self.db.carry_path, {}
         if self.conn_path != carry:
+            # a file that lives on (moved away, a hard link) takes its WAL in before a row is copied, or the
+            # writer stays on it (a full disk, a reader): removed, its WAL would leave it malformed
+            if not self.damaged and self.old_file_named() and self.conn.execute(
+                    "PRAGMA main.wal_checkpoint(TRUNCATE)").fetchone()[0]:
+                raise RuntimeError("the database file moved away is being read: its WAL cannot be taken in")
             open_database(carry)
             carried = self.connect(carry)            # before the copy: failing (a full disk), none is made
             try:
@@ -3459,8 +3467,6 @@ class Writer(threading.Thread):
                 raise
             with contextlib.suppress(sqlite3.Error):     # room only: the rows are committed either way
                 carried.execute("PRAGMA wal_checkpoint(TRUNCATE)")         # the copy's WAL, as big as it
-                if not self.damaged:                 # a damaged file's WAL goes aside with it, as it is
-                    self.conn.execute("PRAGMA main.wal_checkpoint(TRUNCATE)")   # the old WAL, empty if left
             old, self.conn, self.conn_path = self.conn, carried, carry
             old.close()
             self.db.forget_old_companions()
@@ -3477,6 +3483,12 @@ class Writer(threading.Thread):
         take_carried(conn, self.config.db_path)
         return moved
 
+    def old_file_named(self) -> bool:
+        """Whether the file being left still has a name (moved away, a hard link), as the lock's
+        descriptor on it says; without a lock, taken to have one."""
+        fd = self.lock.file_fd if self.lock is not None else None
+        return fd is None or os.fstat(fd).st_nlink > 0
+
 
 def take_carried(conn: sqlite3.Connection, path: str) -> bool:
     """Take in the carry file beside the database file at `path`, left by a replacement of the file
@@ -3492,9 +3504,11 @@ def take_carried(conn: sqlite3.Connection, path: str) -> bool:
         if isinstance(exc, sqlite3.DatabaseError) and sqlite_code(exc) not in CORRUPTION:
             raise
         return set_aside(carry, describe(exc))
-    check = "ok"
-    try:
-        carry_over(conn, "carry", "main")
+    check, identity = "ok", _identity(path)
+    mark = functools.partial(conn.execute, "UPDATE otrace_state SET value = ? WHERE key = ?", (
+        int64(identity[1]), RUN_FILE_KEY)) if identity else None
+    try:                             # the mark in the copy's transaction: failing, neither is made
+        carry_over(conn, "carry", "main", also=mark)
     except sqlite3.DatabaseError as exc:    # a torn page past the schema: the carry's, or the database's?
         if sqlite_code(exc) not in CORRUPTION or (
                 check := conn.execute("PRAGMA carry.quick_check(1)").fetchone()[0]) == "ok":
@@ -3503,8 +3517,6 @@ def take_carried(conn: sqlite3.Connection, path: str) -> bool:
         conn.execute("DETACH DATABASE carry")
     if check != "ok":
         return set_aside(carry, check)
-    if identity := _identity(path):
-        conn.execute("UPDATE otrace_state SET value = ? WHERE key = ?", (int64(identity[1]), RUN_FILE_KEY))
     for suffix in ("", "-wal", "-shm"):
         Path(carry + suffix).unlink(missing_ok=True)
     return True

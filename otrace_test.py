@@ -5354,6 +5354,42 @@ def test_a_carry_file_taken_in_on_a_full_disk_keeps_its_rows_until_there_is_room
             writer.conn.close()
 
 
+@needs_root
+def test_a_database_file_moved_away_on_a_full_disk_is_left_whole(tmp_path: Path) -> None:
+    """`mv otrace.db elsewhere` while its last commits are only in its WAL (beside the path), on a full
+    disk: the move takes that WAL into the moved file before it copies a row. Failing for the disk, it
+    leaves the writer on the file, and the WAL where it is (removed, it would leave the moved file
+    malformed); with room, the move is made and the moved file reads whole."""
+    with tmpfs(tmp_path / "vol", "32m") as vol:
+        path, moved = vol / "otrace.db", vol / "moved.db"
+        otrace.open_database(str(path))
+        lock = otrace.DatabaseLock(str(path))
+        db, writer = writer_at(path, lock, TRACE_DISK_RESERVE_BYTES="0")
+        try:
+            writer.conn.execute("PRAGMA wal_autocheckpoint = 0")       # its commits stay in the WAL
+            writer.commit([otrace.Unit([otrace.event_row(otrace.TRACES, otrace.trace_row, {
+                "provider": "p", "model": "m", "trace_id": f"t-{n}", "input_text": "t" * 2000}, "http")
+                for n in range(1500)])])
+            writer.conn.execute("UPDATE llm_traces SET synced = 1 WHERE trace_id <> 't-0'")   # pushed
+            writer.look_at = 0.0
+            writer.look_after_file()
+            path.rename(moved)
+            filler = fill(vol)
+            os.truncate(filler, filler.stat().st_size - (1 << 20))
+            writer.look_at = 0.0
+            writer.look_after_file()
+            assert otrace.primary_code(writer.reopen_fault.error or "") == "SQLITE_FULL"
+            assert writer.conn_path == str(path) and Path(f"{path}-wal").stat().st_size > 3 << 20
+            filler.unlink()
+            moved_back_with(db, writer, ["t-0"])
+        finally:
+            writer.conn.close()
+            lock.release()
+        with contextlib.closing(sqlite3.connect(moved)) as conn:
+            assert conn.execute("PRAGMA quick_check").fetchall() == [("ok",)]
+            assert conn.execute("SELECT count(*) FROM llm_traces").fetchone() == (1500,)
+
+
 def test_a_database_file_deleted_before_the_writer_opens_it_is_made_anew_and_no_row_is_dropped(
         tmp_path: Path) -> None:
     """The file checked at the start is gone when the writer connects: SQLite makes an empty file at
