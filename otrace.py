@@ -4831,7 +4831,11 @@ def llm_call(span: Any, resource: dict[str, Any], where: tuple[int, str], store_
     cache = sum(event[column] or 0 for column in ("cache_read_tokens", "cache_write_tokens"))
     if event["prompt_tokens"] is not None and event["prompt_tokens"] < cache:   # Anthropic's own input
         event["metadata"]["input_tokens_without_cache"] = event["prompt_tokens"]   # tokens: no cache in it
+        total, given = event["total_tokens"], event["prompt_tokens"] + (event["completion_tokens"] or 0)
         event["prompt_tokens"] += cache
+        if total is not None and total <= given:      # the total left the cache out as well
+            event["total_tokens"] = total + cache
+        leave_out_bad_values(event)                   # a sum over MAX_INT: the counts go, the call stays
     failure = span_failure(span, attrs, event)
     if failure:
         event["status"], event["error_type"] = "error", failure["error_type_name"]
@@ -4875,8 +4879,10 @@ def span_content(attrs: dict[str, Any], events: Any) -> tuple[str | None, str | 
             side = event.name.rsplit(".", 1)[1]
             said = otel_attributes(event.attributes).get(f"gen_ai.{side}")
             with contextlib.suppress(ValueError, RecursionError):     # the conventions' JSON of messages
-                if isinstance(said, str) and isinstance(listed := json.loads(said), list):
-                    legacy[side].update(enumerate(listed, -len(listed)))
+                if isinstance(said, str) and isinstance(listed := json.loads(said), list) and listed and all(
+                        isinstance(message, dict) for message in listed):
+                    if not any(n < 0 for n in legacy[side]):            # the first event's, as for text
+                        legacy[side].update(enumerate(listed, -len(listed)))
                     continue
             legacy[side].setdefault(-1, {"content": said})
     if inputs is None and legacy["prompt"]:
@@ -5031,7 +5037,7 @@ def leave_out_bad_values(event: dict[str, Any]) -> None:
     for column in dropped:
         event[column] = None
     if dropped:
-        event["metadata"]["dropped"] = dropped
+        event["metadata"]["dropped"] = {**event["metadata"].get("dropped", {}), **dropped}
 
 
 def absorb(call: Call, other: Call) -> None:
@@ -5060,7 +5066,10 @@ def absorb(call: Call, other: Call) -> None:
 
 def may_be_one_call(one: Call, other: Call) -> bool:
     """Whether two spans can record one call: they do not differ in response id, kind of operation
-    (an embedding is not a chat), requested model or answering model, where both say it."""
+    (an embedding is not a chat), requested model or answering model, where both say it. The same
+    response id is one call however the two spell its model."""
+    if one.response_id and one.response_id == other.response_id:
+        return True
     return all(a is None or b is None or a == b for a, b in zip(
         (one.response_id, *one.said), (other.response_id, *other.said), strict=True))
 
@@ -5185,12 +5194,12 @@ class Content:
                 inputs, outputs = inputs or entry[1], outputs or entry[2]
         return inputs, outputs
 
-    def park(self, key: str, said: list[Said]) -> None:
+    def park(self, key: str, said: list[Said], stamps: Iterable[int] = ()) -> None:
         """Keep what one request says of a span not stored yet; the same again (an exporter's retry of
         the request) adds nothing."""
         entry = self.waiting.pop(key, None) or [time.monotonic(), None, None, 0, set()]
         self.held -= entry[3]
-        digest = zlib.crc32(json.dumps(said, default=str).encode())
+        digest = zlib.crc32(json.dumps([said, list(stamps)], default=str).encode())   # records' times too
         if digest not in entry[4]:
             entry[4].add(digest)
             for one in said:
@@ -5365,7 +5374,7 @@ class Export:
     stored: list[tuple[str, list[str]]] = dataclasses.field(default_factory=list)   # (row, span keys)
     calls: list[Call] = dataclasses.field(default_factory=list)                     # each with its row
     merged: list[tuple[Call, Call]] = dataclasses.field(default_factory=list)       # (stored, now)
-    parked: list[tuple[str, list[Said]]] = dataclasses.field(default_factory=list)
+    parked: list[tuple[str, list[Said], list[int]]] = dataclasses.field(default_factory=list)
     series: dict[str, SeriesState] = dataclasses.field(default_factory=dict)
 
     def refuse(self, counter: str, where: str, why: Invalid) -> None:
@@ -5504,8 +5513,8 @@ class OtlpReceiver:
             self.recent.remember(call)
         for stored, merged in export.merged:
             self.recent.replace(stored, merged)
-        for key, said in export.parked:
-            self.content.park(key, said)
+        for key, said, stamps in export.parked:
+            self.content.park(key, said, stamps)
         self.series.commit(export.series)
         self.content.trim()
         export.counts["requests"] += 1
@@ -5610,7 +5619,7 @@ class OtlpReceiver:
 
     # -- logs
     def logs(self, message: Any, received: int) -> Export:
-        export, content = Export(), {}
+        export, content, stamps = Export(), {}, {}
         log_followed, store_followed = self.service.tailer is not None, self.service.store is not None
         for resource_logs in message.resource_logs:
             resource = otel_attributes(resource_logs.resource.attributes)
@@ -5638,10 +5647,12 @@ class OtlpReceiver:
                             continue
                         export.counts["log_content"] += 1
                         content.setdefault(key, []).append(said)
+                        stamps.setdefault(key, []).append(   # a retry's records have the same times
+                            record.time_unix_nano or record.observed_time_unix_nano)
                     if not used:
                         export.counts["log_other"] += 1
         for key, said in content.items():
-            self.feed(key, said, export)
+            self.feed(key, said, export, stamps[key])
         return export
 
     def log_error(self, record: Any, attrs: dict[str, Any], name: str, where: tuple[dict[str, Any], str],
@@ -5682,7 +5693,7 @@ class OtlpReceiver:
         export.counts["log_errors"] += 1
         return True
 
-    def feed(self, key: str, said: list[Said], export: Export) -> None:
+    def feed(self, key: str, said: list[Said], export: Export, stamps: list[int]) -> None:
         """Content for the span `key`: into its row if the row is there and not yet pushed (an UPDATE
         that fills only what the row lacks), and kept for the span if it has not come (to otrace's
         knowledge) yet."""
@@ -5697,7 +5708,7 @@ class OtlpReceiver:
         if row is not None:
             export.counts["log_content_after_span"] += len(said)
         else:
-            export.parked.append((key, said))
+            export.parked.append((key, said, stamps))
 
     # -- metrics
     def metrics(self, message: Any, received: int) -> Export:
@@ -12140,6 +12151,7 @@ class Service:
             self.debug.stop()               # a profile under way is answered with what it has
         cut = self.server.close(until=deadline - min(1.5, timeout / 2))   # then the queue's turn
         self.otlp.worker.stop()
+        self.otlp.content.trim()
         if unjoined := len(self.otlp.content):      # kept in memory only: its span, if it comes, has none
             log.warning("OTLP content waiting for its span dropped at the stop", extra={"spans": unjoined})
         for loop in self.loops:             # producers offer nothing more; a refused offer loses nothing

@@ -10222,6 +10222,10 @@ def test_otlp_pieces_decode_and_map_as_the_conventions_say_in_process() -> None:
                     "gen_ai.usage.cache_read.input_tokens": 5000,                                 # tokens
                     "gen_ai.usage.cache_creation.input_tokens": 4})
     assert (fresh.event["prompt_tokens"], fresh.event["metadata"]["input_tokens_without_cache"]) == (5029, 25)
+    totalled = call(**{"gen_ai.operation.name": "chat", "gen_ai.usage.input_tokens": 25,   # its total left
+                       "gen_ai.usage.output_tokens": 9, "gen_ai.usage.total_tokens": 34,  # the cache out too
+                       "gen_ai.usage.cache_read.input_tokens": 5000})
+    assert (totalled.event["prompt_tokens"], totalled.event["total_tokens"]) == (5025, 5034)
     row = otrace.event_row(otrace.TRACES, otrace.trace_row, fresh.event, "otlp", received=1, max_text=1000)
     assert dict(zip(otrace.TRACES.columns, row.values, strict=False))["cost_usd"] > 0      # priced
     bare = call(**{"gen_ai.request.model": "m", "gen_ai.provider.name": "az.ai.openai"})   # no operation
@@ -10259,8 +10263,12 @@ def test_otlp_pieces_decode_and_map_as_the_conventions_say_in_process() -> None:
     content.park("a", [([{"role": "user", "content": "q"}], None, False)])
     content.park("a", [(None, [{"message": {"content": "r"}}], False)])
     assert content.peek(["x", "a"]) == ([{"role": "user", "content": "q"}], [{"message": {"content": "r"}}])
+    content.park("a", [(None, [{"message": {"content": "r"}}], False)])          # a retry: nothing more
+    content.park("c", [([{"role": "user", "content": "go on"}], None, False)], [1])
+    content.park("c", [([{"role": "user", "content": "go on"}], None, False)], [2])   # said again, later
+    assert content.peek(["c"])[0] == [{"role": "user", "content": "go on"}] * 2
     content.park("b", [("x" * 400, None, True)])                   # over the limit: the oldest goes
-    assert (content.peek(["a"]), len(content), content.expired) == ((None, None), 1, 1)
+    assert (content.peek(["a"]), len(content), content.expired) == ((None, None), 1, 2)   # and "c"
     content.remember("row-b", ["b", "b2"])
     assert (len(content), content.row_of("b2")) == (0, "row-b")
 
@@ -10280,6 +10288,13 @@ def test_otlp_pieces_decode_and_map_as_the_conventions_say_in_process() -> None:
     inputs, outputs = otrace.span_content({}, span.events)
     assert json.loads(inputs) == [{"role": "user", "content": "hi"}, {"role": "user", "content": "and"}]
     assert json.loads(outputs) == [{"content": "not JSON"}]
+    said[1]["attributes"][0]["value"]["stringValue"] = "[1, 2, 3]"   # a text that is a list, not messages
+    said.append({"name": "gen_ai.content.prompt", "attributes": [{"key": "gen_ai.prompt", "value": {
+        "stringValue": '[{"role": "user", "content": "again"}]'}}]})      # a second event: the first's stays
+    span = otlp_message("/v1/traces", spans_body(dict(chat_span(f"{5:032x}", f"{5:016x}"), events=said))
+                        ).resource_spans[0].scope_spans[0].spans[0]
+    inputs, outputs = otrace.span_content({}, span.events)
+    assert len(json.loads(inputs)) == 2 and json.loads(outputs) == [{"content": "[1, 2, 3]"}]
 
 
 def test_two_instrumentations_of_one_call_make_one_row_in_process() -> None:
@@ -10320,6 +10335,11 @@ def test_two_instrumentations_of_one_call_make_one_row_in_process() -> None:
              make("openllmetry", 200, 500, **{**chat, "gen_ai.response.id": "msg_b"}),
              make("sdk", 210, 490, **{**chat, "gen_ai.response.id": "msg_b"})]
     assert otrace.one_per_call(pairs) == ([pairs[1], pairs[3]], 2)
+    dated = [make("openllmetry", 100, 900, **{**chat, "gen_ai.response.model": "claude-4-20250514",
+                                              "gen_ai.response.id": "msg_c"}),
+             make("sdk", 110, 890, **{**chat, "gen_ai.response.model": "claude-4",      # one call, two names
+                                      "gen_ai.response.id": "msg_c"})]
+    assert otrace.one_per_call(dated) == ([dated[1]], 1)
     assert [c.keys for c in (pairs[1], pairs[3])] == [[p.key, q.key] for p, q in ((pairs[1], pairs[0]),
                                                                                (pairs[3], pairs[2]))]
 
