@@ -2273,8 +2273,22 @@ def open_database(path: str) -> None:
     thread starts."""
     private_folder(Path(path).parent)
     os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
+    if not Path(path).stat().st_size:      # a -wal beside an empty file: SQLite would delete it
+        keep_aside_wal(path)
     with contextlib.closing(connect(path)) as conn:
         prepare(conn, path)
+
+
+def keep_aside_wal(path: str) -> None:
+    """Rename the -wal beside `path`, which is not its file's own but that of a file moved away whose
+    WAL could not be taken in (a full disk, a reader, a crash), to `<path>.left-<ms>-wal`: that file's
+    last commits, kept for a hand to put beside it as its -wal. Logged; its -shm is removed."""
+    kept = f"{path}.left-{now_ms()}-wal"
+    with contextlib.suppress(FileNotFoundError):
+        Path(path + "-wal").rename(kept)
+        Path(path + "-shm").unlink(missing_ok=True)       # its index, of no use without it
+        log.error("a database file moved away left its last commits in a WAL beside the path: kept aside; "
+                  "put it beside that file, named as its -wal", extra={"db_path": path, "kept_as": kept})
 
 
 def private_folder(folder: Path) -> None:
@@ -2573,12 +2587,16 @@ class Database:
             self.replaced_pending = self._paused = False
             self._state.notify_all()
 
-    def forget_old_companions(self) -> None:
-        """Remove the old file's -wal and -shm if they are still beside the path: with no connection
-        left to the old file they are stale, and a new file must not read them as its own."""
+    def forget_old_companions(self, keep_wal: bool = False) -> None:
+        """Take the old file's -wal and -shm away from the path if they are still beside it: with no
+        connection left to the old file they are stale, and a new file must not read them as its own.
+        `keep_wal`: the old file lives on and its WAL still holds its last commits: kept aside."""
         for suffix, identity in self.companions.items():
             if identity is not None and _identity(self.path + suffix) == identity:
-                Path(self.path + suffix).unlink(missing_ok=True)
+                if keep_wal and suffix == "-wal":
+                    keep_aside_wal(self.path)
+                else:
+                    Path(self.path + suffix).unlink(missing_ok=True)
         self.companions = {}
 
     def close(self) -> None:
@@ -3449,11 +3467,6 @@ class Writer(threading.Thread):
         file; a crash in between leaves it for the next start."""
         carry, moved = self.db.carry_path, {}
         if self.conn_path != carry:
-            # a file that lives on (moved away, a hard link) takes its WAL in before a row is copied, or the
-            # writer stays on it (a full disk, a reader): removed, its WAL would leave it malformed
-            if not self.damaged and self.old_file_named() and self.conn.execute(
-                    "PRAGMA main.wal_checkpoint(TRUNCATE)").fetchone()[0]:
-                raise RuntimeError("the database file moved away is being read: its WAL cannot be taken in")
             open_database(carry)
             carried = self.connect(carry)            # before the copy: failing (a full disk), none is made
             try:
@@ -3467,9 +3480,15 @@ class Writer(threading.Thread):
                 raise
             with contextlib.suppress(sqlite3.Error):     # room only: the rows are committed either way
                 carried.execute("PRAGMA wal_checkpoint(TRUNCATE)")         # the copy's WAL, as big as it
+            # a file that lives on (moved away, a hard link) takes its WAL in if it can now (not on a full
+            # disk, nor while read): the move never waits for it; a damaged or deleted file needs none
+            whole = self.damaged or not self.old_file_named()
+            if not whole:
+                with contextlib.suppress(sqlite3.Error), never_waiting(self.conn):
+                    whole = self.conn.execute("PRAGMA main.wal_checkpoint(TRUNCATE)").fetchone()[0] == 0
             old, self.conn, self.conn_path = self.conn, carried, carry
             old.close()
-            self.db.forget_old_companions()
+            self.db.forget_old_companions(keep_wal=not whole)
         if problem := database_problem(self.config.db_path):   # moved in: not to be written
             raise RuntimeError(problem)
         if self.damaged_file and _identity(self.config.db_path) == self.damaged_file:

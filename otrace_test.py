@@ -5355,16 +5355,18 @@ def test_a_carry_file_taken_in_on_a_full_disk_keeps_its_rows_until_there_is_room
 
 
 @needs_root
-def test_a_database_file_moved_away_on_a_full_disk_is_left_whole(tmp_path: Path) -> None:
-    """`mv otrace.db elsewhere` while its last commits are only in its WAL (beside the path), on a full
-    disk: the move takes that WAL into the moved file before it copies a row. Failing for the disk, it
-    leaves the writer on the file, and the WAL where it is (removed, it would leave the moved file
-    malformed); with room, the move is made and the moved file reads whole."""
+@pytest.mark.parametrize("hold", ["full disk", "reader"])
+def test_a_database_file_moved_away_keeps_the_commits_its_wal_holds(tmp_path: Path, hold: str) -> None:
+    """`mv otrace.db elsewhere` while its last commits are only in its WAL (beside the path), and the
+    WAL cannot be taken into it (a full disk, a reader in a transaction): the move does not wait, and
+    that WAL is kept aside, not removed (which left the moved file malformed, or without them); put
+    beside the moved file, it makes it whole."""
     with tmpfs(tmp_path / "vol", "32m") as vol:
         path, moved = vol / "otrace.db", vol / "moved.db"
         otrace.open_database(str(path))
         lock = otrace.DatabaseLock(str(path))
         db, writer = writer_at(path, lock, TRACE_DISK_RESERVE_BYTES="0")
+        reader = sqlite3.connect(path, isolation_level=None)
         try:
             writer.conn.execute("PRAGMA wal_autocheckpoint = 0")       # its commits stay in the WAL
             writer.commit([otrace.Unit([otrace.event_row(otrace.TRACES, otrace.trace_row, {
@@ -5373,21 +5375,49 @@ def test_a_database_file_moved_away_on_a_full_disk_is_left_whole(tmp_path: Path)
             writer.conn.execute("UPDATE llm_traces SET synced = 1 WHERE trace_id <> 't-0'")   # pushed
             writer.look_at = 0.0
             writer.look_after_file()
+            if hold == "reader":
+                reader.execute("BEGIN")
+                assert reader.execute("SELECT count(*) FROM llm_traces").fetchone() == (1500,)
             path.rename(moved)
-            filler = fill(vol)
-            os.truncate(filler, filler.stat().st_size - (1 << 20))
+            filler = fill(vol) if hold == "full disk" else None
+            if filler:
+                os.truncate(filler, filler.stat().st_size - (1 << 20))
             writer.look_at = 0.0
-            writer.look_after_file()
-            assert otrace.primary_code(writer.reopen_fault.error or "") == "SQLITE_FULL"
-            assert writer.conn_path == str(path) and Path(f"{path}-wal").stat().st_size > 3 << 20
-            filler.unlink()
+            writer.look_after_file()                 # on a full disk the new file waits for room
+            [kept] = vol.glob("otrace.db.left-*-wal")
+            assert kept.stat().st_size > 3 << 20
+            if filler:
+                filler.unlink()
             moved_back_with(db, writer, ["t-0"])
         finally:
+            reader.close()
             writer.conn.close()
             lock.release()
+        kept.rename(f"{moved}-wal")
         with contextlib.closing(sqlite3.connect(moved)) as conn:
             assert conn.execute("PRAGMA quick_check").fetchall() == [("ok",)]
             assert conn.execute("SELECT count(*) FROM llm_traces").fetchone() == (1500,)
+
+
+def test_a_wal_beside_a_new_empty_database_file_is_kept_aside_not_deleted(tmp_path: Path) -> None:
+    """A start after a crash while a file moved away had its last commits in the WAL beside the path:
+    the new file at the path is empty, and SQLite would delete that WAL as its own. It is kept aside."""
+    path, moved = tmp_path / "otrace.db", tmp_path / "moved.db"
+    otrace.open_database(str(path))
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as conn:
+        conn.execute("PRAGMA wal_autocheckpoint = 0")
+        conn.execute(otrace.OFFSET_SQL, (1, 2, "f", "/log", 10, 0))
+        path.rename(moved)
+        wal = Path(f"{path}-wal").read_bytes()               # as a crash leaves it: the process gone
+        shm = Path(f"{path}-shm").read_bytes()
+    Path(f"{path}-wal").write_bytes(wal)
+    Path(f"{path}-shm").write_bytes(shm)
+    otrace.open_database(str(path))
+    [kept] = tmp_path.glob("otrace.db.left-*-wal")
+    assert kept.read_bytes() == wal
+    kept.rename(f"{moved}-wal")
+    with contextlib.closing(sqlite3.connect(moved)) as conn:
+        assert conn.execute("SELECT position FROM log_offsets").fetchall() == [(10,)]
 
 
 def test_a_database_file_deleted_before_the_writer_opens_it_is_made_anew_and_no_row_is_dropped(
