@@ -5194,8 +5194,8 @@ class Content:
 
     def __init__(self, wait: float, limit: int) -> None:
         self.wait, self.limit = wait, limit
-        self.waiting: collections.OrderedDict[str, list[Any]] = collections.OrderedDict()   # [at, in, out,
-        # bytes held, digests of the requests' content taken]
+        # span key -> [at, input, output, bytes held, digests of the requests whose content it took]
+        self.waiting: collections.OrderedDict[str, list[Any]] = collections.OrderedDict()
         self.stored: collections.OrderedDict[str, tuple[float, str]] = collections.OrderedDict()  # (at, row)
         self.held = 0                # bytes, as estimated
         self.expired = 0             # waiting content no span came for
