@@ -2288,7 +2288,8 @@ def keep_aside_wal(path: str) -> None:
         Path(path + "-wal").rename(kept)
         Path(path + "-shm").unlink(missing_ok=True)       # its index, of no use without it
         log.error("a database file moved away left its last commits in a WAL beside the path: kept aside; "
-                  "put it beside that file, named as its -wal", extra={"db_path": path, "kept_as": kept})
+                  "put it beside that file, named as its -wal (if the file was deleted, it is of no use)",
+                  extra={"db_path": path, "kept_as": kept})
 
 
 def private_folder(folder: Path) -> None:
@@ -2576,6 +2577,9 @@ class Database:
         """The new file is open for writing: readers may come back, and read it."""
         with self._state:
             self.identity = _identity(self.path)
+            # the new file's -wal and -shm, noted now: a file moved in over it before a look notes them
+            # must not open them as its own (forget_old_companions would find nothing to remove)
+            self.companions = {s: _identity(self.path + s) for s in ("-wal", "-shm")}
             self.replaced_pending = False
             self.replaced = {"at": iso(time.time()), "carried_over": moved}
             self._paused = False

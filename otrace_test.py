@@ -5399,6 +5399,38 @@ def test_a_database_file_moved_away_keeps_the_commits_its_wal_holds(tmp_path: Pa
             assert conn.execute("SELECT count(*) FROM llm_traces").fetchone() == (1500,)
 
 
+def test_a_backup_moved_in_right_after_a_move_does_not_read_the_new_files_wal(tmp_path: Path) -> None:
+    """A file moved in over the path before the writer's next look after a move (`mv backup.db
+    otrace.db` within a second or so): the WAL beside it is the file it replaced's, known from the
+    move on, and never read as the backup's own (which corrupted it)."""
+    path, backup = tmp_path / "otrace.db", tmp_path / "backup.db"
+    made = seed(backup, [("trace", 30, 1)], age_days=0.01)
+    otrace.open_database(str(path))
+    lock = otrace.DatabaseLock(str(path))
+    db, writer = writer_at(path, lock)
+    try:
+        writer.commit([one_call("before")])
+        writer.look_at = 0.0
+        writer.look_after_file()
+        path.unlink()
+        writer.look_at = 0.0
+        writer.look_after_file()                           # moved to a new file
+        assert not db.replaced_pending and Path(f"{path}-wal").exists()
+        writer.conn.execute("PRAGMA wal_autocheckpoint = 0")
+        writer.commit([one_call(f"after-{n}") for n in range(50)])   # its WAL holds them, at the path
+        backup.rename(path)
+        writer.look_at = 0.0
+        writer.look_after_file()
+        assert not db.replaced_pending and writer.reopen_fault.error is None
+    finally:
+        writer.conn.close()
+        lock.release()
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("PRAGMA quick_check").fetchall() == [("ok",)]
+        stored = {t for (t,) in conn.execute("SELECT trace_id FROM llm_traces")}
+    assert stored == {*made["trace/1"], "before", *(f"after-{n}" for n in range(50))}
+
+
 def test_a_wal_beside_a_new_empty_database_file_is_kept_aside_not_deleted(tmp_path: Path) -> None:
     """A start after a crash while a file moved away had its last commits in the WAL beside the path:
     the new file at the path is empty, and SQLite would delete that WAL as its own. It is kept aside."""
