@@ -10279,9 +10279,10 @@ def test_otlp_pieces_decode_and_map_as_the_conventions_say_in_process() -> None:
         "anthropic", "c", 10, 2, 250.0, 1000.0)
     assert json.loads(older.event["input_text"]) == [{"role": "user", "content": "hi"}]
     assert json.loads(older.event["output_text"]) == [{"content": "yo"}]
-    fresh = call(**{"gen_ai.operation.name": "chat", "gen_ai.provider.name": "anthropic",   # Anthropic's
-                    "gen_ai.request.model": "claude-sonnet-4-5", "gen_ai.usage.input_tokens": 25,  # own input
-                    "gen_ai.usage.cache_read.input_tokens": 5000,                                 # tokens
+    # Anthropic's own input_tokens, passed through: the cache's tokens are not in them
+    fresh = call(**{"gen_ai.operation.name": "chat", "gen_ai.provider.name": "anthropic",
+                    "gen_ai.request.model": "claude-sonnet-4-5", "gen_ai.usage.input_tokens": 25,
+                    "gen_ai.usage.cache_read.input_tokens": 5000,
                     "gen_ai.usage.cache_creation.input_tokens": 4})
     assert (fresh.event["prompt_tokens"], fresh.event["metadata"]["input_tokens_without_cache"]) == (5029, 25)
     totalled = call(**{"gen_ai.operation.name": "chat", "gen_ai.usage.input_tokens": 25,   # its total left
