@@ -5209,16 +5209,14 @@ def test_a_batch_read_from_a_file_since_replaced_marks_nothing_where_the_writer_
             with contextlib.closing(sqlite3.connect(foreign)) as other:
                 other.execute("CREATE TABLE notes (x)")
             foreign.replace(path)
-        writer.look_at = 0.0
-        writer.look_after_file()                                  # 140 rows there, ids 1-140
+        look_now(writer)                                  # 140 rows there, ids 1-140
         writer.run_job(job := otrace.Job(functools.partial(otrace.record_pushed, batch, otrace.Attempt(
             batch.batch_id, otrace.now_ms(), 0, 0, status=200), db.merges, read_at)))
         job.future.result()
         if move != "deleted":
             assert writer.conn_path == db.carry_path              # until the path is free again
             path.unlink()
-            writer.look_at = 0.0
-            writer.look_after_file()
+            look_now(writer)
         assert writer.conn_path == str(path)
         unsynced = {t for (t,) in writer.conn.execute("SELECT trace_id FROM llm_traces WHERE synced = 0")}
         assert unsynced == set(made["trace/0"][10:])             # all go again
@@ -5237,6 +5235,26 @@ def writer_at(path: Path, lock: otrace.DatabaseLock | None = None,
     return db, writer
 
 
+@contextlib.contextmanager
+def writer_holding(path: Path, **settings: str) -> Iterator[tuple[otrace.Database, otrace.Writer]]:
+    """writer_at a new database at `path`, holding otrace's lock as a running otrace does (the file it
+    leaves in a move stays open, so its inode is no new file's); closed and let go after."""
+    otrace.open_database(str(path))
+    lock = otrace.DatabaseLock(str(path))
+    db, writer = writer_at(path, lock, **settings)
+    try:
+        yield db, writer
+    finally:
+        writer.conn.close()
+        lock.release()
+
+
+def look_now(writer: otrace.Writer) -> None:
+    """The writer's look after its file, due now (as a batch's end or the idle wake makes it)."""
+    writer.look_at = 0.0
+    writer.look_after_file()
+
+
 def moved_to_the_carry(db: otrace.Database, writer: otrace.Writer) -> None:
     """Another program's database takes the path: the writer moves to the carry file, and a batch is
     written there ("in-carry")."""
@@ -5245,8 +5263,7 @@ def moved_to_the_carry(db: otrace.Database, writer: otrace.Writer) -> None:
     with contextlib.closing(sqlite3.connect(foreign)) as other:
         other.execute("CREATE TABLE notes (x)")
     foreign.replace(path)
-    writer.look_at = 0.0
-    writer.look_after_file()
+    look_now(writer)
     assert writer.conn_path == db.carry_path
     writer.commit([one_call("in-carry")])
 
@@ -5254,8 +5271,7 @@ def moved_to_the_carry(db: otrace.Database, writer: otrace.Writer) -> None:
 def moved_back_with(db: otrace.Database, writer: otrace.Writer, unsynced: list[str]) -> None:
     """The writer's next look takes the carry file into a new file at the path, which then holds
     `unsynced` as its rows not pushed; the carry file is gone."""
-    writer.look_at = 0.0
-    writer.look_after_file()
+    look_now(writer)
     assert writer.reopen_fault.error is None and not db.replaced_pending
     assert writer.conn_path == db.path and not Path(db.carry_path).exists()
     rows = [t for (t,) in writer.conn.execute("SELECT trace_id FROM llm_traces WHERE synced = 0")]
@@ -5266,23 +5282,17 @@ def test_a_database_file_put_back_before_its_move_began_is_written_on(tmp_path: 
     """Moved away while a batch kept its move waiting, then put back: nothing is moved, and the writer
     goes on in it. It used to wait for the move for ever (pushes refused, /health saying a move)."""
     path = tmp_path / "otrace.db"
-    otrace.open_database(str(path))
-    lock = otrace.DatabaseLock(str(path))
-    db, writer = writer_at(path, lock)
-    try:
+    with writer_holding(path) as (db, writer):
         writer.commit([one_call("before")])
-        writer.look_at = 0.0
-        writer.look_after_file()
+        look_now(writer)
         aside = tmp_path / "aside.db"
         path.rename(aside)
         writer.pending = [one_call("pending")]
-        writer.look_at = 0.0
-        writer.look_after_file()                           # the move waits for the batch
+        look_now(writer)                           # the move waits for the batch
         assert db.replaced_pending
         writer.pending = []
         aside.rename(path)
-        writer.look_at = 0.0
-        writer.look_after_file()
+        look_now(writer)
         assert not db.replaced_pending and writer.reopen_fault.error is None
         writer.commit([one_call("after")])
         with db.reading() as conn:                         # readers are let in again
@@ -5291,9 +5301,6 @@ def test_a_database_file_put_back_before_its_move_began_is_written_on(tmp_path: 
         assert stored == {"before", "after"} and moves == 0
         assert sorted(p.name for p in tmp_path.iterdir()) == [
             "otrace.db", "otrace.db-shm", "otrace.db-wal", "otrace.db.lock"]
-    finally:
-        writer.conn.close()
-        lock.release()
 
 
 def test_a_carry_file_a_hand_holds_locked_when_it_is_taken_in_keeps_its_rows_until_it_can_be(
@@ -5311,8 +5318,7 @@ def test_a_carry_file_a_hand_holds_locked_when_it_is_taken_in_keeps_its_rows_unt
         with contextlib.closing(sqlite3.connect(db.carry_path, isolation_level=None)) as hand:
             hand.execute("BEGIN IMMEDIATE")
             path.unlink()
-            writer.look_at = 0.0
-            writer.look_after_file()                       # waits BUSY_TIMEOUT for the lock
+            look_now(writer)                       # waits BUSY_TIMEOUT for the lock
             assert otrace.primary_code(writer.reopen_fault.error or "") == "SQLITE_BUSY"
             assert db.replaced_pending
             carried = {t for (t,) in hand.execute("SELECT trace_id FROM llm_traces")}
@@ -5340,8 +5346,7 @@ def test_a_carry_file_taken_in_on_a_full_disk_keeps_its_rows_until_there_is_room
             path.unlink()
             filler = fill(vol)
             os.truncate(filler, filler.stat().st_size - (1 << 20))     # 1 MiB: the new file's tables
-            writer.look_at = 0.0
-            writer.look_after_file()
+            look_now(writer)
             assert otrace.primary_code(writer.reopen_fault.error or "") == "SQLITE_FULL"
             assert db.replaced_pending and path.exists()                # made, then the carry failed
             carry = otrace.sqlite_uri(db.carry_path, "ro")
@@ -5363,18 +5368,14 @@ def test_a_database_file_moved_away_keeps_the_commits_its_wal_holds(tmp_path: Pa
     beside the moved file, it makes it whole."""
     with tmpfs(tmp_path / "vol", "32m") as vol:
         path, moved = vol / "otrace.db", vol / "moved.db"
-        otrace.open_database(str(path))
-        lock = otrace.DatabaseLock(str(path))
-        db, writer = writer_at(path, lock, TRACE_DISK_RESERVE_BYTES="0")
-        reader = sqlite3.connect(path, isolation_level=None)
-        try:
+        with writer_holding(path, TRACE_DISK_RESERVE_BYTES="0") as (db, writer), \
+                contextlib.closing(sqlite3.connect(path, isolation_level=None)) as reader:
             writer.conn.execute("PRAGMA wal_autocheckpoint = 0")       # its commits stay in the WAL
             writer.commit([otrace.Unit([otrace.event_row(otrace.TRACES, otrace.trace_row, {
                 "provider": "p", "model": "m", "trace_id": f"t-{n}", "input_text": "t" * 2000}, "http")
                 for n in range(1500)])])
             writer.conn.execute("UPDATE llm_traces SET synced = 1 WHERE trace_id <> 't-0'")   # pushed
-            writer.look_at = 0.0
-            writer.look_after_file()
+            look_now(writer)
             if hold == "reader":
                 reader.execute("BEGIN")
                 assert reader.execute("SELECT count(*) FROM llm_traces").fetchone() == (1500,)
@@ -5382,17 +5383,12 @@ def test_a_database_file_moved_away_keeps_the_commits_its_wal_holds(tmp_path: Pa
             filler = fill(vol) if hold == "full disk" else None
             if filler:
                 os.truncate(filler, filler.stat().st_size - (1 << 20))
-            writer.look_at = 0.0
-            writer.look_after_file()                 # on a full disk the new file waits for room
+            look_now(writer)                 # on a full disk the new file waits for room
             [kept] = vol.glob("otrace.db.left-*-wal")
             assert kept.stat().st_size > 3 << 20
             if filler:
                 filler.unlink()
             moved_back_with(db, writer, ["t-0"])
-        finally:
-            reader.close()
-            writer.conn.close()
-            lock.release()
         kept.rename(f"{moved}-wal")
         with contextlib.closing(sqlite3.connect(moved)) as conn:
             assert conn.execute("PRAGMA quick_check").fetchall() == [("ok",)]
@@ -5405,26 +5401,17 @@ def test_a_backup_moved_in_right_after_a_move_does_not_read_the_new_files_wal(tm
     move on, and never read as the backup's own (which corrupted it)."""
     path, backup = tmp_path / "otrace.db", tmp_path / "backup.db"
     made = seed(backup, [("trace", 30, 1)], age_days=0.01)
-    otrace.open_database(str(path))
-    lock = otrace.DatabaseLock(str(path))
-    db, writer = writer_at(path, lock)
-    try:
+    with writer_holding(path) as (db, writer):
         writer.commit([one_call("before")])
-        writer.look_at = 0.0
-        writer.look_after_file()
+        look_now(writer)
         path.unlink()
-        writer.look_at = 0.0
-        writer.look_after_file()                           # moved to a new file
+        look_now(writer)                           # moved to a new file
         assert not db.replaced_pending and Path(f"{path}-wal").exists()
         writer.conn.execute("PRAGMA wal_autocheckpoint = 0")
         writer.commit([one_call(f"after-{n}") for n in range(50)])   # its WAL holds them, at the path
         backup.rename(path)
-        writer.look_at = 0.0
-        writer.look_after_file()
+        look_now(writer)
         assert not db.replaced_pending and writer.reopen_fault.error is None
-    finally:
-        writer.conn.close()
-        lock.release()
     with contextlib.closing(sqlite3.connect(path)) as conn:
         assert conn.execute("PRAGMA quick_check").fetchall() == [("ok",)]
         stored = {t for (t,) in conn.execute("SELECT trace_id FROM llm_traces")}
