@@ -2342,8 +2342,16 @@ def test_a_client_that_does_not_read_its_answers_holds_no_one_up(svc: Otrace) ->
         whole = -(-sent // len(request))
         answers = bytearray()
 
-        def take_answers() -> None:
-            while answers.count(b"HTTP/1.1 ") < whole and (chunk := greedy.recv(65536)):
+        def last_answer_whole() -> bool:
+            start = answers.rfind(b"HTTP/1.1 ")
+            if (end := answers.find(b"\r\n\r\n", start)) < 0:
+                return False
+            length = re.search(rb"\r\nContent-Length: (\d+)", answers[start:end])
+            return length is not None and len(answers) >= end + 4 + int(length[1])
+
+        def take_answers() -> None:              # until the last answer's body is in, not just its start
+            while not (answers.count(b"HTTP/1.1 ") >= whole and last_answer_whole()) \
+                    and (chunk := greedy.recv(65536)):
                 answers.extend(chunk)
 
         greedy.settimeout(10)
