@@ -4028,36 +4028,48 @@ def method_said(request: Request | None) -> str | None:
 
 
 class RefusalLog:
-    """Says a request answered 4xx at WARNING, once a minute for each kind (status, route, field), with
-    how many of that kind were answered since the last line; those of a burst that ended are said once
-    its minute is up (`flush`). A client that never reads its answers loses what it sends, and the log
-    is where that shows. Only otrace's words are said: a body's field and its fault, else the status's
-    phrase (a bad header's text is the client's, secrets and all). Used by the HTTP thread alone."""
+    """Says a request answered 4xx at WARNING, or an OTLP request answered 200 with items it refused
+    (`items`: partial_success, which exporters do not log), once a minute for each kind (status, route,
+    field), with how many of that kind were answered since the last line; those of a burst that ended
+    are said once its minute is up (`flush`). A client that never reads its answers loses what it
+    sends, and the log is where that shows. Only otrace's words are said: a body's field and its fault,
+    else the status's phrase (a bad header's text is the client's, secrets and all). Used by the HTTP
+    thread and the OTLP receiver's, hence the lock."""
 
     EVERY = 60.0
 
     def __init__(self) -> None:
         self.last: dict[tuple[int, str, str | None], list] = {}   # kind -> [said at, since, its line]
+        self.lock = threading.Lock()
 
-    def refused(self, request: Request | None, refusal: Refusal, client: str) -> None:
+    def refused(self, request: Request | None, refusal: Refusal, client: str, items: int = 0) -> None:
         route = request.route if request is not None and request.route in ROUTES else "other"
         invalid = refusal if isinstance(refusal, Invalid) else None
         field = invalid and invalid.field
-        said = self.last.setdefault((refusal.status, route, field), [-math.inf, 0, {}])
-        said[1] += 1
-        said[2] = {"status": refusal.status, "route": route,
-                   "method": method_said(request),
-                   "error": invalid.said() if invalid else HTTPStatus(refusal.status).phrase,
-                   "field": field, "index": invalid and invalid.index, "client": client}
+        status = 200 if items else refusal.status
+        line = {"status": status, "route": route, "method": method_said(request),
+                "error": invalid.said() if invalid else HTTPStatus(refusal.status).phrase,
+                "field": field, "index": invalid and invalid.index, "client": client}
+        if items:
+            line["items_refused"] = items
+        with self.lock:
+            said = self.last.setdefault((status, route, field), [-math.inf, 0, {}])
+            said[1] += 1
+            said[2] = line
         self.flush(said)
 
     def flush(self, said: list | None = None, *, now: float | None = None) -> None:
         """Say each kind whose minute is up and that has refusals unsaid (or only `said`)."""
         now = time.monotonic() if now is None else now
-        for entry in [said] if said is not None else self.last.values():
-            if entry[1] and now - entry[0] >= self.EVERY:
-                log.warning("request refused", extra={**entry[2], "refused_since_last_line": entry[1] - 1})
+        with self.lock:
+            due = [entry for entry in ([said] if said is not None else self.last.values())
+                   if entry[1] and now - entry[0] >= self.EVERY]
+            lines = [(entry[2], entry[1] - 1) for entry in due]
+            for entry in due:
                 entry[:2] = [now, 0]
+        for line, since in lines:
+            message = "request partly refused" if "items_refused" in line else "request refused"
+            log.warning(message, extra={**line, "refused_since_last_line": since})
 
 
 class IngestServer:
@@ -4074,7 +4086,7 @@ class IngestServer:
         config = service.config
         self.service, self.api = service, Api(service)
         self.counters = service.counters
-        self.refusals = RefusalLog()
+        self.refusals = service.refusals
         self.limit, self.read_timeout = config.max_connections, config.read_timeout
         self.max_body = config.max_body_bytes
         self.budget = Budget(config.max_buffered_bytes)
@@ -5393,6 +5405,7 @@ class Export:
     extra: list[tuple[str, tuple]] = dataclasses.field(default_factory=list)
     rejected: int = 0
     problems: list[str] = dataclasses.field(default_factory=list)
+    first: Invalid | None = None              # the first refusal, for the log
     counts: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
     stored: list[tuple[str, list[str]]] = dataclasses.field(default_factory=list)   # (row, span keys)
     calls: list[Call] = dataclasses.field(default_factory=list)                     # each with its row
@@ -5404,6 +5417,7 @@ class Export:
         self.rejected += 1
         self.counts[counter] += 1
         self.problems.append(f"{where}: {why}")
+        self.first = self.first or why
 
 
 def fulfil(future: Future, make: Callable[[], Any]) -> None:
@@ -5525,6 +5539,8 @@ class OtlpReceiver:
             refusal.otlp = refusal.otlp or (encoding if encoding == "json" else None)
             raise
         self.settle(export)
+        if export.first is not None:
+            self.service.refusals.refused(request, export.first, request.client, items=export.rejected)
         answer, content_type = otlp_answer(signal, encoding, export.rejected, export.problems)
         return 200, answer, {}, content_type
 
@@ -12074,6 +12090,7 @@ class Service:
         self.config = config
         self.started = time.monotonic()
         self.counters = Counters((*EVENT_COUNTERS, "connections_refused", "unauthorized", "custom_received"))
+        self.refusals = RefusalLog()
         open_database(config.db_path)
         with contextlib.closing(connect(config.db_path)) as conn:
             if take_carried(conn, config.db_path):

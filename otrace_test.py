@@ -10772,6 +10772,11 @@ def test_otlp_refusals_follow_the_specification(run: Callable[..., Otrace]) -> N
     assert json.loads(metadata)["dropped"] == {"session_id": "session_id must be at most 256 characters"}
     assert (node.health()["otlp"]["spans_rejected"], node.health()["otlp"]["span_values_dropped"]) == (2, 2)
     assert not node.logs("request failed")
+    said = node.wait_log(lambda e: e.get("message") == "request partly refused")   # exporters do not say it
+    assert (said["status"], said["route"], said["items_refused"], said["client"]) == (
+        200, "/v1/traces", 1, "127.0.0.1")
+    assert "no valid traceId and spanId" in said["error"]
+    assert len(node.logs("request partly refused")) == 1        # the protobuf one: within the same minute
 
 
 def test_a_calls_metadata_over_its_cap_keeps_what_names_its_spans(run: Callable[..., Otrace]) -> None:
