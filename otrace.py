@@ -5383,6 +5383,10 @@ def point_problem(point: Point) -> str | None:
         return "value and bounds must be finite numbers"
     if not all(0 <= n <= MAX_INT for n in (point.count or 0, *(point.buckets or ()))):
         return f"counts must be integers from 0 to {MAX_INT}"
+    if point.buckets and len(point.buckets) != len(point.bounds or ()) + 1:
+        return "bucketCounts must hold one count more than explicitBounds has bounds"
+    if point.bounds and any(low >= high for low, high in itertools.pairwise(point.bounds)):
+        return "explicitBounds must rise"
     return None
 
 

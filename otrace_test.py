@@ -10939,6 +10939,29 @@ def test_cumulative_metrics_become_deltas_across_restarts_and_resets(run: Callab
     assert len({r["trace_id"] for r in node.rows("genai_metrics")}) == 5
 
 
+def test_a_histogram_point_whose_buckets_do_not_fit_its_bounds_is_refused(run: Callable[..., Otrace]) -> None:
+    """OTLP: a histogram's bucketCounts hold one count more than its explicitBounds, which rise; a point
+    otherwise is refused by partial_success, and the request's other points are kept."""
+    def point(counts: list[int], bounds: list[float], model: str) -> dict[str, Any]:
+        return {"startTimeUnixNano": "1796160000000000000", "timeUnixNano": "1796160010000000000",
+                "count": str(sum(counts)), "sum": 1.0, "bucketCounts": [str(n) for n in counts],
+                "explicitBounds": bounds,
+                "attributes": [{"key": "gen_ai.request.model", "value": {"stringValue": model}}]}
+
+    points = [point([1, 2], [0.5], "fits"), point([], [], "no buckets"), point([1, 2], [], "short"),
+              point([1, 0, 2], [0.5, 0.5], "flat")]
+    metric = {"name": "gen_ai.client.operation.duration", "unit": "s",
+              "histogram": {"aggregationTemporality": 1, "dataPoints": points}}
+    node = run()
+    answer = node.post("/v1/metrics", {"resourceMetrics": [{"resource": {}, "scopeMetrics": [
+        {"scope": {"name": "s"}, "metrics": [metric]}]}]})
+    assert answer.status == 200 and answer.json["partialSuccess"]["rejectedDataPoints"] == "2", answer
+    message = answer.json["partialSuccess"]["errorMessage"]
+    assert "one count more than explicitBounds" in message and "must rise" in message, message
+    node.wait_persisted(2)
+    assert sorted(r["model"] for r in node.rows("genai_metrics")) == ["fits", "no buckets"]
+
+
 def test_a_series_out_of_memory_goes_on_from_its_stored_point(run: Callable[..., Otrace]) -> None:
     """Past TRACE_OTLP_MAX_SERIES the oldest series leaves memory; its next point is a change from the
     last one stored, under its own id, as after a restart."""
