@@ -8829,6 +8829,7 @@ PUSHED_KEY = "last_push_success"   # otrace_state: when the receiver last took a
 # push_log rows of batches taken whole: a 2xx whose partial_success refused items has that as its error
 CONFIRMED_SQL = "http_status BETWEEN 200 AND 299 AND error IS NULL"
 _REJECTED_JSON = re.compile(rb'"rejected_?(?:[Ss]pans|[Dd]ata_?[Pp]oints|[Ll]og_?[Rr]ecords)"\s*:\s*"?(\d+)')
+_PARTIAL_SAID_JSON = re.compile(rb'"error_?[Mm]essage"\s*:\s*"((?:[^"\\]|\\.)*)"')
 OTLP_SIGNAL_OF = {"llm_traces": "traces", "system_metrics": "metrics", "genai_metrics": "metrics",
                   "process_samples": "metrics"}
 OTLP_ENVELOPE = {"traces": ("resourceSpans", "scopeSpans", "spans"),     # OTLP JSON names, outside in
@@ -9054,8 +9055,8 @@ class OtraceFormat:
     def path(self, batch: Batch) -> str:
         return self.target
 
-    def rejected(self, answer: bytes) -> int:
-        return 0
+    def rejected(self, answer: bytes) -> tuple[int, str]:
+        return 0, ""
 
 
 class OtlpFormat:
@@ -9255,16 +9256,29 @@ class OtlpFormat:
         resourced = _length_delimited(1, self.resource) + _field_head(2, scoped) + scope
         return [_field_head(1, len(resourced) + len(batch.data)) + resourced, memoryview(batch.data)]
 
-    def rejected(self, answer: bytes) -> int:
-        """partial_success's count of items the receiver refused, read from the start of its answer
-        (protobuf: Export*ServiceResponse field 1, its field 1), 0 when it says none."""
+    def rejected(self, answer: bytes) -> tuple[int, str]:
+        """partial_success's count of items the receiver refused and its message, read from the start
+        of its answer (protobuf: Export*ServiceResponse field 1, its fields 1 and 2); 0 when it says
+        none."""
         if self.json:
-            found = _REJECTED_JSON.search(answer)
-            return int(found[1]) if found else 0
+            found, said = _REJECTED_JSON.search(answer), _PARTIAL_SAID_JSON.search(answer)
+            with contextlib.suppress(ValueError):
+                said = said and json.loads(b'"' + said[1] + b'"')
+            return (int(found[1]) if found else 0), said if isinstance(said, str) else ""
         if answer[:1] != b"\n":
-            return 0
-        _, at = _read_varint(answer, 1)
-        return _read_varint(answer, at + 1)[0] if answer[at:at + 1] == b"\x08" else 0
+            return 0, ""
+        size, at = _read_varint(answer, 1)
+        end, count, said = min(len(answer), at + size), 0, b""
+        while at < end:
+            key, at = _read_varint(answer, at)
+            if key == 0x08:
+                count, at = _read_varint(answer, at)
+            elif key == 0x12:
+                size, at = _read_varint(answer, at)
+                said, at = answer[at:at + size], at + size
+            else:
+                break
+        return count, said.decode("utf-8", "replace")
 
     # -- values
     def attributes(self, values: dict[str, Any]) -> list[Any]:
@@ -9388,13 +9402,14 @@ class Attempt:
 
     @property
     def verdict(self) -> str:
-        """ok (confirmed), retry (try the same batch later), split (its content was refused) or
-        config (the endpoint or token is wrong: retrying cannot help)."""
+        """ok (taken: a 2xx, also one whose partial_success refused items, which OTLP forbids sending
+        again), retry (try the same batch later), split (its content was refused) or config (the
+        endpoint or token is wrong: retrying cannot help)."""
         status = self.status
         if status is None or status in (408, 429) or status >= 500:
             return "retry"
         if 200 <= status < 300:
-            return "split" if self.rejected else "ok"
+            return "ok"
         if status in (401, 403, 404, 405, 407) or status < 200 or 300 <= status < 400:
             return "config"
         return "split"
@@ -9471,10 +9486,11 @@ class Receiver:
                    "Content-Length": str(sum(map(len, body)))}   # so the parts go as they are
         self.send(attempt, target, body, headers, deadline)
         if attempt.status is not None and 200 <= attempt.status < 300:
-            attempt.rejected = form.rejected(attempt.answer)
+            attempt.rejected, said = form.rejected(attempt.answer)
             if attempt.rejected:
                 # of every record sent, a loss report's too (batch.events leaves them out)
-                attempt.error = f"partial_success: {attempt.rejected} of {len(batch)} refused"
+                attempt.error = f"partial_success: {attempt.rejected} of {len(batch)} refused" + (
+                    f": {self.scrub(said.strip())[:500]}" if said.strip() else "")
         return attempt
 
     def send(self, attempt: Attempt, target: str, body: list[bytes | memoryview], headers: dict[str, str],
@@ -9846,6 +9862,11 @@ class Pusher(Loop):
                 if batch.events:                 # events, not a loss report alone
                     cycle.accepted = True
                     self.acceptances[batch.signal] += 1
+                if attempt.rejected:
+                    self.totals.add("refused", attempt.rejected)
+                    self.log.warning("receiver took a batch but refused some of its items: those are "
+                                     "given up, not sent again", extra={
+                                         "signal": batch.signal, "error": attempt.summary()})
                 self.throttled.pop(batch.signal, None)
                 for table, _, trace_id, _, _ in batch.spans if self.suspects else ():
                     self.suspects.pop((table, trace_id), None)
@@ -10076,13 +10097,13 @@ class Pusher(Loop):
     def note(self, attempt: Attempt, verdict: str) -> None:
         """Remember the latest answer for /health."""
         self.last_time = time.time()
-        self.last_status = {"ok": "ok", "retry": "failed", "split": "refused", "config": "config_error"}[
-            verdict]
-        self.last_error = None if verdict == "ok" else attempt.summary()
-        if verdict == "ok":
-            self.last_success = self.last_time
-        else:
+        self.last_status = "refused" if attempt.rejected else {
+            "ok": "ok", "retry": "failed", "split": "refused", "config": "config_error"}[verdict]
+        self.last_error = None if verdict == "ok" and not attempt.rejected else attempt.summary()
+        if verdict != "ok":
             self.totals.add("failed")
+        elif not attempt.rejected:            # a batch taken whole
+            self.last_success = self.last_time
 
     def health(self) -> dict[str, Any]:
         totals = self.totals.snapshot()
@@ -10143,7 +10164,8 @@ def record_pushed(batch: Batch, attempt: Attempt, merges: Merges, read_at: int,
                 conn.execute(f"UPDATE {loss['table']} SET synced = {REFUSED_REPORTED} WHERE trace_id = ? "
                              f"AND synced = {REFUSED}", (loss["trace_id"],))
         record_attempt(attempt, conn)
-        conn.execute(STATE_SQL, (PUSHED_KEY, attempt.started_at, attempt.started_at))
+        if not attempt.rejected:
+            conn.execute(STATE_SQL, (PUSHED_KEY, attempt.started_at, attempt.started_at))
     return sum(map(len, marked.values()))
 
 
