@@ -8567,7 +8567,7 @@ class SessionStore(QuietReader):
             try:
                 self.read_database(agent)
                 looked_at += self.read_files(agent)
-            except (OSError, sqlite3.Error) as exc:
+            except (OSError, sqlite3.Error, ImportError) as exc:
                 errors[agent] = describe(exc)
                 if agent in self.databases and isinstance(exc, sqlite3.Error):
                     self.databases[agent].close()        # opened afresh at the next look
@@ -8616,10 +8616,16 @@ class SessionStore(QuietReader):
             self.log.info("agent database put back or cut: sessions read again", extra={
                 "agent": agent, "sessions": len(again), "another_file": store.replaced})
         store.replaced, store.checked = False, True
+        missing: ImportError | None = None
         for session, last, generation in listed:
             cursor = self.cursors.get((agent, session))
             if cursor is None or cursor.mark != generation or cursor.position != last:
-                self.read_session(store, agent, session, cursor)
+                try:
+                    self.read_session(store, agent, session, cursor)
+                except ImportError as exc:       # that session waits for the package; the others go on
+                    missing = exc
+        if missing is not None:
+            raise missing
         store.caught_up()
 
     def read_session(self, store: AgentDatabase, agent: str, session: str, cursor: Cursor | None) -> None:
@@ -8658,13 +8664,14 @@ class SessionStore(QuietReader):
 
     def decompress(self, blob: bytes, size: int | None, where: str) -> str | None:
         """An event_zstd entry's JSON (a plain zstd frame, as node:zlib writes it); None, counted and
-        logged, if it does not decode."""
+        logged, if it does not decode. Without the zstandard package, ImportError: the session waits
+        at that entry (the agent's fault in /health) until otrace runs with it, not skipped past."""
         if self.zstd is None:
             try:
                 import zstandard  # noqa: PLC0415 - imported where needed (see the imports)
             except ImportError as exc:
-                self.undecodable(where, f"{describe(exc)} (pip install zstandard)")
-                return None
+                raise ImportError(f"{exc}: the session's compressed entries wait for it "
+                                  "(pip install zstandard)") from None
             self.zstd, self.zstd_error = zstandard.ZstdDecompressor(), zstandard.ZstdError
         try:
             data = self.zstd.decompress(blob, max_output_size=_count(size) or STORE_LINE_LIMIT)

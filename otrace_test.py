@@ -9181,6 +9181,43 @@ def test_entries_still_in_the_wal_of_an_open_gateway_connection_are_read(tmp_pat
 
 
 @needs_stores
+def test_a_compressed_entry_read_without_zstandard_waits_for_it(tmp_path: Path,
+                                                                run: Callable[..., Otrace]) -> None:
+    """otrace dropped beside the agent without the zstandard package: a session's compressed entry is
+    the agent's fault in /health and its session waits there (its other sessions are read); run again
+    with the package, the call is stored (it used to be skipped for good)."""
+    state = state_copy(tmp_path)
+    db = agent_db(state)
+    template = assistant_template(db)
+    stub = tmp_path / "no-zstandard"
+    stub.mkdir()
+    (stub / "zstandard.py").write_text("raise ModuleNotFoundError(\"No module named 'zstandard'\")\n")
+    env = {**STORE_ENV, "TRACE_OPENCLAW_STATE_DIR": str(state)}
+    node = run({**env, "PYTHONPATH": str(stub)})
+    wait_traces(node, 6)
+    gateway = gateway_connection(db)
+    session = store_entries(db)[0][0]
+    squeezed, after, elsewhere = (a_call(template, n, 0.001 * n) for n in (1000, 2000, 3000))
+    append_entry(gateway, session, squeezed, compressed=True)
+    append_entry(gateway, session, after)
+    append_entry(gateway, "another-session", elsewhere)
+    gateway.close()
+    wait_traces(node, 7)                                          # the other session is read
+    health = wait_until(lambda: (h := node.health())["openclaw_sessions"]["agent_errors"] and h,
+                        what="the agent's fault")
+    assert "pip install zstandard" in health["openclaw_sessions"]["agent_errors"]["main"]
+    assert health["status"] == "degraded" and health["openclaw_sessions"]["undecodable"] == 0
+    assert node.stop() == 0
+    stored = {r["trace_id"] for r in session_traces(node)}
+    assert len(stored) == 7 and f"oc:main:another-session:{elsewhere['id']}" in stored
+    again = run(env, db=node.db_path)
+    rows = wait_traces(again, 9)
+    assert {f"oc:main:{session}:{squeezed['id']}", f"oc:main:{session}:{after['id']}"} <= {
+        r["trace_id"] for r in rows}
+    wait_until(lambda: not again.health()["openclaw_sessions"]["agent_errors"], what="the fault cleared")
+
+
+@needs_stores
 def test_calls_stored_after_the_gateways_clock_stepped_back_are_read(tmp_path: Path,
                                                                     run: Callable[..., Otrace]) -> None:
     """A clock a day fast at boot, then set right (NTP, a resume from suspend): the calls stored after
