@@ -56,6 +56,7 @@ import dataclasses
 import errno
 import fcntl
 import functools
+import io
 import itertools
 import json
 import logging
@@ -8146,6 +8147,13 @@ ADDED_SQL = """
     SELECT id, (SELECT max(seq) FROM transcript_events WHERE session_id = added.id), {generation}
     FROM (SELECT DISTINCT session_id AS id FROM transcript_events NOT INDEXED WHERE rowid > ?) AS added"""
 TOP_ROWID_SQL = "SELECT max(rowid) FROM transcript_events"
+# A session reset or deleted: its transcript moved, in the transaction that deleted its entries, into
+# an archive row (its JSONL, plain or zstd). The first archive after a rowid, and what names the one at it.
+ARCHIVES = "#archives"           # openclaw_positions: an agent's archives read, by rowid (no session's name)
+ARCHIVE_SQL = ("SELECT rowid, session_id, generation, encoding, archive_blob "
+               "FROM session_transcript_archives WHERE rowid > ? ORDER BY rowid LIMIT 1")
+ARCHIVE_MARK_SQL = ("SELECT session_id || char(9) || generation FROM session_transcript_archives "
+                    "WHERE rowid = ?")
 GENERATION_SQL = "SELECT generation FROM transcript_rewrite_watermarks WHERE session_id = {}"
 # Entries after a seq; the text only of those that can be a call or a failure (the rest are skipped
 # inside SQLite), compressed ones whole.
@@ -8386,6 +8394,7 @@ class AgentDatabase:
         self.listed_at = -math.inf
         self.looking: tuple[int, int | None, bool] = (0, None, True)   # the look under way: the same three
         self.sessions_sql = self.added_sql = self.entries_sql = self.generation_sql = ""
+        self.archives = False                    # the database has session_transcript_archives
 
     def open(self) -> bool:
         """Connect (again, when the file at the path is another one); False while there is no file,
@@ -8426,6 +8435,7 @@ class AgentDatabase:
         self.entries_sql = ENTRIES_SQL.format(compressed="event_zstd, event_utf8_bytes" if {
             "event_zstd", "event_utf8_bytes"} <= columns else "NULL, NULL")
         self.generation_sql = GENERATION_SQL.format("?") if rewrites else ""
+        self.archives = "session_transcript_archives" in tables
         self.replaced = self.replaced or self.known not in (None, identity)   # a backup restored
         self.conn, self.identity, self.known, self.listed = conn, identity, identity, None
         self.stamp, self.checked = self.stamped(), False       # after the first read, which makes a -shm
@@ -8495,6 +8505,19 @@ class AgentDatabase:
             conn.execute("COMMIT")
         return (found[0] or "") if found else "", rows
 
+    def archive(self, after: int, mark: str) -> tuple[int, str, str, str, bytes] | None:
+        """The first archive past rowid `after` (rowid, session, generation, encoding, blob), in one read
+        transaction; from the first when the row at `after` is not the one `mark` names any more (its
+        archive deleted, its rowid given to another)."""
+        conn = self.conn
+        conn.execute("BEGIN")
+        try:
+            if after >= 0 and (conn.execute(ARCHIVE_MARK_SQL, (after,)).fetchone() or (None,))[0] != mark:
+                after = -1
+            return conn.execute(ARCHIVE_SQL, (after,)).fetchone()
+        finally:
+            conn.execute("COMMIT")
+
     def close(self) -> None:
         if self.conn is not None:
             self.conn.close()
@@ -8524,7 +8547,7 @@ class SessionStore(QuietReader):
         self.most = max(1, min(256, config.queue_size // 8))   # entries per unit: 2 rows each at most
         self.waiting = False
         self.zstd: Any = None                  # zstandard.ZstdDecompressor, made at the first need
-        self.zstd_error: Any = None
+        self.zstd_error: Any = ()              # zstandard.ZstdError once it is imported
         self.totals = Counters(("entries", "calls", "failures", "undecodable", "bytes_read"))
         self.errors: dict[str, str] = {}       # agent -> why it could not be read at the last look
         self.looked_at: tuple[str, ...] = ()   # the directories and files the last whole look read
@@ -8616,6 +8639,7 @@ class SessionStore(QuietReader):
             self.log.info("agent database put back or cut: sessions read again", extra={
                 "agent": agent, "sessions": len(again), "another_file": store.replaced})
         store.replaced, store.checked = False, True
+        self.read_archives(store, agent)   # first: an entry the sessions read next may be archived after
         missing: ImportError | None = None
         for session, last, generation in listed:
             cursor = self.cursors.get((agent, session))
@@ -8662,10 +8686,58 @@ class SessionStore(QuietReader):
             if done:
                 return
 
-    def decompress(self, blob: bytes, size: int | None, where: str) -> str | None:
-        """An event_zstd entry's JSON (a plain zstd frame, as node:zlib writes it); None, counted and
-        logged, if it does not decode. Without the zstandard package, ImportError: the session waits
-        at that entry (the agent's fault in /health) until otrace runs with it, not skipped past."""
+    def read_archives(self, store: AgentDatabase, agent: str) -> None:
+        """The transcripts of sessions OpenClaw reset or deleted since the last look, each once, in the
+        order archived: of each, the entries not read before (all of a session never read; else those
+        its cursor calls fresh, by when each was written, as after a rewrite), unit by unit, the last
+        unit with the archive's rowid. A call stored, then archived before a look read it, is kept."""
+        while store.archives and not self.stopping.is_set():
+            before = self.cursors.get((agent, ARCHIVES)) or Cursor("", -1, None)
+            found = store.archive(before.position, before.mark)
+            if found is None:
+                return
+            rowid, session, generation, encoding, blob = found
+            read, rows, entries = self.cursors.get((agent, session)), [], 0
+            self.staged.clear()
+            for number, text in self.archive_lines(blob, encoding, f"{agent}/{session}.archive"):
+                where = f"{agent}/{session}.archive#{number}"
+                if text is None:
+                    self.undecodable(where, f"a line over {STORE_LINE_LIMIT} bytes")
+                    continue
+                if not maybe_call(text) or (entry := self.entry(text, where)) is None:
+                    continue
+                if read is not None and not read.fresh(_log_time(entry.get("timestamp"))):
+                    continue
+                rows += self.rows(entry, agent, session, f"archive-{generation}-{number}", where)
+                entries += 1
+                if entries == self.most:        # a unit's worth: the archive's rowid comes with its last
+                    self.offer(agent, ARCHIVES, rows, before)
+                    rows, entries = [], 0
+                    self.staged.clear()
+            self.offer(agent, ARCHIVES, rows, Cursor(f"{session}\t{generation}", rowid, None))
+
+    def archive_lines(self, blob: bytes, encoding: str, where: str) -> Iterator[tuple[int, str | None]]:
+        """An archive's lines, numbered, decoded as they are read (a zstd archive is not held whole);
+        None for one over STORE_LINE_LIMIT. A frame that does not decode ends it, counted and logged."""
+        raw: Any = io.BytesIO(blob) if encoding != "zstd" else io.BufferedReader(
+            self.decoder().stream_reader(blob))
+        number = 0
+        try:
+            while line := raw.readline(STORE_LINE_LIMIT + 1):
+                if len(line) > STORE_LINE_LIMIT and not line.endswith(b"\n"):
+                    while (rest := raw.readline(STORE_LINE_LIMIT + 1)) and not rest.endswith(b"\n"):
+                        pass
+                    yield number, None
+                else:
+                    yield number, line.decode("utf-8", "replace")
+                number += 1
+        except self.zstd_error as exc:
+            self.undecodable(where, describe(exc))
+
+    def decoder(self) -> Any:
+        """zstandard's decompressor, made at the first need. Without the package, ImportError: a
+        session waits at its first compressed entry (the agent's fault in /health) until otrace runs
+        with it, not skipped past."""
         if self.zstd is None:
             try:
                 import zstandard  # noqa: PLC0415 - imported where needed (see the imports)
@@ -8673,6 +8745,12 @@ class SessionStore(QuietReader):
                 raise ImportError(f"{exc}: the session's compressed entries wait for it "
                                   "(pip install zstandard)") from None
             self.zstd, self.zstd_error = zstandard.ZstdDecompressor(), zstandard.ZstdError
+        return self.zstd
+
+    def decompress(self, blob: bytes, size: int | None, where: str) -> str | None:
+        """An event_zstd entry's JSON (a plain zstd frame, as node:zlib writes it); None, counted and
+        logged, if it does not decode."""
+        self.decoder()
         try:
             data = self.zstd.decompress(blob, max_output_size=_count(size) or STORE_LINE_LIMIT)
             return data.decode("utf-8")
@@ -8686,13 +8764,22 @@ class SessionStore(QuietReader):
 
     def parse(self, text: str, agent: str, session: str, fallback: str, where: str) -> list[Row]:
         """The rows of one entry's JSON."""
+        entry = self.entry(text, where)
+        return [] if entry is None else self.rows(entry, agent, session, fallback, where)
+
+    def entry(self, text: str, where: str) -> dict[str, Any] | None:
+        """One entry's JSON, counted; None (counted undecodable) if it is none."""
         self.staged["entries"] += 1
         self.news = True
         try:
             entry = json.loads(text)
         except (ValueError, RecursionError) as exc:
             self.undecodable(where, describe(exc))
-            return []
+            return None
+        return entry if isinstance(entry, dict) else None
+
+    def rows(self, entry: dict[str, Any], agent: str, session: str, fallback: str, where: str) -> list[Row]:
+        """The rows of one entry."""
         rows = []
         for table, build, event in store_events(entry, agent, session, fallback, self.config.max_text_bytes):
             try:
@@ -8794,8 +8881,8 @@ class SessionStore(QuietReader):
     def health(self) -> dict[str, Any]:
         return {"state_dir": str(self.root), "waiting": self.waiting, "polls": self.ticks,
                 "agents": sorted(self.agents_seen),
-                "sessions": len(self.cursors), **self.totals.snapshot(), "agent_errors": self.errors,
-                "last_error": self.fault.error}
+                "sessions": sum(stream != ARCHIVES for _, stream in self.cursors), **self.totals.snapshot(),
+                "agent_errors": self.errors, "last_error": self.fault.error}
 
 
 def call_times(rows: list[Row]) -> dict[str, tuple[int, int]]:

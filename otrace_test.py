@@ -9180,6 +9180,82 @@ def test_entries_still_in_the_wal_of_an_open_gateway_connection_are_read(tmp_pat
     gateway.close()                              # the session's older entries are not
 
 
+def archive_session(gateway: sqlite3.Connection, session: str, encoding: str = "identity") -> None:
+    """A session reset or deleted as OpenClaw does it: its transcript's JSONL into an archive row, and
+    its entries deleted, in one transaction."""
+    import zstandard
+    gateway.execute("BEGIN IMMEDIATE")
+    lines = [json.dumps(entry, separators=(",", ":")) for s, _, entry in gateway_entries(gateway)
+             if s == session]
+    blob = "\n".join(lines).encode() + b"\n"
+    if encoding == "zstd":
+        blob = zstandard.ZstdCompressor(level=1, write_content_size=True).compress(blob)
+    generation = uuid.uuid4().hex
+    gateway.execute("INSERT INTO session_transcript_archives (session_id, generation, session_key, reason, "
+                    "encoding, archive_blob, archive_sha256, archive_name, created_at) VALUES "
+                    "(?, ?, ?, 'reset', ?, ?, ?, ?, ?)",
+                    (session, generation, f"agent:main:{session}", encoding, blob, "0" * 64,
+                     f"{session}.jsonl.reset.{generation}", int(time.time() * 1000)))
+    gateway.execute("DELETE FROM transcript_events WHERE session_id = ?", (session,))
+    gateway.execute("COMMIT")
+
+
+def gateway_entries(conn: sqlite3.Connection) -> list[tuple[str, int, dict[str, Any]]]:
+    import zstandard
+    return [(session, seq, json.loads(text or zstandard.ZstdDecompressor().decompress(frame)))
+            for session, seq, text, frame in conn.execute(
+                "SELECT session_id, seq, event_json, event_zstd FROM transcript_events ORDER BY seq")]
+
+
+@needs_stores
+def test_calls_of_a_session_archived_before_they_were_read_are_stored_once(
+        tmp_path: Path, run: Callable[..., Otrace]) -> None:
+    """OpenClaw moves a session it resets or deletes into an archive row, in the transaction that
+    deletes its entries: calls made while otrace was stopped (or between two looks) are read from
+    there, once; a session never read whole, compressed too; entries read before are not stored again,
+    also when otrace's retention deleted their rows meanwhile."""
+    state = state_copy(tmp_path)
+    db = agent_db(state)
+    template = assistant_template(db)
+    env = {**STORE_ENV, "TRACE_OPENCLAW_STATE_DIR": str(state)}
+    node = run(env)
+    wait_traces(node, 6)
+    gateway = gateway_connection(db)
+    read = a_call(template, 1000, 0.001)
+    append_entry(gateway, "reset-later", read)
+    wait_traces(node, 7)
+    assert node.stop() == 0
+    unread = [a_call(template, n, 0.001) for n in (2000, 3000)]
+    for entry in unread:
+        append_entry(gateway, "reset-later", entry)
+    never_seen = a_call(template, 4000, 0.004)
+    append_entry(gateway, "never-seen", never_seen, compressed=True)
+    old_session = store_entries(db)[0][0]                 # a real session, read whole
+    with contextlib.closing(sqlite3.connect(node.db_path)) as conn, conn:    # retention took one of its rows
+        gone = conn.execute("DELETE FROM llm_traces WHERE session_id = ? RETURNING trace_id",
+                            (old_session,)).fetchall()[:1]
+    archive_session(gateway, "reset-later")
+    archive_session(gateway, "never-seen", "zstd")
+    archive_session(gateway, old_session)
+    again = run(env, db=node.db_path)
+    later = a_call(template, 5000, 0.005)                 # archived while otrace runs
+    append_entry(gateway, "archived-at-once", later)
+    archive_session(gateway, "archived-at-once")
+    gateway.close()
+    wanted = {f"oc:main:{session}:{entry['id']}" for session, entry in (
+        ("reset-later", read), ("reset-later", unread[0]), ("reset-later", unread[1]),
+        ("never-seen", never_seen), ("archived-at-once", later))}
+    wait_until(lambda: wanted <= {r["trace_id"] for r in session_traces(again)}, what="the archived calls")
+    wait_until(lambda: again.health()["queue_depth"] == 0, what="queue drained")
+    traces = session_traces(again)
+    assert len(traces) == len({r["trace_id"] for r in traces}) == 6 - len(gone) + 5, len(traces)
+    assert gone and gone[0][0] not in {r["trace_id"] for r in traces}     # not brought back
+    assert again.health()["openclaw_sessions"]["undecodable"] == 0
+    assert again.stop() == 0
+    positions = again.query("SELECT position FROM openclaw_positions WHERE stream = '#archives'")
+    assert positions == [(4,)]
+
+
 @needs_stores
 def test_a_compressed_entry_read_without_zstandard_waits_for_it(tmp_path: Path,
                                                                 run: Callable[..., Otrace]) -> None:
