@@ -8119,6 +8119,8 @@ STORE_LIST_EVERY = 30.0          # seconds: every session is listed at least thi
 FAILED_BEFORE_REPLY = "run-failed-before-reply"
 TRANSCRIPT_ONLY = ("delivery-mirror", "gateway-injected")   # "models" of provider openclaw: no call
 CHECKPOINT_FILE = re.compile(r".+\.checkpoint\.[0-9a-fA-F-]{36}\.jsonl")   # a copy of a transcript
+# a session file OpenClaw renamed when it reset or deleted the session (a compressed one is not read)
+ARCHIVED_FILE = re.compile(r"(.+)\.jsonl\.(?:reset|deleted)\.[^/]+(?<!\.zst)")
 # OpenClaw's usage spans stored while its session store was not read (it was not there, or off) are
 # superseded by the store's calls of the same session and time: one call, one row. A span covers a
 # run, from before its first call starts.
@@ -8819,25 +8821,37 @@ class SessionStore(QuietReader):
         """Read the agent's session files; the directory and files that were read."""
         folder = self.root / "agents" / agent / "sessions"
         try:
-            names = sorted(e.name for e in os.scandir(folder) if e.name.endswith(".jsonl") and not (
-                e.name.endswith(".trajectory.jsonl") or CHECKPOINT_FILE.fullmatch(e.name)))
+            found = sorted(e.name for e in os.scandir(folder))
         except FileNotFoundError:
             return [str(folder)]
+        names = [name for name in found if name.endswith(".jsonl") and not (
+            name.endswith(".trajectory.jsonl") or CHECKPOINT_FILE.fullmatch(name))]
+        store = self.databases.get(agent)
+        archived = [] if store is not None and store.archives else [   # a database's: read from it
+            (name, match[1]) for name in found if (match := ARCHIVED_FILE.fullmatch(name))
+            and not match[1].endswith(".trajectory")]
         if names:
             self.said(f"agent session files:{agent}", folder)
         for name in names:
             self.read_file(agent, folder / name)
+        for name, session in archived:
+            self.read_file(agent, folder / name, session, self.cursors.get((agent, f"{session}.jsonl")))
         return [str(folder), *(str(folder / name) for name in names)]
 
-    def read_file(self, agent: str, path: Path) -> None:
+    def read_file(self, agent: str, path: Path, session: str | None = None, was: Cursor | None = None
+                  ) -> None:
         """The lines appended to one session file since the last commit (a partial last line waits
         for its newline); a file that is not the one read before is read from its start, taking only
-        entries newer than the newest read from its name."""
+        entries newer than the newest read from its name. A file OpenClaw renamed when it reset or
+        deleted the session (`session`'s) goes on from where its live name was read (`was`) when it is
+        that file, else it is read whole (entries read before are one row each still)."""
         cursor = self.cursors.get((agent, path.name))
         try:
             st = path.stat()
         except FileNotFoundError:
             return
+        if cursor is None and was is not None and was.mark.startswith(f"{st.st_dev}:{st.st_ino}:"):
+            cursor = was
         dev, inode = (int(part) for part in cursor.mark.split(":", 2)[:2]) if cursor else (None, None)
         same = cursor is not None and (dev, inode) == (st.st_dev, st.st_ino)
         if same and st.st_size == cursor.position:
@@ -8848,7 +8862,7 @@ class SessionStore(QuietReader):
                 fd, cursor.mark.split(":", 2)[2]) else 0
             followed = Followed(str(path), fd, offset)
             rewritten = cursor is not None and offset == 0
-            session = path.name[:-len(".jsonl")]
+            session = session or path.name[:-len(".jsonl")]
             newest = cursor.newest if cursor else None
             while not self.stopping.is_set():
                 lines, end = followed.lines(self.most, limit=STORE_LINE_LIMIT)

@@ -9428,6 +9428,38 @@ def test_a_session_file_line_written_in_two_pieces_waits_for_its_end(tmp_path: P
 
 
 @needs_stores
+def test_a_session_file_renamed_at_a_reset_is_read_on_from_where_it_was(tmp_path: Path,
+                                                                        run: Callable[..., Otrace]) -> None:
+    """OpenClaw before 2026.8 renames a session's file when it resets or deletes it: lines added while
+    otrace was stopped are read from the renamed file, from where its live name was read (a line whose
+    row retention deleted meanwhile does not come back); a renamed file never read is read whole."""
+    state = state_copy(tmp_path, STATE_7)
+    sessions = state / "agents" / "main" / "sessions"
+    transcript = next(p for p in sessions.glob("*.jsonl") if not p.name.endswith(".trajectory.jsonl"))
+    template = next(json.loads(line) for line in transcript.read_text().splitlines()
+                    if '"assistant"' in line)
+    env = {**STORE_ENV, "TRACE_OPENCLAW_STATE_DIR": str(state)}
+    node = run(env)
+    wait_traces(node, 3)
+    assert node.stop() == 0
+    with contextlib.closing(sqlite3.connect(node.db_path)) as conn, conn:    # retention took one of its rows
+        gone = conn.execute("DELETE FROM llm_traces WHERE session_id = ? RETURNING trace_id",
+                            (transcript.stem,)).fetchall()[:1]
+    late, never = a_call(template, 700, 0.002), a_call(template, 800, 0.002)
+    append(transcript, json.dumps(late).encode() + b"\n")
+    transcript.rename(sessions / f"{transcript.name}.reset.2026-12-03T22-00-00.000Z")
+    (sessions / "77777777-0000-4000-8000-000000000000.jsonl.deleted.2026-12-03T22-00-01.000Z").write_bytes(
+        json.dumps(never).encode() + b"\n")
+    again = run(env, db=node.db_path)
+    wanted = {f"oc:main:{transcript.stem}:{late['id']}", f"oc:main:77777777-0000-4000-8000-000000000000:"
+                                                         f"{never['id']}"}
+    wait_until(lambda: wanted <= {r["trace_id"] for r in session_traces(again)}, what="both calls")
+    wait_until(lambda: again.health()["queue_depth"] == 0, what="queue drained")
+    traces = {r["trace_id"] for r in session_traces(again)}
+    assert gone and gone[0][0] not in traces and len(traces) == 3 - len(gone) + 2
+
+
+@needs_stores
 def test_an_agent_that_appears_later_is_followed_and_waited_for_quietly(tmp_path: Path,
                                                                         run: Callable[..., Otrace]) -> None:
     """The state directory, then an agent directory, then its database before its first turn: each is
