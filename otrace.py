@@ -9226,7 +9226,7 @@ class OtlpFormat:
         failed = row["status"] == "error"
         inputs = text_messages(row["input_text"], "user")
         outputs = text_messages(row["output_text"], "assistant", (row["finish_reason"] or "").split(",")[0])
-        attrs = {"gen_ai.operation.name": operation, "gen_ai.provider.name": row["provider"],
+        attrs = {"gen_ai.operation.name": operation, "gen_ai.provider.name": provider_name(row["provider"]),
                  "gen_ai.request.model": meta.get("gen_ai.request.model") or row["model"],
                  "gen_ai.response.model": row["model"], "gen_ai.conversation.id": row["session_id"],
                  "gen_ai.usage.input_tokens": row["prompt_tokens"],
@@ -9247,7 +9247,8 @@ class OtlpFormat:
         parent = bytes.fromhex(meta["otel_parent_span_id"]) if _hex_id(meta.get("otel_parent_span_id"), 8) \
             else b""
         return self.traces.Span(
-            trace_id=trace_id, span_id=span_id, parent_span_id=parent, name=f"{operation} {row['model']}",
+            trace_id=trace_id, span_id=span_id, parent_span_id=parent,
+            name=f"{operation} {attrs['gen_ai.request.model']}",        # the conventions' span name
             kind=3, start_time_unix_nano=start,                       # 3: SPAN_KIND_CLIENT
             end_time_unix_nano=unix_nano(row["created_at"], row["latency_ms"] or 0),
             attributes=self.attributes(attrs), status=status)

@@ -4077,6 +4077,7 @@ def test_an_otlp_push_body_is_a_whole_export_request(protocol: str) -> None:
         trace_id=f"call-{i}", latency_ms=1500.5, finish_reason="stop,length", session_id="s1",
         input_text="Summarise this", output_text='[{"role": "assistant", "parts": []}]')).encode(),
         "/v1/traces", 1, 1000)[0][0].values, strict=True)) | {"id": i, "metadata": None} for i in range(3)]
+    rows[0] |= {"provider": "Mistral", "metadata": {"gen_ai.request.model": "claude-sonnet"}}
     batch = otrace.Batch("traces", form.separator)
     for row in rows:
         batch.add("llm_traces", row["id"], row["trace_id"], form.item("llm_traces", row))
@@ -4090,9 +4091,12 @@ def test_an_otlp_push_body_is_a_whole_export_request(protocol: str) -> None:
     [resource] = request.resource_spans
     assert {a.key: a.value.string_value for a in resource.resource.attributes}["service.name"] == "a1"
     [scoped] = resource.scope_spans
-    assert scoped.scope.name == "otrace" and [s.name for s in scoped.spans] == ["chat claude-sonnet-4"] * 3
+    assert scoped.scope.name == "otrace" and [s.name for s in scoped.spans] == [     # {operation} {request}
+        "chat claude-sonnet", "chat claude-sonnet-4", "chat claude-sonnet-4"]
     span = scoped.spans[0]
     attrs = {a.key: json_format.MessageToDict(a.value) for a in span.attributes}
+    assert (attrs["gen_ai.provider.name"], attrs["gen_ai.response.model"]) == (
+        {"stringValue": "mistral_ai"}, {"stringValue": "claude-sonnet-4"})     # the conventions' name
     assert attrs["gen_ai.usage.input_tokens"] == {"intValue": "10"} and attrs["otrace.trace_id"] == {
         "stringValue": "call-0"}
     assert json.loads(attrs["gen_ai.input.messages"]["stringValue"]) == [     # plain text: one message
