@@ -9036,7 +9036,7 @@ class Packer:
     memory. A batch holds rows of one signal."""
 
     PAGE = 200
-    ENVELOPE = 512               # bytes of the batch around its events, with room to spare
+    SPARE = 64                   # bytes: a batch's id and time, whose lengths may vary
 
     def __init__(self, conn: sqlite3.Connection, max_bytes: int, tables: Iterable[str],
                  form: OtraceFormat | OtlpFormat, *, skip: Collection[tuple[str, str]] = (),
@@ -9049,6 +9049,14 @@ class Packer:
         self.only = only                 # else only these rows (trace_ids by table): the suspects
         self.dropped: set[str] = set()   # signals no longer wanted this cycle
         self.unencodable: list[tuple[str, int, str, str]] = []   # (table, row id, trace_id, why)
+        self.envelopes: dict[str, int] = {}
+
+    def envelope(self, signal: str) -> int:
+        """Bytes of a batch of `signal` around its events: the push format's, with the agent's name."""
+        if signal not in self.envelopes:
+            empty = Batch(signal, self.form.separator)
+            self.envelopes[signal] = sum(map(len, self.form.body(empty))) + self.SPARE
+        return self.envelopes[signal]
 
     def batches(self) -> Iterator[Batch]:
         batch = Batch(separator=self.form.separator)
@@ -9062,8 +9070,8 @@ class Packer:
             except (ValueError, TypeError, OverflowError) as exc:   # a value the format cannot hold
                 self.unencodable.append((table, row["id"], row["trace_id"], describe(exc)))
                 continue
-            if batch.spans and (signal != batch.signal or self.ENVELOPE + len(batch.data) + 2 + len(encoded)
-                                > self.max_bytes):
+            if batch.spans and (signal != batch.signal or self.envelope(signal) + len(batch.data)
+                                + len(self.form.separator) + len(encoded) > self.max_bytes):
                 yield batch
                 batch = Batch(separator=self.form.separator)
             batch.signal = signal

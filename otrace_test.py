@@ -5165,6 +5165,25 @@ def test_the_final_push_packs_nothing_past_its_deadline(tmp_path: Path) -> None:
             sum(1 for _ in otrace.Packer(conn, 1 << 30, ["llm_traces"], form, stopping=stopping).batches())
 
 
+@pytest.mark.parametrize(("push_format", "protocol"), [("otrace", ""), ("otlp", "http/protobuf"),
+                                                      ("otlp", "http/json")])
+def test_a_batch_body_stays_within_push_max_bytes_whatever_the_agents_name(
+        tmp_path: Path, push_format: str, protocol: str) -> None:
+    """TRACE_PUSH_MAX_BYTES caps the whole body: the envelope counted is the format's own, which holds
+    the agent's name (any text), not a fixed guess."""
+    path = tmp_path / "otrace.db"
+    seed(path, [("trace", 40, 0)], age_days=0.01)
+    agent, limit = "agent-" + "x" * 900, 16384
+    config = otrace.Config(db_path=str(path), push_format=push_format, push_endpoint="http://h:4318/",
+                           **({"push_otlp_protocol": protocol} if protocol else {}))
+    form = otrace.OtlpFormat(config, agent) if push_format == "otlp" else otrace.OtraceFormat(config, agent)
+    with contextlib.closing(otrace.connect(str(path))) as conn:
+        batches = list(otrace.Packer(conn, limit, ["llm_traces"], form).batches())
+    sizes = [sum(map(len, form.body(batch))) for batch in batches]
+    assert sum(len(batch.spans) for batch in batches) == 40 and len(batches) > 1
+    assert max(sizes) <= limit and min(len(batch.spans) for batch in batches[:-1]) > 1, sizes
+
+
 def test_confirmed_batch_killed_before_marking_is_sent_again(run: Callable[..., Otrace],
                                                             receiver: Receiver) -> None:
     got_it = threading.Event()
