@@ -9349,7 +9349,8 @@ class OtlpFormat:
         batch = Batch("logs", self.separator, losses=losses)
         for loss in losses:
             record = self.logs.LogRecord(
-                time_unix_nano=unix_nano(loss["at"]), severity_number=13, severity_text="WARN",
+                time_unix_nano=unix_nano(loss["at"]), observed_time_unix_nano=time.time_ns(),
+                severity_number=13, severity_text="WARN",
                 event_name="otrace.loss", body=self.value(
                     f"otrace gave up {loss['rows']} {loss['table']} row(s): {loss['reason']}"),
                 attributes=self.attributes({f"otrace.loss.{k}": v for k, v in loss.items()}))

@@ -4115,6 +4115,7 @@ def test_an_otlp_push_body_is_a_whole_export_request(protocol: str) -> None:
             else otrace.decode_otlp("logs", logs_raw, "json"))
     [record] = logs.resource_logs[0].scope_logs[0].log_records
     assert record.event_name == "otrace.loss" and record.severity_text == "WARN" and report.ids() == {}
+    assert record.time_unix_nano == 1_000_000_000 and record.observed_time_unix_nano > 10**18   # when said
 
 
 @pytest.mark.parametrize(("case", "memory", "cpu"), [
