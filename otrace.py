@@ -1318,7 +1318,7 @@ LOGS = Table("log_events", frozenset(), (
     "log_event")
 GENAI_METRICS = Table("genai_metrics", frozenset(), (
     *_COMMON, "name", "kind", "unit", "window_start", "value", "count", "min", "max", "buckets", "provider",
-    "model", "service", "attributes", "reset", "truncated"), "genai_metric")
+    "model", "service", "attributes", "reset", "truncated", "monotonic"), "genai_metric")
 METRIC_KINDS = ("sum", "gauge", "histogram", "exponential_histogram")
 HISTOGRAMS = METRIC_KINDS[2:]
 CUSTOM = Table("custom_events", frozenset({"name", "attributes", "severity", "session_id", "trace_id",
@@ -1379,7 +1379,8 @@ def metric_row(f: Fields, received: int, source: str = "otlp") -> tuple:
               f.choice("kind", METRIC_KINDS), f.name("unit"), f.unix_ms("window_start"), f.number("value"),
               f.count("count"), f.number("min"), f.number("max"), f.metadata("buckets"), f.name("provider"),
               f.name("model"), f.name("service"), f.metadata("attributes"), int(bool(f.event.get("reset"))))
-    return (*values, int(f.truncated))
+    monotonic = f.event.get("monotonic")            # a sum's alone
+    return (*values, int(f.truncated), None if monotonic is None else int(bool(monotonic)))
 
 
 def custom_row(f: Fields, received: int, source: str = "http") -> tuple:
@@ -2222,6 +2223,10 @@ SCHEMA: list[str] = [
     CREATE INDEX genai_metrics_pushed ON genai_metrics (id) WHERE synced IN (1, 3);
     CREATE INDEX custom_events_pushed ON custom_events (id) WHERE synced IN (1, 3);
     CREATE INDEX process_samples_pushed ON process_samples (id) WHERE synced IN (1, 3);
+    """,
+    # 12: whether a sum counts up only (a counter) or not (an up-down counter): push says it as it came.
+    """
+    ALTER TABLE genai_metrics ADD COLUMN monotonic INTEGER;
     """,
 ]
 
@@ -5827,19 +5832,20 @@ class OtlpReceiver:
             export.counts["metric_points_unchanged"] += 1
             return
         export.counts["metric_resets"] += reset
-        self.point_row(metric, point, export, kind=kind, attrs=attrs,
+        self.point_row(metric, point, export, kind=kind, monotonic=monotonic, attrs=attrs,
                        service=resource.get("service.name"), change=change, reset=reset,
                        series_id=state.series_id, received=received, whole=change is current)
 
-    def point_row(self, metric: Any, point: Any, export: Export, *, kind: str, attrs: dict[str, Any],
-                  service: str | None, change: Point, reset: bool, series_id: int, received: int,
-                  whole: bool) -> None:
+    def point_row(self, metric: Any, point: Any, export: Export, *, kind: str, monotonic: bool,
+                  attrs: dict[str, Any], service: str | None, change: Point, reset: bool, series_id: int,
+                  received: int, whole: bool) -> None:
         """`whole`: the point as sent, not its change since the last one (whose min and max are not
         known)."""
         event = {"trace_id": f"otlp-metric-{series_id}-{point.time_unix_nano}",
                  "created_at": point.time_unix_nano // 1_000_000 or None, "name": metric.name, "kind": kind,
                  "unit": metric.unit or None, "window_start": (change.start_ns // 1_000_000) or None,
                  "value": change.value, "count": change.count, "reset": reset,
+                 "monotonic": monotonic if kind == "sum" else None,
                  "min": point.min if whole and kind in HISTOGRAMS and point.HasField("min") else None,
                  "max": point.max if whole and kind in HISTOGRAMS and point.HasField("max") else None,
                  "buckets": {"bounds": list(change.bounds), "counts": list(change.buckets)}
@@ -9338,8 +9344,10 @@ class OtlpFormat:
                                              time_unix_nano=end, attributes=attrs,
                                              as_double=row["value"] or 0.0)
         if row["kind"] == "sum":
+            monotonic = row.get("monotonic")      # None: stored before otrace kept it, told by its sign
             metric.sum.CopyFrom(self.metrics.Sum(data_points=[point], aggregation_temporality=1,   # delta
-                                                 is_monotonic=(row["value"] or 0) >= 0))
+                                                 is_monotonic=bool(monotonic) if monotonic is not None
+                                                 else (row["value"] or 0) >= 0))
         else:
             metric.gauge.CopyFrom(self.metrics.Gauge(data_points=[point]))
         return metric

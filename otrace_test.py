@@ -11298,6 +11298,30 @@ def test_the_otlp_decoder_is_loaded_on_the_first_otlp_request_only(svc: Otrace) 
     assert 'otrace_otlp_items_total{item="spans"} 0\n' in exposed
 
 
+def test_an_up_down_counter_is_pushed_as_one_and_a_counter_as_a_counter(tmp_path: Path,
+                                                                         run: Callable[..., Otrace]) -> None:
+    """A sum keeps whether it only counts up: pushed over OTLP into another otrace, an up-down counter
+    (+3, then -2) stays one in every point, and a counter a counter (the sign of a point told them
+    apart, so one series flipped between the two)."""
+    receiving = run(db=tmp_path / "receiving.db")
+    pushing = run({**PUSH, "TRACE_PUSH_FORMAT": "otlp", "TRACE_PUSH_INTERVAL": "1h",
+                   "TRACE_PUSH_ENDPOINT": f"http://127.0.0.1:{receiving.port}"})
+    up_down = sums_body(3, 10, temporality=1, name="gen_ai.agent.active_requests")
+    up_down["resourceMetrics"][0]["scopeMetrics"][0]["metrics"][0]["sum"]["isMonotonic"] = False
+    for body in (up_down, json.loads(json.dumps(up_down).replace('"asDouble": 3', '"asDouble": -2')
+                                     .replace('"10000000000"', '"20000000000"')), sums_body(5, 10)):
+        assert pushing.post("/v1/metrics", body).status == 200
+    pushing.wait_persisted(3)
+    assert pushing.stop() == 0                                 # the last push sends them all
+    assert sorted((r["name"], r["value"], r["monotonic"]) for r in pushing.rows("genai_metrics")) == [
+        ("gen_ai.agent.active_requests", -2.0, 0), ("gen_ai.agent.active_requests", 3.0, 0),
+        ("openclaw.tokens", 5.0, 1)]
+    got = wait_until(lambda: len(rows := receiving.rows("genai_metrics")) == 3 and rows, what="3 points")
+    assert sorted((r["name"], r["value"], r["monotonic"]) for r in got) == [
+        ("gen_ai.agent.active_requests", -2.0, 0), ("gen_ai.agent.active_requests", 3.0, 0),
+        ("openclaw.tokens", 5.0, 1)]
+
+
 def test_usage_metric_points_are_pushed_like_the_other_tables(run: Callable[..., Otrace],
                                                              receiver: Receiver) -> None:
     node = run(push_env(receiver))
