@@ -78,7 +78,7 @@ import threading
 import time
 import urllib.parse
 import zlib
-from collections.abc import Callable, Collection, Container, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Container, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from datetime import date, datetime, timedelta
 from datetime import time as dt_time
@@ -11562,8 +11562,12 @@ class Zone:
 
     def instant(self, wall: datetime) -> int:
         """The Unix ms of a wall-clock time here."""
-        if self.tz is None:
-            return int(time.mktime((*wall.timetuple()[:8], -1))) * 1000 + wall.microsecond // 1000
+        if self.tz is None:     # a time lived twice is its first, as zoneinfo reads it (fold 0)
+            fields = wall.timetuple()[:8]
+            lived = [at for at in (int(time.mktime((*fields, dst))) for dst in (1, 0))
+                     if time.localtime(at)[:6] == fields[:6]]
+            at = min(lived) if lived else int(time.mktime((*fields, -1)))    # none: in a gap
+            return at * 1000 + wall.microsecond // 1000
         return epoch_ms(wall.replace(tzinfo=self.tz))
 
     def midnight(self, day: date) -> int:
@@ -11639,8 +11643,12 @@ def open_snapshot(path: str) -> sqlite3.Connection:
         conn = connect(path, read_only=True)
         conn.execute("SELECT count(*) FROM sqlite_schema").fetchone()
     except sqlite3.DatabaseError as exc:
-        if sqlite_code(exc) not in ("SQLITE_READONLY", "SQLITE_CANTOPEN") or Path(path + "-wal").exists():
+        if sqlite_code(exc) not in ("SQLITE_READONLY", "SQLITE_CANTOPEN"):
             raise ReportError(f"cannot read {path}: {describe(exc)}") from None
+        if Path(path + "-wal").exists():
+            raise ReportError(f"cannot read {path}: {describe(exc)} (a reader of its -wal makes a -shm "
+                              "beside it, which this user cannot: run as otrace's user, or copy the file and "
+                              "its -wal into a directory you can write)") from None
         try:
             conn = sqlite3.connect(sqlite_uri(path, "ro", immutable=True), uri=True, isolation_level=None)
             conn.execute("SELECT count(*) FROM sqlite_schema").fetchone()
@@ -11663,6 +11671,9 @@ def open_snapshot(path: str) -> sqlite3.Connection:
     return conn
 
 
+TOKEN_FIELDS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens", "total_tokens")
+
+
 @dataclasses.dataclass(slots=True)
 class Tally:
     """The sums of a group of calls."""
@@ -11678,6 +11689,15 @@ class Tally:
     computed_usd: float = 0.0
     unpriced_calls: int = 0
     timed_calls: int = 0                        # those with a latency
+
+    @classmethod
+    def of(cls, values: Sequence[Any]) -> Tally:
+        """A group's sums as SQL gives them, its tokens by total(): sum() fails past 2^63, which some
+        thousand calls of the largest count the API takes reach."""
+        tally = cls(*(value or 0 for value in values))
+        for name in TOKEN_FIELDS:
+            setattr(tally, name, int(getattr(tally, name)))
+        return tally
 
     def add(self, other: Tally) -> None:
         for name in self.__slots__:             # the fields, in order
@@ -11768,12 +11788,13 @@ class Report:
         where, params = self.where()
         cost, computed = COST_SQL[self.cost], COMPUTED_SQL[self.cost]
         summed, aside, fields = [], Aside(), len(Tally.__slots__)
-        sql = (f"SELECT {groups}, count(*), sum(status = 'error'), sum({INPUT_SQL}), sum(completion_tokens), "
-               f"sum(cache_read_tokens), sum(cache_write_tokens), sum(total_tokens), total({cost}), "
+        sql = (f"SELECT {groups}, count(*), sum(status = 'error'), total({INPUT_SQL}), "
+               "total(completion_tokens), total(cache_read_tokens), total(cache_write_tokens), "
+               f"total(total_tokens), total({cost}), "
                f"total({computed}), sum({HAS_TOKENS_SQL} AND ({cost}) IS NULL), count(latency_ms), "
                f"{ASIDE_SQL} FROM llm_traces WHERE {where} GROUP BY 1, 2, 3, 4")
         for call in self.conn.execute(sql, [*group_params, *params]):
-            summed.append((*call[:4], Tally(*(value or 0 for value in call[4:4 + fields]))))
+            summed.append((*call[:4], Tally.of(call[4:4 + fields])))
             aside.add(*call[4 + fields:])
         return summed, aside
 
@@ -11841,11 +11862,11 @@ class Report:
         cost, computed = COST_SQL[self.cost], COMPUTED_SQL[self.cost]
         rows = self.conn.execute(
             f"SELECT session_id, count(*), sum(status = 'error'), total({cost}) AS usd, total({computed}), "
-            f"sum({HAS_TOKENS_SQL} AND ({cost}) IS NULL), sum(total_tokens), min(created_at), "
+            f"sum({HAS_TOKENS_SQL} AND ({cost}) IS NULL), total(total_tokens), min(created_at), "
             f"max(created_at) FROM llm_traces WHERE {where} AND session_id IS NOT NULL GROUP BY session_id "
             f"ORDER BY usd DESC, count(*) DESC, session_id LIMIT {TOP_SESSIONS}", params).fetchall()
         return [{"session_id": session, "calls": calls, "failures": failures, "cost_usd": round(usd, 9),
-                 "computed_usd": round(part, 9), "unpriced_calls": unpriced, "total_tokens": tokens or 0,
+                 "computed_usd": round(part, 9), "unpriced_calls": unpriced, "total_tokens": int(tokens),
                  "first": self.zone.iso(first), "last": self.zone.iso(last)}
                 for session, calls, failures, usd, part, unpriced, tokens, first, last in rows]
 
@@ -12204,17 +12225,22 @@ def run_report(argv: list[str]) -> int:
         print(f"otrace report: cannot read {args.db}: {describe(exc)}", file=sys.stderr)
         return 1
     doc["database"] = args.db
-    with contextlib.suppress(BrokenPipeError):
-        if args.json:           # written as it is encoded: a report of many rows is never held as one text
-            json.dump(doc, sys.stdout, indent=2, ensure_ascii=False)
-            sys.stdout.write("\n")
-        elif args.csv:
-            sys.stdout.write(csv_text(doc))
-        else:
-            width = int(os.environ["COLUMNS"]) if os.environ.get("COLUMNS", "").isdigit() else (
-                os.get_terminal_size(sys.stdout.fileno()).columns if sys.stdout.isatty() else 160)
-            sys.stdout.write(TableView(doc, width).render())
-        sys.stdout.flush()
+    try:
+        with contextlib.suppress(BrokenPipeError):
+            if args.json:       # written as it is encoded: a report of many rows is never held as one text
+                json.dump(doc, sys.stdout, indent=2, ensure_ascii=False)
+                sys.stdout.write("\n")
+            elif args.csv:
+                sys.stdout.write(csv_text(doc))
+            else:
+                width = int(os.environ["COLUMNS"]) if os.environ.get("COLUMNS", "").isdigit() else (
+                    os.get_terminal_size(sys.stdout.fileno()).columns if sys.stdout.isatty() else 160)
+                sys.stdout.write(TableView(doc, width).render())
+            sys.stdout.flush()
+    except OSError as exc:      # `> file` on a full disk: said, and what is left unwritten dropped
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        print(f"otrace report: cannot write the report: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -8205,8 +8205,56 @@ def test_the_report_says_why_a_user_may_not_read_the_database(tmp_path: Path) ->
                                   capture_output=True, text=True, timeout=120, check=False)
             assert done.returncode == 2 and f"otrace report: cannot read {db}" in done.stderr, done.stderr
             assert "Traceback" not in done.stderr and "run as otrace's user, or root" in done.stderr
+        (folder / "private").chmod(0o755)                 # a live database's copy, its -wal beside it
+        db.chmod(0o644)
+        with contextlib.closing(sqlite3.connect(db)) as conn:
+            conn.execute("PRAGMA journal_mode = wal")
+            conn.execute("PRAGMA wal_autocheckpoint = 0")
+            conn.execute("UPDATE llm_traces SET model = model")
+            conn.commit()
+            shutil.copy(db, folder / "copy.db")
+            shutil.copy(f"{db}-wal", folder / "copy.db-wal")
+        folder.chmod(0o755)
+        copy = folder / "copy.db"
+        for part in (copy, Path(f"{copy}-wal")):
+            part.chmod(0o644)
+        done = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                               *START, "report", "--db", str(copy)],
+                              capture_output=True, text=True, timeout=120, check=False)
+        assert done.returncode == 2 and "copy the file and its -wal into a directory you can write" in \
+            done.stderr, done.stderr
     finally:
         shutil.rmtree(folder)
+
+
+def test_a_report_that_cannot_be_written_says_so(tmp_path: Path) -> None:
+    """`> file` on a full disk: a line saying so and exit 1, not a traceback."""
+    db = build_report_database(tmp_path / "otrace.db")
+    for form in ((), ("--json",), ("--csv",)):
+        with open("/dev/full", "w") as full:                # a device, written by the child
+            done = subprocess.run([*START, "report", "--db", str(db), "--since", "30d", *form], stdout=full,
+                                  stderr=subprocess.PIPE, text=True, timeout=120, check=False)
+        assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+        assert done.stderr.strip() == "otrace report: cannot write the report: No space left on device"
+
+
+def test_the_report_sums_the_largest_counts_the_api_takes(tmp_path: Path) -> None:
+    """Some thousand calls of 2^53-1 tokens (the API's largest count) pass what SQLite's sum() holds:
+    the report still answers (it failed whole, "integer overflow")."""
+    db = tmp_path / "otrace.db"
+    otrace.open_database(str(db))
+    most, now = 2**53 - 1, int(time.time() * 1000)
+    with contextlib.closing(sqlite3.connect(db)) as conn, conn:
+        conn.execute(
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 1100) "
+            "INSERT INTO llm_traces (trace_id, created_at, received_at, source, provider, model, status, "
+            "session_id, prompt_tokens, completion_tokens, total_tokens, truncated, synced) "
+            "SELECT 'c' || i, ? - i, 0, 'http', 'p', 'm', 'ok', 's', ?, ?, ?, 0, 0 FROM n",
+            (now, most, most, most))
+    for by in ("model", "session"):
+        totals = report_json(db, "--since", "1h", "--by", by)["calls"]["totals"]
+        assert totals["calls"] == 1100 and totals["total_tokens"] == pytest.approx(1100 * most, rel=1e-9)
+    assert report_json(db, "--since", "1h")["top_sessions"][0]["total_tokens"] == pytest.approx(1100 * most)
 
 
 def test_a_row_dated_far_ahead_does_not_hold_the_report(svc: Otrace) -> None:
@@ -8423,6 +8471,11 @@ def test_report_days_across_a_daylight_saving_change(tmp_path: Path) -> None:
     assert json.loads(local.stdout)["window"] == {         # POSIX UTC-3 is 3 h ahead, and named "UTC"
         "since": "2026-10-24T00:00:00+03:00", "until": "2026-10-27T00:00:00+03:00",
         "timezone": "local (UTC, +03:00)"}
+    twice = ("--since", "2026-10-25T02:30", "--until", "2026-10-25T03:30", "--json")   # 02:30 is lived twice
+    named = json.loads(report(db, *twice, "--timezone", "Europe/Berlin").stdout)
+    machine = json.loads(report(db, *twice, env={"TZ": "Europe/Berlin"}).stdout)
+    assert named["window"]["since"] == machine["window"]["since"] == "2026-10-25T02:30:00+02:00"
+    assert named["calls"]["totals"]["calls"] == machine["calls"]["totals"]["calls"] == 2
 
 
 def test_a_month_of_calls_in_many_sessions_reports_exact_percentiles_in_little_memory(tmp_path: Path) -> None:
