@@ -11510,9 +11510,12 @@ class Aside:
     log_calls: int = 0
     store_first: int | None = None
     store_last: int | None = None
+    unmeasured: int = 0                 # calls with neither tokens nor a cost: not known, not $0
 
-    def add(self, zero_calls: int | None, zero_usd: float, log_calls: int | None, store_first: int | None,
-            store_last: int | None) -> None:
+    def add(self, sums: Sequence[Any]) -> None:
+        """One group's: ASIDE_SQL's sums, then its calls with neither tokens nor a cost."""
+        zero_calls, zero_usd, log_calls, store_first, store_last, unmeasured = sums
+        self.unmeasured += unmeasured or 0
         self.zero_calls += zero_calls or 0
         self.zero_usd += zero_usd
         self.log_calls += log_calls or 0
@@ -11761,6 +11764,7 @@ class Report:
                            "timezone": self.zone.name},
                 "by": self.by, "breakdown": self.breakdown, "cost": self.cost, "source": self.source,
                 "calls": {**self.calls(summed, groups), "reported_zero": aside.reported_zero(),
+                          "unmeasured_calls": aside.unmeasured,
                           "log_calls_beside_the_store": self.log_beside_store(aside)},
                 "top_sessions": self.top_sessions(),
                 "errors": self.errors(), "host": self.host(), "log_events": self.log_events(),
@@ -11792,10 +11796,11 @@ class Report:
                "total(completion_tokens), total(cache_read_tokens), total(cache_write_tokens), "
                f"total(total_tokens), total({cost}), "
                f"total({computed}), sum({HAS_TOKENS_SQL} AND ({cost}) IS NULL), count(latency_ms), "
-               f"{ASIDE_SQL} FROM llm_traces WHERE {where} GROUP BY 1, 2, 3, 4")
+               f"{ASIDE_SQL}, sum(NOT ({HAS_TOKENS_SQL}) AND ({cost}) IS NULL) "
+               f"FROM llm_traces WHERE {where} GROUP BY 1, 2, 3, 4")
         for call in self.conn.execute(sql, [*group_params, *params]):
             summed.append((*call[:4], Tally.of(call[4:4 + fields])))
-            aside.add(*call[4 + fields:])
+            aside.add(call[4 + fields:])
         return summed, aside
 
     def calls(self, summed: Summed, groups: tuple[str, list[int]]) -> dict[str, Any]:
@@ -12120,6 +12125,9 @@ class TableView:
             notes.append(f"? {plural(totals['unpriced_calls'], 'call')} with tokens and no cost: no price "
                          "for the model, or a total of tokens alone" + (
                              " (or none reported: --cost reported)" if mode == "reported" else ""))
+        if unmeasured := self.doc["calls"]["unmeasured_calls"]:
+            notes.append(f"? {plural(unmeasured, 'call')} with neither tokens nor a cost (the gateway's log "
+                         "records neither): counted at $0, their cost not known")
         if (zero := self.doc["calls"]["reported_zero"])["calls"] and mode != "computed":
             notes.append(f"{plural(zero['calls'], 'call')} reported at $0 by the source: the price table "
                          f"puts {'it' if zero['calls'] == 1 else 'them'} at {usd_text(zero['computed_usd'])} "

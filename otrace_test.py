@@ -8257,6 +8257,26 @@ def test_a_report_that_cannot_be_written_says_so(tmp_path: Path) -> None:
         assert done.stderr.strip() == "otrace report: cannot write the report: No space left on device"
 
 
+def test_a_call_with_neither_tokens_nor_cost_is_said_unknown_not_free(tmp_path: Path) -> None:
+    """A call from the gateway's log carries no tokens and no cost: the report counts it at $0 and
+    says its cost is not known (a log followed alone read as "$0 today")."""
+    db = tmp_path / "otrace.db"
+    otrace.open_database(str(db))
+    now = int(time.time() * 1000)
+    calls = [({"provider": "anthropic", "model": "claude", "created_at": now - 1000}, "log"),
+             ({"provider": "anthropic", "model": "claude", "cost_usd": 0.5, "prompt_tokens": 10,
+               "created_at": now - 2000}, "http"),
+             ({"provider": "p", "model": "m", "status": "error", "cost_usd": 0, "created_at": now - 3000},
+              "http")]
+    rows = [otrace.event_row(otrace.TRACES, otrace.trace_row, event, source).values
+            for event, source in calls]
+    with contextlib.closing(otrace.connect(str(db))) as conn, otrace.transaction(conn):
+        otrace.insert_rows(conn, "llm_traces", rows)
+    assert report_json(db, "--since", "1h")["calls"]["unmeasured_calls"] == 1     # a failure at $0 is $0
+    text = report(db, "--since", "1h").stdout
+    assert "? 1 call with neither tokens nor a cost (the gateway's log records neither)" in text, text
+
+
 def test_the_report_sums_the_largest_counts_the_api_takes(tmp_path: Path) -> None:
     """Some thousand calls of 2^53-1 tokens (the API's largest count) pass what SQLite's sum() holds:
     the report still answers (it failed whole, "integer overflow")."""
