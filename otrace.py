@@ -12009,9 +12009,14 @@ def terminal_safe(text: str) -> str:
 
 def tokens_text(n: int) -> str:
     for unit, size in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if n >= size:
+        if n >= size * 0.99995:               # what rounds up to a thousand of one is one of the next
             return f"{n / size:.1f}{unit}"
     return str(n)
+
+
+def percent_text(rate: float) -> str:
+    """A failure rate, never 0.0% for failures that happened."""
+    return "<0.1%" if rate < 0.0005 else f"{100 * rate:.1f}%"
 
 
 def usd_text(usd: float) -> str:
@@ -12028,7 +12033,7 @@ def cost_text(sums: dict[str, Any]) -> str:
 
 
 def ms_text(ms: float | None) -> str:
-    return "-" if ms is None else f"{ms:.0f}ms" if ms < 1000 else f"{ms / 1000:.1f}s"
+    return "-" if ms is None else f"{ms:.0f}ms" if ms < 999.5 else f"{ms / 1000:.1f}s"
 
 
 def bytes_text(n: int | None) -> str:
@@ -12057,7 +12062,7 @@ class TableView:
         self.doc, self.width = doc, max(40, width)
 
     def cells(self, row: dict[str, Any], compact: bool) -> list[str]:
-        rate = f"{row['failures']:,}" + (f" {100 * row['failure_rate']:.1f}%" if row["failures"] else "")
+        rate = f"{row['failures']:,}" + (f" {percent_text(row['failure_rate'])}" if row["failures"] else "")
         cost = cost_text(row)
         latency = row["latency_ms"]
         tokens = [row[f"{kind}_tokens"] for kind in ("input", "output", "cache_read", "cache_write")]

@@ -8277,6 +8277,15 @@ def test_a_call_with_neither_tokens_nor_cost_is_said_unknown_not_free(tmp_path: 
     assert "? 1 call with neither tokens nor a cost (the gateway's log records neither)" in text, text
 
 
+def test_the_reports_rounding_never_reads_as_another_figure() -> None:
+    """One failure in 21,001 calls is not 0.0%; 999.6 ms is 1.0s, not 1000ms; 999,950 tokens are 1.0M,
+    as their total shows them, not 1000.0k."""
+    assert [otrace.percent_text(r) for r in (round(1 / 21001, 4), 0.0005, 0.5)] == ["<0.1%", "0.1%", "50.0%"]
+    assert [otrace.ms_text(ms) for ms in (999.4, 999.6, 1500)] == ["999ms", "1.0s", "1.5s"]
+    assert [otrace.tokens_text(n) for n in (999, 999_949, 999_950, 12_345)] == [
+        "999", "999.9k", "1.0M", "12.3k"]
+
+
 def test_the_report_sums_the_largest_counts_the_api_takes(tmp_path: Path) -> None:
     """Some thousand calls of 2^53-1 tokens (the API's largest count) pass what SQLite's sum() holds:
     the report still answers (it failed whole, "integer overflow")."""
