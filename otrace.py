@@ -11608,8 +11608,8 @@ class Zone:
 
 def moment(text: str, zone: Zone, now: int, end: bool, back_from: int | None = None) -> int:
     """A --since or --until as Unix ms: a duration back from `back_from` (24h, 7d, 90m; default now),
-    "today", a date (its start; for --until its end, so the day is in), or an RFC 3339 time (without
-    an offset: local)."""
+    "now", "today", a date (its start; for --until its end, so the day is in), or an RFC 3339 time
+    (without an offset: local)."""
     text, flag = text.strip(), "--until" if end else "--since"
     back_from = now if back_from is None else back_from
     try:
@@ -11622,12 +11622,15 @@ def moment(text: str, zone: Zone, now: int, end: bool, back_from: int | None = N
 
 
 def _moment(text: str, zone: Zone, now: int, end: bool, back_from: int) -> int:
+    if text.lower() == "now":
+        return now
     if text.lower() == "today":
         return zone.midnight(zone.today(now) + timedelta(days=int(end)))
     with contextlib.suppress(SettingError):
         return back_from - int(_seconds(text) * 1000)
     if re.fullmatch(r"\d{4}-\d\d-\d\d", text):
-        return zone.midnight(date.fromisoformat(text) + timedelta(days=int(end)))
+        day = date.fromisoformat(text)
+        return MAX_UNIX_MS if end and day == date.max else zone.midnight(day + timedelta(days=int(end)))
     at = datetime.fromisoformat(text)
     return zone.instant(at) if at.tzinfo is None else epoch_ms(at)
 
