@@ -12010,6 +12010,29 @@ def terminal_safe(text: str) -> str:
     return CONTROL.sub("?", text)
 
 
+def columns_of(text: str) -> list[int]:
+    """The terminal columns each character takes: two for a wide one (CJK, most emoji), none for a
+    combining mark."""
+    import unicodedata  # noqa: PLC0415 - imported where needed (see the imports)
+    return [0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1
+            for c in text]
+
+
+def fit(text: str, width: int) -> str:
+    """`text` in `width` terminal columns: padded, or cut in its middle with "…", keeping its start
+    and its end (two models apart by their date only stay apart)."""
+    columns = columns_of(text)
+    if sum(columns) <= width:
+        return text + " " * (width - sum(columns))
+    head, tail, room = 0, len(text), width - 1 - (width - 1) // 2      # the start's share, then the end's
+    while columns[head] <= room:
+        room, head = room - columns[head], head + 1
+    room += (width - 1) // 2
+    while tail > head and columns[tail - 1] <= room:
+        room, tail = room - columns[tail - 1], tail - 1
+    return text[:head] + "…" + text[tail:] + " " * room
+
+
 def tokens_text(n: int) -> str:
     for unit, size in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if n >= size * 0.99995:               # what rounds up to a thousand of one is one of the next
@@ -12088,7 +12111,8 @@ class TableView:
         labels = [self.label(g) for g in groups]
         sub = [[terminal_safe(f"  {m['provider']}/{m['model']}") for m in g.get("models", [])]
                for g in groups]
-        key_width = max([len(doc["by"]) + 1, 5, *map(len, labels), *(len(s) for part in sub for s in part)])
+        key_width = max([len(doc["by"]) + 1, 5, *(sum(columns_of(s)) for s in labels),
+                         *(sum(columns_of(s)) for part in sub for s in part)])
         compact = key_width + sum(w for _, w in self.FULL) > self.width
         columns = self.COMPACT if compact else self.FULL
         rows: list[tuple[str, list[str], float | None]] = []
@@ -12105,8 +12129,7 @@ class TableView:
         top = max((g["cost_usd"] for g in groups), default=0)
 
         def line(key: str, cells: list[str], cost: float | None = None) -> str:
-            text = key[:key_width].ljust(key_width) + "".join(c.rjust(w) for c, w in zip(cells, widths,
-                                                                                        strict=True))
+            text = fit(key, key_width) + "".join(c.rjust(w) for c, w in zip(cells, widths, strict=True))
             return text + ("  " + bar(cost, top, bar_width) if bar_width and cost is not None else "")
 
         window = doc["window"]

@@ -8277,6 +8277,24 @@ def test_a_call_with_neither_tokens_nor_cost_is_said_unknown_not_free(tmp_path: 
     assert "? 1 call with neither tokens nor a cost (the gateway's log records neither)" in text, text
 
 
+def test_a_narrow_reports_labels_stay_apart_and_in_line(tmp_path: Path) -> None:
+    """On a narrow terminal a long label is cut in its middle, so two models apart by their date stay
+    apart; a wide character (CJK, emoji) takes two columns, so its row's figures line up too."""
+    db = tmp_path / "otrace.db"
+    otrace.open_database(str(db))
+    now = int(time.time() * 1000)
+    rows = [otrace.event_row(otrace.TRACES, otrace.trace_row, {
+        "provider": provider, "model": model, "cost_usd": 1, "created_at": now - 1000}, "http").values
+        for provider, model in (("anthropic", "claude-sonnet-4-5-20250929"),
+                                ("anthropic", "claude-sonnet-4-20250514"), ("qwen", "通义千问-max-🚀"))]
+    with contextlib.closing(otrace.connect(str(db))) as conn, otrace.transaction(conn):
+        otrace.insert_rows(conn, "llm_traces", rows)
+    lines = report(db, "--since", "1h", env={"COLUMNS": "55"}).stdout.splitlines()
+    table = [line for line in lines if line.startswith(("anthrop", "qwen", "TOTAL"))]
+    assert len(table) == 4 and len({line[:16] for line in table}) == 4, table
+    assert len({sum(otrace.columns_of(line)) for line in table}) == 1, table      # one width, in columns
+
+
 def test_the_reports_rounding_never_reads_as_another_figure() -> None:
     """One failure in 21,001 calls is not 0.0%; 999.6 ms is 1.0s, not 1000ms; 999,950 tokens are 1.0M,
     as their total shows them, not 1000.0k."""
