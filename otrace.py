@@ -9257,6 +9257,9 @@ class OtlpFormat:
                  COST_KEY: row["cost_usd"], "otrace.cost_source": row.get("cost_source"),
                  "error.type": row["error_type"] if failed else None, "otrace.trace_id": row["trace_id"],
                  "otrace.source": row["source"]}
+        attrs = {key: value for key, value in meta.items()     # the GenAI attributes no column holds
+                 if key.startswith(META_PREFIXES) or key in META_KEYS} | {
+            key: value for key, value in attrs.items() if value is not None}
         status = self.traces.Status(code=2, message=row["error_type"] or "") if failed else None
         parent = bytes.fromhex(meta["otel_parent_span_id"]) if _hex_id(meta.get("otel_parent_span_id"), 8) \
             else b""

@@ -4917,7 +4917,8 @@ def test_otlp_push_into_another_otrace_reproduces_every_llm_row(tmp_path: Path, 
     ).status == 202
     span = chat_span("0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331", **{
         "gen_ai.operation.name": "chat", "gen_ai.provider.name": "openai", "gen_ai.request.model": "gpt-4o",
-        "gen_ai.usage.input_tokens": 7, "gen_ai.usage.output_tokens": 3})
+        "gen_ai.usage.input_tokens": 7, "gen_ai.usage.output_tokens": 3, "gen_ai.request.temperature": 0.2,
+        "gen_ai.response.id": "chatcmpl-1", "server.address": "api.openai.com"})
     failed = chat_span("0af7651916cd43dd8448eb211c80319d", "b7ad6b7169203332", **{
         "gen_ai.operation.name": "chat", "gen_ai.provider.name": "openai", "gen_ai.request.model": "gpt-4o",
         "error.type": "RateLimitError"})
@@ -4936,6 +4937,9 @@ def test_otlp_push_into_another_otrace_reproduces_every_llm_row(tmp_path: Path, 
         assert there["latency_ms"] == pytest.approx(row["latency_ms"] or 0, abs=1e-6)
         assert there["ttft_ms"] == pytest.approx(row["ttft_ms"]) if row["ttft_ms"] else True
     assert "0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331" in got      # its own ids, kept
+    kept = json.loads(got["0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331"]["metadata"])
+    assert (kept["gen_ai.request.temperature"], kept["gen_ai.response.id"], kept["server.address"]) == (
+        0.2, "chatcmpl-1", "api.openai.com")                  # the attributes no column holds go too
     columns = ("error_type", "category", "severity", "message", "stack_trace", "provider", "model",
                "session_id")
     there = collections.Counter(tuple(row[k] for k in columns) for row in receiving.rows("error_events"))
