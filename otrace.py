@@ -8156,12 +8156,16 @@ ADDED_SQL = """
     FROM (SELECT DISTINCT session_id AS id FROM transcript_events NOT INDEXED WHERE rowid > ?) AS added"""
 TOP_ROWID_SQL = "SELECT max(rowid) FROM transcript_events"
 # A session reset or deleted: its transcript moved, in the transaction that deleted its entries, into
-# an archive row (its JSONL, plain or zstd). The first archive after a rowid, and what names the one at it.
-ARCHIVES = "#archives"           # openclaw_positions: an agent's archives read, by rowid (no session's name)
-ARCHIVE_SQL = ("SELECT rowid, session_id, generation, encoding, archive_blob "
-               "FROM session_transcript_archives WHERE rowid > ? ORDER BY rowid LIMIT 1")
+# an archive row (its JSONL, plain or zstd), one a (session, generation). The archives after a rowid,
+# what names the one at it, and one archive's transcript.
+ARCHIVES = "#archives"           # openclaw_positions: how far an agent's archives were looked through
+ARCHIVED = "#archived\t"         # ... and, with the session and generation after it, one archive read
+ARCHIVES_SQL = ("SELECT rowid, session_id, generation FROM session_transcript_archives WHERE rowid > ? "
+                "ORDER BY rowid LIMIT 64")
 ARCHIVE_MARK_SQL = ("SELECT session_id || char(9) || generation FROM session_transcript_archives "
                     "WHERE rowid = ?")
+ARCHIVE_SQL = ("SELECT encoding, archive_blob FROM session_transcript_archives WHERE session_id = ? "
+               "AND generation = ?")
 GENERATION_SQL = "SELECT generation FROM transcript_rewrite_watermarks WHERE session_id = {}"
 # Entries after a seq; the text only of those that can be a call or a failure (the rest are skipped
 # inside SQLite), compressed ones whole.
@@ -8513,18 +8517,22 @@ class AgentDatabase:
             conn.execute("COMMIT")
         return (found[0] or "") if found else "", rows
 
-    def archive(self, after: int, mark: str) -> tuple[int, str, str, str, bytes] | None:
-        """The first archive past rowid `after` (rowid, session, generation, encoding, blob), in one read
+    def archived(self, after: int, mark: str) -> list[tuple[int, str, str]]:
+        """Archives past rowid `after`, (rowid, session, generation), a few at a time, in one read
         transaction; from the first when the row at `after` is not the one `mark` names any more (its
-        archive deleted, its rowid given to another)."""
+        archive deleted, its rowid given to another: those read before are known by their names)."""
         conn = self.conn
         conn.execute("BEGIN")
         try:
             if after >= 0 and (conn.execute(ARCHIVE_MARK_SQL, (after,)).fetchone() or (None,))[0] != mark:
                 after = -1
-            return conn.execute(ARCHIVE_SQL, (after,)).fetchone()
+            return conn.execute(ARCHIVES_SQL, (after,)).fetchall()
         finally:
             conn.execute("COMMIT")
+
+    def archive(self, session: str, generation: str) -> tuple[str, bytes] | None:
+        """One archive's encoding and transcript, or None."""
+        return self.conn.execute(ARCHIVE_SQL, (session, generation)).fetchone() if self.archives else None
 
     def close(self) -> None:
         if self.conn is not None:
@@ -8647,8 +8655,11 @@ class SessionStore(QuietReader):
             self.log.info("agent database put back or cut: sessions read again", extra={
                 "agent": agent, "sessions": len(again), "another_file": store.replaced})
         store.replaced, store.checked = False, True
-        self.read_archives(store, agent)   # first: an entry the sessions read next may be archived after
         missing: ImportError | None = None
+        try:
+            self.read_archives(store, agent)   # first: an entry the sessions read next may be archived after
+        except ImportError as exc:            # a zstd archive waits for the package; the sessions go on
+            missing = exc
         for session, last, generation in listed:
             cursor = self.cursors.get((agent, session))
             if cursor is None or cursor.mark != generation or cursor.position != last:
@@ -8673,56 +8684,92 @@ class SessionStore(QuietReader):
             after = cursor.position if cursor else -1
             generation, rows = store.entries(session, after, self.most)
             if cursor is not None and cursor.mark != generation:
+                # a reset that kept the session's id archived the generation read: its rest comes first
+                self.read_archive(store, agent, session, cursor.mark)
                 cursor, rewritten = Cursor(generation, -1, cursor.newest), True
                 if after >= 0:
                     continue
-            newest, found = cursor.newest if cursor else None, []
+            newest, found, held = cursor.newest if cursor else None, [], None
             self.staged.clear()
-            for seq, created, plain, compressed, size in rows:
+            for index, (seq, created, plain, compressed, size) in enumerate(rows):
                 if rewritten and not cursor.fresh(created):
                     continue
+                if compressed is not None:
+                    try:
+                        self.decoder()
+                    except ImportError as exc:    # the entries before it go; the session waits at it
+                        held, rows = exc, rows[:index]
+                        break
                 newest = created if newest is None else max(newest, created)
                 where = f"{agent}/{session}#{seq}"
                 text = plain if compressed is None else self.decompress(compressed, size, where)
                 if text is not None and maybe_call(text):
                     found += self.parse(text, agent, session, f"seq-{seq}", where)
-            done = len(rows) < self.most
+            done = held is None and len(rows) < self.most
             cursor = Cursor(generation, rows[-1][0] if rows else after, newest)
             kept = cursor if done or not rewritten else Cursor(generation + REREAD, cursor.position, newest)
             if rows or kept != self.cursors.get((agent, session)):
                 self.offer(agent, session, found, kept)
+            if held is not None:
+                raise held
             if done:
                 return
 
     def read_archives(self, store: AgentDatabase, agent: str) -> None:
-        """The transcripts of sessions OpenClaw reset or deleted since the last look, each once, in the
-        order archived: of each, the entries not read before (all of a session never read; else those
-        its cursor calls fresh, by when each was written, as after a rewrite), unit by unit, the last
-        unit with the archive's rowid. A call stored, then archived before a look read it, is kept."""
+        """The archives of sessions OpenClaw reset or deleted since the last look, in the order made,
+        each read once (known by its session and generation), and where the look got to."""
         while store.archives and not self.stopping.is_set():
-            before = self.cursors.get((agent, ARCHIVES)) or Cursor("", -1, None)
-            found = store.archive(before.position, before.mark)
-            if found is None:
+            place = self.cursors.get((agent, ARCHIVES)) or Cursor("", -1, None)
+            found = store.archived(place.position, place.mark)
+            if not found:
                 return
-            rowid, session, generation, encoding, blob = found
-            read, rows, entries = self.cursors.get((agent, session)), [], 0
-            self.staged.clear()
-            for number, text in self.archive_lines(blob, encoding, f"{agent}/{session}.archive"):
-                where = f"{agent}/{session}.archive#{number}"
-                if text is None:
-                    self.undecodable(where, f"a line over {STORE_LINE_LIMIT} bytes")
-                    continue
-                if not maybe_call(text) or (entry := self.entry(text, where)) is None:
-                    continue
-                if read is not None and not read.fresh(_log_time(entry.get("timestamp"))):
-                    continue
-                rows += self.rows(entry, agent, session, f"archive-{generation}-{number}", where)
-                entries += 1
-                if entries == self.most:        # a unit's worth: the archive's rowid comes with its last
-                    self.offer(agent, ARCHIVES, rows, before)
-                    rows, entries = [], 0
-                    self.staged.clear()
-            self.offer(agent, ARCHIVES, rows, Cursor(f"{session}\t{generation}", rowid, None))
+            for rowid, session, generation in found:
+                self.read_archive(store, agent, session, generation)
+                if self.stopping.is_set():
+                    return
+                place = Cursor(f"{session}\t{generation}", rowid, None)
+            self.offer(agent, ARCHIVES, [], place)
+
+    def read_archive(self, store: AgentDatabase, agent: str, session: str, generation: str) -> None:
+        """One archive not read before: the entries otrace had not read of it, unit by unit, the last
+        with the archive's mark. Of the generation the session's cursor stands in, those past its place
+        (a line is an entry, in seq order), or written after the newest it read; of another, those its
+        cursor calls fresh, as after a rewrite; of a session never read, all. A call stored, then
+        archived before a look read it, is kept; one read before is not stored again, also when
+        retention has deleted its row since."""
+        done = (agent, f"{ARCHIVED}{session}\t{generation}")
+        if done in self.cursors or (found := store.archive(session, generation)) is None:
+            return
+        encoding, blob = found
+        read = self.cursors.get((agent, session))
+        exact = read is not None and read.mark == generation
+        rows: list[Row] = []
+        entries = 0
+        self.staged.clear()
+        for number, text in self.archive_lines(blob, encoding, f"{agent}/{session}.archive"):
+            where = f"{agent}/{session}.archive#{number}"
+            if text is None:
+                self.undecodable(where, f"a line over {STORE_LINE_LIMIT} bytes")
+                continue
+            if not maybe_call(text) or (entry := self.entry(text, where)) is None:
+                continue
+            written = _log_time(entry.get("timestamp"))
+            if read is not None and (self.read_before(read, number, written) if exact
+                                     else written is None or not read.fresh(written)):
+                continue
+            rows += self.rows(entry, agent, session, f"archive-{generation}-{number}", where)
+            entries += 1
+            if entries == self.most:        # a unit's worth; the archive is marked read with its last
+                self.offer(agent, ARCHIVES, rows, self.cursors.get((agent, ARCHIVES)) or Cursor("", -1, None))
+                rows, entries = [], 0
+                self.staged.clear()
+        self.offer(agent, done[1], rows, Cursor("read", 0, None))
+
+    @staticmethod
+    def read_before(read: Cursor, number: int, written: int | None) -> bool:
+        """Whether line `number` of an archive of the generation `read` stands in was read: at or
+        before its place, and not written after the newest it read."""
+        return number <= read.position and (written is None or read.newest is None or written <= read.newest)
 
     def archive_lines(self, blob: bytes, encoding: str, where: str) -> Iterator[tuple[int, str | None]]:
         """An archive's lines, numbered, decoded as they are read (a zstd archive is not held whole);
@@ -8835,7 +8882,7 @@ class SessionStore(QuietReader):
         store = self.databases.get(agent)
         archived = [] if store is not None and store.archives else [   # a database's: read from it
             (name, match[1]) for name in found if (match := ARCHIVED_FILE.fullmatch(name))
-            and not match[1].endswith(".trajectory")]
+            and not (match[1].endswith(".trajectory") or CHECKPOINT_FILE.fullmatch(f"{match[1]}.jsonl"))]
         if names:
             self.said(f"agent session files:{agent}", folder)
         for name in names:
@@ -8850,14 +8897,13 @@ class SessionStore(QuietReader):
         for its newline); a file that is not the one read before is read from its start, taking only
         entries newer than the newest read from its name. A file OpenClaw renamed when it reset or
         deleted the session (`session`'s) goes on from where its live name was read (`was`) when it is
-        that file, else it is read whole (entries read before are one row each still)."""
+        that file, is read as a replaced one when it is another, and whole when the name was never read."""
         cursor = self.cursors.get((agent, path.name))
         try:
             st = path.stat()
         except FileNotFoundError:
             return
-        if cursor is None and was is not None and was.mark.startswith(f"{st.st_dev}:{st.st_ino}:"):
-            cursor = was
+        cursor = cursor or was
         dev, inode = (int(part) for part in cursor.mark.split(":", 2)[:2]) if cursor else (None, None)
         same = cursor is not None and (dev, inode) == (st.st_dev, st.st_ino)
         if same and st.st_size == cursor.position:
@@ -8899,9 +8945,9 @@ class SessionStore(QuietReader):
             os.close(fd)
 
     def health(self) -> dict[str, Any]:
+        sessions = sum(not stream.startswith("#") for _, stream in self.cursors)    # not the archives'
         return {"state_dir": str(self.root), "waiting": self.waiting, "polls": self.ticks,
-                "agents": sorted(self.agents_seen),
-                "sessions": sum(stream != ARCHIVES for _, stream in self.cursors), **self.totals.snapshot(),
+                "agents": sorted(self.agents_seen), "sessions": sessions, **self.totals.snapshot(),
                 "agent_errors": self.errors, "last_error": self.fault.error}
 
 

@@ -9040,11 +9040,14 @@ def gateway_connection(db: Path) -> sqlite3.Connection:
 def append_entry(conn: sqlite3.Connection, session: str, entry: dict[str, Any],
                  compressed: bool = False, created: int | None = None) -> int:
     """One entry at the session's next seq, plain or as a zstd frame (as node:zlib writes it), stored
-    `created` (now by default); its seq."""
+    `created` (by default its timestamp, as OpenClaw stores it, else now); its seq."""
     seq = conn.execute("SELECT coalesce(max(seq), -1) + 1 FROM transcript_events WHERE session_id = ?",
                        (session,)).fetchone()[0]
     text = json.dumps(entry, separators=(",", ":"))
-    created = int(time.time() * 1000) if created is None else created
+    if created is None:
+        stamp = entry.get("timestamp")
+        created = otrace.epoch_ms(datetime.fromisoformat(stamp)) if isinstance(stamp, str) else int(
+            time.time() * 1000)
     if compressed:
         import zstandard
         frame = zstandard.ZstdCompressor(level=1, write_checksum=True, write_content_size=True).compress(
@@ -9330,23 +9333,35 @@ def test_entries_still_in_the_wal_of_an_open_gateway_connection_are_read(tmp_pat
     gateway.close()                              # the session's older entries are not
 
 
-def archive_session(gateway: sqlite3.Connection, session: str, encoding: str = "identity") -> None:
-    """A session reset or deleted as OpenClaw does it: its transcript's JSONL into an archive row, and
-    its entries deleted, in one transaction."""
+def new_session(gateway: sqlite3.Connection, session: str) -> None:
+    """A session as OpenClaw starts one: its rewrite generation, before any entry."""
+    gateway.execute("INSERT INTO transcript_rewrite_watermarks (session_id, generation, updated_at) "
+                    "VALUES (?, ?, ?)", (session, uuid.uuid4().hex, int(time.time() * 1000)))
+
+
+def archive_session(gateway: sqlite3.Connection, session: str, encoding: str = "identity",
+                    last: dict[str, Any] | None = None) -> None:
+    """A session reset or deleted as OpenClaw does it: its transcript's JSONL, in seq order, into an
+    archive row of its generation, and its entries deleted, in one transaction (with `last` written
+    in it first: a call no look can have read)."""
     import zstandard
     gateway.execute("BEGIN IMMEDIATE")
+    if last is not None:
+        append_entry(gateway, session, last)
     lines = [json.dumps(entry, separators=(",", ":")) for s, _, entry in gateway_entries(gateway)
              if s == session]
     blob = "\n".join(lines).encode() + b"\n"
     if encoding == "zstd":
         blob = zstandard.ZstdCompressor(level=1, write_content_size=True).compress(blob)
-    generation = uuid.uuid4().hex
+    generation = gateway.execute("SELECT generation FROM transcript_rewrite_watermarks WHERE session_id = ?",
+                                 (session,)).fetchone()[0]
     gateway.execute("INSERT INTO session_transcript_archives (session_id, generation, session_key, reason, "
                     "encoding, archive_blob, archive_sha256, archive_name, created_at) VALUES "
                     "(?, ?, ?, 'reset', ?, ?, ?, ?, ?)",
                     (session, generation, f"agent:main:{session}", encoding, blob, "0" * 64,
                      f"{session}.jsonl.reset.{generation}", int(time.time() * 1000)))
     gateway.execute("DELETE FROM transcript_events WHERE session_id = ?", (session,))
+    gateway.execute("DELETE FROM transcript_rewrite_watermarks WHERE session_id = ?", (session,))
     gateway.execute("COMMIT")
 
 
@@ -9362,8 +9377,9 @@ def test_calls_of_a_session_archived_before_they_were_read_are_stored_once(
         tmp_path: Path, run: Callable[..., Otrace]) -> None:
     """OpenClaw moves a session it resets or deletes into an archive row, in the transaction that
     deletes its entries: calls made while otrace was stopped (or between two looks) are read from
-    there, once; a session never read whole, compressed too; entries read before are not stored again,
-    also when otrace's retention deleted their rows meanwhile."""
+    there, once; a session never read whole, compressed too. An entry read before is not stored again,
+    also when retention has deleted its row since (the session's newest call too), nor when the newest
+    archive is deleted (the place otrace kept names another)."""
     state = state_copy(tmp_path)
     db = agent_db(state)
     template = assistant_template(db)
@@ -9371,6 +9387,8 @@ def test_calls_of_a_session_archived_before_they_were_read_are_stored_once(
     node = run(env)
     wait_traces(node, 6)
     gateway = gateway_connection(db)
+    for session in ("reset-later", "never-seen", "archived-at-once", "after-a-delete"):
+        new_session(gateway, session)
     read = a_call(template, 1000, 0.001)
     append_entry(gateway, "reset-later", read)
     wait_traces(node, 7)
@@ -9381,9 +9399,11 @@ def test_calls_of_a_session_archived_before_they_were_read_are_stored_once(
     never_seen = a_call(template, 4000, 0.004)
     append_entry(gateway, "never-seen", never_seen, compressed=True)
     old_session = store_entries(db)[0][0]                 # a real session, read whole
-    with contextlib.closing(sqlite3.connect(node.db_path)) as conn, conn:    # retention took one of its rows
-        gone = conn.execute("DELETE FROM llm_traces WHERE session_id = ? RETURNING trace_id",
-                            (old_session,)).fetchall()[:1]
+    with contextlib.closing(sqlite3.connect(node.db_path)) as conn, conn:    # retention took some rows
+        gone = conn.execute("DELETE FROM llm_traces WHERE trace_id = (SELECT trace_id FROM llm_traces WHERE "
+                            "session_id = ? LIMIT 1) RETURNING trace_id", (old_session,)).fetchall()
+        gone += conn.execute("DELETE FROM llm_traces WHERE trace_id = ? RETURNING trace_id",
+                             (f"oc:main:reset-later:{read['id']}",)).fetchall()     # a second ago
     archive_session(gateway, "reset-later")
     archive_session(gateway, "never-seen", "zstd")
     archive_session(gateway, old_session)
@@ -9391,27 +9411,35 @@ def test_calls_of_a_session_archived_before_they_were_read_are_stored_once(
     later = a_call(template, 5000, 0.005)                 # archived while otrace runs
     append_entry(gateway, "archived-at-once", later)
     archive_session(gateway, "archived-at-once")
-    gateway.close()
     wanted = {f"oc:main:{session}:{entry['id']}" for session, entry in (
-        ("reset-later", read), ("reset-later", unread[0]), ("reset-later", unread[1]),
-        ("never-seen", never_seen), ("archived-at-once", later))}
+        ("reset-later", unread[0]), ("reset-later", unread[1]), ("never-seen", never_seen),
+        ("archived-at-once", later))}
     wait_until(lambda: wanted <= {r["trace_id"] for r in session_traces(again)}, what="the archived calls")
     wait_until(lambda: again.health()["queue_depth"] == 0, what="queue drained")
-    traces = session_traces(again)
-    assert len(traces) == len({r["trace_id"] for r in traces}) == 6 - len(gone) + 5, len(traces)
-    assert gone and gone[0][0] not in {r["trace_id"] for r in traces}     # not brought back
+    duplicates = again.health()["events_duplicate"]
+    gateway.execute("DELETE FROM session_transcript_archives WHERE session_id = 'archived-at-once'")
+    last = a_call(template, 6000, 0.006)                  # takes the deleted archive's rowid
+    append_entry(gateway, "after-a-delete", last)
+    archive_session(gateway, "after-a-delete")
+    gateway.close()
+    wait_until(lambda: f"oc:main:after-a-delete:{last['id']}" in {
+        r["trace_id"] for r in session_traces(again)}, what="the archive after a delete")
+    wait_until(lambda: again.health()["queue_depth"] == 0, what="queue drained")
+    traces = {r["trace_id"] for r in session_traces(again)}
+    assert len(gone) == 2 and not {trace_id for (trace_id,) in gone} & traces     # not brought back
+    assert len(traces) == 7 - len(gone) + 5 and again.health()["events_duplicate"] == duplicates
     assert again.health()["openclaw_sessions"]["undecodable"] == 0
     assert again.stop() == 0
-    positions = again.query("SELECT position FROM openclaw_positions WHERE stream = '#archives'")
-    assert positions == [(4,)]
+    assert again.query("SELECT count(*) FROM openclaw_positions WHERE stream LIKE '#archived%'") == [(5,)]
 
 
 @needs_stores
 def test_a_compressed_entry_read_without_zstandard_waits_for_it(tmp_path: Path,
                                                                 run: Callable[..., Otrace]) -> None:
     """otrace dropped beside the agent without the zstandard package: a session's compressed entry is
-    the agent's fault in /health and its session waits there (its other sessions are read); run again
-    with the package, the call is stored (it used to be skipped for good)."""
+    the agent's fault in /health and its session waits there, after the entries before it, as a zstd
+    archive waits, while the other sessions are read; run again with the package, the calls are
+    stored (they used to be skipped for good)."""
     state = state_copy(tmp_path)
     db = agent_db(state)
     template = assistant_template(db)
@@ -9422,24 +9450,27 @@ def test_a_compressed_entry_read_without_zstandard_waits_for_it(tmp_path: Path,
     node = run({**env, "PYTHONPATH": str(stub)})
     wait_traces(node, 6)
     gateway = gateway_connection(db)
-    session = store_entries(db)[0][0]
-    squeezed, after, elsewhere = (a_call(template, n, 0.001 * n) for n in (1000, 2000, 3000))
+    session, archived = dict.fromkeys(s for s, _, _ in store_entries(db))
+    before, squeezed, after, elsewhere, unread = (a_call(template, n, 0.001) for n in range(1000, 6000, 1000))
+    archive_session(gateway, archived, "zstd", last=unread)
+    append_entry(gateway, session, before)
     append_entry(gateway, session, squeezed, compressed=True)
     append_entry(gateway, session, after)
     append_entry(gateway, "another-session", elsewhere)
     gateway.close()
-    wait_traces(node, 7)                                          # the other session is read
+    wait_traces(node, 8)                                  # the other session, and the call before it
     health = wait_until(lambda: (h := node.health())["openclaw_sessions"]["agent_errors"] and h,
                         what="the agent's fault")
     assert "pip install zstandard" in health["openclaw_sessions"]["agent_errors"]["main"]
     assert health["status"] == "degraded" and health["openclaw_sessions"]["undecodable"] == 0
     assert node.stop() == 0
     stored = {r["trace_id"] for r in session_traces(node)}
-    assert len(stored) == 7 and f"oc:main:another-session:{elsewhere['id']}" in stored
+    assert len(stored) == 8 and {f"oc:main:another-session:{elsewhere['id']}",
+                                 f"oc:main:{session}:{before['id']}"} <= stored
     again = run(env, db=node.db_path)
-    rows = wait_traces(again, 9)
-    assert {f"oc:main:{session}:{squeezed['id']}", f"oc:main:{session}:{after['id']}"} <= {
-        r["trace_id"] for r in rows}
+    rows = wait_traces(again, 11)
+    assert {f"oc:main:{session}:{squeezed['id']}", f"oc:main:{session}:{after['id']}",
+            f"oc:main:{archived}:{unread['id']}"} <= {r["trace_id"] for r in rows}
     wait_until(lambda: not again.health()["openclaw_sessions"]["agent_errors"], what="the fault cleared")
 
 
