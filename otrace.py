@@ -9446,11 +9446,15 @@ class OtlpFormat:
         end, count, said = min(len(answer), at + size), 0, b""
         while at < end:
             key, at = _read_varint(answer, at)
-            if key == 0x08:
-                count, at = _read_varint(answer, at)
-            elif key == 0x12:
+            if key & 7 == 0:                                  # a varint: the count, or a field to skip
+                value, at = _read_varint(answer, at)
+                count = value if key == 0x08 else count
+            elif key & 7 == 2:                                # bytes: the message, or a field to skip
                 size, at = _read_varint(answer, at)
-                said, at = answer[at:at + size], at + size
+                said = answer[at:at + size] if key == 0x12 else said
+                at += size
+            elif key & 7 in (1, 5):                           # a fixed 64 or 32 bits
+                at += 8 if key & 7 == 1 else 4
             else:
                 break
         return count, said.decode("utf-8", "replace")
@@ -9661,7 +9665,8 @@ class Receiver:
                    "Content-Length": str(sum(map(len, body)))}   # so the parts go as they are
         self.send(attempt, target, body, headers, deadline)
         if attempt.status is not None and 200 <= attempt.status < 300:
-            attempt.rejected, said = form.rejected(attempt.answer)
+            count, said = form.rejected(attempt.answer)
+            attempt.rejected = min(count, len(batch)) if count < 2**63 else 0   # int64: below 0 is none
             if attempt.rejected:
                 # of every record sent, a loss report's too (batch.events leaves them out)
                 attempt.error = f"partial_success: {attempt.rejected} of {len(batch)} refused" + (
@@ -9889,6 +9894,7 @@ class Pusher(Loop):
         self.not_before: dict[str, float] = {}
         # a signal's Retry-After answers since its last 2xx or failure: each is one of its retries
         self.throttled: collections.Counter[str] = collections.Counter()
+        self.partly: list[float] = [-math.inf, 0]    # partial_success said at, and answers since
         self.last_time: float | None = None
         self.last_status = "never"
         self.last_error: str | None = None
@@ -10034,14 +10040,11 @@ class Pusher(Loop):
                 self.wait_marked(cycle, deadline)      # the batch before, while this one was sent
                 cycle.marking = self.events.submit(functools.partial(
                     record_pushed, batch, attempt, self.db.merges, cycle.read_at))
-                if batch.events:                 # events, not a loss report alone
+                if batch.events and attempt.rejected < len(batch):   # it took events: proof for suspects
                     cycle.accepted = True
                     self.acceptances[batch.signal] += 1
                 if attempt.rejected:
-                    self.totals.add("refused", attempt.rejected)
-                    self.log.warning("receiver took a batch but refused some of its items: those are "
-                                     "given up, not sent again", extra={
-                                         "signal": batch.signal, "error": attempt.summary()})
+                    self.partly_refused(batch, attempt)
                 self.throttled.pop(batch.signal, None)
                 for table, _, trace_id, _, _ in batch.spans if self.suspects else ():
                     self.suspects.pop((table, trace_id), None)
@@ -10158,6 +10161,17 @@ class Pusher(Loop):
             self.say_kept(cycle)
             return False
         return True
+
+    def partly_refused(self, batch: Batch, attempt: Attempt) -> None:
+        """Items a batch's 2xx refused (partial_success): counted, and said at most once a minute, with
+        how many such answers came since the last line."""
+        self.totals.add("refused", attempt.rejected)
+        self.partly[1] += 1
+        if time.monotonic() - self.partly[0] >= RefusalLog.EVERY:
+            self.log.warning("receiver took a batch but refused some of its items: those are given up, not "
+                             "sent again", extra={"signal": batch.signal, "error": attempt.summary(),
+                                                  "answers_since_last_line": self.partly[1] - 1})
+            self.partly[:] = [time.monotonic(), 0]
 
     def refused_alone(self, batch: Batch, attempt: Attempt, cycle: Cycle, split_at: int | None) -> None:
         """An event refused on its own: a suspect, proven if the receiver accepted part of the batch it

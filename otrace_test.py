@@ -4184,6 +4184,7 @@ def test_a_process_sample_is_pushed_as_process_gauges_naming_the_process() -> No
     (b"", "http/protobuf", (0, "")), (b"\n\x03\x08\x87\x01", "http/protobuf", (135, "")),
     (b"\n\x10\x08\x02\x12\x0cbad", "http/protobuf", (2, "bad")),         # cut inside its message
     (b"\n\x07\x12\x03bad\x08\x05", "http/protobuf", (5, "bad")),          # the message first
+    (b"\n\x11\x18\x01\x1a\x02zz\x21" + b"\x00" * 8 + b"\x08\x04", "http/protobuf", (4, "")),  # fields to skip
     (b'{"partialSuccess": {"rejectedSpans": "3", "errorMessage": "x \\"y\\""}}', "http/json", (3, 'x "y"')),
     (b'{"partial_success": {"rejected_log_records": 1}}', "http/json", (1, "")),
     (b"{}", "http/json", (0, ""))])
