@@ -12220,8 +12220,9 @@ class TableView:
                          "for the model, or a total of tokens alone" + (
                              " (or none reported: --cost reported)" if mode == "reported" else ""))
         if unmeasured := self.doc["calls"]["unmeasured_calls"]:
-            notes.append(f"? {plural(unmeasured, 'call')} with neither tokens nor a cost (the gateway's log "
-                         "records neither): counted at $0, their cost not known")
+            whose = "its" if unmeasured == 1 else "their"
+            notes.append(f"? {plural(unmeasured, 'call')} with neither tokens nor a cost (as the gateway's "
+                         f"log gives calls): counted at $0, {whose} cost not known")
         if (zero := self.doc["calls"]["reported_zero"])["calls"] and mode != "computed":
             notes.append(f"{plural(zero['calls'], 'call')} reported at $0 by the source: the price table "
                          f"puts {'it' if zero['calls'] == 1 else 'them'} at {usd_text(zero['computed_usd'])} "

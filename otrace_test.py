@@ -8279,7 +8279,8 @@ def test_a_call_with_neither_tokens_nor_cost_is_said_unknown_not_free(tmp_path: 
         otrace.insert_rows(conn, "llm_traces", rows)
     assert report_json(db, "--since", "1h")["calls"]["unmeasured_calls"] == 1     # a failure at $0 is $0
     text = report(db, "--since", "1h").stdout
-    assert "? 1 call with neither tokens nor a cost (the gateway's log records neither)" in text, text
+    assert "? 1 call with neither tokens nor a cost (as the gateway's log gives calls): counted at $0, its " \
+        "cost not known" in " ".join(text.split()), text
 
 
 def test_a_narrow_reports_labels_stay_apart_and_in_line(tmp_path: Path) -> None:
