@@ -5021,6 +5021,9 @@ def severity(record: Any) -> int:
     return record.severity_number or SEVERITY_NUMBERS.get(record.severity_text.strip().upper(), 0)
 
 
+PUSHED_IDENTITY = ("otrace.source", "otrace.trace_id")   # where a pushed error came from, there
+
+
 def pushed_error(record: Any, attrs: dict[str, Any]) -> dict[str, Any]:
     """The columns of an error event another otrace pushed (its otrace.* attributes, its level) and
     the key of the call it is the failure of: the span that otrace pushed for the call has its ids,
@@ -5728,8 +5731,11 @@ class OtlpReceiver:
                  "trace_id": f"otlp-log-{at}-{zlib.crc32(record.SerializeToString(deterministic=True)):08x}",
                  "created_at": at // 1_000_000 or None,
                  "metadata": {k: v for k, v in meta.items() if v is not None}}
-        if name == PUSHED_ERROR:
+        if name == PUSHED_ERROR:       # its columns, and its own metadata, not the attributes carrying them
             event |= {k: v for k, v in pushed_error(record, attrs).items() if v is not None}
+            kept = attrs.get("otrace.metadata")
+            event["metadata"] = {k: v for k, v in event["metadata"].items() if k in PUSHED_IDENTITY
+                                 or not k.startswith("otrace.")} | (kept if isinstance(kept, dict) else {})
         try:
             row = event_row(ERRORS, error_row, event, "otlp", received=received,
                             max_text=self.config.max_text_bytes)

@@ -4912,7 +4912,8 @@ def test_otlp_push_into_another_otrace_reproduces_every_llm_row(tmp_path: Path, 
                    completion_tokens=100)]
     assert pushing.post("/v1/traces", calls).status == 202
     assert pushing.post("/v1/errors", [
-        {"error_type": "crash", "message": "segfault", "severity": "critical"},
+        {"error_type": "crash", "message": "segfault", "severity": "critical",
+         "metadata": {"core": "dumped"}},
         {"error_type": "llm_error", "category": "timeout", "message": "slow", "severity": "warning",
          "provider": "anthropic", "model": "claude", "session_id": "s-2", "stack_trace": "at f()"}]
     ).status == 202
@@ -4943,6 +4944,10 @@ def test_otlp_push_into_another_otrace_reproduces_every_llm_row(tmp_path: Path, 
         0.2, "chatcmpl-1", "api.openai.com")                  # the attributes no column holds go too
     columns = ("error_type", "category", "severity", "message", "stack_trace", "provider", "model",
                "session_id")
+    crash = next(row for row in receiving.rows("error_events") if row["error_type"] == "crash")
+    kept = json.loads(crash["metadata"])
+    assert kept["core"] == "dumped" and kept["otrace.source"] == "http"    # its own, not its carriers
+    assert not {k for k in kept if k.startswith("otrace.")} - {"otrace.source", "otrace.trace_id"}, kept
     there = collections.Counter(tuple(row[k] for k in columns) for row in receiving.rows("error_events"))
     here = collections.Counter(tuple(row[k] for k in columns) for row in pushing.rows("error_events"))
     assert there == here + collections.Counter([("llm_error", "rate_limit", "error", "http_429", None,
