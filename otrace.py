@@ -4937,13 +4937,16 @@ def span_content(attrs: dict[str, Any], events: Any) -> tuple[str | None, str | 
 
 
 def text_messages(text: str | None, role: str, finish_reason: str | None = None) -> str | None:
-    """Content as gen_ai.*.messages: a JSON array of messages as it is, other text as one message of
-    one text part (with the call's finish reason, on output), the shape backends display; None for
-    no content."""
+    """Content as gen_ai.*.messages: a JSON array of the conventions' messages (each with a role and
+    parts) as it is, other text (another array too: an older convention's choices) as one message of
+    one text part (with the call's finish reason, on output), the shape backends display; None for no
+    content."""
     if text is None:
         return None
-    with contextlib.suppress(ValueError):
-        if isinstance(json.loads(text), list):
+    with contextlib.suppress(ValueError, RecursionError):
+        found = json.loads(text)
+        if isinstance(found, list) and found and all(
+                isinstance(m, dict) and "role" in m and isinstance(m.get("parts"), list) for m in found):
             return text
     message = {"role": role, "parts": [{"type": "text", "content": text}]}
     if finish_reason:

@@ -8288,6 +8288,17 @@ def test_a_call_with_neither_tokens_nor_cost_is_said_unknown_not_free(tmp_path: 
         "cost not known" in " ".join(text.split()), text
 
 
+def test_pushed_content_is_the_conventions_messages_or_wrapped_text() -> None:
+    """An array of the conventions' messages goes as it is; any other text, an older convention's
+    choices or an array of numbers too, goes as one message of one text part."""
+    messages = '[{"role": "user", "parts": [{"type": "text", "content": "hi"}]}]'
+    assert otrace.text_messages(messages, "user") == messages
+    for other in ('[{"index": 0, "finish_reason": "stop", "message": {"content": "hi"}}]', "[1, 2, 3]", "[]",
+                  "plain"):
+        assert json.loads(otrace.text_messages(other, "assistant", "stop")) == [
+            {"role": "assistant", "parts": [{"type": "text", "content": other}], "finish_reason": "stop"}]
+
+
 def test_a_narrow_reports_labels_stay_apart_and_in_line(tmp_path: Path) -> None:
     """On a narrow terminal a long label is cut in its middle, so two models apart by their date stay
     apart; a wide character (CJK, emoji) takes two columns, so its row's figures line up too."""
