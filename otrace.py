@@ -8169,12 +8169,13 @@ TOP_ROWID_SQL = "SELECT max(rowid) FROM transcript_events"
 # what names the one at it, and one archive's transcript.
 ARCHIVES = "#archives"           # openclaw_positions: how far an agent's archives were looked through
 ARCHIVED = "#archived\t"         # ... and, with the session and generation after it, one archive read
-ARCHIVES_SQL = ("SELECT rowid, session_id, generation FROM session_transcript_archives WHERE rowid > ? "
-                "ORDER BY rowid LIMIT 64")
-ARCHIVE_MARK_SQL = ("SELECT session_id || char(9) || generation FROM session_transcript_archives "
-                    "WHERE rowid = ?")
-ARCHIVE_SQL = ("SELECT encoding, archive_blob FROM session_transcript_archives WHERE session_id = ? "
-               "AND generation = ?")
+ARCHIVES_SQL = ("SELECT rowid, session_id, generation, archive_sha256 FROM session_transcript_archives "
+                "WHERE rowid > ? ORDER BY rowid LIMIT 64")
+ARCHIVE_MARK_SQL = ("SELECT session_id || char(9) || generation || char(9) || archive_sha256 "
+                    "FROM session_transcript_archives WHERE rowid = ?")
+ARCHIVE_SQL = ("SELECT encoding, archive_sha256, {} FROM session_transcript_archives "
+               "WHERE session_id = ? AND generation = ?")
+PART = "+part"                   # an archive's mark while it is read: the lines up to its place are done
 GENERATION_SQL = "SELECT generation FROM transcript_rewrite_watermarks WHERE session_id = {}"
 # Entries after a seq; the text only of those that can be a call or a failure (the rest are skipped
 # inside SQLite), compressed ones whole.
@@ -8526,10 +8527,11 @@ class AgentDatabase:
             conn.execute("COMMIT")
         return (found[0] or "") if found else "", rows
 
-    def archived(self, after: int, mark: str) -> list[tuple[int, str, str]]:
-        """Archives past rowid `after`, (rowid, session, generation), a few at a time, in one read
-        transaction; from the first when the row at `after` is not the one `mark` names any more (its
-        archive deleted, its rowid given to another: those read before are known by their names)."""
+    def archived(self, after: int, mark: str) -> list[tuple[int, str, str, str]]:
+        """Archives past rowid `after`, (rowid, session, generation, digest), a few at a time, in one
+        read transaction; from the first when the row at `after` is not the one `mark` names any more
+        (its archive deleted, its rowid given to another, a backup put back: those read before are
+        known by their names and digests)."""
         conn = self.conn
         conn.execute("BEGIN")
         try:
@@ -8539,9 +8541,12 @@ class AgentDatabase:
         finally:
             conn.execute("COMMIT")
 
-    def archive(self, session: str, generation: str) -> tuple[str, bytes] | None:
-        """One archive's encoding and transcript, or None."""
-        return self.conn.execute(ARCHIVE_SQL, (session, generation)).fetchone() if self.archives else None
+    def archive(self, session: str, generation: str, blob: bool = False) -> tuple[str, str, Any] | None:
+        """One archive's encoding, digest and (`blob`) transcript, or None."""
+        if not self.archives:
+            return None
+        return self.conn.execute(ARCHIVE_SQL.format("archive_blob" if blob else "NULL"),
+                                 (session, generation)).fetchone()
 
     def close(self) -> None:
         if self.conn is not None:
@@ -8652,9 +8657,22 @@ class SessionStore(QuietReader):
         if version is None:
             return
         listed = store.sessions(version)
+        missing: ImportError | None = None
+        held: set[str] = set()            # sessions whose archive waits for zstandard
+        try:
+            self.read_archives(store, agent)   # first: an entry the sessions read next may be archived after
+        except ImportError as exc:            # a zstd archive waits for the package; the sessions go on
+            missing = exc
         again = {}                        # a backup restored: the gateway writes where otrace read past
         for session, last, _ in listed:
             cursor = self.cursors.get((agent, session))
+            if cursor is not None and not cursor.again and cursor.position > last:
+                try:                      # a reset that kept the id, archived since: read where it stood
+                    self.read_archive(store, agent, session, cursor.mark)
+                except ImportError as exc:
+                    missing = exc
+                    held.add(session)
+                    continue
             if cursor is not None and (store.replaced or cursor.position > last or (   # one read again too
                     not store.checked and store.put_back(session, cursor))):
                 again[session] = Cursor(cursor.mark.removesuffix(REREAD) + REREAD, -1, cursor.newest)
@@ -8664,13 +8682,10 @@ class SessionStore(QuietReader):
             self.log.info("agent database put back or cut: sessions read again", extra={
                 "agent": agent, "sessions": len(again), "another_file": store.replaced})
         store.replaced, store.checked = False, True
-        missing: ImportError | None = None
-        try:
-            self.read_archives(store, agent)   # first: an entry the sessions read next may be archived after
-        except ImportError as exc:            # a zstd archive waits for the package; the sessions go on
-            missing = exc
         for session, last, generation in listed:
             cursor = self.cursors.get((agent, session))
+            if session in held:
+                continue
             if cursor is None or cursor.mark != generation or cursor.position != last:
                 try:
                     self.read_session(store, agent, session, cursor)
@@ -8732,11 +8747,11 @@ class SessionStore(QuietReader):
             found = store.archived(place.position, place.mark)
             if not found:
                 return
-            for rowid, session, generation in found:
+            for rowid, session, generation, digest in found:
                 self.read_archive(store, agent, session, generation)
                 if self.stopping.is_set():
                     return
-                place = Cursor(f"{session}\t{generation}", rowid, None)
+                place = Cursor(f"{session}\t{generation}\t{digest}", rowid, None)
             self.offer(agent, ARCHIVES, [], place)
 
     def read_archive(self, store: AgentDatabase, agent: str, session: str, generation: str) -> None:
@@ -8747,9 +8762,13 @@ class SessionStore(QuietReader):
         archived before a look read it, is kept; one read before is not stored again, also when
         retention has deleted its row since."""
         done = (agent, f"{ARCHIVED}{session}\t{generation}")
-        if done in self.cursors or (found := store.archive(session, generation)) is None:
+        mark, digest = self.cursors.get(done), (store.archive(session, generation) or (None, None))[1]
+        if digest is None or (mark is not None and mark.mark == digest):   # another digest: archived again
             return
-        encoding, blob = found
+        if (found := store.archive(session, generation, blob=True)) is None:
+            return
+        encoding, digest, blob = found
+        begun = mark.position if mark is not None and mark.mark == digest + PART else -1
         read = self.cursors.get((agent, session))
         exact = read is not None and read.mark == generation
         rows: list[Row] = []
@@ -8760,7 +8779,7 @@ class SessionStore(QuietReader):
             if text is None:
                 self.undecodable(where, f"a line over {STORE_LINE_LIMIT} bytes")
                 continue
-            if not maybe_call(text) or (entry := self.entry(text, where)) is None:
+            if number <= begun or not maybe_call(text) or (entry := self.entry(text, where)) is None:
                 continue
             written = _log_time(entry.get("timestamp"))
             if read is not None and (self.read_before(read, number, written) if exact
@@ -8768,11 +8787,11 @@ class SessionStore(QuietReader):
                 continue
             rows += self.rows(entry, agent, session, f"archive-{generation}-{number}", where)
             entries += 1
-            if entries == self.most:        # a unit's worth; the archive is marked read with its last
-                self.offer(agent, ARCHIVES, rows, self.cursors.get((agent, ARCHIVES)) or Cursor("", -1, None))
+            if entries == self.most:        # a unit, and how far: after a stop or a full queue, on from there
+                self.offer(agent, done[1], rows, Cursor(digest + PART, number, None))
                 rows, entries = [], 0
                 self.staged.clear()
-        self.offer(agent, done[1], rows, Cursor("read", 0, None))
+        self.offer(agent, done[1], rows, Cursor(digest, 0, None))
 
     @staticmethod
     def read_before(read: Cursor, number: int, written: int | None) -> bool:
@@ -9675,11 +9694,14 @@ class Receiver:
         self.send(attempt, target, body, headers, deadline)
         if attempt.status is not None and 200 <= attempt.status < 300:
             count, said = form.rejected(attempt.answer)
-            attempt.rejected = min(count, len(batch)) if count < 2**63 else 0   # int64: below 0 is none
+            attempt.rejected = count if count < 2**63 else 0          # an int64: below 0 is none
             if attempt.rejected:
-                # of every record sent, a loss report's too (batch.events leaves them out)
-                attempt.error = f"partial_success: {attempt.rejected} of {len(batch)} refused" + (
-                    f": {self.scrub(said.strip())[:500]}" if said.strip() else "")
+                # of every record sent, a loss report's too (batch.events leaves them out); a metric
+                # row is several points, which the receiver counts
+                attempt.error = f"partial_success: {attempt.rejected} of {len(batch)} refused" if (
+                    batch.signal != "metrics") else (f"partial_success: {attempt.rejected} data points "
+                                                     f"refused, of {len(batch)} rows")
+                attempt.error += f": {self.scrub(said.strip())[:500]}" if said.strip() else ""
         return attempt
 
     def send(self, attempt: Attempt, target: str, body: list[bytes | memoryview], headers: dict[str, str],
@@ -10049,7 +10071,7 @@ class Pusher(Loop):
                 self.wait_marked(cycle, deadline)      # the batch before, while this one was sent
                 cycle.marking = self.events.submit(functools.partial(
                     record_pushed, batch, attempt, self.db.merges, cycle.read_at))
-                if batch.events and attempt.rejected < len(batch):   # it took events: proof for suspects
+                if batch.events and attempt.rejected < batch.events:   # it took events: proof for suspects
                     cycle.accepted = True
                     self.acceptances[batch.signal] += 1
                 if attempt.rejected:
@@ -10174,7 +10196,7 @@ class Pusher(Loop):
     def partly_refused(self, batch: Batch, attempt: Attempt) -> None:
         """Items a batch's 2xx refused (partial_success): counted, and said at most once a minute, with
         how many such answers came since the last line."""
-        self.totals.add("refused", attempt.rejected)
+        self.totals.add("refused", min(attempt.rejected, batch.events))   # rows, at most: points of metrics
         self.partly[1] += 1
         if time.monotonic() - self.partly[0] >= RefusalLog.EVERY:
             self.log.warning("receiver took a batch but refused some of its items: those are given up, not "

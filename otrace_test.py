@@ -9452,6 +9452,41 @@ def test_calls_of_a_session_archived_before_they_were_read_are_stored_once(
 
 
 @needs_stores
+@pytest.mark.parametrize("stopped", [True, False])
+def test_a_reset_that_keeps_the_session_id_stores_each_call_once(tmp_path: Path, run: Callable[..., Otrace],
+                                                                 stopped: bool) -> None:
+    """A reset that keeps the session's id: its generation read goes to an archive and the new one
+    starts at seq 0 again. The archive is read where otrace stood (not the last minute again, whose
+    rows retention took), then the new entries; with otrace stopped across it, or between two looks."""
+    state = state_copy(tmp_path)
+    db = agent_db(state)
+    template = assistant_template(db)
+    env = {**STORE_ENV, "TRACE_OPENCLAW_STATE_DIR": str(state)}
+    node = run(env)
+    wait_traces(node, 6)
+    gateway = gateway_connection(db)
+    new_session(gateway, "kept")
+    read = [a_call(template, n, 0.001) for n in (1000, 2000, 3000)]
+    for entry in read:
+        append_entry(gateway, "kept", entry)
+    wait_traces(node, 9)
+    if stopped:
+        assert node.stop() == 0
+    with contextlib.closing(sqlite3.connect(node.db_path)) as conn, conn:    # retention took them
+        conn.execute("DELETE FROM llm_traces WHERE session_id = 'kept'")
+    unread, after = a_call(template, 4000, 0.004), a_call(template, 5000, 0.005)
+    archive_session(gateway, "kept", last=unread)
+    new_session(gateway, "kept")                          # the same id, a new generation from seq 0
+    append_entry(gateway, "kept", after)
+    gateway.close()
+    node = run(env, db=node.db_path) if stopped else node
+    want = {f"oc:main:kept:{unread['id']}", f"oc:main:kept:{after['id']}"}
+    wait_until(lambda: want <= {r["trace_id"] for r in session_traces(node)}, what="the calls not read")
+    wait_until(lambda: node.health()["queue_depth"] == 0, what="queue drained")
+    assert {r["trace_id"] for r in session_traces(node) if r["session_id"] == "kept"} == want
+
+
+@needs_stores
 def test_a_compressed_entry_read_without_zstandard_waits_for_it(tmp_path: Path,
                                                                 run: Callable[..., Otrace]) -> None:
     """otrace dropped beside the agent without the zstandard package: a session's compressed entry is
