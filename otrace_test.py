@@ -14,6 +14,7 @@ import errno
 import fcntl
 import functools
 import gzip
+import hashlib
 import http.client
 import http.server
 import io
@@ -9376,8 +9377,9 @@ def archive_session(gateway: sqlite3.Connection, session: str, encoding: str = "
     gateway.execute("INSERT INTO session_transcript_archives (session_id, generation, session_key, reason, "
                     "encoding, archive_blob, archive_sha256, archive_name, created_at) VALUES "
                     "(?, ?, ?, 'reset', ?, ?, ?, ?, ?)",
-                    (session, generation, f"agent:main:{session}", encoding, blob, "0" * 64,
-                     f"{session}.jsonl.reset.{generation}", int(time.time() * 1000)))
+                    (session, generation, f"agent:main:{session}", encoding, blob,
+                     hashlib.sha256(blob).hexdigest(), f"{session}.jsonl.reset.{generation}",
+                     int(time.time() * 1000)))
     gateway.execute("DELETE FROM transcript_events WHERE session_id = ?", (session,))
     gateway.execute("DELETE FROM transcript_rewrite_watermarks WHERE session_id = ?", (session,))
     gateway.execute("COMMIT")
@@ -9448,7 +9450,10 @@ def test_calls_of_a_session_archived_before_they_were_read_are_stored_once(
     assert len(traces) == 7 - len(gone) + 5 and again.health()["events_duplicate"] == duplicates
     assert again.health()["openclaw_sessions"]["undecodable"] == 0
     assert again.stop() == 0
-    assert again.query("SELECT count(*) FROM openclaw_positions WHERE stream LIKE '#archived%'") == [(5,)]
+    with contextlib.closing(sqlite3.connect(db)) as store:         # each archive there marked read whole
+        archives = {(f"#archived\t{s}\t{g}", digest) for s, g, digest in store.execute(
+            "SELECT session_id, generation, archive_sha256 FROM session_transcript_archives")}
+    assert len(archives) == 4 and archives <= set(again.query("SELECT stream, mark FROM openclaw_positions"))
 
 
 @needs_stores
