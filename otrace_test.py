@@ -9400,12 +9400,8 @@ def test_calls_of_a_session_archived_before_they_were_read_are_stored_once(
     there, once; a session never read whole, compressed too. An entry read before is not stored again,
     also when retention has deleted its row since (the session's newest call too), nor when the newest
     archive is deleted (the place otrace kept names another)."""
-    state = state_copy(tmp_path)
-    db = agent_db(state)
-    template = assistant_template(db)
-    env = {**STORE_ENV, "TRACE_OPENCLAW_STATE_DIR": str(state)}
-    node = run(env)
-    wait_traces(node, 6)
+    node, db, template = store_followed(tmp_path, run)
+    env = node.env                                        # to start otrace on the same store again
     gateway = gateway_connection(db)
     for session in ("reset-later", "never-seen", "archived-at-once", "after-a-delete"):
         new_session(gateway, session)
@@ -9463,12 +9459,8 @@ def test_a_reset_that_keeps_the_session_id_stores_each_call_once(tmp_path: Path,
     """A reset that keeps the session's id: its generation read goes to an archive and the new one
     starts at seq 0 again. The archive is read where otrace stood (not the last minute again, whose
     rows retention took), then the new entries; with otrace stopped across it, or between two looks."""
-    state = state_copy(tmp_path)
-    db = agent_db(state)
-    template = assistant_template(db)
-    env = {**STORE_ENV, "TRACE_OPENCLAW_STATE_DIR": str(state)}
-    node = run(env)
-    wait_traces(node, 6)
+    node, db, template = store_followed(tmp_path, run)
+    env = node.env                                        # to start otrace on the same store again
     gateway = gateway_connection(db)
     new_session(gateway, "kept")
     read = [a_call(template, n, 0.001) for n in (1000, 2000, 3000)]
