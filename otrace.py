@@ -1374,7 +1374,8 @@ def error_row(f: Fields, received: int, source: str = "http") -> tuple:
 
 
 def metric_row(f: Fields, received: int, source: str = "otlp") -> tuple:
-    """The genai_metrics row for one metric point (created_at: the end of its window), truncated last."""
+    """The genai_metrics row for one metric point (created_at: the end of its window): truncated, then
+    (a sum's) whether it only counts up, last."""
     values = (f.trace_id(), f.created_at(received), received, source, f.name("name", required=True),
               f.choice("kind", METRIC_KINDS), f.name("unit"), f.unix_ms("window_start"), f.number("value"),
               f.count("count"), f.number("min"), f.number("max"), f.metadata("buckets"), f.name("provider"),
@@ -9315,7 +9316,7 @@ class OtlpFormat:
         inputs = text_messages(row["input_text"], "user")
         outputs = text_messages(row["output_text"], "assistant", (row["finish_reason"] or "").split(",")[0])
         attrs = {"gen_ai.operation.name": operation, "gen_ai.provider.name": provider_name(row["provider"]),
-                 "gen_ai.request.model": meta.get("gen_ai.request.model") or row["model"],
+                 "gen_ai.request.model": (requested := meta.get("gen_ai.request.model") or row["model"]),
                  "gen_ai.response.model": row["model"], "gen_ai.conversation.id": row["session_id"],
                  "gen_ai.usage.input_tokens": row["prompt_tokens"],
                  "gen_ai.usage.output_tokens": row["completion_tokens"],
@@ -9339,7 +9340,7 @@ class OtlpFormat:
             else b""
         return self.traces.Span(
             trace_id=trace_id, span_id=span_id, parent_span_id=parent,
-            name=f"{operation} {attrs['gen_ai.request.model']}",        # the conventions' span name
+            name=f"{operation} {requested}" if requested else operation,   # the conventions' span name
             kind=3, start_time_unix_nano=start,                       # 3: SPAN_KIND_CLIENT
             end_time_unix_nano=unix_nano(row["created_at"], row["latency_ms"] or 0),
             attributes=self.attributes(attrs), status=status)
