@@ -9695,7 +9695,10 @@ class Receiver:
         self.send(attempt, target, body, headers, deadline)
         if attempt.status is not None and 200 <= attempt.status < 300:
             count, said = form.rejected(attempt.answer)
-            attempt.rejected = count if count < 2**63 else 0          # an int64: below 0 is none
+            # an int64: below 0 is none; of spans and log records, at most the batch's (a metric row
+            # is several points)
+            most = MAX_INT if batch.signal == "metrics" else len(batch)
+            attempt.rejected = 0 if count >= 2**63 else min(count, most)
             if attempt.rejected:
                 # of every record sent, a loss report's too (batch.events leaves them out); a metric
                 # row is several points, which the receiver counts
