@@ -4034,20 +4034,47 @@ def method_said(request: Request | None) -> str | None:
     return request and (request.method if request.method in HTTP_METHODS else "other")
 
 
-class RefusalLog:
-    """Says a request answered 4xx at WARNING, or an OTLP request answered 200 with items it refused
-    (`items`: partial_success, which exporters do not log), once a minute for each kind (status, route,
-    field), with how many of that kind were answered since the last line; those of a burst that ended
-    are said once its minute is up (`flush`). A client that never reads its answers loses what it
-    sends, and the log is where that shows. Only otrace's words are said: a body's field and its fault,
-    else the status's phrase (a bad header's text is the client's, secrets and all). Used by the HTTP
-    thread and the OTLP receiver's, hence the lock."""
+class MinuteLog:
+    """Says a warning that recurs at WARNING at most once a minute for each kind, with how many of that
+    kind came since the last line (the field `counted`); those of a burst that ended are said once its
+    minute is up (`flush`). Threads may share one, hence the lock."""
 
     EVERY = 60.0
 
-    def __init__(self) -> None:
-        self.last: dict[tuple[int, str, str | None], list] = {}   # kind -> [said at, since, its line]
+    def __init__(self, logger: logging.Logger, counted: str) -> None:
+        self.logger, self.counted = logger, counted
+        self.last: dict[Any, list] = {}        # kind -> [said at, since, message, its line]
         self.lock = threading.Lock()
+
+    def say(self, kind: Any, message: str, line: dict[str, Any]) -> None:
+        with self.lock:
+            entry = self.last.setdefault(kind, [-math.inf, 0, "", {}])
+            entry[1] += 1
+            entry[2:] = [message, line]
+        self.flush(entry)
+
+    def flush(self, said: list | None = None, *, now: float | None = None) -> None:
+        """Say each kind whose minute is up and that has lines unsaid (or only `said`)."""
+        now = time.monotonic() if now is None else now
+        with self.lock:
+            due = [entry for entry in ([said] if said is not None else self.last.values())
+                   if entry[1] and now - entry[0] >= self.EVERY]
+            lines = [(entry[2], entry[3], entry[1] - 1) for entry in due]
+            for entry in due:
+                entry[:2] = [now, 0]
+        for message, line, since in lines:
+            self.logger.warning(message, extra={**line, self.counted: since})
+
+
+class RefusalLog(MinuteLog):
+    """Says a request answered 4xx, or an OTLP request answered 200 with items it refused (`items`:
+    partial_success, which exporters do not log), once a minute for each kind (status, route, field).
+    A client that never reads its answers loses what it sends, and the log is where that shows. Only
+    otrace's words are said: a body's field and its fault, else the status's phrase (a bad header's
+    text is the client's, secrets and all). Used by the HTTP thread and the OTLP receiver's."""
+
+    def __init__(self) -> None:
+        super().__init__(log, "refused_since_last_line")
 
     def refused(self, request: Request | None, refusal: Refusal, client: str, items: int = 0) -> None:
         route = request.route if request is not None and request.route in ROUTES else "other"
@@ -4059,24 +4086,7 @@ class RefusalLog:
                 "field": field, "index": invalid and invalid.index, "client": client}
         if items:
             line["items_refused"] = items
-        with self.lock:
-            said = self.last.setdefault((status, route, field), [-math.inf, 0, {}])
-            said[1] += 1
-            said[2] = line
-        self.flush(said)
-
-    def flush(self, said: list | None = None, *, now: float | None = None) -> None:
-        """Say each kind whose minute is up and that has refusals unsaid (or only `said`)."""
-        now = time.monotonic() if now is None else now
-        with self.lock:
-            due = [entry for entry in ([said] if said is not None else self.last.values())
-                   if entry[1] and now - entry[0] >= self.EVERY]
-            lines = [(entry[2], entry[1] - 1) for entry in due]
-            for entry in due:
-                entry[:2] = [now, 0]
-        for line, since in lines:
-            message = "request partly refused" if "items_refused" in line else "request refused"
-            log.warning(message, extra={**line, "refused_since_last_line": since})
+        self.say((status, route, field), "request partly refused" if items else "request refused", line)
 
 
 class IngestServer:
@@ -9929,7 +9939,7 @@ class Pusher(Loop):
         self.not_before: dict[str, float] = {}
         # a signal's Retry-After answers since its last 2xx or failure: each is one of its retries
         self.throttled: collections.Counter[str] = collections.Counter()
-        self.partly: list[float] = [-math.inf, 0]    # partial_success said at, and answers since
+        self.partly = MinuteLog(self.log, "answers_since_last_line")   # partial_success, by signal
         self.last_time: float | None = None
         self.last_status = "never"
         self.last_error: str | None = None
@@ -9944,6 +9954,7 @@ class Pusher(Loop):
         return self.breakers.next_delay(self.interval)
 
     def tick(self) -> None:
+        self.partly.flush()                  # a burst of partial refusals that ended: said
         if self.breakers.allows():
             self.push(deadline=None)
 
@@ -10198,15 +10209,11 @@ class Pusher(Loop):
         return True
 
     def partly_refused(self, batch: Batch, attempt: Attempt) -> None:
-        """Items a batch's 2xx refused (partial_success): counted, and said at most once a minute, with
-        how many such answers came since the last line."""
+        """Items a batch's 2xx refused (partial_success): counted, and said at most once a minute for
+        each signal."""
         self.totals.add("refused", min(attempt.rejected, batch.events))   # rows, at most: points of metrics
-        self.partly[1] += 1
-        if time.monotonic() - self.partly[0] >= RefusalLog.EVERY:
-            self.log.warning("receiver took a batch but refused some of its items: those are given up, not "
-                             "sent again", extra={"signal": batch.signal, "error": attempt.summary(),
-                                                  "answers_since_last_line": self.partly[1] - 1})
-            self.partly[:] = [time.monotonic(), 0]
+        self.partly.say(batch.signal, "receiver took a batch but refused some of its items: those are given "
+                        "up, not sent again", {"signal": batch.signal, "error": attempt.summary()})
 
     def refused_alone(self, batch: Batch, attempt: Attempt, cycle: Cycle, split_at: int | None) -> None:
         """An event refused on its own: a suspect, proven if the receiver accepted part of the batch it
@@ -10308,15 +10315,16 @@ class Pusher(Loop):
         if not self.breakers.allows():
             self.log.info("final push skipped: circuit breaker open", extra={
                 "next_attempt_at": iso(self.breakers.retry_at)})
-            return
-        before = self.totals.snapshot()["events"]
-        try:
-            complete = self.push(deadline)
-        except Exception as exc:  # noqa: BLE001 - the rows stay unsynced; shutdown goes on
-            self.log.warning("final push stopped", extra={"error": describe(exc)})
-            complete = False
-        self.log.info("final push", extra={"complete": complete, "status": self.last_status,
-                                           "events_pushed": self.totals.snapshot()["events"] - before})
+        else:
+            before = self.totals.snapshot()["events"]
+            try:
+                complete = self.push(deadline)
+            except Exception as exc:  # noqa: BLE001 - the rows stay unsynced; shutdown goes on
+                self.log.warning("final push stopped", extra={"error": describe(exc)})
+                complete = False
+            self.log.info("final push", extra={"complete": complete, "status": self.last_status,
+                                               "events_pushed": self.totals.snapshot()["events"] - before})
+        self.partly.flush(now=math.inf)           # a burst's count, said before the stop
 
     def note(self, attempt: Attempt, verdict: str) -> None:
         """Remember the latest answer for /health."""
