@@ -9017,12 +9017,16 @@ def agent_db(state: Path, agent: str = "main") -> Path:
 
 def store_entries(db: Path) -> list[tuple[str, int, dict[str, Any]]]:
     """(session, seq, entry) of every transcript entry, in the order they were written."""
-    import zstandard
     with contextlib.closing(sqlite3.connect(db)) as conn:
-        return [(session, seq, json.loads(text or zstandard.ZstdDecompressor().decompress(frame)))
-                for session, seq, text, frame in conn.execute(
-                    "SELECT session_id, seq, event_json, event_zstd FROM transcript_events "
-                    "ORDER BY created_at, seq")]
+        return transcript(conn, "created_at, seq")
+
+
+def transcript(conn: sqlite3.Connection, order: str = "seq") -> list[tuple[str, int, dict[str, Any]]]:
+    """(session, seq, entry) of every transcript entry a connection sees, in `order`."""
+    import zstandard
+    return [(session, seq, json.loads(text or zstandard.ZstdDecompressor().decompress(frame)))
+            for session, seq, text, frame in conn.execute(
+                f"SELECT session_id, seq, event_json, event_zstd FROM transcript_events ORDER BY {order}")]
 
 
 def assistant_template(db: Path) -> dict[str, Any]:
@@ -9367,7 +9371,7 @@ def archive_session(gateway: sqlite3.Connection, session: str, encoding: str = "
     gateway.execute("BEGIN IMMEDIATE")
     if last is not None:
         append_entry(gateway, session, last)
-    lines = [json.dumps(entry, separators=(",", ":")) for s, _, entry in gateway_entries(gateway)
+    lines = [json.dumps(entry, separators=(",", ":")) for s, _, entry in transcript(gateway)
              if s == session]
     blob = "\n".join(lines).encode() + b"\n"
     if encoding == "zstd":
@@ -9383,13 +9387,6 @@ def archive_session(gateway: sqlite3.Connection, session: str, encoding: str = "
     gateway.execute("DELETE FROM transcript_events WHERE session_id = ?", (session,))
     gateway.execute("DELETE FROM transcript_rewrite_watermarks WHERE session_id = ?", (session,))
     gateway.execute("COMMIT")
-
-
-def gateway_entries(conn: sqlite3.Connection) -> list[tuple[str, int, dict[str, Any]]]:
-    import zstandard
-    return [(session, seq, json.loads(text or zstandard.ZstdDecompressor().decompress(frame)))
-            for session, seq, text, frame in conn.execute(
-                "SELECT session_id, seq, event_json, event_zstd FROM transcript_events ORDER BY seq")]
 
 
 @needs_stores
