@@ -11616,7 +11616,7 @@ class Aside:
     log_calls: int = 0
     store_first: int | None = None
     store_last: int | None = None
-    unmeasured: int = 0                 # calls with neither tokens nor a cost: not known, not $0
+    unmeasured: int = 0                 # calls that did not fail, with neither tokens nor a cost: not known
 
     def add(self, sums: Sequence[Any]) -> None:
         """One group's: ASIDE_SQL's sums, then its calls with neither tokens nor a cost."""
@@ -11905,7 +11905,7 @@ class Report:
                "total(completion_tokens), total(cache_read_tokens), total(cache_write_tokens), "
                f"total(total_tokens), total({cost}), "
                f"total({computed}), sum({HAS_TOKENS_SQL} AND ({cost}) IS NULL), count(latency_ms), "
-               f"{ASIDE_SQL}, sum(NOT ({HAS_TOKENS_SQL}) AND ({cost}) IS NULL) "
+               f"{ASIDE_SQL}, sum(status IS NOT 'error' AND NOT ({HAS_TOKENS_SQL}) AND ({cost}) IS NULL) "
                f"FROM llm_traces WHERE {where} GROUP BY 1, 2, 3, 4")
         for call in self.conn.execute(sql, [*group_params, *params]):
             summed.append((*call[:4], Tally.of(call[4:4 + fields])))

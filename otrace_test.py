@@ -8278,12 +8278,13 @@ def test_a_call_with_neither_tokens_nor_cost_is_said_unknown_not_free(tmp_path: 
              ({"provider": "anthropic", "model": "claude", "cost_usd": 0.5, "prompt_tokens": 10,
                "created_at": now - 2000}, "http"),
              ({"provider": "p", "model": "m", "status": "error", "cost_usd": 0, "created_at": now - 3000},
-              "http")]
+              "http"),
+             ({"provider": "p", "model": "m", "status": "error", "created_at": now - 4000}, "log")]
     rows = [otrace.event_row(otrace.TRACES, otrace.trace_row, event, source).values
             for event, source in calls]
     with contextlib.closing(otrace.connect(str(db))) as conn, otrace.transaction(conn):
         otrace.insert_rows(conn, "llm_traces", rows)
-    assert report_json(db, "--since", "1h")["calls"]["unmeasured_calls"] == 1     # a failure at $0 is $0
+    assert report_json(db, "--since", "1h")["calls"]["unmeasured_calls"] == 1     # a failure costs nothing
     text = report(db, "--since", "1h").stdout
     assert "? 1 call with neither tokens nor a cost (as the gateway's log gives calls): counted at $0, its " \
         "cost not known" in " ".join(text.split()), text
