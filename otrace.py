@@ -4981,6 +4981,8 @@ def span_metadata(span: Any, attrs: dict[str, Any], resource: dict[str, Any], sc
     if span.parent_span_id:
         meta["otel_parent_span_id"] = span.parent_span_id.hex()
     meta |= {"span_name": span.name, "service_name": resource.get("service.name"), "scope": scope}
+    if isinstance(kept := attrs.get("otrace.metadata"), dict):    # pushed by an otrace: the call's own
+        meta = kept | meta
     meta |= {key: value for key, value in attrs.items() if (key not in MAPPED_KEYS and (
         key.startswith(META_PREFIXES) or key in META_KEYS) and not LEGACY_CONTENT.fullmatch(key))}
     if (raw := attrs.get("error.type")) is not None and error_name(raw) != raw:
@@ -9068,6 +9070,11 @@ def push_signal(table: str) -> str:
     return OTLP_SIGNAL_OF.get(table, "logs")
 
 
+# The service and instrumentation scope an event came from over OTLP, which its resource and scope
+# keep when pushed as OTLP; None: otrace's own (the log, the store, the API, the host).
+Origin = tuple[str | None, str | None] | None
+
+
 @dataclasses.dataclass
 class Batch:
     """Events sent in one request, encoded back to back in one buffer (", " apart in JSON), with
@@ -9078,6 +9085,7 @@ class Batch:
     separator: bytes = b", "
     data: bytearray = dataclasses.field(default_factory=bytearray)
     spans: list[tuple[str, int, str, int, int]] = dataclasses.field(default_factory=list)
+    origins: list[Origin] = dataclasses.field(default_factory=list)   # each event's, as spans
     losses: list[dict[str, Any]] = dataclasses.field(default_factory=list)   # reported with this batch
     batch_id: str = dataclasses.field(default_factory=new_id)
 
@@ -9089,10 +9097,11 @@ class Batch:
         """Its rows (the records of a loss report are none)."""
         return sum(table != LOSS for table, *_ in self.spans)
 
-    def add(self, table: str, row_id: int, trace_id: str, encoded: bytes) -> None:
+    def add(self, table: str, row_id: int, trace_id: str, encoded: bytes, origin: Origin = None) -> None:
         if self.spans:
             self.data += self.separator
         self.spans.append((table, row_id, trace_id, len(self.data), len(self.data) + len(encoded)))
+        self.origins.append(origin)
         self.data += encoded
 
     def event(self, index: int) -> bytes:
@@ -9104,8 +9113,16 @@ class Batch:
         first = Batch(self.signal, self.separator, losses=self.losses)
         second = Batch(self.signal, self.separator)
         for index, (table, row_id, trace_id, _, _) in enumerate(self.spans):
-            (first if index < middle else second).add(table, row_id, trace_id, self.event(index))
+            (first if index < middle else second).add(table, row_id, trace_id, self.event(index),
+                                                      self.origins[index])
         return first, second
+
+    def groups(self) -> dict[Origin, list[int]]:
+        """Its events' indexes by origin, in the order the origins first come."""
+        groups: dict[Origin, list[int]] = {}
+        for index, origin in enumerate(self.origins):
+            groups.setdefault(origin, []).append(index)
+        return groups
 
     def ids(self, leaving: Container[tuple[str, str]] = ()) -> dict[str, list[int]]:
         """The batch's rows by table (the records of a loss report are none), but those `leaving`."""
@@ -9141,6 +9158,7 @@ class Packer:
         self.dropped: set[str] = set()   # signals no longer wanted this cycle
         self.unencodable: list[tuple[str, int, str, str]] = []   # (table, row id, trace_id, why)
         self.envelopes: dict[str, int] = {}
+        self.groups: dict[tuple[str, Origin], int] = {}
 
     def envelope(self, signal: str) -> int:
         """Bytes of a batch of `signal` around its events: the push format's, with the agent's name."""
@@ -9149,8 +9167,18 @@ class Packer:
             self.envelopes[signal] = sum(map(len, self.form.body(empty))) + self.SPARE
         return self.envelopes[signal]
 
+    def grouping(self, signal: str, origin: Origin, seen: Container[Origin]) -> int:
+        """Bytes more around a batch's events for an event of `origin`: none for otrace's own (in the
+        envelope) or an origin already in the batch, else its resource and scope (OTLP)."""
+        if origin is None or origin in seen:
+            return 0
+        if (signal, origin) not in self.groups:
+            self.groups[signal, origin] = sum(map(len, self.form.group(signal, origin, self.max_bytes))) \
+                + len(self.form.separator)
+        return self.groups[signal, origin]
+
     def batches(self) -> Iterator[Batch]:
-        batch = Batch(separator=self.form.separator)
+        batch, seen, grouped = Batch(separator=self.form.separator), set(), 0
         for table, row in self.rows():
             if time.monotonic() >= self.deadline or (self.stopping and self.stopping.is_set()):
                 raise OutOfTime                          # a batch can take seconds to pack: left unsent
@@ -9161,12 +9189,16 @@ class Packer:
             except (ValueError, TypeError, OverflowError) as exc:   # a value the format cannot hold
                 self.unencodable.append((table, row["id"], row["trace_id"], describe(exc)))
                 continue
-            if batch.spans and (signal != batch.signal or self.envelope(signal) + len(batch.data)
-                                + len(self.form.separator) + len(encoded) > self.max_bytes):
+            origin = self.form.origin(table, row)
+            if batch.spans and (signal != batch.signal or self.envelope(signal) + grouped + len(batch.data)
+                                + len(self.form.separator) + len(encoded)
+                                + self.grouping(signal, origin, seen) > self.max_bytes):
                 yield batch
-                batch = Batch(separator=self.form.separator)
+                batch, seen, grouped = Batch(separator=self.form.separator), set(), 0
+            grouped += self.grouping(signal, origin, seen)
+            seen.add(origin)
             batch.signal = signal
-            batch.add(table, row["id"], row["trace_id"], encoded)
+            batch.add(table, row["id"], row["trace_id"], encoded, origin)
         if batch.spans:
             yield batch
 
@@ -9242,6 +9274,10 @@ class OtraceFormat:
     def signal(self, table: str) -> str:
         return ""
 
+    @staticmethod
+    def origin(table: str, row: dict[str, Any]) -> Origin:
+        return None                   # an event's service, if any, is in its data
+
     def item(self, table: str, row: dict[str, Any]) -> bytes:
         push_type = TABLES[table].push_type
         return json.dumps({"type": push_type, "event_id": f"{push_type}:{row['trace_id']}",
@@ -9284,14 +9320,23 @@ class OtlpFormat:
         self.content_type = "application/json" if self.json else "application/x-protobuf"
         self.separator = b", " if self.json else b""
         self.base = _request_target(config.push_endpoint).split("?", 1)
-        resource = resource_pb2.Resource(attributes=self.attributes({
-            "service.name": agent_id, "host.name": socket.gethostname()}))
-        scope = common_pb2.InstrumentationScope(name="otrace", version=__version__)
-        self.resource, self.scope = resource.SerializeToString(), scope.SerializeToString()
-        self.resource_json, self.scope_json = _otlp_json(resource), _otlp_json(scope)
+        self.resource_pb2, self.agent_id, self.host = resource_pb2, agent_id, socket.gethostname()
+        self.origins: dict[Origin, tuple[Any, Any]] = {}
 
     def signal(self, table: str) -> str:
         return push_signal(table)
+
+    @staticmethod
+    def origin(table: str, row: dict[str, Any]) -> Origin:
+        """The service and scope of an event that came over OTLP, which the resource and scope it is
+        pushed under keep (a relay, as the Collector, keeps them); None: otrace's own."""
+        if row.get("source") != "otlp":
+            return None
+        meta = row.get("metadata") if isinstance(row.get("metadata"), dict) else {}
+        service, scope = row.get("service") if table == GENAI_METRICS.name else meta.get("service_name"), \
+            meta.get("scope")
+        origin = tuple(value if isinstance(value, str) and value else None for value in (service, scope))
+        return None if origin == (None, None) else origin
 
     def path(self, batch: Batch) -> str:
         """The endpoint's path with /v1/traces, /v1/metrics or /v1/logs after it, as exporters do."""
@@ -9345,6 +9390,9 @@ class OtlpFormat:
         attrs = {key: value for key, value in meta.items()     # the GenAI attributes no column holds
                  if key.startswith(META_PREFIXES) or key in META_KEYS} | {
             key: value for key, value in attrs.items() if value is not None}
+        own = {key: value for key, value in meta.items()       # the rest, as an error's: a poster's own
+               if key not in attrs and key not in SPAN_NAMING and key != "error.type"}
+        attrs |= {"otrace.metadata": own} if own else {}
         status = self.traces.Status(code=2, message=row["error_type"] or "") if failed else None
         parent = bytes.fromhex(meta["otel_parent_span_id"]) if _hex_id(meta.get("otel_parent_span_id"), 8) \
             else b""
@@ -9457,18 +9505,49 @@ class OtlpFormat:
 
     # -- the envelope
     def body(self, batch: Batch) -> list[bytes | memoryview]:
-        """The Export*ServiceRequest around the batch's events: one resource (service.name, host.name),
-        one scope (otrace), and the events, in parts sent one after the other."""
+        """The Export*ServiceRequest around the batch's events: a resource (service.name, host.name)
+        and a scope for each origin (otrace's own: the agent's name, scope otrace), each around its
+        events, in parts sent one after the other."""
+        groups = batch.groups() or {None: []}
+        parts: list[bytes | memoryview] = []
+        between = f'{{"{OTLP_ENVELOPE[batch.signal][0]}": ['.encode() if self.json else b""
+        for origin, indexes in groups.items():
+            events = memoryview(batch.data) if len(groups) == 1 else \
+                self.separator.join(map(batch.event, indexes))
+            before, after = self.group(batch.signal, origin, len(events))
+            parts += [between + before, events, after]
+            between = self.separator
         if self.json:
-            resources, scopes, items = OTLP_ENVELOPE[batch.signal]
-            head = json.dumps({resources: [{"resource": self.resource_json, scopes: [
-                {"scope": self.scope_json, items: ["@"]}]}]})
-            before, after = head.split('"@"')
-            return [before.encode(), memoryview(batch.data), after.encode()]
-        scope = _length_delimited(1, self.scope)
-        scoped = len(scope) + len(batch.data)                    # Scope{Spans,Logs,Metrics}
-        resourced = _length_delimited(1, self.resource) + _field_head(2, scoped) + scope
-        return [_field_head(1, len(resourced) + len(batch.data)) + resourced, memoryview(batch.data)]
+            parts[-1] += b"]}"
+        return [part for part in parts if len(part)]
+
+    def group(self, signal: str, origin: Origin, size: int) -> tuple[bytes, bytes]:
+        """The bytes before and after `size` bytes of events of one origin: a Resource{Spans,Logs,
+        Metrics} holding its resource and one Scope{Spans,Logs,Metrics}."""
+        resource, scope = self.wrapping(origin)
+        if self.json:
+            _, scopes, items = OTLP_ENVELOPE[signal]
+            before, after = json.dumps({"resource": _otlp_json(resource), scopes: [
+                {"scope": _otlp_json(scope), items: ["@"]}]}).split('"@"')
+            return before.encode(), after.encode()
+        scoped = _length_delimited(1, scope.SerializeToString())
+        resourced = _length_delimited(1, resource.SerializeToString()) + _field_head(2, len(scoped) + size) \
+            + scoped
+        return _field_head(1, len(resourced) + size) + resourced, b""
+
+    def wrapping(self, origin: Origin) -> tuple[Any, Any]:
+        """The Resource and InstrumentationScope of an origin: its service (else the agent's name) on
+        this host, and its scope (else otrace's)."""
+        if origin not in self.origins:
+            if len(self.origins) >= 256:          # origins are a handful; a sender inventing more
+                self.origins.clear()              # costs only their rebuilding
+            service, scope = origin or (None, None)
+            self.origins[origin] = (
+                self.resource_pb2.Resource(attributes=self.attributes({
+                    "service.name": service or self.agent_id, "host.name": self.host})),
+                self.common.InstrumentationScope(name=scope) if scope else
+                self.common.InstrumentationScope(name="otrace", version=__version__))
+        return self.origins[origin]
 
     def rejected(self, answer: bytes) -> tuple[int, str]:
         """partial_success's count of items the receiver refused and its message, read from the start

@@ -4126,6 +4126,20 @@ def test_an_otlp_push_body_is_a_whole_export_request(protocol: str) -> None:
     assert span.end_time_unix_nano - span.start_time_unix_nano == 1_500_500_000 and span.kind == 3
     assert otrace.otel_ids("call-0", {}) == (span.trace_id, span.span_id)        # stable, from the id
     assert form.path(batch) == "/base/v1/traces?k=1"
+    mixed = otrace.Batch("traces", form.separator)              # each origin its resource and scope
+    for n, origin in enumerate([None, ("billing", "sdk"), None, ("billing", "sdk"), (None, "x")]):
+        meta = dict(zip(("service_name", "scope"), origin, strict=True)) if origin else {}
+        row = rows[n % 3] | {"trace_id": f"m{n}", "source": "otlp" if origin else "http", "metadata": meta}
+        assert form.origin("llm_traces", row) == origin
+        mixed.add("llm_traces", n, row["trace_id"], form.item("llm_traces", row), origin)
+    raw = b"".join(bytes(part) for part in form.body(mixed))
+    request = (ExportTraceServiceRequest.FromString(raw) if protocol == "http/protobuf"
+               else otrace.decode_otlp("traces", raw, "json"))
+    grouped = [({a.key: a.value.string_value for a in r.resource.attributes}["service.name"],
+                r.scope_spans[0].scope.name, [a.value.string_value for s in r.scope_spans[0].spans
+                                              for a in s.attributes if a.key == "otrace.trace_id"])
+               for r in request.resource_spans]
+    assert grouped == [("a1", "otrace", ["m0", "m2"]), ("billing", "sdk", ["m1", "m3"]), ("a1", "x", ["m4"])]
     report = form.report([{"kind": "retention", "ledger_id": 1, "at": 1_000, "table": "llm_traces",
                            "reason": "pressure_unpushed", "rows": 50}])
     logs_raw = b"".join(bytes(part) for part in form.body(report))
@@ -4905,7 +4919,8 @@ def test_otlp_push_into_another_otrace_reproduces_every_llm_row(tmp_path: Path, 
     pushing = run({**PUSH, "TRACE_PUSH_FORMAT": "otlp", "TRACE_PUSH_OTLP_PROTOCOL": protocol,
                    "TRACE_PUSH_ENDPOINT": f"http://127.0.0.1:{receiving.port}", "TRACE_PUSH_INTERVAL": "1h"})
     calls = [trace(trace_id="full", input_text="Summarise this", output_text='[{"role": "assistant"}]',
-                   prompt_tokens=812, completion_tokens=95, total_tokens=1000, cache_read_tokens=400,
+                   metadata={"customer": "acme", "n": 3, "tags": ["a", "b"]}, prompt_tokens=812,
+                   completion_tokens=95, total_tokens=1000, cache_read_tokens=400,
                    cache_write_tokens=12, reasoning_tokens=30, cost_usd=0.0039, latency_ms=1840.25,
                    ttft_ms=250, finish_reason="stop", session_id="s-1", created_at=1796000000123),
              trace(trace_id="failed", status="error", error_type="http_429", finish_reason="error,length"),
@@ -4926,13 +4941,28 @@ def test_otlp_push_into_another_otrace_reproduces_every_llm_row(tmp_path: Path, 
         "gen_ai.operation.name": "chat", "gen_ai.provider.name": "openai", "gen_ai.request.model": "gpt-4o",
         "error.type": "RateLimitError"})
     failed["status"] = {"code": 2, "message": "Error code: 429 - rate limit reached"}
+    other = chat_span("0af7651916cd43dd8448eb211c80319e", "b7ad6b7169203333", **{
+        "gen_ai.operation.name": "chat", "gen_ai.provider.name": "anthropic",
+        "gen_ai.request.model": "claude"})
     assert pushing.post("/v1/traces", spans_body(span, failed)).status == 200
-    pushing.wait_persisted(8)
+    assert pushing.post("/v1/traces", spans_body(other, service="billing", scope="anthropic-sdk")
+                        ).status == 200
+    pushing.wait_persisted(9)
     assert pushing.stop() == 0                                 # the last push sends them all
     assert set(synced(pushing).values()) == {1}
     sent = {row["trace_id"]: row for row in pushing.rows("llm_traces")}
     got = {row["trace_id"]: row for row in receiving.rows("llm_traces")}
-    assert len(got) == len(sent) == 5
+    assert len(got) == len(sent) == 6
+    origins = {trace_id[-4:]: (meta["service_name"], meta["scope"]) for trace_id, row in got.items()
+               if (meta := json.loads(row["metadata"]))}
+    assert (origins["3331"], origins["3332"], origins["3333"]) == (    # each under the resource and
+        ("svc", "test"), ("svc", "test"), ("billing", "anthropic-sdk"))     # scope it came with
+    full = next(row for trace_id, row in got.items() if trace_id == "-".join(
+        x.hex() for x in otrace.otel_ids("full", {})))
+    assert json.loads(full["metadata"])["customer"] == "acme" and json.loads(full["metadata"])["tags"] == [
+        "a", "b"]                                              # a poster's own metadata goes too
+    assert set(origins.values()) == {("svc", "test"), ("billing", "anthropic-sdk"), (socket.gethostname(),
+                                                                                      "otrace")}
     for trace_id, row in sent.items():
         ids = otrace.otel_ids(trace_id, json.loads(row["metadata"] or "{}"))
         there = got[f"{ids[0].hex()}-{ids[1].hex()}"]
@@ -5194,14 +5224,19 @@ def test_the_final_push_packs_nothing_past_its_deadline(tmp_path: Path) -> None:
             sum(1 for _ in otrace.Packer(conn, 1 << 30, ["llm_traces"], form, stopping=stopping).batches())
 
 
-@pytest.mark.parametrize(("push_format", "protocol"), [("otrace", ""), ("otlp", "http/protobuf"),
-                                                      ("otlp", "http/json")])
+@pytest.mark.parametrize(("push_format", "protocol", "origins"), [
+    ("otrace", "", False), ("otlp", "http/protobuf", False), ("otlp", "http/json", False),
+    ("otlp", "http/protobuf", True), ("otlp", "http/json", True)])
 def test_a_batch_body_stays_within_push_max_bytes_whatever_the_agents_name(
-        tmp_path: Path, push_format: str, protocol: str) -> None:
+        tmp_path: Path, push_format: str, protocol: str, origins: bool) -> None:
     """TRACE_PUSH_MAX_BYTES caps the whole body: the envelope counted is the format's own, which holds
-    the agent's name (any text), not a fixed guess."""
+    the agent's name (any text), not a fixed guess, and in OTLP each origin's resource and scope."""
     path = tmp_path / "otrace.db"
     seed(path, [("trace", 40, 0)], age_days=0.01)
+    if origins:                                        # each call from a service of its own, over OTLP
+        with contextlib.closing(sqlite3.connect(path)) as conn, conn:
+            conn.execute("UPDATE llm_traces SET source = 'otlp', metadata = json_object('service_name', "
+                         "'service-' || id || printf('%.700c', 'y'), 'scope', 'scope-' || (id % 3))")
     agent, limit = "agent-" + "x" * 900, 16384
     config = otrace.Config(db_path=str(path), push_format=push_format, push_endpoint="http://h:4318/",
                            **({"push_otlp_protocol": protocol} if protocol else {}))
