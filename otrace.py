@@ -11991,6 +11991,19 @@ class Report:
             aside.add(call[4 + fields:])
         return summed, aside
 
+    def units(self) -> set[int]:
+        """The local days or hours (as groups_sql keys them) from the window's start, or the oldest call
+        kept if later (before it nothing is known), to its end or now."""
+        by_source = " WHERE source = ?" if self.source is not None else ""
+        oldest = self.conn.execute(f"SELECT created_at FROM llm_traces{by_source} ORDER BY created_at "
+                                   "LIMIT 1", [self.source] if by_source else []).fetchone()
+        if oldest is None:
+            return set()
+        unit = DAY_MS if self.by == "day" else HOUR_MS
+        first, end = max(self.since, oldest[0], 0), min(self.until, now_ms() + 1)
+        at_times = [*range(first, end, unit // 2), end - 1] if first < end else []   # half a unit: DST
+        return {(at + self.zone.offset_ms(at)) // unit for at in at_times}             # days are 23 h
+
     def calls(self, summed: Summed, groups: tuple[str, list[int]]) -> dict[str, Any]:
         """Totals and rows of LLM calls; with --breakdown each row split by model. Latency percentiles
         from one pass over the calls in order of latency, fed to the Ranks of each group they are in."""
@@ -12003,6 +12016,8 @@ class Report:
             rows_summed.setdefault(row, Tally()).add(tally)
             parts[row].setdefault((provider, model), Tally()).add(tally)
             totals.add(tally)
+        if self.by in ("day", "hour"):        # a day or hour of no calls is a row of none: it shows
+            rows_summed |= {(key,): Tally() for key in self.units() - {row[0] for row in rows_summed}}
         total_ranks = Ranks(totals.timed_calls)
         row_ranks = {row: Ranks(tally.timed_calls) for row, tally in rows_summed.items()}
         model_ranks = {(row, *model): Ranks(tally.timed_calls) for row, models in parts.items()
@@ -12315,7 +12330,8 @@ class TableView:
 
         def line(key: str, cells: list[str], cost: float | None = None) -> str:
             text = fit(key, key_width) + "".join(c.rjust(w) for c, w in zip(cells, widths, strict=True))
-            return text + ("  " + bar(cost, top, bar_width) if bar_width and cost is not None else "")
+            drawn = "  " + bar(cost, top, bar_width) if bar_width and cost is not None else ""
+            return (text + drawn).rstrip()          # an empty bar leaves no blanks
 
         window = doc["window"]
         title = (f"otrace report: {window['since']} to {window['until']} ({window['timezone']}), "

@@ -8551,8 +8551,8 @@ def test_report_days_and_hours_follow_the_timezone_and_breakdown_splits_by_model
         ("anthropic", "claude-sonnet-4", 1), ("mystery", "unknown-model", 1)]
     kolkata = report_json(db, "--since", "2026-11-02T10:00:00Z", "--until", "2026-11-02T12:00:00Z",
                           "--timezone", "Asia/Kolkata", "--by", "hour")  # +05:30: hours start at :30 UTC
-    assert [(g["hour"], g["calls"]) for g in kolkata["calls"]["groups"]] == [("2026-11-02T15:00", 1),
-                                                                             ("2026-11-02T16:00", 1)]
+    assert [(g["hour"], g["calls"]) for g in kolkata["calls"]["groups"]] == [
+        ("2026-11-02T15:00", 1), ("2026-11-02T16:00", 1), ("2026-11-02T17:00", 0)]   # 17:00-17:30: none
     fixed = report_json(db, *WINDOW, "--timezone=-03:00", "--by", "day")
     assert [(g["day"], g["calls"]) for g in fixed["calls"]["groups"]] == [
         ("2026-11-02", 3), ("2026-11-03", 4)]
@@ -8576,7 +8576,7 @@ def test_report_days_across_a_daylight_saving_change(tmp_path: Path) -> None:
     db = tmp_path / "otrace.db"
     otrace.open_database(str(db))
     moments = ["2026-10-24T21:59:00Z", "2026-10-24T22:00:00Z", "2026-10-25T00:30:00Z", "2026-10-25T01:30:00Z",
-               "2026-10-25T22:59:00Z", "2026-10-25T23:00:00Z"]
+               "2026-10-25T22:59:00Z", "2026-10-25T23:00:00Z", "2026-03-27T12:00:00Z"]
     rows = [otrace.event_row(otrace.TRACES, otrace.trace_row, {"provider": "p", "model": "m", "cost_usd": 1,
                                                                "created_at": when}, "http").values
             for when in moments]
@@ -8589,9 +8589,17 @@ def test_report_days_across_a_daylight_saving_change(tmp_path: Path) -> None:
     assert days["window"] == {"since": "2026-10-24T00:00:00+02:00", "until": "2026-10-27T00:00:00+01:00",
                               "timezone": "Europe/Berlin"}
     hours = report_json(db, *window, "--by", "hour")
-    assert [(g["hour"], g["calls"]) for g in hours["calls"]["groups"]] == [
+    assert [(g["hour"], g["calls"]) for g in hours["calls"]["groups"] if g["calls"]] == [
         ("2026-10-24T23:00", 1), ("2026-10-25T00:00", 1), ("2026-10-25T02:00", 2),   # 02:30 CEST and CET
         ("2026-10-25T23:00", 1), ("2026-10-26T00:00", 1)]
+    shown = [g["hour"] for g in hours["calls"]["groups"]]    # every hour of the clock, the empty ones too
+    assert shown == sorted(set(shown)) and len(shown) == 3 * 24 and shown[-1] == "2026-10-26T23:00"
+    spring = report_json(db, "--since", "2026-03-29", "--until", "2026-03-29", "--timezone", "Europe/Berlin",
+                         "--by", "hour")["calls"]["groups"]    # 02:00 is never lived that day
+    assert [g["hour"][11:] for g in spring] == [f"{h:02}:00" for h in range(24) if h != 2]
+    before = report_json(db, "--since", "2026-03-20", "--until", "2026-03-28", "--timezone", "UTC",
+                         "--by", "day")["calls"]["groups"]     # nothing known before the oldest call
+    assert [(g["day"], g["calls"]) for g in before] == [("2026-03-27", 1), ("2026-03-28", 0)]
     local = report(db, "--since", "2026-10-24", "--until", "2026-10-26", "--json", env={"TZ": "UTC-3"})
     assert json.loads(local.stdout)["window"] == {         # POSIX UTC-3 is 3 h ahead, and named "UTC"
         "since": "2026-10-24T00:00:00+03:00", "until": "2026-10-27T00:00:00+03:00",
