@@ -11722,10 +11722,25 @@ class Zone:
 
     def __init__(self, name: str | None) -> None:
         """A named zone, or None for the machine's."""
+        if name is None and (lost := self.unknown_tz(os.environ.get("TZ", ""))):
+            raise ReportError(f"TZ={lost!r} names no time zone this machine has (the C library would "
+                              "count in UTC): set TZ to one, like Europe/Berlin, or give --timezone")
         offset = time.strftime("%z")                # the name alone can mislead: TZ=UTC-3 is "UTC"
         self.name, self.tz = f"local ({time.strftime('%Z')}, {offset[:3]}:{offset[3:]})", None
         if name is not None:
             self.name, self.tz = name, self.named(name)
+
+    @staticmethod
+    def unknown_tz(tz: str) -> str | None:
+        """TZ if it names a zone file (`Area/City`, `:name`, a name with no offset) that is not there,
+        which the C library takes silently as UTC; None for a POSIX rule (`CET-1CEST`, `UTC-3`), UTC
+        itself, or a file that is there."""
+        file = tz[1:] if tz.startswith(":") else tz
+        rule = not tz.startswith(":") and "/" not in tz and any(c.isdigit() for c in tz)
+        if rule or file.upper() in ("", "UTC", "GMT"):
+            return None
+        zones = Path(os.environ.get("TZDIR") or "/usr/share/zoneinfo")
+        return None if (zones / file).is_file() else tz           # an absolute file: zones is ignored
 
     @staticmethod
     def named(name: str) -> Any:

@@ -8800,6 +8800,12 @@ def test_report_refuses_a_bad_question_with_exit_2(tmp_path: Path) -> None:
                          (("--json", "--csv"), "not allowed with argument")):
         done = report(db, *args)
         assert done.returncode == 2 and needle in done.stderr and not done.stdout, (args, done.stderr)
+    for tz in ("Europe/Berln", ":Nope", "Nope"):                 # which the C library takes as UTC
+        done = report(db, env={"TZ": tz})
+        assert done.returncode == 2 and f"TZ={tz!r} names no time zone" in done.stderr, done.stderr
+    for tz in ("Europe/Berlin", "UTC-3", "UTC", ":UTC"):
+        assert report(db, "--json", env={"TZ": tz}).returncode == 0
+    assert report(db, "--json", "--timezone", "UTC", env={"TZ": "Nope"}).returncode == 0
     done = report(tmp_path / "nowhere.db")
     assert (done.returncode, done.stderr) == (2, f"otrace report: no database at {tmp_path / 'nowhere.db'} "
                                                  "(set --db, or TRACE_DB_PATH)\n")
