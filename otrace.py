@@ -4566,6 +4566,7 @@ TEXT_MESSAGES_KEY = "otrace.text_messages"      # which sides an otrace wrapped 
 META_KEYS = frozenset({"server.address", "http.response.status_code"})
 SPAN_NAMING = frozenset({"otel_trace_id", "otel_span_id", "otel_parent_span_id", "span_name", "service_name",
                          "scope", "otel_merged_spans", "dropped"})    # kept in a call's metadata over its cap
+OTLP_VALUE_DEPTH = 8                                   # levels of nested lists and objects pushed as such
 INPUT_EVENTS = {"gen_ai.system.message": "system", "gen_ai.user.message": "user",
                 "gen_ai.assistant.message": "assistant", "gen_ai.tool.message": "tool"}
 CHOICE_EVENT = "gen_ai.choice"
@@ -4975,6 +4976,15 @@ def _unwrapped(messages: Any) -> str | None:
     return _as_text(messages)
 
 
+def metadata_own(meta: dict[str, Any], sent: Container[str] = ()) -> dict[str, Any]:
+    """A call's metadata but what otrace keeps in it itself (its spans' naming, the GenAI attributes)
+    and keys `sent` otherwise: a poster's or a reader's own keys, pushed as otrace.metadata."""
+    return {key: value for key, value in meta.items()
+            if not (key in sent or key in SPAN_NAMING or key in META_KEYS
+                    or key.startswith((*META_PREFIXES, "_otrace"))
+                    or key in ("error.type", "input_tokens_without_cache"))}
+
+
 def span_metadata(span: Any, attrs: dict[str, Any], resource: dict[str, Any], scope: str) -> dict[str, Any]:
     """The OTel ids, the service and scope, and the GenAI attributes no column holds."""
     meta: dict[str, Any] = {"otel_trace_id": span.trace_id.hex(), "otel_span_id": span.span_id.hex()}
@@ -4982,7 +4992,7 @@ def span_metadata(span: Any, attrs: dict[str, Any], resource: dict[str, Any], sc
         meta["otel_parent_span_id"] = span.parent_span_id.hex()
     meta |= {"span_name": span.name, "service_name": resource.get("service.name"), "scope": scope}
     if isinstance(kept := attrs.get("otrace.metadata"), dict):    # pushed by an otrace: the call's own
-        meta = kept | meta
+        meta = metadata_own(kept) | meta
     meta |= {key: value for key, value in attrs.items() if (key not in MAPPED_KEYS and (
         key.startswith(META_PREFIXES) or key in META_KEYS) and not LEGACY_CONTENT.fullmatch(key))}
     if (raw := attrs.get("error.type")) is not None and error_name(raw) != raw:
@@ -9186,10 +9196,10 @@ class Packer:
                 continue
             try:
                 encoded, signal = self.form.item(table, row), self.form.signal(table)
+                origin = self.form.origin(table, row)
             except (ValueError, TypeError, OverflowError) as exc:   # a value the format cannot hold
                 self.unencodable.append((table, row["id"], row["trace_id"], describe(exc)))
                 continue
-            origin = self.form.origin(table, row)
             if batch.spans and (signal != batch.signal or self.envelope(signal) + grouped + len(batch.data)
                                 + len(self.form.separator) + len(encoded)
                                 + self.grouping(signal, origin, seen) > self.max_bytes):
@@ -9307,15 +9317,18 @@ class OtlpFormat:
     calls as GenAI spans, errors, log events and other events as log records, host samples and
     GenAI metric points as metrics. Each event is encoded alone, as a repeated field of its scope
     (a protobuf field, or a JSON array element), so a batch's buffer becomes a whole
-    Export*ServiceRequest by putting a few bytes of envelope before and after it."""
+    Export*ServiceRequest by putting a few bytes of envelope before and after it (around each origin's
+    events, where they came from several)."""
 
     def __init__(self, config: Config, agent_id: str) -> None:
-        from opentelemetry.proto.common.v1 import common_pb2  # noqa: PLC0415 - imported where needed
+        from google.protobuf.message import Error  # noqa: PLC0415 - imported where needed
+        from opentelemetry.proto.common.v1 import common_pb2  # noqa: PLC0415
         from opentelemetry.proto.logs.v1 import logs_pb2  # noqa: PLC0415
         from opentelemetry.proto.metrics.v1 import metrics_pb2  # noqa: PLC0415
         from opentelemetry.proto.resource.v1 import resource_pb2  # noqa: PLC0415
         from opentelemetry.proto.trace.v1 import trace_pb2  # noqa: PLC0415
         self.common, self.logs, self.metrics, self.traces = common_pb2, logs_pb2, metrics_pb2, trace_pb2
+        self.protobuf_error = Error
         self.json = config.push_otlp_protocol == "http/json"
         self.content_type = "application/json" if self.json else "application/x-protobuf"
         self.separator = b", " if self.json else b""
@@ -9335,7 +9348,8 @@ class OtlpFormat:
         meta = row.get("metadata") if isinstance(row.get("metadata"), dict) else {}
         service, scope = row.get("service") if table == GENAI_METRICS.name else meta.get("service_name"), \
             meta.get("scope")
-        origin = tuple(value if isinstance(value, str) and value else None for value in (service, scope))
+        origin = tuple(clean_text(value) if isinstance(value, str) and value else None   # a database from
+                       for value in (service, scope))                                     # elsewhere too
         return None if origin == (None, None) else origin
 
     def path(self, batch: Batch) -> str:
@@ -9345,19 +9359,26 @@ class OtlpFormat:
 
     # -- one row, as messages of its signal
     def item(self, table: str, row: dict[str, Any]) -> bytes:
+        """One row encoded; what protobuf cannot hold is a ValueError, as other values the format cannot
+        hold, so that the row alone is given up."""
+        try:
+            messages = self.messages(table, row)
+            if self.json:
+                return b", ".join(json.dumps(_otlp_json(m), ensure_ascii=False).encode() for m in messages)
+            return b"".join(_length_delimited(2, m.SerializeToString()) for m in messages)
+        except self.protobuf_error as exc:
+            raise ValueError(f"protobuf: {exc}") from exc
+
+    def messages(self, table: str, row: dict[str, Any]) -> list[Any]:
         if table == "llm_traces":
-            messages = [self.span(row)]
-        elif table == "system_metrics":
-            messages = self.host_metrics(row)
-        elif table == "genai_metrics":
-            messages = [self.genai_metric(row)]
-        elif table == "process_samples":
-            messages = self.process_metrics(row)
-        else:
-            messages = [self.log_record(table, row)]
-        if self.json:
-            return b", ".join(json.dumps(_otlp_json(m), ensure_ascii=False).encode() for m in messages)
-        return b"".join(_length_delimited(2, m.SerializeToString()) for m in messages)
+            return [self.span(row)]
+        if table == "system_metrics":
+            return self.host_metrics(row)
+        if table == "genai_metrics":
+            return [self.genai_metric(row)]
+        if table == "process_samples":
+            return self.process_metrics(row)
+        return [self.log_record(table, row)]
 
     def span(self, row: dict[str, Any]) -> Any:
         """An LLM call as a GenAI client span: its OTel ids when it came over OTLP, else ids derived
@@ -9390,9 +9411,7 @@ class OtlpFormat:
         attrs = {key: value for key, value in meta.items()     # the GenAI attributes no column holds
                  if key.startswith(META_PREFIXES) or key in META_KEYS} | {
             key: value for key, value in attrs.items() if value is not None}
-        own = {key: value for key, value in meta.items()       # the rest, as an error's: a poster's own
-               if key not in attrs and key not in SPAN_NAMING and key != "error.type"}
-        attrs |= {"otrace.metadata": own} if own else {}
+        attrs |= {"otrace.metadata": own} if (own := metadata_own(meta, attrs)) else {}
         status = self.traces.Status(code=2, message=row["error_type"] or "") if failed else None
         parent = bytes.fromhex(meta["otel_parent_span_id"]) if _hex_id(meta.get("otel_parent_span_id"), 8) \
             else b""
@@ -9536,15 +9555,17 @@ class OtlpFormat:
         return _field_head(1, len(resourced) + size) + resourced, b""
 
     def wrapping(self, origin: Origin) -> tuple[Any, Any]:
-        """The Resource and InstrumentationScope of an origin: its service (else the agent's name) on
-        this host, and its scope (else otrace's)."""
+        """The Resource and InstrumentationScope of an origin: otrace's own (the agent's name, this
+        host), or the service an event came with (else the agent's name) and the otrace that relays it
+        (its host may be another), and its scope (else otrace's)."""
         if origin not in self.origins:
             if len(self.origins) >= 256:          # origins are a handful; a sender inventing more
                 self.origins.clear()              # costs only their rebuilding
             service, scope = origin or (None, None)
+            resource = {"service.name": self.agent_id, "host.name": self.host} if origin is None else {
+                "service.name": service or self.agent_id, "otrace.agent_id": self.agent_id}
             self.origins[origin] = (
-                self.resource_pb2.Resource(attributes=self.attributes({
-                    "service.name": service or self.agent_id, "host.name": self.host})),
+                self.resource_pb2.Resource(attributes=self.attributes(resource)),
                 self.common.InstrumentationScope(name=scope) if scope else
                 self.common.InstrumentationScope(name="otrace", version=__version__))
         return self.origins[origin]
@@ -9578,13 +9599,16 @@ class OtlpFormat:
         return count, said.decode("utf-8", "replace")
 
     # -- values
-    def attributes(self, values: dict[str, Any]) -> list[Any]:
-        return [self.common.KeyValue(key=key, value=self.value(value)) for key, value in values.items()
+    def attributes(self, values: dict[str, Any], depth: int = 0) -> list[Any]:
+        return [self.common.KeyValue(key=key, value=self.value(value, depth)) for key, value in values.items()
                 if value is not None]
 
-    def value(self, value: Any) -> Any:
-        """An OTLP AnyValue of a JSON value."""
+    def value(self, value: Any, depth: int = 0) -> Any:
+        """An OTLP AnyValue of a JSON value; nested deeper than OTLP_VALUE_DEPTH, its JSON text (protobuf
+        parsers stop at 100 message levels, three a level of key-value list)."""
         common = self.common
+        if isinstance(value, (list, tuple, dict)) and depth >= OTLP_VALUE_DEPTH:
+            return common.AnyValue(string_value=json.dumps(value, ensure_ascii=False, default=str))
         if isinstance(value, bool):
             return common.AnyValue(bool_value=value)
         if isinstance(value, int) and -2**63 <= value < 2**63:
@@ -9592,9 +9616,10 @@ class OtlpFormat:
         if isinstance(value, float):
             return common.AnyValue(double_value=value)
         if isinstance(value, (list, tuple)):
-            return common.AnyValue(array_value=common.ArrayValue(values=[self.value(v) for v in value]))
+            return common.AnyValue(array_value=common.ArrayValue(values=[self.value(v, depth + 1)
+                                                                         for v in value]))
         if isinstance(value, dict):
-            return common.AnyValue(kvlist_value=common.KeyValueList(values=self.attributes(value)))
+            return common.AnyValue(kvlist_value=common.KeyValueList(values=self.attributes(value, depth + 1)))
         return common.AnyValue(string_value="" if value is None else str(value))
 
 

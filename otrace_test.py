@@ -4144,6 +4144,19 @@ def test_an_otlp_push_body_is_a_whole_export_request(protocol: str) -> None:
                                               for a in s.attributes if a.key == "otrace.trace_id"])
                for r in request.resource_spans]
     assert grouped == [("a1", "otrace", ["m0", "m2"]), ("billing", "sdk", ["m1", "m3"]), ("a1", "x", ["m4"])]
+    assert [sorted(a.key for a in r.resource.attributes) for r in request.resource_spans] == [
+        ["host.name", "service.name"], *[["otrace.agent_id", "service.name"]] * 2]   # relayed: host unknown
+    odd = {"source": "otlp", "metadata": {"service_name": "bad\ud800", "scope": 5}}   # another's database
+    assert form.origin("llm_traces", odd) == ("bad\ufffd", None)
+    deep: dict[str, Any] = {"leaf": 1}
+    for _ in range(50):                                       # past what protobuf parsers take: JSON text
+        deep = {"k": deep}
+    pushed = form.messages("llm_traces", rows[0] | {"metadata": {"deep": deep, "customer": "acme"}})[0]
+    kept = otrace.otel_value(next(a.value for a in pushed.attributes if a.key == "otrace.metadata"))
+    below = otrace.OTLP_VALUE_DEPTH - 1                         # levels: otrace.metadata's, then deep's
+    assert kept["customer"] == "acme" and json.loads(functools.reduce(
+        lambda value, _: value["k"], range(below), kept["deep"])) == functools.reduce(
+        lambda value, _: value["k"], range(below), deep)
     report = form.report([{"kind": "retention", "ledger_id": 1, "at": 1_000, "table": "llm_traces",
                            "reason": "pressure_unpushed", "rows": 50}])
     logs_raw = b"".join(bytes(part) for part in form.body(report))
@@ -4929,7 +4942,8 @@ def test_otlp_push_into_another_otrace_reproduces_every_llm_row(tmp_path: Path, 
                    ttft_ms=250, finish_reason="stop", session_id="s-1", created_at=1796000000123),
              trace(trace_id="failed", status="error", error_type="http_429", finish_reason="error,length"),
              trace(trace_id="priced", provider="openai", model="gpt-4o", prompt_tokens=1000,
-                   completion_tokens=100)]
+                   completion_tokens=100),
+             trace(trace_id="deep", metadata=functools.reduce(lambda inner, _: {"k": inner}, range(50), {}))]
     assert pushing.post("/v1/traces", calls).status == 202
     assert pushing.post("/v1/errors", [
         {"error_type": "crash", "message": "segfault", "severity": "critical",
@@ -4951,12 +4965,12 @@ def test_otlp_push_into_another_otrace_reproduces_every_llm_row(tmp_path: Path, 
     assert pushing.post("/v1/traces", spans_body(span, failed)).status == 200
     assert pushing.post("/v1/traces", spans_body(other, service="billing", scope="anthropic-sdk")
                         ).status == 200
-    pushing.wait_persisted(9)
+    pushing.wait_persisted(10)
     assert pushing.stop() == 0                                 # the last push sends them all
     assert set(synced(pushing).values()) == {1}
     sent = {row["trace_id"]: row for row in pushing.rows("llm_traces")}
     got = {row["trace_id"]: row for row in receiving.rows("llm_traces")}
-    assert len(got) == len(sent) == 6
+    assert len(got) == len(sent) == 7                         # metadata too deep for protobuf: cut
     origins = {trace_id[-4:]: (meta["service_name"], meta["scope"]) for trace_id, row in got.items()
                if (meta := json.loads(row["metadata"]))}
     assert (origins["3331"], origins["3332"], origins["3333"]) == (    # each under the resource and
@@ -4987,6 +5001,26 @@ def test_otlp_push_into_another_otrace_reproduces_every_llm_row(tmp_path: Path, 
     here = collections.Counter(tuple(row[k] for k in columns) for row in pushing.rows("error_events"))
     assert there == here + collections.Counter([("llm_error", "rate_limit", "error", "http_429", None,
                                                  "anthropic", "claude-sonnet-4", None)])  # "failed"'s span
+
+
+def test_a_spans_otrace_metadata_adds_its_keys_and_none_otrace_keeps_itself(
+        run: Callable[..., Otrace]) -> None:
+    """otrace.metadata (how an otrace pushes the rest of a call's metadata) adds a poster's keys to the
+    row's metadata, never one otrace keeps itself: another sender can neither name the span's parent
+    nor break the request with a value of the wrong kind."""
+    node = run()
+    span = chat_span("0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331", **{
+        "gen_ai.operation.name": "chat", "gen_ai.request.model": "gpt-4o"})
+    span["attributes"].append({"key": "otrace.metadata", "value": {"kvlistValue": {"values": [
+        {"key": "customer", "value": {"stringValue": "acme"}}, {"key": "dropped", "value": {"intValue": "1"}},
+        {"key": "otel_merged_spans", "value": {"intValue": "5"}},
+        {"key": "otel_parent_span_id", "value": {"stringValue": "1111111111111111"}},
+        {"key": "gen_ai.request.model", "value": {"stringValue": "other"}}]}}})
+    assert node.post("/v1/traces", spans_body(span)).status == 200
+    node.wait_persisted(1)
+    meta = json.loads(node.rows("llm_traces")[0]["metadata"])
+    assert (meta["customer"], meta["service_name"], meta["gen_ai.request.model"]) == ("acme", "svc", "gpt-4o")
+    assert not {"dropped", "otel_merged_spans", "otel_parent_span_id"} & set(meta), meta
 
 
 def test_otlp_push_holds_times_past_its_range_at_their_largest(run: Callable[..., Otrace],
