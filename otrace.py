@@ -361,7 +361,16 @@ def _price_file(raw: str) -> str:
     return raw.strip()
 
 
+def _utf8(raw: str) -> str:
+    try:
+        raw.encode("utf-8")
+    except UnicodeEncodeError:
+        raise SettingError from None
+    return raw
+
+
 TEXT = Kind("any text", str)
+UTF8 = Kind("any UTF-8 text", _utf8)
 NAME = Kind("a non-empty value", _nonempty)
 ADDRESS = Kind("an IP address, or a host name that resolves to an IPv4 one", _listen_address)
 SWITCH = Kind("on or off (or true/false, yes/no, 1/0)", _switch)
@@ -604,7 +613,7 @@ class Config:
     push_breaker_cooldown: float = setting("5m", duration("100ms", "1d"), "Wait of an open breaker before "
                                            "the next try; it doubles with each further failed cycle, up "
                                            "to 1 h.")
-    agent_id: str = setting("", TEXT, "Name of this agent in pushed batches; empty: the host name.")
+    agent_id: str = setting("", UTF8, "Name of this agent in pushed batches; empty: the host name.")
 
     @classmethod
     def from_env(cls, environ: dict[str, str]) -> Config:
@@ -4567,6 +4576,7 @@ META_KEYS = frozenset({"server.address", "http.response.status_code"})
 SPAN_NAMING = frozenset({"otel_trace_id", "otel_span_id", "otel_parent_span_id", "span_name", "service_name",
                          "scope", "otel_merged_spans", "dropped"})    # kept in a call's metadata over its cap
 OTLP_VALUE_DEPTH = 8                                   # levels of nested lists and objects pushed as such
+TOO_DEEP_TO_SEND = "(nested deeper than otrace can send)"    # pushed for a value's JSON text
 INPUT_EVENTS = {"gen_ai.system.message": "system", "gen_ai.user.message": "user",
                 "gen_ai.assistant.message": "assistant", "gen_ai.tool.message": "tool"}
 CHOICE_EVENT = "gen_ai.choice"
@@ -4838,6 +4848,7 @@ class Call:
     event: dict[str, Any]
     failure: dict[str, Any] | None
     keys: list[str]                  # the row keys of the spans it stands for, its own first
+    relayed: bool = False            # pushed by an otrace, which made its spans one row per call
 
 
 def span_key(trace_id: bytes, span_id: bytes) -> str | None:
@@ -4897,7 +4908,7 @@ def llm_call(span: Any, resource: dict[str, Any], where: tuple[int, str], store_
             _word(attrs.get("gen_ai.request.model")), _word(attrs.get("gen_ai.response.model")))
     return Call(key, (where[0], event["provider"]), where[1], span.start_time_unix_nano,
                 span.end_time_unix_nano, response_id if isinstance(response_id, str) else None, said,
-                event, failure, [key])
+                event, failure, [key], relayed="otrace.trace_id" in attrs)
 
 
 def usage_tokens(event: dict[str, Any], attrs: dict[str, Any]) -> None:
@@ -4978,7 +4989,10 @@ def _unwrapped(messages: Any) -> str | None:
 
 def metadata_own(meta: dict[str, Any], sent: Container[str] = ()) -> dict[str, Any]:
     """A call's metadata but what otrace keeps in it itself (its spans' naming, the GenAI attributes)
-    and keys `sent` otherwise: a poster's or a reader's own keys, pushed as otrace.metadata."""
+    and keys `sent` otherwise: a poster's or a reader's own keys, pushed as otrace.metadata. Metadata
+    cut for its size has none left, only the marker of the cut."""
+    if meta.get("_otrace_truncated") is True:
+        return {}
     return {key: value for key, value in meta.items()
             if not (key in sent or key in SPAN_NAMING or key in META_KEYS
                     or key.startswith((*META_PREFIXES, "_otrace"))
@@ -5067,11 +5081,12 @@ def one_per_call(calls: list[Call]) -> tuple[list[Call], int]:
     """Two instrumentations in one process can each report the same call (the Anthropic SDK's own
     tracing and OpenLLMetry's do, as two root spans): a span of another scope, with the same provider,
     that may be the same call (may_be_one_call), is the one with the same response id, else the one
-    lying inside the other's time. The inner span's row is kept and filled in from the outer one. The
-    calls left, and how many spans were merged."""
+    lying inside the other's time. The inner span's row is kept and filled in from the outer one (a
+    span another otrace relayed is kept as it is). The calls left, and how many spans were merged."""
     groups: dict[tuple[int, str | None], list[Call]] = {}
     for call in calls:
-        groups.setdefault(call.group, []).append(call)
+        if not call.relayed:
+            groups.setdefault(call.group, []).append(call)
     gone: set[int] = set()
     for group in groups.values():
         if len({call.scope for call in group}) < 2:
@@ -5152,8 +5167,9 @@ def same_call(stored: Call, call: Call) -> bool:
     """Whether `call`, from a later request, is another instrumentation's span of the call `stored`:
     another scope, the same service and provider, one that may be the same call (may_be_one_call),
     and the same response id (where both have one), or one lying inside the other's time. A call
-    already made of two spans takes no third."""
-    if (stored.scope == call.scope or len(stored.keys) > 1 or not may_be_one_call(stored, call)
+    already made of two spans takes no third, nor a span another otrace relayed (merged there)."""
+    if (stored.scope == call.scope or len(stored.keys) > 1 or stored.relayed or call.relayed
+            or not may_be_one_call(stored, call)
             or service_and_provider(stored) != service_and_provider(call)):
         return False
     if stored.response_id and call.response_id:
@@ -9259,7 +9275,7 @@ def json_or_text(value: str) -> Any:
     otrace's fault): one such row must not stop every push."""
     try:
         return json.loads(value, parse_constant=_no_constants, parse_float=_finite_float)
-    except ValueError:
+    except (ValueError, RecursionError):
         return value
 
 
@@ -9368,6 +9384,8 @@ class OtlpFormat:
             return b"".join(_length_delimited(2, m.SerializeToString()) for m in messages)
         except self.protobuf_error as exc:
             raise ValueError(f"protobuf: {exc}") from exc
+        except RecursionError:                   # the stack is deeper here than where it was parsed
+            raise ValueError("nested too deeply to encode") from None
 
     def messages(self, table: str, row: dict[str, Any]) -> list[Any]:
         if table == "llm_traces":
@@ -9608,7 +9626,10 @@ class OtlpFormat:
         parsers stop at 100 message levels, three a level of key-value list)."""
         common = self.common
         if isinstance(value, (list, tuple, dict)) and depth >= OTLP_VALUE_DEPTH:
-            return common.AnyValue(string_value=json.dumps(value, ensure_ascii=False, default=str))
+            try:
+                return common.AnyValue(string_value=json.dumps(value, ensure_ascii=False, default=str))
+            except RecursionError:         # parsed near the API's limit, frames deeper here
+                return common.AnyValue(string_value=TOO_DEEP_TO_SEND)
         if isinstance(value, bool):
             return common.AnyValue(bool_value=value)
         if isinstance(value, int) and -2**63 <= value < 2**63:

@@ -367,6 +367,7 @@ def test_version() -> None:
     ("TRACE_PUSH_HEADERS", "x-api-key", "key=value pairs"),
     ("TRACE_PUSH_ENDPOINT", "http://a b/", "an http:// or https:// URL"),      # no such host name
     ("TRACE_PUSH_ENDPOINT", "http://h:0/", "an http:// or https:// URL"),      # no such port
+    ("TRACE_AGENT_ID", "agent-\udcff", "any UTF-8 text"),     # byte 0xff: no push could name it
 ])
 def test_bad_setting_exits_2_naming_it(tmp_path: Path, name: str, value: str, accepts: str) -> None:
     env = {**os.environ, "TRACE_DB_PATH": str(tmp_path / "x.db"), name: value}
@@ -5023,6 +5024,13 @@ def test_a_spans_otrace_metadata_adds_its_keys_and_none_otrace_keeps_itself(
     assert not {"dropped", "otel_merged_spans", "otel_parent_span_id"} & set(meta), meta
 
 
+def test_metadata_cut_for_its_size_has_no_keys_to_push() -> None:
+    """Metadata over TRACE_MAX_TEXT_BYTES is stored as the marker of the cut alone: none of it is a
+    poster's key for otrace.metadata (its size would arrive as one)."""
+    assert otrace.metadata_own({"_otrace_truncated": True, "original_bytes": 20000}) == {}
+    assert otrace.metadata_own({"customer": "acme", "_otrace_left_out": 2}) == {"customer": "acme"}
+
+
 def test_otlp_push_holds_times_past_its_range_at_their_largest(run: Callable[..., Otrace],
                                                                receiver: Receiver) -> None:
     """otrace takes times up to 9999; OTLP's nanoseconds end in 2554. A row past that, or a latency
@@ -5072,6 +5080,57 @@ def test_a_row_otlp_cannot_hold_is_given_up_and_reported_not_stopping_push(
     receiver.wait(lambda requests: any("otrace.loss" in json.dumps(r["json"]) for r in requests))
     assert node.health()["push"]["events_unencodable"] == 1
     assert node.logs("events that cannot be sent in the push format: given up, reported in the next push")
+
+
+def test_an_otrace_receiving_relayed_spans_keeps_the_senders_rows(tmp_path: Path,
+                                                                  run: Callable[..., Otrace]) -> None:
+    """Two instrumentations' spans that one otrace could not tell apart as one call (an outer span
+    and two inner ones) stay three rows in the otrace it pushes them to, one span per request, as
+    they are in the first: merging was the sender's to do, and a second guess counts other tokens."""
+    receiving = run(db=tmp_path / "receiving.db")
+    pushing = run({**PUSH, "TRACE_PUSH_FORMAT": "otlp", "TRACE_PUSH_MAX_BYTES": "1KiB",
+                   "TRACE_PUSH_ENDPOINT": f"http://127.0.0.1:{receiving.port}",
+                   "TRACE_PUSH_INTERVAL": "300ms"})
+    start, second = 1796000000000000000, 1_000_000_000
+
+    def span(span_hex: str, begins: int, ends: int) -> dict[str, Any]:
+        found = chat_span("0af7651916cd43dd8448eb211c80beef", span_hex, **{
+            "gen_ai.operation.name": "chat", "gen_ai.provider.name": "openai",
+            "gen_ai.request.model": "gpt-4o", "gen_ai.usage.input_tokens": 5})
+        return found | {"startTimeUnixNano": str(start + begins), "endTimeUnixNano": str(start + ends)}
+    body = spans_body(span("b7ad6b71692033a1", 0, 3 * second), scope="langchain")
+    body["resourceSpans"][0]["scopeSpans"].append({"scope": {"name": "openai"}, "spans": [
+        span("b7ad6b71692033a2", second // 2, second),
+        span("b7ad6b71692033a3", 3 * second // 2, 2 * second)]})
+    assert pushing.post("/v1/traces", body).status == 200
+    wait_until(lambda: len(synced(pushing)) == 3 and set(synced(pushing).values()) == {1}, what="3 pushed")
+    mapped = wait_until(lambda: (h := receiving.health()["otlp"])["llm_spans"] + h["spans_merged"] >= 3 and h,
+                        what="3 spans mapped")
+    receiving.wait_persisted(mapped["llm_spans"])
+    rows = receiving.rows("llm_traces")
+    assert (len(rows), sum(row["prompt_tokens"] for row in rows)) == (3, 15)
+    assert receiving.health()["otlp"]["spans_merged"] == 0
+
+
+def test_a_call_nested_as_deep_as_the_api_takes_is_pushed_over_otlp(run: Callable[..., Otrace],
+                                                                    receiver: Receiver) -> None:
+    """Metadata nested as deep as the API parses is deeper than push can write back as JSON text (its
+    stack is deeper there): the call goes, that value marked, and so does the call after it."""
+    node = run(otlp_push_env(receiver))
+    for depth in range(1000, 0, -1):                 # the deepest the API takes, nesting lists
+        body = '[{"trace_id": "deep", "provider": "p", "model": "m", "metadata": {"m": ' + "[" * depth + \
+            "]" * depth + "}}]"
+        if exchange(node.port, "POST", "/v1/traces", body.encode(), {"Content-Type": "application/json"}
+                    ).status == 202:
+            break
+    assert depth > 900
+    wait_synced(node, [*node.post("/v1/traces", trace(trace_id="plain")).json["trace_ids"], "deep"])
+    spans = {a["value"]["stringValue"]: s for r in receiver.requests for rs in (r["json"] or {}).get(
+             "resourceSpans", []) for ss in rs["scopeSpans"] for s in ss["spans"] for a in s["attributes"]
+             if a["key"] == "otrace.trace_id"}
+    assert set(spans) == {"deep", "plain"}
+    assert otrace.TOO_DEEP_TO_SEND in json.dumps(spans["deep"])
+    assert node.health()["push"]["events_unencodable"] == 0 and not node.logs("push failed")
 
 
 def test_otlp_push_outlasts_a_dead_port_a_429_and_partial_success(run: Callable[..., Otrace],
