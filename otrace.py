@@ -3651,6 +3651,8 @@ TOO_MANY_CONNECTIONS = b"\r\n".join([
     b"Content-Length: %d" % len(_BUSY_BODY), b"Connection: close", b"", _BUSY_BODY])
 IN, OUT, RDHUP = select.EPOLLIN, select.EPOLLOUT, select.EPOLLRDHUP
 HUP, ERR = select.EPOLLHUP, select.EPOLLERR
+_DECIMAL = re.compile(r"[0-9]+")         # compiled once: re's cache lookup costs more than the match
+_HEXADECIMAL = re.compile(rb"[0-9A-Fa-f]+")
 
 
 @dataclasses.dataclass(slots=True)
@@ -3684,19 +3686,20 @@ def parse_head(raw: bytes, complete: bool) -> Request:
         raise Refusal(400, f"not an HTTP/1.1 request line: {line[:200].decode('latin-1')!r}")
     method, target, version = words
     headers: dict[str, str] = {}
-    lines = rest.split(b"\n")
-    if not complete or lines[-2:] not in ([b"", b""], [b"\r", b""]):
+    lines = rest.decode("latin-1").split("\n")       # decoded once: latin-1 maps byte to character
+    if not complete or lines[-2:] not in (["", ""], ["\r", ""]):
         raise Refusal(400, "the request ended inside its headers")
     if len(lines) - 2 > MAX_HEADERS:
         raise Refusal(431, f"more than {MAX_HEADERS} headers")
     for item in lines[:-2]:
-        name, colon, value = item.decode("latin-1").rstrip("\r").partition(":")
+        name, colon, value = item.rstrip("\r").partition(":")
         if not colon or not name or name != name.strip():
-            raise Refusal(400, f"bad header line: {item[:200].decode('latin-1')!r}")
+            raise Refusal(400, f"bad header line: {item[:200]!r}")
         name, value = name.lower(), value.strip()
         if headers.setdefault(name, value) != value and name in ("content-length", "transfer-encoding"):
             raise Refusal(400, f"conflicting {name} headers")
-    connection = {option.strip() for option in headers.get("connection", "").lower().split(",")}
+    connection = {option.strip() for option in headers["connection"].lower().split(",")} \
+        if "connection" in headers else ()                # most clients send none: no set to build
     close = "close" in connection or (version == "HTTP/1.0" and "keep-alive" not in connection)
     length, chunked = body_framing(headers, version)
     return Request(method, target, target.split("?", 1)[0], version, headers, close, length, chunked)
@@ -3713,7 +3716,7 @@ def body_framing(headers: dict[str, str], version: str) -> tuple[int | None, boo
         return None, True
     if length is None:
         return 0, False
-    if not re.fullmatch(r"[0-9]+", length):
+    if not _DECIMAL.fullmatch(length):
         raise Refusal(400, "Content-Length must be a number of bytes")
     digits = length.lstrip("0")
     if len(digits) > 18:
@@ -3759,7 +3762,7 @@ def decode_chunked(raw: bytearray, out: bytearray, limit: int, state: list[int])
                     raise Refusal(431, f"chunked trailers are over {HEAD_LIMIT} bytes")
                 continue
             digits = line.split(b";", 1)[0].strip()
-            if not re.fullmatch(rb"[0-9A-Fa-f]+", digits):
+            if not _HEXADECIMAL.fullmatch(digits):
                 raise Refusal(400, "a chunk size is not hexadecimal")
             digits = digits.lstrip(b"0")
             size = int(digits or b"0", 16) if len(digits) <= 15 else limit + 1
@@ -3825,10 +3828,11 @@ class Connection:
             del inbox[:len(inbox) - len(inbox.lstrip(b"\r\n"))]
             if not inbox:
                 return None
-        ends = [i for i in (inbox.find(b"\n\r\n"), inbox.find(b"\n\n")) if i >= 0]
-        if ends:
-            end = min(ends)                            # the last header line's \n, then \r\n or \n
-            size = end + (2 if inbox[end + 1] == 10 else 3)
+        crlf = inbox.find(b"\n\r\n")                 # then "\n\n" only before it: not through the body
+        lf = inbox.find(b"\n\n", 0, crlf + 1) if crlf >= 0 else inbox.find(b"\n\n")
+        if crlf >= 0 or lf >= 0:                       # the last header line's \n, then \r\n or \n
+            end = lf if crlf < 0 or 0 <= lf < crlf else crlf
+            size = end + (2 if end == lf else 3)
             head = bytes(inbox[:size])
             del inbox[:size]
             return head, True
@@ -5569,8 +5573,8 @@ class OtlpReceiver:
         """The encoding of JSON on /v1/traces when its top level is resourceSpans (parsed to tell, and
         again when it is mapped: a parsed document waiting for its turn would hold several times its
         body); None for otrace's own."""
-        if b'"resourceSpans"' not in body and b'"resource_spans"' not in body:
-            return None
+        if b'"resource' not in body or (b'"resourceSpans"' not in body and b'"resource_spans"' not in body):
+            return None                                # one scan of the body for otrace's own events
         with contextlib.suppress(Invalid):
             doc = json_body(body)
             if isinstance(doc, dict) and any(key in doc for key in OTLP_TOP["traces"]):
@@ -11219,6 +11223,7 @@ TOKEN_TYPES = {"input": "prompt_tokens", "output": "completion_tokens",     # ge
 _TRACE_AT = {name: index for index, name in enumerate(TRACES.columns)}
 _ERROR_AT = {name: index for index, name in enumerate(ERRORS.columns)}
 _LOG_KIND_AT = LOGS.columns.index("kind")
+_TOKENS_AT = tuple((kind, _TRACE_AT[column]) for kind, column in TOKEN_TYPES.items())   # looked up once
 
 
 class CallSeries:
@@ -11237,12 +11242,12 @@ class CallSeries:
         at = _TRACE_AT
         self.calls += 1
         self.failures += row[at["status"]] == "error"
-        for kind, column in TOKEN_TYPES.items():
-            self.tokens[kind] += row[at[column]] or 0
+        for kind, index in _TOKENS_AT:
+            self.tokens[kind] += row[index] or 0
         source = row[at["cost_source"]]
         if source is not None:
             self.cost[source] += row[at["cost_usd"]]
-        elif row[at["total_tokens"]] or any(row[at[c]] for c in TOKEN_TYPES.values()):  # as HAS_TOKENS_SQL
+        elif row[at["total_tokens"]] or any(row[index] for _, index in _TOKENS_AT):  # as HAS_TOKENS_SQL
             self.unpriced += 1
         latency = row[at["latency_ms"]]
         if latency is not None:
