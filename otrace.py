@@ -47,7 +47,6 @@ SessionStore.look -> read_session (or read_file) -> store_events -> EventQueue.o
 
 from __future__ import annotations
 
-import argparse
 import binascii
 import bisect
 import collections
@@ -97,7 +96,7 @@ except ImportError as missing:  # pragma: no cover - depends on the environment
     sys.exit(f"otrace: missing package {missing.name!r}: pip install -r requirements.txt, or run otrace.pyz")
 
 # Imported where first needed, not here (see docs/design.md, "Dependencies"): urllib3 and gzip (push),
-# hmac (the ingest token), ctypes (push's buffers), difflib (a misspelled setting).
+# hmac (the ingest token), ctypes (push's buffers), difflib (a misspelled setting), argparse (arguments).
 
 __version__ = "0.2.0"
 __all__ = [
@@ -668,10 +667,10 @@ def env_name(spec: dataclasses.Field) -> str:
 
 def unknown_settings(environ: Iterable[str]) -> list[str]:
     """A warning for every TRACE_* variable otrace does not know, naming the closest one it does."""
-    import difflib  # noqa: PLC0415 - imported where needed (see the imports)
     known = [env_name(spec) for spec in dataclasses.fields(Config)]
     warnings = []
     for name in sorted(n for n in environ if n.startswith("TRACE_") and n not in known):
+        import difflib  # noqa: PLC0415 - only for a misspelled setting: 0.1 MiB a start need not hold
         close = difflib.get_close_matches(name[6:].upper(), [k[6:] for k in known], n=1, cutoff=0.75)
         warnings.append(f"{name} is not a setting otrace knows" + (f"; did you mean TRACE_{close[0]}?"
                                                                   if close else ""))
@@ -12482,6 +12481,7 @@ class TableView:
 
 def run_report(argv: list[str]) -> int:
     """`otrace report`: print the report, or exit 2 saying what is wrong with the question."""
+    import argparse  # noqa: PLC0415 - imported where needed (see the imports)
     parser = argparse.ArgumentParser(
         prog="otrace report", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="What the agent did and cost in a window: LLM calls, failures, tokens, cost, latency; "
@@ -12865,6 +12865,23 @@ def serve(config: Config, warnings: Iterable[str] = ()) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["report"]:
+        return run_report(argv[1:])
+    if argv and command(argv) == "settings":      # none: serve, without argparse held resident for good
+        print(settings_table(markdown=True))
+        return 0
+    try:
+        config = Config.from_env(dict(os.environ))
+    except SettingError as bad:
+        print(f"otrace: {bad}", file=sys.stderr)
+        return 2
+    return serve(config, unknown_settings(os.environ))
+
+
+def command(argv: list[str]) -> str:
+    """The command the arguments name (serve, settings); --help, --version and a wrong one exit here."""
+    import argparse  # noqa: PLC0415 - imported where needed (see the imports)
     parser = argparse.ArgumentParser(
         prog="otrace", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Observability sidecar for AI agents: takes LLM traces and error events over HTTP "
@@ -12875,19 +12892,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="serve (the default) runs the service; settings prints the settings "
                              "table as Markdown; report answers what the agent did and cost (see "
                              "`otrace report --help`)")
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["report"]:
-        return run_report(argv[1:])
-    args = parser.parse_args(argv)
-    if args.command == "settings":
-        print(settings_table(markdown=True))
-        return 0
-    try:
-        config = Config.from_env(dict(os.environ))
-    except SettingError as bad:
-        print(f"otrace: {bad}", file=sys.stderr)
-        return 2
-    return serve(config, unknown_settings(os.environ))
+    return parser.parse_args(argv).command
 
 
 if __name__ == "__main__":

@@ -2301,6 +2301,14 @@ def test_openssl_stays_out_of_memory_without_push_or_token(svc: Otrace) -> None:
     assert "libssl" not in maps and "libcrypto" not in maps
 
 
+def test_argparse_and_difflib_stay_out_of_a_start_without_arguments_or_misspellings() -> None:
+    """Imported where needed: argparse for arguments, difflib for a misspelled setting (0.5 MiB)."""
+    code = ("import sys; import otrace; otrace.unknown_settings({'TRACE_PORT': '1'}); "
+            "print(sorted({'argparse', 'difflib'} & set(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=HERE)
+    assert out.stdout.strip() == "[]"
+
+
 def test_token_is_required_when_set(run: Callable[..., Otrace]) -> None:
     node = run({"TRACE_INGEST_TOKEN": "tok-123"})
     assert node.post("/v1/traces", trace()).status == 401
