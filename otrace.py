@@ -7442,6 +7442,7 @@ class DnsProbe(Loop):
 # trace and no error event, and only adds the count of failed attempts to the store's event.
 
 LOG_UNIT_BYTES = 4 << 20         # lines read into one unit: at most this, or one line
+LOG_UNIT_LINES = 1024            # and at most this many: the rows they become bound a unit first
 LINE_ROWS_MOST = 2               # rows a line becomes: its log event, and a trace or an error event
 FINGERPRINT_BYTES = 256
 LOG_NAME = re.compile(r"openclaw(?:-(?P<profile>[\w.-]+))?-\d{4}-\d{2}-\d{2}\.log")   # not a rotated .N.log
@@ -7850,8 +7851,8 @@ class LogTailer(QuietReader):
         self.backlog = self.unfinished()  # files read before, with lines left: finish them first
         self.started = False
         self.waiting = False
-        self.most = max(1, min(256, config.queue_size // 2))   # lines per unit: one read while one is written
-        self.rows_most = events.reader_room // 2                # and rows: two units in the readers' room
+        self.most = LOG_UNIT_LINES   # lines read at once: units are cut by rows, so there are fewer of them
+        self.rows_most = events.reader_room // 2                # rows a unit: two units in the readers' room
         self.totals = Counters(("lines", "events", "skipped", "not_json", "cut", "unreadable", "bytes_read",
                                 "failed_attempts"))
 
