@@ -558,9 +558,9 @@ class Config:
                                "rows are deleted (but each table's newest row, whose id must not come "
                                "back: see operations.md).")
     db_max_bytes: int = setting("200MiB", size("1MiB", "16TiB"), "Most the database (file + WAL) may "
-                                f"use: past {DB_HIGH_MARK * 100:.0f} % of it (less after a flood) the "
-                                f"oldest rows are deleted, down to {DB_LOW_MARK * 100:.0f} % (see "
-                                "docs/operations.md).")
+                                f"use: past {DB_HIGH_MARK * 100:.0f} % of it (less after a flood; the WAL "
+                                f"counted at the most it reached lately) the oldest rows are deleted, down "
+                                f"to {DB_LOW_MARK * 100:.0f} % (see docs/operations.md).")
     disk_reserve_bytes: int = setting("16MiB", size("64KiB", "4GiB", zero_is_off=True), "Space held in a "
                                       "file beside the database and given up on the first disk-full "
                                       "write, so what was accepted still commits; ingest then answers "
@@ -10857,15 +10857,31 @@ def relief(tiers: tuple[Tier, ...], until: int, pass_id: str, conn: sqlite3.Conn
 class Marks:
     """The database's high and low marks, as shares of its cap, lowered together by as much as the
     database recently got past the high mark before a pass relieved it (a flood, a slow disk, a reader
-    holding the WAL), so that it peaks near the high mark all the same."""
+    holding the WAL), so that it peaks near the high mark all the same. The WAL counts at the most it
+    reached lately (`wal`), not at its size of the moment: it swings within milliseconds (a push
+    cycle's marks, a burst's batches and deletions while a reader keeps it from starting over, a
+    vacuum's moved pages) far faster than a pass answers, so its room under the cap is kept free
+    beforehand, the main file held under the marks by that much."""
 
     HIGH, LOW = DB_HIGH_MARK, DB_LOW_MARK
     FLOOR = 0.70             # the high mark never comes lower: a burst larger than the cap is no lesson
     FORGET = 0.98            # a past overshoot weighs this much less at each pass
+    FORGET_WAL = 0.998       # and a past WAL peak: a WAL that swung there once may again, in a burst
+                             # that passes do not see coming (about 350 passes under the cap to halve)
+    WAL_MOST = 0.25          # the WAL's room counts at most this share of the cap (TRACE_WAL_MAX_BYTES
+                             # bounds it too): a reader holding the WAL is no lesson either
 
-    def __init__(self) -> None:
+    def __init__(self, wal_most: float = WAL_MOST) -> None:
         self.overshoot = 0.0     # share of the cap
         self.peak = 0.0          # the largest share seen since the last pass
+        self.wal = 0.0           # the largest WAL seen lately, as a share of the cap
+        self.wal_most = min(wal_most, self.WAL_MOST)
+
+    def count(self, main: float, wal: float) -> float:
+        """The database's share as the marks count it: the main file's, and the WAL's at the most it
+        reached lately (both shares of the cap)."""
+        self.wal = max(self.wal, min(wal, self.wal_most))
+        return main + max(wal, self.wal)
 
     @property
     def high(self) -> float:
@@ -10882,6 +10898,7 @@ class Marks:
         """A pass under pressure is over, and the database is now at `share`."""
         self.overshoot = max(self.peak - self.high, self.overshoot * self.FORGET)
         self.peak = share
+        self.wal *= self.FORGET_WAL
 
 
 class Retention(Loop):
@@ -10909,7 +10926,7 @@ class Retention(Loop):
         self.file_bytes = 0                      # the main file's size after the last batch
         # relief jobs begun: watch()'s head starts, and one a pass stopped waiting for, still to be tallied
         self.begun: collections.deque[Future] = collections.deque()
-        self.marks = Marks()
+        self.marks = Marks(config.wal_max_bytes / config.db_max_bytes)
         self.passes = 0
         self.over: str | None = None             # the pressure said, until a pass finds none
         self.stuck: str | None = None            # over budget after deleting all it may: why
@@ -10929,13 +10946,14 @@ class Retention(Loop):
 
     def watch(self) -> None:
         """On the writer's thread, after each batch it commits: a database past its high mark wakes
-        a pass now, not at the next interval. If the batch grew the file, the writer's next job
-        starts deleting at once (a head start, which the pass takes over): a burst would otherwise
-        outgrow the mark while the pass thread gets going, as a stalled client catches up."""
-        grew = (file := file_size(self.config.db_path)) > self.file_bytes
-        self.file_bytes = file
-        if self.share(file) > self.marks.high:
-            if grew and not self.begun:
+        a pass now, not at the next interval, and the writer's next job deletes down to the low mark
+        before the next batch (a head start, which the pass takes over; it deletes nothing while
+        the rows are under the low mark). So every batch past the mark is paired with a deletion on
+        the writer itself: a burst (a stalled client catching up, a machine too busy to run the
+        pass thread) cannot outgrow the mark by more than a batch while the pass waits its turn."""
+        self.file_bytes = file_size(self.config.db_path)
+        if self.share(self.file_bytes) > self.marks.high:
+            if not (self.begun and not self.begun[-1].done()):    # not one still waiting to run
                 self.begun.append(self.events.submit(functools.partial(
                     relief, self.tiers, self.low_bytes(), ledger_hour())))
             self.wake()
@@ -11025,9 +11043,11 @@ class Retention(Loop):
         return main + file_size(self.config.db_path + "-wal")
 
     def share(self, file: int | None = None) -> float:
-        """The database's size as a share of its cap, which the marks learn from (the WAL a pass
-        writes counts too)."""
-        share = self.db_bytes(file) / self.config.db_max_bytes
+        """The database's size as a share of its cap as the marks count it (the WAL at the most it
+        reached lately, the WAL a pass writes too), which they learn from."""
+        main = file_size(self.config.db_path) if file is None else file
+        cap = self.config.db_max_bytes
+        share = self.marks.count(main / cap, file_size(self.config.db_path + "-wal") / cap)
         self.marks.seen(share)
         return share
 
@@ -11045,8 +11065,9 @@ class Retention(Loop):
 
     def low_bytes(self) -> int:
         """The low mark, in the bytes rows use: freed pages go back at the end of a pass, in one
-        shrink, not one per chunk."""
-        return int(self.config.db_max_bytes * self.marks.low)
+        shrink, not one per chunk. The WAL's room (`Marks.wal`) is left under it, as the high mark
+        counts it."""
+        return int(self.config.db_max_bytes * (self.marks.low - self.marks.wal))
 
     def disk_relieved(self) -> bool:
         return disk_usage(self.db_dir)[3] <= self.config.disk_high_pct - self.LOW_DISK
@@ -11146,7 +11167,7 @@ class Retention(Loop):
         except sqlite3.Error:
             lost = None
         return {"db_max_bytes": self.config.db_max_bytes, "db_high_mark": round(self.marks.high, 3),
-                "disk_used_pct": used_pct,
+                "db_wal_room": round(self.marks.wal, 3), "disk_used_pct": used_pct,
                 "disk_avail_bytes": avail, "disk_high_pct": self.config.disk_high_pct,
                 "unpushed_deleted_total": lost, "last_pass": self.last_pass, "passes": self.passes,
                 "still_over_budget": self.still_over()}
