@@ -4994,7 +4994,7 @@ def metadata_own(meta: dict[str, Any], sent: Container[str] = ()) -> dict[str, A
     """A call's metadata but what otrace keeps in it itself (its spans' naming, the GenAI attributes)
     and keys `sent` otherwise: a poster's or a reader's own keys, pushed as otrace.metadata. Metadata
     cut for its size has none left, only the marker of the cut."""
-    if meta.get("_otrace_truncated") is True:
+    if meta.keys() == {"_otrace_truncated", "original_bytes"}:
         return {}
     return {key: value for key, value in meta.items()
             if not (key in sent or key in SPAN_NAMING or key in META_KEYS
@@ -5084,19 +5084,19 @@ def one_per_call(calls: list[Call]) -> tuple[list[Call], int]:
     """Two instrumentations in one process can each report the same call (the Anthropic SDK's own
     tracing and OpenLLMetry's do, as two root spans): a span of another scope, with the same provider,
     that may be the same call (may_be_one_call), is the one with the same response id, else the one
-    lying inside the other's time. The inner span's row is kept and filled in from the outer one (a
-    span another otrace relayed is kept as it is). The calls left, and how many spans were merged."""
+    lying inside the other's time. The inner span's row is kept and filled in from the outer one (two
+    spans another otrace relayed are two rows there: not paired). The calls left, and how many spans
+    were merged."""
     groups: dict[tuple[int, str | None], list[Call]] = {}
     for call in calls:
-        if not call.relayed:
-            groups.setdefault(call.group, []).append(call)
+        groups.setdefault(call.group, []).append(call)
     gone: set[int] = set()
     for group in groups.values():
         if len({call.scope for call in group}) < 2:
             continue
         for outer in sorted(group, key=lambda c: c.end - c.start, reverse=True):
             others = [c for c in group if c is not outer and id(c) not in gone and c.scope != outer.scope
-                      and may_be_one_call(outer, c)]
+                      and not (c.relayed and outer.relayed) and may_be_one_call(outer, c)]
             inner = [c for c in others if outer.response_id and c.response_id == outer.response_id] or [
                 c for c in others if outer.start <= c.start <= c.end <= outer.end]
             if len(inner) == 1:
@@ -5170,8 +5170,8 @@ def same_call(stored: Call, call: Call) -> bool:
     """Whether `call`, from a later request, is another instrumentation's span of the call `stored`:
     another scope, the same service and provider, one that may be the same call (may_be_one_call),
     and the same response id (where both have one), or one lying inside the other's time. A call
-    already made of two spans takes no third, nor a span another otrace relayed (merged there)."""
-    if (stored.scope == call.scope or len(stored.keys) > 1 or stored.relayed or call.relayed
+    already made of two spans takes no third, and two spans another otrace relayed are two rows there."""
+    if (stored.scope == call.scope or len(stored.keys) > 1 or (stored.relayed and call.relayed)
             or not may_be_one_call(stored, call)
             or service_and_provider(stored) != service_and_provider(call)):
         return False
@@ -9353,7 +9353,7 @@ class OtlpFormat:
         self.content_type = "application/json" if self.json else "application/x-protobuf"
         self.separator = b", " if self.json else b""
         self.base = _request_target(config.push_endpoint).split("?", 1)
-        self.resource_pb2, self.agent_id, self.host = resource_pb2, agent_id, socket.gethostname()
+        self.resource_pb2, self.agent_id, self.host = resource_pb2, agent_id, clean_text(socket.gethostname())
         self.origins: dict[Origin, tuple[Any, Any]] = {}
 
     def signal(self, table: str) -> str:
@@ -10050,7 +10050,7 @@ class Pusher(Loop):
         self.config, self.events, self.db = config, events, db
         self.receiver = Receiver(config, Scrubber(config))
         self.format = (OtlpFormat if config.push_format == "otlp" else OtraceFormat)(
-            config, config.agent_id or socket.gethostname())
+            config, config.agent_id or clean_text(socket.gethostname()))   # a name not UTF-8: still one
         self.tables = tuple(t for t in EVENT_TABLES if push_signal(t) in config.push_signals)
         # in OTLP a loss report is log records: sent only to a receiver that takes logs
         self.loss_tables = self.tables if config.push_format == "otrace" or "logs" in config.push_signals \

@@ -5037,6 +5037,7 @@ def test_metadata_cut_for_its_size_has_no_keys_to_push() -> None:
     poster's key for otrace.metadata (its size would arrive as one)."""
     assert otrace.metadata_own({"_otrace_truncated": True, "original_bytes": 20000}) == {}
     assert otrace.metadata_own({"customer": "acme", "_otrace_left_out": 2}) == {"customer": "acme"}
+    assert otrace.metadata_own({"customer": "acme", "_otrace_truncated": True}) == {"customer": "acme"}
 
 
 def test_otlp_push_holds_times_past_its_range_at_their_largest(run: Callable[..., Otrace],
@@ -5095,29 +5096,57 @@ def test_an_otrace_receiving_relayed_spans_keeps_the_senders_rows(tmp_path: Path
     """Two instrumentations' spans that one otrace could not tell apart as one call (an outer span
     and two inner ones) stay three rows in the otrace it pushes them to, one span per request, as
     they are in the first: merging was the sender's to do, and a second guess counts other tokens."""
-    receiving = run(db=tmp_path / "receiving.db")
-    pushing = run({**PUSH, "TRACE_PUSH_FORMAT": "otlp", "TRACE_PUSH_MAX_BYTES": "1KiB",
-                   "TRACE_PUSH_ENDPOINT": f"http://127.0.0.1:{receiving.port}",
-                   "TRACE_PUSH_INTERVAL": "300ms"})
-    start, second = 1796000000000000000, 1_000_000_000
-
-    def span(span_hex: str, begins: int, ends: int) -> dict[str, Any]:
-        found = chat_span("0af7651916cd43dd8448eb211c80beef", span_hex, **{
-            "gen_ai.operation.name": "chat", "gen_ai.provider.name": "openai",
-            "gen_ai.request.model": "gpt-4o", "gen_ai.usage.input_tokens": 5})
-        return found | {"startTimeUnixNano": str(start + begins), "endTimeUnixNano": str(start + ends)}
-    body = spans_body(span("b7ad6b71692033a1", 0, 3 * second), scope="langchain")
+    receiving, pushing = relaying_pair(tmp_path, run)
+    body = spans_body(call_span("b7ad6b71692033a1", 0, 3 * SECOND), scope="langchain")
     body["resourceSpans"][0]["scopeSpans"].append({"scope": {"name": "openai"}, "spans": [
-        span("b7ad6b71692033a2", second // 2, second),
-        span("b7ad6b71692033a3", 3 * second // 2, 2 * second)]})
+        call_span("b7ad6b71692033a2", SECOND // 2, SECOND),
+        call_span("b7ad6b71692033a3", 3 * SECOND // 2, 2 * SECOND)]})
     assert pushing.post("/v1/traces", body).status == 200
     wait_until(lambda: len(synced(pushing)) == 3 and set(synced(pushing).values()) == {1}, what="3 pushed")
-    mapped = wait_until(lambda: (h := receiving.health()["otlp"])["llm_spans"] + h["spans_merged"] >= 3 and h,
-                        what="3 spans mapped")
-    receiving.wait_persisted(mapped["llm_spans"])
-    rows = receiving.rows("llm_traces")
-    assert (len(rows), sum(row["prompt_tokens"] for row in rows)) == (3, 15)
-    assert receiving.health()["otlp"]["spans_merged"] == 0
+    assert spans_stored(receiving, 3) == (3, 15, 0)
+
+
+def test_a_relayed_span_and_one_straight_from_its_sdk_are_one_call(tmp_path: Path,
+                                                                   run: Callable[..., Otrace]) -> None:
+    """The inner span of a call reaches an otrace relayed by another, its outer span straight from
+    the SDK: one call, one row, as two instrumentations' spans sent straight are."""
+    receiving, pushing = relaying_pair(tmp_path, run)
+    assert pushing.post("/v1/traces", spans_body(call_span("b7ad6b71692033a2", SECOND // 2, SECOND),
+                                                 scope="openai")).status == 200
+    wait_until(lambda: set(synced(pushing).values()) == {1}, what="the inner span pushed")
+    assert spans_stored(receiving, 1) == (1, 5, 0)
+    assert receiving.post("/v1/traces", spans_body(call_span("b7ad6b71692033a1", 0, 3 * SECOND),
+                                                   scope="langchain")).status == 200
+    assert spans_stored(receiving, 2) == (1, 5, 1)
+
+
+SECOND = 1_000_000_000
+
+
+def relaying_pair(tmp_path: Path, run: Callable[..., Otrace]) -> tuple[Otrace, Otrace]:
+    """An otrace, and one pushing OTLP to it a row a request."""
+    receiving = run(db=tmp_path / "receiving.db")
+    return receiving, run({**PUSH, "TRACE_PUSH_FORMAT": "otlp", "TRACE_PUSH_MAX_BYTES": "1KiB",
+                           "TRACE_PUSH_ENDPOINT": f"http://127.0.0.1:{receiving.port}",
+                           "TRACE_PUSH_INTERVAL": "300ms"})
+
+
+def call_span(span_hex: str, begins: int, ends: int) -> dict[str, Any]:
+    """A span of one chat call (5 input tokens), `begins` and `ends` nanoseconds into its trace."""
+    found = chat_span("0af7651916cd43dd8448eb211c80beef", span_hex, **{
+        "gen_ai.operation.name": "chat", "gen_ai.provider.name": "openai",
+        "gen_ai.request.model": "gpt-4o", "gen_ai.usage.input_tokens": 5})
+    start = 1796000000000000000
+    return found | {"startTimeUnixNano": str(start + begins), "endTimeUnixNano": str(start + ends)}
+
+
+def spans_stored(node: Otrace, spans: int) -> tuple[int, int, int]:
+    """Once `spans` spans are mapped and stored: the rows, their input tokens, the spans merged."""
+    mapped = wait_until(lambda: (h := node.health()["otlp"])["llm_spans"] + h["spans_merged"] >= spans
+                        and h, what=f"{spans} spans mapped")
+    node.wait_persisted(mapped["llm_spans"])
+    rows = node.rows("llm_traces")
+    return len(rows), sum(row["prompt_tokens"] for row in rows), node.health()["otlp"]["spans_merged"]
 
 
 def test_a_call_nested_as_deep_as_the_api_takes_is_pushed_over_otlp(run: Callable[..., Otrace],
