@@ -560,7 +560,7 @@ class Config:
     db_max_bytes: int = setting("200MiB", size("1MiB", "16TiB"), "Most the database (file + WAL) may "
                                 f"use: past {DB_HIGH_MARK * 100:.0f} % of it (less after a flood; the WAL "
                                 f"counted at the most it reached lately) the oldest rows are deleted, down "
-                                f"to {DB_LOW_MARK * 100:.0f} % (see docs/operations.md).")
+                                f"to {DB_LOW_MARK * 100:.0f} % less that WAL (see docs/operations.md).")
     disk_reserve_bytes: int = setting("16MiB", size("64KiB", "4GiB", zero_is_off=True), "Space held in a "
                                       "file beside the database and given up on the first disk-full "
                                       "write, so what was accepted still commits; ingest then answers "
@@ -10858,16 +10858,15 @@ class Marks:
     """The database's high and low marks, as shares of its cap, lowered together by as much as the
     database recently got past the high mark before a pass relieved it (a flood, a slow disk, a reader
     holding the WAL), so that it peaks near the high mark all the same. The WAL counts at the most it
-    reached lately (`wal`), not at its size of the moment: it swings within milliseconds (a push
-    cycle's marks, a burst's batches and deletions while a reader keeps it from starting over, a
-    vacuum's moved pages) far faster than a pass answers, so its room under the cap is kept free
-    beforehand, the main file held under the marks by that much."""
+    reached lately (`wal`, halved every WAL_HALF_LIFE), not at its size of the moment: it swings
+    within milliseconds (a push cycle's marks, a burst's batches and deletions while a reader keeps it
+    from starting over, a vacuum's moved pages) far faster than a pass answers, so its room under the
+    cap is kept free beforehand, the rows held under the marks by that much."""
 
     HIGH, LOW = DB_HIGH_MARK, DB_LOW_MARK
     FLOOR = 0.70             # the high mark never comes lower: a burst larger than the cap is no lesson
     FORGET = 0.98            # a past overshoot weighs this much less at each pass
-    FORGET_WAL = 0.998       # and a past WAL peak: a WAL that swung there once may again, in a burst
-                             # that passes do not see coming (about 350 passes under the cap to halve)
+    WAL_HALF_LIFE = 120.0    # seconds: a swing is kept through a busy spell's next ones, a reader's not
     WAL_MOST = 0.25          # the WAL's room counts at most this share of the cap (TRACE_WAL_MAX_BYTES
                              # bounds it too): a reader holding the WAL is no lesson either
 
@@ -10875,12 +10874,15 @@ class Marks:
         self.overshoot = 0.0     # share of the cap
         self.peak = 0.0          # the largest share seen since the last pass
         self.wal = 0.0           # the largest WAL seen lately, as a share of the cap
+        self.wal_at = 0.0        # when `wal` was last brought up to date (monotonic seconds)
         self.wal_most = min(wal_most, self.WAL_MOST)
 
-    def count(self, main: float, wal: float) -> float:
+    def count(self, main: float, wal: float, now: float | None = None) -> float:
         """The database's share as the marks count it: the main file's, and the WAL's at the most it
         reached lately (both shares of the cap)."""
-        self.wal = max(self.wal, min(wal, self.wal_most))
+        now = time.monotonic() if now is None else now
+        faded = self.wal * 0.5 ** (max(0.0, now - self.wal_at) / self.WAL_HALF_LIFE)
+        self.wal, self.wal_at = max(faded, min(wal, self.wal_most)), now
         return main + max(wal, self.wal)
 
     @property
@@ -10898,7 +10900,6 @@ class Marks:
         """A pass under pressure is over, and the database is now at `share`."""
         self.overshoot = max(self.peak - self.high, self.overshoot * self.FORGET)
         self.peak = share
-        self.wal *= self.FORGET_WAL
 
 
 class Retention(Loop):

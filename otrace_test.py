@@ -6571,19 +6571,18 @@ def test_the_marks_come_down_by_how_far_the_database_got_past_them_and_return() 
 
 def test_the_marks_keep_room_for_the_most_the_wal_reached_lately() -> None:
     """The WAL swings within milliseconds (a push cycle's marks, a burst while a reader holds it):
-    the marks count it at the most it reached lately, so the main file is held under them by that
-    much beforehand; at most a quarter of the cap (or TRACE_WAL_MAX_BYTES), forgotten slowly."""
-    marks = otrace.Marks(wal_most=0.5)
-    assert marks.count(0.60, 0.02) == pytest.approx(0.62)
-    assert marks.count(0.60, 0.20) == pytest.approx(0.80)       # a swing
-    assert marks.count(0.60, 0.01) == pytest.approx(0.80)       # the WAL back small: its room kept
-    assert marks.count(0.60, 0.90) == pytest.approx(1.50)       # a reader holding it: counted as is,
-    assert marks.wal == otrace.Marks.WAL_MOST                   # but its room no more than a quarter
-    assert otrace.Marks(wal_most=0.1).count(0.5, 0.3) == pytest.approx(0.8)
+    the marks count it at the most it reached lately, so the rows are held under them by that much
+    beforehand; at most a quarter of the cap (or TRACE_WAL_MAX_BYTES), halved every two minutes."""
+    marks, half = otrace.Marks(wal_most=0.5), otrace.Marks.WAL_HALF_LIFE
+    assert marks.count(0.60, 0.02, now=1000.0) == pytest.approx(0.62)
+    assert marks.count(0.60, 0.20, now=1000.1) == pytest.approx(0.80)       # a swing
+    assert marks.count(0.60, 0.01, now=1000.2) == pytest.approx(0.80, abs=0.001)  # back small: room kept
+    assert marks.count(0.60, 0.90, now=1000.3) == pytest.approx(1.50)       # a reader holding it: as is,
+    assert marks.wal == otrace.Marks.WAL_MOST                               # its room at most a quarter
+    assert marks.count(0.60, 0.01, now=1000.3 + half) == pytest.approx(0.725)      # half of it, later
+    assert marks.count(0.60, 0.01, now=1000.3 + 10 * half) == pytest.approx(0.61, abs=0.001)  # gone
+    assert otrace.Marks(wal_most=0.1).count(0.5, 0.3, now=0.0) == pytest.approx(0.8)
     assert otrace.Marks(wal_most=0.1).wal_most == 0.1           # TRACE_WAL_MAX_BYTES' share of the cap
-    for _ in range(350):
-        marks.passed(0.5)
-    assert 0.1 < marks.wal < 0.13                               # halved in about 350 passes
 
 
 def test_retention_holds_the_rows_under_the_low_mark_less_the_wal_room(tmp_path: Path) -> None:
