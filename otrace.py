@@ -4579,7 +4579,7 @@ META_KEYS = frozenset({"server.address", "http.response.status_code"})
 SPAN_NAMING = frozenset({"otel_trace_id", "otel_span_id", "otel_parent_span_id", "span_name", "service_name",
                          "scope", "otel_merged_spans", "dropped"})    # kept in a call's metadata over its cap
 OTLP_VALUE_DEPTH = 8                                   # levels of nested lists and objects pushed as such
-TOO_DEEP_TO_SEND = "(nested deeper than otrace can send)"    # pushed for a value's JSON text
+TOO_DEEP_TO_SEND = "(nested deeper than otrace can send)"    # in place of JSON text too deep to write
 INPUT_EVENTS = {"gen_ai.system.message": "system", "gen_ai.user.message": "user",
                 "gen_ai.assistant.message": "assistant", "gen_ai.tool.message": "tool"}
 CHOICE_EVENT = "gen_ai.choice"
@@ -10924,7 +10924,6 @@ class Retention(Loop):
                       Tier("pressure_unpushed", unpushed, UNDELIVERED, False, 50, db.merges))
         self.last_pass: dict[str, Any] | None = None
         self.housekept_at = -math.inf            # when the age deletions and pruning last ran
-        self.file_bytes = 0                      # the main file's size after the last batch
         # relief jobs begun: watch()'s head starts, and one a pass stopped waiting for, still to be tallied
         self.begun: collections.deque[Future] = collections.deque()
         self.marks = Marks(config.wal_max_bytes / config.db_max_bytes)
@@ -10952,8 +10951,7 @@ class Retention(Loop):
         the rows are under the low mark). So every batch past the mark is paired with a deletion on
         the writer itself: a burst (a stalled client catching up, a machine too busy to run the
         pass thread) cannot outgrow the mark by more than a batch while the pass waits its turn."""
-        self.file_bytes = file_size(self.config.db_path)
-        if self.share(self.file_bytes) > self.marks.high:
+        if self.share() > self.marks.high:
             if not (self.begun and not self.begun[-1].done()):    # not one still waiting to run
                 self.begun.append(self.events.submit(functools.partial(
                     relief, self.tiers, self.low_bytes(), ledger_hour())))
