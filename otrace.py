@@ -10930,6 +10930,7 @@ class Retention(Loop):
         self.passes = 0
         self.over: str | None = None             # the pressure said, until a pass finds none
         self.stuck: str | None = None            # over budget after deleting all it may: why
+        self.unpushed = MinuteLog(self.log, "passes_since_last_line")   # a flood's passes: one line a minute
 
     def check_budget(self) -> None:
         """Warn when the database cap cannot be reached before the disk mark: the disk mark then
@@ -10970,6 +10971,11 @@ class Retention(Loop):
         finally:                     # one that fails still says what it deleted: those rows are gone
             self.report(tally, sum(pruned), time.monotonic() - started, failed)
             self.passes += 1
+            self.unpushed.flush()                     # the count of a flood's passes that ended
+
+    def stop(self) -> None:
+        self.unpushed.flush(now=math.inf)             # said before the stop
+        super().stop()
 
     def run_pass(self, pass_id: str, started: float, tally: collections.Counter[tuple[str, str, str]],
                  pruned: list[int]) -> None:
@@ -11151,7 +11157,7 @@ class Retention(Loop):
                           "unpushed_deleted": lost, "bookkeeping_pruned": pruned,
                           **({"failed": failed} if failed else {})}
         if lost:
-            self.log.warning("retention deleted rows that were never pushed", extra=self.last_pass)
+            self.unpushed.say("unpushed", "retention deleted rows that were never pushed", self.last_pass)
         elif deleted or pruned:
             self.log.info("retention pass", extra=self.last_pass)
 
