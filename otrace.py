@@ -11042,17 +11042,15 @@ class Retention(Loop):
                 tally[(chunk.table, chunk.reason, "deleted")] += chunk.deleted
                 tally[(chunk.table, chunk.reason, "unpushed")] += chunk.lost
 
-    def db_bytes(self, file: int | None = None) -> int:
-        """The database's size as the cap counts it: file (its size if just read) + WAL."""
-        main = file_size(self.config.db_path) if file is None else file
-        return main + file_size(self.config.db_path + "-wal")
+    def db_bytes(self) -> int:
+        """The database's size as the cap counts it: file + WAL."""
+        return file_size(self.config.db_path) + file_size(self.config.db_path + "-wal")
 
-    def share(self, file: int | None = None) -> float:
+    def share(self) -> float:
         """The database's size as a share of its cap as the marks count it (the WAL at the most it
         reached lately, the WAL a pass writes too), which they learn from."""
-        main = file_size(self.config.db_path) if file is None else file
-        cap = self.config.db_max_bytes
-        share = self.marks.count(main / cap, file_size(self.config.db_path + "-wal") / cap)
+        cap, path = self.config.db_max_bytes, self.config.db_path
+        share = self.marks.count(file_size(path) / cap, file_size(path + "-wal") / cap)
         self.marks.seen(share)
         return share
 
