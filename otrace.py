@@ -10931,6 +10931,7 @@ class Retention(Loop):
         self.over: str | None = None             # the pressure said, until a pass finds none
         self.stuck: str | None = None            # over budget after deleting all it may: why
         self.unpushed = MinuteLog(self.log, "passes_since_last_line")   # a flood's passes: one line a minute
+        self.stretches = MinuteLog(self.log, "stretches_since_last_line")   # and its stretches of pressure
 
     def check_budget(self) -> None:
         """Warn when the database cap cannot be reached before the disk mark: the disk mark then
@@ -10971,10 +10972,12 @@ class Retention(Loop):
         finally:                     # one that fails still says what it deleted: those rows are gone
             self.report(tally, sum(pruned), time.monotonic() - started, failed)
             self.passes += 1
-            self.unpushed.flush()                     # the count of a flood's passes that ended
+            for said in (self.unpushed, self.stretches):
+                said.flush()                          # the count of a flood's passes that ended
 
     def stop(self) -> None:
-        self.unpushed.flush(now=math.inf)             # said before the stop
+        for said in (self.unpushed, self.stretches):
+            said.flush(now=math.inf)                  # said before the stop
         super().stop()
 
     def run_pass(self, pass_id: str, started: float, tally: collections.Counter[tuple[str, str, str]],
@@ -11096,7 +11099,7 @@ class Retention(Loop):
         cause, detail = found
         if self.over != cause:                 # said once a stretch: a pass may run every few seconds
             self.over = cause
-            self.log.warning("over budget: deleting oldest rows", extra={"cause": cause, "detail": detail})
+            self.stretches.say(cause, "over budget: deleting oldest rows", {"cause": cause, "detail": detail})
         if cause == "db_cap":
             until = self.low_bytes()
             while tiers and not self.stopping.is_set():
