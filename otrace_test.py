@@ -3374,6 +3374,7 @@ def test_a_log_catch_up_never_turns_a_client_away(tmp_path: Path, run: Callable[
     log = logs / "openclaw-2026-12-03.log"
     log.write_bytes(b"".join(calls) * 10_000)                        # 20,000 lines, 40,000 rows
     node = run({"TRACE_LOG_PATH": str(logs), "TRACE_LOG_START": "beginning", "TRACE_LOG_POLL": "20ms"})
+    wait_until(lambda: node.health()["log_tail"]["offset"] is not None, what="the log followed")  # none yet
     answers: collections.Counter[int] = collections.Counter()
     during = 0
     conn = http.client.HTTPConnection("127.0.0.1", node.port, timeout=10)
