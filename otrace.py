@@ -7851,7 +7851,6 @@ class LogTailer(QuietReader):
         self.backlog = self.unfinished()  # files read before, with lines left: finish them first
         self.started = False
         self.waiting = False
-        self.most = LOG_UNIT_LINES   # lines read at once: units are cut by rows, so there are fewer of them
         self.rows_most = events.reader_room // 2                # rows a unit: two units in the readers' room
         self.totals = Counters(("lines", "events", "skipped", "not_json", "cut", "unreadable", "bytes_read",
                                 "failed_attempts"))
@@ -7983,7 +7982,7 @@ class LogTailer(QuietReader):
         (the offset then stays, and the same lines are read again at the next look)."""
         total = 0
         while not self.stopping.is_set():
-            lines, end = followed.lines(self.most, self.config.log_line_max, to_end)
+            lines, end = followed.lines(LOG_UNIT_LINES, self.config.log_line_max, to_end)
             self.totals.add("bytes_read", followed.read)
             followed.read = 0
             if not lines and followed.recorded:
