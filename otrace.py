@@ -811,6 +811,11 @@ def clean_text(text: str) -> str:
         return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
+def host_name() -> str:
+    """This machine's name, as text that can be sent (a name not UTF-8 still names it)."""
+    return clean_text(socket.gethostname())
+
+
 def cut_utf8(text: str, limit: int) -> tuple[str, int, bool]:
     """Cut text to at most `limit` UTF-8 bytes on a character boundary: (text, original bytes, cut?)."""
     try:
@@ -9352,7 +9357,7 @@ class OtlpFormat:
         self.content_type = "application/json" if self.json else "application/x-protobuf"
         self.separator = b", " if self.json else b""
         self.base = _request_target(config.push_endpoint).split("?", 1)
-        self.resource_pb2, self.agent_id, self.host = resource_pb2, agent_id, clean_text(socket.gethostname())
+        self.resource_pb2, self.agent_id, self.host = resource_pb2, agent_id, host_name()
         self.origins: dict[Origin, tuple[Any, Any]] = {}
 
     def signal(self, table: str) -> str:
@@ -10049,7 +10054,7 @@ class Pusher(Loop):
         self.config, self.events, self.db = config, events, db
         self.receiver = Receiver(config, Scrubber(config))
         self.format = (OtlpFormat if config.push_format == "otlp" else OtraceFormat)(
-            config, config.agent_id or clean_text(socket.gethostname()))   # a name not UTF-8: still one
+            config, config.agent_id or host_name())
         self.tables = tuple(t for t in EVENT_TABLES if push_signal(t) in config.push_signals)
         # in OTLP a loss report is log records: sent only to a receiver that takes logs
         self.loss_tables = self.tables if config.push_format == "otrace" or "logs" in config.push_signals \
