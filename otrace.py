@@ -4648,7 +4648,7 @@ OTLP_COUNTERS = (
     "metric_points_other",
     "metric_points_rejected", "metric_resets", "log_records", "log_errors", "log_content",
     "log_content_after_span", "log_content_unlinked", "log_content_expired", "log_other",
-    "log_records_rejected", "requests_refused")
+    "log_records_rejected", "log_values_dropped", "requests_refused")
 
 
 def otlp_encoding(request: Request) -> str:
@@ -5129,8 +5129,32 @@ def leave_out_bad_values(event: dict[str, Any]) -> None:
                     if event.get(column) is not None and column not in dropped}
     for column in dropped:
         event[column] = None
+    name_dropped(event["metadata"], dropped | leave_out_unwritable(event["metadata"]))
+
+
+def name_dropped(meta: dict[str, Any], dropped: dict[str, str]) -> None:
+    """Name what was left out of an event, with why, in its metadata's `dropped`."""
     if dropped:
-        event["metadata"]["dropped"] = {**event["metadata"].get("dropped", {}), **dropped}
+        said = meta.get("dropped")
+        meta["dropped"] = {**(said if isinstance(said, dict) else {}), **dropped}
+
+
+def leave_out_unwritable(meta: dict[str, Any]) -> dict[str, str]:
+    """Leave out of `meta` the attributes JSON cannot write (a NaN or an infinity anywhere in them, as
+    OTLP's doubles allow), so the call or failure is kept without them; what went, with why."""
+    gone = {key: "holds NaN or an infinity, which JSON cannot write" for key, value in meta.items()
+            if unwritable(value)}
+    for key in gone:
+        del meta[key]
+    return gone
+
+
+def unwritable(value: Any) -> bool:
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, dict):
+        return any(map(unwritable, value.values()))
+    return isinstance(value, list) and any(map(unwritable, value))
 
 
 def absorb(call: Call, other: Call) -> None:
@@ -5786,6 +5810,9 @@ class OtlpReceiver:
             kept = attrs.get("otrace.metadata")
             event["metadata"] = {k: v for k, v in event["metadata"].items() if k in PUSHED_IDENTITY
                                  or not k.startswith("otrace.")} | (kept if isinstance(kept, dict) else {})
+        if left_out := leave_out_unwritable(event["metadata"]):     # the failure is kept without them
+            name_dropped(event["metadata"], left_out)
+            export.counts["log_values_dropped"] += len(left_out)
         try:
             row = event_row(ERRORS, error_row, event, "otlp", received=received,
                             max_text=self.config.max_text_bytes)

@@ -11221,6 +11221,59 @@ def test_the_opentelemetry_python_sdk_exports_to_otrace_with_success(run: Callab
                       ("gen_ai.client.token.usage", "input", 30.0, 1, 0)]      # a delta, not 44
 
 
+NAN_CLIENT = r'''
+import json, sys
+if sys.argv[1] == "protobuf":
+    from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+else:
+    from opentelemetry.exporter.otlp.json.http._log_exporter import OTLPLogExporter
+    from opentelemetry.exporter.otlp.json.http.trace_exporter import OTLPSpanExporter
+from opentelemetry._logs import SeverityNumber
+from opentelemetry.sdk._logs import LoggerProvider
+from opentelemetry.sdk._logs.export import SimpleLogRecordProcessor
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+
+tracer_provider, logger_provider = TracerProvider(), LoggerProvider()
+tracer_provider.add_span_processor(SimpleSpanProcessor(OTLPSpanExporter()))
+logger_provider.add_log_record_processor(SimpleLogRecordProcessor(OTLPLogExporter()))
+with tracer_provider.get_tracer("otrace.test").start_as_current_span("chat gpt-4o") as chat:
+    chat.set_attributes({"gen_ai.operation.name": "chat", "gen_ai.request.model": "gpt-4o",
+                         "gen_ai.request.temperature": float("nan"), "gen_ai.request.top_p": 0.9,
+                         "gen_ai.usage.input_tokens": 14, "gen_ai.usage.output_tokens": 2})
+    logger_provider.get_logger("otrace.test").emit(
+        severity_number=SeverityNumber.ERROR, severity_text="ERROR", body="retry budget spent",
+        attributes={"retry.delay_s": float("inf"), "retry.attempts": 3})
+context = chat.get_span_context()
+tracer_provider.shutdown()
+logger_provider.shutdown()
+print(json.dumps({"chat": f"{context.trace_id:032x}-{context.span_id:016x}"}))
+'''
+
+
+@pytest.mark.parametrize("encoding", ["protobuf", "json"])
+def test_a_nan_attribute_from_the_sdk_is_left_out_and_its_call_and_failure_are_kept(
+        run: Callable[..., Otrace], encoding: str) -> None:
+    """OTLP's doubles may be NaN or infinite, which JSON cannot write: such an attribute of a call's span
+    or of an ERROR record is left out, named in metadata.dropped and counted, and the call (its
+    tokens) and the failure are stored, not refused whole."""
+    node = run()
+    report = run_client([sys.executable, "-c", NAN_CLIENT, encoding], f"http://127.0.0.1:{node.port}")
+    [call] = wait_until(lambda: node.rows("llm_traces"), what="the call")
+    [failure] = wait_until(lambda: node.rows("error_events"), what="the failure")
+    meta = json.loads(call["metadata"])
+    assert (call["trace_id"], call["prompt_tokens"], call["completion_tokens"]) == (report["chat"], 14, 2)
+    assert "gen_ai.request.temperature" not in meta and meta["gen_ai.request.top_p"] == 0.9
+    assert list(meta["dropped"]) == ["gen_ai.request.temperature"]
+    meta = json.loads(failure["metadata"])
+    assert (failure["message"], meta["retry.attempts"], list(meta["dropped"])) == (
+        "retry budget spent", 3, ["retry.delay_s"])
+    health = node.health()["otlp"]
+    assert (health["spans_rejected"], health["span_values_dropped"], health["log_records_rejected"],
+            health["log_values_dropped"]) == (0, 1, 0, 1)
+
+
 JS_PACKAGES = ["@opentelemetry/api@1", "@opentelemetry/sdk-trace-base@2", "@opentelemetry/resources@2",
                "@opentelemetry/exporter-trace-otlp-proto@0"]
 JS_CLIENT = r'''
