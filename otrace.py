@@ -8250,6 +8250,7 @@ ARCHIVE_MARK_SQL = ("SELECT session_id || char(9) || generation || char(9) || ar
 ARCHIVE_SQL = ("SELECT encoding, archive_sha256, {} FROM session_transcript_archives "
                "WHERE session_id = ? AND generation = ?")
 PART = "+part"                   # an archive's mark while it is read: the lines up to its place are done
+ZSTD_MAGIC, ZSTD_SKIPPABLE = 0xFD2FB528, 0x184D2A50   # a zstd frame's first 4 bytes; a skippable one's
 GENERATION_SQL = "SELECT generation FROM transcript_rewrite_watermarks WHERE session_id = {}"
 # Entries after a seq; the text only of those that can be a call or a failure (the rest are skipped
 # inside SQLite), compressed ones whole.
@@ -8875,12 +8876,16 @@ class SessionStore(QuietReader):
 
     def archive_lines(self, blob: bytes, encoding: str, where: str) -> Iterator[tuple[int, str | None]]:
         """An archive's lines, numbered, decoded as they are read (a zstd archive is not held whole);
-        None for one over STORE_LINE_LIMIT. A frame that does not decode ends it, counted and logged."""
+        None for one over STORE_LINE_LIMIT. A zstd archive that does not decode, or is cut short, gives
+        its whole lines up to the damage, then counts once in `undecodable`, logged."""
+        damage = zstd_damage(blob) if encoding == "zstd" else None
         raw: Any = io.BytesIO(blob) if encoding != "zstd" else io.BufferedReader(
-            self.decoder().stream_reader(blob))
+            self.decoder().stream_reader(blob, read_across_frames=True))
         number = 0
         try:
             while line := raw.readline(STORE_LINE_LIMIT + 1):
+                if damage and len(line) <= STORE_LINE_LIMIT and not line.endswith(b"\n"):
+                    break                                 # the line the cut went through
                 if len(line) > STORE_LINE_LIMIT and not line.endswith(b"\n"):
                     while (rest := raw.readline(STORE_LINE_LIMIT + 1)) and not rest.endswith(b"\n"):
                         pass
@@ -8889,7 +8894,9 @@ class SessionStore(QuietReader):
                     yield number, line.decode("utf-8", "replace")
                 number += 1
         except self.zstd_error as exc:
-            self.undecodable(where, describe(exc))
+            damage = describe(exc)
+        if damage:
+            self.undecodable(where, damage)
 
     def decoder(self) -> Any:
         """zstandard's decompressor, made at the first need. Without the package, ImportError: a
@@ -9051,6 +9058,39 @@ class SessionStore(QuietReader):
         return {"state_dir": str(self.root), "waiting": self.waiting, "polls": self.ticks,
                 "agents": sorted(self.agents_seen), "sessions": sessions, **self.totals.snapshot(),
                 "agent_errors": self.errors, "last_error": self.fault.error}
+
+
+def zstd_damage(data: bytes) -> str | None:
+    """Why a zstd archive is not whole, read from its frame and block headers alone (zstandard's stream
+    reader ends a frame cut short as if it were complete, without an error); None when every frame ends
+    where the next begins and the last at the archive's end."""
+    at, end = 0, len(data)
+    cut = f"cut short: the archive's {end} bytes end inside a zstd frame"
+    if not data:
+        return "an empty zstd archive: no frame"
+    while at < end:
+        magic = int.from_bytes(data[at:at + 4], "little")
+        if at + 4 <= end and magic & ~0xF == ZSTD_SKIPPABLE:      # its length, then that many bytes
+            at += 8 + int.from_bytes(data[at + 4:at + 8], "little")
+            continue
+        if at + 4 <= end and magic != ZSTD_MAGIC:
+            return f"no zstd frame at byte {at} of {end}"
+        if at + 5 > end:
+            return cut
+        descriptor = data[at + 4]
+        single = descriptor >> 5 & 1
+        at += 5 + (not single) + (0, 1, 2, 4)[descriptor & 3] + (single, 2, 4, 8)[descriptor >> 6]
+        last = 0
+        while not last and at + 3 <= end:
+            header = int.from_bytes(data[at:at + 3], "little")
+            last, kind = header & 1, header >> 1 & 3
+            if kind == 3:
+                return f"a zstd block of the reserved type at byte {at}"
+            at += 3 + (1 if kind == 1 else header >> 3)        # an RLE block holds its one byte
+        at += 4 * (descriptor >> 2 & 1)                       # the frame's checksum
+        if not last or at > end:
+            return cut
+    return None if at == end else cut
 
 
 def call_times(rows: list[Row]) -> dict[str, tuple[int, int]]:

@@ -9586,10 +9586,12 @@ def new_session(gateway: sqlite3.Connection, session: str) -> None:
 
 
 def archive_session(gateway: sqlite3.Connection, session: str, encoding: str = "identity",
-                    last: dict[str, Any] | None = None) -> None:
+                    last: dict[str, Any] | None = None,
+                    damage: Callable[[bytes], bytes] | None = None) -> None:
     """A session reset or deleted as OpenClaw does it: its transcript's JSONL, in seq order, into an
     archive row of its generation, and its entries deleted, in one transaction (with `last` written
-    in it first: a call no look can have read)."""
+    in it first: a call no look can have read). A zstd archive is one frame with its size, as node:zlib's
+    zstdCompressSync writes it; `damage` makes of it what is stored (and digested)."""
     import zstandard
     gateway.execute("BEGIN IMMEDIATE")
     if last is not None:
@@ -9598,7 +9600,9 @@ def archive_session(gateway: sqlite3.Connection, session: str, encoding: str = "
              if s == session]
     blob = "\n".join(lines).encode() + b"\n"
     if encoding == "zstd":
-        blob = zstandard.ZstdCompressor(level=1, write_content_size=True).compress(blob)
+        blob = zstandard.ZstdCompressor(level=3, write_content_size=True).compress(blob)
+    if damage is not None:
+        blob = damage(blob)
     generation = gateway.execute("SELECT generation FROM transcript_rewrite_watermarks WHERE session_id = ?",
                                  (session,)).fetchone()[0]
     gateway.execute("INSERT INTO session_transcript_archives (session_id, generation, session_key, reason, "
@@ -9670,6 +9674,75 @@ def test_calls_of_a_session_archived_before_they_were_read_are_stored_once(
         archives = {(f"#archived\t{s}\t{g}", digest) for s, g, digest in store.execute(
             "SELECT session_id, generation, archive_sha256 FROM session_transcript_archives")}
     assert len(archives) == 4 and archives <= set(again.query("SELECT stream, mark FROM openclaw_positions"))
+
+
+def test_a_zstd_archive_is_whole_only_when_its_last_frame_ends_at_its_end() -> None:
+    """Frames as zstandard and node:zlib write them (a content size or not, a checksum or not, a
+    trailing empty frame, a skippable one) are whole; every prefix of one frame is cut short, and
+    bytes that are no frame are said so."""
+    import zstandard
+    text = b"".join(b'{"type":"message","n":%d,"pad":"%s"}\n' % (n, os.urandom(n % 97).hex().encode())
+                    for n in range(4000))
+    frames = [zstandard.ZstdCompressor(level=level, write_checksum=checksum, write_content_size=size
+                                       ).compress(text)
+              for level, checksum, size in ((1, False, True), (3, True, False), (19, True, True))]
+    streamed = zstandard.ZstdCompressor().compressobj()
+    frames.append(streamed.compress(text) + streamed.flush())
+    frames.append(frames[0] + zstandard.ZstdCompressor().compress(b""))
+    frames.append(frames[1] + (0x184D2A53).to_bytes(4, "little") + (3).to_bytes(4, "little") + b"xyz")
+    assert [otrace.zstd_damage(blob) for blob in frames] == [None] * len(frames)
+    one = frames[0]
+    assert len(one) > 3 * 4096 and all("cut short" in (otrace.zstd_damage(one[:end]) or "")
+                                       for end in (*range(1, 64), *range(64, len(one), 97), len(one) - 1))
+    assert otrace.zstd_damage(b"") == "an empty zstd archive: no frame"
+    assert otrace.zstd_damage(b"not zstd") == "no zstd frame at byte 0 of 8"
+    assert otrace.zstd_damage(one + b"junk!") == f"no zstd frame at byte {len(one)} of {len(one) + 5}"
+
+
+@needs_stores
+@pytest.mark.parametrize("cut", ["in-a-block", "in-the-frame-header"])
+def test_a_zstd_archive_cut_short_is_counted_undecodable_and_said_once(
+        tmp_path: Path, run: Callable[..., Otrace], cut: str) -> None:
+    """A zstd archive whose frame stops before its end (zstandard's stream reader ends it without an
+    error): its calls before the cut are stored, the archive counts once in `undecodable` and is said
+    once, the archive after it is read, and neither is read again at the next start."""
+    node, db, template = store_followed(tmp_path, run)
+    env = node.env
+    assert node.stop() == 0
+    gateway = gateway_connection(db)
+    for session in ("cut-short", "whole"):
+        new_session(gateway, session)
+    before = [a_call(template, n, 0.001) for n in (1000, 2000)]
+    for entry in before:
+        append_entry(gateway, "cut-short", entry)
+    filler = {"type": "message", "id": str(uuid.uuid4()), "timestamp": otrace.iso(time.time()),
+              "message": {"role": "user", "content": os.urandom(150_000).hex()}}   # past a 128 KiB block
+    append_entry(gateway, "cut-short", filler)
+    lost = a_call(template, 3000, 0.003)
+    append_entry(gateway, "cut-short", lost)
+    whole = a_call(template, 4000, 0.004)
+    append_entry(gateway, "whole", whole)
+    archive_session(gateway, "cut-short", "zstd",
+                    damage=lambda blob: blob[:-9] if cut == "in-a-block" else blob[:5])
+    archive_session(gateway, "whole", "zstd")
+    gateway.close()
+    node = run(env, db=node.db_path)
+    wanted = {f"oc:main:whole:{whole['id']}"} | ({f"oc:main:cut-short:{e['id']}" for e in before}
+                                                  if cut == "in-a-block" else set())
+    wait_until(lambda: wanted <= {r["trace_id"] for r in session_traces(node)}, what="the archived calls")
+    wait_until(lambda: node.health()["queue_depth"] == 0, what="queue drained")
+    said = node.wait_log(lambda e: e.get("message") == "session entry cannot be read; skipped")
+    assert said["entry"] == "main/cut-short.archive" and "cut short" in said["error"]
+    health = node.health()
+    assert health["openclaw_sessions"]["undecodable"] == 1
+    assert f"oc:main:cut-short:{lost['id']}" not in {r["trace_id"] for r in session_traces(node)}
+    assert len(session_traces(node)) == 6 + len(wanted)
+    assert node.stop() == 0
+    again = run(env, db=node.db_path)                     # marked read: not read, counted or said again
+    wait_until(lambda: again.health()["openclaw_sessions"]["polls"] > 5, what="a few polls")
+    assert again.health()["openclaw_sessions"]["undecodable"] == 0
+    assert not again.logs("session entry cannot be read; skipped")
+    assert len(session_traces(again)) == 6 + len(wanted)
 
 
 @needs_stores
