@@ -8205,6 +8205,8 @@ REWRITE_SLACK_MS = 60_000        # after a session is rewritten, entries older t
 REREAD = "+again"                # a session mark's suffix while it is read again from its start
 INODE_KEY = "openclaw_db_inode."  # otrace_state: the inode of an agent's database, by agent
 STORE_LIST_EVERY = 30.0          # seconds: every session is listed at least this often while commits come
+STORE_MADE_GRACE = 10.0          # seconds an agent database may stay without its tables: OpenClaw makes the
+                                 # file, then them at once; one left so (0 bytes, another schema) is a fault
 FAILED_BEFORE_REPLY = "run-failed-before-reply"
 TRANSCRIPT_ONLY = ("delivery-mirror", "gateway-injected")   # "models" of provider openclaw: no call
 CHECKPOINT_FILE = re.compile(r".+\.checkpoint\.[0-9a-fA-F-]{36}\.jsonl")   # a copy of a transcript
@@ -8492,10 +8494,11 @@ class AgentDatabase:
         self.looking: tuple[int, int | None, bool] = (0, None, True)   # the look under way: the same three
         self.sessions_sql = self.added_sql = self.entries_sql = self.generation_sql = ""
         self.archives = False                    # the database has session_transcript_archives
+        self.making = False                      # a file without its tables yet: looked at again soon
 
     def open(self) -> bool:
         """Connect (again, when the file at the path is another one); False while there is no file,
-        or no transcript table in it yet."""
+        or no transcript table in it yet (a Condition once it has stayed so, see unmade)."""
         stamp = self.stamped()
         if stamp[0] is None:
             self.gone = self.gone or self.conn is not None
@@ -8522,6 +8525,7 @@ class AgentDatabase:
             raise
         if "transcript_events" not in tables:
             conn.close()
+            self.unmade(stamp[0][3])
             return False
         rewrites = "transcript_rewrite_watermarks" in tables
         self.sessions_sql = SESSIONS_SQL.format(generation=f"({GENERATION_SQL.format('sessions.id')})"
@@ -8537,6 +8541,19 @@ class AgentDatabase:
         self.conn, self.identity, self.known, self.listed = conn, identity, identity, None
         self.stamp, self.checked = self.stamped(), False       # after the first read, which makes a -shm
         return True
+
+    def unmade(self, size: int) -> None:
+        """A file at the path with no transcript table (of `size` bytes): waited for while OpenClaw may
+        be making it (`making`); a Condition once it has stayed so for STORE_MADE_GRACE."""
+        try:
+            age = time.time() - self.path.stat().st_mtime
+        except FileNotFoundError:
+            age = 0.0
+        self.making = age < STORE_MADE_GRACE
+        if not self.making:
+            raise Condition("the agent database is empty (0 bytes): it holds no transcripts" if size == 0
+                            else "the agent database has no transcript_events table: not an OpenClaw "
+                                 "agent database (2026.8.1 or later)")
 
     def stamped(self) -> tuple[Any, ...]:
         """The database file's identity, change time and size, and its -wal's and -shm's identities: a
@@ -8695,7 +8712,7 @@ class SessionStore(QuietReader):
             try:
                 self.read_database(agent)
                 looked_at += self.read_files(agent)
-            except (OSError, sqlite3.Error, ImportError) as exc:
+            except (OSError, sqlite3.Error, ImportError, Condition) as exc:
                 errors[agent] = describe(exc)
                 if agent in self.databases and isinstance(exc, sqlite3.Error):
                     self.databases[agent].close()        # opened afresh at the next look
@@ -8717,7 +8734,9 @@ class SessionStore(QuietReader):
             store = self.databases[agent] = AgentDatabase(self.root / "agents" / agent / "agent" /
                                                           "openclaw-agent.sqlite")
         gone = store.gone
+        store.making = False
         if not store.open():
+            self.news |= store.making            # looked at again, not waited for: its tables come soon
             if store.gone and not gone:          # waited for quietly, but said: its calls stop coming
                 self.log.warning("agent database gone: waiting for it", extra={"agent": agent,
                                                                               "path": str(store.path)})

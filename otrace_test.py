@@ -9534,6 +9534,37 @@ def test_an_agent_database_that_is_not_one_is_said_once_and_the_others_are_read(
 
 
 @needs_stores
+def test_an_agent_database_left_empty_or_without_transcripts_is_a_fault(
+        tmp_path: Path, run: Callable[..., Otrace]) -> None:
+    """An agent database of 0 bytes, or one with no transcript table, that has stayed so (OpenClaw
+    makes the file, then its tables at once) holds nothing otrace can read: /health is degraded and
+    says why, while the other agents are read; a real database put in its place is read."""
+    state = state_copy(tmp_path)
+    empty, other = agent_db(state, "empty"), agent_db(state, "other")
+    for db in (empty, other):
+        db.parent.mkdir(parents=True)
+    empty.touch()
+    with contextlib.closing(sqlite3.connect(other)) as conn:
+        conn.execute("CREATE TABLE notes (body TEXT)")
+    for db in (empty, other):
+        os.utime(db, (time.time() - 3600, time.time() - 3600))
+    node = run({**STORE_ENV, "TRACE_OPENCLAW_STATE_DIR": str(state)})
+    wait_traces(node, 6)                                   # agent main's six calls
+    health = wait_until(lambda: len((h := node.health())["openclaw_sessions"]["agent_errors"]) == 2 and h,
+                        what="both agents' faults")
+    errors = health["openclaw_sessions"]["agent_errors"]
+    assert "is empty (0 bytes)" in errors["empty"] and "no transcript_events table" in errors["other"]
+    assert health["status"] == "degraded"
+    assert any("session store cannot be read" in p and "agent empty" in p for p in health["problems"])
+    assert empty.stat().st_size == 0 and not [line for line in node.lines if "exc_info" in line]
+    other.unlink()
+    shutil.copyfile(agent_db(state), empty)                # the agent's database, made whole
+    wait_until(lambda: len([r for r in session_traces(node) if r["trace_id"].startswith("oc:empty:")]) == 6,
+               what="the database put in place read")
+    wait_until(lambda: node.health()["status"] == "ok", what="healthy again")
+
+
+@needs_stores
 def test_entries_still_in_the_wal_of_an_open_gateway_connection_are_read(tmp_path: Path,
                                                                         run: Callable[..., Otrace]) -> None:
     """Calls committed by a connection held open like the gateway's, plain or zstd-compressed, in a
