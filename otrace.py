@@ -8251,6 +8251,9 @@ ARCHIVE_MARK_SQL = ("SELECT session_id || char(9) || generation || char(9) || ar
                     "FROM session_transcript_archives WHERE rowid = ?")
 ARCHIVE_SQL = ("SELECT encoding, archive_sha256, {} FROM session_transcript_archives "
                "WHERE session_id = ? AND generation = ?")
+# Every archive there is, by name: a scan of the primary key's index, never of the transcripts.
+ARCHIVE_NAMES_SQL = "SELECT session_id, generation FROM session_transcript_archives"
+FORGET_ARCHIVE_SQL = "DELETE FROM openclaw_positions WHERE agent = ? AND stream = ?"
 PART = "+part"                   # an archive's mark while it is read: the lines up to its place are done
 ZSTD_MAGIC, ZSTD_SKIPPABLE = 0xFD2FB528, 0x184D2A50   # a zstd frame's first 4 bytes; a skippable one's
 GENERATION_SQL = "SELECT generation FROM transcript_rewrite_watermarks WHERE session_id = {}"
@@ -8574,6 +8577,11 @@ class AgentDatabase:
         return None if version == self.listed else version
 
     @property
+    def whole(self) -> bool:
+        """The look under way lists every session."""
+        return self.looking[2]
+
+    @property
     def owed(self) -> bool:
         """Commits came since every session was last listed: a look is due even if no file changed."""
         return self.listed != self.seen
@@ -8639,6 +8647,10 @@ class AgentDatabase:
             return None
         return self.conn.execute(ARCHIVE_SQL.format("archive_blob" if blob else "NULL"),
                                  (session, generation)).fetchone()
+
+    def archive_names(self) -> set[tuple[str, str]]:
+        """(session, generation) of every archive in the database; none without the table."""
+        return set(self.conn.execute(ARCHIVE_NAMES_SQL)) if self.archives else set()
 
     def close(self) -> None:
         if self.conn is not None:
@@ -8757,6 +8769,8 @@ class SessionStore(QuietReader):
             self.read_archives(store, agent)   # first: an entry the sessions read next may be archived after
         except ImportError as exc:            # a zstd archive waits for the package; the sessions go on
             missing = exc
+        if store.whole:                       # a look that lists every session: the archives' too
+            self.forget_archives(store, agent)
         again = {}                        # a backup restored: the gateway writes where otrace read past
         for session, last, _ in listed:
             cursor = self.cursors.get((agent, session))
@@ -8847,6 +8861,24 @@ class SessionStore(QuietReader):
                     return
                 place = Cursor(f"{session}\t{generation}\t{digest}", rowid, None)
             self.offer(agent, ARCHIVES, [], place)
+
+    def forget_archives(self, store: AgentDatabase, agent: str) -> None:
+        """Forget the marks of the agent's archives read that are gone from its database (OpenClaw's
+        pruning; a database put back without them): such a one cannot be read there again, and its mark
+        would stay for good. Never one still there, whatever its age: the archives are listed from the
+        first again when the newest is deleted, and one read would be read again."""
+        marks = [stream for who, stream in self.cursors if who == agent and stream.startswith(ARCHIVED)]
+        if not marks:
+            return
+        there = {f"{ARCHIVED}{session}\t{generation}" for session, generation in store.archive_names()}
+        gone = [stream for stream in marks if stream not in there]
+        if not gone:
+            return
+        self.send([], [(FORGET_ARCHIVE_SQL, (agent, stream)) for stream in gone])
+        for stream in gone:
+            del self.cursors[(agent, stream)]
+        self.log.info("archives gone from the agent database: their marks forgotten",
+                      extra={"agent": agent, "archives": len(gone)})
 
     def read_archive(self, store: AgentDatabase, agent: str, session: str, generation: str) -> None:
         """One archive not read before: the entries otrace had not read of it, unit by unit, the last

@@ -9707,6 +9707,49 @@ def test_calls_of_a_session_archived_before_they_were_read_are_stored_once(
     assert len(archives) == 4 and archives <= set(again.query("SELECT stream, mark FROM openclaw_positions"))
 
 
+def archive_marks(node: Otrace) -> set[str]:
+    """The sessions of the archives otrace keeps a mark of (read, or being read)."""
+    return {stream.split("\t")[1] for (stream,) in node.query(
+        "SELECT stream FROM openclaw_positions WHERE substr(stream, 1, 10) = '#archived' || char(9)")}
+
+
+@needs_stores
+def test_the_mark_of_an_archive_read_is_forgotten_once_the_archive_is_gone(
+        tmp_path: Path, run: Callable[..., Otrace]) -> None:
+    """An archive read leaves a mark in openclaw_positions, which keeps it from being read again: once
+    OpenClaw deletes the archive (its pruning), its mark goes too, said once. The mark of an archive
+    still there stays, also when deleting the newest has the archives listed from the first again:
+    that one is not read again, and its call retention deleted does not come back, nor at a restart."""
+    node, db, template = store_followed(tmp_path, run)
+    env = node.env
+    gateway = gateway_connection(db)
+    calls = {}
+    for session in ("kept", "pruned"):                    # archived as they are written: read there only
+        new_session(gateway, session)
+        calls[session] = a_call(template, 1000, 0.001)
+        archive_session(gateway, session, last=calls[session])
+    stored = {session: f"oc:main:{session}:{call['id']}" for session, call in calls.items()}
+    wait_until(lambda: archive_marks(node) == {"kept", "pruned"}, what="both archives read")
+    wait_until(lambda: set(stored.values()) <= {r["trace_id"] for r in session_traces(node)},
+               what="their calls")
+    with contextlib.closing(sqlite3.connect(node.db_path)) as conn, conn:    # retention took one
+        assert conn.execute("DELETE FROM llm_traces WHERE trace_id = ?", (stored["kept"],)).rowcount == 1
+    gateway.execute("DELETE FROM session_transcript_archives WHERE session_id = 'pruned'")   # the newest
+    gateway.close()
+    wait_until(lambda: archive_marks(node) == {"kept"}, what="the deleted archive's mark forgotten")
+    wait_until(lambda: node.health()["queue_depth"] == 0, what="queue drained")
+    said = node.logs("archives gone from the agent database: their marks forgotten")
+    assert len(said) == 1 and said[0]["archives"] == 1 and said[0]["agent"] == "main"
+    assert stored["kept"] not in {r["trace_id"] for r in session_traces(node)}
+    assert node.health()["events_duplicate"] == 0 and node.stop() == 0
+    again = run(env, db=node.db_path)
+    wait_until(lambda: again.health()["openclaw_sessions"]["polls"] > 5, what="a few polls")
+    wait_until(lambda: again.health()["queue_depth"] == 0, what="queue drained")
+    assert archive_marks(again) == {"kept"} and not again.logs("archives gone from the agent database: "
+                                                               "their marks forgotten")
+    assert {r["trace_id"] for r in session_traces(again)} & set(stored.values()) == {stored["pruned"]}
+
+
 def test_a_zstd_archive_is_whole_only_when_its_last_frame_ends_at_its_end() -> None:
     """Frames as zstandard and node:zlib write them (a content size or not, a checksum or not, a
     trailing empty frame, a skippable one) are whole; every prefix of one frame is cut short, and
