@@ -8552,7 +8552,7 @@ class AgentDatabase:
             age = time.time() - self.path.stat().st_mtime
         except FileNotFoundError:
             age = 0.0
-        self.making = age < STORE_MADE_GRACE
+        self.making = abs(age) < STORE_MADE_GRACE     # one far ahead (a clock set back) is not waited for
         if not self.making:
             raise Condition("the agent database is empty (0 bytes): it holds no transcripts" if size == 0
                             else "the agent database has no transcript_events table: not an OpenClaw "
