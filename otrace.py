@@ -10771,6 +10771,7 @@ class Checkpointer(Loop):
         self.most = wal_limit(config, DB_PAGE)
         self.seen = 0              # the writer's changes when it last woke the loop
         self.woken = False
+        self.held = False          # a reader's snapshot kept the WAL from starting over, not started since
 
     def watch(self, conn: sqlite3.Connection) -> None:
         """On the writer's thread, after each batch, with its connection. A WAL past the journal size
@@ -10784,11 +10785,16 @@ class Checkpointer(Loop):
         if changes - self.seen >= self.step:
             self.seen, self.woken = changes, True
             self.wake()
-        if file_size(self.wal_path) > self.most:
-            try:
-                checkpoint("PASSIVE", conn)
-            except sqlite3.Error as exc:  # as SQLite's own autocheckpoint: the batch stands, the next tries
-                self.log.debug("wal checkpoint failed", extra={"by": "writer", "error": describe(exc)})
+        if file_size(self.wal_path) <= self.most:
+            self.held = False      # started over since (SQLite cut it back to the limit), or never grew
+            return
+        try:
+            result = checkpoint("PASSIVE", conn)
+        except sqlite3.Error as exc:  # as SQLite's own autocheckpoint: the batch stands, the next tries
+            self.log.debug("wal checkpoint failed", extra={"by": "writer", "error": describe(exc)})
+            return
+        # the writer's own copy, with no write beside it, leaves frames only under a reader's snapshot
+        self.held = self.held or result["checkpointed_pages"] < result["wal_pages"]
 
     def tick(self) -> None:
         woken, self.woken = self.woken, False
@@ -11049,6 +11055,9 @@ class Retention(Loop):
         # relief jobs begun: watch()'s head starts, and one a pass stopped waiting for, still to be tallied
         self.begun: collections.deque[Future] = collections.deque()
         self.marks = Marks(config.wal_max_bytes / config.db_max_bytes)
+        # while a reader holds the WAL: the bytes the rows use, which the main file grows past only once
+        # they outgrow it
+        self.held_file: int | None = None
         self.passes = 0
         self.over: str | None = None             # the pressure said, until a pass finds none
         self.stuck: str | None = None            # over budget after deleting all it may: why
@@ -11068,13 +11077,16 @@ class Retention(Loop):
                 "advice": "lower TRACE_DB_MAX_BYTES or TRACE_DISK_RESERVE_BYTES: together they must fit "
                           "under TRACE_DISK_HIGH_PCT of the volume"})
 
-    def watch(self) -> None:
+    def watch(self, held_file: int | None = None) -> None:
         """On the writer's thread, after each batch it commits: a database past its high mark wakes
         a pass now, not at the next interval, and the writer's next job deletes down to the low mark
         before the next batch (a head start, which the pass takes over; it deletes nothing while
         the rows are under the low mark). So every batch past the mark is paired with a deletion on
         the writer itself: a burst (a stalled client catching up, a machine too busy to run the
-        pass thread) cannot outgrow the mark by more than a batch while the pass waits its turn."""
+        pass thread) cannot outgrow the mark by more than a batch while the pass waits its turn.
+        `held_file`: while a reader's snapshot keeps the WAL from starting over (Checkpointer.held),
+        the bytes the rows use."""
+        self.held_file = held_file
         if self.share() > self.marks.high:
             if not (self.begun and not self.begun[-1].done()):    # not one still waiting to run
                 self.begun.append(self.events.submit(functools.partial(
@@ -11173,9 +11185,14 @@ class Retention(Loop):
 
     def share(self) -> float:
         """The database's size as a share of its cap as the marks count it (the WAL at the most it
-        reached lately, the WAL a pass writes too), which they learn from."""
+        reached lately, the WAL a pass writes too), which they learn from. While a reader holds the
+        WAL, the rows alone: deleting cannot shrink a WAL that cannot start over (it grows by the pages
+        deleted), only keep the main file, whose freed pages the next rows reuse, from growing."""
         cap, path = self.config.db_max_bytes, self.config.db_path
-        share = self.marks.count(file_size(path) / cap, file_size(path + "-wal") / cap)
+        if (held := self.held_file) is not None:
+            share = held / cap
+        else:
+            share = self.marks.count(file_size(path) / cap, file_size(path + "-wal") / cap)
         self.marks.seen(share)
         return share
 
@@ -11260,8 +11277,12 @@ class Retention(Loop):
     def give_back(self) -> None:
         """Shrink the file, so the space freed is the filesystem's again. In steps of a WAL's worth:
         the pages a vacuum moves pass through the WAL, which the cap counts too, before the file
-        shrinks. While a reader keeps the WAL, try again here, not in the writer, as long as the
-        writer would once have waited."""
+        shrinks. While a reader keeps the WAL (a look at /health, a push's read), try again here, not in
+        the writer, as long as the writer would once have waited; not at all while one holds it so long
+        that it grew past its limit (Checkpointer.held): the pages a vacuum moves would only grow it,
+        and the next rows reuse the freed pages."""
+        if self.held_file is not None:
+            return
         end, free = time.monotonic() + BUSY_TIMEOUT, None
         while not self.stopping.is_set():
             result = self.events.call(functools.partial(shrink, self.step))
@@ -12782,8 +12803,9 @@ class Service:
     def committed(self) -> None:
         """After each batch, on the writer's thread: what the batch grew may be due for a deletion or a
         copy."""
-        self.retention.watch()
-        self.checkpointer.watch(self.writer.conn)
+        conn = self.writer.conn
+        self.retention.watch(live_bytes(conn) if self.checkpointer.held else None)
+        self.checkpointer.watch(conn)
 
     def on_write_fault(self, error: str) -> None:
         """A write has just started failing: run retention now, which acts if space is short (a full

@@ -6280,6 +6280,50 @@ def test_a_wal_a_reader_holds_past_the_cap_is_a_problem_in_health(run: Callable[
     wait_until(lambda: node.health()["problems"] == [], timeout=60, what="the WAL started over")
 
 
+def test_a_reader_holding_the_wal_costs_no_rows_beyond_what_the_file_needs(
+        run: Callable[..., Otrace]) -> None:
+    """A reader's snapshot (an `otrace report`, a sqlite3 shell) keeps the WAL from starting over: it
+    grows with every write, and deleting rows only grows it more. Retention counts the file as it will
+    be once the WAL is copied in, so the rows stay under the mark they were held under before the
+    reader (they went down to half the cap and under, the WAL's room rising to a quarter of it), and
+    the file stays under the cap once the reader lets go."""
+    cap = 8 << 20
+    node = run({"TRACE_DB_MAX_BYTES": str(cap)})
+    posted, deadline = 0, time.monotonic() + 120
+
+    def post() -> None:
+        nonlocal posted
+        assert time.monotonic() < deadline, "the database never reached its mark, or the WAL never grew"
+        if node.post("/v1/traces", [trace(input_text="x" * 2000) for _ in range(20)]).status == 202:
+            posted += 20
+
+    while not ledger(node):                                   # past the high mark once: rows deleted
+        post()
+    node.wait_persisted(posted, timeout=60)
+    passes = node.health()["retention"]["passes"]             # the marks learn from the fill's flood
+    before = wait_until(lambda: (r := node.health()["retention"])["passes"] > passes and r, timeout=60,
+                        what="a retention pass after the fill")
+    low = before["db_high_mark"] - (otrace.Marks.HIGH - otrace.Marks.LOW)
+    reader = sqlite3.connect(node.db_path, isolation_level=None)
+    try:
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM llm_traces").fetchone()      # a snapshot the WAL must keep
+        while node.health()["wal_size_bytes"] < cap:
+            post()
+        node.wait_persisted(posted, timeout=60)
+        with contextlib.closing(sqlite3.connect(node.db_path)) as look:
+            kept = otrace.live_bytes(look) / cap
+        during = node.health()["retention"]
+    finally:
+        reader.execute("COMMIT")
+        reader.close()
+    assert kept >= low - before["db_wal_room"] - 0.1, (kept, before)      # a batch or two of slack
+    assert during["db_wal_room"] <= max(before["db_wal_room"], 0.1)        # no room kept for its WAL
+    while (settled := node.health())["wal_size_bytes"] >= cap / 4:      # the agent goes on: SQLite
+        post()                                                          # starts the WAL over
+    assert settled["db_size_bytes"] <= cap
+
+
 def test_age_retention_deletes_pushed_rows_only(tmp_path: Path, run: Callable[..., Otrace],
                                                 receiver: Receiver) -> None:
     db = tmp_path / "aged.db"
