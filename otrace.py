@@ -2312,6 +2312,27 @@ def keep_aside_wal(path: str) -> None:
                   extra={"db_path": path, "kept_as": kept})
 
 
+SET_ASIDE = (".left-", ".damaged-", CARRY + ".aside-")   # after the database's name: never removed by otrace
+SET_ASIDE_NAMED = 10                                     # names /health lists at most, in name order
+
+
+def set_aside_files(path: str) -> dict[str, Any]:
+    """The files otrace set aside beside the database at `path` and leaves for a hand (a moved file's
+    last commits, a damaged file, a carry file it could not take in): how many, their bytes (outside
+    the cap: a hand restores or removes them) and the first names."""
+    folder, name = os.path.split(path)
+    prefixes = tuple(name + tag for tag in SET_ASIDE)
+    found: list[tuple[str, int]] = []
+    with contextlib.suppress(OSError), os.scandir(folder or ".") as entries:   # the directory is gone
+        for entry in entries:
+            if entry.name.startswith(prefixes):
+                with contextlib.suppress(OSError):                             # removed meanwhile
+                    found.append((entry.name, entry.stat(follow_symlinks=False).st_size))
+    found.sort()
+    return {"count": len(found), "bytes": sum(size for _, size in found),
+            "files": [entry for entry, _ in found[:SET_ASIDE_NAMED]]}
+
+
 def private_folder(folder: Path) -> None:
     """Create `folder` and each parent it lacks, 0700 (mkdir's parents= makes them by the umask)."""
     for missing in reversed([p for p in (folder, *folder.parents) if not p.exists()]):
@@ -11511,6 +11532,8 @@ def prometheus(report: dict[str, Any]) -> str:
     add("unsynced_events", "gauge", "Rows not yet pushed.", ("", report["unsynced_count"]))
     add("db_size_bytes", "gauge", "Database file size.", ("", report["db_size_bytes"]))
     add("wal_size_bytes", "gauge", "WAL file size.", ("", report["wal_size_bytes"]))
+    add("db_set_aside_bytes", "gauge", "Files set aside beside the database for a hand (never removed by "
+        "otrace, not counted against TRACE_DB_MAX_BYTES).", ("", report["db_set_aside"]["bytes"]))
     if push := report["push"]:
         add("push_events_total", "counter", "Events confirmed by the receiver.", ("", push["events_pushed"]))
         add("push_consecutive_failures", "gauge", "Failed push cycles in a row (OTLP: a signal's most).",
@@ -11674,6 +11697,7 @@ def health_report(service: Service) -> dict[str, Any]:
         "requests_unauthorized": counts["unauthorized"],
         "db_size_bytes": main,
         "wal_size_bytes": wal,
+        "db_set_aside": set_aside_files(service.config.db_path),
         "disk_reserve": {"bytes": writer.reserve.size, "held": writer.reserve.held,
                          "released": writer.reserve.released},
         "unsynced_count": unsynced_count(db, pusher.tables if pusher else EVENT_TABLES),

@@ -5665,6 +5665,30 @@ def test_a_wal_beside_a_new_empty_database_file_is_kept_aside_not_deleted(tmp_pa
         assert conn.execute("SELECT position FROM log_offsets").fetchall() == [(10,)]
 
 
+def test_health_names_the_files_set_aside_beside_the_database_and_their_bytes(
+        tmp_path: Path, run: Callable[..., Otrace]) -> None:
+    """A moved file's last commits kept aside (here by a start after a crash), a damaged file: otrace
+    never removes them, and on a small volume they add up. /health and /metrics say how many and how
+    big, outside the cap; gone once a hand removes them."""
+    path, moved = tmp_path / "otrace.db", tmp_path / "moved.db"
+    otrace.open_database(str(path))
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as conn:
+        conn.execute("PRAGMA wal_autocheckpoint = 0")
+        conn.execute(otrace.OFFSET_SQL, (1, 2, "f", "/log", 10, 0))
+        path.rename(moved)
+        wal = Path(f"{path}-wal").read_bytes()               # as a crash leaves it: the process gone
+    Path(f"{path}-wal").write_bytes(wal)
+    Path(f"{path}.damaged-1700000000000").write_bytes(b"x" * 5000)
+    node = run({}, db=path)
+    [kept] = tmp_path.glob("otrace.db.left-*-wal")
+    aside = node.health()["db_set_aside"]
+    assert aside == {"count": 2, "bytes": len(wal) + 5000,
+                     "files": sorted(["otrace.db.damaged-1700000000000", kept.name])}
+    assert f"otrace_db_set_aside_bytes {len(wal) + 5000}" in node.request("GET", "/metrics").body.decode()
+    kept.unlink()
+    assert node.health()["db_set_aside"]["count"] == 1
+
+
 def test_a_database_file_deleted_before_the_writer_opens_it_is_made_anew_and_no_row_is_dropped(
         tmp_path: Path) -> None:
     """The file checked at the start is gone when the writer connects: SQLite makes an empty file at
