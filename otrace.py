@@ -11097,6 +11097,9 @@ class Retention(Loop):
                 "disk_total_bytes": total, "disk_high_pct": config.disk_high_pct,
                 "advice": "lower TRACE_DB_MAX_BYTES or TRACE_DISK_RESERVE_BYTES: together they must fit "
                           "under TRACE_DISK_HIGH_PCT of the volume"})
+        if (aside := set_aside_files(self.config.db_path))["count"]:     # outside the cap, never removed
+            self.log.warning("files set aside beside the database take disk space: restore or remove them",
+                             extra=aside)
 
     def watch(self, held_file: int | None = None) -> None:
         """On the writer's thread, after each batch it commits: a database past its high mark wakes

@@ -5668,8 +5668,8 @@ def test_a_wal_beside_a_new_empty_database_file_is_kept_aside_not_deleted(tmp_pa
 def test_health_names_the_files_set_aside_beside_the_database_and_their_bytes(
         tmp_path: Path, run: Callable[..., Otrace]) -> None:
     """A moved file's last commits kept aside (here by a start after a crash), a damaged file: otrace
-    never removes them, and on a small volume they add up. /health and /metrics say how many and how
-    big, outside the cap; gone once a hand removes them."""
+    never removes them, and on a small volume they add up. The start says so; /health and /metrics
+    say how many and how big, outside the cap, until a hand removes them."""
     path, moved = tmp_path / "otrace.db", tmp_path / "moved.db"
     otrace.open_database(str(path))
     with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as conn:
@@ -5681,6 +5681,8 @@ def test_health_names_the_files_set_aside_beside_the_database_and_their_bytes(
     Path(f"{path}.damaged-1700000000000").write_bytes(b"x" * 5000)
     node = run({}, db=path)
     [kept] = tmp_path.glob("otrace.db.left-*-wal")
+    [said] = node.logs("files set aside beside the database take disk space: restore or remove them")
+    assert said["count"] == 2
     aside = node.health()["db_set_aside"]
     assert aside == {"count": 2, "bytes": len(wal) + 5000,
                      "files": sorted(["otrace.db.damaged-1700000000000", kept.name])}
