@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import py_compile
+import random
 import re
 import selectors
 import shutil
@@ -6522,6 +6523,85 @@ def test_every_row_a_pass_deletes_is_reported_when_push_reports_during_the_pass(
         assert max(x["newest_received_at"] for x in told) == gone[-1]
         assert conn.execute("SELECT sum(deleted), sum(unsynced_deleted), count(*) FROM retention_ledger "
                             "WHERE reported_at IS NOT NULL").fetchone() == (150, 150, 1)   # added up
+
+
+@pytest.mark.parametrize("run_seed", range(12))
+def test_no_two_passes_tables_or_reasons_share_a_ledger_row_and_every_loss_is_told_once(
+        tmp_path: Path, run_seed: int) -> None:
+    """A pass's ledger row is keyed by its hour, then `hour.<id>` once reported. Chunks of three
+    kinds (two tables, two reasons of one) and two hours, push cycles that read the report at their
+    start and confirm one or two batches (some not at all) while chunks delete rows on their way, and
+    the reported rows of the hour pruned (a TRACE_RETENTION under an hour), at random: the ledger
+    counts (what /health sums) and the reports add up to the rows deleted unpushed and never
+    delivered, table by table, and no ledger row is told twice."""
+    rng = random.Random(run_seed)
+    db = tmp_path / "o.db"
+    otrace.open_database(str(db))
+    merges, tables = otrace.Merges(), ("llm_traces", "system_metrics")
+    kinds = [("llm_traces", "pressure_unpushed"), ("llm_traces", "pressure_other"),
+             ("system_metrics", "pressure_metrics")]
+    hour = ["2026-12-04T10"]
+    gone: dict[str, set[int]] = {table: set() for table in tables}          # deleted unpushed
+    delivered: dict[str, set[int]] = {table: set() for table in tables}
+    told: list[dict[str, Any]] = []
+    with contextlib.closing(sqlite3.connect(db, isolation_level=None)) as conn:
+        with otrace.transaction(conn):
+            for n in range(1000):
+                conn.execute("INSERT INTO llm_traces (trace_id, created_at, received_at, source, status, "
+                             "truncated, provider, model) VALUES (?, ?, ?, 'http', 'ok', 0, 'p', 'm')",
+                             (f"t{n}", n, n))
+                conn.execute("INSERT INTO system_metrics (trace_id, created_at, received_at, source, "
+                             "cpu_pct) VALUES (?, ?, ?, 'proc', 1.0)", (f"m{n}", n, n))
+
+        def unpushed(table: str) -> set[int]:
+            return {row_id for (row_id,) in conn.execute(f"SELECT id FROM {table} WHERE synced = 0")}
+
+        def chunk() -> None:
+            if rng.random() < 0.05:
+                hour[0] = "2026-12-04T11"                                   # the hour turns
+            table, reason = rng.choice(kinds)
+            before = unpushed(table)
+            otrace.Cut((table,), otrace.UNDELIVERED, reason, hour[0], limit=rng.randint(1, 30),
+                       merges=merges)(conn)
+            gone[table] |= before - unpushed(table)
+
+        def cycle(last: bool = False) -> None:
+            read_at = merges.read_begins()
+            batches = [otrace.Batch(losses=otrace.unreported_losses(conn, tables))]
+            batches += [otrace.Batch() for _ in range(rng.randint(0, 1))]
+            for table in tables:
+                rows = conn.execute(f"SELECT id, trace_id FROM {table} WHERE synced = 0 ORDER BY id LIMIT "
+                                    f"{rng.randint(0, 40)}").fetchall()
+                for n, (row_id, trace_id) in enumerate(rows):
+                    batches[n * len(batches) // len(rows)].add(table, row_id, trace_id, b"{}")
+            for batch in batches:
+                for _ in range(0 if last else rng.randint(0, 3)):          # deleted on their way
+                    chunk()
+                if not last and rng.random() < 0.15:                         # no 2xx: the cycle ends
+                    break
+                confirm(conn, batch, merges, read_at)
+                for table, row_id, *_ in batch.spans:
+                    delivered[table].add(row_id)
+                told.extend(batch.losses)
+            merges.cycle_ended()
+
+        prunes = run_seed % 3 == 0
+        for _ in range(150):
+            if (step := rng.random()) < 0.55:
+                chunk()
+            elif step < 0.95 or not prunes:
+                cycle()
+            else:
+                conn.execute("DELETE FROM retention_ledger WHERE reported_at IS NOT NULL")
+        lost = {table: len(gone[table] - delivered[table]) for table in tables}
+        if not prunes:
+            counted = dict(conn.execute("SELECT table_name, sum(unsynced_deleted) FROM retention_ledger "
+                                        "GROUP BY table_name"))
+            assert {table: counted.get(table, 0) for table in tables} == lost
+        while otrace.unreported_losses(conn, tables):
+            cycle(last=True)
+    assert {table: sum(x["rows"] for x in told if x["table"] == table) for table in tables} == lost
+    assert len({(x["ledger_id"], x["at"]) for x in told}) == len(told)
 
 
 @pytest.mark.parametrize("batches", [1, 2])
