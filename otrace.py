@@ -10792,7 +10792,10 @@ class Checkpointer(Loop):
         self.most = wal_limit(config, DB_PAGE)
         self.seen = 0              # the writer's changes when it last woke the loop
         self.woken = False
-        self.held = False          # a reader's snapshot kept the WAL from starting over, not started since
+        # since when (monotonic) the writer's copies leave frames under a snapshot, a batch longer: the
+        # WAL stays as large as the reader made it until the next write starts it over
+        self.held_since: float | None = None
+        self.left = False          # the writer's last copy left frames
 
     def watch(self, conn: sqlite3.Connection) -> None:
         """On the writer's thread, after each batch, with its connection. A WAL past the journal size
@@ -10807,15 +10810,20 @@ class Checkpointer(Loop):
             self.seen, self.woken = changes, True
             self.wake()
         if file_size(self.wal_path) <= self.most:
-            self.held = False      # started over since (SQLite cut it back to the limit), or never grew
+            self.held_since, self.left = None, False   # started over (cut back to the limit), or small
             return
         try:
             result = checkpoint("PASSIVE", conn)
         except sqlite3.Error as exc:  # as SQLite's own autocheckpoint: the batch stands, the next tries
             self.log.debug("wal checkpoint failed", extra={"by": "writer", "error": describe(exc)})
             return
-        # the writer's own copy, with no write beside it, leaves frames only under a reader's snapshot
-        self.held = self.held or result["checkpointed_pages"] < result["wal_pages"]
+        # the writer's own copy, with no write beside it, leaves frames only under a snapshot
+        left = result["checkpointed_pages"] < result["wal_pages"]
+        if left and self.held_since is None:
+            self.held_since = time.monotonic()
+        elif not (left or self.left):
+            self.held_since = None
+        self.left = left
 
     def tick(self) -> None:
         woken, self.woken = self.woken, False
@@ -11003,14 +11011,26 @@ def relief(tiers: tuple[Tier, ...], until: int, pass_id: str, conn: sqlite3.Conn
     return Relief(chunks, live, tiers)
 
 
+class Hold(NamedTuple):
+    """A snapshot that keeps the WAL from starting over, as the writer saw it after a batch."""
+
+    since: float                     # monotonic seconds: when the writer's copies began to leave frames
+    live_bytes: int                  # the bytes the rows use: the main file grows only once they outgrow it
+
+
+# seconds: a snapshot held longer is a reader's (a report, a shell, a backup), not a push's read or a
+# look at /health, whose WAL is a swing to keep room for
+LONG_HOLD = 1.0
+
+
 class Marks:
     """The database's high and low marks, as shares of its cap, lowered together by as much as the
-    database recently got past the high mark before a pass relieved it (a flood, a slow disk, a reader
-    holding the WAL), so that it peaks near the high mark all the same. The WAL counts at the most it
-    reached lately (`wal`, halved every WAL_HALF_LIFE), not at its size of the moment: it swings
-    within milliseconds (a push cycle's marks, a burst's batches and deletions while a reader keeps it
-    from starting over, a vacuum's moved pages) far faster than a pass answers, so its room under the
-    cap is kept free beforehand, the rows held under the marks by that much."""
+    database recently got past the high mark before a pass relieved it (a flood, a slow disk), so
+    that it peaks near the high mark all the same. The WAL counts at the most it reached lately
+    (`wal`, halved every WAL_HALF_LIFE), not at its size of the moment: it swings within milliseconds
+    (a push cycle's marks, a burst's batches while a push's read keeps it from starting over, a
+    vacuum's moved pages) far faster than a pass answers, so its room under the cap is kept free
+    beforehand, the rows held under the marks by that much (a reader's WAL is no lesson: Retention)."""
 
     HIGH, LOW = DB_HIGH_MARK, DB_LOW_MARK
     FLOOR = 0.70             # the high mark never comes lower: a burst larger than the cap is no lesson
@@ -11076,9 +11096,8 @@ class Retention(Loop):
         # relief jobs begun: watch()'s head starts, and one a pass stopped waiting for, still to be tallied
         self.begun: collections.deque[Future] = collections.deque()
         self.marks = Marks(config.wal_max_bytes / config.db_max_bytes)
-        # while a reader holds the WAL: the bytes the rows use, which the main file grows past only once
-        # they outgrow it
-        self.held_file: int | None = None
+        self.hold: Hold | None = None            # a snapshot holding the WAL, as of the writer's last batch
+        self.hold_wal = 0.0                      # the largest WAL it made, as a share of the cap
         self.passes = 0
         self.over: str | None = None             # the pressure said, until a pass finds none
         self.stuck: str | None = None            # over budget after deleting all it may: why
@@ -11101,16 +11120,21 @@ class Retention(Loop):
             self.log.warning("files set aside beside the database take disk space: restore or remove them",
                              extra=aside)
 
-    def watch(self, held_file: int | None = None) -> None:
+    def watch(self, hold: Hold | None = None) -> None:
         """On the writer's thread, after each batch it commits: a database past its high mark wakes
         a pass now, not at the next interval, and the writer's next job deletes down to the low mark
         before the next batch (a head start, which the pass takes over; it deletes nothing while
         the rows are under the low mark). So every batch past the mark is paired with a deletion on
         the writer itself: a burst (a stalled client catching up, a machine too busy to run the
         pass thread) cannot outgrow the mark by more than a batch while the pass waits its turn.
-        `held_file`: while a reader's snapshot keeps the WAL from starting over (Checkpointer.held),
-        the bytes the rows use."""
-        self.held_file = held_file
+        `hold`: a snapshot keeps the WAL from starting over (Checkpointer.held_since). A brief one (a
+        push's read, a look at /health) made a swing the marks keep room for once it ends; a long one,
+        a reader's (a report, a shell, a backup), teaches them nothing."""
+        if hold is None and self.hold is not None:
+            if not self.held_long():
+                self.marks.count(0.0, self.hold_wal)
+            self.hold_wal = 0.0
+        self.hold = hold
         if self.share() > self.marks.high:
             if not (self.begun and not self.begun[-1].done()):    # not one still waiting to run
                 self.begun.append(self.events.submit(functools.partial(
@@ -11209,14 +11233,17 @@ class Retention(Loop):
 
     def share(self) -> float:
         """The database's size as a share of its cap as the marks count it (the WAL at the most it
-        reached lately, the WAL a pass writes too), which they learn from. While a reader holds the
-        WAL, the rows alone: deleting cannot shrink a WAL that cannot start over (it grows by the pages
-        deleted), only keep the main file, whose freed pages the next rows reuse, from growing."""
+        reached lately, the WAL a pass writes too), which they learn from. While a snapshot holds the
+        WAL, the rows and the room as it was: deleting cannot shrink a WAL that cannot start over (it
+        grows by the pages deleted), only keep the main file, whose freed pages the next rows reuse,
+        from growing; what the WAL reached counts once the snapshot ends (watch)."""
         cap, path = self.config.db_max_bytes, self.config.db_path
-        if (held := self.held_file) is not None:
-            share = held / cap
+        main, wal = file_size(path) / cap, file_size(path + "-wal") / cap
+        if (hold := self.hold) is not None:
+            self.hold_wal = max(self.hold_wal, wal)
+            share = max(main, hold.live_bytes / cap) + self.marks.wal
         else:
-            share = self.marks.count(file_size(path) / cap, file_size(path + "-wal") / cap)
+            share = self.marks.count(main, wal)
         self.marks.seen(share)
         return share
 
@@ -11303,12 +11330,10 @@ class Retention(Loop):
         the pages a vacuum moves pass through the WAL, which the cap counts too, before the file
         shrinks. While a reader keeps the WAL (a look at /health, a push's read), try again here, not in
         the writer, as long as the writer would once have waited; not at all while one holds it so long
-        that it grew past its limit (Checkpointer.held): the pages a vacuum moves would only grow it,
-        and the next rows reuse the freed pages."""
-        if self.held_file is not None:
-            return
+        that it grew past its limit for LONG_HOLD (a reader's): the pages a vacuum moves would only
+        grow it, and the next rows reuse the freed pages."""
         end, free = time.monotonic() + BUSY_TIMEOUT, None
-        while not self.stopping.is_set():
+        while not self.stopping.is_set() and not self.held_long():
             result = self.events.call(functools.partial(shrink, self.step))
             if result["busy"]:
                 if time.monotonic() >= end or self.stopping.wait(0.05):
@@ -11316,6 +11341,10 @@ class Retention(Loop):
             elif result["free"] == 0 or result["free"] == free:
                 return
             free = result["free"]
+
+    def held_long(self) -> bool:
+        """Whether a snapshot has held the WAL for LONG_HOLD at least, as of the writer's last batch."""
+        return (hold := self.hold) is not None and time.monotonic() - hold.since >= LONG_HOLD
 
     def report(self, tally: collections.Counter[tuple[str, str, str]], pruned: int, seconds: float,
                failed: str | None = None) -> None:
@@ -12831,8 +12860,9 @@ class Service:
         """After each batch, on the writer's thread: what the batch grew may be due for a deletion or a
         copy."""
         conn = self.writer.conn
-        self.retention.watch(live_bytes(conn) if self.checkpointer.held else None)
-        self.checkpointer.watch(conn)
+        self.checkpointer.watch(conn)         # first: whether a snapshot holds the WAL, as of this batch
+        since = self.checkpointer.held_since
+        self.retention.watch(None if since is None else Hold(since, live_bytes(conn)))
 
     def on_write_fault(self, error: str) -> None:
         """A write has just started failing: run retention now, which acts if space is short (a full

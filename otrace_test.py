@@ -6751,6 +6751,28 @@ def test_retention_holds_the_rows_under_the_low_mark_less_the_wal_room(tmp_path:
     assert retention.low_bytes() == pytest.approx(plain - 0.2 * config.db_max_bytes, abs=1)
 
 
+@pytest.mark.parametrize("held", ["briefly", "long"])
+def test_a_brief_snapshots_wal_is_kept_room_for_and_a_readers_teaches_the_marks_nothing(
+        tmp_path: Path, held: str) -> None:
+    """While a snapshot holds the WAL, the marks count the rows and the room as it was. Once it ends,
+    a brief one's WAL (a push's read) was a swing, kept room for; a reader's (held a second or more)
+    is no lesson: the rows would be held under half the cap for minutes after it."""
+    db, config, _, retention = retention_at_its_high_mark(tmp_path)
+    cap = config.db_max_bytes
+    with contextlib.closing(sqlite3.connect(db, isolation_level=None)) as conn:
+        conn.execute("PRAGMA wal_autocheckpoint = 0")                    # the WAL a snapshot would keep
+        conn.execute("CREATE TABLE filler (data BLOB)")
+        while otrace.file_size(f"{db}-wal") < 0.2 * cap:
+            conn.execute("INSERT INTO filler VALUES (randomblob(8000))")
+        live = otrace.live_bytes(conn)
+        began = time.monotonic() - (otrace.LONG_HOLD if held == "long" else 0.0)
+        retention.watch(otrace.Hold(began, live))
+        assert retention.share() == pytest.approx(max(otrace.file_size(db), live) / cap)   # not the WAL
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")                # let go: the WAL starts over
+        retention.watch(None)
+    assert retention.marks.wal == (pytest.approx(0.2, abs=0.05) if held == "briefly" else 0.0)
+
+
 def test_a_wal_a_reader_made_grow_is_cut_back_when_it_restarts(tmp_path: Path) -> None:
     """The cap counts the WAL file: one that grew while a reader held a snapshot keeps no more than
     two autocheckpoints' worth once SQLite starts it over, not up to TRACE_WAL_MAX_BYTES."""
