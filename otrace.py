@@ -4633,6 +4633,28 @@ SERIES_TOUCH_MS = 86_400_000     # an unchanged series' state is rewritten daily
 SERIES_A_QUERY = 500             # series states read in one query: under MAX_VARIABLES
 KEY_BYTES = 200                  # what one remembered span id costs of TRACE_OTLP_CONTENT_BYTES
 RECENT_CALLS = 64                # LLM calls remembered for another instrumentation's span in a later request
+FAILURES_KEPT = 1024             # failed LLM spans, and spans with ERROR records, remembered for each other
+LOG_MESSAGE_CHARS = 500          # of a record's message kept in the failure's otel_merged_logs
+# An ERROR log record's row (?1) folded into the error row (?2) of the failed LLM span it was logged in:
+# the span's row keeps its words, takes the record's stack trace where it has none (and a FATAL's
+# severity), and names the record in otel_merged_logs; then the record's row goes. Neither changes once
+# either row is pushed: the two stay.
+FOLD_LOG_SQL = (
+    "UPDATE error_events SET stack_trace = coalesce(error_events.stack_trace, log.stack_trace), "
+    "stack_trace_bytes = CASE WHEN error_events.stack_trace IS NULL THEN log.stack_trace_bytes "
+    "ELSE error_events.stack_trace_bytes END, "
+    "truncated = error_events.truncated OR (error_events.stack_trace IS NULL AND log.truncated), "
+    "severity = CASE WHEN log.severity = 'critical' THEN log.severity ELSE error_events.severity END, "
+    "metadata = json_set(coalesce(error_events.metadata, '{}'), '$.otel_merged_logs', json(coalesce("
+    "json_insert(json_extract(error_events.metadata, '$.otel_merged_logs'), '$[#]', json(log.said)), "
+    "json_array(json(log.said))))) "
+    "FROM (SELECT stack_trace, stack_trace_bytes, truncated, severity, json_object("
+    f"'message', substr(message, 1, {LOG_MESSAGE_CHARS}), 'scope', json_extract(metadata, '$.scope'), "
+    "'severity_text', json_extract(metadata, '$.severity_text')) AS said "
+    f"FROM error_events WHERE trace_id = ?1 AND synced = {UNSYNCED}) AS log "
+    f"WHERE error_events.trace_id = ?2 AND error_events.synced = {UNSYNCED} RETURNING error_events.trace_id")
+FOLDED_LOG_SQL = (f"DELETE FROM error_events WHERE trace_id = ?1 AND synced = {UNSYNCED} AND EXISTS ("
+                  f"SELECT 1 FROM error_events WHERE trace_id = ?2 AND synced = {UNSYNCED})")
 
 
 # Texts the rows hold and a remembered call does not (RecentCalls), each with its byte count column.
@@ -4667,8 +4689,8 @@ OTLP_COUNTERS = (
     "openclaw_logs_skipped",
     "spans_rejected", "span_values_dropped", "metric_points", "metric_points_kept", "metric_points_unchanged",
     "metric_points_other",
-    "metric_points_rejected", "metric_resets", "log_records", "log_errors", "log_content",
-    "log_content_after_span", "log_content_unlinked", "log_content_expired", "log_other",
+    "metric_points_rejected", "metric_resets", "log_records", "log_errors", "log_errors_merged",
+    "log_content", "log_content_after_span", "log_content_unlinked", "log_content_expired", "log_other",
     "log_records_rejected", "log_values_dropped", "requests_refused")
 
 
@@ -5374,6 +5396,51 @@ class Content:
         return len(self.waiting)
 
 
+class Failures:
+    """A failure told twice: a failed LLM span and an ERROR log record in that span (a logged
+    exception, as the logs SDK exports it with the span's ids) are one failure, whichever comes first.
+    Remembered for TRACE_OTLP_CONTENT_WAIT, the newest FAILURES_KEPT of each: the error rows of failed
+    spans stored lately, by span key, and the rows of ERROR records whose span is not known failed."""
+
+    def __init__(self, wait: float) -> None:
+        self.wait = wait
+        self.failed: collections.OrderedDict[str, tuple[float, str]] = collections.OrderedDict()
+        self.logged: collections.OrderedDict[str, tuple[float, list[str]]] = collections.OrderedDict()
+
+    def row_of(self, key: str) -> str | None:
+        """The error row of the failed LLM span `key`, if it was stored lately."""
+        found = self.failed.get(key)
+        return found and found[1]
+
+    def logged_in(self, keys: list[str]) -> list[str]:
+        """The rows of ERROR records stored lately in these spans."""
+        return [row for key in keys if (entry := self.logged.get(key)) for row in entry[1]]
+
+    def remember_failed(self, row: str, keys: list[str]) -> None:
+        """A failed call's error row, stored: the records of its spans are folded into it."""
+        for key in keys:
+            self.failed.pop(key, None)
+            self.failed[key] = (time.monotonic(), row)
+            self.logged.pop(key, None)
+        self.trim()
+
+    def remember_logged(self, key: str, row: str) -> None:
+        entry = self.logged.pop(key, None) or (0.0, [])
+        self.logged[key] = (time.monotonic(), entry[1] if row in entry[1] else [*entry[1], row])
+        self.trim()
+
+    def trim(self) -> None:
+        deadline = time.monotonic() - self.wait
+        for kept in (self.failed, self.logged):
+            while kept and (len(kept) > FAILURES_KEPT or next(iter(kept.values()))[0] < deadline):
+                kept.popitem(last=False)
+
+
+def fold_log(log_row: str, failure_row: str) -> list[tuple[str, tuple]]:
+    """The statements that make an ERROR record's row part of its failed span's."""
+    return [(FOLD_LOG_SQL, (log_row, failure_row)), (FOLDED_LOG_SQL, (log_row, failure_row))]
+
+
 # -- metric points
 
 
@@ -5519,6 +5586,8 @@ class Export:
     calls: list[Call] = dataclasses.field(default_factory=list)                     # each with its row
     merged: list[tuple[Call, Call]] = dataclasses.field(default_factory=list)       # (stored, now)
     parked: list[tuple[str, list[Said], list[int]]] = dataclasses.field(default_factory=list)
+    failed: list[tuple[str, list[str]]] = dataclasses.field(default_factory=list)   # (error row, span keys)
+    logged: list[tuple[str, str]] = dataclasses.field(default_factory=list)         # (span key, record's row)
     series: dict[str, SeriesState] = dataclasses.field(default_factory=dict)
 
     def refuse(self, counter: str, where: str, why: Invalid) -> None:
@@ -5588,6 +5657,7 @@ class OtlpReceiver:
         self.service, self.config = service, service.config
         self.content = Content(self.config.otlp_content_wait, self.config.otlp_content_bytes)
         self.recent = RecentCalls(self.config.otlp_content_wait)
+        self.failures = Failures(self.config.otlp_content_wait)
         self.series = Series(service.db, self.config.otlp_max_series)
         self.totals = Counters(OTLP_COUNTERS)
         self.worker = Worker("otrace-otlp")
@@ -5662,6 +5732,10 @@ class OtlpReceiver:
             self.recent.replace(stored, merged)
         for key, said, stamps in export.parked:
             self.content.park(key, said, stamps)
+        for key, row in export.logged:
+            self.failures.remember_logged(key, row)
+        for row, keys in export.failed:
+            self.failures.remember_failed(row, keys)
         self.series.commit(export.series)
         self.content.trim()
         export.counts["requests"] += 1
@@ -5738,6 +5812,16 @@ class OtlpReceiver:
         export.counts["llm_spans"] += 1
         export.stored.append((call.key, call.keys))
         export.calls.append(call)
+        if call.failure:
+            self.failure_told(call.key, call.keys, export)
+
+    def failure_told(self, row: str, keys: list[str], export: Export) -> None:
+        """A failed call's error row `row`, for the spans `keys`: ERROR records logged in them before are
+        folded into it, and those that come later will be."""
+        for logged in self.failures.logged_in(keys):
+            export.extra += fold_log(logged, row)
+            export.counts["log_errors_merged"] += 1
+        export.failed.append((row, keys))
 
     def merge_rows(self, stored: Call, call: Call, export: Export, received: int) -> None:
         """`call` is another instrumentation's span of `stored`, whose rows are in: they become the call
@@ -5763,6 +5847,8 @@ class OtlpReceiver:
         export.counts["spans_merged"] += 1
         export.stored.append((stored.key, call.keys))
         export.merged.append((stored, merged))
+        if merged.failure:
+            self.failure_told(stored.key, merged.keys, export)
 
     # -- logs
     def logs(self, message: Any, received: int) -> Export:
@@ -5843,8 +5929,19 @@ class OtlpReceiver:
         export.rows.append(row)
         if name == PUSHED_ERROR:        # its words over those the failed span gave the same row
             export.extra.append((MERGE_SQL[ERRORS.name, True], (*row.values, event["trace_id"])))
+        elif span := span_key(record.trace_id, record.span_id):
+            self.logged_in_span(span, event["trace_id"], export)
         export.counts["log_errors"] += 1
         return True
+
+    def logged_in_span(self, span: str, row: str, export: Export) -> None:
+        """An ERROR record's row, logged in the span `span`: part of that span's failure if it is a
+        failed LLM call otrace stored, else its own row, to be folded into the span's if it fails."""
+        if failure := self.failures.row_of(span):
+            export.extra += fold_log(row, failure)
+            export.counts["log_errors_merged"] += 1
+        else:
+            export.logged.append((span, row))
 
     def feed(self, key: str, said: list[Said], export: Export, stamps: list[int]) -> None:
         """Content for the span `key`: into its row if the row is there and not yet pushed (an UPDATE
@@ -7525,7 +7622,7 @@ COUNT_ON_STORE_SQL = _COUNT_ATTEMPTS.replace(         # the partial index error_
 COUNT_ON_ROW_SQL = _COUNT_ATTEMPTS.replace("<row>", "trace_id = ?2")
 # The statements that change a stored row, each returning its trace_id, and their table (see Merges).
 MERGED_TABLE = {CONTENT_SQL: TRACES.name, **{sql: name for (name, _), sql in MERGE_SQL.items()},
-                COUNT_ON_STORE_SQL: ERRORS.name, COUNT_ON_ROW_SQL: ERRORS.name}
+                FOLD_LOG_SQL: ERRORS.name, COUNT_ON_STORE_SQL: ERRORS.name, COUNT_ON_ROW_SQL: ERRORS.name}
 
 
 class LogLine:

@@ -11593,6 +11593,108 @@ def test_a_nan_attribute_from_the_sdk_is_left_out_and_its_call_and_failure_are_k
             health["log_values_dropped"]) == (0, 1, 0, 1)
 
 
+LOGGED_FAILURE_CLIENT = r"""
+import json, logging, sys
+from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+from opentelemetry.sdk._logs import LoggerProvider, LoggingHandler
+from opentelemetry.sdk._logs.export import BatchLogRecordProcessor
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.trace import SpanKind, StatusCode
+
+resource = Resource.create({"service.name": "otrace-logging-client"})
+tracer_provider, logger_provider = TracerProvider(resource=resource), LoggerProvider(resource=resource)
+tracer_provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(), schedule_delay_millis=3_600_000))
+logger_provider.add_log_record_processor(BatchLogRecordProcessor(OTLPLogExporter(),
+                                                                 schedule_delay_millis=3_600_000))
+logging.getLogger().addHandler(LoggingHandler(level=logging.INFO, logger_provider=logger_provider))
+log, tracer = logging.getLogger("app"), tracer_provider.get_tracer("otrace.test")
+chat = {"gen_ai.operation.name": "chat", "gen_ai.provider.name": "openai", "gen_ai.request.model": "gpt-4o"}
+keys = {}
+
+def key(span):
+    return f"{span.get_span_context().trace_id:032x}-{span.get_span_context().span_id:016x}"
+
+class RateLimitError(Exception):
+    pass
+
+agent = {"gen_ai.operation.name": "invoke_agent"}
+with tracer.start_as_current_span("invoke_agent helper", attributes=agent):
+    with tracer.start_as_current_span("chat gpt-4o", kind=SpanKind.CLIENT, attributes=chat,
+                                      record_exception=False, set_status_on_exception=False) as span:
+        keys["failed"] = key(span)
+        try:
+            raise RateLimitError("Error code: 429 - rate limited")
+        except RateLimitError:
+            log.exception("chat request failed")        # the call's own failure, logged in its span
+            span.set_attribute("error.type", "RateLimitError")
+            span.set_status(StatusCode.ERROR, "Error code: 429 - rate limited")
+    with tracer.start_as_current_span("chat gpt-4o", kind=SpanKind.CLIENT, attributes=chat) as span:
+        keys["ok"] = key(span)
+        log.error("cache write failed")                  # in a call that went well: a failure of its own
+    with tracer.start_as_current_span("execute_tool search",
+                                      attributes={"gen_ai.operation.name": "execute_tool"}) as span:
+        keys["tool"] = key(span)
+        log.critical("tool search crashed")              # in a span that is no call
+log.error("outside any span")
+first, second = ((logger_provider, tracer_provider) if sys.argv[1] == "logs_first"
+                 else (tracer_provider, logger_provider))
+first.force_flush()
+second.force_flush()
+tracer_provider.shutdown()
+logger_provider.shutdown()
+print(json.dumps(keys))
+"""
+
+
+@pytest.mark.parametrize("first", ["logs_first", "spans_first"])
+def test_a_failure_logged_inside_its_failed_llm_span_is_one_error_row(run: Callable[..., Otrace],
+                                                                      first: str) -> None:
+    """An app's logger.exception inside a chat call's span, exported by the Python SDK's logs
+    pipeline with the span's ids, is that failed call's detail, whichever signal comes first: the
+    span's one error row takes its stack trace and names it; ERROR records in an ok call's span, in a
+    span that is no call, or in none, are failures of their own."""
+    node = run()
+    keys = run_client([sys.executable, "-c", LOGGED_FAILURE_CLIENT, first], f"http://127.0.0.1:{node.port}")
+    node.wait_persisted(2 + 1 + 4)                   # two calls, the failure, four records
+    errors = {r["message"]: r for r in node.rows("error_events")}
+    assert set(errors) == {"Error code: 429 - rate limited", "cache write failed", "tool search crashed",
+                           "outside any span"}
+    failure = errors.pop("Error code: 429 - rate limited")
+    assert (failure["trace_id"], failure["error_type"], failure["category"], failure["severity"]) == (
+        keys["failed"], "llm_error", "rate_limit", "error")
+    assert failure["stack_trace"].startswith("Traceback") and "RateLimitError" in failure["stack_trace"]
+    assert json.loads(failure["metadata"])["otel_merged_logs"] == [
+        {"message": "chat request failed", "scope": "app", "severity_text": "ERROR"}]
+    spans = {message: json.loads(r["metadata"]).get("otel_span_id") for message, r in errors.items()}
+    assert spans == {"cache write failed": keys["ok"].split("-")[1],
+                     "tool search crashed": keys["tool"].split("-")[1], "outside any span": None}
+    assert errors["tool search crashed"]["severity"] == "critical"
+    assert node.health()["otlp"]["log_errors_merged"] == 1
+
+
+def test_an_error_record_in_a_failed_spans_pushed_row_stays_a_row_of_its_own(run: Callable[..., Otrace]
+                                                                             ) -> None:
+    """A pushed row is not changed: an ERROR record of its failed span that comes after the push is
+    kept as a row of its own, not lost."""
+    node = run()
+    trace_hex, span_hex = f"{7:032x}", f"{7:016x}"
+    chat = {"gen_ai.operation.name": "chat", "gen_ai.request.model": "m", "error.type": "APITimeoutError"}
+    failed = chat_span(trace_hex, span_hex, **chat)
+    assert node.post("/v1/traces", spans_body(failed)).status == 200
+    node.wait_persisted(2)
+    with contextlib.closing(sqlite3.connect(node.db_path, timeout=10)) as conn, conn:    # pushed, as if
+        conn.execute("UPDATE error_events SET synced = 1")
+    record = log_body(trace_hex, span_hex, "", {"message": "timed out"}, severity=17)
+    assert node.post("/v1/logs", record).status == 200
+    node.wait_persisted(3)
+    rows = sorted((r["trace_id"] == f"{trace_hex}-{span_hex}", r["synced"],
+                   "otel_merged_logs" in r["metadata"]) for r in node.rows("error_events"))
+    assert rows == [(False, 0, False), (True, 1, False)]
+
+
 JS_PACKAGES = ["@opentelemetry/api@1", "@opentelemetry/sdk-trace-base@2", "@opentelemetry/resources@2",
                "@opentelemetry/exporter-trace-otlp-proto@0"]
 JS_CLIENT = r'''
