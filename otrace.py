@@ -5253,6 +5253,28 @@ def same_call(stored: Call, call: Call) -> bool:
             or call.start <= stored.start <= stored.end <= call.end)
 
 
+class Lately:
+    """Keys with a value each, remembered for `wait` seconds, the newest `most` of them."""
+
+    def __init__(self, wait: float, most: int) -> None:
+        self.wait, self.most = wait, most
+        self.kept: collections.OrderedDict[str, tuple[float, Any]] = collections.OrderedDict()
+
+    def get(self, key: str, default: Any = None) -> Any:
+        found = self.kept.get(key)
+        return default if found is None or found[0] < time.monotonic() - self.wait else found[1]
+
+    def put(self, key: str, value: Any) -> None:
+        self.kept.pop(key, None)
+        self.kept[key] = (time.monotonic(), value)
+        deadline = time.monotonic() - self.wait
+        while len(self.kept) > self.most or next(iter(self.kept.values()))[0] < deadline:
+            self.kept.popitem(last=False)
+
+    def pop(self, key: str) -> None:
+        self.kept.pop(key, None)
+
+
 class RecentCalls:
     """The last RECENT_CALLS LLM calls stored within TRACE_OTLP_CONTENT_WAIT, without their content: a
     span of one of them from another instrumentation, exported in a later request, fills in that row
@@ -5403,37 +5425,26 @@ class Failures:
     spans stored lately, by span key, and the rows of ERROR records whose span is not known failed."""
 
     def __init__(self, wait: float) -> None:
-        self.wait = wait
-        self.failed: collections.OrderedDict[str, tuple[float, str]] = collections.OrderedDict()
-        self.logged: collections.OrderedDict[str, tuple[float, list[str]]] = collections.OrderedDict()
+        self.failed = Lately(wait, FAILURES_KEPT)        # span key -> its call's error row
+        self.logged = Lately(wait, FAILURES_KEPT)        # span key -> rows of records logged in it
 
     def row_of(self, key: str) -> str | None:
         """The error row of the failed LLM span `key`, if it was stored lately."""
-        found = self.failed.get(key)
-        return found and found[1]
+        return self.failed.get(key)
 
     def logged_in(self, keys: list[str]) -> list[str]:
         """The rows of ERROR records stored lately in these spans."""
-        return [row for key in keys if (entry := self.logged.get(key)) for row in entry[1]]
+        return [row for key in keys for row in self.logged.get(key, ())]
 
     def remember_failed(self, row: str, keys: list[str]) -> None:
         """A failed call's error row, stored: the records of its spans are folded into it."""
         for key in keys:
-            self.failed.pop(key, None)
-            self.failed[key] = (time.monotonic(), row)
-            self.logged.pop(key, None)
-        self.trim()
+            self.failed.put(key, row)
+            self.logged.pop(key)
 
     def remember_logged(self, key: str, row: str) -> None:
-        entry = self.logged.pop(key, None) or (0.0, [])
-        self.logged[key] = (time.monotonic(), entry[1] if row in entry[1] else [*entry[1], row])
-        self.trim()
-
-    def trim(self) -> None:
-        deadline = time.monotonic() - self.wait
-        for kept in (self.failed, self.logged):
-            while kept and (len(kept) > FAILURES_KEPT or next(iter(kept.values()))[0] < deadline):
-                kept.popitem(last=False)
+        rows = self.logged.get(key, [])
+        self.logged.put(key, rows if row in rows else [*rows, row])
 
 
 def fold_log(log_row: str, failure_row: str) -> list[tuple[str, tuple]]:
