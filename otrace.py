@@ -4566,6 +4566,7 @@ RPC_CODES = {400: 3, 401: 16, 403: 7, 404: 5, 405: 12, 408: 4, 411: 3, 413: 8, 4
 MODEL_OPERATIONS = frozenset({"chat", "text_completion", "generate_content", "embeddings", "completion",
                               "embedding"})            # the last two: OpenLLMetry's llm.request.type
 OPENCLAW_USAGE = "openclaw.model.usage"
+ENTITY_KIND = "traceloop.span.kind"      # OpenLLMetry's mark of its workflow, task, agent and tool spans
 USAGE_METRICS = frozenset({"openclaw.tokens", "openclaw.cost.usd", "openclaw.run.duration_ms"})
 PROVIDER_KEYS = ("gen_ai.provider.name", "gen_ai.system", "openclaw.provider")
 MODEL_KEYS = ("gen_ai.response.model", "gen_ai.request.model", "openclaw.model")      # response first
@@ -4629,11 +4630,16 @@ CONTENT_SQL = ("UPDATE llm_traces SET truncated = truncated OR (input_text IS NU
                "output_bytes = CASE WHEN output_text IS NULL THEN ? ELSE output_bytes END, "
                f"output_text = coalesce(output_text, ?) WHERE trace_id = ? AND synced = {UNSYNCED} "
                "RETURNING trace_id")
+# The parent span ids of a trace's calls stored from OTLP: their keys are "<trace id>-<span id>", so
+# the trace's rows are one range of the trace_id index.
+PARENTS_SQL = ("SELECT json_extract(metadata, '$.otel_parent_span_id') FROM llm_traces WHERE trace_id > ? "
+               "AND trace_id < ? AND source = 'otlp'")
 SERIES_TOUCH_MS = 86_400_000     # an unchanged series' state is rewritten daily, so retention keeps it
 SERIES_A_QUERY = 500             # series states read in one query: under MAX_VARIABLES
 KEY_BYTES = 200                  # what one remembered span id costs of TRACE_OTLP_CONTENT_BYTES
 RECENT_CALLS = 64                # LLM calls remembered for another instrumentation's span in a later request
 FAILURES_KEPT = 1024             # failed LLM spans, and spans with ERROR records, remembered for each other
+PARENTS_KEPT = 4096              # parents of LLM spans remembered while their rows may be in the queue
 LOG_MESSAGE_CHARS = 500          # of a record's message kept in the failure's otel_merged_logs
 # An ERROR log record's row (?1) folded into the error row (?2) of the failed LLM span it was logged in:
 # the span's row keeps its words, takes the record's stack trace where it has none (and a FATAL's
@@ -4685,7 +4691,8 @@ def merge_sql(table: Table, call_first: bool) -> str:
 MERGE_SQL = {(table.name, first): merge_sql(table, first)
              for table in (TRACES, ERRORS) for first in (True, False)}
 OTLP_COUNTERS = (
-    "requests", "spans", "llm_spans", "spans_merged", "spans_not_llm", "openclaw_usage_skipped",
+    "requests", "spans", "llm_spans", "spans_merged", "spans_not_llm", "spans_around_calls",
+    "openclaw_usage_skipped",
     "openclaw_logs_skipped",
     "spans_rejected", "span_values_dropped", "metric_points", "metric_points_kept", "metric_points_unchanged",
     "metric_points_other",
@@ -4900,6 +4907,7 @@ class Call:
     failure: dict[str, Any] | None
     keys: list[str]                  # the row keys of the spans it stands for, its own first
     relayed: bool = False            # pushed by an otrace, which made its spans one row per call
+    parent: str | None = None        # its parent span's row key
 
 
 def span_key(trace_id: bytes, span_id: bytes) -> str | None:
@@ -4912,8 +4920,9 @@ def span_key(trace_id: bytes, span_id: bytes) -> str | None:
 def llm_call(span: Any, resource: dict[str, Any], where: tuple[int, str], store_followed: bool) -> Call | str:
     """The LLM call a span records, or why it is none: "not_llm" (agent, tool, HTTP, ... spans) or
     "openclaw_usage_skipped" (OpenClaw's usage span while its session store is followed). A span is an
-    LLM call when its operation is a model operation, when it names no operation but a request model,
-    and for OpenClaw's openclaw.model.usage. Invalid for ids OTLP does not allow."""
+    LLM call when its operation is a model operation, when it names no operation but a request model
+    (and is no OpenLLMetry workflow, task, agent or tool span), and for OpenClaw's openclaw.model.usage.
+    Invalid for ids OTLP does not allow."""
     attrs = otel_attributes(span.attributes)
     openclaw = span.name == OPENCLAW_USAGE
     operation = _word(_first(attrs, ("gen_ai.operation.name", "llm.request.type")))
@@ -4921,7 +4930,7 @@ def llm_call(span: Any, resource: dict[str, Any], where: tuple[int, str], store_
     if openclaw and store_followed:
         return "openclaw_usage_skipped"
     if not openclaw and operation not in MODEL_OPERATIONS and (
-            operation is not None or "gen_ai.request.model" not in attrs):
+            operation is not None or "gen_ai.request.model" not in attrs or ENTITY_KIND in attrs):
         return "not_llm"
     key = span_key(span.trace_id, span.span_id)
     if key is None:
@@ -4959,7 +4968,8 @@ def llm_call(span: Any, resource: dict[str, Any], where: tuple[int, str], store_
             _word(attrs.get("gen_ai.request.model")), _word(attrs.get("gen_ai.response.model")))
     return Call(key, (where[0], event["provider"]), where[1], span.start_time_unix_nano,
                 span.end_time_unix_nano, response_id if isinstance(response_id, str) else None, said,
-                event, failure, [key], relayed="otrace.trace_id" in attrs)
+                event, failure, [key], relayed="otrace.trace_id" in attrs,
+                parent=span_key(span.trace_id, span.parent_span_id))
 
 
 def usage_tokens(event: dict[str, Any], attrs: dict[str, Any]) -> None:
@@ -5598,6 +5608,7 @@ class Export:
     merged: list[tuple[Call, Call]] = dataclasses.field(default_factory=list)       # (stored, now)
     parked: list[tuple[str, list[Said], list[int]]] = dataclasses.field(default_factory=list)
     failed: list[tuple[str, list[str]]] = dataclasses.field(default_factory=list)   # (error row, span keys)
+    parents: set[str] = dataclasses.field(default_factory=set)      # of LLM spans: spans around calls
     logged: list[tuple[str, str]] = dataclasses.field(default_factory=list)         # (span key, record's row)
     series: dict[str, SeriesState] = dataclasses.field(default_factory=dict)
 
@@ -5669,6 +5680,7 @@ class OtlpReceiver:
         self.content = Content(self.config.otlp_content_wait, self.config.otlp_content_bytes)
         self.recent = RecentCalls(self.config.otlp_content_wait)
         self.failures = Failures(self.config.otlp_content_wait)
+        self.parents = Lately(self.config.otlp_content_wait, PARENTS_KEPT)
         self.series = Series(service.db, self.config.otlp_max_series)
         self.totals = Counters(OTLP_COUNTERS)
         self.worker = Worker("otrace-otlp")
@@ -5747,6 +5759,8 @@ class OtlpReceiver:
             self.failures.remember_logged(key, row)
         for row, keys in export.failed:
             self.failures.remember_failed(row, keys)
+        for parent in export.parents:
+            self.parents.put(parent, True)
         self.series.commit(export.series)
         self.content.trim()
         export.counts["requests"] += 1
@@ -5775,7 +5789,9 @@ class OtlpReceiver:
                         calls.append(found)
                         left_out = found.event["metadata"].get("dropped", {})
                         export.counts["span_values_dropped"] += len(left_out)
+        export.parents = {call.parent for call in calls if call.parent}
         calls, export.counts["spans_merged"] = one_per_call(calls)
+        calls = self.without_steps(calls, export)
         for found in calls:
             if self.content.row_of(found.key) not in (None, found.key):   # merged into another row before:
                 export.counts["spans_merged"] += 1                         # a retry
@@ -5786,6 +5802,30 @@ class OtlpReceiver:
             else:
                 self.call_rows(call, export, received)
         return export
+
+    def without_steps(self, calls: list[Call], export: Export) -> list[Call]:
+        """The calls but the spans other LLM calls' spans are children of: an agent's, a workflow's or
+        a framework's span around its model calls, whose usage is theirs added up, is no call itself
+        (spans_around_calls). Its children come first (a span ends after them), in this request or an
+        earlier one, whose rows are stored or, lately, still in the queue."""
+        stored = self.children_stored({call.key.split("-")[0] for call in calls
+                                       if not call.relayed and call.key not in export.parents})
+        kept = [call for call in calls if call.relayed or not (
+            call.key in export.parents or self.parents.get(call.key) or call.key in stored)]
+        export.counts["spans_around_calls"] += len(calls) - len(kept)
+        return kept
+
+    def children_stored(self, traces: set[str]) -> set[str]:
+        """The row keys of spans that LLM calls of these traces stored are children of."""
+        parents = set()
+        try:
+            for trace in traces:
+                parents |= {f"{trace}-{span}" for span, in self.service.db.query(
+                    PARENTS_SQL, (f"{trace}-", f"{trace}.")) if span}
+        except sqlite3.Error as exc:
+            raise Refusal(503, f"cannot read the calls of a trace ({describe(exc)}); retry later",
+                          {"Retry-After": "1"}) from None
+        return parents
 
     def with_content(self, call: Call) -> dict[str, Any]:
         """The call's fields, with content that waited for its spans where they had none."""

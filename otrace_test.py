@@ -11695,6 +11695,79 @@ def test_an_error_record_in_a_failed_spans_pushed_row_stays_a_row_of_its_own(run
     assert rows == [(False, 0, False), (True, 1, False)]
 
 
+AGENT_USAGE_CLIENT = r"""
+import json, sys
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.trace import SpanKind
+
+tracer_provider = TracerProvider(resource=Resource.create({"service.name": "otrace-agent-client"}))
+tracer_provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(), schedule_delay_millis=3_600_000))
+tracer = tracer_provider.get_tracer("otrace.test")
+chat = {"gen_ai.operation.name": "chat", "gen_ai.provider.name": "openai", "gen_ai.request.model": "gpt-4o"}
+parents = {"invoke_agent": {"gen_ai.operation.name": "invoke_agent", "gen_ai.provider.name": "openai"},
+           "openllmetry_agent": {"traceloop.span.kind": "agent", "gen_ai.system": "openai"},
+           "model_only": {"gen_ai.provider.name": "openai"}}
+keys = {}
+for name, attributes in parents.items():
+    attributes["gen_ai.request.model"] = "gpt-4o"
+    with tracer.start_as_current_span(name, attributes=attributes) as agent:
+        for n in (1, 2):
+            with tracer.start_as_current_span("chat gpt-4o", kind=SpanKind.CLIENT, attributes={
+                    **chat, "gen_ai.usage.input_tokens": 1000 * n, "gen_ai.usage.output_tokens": 100 * n}):
+                pass
+        agent.set_attributes({"gen_ai.usage.input_tokens": 3000, "gen_ai.usage.output_tokens": 300})
+        keys[name] = f"{agent.get_span_context().trace_id:032x}-{agent.get_span_context().span_id:016x}"
+        if sys.argv[1] == "apart":
+            tracer_provider.force_flush()        # the calls in one request, their agent's in the next
+tracer_provider.shutdown()
+print(json.dumps(keys))
+"""
+
+
+@pytest.mark.parametrize("export", ["together", "apart"])
+def test_an_agent_span_with_its_calls_usage_is_no_call_of_its_own(run: Callable[..., Otrace],
+                                                                   export: str) -> None:
+    """Spans around model calls that carry their usage added up (an invoke_agent span, an OpenLLMetry
+    agent span, a span naming a request model and no operation), exported by the Python SDK with their
+    calls or in a later request: each call is one row, and the report counts each token once."""
+    node = run()
+    keys = run_client([sys.executable, "-c", AGENT_USAGE_CLIENT, export], f"http://127.0.0.1:{node.port}")
+    node.wait_persisted(6)
+    rows = node.rows("llm_traces")
+    assert sorted((r["prompt_tokens"], r["completion_tokens"]) for r in rows) == [(1000, 100)] * 3 + [
+        (2000, 200)] * 3
+    assert not {r["trace_id"] for r in rows} & set(keys.values())
+    health = node.health()["otlp"]
+    assert (health["spans"], health["llm_spans"], health["spans_not_llm"], health["spans_around_calls"]) == (
+        9, 6, 2, 1)
+    assert node.stop() == 0
+    totals = json.loads(report(node.db_path, "--json", "--since", "2000-01-01").stdout)["calls"]["totals"]
+    assert (totals["calls"], totals["input_tokens"], totals["output_tokens"]) == (6, 9000, 900)
+
+
+def test_a_span_around_calls_stored_before_a_restart_is_no_call_either(run: Callable[..., Otrace]) -> None:
+    """The calls' rows say whose children they are: their parent coming after a restart of otrace
+    (which forgot them) is still no call; a span naming a request model with no call under it is one."""
+    node = run()
+    trace_hex, agent_hex = f"{9:032x}", f"{9:016x}"
+    chat = {"gen_ai.operation.name": "chat", "gen_ai.request.model": "m", "gen_ai.usage.input_tokens": 10}
+    calls = [{**chat_span(trace_hex, f"{n:016x}", **chat), "parentSpanId": agent_hex} for n in (1, 2)]
+    assert node.post("/v1/traces", spans_body(*calls)).status == 200
+    node.wait_persisted(2)
+    assert node.stop() == 0
+    node = run(db=node.db_path)
+    agent = chat_span(trace_hex, agent_hex, **{"gen_ai.request.model": "m", "gen_ai.usage.input_tokens": 20})
+    alone = chat_span(f"{10:032x}", agent_hex, **{"gen_ai.request.model": "m",
+                                                   "gen_ai.usage.input_tokens": 5})
+    assert node.post("/v1/traces", spans_body(agent, alone)).status == 200
+    node.wait_persisted(1)                                  # the new process's: the call alone
+    assert sorted(r["prompt_tokens"] for r in node.rows("llm_traces")) == [5, 10, 10]
+    assert node.health()["otlp"]["spans_around_calls"] == 1
+
+
 JS_PACKAGES = ["@opentelemetry/api@1", "@opentelemetry/sdk-trace-base@2", "@opentelemetry/resources@2",
                "@opentelemetry/exporter-trace-otlp-proto@0"]
 JS_CLIENT = r'''
