@@ -4634,6 +4634,10 @@ CONTENT_SQL = ("UPDATE llm_traces SET truncated = truncated OR (input_text IS NU
 # the trace's rows are one range of the trace_id index.
 PARENTS_SQL = ("SELECT json_extract(metadata, '$.otel_parent_span_id') FROM llm_traces WHERE trace_id > ? "
                "AND trace_id < ? AND source = 'otlp'")
+STORED_SQL = "SELECT trace_id, synced FROM llm_traces WHERE source = 'otlp' AND trace_id IN ({})"
+# A span stored as a call before an LLM child of its came: its rows go, while not pushed.
+STEP_ROWS_SQL = tuple(f"DELETE FROM {table} WHERE trace_id = ? AND source = 'otlp' AND synced = {UNSYNCED}"
+                      for table in ("llm_traces", "error_events"))
 SERIES_TOUCH_MS = 86_400_000     # an unchanged series' state is rewritten daily, so retention keeps it
 SERIES_A_QUERY = 500             # series states read in one query: under MAX_VARIABLES
 KEY_BYTES = 200                  # what one remembered span id costs of TRACE_OTLP_CONTENT_BYTES
@@ -5791,7 +5795,7 @@ class OtlpReceiver:
                         export.counts["span_values_dropped"] += len(left_out)
         export.parents = {call.parent for call in calls if call.parent}
         calls, export.counts["spans_merged"] = one_per_call(calls)
-        calls = self.without_steps(calls, export)
+        steps = self.steps(calls, export)
         for found in calls:
             if self.content.row_of(found.key) not in (None, found.key):   # merged into another row before:
                 export.counts["spans_merged"] += 1                         # a retry
@@ -5799,21 +5803,47 @@ class OtlpReceiver:
             call = dataclasses.replace(found, event=self.with_content(found))
             if stored := self.recent.partner(call):
                 self.merge_rows(stored, call, export, received)
+            elif call.key in steps:
+                export.counts["spans_around_calls"] += 1
             else:
                 self.call_rows(call, export, received)
+        self.steps_stored(export)
         return export
 
-    def without_steps(self, calls: list[Call], export: Export) -> list[Call]:
-        """The calls but the spans other LLM calls' spans are children of: an agent's, a workflow's or
-        a framework's span around its model calls, whose usage is theirs added up, is no call itself
+    def steps(self, calls: list[Call], export: Export) -> set[str]:
+        """The keys of the spans other LLM calls' spans are children of: an agent's, a workflow's or a
+        framework's span around its model calls, whose usage is theirs added up, is no call itself
         (spans_around_calls). Its children come first (a span ends after them), in this request or an
         earlier one, whose rows are stored or, lately, still in the queue."""
         stored = self.children_stored({call.key.split("-")[0] for call in calls
                                        if not call.relayed and call.key not in export.parents})
-        kept = [call for call in calls if call.relayed or not (
-            call.key in export.parents or self.parents.get(call.key) or call.key in stored)]
-        export.counts["spans_around_calls"] += len(calls) - len(kept)
-        return kept
+        return {call.key for call in calls if not call.relayed and (
+            call.key in export.parents or self.parents.get(call.key) or call.key in stored)}
+
+    def steps_stored(self, export: Export) -> None:
+        """Spans stored as calls before an LLM child of theirs came (it ended after them) are steps
+        around calls too: their rows are deleted, while not pushed (but a row the child was merged
+        into, as another instrumentation's span of its call)."""
+        here = {key for call in export.calls for key in call.keys}
+        here |= {stored.key for stored, _ in export.merged}
+        wanted = {call.parent for call in export.calls if call.parent and not call.relayed} - here
+        stored = self.rows_stored(wanted)
+        found = {key for key in wanted if stored.get(key) == UNSYNCED
+                 or (key not in stored and self.content.row_of(key) == key)}     # still in the queue
+        export.extra += [(sql, (key,)) for key in sorted(found) for sql in STEP_ROWS_SQL]
+        export.counts["spans_around_calls"] += len(found)
+
+    def rows_stored(self, keys: set[str]) -> dict[str, int]:
+        """Of these row keys, those of calls stored from OTLP, with their synced state."""
+        wanted, found = sorted(keys), {}
+        try:
+            for start in range(0, len(wanted), SERIES_A_QUERY):
+                part = tuple(wanted[start:start + SERIES_A_QUERY])
+                found.update(self.service.db.query(STORED_SQL.format(", ".join("?" * len(part))), part))
+        except sqlite3.Error as exc:
+            raise Refusal(503, f"cannot read the calls stored ({describe(exc)}); retry later",
+                          {"Retry-After": "1"}) from None
+        return found
 
     def children_stored(self, traces: set[str]) -> set[str]:
         """The row keys of spans that LLM calls of these traces stored are children of."""

@@ -11768,6 +11768,29 @@ def test_a_span_around_calls_stored_before_a_restart_is_no_call_either(run: Call
     assert node.health()["otlp"]["spans_around_calls"] == 1
 
 
+def test_a_span_taken_for_a_call_before_its_calls_came_is_deleted_while_not_pushed(
+        run: Callable[..., Otrace]) -> None:
+    """A span around calls that came before them (a child ended after it) was stored as a call: its
+    calls delete its rows, unless pushed already."""
+    node = run()
+    agent = {"gen_ai.request.model": "m", "gen_ai.usage.input_tokens": 20, "error.type": "ValueError"}
+    first, pushed = (chat_span(f"{trace:032x}", f"{1:016x}", **agent) for trace in (11, 12))
+    assert node.post("/v1/traces", spans_body(first, pushed)).status == 200
+    node.wait_persisted(4)
+    with contextlib.closing(sqlite3.connect(node.db_path, timeout=10)) as conn, conn:    # pushed, as if
+        for table in ("llm_traces", "error_events"):
+            conn.execute(f"UPDATE {table} SET synced = 1 WHERE trace_id = ?", (f"{12:032x}-{1:016x}",))
+    chat = {"gen_ai.operation.name": "chat", "gen_ai.request.model": "m", "gen_ai.usage.input_tokens": 10}
+    calls = [{**chat_span(f"{trace:032x}", f"{2:016x}", **chat), "parentSpanId": f"{1:016x}"}
+             for trace in (11, 12)]
+    assert node.post("/v1/traces", spans_body(*calls)).status == 200
+    node.wait_persisted(6)
+    assert sorted((r["prompt_tokens"], r["synced"]) for r in node.rows("llm_traces")) == [(10, 0), (10, 0),
+                                                                                         (20, 1)]
+    assert [r["synced"] for r in node.rows("error_events")] == [1]
+    assert node.health()["otlp"]["spans_around_calls"] == 1
+
+
 JS_PACKAGES = ["@opentelemetry/api@1", "@opentelemetry/sdk-trace-base@2", "@opentelemetry/resources@2",
                "@opentelemetry/exporter-trace-otlp-proto@0"]
 JS_CLIENT = r'''
