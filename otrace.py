@@ -4561,6 +4561,7 @@ OTLP_REJECTED = {"traces": ("rejectedSpans", "rejected_spans"),     # partial_su
                  "metrics": ("rejectedDataPoints", "rejected_data_points"),
                  "logs": ("rejectedLogRecords", "rejected_log_records")}
 ID_FIELDS = frozenset({"traceId", "spanId", "parentSpanId", "trace_id", "span_id", "parent_span_id"})
+SPAN_KEY = re.compile(r"[0-9a-f]{32}-[0-9a-f]{16}")     # a span's row key (span_key)
 RPC_CODES = {400: 3, 401: 16, 403: 7, 404: 5, 405: 12, 408: 4, 411: 3, 413: 8, 414: 3, 415: 3, 429: 8,
              431: 3, 501: 12, 503: 14}                 # google.rpc.Code of an HTTP status
 MODEL_OPERATIONS = frozenset({"chat", "text_completion", "generate_content", "embeddings", "completion",
@@ -5131,15 +5132,25 @@ PUSHED_IDENTITY = ("otrace.source", "otrace.trace_id")   # where a pushed error 
 
 def pushed_error(record: Any, attrs: dict[str, Any]) -> dict[str, Any]:
     """The columns of an error event another otrace pushed (its otrace.* attributes, its level) and
-    the key of the call it is the failure of: the span that otrace pushed for the call has its ids,
-    or ids derived from the same trace_id, so the failure that span makes here is this same row."""
-    key = span_key(record.trace_id, record.span_id)
-    if key is None and isinstance(attrs.get("otrace.trace_id"), str):
-        key = span_key(*otel_ids(attrs["otrace.trace_id"], {}))
+    its key (pushed_key)."""
     level = record.severity_text.lower()
-    return {"trace_id": key, "severity": {"warn": "warning", "fatal": "critical"}.get(level, level),
+    return {"trace_id": pushed_key(record, attrs),
+            "severity": {"warn": "warning", "fatal": "critical"}.get(level, level),
             **{column: attrs.get(f"otrace.{column}") for column in (
                 "error_type", "category", "stack_trace", "provider", "model", "session_id")}}
+
+
+def pushed_key(record: Any, attrs: dict[str, Any]) -> str | None:
+    """The key of a pushed error event: that of the call it is the failure of, whose span that otrace
+    pushed too, with its ids or ids derived from the same trace_id, so the failure that span makes here
+    is this same row. An error otrace took over OTLP says by its own key whether it was a call's
+    (<trace id>-<span id>) or a log record's, which carries the ids of the span it was logged in and
+    is a failure of its own: two of one span are two rows."""
+    said = attrs.get("otrace.trace_id")
+    said = said if isinstance(said, str) else None
+    if said and attrs.get("otrace.source") == "otlp":
+        return said if SPAN_KEY.fullmatch(said) else span_key(*otel_ids(said, {}))
+    return span_key(record.trace_id, record.span_id) or (said and span_key(*otel_ids(said, {})))
 
 
 def one_per_call(calls: list[Call]) -> tuple[list[Call], int]:

@@ -5014,6 +5014,30 @@ def test_otlp_push_into_another_otrace_reproduces_every_llm_row(tmp_path: Path, 
                                                  "anthropic", "claude-sonnet-4", None)])  # "failed"'s span
 
 
+def test_error_records_of_one_span_pushed_over_otlp_stay_rows_of_their_own(
+        tmp_path: Path, run: Callable[..., Otrace]) -> None:
+    """Two ERROR records logged in one span that is no failed call are two failures: pushed over OTLP
+    with that span's ids, they are two rows on the receiving otrace too; a record folded into its failed
+    call's row goes there as that row."""
+    receiving = run(db=tmp_path / "receiving.db")
+    pushing = run({**PUSH, "TRACE_PUSH_FORMAT": "otlp", "TRACE_PUSH_INTERVAL": "1h",
+                   "TRACE_PUSH_ENDPOINT": f"http://127.0.0.1:{receiving.port}"})
+    trace_hex = "0af7651916cd43dd8448eb211c8031aa"
+    chat = {"gen_ai.operation.name": "chat", "gen_ai.request.model": "m", "error.type": "APITimeoutError"}
+    failed = chat_span(trace_hex, f"{1:016x}", **chat)
+    assert pushing.post("/v1/traces", spans_body(failed)).status == 200
+    pushing.wait_persisted(2)
+    for span_hex, message in ((f"{1:016x}", "request timed out"), (f"{2:016x}", "tool crashed"),
+                              (f"{2:016x}", "tool crashed again")):
+        assert pushing.post("/v1/logs", log_body(trace_hex, span_hex, "", {"message": message}, severity=17)
+                            ).status == 200
+    pushing.wait_persisted(5)
+    assert pushing.stop() == 0                                 # the last push sends them all
+    sent = sorted(row["message"] for row in pushing.rows("error_events"))
+    assert sent == ["APITimeoutError", '{"message":"tool crashed again"}', '{"message":"tool crashed"}']
+    assert sorted(row["message"] for row in receiving.rows("error_events")) == sent
+
+
 def test_a_spans_otrace_metadata_adds_its_keys_and_none_otrace_keeps_itself(
         run: Callable[..., Otrace]) -> None:
     """otrace.metadata (how an otrace pushes the rest of a call's metadata) adds a poster's keys to the
