@@ -4697,8 +4697,7 @@ MERGE_SQL = {(table.name, first): merge_sql(table, first)
              for table in (TRACES, ERRORS) for first in (True, False)}
 OTLP_COUNTERS = (
     "requests", "spans", "llm_spans", "spans_merged", "spans_not_llm", "spans_around_calls",
-    "openclaw_usage_skipped",
-    "openclaw_logs_skipped",
+    "openclaw_usage_skipped", "openclaw_logs_skipped",
     "spans_rejected", "span_values_dropped", "metric_points", "metric_points_kept", "metric_points_unchanged",
     "metric_points_other",
     "metric_points_rejected", "metric_resets", "log_records", "log_errors", "log_errors_merged",
