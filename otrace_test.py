@@ -5669,10 +5669,9 @@ def test_a_backup_moved_in_right_after_a_move_does_not_read_the_new_files_wal(tm
     assert stored == {*made["trace/1"], "before", *(f"after-{n}" for n in range(50))}
 
 
-def test_a_wal_beside_a_new_empty_database_file_is_kept_aside_not_deleted(tmp_path: Path) -> None:
-    """A start after a crash while a file moved away had its last commits in the WAL beside the path:
-    the new file at the path is empty, and SQLite would delete that WAL as its own. It is kept aside."""
-    path, moved = tmp_path / "otrace.db", tmp_path / "moved.db"
+def moved_with_wal_left(path: Path, moved: Path) -> bytes:
+    """A database at `path` moved to `moved` while its last commit was in the WAL, which a crash then
+    left beside `path` (with its -shm): that WAL's bytes."""
     otrace.open_database(str(path))
     with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as conn:
         conn.execute("PRAGMA wal_autocheckpoint = 0")
@@ -5682,6 +5681,14 @@ def test_a_wal_beside_a_new_empty_database_file_is_kept_aside_not_deleted(tmp_pa
         shm = Path(f"{path}-shm").read_bytes()
     Path(f"{path}-wal").write_bytes(wal)
     Path(f"{path}-shm").write_bytes(shm)
+    return wal
+
+
+def test_a_wal_beside_a_new_empty_database_file_is_kept_aside_not_deleted(tmp_path: Path) -> None:
+    """A start after a crash while a file moved away had its last commits in the WAL beside the path:
+    the new file at the path is empty, and SQLite would delete that WAL as its own. It is kept aside."""
+    path, moved = tmp_path / "otrace.db", tmp_path / "moved.db"
+    wal = moved_with_wal_left(path, moved)
     otrace.open_database(str(path))
     [kept] = tmp_path.glob("otrace.db.left-*-wal")
     assert kept.read_bytes() == wal
@@ -5695,14 +5702,8 @@ def test_health_names_the_files_set_aside_beside_the_database_and_their_bytes(
     """A moved file's last commits kept aside (here by a start after a crash), a damaged file: otrace
     never removes them, and on a small volume they add up. The start says so; /health and /metrics
     say how many and how big, outside the cap, until a hand removes them."""
-    path, moved = tmp_path / "otrace.db", tmp_path / "moved.db"
-    otrace.open_database(str(path))
-    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as conn:
-        conn.execute("PRAGMA wal_autocheckpoint = 0")
-        conn.execute(otrace.OFFSET_SQL, (1, 2, "f", "/log", 10, 0))
-        path.rename(moved)
-        wal = Path(f"{path}-wal").read_bytes()               # as a crash leaves it: the process gone
-    Path(f"{path}-wal").write_bytes(wal)
+    path = tmp_path / "otrace.db"
+    wal = moved_with_wal_left(path, tmp_path / "moved.db")
     Path(f"{path}.damaged-1700000000000").write_bytes(b"x" * 5000)
     node = run({}, db=path)
     [kept] = tmp_path.glob("otrace.db.left-*-wal")
