@@ -4640,7 +4640,9 @@ STORED_SQL = "SELECT trace_id, synced FROM llm_traces WHERE source = 'otlp' AND 
 STEP_ROWS_SQL = tuple(f"DELETE FROM {table} WHERE trace_id = ? AND source = 'otlp' AND synced = {UNSYNCED}"
                       for table in ("llm_traces", "error_events"))
 SERIES_TOUCH_MS = 86_400_000     # an unchanged series' state is rewritten daily, so retention keeps it
-SERIES_A_QUERY = 500             # series states read in one query: under MAX_VARIABLES
+SERIES_STATE_SQL = ("SELECT key, series_id, start_ns, time_ns, value, count, buckets, updated_at "
+                    "FROM otlp_series WHERE key IN ({})")
+KEYS_A_QUERY = 500               # keys (series, row keys) read in one query: under MAX_VARIABLES
 KEY_BYTES = 200                  # what one remembered span id costs of TRACE_OTLP_CONTENT_BYTES
 RECENT_CALLS = 64                # LLM calls remembered for another instrumentation's span in a later request
 FAILURES_KEPT = 1024             # failed LLM spans, and spans with ERROR records, remembered for each other
@@ -4889,6 +4891,25 @@ def otlp_answer(signal: str, encoding: str, rejected: int, problems: list[str]) 
         setattr(answer.partial_success, OTLP_REJECTED[signal][1], rejected)
         answer.partial_success.error_message = message
     return answer.SerializeToString(), "application/x-protobuf"
+
+
+@contextlib.contextmanager
+def state_read(what: str) -> Iterator[None]:
+    """A read of what a request is mapped against (series, stored calls): a database that cannot be
+    read answers 503, for the exporter to retry, not 500."""
+    try:
+        yield
+    except sqlite3.Error as exc:
+        raise Refusal(503, f"cannot read {what} ({describe(exc)}); retry later",
+                      {"Retry-After": "1"}) from None
+
+
+def rows_in(db: Database, sql: str, keys: Sequence[str]) -> Iterator[tuple]:
+    """The rows of `sql` ("... IN ({})") for `keys`, KEYS_A_QUERY keys a query: a request may bring
+    thousands, and one query each held the HTTP thread for seconds."""
+    for start in range(0, len(keys), KEYS_A_QUERY):
+        part = tuple(keys[start:start + KEYS_A_QUERY])
+        yield from db.query(sql.format(", ".join("?" * len(part))), part)
 
 
 # -- spans
@@ -5544,19 +5565,15 @@ class Series:
         self.next_id: int | None = None
 
     def load(self, keys: Iterable[str]) -> dict[str, SeriesState]:
-        """The stored state of those of `keys` not in memory, read a few hundred at a time: a request
-        may bring thousands of new series, and one query each held the HTTP thread for seconds."""
+        """The stored state of those of `keys` not in memory (rows_in: a few hundred a query)."""
         wanted = [key for key in dict.fromkeys(keys) if key not in self.known]
         stored: dict[str, SeriesState] = {}
-        for start in range(0, len(wanted), SERIES_A_QUERY):
-            part = tuple(wanted[start:start + SERIES_A_QUERY])
-            for key, series_id, begin, at, value, count, buckets, updated in self.db.query(
-                    "SELECT key, series_id, start_ns, time_ns, value, count, buckets, updated_at FROM "
-                    f"otlp_series WHERE key IN ({', '.join('?' * len(part))})", part):
-                counts, bounds = json.loads(buckets) if buckets else (None, None)
-                last = Point(begin, at, value, count, None if counts is None else tuple(counts),
-                             None if bounds is None else tuple(bounds))
-                stored[key] = SeriesState(series_id, last, updated)
+        for key, series_id, begin, at, value, count, buckets, updated in rows_in(
+                self.db, SERIES_STATE_SQL, wanted):
+            counts, bounds = json.loads(buckets) if buckets else (None, None)
+            last = Point(begin, at, value, count, None if counts is None else tuple(counts),
+                         None if bounds is None else tuple(bounds))
+            stored[key] = SeriesState(series_id, last, updated)
         return stored
 
     def get(self, key: str, fresh: dict[str, SeriesState],
@@ -5845,26 +5862,16 @@ class OtlpReceiver:
 
     def rows_stored(self, keys: set[str]) -> dict[str, int]:
         """Of these row keys, those of calls stored from OTLP, with their synced state."""
-        wanted, found = sorted(keys), {}
-        try:
-            for start in range(0, len(wanted), SERIES_A_QUERY):
-                part = tuple(wanted[start:start + SERIES_A_QUERY])
-                found.update(self.service.db.query(STORED_SQL.format(", ".join("?" * len(part))), part))
-        except sqlite3.Error as exc:
-            raise Refusal(503, f"cannot read the calls stored ({describe(exc)}); retry later",
-                          {"Retry-After": "1"}) from None
-        return found
+        with state_read("the calls stored"):
+            return dict(rows_in(self.service.db, STORED_SQL, sorted(keys)))
 
     def children_stored(self, traces: set[str]) -> set[str]:
         """The row keys of spans that LLM calls of these traces stored are children of."""
         parents = set()
-        try:
+        with state_read("the calls of a trace"):
             for trace in traces:
                 parents |= {f"{trace}-{span}" for span, in self.service.db.query(
                     PARENTS_SQL, (f"{trace}-", f"{trace}.")) if span}
-        except sqlite3.Error as exc:
-            raise Refusal(503, f"cannot read the calls of a trace ({describe(exc)}); retry later",
-                          {"Retry-After": "1"}) from None
         return parents
 
     def with_content(self, call: Call) -> dict[str, Any]:
@@ -6062,13 +6069,10 @@ class OtlpReceiver:
                 for metric in scope_metrics.metrics:
                     points += self.kept_points(metric, resource, [*identity, scope_metrics.scope.name],
                                                export)
-        try:
+        with state_read("metric series state"):
             stored = self.series.load(point.key for point in points)
             for point in points:
                 self.metric_point(point, export, stored, received)
-        except sqlite3.Error as exc:
-            raise Refusal(503, f"cannot read metric series state ({describe(exc)}); retry later",
-                          {"Retry-After": "1"}) from None
         return export
 
     def kept_points(self, metric: Any, resource: dict[str, Any], identity: list[Any], export: Export
