@@ -8466,7 +8466,13 @@ ARCHIVE_SQL = ("SELECT encoding, archive_sha256, {} FROM session_transcript_arch
                "WHERE session_id = ? AND generation = ?")
 # Every archive there is, by name: a scan of the primary key's index, never of the transcripts.
 ARCHIVE_NAMES_SQL = "SELECT session_id, generation FROM session_transcript_archives"
-FORGET_ARCHIVE_SQL = "DELETE FROM openclaw_positions WHERE agent = ? AND stream = ?"
+# The tables in which OpenClaw keeps something of a session while it may still give entries: its
+# entries, its rewrite generation, its window, its transcript moved to cold storage (each by session).
+SESSION_TABLES = ("transcript_events", "transcript_rewrite_watermarks", "session_windows",
+                  "session_transcript_cold_archives")
+# Of a JSON list of sessions, those one of them still holds: one index seek a session and table.
+KNOWN_SQL = "SELECT value FROM json_each(?) WHERE {}"
+FORGET_POSITION_SQL = "DELETE FROM openclaw_positions WHERE agent = ? AND stream = ?"
 PART = "+part"                   # an archive's mark while it is read: the lines up to its place are done
 ZSTD_MAGIC, ZSTD_SKIPPABLE = 0xFD2FB528, 0x184D2A50   # a zstd frame's first 4 bytes; a skippable one's
 GENERATION_SQL = "SELECT generation FROM transcript_rewrite_watermarks WHERE session_id = {}"
@@ -8708,7 +8714,7 @@ class AgentDatabase:
         self.top: int | None = None              # ... and the highest rowid then
         self.listed_at = -math.inf
         self.looking: tuple[int, int | None, bool] = (0, None, True)   # the look under way: the same three
-        self.sessions_sql = self.added_sql = self.entries_sql = self.generation_sql = ""
+        self.sessions_sql = self.added_sql = self.entries_sql = self.generation_sql = self.known_sql = ""
         self.archives = False                    # the database has session_transcript_archives
         self.making = False                      # a file without its tables yet: looked at again soon
 
@@ -8753,6 +8759,9 @@ class AgentDatabase:
             "event_zstd", "event_utf8_bytes"} <= columns else "NULL, NULL")
         self.generation_sql = GENERATION_SQL.format("?") if rewrites else ""
         self.archives = "session_transcript_archives" in tables
+        self.known_sql = KNOWN_SQL.format(" OR ".join(
+            f"EXISTS (SELECT 1 FROM {table} WHERE session_id = value)" for table in SESSION_TABLES
+            if table in tables))
         self.replaced = self.replaced or self.known not in (None, identity)   # a backup restored
         self.conn, self.identity, self.known, self.listed = conn, identity, identity, None
         self.stamp, self.checked = self.stamped(), False       # after the first read, which makes a -shm
@@ -8864,6 +8873,18 @@ class AgentDatabase:
     def archive_names(self) -> set[tuple[str, str]]:
         """(session, generation) of every archive in the database; none without the table."""
         return set(self.conn.execute(ARCHIVE_NAMES_SQL)) if self.archives else set()
+
+    def ended(self, sessions: list[str]) -> tuple[set[str], set[tuple[str, str]]]:
+        """Of `sessions`, those the database holds nothing of any more (no entry, generation, window
+        or cold transcript), and every archive's name, in one read transaction: an archive is made in
+        the transaction that deletes its entries, so one of a session ended is named here."""
+        conn = self.conn
+        conn.execute("BEGIN")
+        try:
+            known = set(conn.execute(self.known_sql, (json.dumps(sessions),))) if sessions else set()
+            return set(sessions) - {session for (session,) in known}, self.archive_names()
+        finally:
+            conn.execute("COMMIT")
 
     def close(self) -> None:
         if self.conn is not None:
@@ -8982,8 +9003,8 @@ class SessionStore(QuietReader):
             self.read_archives(store, agent)   # first: an entry the sessions read next may be archived after
         except ImportError as exc:            # a zstd archive waits for the package; the sessions go on
             missing = exc
-        if store.whole:                       # a look that lists every session: the archives' too
-            self.forget_archives(store, agent)
+        if store.whole:                       # a look that lists every session: what ended is forgotten
+            self.forget(store, agent, {session for session, _, _ in listed})
         again = {}                        # a backup restored: the gateway writes where otrace read past
         for session, last, _ in listed:
             cursor = self.cursors.get((agent, session))
@@ -9075,23 +9096,48 @@ class SessionStore(QuietReader):
                 place = Cursor(f"{session}\t{generation}\t{digest}", rowid, None)
             self.offer(agent, ARCHIVES, [], place)
 
-    def forget_archives(self, store: AgentDatabase, agent: str) -> None:
-        """Forget the marks of the agent's archives read that are gone from its database (OpenClaw's
-        pruning; a database put back without them): such a one cannot be read there again, and its mark
-        would stay for good. Never one still there, whatever its age: the archives are listed from the
-        first again when the newest is deleted, and one read would be read again."""
-        marks = [stream for who, stream in self.cursors if who == agent and stream.startswith(ARCHIVED)]
-        if not marks:
+    def forget(self, store: AgentDatabase, agent: str, listed: set[str]) -> None:
+        """Forget, as one unit (Behind if the queue is full: kept until the next whole look), what the
+        agent's database can no longer give: the marks of archives gone, the positions of sessions
+        ended. `listed`: the sessions with entries, as the look listed them."""
+        streams = [stream for who, stream in self.cursors if who == agent]
+        candidates = [stream for stream in streams if session_stream(stream) and stream not in listed]
+        if not candidates and not any(stream.startswith(ARCHIVED) for stream in streams):
             return
-        there = {f"{ARCHIVED}{session}\t{generation}" for session, generation in store.archive_names()}
-        gone = [stream for stream in marks if stream not in there]
-        if not gone:
+        ended, names = store.ended(candidates)
+        archives, sessions = self.archives_gone(streams, names), self.sessions_ended(agent, ended, names)
+        if not archives and not sessions:
             return
-        self.send([], [(FORGET_ARCHIVE_SQL, (agent, stream)) for stream in gone])
-        for stream in gone:
+        self.send([], [(FORGET_POSITION_SQL, (agent, stream)) for stream in archives + sessions])
+        for stream in archives + sessions:
             del self.cursors[(agent, stream)]
-        self.log.info("archives gone from the agent database: their marks forgotten",
-                      extra={"agent": agent, "archives": len(gone)})
+        if archives:
+            self.log.info("archives gone from the agent database: their marks forgotten",
+                          extra={"agent": agent, "archives": len(archives)})
+        if sessions:
+            self.log.info("sessions ended in the agent database: their positions forgotten",
+                          extra={"agent": agent, "sessions": len(sessions)})
+
+    @staticmethod
+    def archives_gone(streams: list[str], names: set[tuple[str, str]]) -> list[str]:
+        """The marks of the archives read that are gone from the database (OpenClaw's pruning; a
+        database put back without them): such a one cannot be read there again, and its mark would
+        stay for good. Never one still there, whatever its age: the archives are listed from the first
+        again when the newest is deleted, and one read would be read again."""
+        there = {f"{ARCHIVED}{session}\t{generation}" for session, generation in names}
+        return [stream for stream in streams if stream.startswith(ARCHIVED) and stream not in there]
+
+    def sessions_ended(self, agent: str, ended: set[str], names: set[tuple[str, str]]) -> list[str]:
+        """The sessions whose positions can go: nothing of them left in the database but archives
+        read whole. An archive not read yet is read past its session's position, which stays until
+        then; a session that comes back under its id (a reset that keeps it) has only new entries."""
+        unread = {session for session, generation in names
+                  if not self.archive_read(agent, session, generation)}
+        return sorted(ended - unread)
+
+    def archive_read(self, agent: str, session: str, generation: str) -> bool:
+        mark = self.cursors.get((agent, f"{ARCHIVED}{session}\t{generation}"))
+        return mark is not None and not mark.mark.endswith(PART)
 
     def read_archive(self, store: AgentDatabase, agent: str, session: str, generation: str) -> None:
         """One archive not read before: the entries otrace had not read of it, unit by unit, the last
@@ -9322,6 +9368,12 @@ class SessionStore(QuietReader):
         return {"state_dir": str(self.root), "waiting": self.waiting, "polls": self.ticks,
                 "agents": sorted(self.agents_seen), "sessions": sessions, **self.totals.snapshot(),
                 "agent_errors": self.errors, "last_error": self.fault.error}
+
+
+def session_stream(stream: str) -> bool:
+    """Whether a position's stream is a session of an agent database (not an archive's mark, nor a
+    session file's)."""
+    return not (stream.startswith("#") or stream.endswith(".jsonl") or ARCHIVED_FILE.fullmatch(stream))
 
 
 def zstd_damage(data: bytes) -> str | None:

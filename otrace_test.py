@@ -9817,7 +9817,8 @@ def archive_session(gateway: sqlite3.Connection, session: str, encoding: str = "
                     last: dict[str, Any] | None = None,
                     damage: Callable[[bytes], bytes] | None = None) -> None:
     """A session reset or deleted as OpenClaw does it: its transcript's JSONL, in seq order, into an
-    archive row of its generation, and its entries deleted, in one transaction (with `last` written
+    archive row of its generation, and its window, entries and generation deleted (OpenClaw deletes
+    the window, which the others cascade from), in one transaction (with `last` written
     in it first: a call no look can have read). A zstd archive is one frame with its size, as node:zlib's
     zstdCompressSync writes it; `damage` makes of it what is stored (and digested)."""
     import zstandard
@@ -9839,6 +9840,7 @@ def archive_session(gateway: sqlite3.Connection, session: str, encoding: str = "
                     (session, generation, f"agent:main:{session}", encoding, blob,
                      hashlib.sha256(blob).hexdigest(), f"{session}.jsonl.reset.{generation}",
                      int(time.time() * 1000)))
+    gateway.execute("DELETE FROM session_windows WHERE session_id = ?", (session,))
     gateway.execute("DELETE FROM transcript_events WHERE session_id = ?", (session,))
     gateway.execute("DELETE FROM transcript_rewrite_watermarks WHERE session_id = ?", (session,))
     gateway.execute("COMMIT")
@@ -9945,6 +9947,103 @@ def test_the_mark_of_an_archive_read_is_forgotten_once_the_archive_is_gone(
     assert archive_marks(again) == {"kept"} and not again.logs("archives gone from the agent database: "
                                                                "their marks forgotten")
     assert {r["trace_id"] for r in session_traces(again)} & set(stored.values()) == {stored["pruned"]}
+
+
+def session_positions(node: Otrace) -> set[str]:
+    """The sessions otrace keeps a position of (not the archives' marks)."""
+    return {stream for (stream,) in node.query("SELECT stream FROM openclaw_positions WHERE agent = 'main' "
+                                               "AND substr(stream, 1, 1) != '#'")}
+
+
+@needs_stores
+def test_the_position_of_a_session_ended_is_forgotten_and_nothing_is_read_twice(
+        tmp_path: Path, run: Callable[..., Otrace]) -> None:
+    """A session OpenClaw resets or deletes leaves nothing in the agent database but its archive: once
+    that is read, the session's position goes too (said once). Its calls are not stored again, not even
+    those retention deleted, also by otrace started again, and none is missed: the call archived before
+    a look read it is stored, and so are those of a session that comes back under the same id. A
+    session emptied by a rewrite (its generation left) keeps its position."""
+    node, db, template = store_followed(tmp_path, run)
+    env = node.env
+    gateway = gateway_connection(db)
+    captured = gateway.execute("SELECT session_id FROM session_windows WHERE session_key = 'agent:main:s2'"
+                               ).fetchone()[0]                      # a real session, with its window
+    calls = {session: a_call(template, 1000, 0.001) for session in ("ended", "emptied")}
+    for session, call in calls.items():
+        new_session(gateway, session)
+        append_entry(gateway, session, call)
+    wait_traces(node, 8)
+    assert {captured, "ended", "emptied"} < session_positions(node)
+    stored = {r["trace_id"] for r in session_traces(node)}
+    with contextlib.closing(sqlite3.connect(node.db_path)) as conn, conn:    # retention took these
+        taken = {t for (t,) in conn.execute("SELECT trace_id FROM llm_traces WHERE session_id IN (?, ?)",
+                                            (captured, "ended"))}
+        conn.execute("DELETE FROM llm_traces WHERE session_id IN (?, ?)", (captured, "ended"))
+    assert len(taken) >= 2
+    unread = a_call(template, 2000, 0.002)
+    archive_session(gateway, captured)
+    archive_session(gateway, "ended", last=unread)
+    gateway.execute("DELETE FROM transcript_events WHERE session_id = 'emptied'")   # rewritten to nothing
+    new_generation(gateway, "emptied")
+    wait_until(lambda: not {captured, "ended"} & session_positions(node), what="the ended sessions forgotten")
+    assert {"emptied", captured} & session_positions(node) == {"emptied"}
+    said = node.logs("sessions ended in the agent database: their positions forgotten")
+    assert len(said) == 1 and (said[0]["agent"], said[0]["sessions"]) == ("main", 2)
+    back = a_call(template, 3000, 0.003)
+    new_session(gateway, "ended")                         # the same id again: a new generation from seq 0
+    append_entry(gateway, "ended", back)
+    gateway.close()
+    want = stored - taken | {f"oc:main:ended:{unread['id']}", f"oc:main:ended:{back['id']}"}
+    wait_until(lambda: {r["trace_id"] for r in session_traces(node)} >= want, what="the calls not read")
+    wait_until(lambda: node.health()["queue_depth"] == 0, what="queue drained")
+    assert sorted(r["trace_id"] for r in session_traces(node)) == sorted(want)
+    assert node.health()["events_duplicate"] == 0
+    positions = set(node.query("SELECT agent, stream, mark, position FROM openclaw_positions"))
+    assert node.stop() == 0
+    again = run(env, db=node.db_path)
+    wait_until(lambda: again.health()["openclaw_sessions"]["polls"] > 5, what="a few polls")
+    wait_until(lambda: again.health()["queue_depth"] == 0, what="queue drained")
+    assert sorted(r["trace_id"] for r in session_traces(again)) == sorted(want)
+    assert set(again.query("SELECT agent, stream, mark, position FROM openclaw_positions")) == positions
+    assert again.health()["events_duplicate"] == 0 and not again.logs("sessions ended")
+
+
+@needs_stores
+def test_a_session_ended_keeps_its_position_until_its_archive_is_read(
+        tmp_path: Path, run: Callable[..., Otrace]) -> None:
+    """The archive of a session ended is read past where its position stands: while it waits (a zstd
+    one, otrace without the zstandard package) the position stays, across a restart; read at last,
+    it gives only the call not read before (not the one retention deleted), and the position goes."""
+    state = state_copy(tmp_path)
+    db = agent_db(state)
+    template = assistant_template(db)
+    stub = tmp_path / "no-zstandard"
+    stub.mkdir()
+    (stub / "zstandard.py").write_text("raise ModuleNotFoundError(\"No module named 'zstandard'\")\n")
+    env = {**STORE_ENV, "TRACE_OPENCLAW_STATE_DIR": str(state)}
+    node = run({**env, "PYTHONPATH": str(stub)})
+    wait_traces(node, 6)
+    gateway = gateway_connection(db)
+    read, unread = a_call(template, 1000, 0.001), a_call(template, 2000, 0.002)
+    new_session(gateway, "zipped")
+    append_entry(gateway, "zipped", read)
+    wait_traces(node, 7)
+    assert node.stop() == 0
+    with contextlib.closing(sqlite3.connect(node.db_path)) as conn, conn:    # retention took it
+        assert conn.execute("DELETE FROM llm_traces WHERE session_id = 'zipped'").rowcount == 1
+    archive_session(gateway, "zipped", "zstd", last=unread)
+    gateway.close()
+    waiting = run({**env, "PYTHONPATH": str(stub)}, db=node.db_path)      # its first look lists all
+    wait_until(lambda: "pip install zstandard" in str(waiting.health()["openclaw_sessions"]["agent_errors"]),
+               what="the archive waiting for zstandard")
+    wait_until(lambda: waiting.health()["openclaw_sessions"]["polls"] > 5, what="a few polls")
+    assert "zipped" in session_positions(waiting) and not waiting.logs("sessions ended")
+    assert waiting.stop() == 0
+    again = run(env, db=node.db_path)
+    wait_until(lambda: "zipped" not in session_positions(again), what="the position forgotten")
+    wait_until(lambda: again.health()["queue_depth"] == 0, what="queue drained")
+    assert {r["trace_id"] for r in session_traces(again) if r["session_id"] == "zipped"} == {
+        f"oc:main:zipped:{unread['id']}"}
 
 
 def test_a_zstd_archive_is_whole_only_when_its_last_frame_ends_at_its_end() -> None:
