@@ -8840,13 +8840,9 @@ class AgentDatabase:
     def entries(self, session: str, after: int, most: int) -> tuple[str, list[tuple]]:
         """Up to `most` entries after seq `after`, and the generation they belong to, in one read
         transaction: (generation, [(seq, created_at, json, zstd, size), ...])."""
-        conn = self.conn
-        conn.execute("BEGIN")
-        try:
+        with transaction(self.conn, immediate=False) as conn:
             found = conn.execute(self.generation_sql, (session,)).fetchone() if self.generation_sql else None
             rows = conn.execute(self.entries_sql, (session, after, most)).fetchall()
-        finally:
-            conn.execute("COMMIT")
         return (found[0] or "") if found else "", rows
 
     def archived(self, after: int, mark: str) -> list[tuple[int, str, str, str]]:
@@ -8854,14 +8850,10 @@ class AgentDatabase:
         read transaction; from the first when the row at `after` is not the one `mark` names any more
         (its archive deleted, its rowid given to another, a backup put back: those read before are
         known by their names and digests)."""
-        conn = self.conn
-        conn.execute("BEGIN")
-        try:
+        with transaction(self.conn, immediate=False) as conn:
             if after >= 0 and (conn.execute(ARCHIVE_MARK_SQL, (after,)).fetchone() or (None,))[0] != mark:
                 after = -1
             return conn.execute(ARCHIVES_SQL, (after,)).fetchall()
-        finally:
-            conn.execute("COMMIT")
 
     def archive(self, session: str, generation: str, blob: bool = False) -> tuple[str, str, Any] | None:
         """One archive's encoding, digest and (`blob`) transcript, or None."""
@@ -8878,13 +8870,9 @@ class AgentDatabase:
         """Of `sessions`, those the database holds nothing of any more (no entry, generation, window
         or cold transcript), and every archive's name, in one read transaction: an archive is made in
         the transaction that deletes its entries, so one of a session ended is named here."""
-        conn = self.conn
-        conn.execute("BEGIN")
-        try:
+        with transaction(self.conn, immediate=False) as conn:
             known = set(conn.execute(self.known_sql, (json.dumps(sessions),))) if sessions else set()
             return set(sessions) - {session for (session,) in known}, self.archive_names()
-        finally:
-            conn.execute("COMMIT")
 
     def close(self) -> None:
         if self.conn is not None:
