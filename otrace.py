@@ -2658,7 +2658,9 @@ class Merges:
     writer counts each after its commit, and the push marks a row synced only if it was not merged
     after its read began (else it goes again). A new database file changes every row: the old file's
     ids name other rows in it (its pushed rows were not carried over). Unpushed rows retention deleted
-    meanwhile are kept too: delivered after all, they leave the ledger's count of losses."""
+    meanwhile are kept too: delivered after all, they leave the ledger's count of losses. OTLP ingest's
+    deletions of unpushed rows (DELETES_UNPUSHED: an ERROR record folded into its failure, a step
+    around calls) wait for the cycle's end, as the push may deliver their rows (holding_back)."""
 
     def __init__(self) -> None:
         self.count = 0
@@ -2667,6 +2669,7 @@ class Merges:
         self._at: dict[tuple[str, str], int] = {}      # (table, trace_id): the count at its last merge
         # unpushed rows retention deleted since the read began, by table: (first id, last id, pass, reason)
         self._gone: dict[str, list[tuple[int, int, str, str]]] = {}
+        self._held: list[tuple[str, tuple]] = []       # deletions held back until the cycle ends
         self._lock = threading.Lock()
 
     def merged(self, keys: list[tuple[str, str]]) -> None:
@@ -2702,6 +2705,21 @@ class Merges:
                 found[runs[at][2:]] += 1
         return found
 
+    @contextlib.contextmanager
+    def holding_back(self, statements: list[tuple[str, tuple]]) -> Iterator[list[tuple[str, tuple]]]:
+        """The writer's statements to run in the transaction it commits within this block: while a push
+        cycle runs, without the deletions of unpushed rows, held back for cycle_ended. The lock is held
+        to the commit, so a push's read begins either before it (the rows stay) or after (they are gone)."""
+        if not any(sql in DELETES_UNPUSHED for sql, _ in statements):
+            yield statements
+            return
+        with self._lock:
+            if not self.watching:
+                yield statements
+                return
+            yield [statement for statement in statements if statement[0] not in DELETES_UNPUSHED]
+            self._held += [statement for statement in statements if statement[0] in DELETES_UNPUSHED]
+
     def read_begins(self) -> int:
         """A push's read begins (none before it still marks rows): what it reads holds every merge and
         deletion so far."""
@@ -2711,11 +2729,15 @@ class Merges:
             self.watching = True
             return self.count
 
-    def cycle_ended(self) -> None:
+    def cycle_ended(self) -> list[tuple[str, tuple]]:
+        """The deletions held back while the cycle ran, to be made where their rows are still unpushed
+        and were never delivered (record_pushed)."""
         with self._lock:
+            held, self._held = self._held, []
             self._at.clear()
             self._gone.clear()
             self.watching = False
+            return held
 
     def replaced(self) -> None:
         """The writer, before it moves to a new file (the path's, or the carry file first)."""
@@ -3413,13 +3435,13 @@ class Writer(threading.Thread):
             for row in unit.rows:
                 by_table.setdefault(row.table, []).append(row.values)
         merged = []
-        with transaction(self.conn) as conn:
+        statements = [statement for unit in units for statement in unit.extra]
+        with self.db.merges.holding_back(statements) as now, transaction(self.conn) as conn:
             new = {table: insert_new(conn, table, values) for table, values in by_table.items()}
-            for unit in units:
-                for sql, params in unit.extra:
-                    cursor = conn.execute(sql, params)
-                    if sql in MERGED_TABLE:
-                        merged += [(MERGED_TABLE[sql], trace_id) for trace_id, in cursor]
+            for sql, params in now:
+                cursor = conn.execute(sql, params)
+                if sql in MERGED_TABLE:
+                    merged += [(MERGED_TABLE[sql], trace_id) for trace_id, in cursor]
         if merged:
             self.db.merges.merged(merged)
         inserted = sum(map(len, new.values()))
@@ -4636,9 +4658,9 @@ CONTENT_SQL = ("UPDATE llm_traces SET truncated = truncated OR (input_text IS NU
 PARENTS_SQL = ("SELECT json_extract(metadata, '$.otel_parent_span_id') FROM llm_traces WHERE trace_id > ? "
                "AND trace_id < ? AND source = 'otlp'")
 STORED_SQL = "SELECT trace_id, synced FROM llm_traces WHERE source = 'otlp' AND trace_id IN ({})"
-# A span stored as a call before an LLM child of its came: its rows go, while not pushed.
-STEP_ROWS_SQL = tuple(f"DELETE FROM {table} WHERE trace_id = ? AND source = 'otlp' AND synced = {UNSYNCED}"
-                      for table in ("llm_traces", "error_events"))
+# A span stored as a call before an LLM child of its came: its rows go, while never delivered.
+STEP_ROWS_SQL = tuple(f"DELETE FROM {table} WHERE trace_id = ? AND source = 'otlp' AND synced = {UNSYNCED} "
+                      "AND pushed_at IS NULL" for table in ("llm_traces", "error_events"))
 SERIES_TOUCH_MS = 86_400_000     # an unchanged series' state is rewritten daily, so retention keeps it
 SERIES_STATE_SQL = ("SELECT key, series_id, start_ns, time_ns, value, count, buckets, updated_at "
                     "FROM otlp_series WHERE key IN ({})")
@@ -4651,7 +4673,7 @@ LOG_MESSAGE_CHARS = 500          # of a record's message kept in the failure's o
 # An ERROR log record's row (?1) folded into the error row (?2) of the failed LLM span it was logged in:
 # the span's row keeps its words, takes the record's stack trace where it has none (and a FATAL's
 # severity), and names the record in otel_merged_logs; then the record's row goes. Neither changes once
-# either row is pushed: the two stay.
+# either row is pushed (the record's delivered, too: DELETES_UNPUSHED): the two stay.
 FOLD_LOG_SQL = (
     "UPDATE error_events SET stack_trace = coalesce(error_events.stack_trace, log.stack_trace), "
     "stack_trace_bytes = CASE WHEN error_events.stack_trace IS NULL THEN log.stack_trace_bytes "
@@ -4664,10 +4686,13 @@ FOLD_LOG_SQL = (
     "FROM (SELECT stack_trace, stack_trace_bytes, truncated, severity, json_object("
     f"'message', substr(message, 1, {LOG_MESSAGE_CHARS}), 'scope', json_extract(metadata, '$.scope'), "
     "'severity_text', json_extract(metadata, '$.severity_text')) AS said "
-    f"FROM error_events WHERE trace_id = ?1 AND synced = {UNSYNCED}) AS log "
+    f"FROM error_events WHERE trace_id = ?1 AND synced = {UNSYNCED} AND pushed_at IS NULL) AS log "
     f"WHERE error_events.trace_id = ?2 AND error_events.synced = {UNSYNCED} RETURNING error_events.trace_id")
-FOLDED_LOG_SQL = (f"DELETE FROM error_events WHERE trace_id = ?1 AND synced = {UNSYNCED} AND EXISTS ("
-                  f"SELECT 1 FROM error_events WHERE trace_id = ?2 AND synced = {UNSYNCED})")
+FOLDED_LOG_SQL = (f"DELETE FROM error_events WHERE trace_id = ?1 AND synced = {UNSYNCED} AND pushed_at IS "
+                  f"NULL AND EXISTS (SELECT 1 FROM error_events WHERE trace_id = ?2 AND synced = {UNSYNCED})")
+# The statements that delete an unpushed row (the first parameter), or fold it away: held back while a
+# push cycle may be carrying it (Merges.holding_back), and never made to a row once delivered.
+DELETES_UNPUSHED = frozenset({FOLD_LOG_SQL, FOLDED_LOG_SQL, *STEP_ROWS_SQL})
 
 
 # Texts the rows hold and a remembered call does not (RecentCalls), each with its byte count column.
@@ -10468,38 +10493,51 @@ class Pusher(Loop):
         if not self.cycle_lock.acquire(timeout=wait):
             return False
         try:
-            started = time.monotonic()
-            waiting = {name for name, breaker in self.breakers.of.items()
-                       if name and breaker.allows() and self.retry_after_left(name) > 0}
-            cycle = Cycle(held=self.breakers.open() | waiting, waiting=waiting)
-            try:
-                with self.db.reading() as conn:
-                    cycle.read_at = self.db.merges.read_begins()   # once a move reading() waited out is done
-                    cycle.stopped = not self.send(self.batches(conn, cycle, deadline), deadline, cycle)
-            finally:
-                self.wait_marked(cycle, deadline)
-            cut_short = bool(cycle.cut) and not cycle.accepted     # refusals ran on, nothing accepted
-            ok = self.settle(cycle, deadline) and not cycle.stopped and not cut_short
-            if self.suspects and ok:
-                ok = self.retry_suspects(cycle, deadline)
-            self.wait_out(cycle, deadline, started + self.interval if deadline is None else deadline)
-            ok = ok and not cycle.stopped and not (cycle.refused and not cycle.accepted)   # its sends too
-            # a cycle cut short by refusals that found new suspects got further into the queue, and the
-            # next starts past them; one with nothing new tried nothing: neither counts for the breaker
-            progressed = cut_short and cycle.new_suspects > 0 and cycle.faults == 0
-            if ok and self.last_status == "never":
-                self.last_status = "ok"     # nothing was waiting: the receiver is not known to be down
-            if not ok and self.stopping.is_set() and (deadline is None or time.monotonic() >= deadline):
-                self.log.info("push cycle cut short by shutdown")
-                return False
-            if progressed:
-                self.log.info("push cycle cut short by refused events: the next goes on past them", extra={
-                    "new_suspects": cycle.new_suspects, "suspects": len(self.suspects)})
-            self.judge(cycle, ok, progressed)
-            return ok and not cycle.idle and not cycle.faulted and not cycle.held
+            complete = self.run_cycle(deadline)
+            self.apply_held(deadline)
+            return complete
         finally:
-            self.db.merges.cycle_ended()
+            self.db.merges.cycle_ended()      # after a fault: what it held back stays, as if pushed
             self.cycle_lock.release()
+
+    def run_cycle(self, deadline: float | None) -> bool:
+        """The cycle, under the cycle lock: True if it sent every row it could."""
+        started = time.monotonic()
+        waiting = {name for name, breaker in self.breakers.of.items()
+                   if name and breaker.allows() and self.retry_after_left(name) > 0}
+        cycle = Cycle(held=self.breakers.open() | waiting, waiting=waiting)
+        try:
+            with self.db.reading() as conn:
+                cycle.read_at = self.db.merges.read_begins()   # once a move reading() waited out is done
+                cycle.stopped = not self.send(self.batches(conn, cycle, deadline), deadline, cycle)
+        finally:
+            self.wait_marked(cycle, deadline)
+        cut_short = bool(cycle.cut) and not cycle.accepted     # refusals ran on, nothing accepted
+        ok = self.settle(cycle, deadline) and not cycle.stopped and not cut_short
+        if self.suspects and ok:
+            ok = self.retry_suspects(cycle, deadline)
+        self.wait_out(cycle, deadline, started + self.interval if deadline is None else deadline)
+        ok = ok and not cycle.stopped and not (cycle.refused and not cycle.accepted)   # its sends too
+        # a cycle cut short by refusals that found new suspects got further into the queue, and the
+        # next starts past them; one with nothing new tried nothing: neither counts for the breaker
+        progressed = cut_short and cycle.new_suspects > 0 and cycle.faults == 0
+        if ok and self.last_status == "never":
+            self.last_status = "ok"     # nothing was waiting: the receiver is not known to be down
+        if not ok and self.stopping.is_set() and (deadline is None or time.monotonic() >= deadline):
+            self.log.info("push cycle cut short by shutdown")
+            return False
+        if progressed:
+            self.log.info("push cycle cut short by refused events: the next goes on past them", extra={
+                "new_suspects": cycle.new_suspects, "suspects": len(self.suspects)})
+        self.judge(cycle, ok, progressed)
+        return ok and not cycle.idle and not cycle.faulted and not cycle.held
+
+    def apply_held(self, deadline: float | None) -> None:
+        """The deletions of unpushed rows held back while the cycle ran (Merges.holding_back), once what
+        it delivered is marked: applied where their rows are still unpushed, before the next cycle."""
+        if held := self.db.merges.cycle_ended():
+            self.events.call(functools.partial(delete_unpushed, self.db.merges, held),
+                             self.job_timeout(deadline))
 
     def judge(self, cycle: Cycle, ok: bool, progressed: bool) -> None:
         """A cycle's outcome to the breakers, and said: the signals that failed, a failed cycle, the
@@ -10868,6 +10906,13 @@ class Pusher(Loop):
         return iso(time.time() + hold) if (hold := self.retry_after_left(whose)) > 0 else None
 
 
+def delete_unpushed(merges: Merges, statements: list[tuple[str, tuple]], conn: sqlite3.Connection) -> None:
+    """Deletions a push cycle held back, now that it ended (held back again if another has begun)."""
+    with merges.holding_back(statements) as now, transaction(conn):
+        for sql, params in now:
+            conn.execute(sql, params)
+
+
 def record_attempt(attempt: Attempt, conn: sqlite3.Connection) -> None:
     conn.execute("INSERT INTO push_log (batch_id, started_at, duration_ms, events, bytes, http_status, "
                  "error, retry_after_s) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -10879,13 +10924,18 @@ def record_pushed(batch: Batch, attempt: Attempt, merges: Merges, read_at: int,
                   conn: sqlite3.Connection) -> int:
     """Mark exactly the batch's rows synced, but those merged since they were read (they go again),
     and the losses it reported, with its push_log row, in one transaction. Returns the rows marked.
-    Read from a file since replaced, nothing is marked: its rows and losses go again from the new one."""
+    Read from a file since replaced, nothing is marked: its rows and losses go again from the new one.
+    A row that goes again gets its pushed_at alone: the receiver has it, so it is never deleted unpushed."""
     if merges.replaced_since(read_at):
+        changed = {(table, trace_id) for table, _, trace_id, _, _ in batch.spans}
         marked, losses = {}, []
     else:
         changed = merges.after(read_at, [(table, trace_id) for table, _, trace_id, _, _ in batch.spans])
         marked, losses = batch.ids(leaving=changed), batch.losses
     with transaction(conn):
+        for table, trace_id in sorted(changed):
+            conn.execute(f"UPDATE {table} SET pushed_at = ? WHERE trace_id = ? AND synced = {UNSYNCED}",
+                         (attempt.started_at, trace_id))
         for table, ids in marked.items():
             runs = id_runs(ids)
             if conn.executemany(f"UPDATE {table} SET synced = {SYNCED}, pushed_at = ? WHERE id BETWEEN ? "

@@ -3993,12 +3993,13 @@ def hang(seconds: float) -> Callable[[Receiver, dict[str, Any]], None]:
     return act
 
 
-def held(on_wire: threading.Event, release: threading.Event) -> Callable[[Receiver, dict[str, Any]], int]:
-    """Say the request is here (`on_wire`), then answer 200 once `release` is set: a push in flight."""
+def held(on_wire: threading.Event, release: threading.Event, answer: int = 200
+         ) -> Callable[[Receiver, dict[str, Any]], int]:
+    """Say the request is here (`on_wire`), then answer (200) once `release` is set: a push in flight."""
     def act(_: Receiver, __: dict[str, Any]) -> int:
         on_wire.set()
         release.wait(60)
-        return 200
+        return answer
     return act
 
 
@@ -11587,15 +11588,21 @@ print(json.dumps({"results": results, **keys}))
 '''
 
 
-def run_client(command: list[str], endpoint: str, cwd: Path | None = None, headers: str | None = None
-               ) -> dict[str, Any]:
-    """A client process configured only through OTEL_EXPORTER_OTLP_ENDPOINT (and _HEADERS); its JSON
-    report."""
+def client_env(endpoint: str, headers: str | None = None) -> dict[str, str]:
+    """A client's environment: configured only through OTEL_EXPORTER_OTLP_ENDPOINT (and _HEADERS)."""
     env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/root"),
            "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint}
     if headers:
         env["OTEL_EXPORTER_OTLP_HEADERS"] = headers
-    out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120, cwd=cwd, check=False)
+    return env
+
+
+def run_client(command: list[str], endpoint: str, cwd: Path | None = None, headers: str | None = None
+               ) -> dict[str, Any]:
+    """A client process configured only through OTEL_EXPORTER_OTLP_ENDPOINT (and _HEADERS); its JSON
+    report."""
+    out = subprocess.run(command, env=client_env(endpoint, headers), capture_output=True, text=True,
+                         timeout=120, cwd=cwd, check=False)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -11913,6 +11920,156 @@ def test_a_span_taken_for_a_call_before_its_calls_came_is_deleted_while_not_push
                                                                                          (20, 1)]
     assert [r["synced"] for r in node.rows("error_events")] == [1]
     assert node.health()["otlp"]["spans_around_calls"] == 1
+
+
+IN_TWO_CLIENT = r"""
+import json, logging, sys
+from opentelemetry import trace
+from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+from opentelemetry.sdk._logs import LoggerProvider, LoggingHandler
+from opentelemetry.sdk._logs.export import BatchLogRecordProcessor
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.trace import SpanKind, StatusCode
+
+resource = Resource.create({"service.name": "otrace-in-two-client"})
+tracer_provider, logger_provider = TracerProvider(resource=resource), LoggerProvider(resource=resource)
+tracer_provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(), schedule_delay_millis=3_600_000))
+logger_provider.add_log_record_processor(BatchLogRecordProcessor(OTLPLogExporter(),
+                                                                 schedule_delay_millis=3_600_000))
+logging.getLogger().addHandler(LoggingHandler(level=logging.INFO, logger_provider=logger_provider))
+log, tracer = logging.getLogger("app"), tracer_provider.get_tracer("otrace.test")
+chat = {"gen_ai.operation.name": "chat", "gen_ai.provider.name": "openai", "gen_ai.request.model": "gpt-4o",
+        "gen_ai.usage.input_tokens": 1000, "gen_ai.usage.output_tokens": 100}
+
+
+def key(span):
+    return f"{span.get_span_context().trace_id:032x}-{span.get_span_context().span_id:016x}"
+
+
+def go_on(first):
+    first.force_flush()                         # the first export is at otrace: its push may begin
+    print("sent", flush=True)
+    sys.stdin.readline()
+
+
+class RateLimitError(Exception):
+    pass
+
+
+if sys.argv[1] == "fold":                     # the failure's ERROR record first, then its failed span
+    with tracer.start_as_current_span("chat gpt-4o", kind=SpanKind.CLIENT, attributes=chat,
+                                      record_exception=False, set_status_on_exception=False) as span:
+        keys = {"first": None, "then": key(span)}
+        try:
+            raise RateLimitError("Error code: 429 - rate limited")
+        except RateLimitError:
+            log.exception("chat request failed")
+            span.set_attribute("error.type", "RateLimitError")
+            span.set_status(StatusCode.ERROR, "Error code: 429 - rate limited")
+    go_on(logger_provider)
+else:                                           # a step that ended before its call, then the call
+    step = tracer.start_span("plan", attributes={
+        "gen_ai.provider.name": "openai", "gen_ai.request.model": "gpt-4o",
+        "gen_ai.usage.input_tokens": 1000, "gen_ai.usage.output_tokens": 100})
+    call = tracer.start_span("chat gpt-4o", kind=SpanKind.CLIENT, attributes=chat,
+                             context=trace.set_span_in_context(step))
+    keys = {"first": key(step), "then": key(call)}
+    step.end()
+    go_on(tracer_provider)
+    call.end()
+tracer_provider.shutdown()
+logger_provider.shutdown()
+print(json.dumps(keys))
+"""
+
+
+@pytest.mark.parametrize("answer", [200, 503])
+@pytest.mark.parametrize("rule", ["fold", "step"])
+def test_a_row_a_push_carries_is_not_folded_or_deleted_as_a_step_until_it_ends(
+        run: Callable[..., Otrace], receiver: Receiver, rule: str, answer: int) -> None:
+    """A failure's ERROR record, or a span stored as a call before its LLM child came, is on its way to
+    the receiver when the Python SDK exports what makes it part of another row (its failed span) or no
+    call (the child): the push may deliver it, so it stays a row until the cycle ends, which applies the
+    rule only if the push failed. Whatever the answer, the receiver holds what the database holds."""
+    on_wire, release = threading.Event(), threading.Event()
+    receiver.script = [held(on_wire, release, answer)]
+    node = run(push_env(receiver, TRACE_PUSH_INTERVAL="500ms", TRACE_PUSH_RETRIES="1"))
+    client = subprocess.Popen([sys.executable, "-c", IN_TWO_CLIENT, rule],
+                              env=client_env(f"http://127.0.0.1:{node.port}"), stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert client.stdout is not None and client.stdout.readline() == "sent\n"
+        assert on_wire.wait(30)
+        out, err = client.communicate("go on\n", timeout=120)
+    finally:
+        if client.poll() is None:
+            client.kill()
+            client.wait()
+    assert client.returncode == 0, err[-3000:]
+    keys = json.loads(out.strip().splitlines()[-1])
+    [carried] = receiver.requests[0]["json"]["events"]
+    if rule == "step":
+        assert carried["event_id"] == f"llm_trace:{keys['first']}"
+    else:
+        assert (carried["type"], carried["data"]["message"]) == ("error_event", "chat request failed")
+        keys["first"] = carried["trace_id"]
+    wait_until(lambda: node.query("SELECT 1 FROM llm_traces WHERE trace_id = ?", keys["then"]),
+               what="the second export's rows written, while the first is on its way")
+    release.set()
+
+    def stored() -> set[str]:
+        return {f"{kind}:{row['trace_id']}" for table, kind in (("llm_traces", "llm_trace"),
+                                                                ("error_events", "error_event"))
+                for row in node.rows(table)}
+
+    wait_until(lambda: node.query("SELECT synced FROM llm_traces WHERE trace_id = ?", keys["then"]) == [(1,)]
+               and node.query("SELECT count(*) FROM llm_traces WHERE synced = 0")[0][0]
+               + node.query("SELECT count(*) FROM error_events WHERE synced = 0")[0][0] == 0,
+               timeout=30, what="every row pushed")
+    received = {e["event_id"] for r in receiver.requests if r["answered"] == 200 for e in r["json"]["events"]}
+    assert received == stored()
+    first = f"{'llm_trace' if rule == 'step' else 'error_event'}:{keys['first']}"
+    assert (first in received) is (answer == 200)           # delivered: a row; else folded, or a step
+    if rule == "fold":
+        [failure] = [r for r in node.rows("error_events") if r["trace_id"] == keys["then"]]
+        assert ("otel_merged_logs" in json.loads(failure["metadata"])) is (answer != 200)
+
+
+def test_a_step_row_delivered_and_going_again_is_never_deleted(run: Callable[..., Otrace],
+                                                               receiver: Receiver) -> None:
+    """A span stored as a call is delivered while its prompt fills it in, so it goes again unmarked; its
+    LLM child comes while that second push is under way, which fails: the receiver has the row from the
+    first, so it stays a row, and goes again."""
+    on_wire, release, again, release_again = (threading.Event() for _ in range(4))
+    receiver.script = [held(on_wire, release), held(again, release_again, 503)]
+    node = run(push_env(receiver, TRACE_PUSH_INTERVAL="500ms", TRACE_PUSH_RETRIES="1"))
+    trace_hex, step_hex = f"{13:032x}", f"{1:016x}"
+    step = chat_span(trace_hex, step_hex, **{"gen_ai.request.model": "m", "gen_ai.usage.input_tokens": 20})
+    assert node.post("/v1/traces", spans_body(step)).status == 200
+    assert on_wire.wait(30)
+    assert node.post("/v1/logs", log_body(trace_hex, step_hex, "gen_ai.user.message", {"content": "plan"})
+                     ).status == 200
+    wait_until(lambda: node.query("SELECT input_text IS NOT NULL FROM llm_traces") == [(1,)],
+               what="the prompt merged into the row on its way")
+    release.set()
+    assert again.wait(30)
+    chat = {"gen_ai.operation.name": "chat", "gen_ai.request.model": "m", "gen_ai.usage.input_tokens": 10}
+    call = {**chat_span(trace_hex, f"{2:016x}", **chat), "parentSpanId": step_hex}
+    assert node.post("/v1/traces", spans_body(call)).status == 200
+    wait_until(lambda: node.query("SELECT 1 FROM llm_traces WHERE trace_id = ?", f"{trace_hex}-{2:016x}"),
+               what="the child's row written, while the row goes again")
+    release_again.set()
+    wait_until(lambda: node.query("SELECT synced FROM llm_traces WHERE trace_id = ?", f"{trace_hex}-{2:016x}")
+               == [(1,)] and node.query("SELECT count(*) FROM llm_traces WHERE synced = 0") == [(0,)],
+               timeout=30, what="every row pushed")
+    sent = [[e["event_id"] for e in r["json"]["events"]] for r in receiver.requests]
+    assert sent[:2] == [[f"llm_trace:{trace_hex}-{step_hex}"]] * 2
+    received = {e for r, ids in zip(receiver.requests, sent, strict=True) if r["answered"] == 200
+                for e in ids}
+    assert received == {f"llm_trace:{r['trace_id']}" for r in node.rows("llm_traces")}
 
 
 JS_PACKAGES = ["@opentelemetry/api@1", "@opentelemetry/sdk-trace-base@2", "@opentelemetry/resources@2",
