@@ -4653,10 +4653,11 @@ CONTENT_SQL = ("UPDATE llm_traces SET truncated = truncated OR (input_text IS NU
                "output_bytes = CASE WHEN output_text IS NULL THEN ? ELSE output_bytes END, "
                f"output_text = coalesce(output_text, ?) WHERE trace_id = ? AND synced = {UNSYNCED} "
                "RETURNING trace_id")
-# The parent span ids of a trace's calls stored from OTLP: their keys are "<trace id>-<span id>", so
-# the trace's rows are one range of the trace_id index.
-PARENTS_SQL = ("SELECT json_extract(metadata, '$.otel_parent_span_id') FROM llm_traces WHERE trace_id > ? "
-               "AND trace_id < ? AND source = 'otlp'")
+# The parent span ids of the calls stored from OTLP of the traces in a JSON array, by trace: their keys
+# are "<trace id>-<span id>", so each trace's rows are one range of the trace_id index.
+PARENTS_SQL = ("SELECT trace.value, json_extract(metadata, '$.otel_parent_span_id') FROM json_each(?) AS "
+               "trace JOIN llm_traces ON trace_id > trace.value || '-' AND trace_id < trace.value || '.' "
+               "WHERE source = 'otlp'")
 STORED_SQL = "SELECT trace_id, synced FROM llm_traces WHERE source = 'otlp' AND trace_id IN ({})"
 # A span stored as a call before an LLM child of its came: its rows go, while never delivered.
 STEP_ROWS_SQL = tuple(f"DELETE FROM {table} WHERE trace_id = ? AND source = 'otlp' AND synced = {UNSYNCED} "
@@ -5891,13 +5892,12 @@ class OtlpReceiver:
             return dict(rows_in(self.service.db, STORED_SQL, sorted(keys)))
 
     def children_stored(self, traces: set[str]) -> set[str]:
-        """The row keys of spans that LLM calls of these traces stored are children of."""
-        parents = set()
+        """The row keys of spans that LLM calls of these traces stored are children of: one query."""
+        if not traces:
+            return set()
         with state_read("the calls of a trace"):
-            for trace in traces:
-                parents |= {f"{trace}-{span}" for span, in self.service.db.query(
-                    PARENTS_SQL, (f"{trace}-", f"{trace}.")) if span}
-        return parents
+            return {f"{trace}-{span}" for trace, span in self.service.db.query(
+                PARENTS_SQL, (json.dumps(sorted(traces)),)) if span}
 
     def with_content(self, call: Call) -> dict[str, Any]:
         """The call's fields, with content that waited for its spans where they had none."""
