@@ -10927,7 +10927,7 @@ def record_pushed(batch: Batch, attempt: Attempt, merges: Merges, read_at: int,
     Read from a file since replaced, nothing is marked: its rows and losses go again from the new one.
     A row that goes again gets its pushed_at alone: the receiver has it, so it is never deleted unpushed."""
     if merges.replaced_since(read_at):
-        changed = {(table, trace_id) for table, _, trace_id, _, _ in batch.spans}
+        changed = {(table, trace_id) for table, _, trace_id, _, _ in batch.spans if table != LOSS}
         marked, losses = {}, []
     else:
         changed = merges.after(read_at, [(table, trace_id) for table, _, trace_id, _, _ in batch.spans])

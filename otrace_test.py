@@ -5454,6 +5454,7 @@ def test_a_batch_read_from_a_file_since_replaced_marks_nothing_where_the_writer_
             for trace_id, row_id in conn.execute("SELECT trace_id, id FROM llm_traces WHERE synced = 0 "
                                                  "ORDER BY id LIMIT 100"):
                 batch.add("llm_traces", row_id, trace_id, b"{}")   # ids 61-160, in flight
+            batch.add(otrace.LOSS, 0, "pass-1", b"{}")            # OTLP sends the losses as records
         if move == "deleted":
             path.unlink()
         else:
