@@ -416,6 +416,7 @@ EXISTING = Kind("empty, or a path that exists", _existing_or_empty)
 DISK_HIGH_MOST = 95              # TRACE_DISK_HIGH_PCT's most: room for a paused ingest to resume into
 DB_HIGH_MARK = 0.85              # of TRACE_DB_MAX_BYTES: room for the WAL and what arrives while a pass runs
 DB_LOW_MARK = 0.75               # a pass deletes down to here
+PUSH_CAP_SHARE = 40              # a push batch holds at most this fraction of TRACE_DB_MAX_BYTES (1/40)
 
 
 def setting(default: str, kind: Kind, doc: str, *, secret: bool = False) -> Any:
@@ -596,7 +597,9 @@ class Config:
                                   "Authorization with TRACE_PUSH_TOKEN or a user:password@ in "
                                   "TRACE_PUSH_ENDPOINT.", secret=True)
     push_max_bytes: int = setting("5MiB", size("1KiB", "256MiB"), "Largest body of one push request "
-                                  "(before gzip); a single larger event is sent alone.")
+                                  "(before gzip); a single larger event is sent alone. At most "
+                                  f"1/{PUSH_CAP_SHARE} of TRACE_DB_MAX_BYTES: marking a batch's rows "
+                                  "pushed rewrites their pages into the WAL, which the cap counts.")
     push_timeout: float = setting("30s", duration("100ms", "10m"), "Longest one push request may take, "
                                   "from connecting to the last byte of the answer.")
     push_gzip: bool = setting("off", SWITCH, "Compress push bodies (Content-Encoding: gzip).")
@@ -10569,7 +10572,7 @@ class Pusher(Loop):
                **rows: Any) -> Packer:
         """A packer of this push's rows (`rows`: skip or only) that stops at the final push's deadline,
         or, in a cycle of the loop, once otrace begins to stop."""
-        return Packer(conn, self.config.push_max_bytes, tables, self.format, deadline=deadline,
+        return Packer(conn, push_batch_bytes(self.config), tables, self.format, deadline=deadline,
                       stopping=self.stopping if deadline is None else None, **rows)
 
     def batches(self, conn: sqlite3.Connection, cycle: Cycle, deadline: float | None) -> Iterator[Batch]:
@@ -10904,6 +10907,13 @@ class Pusher(Loop):
 
     def hold_until(self, whose: str) -> str | None:
         return iso(time.time() + hold) if (hold := self.retry_after_left(whose)) > 0 else None
+
+
+def push_batch_bytes(config: Config) -> int:
+    """The most a push batch holds: TRACE_PUSH_MAX_BYTES, under a small cap a share of it. The writer
+    marks a confirmed batch's rows pushed in one transaction, which rewrites their pages into the WAL:
+    under a small cap, a backlog's batch took most of the cap there at once, past the room the marks keep."""
+    return min(config.push_max_bytes, config.db_max_bytes // PUSH_CAP_SHARE)
 
 
 def delete_unpushed(merges: Merges, statements: list[tuple[str, tuple]], conn: sqlite3.Connection) -> None:

@@ -5294,6 +5294,32 @@ def test_batches_respect_the_byte_cap(run: Callable[..., Otrace], receiver: Rece
     assert sorted(receiver.trace_ids()) == sorted(small + big)
 
 
+def test_a_backlog_as_large_as_most_of_a_small_cap_is_marked_pushed_a_small_share_at_a_time(
+        tmp_path: Path, run: Callable[..., Otrace], receiver: Receiver) -> None:
+    """Marking a confirmed batch's rows pushed rewrites their pages into the WAL in one transaction,
+    which the cap counts. Under a cap smaller than 40 times TRACE_PUSH_MAX_BYTES a batch holds a
+    fortieth of the cap, so a backlog (a receiver down a while) is not marked in one go: that put more
+    than half the cap in the WAL at once, far past the room the marks keep for it."""
+    cap, path = 8 << 20, tmp_path / "otrace.db"
+    ids = seed(path, [("trace", 1200, 0)], age_days=0.01)["trace/0"]       # 0.6 of the cap, unpushed
+    wal, largest, done = f"{path}-wal", [0], threading.Event()
+
+    def watch() -> None:
+        while not done.wait(0.001):
+            largest[0] = max(largest[0], otrace.file_size(wal))
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        node = run(push_env(receiver, TRACE_DB_MAX_BYTES=str(cap)), db=path)
+        wait_synced(node, ids, timeout=60)
+    finally:
+        done.set()
+        watcher.join()
+    assert max(request["bytes"] for request in receiver.requests) <= cap // otrace.PUSH_CAP_SHARE
+    assert largest[0] < cap / 2, largest[0] / cap        # batches' marks may meet under a reader
+
+
 def test_gzip_bodies(run: Callable[..., Otrace], receiver: Receiver) -> None:
     node = run(push_env(receiver, TRACE_PUSH_GZIP="on"))
     ids = post_some(node, 20)
