@@ -11044,6 +11044,7 @@ RELIEF_TIME = 0.005              # seconds of chunks one job runs under the cap:
 
 
 CHECKPOINTS = threading.Lock()   # one at a time: a TRUNCATE that met the checkpointer's copy would give up
+SNAPSHOT_POLL = 0.002            # seconds between the writer's copies while it waits out a brief snapshot
 
 
 def checkpoint(mode: str, conn: sqlite3.Connection) -> dict[str, int]:
@@ -11089,11 +11090,15 @@ class Checkpointer(Loop):
         self.held_since: float | None = None
         self.left = False          # the writer's last copy left frames
 
-    def watch(self, conn: sqlite3.Connection) -> None:
+    def watch(self, conn: sqlite3.Connection, room: int = 0) -> None:
         """On the writer's thread, after each batch, with its connection. A WAL past the journal size
         limit was not started over since it grew there (SQLite cuts it back to that then): the copies
         fall behind, so the writer copies too, as its autocheckpoint did, and the WAL keeps to its
-        share of the cap."""
+        share of the cap. Past `room` too (the bytes the marks keep for it), a snapshot that leaves
+        frames uncopied is waited out while it is brief (LONG_HOLD from when it began: a push's read,
+        a look at /health, this loop's copy): every batch committed under it is appended to a WAL that
+        cannot start over, and a queue's worth of them lands within milliseconds, past the cap. A
+        reader's, held longer, is let be."""
         if self.db.replaced_pending:
             return
         if (changes := conn.total_changes) < self.seen:      # a new connection (a replaced file)
@@ -11104,18 +11109,29 @@ class Checkpointer(Loop):
         if file_size(self.wal_path) <= self.most:
             self.held_since, self.left = None, False   # started over (cut back to the limit), or small
             return
-        try:
-            result = checkpoint("PASSIVE", conn)
-        except sqlite3.Error as exc:  # as SQLite's own autocheckpoint: the batch stands, the next tries
-            self.log.debug("wal checkpoint failed", extra={"by": "writer", "error": describe(exc)})
+        if (left := self.copy_left(conn)) is None:
             return
-        # the writer's own copy, with no write beside it, leaves frames only under a snapshot
-        left = result["checkpointed_pages"] < result["wal_pages"]
         if left and self.held_since is None:
             self.held_since = time.monotonic()
         elif not (left or self.left):
             self.held_since = None
+        while left and file_size(self.wal_path) > max(self.most, room) and (
+                time.monotonic() - self.held_since < LONG_HOLD):
+            time.sleep(SNAPSHOT_POLL)
+            if (again := self.copy_left(conn)) is None:
+                break
+            left = again
         self.left = left
+
+    def copy_left(self, conn: sqlite3.Connection) -> bool | None:
+        """The writer's own copy: whether it left frames (with no write beside it, only a snapshot makes
+        it), None if it failed (as SQLite's own autocheckpoint: the batch stands, the next tries)."""
+        try:
+            result = checkpoint("PASSIVE", conn)
+        except sqlite3.Error as exc:
+            self.log.debug("wal checkpoint failed", extra={"by": "writer", "error": describe(exc)})
+            return None
+        return result["checkpointed_pages"] < result["wal_pages"]
 
     def tick(self) -> None:
         woken, self.woken = self.woken, False
@@ -11550,6 +11566,10 @@ class Retention(Loop):
         if used_pct > self.config.disk_high_pct:
             return "disk", f"disk {used_pct} % used > {self.config.disk_high_pct} %"
         return None
+
+    def wal_room(self) -> int:
+        """The bytes the marks keep for the WAL (`Marks.wal`)."""
+        return int(self.config.db_max_bytes * self.marks.wal)
 
     def low_bytes(self) -> int:
         """The low mark, in the bytes rows use: freed pages go back at the end of a pass, in one
@@ -13152,7 +13172,8 @@ class Service:
         """After each batch, on the writer's thread: what the batch grew may be due for a deletion or a
         copy."""
         conn = self.writer.conn
-        self.checkpointer.watch(conn)         # first: whether a snapshot holds the WAL, as of this batch
+        # first: whether a snapshot holds the WAL, as of this batch
+        self.checkpointer.watch(conn, self.retention.wal_room())
         since = self.checkpointer.held_since
         self.retention.watch(None if since is None else Hold(since, live_bytes(conn)))
 

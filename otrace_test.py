@@ -6826,6 +6826,39 @@ def test_a_brief_snapshots_wal_is_kept_room_for_and_a_readers_teaches_the_marks_
     assert retention.marks.wal == (pytest.approx(0.2, abs=0.05) if held == "briefly" else 0.0)
 
 
+def test_past_its_room_the_writer_waits_out_a_brief_snapshot_so_the_wal_starts_over(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A snapshot keeps the WAL from starting over: each batch committed under it is appended, and a
+    queue's worth of batches lands within milliseconds (under a push's read, or the checkpoint loop's
+    copy on its own connection, the WAL went past the cap). Past the journal size limit and the room
+    the marks keep, the writer's copy after a batch waits a brief snapshot out, so the next batch starts
+    the WAL over instead of growing it."""
+    monkeypatch.setattr(otrace, "LONG_HOLD", 60.0)               # brief, however busy the machine is
+    db = tmp_path / "o.db"
+    otrace.open_database(str(db))
+    config = otrace.Config.from_env({"TRACE_DB_PATH": str(db), "TRACE_DB_MAX_BYTES": str(4 << 20)})
+    database, events = otrace.Database(str(db)), otrace.EventQueue(512, 50)
+    writer = otrace.Writer(config, database, events, otrace.Counters(otrace.EVENT_COUNTERS))
+    checkpointer, wal = otrace.Checkpointer(config, events, database), f"{db}-wal"
+    with (contextlib.closing(writer.connect(str(db))) as conn,
+          contextlib.closing(sqlite3.connect(db, isolation_level=None)) as reader):
+        conn.execute("CREATE TABLE filler (data BLOB)")
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM filler").fetchall()           # a snapshot the WAL must keep
+        while otrace.file_size(wal) <= checkpointer.most:
+            with otrace.transaction(conn):
+                conn.execute("INSERT INTO filler VALUES (randomblob(8000))")
+        watching = threading.Thread(target=checkpointer.watch, args=(conn,))
+        watching.start()
+        wait_until(lambda: checkpointer.held_since is not None, what="the writer's copy leaving frames")
+        reader.rollback()                                                  # the snapshot ends
+        watching.join(30)
+        grown = otrace.file_size(wal)
+        with otrace.transaction(conn):                                     # the next batch
+            conn.execute("INSERT INTO filler VALUES (randomblob(8000))")
+        assert not watching.is_alive() and otrace.file_size(wal) <= grown
+
+
 def test_a_wal_a_reader_made_grow_is_cut_back_when_it_restarts(tmp_path: Path) -> None:
     """The cap counts the WAL file: one that grew while a reader held a snapshot keeps no more than
     two autocheckpoints' worth once SQLite starts it over, not up to TRACE_WAL_MAX_BYTES."""
