@@ -11331,6 +11331,10 @@ class Hold(NamedTuple):
 LONG_HOLD = 1.0
 
 
+# otrace_state: what the marks had learned (Marks.overshoot, Marks.wal), in millionths of the cap
+MARKS_KEYS = ("retention_overshoot_ppm", "retention_wal_room_ppm")
+
+
 class Marks:
     """The database's high and low marks, as shares of its cap, lowered together by as much as the
     database recently got past the high mark before a pass relieved it (a flood, a slow disk), so
@@ -11358,9 +11362,19 @@ class Marks:
         """The database's share as the marks count it: the main file's, and the WAL's at the most it
         reached lately (both shares of the cap)."""
         now = time.monotonic() if now is None else now
-        faded = self.wal * 0.5 ** (max(0.0, now - self.wal_at) / self.WAL_HALF_LIFE)
-        self.wal, self.wal_at = max(faded, min(wal, self.wal_most)), now
+        self.wal, self.wal_at = max(self.faded(now), min(wal, self.wal_most)), now
         return main + max(wal, self.wal)
+
+    def faded(self, now: float | None = None) -> float:
+        """The WAL's room as of `now`, halved every WAL_HALF_LIFE since it was brought up to date."""
+        now = time.monotonic() if now is None else now
+        return self.wal * 0.5 ** (max(0.0, now - self.wal_at) / self.WAL_HALF_LIFE)
+
+    def recall(self, overshoot: float, wal: float, age: float) -> None:
+        """What a run before this one had learned, `age` seconds ago: the overshoot as it was (it fades
+        pass by pass, and none ran meanwhile), the WAL's room faded as if time had run on here."""
+        self.overshoot = min(max(overshoot, 0.0), 1.0)
+        self.wal, self.wal_at = min(max(wal, 0.0), self.wal_most), time.monotonic() - max(0.0, age)
 
     @property
     def high(self) -> float:
@@ -11404,6 +11418,7 @@ class Retention(Loop):
         # relief jobs begun: watch()'s head starts, and one a pass stopped waiting for, still to be tallied
         self.begun: collections.deque[Future] = collections.deque()
         self.marks = Marks(config.wal_max_bytes / config.db_max_bytes)
+        self.recall()
         self.hold: Hold | None = None            # a snapshot holding the WAL, as of the writer's last batch
         self.hold_wal = 0.0                      # the largest WAL it made, as a share of the cap
         self.passes = 0
@@ -11411,6 +11426,25 @@ class Retention(Loop):
         self.stuck: str | None = None            # over budget after deleting all it may: why
         self.unpushed = MinuteLog(self.log, "passes_since_last_line")   # a flood's passes: one line a minute
         self.stretches = MinuteLog(self.log, "stretches_since_last_line")   # and its stretches of pressure
+
+    def recall(self) -> None:
+        """Take up what the marks had learned when the last run kept it (remember): the first busy spell
+        after a restart would otherwise take the database past where they had learned to stop."""
+        try:
+            kept = {key: (value, at) for key, value, at in self.db.query(
+                "SELECT key, value, updated_at FROM otrace_state WHERE key IN (?, ?)", MARKS_KEYS)}
+        except sqlite3.Error:            # a file otrace cannot read yet: the writer says why
+            return
+        if len(kept) == len(MARKS_KEYS):
+            (overshoot, at), (wal, _) = (kept[key] for key in MARKS_KEYS)
+            self.marks.recall(overshoot / 1e6, wal / 1e6, (now_ms() - at) / 1000)
+
+    def remember(self) -> None:
+        """Keep what the marks have learned for the next start (at the stop, before the queue closes:
+        a unit of its own after each pass would be a batch, which may queue a relief job)."""
+        now, learned = now_ms(), (self.marks.overshoot, self.marks.faded())
+        self.events.offer(Unit([], tuple((STATE_SQL, (key, round(value * 1e6), now)) for key, value in zip(
+            MARKS_KEYS, learned, strict=True)), own=True))
 
     def check_budget(self) -> None:
         """Warn when the database cap cannot be reached before the disk mark: the disk mark then
@@ -11468,6 +11502,7 @@ class Retention(Loop):
     def stop(self) -> None:
         for said in (self.unpushed, self.stretches):
             said.flush(now=math.inf)                  # said before the stop
+        self.remember()
         super().stop()
 
     def run_pass(self, pass_id: str, started: float, tally: collections.Counter[tuple[str, str, str]],
@@ -11555,10 +11590,16 @@ class Retention(Loop):
         self.marks.seen(share)
         return share
 
+    def looked(self) -> float:
+        """The share as the marks count it (the WAL at its room at least), learning nothing: /health's
+        look, from another thread, agrees with the passes."""
+        cap, path = self.config.db_max_bytes, self.config.db_path
+        return file_size(path) / cap + max(file_size(path + "-wal") / cap, self.marks.faded())
+
     def pressure(self, learn: bool = True) -> tuple[str, str] | None:
         """Why the database must shrink now ("db_cap" or "disk"), with the figures, or None. `learn`:
         the marks learn from the size read (not from /health's look, on another thread)."""
-        share = self.share() if learn else self.db_bytes() / self.config.db_max_bytes
+        share = self.share() if learn else self.looked()
         if share > self.marks.high:
             return "db_cap", (f"database {share:.0%} of {self.config.db_max_bytes} bytes > high mark "
                               f"{self.marks.high:.0%}")

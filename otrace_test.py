@@ -6797,6 +6797,41 @@ def test_the_marks_keep_room_for_the_most_the_wal_reached_lately() -> None:
     assert otrace.Marks(wal_most=0.1).wal_most == 0.1           # TRACE_WAL_MAX_BYTES' share of the cap
 
 
+def test_what_the_marks_learned_is_taken_up_again_after_a_restart(run: Callable[..., Otrace]) -> None:
+    """A flood into a small cap teaches the marks (the high mark comes down by the overshoot, the WAL
+    keeps room): a stop keeps both (otrace_state), and the next start takes them up, the room faded by
+    the time between, so the first busy spell after a restart stops where the last one had learned to."""
+    node = run({"TRACE_DB_MAX_BYTES": str(2 << 20)})
+    deadline = time.monotonic() + 120
+    while (learned := node.health()["retention"])["db_high_mark"] >= otrace.Marks.HIGH or not (
+            learned["db_wal_room"] >= 0.01):
+        assert time.monotonic() < deadline, learned
+        node.post("/v1/traces", [trace(input_text="x" * 2000) for _ in range(20)])
+    learned = node.health()["retention"]
+    assert node.stop() == 0
+    stopped = time.monotonic()
+    again = run(db=node.db_path).health()["retention"]
+    faded = 0.5 ** ((time.monotonic() - stopped) / otrace.Marks.WAL_HALF_LIFE)
+    assert again["db_high_mark"] == pytest.approx(learned["db_high_mark"], abs=0.002)
+    assert learned["db_wal_room"] * faded / 2 <= again["db_wal_room"] <= learned["db_wal_room"] + 0.002
+
+
+def test_health_counts_the_database_as_the_passes_do_with_the_wal_at_its_room(tmp_path: Path) -> None:
+    """A pass counts the WAL at the most it reached lately; /health's look at whether the database is
+    still over budget counts it so too, not at its size of the moment (they disagreed: a pass ended
+    over budget, /health said it no longer was)."""
+    db = tmp_path / "o.db"
+    seed(db, [("trace", 300, 1)])
+    cap = int(db_bytes(db) / 0.8)                            # file + WAL at 80 % of it: under the high mark
+    config = otrace.Config.from_env({"TRACE_DB_PATH": str(db), "TRACE_DB_MAX_BYTES": str(cap)})
+    retention = otrace.Retention(config, otrace.EventQueue(512, 50), otrace.Database(str(db)))
+    retention.marks.count(0.0, 0.1)                           # a swing: the WAL reached a tenth of the cap
+    assert db_bytes(db) / cap < retention.marks.high
+    retention.stuck = "over budget after deleting all it may"    # as the last pass ended
+    assert retention.pressure(learn=False) == retention.pressure() and retention.pressure()[0] == "db_cap"
+    assert retention.still_over() and "of " in retention.still_over()
+
+
 def test_retention_holds_the_rows_under_the_low_mark_less_the_wal_room(tmp_path: Path) -> None:
     _, config, _, retention = retention_at_its_high_mark(tmp_path)
     plain = retention.low_bytes()
