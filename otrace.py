@@ -11403,7 +11403,8 @@ class Retention(Loop):
 
     LOW_DISK = 5.0           # a pass deletes until the disk is 5 points under TRACE_DISK_HIGH_PCT
 
-    def __init__(self, config: Config, events: EventQueue, db: Database) -> None:
+    def __init__(self, config: Config, events: EventQueue, db: Database,
+                 kept: dict[str, tuple[int, int]] | None = None) -> None:
         super().__init__("retention", config.cleanup_interval)
         self.config, self.events, self.db, self.tables = config, events, db, EVENT_TABLES
         self.db_dir = str(Path(config.db_path).parent)
@@ -11418,7 +11419,7 @@ class Retention(Loop):
         # relief jobs begun: watch()'s head starts, and one a pass stopped waiting for, still to be tallied
         self.begun: collections.deque[Future] = collections.deque()
         self.marks = Marks(config.wal_max_bytes / config.db_max_bytes)
-        self.recall()
+        self.recall(kept or {})
         self.hold: Hold | None = None            # a snapshot holding the WAL, as of the writer's last batch
         self.hold_wal = 0.0                      # the largest WAL it made, as a share of the cap
         self.passes = 0
@@ -11427,15 +11428,11 @@ class Retention(Loop):
         self.unpushed = MinuteLog(self.log, "passes_since_last_line")   # a flood's passes: one line a minute
         self.stretches = MinuteLog(self.log, "stretches_since_last_line")   # and its stretches of pressure
 
-    def recall(self) -> None:
-        """Take up what the marks had learned when the last run kept it (remember): the first busy spell
-        after a restart would otherwise take the database past where they had learned to stop."""
-        try:
-            kept = {key: (value, at) for key, value, at in self.db.query(
-                "SELECT key, value, updated_at FROM otrace_state WHERE key IN (?, ?)", MARKS_KEYS)}
-        except sqlite3.Error:            # a file otrace cannot read yet: the writer says why
-            return
-        if len(kept) == len(MARKS_KEYS):
+    def recall(self, kept: dict[str, tuple[int, int]]) -> None:
+        """Take up what the marks had learned when the last run kept it (remember; `kept`: otrace_state's
+        rows as the start read them, by key: value and time): the first busy spell after a restart would
+        otherwise take the database past where they had learned to stop."""
+        if all(key in kept for key in MARKS_KEYS):
             (overshoot, at), (wal, _) = (kept[key] for key in MARKS_KEYS)
             self.marks.recall(overshoot / 1e6, wal / 1e6, (now_ms() - at) / 1000)
 
@@ -13160,13 +13157,15 @@ class Service:
         with contextlib.closing(connect(config.db_path)) as conn:
             if take_carried(conn, config.db_path):
                 log.warning("rows carried over from a replaced database file taken in")
-            marks = {key: (value, updated) for key, value, updated in conn.execute(
-                "SELECT key, value, updated_at FROM otrace_state WHERE key IN (?, ?)",
-                (RUN_KEY, RUN_FILE_KEY))}
+            # what the last run left: its mark, and retention's lessons (read here, at once, where a
+            # read by each loop as it starts would wait out another program's lock in turn)
+            kept = {key: (value, updated) for key, value, updated in conn.execute(
+                "SELECT key, value, updated_at FROM otrace_state WHERE key IN (?, ?, ?, ?)",
+                (RUN_KEY, RUN_FILE_KEY, *MARKS_KEYS))}
         self.db = Database(config.db_path)
         self.run_file = int64((self.db.identity or (0, 0))[1])   # the inode this run marks
         # a run that did not stop cleanly, in this very file (a backup restored holds its run's mark)
-        self.last_run = marks.get(RUN_KEY) if marks.get(RUN_FILE_KEY, (None,))[0] == self.run_file else None
+        self.last_run = kept.get(RUN_KEY) if kept.get(RUN_FILE_KEY, (None,))[0] == self.run_file else None
         self.events = EventQueue(config.queue_size, config.batch_size)
         self.writer = Writer(config, self.db, self.events, self.counters, lock)
         self.prices = load_prices(config.prices)
@@ -13179,7 +13178,7 @@ class Service:
         if not self.writer.reserve.hold():
             log.warning("disk reserve not held: no room for it", extra={
                 "path": str(self.writer.reserve.path), "bytes": config.disk_reserve_bytes})
-        self.retention = Retention(config, self.events, self.db)
+        self.retention = Retention(config, self.events, self.db, kept)
         self.retention.check_budget()
         self.writer.on_fault = self.on_write_fault
         self.writer.on_recovered = self.on_write_recovered
