@@ -3143,12 +3143,11 @@ class Reserve:
         """A write found the disk full: give the space to the database. True if there was some."""
         if not self.held:
             return False
-        self.held, self.next_try = False, time.monotonic() + self.RETRY
         try:
             self.path.unlink()
-        except OSError:              # gone: nothing to give
+        except OSError:              # gone (its directory wiped): nothing to give; retake says so
             return False
-        self.released = True
+        self.held, self.released, self.next_try = False, True, time.monotonic() + self.RETRY
         self.log.warning("disk full: reserve released; ingest paused", extra={
             "bytes": self.size, "queued_events": queued})
         return True

@@ -1834,17 +1834,46 @@ def test_a_reserve_removed_under_otrace_with_no_room_to_take_it_again_is_said_no
         tmp_path: Path, run: Callable[..., Otrace]) -> None:
     """A full disk whose reserve file was wiped: the room it freed is less than twice its size, so it is
     not taken again; the log says so and why, /health that it is not held (it said "taking it again"
-    and then nothing)."""
+    and then nothing). So too when a write met the full disk first and found the file gone (it said
+    nothing, and held it lost for good)."""
     with tmpfs(tmp_path / "vol", "24m") as vol:
         node = run({"TRACE_DISK_RESERVE_BYTES": "2MiB"}, db=vol / "otrace.db")
         assert node.health()["disk_reserve"] == {"bytes": 2 << 20, "held": True, "released": False}
-        fill(vol)
-        (vol / "otrace.db-reserve").unlink()                 # a data directory wiped: 2 MiB free
+        node.signal(signal.SIGSTOP)                         # a write of its start's must not give it up
+        try:
+            fill(vol)
+            (vol / "otrace.db-reserve").unlink()             # a data directory wiped: 2 MiB free
+        finally:
+            node.signal(signal.SIGCONT)
         wait_until(lambda: node.post("/v1/traces", trace()).status == 202 and      # the writer looks
                    node.logs("disk reserve not held: no room for it"), timeout=30,   # after a batch
                    what="the reserve looked for")
         said = node.logs("disk reserve not held: no room for it")
         assert len(said) == 1 and said[0]["bytes"] == 2 << 20 and said[0]["disk_avail_bytes"] < 4 << 20
+        assert node.logs("disk reserve file gone or emptied: taking it again")
+        assert node.health()["disk_reserve"] == {"bytes": 2 << 20, "held": False, "released": False}
+        assert node.stop() == 0
+
+
+def test_a_reserve_found_gone_by_a_write_that_met_the_full_disk_is_said_not_held(
+        tmp_path: Path, run: Callable[..., Otrace]) -> None:
+    """The reserve's file wiped and the disk filled while otrace was stopped: the next write meets the
+    full disk and finds nothing to give. Once there is room for writes, not for the reserve twice, the
+    log says it is gone and not held, and /health so (it said nothing, and took it as given up)."""
+    with tmpfs(tmp_path / "vol", "24m") as vol:
+        node = run({"TRACE_DISK_RESERVE_BYTES": "2MiB"}, db=vol / "otrace.db")
+        node.signal(signal.SIGSTOP)
+        try:
+            (vol / "otrace.db-reserve").unlink()
+            filler = fill(vol)
+        finally:
+            node.signal(signal.SIGCONT)
+        wait_until(lambda: node.post("/v1/traces", trace()).status == 503, timeout=30,
+                   what="writes failing on the full disk")
+        assert not node.logs("disk full: reserve released; ingest paused")
+        os.truncate(filler, filler.stat().st_size - (3 << 20))   # room, less than the reserve twice
+        wait_until(lambda: node.post("/v1/traces", trace()).status == 202 and node.logs(
+            "disk reserve not held: no room for it"), timeout=30, what="the reserve looked for")
         assert node.logs("disk reserve file gone or emptied: taking it again")
         assert node.health()["disk_reserve"] == {"bytes": 2 << 20, "held": False, "released": False}
         assert node.stop() == 0
