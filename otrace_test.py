@@ -9638,13 +9638,14 @@ def wait_traces(node: Otrace, n: int, timeout: float = 20.0) -> list[dict[str, A
                       f"{n} openclaw_session rows")
 
 
-def store_followed(tmp_path: Path, run: Callable[..., Otrace]) -> tuple[Otrace, Path, dict[str, Any]]:
-    """otrace following a copy of the captured 2026.9.6 store, its six calls read: the node, agent
-    main's database, and a real call's entry to shape new ones on."""
+def store_followed(tmp_path: Path, run: Callable[..., Otrace], **env: str
+                   ) -> tuple[Otrace, Path, dict[str, Any]]:
+    """otrace following a copy of the captured 2026.9.6 store (`env`: more of its environment), its six
+    calls read: the node, agent main's database, and a real call's entry to shape new ones on."""
     state = state_copy(tmp_path)
     db = agent_db(state)
     template = assistant_template(db)
-    node = run({**STORE_ENV, "TRACE_OPENCLAW_STATE_DIR": str(state)})
+    node = run({**STORE_ENV, "TRACE_OPENCLAW_STATE_DIR": str(state), **env})
     wait_traces(node, 6)
     return node, db, template
 
@@ -10133,21 +10134,23 @@ def test_the_position_of_a_session_ended_is_forgotten_and_nothing_is_read_twice(
     assert again.health()["events_duplicate"] == 0 and not again.logs("sessions ended")
 
 
+def without_zstandard(tmp_path: Path) -> Path:
+    """A directory that, first on PYTHONPATH, makes `import zstandard` fail as where it is not installed."""
+    stub = tmp_path / "no-zstandard"
+    stub.mkdir()
+    (stub / "zstandard.py").write_text("raise ModuleNotFoundError(\"No module named 'zstandard'\")\n")
+    return stub
+
+
 @needs_stores
 def test_a_session_ended_keeps_its_position_until_its_archive_is_read(
         tmp_path: Path, run: Callable[..., Otrace]) -> None:
     """The archive of a session ended is read past where its position stands: while it waits (a zstd
     one, otrace without the zstandard package) the position stays, across a restart; read at last,
     it gives only the call not read before (not the one retention deleted), and the position goes."""
-    state = state_copy(tmp_path)
-    db = agent_db(state)
-    template = assistant_template(db)
-    stub = tmp_path / "no-zstandard"
-    stub.mkdir()
-    (stub / "zstandard.py").write_text("raise ModuleNotFoundError(\"No module named 'zstandard'\")\n")
-    env = {**STORE_ENV, "TRACE_OPENCLAW_STATE_DIR": str(state)}
-    node = run({**env, "PYTHONPATH": str(stub)})
-    wait_traces(node, 6)
+    stub = without_zstandard(tmp_path)
+    node, db, template = store_followed(tmp_path, run, PYTHONPATH=str(stub))
+    env = {key: value for key, value in node.env.items() if key != "PYTHONPATH"}     # with the package
     gateway = gateway_connection(db)
     read, unread = a_call(template, 1000, 0.001), a_call(template, 2000, 0.002)
     new_session(gateway, "zipped")
@@ -10278,15 +10281,9 @@ def test_a_compressed_entry_read_without_zstandard_waits_for_it(tmp_path: Path,
     the agent's fault in /health and its session waits there, after the entries before it, as a zstd
     archive waits, while the other sessions are read; run again with the package, the calls are
     stored (they used to be skipped for good)."""
-    state = state_copy(tmp_path)
-    db = agent_db(state)
-    template = assistant_template(db)
-    stub = tmp_path / "no-zstandard"
-    stub.mkdir()
-    (stub / "zstandard.py").write_text("raise ModuleNotFoundError(\"No module named 'zstandard'\")\n")
-    env = {**STORE_ENV, "TRACE_OPENCLAW_STATE_DIR": str(state)}
-    node = run({**env, "PYTHONPATH": str(stub)})
-    wait_traces(node, 6)
+    stub = without_zstandard(tmp_path)
+    node, db, template = store_followed(tmp_path, run, PYTHONPATH=str(stub))
+    env = {key: value for key, value in node.env.items() if key != "PYTHONPATH"}     # with the package
     gateway = gateway_connection(db)
     session, archived = dict.fromkeys(s for s, _, _ in store_entries(db))
     before, squeezed, after, elsewhere, unread = (a_call(template, n, 0.001) for n in range(1000, 6000, 1000))
@@ -11848,7 +11845,9 @@ def test_a_nan_attribute_from_the_sdk_is_left_out_and_its_call_and_failure_are_k
             health["log_values_dropped"]) == (0, 1, 0, 1)
 
 
-LOGGED_FAILURE_CLIENT = r"""
+# How the clients below begin: the Python SDK sending spans and the root logger's records over
+# OTLP/HTTP only when flushed, a tracer, a logger, and a span's row key (SERVICE: their service.name).
+FLUSHED_CLIENT = r"""
 import json, logging, sys
 from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
@@ -11859,18 +11858,23 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.trace import SpanKind, StatusCode
 
-resource = Resource.create({"service.name": "otrace-logging-client"})
+resource = Resource.create({"service.name": "SERVICE"})
 tracer_provider, logger_provider = TracerProvider(resource=resource), LoggerProvider(resource=resource)
 tracer_provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(), schedule_delay_millis=3_600_000))
 logger_provider.add_log_record_processor(BatchLogRecordProcessor(OTLPLogExporter(),
                                                                  schedule_delay_millis=3_600_000))
 logging.getLogger().addHandler(LoggingHandler(level=logging.INFO, logger_provider=logger_provider))
 log, tracer = logging.getLogger("app"), tracer_provider.get_tracer("otrace.test")
-chat = {"gen_ai.operation.name": "chat", "gen_ai.provider.name": "openai", "gen_ai.request.model": "gpt-4o"}
-keys = {}
+
 
 def key(span):
     return f"{span.get_span_context().trace_id:032x}-{span.get_span_context().span_id:016x}"
+"""
+
+
+LOGGED_FAILURE_CLIENT = FLUSHED_CLIENT.replace("SERVICE", "otrace-logging-client") + r"""
+chat = {"gen_ai.operation.name": "chat", "gen_ai.provider.name": "openai", "gen_ai.request.model": "gpt-4o"}
+keys = {}
 
 class RateLimitError(Exception):
     pass
@@ -12046,31 +12050,11 @@ def test_a_span_taken_for_a_call_before_its_calls_came_is_deleted_while_not_push
     assert node.health()["otlp"]["spans_around_calls"] == 1
 
 
-IN_TWO_CLIENT = r"""
-import json, logging, sys
+IN_TWO_CLIENT = FLUSHED_CLIENT.replace("SERVICE", "otrace-in-two-client") + r"""
 from opentelemetry import trace
-from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter
-from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-from opentelemetry.sdk._logs import LoggerProvider, LoggingHandler
-from opentelemetry.sdk._logs.export import BatchLogRecordProcessor
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
-from opentelemetry.trace import SpanKind, StatusCode
 
-resource = Resource.create({"service.name": "otrace-in-two-client"})
-tracer_provider, logger_provider = TracerProvider(resource=resource), LoggerProvider(resource=resource)
-tracer_provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(), schedule_delay_millis=3_600_000))
-logger_provider.add_log_record_processor(BatchLogRecordProcessor(OTLPLogExporter(),
-                                                                 schedule_delay_millis=3_600_000))
-logging.getLogger().addHandler(LoggingHandler(level=logging.INFO, logger_provider=logger_provider))
-log, tracer = logging.getLogger("app"), tracer_provider.get_tracer("otrace.test")
 chat = {"gen_ai.operation.name": "chat", "gen_ai.provider.name": "openai", "gen_ai.request.model": "gpt-4o",
         "gen_ai.usage.input_tokens": 1000, "gen_ai.usage.output_tokens": 100}
-
-
-def key(span):
-    return f"{span.get_span_context().trace_id:032x}-{span.get_span_context().span_id:016x}"
 
 
 def go_on(first):
