@@ -11361,8 +11361,13 @@ class Marks:
         """The database's share as the marks count it: the main file's, and the WAL's at the most it
         reached lately (both shares of the cap)."""
         now = time.monotonic() if now is None else now
+        share = self.counted(main, wal, now)
         self.wal, self.wal_at = max(self.faded(now), min(wal, self.wal_most)), now
-        return main + max(wal, self.wal)
+        return share
+
+    def counted(self, main: float, wal: float, now: float | None = None) -> float:
+        """The same share, learning nothing from it (a look from another thread: /health's)."""
+        return main + max(wal, self.faded(now))
 
     def faded(self, now: float | None = None) -> float:
         """The WAL's room as of `now`, halved every WAL_HALF_LIFE since it was brought up to date."""
@@ -11576,26 +11581,24 @@ class Retention(Loop):
         WAL, the rows and the room as it was: deleting cannot shrink a WAL that cannot start over (it
         grows by the pages deleted), only keep the main file, whose freed pages the next rows reuse,
         from growing; what the WAL reached counts once the snapshot ends (watch)."""
-        cap, path = self.config.db_max_bytes, self.config.db_path
-        main, wal = file_size(path) / cap, file_size(path + "-wal") / cap
+        main, wal = self.shares()
         if (hold := self.hold) is not None:
             self.hold_wal = max(self.hold_wal, wal)
-            share = max(main, hold.live_bytes / cap) + self.marks.wal
+            share = max(main, hold.live_bytes / self.config.db_max_bytes) + self.marks.wal
         else:
             share = self.marks.count(main, wal)
         self.marks.seen(share)
         return share
 
-    def looked(self) -> float:
-        """The share as the marks count it (the WAL at its room at least), learning nothing: /health's
-        look, from another thread, agrees with the passes."""
+    def shares(self) -> tuple[float, float]:
+        """The main file's and the WAL's sizes, as shares of the cap."""
         cap, path = self.config.db_max_bytes, self.config.db_path
-        return file_size(path) / cap + max(file_size(path + "-wal") / cap, self.marks.faded())
+        return file_size(path) / cap, file_size(path + "-wal") / cap
 
     def pressure(self, learn: bool = True) -> tuple[str, str] | None:
         """Why the database must shrink now ("db_cap" or "disk"), with the figures, or None. `learn`:
         the marks learn from the size read (not from /health's look, on another thread)."""
-        share = self.share() if learn else self.looked()
+        share = self.share() if learn else self.marks.counted(*self.shares())   # as a pass counts it
         if share > self.marks.high:
             return "db_cap", (f"database {share:.0%} of {self.config.db_max_bytes} bytes > high mark "
                               f"{self.marks.high:.0%}")
