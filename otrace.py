@@ -598,8 +598,9 @@ class Config:
                                   "TRACE_PUSH_ENDPOINT.", secret=True)
     push_max_bytes: int = setting("5MiB", size("1KiB", "256MiB"), "Largest body of one push request "
                                   "(before gzip); a single larger event is sent alone. At most "
-                                  f"1/{PUSH_CAP_SHARE} of TRACE_DB_MAX_BYTES: marking a batch's rows "
-                                  "pushed rewrites their pages into the WAL, which the cap counts.")
+                                  f"1/{PUSH_CAP_SHARE} of TRACE_DB_MAX_BYTES (lowered, with a warning "
+                                  "when push is on): marking a batch's rows pushed rewrites their pages "
+                                  "into the WAL, which the cap counts.")
     push_timeout: float = setting("30s", duration("100ms", "10m"), "Longest one push request may take, "
                                   "from connecting to the last byte of the answer.")
     push_gzip: bool = setting("off", SWITCH, "Compress push bodies (Content-Encoding: gzip).")
@@ -10571,7 +10572,7 @@ class Pusher(Loop):
                **rows: Any) -> Packer:
         """A packer of this push's rows (`rows`: skip or only) that stops at the final push's deadline,
         or, in a cycle of the loop, once otrace begins to stop."""
-        return Packer(conn, push_batch_bytes(self.config), tables, self.format, deadline=deadline,
+        return Packer(conn, self.config.push_max_bytes, tables, self.format, deadline=deadline,
                       stopping=self.stopping if deadline is None else None, **rows)
 
     def batches(self, conn: sqlite3.Connection, cycle: Cycle, deadline: float | None) -> Iterator[Batch]:
@@ -10906,13 +10907,6 @@ class Pusher(Loop):
 
     def hold_until(self, whose: str) -> str | None:
         return iso(time.time() + hold) if (hold := self.retry_after_left(whose)) > 0 else None
-
-
-def push_batch_bytes(config: Config) -> int:
-    """The most a push batch holds: TRACE_PUSH_MAX_BYTES, under a small cap a share of it. The writer
-    marks a confirmed batch's rows pushed in one transaction, which rewrites their pages into the WAL:
-    under a small cap, a backlog's batch took most of the cap there at once, past the room the marks keep."""
-    return min(config.push_max_bytes, config.db_max_bytes // PUSH_CAP_SHARE)
 
 
 def delete_unpushed(merges: Merges, statements: list[tuple[str, tuple]], conn: sqlite3.Connection) -> None:
@@ -13331,8 +13325,9 @@ def settled(config: Config) -> Config:
     """The settings as this process can honour them: the database path resolved once (a symlink's
     target, so the WAL and reserve are found beside the real file), no more connections than file
     descriptors allow (the soft limit raised toward the hard one first), bodies no larger than the
-    memory all may hold, and batches of at most half the queue (the writer commits while the other
-    half takes requests)."""
+    memory all may hold, push batches of at most a share of the cap (the writer marks a confirmed
+    batch's rows pushed in one transaction, which rewrites their pages into the WAL the cap counts), and
+    batches of at most half the queue (the writer commits while the other half takes requests)."""
     import resource  # noqa: PLC0415 - imported where needed (see the imports)
     config = dataclasses.replace(config, db_path=os.path.realpath(config.db_path))
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -13355,6 +13350,13 @@ def settled(config: Config) -> Config:
         log.warning(f"TRACE_DISK_HIGH_PCT is over {DISK_HIGH_MOST}: lowered", extra={
             "disk_high_pct": config.disk_high_pct, "lowered_to": DISK_HIGH_MOST})
         config = dataclasses.replace(config, disk_high_pct=DISK_HIGH_MOST)
+    # else the marks of one backlog's batch put most of a small cap in the WAL at once
+    if config.push_max_bytes > (share := config.db_max_bytes // PUSH_CAP_SHARE):
+        if config.push_endpoint:
+            log.warning(f"TRACE_PUSH_MAX_BYTES is over 1/{PUSH_CAP_SHARE} of TRACE_DB_MAX_BYTES: lowered",
+                        extra={"push_max_bytes": config.push_max_bytes, "lowered_to": share,
+                               "db_max_bytes": config.db_max_bytes})
+        config = dataclasses.replace(config, push_max_bytes=share)
     if config.batch_size > (half := max(1, config.queue_size // 2)):   # else a full queue refuses first
         log.warning("TRACE_BATCH_SIZE is over half TRACE_QUEUE_SIZE: lowered", extra={
             "batch_size": config.batch_size, "lowered_to": half, "queue_size": config.queue_size})

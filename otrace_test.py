@@ -5328,7 +5328,8 @@ def test_a_backlog_as_large_as_most_of_a_small_cap_is_marked_pushed_a_small_shar
     """Marking a confirmed batch's rows pushed rewrites their pages into the WAL in one transaction,
     which the cap counts. Under a cap smaller than 40 times TRACE_PUSH_MAX_BYTES a batch holds a
     fortieth of the cap, so a backlog (a receiver down a while) is not marked in one go: that put more
-    than half the cap in the WAL at once, far past the room the marks keep for it."""
+    than half the cap in the WAL at once, far past the room the marks keep for it. The setting is
+    lowered as start says."""
     cap, path = 8 << 20, tmp_path / "otrace.db"
     ids = seed(path, [("trace", 1200, 0)], age_days=0.01)["trace/0"]       # 0.6 of the cap, unpushed
     wal, largest, done = f"{path}-wal", [0], threading.Event()
@@ -5347,6 +5348,9 @@ def test_a_backlog_as_large_as_most_of_a_small_cap_is_marked_pushed_a_small_shar
         watcher.join()
     assert max(request["bytes"] for request in receiver.requests) <= cap // otrace.PUSH_CAP_SHARE
     assert largest[0] < cap / 2, largest[0] / cap        # batches' marks may meet under a reader
+    lowered = node.logs("TRACE_PUSH_MAX_BYTES is over 1/40 of TRACE_DB_MAX_BYTES: lowered")
+    assert [(e["push_max_bytes"], e["lowered_to"]) for e in lowered] == [(5 << 20, cap // 40)]
+    assert node.logs("starting")[0]["settings"]["push_max_bytes"] == cap // 40
 
 
 def test_gzip_bodies(run: Callable[..., Otrace], receiver: Receiver) -> None:
