@@ -3269,6 +3269,9 @@ class Writer(threading.Thread):
         # zeroing every freed page (some builds' default) writes a deleted row twice, through the WAL;
         # FAST zeroes only pages written anyway, and the shrink after a deletion drops the rest
         conn.execute("PRAGMA secure_delete = FAST")
+        # statement journals (a multi-row INSERT's spill past 64 KiB) and sorts in memory, not in files
+        # in SQLite's temp directory: a full /var/tmp must not read as the database's disk full
+        conn.execute("PRAGMA temp_store = MEMORY")
         page = conn.execute("PRAGMA page_size").fetchone()[0]
         pages = autocheckpoint_pages(self.config, page)
         conn.execute(f"PRAGMA wal_autocheckpoint = {pages}")

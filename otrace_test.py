@@ -1720,6 +1720,30 @@ def test_full_disk_degrades_health_and_recovers_without_loss(tmp_path: Path, run
 
 
 @needs_root
+def test_a_full_temp_directory_is_not_a_full_disk(tmp_path: Path, run: Callable[..., Otrace]) -> None:
+    """SQLite spills a statement's journal past 64 KiB (a batch's multi-row INSERT, its trace_ids spread
+    over the index's pages) to a file in its temp directory (/var/tmp, or SQLITE_TMPDIR), often on
+    another disk than the database's. Full, it failed the writes with SQLITE_FULL: the reserve given up
+    and ingest paused for a disk with room. The writer keeps those journals in memory."""
+    path = tmp_path / "otrace.db"
+    seed(path, [("trace", 5000, 1)], age_days=0.01)    # an index of trace_ids a batch's inserts spread over
+    with tmpfs(tmp_path / "tmp", "64k") as temp:
+        fill(temp)
+        node = run({"SQLITE_TMPDIR": str(temp)}, db=path)
+        ids = []
+        for _ in range(10):
+            resp = node.post("/v1/traces", [trace(input_text="x" * 1000, output_text="y" * 1000)
+                                            for _ in range(50)])
+            assert resp.status == 202, resp.json
+            ids += resp.json["trace_ids"]
+        node.wait_persisted(len(ids))
+        health = node.health()
+        assert health["last_write_error"] is None and health["disk_reserve"]["held"], health
+        assert not list(temp.glob("etilqs_*"))
+        assert node.stop() == 0
+
+
+@needs_root
 def test_a_start_on_a_full_disk_takes_its_own_reserve(tmp_path: Path, run: Callable[..., Otrace]) -> None:
     """The reserve a stopped otrace left beside its database is otrace's own room: a start that fails
     on a full disk (opening the WAL index needs room) gives it up and starts, and says so."""
