@@ -13328,9 +13328,8 @@ def settled(config: Config) -> Config:
     """The settings as this process can honour them: the database path resolved once (a symlink's
     target, so the WAL and reserve are found beside the real file), no more connections than file
     descriptors allow (the soft limit raised toward the hard one first), bodies no larger than the
-    memory all may hold, push batches of at most a share of the cap (the writer marks a confirmed
-    batch's rows pushed in one transaction, which rewrites their pages into the WAL the cap counts), and
-    batches of at most half the queue (the writer commits while the other half takes requests)."""
+    memory all may hold, push batches of at most a share of the cap, and batches of at most half the
+    queue (the writer commits while the other half takes requests)."""
     import resource  # noqa: PLC0415 - imported where needed (see the imports)
     config = dataclasses.replace(config, db_path=os.path.realpath(config.db_path))
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -13353,7 +13352,7 @@ def settled(config: Config) -> Config:
         log.warning(f"TRACE_DISK_HIGH_PCT is over {DISK_HIGH_MOST}: lowered", extra={
             "disk_high_pct": config.disk_high_pct, "lowered_to": DISK_HIGH_MOST})
         config = dataclasses.replace(config, disk_high_pct=DISK_HIGH_MOST)
-    # else the marks of one backlog's batch put most of a small cap in the WAL at once
+    # else marking one backlog's batch pushed rewrites most of a small cap into the WAL at once
     if config.push_max_bytes > (share := config.db_max_bytes // PUSH_CAP_SHARE):
         if config.push_endpoint:
             log.warning(f"TRACE_PUSH_MAX_BYTES is over 1/{PUSH_CAP_SHARE} of TRACE_DB_MAX_BYTES: lowered",
