@@ -2257,6 +2257,7 @@ DB_PAGE = 4096                   # SQLite's default page size, which otrace's fi
 MAX_VARIABLES = 999              # what older SQLite allows in one statement
 JOB_TIMEOUT = 120.0              # longest a loop waits for the writer to run its job
 READER_WAIT = 1.0                # longest a reader's unit waits for room in the queue
+GIL_SWITCH = 0.001               # longest a thread waits for the GIL from a busy one (Python's default: 5 ms)
 MOVE_WAIT = 5.0                  # longest a task's reading connection waits out a move to a new file
 BUSY_TIMEOUT = 10.0              # seconds a statement waits for a lock another connection holds
 STATE_TABLES = ("otrace_state", "log_offsets",   # where readers keep their place: carried to a new file
@@ -13438,6 +13439,8 @@ def serve(config: Config, warnings: Iterable[str] = ()) -> int:
     if isinstance(service, signal.Signals):
         log.info("stopped before starting", extra={"signal": service.name})
         return 0
+    # the writer takes the GIL back after each SQLite call, from a reader or the HTTP thread busy in Python
+    sys.setswitchinterval(GIL_SWITCH)
     service.start()
     log.info("listening", extra={"address": service.address, "otlp_address": service.otlp_address})
     received = signal.sigwait(stop_signals)
