@@ -21,9 +21,9 @@ run: $(VENV)/.run  ## serve on 127.0.0.1:9090 (OTLP also on :4318), database ./o
 	$(PY) -m compileall -q otrace.py      # so -m loads it compiled: far less resident than compiling it
 	exec env TRACE_DB_PATH=$${TRACE_DB_PATH:-./otrace.db} $(PY) -m otrace serve
 
-test: $(VENV)/.dev  ## ruff, then every test (about 5 minutes on 2 cores)
+test: $(VENV)/.dev  ## ruff, then every test (about 4 minutes on 2 cores)
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q -n 2 --dist loadgroup   # two workers: most tests wait on a process
+	$(PY) -m pytest -q -n 4 --dist loadgroup   # four workers on 2 cores: most tests wait on a process
 
 # About 20 minutes: each benchmark runs in a budget (bench/run_all.py).
 bench: $(VENV)/.dev  ## every benchmark against its same-run baseline; tables in bench/results/
