@@ -13439,7 +13439,8 @@ def serve(config: Config, warnings: Iterable[str] = ()) -> int:
     if isinstance(service, signal.Signals):
         log.info("stopped before starting", extra={"signal": service.name})
         return 0
-    # the writer takes the GIL back after each SQLite call, from a reader or the HTTP thread busy in Python
+    # the HTTP thread after each send, the writer after each SQLite call, win the GIL back sooner from
+    # a thread busy in Python (an OTLP decode, a log's catch-up)
     sys.setswitchinterval(GIL_SWITCH)
     service.start()
     log.info("listening", extra={"address": service.address, "otlp_address": service.otlp_address})
