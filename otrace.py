@@ -11569,10 +11569,6 @@ class Retention(Loop):
                 tally[(chunk.table, chunk.reason, "deleted")] += chunk.deleted
                 tally[(chunk.table, chunk.reason, "unpushed")] += chunk.lost
 
-    def db_bytes(self) -> int:
-        """The database's size as the cap counts it: file + WAL."""
-        return file_size(self.config.db_path) + file_size(self.config.db_path + "-wal")
-
     def share(self) -> float:
         """The database's size as a share of its cap as the marks count it (the WAL at the most it
         reached lately, the WAL a pass writes too), which they learn from. While a snapshot holds the
@@ -11588,10 +11584,14 @@ class Retention(Loop):
         self.marks.seen(share)
         return share
 
+    def sizes(self) -> tuple[int, int]:
+        """The main file's and the WAL's sizes in bytes: the database as the cap counts it."""
+        return file_size(self.config.db_path), file_size(self.config.db_path + "-wal")
+
     def shares(self) -> tuple[float, float]:
         """The main file's and the WAL's sizes, as shares of the cap."""
-        cap, path = self.config.db_max_bytes, self.config.db_path
-        return file_size(path) / cap, file_size(path + "-wal") / cap
+        main, wal = self.sizes()
+        return main / self.config.db_max_bytes, wal / self.config.db_max_bytes
 
     def pressure(self, learn: bool = True) -> tuple[str, str] | None:
         """Why the database must shrink now ("db_cap" or "disk"), with the figures, or None. `learn`:
@@ -11622,7 +11622,7 @@ class Retention(Loop):
         """True when the database holds at least what the disk is over its low mark."""
         _, used, avail, _ = disk_usage(self.db_dir)
         excess = used - (self.config.disk_high_pct - self.LOW_DISK) / 100 * (used + avail)
-        return self.db_bytes() >= excess
+        return sum(self.sizes()) >= excess
 
     def relieve(self, pass_id: str, tally: collections.Counter[tuple[str, str, str]],
                 tiers: tuple[Tier, ...]) -> str | None:
