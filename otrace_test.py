@@ -7804,7 +7804,7 @@ def test_start_on_a_full_disk_waits_for_space(tmp_path: Path, run: Callable[...,
         db = vol / "otrace.db"
         first = run(db=db)
         ids = post_some(first, 20)
-        first.wait_persisted(20)
+        first.wait_persisted(len(ids))                          # 20 traces and an error
         first.kill()                                             # the WAL is left to recover
         filler = fill(vol)
         node = run(db=db, wait=False)
