@@ -12462,9 +12462,11 @@ def _moment(text: str, zone: Zone, now: int, end: bool, back_from: int) -> int:
     return zone.instant(at) if at.tzinfo is None else epoch_ms(at)
 
 
-def open_snapshot(path: str) -> sqlite3.Connection:
+def open_snapshot(path: str, sorts_in_memory: bool = False) -> sqlite3.Connection:
     """The database read-only, in one read transaction. A copy in a directory otrace cannot write
-    (no -shm can be made) is read as immutable when it has no WAL beside it, which is then exact."""
+    (no -shm can be made) is read as immutable when it has no WAL beside it, which is then exact.
+    A sort larger than the connection's cache spills to files in SQLite's temp directory, unless
+    `sorts_in_memory` (see run_report)."""
     try:
         if not stat.S_ISREG(Path(path).stat().st_mode):
             raise FileNotFoundError
@@ -12500,6 +12502,8 @@ def open_snapshot(path: str) -> sqlite3.Connection:
         conn.close()
         raise ReportError(f"{path} is from a newer otrace (schema {version}; this one knows {len(SCHEMA)}): "
                           "report with that otrace")
+    if sorts_in_memory:
+        conn.execute("PRAGMA temp_store = MEMORY")
     conn.execute("BEGIN")
     return conn
 
@@ -13056,6 +13060,10 @@ class TableView:
             break_on_hyphens=False, break_long_words=False)]
 
 
+TEMP_FULL = ("SQLite's temporary directory (SQLITE_TMPDIR, else /var/tmp, /usr/tmp or /tmp) has no room for "
+             "this report's sorts: they were done in memory; free some space there")
+
+
 def run_report(argv: list[str]) -> int:
     """`otrace report`: print the report, or exit 2 saying what is wrong with the question."""
     import argparse  # noqa: PLC0415 - imported where needed (see the imports)
@@ -13101,13 +13109,26 @@ def run_report(argv: list[str]) -> int:
     except ReportError as bad:
         print(f"otrace report: {bad}", file=sys.stderr)
         return 2
+    asked = functools.partial(Report, since_ms=since, until_ms=until, zone=zone, by=args.by,
+                              breakdown=args.breakdown, cost=args.cost, source=args.source)
     try:
-        with contextlib.closing(conn):
-            doc = Report(conn, since, until, zone, by=args.by, breakdown=args.breakdown, cost=args.cost,
-                         source=args.source).document()
+        try:
+            with contextlib.closing(conn):
+                doc = asked(conn).document()
+        except sqlite3.Error as exc:
+            # a read-only connection writes nothing but its sorts' spill files: SQLite's temp directory
+            # (often another disk than the database's) is full; kept in memory, the sorts cost RSS only
+            if sqlite_code(exc) != "SQLITE_FULL":
+                raise
+            with contextlib.closing(open_snapshot(args.db, sorts_in_memory=True)) as conn:
+                doc = asked(conn).document()
+            print(f"otrace report: {TEMP_FULL}", file=sys.stderr)
     except sqlite3.Error as exc:
         print(f"otrace report: cannot read {args.db}: {describe(exc)}", file=sys.stderr)
         return 1
+    except ReportError as bad:      # the file replaced or removed since it was first opened
+        print(f"otrace report: {bad}", file=sys.stderr)
+        return 2
     doc["database"] = args.db
     try:
         with contextlib.suppress(BrokenPipeError):

@@ -8815,6 +8815,33 @@ def test_the_report_says_why_a_user_may_not_read_the_database(tmp_path: Path) ->
         shutil.rmtree(folder)
 
 
+@needs_root
+def test_a_report_with_no_room_for_its_sorts_sorts_in_memory(tmp_path: Path) -> None:
+    """A week of a large database sorts past the connection's cache (the log events by kind), into
+    files in SQLite's temp directory. With that directory full, the report failed with "database or
+    disk is full" about a database disk with room; it is made in memory instead, and says so."""
+    db = build_report_database(tmp_path / "otrace.db")
+    now, logs = otrace.now_ms(), 150_000
+    with contextlib.closing(sqlite3.connect(db, isolation_level=None)) as conn:
+        conn.execute(
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?) "
+            "INSERT INTO log_events (trace_id, created_at, received_at, source, level, subsystem, kind, "
+            "file, file_offset) SELECT 'spill-' || i, ? - i * 100, ?, 'log', 'INFO', 'gateway', "
+            "iif(i % 3, 'channel_inbound', 'channel_outbound'), '/var/log/openclaw.log', i * 200 FROM n",
+            (logs, now, now))
+    with tmpfs(tmp_path / "tmp", "64k") as temp:
+        fill(temp)
+        done = report(db, "--since", "7d", "--json", env={"SQLITE_TMPDIR": str(temp)})
+        assert done.returncode == 0, done.stderr
+        assert done.stderr == f"otrace report: {otrace.TEMP_FULL}\n"
+        kinds = json.loads(done.stdout)["log_events"]
+        assert kinds["channel_inbound"] >= logs * 2 // 3 and kinds["channel_outbound"] >= logs // 3, kinds
+        (tmp_path / "room").mkdir()
+        roomy = report(db, "--since", "7d", "--json", env={"SQLITE_TMPDIR": str(tmp_path / "room")})
+        assert roomy.returncode == 0 and roomy.stderr == "", roomy.stderr
+        assert json.loads(roomy.stdout)["log_events"] == kinds
+        assert not list(temp.glob("etilqs_*"))
+
 def test_a_report_that_cannot_be_written_says_so(tmp_path: Path) -> None:
     """`> file` on a full disk: a line saying so and exit 1, not a traceback."""
     db = build_report_database(tmp_path / "otrace.db")
