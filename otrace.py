@@ -13060,8 +13060,8 @@ class TableView:
             break_on_hyphens=False, break_long_words=False)]
 
 
-TEMP_FULL = ("SQLite's temporary directory (SQLITE_TMPDIR, else /var/tmp, /usr/tmp or /tmp) has no room for "
-             "this report's sorts: they were done in memory; free some space there")
+TEMP_FULL = ("SQLite's temporary directory (SQLITE_TMPDIR, else TMPDIR, else /var/tmp, /usr/tmp or /tmp) has "
+             "no room for this report's sorts: they were done in memory; free some space there")
 
 
 def run_report(argv: list[str]) -> int:
