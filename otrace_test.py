@@ -8842,6 +8842,7 @@ def test_a_report_with_no_room_for_its_sorts_sorts_in_memory(tmp_path: Path) -> 
         assert json.loads(roomy.stdout)["log_events"] == kinds
         assert not list(temp.glob("etilqs_*"))
 
+
 def test_a_report_that_cannot_be_written_says_so(tmp_path: Path) -> None:
     """`> file` on a full disk: a line saying so and exit 1, not a traceback."""
     db = build_report_database(tmp_path / "otrace.db")
