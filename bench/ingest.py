@@ -1,11 +1,13 @@
 """Ingest: otrace against a bare stdlib server that only answers 202, measured in the same run.
 
-    python bench/ingest.py [--seconds 10] [--idle 60] [--idle-only]
+    python bench/ingest.py [--seconds 10] [--rounds 3] [--idle 60] [--idle-only]
 
 For 1, 4, 16 and 64 keep-alive connections, wrk posts the same 2 KB trace to a fresh bare
 ThreadingHTTPServer (which reads the body and answers 202 in one write) and to a fresh otrace, one
-after the other. Printed: requests/s (otrace's: those answered 202), p50/p99, CPU per 1,000
-requests, the otrace/bare ratio, and how many of otrace's events were persisted and refused (503).
+after the other, --rounds times (the three take turns; a level's figures are each server's median
+round, by requests/s: one round's ratio moves by a fifth on a shared host). Printed: requests/s
+(otrace's: those answered 202), p50/p99, CPU per 1,000 requests, the otrace/bare ratio, and how many
+of otrace's events were persisted and refused (503).
 A second baseline stores what it is sent: the same bare server, which also json-parses each body and
 inserts it as one llm_traces row (raw sqlite3, otrace's schema, WAL, synchronous=NORMAL), committed
 before it answers, one request at a time under a lock: the plain way to store each event.
@@ -144,41 +146,57 @@ def measure(proc: subprocess.Popen, port: int, connections: int, seconds: float,
             "peak_rss_mb": after.peak_rss_bytes / 2**20}
 
 
-def compare(levels: list[int], seconds: float) -> tuple[list[list[object]], list[dict[str, object]]]:
+def compare(levels: list[int], seconds: float, rounds: int
+            ) -> tuple[list[list[object]], list[dict[str, object]]]:
     rows, raw = [], []
     for connections in levels:
-        bare_proc, bare_port = start_bare()
-        try:
-            bare = measure(bare_proc, bare_port, connections, seconds, is_otrace=False)
-        finally:
-            stop(bare_proc)
-        with tempfile.TemporaryDirectory() as tmp:
-            store_proc, store_port = start_bare(Path(tmp) / "bare.db")
+        runs: dict[str, list[dict[str, float]]] = {"bare": [], "storing": [], "otrace": []}
+        for _ in range(rounds):                                     # the three take turns
+            bare_proc, bare_port = start_bare()
             try:
-                storing = measure(store_proc, store_port, connections, seconds, is_otrace=False)
+                runs["bare"].append(measure(bare_proc, bare_port, connections, seconds, is_otrace=False))
             finally:
-                stop(store_proc)
-        with tempfile.TemporaryDirectory() as tmp:
-            proc, port = start_otrace(Path(tmp), {"TRACE_DB_MAX_BYTES": "2GiB"})
-            try:
-                ours = measure(proc, port, connections, seconds, is_otrace=True)
-            finally:
-                stop(proc)
-        ours["accepted_rps"] = ours["rps"] * (1 - ours["non_2xx"] / max(ours["requests"], 1))
+                stop(bare_proc)
+            with tempfile.TemporaryDirectory() as tmp:
+                store_proc, store_port = start_bare(Path(tmp) / "bare.db")
+                try:
+                    runs["storing"].append(measure(store_proc, store_port, connections, seconds,
+                                                   is_otrace=False))
+                finally:
+                    stop(store_proc)
+            with tempfile.TemporaryDirectory() as tmp:
+                proc, port = start_otrace(Path(tmp), {"TRACE_DB_MAX_BYTES": "2GiB"})
+                try:
+                    ours = measure(proc, port, connections, seconds, is_otrace=True)
+                finally:
+                    stop(proc)
+            ours["accepted_rps"] = ours["rps"] * (1 - ours["non_2xx"] / max(ours["requests"], 1))
+            runs["otrace"].append(ours)
+            print(f"  {connections:>2} connections, round {len(runs['otrace'])}: bare "
+                  f"{runs['bare'][-1]['rps']:.0f}/s, storing {runs['storing'][-1]['rps']:.0f}/s, otrace "
+                  f"{ours['accepted_rps']:.0f}/s accepted", flush=True)
+        bare, storing = median_run(runs["bare"], "rps"), median_run(runs["storing"], "rps")
+        ours = median_run(runs["otrace"], "accepted_rps")
         ratio = ours["accepted_rps"] / bare["rps"]                 # a 503 is not a request served
         store_ratio = ours["accepted_rps"] / storing["rps"]
         raw.append({"connections": connections, "bare": bare, "otrace": ours, "ratio": ratio,
-                    "bare_store": storing, "store_ratio": store_ratio})
+                    "bare_store": storing, "store_ratio": store_ratio, "rounds": runs})
         rows.append([connections, f"{bare['rps']:.0f}", f"{ours['accepted_rps']:.0f}", f"**{ratio:.2f}**",
                      f"{storing['rps']:.0f}", f"{store_ratio:.2f}",
                      f"{bare['p50_ms']:.2f} / {bare['p99_ms']:.2f}",
                      f"{ours['p50_ms']:.2f} / {ours['p99_ms']:.2f}",
                      f"{bare['cpu_ms_per_1k']:.0f}", f"{ours['cpu_ms_per_1k']:.0f}",
                      f"{ours['persisted'] / seconds:.0f}", ours["refused"]])
-        print(f"  {connections:>2} connections: bare {bare['rps']:.0f}/s, storing {storing['rps']:.0f}/s, "
-              f"otrace {ours['accepted_rps']:.0f}/s accepted ({ratio:.2f}x, {store_ratio:.2f}x), "
-              f"persisted {ours['persisted'] / seconds:.0f}/s, refused {ours['refused']}", flush=True)
+        print(f"  {connections:>2} connections, the median rounds: bare {bare['rps']:.0f}/s, storing "
+              f"{storing['rps']:.0f}/s, otrace {ours['accepted_rps']:.0f}/s accepted ({ratio:.2f}x, "
+              f"{store_ratio:.2f}x), persisted {ours['persisted'] / seconds:.0f}/s, "
+              f"refused {ours['refused']}", flush=True)
     return rows, raw
+
+
+def median_run(runs: list[dict[str, float]], key: str) -> dict[str, float]:
+    """The round whose `key` is the median (of an odd number of rounds): its other figures with it."""
+    return sorted(runs, key=lambda run: run[key])[len(runs) // 2]
 
 
 def steady(rate: float, seconds: float, otlp: bool = False) -> dict[str, float]:
@@ -318,6 +336,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=10, help="wrk run per server and level")
+    parser.add_argument("--rounds", type=int, default=3, help="turns the three servers take per level")
     parser.add_argument("--idle", type=float, default=60, help="idle window for RSS and CPU")
     parser.add_argument("--idle-only", action="store_true", help="only the idle window (make soak)")
     parser.add_argument("--serve-bare", type=int, metavar="PORT", help=argparse.SUPPRESS)
@@ -330,7 +349,7 @@ def main() -> None:
         rest = idle(args.idle)
         save("idle", idle_line(rest), {"idle": rest})
         return
-    rows, raw = compare([1, 4, 16, 64], args.seconds)
+    rows, raw = compare([1, 4, 16, 64], args.seconds, args.rounds)
     calm, calm_bare = steady(100, 20), steady_bare(100, 20)
     beside_otlp = steady(100, 20, otlp=True)
     rest = idle(args.idle)

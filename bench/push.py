@@ -1,6 +1,6 @@
 """Push: otrace draining a 200,000-row backlog to a local receiver, against a bare client, same run.
 
-    python bench/push.py [--rows 200000]
+    python bench/push.py [--rows 200000] [--rounds 3]
 
 A database is seeded with unpushed traces (about 700 bytes of JSON each). The baseline is a bare
 client that pages the same rows out of SQLite and POSTs them as the same 5 MiB JSON batches with
