@@ -1,6 +1,6 @@
 """Gateway log follower: lines/s through otrace's tailer, and what following an idle log costs.
 
-    python bench/logtail.py [--lines 100000] [--idle 30]
+    python bench/logtail.py [--lines 100000] [--rounds 3] [--idle 30]
 
 Throughput: the 62 real gateway lines of ../shared/fixtures/openclaw, repeated to --lines, appear at
 once in the directory a fresh otrace follows, which commits each unit of lines with its offset; the
@@ -14,7 +14,8 @@ json-parses each line. A second baseline does the same job as otrace without its
 loop, and every 256 lines (otrace's unit) one transaction of raw sqlite3 `executemany` that inserts
 the very rows otrace stored from those lines (read back from its database after its run) into a
 fresh database of otrace's schema, with the file's offset: reading, parsing and storing, nothing
-classified.
+classified. The three take turns, --rounds times, and each figure is its median round (one round's
+ratio moves by a fifth on a shared host).
 The sample is measured twice: repeated as it is (the goal's row), where each copy starts 15 minutes
 before the last one ended, and with each copy moved on in time, as a real log's times rise (the
 timestamps decide where a row lands in the created_at index). Then a real debug log, repeated as it is.
@@ -33,6 +34,7 @@ import json
 import os
 import re
 import sqlite3
+import statistics
 import sys
 import tempfile
 import time
@@ -214,6 +216,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lines", type=int, default=100_000)
+    parser.add_argument("--rounds", type=int, default=3, help="turns the three loops take per log")
     parser.add_argument("--idle", type=float, default=30.0)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="otrace-bench-") as tmp:
@@ -223,13 +226,19 @@ def main() -> None:
                                           ("debug log", DEBUG_LOG, False)):
             source = work / f"{name}.log"
             size = write_sample(source, args.lines, sample_file, rising)
-            bare = max(bare_loop(source) for _ in range(3))
-            (work / name).mkdir()
-            ours = through_otrace(work / name, source, size, args.lines)
-            rows = stored_rows(work / name / "otrace.db")
-            storing = max(bare_store_loop(source, rows, work / "bare-store.db") for _ in range(3))
+            bare_runs, otrace_runs, store_runs = [], [], []
+            for turn in range(args.rounds):                     # the three take turns
+                bare_runs.append(bare_loop(source))
+                (work / f"{name}-{turn}").mkdir()
+                otrace_runs.append(through_otrace(work / f"{name}-{turn}", source, size, args.lines))
+                rows = stored_rows(work / f"{name}-{turn}" / "otrace.db")
+                store_runs.append(bare_store_loop(source, rows, work / "bare-store.db"))
+            bare, storing = statistics.median(bare_runs), statistics.median(store_runs)
+            ours = sorted(otrace_runs, key=lambda run: run["lines_per_s"])[len(otrace_runs) // 2]   # median
             runs[name] = {"bare_lines_per_s": bare, "bare_store_lines_per_s": storing, **ours,
                           "ratio": ours["lines_per_s"] / bare, "store_ratio": ours["lines_per_s"] / storing,
+                          "rounds": {"bare": bare_runs, "otrace": [r["lines_per_s"] for r in otrace_runs],
+                                     "bare_store": store_runs},
                           "mib": size / 2**20}
             print(f"  tailer, {name}: {ours['lines_per_s']:.0f} lines/s catching up, "
                   f"{ours['to_end_lines_per_s']:.0f} to the last commit (bare {bare:.0f}, bare and "

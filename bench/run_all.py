@@ -28,7 +28,7 @@ RUNS: dict[str, tuple[list[str], list[str]]] = {    # name: (full budget, --quic
     "storage": ([], ["--rows", "5000"]),
     "metrics": ([], ["--samples", "200"]),
     "push": ([], ["--rows", "20000", "--rounds", "1"]),
-    "logtail": (["--lines", "50000", "--idle", "60"], ["--lines", "5000", "--idle", "3"]),
+    "logtail": (["--lines", "50000", "--idle", "60"], ["--lines", "5000", "--rounds", "1", "--idle", "3"]),
     "session_store": (["--entries", "100000", "--idle", "30"], ["--entries", "5000", "--idle", "3"]),
     "ingest": (["--seconds", "5", "--idle", "60"], ["--seconds", "1", "--rounds", "1", "--idle", "3"]),
     "month": ([], ["--scale", "600", "--cleanup-mib", "20"]),
