@@ -140,7 +140,7 @@ def main() -> None:
         ["otrace push (pages, packs, marks synced)", f"{ours:.0f}", f"**{ratio:.2f}**",
          f"{idle / 2**20:.1f} → {peak / 2**20:.1f} MiB (+{(peak - idle) / 2**20:.1f} MiB)"]])
     markdown += (f"\n\n{args.rows} unpushed traces of ~700 bytes, to a receiver on loopback answering 200; "
-                 f"{len(rounds)} rounds taking turns, each round's ratio: {each}.")
+                 f"{len(rounds)} round{'s' * (len(rounds) > 1)} taking turns, each round's ratio: {each}.")
     save("push", markdown, {"rows": args.rows, "bare_events_per_s": bare, "otrace_events_per_s": ours,
                             "ratio": ratio, "rss_idle": idle, "rss_peak": peak, "rounds": rounds})
 
