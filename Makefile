@@ -25,7 +25,7 @@ test: $(VENV)/.dev  ## ruff, then every test (about 4 minutes on 2 cores)
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q -n 4 --dist loadgroup   # four workers on 2 cores: most tests wait on a process
 
-# About 20 minutes: each benchmark runs in a budget (bench/run_all.py).
+# About half an hour: each benchmark runs in a budget (bench/run_all.py).
 bench: $(VENV)/.dev  ## every benchmark against its same-run baseline; tables in bench/results/
 	$(PY) bench/run_all.py
 
