@@ -48,6 +48,11 @@ class Usage:
         return cls((int(fields[11]) + int(fields[12])) / TICKS, rss, peak)
 
 
+def median_run(runs: list[dict[str, float]], key: str) -> dict[str, float]:
+    """The round whose `key` is the median (of an odd number of rounds): its other figures with it."""
+    return sorted(runs, key=lambda run: run[key])[len(runs) // 2]
+
+
 def wait_listening(port: int, timeout: float = 15.0) -> None:
     end = time.monotonic() + timeout
     while time.monotonic() < end:

@@ -42,7 +42,19 @@ from typing import ClassVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from common import Usage, free_port, health, save, start_otrace, stop, stop_all, table, wait_listening, wrk
+from common import (
+    Usage,
+    free_port,
+    health,
+    median_run,
+    save,
+    start_otrace,
+    stop,
+    stop_all,
+    table,
+    wait_listening,
+    wrk,
+)
 
 TRACE = {"provider": "openai", "model": "gpt-5", "input_text": "x" * 1000, "output_text": "y" * 1000,
          "prompt_tokens": 250, "completion_tokens": 240, "cost_usd": 0.0031, "latency_ms": 812,
@@ -192,11 +204,6 @@ def compare(levels: list[int], seconds: float, rounds: int
               f"{store_ratio:.2f}x), persisted {ours['persisted'] / seconds:.0f}/s, "
               f"refused {ours['refused']}", flush=True)
     return rows, raw
-
-
-def median_run(runs: list[dict[str, float]], key: str) -> dict[str, float]:
-    """The round whose `key` is the median (of an odd number of rounds): its other figures with it."""
-    return sorted(runs, key=lambda run: run[key])[len(runs) // 2]
 
 
 def steady(rate: float, seconds: float, otlp: bool = False) -> dict[str, float]:

@@ -43,7 +43,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from common import ROOT, Usage, health, save, side_by_side, start_otrace, stop, table
+from common import ROOT, Usage, health, median_run, save, side_by_side, start_otrace, stop, table
 
 import otrace
 
@@ -234,7 +234,7 @@ def main() -> None:
                 rows = stored_rows(work / f"{name}-{turn}" / "otrace.db")
                 store_runs.append(bare_store_loop(source, rows, work / "bare-store.db"))
             bare, storing = statistics.median(bare_runs), statistics.median(store_runs)
-            ours = sorted(otrace_runs, key=lambda run: run["lines_per_s"])[len(otrace_runs) // 2]   # median
+            ours = median_run(otrace_runs, "lines_per_s")
             runs[name] = {"bare_lines_per_s": bare, "bare_store_lines_per_s": storing, **ours,
                           "ratio": ours["lines_per_s"] / bare, "store_ratio": ours["lines_per_s"] / storing,
                           "rounds": {"bare": bare_runs, "otrace": [r["lines_per_s"] for r in otrace_runs],
