@@ -5,7 +5,7 @@
 For 1, 4, 16 and 64 keep-alive connections, wrk posts the same 2 KB trace to a fresh bare
 ThreadingHTTPServer (which reads the body and answers 202 in one write) and to a fresh otrace, one
 after the other, --rounds times (the three take turns; a level's figures are each server's median
-round, by requests/s: one round's ratio moves by a fifth on a shared host). Printed: requests/s
+round, by requests/s: one round's ratio moves with a shared host). Printed: requests/s
 (otrace's: those answered 202), p50/p99, CPU per 1,000 requests, the otrace/bare ratio, and how many
 of otrace's events were persisted and refused (503).
 A second baseline stores what it is sent: the same bare server, which also json-parses each body and

@@ -15,7 +15,7 @@ loop, and every 256 lines (otrace's unit) one transaction of raw sqlite3 `execut
 the very rows otrace stored from those lines (read back from its database after its run) into a
 fresh database of otrace's schema, with the file's offset: reading, parsing and storing, nothing
 classified. The three take turns, --rounds times, and each figure is its median round (one round's
-ratio moves by a fifth on a shared host).
+ratio moves with a shared host).
 The sample is measured twice: repeated as it is (the goal's row), where each copy starts 15 minutes
 before the last one ended, and with each copy moved on in time, as a real log's times rise (the
 timestamps decide where a row lands in the created_at index). Then a real debug log, repeated as it is.

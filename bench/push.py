@@ -8,7 +8,7 @@ urllib3, marking nothing. Then otrace starts on a copy of the database and pushe
 itself (reading pages, packing, marking each confirmed batch synced). The receiver, in a process of
 its own, reads each body and answers 200. The two take turns, --rounds times, each otrace on a fresh
 copy, and every file is written back to disk before either is timed: neither pays for the other's
-writeback, and the ratio is of the two medians (one round's ratio moves by a fifth on a shared host).
+writeback, and the ratio is of the two medians (one round's ratio moves with a shared host).
 Printed: events/s of both in each round, the ratio, and otrace's RSS before and during the drain.
 """
 
@@ -100,7 +100,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=200_000)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3, help="turns the two take")
     args = parser.parse_args()
     port = free_port()
     here = str(Path(__file__).parent)
