@@ -4,10 +4,10 @@
 
 For 1, 4, 16 and 64 keep-alive connections, wrk posts the same 2 KB trace to a fresh bare
 ThreadingHTTPServer (which reads the body and answers 202 in one write) and to a fresh otrace, one
-after the other, --rounds times (the three take turns; a level's figures are each server's median
-round, by requests/s: one round's ratio moves with a shared host). Printed: requests/s
-(otrace's: those answered 202), p50/p99, CPU per 1,000 requests, the otrace/bare ratio, and how many
-of otrace's events were persisted and refused (503).
+after the other, --rounds times (with the storing baseline below, the three take turns; a level's
+figures are each server's median round, by requests/s: one round's ratio moves with a shared host).
+Printed: requests/s (otrace's: those answered 202), p50/p99, CPU per 1,000 requests, the otrace/bare
+ratio, and how many of otrace's events were persisted and refused (503).
 A second baseline stores what it is sent: the same bare server, which also json-parses each body and
 inserts it as one llm_traces row (raw sqlite3, otrace's schema, WAL, synchronous=NORMAL), committed
 before it answers, one request at a time under a lock: the plain way to store each event.
