@@ -1109,6 +1109,13 @@ def _no_constants(name: str) -> Any:
 
 
 STRICT_JSON = json.JSONDecoder(parse_constant=_no_constants)   # one, not one per request: NaN refused
+_NOT_PRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")   # controls and line breaks
+
+
+def is_printable(text: str) -> bool:
+    """Whether a name holds no control character and no line break: a joiner, a soft hyphen or a
+    no-break space (which str.isprintable refuses) belong in names written in many languages."""
+    return text.isprintable() or _NOT_PRINTABLE.search(text) is None
 
 
 class Refusal(Exception):
@@ -1176,11 +1183,13 @@ class Fields:
             if required:
                 raise self.fail(field, "is required")
             return None
-        if not isinstance(value, str) or not value.strip():
-            raise self.fail(field, "must be a non-empty string")
+        if not isinstance(value, str):
+            raise self.fail(field, "must be a string")
+        if not value.strip():
+            raise self.fail(field, "must not be empty or blank")
         if len(value) > MAX_NAME_CHARS:
             raise self.fail(field, f"must be at most {MAX_NAME_CHARS} characters")
-        if printable and not value.isprintable():
+        if printable and not is_printable(value):
             raise self.fail(field, f"must be 1 to {MAX_NAME_CHARS} printable characters (no control "
                                    "characters)")
         return clean_text(value)
@@ -1245,7 +1254,7 @@ class Fields:
         value = self.event.get("trace_id")
         if value is None:
             return new_id()
-        if not (isinstance(value, str) and 0 < len(value) <= MAX_TRACE_ID_CHARS and value.isprintable()):
+        if not (isinstance(value, str) and 0 < len(value) <= MAX_TRACE_ID_CHARS and is_printable(value)):
             raise self.fail("trace_id", f"must be 1 to {MAX_TRACE_ID_CHARS} printable characters")
         return clean_text(value)
 
@@ -1362,6 +1371,7 @@ def trace_row(f: Fields, received: int, source: str = "http") -> tuple:
     if total is None and any(n is not None for n in (prompt, completion, cache_read, cache_write)):
         # the prompt counts the cache's tokens: without it, those are what is known of it
         total = (prompt if prompt is not None else (cache_read or 0) + (cache_write or 0)) + (completion or 0)
+        total = total if total <= MAX_INT else None        # a total no client may send is not made either
     if source == "http" and prompt is not None and (cache := (cache_read or 0) + (cache_write or 0)) > prompt:
         raise f.fail("prompt_tokens", f"counts the cache's tokens too: it is {prompt}, and "
                      f"cache_read_tokens + cache_write_tokens are {cache}")    # else it cannot be priced
@@ -1448,6 +1458,8 @@ def json_body(body: bytes) -> Any:
     except RecursionError:
         raise Invalid("body is nested too deeply") from None
     except ValueError as exc:
+        if str(exc).startswith("Exceeds the limit"):     # int()'s guard against quadratic conversion
+            raise Invalid(f"body holds a number of more than {sys.get_int_max_str_digits()} digits") from None
         raise Invalid(f"body is not valid JSON: {exc}") from None
 
 
@@ -3735,18 +3747,22 @@ def parse_head(raw: bytes, complete: bool) -> Request:
     if len(raw) > HEAD_LIMIT:
         raise Refusal(414 if len(line) > HEAD_LIMIT else 431,
                       f"request line and headers are over {HEAD_LIMIT} bytes")
-    words = line.decode("latin-1").rstrip("\r").split(" ")
+    line = line.rstrip(b"\r")
+    words = line.decode("latin-1").split(" ")
     if len(words) != 3 or words[2] not in ("HTTP/1.1", "HTTP/1.0") or not words[0].isalpha():
         raise Refusal(400, f"not an HTTP/1.1 request line: {line[:200].decode('latin-1')!r}")
     method, target, version = words
+    if target[:1] != "/" and target[:8].lower().startswith(("http://", "https://")):   # absolute-form,
+        target = "/" + target.split("://", 1)[1].partition("/")[2]   # which servers take: its path, query
     headers: dict[str, str] = {}
     lines = rest.decode("latin-1").split("\n")       # decoded once: latin-1 maps byte to character
     if not complete or lines[-2:] not in (["", ""], ["\r", ""]):
         raise Refusal(400, "the request ended inside its headers")
     if len(lines) - 2 > MAX_HEADERS:
         raise Refusal(431, f"more than {MAX_HEADERS} headers")
-    for item in lines[:-2]:
-        name, colon, value = item.rstrip("\r").partition(":")
+    for ended in lines[:-2]:
+        item = ended.rstrip("\r")
+        name, colon, value = item.partition(":")
         if not colon or not name or name != name.strip():
             raise Refusal(400, f"bad header line: {item[:200]!r}")
         name, value = name.lower(), value.strip()
@@ -3804,7 +3820,8 @@ def decode_chunked(raw: bytearray, out: bytearray, limit: int, state: list[int])
             end = raw.find(b"\n")
             if end < 0:
                 if len(raw) > CHUNK_LINE_LIMIT:
-                    raise Refusal(400, "a chunk size line is too long")
+                    raise Refusal(400, "a chunk size line is too long" if left == -1 else
+                                  "a chunked trailer line is too long")
                 return None
             line = bytes(raw[:end]).rstrip(b"\r")
             del raw[:end + 1]
@@ -4773,7 +4790,7 @@ def decode_otlp(signal: str, body: bytes, encoding: str) -> Any:
         raise Invalid(f"body is not OTLP JSON: its top level must be an object with {OTLP_TOP[signal][0]}")
     from google.protobuf import json_format  # noqa: PLC0415 - loaded with the classes
     try:
-        _hex_ids_to_base64(doc)
+        _as_protobuf_reads(doc)
         return json_format.ParseDict(doc, request_class(), ignore_unknown_fields=True)
     except json_format.ParseError as exc:
         raise Invalid(f"body is not OTLP JSON: {exc}", quoted=True) from None
@@ -4781,9 +4798,11 @@ def decode_otlp(signal: str, body: bytes, encoding: str) -> Any:
         raise Invalid("body is nested too deeply") from None
 
 
-def _hex_ids_to_base64(doc: Any) -> None:
+def _as_protobuf_reads(doc: Any) -> None:
     """OTLP JSON writes trace and span ids in hex where protobuf's JSON mapping reads base64: rewrite
-    them in place (an id that is not hex is left to the parser, which takes base64)."""
+    them in place (an id that is not hex is left to the parser, which takes base64). And a text with
+    a lone surrogate (valid JSON, as JavaScript cuts a string mid-emoji; not UTF-8, which protobuf
+    refuses) gets U+FFFD in its place, as on the JSON API."""
     todo = [doc]
     while todo:
         node = todo.pop()
@@ -4793,6 +4812,8 @@ def _hex_ids_to_base64(doc: Any) -> None:
             elif key in ID_FIELDS and isinstance(value, str):
                 with contextlib.suppress(ValueError):
                     node[key] = binascii.b2a_base64(bytes.fromhex(value), newline=False).decode("ascii")
+            elif isinstance(value, str) and not value.isascii():
+                node[key] = clean_text(value)
 
 
 def otel_value(value: Any) -> Any:

@@ -698,6 +698,38 @@ def test_parse_events_is_all_or_nothing_in_process() -> None:
         otrace.parse_events(json.dumps(trace(latency_ms=2**53)).encode(), "/v1/traces", 10, 100)
 
 
+def test_a_total_of_tokens_past_what_a_client_may_send_is_not_made_in_process() -> None:
+    """Two counts at the limit sum past it: the counts are kept, the total left out, not stored past
+    the bound every client's total_tokens is held to."""
+    most = otrace.MAX_INT
+    rows, _ = otrace.parse_events(json.dumps(trace(prompt_tokens=most, completion_tokens=most)).encode(),
+                                  "/v1/traces", 1, 100)
+    row = dict(zip(otrace.TRACES.columns, rows[0].values, strict=False))
+    assert (row["prompt_tokens"], row["completion_tokens"], row["total_tokens"]) == (most, most, None)
+    rows, _ = otrace.parse_events(json.dumps(trace(prompt_tokens=most - 1, completion_tokens=1)).encode(),
+                                  "/v1/traces", 1, 100)
+    assert dict(zip(otrace.TRACES.columns, rows[0].values, strict=False))["total_tokens"] == most
+
+
+def test_names_in_any_script_are_printable_and_controls_are_not_in_process() -> None:
+    """A joiner (emoji sequences, Persian), a soft hyphen or a no-break space is part of a name;
+    a control character or a line break is not, and a blank name is said to be blank."""
+    names = ["deploy \U0001f469\u200d\U0001f4bb", "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645",
+             "a\u00a0b", "soft\u00adhyphen"]
+    body = [{"name": name, "trace_id": f"run\u00a0{i}"} for i, name in enumerate(names)]
+    rows, _ = otrace.parse_events(json.dumps(body).encode(), "/v1/events", 10, 100)
+    stored = [dict(zip(otrace.CUSTOM.columns, row.values, strict=False)) for row in rows]
+    assert [(r["name"], r["trace_id"]) for r in stored] == [(n, f"run\u00a0{i}") for i, n in enumerate(names)]
+    for name in ("two\nlines", "esc\x1b[31m", "c1\x85", "line\u2028break", "del\x7f"):
+        with pytest.raises(otrace.Invalid, match="printable characters") as bad:
+            otrace.parse_events(json.dumps({"name": name}).encode(), "/v1/events", 10, 100)
+        assert bad.value.field == "name"
+    with pytest.raises(otrace.Invalid, match="name must not be empty or blank"):
+        otrace.parse_events(json.dumps({"name": " "}).encode(), "/v1/events", 10, 100)
+    with pytest.raises(otrace.Invalid, match="trace_id must be 1 to 128 printable"):
+        otrace.parse_events(json.dumps({"name": "n", "trace_id": "a\tb"}).encode(), "/v1/events", 10, 100)
+
+
 def test_trace_is_stored_with_every_field(svc: Otrace) -> None:
     event = {
         "provider": "openai", "model": "gpt-5", "input_text": "What is 2+2?", "output_text": "4",
@@ -895,7 +927,7 @@ def test_a_batch_of_any_size_is_stored_once_per_trace_id(svc: Otrace) -> None:
     (b"[]", "no events"),
     (b"[1, 2]", "must be a JSON object"),
     (b'"just a string"', "must be a JSON object"),
-    (b'{"provider": "p", "model": "m", "prompt_tokens": ' + b"9" * 5000 + b"}", "not valid JSON"),
+    (b'{"provider": "p", "model": "m", "prompt_tokens": ' + b"9" * 5000 + b"}", "more than 4300 digits"),
 ])
 def test_bad_body_is_400_and_the_service_lives_on(svc: Otrace, body: bytes, needle: str) -> None:
     resp = svc.post("/v1/traces", body)
@@ -2106,6 +2138,10 @@ def test_chunked_bodies_decode_in_pieces_of_any_size_in_process() -> None:
     with pytest.raises(otrace.Refusal) as big:
         otrace.decode_chunked(bytearray(chunked(body)), bytearray(), 100, [-1, 0])
     assert big.value.status == 413
+    for wire, said in ((b"f" * 5000, "a chunk size line is too long"),
+                       (b"0\r\n" + b"X-Long: " + b"a" * 5000, "a chunked trailer line is too long")):
+        with pytest.raises(otrace.Refusal, match=said):
+            otrace.decode_chunked(bytearray(wire), bytearray(), 10_000, [-1, 0])
     endless = bytearray(chunked(body)[:-2] + b"X-Padding: 0123456789\r\n" * 4000)   # trailers never end
     with pytest.raises(otrace.Refusal) as trailers:
         otrace.decode_chunked(endless, bytearray(), 10_000, [-1, 0])
@@ -2308,7 +2344,8 @@ def test_http_1_0_client_is_answered(svc: Otrace) -> None:
 
 def test_request_headers_are_read_as_http_1_1_says(svc: Otrace) -> None:
     """otrace reads the request headers itself: names in any case, HTTP/1.0 keep-alive, 100-continue,
-    and a 4xx naming what it cannot trust (two lengths, a line without a colon, a folded line)."""
+    an absolute-form target, and a 4xx naming what it cannot trust (two lengths, a line without a colon,
+    a folded line), quoting a line without its CR."""
     def exchange(raw: bytes) -> bytes:
         with socket.create_connection(("127.0.0.1", svc.port), timeout=30) as sock:
             sock.sendall(raw)
@@ -2333,7 +2370,11 @@ def test_request_headers_are_read_as_http_1_1_says(svc: Otrace) -> None:
                           (b"Bogus header line\r\n", "bad header line"),
                           (b"X-Folded: a\r\n b\r\n", "bad header line")):
         status, error = answer_of(exchange(head % 1 + extra + b"\r\n" + event))
-        assert status == 400 and needle in error["error"], (extra, error)
+        assert status == 400 and needle in error["error"] and "\\r" not in error["error"], (extra, error)
+    status, error = answer_of(exchange(b"GET /health HTTP/2.0\r\n\r\n"))
+    assert status == 400 and error["error"] == "not an HTTP/1.1 request line: 'GET /health HTTP/2.0'"
+    absolute = b"POST http://127.0.0.1:%d/v1/traces HTTP/1.1\r\nContent-Length: 28\r\n\r\n" % svc.port
+    assert exchange(absolute + event).startswith(b"HTTP/1.1 202 ")        # RFC 9112 3.2.2: taken too
     over = b"X-Big: " + b"a" * 70_000 + b"\r\n"                  # over 64 KiB, however it is read
     assert answer_of(exchange(head % 1 + over + b"\r\n" + event))[0] == 431
     assert answer_of(exchange(b"POST /v1/traces?" + b"a" * 70_000 + b" HTTP/1.1\r\n\r\n"))[0] == 414
@@ -2342,8 +2383,8 @@ def test_request_headers_are_read_as_http_1_1_says(svc: Otrace) -> None:
         assert sock.recv(4096).startswith(b"HTTP/1.1 100 Continue\r\n")
         sock.sendall(event)
         assert sock.recv(4096).startswith(b"HTTP/1.1 202 ")
-    svc.wait_persisted(10)
-    assert svc.health()["events_received"] == 10
+    svc.wait_persisted(11)
+    assert svc.health()["events_received"] == 11
 
 
 def test_openssl_stays_out_of_memory_without_push_or_token(svc: Otrace) -> None:
@@ -9503,8 +9544,8 @@ def test_report_columns_widen_for_the_largest_values_the_api_takes(tmp_path: Pat
     otrace.open_database(str(db))
     most = otrace.MAX_INT
     rows, _ = otrace.parse_events(json.dumps([
-        trace(trace_id="big", created_at="2026-11-02T10:00:00Z", prompt_tokens=most, latency_ms=most,
-              cost_usd=most / 1e3),
+        trace(trace_id="big", created_at="2026-11-02T10:00:00Z", prompt_tokens=most, completion_tokens=0,
+              latency_ms=most, cost_usd=most / 1e3),              # a total at the most, not past it
         trace(trace_id="small", created_at="2026-11-02T11:00:00Z", status="error", error_type="rate_limit",
               prompt_tokens=5, latency_ms=5)]).encode(), "/v1/traces", 10, 16384)
     with contextlib.closing(sqlite3.connect(db)) as conn:
@@ -11453,7 +11494,8 @@ def spans_body(*spans: dict[str, Any], scope: str = "test", service: str = "svc"
 def test_otlp_pieces_decode_and_map_as_the_conventions_say_in_process() -> None:
     """Pure pieces, in process: OTLP JSON in all its spellings decodes as protobuf does; which spans
     are LLM calls; provider names, error types and categories; deltas of cumulative points and their
-    restarts; one row for a call two instrumentations both reported; content waiting for its span."""
+    restarts; one row for a call two instrumentations both reported; content waiting for its span. A
+    lone surrogate in a text is U+FFFD, as on the JSON API."""
     canonical = spans_body(chat_span("0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331",
                                      **{"gen_ai.operation.name": "chat", "gen_ai.usage.input_tokens": 7}))
     snake = json.loads(json.dumps(canonical).replace("resourceSpans", "resource_spans").replace(
@@ -11465,6 +11507,12 @@ def test_otlp_pieces_decode_and_map_as_the_conventions_say_in_process() -> None:
         got = otrace.decode_otlp("traces", json.dumps(doc).encode(), "json")
         assert got.SerializeToString(deterministic=True) == want.SerializeToString(deterministic=True)
     assert otrace.decode_otlp("traces", want.SerializeToString(), "protobuf") == want
+    cut = json.loads(json.dumps(canonical))
+    cut["resourceSpans"][0]["scopeSpans"][0]["spans"][0]["attributes"].append(
+        {"key": "note", "value": {"stringValue": "cut mid-emoji \ud83d"}})   # as JavaScript may cut it
+    span = otrace.decode_otlp("traces", json.dumps(cut).encode(), "json").resource_spans[0] \
+        .scope_spans[0].spans[0]
+    assert otrace.otel_attributes(span.attributes)["note"] == "cut mid-emoji \ufffd"    # as the JSON API
     for body, needle in ((b"\x0a\x05\x0a\x03", "not an OTLP/protobuf"), (b"[1]", "top level"),
                          (b'{"resourceSpans": 5}', "not OTLP JSON"), (b"{", "not valid JSON")):
         with pytest.raises(otrace.Invalid, match=needle):
