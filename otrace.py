@@ -8475,6 +8475,7 @@ STORE_MADE_GRACE = 10.0          # seconds an agent database may stay without it
                                  # file, then them at once; one left so (0 bytes, another schema) is a fault
 FAILED_BEFORE_REPLY = "run-failed-before-reply"
 TRANSCRIPT_ONLY = ("delivery-mirror", "gateway-injected")   # "models" of provider openclaw: no call
+NO_REPLY = "[assistant turn failed before producing content]"   # a failed call's content up to 2026.7
 CHECKPOINT_FILE = re.compile(r".+\.checkpoint\.[0-9a-fA-F-]{36}\.jsonl")   # a copy of a transcript
 # a session file OpenClaw renamed when it reset or deleted the session (a compressed one is not read)
 ARCHIVED_FILE = re.compile(r"(.+)\.jsonl\.(?:reset|deleted)\.[^/]+(?<!\.zst)")
@@ -8682,6 +8683,7 @@ def store_events(entry: Any, agent: str, session: str, fallback_id: str, max_tex
         and bool(message["errorMessage"]))
     code, kind = _name(str(message["errorCode"]) if message.get("errorCode") is not None else None), \
         _name(message.get("errorType"))
+    reply = _text(message.get("content"))
     metadata = {"agent_id": agent, "run_id": _name(internal.get("runId")), "entry_id": entry_id,
                 "response_id": _name(message.get("responseId")), "api": _name(message.get("api")),
                 # from the call's start to OpenClaw storing its entry: the call plus OpenClaw's own
@@ -8699,7 +8701,7 @@ def store_events(entry: Any, agent: str, session: str, fallback_id: str, max_tex
              "cache_read_tokens": read, "cache_write_tokens": write,
              "reasoning_tokens": _count(usage.get("reasoningTokens")),
              "cost_usd": cost.get("total") if _finite(cost.get("total")) and cost["total"] >= 0 else None,
-             "output_text": _text(message.get("content")),
+             "output_text": None if failed and reply == NO_REPLY else reply,
              "metadata": {k: v for k, v in metadata.items() if v is not None}}
     if not failed:
         return [(TRACES, trace_row, trace)]

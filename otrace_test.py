@@ -9808,6 +9808,11 @@ def test_transcript_entries_become_rows_as_openclaw_counts_them() -> None:
     assert (error["trace_id"], error["category"], error["message"], error["provider"]) == (
         "oc:main:s1:e1", "rate_limit", "429 Rate limit reached", "mock")
     assert error["metadata"]["run_id"] == "run1" and error["metadata"]["error_code"] == "429"
+    assert trace["output_text"] is None
+    failed["message"]["content"] = [{"type": "text",        # up to 2026.7, OpenClaw's words for no reply
+                                     "text": "[assistant turn failed before producing content]"}]
+    (_, _, trace), _ = otrace.store_events(failed, "main", "s1", "seq-5", 16384)
+    assert trace["output_text"] is None
     failed["message"]["errorMessage"] = "401 Unauthorized: Authorization: Bearer s3cr3t-b x-api-key: s3cr3t-k"
     (_, _, trace), (_, _, error) = otrace.store_events(failed, "main", "s1", "seq-5", 16384)
     assert error["message"] == "401 Unauthorized: Authorization: Bearer *** x-api-key: ***"
