@@ -434,8 +434,8 @@ class Config:
     port: int = setting("9090", count(0, 65535), "TCP port to listen on; 0 picks a free one (logged).")
     otlp_port: int = setting("4318", count(0, 65535), "A second TCP port, on the same host, serving the "
                              "same routes: OTLP/HTTP's own port, where an OpenTelemetry SDK with default "
-                             "settings sends. 0 turns it off (OTLP is still taken on TRACE_PORT); a port "
-                             "in use is logged and left out.")
+                             "settings sends. 0 turns it off (OTLP is still taken on TRACE_PORT), as does "
+                             "TRACE_PORT's own (logged); a port in use is logged and left out.")
     otlp_backlog: int = setting("4", count(1, 64), "OTLP export requests received and not yet answered: "
                                 "they are mapped one at a time, each body held until then (up to "
                                 "TRACE_MAX_BODY_BYTES once decompressed); one more is answered 503 with "
@@ -609,7 +609,8 @@ class Config:
                                 "next cycle.")
     push_backoff_base: float = setting("1s", duration("1ms", "1h"), "First retry wait; each retry "
                                        "doubles the ceiling, and the wait is drawn uniformly below it "
-                                       "(full jitter). A Retry-After answer is a floor (up to 1 h).")
+                                       "(full jitter). A Retry-After answer is a floor (up to 1 h). At "
+                                       "most TRACE_PUSH_BACKOFF_CAP (lowered, with a warning).")
     push_backoff_cap: float = setting("1m", duration("1ms", "1d"), "Highest retry wait ceiling.")
     push_breaker_threshold: int = setting("3", count(1, 1000), "Failed cycles in a row that open the "
                                           "circuit breaker (in OTLP each signal has its own).")
@@ -13249,6 +13250,8 @@ class Service:
                                          self.pusher) if loop]
         self.otlp = OtlpReceiver(self)
         otlp = [(config.host, config.otlp_port)] if config.otlp_port not in (0, config.port) else []
+        if config.otlp_port and config.otlp_port == config.port:
+            log.info("TRACE_OTLP_PORT is TRACE_PORT: that one port serves OTLP with every other route")
         # last, so that a failed start binds nothing
         self.server = IngestServer(self, [(config.host, config.port)], otlp)
 
@@ -13373,8 +13376,9 @@ def settled(config: Config) -> Config:
     """The settings as this process can honour them: the database path resolved once (a symlink's
     target, so the WAL and reserve are found beside the real file), no more connections than file
     descriptors allow (the soft limit raised toward the hard one first), bodies no larger than the
-    memory all may hold, push batches of at most a share of the cap, and batches of at most half the
-    queue (the writer commits while the other half takes requests)."""
+    memory all may hold, push batches of at most a share of the cap, a first push retry no longer than
+    the longest, and batches of at most half the queue (the writer commits while the other half takes
+    requests)."""
     import resource  # noqa: PLC0415 - imported where needed (see the imports)
     config = dataclasses.replace(config, db_path=os.path.realpath(config.db_path))
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -13404,6 +13408,11 @@ def settled(config: Config) -> Config:
                         extra={"push_max_bytes": config.push_max_bytes, "lowered_to": share,
                                "db_max_bytes": config.db_max_bytes})
         config = dataclasses.replace(config, push_max_bytes=share)
+    if config.push_backoff_base > config.push_backoff_cap:    # else the cap sets every wait, unsaid
+        if config.push_endpoint:
+            log.warning("TRACE_PUSH_BACKOFF_BASE is over TRACE_PUSH_BACKOFF_CAP: lowered", extra={
+                "push_backoff_base": config.push_backoff_base, "lowered_to": config.push_backoff_cap})
+        config = dataclasses.replace(config, push_backoff_base=config.push_backoff_cap)
     if config.batch_size > (half := max(1, config.queue_size // 2)):   # else a full queue refuses first
         log.warning("TRACE_BATCH_SIZE is over half TRACE_QUEUE_SIZE: lowered", extra={
             "batch_size": config.batch_size, "lowered_to": half, "queue_size": config.queue_size})

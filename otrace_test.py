@@ -7690,18 +7690,22 @@ def test_settings_that_could_not_work_together_are_lowered_and_said(run: Callabl
     """A batch the queue cannot hold twice would make the writer wait for requests the full queue
     refuses: lowered to half the queue, as the gate holds requests back once half of it waits. A body
     larger than the memory for all bodies would be answered 503 for ever: 413 names the limit. A disk
-    mark over 95 % would end a full disk's pause at once, the reserve given up for nothing."""
+    mark over 95 % would end a full disk's pause at once, the reserve given up for nothing. A first push
+    retry longer than the longest would be the longest, unsaid."""
     node = run({"TRACE_QUEUE_SIZE": "9", "TRACE_BATCH_SIZE": "10000", "TRACE_MAX_BUFFERED_BYTES": "64KiB",
-                "TRACE_DISK_HIGH_PCT": "100"})
+                "TRACE_DISK_HIGH_PCT": "100", "TRACE_PUSH_ENDPOINT": f"http://127.0.0.1:{free_port()}/",
+                "TRACE_PUSH_BACKOFF_BASE": "1h", "TRACE_PUSH_BACKOFF_CAP": "2s", "TRACE_PUSH_INTERVAL": "1h"})
     lowered = node.wait_log(lambda e: e.get("message", "").startswith("TRACE_BATCH_SIZE is over half"))
     assert (lowered["lowered_to"], lowered["queue_size"]) == (4, 9)
     body = node.wait_log(lambda e: e.get("message", "").startswith("TRACE_MAX_BODY_BYTES is over"))
     assert (body["max_body_bytes"], body["lowered_to"]) == (1 << 20, 64 << 10)
     disk = node.wait_log(lambda e: e.get("message", "").startswith("TRACE_DISK_HIGH_PCT is over 95"))
     assert (disk["disk_high_pct"], disk["lowered_to"]) == (100, 95)
+    backoff = node.wait_log(lambda e: e.get("message", "").startswith("TRACE_PUSH_BACKOFF_BASE is over"))
+    assert (backoff["push_backoff_base"], backoff["lowered_to"]) == (3600, 2)
     settings = node.logs("starting")[0]["settings"]
-    assert {k: settings[k] for k in ("batch_size", "max_body_bytes", "disk_high_pct")} == {
-        "batch_size": 4, "max_body_bytes": 64 << 10, "disk_high_pct": 95}
+    assert {k: settings[k] for k in ("batch_size", "max_body_bytes", "disk_high_pct", "push_backoff_base")
+            } == {"batch_size": 4, "max_body_bytes": 64 << 10, "disk_high_pct": 95, "push_backoff_base": 2}
     big = node.post("/v1/traces", json.dumps(trace(input_text="x" * 70_000)))
     assert big.status == 413 and "TRACE_MAX_BODY_BYTES" in big.json["error"]
 
@@ -12780,6 +12784,10 @@ def test_the_otlp_port_serves_the_same_routes_and_a_taken_one_is_left_out(run: C
     assert "in use" in health["otlp"]["listen_error"]
     assert otrace.Config.from_env({"TRACE_OTLP_PORT": "0"}).otlp_port == 0
     assert otrace.Config().otlp_port == 4318
+    same = free_port()
+    one = run({"TRACE_PORT": str(same), "TRACE_OTLP_PORT": str(same)}, db=node.db_path.with_name("one.db"))
+    assert one.logs("TRACE_OTLP_PORT is TRACE_PORT: that one port serves OTLP with every other route")
+    assert one.post("/v1/traces", spans_body(span)).status == 200 and one.health()["status"] == "ok"
 
 
 def test_the_otlp_decoder_is_loaded_on_the_first_otlp_request_only(svc: Otrace) -> None:
