@@ -4791,7 +4791,7 @@ def decode_otlp(signal: str, body: bytes, encoding: str) -> Any:
         raise Invalid(f"body is not OTLP JSON: its top level must be an object with {OTLP_TOP[signal][0]}")
     from google.protobuf import json_format  # noqa: PLC0415 - loaded with the classes
     try:
-        _as_protobuf_reads(doc)
+        _as_protobuf_reads(doc, request_class.DESCRIPTOR)
         return json_format.ParseDict(doc, request_class(), ignore_unknown_fields=True)
     except json_format.ParseError as exc:
         raise Invalid(f"body is not OTLP JSON: {exc}", quoted=True) from None
@@ -4799,22 +4799,42 @@ def decode_otlp(signal: str, body: bytes, encoding: str) -> Any:
         raise Invalid("body is nested too deeply") from None
 
 
-def _as_protobuf_reads(doc: Any) -> None:
-    """OTLP JSON writes trace and span ids in hex where protobuf's JSON mapping reads base64: rewrite
-    them in place (an id that is not hex is left to the parser, which takes base64). And a text with
-    a lone surrogate (valid JSON, as JavaScript cuts a string mid-emoji; not UTF-8, which protobuf
-    refuses) gets U+FFFD in its place, as on the JSON API."""
-    todo = [doc]
+def _as_protobuf_reads(doc: dict[str, Any], descriptor: Any) -> None:
+    """OTLP JSON made what protobuf's JSON mapping reads, in place, the message types followed down
+    from `descriptor`: trace and span ids in hex become base64 (an id that is not hex is left to the
+    parser, which takes base64); a text with a lone surrogate (valid JSON, as JavaScript cuts a string
+    mid-emoji; not UTF-8, which protobuf refuses) gets U+FFFD in its place, as on the JSON API. A
+    message given as anything but an object is Invalid: the parser would take a string's letters for
+    field names and ignore them, so the value would be lost without a word."""
+    todo = [(doc, descriptor)]
     while todo:
-        node = todo.pop()
-        for key, value in (node.items() if isinstance(node, dict) else enumerate(node)):
-            if isinstance(value, (dict, list)):
-                todo.append(value)
+        node, message = todo.pop()
+        fields = _message_fields(message)
+        for key, value in node.items():
+            if inner := fields.get(key):
+                for item in value if isinstance(value, list) else (value,):
+                    if isinstance(item, dict):
+                        todo.append((item, inner))
+                    elif item is not None:                 # null: the parser's to take or refuse
+                        raise Invalid(f"body is not OTLP JSON: {key} must hold {inner.name} objects, not "
+                                      f"{_JSON_KINDS.get(type(item), 'that')}")
             elif key in ID_FIELDS and isinstance(value, str):
                 with contextlib.suppress(ValueError):
                     node[key] = binascii.b2a_base64(bytes.fromhex(value), newline=False).decode("ascii")
             elif isinstance(value, str) and not value.isascii():
                 node[key] = clean_text(value)
+            elif isinstance(value, list):                   # a repeated field of scalars
+                node[key] = [clean_text(v) if isinstance(v, str) and not v.isascii() else v for v in value]
+
+
+_JSON_KINDS = {str: "a string", int: "a number", float: "a number", bool: "true or false", list: "an array"}
+
+
+@functools.cache
+def _message_fields(message: Any) -> dict[str, Any]:
+    """A message type's fields by both the names OTLP JSON may use: the message type of each that
+    holds messages, None for the others."""
+    return {name: field.message_type for field in message.fields for name in (field.json_name, field.name)}
 
 
 def otel_value(value: Any) -> Any:

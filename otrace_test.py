@@ -11504,7 +11504,7 @@ def test_otlp_pieces_decode_and_map_as_the_conventions_say_in_process() -> None:
     """Pure pieces, in process: OTLP JSON in all its spellings decodes as protobuf does; which spans
     are LLM calls; provider names, error types and categories; deltas of cumulative points and their
     restarts; one row for a call two instrumentations both reported; content waiting for its span. A
-    lone surrogate in a text is U+FFFD, as on the JSON API."""
+    lone surrogate in a text is U+FFFD, as on the JSON API; a message that is not an object is refused."""
     canonical = spans_body(chat_span("0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331",
                                      **{"gen_ai.operation.name": "chat", "gen_ai.usage.input_tokens": 7}))
     snake = json.loads(json.dumps(canonical).replace("resourceSpans", "resource_spans").replace(
@@ -11522,8 +11522,13 @@ def test_otlp_pieces_decode_and_map_as_the_conventions_say_in_process() -> None:
     span = otrace.decode_otlp("traces", json.dumps(cut).encode(), "json").resource_spans[0] \
         .scope_spans[0].spans[0]
     assert otrace.otel_attributes(span.attributes)["note"] == "cut mid-emoji \ufffd"    # as the JSON API
+    bare = json.loads(json.dumps(canonical))          # a value written without its {"stringValue": ...}
+    bare["resourceSpans"][0]["scopeSpans"][0]["spans"][0]["attributes"][0]["value"] = "openai"
     for body, needle in ((b"\x0a\x05\x0a\x03", "not an OTLP/protobuf"), (b"[1]", "top level"),
-                         (b'{"resourceSpans": 5}', "not OTLP JSON"), (b"{", "not valid JSON")):
+                         (b'{"resourceSpans": 5}', "must hold ResourceSpans objects, not a number"),
+                         (b'{"resourceSpans": ["x"]}', "must hold ResourceSpans objects, not a string"),
+                         (json.dumps(bare).encode(), "value must hold AnyValue objects, not a string"),
+                         (b"{", "not valid JSON")):
         with pytest.raises(otrace.Invalid, match=needle):
             otrace.decode_otlp("traces", body, "protobuf" if body.startswith(b"\x0a") else "json")
 
