@@ -4663,6 +4663,7 @@ SEVERITY_ERROR, SEVERITY_FATAL = 17, 21
 SEVERITY_NUMBERS = {"TRACE": 1, "DEBUG": 5, "INFO": 9, "WARNING": 13, "WARN": 13, "ERROR": SEVERITY_ERROR,
                     "CRITICAL": SEVERITY_FATAL, "FATAL": SEVERITY_FATAL}    # a level's, and its text's
 PUSHED_ERROR = "otrace.error_event"     # the event name of an error_events row another otrace pushed
+LOSS_EVENT = "otrace.loss"              # and of its report of rows it gave up: kept here as a warning
 # OpenClaw's loggers whose lines tell of a model call's failure: the session store records those
 OPENCLAW_FAILURE_SUBSYSTEMS = frozenset({"diagnostic", "agent/embedded", "model-fallback/decision",
                                          "provider-transport-fetch"})
@@ -6040,7 +6041,7 @@ class OtlpReceiver:
                     name = getattr(record, "event_name", "") or attrs.get("event.name") or ""
                     name = name if isinstance(name, str) else ""
                     used = False
-                    if severity(record) >= SEVERITY_ERROR or name == PUSHED_ERROR:
+                    if severity(record) >= SEVERITY_ERROR or name in (PUSHED_ERROR, LOSS_EVENT):
                         used = self.log_error(record, attrs, name, (resource, scope_logs.scope.name), export,
                                               received=received)
                     said = log_content(name, otel_value(record.body), attrs)
@@ -6062,8 +6063,9 @@ class OtlpReceiver:
 
     def log_error(self, record: Any, attrs: dict[str, Any], name: str, where: tuple[dict[str, Any], str],
                   export: Export, *, received: int) -> bool:
-        """An ERROR (or FATAL) record as an error_events row; its trace_id is derived from the record
-        itself, so an exporter's retry stores nothing twice."""
+        """An ERROR (or FATAL) record, or another otrace's error event or report of rows it gave up (a
+        warning), as an error_events row; its trace_id is derived from the record itself, so an
+        exporter's retry stores nothing twice."""
         body = otel_value(record.body)
         text = _as_text(body) or _as_text(attrs.get("exception.message")) or name or record.severity_text \
             or "error"
@@ -6076,7 +6078,8 @@ class OtlpReceiver:
         llm = any(key in attrs for key in PROVIDER_KEYS)
         event = {"error_type": "llm_error" if llm else "system_error",
                  "category": call_category(error_type, http_status(attrs, text), text),
-                 "severity": "critical" if severity(record) >= SEVERITY_FATAL else "error",
+                 "severity": "critical" if severity(record) >= SEVERITY_FATAL else "warning"
+                 if name == LOSS_EVENT else "error",
                  "message": text, "stack_trace": _as_text(attrs.get("exception.stacktrace")),
                  "provider": provider_name(_first(attrs, PROVIDER_KEYS)),
                  "model": _word(_first(attrs, ("gen_ai.response.model", "gen_ai.request.model"))),
@@ -9987,7 +9990,7 @@ class OtlpFormat:
             record = self.logs.LogRecord(
                 time_unix_nano=unix_nano(loss["at"]), observed_time_unix_nano=time.time_ns(),
                 severity_number=13, severity_text="WARN",
-                event_name="otrace.loss", body=self.value(
+                event_name=LOSS_EVENT, body=self.value(
                     f"otrace gave up {loss['rows']} {loss['table']} row(s): {loss['reason']}"),
                 attributes=self.attributes({f"otrace.loss.{k}": v for k, v in loss.items()}))
             encoded = (json.dumps(_otlp_json(record)).encode() if self.json

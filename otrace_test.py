@@ -12685,6 +12685,34 @@ def log_body(trace_hex: str, span_hex: str, event: str, body: dict[str, Any] | N
                               "scopeLogs": [{"scope": {"name": "t"}, "logRecords": [record]}]}]}
 
 
+def test_another_otraces_report_of_rows_it_gave_up_is_kept_as_a_warning(run: Callable[..., Otrace]) -> None:
+    """An otrace pushing OTLP tells its receiver what it gave up in otrace.loss records (WARN): pushed
+    into another otrace, each is an error event there, a warning with the report's words and details,
+    not a log record counted and dropped; a retry of the request stores nothing twice."""
+    node = run()
+    form = otrace.OtlpFormat(otrace.Config(push_endpoint=f"http://127.0.0.1:{node.port}",
+                                           push_format="otlp"), "edge-1")
+    losses = [{"kind": "retention", "ledger_id": 3, "at": 1796000000000, "table": "llm_traces",
+               "reason": "pressure_unpushed", "rows": 50, "oldest_received_at": 1795990000000,
+               "newest_received_at": 1795999000000},
+              {"kind": "refused", "reject_id": 9, "at": 1796000001000, "table": "error_events",
+               "reason": "refused_by_receiver", "rows": 1, "trace_id": "e-1", "http_status": 400,
+               "receiver_said": "too big"}]
+    body = b"".join(form.body(form.report(losses)))
+    for _ in range(2):
+        assert node.post("/v1/logs", body, headers=PROTOBUF).status == 200
+    assert node.post("/v1/traces", trace(model="a-mark")).status == 202         # every record before it
+    node.wait_persisted(3)
+    rows = sorted(node.rows("error_events"), key=lambda r: r["created_at"])
+    assert [(r["error_type"], r["severity"], r["message"]) for r in rows] == [
+        ("system_error", "warning", "otrace gave up 50 llm_traces row(s): pressure_unpushed"),
+        ("system_error", "warning", "otrace gave up 1 error_events row(s): refused_by_receiver")]
+    first = json.loads(rows[0]["metadata"])
+    assert (first["event_name"], first["otrace.loss.rows"], first["otrace.loss.reason"]) == (
+        "otrace.loss", 50, "pressure_unpushed")
+    assert node.health()["otlp"]["log_other"] == 0
+
+
 def test_a_log_records_severity_text_alone_says_an_error(run: Callable[..., Otrace]) -> None:
     """The logs data model lets a record give its severity as text alone (number 0, unspecified):
     "Error" and "FATAL" are error events, the second critical; "WARN" is not."""
