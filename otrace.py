@@ -7695,8 +7695,15 @@ class DnsProbe(Loop):
         self.fresh: dict[str, dict[str, Any]] = {}   # results the next host sample has not taken yet
         self.lock = threading.Lock()
         self.probes = 0
+        self.began = 0.0                 # when the last round started
+
+    def next_delay(self) -> float:
+        """The interval from the last round's start: a round that waited for a slow lookup does not
+        put the next one later."""
+        return max(0.0, self.interval - (time.monotonic() - self.began))
 
     def tick(self) -> None:
+        self.began = time.monotonic()
         for name in self.names:
             last = self.lookups.get(name)
             if last is None or last.done.is_set():

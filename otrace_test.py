@@ -14108,6 +14108,17 @@ def test_dns_probes_time_a_name_in_hosts_one_that_cannot_resolve_and_one_that_ha
         stub.stop()
 
 
+def test_a_dns_round_that_waited_for_a_hanging_lookup_does_not_put_the_next_later_in_process() -> None:
+    """Rounds start every TRACE_DNS_INTERVAL: the wait for a lookup that hangs (up to
+    TRACE_DNS_TIMEOUT) comes out of the interval, not on top of it."""
+    probe = otrace.DnsProbe(otrace.Config(dns_interval=60.0, dns_probe=("a.test",)), events=None)
+    began = probe.began = time.monotonic() - 5.0              # a round that waited 5 s
+    delay = probe.next_delay()
+    assert 60.0 - (time.monotonic() - began) <= delay <= 55.0
+    probe.began = time.monotonic() - 90.0                     # one longer than the interval
+    assert probe.next_delay() == 0.0
+
+
 # -- /debug
 
 
