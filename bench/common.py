@@ -49,7 +49,8 @@ class Usage:
 
 
 def median_run(runs: list[dict[str, float]], key: str) -> dict[str, float]:
-    """The round whose `key` is the median (of an odd number of rounds): its other figures with it."""
+    """The round whose `key` is the median, its other figures with it: of an even number of rounds the
+    upper middle one, as statistics.median_high takes for the baselines' plain figures."""
     return sorted(runs, key=lambda run: run[key])[len(runs) // 2]
 
 

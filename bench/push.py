@@ -130,8 +130,8 @@ def main() -> None:
     finally:
         sink.terminate()
         sink.wait()
-    bare = statistics.median(r["bare_events_per_s"] for r in rounds)
-    ours = statistics.median(r["otrace_events_per_s"] for r in rounds)
+    bare = statistics.median_high(r["bare_events_per_s"] for r in rounds)
+    ours = statistics.median_high(r["otrace_events_per_s"] for r in rounds)
     most = max(rounds, key=lambda r: r["rss_peak"] - r["rss_idle"])     # the largest growth seen
     idle, peak, ratio = most["rss_idle"], most["rss_peak"], ours / bare
     each = ", ".join(f"{r['otrace_events_per_s'] / r['bare_events_per_s']:.2f}" for r in rounds)
