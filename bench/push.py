@@ -15,6 +15,7 @@ Printed: events/s of both in each round, the ratio, and otrace's RSS before and 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -55,8 +56,8 @@ class Sink(BaseHTTPRequestHandler):
 def seed(path: Path, n: int) -> None:
     otrace.open_database(str(path))
     template = otrace.parse_events(json.dumps(EVENT).encode(), "/v1/traces", 1, 16384)[0][0]
-    with sqlite3.connect(path) as conn:
-        conn.executemany(otrace.insert_sql("llm_traces"),
+    with contextlib.closing(sqlite3.connect(path)) as conn, conn:   # closed: the rows in the main file,
+        conn.executemany(otrace.insert_sql("llm_traces"),            # which is what each round copies
                          ((f"backlog-{i}", *template.values[1:]) for i in range(n)))
 
 
@@ -91,6 +92,8 @@ def otrace_push(path: Path, url: str, n: int) -> tuple[float, float, float]:
             if report["push"]["events_pushed"] >= n:
                 done = time.perf_counter()
             time.sleep(0.1)
+        if first_batch >= n:        # the pace is of the batches after the first seen: there were none
+            raise SystemExit(f"bench/push.py: --rows {n} went in the first batch seen; give more rows")
         return (n - first_batch) / (done - started), idle, peak
     finally:
         stop(proc)
