@@ -11145,7 +11145,7 @@ class Checkpointer(Loop):
         """On the writer's thread, after each batch, with its connection. A WAL past the journal size
         limit was not started over since it grew there (SQLite cuts it back to that then): the copies
         fall behind, so the writer copies too, as its autocheckpoint did, and the WAL keeps to its
-        share of the cap. Past `room` too (the bytes the marks keep for it), a snapshot that leaves
+        share of the cap. Past `room` too (what it may take: Retention.wal_room), a snapshot that leaves
         frames uncopied is waited out while it is brief (LONG_HOLD from when it began: a push's read,
         a look at /health, this loop's copy): every batch committed under it is appended to a WAL that
         cannot start over, and a queue's worth of them lands within milliseconds, past the cap. A
@@ -11478,6 +11478,7 @@ class Retention(Loop):
         self.recall(kept or {})
         self.hold: Hold | None = None            # a snapshot holding the WAL, as of the writer's last batch
         self.hold_wal = 0.0                      # the largest WAL it made, as a share of the cap
+        self.main = 0.0                          # the main file's share of the cap when last read
         self.passes = 0
         self.over: str | None = None             # the pressure said, until a pass finds none
         self.stuck: str | None = None            # over budget after deleting all it may: why
@@ -11630,6 +11631,7 @@ class Retention(Loop):
         grows by the pages deleted), only keep the main file, whose freed pages the next rows reuse,
         from growing; what the WAL reached counts once the snapshot ends (watch)."""
         main, wal = self.shares()
+        self.main = main
         if (hold := self.hold) is not None:
             self.hold_wal = max(self.hold_wal, wal)
             share = max(main, hold.live_bytes / self.config.db_max_bytes) + self.marks.wal
@@ -11660,8 +11662,11 @@ class Retention(Loop):
         return None
 
     def wal_room(self) -> int:
-        """The bytes the marks keep for the WAL (`Marks.wal`)."""
-        return int(self.config.db_max_bytes * self.marks.wal)
+        """The bytes the WAL may take before the writer waits out a brief snapshot: the room the marks
+        keep for it (`Marks.wal`), or half of what the main file (as of the last batch) leaves under the
+        high mark, whichever is more (the other half for the batches committed before the wait begins):
+        a report beside a database far under its cap does not hold the writer."""
+        return int(self.config.db_max_bytes * max(self.marks.wal, (self.marks.high - self.main) / 2))
 
     def low_bytes(self) -> int:
         """The low mark, in the bytes rows use: freed pages go back at the end of a pass, in one

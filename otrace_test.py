@@ -6959,31 +6959,48 @@ def test_a_brief_snapshots_wal_is_kept_room_for_and_a_readers_teaches_the_marks_
     assert retention.marks.wal == (pytest.approx(0.2, abs=0.05) if held == "briefly" else 0.0)
 
 
+@pytest.mark.parametrize("cap", ["near", "far"])
 def test_past_its_room_the_writer_waits_out_a_brief_snapshot_so_the_wal_starts_over(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cap: str) -> None:
     """A snapshot keeps the WAL from starting over: each batch committed under it is appended, and a
     queue's worth of batches lands within milliseconds (under a push's read, or the checkpoint loop's
     copy on its own connection, the WAL went past the cap). Past the journal size limit and the room
-    the marks keep, the writer's copy after a batch waits a brief snapshot out, so the next batch starts
-    the WAL over instead of growing it."""
+    the WAL has under the high mark, the writer's copy after a batch waits a brief snapshot out, so
+    the next batch starts the WAL over instead of growing it. Far under the cap it does not wait: an
+    `otrace report` run over and over beside a flood had a second of the writer's each time, and the
+    queue answered half the posts 503."""
     monkeypatch.setattr(otrace, "LONG_HOLD", 60.0)               # brief, however busy the machine is
     db = tmp_path / "o.db"
     otrace.open_database(str(db))
-    config = otrace.Config.from_env({"TRACE_DB_PATH": str(db), "TRACE_DB_MAX_BYTES": str(4 << 20)})
+    size = 4 << 20 if cap == "near" else 256 << 20
+    config = otrace.Config.from_env({"TRACE_DB_PATH": str(db), "TRACE_DB_MAX_BYTES": str(size),
+                                     "TRACE_WAL_MAX_BYTES": str(4 << 20)})
     database, events = otrace.Database(str(db)), otrace.EventQueue(512, 50)
     writer = otrace.Writer(config, database, events, otrace.Counters(otrace.EVENT_COUNTERS))
     checkpointer, wal = otrace.Checkpointer(config, events, database), f"{db}-wal"
+    retention = otrace.Retention(config, events, database)
     with (contextlib.closing(writer.connect(str(db))) as conn,
           contextlib.closing(sqlite3.connect(db, isolation_level=None)) as reader):
         conn.execute("CREATE TABLE filler (data BLOB)")
+        for _ in range(2_000 if cap == "near" else 1):      # near: the main file at most of the cap
+            with otrace.transaction(conn):
+                conn.execute("INSERT INTO filler VALUES (randomblob(1500))")
+        otrace.checkpoint("TRUNCATE", conn)
+        retention.watch()                                                  # the main file, as a batch sees it
+        room = retention.wal_room()
         reader.execute("BEGIN")
         reader.execute("SELECT count(*) FROM filler").fetchall()           # a snapshot the WAL must keep
-        while otrace.file_size(wal) <= checkpointer.most:
+        while otrace.file_size(wal) <= (max(checkpointer.most, room) if cap == "near" else checkpointer.most):
             with otrace.transaction(conn):
                 conn.execute("INSERT INTO filler VALUES (randomblob(8000))")
-        watching = threading.Thread(target=checkpointer.watch, args=(conn,))
+        assert (otrace.file_size(wal) < room) == (cap == "far")
+        watching = threading.Thread(target=checkpointer.watch, args=(conn, room))
         watching.start()
         wait_until(lambda: checkpointer.held_since is not None, what="the writer's copy leaving frames")
+        if cap == "far":
+            watching.join(30)                                              # LONG_HOLD is a minute
+            assert not watching.is_alive() and reader.in_transaction       # it let the snapshot be
+            return
         reader.rollback()                                                  # the snapshot ends
         watching.join(30)
         grown = otrace.file_size(wal)
