@@ -589,7 +589,8 @@ class Config:
                                   "local database, as with push off.")
     push_interval: float = setting("5m", duration("100ms", "1d"), "Time between push cycles.")
     push_token: str = setting("", TOKEN, "Sent to the push endpoint as `Authorization: Bearer "
-                              "<token>`; never logged.", secret=True)
+                              "<token>`; never logged. Not with a user:password@ in TRACE_PUSH_ENDPOINT "
+                              "(both would be that header: exit 2).", secret=True)
     push_headers: tuple = setting("", HEADERS, "Extra headers for every push request, as the OTLP "
                                   "exporters write them: `key=value,key2=value2`; never logged. Not the "
                                   "ones otrace sets (Content-Type, Content-Length, Content-Encoding, "
@@ -602,7 +603,8 @@ class Config:
                                   "when push is on): marking a batch's rows pushed rewrites their pages "
                                   "into the WAL, which the cap counts.")
     push_timeout: float = setting("30s", duration("100ms", "10m"), "Longest one push request may take, "
-                                  "from connecting to the last byte of the answer.")
+                                  "from connecting to the last byte of the answer (one not whole by "
+                                  "then is no answer: the batch goes again).")
     push_gzip: bool = setting("off", SWITCH, "Compress push bodies (Content-Encoding: gzip).")
     push_retries: int = setting("5", count(1, 1000), "Attempts at one batch within a cycle before the "
                                 "cycle (in OTLP, its signal's) counts as failed; the rows wait for the "
@@ -610,7 +612,8 @@ class Config:
     push_backoff_base: float = setting("1s", duration("1ms", "1h"), "First retry wait; each retry "
                                        "doubles the ceiling, and the wait is drawn uniformly below it "
                                        "(full jitter). A Retry-After answer is a floor (up to 1 h). At "
-                                       "most TRACE_PUSH_BACKOFF_CAP (lowered, with a warning).")
+                                       "most TRACE_PUSH_BACKOFF_CAP (lowered, with a warning when push is "
+                                       "on).")
     push_backoff_cap: float = setting("1m", duration("1ms", "1d"), "Highest retry wait ceiling.")
     push_breaker_threshold: int = setting("3", count(1, 1000), "Failed cycles in a row that open the "
                                           "circuit breaker (in OTLP each signal has its own).")
@@ -10256,6 +10259,9 @@ class Scrubber:
         return redact_text(text)
 
 
+HEADER_FAULT = "Failed to parse headers (url=%s): %s"     # urllib3's warning (connection.py)
+
+
 class Receiver:
     """The remote API: one pooled urllib3 connection with verified TLS, no redirects and no retries of
     its own (the Pusher decides). TRACE_PUSH_TIMEOUT bounds a whole request, from connecting to the
@@ -10317,6 +10323,18 @@ class Receiver:
         watchdog = threading.Timer(budget, self.cut)
         watchdog.daemon = True
         started = time.monotonic()
+        faults: list[str] = []
+
+        def header_fault(record: logging.LogRecord) -> bool:
+            """urllib3's warning of an answer whose headers it could not parse: this exchange's fault,
+            said as such, not logged with a traceback."""
+            if record.msg == HEADER_FAULT:
+                faults.append(str(record.args[-1]) if isinstance(record.args, tuple) and record.args else "")
+                return False
+            return True
+
+        urllib3_log = logging.getLogger("urllib3.connection")
+        urllib3_log.addFilter(header_fault)
         watchdog.start()
         try:
             resp = self.pool.urlopen("POST", target, body=body, headers=headers, redirect=False,
@@ -10324,28 +10342,36 @@ class Receiver:
                                      timeout=self.urllib3.Timeout(connect=min(10.0, budget), read=budget))
             attempt.status = resp.status
             attempt.retry_after = self.retry_after(resp.headers.get("Retry-After"))
-            self.read_answer(resp, attempt)
+            cut = self.read_answer(resp, attempt) or (faults and f"its headers are cut off or malformed: "
+                                                                f"{self.scrub(faults[0])[:200]}")
+            if cut:       # no whole answer: the receiver (or a proxy) may have died before taking it
+                attempt.status, attempt.error = None, f"answer cut off after HTTP {resp.status}: {cut}"
         except (self.urllib3.exceptions.HTTPError, OSError) as exc:
-            attempt.error = (f"no whole answer within {budget:g} s (TRACE_PUSH_TIMEOUT)" if self.timed_out
-                             else self.scrub(describe(exc)))
+            attempt.error = self.scrub(describe(exc))
         finally:
             watchdog.cancel()
+            urllib3_log.removeFilter(header_fault)
+        if self.timed_out:
+            attempt.status, attempt.error = None, f"no whole answer within {budget:g} s (TRACE_PUSH_TIMEOUT)"
         attempt.duration_ms = round((time.monotonic() - started) * 1000, 3)
 
-    def read_answer(self, resp: Any, attempt: Attempt) -> None:
-        """The answer's first ANSWER_LIMIT bytes. A longer answer, or one still coming at the
-        watchdog, leaves the connection closed, not back in the pool."""
+    def read_answer(self, resp: Any, attempt: Attempt) -> str | None:
+        """The answer's first ANSWER_LIMIT bytes; why it is not whole, if it was cut off (shorter than
+        its Content-Length, a broken chunk). A longer answer, or one cut off, leaves the connection
+        closed, not back in the pool."""
         try:
             answer = resp.read(ANSWER_LIMIT + 1, decode_content=False)
-            whole = len(answer) <= ANSWER_LIMIT
-        except (self.urllib3.exceptions.HTTPError, OSError):
-            answer, whole = b"", False
-        if not whole:
+            cut = f"{resp.length_remaining} bytes of its body missing" if (
+                len(answer) <= ANSWER_LIMIT and resp.length_remaining) else None
+        except (self.urllib3.exceptions.HTTPError, OSError) as exc:
+            answer, cut = b"", self.scrub(describe(exc))
+        if cut or len(answer) > ANSWER_LIMIT:
             resp.close()
         resp.release_conn()
         attempt.answer = answer[:ANSWER_LIMIT]
         if not 200 <= resp.status < 300:
             attempt.error = self.scrub(attempt.answer.decode("utf-8", "replace").strip())[:500] or None
+        return cut
 
     def retry_after(self, value: str | None) -> float | None:
         """A Retry-After header (seconds, or an HTTP date) as seconds from now, at most as long as the

@@ -4101,6 +4101,19 @@ def reset(_: Receiver, __: dict[str, Any]) -> None:
     return None
 
 
+def cut_off(answer: bytes) -> Callable[[Receiver, dict[str, Any]], None]:
+    """Begin a 200 answer and hang up before its end: a receiver (or a proxy) dying mid-answer."""
+    def act(_: Receiver, request: dict[str, Any]) -> None:
+        with contextlib.suppress(OSError):
+            request["socket"].sendall(answer)
+    return act
+
+
+CUT_OFF = {"in its headers": cut_off(b"HTTP/1.1 200 OK\r\nContent-Le"),
+           "in its body": cut_off(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{\"ok\""),
+           "in a chunk": cut_off(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n{\"ok\"")}
+
+
 def refuse_trace(trace_id: str) -> Callable[[Receiver, dict[str, Any]], Any]:
     """400 for any batch holding `trace_id`, 200 otherwise: one poison event."""
     def act(_: Receiver, request: dict[str, Any]) -> Any:
@@ -4398,10 +4411,12 @@ def test_any_2xx_confirms(run: Callable[..., Otrace], receiver: Receiver, status
     wait_synced(node, post_some(node, 2))
 
 
-@pytest.mark.parametrize("failure", [500, 503, 408, 429, "reset", "hang"])
+@pytest.mark.parametrize("failure", [500, 503, 408, 429, "reset", "hang", *CUT_OFF])
 def test_failed_attempt_is_retried_as_the_same_batch(run: Callable[..., Otrace], receiver: Receiver,
                                                      failure: Any) -> None:
-    receiver.script = [{"reset": reset, "hang": hang(1.0)}.get(failure, failure)] * 2
+    """A 5xx, 408 or 429, no answer, and a 200 cut off before its end (no whole answer: the receiver
+    may have died before it kept the batch) are tried again, as the same batch."""
+    receiver.script = [{"reset": reset, "hang": hang(1.0), **CUT_OFF}.get(failure, failure)] * 2
     node = run(push_env(receiver, TRACE_PUSH_TIMEOUT="300ms"))
     ids = post_some(node, 3)
     wait_synced(node, ids)
@@ -4416,6 +4431,8 @@ def test_failed_attempt_is_retried_as_the_same_batch(run: Callable[..., Otrace],
         assert statuses[:3] == [None, None, 200]
         errors = [e for (e,) in node.query("SELECT error FROM push_log ORDER BY id LIMIT 2")]
         assert all(errors), errors
+        assert failure not in CUT_OFF or all(e.startswith("answer cut off after HTTP 200: ") for e in errors)
+    assert not [line for line in node.lines if "Traceback" in line]          # urllib3's warnings too
 
 
 def test_no_row_is_synced_without_a_2xx(run: Callable[..., Otrace], receiver: Receiver) -> None:
@@ -4961,7 +4978,8 @@ def test_a_receiver_refusing_everything_keeps_every_row_until_it_heals(run: Call
 def test_a_2xx_whose_body_never_ends_does_not_stall_push(run: Callable[..., Otrace],
                                                          receiver: Receiver) -> None:
     """TRACE_PUSH_TIMEOUT bounds the whole exchange: an answer that trickles in (a byte at a time, or
-    an endless chunked body) is cut off, its connection closed, and pushing goes on."""
+    an endless chunked body) is cut off, its connection closed, the batch sent again (no whole answer
+    is no answer), and pushing goes on."""
     def trickle(chunked: bool) -> Callable[[Receiver, dict[str, Any]], None]:
         def act(_: Receiver, request: dict[str, Any]) -> None:
             sock = request["socket"]
@@ -4979,7 +4997,10 @@ def test_a_2xx_whose_body_never_ends_does_not_stall_push(run: Callable[..., Otra
     for _ in range(3):                  # each batch after the last was answered (or cut off): one POST,
         ids += node.post("/v1/traces", [trace()]).json["trace_ids"]     # so a cycle cannot split it
         wait_synced(node, ids, timeout=30)
-    assert len(receiver.requests) == 3 and receiver.requests[-1]["answered"] == 200
+    batches = [request["json"]["batch_id"] for request in receiver.requests]
+    assert len(batches) == 5 and len(set(batches[:3])) == 1 and receiver.requests[2]["answered"] == 200
+    errors = [e for (e,) in node.query("SELECT error FROM push_log ORDER BY id LIMIT 2")]
+    assert errors == ["no whole answer within 1 s (TRACE_PUSH_TIMEOUT)"] * 2
     assert node.health()["status"] == "ok"
 
 
