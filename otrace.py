@@ -2857,6 +2857,7 @@ class Unit:
     extra: tuple[tuple[str, tuple], ...] = ()
     own: bool = False
     reader: bool = False
+    at_once: bool = False         # committed without waiting for its batch to fill (the run's mark)
     arrived: float = 0.0
     settled: int = 0              # its rows, then statements, stored or dropped alone (Writer.commit_alone)
 
@@ -3066,7 +3067,7 @@ class EventQueue(queue.Queue):
                 self.not_empty.wait(left)     # closed or not: jobs still come, and the last is None
             if self.jobs:
                 return self.jobs.popleft()
-            due = self.queue[0].arrived + window
+            due = self.queue[0].arrived + (0.0 if self.queue[0].at_once else window)
             while self.waiting < batch_size and not (self.jobs or self.closed or self.no_room):
                 left = due - time.monotonic()
                 if left <= 0:
@@ -13353,6 +13354,11 @@ class Service:
     def start(self) -> None:
         self.writer.start()
         self.mark_run()
+        # marked before the first 202, so a kill after it is reported; failing writes (a full disk,
+        # another program's lock) are no reason to stay closed: /health says so, ingest answers 503
+        until = time.monotonic() + BUSY_TIMEOUT
+        while not (self.events.wait_drained(0.05) or self.writer.failing) and time.monotonic() < until:
+            pass
         for loop in self.loops:
             loop.start()
         threading.Thread(target=self.server.serve_forever, name="otrace-http", daemon=True).start()
@@ -13411,7 +13417,8 @@ class Service:
                                   "answered 202 for in its last moments may be lost", said))
         now = now_ms()
         self.events.offer(Unit(rows, ((STATE_SQL, (RUN_KEY, os.getpid(), now)),
-                                      (STATE_SQL, (RUN_FILE_KEY, self.run_file, now))), own=True))
+                                      (STATE_SQL, (RUN_FILE_KEY, self.run_file, now))),
+                               own=True, at_once=True))
 
     def unmark_run(self, deadline: float) -> None:
         """A clean stop: every event a client was answered 202 for is written."""

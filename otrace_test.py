@@ -7904,6 +7904,19 @@ def test_start_on_a_full_disk_waits_for_space(tmp_path: Path, run: Callable[...,
         assert {r[0] for r in stored} >= set(ids)
 
 
+def test_a_kill_right_after_the_first_202_is_said_at_the_next_start(tmp_path: Path,
+                                                                   run: Callable[..., Otrace]) -> None:
+    """The run's mark is committed before otrace answers anything, not with the first batch: a SIGKILL
+    that loses the events of the first batch window is said at the next start too."""
+    db = tmp_path / "o.db"
+    first = run({"TRACE_BATCH_WINDOW": "10s"}, db=db)               # the first batch waits to fill
+    assert first.post("/v1/traces", trace()).status == 202
+    first.kill()
+    second = run(db=db)
+    said = second.wait_log(lambda e: e.get("message", "").startswith("the last run did not stop cleanly"))
+    assert said["pid"] == first.proc.pid and second.stop() == 0
+
+
 def test_a_run_that_did_not_stop_cleanly_is_said_at_the_next_start(tmp_path: Path,
                                                                   run: Callable[..., Otrace]) -> None:
     """A SIGKILL can lose what was accepted in the last batch window: the next start says so, in its
