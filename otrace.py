@@ -3784,8 +3784,10 @@ def body_framing(headers: dict[str, str], version: str) -> tuple[int | None, boo
     """(Content-Length, chunked) of a request; Refusal for framing otrace will not guess at."""
     coding, length = headers.get("transfer-encoding"), headers.get("content-length")
     if coding is not None:
-        if coding.strip().lower() != "chunked" or version != "HTTP/1.1":
+        if coding.strip().lower() != "chunked":
             raise Refusal(501, f"Transfer-Encoding {coding!r} is not supported: only chunked, on HTTP/1.1")
+        if version != "HTTP/1.1":
+            raise Refusal(501, f"Transfer-Encoding on {version} is not supported: only chunked, on HTTP/1.1")
         if length is not None:
             raise Refusal(400, "both Content-Length and Transfer-Encoding: chunked")
         return None, True
@@ -4154,6 +4156,11 @@ class MinuteLog:
         for message, line, since in lines:
             self.logger.warning(message, extra={**line, self.counted: since})
 
+    def next_due(self) -> float | None:
+        """When (monotonic seconds) the first kind with lines unsaid is due, or None."""
+        with self.lock:
+            return min((entry[0] + self.EVERY for entry in self.last.values() if entry[1]), default=None)
+
 
 class RefusalLog(MinuteLog):
     """Says a request answered 4xx, or an OTLP request answered 200 with items it refused (`items`:
@@ -4250,8 +4257,10 @@ class IngestServer:
         try:
             while not (self.closing and (not self.open or time.monotonic() >= self.close_by)):
                 timeout = min(tick, self.close_by - time.monotonic()) if self.closing else tick
-                if not self.open and not self.closing:
-                    timeout = -1                 # nothing to reap: sleep until a client or the wake pipe
+                if not self.open and not self.closing:    # nothing to reap: sleep until a client, the
+                    due = self.refusals.next_due()         # wake pipe, or a burst's count is due
+                    timeout = -1 if due is None else max(0.0, due - time.monotonic())
+                    next_reap = next_reap if due is None else min(next_reap, due)
                 for fd, events in self.poller.poll(timeout if timeout < 0 else max(0.0, timeout)):
                     self.on_ready(fd, events)
                 if (now := time.monotonic()) >= next_reap:

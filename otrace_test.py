@@ -2124,6 +2124,8 @@ def test_request_heads_are_parsed_or_refused_in_process() -> None:
         with pytest.raises(otrace.Refusal) as refused:
             otrace.parse_head(raw, complete=True)
         assert refused.value.status == status, raw
+    with pytest.raises(otrace.Refusal, match=r"^Transfer-Encoding on HTTP/1\.0 is not supported"):
+        otrace.parse_head(b"GET / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n", complete=True)
 
 
 def test_chunked_bodies_decode_in_pieces_of_any_size_in_process() -> None:
@@ -2868,6 +2870,31 @@ def test_refusal_log_says_each_kind_once_a_minute_with_how_many_since(caplog: py
         (400, fault, 0), (413, "Request Entity Too Large", 0), (400, fault, 3),
         (400, "body is not OTLP JSON", 0), (400, "body is not OTLP JSON", 1)]
     assert secret not in caplog.text
+
+
+def test_a_bursts_refusals_are_said_when_its_minute_is_up_with_no_client_left(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """With no connection open the HTTP thread sleeps until a client comes; a burst's count of refused
+    requests is said when its minute is up all the same, not at the next client's arrival."""
+    monkeypatch.setattr(otrace.MinuteLog, "EVERY", 0.5)
+    service = service_at(tmp_path / "o.db")
+    serving = threading.Thread(target=service.server.serve_forever, daemon=True)
+    serving.start()
+    try:
+        with caplog.at_level(logging.WARNING, logger="otrace"):
+            for _ in range(3):
+                client = http.client.HTTPConnection("127.0.0.1", service.server.addresses()[0][1], timeout=30)
+                client.request("POST", "/v1/traces", b"{", {"Content-Type": "application/json",
+                                                            "Connection": "close"})
+                assert client.getresponse().status == 400
+                client.close()
+            wait_until(lambda: [r.refused_since_last_line for r in caplog.records
+                                if r.getMessage() == "request refused"] == [0, 1],
+                       what="the burst's count, said with no client connected")
+    finally:
+        service.server.close(until=time.monotonic() + 5)
+        serving.join(10)
+        service.db.close()
 
 
 def test_ingest_token_guards_every_route_but_health_and_metrics(run: Callable[..., Otrace]) -> None:
