@@ -12396,11 +12396,13 @@ HAS_TOKENS_SQL = ("max(coalesce(prompt_tokens, 0), coalesce(completion_tokens, 0
 INPUT_SQL = ("max(coalesce(prompt_tokens, 0) - coalesce(cache_read_tokens, 0) "
              "- coalesce(cache_write_tokens, 0), 0)")
 # Summed beside the calls for the report's notes (Aside): calls reported at $0 that the table prices,
-# the log's calls and the span of the store's.
+# the log's calls and the span of the store's, to the last one's end (a store's call is dated at its
+# start, the log's at its answer).
 ASIDE_SQL = ("sum(cost_usd = 0 AND cost_source IS NOT 'computed' AND computed_cost_usd > 0), "
              "total(CASE WHEN cost_usd = 0 AND cost_source IS NOT 'computed' THEN computed_cost_usd END), "
              f"sum(source = 'log'), min(CASE WHEN source = '{STORE_SOURCE}' THEN created_at END), "
-             f"max(CASE WHEN source = '{STORE_SOURCE}' THEN created_at END)")
+             f"max(CASE WHEN source = '{STORE_SOURCE}' THEN created_at "
+             "+ coalesce(json_extract(metadata, '$.stored_after_ms'), 0) END)")
 CSV_FIELDS = ("calls", "failures", "failure_rate", "input_tokens", "output_tokens", "cache_read_tokens",
               "cache_write_tokens", "total_tokens", "cost_usd", "computed_usd", "unpriced_calls",
               "latency_p50_ms", "latency_p95_ms", "latency_p99_ms")
@@ -12501,9 +12503,14 @@ class Zone:
     def today(self, now: int) -> date:
         return date(1970, 1, 1) + timedelta(days=(now + self.offset_ms(now)) // DAY_MS)
 
-    def iso(self, at_ms: int) -> str:
+    def iso(self, at_ms: int, exact: bool = False) -> str:
+        """The moment in this zone, to the second; `exact`, to the millisecond when it has some (a
+        window's edges, which count to the millisecond)."""
         offset = timedelta(milliseconds=self.offset_ms(at_ms))
-        return datetime.fromtimestamp(at_ms / 1000, dt_timezone(offset)).isoformat(timespec="seconds")
+        moment = datetime.fromtimestamp(at_ms // 1000, dt_timezone(offset))   # whole: a float of
+        if exact and at_ms % 1000:                                            # year 9999 is not exact
+            return (moment + timedelta(milliseconds=at_ms % 1000)).isoformat(timespec="milliseconds")
+        return moment.isoformat(timespec="seconds")
 
     def local_sql(self, since_ms: int, until_ms: int) -> tuple[str, list[int]]:
         """SQL for created_at as local Unix ms, with its parameters: the offset in force, in pieces
@@ -12689,8 +12696,8 @@ class Report:
         groups = self.groups_sql(self.by)
         summed, aside = self.sums(*groups)
         return {"schema": REPORT_SCHEMA, "generated_at": self.zone.iso(now_ms()),
-                "window": {"since": self.zone.iso(self.since), "until": self.zone.iso(self.until),
-                           "timezone": self.zone.name},
+                "window": {"since": self.zone.iso(self.since, exact=True),
+                           "until": self.zone.iso(self.until, exact=True), "timezone": self.zone.name},
                 "by": self.by, "breakdown": self.breakdown, "cost": self.cost, "source": self.source,
                 "calls": {**self.calls(summed, groups), "reported_zero": aside.reported_zero(),
                           "unmeasured_calls": aside.unmeasured,
@@ -12937,9 +12944,13 @@ def csv_text(doc: dict[str, Any]) -> str:
 
 
 def spreadsheet_safe(value: Any) -> Any:
-    """A name as a spreadsheet shows it, not as a formula it runs: =, +, -, @ first get a quote."""
-    return "'" + value if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r") \
-        else value
+    """A name as a spreadsheet shows it, not as a formula it runs (=, +, -, @ first get a quote), on
+    one row and harmless to a terminal: control characters as "?", as in the table (a CR, which the
+    csv module leaves unquoted, would start a row of its own, past the quote)."""
+    if not isinstance(value, str):
+        return value
+    value = terminal_safe(value)
+    return "'" + value if value[:1] in ("=", "+", "-", "@") else value
 
 
 CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2066-\u2069]")
@@ -13108,8 +13119,8 @@ class TableView:
                          "(--cost computed)")
         if beside := self.doc["calls"]["log_calls_beside_the_store"]:     # 0 with --source
             notes.append(f"! {plural(beside, 'call')} from the gateway's log, stored while the session store "
-                         "was off, fall in the time the store's calls span: both may count the same calls "
-                         f"(--source {STORE_SOURCE} gives the store's alone)")
+                         "was off, fall in the time the store's calls span: both may count the same calls, "
+                         f"and ERRORS their failures (--source {STORE_SOURCE} gives the store's alone)")
         if self.doc["retention"]["calls_incomplete"]:
             notes.append("! totals may miss calls: retention deleted the oldest calls since the window "
                          "began, and the oldest kept arrived after it began (RETENTION below)")
@@ -13199,7 +13210,8 @@ def run_report(argv: list[str]) -> int:
         until = now if args.until is None else moment(args.until, zone, now, end=True)
         since = moment(args.since, zone, now, end=False, back_from=until)
         if since >= until:
-            raise ReportError(f"--since ({zone.iso(since)}) is not before --until ({zone.iso(until)})")
+            raise ReportError(f"--since ({zone.iso(since, exact=True)}) is not before --until "
+                              f"({zone.iso(until, exact=True)})")
         conn = open_snapshot(args.db)
     except ReportError as bad:
         print(f"otrace report: {bad}", file=sys.stderr)

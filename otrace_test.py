@@ -9083,10 +9083,14 @@ def test_the_report_shows_control_characters_from_the_data_as_question_marks(svc
     lines = report(svc.db_path).stdout.splitlines()
     assert any(line.startswith("anthropic/x?[31mRED?[0m ") for line in lines)
     assert any(line.startswith("anthropic/new?line ") for line in lines)
-    assert svc.post("/v1/traces", trace(provider="=cmd", model="@SUM(A1)")).status == 202   # a formula
-    svc.wait_persisted(3)
+    assert svc.post("/v1/traces", [trace(provider="=cmd", model="@SUM(A1)"),         # formulas
+                                   trace(provider="p", model="m", session_id="\r=2+2")]).status == 202
+    svc.wait_persisted(4)
     rows = list(csv.reader(io.StringIO(report(svc.db_path, "--csv").stdout)))
     assert ["'=cmd", "'@SUM(A1)"] in [row[:2] for row in rows]
+    assert ["anthropic", "x?[31mRED?[0m"] in [row[:2] for row in rows]
+    sessions = list(csv.reader(io.StringIO(report(svc.db_path, "--by", "session", "--csv").stdout)))
+    assert [row[0] for row in sessions if "2+2" in ",".join(row)] == ["?=2+2"]     # on one row
 
 
 def test_the_report_says_its_totals_may_miss_calls_retention_deleted(tmp_path: Path) -> None:
@@ -9390,6 +9394,11 @@ def test_report_warns_of_log_calls_in_the_time_the_stores_calls_span(tmp_path: P
             "store's calls span")
     assert note in " ".join(report(db, *window, env={"COLUMNS": "200"}).stdout.split())
     assert note not in " ".join(report(db, *window, "--source", "log", env={"COLUMNS": "200"}).stdout.split())
+    with contextlib.closing(otrace.connect(str(db))) as conn, otrace.transaction(conn):   # the store's last
+        conn.execute("UPDATE llm_traces SET metadata = ? WHERE source = ? AND created_at = ?",   # call, dated
+                     ('{"stored_after_ms": 1800000}', otrace.STORE_SOURCE,               # at its start,
+                      otrace.epoch_ms(datetime.fromisoformat(at(20)))))                  # ended at 10:50
+    assert report_json(db, *window)["calls"]["log_calls_beside_the_store"] == 3        # and the log's 10:50
     with contextlib.closing(otrace.connect(str(db))) as conn, otrace.transaction(conn):
         conn.execute("DELETE FROM llm_traces WHERE source = ?", (otrace.STORE_SOURCE,))
     assert report_json(db, *window)["calls"]["log_calls_beside_the_store"] == 0
@@ -9456,7 +9465,9 @@ def test_report_until_alone_looks_at_the_day_before_it(tmp_path: Path) -> None:
         window = report_json(db, *since, "--until", "2026-11-02", "--timezone", "UTC")["window"]
         assert (window["since"], window["until"]) == (f"{start}T00:00:00+00:00", "2026-11-03T00:00:00+00:00")
     last = report_json(db, "--since", "2026-11-01", "--until", "9999-12-31", "--timezone", "UTC")   # its end
-    assert last["window"]["until"] == "9999-12-31T23:59:59+00:00" and last["calls"]["totals"]["calls"] > 0
+    assert last["window"]["until"] == "9999-12-31T23:59:59.999+00:00" and last["calls"]["totals"]["calls"] > 0
+    exact = report_json(db, "--since", "2026-11-01T00:00:00.5Z", "--until", "2026-11-02", "--timezone", "UTC")
+    assert exact["window"]["since"] == "2026-11-01T00:00:00.500+00:00"          # as it was counted
     assert report_json(db, "--since", "2026-11-01", "--until", "now")["calls"] == report_json(
         db, "--since", "2026-11-01")["calls"]                               # the default, said
 
