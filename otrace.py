@@ -5182,6 +5182,7 @@ def span_metadata(span: Any, attrs: dict[str, Any], resource: dict[str, Any], sc
     meta |= {"span_name": span.name, "service_name": resource.get("service.name"), "scope": scope}
     if isinstance(kept := attrs.get("otrace.metadata"), dict):    # pushed by an otrace: the call's own
         meta = metadata_own(kept) | meta
+    meta |= {key: attrs[key] for key in PUSHED_IDENTITY if isinstance(attrs.get(key), str)}
     meta |= {key: value for key, value in attrs.items() if (key not in MAPPED_KEYS and (
         key.startswith(META_PREFIXES) or key in META_KEYS) and not LEGACY_CONTENT.fullmatch(key))}
     if (raw := attrs.get("error.type")) is not None and error_name(raw) != raw:

@@ -5141,6 +5141,9 @@ def test_otlp_push_into_another_otrace_reproduces_every_llm_row(tmp_path: Path, 
         assert {k: there[k] for k in ROUND_TRIP} == {k: row[k] for k in ROUND_TRIP}, trace_id
         assert there["latency_ms"] == pytest.approx(row["latency_ms"] or 0, abs=1e-6)
         assert there["ttft_ms"] == pytest.approx(row["ttft_ms"]) if row["ttft_ms"] else True
+        meta = json.loads(there["metadata"])                          # where it came from, kept
+        assert there["source"] == "otlp" and (meta["otrace.trace_id"], meta["otrace.source"]) == (
+            trace_id, row["source"])
     assert "0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331" in got      # its own ids, kept
     kept = json.loads(got["0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331"]["metadata"])
     assert (kept["gen_ai.request.temperature"], kept["gen_ai.response.id"], kept["server.address"]) == (
