@@ -12696,13 +12696,16 @@ class Report:
     def document(self) -> dict[str, Any]:
         groups = self.groups_sql(self.by)
         summed, aside = self.sums(*groups)
+        calls = self.calls(summed, groups)
         return {"schema": REPORT_SCHEMA, "generated_at": self.zone.iso(now_ms()),
                 "window": {"since": self.zone.iso(self.since, exact=True),
                            "until": self.zone.iso(self.until, exact=True), "timezone": self.zone.name},
                 "by": self.by, "breakdown": self.breakdown, "cost": self.cost, "source": self.source,
-                "calls": {**self.calls(summed, groups), "reported_zero": aside.reported_zero(),
+                "calls": {**calls, "reported_zero": aside.reported_zero(),
                           "unmeasured_calls": aside.unmeasured,
-                          "log_calls_beside_the_store": self.log_beside_store(aside)},
+                          "log_calls_beside_the_store": self.log_beside_store(aside),
+                          "openclaw_cost_metric_usd":
+                              self.openclaw_cost() if calls["totals"]["unpriced_calls"] else None},
                 "top_sessions": self.top_sessions(),
                 "errors": self.errors(), "host": self.host(), "log_events": self.log_events(),
                 "push": self.push(), "retention": self.retention(), "usage_cost": self.usage_cost(summed)}
@@ -12802,6 +12805,17 @@ class Report:
             return {self.by: start.date().isoformat() if self.by == "day" else
                     start.isoformat(timespec="minutes")}
         return {{"session": "session_id"}.get(self.by, self.by): key[0]}
+
+    def openclaw_cost(self) -> float | None:
+        """What OpenClaw's own cost metric (openclaw.cost.usd, over OTLP) adds up to in the window, or
+        None without its points: the cost of the calls its usage spans give without one. Looked up only
+        for a window with calls of unknown cost (the table has no index on its time)."""
+        if self.source not in (None, "otlp"):
+            return None
+        where, params = self.where(by_source=False)
+        usd, points = self.conn.execute(f"SELECT total(value), count(*) FROM genai_metrics WHERE {where} AND "
+                                        "name = 'openclaw.cost.usd'", params).fetchone()
+        return usd if points else None
 
     def log_beside_store(self, aside: Aside) -> int:
         """Calls taken from the gateway's log while the session store was not followed, in the time the
@@ -13110,6 +13124,9 @@ class TableView:
             notes.append(f"? {plural(totals['unpriced_calls'], 'call')} with tokens and no cost: no price "
                          "for the model, or a total of tokens alone" + (
                              " (or none reported: --cost reported)" if mode == "reported" else ""))
+        if (metric := self.doc["calls"]["openclaw_cost_metric_usd"]) is not None:
+            notes.append(f"? OpenClaw's own cost metric (openclaw.cost.usd) adds up to {usd_text(metric)} in "
+                         "this window: its calls over OTLP carry no cost of their own")
         if unmeasured := self.doc["calls"]["unmeasured_calls"]:
             whose = "its" if unmeasured == 1 else "their"
             notes.append(f"? {plural(unmeasured, 'call')} with neither tokens nor a cost (as the gateway's "

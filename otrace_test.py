@@ -11315,6 +11315,23 @@ def test_a_default_state_dir_not_there_yet_is_waited_for_so_no_call_counts_twice
     assert len(node.rows("llm_traces")) == calls == len(session_traces(node))
 
 
+@needs_otlp_fixtures
+def test_the_report_names_openclaws_own_cost_metric_for_its_calls_without_a_cost(
+        run: Callable[..., Otrace]) -> None:
+    """OpenClaw's usage spans carry tokens and no cost; its openclaw.cost.usd metric has the cost. A
+    model the price table does not know leaves the calls at "$0?": the report says what the metric
+    adds up to in the window (OpenClaw's mock provider priced at 3, 15 and 0.3 USD per 1M tokens)."""
+    node = run({"TRACE_OPENCLAW_STATE_DIR": "off"})
+    replay(node, [e for e in captured_otlp() if e["run"] == "openclaw"])
+    window = ("--since", "2026-11-30", "--until", "2026-11-30", "--timezone", "UTC")
+    doc = wait_until(lambda: (doc := report_json(node.db_path, *window))["calls"]["openclaw_cost_metric_usd"]
+                     == pytest.approx(0.029127) and doc, what="every point of the metric stored")
+    assert doc["calls"]["totals"]["unpriced_calls"] == doc["calls"]["totals"]["calls"] == 3
+    text = " ".join(report(node.db_path, *window, env={"COLUMNS": "200"}).stdout.split())
+    assert "? OpenClaw's own cost metric (openclaw.cost.usd) adds up to $0.0291 in this window" in text
+    assert report_json(node.db_path, *window, "--source", "http")["calls"]["openclaw_cost_metric_usd"] is None
+
+
 @needs_stores
 @needs_otlp_fixtures
 @pytest.mark.parametrize("follows", ["log", "store", "neither"])
