@@ -31,7 +31,7 @@ RUNS: dict[str, tuple[list[str], list[str]]] = {    # name: (full budget, --quic
     "logtail": (["--lines", "50000", "--idle", "60"], ["--lines", "5000", "--rounds", "1", "--idle", "3"]),
     "session_store": (["--entries", "100000", "--idle", "30"], ["--entries", "5000", "--idle", "3"]),
     "ingest": (["--seconds", "5", "--idle", "60"], ["--seconds", "1", "--rounds", "1", "--idle", "3"]),
-    "month": ([], ["--scale", "600", "--cleanup-mib", "20"]),
+    "month": ([], ["--scale", "200", "--cleanup-mib", "20"]),
     "peers": (["--seconds", "10", "--window", "60"], ["--seconds", "2", "--window", "5"]),
     "report": ([], ["--mib", "20", "--runs", "2"]),
     "otlp": (["--seconds", "2", "--drain", "60"], ["--seconds", "1", "--drain", "10"]),
