@@ -868,7 +868,12 @@ def disk_usage(path: str) -> tuple[int, int, int, float]:
     st = os.statvfs(path)
     total, used, avail = st.f_blocks * st.f_frsize, (st.f_blocks - st.f_bfree) * st.f_frsize, \
         st.f_bavail * st.f_frsize
-    return total, used, avail, round(100.0 * used / (used + avail), 2) if used + avail else 0.0
+    return total, used, avail, df_percent(used, avail)
+
+
+def df_percent(used: int, avail: int) -> float:
+    """A disk's use as df says it: used / (used + available)."""
+    return round(100.0 * used / (used + avail), 2) if used + avail else 0.0
 
 
 class Counters:
@@ -3106,14 +3111,15 @@ class Reserve:
     """Space held back on the database's filesystem: a file of TRACE_DISK_RESERVE_BYTES beside it. On
     the first disk-full write it is deleted, so the batch and the queue behind it can commit; ingest
     answers 503 while it is released, and it is taken back once the disk has room for it twice. A
-    disk under TRACE_DISK_HIGH_PCT without that room (retention frees no more; a reserve large for the
-    volume) lets ingest resume without it. A reserve there was no room for at start is taken the same way,
-    without holding ingest back."""
+    disk under TRACE_DISK_HIGH_PCT with the reserve counted used, but without that room (a reserve large
+    for the volume), lets ingest resume without it. A reserve there was no room for at start is taken
+    the same way, without holding ingest back."""
 
     RETRY = 1.0                  # seconds between tries to take it (back)
 
     def __init__(self, db_path: str, size: int, logger: logging.Logger, high_pct: float) -> None:
         self.path, self.size, self.log, self.high_pct = Path(db_path + "-reserve"), size, logger, high_pct
+        self.db_path = db_path
         self.held = False
         self.released = False
         self.next_try = 0.0
@@ -3148,6 +3154,18 @@ class Reserve:
             return False
         self.held, self.released = True, False
         return True
+
+    def counted(self, used: int, avail: int) -> tuple[int, int]:
+        """A disk's used and available bytes, with the reserve counted used while it is released and the
+        database's files could make that room down to retention's low mark: where otrace's own rows fill
+        the disk, ingest going on without the reserve would fill it again, and then a deletion would
+        find no room to write. Another program's data is not the rows' to make up for."""
+        if not self.released:
+            return used, avail
+        with_it = (used + self.size, max(0, avail - self.size))
+        low = (self.high_pct - Retention.LOW_DISK) / 100 * sum(with_it)
+        own = file_size(self.db_path) + file_size(self.db_path + "-wal")
+        return with_it if own >= with_it[0] - low else (used, avail)
 
     def in_place(self) -> bool:
         """Its file is still there, whole: its size, and the blocks it had when taken (a compressing
@@ -3198,13 +3216,15 @@ class Reserve:
                 "path": str(self.path)})
         released = self.released
         try:
-            _, _, room, used_pct = disk_usage(str(self.path.parent))
+            _, used, room, used_pct = disk_usage(str(self.path.parent))
         except OSError:              # its directory is gone (the database's files removed): later
             return
         if self.hold():                                   # with room for it twice (hold)
             self.log.warning("disk reserve held again: ingest resumes" if released else "disk reserve held",
                              extra={"bytes": self.size})
-        elif released and used_pct < self.high_pct:     # retention frees no more: go on without it
+        elif released and df_percent(*self.counted(used, room)) < self.high_pct:
+            # under the mark, the reserve counted where the rows are to make room for it (retention does
+            # meanwhile), and no room for it twice: large for the volume; go on without it
             self.released = False
             self.log.warning("disk has room again, not for the reserve: ingest resumes without it",
                              extra={"bytes": self.size, "disk_avail_bytes": room, "disk_used_pct": used_pct})
@@ -11497,10 +11517,10 @@ class Retention(Loop):
     LOW_DISK = 5.0           # a pass deletes until the disk is 5 points under TRACE_DISK_HIGH_PCT
 
     def __init__(self, config: Config, events: EventQueue, db: Database,
-                 kept: dict[str, tuple[int, int]] | None = None) -> None:
+                 kept: dict[str, tuple[int, int]] | None = None, reserve: Reserve | None = None) -> None:
         super().__init__("retention", config.cleanup_interval)
         self.config, self.events, self.db, self.tables = config, events, db, EVENT_TABLES
-        self.db_dir = str(Path(config.db_path).parent)
+        self.db_dir, self.reserve = str(Path(config.db_path).parent), reserve
         unpushed = tuple(t for t in self.tables if t not in SAMPLE_TABLES)
         self.chunk = max(50, min(CHUNK, config.db_max_bytes // CHUNK_SHARE))
         self.step = autocheckpoint_pages(config, DB_PAGE)    # pages given back per shrink
@@ -11693,10 +11713,18 @@ class Retention(Loop):
         if share > self.marks.high:
             return "db_cap", (f"database {share:.0%} of {self.config.db_max_bytes} bytes > high mark "
                               f"{self.marks.high:.0%}")
-        used_pct = disk_usage(self.db_dir)[3]
+        used_pct = self.disk()[2]
         if used_pct > self.config.disk_high_pct:
             return "disk", f"disk {used_pct} % used > {self.config.disk_high_pct} %"
         return None
+
+    def disk(self) -> tuple[int, int, float]:
+        """The disk's (used, available, used %), a released reserve counted used where the rows are to
+        make room for it (Reserve.counted)."""
+        _, used, avail, _ = disk_usage(self.db_dir)
+        if self.reserve is not None:
+            used, avail = self.reserve.counted(used, avail)
+        return used, avail, df_percent(used, avail)
 
     def wal_room(self) -> int:
         """The bytes the WAL may take before the writer waits out a brief snapshot: the room the marks
@@ -11712,11 +11740,11 @@ class Retention(Loop):
         return int(self.config.db_max_bytes * (self.marks.low - self.marks.wal))
 
     def disk_relieved(self) -> bool:
-        return disk_usage(self.db_dir)[3] <= self.config.disk_high_pct - self.LOW_DISK
+        return self.disk()[2] <= self.config.disk_high_pct - self.LOW_DISK
 
     def own_share_can_relieve(self) -> bool:
         """True when the database holds at least what the disk is over its low mark."""
-        _, used, avail, _ = disk_usage(self.db_dir)
+        used, avail, _ = self.disk()
         excess = used - (self.config.disk_high_pct - self.LOW_DISK) / 100 * (used + avail)
         return sum(self.sizes()) >= excess
 
@@ -13324,7 +13352,7 @@ class Service:
         if not self.writer.reserve.hold():
             log.warning("disk reserve not held: no room for it", extra={
                 "path": str(self.writer.reserve.path), "bytes": config.disk_reserve_bytes})
-        self.retention = Retention(config, self.events, self.db, kept)
+        self.retention = Retention(config, self.events, self.db, kept, self.writer.reserve)
         self.retention.check_budget()
         self.writer.on_fault = self.on_write_fault
         self.writer.on_recovered = self.on_write_recovered

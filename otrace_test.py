@@ -1835,6 +1835,36 @@ def test_disk_reserve_commits_what_was_accepted_when_the_disk_fills(tmp_path: Pa
 
 
 @needs_root
+def test_a_disk_its_own_rows_fill_is_relieved_and_the_reserve_taken_back(tmp_path: Path,
+                                                                          run: Callable[..., Otrace]) -> None:
+    """otrace's own rows fill a small volume (a cap over the disk's budget, warned at start): the reserve
+    is released so the queue commits, and counted used while released, so the pass deletes the oldest
+    rows to make room for it; it is taken back and ingest resumes, and what was answered 202 is
+    written. (Ingest went on without it once its release alone brought the disk under its mark; the
+    rows filled it again and a deletion found no room to write: writes failed for good.)"""
+    with tmpfs(tmp_path / "vol", "12m") as vol:
+        node = run({"TRACE_DISK_RESERVE_BYTES": "3MiB", "TRACE_CLEANUP_INTERVAL": "5s",
+                    "TRACE_METRICS_INTERVAL": "off"}, db=vol / "otrace.db")
+        accepted: list[str] = []
+
+        def post() -> int:
+            resp = node.post("/v1/traces", [trace(input_text="x" * 4000) for _ in range(20)])
+            accepted.extend(resp.json["trace_ids"] if resp.status == 202 else [])
+            return resp.status
+
+        wait_until(lambda: post() == 503 and node.health()["disk_reserve"]["released"], timeout=120,
+                   what="the disk filled by otrace's own rows")
+        wait_until(lambda: post() == 202 and node.health()["disk_reserve"]["held"], timeout=120,
+                   what="the reserve taken back and ingest resumed")
+        assert node.logs("retention deleted rows that were never pushed")
+        assert node.stop() == 0                                  # every 202 written
+        with contextlib.closing(sqlite3.connect(vol / "otrace.db")) as conn:
+            deleted = conn.execute("SELECT sum(unsynced_deleted) FROM retention_ledger").fetchone()[0]
+            kept = conn.execute("SELECT count(*) FROM llm_traces").fetchone()[0]
+        assert kept + deleted == len(accepted) and kept > 0
+
+
+@needs_root
 def test_a_cap_that_with_the_reserve_is_over_the_disk_mark_is_warned_about(
         tmp_path: Path, run: Callable[..., Otrace]) -> None:
     """The cap holds the WAL: it is the cap and the reserve that must fit under the disk's mark (the
