@@ -1859,7 +1859,8 @@ def test_a_disk_its_own_rows_fill_is_relieved_and_the_reserve_taken_back(tmp_pat
         assert node.logs("retention deleted rows that were never pushed")
         assert node.stop() == 0                                  # every 202 written
         with contextlib.closing(sqlite3.connect(vol / "otrace.db")) as conn:
-            deleted = conn.execute("SELECT sum(unsynced_deleted) FROM retention_ledger").fetchone()[0]
+            deleted = conn.execute("SELECT sum(unsynced_deleted) FROM retention_ledger WHERE table_name = "
+                                   "'llm_traces'").fetchone()[0]
             kept = conn.execute("SELECT count(*) FROM llm_traces").fetchone()[0]
         assert kept + deleted == len(accepted) and kept > 0
 
