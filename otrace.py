@@ -4648,7 +4648,8 @@ MODEL_OPERATIONS = frozenset({"chat", "text_completion", "generate_content", "em
                               "embedding"})            # the last two: OpenLLMetry's llm.request.type
 OPENCLAW_USAGE = "openclaw.model.usage"
 ENTITY_KIND = "traceloop.span.kind"      # OpenLLMetry's mark of its workflow, task, agent and tool spans
-USAGE_METRICS = frozenset({"openclaw.tokens", "openclaw.cost.usd", "openclaw.run.duration_ms"})
+OPENCLAW_COST = "openclaw.cost.usd"      # OpenClaw's cost metric: its usage spans carry none
+USAGE_METRICS = frozenset({"openclaw.tokens", OPENCLAW_COST, "openclaw.run.duration_ms"})
 PROVIDER_KEYS = ("gen_ai.provider.name", "gen_ai.system", "openclaw.provider")
 MODEL_KEYS = ("gen_ai.response.model", "gen_ai.request.model", "openclaw.model")      # response first
 PROVIDER_NAMES = {"az.ai.inference": "azure.ai.inference", "az.ai.openai": "azure.ai.openai",
@@ -12842,7 +12843,7 @@ class Report:
             return None
         where, params = self.where(by_source=False)
         usd, points = self.conn.execute(f"SELECT total(value), count(*) FROM genai_metrics WHERE {where} AND "
-                                        "name = 'openclaw.cost.usd'", params).fetchone()
+                                        "name = ?", [*params, OPENCLAW_COST]).fetchone()
         return usd if points else None
 
     def log_beside_store(self, aside: Aside) -> int:
@@ -13153,7 +13154,7 @@ class TableView:
                          "for the model, or a total of tokens alone" + (
                              " (or none reported: --cost reported)" if mode == "reported" else ""))
         if (metric := self.doc["calls"]["openclaw_cost_metric_usd"]) is not None:
-            notes.append(f"? OpenClaw's own cost metric (openclaw.cost.usd) adds up to {usd_text(metric)} in "
+            notes.append(f"? OpenClaw's own cost metric ({OPENCLAW_COST}) adds up to {usd_text(metric)} in "
                          "this window: its calls over OTLP carry no cost of their own")
         if unmeasured := self.doc["calls"]["unmeasured_calls"]:
             whose = "its" if unmeasured == 1 else "their"
