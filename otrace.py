@@ -11428,6 +11428,12 @@ def relief(tiers: tuple[Tier, ...], until: int, pass_id: str, conn: sqlite3.Conn
     return Relief(chunks, live, tiers)
 
 
+def disk_relief(tiers: tuple[Tier, ...], excess: int, pass_id: str, conn: sqlite3.Connection) -> Relief:
+    """Over the disk's mark, the rows what fills it: as `relief`, until they have given up `excess`
+    bytes (the next rows reuse the freed pages; the pass gives the rest back to the disk)."""
+    return relief(tiers, live_bytes(conn) - excess, pass_id, conn)
+
+
 class Hold(NamedTuple):
     """A snapshot that keeps the WAL from starting over, as the writer saw it after a batch."""
 
@@ -11509,11 +11515,12 @@ class Marks:
 
 class Retention(Loop):
     """Every TRACE_CLEANUP_INTERVAL, and at once when a batch takes the database past its high mark or
-    a write fails for lack of space: while the database is over its high mark or the disk over
-    TRACE_DISK_HIGH_PCT, deletes oldest first in tier order down to the low mark; then, on the
-    interval, deletes pushed rows older than TRACE_RETENTION. Every deletion runs in a chunk of its own,
-    a transaction with its ledger row, between ingest batches; under the cap, chunk after chunk for up
-    to RELIEF_TIME a job, the first of them queued by the writer itself (`watch`)."""
+    the disk past TRACE_DISK_HIGH_PCT, or a write fails for lack of space: while the database is over
+    its high mark or the disk over TRACE_DISK_HIGH_PCT, deletes oldest first in tier order down to the
+    low mark; then, on the interval, deletes pushed rows older than TRACE_RETENTION. Every deletion
+    runs in a chunk of its own, a transaction with its ledger row, between ingest batches; under
+    pressure, chunk after chunk for up to RELIEF_TIME a job, the first of them queued by the writer
+    itself (`watch`)."""
 
     LOW_DISK = 5.0           # a pass deletes until the disk is 5 points under TRACE_DISK_HIGH_PCT
 
@@ -11590,10 +11597,27 @@ class Retention(Loop):
             self.hold_wal = 0.0
         self.hold = hold
         if self.share() > self.marks.high:
-            if not (self.begun and not self.begun[-1].done()):    # not one still waiting to run
-                self.begun.append(self.events.submit(functools.partial(
-                    relief, self.tiers, self.low_bytes(), ledger_hour())))
-            self.wake()
+            self.head_start(functools.partial(relief, self.tiers, self.low_bytes(), ledger_hour()))
+        elif self.stuck is None:
+            self.watch_disk()
+
+    def watch_disk(self) -> None:
+        """The disk too, after each batch, where the rows fill it: a deletion must run while it still
+        has room to write, not at the next pass."""
+        try:
+            if self.disk()[2] <= self.config.disk_high_pct:
+                return
+            if (excess := self.disk_excess()) <= sum(self.sizes()):
+                self.head_start(functools.partial(disk_relief, self.tiers, excess, ledger_hour()))
+        except OSError:              # its directory is gone: the writer makes it again
+            return
+        self.wake()
+
+    def head_start(self, job: Callable[[sqlite3.Connection], Relief]) -> None:
+        """The writer's next job deletes (unless one still waits to run), and the pass runs now."""
+        if not (self.begun and not self.begun[-1].done()):
+            self.begun.append(self.events.submit(job))
+        self.wake()
 
     def tick(self) -> None:
         pass_id, started = ledger_hour(), time.monotonic()
@@ -11743,11 +11767,14 @@ class Retention(Loop):
     def disk_relieved(self) -> bool:
         return self.disk()[2] <= self.config.disk_high_pct - self.LOW_DISK
 
+    def disk_excess(self) -> int:
+        """The bytes the disk is over its low mark."""
+        used, avail, _ = self.disk()
+        return int(used - (self.config.disk_high_pct - self.LOW_DISK) / 100 * (used + avail))
+
     def own_share_can_relieve(self) -> bool:
         """True when the database holds at least what the disk is over its low mark."""
-        used, avail, _ = self.disk()
-        excess = used - (self.config.disk_high_pct - self.LOW_DISK) / 100 * (used + avail)
-        return sum(self.sizes()) >= excess
+        return sum(self.sizes()) >= self.disk_excess()
 
     def relieve(self, pass_id: str, tally: collections.Counter[tuple[str, str, str]],
                 tiers: tuple[Tier, ...]) -> str | None:
@@ -11787,7 +11814,9 @@ class Retention(Loop):
         if self.stopping.is_set():             # cut short: not the end of what it may delete
             return cause
         self.give_back()
-        detail = (self.pressure() or (cause, "now under"))[1]
+        if (found := self.pressure()) is None:           # what it gave back was enough
+            return self.relieved(cause)
+        detail = found[1]
         was, self.stuck = self.stuck, detail     # state first: /health agrees with the line
         if was is None:
             self.log.error("still over budget after deleting all it may", extra={"cause": cause,

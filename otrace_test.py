@@ -1837,18 +1837,20 @@ def test_disk_reserve_commits_what_was_accepted_when_the_disk_fills(tmp_path: Pa
 @needs_root
 def test_a_disk_its_own_rows_fill_is_relieved_and_the_reserve_taken_back(tmp_path: Path,
                                                                           run: Callable[..., Otrace]) -> None:
-    """otrace's own rows fill a small volume (a cap over the disk's budget, warned at start): the reserve
-    is released so the queue commits, and counted used while released, so the pass deletes the oldest
-    rows to make room for it; it is taken back and ingest resumes, and what was answered 202 is
-    written. (Ingest went on without it once its release alone brought the disk under its mark; the
-    rows filled it again and a deletion found no room to write: writes failed for good.)"""
+    """otrace's own rows fill a small volume (a cap over the disk's budget, warned at start; requests of
+    1 MB, more than the room over the disk's mark): the reserve is released so the queue commits, and
+    counted used while released, so the pass deletes the oldest rows to make room for it; it is taken
+    back and ingest resumes, and what was answered 202 is written. (Ingest went on without it once its
+    release alone brought the disk under its mark; the rows filled it again and a deletion found no
+    room to write: writes failed for good.)"""
     with tmpfs(tmp_path / "vol", "12m") as vol:
-        node = run({"TRACE_DISK_RESERVE_BYTES": "3MiB", "TRACE_CLEANUP_INTERVAL": "5s",
-                    "TRACE_METRICS_INTERVAL": "off"}, db=vol / "otrace.db")
+        node = run({"TRACE_DISK_RESERVE_BYTES": "3MiB", "TRACE_DISK_HIGH_PCT": "90",
+                    "TRACE_CLEANUP_INTERVAL": "5s", "TRACE_METRICS_INTERVAL": "off"}, db=vol / "otrace.db")
         accepted: list[str] = []
 
         def post() -> int:
-            resp = node.post("/v1/traces", [trace(input_text="x" * 4000) for _ in range(20)])
+            text = "x" * 16000
+            resp = node.post("/v1/traces", [trace(input_text=text, output_text=text) for _ in range(30)])
             accepted.extend(resp.json["trace_ids"] if resp.status == 202 else [])
             return resp.status
 
@@ -1857,6 +1859,35 @@ def test_a_disk_its_own_rows_fill_is_relieved_and_the_reserve_taken_back(tmp_pat
         wait_until(lambda: post() == 202 and node.health()["disk_reserve"]["held"], timeout=120,
                    what="the reserve taken back and ingest resumed")
         assert node.logs("retention deleted rows that were never pushed")
+        assert node.stop() == 0                                  # every 202 written
+        with contextlib.closing(sqlite3.connect(vol / "otrace.db")) as conn:
+            deleted = conn.execute("SELECT sum(unsynced_deleted) FROM retention_ledger WHERE table_name = "
+                                   "'llm_traces'").fetchone()[0]
+            kept = conn.execute("SELECT count(*) FROM llm_traces").fetchone()[0]
+        assert kept + deleted == len(accepted) and kept > 0
+
+
+@needs_root
+def test_rows_that_fill_the_disk_between_passes_are_deleted_before_it_is_full(
+        tmp_path: Path, run: Callable[..., Otrace]) -> None:
+    """A flood of twice a small volume, the pass interval an hour: each batch that leaves the disk past
+    its mark begins a deletion on the writer and wakes the pass, so the disk never fills and the
+    reserve is never needed. (The disk was looked at only by the pass: the rows filled it, the
+    reserve's room went to the queue, and every write, the deletions' too, failed for good.)"""
+    with tmpfs(tmp_path / "vol", "32m") as vol:
+        node = run({"TRACE_DISK_RESERVE_BYTES": "512KiB", "TRACE_DISK_HIGH_PCT": "60",
+                    "TRACE_CLEANUP_INTERVAL": "1h", "TRACE_METRICS_INTERVAL": "off"}, db=vol / "otrace.db")
+        accepted: list[str] = []
+
+        def post() -> bool:
+            resp = node.post("/v1/traces", [trace(input_text="x" * 4000) for _ in range(20)])
+            accepted.extend(resp.json["trace_ids"] if resp.status == 202 else [])
+            return resp.status == 202
+
+        while len(accepted) < 16000:                         # 4 KB each: 64 MB
+            wait_until(post, timeout=60, what="the flood's next request taken")
+        assert node.logs("retention deleted rows that were never pushed")
+        assert not node.logs("disk full: reserve released; ingest paused")
         assert node.stop() == 0                                  # every 202 written
         with contextlib.closing(sqlite3.connect(vol / "otrace.db")) as conn:
             deleted = conn.execute("SELECT sum(unsynced_deleted) FROM retention_ledger WHERE table_name = "
