@@ -4034,12 +4034,36 @@ def take_body(request: Request, limit: int) -> bytearray:
             return bytearray().join(parts)
 
 
+class Stall:
+    """Since when the writer has refused events, none taken between: a refusal asks the client to come
+    back about that much later (Retry-After, at least `least`, at most RETRY_AFTER_MAX s), as an
+    exponential backoff would, for exporters that retry a number of times whatever their timeout
+    says, so that they ride out a writer stalled longer than their first few retries."""
+
+    RETRY_AFTER_MAX = 30
+
+    def __init__(self) -> None:
+        self.since = self.last = -math.inf     # HTTP and OTLP threads both: a race only resets it
+
+    def retry_after(self, least: int) -> dict[str, str]:
+        """The header for a refusal: one after a pause longer than any wait asked begins a new stall."""
+        now = time.monotonic()
+        if now - self.last > self.RETRY_AFTER_MAX:
+            self.since = now
+        self.last = now
+        return {"Retry-After": str(min(self.RETRY_AFTER_MAX, max(least, round(now - self.since))))}
+
+    def ended(self) -> None:
+        self.last = -math.inf
+
+
 class Api:
     """What otrace answers: the routes, the ingest token, and the refusals, all as whole responses."""
 
     def __init__(self, service: Service) -> None:
         self.service, self.config = service, service.config
         self.routes = ROUTES | (DEBUG_ROUTES if service.debug else {})
+        self.stall = Stall()
 
     def begin(self, request: Request) -> None:
         """Checks made before a byte of the body is read; Refusal ends the request (and the connection,
@@ -4130,10 +4154,11 @@ class Api:
         if not service.writer.is_alive() or service.writer.failing:
             service.counters.add("refused", len(rows))
             why = service.writer.failing_because() if service.writer.is_alive() else "the writer stopped"
-            raise Refusal(503, f"database writes are failing ({why}); retry later", {"Retry-After": "5"})
+            raise Refusal(503, f"database writes are failing ({why}); retry later", self.stall.retry_after(5))
         if not service.events.offer(Unit(rows, extra)):
             service.counters.add("refused", len(rows))
-            raise Refusal(503, "queue is full; retry later", {"Retry-After": "1"})
+            raise Refusal(503, "queue is full; retry later", self.stall.retry_after(1))
+        self.stall.ended()
         service.counters.add("received", len(rows))
 
 

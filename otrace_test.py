@@ -1632,6 +1632,71 @@ def test_a_request_that_needs_the_whole_queue_goes_in_while_single_events_wait_f
     node.wait_persisted(accepted, timeout=30)
 
 
+def test_a_stall_asks_a_wait_as_long_as_its_refusals_have_lasted_and_ends_at_an_event_taken() -> None:
+    stall = otrace.Stall()
+    assert stall.retry_after(1) == {"Retry-After": "1"} and stall.retry_after(5) == {"Retry-After": "5"}
+    stall.since -= 12                                       # refused for 12 s
+    assert stall.retry_after(1) == {"Retry-After": "12"} and stall.retry_after(20) == {"Retry-After": "20"}
+    stall.since -= 600
+    assert stall.retry_after(1) == {"Retry-After": "30"}    # at most
+    stall.ended()                                           # an event taken
+    assert stall.retry_after(1) == {"Retry-After": "1"}
+    stall.since -= 12
+    stall.last -= 31                                        # no refusal for longer than any wait asked
+    assert stall.retry_after(1) == {"Retry-After": "1"}
+
+
+STALLED_CLIENT = r"""
+import json, sys
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+provider = TracerProvider(resource=Resource.create({"service.name": "otrace-stalled-client"}))
+provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(), schedule_delay_millis=3_600_000))
+tracer = provider.get_tracer("otrace.test")
+for _ in range(int(sys.argv[1])):
+    with tracer.start_as_current_span("chat gpt-4o", attributes={
+            "gen_ai.operation.name": "chat", "gen_ai.provider.name": "openai",
+            "gen_ai.request.model": "gpt-4o", "gen_ai.usage.input_tokens": 10}):
+        pass
+print(json.dumps({"flushed": provider.force_flush(120_000)}))
+provider.shutdown()
+"""
+
+
+def test_an_sdk_exporter_rides_out_a_stalled_writer_as_its_refusals_ask_it_to_wait_longer(
+        run: Callable[..., Otrace]) -> None:
+    """The writer held up by another program's write lock: each 503 "queue is full" asks the client
+    to wait as long as the refusals have lasted (Retry-After), so the Python SDK's exporter, which
+    retries six times whatever its timeout, sends its spans once the lock goes. (Retry-After: 1 every
+    time had it give its batches up after about 6 s.)"""
+    node = run()
+    blocker = sqlite3.connect(node.db_path, isolation_level=None, timeout=10)
+    blocker.execute("BEGIN IMMEDIATE")
+    filled = 0
+    while node.post("/v1/traces", [trace() for _ in range(50)]).status == 202:
+        filled += 50                                            # the queue, full
+    env = {**client_env(f"http://127.0.0.1:{node.port}"), "OTEL_EXPORTER_OTLP_TIMEOUT": "30"}
+    client = subprocess.Popen([sys.executable, "-c", STALLED_CLIENT, "1500"], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: int(node.post("/v1/traces", trace()).headers.get("retry-after", 0)) >= 8,
+                   timeout=60, what="refusals for 8 s, the SDK's batches refused meanwhile")
+        blocker.execute("ROLLBACK")
+        out, err = client.communicate(timeout=120)
+    finally:
+        blocker.close()
+        if client.poll() is None:
+            client.kill()
+            client.wait()
+    assert client.returncode == 0 and json.loads(out) == {"flushed": True}, err[-3000:]
+    assert "Failed to export" not in err, err[-3000:]
+    node.wait_persisted(filled + 1500, timeout=60)
+    assert node.health()["events_refused"] >= 2 * 512
+
+
 def test_queue_full_answers_503_and_keeps_nothing_of_that_request(run: Callable[..., Otrace]) -> None:
     node = run({"TRACE_QUEUE_SIZE": "20", "TRACE_BATCH_SIZE": "5"})
     # another process holds the write lock: the writer cannot commit, so the queue really fills
@@ -1646,7 +1711,7 @@ def test_queue_full_answers_503_and_keeps_nothing_of_that_request(run: Callable[
             if resp.status == 202:
                 accepted += resp.json["trace_ids"]
             else:
-                assert resp.status == 503 and resp.headers["retry-after"] == "1"
+                assert resp.status == 503 and 1 <= int(resp.headers["retry-after"]) <= 30
         assert 503 in statuses
         health = node.health()
         assert health["queue_depth"] <= 20 and health["events_refused"] >= 3
