@@ -529,7 +529,8 @@ class Config:
     disk_path: str = setting("", EXISTING, "A path on the filesystem whose space and I/O are reported; "
                              "empty: the database's directory.")
     log_path: str = setting("", TEXT, "The OpenClaw gateway log to follow: a file, or a directory whose "
-                            "newest openclaw*-YYYY-MM-DD.log is followed; empty: off.")
+                            "newest openclaw*-YYYY-MM-DD.log is followed (of one OpenClaw profile: "
+                            "operations.md); empty: off.")
     log_poll: float = setting("500ms", duration("10ms", "1m"), "Time between looks at the log file.")
     log_start: str = setting("end", choice("end", "beginning"), "Where to start the first time otrace "
                              "follows this log; from then on it resumes where it stopped, and reads a file "
@@ -7835,7 +7836,18 @@ LOG_UNIT_LINES = 1024            # and at most this many: the rows they become b
 LINE_ROWS_MOST = 2               # rows a line becomes: its log event, and a trace or an error event
 FINGERPRINT_BYTES = 256
 LOG_NAME = re.compile(r"openclaw(?:-(?P<profile>[\w.-]+))?-\d{4}-\d{2}-\d{2}\.log")   # not a rotated .N.log
-ROTATED = re.compile(r"openclaw[\w.-]*\.\d+\.log")                          # a size rotation's file
+ROTATED = re.compile(r"(?P<name>openclaw[\w.-]*?)(?:\.log)?\.\d+\.log")        # a size rotation's file
+
+
+def log_family(name: str) -> str | None:
+    """What a dated OpenClaw log's file name, or a size rotation's of one, says before the date
+    ('openclaw-', 'openclaw-<profile>-'): one profile's files share it. None for another name."""
+    if LOG_NAME.fullmatch(name):
+        return name[:-len("YYYY-MM-DD.log")]
+    rotated = ROTATED.fullmatch(name)
+    if rotated and LOG_NAME.fullmatch(rotated["name"] + ".log"):
+        return rotated["name"][:-len("YYYY-MM-DD")]
+    return None
 KEY_VALUE = re.compile(r"\b(\w+)=(\S+)")   # \b: each match starts a word; without, a long word costs n²
 NETWORK_CODES = {"ECONNREFUSED", "ECONNRESET", "ENOTFOUND", "EAI_AGAIN", "EHOSTUNREACH", "ENETUNREACH",
                  "EPIPE", "UND_ERR_SOCKET"}
@@ -8215,17 +8227,23 @@ class LogTailer(QuietReader):
     commit and offers their events, with the new offset, to the queue as one unit. After a rename
     rotation it finishes the old file before moving on; a truncated file is read again from its start;
     a missing file is waited for quietly (a line when waiting starts, one when the file appears).
-    `store_followed`: OpenClaw's session store records the model calls and their failures."""
+    `store`: the state directory of OpenClaw's session store, when followed: the store records the model
+    calls and their failures, and its profile's log is the one to follow in a directory of several."""
 
-    def __init__(self, config: Config, events: EventQueue, db: Database,
-                 store_followed: bool = False) -> None:
+    def __init__(self, config: Config, events: EventQueue, db: Database, store: Path | None = None) -> None:
         super().__init__("logtail", config.log_poll, config.quiet_poll, events)
-        self.config, self.store_followed = config, store_followed
+        self.config, self.store_followed = config, store is not None
+        # the store's profile (~/.openclaw-<profile>; "" the default's, ~/.openclaw), if it says one
+        named = store is not None and (store.name == ".openclaw" or store.name.startswith(".openclaw-"))
+        self.store_profile = store.name.removeprefix(".openclaw").removeprefix("-") if named else None
         self.causes: dict[str, str] = {}         # otel trace id -> cause code of its last fetch error
         self.last_outcome: dict[str, str] = {}   # run id -> outcome of its last failed attempt
         self.known: dict[tuple[int, int], list[tuple[str, int]]] = {}   # (dev, inode) -> [(mark, offset)]
         folder = self.folder()
         self.followed_before = False     # this log's files were followed before: any new one is news
+        # the profile whose files are followed (log_family): the store's, else the last one read, else
+        # the first chosen
+        self.family: str | None = None
         last_read = 0
         for dev, inode, mark, position, path, updated in db.query(
                 "SELECT dev, inode, fingerprint, position, path, updated_at FROM log_offsets "
@@ -8233,7 +8251,9 @@ class LogTailer(QuietReader):
             self.known.setdefault((dev % 2**64, inode % 2**64), []).append((mark, position))
             if Path(path).parent == folder:
                 self.followed_before, last_read = True, max(last_read, updated)
-        # a rotated file written after this and never read is news: the last read, or this start
+                if self.store_profile is None:
+                    self.family = log_family(Path(path).name) or self.family
+        # a file of the log's written after this and never read is news: the last read, or this start
         self.since = last_read / 1000 if self.followed_before else time.time()
         self.current: Followed | None = None
         self.chosen_by: tuple[str, ...] = ()   # what the last choice of the file to follow read
@@ -8256,7 +8276,7 @@ class LogTailer(QuietReader):
         the dated logs of the newest one's day (a write to another of them can make it the newest)."""
         path = Path(self.config.log_path)
         if not os.path.isdir(path):  # noqa: PTH112 - Path's raises on EACCES
-            self.chosen_by = (str(path),)
+            self.chosen_by, self.family = (str(path),), self.family or log_family(path.name)
             try:
                 path.stat()
             except (FileNotFoundError, NotADirectoryError):
@@ -8264,33 +8284,48 @@ class LogTailer(QuietReader):
             except OSError:
                 pass                     # one otrace may not look at is opened, and the fault said
             return str(path)
-        dated = [p for p in path.iterdir() if LOG_NAME.fullmatch(p.name)]
+        dated = [p for p in path.iterdir() if LOG_NAME.fullmatch(p.name) and self.ours(p.name)]
+        if self.family is None and self.store_profile is not None:     # the first choice: the store's
+            dated = [p for p in dated if (log_profile(p.name) or "") == self.store_profile] or dated
         newest = max(dated, key=lambda p: (p.name[-14:], p.stat().st_mtime), default=None)
         day = newest.name[-14:] if newest else None
         self.chosen_by = (str(path), *sorted(str(p) for p in dated if p.name[-14:] == day))
+        if newest and self.family is None:      # another profile's gateway may log here too: not its
+            self.family = log_family(newest.name)
         return str(newest) if newest else None
 
+    def ours(self, name: str) -> bool:
+        """Whether a file in the log's directory is the followed profile's (any, until one is chosen)."""
+        return self.family is None or log_family(name) in (self.family, None)
+
     def unfinished(self) -> list[str]:
-        """Files in the log's directory with lines otrace has not read, oldest first: those it read
-        part of (rotated while otrace was down or behind), and rotated files it never read that were
-        written since it last read this log (rotated away unseen: twice while it was down, or while a
-        full disk held it back)."""
+        """The followed profile's files in the log's directory with lines otrace has not read, oldest
+        first: those it read part of (rotated while otrace was down or behind), and dated or rotated
+        files it never read that were written after it last read this log, or after a file it has not
+        finished was last written (rotated away unseen: twice while it was down, or while a full disk
+        held it back; a day's file it was down for, the next day's there too)."""
         try:
-            target, names = self.target(), [p for p in self.folder().iterdir()
-                                            if p.name.startswith("openclaw") and p.name.endswith(".log")]
+            target, names = self.target(), [p for p in self.folder().iterdir() if self.ours(p.name)
+                                            and p.name.startswith("openclaw") and p.name.endswith(".log")]
         except OSError:
             return []
-        found = []
+        daily = os.path.isdir(self.config.log_path)  # noqa: PTH112 - else one file, its day's alone
+        found, unread = [], []
         for candidate in names:
             try:
                 st = candidate.stat()
             except OSError:                  # gone since the listing: the gateway's retention
                 continue
             offset = self.resume_at(str(candidate), st)
-            if offset is None and ROTATED.fullmatch(candidate.name) and st.st_mtime > self.since:
-                offset = 0
-            if offset is not None and offset < st.st_size and str(candidate) != target:
+            if offset is None and (ROTATED.fullmatch(candidate.name) or (daily and LOG_NAME.fullmatch(
+                    candidate.name))):
+                unread.append((st.st_mtime, str(candidate), st.st_size))
+            elif offset is not None and offset < st.st_size and str(candidate) != target:
                 found.append((st.st_mtime, str(candidate)))
+        # behind in a file: what was written after its last write is news too
+        self.since = min([self.since, *(mtime for mtime, _ in found)])
+        found += [(mtime, path) for mtime, path, size in unread
+                  if mtime > self.since and size and path != target]
         return [p for _, p in sorted(found)]
 
     def resume_at(self, path: str, st: os.stat_result) -> int | None:
@@ -13422,7 +13457,7 @@ class Service:
         state_dir = openclaw_state_dir(config.openclaw_state_dir, gateway_here=bool(config.log_path),
                                        log_path=config.log_path)
         self.store = SessionStore(config, self.events, self.db, state_dir) if state_dir else None
-        self.tailer = LogTailer(config, self.events, self.db, store_followed=self.store is not None) \
+        self.tailer = LogTailer(config, self.events, self.db, self.store and self.store.root) \
             if config.log_path else None
         self.pusher: Pusher | None = None
         if config.push_endpoint:

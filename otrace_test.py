@@ -3611,6 +3611,65 @@ def test_a_file_rotated_away_before_otrace_saw_it_is_read(tmp_path: Path, run: C
     assert node.health()["events_duplicate"] == 0
 
 
+def test_a_file_rotated_away_unseen_while_otrace_was_behind_is_read(tmp_path: Path,
+                                                                    run: Callable[..., Otrace]) -> None:
+    """otrace stopped behind in its file (lines left unread), and the gateway rotated twice meanwhile:
+    the file it never saw was last written before otrace's last read, but after the file it had not
+    finished, so it is news all the same (it was skipped: only files written after the last read were)."""
+    logs = tmp_path / "openclaw"
+    logs.mkdir()
+    day = "openclaw-2026-12-01"
+    lines = gateway_lines()
+
+    def rotate() -> None:
+        for n in (1, 0):
+            name = logs / (f"{day}.{n}.log" if n else f"{day}.log")
+            if name.exists():
+                name.rename(logs / f"{day}.{n + 1}.log")
+
+    (logs / f"{day}.log").touch()
+    env = {"TRACE_LOG_PATH": str(logs), "TRACE_LOG_POLL": "20ms"}
+    node = run(env)
+    node.wait_log(lambda e: e.get("message") == "following log file")
+    began = time.time()
+    append(logs / f"{day}.log", b"".join(lines[10:15]))
+    wait_until(lambda: sorted(logged(node)) == sorted(expected(range(10, 15))), what="the first lines")
+    assert node.stop() == 0
+    append(logs / f"{day}.log", b"".join(lines[15:20]))                  # not read yet: otrace behind
+    rotate()
+    append(logs / f"{day}.log", b"".join(lines[20:30]))                  # never seen by otrace
+    rotate()
+    append(logs / f"{day}.log", b"".join(lines[30:40]))
+    os.utime(logs / f"{day}.2.log", (began - 60,) * 2)   # as if written before otrace's last read, the
+    os.utime(logs / f"{day}.1.log", (began - 30,) * 2)   # file it never saw after the one it had not finished
+    node = run(env, db=node.db_path)
+    wait_until(lambda: sorted(logged(node)) == sorted(expected(range(10, 40))), what="every file's lines")
+    assert node.health()["events_duplicate"] == 0
+
+
+def test_a_directory_of_two_profiles_logs_follows_the_one_of_the_store(tmp_path: Path,
+                                                                       run: Callable[..., Otrace]) -> None:
+    """`openclaw --profile work` logs beside the default profile in /tmp/openclaw: with the work
+    profile's store (~/.openclaw-work), otrace follows the work log, though the other was written last,
+    and stays with it (it followed whichever was written last, back and forth, as its own)."""
+    logs = tmp_path / "openclaw"
+    logs.mkdir()
+    lines = gateway_lines()
+    work, default = logs / "openclaw-work-2026-12-01.log", logs / "openclaw-2026-12-01.log"
+    work.write_bytes(b"".join(lines[10:20]))
+    default.write_bytes(b"".join(lines[20:30]))
+    os.utime(work, (time.time() - 60,) * 2)
+    node = run({"TRACE_LOG_PATH": str(logs), "TRACE_LOG_POLL": "20ms", "TRACE_LOG_START": "beginning",
+                "TRACE_OPENCLAW_STATE_DIR": str(tmp_path / ".openclaw-work")})
+    wait_until(lambda: sorted(logged(node)) == sorted(expected(range(10, 20))), what="the work log's lines")
+    append(default, b"".join(lines[30:40]))
+    append(work, b"".join(lines[40:50]))
+    wait_until(lambda: sorted(logged(node)) == sorted(expected([*range(10, 20), *range(40, 50)])),
+               what="the work log's new lines")
+    assert node.health()["log_tail"]["file"] == str(work)
+    assert node.stop() == 0
+
+
 @needs_gateway_log
 def test_a_log_catch_up_never_turns_a_client_away(tmp_path: Path, run: Callable[..., Otrace]) -> None:
     """A reader's units leave a quarter of the queue to clients, the tailer's cut to half the rest in
@@ -3760,6 +3819,12 @@ def test_files_rotated_or_begun_while_otrace_was_down_are_read(tmp_path: Path,
     (logs / "openclaw-2026-11-25.log").write_bytes(b"".join(lines[30:45]))   # the next day, while down
     node = run(env)
     wait_until(lambda: sorted(logged(node)) == sorted(expected(range(10, 45))), what="the new day's file")
+    assert node.stop() == 0
+    (logs / "openclaw-2026-11-26.log").write_bytes(b"".join(lines[45:60]))   # two days while down: the
+    (logs / "openclaw-2026-11-27.log").write_bytes(b"".join(lines[60:75]))   # first was skipped whole
+    node = run(env)
+    wait_until(lambda: sorted(logged(node)) == sorted(expected(range(10, 75))), what="both days' files")
+    assert node.health()["events_duplicate"] == 0
 
 
 def test_waiting_for_a_missing_log_is_one_line_when_it_starts_and_one_when_it_ends(
@@ -4165,8 +4230,8 @@ def quick_look(reader: otrace.Loop) -> bool:
 @needs_gateway_log
 def test_a_quiet_log_takes_a_few_stat_calls_until_a_file_it_reads_changes(tmp_path: Path) -> None:
     """After a look that found nothing, a look at the same files lists no directory and reads nothing;
-    a line, the next day's file, a rename rotation and a write to another log of that day (the newest
-    of a day is followed) are each what the next look sees."""
+    a line, the next day's file and a rename rotation are each what the next look sees; another
+    profile's log of that day, written last, is not followed (its gateway's lines are not this one's)."""
     logs = tmp_path / "openclaw"
     logs.mkdir()
     lines = gateway_lines()
@@ -4202,7 +4267,9 @@ def test_a_quiet_log_takes_a_few_stat_calls_until_a_file_it_reads_changes(tmp_pa
     os.utime(other, ns=(tomorrow.stat().st_mtime_ns - 10**9,) * 2)
     assert until_quiet()[-1] and tailer.health()["file"] == str(tomorrow) and read() == 4
     append(other, lines[5])                                            # now the newest of the day
-    assert not until_quiet()[0] and read() == 6 and tailer.health()["file"] == str(other)
+    assert until_quiet()[-1] and read() == 4 and tailer.health()["file"] == str(tomorrow)
+    append(tomorrow, lines[5])
+    assert not until_quiet()[0] and read() == 5 and tailer.health()["file"] == str(tomorrow)
 
 
 @needs_gateway_log
