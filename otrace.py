@@ -8392,7 +8392,11 @@ class LogTailer(QuietReader):
         """Another file has taken over: `followed` came from the backlog, the day moved on to a new
         file, or a rotation renamed it away and a new file took its name."""
         target = self.target()
-        if not target:
+        if not target:              # and the file gone too (its directory removed): waiting, as at a start
+            gone = not os.path.exists(followed.path)  # noqa: PTH110 - Path's raises on EACCES
+            if gone and not self.waiting:
+                self.log.info("waiting for the gateway log", extra={"path": self.config.log_path})
+            self.waiting = gone
             return False
         if followed.path != target:
             return True

@@ -3852,6 +3852,28 @@ def test_waiting_for_a_missing_log_is_one_line_when_it_starts_and_one_when_it_en
     assert node.stop() == 0
 
 
+def test_a_followed_log_whose_directory_is_removed_is_waited_for_as_at_a_start(
+        tmp_path: Path, run: Callable[..., Otrace]) -> None:
+    """The log's directory removed under otrace (a /tmp cleaned): /health says waiting, which the alert
+    the docs give reads, until the gateway writes a new file (it said waiting only after a restart)."""
+    logs = tmp_path / "openclaw"
+    logs.mkdir()
+    lines = gateway_lines()
+    (logs / "openclaw-2026-12-01.log").write_bytes(b"".join(lines[10:20]))
+    node = run({"TRACE_LOG_PATH": str(logs), "TRACE_LOG_POLL": "20ms", "TRACE_LOG_START": "beginning",
+                "TRACE_OPENCLAW_STATE_DIR": "off"})
+    wait_until(lambda: sorted(logged(node)) == sorted(expected(range(10, 20))), what="the first lines")
+    assert not node.health()["log_tail"]["waiting"]
+    shutil.rmtree(logs)
+    wait_until(lambda: node.health()["log_tail"]["waiting"], what="waiting for the log again")
+    assert node.logs("waiting for the gateway log")
+    logs.mkdir()
+    (logs / "openclaw-2026-12-02.log").write_bytes(b"".join(lines[20:30]))
+    wait_until(lambda: sorted(logged(node)) == sorted(expected(range(10, 30))), what="the new file's lines")
+    assert not node.health()["log_tail"]["waiting"]
+    assert node.stop() == 0
+
+
 @pytest.mark.parametrize("strange", ["fifo", "/dev/zero"])
 def test_a_log_path_that_is_not_a_file_is_a_fault_said_once(tmp_path: Path, run: Callable[..., Otrace],
                                                             strange: str) -> None:
