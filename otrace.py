@@ -5100,6 +5100,8 @@ def llm_call(span: Any, resource: dict[str, Any], where: tuple[int, str], store_
              "model": _word(_first(attrs, MODEL_KEYS)), "trace_id": key,
              "created_at": span.start_time_unix_nano // 1_000_000 or None,
              "session_id": _word(_first(attrs, SESSION_KEYS)), "cost_usd": _number(attrs.get(COST_KEY))}
+    if attrs.get("otrace.cost_source") == "computed":    # another otrace's price table's: priced here again
+        event["cost_usd"] = None
     for column, keys in USAGE_KEYS.items():
         event[column] = _integer(_first(attrs, keys))
     if openclaw:

@@ -5293,7 +5293,7 @@ def test_a_password_in_the_push_url_is_sent_as_basic_auth(run: Callable[..., Otr
 
 ROUND_TRIP = ("created_at", "provider", "model", "status", "error_type", "finish_reason", "session_id",
               "prompt_tokens", "completion_tokens", "total_tokens", "cache_read_tokens", "cache_write_tokens",
-              "reasoning_tokens", "cost_usd", "input_text", "output_text")
+              "reasoning_tokens", "cost_usd", "cost_source", "input_text", "output_text")
 
 
 @pytest.mark.parametrize("protocol", ["http/protobuf", "http/json"])
