@@ -7878,6 +7878,23 @@ MERGED_TABLE = {CONTENT_SQL: TRACES.name, **{sql: name for (name, _), sql in MER
                 FOLD_LOG_SQL: ERRORS.name, COUNT_ON_STORE_SQL: ERRORS.name, COUNT_ON_ROW_SQL: ERRORS.name}
 
 
+LINE_HEAD = b'{"0":'        # how every line of OpenClaw's log begins: its first argument
+
+
+def whole_tail(text: bytes, tries: int = 4) -> tuple[bytes, LogLine] | None:
+    """The whole log line at the end of a line that is not JSON, and what it says, if there is one: a
+    writer killed in the middle of a line leaves no newline, so the next line written joins it. Only
+    the last few of its starts are tried (each a parse of the rest)."""
+    end = len(text)
+    for _ in range(tries):
+        if (at := text.rfind(LINE_HEAD, 1, end)) < 0:
+            return None
+        if (line := LogLine.parse(text[at:])) is not None:
+            return text[at:], line
+        end = at
+    return None
+
+
 class LogLine:
     """One line of the gateway's log (tslog JSON), as far as otrace reads it. What is not needed to
     classify a line (its time, key=value fields, structured argument) is read only when asked for:
@@ -8464,6 +8481,10 @@ class LogTailer(QuietReader):
                     "file": followed.path, "offset": start, "bytes": length})
             return []
         line = LogLine.parse(text)
+        if line is None and (torn := whole_tail(text)):   # a line cut short, the next one written after it
+            self.staged["not_json"] += 1                  # the cut one's part: lost, counted as not JSON
+            tail, line = torn
+            start, text, length = start + len(text) - len(tail), tail, len(tail)
         if line is None:
             self.staged["not_json"] += 1
             self.log.debug("log line is not JSON", extra={"file": followed.path, "offset": start,

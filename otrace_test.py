@@ -3852,6 +3852,24 @@ def test_waiting_for_a_missing_log_is_one_line_when_it_starts_and_one_when_it_en
     assert node.stop() == 0
 
 
+def test_a_line_cut_short_by_its_writer_does_not_take_the_next_whole_line_with_it(
+        tmp_path: Path, run: Callable[..., Otrace]) -> None:
+    """A writer killed in the middle of a line leaves no newline: the next line written joins it. The
+    cut line is lost (counted not JSON); the whole one after it is stored, at its own offset (it was
+    read with the cut one as one line that is not JSON)."""
+    log = tmp_path / "openclaw-2026-12-01.log"
+    lines = gateway_lines()
+    log.write_bytes(lines[15] + lines[16][:200])                       # the writer killed mid-line
+    append(log, lines[17] + lines[18])
+    node = run({"TRACE_LOG_PATH": str(log), "TRACE_LOG_POLL": "20ms", "TRACE_LOG_START": "beginning",
+                "TRACE_OPENCLAW_STATE_DIR": "off"})
+    wait_until(lambda: sorted(logged(node)) == sorted(expected([15, 17, 18])), what="the whole lines")
+    assert node.health()["log_tail"]["not_json"] == 1
+    offsets = {r["message"]: r["file_offset"] for r in node.rows("log_events")}
+    assert offsets[json.loads(lines[17])["message"]] == len(lines[15]) + 200
+    assert node.stop() == 0
+
+
 def test_a_followed_log_whose_directory_is_removed_is_waited_for_as_at_a_start(
         tmp_path: Path, run: Callable[..., Otrace]) -> None:
     """The log's directory removed under otrace (a /tmp cleaned): /health says waiting, which the alert
