@@ -5351,6 +5351,8 @@ def leave_out_bad_values(event: dict[str, Any]) -> None:
             check(column)
         except Invalid as why:
             dropped[column] = str(why)
+        if event.get(column) == "":               # which the check takes for no value at all
+            dropped[column] = "empty"
     if dropped.keys() & USAGE_KEYS.keys():
         dropped |= {column: "left out with the span's other token counts" for column in USAGE_KEYS
                     if event.get(column) is not None and column not in dropped}

@@ -1646,6 +1646,13 @@ def test_a_stall_asks_a_wait_as_long_as_its_refusals_have_lasted_and_ends_at_an_
     assert stall.retry_after(1) == {"Retry-After": "1"}
 
 
+def test_an_empty_session_id_or_finish_reason_of_a_span_is_named_where_it_was_left_out() -> None:
+    event = {"session_id": "", "finish_reason": "", "prompt_tokens": 5, "metadata": {}}
+    otrace.leave_out_bad_values(event)
+    assert (event["session_id"], event["finish_reason"], event["prompt_tokens"]) == (None, None, 5)
+    assert event["metadata"]["dropped"] == {"finish_reason": "empty", "session_id": "empty"}
+
+
 STALLED_CLIENT = r"""
 import json, sys
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
