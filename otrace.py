@@ -8623,7 +8623,8 @@ STORE_CACHE_KIB = 512            # page cache of each agent database's connectio
 STORE_BUSY_MS = 1000             # longest wait for a lock the gateway holds; then the next poll tries
 REWRITE_SLACK_MS = 60_000        # after a session is rewritten, entries older than the newest read by
                                  # more than this are ones otrace has seen (a clock step is tolerated)
-REREAD = "+again"                # a session mark's suffix while it is read again from its start
+REREAD = "+again"                # in a session mark while it is read again from its start: then the seq
+                                 # it had been read to in that generation follows
 INODE_KEY = "openclaw_db_inode."  # otrace_state: the inode of an agent's database, by agent
 STORE_LIST_EVERY = 30.0          # seconds: every session is listed at least this often while commits come
 STORE_MADE_GRACE = 10.0          # seconds an agent database may stay without its tables: OpenClaw makes the
@@ -8895,7 +8896,18 @@ class Cursor:
     @property
     def again(self) -> bool:
         """The session is being read again from its start (see SessionStore.read_session)."""
-        return self.mark.endswith(REREAD)
+        return REREAD in self.mark
+
+    def read_again(self) -> Cursor:
+        """The session to be read again from its start, the seq it was read to kept in the mark."""
+        generation, _, past = self.mark.partition(REREAD)
+        return Cursor(f"{generation}{REREAD}{past or self.position}", -1, self.newest)
+
+    def resumed(self) -> tuple[Cursor, int]:
+        """A session being read again: how far this reading got, and the seq it had been read to
+        before in that generation (-1 if not known: a mark an earlier otrace kept)."""
+        generation, _, past = self.mark.partition(REREAD)
+        return Cursor(generation, self.position, self.newest), int(past or -1)
 
 
 class AgentDatabase:
@@ -9215,7 +9227,7 @@ class SessionStore(QuietReader):
                     continue
             if cursor is not None and (store.replaced or cursor.position > last or (   # one read again too
                     not store.checked and store.put_back(session, cursor))):
-                again[session] = Cursor(cursor.mark.removesuffix(REREAD) + REREAD, -1, cursor.newest)
+                again[session] = cursor.read_again()
         if again or self.inodes.get(agent) != inode:
             self.mark(agent, again, inode)
         if again:
@@ -9240,23 +9252,23 @@ class SessionStore(QuietReader):
         generation), or to be read again (its file replaced, or its end cut), is read again from its
         start, taking only entries newer than the newest read, until its end, even across looks (the
         mark says so meanwhile); an entry after the last read in the same generation is new whatever
-        its time (a clock stepped back)."""
-        rewritten = cursor is not None and cursor.again
+        its time (a clock stepped back), in the file read before or in one that took its place."""
+        rewritten, past = cursor is not None and cursor.again, -1
         if rewritten:
-            cursor = Cursor(cursor.mark.removesuffix(REREAD), cursor.position, cursor.newest)
+            cursor, past = cursor.resumed()
         while not self.stopping.is_set():
             after = cursor.position if cursor else -1
             generation, rows = store.entries(session, after, self.most)
             if cursor is not None and cursor.mark != generation:
                 # a reset that kept the session's id archived the generation read: its rest comes first
                 self.read_archive(store, agent, session, cursor.mark)
-                cursor, rewritten = Cursor(generation, -1, cursor.newest), True
+                cursor, rewritten, past = Cursor(generation, -1, cursor.newest), True, -1
                 if after >= 0:
                     continue
             newest, found, held = cursor.newest if cursor else None, [], None
             self.staged.clear()
             for index, (seq, created, plain, compressed, size) in enumerate(rows):
-                if rewritten and not cursor.fresh(created):
+                if rewritten and not 0 <= past < seq and not cursor.fresh(created):
                     continue
                 if compressed is not None:
                     try:
@@ -9271,7 +9283,8 @@ class SessionStore(QuietReader):
                     found += self.parse(text, agent, session, f"seq-{seq}", where)
             done = held is None and len(rows) < self.most
             cursor = Cursor(generation, rows[-1][0] if rows else after, newest)
-            kept = cursor if done or not rewritten else Cursor(generation + REREAD, cursor.position, newest)
+            kept = cursor if done or not rewritten else Cursor(f"{generation}{REREAD}{past}", cursor.position,
+                                                                  newest)
             if rows or kept != self.cursors.get((agent, session)):
                 self.offer(agent, session, found, kept)
             if held is not None:

@@ -10774,6 +10774,36 @@ def test_calls_stored_after_the_gateways_clock_stepped_back_are_read(tmp_path: P
 
 
 @needs_stores
+def test_a_store_moved_in_anew_keeps_calls_past_where_otrace_read_whatever_their_time(
+        tmp_path: Path, run: Callable[..., Otrace]) -> None:
+    """A copy of the agent database moved over it (a state directory moved to another disk) holds a call
+    written after the last one otrace read, at a later seq, but stamped minutes before it (the
+    gateway's clock set back meanwhile): a call all the same, as it would be in the same file (it was
+    dropped: a session read again took only entries less than a minute older than the newest read)."""
+    node, db, template = store_followed(tmp_path, run)
+    session = store_entries(db)[0][0]
+    gateway = gateway_connection(db)
+    now = int(time.time() * 1000)
+    append_entry(gateway, session, a_call(template, 1000, 0.003), created=now)
+    wait_traces(node, 7)
+    gateway.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    gateway.close()
+    copy = tmp_path / "copy.sqlite"
+    with contextlib.closing(sqlite3.connect(db)) as source, contextlib.closing(sqlite3.connect(copy)) as into:
+        source.backup(into)
+    late = a_call(template, 2000, 0.003)
+    with contextlib.closing(gateway_connection(copy)) as writing:        # written there, not read before
+        append_entry(writing, session, late, created=now - 180_000)      # the clock set back 3 minutes
+    for suffix in ("-wal", "-shm"):
+        Path(f"{db}{suffix}").unlink(missing_ok=True)
+    copy.rename(db)
+    node.wait_log(lambda e: e.get("message") == "agent database put back or cut: sessions read again")
+    rows = wait_traces(node, 8, timeout=30)
+    assert f"oc:main:{session}:{late['id']}" in {r["trace_id"] for r in rows}
+    assert len(session_traces(node)) == 8
+
+
+@needs_stores
 @pytest.mark.parametrize("restore", ["mv", "mv-while-stopped", "copied", "copied-sidecars-removed",
                                      "sidecars-removed", "copied-while-stopped", "cut"])
 def test_calls_written_after_a_backup_of_the_store_is_restored_are_read(tmp_path: Path, restore: str,
