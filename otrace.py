@@ -2390,6 +2390,11 @@ def database_problem(path: str) -> str | None:
     own, an empty file, or none; a file that cannot be read now is left to the start to report."""
     if Path(path).exists() and not Path(path).is_file():
         return f"{path} is not a regular file"
+    for file in (path, path + "-wal", path + "-shm"):     # a root run's, left to a service user
+        if os.path.exists(file) and not os.access(file, os.R_OK | os.W_OK):  # noqa: PTH110
+            if os.statvfs(file).f_flag & os.ST_RDONLY:
+                return f"{file} is on a read-only filesystem"
+            return f"{file} cannot be read and written by this user (uid {os.geteuid()})"
     try:
         with open(path, "rb") as f:
             head = f.read(16)

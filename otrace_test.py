@@ -984,6 +984,34 @@ def test_schema_pragmas_and_file_mode(svc: Otrace) -> None:
     assert (svc.db_path.stat().st_mode & 0o777) == 0o600
 
 
+@pytest.mark.parametrize("whose", ["db", "db-wal", "db-shm"])
+def test_a_database_file_its_user_cannot_write_exits_2_naming_it(whose: str) -> None:
+    """A -wal and -shm left by a run as root, or a file made read-only: the service user's start
+    exits 2 naming the file and TRACE_DB_PATH (it retried "unable to open database file" every 5 s for
+    ever, serving nothing, or exited 1 with a bare PermissionError)."""
+    import tempfile
+    folder = Path(tempfile.mkdtemp(prefix="otrace-perm-"))     # outside pytest's 0700 directory
+    try:
+        db = folder / "otrace.db"
+        otrace.open_database(str(db))
+        folder.chmod(0o777)
+        os.chown(db, 65534, 65534)
+        denied = Path(f"{db}{whose.removeprefix('db')}")
+        if whose == "db":
+            db.chmod(0o444)
+        else:
+            denied.write_bytes(b"")                            # root's, 0644, as a root run killed left it
+            denied.chmod(0o644)
+        env = {**os.environ, "TRACE_DB_PATH": str(db), "TRACE_PORT": "0", "TRACE_OTLP_PORT": "0"}
+        out = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *START],
+                             env=env, capture_output=True, text=True, timeout=30, check=False)
+        assert out.returncode == 2, out.stderr
+        assert out.stderr.splitlines() == [
+            f"otrace: TRACE_DB_PATH: {denied} cannot be read and written by this user (uid 65534)"]
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def test_a_database_otrace_must_not_write_is_refused_as_it_was(tmp_path: Path, run: Callable[..., Otrace]
                                                                ) -> None:
     """A newer otrace's, another program's, or not SQLite: exit 2 naming TRACE_DB_PATH before anything
