@@ -13736,7 +13736,9 @@ def start_service(config: Config, stop_signals: set[signal.Signals],
 def serve(config: Config, warnings: Iterable[str] = ()) -> int:
     """Run until SIGTERM or SIGINT, then stop within TRACE_SHUTDOWN_TIMEOUT. The exit code."""
     setup_logging(config.log_level)
-    stop_signals = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}   # SIGHUP: the terminal went away
+    stop_signals = {signal.SIGTERM, signal.SIGINT}
+    if signal.getsignal(signal.SIGHUP) != signal.SIG_IGN:   # the terminal went away; not under nohup
+        stop_signals.add(signal.SIGHUP)
     signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)   # every thread inherits this; main waits
     for warning in warnings:
         log.warning(warning)

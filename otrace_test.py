@@ -8182,6 +8182,16 @@ def test_sigint_and_sighup_stop_cleanly_too(run: Callable[..., Otrace], sig: sig
     assert len(svc.rows("llm_traces")) == 5 and svc.logs("stopped")[0]["events_lost"] == 0
 
 
+def test_started_under_nohup_a_sighup_does_not_stop_it(run: Callable[..., Otrace]) -> None:
+    """nohup starts otrace ignoring SIGHUP: a terminal that closes leaves it running, and SIGTERM
+    stops it (it took SIGHUP as a stop signal whatever its start said)."""
+    svc = run(command=["nohup", *START])
+    svc.signal(signal.SIGHUP)
+    svc.signal(signal.SIGTERM)
+    assert svc.exited(10) == 0
+    assert [line["signal"] for line in svc.logs("shutting down")] == ["SIGTERM"]
+
+
 @needs_root
 def test_start_on_a_full_disk_waits_for_space(tmp_path: Path, run: Callable[..., Otrace]) -> None:
     with tmpfs(tmp_path / "vol", "2m") as vol:
