@@ -6837,7 +6837,7 @@ class Sampler(Loop):
         if not self.events.offer(Unit(rows + events, state, own=True)):
             self.dropped += 1            # the queue is full: this sample is lost, an OOM kill is not
             self.unsent = events[-100:]
-            raise Condition(f"queue full: host sample dropped ({self.dropped} so far)")
+            raise Condition("queue full: host samples dropped (samples_dropped in /health)")
         self.oom_seen.update(seen)
 
     def oom_kills(self, snap: Snapshot) -> tuple[list[Row], dict[str, int]]:
@@ -7253,7 +7253,7 @@ class ProcessSampler(Loop):
         if not self.events.offer(Unit(alert + rows, own=True)):
             self.dropped += 1
             self.zombies.alerted = self.zombies.alerted and not alert    # alerted again next time
-            raise Condition(f"queue full: process sample dropped ({self.dropped} so far)")
+            raise Condition("queue full: process samples dropped (samples_dropped in /health)")
         self.samples += bool(rows)
         self.last_at = time.time()
 

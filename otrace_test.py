@@ -1732,6 +1732,26 @@ def test_an_sdk_exporter_rides_out_a_stalled_writer_as_its_refusals_ask_it_to_wa
     assert node.health()["events_refused"] >= 2 * 512
 
 
+def test_host_samples_dropped_on_a_full_queue_are_one_failure_logged_once(run: Callable[..., Otrace]) -> None:
+    """The writer held up by another program's lock, the queue full: each host sample is dropped and
+    counted in /health, and the failure is logged when it starts and when it ends, not at each sample
+    (its text carried the running count, so each sample's read as a new failure)."""
+    node = run({"TRACE_METRICS_INTERVAL": "100ms", "TRACE_QUEUE_SIZE": "20"})
+    blocker = sqlite3.connect(node.db_path, isolation_level=None, timeout=10)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        while node.post("/v1/traces", [trace() for _ in range(5)]).status == 202:
+            pass
+        wait_until(lambda: node.health()["metrics"]["samples_dropped"] >= 3, what="three samples dropped")
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    node.wait_log(lambda e: e.get("message") == "metrics recovered")
+    assert [line["error"] for line in node.logs("metrics failing")] == [
+        "queue full: host samples dropped (samples_dropped in /health)"]
+    assert node.stop() == 0
+
+
 def test_queue_full_answers_503_and_keeps_nothing_of_that_request(run: Callable[..., Otrace]) -> None:
     node = run({"TRACE_QUEUE_SIZE": "20", "TRACE_BATCH_SIZE": "5"})
     # another process holds the write lock: the writer cannot commit, so the queue really fills
