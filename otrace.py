@@ -13788,7 +13788,10 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["report"]:
         return run_report(argv[1:])
     if argv and command(argv) == "settings":      # none: serve, without argparse held resident for good
-        print(settings_table(markdown=True))
+        try:
+            print(settings_table(markdown=True), flush=True)
+        except BrokenPipeError:                 # `| head`: the reader has what it wanted
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     try:
         config = Config.from_env(dict(os.environ))

@@ -473,6 +473,19 @@ def test_settings_doc_is_generated_from_config() -> None:
     assert doc[doc.index(begin) + len(begin):doc.index(end)] == otrace.settings_table(markdown=True)
 
 
+def test_the_settings_table_into_a_reader_that_stopped_early_is_no_error() -> None:
+    """`otrace settings | head -3`: the reader gone (here before otrace writes at all), otrace says
+    nothing of it (it printed a BrokenPipeError traceback)."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        out = subprocess.run([*START, "settings"], stdout=write, stderr=subprocess.PIPE, text=True,
+                             timeout=30, cwd=HERE, check=False)
+    finally:
+        os.close(write)
+    assert (out.returncode, out.stderr) == (0, "")
+
+
 def test_a_misspelled_setting_is_warned_about_with_the_closest_name(run: Callable[..., Otrace]) -> None:
     node = run({"TRACE_INGEST_TOKNE": "s3cret", "TRACE_WHATEVER": "1"})
     warnings = [line["message"] for line in node.lines if line["level"] == "WARNING"]
