@@ -12271,6 +12271,14 @@ def prometheus_number(value: Any) -> str:
     return str(int(value)) if value.is_integer() and abs(value) < 2**53 else repr(value)
 
 
+def folder_device(path: str) -> int | None:
+    """The device of the filesystem holding the file's directory; None if it cannot be looked at."""
+    try:
+        return Path(path).parent.stat().st_dev
+    except OSError:
+        return None
+
+
 def health_problems(service: Service, main: int, wal: int) -> list[str]:
     """What makes /health degraded, each in a sentence an operator can act on (`main`, `wal`: the
     database's file and WAL sizes)."""
@@ -12282,6 +12290,9 @@ def health_problems(service: Service, main: int, wal: int) -> list[str]:
         problems.append("writer thread is stuck")
     if writer.fault.error:
         problems.append("database writes failing: " + writer.fault.error)
+    if folder_device(service.config.db_path) not in (None, service.db_device):
+        problems.append("the database's directory is on another filesystem than at start (a volume "
+                        "unmounted under otrace?): otrace writes there now, and fills that disk")
     if writer.reserve.released:
         since = f" since {iso(paused[0])}" if (paused := writer.paused) else ""
         problems.append(f"disk full{since}: reserve released, ingest paused until there is room again")
@@ -13465,6 +13476,7 @@ class Service:
         self.counters = Counters((*EVENT_COUNTERS, "connections_refused", "unauthorized", "custom_received"))
         self.refusals = RefusalLog()
         open_database(config.db_path)
+        self.db_device = folder_device(config.db_path)
         with contextlib.closing(connect(config.db_path)) as conn:
             if take_carried(conn, config.db_path):
                 log.warning("rows carried over from a replaced database file taken in")

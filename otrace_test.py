@@ -2030,6 +2030,23 @@ def test_rows_that_fill_the_disk_between_passes_are_deleted_before_it_is_full(
 
 
 @needs_root
+def test_a_volume_unmounted_under_otrace_is_said_while_it_writes_beneath_it(
+        tmp_path: Path, run: Callable[..., Otrace]) -> None:
+    """The database's volume unmounted (a detached disk): otrace moves its rows into a new file in the
+    bare directory beneath, on another disk, and /health says so while it writes there (it said ok)."""
+    with tmpfs(tmp_path / "vol", "8m") as vol:
+        node = run(db=vol / "otrace.db")
+        assert node.post("/v1/traces", trace()).status == 202
+        node.wait_persisted(1)
+        assert node.health()["status"] == "ok"
+        subprocess.run(["umount", "-l", str(vol)], check=True)
+        health = wait_until(lambda: (h := node.health())["status"] == "degraded" and h, what="degraded")
+        assert any("another filesystem than at start" in p for p in health["problems"])
+        assert node.post("/v1/traces", trace()).status == 202
+        assert node.stop() == 0
+
+
+@needs_root
 def test_a_cap_that_with_the_reserve_is_over_the_disk_mark_is_warned_about(
         tmp_path: Path, run: Callable[..., Otrace]) -> None:
     """The cap holds the WAL: it is the cap and the reserve that must fit under the disk's mark (the
