@@ -7846,17 +7846,6 @@ LINE_ROWS_MOST = 2               # rows a line becomes: its log event, and a tra
 FINGERPRINT_BYTES = 256
 LOG_NAME = re.compile(r"openclaw(?:-(?P<profile>[\w.-]+))?-\d{4}-\d{2}-\d{2}\.log")   # not a rotated .N.log
 ROTATED = re.compile(r"(?P<name>openclaw[\w.-]*?)(?:\.log)?\.\d+\.log")        # a size rotation's file
-
-
-def log_family(name: str) -> str | None:
-    """What a dated OpenClaw log's file name, or a size rotation's of one, says before the date
-    ('openclaw-', 'openclaw-<profile>-'): one profile's files share it. None for another name."""
-    if LOG_NAME.fullmatch(name):
-        return name[:-len("YYYY-MM-DD.log")]
-    rotated = ROTATED.fullmatch(name)
-    if rotated and LOG_NAME.fullmatch(rotated["name"] + ".log"):
-        return rotated["name"][:-len("YYYY-MM-DD")]
-    return None
 KEY_VALUE = re.compile(r"\b(\w+)=(\S+)")   # \b: each match starts a word; without, a long word costs n²
 NETWORK_CODES = {"ECONNREFUSED", "ECONNRESET", "ENOTFOUND", "EAI_AGAIN", "EHOSTUNREACH", "ENETUNREACH",
                  "EPIPE", "UND_ERR_SOCKET"}
@@ -7886,6 +7875,17 @@ MERGED_TABLE = {CONTENT_SQL: TRACES.name, **{sql: name for (name, _), sql in MER
 
 
 LINE_HEAD = b'{"0":'        # how every line of OpenClaw's log begins: its first argument
+
+
+def log_family(name: str) -> str | None:
+    """What a dated OpenClaw log's file name, or a size rotation's of one, says before the date
+    ('openclaw-', 'openclaw-<profile>-'): one profile's files share it. None for another name."""
+    if LOG_NAME.fullmatch(name):
+        return name[:-len("YYYY-MM-DD.log")]
+    rotated = ROTATED.fullmatch(name)
+    if rotated and LOG_NAME.fullmatch(rotated["name"] + ".log"):
+        return rotated["name"][:-len("YYYY-MM-DD")]
+    return None
 
 
 def whole_tail(text: bytes, tries: int = 4) -> tuple[bytes, LogLine] | None:
@@ -11716,6 +11716,7 @@ class Retention(Loop):
                 return
             if (excess := self.disk_excess()) <= sum(self.sizes()):
                 self.head_start(functools.partial(disk_relief, self.tiers, excess, ledger_hour()))
+                return
         except OSError:              # its directory is gone: the writer makes it again
             return
         self.wake()
