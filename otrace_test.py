@@ -1967,6 +1967,14 @@ def test_disk_reserve_commits_what_was_accepted_when_the_disk_fills(tmp_path: Pa
         assert node.stop() == 0
 
 
+def traces_kept_and_deleted(db: Path) -> tuple[int, int]:
+    """The traces a database holds, and those retention deleted before they were pushed."""
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        deleted = conn.execute("SELECT total(unsynced_deleted) FROM retention_ledger WHERE table_name = "
+                               "'llm_traces'").fetchone()[0]
+        return conn.execute("SELECT count(*) FROM llm_traces").fetchone()[0], int(deleted)
+
+
 @needs_root
 def test_a_disk_its_own_rows_fill_is_relieved_and_the_reserve_taken_back(tmp_path: Path,
                                                                           run: Callable[..., Otrace]) -> None:
@@ -1993,10 +2001,7 @@ def test_a_disk_its_own_rows_fill_is_relieved_and_the_reserve_taken_back(tmp_pat
                    what="the reserve taken back and ingest resumed")
         assert node.logs("retention deleted rows that were never pushed")
         assert node.stop() == 0                                  # every 202 written
-        with contextlib.closing(sqlite3.connect(vol / "otrace.db")) as conn:
-            deleted = conn.execute("SELECT sum(unsynced_deleted) FROM retention_ledger WHERE table_name = "
-                                   "'llm_traces'").fetchone()[0]
-            kept = conn.execute("SELECT count(*) FROM llm_traces").fetchone()[0]
+        kept, deleted = traces_kept_and_deleted(vol / "otrace.db")
         assert kept + deleted == len(accepted) and kept > 0
 
 
@@ -2022,10 +2027,7 @@ def test_rows_that_fill_the_disk_between_passes_are_deleted_before_it_is_full(
         assert node.logs("retention deleted rows that were never pushed")
         assert not node.logs("disk full: reserve released; ingest paused")
         assert node.stop() == 0                                  # every 202 written
-        with contextlib.closing(sqlite3.connect(vol / "otrace.db")) as conn:
-            deleted = conn.execute("SELECT sum(unsynced_deleted) FROM retention_ledger WHERE table_name = "
-                                   "'llm_traces'").fetchone()[0]
-            kept = conn.execute("SELECT count(*) FROM llm_traces").fetchone()[0]
+        kept, deleted = traces_kept_and_deleted(vol / "otrace.db")
         assert kept + deleted == len(accepted) and kept > 0
 
 
@@ -3662,10 +3664,14 @@ def test_log_replay_through_rotation_truncation_and_a_new_day(tmp_path: Path,
 
 
 @needs_gateway_log
-def test_a_file_rotated_away_before_otrace_saw_it_is_read(tmp_path: Path, run: Callable[..., Otrace]) -> None:
+@pytest.mark.parametrize("behind", [False, True])
+def test_a_file_rotated_away_before_otrace_saw_it_is_read(tmp_path: Path, run: Callable[..., Otrace],
+                                                          behind: bool) -> None:
     """The gateway's size rotation twice while otrace was down (the file read renamed .1 then .2, and a
     file otrace never saw renamed .1): each is read, the unseen one too (it was skipped: a gap); the
-    rotated files of before are not read again."""
+    rotated files of before are not read again. `behind`: otrace stopped with lines of its file left,
+    so the file it never saw was last written before otrace's last read, but after the file it had not
+    finished: news all the same (it was skipped: only files written after the last read were)."""
     logs = tmp_path / "openclaw"
     logs.mkdir()
     day = "openclaw-2026-12-01"
@@ -3683,6 +3689,7 @@ def test_a_file_rotated_away_before_otrace_saw_it_is_read(tmp_path: Path, run: C
     env = {"TRACE_LOG_PATH": str(logs), "TRACE_LOG_POLL": "20ms"}
     node = run(env)
     node.wait_log(lambda e: e.get("message") == "following log file")
+    began = time.time()
     append(logs / f"{day}.log", b"".join(lines[10:15]))
     wait_until(lambda: sorted(logged(node)) == sorted(expected(range(10, 15))), what="the first lines")
     assert node.stop() == 0
@@ -3691,68 +3698,12 @@ def test_a_file_rotated_away_before_otrace_saw_it_is_read(tmp_path: Path, run: C
     append(logs / f"{day}.log", b"".join(lines[20:30]))                  # never seen by otrace
     rotate()
     append(logs / f"{day}.log", b"".join(lines[30:40]))
+    if behind:                                      # as if written before otrace's last read, the file
+        os.utime(logs / f"{day}.2.log", (began - 60,) * 2)   # it never saw after the one it had not
+        os.utime(logs / f"{day}.1.log", (began - 30,) * 2)   # finished
     node = run(env, db=node.db_path)
     wait_until(lambda: sorted(logged(node)) == sorted(expected(range(10, 40))), what="every file's lines")
     assert node.health()["events_duplicate"] == 0
-
-
-def test_a_file_rotated_away_unseen_while_otrace_was_behind_is_read(tmp_path: Path,
-                                                                    run: Callable[..., Otrace]) -> None:
-    """otrace stopped behind in its file (lines left unread), and the gateway rotated twice meanwhile:
-    the file it never saw was last written before otrace's last read, but after the file it had not
-    finished, so it is news all the same (it was skipped: only files written after the last read were)."""
-    logs = tmp_path / "openclaw"
-    logs.mkdir()
-    day = "openclaw-2026-12-01"
-    lines = gateway_lines()
-
-    def rotate() -> None:
-        for n in (1, 0):
-            name = logs / (f"{day}.{n}.log" if n else f"{day}.log")
-            if name.exists():
-                name.rename(logs / f"{day}.{n + 1}.log")
-
-    (logs / f"{day}.log").touch()
-    env = {"TRACE_LOG_PATH": str(logs), "TRACE_LOG_POLL": "20ms"}
-    node = run(env)
-    node.wait_log(lambda e: e.get("message") == "following log file")
-    began = time.time()
-    append(logs / f"{day}.log", b"".join(lines[10:15]))
-    wait_until(lambda: sorted(logged(node)) == sorted(expected(range(10, 15))), what="the first lines")
-    assert node.stop() == 0
-    append(logs / f"{day}.log", b"".join(lines[15:20]))                  # not read yet: otrace behind
-    rotate()
-    append(logs / f"{day}.log", b"".join(lines[20:30]))                  # never seen by otrace
-    rotate()
-    append(logs / f"{day}.log", b"".join(lines[30:40]))
-    os.utime(logs / f"{day}.2.log", (began - 60,) * 2)   # as if written before otrace's last read, the
-    os.utime(logs / f"{day}.1.log", (began - 30,) * 2)   # file it never saw after the one it had not finished
-    node = run(env, db=node.db_path)
-    wait_until(lambda: sorted(logged(node)) == sorted(expected(range(10, 40))), what="every file's lines")
-    assert node.health()["events_duplicate"] == 0
-
-
-def test_a_directory_of_two_profiles_logs_follows_the_one_of_the_store(tmp_path: Path,
-                                                                       run: Callable[..., Otrace]) -> None:
-    """`openclaw --profile work` logs beside the default profile in /tmp/openclaw: with the work
-    profile's store (~/.openclaw-work), otrace follows the work log, though the other was written last,
-    and stays with it (it followed whichever was written last, back and forth, as its own)."""
-    logs = tmp_path / "openclaw"
-    logs.mkdir()
-    lines = gateway_lines()
-    work, default = logs / "openclaw-work-2026-12-01.log", logs / "openclaw-2026-12-01.log"
-    work.write_bytes(b"".join(lines[10:20]))
-    default.write_bytes(b"".join(lines[20:30]))
-    os.utime(work, (time.time() - 60,) * 2)
-    node = run({"TRACE_LOG_PATH": str(logs), "TRACE_LOG_POLL": "20ms", "TRACE_LOG_START": "beginning",
-                "TRACE_OPENCLAW_STATE_DIR": str(tmp_path / ".openclaw-work")})
-    wait_until(lambda: sorted(logged(node)) == sorted(expected(range(10, 20))), what="the work log's lines")
-    append(default, b"".join(lines[30:40]))
-    append(work, b"".join(lines[40:50]))
-    wait_until(lambda: sorted(logged(node)) == sorted(expected([*range(10, 20), *range(40, 50)])),
-               what="the work log's new lines")
-    assert node.health()["log_tail"]["file"] == str(work)
-    assert node.stop() == 0
 
 
 @needs_gateway_log
