@@ -10836,10 +10836,13 @@ def test_a_store_moved_in_anew_keeps_calls_past_where_otrace_read_whatever_their
     for suffix in ("-wal", "-shm"):
         Path(f"{db}{suffix}").unlink(missing_ok=True)
     copy.rename(db)
-    node.wait_log(lambda e: e.get("message") == "agent database put back or cut: sessions read again")
-    rows = wait_traces(node, 8, timeout=30)
-    assert f"oc:main:{session}:{late['id']}" in {r["trace_id"] for r in rows}
-    assert len(session_traces(node)) == 8
+    with contextlib.closing(gateway_connection(db)) as gateway:          # the gateway started again
+        after = a_call(template, 3000, 0.003)
+        append_entry(gateway, session, after)
+        rows = wait_traces(node, 9, timeout=60)
+    assert {f"oc:main:{session}:{call['id']}" for call in (late, after)} <= {r["trace_id"] for r in rows}
+    assert len(session_traces(node)) == 9
+    assert node.logs("agent database put back or cut: sessions read again")
 
 
 @needs_stores
