@@ -877,6 +877,11 @@ def df_percent(used: int, avail: int) -> float:
     return round(100.0 * used / (used + avail), 2) if used + avail else 0.0
 
 
+def over_low_mark(used: int, avail: int, high_pct: float) -> float:
+    """The bytes a disk is over retention's low mark (Retention.LOW_DISK points under `high_pct`)."""
+    return used - (high_pct - Retention.LOW_DISK) / 100 * (used + avail)
+
+
 class Counters:
     """Tallies shared between threads, read whole for /health."""
 
@@ -3169,9 +3174,8 @@ class Reserve:
         if not self.released:
             return used, avail
         with_it = (used + self.size, max(0, avail - self.size))
-        low = (self.high_pct - Retention.LOW_DISK) / 100 * sum(with_it)
         own = file_size(self.db_path) + file_size(self.db_path + "-wal")
-        return with_it if own >= with_it[0] - low else (used, avail)
+        return with_it if own >= over_low_mark(*with_it, self.high_pct) else (used, avail)
 
     def in_place(self) -> bool:
         """Its file is still there, whole: its size, and the blocks it had when taken (a compressing
@@ -11712,9 +11716,10 @@ class Retention(Loop):
         """The disk too, after each batch, where the rows fill it: a deletion must run while it still
         has room to write, not at the next pass."""
         try:
-            if self.disk()[2] <= self.config.disk_high_pct:
+            used, avail, used_pct = self.disk()
+            if used_pct <= self.config.disk_high_pct:
                 return
-            if (excess := self.disk_excess()) <= sum(self.sizes()):
+            if (excess := int(over_low_mark(used, avail, self.config.disk_high_pct))) <= sum(self.sizes()):
                 self.head_start(functools.partial(disk_relief, self.tiers, excess, ledger_hour()))
                 return
         except OSError:              # its directory is gone: the writer makes it again
@@ -11875,14 +11880,10 @@ class Retention(Loop):
     def disk_relieved(self) -> bool:
         return self.disk()[2] <= self.config.disk_high_pct - self.LOW_DISK
 
-    def disk_excess(self) -> int:
-        """The bytes the disk is over its low mark."""
-        used, avail, _ = self.disk()
-        return int(used - (self.config.disk_high_pct - self.LOW_DISK) / 100 * (used + avail))
-
     def own_share_can_relieve(self) -> bool:
         """True when the database holds at least what the disk is over its low mark."""
-        return sum(self.sizes()) >= self.disk_excess()
+        used, avail, _ = self.disk()
+        return sum(self.sizes()) >= over_low_mark(used, avail, self.config.disk_high_pct)
 
     def relieve(self, pass_id: str, tally: collections.Counter[tuple[str, str, str]],
                 tiers: tuple[Tier, ...]) -> str | None:
