@@ -543,8 +543,9 @@ class Config:
     openclaw_state_dir: str = setting("auto", STATE_DIR, "OpenClaw's state directory, whose `agents/*/` "
                                       "session stores give every model call's tokens and cost; auto: "
                                       "$OPENCLAW_STATE_DIR, else ~/.openclaw when it exists or when "
-                                      "TRACE_LOG_PATH is set (~/.openclaw-<profile> for a profile's log); "
-                                      "off: not read. A directory not there yet is waited for.")
+                                      "TRACE_LOG_PATH is set (~/.openclaw-<profile> for a profile's log; "
+                                      "a user with no home: not read, said at start); off: not read. A "
+                                      "directory not there yet is waited for.")
     quiet_poll: float = setting("5s", duration("10ms", "10m"), "The longest wait between looks at a quiet "
                                 "gateway log or session store: each look that finds nothing new doubles "
                                 "the wait, from TRACE_LOG_POLL (TRACE_OPENCLAW_POLL) up to this; something "
@@ -13517,6 +13518,10 @@ class Service:
         self.debug = Debug(self) if config.debug else None
         state_dir = openclaw_state_dir(config.openclaw_state_dir, gateway_here=bool(config.log_path),
                                        log_path=config.log_path)
+        if state_dir is None and config.openclaw_state_dir == "auto" and config.log_path:
+            log.warning("OpenClaw's session store is not followed: auto looks in this user's home, and it "
+                        "has none (no HOME, no password entry); set TRACE_OPENCLAW_STATE_DIR",
+                        extra={"uid": os.getuid()})
         self.store = SessionStore(config, self.events, self.db, state_dir) if state_dir else None
         self.tailer = LogTailer(config, self.events, self.db, self.store and self.store.root) \
             if config.log_path else None

@@ -11632,6 +11632,24 @@ def test_a_default_state_dir_not_there_yet_is_waited_for_so_no_call_counts_twice
     assert len(node.rows("llm_traces")) == calls == len(session_traces(node))
 
 
+def test_auto_with_no_home_to_look_in_says_so_at_start(run: Callable[..., Otrace]) -> None:
+    """A uid with no password entry and no HOME beside a gateway: auto cannot find ~/.openclaw, and the
+    start says the store is not followed (it was off with no word)."""
+    import tempfile
+    folder = Path(tempfile.mkdtemp(prefix="otrace-home-"))      # outside pytest's 0700 directory
+    try:
+        folder.chmod(0o777)
+        env = {"TRACE_OPENCLAW_STATE_DIR": "auto", "OPENCLAW_STATE_DIR": "",
+               "TRACE_LOG_PATH": str(folder / "openclaw")}
+        node = run(env, db=folder / "otrace.db", command=["env", "-u", "HOME", "setpriv", "--reuid=54321",
+                                                          "--regid=54321", "--clear-groups", *START])
+        said = node.wait_log(lambda e: "session store is not followed" in e.get("message", ""))
+        assert said["uid"] == 54321 and "TRACE_OPENCLAW_STATE_DIR" in said["message"]
+        assert node.health()["openclaw_sessions"] is None and node.stop() == 0
+    finally:
+        shutil.rmtree(folder)
+
+
 @needs_otlp_fixtures
 def test_the_report_names_openclaws_own_cost_metric_for_its_calls_without_a_cost(
         run: Callable[..., Otrace]) -> None:
