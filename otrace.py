@@ -3790,7 +3790,21 @@ def parse_head(raw: bytes, complete: bool) -> Request:
     method, target, version = words
     if target[:1] != "/" and target[:8].lower().startswith(("http://", "https://")):   # absolute-form,
         target = "/" + target.split("://", 1)[1].partition("/")[2]   # which servers take: its path, query
-    headers: dict[str, str] = {}
+    route, headers = target.split("?", 1)[0], {}
+    try:
+        read_headers(rest, complete, headers)
+        length, chunked = body_framing(headers, version)
+    except Refusal as refusal:                    # an OTLP exporter reads a google.rpc.Status, not ours
+        refusal.otlp = refusal_encoding(route, headers)
+        raise
+    connection = {option.strip() for option in headers["connection"].lower().split(",")} \
+        if "connection" in headers else ()                # most clients send none: no set to build
+    close = "close" in connection or (version == "HTTP/1.0" and "keep-alive" not in connection)
+    return Request(method, target, route, version, headers, close, length, chunked)
+
+
+def read_headers(rest: bytes, complete: bool, headers: dict[str, str]) -> None:
+    """The header lines after a request line, into `headers` as they come; Refusal for a bad one."""
     lines = rest.decode("latin-1").split("\n")       # decoded once: latin-1 maps byte to character
     if not complete or lines[-2:] not in (["", ""], ["\r", ""]):
         raise Refusal(400, "the request ended inside its headers")
@@ -3804,11 +3818,6 @@ def parse_head(raw: bytes, complete: bool) -> Request:
         name, value = name.lower(), value.strip()
         if headers.setdefault(name, value) != value and name in ("content-length", "transfer-encoding"):
             raise Refusal(400, f"conflicting {name} headers")
-    connection = {option.strip() for option in headers["connection"].lower().split(",")} \
-        if "connection" in headers else ()                # most clients send none: no set to build
-    close = "close" in connection or (version == "HTTP/1.0" and "keep-alive" not in connection)
-    length, chunked = body_framing(headers, version)
-    return Request(method, target, target.split("?", 1)[0], version, headers, close, length, chunked)
 
 
 def body_framing(headers: dict[str, str], version: str) -> tuple[int | None, bool]:
@@ -4100,7 +4109,7 @@ class Api:
         if content_type and not is_json_type(content_type):
             if request.route not in OTLP_SIGNALS:
                 raise Refusal(415, f"content type must be application/json, not {content_type}")
-            if otlp_encoding(request) != "protobuf":
+            if otlp_encoding(request.headers) != "protobuf":
                 raise Refusal(415, f"content type must be application/json or application/x-protobuf "
                               f"(OTLP), not {content_type}")
         if not request.has_body and "content-length" not in request.headers:
@@ -4110,10 +4119,8 @@ class Api:
         """The body and content type of a refusal: otrace's JSON error, or for an OTLP request the
         google.rpc.Status its specification asks for, in the request's encoding."""
         encoding = refusal.otlp
-        if encoding is None and request is not None and request.route in OTLP_SIGNALS:
-            encoding = otlp_encoding(request)
-            if encoding == "json" and request.route == "/v1/traces":   # otrace's own, until shown OTLP
-                encoding = None
+        if encoding is None and request is not None:
+            encoding = refusal_encoding(request.route, request.headers)
         if encoding is None:
             return refusal.body(), "application/json"
         return rpc_status(refusal, encoding)
@@ -4829,10 +4836,19 @@ OTLP_COUNTERS = (
     "log_records_rejected", "log_values_dropped", "requests_refused")
 
 
-def otlp_encoding(request: Request) -> str:
+def otlp_encoding(headers: dict[str, str]) -> str:
     """How an OTLP body is encoded, by its Content-Type: "protobuf" or "json"."""
-    media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    media = headers.get("content-type", "").split(";", 1)[0].strip().lower()
     return "protobuf" if media in PROTOBUF_TYPES else "json"
+
+
+def refusal_encoding(route: str, headers: dict[str, str]) -> str | None:
+    """The encoding of the google.rpc.Status a refusal on an OTLP route answers with; None for otrace's
+    JSON error (on /v1/traces in JSON, otrace's own route until its body shows OTLP)."""
+    if route not in OTLP_SIGNALS:
+        return None
+    encoding = otlp_encoding(headers)
+    return None if encoding == "json" and route == "/v1/traces" else encoding
 
 
 @functools.cache
@@ -5888,7 +5904,7 @@ class OtlpReceiver:
         JSON on /v1/metrics and /v1/logs; None for JSON on /v1/traces (recognise tells by the body)."""
         if request.route not in OTLP_SIGNALS:
             return None
-        if otlp_encoding(request) == "protobuf":
+        if otlp_encoding(request.headers) == "protobuf":
             return "protobuf"
         return None if request.route == "/v1/traces" else "json"
 

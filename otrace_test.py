@@ -12847,6 +12847,15 @@ def test_otlp_refusals_follow_the_specification(run: Callable[..., Otrace]) -> N
     assert big.status == 413 and "TRACE_MAX_BODY_BYTES" in rpc_status(big.body)[1]
     empty = node.post("/v1/traces", b"", headers={**PROTOBUF, **auth})
     assert (empty.status, empty.body) == (200, b"")
+    coding = exchange(node.port, "POST", "/v1/logs", b"", {**PROTOBUF, **auth, "Transfer-Encoding": "br"})
+    assert (coding.status, coding.headers["content-type"]) == (501, "application/x-protobuf")  # framing
+    assert rpc_status(coding.body) == (
+        12, "Transfer-Encoding 'br' is not supported: only chunked, on HTTP/1.1")
+    both = {**auth, "Content-Length": "5", "Transfer-Encoding": "chunked", "Content-Type": "application/json"}
+    framed = exchange(node.port, "POST", "/v1/metrics", b"0\r\n\r\n", both)
+    assert (framed.status, framed.json["code"]) == (400, 3), framed
+    assert exchange(node.port, "POST", "/v1/traces", b"0\r\n\r\n", both).json == {     # otrace's own
+        "error": "both Content-Length and Transfer-Encoding: chunked", "field": None}
 
     good = chat_span("0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331",
                      **{"gen_ai.operation.name": "chat", "gen_ai.request.model": "m",
