@@ -5988,7 +5988,13 @@ class OtlpReceiver:
                         left_out = found.event["metadata"].get("dropped", {})
                         export.counts["span_values_dropped"] += len(left_out)
         export.parents = {call.parent for call in calls if call.parent}
-        calls, export.counts["spans_merged"] = one_per_call(calls)
+        # a span stored lately as its own row, sent again, stays apart: its partner here, a span of
+        # another instrumentation, fills that row in (partner) rather than going with it as a duplicate
+        fresh, resent = [], []
+        for call in calls:
+            (resent if self.content.row_of(call.key) == call.key else fresh).append(call)
+        calls, export.counts["spans_merged"] = one_per_call(fresh)
+        calls += resent
         steps = self.steps(calls, export)
         for found in calls:
             if self.content.row_of(found.key) not in (None, found.key):   # merged into another row before:

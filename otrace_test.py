@@ -12152,7 +12152,9 @@ def test_two_instrumentations_of_one_call_make_one_row_in_process() -> None:
 def test_two_instrumentations_of_one_call_in_two_requests_make_one_row(
         tmp_path: Path, run: Callable[..., Otrace], first: str) -> None:
     """The Anthropic SDK's spans and OpenLLMetry's spans of the same calls, exported in two requests (a
-    batch boundary between them), in either order, make the rows the one request makes."""
+    batch boundary between them), in either order, make the rows the one request makes; so does one
+    half followed by the whole requests (a sender that regroups spans when it resends: the stored span
+    came again with its partner, which was dropped with it as a duplicate)."""
     wrapper = "opentelemetry.instrumentation.anthropic"
     entries = [e for e in captured_otlp()
                if e["run"] == "openllmetry-0.62.4-anthropic-content" and e["path"] == "/v1/traces"]
@@ -12188,6 +12190,11 @@ def test_two_instrumentations_of_one_call_in_two_requests_make_one_row(
     assert node.post("/v1/traces", trace(model="after-the-retry")).status == 202
     wait_until(lambda: any(r["model"] == "after-the-retry" for r in node.rows("llm_traces")), what="a mark")
     assert calls(node)[1] == reference[1] and len(node.rows("llm_traces")) == 7
+    regrouped = run(db=tmp_path / "regrouped.db")
+    for body in halves[first]:
+        assert otlp_post(regrouped.port, "/v1/traces", body, PROTOBUF).status == 200
+    replay(regrouped, entries)
+    wait_until(lambda: calls(regrouped) == reference, what="the same calls from a regrouping resend")
 
 
 SDK_CLIENT = r'''
