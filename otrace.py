@@ -9459,8 +9459,10 @@ class SessionStore(QuietReader):
             try:
                 import zstandard  # noqa: PLC0415 - imported where needed (see the imports)
             except ImportError as exc:
-                raise ImportError(f"{exc}: the session's compressed entries wait for it "
-                                  "(pip install zstandard)") from None
+                fix = "pip install zstandard" if exc.name == "zstandard" else (    # there, but not for it:
+                    f"its compiled part is not for Python {sys.version_info[0]}.{sys.version_info[1]}; "
+                    "an otrace.pyz runs on the Python version it was built with")
+                raise ImportError(f"{exc}: the session's compressed entries wait for it ({fix})") from None
             self.zstd, self.zstd_error = zstandard.ZstdDecompressor(), zstandard.ZstdError
         return self.zstd
 

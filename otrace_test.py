@@ -10618,11 +10618,18 @@ def test_the_position_of_a_session_ended_is_forgotten_and_nothing_is_read_twice(
     assert again.health()["events_duplicate"] == 0 and not again.logs("sessions ended")
 
 
-def without_zstandard(tmp_path: Path) -> Path:
-    """A directory that, first on PYTHONPATH, makes `import zstandard` fail as where it is not installed."""
+def without_zstandard(tmp_path: Path, compiled_part: bool = True) -> Path:
+    """A directory that, first on PYTHONPATH, makes `import zstandard` fail as where it is not installed;
+    without `compiled_part`, as in an otrace.pyz on another Python: the package's Python files alone."""
     stub = tmp_path / "no-zstandard"
     stub.mkdir()
-    (stub / "zstandard.py").write_text("raise ModuleNotFoundError(\"No module named 'zstandard'\")\n")
+    if compiled_part:
+        (stub / "zstandard.py").write_text("raise ModuleNotFoundError(\"No module named 'zstandard'\", "
+                                           "name='zstandard')\n")
+    else:
+        import zstandard
+        shutil.copytree(Path(zstandard.__file__).parent, stub / "zstandard",
+                        ignore=shutil.ignore_patterns("*.so", "__pycache__"))
     return stub
 
 
@@ -10756,6 +10763,22 @@ def test_a_reset_that_keeps_the_session_id_stores_each_call_once(tmp_path: Path,
     wait_until(lambda: want <= {r["trace_id"] for r in session_traces(node)}, what="the calls not read")
     wait_until(lambda: node.health()["queue_depth"] == 0, what="queue drained")
     assert {r["trace_id"] for r in session_traces(node) if r["session_id"] == "kept"} == want
+
+
+@needs_stores
+def test_a_compressed_entry_zstandard_cannot_load_says_why(tmp_path: Path,
+                                                         run: Callable[..., Otrace]) -> None:
+    """zstandard there without its compiled part for this Python (an otrace.pyz started on another
+    Python version): the entry waits, and the fault says so, not to install the package."""
+    node, db, template = store_followed(tmp_path, run, PYTHONPATH=str(without_zstandard(tmp_path, False)))
+    gateway = gateway_connection(db)
+    append_entry(gateway, next(s for s, _, _ in store_entries(db)), a_call(template, 1000, 0.001),
+                 compressed=True)
+    gateway.close()
+    fault = wait_until(lambda: node.health()["openclaw_sessions"]["agent_errors"].get("main"),
+                       what="the agent's fault")
+    assert "zstandard.backend_c" in fault and "not for Python 3." in fault and "otrace.pyz" in fault
+    assert "pip install" not in fault
 
 
 @needs_stores
