@@ -4940,6 +4940,15 @@ def otel_attributes(pairs: Any) -> dict[str, Any]:
     return {pair.key: otel_value(pair.value) for pair in pairs}
 
 
+def resource_attributes(pairs: Any) -> dict[str, Any]:
+    """A resource's attributes, its service.name as text whatever it came as: calls are grouped, and
+    pushed, by it."""
+    attrs = otel_attributes(pairs)
+    if (name := attrs.get("service.name")) is not None and not isinstance(name, str):
+        attrs["service.name"] = json.dumps(name)
+    return attrs
+
+
 def _first(attrs: dict[str, Any], keys: Iterable[str]) -> Any:
     for key in keys:
         value = attrs.get(key)
@@ -5084,7 +5093,7 @@ class Call:
     instrumentation's span of the same call."""
 
     key: str                         # the row's trace_id: the span's (trace id, span id)
-    group: tuple[int, str | None]    # (its resource in the request, its provider)
+    group: tuple[Any, str | None]    # (its service, else its resource in the request; its provider)
     scope: str
     start: int
     end: int
@@ -5155,9 +5164,10 @@ def llm_call(span: Any, resource: dict[str, Any], where: tuple[int, str], store_
     response_id = attrs.get("gen_ai.response.id")
     said = ("embeddings" if operation in ("embeddings", "embedding") else operation and "generation",
             _word(attrs.get("gen_ai.request.model")), _word(attrs.get("gen_ai.response.model")))
-    return Call(key, (where[0], event["provider"]), where[1], span.start_time_unix_nano,
-                span.end_time_unix_nano, response_id if isinstance(response_id, str) else None, said,
-                event, failure, [key], relayed="otrace.trace_id" in attrs,
+    group = (resource.get("service.name", where[0]), event["provider"])
+    return Call(key, group, where[1], span.start_time_unix_nano, span.end_time_unix_nano,
+                response_id if isinstance(response_id, str) else None, said, event, failure, [key],
+                relayed="otrace.trace_id" in attrs,
                 parent=span_key(span.trace_id, span.parent_span_id))
 
 
@@ -5339,13 +5349,15 @@ def pushed_key(record: Any, attrs: dict[str, Any]) -> str | None:
 
 
 def one_per_call(calls: list[Call]) -> tuple[list[Call], int]:
-    """Two instrumentations in one process can each report the same call (the Anthropic SDK's own
-    tracing and OpenLLMetry's do, as two root spans): a span of another scope, with the same provider,
-    that may be the same call (may_be_one_call), is the one with the same response id, else the one
-    lying inside the other's time. The inner span's row is kept and filled in from the outer one (two
-    spans another otrace relayed are two rows there: not paired). The calls left, and how many spans
-    were merged."""
-    groups: dict[tuple[int, str | None], list[Call]] = {}
+    """Two or more instrumentations in one process can each report the same call (the Anthropic SDK's
+    own tracing and OpenLLMetry's do, as two root spans): a span of another scope, of the same service
+    and provider, that may be the same call (may_be_one_call), is the one with the same response id,
+    else one lying inside the other's time, the nearest in time when several do and as many of the
+    other scope lie around them (calls made at once, each reported by both; not a span around several
+    calls). The inner span's row is kept and filled in from the outer one (two spans
+    another otrace relayed are two rows there: not paired). The calls left, and how many spans were
+    merged."""
+    groups: dict[tuple[Any, str | None], list[Call]] = {}
     for call in calls:
         groups.setdefault(call.group, []).append(call)
     gone: set[int] = set()
@@ -5353,14 +5365,35 @@ def one_per_call(calls: list[Call]) -> tuple[list[Call], int]:
         if len({call.scope for call in group}) < 2:
             continue
         for outer in sorted(group, key=lambda c: c.end - c.start, reverse=True):
-            others = [c for c in group if c is not outer and id(c) not in gone and c.scope != outer.scope
+            others = [c for c in group if c is not outer and id(c) not in gone
+                      and not scopes_of(c) & scopes_of(outer)
                       and not (c.relayed and outer.relayed) and may_be_one_call(outer, c)]
-            inner = [c for c in others if outer.response_id and c.response_id == outer.response_id] or [
-                c for c in others if outer.start <= c.start <= c.end <= outer.end]
-            if len(inner) == 1:
-                absorb(inner[0], outer)
+            inner = [c for c in others if outer.response_id and c.response_id == outer.response_id]
+            if not inner:
+                inner = [c for c in others if inside(c, outer)]
+                rivals = [o for o in group if o.scope == outer.scope and id(o) not in gone
+                          and any(inside(c, o) and may_be_one_call(o, c) for c in inner)]
+                if len(inner) > 1 and len(rivals) != len(inner):   # one span around several calls
+                    continue
+            if inner:
+                absorb(nearest(outer, inner), outer)
                 gone.add(id(outer))
     return [call for call in calls if id(call) not in gone], len(gone)
+
+
+def inside(call: Call, other: Call) -> bool:
+    """Whether `call` lies inside `other`'s time."""
+    return other.start <= call.start <= call.end <= other.end
+
+
+def scopes_of(call: Call) -> set[str]:
+    """The scopes of the spans a call stands for: one instrumentation reports a call once."""
+    return {call.scope, *(span["scope"] for span in call.event["metadata"].get("otel_merged_spans", ()))}
+
+
+def nearest(call: Call, candidates: list[Call]) -> Call:
+    """Of other spans that may record `call`, the one whose start and end are nearest its own."""
+    return min(candidates, key=lambda c: abs(c.start - call.start) + abs(c.end - call.end))
 
 
 def leave_out_bad_values(event: dict[str, Any]) -> None:
@@ -5420,10 +5453,11 @@ def absorb(call: Call, other: Call) -> None:
         if call.event.get(field) is None and not (has_usage and field in USAGE_KEYS):
             call.event[field] = value
     meta = call.event["metadata"]
-    call.event["metadata"] = {**other.event["metadata"], **meta, "otel_merged_spans": [
-        *meta.get("otel_merged_spans", []), {"otel_span_id": other.event["metadata"]["otel_span_id"],
-                                             "otel_trace_id": other.event["metadata"]["otel_trace_id"],
-                                             "scope": other.scope}]}
+    theirs = other.event["metadata"]
+    call.event["metadata"] = {**theirs, **meta, "otel_merged_spans": [
+        *meta.get("otel_merged_spans", []), {"otel_span_id": theirs["otel_span_id"],
+                                             "otel_trace_id": theirs["otel_trace_id"], "scope": other.scope},
+        *theirs.get("otel_merged_spans", [])]}
     if other.failure:
         mine = call.failure or {}
         call.failure = {**other.failure, **{k: v for k, v in mine.items() if v is not None},
@@ -5454,15 +5488,15 @@ def same_call(stored: Call, call: Call) -> bool:
     """Whether `call`, from a later request, is another instrumentation's span of the call `stored`:
     another scope, the same service and provider, one that may be the same call (may_be_one_call),
     and the same response id (where both have one), or one lying inside the other's time. A call
-    already made of two spans takes no third, and two spans another otrace relayed are two rows there."""
-    if (stored.scope == call.scope or len(stored.keys) > 1 or (stored.relayed and call.relayed)
+    that has a span of that scope takes no other, and two spans another otrace relayed are two rows
+    there."""
+    if (scopes_of(stored) & scopes_of(call) or (stored.relayed and call.relayed)
             or not may_be_one_call(stored, call)
             or service_and_provider(stored) != service_and_provider(call)):
         return False
     if stored.response_id and call.response_id:
         return True
-    return (stored.start <= call.start <= call.end <= stored.end
-            or call.start <= stored.start <= stored.end <= call.end)
+    return inside(call, stored) or inside(stored, call)
 
 
 class Lately:
@@ -5499,13 +5533,15 @@ class RecentCalls:
         self.scopes: dict[tuple[Any, Any], dict[str, float]] = {}   # (service, provider) -> {scope: when}
 
     def partner(self, call: Call) -> Call | None:
-        """The one stored call `call` is another span of, if exactly one."""
+        """The stored call `call` is another span of: the one with its response id, else the one
+        alone that lies inside its time or around it."""
         deadline = time.monotonic() - self.wait
         if not any(scope != call.scope and seen >= deadline
                    for scope, seen in self.scopes.get(service_and_provider(call), {}).items()):
             return None
         found = [stored for at, stored in self.calls if at >= deadline and same_call(stored, call)]
-        return found[0] if len(found) == 1 else None
+        same = [stored for stored in found if call.response_id and stored.response_id == call.response_id]
+        return nearest(call, same) if same else found[0] if len(found) == 1 else None
 
     def remember(self, call: Call) -> None:
         now = time.monotonic()
@@ -5972,7 +6008,7 @@ class OtlpReceiver:
         export, calls = Export(), []
         store_followed = self.service.store is not None
         for r, resource_spans in enumerate(message.resource_spans):
-            resource = otel_attributes(resource_spans.resource.attributes)
+            resource = resource_attributes(resource_spans.resource.attributes)
             for scope_spans in resource_spans.scope_spans:
                 for span in scope_spans.spans:
                     export.counts["spans"] += 1
@@ -6125,7 +6161,7 @@ class OtlpReceiver:
         export, content, stamps = Export(), {}, {}
         log_followed, store_followed = self.service.tailer is not None, self.service.store is not None
         for resource_logs in message.resource_logs:
-            resource = otel_attributes(resource_logs.resource.attributes)
+            resource = resource_attributes(resource_logs.resource.attributes)
             for scope_logs in resource_logs.scope_logs:
                 for record in scope_logs.log_records:
                     export.counts["log_records"] += 1
@@ -6236,7 +6272,7 @@ class OtlpReceiver:
     def metrics(self, message: Any, received: int) -> Export:
         export, points = Export(), []
         for resource_metrics in message.resource_metrics:
-            resource = otel_attributes(resource_metrics.resource.attributes)
+            resource = resource_attributes(resource_metrics.resource.attributes)
             identity = [resource.get(k) for k in ("service.name", "service.namespace", "service.instance.id",
                                                   "host.name", "process.pid")]
             for scope_metrics in resource_metrics.scope_metrics:

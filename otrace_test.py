@@ -12137,6 +12137,19 @@ def test_two_instrumentations_of_one_call_make_one_row_in_process() -> None:
              make("openllmetry", 200, 500, **{**chat, "gen_ai.response.id": "msg_b"}),
              make("sdk", 210, 490, **{**chat, "gen_ai.response.id": "msg_b"})]
     assert otrace.one_per_call(pairs) == ([pairs[1], pairs[3]], 2)
+    # a third instrumentation of a call: one row of the three
+    three = [make("openllmetry", 100, 1000, **{**chat, "gen_ai.response.id": "msg_t"}),
+             make("openinference", 105, 950, **{**chat, "gen_ai.response.id": "msg_t"}),
+             make("sdk", 110, 900, **{**chat, "gen_ai.response.id": "msg_t"})]
+    assert otrace.one_per_call(three) == ([three[2]], 2)
+    assert [s["scope"] for s in three[2].event["metadata"]["otel_merged_spans"]] == [
+        "openinference", "openllmetry"]
+    # two calls at once that failed (no response id), each reported by both, each span of one library
+    # inside both of the other's: paired by the nearest times, each row taking one span of each library
+    both = [make("openllmetry", 100, 900, **chat), make("openllmetry", 101, 950, **chat),
+            make("sdk", 110, 890, **chat), make("sdk", 112, 940, **chat)]
+    assert otrace.one_per_call(both) == ([both[2], both[3]], 2)
+    assert [c.keys for c in both[2:]] == [[both[2].key, both[0].key], [both[3].key, both[1].key]]
     dated = [make("openllmetry", 100, 900, **{**chat, "gen_ai.response.model": "claude-4-20250514",
                                               "gen_ai.response.id": "msg_c"}),
              make("sdk", 110, 890, **{**chat, "gen_ai.response.model": "claude-4",      # one call, two names
@@ -12218,6 +12231,40 @@ def test_two_instrumentations_of_one_call_in_two_requests_make_one_row(
         assert otlp_post(regrouped.port, "/v1/traces", body, PROTOBUF).status == 200
     replay(regrouped, entries)
     wait_until(lambda: calls(regrouped) == reference, what="the same calls from a regrouping resend")
+
+
+def test_one_calls_spans_over_a_services_resources_and_a_service_named_in_no_text(
+        run: Callable[..., Otrace]) -> None:
+    """A Collector's batch sets exports of one process side by side, each its own resource of the same
+    service: two instrumentations' spans of one call there are one row, as in one resource (they were
+    two rows). A service.name that is no string (an array, a number) is its JSON text: its spans and
+    metric points are taken (the spans were answered 500 with a traceback, the points refused)."""
+    node = run()
+    chat = {"gen_ai.operation.name": "chat", "gen_ai.provider.name": "anthropic", "gen_ai.response.id": "r1"}
+    trace_hex = "4bf92f3577b34da6a3ce929d0e0e4736"
+    outer = chat_span(trace_hex, "00000000000000b1", **chat, **{"gen_ai.usage.input_tokens": 10})
+    inner = dict(chat_span(trace_hex, "00000000000000b2", **chat), startTimeUnixNano="1796000000100000000",
+                 endTimeUnixNano="1796000000900000000")
+    body = {"resourceSpans": [*spans_body(outer, scope="openllmetry", service="agent")["resourceSpans"],
+                              *spans_body(inner, scope="sdk", service="agent")["resourceSpans"]]}
+    assert node.post("/v1/traces", body).status == 200
+    odd = {"gen_ai.operation.name": "chat", "gen_ai.request.model": "m"}
+    named = spans_body(chat_span(trace_hex, "00000000000000c1", **odd), scope="a")
+    named["resourceSpans"][0]["scopeSpans"].append({"scope": {"name": "b"}, "spans": [
+        chat_span(trace_hex, "00000000000000c2", **odd)]})
+    listed = {"arrayValue": {"values": [{"stringValue": "agent"}]}}
+    named["resourceSpans"][0]["resource"]["attributes"][0]["value"] = listed
+    assert node.post("/v1/traces", named).status == 200
+    points = sums_body(5, 1796000000)
+    points["resourceMetrics"][0]["resource"]["attributes"][0]["value"] = {"intValue": 7}
+    assert "partialSuccess" not in node.post("/v1/metrics", points).json
+    node.wait_persisted(3)
+    rows = {r["trace_id"].rsplit("-", 1)[1]: r for r in node.rows("llm_traces")}
+    assert set(rows) == {"00000000000000b2", "00000000000000c2"}
+    assert (rows["00000000000000b2"]["prompt_tokens"], json.loads(rows["00000000000000c2"]["metadata"])[
+        "service_name"]) == (10, '["agent"]')
+    assert [r["service"] for r in node.rows("genai_metrics")] == ["7"]
+    assert not node.logs("answer failed")
 
 
 SDK_CLIENT = r'''
