@@ -8724,13 +8724,15 @@ SESSIONS_SQL = """
         UNION ALL
         SELECT (SELECT min(session_id) FROM transcript_events WHERE session_id > sessions.id)
         FROM sessions WHERE sessions.id IS NOT NULL)
-    SELECT id, (SELECT max(seq) FROM transcript_events WHERE session_id = sessions.id), {generation}
+    SELECT id, (SELECT max(seq) FROM transcript_events WHERE session_id = sessions.id), {generation}, NULL
     FROM sessions WHERE id IS NOT NULL"""
-# The sessions with rows past a rowid: a search of the table by rowid, never a scan of the store.
+# The sessions with rows past a rowid, and the lowest seq among those rows: a search of the table by
+# rowid, never a scan of the store.
 ADDED_SQL = """
-    SELECT id, (SELECT max(seq) FROM transcript_events WHERE session_id = added.id), {generation}
-    FROM (SELECT DISTINCT session_id AS id FROM transcript_events NOT INDEXED WHERE rowid > ?) AS added"""
-TOP_ROWID_SQL = "SELECT max(rowid) FROM transcript_events"
+    SELECT id, (SELECT max(seq) FROM transcript_events WHERE session_id = added.id), {generation}, low
+    FROM (SELECT session_id AS id, min(seq) AS low FROM transcript_events NOT INDEXED WHERE rowid > ?
+          GROUP BY session_id) AS added"""
+TOP_ROW_SQL = "SELECT rowid, session_id, seq, created_at FROM transcript_events ORDER BY rowid DESC LIMIT 1"
 # A session reset or deleted: its transcript moved, in the transaction that deleted its entries, into
 # an archive row (its JSONL, plain or zstd), one a (session, generation). The archives after a rowid,
 # what names the one at it, and one archive's transcript.
@@ -9001,9 +9003,9 @@ class AgentDatabase:
         self.checked = False                     # the cursors checked against this connection's file
         self.listed: int | None = None           # data_version when every session was last caught up
         self.seen: int | None = None             # data_version at the last look that caught up ...
-        self.top: int | None = None              # ... and the highest rowid then
+        self.top: tuple | None = None            # ... and the row with the highest rowid then
         self.listed_at = -math.inf
-        self.looking: tuple[int, int | None, bool] = (0, None, True)   # the look under way: the same three
+        self.looking: tuple[int, tuple | None, bool] = (0, None, True)   # the look under way: the same three
         self.sessions_sql = self.added_sql = self.entries_sql = self.generation_sql = self.known_sql = ""
         self.archives = False                    # the database has session_transcript_archives
         self.making = False                      # a file without its tables yet: looked at again soon
@@ -9098,18 +9100,27 @@ class AgentDatabase:
         """Commits came since every session was last listed: a look is due even if no file changed."""
         return self.listed != self.seen
 
-    def sessions(self, version: int) -> list[tuple[str, int, str]]:
-        """The sessions that may have entries not read, (id, last seq, rewrite generation or ""): those
-        with rows past the top of the last look, or every session with entries when that is due, or
-        when the top came down (rows deleted from the end, or renumbered by VACUUM)."""
+    def sessions(self, version: int) -> list[tuple[str, int, str, int | None]]:
+        """The sessions that may have entries not read, (id, last seq, rewrite generation or "", the
+        lowest seq of its rows added since the last look, or None): those with rows past the top of
+        the last look, or every session with entries when that is due, or when the top came down (rows
+        deleted from the end, or renumbered by VACUUM). A row added at or before where its session was
+        read took the place of one deleted."""
         # the top first: a row committed between the two reads is past it, so listed again next time
-        top = self.conn.execute(TOP_ROWID_SQL).fetchone()[0] if self.added_sql else None
-        whole = (top is None or self.top is None or top < self.top or version == self.seen
+        top = self.conn.execute(TOP_ROW_SQL).fetchone() if self.added_sql else None
+        after = self.top and self.top[0]
+        if top is not None and self.top is not None and top[0] == after and top != self.top:
+            after -= 1           # the row at the top deleted, and its rowid given to the next one stored
+        whole = (top is None or after is None or top[0] < after or version == self.seen
                  or time.monotonic() >= self.listed_at + STORE_LIST_EVERY)
         self.looking = (version, top, whole)
-        found = (self.conn.execute(self.sessions_sql) if whole else
-                 self.conn.execute(self.added_sql, (self.top,)))
-        return [(session, seq, generation or "") for session, seq, generation in found
+        added = [] if top is None or after is None or top[0] < after else \
+            self.conn.execute(self.added_sql, (after,)).fetchall()
+        if whole:                # every session, and what was added as well
+            lows = {session: low for session, _, _, low in added}
+            added = [(session, seq, generation, lows.get(session))
+                     for session, seq, generation, _ in self.conn.execute(self.sessions_sql)]
+        return [(session, seq, generation or "", low) for session, seq, generation, low in added
                 if isinstance(session, str) and seq is not None]
 
     def put_back(self, session: str, cursor: Cursor) -> bool:
@@ -9282,18 +9293,21 @@ class SessionStore(QuietReader):
         except ImportError as exc:            # a zstd archive waits for the package; the sessions go on
             missing = exc
         if store.whole:                       # a look that lists every session: what ended is forgotten
-            self.forget(store, agent, {session for session, _, _ in listed})
+            self.forget(store, agent, {session for session, _, _, _ in listed})
         again = {}                        # a backup restored: the gateway writes where otrace read past
-        for session, last, _ in listed:
+        for session, last, _, low in listed:
             cursor = self.cursors.get((agent, session))
-            if cursor is not None and not cursor.again and cursor.position > last:
+            # entries deleted where the session was read: its end cut, or one stored in their place
+            stored_at = math.inf if low is None else low
+            cut = cursor is not None and (cursor.position > last or stored_at <= cursor.position)
+            if cut and not cursor.again:
                 try:                      # a reset that kept the id, archived since: read where it stood
                     self.read_archive(store, agent, session, cursor.mark)
                 except ImportError as exc:
                     missing = exc
                     held.add(session)
                     continue
-            if cursor is not None and (store.replaced or cursor.position > last or (   # one read again too
+            if cursor is not None and (store.replaced or cut or (          # one read again too
                     not store.checked and store.put_back(session, cursor))):
                 again[session] = cursor.read_again()
         if again or self.inodes.get(agent) != inode:
@@ -9302,7 +9316,7 @@ class SessionStore(QuietReader):
             self.log.info("agent database put back or cut: sessions read again", extra={
                 "agent": agent, "sessions": len(again), "another_file": store.replaced})
         store.replaced, store.checked = False, True
-        for session, last, generation in listed:
+        for session, last, generation, _ in listed:
             cursor = self.cursors.get((agent, session))
             if session in held:
                 continue

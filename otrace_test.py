@@ -11227,8 +11227,10 @@ def test_a_look_after_a_commit_lists_only_the_sessions_with_rows_added(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """After the first look, a commit makes a look search the rows past the last top by rowid, not list
     every session. Every session is listed when the commits stop, at once when rows were deleted from
-    the end, and every STORE_LIST_EVERY while commits go on, which finds a row that took the rowid of
-    one deleted meanwhile."""
+    the end, and every STORE_LIST_EVERY while commits go on. A row that took the top's rowid, one
+    deleted meanwhile, is found at once (its row at the top is not the one before), and so is an entry
+    stored at the seq of one deleted where a session was read (the session is read again): both were
+    found only at the next listing or start."""
     state = state_copy(tmp_path)
     db = agent_db(state)
     template = assistant_template(db)
@@ -11261,12 +11263,21 @@ def test_a_look_after_a_commit_lists_only_the_sessions_with_rows_added(
     assert look() == ("every session", 11)
     gateway.execute("DELETE FROM transcript_events WHERE rowid = (SELECT max(rowid) FROM transcript_events)")
     append_entry(gateway, "s3", a_call(template, 1000, 0.003))           # it takes s2's rowid
-    assert look() == ("added", 11)
+    assert look() == ("added", 12)
+    append_entry(gateway, "s1", a_call(template, 1000, 0.003))
+    last = "DELETE FROM transcript_events WHERE session_id = 's3' AND seq = (SELECT max(seq) FROM " \
+           "transcript_events WHERE session_id = 's3')"
+    gateway.execute(last)
+    append_entry(gateway, "s3", a_call(template, 1000, 0.003))           # at the seq read, a new rowid
+    assert look() == ("added", 14)
+    gateway.execute(last)
+    append_entry(gateway, "s3", a_call(template, 1000, 0.003))           # at the seq read, the same rowid
+    assert look() == ("added", 15)
     gateway.execute("INSERT INTO cache_entries (scope, key, updated_at) VALUES ('t', 'k2', 0)")
-    assert look() == ("added", 11)                                       # while the commits go on
+    assert look() == ("added", 15)                                       # while the commits go on
     monkeypatch.setattr(otrace, "STORE_LIST_EVERY", 0.0)
     gateway.execute("INSERT INTO cache_entries (scope, key, updated_at) VALUES ('t', 'k3', 0)")
-    assert look() == ("every session", 12)
+    assert look() == ("every session", 15)
     gateway.close()
 
 
@@ -11283,7 +11294,7 @@ def test_a_store_without_rowids_lists_every_session_at_each_look(tmp_path: Path)
     ran: list[str] = []
     store.conn.set_trace_callback(ran.append)
     for _ in range(2):
-        assert store.sessions(store.changed()) == [("s1", 0, "")]
+        assert store.sessions(store.changed()) == [("s1", 0, "", None)]
         store.caught_up()
     assert sum(otrace.SESSIONS_SQL[:30] in s for s in ran) == 2 and not any("rowid" in s for s in ran)
     store.close()
