@@ -488,7 +488,8 @@ class Config:
                                    "as they stay open; a new one takes the place of the oldest of them "
                                    "that holds no request, else it is answered 503 and closed. Lowered "
                                    "at start to what the process's file-descriptor limit allows, the 8 "
-                                   "counted in.")
+                                   "and 64 for otrace's own files counted in (ulimit -n 73 or under: "
+                                   "one).")
     shutdown_timeout: float = setting("4s", duration("500ms", "10m"), "Time from SIGTERM to exit: answer "
                                       "in-flight requests, write the queue, push what time allows, "
                                       "checkpoint, close.")
@@ -1141,9 +1142,16 @@ class Refusal(Exception):
         super().__init__(message)
         self.status, self.headers = status, headers or {}
         self.otlp: str | None = None     # "json" once an OTLP JSON body is known to be the one refused
+        self.logged = status < 500       # in the log's "request refused" lines (a 503 its own counter's)
 
     def body(self) -> dict[str, Any]:
         return {"error": str(self), "field": None}
+
+
+def out_of_memory() -> Refusal:
+    """The answer to a request that ran out of memory (a limit on the process's): retried later, it
+    may fit."""
+    return Refusal(503, "otrace ran out of memory for this request; retry later", {"Retry-After": "5"})
 
 
 def answered(refusal: Refusal) -> Refusal:
@@ -3744,6 +3752,7 @@ PUBLIC_ROUTES = frozenset({"/health", "/metrics"})     # answered without the in
 # holding every slot does not fail the liveness probe or the scrape. A constant: a probe or a scrape is
 # one short request at a time, and 8 is plenty for the few that come at once.
 PROBE_RESERVE = 8
+ACCEPT_PAUSE = 0.05              # seconds a listener rests after accept found no descriptor or memory
 _DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 TOO_MANY = "too many connections; retry later"
@@ -3890,14 +3899,19 @@ def decode_chunked(raw: bytearray, out: bytearray, limit: int, state: list[int])
 
 
 class Budget:
-    """Bytes of request bodies held in memory across all connections (TRACE_MAX_BUFFERED_BYTES)."""
+    """Bytes of request bodies held in memory across all connections (TRACE_MAX_BUFFERED_BYTES); a
+    request refused for it is counted and said, as no other count shows it."""
 
-    def __init__(self, limit: int) -> None:
-        self.limit, self.held = limit, 0
+    def __init__(self, limit: int, counters: Counters) -> None:
+        self.limit, self.held, self.counters = limit, 0, counters
 
     def take(self, n: int) -> None:
         if self.held + n > self.limit:
-            raise Refusal(503, "too many request bodies in flight; retry later", {"Retry-After": "1"})
+            self.counters.add("bodies_refused")
+            refusal = Refusal(503, "too many request bodies in flight (TRACE_MAX_BUFFERED_BYTES); "
+                              "retry later", {"Retry-After": "1"})
+            refusal.logged = True
+            raise refusal
         self.held += n
 
     def give(self, n: int) -> None:
@@ -4241,7 +4255,8 @@ class RefusalLog(MinuteLog):
         field = invalid and invalid.field
         status = 200 if items else refusal.status
         line = {"status": status, "route": route, "method": method_said(request),
-                "error": invalid.said() if invalid else HTTPStatus(refusal.status).phrase,
+                "error": invalid.said() if invalid else str(refusal) if refusal.status >= 500 else
+                HTTPStatus(refusal.status).phrase,
                 "field": field, "index": invalid and invalid.index, "client": client}
         if items:
             line["items_refused"] = items
@@ -4265,7 +4280,7 @@ class IngestServer:
         self.refusals = service.refusals
         self.limit, self.read_timeout = config.max_connections, config.read_timeout
         self.max_body = config.max_body_bytes
-        self.budget = Budget(config.max_buffered_bytes)
+        self.budget = Budget(config.max_buffered_bytes, service.counters)
         self.poller = select.epoll()
         self.listeners: dict[int, socket.socket] = {}
         self.unbound: list[dict[str, Any]] = []
@@ -4291,6 +4306,8 @@ class IngestServer:
         self.reserve: dict[int, Connection] = {}   # in PROBE_RESERVE (probes only), oldest first
         self.chunk = memoryview(bytearray(READ_CHUNK))
         self.accept_fault = FaultLog(log, "accepting connections")
+        self.paused: list[socket.socket] = []     # listeners resting until resume_at: see accept
+        self.resume_at = 0.0
         self.closing = False
         self.close_by = math.inf
         self.cut = 0
@@ -4324,8 +4341,14 @@ class IngestServer:
                     due = self.refusals.next_due()         # wake pipe, or a burst's count is due
                     timeout = -1 if due is None else max(0.0, due - time.monotonic())
                     next_reap = next_reap if due is None else min(next_reap, due)
+                if self.paused:
+                    timeout = min(tick if timeout < 0 else timeout, self.resume_at - time.monotonic())
                 for fd, events in self.poller.poll(timeout if timeout < 0 else max(0.0, timeout)):
                     self.on_ready(fd, events)
+                if self.paused and time.monotonic() >= self.resume_at:
+                    for sock in self.paused:
+                        self.poller.register(sock.fileno(), IN)
+                    self.paused.clear()
                 if (now := time.monotonic()) >= next_reap:
                     next_reap = now + tick
                     for conn in [c for c in self.open.values() if c.deadline < now]:
@@ -4350,8 +4373,15 @@ class IngestServer:
                 self.accept(self.listeners[fd])
             elif fd == self.wake_r:
                 self.on_wake()
-        except Exception:                # a request never takes the server down
+        except Exception as exc:         # a request never takes the server down
             log.exception("request failed", extra={"client": conn and conn.address})
+            if conn and isinstance(exc, MemoryError):       # a client told to retry, if there is room
+                with contextlib.suppress(Exception):
+                    refusal = out_of_memory()
+                    body, content_type = self.api.refused(conn.request, refusal)
+                    self.finish(conn, 503, body, refusal.headers, close=True, content_type=content_type)
+                    self.send(conn)
+                    return
             if conn:
                 self.hang_up(conn)
 
@@ -4360,14 +4390,16 @@ class IngestServer:
             try:
                 sock, address = listener.accept()
             except (BlockingIOError, InterruptedError):
+                self.accept_fault.cleared()                   # every client waiting was taken
                 return
             except OSError as exc:
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    self.accept_fault.failed(describe(exc))   # the client waits in the backlog
-                    time.sleep(0.05)                          # rather than spin on a listener ready
+                    self.accept_fault.failed(describe(exc))   # the client waits in the backlog, and the
+                    self.poller.unregister(listener.fileno())  # listener rests: no spin on it, and no
+                    self.paused.append(listener)               # sleep of the thread serving the others
+                    self.resume_at = time.monotonic() + ACCEPT_PAUSE
                     return
                 continue                                      # that client gave up
-            self.accept_fault.cleared()
             over = len(self.open) - len(self.reserve) >= self.limit
             if over and len(self.reserve) >= PROBE_RESERVE and not self.make_room():
                 self.counters.add("connections_refused")
@@ -4394,6 +4426,7 @@ class IngestServer:
         probe out. False when each of them is busy."""
         silent = next((c for c in self.reserve.values() if c.idle and not c.lingering), None)
         if silent is not None:
+            self.counters.add("connections_refused")
             self.hang_up(silent)
         return silent is not None
 
@@ -4464,7 +4497,7 @@ class IngestServer:
         except Refusal as refusal:                     # before the whole body is in: it stays unread
             if refusal.status == 401:                  # a client without the token loses what it sends
                 self.counters.add("unauthorized")
-            if refusal.status < 500:
+            if refusal.logged:
                 self.refusals.refused(conn.request, refusal, conn.address)
             body, content_type = self.api.refused(conn.request, refusal)
             unread = self.unread(conn.request, conn.inbox) if not at_eof else 0
@@ -4502,7 +4535,7 @@ class IngestServer:
         if isinstance(made, Refusal):
             status, headers = made.status, made.headers
             body, content_type = self.api.refused(conn.request, made)
-            if status < 500:
+            if made.logged:
                 self.refusals.refused(conn.request, made, conn.address)
         else:
             status, body, headers, content_type = made
@@ -4546,7 +4579,8 @@ class IngestServer:
                 made = problem
             else:                                          # a bug: say so, answer 500 rather than hang
                 log.error("answer failed", exc_info=problem, extra={"client": conn.address})
-                made = Refusal(500, "the answer could not be made; see otrace's log")
+                made = out_of_memory() if isinstance(problem, MemoryError) else \
+                    Refusal(500, "the answer could not be made; see otrace's log")
             self.deliver(conn, made)
             self.serve(conn, OUT)                          # send it, then any request that waited
         if self.close_asked:
@@ -4647,8 +4681,11 @@ class IngestServer:
         if self.closing:
             return
         self.closing = True
-        for fd in self.listeners:
-            self.poller.unregister(fd)
+        for sock in self.listeners.values():
+            if sock not in self.paused:
+                self.poller.unregister(sock.fileno())
+            sock.close()                 # a new client is refused at once, not left in the backlog
+        self.paused.clear()
         for conn in [c for c in self.open.values() if c.idle or c.lingering]:
             self.hang_up(conn)
 
@@ -5883,10 +5920,15 @@ class Worker(threading.Thread):
     def run(self) -> None:
         while (job := self.jobs.get()) is not None:
             make, future = job
-            if future.set_running_or_notify_cancel():
-                fulfil(future, functools.partial(self.counted, make))
-            else:
-                self.ended += 1
+            try:
+                if future.set_running_or_notify_cancel():
+                    fulfil(future, functools.partial(self.counted, make))
+                else:
+                    self.ended += 1
+            except BaseException as exc:  # noqa: BLE001 - out of memory handing an answer on: the
+                with contextlib.suppress(BaseException):   # client is answered, the next job made
+                    if not future.done():
+                        future.set_exception(exc)
 
     def counted(self, make: Callable[[], Any]) -> Any:
         try:
@@ -12245,6 +12287,8 @@ def prometheus(report: dict[str, Any]) -> str:
     add("connections_refused_total", "counter", "Connections, and requests on the probes' reserve, "
         "refused over TRACE_MAX_CONNECTIONS.",
         ("", report["connections_refused"]))
+    add("bodies_refused_total", "counter", "Requests answered 503 with TRACE_MAX_BUFFERED_BYTES of bodies "
+        "in flight.", ("", report["bodies_refused"]))
     add("requests_unauthorized_total", "counter", "Requests answered 401: no or a wrong TRACE_INGEST_TOKEN.",
         ("", report["requests_unauthorized"]))
     add("queue_depth_events", "gauge", "Events accepted and not yet committed.", ("", report["queue_depth"]))
@@ -12370,6 +12414,9 @@ def health_problems(service: Service, main: int, wal: int) -> list[str]:
     if folder_device(service.config.db_path) not in (None, service.db_device):
         problems.append("the database's directory is on another filesystem than at start (a volume "
                         "unmounted under otrace?): otrace writes there now, and fills that disk")
+    if fault := service.server.accept_fault.error:
+        problems.append(f"accepting connections failing ({fault}): new clients wait unanswered until "
+                        "descriptors or memory are free (ulimit -n, TRACE_MAX_CONNECTIONS)")
     if writer.reserve.released:
         since = f" since {iso(paused[0])}" if (paused := writer.paused) else ""
         problems.append(f"disk full{since}: reserve released, ingest paused until there is room again")
@@ -12425,6 +12472,7 @@ def health_report(service: Service) -> dict[str, Any]:
         **{f"events_{name}": counts[name] for name in EVENT_COUNTERS},
         "connections_open": service.server.count(),
         "connections_refused": counts["connections_refused"],
+        "bodies_refused": counts["bodies_refused"],
         "requests_unauthorized": counts["unauthorized"],
         "db_size_bytes": main,
         "wal_size_bytes": wal,
@@ -13550,7 +13598,8 @@ class Service:
             tracemalloc.start(TRACEMALLOC_FRAMES)
         self.config = config
         self.started = time.monotonic()
-        self.counters = Counters((*EVENT_COUNTERS, "connections_refused", "unauthorized", "custom_received"))
+        self.counters = Counters((*EVENT_COUNTERS, "connections_refused", "bodies_refused", "unauthorized",
+                                  "custom_received"))
         self.refusals = RefusalLog()
         open_database(config.db_path)
         self.db_device = folder_device(config.db_path)

@@ -2449,12 +2449,16 @@ def test_bodies_held_across_connections_stay_within_their_budget(run: Callable[.
     with socket.create_connection(("127.0.0.1", node.port), timeout=10) as third:
         third.sendall(request_head(len(body)))
         status, error = answer_of(read_to_end(third))
-    assert status == 503 and "retry later" in error["error"]
+    assert status == 503 and "TRACE_MAX_BUFFERED_BYTES" in error["error"]
     for sock in slow:
         sock.sendall(body[10:])
         assert answer_of(sock.recv(65536))[0] == 202
         sock.close()
     assert node.post("/v1/traces", body).status == 202
+    assert node.health()["bodies_refused"] == 1                    # seen: counted and said
+    assert "\notrace_bodies_refused_total 1\n" in node.request("GET", "/metrics").body.decode()
+    said = node.wait_log(lambda e: e.get("message") == "request refused")
+    assert said["status"] == 503 and "TRACE_MAX_BUFFERED_BYTES" in said["error"]
 
 
 def test_a_client_still_sending_a_refused_body_reads_the_answer(run: Callable[..., Otrace]) -> None:
@@ -2789,6 +2793,7 @@ def test_connections_that_send_nothing_do_not_keep_a_probe_out(run: Callable[...
             assert answer_of(read_to_end(sending)) == (503, {"error": "too many connections; retry later",
                                                              "field": None})
         assert silent[1].recv(1) == b""                     # its place was taken in turn
+        assert node.request("GET", "/health", conn=probe).json["connections_refused"] == 3   # and counted
     finally:
         probe.close()
         for sock in held + silent:
@@ -2810,7 +2815,9 @@ def test_no_descriptor_left_for_a_connection_is_logged_once_and_passes(svc: Otra
     subprocess.run(["prlimit", f"--pid={pid}", f"--nofile={lowest_free}:"], check=True)   # the soft limit
     with socket.create_connection(("127.0.0.1", svc.port), timeout=30) as waiting:
         svc.wait_log(lambda e: e.get("message") == "accepting connections failing")
-        assert svc.request("GET", "/health", conn=kept).status == 200     # the open ones are served
+        health = svc.request("GET", "/health", conn=kept)              # the open ones are served
+        assert health.status == 503 and health.json["problems"][0].startswith(
+            "accepting connections failing (OSError: [Errno 24] Too many open files)")
         subprocess.run(["prlimit", f"--pid={pid}", f"--nofile={soft}:"], check=True)
         waiting.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
         assert waiting.recv(65536).startswith(b"HTTP/1.1 200 ")
@@ -8082,6 +8089,8 @@ def test_sigterm_closes_idle_connections_and_finishes_a_request_in_flight(run: C
         busy.sendall(request_head(len(event)) + event[:10])         # a request in flight
         svc.signal(signal.SIGTERM)
         assert idle.recv(100) == b""                                # closed at once
+        with pytest.raises(ConnectionRefusedError):                 # a new client refused at once, not
+            socket.create_connection(("127.0.0.1", svc.port), timeout=30).close()  # left in the backlog
         busy.sendall(event[10:])
         answer = read_to_end(busy)
     status, body = answer_of(answer)
