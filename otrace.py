@@ -858,6 +858,11 @@ def iso(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp).astimezone().isoformat(timespec="milliseconds")
 
 
+def wall_time(monotonic_at: float) -> float:
+    """The wall-clock time of a time.monotonic() moment, to say it."""
+    return time.time() + monotonic_at - time.monotonic()
+
+
 def file_size(path: str | Path) -> int:
     try:
         return Path(path).stat().st_size
@@ -1523,6 +1528,7 @@ _ALWAYS, _SINCE, _DAILY = range(3)                # a price's constraint: none, 
 PRICE_MEMO = 4096                # (provider, model) pairs remembered; past it the memo starts afresh
 MAX_CLAUSE_DEPTH = 16            # or/and nested in a match clause: deeper would overflow the stack at ingest
 DAY_MS = 86_400_000
+LAST_DAY = (date.max - date(1970, 1, 1)).days      # 9999-12-31, in days since 1970-01-01
 # OpenTelemetry's provider names that genai-prices' own rules would miss or misplace (its
 # provider_match sends azure.ai.openai to openai); every other well-known name finds its provider.
 PROVIDER_ALIASES = {"azure.ai.openai": "azure", "azure.ai.inference": "azure", "az.ai.openai": "azure",
@@ -10671,14 +10677,14 @@ class Breaker:
     def __init__(self, threshold: int, cooldown: float) -> None:
         self.threshold, self.cooldown = threshold, cooldown
         self.failures = 0
-        self.retry_at = 0.0      # time.time() of the next try while open
+        self.retry_at = 0.0      # time.monotonic() of the next try while open: a clock set back waits not
         self.last_error: str | None = None   # why its last cycle failed
 
     @property
     def state(self) -> str:
         if self.failures < self.threshold:
             return "closed"
-        return "open" if time.time() < self.retry_at else "half_open"
+        return "open" if time.monotonic() < self.retry_at else "half_open"
 
     def allows(self) -> bool:
         return self.state != "open"
@@ -10690,7 +10696,7 @@ class Breaker:
         self.failures, self.last_error = self.failures + 1, error or "unknown error"
         if self.failures >= self.threshold:
             doublings = min(self.failures - self.threshold, 30)
-            self.retry_at = time.time() + min(self.MAX_COOLDOWN, self.cooldown * 2**doublings)
+            self.retry_at = time.monotonic() + min(self.MAX_COOLDOWN, self.cooldown * 2**doublings)
 
 
 class Breakers:
@@ -10710,7 +10716,7 @@ class Breakers:
 
     def next_delay(self, interval: float) -> float:
         """The interval, or less when an open breaker's cool-down ends before it."""
-        now = time.time()
+        now = time.monotonic()
         return min(max(0.0, b.retry_at - now) if b.state == "open" else interval for b in self.of.values())
 
     @property
@@ -10740,9 +10746,9 @@ class Breakers:
                 breaker.cycle_ended(ok, error)
 
     def health(self) -> dict[str, Any]:
-        return {name: {"state": breaker.state, "consecutive_failures": breaker.failures,
-                         "next_attempt_at": iso(breaker.retry_at) if breaker.state == "open" else None,
-                         "last_error": breaker.last_error}
+        return {name: {"state": (state := breaker.state), "consecutive_failures": breaker.failures,
+                       "next_attempt_at": iso(wall_time(breaker.retry_at)) if state == "open" else None,
+                       "last_error": breaker.last_error}
                 for name, breaker in self.of.items()}
 
 
@@ -11203,7 +11209,7 @@ class Pusher(Loop):
         """The last push, at shutdown: what time allows. The rest stays unsynced for the next start."""
         if not self.breakers.allows():
             self.log.info("final push skipped: circuit breaker open", extra={
-                "next_attempt_at": iso(self.breakers.retry_at)})
+                "next_attempt_at": iso(wall_time(self.breakers.retry_at))})
         else:
             before = self.totals.snapshot()["events"]
             try:
@@ -11233,7 +11239,8 @@ class Pusher(Loop):
             "signals": list(self.config.push_signals),
             "breaker": self.breakers.state,
             "consecutive_failures": self.breakers.failures,
-            "next_attempt_at": iso(self.breakers.retry_at) if self.breakers.state == "open" else None,
+            "next_attempt_at": iso(wall_time(self.breakers.retry_at)) if self.breakers.state == "open" else
+            None,
             "held_by_retry_after_until": self.hold_until(""),
             "last_push_time": self.last_time and iso(self.last_time),
             "last_push_status": self.last_status,
@@ -12785,6 +12792,7 @@ class Zone:
                               "+05:30)") from None
 
     def offset_ms(self, at_ms: int) -> int:
+        at_ms = min(at_ms, MAX_UNIX_MS - DAY_MS)      # later is past year 9999 east of UTC: no offset
         if self.tz is None:
             return time.localtime(at_ms // 1000).tm_gmtoff * 1000
         return int(datetime.fromtimestamp(at_ms / 1000, self.tz).utcoffset().total_seconds() * 1000)
@@ -12809,8 +12817,12 @@ class Zone:
         """The moment in this zone, to the second; `exact`, to the millisecond when it has some (a
         window's edges, which count to the millisecond)."""
         offset = timedelta(milliseconds=self.offset_ms(at_ms))
-        moment = datetime.fromtimestamp(at_ms // 1000, dt_timezone(offset))   # whole: a float of
-        if exact and at_ms % 1000:                                            # year 9999 is not exact
+        try:
+            moment = datetime.fromtimestamp(at_ms // 1000, dt_timezone(offset))   # whole: a float of
+        except (OverflowError, ValueError):                                       # year 9999 is not exact
+            at_ms = min(at_ms, MAX_UNIX_MS)           # the end of time, past year 9999 here: said in UTC
+            moment = datetime.fromtimestamp(at_ms // 1000, dt_timezone(timedelta(0)))
+        if exact and at_ms % 1000:
             return (moment + timedelta(milliseconds=at_ms % 1000)).isoformat(timespec="milliseconds")
         return moment.isoformat(timespec="seconds")
 
@@ -12844,7 +12856,8 @@ def moment(text: str, zone: Zone, now: int, end: bool, back_from: int | None = N
     text, flag = text.strip(), "--until" if end else "--since"
     back_from = now if back_from is None else back_from
     try:
-        return min(max(0, _moment(text, zone, now, end, back_from)), MAX_UNIX_MS)   # before 1970: all
+        # before 1970: all; the end of time: past the last moment a row can have
+        return min(max(0, _moment(text, zone, now, end, back_from)), MAX_UNIX_MS + int(end))
     except OverflowError:
         raise ReportError(f"{flag} {text!r} is out of range (1970 to 9999)") from None
     except ValueError:
@@ -12859,11 +12872,12 @@ def _moment(text: str, zone: Zone, now: int, end: bool, back_from: int) -> int:
         return zone.midnight(zone.today(now) + timedelta(days=int(end)))
     with contextlib.suppress(SettingError):
         return back_from - int(_seconds(text) * 1000)
-    if re.fullmatch(r"\d{4}-\d\d-\d\d", text):
-        day = date.fromisoformat(text)
-        return MAX_UNIX_MS if end and day == date.max else zone.midnight(day + timedelta(days=int(end)))
-    at = datetime.fromisoformat(text)
-    return zone.instant(at) if at.tzinfo is None else epoch_ms(at)
+    try:
+        day = date.fromisoformat(text)     # any ISO 8601 date: 2026-11-30, 20261130, 2026-W48-1
+    except ValueError:
+        at = datetime.fromisoformat(text)
+        return zone.instant(at) if at.tzinfo is None else epoch_ms(at)
+    return MAX_UNIX_MS + 1 if end and day == date.max else zone.midnight(day + timedelta(days=int(end)))
 
 
 def open_snapshot(path: str, sorts_in_memory: bool = False) -> sqlite3.Connection:
@@ -13222,7 +13236,7 @@ class Report:
         without the cache's tokens, totalTokens as stored), so its totals compare directly."""
         days: dict[int, Tally] = {}
         for _, day, _, _, tally in summed if self.by != "session" else self.sums(*self.groups_sql("day"))[0]:
-            days.setdefault(day, Tally()).add(tally)
+            days.setdefault(min(day, LAST_DAY), Tally()).add(tally)     # a local day past 9999: its last
         daily = [{"date": (date(1970, 1, 1) + timedelta(days=day)).isoformat(), **usage_cost_sums(days[day])}
                  for day in sorted(days)]
         totals = Tally()

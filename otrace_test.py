@@ -4487,10 +4487,11 @@ def test_breaker_opens_after_its_threshold_and_doubles_its_cooldown() -> None:
     assert breaker.state == "closed" and breaker.allows()
     breaker.cycle_ended(False)
     assert breaker.state == "open" and not breaker.allows()
-    first = breaker.retry_at - time.time()
+    first = breaker.retry_at - time.monotonic()
+    assert 0 < first <= 10                        # on the monotonic clock: a wall clock set back waits not
     breaker.cycle_ended(False)
-    assert breaker.retry_at - time.time() > first + 5                 # 10 s, then 20 s
-    breaker.retry_at = time.time() - 1
+    assert breaker.retry_at - time.monotonic() > first + 5            # 10 s, then 20 s
+    breaker.retry_at = time.monotonic() - 1
     assert breaker.state == "half_open" and breaker.allows()
     breaker.cycle_ended(True)
     assert (breaker.state, breaker.failures) == ("closed", 0)
@@ -9764,6 +9765,14 @@ def test_report_until_alone_looks_at_the_day_before_it(tmp_path: Path) -> None:
     assert exact["window"]["since"] == "2026-11-01T00:00:00.500+00:00"          # as it was counted
     assert report_json(db, "--since", "2026-11-01", "--until", "now")["calls"] == report_json(
         db, "--since", "2026-11-01")["calls"]                               # the default, said
+    basic = report_json(db, "--until", "20261102", "--timezone", "UTC")["window"]    # ISO 8601's basic form
+    assert basic["until"] == "2026-11-03T00:00:00+00:00"                           # is a date too: whole
+    with contextlib.closing(sqlite3.connect(db)) as conn, conn:         # the last moment a row can have
+        conn.execute("UPDATE llm_traces SET created_at = ? WHERE id = 1", (otrace.MAX_UNIX_MS,))
+    for zone in ("UTC", "+05:30", "Asia/Kolkata"):                      # year 10000 east of UTC
+        end = report_json(db, "--since", "9999-12-31", "--until", "9999-12-31", "--timezone", zone)
+        assert end["window"]["until"] == "9999-12-31T23:59:59.999+00:00", zone
+        assert end["calls"]["totals"]["calls"] == 1 and len(end["usage_cost"]["daily"]) == 1, zone
 
 
 def test_report_refuses_a_bad_question_with_exit_2(tmp_path: Path) -> None:
