@@ -3176,7 +3176,8 @@ class Reserve:
             finally:
                 os.close(fd)
         except OSError:
-            self.path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):      # a directory there, say: no reserve, which is said
+                self.path.unlink(missing_ok=True)
             return False
         self.held, self.released = True, False
         return True
@@ -3279,6 +3280,7 @@ class Writer(threading.Thread):
         self.outages: list[Row] = []     # events of write outages and ingest pauses, until stored
         self.paused: tuple[float, int] | None = None   # a full disk's pause: since, events refused then
         self.fault = FaultLog(self.log, "database write")
+        self.upkeep_faults: dict[str, FaultLog] = {}    # a step between batches that fails, by name
         self.backoff = Backoff(0.05, 5.0)
         self.heartbeat = time.monotonic()
         self.resting = False                      # waiting for work: no heartbeat is due
@@ -3360,9 +3362,8 @@ class Writer(threading.Thread):
         try:
             while True:
                 self.heartbeat = time.monotonic()
-                if not self.pending:              # the last batch committed: the disk has room
-                    self.retake_reserve()
-                self.look_after_file()
+                self.upkeep("the database file's upkeep", self.look_after_file if self.pending else
+                            self.after_batch)
                 if self.pending:
                     work = self.events.next_job(retry_at - time.monotonic()) or []
                 else:
@@ -3392,9 +3393,30 @@ class Writer(threading.Thread):
                 self.backoff.reset()
                 self.events.committed()
                 self.wrote_since_look = True
-                self.on_committed()
+                self.upkeep("what a batch makes due (retention, checkpoint)", self.on_committed)
         finally:
             self.conn.close()
+
+    def after_batch(self) -> None:
+        """The last batch committed: the disk has room for the reserve; the file is looked after."""
+        self.retake_reserve()
+        self.look_after_file()
+
+    def upkeep(self, what: str, step: Callable[[], None]) -> None:
+        """A step between batches, whose failure is said once and tried again at the next, never the
+        writer's end: the rows are committed, or wait for their write."""
+        fault = self.upkeep_faults.get(what)
+        try:
+            step()
+        except Exception as exc:  # the writer outlives any upkeep's failure
+            if fault is None:
+                fault = self.upkeep_faults[what] = FaultLog(self.log, f"writer: {what}")
+            if fault.error is None:
+                self.log.exception("writer upkeep failed", extra={"step": what})
+            fault.failed(describe(exc))
+        else:
+            if fault is not None:
+                fault.cleared()
 
     def failed(self, exc: BaseException, began: float | None = None) -> float:
         """A batch could not be written (or the file opened): note it, leave a damaged file, and say
@@ -8352,7 +8374,9 @@ def fingerprint_length(mark: str) -> int:
 
 def same_start(fd: int, mark: str) -> bool:
     """Whether the file begins as it did when `mark` was taken. Marks of otrace 0.1 hold a SHA-256."""
-    length, digest = mark.split(":", 1)
+    length, _, digest = mark.partition(":")
+    if not (length.isascii() and length.isdigit()) or len(length) > 7:   # a mark no otrace wrote (the
+        return False                                                         # database edited): not it
     if len(digest) != 32:
         return fingerprint(fd, int(length)) == mark
     import hashlib  # noqa: PLC0415 - only for a database written by otrace 0.1
@@ -8979,7 +9003,8 @@ def store_events(entry: Any, agent: str, session: str, fallback_id: str, max_tex
              "metadata": {k: v for k, v in metadata.items() if v is not None}}
     if not failed:
         return [(TRACES, trace_row, trace)]
-    diagnostics = [d.get("type") for d in message.get("diagnostics") or [] if isinstance(d, dict)]
+    listed = message.get("diagnostics")
+    diagnostics = [d.get("type") for d in listed if isinstance(d, dict)] if isinstance(listed, list) else []
     text = message.get("errorMessage") if isinstance(message.get("errorMessage"), str) else None
     said = masked_text(text, max_text) if text else None   # a provider's error may quote its request
     error = {"trace_id": trace_id, "created_at": created, "error_type": "llm_error",
@@ -9070,6 +9095,9 @@ class AgentDatabase:
             return True
         identity = stamp[0][:2]
         self.close()
+        for file in (str(self.path), f"{self.path}-wal"):     # SQLite would wait on a FIFO for good
+            with contextlib.suppress(FileNotFoundError):
+                os.close(open_regular(file))
         conn = sqlite3.connect(sqlite_uri(self.path, "ro"), uri=True, timeout=STORE_BUSY_MS / 1000,
                                isolation_level=None, check_same_thread=False)
         try:
@@ -9598,7 +9626,12 @@ class SessionStore(QuietReader):
     def rows(self, entry: dict[str, Any], agent: str, session: str, fallback: str, where: str) -> list[Row]:
         """The rows of one entry."""
         rows = []
-        for table, build, event in store_events(entry, agent, session, fallback, self.config.max_text_bytes):
+        try:
+            events = store_events(entry, agent, session, fallback, self.config.max_text_bytes)
+        except Exception as exc:  # noqa: BLE001 - an entry otrace misreads must not hold the store
+            self.undecodable(where, describe(exc))
+            return rows
+        for table, build, event in events:
             try:
                 rows.append(event_row(table, build, event, STORE_SOURCE, max_text=self.config.max_text_bytes))
             except Invalid as exc:
@@ -12421,6 +12454,10 @@ def health_problems(service: Service, main: int, wal: int) -> list[str]:
     if folder_device(service.config.db_path) not in (None, service.db_device):
         problems.append("the database's directory is on another filesystem than at start (a volume "
                         "unmounted under otrace?): otrace writes there now, and fills that disk")
+    for step, fault in list(writer.upkeep_faults.items()):
+        if fault.error:
+            problems.append(f"writer: {step} failing ({fault.error}): rows are still written; it is tried "
+                            "again after each batch")
     if fault := service.server.accept_fault.error:
         problems.append(f"accepting connections failing ({fault}): new clients wait unanswered until "
                         "descriptors or memory are free (ulimit -n, TRACE_MAX_CONNECTIONS)")

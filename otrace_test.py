@@ -3840,6 +3840,27 @@ def test_a_file_skipped_to_its_end_resumes_there_after_a_restart(tmp_path: Path,
 
 
 @needs_gateway_log
+def test_a_log_mark_no_otrace_wrote_is_no_mark_of_the_file(tmp_path: Path,
+                                                            run: Callable[..., Otrace]) -> None:
+    """A log_offsets row edited by hand, its fingerprint no mark otrace writes: the start goes on, and
+    the file is one not read before (it was a traceback, exit 1)."""
+    log = tmp_path / "gateway.log"
+    log.write_bytes(b"".join(gateway_lines()[:20]))
+    env = {"TRACE_LOG_PATH": str(log), "TRACE_LOG_POLL": "50ms"}
+    node = run(env)
+    wait_until(lambda: committed_offsets(node), what="the offset committed")
+    assert node.stop() == 0
+    for n, mark in enumerate(("garbage", "\u00b2:0", "99999999999:" + "0" * 32)):
+        db = tmp_path / f"edited-{n}.db"
+        shutil.copy(node.db_path, db)
+        with contextlib.closing(sqlite3.connect(db)) as conn, conn:
+            conn.execute("UPDATE log_offsets SET fingerprint = ?", (mark,))
+        edited = run(env, db=db)
+        edited.wait_log(lambda e: e.get("message") == "following log file")
+        assert edited.stop() == 0, mark
+
+
+@needs_gateway_log
 def test_files_rotated_or_begun_while_otrace_was_down_are_read(tmp_path: Path,
                                                                run: Callable[..., Otrace]) -> None:
     """Once otrace has followed a log, a file of it that it has not seen is news from its first line:
@@ -10205,6 +10226,11 @@ def test_transcript_entries_become_rows_as_openclaw_counts_them() -> None:
         "oc:main:s1:e1", "rate_limit", "429 Rate limit reached", "mock")
     assert error["metadata"]["run_id"] == "run1" and error["metadata"]["error_code"] == "429"
     assert trace["output_text"] is None
+    for odd in (1, "x", {"type": "timeout"}):                  # diagnostics that are no list: none
+        failed["message"]["diagnostics"] = odd
+        (_, _, trace), (_, _, error) = otrace.store_events(failed, "main", "s1", "seq-5", 16384)
+        assert error["category"] == "rate_limit"
+    del failed["message"]["diagnostics"]
     failed["message"]["content"] = [{"type": "text",        # up to 2026.7, OpenClaw's words for no reply
                                      "text": "[assistant turn failed before producing content]"}]
     (_, _, trace), _ = otrace.store_events(failed, "main", "s1", "seq-5", 16384)
@@ -10781,6 +10807,33 @@ def test_a_reset_that_keeps_the_session_id_stores_each_call_once(tmp_path: Path,
     wait_until(lambda: want <= {r["trace_id"] for r in session_traces(node)}, what="the calls not read")
     wait_until(lambda: node.health()["queue_depth"] == 0, what="queue drained")
     assert {r["trace_id"] for r in session_traces(node) if r["session_id"] == "kept"} == want
+
+
+@needs_stores
+def test_a_fifo_at_an_agents_database_is_that_agents_fault_not_a_hang(tmp_path: Path,
+                                                                      run: Callable[..., Otrace]) -> None:
+    """SQLite opening a FIFO waits for a writer for good: the path is checked first, and the other
+    agents are read meanwhile."""
+    state = state_copy(tmp_path)
+    fifo = agent_db(state, "other")
+    fifo.parent.mkdir(parents=True)
+    os.mkfifo(fifo)
+    node = run({**STORE_ENV, "TRACE_OPENCLAW_STATE_DIR": str(state)})
+    wait_traces(node, 6)
+    errors = wait_until(lambda: node.health()["openclaw_sessions"]["agent_errors"], what="its fault")
+    assert "not a regular file" in errors["other"] and node.stop() == 0
+
+
+def test_a_directory_where_the_reserve_goes_leaves_the_writer_writing(tmp_path: Path,
+                                                                      run: Callable[..., Otrace]) -> None:
+    """No reserve file can be made (a directory at its path): no reserve, said at start, and the
+    writer goes on (its cleanup raised, and the writer thread died)."""
+    (tmp_path / "otrace.db-reserve").mkdir()
+    node = run()
+    node.wait_log(lambda e: e.get("message") == "disk reserve not held: no room for it")
+    assert node.post("/v1/traces", trace()).status == 202
+    node.wait_persisted(1)
+    assert node.health()["writer_alive"] and node.stop() == 0
 
 
 @needs_stores
