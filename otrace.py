@@ -9816,7 +9816,8 @@ def _run_of(row: Row) -> str | None:
 
 JSON_COLUMNS = frozenset({"metadata", "detail", "attributes", "buckets", "dns"})
 INTERNAL_COLUMNS = frozenset({"synced", "pushed_at"})
-ANSWER_LIMIT = 4096              # bytes of a receiver's answer otrace reads at most
+ANSWER_LIMIT = 4096              # bytes of a receiver's answer otrace keeps at most ...
+ANSWER_DRAIN = 16 << 20          # ... and reads at most, the rest dropped, to know it came whole
 LOSSES_PER_BATCH = 100
 LOSS = "(loss)"                  # the table of a loss report's records: no row of its own
 PUSHED_KEY = "last_push_success"   # otrace_state: when the receiver last took a batch (push_log is pruned)
@@ -10547,9 +10548,10 @@ class Scrubber:
         for pair in re.split("[&;]", parts.query):       # each value as sent and as meant, and a bare
             raw = pair.partition("=")[2] if "=" in pair else pair if len(pair) >= 16 else ""   # token whole
             secrets |= {raw, urllib.parse.unquote_plus(raw)}
-        # and as an echo may escape them: in JSON (quotes, backslashes, slashes) or in a URL
+        # and as an echo may escape them: in JSON (quotes, backslashes, slashes) or in a URL (a slash
+        # kept or not, a space as +)
         secrets |= {form for s in secrets for form in (json.dumps(s)[1:-1], json.dumps(s)[1:-1].replace(
-            "/", "\\/"), urllib.parse.quote(s, safe=""))}
+            "/", "\\/"), urllib.parse.quote(s, safe=""), urllib.parse.quote(s), urllib.parse.quote_plus(s))}
         self.secrets = sorted((s for s in secrets if len(s) >= 4), key=len, reverse=True)
 
     def __call__(self, text: str) -> str:
@@ -10564,7 +10566,7 @@ HEADER_FAULT = "Failed to parse headers (url=%s): %s"     # urllib3's warning (c
 class Receiver:
     """The remote API: one pooled urllib3 connection with verified TLS, no redirects and no retries of
     its own (the Pusher decides). TRACE_PUSH_TIMEOUT bounds a whole request, from connecting to the
-    last byte of the answer, and no more than ANSWER_LIMIT bytes of an answer are read."""
+    last byte of the answer, and no more than ANSWER_LIMIT bytes of an answer are kept."""
 
     def __init__(self, config: Config, scrub: Scrubber) -> None:
         import urllib3  # noqa: PLC0415 - imported where needed (see the imports)
@@ -10576,9 +10578,9 @@ class Receiver:
         if config.push_token:
             self.headers["Authorization"] = f"Bearer {config.push_token}"
         elif parts.username is not None:
-            self.headers["Authorization"] = urllib3.make_headers(basic_auth=(
+            self.headers["Authorization"] = urllib3.make_headers(basic_auth=(    # UTF-8, as RFC 7617 says:
                 f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
-            ))["authorization"]
+            ), basic_auth_encoding="utf-8")["authorization"]                  # latin-1 has no '€'
         if config.push_gzip:
             self.headers["Content-Encoding"] = "gzip"
         self.pool = urllib3.connection_from_url(url, maxsize=1, retries=False)
@@ -10655,16 +10657,22 @@ class Receiver:
         attempt.duration_ms = round((time.monotonic() - started) * 1000, 3)
 
     def read_answer(self, resp: Any, attempt: Attempt) -> str | None:
-        """The answer's first ANSWER_LIMIT bytes; why it is not whole, if it was cut off (shorter than
-        its Content-Length, a broken chunk). A longer answer, or one cut off, leaves the connection
-        closed, not back in the pool."""
+        """The answer's first ANSWER_LIMIT bytes, the rest read and dropped; why it is not whole, if it
+        was cut off (shorter than its Content-Length, a broken chunk, or over ANSWER_DRAIN). One cut
+        off leaves the connection closed, not back in the pool."""
         try:
-            answer = resp.read(ANSWER_LIMIT + 1, decode_content=False)
-            cut = f"{resp.length_remaining} bytes of its body missing" if (
-                len(answer) <= ANSWER_LIMIT and resp.length_remaining) else None
+            answer, cut = resp.read(ANSWER_LIMIT + 1, decode_content=False), None
+            dropped = len(answer) - ANSWER_LIMIT
+            while dropped > 0 and (more := resp.read(READ_CHUNK, decode_content=False)):  # the rest, to
+                dropped += len(more)                                                # know it whole
+                if dropped > ANSWER_DRAIN:
+                    cut = f"over {ANSWER_DRAIN} bytes: not read to its end"
+                    break
+            cut = cut or (f"{resp.length_remaining} bytes of its body missing" if resp.length_remaining
+                          else None)
         except (self.urllib3.exceptions.HTTPError, OSError) as exc:
             answer, cut = b"", self.scrub(describe(exc))
-        if cut or len(answer) > ANSWER_LIMIT:
+        if cut:
             resp.close()
         resp.release_conn()
         attempt.answer = answer[:ANSWER_LIMIT]

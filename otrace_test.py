@@ -4437,7 +4437,8 @@ def cut_off(answer: bytes) -> Callable[[Receiver, dict[str, Any]], None]:
 
 CUT_OFF = {"in its headers": cut_off(b"HTTP/1.1 200 OK\r\nContent-Le"),
            "in its body": cut_off(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{\"ok\""),
-           "in a chunk": cut_off(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n{\"ok\"")}
+           "in a chunk": cut_off(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n{\"ok\""),
+           "past its first 4 KiB": cut_off(b"HTTP/1.1 200 OK\r\nContent-Length: 9999\r\n\r\n" + b" " * 5000)}
 
 
 def refuse_trace(trace_id: str) -> Callable[[Receiver, dict[str, Any]], Any]:
@@ -4694,6 +4695,11 @@ def test_the_scrubber_takes_out_every_form_of_a_credential() -> None:
     echoes = (json.dumps({"authorization": 'Bearer tok"en/with+odd'}), "tok%22en%2Fwith%2Bodd",
               'tok\\"en\\/with+odd')                                   # JSON, a URL, PHP's JSON
     assert [quoted(echo) for echo in echoes] == ['{"authorization": "Bearer ***"}', "***", "***"]
+    slash = otrace.Scrubber(otrace.Config(push_endpoint="https://h/", push_token="tok/en+odd x"))
+    assert [slash(echo) for echo in ("tok/en%2Bodd%20x", "tok%2Fen%2Bodd+x")] == ["***", "***"]   # quote()
+    euro = otrace.Scrubber(otrace.Config(push_endpoint="https://agent:p%C3%A9%E2%82%AC@h/in"))
+    sent = base64.b64encode("agent:pé€".encode()).decode()               # UTF-8, as it is sent
+    assert euro(f"Authorization: Basic {sent}") == "Authorization: Basic ***"
     other = otrace.Scrubber(otrace.Config(push_endpoint="https://h/in"))    # no credential of otrace's
     assert "sekret123" not in other("bad event poison; Authorization: Bearer sekret123")
 
@@ -4731,8 +4737,8 @@ def test_push_delivers_every_row_and_marks_it_synced(run: Callable[..., Otrace],
     assert not any("push-secret" in json.dumps(line) for line in node.lines)
 
 
-@pytest.mark.parametrize("status", [201, 202, 204])
-def test_any_2xx_confirms(run: Callable[..., Otrace], receiver: Receiver, status: int) -> None:
+@pytest.mark.parametrize("status", [201, 202, 204, (200, {}, " " * 100_000)])    # a long one, whole
+def test_any_2xx_confirms(run: Callable[..., Otrace], receiver: Receiver, status: Any) -> None:
     receiver.default = status
     node = run(push_env(receiver))
     wait_synced(node, post_some(node, 2))
@@ -5372,6 +5378,11 @@ def test_a_password_in_the_push_url_is_sent_as_basic_auth(run: Callable[..., Otr
     assert receiver.requests[0]["headers"]["Authorization"] == "Basic " + base64.b64encode(
         b"agent:p@ss").decode()
     assert "p%40ss" not in json.dumps(node.lines) and "p@ss" not in json.dumps(node.health())
+    euro = run(push_env(receiver, TRACE_PUSH_ENDPOINT=receiver.url.replace("://", "://agent:p%E2%82%AC@")),
+               db=node.db_path.with_name("euro.db"))          # no latin-1 form: it stopped the start
+    wait_synced(euro, post_some(euro, 1))
+    assert receiver.requests[-1]["headers"]["Authorization"] == "Basic " + base64.b64encode(
+        "agent:p€".encode()).decode()
 
 
 ROUND_TRIP = ("created_at", "provider", "model", "status", "error_type", "finish_reason", "session_id",
