@@ -5419,9 +5419,8 @@ def one_per_call(calls: list[Call]) -> tuple[list[Call], int]:
     and provider, that may be the same call (may_be_one_call), is the one with the same response id,
     else one lying inside the other's time, the nearest in time when several do and as many of the
     other scope lie around them (calls made at once, each reported by both; not a span around several
-    calls). The inner span's row is kept and filled in from the outer one (two spans
-    another otrace relayed are two rows there: not paired). The calls left, and how many spans were
-    merged."""
+    calls). The inner span's row is kept and filled in from the outer one (two spans another otrace
+    relayed are two rows there: not paired). The calls left, and how many spans were merged."""
     groups: dict[tuple[Any, str | None], list[Call]] = {}
     for call in calls:
         groups.setdefault(call.group, []).append(call)
