@@ -5435,10 +5435,11 @@ def one_per_call(calls: list[Call]) -> tuple[list[Call], int]:
             inner = [c for c in others if outer.response_id and c.response_id == outer.response_id]
             if not inner:
                 inner = [c for c in others if inside(c, outer)]
-                rivals = [o for o in group if o.scope == outer.scope and id(o) not in gone
-                          and any(inside(c, o) and may_be_one_call(o, c) for c in inner)]
-                if len(inner) > 1 and len(rivals) != len(inner):   # one span around several calls
-                    continue
+                if len(inner) > 1:          # paired only if as many of outer's scope lie around them
+                    rivals = [o for o in group if o.scope == outer.scope and id(o) not in gone
+                              and any(inside(c, o) and may_be_one_call(o, c) for c in inner)]
+                    if len(rivals) != len(inner):         # one span around several calls
+                        continue
             if inner:
                 absorb(nearest(outer, inner), outer)
                 gone.add(id(outer))
