@@ -10698,9 +10698,24 @@ class Receiver:
 
 
 def _watched(base: type, receiver: Receiver) -> type:
-    """urllib3's connection class, telling the receiver its socket once connected."""
+    """urllib3's connection class, telling the receiver its socket once connected, and reading answers
+    past interim ones."""
+    import http.client  # noqa: PLC0415 - imported where needed (see the imports)
+
+    class PastInterim(http.client.HTTPResponse):
+        """http.client skips `100 Continue` alone, and would take a `102 Processing` or `103 Early
+        Hints` for the answer (101 switches protocols: left as the answer)."""
+
+        def _read_status(self) -> tuple[str, int, str]:
+            while True:
+                version, status, reason = super()._read_status()
+                if not 101 < status < 200:
+                    return version, status, reason
+                http.client.parse_headers(self.fp)         # the interim answer's headers, dropped
 
     class Watched(base):
+        response_class = PastInterim
+
         def connect(self) -> None:
             super().connect()
             receiver.sock = self.sock

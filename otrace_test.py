@@ -4737,9 +4737,17 @@ def test_push_delivers_every_row_and_marks_it_synced(run: Callable[..., Otrace],
     assert not any("push-secret" in json.dumps(line) for line in node.lines)
 
 
-@pytest.mark.parametrize("status", [201, 202, 204, (200, {}, " " * 100_000)])    # a long one, whole
+def interim(status: int) -> Callable[[Receiver, dict[str, Any]], int]:
+    """An interim answer (102 Processing, 103 Early Hints) before the 200."""
+    def act(_: Receiver, request: dict[str, Any]) -> int:
+        request["socket"].sendall(f"HTTP/1.1 {status} Interim\r\nLink: </a.css>\r\n\r\n".encode())
+        return 200
+    return act
+
+
+@pytest.mark.parametrize("status", [201, 202, 204, (200, {}, " " * 100_000), "102", "103"])  # a long one
 def test_any_2xx_confirms(run: Callable[..., Otrace], receiver: Receiver, status: Any) -> None:
-    receiver.default = status
+    receiver.default = interim(int(status)) if isinstance(status, str) else status
     node = run(push_env(receiver))
     wait_synced(node, post_some(node, 2))
 
