@@ -4340,6 +4340,8 @@ class IngestServer:
         self.close_by = math.inf
         self.cut = 0
         self.stopped = threading.Event()
+        self.failed = False               # by a bug: nothing is served, and otrace stops
+        self.on_failed: Callable[[], None] = lambda: None
 
     def listen(self, host: str, port: int) -> None:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -4386,8 +4388,10 @@ class IngestServer:
             self.cut = len(self.open)
             for conn in list(self.open.values()):
                 self.hang_up(conn)
-        except Exception:                # a bug: say so; shutdown still writes the queue
-            log.exception("http server failed")
+        except Exception:                # a bug: say so and stop, for a supervisor to start otrace again
+            log.exception("http server failed: otrace stops")
+            self.failed = True
+            self.on_failed()
         finally:
             self.release()
             self.stopped.set()
@@ -13985,15 +13989,17 @@ def serve(config: Config, warnings: Iterable[str] = ()) -> int:
     # the HTTP thread after each send, the writer after each SQLite call, win the GIL back sooner from
     # a thread busy in Python (an OTLP decode, a log's catch-up)
     sys.setswitchinterval(GIL_SWITCH)
+    main_thread = threading.get_ident()        # the HTTP thread failing wakes it as a SIGTERM would
+    service.server.on_failed = lambda: signal.pthread_kill(main_thread, signal.SIGTERM)
     service.start()
     log.info("listening", extra={"address": service.address, "otlp_address": service.otlp_address})
     received = signal.sigwait(stop_signals)
     deadline = time.monotonic() + config.shutdown_timeout
-    log.info("shutting down", extra={"signal": signal.Signals(received).name,
-                                     "timeout_s": config.shutdown_timeout})
+    cause = "none: the http server failed" if service.server.failed else signal.Signals(received).name
+    log.info("shutting down", extra={"signal": cause, "timeout_s": config.shutdown_timeout})
     stopped = service.stop(deadline)
     lock.release()
-    return 0 if stopped else 1
+    return 0 if stopped and not service.server.failed else 1
 
 
 # ================================================================================================= cli

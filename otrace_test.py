@@ -2834,6 +2834,38 @@ def test_no_descriptor_left_for_a_connection_is_logged_once_and_passes(svc: Otra
     kept.close()
 
 
+BUG_IN_THE_HTTP_LOOP = """
+import os, sys, otrace
+flush = otrace.RefusalLog.flush
+def flush_with_a_bug(self, *args, **kwargs):      # the HTTP thread's own upkeep, outside any request
+    if os.path.exists(os.environ["BUG_MARK"]):
+        raise RuntimeError("a bug in the http loop")
+    return flush(self, *args, **kwargs)
+otrace.RefusalLog.flush = flush_with_a_bug
+sys.exit(otrace.main(["serve"]))
+"""
+
+
+def test_the_http_thread_ended_by_a_bug_stops_otrace_with_exit_1(run: Callable[..., Otrace],
+                                                                   tmp_path: Path) -> None:
+    """A bug in the HTTP thread's own loop leaves nothing served: otrace says so, writes what it
+    accepted, and exits 1, for its supervisor to start it again, rather than stay up deaf."""
+    mark = tmp_path / "bug"
+    node = run({"BUG_MARK": str(mark)}, command=[sys.executable, "-c", BUG_IN_THE_HTTP_LOOP])
+    ids = post_some(node, 3)
+    mark.touch()
+    kept = http.client.HTTPConnection("127.0.0.1", node.port, timeout=30)
+    with contextlib.suppress(OSError):                   # its answer, or the hang-up of a failed server
+        node.request("GET", "/health", conn=kept)
+    assert node.exited(60) == 1                          # (a connection open brings the loop round)
+    kept.close()
+    failed = node.logs("http server failed: otrace stops")
+    assert len(failed) == 1 and "a bug in the http loop" in failed[0]["exc_info"]
+    assert node.logs("shutting down")[0]["signal"] == "none: the http server failed"
+    assert node.logs("stopped")[0]["events_lost"] == 0
+    assert len(synced(node)) == len(ids)
+
+
 def big_body_refused_unread(node: Otrace) -> None:
     body = b"x" * (10 << 20)
     with socket.create_connection(("127.0.0.1", node.port), timeout=30) as sock:
