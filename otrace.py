@@ -745,6 +745,7 @@ CORRUPTION = ("SQLITE_CORRUPT", "SQLITE_NOTADB")   # a fault of the file: waitin
 _ids = random.Random()           # seeded from os.urandom once
 _UUID7_RANDOM = 0xFFF << 64 | (1 << 62) - 1        # rand_a (12 bits) and rand_b (62 bits)
 STAMP_MARGIN_NS = 3_000_000_000  # stamps are trusted only when older than their look by this (see Stamps)
+STUCK_TICK = 600.0               # a loop's tick with no rest and no progress this long is stuck (see Loop)
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
@@ -958,7 +959,8 @@ class Backoff:
 class Loop(threading.Thread):
     """A background thread that calls `tick` every `interval` seconds (or at once when woken) until
     stopped. A tick reports failure by raising: the loop logs it through FaultLog (once per change)
-    and goes on; it never dies of one."""
+    and goes on; it never dies of one. One that neither ends, waits (`rest`) nor moves on (`progress`)
+    for `stuck_after` seconds is stuck, and /health says so."""
 
     def __init__(self, name: str, interval: float, first_delay: float | None = None,
                  quiet: float = 0.0) -> None:
@@ -974,6 +976,28 @@ class Loop(threading.Thread):
         self.fault = FaultLog(self.log, name)
         self.ticks = 0
         self.behind = False              # the queue refused the last offer: look again soon
+        self.busy_since: float | None = None    # in a tick: when it began, or last rested or moved on
+        self.stuck_after = STUCK_TICK
+
+    def progress(self) -> None:
+        """A long tick's work moves on (a unit taken, an answer): it is not stuck."""
+        if threading.current_thread() is self:      # not the final push, on the main thread
+            self.busy_since = time.monotonic()
+
+    def rest(self, seconds: float) -> bool:
+        """Wait inside a tick (a backoff, a Retry-After), which is not being stuck; True if stopping."""
+        resting, self.busy_since = threading.current_thread() is self, None
+        try:
+            return self.stopping.wait(seconds)
+        finally:
+            if resting:
+                self.progress()
+
+    def stuck_for(self) -> float | None:
+        """Seconds in a tick with no rest and no progress, past `stuck_after`; else None."""
+        since = self.busy_since
+        took = 0.0 if since is None else time.monotonic() - since
+        return took if took > self.stuck_after else None
 
     def wake(self) -> None:
         """Run the next tick now instead of at its time."""
@@ -993,6 +1017,7 @@ class Loop(threading.Thread):
                 return
             self.ticks += 1
             self.news = False
+            self.progress()
             try:
                 self.tick()
             except Exception as exc:  # a loop outlives any one failure
@@ -1002,6 +1027,8 @@ class Loop(threading.Thread):
                 self.fault.failed(describe(exc))
             else:
                 self.fault.cleared()
+            finally:
+                self.busy_since = None
             delay = self.next_delay()
 
     def next_delay(self) -> float:
@@ -1100,6 +1127,7 @@ class QuietReader(Loop):
         the queue is full."""
         if not self.events.offer(Unit(rows, tuple(extra), own=True, reader=True)):
             raise Behind
+        self.progress()
 
     def watched(self) -> tuple[str | int, ...]:
         """The files a look reads now; nothing when the next look must be a whole one."""
@@ -10860,6 +10888,7 @@ class Pusher(Loop):
 
     def __init__(self, config: Config, events: EventQueue, db: Database) -> None:
         super().__init__("push", config.push_interval, first_delay=min(config.push_interval, 5.0))
+        self.stuck_after = STUCK_TICK + config.push_timeout      # it moves on at each answer
         self.config, self.events, self.db = config, events, db
         self.receiver = Receiver(config, Scrubber(config))
         self.format = (OtlpFormat if config.push_format == "otlp" else OtraceFormat)(
@@ -11029,6 +11058,7 @@ class Pusher(Loop):
                     deadline is not None and time.monotonic() >= deadline) or not self.waited_out(deadline):
                 return False
             attempt = self.receiver.post(batch, self.format, deadline)
+            self.progress()
             verdict = attempt.verdict
             if attempt.retry_after and verdict == "retry":     # a 2xx asks no wait, a 4xx no retry
                 whose = batch.signal if self.signal_fault(attempt) else ""
@@ -11076,7 +11106,7 @@ class Pusher(Loop):
             if (number == attempts or self.db.replaced_pending      # a move waits for this cycle's read
                     or (deadline is not None and time.monotonic() + wait > deadline)):
                 return self.faulted(batch, attempt, cycle)
-            if self.stopping.wait(wait):
+            if self.rest(wait):
                 return False
         return False
 
@@ -11102,7 +11132,7 @@ class Pusher(Loop):
                 return
             if deadline is not None:
                 time.sleep(wait)         # the last push: stopping is already set
-            elif self.stopping.wait(wait):
+            elif self.rest(wait):
                 return
             cycle.held.discard(name)
             with self.db.reading() as conn:
@@ -11130,7 +11160,7 @@ class Pusher(Loop):
         if left <= 0:
             return True
         if deadline is None:
-            return not self.stopping.wait(left)
+            return not self.rest(left)
         if time.monotonic() + left > deadline:
             return False
         time.sleep(left)                 # the final push at shutdown: stopping is already set
@@ -11971,6 +12001,7 @@ class Retention(Loop):
         pruned = 0
         while not self.stopping.is_set():
             count = self.events.call(functools.partial(prune, table, column, cutoff, extra))
+            self.progress()
             pruned += count
             if count < CHUNK:
                 break
@@ -11978,6 +12009,7 @@ class Retention(Loop):
 
     def delete_chunk(self, cut: Cut, tally: collections.Counter[tuple[str, str, str]]) -> Chunk:
         chunk = self.events.call(cut)
+        self.progress()
         self.tally([chunk], tally)
         return chunk
 
@@ -12132,6 +12164,7 @@ class Retention(Loop):
         end, free = time.monotonic() + BUSY_TIMEOUT, None
         while not self.stopping.is_set() and not self.held_long():
             result = self.events.call(functools.partial(shrink, self.step))
+            self.progress()
             if result["busy"]:
                 if time.monotonic() >= end or self.stopping.wait(0.05):
                     return
@@ -12485,6 +12518,10 @@ def health_problems(service: Service, main: int, wal: int) -> list[str]:
         if fault.error:
             problems.append(f"writer: {step} failing ({fault.error}): rows are still written; it is tried "
                             "again after each batch")
+    for loop in service.loops:
+        if (took := loop.stuck_for()) is not None:
+            problems.append(f"{loop.name} is stuck: {took:.0f} s in one step with no progress (a file, a "
+                            "socket or a lock that never answers?); its work waits until it ends")
     if fault := service.server.accept_fault.error:
         problems.append(f"accepting connections failing ({fault}): new clients wait unanswered until "
                         "descriptors or memory are free (ulimit -n, TRACE_MAX_CONNECTIONS)")

@@ -1497,6 +1497,45 @@ def test_a_dead_writer_means_503(tmp_path: Path) -> None:
         service.db.close()
 
 
+def test_a_loop_stuck_in_one_tick_is_a_health_problem_and_one_resting_is_not(tmp_path: Path) -> None:
+    """A tick that never returns (a file, a socket or a lock that never answers) is listed in /health's
+    problems once past its loop's stuck_after, and no longer once it ends; a tick waiting out a backoff
+    (rest) is not stuck however long it waits."""
+    config = otrace.Config(db_path=str(tmp_path / "x.db"), port=0, otlp_port=0, metrics_interval=0.0,
+                           openclaw_state_dir="off")
+    service = otrace.Service(config)
+    release, entered = threading.Event(), threading.Event()
+
+    class Hung(otrace.Loop):
+        def tick(self) -> None:
+            release.wait(60)
+
+    class Resting(otrace.Loop):
+        def tick(self) -> None:
+            entered.set()
+            self.rest(60)
+
+    hung, resting = Hung("hung", 3600, first_delay=0), Resting("resting", 3600, first_delay=0)
+    service.loops += [hung, resting]
+    try:
+        service.writer.start()
+        hung.stuck_after = resting.stuck_after = 0.05
+        resting.start()
+        assert entered.wait(30)
+        hung.start()
+        wait_until(lambda: any(p.startswith("otrace-hung is stuck: ") for p in service.health()["problems"]),
+                   what="the hung loop listed")
+        wait_until(lambda: resting.busy_since is None, what="the resting loop not busy")
+        assert not any("resting" in p for p in service.health()["problems"])
+        release.set()
+        wait_until(lambda: service.health()["problems"] == [], what="the hung loop's tick ended")
+    finally:
+        release.set()
+        for loop in (hung, resting):
+            loop.stop()
+        stopped(service)
+
+
 def test_a_writer_waiting_for_work_is_not_stuck_however_long_it_waits(tmp_path: Path) -> None:
     """Idle, the writer wakes only every IDLE_WAKE, so its heartbeat ages past STUCK_AFTER; that is not
     a stuck writer. One whose last iteration is that old and that is not waiting for work is."""
