@@ -10862,13 +10862,13 @@ class Cycle:
     cut: set[str] = dataclasses.field(default_factory=set)   # signals left by REFUSALS_IN_A_ROW
     held: set[str] = dataclasses.field(default_factory=set)  # left out: an open breaker, a Retry-After
     faulted: dict[str, Attempt] = dataclasses.field(default_factory=dict)   # signals left by a fault
-    faults: int = 0                  # the whole receiver's: no answer, a 429 (in otrace's format, any)
+    faults: int = 0                  # the whole receiver's: no answer (in otrace's format, any fault)
     refusals_in_a_row: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
     marking: Future | None = None    # its result: how many events it marked
     packer: Packer | None = None
     read_at: int = 0                 # merges counted when its read began (see Merges)
     idle: bool = False               # it had nothing new, and the receiver refused every suspect again
-    stopped: bool = False            # by the whole receiver (no answer, a 429...) or out of time
+    stopped: bool = False            # by the whole receiver (no answer...) or out of time
     waiting: set[str] = dataclasses.field(default_factory=set)   # held by their endpoint's Retry-After
     trials_failed: dict[str, Attempt] = dataclasses.field(default_factory=dict)   # of open breakers
 
@@ -11032,8 +11032,7 @@ class Pusher(Loop):
     def send(self, batches: Iterable[Batch], deadline: float | None, cycle: Cycle) -> bool:
         """Deliver the batches in order; a signal whose refusals run to REFUSALS_IN_A_ROW, or whose
         endpoint faults (in OTLP), waits for the next cycle while the others go on. False if a batch
-        could not be delivered otherwise (no answer, a 429, any fault in otrace's format, out of
-        time)."""
+        could not be delivered otherwise (no answer, any fault in otrace's format, out of time)."""
         try:
             for batch in batches:
                 if batch.signal in cycle.left:
@@ -11142,9 +11141,9 @@ class Pusher(Loop):
             self.wait_marked(cycle, deadline)
 
     def signal_fault(self, attempt: Attempt) -> bool:
-        """An OTLP endpoint's own fault: an HTTP answer (a 5xx, 404, 401...) on one signal's path. No
-        answer, or a 429, is the whole receiver's."""
-        return isinstance(self.format, OtlpFormat) and attempt.status not in (None, 429)
+        """An OTLP endpoint's own fault: an HTTP answer (a 5xx, 404, 401, a 429: backends keep a quota
+        for each signal) on one signal's path. No answer is the whole receiver's."""
+        return isinstance(self.format, OtlpFormat) and attempt.status is not None
 
     def faulted(self, batch: Batch, attempt: Attempt, cycle: Cycle) -> bool:
         """A batch given up for this cycle on a fault; one of its signal's endpoint leaves the signal."""

@@ -5127,12 +5127,13 @@ def test_a_faulted_signal_goes_again_when_its_breaker_lets_it_try(run: Callable[
         what="the logs breaker closed")
 
 
-def test_a_retry_after_from_one_otlp_endpoint_holds_back_its_signal_alone(run: Callable[..., Otrace],
-                                                                          receiver: Receiver) -> None:
-    """/v1/logs answers 503 with Retry-After: 60: the logs wait that long (shown in /health), an
+@pytest.mark.parametrize("status", [503, 429])             # a pipeline down; a quota of logs spent
+def test_a_retry_after_from_one_otlp_endpoint_holds_back_its_signal_alone(
+        run: Callable[..., Otrace], receiver: Receiver, status: int) -> None:
+    """/v1/logs answers 503 or 429 with Retry-After: 60: the logs wait that long (shown in /health), an
     attempt of their retries, while spans posted after go at their time, and the last push at
     shutdown sends the spans."""
-    receiver.default = logs_answer((503, {"Content-Type": "text/plain", "Retry-After": "60"},
+    receiver.default = logs_answer((status, {"Content-Type": "text/plain", "Retry-After": "60"},
                                     "logs pipeline down"))
     node = run(otlp_push_env(receiver))
     error = node.post("/v1/errors", {"error_type": "crash", "message": "boom"}).json["trace_ids"][0]

@@ -17,7 +17,7 @@
   LLM calls as spans, their OTel ids checked, errors as log records), and the round has three more
   phases where one signal's endpoint faults while the others answer 200: /v1/logs answers 503, then
   /v1/traces 503 with Retry-After: 1 (the signal waits, the others go on), then /v1/traces 429 with
-  Retry-After: 1 (which otrace takes as the whole receiver's); the events of a request answered so
+  Retry-After: 1 (a quota of that signal's: it waits, the others go on); the events of a request answered so
   are not counted as received;
 - every 20-40 s otrace is restarted on the same database, alternately after SIGTERM (it must exit 0
   within TRACE_SHUTDOWN_TIMEOUT) and after SIGKILL.
@@ -106,7 +106,7 @@ DISK_GAP, DISK_HOLD = (8.0, 20.0), (5.0, 10.0)
 PHASES = ("healthy", "dead: port closed", "healthy", "slow", "healthy", "dead: reset")
 SIGNAL_FAULTS = {"logs: 503": ("/v1/logs", (503, {}, "")),            # OTLP: one signal's endpoint
                  "traces: 503, Retry-After": ("/v1/traces", (503, {"Retry-After": "1"}, "")),
-                 "traces: 429": ("/v1/traces", (429, {"Retry-After": "1"}, ""))}   # otrace: the receiver's
+                 "traces: 429": ("/v1/traces", (429, {"Retry-After": "1"}, ""))}   # a quota of the signal's
 PHASE_SECONDS = {"healthy": (6.0, 12.0), "slow": (6.0, 12.0), "dead: port closed": (5.0, 10.0),
                  "dead: reset": (5.0, 10.0), **dict.fromkeys(SIGNAL_FAULTS, (5.0, 10.0))}
 TABLES = {"t": "llm_traces", "e": "error_events"}       # our id prefix -> its table
