@@ -3808,6 +3808,9 @@ PUBLIC_ROUTES = frozenset({"/health", "/metrics"})     # answered without the in
 # holding every slot does not fail the liveness probe or the scrape. A constant: a probe or a scrape is
 # one short request at a time, and 8 is plenty for the few that come at once.
 PROBE_RESERVE = 8
+REFUSED_LINGERING = 16           # connections refused 503 that read and drop what their client sends ...
+REFUSED_DISCARD = 64 << 10       # ... up to this, for up to REFUSED_WAIT, before they close (see refuse)
+REFUSED_WAIT = 2.0
 ACCEPT_PAUSE = 0.05              # seconds a listener rests after accept found no descriptor or memory
 _DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
@@ -4360,6 +4363,7 @@ class IngestServer:
         self.made: collections.deque[tuple[Connection, Future]] = collections.deque()  # made by others
         self.open: dict[int, Connection] = {}
         self.reserve: dict[int, Connection] = {}   # in PROBE_RESERVE (probes only), oldest first
+        self.refused: dict[int, Connection] = {}   # answered 503 as too many, closing: counted in neither
         self.chunk = memoryview(bytearray(READ_CHUNK))
         self.accept_fault = FaultLog(log, "accepting connections")
         self.paused: list[socket.socket] = []     # listeners resting until resume_at: see accept
@@ -4460,17 +4464,10 @@ class IngestServer:
                     self.resume_at = time.monotonic() + ACCEPT_PAUSE
                     return
                 continue                                      # that client gave up
-            over = len(self.open) - len(self.reserve) >= self.limit
+            over = len(self.open) - len(self.reserve) - len(self.refused) >= self.limit
             if over and len(self.reserve) >= PROBE_RESERVE and not self.make_room():
                 self.counters.add("connections_refused")
-                with contextlib.suppress(OSError):
-                    sock.sendall(TOO_MANY_CONNECTIONS)
-                    sock.shutdown(socket.SHUT_WR)
-                    sock.setblocking(False)
-                    for _ in range(16):           # what the client sent already: closed unread, the
-                        if not sock.recv(65536):  # kernel would answer it with a reset, not the 503
-                            break
-                sock.close()
+                self.refuse(sock, address[0])
                 continue
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -4479,6 +4476,18 @@ class IngestServer:
                 self.reserve[sock.fileno()] = conn
             self.open[sock.fileno()] = conn
             self.poller.register(sock.fileno(), IN)
+
+    def refuse(self, sock: socket.socket, address: str) -> None:
+        """Answer 503 to a connection over the limit, and linger on it: its request's body may come
+        after its head. At most REFUSED_LINGERING at once: the oldest goes for a new one."""
+        if len(self.refused) >= REFUSED_LINGERING:
+            self.hang_up(next(iter(self.refused.values())))
+        sock.setblocking(False)
+        conn = Connection(sock, address, time.monotonic() + min(self.read_timeout, REFUSED_WAIT), mask=IN,
+                          outbox=bytearray(TOO_MANY_CONNECTIONS), close=True, discard=REFUSED_DISCARD)
+        self.open[sock.fileno()] = self.refused[sock.fileno()] = conn
+        self.poller.register(sock.fileno(), IN)
+        self.send(conn)
 
     def make_room(self) -> bool:
         """Hang up on the oldest reserve connection that holds nothing of a request (silent since it
@@ -4700,12 +4709,16 @@ class IngestServer:
     def linger(self, conn: Connection) -> None:
         """The answer to a request refused before its body was read is sent: say the end (FIN), and
         read and drop what the client still sends until it hangs up, `discard` bytes are read or its
-        TRACE_READ_TIMEOUT passes. Closed at once, a socket with unread data resets the connection,
-        and a client still sending sees a broken pipe, never the answer."""
+        TRACE_READ_TIMEOUT passes (REFUSED_WAIT at most, for one refused as too many). Closed at once,
+        a socket with unread data resets the connection, and a client still sending sees a broken
+        pipe, never the answer."""
         with contextlib.suppress(OSError):
             conn.sock.shutdown(socket.SHUT_WR)
         conn.inbox.clear()
-        conn.deadline = time.monotonic() + self.read_timeout
+        wait = self.read_timeout
+        if conn.sock.fileno() in self.refused:
+            wait = min(wait, REFUSED_WAIT)
+        conn.deadline = time.monotonic() + wait
         conn.mask = IN
         self.poller.modify(conn.sock.fileno(), IN)
 
@@ -4726,6 +4739,7 @@ class IngestServer:
     def hang_up(self, conn: Connection) -> None:
         if self.open.pop(conn.sock.fileno(), None) is not None:
             self.reserve.pop(conn.sock.fileno(), None)
+            self.refused.pop(conn.sock.fileno(), None)
             if conn.waiting is not None:
                 conn.waiting.cancel()            # an answer not begun is not made for a client gone
             self.budget.give(conn.reserved)

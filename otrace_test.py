@@ -2796,10 +2796,19 @@ def test_probes_are_answered_over_the_connection_limit(run: Callable[..., Otrace
             with socket.create_connection(("127.0.0.1", node.port), timeout=30) as extra:
                 extra.sendall(request)
                 assert read_to_end(extra) == otrace.TOO_MANY_CONNECTIONS
+        with socket.create_connection(("127.0.0.1", node.port), timeout=30) as late:   # a body sent apart
+            late.sendall(request_head(len(SMALL_EVENT)))       # from its head, after the answer came:
+            assert readable(late, 30)                           # read and dropped, where a socket closed
+            late.sendall(SMALL_EVENT)                           # would answer it with a reset
+            late.shutdown(socket.SHUT_WR)
+            answer = b""
+            while chunk := late.recv(65536):                    # a reset raises
+                answer += chunk
+            assert answer == otrace.TOO_MANY_CONNECTIONS
         probes[0].sock.sendall(b"\r\n")            # its GET /metrics ended
         scrape = http.client.HTTPResponse(probes[0].sock)
         scrape.begin()
-        assert "\notrace_connections_refused_total 4\n" in scrape.read().decode()
+        assert "\notrace_connections_refused_total 5\n" in scrape.read().decode()
     finally:
         for sock in held:
             sock.close()
