@@ -131,8 +131,8 @@ class Otrace:
                         for stream, is_stdout in ((self.proc.stdout, True), (self.proc.stderr, False))]
         for reader in self.readers:
             reader.start()
-        if wait:
-            line = self.wait_log(lambda e: e.get("message") == "listening")
+        if wait:                                   # a start on a busy machine can take seconds
+            line = self.wait_log(lambda e: e.get("message") == "listening", timeout=30.0)
             self.port = int(line["address"].rsplit(":", 1)[1])
         return self
 
