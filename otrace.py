@@ -2335,6 +2335,8 @@ STATE_TABLES = ("otrace_state", "log_offsets",   # where readers keep their plac
 CARRY = "-carry"                 # beside the database: what a replaced file owes, on its way to the new one
 STATE_SQL = ("INSERT INTO otrace_state (key, value, updated_at) VALUES (?, ?, ?) "
              "ON CONFLICT (key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at")
+ADD_SQL = ("INSERT INTO otrace_state (key, value, updated_at) VALUES (?, ?, ?) "   # a count kept for good
+           "ON CONFLICT (key) DO UPDATE SET value = value + excluded.value, updated_at = excluded.updated_at")
 
 
 def sqlite_uri(path: str | Path, mode: str, immutable: bool = False) -> str:
@@ -11477,6 +11479,7 @@ LEDGER_SQL = (
     "newest_received_at = coalesce(max(newest_received_at, excluded.newest_received_at), "
     "newest_received_at, excluded.newest_received_at)")
 SAMPLE_TABLES = ("system_metrics", "process_samples")    # otrace's own samples: the first to go unpushed
+UNPUSHED_KEY = "unpushed_deleted."   # otrace_state: the rows of a table retention deleted unpushed, ever
 BOOKKEEPING = (("push_log", "started_at", ""), ("push_rejects", "rejected_at", "AND reported_at IS NOT NULL"),
                ("log_offsets", "updated_at", ""), ("openclaw_attempts", "created_at", ""),
                ("otlp_series", "updated_at", ""),
@@ -11629,6 +11632,8 @@ class Cut:
                 conn.execute(LEDGER_SQL, (ledger_key(conn, self.pass_id, table, self.reason), now_ms(), table,
                                           self.reason, len(gone), len(lost), min(times, default=None),
                                           max(times, default=None)))
+            if lost:        # the ledger's count goes down as losses are delivered after all, or age out
+                conn.execute(ADD_SQL, (UNPUSHED_KEY + table, len(lost), now_ms()))
         if self.merges and lost:
             self.merges.deleted(table, [row_id for row_id, _ in lost], self.pass_id, self.reason)
         return Chunk(table, self.reason, len(gone), len(lost), live_bytes(conn))
@@ -12207,8 +12212,9 @@ class Retention(Loop):
         except OSError:                  # the directory is gone: the writer makes it again
             avail = used_pct = None
         try:
-            lost = dict(self.db.query("SELECT table_name, sum(unsynced_deleted) FROM retention_ledger "
-                                      "WHERE unsynced_deleted > 0 GROUP BY table_name"))
+            lost = {key.removeprefix(UNPUSHED_KEY): n for key, n in self.db.query(
+                "SELECT key, value FROM otrace_state WHERE key > ? AND key < ?",
+                (UNPUSHED_KEY, UNPUSHED_KEY[:-1] + "/"))}
         except sqlite3.Error:
             lost = None
         return {"db_max_bytes": self.config.db_max_bytes, "db_high_mark": round(self.marks.high, 3),
