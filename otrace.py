@@ -4266,20 +4266,25 @@ def method_said(request: Request | None) -> str | None:
 class MinuteLog:
     """Says a warning that recurs at WARNING at most once a minute for each kind, with how many of that
     kind came since the last line (the field `counted`); those of a burst that ended are said once its
-    minute is up (`flush`). Threads may share one, hence the lock."""
+    minute is up (`flush`). The fields named `summed` (counts, or counts by name) add up every one the
+    line stands for: a line a minute still says how much was lost. Threads may share one, hence the
+    lock."""
 
     EVERY = 60.0
 
-    def __init__(self, logger: logging.Logger, counted: str) -> None:
-        self.logger, self.counted = logger, counted
-        self.last: dict[Any, list] = {}        # kind -> [said at, since, message, its line]
+    def __init__(self, logger: logging.Logger, counted: str, summed: tuple[str, ...] = ()) -> None:
+        self.logger, self.counted, self.summed = logger, counted, summed
+        self.last: dict[Any, list] = {}        # kind -> [said at, since, message, its line, its sums]
         self.lock = threading.Lock()
 
     def say(self, kind: Any, message: str, line: dict[str, Any]) -> None:
         with self.lock:
-            entry = self.last.setdefault(kind, [-math.inf, 0, "", {}])
+            entry = self.last.setdefault(kind, [-math.inf, 0, "", {}, {}])
             entry[1] += 1
-            entry[2:] = [message, line]
+            entry[2:4] = [message, line]
+            for name in self.summed:
+                if name in line:
+                    entry[4][name] = added(entry[4].get(name), line[name])
         self.flush(entry)
 
     def flush(self, said: list | None = None, *, now: float | None = None) -> None:
@@ -4288,9 +4293,9 @@ class MinuteLog:
         with self.lock:
             due = [entry for entry in ([said] if said is not None else self.last.values())
                    if entry[1] and now - entry[0] >= self.EVERY]
-            lines = [(entry[2], entry[3], entry[1] - 1) for entry in due]
+            lines = [(entry[2], {**entry[3], **entry[4]}, entry[1] - 1) for entry in due]
             for entry in due:
-                entry[:2] = [now, 0]
+                entry[:2], entry[4] = [now, 0], {}
         for message, line, since in lines:
             self.logger.warning(message, extra={**line, self.counted: since})
 
@@ -4298,6 +4303,13 @@ class MinuteLog:
         """When (monotonic seconds) the first kind with lines unsaid is due, or None."""
         with self.lock:
             return min((entry[0] + self.EVERY for entry in self.last.values() if entry[1]), default=None)
+
+
+def added(total: Any, more: Any) -> Any:
+    """A count, or counts by name, added to another (None: none yet)."""
+    if isinstance(more, dict):
+        return {name: (total or {}).get(name, 0) + more.get(name, 0) for name in {*(total or {}), *more}}
+    return (total or 0) + more
 
 
 class RefusalLog(MinuteLog):
@@ -4308,7 +4320,7 @@ class RefusalLog(MinuteLog):
     text is the client's, secrets and all). Used by the HTTP thread and the OTLP receiver's."""
 
     def __init__(self) -> None:
-        super().__init__(log, "refused_since_last_line")
+        super().__init__(log, "refused_since_last_line", summed=("items_refused",))
 
     def refused(self, request: Request | None, refusal: Refusal, client: str, items: int = 0) -> None:
         route = request.route if request is not None and request.route in ROUTES else "other"
@@ -11890,7 +11902,8 @@ class Retention(Loop):
         self.passes = 0
         self.over: str | None = None             # the pressure said, until a pass finds none
         self.stuck: str | None = None            # over budget after deleting all it may: why
-        self.unpushed = MinuteLog(self.log, "passes_since_last_line")   # a flood's passes: one line a minute
+        self.unpushed = MinuteLog(self.log, "passes_since_last_line",   # a flood's passes: one line a minute
+                                  summed=("deleted", "unpushed_deleted", "bookkeeping_pruned"))
         self.stretches = MinuteLog(self.log, "stretches_since_last_line")   # and its stretches of pressure
 
     def recall(self, kept: dict[str, tuple[int, int]]) -> None:

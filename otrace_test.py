@@ -3173,6 +3173,18 @@ def test_refusal_log_says_each_kind_once_a_minute_with_how_many_since(caplog: py
     assert secret not in caplog.text
 
 
+def test_a_line_a_minute_adds_up_what_it_stands_for(caplog: pytest.LogCaptureFixture) -> None:
+    """A warning said once a minute carries, in its summed fields, every occurrence since the last line,
+    not the latest one's alone: the log still says how much was lost."""
+    said = otrace.MinuteLog(logging.getLogger("otrace.test"), "since", summed=("rows", "by_table"))
+    with caplog.at_level(logging.WARNING, logger="otrace"):
+        for rows, by_table in ((5, {"a": 5}), (2, {"a": 1, "b": 1}), (3, {"b": 3})):
+            said.say("kind", "rows lost", {"rows": rows, "by_table": by_table, "latest": rows})
+        said.flush(now=time.monotonic() + said.EVERY)
+    lines = [(r.rows, r.by_table, r.latest, r.since) for r in caplog.records if r.getMessage() == "rows lost"]
+    assert lines == [(5, {"a": 5}, 5, 0), (5, {"a": 1, "b": 4}, 3, 1)]
+
+
 def test_a_bursts_refusals_are_said_when_its_minute_is_up_with_no_client_left(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """With no connection open the HTTP thread sleeps until a client comes; a burst's count of refused
