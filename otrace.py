@@ -10938,7 +10938,7 @@ class Pusher(Loop):
         self.not_before: dict[str, float] = {}
         # a signal's Retry-After answers since its last 2xx or failure: each is one of its retries
         self.throttled: collections.Counter[str] = collections.Counter()
-        self.partly = MinuteLog(self.log, "answers_since_last_line")   # partial_success, by signal
+        self.partly = MinuteLog(self.log, "answers_since_last_line", summed=("refused",))   # by signal
         self.last_time: float | None = None
         self.last_status = "never"
         self.last_error: str | None = None
@@ -11223,9 +11223,11 @@ class Pusher(Loop):
     def partly_refused(self, batch: Batch, attempt: Attempt) -> None:
         """Items a batch's 2xx refused (partial_success): counted, and said at most once a minute for
         each signal."""
-        self.totals.add("refused", min(attempt.rejected, batch.events))   # rows, at most: points of metrics
+        refused = min(attempt.rejected, batch.events)          # rows, at most: points of metrics
+        self.totals.add("refused", refused)
         self.partly.say(batch.signal, "receiver took a batch but refused some of its items: those are given "
-                        "up, not sent again", {"signal": batch.signal, "error": attempt.summary()})
+                        "up, not sent again", {"signal": batch.signal, "error": attempt.summary(),
+                                               "refused": refused})
 
     def refused_alone(self, batch: Batch, attempt: Attempt, cycle: Cycle, split_at: int | None) -> None:
         """An event refused on its own: a suspect, proven if the receiver accepted part of the batch it

@@ -5797,8 +5797,8 @@ def test_otlp_push_outlasts_a_dead_port_a_429_and_partial_success(run: Callable[
         "refused", 1, None)
     said = node2.logs("receiver took a batch but refused some of its items: those are given up, "
                       "not sent again")
-    assert [(e["signal"], e["error"]) for e in said] == [
-        ("traces", "HTTP 200 on /v1/traces: partial_success: 1 of 9 refused: bad")]
+    assert [(e["signal"], e["error"], e["refused"]) for e in said] == [
+        ("traces", "HTTP 200 on /v1/traces: partial_success: 1 of 9 refused: bad", 1)]
     assert node2.stop() == 0                                     # its final push has nothing to send
     taken = [a["value"]["stringValue"] for r in receiver.requests if r["answered"] == 200
              for rs in r["json"]["resourceSpans"] for ss in rs["scopeSpans"] for s in ss["spans"]
