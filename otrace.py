@@ -2337,6 +2337,9 @@ STATE_SQL = ("INSERT INTO otrace_state (key, value, updated_at) VALUES (?, ?, ?)
              "ON CONFLICT (key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at")
 ADD_SQL = ("INSERT INTO otrace_state (key, value, updated_at) VALUES (?, ?, ?) "   # a count kept for good
            "ON CONFLICT (key) DO UPDATE SET value = value + excluded.value, updated_at = excluded.updated_at")
+MAX_SQL = ("INSERT INTO otrace_state (key, value, updated_at) VALUES (?, ?, ?) "   # a high-water mark
+           "ON CONFLICT (key) DO UPDATE SET value = max(value, excluded.value), "
+           "updated_at = excluded.updated_at")
 
 
 def sqlite_uri(path: str | Path, mode: str, immutable: bool = False) -> str:
@@ -11494,6 +11497,7 @@ LEDGER_SQL = (
     "newest_received_at, excluded.newest_received_at)")
 SAMPLE_TABLES = ("system_metrics", "process_samples")    # otrace's own samples: the first to go unpushed
 UNPUSHED_KEY = "unpushed_deleted."   # otrace_state: the rows of a table retention deleted unpushed, ever
+DELETED_KEY = "deleted_through."     # otrace_state: the latest arrival (received_at) of a row deleted
 BOOKKEEPING = (("push_log", "started_at", ""), ("push_rejects", "rejected_at", "AND reported_at IS NOT NULL"),
                ("log_offsets", "updated_at", ""), ("openclaw_attempts", "created_at", ""),
                ("otlp_series", "updated_at", ""),
@@ -11648,6 +11652,9 @@ class Cut:
                                           max(times, default=None)))
             if lost:        # the ledger's count goes down as losses are delivered after all, or age out
                 conn.execute(ADD_SQL, (UNPUSHED_KEY + table, len(lost), now_ms()))
+            if gone:        # kept for good, where the ledger's rows go with age: see Report.calls_incomplete
+                newest = max(received for _, _, received in gone)
+                conn.execute(MAX_SQL, (DELETED_KEY + table, newest, now_ms()))
         if self.merges and lost:
             self.merges.deleted(table, [row_id for row_id, _ in lost], self.pass_id, self.reason)
         return Chunk(table, self.reason, len(gone), len(lost), live_bytes(conn))
@@ -13349,13 +13356,23 @@ class Report:
                 "refused_by_receiver": refused,
                 "by_table": [{"table": t, "reason": r, "deleted": d, "unpushed_deleted": u}
                              for t, r, d, u in rows],
-                "calls_incomplete": self.calls_incomplete()}
+                "calls_incomplete": self.calls_incomplete(),
+                "calls_deleted_through": (through := self.deleted_through()) and iso(through / 1000)}
+
+    def deleted_through(self) -> int | None:
+        """The latest arrival of a call retention deleted (by age or pressure), ever."""
+        found = self.conn.execute("SELECT value FROM otrace_state WHERE key = ?",
+                                  (DELETED_KEY + TRACES.name,)).fetchone()
+        return found and found[0]
 
     def calls_incomplete(self) -> bool:
-        """Whether retention may have deleted calls of the window: each pressure tier deletes the oldest
-        rows of its kind (pushed, or not) first, so it did if it deleted calls after the window began
-        (then or later: a ledger row holds an hour's, dated by its first) while the oldest call of that
-        kind kept arrived after the window began. Age deletions take rows older than TRACE_RETENTION."""
+        """Whether retention may have deleted calls of the window: it deletes the oldest rows of a kind
+        (pushed, or not) first, so it did if a call it deleted arrived after the window began. A
+        database from before that arrival was kept: each pressure tier did if it deleted calls after
+        the window began (then or later: a ledger row holds an hour's, dated by its first) while the
+        oldest call of that kind kept arrived after the window began."""
+        if (through := self.deleted_through()) is not None:
+            return through > self.since
         for reason, kind in (("pressure_pushed", DELIVERED), ("pressure_unpushed", UNDELIVERED)):
             if self.conn.execute("SELECT 1 FROM retention_ledger WHERE table_name = 'llm_traces' AND "
                                  "reason = ? AND at >= ? AND deleted > 0 LIMIT 1",
@@ -13590,8 +13607,10 @@ class TableView:
                          "was off, fall in the time the store's calls span: both may count the same calls, "
                          f"and ERRORS their failures (--source {STORE_SOURCE} gives the store's alone)")
         if self.doc["retention"]["calls_incomplete"]:
+            through = self.doc["retention"]["calls_deleted_through"]
             notes.append("! totals may miss calls: retention deleted the oldest calls since the window "
-                         "began, and the oldest kept arrived after it began (RETENTION below)")
+                         "began" + (f" (calls that arrived up to {through})" if through else
+                                    ", and the oldest kept arrived after it began (RETENTION below)"))
         return notes
 
     def sections(self) -> list[str]:

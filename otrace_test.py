@@ -9573,6 +9573,28 @@ def test_the_report_says_its_totals_may_miss_calls_retention_deleted(tmp_path: P
     assert not report_json(db, "--since", after)["retention"]["calls_incomplete"]
 
 
+def test_the_report_says_its_totals_miss_calls_retention_deleted_by_age(run: Callable[..., Otrace],
+                                                                       receiver: Receiver) -> None:
+    """Calls pushed and then deleted by age (TRACE_RETENTION) leave a window reaching back before them
+    partial: the report says so, with the arrival of the last call deleted, after the ledger's rows of
+    the deletions are gone with age too; a window that begins after it is whole."""
+    node = run(push_env(receiver, TRACE_RETENTION="1s", TRACE_CLEANUP_INTERVAL="100ms",
+                        TRACE_PUSH_INTERVAL="200ms"))
+    two_days_ago = (datetime.now(UTC) - timedelta(days=2)).isoformat()
+    wait_synced(node, node.post("/v1/traces", [trace(created_at=two_days_ago) for _ in range(10)]
+                                ).json["trace_ids"])
+    node.post("/v1/traces", trace())                          # the newest row stays: see BELOW_NEWEST
+    wait_until(lambda: node.query("SELECT count(*) FROM llm_traces")[0][0] == 1 and
+               node.query("SELECT count(*) FROM retention_ledger")[0][0] == 0, timeout=60,
+               what="the old calls deleted by age, and the ledger's rows of it too")
+    week = report_json(node.db_path, "--since", "7d")
+    assert week["calls"]["totals"]["calls"] == 1 and week["retention"]["calls_incomplete"]
+    through = datetime.fromisoformat(week["retention"]["calls_deleted_through"])
+    assert "! totals may miss calls" in report(node.db_path, "--since", "7d").stdout
+    after = (through + timedelta(seconds=1)).isoformat()
+    assert not report_json(node.db_path, "--since", after)["retention"]["calls_incomplete"]
+
+
 def report_json(db: Path, *args: str) -> dict[str, Any]:
     done = report(db, *args, "--json")
     assert done.returncode == 0, done.stderr
@@ -9614,7 +9636,7 @@ def test_report_numbers_are_exact_in_json_csv_and_the_table(tmp_path: Path) -> N
         {"table": "llm_traces", "reason": "age", "deleted": 10, "unpushed_deleted": 0},
         {"table": "llm_traces", "reason": "pressure_unpushed", "deleted": 5, "unpushed_deleted": 5},
         {"table": "log_events", "reason": "pressure_pushed", "deleted": 20, "unpushed_deleted": 0}],
-        "calls_incomplete": True}                               # the calls kept arrived after the deletions
+        "calls_incomplete": True, "calls_deleted_through": None}   # seeded ledger rows: no mark
 
     done = report(db, *WINDOW, "--timezone", "UTC", "--csv")
     assert done.returncode == 0, done.stderr
