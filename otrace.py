@@ -4924,7 +4924,10 @@ FOLDED_LOG_SQL = (f"DELETE FROM error_events WHERE trace_id = ?1 AND synced = {U
                   f"NULL AND EXISTS (SELECT 1 FROM error_events WHERE trace_id = ?2 AND synced = {UNSYNCED})")
 # The statements that delete an unpushed row (the first parameter), or fold it away: held back while a
 # push cycle may be carrying it (Merges.holding_back), and never made to a row once delivered.
-DELETES_UNPUSHED = frozenset({FOLD_LOG_SQL, FOLDED_LOG_SQL, *STEP_ROWS_SQL})
+# A failed attempt of the gateway's log, then retried: the run's call is its last attempt (LogTailer.retry).
+RETRIED_SQL = (f"DELETE FROM llm_traces WHERE trace_id = ? AND source = 'log' AND synced = {UNSYNCED} "
+               "AND pushed_at IS NULL")
+DELETES_UNPUSHED = frozenset({FOLD_LOG_SQL, FOLDED_LOG_SQL, *STEP_ROWS_SQL, RETRIED_SQL})
 
 
 # Texts the rows hold and a remembered call does not (RecentCalls), each with its byte count column.
@@ -8462,6 +8465,8 @@ class LogTailer(QuietReader):
         self.store_profile = store.name.removeprefix(".openclaw").removeprefix("-") if named else None
         self.causes: dict[str, str] = {}         # otel trace id -> cause code of its last fetch error
         self.last_outcome: dict[str, str] = {}   # run id -> outcome of its last failed attempt
+        # "otel trace id/provider/model" -> the row of its last failed response, and its attempts so far
+        self.failed_responses: dict[str, tuple[str, int]] = {}
         self.known: dict[tuple[int, int], list[tuple[str, int]]] = {}   # (dev, inode) -> [(mark, offset)]
         folder = self.folder()
         self.followed_before = False     # this log's files were followed before: any new one is news
@@ -8727,8 +8732,10 @@ class LogTailer(QuietReader):
             failure["category"] = failure_category(self.last_outcome.get(run)) or failure["category"]
             failure |= {"severity": "error", "metadata": {"run_id": run}}   # that model gave no answer
             extra.append((COUNT_ON_ROW_SQL, (run, f"{trace_id}-{ERRORS.name}")))
-        derived = ((TRACES, trace_row, model_call(line) if kind == "model_call" else None),
-                   (ERRORS, error_row, failure))
+        call = model_call(line) if kind == "model_call" else None
+        if call is not None:
+            self.retry(line, call, f"{trace_id}-{TRACES.name}", extra)
+        derived = ((TRACES, trace_row, call), (ERRORS, error_row, failure))
         for table, build, event in derived:
             if event is not None:
                 event |= {"trace_id": f"{trace_id}-{table.name}", "created_at": created, "metadata": {
@@ -8737,6 +8744,22 @@ class LogTailer(QuietReader):
                     rows.append(event_row(table, build, event, "log", received=received,
                                           max_text=self.config.max_text_bytes))
         return rows
+
+    def retry(self, line: LogLine, call: dict[str, Any], row: str, extra: list[tuple[str, tuple]]) -> None:
+        """A response that follows a failed one of the same run (its OTel trace id), provider and model
+        is its retry: OpenClaw retries a call up to 10 times, and the call is its last attempt. The
+        failed attempt's row goes (while unpushed), and the call's says how many attempts it took."""
+        if not line.otel_trace_id:
+            return
+        key = f"{line.otel_trace_id}/{call['provider']}/{call['model']}"
+        attempts = 1
+        if (before := self.failed_responses.pop(key, None)) is not None:
+            extra.append((RETRIED_SQL, (before[0],)))
+            attempts = before[1] + 1
+            call["metadata"]["attempts"] = attempts
+        if call["status"] == "error":
+            self.failed_responses[key] = (row, attempts)
+            _forget_oldest(self.failed_responses)
 
     def unreadable(self, followed: Followed, start: int, exc: Exception) -> None:
         """A line whose reading raised: skipped and counted, the first of a file logged with its
@@ -8784,7 +8807,7 @@ class LogTailer(QuietReader):
                 **self.totals.snapshot(), "last_error": self.fault.error}
 
 
-def _forget_oldest(memory: dict[str, str]) -> None:
+def _forget_oldest(memory: dict[str, Any]) -> None:
     """Keep a per-run memory to RUNS_REMEMBERED entries (dicts keep insertion order)."""
     while len(memory) > RUNS_REMEMBERED:
         del memory[next(iter(memory))]
