@@ -8120,10 +8120,20 @@ class LogLine:
         self._detail: Any = _UNREAD
         self._fields: dict[str, str] | None = None
         message = obj.get("message")
-        if not isinstance(message, str):           # an older gateway's: join the numbered arguments
-            message = " ".join(v for k, v in self.numbered
-                               if isinstance(v, str) and not (k == 0 and v == name))
-        self.message = message
+        self.message = message if isinstance(message, str) else self.text   # else an older gateway's
+
+    @property
+    def text(self) -> str:
+        """The text arguments, joined: the message without the structured argument's JSON."""
+        name = self.obj["_meta"].get("name") if isinstance(self.obj.get("_meta"), dict) else None
+        return " ".join(v for k, v in self.numbered if isinstance(v, str) and not (k == 0 and v == name))
+
+    @property
+    def repeats_detail(self) -> bool:
+        """Whether the message is the text followed by the structured argument's JSON, as the gateway
+        writes it."""
+        text, opening = self.text, "{" if isinstance(self.detail, dict) else "["
+        return self.message.startswith(f"{text} {opening}" if text else opening)
 
     @classmethod
     def parse(cls, raw: bytes) -> LogLine | None:
@@ -8716,6 +8726,9 @@ class LogTailer(QuietReader):
                 detail = self.detail_json(redact_json(line.detail))
             except RecursionError:               # nested deeper than the masking walks
                 detail = None
+        if quoted and line.detail is not None and line.repeats_detail:   # masked as JSON, not as text
+            message = cut_utf8(" ".join(part for part in (masked_text(line.text, limit), detail) if part),
+                               limit)[0]
         rows = [Row(LOGS.name, (trace_id, created, received, "log", line.level, line.subsystem,
                                 kind or "info", message, detail, line.otel_trace_id, followed.path, start))]
         self.note_attempt(line, trace_id, created, extra)

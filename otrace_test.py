@@ -4191,12 +4191,17 @@ def test_secrets_a_gateway_error_quotes_stay_out_of_the_database_and_the_log(
                                  "token": None, "tokens": 12, "url": f"https://x.blob/c?sv=1&sig={other}"}}}
     decision = json.loads(gateway_lines()[35])
     decision["1"]["errorPreview"] = f"401 invalid api_key={other} for https://user:{other}@proxy.local/v1"
+    binding = '{"subsystem":"agent/embedded"}'               # as the gateway writes it: the message is the
+    sent = {"rawHeaders": ["Accept", "json", "X-Api-Key", key], "jwt": other}    # text, then the JSON
+    repeated = {"0": binding, "1": "provider request failed", "2": sent, "_meta": {
+        "logLevelName": "WARN", "name": binding}, "message": f"provider request failed {json.dumps(sent)}"}
     log = tmp_path / "gateway.log"
     log.write_bytes(b"".join(json.dumps(line).encode() + b"\n" for line in (channel, headers, decision))
-                    + f"curl -H 'Authorization: Bearer {key}'\n".encode() + gateway_lines()[27])
+                    + f"curl -H 'Authorization: Bearer {key}'\n".encode() + gateway_lines()[27]
+                    + json.dumps(repeated).encode() + b"\n")
     node = run({"TRACE_LOG_PATH": str(log), "TRACE_LOG_POLL": "20ms", "TRACE_LOG_START": "beginning",
                 "TRACE_LOG_LEVEL": "debug"})
-    wait_until(lambda: len(node.rows("log_events")) == 4 and len(node.rows("error_events")) == 1,
+    wait_until(lambda: len(node.rows("log_events")) == 5 and len(node.rows("error_events")) == 1,
                what="the events")
     assert node.stop() == 0
     stored = node.db_path.read_bytes() + json.dumps(node.lines).encode()
@@ -4210,6 +4215,8 @@ def test_secrets_a_gateway_error_quotes_stay_out_of_the_database_and_the_log(
     assert node.rows("error_events")[0]["message"] == \
         "model fallback decision: 401 invalid api_key=*** for https://user:***@proxy.local/v1"
     assert events[3]["message"] == json.loads(gateway_lines()[27])["message"]
+    assert events[4]["message"] == ('provider request failed {"rawHeaders":["Accept","json","X-Api-Key",'
+                                    '"***"],"jwt":"***"}')          # masked as the JSON it is, not as text
     assert node.logs("log line is not JSON")
 
 
