@@ -7102,15 +7102,21 @@ REJUDGE_EVERY = 20               # host samples after which every pid is judged 
 EXEC_WINDOW = 60.0               # seconds a new process that did not match is watched for an exec
 MAX_ZOMBIE_PARENTS = 20          # named in a zombie alert
 # A name that holds one of these words, looked for first and then taken whole: a crafted argument
-# costs a pass over it, not its square.
-_SECRET_NAME = (r"(?=[\w.-]*?(?:token|secret|(?<!by)(?<!com)(?<!sur)pass(?!thr|ive|ing|port|age|e[sd]|enger)"
-                r"|pwd|key|auth|credential|(?<!sa)creds?(?![a-z])|cookie|signature|session(?![\w.-])|pw(?![a-z])"
-                r"|jwt|session.?(?:id|key|token|secret)))[\w.-]*+")   # not bypass, passthrough, --session-dir
+# costs a pass over it, not its square (and not bypass, passthrough, --session-dir, --max-tokens,
+# --tokenizer, --keyboard, --author, pubkey).
+_SECRET_NAME = (r"(?=[\w.-]*?(?:token(?!s(?![a-z])|izer)|secret|(?<!by)(?<!com)(?<!sur)pass(?!thr|ive|ing"
+                r"|port|age|e[sd]|enger)|pwd|(?<!pub)key(?!board)|auth(?!or|enticat)|credential"
+                r"|(?<!sa)creds?(?![a-z])|cookie|signature|session(?![\w.-])|pw(?![a-z])|jwt"
+                r"|session.?(?:id|key|token|secret)))[\w.-]*+")
 _SECRET_FLAG = re.compile(rf"-{{1,2}}{_SECRET_NAME}", re.IGNORECASE)     # its value is the next argument
 _SECRET_ASSIGNED = re.compile(rf"(-{{0,2}}{_SECRET_NAME}\s*[=:]).+", re.IGNORECASE | re.DOTALL)  # an argument
-_USER_FLAG = re.compile(r"-u|--user")                          # curl's user:password ...
+_USER_FLAG = re.compile(r"-[uU]|--user|--proxy-user")         # curl's user:password ...
+_USER_JOINED = re.compile(r"(--(?:proxy-)?user=|-[uU](?=[^-]))([^:]*):.+", re.DOTALL)   # ... -ualice:pw
 CONTAINER_CLI = re.compile(r"docker|podman|nerdctl")           # ... not a container's uid:gid
-_BEARER = (re.compile(r"\b((?:bearer|basic)\s+)[\w.~+/=|-]+", re.IGNORECASE | re.ASCII), r"\1***")
+MYSQL_CLI = re.compile(r"(?:mysql|mariadb)[\w-]*")               # -pPASSWORD, the password joined
+_AUTH_ARGUMENT = re.compile(r"(.*?\b(?:proxy-)?authorization\s*:\s*)((?:\w+\s+)?)\S.*",   # any scheme:
+                            re.IGNORECASE | re.DOTALL)                               # Bearer, token, ...
+_BEARER = (re.compile(r"\b((?:bearer|basic)\s+)[\w.~+/=|:-]+", re.IGNORECASE | re.ASCII), r"\1***")
 _KEY_SHAPES = (re.compile(r"\b(?:sk|pk|rk)[-_][\w-]{16,}|\bgh[pousr]_\w{20,}|\bgithub_pat_\w{22,}"
                           r"|\bglpat-[\w-]{20,}|\bnpm_\w{36}|\bxox[abprs]-[\w-]{10,}"
                           r"|\bAIza[\w-]{30,}|\b(?:hf|gsk)_\w{30,}"
@@ -7124,8 +7130,9 @@ _WEBHOOK = (re.compile(r"((?:hooks\.slack\.com/(?:services|triggers|workflows)(?
             r"\1***")                                  # a webhook's URL: its last part is its secret
 _SECRETS = (     # (pattern, replacement), applied in order to the whole command line
     _BEARER,
-    (re.compile(rf"(?<![\w.-])(-{{0,2}}{_SECRET_NAME}[\"']?\s*[=:]\s*)(?!(?:bearer|basic)\s)"
-                r"(?:\"[^\"]*\"?|'[^']*'?|[^\s,;&\"']+)", re.IGNORECASE), r"\1***"),   # JSON's "key": "v" too
+    (re.compile(rf"(?<![\w.-])(-{{0,2}}{_SECRET_NAME}\\?[\"']?\s*[=:]\s*)(?!(?:bearer|basic)\s)"
+                r"(?:\\\"(?:[^\"\\]|\\[^\"])*+(?:\\\")?|\"[^\"]*\"?|'[^']*'?|[^\s,;&\"']+)", re.IGNORECASE),
+     r"\1***"),                                                       # JSON's "key": "v" too, escaped or not
     (re.compile(r"((?<![\w+.-])\w[\w+.-]*+://[^/\s:@]*:)(?!\d+(?:[/?#\s]|$))\S*?@(?=[^\s@/]*(?:[/?#\s]|$))"),
      r"\1***@"),                            # a URL's password (not a port), to the @ of its host
     (re.compile(r"(https?://)[^/\s:@]+@", re.IGNORECASE), r"\1***@"),   # a token as an http URL's user
@@ -7134,28 +7141,40 @@ _SECRETS = (     # (pattern, replacement), applied in order to the whole command
     _WEBHOOK,
     _KEY_SHAPES,
 )
-_SECRET_VALUE = re.compile(r"((?:(?:api|auth)[_-]?key|(?:secret|private|access)[_-]?key|token|secret"
-                           r"|passw(?:or)?d|pwd|(?<=[?&])auth|x-auth[\w-]{0,64}+)[\"']?\s*[=:]\s*)"
-                           r"(\"(?:[^\"\\]|\\.)*+\"?|'[^']*+'?|[^\s,;&\"'}\\]+)", re.IGNORECASE | re.ASCII)
+_SECRET_VALUE = re.compile(r"((?:(?:api|auth|subscription)[_-]?key|(?:secret|private|access)[_-]?key|token"
+                           r"|secret|passw(?:or)?d|passphrase|credentials?|pwd|(?<=[?&])auth|x-auth[\w-]{0,64}+)\\?[\"']?\s*[=:]\s*)"
+                           r"(\\\"(?:[^\"\\]|\\[^\"])*+(?:\\\")?|\"(?:[^\"\\]|\\.)*+\"?|'[^']*+'?"
+                           r"|[^\s,;&\"'}\\]+)", re.IGNORECASE | re.ASCII)     # JSON escaped in a string too
 # Its keys, with their = or :, in the lower-cased text: where _SECRET_VALUE can match. Far cheaper on a
 # text with the words and no such key ("Unexpected token"): re skips to these first letters, where
 # under IGNORECASE it tries every place.
 _SECRET_VALUE_KEY = re.compile(r"(?:api[_-]?key|auth[_-]?key|secret[_-]?key|private[_-]?key|access[_-]?key"
-                               r"|token|secret|passwd|password|pwd|\?auth|&auth|x-auth[\w-]{0,64}+)[\"']?\s*[=:]",
+                               r"|subscription[_-]?key|token|secret|passwd|password|passphrase|credentials?|pwd|\?auth|&auth|x-auth[\w-]{0,64}+)\\?[\"']?\s*[=:]",
                                re.ASCII)
+def quoted_mask(value: str) -> str:
+    """*** in place of a value, in the quotes it had: double, single, or escaped inside a JSON string."""
+    quote = '\\"' if value.startswith('\\"') else value[0] if value[0] in "\"'" else ""
+    return f"{quote}***{quote}"
+
+
 _TEXT_SECRETS = (   # (words that must be in the lower-cased text, pattern, replacement), for prose and JSON
     (("bearer", "basic"), *_BEARER),
     (("api_key", "api-key", "apikey", "token", "secret", "passw", "pwd", "auth", "private_key", "private-key",
-      "privatekey", "access_key", "access-key", "accesskey"),                     # not "tokens=", "auth=x"
-     _SECRET_VALUE, lambda m: m[1] + (m[2][0] + "***" + m[2][0] if m[2][0] in "\"'" else "***")),
+      "privatekey", "access_key", "access-key", "accesskey", "passphrase", "credential",
+      "subscription-key", "subscription_key"),                                  # not "tokens=", "auth=x"
+     _SECRET_VALUE, lambda m: m[1] + quoted_mask(m[2])),
     (("authorization", "cookie"),              # a header's whole value, to its line's end: a=1; sid="..."
      re.compile(r"((?:authorization|cookie)[\"']?\s*[=:]\s*+)(?![\"']?(?:bearer|basic)\s)"
                 r"(\"(?:[^\"\\]|\\.)*+\"?|'[^']*+'?|[^\r\n]+)", re.IGNORECASE | re.ASCII),
-     lambda m: m[1] + (m[2][0] + "***" + m[2][0] if m[2][0] in "\"'" else "***")),
+     lambda m: m[1] + quoted_mask(m[2])),
     (("://",), re.compile(r"://([^/\s:@\"]{0,256}):(?!\d+(?:[/?#\s]|$))[^\s\"@]{0,256}@"
                           r"(?=[^\s@/]*(?:[/?#\s]|$))"), r"://\1:***@"),       # a URL's password, not a port
     (("://",), re.compile(r"://[^/\s:@\"]{1,256}@"), "://***@"),       # a token as a URL's user
     (("sig=", "signature="), *_SIGNATURE),
+    (("private key-",), re.compile(r"(-----BEGIN [A-Z ]*PRIVATE KEY-----).*?(?:(-----END [A-Z ]*PRIVATE KEY"
+                                   r"-----)|$)", re.DOTALL), r"\1***\2"),   # a PEM key, to its end or the end
+    (("?key=", "&key=", "?pass=", "&pass="),                                 # a URL's key or pass
+     re.compile(r"([?&](?:key|pass)=)[^&\s#\"]+", re.IGNORECASE | re.ASCII), r"\1***"),
     (("bot",), *_TELEGRAM),
     (("hooks.slack.com", "discord"), *_WEBHOOK),
     (("sk-", "sk_", "pk-", "pk_", "rk-", "rk_", "gh", "github_pat_", "glpat-", "npm_", "xox", "aiza", "hf_",
@@ -7246,16 +7265,24 @@ def read_cmdline(procfs: Path, pid: int) -> tuple[bytes, ...] | None:
 def redact_cmdline(args: tuple[bytes, ...]) -> str:
     """The arguments as one line, with what looks like a secret replaced by ***: the value after a
     flag like --token or --api-key (as the next argument or after =), key=value pairs (and JSON's
-    "key": "value") whose key names a secret, curl's -u user:password, a URL's password or token
-    user, bearer tokens, and API keys and JWTs by their look."""
+    "key": "value", escaped or not) whose key names a secret, curl's user:password (-u, --user,
+    --proxy-user, joined or not), mysql's -pPASSWORD, an Authorization header's credentials, a URL's
+    password or token user, bearer tokens, and API keys and JWTs by their look."""
     words = [arg.decode("utf-8", "replace") for arg in args]
+    program = words[0].rpartition("/")[2] if words else ""
     for i, word in enumerate(words):
         if i + 1 < len(words) and _SECRET_FLAG.fullmatch(word):
             words[i + 1] = "***"
         elif (i + 1 < len(words) and _USER_FLAG.fullmatch(word) and ":" in words[i + 1]
-              and not (CONTAINER_CLI.fullmatch(words[0].rpartition("/")[2]) and re.fullmatch(r"\d+:\d+",
-                                                                                          words[i + 1]))):
+              and not (CONTAINER_CLI.fullmatch(program) and re.fullmatch(r"\d+:\d+", words[i + 1]))):
             words[i + 1] = words[i + 1].split(":", 1)[0] + ":***"
+        elif (joined := _USER_JOINED.fullmatch(word)) and not (
+                CONTAINER_CLI.fullmatch(program) and re.fullmatch(r"-u\d+:\d+", word)):
+            words[i] = f"{joined[1]}{joined[2]}:***"
+        elif i and MYSQL_CLI.fullmatch(program) and word.startswith("-p") and len(word) > 2:
+            words[i] = "-p***"
+        elif header := _AUTH_ARGUMENT.fullmatch(word):          # its scheme kept, whatever it is
+            words[i] = f"{header[1]}{header[2]}***"
         elif assigned := _SECRET_ASSIGNED.fullmatch(word):      # the whole value, spaces and all
             words[i] = assigned[1] + "***"
     line = " ".join(words)
@@ -7287,14 +7314,14 @@ def redact_text(text: str) -> str:
     return text
 
 
-_SECRET_KEY = re.compile(r"[\w.-]*(?:(?:api|auth|private|secret|access|secret[_-]?access)[_-]?key|token"
-                         r"|secret|passw(?:or)?d|(?<![a-z])pass(?:phrase)?|pwd|jwt|authorization|[_-]auth"
+_SECRET_KEY = re.compile(r"[\w.-]*(?:(?:api|auth|private|secret|access|secret[_-]?access)[_-]?keys?|token"
+                         r"|secrets?|passw(?:or)?d|(?<![a-z])pass(?:phrase)?|pwd|jwt|authorization|[_-]auth"
                          r"|cookie|credentials?)", re.IGNORECASE)
 _SECRET_WORDS = tuple({word for words, _, _ in _TEXT_SECRETS for word in words}    # and every name
                       | {"authorization", "cookie", "credential", "privatekey", "private_key",   # _SECRET_KEY
                          "private-key", "accesskey", "access_key", "access-key", "pass", "jwt"})  # takes
-_SECRET_KEY_ENDS = ("key", "token", "secret", "passwd", "password", "pass", "passphrase", "pwd", "jwt",
-                    "authorization", "auth", "cookie", "credential", "credentials")   # _SECRET_KEY's, lowered
+_SECRET_KEY_ENDS = ("key", "keys", "token", "secret", "secrets", "passwd", "password", "pass", "passphrase",
+                    "pwd", "jwt", "authorization", "auth", "cookie", "credential", "credentials")   # lowered
 
 
 def any_word(words: Iterable[str]) -> re.Pattern[str]:
@@ -7386,8 +7413,8 @@ class ProcessTable:
     in each list). CPU time is told apart per process by pid and start time, so a reused pid starts
     from zero."""
 
-    def __init__(self, procfs: Path, top: int) -> None:
-        self.procfs, self.top = procfs, top
+    def __init__(self, procfs: Path, top: int, scrub: Callable[[str], str] = str) -> None:
+        self.procfs, self.top, self.scrub = procfs, top, scrub
         self.previous: dict[tuple[int, int], int] | None = None     # (pid, start) -> ticks
         self.previous_at = 0.0
         self.btime: float | None = None
@@ -7423,11 +7450,11 @@ class ProcessTable:
         started = None if self.btime is None else round((self.btime + proc.start / CLOCK_TICKS) * 1000)
         return {"interval_s": round(wall, 3), "pid": proc.pid, "ppid": proc.ppid,
                 "name": proc.name if proc.name.strip() else None,
-                "cmdline": redact_cmdline(args) if args else None, "user": None if uid is None else (
-                    user_name(uid) or str(uid)), "uid": uid, "state": proc.state,
-                "cpu_pct": round(cpu_pct, 2), "rss_bytes": proc.rss, "threads": proc.threads,
-                "fds": count_fds(self.procfs, proc.pid), "started_at": started, "cpu_rank": cpu_rank,
-                "rss_rank": rss_rank}
+                "cmdline": self.scrub(redact_cmdline(args)) if args else None,
+                "user": None if uid is None else (user_name(uid) or str(uid)), "uid": uid,
+                "state": proc.state, "cpu_pct": round(cpu_pct, 2), "rss_bytes": proc.rss,
+                "threads": proc.threads, "fds": count_fds(self.procfs, proc.pid), "started_at": started,
+                "cpu_rank": cpu_rank, "rss_rank": rss_rank}
 
 
 class ProcessSampler(Loop):
@@ -7438,7 +7465,7 @@ class ProcessSampler(Loop):
     def __init__(self, config: Config, events: EventQueue) -> None:
         super().__init__("processes", config.proc_interval, first_delay=0.0)
         self.events, self.procfs = events, Path(config.procfs)
-        self.table = ProcessTable(self.procfs, config.proc_top)
+        self.table = ProcessTable(self.procfs, config.proc_top, Scrubber(config).own)   # its token too
         self.zombies = ZombieWatch(config.zombie_alert, self.log)
         self.samples = self.dropped = 0
         self.last_at: float | None = None
@@ -10632,14 +10659,15 @@ class Attempt:
 
 
 class Scrubber:
-    """Takes the push credentials out of any text otrace keeps or shows: a receiver may echo the
-    request's Authorization header in its error body, or an error may quote the URL; and what looks
-    like a credential of any other (redact_text)."""
+    """Takes otrace's own credentials (push's, the ingest token) out of any text otrace keeps or
+    shows: a receiver may echo the request's Authorization header in its error body, an error may
+    quote the URL, a command line may carry the token; and what looks like a credential of any other
+    (redact_text)."""
 
     def __init__(self, config: Config) -> None:
         import base64  # noqa: PLC0415 - imported where needed (see the imports)
         parts = urllib.parse.urlsplit(config.push_endpoint)
-        secrets = {config.push_token, *(value for _, value in config.push_headers)}
+        secrets = {config.push_token, config.ingest_token, *(value for _, value in config.push_headers)}
         if parts.username is not None:                   # the user too: a token is often sent as one
             user, password = urllib.parse.unquote(parts.username), urllib.parse.unquote(parts.password or "")
             secrets |= {parts.username, user, parts.password or "", password, f"{user}:{password}",
@@ -10647,16 +10675,28 @@ class Scrubber:
         for pair in re.split("[&;]", parts.query):       # each value as sent and as meant, and a bare
             raw = pair.partition("=")[2] if "=" in pair else pair if len(pair) >= 16 else ""   # token whole
             secrets |= {raw, urllib.parse.unquote_plus(raw)}
-        # and as an echo may escape them: in JSON (quotes, backslashes, slashes) or in a URL (a slash
-        # kept or not, a space as +)
-        secrets |= {form for s in secrets for form in (json.dumps(s)[1:-1], json.dumps(s)[1:-1].replace(
-            "/", "\\/"), urllib.parse.quote(s, safe=""), urllib.parse.quote(s), urllib.parse.quote_plus(s))}
+        # and as an echo may escape them: in JSON (json_forms) or in a URL (a slash kept or not, a
+        # space as +)
+        secrets |= {form for s in secrets for form in (*json_forms(s), urllib.parse.quote(s, safe=""),
+                                                       urllib.parse.quote(s), urllib.parse.quote_plus(s))}
         self.secrets = sorted((s for s in secrets if len(s) >= 4), key=len, reverse=True)
 
     def __call__(self, text: str) -> str:
+        return redact_text(self.own(text))
+
+    def own(self, text: str) -> str:
+        """The text without otrace's own credentials (whatever else it holds)."""
         for secret in self.secrets:
             text = text.replace(secret, "***")
-        return redact_text(text)
+        return text
+
+
+def json_forms(text: str) -> tuple[str, ...]:
+    """The text inside a JSON string, as encoders write it: Python's, with slashes escaped (PHP's), and
+    with & < > escaped too (Go's)."""
+    quoted = json.dumps(text)[1:-1]
+    go = quoted.replace("&", "\\u0026").replace("<", "\\u003c").replace(">", "\\u003e")
+    return quoted, quoted.replace("/", "\\/"), go
 
 
 HEADER_FAULT = "Failed to parse headers (url=%s): %s"     # urllib3's warning (connection.py)

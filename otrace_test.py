@@ -4802,6 +4802,10 @@ def test_the_scrubber_takes_out_every_form_of_a_credential() -> None:
     assert euro(f"Authorization: Basic {sent}") == "Authorization: Basic ***"
     other = otrace.Scrubber(otrace.Config(push_endpoint="https://h/in"))    # no credential of otrace's
     assert "sekret123" not in other("bad event poison; Authorization: Bearer sekret123")
+    go = otrace.Scrubber(otrace.Config(push_endpoint="https://h/", push_token="tok&en<x>"))
+    assert go('{"auth":"Bearer tok\\u0026en\\u003cx\\u003e"}') == '{"auth":"Bearer ***"}'   # Go's JSON
+    own = otrace.Scrubber(otrace.Config(ingest_token="ingest-tok-0123")).own    # a command line may hold it
+    assert own("my-agent http://127.0.0.1:9090 ingest-tok-0123") == "my-agent http://127.0.0.1:9090 ***"
 
 
 def test_push_off_by_default_says_so(svc: Otrace) -> None:
@@ -14131,6 +14135,14 @@ def test_every_key_the_docs_name_is_masked_in_a_log_lines_text() -> None:
               "paths": ["gateway.auth.token", "gateway.port"], "changed": ["apiKey", "model"]}   # not headers
     assert otrace.redact_json(listed) == {**listed, "rawHeaders": [
         "Host", "h", "Cookie", "***", "x-api-key", "***"]}
+    assert otrace.redact_text('GET /v1/m?key=q1&pass=q2 body="{\\"api_key\\":\\"q3\\"}" bearer u:q4') == \
+        'GET /v1/m?key=***&pass=*** body="{\\"api_key\\":\\"***\\"}" bearer ***'   # JSON in a string
+    pem = "-----BEGIN RSA PRIVATE KEY-----q5\n-----END RSA PRIVATE KEY-----"
+    assert otrace.redact_text(f"{pem} passphrase=q6 credentials: q7 Ocp-Apim-Subscription-Key: q8") == (
+        "-----BEGIN RSA PRIVATE KEY-----***-----END RSA PRIVATE KEY----- passphrase=*** credentials: *** "
+        "Ocp-Apim-Subscription-Key: ***")
+    named = {"secrets": {"openai": "q9"}, "api_keys": ["q10"], "monkeys": 3, "tokens": 12}
+    assert otrace.redact_json(named) == {"secrets": "***", "api_keys": "***", "monkeys": 3, "tokens": 12}
     assert otrace.redact_text("authorization failed; cookies: 3; tokens=12; author: me") == \
         "authorization failed; cookies: 3; tokens=12; author: me"             # no value of one: kept
 
@@ -14175,13 +14187,24 @@ def test_no_secret_in_a_captured_command_line_survives() -> None:
               "--hook", "https://discord.com/api/webhooks/1234/" + "y" * 40],
              "notify --slack-webhook https://hooks.slack.com/services/T01/B02/*** "
              "--hook https://discord.com/api/webhooks/1234/***"),
+            (["curl", "--user=alice:pw1", "-ubob:pw2", "--proxy-user", "carol:pw3", "-U", "dan:pw4"],
+             "curl --user=alice:*** -ubob:*** --proxy-user carol:*** -U dan:***"),
+            (["curl", "--header=Authorization: token t1", "-H", "Proxy-Authorization: Basic t2"],
+             "curl --header=Authorization: token *** -H Proxy-Authorization: Basic ***"),   # any scheme
+            (["mysql", "-uroot", "-pp5", "db"], "mysql -uroot -p*** db"),
+            (["client", "--bearer", "user:t3", "--json", '{\"api_key\":\"t4\"}'],
+             'client --bearer *** --json {\"api_key\":***}'),
             # what an operator needs is kept: ports, paths, a URL's own @, uid:gid, ordinary flags
             (["node", "gw.js", "--model-url", "http://localhost:8080/v1/models/llama@main"],
              "node gw.js --model-url http://localhost:8080/v1/models/llama@main"),
             (["docker", "run", "-u", "1000:1000", "-v", "/var/lib/openclaw/sessions:/data/sessions"],
              "docker run -u 1000:1000 -v /var/lib/openclaw/sessions:/data/sessions"),
             (["node", "gw.js", "--session-dir=/s", "--passthrough", "x", "--signal", "TERM", "--bypass", "y"],
-             "node gw.js --session-dir=/s --passthrough x --signal TERM --bypass y")):
+             "node gw.js --session-dir=/s --passthrough x --signal TERM --bypass y"),
+            (["vllm", "--max-tokens", "4096", "--tokenizer", "/m", "--author", "a", "--keyboard", "us",
+              "-o", "PubkeyAuthentication=yes"],
+             "vllm --max-tokens 4096 --tokenizer /m --author a --keyboard us -o PubkeyAuthentication=yes"),
+            (["docker", "run", "-u1000:1000", "img"], "docker run -u1000:1000 img")):
         assert otrace.redact_cmdline(tuple(a.encode() for a in args)) == expected
     rows = sample_procs(top=100)
     stored = json.dumps(rows)
