@@ -747,6 +747,7 @@ _UUID7_RANDOM = 0xFFF << 64 | (1 << 62) - 1        # rand_a (12 bits) and rand_b
 STAMP_MARGIN_NS = 3_000_000_000  # stamps are trusted only when older than their look by this (see Stamps)
 STUCK_TICK = 600.0               # a loop's tick with no rest and no progress this long is stuck (see Loop)
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+MILLISECOND = timedelta(milliseconds=1)   # made once: timedelta's keywords cost more than the division
 
 
 def sqlite_code(exc: BaseException) -> str | None:
@@ -802,7 +803,7 @@ def now_ms() -> int:
 def epoch_ms(moment: datetime) -> int:
     """An aware time as Unix ms, what is below a millisecond cut off as a number's fraction is (rounded,
     the last instant of a day fell on the next; a float's product can land a millisecond low)."""
-    return (moment - EPOCH) // timedelta(milliseconds=1)
+    return (moment - EPOCH) // MILLISECOND
 
 
 def new_id() -> str:
@@ -848,8 +849,12 @@ def compact_json(value: Any, limit: int) -> tuple[str, bool]:
     """Compact JSON of `value` for a TEXT column, and whether it was over `limit` bytes (then a small
     marker object stands in for it). Raises ValueError for NaN or infinities, RecursionError for a
     value nested too deeply to write."""
-    text = clean_text(COMPACT_JSON.encode(value))
-    size = len(text.encode("utf-8"))
+    text = COMPACT_JSON.encode(value)
+    try:
+        size = len(text.encode("utf-8"))         # one encoding: the size, and no lone surrogate in it
+    except UnicodeEncodeError:
+        text = clean_text(text)
+        size = len(text.encode("utf-8"))
     if size <= limit:
         return text, False
     return json.dumps({"_otrace_truncated": True, "original_bytes": size}), True
@@ -3760,7 +3765,7 @@ def insert_rows(conn: sqlite3.Connection, table: str, values: list[tuple]) -> in
     most = min(ROWS_PER_INSERT, 1 << (MAX_VARIABLES // len(TABLES[table].columns)).bit_length() - 1)
     while start < len(values):
         size = min(most, 1 << (len(values) - start).bit_length() - 1)
-        params = [value for row in values[start:start + size] for value in row]
+        params = list(itertools.chain.from_iterable(values[start:start + size]))
         inserted += conn.execute(insert_sql(table, size), params).rowcount
         start += size
     return inserted
@@ -7308,10 +7313,17 @@ def redact_text(text: str) -> str:
     if not holds_secret_words(lower):
         return text
     for words, pattern, replacement in _TEXT_SECRETS:
-        if any(word in lower for word in words) and (
-                pattern is not _SECRET_VALUE or _SECRET_VALUE_KEY.search(lower)):
+        if holds_any(lower, words) and (pattern is not _SECRET_VALUE or _SECRET_VALUE_KEY.search(lower)):
             text = pattern.sub(replacement, text)
     return text
+
+
+def holds_any(text: str, words: tuple[str, ...]) -> bool:
+    """Whether any of the words is in the text."""
+    for word in words:  # noqa: SIM110 - any() over a generator costs three times this on a short text
+        if word in text:
+            return True
+    return False
 
 
 _SECRET_KEY = re.compile(r"[\w.-]*(?:(?:api|auth|private|secret|access|secret[_-]?access)[_-]?keys?|token"
@@ -8183,9 +8195,15 @@ class LogLine:
 
     @property
     def detail(self) -> Any:
-        """The structured argument, when the line has one."""
+        """The structured argument, when the line has one: the lowest-numbered argument that is not a
+        string (of two with one number, the first written), as `numbered` would order them."""
         if self._detail is _UNREAD:
-            self._detail = next((v for _, v in self.numbered if not isinstance(v, str)), None)
+            detail, lowest = None, None
+            for key, value in self.obj.items():      # one pass, no list sorted: most lines have one
+                if (not isinstance(value, str) and key.isdigit() and (n := count_of(key)) is not None
+                        and (lowest is None or n < lowest)):
+                    detail, lowest = value, n
+            self._detail = detail
         return self._detail
 
     @property
@@ -8203,9 +8221,10 @@ class LogLine:
 
     @property
     def time_ms(self) -> int | None:
+        if logged := _log_time(self.obj.get("time")):   # _meta's date only when "time" does not read
+            return logged
         meta = self.obj.get("_meta")
-        date = meta.get("date") if isinstance(meta, dict) else None
-        return _log_time(self.obj.get("time")) or _log_time(date)
+        return _log_time(meta.get("date") if isinstance(meta, dict) else None)
 
     @property
     def otel_trace_id(self) -> str | None:
@@ -8343,9 +8362,11 @@ def attempt_outcome(line: LogLine, causes: dict[str, str]) -> tuple[str, str] | 
     """(run id, outcome) of a failed attempt's "embedded run agent end" line: the HTTP status its
     error starts with, else the cause code of the run's last [model-fetch] error, else OpenClaw's
     failover reason. None for any other line."""
+    if line.subsystem != "agent/embedded":      # most lines: no structured argument to look at
+        return None
     info = line.info
     run = info.get("runId")
-    if line.subsystem != "agent/embedded" or info.get("isError") is not True or not isinstance(run, str):
+    if info.get("isError") is not True or not isinstance(run, str):
         return None
     preview = info.get("rawErrorPreview") or info.get("error") or ""
     status = re.match(r"([1-5]\d\d)\b", preview) if isinstance(preview, str) else None
@@ -8773,10 +8794,11 @@ class LogTailer(QuietReader):
             failure |= {"severity": "error", "metadata": {"run_id": run}}   # that model gave no answer
             extra.append((COUNT_ON_ROW_SQL, (run, f"{trace_id}-{ERRORS.name}")))
         call = model_call(line) if kind == "model_call" else None
+        if call is None and failure is None:       # most lines: their log event alone
+            return rows
         if call is not None:
             self.retry(line, call, f"{trace_id}-{TRACES.name}", extra)
-        derived = ((TRACES, trace_row, call), (ERRORS, error_row, failure))
-        for table, build, event in derived:
+        for table, build, event in ((TRACES, trace_row, call), (ERRORS, error_row, failure)):
             if event is not None:
                 event |= {"trace_id": f"{trace_id}-{table.name}", "created_at": created, "metadata": {
                     **(event.get("metadata") or {}), "log_file": followed.path, "log_offset": start}}
