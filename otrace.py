@@ -9127,8 +9127,9 @@ def store_events(entry: Any, agent: str, session: str, fallback_id: str, max_tex
     failed = message.get("stopReason") == "error" or (      # a turn that timed out is stored aborted
         message.get("stopReason") == "aborted" and isinstance(message.get("errorMessage"), str)
         and bool(message["errorMessage"]))
-    code, kind = _name(str(message["errorCode"]) if message.get("errorCode") is not None else None), \
-        _name(message.get("errorType"))
+    code = message.get("errorCode")          # a word or a number as OpenClaw writes it; masked as its text is
+    code = None if code is None else _name(redact_text(code if isinstance(code, str) else json.dumps(code)))
+    kind = _name(redact_text(message["errorType"])) if isinstance(message.get("errorType"), str) else None
     reply = _text(message.get("content"))
     metadata = {"agent_id": agent, "run_id": _name(internal.get("runId")), "entry_id": entry_id,
                 "response_id": _name(message.get("responseId")), "api": _name(message.get("api")),

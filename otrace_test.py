@@ -10401,6 +10401,11 @@ def test_transcript_entries_become_rows_as_openclaw_counts_them() -> None:
         "oc:main:s1:e1", "rate_limit", "429 Rate limit reached", "mock")
     assert error["metadata"]["run_id"] == "run1" and error["metadata"]["error_code"] == "429"
     assert trace["output_text"] is None
+    key = "sk-proj-" + "k" * 24
+    odd = json.loads(json.dumps(failed))                     # an error's type and code masked as its text
+    odd["message"].update({"errorType": f"invalid key {key}", "errorCode": {"token": "t1"}})
+    (_, _, trace), (_, _, error) = otrace.store_events(odd, "main", "s1", "seq-5", 16384)
+    assert (trace["error_type"], error["metadata"]["error_code"]) == ("invalid key ***", '{"token": "***"}')
     for odd in (1, "x", {"type": "timeout"}):                  # diagnostics that are no list: none
         failed["message"]["diagnostics"] = odd
         (_, _, trace), (_, _, error) = otrace.store_events(failed, "main", "s1", "seq-5", 16384)
