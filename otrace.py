@@ -4271,6 +4271,12 @@ def method_said(request: Request | None) -> str | None:
     return request and (request.method if request.method in HTTP_METHODS else "other")
 
 
+def route_said(request: Request | None) -> str:
+    """A request's route as a log says it: a path otrace does not serve is "other" (a client's path,
+    a webhook's say, may hold a key)."""
+    return request.route if request is not None and request.route in ROUTES else "other"
+
+
 class MinuteLog:
     """Says a warning that recurs at WARNING at most once a minute for each kind, with how many of that
     kind came since the last line (the field `counted`); those of a burst that ended are said once its
@@ -4331,7 +4337,7 @@ class RefusalLog(MinuteLog):
         super().__init__(log, "refused_since_last_line", summed=("items_refused",))
 
     def refused(self, request: Request | None, refusal: Refusal, client: str, items: int = 0) -> None:
-        route = request.route if request is not None and request.route in ROUTES else "other"
+        route = route_said(request)
         invalid = refusal if isinstance(refusal, Invalid) else None
         field = invalid and invalid.field
         status = 200 if items else refusal.status
@@ -4690,8 +4696,7 @@ class IngestServer:
         conn.reserved, conn.request, conn.chunk_state[:] = 0, None, [-1, 0]
         conn.deadline = time.monotonic() + self.read_timeout
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("request", extra={"method": method_said(request), "route": request and
-                                        redact_text(request.route),    # a client's path may hold a key
+            log.debug("request", extra={"method": method_said(request), "route": route_said(request),
                                         "status": status, "client": conn.address})
 
     def send(self, conn: Connection) -> bool:

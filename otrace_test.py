@@ -8542,7 +8542,8 @@ def test_logs_never_hold_event_texts_or_secrets(run: Callable[..., Otrace], leve
     secrets = {name: f"{name}-{mark}" for name in (
         "INPUT", "OUTPUT", "MESSAGE", "STACK", "META", "REFUSEDFIELD", "BADJSON", "WRONGTOKEN",
         "INGESTTOKEN", "PUSHTOKEN", "URLPASSWORD")}
-    secrets["PATHKEY"] = f"sk-proj-{mark}{'x' * 30}"      # a key a client put in a path
+    secrets["PATHKEY"] = f"sk-proj-{mark}{'x' * 30}"      # a key a client put in a path, by its look
+    secrets["PATHTOKEN"] = f"hook-{mark}"                   # and one of no known look
     secrets["METHOD"] = "LEAK" + mark.translate(str.maketrans("0123456789", "ghijklmnop")).upper()
     with socket.socket() as free:                   # a port nothing listens on: every push fails
         free.bind(("127.0.0.1", 0))
@@ -8563,6 +8564,7 @@ def test_logs_never_hold_event_texts_or_secrets(run: Callable[..., Otrace], leve
     assert node.post("/v1/traces", trace(), headers={"Authorization": f"Bearer {secrets['WRONGTOKEN']}"}
                      ).status == 401
     assert node.request("GET", f"/v1/{secrets['PATHKEY']}", headers=auth).status == 404
+    assert node.request("POST", f"/hooks/{secrets['PATHTOKEN']}/in", headers=auth).status == 404
     assert node.request(secrets["METHOD"], "/v1/traces", headers=auth).status == 405   # a word as a method
     node.wait_persisted(2)
     failed = node.wait_log(lambda e: e.get("message") == "push cycle failed")
