@@ -487,9 +487,9 @@ class Config:
                                    "GET and HEAD on /health and /metrics (probes, scrapes) for as long "
                                    "as they stay open; a new one takes the place of the oldest of them "
                                    "that holds no request, else it is answered 503 and closed. Lowered "
-                                   "at start to what the process's file-descriptor limit allows, the 8 "
-                                   "and 64 for otrace's own files counted in (ulimit -n 73 or under: "
-                                   "one).")
+                                   "at start to what the process's file-descriptor limit allows, the 8, "
+                                   "16 refused ones closing and 64 for otrace's own files counted in "
+                                   "(ulimit -n 89 or under: one).")
     shutdown_timeout: float = setting("4s", duration("500ms", "10m"), "Time from SIGTERM to exit: answer "
                                       "in-flight requests, write the queue, push what time allows, "
                                       "checkpoint, close.")
@@ -7152,15 +7152,18 @@ _SECRETS = (     # (pattern, replacement), applied in order to the whole command
     _KEY_SHAPES,
 )
 _SECRET_VALUE = re.compile(r"((?:(?:api|auth|subscription)[_-]?key|(?:secret|private|access)[_-]?key|token"
-                           r"|secret|passw(?:or)?d|passphrase|credentials?|pwd|(?<=[?&])auth|x-auth[\w-]{0,64}+)\\?[\"']?\s*[=:]\s*)"
+                           r"|secret|passw(?:or)?d|passphrase|credentials?|pwd|(?<=[?&])auth"
+                           r"|x-auth[\w-]{0,64}+)\\?[\"']?\s*[=:]\s*)"
                            r"(\\\"(?:[^\"\\]|\\[^\"])*+(?:\\\")?|\"(?:[^\"\\]|\\.)*+\"?|'[^']*+'?"
                            r"|[^\s,;&\"'}\\]+)", re.IGNORECASE | re.ASCII)     # JSON escaped in a string too
 # Its keys, with their = or :, in the lower-cased text: where _SECRET_VALUE can match. Far cheaper on a
 # text with the words and no such key ("Unexpected token"): re skips to these first letters, where
 # under IGNORECASE it tries every place.
 _SECRET_VALUE_KEY = re.compile(r"(?:api[_-]?key|auth[_-]?key|secret[_-]?key|private[_-]?key|access[_-]?key"
-                               r"|subscription[_-]?key|token|secret|passwd|password|passphrase|credentials?|pwd|\?auth|&auth|x-auth[\w-]{0,64}+)\\?[\"']?\s*[=:]",
-                               re.ASCII)
+                               r"|subscription[_-]?key|token|secret|passwd|password|passphrase|credentials?"
+                               r"|pwd|\?auth|&auth|x-auth[\w-]{0,64}+)\\?[\"']?\s*[=:]", re.ASCII)
+
+
 def quoted_mask(value: str) -> str:
     """*** in place of a value, in the quotes it had: double, single, or escaped inside a JSON string."""
     quote = '\\"' if value.startswith('\\"') else value[0] if value[0] in "\"'" else ""
@@ -14068,14 +14071,15 @@ def settled(config: Config) -> Config:
     import resource  # noqa: PLC0415 - imported where needed (see the imports)
     config = dataclasses.replace(config, db_path=os.path.realpath(config.db_path))
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    needed = config.max_connections + PROBE_RESERVE + SPARE_DESCRIPTORS
+    held = PROBE_RESERVE + REFUSED_LINGERING + SPARE_DESCRIPTORS     # besides the connections served
+    needed = config.max_connections + held
     if soft != resource.RLIM_INFINITY and soft < needed:
         raised = needed if hard == resource.RLIM_INFINITY else min(hard, needed)
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
             soft = raised
     if soft != resource.RLIM_INFINITY and soft < needed:
-        allowed = max(1, soft - PROBE_RESERVE - SPARE_DESCRIPTORS)
+        allowed = max(1, soft - held)
         log.warning("TRACE_MAX_CONNECTIONS is over what the file-descriptor limit allows: lowered", extra={
             "max_connections": config.max_connections, "lowered_to": allowed, "nofile_limit": soft})
         config = dataclasses.replace(config, max_connections=allowed)

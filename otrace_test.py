@@ -8189,10 +8189,12 @@ def test_max_connections_over_the_descriptor_limit_is_lowered_and_said(tmp_path:
     node = run({"TRACE_MAX_CONNECTIONS": "10000"},
                command=["prlimit", "--nofile=200:200", *START])
     lowered = node.wait_log(lambda e: e.get("message", "").startswith("TRACE_MAX_CONNECTIONS is over"))
-    assert lowered["lowered_to"] == 200 - otrace.PROBE_RESERVE - otrace.SPARE_DESCRIPTORS
-    assert lowered["nofile_limit"] == 200 and node.logs("starting")[0]["settings"]["max_connections"] == 128
-    socks = [socket.create_connection(("127.0.0.1", node.port)) for _ in range(127)]
-    wait_until(lambda: node.health()["connections_open"] == 128, what="all but one connection open")
+    allowed = 200 - otrace.PROBE_RESERVE - otrace.REFUSED_LINGERING - otrace.SPARE_DESCRIPTORS
+    assert lowered["lowered_to"] == allowed
+    started = node.logs("starting")[0]["settings"]["max_connections"]
+    assert (lowered["nofile_limit"], started) == (200, allowed)
+    socks = [socket.create_connection(("127.0.0.1", node.port)) for _ in range(allowed - 1)]
+    wait_until(lambda: node.health()["connections_open"] == allowed, what="all but one connection open")
     socks.append(socket.create_connection(("127.0.0.1", node.port)))
     probes = [http.client.HTTPConnection("127.0.0.1", node.port, timeout=30)
               for _ in range(otrace.PROBE_RESERVE)]
