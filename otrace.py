@@ -4592,8 +4592,7 @@ class IngestServer:
                 expected = f" of {request.length}" if request.length is not None else ""
                 raise Refusal(400, f"body ended after {len(request.body)}{expected} bytes")
         except Refusal as refusal:                     # before the whole body is in: it stays unread
-            if refusal.status == 401:                  # a client without the token loses what it sends
-                self.counters.add("unauthorized")
+            self.count_refusal(refusal.status)
             if refusal.logged:
                 self.refusals.refused(conn.request, refusal, conn.address)
             body, content_type = self.api.refused(conn.request, refusal)
@@ -4636,9 +4635,17 @@ class IngestServer:
                 self.refusals.refused(conn.request, made, conn.address)
         else:
             status, body, headers, content_type = made
-        if status >= 400 and status != 503:
-            self.counters.add("rejected")
+        self.count_refusal(status)
         self.finish(conn, status, body, headers, content_type=content_type)
+
+    def count_refusal(self, status: int) -> None:
+        """A 4xx answer counted: a client without the token (it loses what it sends), or one whose
+        request otrace refused (a wrong path, type or size, a bad body, a framing it does not take). A
+        503 is counted by its cause."""
+        if status == 401:
+            self.counters.add("unauthorized")
+        elif 400 <= status < 500 or status in (501, 505):
+            self.counters.add("rejected")
 
     def defer(self, conn: Connection, future: Future) -> None:
         """The answer comes from another thread: the connection waits without a deadline and without
@@ -12371,7 +12378,7 @@ PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 EVENT_HELP = {"received": "Events accepted (answered 202).", "persisted": "Events written to SQLite.",
               "duplicate": "Events already stored under their trace_id.",
               "refused": "Events refused with 503: the queue was full, or writes are failing.",
-              "rejected": "Requests refused for bad input (4xx).",
+              "rejected": "Requests refused for bad input (4xx but 401), their body read or not.",
               "dropped": "Rows SQLite refused for their own data, logged and dropped."}
 HOST_GAUGES = {   # /health "host" column -> (metric, help, scale)
     "cpu_pct": ("host_cpu_percent", "CPU used, as a share of the cgroup's allowance.", 1),

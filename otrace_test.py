@@ -859,6 +859,12 @@ def test_array_is_all_or_nothing_with_index(svc: Otrace) -> None:
     assert len(svc.rows("llm_traces")) == 2      # nothing of the refused array
     health = svc.health()
     assert health["events_rejected"] == 1 and health["events_received"] == 2
+    assert svc.post("/v1/trace", trace()).status == 404                         # refused before its body:
+    assert svc.post("/v1/traces", "x", headers={"Content-Type": "text/plain"}).status == 415   # counted
+    with socket.create_connection(("127.0.0.1", svc.port), timeout=30) as big:                 # too
+        big.sendall(request_head(2 << 20))                  # a body over TRACE_MAX_BODY_BYTES, unsent
+        assert read_to_end(big).startswith(b"HTTP/1.1 413 ")
+    assert svc.health()["events_rejected"] == 4
 
 
 @pytest.mark.parametrize("written", ["2026-11-30T12:00:00Z", "2026-11-30t12:00:00z",
