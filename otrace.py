@@ -7159,7 +7159,7 @@ _SECRETS = (     # (pattern, replacement), applied in order to the whole command
     _KEY_SHAPES,
 )
 _SECRET_VALUE = re.compile(r"((?:(?:api|auth|subscription)[_-]?key|(?:secret|private|access)[_-]?key|token"
-                           r"|secret|passw(?:or)?d|passphrase|credentials?|pwd|(?<=[?&])auth"
+                           r"|secret|passw(?:or)?d|passphrase|pwd|(?<=[?&])auth"
                            r"|x-auth[\w-]{0,64}+)\\?[\"']?\s*[=:]\s*)"
                            r"(\\\"(?:[^\"\\]|\\[^\"])*+(?:\\\")?|\"(?:[^\"\\]|\\.)*+\"?|'[^']*+'?"
                            r"|[^\s,;&\"'}\\]+)", re.IGNORECASE | re.ASCII)     # JSON escaped in a string too
@@ -7167,7 +7167,7 @@ _SECRET_VALUE = re.compile(r"((?:(?:api|auth|subscription)[_-]?key|(?:secret|pri
 # text with the words and no such key ("Unexpected token"): re skips to these first letters, where
 # under IGNORECASE it tries every place.
 _SECRET_VALUE_KEY = re.compile(r"(?:api[_-]?key|auth[_-]?key|secret[_-]?key|private[_-]?key|access[_-]?key"
-                               r"|subscription[_-]?key|token|secret|passwd|password|passphrase|credentials?"
+                               r"|subscription[_-]?key|token|secret|passwd|password|passphrase"
                                r"|pwd|\?auth|&auth|x-auth[\w-]{0,64}+)\\?[\"']?\s*[=:]", re.ASCII)
 
 
@@ -7180,8 +7180,8 @@ def quoted_mask(value: str) -> str:
 _TEXT_SECRETS = (   # (words that must be in the lower-cased text, pattern, replacement), for prose and JSON
     (("bearer", "basic"), *_BEARER),
     (("api_key", "api-key", "apikey", "token", "secret", "passw", "pwd", "auth", "private_key", "private-key",
-      "privatekey", "access_key", "access-key", "accesskey", "passphrase", "credential",
-      "subscription-key", "subscription_key"),                                  # not "tokens=", "auth=x"
+      "privatekey", "access_key", "access-key", "accesskey", "passphrase", "subscription-key",
+      "subscription_key"),                                  # not "tokens=", "auth=x"
      _SECRET_VALUE, lambda m: m[1] + quoted_mask(m[2])),
     (("authorization", "cookie"),              # a header's whole value, to its line's end: a=1; sid="..."
      re.compile(r"((?:authorization|cookie)[\"']?\s*[=:]\s*+)(?![\"']?(?:bearer|basic)\s)"
@@ -7193,8 +7193,8 @@ _TEXT_SECRETS = (   # (words that must be in the lower-cased text, pattern, repl
     (("sig=", "signature="), *_SIGNATURE),
     (("private key-",), re.compile(r"(-----BEGIN [A-Z ]*PRIVATE KEY-----).*?(?:(-----END [A-Z ]*PRIVATE KEY"
                                    r"-----)|$)", re.DOTALL), r"\1***\2"),   # a PEM key, to its end or the end
-    (("?key=", "&key=", "?pass=", "&pass="),                                 # a URL's key or pass
-     re.compile(r"([?&](?:key|pass)=)[^&\s#\"]+", re.IGNORECASE | re.ASCII), r"\1***"),
+    (("?key=", "&key=", "?pass=", "&pass="),              # a URL's pass, or its key when it looks like one
+     re.compile(r"([?&](?:key=(?=[\w-]{16})|pass=))[^&\s#\"]+", re.IGNORECASE | re.ASCII), r"\1***"),
     (("bot",), *_TELEGRAM),
     (("hooks.slack.com", "discord"), *_WEBHOOK),
     (("sk-", "sk_", "pk-", "pk_", "rk-", "rk_", "gh", "github_pat_", "glpat-", "npm_", "xox", "aiza", "hf_",
@@ -8790,8 +8790,8 @@ class LogTailer(QuietReader):
             except RecursionError:               # nested deeper than the masking walks
                 detail = None
         if quoted and line.detail is not None and line.repeats_detail:   # masked as JSON, not as text
-            message = cut_utf8(" ".join(part for part in (masked_text(line.text, limit), detail) if part),
-                               limit)[0]
+            message = cut_utf8(" ".join(part for part in (masked_text(line.text, limit),
+                                                          self.masked_json(line.detail)) if part), limit)[0]
         rows = [Row(LOGS.name, (trace_id, created, received, "log", line.level, line.subsystem,
                                 kind or "info", message, detail, line.otel_trace_id, followed.path, start))]
         self.note_attempt(line, trace_id, created, extra)
@@ -8865,6 +8865,15 @@ class LogTailer(QuietReader):
         _forget_oldest(self.last_outcome)
         extra.append((ATTEMPT_SQL, (trace_id, run, outcome, created)))
         self.staged["failed_attempts"] += 1
+
+    @staticmethod
+    def masked_json(detail: Any) -> str:
+        """A structured argument's JSON, masked as a whole and then cut with the text it follows (the
+        detail column's own form may be a marker of its size): empty if it cannot be written."""
+        try:
+            return COMPACT_JSON.encode(redact_json(detail))
+        except (ValueError, RecursionError):
+            return ""
 
     def detail_json(self, detail: Any) -> str | None:
         if detail is None:

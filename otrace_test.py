@@ -4201,13 +4201,15 @@ def test_secrets_a_gateway_error_quotes_stay_out_of_the_database_and_the_log(
     sent = {"rawHeaders": ["Accept", "json", "X-Api-Key", key], "jwt": other}    # text, then the JSON
     repeated = {"0": binding, "1": "provider request failed", "2": sent, "_meta": {
         "logLevelName": "WARN", "name": binding}, "message": f"provider request failed {json.dumps(sent)}"}
+    large = {"apiKey": key, "body": "x" * 20_000}              # past TRACE_MAX_TEXT_BYTES as JSON
+    big = {**repeated, "2": large, "message": f"provider request failed {json.dumps(large)}"}
     log = tmp_path / "gateway.log"
     log.write_bytes(b"".join(json.dumps(line).encode() + b"\n" for line in (channel, headers, decision))
                     + f"curl -H 'Authorization: Bearer {key}'\n".encode() + gateway_lines()[27]
-                    + json.dumps(repeated).encode() + b"\n")
+                    + b"".join(json.dumps(line).encode() + b"\n" for line in (repeated, big)))
     node = run({"TRACE_LOG_PATH": str(log), "TRACE_LOG_POLL": "20ms", "TRACE_LOG_START": "beginning",
                 "TRACE_LOG_LEVEL": "debug"})
-    wait_until(lambda: len(node.rows("log_events")) == 5 and len(node.rows("error_events")) == 1,
+    wait_until(lambda: len(node.rows("log_events")) == 6 and len(node.rows("error_events")) == 1,
                what="the events")
     assert node.stop() == 0
     stored = node.db_path.read_bytes() + json.dumps(node.lines).encode()
@@ -4223,6 +4225,8 @@ def test_secrets_a_gateway_error_quotes_stay_out_of_the_database_and_the_log(
     assert events[3]["message"] == json.loads(gateway_lines()[27])["message"]
     assert events[4]["message"] == ('provider request failed {"rawHeaders":["Accept","json","X-Api-Key",'
                                     '"***"],"jwt":"***"}')          # masked as the JSON it is, not as text
+    assert events[5]["message"].startswith('provider request failed {"apiKey":"***","body":"xxx')   # its
+    assert json.loads(events[5]["detail"])["_otrace_truncated"]            # words kept, the detail too big
     assert node.logs("log line is not JSON")
 
 
@@ -14150,12 +14154,13 @@ def test_every_key_the_docs_name_is_masked_in_a_log_lines_text() -> None:
               "paths": ["gateway.auth.token", "gateway.port"], "changed": ["apiKey", "model"]}   # not headers
     assert otrace.redact_json(listed) == {**listed, "rawHeaders": [
         "Host", "h", "Cookie", "***", "x-api-key", "***"]}
-    assert otrace.redact_text('GET /v1/m?key=q1&pass=q2 body="{\\"api_key\\":\\"q3\\"}" bearer u:q4') == \
-        'GET /v1/m?key=***&pass=*** body="{\\"api_key\\":\\"***\\"}" bearer ***'   # JSON in a string
+    said = 'GET /m?key=q1q1q1q1q1q1q1q1q1&pass=q2 body="{\\"api_key\\":\\"q3\\"}" bearer u:q4 /l?key=gpt-4o'
+    assert otrace.redact_text(said) == (                  # JSON in a string; a key that looks like one
+        'GET /m?key=***&pass=*** body="{\\"api_key\\":\\"***\\"}" bearer *** /l?key=gpt-4o')
     pem = "-----BEGIN RSA PRIVATE KEY-----q5\n-----END RSA PRIVATE KEY-----"
-    assert otrace.redact_text(f"{pem} passphrase=q6 credentials: q7 Ocp-Apim-Subscription-Key: q8") == (
-        "-----BEGIN RSA PRIVATE KEY-----***-----END RSA PRIVATE KEY----- passphrase=*** credentials: *** "
-        "Ocp-Apim-Subscription-Key: ***")
+    said = f"{pem} passphrase=q6 credentials: 3 loaded Ocp-Apim-Subscription-Key: q8"
+    assert otrace.redact_text(said) == ("-----BEGIN RSA PRIVATE KEY-----***-----END RSA PRIVATE KEY----- "
+                                        "passphrase=*** credentials: 3 loaded Ocp-Apim-Subscription-Key: ***")
     named = {"secrets": {"openai": "q9"}, "api_keys": ["q10"], "monkeys": 3, "tokens": 12}
     assert otrace.redact_json(named) == {"secrets": "***", "api_keys": "***", "monkeys": 3, "tokens": 12}
     assert otrace.redact_text("authorization failed; cookies: 3; tokens=12; author: me") == \
