@@ -4941,10 +4941,7 @@ FOLDED_LOG_SQL = (f"DELETE FROM error_events WHERE trace_id = ?1 AND synced = {U
                   f"NULL AND EXISTS (SELECT 1 FROM error_events WHERE trace_id = ?2 AND synced = {UNSYNCED})")
 # The statements that delete an unpushed row (the first parameter), or fold it away: held back while a
 # push cycle may be carrying it (Merges.holding_back), and never made to a row once delivered.
-# A failed attempt of the gateway's log, then retried: the run's call is its last attempt (LogTailer.retry).
-RETRIED_SQL = (f"DELETE FROM llm_traces WHERE trace_id = ? AND source = 'log' AND synced = {UNSYNCED} "
-               "AND pushed_at IS NULL")
-DELETES_UNPUSHED = frozenset({FOLD_LOG_SQL, FOLDED_LOG_SQL, *STEP_ROWS_SQL, RETRIED_SQL})
+DELETES_UNPUSHED = frozenset({FOLD_LOG_SQL, FOLDED_LOG_SQL, *STEP_ROWS_SQL})
 
 
 # Texts the rows hold and a remembered call does not (RecentCalls), each with its byte count column.
@@ -8114,6 +8111,20 @@ _UNREAD = object()                         # a LogLine's JSON not parsed yet
 LOG_JSON = json.JSONDecoder()
 ATTEMPT_SQL = ("INSERT INTO openclaw_attempts (trace_id, run_id, outcome, created_at) VALUES (?, ?, ?, ?) "
                "ON CONFLICT (trace_id) DO NOTHING")
+# A retry's row (?1) taken into its call's latest row not pushed, of those the call made before (?2, a
+# JSON array): its outcome, its time, the time since the first attempt began and the attempts (?3);
+# then it goes, unless each of them was pushed (it is its own row then, as the receiver holds them).
+_CALL_ROW = (f"SELECT l.trace_id FROM json_each(?2) AS c JOIN llm_traces AS l ON l.trace_id = c.value WHERE "
+             f"l.synced = {UNSYNCED} AND l.pushed_at IS NULL ORDER BY l.id DESC LIMIT 1")
+RETRY_SQL = (
+    "UPDATE llm_traces SET status = r.status, error_type = r.error_type, created_at = r.created_at, "
+    "latency_ms = CASE WHEN r.latency_ms IS NULL OR llm_traces.latency_ms IS NULL THEN r.latency_ms "
+    "ELSE r.created_at - llm_traces.created_at + llm_traces.latency_ms END, "
+    "metadata = json_set(coalesce(r.metadata, '{}'), '$.attempts', ?3) FROM (SELECT status, error_type, "
+    "created_at, latency_ms, metadata FROM llm_traces WHERE trace_id = ?1) AS r "
+    f"WHERE llm_traces.trace_id = ({_CALL_ROW}) RETURNING llm_traces.trace_id")
+RETRIED_SQL = f"DELETE FROM llm_traces WHERE trace_id = ?1 AND EXISTS ({_CALL_ROW})"
+RETRY_ROWS = 16                  # a call's rows a retry may be taken into: its first, and the latest
 _COUNT_ATTEMPTS = (
     "UPDATE error_events SET metadata = json_set(coalesce(metadata, '{}'), '$.failed_attempts', json(("
     "SELECT json_group_object(outcome, n) FROM (SELECT outcome, count(*) AS n FROM openclaw_attempts "
@@ -8124,7 +8135,8 @@ COUNT_ON_STORE_SQL = _COUNT_ATTEMPTS.replace(         # the partial index error_
 COUNT_ON_ROW_SQL = _COUNT_ATTEMPTS.replace("<row>", "trace_id = ?2")
 # The statements that change a stored row, each returning its trace_id, and their table (see Merges).
 MERGED_TABLE = {CONTENT_SQL: TRACES.name, **{sql: name for (name, _), sql in MERGE_SQL.items()},
-                FOLD_LOG_SQL: ERRORS.name, COUNT_ON_STORE_SQL: ERRORS.name, COUNT_ON_ROW_SQL: ERRORS.name}
+                FOLD_LOG_SQL: ERRORS.name, COUNT_ON_STORE_SQL: ERRORS.name, COUNT_ON_ROW_SQL: ERRORS.name,
+                RETRY_SQL: TRACES.name}
 
 
 LINE_HEAD = b'{"0":'        # how every line of OpenClaw's log begins: its first argument
@@ -8538,8 +8550,10 @@ class LogTailer(QuietReader):
         self.store_profile = store.name.removeprefix(".openclaw").removeprefix("-") if named else None
         self.causes: dict[str, str] = {}         # otel trace id -> cause code of its last fetch error
         self.last_outcome: dict[str, str] = {}   # run id -> outcome of its last failed attempt
-        # "otel trace id/provider/model" -> the row of its last failed response, and its attempts so far
-        self.failed_responses: dict[str, tuple[str, int]] = {}
+        # "otel trace id/provider/model" of a call whose last answer failed -> its rows and attempts so
+        # far; and the changes the unit being read makes to it, kept once the queue takes the unit
+        self.failed_calls: dict[str, tuple[tuple[str, ...], int]] = {}
+        self.staged_calls: dict[str, tuple[tuple[str, ...], int] | None] = {}
         self.known: dict[tuple[int, int], list[tuple[str, int]]] = {}   # (dev, inode) -> [(mark, offset)]
         folder = self.folder()
         self.followed_before = False     # this log's files were followed before: any new one is news
@@ -8720,6 +8734,7 @@ class LogTailer(QuietReader):
             rows: list[Row] = []
             extra: list[tuple[str, tuple]] = []
             self.staged.clear()
+            self.staged_calls.clear()
             for i, (start, text, length) in enumerate(lines):
                 if rows and len(rows) + LINE_ROWS_MOST > self.rows_most:   # the rest in the next unit
                     followed.ahead = start, lines[i:], end
@@ -8739,6 +8754,7 @@ class LogTailer(QuietReader):
             extra.append((OFFSET_SQL, (*file, followed.fingerprint, followed.path, end, now_ms())))
             self.send(rows, extra)
             self.totals.add_all(self.staged)
+            self.keep_staged_calls()
             followed.committed = followed.fingerprint
             self.known[(followed.dev, followed.inode)] = [(followed.fingerprint, end)]
             followed.offset, followed.recorded = end, True    # a file skipped to its end is known too
@@ -8824,19 +8840,31 @@ class LogTailer(QuietReader):
 
     def retry(self, line: LogLine, call: dict[str, Any], row: str, extra: list[tuple[str, tuple]]) -> None:
         """A response that follows a failed one of the same run (its OTel trace id), provider and model
-        is its retry: OpenClaw retries a call up to 10 times, and the call is its last attempt. The
-        failed attempt's row goes (while unpushed), and the call's says how many attempts it took."""
+        is its retry: OpenClaw retries a call up to 10 times, and the call is its last answer. The retry
+        is taken into the call's row (RETRY_SQL) and says how many attempts the call took."""
         if not line.otel_trace_id:
             return
         key = f"{line.otel_trace_id}/{call['provider']}/{call['model']}"
-        attempts = 1
-        if (before := self.failed_responses.pop(key, None)) is not None:
-            extra.append((RETRIED_SQL, (before[0],)))
-            attempts = before[1] + 1
-            call["metadata"]["attempts"] = attempts
-        if call["status"] == "error":
-            self.failed_responses[key] = (row, attempts)
-            _forget_oldest(self.failed_responses)
+        known = self.staged_calls[key] if key in self.staged_calls else self.failed_calls.get(key)
+        rows, attempts = known or ((), 0)
+        if rows:
+            call["metadata"]["attempts"] = attempts + 1
+            before = json.dumps(rows)
+            extra += [(RETRY_SQL, (row, before, attempts + 1)), (RETRIED_SQL, (row, before))]
+        failed = call["status"] == "error"
+        # the call's first row stays a candidate: it takes every retry while it is not pushed
+        kept = (*rows, row) if len(rows) < RETRY_ROWS else (rows[0], *rows[2 - RETRY_ROWS:], row)
+        self.staged_calls[key] = (kept, attempts + 1) if failed else None
+
+    def keep_staged_calls(self) -> None:
+        """The unit read is taken: what it said of calls whose answer failed holds."""
+        for key, state in self.staged_calls.items():
+            if state is None:
+                self.failed_calls.pop(key, None)
+            else:
+                self.failed_calls[key] = state
+        self.staged_calls.clear()
+        _forget_oldest(self.failed_calls)
 
     def unreadable(self, followed: Followed, start: int, exc: Exception) -> None:
         """A line whose reading raised: skipped and counted, the first of a file logged with its

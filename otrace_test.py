@@ -4087,6 +4087,72 @@ def test_a_line_longer_than_64_kib_is_read_whole(tmp_path: Path, run: Callable[.
     assert node.health()["log_tail"]["cut"] == 0
 
 
+def fetch_answer(trace_id: str, status: int) -> bytes:
+    """A captured `[model-fetch] response` line, of the run `trace_id`, answered `status`."""
+    fetch = json.loads(gateway_lines()[27])
+    text = fetch["message"].replace("status=200", f"status={status}")
+    return json.dumps({**fetch, "1": text, "message": text, "traceId": trace_id}).encode() + b"\n"
+
+
+@needs_gateway_log
+def test_a_retried_call_read_again_behind_a_full_queue_is_one_row(tmp_path: Path,
+                                                                    run: Callable[..., Otrace]) -> None:
+    """Another program holds the write lock while the gateway logs a burst: the units read are turned
+    away by the full queue and read again, the retry among them. The call is still one row, its last
+    answer, with its attempts counted once each."""
+    log = tmp_path / "gateway.log"
+    log.touch()
+    node = run({"TRACE_LOG_PATH": str(log), "TRACE_LOG_POLL": "20ms", "TRACE_QUEUE_SIZE": "8"})
+    retried = "ab" * 16
+    with log.open("ab") as out:
+        out.write(fetch_answer(retried, 429))
+    wait_until(lambda: len(node.rows("llm_traces")) == 1, what="the first answer stored")
+    with contextlib.closing(sqlite3.connect(node.db_path, timeout=30)) as lock:
+        lock.execute("BEGIN IMMEDIATE")
+        with log.open("ab") as out:     # the queue takes three units of one line, then turns the rest away
+            others = [fetch_answer(f"{i:032x}", 200) for i in range(5)]
+            retries = [fetch_answer(retried, 429), fetch_answer(retried, 200)]
+            out.write(b"".join([*others[:2], *retries, *others[2:]]))
+        size = log.stat().st_size
+        wait_until(lambda: node.health()["log_tail"]["bytes_read"] > 4 * size, what="units read again")
+        lock.rollback()
+    wait_until(lambda: node.health()["log_tail"]["lag_bytes"] == 0 and node.health()["queue_depth"] == 0,
+               what="the log read")
+    calls = [(r["status"], json.loads(r["metadata"]).get("attempts")) for r in node.rows("llm_traces")
+             if r["status"] != "ok" or json.loads(r["metadata"]).get("attempts")]
+    assert calls == [("ok", 3)]
+
+
+@needs_gateway_log
+def test_a_retry_taken_into_a_row_the_receiver_may_hold_leaves_it_no_row_otrace_lacks(
+        tmp_path: Path, run: Callable[..., Otrace], receiver: Receiver) -> None:
+    """The first answer's row reaches the receiver, which says nothing until TRACE_PUSH_TIMEOUT (otrace
+    counts it unpushed); the run's retry then answers 200 and is taken into that row, which goes again:
+    the receiver holds no row otrace deleted."""
+    log = tmp_path / "gateway.log"
+    log.touch()
+    on_wire, release = threading.Event(), threading.Event()
+    receiver.script = [hang(5.0)]
+    receiver.default = held(on_wire, release)          # later pushes wait until the retry is read
+    node = run(push_env(receiver, TRACE_LOG_PATH=str(log), TRACE_LOG_POLL="20ms", TRACE_PUSH_TIMEOUT="1s",
+                        TRACE_PUSH_INTERVAL="200ms"))
+    retried = "cd" * 16
+    with log.open("ab") as out:
+        out.write(fetch_answer(retried, 429))
+    wait_until(lambda: node.query("SELECT count(*) FROM push_log WHERE error LIKE 'no whole answer%'")[0][0],
+               what="the first answer's row sent, its answer never whole")
+    with log.open("ab") as out:
+        out.write(fetch_answer(retried, 200))
+    wait_until(lambda: node.query("SELECT status, json_extract(metadata, '$.attempts') FROM llm_traces") == [
+        ("ok", 2)], what="the retry taken into the first answer's row")
+    release.set()
+    wait_until(lambda: node.query("SELECT synced FROM llm_traces") == [(1,)], timeout=60,
+               what="the call pushed")
+    sent = {e["trace_id"] for r in receiver.requests for e in r["json"]["events"]
+            if e["event_id"].startswith("llm_trace:")}
+    assert sent == {node.rows("llm_traces")[0]["trace_id"]}
+
+
 @needs_gateway_log
 def test_lines_with_numbers_int_refuses_are_read_and_the_log_goes_on(tmp_path: Path,
                                                                       run: Callable[..., Otrace]) -> None:
