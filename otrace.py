@@ -12550,6 +12550,11 @@ class CallTally:
                     "log_events": dict(self._logs)}
 
 
+def seconds_until(moment: str | None) -> float:
+    """Seconds from now to an ISO time (0 for none, or one past)."""
+    return max(0.0, datetime.fromisoformat(moment).timestamp() - time.time()) if moment else 0.0
+
+
 def prometheus_labels(**labels: str) -> str:
     """{name="value",...}, the values escaped as the text format requires."""
     def escape(value: str) -> str:
@@ -12599,6 +12604,12 @@ def prometheus(report: dict[str, Any]) -> str:
         add("push_last_success_timestamp_seconds", "gauge", "When the receiver last took a whole batch "
             "(a 2xx refusing nothing).",
             ("", (ok := push["last_success_time"]) and datetime.fromisoformat(ok).timestamp()))
+        breakers = push.get("breakers") or {}
+        held = {"": push["held_by_retry_after_until"]} | {
+            name: breaker["held_by_retry_after_until"] for name, breaker in breakers.items()}
+        add("push_held_by_retry_after_seconds", "gauge", "Seconds a receiver's Retry-After still holds push "
+            "back (signal: an OTLP signal's endpoint; empty: the whole receiver).",
+            *((prometheus_labels(signal=name), seconds_until(until)) for name, until in held.items()))
     add("retention_unpushed_deleted_total", "counter", "Rows retention deleted before they were pushed.",
         *((f'{{table="{table}"}}', n) for table, n in (report["retention"]["unpushed_deleted_total"] or {}
                                                       ).items()))

@@ -5250,6 +5250,9 @@ def test_a_retry_after_from_one_otlp_endpoint_holds_back_its_signal_alone(
                       and b, what="the logs held by their Retry-After")
     assert (logs["state"], logs["consecutive_failures"]) == ("closed", 0)   # one of its retries
     assert node.health()["push"]["held_by_retry_after_until"] is None     # the receiver's own: none
+    scraped = node.request("GET", "/metrics").body.decode()                 # and a scrape says so
+    held = dict(re.findall(r'otrace_push_held_by_retry_after_seconds\{signal="(\w*)"\} (\S+)', scraped))
+    assert float(held["logs"]) > 30 and held.keys() == {"", "traces", "metrics", "logs"} and held[""] == "0"
     wait_synced(node, node.post("/v1/traces", trace()).json["trace_ids"])
     late = node.post("/v1/traces", trace()).json["trace_ids"]
     node.wait_persisted(3)
