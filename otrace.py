@@ -1430,7 +1430,7 @@ def trace_row(f: Fields, received: int, source: str = "http") -> tuple:
     prompt, completion = f.count("prompt_tokens"), f.count("completion_tokens")
     cache_read, cache_write = f.count("cache_read_tokens"), f.count("cache_write_tokens")
     total = f.count("total_tokens")
-    if total is None and any(n is not None for n in (prompt, completion, cache_read, cache_write)):
+    if total is None and (prompt, completion, cache_read, cache_write) != (None,) * 4:   # no generator
         # the prompt counts the cache's tokens: without it, those are what is known of it
         total = (prompt if prompt is not None else (cache_read or 0) + (cache_write or 0)) + (completion or 0)
         total = total if total <= MAX_INT else None        # a total no client may send is not made either
@@ -1987,6 +1987,12 @@ def price_call(provider: str, model: str, tokens: Tokens, at_ms: int,
 # bounded EventQueue: batches of events, and jobs (writes other threads need) in between. Readers
 # (/health, push, retention) get read-only connections from Database, which also notices when the
 # file at the path is deleted or replaced and moves what it still holds into a new one.
+
+# sqlite3 adapts each parameter not an int, float, str or bytes: for None (a null column) it looks for
+# an adapter, then asks the PrepareProtocol type for __adapt__, which raises an AttributeError (a
+# message formatted and dropped) per null, most columns of a row. An adapter found at once: None as is
+# ({}.get(None) is None, with no Python frame).
+sqlite3.register_adapter(type(None), {}.get)
 
 SCHEMA: list[str] = [
     # 1: the event tables, host metrics and the push log.
@@ -3040,14 +3046,16 @@ class EventQueue(queue.Queue):
         wait, so a request that needs the whole queue is not refused for ever by events that wait for
         their batch to fill."""
         with self.mutex:
-            if not self.closed and not self.fits(unit):
-                patience = READER_WAIT if unit.own else self.gate.patience()
-                if not self.not_full.wait_for(lambda: self.closed or self.fits(unit) or self.turned_away(),
-                                              patience) and not unit.own:
-                    self.gate.ran_out()
-            if self.closed or not self.fits(unit):
-                self.turned_away()
-                return False
+            if self.closed or not self.fits(unit):       # fits asked once when it fits (lock held)
+                if not self.closed:
+                    patience = READER_WAIT if unit.own else self.gate.patience()
+                    room = self.not_full.wait_for(
+                        lambda: self.closed or self.fits(unit) or self.turned_away(), patience)
+                    if not room and not unit.own:
+                        self.gate.ran_out()
+                if self.closed or not self.fits(unit):
+                    self.turned_away()
+                    return False
             unit.arrived = time.monotonic()
             was_empty = not self.waiting
             self._put(unit)
@@ -4054,6 +4062,9 @@ class Connection:
             self.reserved += grown
             return done is not None
         take = min(request.length - len(request.body), len(self.inbox))
+        if take == len(self.inbox) and not request.body:     # the whole inbox is the body: no copy
+            request.body, self.inbox = self.inbox, request.body
+            return take == request.length
         request.body += self.inbox[:take]
         del self.inbox[:take]
         return len(request.body) == request.length
@@ -4160,6 +4171,18 @@ class Stall:
         self.last = -math.inf
 
 
+_JSON_STRING = json.encoder.encode_basestring_ascii     # json.dumps' own, for strings (ensure_ascii)
+
+
+def accepted_json(trace_ids: list[str], ignored: list[str]) -> bytes:
+    """The 202's body, byte for byte json.dumps' of {"accepted", "trace_ids"[, "ignored_fields"]}:
+    json.dumps makes an encoder for each call."""
+    text = f'{{"accepted": {len(trace_ids)}, "trace_ids": [{", ".join(map(_JSON_STRING, trace_ids))}]'
+    if ignored:
+        text += f', "ignored_fields": [{", ".join(map(_JSON_STRING, ignored))}]'
+    return (text + "}").encode()
+
+
 class Api:
     """What otrace answers: the routes, the ingest token, and the refusals, all as whole responses."""
 
@@ -4243,10 +4266,7 @@ class Api:
         self.admit(rows)
         if request.route == "/v1/events":
             service.counters.add("custom_received", len(rows))
-        answer: dict[str, Any] = {"accepted": len(rows), "trace_ids": [row.values[0] for row in rows]}
-        if ignored:
-            answer["ignored_fields"] = ignored
-        return 202, answer, {}, "application/json"
+        return 202, accepted_json([row.values[0] for row in rows], ignored), {}, "application/json"
 
     def admit(self, rows: list[Row], extra: tuple[tuple[str, tuple], ...] = ()) -> None:
         """Offer rows (and statements that commit with them) to the queue whole: a 202 promises a
