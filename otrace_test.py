@@ -1530,11 +1530,11 @@ def test_a_loop_stuck_in_one_tick_is_a_health_problem_and_one_resting_is_not(tmp
         assert entered.wait(30)
         hung.start()
         wait_until(lambda: any(p.startswith("otrace-hung is stuck: ") for p in service.health()["problems"]),
-                   what="the hung loop listed")
-        wait_until(lambda: resting.busy_since is None, what="the resting loop not busy")
+                   timeout=60, what="the hung loop listed")
+        wait_until(lambda: resting.busy_since is None, timeout=60, what="the resting loop not busy")
         assert not any("resting" in p for p in service.health()["problems"])
         release.set()
-        wait_until(lambda: service.health()["problems"] == [], what="the hung loop's tick ended")
+        wait_until(lambda: service.health()["problems"] == [], timeout=60, what="the hung loop's tick ended")
     finally:
         release.set()
         for loop in (hung, resting):
@@ -4106,7 +4106,7 @@ def test_a_retried_call_read_again_behind_a_full_queue_is_one_row(tmp_path: Path
     retried = "ab" * 16
     with log.open("ab") as out:
         out.write(fetch_answer(retried, 429))
-    wait_until(lambda: len(node.rows("llm_traces")) == 1, what="the first answer stored")
+    wait_until(lambda: len(node.rows("llm_traces")) == 1, timeout=60, what="the first answer stored")
     with contextlib.closing(sqlite3.connect(node.db_path, timeout=30)) as lock:
         lock.execute("BEGIN IMMEDIATE")
         with log.open("ab") as out:     # the queue takes three units of one line, then turns the rest away
@@ -4114,10 +4114,11 @@ def test_a_retried_call_read_again_behind_a_full_queue_is_one_row(tmp_path: Path
             retries = [fetch_answer(retried, 429), fetch_answer(retried, 200)]
             out.write(b"".join([*others[:2], *retries, *others[2:]]))
         size = log.stat().st_size
-        wait_until(lambda: node.health()["log_tail"]["bytes_read"] > 4 * size, what="units read again")
+        wait_until(lambda: node.health()["log_tail"]["bytes_read"] > 4 * size, timeout=60,
+                   what="units read again")
         lock.rollback()
     wait_until(lambda: node.health()["log_tail"]["lag_bytes"] == 0 and node.health()["queue_depth"] == 0,
-               what="the log read")
+               timeout=60, what="the log read")
     calls = [(r["status"], json.loads(r["metadata"]).get("attempts")) for r in node.rows("llm_traces")
              if r["status"] != "ok" or json.loads(r["metadata"]).get("attempts")]
     assert calls == [("ok", 3)]
@@ -4140,11 +4141,11 @@ def test_a_retry_taken_into_a_row_the_receiver_may_hold_leaves_it_no_row_otrace_
     with log.open("ab") as out:
         out.write(fetch_answer(retried, 429))
     wait_until(lambda: node.query("SELECT count(*) FROM push_log WHERE error LIKE 'no whole answer%'")[0][0],
-               what="the first answer's row sent, its answer never whole")
+               timeout=60, what="the first answer's row sent, its answer never whole")
     with log.open("ab") as out:
         out.write(fetch_answer(retried, 200))
     wait_until(lambda: node.query("SELECT status, json_extract(metadata, '$.attempts') FROM llm_traces") == [
-        ("ok", 2)], what="the retry taken into the first answer's row")
+        ("ok", 2)], timeout=60, what="the retry taken into the first answer's row")
     release.set()
     wait_until(lambda: node.query("SELECT synced FROM llm_traces") == [(1,)], timeout=60,
                what="the call pushed")
