@@ -7340,8 +7340,12 @@ def masked_text(text: str, limit: int) -> str:
 def redact_text(text: str) -> str:
     """Text another program wrote (an error it logged, with the request it quotes), with what looks
     like a secret replaced by ***: values of secret-named keys, bearer tokens, URL passwords and
-    users, and API keys and JWTs by their look. A pattern runs only if its words are in the text."""
+    users, and API keys and JWTs by their look. A pattern runs only if its words are in the text. A
+    text that holds a secret URL-encoded (a form body, a redirect URI) is given decoded, masked."""
     lower = text.lower()
+    if "%3" in lower and (decoded := urllib.parse.unquote(text)) != text and (
+            masked := redact_text(decoded)) != decoded:
+        return masked
     if not holds_secret_words(lower):
         return text
     for words, pattern, replacement in _TEXT_SECRETS:

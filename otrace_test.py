@@ -14231,6 +14231,9 @@ def test_every_key_the_docs_name_is_masked_in_a_log_lines_text() -> None:
     said = f"{pem} passphrase=q6 credentials: 3 loaded Ocp-Apim-Subscription-Key: q8"
     assert otrace.redact_text(said) == ("-----BEGIN RSA PRIVATE KEY-----***-----END RSA PRIVATE KEY----- "
                                         "passphrase=*** credentials: 3 loaded Ocp-Apim-Subscription-Key: ***")
+    encoded = "cb=https%3A%2F%2Fu%3Aq11%40h%2Fcb password%3Dq12 Authorization%3A%20Bearer%20q13"
+    assert otrace.redact_text(encoded) == "cb=https://u:***@h/cb password=*** Authorization: Bearer ***"
+    assert otrace.redact_text("GET /q?x=1%3A2 ok") == "GET /q?x=1%3A2 ok"     # decoded only to mask
     named = {"secrets": {"openai": "q9"}, "api_keys": ["q10"], "monkeys": 3, "tokens": 12}
     assert otrace.redact_json(named) == {"secrets": "***", "api_keys": "***", "monkeys": 3, "tokens": 12}
     assert otrace.redact_text("authorization failed; cookies: 3; tokens=12; author: me") == \
