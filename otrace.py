@@ -8143,7 +8143,7 @@ _CALL_ROW = (f"SELECT l.trace_id FROM json_each(?2) AS c JOIN llm_traces AS l ON
 RETRY_SQL = (
     "UPDATE llm_traces SET status = r.status, error_type = r.error_type, created_at = r.created_at, "
     "latency_ms = CASE WHEN r.latency_ms IS NULL OR llm_traces.latency_ms IS NULL THEN r.latency_ms "
-    "ELSE r.created_at - llm_traces.created_at + llm_traces.latency_ms END, "
+    "ELSE max(r.latency_ms, r.created_at - llm_traces.created_at + llm_traces.latency_ms) END, "
     "metadata = json_set(coalesce(r.metadata, '{}'), '$.attempts', ?3) FROM (SELECT status, error_type, "
     "created_at, latency_ms, metadata FROM llm_traces WHERE trace_id = ?1) AS r "
     f"WHERE llm_traces.trace_id = ({_CALL_ROW}) RETURNING llm_traces.trace_id")
