@@ -8194,7 +8194,7 @@ class LogLine:
     classify a line (its time, key=value fields, structured argument) is read only when asked for:
     most lines are skipped."""
 
-    __slots__ = ("_detail", "_fields", "_numbered", "level", "message", "obj", "subsystem")
+    __slots__ = ("_detail", "_fields", "_numbered", "_text", "level", "message", "obj", "subsystem")
 
     def __init__(self, obj: dict[str, Any]) -> None:
         meta = obj.get("_meta")
@@ -8207,14 +8207,18 @@ class LogLine:
         self._numbered: list[tuple[int, Any]] | None = None
         self._detail: Any = _UNREAD
         self._fields: dict[str, str] | None = None
+        self._text: str | None = None
         message = obj.get("message")
         self.message = message if isinstance(message, str) else self.text   # else an older gateway's
 
     @property
     def text(self) -> str:
         """The text arguments, joined: the message without the structured argument's JSON."""
-        name = self.obj["_meta"].get("name") if isinstance(self.obj.get("_meta"), dict) else None
-        return " ".join(v for k, v in self.numbered if isinstance(v, str) and not (k == 0 and v == name))
+        if self._text is None:
+            name = self.obj["_meta"].get("name") if isinstance(self.obj.get("_meta"), dict) else None
+            self._text = " ".join(v for k, v in self.numbered
+                                  if isinstance(v, str) and not (k == 0 and v == name))
+        return self._text
 
     @property
     def repeats_detail(self) -> bool:
@@ -8820,7 +8824,6 @@ class LogTailer(QuietReader):
         created = logged if logged is not None and 0 <= logged <= MAX_UNIX_MS else received
         quoted = line.level in NOTICE or kind is None   # not only OpenClaw's words: what an error quotes
         limit = self.config.max_text_bytes
-        message = masked_text(line.message, limit) if quoted else cut_utf8(line.message, limit)[0]
         detail = self.detail_json(line.detail)
         if quoted and detail and holds_secret_words(detail.lower()):
             try:
@@ -8830,6 +8833,8 @@ class LogTailer(QuietReader):
         if quoted and line.detail is not None and line.repeats_detail:   # masked as JSON, not as text
             message = cut_utf8(" ".join(part for part in (masked_text(line.text, limit),
                                                           self.masked_json(line.detail)) if part), limit)[0]
+        else:
+            message = masked_text(line.message, limit) if quoted else cut_utf8(line.message, limit)[0]
         rows = [Row(LOGS.name, (trace_id, created, received, "log", line.level, line.subsystem,
                                 kind or "info", message, detail, line.otel_trace_id, followed.path, start))]
         self.note_attempt(line, trace_id, created, extra)
