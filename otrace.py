@@ -6826,6 +6826,9 @@ class Snapshot:
     host_oom_kills: int | None = None
 
 
+OOM_READS = 3        # reads of the OOM counts for one moment's, at most: kills come seconds apart
+
+
 class HostReader:
     """Reads a Snapshot of the host, as the cgroup otrace runs in sees it, from `procfs` and `sysfs`."""
 
@@ -6870,7 +6873,7 @@ class HostReader:
         if snap.mem_used is None and "MemAvailable" in meminfo:
             snap.mem_used = (meminfo["MemTotal"] - meminfo["MemAvailable"]) * 1024
             snap.mem_rss = meminfo.get("AnonPages", 0) * 1024
-        snap.host_oom_kills = read_keyed(under(self.procfs, "vmstat"), ("oom_kill",)).get("oom_kill")
+        snap.host_oom_kills, snap.cgroup_oom_kills = self.oom_counts()
         self.read_disk(snap)
         snap.self_cpu, snap.self_rss = own_usage(self.procfs)
         return snap
@@ -6914,18 +6917,34 @@ class HostReader:
         if version == "v2":
             usage = read_int(under(memory, "memory.current"))
             inactive, anon = stat.get("inactive_file"), stat.get("anon")
-            snap.cgroup_oom_kills = read_keyed(under(memory, "memory.events"), ("oom_kill",)).get("oom_kill")
         else:
             usage = read_int(under(memory, "memory.usage_in_bytes"))
             inactive = stat.get("total_inactive_file", stat.get("inactive_file"))
             anon = stat.get("total_rss", stat.get("rss"))
-            snap.cgroup_oom_kills = read_keyed(under(memory, "memory.oom_control"), ("oom_kill",)).get(
-                "oom_kill")
         if usage is None:
             return                   # e.g. the root cgroup has no memory.current: /proc speaks for it
         snap.mem_used, snap.mem_rss = max(0, usage - (inactive or 0)), anon
         if (limit := memory_limit(version, memory, snap.mem_total)) is not None:
             snap.mem_limit = limit
+
+    def oom_counts(self) -> tuple[int | None, int | None]:
+        """The host's and the cgroup's OOM kill counts as of one moment. The kernel counts a kill on the
+        host, then in its cgroup: the host's count read on both sides of the cgroup's, until it holds
+        still, holds every kill the cgroup's does (one read apart, a kill between them was split in two
+        events, the first said to be elsewhere on the host)."""
+        host = read_keyed(under(self.procfs, "vmstat"), ("oom_kill",)).get("oom_kill")
+        memory = self.cgroup and self.cgroup.dirs.get("memory")
+        if not memory:
+            return host, None
+        version, path = memory
+        events = under(path, "memory.events" if version == "v2" else "memory.oom_control")
+        for _ in range(OOM_READS):
+            cgroup = read_keyed(events, ("oom_kill",)).get("oom_kill")
+            again = read_keyed(under(self.procfs, "vmstat"), ("oom_kill",)).get("oom_kill")
+            if again == host:
+                break
+            host = again
+        return host, cgroup
 
     def read_disk(self, snap: Snapshot) -> None:
         snap.disk_path = self.disk_path

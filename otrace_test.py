@@ -3464,10 +3464,35 @@ def test_fixture_oom_kill_counters(tmp_path: Path) -> None:
         assert (snap.cgroup_oom_kills, snap.host_oom_kills) == (cgroup_kills, host_kills)
     root = HOSTS / "v2-unlimited" / "t1"
     assert otrace.HostReader(root / "proc", root / "sys", str(tmp_path)).snapshot().cgroup_oom_kills == 3
-    # the host's count holds the cgroup's: t0 -> t1 is one kill, not "1 in its cgroup and 1 in the host"
-    assert [otrace.oom_text(kills) for kills in ({"cgroup": 1, "host": 1}, {"cgroup": 1, "host": 3},
-                                                 {"host": 2}, {"cgroup": 1})] == [
-        "1 in its cgroup", "1 in its cgroup and 2 elsewhere on the host", "2 on the host", "1 in its cgroup"]
+
+
+def test_oom_counts_are_of_one_moment_when_a_kill_lands_between_reads(tmp_path: Path) -> None:
+    """The real t0 -> t1 kill lands just after otrace read the cgroup's count (t0's), before it reads
+    the host's (t1's): the sample holds it on neither side or both, not "1 on the host" now and "1 in
+    its cgroup" a sample later. The cgroup's file is a FIFO the "kernel" answers once, with t0's text,
+    then puts t1's files in place."""
+    t0, t1 = HOSTS / "v1-oom" / "t0", HOSTS / "v1-oom" / "t1"
+    root, memory = tmp_path / "host", Path("sys/fs/cgroup/memory/otrace-fixture-oom/memory.oom_control")
+    shutil.copytree(t0, root)
+    (root / memory).unlink()
+    os.mkfifo(root / memory)
+
+    def kernel() -> None:
+        with open(root / memory, "w") as fifo:          # waits for otrace to open it
+            fifo.write((t0 / memory).read_text())
+            for path in (memory, Path("proc/vmstat")):  # the kill, counted in both
+                shutil.copy(t1 / path, root / f"{path}.new")
+                (root / f"{path}.new").replace(root / path)
+
+    writer = threading.Thread(target=kernel, daemon=True)
+    writer.start()
+    try:
+        snap = otrace.HostReader(root / "proc", root / "sys", str(tmp_path)).snapshot()
+    finally:
+        with contextlib.suppress(OSError):              # a writer left waiting gives up
+            os.close(os.open(root / memory, os.O_RDONLY | os.O_NONBLOCK))
+        writer.join(10)
+    assert (snap.cgroup_oom_kills, snap.host_oom_kills) == (1, 4)
 
 
 @pytest.mark.parametrize(("case", "mode", "expected"), [
