@@ -55,7 +55,8 @@ docs: $(VENV)/.run  ## write docs/settings.md's table from otrace.py
 	found == 1 or sys.exit("make docs: docs/settings.md needs one <!-- settings:begin --> ... <!-- settings:end --> pair"); \
 	open("docs/settings.md", "w").write(doc)'
 
-# Refresh prices.json and prices.LICENSE from the newest genai-prices release on PyPI.
+# Refresh prices.json and prices.LICENSE from the newest genai-prices release on PyPI, and pin the
+# tests' genai-prices to it.
 prices: $(VENV)/.run  ## refresh prices.json from the newest genai-prices release
 	$(PY) scripts/prices.py
 

@@ -20,6 +20,9 @@ writes two files:
   its entry with empty prices, so it still wins the match and otrace leaves its cost null.
 - prices.LICENSE: the upstream license text, unchanged.
 
+Written beside otrace.py, it also pins requirements-dev.txt's genai-prices to the same release, which
+the tests check otrace's matcher against.
+
 Anything in data.py this script does not recognise stops it with an error: better no new table
 than a wrong one. --wheel uses a wheel already downloaded (no network).
 """
@@ -315,6 +318,18 @@ def write(out: Path, table: dict[str, Any], license_text: str) -> Path:
     return target
 
 
+def pin(version: str) -> None:
+    """Pin requirements-dev.txt's genai-prices to the table's release: the tests check otrace's matcher
+    against that release's own calc_price, which must be the table's."""
+    path = ROOT / "requirements-dev.txt"
+    lines = path.read_text().splitlines(keepends=True)
+    for i, line in enumerate(lines):
+        if line.startswith(f"{PACKAGE}=="):
+            old = line.split()[0]
+            lines[i] = line.replace(old, f"{PACKAGE}=={version}", 1)
+    path.write_text("".join(lines))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--wheel", type=Path, help="a genai-prices wheel already downloaded (no network)")
@@ -327,6 +342,8 @@ def main(argv: list[str] | None = None) -> int:
         table, license_text = build(wheel, dt.datetime.now(dt.UTC).date())
         target = write(args.out, table, license_text)
     header = table["header"]
+    if args.out == ROOT:
+        pin(header["version"])
     models = sum(len(p["models"]) for p in table["providers"])
     print(f"prices: {header['source']} {header['version']} ({header['license']}): {len(table['providers'])} "
           f"providers, {models} models, {target.stat().st_size:,} bytes in {target}")
