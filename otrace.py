@@ -2349,6 +2349,8 @@ ADD_SQL = ("INSERT INTO otrace_state (key, value, updated_at) VALUES (?, ?, ?) "
 MAX_SQL = ("INSERT INTO otrace_state (key, value, updated_at) VALUES (?, ?, ?) "   # a high-water mark
            "ON CONFLICT (key) DO UPDATE SET value = max(value, excluded.value), "
            "updated_at = excluded.updated_at")
+UNPUSHED_KEY = "unpushed_deleted."   # otrace_state: the rows of a table retention deleted unpushed, ever
+COUNTED_KEY = "unpushed_counted_at"  # otrace_state: when those counts began (begin_counts)
 
 
 def sqlite_uri(path: str | Path, mode: str, immutable: bool = False) -> str:
@@ -2438,6 +2440,20 @@ def prepare(conn: sqlite3.Connection, path: str) -> None:
     if conn.execute("PRAGMA journal_mode = WAL").fetchone()[0] != "wal":
         raise RuntimeError(f"{path}: cannot use WAL mode")
     migrate(conn)
+    begin_counts(conn)
+
+
+def begin_counts(conn: sqlite3.Connection) -> None:
+    """The counts kept for good, begun once on a database of an otrace that kept none: the unpushed
+    rows retention deleted, from the ledger's rows of them still there (else the count fell to 0)."""
+    with transaction(conn):
+        if conn.execute("SELECT 1 FROM otrace_state WHERE key = ?", (COUNTED_KEY,)).fetchone():
+            return
+        now = now_ms()
+        conn.execute("INSERT INTO otrace_state (key, value, updated_at) SELECT ? || table_name, "
+                     "sum(unsynced_deleted), ? FROM retention_ledger GROUP BY table_name "
+                     "HAVING sum(unsynced_deleted) > 0 ON CONFLICT (key) DO NOTHING", (UNPUSHED_KEY, now))
+        conn.execute(STATE_SQL, (COUNTED_KEY, now, now))
 
 
 def schema_of(conn: sqlite3.Connection) -> tuple[int, set[str]]:
@@ -7154,14 +7170,14 @@ EXEC_WINDOW = 60.0               # seconds a new process that did not match is w
 MAX_ZOMBIE_PARENTS = 20          # named in a zombie alert
 # A name that holds one of these words, looked for first and then taken whole: a crafted argument
 # costs a pass over it, not its square (and not bypass, passthrough, --session-dir, --max-tokens,
-# --tokenizer, --keyboard, --author, pubkey).
+# --tokenizer, --keyboard, --author but --authorization, pubkey).
 _SECRET_NAME = (r"(?=[\w.-]*?(?:token(?!s(?![a-z])|izer)|secret|(?<!by)(?<!com)(?<!sur)pass(?!thr|ive|ing"
-                r"|port|age|e[sd]|enger)|pwd|(?<!pub)key(?!board)|auth(?!or|enticat)|credential"
+                r"|port|age|e[sd]|enger)|pwd|(?<!pub)key(?!board)|auth(?!or(?!iz)|enticat)|credential"
                 r"|(?<!sa)creds?(?![a-z])|cookie|signature|session(?![\w.-])|pw(?![a-z])|jwt"
                 r"|session.?(?:id|key|token|secret)))[\w.-]*+")
 _SECRET_FLAG = re.compile(rf"-{{1,2}}{_SECRET_NAME}", re.IGNORECASE)     # its value is the next argument
 _SECRET_ASSIGNED = re.compile(rf"(-{{0,2}}{_SECRET_NAME}\s*[=:]).+", re.IGNORECASE | re.DOTALL)  # an argument
-_USER_FLAG = re.compile(r"-[uU]|--user|--proxy-user")         # curl's user:password ...
+_USER_FLAG = re.compile(r"-[uU]|--user|--proxy-user")         # curl's user:password (-U: curl's alone) ...
 _USER_JOINED = re.compile(r"(--(?:proxy-)?user=|-[uU](?=[^-]))([^:]*):.+", re.DOTALL)   # ... -ualice:pw
 CONTAINER_CLI = re.compile(r"docker|podman|nerdctl")           # ... not a container's uid:gid
 MYSQL_CLI = re.compile(r"(?:mysql|mariadb)[\w-]*")               # -pPASSWORD, the password joined
@@ -7181,9 +7197,9 @@ _WEBHOOK = (re.compile(r"((?:hooks\.slack\.com/(?:services|triggers|workflows)(?
             r"\1***")                                  # a webhook's URL: its last part is its secret
 _SECRETS = (     # (pattern, replacement), applied in order to the whole command line
     _BEARER,
-    (re.compile(rf"(?<![\w.-])(-{{0,2}}{_SECRET_NAME}\\?[\"']?\s*[=:]\s*)(?!(?:bearer|basic)\s)"
+    (re.compile(rf"(?<![\w.-])(-{{0,2}}{_SECRET_NAME}\\?[\"']?\s*[=:]\s*)(?!(?:bearer|basic)\s|\w+ \*\*\*)"
                 r"(?:\\\"(?:[^\"\\]|\\[^\"])*+(?:\\\")?|\"[^\"]*\"?|'[^']*'?|[^\s,;&\"']+)", re.IGNORECASE),
-     r"\1***"),                                                       # JSON's "key": "v" too, escaped or not
+     r"\1***"),                     # JSON's "key": "v" too, escaped or not; not a masked header's scheme
     (re.compile(r"((?<![\w+.-])\w[\w+.-]*+://[^/\s:@]*:)(?!\d+(?:[/?#\s]|$))\S*?@(?=[^\s@/]*(?:[/?#\s]|$))"),
      r"\1***@"),                            # a URL's password (not a port), to the @ of its host
     (re.compile(r"(https?://)[^/\s:@]+@", re.IGNORECASE), r"\1***@"),   # a token as an http URL's user
@@ -7320,21 +7336,25 @@ def redact_cmdline(args: tuple[bytes, ...]) -> str:
     """The arguments as one line, with what looks like a secret replaced by ***: the value after a
     flag like --token or --api-key (as the next argument or after =), key=value pairs (and JSON's
     "key": "value", escaped or not) whose key names a secret, curl's user:password (-u, --user,
-    --proxy-user, joined or not), mysql's -pPASSWORD, an Authorization header's credentials, a URL's
-    password or token user, bearer tokens, and API keys and JWTs by their look."""
+    --proxy-user, joined or not), mysql's -pPASSWORD (also run by sudo or docker exec), an
+    Authorization header's credentials, a URL's password or token user, bearer tokens, and API keys
+    and JWTs by their look."""
     words = [arg.decode("utf-8", "replace") for arg in args]
     program = words[0].rpartition("/")[2] if words else ""
+    container, curl = CONTAINER_CLI.fullmatch(program), program == "curl"
+    mysql = next((i for i, word in enumerate(words) if MYSQL_CLI.fullmatch(word.rpartition("/")[2])),
+                 len(words))
     for i, word in enumerate(words):
-        if i + 1 < len(words) and _SECRET_FLAG.fullmatch(word):
-            words[i + 1] = "***"
-        elif (i + 1 < len(words) and _USER_FLAG.fullmatch(word) and ":" in words[i + 1]
-              and not (CONTAINER_CLI.fullmatch(program) and re.fullmatch(r"\d+:\d+", words[i + 1]))):
-            words[i + 1] = words[i + 1].split(":", 1)[0] + ":***"
-        elif (joined := _USER_JOINED.fullmatch(word)) and not (
-                CONTAINER_CLI.fullmatch(program) and re.fullmatch(r"-u\d+:\d+", word)):
-            words[i] = f"{joined[1]}{joined[2]}:***"
-        elif i and MYSQL_CLI.fullmatch(program) and word.startswith("-p") and len(word) > 2:
+        if i > mysql and word.startswith("-p") and len(word) > 2:      # before flags: -pMyKey is no flag
             words[i] = "-p***"
+        elif i + 1 < len(words) and _SECRET_FLAG.fullmatch(word):
+            words[i + 1] = "***"
+        elif (i + 1 < len(words) and _USER_FLAG.fullmatch(word) and (curl or word != "-U")
+              and ":" in words[i + 1] and not (container and re.fullmatch(r"\d+:\d+", words[i + 1]))):
+            words[i + 1] = words[i + 1].split(":", 1)[0] + ":***"
+        elif (joined := _USER_JOINED.fullmatch(word)) and (curl or not word.startswith("-U")) and not (
+                container and re.fullmatch(r"-u\d+:\d+", word)):
+            words[i] = f"{joined[1]}{joined[2]}:***"
         elif header := _AUTH_ARGUMENT.fullmatch(word):          # its scheme kept, whatever it is
             words[i] = f"{header[1]}{header[2]}***"
         elif assigned := _SECRET_ASSIGNED.fullmatch(word):      # the whole value, spaces and all
@@ -7360,14 +7380,14 @@ def redact_text(text: str) -> str:
     users, and API keys and JWTs by their look. A pattern runs only if its words are in the text. A
     text that holds a secret URL-encoded (a form body, a redirect URI) is given decoded, masked."""
     lower = text.lower()
+    if holds_secret_words(lower):
+        for words, pattern, replacement in _TEXT_SECRETS:
+            if holds_any(lower, words) and (pattern is not _SECRET_VALUE or _SECRET_VALUE_KEY.search(lower)):
+                text = pattern.sub(replacement, text)
+    # masked before it is decoded: an escape in a value (password=a%26b) is of the value, not its end
     if "%3" in lower and (decoded := urllib.parse.unquote(text)) != text and (
             masked := redact_text(decoded)) != decoded:
         return masked
-    if not holds_secret_words(lower):
-        return text
-    for words, pattern, replacement in _TEXT_SECRETS:
-        if holds_any(lower, words) and (pattern is not _SECRET_VALUE or _SECRET_VALUE_KEY.search(lower)):
-            text = pattern.sub(replacement, text)
     return text
 
 
@@ -7385,6 +7405,7 @@ _SECRET_KEY = re.compile(r"[\w.-]*(?:(?:api|auth|private|secret|access|secret[_-
 _SECRET_WORDS = tuple({word for words, _, _ in _TEXT_SECRETS for word in words}    # and every name
                       | {"authorization", "cookie", "credential", "privatekey", "private_key",   # _SECRET_KEY
                          "private-key", "accesskey", "access_key", "access-key", "pass", "jwt"})  # takes
+COUNTED_SECRETS = ("secrets", "keys", "credentials", "cookies", "passwords")  # a number under these counts
 _SECRET_KEY_ENDS = ("key", "keys", "token", "secret", "secrets", "passwd", "password", "pass", "passphrase",
                     "pwd", "jwt", "authorization", "auth", "cookie", "credential", "credentials")   # lowered
 
@@ -7424,6 +7445,7 @@ def redact_json(value: Any) -> Any:
         return [redact_json(item) for item in value]
     if isinstance(value, dict):
         return {key: "***" if item is not None and not isinstance(item, bool) and secret_key(key)
+                and not (isinstance(item, int | float) and key.lower().endswith(COUNTED_SECRETS))
                 else redact_headers(item) if isinstance(item, list) and key.lower().endswith("headers")
                 else redact_json(item) for key, item in value.items()}
     return value
@@ -11693,7 +11715,6 @@ LEDGER_SQL = (
     "newest_received_at = coalesce(max(newest_received_at, excluded.newest_received_at), "
     "newest_received_at, excluded.newest_received_at)")
 SAMPLE_TABLES = ("system_metrics", "process_samples")    # otrace's own samples: the first to go unpushed
-UNPUSHED_KEY = "unpushed_deleted."   # otrace_state: the rows of a table retention deleted unpushed, ever
 DELETED_KEY = "deleted_through."     # otrace_state: the latest arrival (received_at) of a row deleted
 BOOKKEEPING = (("push_log", "started_at", ""), ("push_rejects", "rejected_at", "AND reported_at IS NOT NULL"),
                ("log_offsets", "updated_at", ""), ("openclaw_attempts", "created_at", ""),

@@ -7242,6 +7242,25 @@ def test_the_count_of_unpushed_rows_deleted_never_goes_down(run: Callable[..., O
     assert lost_so_far(run(env)) == counted
 
 
+def test_the_count_of_unpushed_rows_deleted_begins_from_the_ledger_on_an_older_database(
+        tmp_path: Path, run: Callable[..., Otrace]) -> None:
+    """A database an otrace that kept no count last wrote (its ledger counted the losses, no
+    otrace_state key did): the count begins from the ledger's rows, once, not from 0."""
+    db = tmp_path / "older.db"
+    otrace.open_database(str(db))
+    with contextlib.closing(sqlite3.connect(db)) as conn, conn:    # as the older otrace left it
+        conn.execute("DELETE FROM otrace_state")
+        conn.executemany("INSERT INTO retention_ledger (pass_id, at, table_name, reason, deleted, "
+                         "unsynced_deleted) VALUES (?, 1, ?, 'pressure_unpushed', ?, ?)",
+                         [("p1", "llm_traces", 40, 30), ("p2", "llm_traces", 12, 12),
+                          ("p2", "system_metrics", 9, 5), ("p3", "error_events", 7, 0)])
+    node = run(db=db)
+    assert node.health()["retention"]["unpushed_deleted_total"] == {"llm_traces": 42, "system_metrics": 5}
+    assert node.stop() == 0
+    again = run(db=db)
+    assert again.health()["retention"]["unpushed_deleted_total"] == {"llm_traces": 42, "system_metrics": 5}
+
+
 def lost_so_far(node: Otrace) -> int:
     """The rows retention deleted before they were pushed, as /health counts them."""
     return sum((node.health()["retention"]["unpushed_deleted_total"] or {}).values())
@@ -14277,6 +14296,23 @@ def test_every_key_the_docs_name_is_masked_in_a_log_lines_text() -> None:
         "authorization failed; cookies: 3; tokens=12; author: me"             # no value of one: kept
 
 
+def test_a_url_encoded_secret_is_masked_whole_and_a_count_named_like_secrets_is_kept() -> None:
+    """An escape inside a value is of the value: masked before the text is decoded, the value goes
+    whole (decoded first, it ended at its decoded &, ; or space). Encoded a level down (a redirect URI),
+    the secret shows decoded, masked. A number under a plural secret name counts them."""
+    for text, expected in (
+            ("body grant_type=password&username=bob&password=Tr0ub%26dor%3B3xyz",
+             "body grant_type=password&username=bob&password=***"),
+            ("login failed: password=my%20secret%3Dphrase token=xyz%2Cqq",
+             "login failed: password=*** token=***"),
+            ("redirect_uri=https%3A%2F%2Fapp%2Fcb%3Ftoken%3Dabc%2520def", "redirect_uri=https://app/cb?token=***"),
+            ("progress 100%3 files", "progress 100%3 files")):
+        assert otrace.redact_text(text) == expected, text
+    assert otrace.redact_json({"num_secrets": 3, "rotated_api_keys": 2, "secrets": ["s1"], "password": 1234,
+                               "api_keys": "k1"}) == \
+        {"num_secrets": 3, "rotated_api_keys": 2, "secrets": "***", "password": "***", "api_keys": "***"}
+
+
 def test_no_secret_in_a_captured_command_line_survives() -> None:
     secrets = PROCS_META["secret_values"]
     root = PROCS / "t1" / "proc"
@@ -14322,6 +14358,12 @@ def test_no_secret_in_a_captured_command_line_survives() -> None:
             (["curl", "--header=Authorization: token t1", "-H", "Proxy-Authorization: Basic t2"],
              "curl --header=Authorization: token *** -H Proxy-Authorization: Basic ***"),   # any scheme
             (["mysql", "-uroot", "-pp5", "db"], "mysql -uroot -p*** db"),
+            (["mysql", "-h", "db", "-pMyKey99", "appdb"], "mysql -h db -p*** appdb"),   # a word: no flag
+            (["docker", "exec", "db", "mysql", "-uroot", "-pS3cret", "appdb"],
+             "docker exec db mysql -uroot -p*** appdb"),
+            (["sudo", "/usr/bin/mariadb", "-pAuthx1"], "sudo /usr/bin/mariadb -p***"),
+            (["tool", "--authorization", "a1", "--proxy-authorization", "a2", "AUTHORIZATION=a3"],
+             "tool --authorization *** --proxy-authorization *** AUTHORIZATION=***"),
             (["client", "--bearer", "user:t3", "--json", '{\"api_key\":\"t4\"}'],
              'client --bearer *** --json {\"api_key\":***}'),
             # what an operator needs is kept: ports, paths, a URL's own @, uid:gid, ordinary flags
@@ -14334,7 +14376,10 @@ def test_no_secret_in_a_captured_command_line_survives() -> None:
             (["vllm", "--max-tokens", "4096", "--tokenizer", "/m", "--author", "a", "--keyboard", "us",
               "-o", "PubkeyAuthentication=yes"],
              "vllm --max-tokens 4096 --tokenizer /m --author a --keyboard us -o PubkeyAuthentication=yes"),
-            (["docker", "run", "-u1000:1000", "img"], "docker run -u1000:1000 img")):
+            (["docker", "run", "-u1000:1000", "img"], "docker run -u1000:1000 img"),
+            (["pip", "install", "-U", "git+https://github.com/o/r.git"],      # -U is curl's user alone
+             "pip install -U git+https://github.com/o/r.git"),
+            (["gcc", "-Umacro:x", "a.c"], "gcc -Umacro:x a.c")):
         assert otrace.redact_cmdline(tuple(a.encode() for a in args)) == expected
     rows = sample_procs(top=100)
     stored = json.dumps(rows)
