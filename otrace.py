@@ -2325,6 +2325,15 @@ SCHEMA: list[str] = [
     """
     ALTER TABLE genai_metrics ADD COLUMN monotonic INTEGER;
     """,
+    # 13: the count of unpushed rows retention deleted is kept for good in otrace_state (UNPUSHED_KEY),
+    # begun from the ledger's rows of them still there, where an older otrace counted them.
+    """
+    INSERT INTO otrace_state (key, value, updated_at)
+        SELECT 'unpushed_deleted.' || table_name, sum(unsynced_deleted),
+               CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)
+        FROM retention_ledger WHERE unsynced_deleted > 0 GROUP BY table_name
+        ON CONFLICT (key) DO NOTHING;
+    """,
 ]
 
 UNSYNCED, SYNCED, REFUSED, REFUSED_REPORTED = 0, 1, 2, 3   # values of the synced column
@@ -2350,7 +2359,6 @@ MAX_SQL = ("INSERT INTO otrace_state (key, value, updated_at) VALUES (?, ?, ?) "
            "ON CONFLICT (key) DO UPDATE SET value = max(value, excluded.value), "
            "updated_at = excluded.updated_at")
 UNPUSHED_KEY = "unpushed_deleted."   # otrace_state: the rows of a table retention deleted unpushed, ever
-COUNTED_KEY = "unpushed_counted_at"  # otrace_state: when those counts began (begin_counts)
 
 
 def sqlite_uri(path: str | Path, mode: str, immutable: bool = False) -> str:
@@ -2440,20 +2448,6 @@ def prepare(conn: sqlite3.Connection, path: str) -> None:
     if conn.execute("PRAGMA journal_mode = WAL").fetchone()[0] != "wal":
         raise RuntimeError(f"{path}: cannot use WAL mode")
     migrate(conn)
-    begin_counts(conn)
-
-
-def begin_counts(conn: sqlite3.Connection) -> None:
-    """The counts kept for good, begun once on a database of an otrace that kept none: the unpushed
-    rows retention deleted, from the ledger's rows of them still there (else the count fell to 0)."""
-    with transaction(conn):
-        if conn.execute("SELECT 1 FROM otrace_state WHERE key = ?", (COUNTED_KEY,)).fetchone():
-            return
-        now = now_ms()
-        conn.execute("INSERT INTO otrace_state (key, value, updated_at) SELECT ? || table_name, "
-                     "sum(unsynced_deleted), ? FROM retention_ledger GROUP BY table_name "
-                     "HAVING sum(unsynced_deleted) > 0 ON CONFLICT (key) DO NOTHING", (UNPUSHED_KEY, now))
-        conn.execute(STATE_SQL, (COUNTED_KEY, now, now))
 
 
 def schema_of(conn: sqlite3.Connection) -> tuple[int, set[str]]:

@@ -7244,12 +7244,12 @@ def test_the_count_of_unpushed_rows_deleted_never_goes_down(run: Callable[..., O
 
 def test_the_count_of_unpushed_rows_deleted_begins_from_the_ledger_on_an_older_database(
         tmp_path: Path, run: Callable[..., Otrace]) -> None:
-    """A database an otrace that kept no count last wrote (its ledger counted the losses, no
+    """A database an otrace that kept no count last wrote (schema 12: its ledger counted the losses, no
     otrace_state key did): the count begins from the ledger's rows, once, not from 0."""
     db = tmp_path / "older.db"
     otrace.open_database(str(db))
     with contextlib.closing(sqlite3.connect(db)) as conn, conn:    # as the older otrace left it
-        conn.execute("DELETE FROM otrace_state")
+        conn.execute("PRAGMA user_version = 12")
         conn.executemany("INSERT INTO retention_ledger (pass_id, at, table_name, reason, deleted, "
                          "unsynced_deleted) VALUES (?, 1, ?, 'pressure_unpushed', ?, ?)",
                          [("p1", "llm_traces", 40, 30), ("p2", "llm_traces", 12, 12),
