@@ -2358,6 +2358,23 @@ def test_database_from_every_older_schema_migrates_keeping_rows(tmp_path: Path,
         assert node.stop() == 0
 
 
+def test_a_runs_failed_attempts_are_counted_from_an_index_alone(tmp_path: Path) -> None:
+    """The count of a run's failed attempts by outcome, run for each failure the log ends a run with,
+    reads openclaw_attempts' (run_id, outcome) index and no row: a run repeated through a log was a
+    row read for each attempt before it, at each count."""
+    db = tmp_path / "o.db"
+    otrace.open_database(str(db))
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        for sql, params in ((otrace.COUNT_ON_ROW_SQL, ("run", "row")), (otrace.COUNT_ON_STORE_SQL, ("run",))):
+            plan = [row[3] for row in conn.execute(f"EXPLAIN QUERY PLAN {sql}", params)]
+            reads = [step for step in plan if "openclaw_attempts" in step]
+            assert len(reads) == 2 and all("COVERING INDEX openclaw_attempts_run_outcome" in step
+                                           for step in reads), plan
+        assert [name for (name,) in conn.execute("SELECT name FROM sqlite_schema WHERE type = 'index' AND "
+                                                 "tbl_name = 'openclaw_attempts' AND sql IS NOT NULL")] == [
+            "openclaw_attempts_run_outcome"]
+
+
 def test_database_wal_and_shm_are_private_even_under_umask_0(run: Callable[..., Otrace]) -> None:
     old = os.umask(0)                          # otrace must not rely on the umask it is given
     try:
@@ -7247,8 +7264,9 @@ def test_the_count_of_unpushed_rows_deleted_begins_from_the_ledger_on_an_older_d
     """A database an otrace that kept no count last wrote (schema 12: its ledger counted the losses, no
     otrace_state key did): the count begins from the ledger's rows, once, not from 0."""
     db = tmp_path / "older.db"
-    otrace.open_database(str(db))
     with contextlib.closing(sqlite3.connect(db)) as conn, conn:    # as the older otrace left it
+        for step in otrace.SCHEMA[:12]:
+            conn.executescript(step)
         conn.execute("PRAGMA user_version = 12")
         conn.executemany("INSERT INTO retention_ledger (pass_id, at, table_name, reason, deleted, "
                          "unsynced_deleted) VALUES (?, 1, ?, 'pressure_unpushed', ?, ?)",
@@ -14206,6 +14224,14 @@ def test_the_quick_secret_checks_agree_with_the_patterns() -> None:
     texts = [json.loads(line)["message"] for line in gateway_lines()] + [
         f"token {long_s}ecret=abc", f"ap{dotted_i}_key=k1", "Authorization: Bearer abc.def", "tokens=12",
         "see https://github.com/o/r", "key ghp_" + "a" * 36, "bot123456:" + "A" * 35, "AKIA", "", "x"]
+    # each word is looked for from one of its characters: the words whole at a text's ends, cut by one,
+    # and pieces of them joined (a word made across two, or one piece short of one)
+    texts += [f"{pad}{cut}{end}" for word in otrace._SECRET_WORDS for cut in (word, word[1:], word[:-1])
+              for pad in ("", "x ") for end in ("", " y")]
+    pieces = [word[i:j] for word in otrace._SECRET_WORDS for i in range(len(word))
+              for j in range(i + 1, len(word) + 1)]
+    rng = random.Random(40)
+    texts += ["".join(rng.choices(pieces, k=rng.randint(1, 4))) for _ in range(5000)]
     assert [otrace.holds_secret_words(text.lower()) for text in texts] == [
         any(word in text.lower() for word in otrace._SECRET_WORDS) for text in texts]
     assert sum(map(otrace.holds_secret_words, (text.lower() for text in texts))) > 10
