@@ -3840,7 +3840,7 @@ PROBE_RESERVE = 8
 REFUSED_LINGERING = 16           # connections refused 503 that read and drop what their client sends ...
 REFUSED_DISCARD = 64 << 10       # ... up to this, for up to REFUSED_WAIT, before they close (see refuse)
 REFUSED_WAIT = 2.0
-ACCEPT_PAUSE = 0.05              # seconds a listener rests after accept found no descriptor or memory
+ACCEPT_PAUSE = 0.05              # seconds a listener rests after accept failed (no descriptor, no memory)
 _DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 TOO_MANY = "too many connections; retry later"
@@ -4497,6 +4497,11 @@ class IngestServer:
             elif fd == self.wake_r:
                 self.on_wake()
         except Exception as exc:         # a request never takes the server down
+            if conn is None and fd in self.listeners:     # nor a bug in taking its clients spin on them
+                if self.accept_fault.error is None:       # its traceback once an episode
+                    log.exception("accepting connections failed")
+                self.rest(self.listeners[fd], describe(exc))
+                return
             log.exception("request failed", extra={"client": conn and conn.address})
             if conn and isinstance(exc, MemoryError):       # a client told to retry, if there is room
                 with contextlib.suppress(Exception):
@@ -4508,6 +4513,14 @@ class IngestServer:
             if conn:
                 self.hang_up(conn)
 
+    def rest(self, listener: socket.socket, error: str) -> None:
+        """A listener that cannot take its clients now rests ACCEPT_PAUSE: they wait in the backlog, and
+        neither spins the thread serving the others nor sleeps it."""
+        self.accept_fault.failed(error)
+        self.poller.unregister(listener.fileno())
+        self.paused.append(listener)
+        self.resume_at = time.monotonic() + ACCEPT_PAUSE
+
     def accept(self, listener: socket.socket) -> None:
         while True:
             try:
@@ -4517,10 +4530,7 @@ class IngestServer:
                 return
             except OSError as exc:
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    self.accept_fault.failed(describe(exc))   # the client waits in the backlog, and the
-                    self.poller.unregister(listener.fileno())  # listener rests: no spin on it, and no
-                    self.paused.append(listener)               # sleep of the thread serving the others
-                    self.resume_at = time.monotonic() + ACCEPT_PAUSE
+                    self.rest(listener, describe(exc))
                     return
                 continue                                      # that client gave up
             over = len(self.open) - len(self.reserve) - len(self.refused) >= self.limit
@@ -12801,8 +12811,8 @@ def health_problems(service: Service, main: int, wal: int) -> list[str]:
             problems.append(f"{loop.name} is stuck: {took:.0f} s in one step with no progress (a file, a "
                             "socket or a lock that never answers?); its work waits until it ends")
     if fault := service.server.accept_fault.error:
-        problems.append(f"accepting connections failing ({fault}): new clients wait unanswered until "
-                        "descriptors or memory are free (ulimit -n, TRACE_MAX_CONNECTIONS)")
+        problems.append(f"accepting connections failing ({fault}): new clients wait unanswered until it "
+                        "ends (for descriptors: ulimit -n, TRACE_MAX_CONNECTIONS)")
     if writer.reserve.released:
         since = f" since {iso(paused[0])}" if (paused := writer.paused) else ""
         problems.append(f"disk full{since}: reserve released, ingest paused until there is room again")

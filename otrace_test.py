@@ -2939,6 +2939,39 @@ def test_the_http_thread_ended_by_a_bug_stops_otrace_with_exit_1(run: Callable[.
     assert len(synced(node)) == len(ids)
 
 
+BUG_IN_ACCEPT = """
+import os, sys, otrace
+accept = otrace.IngestServer.accept
+def accept_with_a_bug(self, listener):            # before the client is taken: it stays in the backlog
+    if os.path.exists(os.environ["BUG_MARK"]):
+        raise RuntimeError("a bug in accept")
+    return accept(self, listener)
+otrace.IngestServer.accept = accept_with_a_bug
+sys.exit(otrace.main(["serve"]))
+"""
+
+
+def test_a_bug_in_taking_clients_rests_the_listener_and_is_logged_once(run: Callable[..., Otrace],
+                                                                       tmp_path: Path) -> None:
+    """A bug that fails every accept left the listener ready at each poll: the HTTP thread spun on it,
+    logging a traceback each time (millions a minute). The listener rests as on EMFILE: one traceback,
+    the fault said once, and the client waiting in the backlog is served once the fault ends."""
+    mark = tmp_path / "bug"
+    node = run({"BUG_MARK": str(mark)}, command=[sys.executable, "-c", BUG_IN_ACCEPT])
+    mark.touch()
+    waiting = http.client.HTTPConnection("127.0.0.1", node.port, timeout=60)
+    waiting.request("GET", "/health")                     # in the backlog while accept fails
+    node.wait_log(lambda e: e.get("message") == "accepting connections failing", timeout=60)
+    mark.unlink()
+    assert waiting.getresponse().status == 200
+    waiting.close()
+    recovered = node.wait_log(lambda e: e.get("message") == "accepting connections recovered", timeout=60)
+    assert recovered["failed_attempts"] >= 1
+    failed = node.logs("accepting connections failed")
+    assert len(failed) == 1 and "a bug in accept" in failed[0]["exc_info"]
+    assert not node.logs("request failed") and len(node.logs("accepting connections failing")) == 1
+
+
 def big_body_refused_unread(node: Otrace) -> None:
     body = b"x" * (10 << 20)
     with socket.create_connection(("127.0.0.1", node.port), timeout=30) as sock:
