@@ -7177,9 +7177,10 @@ EXEC_WINDOW = 60.0               # seconds a new process that did not match is w
 MAX_ZOMBIE_PARENTS = 20          # named in a zombie alert
 # A name that holds one of these words, looked for first and then taken whole: a crafted argument
 # costs a pass over it, not its square (and not bypass, passthrough, --session-dir, --max-tokens,
-# --tokenizer, --keyboard, --author but --authorization, pubkey).
+# --tokenizer, --keyboard, --author(ized), not --authorization, kube's --authorization-mode, pubkey).
 _SECRET_NAME = (r"(?=[\w.-]*?(?:token(?!s(?![a-z])|izer)|secret|(?<!by)(?<!com)(?<!sur)pass(?!thr|ive|ing"
-                r"|port|age|e[sd]|enger)|pwd|(?<!pub)key(?!board)|auth(?!or(?!iz)|enticat)|credential"
+                r"|port|age|e[sd]|enger)|pwd|(?<!pub)key(?!board)|auth(?!or(?!ization)|enticat|orization-(?:mode|webhook"
+                r"|policy|config))|credential"
                 r"|(?<!sa)creds?(?![a-z])|cookie|signature|session(?![\w.-])|pw(?![a-z])|jwt"
                 r"|session.?(?:id|key|token|secret)))[\w.-]*+")
 _SECRET_FLAG = re.compile(rf"-{{1,2}}{_SECRET_NAME}", re.IGNORECASE)     # its value is the next argument
@@ -7187,10 +7188,13 @@ _SECRET_ASSIGNED = re.compile(rf"(-{{0,2}}{_SECRET_NAME}\s*[=:]).+", re.IGNORECA
 _USER_FLAG = re.compile(r"-[uU]|--user|--proxy-user")         # curl's user:password (-U: curl's alone) ...
 _USER_JOINED = re.compile(r"(--(?:proxy-)?user=|-[uU](?=[^-]))([^:]*):.+", re.DOTALL)   # ... -ualice:pw
 CONTAINER_CLI = re.compile(r"docker|podman|nerdctl")           # ... not a container's uid:gid
-MYSQL_CLI = re.compile(r"(?:mysql|mariadb)[\w-]*")               # -pPASSWORD, the password joined
+MYSQL_CLI = re.compile(r"(?:mysql|mariadb)[\w-]*")               # -pPASSWORD, the password joined,
+_DASHED_SECRET = re.compile(r"-p(?:ass(?:wd|word)?|wd|w)", re.IGNORECASE)   # not -password VALUE
+CURL_CLI = re.compile(r"curl")
 _AUTH_ARGUMENT = re.compile(r"(.*?\b(?:proxy-)?authorization\s*:\s*)((?:\w+\s+)?)\S.*",   # any scheme:
                             re.IGNORECASE | re.DOTALL)                               # Bearer, token, ...
-_BEARER = (re.compile(r"\b((?:bearer|basic)\s+)[\w.~+/=|:-]+", re.IGNORECASE | re.ASCII), r"\1***")
+_BEARER = (re.compile(r"\b((?:bearer|basic)\s+)[\w.~+/=|:%-]+", re.IGNORECASE | re.ASCII),
+           r"\1***")                                        # its token, URL-encoded too
 _KEY_SHAPES = (re.compile(r"\b(?:sk|pk|rk)[-_][\w-]{16,}|\bgh[pousr]_\w{20,}|\bgithub_pat_\w{22,}"
                           r"|\bglpat-[\w-]{20,}|\bnpm_\w{36}|\bxox[abprs]-[\w-]{10,}"
                           r"|\bAIza[\w-]{30,}|\b(?:hf|gsk)_\w{30,}"
@@ -7348,18 +7352,20 @@ def redact_cmdline(args: tuple[bytes, ...]) -> str:
     and JWTs by their look."""
     words = [arg.decode("utf-8", "replace") for arg in args]
     program = words[0].rpartition("/")[2] if words else ""
-    container, curl = CONTAINER_CLI.fullmatch(program), program == "curl"
-    mysql = next((i for i, word in enumerate(words) if MYSQL_CLI.fullmatch(word.rpartition("/")[2])),
-                 len(words))
+    container = CONTAINER_CLI.fullmatch(program)
+    curl, mysql = (next((i for i, word in enumerate(words) if cli.fullmatch(word.rpartition("/")[2]) and
+                         not word.startswith("-") and (i == 0 or words[i - 1] == "--" or not
+                                                       words[i - 1].startswith("-"))), len(words))
+                   for cli in (CURL_CLI, MYSQL_CLI))   # run by sudo or docker exec too, not a flag's value
     for i, word in enumerate(words):
-        if i > mysql and word.startswith("-p") and len(word) > 2:      # before flags: -pMyKey is no flag
-            words[i] = "-p***"
+        if i > mysql and word.startswith("-p") and len(word) > 2 and not _DASHED_SECRET.fullmatch(word):
+            words[i] = "-p***"                      # before flags: -pMyKey is no flag
         elif i + 1 < len(words) and _SECRET_FLAG.fullmatch(word):
             words[i + 1] = "***"
-        elif (i + 1 < len(words) and _USER_FLAG.fullmatch(word) and (curl or word != "-U")
+        elif (i + 1 < len(words) and _USER_FLAG.fullmatch(word) and (i > curl or word != "-U")
               and ":" in words[i + 1] and not (container and re.fullmatch(r"\d+:\d+", words[i + 1]))):
             words[i + 1] = words[i + 1].split(":", 1)[0] + ":***"
-        elif (joined := _USER_JOINED.fullmatch(word)) and (curl or not word.startswith("-U")) and not (
+        elif (joined := _USER_JOINED.fullmatch(word)) and (i > curl or not word.startswith("-U")) and not (
                 container and re.fullmatch(r"-u\d+:\d+", word)):
             words[i] = f"{joined[1]}{joined[2]}:***"
         elif header := _AUTH_ARGUMENT.fullmatch(word):          # its scheme kept, whatever it is
@@ -7373,6 +7379,7 @@ def redact_cmdline(args: tuple[bytes, ...]) -> str:
 
 
 REDACT_MARGIN = 256              # bytes past a text's cut masked with it: no secret is cut in half
+REDACT_DECODES = 3               # levels of URL-encoding a text is decoded through to be masked
 
 
 def masked_text(text: str, limit: int) -> str:
@@ -7381,19 +7388,20 @@ def masked_text(text: str, limit: int) -> str:
     return cut_utf8(redact_text(cut_utf8(text, limit + REDACT_MARGIN)[0]), limit)[0]
 
 
-def redact_text(text: str) -> str:
+def redact_text(text: str, decodes: int = REDACT_DECODES) -> str:
     """Text another program wrote (an error it logged, with the request it quotes), with what looks
     like a secret replaced by ***: values of secret-named keys, bearer tokens, URL passwords and
     users, and API keys and JWTs by their look. A pattern runs only if its words are in the text. A
-    text that holds a secret URL-encoded (a form body, a redirect URI) is given decoded, masked."""
+    text that holds a secret URL-encoded (a form body, a redirect URI; `decodes` levels deep at most)
+    is given decoded, masked."""
     lower = text.lower()
     if holds_secret_words(lower):
         for words, pattern, replacement in _TEXT_SECRETS:
             if holds_any(lower, words) and (pattern is not _SECRET_VALUE or _SECRET_VALUE_KEY.search(lower)):
                 text = pattern.sub(replacement, text)
     # masked before it is decoded: an escape in a value (password=a%26b) is of the value, not its end
-    if "%3" in lower and (decoded := urllib.parse.unquote(text)) != text and (
-            masked := redact_text(decoded)) != decoded:
+    if decodes and "%3" in lower and (decoded := urllib.parse.unquote(text)) != text and (
+            masked := redact_text(decoded, decodes - 1)) != decoded:
         return masked
     return text
 

@@ -14365,8 +14365,12 @@ def test_a_url_encoded_secret_is_masked_whole_and_a_count_named_like_secrets_is_
             ("login failed: password=my%20secret%3Dphrase token=xyz%2Cqq",
              "login failed: password=*** token=***"),
             ("redirect_uri=https%3A%2F%2Fapp%2Fcb%3Ftoken%3Dabc%2520def", "redirect_uri=https://app/cb?token=***"),
+            ("headers={'Authorization': 'Bearer ya29.A0%2BaM8kq%3D%3D'}",
+             "headers={'Authorization': 'Bearer ***'}"),
             ("progress 100%3 files", "progress 100%3 files")):
         assert otrace.redact_text(text) == expected, text
+    deep = "token " + " ".join("%" + "25" * depth + "3D" for depth in range(1000))   # decoded 3 levels down:
+    assert otrace.redact_text(deep).startswith("token = *** %253D %25253D")          # no RecursionError
     assert otrace.redact_json({"num_secrets": 3, "rotated_api_keys": 2, "secrets": ["s1"], "password": 1234,
                                "api_keys": "k1"}) == \
         {"num_secrets": 3, "rotated_api_keys": 2, "secrets": "***", "password": "***", "api_keys": "***"}
@@ -14438,6 +14442,12 @@ def test_no_secret_in_a_captured_command_line_survives() -> None:
             (["docker", "run", "-u1000:1000", "img"], "docker run -u1000:1000 img"),
             (["pip", "install", "-U", "git+https://github.com/o/r.git"],      # -U is curl's user alone
              "pip install -U git+https://github.com/o/r.git"),
+            (["sudo", "curl", "-U", "alice:pw"], "sudo curl -U alice:***"),   # curl's, run by another
+            (["migrate", "-driver", "mysql", "-pwd", "p1", "up"], "migrate -driver mysql -pwd *** up"),
+            (["docker", "run", "--name", "mysql", "-p3306:3306", "mysql:8"],   # mysql a flag's value
+             "docker run --name mysql -p3306:3306 mysql:8"),
+            (["kubelet", "--authorization-mode=Webhook", "--authorization-webhook-cache-authorized-ttl=5m"],
+             "kubelet --authorization-mode=Webhook --authorization-webhook-cache-authorized-ttl=5m"),
             (["gcc", "-Umacro:x", "a.c"], "gcc -Umacro:x a.c")):
         assert otrace.redact_cmdline(tuple(a.encode() for a in args)) == expected
     rows = sample_procs(top=100)
