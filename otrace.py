@@ -2858,6 +2858,8 @@ class Merges:
 
     def after(self, read_at: int, keys: Iterable[tuple[str, str]]) -> set[tuple[str, str]]:
         with self._lock:
+            if not self._at:                     # no merge since the cycle's read began: `keys` unread
+                return set()
             return {key for key in keys if self._at.get(key, 0) > read_at}
 
 
@@ -10164,6 +10166,9 @@ def push_signal(table: str) -> str:
 Origin = tuple[str | None, str | None] | None
 
 
+_FIRST = operator.itemgetter(0)
+
+
 @dataclasses.dataclass
 class Batch:
     """Events sent in one request, encoded back to back in one buffer (", " apart in JSON), with
@@ -10184,14 +10189,16 @@ class Batch:
     @property
     def events(self) -> int:
         """Its rows (the records of a loss report are none)."""
-        return sum(table != LOSS for table, *_ in self.spans)
+        return len(self.spans) - list(map(_FIRST, self.spans)).count(LOSS)
 
     def add(self, table: str, row_id: int, trace_id: str, encoded: bytes, origin: Origin = None) -> None:
+        data = self.data                       # grown in place
         if self.spans:
-            self.data += self.separator
-        self.spans.append((table, row_id, trace_id, len(self.data), len(self.data) + len(encoded)))
+            data += self.separator
+        start = len(data)
+        data += encoded
+        self.spans.append((table, row_id, trace_id, start, len(data)))
         self.origins.append(origin)
-        self.data += encoded
 
     def event(self, index: int) -> bytes:
         *_, start, end = self.spans[index]
@@ -10216,9 +10223,13 @@ class Batch:
     def ids(self, leaving: Container[tuple[str, str]] = ()) -> dict[str, list[int]]:
         """The batch's rows by table (the records of a loss report are none), but those `leaving`."""
         by_table: dict[str, list[int]] = {}
+        last, ids = None, []
         for table, row_id, trace_id, _, _ in self.spans:
-            if table != LOSS and (table, trace_id) not in leaving:
-                by_table.setdefault(table, []).append(row_id)
+            if table == LOSS or (leaving and (table, trace_id) in leaving):
+                continue
+            if table != last:                  # a batch's rows come table by table: looked up per run
+                last, ids = table, by_table.setdefault(table, [])
+            ids.append(row_id)
         return by_table
 
 
@@ -10267,24 +10278,27 @@ class Packer:
         return self.groups[signal, origin]
 
     def batches(self) -> Iterator[Batch]:
-        batch, seen, grouped = Batch(separator=self.form.separator), set(), 0
+        separator, skip, deadline, stopping = self.form.separator, self.skip, self.deadline, self.stopping
+        item, signal_of, origin_of = self.form.item, self.form.signal, self.form.origin   # once, not a row
+        batch, seen, grouped = Batch(separator=separator), set(), 0
         for table, row in self.rows():
-            if time.monotonic() >= self.deadline or (self.stopping and self.stopping.is_set()):
+            if time.monotonic() >= deadline or (stopping and stopping.is_set()):
                 raise OutOfTime                          # a batch can take seconds to pack: left unsent
-            if (table, row["trace_id"]) in self.skip:
+            if skip and (table, row["trace_id"]) in skip:
                 continue
             try:
-                encoded, signal = self.form.item(table, row), self.form.signal(table)
-                origin = self.form.origin(table, row)
+                encoded, signal = item(table, row), signal_of(table)
+                origin = origin_of(table, row)
             except (ValueError, TypeError, OverflowError) as exc:   # a value the format cannot hold
                 self.unencodable.append((table, row["id"], row["trace_id"], describe(exc)))
                 continue
+            more = 0 if origin is None or origin in seen else self.grouping(signal, origin, seen)
             if batch.spans and (signal != batch.signal or self.envelope(signal) + grouped + len(batch.data)
-                                + len(self.form.separator) + len(encoded)
-                                + self.grouping(signal, origin, seen) > self.max_bytes):
+                                + len(separator) + len(encoded) + more > self.max_bytes):
                 yield batch
-                batch, seen, grouped = Batch(separator=self.form.separator), set(), 0
-            grouped += self.grouping(signal, origin, seen)
+                batch, seen, grouped = Batch(separator=separator), set(), 0
+                more = self.grouping(signal, origin, seen)
+            grouped += more
             seen.add(origin)
             batch.signal = signal
             batch.add(table, row["id"], row["trace_id"], encoded, origin)
@@ -10292,10 +10306,21 @@ class Packer:
             yield batch
 
     @staticmethod
-    def parsed(names: list[str], row: tuple) -> dict[str, Any]:
-        """A row, its JSON columns parsed, without otrace's bookkeeping columns."""
-        return {name: json_or_text(value) if name in JSON_COLUMNS and value else value
-                for name, value in zip(names, row, strict=True) if name not in INTERNAL_COLUMNS}
+    def parsing(names: list[str]) -> Callable[[tuple], dict[str, Any]]:
+        """Rows of these columns as dicts, their JSON columns parsed, without otrace's bookkeeping
+        columns: which columns go and which are parsed worked out once, for a page of rows."""
+        internal = [name for name in names if name in INTERNAL_COLUMNS]
+        json_columns = [name for name in names if name in JSON_COLUMNS]
+
+        def parsed(row: tuple) -> dict[str, Any]:
+            fields = dict(zip(names, row, strict=True))
+            for name in internal:
+                del fields[name]
+            for name in json_columns:
+                if value := fields[name]:
+                    fields[name] = json_or_text(value)
+            return fields
+        return parsed
 
     def rows(self) -> Iterator[tuple[str, dict[str, Any]]]:
         """Each unsynced row, its JSON columns parsed, without otrace's bookkeeping columns."""
@@ -10309,19 +10334,19 @@ class Packer:
                     marks = ", ".join("?" * len(some))
                     cursor = self.conn.execute(f"SELECT * FROM {table} WHERE synced = {UNSYNCED} AND "
                                                f"trace_id IN ({marks}) ORDER BY id", some)
-                    names = [d[0] for d in cursor.description]
+                    parsed = self.parsing([d[0] for d in cursor.description])
                     for row in cursor.fetchall():
-                        yield table, self.parsed(names, row)
+                        yield table, parsed(row)
                 continue
             after = 0
             while True:
                 page = (f"SELECT * FROM {table} WHERE synced = {UNSYNCED} AND id > ? ORDER BY id "
                         f"LIMIT {self.PAGE}")
                 cursor = self.conn.execute(page, (after,))
-                names = [d[0] for d in cursor.description]
+                parsed = self.parsing([d[0] for d in cursor.description])
                 rows = cursor.fetchall()
                 for row in rows:
-                    yield table, self.parsed(names, row)
+                    yield table, parsed(row)
                 if len(rows) < self.PAGE or self.form.signal(table) in self.dropped:
                     break
                 after = rows[-1][0]
@@ -11651,7 +11676,7 @@ def record_pushed(batch: Batch, attempt: Attempt, merges: Merges, read_at: int,
         changed = {(table, trace_id) for table, _, trace_id, _, _ in batch.spans if table != LOSS}
         marked, losses = {}, []
     else:
-        changed = merges.after(read_at, [(table, trace_id) for table, _, trace_id, _, _ in batch.spans])
+        changed = merges.after(read_at, ((table, trace_id) for table, _, trace_id, _, _ in batch.spans))
         marked, losses = batch.ids(leaving=changed), batch.losses
     with transaction(conn):
         for table, trace_id in sorted(changed):
@@ -11693,11 +11718,15 @@ def id_runs(ids: list[int]) -> list[tuple[int, int]]:
     """Ascending ids as runs of consecutive integers (first, last): one UPDATE per run, not per row,
     and exact, since every id inside a run is one of `ids`."""
     runs: list[tuple[int, int]] = []
-    for row_id in ids:
-        if runs and row_id == runs[-1][1] + 1:
-            runs[-1] = (runs[-1][0], row_id)
-        else:
-            runs.append((row_id, row_id))
+    if not ids:
+        return runs
+    low = high = ids[0]
+    for row_id in itertools.islice(ids, 1, None):
+        if row_id != high + 1:
+            runs.append((low, high))
+            low = row_id
+        high = row_id
+    runs.append((low, high))
     return runs
 
 

@@ -4,7 +4,8 @@
 
 A database is seeded with unpushed traces (about 700 bytes of JSON each). The baseline is a bare
 client that pages the same rows out of SQLite and POSTs them as the same 5 MiB JSON batches with
-urllib3, marking nothing. Then otrace starts on a copy of the database and pushes the backlog
+urllib3, written the plain way (a dict a row, json.dumps an event) with none of otrace's code, and
+marks nothing. Then otrace starts on a copy of the database and pushes the backlog
 itself (reading pages, packing, marking each confirmed batch synced). The receiver, in a process of
 its own, reads each body and answers 200. The two take turns, --rounds times, each otrace on a fresh
 copy, and every file is written back to disk before either is timed: neither pays for the other's
@@ -26,6 +27,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -62,16 +64,40 @@ def seed(path: Path, n: int) -> None:
 
 
 def bare_push(path: Path, url: str, max_bytes: int) -> float:
-    """Page the rows out and post them as byte-capped batches: transport only. Returns events/s."""
+    """Page the rows out and post them as byte-capped batches of the same JSON, written the plain way
+    (a dict a row, json.dumps an event), with none of otrace's code: transport and packing. Returns
+    events/s."""
     pool = urllib3.PoolManager(maxsize=1, retries=False)
-    started, sent = time.perf_counter(), 0
-    with sqlite3.connect(path) as conn:
-        form = otrace.OtraceFormat(otrace.Config(push_endpoint=url), "bench")
-        for batch in otrace.Packer(conn, max_bytes, ["llm_traces"], form).batches():
-            body = b"".join(form.body(batch))
-            resp = pool.request("POST", url, body=body, headers={"Content-Type": "application/json"})
-            assert resp.status == 200
-            sent += len(batch)
+    started, sent, after = time.perf_counter(), 0, 0
+    events: list[bytes] = []
+    size = 0
+
+    def post() -> None:
+        head = json.dumps({"schema": "otrace.push.v1", "batch_id": str(uuid.uuid4()), "agent_id": "bench",
+                           "sent_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        body = head[:-1].encode() + b', "events": [' + b", ".join(events) + b"]}"
+        resp = pool.request("POST", url, body=body, headers={"Content-Type": "application/json"})
+        assert resp.status == 200
+
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        names = [d[0] for d in conn.execute("SELECT * FROM llm_traces LIMIT 0").description]
+        while rows := conn.execute("SELECT * FROM llm_traces WHERE synced = 0 AND id > ? ORDER BY id "
+                                   "LIMIT 1000", (after,)).fetchall():
+            for values in rows:
+                row = {name: json.loads(value) if name in ("metadata", "detail") and value else value
+                       for name, value in zip(names, values, strict=True)
+                       if name not in ("synced", "pushed_at")}
+                event = json.dumps({"type": "llm_trace", "event_id": f"llm_trace:{row['trace_id']}",
+                                    "trace_id": row["trace_id"], "data": row}, ensure_ascii=False).encode()
+                if events and size + len(event) + 2 > max_bytes - 256:
+                    post()
+                    sent, events, size = sent + len(events), [], 0
+                events.append(event)
+                size += len(event) + 2
+            after = rows[-1][0]
+        if events:
+            post()
+            sent += len(events)
     return sent / (time.perf_counter() - started)
 
 
