@@ -9380,9 +9380,10 @@ class AgentDatabase:
         self.archives = False                    # the database has session_transcript_archives
         self.making = False                      # a file without its tables yet: looked at again soon
 
-    def open(self) -> bool:
+    def open(self, tries: int = 3) -> bool:
         """Connect (again, when the file at the path is another one); False while there is no file,
-        or no transcript table in it yet (a Condition once it has stayed so, see unmade)."""
+        or no transcript table in it yet (a Condition once it has stayed so, see unmade), or while the
+        files at the path were replaced under each of `tries` connections (the next look tries again)."""
         stamp = self.stamped()
         if stamp[0] is None:
             self.gone = self.gone or self.conn is not None
@@ -9410,6 +9411,19 @@ class AgentDatabase:
                                       "create or write its -shm beside it; run otrace as the gateway's "
                                       "user") from None
             raise
+        # the files as the connection holds them: the database opened at connect, its -wal and -shm at
+        # the first read (which made them if they were not there). One moved in or removed at the path
+        # between the stat above and now (a state directory moved in) leaves unknown which ones it holds:
+        # stamped as its own, the files at the path would keep it on a file gone from there, seeing no
+        # commit again (or on one file's pages and another's -wal). Opened again on them, at once.
+        after = self.stamped()
+        if after[0] is None or after[0][:2] != identity or any(
+                was is not None and was != now for was, now in zip(stamp[1:], after[1:], strict=True)):
+            conn.close()
+            if after[0] is None:                  # removed meanwhile: as if not there at the stat
+                self.gone = self.gone or self.known is not None
+                return False
+            return tries > 1 and self.open(tries - 1)
         if "transcript_events" not in tables:
             conn.close()
             self.unmade(stamp[0][3])
@@ -9429,7 +9443,7 @@ class AgentDatabase:
             if table in tables))
         self.replaced = self.replaced or self.known not in (None, identity)   # a backup restored
         self.conn, self.identity, self.known, self.listed = conn, identity, identity, None
-        self.stamp, self.checked = self.stamped(), False       # after the first read, which makes a -shm
+        self.stamp, self.checked = after, False
         return True
 
     def unmade(self, size: int) -> None:

@@ -11306,7 +11306,8 @@ def test_a_store_moved_in_anew_keeps_calls_past_where_otrace_read_whatever_their
         rows = wait_traces(node, 9, timeout=60)
     assert {f"oc:main:{session}:{call['id']}" for call in (late, after)} <= {r["trace_id"] for r in rows}
     assert len(session_traces(node)) == 9
-    assert node.logs("agent database put back or cut: sessions read again")
+    # said before the rows were offered, but read off otrace's stdout by another thread here: waited for
+    node.wait_log(lambda e: e.get("message") == "agent database put back or cut: sessions read again")
 
 
 @needs_stores
@@ -11362,11 +11363,14 @@ def test_calls_written_after_a_backup_of_the_store_is_restored_are_read(tmp_path
         append_entry(gateway, session, call)
     if restore.endswith("while-stopped"):
         node = run(node.env)
-    rows = wait_traces(node, 11, timeout=30)
+    rows = wait_traces(node, 11, timeout=60)
     assert {f"oc:main:{session}:{call['id']}" for call in calls} <= {r["trace_id"] for r in rows}
     assert len(session_traces(node)) == 11
-    said = node.logs("agent database put back or cut: sessions read again")
-    assert said if restore != "sidecars-removed" else not said
+    said = "agent database put back or cut: sessions read again"
+    if restore != "sidecars-removed":              # read off otrace's stdout by another thread: waited for
+        node.wait_log(lambda e: e.get("message") == said)
+    else:
+        assert not node.logs(said)
     gateway.close()
 
 
@@ -11739,6 +11743,49 @@ def test_a_store_without_rowids_lists_every_session_at_each_look(tmp_path: Path)
         store.caught_up()
     assert sum(otrace.SESSIONS_SQL[:30] in s for s in ran) == 2 and not any("rowid" in s for s in ran)
     store.close()
+
+
+@needs_stores
+@pytest.mark.parametrize("moment", ["before the connect", "after the first read"])
+def test_a_store_moved_in_while_otrace_opens_it_is_the_one_it_reads(tmp_path: Path, moment: str) -> None:
+    """A copy of the agent database renamed over it while otrace opens the path, before its connect or
+    between its first read and its stamp of the files: otrace reads the file at the path, and says it
+    was put back. (Stamped after the first read as its own, the new file kept the connection on the
+    old one, gone from the path, for good: no commit comes to a deleted file.)"""
+    db = agent_db(state_copy(tmp_path))
+    copy = tmp_path / "copy.sqlite"
+    with contextlib.closing(sqlite3.connect(db)) as source, contextlib.closing(sqlite3.connect(copy)) as into:
+        source.backup(into)
+    with contextlib.closing(gateway_connection(copy)) as writing:           # one entry the old file lacks
+        append_entry(writing, store_entries(db)[0][0], {"type": "custom", "id": "only-in-the-copy"})
+    store = otrace.AgentDatabase(db)
+    assert store.open()
+    store.close()
+    store.stamp = None
+    stamped, calls = store.stamped, []
+
+    def move() -> None:
+        for suffix in ("-wal", "-shm"):
+            Path(f"{db}{suffix}").unlink(missing_ok=True)
+        copy.rename(db)
+
+    def stamped_as_the_copy_moves_in() -> tuple[Any, ...]:
+        calls.append(1)                          # the first stamp is before the connect, the second after
+        if len(calls) == 2 and moment == "after the first read":
+            move()
+        seen = stamped()
+        if len(calls) == 1 and moment == "before the connect":
+            move()
+        return seen
+
+    store.stamped = stamped_as_the_copy_moves_in              # type: ignore[method-assign]
+    try:
+        assert store.open() and store.replaced
+        count = "SELECT count(*) FROM transcript_events WHERE event_json LIKE '%only-in-the-copy%'"
+        assert store.conn.execute(count).fetchone() == (1,)
+        assert store.identity == (db.stat().st_dev, db.stat().st_ino)
+    finally:
+        store.close()
 
 
 @contextlib.contextmanager
