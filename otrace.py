@@ -7193,10 +7193,11 @@ CONTAINER_CLI = re.compile(r"docker|podman|nerdctl")           # ... not a conta
 MYSQL_CLI = re.compile(r"(?:mysql|mariadb)[\w-]*")               # -pPASSWORD, the password joined,
 _DASHED_SECRET = re.compile(r"-p(?:ass(?:wd|word)?|wd|w)", re.IGNORECASE)   # not -password VALUE
 CURL_CLI = re.compile(r"curl")
+_NAMED_FLAG = re.compile(r"--[\w-]+|-[a-zA-Z][\w-]{3,}")   # --name mysql, -driver mysql: a value, no program
 _AUTH_ARGUMENT = re.compile(r"(.*?\b(?:proxy-)?authorization\s*:\s*)((?:\w+\s+)?)\S.*",   # any scheme:
                             re.IGNORECASE | re.DOTALL)                               # Bearer, token, ...
-_BEARER = (re.compile(r"\b((?:bearer|basic)\s+)[\w.~+/=|:%-]+", re.IGNORECASE | re.ASCII),
-           r"\1***")                                        # its token, URL-encoded too
+_BEARER = (re.compile(r"\b((?:bearer|basic)\s+)(?:[\w.~+/=|:-]|%(?:2[bBfF]|3[dD]))+",   # its token, its
+                      re.IGNORECASE | re.ASCII), r"\1***")                    # + / = URL-encoded too
 _KEY_SHAPES = (re.compile(r"\b(?:sk|pk|rk)[-_][\w-]{16,}|\bgh[pousr]_\w{20,}|\bgithub_pat_\w{22,}"
                           r"|\bglpat-[\w-]{20,}|\bnpm_\w{36}|\bxox[abprs]-[\w-]{10,}"
                           r"|\bAIza[\w-]{30,}|\b(?:hf|gsk)_\w{30,}"
@@ -7356,9 +7357,8 @@ def redact_cmdline(args: tuple[bytes, ...]) -> str:
     program = words[0].rpartition("/")[2] if words else ""
     container = CONTAINER_CLI.fullmatch(program)
     curl, mysql = (next((i for i, word in enumerate(words) if cli.fullmatch(word.rpartition("/")[2]) and
-                         not word.startswith("-") and (i == 0 or words[i - 1] == "--" or not
-                                                       words[i - 1].startswith("-"))), len(words))
-                   for cli in (CURL_CLI, MYSQL_CLI))   # run by sudo or docker exec too, not a flag's value
+                         not word.startswith("-") and not (i and _NAMED_FLAG.fullmatch(words[i - 1]))),
+                        len(words)) for cli in (CURL_CLI, MYSQL_CLI))  # run by sudo -E, docker exec too
     for i, word in enumerate(words):
         if i > mysql and word.startswith("-p") and len(word) > 2 and not _DASHED_SECRET.fullmatch(word):
             words[i] = "-p***"                      # before flags: -pMyKey is no flag
@@ -7402,7 +7402,7 @@ def redact_text(text: str, decodes: int = REDACT_DECODES) -> str:
             if holds_any(lower, words) and (pattern is not _SECRET_VALUE or _SECRET_VALUE_KEY.search(lower)):
                 text = pattern.sub(replacement, text)
     # masked before it is decoded: an escape in a value (password=a%26b) is of the value, not its end
-    if decodes and "%3" in lower and (decoded := urllib.parse.unquote(text)) != text and (
+    if decodes and ("%3" in lower or "%25" in lower) and (decoded := urllib.parse.unquote(text)) != text and (
             masked := redact_text(decoded, decodes - 1)) != decoded:
         return masked
     return text

@@ -14414,6 +14414,9 @@ def test_a_url_encoded_secret_is_masked_whole_and_a_count_named_like_secrets_is_
             ("redirect_uri=https%3A%2F%2Fapp%2Fcb%3Ftoken%3Dabc%2520def", "redirect_uri=https://app/cb?token=***"),
             ("headers={'Authorization': 'Bearer ya29.A0%2BaM8kq%3D%3D'}",
              "headers={'Authorization': 'Bearer ***'}"),
+            ("Authorization: Basic abc%0Anext-header: kept", "Authorization: Basic ***%0Anext-header: kept"),
+            ("fmt basic %s here", "fmt basic %s here"),
+            ("q=password%253Dhunter2", "q=password=***"),                     # encoded twice
             ("progress 100%3 files", "progress 100%3 files")):
         assert otrace.redact_text(text) == expected, text
     deep = "token " + " ".join("%" + "25" * depth + "3D" for depth in range(1000))   # decoded 3 levels down:
@@ -14490,6 +14493,8 @@ def test_no_secret_in_a_captured_command_line_survives() -> None:
             (["pip", "install", "-U", "git+https://github.com/o/r.git"],      # -U is curl's user alone
              "pip install -U git+https://github.com/o/r.git"),
             (["sudo", "curl", "-U", "alice:pw"], "sudo curl -U alice:***"),   # curl's, run by another
+            (["sudo", "-E", "mysql", "-uroot", "-pS3cret", "app"], "sudo -E mysql -uroot -p*** app"),
+            (["stdbuf", "-oL", "mysql", "-pS3cret"], "stdbuf -oL mysql -p***"),
             (["migrate", "-driver", "mysql", "-pwd", "p1", "up"], "migrate -driver mysql -pwd *** up"),
             (["docker", "run", "--name", "mysql", "-p3306:3306", "mysql:8"],   # mysql a flag's value
              "docker run --name mysql -p3306:3306 mysql:8"),
