@@ -7179,10 +7179,10 @@ EXEC_WINDOW = 60.0               # seconds a new process that did not match is w
 MAX_ZOMBIE_PARENTS = 20          # named in a zombie alert
 # A name that holds one of these words, looked for first and then taken whole: a crafted argument
 # costs a pass over it, not its square (and not bypass, passthrough, --session-dir, --max-tokens,
-# --tokenizer, --keyboard, --author(ized), not --authorization, kube's --authorization-mode, pubkey).
+# --tokenizer, --keyboard, --author, authorized, kube's --authorization-mode, pubkey; --authorization is).
 _SECRET_NAME = (r"(?=[\w.-]*?(?:token(?!s(?![a-z])|izer)|secret|(?<!by)(?<!com)(?<!sur)pass(?!thr|ive|ing"
-                r"|port|age|e[sd]|enger)|pwd|(?<!pub)key(?!board)|auth(?!or(?!ization)|enticat|orization-(?:mode|webhook"
-                r"|policy|config))|credential"
+                r"|port|age|e[sd]|enger)|pwd|(?<!pub)key(?!board)"
+                r"|auth(?!or(?!ization)|enticat|orization-(?:mode|webhook|policy|config))|credential"
                 r"|(?<!sa)creds?(?![a-z])|cookie|signature|session(?![\w.-])|pw(?![a-z])|jwt"
                 r"|session.?(?:id|key|token|secret)))[\w.-]*+")
 _SECRET_FLAG = re.compile(rf"-{{1,2}}{_SECRET_NAME}", re.IGNORECASE)     # its value is the next argument
