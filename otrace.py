@@ -6957,15 +6957,19 @@ class HostReader:
         host, then in its cgroup: the host's count read on both sides of the cgroup's, until it holds
         still, holds every kill the cgroup's does (one read apart, a kill between them was split in two
         events, the first said to be elsewhere on the host)."""
-        host = read_keyed(under(self.procfs, "vmstat"), ("oom_kill",)).get("oom_kill")
+        def kills(path: Path) -> int | None:
+            return read_keyed(path, ("oom_kill",)).get("oom_kill")
+
+        vmstat = under(self.procfs, "vmstat")
+        host = kills(vmstat)
         memory = self.cgroup and self.cgroup.dirs.get("memory")
         if not memory:
             return host, None
         version, path = memory
         events = under(path, "memory.events" if version == "v2" else "memory.oom_control")
         for _ in range(OOM_READS):
-            cgroup = read_keyed(events, ("oom_kill",)).get("oom_kill")
-            again = read_keyed(under(self.procfs, "vmstat"), ("oom_kill",)).get("oom_kill")
+            cgroup = kills(events)
+            again = kills(vmstat)
             if again == host:
                 break
             host = again

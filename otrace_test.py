@@ -2907,16 +2907,20 @@ def test_no_descriptor_left_for_a_connection_is_logged_once_and_passes(svc: Otra
     kept.close()
 
 
-BUG_IN_THE_HTTP_LOOP = """
+def with_a_bug(method: str, message: str) -> list[str]:
+    """A command serving otrace whose `method` ("Class.name") raises `message` while the file named
+    by BUG_MARK exists."""
+    owner, name = method.split(".")
+    return [sys.executable, "-c", f"""
 import os, sys, otrace
-flush = otrace.RefusalLog.flush
-def flush_with_a_bug(self, *args, **kwargs):      # the HTTP thread's own upkeep, outside any request
+real = otrace.{owner}.{name}
+def with_a_bug(self, *args, **kwargs):
     if os.path.exists(os.environ["BUG_MARK"]):
-        raise RuntimeError("a bug in the http loop")
-    return flush(self, *args, **kwargs)
-otrace.RefusalLog.flush = flush_with_a_bug
+        raise RuntimeError({message!r})
+    return real(self, *args, **kwargs)
+otrace.{owner}.{name} = with_a_bug
 sys.exit(otrace.main(["serve"]))
-"""
+"""]
 
 
 def test_the_http_thread_ended_by_a_bug_stops_otrace_with_exit_1(run: Callable[..., Otrace],
@@ -2924,7 +2928,8 @@ def test_the_http_thread_ended_by_a_bug_stops_otrace_with_exit_1(run: Callable[.
     """A bug in the HTTP thread's own loop leaves nothing served: otrace says so, writes what it
     accepted, and exits 1, for its supervisor to start it again, rather than stay up deaf."""
     mark = tmp_path / "bug"
-    node = run({"BUG_MARK": str(mark)}, command=[sys.executable, "-c", BUG_IN_THE_HTTP_LOOP])
+    node = run({"BUG_MARK": str(mark)},            # the HTTP thread's own upkeep, outside any request
+               command=with_a_bug("RefusalLog.flush", "a bug in the http loop"))
     ids = post_some(node, 3)
     mark.touch()
     kept = http.client.HTTPConnection("127.0.0.1", node.port, timeout=30)
@@ -2939,25 +2944,14 @@ def test_the_http_thread_ended_by_a_bug_stops_otrace_with_exit_1(run: Callable[.
     assert len(synced(node)) == len(ids)
 
 
-BUG_IN_ACCEPT = """
-import os, sys, otrace
-accept = otrace.IngestServer.accept
-def accept_with_a_bug(self, listener):            # before the client is taken: it stays in the backlog
-    if os.path.exists(os.environ["BUG_MARK"]):
-        raise RuntimeError("a bug in accept")
-    return accept(self, listener)
-otrace.IngestServer.accept = accept_with_a_bug
-sys.exit(otrace.main(["serve"]))
-"""
-
-
 def test_a_bug_in_taking_clients_rests_the_listener_and_is_logged_once(run: Callable[..., Otrace],
                                                                        tmp_path: Path) -> None:
     """A bug that fails every accept left the listener ready at each poll: the HTTP thread spun on it,
     logging a traceback each time (millions a minute). The listener rests as on EMFILE: one traceback,
     the fault said once, and the client waiting in the backlog is served once the fault ends."""
     mark = tmp_path / "bug"
-    node = run({"BUG_MARK": str(mark)}, command=[sys.executable, "-c", BUG_IN_ACCEPT])
+    node = run({"BUG_MARK": str(mark)},            # before a client is taken: it stays in the backlog
+               command=with_a_bug("IngestServer.accept", "a bug in accept"))
     mark.touch()
     waiting = http.client.HTTPConnection("127.0.0.1", node.port, timeout=60)
     waiting.request("GET", "/health")                     # in the backlog while accept fails

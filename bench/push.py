@@ -89,7 +89,7 @@ def bare_push(path: Path, url: str, max_bytes: int) -> float:
                        if name not in ("synced", "pushed_at")}
                 event = json.dumps({"type": "llm_trace", "event_id": f"llm_trace:{row['trace_id']}",
                                     "trace_id": row["trace_id"], "data": row}, ensure_ascii=False).encode()
-                if events and size + len(event) + 2 > max_bytes - 256:
+                if events and size + len(event) + 2 > max_bytes - 256:     # 256: the envelope's room
                     post()
                     sent, events, size = sent + len(events), [], 0
                 events.append(event)
