@@ -96,7 +96,7 @@ except ImportError as missing:  # pragma: no cover - depends on the environment
     sys.exit(f"otrace: missing package {missing.name!r}: pip install -r requirements.txt, or run otrace.pyz")
 
 # Imported where first needed, not here (see docs/design.md, "Dependencies"): urllib3 and gzip (push),
-# hmac (the ingest token), ctypes (push's buffers), difflib (a misspelled setting), argparse (arguments).
+# hmac (the ingest token), difflib (a misspelled setting), argparse (arguments).
 
 __version__ = "0.2.0"
 __all__ = [
@@ -551,6 +551,12 @@ class Config:
                                 "gateway log or session store: each look that finds nothing new doubles "
                                 "the wait, from TRACE_LOG_POLL (TRACE_OPENCLAW_POLL) up to this; something "
                                 "new brings it back.")
+    notified_poll: float = setting("1m", duration("1s", "1d", off=True), "The longest wait between "
+                                   "looks at a quiet gateway log or session store where the kernel tells "
+                                   "otrace of changes to its files (inotify): a change is read when it "
+                                   "happens, and this look catches one not told (a file written from "
+                                   "another machine), after which that reader looks every "
+                                   "TRACE_QUIET_POLL at most; off: look every TRACE_QUIET_POLL at most.")
     openclaw_poll: float = setting("2s", duration("10ms", "1h"), "Time between looks for new entries in "
                                    "OpenClaw's session stores.")
     checkpoint_interval: float = setting("10m", duration("10ms", "1d"), "Time between WAL checkpoints "
@@ -745,6 +751,11 @@ CORRUPTION = ("SQLITE_CORRUPT", "SQLITE_NOTADB")   # a fault of the file: waitin
 _ids = random.Random()           # seeded from os.urandom once
 _UUID7_RANDOM = 0xFFF << 64 | (1 << 62) - 1        # rand_a (12 bits) and rand_b (62 bits)
 STAMP_MARGIN_NS = 3_000_000_000  # stamps are trusted only when older than their look by this (see Stamps)
+IN_MODIFY, IN_ATTRIB, IN_MOVED_FROM, IN_MOVED_TO, IN_CREATE, IN_DELETE = 0x2, 0x4, 0x40, 0x80, 0x100, 0x200
+IN_DELETE_SELF, IN_MOVE_SELF, IN_ONLYDIR = 0x400, 0x800, 0x1000000    # inotify(7)'s masks (see Changes)
+FILE_CHANGES = IN_MODIFY | IN_ATTRIB | IN_DELETE_SELF | IN_MOVE_SELF
+DIRECTORY_CHANGES = (IN_ATTRIB | IN_CREATE | IN_DELETE | IN_MOVED_FROM | IN_MOVED_TO | IN_DELETE_SELF |
+                     IN_MOVE_SELF | IN_ONLYDIR)      # its entries come and go; their writes are not asked
 STUCK_TICK = 600.0               # a loop's tick with no rest and no progress this long is stuck (see Loop)
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 MILLISECOND = timedelta(milliseconds=1)   # made once: timedelta's keywords cost more than the division
@@ -1011,13 +1022,17 @@ class Loop(threading.Thread):
     def stop(self) -> None:
         """Ask the loop to end; a tick under way finishes (nothing waits for it)."""
         self.stopping.set()
-        self.bell.set()
+        self.wake()
+
+    def pause(self, delay: float) -> None:
+        """Wait `delay` seconds between ticks, or until woken."""
+        self.bell.wait(delay)
+        self.bell.clear()
 
     def run(self) -> None:
         delay = self.first_delay
         while True:
-            self.bell.wait(delay)
-            self.bell.clear()
+            self.pause(delay)
             if self.stopping.is_set():
                 return
             self.ticks += 1
@@ -1083,6 +1098,10 @@ class Stamps:
         """The look after `unchanged` found nothing: what it saw holds until a stamp changes."""
         self.kept, self.taken = self.taken, None
 
+    def still(self) -> bool:
+        """Whether the files kept are still as stamped."""
+        return self.kept is not None and [stamp(file) for file in self.kept[0]] == self.kept[1]
+
 
 def stamp(file: str | int) -> Stamp | None:
     """A file's stamp; None when it is not there (or cannot be looked at)."""
@@ -1091,6 +1110,97 @@ def stamp(file: str | int) -> Stamp | None:
     except OSError:
         return None
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+class Changes:
+    """The kernel's word (Linux inotify) that a file changed, or an entry of its directory: `watch` the
+    files a quiet reader stamped, and `wait` returns when one changes, when rung, or at its timeout."""
+
+    def __init__(self, libc: Any, get_errno: Callable[[], int]) -> None:
+        self.libc, self.get_errno = libc, get_errno
+        self.fd = -1
+        self.watching: tuple[str | int, ...] | None = None
+        self.bell = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.closing = threading.Lock()
+
+    @classmethod
+    def made(cls) -> Changes | None:
+        """Changes, or None where libc has no inotify (not Linux, not glibc or musl)."""
+        import ctypes  # noqa: PLC0415 - loaded at start already (see return_big_buffers)
+        lib = libc()
+        return cls(lib, ctypes.get_errno) if lib is not None and hasattr(lib, "inotify_init1") else None
+
+    def watch(self, files: tuple[str | int, ...]) -> bool:
+        """Be told of changes to `files` (a directory's entries, a file's writes: named, or an open
+        file's descriptor) and to the entries of a named file's directory; False where the kernel
+        would not watch them all (no room for more watches, a directory gone)."""
+        if files == self.watching:
+            return True
+        self.unwatch()       # a new instance drops every old watch at once
+        self.fd = self.libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        if self.fd >= 0 and all(self.add(file) for file in files):
+            self.watching = files
+            return True
+        self.unwatch()
+        return False
+
+    def add(self, file: str | int) -> bool:
+        if not isinstance(file, str):
+            return bool(self.watch_path(f"/proc/self/fd/{file}"))
+        mask = self.watch_path(file)
+        if not mask and self.get_errno() != errno.ENOENT:
+            return False
+        # a file named may be renamed over, or come later: its directory tells
+        return mask == DIRECTORY_CHANGES or bool(self.watch_path(os.path.dirname(file) or "."))  # noqa: PTH120
+
+    def watch_path(self, path: str) -> int:
+        """Watch a directory's entries, or a file's writes: the mask it took; 0 if neither."""
+        raw = os.fsencode(path)
+        if self.libc.inotify_add_watch(self.fd, raw, DIRECTORY_CHANGES) >= 0:
+            return DIRECTORY_CHANGES
+        if self.get_errno() == errno.ENOTDIR and self.libc.inotify_add_watch(self.fd, raw, FILE_CHANGES) >= 0:
+            return FILE_CHANGES
+        return 0
+
+    def wait(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for a change told, or a ring; whether one came."""
+        ready, _, _ = select.select([self.fd, self.bell], [], [], timeout)
+        self.drain()
+        self.drain(self.bell)
+        return bool(ready)
+
+    def drain(self, fd: int | None = None) -> None:
+        """Forget what was told (or, with the bell, rung) so far."""
+        fd = self.fd if fd is None else fd
+        with contextlib.suppress(BlockingIOError):
+            while fd >= 0 and os.read(fd, 65536):
+                pass
+
+    def ring(self) -> None:
+        with self.closing:               # from another thread: never a closed (or reused) descriptor
+            if self.bell >= 0:
+                os.eventfd_write(self.bell, 1)
+
+    def unwatch(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+        self.fd, self.watching = -1, None
+
+    def close(self) -> None:
+        self.unwatch()
+        with self.closing:
+            os.close(self.bell)
+            self.bell = -1
+
+
+@functools.cache
+def libc() -> Any:
+    """The C library through ctypes, or None where it cannot be loaded."""
+    import ctypes  # noqa: PLC0415 - imported where needed (see the imports)
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
 
 
 def int64(n: int) -> int:
@@ -1107,10 +1217,13 @@ class QuietReader(Loop):
     """A loop that reads what another process writes: each tick a look (`look`), or only a few stat
     calls while the files it reads (`watched`) are as they were at a look that found nothing."""
 
-    def __init__(self, name: str, interval: float, quiet: float, events: EventQueue) -> None:
+    def __init__(self, name: str, interval: float, quiet: float, notified_poll: float,
+                 events: EventQueue) -> None:
         super().__init__(name, interval, first_delay=0.0, quiet=quiet)
         self.events = events
         self.stamps = Stamps()
+        self.notified_poll = notified_poll   # the longest wait for the kernel's word of a change (0: none)
+        self.changes: Changes | None = None
         # the tallies of the unit being read, counted once the queue takes it: a refused one is read again
         self.staged: collections.Counter[str] = collections.Counter()
 
@@ -1126,6 +1239,41 @@ class QuietReader(Loop):
             return
         if not self.news and self.watched() == watched:
             self.stamps.keep()
+
+    def pause(self, delay: float) -> None:
+        """While the files a look would read stay as stamped, wait for the kernel to tell of a change
+        (up to TRACE_NOTIFIED_POLL) rather than look again every `delay`: an idle file costs nothing."""
+        kept = self.stamps.kept
+        if kept is not None and self.notified_poll and self.changes is None:
+            self.changes = Changes.made()
+            self.notified_poll = self.notified_poll if self.changes else 0.0
+        if kept is None or self.changes is None or not self.notified_poll:
+            super().pause(delay)
+            return
+        self.changes.drain()             # told of before the look just made, or of what it saw
+        if not self.changes.watch(kept[0]):
+            super().pause(delay)         # not all of them can be watched: looked at every `delay`
+            return
+        if not self.bell.is_set() and self.stamps.still():
+            told = self.changes.wait(self.notified_poll)
+            if not told and not self.stopping.is_set() and not self.stamps.still():
+                self.log.info("the kernel did not tell of a change to these files (a network filesystem?): "
+                              "looking at them every TRACE_QUIET_POLL from now on",
+                              extra={"files": [file for file in kept[0] if isinstance(file, str)]})
+                self.notified_poll = 0.0
+        self.bell.clear()                # woken, told, or changed since the look: the next tick is now
+
+    def run(self) -> None:
+        try:
+            super().run()
+        finally:
+            if self.changes is not None:
+                self.changes.close()
+
+    def wake(self) -> None:
+        super().wake()
+        if self.changes is not None:
+            self.changes.ring()
 
     def send(self, rows: list[Row], extra: list[tuple[str, tuple]]) -> None:
         """Offer rows, and the statements that commit with them, to the writer as one unit; Behind if
@@ -8642,7 +8790,7 @@ class LogTailer(QuietReader):
     calls and their failures, and its profile's log is the one to follow in a directory of several."""
 
     def __init__(self, config: Config, events: EventQueue, db: Database, store: Path | None = None) -> None:
-        super().__init__("logtail", config.log_poll, config.quiet_poll, events)
+        super().__init__("logtail", config.log_poll, config.quiet_poll, config.notified_poll, events)
         self.config, self.store_followed = config, store is not None
         # the store's profile (~/.openclaw-<profile>; "" the default's, ~/.openclaw), if it says one
         named = store is not None and (store.name == ".openclaw" or store.name.startswith(".openclaw-"))
@@ -9015,7 +9163,7 @@ class LogTailer(QuietReader):
         followed = self.current
         size = followed.size() if followed else None
         return {"path": self.config.log_path, "file": followed and followed.path, "waiting": self.waiting,
-                "polls": self.ticks,
+                "polls": self.ticks, "notified": bool(self.notified_poll),
                 "offset": followed and followed.offset,
                 "lag_bytes": followed and max(0, size - followed.offset),   # a truncation: read again soon
                 **self.totals.snapshot(), "last_error": self.fault.error}
@@ -9580,7 +9728,7 @@ class SessionStore(QuietReader):
     read meanwhile."""
 
     def __init__(self, config: Config, events: EventQueue, db: Database, root: Path) -> None:
-        super().__init__("sessions", config.openclaw_poll, config.quiet_poll, events)
+        super().__init__("sessions", config.openclaw_poll, config.quiet_poll, config.notified_poll, events)
         self.config, self.root = config, root
         self.cursors: dict[tuple[str, str], Cursor] = {
             (agent, stream): Cursor(mark, position, newest) for agent, stream, mark, position, newest in
@@ -10057,8 +10205,9 @@ class SessionStore(QuietReader):
     def health(self) -> dict[str, Any]:
         sessions = sum(not stream.startswith("#") for _, stream in self.cursors)    # not the archives'
         return {"state_dir": str(self.root), "waiting": self.waiting, "polls": self.ticks,
-                "agents": sorted(self.agents_seen), "sessions": sessions, **self.totals.snapshot(),
-                "agent_errors": self.errors, "last_error": self.fault.error}
+                "notified": bool(self.notified_poll), "agents": sorted(self.agents_seen),
+                "sessions": sessions, **self.totals.snapshot(), "agent_errors": self.errors,
+                "last_error": self.fault.error}
 
 
 def session_stream(stream: str) -> bool:
@@ -11766,12 +11915,12 @@ def record_refused(refused: list[tuple[str, int, str, Attempt]], conn: sqlite3.C
 
 
 def return_big_buffers() -> None:
-    """Have glibc map buffers over 128 KiB on their own, so a push's multi-megabyte batches go back to
-    the system when freed (left alone, glibc keeps them in its heap; see docs/performance.md)."""
+    """Have glibc map buffers over 128 KiB on their own, so big ones (a push's batch, an OTLP body) go
+    back to the system when freed (left alone, glibc keeps them in its heap; see docs/performance.md)."""
     m_mmap_threshold = -3
-    import ctypes  # noqa: PLC0415 - imported where needed (see the imports)
-    with contextlib.suppress(OSError, AttributeError):          # not glibc: nothing to tune
-        ctypes.CDLL(None).mallopt(m_mmap_threshold, 128 * 1024)
+    with contextlib.suppress(AttributeError):          # not glibc: nothing to tune
+        if (lib := libc()) is not None:
+            lib.mallopt(m_mmap_threshold, 128 * 1024)
 
 
 # ============================================================================================== upkeep
@@ -14068,6 +14217,7 @@ class Service:
             tracemalloc.start(TRACEMALLOC_FRAMES)
         self.config = config
         self.started = time.monotonic()
+        return_big_buffers()
         self.counters = Counters((*EVENT_COUNTERS, "connections_refused", "bodies_refused", "unauthorized",
                                   "custom_received"))
         self.refusals = RefusalLog()
@@ -14120,7 +14270,6 @@ class Service:
             if config.log_path else None
         self.pusher: Pusher | None = None
         if config.push_endpoint:
-            return_big_buffers()
             self.pusher = Pusher(config, self.events, self.db)
         else:
             log.warning("push is off: events stay in the local database (set TRACE_PUSH_ENDPOINT)")

@@ -22,6 +22,7 @@ import ipaddress
 import itertools
 import json
 import logging
+import mmap
 import os
 import py_compile
 import random
@@ -4065,7 +4066,7 @@ def test_files_rotated_or_begun_while_otrace_was_down_are_read(tmp_path: Path,
 def test_waiting_for_a_missing_log_is_one_line_when_it_starts_and_one_when_it_ends(
         tmp_path: Path, run: Callable[..., Otrace]) -> None:
     log = tmp_path / "openclaw-2026-11-24.log"
-    node = run({"TRACE_LOG_PATH": str(log), "TRACE_LOG_POLL": "10ms",
+    node = run({**POLLED, "TRACE_LOG_PATH": str(log), "TRACE_LOG_POLL": "10ms",
                 "TRACE_OPENCLAW_STATE_DIR": str(tmp_path / "state")})
     node.wait_log(lambda e: e.get("message") == "waiting for the gateway log")
     wait_until(lambda: node.health()["log_tail"]["polls"] > 50, what="50 polls")
@@ -4137,7 +4138,7 @@ def test_a_log_path_that_is_not_a_file_is_a_fault_said_once(tmp_path: Path, run:
     path = tmp_path / "fifo" if strange == "fifo" else Path(strange)
     if strange == "fifo":
         os.mkfifo(path)
-    node = run({"TRACE_LOG_PATH": str(path), "TRACE_LOG_POLL": "10ms"})
+    node = run({**POLLED, "TRACE_LOG_PATH": str(path), "TRACE_LOG_POLL": "10ms"})
     fault = wait_until(lambda: node.health()["log_tail"]["last_error"], what="the fault in /health")
     assert "not a regular file" in fault
     wait_until(lambda: node.health()["log_tail"]["polls"] > 50, what="50 polls")
@@ -4412,7 +4413,8 @@ def test_a_last_line_that_never_ends_is_not_read_again_and_again(tmp_path: Path,
     it are read."""
     log = tmp_path / "openclaw-2026-11-24.log"
     log.write_bytes(gateway_lines()[0])
-    node = run({"TRACE_LOG_PATH": str(log), "TRACE_LOG_POLL": "10ms", "TRACE_LOG_START": "beginning"})
+    node = run({**POLLED, "TRACE_LOG_PATH": str(log), "TRACE_LOG_POLL": "10ms",
+                "TRACE_LOG_START": "beginning"})
     wait_until(lambda: node.health()["log_tail"]["lines"] == 1, what="the first line")
     append(log, b"x" * (8 << 20))
     whole = (8 << 20) + len(gateway_lines()[0])
@@ -4630,6 +4632,128 @@ def test_a_quiet_log_takes_a_few_stat_calls_until_a_file_it_reads_changes(tmp_pa
     assert until_quiet()[-1] and read() == 4 and tailer.health()["file"] == str(tomorrow)
     append(tomorrow, lines[5])
     assert not until_quiet()[0] and read() == 5 and tailer.health()["file"] == str(tomorrow)
+
+
+def in_select(task: Path) -> bool:
+    """Whether a thread (/proc/<pid>/task/<tid>) sleeps in select or poll: a quiet reader waiting for
+    the kernel's word, where a wait on its timer is a futex's."""
+    with contextlib.suppress(OSError):
+        return (task / "wchan").read_text().startswith(("poll_schedule_timeout", "do_select", "do_sys_poll"))
+    return False
+
+
+def changed_during_the_wait(reader: otrace.QuietReader, change: Callable[[], Any]) -> None:
+    """`change` made while a quiet reader waits for the kernel's word (a day, by its poll): the wait
+    ends (told of it, or at the reader's own timeout)."""
+    ended = threading.Event()
+    waiting = threading.Thread(target=lambda: (reader.pause(86400.0), ended.set()), daemon=True)
+    waiting.start()
+    try:
+        wait_until(lambda: in_select(Path(f"/proc/self/task/{waiting.native_id}")),
+                   what="the reader waiting on the kernel's word (a select, not its timer)")
+        change()
+        assert ended.wait(60), "the change was not told"
+    finally:
+        if not ended.is_set():
+            reader.wake()                # a wait the test failed to end ends here
+        waiting.join(60)
+
+
+@needs_gateway_log
+def test_a_quiet_log_waits_for_the_kernels_word_that_a_file_it_reads_changed(tmp_path: Path) -> None:
+    """Once a look finds nothing, the tailer waits for inotify's word rather than its next poll: a line,
+    the next day's file and a rename rotation each end the wait, and are what the next look reads; a
+    wake (a stop) ends it too."""
+    logs = tmp_path / "openclaw"
+    logs.mkdir()
+    lines = gateway_lines()
+    today = logs / "openclaw-2026-11-24.log"
+    today.write_bytes(lines[0])
+    config = otrace.Config(db_path=str(tmp_path / "o.db"), log_path=str(logs), log_start="beginning",
+                           notified_poll=86400.0)
+    otrace.open_database(config.db_path)
+    tailer = otrace.LogTailer(config, otrace.EventQueue(512, 50), otrace.Database(config.db_path))
+    tailer.stamps = otrace.Stamps(margin_ns=0)           # files written just now are trusted here
+
+    def read_when_quiet() -> int:
+        while not quick_look(tailer):
+            pass
+        return tailer.totals.snapshot()["lines"]
+
+    assert read_when_quiet() == 1
+    changed_during_the_wait(tailer, lambda: append(today, lines[1]))
+    assert read_when_quiet() == 2
+    tomorrow = logs / "openclaw-2026-11-25.log"
+    changed_during_the_wait(tailer, lambda: tomorrow.write_bytes(lines[2]))
+    assert read_when_quiet() == 3 and tailer.health()["file"] == str(tomorrow)
+    changed_during_the_wait(tailer, lambda: (tomorrow.rename(logs / "openclaw-2026-11-25.1.log"),
+                                             tomorrow.write_bytes(lines[3])))
+    assert read_when_quiet() == 4 and tailer.health()["file"] == str(tomorrow)
+    changed_during_the_wait(tailer, tailer.wake)
+    assert read_when_quiet() == 4 and tailer.notified_poll == 86400.0
+
+
+@needs_gateway_log
+def test_a_running_otrace_reads_a_quiet_log_on_the_kernels_word(tmp_path: Path,
+                                                                run: Callable[..., Otrace]) -> None:
+    """As otrace runs by default: once the log is quiet its tailer waits for the kernel's word, not a
+    timer (/health says `notified`), and a line appended then is read."""
+    log = tmp_path / "openclaw.log"
+    log.write_bytes(gateway_lines()[0])
+    os.utime(log, (time.time() - 60,) * 2)          # older than the stamps' margin: trusted at once
+    node = run({"TRACE_LOG_PATH": str(log), "TRACE_LOG_POLL": "50ms", "TRACE_QUIET_POLL": "10m"})
+    wait_until(lambda: any(in_select(task) for task in Path(f"/proc/{node.proc.pid}/task").iterdir()),
+               what="the tailer waiting on the kernel's word")
+    assert node.health()["log_tail"]["lines"] == 0 and node.health()["log_tail"]["notified"]
+    append(log, gateway_lines()[1])
+    wait_until(lambda: node.health()["log_tail"]["lines"] == 1, what="the line appended read")
+
+
+@needs_gateway_log
+def test_a_change_the_kernel_does_not_tell_of_has_the_tailer_poll(tmp_path: Path,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """A write through a shared mapping changes the file's times but makes no inotify event (so does a
+    write from another machine over NFS): the wait for the kernel's word ends at its timeout, sees the
+    file changed, says so once, and from then on the tailer polls."""
+    log = tmp_path / "openclaw-2026-11-24.log"
+    log.write_bytes(gateway_lines()[0])
+    config = otrace.Config(db_path=str(tmp_path / "o.db"), log_path=str(log), log_start="beginning")
+    otrace.open_database(config.db_path)
+    tailer = otrace.LogTailer(config, otrace.EventQueue(512, 50), otrace.Database(config.db_path))
+    tailer.stamps = otrace.Stamps(margin_ns=0)
+    while not quick_look(tailer):
+        pass
+    tailer.notified_poll = 0.05          # the wait's timeout, shortened below the setting's least (1 s)
+    tailer.pause(0.0)
+    assert tailer.notified_poll == 0.05  # nothing changed: its word is still waited for
+    tailer.notified_poll = 2.0
+
+    def write_through_a_mapping() -> None:
+        with open(log, "r+b") as f, mmap.mmap(f.fileno(), 0) as mapped:
+            mapped[0:1] = b" "
+            mapped.flush()
+
+    with caplog.at_level(logging.INFO, logger="otrace"):
+        changed_during_the_wait(tailer, write_through_a_mapping)
+    assert tailer.notified_poll == 0.0
+    assert [r.getMessage() for r in caplog.records if "did not tell" in r.getMessage()] == [
+        "the kernel did not tell of a change to these files (a network filesystem?): looking at them every "
+        "TRACE_QUIET_POLL from now on"]
+
+
+def test_changes_are_told_for_a_file_a_directory_gains_and_not_for_a_directory_not_there(tmp_path: Path
+                                                                                        ) -> None:
+    changes = otrace.Changes.made()
+    assert changes is not None
+    try:
+        assert not changes.watch((str(tmp_path / "gone" / "x.log"),))        # its directory is not there
+        assert changes.watch((str(tmp_path / "x.log"),)) and not changes.wait(0.01)
+        (tmp_path / "x.log").write_bytes(b"a line\n")                          # not there when watched
+        assert changes.wait(60) and not changes.wait(0.01)
+        changes.ring()
+        assert changes.wait(60) and not changes.wait(0.01)
+    finally:
+        changes.close()
 
 
 @needs_gateway_log
@@ -10422,6 +10546,7 @@ STATE_7 = OPENCLAW / "state-2026.7.35"
 DEBUG_LOG = OPENCLAW / "gateway-2026.9.6-debug.log"
 needs_stores = pytest.mark.skipif(not STATE_9.exists(), reason="needs ../shared beside the repo")
 STORE_ENV = {"TRACE_OPENCLAW_POLL": "50ms"}
+POLLED = {"TRACE_NOTIFIED_POLL": "off"}   # looks counted by the test: every poll, not on the kernel's word
 NAVIGATION = json.dumps({"version": 1, "report": {"kind": "canonical"}, "navigation": {}, "reset": {},
                          "model": {}, "modelBytes": 0, "modelWithoutCheckpointBytes": 0,
                          "withoutCustomDataBytes": 0})    # what the CHECK on a compressed row demands
@@ -10688,7 +10813,7 @@ def test_the_captured_2026_9_6_store_gives_openclaws_own_figures(tmp_path: Path,
     """OpenClaw's own figures for agent main: 6 calls, 8,768 tokens, 0.021065 USD, 2 failed; read once,
     also by the same otrace started again."""
     state = state_copy(tmp_path)
-    env = {**STORE_ENV, "TRACE_OPENCLAW_STATE_DIR": str(state)}
+    env = {**STORE_ENV, **POLLED, "TRACE_OPENCLAW_STATE_DIR": str(state)}
     node = run(env)
     rows = wait_traces(node, 6)
     node.wait_persisted(8)
@@ -10719,7 +10844,7 @@ def test_the_captured_2026_9_6_store_gives_openclaws_own_figures(tmp_path: Path,
 def test_the_captured_2026_7_35_session_files_give_three_rows(tmp_path: Path,
                                                                run: Callable[..., Otrace]) -> None:
     state = state_copy(tmp_path, STATE_7)
-    node = run({**STORE_ENV, "TRACE_OPENCLAW_STATE_DIR": str(state)})
+    node = run({**STORE_ENV, **POLLED, "TRACE_OPENCLAW_STATE_DIR": str(state)})
     rows = wait_traces(node, 3)
     assert sorted((r["prompt_tokens"], r["completion_tokens"], r["total_tokens"], r["cost_usd"])
                   for r in rows) == [(1234, 56, 1290, 0.004542), (1500, 77, 1577, 0.005655),
@@ -10942,7 +11067,7 @@ def test_the_mark_of_an_archive_read_is_forgotten_once_the_archive_is_gone(
     OpenClaw deletes the archive (its pruning), its mark goes too, said once. The mark of an archive
     still there stays, also when deleting the newest has the archives listed from the first again:
     that one is not read again, and its call retention deleted does not come back, nor at a restart."""
-    node, db, template = store_followed(tmp_path, run)
+    node, db, template = store_followed(tmp_path, run, **POLLED)
     env = node.env
     gateway = gateway_connection(db)
     calls = {}
@@ -10986,7 +11111,7 @@ def test_the_position_of_a_session_ended_is_forgotten_and_nothing_is_read_twice(
     those retention deleted, also by otrace started again, and none is missed: the call archived before
     a look read it is stored, and so are those of a session that comes back under the same id. A
     session emptied by a rewrite (its generation left) keeps its position."""
-    node, db, template = store_followed(tmp_path, run)
+    node, db, template = store_followed(tmp_path, run, **POLLED)
     env = node.env
     gateway = gateway_connection(db)
     captured = gateway.execute("SELECT session_id FROM session_windows WHERE session_key = 'agent:main:s2'"
@@ -11053,7 +11178,7 @@ def test_a_session_ended_keeps_its_position_until_its_archive_is_read(
     one, otrace without the zstandard package) the position stays, across a restart; read at last,
     it gives only the call not read before (not the one retention deleted), and the position goes."""
     stub = without_zstandard(tmp_path)
-    node, db, template = store_followed(tmp_path, run, PYTHONPATH=str(stub))
+    node, db, template = store_followed(tmp_path, run, **POLLED, PYTHONPATH=str(stub))
     env = {key: value for key, value in node.env.items() if key != "PYTHONPATH"}     # with the package
     gateway = gateway_connection(db)
     read, unread = a_call(template, 1000, 0.001), a_call(template, 2000, 0.002)
@@ -11108,7 +11233,7 @@ def test_a_zstd_archive_cut_short_is_counted_undecodable_and_said_once(
     """A zstd archive whose frame stops before its end (zstandard's stream reader ends it without an
     error): its calls before the cut are stored, the archive counts once in `undecodable` and is said
     once, the archive after it is read, and neither is read again at the next start."""
-    node, db, template = store_followed(tmp_path, run)
+    node, db, template = store_followed(tmp_path, run, **POLLED)
     env = node.env
     assert node.stop() == 0
     gateway = gateway_connection(db)
@@ -11320,7 +11445,7 @@ def test_calls_written_after_a_backup_of_the_store_is_restored_are_read(tmp_path
     does not see), with or without its -wal and -shm removed, or only those removed (otrace's connection
     held the removed ones); and when it is moved in or copied over while otrace is stopped, and the
     calls are written before it starts again."""
-    node, db, template = store_followed(tmp_path, run)
+    node, db, template = store_followed(tmp_path, run, **POLLED)
     session = store_entries(db)[0][0]
     backup = tmp_path / "backup.sqlite"
     with contextlib.closing(sqlite3.connect(db)) as source, \
@@ -11379,7 +11504,7 @@ def test_an_agent_database_overwritten_in_place_degrades_health_until_it_is_good
     """Garbage written over the file's first pages (its inode, size and modification time kept, its
     -wal and -shm untouched): otrace's cached pages must not hide it; /health is degraded while no one
     can read the file, and the calls written once a good copy is back are read."""
-    node, db, template = store_followed(tmp_path, run)
+    node, db, template = store_followed(tmp_path, run, **POLLED)
     gateway = gateway_connection(db)
     gateway.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     gateway.close()
@@ -11412,7 +11537,7 @@ def test_a_session_file_line_written_in_two_pieces_waits_for_its_end(tmp_path: P
     transcript = next(p for p in sessions.glob("*.jsonl") if not p.name.endswith(".trajectory.jsonl"))
     template = next(json.loads(line) for line in transcript.read_text().splitlines()
                     if '"assistant"' in line)
-    node = run({**STORE_ENV, "TRACE_OPENCLAW_STATE_DIR": str(state)})
+    node = run({**STORE_ENV, **POLLED, "TRACE_OPENCLAW_STATE_DIR": str(state)})
     wait_traces(node, 3)
     line = json.dumps(a_call(template, 700, 0.002)).encode() + b"\n"
     append(transcript, line[:100])
@@ -11465,7 +11590,7 @@ def test_an_agent_that_appears_later_is_followed_and_waited_for_quietly(tmp_path
     """The state directory, then an agent directory, then its database before its first turn: each is
     waited for without a fault; the second agent's calls are its own rows."""
     state = tmp_path / "state"
-    node = run({**STORE_ENV, "TRACE_OPENCLAW_STATE_DIR": str(state)})
+    node = run({**STORE_ENV, **POLLED, "TRACE_OPENCLAW_STATE_DIR": str(state)})
     waiting = node.wait_log(lambda e: e.get("message", "").startswith("waiting for OpenClaw's state"))
     assert waiting["level"] == "WARNING" and "usage spans are not stored" in waiting["message"]
     state_copy(tmp_path, name="first").rename(state)             # appears whole
@@ -11542,7 +11667,7 @@ def test_a_store_deleted_then_replaced_by_a_fresh_one_is_read_without_repeats(
         call = a_call(template, 900, 0.0027)
         append_entry(conn, "after-reset", call)
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    node = run({**STORE_ENV, "TRACE_OPENCLAW_STATE_DIR": str(state)})
+    node = run({**STORE_ENV, **POLLED, "TRACE_OPENCLAW_STATE_DIR": str(state)})
     wait_traces(node, 6)
     for suffix in ("", "-wal", "-shm"):                  # deleted: waited for, said once
         Path(str(db) + suffix).unlink(missing_ok=True)
@@ -11613,6 +11738,31 @@ def test_a_quiet_store_takes_a_few_stat_calls_until_a_file_it_reads_changes(tmp_
     assert [quick_look(store), quick_look(store), quick_look(store)] == [False, False, True]
     assert calls() == 14 and store.health()["agents"] == ["main", "ops"]
     gateway.close()
+
+
+@needs_stores
+def test_a_quiet_store_waits_for_the_kernels_word_that_a_file_it_reads_changed(tmp_path: Path) -> None:
+    """Once a look finds nothing, the store's reader waits for inotify's word rather than its next poll:
+    a call committed into the WAL of a connection held open like the gateway's, and a new agent, each
+    end the wait and are what the next look reads."""
+    state = state_copy(tmp_path)
+    db = agent_db(state)
+    template = assistant_template(db)
+    store = store_in_process(tmp_path, state)
+    store.stamps = otrace.Stamps(margin_ns=0)            # files written just now are trusted here
+    store.notified_poll = 86400.0
+
+    def calls_when_quiet() -> int:
+        while not quick_look(store):
+            pass
+        return store.totals.snapshot()["calls"]
+
+    with contextlib.closing(gateway_connection(db)) as gateway:       # held open, as the gateway's
+        assert calls_when_quiet() == 6
+        changed_during_the_wait(store, lambda: append_entry(gateway, "s1", a_call(template, 1000, 0.003)))
+        assert calls_when_quiet() == 7
+    changed_during_the_wait(store, lambda: shutil.copytree(db.parent, state / "agents" / "ops" / "agent"))
+    assert calls_when_quiet() == 14 and store.health()["agents"] == ["main", "ops"]
 
 
 @needs_stores
@@ -11845,7 +11995,7 @@ def test_a_locked_store_is_a_fault_said_once_and_reading_resumes(tmp_path: Path,
     holder.execute("PRAGMA locking_mode = EXCLUSIVE")     # held until it closes: readers get SQLITE_BUSY
     holder.execute("BEGIN EXCLUSIVE")
     holder.execute("COMMIT")
-    node = run({**STORE_ENV, "TRACE_OPENCLAW_STATE_DIR": str(state)})
+    node = run({**STORE_ENV, **POLLED, "TRACE_OPENCLAW_STATE_DIR": str(state)})
     fault = wait_until(lambda: node.health()["openclaw_sessions"]["last_error"], what="the fault in /health")
     assert "SQLITE_BUSY" in fault and "agent main" in fault
     polls = node.health()["openclaw_sessions"]["polls"]
@@ -12133,8 +12283,8 @@ def test_a_default_state_dir_not_there_yet_is_waited_for_so_no_call_counts_twice
     the store as well: every call twice.) Without the gateway's log, auto needs the directory there."""
     home = tmp_path / "home"
     home.mkdir()
-    env = {**STORE_ENV, "TRACE_OPENCLAW_STATE_DIR": "auto", "HOME": str(home), "OPENCLAW_STATE_DIR": "",
-           "TRACE_LOG_PATH": str(tmp_path / "openclaw")}
+    env = {**STORE_ENV, **POLLED, "TRACE_OPENCLAW_STATE_DIR": "auto", "HOME": str(home),
+           "OPENCLAW_STATE_DIR": "", "TRACE_LOG_PATH": str(tmp_path / "openclaw")}
     assert run({**env, "TRACE_LOG_PATH": ""}, db=tmp_path / "alone.db").health()["openclaw_sessions"] is None
     node = run(env)
     wait_until(lambda: node.health()["openclaw_sessions"]["waiting"] is True, what="the store waited for")
