@@ -985,6 +985,7 @@ class Loop(threading.Thread):
         self.quiet = quiet               # a reader's longest wait while its looks find nothing (0: none)
         self.idle_wait = interval        # the current wait of a quiet reader
         self.news = False                # the last tick found something to read
+        self.stirred = False             # the last wait ended on word of a change: waits start anew
         self.first_delay = interval if first_delay is None else first_delay
         self.stopping = threading.Event()
         self.bell = threading.Event()
@@ -1053,11 +1054,13 @@ class Loop(threading.Thread):
 
     def next_delay(self) -> float:
         """The interval; 2 ms while catching up behind a full queue; for a reader with a quiet wait,
-        twice the last wait (up to it) after a look that found nothing: an idle look costs a wake-up."""
+        twice the last wait (up to it) after a look that found nothing, unless word of a change ended
+        that wait (what was told may be seen a moment later): an idle look costs a wake-up."""
         if self.behind:
             return min(self.interval, 0.002)
-        self.idle_wait = (self.interval if self.news
+        self.idle_wait = (self.interval if self.news or self.stirred
                           else min(2 * self.idle_wait, max(self.interval, self.quiet)))
+        self.stirred = False
         return self.idle_wait
 
     def tick(self) -> None:
@@ -1119,7 +1122,7 @@ class Changes:
     def __init__(self, libc: Any, get_errno: Callable[[], int]) -> None:
         self.libc, self.get_errno = libc, get_errno
         self.fd = -1
-        self.watching: tuple[str | int, ...] | None = None
+        self.watching: tuple[tuple[str | int, ...], list[tuple[int, ...] | None]] | None = None
         self.bell = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.closing = threading.Lock()
 
@@ -1130,16 +1133,17 @@ class Changes:
         lib = libc()
         return cls(lib, ctypes.get_errno) if lib is not None and hasattr(lib, "inotify_init1") else None
 
-    def watch(self, files: tuple[str | int, ...]) -> bool:
+    def watch(self, files: tuple[str | int, ...], stamps: list[Stamp | None]) -> bool:
         """Be told of changes to `files` (a directory's entries, a file's writes: named, or an open
-        file's descriptor) and to the entries of a named file's directory; False where the kernel
-        would not watch them all (no room for more watches, a directory gone)."""
-        if files == self.watching:
+        file's descriptor), as `stamps` found them, and to the entries of a named file's directory;
+        False where the kernel would not watch them all (no room for more watches, a directory gone)."""
+        files_now = files, [stamp and stamp[:2] for stamp in stamps]    # the same names, new files
+        if files_now == self.watching:
             return True
         self.unwatch()       # a new instance drops every old watch at once
         self.fd = self.libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
         if self.fd >= 0 and all(self.add(file) for file in files):
-            self.watching = files
+            self.watching = files_now
             return True
         self.unwatch()
         return False
@@ -1163,11 +1167,11 @@ class Changes:
         return 0
 
     def wait(self, timeout: float) -> bool:
-        """Wait up to `timeout` seconds for a change told, or a ring; whether one came."""
+        """Wait up to `timeout` seconds for a change told, or a ring; whether a change was told."""
         ready, _, _ = select.select([self.fd, self.bell], [], [], timeout)
         self.drain()
         self.drain(self.bell)
-        return bool(ready)
+        return self.fd in ready
 
     def drain(self, fd: int | None = None) -> None:
         """Forget what was told (or, with the bell, rung) so far."""
@@ -1203,6 +1207,11 @@ def libc() -> Any:
         return None
 
 
+def named(files: tuple[str | int, ...]) -> list[str]:
+    """The paths among files named or opened (a descriptor's number says nothing in a log line)."""
+    return [file for file in files if isinstance(file, str)]
+
+
 def int64(n: int) -> int:
     """An unsigned 64-bit number (an inode: NFS and overlayfs may set its top bit) as SQLite's signed
     INTEGER holds it; `% 2**64` of what is read back is the number again."""
@@ -1224,6 +1233,8 @@ class QuietReader(Loop):
         self.stamps = Stamps()
         self.notified_poll = notified_poll   # the longest wait for the kernel's word of a change (0: none)
         self.changes: Changes | None = None
+        self.told_of: tuple | None = None    # the stamps kept when the kernel last told of a change
+        self.unwatched = False               # the kernel would not watch them at the last quiet wait
         # the tallies of the unit being read, counted once the queue takes it: a refused one is read again
         self.staged: collections.Counter[str] = collections.Counter()
 
@@ -1243,25 +1254,39 @@ class QuietReader(Loop):
     def pause(self, delay: float) -> None:
         """While the files a look would read stay as stamped, wait for the kernel to tell of a change
         (up to TRACE_NOTIFIED_POLL) rather than look again every `delay`: an idle file costs nothing."""
-        kept = self.stamps.kept
+        kept, told_of, self.told_of = self.stamps.kept, self.told_of, None
         if kept is not None and self.notified_poll and self.changes is None:
             self.changes = Changes.made()
             self.notified_poll = self.notified_poll if self.changes else 0.0
-        if kept is None or self.changes is None or not self.notified_poll:
-            super().pause(delay)
+        # told of a change to none of them (another file of a directory watched): once on the timer,
+        # so that a busy neighbour costs what polling did
+        in_vain = kept is not None and kept is told_of
+        if kept is None or self.changes is None or not self.notified_poll or in_vain:
+            super().pause(max(delay, self.quiet) if in_vain else delay)
             return
         self.changes.drain()             # told of before the look just made, or of what it saw
-        if not self.changes.watch(kept[0]):
-            super().pause(delay)         # not all of them can be watched: looked at every `delay`
+        if not self.changes.watch(*kept):
+            if not self.unwatched:
+                error = os.strerror(self.changes.get_errno())
+                self.log.info("the kernel will not watch these files: looking at them every "
+                              "TRACE_QUIET_POLL at most", extra={"error": error, "files": named(kept[0])})
+            self.unwatched = True
+            super().pause(delay)
             return
+        self.unwatched = False
         if not self.bell.is_set() and self.stamps.still():
-            told = self.changes.wait(self.notified_poll)
-            if not told and not self.stopping.is_set() and not self.stamps.still():
+            if self.changes.wait(self.notified_poll):
+                self.stirred, self.told_of = True, kept
+            elif not self.stopping.is_set() and not self.stamps.still():
                 self.log.info("the kernel did not tell of a change to these files (a network filesystem?): "
                               "looking at them every TRACE_QUIET_POLL from now on",
-                              extra={"files": [file for file in kept[0] if isinstance(file, str)]})
+                              extra={"files": named(kept[0])})
                 self.notified_poll = 0.0
         self.bell.clear()                # woken, told, or changed since the look: the next tick is now
+
+    def notified(self) -> bool:
+        """Whether a quiet wait is the kernel's word of a change, not a timer (/health)."""
+        return bool(self.notified_poll) and not self.unwatched
 
     def run(self) -> None:
         try:
@@ -9163,7 +9188,7 @@ class LogTailer(QuietReader):
         followed = self.current
         size = followed.size() if followed else None
         return {"path": self.config.log_path, "file": followed and followed.path, "waiting": self.waiting,
-                "polls": self.ticks, "notified": bool(self.notified_poll),
+                "polls": self.ticks, "notified": self.notified(),
                 "offset": followed and followed.offset,
                 "lag_bytes": followed and max(0, size - followed.offset),   # a truncation: read again soon
                 **self.totals.snapshot(), "last_error": self.fault.error}
@@ -10205,7 +10230,7 @@ class SessionStore(QuietReader):
     def health(self) -> dict[str, Any]:
         sessions = sum(not stream.startswith("#") for _, stream in self.cursors)    # not the archives'
         return {"state_dir": str(self.root), "waiting": self.waiting, "polls": self.ticks,
-                "notified": bool(self.notified_poll), "agents": sorted(self.agents_seen),
+                "notified": self.notified(), "agents": sorted(self.agents_seen),
                 "sessions": sessions, **self.totals.snapshot(), "agent_errors": self.errors,
                 "last_error": self.fault.error}
 

@@ -4689,8 +4689,48 @@ def test_a_quiet_log_waits_for_the_kernels_word_that_a_file_it_reads_changed(tmp
     changed_during_the_wait(tailer, lambda: (tomorrow.rename(logs / "openclaw-2026-11-25.1.log"),
                                              tomorrow.write_bytes(lines[3])))
     assert read_when_quiet() == 4 and tailer.health()["file"] == str(tomorrow)
+    changed_during_the_wait(tailer, lambda: append(tomorrow, lines[4]))  # the new file, under the same
+    assert read_when_quiet() == 5                                          # name and descriptor
     changed_during_the_wait(tailer, tailer.wake)
-    assert read_when_quiet() == 4 and tailer.notified_poll == 86400.0
+    assert read_when_quiet() == 5 and tailer.notified_poll == 86400.0
+
+
+@needs_gateway_log
+def test_word_of_a_change_restarts_the_tailers_pace_and_a_neighbours_costs_one_timer_wait(
+        tmp_path: Path) -> None:
+    """Word of a change has the next look come TRACE_LOG_POLL later, not at the quiet wait's pace, also
+    when the look it brought found nothing (what was told may show a moment later: a SQLite commit's
+    index follows its last write). Word of a change to another file of the directory finds the stamps
+    as they were: the next wait is on the timer, once, so a busy neighbour costs what polling did."""
+    logs = tmp_path / "openclaw"
+    logs.mkdir()
+    lines = gateway_lines()
+    today, neighbour = logs / "openclaw-2026-11-24.log", logs / "notes.txt"
+    today.write_bytes(lines[0])
+    neighbour.write_bytes(b"")
+    config = otrace.Config(db_path=str(tmp_path / "o.db"), log_path=str(logs), log_start="beginning",
+                           notified_poll=86400.0)
+    otrace.open_database(config.db_path)
+    tailer = otrace.LogTailer(config, otrace.EventQueue(512, 50), otrace.Database(config.db_path))
+    tailer.stamps = otrace.Stamps(margin_ns=0)
+    while not quick_look(tailer):
+        pass
+    changed_during_the_wait(tailer, lambda: today.chmod(0o640))     # its times change, not its lines
+    assert not quick_look(tailer) and tailer.totals.snapshot()["lines"] == 1
+    assert tailer.next_delay() == config.log_poll                   # not twice the wait before
+    while not quick_look(tailer):
+        pass
+    changed_during_the_wait(tailer, lambda: os.utime(neighbour))
+    assert quick_look(tailer)                                       # what it reads is as it was
+    tailer.quiet = 0.0                   # the timer's wait, shortened to none: the kernel's is a day
+    waiting = threading.Thread(target=tailer.pause, args=(0.0,), daemon=True)
+    waiting.start()
+    waiting.join(60)
+    if waiting.is_alive():
+        tailer.wake()
+        pytest.fail("the wait after word of a neighbour's change was the kernel's, not the timer's")
+    changed_during_the_wait(tailer, lambda: append(today, lines[1]))   # then the kernel's word again
+    assert not quick_look(tailer) and tailer.totals.snapshot()["lines"] == 2
 
 
 @needs_gateway_log
@@ -4746,11 +4786,13 @@ def test_changes_are_told_for_a_file_a_directory_gains_and_not_for_a_directory_n
     changes = otrace.Changes.made()
     assert changes is not None
     try:
-        assert not changes.watch((str(tmp_path / "gone" / "x.log"),))        # its directory is not there
-        assert changes.watch((str(tmp_path / "x.log"),)) and not changes.wait(0.01)
-        (tmp_path / "x.log").write_bytes(b"a line\n")                          # not there when watched
+        assert not changes.watch((str(tmp_path / "gone" / "x.log"),), [None])   # its directory is not there
+        log = tmp_path / "x.log"
+        assert changes.watch((str(log),), [None]) and not changes.wait(0.01)
+        log.write_bytes(b"a line\n")                                            # not there when watched
         assert changes.wait(60) and not changes.wait(0.01)
-        changes.ring()
+        assert changes.watch((str(log),), [otrace.stamp(str(log))])             # watched anew: itself
+        append(log, b"a line\n")
         assert changes.wait(60) and not changes.wait(0.01)
     finally:
         changes.close()
