@@ -754,6 +754,7 @@ STAMP_MARGIN_NS = 3_000_000_000  # stamps are trusted only when older than their
 IN_MODIFY, IN_ATTRIB, IN_MOVED_FROM, IN_MOVED_TO, IN_CREATE, IN_DELETE = 0x2, 0x4, 0x40, 0x80, 0x100, 0x200
 IN_DELETE_SELF, IN_MOVE_SELF, IN_ONLYDIR = 0x400, 0x800, 0x1000000    # inotify(7)'s masks (see Changes)
 FILE_CHANGES = IN_MODIFY | IN_ATTRIB | IN_DELETE_SELF | IN_MOVE_SELF
+INOTIFY_LIMITS = {errno.EMFILE: "fs.inotify.max_user_instances", errno.ENOSPC: "fs.inotify.max_user_watches"}
 DIRECTORY_CHANGES = (IN_ATTRIB | IN_CREATE | IN_DELETE | IN_MOVED_FROM | IN_MOVED_TO | IN_DELETE_SELF |
                      IN_MOVE_SELF | IN_ONLYDIR)      # its entries come and go; their writes are not asked
 STUCK_TICK = 600.0               # a loop's tick with no rest and no progress this long is stuck (see Loop)
@@ -1128,22 +1129,24 @@ class Changes:
 
     @classmethod
     def made(cls) -> Changes | None:
-        """Changes, or None where libc has no inotify (not Linux, not glibc or musl)."""
-        import ctypes  # noqa: PLC0415 - loaded at start already (see return_big_buffers)
+        """Changes, or None where there is no inotify (not Linux; a libc without it, or no ctypes)."""
         lib = libc()
-        return cls(lib, ctypes.get_errno) if lib is not None and hasattr(lib, "inotify_init1") else None
+        if lib is None or not hasattr(lib, "inotify_init1") or not hasattr(os, "eventfd"):
+            return None
+        import ctypes  # noqa: PLC0415 - loaded at start already (see libc)
+        return cls(lib, ctypes.get_errno)
 
     def watch(self, files: tuple[str | int, ...], stamps: list[Stamp | None]) -> bool:
         """Be told of changes to `files` (a directory's entries, a file's writes: named, or an open
         file's descriptor), as `stamps` found them, and to the entries of a named file's directory;
         False where the kernel would not watch them all (no room for more watches, a directory gone)."""
-        files_now = files, [stamp and stamp[:2] for stamp in stamps]    # the same names, new files
-        if files_now == self.watching:
+        key = files, [stamp and stamp[:2] for stamp in stamps]    # a name may hold a new file: its inode
+        if key == self.watching:
             return True
         self.unwatch()       # a new instance drops every old watch at once
         self.fd = self.libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
         if self.fd >= 0 and all(self.add(file) for file in files):
-            self.watching = files_now
+            self.watching = key
             return True
         self.unwatch()
         return False
@@ -1168,10 +1171,13 @@ class Changes:
 
     def wait(self, timeout: float) -> bool:
         """Wait up to `timeout` seconds for a change told, or a ring; whether a change was told."""
-        ready, _, _ = select.select([self.fd, self.bell], [], [], timeout)
+        poller = select.poll()           # not select(): a descriptor past 1023 is fine
+        poller.register(self.fd, select.POLLIN)
+        poller.register(self.bell, select.POLLIN)
+        told = any(fd == self.fd for fd, _ in poller.poll(timeout * 1000))
         self.drain()
         self.drain(self.bell)
-        return self.fd in ready
+        return told
 
     def drain(self, fd: int | None = None) -> None:
         """Forget what was told (or, with the bell, rung) so far."""
@@ -1200,10 +1206,10 @@ class Changes:
 @functools.cache
 def libc() -> Any:
     """The C library through ctypes, or None where it cannot be loaded."""
-    import ctypes  # noqa: PLC0415 - imported where needed (see the imports)
     try:
+        import ctypes  # noqa: PLC0415 - imported where needed (see the imports)
         return ctypes.CDLL(None, use_errno=True)
-    except OSError:
+    except (ImportError, OSError):       # a Python built without ctypes, a static binary
         return None
 
 
@@ -1252,25 +1258,37 @@ class QuietReader(Loop):
             self.stamps.keep()
 
     def pause(self, delay: float) -> None:
+        try:
+            self.wait_for_word(delay)
+        except Exception as exc:  # noqa: BLE001 - a reader never dies of its wait: it looks on the timer
+            self.notified_poll = 0.0
+            said = self.log.warning if isinstance(exc, OSError) else self.log.exception   # a bug: traceback
+            said("waiting for the kernel's word of a change failed: looking on the timer from now on",
+                 extra={"error": describe(exc)})
+            super().pause(delay)
+
+    def wait_for_word(self, delay: float) -> None:
         """While the files a look would read stay as stamped, wait for the kernel to tell of a change
         (up to TRACE_NOTIFIED_POLL) rather than look again every `delay`: an idle file costs nothing."""
         kept, told_of, self.told_of = self.stamps.kept, self.told_of, None
         if kept is not None and self.notified_poll and self.changes is None:
             self.changes = Changes.made()
             self.notified_poll = self.notified_poll if self.changes else 0.0
-        # told of a change to none of them (another file of a directory watched): once on the timer,
-        # so that a busy neighbour costs what polling did
+        # told of a change to none of them (another file of a directory watched): the next wait is on
+        # the timer, `delay` (TRACE_LOG_POLL) long, so a busy neighbour wakes it at most twice in one;
+        # a change meanwhile is seen by its stamps when the kernel's word is waited for again
         in_vain = kept is not None and kept is told_of
         if kept is None or self.changes is None or not self.notified_poll or in_vain:
-            super().pause(max(delay, self.quiet) if in_vain else delay)
+            super().pause(delay)
             return
         self.changes.drain()             # told of before the look just made, or of what it saw
         if not self.changes.watch(*kept):
-            if not self.unwatched:
-                error = os.strerror(self.changes.get_errno())
+            was, self.unwatched = self.unwatched, True
+            if not was:
+                error = self.changes.get_errno()
                 self.log.info("the kernel will not watch these files: looking at them every "
-                              "TRACE_QUIET_POLL at most", extra={"error": error, "files": named(kept[0])})
-            self.unwatched = True
+                              "TRACE_QUIET_POLL at most", extra={"error": os.strerror(error), "files": named(
+                                  kept[0]), "limit": INOTIFY_LIMITS.get(error)})
             super().pause(delay)
             return
         self.unwatched = False
@@ -1278,10 +1296,10 @@ class QuietReader(Loop):
             if self.changes.wait(self.notified_poll):
                 self.stirred, self.told_of = True, kept
             elif not self.stopping.is_set() and not self.stamps.still():
+                self.notified_poll = 0.0
                 self.log.info("the kernel did not tell of a change to these files (a network filesystem?): "
                               "looking at them every TRACE_QUIET_POLL from now on",
                               extra={"files": named(kept[0])})
-                self.notified_poll = 0.0
         self.bell.clear()                # woken, told, or changed since the look: the next tick is now
 
     def notified(self) -> bool:

@@ -4650,7 +4650,7 @@ def changed_during_the_wait(reader: otrace.QuietReader, change: Callable[[], Any
     waiting.start()
     try:
         wait_until(lambda: in_select(Path(f"/proc/self/task/{waiting.native_id}")),
-                   what="the reader waiting on the kernel's word (a select, not its timer)")
+                   what="the reader waiting on the kernel's word (a poll, not its timer)")
         change()
         assert ended.wait(60), "the change was not told"
     finally:
@@ -4696,12 +4696,13 @@ def test_a_quiet_log_waits_for_the_kernels_word_that_a_file_it_reads_changed(tmp
 
 
 @needs_gateway_log
-def test_word_of_a_change_restarts_the_tailers_pace_and_a_neighbours_costs_one_timer_wait(
+def test_word_of_a_change_restarts_the_tailers_pace_and_a_neighbours_costs_one_short_timer_wait(
         tmp_path: Path) -> None:
     """Word of a change has the next look come TRACE_LOG_POLL later, not at the quiet wait's pace, also
     when the look it brought found nothing (what was told may show a moment later: a SQLite commit's
     index follows its last write). Word of a change to another file of the directory finds the stamps
-    as they were: the next wait is on the timer, once, so a busy neighbour costs what polling did."""
+    as they were: the next wait is on the timer, TRACE_LOG_POLL long (a busy neighbour wakes the tailer
+    at most twice in one), and a line written meanwhile ends the wait for the kernel's word at once."""
     logs = tmp_path / "openclaw"
     logs.mkdir()
     lines = gateway_lines()
@@ -4722,14 +4723,15 @@ def test_word_of_a_change_restarts_the_tailers_pace_and_a_neighbours_costs_one_t
         pass
     changed_during_the_wait(tailer, lambda: os.utime(neighbour))
     assert quick_look(tailer)                                       # what it reads is as it was
-    tailer.quiet = 0.0                   # the timer's wait, shortened to none: the kernel's is a day
-    waiting = threading.Thread(target=tailer.pause, args=(0.0,), daemon=True)
-    waiting.start()
-    waiting.join(60)
-    if waiting.is_alive():
-        tailer.wake()
-        pytest.fail("the wait after word of a neighbour's change was the kernel's, not the timer's")
-    changed_during_the_wait(tailer, lambda: append(today, lines[1]))   # then the kernel's word again
+    tailer.quiet = 86400.0               # were the timer's wait the quiet one, it would last a day
+    append(today, lines[1])              # written while the tailer waits on its timer
+    for _ in range(2):                   # the timer's wait (TRACE_LOG_POLL), then the kernel's: at once
+        waiting = threading.Thread(target=tailer.pause, args=(config.log_poll,), daemon=True)
+        waiting.start()
+        waiting.join(60)
+        if waiting.is_alive():
+            tailer.wake()
+            pytest.fail("a line written after word of a neighbour's change waited for more than its poll")
     assert not quick_look(tailer) and tailer.totals.snapshot()["lines"] == 2
 
 
@@ -4747,6 +4749,26 @@ def test_a_running_otrace_reads_a_quiet_log_on_the_kernels_word(tmp_path: Path,
     assert node.health()["log_tail"]["lines"] == 0 and node.health()["log_tail"]["notified"]
     append(log, gateway_lines()[1])
     wait_until(lambda: node.health()["log_tail"]["lines"] == 1, what="the line appended read")
+
+
+@needs_gateway_log
+def test_a_wait_for_the_kernels_word_that_fails_leaves_the_tailer_polling(tmp_path: Path,
+                                                                         run: Callable[..., Otrace]) -> None:
+    """A bug in the wait for the kernel's word is said with its traceback, and the tailer looks on its
+    timer from then on: a line is still read, and /health says it is not notified."""
+    log = tmp_path / "openclaw.log"
+    log.write_bytes(gateway_lines()[0])
+    os.utime(log, (time.time() - 60,) * 2)
+    mark = tmp_path / "bug"
+    mark.touch()
+    node = run({"BUG_MARK": str(mark), "TRACE_LOG_PATH": str(log), "TRACE_LOG_POLL": "50ms"},
+               command=with_a_bug("Changes.wait", "a bug in the wait"))
+    said = node.wait_log(lambda line: line["message"].startswith("waiting for the kernel's word of a change"))
+    assert said["level"] == "ERROR" and "a bug in the wait" in said["exc_info"]   # a bug: its traceback
+    assert not node.health()["log_tail"]["notified"]
+    append(log, gateway_lines()[1])
+    wait_until(lambda: node.health()["log_tail"]["lines"] == 1, what="the line read on the timer")
+    assert node.health()["loops_failing"] == {}
 
 
 @needs_gateway_log
