@@ -754,9 +754,9 @@ STAMP_MARGIN_NS = 3_000_000_000  # stamps are trusted only when older than their
 IN_MODIFY, IN_ATTRIB, IN_MOVED_FROM, IN_MOVED_TO, IN_CREATE, IN_DELETE = 0x2, 0x4, 0x40, 0x80, 0x100, 0x200
 IN_DELETE_SELF, IN_MOVE_SELF, IN_ONLYDIR = 0x400, 0x800, 0x1000000    # inotify(7)'s masks (see Changes)
 FILE_CHANGES = IN_MODIFY | IN_ATTRIB | IN_DELETE_SELF | IN_MOVE_SELF
-INOTIFY_LIMITS = {errno.EMFILE: "fs.inotify.max_user_instances", errno.ENOSPC: "fs.inotify.max_user_watches"}
 DIRECTORY_CHANGES = (IN_ATTRIB | IN_CREATE | IN_DELETE | IN_MOVED_FROM | IN_MOVED_TO | IN_DELETE_SELF |
                      IN_MOVE_SELF | IN_ONLYDIR)      # its entries come and go; their writes are not asked
+INOTIFY_LIMITS = {errno.EMFILE: "fs.inotify.max_user_instances", errno.ENOSPC: "fs.inotify.max_user_watches"}
 STUCK_TICK = 600.0               # a loop's tick with no rest and no progress this long is stuck (see Loop)
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 MILLISECOND = timedelta(milliseconds=1)   # made once: timedelta's keywords cost more than the division
