@@ -1213,7 +1213,7 @@ def libc() -> Any:
         return None
 
 
-def named(files: tuple[str | int, ...]) -> list[str]:
+def paths_among(files: tuple[str | int, ...]) -> list[str]:
     """The paths among files named or opened (a descriptor's number says nothing in a log line)."""
     return [file for file in files if isinstance(file, str)]
 
@@ -1287,8 +1287,8 @@ class QuietReader(Loop):
             if not was:
                 error = self.changes.get_errno()
                 self.log.info("the kernel will not watch these files: looking at them every "
-                              "TRACE_QUIET_POLL at most", extra={"error": os.strerror(error), "files": named(
-                                  kept[0]), "limit": INOTIFY_LIMITS.get(error)})
+                              "TRACE_QUIET_POLL at most", extra={"error": os.strerror(error), "limit":
+                                  INOTIFY_LIMITS.get(error), "files": paths_among(kept[0])})
             super().pause(delay)
             return
         self.unwatched = False
@@ -1299,7 +1299,7 @@ class QuietReader(Loop):
                 self.notified_poll = 0.0
                 self.log.info("the kernel did not tell of a change to these files (a network filesystem?): "
                               "looking at them every TRACE_QUIET_POLL from now on",
-                              extra={"files": named(kept[0])})
+                              extra={"files": paths_among(kept[0])})
         self.bell.clear()                # woken, told, or changed since the look: the next tick is now
 
     def notified(self) -> bool:
@@ -7634,12 +7634,17 @@ def any_word(words: Iterable[str]) -> re.Pattern[str]:
     words = set(words)
     by_anchor: dict[str, list[str]] = {}
     for word in sorted(w for w in words if not any(other != w and other in w for other in words)):
-        rank = [_COMMON_CHARS.find(c) % (len(_COMMON_CHARS) + 1) for c in word[:-1] or word]
+        rank = [rarity(c) for c in word[:-1] or word]
         at = rank.index(max(rank))
         behind = f"(?<={re.escape(word)})" if at else ""
         by_anchor.setdefault(word[at], []).append(re.escape(word[at + 1:]) + behind)
     return re.compile("|".join(f"{re.escape(anchor)}(?:{'|'.join(rest)})" for anchor, rest in sorted(
-        by_anchor.items(), key=lambda item: _COMMON_CHARS.find(item[0]) % (len(_COMMON_CHARS) + 1))))
+        by_anchor.items(), key=lambda item: rarity(item[0]))))
+
+
+def rarity(char: str) -> int:
+    """Where a character stands in _COMMON_CHARS, commonest first; one not there is rarest."""
+    return _COMMON_CHARS.find(char) % (len(_COMMON_CHARS) + 1)
 
 
 _ANY_SECRET_WORD = any_word(_SECRET_WORDS)
