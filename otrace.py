@@ -7365,6 +7365,11 @@ NET_RATES = {   # system_metrics column -> the kernel counters (file, section, n
     "udp_no_ports_ps": (("snmp", "Udp", "NoPorts"), ("snmp6", "", "Udp6NoPorts")),
 }
 NET_COUNTERS = frozenset(counter for counters in NET_RATES.values() for counter in counters)
+# Per namespace, these move with every change of the states counted but a CLOSE_WAIT closed (until its
+# last ACK), so while they stand still the table is not walked again, but at least every TCP_RECOUNT s.
+TCP_MARKS = tuple(("snmp", "Tcp", key) for key in ("CurrEstab", "ActiveOpens", "PassiveOpens",
+                                                     "AttemptFails", "EstabResets"))
+TCP_RECOUNT = 300.0
 CMDLINE_READ = 8192              # bytes of a command line read (and redacted as a whole) ...
 CMDLINE_KEEP = 1024              # ... and stored
 TOP_RSS = 10                     # processes by memory in each process sample
@@ -8066,36 +8071,49 @@ class NetReader:
     (dev), and the error counters of snmp, netstat and snmp6. What a process sees there is its own
     network namespace: a container's. On the live /proc (`live`) the other states are counted over
     netlink instead (tcp_states_netlink): the kernel formats every socket into tcp, which takes tens of
-    milliseconds once clients leave thousands of connections in TIME_WAIT."""
+    milliseconds once clients leave thousands of connections in TIME_WAIT. Either way the kernel walks
+    its whole table, a bucket per 128 KiB of memory, so the states are counted again only when the
+    namespace's sockets in use or its TCP_MARKS moved, or TCP_RECOUNT seconds passed."""
 
     def __init__(self, procfs: Path, live: bool = False, logger: logging.Logger = log) -> None:
         self.procfs, self.netlink, self.log = procfs, live, logger
+        self.counted: tuple[tuple[int | None, ...], float, dict[str, int]] | None = None  # marks, at, states
+        self.walks = 0
 
     def snapshot(self) -> NetSnapshot:
         net = under(self.procfs, "net")
         snap = NetSnapshot(read_uptime(self.procfs), None, net_dev(net))
+        for name in ("snmp", "netstat"):     # before the states: a change meanwhile is counted again
+            snap.counters |= keyed_rows(read_text(under(net, name)), name, NET_COUNTERS | set(TCP_MARKS))
+        snmp6 = read_keyed(under(net, "snmp6"), [key for file, _, key in NET_COUNTERS if file == "snmp6"])
+        snap.counters |= {("snmp6", "", key): value for key, value in snmp6.items()}
         tcp4 = read_keyed_row(read_text(under(net, "sockstat")), "TCP")
+        tcp6 = read_keyed_row(read_text(under(net, "sockstat6")), "TCP6")
         time_wait = tcp4.get("tw")
+        marks = (tcp4.get("inuse"), tcp6.get("inuse"), *(snap.counters.get(key) for key in TCP_MARKS))
+        if (time_wait is not None and None not in marks[:1] + marks[2:] and self.counted is not None
+                and self.counted[0] == marks and 0 <= snap.at - self.counted[1] < TCP_RECOUNT):
+            snap.tcp = dict(self.counted[2])
+        else:
+            snap.tcp = self.walk(net, {socket.AF_INET: marks[0], socket.AF_INET6: marks[1]}, time_wait)
+            self.counted = None if snap.tcp is None else (marks, snap.at, dict(snap.tcp))
+        if snap.tcp is not None and time_wait is not None:
+            snap.tcp["time_wait"] = time_wait
+        return snap
+
+    def walk(self, net: Path, in_use: dict[int, int | None], time_wait: int | None) -> dict[str, int] | None:
+        """The states from the kernel's table: over netlink, or else from tcp and tcp6."""
+        self.walks += 1
         if self.netlink:
             # a family with no socket in use has none to count, and its dump walks the kernel's whole table
-            tcp6 = read_keyed_row(read_text(under(net, "sockstat6")), "TCP6")
-            in_use = {socket.AF_INET: tcp4.get("inuse"), socket.AF_INET6: tcp6.get("inuse")}
             families = [f for f, n in in_use.items() if n != 0 or time_wait is None]
             try:
-                snap.tcp = tcp_states_netlink(families, with_time_wait=time_wait is None)
+                return tcp_states_netlink(families, with_time_wait=time_wait is None)
             except OSError as exc:
                 self.netlink = False
                 self.log.info("sock_diag netlink unavailable: TCP states come from /proc/net/tcp",
                               extra={"error": describe(exc)})
-        if snap.tcp is None:
-            snap.tcp = tcp_states(net)
-        if snap.tcp is not None and time_wait is not None:
-            snap.tcp["time_wait"] = time_wait
-        for name in ("snmp", "netstat"):
-            snap.counters |= keyed_rows(read_text(under(net, name)), name, NET_COUNTERS)
-        snmp6 = read_keyed(under(net, "snmp6"), [key for file, _, key in NET_COUNTERS if file == "snmp6"])
-        snap.counters |= {("snmp6", "", key): value for key, value in snmp6.items()}
-        return snap
+        return tcp_states(net)
 
 
 def tcp_states(net: Path) -> dict[str, int] | None:

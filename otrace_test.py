@@ -15056,6 +15056,69 @@ def test_tcp_states_over_netlink_agree_with_the_files_in_a_namespace_of_known_so
     assert seen["raw"] == seen["dump"] == {**seen["files"], "time_wait": 2}    # TIME_WAIT proper
 
 
+NETNS_QUIET = r"""
+import json, socket, sys, time
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+import otrace
+reader, seen = otrace.NetReader(Path("/proc"), live=True), []
+def look(step):                                # what the reader says, a reader with no memory, walks
+    seen.append([step, reader.snapshot().tcp, otrace.NetReader(Path("/proc"), live=True).snapshot().tcp,
+                 reader.walks])
+server = socket.socket()
+server.bind(("127.0.0.1", 0))
+server.listen()
+look("listening")
+for _ in range(3):
+    look("quiet")
+client = socket.create_connection(server.getsockname())
+peer = server.accept()[0]
+look("connected")
+client.shutdown(socket.SHUT_WR)                # half closed: CLOSE_WAIT, and no socket came or went
+assert peer.recv(1) == b""
+look("half closed")
+server.close()
+look("no listener")
+print(json.dumps(seen))
+"""
+
+
+@pytest.mark.skipif(not (ROOT and shutil.which("unshare") and shutil.which("ip")),
+                    reason="needs root, unshare and ip for a network namespace of its own")
+def test_a_quiet_namespace_walks_its_tcp_table_once_and_a_change_of_state_walks_it_again() -> None:
+    out = subprocess.run(["unshare", "--net", "sh", "-c", 'ip link set lo up && exec "$0" -c "$1" "$2"',
+                          sys.executable, NETNS_QUIET, str(HERE)], capture_output=True, text=True,
+                         timeout=60, check=True)
+    seen = json.loads(out.stdout)
+    for step, said, fresh, _ in seen:
+        assert said == fresh, step
+    states = {step: (said["established"], said["close_wait"], said["listen"], walks)
+              for step, said, _, walks in seen}
+    assert states == {"listening": (0, 0, 1, 1), "quiet": (0, 0, 1, 1), "connected": (2, 0, 1, 2),
+                      "half closed": (0, 1, 1, 3), "no listener": (0, 1, 0, 4)}
+
+
+def test_the_tcp_table_is_walked_again_when_its_counters_move_or_the_recount_is_due(tmp_path: Path) -> None:
+    proc = tmp_path / "proc"
+    shutil.copytree(HOSTS / "net" / "t1" / "proc", proc)
+    reader = otrace.NetReader(proc)
+    first = reader.snapshot().tcp
+    assert first == {"established": 23, "time_wait": 7, "close_wait": 1, "listen": 5} and reader.walks == 1
+    tcp = (proc / "net" / "tcp").read_text()
+    closing = tcp.splitlines()[1].replace(" 0A ", " 08 ").replace(":2454 ", ":2455 ")   # a CLOSE_WAIT
+    (proc / "net" / "tcp").write_text(f"{tcp}{closing}\n")    # that no counter tells of: not seen yet
+    assert reader.snapshot().tcp == first and reader.walks == 1
+    (proc / "uptime").write_text(f"{1292.14 + otrace.TCP_RECOUNT:.2f} 50.00\n")
+    assert reader.snapshot().tcp == {**first, "close_wait": 2} and reader.walks == 2
+    (proc / "net" / "tcp").write_text(tcp)
+    snmp = (proc / "net" / "snmp").read_text()
+    (proc / "net" / "snmp").write_text(snmp.replace("\nTcp: 1 200 120000 -1 29 20 7 4 24 ",
+                                                    "\nTcp: 1 200 120000 -1 29 20 7 4 23 "))
+    assert reader.snapshot().tcp == first and reader.walks == 3                   # CurrEstab moved
+    (proc / "net" / "sockstat").unlink()                      # no TIME_WAIT count: each look walks
+    assert [reader.snapshot().tcp["time_wait"] for _ in range(2)] == [6, 6] and reader.walks == 5
+
+
 def test_net_files_in_other_shapes_are_read_or_left_null(tmp_path: Path) -> None:
     net = tmp_path / "proc" / "net"
     net.mkdir(parents=True)

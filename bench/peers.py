@@ -10,9 +10,10 @@ request), from 4 kept-alive connections for --seconds each. Counted: events each
 start (Phoenix: its whole process tree).
 
 Host metrics: collectd (cpu, memory, df, disk plugins, csv writer), node_exporter (default collectors,
-scraped by this script) and otrace (TRACE_METRICS_INTERVAL) run at the same time for --window seconds,
-all sampling every --interval seconds (default 1 s: at 15 s one sample costs less than the 10 ms tick
-that /proc/<pid>/stat counts CPU in, so collectd reads as 0). Printed: CPU per sample, the share of one
+scraped by this script over one kept-alive connection, as Prometheus scrapes) and otrace
+(TRACE_METRICS_INTERVAL) run at the same time for --window seconds, all sampling every --interval
+seconds (default 1 s: at 15 s one sample costs less than the 10 ms tick that /proc/<pid>/stat counts
+CPU in, so collectd reads as 0). Printed: CPU per sample, the share of one
 core that makes at a 15 s interval, and RSS. A second otrace with metrics off is the baseline that
 separates the sampler's cost from the rest of the process.
 
@@ -239,12 +240,14 @@ def metric_costs(work: Path, window: float, interval: float) -> dict[str, dict[s
     }
     try:
         wait_listening(exporter_port)
-        time.sleep(2)
+        scraper = http.client.HTTPConnection("127.0.0.1", exporter_port, timeout=10)   # kept alive, as
+        time.sleep(2)                                                               # Prometheus keeps it
         before, samples = {n: Usage.of(p.pid) for n, p in procs.items()}, {n: [] for n in procs}
         started = next_scrape = time.monotonic()
         while time.monotonic() - started < window:
             if time.monotonic() >= next_scrape:             # node_exporter works only when scraped
-                urllib.request.urlopen(f"http://127.0.0.1:{exporter_port}/metrics", timeout=10).read()
+                scraper.request("GET", "/metrics")
+                scraper.getresponse().read()
                 next_scrape += interval
             for name, proc in procs.items():
                 samples[name].append(Usage.of(proc.pid).rss_bytes)
