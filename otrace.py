@@ -7365,10 +7365,11 @@ NET_RATES = {   # system_metrics column -> the kernel counters (file, section, n
     "udp_no_ports_ps": (("snmp", "Udp", "NoPorts"), ("snmp6", "", "Udp6NoPorts")),
 }
 NET_COUNTERS = frozenset(counter for counters in NET_RATES.values() for counter in counters)
-# Per namespace, these move with every change of the states counted but a CLOSE_WAIT closed (until its
-# last ACK), so while they stand still the table is not walked again, but at least every TCP_RECOUNT s.
-TCP_MARKS = tuple(("snmp", "Tcp", key) for key in ("CurrEstab", "ActiveOpens", "PassiveOpens",
-                                                     "AttemptFails", "EstabResets"))
+# Per namespace, with its sockets in use and in TIME_WAIT: a state changes with a segment sent or
+# received, or a socket come or gone, so while they stand still the table is not walked again (but at
+# least every TCP_RECOUNT s).
+TCP_MARKS = tuple(("snmp", "Tcp", key) for key in ("InSegs", "OutSegs", "ActiveOpens", "PassiveOpens",
+                                                     "AttemptFails", "EstabResets", "CurrEstab"))
 TCP_RECOUNT = 300.0
 CMDLINE_READ = 8192              # bytes of a command line read (and redacted as a whole) ...
 CMDLINE_KEEP = 1024              # ... and stored
@@ -8073,7 +8074,7 @@ class NetReader:
     netlink instead (tcp_states_netlink): the kernel formats every socket into tcp, which takes tens of
     milliseconds once clients leave thousands of connections in TIME_WAIT. Either way the kernel walks
     its whole table, a bucket per 128 KiB of memory, so the states are counted again only when the
-    namespace's sockets in use or its TCP_MARKS moved, or TCP_RECOUNT seconds passed."""
+    namespace's sockets in use or in TIME_WAIT or its TCP_MARKS moved, or TCP_RECOUNT seconds passed."""
 
     def __init__(self, procfs: Path, live: bool = False, logger: logging.Logger = log) -> None:
         self.procfs, self.netlink, self.log = procfs, live, logger
@@ -8090,7 +8091,7 @@ class NetReader:
         tcp4 = read_keyed_row(read_text(under(net, "sockstat")), "TCP")
         tcp6 = read_keyed_row(read_text(under(net, "sockstat6")), "TCP6")
         time_wait = tcp4.get("tw")
-        marks = (tcp4.get("inuse"), tcp6.get("inuse"), *(snap.counters.get(key) for key in TCP_MARKS))
+        marks = (tcp4.get("inuse"), tcp6.get("inuse"), time_wait, *(snap.counters.get(k) for k in TCP_MARKS))
         if (time_wait is not None and None not in marks[:1] + marks[2:] and self.counted is not None
                 and self.counted[0] == marks and 0 <= snap.at - self.counted[1] < TCP_RECOUNT):
             snap.tcp = dict(self.counted[2])
