@@ -8090,13 +8090,15 @@ class NetReader:
         snap.counters |= {("snmp6", "", key): value for key, value in snmp6.items()}
         tcp4 = read_keyed_row(read_text(under(net, "sockstat")), "TCP")
         tcp6 = read_keyed_row(read_text(under(net, "sockstat6")), "TCP6")
+        in_use = {socket.AF_INET: tcp4.get("inuse"), socket.AF_INET6: tcp6.get("inuse")}
         time_wait = tcp4.get("tw")
-        marks = (tcp4.get("inuse"), tcp6.get("inuse"), time_wait, *(snap.counters.get(k) for k in TCP_MARKS))
-        if (time_wait is not None and None not in marks[:1] + marks[2:] and self.counted is not None
-                and self.counted[0] == marks and 0 <= snap.at - self.counted[1] < TCP_RECOUNT):
+        marks = (*in_use.values(), time_wait, *(snap.counters.get(key) for key in TCP_MARKS))
+        known = None not in (in_use[socket.AF_INET], time_wait, *marks[3:])      # IPv6 may be off
+        if (known and self.counted is not None and self.counted[0] == marks
+                and 0 <= snap.at - self.counted[1] < TCP_RECOUNT):
             snap.tcp = dict(self.counted[2])
         else:
-            snap.tcp = self.walk(net, {socket.AF_INET: marks[0], socket.AF_INET6: marks[1]}, time_wait)
+            snap.tcp = self.walk(net, in_use, time_wait)
             self.counted = None if snap.tcp is None else (marks, snap.at, dict(snap.tcp))
         if snap.tcp is not None and time_wait is not None:
             snap.tcp["time_wait"] = time_wait

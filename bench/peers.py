@@ -13,9 +13,9 @@ Host metrics: collectd (cpu, memory, df, disk plugins, csv writer), node_exporte
 scraped by this script over one kept-alive connection, as Prometheus scrapes) and otrace
 (TRACE_METRICS_INTERVAL) run at the same time for --window seconds, all sampling every --interval
 seconds (default 1 s: at 15 s one sample costs less than the 10 ms tick that /proc/<pid>/stat counts
-CPU in, so collectd reads as 0). Printed: CPU per sample, the share of one
-core that makes at a 15 s interval, and RSS. A second otrace with metrics off is the baseline that
-separates the sampler's cost from the rest of the process.
+CPU in, so collectd reads as 0). Printed: CPU per sample, the share of one core that makes at a 15 s
+interval, and RSS. A second otrace with metrics off is the baseline that separates the sampler's cost
+from the rest of the process.
 
 Phoenix is installed into .cache/peers/venv-phoenix on first use (pip), collectd and node_exporter
 from Debian's packages. All traffic stays on 127.0.0.1.
