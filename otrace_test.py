@@ -15043,13 +15043,21 @@ print(json.dumps({**settled(expected), "ipv4_only": ipv4_only, "raw": otrace.tcp
 """
 
 
-@pytest.mark.skipif(not (ROOT and shutil.which("unshare") and shutil.which("ip")),
-                    reason="needs root, unshare and ip for a network namespace of its own")
-def test_tcp_states_over_netlink_agree_with_the_files_in_a_namespace_of_known_sockets() -> None:
+needs_a_netns = pytest.mark.skipif(not (ROOT and shutil.which("unshare") and shutil.which("ip")),
+                                   reason="needs root, unshare and ip for a network namespace of its own")
+
+
+def in_a_netns(script: str) -> Any:
+    """What `script` (given this directory) prints as JSON, run in a new network namespace."""
     out = subprocess.run(["unshare", "--net", "sh", "-c", 'ip link set lo up && exec "$0" -c "$1" "$2"',
-                          sys.executable, NETNS_SOCKETS, str(HERE)], capture_output=True, text=True,
+                          sys.executable, script, str(HERE)], capture_output=True, text=True,
                          timeout=60, check=True)
-    seen = json.loads(out.stdout)
+    return json.loads(out.stdout)
+
+
+@needs_a_netns
+def test_tcp_states_over_netlink_agree_with_the_files_in_a_namespace_of_known_sockets() -> None:
+    seen = in_a_netns(NETNS_SOCKETS)
     assert seen["files"] == seen["netlink"] == {"established": 6, "time_wait": 3, "close_wait": 1,
                                                 "listen": 2}
     assert seen["ipv4_only"]["files"] == seen["ipv4_only"]["netlink"] == {
@@ -15094,13 +15102,9 @@ print(json.dumps(seen))
 """
 
 
-@pytest.mark.skipif(not (ROOT and shutil.which("unshare") and shutil.which("ip")),
-                    reason="needs root, unshare and ip for a network namespace of its own")
+@needs_a_netns
 def test_a_quiet_namespace_walks_its_tcp_table_once_and_a_change_of_state_walks_it_again() -> None:
-    out = subprocess.run(["unshare", "--net", "sh", "-c", 'ip link set lo up && exec "$0" -c "$1" "$2"',
-                          sys.executable, NETNS_QUIET, str(HERE)], capture_output=True, text=True,
-                         timeout=60, check=True)
-    seen = json.loads(out.stdout)
+    seen = in_a_netns(NETNS_QUIET)
     assert [step for step, right, _ in seen if not right] == [], seen   # each as a reader with no memory
     assert {step: walks for step, _, walks in seen} == {
         "listening": 1, "quiet": 1, "connected": 2, "half closed": 3, "a listener for a FIN_WAIT2": 4,
