@@ -4589,6 +4589,11 @@ def quick_look(reader: otrace.Loop) -> bool:
     return not reader.news and listed.count(me) == before
 
 
+
+def look_until_quiet(reader: otrace.Loop) -> None:
+    """Turns of a quiet reader's loop until one takes the stat calls alone (what there was is read)."""
+    wait_until(lambda: quick_look(reader), what="a turn with the stat calls alone")
+
 @needs_gateway_log
 def test_a_quiet_log_takes_a_few_stat_calls_until_a_file_it_reads_changes(tmp_path: Path) -> None:
     """After a look that found nothing, a look at the same files lists no directory and reads nothing;
@@ -4676,8 +4681,7 @@ def test_a_quiet_log_waits_for_the_kernels_word_that_a_file_it_reads_changed(tmp
     tailer.stamps = otrace.Stamps(margin_ns=0)           # files written just now are trusted here
 
     def read_when_quiet() -> int:
-        while not quick_look(tailer):
-            pass
+        look_until_quiet(tailer)
         return tailer.totals.snapshot()["lines"]
 
     assert read_when_quiet() == 1
@@ -4714,13 +4718,11 @@ def test_word_of_a_change_restarts_the_tailers_pace_and_a_neighbours_costs_one_s
     otrace.open_database(config.db_path)
     tailer = otrace.LogTailer(config, otrace.EventQueue(512, 50), otrace.Database(config.db_path))
     tailer.stamps = otrace.Stamps(margin_ns=0)
-    while not quick_look(tailer):
-        pass
+    look_until_quiet(tailer)
     changed_during_the_wait(tailer, lambda: today.chmod(0o640))     # its times change, not its lines
     assert not quick_look(tailer) and tailer.totals.snapshot()["lines"] == 1
     assert tailer.next_delay() == config.log_poll                   # not twice the wait before
-    while not quick_look(tailer):
-        pass
+    look_until_quiet(tailer)
     changed_during_the_wait(tailer, lambda: os.utime(neighbour))
     assert quick_look(tailer)                                       # what it reads is as it was
     tailer.quiet = 86400.0               # were the timer's wait the quiet one, it would last a day
@@ -4783,8 +4785,7 @@ def test_a_change_the_kernel_does_not_tell_of_has_the_tailer_poll(tmp_path: Path
     otrace.open_database(config.db_path)
     tailer = otrace.LogTailer(config, otrace.EventQueue(512, 50), otrace.Database(config.db_path))
     tailer.stamps = otrace.Stamps(margin_ns=0)
-    while not quick_look(tailer):
-        pass
+    look_until_quiet(tailer)
     tailer.notified_poll = 0.05          # the wait's timeout, shortened below the setting's least (1 s)
     tailer.pause(0.0)
     assert tailer.notified_poll == 0.05  # nothing changed: its word is still waited for
@@ -11818,8 +11819,7 @@ def test_a_quiet_store_waits_for_the_kernels_word_that_a_file_it_reads_changed(t
     store.notified_poll = 86400.0
 
     def calls_when_quiet() -> int:
-        while not quick_look(store):
-            pass
+        look_until_quiet(store)
         return store.totals.snapshot()["calls"]
 
     with contextlib.closing(gateway_connection(db)) as gateway:       # held open, as the gateway's
