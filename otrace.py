@@ -9321,7 +9321,10 @@ ADDED_SQL = """
     SELECT id, (SELECT max(seq) FROM transcript_events WHERE session_id = added.id), {generation}, low
     FROM (SELECT session_id AS id, min(seq) AS low FROM transcript_events NOT INDEXED WHERE rowid > ?
           GROUP BY session_id) AS added"""
-TOP_ROW_SQL = "SELECT rowid, session_id, seq, created_at FROM transcript_events ORDER BY rowid DESC LIMIT 1"
+# The row with the highest rowid, known by its content too: one deleted and stored again at the same
+# rowid, seq and millisecond differs only there.
+TOP_ROW_SQL = ("SELECT rowid, session_id, seq, created_at, CAST({content} AS BLOB) FROM transcript_events "
+               "ORDER BY rowid DESC LIMIT 1")
 # A session reset or deleted: its transcript moved, in the transaction that deleted its entries, into
 # an archive row (its JSONL, plain or zstd), one a (session, generation). The archives after a rowid,
 # what names the one at it, and one archive's transcript.
@@ -9597,7 +9600,8 @@ class AgentDatabase:
         self.top: tuple | None = None            # ... and the row with the highest rowid then
         self.listed_at = -math.inf
         self.looking: tuple[int, tuple | None, bool] = (0, None, True)   # the look under way: the same three
-        self.sessions_sql = self.added_sql = self.entries_sql = self.generation_sql = self.known_sql = ""
+        self.sessions_sql = self.added_sql = self.entries_sql = self.top_sql = self.generation_sql = ""
+        self.known_sql = ""
         self.archives = False                    # the database has session_transcript_archives
         self.making = False                      # a file without its tables yet: looked at again soon
 
@@ -9657,6 +9661,8 @@ class AgentDatabase:
                                           else "NULL") if rowids else ""
         self.entries_sql = ENTRIES_SQL.format(compressed="event_zstd, event_utf8_bytes" if {
             "event_zstd", "event_utf8_bytes"} <= columns else "NULL, NULL")
+        self.top_sql = TOP_ROW_SQL.format(
+            content="coalesce(event_json, event_zstd)" if "event_zstd" in columns else "event_json")
         self.generation_sql = GENERATION_SQL.format("?") if rewrites else ""
         self.archives = "session_transcript_archives" in tables
         self.known_sql = KNOWN_SQL.format(" OR ".join(
@@ -9715,7 +9721,8 @@ class AgentDatabase:
         deleted from the end, or renumbered by VACUUM). A row added at or before where its session was
         read took the place of one deleted."""
         # the top first: a row committed between the two reads is past it, so listed again next time
-        top = self.conn.execute(TOP_ROW_SQL).fetchone() if self.added_sql else None
+        row = self.conn.execute(self.top_sql).fetchone() if self.added_sql else None
+        top = None if row is None else (*row[:4], zlib.crc32(row[4] or b""))
         after = self.top and self.top[0]
         if top is not None and self.top is not None and top[0] == after and top != self.top:
             after -= 1           # the row at the top deleted, and its rowid given to the next one stored

@@ -11888,8 +11888,8 @@ def test_a_look_after_a_commit_lists_only_the_sessions_with_rows_added(
     every session. Every session is listed when the commits stop, at once when rows were deleted from
     the end, and every STORE_LIST_EVERY while commits go on. A row that took the top's rowid, one
     deleted meanwhile, is found at once (its row at the top is not the one before), and so is an entry
-    stored at the seq of one deleted where a session was read (the session is read again): both were
-    found only at the next listing or start."""
+    stored at the seq of one deleted where a session was read (the session is read again), even in
+    the same millisecond: both were found only at the next listing or start."""
     state = state_copy(tmp_path)
     db = agent_db(state)
     template = assistant_template(db)
@@ -11929,8 +11929,10 @@ def test_a_look_after_a_commit_lists_only_the_sessions_with_rows_added(
     gateway.execute(last)
     append_entry(gateway, "s3", a_call(template, 1000, 0.003))           # at the seq read, a new rowid
     assert look() == ("added", 14)
+    created = gateway.execute("SELECT created_at FROM transcript_events ORDER BY rowid DESC").fetchone()[0]
     gateway.execute(last)
-    append_entry(gateway, "s3", a_call(template, 1000, 0.003))           # at the seq read, the same rowid
+    # at the seq read, the same rowid, in the same millisecond: only its content tells it from the one before
+    append_entry(gateway, "s3", a_call(template, 1000, 0.003), created=created)
     assert look() == ("added", 15)
     gateway.execute("INSERT INTO cache_entries (scope, key, updated_at) VALUES ('t', 'k2', 0)")
     assert look() == ("added", 15)                                       # while the commits go on
