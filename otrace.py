@@ -9234,7 +9234,8 @@ class LogTailer(QuietReader):
         return {"path": self.config.log_path, "file": followed and followed.path, "waiting": self.waiting,
                 "polls": self.ticks, "notified": self.notified(),
                 "offset": followed and followed.offset,
-                "lag_bytes": followed and max(0, size - followed.offset),   # a truncation: read again soon
+                # a file shorter than what was read was truncated: all of it is to be read again
+                "lag_bytes": followed and (size - followed.offset if size >= followed.offset else size),
                 **self.totals.snapshot(), "last_error": self.fault.error}
 
 

@@ -4547,16 +4547,17 @@ def test_a_log_written_back_to_the_size_read_is_read_again_from_its_start(tmp_pa
 
 
 @needs_gateway_log
-def test_a_log_truncated_under_otrace_shows_no_negative_lag_before_it_is_looked_at(
+def test_a_log_truncated_under_otrace_shows_its_whole_size_as_lag_before_it_is_looked_at(
         tmp_path: Path, run: Callable[..., Otrace]) -> None:
     """Between a truncation and the look that finds it, the file is shorter than the offset read:
-    /health and /metrics show no lag, not minus the bytes cut (an alert would read the tail ahead)."""
+    /health and /metrics show the whole file as lag, to be read again from its start; not minus the
+    bytes cut (an alert would read the tail ahead), nor none (nothing would show it behind)."""
     log = tmp_path / "openclaw-2026-11-24.log"
     lines = gateway_lines()
     log.write_bytes(b"".join(lines))
     node = run({"TRACE_LOG_PATH": str(log), "TRACE_LOG_POLL": "1m"})   # a look at start, the next in a minute
     wait_until(lambda: node.health()["log_tail"]["offset"] == log.stat().st_size, what="the file followed")
-    log.write_bytes(b"".join(lines[:5]))                       # the gateway starts it again, in place
+    log.write_bytes(cut := b"".join(lines[:5]))                # the gateway starts it again, in place
 
     def cut_not_yet_seen() -> dict[str, Any] | None:
         tail = node.health()["log_tail"]
@@ -4565,7 +4566,7 @@ def test_a_log_truncated_under_otrace_shows_no_negative_lag_before_it_is_looked_
     before = wait_until(cut_not_yet_seen, what="the truncation, not yet looked at")
     scraped = metric_samples(node)["otrace_log_tail_lag_bytes"]
     after = wait_until(cut_not_yet_seen, what="the truncation, still not looked at")   # around the scrape
-    assert (before["lag_bytes"], scraped, after["lag_bytes"]) == (0, 0, 0)
+    assert (before["lag_bytes"], scraped, after["lag_bytes"]) == (len(cut),) * 3
     assert node.stop() == 0
 
 
