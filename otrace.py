@@ -8437,6 +8437,16 @@ RETRY_SQL = (
     f"WHERE llm_traces.trace_id = ({_CALL_ROW}) RETURNING llm_traces.trace_id")
 RETRIED_SQL = f"DELETE FROM llm_traces WHERE trace_id = ?1 AND EXISTS ({_CALL_ROW})"
 RETRY_ROWS = 16                  # a call's rows a retry may be taken into: its first, and the latest
+RETRY_RECALLED = 4096            # the rows a run before a restart left, looked through for failed calls
+# Those calls' rows, oldest first, each with the key retry() gives its call (the run's OTel trace id is
+# its answer's log event's) and the answers it holds.
+FAILED_CALLS_SQL = (
+    "SELECT e.otel_trace_id || '/' || l.provider || '/' || l.model, l.trace_id, "
+    "coalesce(json_extract(l.metadata, '$.attempts'), 1) FROM (SELECT id, trace_id, provider, model, "
+    "metadata, source, status, synced, pushed_at FROM llm_traces ORDER BY id DESC LIMIT ?) AS l "
+    f"JOIN log_events AS e ON e.trace_id = substr(l.trace_id, 1, length(l.trace_id) - {len('-llm_traces')}) "
+    f"WHERE l.source = 'log' AND l.status = 'error' AND l.synced = {UNSYNCED} AND l.pushed_at IS NULL "
+    "AND e.otel_trace_id IS NOT NULL ORDER BY l.id")
 _COUNT_ATTEMPTS = (
     "UPDATE error_events SET metadata = json_set(coalesce(metadata, '{}'), '$.failed_attempts', json(("
     "SELECT json_group_object(outcome, n) FROM (SELECT outcome, count(*) AS n FROM openclaw_attempts "
@@ -8868,7 +8878,8 @@ class LogTailer(QuietReader):
         self.last_outcome: dict[str, str] = {}   # run id -> outcome of its last failed attempt
         # "otel trace id/provider/model" of a call whose last answer failed -> its rows and attempts so
         # far; and the changes the unit being read makes to it, kept once the queue takes the unit
-        self.failed_calls: dict[str, tuple[tuple[str, ...], int]] = {}
+        self.failed_calls: dict[str, tuple[tuple[str, ...], int]] = {} if store is not None else (
+            self.recalled_calls(db))
         self.staged_calls: dict[str, tuple[tuple[str, ...], int] | None] = {}
         self.known: dict[tuple[int, int], list[tuple[str, int]]] = {}   # (dev, inode) -> [(mark, offset)]
         folder = self.folder()
@@ -9169,9 +9180,19 @@ class LogTailer(QuietReader):
             before = json.dumps(rows)
             extra += [(RETRY_SQL, (row, before, attempts + 1)), (RETRIED_SQL, (row, before))]
         failed = call["status"] == "error"
-        # the call's first row stays a candidate: it takes every retry while it is not pushed
-        kept = (*rows, row) if len(rows) < RETRY_ROWS else (rows[0], *rows[2 - RETRY_ROWS:], row)
-        self.staged_calls[key] = (kept, attempts + 1) if failed else None
+        self.staged_calls[key] = (call_rows(rows, row), attempts + 1) if failed else None
+
+    @staticmethod
+    def recalled_calls(db: Database) -> dict[str, tuple[tuple[str, ...], int]]:
+        """The calls whose last answer failed as a run before this one left them (of its RETRY_RECALLED
+        last rows), as failed_calls holds them: a retry read after a restart is taken into its call's row
+        too."""
+        recalled: dict[str, tuple[tuple[str, ...], int]] = {}
+        for key, row, answers in db.query(FAILED_CALLS_SQL, (RETRY_RECALLED,)):
+            rows, attempts = recalled.pop(key, ((), 0))        # to the end: the newest call last
+            recalled[key] = call_rows(rows, row), attempts + answers
+        _forget_oldest(recalled)
+        return recalled
 
     def keep_staged_calls(self) -> None:
         """The unit read is taken: what it said of calls whose answer failed holds."""
@@ -9237,6 +9258,12 @@ class LogTailer(QuietReader):
                 # a file shorter than what was read was truncated: all of it is to be read again
                 "lag_bytes": followed and (size - followed.offset if size >= followed.offset else size),
                 **self.totals.snapshot(), "last_error": self.fault.error}
+
+
+def call_rows(rows: tuple[str, ...], row: str) -> tuple[str, ...]:
+    """A call's rows a retry may be taken into, with one more: the first stays a candidate (it takes
+    every retry while it is not pushed), and the latest RETRY_ROWS - 1."""
+    return (*rows, row) if len(rows) < RETRY_ROWS else (rows[0], *rows[2 - RETRY_ROWS:], row)
 
 
 def _forget_oldest(memory: dict[str, Any]) -> None:

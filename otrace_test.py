@@ -4200,6 +4200,31 @@ def test_a_retried_call_read_again_behind_a_full_queue_is_one_row(tmp_path: Path
 
 
 @needs_gateway_log
+def test_a_retry_read_after_a_restart_is_taken_into_its_calls_row(tmp_path: Path,
+                                                                   run: Callable[..., Otrace]) -> None:
+    """otrace stops between a call's failed answers and its retry's: the next run takes the retry into the
+    call's row, as one run would, while another run's first answer stays a row of its own."""
+    log = tmp_path / "gateway.log"
+    log.touch()
+    env = {"TRACE_LOG_PATH": str(log), "TRACE_LOG_POLL": "20ms"}
+    node = run(env)
+    retried, other = "ef" * 16, "12" * 16
+    with log.open("ab") as out:
+        out.write(fetch_answer(retried, 429) + fetch_answer(retried, 503))
+    wait_until(lambda: node.query("SELECT status, json_extract(metadata, '$.attempts') FROM llm_traces") == [
+        ("error", 2)], timeout=60, what="the two failed answers, one row")
+    assert node.stop() == 0
+    with log.open("ab") as out:
+        out.write(fetch_answer(other, 200) + fetch_answer(retried, 200))
+    second = run(env, db=Path(node.db_path))
+    wait_until(lambda: second.health()["log_tail"]["lines"] == 2 and second.health()["queue_depth"] == 0,
+               timeout=60, what="the retry read")
+    calls = "SELECT status, json_extract(metadata, '$.attempts') FROM llm_traces ORDER BY id"
+    assert second.query(calls) == [("ok", 3), ("ok", None)]
+    assert second.stop() == 0
+
+
+@needs_gateway_log
 def test_a_retry_taken_into_a_row_the_receiver_may_hold_leaves_it_no_row_otrace_lacks(
         tmp_path: Path, run: Callable[..., Otrace], receiver: Receiver) -> None:
     """The first answer's row reaches the receiver, which says nothing until TRACE_PUSH_TIMEOUT (otrace
