@@ -3775,7 +3775,7 @@ class Writer(threading.Thread):
         for unit in units:
             for row in unit.rows:
                 by_table.setdefault(row.table, []).append(row.values)
-        merged = []
+        merged, taken = [], set()
         statements = [statement for unit in units for statement in unit.extra]
         with self.db.merges.holding_back(statements) as now, transaction(self.conn) as conn:
             new = {table: insert_new(conn, table, values) for table, values in by_table.items()}
@@ -3783,12 +3783,15 @@ class Writer(threading.Thread):
                 cursor = conn.execute(sql, params)
                 if sql in MERGED_TABLE:
                     merged += [(MERGED_TABLE[sql], trace_id) for trace_id, in cursor]
+                elif sql in TAKEN_TABLE:
+                    taken |= {(TAKEN_TABLE[sql], trace_id) for trace_id, in cursor}
         if merged:
             self.db.merges.merged(merged)
         inserted = sum(map(len, new.values()))
         self.counters.add("persisted", inserted)
         self.counters.add("duplicate", sum(map(len, by_table.values())) - inserted)
-        self.on_inserted(new)
+        self.on_inserted({table: [row for row in rows if (table, row[0]) not in taken] for table, rows in
+                          new.items()} if taken else new)
 
     def drop(self, part: Unit, exc: BaseException) -> None:
         """Give up on a row or a statement (`part` holds one) SQLite refuses for its own data: logged, a
@@ -8435,7 +8438,7 @@ RETRY_SQL = (
     "metadata = json_set(coalesce(r.metadata, '{}'), '$.attempts', ?3) FROM (SELECT status, error_type, "
     "created_at, latency_ms, metadata FROM llm_traces WHERE trace_id = ?1) AS r "
     f"WHERE llm_traces.trace_id = ({_CALL_ROW}) RETURNING llm_traces.trace_id")
-RETRIED_SQL = f"DELETE FROM llm_traces WHERE trace_id = ?1 AND EXISTS ({_CALL_ROW})"
+RETRIED_SQL = f"DELETE FROM llm_traces WHERE trace_id = ?1 AND EXISTS ({_CALL_ROW}) RETURNING trace_id"
 RETRY_ROWS = 16                  # a call's rows a retry may be taken into: its first, and the latest
 RETRY_RECALLED = 4096            # the rows a run before a restart left, looked through for failed calls
 # Those calls' rows, oldest first, each with the key retry() gives its call (the run's OTel trace id is
@@ -8459,6 +8462,9 @@ COUNT_ON_ROW_SQL = _COUNT_ATTEMPTS.replace("<row>", "trace_id = ?2")
 MERGED_TABLE = {CONTENT_SQL: TRACES.name, **{sql: name for (name, _), sql in MERGE_SQL.items()},
                 FOLD_LOG_SQL: ERRORS.name, COUNT_ON_STORE_SQL: ERRORS.name, COUNT_ON_ROW_SQL: ERRORS.name,
                 RETRY_SQL: TRACES.name}
+# The statements that take a row into another, returning its trace_id, and their table: the row is no
+# call of its own for /metrics, though the batch inserted it.
+TAKEN_TABLE = {RETRIED_SQL: TRACES.name}
 
 
 LINE_HEAD = b'{"0":'        # how every line of OpenClaw's log begins: its first argument
@@ -13046,9 +13052,11 @@ def llm_metrics(tally: dict[str, Any], add: Callable[..., None]) -> None:
     metrics to the same Prometheus must not be counted twice."""
     series = [({"gen_ai_provider_name": c["provider"], "gen_ai_request_model": c["model"]}, c)
               for c in tally["calls"]]
-    add("gen_ai_calls_total", "counter", "LLM calls stored (a trace_id sent twice is one call).",
+    add("gen_ai_calls_total", "counter", "LLM calls stored (a trace_id sent twice, or a retry taken into "
+        "its call's row, is no other call).",
         *((prometheus_labels(**pair), c["calls"]) for pair, c in series))
-    add("gen_ai_call_failures_total", "counter", "LLM calls stored with status error.",
+    add("gen_ai_call_failures_total", "counter", "LLM calls stored with status error (counted as stored: "
+        "a retry that answers later takes none back).",
         *((prometheus_labels(**pair), c["failures"]) for pair, c in series))
     add("gen_ai_client_token_usage_total", "counter", "Tokens of the calls stored, by gen_ai_token_type; "
         "input counts the cache's tokens too, as OpenTelemetry's gen_ai.usage.input_tokens does.",

@@ -4197,6 +4197,10 @@ def test_a_retried_call_read_again_behind_a_full_queue_is_one_row(tmp_path: Path
     calls = [(r["status"], json.loads(r["metadata"]).get("attempts")) for r in node.rows("llm_traces")
              if r["status"] != "ok" or json.loads(r["metadata"]).get("attempts")]
     assert calls == [("ok", 3)]
+    fetched = pair(*node.query("SELECT provider, model FROM llm_traces LIMIT 1")[0])
+    samples = metric_samples(node)                 # the call once, its first answer's failure once
+    assert (samples[f"otrace_gen_ai_calls_total{fetched}"], samples[
+        f"otrace_gen_ai_call_failures_total{fetched}"]) == (6, 1)
 
 
 @needs_gateway_log
