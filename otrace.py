@@ -9355,10 +9355,9 @@ ADDED_SQL = """
     SELECT id, (SELECT max(seq) FROM transcript_events WHERE session_id = added.id), {generation}, low
     FROM (SELECT session_id AS id, min(seq) AS low FROM transcript_events NOT INDEXED WHERE rowid > ?
           GROUP BY session_id) AS added"""
-# The row with the highest rowid, known by its content too: one deleted and stored again at the same
-# rowid, seq and millisecond differs only there.
-TOP_ROW_SQL = ("SELECT rowid, session_id, seq, created_at, CAST({content} AS BLOB) FROM transcript_events "
-               "ORDER BY rowid DESC LIMIT 1")
+# The row with the highest rowid, and the row at a rowid, known by their content too: one deleted and
+# stored again at the same rowid, seq and millisecond differs only there.
+ROW_SQL = "SELECT rowid, session_id, seq, created_at, CAST({content} AS BLOB) FROM transcript_events {which}"
 # A session reset or deleted: its transcript moved, in the transaction that deleted its entries, into
 # an archive row (its JSONL, plain or zstd), one a (session, generation). The archives after a rowid,
 # what names the one at it, and one archive's transcript.
@@ -9382,14 +9381,15 @@ FORGET_POSITION_SQL = "DELETE FROM openclaw_positions WHERE agent = ? AND stream
 PART = "+part"                   # an archive's mark while it is read: the lines up to its place are done
 ZSTD_MAGIC, ZSTD_SKIPPABLE = 0xFD2FB528, 0x184D2A50   # a zstd frame's first 4 bytes; a skippable one's
 GENERATION_SQL = "SELECT generation FROM transcript_rewrite_watermarks WHERE session_id = {}"
-# Entries after a seq; the text only of those that can be a call or a failure (the rest are skipped
-# inside SQLite), compressed ones whole.
+# Entries after a seq, up to the look's top rowid (where there are rowids: a row past it is the next
+# look's, which searches past the top); the text only of those that can be a call or a failure (the rest
+# are skipped inside SQLite), compressed ones whole.
 ENTRIES_SQL = """
     SELECT seq, created_at,
         CASE WHEN instr(event_json, '"assistant"') OR instr(event_json, 'run-failed-before-reply')
             THEN event_json END,
         {compressed}
-    FROM transcript_events WHERE session_id = ? AND seq > ? ORDER BY seq LIMIT ?"""
+    FROM transcript_events WHERE session_id = ?1 AND seq > ?2{topped} ORDER BY seq LIMIT ?3"""
 
 
 def openclaw_state_dir(setting: str, environ: Mapping[str, str] = os.environ,
@@ -9634,8 +9634,8 @@ class AgentDatabase:
         self.top: tuple | None = None            # ... and the row with the highest rowid then
         self.listed_at = -math.inf
         self.looking: tuple[int, tuple | None, bool] = (0, None, True)   # the look under way: the same three
-        self.sessions_sql = self.added_sql = self.entries_sql = self.top_sql = self.generation_sql = ""
-        self.known_sql = ""
+        self.sessions_sql = self.added_sql = self.entries_sql = self.top_sql = self.row_sql = ""
+        self.generation_sql = self.known_sql = ""
         self.archives = False                    # the database has session_transcript_archives
         self.making = False                      # a file without its tables yet: looked at again soon
 
@@ -9694,15 +9694,19 @@ class AgentDatabase:
         self.added_sql = ADDED_SQL.format(generation=f"({GENERATION_SQL.format('added.id')})" if rewrites
                                           else "NULL") if rowids else ""
         self.entries_sql = ENTRIES_SQL.format(compressed="event_zstd, event_utf8_bytes" if {
-            "event_zstd", "event_utf8_bytes"} <= columns else "NULL, NULL")
-        self.top_sql = TOP_ROW_SQL.format(
-            content="coalesce(event_json, event_zstd)" if "event_zstd" in columns else "event_json")
+            "event_zstd", "event_utf8_bytes"} <= columns else "NULL, NULL",
+            topped=" AND rowid <= ?4" if rowids else "")
+        content = "coalesce(event_json, event_zstd)" if "event_zstd" in columns else "event_json"
+        self.top_sql = ROW_SQL.format(content=content, which="ORDER BY rowid DESC LIMIT 1")
+        self.row_sql = ROW_SQL.format(content=content, which="WHERE rowid = ?")
         self.generation_sql = GENERATION_SQL.format("?") if rewrites else ""
         self.archives = "session_transcript_archives" in tables
         self.known_sql = KNOWN_SQL.format(" OR ".join(
             f"EXISTS (SELECT 1 FROM {table} WHERE session_id = value)" for table in SESSION_TABLES
             if table in tables))
         self.replaced = self.replaced or self.known not in (None, identity)   # a backup restored
+        if self.known != identity:
+            self.top = None                      # another file's rowids: the last top is not in it
         self.conn, self.identity, self.known, self.listed = conn, identity, identity, None
         self.stamp, self.checked = after, False
         return True
@@ -9751,16 +9755,16 @@ class AgentDatabase:
     def sessions(self, version: int) -> list[tuple[str, int, str, int | None]]:
         """The sessions that may have entries not read, (id, last seq, rewrite generation or "", the
         lowest seq of its rows added since the last look, or None): those with rows past the top of
-        the last look, or every session with entries when that is due, or when the top came down (rows
-        deleted from the end, or renumbered by VACUUM). A row added at or before where its session was
-        read took the place of one deleted."""
+        the last look, or every session with entries when that is due, at the first look on a
+        connection, or when the top came down (rows deleted from the end, or renumbered by VACUUM). A
+        row added at or before where its session was read took the place of one deleted."""
         # the top first: a row committed between the two reads is past it, so listed again next time
-        row = self.conn.execute(self.top_sql).fetchone() if self.added_sql else None
-        top = None if row is None else (*row[:4], zlib.crc32(row[4] or b""))
+        top = self.row(self.top_sql) if self.added_sql else None
         after = self.top and self.top[0]
-        if top is not None and self.top is not None and top[0] == after and top != self.top:
-            after -= 1           # the row at the top deleted, and its rowid given to the next one stored
-        whole = (top is None or after is None or top[0] < after or version == self.seen
+        if top is not None and self.top is not None and top[0] >= after and (
+                top if top[0] == after else self.row(self.row_sql, after)) != self.top:
+            after -= 1           # the row at the last top deleted, its rowid maybe given to one stored since
+        whole = (top is None or after is None or top[0] < after or self.listed is None or version == self.seen
                  or time.monotonic() >= self.listed_at + STORE_LIST_EVERY)
         self.looking = (version, top, whole)
         added = [] if top is None or after is None or top[0] < after else \
@@ -9771,6 +9775,12 @@ class AgentDatabase:
                      for session, seq, generation, _ in self.conn.execute(self.sessions_sql)]
         return [(session, seq, generation or "", low) for session, seq, generation, low in added
                 if isinstance(session, str) and seq is not None]
+
+    def row(self, sql: str, *params: int) -> tuple | None:
+        """(rowid, session, seq, created_at, CRC-32 of the content) of the row top_sql or row_sql finds;
+        None if there is none."""
+        found = self.conn.execute(sql, params).fetchone()
+        return None if found is None else (*found[:4], zlib.crc32(found[4] or b""))
 
     def put_back(self, session: str, cursor: Cursor) -> bool:
         """The entry where the cursor stands was stored after the newest otrace read: the file was put
@@ -9788,11 +9798,13 @@ class AgentDatabase:
             self.listed, self.listed_at = self.seen, time.monotonic()
 
     def entries(self, session: str, after: int, most: int) -> tuple[str, list[tuple]]:
-        """Up to `most` entries after seq `after`, and the generation they belong to, in one read
-        transaction: (generation, [(seq, created_at, json, zstd, size), ...])."""
+        """Up to `most` entries after seq `after` and up to the look's top, and the generation they belong
+        to, in one read transaction: (generation, [(seq, created_at, json, zstd, size), ...])."""
+        top = self.looking[1]
+        params = (session, after, most, top and top[0]) if self.added_sql else (session, after, most)
         with transaction(self.conn, immediate=False) as conn:
             found = conn.execute(self.generation_sql, (session,)).fetchone() if self.generation_sql else None
-            rows = conn.execute(self.entries_sql, (session, after, most)).fetchall()
+            rows = conn.execute(self.entries_sql, params).fetchall()
         return (found[0] or "") if found else "", rows
 
     def archived(self, after: int, mark: str) -> list[tuple[int, str, str, str]]:
@@ -9827,7 +9839,8 @@ class AgentDatabase:
     def close(self) -> None:
         if self.conn is not None:
             self.conn.close()
-        self.conn, self.identity, self.listed, self.seen, self.top = None, None, None, None, None
+        # the top stays: the same file opened again (a checkpoint changed it) has the same rowids
+        self.conn, self.identity, self.listed, self.seen = None, None, None, None
 
 
 class SessionStore(QuietReader):

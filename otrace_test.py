@@ -11972,6 +11972,82 @@ def test_a_look_after_a_commit_lists_only_the_sessions_with_rows_added(
     gateway.close()
 
 
+@needs_stores
+def test_a_look_reads_no_row_past_its_top_so_the_next_one_sees_no_cut(tmp_path: Path) -> None:
+    """The gateway commits between a look's read of the top and its read of the entries: the entry past
+    the top is the next look's, whose search past the top finds it, and no session is taken for cut
+    and read again (each time the gateway committed meanwhile, before: /health counted its calls again)."""
+    state = state_copy(tmp_path)
+    db = agent_db(state)
+    template = assistant_template(db)
+    store = store_in_process(tmp_path, state)
+    store.look()
+    gateway = gateway_connection(db)
+    top_sql, after_the_top = store.databases["main"].top_sql, []
+
+    def commit_after_the_top(sql: str) -> None:
+        """The gateway's commit as the look begins reading entries, its top read."""
+        if sql == top_sql:
+            after_the_top.append(sql)
+        elif after_the_top and sql == "BEGIN":
+            after_the_top.clear()
+            append_entry(gateway, "s1", a_call(template, 1000, 0.003))
+
+    store.databases["main"].conn.set_trace_callback(commit_after_the_top)
+    for n in range(1, 6):
+        append_entry(gateway, "s1", a_call(template, 1000, 0.003))
+        store.look()                                  # reads one call more than the commits before it
+        assert store.totals.snapshot()["calls"] == 6 + 2 * n - 1, n
+    store.databases["main"].conn.set_trace_callback(None)
+    store.look()
+    assert store.totals.snapshot()["calls"] == 6 + 10
+    gateway.close()
+
+
+@needs_stores
+def test_an_entry_stored_where_the_last_top_was_is_found_when_more_came_after_it_or_a_checkpoint(
+        tmp_path: Path) -> None:
+    """A session's last entry, the top, deleted and another stored at its seq in the same millisecond
+    (SQLite gives it the top's rowid), then another entry after it, or a checkpoint that has the store
+    open the file again: the row at the last top is compared, and kept across the reopening."""
+    state = state_copy(tmp_path)
+    db = agent_db(state)
+    template = assistant_template(db)
+    store = store_in_process(tmp_path, state)
+    gateway = gateway_connection(db)
+    last = ("DELETE FROM transcript_events WHERE session_id = 's1' AND seq = (SELECT max(seq) FROM "
+            "transcript_events WHERE session_id = 's1')")
+
+    def replace_the_top() -> None:
+        top = "SELECT session_id, created_at FROM transcript_events ORDER BY rowid DESC"
+        session, created = gateway.execute(top).fetchone()
+        assert session == "s1"
+        gateway.execute(last)
+        append_entry(gateway, "s1", a_call(template, 1000, 0.003, "again"), created=created)
+
+    calls: set[str] = set()
+
+    def look() -> int:
+        """The calls offered so far, each once (a session read again offers some again)."""
+        store.look()
+        calls.update(row.values[0] for unit in taken(store.events) for row in unit.rows
+                     if row.table == "llm_traces")
+        return len(calls)
+
+    append_entry(gateway, "s1", a_call(template, 1000, 0.003))
+    assert look() == 7
+    replace_the_top()
+    append_entry(gateway, "s2", a_call(template, 1000, 0.003))          # past the rowid it took
+    assert look() == 9
+    append_entry(gateway, "s1", a_call(template, 1000, 0.003))
+    assert look() == 10
+    opened = store.databases["main"].conn
+    replace_the_top()
+    assert gateway.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0
+    assert look() == 11 and store.databases["main"].conn is not opened
+    gateway.close()
+
+
 def test_a_store_without_rowids_lists_every_session_at_each_look(tmp_path: Path) -> None:
     db = tmp_path / "agent.sqlite"
     with contextlib.closing(sqlite3.connect(db)) as conn:
