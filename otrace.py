@@ -9363,6 +9363,7 @@ ROW_SQL = "SELECT rowid, session_id, seq, created_at, CAST({content} AS BLOB) FR
 # what names the one at it, and one archive's transcript.
 ARCHIVES = "#archives"           # openclaw_positions: how far an agent's archives were looked through
 ARCHIVED = "#archived\t"         # ... and, with the session and generation after it, one archive read
+TOP = "#top"                     # ... and the row at the top when every session was read to it, for a restart
 ARCHIVES_SQL = ("SELECT rowid, session_id, generation, archive_sha256 FROM session_transcript_archives "
                 "WHERE rowid > ? ORDER BY rowid LIMIT 64")
 ARCHIVE_MARK_SQL = ("SELECT session_id || char(9) || generation || char(9) || archive_sha256 "
@@ -9705,8 +9706,6 @@ class AgentDatabase:
             f"EXISTS (SELECT 1 FROM {table} WHERE session_id = value)" for table in SESSION_TABLES
             if table in tables))
         self.replaced = self.replaced or self.known not in (None, identity)   # a backup restored
-        if self.known != identity:
-            self.top = None                      # another file's rowids: the last top is not in it
         self.conn, self.identity, self.known, self.listed = conn, identity, identity, None
         self.stamp, self.checked = after, False
         return True
@@ -9930,6 +9929,9 @@ class SessionStore(QuietReader):
         if store is None:
             store = self.databases[agent] = AgentDatabase(self.root / "agents" / agent / "agent" /
                                                           "openclaw-agent.sqlite")
+            if (top := self.cursors.get((agent, TOP))) is not None:     # as the last run left it
+                session, seq, created, crc = top.mark.rsplit("\t", 3)
+                store.top = (top.position, session, count_of(seq), count_of(created), count_of(crc))
         gone = store.gone
         store.making = False
         if not store.open():
@@ -9947,6 +9949,8 @@ class SessionStore(QuietReader):
         version = store.changed()
         if version is None:
             return
+        if store.replaced:
+            store.top = None                     # another file's rowids: the last top is not in it
         listed = store.sessions(version)
         missing: ImportError | None = None
         held: set[str] = set()            # sessions whose archive waits for zstandard
@@ -9990,6 +9994,18 @@ class SessionStore(QuietReader):
         if missing is not None:
             raise missing
         store.caught_up()
+        self.keep_top(agent, store.top)
+
+    def keep_top(self, agent: str, top: tuple | None) -> None:
+        """The row at the top of the agent's database, kept for the next start when it moved (Behind if
+        the queue is full): an entry stored where it was while otrace was stopped is found then."""
+        if top is None:
+            return
+        rowid, session, seq, created, crc = top
+        kept = Cursor(f"{session}\t{seq}\t{created}\t{crc}", rowid, None)
+        if kept != self.cursors.get((agent, TOP)):
+            self.send([], [(POSITION_SQL, (agent, TOP, kept.mark, kept.position, None, now_ms()))])
+            self.cursors[(agent, TOP)] = kept
 
     def read_session(self, store: AgentDatabase, agent: str, session: str, cursor: Cursor | None) -> None:
         """Every entry of the session not read yet, unit by unit. A session rewritten since (another

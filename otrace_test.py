@@ -12048,6 +12048,29 @@ def test_an_entry_stored_where_the_last_top_was_is_found_when_more_came_after_it
     gateway.close()
 
 
+@needs_stores
+def test_an_entry_stored_where_the_top_was_while_otrace_was_stopped_is_found_at_the_next_start(
+        tmp_path: Path, run: Callable[..., Otrace]) -> None:
+    """While otrace is stopped, the gateway deletes the last entry it read, the top, and stores another
+    call at its seq in the same millisecond (SQLite gives it the top's rowid): the top the last run
+    kept has the next start read it."""
+    node, db, template = store_followed(tmp_path, run)
+    gateway = gateway_connection(db)
+    append_entry(gateway, "s1", a_call(template, 1000, 0.003))
+    wait_traces(node, 7)
+    wait_until(lambda: node.health()["queue_depth"] == 0 and node.query(
+        "SELECT position FROM openclaw_positions WHERE stream = '#top'"), what="the top kept")
+    assert node.stop() == 0
+    (created,), = gateway.execute("SELECT created_at FROM transcript_events WHERE session_id = 's1'")
+    gateway.execute("DELETE FROM transcript_events WHERE session_id = 's1'")
+    append_entry(gateway, "s1", a_call(template, 2000, 0.006, "again"), created=created)
+    second = run({**STORE_ENV, "TRACE_OPENCLAW_STATE_DIR": str(db.parents[3])}, db=Path(node.db_path))
+    rows = wait_traces(second, 8)
+    assert sorted(r["prompt_tokens"] for r in rows if r["session_id"] == "s1") == [1000, 2000]
+    assert second.stop() == 0
+    gateway.close()
+
+
 def test_a_store_without_rowids_lists_every_session_at_each_look(tmp_path: Path) -> None:
     db = tmp_path / "agent.sqlite"
     with contextlib.closing(sqlite3.connect(db)) as conn:
@@ -12314,7 +12337,7 @@ def test_retention_prunes_counted_attempts_and_keeps_where_the_store_was_read(
                what="the log read and its 34 failed attempts committed")
     assert node.health()["log_tail"]["failed_attempts"] == 34
     wait_until(lambda: node.query("SELECT count(*) FROM openclaw_attempts") == [(0,)], what="attempts pruned")
-    assert node.query("SELECT count(*) FROM openclaw_positions") == [(2,)]
+    assert node.query("SELECT count(*) FROM openclaw_positions WHERE stream <> '#top'") == [(2,)]
     assert not node.logs("retention failing")
 
 
