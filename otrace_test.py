@@ -4178,6 +4178,7 @@ def test_a_retried_call_read_again_behind_a_full_queue_is_one_row(tmp_path: Path
     log = tmp_path / "gateway.log"
     log.touch()
     node = run({"TRACE_LOG_PATH": str(log), "TRACE_LOG_POLL": "20ms", "TRACE_QUEUE_SIZE": "8"})
+    node.wait_log(lambda e: e.get("message") == "following log file")     # from its end: then empty
     retried = "ab" * 16
     with log.open("ab") as out:
         out.write(fetch_answer(retried, 429))
@@ -4212,6 +4213,7 @@ def test_a_retry_read_after_a_restart_is_taken_into_its_calls_row(tmp_path: Path
     log.touch()
     env = {"TRACE_LOG_PATH": str(log), "TRACE_LOG_POLL": "20ms"}
     node = run(env)
+    node.wait_log(lambda e: e.get("message") == "following log file")     # from its end: then empty
     retried, other = "ef" * 16, "12" * 16
     with log.open("ab") as out:
         out.write(fetch_answer(retried, 429) + fetch_answer(retried, 503))
@@ -4241,6 +4243,7 @@ def test_a_retry_taken_into_a_row_the_receiver_may_hold_leaves_it_no_row_otrace_
     receiver.default = held(on_wire, release)          # later pushes wait until the retry is read
     node = run(push_env(receiver, TRACE_LOG_PATH=str(log), TRACE_LOG_POLL="20ms", TRACE_PUSH_TIMEOUT="1s",
                         TRACE_PUSH_INTERVAL="200ms"))
+    node.wait_log(lambda e: e.get("message") == "following log file")     # from its end: then empty
     retried = "cd" * 16
     with log.open("ab") as out:
         out.write(fetch_answer(retried, 429))
