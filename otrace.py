@@ -9186,6 +9186,7 @@ class LogTailer(QuietReader):
             before = json.dumps(rows)
             extra += [(RETRY_SQL, (row, before, attempts + 1)), (RETRIED_SQL, (row, before))]
         failed = call["status"] == "error"
+        self.staged_calls.pop(key, None)          # last: the order in which the calls last failed
         self.staged_calls[key] = (call_rows(rows, row), attempts + 1) if failed else None
 
     @staticmethod
@@ -9201,11 +9202,11 @@ class LogTailer(QuietReader):
         return recalled
 
     def keep_staged_calls(self) -> None:
-        """The unit read is taken: what it said of calls whose answer failed holds."""
+        """The unit read is taken: what it said of calls whose answer failed holds (a call that failed
+        again goes last: the oldest failure is the first forgotten)."""
         for key, state in self.staged_calls.items():
-            if state is None:
-                self.failed_calls.pop(key, None)
-            else:
+            self.failed_calls.pop(key, None)
+            if state is not None:
                 self.failed_calls[key] = state
         self.staged_calls.clear()
         _forget_oldest(self.failed_calls)

@@ -4231,6 +4231,30 @@ def test_a_retry_read_after_a_restart_is_taken_into_its_calls_row(tmp_path: Path
 
 
 @needs_gateway_log
+def test_a_call_that_failed_again_is_remembered_from_its_last_failure(tmp_path: Path,
+                                                                     run: Callable[..., Otrace]) -> None:
+    """otrace remembers the last RUNS_REMEMBERED calls whose last answer failed: a call that failed again
+    counts from then, so its retry is taken into its row though as many other calls failed since its
+    first answer."""
+    log = tmp_path / "gateway.log"
+    log.touch()
+    node = run({"TRACE_LOG_PATH": str(log), "TRACE_LOG_POLL": "20ms"})
+    node.wait_log(lambda e: e.get("message") == "following log file")     # from its end: then empty
+    retried, others = "ab" * 16, [f"{i:032x}" for i in range(otrace.RUNS_REMEMBERED)]
+    meanwhile = [fetch_answer(other, 500) for other in others]
+    for answers in ([fetch_answer(retried, 429), *meanwhile[:-1], fetch_answer(retried, 503), meanwhile[-1]],
+                    [fetch_answer(retried, 200)]):
+        lines = node.health()["log_tail"]["lines"] + len(answers)
+        with log.open("ab") as out:
+            out.write(b"".join(answers))
+        wait_until(lambda n=lines: (h := node.health())["log_tail"]["lines"] == n and h["queue_depth"] == 0,
+                   timeout=60, what="the answers read")
+    assert node.query("SELECT status, json_extract(metadata, '$.attempts') FROM llm_traces WHERE status = "
+                      "'ok'") == [("ok", 3)]
+    assert node.query("SELECT count(*) FROM llm_traces") == [(len(others) + 1,)]
+
+
+@needs_gateway_log
 def test_a_retry_taken_into_a_row_the_receiver_may_hold_leaves_it_no_row_otrace_lacks(
         tmp_path: Path, run: Callable[..., Otrace], receiver: Receiver) -> None:
     """The first answer's row reaches the receiver, which says nothing until TRACE_PUSH_TIMEOUT (otrace
