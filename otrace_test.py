@@ -12085,8 +12085,9 @@ def test_an_entry_stored_where_the_top_was_while_otrace_was_stopped_is_found_at_
     gateway = gateway_connection(db)
     append_entry(gateway, "s1", a_call(template, 1000, 0.003))
     wait_traces(node, 7)
-    wait_until(lambda: node.health()["queue_depth"] == 0 and node.query(
-        "SELECT position FROM openclaw_positions WHERE stream = '#top'"), what="the top kept")
+    top = gateway.execute("SELECT rowid FROM transcript_events WHERE session_id = 's1'").fetchall()
+    wait_until(lambda: node.query("SELECT position FROM openclaw_positions WHERE stream = '#top'") == top,
+               what="the top kept")
     assert node.stop() == 0
     (created,), = gateway.execute("SELECT created_at FROM transcript_events WHERE session_id = 's1'")
     gateway.execute("DELETE FROM transcript_events WHERE session_id = 's1'")
