@@ -7374,6 +7374,8 @@ NET_COUNTERS = frozenset(counter for counters in NET_RATES.values() for counter 
 TCP_MARKS = tuple(("snmp", "Tcp", key) for key in ("InSegs", "OutSegs", "ActiveOpens", "PassiveOpens",
                                                      "AttemptFails", "EstabResets", "CurrEstab"))
 TCP_RECOUNT = 300.0
+NET_READ = NET_COUNTERS | frozenset(TCP_MARKS)        # what a sample reads of snmp and netstat ...
+SNMP6_READ = tuple(key for file, _, key in NET_COUNTERS if file == "snmp6")   # ... and of snmp6
 CMDLINE_READ = 8192              # bytes of a command line read (and redacted as a whole) ...
 CMDLINE_KEEP = 1024              # ... and stored
 TOP_RSS = 10                     # processes by memory in each process sample
@@ -8088,8 +8090,8 @@ class NetReader:
         net = under(self.procfs, "net")
         snap = NetSnapshot(read_uptime(self.procfs), None, net_dev(net))
         for name in ("snmp", "netstat"):     # before the states: a change meanwhile is counted again
-            snap.counters |= keyed_rows(read_text(under(net, name)), name, NET_COUNTERS | set(TCP_MARKS))
-        snmp6 = read_keyed(under(net, "snmp6"), [key for file, _, key in NET_COUNTERS if file == "snmp6"])
+            snap.counters |= keyed_rows(read_text(under(net, name)), name, NET_READ)
+        snmp6 = read_keyed(under(net, "snmp6"), SNMP6_READ)
         snap.counters |= {("snmp6", "", key): value for key, value in snmp6.items()}
         tcp4 = read_keyed_row(read_text(under(net, "sockstat")), "TCP")
         tcp6 = read_keyed_row(read_text(under(net, "sockstat6")), "TCP6")
