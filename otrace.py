@@ -9932,9 +9932,7 @@ class SessionStore(QuietReader):
         if store is None:
             store = self.databases[agent] = AgentDatabase(self.root / "agents" / agent / "agent" /
                                                           "openclaw-agent.sqlite")
-            if (top := self.cursors.get((agent, TOP))) is not None:     # as the last run left it
-                session, seq, created, crc = top.mark.rsplit("\t", 3)
-                store.top = (top.position, session, count_of(seq), count_of(created), count_of(crc))
+            store.top = self.kept_top(agent)         # as the last run left it
         gone = store.gone
         store.making = False
         if not store.open():
@@ -10009,6 +10007,13 @@ class SessionStore(QuietReader):
         if kept != self.cursors.get((agent, TOP)):
             self.send([], [(POSITION_SQL, (agent, TOP, kept.mark, kept.position, None, now_ms()))])
             self.cursors[(agent, TOP)] = kept
+
+    def kept_top(self, agent: str) -> tuple | None:
+        """The top keep_top kept, as AgentDatabase holds it; None if none was."""
+        if (kept := self.cursors.get((agent, TOP))) is None:
+            return None
+        session, seq, created, crc = kept.mark.rsplit("\t", 3)
+        return kept.position, session, count_of(seq), count_of(created), count_of(crc)
 
     def read_session(self, store: AgentDatabase, agent: str, session: str, cursor: Cursor | None) -> None:
         """Every entry of the session not read yet, unit by unit. A session rewritten since (another
