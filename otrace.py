@@ -186,7 +186,7 @@ class Kind:
 
 
 def _seconds(text: str) -> float:
-    match = _DURATION.fullmatch(text.strip().lower())
+    match = _DURATION.fullmatch(text.strip())        # 1M is not a minute, nor a month: refused
     if not match:
         raise SettingError
     return float(match[1]) * _DURATION_UNITS[match[2]]
@@ -12083,12 +12083,15 @@ LEDGER_SQL = (
     "oldest_received_at, excluded.oldest_received_at), "
     "newest_received_at = coalesce(max(newest_received_at, excluded.newest_received_at), "
     "newest_received_at, excluded.newest_received_at)")
+HOUR_MS = 3_600_000               # a retention ledger row's span (its pass_id is the UTC hour)
 SAMPLE_TABLES = ("system_metrics", "process_samples")    # otrace's own samples: the first to go unpushed
 DELETED_KEY = "deleted_through."     # otrace_state: the latest arrival (received_at) of a row deleted
 BOOKKEEPING = (("push_log", "started_at", ""), ("push_rejects", "rejected_at", "AND reported_at IS NOT NULL"),
                ("log_offsets", "updated_at", ""), ("openclaw_attempts", "created_at", ""),
                ("otlp_series", "updated_at", ""),
-               ("retention_ledger", "at", "AND (reported_at IS NOT NULL OR unsynced_deleted = 0)"))
+               # a ledger row holds its hour's deletions, dated by the first: kept until the last is as old
+               ("retention_ledger", f"at + {HOUR_MS}",
+                "AND (reported_at IS NOT NULL OR unsynced_deleted = 0)"))
 # The newest row of a table stays: SQLite numbers a new row after the largest id there is, so deleting
 # it would hand its id out again, and a push's 2xx, which marks its batch's rows by id, would mark a
 # row it never sent.
@@ -13433,7 +13436,6 @@ REPORT_SOURCES = ("http", "otlp", "log", STORE_SOURCE, "otrace")   # what calls 
 COST_MODES = ("auto", "computed", "reported")
 TOP_SESSIONS = 10
 PERCENTILES = (50, 95, 99)        # of latency, by nearest rank
-HOUR_MS = 3_600_000
 REPORT_LABEL_MIN = 16            # a row's label keeps this much on any terminal (an hour is 16 wide)
 # A call's cost in each mode: auto takes the figure its source reported, else the computed one.
 COST_SQL = {"auto": "cost_usd", "reported": "CASE WHEN cost_source IS NOT 'computed' THEN cost_usd END",
@@ -13614,6 +13616,7 @@ def _moment(text: str, zone: Zone, now: int, end: bool, back_from: int) -> int:
         return zone.midnight(zone.today(now) + timedelta(days=int(end)))
     with contextlib.suppress(SettingError):
         return back_from - int(_seconds(text) * 1000)
+    text = text.upper()                    # RFC 3339 allows t and z: 2026-11-30t10:00:00z
     try:
         day = date.fromisoformat(text)     # any ISO 8601 date: 2026-11-30, 20261130, 2026-W48-1
     except ValueError:
@@ -13623,8 +13626,9 @@ def _moment(text: str, zone: Zone, now: int, end: bool, back_from: int) -> int:
 
 
 def open_snapshot(path: str, sorts_in_memory: bool = False) -> sqlite3.Connection:
-    """The database read-only, in one read transaction. A copy in a directory otrace cannot write
-    (no -shm can be made) is read as immutable when it has no WAL beside it, which is then exact.
+    """The database read-only, in one read transaction. A copy in a directory otrace cannot write, or
+    on a full disk (no -shm can be made), is read as immutable when it has no WAL beside it (on a full
+    disk, an empty one), which is then exact.
     A sort larger than the connection's cache spills to files in SQLite's temp directory, unless
     `sorts_in_memory` (see run_report)."""
     try:
@@ -13638,12 +13642,17 @@ def open_snapshot(path: str, sorts_in_memory: bool = False) -> sqlite3.Connectio
         conn = connect(path, read_only=True)
         conn.execute("SELECT count(*) FROM sqlite_schema").fetchone()
     except sqlite3.DatabaseError as exc:
-        if sqlite_code(exc) not in ("SQLITE_READONLY", "SQLITE_CANTOPEN"):
+        full = getattr(exc, "sqlite_errorname", None) in ("SQLITE_FULL", "SQLITE_IOERR_SHMSIZE")
+        if not full and sqlite_code(exc) not in ("SQLITE_READONLY", "SQLITE_CANTOPEN"):
             raise ReportError(f"cannot read {path}: {describe(exc)}") from None
-        if Path(path + "-wal").exists():
+        # a -wal's frames are read through a -shm; on a full disk the open that failed left an empty -wal
+        # (and no writer is there: a running otrace's -shm needs no room)
+        if file_size(path + "-wal") if full else Path(path + "-wal").exists():
             raise ReportError(f"cannot read {path}: {describe(exc)} (a reader of its -wal makes a -shm "
-                              "beside it, which this user cannot: run as otrace's user, or copy the file and "
-                              "its -wal into a directory you can write)") from None
+                              "beside it, which " + ("a full disk has no room for: free some space, or copy "
+                              "the file and its -wal to another disk" if full else "this user cannot: run as "
+                              "otrace's user, or copy the file and its -wal into a directory you can write")
+                              + ")") from None
         try:
             conn = sqlite3.connect(sqlite_uri(path, "ro", immutable=True), uri=True, isolation_level=None)
             conn.execute("SELECT count(*) FROM sqlite_schema").fetchone()
@@ -14289,6 +14298,8 @@ def run_report(argv: list[str]) -> int:
     shape.add_argument("--json", action="store_true", help=f"the report as JSON (schema {REPORT_SCHEMA})")
     shape.add_argument("--csv", action="store_true", help="the rows as CSV")
     args = parser.parse_args(argv)
+    for warning in unknown_settings(os.environ):       # TRACE_DB_PAHT would otherwise go unsaid
+        print(f"otrace report: {warning}", file=sys.stderr)
     try:
         if args.breakdown and args.by == "model":
             raise ReportError("--breakdown splits rows by model: use it with --by provider, day, hour, "

@@ -357,6 +357,7 @@ def test_version() -> None:
     ("TRACE_QUEUE_SIZE", "\u0661\u0660\u0660", "an integer from 1 to"),     # Arabic-Indic digits: not ASCII
     ("TRACE_BATCH_WINDOW", "-5ms", "a duration"),
     ("TRACE_SHUTDOWN_TIMEOUT", "4", "a duration"),
+    ("TRACE_RETENTION", "1M", "a duration from"),       # a month to its writer, a minute if read lower-cased
     ("TRACE_LOG_LEVEL", "loud", "one of debug, info, warning, error"),
     ("TRACE_MAX_BODY_BYTES", "lots", "a size from 1KiB to 256MiB"),
     ("TRACE_INGEST_TOKEN", "has space", "printable ASCII"),
@@ -7282,6 +7283,15 @@ def db_bytes(db: Path) -> int:
     return sum(f.stat().st_size for f in files if f.exists())
 
 
+def hours_past(node: Otrace) -> bool:
+    """Date the retention ledger's rows two hours back, as if their hours had long ended: a row is
+    aged from the end of its hour, so with a short TRACE_RETENTION the next pass prunes it (a reported
+    one). True, for wait_until."""
+    with contextlib.closing(sqlite3.connect(node.db_path, timeout=30)) as conn, conn:
+        conn.execute("UPDATE retention_ledger SET at = min(at, ?)", (otrace.now_ms() - 2 * otrace.HOUR_MS,))
+    return True
+
+
 def ledger(node: Otrace) -> dict[tuple[str, str], tuple[int, int]]:
     rows = node.query("SELECT table_name, reason, sum(deleted), sum(unsynced_deleted) FROM retention_ledger "
                       "GROUP BY table_name, reason")
@@ -7522,7 +7532,7 @@ def test_the_count_of_unpushed_rows_deleted_never_goes_down(run: Callable[..., O
         node.post("/v1/traces", [trace(input_text="x" * 2000) for _ in range(20)])
     receiver.default = 200
     ledger = "SELECT count(*) FROM retention_ledger WHERE unsynced_deleted > 0"
-    wait_until(lambda: node.query(ledger)[0][0] == 0, timeout=60,
+    wait_until(lambda: hours_past(node) and node.query(ledger)[0][0] == 0, timeout=60,
                what="the losses reported, and their ledger rows gone with age")
     counted = lost_so_far(node)
     assert counted >= 100
@@ -9844,6 +9854,22 @@ def test_the_report_says_why_a_user_may_not_read_the_database(tmp_path: Path) ->
 
 
 @needs_root
+def test_the_report_reads_a_stopped_database_on_a_full_disk(tmp_path: Path,
+                                                            run: Callable[..., Otrace]) -> None:
+    """otrace stopped, its disk full: the report reads the database as immutable (it has no -wal), where
+    it exited 2 saying "disk I/O error" (SQLite could not make the -shm a WAL database is read with)."""
+    with tmpfs(tmp_path / "vol", "8m") as vol:
+        node = run(db=vol / "otrace.db")
+        node.post("/v1/traces", [trace() for _ in range(3)])
+        node.wait_persisted(3)
+        assert node.stop() == 0 and not (vol / "otrace.db-wal").exists()
+        fill(vol)
+        done = report(vol / "otrace.db", "--json")
+        assert done.returncode == 0 and done.stderr == "", done.stderr
+        assert json.loads(done.stdout)["calls"]["totals"]["calls"] == 3
+
+
+@needs_root
 def test_a_report_with_no_room_for_its_sorts_sorts_in_memory(tmp_path: Path) -> None:
     """A week of a large database sorts past the connection's cache (the log events by kind), into
     files in SQLite's temp directory. With that directory full, the report failed with "database or
@@ -10021,6 +10047,24 @@ def test_the_report_says_its_totals_may_miss_calls_retention_deleted(tmp_path: P
     assert not report_json(db, "--since", after)["retention"]["calls_incomplete"]
 
 
+def test_a_ledger_row_stays_until_its_hours_last_deletion_is_as_old_as_the_retention(
+        run: Callable[..., Otrace], receiver: Receiver) -> None:
+    """A retention ledger row holds its hour's deletions and is dated by the first: it is pruned once its
+    hour is TRACE_RETENTION old, not its first deletion (the hour's later ones went with it, unsaid)."""
+    node = run(push_env(receiver, TRACE_RETENTION="1s", TRACE_CLEANUP_INTERVAL="100ms",
+                        TRACE_PUSH_INTERVAL="200ms"))
+    wait_synced(node, node.post("/v1/traces", [trace() for _ in range(5)]).json["trace_ids"])
+    wait_until(lambda: ledger(node).get(("llm_traces", "age")) == (4, 0), timeout=60,
+               what="the pushed calls but the newest deleted by age")   # the newest stays: BELOW_NEWEST
+    first = node.query("SELECT min(at) FROM retention_ledger")[0][0]
+    wait_until(lambda: otrace.now_ms() > first + 2000, what="the first deletion older than TRACE_RETENTION")
+    passes = node.health()["retention"]["passes"]
+    wait_until(lambda: node.health()["retention"]["passes"] >= passes + 2, what="a pass begun since")
+    assert ledger(node)[("llm_traces", "age")] == (4, 0)
+    week = report_json(node.db_path, "--since", "7d")["retention"]
+    assert (week["deleted"], week["unpushed_deleted"]) == (4, 0)
+
+
 def test_the_report_says_its_totals_miss_calls_retention_deleted_by_age(run: Callable[..., Otrace],
                                                                        receiver: Receiver) -> None:
     """Calls pushed and then deleted by age (TRACE_RETENTION) leave a window reaching back before them
@@ -10033,8 +10077,10 @@ def test_the_report_says_its_totals_miss_calls_retention_deleted_by_age(run: Cal
                                 ).json["trace_ids"])
     node.post("/v1/traces", trace())                          # the newest row stays: see BELOW_NEWEST
     wait_until(lambda: node.query("SELECT count(*) FROM llm_traces")[0][0] == 1 and
-               node.query("SELECT count(*) FROM retention_ledger")[0][0] == 0, timeout=60,
-               what="the old calls deleted by age, and the ledger's rows of it too")
+               node.query("SELECT count(*) FROM retention_ledger")[0][0] > 0, timeout=60,
+               what="the old calls deleted by age")
+    wait_until(lambda: hours_past(node) and node.query("SELECT count(*) FROM retention_ledger")[0][0] == 0,
+               timeout=60, what="the ledger's rows of the deletions gone with age too")
     week = report_json(node.db_path, "--since", "7d")
     assert week["calls"]["totals"]["calls"] == 1 and week["retention"]["calls_incomplete"]
     through = datetime.fromisoformat(week["retention"]["calls_deleted_through"])
@@ -10395,6 +10441,8 @@ def test_report_until_alone_looks_at_the_day_before_it(tmp_path: Path) -> None:
     assert last["window"]["until"] == "9999-12-31T23:59:59.999+00:00" and last["calls"]["totals"]["calls"] > 0
     exact = report_json(db, "--since", "2026-11-01T00:00:00.5Z", "--until", "2026-11-02", "--timezone", "UTC")
     assert exact["window"]["since"] == "2026-11-01T00:00:00.500+00:00"          # as it was counted
+    assert report_json(db, "--since", "2026-11-01t00:00:00.5z", "--until", "2026-11-02", "--timezone",
+                       "UTC")["window"] == exact["window"]                       # RFC 3339 allows t and z
     assert report_json(db, "--since", "2026-11-01", "--until", "now")["calls"] == report_json(
         db, "--since", "2026-11-01")["calls"]                               # the default, said
     basic = report_json(db, "--until", "20261102", "--timezone", "UTC")["window"]    # ISO 8601's basic form
@@ -10410,6 +10458,7 @@ def test_report_until_alone_looks_at_the_day_before_it(tmp_path: Path) -> None:
 def test_report_refuses_a_bad_question_with_exit_2(tmp_path: Path) -> None:
     db = build_report_database(tmp_path / "otrace.db")
     for args, needle in ((("--since", "soon"), "--since 'soon' is not a duration"),
+                         (("--since", "1M"), "--since '1M' is not a duration"),     # a month, or a minute?
                          (("--since", "2026-11-04", "--until", "2026-11-03"), "is not before --until"),
                          (("--until", "2026-11-31"), "--until '2026-11-31' is not"),
                          (("--timezone", "Mars/Olympus"), "--timezone 'Mars/Olympus' is not a time zone"),
@@ -10426,6 +10475,9 @@ def test_report_refuses_a_bad_question_with_exit_2(tmp_path: Path) -> None:
     for tz in ("Europe/Berlin", "UTC-3", "UTC", ":UTC"):
         assert report(db, "--json", env={"TZ": tz}).returncode == 0
     assert report(db, "--json", "--timezone", "UTC", env={"TZ": "Nope"}).returncode == 0
+    done = report(db, "--json", env={"TRACE_DB_PAHT": "/data/otrace.db"})      # said, as `serve` says it
+    assert done.returncode == 0 and done.stderr == ("otrace report: TRACE_DB_PAHT is not a setting otrace "
+                                                    "knows; did you mean TRACE_DB_PATH?\n"), done.stderr
     done = report(tmp_path / "nowhere.db")
     assert (done.returncode, done.stderr) == (2, f"otrace report: no database at {tmp_path / 'nowhere.db'} "
                                                  "(set --db, or TRACE_DB_PATH)\n")
