@@ -1341,6 +1341,7 @@ MAX_INT = 2**53 - 1              # the largest integer a JavaScript agent can se
 MAX_NAME_CHARS = 256             # provider, model, session_id, finish_reason, ...
 MAX_TRACE_ID_CHARS = 128
 MAX_UNIX_MS = 253402300799999    # 9999-12-31T23:59:59.999Z
+MAX_UNIX_NS = 2**63 - 1          # 2262-04-11T23:47:16.854775807Z: SQLite's largest integer, in ns
 SECONDS_NOT_MS = 100_000_000_000  # a created_at number under it (before 1973-03-03 in ms) is Unix seconds
 OWN_TEXT_BYTES = 16384           # texts of the events otrace writes itself
 ERROR_TYPES = ("llm_error", "crash", "system_error")
@@ -4073,9 +4074,8 @@ class Request:
 def parse_head(raw: bytes, complete: bool) -> Request:
     """A request's line and headers, or Refusal. `complete`: the blank line that ends them is in."""
     line, _, rest = raw.partition(b"\n")
-    if len(raw) > HEAD_LIMIT:
-        raise Refusal(414 if len(line) > HEAD_LIMIT else 431,
-                      f"request line and headers are over {HEAD_LIMIT} bytes")
+    if len(line) > HEAD_LIMIT:
+        raise Refusal(414, f"request line and headers are over {HEAD_LIMIT} bytes")
     line = line.rstrip(b"\r")
     words = line.decode("latin-1").split(" ")
     if len(words) != 3 or words[2] not in ("HTTP/1.1", "HTTP/1.0") or not words[0].isalpha():
@@ -4085,6 +4085,10 @@ def parse_head(raw: bytes, complete: bool) -> Request:
         target = "/" + target.split("://", 1)[1].partition("/")[2]   # which servers take: its path, query
     route, headers = target.split("?", 1)[0], {}
     try:
+        if len(raw) > HEAD_LIMIT:
+            with contextlib.suppress(Refusal):   # the headers read so far: how an OTLP exporter is told
+                read_headers(rest, complete, headers)
+            raise Refusal(431, f"request line and headers are over {HEAD_LIMIT} bytes")
         read_headers(rest, complete, headers)
         length, chunked = body_framing(headers, version)
     except Refusal as refusal:                    # an OTLP exporter reads a google.rpc.Status, not ours
@@ -4097,20 +4101,22 @@ def parse_head(raw: bytes, complete: bool) -> Request:
 
 
 def read_headers(rest: bytes, complete: bool, headers: dict[str, str]) -> None:
-    """The header lines after a request line, into `headers` as they come; Refusal for a bad one."""
+    """The header lines after a request line, into `headers` as they come; Refusal for a bad one, for
+    more than MAX_HEADERS, or for a head that did not end (what was read before it stays read)."""
     lines = rest.decode("latin-1").split("\n")       # decoded once: latin-1 maps byte to character
-    if not complete or lines[-2:] not in (["", ""], ["\r", ""]):
-        raise Refusal(400, "the request ended inside its headers")
-    if len(lines) - 2 > MAX_HEADERS:
-        raise Refusal(431, f"more than {MAX_HEADERS} headers")
-    for ended in lines[:-2]:
-        item = ended.rstrip("\r")
+    ended = complete and lines[-2:] in (["", ""], ["\r", ""])
+    for count, line in enumerate(lines[:-2] if ended else lines[:-1], 1):
+        if count > MAX_HEADERS:
+            raise Refusal(431, f"more than {MAX_HEADERS} headers")
+        item = line.rstrip("\r")
         name, colon, value = item.partition(":")
         if not colon or not name or name != name.strip():
             raise Refusal(400, f"bad header line: {item[:200]!r}")
         name, value = name.lower(), value.strip()
         if headers.setdefault(name, value) != value and name in ("content-length", "transfer-encoding"):
             raise Refusal(400, f"conflicting {name} headers")
+    if not ended:
+        raise Refusal(400, "the request ended inside its headers")
 
 
 def body_framing(headers: dict[str, str], version: str) -> tuple[int | None, bool]:
@@ -4973,8 +4979,9 @@ class IngestServer:
             late = Refusal(408, f"the request did not arrive whole within TRACE_READ_TIMEOUT "
                                 f"({self.read_timeout:g} s)")
             self.refusals.refused(conn.request, late, conn.address)
+            body, content_type = self.api.refused(conn.request, late)      # an OTLP route's: a Status
             with contextlib.suppress(OSError):
-                conn.sock.send(respond(408, late.body(), close=True))
+                conn.sock.send(respond(408, body, close=True, content_type=content_type))
         self.hang_up(conn)
 
     def linger(self, conn: Connection) -> None:
@@ -6184,9 +6191,9 @@ class Series:
 
 
 def point_problem(point: Point) -> str | None:
-    """Why a point cannot be kept (a time past 9999, a value or count no column holds), or None."""
-    if not 0 <= point.start_ns <= point.time_ns <= MAX_UNIX_MS * 1_000_000:
-        return "startTimeUnixNano and timeUnixNano must be in order, from 1970 to 9999"
+    """Why a point cannot be kept (a time past 2262, a value or count no column holds), or None."""
+    if not 0 <= point.start_ns <= point.time_ns <= MAX_UNIX_NS:     # its series keeps them, in ns
+        return "startTimeUnixNano and timeUnixNano must be in order, from 1970 to 2262-04-11"
     if not all(math.isfinite(x) for x in (point.value or 0.0, *(point.bounds or ()))):
         return "value and bounds must be finite numbers"
     if not all(0 <= n <= MAX_INT for n in (point.count or 0, *(point.buckets or ()))):
@@ -6546,10 +6553,14 @@ class OtlpReceiver:
     # -- logs
     def logs(self, message: Any, received: int) -> Export:
         export, content, stamps = Export(), {}, {}
+        keys: collections.Counter[str] = collections.Counter()   # error rows' keys made so far
         log_followed, store_followed = self.service.tailer is not None, self.service.store is not None
         for resource_logs in message.resource_logs:
             resource = resource_attributes(resource_logs.resource.attributes)
             for scope_logs in resource_logs.scope_logs:
+                # where its records come from, in their keys: two services' like failures are two rows
+                origin = zlib.crc32(resource_logs.resource.SerializeToString(deterministic=True) +
+                                    scope_logs.scope.SerializeToString(deterministic=True))
                 for record in scope_logs.log_records:
                     export.counts["log_records"] += 1
                     attrs = otel_attributes(record.attributes)
@@ -6562,7 +6573,11 @@ class OtlpReceiver:
                     name = name if isinstance(name, str) else ""
                     used = False
                     if severity(record) >= SEVERITY_ERROR or name in (PUSHED_ERROR, LOSS_EVENT):
+                        key = f"otlp-log-{record.time_unix_nano or record.observed_time_unix_nano}-" \
+                              f"{zlib.crc32(record.SerializeToString(deterministic=True), origin):08x}"
+                        keys[key] += 1     # a like record in the same request is another failure
                         used = self.log_error(record, attrs, name, (resource, scope_logs.scope.name), export,
+                                              key=key if keys[key] == 1 else f"{key}-{keys[key] - 1}",
                                               received=received)
                     said = log_content(name, otel_value(record.body), attrs)
                     if said:
@@ -6582,10 +6597,11 @@ class OtlpReceiver:
         return export
 
     def log_error(self, record: Any, attrs: dict[str, Any], name: str, where: tuple[dict[str, Any], str],
-                  export: Export, *, received: int) -> bool:
+                  export: Export, *, key: str, received: int) -> bool:
         """An ERROR (or FATAL) record, or another otrace's error event or report of rows it gave up (a
-        warning), as an error_events row; its trace_id is derived from the record itself, so an
-        exporter's retry stores nothing twice."""
+        warning), as an error_events row; its trace_id `key` is derived from the record, its resource
+        and scope, and how many like it came before it in the request, so an exporter's retry stores
+        nothing twice."""
         body = otel_value(record.body)
         text = _as_text(body) or _as_text(attrs.get("exception.message")) or name or record.severity_text \
             or "error"
@@ -6604,7 +6620,7 @@ class OtlpReceiver:
                  "provider": provider_name(_first(attrs, PROVIDER_KEYS)),
                  "model": _word(_first(attrs, ("gen_ai.response.model", "gen_ai.request.model"))),
                  "session_id": _word(_first(attrs, SESSION_KEYS)),
-                 "trace_id": f"otlp-log-{at}-{zlib.crc32(record.SerializeToString(deterministic=True)):08x}",
+                 "trace_id": key,
                  "created_at": at // 1_000_000 or None,
                  "metadata": {k: v for k, v in meta.items() if v is not None}}
         if name == PUSHED_ERROR:       # its columns, and its own metadata, not the attributes carrying them

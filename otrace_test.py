@@ -13908,6 +13908,33 @@ def test_otlp_refusals_follow_the_specification(run: Callable[..., Otrace]) -> N
     assert len(node.logs("request partly refused")) == 1        # the protobuf one: within the same minute
 
 
+def test_otlp_refusals_of_a_late_body_or_an_oversized_head_are_a_status_too(run: Callable[..., Otrace]
+                                                                            ) -> None:
+    """On /v1/metrics and /v1/logs every refusal is a google.rpc.Status in the request's encoding: also
+    a body late past TRACE_READ_TIMEOUT (it was otrace's own JSON), more than 100 headers (it was JSON
+    for a protobuf request) and a head over 64 KiB whose request line names the route (otrace's JSON)."""
+    node = run({"TRACE_READ_TIMEOUT": "500ms"})
+    for content_type, route in (("application/x-protobuf", "/v1/metrics"), ("application/json", "/v1/logs")):
+        with socket.create_connection(("127.0.0.1", node.port), timeout=10) as late:
+            late.sendall(f"POST {route} HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\n"
+                         "Content-Length: 100\r\n\r\nabc".encode())
+            head, _, body = read_to_end(late).partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408 ") and f"Content-Type: {content_type}".encode() in head, head
+        code, message = rpc_status(body) if content_type != "application/json" else (
+            json.loads(body)["code"], json.loads(body)["message"])
+        assert code == 4 and "TRACE_READ_TIMEOUT (0.5 s)" in message, (route, body)
+    many = exchange(node.port, "POST", "/v1/metrics", b"", PROTOBUF | {f"x-{i}": "1" for i in range(101)})
+    assert (many.status, many.headers["content-type"]) == (431, "application/x-protobuf")
+    assert rpc_status(many.body) == (3, "more than 100 headers")
+    big = exchange(node.port, "POST", "/v1/logs", b"{}", {"Content-Type": "application/json",
+                                                          "x-big": "y" * 70_000})
+    assert big.status == 431 and (big.json["code"], big.json["message"]) == (
+        3, "request line and headers are over 65536 bytes"), big
+    assert exchange(node.port, "POST", "/v1/traces", b"", {**PROTOBUF, "x-big": "y" * 70_000}).headers[
+        "content-type"] == "application/x-protobuf"
+    assert node.post("/v1/metrics", b"", headers=PROTOBUF).status == 200      # and it serves on
+
+
 def test_a_calls_metadata_over_its_cap_keeps_what_names_its_spans(run: Callable[..., Otrace]) -> None:
     """A call whose attributes are over TRACE_MAX_TEXT_BYTES as metadata (OpenLLMetry's definitions of
     an agent's twenty tools): its largest attributes are left out, and counted, and the span's ids,
@@ -14089,6 +14116,43 @@ def test_a_histogram_point_whose_buckets_do_not_fit_its_bounds_is_refused(run: C
     assert "one count more than explicitBounds" in message and "must rise" in message, message
     node.wait_persisted(2)
     assert sorted(r["model"] for r in node.rows("genai_metrics")) == ["fits", "no buckets"]
+
+
+def test_a_metric_point_past_what_its_series_can_keep_is_refused(run: Callable[..., Otrace]) -> None:
+    """A point timed at or past 2^63 ns (2262-04-11: a clock far off) was answered 200 and stored, but
+    its series' state could not be (the statement dropped, an ERROR logged), so after a restart the
+    next point counted the whole series again. It is refused, by partial_success; the last
+    nanosecond SQLite holds is taken."""
+    node = run()
+    last = (2**63 - 1) // 10**9                              # whole seconds: the body's times
+    late = node.post("/v1/metrics", sums_body(10, last + 1, start_s=last + 1))
+    assert late.status == 200 and late.json["partialSuccess"]["rejectedDataPoints"] == "1", late
+    assert "from 1970 to 2262-04-11" in late.json["partialSuccess"]["errorMessage"]
+    assert node.post("/v1/metrics", sums_body(10, last, start_s=last)).json == {}
+    node.wait_persisted(1)
+    assert node.query("SELECT time_ns FROM otlp_series") == [(last * 10**9,)]
+    assert node.health()["events_dropped"] == 0 and not node.logs("statement cannot be run; dropped")
+
+
+def test_like_error_records_of_two_services_or_one_request_are_rows_of_their_own(
+        run: Callable[..., Otrace]) -> None:
+    """An ERROR record's key is the record's, its resource's and scope's, and how many like it came
+    before it in the request: two services' same failure at the same nanosecond, or one request's two,
+    are two rows (they were one, the second counted a duplicate); the exporter's retry adds none."""
+    record = {"timeUnixNano": "1796000000000000000", "severityNumber": 17, "severityText": "ERROR",
+              "body": {"stringValue": "tool call failed: timeout"}}
+    def resource(service: str, records: int) -> dict[str, Any]:
+        return {"resource": {"attributes": [{"key": "service.name", "value": {"stringValue": service}}]},
+                "scopeLogs": [{"scope": {"name": "app"}, "logRecords": [record] * records}]}
+    node = run()
+    services = {"resourceLogs": [resource("billing-agent", 1), resource("search-agent", 1)]}
+    twice = {"resourceLogs": [resource("ops-agent", 2)]}
+    for _ in range(2):                                            # sent, then retried as it was
+        assert node.post("/v1/logs", services).status == 200 and node.post("/v1/logs", twice).status == 200
+    health = node.wait_persisted(8)
+    assert (health["events_persisted"], health["events_duplicate"]) == (4, 4)
+    assert sorted(json.loads(r["metadata"])["service_name"] for r in node.rows("error_events")) == [
+        "billing-agent", "ops-agent", "ops-agent", "search-agent"]
 
 
 def test_a_series_out_of_memory_goes_on_from_its_stored_point(run: Callable[..., Otrace]) -> None:
