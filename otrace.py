@@ -5535,7 +5535,9 @@ def llm_call(span: Any, resource: dict[str, Any], where: tuple[int, str], store_
     if isinstance(ttft := _first(attrs, TTFT_KEYS), (int, float)) and not isinstance(ttft, bool):
         event["ttft_ms"] = ttft * 1000
     finish = _first(attrs, FINISH_KEYS)
-    event["finish_reason"] = (",".join(map(str, finish)) or None) if isinstance(finish, list) else finish
+    if isinstance(finish, list):                       # ["", "stop"]: "stop", not ",stop"
+        finish = ",".join(str(reason) for reason in finish if reason != "") or None
+    event["finish_reason"] = finish
     event["input_text"], event["output_text"] = span_content(attrs, span.events)
     event["metadata"] = span_metadata(span, attrs, resource, where[1])
     leave_out_bad_values(event)

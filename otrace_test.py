@@ -13935,6 +13935,21 @@ def test_otlp_refusals_of_a_late_body_or_an_oversized_head_are_a_status_too(run:
     assert node.post("/v1/metrics", b"", headers=PROTOBUF).status == 200      # and it serves on
 
 
+def test_a_spans_empty_finish_reasons_are_left_out_of_its_list(run: Callable[..., Otrace]) -> None:
+    """gen_ai.response.finish_reasons ["", "stop", ""] is "stop" (it was ",stop,"); all empty, none."""
+    node = run()
+    spans = []
+    for n, reasons in enumerate((["", "stop", ""], ["", ""])):
+        span = chat_span(f"{n + 1:032x}", f"{n + 1:016x}", **{"gen_ai.operation.name": "chat",
+                                                              "gen_ai.request.model": "m"})
+        span["attributes"].append({"key": "gen_ai.response.finish_reasons", "value": {"arrayValue": {
+            "values": [{"stringValue": reason} for reason in reasons]}}})
+        spans.append(span)
+    assert node.post("/v1/traces", spans_body(*spans)).json == {}
+    node.wait_persisted(2)
+    assert node.query("SELECT finish_reason FROM llm_traces ORDER BY trace_id") == [("stop",), (None,)]
+
+
 def test_a_calls_metadata_over_its_cap_keeps_what_names_its_spans(run: Callable[..., Otrace]) -> None:
     """A call whose attributes are over TRACE_MAX_TEXT_BYTES as metadata (OpenLLMetry's definitions of
     an agent's twenty tools): its largest attributes are left out, and counted, and the span's ids,
