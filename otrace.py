@@ -11536,7 +11536,8 @@ class Pusher(Loop):
         # sends them again: poison then, if refused alone again and proven (see refused_alone); else
         # a receiver that may refuse everything
         self.suspects: dict[tuple[str, str], tuple[int, bool]] = {}   # (table, trace_id): ids change
-        # batches of events accepted by signal (an OTLP receiver may refuse one); a suspect keeps its count
+        # batches that took events, by the tables they held (a receiver may refuse one kind: all LLM
+        # calls, say, or an OTLP signal); a suspect keeps its table's count
         self.acceptances: collections.Counter[str] = collections.Counter()
         self.cycle_lock = threading.Lock()
         # monotonic time a Retry-After asked to wait for: the receiver's (""), or an OTLP signal's endpoint's
@@ -11680,7 +11681,7 @@ class Pusher(Loop):
         return True
 
     def deliver(self, batch: Batch, deadline: float | None, cycle: Cycle,
-                split_at: int | None = None) -> bool:
+                split_at: collections.Counter[str] | None = None) -> bool:
         """Send one batch until it is confirmed, split, or the cycle gives up on it (False). split_at:
         the acceptances counted when the batch it is half of was refused."""
         backoff = Backoff(self.config.push_backoff_base, self.config.push_backoff_cap)
@@ -11705,7 +11706,7 @@ class Pusher(Loop):
                     record_pushed, batch, attempt, self.db.merges, cycle.read_at))
                 if batch.events and attempt.rejected < batch.events:   # it took events: proof for suspects
                     cycle.accepted = True
-                    self.acceptances[batch.signal] += 1
+                    self.acceptances.update({table for table, _, _, _, _ in batch.spans})
                 if attempt.rejected:
                     self.partly_refused(batch, attempt)
                 self.throttled.pop(batch.signal, None)
@@ -11725,7 +11726,7 @@ class Pusher(Loop):
                     return False                 # the receiver may refuse all of this signal
                 if len(batch) == 1:
                     return True
-                refused_at = self.acceptances[batch.signal]
+                refused_at = self.acceptances.copy()
                 return all(self.deliver(half, deadline, cycle, refused_at) for half in batch.halves())
             if attempt.retry_after and self.signal_fault(attempt):   # the signal waits, the others go
                 self.throttled[batch.signal] += 1                      # on: an attempt of its retries
@@ -11834,20 +11835,22 @@ class Pusher(Loop):
                         "up, not sent again", {"signal": batch.signal, "error": attempt.summary(),
                                                "refused": refused})
 
-    def refused_alone(self, batch: Batch, attempt: Attempt, cycle: Cycle, split_at: int | None) -> None:
-        """An event refused on its own: a suspect, proven if the receiver accepted part of the batch it
-        was split from. Poison, refused again, if proven or the receiver has accepted other events
-        since its last refusal: a receiver that turned to refusing everything has done neither."""
+    def refused_alone(self, batch: Batch, attempt: Attempt, cycle: Cycle,
+                      split_at: collections.Counter[str] | None) -> None:
+        """An event refused on its own: a suspect, proven if the receiver accepted events of its table in
+        part of the batch it was split from. Poison, refused again, if proven or the receiver has
+        accepted other events of its table since its last refusal: a receiver that turned to refusing
+        everything, or everything of that kind, has done neither."""
         table, _, trace_id, _, _ = batch.spans[0]
         key = (table, trace_id)
-        accepted = self.acceptances[batch.signal]
+        accepted = self.acceptances[table]
         refused_at, proven = self.suspects.get(key, (None, False))
         if refused_at is not None and (proven or accepted > refused_at):
             cycle.poison.append((batch, attempt))
             return
         if refused_at is not None or len(self.suspects) < MAX_SUSPECTS:
             cycle.new_suspects += refused_at is None
-            self.suspects[key] = (accepted, split_at is not None and accepted > split_at)
+            self.suspects[key] = (accepted, split_at is not None and accepted > split_at[table])
         cycle.refused += 1
         cycle.refused_by.setdefault(batch.signal, attempt)
 

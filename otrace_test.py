@@ -5414,6 +5414,32 @@ def test_events_refused_while_the_receiver_refused_everything_are_not_given_up_w
     assert set(receiver.trace_ids()) == set(ids) and node.health()["push"]["events_refused_by_receiver"] == 0
 
 
+def test_a_receiver_refusing_every_llm_call_and_taking_the_rest_gives_up_none(
+        run: Callable[..., Otrace], receiver: Receiver) -> None:
+    """Proof that an event refused alone is poison is the receiver taking others of its kind: of its
+    table. A receiver whose schema for LLM calls broke takes the error events and refuses every call;
+    the calls stay (they were all given up, the errors taken as proof), refused alone again and again."""
+    def act(_: Receiver, request: dict[str, Any]) -> Any:
+        if any(e["type"] == "llm_trace" for e in request["json"]["events"]):
+            return 400, {"Content-Type": "text/plain"}, "llm_trace: unknown field"
+        return 200
+    receiver.default = act
+    node = run(push_env(receiver, TRACE_PUSH_INTERVAL="200ms"))
+    ids = node.post("/v1/traces", [trace() for _ in range(6)]).json["trace_ids"]
+    errors = node.post("/v1/errors", [{"error_type": "crash", "message": f"m{i}"} for i in range(3)]
+                       ).json["trace_ids"]
+    wait_synced(node, errors)
+
+    def refused_alone_thrice() -> bool:          # one given up after its second is never sent again
+        alone = collections.Counter(r["json"]["events"][0]["trace_id"] for r in receiver.requests
+                                    if r["answered"] == 400 and len(r["json"]["events"]) == 1)
+        return all(alone[i] >= 3 for i in ids)
+    wait_until(refused_alone_thrice, timeout=60, what="each call refused alone three times")
+    assert node.query("SELECT count(*) FROM push_rejects") == [(0,)]
+    assert {synced(node)[i] for i in ids} == {0}
+    assert node.health()["push"]["events_refused_by_receiver"] == 0
+
+
 @pytest.mark.parametrize("bad, good", [(40, 20), (0, 5)])
 def test_events_the_receiver_refuses_alone_are_given_up_and_the_rest_goes(
         run: Callable[..., Otrace], receiver: Receiver, bad: int, good: int) -> None:
