@@ -10461,6 +10461,7 @@ OTLP_ENVELOPE = {"traces": ("resourceSpans", "scopeSpans", "spans"),     # OTLP 
                  "metrics": ("resourceMetrics", "scopeMetrics", "metrics")}
 # system_metrics columns pushed under OpenTelemetry's names: (metric, unit, scale, attributes); the
 # others go as otrace.host.<column>. A sample from a cgroup is the container's, from /proc the host's.
+CORE_SHARE = "a percent of one core"    # a scale: OpenTelemetry's process.cpu.utilization is of all CPUs
 HOST_METRICS = {
     "mem_used_bytes": ("system.memory.usage", "By", 1, {"system.memory.state": "used"}),
     "cpu_pct": ("system.cpu.utilization", "1", 0.01, {}),
@@ -10468,14 +10469,14 @@ HOST_METRICS = {
     "disk_avail_bytes": ("system.filesystem.usage", "By", 1, {"system.filesystem.state": "free"}),
     "disk_used_pct": ("system.filesystem.utilization", "1", 0.01, {}),
     "self_rss_bytes": ("process.memory.usage", "By", 1, {}),
-    "self_cpu_pct": ("process.cpu.utilization", "1", 0.01, {}),
+    "self_cpu_pct": ("process.cpu.utilization", "1", CORE_SHARE, {}),
     "proc_count": ("system.process.count", "{process}", 1, {}),
     **{f"tcp_{state}": ("system.network.connections", "{connection}", 1, {
         "network.transport": "tcp", "network.connection.state": state})
        for state in ("established", "time_wait", "close_wait", "listen")},
 }
 # process_samples columns as process.* gauges, each point named by the process's attributes
-PROCESS_METRICS = {"cpu_pct": ("process.cpu.utilization", "1", 0.01),
+PROCESS_METRICS = {"cpu_pct": ("process.cpu.utilization", "1", CORE_SHARE),
                    "rss_bytes": ("process.memory.usage", "By", 1),
                    "threads": ("process.thread.count", "{thread}", 1),
                    "fds": ("process.unix.file_descriptor.count", "{file_descriptor}", 1)}
@@ -10756,7 +10757,7 @@ class OtlpFormat:
     Export*ServiceRequest by putting a few bytes of envelope before and after it (around each origin's
     events, where they came from several)."""
 
-    def __init__(self, config: Config, agent_id: str) -> None:
+    def __init__(self, config: Config, agent_id: str, cpus: int | None = None) -> None:
         from google.protobuf.message import Error  # noqa: PLC0415 - imported where needed
         from opentelemetry.proto.common.v1 import common_pb2  # noqa: PLC0415
         from opentelemetry.proto.logs.v1 import logs_pb2  # noqa: PLC0415
@@ -10771,6 +10772,8 @@ class OtlpFormat:
         self.base = _request_target(config.push_endpoint).split("?", 1)
         self.resource_pb2, self.agent_id, self.host = resource_pb2, agent_id, host_name()
         self.origins: dict[Origin, tuple[Any, Any]] = {}
+        # a percent of one core as a share of the CPUs otrace may run on (`cpus`: this machine's)
+        self.core_share = 0.01 / (cpus or len(os.sched_getaffinity(0)))
 
     def signal(self, table: str) -> str:
         return push_signal(table)
@@ -10893,7 +10896,7 @@ class OtlpFormat:
         if names is CONTAINER_METRICS and row["cpu_pct"] is not None and row["cpu_cores_effective"]:
             cpus = row["cpu_pct"] / 100 * row["cpu_cores_effective"]
             points.append(("container.cpu.usage", "{cpu}", 1, {}, cpus))
-        return [self.gauge(name, unit, value if scale == 1 else value * scale, at, self.attributes(
+        return [self.gauge(name, unit, self.scaled(value, scale), at, self.attributes(
                     attrs | mount if name.startswith("system.filesystem") else attrs))
                 for name, unit, scale, attrs, value in points]
 
@@ -10905,8 +10908,12 @@ class OtlpFormat:
             "process.owner": row["user"],
             "otrace.cpu_rank": row["cpu_rank"], "otrace.rss_rank": row["rss_rank"]})
         at = unix_nano(row["created_at"])
-        return [self.gauge(name, unit, row[column] if scale == 1 else row[column] * scale, at, attrs)
+        return [self.gauge(name, unit, self.scaled(row[column], scale), at, attrs)
                 for column, (name, unit, scale) in PROCESS_METRICS.items() if _finite(row[column])]
+
+    def scaled(self, value: float, scale: float | str) -> float:
+        """A column's value at its metric's scale (CORE_SHARE: of all the CPUs, not of one)."""
+        return value if scale == 1 else value * (self.core_share if scale is CORE_SHARE else scale)
 
     def gauge(self, name: str, unit: str, value: float, at: int, attributes: Any) -> Any:
         """A gauge of one point, at its scale already: an integer as one, else a double."""

@@ -5124,8 +5124,8 @@ def test_a_host_sample_is_pushed_as_container_or_system_gauges(tmp_path: Path, c
                                                                 cpu: str) -> None:
     """A sample read from a cgroup is the container's, one from /proc the host's: real captured trees."""
     row, _ = sample_case(case, tmp_path)
-    row |= {"id": 1, "trace_id": "m1", "created_at": 1_000, "received_at": 1_000}
-    form = otrace.OtlpFormat(otrace.Config(push_endpoint="http://h/", push_format="otlp"), "a")
+    row |= {"id": 1, "trace_id": "m1", "created_at": 1_000, "received_at": 1_000, "self_cpu_pct": 150.0}
+    form = otrace.OtlpFormat(otrace.Config(push_endpoint="http://h/", push_format="otlp"), "a", cpus=2)
     batch = otrace.Batch("metrics", form.separator)
     batch.add("system_metrics", 1, "m1", form.item("system_metrics", row))
     request = otrace.decode_otlp("metrics", b"".join(bytes(part) for part in form.body(batch)), "protobuf")
@@ -5135,14 +5135,17 @@ def test_a_host_sample_is_pushed_as_container_or_system_gauges(tmp_path: Path, c
     cpus = row["cpu_cores_effective"] if case == "v2-quota" else 1        # container.cpu.usage is in cpus
     assert metrics[cpu].as_double == pytest.approx(row["cpu_pct"] / 100 * cpus)
     assert metrics["otrace.host.mem_total_bytes"].as_int == MEM_TOTAL
+    assert metrics["process.cpu.utilization"].as_double == pytest.approx(0.75)   # 150 % of a core, of 2
     usage = [m for m in gauges if m.name == "system.filesystem.usage"]
     assert {p.attributes[0].value.string_value for m in usage for p in m.gauge.data_points
             if p.attributes[0].key == "system.filesystem.state"} == {"used", "free"}
 
 
 def test_a_process_sample_is_pushed_as_process_gauges_naming_the_process() -> None:
-    """Captured procs-many: each process of the sample is process.* gauges with its pid and command."""
-    form = otrace.OtlpFormat(otrace.Config(push_endpoint="http://h/", push_format="otlp"), "a")
+    """Captured procs-many: each process of the sample is process.* gauges with its pid and command;
+    its CPU, a percent of one core, as OpenTelemetry's utilization, a share of all the CPUs (it was of
+    one: 1.98 for a process busy on both of two)."""
+    form = otrace.OtlpFormat(otrace.Config(push_endpoint="http://h/", push_format="otlp"), "a", cpus=4)
     rows = sample_procs()
     batch = otrace.Batch("metrics", form.separator)
     for i, row in enumerate(rows):
@@ -5159,7 +5162,7 @@ def test_a_process_sample_is_pushed_as_process_gauges_naming_the_process() -> No
     assert memory.as_int == gateway["rss_bytes"]
     named = {a.key: a.value.string_value for a in memory.attributes}
     assert named["process.command_line"] == gateway["cmdline"]
-    assert points[12]["process.cpu.utilization"].as_double == pytest.approx(gateway["cpu_pct"] / 100)
+    assert points[12]["process.cpu.utilization"].as_double == pytest.approx(gateway["cpu_pct"] / 100 / 4)
 
 
 @pytest.mark.parametrize(("answer", "protocol", "rejected"), [
