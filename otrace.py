@@ -11963,8 +11963,8 @@ class Pusher(Loop):
         self.last_error = None if verdict == "ok" and not attempt.rejected else attempt.summary()
         if verdict != "ok":
             self.totals.add("failed")
-        elif not attempt.rejected:            # a batch taken whole
-            self.last_success = self.last_time
+        elif not attempt.rejected:            # a batch taken whole: its request began then, as push_log says
+            self.last_success = attempt.started_at / 1000
 
     def health(self) -> dict[str, Any]:
         totals = self.totals.snapshot()
