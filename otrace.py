@@ -6560,9 +6560,7 @@ class OtlpReceiver:
         for resource_logs in message.resource_logs:
             resource = resource_attributes(resource_logs.resource.attributes)
             for scope_logs in resource_logs.scope_logs:
-                # where its records come from, in their keys: two services' like failures are two rows
-                origin = zlib.crc32(resource_logs.resource.SerializeToString(deterministic=True) +
-                                    scope_logs.scope.SerializeToString(deterministic=True))
+                origin: int | None = None    # its resource and scope, in its error rows' keys (below)
                 for record in scope_logs.log_records:
                     export.counts["log_records"] += 1
                     attrs = otel_attributes(record.attributes)
@@ -6575,6 +6573,9 @@ class OtlpReceiver:
                     name = name if isinstance(name, str) else ""
                     used = False
                     if severity(record) >= SEVERITY_ERROR or name in (PUSHED_ERROR, LOSS_EVENT):
+                        if origin is None:       # two services' like failures are two rows
+                            origin = zlib.crc32(resource_logs.resource.SerializeToString(deterministic=True)
+                                                + scope_logs.scope.SerializeToString(deterministic=True))
                         key = f"otlp-log-{record.time_unix_nano or record.observed_time_unix_nano}-" \
                               f"{zlib.crc32(record.SerializeToString(deterministic=True), origin):08x}"
                         keys[key] += 1     # a like record in the same request is another failure
