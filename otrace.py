@@ -6956,14 +6956,14 @@ def relative(dirs: dict[str, tuple[str, Path]], roots: dict[str, Path], res: str
 
 
 def bound_by(resource: str, version: str, where: Path, root: Path) -> Path:
-    """The cgroup whose limit on `resource` (a CPU quota, a memory limit) binds `where`: its own if it
-    has one, else the nearest above it that has, up to the root it sees; `where` for a resource
-    with no limit read, or none set."""
+    """The cgroup whose limit on `resource` (a CPU quota, a memory limit) binds `where`: of it and those
+    above it up to the root it sees, the one with the tightest (a parent's tighter limit binds its
+    children, whatever theirs; of two alike, the nearer); `where` for a resource with no limit read,
+    or none set."""
     has = {"cpu": cpu_quota, "memory": memory_limit}.get(resource)
-    for folder in upward(where, root) if has else ():
-        if has(version, folder) is not None:
-            return folder
-    return where
+    limits = [(limit, n, folder) for n, folder in enumerate(upward(where, root) if has else ())
+              if (limit := has(version, folder)) is not None]
+    return min(limits)[2] if limits else where
 
 
 def upward(where: Path, root: Path) -> list[Path]:

@@ -3452,6 +3452,12 @@ def test_limits_on_a_parent_cgroup_are_the_ones_read(tmp_path: Path, case: str) 
 @pytest.mark.parametrize(("own", "limits", "cpu", "memory"), [
     ("pod/ctr", {"pod/ctr": ("50000 100000", "max"), "pod": ("max 100000", "1073741824")}, "pod/ctr", "pod"),
     ("pod/ctr", {"pod/ctr": ("max 100000", "max"), "pod": ("max 100000", "max")}, "pod/ctr", "pod/ctr"),
+    # a parent's tighter limit binds, whatever the child's own (the child's 2 GiB was read: 1.9 GB
+    # available where 140 MB were, and the agent was OOM-killed)
+    ("pod/ctr", {"pod/ctr": ("200000 100000", "2147483648"), "pod": ("50000 100000", "419430400")}, "pod",
+     "pod"),
+    ("pod/ctr", {"pod/ctr": ("50000 100000", "419430400"), "pod": ("200000 100000", "2147483648")},
+     "pod/ctr", "pod/ctr"),
     ("kubepods.slice/pod1.slice/cri-containerd-4f2a.scope",               # a runtime's unit: as it is
      {"kubepods.slice/pod1.slice/cri-containerd-4f2a.scope": ("max 100000", "max"),
       "kubepods.slice/pod1.slice": ("max 100000", "1073741824")}, "cri-containerd-4f2a.scope",
@@ -3460,8 +3466,8 @@ def test_limits_on_a_parent_cgroup_are_the_ones_read(tmp_path: Path, case: str) 
 def test_each_limit_is_read_where_it_is_set(tmp_path: Path, own: str, limits: dict[str, tuple[str, str]],
                                             cpu: str, memory: str) -> None:
     """A CPU quota on the cgroup itself and a memory limit on its parent: each figure from where its
-    limit is (one limit once hid the other); none set: its own; a container runtime's unit is read as
-    it is (above it are the other containers of the node)."""
+    limit is (one limit once hid the other); none set: its own; limits on both: the tighter; a container
+    runtime's unit is read as it is (above it are the other containers of the node)."""
     root = tmp_path / "host"
     shutil.copytree(HOSTS / "v2-quota" / "t0", root)
     cgroups = root / "sys" / "fs" / "cgroup"
