@@ -13266,7 +13266,8 @@ def health_report(service: Service) -> dict[str, Any]:
         "last_push_status": pusher.last_status if pusher else "disabled",
         "push": push,
         "retention": service.retention.health(),
-        "host": service.sampler and service.sampler.latest,
+        "host": (latest := service.sampler and service.sampler.latest) and {   # its JSON column an object
+            **latest, "dns": latest["dns"] and json.loads(latest["dns"])},
         "metrics": service.sampler and service.sampler.health(),
         "log_tail": service.tailer and service.tailer.health(),
         "llm_calls": {"prices": service.prices and service.prices.label, **service.tally.report()},

@@ -15819,6 +15819,8 @@ def test_dns_probes_time_a_name_in_hosts_one_that_cannot_resolve_and_one_that_ha
                       and e["host_name"] == "missing.test")
         probed = [json.loads(r["dns"]) for r in node.rows("system_metrics") if r["dns"]]
         assert probed and {"in-hosts.test", "missing.test", "hang.test"} <= set(probed[0])
+        sample = wait_until(lambda: node.health()["host"]["dns"], what="a sample a probe ended in")
+        assert sample["in-hosts.test"]["outcome"] == "ok"     # an object, as system.dns (was a string)
         text = node.request("GET", "/metrics").body.decode()
         assert 'otrace_dns_probe_success{name="in-hosts.test"} 1' in text
         assert 'otrace_dns_probe_success{name="hang.test"} 0' in text
