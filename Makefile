@@ -40,7 +40,7 @@ soak: $(VENV)/.dev  ## as root: the fault soak in both push formats, then 10 min
 # unpacks them on first run, into ~/.shiv or $$SHIV_ROOT: protobuf and zstandard are compiled extensions),
 # at the versions the tests ran with in .venv.
 pyz: $(VENV)/.dev  ## dist/otrace.pyz: otrace and its packages in one file
-	rm -rf build/pyz && mkdir -p build/pyz dist && cp otrace.py prices.json prices.LICENSE build/pyz/
+	rm -rf build/pyz && mkdir -p build/pyz dist && cp otrace.py LICENSE prices.json prices.LICENSE build/pyz/
 	$(VENV)/bin/pip freeze --disable-pip-version-check --exclude-editable > build/tested.txt
 	$(VENV)/bin/shiv --quiet --site-packages build/pyz --entry-point otrace:main --python '/usr/bin/env python3' \
 		--reproducible --compressed --compile-pyc --output-file dist/otrace.pyz -r requirements.txt --constraint build/tested.txt

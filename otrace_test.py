@@ -41,6 +41,7 @@ import threading
 import time
 import urllib.parse
 import uuid
+import zipfile
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime, timedelta, timezone
@@ -9075,6 +9076,8 @@ def test_pyz_serves_on_a_bare_interpreter(tmp_path: Path, run: Callable[..., Otr
     carries, and a report."""
     subprocess.run(["make", "-s", "pyz"], cwd=HERE, check=True, capture_output=True, timeout=240)
     pyz = HERE / "dist" / "otrace.pyz"
+    with zipfile.ZipFile(pyz) as packed:                       # otrace's licence with it, the table's too
+        assert {"site-packages/LICENSE", "site-packages/prices.LICENSE"} <= set(packed.namelist())
     bare = [sys._base_executable, "-I", "-S"]         # the interpreter under the venv, nothing installed
     shiv_root = tmp_path / "shiv"
     clean_env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "SHIV_ROOT": str(shiv_root)}
