@@ -186,9 +186,9 @@ class Kind:
 
 
 def _seconds(text: str) -> float:
-    match = _DURATION.fullmatch(text.strip())        # 1M is not a minute, nor a month: refused
-    if not match:
-        raise SettingError
+    match = _DURATION.fullmatch(text.strip())
+    if not match:            # 1M is a month to some, a minute to others: refused, saying why
+        raise SettingError("units are lower case" if _DURATION.fullmatch(text.strip().lower()) else "")
     return float(match[1]) * _DURATION_UNITS[match[2]]
 
 
@@ -4978,6 +4978,11 @@ class IngestServer:
         if (conn.inbox or conn.request is not None) and not conn.outbox:
             late = Refusal(408, f"the request did not arrive whole within TRACE_READ_TIMEOUT "
                                 f"({self.read_timeout:g} s)")
+            if conn.request is None:          # its head still coming: what came of it names its route
+                try:
+                    parse_head(bytes(conn.inbox), complete=False)
+                except Refusal as partly:
+                    late.otlp = partly.otlp
             self.refusals.refused(conn.request, late, conn.address)
             body, content_type = self.api.refused(conn.request, late)      # an OTLP route's: a Status
             with contextlib.suppress(OSError):
@@ -10773,8 +10778,8 @@ class OtlpFormat:
         self.base = _request_target(config.push_endpoint).split("?", 1)
         self.resource_pb2, self.agent_id, self.host = resource_pb2, agent_id, host_name()
         self.origins: dict[Origin, tuple[Any, Any]] = {}
-        # a percent of one core as a share of the CPUs otrace may run on (`cpus`: this machine's)
-        self.core_share = 0.01 / (cpus or len(os.sched_getaffinity(0)))
+        # a percent of one core as a share of the machine's CPUs (`cpus`: this one's, online)
+        self.core_share = 0.01 / (cpus or os.cpu_count() or 1)
 
     def signal(self, table: str) -> str:
         return push_signal(table)
@@ -13634,9 +13639,10 @@ def moment(text: str, zone: Zone, now: int, end: bool, back_from: int | None = N
         return min(max(0, _moment(text, zone, now, end, back_from)), MAX_UNIX_MS + int(end))
     except OverflowError:
         raise ReportError(f"{flag} {text!r} is out of range (1970 to 9999)") from None
-    except ValueError:
+    except ValueError as bad:
+        said = f" ({bad})" if isinstance(bad, SettingError) and str(bad) else ""
         raise ReportError(f"{flag} {text!r} is not a duration (24h, 7d), today, a date (2026-11-30) or an "
-                          "RFC 3339 time") from None
+                          f"RFC 3339 time{said}") from None
 
 
 def _moment(text: str, zone: Zone, now: int, end: bool, back_from: int) -> int:
@@ -13644,8 +13650,11 @@ def _moment(text: str, zone: Zone, now: int, end: bool, back_from: int) -> int:
         return now
     if text.lower() == "today":
         return zone.midnight(zone.today(now) + timedelta(days=int(end)))
-    with contextlib.suppress(SettingError):
+    try:
         return back_from - int(_seconds(text) * 1000)
+    except SettingError as bad:
+        if str(bad):                       # a duration with its unit in upper case
+            raise
     text = text.upper()                    # RFC 3339 allows t and z: 2026-11-30t10:00:00z
     try:
         day = date.fromisoformat(text)     # any ISO 8601 date: 2026-11-30, 20261130, 2026-W48-1

@@ -358,7 +358,7 @@ def test_version() -> None:
     ("TRACE_QUEUE_SIZE", "\u0661\u0660\u0660", "an integer from 1 to"),     # Arabic-Indic digits: not ASCII
     ("TRACE_BATCH_WINDOW", "-5ms", "a duration"),
     ("TRACE_SHUTDOWN_TIMEOUT", "4", "a duration"),
-    ("TRACE_RETENTION", "1M", "a duration from"),       # a month to its writer, a minute if read lower-cased
+    ("TRACE_RETENTION", "1M", "(units are lower case)"),   # a month to its writer, a minute if lower-cased
     ("TRACE_LOG_LEVEL", "loud", "one of debug, info, warning, error"),
     ("TRACE_MAX_BODY_BYTES", "lots", "a size from 1KiB to 256MiB"),
     ("TRACE_INGEST_TOKEN", "has space", "printable ASCII"),
@@ -10497,7 +10497,8 @@ def test_report_until_alone_looks_at_the_day_before_it(tmp_path: Path) -> None:
 def test_report_refuses_a_bad_question_with_exit_2(tmp_path: Path) -> None:
     db = build_report_database(tmp_path / "otrace.db")
     for args, needle in ((("--since", "soon"), "--since 'soon' is not a duration"),
-                         (("--since", "1M"), "--since '1M' is not a duration"),     # a month, or a minute?
+                         (("--since", "1M"), "RFC 3339 time (units are lower case)"),   # a month? a minute?
+                         (("--since", "24H"), "--since '24H' is not a duration"),
                          (("--since", "2026-11-04", "--until", "2026-11-03"), "is not before --until"),
                          (("--until", "2026-11-31"), "--until '2026-11-31' is not"),
                          (("--timezone", "Mars/Olympus"), "--timezone 'Mars/Olympus' is not a time zone"),
@@ -13950,13 +13951,17 @@ def test_otlp_refusals_follow_the_specification(run: Callable[..., Otrace]) -> N
 def test_otlp_refusals_of_a_late_body_or_an_oversized_head_are_a_status_too(run: Callable[..., Otrace]
                                                                             ) -> None:
     """On /v1/metrics and /v1/logs every refusal is a google.rpc.Status in the request's encoding: also
-    a body late past TRACE_READ_TIMEOUT (it was otrace's own JSON), more than 100 headers (it was JSON
-    for a protobuf request) and a head over 64 KiB whose request line names the route (otrace's JSON)."""
+    a body or head late past TRACE_READ_TIMEOUT (it was otrace's own JSON), more than 100 headers (it was
+    JSON for a protobuf request) and a head over 64 KiB whose request line names the route (otrace's
+    JSON)."""
     node = run({"TRACE_READ_TIMEOUT": "500ms"})
-    for content_type, route in (("application/x-protobuf", "/v1/metrics"), ("application/json", "/v1/logs")):
+    body_late = "Content-Length: 100\r\n\r\nabc"
+    for content_type, route, rest in (("application/x-protobuf", "/v1/metrics", body_late),
+                                      ("application/json", "/v1/logs", body_late),
+                                      ("application/x-protobuf", "/v1/logs", "X-More: ")):   # its head late
         with socket.create_connection(("127.0.0.1", node.port), timeout=10) as late:
             late.sendall(f"POST {route} HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\n"
-                         "Content-Length: 100\r\n\r\nabc".encode())
+                         f"{rest}".encode())
             head, _, body = read_to_end(late).partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 408 ") and f"Content-Type: {content_type}".encode() in head, head
         code, message = rpc_status(body) if content_type != "application/json" else (
