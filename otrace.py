@@ -8445,6 +8445,7 @@ OFFSET_SQL = ("INSERT INTO log_offsets (dev, inode, fingerprint, path, position,
               "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (dev, inode, fingerprint) DO UPDATE SET "
               "path = excluded.path, position = excluded.position, updated_at = excluded.updated_at")
 FORGET_SQL = "DELETE FROM log_offsets WHERE dev = ? AND inode = ? AND fingerprint <> ?"   # a file's old marks
+LOG_LISTED = "log_listed."       # otrace_state: when the log's directory was last listed, each file known
 RUN_FAILED = "model-fallback/decision"     # its WARN line ends a run whose model calls failed
 RUNS_REMEMBERED = 256                      # runs whose last failed attempt the tailer keeps in memory
 _STOPPING = re.compile(r"received SIG\w+; (shutting down|restarting)")
@@ -8928,10 +8929,13 @@ class LogTailer(QuietReader):
                 self.followed_before, last_read = True, max(last_read, updated)
                 if self.store_profile is None:
                     self.family = log_family(Path(path).name) or self.family
-        # a file of the log's written after this and never read is news: the last read, or this start
-        self.since = last_read / 1000 if self.followed_before else time.time()
+        # a file of the log's written after this and never read is news: the last listing of the directory
+        # whose files were all recorded (an older otrace kept none: the last read), or this start
+        listed = db.query("SELECT value FROM otrace_state WHERE key = ?", (LOG_LISTED + str(folder),))
+        self.since = (listed[0][0] if listed else last_read) / 1000 if self.followed_before else time.time()
         self.current: Followed | None = None
         self.chosen_by: tuple[str, ...] = ()   # what the last choice of the file to follow read
+        self.unread_marks: list[tuple[str, tuple]] = []   # backlog files never read, at 0: the next unit's
         self.backlog = self.unfinished()  # files read before, with lines left: finish them first
         self.started = False
         self.waiting = False
@@ -8976,9 +8980,11 @@ class LogTailer(QuietReader):
     def unfinished(self) -> list[str]:
         """The followed profile's files in the log's directory with lines otrace has not read, oldest
         first: those it read part of (rotated while otrace was down or behind), and dated or rotated
-        files it never read that were written after it last read this log, or after a file it has not
+        files it never read that were written after it last listed this log, or after a file it has not
         finished was last written (rotated away unseen: twice while it was down, or while a full disk
-        held it back; a day's file it was down for, the next day's there too)."""
+        held it back; a day's file it was down for, the next day's there too). Those never read are
+        recorded at their start with the listing's time, in the next unit (mark_unread)."""
+        listed = now_ms()
         try:
             target, names = self.target(), [p for p in self.folder().iterdir() if self.ours(p.name)
                                             and p.name.startswith("openclaw") and p.name.endswith(".log")]
@@ -8999,9 +9005,28 @@ class LogTailer(QuietReader):
                 found.append((st.st_mtime, str(candidate)))
         # behind in a file: what was written after its last write is news too
         self.since = min([self.since, *(mtime for mtime, _ in found)])
-        found += [(mtime, path) for mtime, path, size in unread
-                  if mtime > self.since and size and path != target]
-        return [p for _, p in sorted(found)]
+        news = [(mtime, path) for mtime, path, size in unread
+                if mtime > self.since and size and path != target]
+        self.mark_unread(path for _, path in news)
+        self.unread_marks.append((STATE_SQL, (LOG_LISTED + str(self.folder()), listed, listed)))
+        return [p for _, p in sorted(found + news)]
+
+    def mark_unread(self, paths: Iterable[str]) -> None:
+        """Files to read that otrace never read: known at offset 0 from the next commit on, so a stop
+        before they are opened does not leave them unknown and older than the listing that found them."""
+        for path in paths:
+            try:
+                fd = open_regular(path)
+            except OSError:                  # gone, or not to be read: opening it will say so
+                continue
+            try:
+                st = os.fstat(fd)
+                mark = fingerprint(fd, st.st_size)
+            finally:
+                os.close(fd)
+            self.known[(st.st_dev, st.st_ino)] = [(mark, 0)]
+            self.unread_marks.append((OFFSET_SQL, (int64(st.st_dev), int64(st.st_ino), mark, path, 0,
+                                                   now_ms())))
 
     def resume_at(self, path: str, st: os.stat_result) -> int | None:
         """The committed offset of this very file, if otrace has read it before: the newest mark
@@ -9111,7 +9136,8 @@ class LogTailer(QuietReader):
             if followed.fingerprint != followed.committed:     # one mark a file: none stale to resume at
                 extra.append((FORGET_SQL, (*file, followed.fingerprint)))
             extra.append((OFFSET_SQL, (*file, followed.fingerprint, followed.path, end, now_ms())))
-            self.send(rows, extra)
+            self.send(rows, self.unread_marks + extra)
+            self.unread_marks = []
             self.totals.add_all(self.staged)
             self.keep_staged_calls()
             followed.committed = followed.fingerprint

@@ -4071,6 +4071,34 @@ def test_files_rotated_or_begun_while_otrace_was_down_are_read(tmp_path: Path,
     assert node.health()["events_duplicate"] == 0
 
 
+def test_a_file_rotated_away_unread_is_read_after_a_stop_that_came_before_it(
+        tmp_path: Path, run: Callable[..., Otrace]) -> None:
+    """Rotated twice while otrace was down: at the next start it reads the older file, and a SIGKILL
+    then, before it opened the newer one, left that one unknown and older than the reads of the first,
+    so the start after took it for read and skipped it whole. A file found unread is recorded at its
+    start with the first lines read after, and the directory's listing with it."""
+    logs = tmp_path / "openclaw"
+    logs.mkdir()
+    live, lines = logs / "openclaw-2026-11-24.log", gateway_lines()
+    live.write_bytes(b"".join(lines[:10]))
+    env = {"TRACE_LOG_PATH": str(logs), "TRACE_LOG_POLL": "1s", "TRACE_LOG_START": "beginning"}
+    node = run(env)
+    wait_until(lambda: sorted(logged(node)) == sorted(expected(range(10))), what="the first lines")
+    assert node.stop() == 0
+    append(live, b"".join(lines[10:20]))                             # while down: rotated, written,
+    live.rename(logs / "openclaw-2026-11-24.1.log")                  # and rotated again
+    live.write_bytes(b"".join(lines[20:40]))
+    (logs / "openclaw-2026-11-24.1.log").rename(logs / "openclaw-2026-11-24.2.log")
+    live.rename(logs / "openclaw-2026-11-24.1.log")
+    live.write_bytes(b"".join(lines[40:50]))
+    node = run(env, db=node.db_path)
+    wait_until(lambda: set(expected(range(20))) <= set(logged(node)), what="the older file's lines")
+    node.kill()                                                      # before the newer file is opened
+    node = run(env, db=node.db_path)
+    wait_until(lambda: sorted(logged(node)) == sorted(expected(range(50))), timeout=30, what="every file")
+    assert node.health()["events_duplicate"] == 0
+
+
 @needs_gateway_log
 def test_waiting_for_a_missing_log_is_one_line_when_it_starts_and_one_when_it_ends(
         tmp_path: Path, run: Callable[..., Otrace]) -> None:
