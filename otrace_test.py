@@ -4083,7 +4083,8 @@ def test_a_file_rotated_away_unread_is_read_after_a_stop_that_came_before_it(
     live.write_bytes(b"".join(lines[:10]))
     env = {"TRACE_LOG_PATH": str(logs), "TRACE_LOG_POLL": "1s", "TRACE_LOG_START": "beginning"}
     node = run(env)
-    wait_until(lambda: sorted(logged(node)) == sorted(expected(range(10))), what="the first lines")
+    wait_until(lambda: sorted(logged(node)) == sorted(expected(range(10))), timeout=60,
+               what="the first lines")
     assert node.stop() == 0
     append(live, b"".join(lines[10:20]))                             # while down: rotated, written,
     live.rename(logs / "openclaw-2026-11-24.1.log")                  # and rotated again
@@ -4092,10 +4093,11 @@ def test_a_file_rotated_away_unread_is_read_after_a_stop_that_came_before_it(
     live.rename(logs / "openclaw-2026-11-24.1.log")
     live.write_bytes(b"".join(lines[40:50]))
     node = run(env, db=node.db_path)
-    wait_until(lambda: set(expected(range(20))) <= set(logged(node)), what="the older file's lines")
+    wait_until(lambda: set(expected(range(20))) <= set(logged(node)), timeout=60,
+               what="the older file's lines")
     node.kill()                                                      # before the newer file is opened
     node = run(env, db=node.db_path)
-    wait_until(lambda: sorted(logged(node)) == sorted(expected(range(50))), timeout=30, what="every file")
+    wait_until(lambda: sorted(logged(node)) == sorted(expected(range(50))), timeout=60, what="every file")
     assert node.health()["events_duplicate"] == 0
 
 
