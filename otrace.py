@@ -8984,9 +8984,9 @@ class LogTailer(QuietReader):
         finished was last written (rotated away unseen: twice while it was down, or while a full disk
         held it back; a day's file it was down for, the next day's there too). Those never read are
         recorded at their start with the listing's time, in the next unit (mark_unread)."""
-        listed = now_ms()
+        listed, folder = now_ms(), self.folder()
         try:
-            target, names = self.target(), [p for p in self.folder().iterdir() if self.ours(p.name)
+            target, names = self.target(), [p for p in folder.iterdir() if self.ours(p.name)
                                             and p.name.startswith("openclaw") and p.name.endswith(".log")]
         except OSError:
             return []
@@ -9008,7 +9008,7 @@ class LogTailer(QuietReader):
         news = [(mtime, path) for mtime, path, size in unread
                 if mtime > self.since and size and path != target]
         self.mark_unread(path for _, path in news)
-        self.unread_marks.append((STATE_SQL, (LOG_LISTED + str(self.folder()), listed, listed)))
+        self.unread_marks.append((STATE_SQL, (LOG_LISTED + str(folder), listed, listed)))
         return [p for _, p in sorted(found + news)]
 
     def mark_unread(self, paths: Iterable[str]) -> None:
